@@ -1,0 +1,73 @@
+"""OS primitives, and the only place that knows which OS portpool runs on.
+
+Everything above this package calls these names and never ``sys.platform``:
+
+- ``DirHandle``: a directory opened without following symlinks, and file operations
+  relative to it (``openat``-style on POSIX).
+- ``try_lock`` / ``unlock``: a non-blocking exclusive lock on an open file
+  (flock on POSIX, LockFileEx on Windows). A holder that dies frees it at once.
+- ``locked_inodes``: which inodes hold a lock right now, read from the kernel
+  where it tells (Linux ``/proc/locks``), else ``None``.
+- ``ProcessIdentity``, ``current_identity``, ``identity_of``, ``is_alive``: pid + start
+  token + boot id, so a reused pid never looks like the process that died.
+- ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
+- ``exclusive_bind_options``: socket options that make a listening socket exclusive.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from portpool._platform._identity import (
+    ProcessIdentity,
+    boot_id,
+    current_identity,
+    identity_of,
+    is_alive,
+    process_name,
+)
+from portpool._platform._net import Listener, listeners, owners_of_inode, socket_inode
+
+if sys.platform == "win32":
+    from portpool._platform.windows import (
+        DirHandle,
+        exclusive_bind_options,
+        locked_inodes,
+        read_at,
+        try_lock,
+        unlock,
+        user_id,
+        write_at,
+    )
+else:
+    from portpool._platform.posix import (
+        DirHandle,
+        exclusive_bind_options,
+        locked_inodes,
+        read_at,
+        try_lock,
+        unlock,
+        user_id,
+        write_at,
+    )
+
+__all__ = [
+    "DirHandle",
+    "Listener",
+    "ProcessIdentity",
+    "boot_id",
+    "current_identity",
+    "exclusive_bind_options",
+    "identity_of",
+    "is_alive",
+    "listeners",
+    "locked_inodes",
+    "owners_of_inode",
+    "process_name",
+    "read_at",
+    "socket_inode",
+    "try_lock",
+    "unlock",
+    "user_id",
+    "write_at",
+]

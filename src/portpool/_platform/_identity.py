@@ -1,0 +1,98 @@
+"""Process identity and liveness: pid + start token + boot id, never a bare pid.
+
+psutil reads the start time the same way on every OS (``/proc/<pid>/stat`` on Linux,
+``sysctl`` on macOS, ``GetProcessTimes`` on Windows) and checks liveness without sending
+a signal. It is imported on first use so ``import portpool`` stays light.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A process as it can be recognised later: a reused pid has another start token."""
+
+    pid: int
+    start_token: str
+    boot_id: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {"pid": self.pid, "start_token": self.start_token, "boot_id": self.boot_id}
+
+
+@functools.cache
+def boot_id() -> str:
+    """An identifier of the current boot: a record from an earlier boot names nobody alive."""
+    if sys.platform == "linux":
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                return f.read().strip()
+        except OSError:
+            pass
+    import psutil
+
+    return f"boot-{psutil.boot_time():.0f}"
+
+
+def _start_token(pid: int) -> str | None:
+    import psutil
+
+    try:
+        return f"{psutil.Process(pid).create_time():.3f}"
+    except (psutil.Error, OSError, ValueError):
+        return None
+
+
+_own: ProcessIdentity | None = None
+
+
+def _forget_own() -> None:
+    global _own
+    _own = None
+
+
+if hasattr(os, "register_at_fork"):
+    # A forked child is another process: it must not present its parent's identity.
+    os.register_at_fork(after_in_child=_forget_own)
+
+
+def current_identity() -> ProcessIdentity:
+    """This process's identity (computed once per process)."""
+    global _own
+    if _own is None or _own.pid != os.getpid():
+        token = _start_token(os.getpid()) or "unknown"
+        _own = ProcessIdentity(os.getpid(), token, boot_id())
+    return _own
+
+
+def identity_of(pid: int) -> ProcessIdentity | None:
+    """The identity of a running process, or None if no process has that pid."""
+    if pid <= 0:
+        return None
+    token = _start_token(pid)
+    if token is None:
+        return None
+    return ProcessIdentity(pid, token, boot_id())
+
+
+def is_alive(identity: ProcessIdentity) -> bool:
+    """True if the very process ``identity`` names still runs (a reused pid does not count)."""
+    if identity.boot_id != boot_id():
+        return False
+    now = identity_of(identity.pid)
+    return now is not None and now.start_token == identity.start_token
+
+
+def process_name(pid: int) -> str | None:
+    """The process's name as the OS reports it, or None where it will not say."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).name()
+    except (psutil.Error, OSError):
+        return None

@@ -1,0 +1,117 @@
+"""Who listens on a TCP port, read from the kernel.
+
+On Linux the kernel's socket tables (``/proc/net/tcp``, ``/proc/net/tcp6``) give every
+listening socket with its inode; that costs one read per table and no process scan, so
+the shield can run it every second. Mapping an inode to a pid scans ``/proc/*/fd`` and
+is done only to name a foreign holder. Elsewhere psutil is the only portable way.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+_TCP_LISTEN = "0A"
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One listening TCP socket: its local address, and what is known of its owner."""
+
+    address: str
+    port: int
+    inode: int | None = None
+    pid: int | None = None
+
+
+def _decode_v4(hex_addr: str) -> str:
+    return str(ipaddress.IPv4Address(bytes.fromhex(hex_addr)[::-1]))
+
+
+def _decode_v6(hex_addr: str) -> str:
+    raw = bytes.fromhex(hex_addr)
+    # The kernel prints the address as four host-order 32-bit words.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+    addr = ipaddress.IPv6Address(words)
+    return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+
+
+def _linux_listeners(port: int | None) -> list[Listener]:
+    found: list[Listener] = []
+    for table, decode in (("/proc/net/tcp", _decode_v4), ("/proc/net/tcp6", _decode_v6)):
+        try:
+            with open(table, encoding="ascii") as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) < 10 or fields[3] != _TCP_LISTEN:
+                        continue
+                    addr_hex, _, port_hex = fields[1].partition(":")
+                    local_port = int(port_hex, 16)
+                    if port is not None and local_port != port:
+                        continue
+                    found.append(Listener(decode(addr_hex), local_port, int(fields[9])))
+        except FileNotFoundError:
+            continue  # no IPv6 in this kernel
+    return found
+
+
+def _psutil_listeners(port: int | None) -> list[Listener]:
+    import psutil
+
+    found: list[Listener] = []
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except (psutil.Error, OSError):
+        return found
+    for c in conns:
+        if c.status != psutil.CONN_LISTEN or not c.laddr:
+            continue
+        if port is not None and c.laddr.port != port:
+            continue
+        found.append(Listener(c.laddr.ip, c.laddr.port, None, c.pid))
+    return found
+
+
+def listeners(port: int | None = None) -> list[Listener]:
+    """Every socket listening on TCP ``port`` (or on any port when None)."""
+    if sys.platform == "linux":
+        return _linux_listeners(port)
+    return _psutil_listeners(port)
+
+
+def socket_inode(sock: socket.socket) -> int | None:
+    """The inode that names ``sock`` in the kernel's tables, where the OS has one."""
+    if sys.platform != "linux":
+        return None
+    try:
+        return os.fstat(sock.fileno()).st_ino
+    except OSError:
+        return None
+
+
+def owners_of_inode(inode: int) -> list[int]:
+    """Pids of the processes that have socket ``inode`` open (Linux; scans /proc)."""
+    if sys.platform != "linux":
+        return []
+    target = f"socket:[{inode}]"
+    pids: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fd_dir = f"/proc/{entry.name}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue  # gone, or not ours to look at
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") == target:
+                    pids.append(int(entry.name))
+                    break
+            except OSError:
+                continue
+    return pids

@@ -1,0 +1,138 @@
+"""POSIX primitives: flock, directories opened by fd, never following symlinks."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import sys
+from collections.abc import Iterator
+
+assert sys.platform != "win32"
+
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def read_at(fd: int, size: int, offset: int) -> bytes:
+    return os.pread(fd, size, offset)
+
+
+def write_at(fd: int, data: bytes, offset: int) -> int:
+    return os.pwrite(fd, data, offset)
+
+
+def user_id() -> int:
+    return os.getuid()
+
+
+class DirHandle:
+    """A directory held open by fd; every file operation is relative to it.
+
+    Relative operations mean a directory swapped for a symlink after we opened it
+    cannot redirect us elsewhere, and O_NOFOLLOW refuses symlinks planted at entries.
+    """
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+
+    @classmethod
+    def open_path(cls, path: str) -> DirHandle:
+        """Open ``path`` as a directory; ELOOP/ENOTDIR if it is a symlink or not a dir."""
+        return cls(os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW), path)
+
+    def stat(self) -> os.stat_result:
+        return os.fstat(self.fd)
+
+    def chmod(self, mode: int) -> None:
+        os.fchmod(self.fd, mode)
+
+    def subdir(self, name: str, create: bool = True) -> DirHandle:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=self.fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW, dir_fd=self.fd)
+        return DirHandle(fd, os.path.join(self.path, name))
+
+    def open_file(self, name: str, flags: int, mode: int = 0o600) -> int:
+        return os.open(name, flags | _NOFOLLOW, mode, dir_fd=self.fd)
+
+    def stat_entry(self, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def unlink(self, name: str) -> None:
+        os.unlink(name, dir_fd=self.fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+
+    def listdir(self) -> list[str]:
+        return os.listdir(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def try_lock(fd: int) -> bool:
+    """Take an exclusive lock on ``fd`` without waiting; False if someone else holds it."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except InterruptedError:
+            continue
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+
+
+def unlock(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+def _proc_locks() -> Iterator[tuple[int, int]]:
+    with open("/proc/locks", encoding="ascii") as f:
+        for line in f:
+            fields = line.split()
+            # "1: FLOCK  ADVISORY  WRITE 2035 fe:00:2148717 0 EOF"; "->" marks a waiter.
+            if len(fields) < 6 or fields[1] != "FLOCK":
+                continue
+            try:
+                yield int(fields[5].rsplit(":", 1)[1]), int(fields[4])
+            except (ValueError, IndexError):
+                continue
+
+
+def locked_inodes() -> dict[int, int] | None:
+    """inode -> pid for every flock held right now, or None where the kernel won't tell.
+
+    The pid is the process that took the lock (a forked child sharing it is not shown).
+    Read-only: unlike probing with a lock of our own, it never makes a racer fail.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        return dict(_proc_locks())
+    except OSError:
+        return None
+
+
+def exclusive_bind_options(sock: socket.socket) -> None:
+    """Options for an owning socket. Never SO_REUSEPORT: it would let others share it.
+
+    On Linux SO_REUSEADDR only lets us rebind over TIME_WAIT leftovers; it never lets a
+    second socket listen on the same address. On BSD/macOS it would let a specific
+    address bind over a wildcard listener, so it is left off there.
+    """
+    if sys.platform == "linux":
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

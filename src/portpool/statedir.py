@@ -1,0 +1,163 @@
+"""The secure state dir: where lock files and records live.
+
+Per user and private: ``$XDG_RUNTIME_DIR/portpool``, else ``<tempdir>/portpool-<uid>``,
+on Windows ``%LOCALAPPDATA%\\portpool``; ``PORTPOOL_HOME`` replaces it. A state dir that
+is a symlink, not a directory, owned by someone else, or writable by group/others is
+refused: each of those lets another user forge or delete our locks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+import tempfile
+import threading
+
+from portpool._platform import DirHandle, user_id
+from portpool.errors import StateDirError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def default_path() -> str:
+    """The state dir this process uses: ``PORTPOOL_HOME``, else the per-user default."""
+    home = os.environ.get("PORTPOOL_HOME")
+    if home:
+        return os.path.abspath(home)
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or tempfile.gettempdir()
+        return os.path.join(base, "portpool")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        return os.path.join(runtime, "portpool")
+    return os.path.join(tempfile.gettempdir(), f"portpool-{user_id()}")
+
+
+def check_name(kind: str, name: str) -> str:
+    """An app or service name, which becomes a path component: no separators, no dots."""
+    if not _NAME.match(name):
+        raise StateDirError(
+            name,
+            f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+        )
+    return name
+
+
+def _check_mode(path: str, st: os.stat_result, handle: DirHandle | None) -> None:
+    if not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(path, "is not a directory")
+    if sys.platform == "win32":
+        return  # ACLs of %LOCALAPPDATA% keep it private; POSIX modes mean little there
+    if st.st_uid != user_id():
+        raise StateDirError(
+            path,
+            f"is owned by uid {st.st_uid}, not by you (uid {user_id()}); "
+            "use your own directory (set PORTPOOL_HOME)",
+        )
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StateDirError(
+            path,
+            f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
+            f"run: chmod 700 {path}",
+        )
+    if st.st_mode & 0o077 and handle is not None:
+        handle.chmod(0o700)  # only readable by others, and ours: tighten it
+
+
+class StateDir:
+    """An opened, checked state dir. Use ``StateDir.open()``; close when done."""
+
+    def __init__(self, root: DirHandle) -> None:
+        self.root = root
+        self.path = root.path
+        self._subdirs: dict[str, DirHandle] = {}
+        self._mutex = threading.Lock()
+
+    @classmethod
+    def open(cls, path: str | None = None) -> StateDir:
+        """Open (creating 0700 if missing) and check the state dir at ``path``.
+
+        Raises StateDirError naming the path and the problem.
+        """
+        path = os.path.abspath(path or default_path())
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise StateDirError(path, f"cannot be created: {e.strerror}") from e
+        try:
+            lst = os.lstat(path)
+        except OSError as e:
+            raise StateDirError(path, f"cannot be read: {e.strerror}") from e
+        if stat.S_ISLNK(lst.st_mode):
+            raise StateDirError(path, "is a symbolic link; refusing to follow it")
+        _check_mode(path, lst, None)
+        try:
+            handle = DirHandle.open_path(path)
+        except OSError as e:
+            raise StateDirError(path, f"cannot be opened safely: {e.strerror}") from e
+        st = handle.stat()
+        if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
+            handle.close()
+            raise StateDirError(path, "was replaced while being opened")
+        _check_mode(path, st, handle)
+        return cls(handle)
+
+    def subdir(self, *parts: str) -> DirHandle:
+        """The checked subdirectory ``parts`` (e.g. "ports"), created 0700 if missing."""
+        key = "/".join(parts)
+        with self._mutex:
+            found = self._subdirs.get(key)
+            if found is not None:
+                return found
+            handle = self.root
+            opened: list[DirHandle] = []
+            try:
+                for part in parts:
+                    handle = handle.subdir(part)
+                    opened.append(handle)
+                    _check_mode(handle.path, handle.stat(), handle)
+            except OSError as e:
+                for h in opened:
+                    h.close()
+                where = os.path.join(self.path, *parts)
+                raise StateDirError(where, f"cannot be used: {e.strerror or e}") from e
+            except StateDirError:
+                for h in opened:
+                    h.close()
+                raise
+            for h in opened[:-1]:
+                h.close()
+            self._subdirs[key] = handle
+            return handle
+
+    def ports(self) -> DirHandle:
+        return self.subdir("ports")
+
+    def instances(self, app: str) -> DirHandle:
+        return self.subdir("apps", check_name("app", app), "instances")
+
+    def apps(self) -> list[str]:
+        """Names of the apps that have ever used this state dir."""
+        try:
+            return sorted(n for n in self.subdir("apps").listdir() if _NAME.match(n))
+        except OSError:
+            return []
+
+    def close(self) -> None:
+        with self._mutex:
+            for h in self._subdirs.values():
+                h.close()
+            self._subdirs.clear()
+        self.root.close()
+
+    def __enter__(self) -> StateDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
