@@ -26,7 +26,13 @@ from portpool._platform._identity import (
     is_alive,
     process_name,
 )
-from portpool._platform._net import Listener, listeners, owners_of_inode, socket_inode
+from portpool._platform._net import (
+    Listener,
+    ephemeral_port_range,
+    listeners,
+    owners_of_inode,
+    socket_inode,
+)
 
 if sys.platform == "win32":
     from portpool._platform.windows import (
@@ -57,6 +63,7 @@ __all__ = [
     "ProcessIdentity",
     "boot_id",
     "current_identity",
+    "ephemeral_port_range",
     "exclusive_bind_options",
     "identity_of",
     "is_alive",

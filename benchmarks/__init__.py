@@ -1,0 +1,1 @@
+"""portpool's benchmarks: each ``bench_*.py`` measures against the physical floor and peers."""

@@ -1,0 +1,108 @@
+"""Shared measuring helpers for the benchmarks.
+
+Every benchmark module exposes ``run(quick: bool = False) -> Section`` and can be run
+alone (``python -m benchmarks.bench_acquire``); ``python -m benchmarks`` runs them all
+into one report. Figures are medians and p99s of many samples, with ratios to the
+floor measured in the same run, never absolute thresholds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Row:
+    """One measured thing: per-call times in microseconds (or another ``unit``)."""
+
+    name: str
+    samples: list[float]
+    unit: str = "us"
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples) if self.samples else float("nan")
+
+    @property
+    def p99(self) -> float:
+        if not self.samples:
+            return float("nan")
+        ordered = sorted(self.samples)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
+@dataclass
+class Section:
+    """A benchmark's result: rows, the name of the floor row for ratios, and notes."""
+
+    title: str
+    rows: list[Row] = field(default_factory=list)
+    floor: str | None = None
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def ratio(self, row: Row) -> float | None:
+        base = next((r for r in self.rows if r.name == self.floor), None)
+        if base is None or not base.median:
+            return None
+        return row.median / base.median
+
+    def to_markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        lines.append("| what | median | p99 | ratio to floor | note |")
+        lines.append("| --- | ---: | ---: | ---: | --- |")
+        for r in self.rows:
+            ratio = self.ratio(r)
+            ratio_text = f"{ratio:.2f}x" if ratio is not None else ""
+            lines.append(
+                f"| {r.name} | {r.median:.1f} {r.unit} | {r.p99:.1f} {r.unit} "
+                f"| {ratio_text} | {r.note} |"
+            )
+        lines.append("")
+        lines.extend(f"- {n}" for n in self.notes)
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "title": self.title,
+            "floor": self.floor,
+            "rows": [
+                {**asdict(r), "median": r.median, "p99": r.p99, "ratio": self.ratio(r)}
+                for r in self.rows
+            ],
+            "notes": self.notes,
+            "extra": self.extra,
+        }
+
+
+def time_calls(fn: Callable[[], object], n: int, warmup: int = 50) -> list[float]:
+    """Microseconds per call of ``fn``, one sample per call."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter_ns()
+        fn()
+        samples.append((time.perf_counter_ns() - t0) / 1000)
+    return samples
+
+
+def machine() -> str:
+    return (
+        f"{platform.system()} {platform.release()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
+
+
+def print_section(section: Section) -> None:
+    print(f"machine: {machine()}\n")
+    print(section.to_markdown())
+    if os.environ.get("BENCH_JSON"):
+        print(json.dumps(section.to_json(), indent=2))
