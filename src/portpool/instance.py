@@ -1,0 +1,687 @@
+"""Instances: race-free instance numbers, acquire-all, records, heartbeat, cleanup.
+
+An instance number is a slot ``apps/<app>/instances/<n>.lock`` held by a kernel lock for
+the instance's life: the lowest free one wins, a dead holder frees it at once. The
+record ``<n>.json`` beside it is for people (who, since when, which ports); it is
+replaced atomically (write a temp file, rename it over), so a reader never sees it torn,
+and an unreadable record shows as "record unreadable", never as "no instance".
+
+The two entry points of the original system live on under Pythonic names:
+``init_instance_manager()`` (once, at start-up, before anything binds) and
+``get_service_port_pool(service)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from portpool import pool as pool_mod
+from portpool._platform import (
+    DirHandle,
+    current_identity,
+    identity_of,
+    locked_inodes,
+    try_lock,
+    unlock,
+)
+from portpool.errors import (
+    AlreadyHeldHere,
+    LockHeld,
+    NoFreeSlot,
+    PoolExhausted,
+    PortPoolError,
+    ShieldTripped,
+    SlotHolder,
+    StateDirError,
+)
+from portpool.layout import Layout, resolve_layout
+from portpool.lock import HeldLock, read_port_record
+from portpool.pool import Lease
+from portpool.statedir import StateDir
+
+log = logging.getLogger("portpool.instance")
+
+RECORD_MAX_BYTES = 1 << 20
+_TMP_SUFFIX = ".tmp"
+
+
+# ---------------------------------------------------------------- records on disk
+
+
+def _write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
+    """Replace ``<dir>/<name>`` with ``data`` so readers see the old or the new, never torn."""
+    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}{_TMP_SUFFIX}"
+    try:
+        fd = directory.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    except OSError as e:
+        raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        directory.rename(tmp, name)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            directory.unlink(tmp)
+        raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
+
+
+def read_json_file(directory: DirHandle, name: str) -> Any:
+    """The JSON in ``<dir>/<name>`` (None if absent). Raises ValueError if unreadable."""
+    try:
+        fd = directory.open_file(name, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ValueError(f"cannot be opened: {e.strerror or e}") from e
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("is not a regular file")
+        data = os.read(fd, RECORD_MAX_BYTES + 1)
+    except OSError as e:
+        raise ValueError(f"cannot be read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    if len(data) > RECORD_MAX_BYTES:
+        raise ValueError(f"is larger than {RECORD_MAX_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError("is not valid JSON") from None
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """One service of an instance, as its record says."""
+
+    name: str
+    pool: tuple[int, ...]
+    port: int | None
+    pid: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "pool": list(self.pool), "port": self.port, "pid": self.pid}
+
+
+def _int_or_none(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    return None
+
+
+def _parse_services(raw: object) -> tuple[ServiceInfo, ...]:
+    if not isinstance(raw, list):
+        raise ValueError("'services' is not a list")
+    out = []
+    for item in raw:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError("a service entry has no name")
+        pool = item.get("pool", [])
+        if not isinstance(pool, list) or not all(_int_or_none(p) for p in pool):
+            raise ValueError(f"service {item['name']!r} has an invalid pool")
+        out.append(
+            ServiceInfo(
+                item["name"][:64],
+                tuple(pool),
+                _int_or_none(item.get("port")),
+                _int_or_none(item.get("pid")),
+            )
+        )
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What the state dir says about one instance slot, for ``status`` and people."""
+
+    number: int
+    alive: bool  # its slot lock is held (the kernel's word, not the heartbeat's)
+    readable: bool
+    pid: int | None = None
+    start_token: str | None = None
+    started_at: float | None = None
+    heartbeat_at: float | None = None
+    services: tuple[ServiceInfo, ...] = ()
+    problem: str | None = None
+
+    @property
+    def heartbeat_age_s(self) -> float | None:
+        if self.heartbeat_at is None:
+            return None
+        return round(max(0.0, time.time() - self.heartbeat_at), 3)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "number": self.number,
+            "pid": self.pid,
+            "alive": self.alive,
+            "readable": self.readable,
+            "problem": self.problem,
+            "started_at": self.started_at,
+            "heartbeat_age_s": self.heartbeat_age_s,
+            "services": [s.to_dict() for s in self.services],
+        }
+
+
+def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
+    if not isinstance(raw, dict) or raw.get("v") != 1:
+        raise ValueError("is not a version-1 record")
+    pid = _int_or_none(raw.get("pid"))
+    if pid is None:
+        raise ValueError("has no valid pid")
+    times = {}
+    for key in ("started_at", "heartbeat_at"):
+        v = raw.get(key)
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"has no valid {key}")
+        times[key] = float(v)
+    token = raw.get("start_token")
+    return InstanceInfo(
+        number,
+        alive,
+        True,
+        pid=pid,
+        start_token=token if isinstance(token, str) else None,
+        started_at=times["started_at"],
+        heartbeat_at=times["heartbeat_at"],
+        services=_parse_services(raw.get("services", [])),
+    )
+
+
+def _slot_numbers(names: Iterable[str]) -> list[int]:
+    numbers = set()
+    for name in names:
+        stem, dot, ext = name.partition(".")
+        if dot and ext in ("lock", "json") and stem.isdigit() and len(stem) < 7:
+            numbers.add(int(stem))
+    return sorted(numbers)
+
+
+def _lock_is_held(directory: DirHandle, name: str, locked: dict[int, int] | None) -> bool:
+    st = directory.stat_entry(name)
+    if st is None:
+        return False
+    if locked is not None:
+        return st.st_ino in locked
+    try:
+        fd = directory.open_file(name, os.O_RDONLY)
+    except OSError:
+        return True  # cannot tell: unknown is never "free"
+    try:
+        if try_lock(fd):
+            unlock(fd)
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def read_instance(
+    directory: DirHandle, number: int, locked: dict[int, int] | None = None
+) -> InstanceInfo:
+    """The state of slot ``number``: alive per its kernel lock, details per its record."""
+    alive = _lock_is_held(directory, f"{number}.lock", locked)
+    try:
+        raw = read_json_file(directory, f"{number}.json")
+        if raw is None:
+            problem = "starting (no record yet)" if alive else "no record"
+            return InstanceInfo(number, alive, False, problem=problem)
+        return _parse_record(number, alive, raw)
+    except ValueError as e:
+        return InstanceInfo(number, alive, False, problem=f"record unreadable: record {e}")
+
+
+def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo]:
+    """Every instance slot of ``app`` that has a lock file or a record, by number."""
+    own = state is None
+    state = state or StateDir.open()
+    try:
+        directory = state.instances(app)
+        locked = locked_inodes()
+        infos = (read_instance(directory, n, locked) for n in _slot_numbers(directory.listdir()))
+        # A free slot with no record is just a lock file left for reuse: not an instance.
+        return [i for i in infos if i.alive or i.problem != "no record"]
+    finally:
+        if own:
+            state.close()
+
+
+# ---------------------------------------------------------------- cleanup
+
+
+@dataclass
+class GcReport:
+    """What ``gc`` removed: stale instance records and stale port metadata."""
+
+    instances: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+
+
+def _remove_if_free(directory: DirHandle, lock_name: str, others: Sequence[str]) -> bool:
+    """Take ``lock_name``; if free, unlink ``others`` and the lock file while holding it."""
+    try:
+        held = HeldLock.acquire(directory, lock_name)
+    except (LockHeld, PortPoolError):
+        return False
+    try:
+        for name in others:
+            with contextlib.suppress(FileNotFoundError):
+                directory.unlink(name)
+    finally:
+        held.remove_and_release()
+    return True
+
+
+def _clean_temp_files(directory: DirHandle, report: GcReport) -> None:
+    for name in directory.listdir():
+        if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
+            continue
+        parts = name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        if pid is not None and pid != os.getpid() and identity_of(pid) is None:
+            with contextlib.suppress(OSError):
+                directory.unlink(name)
+                report.temp_files.append(name)
+
+
+def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcReport:
+    """Remove the records of ``app``'s dead instances (their slot lock is free)."""
+    report = report or GcReport()
+    directory = state.instances(app)
+    locked = locked_inodes()
+    for number in _slot_numbers(directory.listdir()):
+        if _lock_is_held(directory, f"{number}.lock", locked):
+            continue
+        stale = directory.stat_entry(f"{number}.json") is not None
+        if _remove_if_free(directory, f"{number}.lock", [f"{number}.json"]) and stale:
+            report.instances.append(f"{app}/{number}")
+    _clean_temp_files(directory, report)
+    return report
+
+
+def gc(state: StateDir | None = None) -> GcReport:
+    """Remove metadata left by dead holders, in every app and for every port.
+
+    Only what nobody holds is removed, and only while holding its lock (rule 2).
+    """
+    own = state is None
+    state = state or StateDir.open()
+    report = GcReport()
+    try:
+        for app in state.apps():
+            clean_app(state, app, report)
+        ports = state.ports()
+        locked = locked_inodes()
+        for name in sorted(ports.listdir()):
+            stem, _, ext = name.partition(".")
+            if ext not in ("lock", "json") or not stem.isdigit():
+                continue
+            port = int(stem)
+            if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
+                continue  # handled with its lock file
+            if _lock_is_held(ports, f"{port}.lock", locked):
+                continue
+            try:
+                had_record = read_port_record(ports, port) is not None
+            except ValueError:
+                had_record = True
+            if _remove_if_free(ports, f"{port}.lock", [f"{port}.json"]) and had_record:
+                report.ports.append(port)
+    finally:
+        if own:
+            state.close()
+    return report
+
+
+# ---------------------------------------------------------------- a running instance
+
+
+def _take_slot(state: StateDir, layout: Layout) -> tuple[int, HeldLock]:
+    directory = state.instances(layout.app)
+    for number in range(1, layout.max_instances + 1):
+        try:
+            return number, HeldLock.acquire(directory, f"{number}.lock")
+        except (LockHeld, AlreadyHeldHere):
+            continue
+    locked = locked_inodes()
+    holders = []
+    for number in range(1, layout.max_instances + 1):
+        info = read_instance(directory, number, locked)
+        if info.readable:
+            detail = f"pid {info.pid}, heartbeat {info.heartbeat_age_s:.0f} s ago"
+        else:
+            detail = info.problem or "record unreadable"
+        holders.append(SlotHolder(number, info.pid, detail))
+    raise NoFreeSlot(layout.app, holders)
+
+
+class Instance:
+    """A running instance: its slot, its leases, its record, heartbeat and shield.
+
+    Create with ``start_instance()``. Release with ``release()`` or a ``with`` block.
+    """
+
+    def __init__(
+        self, state: StateDir, layout: Layout, number: int, slot: HeldLock, leases: dict[str, Lease]
+    ) -> None:
+        self.state = state
+        self.layout = layout
+        self.number = number
+        self.slot = slot
+        self.leases = leases
+        self.service_pids: dict[str, int] = {}
+        self.started_at = time.time()
+        self.lost_reason: str | None = None
+        self._stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._shield: Any = None
+        self._mutex = threading.RLock()
+        self._released = False
+        self._on_release: list[Callable[[], None]] = []
+
+    @property
+    def app(self) -> str:
+        return self.layout.app
+
+    def port(self, service: str) -> int:
+        return self.leases[service].port
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return {name: lease.port for name, lease in self.leases.items()}
+
+    def pool(self, service: str) -> list[int]:
+        return self.layout.pool(service, self.number)
+
+    def env(self, service: str | None = None) -> dict[str, str]:
+        """The environment a service of this instance is given (DESIGN.md)."""
+        env = {"PORTPOOL_APP": self.app, "PORTPOOL_INSTANCE": str(self.number)}
+        for svc in self.layout.services:
+            if svc.name in self.leases:
+                env[svc.env_name] = str(self.leases[svc.name].port)
+        if service is not None:
+            env["PORT"] = str(self.leases[service].port)
+            env["PORTPOOL_SERVICE"] = service
+        return env
+
+    # -- record
+
+    def _record(self) -> dict[str, Any]:
+        me = current_identity()
+        return {
+            "v": 1,
+            "app": self.app,
+            "number": self.number,
+            "pid": me.pid,
+            "start_token": me.start_token,
+            "boot_id": me.boot_id,
+            "host": self.layout.host,
+            "started_at": self.started_at,
+            "heartbeat_at": time.time(),
+            "services": [
+                {
+                    "name": name,
+                    "pool": self.pool(name),
+                    "port": lease.port,
+                    "pid": self.service_pids.get(name, me.pid),
+                }
+                for name, lease in self.leases.items()
+            ],
+        }
+
+    def write_record(self) -> None:
+        data = json.dumps(self._record(), separators=(",", ":")).encode()
+        with self._mutex:
+            if not self._released:
+                _write_atomic(self.state.instances(self.app), f"{self.number}.json", data)
+
+    def set_service_pids(self, pids: Mapping[str, int]) -> None:
+        """Record which process serves each service (for ``status`` and the dashboard)."""
+        self.service_pids.update(pids)
+        self.write_record()
+
+    def problem(self) -> str | None:
+        """None while the slot lock and the record are still ours, else what went wrong."""
+        slot_problem = self.slot.problem()
+        if slot_problem is not None:
+            return f"instance slot {self.number}: {slot_problem}"
+        try:
+            raw = read_json_file(self.state.instances(self.app), f"{self.number}.json")
+        except ValueError as e:
+            return f"instance record {self.number}.json {e}"
+        me = current_identity()
+        if not isinstance(raw, dict):
+            return f"instance record {self.number}.json was removed by another process"
+        if (raw.get("pid"), raw.get("start_token")) != (me.pid, me.start_token):
+            return (
+                f"instance record {self.number}.json was rewritten by another process "
+                f"(it now names pid {raw.get('pid')})"
+            )
+        return None
+
+    # -- heartbeat
+
+    def heartbeat(self) -> None:
+        """Refresh every lease's and the record's ``heartbeat_at`` now."""
+        for lease in list(self.leases.values()):
+            with contextlib.suppress(PortPoolError, OSError):
+                lease.heartbeat()
+        try:
+            self.write_record()
+        except PortPoolError as e:
+            # A full disk must not kill a healthy instance; the shield judges ownership.
+            log.warning("heartbeat of instance %d: %s", self.number, e)
+
+    def start_heartbeat(self) -> None:
+        if self._heartbeat_thread is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(self.layout.heartbeat_interval):
+                self.heartbeat()
+
+        self._heartbeat_thread = threading.Thread(
+            target=loop, name=f"portpool-heartbeat-{self.number}", daemon=True
+        )
+        self._heartbeat_thread.start()
+
+    # -- shield
+
+    def start_shield(
+        self,
+        on_lost: Callable[[Lease | None, str], None] | None = None,
+        own_pids: Callable[[], Iterable[int]] | None = None,
+    ) -> None:
+        """Watch every lease and the slot; on a trip call ``on_lost`` (default: shut down
+        this instance and exit the process with code 4)."""
+        from portpool.shield import Shield
+
+        if self._shield is not None:
+            return
+
+        def tripped(lease: Lease | None, reason: str) -> None:
+            self.lost_reason = reason
+            log.critical("instance %d of %s lost: %s", self.number, self.app, reason)
+            (on_lost or self._default_on_lost)(lease, reason)
+
+        self._shield = Shield(
+            list(self.leases.values()),
+            interval_s=self.layout.shield_interval,
+            on_lost=tripped,
+            instance_check=self.problem,
+            own_pids=own_pids or (lambda: self.service_pids.values()),
+            name=f"portpool-shield-{self.number}",
+        )
+        self._shield.start()
+
+    def _default_on_lost(self, lease: Lease | None, reason: str) -> None:
+        self.release()
+        logging.shutdown()
+        os._exit(ShieldTripped.exit_code)
+
+    def verify_all(self) -> list[Any]:
+        """Run the shield's checks now and return its per-lease report."""
+        from portpool.shield import Shield
+
+        shield = self._shield or Shield(
+            list(self.leases.values()),
+            interval_s=self.layout.shield_interval,
+            on_lost=lambda lease, reason: None,
+            instance_check=self.problem,
+        )
+        return list(shield.verify_all())
+
+    # -- stopping
+
+    def on_release(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` first thing in ``release()`` (e.g. stop supervised services)."""
+        self._on_release.append(callback)
+
+    def release(self) -> None:
+        """Stop heartbeat and shield, release every lease and the slot, remove our record.
+
+        Only what is still ours is erased: a lock or record taken over by someone else
+        is left alone. Safe to call twice and from any thread.
+        """
+        with self._mutex:
+            if self._released:
+                return
+            self._released = True
+        self._stop.set()
+        if self._shield is not None:
+            self._shield.stop()
+        for callback in self._on_release:
+            try:
+                callback()
+            except Exception:
+                log.exception("while stopping instance %d", self.number)
+        for lease in self.leases.values():
+            lease.release()
+        if self.slot.is_owner_process and self.problem() is None:
+            with contextlib.suppress(OSError):
+                self.state.instances(self.app).unlink(f"{self.number}.json")
+            self.slot.remove_and_release()
+        else:
+            self.slot.release()
+        if self._heartbeat_thread is not None and self._heartbeat_thread is not (
+            threading.current_thread()
+        ):
+            self._heartbeat_thread.join(timeout=5)
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"Instance(app={self.app!r}, number={self.number}, ports={self.ports})"
+
+
+def start_instance(
+    layout: Layout | None = None,
+    *,
+    services: Sequence[str] | None = None,
+    state: StateDir | None = None,
+    heartbeat: bool = True,
+    clean: bool = True,
+) -> Instance:
+    """Take the lowest free slot and a lease from every service's pool, all or nothing.
+
+    ``services`` limits the leases to those services (all when None). Raises NoFreeSlot
+    or PoolExhausted (nothing is held afterwards), LayoutError, StateDirError.
+    """
+    layout = layout or resolve_layout(None)
+    names = list(services) if services else [s.name for s in layout.services]
+    for name in names:
+        layout.service(name)  # unknown names fail before anything is locked
+    state = state or StateDir.open()
+    if clean:
+        with contextlib.suppress(OSError, PortPoolError):
+            clean_app(state, layout.app)
+    number, slot = _take_slot(state, layout)
+    leases: dict[str, Lease] = {}
+    try:
+        for name in names:
+            leases[name] = pool_mod.acquire(
+                state,
+                layout.pool(name, number),
+                host=layout.host,
+                app=layout.app,
+                instance=number,
+                service=name,
+            )
+        instance = Instance(state, layout, number, slot, leases)
+        instance.write_record()
+    except BaseException as e:
+        for lease in leases.values():
+            lease.release()
+        slot.remove_and_release()
+        if isinstance(e, PoolExhausted):
+            e.args = (f"instance {number}: {e}",)
+        raise
+    if heartbeat:
+        instance.start_heartbeat()
+    return instance
+
+
+# ---------------------------------------------------------------- the original entry points
+
+_current: Instance | None = None
+_current_mutex = threading.Lock()
+
+
+def init_instance_manager(
+    layout: Layout | str | None = None,
+    *,
+    services: Sequence[str] | None = None,
+    shield: bool = True,
+) -> Instance:
+    """Start this process's instance once, at start-up, before anything binds a port.
+
+    ``layout`` is a Layout, a layout file path, or None (``./portpool.toml``, else the
+    default layout). Later calls return the same instance. The leases' sockets are
+    ready to serve: pass them to your server (see ``portpool.integrations``).
+    """
+    global _current
+    with _current_mutex:
+        if _current is not None and not _current._released:
+            return _current
+        resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
+        instance = start_instance(resolved, services=services)
+        if shield:
+            instance.start_shield()
+        _current = instance
+        return instance
+
+
+def current_instance() -> Instance | None:
+    """The instance ``init_instance_manager`` started in this process, if any."""
+    return _current
+
+
+def get_service_port_pool(service: str, instance: int | None = None) -> list[int]:
+    """The pool of ``service`` for ``instance`` (default: this process's instance)."""
+    if instance is not None:
+        return resolve_layout(None).pool(service, instance)
+    if _current is None:
+        raise PortPoolError(
+            "no instance in this process: call init_instance_manager() first, "
+            "or pass the instance number"
+        )
+    return _current.pool(service)

@@ -1,0 +1,120 @@
+"""Helpers for end-to-end tests: test layouts and running the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PORTPOOL = [sys.executable, "-m", "portpool.cli"]
+
+
+def write_layout(
+    path: Path,
+    base: int,
+    *,
+    app: str = "testapp",
+    services: dict[str, dict[str, Any]] | None = None,
+    stride: int = 10,
+    max_instances: int = 10,
+    heartbeat: float = 0.5,
+    shield: float = 0.2,
+) -> Path:
+    """A layout file whose pools start at ``base``: by default two services of 2 ports."""
+    services = services or {"alpha": {}, "beta": {}}
+    lines = [
+        f'app = "{app}"',
+        'host = "127.0.0.1"',
+        f"heartbeat_interval = {heartbeat}",
+        f"shield_interval = {shield}",
+        f"max_instances = {max_instances}",
+    ]
+    offset = 0
+    for name, extra in services.items():
+        size = extra.get("size", 2)
+        lines += ["", f"[services.{name}]", f"base = {base + offset}", f"size = {size}"]
+        lines.append(f"stride = {stride}")
+        if "command" in extra:
+            lines.append(f"command = {json.dumps(extra['command'])}")
+        if "socket" in extra:
+            lines.append(f'socket = "{extra["socket"]}"')
+        offset += size
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def portpool(*args: str, timeout: float = 60, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``portpool ARGS`` to completion and capture its output."""
+    return subprocess.run(
+        [*PORTPOOL, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw
+    )
+
+
+def start(*args: str, **kw: Any) -> subprocess.Popen[str]:
+    """Start ``portpool ARGS`` in the background, output captured line by line."""
+    return subprocess.Popen(
+        [*PORTPOOL, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def status_json(config: Path | None = None) -> dict[str, Any]:
+    args = ["status", "--json"] + (["--config", str(config)] if config else [])
+    done = portpool(*args)
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        time.sleep(interval)
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float = 30.0) -> str:
+    """The next stdout line of ``proc`` (bounded wait)."""
+    import selectors
+
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    try:
+        if not sel.select(timeout):
+            raise AssertionError(f"no output from pid {proc.pid} within {timeout} s")
+        return proc.stdout.readline()
+    finally:
+        sel.close()
+
+
+def is_listening(port: int, host: str = "127.0.0.1") -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,236 @@
+"""Instances: slots, acquire-all, records, heartbeat, cleanup (library and CLI)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.helpers import portpool, read_line, start, status_json, wait_for, write_layout
+
+from portpool.errors import NoFreeSlot, PoolExhausted
+from portpool.instance import (
+    gc,
+    get_service_port_pool,
+    init_instance_manager,
+    list_instances,
+    start_instance,
+)
+from portpool.layout import load_layout
+from portpool.lock import inspect_port
+from portpool.statedir import StateDir
+
+HOLD = (
+    "import os, sys, time\n"
+    "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
+    "deadline = time.time() + 60\n"
+    "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+@pytest.fixture
+def layout_file(tmp_path: Path, port_base: int) -> Path:
+    return write_layout(tmp_path / "portpool.toml", port_base)
+
+
+def test_instances_get_lowest_free_slot_and_ports_a_stride_apart(
+    layout_file: Path, state: StateDir
+) -> None:
+    layout = load_layout(str(layout_file))
+    with start_instance(layout, state=state) as one, start_instance(layout, state=state) as two:
+        assert (one.number, two.number) == (1, 2)
+        for name in ("alpha", "beta"):
+            assert two.port(name) - one.port(name) == 10
+            assert one.port(name) == layout.pool(name, 1)[0]
+        infos = list_instances(layout.app, state)
+        assert [(i.number, i.alive, i.pid) for i in infos] == [(1, True, os.getpid())] * 1 + [
+            (2, True, os.getpid())
+        ]
+        assert {s.name: s.port for s in infos[0].services} == one.ports
+    # Released: slots and ports are free again, records gone.
+    assert list_instances(layout.app, state) == []
+    assert inspect_port(state, layout.pool("alpha", 1)[0], None).is_free
+    with start_instance(layout, state=state) as again:
+        assert again.number == 1
+
+
+def test_pool_exhausted_releases_everything(layout_file: Path, state: StateDir) -> None:
+    layout = load_layout(str(layout_file))
+    foreign = []
+    for port in layout.pool("beta", 1):
+        s = socket.socket()
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        foreign.append(s)
+    try:
+        with pytest.raises(PoolExhausted) as info:
+            start_instance(layout, state=state)
+        assert info.value.service == "beta"
+        assert [r.port for r in info.value.refusals] == layout.pool("beta", 1)
+        assert all(r.reason == "in use" for r in info.value.refusals)
+        assert all(f"pid {os.getpid()}" in r.detail for r in info.value.refusals)
+        # All or nothing: alpha's port and the slot were given back.
+        assert inspect_port(state, layout.pool("alpha", 1)[0]).is_free
+        assert list_instances(layout.app, state) == []
+    finally:
+        for s in foreign:
+            s.close()
+
+
+def test_no_free_slot_lists_the_holders(tmp_path: Path, port_base: int, state: StateDir) -> None:
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, max_instances=2)))
+    with start_instance(layout, state=state), start_instance(layout, state=state):
+        with pytest.raises(NoFreeSlot) as info:
+            start_instance(layout, state=state)
+        assert [h.number for h in info.value.holders] == [1, 2]
+        assert all(h.pid == os.getpid() for h in info.value.holders)
+        assert f"pid {os.getpid()}" in str(info.value)
+
+
+def test_heartbeat_refreshes_record(tmp_path: Path, port_base: int, state: StateDir) -> None:
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, heartbeat=0.1)))
+    with start_instance(layout, state=state) as inst:
+        first = list_instances(layout.app, state)[0].heartbeat_at
+        assert first is not None
+        wait_for(lambda: (list_instances(layout.app, state)[0].heartbeat_at or 0) > first, 10)
+        record = inspect_port(state, inst.port("alpha")).record
+        assert record is not None
+        assert record.heartbeat_at > record.acquired_at
+
+
+def test_service_pool_entry_points(tmp_path: Path, port_base: int, monkeypatch) -> None:
+    layout_path = write_layout(tmp_path / "portpool.toml", port_base)
+    monkeypatch.chdir(tmp_path)
+    instance = init_instance_manager(shield=False)
+    try:
+        assert init_instance_manager() is instance  # once per process
+        assert get_service_port_pool("beta") == load_layout(str(layout_path)).pool("beta", 1)
+        assert get_service_port_pool("beta", instance=3) == [port_base + 22, port_base + 23]
+    finally:
+        instance.release()
+
+
+def _run_holders(layout: Path, release: Path, count: int) -> list[subprocess.Popen[str]]:
+    return [
+        start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(release))
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_", range(3))
+def test_sixteen_racing_starts_get_ten_distinct_numbers(
+    tmp_path: Path, port_base: int, home: Path, round_: int
+) -> None:
+    layout = write_layout(tmp_path / "p.toml", port_base)
+    release = tmp_path / "release"
+    procs = _run_holders(layout, release, 16)
+    try:
+        numbers: dict[int, subprocess.Popen[str]] = {}
+        refused = 0
+        for proc in procs:
+            try:
+                line = read_line(proc, timeout=60)
+            except AssertionError:
+                line = ""
+            if line.strip():
+                numbers.setdefault(int(line), proc)
+                assert numbers[int(line)] is proc, f"instance {line} given twice"
+            else:
+                assert proc.wait(timeout=60) == 3
+                assert proc.stderr is not None
+                assert "no free instance slot" in proc.stderr.read()
+                refused += 1
+        assert sorted(numbers) == list(range(1, 11))
+        assert refused == 6
+        # kill -9 of instances 3 and 7: the next two starts get exactly 3 and 7.
+        for n in (3, 7):
+            numbers[n].kill()
+            numbers[n].wait()
+        late = _run_holders(layout, release, 2)
+        procs += late
+        assert sorted(int(read_line(p)) for p in late) == [3, 7]
+    finally:
+        release.touch()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_dead_instance_is_cleaned_by_gc_and_by_next_start(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    layout = write_layout(tmp_path / "p.toml", port_base)
+    release = tmp_path / "release"
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(release))
+    try:
+        assert read_line(proc).strip() == "1"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        doc = status_json(layout)
+        assert [(i["number"], i["alive"]) for i in doc["instances"]] == [(1, False)]
+        done = portpool("gc")
+        assert done.returncode == 0, done.stderr
+        assert "testapp/1" in done.stdout
+        assert status_json(layout)["instances"] == []
+    finally:
+        release.touch()
+    with StateDir.open(str(home)) as state:
+        assert gc(state).instances == []
+
+
+def test_status_survives_a_corrupt_record(tmp_path: Path, port_base: int, home: Path) -> None:
+    layout = write_layout(tmp_path / "p.toml", port_base)
+    release = tmp_path / "release"
+    procs = _run_holders(layout, release, 2)
+    try:
+        assert sorted(int(read_line(p)) for p in procs) == [1, 2]
+        (home / "apps" / "testapp" / "instances" / "2.json").write_bytes(b"\x00garbage{")
+        doc = status_json(layout)
+        by_number = {i["number"]: i for i in doc["instances"]}
+        assert by_number[1]["readable"] and by_number[1]["alive"]
+        assert by_number[2]["alive"] is True
+        assert by_number[2]["readable"] is False
+        assert "record unreadable" in by_number[2]["problem"]
+        human = portpool("status", "--config", str(layout))
+        assert human.returncode == 0
+        assert "record unreadable" in human.stdout
+    finally:
+        release.touch()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_status_json_shape(tmp_path: Path, port_base: int, home: Path) -> None:
+    layout = write_layout(tmp_path / "p.toml", port_base)
+    release = tmp_path / "release"
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(release))
+    try:
+        assert read_line(proc).strip() == "1"
+        doc = status_json(layout)
+        assert doc["app"] == "testapp"
+        assert doc["state_dir"] == str(home)
+        (inst,) = doc["instances"]
+        assert inst["number"] == 1 and inst["alive"] is True and inst["pid"] == proc.pid
+        assert 0 <= inst["heartbeat_age_s"] < 60
+        services = {s["name"]: s for s in inst["services"]}
+        assert services["alpha"]["port"] == port_base
+        assert services["alpha"]["pool"] == [port_base, port_base + 1]
+        assert services["beta"]["port"] == port_base + 2
+        assert isinstance(services["beta"]["pid"], int)
+        json.dumps(doc)
+    finally:
+        release.touch()
+        proc.wait(timeout=30)
+    wait_for(lambda: status_json(layout)["instances"] == [], 10)
+    time.sleep(0)
