@@ -1,0 +1,298 @@
+"""End-to-end: `portpool run` and `portpool up` driven as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from tests.helpers import (
+    is_listening,
+    portpool,
+    read_line,
+    start,
+    status_json,
+    wait_for,
+    write_layout,
+)
+
+from portpool._platform import listeners, owners_of_inode
+
+PRINT_ENV = (
+    "import os, json, sys\n"
+    "keys = sorted(k for k in os.environ if k.startswith(('PORTPOOL_', 'PORT', 'LISTEN_')))\n"
+    "print(json.dumps({k: os.environ[k] for k in keys}), flush=True)\n"
+    "sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)\n"
+)
+
+# A small service that only uses the socket at fd 3 and answers one line per connection.
+FD_SERVICE = (
+    "import os, socket, signal, sys\n"
+    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+    "sock = socket.socket(fileno=3)\n"
+    "name = os.environ['PORTPOOL_SERVICE']\n"
+    "while True:\n"
+    "    conn, _ = sock.accept()\n"
+    "    conn.sendall(f'{name} {os.getpid()}\\n'.encode())\n"
+    "    conn.close()\n"
+)
+
+HTTP_ON_FD3 = (
+    "import http.server, os, socket, sys\n"
+    "assert os.environ['LISTEN_FDS'] == '1' and os.environ['LISTEN_PID'] == str(os.getpid())\n"
+    "class H(http.server.BaseHTTPRequestHandler):\n"
+    "    def do_GET(self):\n"
+    "        body = f\"{os.environ['LISTEN_FDNAMES']} via fd 3\".encode()\n"
+    "        self.send_response(200); self.end_headers(); self.wfile.write(body)\n"
+    "    def log_message(self, *a): pass\n"
+    "srv = http.server.HTTPServer(('127.0.0.1', 0), H, bind_and_activate=False)\n"
+    "srv.socket.close(); srv.socket = socket.socket(fileno=3)\n"
+    "print('ready', flush=True)\n"
+    "srv.handle_request()\n"
+)
+
+
+def ask(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        return conn.makefile().readline().strip()
+
+
+@pytest.fixture
+def layout(tmp_path: Path, port_base: int) -> Path:
+    return write_layout(tmp_path / "portpool.toml", port_base, stride=100)
+
+
+def test_run_gives_env_and_returns_exit_code(layout: Path, port_base: int, home: Path) -> None:
+    done = portpool("run", "--config", str(layout), "--", sys.executable, "-c", PRINT_ENV, "7")
+    assert done.returncode == 7, done.stderr
+    env = json.loads(done.stdout)
+    assert env["PORTPOOL_INSTANCE"] == "1"
+    assert env["PORTPOOL_APP"] == "testapp"
+    assert env["PORTPOOL_PORT_ALPHA"] == str(port_base)
+    assert env["PORTPOOL_PORT_BETA"] == str(port_base + 2)
+    assert "PORT" not in env  # several services: no single PORT
+    assert "LISTEN_FDS" not in env
+    one = portpool(
+        "run", "--config", str(layout), "-s", "beta", "--", sys.executable, "-c", PRINT_ENV
+    )
+    assert one.returncode == 0
+    env = json.loads(one.stdout)
+    assert env["PORT"] == str(port_base + 2)
+    assert "PORTPOOL_PORT_ALPHA" not in env
+    # Released afterwards.
+    assert status_json(layout)["instances"] == []
+
+
+def test_two_runs_at_once_get_instances_one_and_two(
+    layout: Path, home: Path, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    hold = PRINT_ENV.replace(
+        "sys.exit(",
+        "import time\nt=time.time()+60\n"
+        "while not os.path.exists(sys.argv[2]) and time.time() < t: time.sleep(0.05)\nsys.exit(",
+    )
+    procs = [
+        start("run", "--config", str(layout), "--", sys.executable, "-c", hold, "0", str(release))
+        for _ in range(2)
+    ]
+    try:
+        envs = sorted(
+            (json.loads(read_line(p)) for p in procs), key=lambda e: e["PORTPOOL_INSTANCE"]
+        )
+        assert [e["PORTPOOL_INSTANCE"] for e in envs] == ["1", "2"]
+        for key in ("PORTPOOL_PORT_ALPHA", "PORTPOOL_PORT_BETA"):
+            assert int(envs[1][key]) - int(envs[0][key]) == 100
+    finally:
+        release.touch()
+        assert [p.wait(timeout=30) for p in procs] == [0, 0]
+
+
+def test_run_fds_serves_on_the_lease_socket(layout: Path, port_base: int, home: Path) -> None:
+    proc = start(
+        "run", "--config", str(layout), "--fds", "--service", "alpha", "--",
+        sys.executable, "-c", HTTP_ON_FD3,
+    )  # fmt: skip
+    try:
+        assert read_line(proc).strip() == "ready"
+        # Exactly one listening socket on the port, owned by run and its child only.
+        (listener,) = listeners(port_base)
+        child_pids = {c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
+        assert set(owners_of_inode(listener.inode or 0)) <= {proc.pid} | child_pids
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port_base}/", timeout=5) as resp:
+            assert resp.read() == b"alpha via fd 3"
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_run_forwards_signals(layout: Path, home: Path) -> None:
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGHUP, lambda s, f: sys.exit(11))\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", script)
+    assert read_line(proc).strip() == "ready"
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=30) == 11
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", script)
+    assert read_line(proc).strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+
+
+def test_run_exits_3_when_a_pool_is_exhausted(layout: Path, port_base: int, home: Path) -> None:
+    foreign = [socket.create_server(("127.0.0.1", p)) for p in (port_base + 2, port_base + 3)]
+    try:
+        done = portpool("run", "--config", str(layout), "--", sys.executable, "-c", "pass")
+        assert done.returncode == 3
+        assert f"port {port_base + 2}: in use" in done.stderr
+        assert f"pid {os.getpid()}" in done.stderr
+    finally:
+        for s in foreign:
+            s.close()
+
+
+def up_layout(
+    tmp_path: Path, base: int, *, extra: dict[str, dict[str, object]] | None = None
+) -> Path:
+    services: dict[str, dict[str, object]] = {
+        name: {"command": [sys.executable, "-c", FD_SERVICE]} for name in ("web", "api", "db")
+    }
+    services.update(extra or {})
+    return write_layout(tmp_path / "up.toml", base, services=services, stride=100)
+
+
+def wait_up(proc: subprocess.Popen[str], config: Path, count: int = 3) -> dict[str, int]:
+    def ready() -> dict[str, int] | None:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        doc = status_json(config)
+        mine = [i for i in doc["instances"] if i["pid"] == proc.pid]
+        if not mine:
+            return None
+        ports = {s["name"]: s["port"] for s in mine[0]["services"]}
+        return ports if all(is_listening(p) for p in ports.values()) else None
+
+    ports: dict[str, int] = wait_for(ready, 60)
+    assert len(ports) == count
+    return ports
+
+
+def test_up_starts_serves_and_stops_cleanly(tmp_path: Path, port_base: int, home: Path) -> None:
+    config = up_layout(tmp_path, port_base)
+    proc = start("up", "--config", str(config))
+    ports = wait_up(proc, config)
+    assert ports == {"web": port_base, "api": port_base + 2, "db": port_base + 4}
+    pids = {name: int(ask(port).split()[1]) for name, port in ports.items()}
+    assert {name: ask(port).split()[0] for name, port in ports.items()} == {n: n for n in ports}
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "instance 1 of testapp is up" in out
+    for pid in pids.values():
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    # Every lock is free: a second up gets instance 1 and the same ports.
+    again = start("up", "--config", str(config))
+    try:
+        assert wait_up(again, config) == ports
+    finally:
+        again.send_signal(signal.SIGINT)
+        again.communicate(timeout=30)
+    assert again.returncode == 0
+
+
+def test_up_exits_5_when_a_service_dies(tmp_path: Path, port_base: int, home: Path) -> None:
+    config = up_layout(tmp_path, port_base)
+    proc = start("up", "--config", str(config))
+    ports = wait_up(proc, config)
+    victim = int(ask(ports["api"]).split()[1])
+    others = [int(ask(ports[n]).split()[1]) for n in ("web", "db")]
+    os.kill(victim, signal.SIGKILL)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 5
+    assert "'api' exited on its own (killed by SIGKILL)" in err
+    for pid in others:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+    assert status_json(config)["instances"] == []
+
+
+def test_kill_9_of_up_blocks_nothing_and_children_exit(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = up_layout(tmp_path, port_base)
+    proc = start("up", "--config", str(config))
+    ports = wait_up(proc, config)
+    children = [int(ask(p).split()[1]) for p in ports.values()]
+    proc.kill()
+    proc.wait()
+    # The orphans notice their supervisor is gone and exit.
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in children), 20)
+    again = start("up", "--config", str(config))
+    try:
+        assert wait_up(again, config) == ports
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=30)
+
+
+def test_up_rotates_past_a_foreign_listener(tmp_path: Path, port_base: int, home: Path) -> None:
+    config = up_layout(tmp_path, port_base)
+    foreign = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import socket,time; s=socket.create_server(('127.0.0.1',{port_base})); "
+         "print('ok',flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert foreign.stdout is not None
+        assert foreign.stdout.readline().strip() == "ok"
+        proc = start("up", "--config", str(config))
+        ports = wait_up(proc, config)
+        assert ports["web"] == port_base + 1
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert foreign.poll() is None  # never touched
+    finally:
+        foreign.kill()
+        foreign.wait()
+
+
+def test_forged_record_pid_is_never_signalled(tmp_path: Path, port_base: int, home: Path) -> None:
+    config = up_layout(tmp_path, port_base)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        instances = home / "apps" / "testapp" / "instances"
+        instances.mkdir(parents=True, mode=0o700)
+        os.chmod(home, 0o700)
+        forged = {
+            "v": 1, "app": "testapp", "number": 1, "pid": bystander.pid,
+            "start_token": "forged", "boot_id": "x", "host": "127.0.0.1",
+            "started_at": time.time(), "heartbeat_at": time.time(),
+            "services": [{"name": "web", "pool": [port_base], "port": port_base,
+                          "pid": bystander.pid}],
+        }  # fmt: skip
+        (instances / "1.json").write_text(json.dumps(forged))
+        (instances / "3.json").write_text(json.dumps({**forged, "number": 3}))
+        proc = start("up", "--config", str(config))
+        wait_up(proc, config)
+        assert portpool("gc").returncode == 0
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
