@@ -524,7 +524,7 @@ class Instance:
             interval_s=self.layout.shield_interval,
             on_lost=tripped,
             instance_check=self.problem,
-            own_pids=own_pids or (lambda: self.service_pids.values()),
+            own_pids=own_pids or (self.service_pids.values),
             name=f"portpool-shield-{self.number}",
         )
         self._shield.start()
