@@ -1,0 +1,826 @@
+"""Layouts: an app's services and how each one's pool is computed per instance.
+
+A pool is computed, never stored: service S of instance n gets ``S.size`` consecutive
+ports from ``S.base + S.stride * (n - 1)``. A layout is only accepted when every pool of
+every admissible instance is inside 1..65535 and shares no port with any other; the
+admissible instance count is computed here, and ``max_instances`` may only lower it.
+
+Layouts come from a TOML file (``load_layout``), from a mapping (``parse_layout``), or
+are built in (``default_layout``). Every problem is collected and raised at once as one
+``LayoutError`` whose ``errors`` read ``FILE: KEY: PROBLEM``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import ipaddress
+import math
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TypeGuard
+
+from portpool.errors import LayoutError, StateDirError
+from portpool.statedir import check_name
+
+SERVICE_SOCKET_MODES = ("fd", "port")
+
+MAX_PORT = 65535
+INSTANCE_LIMIT = 1000  # no machine runs more copies of one app; keeps validation bounded
+
+# Ports Chromium and Firefox refuse to connect to ("ERR_UNSAFE_PORT"): the Fetch
+# standard's "bad port" list (fetch.spec.whatwg.org/#port-blocking), which Chromium's
+# net/base/port_util.cc kRestrictedPorts and Firefox's netwerk/base gBadPortList follow.
+BROWSER_UNSAFE_PORTS = frozenset(
+    {
+        1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 43, 53, 69, 77, 79, 87,
+        95, 101, 102, 103, 104, 109, 110, 111, 113, 115, 117, 119, 123, 135, 137, 139, 143,
+        161, 179, 389, 427, 465, 512, 513, 514, 515, 526, 530, 531, 532, 540, 548, 554, 556,
+        563, 587, 601, 636, 989, 990, 993, 995, 1719, 1720, 1723, 2049, 3659, 4045, 4190,
+        5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080,
+    }
+)  # fmt: skip
+_UNSAFE_SORTED = sorted(BROWSER_UNSAFE_PORTS)
+
+_SERVICE_KEYS = ("base", "size", "stride", "command", "socket")
+_TOP_KEYS = (
+    "app",
+    "host",
+    "heartbeat_interval",
+    "shield_interval",
+    "max_instances",
+    "services",
+)
+_MAX_REPORTED_OVERLAPS = 20
+_MAX_RUNS_SHOWN = 6
+
+Problem = tuple[str, str]  # (dotted key, what is wrong)
+
+
+# --- small helpers ------------------------------------------------------------------
+
+
+def _toml_type(value: object) -> str:
+    """The TOML name of ``value``'s type, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _name_problem(kind: str, name: object) -> str | None:
+    if not isinstance(name, str):
+        return f"{kind} name must be a string, not {_toml_type(name)}"
+    try:
+        check_name(kind, name)
+    except StateDirError as e:
+        return e.problem
+    return None
+
+
+def _runs(ints: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted distinct ``ints`` merged into inclusive runs of consecutive numbers."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(set(ints)):
+        if out and out[-1][1] + 1 == i:
+            out[-1] = (out[-1][0], i)
+        else:
+            out.append((i, i))
+    return out
+
+
+def _compact(runs: Sequence[tuple[int, int]]) -> str:
+    """``[(6000, 6002), (6100, 6100)]`` -> ``"6000-6002, 6100"``; long lists are cut."""
+    parts = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs[:_MAX_RUNS_SHOWN]]
+    if len(runs) > _MAX_RUNS_SHOWN:
+        parts.append(f"... ({len(runs) - _MAX_RUNS_SHOWN} more ranges)")
+    return ", ".join(parts)
+
+
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}..{last}"
+
+
+def _count(runs: Sequence[tuple[int, int]]) -> int:
+    return sum(hi - lo + 1 for lo, hi in runs)
+
+
+# --- services -----------------------------------------------------------------------
+
+
+def _service_problems(
+    *,
+    name: object,
+    base: object,
+    size: object,
+    stride: object,
+    command: object,
+    socket: object,
+) -> list[Problem]:
+    """Every problem of one service's own fields (not of its relation to others)."""
+    key = f"services.{name}"
+    out: list[Problem] = []
+    problem = _name_problem("service", name)
+    if problem:
+        out.append((key, problem))
+    for sub, value, low in (("base", base, 1), ("size", size, 1), ("stride", stride, 0)):
+        if not _is_int(value):
+            out.append((f"{key}.{sub}", f"must be an integer, not {_toml_type(value)}"))
+        elif value < low:
+            out.append((f"{key}.{sub}", f"must be >= {low}, not {value}"))
+    if _is_int(base) and _is_int(size) and base >= 1 and size >= 1:
+        last = base + size - 1
+        if last > MAX_PORT:
+            out.append(
+                (
+                    f"{key}.size",
+                    f"instance 1's pool {base}..{last} leaves the port range 1..{MAX_PORT}",
+                )
+            )
+    if command is not None:
+        if not isinstance(command, list | tuple) or not command:
+            out.append((f"{key}.command", f"must be a non-empty array of strings, not {command!r}"))
+        else:
+            for i, arg in enumerate(command):
+                if not isinstance(arg, str):
+                    out.append((f"{key}.command[{i}]", f"must be a string, not {_toml_type(arg)}"))
+                elif "\0" in arg:
+                    out.append((f"{key}.command[{i}]", "must not contain a NUL character"))
+            if isinstance(command[0], str) and not command[0]:
+                out.append((f"{key}.command[0]", "the program must not be empty"))
+    if socket not in SERVICE_SOCKET_MODES:
+        out.append(
+            (
+                f"{key}.socket",
+                f"must be one of {', '.join(map(repr, SERVICE_SOCKET_MODES))}, not {socket!r}",
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service of a layout and the rule that gives its pool in every instance.
+
+    Raises LayoutError when a field is invalid (name, base, size, stride, command,
+    socket), naming the key.
+    """
+
+    name: str
+    base: int
+    size: int
+    stride: int = 100
+    command: tuple[str, ...] | None = None
+    socket: str = "fd"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.command, list):
+            object.__setattr__(self, "command", tuple(self.command))
+        problems = _service_problems(
+            name=self.name,
+            base=self.base,
+            size=self.size,
+            stride=self.stride,
+            command=self.command,
+            socket=self.socket,
+        )
+        if problems:
+            raise _layout_error("<service>", problems)
+
+    def first_port(self, instance: int) -> int:
+        """The first port of this service's pool in ``instance`` (1-based)."""
+        if not _is_int(instance) or instance < 1:
+            raise ValueError(f"instance numbers start at 1, not {instance!r}")
+        return self.base + self.stride * (instance - 1)
+
+    def pool(self, instance: int) -> list[int]:
+        """The ordered ports of this service's pool in ``instance`` (1-based).
+
+        Raises ValueError if ``instance`` < 1. It does not check the port range: use
+        ``Layout.pool`` for an instance the layout admits.
+        """
+        first = self.first_port(instance)
+        return list(range(first, first + self.size))
+
+    @property
+    def env_name(self) -> str:
+        """The environment variable that carries this service's port: PORTPOOL_PORT_<NAME>."""
+        return "PORTPOOL_PORT_" + re.sub(r"[^A-Za-z0-9]", "_", self.name).upper()
+
+
+# --- the admissible instance count ----------------------------------------------------
+
+
+def _overlap_text(a: Service, n: int, b: Service, m: int) -> str:
+    a0, b0 = a.first_port(n), b.first_port(m)
+    a1, b1 = a0 + a.size - 1, b0 + b.size - 1
+    lo, hi = max(a0, b0), min(a1, b1)
+    if n == m:
+        return (
+            f"in instance {n}, {a.name}'s pool {_span(a0, a1)} and {b.name}'s pool "
+            f"{_span(b0, b1)} share port{'s' if hi > lo else ''} {_span(lo, hi)}"
+        )
+    return (
+        f"instance {n}'s {a.name} pool {_span(a0, a1)} would overlap instance {m}'s {b.name} pool "
+        f"{_span(b0, b1)} (port{'s' if hi > lo else ''} {_span(lo, hi)})"
+    )
+
+
+def _admissible(services: Sequence[Service], limit: int) -> tuple[int, str]:
+    """The largest instance count with disjoint in-range pools, and what stops it there.
+
+    Each pool goes into one set of taken ports: at most 65,535 ports fit before two
+    collide or one leaves the range, so the work is bounded whatever the layout.
+    """
+    taken: set[int] = set()
+    rules = [(s.base, s.size, s.stride) for s in services]
+    for n in range(limit):
+        for i, (base, size, stride) in enumerate(rules):
+            first = base + stride * n
+            ports = range(first, first + size)
+            if first < 1 or first + size - 1 > MAX_PORT:
+                s = services[i]
+                return n, (
+                    f"instance {n + 1}'s {s.name} pool {_span(first, first + size - 1)} "
+                    f"would leave the port range 1..{MAX_PORT}"
+                )
+            if not taken.isdisjoint(ports):
+                return n, _first_collision(services, n + 1, services[i])
+            taken.update(ports)
+    return limit, f"portpool allows at most {limit} instances"
+
+
+def _first_collision(services: Sequence[Service], n: int, s: Service) -> str:
+    """Which earlier pool the pool of ``s`` in instance ``n`` runs into (rare path)."""
+    first = s.first_port(n)
+    last = first + s.size - 1
+    for m in range(1, n + 1):
+        for t in services:
+            if m == n and t is s:
+                break
+            t0 = t.first_port(m)
+            if t0 <= last and first <= t0 + t.size - 1:
+                return _overlap_text(s, n, t, m)
+    return f"instance {n}'s {s.name} pool collides with another pool"
+
+
+def admissible_instances(services: Sequence[Service], limit: int = INSTANCE_LIMIT) -> int:
+    """The largest n such that the pools of instances 1..n are pairwise disjoint and
+    inside 1..65535, at most ``limit``. 0 means not even instance 1 fits."""
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, not {limit}")
+    return _admissible(services, limit)[0]
+
+
+def _instance1_overlaps(services: Sequence[Service]) -> list[Problem]:
+    """Every pair of services whose instance-1 pools share ports (a sweep, not n^2)."""
+    order = sorted(services, key=lambda s: (s.base, s.base + s.size))
+    out: list[Problem] = []
+    found = 0
+    for i, a in enumerate(order):
+        a_last = a.base + a.size - 1
+        for b in order[i + 1 :]:
+            if b.base > a_last:
+                break
+            found += 1
+            if found <= _MAX_REPORTED_OVERLAPS:
+                first, second = sorted((a, b), key=services.index)
+                out.append((f"services.{second.name}", _overlap_text(second, 1, first, 1)))
+    if found > _MAX_REPORTED_OVERLAPS:
+        out.append(("services", f"... and {found - _MAX_REPORTED_OVERLAPS} more overlaps"))
+    return out
+
+
+def _env_collisions(services: Sequence[Service]) -> list[Problem]:
+    seen: dict[str, Service] = {}
+    out: list[Problem] = []
+    for s in services:
+        other = seen.setdefault(s.env_name, s)
+        if other is s:
+            continue
+        if other.name == s.name:
+            out.append((f"services.{s.name}", "duplicate service name"))
+        else:
+            out.append(
+                (
+                    f"services.{s.name}",
+                    f"duplicate service: its port variable {s.env_name} is also "
+                    f"{other.name}'s; rename one of them",
+                )
+            )
+    return out
+
+
+# --- warnings -----------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _ephemeral_range() -> tuple[int, int] | None:
+    # Read once per process: on macOS it costs a sysctl subprocess.
+    from portpool._platform import ephemeral_port_range
+
+    return ephemeral_port_range()
+
+
+def _touching(s: Service, lo: int, hi: int, instances: int) -> tuple[int, int] | None:
+    """The instances (first, last) among 1..``instances`` whose pool of ``s`` has a port
+    in ``lo``..``hi``. Pools only move up with the instance number, so they are a run."""
+    if s.stride == 0:
+        hit = s.base <= hi and lo <= s.base + s.size - 1
+        return (1, instances) if hit else None
+    # first(n) = base + stride*(n-1); the pool touches when first <= hi and last >= lo.
+    n_first = max(1, -(-(lo - s.size + 1 - s.base) // s.stride) + 1)
+    n_last = min(instances, (hi - s.base) // s.stride + 1)
+    return (n_first, n_last) if n_first <= n_last else None
+
+
+def _clip(s: Service, n: int, lo: int, hi: int) -> tuple[int, int]:
+    first = s.first_port(n)
+    return max(first, lo), min(first + s.size - 1, hi)
+
+
+def _ports_in(s: Service, lo: int, hi: int, instances: int) -> str | None:
+    """``ports 6000-6002 (instance 1) are`` for the ports of ``s`` in ``lo``..``hi``."""
+    found = _touching(s, lo, hi, instances)
+    if found is None:
+        return None
+    n_first, n_last = found
+    first_run, last_run = _clip(s, n_first, lo, hi), _clip(s, n_last, lo, hi)
+    if n_first == n_last or s.stride == 0:
+        ports = _compact([first_run])
+        plural = first_run[1] > first_run[0]
+    else:
+        gap = ", " if n_last == n_first + 1 else ", ..., "
+        ports = _compact([first_run]) + gap + _compact([last_run])
+        plural = True
+    inst = _compact([(n_first, n_last)])
+    inst_word = "instances" if n_last > n_first else "instance"
+    return (
+        f"{'ports' if plural else 'port'} {ports} ({inst_word} {inst}) {'are' if plural else 'is'}"
+    )
+
+
+def _unsafe_ports(s: Service, instances: int) -> str | None:
+    """``port 6000 (instance 1) is`` for the browser-blocked ports of ``s``'s pools."""
+    top = s.first_port(instances) + s.size - 1
+    hits: list[tuple[int, int]] = []
+    for u in _UNSAFE_SORTED[bisect.bisect_left(_UNSAFE_SORTED, s.base) :]:
+        if u > top:
+            break
+        found = _touching(s, u, u, instances)
+        if found:
+            hits.append((u, found[0]))
+    if not hits:
+        return None
+    runs = _runs(u for u, _ in hits)
+    inst = _runs(n for _, n in hits)
+    plural = len(hits) > 1
+    inst_word = "instances" if _count(inst) > 1 else "instance"
+    return (
+        f"{'ports' if plural else 'port'} {_compact(runs)} ({inst_word} {_compact(inst)}) "
+        f"{'are' if plural else 'is'}"
+    )
+
+
+def _warnings(source: str, services: Sequence[Service], instances: int) -> list[str]:
+    """Human warnings about ports of instances 1..``instances``, one per service and kind."""
+    if instances < 1:
+        return []
+    ephemeral = _ephemeral_range()
+    out: list[str] = []
+    for s in services:
+        where = f"{source}: services.{s.name}"
+        low = _ports_in(s, 1, 1023, instances)
+        if low:
+            out.append(
+                f"{where}: {low} below 1024: binding them needs administrator rights "
+                "on most systems"
+            )
+        eph = ephemeral and _ports_in(s, ephemeral[0], ephemeral[1], instances)
+        if eph and ephemeral:
+            out.append(
+                f"{where}: {eph} inside the OS's ephemeral port range "
+                f"{ephemeral[0]}-{ephemeral[1]}: any outgoing connection may take them; "
+                "move the pool out of it"
+            )
+        unsafe = _unsafe_ports(s, instances)
+        if unsafe:
+            out.append(
+                f"{where}: {unsafe} on browsers' unsafe-port list: Chromium and Firefox "
+                "refuse to connect there"
+            )
+    return out
+
+
+# --- layouts ------------------------------------------------------------------------
+
+
+def _layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
+    key, problem = problems[0]
+    return LayoutError(source, key, problem, errors=[f"{source}: {k}: {p}" for k, p in problems])
+
+
+def _interval_problem(value: object) -> str | None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return f"must be a number of seconds, not {_toml_type(value)}"
+    if not math.isfinite(value) or value <= 0:
+        return f"must be a number of seconds > 0, not {value!r}"
+    return None
+
+
+def _host_problem(host: object) -> str | None:
+    if not isinstance(host, str):
+        return f"must be a string, not {_toml_type(host)}"
+    if host == "localhost":
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {host!r}"
+    return None
+
+
+def _field_problems(
+    app: object, host: object, heartbeat: object, shield: object, max_instances: object
+) -> list[Problem]:
+    """Every problem of a layout's top-level fields."""
+    out: list[Problem] = []
+    problem = _name_problem("app", app)
+    if problem:
+        out.append(("app", problem))
+    problem = _host_problem(host)
+    if problem:
+        out.append(("host", problem))
+    for key, value in (("heartbeat_interval", heartbeat), ("shield_interval", shield)):
+        problem = _interval_problem(value)
+        if problem:
+            out.append((key, problem))
+    if max_instances is not None:
+        if not _is_int(max_instances):
+            out.append(("max_instances", f"must be an integer, not {_toml_type(max_instances)}"))
+        elif max_instances < 1:
+            out.append(("max_instances", f"must be >= 1, not {max_instances}"))
+    return out
+
+
+def _cross_problems(
+    services: Sequence[Service], max_instances: object
+) -> tuple[list[Problem], int, str]:
+    """Problems between services: names, overlaps, the admissible count and the maximum."""
+    out: list[Problem] = []
+    if not services:
+        out.append(("services", "at least one service is required, e.g. [services.api]"))
+        return out, 0, "there are no services"
+    out.extend(_env_collisions(services))
+    out.extend(_instance1_overlaps(services))
+    admissible, reason = _admissible(services, INSTANCE_LIMIT)
+    if admissible == 0 and not out:
+        out.append(("services", f"no instance is possible: {reason}"))
+    elif admissible and _is_int(max_instances) and max_instances > admissible:
+        out.append(
+            (
+                "max_instances",
+                f"is {max_instances} but at most {admissible} instances keep every pool "
+                f"disjoint and inside 1..{MAX_PORT}: {reason}",
+            )
+        )
+    return out, admissible, reason
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An app's validated layout.
+
+    ``max_instances`` is the effective maximum: pass 0 (the default) for the computed
+    admissible count, or a lower number. ``admissible_instances``, ``limit_reason`` and
+    ``warnings`` are derived on construction; values passed for them are replaced.
+    Raises LayoutError listing every problem, with ``source`` as the file.
+    """
+
+    app: str
+    services: tuple[Service, ...]
+    host: str = "127.0.0.1"
+    heartbeat_interval: float = 30.0
+    shield_interval: float = 10.0
+    max_instances: int = 0
+    admissible_instances: int = 0
+    source: str = "<default>"
+    warnings: tuple[str, ...] = ()
+    limit_reason: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        services = tuple(self.services)
+        object.__setattr__(self, "services", services)
+        requested = self.max_instances or None
+        problems = _field_problems(
+            self.app, self.host, self.heartbeat_interval, self.shield_interval, requested
+        )
+        bad = [s for s in services if not isinstance(s, Service)]
+        if bad:
+            problems.append(("services", f"must be Service objects, not {bad[0]!r}"))
+            raise _layout_error(self.source, problems)
+        cross, admissible, reason = _cross_problems(services, requested)
+        problems.extend(cross)
+        if problems:
+            raise _layout_error(self.source, problems)
+        object.__setattr__(self, "heartbeat_interval", float(self.heartbeat_interval))
+        object.__setattr__(self, "shield_interval", float(self.shield_interval))
+        object.__setattr__(self, "admissible_instances", admissible)
+        object.__setattr__(self, "max_instances", requested or admissible)
+        object.__setattr__(self, "limit_reason", reason)
+        object.__setattr__(self, "warnings", tuple(_warnings(self.source, services, admissible)))
+
+    def service(self, name: str) -> Service:
+        """The service called ``name``; LayoutError naming the known ones if there is none."""
+        for s in self.services:
+            if s.name == name:
+                return s
+        known = ", ".join(s.name for s in self.services)
+        raise LayoutError(
+            self.source, f"services.{name}", f"no such service; this layout has: {known}"
+        )
+
+    def _check_instance(self, instance: int) -> None:
+        if not _is_int(instance) or not 1 <= instance <= self.admissible_instances:
+            raise ValueError(
+                f"instance must be 1..{self.admissible_instances} for app {self.app!r}, "
+                f"not {instance!r}"
+            )
+
+    def pool(self, service: str, instance: int) -> list[int]:
+        """The pool of ``service`` in ``instance``: ValueError outside 1..admissible."""
+        self._check_instance(instance)
+        return self.service(service).pool(instance)
+
+    def pools(self, instance: int) -> dict[str, list[int]]:
+        """Every service's pool in ``instance``, in the layout's service order."""
+        self._check_instance(instance)
+        return {s.name: s.pool(instance) for s in self.services}
+
+    def with_changes(self, **changes: object) -> Layout:
+        """A copy with ``changes`` applied and validated again (LayoutError if invalid).
+
+        A maximum that was not lowered follows the new admissible count.
+        """
+        if "max_instances" not in changes and self.max_instances == self.admissible_instances:
+            changes["max_instances"] = 0
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+# --- the built-in layout ------------------------------------------------------------
+
+_DEFAULT_SERVICES = (
+    ("mcp-universal", 6000, 3),
+    ("ollama-mcp", 6010, 3),
+    ("groq-api", 6020, 3),
+    ("sandra-ia", 6030, 4),
+    ("conversational", 7000, 5),
+    ("api-server", 9000, 3),
+)
+
+
+@functools.lru_cache(maxsize=1)
+def default_layout() -> Layout:
+    """The original system's layout, started with the built-in reference services."""
+    return Layout(
+        app="qwen-valencia",
+        services=tuple(
+            Service(
+                name=name,
+                base=base,
+                size=size,
+                stride=100,
+                command=(sys.executable, "-m", "portpool.services", name),
+                socket="fd",
+            )
+            for name, base, size in _DEFAULT_SERVICES
+        ),
+        host="127.0.0.1",
+        heartbeat_interval=30.0,
+        shield_interval=10.0,
+    )
+
+
+# --- parsing ------------------------------------------------------------------------
+
+
+def _unknown_keys(table: Iterable[object], known: Sequence[str], prefix: str) -> list[Problem]:
+    out: list[Problem] = []
+    for key in table:
+        if key not in known:
+            where = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{key!r}"
+            out.append((where, f"unknown key; expected one of: {', '.join(known)}"))
+    return out
+
+
+def parse_layout(data: Mapping[str, object], source: str) -> Layout:
+    """The layout described by ``data`` (a parsed TOML document) from file ``source``.
+
+    Raises LayoutError listing every problem as ``source: key: problem``.
+    """
+    if not isinstance(data, Mapping):
+        raise LayoutError(source, "<document>", f"must be a table, not {_toml_type(data)}")
+    problems = _unknown_keys(data, _TOP_KEYS, "")
+    if "app" not in data:
+        problems.append(("app", 'is required, e.g. app = "myapp"'))
+    app = data.get("app", "app")
+    host = data.get("host", "127.0.0.1")
+    heartbeat = data.get("heartbeat_interval", 30.0)
+    shield = data.get("shield_interval", 10.0)
+    max_instances = data.get("max_instances")
+    problems.extend(_field_problems(app, host, heartbeat, shield, max_instances))
+
+    services: list[Service] = []
+    raw_services = data.get("services")
+    if raw_services is None:
+        problems.append(("services", "at least one service is required, e.g. [services.api]"))
+    elif not isinstance(raw_services, Mapping):
+        problems.append(("services", f"must be a table, not {_toml_type(raw_services)}"))
+    elif not raw_services:
+        problems.append(("services", "at least one service is required, e.g. [services.api]"))
+    else:
+        for name, table in raw_services.items():
+            key = f"services.{name}"
+            if not isinstance(table, Mapping):
+                problems.append((key, f"must be a table, not {_toml_type(table)}"))
+                continue
+            own = _unknown_keys(table, _SERVICE_KEYS, f"{key}.")
+            own.extend((f"{key}.{k}", "is required") for k in ("base", "size") if k not in table)
+            own.extend(
+                _service_problems(
+                    name=name,
+                    base=table.get("base", 1),
+                    size=table.get("size", 1),
+                    stride=table.get("stride", 100),
+                    command=table.get("command"),
+                    socket=table.get("socket", "fd"),
+                )
+            )
+            if own:
+                problems.extend(own)
+                continue
+            command = table.get("command")
+            services.append(
+                Service(
+                    name=name,
+                    base=table["base"],
+                    size=table["size"],
+                    stride=table.get("stride", 100),
+                    command=tuple(command) if command is not None else None,
+                    socket=table.get("socket", "fd"),
+                )
+            )
+    if problems:
+        # Report what is wrong between the services that are right, too.
+        if services:
+            problems.extend(_cross_problems(services, max_instances)[0])
+        raise _layout_error(source, problems)
+    return Layout(
+        app=app,  # type: ignore[arg-type]
+        services=tuple(services),
+        host=host,  # type: ignore[arg-type]
+        heartbeat_interval=heartbeat,  # type: ignore[arg-type]
+        shield_interval=shield,  # type: ignore[arg-type]
+        max_instances=max_instances or 0,  # type: ignore[arg-type]
+        source=source,
+    )
+
+
+_AT = re.compile(r"\s*\(at (line (\d+), column (\d+)|end of document)\)\s*$")
+_DECLARED_TWICE = re.compile(r"Cannot declare \(((?:'(?:[^'\\]|\\.)*',? ?)+)\) twice")
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]*?)\s*\]\]?\s*(#.*)?$")
+_KEY_LINE = re.compile(r"^\s*([^=#\[]+?)\s*=")
+
+
+def _dotted(raw: str) -> list[str]:
+    return [p.strip().strip("\"'") for p in raw.split(".")]
+
+
+def _duplicate_key(text: str, message: str, line: int | None) -> list[str] | None:
+    """The dotted key a TOML "declared twice" / "cannot overwrite" error is about, if
+    it can be told; tomllib only gives the position."""
+    m = _DECLARED_TWICE.search(message)
+    if m:
+        return re.findall(r"'((?:[^'\\]|\\.)*)'", m.group(1))
+    if line is None or "Cannot overwrite a value" not in message:
+        return None
+    lines = text.splitlines()
+    if not 1 <= line <= len(lines):
+        return None
+    km = _KEY_LINE.match(lines[line - 1])
+    if not km:
+        return None
+    header: list[str] = []
+    for previous in reversed(lines[: line - 1]):
+        hm = _HEADER.match(previous)
+        if hm:
+            header = _dotted(hm.group(1))
+            break
+    return header + _dotted(km.group(1))
+
+
+def _syntax_error(path: str, text: str, error: ValueError) -> LayoutError:
+    message = str(error)
+    m = _AT.search(message)
+    line: int | None = None
+    if m and m.group(2):
+        line = int(m.group(2))
+        where = f"line {line}, column {m.group(3)}"
+    elif m:
+        where = "end of document"
+    else:
+        where = "<document>"
+    bare = message[: m.start()] if m else message
+    key = _duplicate_key(text, bare, line)
+    if key is not None and len(key) == 2 and key[0] == "services":
+        return LayoutError(
+            path, ".".join(key), f"duplicate service name (declared again at {where})"
+        )
+    if key:
+        return LayoutError(path, ".".join(key), f"is set twice (again at {where})")
+    return LayoutError(path, where, f"invalid TOML: {bare}")
+
+
+def load_layout(path: str) -> Layout:
+    """The layout in the TOML file at ``path``.
+
+    Raises LayoutError naming the file and the key (or line and column) of every problem.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise LayoutError(path, "<file>", f"cannot be read: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LayoutError(path, f"line {line}", "is not valid UTF-8 text") from e
+    try:
+        data = tomllib.loads(text)
+    except RecursionError as e:
+        raise LayoutError(path, "<document>", "invalid TOML: nested too deeply") from e
+    except ValueError as e:  # TOMLDecodeError, and integers too long to convert
+        raise _syntax_error(path, text, e) from e
+    return parse_layout(data, path)
+
+
+def resolve_layout(config: str | None, cwd: str | None = None) -> Layout:
+    """The layout to use: ``config`` if given, else ``portpool.toml`` in ``cwd`` (default:
+    the current directory) if present, else the built-in default layout.
+
+    A relative ``config`` is relative to ``cwd``. Raises LayoutError.
+    """
+    base = cwd if cwd is not None else ""
+    if config is not None:
+        return load_layout(os.path.join(base, config) if base else config)
+    local = os.path.join(base, "portpool.toml") if base else "portpool.toml"
+    if os.path.isfile(local):
+        return load_layout(local)
+    return default_layout()
+
+
+# --- for people ---------------------------------------------------------------------
+
+
+def describe_layout(layout: Layout) -> list[str]:
+    """The lines ``portpool layout`` prints: settings, every admissible instance's
+    pools, then the warnings."""
+    origin = "built-in default layout" if layout.source == "<default>" else layout.source
+    hb = f"{layout.heartbeat_interval:g}"
+    sh = f"{layout.shield_interval:g}"
+    lines = [
+        f"app: {layout.app}",
+        f"layout: {origin}",
+        f"host: {layout.host}",
+        f"heartbeat every {hb} s, shield check every {sh} s",
+        f"max instances: {layout.max_instances} (admissible: {layout.admissible_instances}; "
+        f"the next one stops there because {layout.limit_reason})",
+    ]
+    for n in range(1, layout.admissible_instances + 1):
+        pools = ", ".join(
+            f"{s.name} {_span(s.first_port(n), s.first_port(n) + s.size - 1)}"
+            for s in layout.services
+        )
+        extra = "" if n <= layout.max_instances else " (above max_instances: not used)"
+        lines.append(f"instance {n}: {pools}{extra}")
+    lines.extend(f"warning: {w}" for w in layout.warnings)
+    return lines
