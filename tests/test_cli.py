@@ -1,0 +1,136 @@
+"""The command line: layout, doctor, gc, errors and exit codes, help and README."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+import pytest
+from tests.helpers import portpool, read_line, start, write_layout
+
+from portpool.cli import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_layout_of_the_default_app(tmp_path: Path, home: Path) -> None:
+    done = portpool("layout", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "max instances: 10" in done.stdout
+    assert "instance 10:" in done.stdout
+    assert "instance 11:" not in done.stdout
+    assert re.search(r"6000.*unsafe", done.stdout)
+
+
+def test_overlapping_layout_is_refused(tmp_path: Path, home: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        'app = "x"\n[services.one]\nbase = 25000\nsize = 5\n'
+        "[services.two]\nbase = 25003\nsize = 2\n"
+    )
+    done = portpool("layout", "--config", str(bad))
+    assert done.returncode == 1
+    assert "one" in done.stderr
+    assert "two" in done.stderr
+    assert "25003" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ('app = "x"\n[services.one]\nbase = 25000\nsize = \n', "line"),
+        ('app = "x"\ncolour = 1\n[services.one]\nbase = 25000\nsize = 2\n', "colour"),
+        ('app = "x"\n[services.one]\nbase = "25000"\nsize = 2\n', "services.one.base"),
+    ],
+    ids=["syntax", "unknown-key", "wrong-type"],
+)
+def test_broken_layout_fails_before_any_lock(
+    tmp_path: Path, home: Path, text: str, key: str
+) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    for args in (["layout"], ["run", "--", sys.executable, "-c", "pass"], ["up"], ["status"]):
+        done = portpool(args[0], "--config", str(bad), *args[1:])
+        assert done.returncode == 1, (args, done.stderr)
+        assert str(bad) in done.stderr
+        assert key in done.stderr
+    locks = list(home.rglob("*.lock")) if home.exists() else []
+    assert locks == []
+
+
+def test_doctor_names_holders_and_foreign_processes(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    layout = write_layout(tmp_path / "p.toml", port_base, max_instances=2)
+    foreign = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import socket,time; s=socket.create_server(('127.0.0.1',{port_base + 1})); "
+         "print('ok',flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    release = tmp_path / "release"
+    holder = start(
+        "run", "--config", str(layout), "--", sys.executable, "-c",
+        "import os,sys,time\nprint(1,flush=True)\nt=time.time()+60\n"
+        "while not os.path.exists(sys.argv[1]) and time.time()<t: time.sleep(0.05)",
+        str(release),
+    )  # fmt: skip
+    try:
+        assert foreign.stdout is not None
+        assert foreign.stdout.readline().strip() == "ok"
+        assert read_line(holder).strip() == "1"
+        done = portpool("doctor", "--config", str(layout))
+        assert done.returncode == 0, done.stderr
+        lines = {int(m.group(1)): m.group(2) for m in re.finditer(r" (\d+)  (.*)", done.stdout)}
+        assert lines[port_base].startswith("held by instance 1 of testapp")
+        assert f"pid {foreign.pid}" in lines[port_base + 1]
+        assert "python" in lines[port_base + 1]
+        assert lines[port_base + 12] == "free"
+        assert foreign.poll() is None  # doctor kills nothing
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+        foreign.kill()
+        foreign.wait()
+
+
+def test_usage_errors_exit_2(home: Path) -> None:
+    assert portpool("run").returncode == 2
+    assert portpool("frobnicate").returncode == 2
+    assert portpool("status", "--no-such-flag").returncode == 2
+
+
+def test_unsafe_state_dir_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "real"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    monkeypatch.setenv("PORTPOOL_HOME", str(link))
+    done = portpool("status")
+    assert done.returncode == 1
+    assert str(link) in done.stderr
+    assert "symbolic link" in done.stderr
+
+
+def test_every_command_has_help_and_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert isinstance(cli, click.Group)
+    for name, command in cli.commands.items():
+        assert command.help, f"{name} has no help text"
+        assert f"portpool {name}" in readme, f"README does not document `portpool {name}`"
+        done = portpool(name, "--help")
+        assert done.returncode == 0
+        assert done.stdout.strip()
+
+
+def test_foreign_socket_fixture_is_loopback_only() -> None:
+    # Guard for the suite: helpers bind loopback addresses only.
+    s = socket.create_server(("127.0.0.1", 0))
+    try:
+        assert s.getsockname()[0] == "127.0.0.1"
+    finally:
+        s.close()
