@@ -1,10 +1,39 @@
 """Serving a portpool socket: receiving passed sockets, and helpers for Python servers.
 
-Each server library is imported only inside its helper, so ``import portpool`` stays light.
+Every helper takes a ``Lease`` (it serves ``lease.socket``) or a ``socket.socket``
+(for instance one from ``listen_socket()``) and serves that socket as it is: bound and
+listening already, never bound again, so the port cannot change hands between the
+check and the use.
+
+| server | blocking | in your event loop |
+| --- | --- | --- |
+| asyncio streams / protocols | | ``serve_asyncio``, ``serve_asyncio_protocol`` |
+| uvicorn (any ASGI app) | ``serve_asgi`` | ``serve_asgi_async`` |
+| aiohttp | ``run_aiohttp`` | ``serve_aiohttp`` |
+| ``http.server`` | ``serve_http`` | (``make_http_server`` builds one) |
+
+Each server library is imported only inside its helper, so ``import portpool`` stays
+light and none of them is a dependency of portpool.
 """
 
 from __future__ import annotations
 
+from portpool.integrations.aiohttp_server import run_aiohttp, serve_aiohttp
+from portpool.integrations.asgi import serve_asgi, serve_asgi_async
+from portpool.integrations.asyncio_server import serve_asyncio, serve_asyncio_protocol
 from portpool.integrations.fds import LISTEN_FDS_START, listen_fds, listen_socket
+from portpool.integrations.http_server import make_http_server, serve_http
 
-__all__ = ["LISTEN_FDS_START", "listen_fds", "listen_socket"]
+__all__ = [
+    "LISTEN_FDS_START",
+    "listen_fds",
+    "listen_socket",
+    "make_http_server",
+    "run_aiohttp",
+    "serve_aiohttp",
+    "serve_asgi",
+    "serve_asgi_async",
+    "serve_asyncio",
+    "serve_asyncio_protocol",
+    "serve_http",
+]

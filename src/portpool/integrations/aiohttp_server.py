@@ -1,0 +1,64 @@
+"""Serving an aiohttp application on a lease's socket (or a passed one).
+
+Inside your event loop::
+
+    from portpool.integrations import serve_aiohttp
+
+    runner = await serve_aiohttp(app, lease)   # accepting now
+    ...
+    await runner.cleanup()                     # stop: closes the socket
+
+Or blocking, with aiohttp's own SIGINT/SIGTERM handling (returns after a graceful stop)::
+
+    run_aiohttp(app, listen_socket("web"), print=None)
+
+aiohttp serves the socket as it is (a ``SockSite``); it never binds an address itself.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from portpool.integrations._socket import SocketOrLease, reject_binding_options, serving_socket
+
+if TYPE_CHECKING:
+    from aiohttp import web
+
+
+async def serve_aiohttp(
+    app: web.Application,
+    sock_or_lease: SocketOrLease,
+    *,
+    shutdown_timeout: float = 60.0,
+    **runner_kwargs: Any,
+) -> web.AppRunner:
+    """Start serving ``app`` on the socket and return its runner, already accepting.
+
+    Stop with ``await runner.cleanup()``, which closes the socket (a lease keeps its
+    lock until released). ``runner_kwargs`` go to ``aiohttp.web.AppRunner``;
+    ``shutdown_timeout`` (seconds) bounds the wait for in-flight requests on cleanup.
+    """
+    from aiohttp import web
+
+    sock = serving_socket(sock_or_lease)
+    runner = web.AppRunner(app, **runner_kwargs)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock, shutdown_timeout=shutdown_timeout).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def run_aiohttp(app: web.Application, sock_or_lease: SocketOrLease, **run_app_kwargs: Any) -> None:
+    """Serve ``app`` on the socket until SIGINT/SIGTERM, then stop gracefully and return.
+
+    ``run_app_kwargs`` go to ``aiohttp.web.run_app`` (``print``, ``access_log``,
+    ``shutdown_timeout``, ...); ``host``, ``port``, ``path``, ``sock`` and
+    ``reuse_*`` raise TypeError, since the socket decides the address.
+    """
+    from aiohttp import web
+
+    reject_binding_options(run_app_kwargs, "run_aiohttp")
+    web.run_app(app, sock=serving_socket(sock_or_lease), **run_app_kwargs)

@@ -1,0 +1,67 @@
+"""Serving a lease's socket (or a passed one) with plain asyncio.
+
+::
+
+    import asyncio, portpool
+    from portpool.integrations import serve_asyncio
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    async def main(lease: portpool.Lease) -> None:
+        server = await serve_asyncio(lease, echo)      # accepting now
+        async with server:
+            await server.serve_forever()
+
+``serve_asyncio_protocol(lease, factory)`` does the same for a Protocol factory. The
+server takes the socket over as it is, without binding: closing the server closes the
+socket, and the lease keeps its lock until it is released.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from portpool.integrations._socket import SocketOrLease, reject_binding_options, serving_socket
+
+if TYPE_CHECKING:
+    import asyncio
+
+ClientConnected = Callable[["asyncio.StreamReader", "asyncio.StreamWriter"], Awaitable[None] | None]
+
+
+async def serve_asyncio(
+    sock_or_lease: SocketOrLease, client_connected_cb: ClientConnected, **start_server_kwargs: Any
+) -> asyncio.Server:
+    """Serve streams on the socket: ``asyncio.start_server(client_connected_cb, sock=...)``.
+
+    Returns the server, already accepting. ``start_server_kwargs`` go to
+    ``asyncio.start_server`` (``limit``, ``ssl``, ``backlog``, ...); options that would
+    bind another address (``host``, ``port``, ``sock``, ``reuse_port``...) raise TypeError.
+    """
+    import asyncio
+
+    reject_binding_options(start_server_kwargs, "serve_asyncio")
+    sock = serving_socket(sock_or_lease)
+    return await asyncio.start_server(client_connected_cb, sock=sock, **start_server_kwargs)
+
+
+async def serve_asyncio_protocol(
+    sock_or_lease: SocketOrLease,
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    **create_server_kwargs: Any,
+) -> asyncio.Server:
+    """Serve a protocol on the socket: ``loop.create_server(protocol_factory, sock=...)``.
+
+    Returns the server, already accepting. ``create_server_kwargs`` go to
+    ``loop.create_server``; options that would bind another address raise TypeError.
+    """
+    import asyncio
+
+    reject_binding_options(create_server_kwargs, "serve_asyncio_protocol")
+    sock = serving_socket(sock_or_lease)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(protocol_factory, sock=sock, **create_server_kwargs)
