@@ -15,9 +15,11 @@ whether a port is held is decided by the kernel lock alone.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
+import stat
 import threading
 import time
 import zlib
@@ -40,42 +42,83 @@ from portpool.statedir import StateDir
 RECORD_SIZE = 1024
 _OPEN_RETRIES = 16
 _READ_RETRIES = 3
+_IDLE_MAX = 32
 
-# Locks this process holds, keyed by (directory inode, name): a second acquire of the
-# same lock in one process is a caller bug, reported instead of silently failing.
-_held: dict[tuple[int, int, str], HeldLock] = {}
+_Key = tuple[int, int, str]  # (directory device, directory inode, entry name)
+
+# Locks this process holds: a second acquire of the same lock in one process is a caller
+# bug, reported as such instead of failing as if someone else held it.
+_held: dict[_Key, HeldLock] = {}
 _held_mutex = threading.Lock()
+# Bumped in every forked child, so "am I the process that took this lock?" costs no
+# getpid() syscall on the hot path.
+_fork_generation = 0
+
+
+@dataclass
+class _IdleFiles:
+    """The open (unlocked) files of a port lock this process released, kept for reuse.
+
+    Reopening the lock and record files costs four syscalls per acquire; checking that
+    the paths still name these inodes costs two. Reuse is always re-verified: a file
+    replaced or unlinked meanwhile is simply closed and opened afresh.
+    """
+
+    lock_fd: int
+    lock_id: tuple[int, int]
+    meta_fd: int
+    meta_id: tuple[int, int]
+
+    def close(self) -> None:
+        for fd in (self.lock_fd, self.meta_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+_idle: dict[_Key, _IdleFiles] = {}  # insertion-ordered: the oldest is evicted first
 
 
 def _after_fork_in_child() -> None:
-    # The child shares the parent's open file descriptions: unlocking there would free
-    # the parent's locks. Close the child's copies (the lock stays with the parent).
+    # The child shares the parent's open file descriptions, and a flock belongs to the
+    # description: unlocking there would free the parent's lock, and locking an idle
+    # copy would "take" a lock the parent may take too. Close every copy in the child.
+    # The mutex may have been held by another parent thread at fork time: replace it.
+    global _held_mutex, _fork_generation
+    _held_mutex = threading.Lock()
+    _fork_generation += 1
     for held in list(_held.values()):
         held._disown()
     _held.clear()
+    for files in _idle.values():
+        files.close()
+    _idle.clear()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def close_idle_files() -> None:
+    """Close the files kept open for reuse by released port locks (they hold no lock)."""
+    with _held_mutex:
+        idle = list(_idle.values())
+        _idle.clear()
+    for files in idle:
+        files.close()
+
+
 class HeldLock:
     """A kernel lock on ``<dir>/<name>`` that this process holds. Use ``acquire``."""
 
     def __init__(
-        self,
-        directory: DirHandle,
-        name: str,
-        fd: int,
-        st: os.stat_result,
-        key: tuple[int, int, str],
+        self, directory: DirHandle, name: str, fd: int, file_id: tuple[int, int], key: _Key
     ) -> None:
         self.directory = directory
         self.name = name
         self.fd = fd
-        self.dev = st.st_dev
-        self.ino = st.st_ino
+        self.dev, self.ino = file_id
         self.owner_pid = os.getpid()
+        self._generation = _fork_generation
         self._key = key
 
     @property
@@ -89,43 +132,85 @@ class HeldLock:
         Raises LockHeld if another lock holder has it, AlreadyHeldHere if this process
         does, StateDirError if the path is unusable (a symlink, a directory, ...).
         """
-        dst = directory.stat()
-        key = (dst.st_dev, dst.st_ino, name)
-        path = os.path.join(directory.path, name)
+        return cls._acquire(directory, name, (*directory.identity, name), None)
+
+    @classmethod
+    def _acquire(
+        cls,
+        directory: DirHandle,
+        name: str,
+        key: _Key,
+        reuse: tuple[int, tuple[int, int]] | None,
+    ) -> HeldLock:
+        """``acquire``, first trying ``reuse``: an fd of ours (closed here if not kept)."""
         with _held_mutex:
             if key in _held:
-                raise AlreadyHeldHere(path)
+                if reuse is not None:
+                    os.close(reuse[0])
+                raise AlreadyHeldHere(os.path.join(directory.path, name))
+        if reuse is not None:
+            fd, file_id = reuse
+            held = cls._lock_checked(directory, name, key, fd, file_id)
+            if held is not None:
+                return held
         for _ in range(_OPEN_RETRIES):
             try:
                 fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
             except OSError as e:
-                raise StateDirError(path, f"cannot open lock file: {e.strerror or e}") from e
+                raise StateDirError(
+                    os.path.join(directory.path, name),
+                    f"cannot open lock file: {e.strerror or e} (remove what is there)",
+                ) from e
             try:
-                if not try_lock(fd):
-                    raise LockHeld(path)
-                # Rule 2: someone holding the lock may have unlinked or replaced the file
-                # between our open and our lock; a lock on an orphaned inode is worthless.
                 st = os.fstat(fd)
-                now = directory.stat_entry(name)
+                if not stat.S_ISREG(st.st_mode):
+                    raise StateDirError(
+                        os.path.join(directory.path, name),
+                        "lock path is not a regular file (remove what is there)",
+                    )
             except BaseException:
                 os.close(fd)
                 raise
-            if (
-                now is not None
-                and (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-                and (st.st_nlink >= 1)
-            ):
-                held = cls(directory, name, fd, st, key)
-                with _held_mutex:
-                    _held[key] = held
+            held = cls._lock_checked(directory, name, key, fd, (st.st_dev, st.st_ino))
+            if held is not None:
                 return held
-            os.close(fd)
+        path = os.path.join(directory.path, name)
         raise LockError(f"{path} kept being replaced while locking; giving up")
 
-    def problem(self, check_kernel: bool = True) -> str | None:
+    @classmethod
+    def _lock_checked(
+        cls, directory: DirHandle, name: str, key: _Key, fd: int, file_id: tuple[int, int]
+    ) -> HeldLock | None:
+        """Lock ``fd`` (the file ``file_id``) and check the path still names it.
+
+        Takes ownership of ``fd``: returns the HeldLock, or closes it and returns None
+        when the path names another file now (retry), or raises LockHeld.
+        """
+        try:
+            if not try_lock(fd):
+                raise LockHeld(os.path.join(directory.path, name))
+            # Rule 2: a holder may have unlinked or replaced the file between our open
+            # and our lock; a lock on an orphaned inode is worthless. The same inode at
+            # the path also means it is still linked.
+            now = directory.stat_entry(name)
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is None or (now.st_dev, now.st_ino) != file_id:
+            os.close(fd)  # frees the lock we took on the orphan
+            return None
+        held = cls(directory, name, fd, file_id, key)
+        with _held_mutex:
+            _held[key] = held
+        return held
+
+    def problem(
+        self, check_kernel: bool = True, *, locked: dict[int, int] | None = None
+    ) -> str | None:
         """None while the lock is still ours on the same file, else what went wrong.
 
-        ``check_kernel`` also asks the kernel that the lock is still held (Linux).
+        ``check_kernel`` also asks the kernel that the lock is still held (Linux);
+        ``locked`` is a ``locked_inodes()`` snapshot to use instead of reading it again.
         """
         if self.fd < 0:
             return f"lock file {self.name} was released"
@@ -134,30 +219,39 @@ class HeldLock:
             return f"lock file {self.name} was deleted by another process"
         if (now.st_dev, now.st_ino) != (self.dev, self.ino):
             return f"lock file {self.name} was replaced by another file"
-        try:
-            if os.fstat(self.fd).st_nlink < 1:
-                return f"lock file {self.name} was unlinked"
-        except OSError as e:
-            return f"lock file {self.name} can no longer be checked: {e.strerror}"
-        locked = locked_inodes() if check_kernel else None
-        if locked is not None and self.ino not in locked:
+        # /proc/locks is matched by inode alone: its device numbers differ from st_dev
+        # on btrfs subvolumes and overlay mounts, and a false "lost" would trip the shield.
+        if check_kernel and locked is None:
+            locked = locked_inodes()
+        if check_kernel and locked is not None and self.ino not in locked:
             return f"lock file {self.name} is no longer locked by the kernel"
         return None
 
     @property
     def is_owner_process(self) -> bool:
-        return self.owner_pid == os.getpid()
+        """True in the process that took the lock, False in a forked child."""
+        return self._generation == _fork_generation
 
     def _disown(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
-    def release(self) -> None:
-        """Unlock and close. In a forked child this only closes the child's copy."""
+    def _forget(self) -> None:
         with _held_mutex:
             if _held.get(self._key) is self:
                 del _held[self._key]
+
+    def _unlock_keep_open(self) -> int:
+        """Unlock, but hand back the still-open fd for reuse (owner process only)."""
+        self._forget()
+        fd, self.fd = self.fd, -1
+        unlock(fd)
+        return fd
+
+    def release(self) -> None:
+        """Unlock and close. In a forked child this only closes the child's copy."""
+        self._forget()
         if self.fd < 0:
             return
         if self.is_owner_process:
@@ -241,9 +335,40 @@ _STR_FIELDS = ("start_token", "boot_id", "app", "service", "host")
 _FLOAT_FIELDS = ("acquired_at", "heartbeat_at")
 
 
+_quote = json.encoder.encode_basestring_ascii  # what json.dumps(ensure_ascii=True) uses
+
+
+_prefixes: dict[tuple[object, ...], str] = {}
+
+
+def _record_prefix(r: PortRecord) -> str:
+    """The JSON of every field but the two times (the same for all heartbeats: cached)."""
+    key = (r.port, r.pid, r.start_token, r.boot_id, r.app, r.instance, r.service, r.host)
+    found = _prefixes.get(key)
+    if found is None:
+        if len(_prefixes) >= 256:
+            _prefixes.clear()
+        found = _prefixes[key] = (
+            f'{{"v":1,"port":{int(r.port)!r},"pid":{int(r.pid)!r},'
+            f'"start_token":{_quote(r.start_token)},"boot_id":{_quote(r.boot_id)},'
+            f'"app":{_quote(r.app)},"instance":{int(r.instance)!r},'
+            f'"service":{_quote(r.service)},"host":{_quote(r.host)},'
+        )
+    return found
+
+
 def encode_record(record: PortRecord) -> bytes:
-    """The fixed-size bytes of ``record``: JSON line, CRC line, space padding."""
-    text = json.dumps(record.to_dict(), separators=(",", ":"), ensure_ascii=True).encode()
+    """The fixed-size bytes of ``record``: JSON line, CRC line, space padding.
+
+    The JSON is exactly ``json.dumps(record.to_dict(), separators=(",", ":"))``, formatted
+    by hand because acquire is on the hot path (json.dumps alone was ~10 us of it).
+    Raises LockError if the record does not fit its fixed size.
+    """
+    r = record
+    prefix = _record_prefix(r)
+    text = (
+        f'{prefix}"acquired_at":{float(r.acquired_at)!r},"heartbeat_at":{float(r.heartbeat_at)!r}}}'
+    ).encode("ascii")
     body = text + b"\n#%08x\n" % zlib.crc32(text)
     if len(body) > RECORD_SIZE:
         raise LockError(f"port {record.port}: metadata record too large ({len(body)} bytes)")
@@ -320,17 +445,11 @@ def read_port_record(directory: DirHandle, port: int) -> PortRecord | None:
     except OSError as e:
         raise ValueError(f"record cannot be opened: {e.strerror or e}") from e
     try:
-        if not _is_regular(fd):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("record is not a regular file")
         return _read_record_fd(fd)
     finally:
         os.close(fd)
-
-
-def _is_regular(fd: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
 PortState = Literal["free", "held", "held-unreadable"]
@@ -386,6 +505,7 @@ class PortLock:
     meta_fd: int
     record: PortRecord | None = None
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _meta_id: tuple[int, int] = field(default=(0, 0), repr=False)
 
     @classmethod
     def acquire(cls, state: StateDir, port: int) -> PortLock:
@@ -394,21 +514,39 @@ class PortLock:
         Raises LockHeld (``holder`` is the PortStatus seen), AlreadyHeldHere, StateDirError.
         """
         directory = state.ports()
+        name = f"{port}.lock"
+        key = (*directory.identity, name)
+        with _held_mutex:
+            idle = _idle.pop(key, None)
         try:
-            lock = HeldLock.acquire(directory, f"{port}.lock")
+            lock = HeldLock._acquire(
+                directory, name, key, None if idle is None else (idle.lock_fd, idle.lock_id)
+            )
         except LockHeld as e:
+            if idle is not None:
+                os.close(idle.meta_fd)
             raise LockHeld(e.path, inspect_port(state, port)) from None
+        except BaseException:
+            if idle is not None:
+                os.close(idle.meta_fd)
+            raise
         try:
-            meta_fd = _open_meta(directory, f"{port}.json")
+            if idle is not None:
+                meta_fd, meta_id = _reuse_meta(directory, f"{port}.json", idle)
+            else:
+                meta_fd, meta_id = _open_meta(directory, f"{port}.json")
         except BaseException:
             lock.release()
             raise
-        return cls(port, lock, meta_fd)
+        return cls(port, lock, meta_fd, _meta_id=meta_id)
 
     def write_record(
         self, *, app: str, instance: int, service: str, host: str, now: float | None = None
     ) -> PortRecord:
-        """Write who holds the port (done once bound: metadata never claims a port early)."""
+        """Write who holds the port (done once bound: metadata never claims a port early).
+
+        Raises LockError once released, OSError if the write fails.
+        """
         me = current_identity()
         now = time.time() if now is None else now
         record = PortRecord(
@@ -418,14 +556,11 @@ class PortLock:
         return record
 
     def heartbeat(self, now: float | None = None) -> None:
-        """Refresh ``heartbeat_at`` in place (one pwrite)."""
+        """Refresh ``heartbeat_at`` in place (one pwrite). Raises LockError once released."""
         if self.record is None:
             return
         now = time.time() if now is None else now
-        fields = self.record.to_dict()
-        fields.pop("v")
-        fields["heartbeat_at"] = now
-        self._write(PortRecord(**fields))
+        self._write(dataclasses.replace(self.record, heartbeat_at=now))
 
     def _write(self, record: PortRecord) -> None:
         data = encode_record(record)
@@ -435,9 +570,12 @@ class PortLock:
             write_at(self.meta_fd, data, 0)
             self.record = record
 
-    def problem(self) -> str | None:
-        """None while the lock and the metadata at the path are still ours, else why not."""
-        lock_problem = self.lock.problem()
+    def problem(self, *, locked: dict[int, int] | None = None) -> str | None:
+        """None while the lock and the metadata at the path are still ours, else why not.
+
+        ``locked`` is a ``locked_inodes()`` snapshot, to share one kernel read among ports.
+        """
+        lock_problem = self.lock.problem(locked=locked)
         if lock_problem is not None:
             return lock_problem
         if self.record is None:
@@ -456,22 +594,74 @@ class PortLock:
         return None
 
     def release(self) -> None:
-        """Erase our record, unlock, close. In a forked child: only close our copies."""
+        """Erase our record, unlock, close. Safe to call twice.
+
+        In a forked child this only closes the child's copies: the lock and the record
+        stay the parent's. When the lock file is no longer ours (replaced or unlinked by
+        someone else) the record is left alone: it may be the new holder's.
+        """
         with self._mutex:
             fd, self.meta_fd = self.meta_fd, -1
-        if fd >= 0:
-            try:
-                if self.lock.is_owner_process and self.lock.problem(check_kernel=False) is None:
-                    # Erase before unlocking, so nobody ever reads our record as theirs.
-                    write_at(fd, b" " * RECORD_SIZE, 0)
-            except OSError:
-                pass
+        if fd < 0:
+            self.lock.release()
+            return
+        lock = self.lock
+        erased = False
+        if lock.is_owner_process and lock.problem(check_kernel=False) is None:
+            # Erase before unlocking, so nobody ever reads our record as theirs.
+            with contextlib.suppress(OSError):
+                erased = write_at(fd, _BLANK, 0) == RECORD_SIZE
+        if not erased:
             os.close(fd)
-        self.lock.release()
+            lock.release()
+            return
+        try:
+            lock_fd = lock._unlock_keep_open()
+        except OSError:
+            os.close(fd)
+            lock.release()
+            return
+        _keep_idle(lock._key, _IdleFiles(lock_fd, (lock.dev, lock.ino), fd, self._meta_id))
 
 
-def _open_meta(directory: DirHandle, name: str) -> int:
-    """Open our metadata file for writing; we hold the port's lock, so the path is ours."""
+_BLANK = b" " * RECORD_SIZE
+
+
+def _keep_idle(key: _Key, files: _IdleFiles) -> None:
+    """Keep a released lock's files open for the next acquire of the same port."""
+    evicted: list[_IdleFiles] = []
+    with _held_mutex:
+        old = _idle.pop(key, None)
+        if old is not None:
+            evicted.append(old)
+        _idle[key] = files
+        while len(_idle) > _IDLE_MAX:
+            evicted.append(_idle.pop(next(iter(_idle))))
+    for f in evicted:
+        f.close()
+
+
+def _reuse_meta(directory: DirHandle, name: str, idle: _IdleFiles) -> tuple[int, tuple[int, int]]:
+    """The kept record file if the path still names it (one stat), else a fresh open."""
+    st = directory.stat_entry(name)
+    if (
+        st is not None
+        and (st.st_dev, st.st_ino) == idle.meta_id
+        and stat.S_ISREG(st.st_mode)
+        and st.st_nlink == 1
+    ):
+        if st.st_size != RECORD_SIZE:
+            os.ftruncate(idle.meta_fd, RECORD_SIZE)
+        return idle.meta_fd, idle.meta_id
+    os.close(idle.meta_fd)
+    return _open_meta(directory, name)
+
+
+def _open_meta(directory: DirHandle, name: str) -> tuple[int, tuple[int, int]]:
+    """Open our record file for writing; we hold the port's lock, so the path is ours.
+
+    Returns the fd and the file's (device, inode).
+    """
     for _ in range(2):
         try:
             fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
@@ -484,12 +674,13 @@ def _open_meta(directory: DirHandle, name: str) -> int:
                 raise StateDirError(path, f"metadata path unusable: {e.strerror}") from e
             continue
         st = os.fstat(fd)
-        if not _is_regular(fd) or st.st_nlink != 1:
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            # Junk, or a hard link to some other file: unlink our name, never write there.
             os.close(fd)
             directory.unlink(name)
             continue
         if st.st_size != RECORD_SIZE:
             os.ftruncate(fd, RECORD_SIZE)  # only after junk or first use: not the hot path
-        return fd
+        return fd, (st.st_dev, st.st_ino)
     path = os.path.join(directory.path, name)
     raise StateDirError(path, "metadata path keeps being replaced")

@@ -8,6 +8,7 @@ nobody but cannot be bound belongs to a foreign program: skip it, never fight it
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
@@ -87,7 +88,9 @@ class Lease:
         return f"Lease(service={self.service!r}, host={self.host!r}, port={self.port})"
 
 
+@functools.lru_cache(maxsize=64)
 def _family(host: str) -> tuple[socket.AddressFamily, tuple[str, int] | tuple[str, int, int, int]]:
+    """The address family and bind address of ``host`` (cached: parsing is per call cost)."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -143,6 +146,13 @@ def _bind_refusal(port: int, host: str, err: OSError) -> Refusal:
     return Refusal(port, "error", f"binding {host}:{port}: {err.strerror or err}")
 
 
+def _holder_detail(holder: object) -> str:
+    if isinstance(holder, PortStatus) and not holder.is_free:
+        return holder.describe()
+    # Free by the time we looked: its holder released it between our try and our look.
+    return "another process (released just now)"
+
+
 def check_port(port: int, where: str = "pool") -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise LayoutError(where, "port", f"{port!r} is not a port number in 1..65535")
@@ -170,8 +180,7 @@ def acquire(
         try:
             lock = PortLock.acquire(state, port)
         except LockHeld as e:
-            holder = e.holder.describe() if isinstance(e.holder, PortStatus) else "another process"
-            refusals.append(Refusal(port, "held", holder))
+            refusals.append(Refusal(port, "held", _holder_detail(e.holder)))
             continue
         except AlreadyHeldHere:
             refusals.append(Refusal(port, "held", "by this process already"))

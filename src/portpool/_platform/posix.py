@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 assert sys.platform != "win32"
 
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted at one of our paths must not hang an open (regular files
+# ignore it). O_CLOEXEC: programs we exec never inherit our lock or record fds.
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def read_at(fd: int, size: int, offset: int) -> bytes:
@@ -37,6 +39,15 @@ class DirHandle:
     def __init__(self, fd: int, path: str) -> None:
         self.fd = fd
         self.path = path
+        self._identity: tuple[int, int] | None = None
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(device, inode) of the directory; fixed for as long as the fd is open."""
+        if self._identity is None:
+            st = os.fstat(self.fd)
+            self._identity = (st.st_dev, st.st_ino)
+        return self._identity
 
     @classmethod
     def open_path(cls, path: str) -> DirHandle:
@@ -57,6 +68,7 @@ class DirHandle:
         return DirHandle(fd, os.path.join(self.path, name))
 
     def open_file(self, name: str, flags: int, mode: int = 0o600) -> int:
+        """Open entry ``name``; a symlink there fails (ELOOP) instead of being followed."""
         return os.open(name, flags | _NOFOLLOW, mode, dir_fd=self.fd)
 
     def stat_entry(self, name: str) -> os.stat_result | None:

@@ -63,6 +63,12 @@ if sys.platform == "win32":
                 raise NotADirectoryError(20, "not a directory", path)
             return cls(-1, path)
 
+        @property
+        def identity(self) -> tuple[int, int]:
+            """(volume serial, file index) of the directory, read on each call: by path."""
+            st = self.stat()
+            return (st.st_dev, st.st_ino)
+
         def stat(self) -> os.stat_result:
             return os.stat(self.path, follow_symlinks=False)
 
