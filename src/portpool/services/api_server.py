@@ -1,0 +1,191 @@
+"""The api-server service: a JSON API over this host's instances, and their dashboard.
+
+- ``GET /api/health`` (and ``/health``): this service is up.
+- ``GET /api/services``: every service of this instance with port, pool, pid and its
+  health, checked over loopback now.
+- ``GET /api/instances``: every instance of the app on this host, from the state dir;
+  with ``?health=1`` each service of a live instance is checked over loopback too.
+- ``GET /``: the dashboard (one self-contained page that refreshes itself).
+
+A service is healthy when its ``GET /health`` answers 200 naming that service and port,
+so a foreign program on the port never counts as ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from portpool.errors import PortPoolError
+from portpool.services._runtime import ServiceContext, serve_asgi
+
+if TYPE_CHECKING:
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+CHECK_HOST = "127.0.0.1"
+CHECK_TIMEOUT_S = 1.0
+
+
+def dashboard_html() -> str:
+    """The dashboard page, shipped in the package (no build step, no outside assets)."""
+    return resources.files("portpool.services").joinpath("static/dashboard.html").read_text("utf-8")
+
+
+async def check_health(client: httpx.AsyncClient, name: str, port: int | None) -> dict[str, Any]:
+    """Ask ``127.0.0.1:<port>/health`` now; ``healthy`` only if the answer names ``name``
+    and ``port``. Never raises for a down or foreign service: ``error`` says what was seen."""
+    import httpx
+
+    if port is None:
+        return {"healthy": False, "pid": None, "latency_ms": None, "error": "no port"}
+    started = time.perf_counter()
+    try:
+        response = await client.get(f"http://{CHECK_HOST}:{port}/health")
+        body = response.json()
+    except (httpx.HTTPError, ValueError) as e:
+        return {"healthy": False, "pid": None, "latency_ms": None, "error": _describe(e)}
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    if not isinstance(body, dict):
+        body = {}
+    if response.status_code != 200:
+        error: str | None = f"HTTP {response.status_code}"
+    elif body.get("service") != name or body.get("port") != port:
+        error = f"answered as {body.get('service')!r} on port {body.get('port')!r}"
+    else:
+        error = None
+    pid = body.get("pid") if error is None else None
+    return {"healthy": error is None, "pid": pid, "latency_ms": latency_ms, "error": error}
+
+
+def _describe(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _read_instances(app: str) -> tuple[list[dict[str, Any]], str | None]:
+    """Every instance of ``app`` in the state dir as dicts, and a problem reading it."""
+    try:
+        from portpool.instance import list_instances
+
+        return [info.to_dict() for info in list_instances(app)], None
+    except (PortPoolError, OSError) as e:
+        return [], f"cannot read the state dir: {e}"
+
+
+def _own_services(ctx: ServiceContext, instances: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This instance's services: from its record when readable, else from the environment."""
+    for record in instances:
+        if record.get("number") == ctx.instance and record.get("services"):
+            return [dict(service) for service in record["services"]]
+    return [
+        {"name": name, "pool": None, "port": port, "pid": None} for name, port in ctx.ports.items()
+    ]
+
+
+async def services_report(ctx: ServiceContext, client: httpx.AsyncClient) -> dict[str, Any]:
+    """The body of ``/api/services``."""
+    instances, problem = await asyncio.to_thread(_read_instances, ctx.app)
+    services = _own_services(ctx, instances)
+    checks = await asyncio.gather(*(check_health(client, s["name"], s["port"]) for s in services))
+    for service, check in zip(services, checks, strict=True):
+        service["pid"] = check["pid"] or service.get("pid")
+        service.update(healthy=check["healthy"], latency_ms=check["latency_ms"])
+        service["error"] = check["error"]
+    return {
+        "app": ctx.app,
+        "instance": ctx.instance,
+        "checked_at": time.time(),
+        "healthy": all(s["healthy"] for s in services),
+        "problem": problem,
+        "services": services,
+    }
+
+
+async def instances_report(
+    ctx: ServiceContext, client: httpx.AsyncClient, health: bool
+) -> dict[str, Any]:
+    """The body of ``/api/instances``; with ``health`` each service carries a ``health``."""
+    instances, problem = await asyncio.to_thread(_read_instances, ctx.app)
+    if health:
+        pending = []
+        for record in instances:
+            for service in record.get("services", []):
+                pending.append((record, service))
+        checks = await asyncio.gather(
+            *(
+                check_health(client, service["name"], service.get("port"))
+                if record.get("alive")
+                else _not_running()
+                for record, service in pending
+            )
+        )
+        for (_, service), check in zip(pending, checks, strict=True):
+            service["health"] = check
+    return {
+        "app": ctx.app,
+        "instance": ctx.instance,
+        "service": ctx.service,
+        "port": ctx.port,
+        "checked_at": time.time(),
+        "problem": problem,
+        "instances": instances,
+    }
+
+
+async def _not_running() -> dict[str, Any]:
+    return {"healthy": False, "pid": None, "latency_ms": None, "error": "instance not running"}
+
+
+def build_app(ctx: ServiceContext) -> Starlette:
+    """The ASGI app of the api-server."""
+    import contextlib
+    from collections.abc import AsyncIterator
+
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.responses import HTMLResponse, JSONResponse
+    from starlette.routing import Route
+
+    page = dashboard_html()
+    no_store = {"Cache-Control": "no-store"}
+    clients: list[httpx.AsyncClient] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        # trust_env=False: health checks go to loopback, never through a proxy from the env.
+        async with httpx.AsyncClient(timeout=CHECK_TIMEOUT_S, trust_env=False) as client:
+            clients.append(client)
+            yield
+
+    async def health(_request: Request) -> Response:
+        return JSONResponse(ctx.health(), headers=no_store)
+
+    async def services(_request: Request) -> Response:
+        return JSONResponse(await services_report(ctx, clients[0]), headers=no_store)
+
+    async def instances(request: Request) -> Response:
+        wanted = request.query_params.get("health", "") not in ("", "0", "false", "no")
+        return JSONResponse(await instances_report(ctx, clients[0], wanted), headers=no_store)
+
+    async def dashboard(_request: Request) -> Response:
+        return HTMLResponse(page, headers=no_store)
+
+    routes = [
+        Route("/", dashboard, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/api/health", health, methods=["GET"]),
+        Route("/api/services", services, methods=["GET"]),
+        Route("/api/instances", instances, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def serve(ctx: ServiceContext, sock: socket.socket, stop: asyncio.Event) -> None:
+    """Serve the API and the dashboard on ``sock`` until ``stop`` is set."""
+    await serve_asgi(build_app(ctx), sock, stop)
