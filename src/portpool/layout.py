@@ -107,9 +107,9 @@ def _runs(ints: Iterable[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _compact(runs: Sequence[tuple[int, int]]) -> str:
-    """``[(6000, 6002), (6100, 6100)]`` -> ``"6000-6002, 6100"``; long lists are cut."""
-    parts = [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs[:_MAX_RUNS_SHOWN]]
+def _compact(runs: Sequence[tuple[int, int]], sep: str = "..") -> str:
+    """``[(6000, 6002), (6100, 6100)]`` -> ``"6000..6002, 6100"``; long lists are cut."""
+    parts = [str(lo) if lo == hi else f"{lo}{sep}{hi}" for lo, hi in runs[:_MAX_RUNS_SHOWN]]
     if len(runs) > _MAX_RUNS_SHOWN:
         parts.append(f"... ({len(runs) - _MAX_RUNS_SHOWN} more ranges)")
     return ", ".join(parts)
@@ -371,7 +371,7 @@ def _ports_in(s: Service, lo: int, hi: int, instances: int) -> str | None:
         gap = ", " if n_last == n_first + 1 else ", ..., "
         ports = _compact([first_run]) + gap + _compact([last_run])
         plural = True
-    inst = _compact([(n_first, n_last)])
+    inst = _compact([(n_first, n_last)], "-")
     inst_word = "instances" if n_last > n_first else "instance"
     return (
         f"{'ports' if plural else 'port'} {ports} ({inst_word} {inst}) {'are' if plural else 'is'}"
@@ -395,7 +395,7 @@ def _unsafe_ports(s: Service, instances: int) -> str | None:
     plural = len(hits) > 1
     inst_word = "instances" if _count(inst) > 1 else "instance"
     return (
-        f"{'ports' if plural else 'port'} {_compact(runs)} ({inst_word} {_compact(inst)}) "
+        f"{'ports' if plural else 'port'} {_compact(runs)} ({inst_word} {_compact(inst, '-')}) "
         f"{'are' if plural else 'is'}"
     )
 
@@ -416,10 +416,12 @@ def _warnings(source: str, services: Sequence[Service], instances: int) -> list[
             )
         eph = ephemeral and _ports_in(s, ephemeral[0], ephemeral[1], instances)
         if eph and ephemeral:
+            # Pools that only enter the range at a later instance: a lower maximum avoids it.
+            later = (_touching(s, ephemeral[0], ephemeral[1], instances) or (1, 1))[0] > 1
             out.append(
                 f"{where}: {eph} inside the OS's ephemeral port range "
                 f"{ephemeral[0]}-{ephemeral[1]}: any outgoing connection may take them; "
-                "move the pool out of it"
+                f"move the pool out of it{', or lower max_instances' if later else ''}"
             )
         unsafe = _unsafe_ports(s, instances)
         if unsafe:
@@ -546,7 +548,9 @@ class Layout:
         object.__setattr__(self, "admissible_instances", admissible)
         object.__setattr__(self, "max_instances", requested or admissible)
         object.__setattr__(self, "limit_reason", reason)
-        object.__setattr__(self, "warnings", tuple(_warnings(self.source, services, admissible)))
+        # Only instances that can run: a lowered maximum silences the rest.
+        warnings = _warnings(self.source, services, requested or admissible)
+        object.__setattr__(self, "warnings", tuple(warnings))
 
     def service(self, name: str) -> Service:
         """The service called ``name``; LayoutError naming the known ones if there is none."""

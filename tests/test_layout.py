@@ -1,0 +1,683 @@
+"""Layouts: the default numbers, TOML loading, every validation rule, warnings, and
+property tests that nothing but LayoutError escapes and accepted layouts are sound."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from portpool._platform import ephemeral_port_range
+from portpool.errors import LayoutError
+from portpool.layout import (
+    BROWSER_UNSAFE_PORTS,
+    INSTANCE_LIMIT,
+    SERVICE_SOCKET_MODES,
+    Layout,
+    Service,
+    admissible_instances,
+    default_layout,
+    describe_layout,
+    load_layout,
+    parse_layout,
+    resolve_layout,
+)
+
+DEFAULT_NUMBERS = [
+    ("mcp-universal", 6000, 3),
+    ("ollama-mcp", 6010, 3),
+    ("groq-api", 6020, 3),
+    ("sandra-ia", 6030, 4),
+    ("conversational", 7000, 5),
+    ("api-server", 9000, 3),
+]
+
+GOOD = """\
+app = "demo"
+host = "127.0.0.1"
+heartbeat_interval = 5
+shield_interval = 2.5
+
+[services.web]
+base = 20000
+size = 3
+stride = 10
+command = ["python", "-m", "demo.web"]
+socket = "port"
+
+[services.api]
+base = 20004
+size = 2
+stride = 10
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "portpool.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def refused(tmp_path: Path, text: str) -> LayoutError:
+    path = write(tmp_path, text)
+    with pytest.raises(LayoutError) as info:
+        load_layout(path)
+    assert info.value.file == path
+    for line in info.value.errors:
+        assert line.startswith(f"{path}: "), line
+    return info.value
+
+
+def brute_force_admissible(services: tuple[Service, ...], limit: int = INSTANCE_LIMIT) -> int:
+    """The admissible count the slow, obvious way: port by port, instance by instance."""
+    owner: dict[int, tuple[str, int]] = {}
+    for n in range(1, limit + 1):
+        for s in services:
+            for port in s.pool(n):
+                if not 1 <= port <= 65535 or port in owner:
+                    return n - 1
+                owner[port] = (s.name, n)
+    return limit
+
+
+def assert_sound(layout: Layout) -> None:
+    """Every pool of instances 1..admissible is in range and shares no port."""
+    assert 1 <= layout.max_instances <= layout.admissible_instances <= INSTANCE_LIMIT
+    seen: set[int] = set()
+    total = 0
+    for n in range(1, layout.admissible_instances + 1):
+        for name, pool in layout.pools(n).items():
+            assert pool == layout.service(name).pool(n)
+            assert all(1 <= p <= 65535 for p in pool)
+            seen.update(pool)
+            total += len(pool)
+    assert len(seen) == total
+    assert layout.admissible_instances == brute_force_admissible(layout.services)
+
+
+# --- the default layout ---------------------------------------------------------------
+
+
+def test_default_layout_has_the_original_numbers() -> None:
+    layout = default_layout()
+    assert layout.app == "qwen-valencia"
+    assert layout.host == "127.0.0.1"
+    assert layout.heartbeat_interval == 30.0
+    assert layout.shield_interval == 10.0
+    assert layout.source == "<default>"
+    assert [(s.name, s.base, s.size) for s in layout.services] == DEFAULT_NUMBERS
+    for s in layout.services:
+        assert s.stride == 100
+        assert s.socket == "fd"
+        assert s.command == (sys.executable, "-m", "portpool.services", s.name)
+    assert layout.pools(1) == {
+        "mcp-universal": [6000, 6001, 6002],
+        "ollama-mcp": [6010, 6011, 6012],
+        "groq-api": [6020, 6021, 6022],
+        "sandra-ia": [6030, 6031, 6032, 6033],
+        "conversational": [7000, 7001, 7002, 7003, 7004],
+        "api-server": [9000, 9001, 9002],
+    }
+    assert layout.pool("sandra-ia", 3) == [6230, 6231, 6232, 6233]
+    assert layout.pool("api-server", 10) == [9900, 9901, 9902]
+
+
+def test_default_layout_admits_ten_instances_and_says_why() -> None:
+    layout = default_layout()
+    assert layout.admissible_instances == 10
+    assert layout.max_instances == 10
+    assert admissible_instances(layout.services) == 10
+    # Instance 11's mcp-universal pool is instance 1's conversational pool.
+    assert "instance 11's mcp-universal" in layout.limit_reason
+    assert "conversational" in layout.limit_reason
+    assert "7000..7002" in layout.limit_reason
+    assert_sound(layout)
+    with pytest.raises(ValueError, match=r"1\.\.10"):
+        layout.pool("mcp-universal", 11)
+    with pytest.raises(ValueError, match="start at 1"):
+        layout.service("mcp-universal").pool(0)
+
+
+def test_default_layout_warns_about_port_6000() -> None:
+    warnings = default_layout().warnings
+    unsafe = [w for w in warnings if "unsafe-port" in w]
+    assert unsafe == [
+        "<default>: services.mcp-universal: port 6000 (instance 1) is on browsers' "
+        "unsafe-port list: Chromium and Firefox refuse to connect there"
+    ]
+    assert 6000 in BROWSER_UNSAFE_PORTS
+    assert {6665, 6666, 6667, 6668, 6669, 10080, 22, 25} <= BROWSER_UNSAFE_PORTS
+
+
+def test_env_names() -> None:
+    assert default_layout().service("api-server").env_name == "PORTPOOL_PORT_API_SERVER"
+    assert Service("mcp.v2", 20000, 1).env_name == "PORTPOOL_PORT_MCP_V2"
+
+
+def test_unknown_service_names_the_known_ones() -> None:
+    with pytest.raises(LayoutError) as info:
+        default_layout().service("nope")
+    assert info.value.key == "services.nope"
+    assert "mcp-universal" in str(info.value)
+    assert "api-server" in str(info.value)
+
+
+def test_describe_layout_lists_every_admissible_instance() -> None:
+    lines = describe_layout(default_layout())
+    text = "\n".join(lines)
+    assert "app: qwen-valencia" in lines
+    assert "host: 127.0.0.1" in lines
+    assert "max instances: 10 (admissible: 10" in text
+    instance_lines = [line for line in lines if line.startswith("instance ")]
+    assert len(instance_lines) == 10
+    assert instance_lines[0].startswith("instance 1: mcp-universal 6000..6002, ollama-mcp")
+    assert "api-server 9900..9902" in instance_lines[9]
+    assert lines[-1].startswith("warning: ") and "6000" in lines[-1]
+
+
+def test_describe_marks_instances_above_max(tmp_path: Path) -> None:
+    layout = load_layout(write(tmp_path, "max_instances = 2\n" + GOOD))
+    lines = describe_layout(layout)
+    assert "max instances: 2 (admissible: 1000" in "\n".join(lines)
+    assert (
+        lines.count(
+            "instance 3: web 20020..20022, api 20024..20025 (above max_instances: not used)"
+        )
+        == 1
+    )
+
+
+# --- loading a file -------------------------------------------------------------------
+
+
+def test_a_good_file_loads(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    layout = load_layout(path)
+    assert layout.source == path
+    assert layout.app == "demo"
+    assert layout.heartbeat_interval == 5.0
+    assert layout.shield_interval == 2.5
+    assert layout.service("web").command == ("python", "-m", "demo.web")
+    assert layout.service("web").socket == "port"
+    assert layout.service("api").command is None
+    assert layout.service("api").socket == "fd"
+    assert [s.name for s in layout.services] == ["web", "api"]  # file order
+    assert layout.pools(2) == {"web": [20010, 20011, 20012], "api": [20014, 20015]}
+    # stride 10 with web's 20000..20002 and api's 20004..20005: never collide
+    assert layout.admissible_instances == INSTANCE_LIMIT == layout.max_instances
+    assert_sound(layout)
+
+
+def test_max_instances_lowers_the_maximum(tmp_path: Path) -> None:
+    layout = load_layout(write(tmp_path, "max_instances = 4\n" + GOOD))
+    assert layout.max_instances == 4
+    assert layout.admissible_instances == INSTANCE_LIMIT
+
+
+def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    error = refused(tmp_path, 'app = "x"\n[services.a]\nbase = \nsize = 1\n')
+    assert error.key == "line 3, column 8"
+    assert "invalid TOML" in str(error)
+
+
+def test_unknown_keys_are_refused_at_every_level(tmp_path: Path) -> None:
+    error = refused(tmp_path, "colour = 1\n" + GOOD + "port = 3\n")
+    assert error.errors == [
+        f"{error.file}: colour: unknown key; expected one of: app, host, heartbeat_interval,"
+        " shield_interval, max_instances, services",
+        f"{error.file}: services.api.port: unknown key; expected one of: base, size, stride,"
+        " command, socket",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ("size = true", "services.x.size", "must be an integer, not a boolean"),
+        ('size = "3"', "services.x.size", "must be an integer, not a string"),
+        ("size = 2.0", "services.x.size", "must be an integer, not a float"),
+        ("size = 0", "services.x.size", "must be >= 1, not 0"),
+        ("stride = -1", "services.x.stride", "must be >= 0, not -1"),
+        ("base = 0", "services.x.base", "must be >= 1, not 0"),
+        ("base = 65534", "services.x.size", "instance 1's pool 65534..65536 leaves"),
+        ("command = []", "services.x.command", "must be a non-empty array of strings"),
+        ('command = "python"', "services.x.command", "must be a non-empty array"),
+        ('command = ["python", 3]', "services.x.command[1]", "must be a string, not an int"),
+        ('command = [""]', "services.x.command[0]", "the program must not be empty"),
+        ('socket = "tcp"', "services.x.socket", "must be one of 'fd', 'port', not 'tcp'"),
+        ("socket = 1", "services.x.socket", "must be one of"),
+    ],
+)
+def test_service_values_are_checked(tmp_path: Path, line: str, key: str, problem: str) -> None:
+    fields = {"base": "base = 20000", "size": "size = 3"}
+    fields[line.split(" =", maxsplit=1)[0]] = line  # the tested line replaces a default one
+    error = refused(tmp_path, 'app = "a"\n[services.x]\n' + "\n".join(fields.values()) + "\n")
+    assert error.key == key
+    assert problem in error.problem
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "problem"),
+    [
+        ("app = 3", "app", "must be a string, not an integer"),
+        ('app = "../etc"', "app", "must be 1-64 letters"),
+        ('app = ""', "app", "must be 1-64 letters"),
+        ('host = "example.com"', "host", "must be an IP address"),
+        ("host = 127", "host", "must be a string"),
+        ("heartbeat_interval = 0", "heartbeat_interval", "> 0, not 0"),
+        ("heartbeat_interval = -1.5", "heartbeat_interval", "> 0, not -1.5"),
+        ("heartbeat_interval = nan", "heartbeat_interval", "> 0, not nan"),
+        ("shield_interval = inf", "shield_interval", "> 0, not inf"),
+        ('shield_interval = "10"', "shield_interval", "must be a number of seconds, not a str"),
+        ("shield_interval = true", "shield_interval", "not a boolean"),
+        ("max_instances = 0", "max_instances", "must be >= 1, not 0"),
+        ("max_instances = 2.5", "max_instances", "must be an integer, not a float"),
+        ("max_instances = false", "max_instances", "must be an integer, not a boolean"),
+    ],
+)
+def test_top_level_values_are_checked(tmp_path: Path, line: str, key: str, problem: str) -> None:
+    name = line.split(" =", maxsplit=1)[0]
+    body = "\n".join(x for x in GOOD.splitlines() if not x.startswith(f"{name} ="))
+    error = refused(tmp_path, f"{line}\n{body}\n")
+    assert error.key == key
+    assert problem in error.problem
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    error = refused(
+        tmp_path,
+        'host = "nowhere"\n[services.a]\nbase = true\n[services.b]\nsize = 0\nbase = 1\n',
+    )
+    keys = [line.split(": ")[1] for line in error.errors]
+    assert keys == ["app", "host", "services.a.size", "services.a.base", "services.b.size"]
+
+
+def test_required_keys(tmp_path: Path) -> None:
+    assert refused(tmp_path, 'app = "a"\n').key == "services"
+    assert refused(tmp_path, 'app = "a"\nservices = {}\n').key == "services"
+    assert (
+        refused(tmp_path, 'app = "a"\nservices = 3\n').problem == "must be a table, not an integer"
+    )
+    assert refused(tmp_path, 'app = "a"\n[services]\nx = 3\n').key == "services.x"
+    error = refused(tmp_path, 'app = "a"\n[services.x]\nstride = 1\n')
+    assert [line.split(": ")[1] for line in error.errors] == [
+        "services.x.base",
+        "services.x.size",
+    ]
+
+
+def test_overlapping_pools_are_refused_naming_both_services_and_ports(tmp_path: Path) -> None:
+    error = refused(
+        tmp_path,
+        'app = "a"\n[services.web]\nbase = 20000\nsize = 5\n'
+        "[services.api]\nbase = 20003\nsize = 4\n",
+    )
+    assert error.key == "services.api"
+    assert "web" in error.problem
+    assert "api" in error.problem
+    assert "20003..20004" in error.problem
+    assert error.problem == (
+        "in instance 1, api's pool 20003..20006 and web's pool 20000..20004 "
+        "share ports 20003..20004"
+    )
+
+
+def test_overlaps_across_instances_lower_the_admissible_count(tmp_path: Path) -> None:
+    text = 'app = "a"\n[services.a]\nbase = 20000\nsize = 5\n[services.b]\nbase = 21000\nsize = 4\n'
+    layout = load_layout(write(tmp_path, text))
+    assert layout.admissible_instances == 10
+    error = refused(tmp_path, "max_instances = 11\n" + text)
+    assert error.key == "max_instances"
+    assert error.problem == (
+        "is 11 but at most 10 instances keep every pool disjoint and inside 1..65535: "
+        "instance 11's a pool 21000..21004 would overlap instance 1's b pool 21000..21003 "
+        "(ports 21000..21003)"
+    )
+
+
+def test_max_instances_above_the_default_count_is_refused(tmp_path: Path) -> None:
+    lines = ['app = "qwen-valencia"\nmax_instances = 11\n']
+    for name, base, size in DEFAULT_NUMBERS:
+        lines.append(f"[services.{name}]\nbase = {base}\nsize = {size}\n")
+    error = refused(tmp_path, "".join(lines))
+    assert error.key == "max_instances"
+    assert "at most 10 instances" in error.problem
+    assert "mcp-universal" in error.problem and "conversational" in error.problem
+
+
+def test_leaving_the_port_range_limits_instances() -> None:
+    layout = Layout("a", (Service("top", 65000, 10, 100),))
+    assert layout.admissible_instances == 6  # instance 7 would be 65600..65609
+    assert "instance 7's top pool 65600..65609 would leave" in layout.limit_reason
+
+
+def test_stride_zero_admits_one_instance() -> None:
+    layout = Layout("a", (Service("fixed", 20000, 2, 0),))
+    assert layout.admissible_instances == layout.max_instances == 1
+    assert "instance 2's fixed pool" in layout.limit_reason
+
+
+def test_the_instance_limit_caps_the_count() -> None:
+    services = (Service("one", 20000, 1, 1),)
+    assert admissible_instances(services) == INSTANCE_LIMIT
+    assert admissible_instances(services, limit=7) == 7
+    with pytest.raises(ValueError):
+        admissible_instances(services, limit=0)
+
+
+def test_duplicate_service_names(tmp_path: Path) -> None:
+    error = refused(
+        tmp_path,
+        'app = "a"\n[services.web]\nbase = 20000\nsize = 1\n[services.web]\nbase = 20010\n',
+    )
+    assert error.key == "services.web"
+    assert "duplicate service name" in error.problem
+    assert "line 5" in error.problem
+    error = refused(
+        tmp_path,
+        'app = "a"\n[services]\nweb = {base = 20000, size = 1}\nweb = {base = 20010, size = 1}\n',
+    )
+    assert error.key == "services.web"
+    assert "line 4" in error.problem
+
+
+def test_a_key_set_twice(tmp_path: Path) -> None:
+    error = refused(tmp_path, 'app = "a"\n[services.web]\nbase = 20000\nbase = 20001\nsize = 1\n')
+    assert error.key == "services.web.base"
+    assert "set twice" in error.problem and "line 4" in error.problem
+
+
+def test_services_whose_port_variables_collide(tmp_path: Path) -> None:
+    error = refused(
+        tmp_path,
+        'app = "a"\n[services.api-server]\nbase = 20000\nsize = 1\n'
+        "[services.api_server]\nbase = 20010\nsize = 1\n",
+    )
+    assert error.key == "services.api_server"
+    assert "PORTPOOL_PORT_API_SERVER" in error.problem
+    with pytest.raises(LayoutError, match="duplicate service name"):
+        Layout("a", (Service("x", 20000, 1), Service("x", 20010, 1)))
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "..", "x" * 65, "café"])
+def test_bad_service_names(tmp_path: Path, name: str) -> None:
+    error = refused(tmp_path, f'app = "a"\n[services."{name}"]\nbase = 20000\nsize = 1\n')
+    assert error.key == f"services.{name}"
+
+
+def test_files_that_cannot_be_read(tmp_path: Path) -> None:
+    with pytest.raises(LayoutError) as info:
+        load_layout(str(tmp_path / "missing.toml"))
+    assert "cannot be read" in str(info.value)
+    with pytest.raises(LayoutError, match="cannot be read"):
+        load_layout(str(tmp_path))
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'app = "a"\n# caf\xe9\n')
+    with pytest.raises(LayoutError) as info:
+        load_layout(str(bad))
+    assert info.value.key == "line 2"
+    assert "UTF-8" in str(info.value)
+
+
+def test_pathological_toml_is_a_layout_error(tmp_path: Path) -> None:
+    assert "nested too deeply" in str(refused(tmp_path, "x = " + "[" * 5000))
+    assert "invalid TOML" in str(refused(tmp_path, "x = " + "9" * 5000 + "\n"))
+
+
+def test_hosts() -> None:
+    service = (Service("s", 20000, 1),)
+    for host in ("127.0.0.1", "::1", "0.0.0.0", "localhost", "192.168.1.10"):
+        assert Layout("a", service, host=host).host == host
+    with pytest.raises(LayoutError, match="host"):
+        Layout("a", service, host="my-laptop")
+
+
+# --- warnings -------------------------------------------------------------------------
+
+
+def test_privileged_ports_warn() -> None:
+    layout = Layout("a", (Service("web", 80, 3, 1000),))
+    low = [w for w in layout.warnings if "below 1024" in w]
+    assert low == [
+        "<default>: services.web: ports 80..82 (instance 1) are below 1024: binding them "
+        "needs administrator rights on most systems"
+    ]
+
+
+def test_ephemeral_ports_warn() -> None:
+    span = ephemeral_port_range()
+    if span is None:
+        pytest.skip("this OS does not tell its ephemeral port range")
+    low, high = span
+    base = low - 250  # instances 1..3 outside; from instance 4 on the pools are inside
+    layout = Layout("a", (Service("late", base, 2, 100),))
+    (warning,) = [w for w in layout.warnings if "ephemeral" in w]
+    last_inside = min(layout.admissible_instances, (high - base) // 100 + 1)
+    assert f"services.late: ports {base + 300}..{base + 301}, ..., " in warning
+    assert f"(instances 4-{last_inside})" in warning
+    assert f"{low}-{high}" in warning
+    assert "lower max_instances" in warning
+    # the pool that straddles the range start only counts the ports inside it
+    straddle = Layout("a", (Service("edge", low - 1, 2, 0),))
+    (warning,) = [w for w in straddle.warnings if "ephemeral" in w]
+    assert f"port {low} (instance 1) is inside" in warning
+
+
+def test_unsafe_ports_are_grouped_per_service() -> None:
+    layout = Layout("a", (Service("irc", 6565, 10, 1000),))
+    (warning,) = [w for w in layout.warnings if "unsafe-port" in w]
+    # 6566 in instance 1; 6665..6669 are not in any pool (6565+1000k..+9); 10080 isn't either
+    assert warning.startswith("<default>: services.irc: port 6566 (instance 1) is on")
+    wide = Layout("a", (Service("wide", 6560, 140, 1000),))
+    (warning,) = [w for w in wide.warnings if "unsafe-port" in w]
+    assert "ports 6566, 6665..6669, 6679, 6697 (instance 1) are" in warning
+
+
+def test_warnings_only_cover_instances_that_can_run() -> None:
+    span = ephemeral_port_range()
+    unlimited = Layout("a", (Service("s", 20000, 3, 100),))
+    if span is not None and span[0] <= 20000 + 100 * (unlimited.max_instances - 1):
+        assert any("lower max_instances" in w for w in unlimited.warnings)
+    assert Layout("a", (Service("s", 20000, 3, 100),), max_instances=3).warnings == ()
+
+
+# --- the Python API ---------------------------------------------------------------------
+
+
+def test_service_checks_its_fields() -> None:
+    with pytest.raises(LayoutError) as info:
+        Service("s", 20000, 0)
+    assert info.value.key == "services.s.size"
+    with pytest.raises(LayoutError):
+        Service("s", 20000, 1, socket="unix")
+    assert Service("s", 20000, 1, command=["a", "b"]).command == ("a", "b")  # type: ignore[arg-type]
+    assert SERVICE_SOCKET_MODES == ("fd", "port")
+
+
+def test_with_changes_revalidates() -> None:
+    fast = default_layout().with_changes(heartbeat_interval=0.2, shield_interval=0.05)
+    assert (fast.heartbeat_interval, fast.shield_interval) == (0.2, 0.05)
+    assert fast.max_instances == 10
+    with pytest.raises(LayoutError, match="shield_interval"):
+        default_layout().with_changes(shield_interval=0)
+    lowered = default_layout().with_changes(max_instances=3)
+    assert lowered.max_instances == 3
+    with pytest.raises(LayoutError, match="at most 10"):
+        default_layout().with_changes(max_instances=11)
+    wider = default_layout().with_changes(
+        services=tuple(Service(s.name, s.base, s.size, 1000) for s in default_layout().services)
+    )
+    # instance 2's mcp-universal pool (7000..7002) would be instance 1's conversational
+    assert wider.admissible_instances == wider.max_instances == 1
+    assert_sound(wider)
+
+
+def test_a_big_layout_is_validated_exactly() -> None:
+    services = tuple(Service(f"s{i}", 10000 + i, 1, 100) for i in range(100))
+    layout = Layout("big", services)
+    assert layout.admissible_instances == 555  # instance 556's s36 pool would be 65536
+    assert_sound(layout)
+    crowded = tuple(Service(f"c{i}", 1024 + 2 * i, 2, 600) for i in range(300))
+    assert_sound(Layout("crowded", crowded))
+
+
+# --- resolve_layout -------------------------------------------------------------------
+
+
+def test_resolve_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "project"
+    cwd.mkdir()
+    assert resolve_layout(None, str(cwd)) is default_layout()
+    local = write(cwd, GOOD)
+    assert resolve_layout(None, str(cwd)).source == local
+    other = write(tmp_path, GOOD.replace('"demo"', '"other"'), "other.toml")
+    chosen = resolve_layout(other, str(cwd))
+    assert (chosen.app, chosen.source) == ("other", other)
+    assert resolve_layout("portpool.toml", str(cwd)).source == local  # relative to cwd
+    monkeypatch.chdir(cwd)
+    assert resolve_layout(None).app == "demo"
+    assert resolve_layout(None).source == "portpool.toml"
+    with pytest.raises(LayoutError, match="cannot be read"):
+        resolve_layout("missing.toml")
+
+
+def test_a_broken_local_file_is_not_silently_replaced_by_the_default(tmp_path: Path) -> None:
+    write(tmp_path, "app = \n")
+    with pytest.raises(LayoutError):
+        resolve_layout(None, str(tmp_path))
+
+
+# --- property tests ---------------------------------------------------------------------
+
+scalars = st.one_of(
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.integers(min_value=-5, max_value=70000),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["fd", "port", "127.0.0.1", "::1", "localhost", "x", ""]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+service_tables = st.fixed_dictionaries(
+    {},
+    optional={
+        "base": st.one_of(st.integers(min_value=-2, max_value=66000), values),
+        "size": st.one_of(st.integers(min_value=-1, max_value=40), values),
+        "stride": st.one_of(st.integers(min_value=-1, max_value=400), values),
+        "command": st.one_of(st.lists(st.text(max_size=6), max_size=3), values),
+        "socket": st.one_of(st.sampled_from(["fd", "port", "tcp"]), values),
+        "extra": values,
+    },
+)
+names = st.one_of(st.from_regex(r"[a-z][a-z0-9-]{0,6}", fullmatch=True), st.text(max_size=8))
+documents = st.fixed_dictionaries(
+    {},
+    optional={
+        "app": st.one_of(names, values),
+        "host": st.one_of(st.sampled_from(["127.0.0.1", "::1", "localhost", "nope"]), values),
+        "heartbeat_interval": st.one_of(st.floats(), values),
+        "shield_interval": st.one_of(st.integers(min_value=-1, max_value=20), values),
+        "max_instances": st.one_of(st.integers(min_value=-1, max_value=1200), values),
+        "services": st.one_of(
+            st.dictionaries(names, st.one_of(service_tables, values), max_size=5), values
+        ),
+        "unknown": values,
+    },
+)
+# Mostly-valid documents, so that many examples are accepted and checked for soundness.
+plausible = st.fixed_dictionaries(
+    {
+        "app": st.from_regex(r"[a-z][a-z0-9-]{0,6}", fullmatch=True),
+        "services": st.dictionaries(
+            st.from_regex(r"[a-z][a-z0-9]{0,5}", fullmatch=True),
+            st.fixed_dictionaries(
+                {
+                    "base": st.integers(min_value=1, max_value=65535),
+                    "size": st.integers(min_value=1, max_value=30),
+                },
+                optional={"stride": st.integers(min_value=0, max_value=3000)},
+            ),
+            min_size=1,
+            max_size=6,
+        ),
+    },
+    optional={"max_instances": st.integers(min_value=1, max_value=60)},
+)
+
+
+def check_parse(data: Mapping[str, object]) -> None:
+    try:
+        layout = parse_layout(data, "fuzz.toml")
+    except LayoutError as e:
+        error: LayoutError | None = e
+    else:
+        error = None
+    if error is not None:
+        assert error.errors
+        assert all(line.startswith("fuzz.toml: ") for line in error.errors)
+        return
+    assert_sound(layout)
+    if layout.admissible_instances < INSTANCE_LIMIT:
+        # maximal: one more instance really would collide or leave the range
+        n = layout.admissible_instances + 1
+        ports = [p for m in range(1, n + 1) for s in layout.services for p in s.pool(m)]
+        assert len(set(ports)) < len(ports) or not all(1 <= p <= 65535 for p in ports)
+    requested = data.get("max_instances")
+    assert layout.max_instances == (requested or layout.admissible_instances)
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents)
+def test_random_documents_only_ever_raise_layout_error(data: dict[str, object]) -> None:
+    check_parse(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(plausible)
+def test_accepted_layouts_have_disjoint_in_range_pools(data: dict[str, object]) -> None:
+    check_parse(data)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.binary(max_size=300),
+    plausible,
+    st.integers(min_value=0, max_value=400),
+    st.binary(max_size=8),
+)
+def test_random_files_only_ever_raise_layout_error(
+    tmp_path: Path, junk: bytes, doc: dict[str, object], cut: int, splice: bytes
+) -> None:
+    # Pure junk, and a valid document with bytes spliced in at a random place.
+    lines = [f'app = "{doc["app"]}"']
+    if "max_instances" in doc:
+        lines.append(f"max_instances = {doc['max_instances']}")
+    services = doc["services"]
+    assert isinstance(services, dict)
+    for name, table in services.items():
+        lines.append(f"[services.{name}]")
+        lines.extend(f"{k} = {v}" for k, v in table.items())
+    text = ("\n".join(lines) + "\n").encode()
+    for content in (junk, text, text[:cut] + splice + text[cut:]):
+        path = tmp_path / "fuzz.toml"
+        path.write_bytes(content)
+        try:
+            layout = load_layout(str(path))
+        except LayoutError as e:
+            refusal: LayoutError | None = e
+        else:
+            refusal = None
+            assert_sound(layout)
+        assert refusal is None or refusal.file == str(path)
