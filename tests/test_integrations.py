@@ -50,6 +50,18 @@ def url(lease: Lease, path: str = "/") -> str:
     return f"http://127.0.0.1:{lease.port}{path}"
 
 
+def inode(sock: Any) -> int:
+    return os.fstat(sock.fileno()).st_ino
+
+
+def assert_still_reserved(lease: Lease) -> None:
+    """The server has stopped, but the lease's socket still listens: the port is ours."""
+    assert lease.socket is not None and lease.socket.fileno() != -1
+    assert lease.socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    with socket.socket() as intruder, pytest.raises(OSError, match="in use"):
+        intruder.bind(("127.0.0.1", lease.port))
+
+
 # --- import weight ---------------------------------------------------------------------
 
 HEAVY = {"uvicorn", "aiohttp", "starlette", "click", "mcp", "httpx", "anyio", "websockets"}
@@ -84,8 +96,7 @@ def test_serve_asyncio_streams_on_the_lease_socket(lease: Lease) -> None:
 
     async def main() -> bytes:
         server = await serve_asyncio(lease, echo)
-        assert lease.socket is not None
-        assert [s.fileno() for s in server.sockets] == [lease.socket.fileno()]  # as is
+        assert [inode(s) for s in server.sockets] == [inode(lease)]  # the same socket
         async with server:
             reader, writer = await asyncio.open_connection("127.0.0.1", lease.port)
             writer.write(b"hello\n")
@@ -95,7 +106,7 @@ def test_serve_asyncio_streams_on_the_lease_socket(lease: Lease) -> None:
         return reply
 
     assert asyncio.run(main()) == b"echo hello\n"
-    assert lease.socket is not None and lease.socket.fileno() == -1  # the server closed it
+    assert_still_reserved(lease)
 
 
 def test_serve_asyncio_protocol_on_the_lease_socket(lease: Lease) -> None:
@@ -161,7 +172,7 @@ def test_serve_asgi_async_serves_then_stops_gracefully_on_cancel(lease: Lease) -
     assert response.status_code == 200
     assert response.json() == {"pid": os.getpid(), "path": "/hello"}
     assert events == ["lifespan.startup", "lifespan.shutdown"]  # shut down, not torn down
-    assert lease.socket is not None and lease.socket.fileno() == -1
+    assert_still_reserved(lease)
 
 
 # --- aiohttp ---------------------------------------------------------------------------
@@ -185,7 +196,7 @@ def test_serve_aiohttp_on_the_lease_socket(lease: Lease) -> None:
 
     response = asyncio.run(main())
     assert response.json() == {"pid": os.getpid(), "path": "/aio"}
-    assert lease.socket is not None and lease.socket.fileno() == -1
+    assert_still_reserved(lease)
 
 
 # --- http.server -----------------------------------------------------------------------
@@ -213,7 +224,7 @@ def test_make_http_server_on_the_lease_socket(
     else:
         server = make_http_server(lease, Hello, server_class)
         assert type(server) is HTTPServer
-    assert server.socket is lease.socket  # used as is: no new socket, no second bind
+    assert inode(server.socket) == inode(lease)  # the same socket: no second bind
     assert server.server_address == ("127.0.0.1", lease.port)
     assert server.server_port == lease.port
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
@@ -226,6 +237,16 @@ def test_make_http_server_on_the_lease_socket(
         server.server_close()
     assert response.text == f"hello from {lease.port}"
     assert not thread.is_alive()
+    assert_still_reserved(lease)
+
+
+def test_a_bare_socket_is_handed_over_and_closed_with_the_server(lease: Lease) -> None:
+    assert lease.socket is not None
+    bare = lease.socket.dup()
+    server = make_http_server(bare, Hello)
+    assert server.socket is bare  # as it is: not even duplicated
+    server.server_close()
+    assert bare.fileno() == -1
 
 
 # --- what the helpers refuse -----------------------------------------------------------
@@ -256,7 +277,7 @@ def test_helpers_refuse_sockets_they_cannot_serve(lease: Lease) -> None:
     ):
         make_http_server(udp, Hello)
     with pytest.raises(TypeError, match=r"Lease or a socket\.socket"):
-        make_http_server(lease.port, Hello)  # type: ignore[arg-type]
+        make_http_server(lease.port, Hello)  # type: ignore[call-overload]
     lease.close_socket()
     with pytest.raises(PortPoolError, match=f"port {lease.port}: the lease's socket"):
         make_http_server(lease, Hello)

@@ -1,9 +1,10 @@
 """Serving a portpool socket: receiving passed sockets, and helpers for Python servers.
 
 Every helper takes a ``Lease`` (it serves ``lease.socket``) or a ``socket.socket``
-(for instance one from ``listen_socket()``) and serves that socket as it is: bound and
-listening already, never bound again, so the port cannot change hands between the
-check and the use.
+(for instance one from ``listen_socket()``) and serves that socket: bound and listening
+already, never bound again, so the port cannot change hands between the check and the
+use. A lease keeps its socket, and so the port, until it is released (the server gets
+a duplicate handle of the same kernel socket); a bare socket is handed over.
 
 | server | blocking | in your event loop |
 | --- | --- | --- |

@@ -1,4 +1,11 @@
-"""What every helper serves: the listening socket of a lease, or a socket as given."""
+"""What every helper serves: the listening socket of a lease, or a socket as given.
+
+A lease keeps its socket, and so the port, until it is released: the server gets a
+duplicate handle of that same kernel socket (no new bind) and closes only its handle
+when it stops. So a graceful stop never leaves the port unreserved while the lease is
+held, and a running shield keeps seeing our socket listen. A bare socket is handed
+over as it is: the server owns it and closes it when it stops.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +25,10 @@ BINDING_OPTIONS = frozenset(
 
 
 def serving_socket(sock_or_lease: SocketOrLease) -> socket.socket:
-    """The listening stream socket to serve: ``lease.socket``, or the socket itself.
+    """The listening stream socket to serve: a duplicate of ``lease.socket``, or the socket.
 
-    The socket is returned as it is (never re-bound, never duplicated). Raises
+    Nothing is ever bound: a lease's socket is duplicated (same kernel socket, a new
+    non-inheritable handle the server may close), a bare socket is returned as it is. Raises
     PortPoolError when the lease's socket was already closed or the socket is not a
     listening stream socket, and TypeError for anything else.
     """
@@ -47,7 +55,7 @@ def serving_socket(sock_or_lease: SocketOrLease) -> socket.socket:
             f"{sock!r} is not listening; pass a lease's socket or one received by "
             "listen_fds(), which are bound and listening already"
         )
-    return sock
+    return sock.dup() if isinstance(sock_or_lease, Lease) else sock
 
 
 def reject_binding_options(options: dict[str, object], helper: str) -> None:

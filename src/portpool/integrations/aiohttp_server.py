@@ -6,13 +6,13 @@ Inside your event loop::
 
     runner = await serve_aiohttp(app, lease)   # accepting now
     ...
-    await runner.cleanup()                     # stop: closes the socket
+    await runner.cleanup()                     # stop serving; the lease keeps the port
 
 Or blocking, with aiohttp's own SIGINT/SIGTERM handling (returns after a graceful stop)::
 
     run_aiohttp(app, listen_socket("web"), print=None)
 
-aiohttp serves the socket as it is (a ``SockSite``); it never binds an address itself.
+aiohttp serves the socket through a ``SockSite``; it never binds an address itself.
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ async def serve_aiohttp(
 ) -> web.AppRunner:
     """Start serving ``app`` on the socket and return its runner, already accepting.
 
-    Stop with ``await runner.cleanup()``, which closes the socket (a lease keeps its
-    lock until released). ``runner_kwargs`` go to ``aiohttp.web.AppRunner``;
-    ``shutdown_timeout`` (seconds) bounds the wait for in-flight requests on cleanup.
+    Stop with ``await runner.cleanup()``, which closes the server's handle (a lease keeps
+    the port until released; a bare socket is closed). ``runner_kwargs`` go to
+    ``aiohttp.web.AppRunner``; ``shutdown_timeout`` (seconds) bounds the wait for
+    in-flight requests on cleanup.
     """
     from aiohttp import web
 

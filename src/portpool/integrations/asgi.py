@@ -81,7 +81,7 @@ def serve_asgi(app: Any, sock_or_lease: SocketOrLease, **uvicorn_config: Any) ->
     """Serve ``app`` (an ASGI app or a "module:attr" string) with uvicorn until stopped.
 
     Blocks until SIGINT or SIGTERM, then shuts down gracefully and returns. The socket
-    is served as it is and closed by uvicorn on shutdown; a lease keeps its lock until
+    is never re-bound; uvicorn closes its handle on shutdown, and a lease keeps the port until
     released. Raises TypeError for config options that would bind another address.
     """
     server = _server(app, uvicorn_config, "serve_asgi")

@@ -16,8 +16,9 @@
             await server.serve_forever()
 
 ``serve_asyncio_protocol(lease, factory)`` does the same for a Protocol factory. The
-server takes the socket over as it is, without binding: closing the server closes the
-socket, and the lease keeps its lock until it is released.
+server serves the lease's own listening socket, never binding: closing the server closes
+only its handle, and the port stays reserved until the lease is released. A bare
+socket (e.g. from ``listen_socket()``) is taken over and closed with the server.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 
     serve_http(listen_socket("web"), MyHandler)   # blocks; returns on SIGINT/SIGTERM
 
-The server is built with ``bind_and_activate=False`` and given the socket as it is:
+The server is built with ``bind_and_activate=False`` and given the listening socket:
 no second bind, no ``SO_REUSEADDR``, and the port cannot change hands in between.
 """
 
@@ -51,8 +51,9 @@ def make_http_server(
     """An ``http.server`` server (``ThreadingHTTPServer`` unless ``server_class``) on the
     socket, ready for ``serve_forever()``.
 
-    The socket is used as it is; ``server.server_address`` is its address and
-    ``server.server_close()`` closes it (a lease keeps its lock until released).
+    Nothing is bound; ``server.server_address`` is the socket's address and
+    ``server.server_close()`` closes the server's handle (a lease keeps the port until
+    released; a bare socket is closed).
     """
     from http.server import ThreadingHTTPServer
 
@@ -83,7 +84,7 @@ def serve_http(
     """Serve ``handler_class`` on the socket until SIGINT or SIGTERM, then close and return.
 
     Signals are only handled from the main thread; elsewhere it serves until the
-    process ends. The socket is closed on return.
+    process ends. The server's handle is closed on return.
     """
     server = make_http_server(sock_or_lease, handler_class, server_class or _default_class())
     if threading.current_thread() is not threading.main_thread():
