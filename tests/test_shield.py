@@ -1,0 +1,575 @@
+"""The shield: trips once, with a reason a person can act on, when a lease stops being
+ours; never trips when nothing is wrong; never fires once stopped.
+
+Real files in a temporary state dir, real sockets, real foreign processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from tests.conftest import find_free_block
+
+from portpool._platform import locked_inodes
+from portpool.lock import encode_record, inspect_port, read_port_record
+from portpool.pool import Lease, acquire
+from portpool.shield import LeaseReport, Shield, parse_address, takes_traffic
+from portpool.statedir import StateDir
+
+INTERVAL_S = 0.2
+DEADLINE_S = 5.0  # a trip is expected within one interval; this only bounds the wait
+
+
+@dataclass
+class Trips:
+    """What on_lost was called with, and from which thread."""
+
+    calls: list[tuple[Lease | None, str]] = field(default_factory=list)
+    threads: list[str] = field(default_factory=list)
+    fired: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self, lease: Lease | None, reason: str) -> None:
+        self.calls.append((lease, reason))
+        self.threads.append(threading.current_thread().name)
+        self.fired.set()
+
+    def wait(self, timeout: float = DEADLINE_S) -> tuple[Lease | None, str]:
+        assert self.fired.wait(timeout), "the shield did not trip"
+        return self.calls[0]
+
+
+@pytest.fixture
+def ports() -> int:
+    """First of 30 consecutive free loopback ports in this module's range."""
+    return find_free_block(size=30, low=23000, high=24000)
+
+
+@pytest.fixture
+def leases(state: StateDir, ports: int) -> Iterator[list[Lease]]:
+    """Three leases, released at the end whatever the test did."""
+    held = [
+        acquire(state, [ports + i], app="test", instance=1, service=f"svc-{i}") for i in range(3)
+    ]
+    yield held
+    for lease in held:
+        lease.release()
+
+
+@pytest.fixture
+def trips() -> Trips:
+    return Trips()
+
+
+@pytest.fixture
+def make_shield(trips: Trips) -> Iterator[Callable[..., Shield]]:
+    """Build shields that report to ``trips``; every one is stopped at the end."""
+    made: list[Shield] = []
+
+    def make(leases: list[Lease], **kwargs: object) -> Shield:
+        kwargs.setdefault("interval_s", INTERVAL_S)
+        kwargs.setdefault("on_lost", trips)
+        shield = Shield(leases, **kwargs)  # type: ignore[arg-type]
+        made.append(shield)
+        return shield
+
+    yield make
+    for shield in made:
+        shield.stop(timeout=5)
+
+
+# ------------------------------------------------------------------ helper processes
+
+HOLD_PORT_LOCK = """
+import os, sys
+from portpool.lock import PortLock
+from portpool.statedir import StateDir
+
+state = StateDir.open(sys.argv[1])
+port = int(sys.argv[2])
+if sys.argv[3] == "replace":
+    # Replace the lock file with a new one, the way a careless tool would.
+    path = os.path.join(sys.argv[1], "ports", f"{port}.lock")
+    with open(path + ".new", "w") as f:
+        f.write("")
+    os.replace(path + ".new", path)
+lock = PortLock.acquire(state, port)
+lock.write_record(app="other", instance=9, service="intruder", host="127.0.0.1")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+LISTEN = """
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack: takes IPv4 too
+s.bind((host, port))
+s.listen()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def helper(*argv: str) -> Iterator[subprocess.Popen[str]]:
+    """A helper process that prints "ready" once set up and lives until its stdin closes."""
+    proc = subprocess.Popen(
+        [sys.executable, *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if line.strip() != "ready":
+            proc.kill()
+            _, err = proc.communicate(timeout=5)
+            pytest.fail(f"helper {argv[:2]} failed: {line!r} {err}")
+        yield proc
+    finally:
+        with contextlib.suppress(OSError):
+            assert proc.stdin is not None
+            proc.stdin.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def lock_path(home: Path, port: int) -> Path:
+    return home / "ports" / f"{port}.lock"
+
+
+def locked_by(path: Path) -> int | None:
+    """The pid that holds the kernel lock on ``path``, per the kernel."""
+    table = locked_inodes()
+    assert table is not None, "these tests read /proc/locks"
+    return table.get(path.stat().st_ino)
+
+
+# ------------------------------------------------------------------ lock and metadata
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [("delete", "was deleted by another process"), ("replace", "was replaced by another file")],
+)
+def test_lock_file_taken_over_trips_and_the_new_holders_files_survive_our_shutdown(
+    home: Path,
+    state: StateDir,
+    leases: list[Lease],
+    make_shield: Callable[..., Shield],
+    trips: Trips,
+    how: str,
+    expected: str,
+) -> None:
+    victim = leases[1]
+    shield = make_shield(leases)
+    shield.start()
+    if how == "delete":
+        lock_path(home, victim.port).unlink()
+        trips.wait()  # then someone else takes the port's lock: a new file at the path
+    with helper("-c", HOLD_PORT_LOCK, str(home), str(victim.port), how) as other:
+        lease, reason = trips.wait()
+        assert lease is victim
+        assert expected in reason
+        assert f"{victim.port}.lock" in reason
+        assert "svc-1" in reason
+        assert shield.tripped == reason
+        # The shutdown an instance does on a trip: release everything.
+        for held in leases:
+            held.release()
+        # The new holder's lock file and record are untouched.
+        assert locked_by(lock_path(home, victim.port)) == other.pid
+        record = read_port_record(state.ports(), victim.port)
+        assert record is not None
+        assert (record.pid, record.app, record.service) == (other.pid, "other", "intruder")
+        # Ours are gone: the kernel freed them and the records were erased.
+        for held in (leases[0], leases[2]):
+            assert inspect_port(state, held.port).is_free
+    assert len(trips.calls) == 1
+
+
+def test_metadata_rewritten_with_another_pid_trips(
+    home: Path,
+    state: StateDir,
+    leases: list[Lease],
+    make_shield: Callable[..., Shield],
+    trips: Trips,
+) -> None:
+    victim = leases[2]
+    assert victim.record is not None
+    forged = dataclasses.replace(victim.record, pid=os.getppid())
+    make_shield(leases).start()
+    fd = os.open(home / "ports" / f"{victim.port}.json", os.O_WRONLY)
+    try:
+        os.pwrite(fd, encode_record(forged), 0)
+    finally:
+        os.close(fd)
+    lease, reason = trips.wait()
+    assert lease is victim
+    assert f"rewritten by another process (it now names pid {os.getppid()})" in reason
+    # Our lock file itself was not touched: still ours until we release it.
+    assert locked_by(lock_path(home, victim.port)) == os.getpid()
+    assert len(trips.calls) == 1
+
+
+# ------------------------------------------------------------------ the port
+
+
+def test_foreign_listener_after_our_socket_closed_trips_naming_its_pid(
+    leases: list[Lease], make_shield: Callable[..., Shield], trips: Trips
+) -> None:
+    victim = leases[0]
+    shield = make_shield(leases)
+    shield.start()
+    victim.close_socket()  # handed off by number: a missing listener alone is fine
+    time.sleep(3 * INTERVAL_S)
+    assert not trips.calls
+    with helper("-c", LISTEN, "127.0.0.1", str(victim.port)) as foreign:
+        lease, reason = trips.wait()
+        assert lease is victim
+        assert f"port {victim.port} is now listened on by pid {foreign.pid} (python" in reason
+    assert len(trips.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("address", "conflicts"),
+    [("127.0.0.1", True), ("0.0.0.0", True), ("::", True), ("127.0.0.2", False)],
+)
+def test_which_foreign_addresses_count(
+    leases: list[Lease], make_shield: Callable[..., Shield], address: str, conflicts: bool
+) -> None:
+    victim = leases[0]
+    shield = make_shield(leases)
+    victim.close_socket()
+    with helper("-c", LISTEN, address, str(victim.port)) as foreign:
+        report = {r.port: r for r in shield.check_once()}[victim.port]
+    assert report.ok is not conflicts
+    if conflicts:
+        assert f"pid {foreign.pid}" in report.problems[0]
+        assert f"on {address}" in report.problems[0]
+
+
+def test_address_overlap_rules() -> None:
+    v4, v6 = parse_address("127.0.0.1"), parse_address("::1")
+    assert takes_traffic("127.0.0.1", v4)
+    assert takes_traffic("0.0.0.0", v4)
+    assert takes_traffic("::", v4)  # a dual-stack wildcard may take IPv4
+    assert not takes_traffic("127.0.0.2", v4)
+    assert not takes_traffic("0.0.0.0", v6)
+    assert takes_traffic("::", v6)
+    assert not takes_traffic("::2", v6)
+    assert takes_traffic("10.1.2.3", parse_address("0.0.0.0"))
+    assert not takes_traffic("::1", parse_address("0.0.0.0"))
+    assert parse_address("::ffff:127.0.0.1") == v4
+
+
+def test_our_child_listening_on_the_port_is_ours_a_stranger_is_not(
+    leases: list[Lease], make_shield: Callable[..., Shield]
+) -> None:
+    victim = leases[0]
+    victim.close_socket()
+    with helper("-c", LISTEN, "127.0.0.1", str(victim.port)) as child:
+        ours = make_shield(leases, own_pids=lambda: [child.pid])
+        stranger = make_shield(leases)
+        assert all(r.ok for r in ours.check_once())
+        assert all(r.ok for r in ours.check_once())  # second time from the inode cache
+        report = {r.port: r for r in stranger.check_once()}[victim.port]
+        assert not report.ok
+        assert f"pid {child.pid}" in report.problems[0]
+
+
+def test_a_grandchild_of_our_child_counts_as_ours(
+    leases: list[Lease], make_shield: Callable[..., Shield]
+) -> None:
+    victim = leases[1]
+    victim.close_socket()
+    # A service started through a shell: the shell is our child, python its child.
+    wrapper = f'"{sys.executable}" -c "$0" "$1" "$2"; true'
+    proc = subprocess.Popen(
+        ["sh", "-c", wrapper, LISTEN, "127.0.0.1", str(victim.port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        shield = make_shield(leases, own_pids=lambda: [proc.pid])
+        assert all(r.ok for r in shield.check_once())
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=5)
+        assert proc.stdout is not None
+        proc.stdout.close()
+
+
+def test_a_socket_closed_under_the_lease_is_reported(
+    leases: list[Lease], make_shield: Callable[..., Shield]
+) -> None:
+    shield = make_shield(leases)
+    assert leases[2].socket is not None
+    leases[2].socket.close()  # closed, but not handed off: nothing reserves the port now
+    reports = shield.verify_all()
+    assert [r.ok for r in reports] == [True, True, False]
+    assert "our listening socket was closed" in reports[2].problems[0]
+
+
+# ------------------------------------------------------------------ instance, reports
+
+
+def test_instance_problem_trips_with_no_lease(
+    leases: list[Lease], make_shield: Callable[..., Shield], trips: Trips
+) -> None:
+    problem: list[str] = []
+    shield = make_shield(leases, instance_check=lambda: problem[0] if problem else None)
+    shield.start()
+    time.sleep(2 * INTERVAL_S)
+    assert not trips.calls
+    problem.append("instance slot 1: lock file 1.lock was deleted by another process")
+    lease, reason = trips.wait()
+    assert lease is None
+    assert reason == problem[0]
+    assert trips.threads == ["portpool-shield"]
+
+
+def test_verify_all_reports_every_lease_and_the_instance(
+    leases: list[Lease], make_shield: Callable[..., Shield], home: Path
+) -> None:
+    shield = make_shield(leases, instance_check=lambda: None)
+    reports = shield.verify_all()
+    assert [(r.service, r.port, r.ok, r.kind) for r in reports] == [
+        *((lease.service, lease.port, True, "lease") for lease in leases),
+        ("", 0, True, "instance"),
+    ]
+    lock_path(home, leases[0].port).unlink()
+    reports = shield.verify_all()
+    assert not reports[0].ok
+    assert reports[0].problems == (
+        f"lock file {leases[0].port}.lock was deleted by another process",
+    )
+    assert all(r.ok for r in reports[1:])
+    assert str(reports[1]) == f"svc-1 port {leases[1].port}: ok"
+    assert isinstance(reports[0], LeaseReport)
+    assert shield.tripped is None  # a report never trips
+
+
+def test_a_failing_callback_is_logged_and_fires_once(
+    home: Path, leases: list[Lease], caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[str] = []
+
+    def on_lost(lease: Lease | None, reason: str) -> None:
+        calls.append(reason)
+        raise RuntimeError("callback broke")
+
+    shield = Shield(leases, interval_s=INTERVAL_S, on_lost=on_lost)
+    with caplog.at_level("DEBUG", logger="portpool.shield"):
+        shield.start()
+        lock_path(home, leases[0].port).unlink()
+        deadline = time.monotonic() + DEADLINE_S
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        shield.stop(timeout=5)
+    assert len(calls) == 1
+    assert any(r.levelname == "CRITICAL" and "tripped" in r.getMessage() for r in caplog.records)
+    assert any("on_lost failed" in r.getMessage() for r in caplog.records)
+    time.sleep(3 * INTERVAL_S)
+    assert len(calls) == 1
+
+
+# ------------------------------------------------------------------ stopping
+
+
+def test_a_stopped_shield_never_fires(
+    home: Path, leases: list[Lease], make_shield: Callable[..., Shield], trips: Trips
+) -> None:
+    shield = make_shield(leases)
+    shield.start()
+    time.sleep(INTERVAL_S)
+    shield.stop(timeout=5)
+    shield.stop()  # idempotent
+    lock_path(home, leases[0].port).unlink()
+    time.sleep(4 * INTERVAL_S)
+    assert not trips.calls
+    assert shield.tripped is None
+    assert not shield.check_once()[0].ok  # still reports, never fires
+    with pytest.raises(RuntimeError):
+        shield.start()
+
+
+def test_stop_during_a_check_in_flight_neither_trips_nor_leaves_locks(
+    state: StateDir, leases: list[Lease], make_shield: Callable[..., Shield], trips: Trips
+) -> None:
+    in_check = threading.Event()
+    let_go = threading.Event()
+
+    def slow_instance_check() -> str | None:
+        in_check.set()
+        let_go.wait(DEADLINE_S)
+        return "instance slot 1: lost (would trip if it counted)"
+
+    shield = make_shield(leases, instance_check=slow_instance_check)
+    shield.start()
+    assert in_check.wait(DEADLINE_S)
+    stopper = threading.Thread(target=shield.stop, kwargs={"timeout": DEADLINE_S})
+    stopper.start()
+    deadline = time.monotonic() + DEADLINE_S
+    while not shield.stopped and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # What an instance does after stopping its shield: release everything.
+    for lease in leases:
+        lease.release()
+    let_go.set()
+    stopper.join(DEADLINE_S)
+    assert not stopper.is_alive()
+    assert not trips.calls
+    assert shield.tripped is None
+    for lease in leases:
+        assert inspect_port(state, lease.port).is_free
+
+
+def test_stop_racing_real_checks_never_trips(state: StateDir, ports: int) -> None:
+    """Stop then release at random moments against a shield checking every 5 ms."""
+    rng = random.Random(4)
+    fired: list[str] = []
+    for round_ in range(40):
+        held = [acquire(state, [ports + i], service=f"s{i}") for i in range(5)]
+        shield = Shield(
+            held,
+            interval_s=0.005,
+            on_lost=lambda lease, reason: fired.append(reason),
+            name=f"race-{round_}",
+        )
+        shield.start()
+        time.sleep(rng.uniform(0, 0.03))
+        shield.stop(timeout=5)
+        for lease in held:
+            lease.release()
+        assert all(inspect_port(state, lease.port).is_free for lease in held)
+    assert fired == []
+
+
+def test_run_async_trips_in_the_loop_and_cancel_stops(
+    home: Path, leases: list[Lease], trips: Trips
+) -> None:
+    async def main() -> tuple[str, bool]:
+        shield = Shield(leases, interval_s=INTERVAL_S, on_lost=trips)
+        task = asyncio.create_task(shield.run_async())
+        await asyncio.sleep(2 * INTERVAL_S)
+        assert not trips.calls
+        lock_path(home, leases[0].port).unlink()
+        await asyncio.wait_for(task, DEADLINE_S)
+        other = Shield(leases[1:], interval_s=INTERVAL_S, on_lost=trips)
+        other_task = asyncio.create_task(other.run_async())
+        await asyncio.sleep(INTERVAL_S)
+        other_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await other_task
+        return threading.current_thread().name, other.stopped
+
+    loop_thread, other_stopped = asyncio.run(main())
+    lease, reason = trips.wait(0)
+    assert lease is leases[0]
+    assert "was deleted by another process" in reason
+    assert trips.threads == [loop_thread]
+    assert other_stopped
+    assert len(trips.calls) == 1
+
+
+# ------------------------------------------------------------------ no false positives
+
+
+@pytest.mark.slow
+def test_twenty_busy_leases_for_a_minute_never_trip(state: StateDir) -> None:
+    base = find_free_block(size=20, low=23000, high=24000)
+    held = [acquire(state, [base + i], service=f"svc-{i}", app="busy") for i in range(20)]
+    checks: list[float] = []
+    fired: list[str] = []
+
+    def instance_check() -> str | None:
+        checks.append(time.monotonic())
+        return None
+
+    shield = Shield(
+        held,
+        interval_s=INTERVAL_S,
+        on_lost=lambda lease, reason: fired.append(reason),
+        instance_check=instance_check,
+    )
+    stop = threading.Event()
+    served = [0]
+    errors: list[BaseException] = []
+
+    def heartbeat() -> None:
+        while not stop.wait(0.05):
+            for lease in held:
+                lease.heartbeat()
+
+    def serve(lease: Lease) -> None:
+        sock = lease.socket
+        assert sock is not None
+        sock.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.sendall(conn.recv(16))
+                served[0] += 1
+
+    def client() -> None:
+        try:
+            i = 0
+            while not stop.wait(0.01):
+                lease = held[i % len(held)]
+                with socket.create_connection(("127.0.0.1", lease.port), timeout=5) as c:
+                    c.sendall(b"ping")
+                    assert c.recv(16) == b"ping"
+                i += 1
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=heartbeat), threading.Thread(target=client)]
+    threads += [threading.Thread(target=serve, args=(lease,)) for lease in held]
+    shield.start()
+    for t in threads:
+        t.start()
+    try:
+        stop.wait(60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        shield.stop(timeout=5)
+        for lease in held:
+            lease.release()
+    assert errors == []
+    assert fired == []
+    assert shield.tripped is None
+    assert served[0] > 100
+    assert len(checks) > 60  # the shield really was checking all along
