@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from portpool.errors import (
     AlreadyHeldHere,
     LayoutError,
@@ -24,10 +22,18 @@ from portpool.lock import PortLock, PortRecord, PortStatus, inspect_port
 from portpool.pool import Lease, acquire, bind_listen
 from portpool.statedir import StateDir
 
-try:
-    __version__ = version("portpool")
-except PackageNotFoundError:  # running from a source tree
-    __version__ = "0.0.0"
+
+
+def __getattr__(name: str) -> str:
+    # importlib.metadata costs tens of ms to import: pay it only when asked.
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("portpool")
+        except PackageNotFoundError:  # running from a source tree
+            return "0.0.0"
+    raise AttributeError(f"module 'portpool' has no attribute {name!r}")
 
 __all__ = [
     "AlreadyHeldHere",
