@@ -615,6 +615,26 @@ plausible = st.fixed_dictionaries(
 )
 
 
+# One stride for every service: the usual layout, counted by a faster path.
+same_stride = st.integers(min_value=1, max_value=2000).flatmap(
+    lambda stride: st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=65535), st.integers(min_value=1, max_value=40)
+        ),
+        min_size=1,
+        max_size=8,
+    ).map(
+        lambda rules: {
+            "app": "same",
+            "services": {
+                f"s{i}": {"base": base, "size": size, "stride": stride}
+                for i, (base, size) in enumerate(rules)
+            },
+        }
+    )
+)
+
+
 def check_parse(data: Mapping[str, object]) -> None:
     try:
         layout = parse_layout(data, "fuzz.toml")
@@ -642,9 +662,15 @@ def test_random_documents_only_ever_raise_layout_error(data: dict[str, object]) 
     check_parse(data)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(plausible)
 def test_accepted_layouts_have_disjoint_in_range_pools(data: dict[str, object]) -> None:
+    check_parse(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(same_stride)
+def test_same_stride_layouts_are_counted_exactly(data: dict[str, object]) -> None:
     check_parse(data)
 
 
