@@ -23,7 +23,6 @@ from portpool.pool import Lease, acquire, bind_listen
 from portpool.statedir import StateDir
 
 
-
 def __getattr__(name: str) -> str:
     # importlib.metadata costs tens of ms to import: pay it only when asked.
     if name == "__version__":
@@ -34,6 +33,7 @@ def __getattr__(name: str) -> str:
         except PackageNotFoundError:  # running from a source tree
             return "0.0.0"
     raise AttributeError(f"module 'portpool' has no attribute {name!r}")
+
 
 __all__ = [
     "AlreadyHeldHere",
