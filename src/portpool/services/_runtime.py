@@ -201,38 +201,28 @@ async def watch_supervisor(ctx: ServiceContext, stop: asyncio.Event) -> None:
 
 
 async def serve_asgi(app: Any, sock: socket.socket, stop: asyncio.Event) -> None:
-    """Serve ``app`` with uvicorn on ``sock`` (never re-bound) until ``stop`` is set.
+    """Serve ``app`` with uvicorn on ``sock`` (never re-bound) until ``stop`` is set or a
+    stop signal arrives; the graceful stop is bounded, since open MCP streams would hold it."""
+    from portpool.integrations.asgi import serve_asgi_async
 
-    A private stand-in for ``portpool.integrations.asgi.serve_asgi_async``: it leaves
-    signals to ``run`` (uvicorn would re-raise a captured SIGTERM at exit, so a clean stop
-    would not exit 0) and bounds the graceful stop (open MCP streams would hold it).
-    """
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            yield
-
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        access_log=False,
-        lifespan="on",
-        timeout_graceful_shutdown=GRACEFUL_STOP_S,
+    serving = asyncio.create_task(
+        serve_asgi_async(
+            app,
+            sock,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=GRACEFUL_STOP_S,
+        )
     )
-    server = _Server(config)
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
     stopping = asyncio.create_task(stop.wait())
-    await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
-    stopping.cancel()
-    done, _ = await asyncio.wait({serving}, timeout=GRACEFUL_STOP_S * 2)
-    if done:
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if serving.done():
         serving.result()  # re-raise a failure to start
         return
-    log.warning("graceful stop took over %d s; closing connections", GRACEFUL_STOP_S * 2)
-    server.force_exit = True
-    serving.cancel()
+    serving.cancel()  # serve_asgi_async shuts down gracefully, then gives way
     with contextlib.suppress(asyncio.CancelledError):
         await serving
