@@ -422,6 +422,55 @@ def test_a_failing_callback_is_logged_and_fires_once(
     assert len(calls) == 1
 
 
+def test_checks_racing_constant_heartbeat_writes_stay_clean(
+    leases: list[Lease], make_shield: Callable[..., Shield]
+) -> None:
+    """Record reads race in-place heartbeat writes; a torn read is retried, never a trip."""
+    shield = make_shield(leases)
+    stop = threading.Event()
+    beats = [0]
+
+    def beat() -> None:
+        while not stop.is_set():
+            for lease in leases:
+                lease.heartbeat()
+            beats[0] += 1
+
+    writer = threading.Thread(target=beat)
+    writer.start()
+    try:
+        bad = [r for _ in range(300) for r in shield.check_once() if not r.ok]
+    finally:
+        stop.set()
+        writer.join(DEADLINE_S)
+    assert bad == []
+    assert beats[0] > 0
+
+
+def test_on_lost_may_stop_its_own_shield(
+    home: Path, leases: list[Lease], make_shield: Callable[..., Shield]
+) -> None:
+    """The instance stops the shield from inside on_lost: no deadlock, no second call."""
+    calls: list[str] = []
+    done = threading.Event()
+    shield: Shield | None = None
+
+    def on_lost(lease: Lease | None, reason: str) -> None:
+        calls.append(reason)
+        assert shield is not None
+        shield.stop(timeout=DEADLINE_S)  # from the shield's own thread: must not join it
+        done.set()
+
+    shield = make_shield(leases, on_lost=on_lost)
+    shield.start()
+    lock_path(home, leases[2].port).unlink()
+    assert done.wait(DEADLINE_S)
+    assert shield._thread is not None
+    shield._thread.join(DEADLINE_S)
+    assert not shield._thread.is_alive()
+    assert len(calls) == 1
+
+
 # ------------------------------------------------------------------ stopping
 
 
