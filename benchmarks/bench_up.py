@@ -1,0 +1,268 @@
+"""``portpool up``: time to all services answering, and from SIGTERM to all locks free.
+
+A test layout of six trivial services (a few lines of Python serving the socket
+passed at fd 3: accept, write "ok", close) on ports in 41000-41999, in a temporary
+state dir. Each repetition launches ``python -m portpool.cli up --config F``, polls
+each service's port until it answers "ok" (connect alone would succeed as soon as
+portpool listens, before the service runs), then sends SIGTERM and watches the
+kernel's lock table (/proc/locks) until none of the instance's lock files is held.
+
+Where the time goes is measured beside it: python start-up, importing the CLI, the
+exec shim that places the socket at fd 3 (a python start of its own, then the
+service's), and ``start_instance`` in-process.
+
+Run: ``python -m benchmarks.bench_up`` (``--quick`` for 3 repetitions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchmarks._common import Row, Section, print_section
+
+PY = sys.executable
+SERVICES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
+READY_TIMEOUT_S = 60.0
+
+SERVICE_CODE = """\
+import signal, socket, sys
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+server = socket.socket(fileno=3)
+while True:
+    conn, _ = server.accept()
+    conn.sendall(b"ok\\n")
+    conn.close()
+"""
+
+
+def _bindable(port: int) -> bool:
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def choose_base() -> int:
+    """A base in 41000-41900 whose six 3-port pools (60 ports) are all bindable now."""
+    bases = list(range(41000, 41901, 100))
+    random.Random(os.getpid()).shuffle(bases)
+    for base in bases:
+        if all(_bindable(base + 10 * i + k) for i in range(len(SERVICES)) for k in range(3)):
+            return base
+    raise RuntimeError("no free 60-port block in 41000-41999")
+
+
+def write_layout(directory: Path, base: int) -> Path:
+    """The six-service layout file and its service program, in ``directory``."""
+    program = directory / "service.py"
+    program.write_text(SERVICE_CODE)
+    lines = ['app = "bench-up"', "max_instances = 1"]
+    for i, name in enumerate(SERVICES):
+        lines += [
+            "",
+            f"[services.{name}]",
+            f"base = {base + 10 * i}",
+            "size = 3",
+            f"command = [{PY!r}, {str(program)!r}]".replace("'", '"'),
+        ]
+    path = directory / "portpool.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def answers(port: int) -> bool:
+    """True when a service on ``port`` accepts and writes its "ok"."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+            return conn.recv(3) == b"ok\n"
+    except OSError:
+        return False
+
+
+def held_lock_inodes(state: Path) -> set[int]:
+    """Inodes of the state dir's lock files that the kernel says are locked now."""
+    from portpool._platform import locked_inodes
+
+    locked = locked_inodes()
+    if locked is None:
+        raise RuntimeError("this benchmark reads /proc/locks (Linux only)")
+    inodes = set()
+    for sub in ("ports", "apps/bench-up/instances"):
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(state / sub):
+                if entry.name.endswith(".lock"):
+                    inodes.add(entry.inode())
+    return inodes & set(locked)
+
+
+def one_up(config: Path, state: Path, ports: list[int]) -> dict[str, float]:
+    """One launch: seconds to the table, to all answering, SIGTERM to locks free/exit."""
+    env = {**os.environ, "PORTPOOL_HOME": str(state)}
+    lines: list[tuple[float, str]] = []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [PY, "-m", "portpool.cli", "up", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.append((time.perf_counter(), raw.decode(errors="replace")))
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        waiting = set(ports)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while waiting:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = "".join(text for _, text in lines)[-600:]
+                raise RuntimeError(f"up did not get ready (exit {proc.returncode}): {out}")
+            waiting = {p for p in waiting if not answers(p)}
+            if waiting:
+                time.sleep(0.002)
+        t_ready = time.perf_counter()
+        if not held_lock_inodes(state):
+            raise RuntimeError("up is ready but /proc/locks shows none of its locks")
+        t_term = time.perf_counter()
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while held_lock_inodes(state):
+            if time.monotonic() > deadline:
+                raise RuntimeError("locks still held a minute after SIGTERM")
+            time.sleep(0.001)
+        t_free = time.perf_counter()
+        code = proc.wait(timeout=READY_TIMEOUT_S)
+        t_exit = time.perf_counter()
+        if code != 0:
+            raise RuntimeError(f"up exited {code} after SIGTERM")
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # our own child, stuck: don't leave it behind
+            proc.wait()
+        reader.join(timeout=5)
+    t_table = next((t for t, text in lines if " is up" in text), float("nan"))
+    return {
+        "table": t_table - t0,
+        "ready": t_ready - t0,
+        "locks_free": t_free - t_term,
+        "exited": t_exit - t_term,
+    }
+
+
+def time_process_ms(argv: list[str], runs: int) -> list[float]:
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter_ns()
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+        samples.append((time.perf_counter_ns() - t0) / 1e6)
+    return samples
+
+
+def start_instance_ms(config: Path, runs: int) -> list[float]:
+    """start_instance + release of the test layout in this process, per call."""
+    from portpool.instance import start_instance
+    from portpool.layout import load_layout
+    from portpool.statedir import StateDir
+
+    layout = load_layout(str(config))
+    samples = []
+    with tempfile.TemporaryDirectory() as tmp:
+        state = StateDir.open(os.path.join(tmp, "state"))
+        try:
+            for _ in range(runs + 5):
+                t0 = time.perf_counter_ns()
+                inst = start_instance(layout, state=state)
+                samples.append((time.perf_counter_ns() - t0) / 1e6)
+                inst.release()
+        finally:
+            state.close()
+    return samples[5:]
+
+
+def run(quick: bool = False) -> Section:
+    """Time-to-ready and SIGTERM-to-free of `portpool up`, and where the time goes."""
+    repeats = 3 if quick else 10
+    section = Section("portpool up: six services, start and stop")
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        base = choose_base()
+        config = write_layout(directory, base)
+        ports = [base + 10 * i for i in range(len(SERVICES))]
+        results = []
+        for i in range(repeats):
+            results.append(one_up(config, directory / f"state{i}", ports))
+        ms = {k: [r[k] * 1000 for r in results] for k in results[0]}
+        section.rows += [
+            Row(
+                "launch -> up prints its table", ms["table"], unit="ms", note="slot, leases, spawn"
+            ),
+            Row("launch -> all six answer", ms["ready"], unit="ms", note="time to ready"),
+            Row("SIGTERM -> all locks free", ms["locks_free"], unit="ms", note="per /proc/locks"),
+            Row("SIGTERM -> up exited", ms["exited"], unit="ms", note="children stopped"),
+        ]
+        runs = max(3, repeats)
+        shim = [PY, "-m", "portpool._spawn", "--", PY, "-c", "pass"]
+        section.rows += [
+            Row("python -c pass", time_process_ms([PY, "-c", "pass"], runs), unit="ms"),
+            Row(
+                'python -c "import portpool.cli"',
+                time_process_ms([PY, "-c", "import portpool.cli"], runs),
+                unit="ms",
+                note="up's own start-up floor",
+            ),
+            Row(
+                "exec shim + python -c pass",
+                time_process_ms(shim, runs),
+                unit="ms",
+                note="each service's start-up floor (two python starts)",
+            ),
+            Row(
+                "start_instance in-process",
+                start_instance_ms(config, runs * 5),
+                unit="ms",
+                note="slot + 6 leases + record",
+            ),
+        ]
+    by = {r.name: r.median for r in section.rows}
+    ready = by["launch -> all six answer"]
+    table = by["launch -> up prints its table"]
+    cli = by['python -c "import portpool.cli"']
+    shim_ms = by["exec shim + python -c pass"]
+    section.notes.append(
+        f"Ready in {ready:.0f} ms median: {cli:.0f} ms is python start-up and the CLI's "
+        f"imports, {by['start_instance in-process']:.1f} ms acquiring the instance, the "
+        f"table is out at {table:.0f} ms (the six services spawned), then "
+        f"{ready - table:.0f} ms until all six answer: each service is two python starts "
+        f"(exec shim, then the program, {shim_ms:.0f} ms alone) and six of them share "
+        f"{os.cpu_count()} CPUs."
+    )
+    section.notes.append(
+        f"Stop: locks free {by['SIGTERM -> all locks free']:.0f} ms after SIGTERM (children "
+        "get SIGTERM, exit, are reaped, then leases and slot are released); "
+        f"{repeats} launches, ports {base}..{base + 52}, state dir fresh per launch."
+    )
+    section.extra["repeats"] = repeats
+    return section
+
+
+if __name__ == "__main__":
+    print_section(run(quick="--quick" in sys.argv[1:]))

@@ -1,0 +1,142 @@
+"""The benchmark runner and its report: `python -m benchmarks` as `make bench` runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from benchmarks.__main__ import render, run_module
+from benchmarks.bench_peers import Attempt, count
+from benchmarks.bench_up import choose_base, held_lock_inodes, one_up, write_layout
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ("portpicker", "ephemeral_port_reserve", "port_for")
+
+
+@pytest.mark.slow
+def test_quick_peers_report_has_every_peer_and_no_portpool_double_allocation(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "bench_peers", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    markdown = (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["machine"] in markdown
+    assert "## Honest notes" in markdown
+    assert "bind+listen+close (floor)" in markdown
+    (module,) = report["modules"]
+    assert module["ok"], module["error"]
+    section = module["section"]
+    names = [row["name"] for row in section["rows"]]
+    assert "portpool acquire+release" in names
+    for peer in PEERS:
+        assert any(name.startswith(peer) for name in names), peer
+        assert peer in markdown
+    for row in section["rows"]:
+        assert row["ratio"] is not None and row["ratio"] > 0
+        assert row["median"] > 0
+    race = section["extra"]["race"]
+    results = {(r["kind"], r["pooled"]): r for r in race["results"]}
+    assert set(results) == {("portpool", True)} | {
+        (p, pooled) for p in PEERS for pooled in (True, False)
+    }
+    portpool = results[("portpool", True)]
+    assert portpool["double_allocations"] == 0
+    # Every round, exactly the pool's ports were handed out, each to one racer.
+    assert portpool["told"] == portpool["bound"] == race["pool_size"] * race["rounds"]
+    for key, r in results.items():
+        assert r["told"] > 0, key
+        assert f"| {r['kind']} |" in markdown
+    assert "double allocations" in markdown
+
+
+def test_count_flags_shared_ports_and_failed_binds() -> None:
+    attempts = [
+        Attempt(0, 0, 5000, True),
+        Attempt(0, 1, 5000, False),  # told the same port, then its bind failed
+        Attempt(0, 2, 5001, True),
+        Attempt(0, 3, None, False),  # refused: not a double allocation
+        Attempt(1, 0, 5000, True),  # the same port in another round is fine
+        Attempt(1, 1, 5002, False),  # told a port alone, but someone else had it
+    ]
+    result = count("x", True, 4, 2, attempts)
+    assert result.told == 5
+    assert result.bound == 3
+    assert result.shared == 2
+    assert result.bind_failed == 2
+    assert result.double_allocations == 3
+    assert result.distinct_ports == 3
+
+
+def test_a_failing_module_is_reported_and_does_not_stop_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "bench_broken_for_test.py").write_text(
+        "def run(quick=False):\n    raise RuntimeError('the disk caught fire')\n"
+    )
+    (tmp_path / "bench_fine_for_test.py").write_text(
+        textwrap.dedent(
+            """
+            from benchmarks._common import Row, Section
+
+            def run(quick=False):
+                s = Section("fine", floor="a")
+                s.rows += [Row("a", [1.0, 2.0]), Row("portpool b", [4.0])]
+                s.rows.append(Row("portpicker c", [2.0]))
+                return s
+            """
+        )
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    broken = run_module("bench_broken_for_test", quick=True, timeout_s=60)
+    fine = run_module("bench_fine_for_test", quick=True, timeout_s=60)
+    assert broken.section is None
+    assert broken.error is not None
+    assert "the disk caught fire" in broken.error
+    assert fine.section is not None
+    assert fine.section.rows[1].median == 4.0
+    meta = dict.fromkeys(("machine", "date", "command", "load_start", "load_end"), "m")
+    text = render([broken, fine], meta)
+    assert "FAILED" in text
+    assert "the disk caught fire" in text
+    assert "| portpool b |" in text
+    # portpool slower than a peer is said out loud.
+    assert "portpool b (4 us) is 2.0x portpicker c" in text
+
+
+def test_only_names_an_existing_benchmark(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--only", "bench_nothing", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "no such benchmark" in done.stderr
+    assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/locks")
+def test_one_up_launch_is_ready_then_frees_every_lock(tmp_path: Path) -> None:
+    base = choose_base()
+    config = write_layout(tmp_path, base)
+    state = tmp_path / "state"
+    timings = one_up(config, state, [base + 10 * i for i in range(6)])
+    assert timings["table"] > 0
+    assert timings["ready"] > 0
+    assert timings["locks_free"] <= timings["exited"]
+    assert held_lock_inodes(state) == set()
