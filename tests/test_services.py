@@ -624,6 +624,8 @@ def test_kill_9_of_up_leaves_no_service_serving(home: Path, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_foreign_listener_on_6000_moves_mcp_universal_to_6001(home: Path, tmp_path: Path) -> None:
     foreign = socket.socket()
+    # Only to bind over TIME_WAIT leftovers of earlier tests; never over a live listener.
+    foreign.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         foreign.bind(("0.0.0.0", FOREIGN_PORT))
     except OSError as e:
