@@ -643,3 +643,33 @@ def test_twenty_busy_leases_for_a_minute_never_trip(state: StateDir) -> None:
     assert shield.tripped is None
     assert served[0] > 100
     assert len(checks) > 60  # the shield really was checking all along
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_portpool_run_exits_4_when_its_lock_file_is_deleted(
+    home: Path, tmp_path: Path, ports: int
+) -> None:
+    """The whole chain: the shield trips, the instance stops its child and exits 4."""
+    from tests.helpers import pid_alive, read_line, start, wait_for, write_layout
+
+    layout = write_layout(tmp_path / "portpool.toml", ports, services={"alpha": {}}, shield=0.2)
+    child = "import os, time; print(os.environ['PORT'], os.getpid(), flush=True); time.sleep(60)"
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", child)
+    try:
+        port_text, pid_text = read_line(proc).split()
+        port, child_pid = int(port_text), int(pid_text)
+        lock_path(home, port).unlink()
+        assert proc.wait(timeout=20) == 4
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert f"{port}.lock was deleted by another process" in err
+        wait_for(lambda: not pid_alive(child_pid), timeout=10)  # own child stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
