@@ -543,6 +543,7 @@ class Instance:
             interval_s=self.layout.shield_interval,
             on_lost=lambda lease, reason: None,
             instance_check=self.problem,
+            own_pids=self.service_pids.values,
         )
         return list(shield.verify_all())
 
