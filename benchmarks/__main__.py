@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks._common import Row, Section, machine
+from benchmarks.bench_instance import bench_env
 
 HERE = Path(__file__).resolve().parent
 PEERS = ("portpicker", "ephemeral_port_reserve", "port_for")
@@ -96,7 +97,7 @@ def run_module(module: str, quick: bool, timeout_s: float) -> Outcome:
                 capture_output=True,
                 timeout=timeout_s,
                 check=False,
-                env={**os.environ, "PYTHONPATH": _pythonpath()},
+                env=bench_env(PYTHONPATH=_pythonpath()),
             )
         except subprocess.TimeoutExpired as e:
             tail = (e.stderr or b"").decode(errors="replace")[-1500:]
@@ -187,6 +188,8 @@ def render(outcomes: list[Outcome], meta: dict[str, str]) -> str:
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
         f"- load average (1/5/15 min) at start: {meta['load_start']}, at end: {meta['load_end']}",
+        "- child processes run with byte-code caching on (in a private cache directory), "
+        "as an installed package would",
         "- figures are medians and p99s of many samples, and ratios to a floor measured in "
         "the same run; on a shared machine compare ratios, not absolute times",
         "",
