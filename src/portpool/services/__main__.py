@@ -29,5 +29,19 @@ def main(argv: list[str]) -> int:
     return _runtime.run(kind, module.serve)
 
 
+def exit_now(code: int) -> None:
+    """Exit without finalizing the interpreter: after the MCP SDK's imports that takes
+    ~0.8 s of CPU per process, paid by every service at once when an instance stops.
+    Everything the service owns is closed by the time ``main`` returns."""
+    import contextlib
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_now(main(sys.argv[1:]))
