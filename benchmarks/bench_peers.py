@@ -185,6 +185,7 @@ class Attempt:
     racer: int
     port: int | None
     bound: bool
+    error: str | None = None  # the peer raised instead of giving a port
 
 
 def _pick_portpicker(pool: list[int] | None) -> int | None:
@@ -262,10 +263,14 @@ def _racer(spec: RaceSpec, index: int, barrier: Any, results: Any) -> None:
                 except PoolExhausted:
                     attempts.append(Attempt(r, index, None, False))
             else:
-                port = _PICKERS[kind](pool)
-                if port is not None:
-                    held = _server_bind(port)
-                attempts.append(Attempt(r, index, port, held is not None))
+                try:
+                    port = _PICKERS[kind](pool)
+                except Exception as e:  # the peer itself failed under contention
+                    attempts.append(Attempt(r, index, None, False, f"{type(e).__name__}: {e}"))
+                else:
+                    if port is not None:
+                        held = _server_bind(port)
+                    attempts.append(Attempt(r, index, port, held is not None))
             barrier.wait(BARRIER_TIMEOUT_S)  # everyone has tried; winners hold now
             if held is not None:
                 (held.release if kind == "portpool" else held.close)()
@@ -295,6 +300,8 @@ class RaceResult:
     bind_failed: int = 0  # racers told a port they then could not bind
     double_allocations: int = 0  # racers hit by either of the above
     distinct_ports: int = 0
+    peer_errors: int = 0  # calls of the peer that raised
+    first_error: str = ""
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, object]:
@@ -311,6 +318,9 @@ def count(kind: str, pooled: bool, racers: int, rounds: int, attempts: list[Atte
     for group in by_round.values():
         told = Counter(a.port for a in group if a.port is not None)
         for a in group:
+            if a.error is not None:
+                result.peer_errors += 1
+                result.first_error = result.first_error or a.error
             if a.port is None:
                 continue
             ports.add(a.port)
@@ -357,6 +367,8 @@ def race(kind: str, pool: list[int] | None, racers: int, rounds: int) -> RaceRes
                 p.kill()
                 p.join()
     if errors:
+        # The racer that failed first aborted the barrier: report it, not the others.
+        errors.sort(key=lambda e: e.startswith("BrokenBarrierError"))
         raise RuntimeError(f"{kind} racers failed: {errors[0]}")
     result = count(kind, pool is not None, racers, rounds, attempts)
     result.seconds = time.perf_counter() - t0
@@ -429,14 +441,18 @@ def race_table(races: list[RaceResult]) -> str:
         "Double allocations in the race:",
         "",
         "| who | pool | told a port | held it | shared with another racer "
-        "| bind failed | double allocations | distinct ports |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| bind failed | double allocations | distinct ports | peer errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in races:
         lines.append(
             f"| {r.kind} | {'pool' if r.pooled else 'any port'} | {r.told} | {r.bound} "
-            f"| {r.shared} | {r.bind_failed} | **{r.double_allocations}** | {r.distinct_ports} |"
+            f"| {r.shared} | {r.bind_failed} | **{r.double_allocations}** | {r.distinct_ports} "
+            f"| {r.peer_errors} |"
         )
+    errors = [f"{r.kind}: {r.first_error}" for r in races if r.first_error]
+    if errors:
+        lines += ["", "Peer errors (the call raised; counted as no port): " + "; ".join(errors)]
     return "\n".join(lines) + "\n"
 
 
