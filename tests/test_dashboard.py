@@ -76,6 +76,7 @@ class DashboardDom(HTMLParser):
             self.services[self._card][a["data-service"] or ""] = a
 
 
+@pytest.mark.slow
 def test_dashboard_shows_both_instances_healthy(home: Path, tmp_path: Path) -> None:
     chromium()
     logs = [tmp_path / "up1.log", tmp_path / "up2.log"]
