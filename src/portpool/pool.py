@@ -12,7 +12,7 @@ import functools
 import ipaddress
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from portpool._platform import (
     exclusive_bind_options,
@@ -41,7 +41,8 @@ class Lease:
     """A port acquired from a pool: its kernel lock, its listening socket, its record.
 
     Release it (or leave its ``with`` block) to close the socket, erase the record and
-    unlock. ``socket`` is None once handed off with ``close_socket``.
+    unlock. ``socket`` is None once handed off with ``close_socket``. ``refusals`` says
+    why the ports before this one in the pool were skipped.
     """
 
     port: int
@@ -49,6 +50,7 @@ class Lease:
     socket: socket.socket | None
     lock: PortLock
     service: str = ""
+    refusals: list[Refusal] = field(default_factory=list)
 
     @property
     def record(self) -> PortRecord | None:
@@ -171,7 +173,9 @@ def acquire(
 ) -> Lease:
     """Acquire the first port of ``pool`` that is neither locked nor bound by anyone.
 
-    Raises PoolExhausted with a Refusal per port when every port is refused.
+    Returns a Lease holding the lock and the listening socket, its record written.
+    Raises PoolExhausted with a Refusal per port when every port is refused, LayoutError
+    for a value that is not a port, StateDirError if the record cannot be written.
     """
     for port in pool:
         check_port(port)
@@ -208,5 +212,5 @@ def acquire(
             sock.close()
             lock.release()
             raise
-        return Lease(port, host, sock, lock, service)
+        return Lease(port, host, sock, lock, service, refusals)
     raise PoolExhausted(pool, refusals, service or None)
