@@ -316,6 +316,7 @@ def test_api_instances_lists_every_instance_with_live_health(running: Running) -
         assert {s["name"]: s["port"] for s in other["services"]} == second.ports
         assert all(p - running.ports[n] == 100 for n, p in second.ports.items())
         assert not any(s["health"]["healthy"] for s in other["services"])
+        assert {s["health"]["error"] for s in other["services"]} == {"no answer within 1 s"}
     finally:
         second.release()
     after = httpx.get(url, trust_env=False).json()

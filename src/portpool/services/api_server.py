@@ -48,6 +48,9 @@ async def check_health(client: httpx.AsyncClient, name: str, port: int | None) -
     try:
         response = await client.get(f"http://{CHECK_HOST}:{port}/health")
         body = response.json()
+    except httpx.TimeoutException:
+        silent = f"no answer within {CHECK_TIMEOUT_S:g} s"
+        return {"healthy": False, "pid": None, "latency_ms": None, "error": silent}
     except (httpx.HTTPError, ValueError) as e:
         return {"healthy": False, "pid": None, "latency_ms": None, "error": _describe(e)}
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
