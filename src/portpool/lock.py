@@ -333,6 +333,7 @@ class PortRecord:
 _INT_FIELDS = ("port", "pid", "instance")
 _STR_FIELDS = ("start_token", "boot_id", "app", "service", "host")
 _FLOAT_FIELDS = ("acquired_at", "heartbeat_at")
+_MAX_STR = 256
 
 
 _quote = json.encoder.encode_basestring_ascii  # what json.dumps(ensure_ascii=True) uses
@@ -346,6 +347,10 @@ def _record_prefix(r: PortRecord) -> str:
     key = (r.port, r.pid, r.start_token, r.boot_id, r.app, r.instance, r.service, r.host)
     found = _prefixes.get(key)
     if found is None:
+        for name in _STR_FIELDS:
+            if len(getattr(r, name)) > _MAX_STR:
+                # decode_record refuses it: never write a record we cannot read back
+                raise LockError(f"port {r.port}: record field {name!r} is over {_MAX_STR} chars")
         if len(_prefixes) >= 256:
             _prefixes.clear()
         found = _prefixes[key] = (
@@ -365,7 +370,7 @@ def encode_record(record: PortRecord) -> bytes:
     Raises LockError if the record does not fit its fixed size.
     """
     r = record
-    prefix = _record_prefix(r)
+    prefix = _record_prefix(r)  # cached, so the checks below run once per lease
     text = (
         f'{prefix}"acquired_at":{float(r.acquired_at)!r},"heartbeat_at":{float(r.heartbeat_at)!r}}}'
     ).encode("ascii")
@@ -408,7 +413,7 @@ def decode_record(data: bytes) -> PortRecord | None:
         values[name] = v
     for name in _STR_FIELDS:
         v = raw.get(name)
-        if not isinstance(v, str) or len(v) > 256:
+        if not isinstance(v, str) or len(v) > _MAX_STR:
             raise ValueError(f"record field {name!r} is not a string")
         values[name] = v
     for name in _FLOAT_FIELDS:

@@ -1,0 +1,531 @@
+"""One port's kernel lock and its metadata record: ownership, hostile files, torn reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from portpool.errors import AlreadyHeldHere, LockHeld, StateDirError
+from portpool.lock import (
+    RECORD_SIZE,
+    HeldLock,
+    PortLock,
+    PortRecord,
+    close_idle_files,
+    decode_record,
+    encode_record,
+    inspect_port,
+    read_port_record,
+)
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+
+# A process that takes a port's lock (and record) and holds it until killed.
+HOLDER = r"""
+import sys, time
+from portpool.lock import PortLock
+from portpool.statedir import StateDir
+lock = PortLock.acquire(StateDir.open(), int(sys.argv[1]))
+lock.write_record(app="other", instance=7, service="holder", host="127.0.0.1")
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def holder(home: Path, port_base: int):
+    """Another process holding ``port_base``'s lock; killed at teardown."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(port_base)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "held"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def ports_of(state: StateDir) -> Path:
+    """The state dir's ports/ directory, created on first use like acquire does."""
+    state.ports()
+    return Path(state.path) / "ports"
+
+
+def _write(lock: PortLock, service: str = "svc") -> PortRecord:
+    return lock.write_record(app="app", instance=1, service=service, host="127.0.0.1")
+
+
+# ---------------------------------------------------------------- ownership
+
+
+def test_acquire_write_inspect_release(state: StateDir, port_base: int):
+    lock = PortLock.acquire(state, port_base)
+    assert inspect_port(state, port_base).state == "held-unreadable"  # locked, no record yet
+    record = _write(lock)
+    status = inspect_port(state, port_base)
+    assert status.state == "held"
+    assert status.record == record
+    assert record.pid == os.getpid()
+    assert lock.problem() is None
+    lock.release()
+    lock.release()  # twice is safe
+    assert inspect_port(state, port_base).is_free
+    assert read_port_record(state.ports(), port_base) is None  # erased before unlocking
+
+
+def test_second_acquire_in_one_process_is_already_held_here(state: StateDir, port_base: int):
+    lock = PortLock.acquire(state, port_base)
+    with pytest.raises(AlreadyHeldHere) as info:
+        PortLock.acquire(state, port_base)
+    assert f"{port_base}.lock" in info.value.path
+    # The same state dir opened a second time is the same lock, not a deadlock either.
+    other = StateDir.open(state.path)
+    try:
+        with pytest.raises(AlreadyHeldHere):
+            PortLock.acquire(other, port_base)
+    finally:
+        other.close()
+    lock.release()
+    PortLock.acquire(state, port_base).release()
+
+
+def test_lock_held_by_another_process_names_it(state: StateDir, port_base: int, holder):
+    with pytest.raises(LockHeld) as info:
+        PortLock.acquire(state, port_base)
+    status = info.value.holder
+    assert status.state == "held"
+    assert status.record.pid == holder.pid
+    assert status.record.service == "holder"
+
+
+def test_kill_9_frees_the_lock_at_once(state: StateDir, port_base: int, holder):
+    assert inspect_port(state, port_base).record.pid == holder.pid
+    holder.kill()
+    holder.wait()
+    # The dead holder's record is still on disk, but the kernel lock decides: free.
+    assert read_port_record(state.ports(), port_base).pid == holder.pid
+    assert inspect_port(state, port_base).is_free
+    lock = PortLock.acquire(state, port_base)  # no timeout, no stale threshold
+    assert _write(lock).pid == os.getpid()
+    lock.release()
+
+
+def test_unlinked_lock_file_is_detected(state: StateDir, port_base: int):
+    lock = PortLock.acquire(state, port_base)
+    _write(lock)
+    os.unlink(ports_of(state) / f"{port_base}.lock")
+    assert "deleted" in (lock.problem() or "")
+    assert "deleted" in (lock.lock.problem() or "")
+    lock.release()
+
+
+def test_replaced_lock_file_is_detected_and_new_holders_record_survives(
+    state: StateDir, port_base: int
+):
+    """Someone replaces our lock file; a new holder locks it; our release spares its record."""
+    lock = PortLock.acquire(state, port_base)
+    _write(lock)
+    path = ports_of(state) / f"{port_base}.lock"
+    os.unlink(path)
+    path.touch()
+    assert "replaced" in (lock.problem() or "")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(port_base)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "held"
+        lock.release()
+        record = read_port_record(state.ports(), port_base)
+        assert record is not None
+        assert record.pid == proc.pid
+        assert inspect_port(state, port_base).record.pid == proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_rewritten_metadata_is_detected(state: StateDir, port_base: int):
+    lock = PortLock.acquire(state, port_base)
+    _write(lock)
+    other = PortRecord(port_base, 1, "x", "y", "app", 1, "svc", "127.0.0.1", 1.0, 1.0)
+    (ports_of(state) / f"{port_base}.json").write_bytes(encode_record(other))
+    assert "pid 1" in (lock.problem() or "")
+    lock.release()
+
+
+def test_heartbeat_rewrites_only_heartbeat(state: StateDir, port_base: int):
+    lock = PortLock.acquire(state, port_base)
+    first = _write(lock)
+    lock.heartbeat(now=first.acquired_at + 30)
+    seen = read_port_record(state.ports(), port_base)
+    assert seen is not None
+    assert seen.heartbeat_at == first.acquired_at + 30
+    assert seen.acquired_at == first.acquired_at
+    assert (seen.pid, seen.service) == (first.pid, first.service)
+    lock.release()
+
+
+def test_held_lock_remove_and_release(state: StateDir):
+    directory = state.subdir("misc")
+    held = HeldLock.acquire(directory, "x.lock")
+    assert held.problem() is None
+    with pytest.raises(AlreadyHeldHere):
+        HeldLock.acquire(directory, "x.lock")
+    held.remove_and_release()
+    assert not (Path(state.path) / "misc" / "x.lock").exists()
+    HeldLock.acquire(directory, "x.lock").release()
+
+
+# ---------------------------------------------------------------- fork
+
+
+def _in_child(fn) -> int:
+    """Run ``fn`` in a forked child; its exit status (0 when fn returns True)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = 0 if fn() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_forked_child_release_keeps_parents_lock(state: StateDir, port_base: int):
+    lease = acquire(state, [port_base], app="app", instance=1, service="svc")
+
+    def child() -> bool:
+        lease.release()  # only the child's copies
+        try:
+            acquire(state, [port_base])
+        except Exception as e:  # noqa: BLE001 - reported through the exit code
+            return type(e).__name__ == "PoolExhausted"
+        return False
+
+    assert _in_child(child) == 0
+    status = inspect_port(state, port_base)
+    assert status.state == "held"
+    assert status.record.pid == os.getpid()
+    assert lease.lock.problem() is None
+    lease.release()
+    assert inspect_port(state, port_base).is_free
+
+
+def test_forked_child_cannot_share_a_released_locks_files(state: StateDir, port_base: int):
+    """Files kept open after a release must not let a child and its parent both win."""
+    PortLock.acquire(state, port_base).release()  # its files are now kept for reuse
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            lock = PortLock.acquire(state, port_base)
+            os.write(w, b"x")
+            os.read(go_r, 1)
+            lock.release()
+            code = 0
+        finally:
+            os._exit(code)
+    assert os.read(r, 1) == b"x"
+    try:
+        with pytest.raises(LockHeld):
+            PortLock.acquire(state, port_base)
+    finally:
+        os.write(go_w, b"x")
+        _, status = os.waitpid(pid, 0)
+        for fd in (r, w, go_r, go_w):
+            os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
+    PortLock.acquire(state, port_base).release()
+
+
+# ---------------------------------------------------------------- hostile files
+
+
+def test_symlink_at_lock_path_is_not_followed(state: StateDir, port_base: int, tmp_path: Path):
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    before = target.stat()
+    link = ports_of(state) / f"{port_base}.lock"
+    link.symlink_to(target)
+    with pytest.raises(StateDirError) as info:
+        PortLock.acquire(state, port_base)
+    assert f"{port_base}.lock" in info.value.path
+    assert target.read_text() == "precious"
+    assert target.stat().st_mtime_ns == before.st_mtime_ns
+    # The pool skips it with the reason and takes the next port.
+    with acquire(state, [port_base, port_base + 1]) as lease:
+        assert lease.port == port_base + 1
+        assert lease.refusals[0].port == port_base
+        assert lease.refusals[0].reason == "error"
+
+
+def test_symlink_at_metadata_path_is_not_followed(state: StateDir, port_base: int, tmp_path: Path):
+    target = tmp_path / "victim"
+    target.write_text("precious")
+    link = ports_of(state) / f"{port_base}.json"
+    link.symlink_to(target)
+    assert inspect_port(state, port_base).is_free
+    with pytest.raises(ValueError, match="cannot be opened"):
+        read_port_record(state.ports(), port_base)
+    with acquire(state, [port_base], app="app", service="svc") as lease:
+        assert lease.port == port_base
+        assert inspect_port(state, port_base).record.service == "svc"
+    assert target.read_text() == "precious"
+    assert not link.is_symlink()
+
+
+def test_hard_link_at_metadata_path_is_not_written(state: StateDir, port_base: int, tmp_path: Path):
+    target = Path(state.path) / "victim"  # same filesystem, so a hard link is possible
+    target.write_text("precious")
+    os.link(target, ports_of(state) / f"{port_base}.json")
+    with acquire(state, [port_base], app="app", service="svc"):
+        pass
+    assert target.read_text() == "precious"
+
+
+def test_fifo_at_metadata_path_does_not_hang(state: StateDir, port_base: int, holder):
+    path = ports_of(state) / f"{port_base + 1}.json"
+    os.mkfifo(path)
+    # Held port with a FIFO for a record: unreadable, not a hang, never free.
+    assert inspect_port(state, port_base + 1).is_free  # not locked: free, record ignored
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_port_record(state.ports(), port_base + 1)
+    with acquire(state, [port_base, port_base + 1], service="svc") as lease:
+        assert lease.port == port_base + 1
+    assert path.is_file()
+
+
+def test_directory_at_metadata_path_is_an_error_refusal(state: StateDir, port_base: int):
+    (ports_of(state) / f"{port_base}.json").mkdir()
+    (ports_of(state) / f"{port_base}.json" / "keep").touch()
+    with acquire(state, [port_base, port_base + 1]) as lease:
+        assert lease.port == port_base + 1
+        assert lease.refusals[0].reason == "error"
+    assert inspect_port(state, port_base).is_free
+
+
+BAD_RECORDS = {
+    "empty": b"",
+    "truncated": None,  # filled in from a real record below
+    "binary": bytes(range(256)) * 4,
+    "huge": b"{" * (4 * 1024 * 1024),
+    "spaces-and-nuls": b" \0" * 600,
+    "json-without-crc": b'{"v":1,"port":1}',
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_broken_metadata_of_a_held_port_never_reads_free(
+    state: StateDir, port_base: int, holder, kind: str
+):
+    good = (ports_of(state) / f"{port_base}.json").read_bytes()
+    text = good.rstrip(b" ")
+    data = BAD_RECORDS[kind] if kind != "truncated" else text[: len(text) // 2]
+    (ports_of(state) / f"{port_base}.json").write_bytes(data)
+    status = inspect_port(state, port_base)
+    assert status.state == "held-unreadable"
+    assert not status.is_free
+    with pytest.raises(LockHeld):
+        PortLock.acquire(state, port_base)
+    with acquire(state, [port_base, port_base + 1]) as lease:
+        assert lease.port == port_base + 1
+        assert lease.refusals[0].reason == "held"
+    assert holder.poll() is None
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_broken_metadata_of_a_free_port_is_replaced(state: StateDir, port_base: int, kind: str):
+    data = BAD_RECORDS[kind] or b'{"v":1,"po'
+    (ports_of(state) / f"{port_base}.json").write_bytes(data)
+    assert inspect_port(state, port_base).is_free
+    with acquire(state, [port_base], service="svc") as lease:
+        assert inspect_port(state, port_base).record.service == "svc"
+        assert lease.lock.problem() is None
+    assert (ports_of(state) / f"{port_base}.json").stat().st_size == RECORD_SIZE
+
+
+def test_record_naming_a_live_unrelated_pid_does_not_hold_the_port(state: StateDir, port_base: int):
+    me = read_live_identity(os.getppid())
+    stale = PortRecord(port_base, me[0], me[1], me[2], "other", 3, "svc", "127.0.0.1", 1.0, 1.0)
+    (ports_of(state) / f"{port_base}.json").write_bytes(encode_record(stale))
+    assert inspect_port(state, port_base).is_free  # only the kernel lock holds a port
+    with acquire(state, [port_base], service="mine") as lease:
+        assert lease.record.pid == os.getpid()
+        assert inspect_port(state, port_base).record.service == "mine"
+
+
+def read_live_identity(pid: int) -> tuple[int, str, str]:
+    from portpool._platform import identity_of
+
+    ident = identity_of(pid)
+    assert ident is not None
+    return ident.pid, ident.start_token, ident.boot_id
+
+
+# ---------------------------------------------------------------- records
+
+
+def test_record_that_could_not_be_read_back_is_refused(state: StateDir, port_base: int):
+    from portpool.errors import LockError
+
+    record = PortRecord(port_base, 42, "1.5", "boot", "app", 2, "s" * 257, "::1", 1.0, 1.0)
+    with pytest.raises(LockError, match="service"):
+        encode_record(record)
+
+
+def test_encoding_is_exactly_compact_json(state: StateDir, port_base: int):
+    record = PortRecord(port_base, 42, "1.5", "boot", "app", 2, "svc", "::1", 1.25, 2.5)
+    data = encode_record(record)
+    assert len(data) == RECORD_SIZE
+    text = data.split(b"\n", 1)[0]
+    assert json.loads(text) == record.to_dict()
+    assert text == json.dumps(record.to_dict(), separators=(",", ":")).encode()
+    assert decode_record(data) == record
+    assert decode_record(b" " * RECORD_SIZE) is None
+
+
+_names = st.text(max_size=40)
+_records = st.builds(
+    PortRecord,
+    port=st.integers(1, 65535),
+    pid=st.integers(0, 2**31 - 1),
+    start_token=_names,
+    boot_id=_names,
+    app=_names,
+    instance=st.integers(0, 2**31 - 1),
+    service=_names,
+    host=_names,
+    acquired_at=st.floats(allow_nan=False, allow_infinity=False),
+    heartbeat_at=st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@given(_records)
+def test_records_round_trip(record: PortRecord):
+    assert decode_record(encode_record(record)) == record
+
+
+@given(st.binary(max_size=RECORD_SIZE + 64))
+def test_decode_arbitrary_bytes_only_value_error(data: bytes):
+    try:
+        result = decode_record(data)
+    except ValueError:
+        return
+    assert result is None or isinstance(result, PortRecord)
+
+
+@given(_records, st.data())
+def test_damaged_record_never_decodes_to_another_record(record: PortRecord, data: st.DataObject):
+    good = encode_record(record)
+    end = len(good.rstrip(b" "))
+    at = data.draw(st.integers(0, end - 1))
+    how = data.draw(st.sampled_from(["flip", "truncate", "splice"]))
+    if how == "flip":
+        bit = data.draw(st.integers(0, 7))
+        damaged = good[:at] + bytes([good[at] ^ (1 << bit)]) + good[at + 1 :]
+    elif how == "truncate":
+        damaged = good[:at]
+    else:
+        other = encode_record(data.draw(_records))
+        damaged = good[:at] + other[at:]
+    try:
+        seen = decode_record(damaged)
+    except ValueError:
+        return
+    assert seen in (None, record) or (how == "splice" and seen == decode_record(other))
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=3 * RECORD_SIZE))
+def test_read_port_record_of_arbitrary_file(state: StateDir, data: bytes):
+    (ports_of(state) / "1.json").write_bytes(data)
+    try:
+        result = read_port_record(state.ports(), 1)
+    except ValueError:
+        return
+    assert result is None or isinstance(result, PortRecord)
+
+
+# ---------------------------------------------------------------- torn reads
+
+READER = r"""
+import json, os, sys, time
+from portpool.lock import RECORD_SIZE, decode_record, read_port_record
+from portpool.statedir import StateDir
+ports = StateDir.open().ports()
+port, n = int(sys.argv[1]), int(sys.argv[2])
+raw_fd = os.open(f"{port}.json", os.O_RDONLY, dir_fd=ports.fd)
+seen = {}
+errors = 0
+for i in range(n):
+    try:
+        if i % 2:  # the library's read (retries a torn read a few times)
+            r = read_port_record(ports, port)
+        else:  # one raw read, no retry: a torn read must be a ValueError, never a record
+            r = decode_record(os.pread(raw_fd, RECORD_SIZE + 1, 0))
+    except ValueError:
+        errors += 1
+        continue
+    key = "none" if r is None else f"{r.service}|{r.app}|{r.instance}"
+    seen[key] = seen.get(key, 0) + 1
+print(json.dumps({"seen": seen, "errors": errors}))
+"""
+
+
+def test_readers_never_see_a_torn_record(state: StateDir, port_base: int):
+    """A writer rewrites the record in place in a tight loop, alternating two very
+    different records; a reader process (true parallelism) only ever decodes one of them."""
+    lock = PortLock.acquire(state, port_base)
+    variants = [("s" * 250, "long-app", 11), ("b", "x", 2)]
+    lock.write_record(app="x", instance=2, service="b", host="127.0.0.1")
+    stop = threading.Event()
+    writes = [0]
+
+    def writer() -> None:
+        i = 0
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < deadline:
+            service, app, instance = variants[i % 2]
+            lock.write_record(app=app, instance=instance, service=service, host="::1")
+            i += 1
+        writes[0] = i
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", READER, str(port_base), "20000"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+    finally:
+        stop.set()
+        thread.join()
+        lock.release()
+    result = json.loads(out)
+    allowed = {f"{s}|{a}|{n}" for s, a, n in variants}
+    assert set(result["seen"]) <= allowed, result
+    assert all(result["seen"].get(v, 0) > 0 for v in allowed), result  # both were seen
+    assert writes[0] > 100
+
+
+def test_idle_files_can_be_closed(state: StateDir, port_base: int):
+    PortLock.acquire(state, port_base).release()
+    close_idle_files()
+    with acquire(state, [port_base]) as lease:
+        assert lease.lock.problem() is None
