@@ -209,7 +209,7 @@ def test_forked_child_release_keeps_parents_lock(state: StateDir, port_base: int
         lease.release()  # only the child's copies
         try:
             acquire(state, [port_base])
-        except Exception as e:  # noqa: BLE001 - reported through the exit code
+        except Exception as e:
             return type(e).__name__ == "PoolExhausted"
         return False
 
