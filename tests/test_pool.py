@@ -1,0 +1,296 @@
+"""Pools and leases: rotation past held and foreign ports, refusals, the socket, release."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from portpool.errors import LayoutError, PoolExhausted
+from portpool.lock import PortLock, inspect_port
+from portpool.pool import Lease, acquire, bind_listen, describe_foreign
+from portpool.statedir import StateDir
+
+FOREIGN = r"""
+import socket, sys, time
+s = socket.socket()
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(8)
+print("listening", flush=True)
+while True:
+    conn, _ = s.accept()
+    conn.sendall(b"foreign")
+    conn.close()
+"""
+
+
+@pytest.fixture(params=["127.0.0.1", "0.0.0.0"])
+def foreign(request: pytest.FixtureRequest, port_base: int):
+    """A plain program (not portpool) listening on ``port_base``."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", FOREIGN, request.param, str(port_base)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "listening"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _connect(port: int, host: str = "127.0.0.1") -> bytes:
+    with socket.create_connection((host, port), timeout=5) as c:
+        return c.recv(16)
+
+
+def test_acquire_returns_listening_socket_and_record(state: StateDir, port_base: int):
+    pool = [port_base, port_base + 1]
+    with acquire(state, pool, app="app", instance=2, service="api") as lease:
+        assert isinstance(lease, Lease)
+        assert lease.port == port_base
+        assert lease.refusals == []
+        assert lease.socket is not None
+        assert lease.socket.getsockname() == ("127.0.0.1", port_base)
+        client = socket.create_connection(("127.0.0.1", port_base), timeout=5)
+        conn, _ = lease.socket.accept()  # it is listening: the reservation is real
+        conn.close()
+        client.close()
+        assert lease.record is not None
+        assert (lease.record.app, lease.record.instance, lease.record.service) == (
+            "app",
+            2,
+            "api",
+        )
+        assert lease.socket_inode == os.fstat(lease.fileno()).st_ino
+        assert inspect_port(state, port_base).record == lease.record
+    assert lease.socket is None
+    assert inspect_port(state, port_base).is_free
+
+
+def test_release_twice_and_after_context_is_safe(state: StateDir, port_base: int):
+    lease = acquire(state, [port_base])
+    sock = lease.socket
+    lease.release()
+    lease.release()
+    with lease:
+        pass
+    assert sock is not None
+    assert sock.fileno() == -1
+    assert inspect_port(state, port_base).is_free
+    acquire(state, [port_base]).release()  # and the port is free to take again
+
+
+def test_rotates_past_a_port_held_by_another_lease(state: StateDir, port_base: int):
+    pool = [port_base, port_base + 1, port_base + 2]
+    with acquire(state, pool, service="a") as first, acquire(state, pool, service="b") as second:
+        assert (first.port, second.port) == (port_base, port_base + 1)
+        [refusal] = second.refusals
+        assert refusal.port == port_base
+        assert refusal.reason == "held"
+        assert "by this process already" in refusal.detail
+
+
+def test_rotates_past_a_port_held_by_another_process(state: StateDir, port_base: int):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys,time; from portpool.pool import acquire; from portpool.statedir import "
+            "StateDir; l = acquire(StateDir.open(), [int(sys.argv[1])], app='other', "
+            "instance=5, service='web'); print('ok', flush=True); time.sleep(60)",
+            str(port_base),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ok"
+        with acquire(state, [port_base, port_base + 1]) as lease:
+            assert lease.port == port_base + 1
+            [refusal] = lease.refusals
+            assert refusal.reason == "held"
+            assert f"pid {holder.pid}" in refusal.detail
+            assert "instance 5 of other" in refusal.detail
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_foreign_listener_makes_acquire_rotate(state: StateDir, port_base: int, foreign):
+    with acquire(state, [port_base, port_base + 1], service="api") as lease:
+        assert lease.port == port_base + 1
+        [refusal] = lease.refusals
+        assert refusal.port == port_base
+        assert refusal.reason == "in use"
+        assert f"pid {foreign.pid}" in refusal.detail
+    # Never fought: the foreign program still runs and still serves its port.
+    assert foreign.poll() is None
+    assert _connect(port_base) == b"foreign"
+    # portpool locked nothing it could not bind: the port's lock was given back.
+    assert inspect_port(state, port_base).is_free
+
+
+def test_pool_exhausted_names_every_port(state: StateDir, port_base: int, foreign):
+    other = acquire(state, [port_base + 1], service="mine")
+    try:
+        with pytest.raises(PoolExhausted) as info:
+            acquire(state, [port_base, port_base + 1], service="api")
+    finally:
+        other.release()
+    err = info.value
+    assert err.service == "api"
+    assert err.pool == [port_base, port_base + 1]
+    assert [(r.port, r.reason) for r in err.refusals] == [
+        (port_base, "in use"),
+        (port_base + 1, "held"),
+    ]
+    assert f"pid {foreign.pid}" in str(err)
+    assert err.exit_code == 3
+
+
+def test_unassigned_address_is_refused_as_unavailable(state: StateDir, port_base: int):
+    with pytest.raises(PoolExhausted) as info:
+        acquire(state, [port_base], host="192.0.2.1")  # TEST-NET-1: not on this host
+    [refusal] = info.value.refusals
+    assert refusal.reason == "unavailable"
+    assert inspect_port(state, port_base).is_free
+
+
+def test_privileged_port_is_refused_as_permission_denied(tmp_path: Path):
+    """As an unprivileged user, ports below 1024 cannot be bound: refused, not crashed."""
+    start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    if start == 0:
+        pytest.skip("this kernel lets anyone bind any port: nothing to refuse")
+    code = (
+        "import os, sys, psutil\n"
+        "from portpool.errors import PoolExhausted\n"
+        "from portpool.pool import acquire\n"
+        "from portpool.statedir import StateDir\n"
+        "if os.getuid() == 0:\n"
+        "    os.setgid(65534)\n"
+        "    os.setuid(65534)\n"
+        "try:\n"
+        "    acquire(StateDir.open(sys.argv[1]), [int(sys.argv[2]) - 1])\n"
+        "except PoolExhausted as e:\n"
+        "    print(e.refusals[0].reason)\n"
+    )
+    state_path = tmp_path / "state"
+    if os.getuid() == 0:  # the child drops to nobody: give it a state dir it owns
+        shared = Path(tempfile.mkdtemp(prefix="portpool-nobody-"))
+        shared.chmod(0o755)
+        state_path = shared / "state"
+        state_path.mkdir(mode=0o700)
+        os.chown(state_path, 65534, 65534)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(state_path), str(start)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        if os.getuid() == 0:
+            shutil.rmtree(state_path.parent)
+    assert out.stdout.strip() == "permission denied", out.stderr
+
+
+def test_invalid_ports_are_layout_errors(state: StateDir):
+    for bad in (0, 65536, -1, True):
+        with pytest.raises(LayoutError):
+            acquire(state, [bad])
+
+
+def test_empty_pool_is_exhausted(state: StateDir):
+    with pytest.raises(PoolExhausted) as info:
+        acquire(state, [])
+    assert info.value.refusals == []
+
+
+def test_close_socket_keeps_the_lock(state: StateDir, port_base: int):
+    with acquire(state, [port_base]) as lease:
+        lease.close_socket()
+        assert lease.socket is None
+        assert lease.socket_inode is None
+        assert inspect_port(state, port_base).state == "held"
+        with pytest.raises(PoolExhausted):
+            acquire(state, [port_base])
+    assert inspect_port(state, port_base).is_free
+
+
+def test_heartbeat_through_the_lease(state: StateDir, port_base: int):
+    with acquire(state, [port_base]) as lease:
+        assert lease.record is not None
+        before = lease.record.heartbeat_at
+        lease.lock.heartbeat(now=before + 5)
+        lease.heartbeat()
+        assert inspect_port(state, port_base).record.heartbeat_at >= before
+
+
+def test_bind_listen_is_exclusive(port_base: int):
+    sock = bind_listen("127.0.0.1", port_base)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        with pytest.raises(OSError):
+            bind_listen("127.0.0.1", port_base).close()
+        with pytest.raises(OSError):
+            bind_listen("0.0.0.0", port_base).close()
+    finally:
+        sock.close()
+
+
+def test_bind_listen_ipv6_and_names(port_base: int):
+    try:
+        v6 = bind_listen("::1", port_base)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with v6:
+        assert v6.family == socket.AF_INET6
+        assert v6.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+    with bind_listen("localhost", port_base + 1) as named:
+        assert named.getsockname()[1] == port_base + 1
+
+
+def test_describe_foreign_names_the_listener(port_base: int, foreign):
+    text = describe_foreign(port_base)
+    assert f"pid {foreign.pid}" in text
+    assert "python" in text
+    assert describe_foreign(port_base + 1) == "used by a foreign process (unknown)"
+
+
+def test_lease_from_a_locked_port_after_kill_9(state: StateDir, port_base: int):
+    """kill -9 of a holder between lock and release: the port is free at once."""
+    code = (
+        "import os, sys, time\n"
+        "from portpool.pool import acquire\n"
+        "from portpool.statedir import StateDir\n"
+        "l = acquire(StateDir.open(), [int(sys.argv[1])], service='doomed')\n"
+        "print('ok', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(port_base)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ok"
+    assert inspect_port(state, port_base).record.pid == proc.pid
+    proc.kill()
+    proc.wait()
+    with acquire(state, [port_base, port_base + 1], service="next") as lease:
+        assert lease.port == port_base
+        assert lease.refusals == []
+
+
+def test_port_lock_is_released_when_bind_fails(state: StateDir, port_base: int, foreign):
+    with pytest.raises(PoolExhausted):
+        acquire(state, [port_base])
+    lock = PortLock.acquire(state, port_base)  # not left locked by the failed attempt
+    lock.release()
