@@ -190,11 +190,20 @@ def test_dead_instance_is_cleaned_by_gc_and_by_next_start(
 
 
 def test_status_survives_a_corrupt_record(tmp_path: Path, port_base: int, home: Path) -> None:
-    layout = write_layout(tmp_path / "p.toml", port_base)
+    # A slow heartbeat, so the holder does not rewrite the record we corrupt.
+    layout = write_layout(tmp_path / "p.toml", port_base, heartbeat=600)
     release = tmp_path / "release"
     procs = _run_holders(layout, release, 2)
     try:
         assert sorted(int(read_line(p)) for p in procs) == [1, 2]
+
+        def settled() -> bool:  # `run` records its child's pid once; wait for that write
+            found = status_json(layout)["instances"]
+            return len(found) == 2 and all(
+                s["pid"] != i["pid"] for i in found for s in i["services"]
+            )
+
+        wait_for(settled, 20)
         (home / "apps" / "testapp" / "instances" / "2.json").write_bytes(b"\x00garbage{")
         doc = status_json(layout)
         by_number = {i["number"]: i for i in doc["instances"]}
