@@ -1,0 +1,160 @@
+"""The state dir: private, ours, never a symlink; refused loudly otherwise."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from portpool.errors import StateDirError
+from portpool.statedir import StateDir, check_name, default_path
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX modes and owners")
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def test_created_private_even_with_a_permissive_umask(tmp_path: Path):
+    old = os.umask(0)
+    try:
+        with StateDir.open(str(tmp_path / "a" / "state")) as state:
+            state.ports()
+            state.instances("my-app")
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "a" / "state") == 0o700
+    assert _mode(tmp_path / "a" / "state" / "ports") == 0o700
+    assert _mode(tmp_path / "a" / "state" / "apps" / "my-app" / "instances") == 0o700
+
+
+def test_portpool_home_overrides_the_default(home: Path):
+    assert default_path() == str(home)
+    with StateDir.open() as state:
+        assert state.path == str(home)
+
+
+def test_default_is_per_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.delenv("PORTPOOL_HOME", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert default_path() == str(tmp_path / "portpool")
+    monkeypatch.delenv("XDG_RUNTIME_DIR")
+    assert default_path() == os.path.join(tempfile.gettempdir(), f"portpool-{os.getuid()}")
+
+
+def test_symlinked_state_dir_is_refused(tmp_path: Path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(StateDirError) as info:
+        StateDir.open(str(link))
+    assert info.value.path == str(link)
+    assert "symbolic link" in info.value.problem
+
+
+def test_a_file_in_its_place_is_refused(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StateDirError) as info:
+        StateDir.open(str(tmp_path / "file"))
+    assert info.value.path == str(tmp_path / "file")
+    assert "not a directory" in info.value.problem
+
+
+def test_foreign_owned_state_dir_is_refused(tmp_path: Path):
+    path = tmp_path / "theirs"
+    path.mkdir(mode=0o700)
+    other = 65534 if os.getuid() != 65534 else 65533
+    try:
+        os.chown(path, other, -1)
+    except PermissionError:
+        pytest.skip("cannot give a directory to another user without privileges")
+    with pytest.raises(StateDirError) as info:
+        StateDir.open(str(path))
+    assert info.value.path == str(path)
+    assert f"owned by uid {other}" in info.value.problem
+    assert "PORTPOOL_HOME" in info.value.problem  # says what to do
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o770, 0o702, 0o720])
+def test_group_or_world_writable_state_dir_is_refused(tmp_path: Path, mode: int):
+    path = tmp_path / "open"
+    path.mkdir()
+    path.chmod(mode)
+    with pytest.raises(StateDirError) as info:
+        StateDir.open(str(path))
+    assert info.value.path == str(path)
+    assert "writable by group or others" in info.value.problem
+    assert "chmod 700" in info.value.problem
+    assert _mode(path) == mode  # refused, not silently "repaired"
+
+
+def test_only_readable_by_others_is_tightened(tmp_path: Path):
+    path = tmp_path / "readable"
+    path.mkdir()
+    path.chmod(0o755)
+    with StateDir.open(str(path)):
+        pass
+    assert _mode(path) == 0o700
+
+
+def test_hostile_subdirectories_are_refused(tmp_path: Path):
+    root = tmp_path / "state"
+    with StateDir.open(str(root)) as state:
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir(mode=0o700)
+        (root / "ports").symlink_to(elsewhere)
+        with pytest.raises(StateDirError) as info:
+            state.ports()
+        assert info.value.path == str(root / "ports")
+        (root / "ports").unlink()
+        (root / "apps").mkdir(mode=0o700)
+        (root / "apps").chmod(0o777)
+        with pytest.raises(StateDirError) as info:
+            state.instances("app")
+        assert "writable by group or others" in info.value.problem
+        assert not any(elsewhere.iterdir())
+
+
+def test_state_dir_swapped_after_open_is_not_followed(tmp_path: Path):
+    """Operations go through the opened directory, not its name."""
+    root = tmp_path / "state"
+    with StateDir.open(str(root)) as state:
+        ports = state.ports()
+        moved = tmp_path / "moved"
+        root.rename(moved)
+        decoy = tmp_path / "decoy"
+        decoy.mkdir(mode=0o700)
+        root.symlink_to(decoy)
+        fd = ports.open_file("1.lock", os.O_RDWR | os.O_CREAT)
+        os.close(fd)
+        assert (moved / "ports" / "1.lock").exists()
+        assert not any(decoy.iterdir())
+
+
+def test_names_that_would_be_paths_are_refused():
+    assert check_name("app", "qwen-valencia") == "qwen-valencia"
+    for bad in ("", "..", ".hidden", "a/b", "a\\b", "x" * 65, "ünïcode", "a b"):
+        with pytest.raises(StateDirError):
+            check_name("app", bad)
+
+
+def test_apps_lists_only_valid_names(tmp_path: Path):
+    with StateDir.open(str(tmp_path / "state")) as state:
+        state.instances("one")
+        state.instances("two")
+        (tmp_path / "state" / "apps" / ".junk").mkdir()
+        assert state.apps() == ["one", "two"]
+
+
+def test_subdir_handles_are_shared_and_closed(tmp_path: Path):
+    state = StateDir.open(str(tmp_path / "state"))
+    assert state.ports() is state.ports()
+    ports = state.ports()
+    state.close()
+    assert ports.fd == -1
+    assert state.root.fd == -1
