@@ -1,0 +1,118 @@
+"""The exception tree: one base, context as attributes, messages that say what to do."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import portpool
+from portpool import errors
+from portpool.errors import (
+    AlreadyHeldHere,
+    LayoutError,
+    LockError,
+    LockHeld,
+    NoFreeSlot,
+    PassedSocketError,
+    PoolExhausted,
+    PortPoolError,
+    Refusal,
+    ServiceExited,
+    ShieldTripped,
+    SlotHolder,
+    StartError,
+    StateDirError,
+)
+
+EXCEPTIONS = [
+    obj
+    for _, obj in inspect.getmembers(errors, inspect.isclass)
+    if issubclass(obj, BaseException) and obj.__module__ == errors.__name__
+]
+
+
+def test_every_error_is_a_portpool_error_and_drawn_in_the_tree():
+    assert len(EXCEPTIONS) >= 12
+    doc = errors.__doc__ or ""
+    for cls in EXCEPTIONS:
+        assert issubclass(cls, PortPoolError)
+        assert cls.__name__ in doc, f"{cls.__name__} missing from the tree in errors.py"
+        assert cls.__doc__
+
+
+def test_every_error_is_exported():
+    for cls in EXCEPTIONS:
+        assert getattr(portpool, cls.__name__) is cls
+        assert cls.__name__ in portpool.__all__
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (StateDirError("/s", "bad"), 1),
+        (PoolExhausted([1], []), 3),
+        (NoFreeSlot("app", []), 3),
+        (ShieldTripped("lost"), 4),
+        (ServiceExited("api", 2), 5),
+    ],
+)
+def test_exit_codes(error: PortPoolError, code: int):
+    assert error.exit_code == code
+
+
+def test_state_dir_error_names_path_and_problem():
+    e = StateDirError("/run/x", "is a symbolic link")
+    assert (e.path, e.problem) == ("/run/x", "is a symbolic link")
+    assert str(e) == "state dir /run/x: is a symbolic link"
+
+
+def test_layout_error_keeps_every_problem():
+    single = LayoutError("f.toml", "services.api.base", "must be a port")
+    assert single.errors == ["f.toml: services.api.base: must be a port"]
+    many = LayoutError("f.toml", "x", "y", errors=["one", "two"])
+    assert str(many) == "one\ntwo"
+
+
+def test_lock_errors():
+    held = LockHeld("/s/ports/1.lock", "pid 7")
+    assert isinstance(held, LockError)
+    assert (held.path, held.holder) == ("/s/ports/1.lock", "pid 7")
+    assert "pid 7" in str(held)
+    assert "another process" in str(LockHeld("/p"))
+    here = AlreadyHeldHere("/p")
+    assert isinstance(here, LockError)
+    assert "release it first" in str(here)
+
+
+def test_pool_exhausted_carries_refusals_in_pool_order():
+    refusals = [
+        Refusal(6000, "held", "instance 1 of app (pid 5, service api)"),
+        Refusal(6001, "in use", "used by a foreign process: pid 9 (nginx) on 0.0.0.0"),
+    ]
+    e = PoolExhausted((6000, 6001), refusals, service="api")
+    assert isinstance(e, StartError)
+    assert e.pool == [6000, 6001]
+    assert e.refusals == refusals
+    assert e.service == "api"
+    text = str(e)
+    assert text.startswith("service 'api': no free port in pool [6000, 6001]")
+    assert "port 6001: in use (used by a foreign process: pid 9 (nginx) on 0.0.0.0)" in text
+    assert str(refusals[0]) == "port 6000: held (instance 1 of app (pid 5, service api))"
+
+
+def test_no_free_slot_lists_holders():
+    holders = [SlotHolder(1, 10, "pid 10, alive"), SlotHolder(2, None, "record unreadable")]
+    e = NoFreeSlot("app", holders)
+    assert e.holders == holders
+    assert "all 2 are held" in str(e)
+    assert "instance 2: record unreadable" in str(e)
+
+
+def test_other_errors_carry_context():
+    tripped = ShieldTripped("port 6000 taken", port=6000)
+    assert (tripped.reason, tripped.port) == ("port 6000 taken", 6000)
+    exited = ServiceExited("api", 3)
+    assert (exited.service, exited.returncode) == ("api", 3)
+    passed = PassedSocketError("LISTEN_PID is not ours")
+    assert passed.problem == "LISTEN_PID is not ours"
