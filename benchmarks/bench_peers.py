@@ -416,7 +416,7 @@ def run(quick: bool = False) -> Section:
                 f"{pp.median / row.median:.1f}x slower than {row.name} ({row.median:.0f} us): "
                 "it takes a kernel lock on a file, checks the file is still the one locked, "
                 "writes and erases a metadata record, and holds a listening socket; "
-                f"{peer} only probes a port and lets it go, which is why it cannot "
+                f"{peer} picks a port and lets it go, which is why it cannot "
                 "promise the port to anyone."
             )
     section.extra["honest"] = honest
