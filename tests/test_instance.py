@@ -190,8 +190,9 @@ def test_dead_instance_is_cleaned_by_gc_and_by_next_start(
 
 
 def test_status_survives_a_corrupt_record(tmp_path: Path, port_base: int, home: Path) -> None:
-    # A slow heartbeat, so the holder does not rewrite the record we corrupt.
-    layout = write_layout(tmp_path / "p.toml", port_base, heartbeat=600)
+    # Slow heartbeat and shield: the holder must neither rewrite the record we corrupt nor
+    # (rightly) trip on it before status has looked.
+    layout = write_layout(tmp_path / "p.toml", port_base, heartbeat=600, shield=600)
     release = tmp_path / "release"
     procs = _run_holders(layout, release, 2)
     try:

@@ -94,7 +94,8 @@ def status(config: str | None, as_json: bool) -> None:
                 "state_dir": state.path,
                 "instances": [i.to_dict() for i in infos],
             }
-            click.echo(json.dumps(doc, indent=2))
+            # Compact: the indenting encoder is pure Python and 6x slower at 1,000 instances.
+            click.echo(json.dumps(doc, separators=(",", ":")))
             return
         click.echo(f"app {layout.app} (state dir {state.path})")
         if not infos:

@@ -128,14 +128,16 @@ def _parse_services(raw: object) -> tuple[ServiceInfo, ...]:
         raise ValueError("'services' is not a list")
     out = []
     for item in raw:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        name = item.get("name") if isinstance(item, dict) else None
+        if not isinstance(name, str):
             raise ValueError("a service entry has no name")
         pool = item.get("pool", [])
-        if not isinstance(pool, list) or not all(_int_or_none(p) for p in pool):
-            raise ValueError(f"service {item['name']!r} has an invalid pool")
+        # One pass with plain type checks: status reads thousands of these.
+        if not isinstance(pool, list) or not all(type(p) is int and 0 < p < 65536 for p in pool):
+            raise ValueError(f"service {name!r} has an invalid pool")
         out.append(
             ServiceInfo(
-                item["name"][:64],
+                name[:64],
                 tuple(pool),
                 _int_or_none(item.get("port")),
                 _int_or_none(item.get("pid")),
@@ -303,8 +305,11 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
     """Remove the records of ``app``'s dead instances (their slot lock is free)."""
     report = report or GcReport()
     directory = state.instances(app)
+    names = directory.listdir()
+    if not any(n.endswith(".json") or n.endswith(_TMP_SUFFIX) for n in names):
+        return report  # nothing a dead instance could have left: skip the kernel read
     locked = locked_inodes()
-    for number in _slot_numbers(directory.listdir()):
+    for number in _slot_numbers(names):
         if _lock_is_held(directory, f"{number}.lock", locked):
             continue
         stale = directory.stat_entry(f"{number}.json") is not None
@@ -351,13 +356,21 @@ def gc(state: StateDir | None = None) -> GcReport:
 # ---------------------------------------------------------------- a running instance
 
 
+_SLOT_PASSES = 3
+
+
 def _take_slot(state: StateDir, layout: Layout) -> tuple[int, HeldLock]:
     directory = state.instances(layout.app)
-    for number in range(1, layout.max_instances + 1):
-        try:
-            return number, HeldLock.acquire(directory, f"{number}.lock")
-        except (LockHeld, AlreadyHeldHere):
-            continue
+    for attempt in range(_SLOT_PASSES):
+        if attempt:
+            # A cleaner holds a dead slot's lock for a moment while it removes the
+            # record: look again before telling the user every slot is taken.
+            time.sleep(0.02 * attempt)
+        for number in range(1, layout.max_instances + 1):
+            try:
+                return number, HeldLock.acquire(directory, f"{number}.lock")
+            except (LockHeld, AlreadyHeldHere):
+                continue
     locked = locked_inodes()
     holders = []
     for number in range(1, layout.max_instances + 1):
