@@ -146,6 +146,8 @@ def racers_for(pool: list[int], n: int, tmp: Path) -> Iterator[tuple[list[Racer]
         for r in racers:
             with contextlib.suppress(OSError):
                 r.send("quit")
+                assert r.proc.stdin is not None
+                r.proc.stdin.close()  # EOF ends a racer wherever it waits
         for r in racers:
             try:
                 r.proc.wait(timeout=10)
@@ -206,7 +208,7 @@ def _run_rounds(state: StateDir, pool: list[int], racers: list[Racer], barrier: 
 def test_32_racers_for_3_ports_many_rounds(state: StateDir, port_base: int, tmp_path: Path):
     pool = list(range(port_base, port_base + POOL_SIZE))
     with racers_for(pool, 32, tmp_path) as (racers, barrier):
-        _run_rounds(state, pool, racers, barrier, rounds=40)
+        _run_rounds(state, pool, racers, barrier, rounds=100)
 
 
 def test_fewer_racers_than_ports_all_win(state: StateDir, port_base: int, tmp_path: Path):
@@ -218,6 +220,7 @@ def test_fewer_racers_than_ports_all_win(state: StateDir, port_base: int, tmp_pa
 CHURNER = r"""
 import os, random, sys, time
 from portpool.errors import PoolExhausted
+from portpool.lock import read_port_record
 from portpool.pool import acquire
 from portpool.statedir import StateDir
 
@@ -236,6 +239,14 @@ for _ in range(int(sys.argv[3])):
     # real holding time, so two overlapping logged intervals mean a real double holder.
     os.write(log, b"+ %d %d\n" % (lease.port, os.getpid()))
     time.sleep(rng.random() * 0.001)
+    # While we hold it, nobody else may touch our port's record (a racer that wrongly
+    # got the lock would erase it when its bind fails).
+    try:
+        mine = read_port_record(state.ports(), lease.port).pid == os.getpid()
+    except (ValueError, AttributeError):
+        mine = False
+    if not mine:
+        os.write(log, b"! %d %d\n" % (lease.port, os.getpid()))
     os.write(log, b"- %d %d\n" % (lease.port, os.getpid()))
     lease.release()
 print(wins)
@@ -262,6 +273,7 @@ def test_churn_never_two_holders(home: Path, port_base: int, tmp_path: Path):
         wins += int(out)
     holder: dict[int, int] = {}
     events = log.read_text().split("\n")[:-1]
+    assert not [e for e in events if e.startswith("!")], "a holder's record was touched"
     assert len(events) == 2 * wins
     assert wins > 300  # there was real contention and real winning
     for event in events:
