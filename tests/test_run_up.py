@@ -77,6 +77,7 @@ def test_run_gives_env_and_returns_exit_code(layout: Path, port_base: int, home:
     assert env["PORTPOOL_APP"] == "testapp"
     assert env["PORTPOOL_PORT_ALPHA"] == str(port_base)
     assert env["PORTPOOL_PORT_BETA"] == str(port_base + 2)
+    assert env["PORTPOOL_SERVICES"] == "alpha,beta"
     assert "PORT" not in env  # several services: no single PORT
     assert "LISTEN_FDS" not in env
     one = portpool(

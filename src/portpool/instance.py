@@ -424,9 +424,13 @@ class Instance:
     def env(self, service: str | None = None) -> dict[str, str]:
         """The environment a service of this instance is given (DESIGN.md)."""
         env = {"PORTPOOL_APP": self.app, "PORTPOOL_INSTANCE": str(self.number)}
+        names = []
         for svc in self.layout.services:
             if svc.name in self.leases:
                 env[svc.env_name] = str(self.leases[svc.name].port)
+                names.append(svc.name)
+        # The exact names: PORTPOOL_PORT_<SERVICE> folds "-" and "_" together.
+        env["PORTPOOL_SERVICES"] = ",".join(names)
         if service is not None:
             env["PORT"] = str(self.leases[service].port)
             env["PORTPOOL_SERVICE"] = service

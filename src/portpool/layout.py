@@ -222,7 +222,12 @@ class Service:
     @property
     def env_name(self) -> str:
         """The environment variable that carries this service's port: PORTPOOL_PORT_<NAME>."""
-        return "PORTPOOL_PORT_" + re.sub(r"[^A-Za-z0-9]", "_", self.name).upper()
+        return port_env_name(self.name)
+
+
+def port_env_name(service: str) -> str:
+    """``PORTPOOL_PORT_API_SERVER`` for ``api-server``: upper case, "_" for the rest."""
+    return "PORTPOOL_PORT_" + re.sub(r"[^A-Za-z0-9]", "_", service).upper()
 
 
 # --- the admissible instance count ----------------------------------------------------

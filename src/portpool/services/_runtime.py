@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portpool.errors import PassedSocketError, PortPoolError
+from portpool.layout import port_env_name
 
 log = logging.getLogger("portpool.services")
 
@@ -51,7 +52,11 @@ class ServiceContext:
             if key.startswith(PORT_PREFIX) and key != PORT_PREFIX:
                 name = key[len(PORT_PREFIX) :].lower().replace("_", "-")
                 ports[name] = _number(key, value)
-        own_key = PORT_PREFIX + "".join(c if c.isalnum() else "_" for c in service.upper())
+        exact = [n for n in env.get("PORTPOOL_SERVICES", "").split(",") if n]
+        if exact:  # the supervisor's exact names, for layouts that use "_" in names
+            by_key = {port_env_name(n): n for n in exact}
+            ports = {by_key.get(port_env_name(name), name): port for name, port in ports.items()}
+        own_key = port_env_name(service)
         port_text = env.get("PORT") or env.get(own_key)
         if port_text is None:
             raise PortPoolError(
