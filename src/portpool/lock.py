@@ -536,7 +536,12 @@ class PortLock:
                 os.close(idle.meta_fd)
             raise
         try:
-            if idle is not None:
+            if idle is not None and lock.fd == idle.lock_fd:
+                # The kept lock file is still the one at the path, so nobody removed this
+                # port's files meanwhile (gc unlinks the record with the lock file, while
+                # holding it): the kept record file is still ours too.
+                meta_fd, meta_id = idle.meta_fd, idle.meta_id
+            elif idle is not None:
                 meta_fd, meta_id = _reuse_meta(directory, f"{port}.json", idle)
             else:
                 meta_fd, meta_id = _open_meta(directory, f"{port}.json")

@@ -137,7 +137,9 @@ class StateDir:
             return handle
 
     def ports(self) -> DirHandle:
-        return self.subdir("ports")
+        """The ``ports`` subdirectory (created 0700 on first use)."""
+        found = self._subdirs.get("ports")  # hot path of acquire: no mutex once opened
+        return found if found is not None else self.subdir("ports")
 
     def instances(self, app: str) -> DirHandle:
         return self.subdir("apps", check_name("app", app), "instances")
