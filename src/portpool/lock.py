@@ -53,6 +53,7 @@ _held_mutex = threading.Lock()
 # Bumped in every forked child, so "am I the process that took this lock?" costs no
 # getpid() syscall on the hot path.
 _fork_generation = 0
+_pid = os.getpid()  # kept current by the at-fork hook below
 
 
 @dataclass
@@ -83,9 +84,10 @@ def _after_fork_in_child() -> None:
     # description: unlocking there would free the parent's lock, and locking an idle
     # copy would "take" a lock the parent may take too. Close every copy in the child.
     # The mutex may have been held by another parent thread at fork time: replace it.
-    global _held_mutex, _fork_generation
+    global _held_mutex, _fork_generation, _pid
     _held_mutex = threading.Lock()
     _fork_generation += 1
+    _pid = os.getpid()
     for held in list(_held.values()):
         held._disown()
     _held.clear()
@@ -117,7 +119,7 @@ class HeldLock:
         self.name = name
         self.fd = fd
         self.dev, self.ino = file_id
-        self.owner_pid = os.getpid()
+        self.owner_pid = _pid
         self._generation = _fork_generation
         self._key = key
 

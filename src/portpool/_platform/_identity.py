@@ -62,9 +62,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def current_identity() -> ProcessIdentity:
-    """This process's identity (computed once per process)."""
+    """This process's identity (computed once per process; forgotten in a forked child)."""
     global _own
-    if _own is None or _own.pid != os.getpid():
+    if _own is None:
         token = _start_token(os.getpid()) or "unknown"
         _own = ProcessIdentity(os.getpid(), token, boot_id())
     return _own
