@@ -1,0 +1,1 @@
+"""Long-running stress tests (marked slow; still part of the suite)."""
