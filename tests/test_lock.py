@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -378,6 +379,14 @@ def read_live_identity(pid: int) -> tuple[int, str, str]:
 # ---------------------------------------------------------------- records
 
 
+def test_huge_numbers_are_value_errors():
+    fields = PortRecord(1, 1, "t", "b", "a", 1, "s", "h", 1.0, 1.0).to_dict()
+    for name in ("acquired_at", "heartbeat_at"):
+        text = json.dumps({**fields, name: 10**400}, separators=(",", ":")).encode()
+        with pytest.raises(ValueError, match=name):
+            decode_record(text + b"\n#%08x\n" % zlib.crc32(text))
+
+
 def test_record_that_could_not_be_read_back_is_refused(state: StateDir, port_base: int):
     from portpool.errors import LockError
 
@@ -446,6 +455,38 @@ def test_damaged_record_never_decodes_to_another_record(record: PortRecord, data
     except ValueError:
         return
     assert seen in (None, record) or (how == "splice" and seen == decode_record(other))
+
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**400), max_value=10**400)
+    | st.floats()
+    | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=5,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional=dict.fromkeys(
+            PortRecord(1, 1, "", "", "", 1, "", "", 0, 0).to_dict(), _json_values
+        ),
+    )
+)
+def test_decode_checksummed_json_with_any_field_values(fields: dict[str, object]):
+    """A record with a valid checksum but hostile values: a record or ValueError only."""
+    text = json.dumps(fields, separators=(",", ":")).encode()
+    data = text + b"\n#%08x\n" % zlib.crc32(text)
+    if len(data) > RECORD_SIZE:
+        data = data[:RECORD_SIZE]
+    try:
+        result = decode_record(data)
+    except ValueError:
+        return
+    assert result is None or isinstance(result, PortRecord)
 
 
 @settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -425,9 +425,15 @@ def decode_record(data: bytes) -> PortRecord | None:
         values[name] = v
     for name in _FLOAT_FIELDS:
         v = raw.get(name)
-        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        if not isinstance(v, int | float) or isinstance(v, bool):
             raise ValueError(f"record field {name!r} is not a number")
-        values[name] = float(v)
+        try:
+            number = float(v)  # an int too large for a float raises OverflowError
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(f"record field {name!r} is not a finite number")
+        values[name] = number
     return PortRecord(**values)
 
 
