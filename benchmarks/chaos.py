@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -72,6 +73,7 @@ class Config:
     seed: int
     pool_worker_share: float  # fraction of workers that acquire single ports
     gc_share: float  # fraction of instance workers' rounds that run gc instead
+    rogues: int  # rule-breaking processes, to prove the checker counts what it claims
     quiet: bool
 
 
@@ -175,8 +177,40 @@ def _say(fd: int, text: str) -> None:
         os.write(fd, line[:4000])  # < PIPE_BUF: atomic
 
 
+def rogue_main(wfd: int, cfg: Config, seed: int) -> None:
+    """A process that breaks the rules on purpose (``--rogue``), to show the checker sees it:
+    it listens on pool ports without their lock, and flocks lock files without listening."""
+    import fcntl
+
+    rng = random.Random(seed)
+    layout = make_layout(cfg)
+    ports = all_ports(layout)
+    _say(wfd, "rogue")
+    for turn in itertools.count():
+        port = rng.choice(ports)
+        try:
+            if turn % 2 == 0:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+                    s.listen()
+                    time.sleep(cfg.grace_s * 2.5)
+            else:
+                path = os.path.join(cfg.state_path, "ports", f"{port}.lock")
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    time.sleep(cfg.grace_s * 2.5)
+                finally:
+                    os.close(fd)
+        except OSError as e:
+            _say(wfd, f"rogue {turn} {port} {e}")
+        time.sleep(0.05)
+
+
 def worker_main(wfd: int, cfg: Config, mode: str, seed: int) -> None:
     """One worker's life: acquire, hold, release, pause; forever (until killed)."""
+    if mode == "rogue":
+        rogue_main(wfd, cfg, seed)
     import logging
 
     from portpool import pool as pool_mod
@@ -754,6 +788,8 @@ class Harness:
         pool_workers = round(cfg.workers * cfg.pool_worker_share)
         for i in range(cfg.workers):
             self.spawn("pool" if i < pool_workers else "instance")
+        for _ in range(cfg.rogues):
+            self.spawn("rogue")
         start = time.monotonic()
         end = start + cfg.seconds
         next_sample = start
@@ -784,7 +820,7 @@ class Harness:
         if choice < 0.5:
             self.armed = "rel"
             return
-        live = [w for w in self.workers.values() if not w.killed]
+        live = [w for w in self.workers.values() if not w.killed and w.mode != "rogue"]
         holding = [w for w in live if w.phase in ("held", "lease")]
         if choice < 0.8 and holding:
             self.kill(self.rng.choice(holding), "holding")
@@ -900,6 +936,12 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--pool-workers", type=float, default=0.25, help="share of single-port workers")
     p.add_argument("--gc", type=float, default=0.05, help="share of rounds that run gc")
+    p.add_argument(
+        "--rogue",
+        type=int,
+        default=0,
+        help="also run N rule-breaking processes (the counts must then be nonzero)",
+    )
     p.add_argument("--json", dest="json_path", default=None, help="also write a JSON summary")
     p.add_argument("--quiet", action="store_true", help="no per-event lines on stderr")
     a = p.parse_args(argv)
@@ -921,6 +963,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
         seed=seed,
         pool_worker_share=a.pool_workers,
         gc_share=a.gc,
+        rogues=a.rogue,
         quiet=a.quiet,
     ), a.json_path
 

@@ -60,3 +60,40 @@ def test_chaos_two_minutes_48_workers_all_counts_zero(tmp_path: Path) -> None:
     assert stats["kills_holding"] > 5, stats
     assert stats["probes"] > 20, stats
     assert stats["samples"] > 100, stats
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the checker reads /proc")
+def test_chaos_checker_counts_a_rule_breaker(tmp_path: Path) -> None:
+    """The checker is not vacuous: a process that listens on pool ports without their lock
+    and flocks lock files without listening is counted, and the run fails."""
+    report = tmp_path / "chaos.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.chaos",
+            "--seconds",
+            "15",
+            "--workers",
+            "8",
+            "--rogue",
+            "1",
+            "--quiet",
+            "--state",
+            str(tmp_path / "state"),
+            "--json",
+            str(report),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=200,
+        check=False,
+    )
+    doc = json.loads(report.read_text())
+    assert done.returncode == 1, done.stdout + done.stderr[-4000:]
+    assert doc["ok"] is False
+    assert doc["counts"]["listen_without_lock"] > 0, doc["counts"]
+    assert doc["counts"]["lock_without_listen"] > 0, doc["counts"]
