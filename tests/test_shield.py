@@ -235,11 +235,6 @@ def test_metadata_rewritten_with_another_pid_trips(
     assert len(trips.calls) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="lock.py PortLock.release erases the record even when another process rewrote "
-    "it; it should erase only a record that still names us (reported)",
-)
 def test_our_shutdown_leaves_a_record_rewritten_by_another_process(
     home: Path, state: StateDir, leases: list[Lease]
 ) -> None:

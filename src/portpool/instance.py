@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -43,7 +42,7 @@ from portpool.errors import (
     SlotHolder,
     StateDirError,
 )
-from portpool.layout import Layout, resolve_layout
+from portpool.layout import Layout, is_finite_number, resolve_layout
 from portpool.lock import HeldLock, read_port_record
 from portpool.pool import Lease
 from portpool.statedir import StateDir
@@ -188,7 +187,7 @@ def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
     times = {}
     for key in ("started_at", "heartbeat_at"):
         v = raw.get(key)
-        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+        if not isinstance(v, int | float) or isinstance(v, bool) or not is_finite_number(v):
             raise ValueError(f"has no valid {key}")
         times[key] = float(v)
     token = raw.get("start_token")

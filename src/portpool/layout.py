@@ -483,10 +483,18 @@ def _layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
     return LayoutError(source, key, problem, errors=[f"{source}: {k}: {p}" for k, p in problems])
 
 
+def is_finite_number(value: float) -> bool:
+    """False for NaN, infinities, and integers too large to be a float (10**400)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _interval_problem(value: object) -> str | None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return f"must be a number of seconds, not {_toml_type(value)}"
-    if not math.isfinite(value) or value <= 0:
+    if not is_finite_number(value) or value <= 0:
         return f"must be a number of seconds > 0, not {value!r}"
     return None
 

@@ -524,6 +524,7 @@ class PortLock:
     record: PortRecord | None = None
     _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _meta_id: tuple[int, int] = field(default=(0, 0), repr=False)
+    _written: bytes | None = field(default=None, repr=False)  # our record, byte for byte
 
     @classmethod
     def acquire(cls, state: StateDir, port: int) -> PortLock:
@@ -592,6 +593,7 @@ class PortLock:
                 raise LockError(f"port {self.port}: lock already released")
             write_at(self.meta_fd, data, 0)
             self.record = record
+            self._written = data
 
     def problem(self, *, locked: dict[int, int] | None = None) -> str | None:
         """None while the lock and the metadata at the path are still ours, else why not.
@@ -631,9 +633,11 @@ class PortLock:
         lock = self.lock
         erased = False
         if lock.is_owner_process and lock.problem(check_kernel=False) is None:
-            # Erase before unlocking, so nobody ever reads our record as theirs.
+            # Erase before unlocking, so nobody ever reads our record as theirs; but only
+            # our own bytes: a record another process wrote is evidence, not ours to wipe.
             with contextlib.suppress(OSError):
-                erased = write_at(fd, _BLANK, 0) == RECORD_SIZE
+                if self._written is None or read_at(fd, RECORD_SIZE, 0) == self._written:
+                    erased = write_at(fd, _BLANK, 0) == RECORD_SIZE
         if not erased:
             os.close(fd)
             lock.release()
