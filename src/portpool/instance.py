@@ -29,8 +29,6 @@ from portpool._platform import (
     current_identity,
     identity_of,
     locked_inodes,
-    try_lock,
-    unlock,
 )
 from portpool.errors import (
     AlreadyHeldHere,
@@ -43,7 +41,7 @@ from portpool.errors import (
     StateDirError,
 )
 from portpool.layout import Layout, is_finite_number, resolve_layout
-from portpool.lock import HeldLock, read_port_record
+from portpool.lock import HeldLock, is_held, read_port_record
 from portpool.pool import Lease
 from portpool.statedir import StateDir
 
@@ -212,30 +210,11 @@ def _slot_numbers(names: Iterable[str]) -> list[int]:
     return sorted(numbers)
 
 
-def _lock_is_held(directory: DirHandle, name: str, locked: dict[int, int] | None) -> bool:
-    st = directory.stat_entry(name)
-    if st is None:
-        return False
-    if locked is not None:
-        return st.st_ino in locked
-    try:
-        fd = directory.open_file(name, os.O_RDONLY)
-    except OSError:
-        return True  # cannot tell: unknown is never "free"
-    try:
-        if try_lock(fd):
-            unlock(fd)
-            return False
-        return True
-    finally:
-        os.close(fd)
-
-
 def read_instance(
     directory: DirHandle, number: int, locked: dict[int, int] | None = None
 ) -> InstanceInfo:
     """The state of slot ``number``: alive per its kernel lock, details per its record."""
-    alive = _lock_is_held(directory, f"{number}.lock", locked)
+    alive = is_held(directory, f"{number}.lock", locked)
     try:
         raw = read_json_file(directory, f"{number}.json")
         if raw is None:
@@ -309,7 +288,7 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
         return report  # nothing a dead instance could have left: skip the kernel read
     locked = locked_inodes()
     for number in _slot_numbers(names):
-        if _lock_is_held(directory, f"{number}.lock", locked):
+        if is_held(directory, f"{number}.lock", locked):
             continue
         stale = directory.stat_entry(f"{number}.json") is not None
         if _remove_if_free(directory, f"{number}.lock", [f"{number}.json"]) and stale:
@@ -338,7 +317,7 @@ def gc(state: StateDir | None = None) -> GcReport:
             port = int(stem)
             if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
                 continue  # handled with its lock file
-            if _lock_is_held(ports, f"{port}.lock", locked):
+            if is_held(ports, f"{port}.lock", locked):
                 continue
             try:
                 had_record = read_port_record(ports, port) is not None

@@ -275,8 +275,12 @@ class HeldLock:
         self.release()
 
 
-def _is_held(directory: DirHandle, name: str, locked: dict[int, int] | None) -> bool:
-    """Whether ``<dir>/<name>`` is locked right now, without disturbing its holder."""
+def is_held(directory: DirHandle, name: str, locked: dict[int, int] | None) -> bool:
+    """Whether ``<dir>/<name>`` is locked right now, without disturbing its holder.
+
+    ``locked`` is a ``locked_inodes()`` snapshot; None means probe (an OS that does not
+    list locks). Unknown is never "free".
+    """
     st = directory.stat_entry(name)
     if st is None:
         return False
@@ -502,7 +506,7 @@ def inspect_port(state: StateDir, port: int, locked: dict[int, int] | None = Non
     directory = state.ports()
     if locked is None:
         locked = locked_inodes()
-    if not _is_held(directory, f"{port}.lock", locked):
+    if not is_held(directory, f"{port}.lock", locked):
         return PortStatus(port, "free")
     try:
         record = read_port_record(directory, port)
