@@ -116,3 +116,15 @@ def test_other_errors_carry_context():
     assert (exited.service, exited.returncode) == ("api", 3)
     passed = PassedSocketError("LISTEN_PID is not ours")
     assert passed.problem == "LISTEN_PID is not ours"
+
+
+def test_public_api_is_exported_sorted_and_complete():
+    names = portpool.__all__
+    assert names == sorted(names)
+    for name in names:
+        assert getattr(portpool, name) is not None
+    # Every error class and the main entry points are reachable from the package.
+    for cls in EXCEPTIONS:
+        assert cls.__name__ in names, f"portpool does not export {cls.__name__}"
+    for name in ("acquire", "start_instance", "init_instance_manager", "get_service_port_pool"):
+        assert name in names

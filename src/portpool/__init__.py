@@ -18,6 +18,15 @@ from portpool.errors import (
     StartError,
     StateDirError,
 )
+from portpool.instance import (
+    Instance,
+    current_instance,
+    get_service_port_pool,
+    init_instance_manager,
+    list_instances,
+    start_instance,
+)
+from portpool.layout import Layout, Service, default_layout, load_layout, resolve_layout
 from portpool.lock import PortLock, PortRecord, PortStatus, inspect_port
 from portpool.pool import Lease, acquire, bind_listen
 from portpool.statedir import StateDir
@@ -37,6 +46,8 @@ def __getattr__(name: str) -> str:
 
 __all__ = [
     "AlreadyHeldHere",
+    "Instance",
+    "Layout",
     "LayoutError",
     "Lease",
     "LockError",
@@ -49,6 +60,7 @@ __all__ = [
     "PortRecord",
     "PortStatus",
     "Refusal",
+    "Service",
     "ServiceExited",
     "ShieldTripped",
     "SlotHolder",
@@ -58,5 +70,13 @@ __all__ = [
     "__version__",
     "acquire",
     "bind_listen",
+    "current_instance",
+    "default_layout",
+    "get_service_port_pool",
+    "init_instance_manager",
     "inspect_port",
+    "list_instances",
+    "load_layout",
+    "resolve_layout",
+    "start_instance",
 ]
