@@ -228,8 +228,9 @@ def worker_main(wfd: int, cfg: Config, mode: str, seed: int) -> None:
         os._exit(4)
 
     while True:
-        hold = rng.uniform(0.05, 0.6)
-        pause = rng.uniform(0.02, 0.3)
+        # Long enough pauses that 48 workers leave a 2-core machine usable.
+        hold = rng.uniform(0.1, 0.8)
+        pause = rng.uniform(0.1, 0.6)
         try:
             if mode == "pool":
                 n = rng.randint(1, layout.max_instances)
@@ -665,9 +666,13 @@ class Harness:
         """At the moment a worker reports a new holding, no other live worker may report
         the same instance number or port (a worker says "rel" before releasing)."""
         for w in self._holding():
-            if w is new or not _alive(w.pid):
+            if w is new:
                 continue
-            if new.instance is not None and w.instance == new.instance:
+            same_instance = new.instance is not None and w.instance == new.instance
+            shared = set(w.ports) & set(new.ports)
+            if not (same_instance or shared) or not _alive(w.pid):
+                continue  # a worker that died on its own, not reaped yet, holds nothing
+            if same_instance:
                 self.counts.duplicate_instance += 1
                 inode = file_inode(f"{self.slot_dir}/{new.instance}.lock")
                 self.log(
@@ -675,7 +680,6 @@ class Harness:
                     f"kernel: slot lock inode {inode} held by {read_flocks().get(inode or -1)}"
                     f" fds {_fd_files(w.pid)} / {_fd_files(new.pid)}"
                 )
-            shared = set(w.ports) & set(new.ports)
             if shared:
                 self.counts.double_owner += 1
                 self.log(f"ports {sorted(shared)} reported by pids {w.pid} and {new.pid}")
@@ -758,6 +762,11 @@ class Harness:
                         if inode in tables[pid]:
                             owners.setdefault(inode, set()).add(pid)
             missing = wanted - owners.keys()
+            if missing:
+                # Sockets bound after /proc/locks was read: their owner is acquiring now.
+                acquiring = {w.pid for w in self.workers.values() if w.phase == "acq"}
+                owners.update(socket_owners(acquiring & live, missing))
+                missing = wanted - owners.keys()
             if missing:
                 owners.update(socket_owners(live | {os.getpid()}, missing))
         unowned = wanted - owners.keys()
@@ -930,7 +939,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
     p.add_argument("--heartbeat", type=float, default=0.1, help="heartbeat interval, s")
     p.add_argument("--shield", type=float, default=1.0, help="shield interval, s")
     p.add_argument("--grace", type=float, default=None, help="persistence before a count, s")
-    p.add_argument("--sample", type=float, default=0.1, help="checker sampling interval, s")
+    p.add_argument("--sample", type=float, default=0.2, help="checker sampling interval, s")
     p.add_argument("--base", type=int, default=None, help="first port (default: a free block)")
     p.add_argument("--state", default=None, help="state dir (default: a fresh temporary one)")
     p.add_argument("--seed", type=int, default=None)
