@@ -228,29 +228,34 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
             for lease in instance.leases.values():
                 lease.close_socket()  # the lock stays: no portpool user can take the port
         proc = spawn(command, env, sockets=sockets)
-        instance.set_service_pids(dict.fromkeys(names, proc.pid))
+        try:
+            instance.set_service_pids(dict.fromkeys(names, proc.pid))
 
-        def forward(signum: int) -> None:
-            if proc.poll() is None:
-                proc.send_signal(signum)
+            def forward(signum: int) -> None:
+                if proc.poll() is None:
+                    proc.send_signal(signum)
 
-        _install_handlers(forward, _stop_signals())
+            _install_handlers(forward, _stop_signals())
 
-        def on_lost(lease: object, reason: str) -> None:
-            tripped.append(reason)
+            def on_lost(lease: object, reason: str) -> None:
+                tripped.append(reason)
+                stop_children({"command": proc})
+                done.set()
+
+            instance.start_shield(on_lost=on_lost, own_pids=lambda: [proc.pid])
+
+            def wait_child() -> None:
+                proc.wait()
+                done.set()
+
+            threading.Thread(target=wait_child, name="portpool-run-wait", daemon=True).start()
+            while not done.wait(0.5):
+                pass
+            returncode = proc.wait()
+        except BaseException:
+            # Never leave the command running without the leases it was started with.
             stop_children({"command": proc})
-            done.set()
-
-        instance.start_shield(on_lost=on_lost, own_pids=lambda: [proc.pid])
-
-        def wait_child() -> None:
-            proc.wait()
-            done.set()
-
-        threading.Thread(target=wait_child, name="portpool-run-wait", daemon=True).start()
-        while not done.wait(0.5):
-            pass
-        returncode = proc.wait()
+            raise
     finally:
         instance.release()
     if tripped:

@@ -448,7 +448,11 @@ class Instance:
     def set_service_pids(self, pids: Mapping[str, int]) -> None:
         """Record which process serves each service (for ``status`` and the dashboard)."""
         self.service_pids.update(pids)
-        self.write_record()
+        try:
+            self.write_record()
+        except PortPoolError as e:
+            # As for the heartbeat: the shield, not a record write, judges ownership.
+            log.warning("instance %d: cannot record service pids: %s", self.number, e)
 
     def problem(self) -> str | None:
         """None while the slot lock and the record are still ours, else what went wrong."""
