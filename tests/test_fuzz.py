@@ -25,7 +25,6 @@ from tests.helpers import write_layout
 
 from portpool.cli import cli
 from portpool.errors import LayoutError, PortPoolError
-from portpool.instance import list_instances, read_instance, read_json_file
 from portpool.layout import load_layout, parse_layout
 from portpool.lock import (
     RECORD_SIZE,
@@ -35,6 +34,7 @@ from portpool.lock import (
     inspect_port,
     read_port_record,
 )
+from portpool.records import list_instances, read_instance, read_json_file
 from portpool.statedir import StateDir
 
 FUZZ = settings(

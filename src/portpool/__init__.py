@@ -23,12 +23,12 @@ from portpool.instance import (
     current_instance,
     get_service_port_pool,
     init_instance_manager,
-    list_instances,
     start_instance,
 )
 from portpool.layout import Layout, Service, default_layout, load_layout, resolve_layout
 from portpool.lock import PortLock, PortRecord, PortStatus, inspect_port
 from portpool.pool import Lease, acquire, bind_listen
+from portpool.records import list_instances
 from portpool.statedir import StateDir
 
 

@@ -82,7 +82,7 @@ def _age(seconds: float | None) -> str:
 @handle_errors
 def status(config: str | None, as_json: bool) -> None:
     """Every instance of the app: number, pid, alive, heartbeat age, services and ports."""
-    from portpool.instance import list_instances
+    from portpool.records import list_instances
     from portpool.statedir import StateDir
 
     layout = _layout(config)
@@ -165,7 +165,7 @@ def doctor(config: str | None) -> None:
 @handle_errors
 def gc() -> None:
     """Remove metadata left by dead holders (never anything a live holder has)."""
-    from portpool.instance import gc as run_gc
+    from portpool.records import gc as run_gc
 
     report = run_gc()
     for name in report.instances:

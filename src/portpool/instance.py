@@ -1,10 +1,8 @@
-"""Instances: race-free instance numbers, acquire-all, records, heartbeat, cleanup.
+"""Instances: race-free instance numbers, acquire-all, the record and its heartbeat.
 
 An instance number is a slot ``apps/<app>/instances/<n>.lock`` held by a kernel lock for
-the instance's life: the lowest free one wins, a dead holder frees it at once. The
-record ``<n>.json`` beside it is for people (who, since when, which ports); it is
-replaced atomically (write a temp file, rename it over), so a reader never sees it torn,
-and an unreadable record shows as "record unreadable", never as "no instance".
+the instance's life: the lowest free one wins, a dead holder frees it at once. Its
+record and the cleanup of dead instances live in ``portpool.records``.
 
 The two entry points of the original system live on under Pythonic names:
 ``init_instance_manager()`` (once, at start-up, before anything binds) and
@@ -20,14 +18,11 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from portpool import pool as pool_mod
 from portpool._platform import (
-    DirHandle,
     current_identity,
-    identity_of,
     locked_inodes,
 )
 from portpool.errors import (
@@ -38,298 +33,41 @@ from portpool.errors import (
     PortPoolError,
     ShieldTripped,
     SlotHolder,
-    StateDirError,
 )
-from portpool.layout import Layout, is_finite_number, resolve_layout
-from portpool.lock import HeldLock, is_held, read_port_record
+from portpool.layout import Layout, resolve_layout
+from portpool.lock import HeldLock
 from portpool.pool import Lease
+from portpool.records import (
+    GcReport,
+    InstanceInfo,
+    ServiceInfo,
+    clean_app,
+    gc,
+    list_instances,
+    read_instance,
+    read_json_file,
+    write_atomic,
+)
 from portpool.statedir import StateDir
 
+# Records and cleanup moved to portpool.records; these names stay importable from here.
+__all__ = [
+    "GcReport",
+    "Instance",
+    "InstanceInfo",
+    "ServiceInfo",
+    "clean_app",
+    "current_instance",
+    "gc",
+    "get_service_port_pool",
+    "init_instance_manager",
+    "list_instances",
+    "read_instance",
+    "read_json_file",
+    "start_instance",
+]
+
 log = logging.getLogger("portpool.instance")
-
-RECORD_MAX_BYTES = 1 << 20
-_TMP_SUFFIX = ".tmp"
-
-
-# ---------------------------------------------------------------- records on disk
-
-
-def _write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
-    """Replace ``<dir>/<name>`` with ``data`` so readers see the old or the new, never torn."""
-    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}{_TMP_SUFFIX}"
-    try:
-        fd = directory.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    except OSError as e:
-        raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        directory.rename(tmp, name)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            directory.unlink(tmp)
-        raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
-
-
-def read_json_file(directory: DirHandle, name: str) -> Any:
-    """The JSON in ``<dir>/<name>`` (None if absent). Raises ValueError if unreadable."""
-    try:
-        fd = directory.open_file(name, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        raise ValueError(f"cannot be opened: {e.strerror or e}") from e
-    try:
-        import stat
-
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError("is not a regular file")
-        data = os.read(fd, RECORD_MAX_BYTES + 1)
-    except OSError as e:
-        raise ValueError(f"cannot be read: {e.strerror or e}") from e
-    finally:
-        os.close(fd)
-    if len(data) > RECORD_MAX_BYTES:
-        raise ValueError(f"is larger than {RECORD_MAX_BYTES} bytes")
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ValueError("is not valid JSON") from None
-
-
-@dataclass(frozen=True)
-class ServiceInfo:
-    """One service of an instance, as its record says."""
-
-    name: str
-    pool: tuple[int, ...]
-    port: int | None
-    pid: int | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "pool": list(self.pool), "port": self.port, "pid": self.pid}
-
-
-def _int_or_none(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
-        return value
-    return None
-
-
-def _parse_services(raw: object) -> tuple[ServiceInfo, ...]:
-    if not isinstance(raw, list):
-        raise ValueError("'services' is not a list")
-    out = []
-    for item in raw:
-        name = item.get("name") if isinstance(item, dict) else None
-        if not isinstance(name, str):
-            raise ValueError("a service entry has no name")
-        pool = item.get("pool", [])
-        # One pass with plain type checks: status reads thousands of these.
-        if not isinstance(pool, list) or not all(type(p) is int and 0 < p < 65536 for p in pool):
-            raise ValueError(f"service {name!r} has an invalid pool")
-        out.append(
-            ServiceInfo(
-                name[:64],
-                tuple(pool),
-                _int_or_none(item.get("port")),
-                _int_or_none(item.get("pid")),
-            )
-        )
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class InstanceInfo:
-    """What the state dir says about one instance slot, for ``status`` and people."""
-
-    number: int
-    alive: bool  # its slot lock is held (the kernel's word, not the heartbeat's)
-    readable: bool
-    pid: int | None = None
-    start_token: str | None = None
-    started_at: float | None = None
-    heartbeat_at: float | None = None
-    services: tuple[ServiceInfo, ...] = ()
-    problem: str | None = None
-
-    @property
-    def heartbeat_age_s(self) -> float | None:
-        if self.heartbeat_at is None:
-            return None
-        return round(max(0.0, time.time() - self.heartbeat_at), 3)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "number": self.number,
-            "pid": self.pid,
-            "alive": self.alive,
-            "readable": self.readable,
-            "problem": self.problem,
-            "started_at": self.started_at,
-            "heartbeat_age_s": self.heartbeat_age_s,
-            "services": [s.to_dict() for s in self.services],
-        }
-
-
-def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
-    if not isinstance(raw, dict) or raw.get("v") != 1:
-        raise ValueError("is not a version-1 record")
-    pid = _int_or_none(raw.get("pid"))
-    if pid is None:
-        raise ValueError("has no valid pid")
-    times = {}
-    for key in ("started_at", "heartbeat_at"):
-        v = raw.get(key)
-        if not isinstance(v, int | float) or isinstance(v, bool) or not is_finite_number(v):
-            raise ValueError(f"has no valid {key}")
-        times[key] = float(v)
-    token = raw.get("start_token")
-    return InstanceInfo(
-        number,
-        alive,
-        True,
-        pid=pid,
-        start_token=token if isinstance(token, str) else None,
-        started_at=times["started_at"],
-        heartbeat_at=times["heartbeat_at"],
-        services=_parse_services(raw.get("services", [])),
-    )
-
-
-def _slot_numbers(names: Iterable[str]) -> list[int]:
-    numbers = set()
-    for name in names:
-        stem, dot, ext = name.partition(".")
-        if dot and ext in ("lock", "json") and stem.isdigit() and len(stem) < 7:
-            numbers.add(int(stem))
-    return sorted(numbers)
-
-
-def read_instance(
-    directory: DirHandle, number: int, locked: dict[int, int] | None = None
-) -> InstanceInfo:
-    """The state of slot ``number``: alive per its kernel lock, details per its record."""
-    alive = is_held(directory, f"{number}.lock", locked)
-    try:
-        raw = read_json_file(directory, f"{number}.json")
-        if raw is None:
-            problem = "starting (no record yet)" if alive else "no record"
-            return InstanceInfo(number, alive, False, problem=problem)
-        return _parse_record(number, alive, raw)
-    except ValueError as e:
-        return InstanceInfo(number, alive, False, problem=f"record unreadable: record {e}")
-
-
-def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo]:
-    """Every instance slot of ``app`` that has a lock file or a record, by number."""
-    own = state is None
-    state = state or StateDir.open()
-    try:
-        directory = state.instances(app)
-        locked = locked_inodes()
-        infos = (read_instance(directory, n, locked) for n in _slot_numbers(directory.listdir()))
-        # A free slot with no record is just a lock file left for reuse: not an instance.
-        return [i for i in infos if i.alive or i.problem != "no record"]
-    finally:
-        if own:
-            state.close()
-
-
-# ---------------------------------------------------------------- cleanup
-
-
-@dataclass
-class GcReport:
-    """What ``gc`` removed: stale instance records and stale port metadata."""
-
-    instances: list[str] = field(default_factory=list)
-    ports: list[int] = field(default_factory=list)
-    temp_files: list[str] = field(default_factory=list)
-
-
-def _remove_if_free(directory: DirHandle, lock_name: str, others: Sequence[str]) -> bool:
-    """Take ``lock_name``; if free, unlink ``others`` and the lock file while holding it."""
-    try:
-        held = HeldLock.acquire(directory, lock_name)
-    except (LockHeld, PortPoolError):
-        return False
-    try:
-        for name in others:
-            with contextlib.suppress(FileNotFoundError):
-                directory.unlink(name)
-    finally:
-        held.remove_and_release()
-    return True
-
-
-def _clean_temp_files(directory: DirHandle, report: GcReport) -> None:
-    for name in directory.listdir():
-        if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
-            continue
-        parts = name.split(".")
-        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
-        if pid is not None and pid != os.getpid() and identity_of(pid) is None:
-            with contextlib.suppress(OSError):
-                directory.unlink(name)
-                report.temp_files.append(name)
-
-
-def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcReport:
-    """Remove the records of ``app``'s dead instances (their slot lock is free)."""
-    report = report or GcReport()
-    directory = state.instances(app)
-    names = directory.listdir()
-    if not any(n.endswith(".json") or n.endswith(_TMP_SUFFIX) for n in names):
-        return report  # nothing a dead instance could have left: skip the kernel read
-    locked = locked_inodes()
-    for number in _slot_numbers(names):
-        if is_held(directory, f"{number}.lock", locked):
-            continue
-        stale = directory.stat_entry(f"{number}.json") is not None
-        if _remove_if_free(directory, f"{number}.lock", [f"{number}.json"]) and stale:
-            report.instances.append(f"{app}/{number}")
-    _clean_temp_files(directory, report)
-    return report
-
-
-def gc(state: StateDir | None = None) -> GcReport:
-    """Remove metadata left by dead holders, in every app and for every port.
-
-    Only what nobody holds is removed, and only while holding its lock (rule 2).
-    """
-    own = state is None
-    state = state or StateDir.open()
-    report = GcReport()
-    try:
-        for app in state.apps():
-            clean_app(state, app, report)
-        ports = state.ports()
-        locked = locked_inodes()
-        for name in sorted(ports.listdir()):
-            stem, _, ext = name.partition(".")
-            if ext not in ("lock", "json") or not stem.isdigit():
-                continue
-            port = int(stem)
-            if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
-                continue  # handled with its lock file
-            if is_held(ports, f"{port}.lock", locked):
-                continue
-            try:
-                had_record = read_port_record(ports, port) is not None
-            except ValueError:
-                had_record = True
-            if _remove_if_free(ports, f"{port}.lock", [f"{port}.json"]) and had_record:
-                report.ports.append(port)
-    finally:
-        if own:
-            state.close()
-    return report
-
 
 # ---------------------------------------------------------------- a running instance
 
@@ -443,7 +181,7 @@ class Instance:
         data = json.dumps(self._record(), separators=(",", ":")).encode()
         with self._mutex:
             if not self._released:
-                _write_atomic(self.state.instances(self.app), f"{self.number}.json", data)
+                write_atomic(self.state.instances(self.app), f"{self.number}.json", data)
 
     def set_service_pids(self, pids: Mapping[str, int]) -> None:
         """Record which process serves each service (for ``status`` and the dashboard)."""

@@ -74,7 +74,7 @@ def _describe(error: Exception) -> str:
 def _read_instances(app: str) -> tuple[list[dict[str, Any]], str | None]:
     """Every instance of ``app`` in the state dir as dicts, and a problem reading it."""
     try:
-        from portpool.instance import list_instances
+        from portpool.records import list_instances
 
         return [info.to_dict() for info in list_instances(app)], None
     except (PortPoolError, OSError) as e:
