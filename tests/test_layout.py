@@ -179,16 +179,27 @@ def test_describe_layout_lists_every_admissible_instance() -> None:
     assert lines[-1].startswith("warning: ") and "6000" in lines[-1]
 
 
-def test_describe_marks_instances_above_max(tmp_path: Path) -> None:
+def test_describe_lists_only_instances_up_to_max(tmp_path: Path) -> None:
     layout = load_layout(write(tmp_path, "max_instances = 2\n" + GOOD))
     lines = describe_layout(layout)
     assert "max instances: 2 (admissible: 1000" in "\n".join(lines)
-    assert (
-        lines.count(
-            "instance 3: web 20020..20022, api 20024..20025 (above max_instances: not used)"
-        )
-        == 1
-    )
+    assert "instance 2: web 20010..20012, api 20014..20015" in lines
+    assert not any(line.startswith("instance 3:") for line in lines)
+    assert "(instances 3..1000 would fit but are above max_instances: not used)" in lines
+
+
+def test_base_out_of_range_names_the_base(tmp_path: Path) -> None:
+    path = write(tmp_path, 'app = "x"\n[services.a]\nbase = 70000\nsize = 3\n')
+    with pytest.raises(LayoutError) as info:
+        load_layout(path)
+    assert f"{path}: services.a.base: 70000 is not a port in 1..65535" in info.value.errors
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    path = str(tmp_path / "nope.toml")
+    with pytest.raises(LayoutError) as info:
+        load_layout(path)
+    assert str(info.value) == f"{path}: cannot be read: No such file or directory"
 
 
 # --- loading a file -------------------------------------------------------------------

@@ -297,3 +297,85 @@ def test_forged_record_pid_is_never_signalled(tmp_path: Path, port_base: int, ho
     finally:
         bystander.kill()
         bystander.wait()
+
+
+COUNT_SIGINT = (
+    "import signal, sys, time\n"
+    "got = []\n"
+    "signal.signal(signal.SIGINT, lambda s, f: got.append(time.monotonic()))\n"
+    "print('ready', flush=True)\n"
+    "deadline = time.monotonic() + 30\n"
+    "while time.monotonic() < deadline and not (got and time.monotonic() - got[0] > 1.0):\n"
+    "    time.sleep(0.05)\n"
+    "print('sigints', len(got), flush=True)\n"
+    "sys.exit(len(got))\n"
+)
+
+
+def test_ctrl_c_in_a_terminal_reaches_the_command_once(layout: Path, home: Path) -> None:
+    import pty
+    import select
+
+    pid, master = pty.fork()
+    if pid == 0:  # the child: session leader with the pty as its terminal
+        argv = ["-m", "portpool.cli", "run", "-c", str(layout), "--", sys.executable, "-c"]
+        os.execv(sys.executable, [sys.executable, *argv, COUNT_SIGINT])
+    output = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"ready" not in output and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                output += os.read(master, 1024)
+        assert b"ready" in output
+        os.write(master, b"\x03")  # Ctrl-C: the terminal signals its foreground group
+        while b"sigints" not in output and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                try:
+                    output += os.read(master, 1024)
+                except OSError:
+                    break
+        assert b"sigints 1" in output, output
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 1
+    finally:
+        os.close(master)
+
+
+def test_kill_9_of_run_stops_its_command(layout: Path, home: Path) -> None:
+    script = "import os, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n"
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", script)
+    command_pid = int(read_line(proc))
+    proc.kill()
+    proc.wait()
+    # The command gets SIGTERM from the kernel when run dies: no instance number is
+    # ever used by a command whose leases are gone.
+    wait_for(lambda: not psutil.pid_exists(command_pid) or
+             psutil.Process(command_pid).status() == "zombie", 20)  # fmt: skip
+    done = portpool("run", "--config", str(layout), "--", sys.executable, "-c", PRINT_ENV)
+    assert json.loads(done.stdout)["PORTPOOL_INSTANCE"] == "1"
+
+
+def test_run_a_missing_command_exits_127_and_up_refuses_a_missing_program(
+    tmp_path: Path, layout: Path, port_base: int, home: Path
+) -> None:
+    for extra in ([], ["--fds"]):
+        done = portpool("run", "--config", str(layout), *extra, "--", "no-such-program-xyz")
+        assert done.returncode == 127
+        assert "'no-such-program-xyz' was not found on PATH" in done.stderr
+    config = up_layout(tmp_path, port_base, extra={"db": {"command": ["no-such-program-xyz"]}})
+    done = portpool("up", "--config", str(config))
+    assert done.returncode == 1
+    assert f"{config}: services.db.command" in done.stderr
+    assert "is up" not in done.stdout
+    assert status_json(config)["instances"] == []
+
+
+def test_a_service_named_twice_is_acquired_once(layout: Path, port_base: int, home: Path) -> None:
+    done = portpool(
+        "run", "--config", str(layout), "-s", "alpha", "-s", "alpha", "--",
+        sys.executable, "-c", PRINT_ENV,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["PORT"] == str(port_base)
+    assert portpool("gc", "--config", str(layout)).returncode == 0
+    assert not list((home / "ports").glob("*.json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from portpool.errors import (
     AlreadyHeldHere,
+    CommandNotFound,
     LayoutError,
     LockError,
     LockHeld,
@@ -46,6 +47,7 @@ def __getattr__(name: str) -> str:
 
 __all__ = [
     "AlreadyHeldHere",
+    "CommandNotFound",
     "Instance",
     "Layout",
     "LayoutError",

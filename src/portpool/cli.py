@@ -15,12 +15,15 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from portpool.errors import PortPoolError, ShieldTripped
+from portpool.errors import LayoutError, PortPoolError, ShieldTripped
 from portpool.layout import Layout, describe_layout, resolve_layout
+
+if TYPE_CHECKING:
+    import subprocess
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,7 +51,7 @@ def config_option(func: F) -> F:
         "--config",
         "-c",
         "config",
-        type=click.Path(dir_okay=False),
+        type=click.Path(),
         default=None,
         help="Layout file (TOML). Default: ./portpool.toml if present, else the built-in layout.",
     )(func)
@@ -162,11 +165,18 @@ def doctor(config: str | None) -> None:
 
 
 @cli.command()
+@config_option
 @handle_errors
-def gc() -> None:
-    """Remove metadata left by dead holders (never anything a live holder has)."""
+def gc(config: str | None) -> None:
+    """Remove metadata left by dead holders (never anything a live holder has).
+
+    Ports are shared by every app of the state dir, so the whole state dir is cleaned;
+    a --config is checked like everywhere else.
+    """
     from portpool.records import gc as run_gc
 
+    if config is not None:
+        _layout(config)
     report = run_gc()
     for name in report.instances:
         click.echo(f"removed record of dead instance {name}")
@@ -213,11 +223,36 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
 
     Exits with COMMAND's exit code (3 if nothing could start, 4 if the shield tripped).
     """
+    from portpool._platform import in_terminal_foreground
+    from portpool.errors import CommandNotFound
     from portpool.instance import start_instance
-    from portpool.supervisor import base_environment, exit_status, spawn, stop_children
+    from portpool.supervisor import (
+        base_environment,
+        exit_status,
+        find_program,
+        spawn,
+        stop_children,
+    )
 
     layout = _layout(config)
-    instance = start_instance(layout, services=list(services) or None)
+    problem = find_program(command)
+    if problem is not None:
+        raise CommandNotFound(command[0], problem)
+    # Handlers first: a signal that arrives while the command starts is kept and
+    # delivered once it runs, never left to kill us and orphan the command.
+    child: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []
+
+    def forward(signum: int) -> None:
+        if not child:
+            pending.append(signum)
+        elif signum == signal.SIGINT and in_terminal_foreground():
+            pass  # the terminal's Ctrl-C reached the command too: once is enough
+        elif child[0].poll() is None:
+            child[0].send_signal(signum)
+
+    _install_handlers(forward, _stop_signals())
+    instance = start_instance(layout, services=list(dict.fromkeys(services)) or None)
     done = threading.Event()
     tripped: list[str] = []
     try:
@@ -227,15 +262,12 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
         if not fds:
             for lease in instance.leases.values():
                 lease.close_socket()  # the lock stays: no portpool user can take the port
-        proc = spawn(command, env, sockets=sockets)
+        proc = spawn(command, env, sockets=sockets, watch_parent=True)
+        child.append(proc)
         try:
+            for signum in pending:
+                forward(signum)
             instance.set_service_pids(dict.fromkeys(names, proc.pid))
-
-            def forward(signum: int) -> None:
-                if proc.poll() is None:
-                    proc.send_signal(signum)
-
-            _install_handlers(forward, _stop_signals())
 
             def on_lost(lease: object, reason: str) -> None:
                 tripped.append(reason)
@@ -277,9 +309,13 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
 def up(config: str | None, grace: float) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
     from portpool.instance import start_instance
-    from portpool.supervisor import Outcome, Supervisor
+    from portpool.supervisor import Outcome, Supervisor, find_program
 
     layout = _layout(config)
+    for service in layout.services:
+        problem = service.command and find_program(service.command)
+        if problem:
+            raise LayoutError(layout.source, f"services.{service.name}.command", problem)
     instance = start_instance(layout)
     supervisor = Supervisor(instance, grace_s=grace)
     instance.on_release(supervisor.stop)
@@ -314,7 +350,10 @@ def up(config: str | None, grace: float) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    cli(prog_name="portpool")
+    try:
+        cli(prog_name="portpool")
+    except KeyboardInterrupt:  # Ctrl-C before our handlers were installed
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@
     │   └── NoFreeSlot         every instance slot is taken (holders, per slot)
     ├── ShieldTripped          a lease or the slot stopped being ours (exit code 4)
     ├── ServiceExited          a supervised service exited on its own (exit code 5)
+    ├── CommandNotFound        the command given to ``run`` cannot be executed (exit 127)
     └── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
 
 Every error carries its context as attributes, so callers never parse messages.
@@ -145,6 +146,17 @@ class ServiceExited(PortPoolError):
         self.service = service
         self.returncode = returncode
         super().__init__(f"service {service!r} exited on its own with status {returncode}")
+
+
+class CommandNotFound(PortPoolError):
+    """The command to run cannot be executed; nothing was started (127, as a shell)."""
+
+    exit_code = 127
+
+    def __init__(self, command: str, problem: str) -> None:
+        self.command = command
+        self.problem = problem
+        super().__init__(f"cannot start the command: {problem}")
 
 
 class PassedSocketError(PortPoolError):

@@ -145,7 +145,9 @@ def _service_problems(
             out.append((f"{key}.{sub}", f"must be an integer, not {_toml_type(value)}"))
         elif value < low:
             out.append((f"{key}.{sub}", f"must be >= {low}, not {value}"))
-    if _is_int(base) and _is_int(size) and base >= 1 and size >= 1:
+    if _is_int(base) and base > MAX_PORT:
+        out.append((f"{key}.base", f"{base} is not a port in 1..{MAX_PORT}"))
+    elif _is_int(base) and _is_int(size) and base >= 1 and size >= 1:
         last = base + size - 1
         if last > MAX_PORT:
             out.append(
@@ -823,7 +825,8 @@ def load_layout(path: str) -> Layout:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise LayoutError(path, "<file>", f"cannot be read: {e.strerror or e}") from e
+        problem = f"cannot be read: {e.strerror or e}"
+        raise LayoutError(path, "file", problem, errors=[f"{path}: {problem}"]) from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -872,12 +875,16 @@ def describe_layout(layout: Layout) -> list[str]:
         f"max instances: {layout.max_instances} (admissible: {layout.admissible_instances}, "
         f"because {layout.limit_reason})",
     ]
-    for n in range(1, layout.admissible_instances + 1):
+    for n in range(1, layout.max_instances + 1):
         pools = ", ".join(
             f"{s.name} {_span(s.first_port(n), s.first_port(n) + s.size - 1)}"
             for s in layout.services
         )
-        extra = "" if n <= layout.max_instances else " (above max_instances: not used)"
-        lines.append(f"instance {n}: {pools}{extra}")
+        lines.append(f"instance {n}: {pools}")
+    if layout.admissible_instances > layout.max_instances:
+        lines.append(
+            f"(instances {layout.max_instances + 1}..{layout.admissible_instances} would fit "
+            "but are above max_instances: not used)"
+        )
     lines.extend(f"warning: {w}" for w in layout.warnings)
     return lines

@@ -11,6 +11,7 @@ import errno
 import functools
 import ipaddress
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -161,6 +162,29 @@ def check_port(port: int, where: str = "pool") -> int:
     return port
 
 
+_BUSY_RETRIES = 3
+
+
+def _lock_port(state: StateDir, port: int) -> PortLock | Refusal:
+    """The port's lock, or why not. A lock that was busy but is free when we look again
+    was only held for a moment (``gc`` inspecting it, a holder leaving): try again
+    rather than skip a port that is really free."""
+    for attempt in range(_BUSY_RETRIES + 1):
+        try:
+            return PortLock.acquire(state, port)
+        except LockHeld as e:
+            if attempt == _BUSY_RETRIES or not (
+                isinstance(e.holder, PortStatus) and e.holder.is_free
+            ):
+                return Refusal(port, "held", _holder_detail(e.holder))
+            time.sleep(0.001 * (attempt + 1))
+        except AlreadyHeldHere:
+            return Refusal(port, "held", "by this process already")
+        except PortPoolError as e:
+            return Refusal(port, "error", str(e))
+    raise AssertionError("unreachable")  # the loop always returns
+
+
 def acquire(
     state: StateDir,
     pool: Sequence[int],
@@ -181,17 +205,11 @@ def acquire(
         check_port(port)
     refusals: list[Refusal] = []
     for port in pool:
-        try:
-            lock = PortLock.acquire(state, port)
-        except LockHeld as e:
-            refusals.append(Refusal(port, "held", _holder_detail(e.holder)))
+        taken = _lock_port(state, port)
+        if isinstance(taken, Refusal):
+            refusals.append(taken)
             continue
-        except AlreadyHeldHere:
-            refusals.append(Refusal(port, "held", "by this process already"))
-            continue
-        except PortPoolError as e:
-            refusals.append(Refusal(port, "error", str(e)))
-            continue
+        lock = taken
         try:
             sock = bind_listen(host, port, backlog)
         except OSError as e:

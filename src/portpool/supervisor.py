@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,17 +48,30 @@ def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def find_program(command: Sequence[str]) -> str | None:
+    """None if ``command[0]`` can be executed, else why not (checked before anything
+    starts, so a typo in a layout is an error, not a service that dies at once)."""
+    if not command:
+        return "the command is empty"
+    program = command[0]
+    if os.sep in program or (os.altsep and os.altsep in program):
+        return None if os.access(program, os.X_OK) else f"{program!r} is not an executable file"
+    return None if shutil.which(program) else f"{program!r} was not found on PATH"
+
+
 def spawn(
     command: Sequence[str],
     env: Mapping[str, str],
     *,
     sockets: Sequence[tuple[int, str]] = (),
     watch_parent: bool = False,
+    stdin: int | IO[bytes] | None = None,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``command``; with ``sockets`` [(fd, name)] they arrive at fds 3.. by the
-    systemd protocol. ``watch_parent`` makes the child get SIGTERM if we die (Linux)."""
+    systemd protocol. ``watch_parent`` makes the child get SIGTERM if we die (Linux),
+    so a kill -9 of portpool never leaves a command running without its leases."""
     if not command:
         raise PortPoolError("empty command")
     argv = list(command)
@@ -73,10 +87,9 @@ def spawn(
             argv,
             env=dict(env),
             pass_fds=[fd for fd, _ in sockets],
-            stdin=subprocess.DEVNULL if watch_parent else None,
+            stdin=stdin,
             stdout=stdout,
             stderr=stderr,
-            start_new_session=False,
         )
     except OSError as e:
         raise PortPoolError(f"cannot start {command[0]!r}: {e.strerror or e}") from e
@@ -157,6 +170,7 @@ class Supervisor:
                     env,
                     sockets=sockets,
                     watch_parent=True,
+                    stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                 )

@@ -38,6 +38,7 @@ if sys.platform == "win32":
     from portpool._platform.windows import (
         DirHandle,
         exclusive_bind_options,
+        in_terminal_foreground,
         locked_inodes,
         read_at,
         try_lock,
@@ -49,6 +50,7 @@ else:
     from portpool._platform.posix import (
         DirHandle,
         exclusive_bind_options,
+        in_terminal_foreground,
         locked_inodes,
         read_at,
         try_lock,
@@ -66,6 +68,7 @@ __all__ = [
     "ephemeral_port_range",
     "exclusive_bind_options",
     "identity_of",
+    "in_terminal_foreground",
     "is_alive",
     "listeners",
     "locked_inodes",

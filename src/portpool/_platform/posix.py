@@ -148,3 +148,14 @@ def exclusive_bind_options(sock: socket.socket) -> None:
     """
     if sys.platform == "linux":
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+
+
+def in_terminal_foreground() -> bool:
+    """True if we run in the foreground process group of a terminal: a Ctrl-C there
+    reaches our children directly, so forwarding it would deliver it twice."""
+    for fd in (0, 1, 2):
+        try:
+            return os.tcgetpgrp(fd) == os.getpgrp()
+        except OSError:
+            continue
+    return False
