@@ -379,3 +379,10 @@ def test_a_service_named_twice_is_acquired_once(layout: Path, port_base: int, ho
     assert json.loads(done.stdout)["PORT"] == str(port_base)
     assert portpool("gc", "--config", str(layout)).returncode == 0
     assert not list((home / "ports").glob("*.json"))
+
+
+def test_options_end_at_the_command(layout: Path, port_base: int, home: Path) -> None:
+    # Without "--", the command's own -c must not be taken for portpool's --config.
+    done = portpool("run", "--config", str(layout), "-s", "alpha", sys.executable, "-c", PRINT_ENV)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["PORT"] == str(port_base)

@@ -204,7 +204,8 @@ def _stop_signals() -> list[int]:
     return [getattr(signal, n) for n in names if hasattr(signal, n)]
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+# Options end at the command: `run python -c ...` must not read -c as --config.
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @config_option
 @click.option(
     "--service",
