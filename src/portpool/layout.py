@@ -3,7 +3,8 @@
 A pool is computed, never stored: service S of instance n gets ``S.size`` consecutive
 ports from ``S.base + S.stride * (n - 1)``. A layout is only accepted when every pool of
 every admissible instance is inside 1..65535 and shares no port with any other; the
-admissible instance count is computed here, and ``max_instances`` may only lower it.
+admissible instance count (computed in ``portpool._layout_checks``) may only be lowered
+by ``max_instances``.
 
 Layouts come from a TOML file (``load_layout``), from a mapping (``parse_layout``), or
 are built in (``default_layout``). Every problem is collected and raised at once as one
@@ -12,7 +13,6 @@ are built in (``default_layout``). Every problem is collected and raised at once
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import ipaddress
@@ -24,27 +24,39 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
+from portpool._layout_checks import (
+    BROWSER_UNSAFE_PORTS,
+    INSTANCE_LIMIT,
+    MAX_PORT,
+    Problem,
+    admissible_instances,
+    count_admissible,
+    env_collisions,
+    instance1_overlaps,
+    port_warnings,
+    span,
+)
 from portpool.errors import LayoutError, StateDirError
 from portpool.statedir import check_name
 
+__all__ = [
+    "BROWSER_UNSAFE_PORTS",
+    "INSTANCE_LIMIT",
+    "MAX_PORT",
+    "SERVICE_SOCKET_MODES",
+    "Layout",
+    "Service",
+    "admissible_instances",
+    "default_layout",
+    "describe_layout",
+    "is_finite_number",
+    "load_layout",
+    "parse_layout",
+    "port_env_name",
+    "resolve_layout",
+]
+
 SERVICE_SOCKET_MODES = ("fd", "port")
-
-MAX_PORT = 65535
-INSTANCE_LIMIT = 1000  # no machine runs more copies of one app; keeps validation bounded
-
-# Ports Chromium and Firefox refuse to connect to ("ERR_UNSAFE_PORT"): the Fetch
-# standard's "bad port" list (fetch.spec.whatwg.org/#port-blocking), which Chromium's
-# net/base/port_util.cc kRestrictedPorts and Firefox's netwerk/base gBadPortList follow.
-BROWSER_UNSAFE_PORTS = frozenset(
-    {
-        1, 7, 9, 11, 13, 15, 17, 19, 20, 21, 22, 23, 25, 37, 42, 43, 53, 69, 77, 79, 87,
-        95, 101, 102, 103, 104, 109, 110, 111, 113, 115, 117, 119, 123, 135, 137, 139, 143,
-        161, 179, 389, 427, 465, 512, 513, 514, 515, 526, 530, 531, 532, 540, 548, 554, 556,
-        563, 587, 601, 636, 989, 990, 993, 995, 1719, 1720, 1723, 2049, 3659, 4045, 4190,
-        5060, 5061, 6000, 6566, 6665, 6666, 6667, 6668, 6669, 6679, 6697, 10080,
-    }
-)  # fmt: skip
-_UNSAFE_SORTED = sorted(BROWSER_UNSAFE_PORTS)
 
 _SERVICE_KEYS = ("base", "size", "stride", "command", "socket")
 _TOP_KEYS = (
@@ -55,10 +67,6 @@ _TOP_KEYS = (
     "max_instances",
     "services",
 )
-_MAX_REPORTED_OVERLAPS = 20
-_MAX_RUNS_SHOWN = 6
-
-Problem = tuple[str, str]  # (dotted key, what is wrong)
 
 
 # --- small helpers ------------------------------------------------------------------
@@ -93,33 +101,6 @@ def _name_problem(kind: str, name: object) -> str | None:
     except StateDirError as e:
         return e.problem
     return None
-
-
-def _runs(ints: Iterable[int]) -> list[tuple[int, int]]:
-    """Sorted distinct ``ints`` merged into inclusive runs of consecutive numbers."""
-    out: list[tuple[int, int]] = []
-    for i in sorted(set(ints)):
-        if out and out[-1][1] + 1 == i:
-            out[-1] = (out[-1][0], i)
-        else:
-            out.append((i, i))
-    return out
-
-
-def _compact(runs: Sequence[tuple[int, int]], sep: str = "..") -> str:
-    """``[(6000, 6002), (6100, 6100)]`` -> ``"6000..6002, 6100"``; long lists are cut."""
-    parts = [str(lo) if lo == hi else f"{lo}{sep}{hi}" for lo, hi in runs[:_MAX_RUNS_SHOWN]]
-    if len(runs) > _MAX_RUNS_SHOWN:
-        parts.append(f"... ({len(runs) - _MAX_RUNS_SHOWN} more ranges)")
-    return ", ".join(parts)
-
-
-def _span(first: int, last: int) -> str:
-    return str(first) if first == last else f"{first}..{last}"
-
-
-def _count(runs: Sequence[tuple[int, int]]) -> int:
-    return sum(hi - lo + 1 for lo, hi in runs)
 
 
 # --- services -----------------------------------------------------------------------
@@ -232,251 +213,6 @@ def port_env_name(service: str) -> str:
     return "PORTPOOL_PORT_" + re.sub(r"[^A-Za-z0-9]", "_", service).upper()
 
 
-# --- the admissible instance count ----------------------------------------------------
-
-
-def _overlap_text(a: Service, n: int, b: Service, m: int) -> str:
-    a0, b0 = a.first_port(n), b.first_port(m)
-    a1, b1 = a0 + a.size - 1, b0 + b.size - 1
-    lo, hi = max(a0, b0), min(a1, b1)
-    if n == m:
-        return (
-            f"in instance {n}, {a.name}'s pool {_span(a0, a1)} and {b.name}'s pool "
-            f"{_span(b0, b1)} share port{'s' if hi > lo else ''} {_span(lo, hi)}"
-        )
-    return (
-        f"instance {n}'s {a.name} pool {_span(a0, a1)} would overlap instance {m}'s {b.name} pool "
-        f"{_span(b0, b1)} (port{'s' if hi > lo else ''} {_span(lo, hi)})"
-    )
-
-
-def _admissible(services: Sequence[Service], limit: int) -> tuple[int, str]:
-    """The largest instance count with disjoint in-range pools, and what stops it there.
-
-    Each pool goes into one set of taken ports: at most 65,535 ports fit before two
-    collide or one leaves the range, so the work is bounded whatever the layout.
-    """
-    strides = {s.stride for s in services}
-    if len(strides) == 1 and 0 not in strides:
-        fast = _admissible_same_stride(services, strides.pop(), limit)
-        if fast is not None:
-            return fast
-    taken: set[int] = set()
-    rules = [(s.base, s.size, s.stride) for s in services]
-    for n in range(limit):
-        for i, (base, size, stride) in enumerate(rules):
-            first = base + stride * n
-            ports = range(first, first + size)
-            if first < 1 or first + size - 1 > MAX_PORT:
-                s = services[i]
-                return n, (
-                    f"instance {n + 1}'s {s.name} pool {_span(first, first + size - 1)} "
-                    f"would leave the port range 1..{MAX_PORT}"
-                )
-            if not taken.isdisjoint(ports):
-                return n, _first_collision(services, n + 1, services[i])
-            taken.update(ports)
-    return limit, f"portpool allows at most {limit} instances"
-
-
-def _admissible_same_stride(
-    services: Sequence[Service], stride: int, limit: int
-) -> tuple[int, str] | None:
-    """``_admissible`` when every service has the same stride (the usual layout).
-
-    Instance n's pools are then instance 1's port set U shifted by stride*(n-1), so
-    instance k+1 is the first to collide exactly when k is the least k with
-    U & (U << k*stride) != 0: one big-integer AND per instance instead of a set per pool.
-    None when instance 1's pools overlap (the general path says where).
-    """
-    ports = 0
-    for s in services:
-        ports |= ((1 << s.size) - 1) << s.base
-    if ports.bit_count() != sum(s.size for s in services):
-        return None
-    # The last instance whose pools all stay in range.
-    edge = min(services, key=lambda s: (MAX_PORT - s.base - s.size + 1) // stride)
-    in_range = (MAX_PORT - edge.base - edge.size + 1) // stride + 1
-    for k in range(1, min(limit, in_range)):
-        both = ports & (ports << (k * stride))
-        if both:
-            port = (both & -both).bit_length() - 1  # the lowest shared port
-            a = next(s for s in services if 0 <= port - k * stride - s.base < s.size)
-            b = next(s for s in services if 0 <= port - s.base < s.size)
-            return k, _overlap_text(a, k + 1, b, 1)
-    if limit <= in_range:
-        return limit, f"portpool allows at most {limit} instances"
-    first = edge.first_port(in_range + 1)
-    return in_range, (
-        f"instance {in_range + 1}'s {edge.name} pool {_span(first, first + edge.size - 1)} "
-        f"would leave the port range 1..{MAX_PORT}"
-    )
-
-
-def _first_collision(services: Sequence[Service], n: int, s: Service) -> str:
-    """Which earlier pool the pool of ``s`` in instance ``n`` runs into (rare path)."""
-    first = s.first_port(n)
-    last = first + s.size - 1
-    for m in range(1, n + 1):
-        for t in services:
-            if m == n and t is s:
-                break
-            t0 = t.first_port(m)
-            if t0 <= last and first <= t0 + t.size - 1:
-                return _overlap_text(s, n, t, m)
-    return f"instance {n}'s {s.name} pool collides with another pool"
-
-
-def admissible_instances(services: Sequence[Service], limit: int = INSTANCE_LIMIT) -> int:
-    """The largest n such that the pools of instances 1..n are pairwise disjoint and
-    inside 1..65535, at most ``limit``. 0 means not even instance 1 fits."""
-    if limit < 1:
-        raise ValueError(f"limit must be >= 1, not {limit}")
-    return _admissible(services, limit)[0]
-
-
-def _instance1_overlaps(services: Sequence[Service]) -> list[Problem]:
-    """Every pair of services whose instance-1 pools share ports (a sweep, not n^2)."""
-    order = sorted(services, key=lambda s: (s.base, s.base + s.size))
-    out: list[Problem] = []
-    found = 0
-    for i, a in enumerate(order):
-        a_last = a.base + a.size - 1
-        for b in order[i + 1 :]:
-            if b.base > a_last:
-                break
-            found += 1
-            if found <= _MAX_REPORTED_OVERLAPS:
-                first, second = sorted((a, b), key=services.index)
-                out.append((f"services.{second.name}", _overlap_text(second, 1, first, 1)))
-    if found > _MAX_REPORTED_OVERLAPS:
-        out.append(("services", f"... and {found - _MAX_REPORTED_OVERLAPS} more overlaps"))
-    return out
-
-
-def _env_collisions(services: Sequence[Service]) -> list[Problem]:
-    seen: dict[str, Service] = {}
-    out: list[Problem] = []
-    for s in services:
-        other = seen.setdefault(s.env_name, s)
-        if other is s:
-            continue
-        if other.name == s.name:
-            out.append((f"services.{s.name}", "duplicate service name"))
-        else:
-            out.append(
-                (
-                    f"services.{s.name}",
-                    f"duplicate service: its port variable {s.env_name} is also "
-                    f"{other.name}'s; rename one of them",
-                )
-            )
-    return out
-
-
-# --- warnings -----------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _ephemeral_range() -> tuple[int, int] | None:
-    # Read once per process: on macOS it costs a sysctl subprocess.
-    from portpool._platform import ephemeral_port_range
-
-    return ephemeral_port_range()
-
-
-def _touching(s: Service, lo: int, hi: int, instances: int) -> tuple[int, int] | None:
-    """The instances (first, last) among 1..``instances`` whose pool of ``s`` has a port
-    in ``lo``..``hi``. Pools only move up with the instance number, so they are a run."""
-    if s.stride == 0:
-        hit = s.base <= hi and lo <= s.base + s.size - 1
-        return (1, instances) if hit else None
-    # first(n) = base + stride*(n-1); the pool touches when first <= hi and last >= lo.
-    n_first = max(1, -(-(lo - s.size + 1 - s.base) // s.stride) + 1)
-    n_last = min(instances, (hi - s.base) // s.stride + 1)
-    return (n_first, n_last) if n_first <= n_last else None
-
-
-def _clip(s: Service, n: int, lo: int, hi: int) -> tuple[int, int]:
-    first = s.first_port(n)
-    return max(first, lo), min(first + s.size - 1, hi)
-
-
-def _ports_in(s: Service, lo: int, hi: int, instances: int) -> str | None:
-    """``ports 6000-6002 (instance 1) are`` for the ports of ``s`` in ``lo``..``hi``."""
-    found = _touching(s, lo, hi, instances)
-    if found is None:
-        return None
-    n_first, n_last = found
-    first_run, last_run = _clip(s, n_first, lo, hi), _clip(s, n_last, lo, hi)
-    if n_first == n_last or s.stride == 0:
-        ports = _compact([first_run])
-        plural = first_run[1] > first_run[0]
-    else:
-        gap = ", " if n_last == n_first + 1 else ", ..., "
-        ports = _compact([first_run]) + gap + _compact([last_run])
-        plural = True
-    inst = _compact([(n_first, n_last)], "-")
-    inst_word = "instances" if n_last > n_first else "instance"
-    return (
-        f"{'ports' if plural else 'port'} {ports} ({inst_word} {inst}) {'are' if plural else 'is'}"
-    )
-
-
-def _unsafe_ports(s: Service, instances: int) -> str | None:
-    """``port 6000 (instance 1) is`` for the browser-blocked ports of ``s``'s pools."""
-    top = s.first_port(instances) + s.size - 1
-    hits: list[tuple[int, int]] = []
-    for u in _UNSAFE_SORTED[bisect.bisect_left(_UNSAFE_SORTED, s.base) :]:
-        if u > top:
-            break
-        found = _touching(s, u, u, instances)
-        if found:
-            hits.append((u, found[0]))
-    if not hits:
-        return None
-    runs = _runs(u for u, _ in hits)
-    inst = _runs(n for _, n in hits)
-    plural = len(hits) > 1
-    inst_word = "instances" if _count(inst) > 1 else "instance"
-    return (
-        f"{'ports' if plural else 'port'} {_compact(runs)} ({inst_word} {_compact(inst, '-')}) "
-        f"{'are' if plural else 'is'}"
-    )
-
-
-def _warnings(source: str, services: Sequence[Service], instances: int) -> list[str]:
-    """Human warnings about ports of instances 1..``instances``, one per service and kind."""
-    if instances < 1:
-        return []
-    ephemeral = _ephemeral_range()
-    out: list[str] = []
-    for s in services:
-        where = f"{source}: services.{s.name}"
-        low = _ports_in(s, 1, 1023, instances)
-        if low:
-            out.append(
-                f"{where}: {low} below 1024: binding them needs administrator rights "
-                "on most systems"
-            )
-        eph = ephemeral and _ports_in(s, ephemeral[0], ephemeral[1], instances)
-        if eph and ephemeral:
-            # Pools that only enter the range at a later instance: a lower maximum avoids it.
-            later = (_touching(s, ephemeral[0], ephemeral[1], instances) or (1, 1))[0] > 1
-            out.append(
-                f"{where}: {eph} inside the OS's ephemeral port range "
-                f"{ephemeral[0]}-{ephemeral[1]}: any outgoing connection may take them; "
-                f"move the pool out of it{', or lower max_instances' if later else ''}"
-            )
-        unsafe = _unsafe_ports(s, instances)
-        if unsafe:
-            out.append(
-                f"{where}: {unsafe} on browsers' unsafe-port list: Chromium and Firefox "
-                "refuse to connect there"
-            )
-    return out
-
-
 # --- layouts ------------------------------------------------------------------------
 
 
@@ -544,9 +280,9 @@ def _cross_problems(
     if not services:
         out.append(("services", "at least one service is required, e.g. [services.api]"))
         return out, 0, "there are no services"
-    out.extend(_env_collisions(services))
-    out.extend(_instance1_overlaps(services))
-    admissible, reason = _admissible(services, INSTANCE_LIMIT)
+    out.extend(env_collisions(services))
+    out.extend(instance1_overlaps(services))
+    admissible, reason = count_admissible(services, INSTANCE_LIMIT)
     if admissible == 0 and not out:
         out.append(("services", f"no instance is possible: {reason}"))
     elif admissible and _is_int(max_instances) and max_instances > admissible:
@@ -602,7 +338,7 @@ class Layout:
         object.__setattr__(self, "max_instances", requested or admissible)
         object.__setattr__(self, "limit_reason", reason)
         # Only instances that can run: a lowered maximum silences the rest.
-        warnings = _warnings(self.source, services, requested or admissible)
+        warnings = port_warnings(self.source, services, requested or admissible)
         object.__setattr__(self, "warnings", tuple(warnings))
 
     def service(self, name: str) -> Service:
@@ -877,7 +613,7 @@ def describe_layout(layout: Layout) -> list[str]:
     ]
     for n in range(1, layout.max_instances + 1):
         pools = ", ".join(
-            f"{s.name} {_span(s.first_port(n), s.first_port(n) + s.size - 1)}"
+            f"{s.name} {span(s.first_port(n), s.first_port(n) + s.size - 1)}"
             for s in layout.services
         )
         lines.append(f"instance {n}: {pools}")
