@@ -106,3 +106,18 @@ def print_section(section: Section) -> None:
     print(section.to_markdown())
     if os.environ.get("BENCH_JSON"):
         print(json.dumps(section.to_json(), indent=2))
+
+
+def bindable(port: int, host: str = "127.0.0.1") -> bool:
+    """True if ``host:port`` can be bound right now (TIME_WAIT leftovers do not count)."""
+    import socket
+
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True

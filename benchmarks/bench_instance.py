@@ -28,7 +28,6 @@ import json
 import os
 import pstats
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from benchmarks._common import Row, Section, print_section
+from benchmarks._common import Row, Section, bindable, print_section
 
 PY = sys.executable
 STATUS = "portpool status --json"
@@ -54,24 +53,12 @@ def bench_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _bindable(port: int) -> bool:
-    s = socket.socket()
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
-
-
 def _layout_ports_free(layout: object, instances: int) -> bool:
     from portpool.layout import Layout
 
     assert isinstance(layout, Layout)
     return all(
-        _bindable(port)
+        bindable(port)
         for n in range(1, instances + 1)
         for pool in layout.pools(n).values()
         for port in pool

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._common import Row, Section, print_section
+from benchmarks._common import Row, Section, bindable, print_section
 from benchmarks.bench_instance import bench_env
 
 PY = sys.executable
@@ -46,24 +46,12 @@ while True:
 """
 
 
-def _bindable(port: int) -> bool:
-    s = socket.socket()
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", port))
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
-
-
 def choose_base() -> int:
     """A base in 41000-41900 whose six 3-port pools (60 ports) are all bindable now."""
     bases = list(range(41000, 41901, 100))
     random.Random(os.getpid()).shuffle(bases)
     for base in bases:
-        if all(_bindable(base + 10 * i + k) for i in range(len(SERVICES)) for k in range(3)):
+        if all(bindable(base + 10 * i + k) for i in range(len(SERVICES)) for k in range(3)):
             return base
     raise RuntimeError("no free 60-port block in 41000-41999")
 
