@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks._common import Row, Section, print_section, time_calls
+from benchmarks._common import Row, Section, bindable, print_section, time_calls
 
 HOST = "127.0.0.1"
 FLOOR = "bind+listen+close (floor)"
@@ -60,18 +60,6 @@ def _free_port() -> int:
     return port
 
 
-def _bindable(port: int) -> bool:
-    s = socket.socket()
-    try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((HOST, port))
-    except OSError:
-        return False
-    finally:
-        s.close()
-    return True
-
-
 def free_block(size: int, low: int = 30000, high: int = 32700) -> list[int]:
     """``size`` consecutive loopback ports that are bindable now (below the ephemeral
     range, so no outgoing connection lands on them mid-race)."""
@@ -80,7 +68,7 @@ def free_block(size: int, low: int = 30000, high: int = 32700) -> list[int]:
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(500):
         base = rng.randrange(low, high - size)
-        if all(_bindable(p) for p in range(base, base + size)):
+        if all(bindable(p, HOST) for p in range(base, base + size)):
             return list(range(base, base + size))
     raise RuntimeError(f"no {size} free consecutive ports in {low}..{high}")
 

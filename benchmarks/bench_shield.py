@@ -68,8 +68,9 @@ def _thread_cpu_s(native_id: int | None) -> float | None:
 def run(quick: bool = False) -> Section:
     """Per-lease check cost (1 and 20 leases) and the running shield's CPU share."""
     from portpool._platform import listeners, locked_inodes
+    from portpool._platform._net import _proc_net_listeners
     from portpool.pool import acquire
-    from portpool.shield import Shield, read_listeners
+    from portpool.shield import Shield
     from portpool.statedir import StateDir
 
     n_one, n_twenty = (300, 100) if quick else (3000, 600)
@@ -78,7 +79,7 @@ def run(quick: bool = False) -> Section:
 
     def floor() -> None:
         locked_inodes()
-        read_listeners()
+        listeners()
 
     section.rows.append(
         Row(
@@ -90,7 +91,7 @@ def run(quick: bool = False) -> Section:
     section.rows.append(
         Row(
             "/proc/net/tcp+tcp6 parse (reference)",
-            time_calls(lambda: listeners(None), max(50, n_twenty // 4), warmup=5),
+            time_calls(lambda: _proc_net_listeners(None), max(50, n_twenty // 4), warmup=5),
             note="what sock_diag replaces",
         )
     )

@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import os
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -120,82 +119,6 @@ def _expected_address(lease: Lease) -> IPAddress | None:
         return None
 
 
-# ------------------------------------------------------------ listening sockets
-
-# Linux sock_diag (netlink): the kernel dumps only listening sockets, ~0.1 ms. Reading
-# /proc/net/tcp walks the whole connection hash instead, and costs ~5 ms per table on a
-# host with a large hash: 50 times the shield's budget. Feature-detected, not OS-named.
-_NETLINK_SOCK_DIAG = 4
-_SOCK_DIAG_BY_FAMILY = 20
-_NLM_F_REQUEST_DUMP = 0x301  # NLM_F_REQUEST | NLM_F_DUMP
-_NLMSG_ERROR = 2
-_NLMSG_DONE = 3
-_TCPF_LISTEN = 1 << 10
-_NLMSG_HEADER = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-# inet_diag_req_v2: family, protocol, ext, pad, states, then a zeroed inet_diag_sockid.
-_DIAG_REQUEST = struct.Struct("=BBBBI48x")
-# inet_diag_msg: family, state, timer, retrans, sport, dport, src, dst, if, cookie,
-# expires, rqueue, wqueue, uid, inode.
-_DIAG_MESSAGE = struct.Struct("=BBBB2s2s16s16sI8sIIIII")
-_DIAG_TIMEOUT_S = 1.0
-
-
-_V4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
-_AF_NETLINK: int | None = getattr(socket, "AF_NETLINK", None)
-
-
-def _diag_listeners(family: socket.AddressFamily) -> list[Listener]:
-    """Listening TCP sockets of ``family`` from the kernel's sock_diag. Raises OSError."""
-    if _AF_NETLINK is None:
-        raise OSError("no netlink sockets here")
-    nl = socket.socket(_AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
-    try:
-        nl.settimeout(_DIAG_TIMEOUT_S)  # bounds the loop below: a silent kernel raises
-        request = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, _TCPF_LISTEN)
-        header = _NLMSG_HEADER.pack(
-            _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
-        )
-        nl.sendto(header + request, (0, 0))
-        width = 4 if family == socket.AF_INET else 16
-        found: list[Listener] = []
-        while True:
-            data = nl.recv(1 << 16)
-            if not data:
-                raise OSError("sock_diag: empty answer")
-            offset = 0
-            while offset + _NLMSG_HEADER.size <= len(data):
-                length, kind, _, _, _ = _NLMSG_HEADER.unpack_from(data, offset)
-                if length < _NLMSG_HEADER.size:
-                    raise OSError("sock_diag: malformed answer")
-                body = offset + _NLMSG_HEADER.size
-                if kind == _NLMSG_DONE:
-                    return found
-                if kind == _NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", data, body)
-                    raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
-                if length >= _NLMSG_HEADER.size + _DIAG_MESSAGE.size:
-                    fields = _DIAG_MESSAGE.unpack_from(data, body)
-                    raw = fields[6][:width]
-                    if raw[:12] == _V4_MAPPED_PREFIX:
-                        address = socket.inet_ntop(socket.AF_INET, raw[12:])
-                    else:
-                        address = socket.inet_ntop(family, raw)
-                    found.append(Listener(address, int.from_bytes(fields[4], "big"), fields[14]))
-                offset += (length + 3) & ~3
-    finally:
-        nl.close()
-
-
-def read_listeners() -> list[Listener]:
-    """Every listening TCP socket on this host, read as cheaply as the OS allows."""
-    if _AF_NETLINK is not None:
-        try:
-            return _diag_listeners(socket.AF_INET) + _diag_listeners(socket.AF_INET6)
-        except (OSError, struct.error) as e:
-            log.debug("sock_diag unavailable (%s); reading the socket tables", e)
-    return listeners(None)
-
-
 class _Snapshot:
     """The kernel reads of one check, made at most once and shared by every lease."""
 
@@ -217,7 +140,7 @@ class _Snapshot:
 
     def listeners_on(self, port: int) -> list[Listener]:
         if self._listeners is None:
-            self._listeners = index_listeners(read_listeners())
+            self._listeners = index_listeners(listeners())
         return self._listeners.get(port, [])
 
     def children(self) -> set[int]:
