@@ -252,7 +252,8 @@ class _PortSource:
                 f"e.g. {held[0]}"
             )
         error.args = (
-            f"portpool: no free port in {self.low}-{high} ({self.size} ports): "
+            f"portpool: no free port in {self.low}-{high} "
+            f"({self.size} port{'s' if self.size > 1 else ''}): "
             "widen --portpool-port-range or free the ports below\n" + "\n".join(lines),
         )
         return error
