@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmarks.bench_pytest import count_log
 from tests.conftest import find_free_block
 from tests.helpers import wait_for, write_layout
 
@@ -344,3 +345,14 @@ def test_again(portpool_port_factory):
     where = _session_dir(tmp_path, "s", text, f"portpool_port_range = {low}-{high}\n")
     done = _run(where, _env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout
+
+
+def test_the_benchmark_counts_overlaps_and_bind_failures() -> None:
+    lines = [
+        ["OK", "5000", "1.0", "2.0"],
+        ["OK", "5000", "1.5", "2.5"],  # the same port while the first test still had it
+        ["OK", "5000", "3.0", "4.0"],  # later: fine
+        ["OK", "5001", "1.0", "2.0"],
+        ["BINDFAIL", "5002", "98"],
+    ]
+    assert count_log(lines) == (4, 1, 1, 2)

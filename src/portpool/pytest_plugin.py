@@ -180,11 +180,11 @@ class _PortSource:
     moves forward, so a port comes back only after the whole range was handed out.
     """
 
-    def __init__(self, low: int, high: int, start: int) -> None:
+    def __init__(self, low: int, high: int, start: int, state: StateDir | None = None) -> None:
         self.low = low
         self.size = high - low + 1
         self.cursor = start % self.size
-        self._state: StateDir | None = None
+        self._state = state  # opened on first use: PORTPOOL_HOME, else the user's
 
     @property
     def state(self) -> StateDir:
