@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:  # portpool itself is imported when a fixture is first used
-    from portpool import Instance, Lease, Refusal, StateDir
+    from portpool import Instance, Lease, PoolExhausted, Refusal, StateDir
 
 HOST = "127.0.0.1"
 DEFAULT_TOP = 29999  # the default range ends here, or below the ephemeral range
@@ -236,7 +236,7 @@ class _PortSource:
             refusals.append(Refusal(lease.port, "in use", _socket_detail(problem)))
         raise self._exhausted(refusals)
 
-    def _exhausted(self, refusals: list[Refusal]) -> Exception:
+    def _exhausted(self, refusals: list[Refusal]) -> PoolExhausted:
         from portpool import PoolExhausted
 
         high = self.low + self.size - 1
