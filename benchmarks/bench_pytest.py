@@ -1,0 +1,297 @@
+"""The pytest plugin: cost per ``portpool_port`` beside the peers' pick, and one load.
+
+Part 1 times, in one process, what each fixture does for a test besides pytest's own
+fixture machinery (the same for every fixture): the raw floor (socket, bind, listen,
+close); the plugin's ``portpool_port`` work (lock the next port of the range, bind and
+listen, write the record, close the socket keeping the lock, check a bind without
+SO_REUSEADDR would succeed; at teardown erase the record and unlock); its
+``portpool_lease`` work (the same without the check, the socket kept); pytest-asyncio's
+``unused_tcp_port`` pick (bind port 0, read the number, close); and
+``portpicker.pick_unused_port()``.
+
+Part 2 is the load of the plugin's own test: two concurrent ``pytest -n 4`` sessions of
+the same N tests, each test binding the port its fixture gave WITHOUT SO_REUSEADDR and
+serving one HTTP request on it (the server closes first, leaving TIME_WAIT as a real
+server does), run once with ``portpool_port``, once with pytest-asyncio's real
+``unused_tcp_port`` fixture, once with a fixture returning
+``portpicker.pick_unused_port()``. Counted: bind failures, and overlaps (one port in
+use by two tests at the same time).
+
+Run: ``python -m benchmarks.bench_pytest`` (``--quick`` for fewer samples and tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks._common import Row, Section, bindable, print_section, time_calls
+
+HOST = "127.0.0.1"
+FLOOR = "bind+listen+close (floor)"
+PORTPOOL_PORT = "portpool_port (take + release)"
+TARGET_US = 100.0
+
+# fixture used by the test -> extra conftest text it needs
+KINDS = {
+    "portpool_port": "",
+    "unused_tcp_port": "",  # pytest-asyncio's own fixture
+    "portpicker_port": (
+        "import portpicker, pytest\n\n"
+        "@pytest.fixture\n"
+        "def portpicker_port():\n"
+        "    return portpicker.pick_unused_port()\n"
+    ),
+}
+
+SERVE = """
+import os, socket, time
+import pytest
+
+LOG = os.environ["BENCH_LOG_DIR"]
+RUN = os.environ["BENCH_RUN"]
+
+@pytest.mark.parametrize("i", range({count}))
+def test_serve(i, {fixture}):
+    port = {fixture}
+    start = time.monotonic()
+    path = os.path.join(LOG, RUN + "-" + os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    server = socket.socket()
+    try:
+        server.bind(("127.0.0.1", port))
+    except OSError as e:
+        with open(path, "a") as f:
+            f.write(f"BINDFAIL {{port}} {{e.errno}}\\n")
+        return
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", port), timeout=10)
+    client.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    conn, _ = server.accept()
+    conn.recv(1024)
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nok")
+    conn.close()
+    server.close()
+    client.recv(1024)
+    client.close()
+    with open(path, "a") as f:
+        f.write(f"OK {{port}} {{start!r}} {{time.monotonic()!r}}\\n")
+"""
+
+
+# ---------------------------------------------------------------- part 1: cost per pick
+
+
+def _floor(port: int) -> None:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    sock.listen(128)
+    sock.close()
+
+
+def free_block(size: int, low: int = 10000, high: int = 19999) -> int:
+    """The first of ``size`` consecutive loopback ports bindable now (below the ephemeral
+    range, and apart from the blocks the test suite picks)."""
+    import random
+
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(300):
+        base = rng.randrange(low, high - size)
+        if all(bindable(p, HOST) for p in range(base, base + size)):
+            return base
+    raise RuntimeError(f"no {size} free consecutive ports in {low}..{high}")
+
+
+def per_call_rows(quick: bool) -> list[Row]:
+    import portpicker
+    from pytest_asyncio.plugin import _unused_port
+
+    from portpool import StateDir
+    from portpool.pytest_plugin import _PortSource
+
+    n = 300 if quick else 3000
+    port = free_block(1)
+    rows = [Row(FLOOR, time_calls(lambda: _floor(port), n), note="raw socket")]
+    # Each call takes the next port of the range, as in a session. The first use of a
+    # port on a host creates its lock and record files; later runs reopen them.
+    size = n + 60
+    base = free_block(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = _PortSource(base, base + size - 1, 0, StateDir.open(os.path.join(tmp, "s")))
+
+        def take_port() -> None:
+            source.take(free_of_sockets=True).release()
+
+        def take_lease() -> None:
+            source.take(free_of_sockets=False).release()
+
+        try:
+            first = time_calls(take_port, n)
+            source.cursor = 0
+            rows.append(
+                Row(
+                    PORTPOOL_PORT,
+                    time_calls(take_port, n),
+                    note="lock, bind, listen, record, close, check bind w/o SO_REUSEADDR; "
+                    "erase, unlock (the port's files exist: a range used before)",
+                )
+            )
+            rows.append(
+                Row(
+                    f"{PORTPOOL_PORT}, first use of each port",
+                    first,
+                    note="the same, creating the port's lock and record files",
+                )
+            )
+            source.cursor = 0
+            rows.append(
+                Row(
+                    "portpool_lease (take + release)",
+                    time_calls(take_lease, n),
+                    note="the same, the listening socket kept instead of the check",
+                )
+            )
+        finally:
+            source.close()
+    rows.append(
+        Row(
+            "unused_tcp_port (pytest-asyncio)",
+            time_calls(lambda: _unused_port(socket.SOCK_STREAM), n),
+            note="bind port 0, read it, close: no hold",
+        )
+    )
+    rows.append(
+        Row(
+            "portpicker.pick_unused_port()",
+            time_calls(portpicker.pick_unused_port, n),
+            note="binds TCP and UDP on port 0, closes; no hold",
+        )
+    )
+    return rows
+
+
+# ---------------------------------------------------------------- part 2: the load
+
+
+@dataclass
+class LoadResult:
+    """Two concurrent ``pytest -n 4`` sessions of ``tests`` serving tests each."""
+
+    fixture: str
+    tests: int
+    served: int
+    bind_failures: int
+    overlaps: int
+    distinct_ports: int
+    seconds: float
+
+
+def count_log(lines: list[list[str]]) -> tuple[int, int, int, int]:
+    """(served, bind failures, overlaps, distinct ports) from the tests' log lines."""
+    served = [(int(x[1]), float(x[2]), float(x[3])) for x in lines if x[0] == "OK"]
+    failures = sum(1 for x in lines if x[0] == "BINDFAIL")
+    by_port: dict[int, list[tuple[float, float]]] = {}
+    for port, start, end in served:
+        by_port.setdefault(port, []).append((start, end))
+    overlaps = 0
+    for uses in by_port.values():
+        uses.sort()
+        overlaps += sum(1 for (_, e1), (s2, _) in itertools.pairwise(uses) if s2 < e1)
+    return len(served), failures, overlaps, len(by_port)
+
+
+def load(fixture: str, tests: int) -> LoadResult:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        logs = root / "logs"
+        logs.mkdir()
+        low = free_block(3 * tests)
+        ini = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+        ini += f"portpool_port_range = {low}-{low + 3 * tests - 1}\n"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PORTPOOL_"))}
+        env.update(PORTPOOL_HOME=str(root / "state"), BENCH_LOG_DIR=str(logs))
+        t0 = time.perf_counter()
+        procs = []
+        for run in ("a", "b"):
+            where = root / run
+            where.mkdir()
+            (where / "pytest.ini").write_text(ini)
+            (where / "conftest.py").write_text(KINDS[fixture])
+            (where / "test_serve.py").write_text(SERVE.format(count=tests, fixture=fixture))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "4"],
+                    cwd=where,
+                    env={**env, "BENCH_RUN": run},
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        seconds = time.perf_counter() - t0
+        for p, out in zip(procs, outputs, strict=True):
+            if p.returncode != 0:
+                raise RuntimeError(f"{fixture}: a session failed:\n{out[-2000:]}")
+        lines = [line.split() for f in logs.iterdir() for line in f.read_text().splitlines()]
+    served, failures, overlaps, distinct = count_log(lines)
+    return LoadResult(fixture, tests, served, failures, overlaps, distinct, seconds)
+
+
+def load_table(results: list[LoadResult]) -> str:
+    lines = [
+        "Concurrent load: two `pytest -n 4` sessions at once, each test binds its port "
+        "without SO_REUSEADDR and serves one request:",
+        "",
+        "| fixture | tests | served | bind failures | overlaps | distinct ports | seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.fixture} | {2 * r.tests} | {r.served} | {r.bind_failures} | {r.overlaps} "
+            f"| {r.distinct_ports} | {r.seconds:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the section
+
+
+def run(quick: bool = False) -> Section:
+    """Cost per pick of each fixture, then the same concurrent load with each."""
+    section = Section("pytest fixtures: portpool_port against unused_tcp_port", floor=FLOOR)
+    section.rows.extend(per_call_rows(quick))
+    tests = 100 if quick else 300
+    results = [load(fixture, tests) for fixture in KINDS]
+    section.extra["load"] = [asdict(r) for r in results]
+    pp = next(r for r in section.rows if r.name == PORTPOOL_PORT)
+    verdict = "met" if pp.median < TARGET_US else "MISSED"
+    section.notes.append(
+        f"portpool_port median {pp.median:.1f} us: target < {TARGET_US:.0f} us {verdict} "
+        f"(state dir {tempfile.gettempdir()}, as PORTPOOL_HOME there; the user's default is "
+        "$XDG_RUNTIME_DIR, a tmpfs, where file creation is cheaper)."
+    )
+    honest = []
+    for row in section.rows:
+        if row.name == FLOOR or row.name.startswith("portpool") or row.median >= pp.median:
+            continue
+        honest.append(
+            f"{PORTPOOL_PORT} ({pp.median:.0f} us) is {pp.median / row.median:.1f}x "
+            f"{row.name} ({row.median:.0f} us): it locks the port for the test until "
+            "teardown and proves a server without SO_REUSEADDR can bind it; the pick "
+            "probes and lets go, so nothing stops another worker, run or TIME_WAIT."
+        )
+    section.extra["honest"] = honest
+    section.notes.append(load_table(results))
+    return section
+
+
+if __name__ == "__main__":
+    print_section(run(quick="--quick" in sys.argv))

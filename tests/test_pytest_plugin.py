@@ -1,0 +1,358 @@
+"""The pytest plugin, in real pytest sessions (with pytest-xdist) started as subprocesses.
+
+Each session runs in its own directory with its own ``pytest.ini`` and shares one
+temporary PORTPOOL_HOME with the sessions it races, as concurrent runs on a host share
+the user's state dir.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmarks.bench_pytest import count_log
+from tests.conftest import find_free_block
+from tests.helpers import wait_for, write_layout
+
+# Each test binds its port WITHOUT SO_REUSEADDR and serves one HTTP request on it; the
+# server closes first, so every port it used is left in TIME_WAIT, as a real server's is.
+SERVE_300 = """
+import os, socket, time
+import pytest
+
+LOG = os.environ["PLUGIN_LOG_DIR"]
+RUN = os.environ["PLUGIN_RUN"]
+
+@pytest.mark.parametrize("i", range(300))
+def test_serve(i, portpool_port):
+    start = time.monotonic()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    path = os.path.join(LOG, f"{RUN}-{worker}.log")
+    server = socket.socket()
+    try:
+        server.bind(("127.0.0.1", portpool_port))
+    except OSError as e:
+        with open(path, "a") as f:
+            f.write(f"BINDFAIL {portpool_port} {e.errno}\\n")
+        raise
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", portpool_port), timeout=10)
+    client.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+    conn, _ = server.accept()
+    assert conn.recv(1024).startswith(b"GET / ")
+    conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nok")
+    conn.close()
+    server.close()
+    reply = client.recv(1024)
+    client.close()
+    assert reply.endswith(b"ok")
+    end = time.monotonic()
+    with open(path, "a") as f:
+        f.write(f"OK {portpool_port} {start!r} {end!r} {RUN} {i}\\n")
+"""
+
+
+def _session_dir(root: Path, name: str, test_text: str, ini: str = "") -> Path:
+    where = root / name
+    where.mkdir()
+    (where / "pytest.ini").write_text("[pytest]\n" + ini)
+    (where / "test_inner.py").write_text(test_text)
+    return where
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PORTPOOL_"))}
+    env.update(PORTPOOL_HOME=str(home), PYTHONDONTWRITEBYTECODE="1", **extra)
+    return env
+
+
+def _pytest_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+
+
+def _run(where: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _pytest_cmd(*args),
+        cwd=where,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _free_range(size: int) -> tuple[int, int]:
+    # Apart from the 20000-30000 blocks other tests pick, below the ephemeral range.
+    base = find_free_block(size, low=10000, high=19999)
+    return base, base + size - 1
+
+
+def test_concurrent_xdist_sessions_never_share_a_port_and_always_bind(tmp_path: Path) -> None:
+    home = tmp_path / "state"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # 600 servers each leave TIME_WAIT on their port for a minute: a range of 900 ports
+    # means the workers' shares meet, and the ones that move into ports used earlier
+    # in this run must skip them.
+    low, high = _free_range(900)
+    ini = f"portpool_port_range = {low}-{high}\n"
+    procs = []
+    for run in ("a", "b"):
+        where = _session_dir(tmp_path, run, SERVE_300, ini)
+        env = _env(home, PLUGIN_LOG_DIR=str(logs), PLUGIN_RUN=run)
+        procs.append(
+            subprocess.Popen(
+                _pytest_cmd("-n", "4"),
+                cwd=where,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    lines = [line.split() for f in sorted(logs.iterdir()) for line in f.read_text().splitlines()]
+    failures = [x for x in lines if x[0] == "BINDFAIL"]
+    assert failures == [], outputs
+    for proc, out in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, out
+        assert "300 passed" in out, out
+    served = [(int(x[1]), float(x[2]), float(x[3]), x[4]) for x in lines if x[0] == "OK"]
+    assert len(served) == 600
+    assert all(low <= port <= high for port, *_ in served)
+    # The two runs really ran at the same time.
+    starts = {run: min(s for _, s, _, r in served if r == run) for run in ("a", "b")}
+    ends = {run: max(e for _, _, e, r in served if r == run) for run in ("a", "b")}
+    assert max(starts.values()) < min(ends.values())
+    by_port: dict[int, list[tuple[float, float, str]]] = {}
+    for port, start, end, run in served:
+        by_port.setdefault(port, []).append((start, end, run))
+    overlaps = []
+    for port, uses in by_port.items():
+        uses.sort()
+        for (s1, e1, r1), (s2, e2, r2) in itertools.pairwise(uses):
+            if s2 < e1:
+                overlaps.append((port, (s1, e1, r1), (s2, e2, r2)))
+    assert overlaps == []
+
+
+HOLD = """
+import os, socket, time
+
+def test_hold(portpool_port):
+    server = socket.socket()
+    server.bind(("127.0.0.1", portpool_port))
+    server.listen()
+    with open(os.environ["PLUGIN_READY"], "w") as f:
+        f.write(f"{os.getpid()} {portpool_port}")
+    time.sleep(120)
+"""
+
+TAKE = """
+import socket
+
+def test_take(portpool_port):
+    server = socket.socket()
+    server.bind(("127.0.0.1", portpool_port))
+    server.listen()
+    print("GOT", portpool_port)
+    server.close()
+"""
+
+
+def test_a_killed_test_process_frees_its_port_at_once(tmp_path: Path) -> None:
+    home = tmp_path / "state"
+    low, _ = _free_range(1)
+    ini = f"portpool_port_range = {low}-{low}\n"
+    ready = tmp_path / "ready"
+    holder_dir = _session_dir(tmp_path, "holder", HOLD, ini)
+    holder = subprocess.Popen(
+        _pytest_cmd("-s"),
+        cwd=holder_dir,
+        env=_env(home, PLUGIN_READY=str(ready)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        text = wait_for(lambda: ready.exists() and ready.read_text(), timeout=60)
+        pid, port = (int(x) for x in text.split())
+        assert pid == holder.pid and port == low
+        taker_dir = _session_dir(tmp_path, "taker", TAKE, ini)
+        refused = _run(taker_dir, _env(home), "-s")
+        assert refused.returncode == 1, refused.stdout
+        assert "PoolExhausted" in refused.stdout
+        assert f"pid {holder.pid}" in refused.stdout, refused.stdout
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+        got = _run(taker_dir, _env(home), "-s")
+        assert got.returncode == 0, got.stdout
+        assert f"GOT {low}" in got.stdout
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
+
+
+def test_an_exhausted_range_names_the_foreign_listener(tmp_path: Path) -> None:
+    low, _ = _free_range(1)
+    foreign = socket.socket()
+    foreign.bind(("127.0.0.1", low))
+    foreign.listen()
+    try:
+        where = _session_dir(tmp_path, "s", TAKE, f"portpool_port_range = {low}-{low}\n")
+        done = _run(where, _env(tmp_path / "state"))
+    finally:
+        foreign.close()
+    assert done.returncode == 1, done.stdout
+    assert f"no free port in {low}-{low}" in done.stdout
+    assert f"port {low}: in use (used by a foreign process: pid {os.getpid()}" in done.stdout
+
+
+@pytest.mark.parametrize("reuse", [True, False], ids=["server-reuseaddr", "plain-server"])
+def test_a_port_left_in_time_wait_is_not_handed_out(tmp_path: Path, reuse: bool) -> None:
+    low, _ = _free_range(1)
+    # An earlier server answers one connection and closes first: TIME_WAIT on the port.
+    # One that set SO_REUSEADDR (asyncio's, http.server's do) lets portpool's own bind
+    # through: only the check without SO_REUSEADDR sees the TIME_WAIT then.
+    server = socket.socket()
+    if reuse:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", low))
+    server.listen()
+    client = socket.create_connection(("127.0.0.1", low))
+    conn, _ = server.accept()
+    conn.close()
+    assert client.recv(16) == b""
+    client.close()
+    server.close()
+    plain = socket.socket()
+    with pytest.raises(OSError):
+        plain.bind(("127.0.0.1", low))  # what the next test's server would meet
+    plain.close()
+    where = _session_dir(tmp_path, "s", TAKE, f"portpool_port_range = {low}-{low}\n")
+    done = _run(where, _env(tmp_path / "state"))
+    assert done.returncode == 1, done.stdout
+    assert "1 error" in done.stdout  # refused at set-up, never handed to the test
+    assert f"no free port in {low}-{low} (1 port)" in done.stdout
+    if reuse:
+        assert f"port {low}: in use (a socket still uses it" in done.stdout
+    assert f"TIME_WAIT 127.0.0.1:{low} -> 127.0.0.1:" in done.stdout
+
+
+INSTANCE = """
+import os, socket, time
+import pytest
+
+@pytest.mark.parametrize("i", range(8))
+def test_instance(i, portpool_instance, portpool_lease):
+    lease = portpool_instance.leases["web"]
+    assert lease.socket is not None
+    assert portpool_lease.socket.getsockname()[1] == portpool_lease.port
+    client = socket.create_connection(("127.0.0.1", portpool_lease.port))
+    conn, _ = portpool_lease.socket.accept()
+    conn.sendall(b"hi")
+    assert client.recv(2) == b"hi"
+    conn.close()
+    client.close()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(os.path.join(os.environ["PLUGIN_LOG_DIR"], worker), "a") as f:
+        f.write(f"{portpool_instance.number} {lease.port}\\n")
+    time.sleep(0.1)  # both workers get tests
+"""
+
+
+def test_portpool_instance_gives_each_worker_its_own_instance(tmp_path: Path) -> None:
+    base = find_free_block(20, low=10000, high=19999)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    where = _session_dir(tmp_path, "s", INSTANCE, "portpool_layout = conf/app.toml\n")
+    (where / "conf").mkdir()
+    write_layout(where / "conf" / "app.toml", base, app="plugin-test", services={"web": {}})
+    done = _run(where, _env(tmp_path / "state", PLUGIN_LOG_DIR=str(logs)), "-n", "2")
+    assert done.returncode == 0, done.stdout
+    per_worker = {
+        f.name: {tuple(line.split()) for line in f.read_text().splitlines()} for f in logs.iterdir()
+    }
+    assert sorted(per_worker) == ["gw0", "gw1"]
+    assert all(len(seen) == 1 for seen in per_worker.values()), per_worker
+    numbers = {next(iter(seen))[0] for seen in per_worker.values()}
+    ports = {next(iter(seen))[1] for seen in per_worker.values()}
+    assert numbers == {"1", "2"}
+    assert ports == {str(base), str(base + 10)}
+
+
+def _ephemeral() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+    except OSError:
+        pytest.skip("this OS does not tell its ephemeral port range in /proc")
+    return low, high
+
+
+@pytest.mark.parametrize("where", ["option", "ini"])
+def test_a_range_overlapping_the_ephemeral_range_is_a_usage_error(
+    tmp_path: Path, where: str
+) -> None:
+    low, high = _ephemeral()
+    value = f"{low - 10}-{low + 10}"
+    ini = f"portpool_port_range = {value}\n" if where == "ini" else ""
+    args = ["--portpool-port-range", value] if where == "option" else []
+    session = _session_dir(tmp_path, "s", TAKE, ini)
+    done = _run(session, _env(tmp_path / "state"), *args)
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    assert f"overlaps this host's ephemeral port range {low}-{high}" in done.stderr
+
+
+def test_a_malformed_range_is_a_usage_error(tmp_path: Path) -> None:
+    session = _session_dir(tmp_path, "s", TAKE)
+    done = _run(session, _env(tmp_path / "state"), "--portpool-port-range", "20000")
+    assert done.returncode == 4
+    assert "expected LOW-HIGH" in done.stderr
+
+
+def test_the_plugin_is_inert_in_a_session_that_asks_for_no_port(tmp_path: Path) -> None:
+    home = tmp_path / "state"
+    session = _session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
+    done = _run(session, _env(home))
+    assert done.returncode == 0, done.stdout
+    assert not home.exists()  # not even the state dir was created
+
+
+def test_ports_of_one_test_are_distinct_and_released_after_it(tmp_path: Path) -> None:
+    low, high = _free_range(4)
+    text = """
+import socket
+
+def test_many(portpool_port, portpool_port_factory):
+    ports = [portpool_port] + [portpool_port_factory() for _ in range(3)]
+    assert len(set(ports)) == 4
+    for port in ports:
+        s = socket.socket()
+        s.bind(("127.0.0.1", port))
+        s.close()
+
+def test_again(portpool_port_factory):
+    assert len({portpool_port_factory() for _ in range(4)}) == 4
+"""
+    where = _session_dir(tmp_path, "s", text, f"portpool_port_range = {low}-{high}\n")
+    done = _run(where, _env(tmp_path / "state"))
+    assert done.returncode == 0, done.stdout
+
+
+def test_the_benchmark_counts_overlaps_and_bind_failures() -> None:
+    lines = [
+        ["OK", "5000", "1.0", "2.0"],
+        ["OK", "5000", "1.5", "2.5"],  # the same port while the first test still had it
+        ["OK", "5000", "3.0", "4.0"],  # later: fine
+        ["OK", "5001", "1.0", "2.0"],
+        ["BINDFAIL", "5002", "98"],
+    ]
+    assert count_log(lines) == (4, 1, 1, 2)
