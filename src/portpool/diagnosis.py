@@ -12,19 +12,29 @@ the shield tripped on sockets that could not take our traffic). It answers:
   which no table shows), and whether a server that does not set SO_REUSEADDR would;
 - whether a listener can receive traffic meant for a lease (for the shield).
 
-Layer: pool. It imports only ``_platform``, ``_addresses`` and ``errors``.
+Layer: pool. It imports only what lies below (``lock``, ``statedir``, ``_platform``,
+``_addresses``) and ``layout``/``errors``.
 """
 
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from portpool._addresses import bind_all, covered_scopes, overlaps, socket_scopes
-from portpool._platform import TcpSocket, owners_of_inodes, process_name, tcp_sockets
+from portpool._platform import (
+    TcpSocket,
+    locked_inodes,
+    owners_of_inodes,
+    process_name,
+    tcp_sockets,
+    user_id,
+)
 from portpool.errors import Refusal
+from portpool.layout import Layout
+from portpool.lock import inspect_port
+from portpool.statedir import StateDir
 
 DEFAULT_BACKLOG = 128
 
@@ -57,7 +67,7 @@ class Occupant:
             )
         if self.socket.state == "time-wait":
             return "no process (the kernel keeps it up to 60 s)"
-        if self.socket.uid is not None and self.socket.uid != os.getuid():
+        if self.socket.uid is not None and self.socket.uid != user_id():
             return f"a process of uid {self.socket.uid} (the OS does not say which)"
         return "an unknown process"
 
@@ -228,3 +238,109 @@ def diagnose(
         return PortDiagnosis(port, host, occupants, None, "", plain_blocked, probe)
     message = bind_error.strerror or str(bind_error)
     return PortDiagnosis(port, host, occupants, bind_error.errno, message, plain_blocked, probe)
+
+
+# ---------------------------------------------------------------- doctor
+
+
+@dataclass(frozen=True)
+class PortVerdict:
+    """``doctor``'s word on one pool port: None ``refusal`` means ``acquire`` can have it;
+    otherwise the very Refusal ``acquire`` would report."""
+
+    instance: int
+    service: str
+    port: int
+    refusal: Refusal | None
+    notes: tuple[str, ...] = ()
+    diagnosis: PortDiagnosis | None = None
+
+    @property
+    def kind(self) -> str:
+        """``free``, ``held`` (by portpool), ``foreign`` (in use), or the refusal's reason."""
+        if self.refusal is None:
+            return "free"
+        return {"held": "held", "in use": "foreign"}.get(self.refusal.reason, self.refusal.reason)
+
+    def describe(self) -> str:
+        if self.refusal is None:
+            return "; ".join(("free", *self.notes))
+        if self.refusal.reason == "held":
+            return self.refusal.detail  # "held by instance 1 of app (pid ...)"
+        return f"{self.refusal.reason} ({self.refusal.detail})"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "instance": self.instance,
+            "service": self.service,
+            "port": self.port,
+            "kind": self.kind,
+            "text": self.describe(),
+            "occupants": [] if self.diagnosis is None else self.diagnosis.to_dict()["occupants"],
+        }
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """Every pool port of every admissible instance, judged as ``acquire`` would."""
+
+    app: str
+    host: str
+    max_instances: int
+    verdicts: tuple[PortVerdict, ...]
+
+    def counts(self) -> dict[str, int]:
+        out = {"free": 0, "held": 0, "foreign": 0}
+        for v in self.verdicts:
+            out[v.kind] = out.get(v.kind, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "app": self.app,
+            "host": self.host,
+            "max_instances": self.max_instances,
+            "counts": self.counts(),
+            "ports": [v.to_dict() for v in self.verdicts],
+        }
+
+
+def classify_port(
+    state: StateDir,
+    port: int,
+    host: str,
+    *,
+    locked: dict[int, int] | None = None,
+    sockets: Sequence[TcpSocket] | None = None,
+) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None]:
+    """Whether ``acquire`` on ``host`` would take ``port`` now, and if not the Refusal it
+    would give: held by a portpool lock holder, else the kernel's probe bind. Kills and
+    keeps nothing. Raises OSError if ``host`` does not resolve."""
+    seen = inspect_port(state, port, locked)
+    if not seen.is_free:
+        return Refusal(port, "held", seen.describe()), (), None
+    found = diagnose(port, host, sockets=sockets)
+    return found.refusal(), tuple(found.notes()), found
+
+
+def examine_layout(layout: Layout, state: StateDir | None = None) -> DoctorReport:
+    """``doctor``: what blocks which pool port of every admissible instance, naming
+    foreign holders where the OS says. Kills nothing. Raises StateDirError for an
+    unusable state dir, OSError if the layout's host does not resolve."""
+    own = state is None
+    state = state or StateDir.open()
+    try:
+        locked = locked_inodes()
+        sockets = tcp_sockets()
+        verdicts = []
+        for number in range(1, layout.max_instances + 1):
+            for service in layout.services:
+                for port in service.pool(number):
+                    refusal, notes, found = classify_port(
+                        state, port, layout.host, locked=locked, sockets=sockets
+                    )
+                    verdicts.append(PortVerdict(number, service.name, port, refusal, notes, found))
+        return DoctorReport(layout.app, layout.host, layout.max_instances, tuple(verdicts))
+    finally:
+        if own:
+            state.close()

@@ -28,6 +28,8 @@ from portpool.errors import (
 from portpool.lock import PortLock, PortRecord, PortStatus
 from portpool.statedir import StateDir
 
+_Socket = socket.socket  # the field ``socket`` shadows the module inside Lease
+
 __all__ = ["DEFAULT_BACKLOG", "Lease", "acquire", "bind_listen", "check_port", "describe_foreign"]
 
 
@@ -48,7 +50,7 @@ class Lease:
     lock: PortLock
     service: str = ""
     refusals: list[Refusal] = field(default_factory=list)
-    held: list[socket.socket] = field(default_factory=list)
+    held: list[_Socket] = field(default_factory=list)
 
     @property
     def record(self) -> PortRecord | None:

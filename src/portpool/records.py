@@ -255,11 +255,26 @@ def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo
 
 @dataclass
 class GcReport:
-    """What ``gc`` removed: stale instance records and stale port metadata."""
+    """What ``gc`` removed, exactly: ``files`` lists every file it unlinked (relative to
+    the state dir); the other lists say what they were. ``instances``: records of dead
+    instances ("app/n"); ``ports``: ports whose dead holder left its metadata;
+    ``released``: files a released port or a free slot left for reuse ("port 6000",
+    "slot app/3"); ``temp_files``: a dead writer's temporary files."""
 
     instances: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "instances": self.instances,
+            "ports": self.ports,
+            "released": self.released,
+            "temp_files": self.temp_files,
+            "files": self.files,
+        }
 
 
 def _remove_if_free(directory: DirHandle, lock_name: str, others: Sequence[str]) -> bool:
@@ -277,7 +292,30 @@ def _remove_if_free(directory: DirHandle, lock_name: str, others: Sequence[str])
     return True
 
 
-def _clean_temp_files(directory: DirHandle, report: GcReport) -> None:
+def _remove_free_files(
+    directory: DirHandle, lock_name: str, others: Sequence[str]
+) -> list[str] | None:
+    """``_remove_if_free``, telling which files were there and were unlinked (the lock
+    file last, if it was there before we locked it); None if the lock was held."""
+    existed = directory.stat_entry(lock_name) is not None
+    try:
+        held = HeldLock.acquire(directory, lock_name)
+    except (LockHeld, PortPoolError):
+        return None
+    removed: list[str] = []
+    try:
+        for name in others:
+            with contextlib.suppress(FileNotFoundError):
+                directory.unlink(name)
+                removed.append(name)
+    finally:
+        if existed and held.problem(check_kernel=False) is None:
+            removed.append(lock_name)  # remove_and_release unlinks it: still ours
+        held.remove_and_release()
+    return removed
+
+
+def _clean_temp_files(directory: DirHandle, report: GcReport, where: str = "") -> None:
     for name in directory.listdir():
         if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
             continue
@@ -287,6 +325,7 @@ def _clean_temp_files(directory: DirHandle, report: GcReport) -> None:
             with contextlib.suppress(OSError):
                 directory.unlink(name)
                 report.temp_files.append(name)
+                report.files.append(f"{where}{name}")
 
 
 def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcReport:
@@ -300,10 +339,15 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
     for number in slot_numbers(names):
         if is_held(directory, f"{number}.lock", locked):
             continue
-        stale = directory.stat_entry(f"{number}.json") is not None
-        if _remove_if_free(directory, f"{number}.lock", [f"{number}.json"]) and stale:
+        removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
+        if not removed:
+            continue
+        report.files.extend(f"apps/{app}/instances/{name}" for name in removed)
+        if f"{number}.json" in removed:
             report.instances.append(f"{app}/{number}")
-    _clean_temp_files(directory, report)
+        else:
+            report.released.append(f"slot {app}/{number}")
+    _clean_temp_files(directory, report, f"apps/{app}/instances/")
     return report
 
 
@@ -333,8 +377,15 @@ def gc(state: StateDir | None = None) -> GcReport:
                 had_record = read_port_record(ports, port) is not None
             except ValueError:
                 had_record = True
-            if _remove_if_free(ports, f"{port}.lock", [f"{port}.json"]) and had_record:
+            removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"])
+            if not removed:
+                continue
+            report.files.extend(f"ports/{name}" for name in removed)
+            # A released port leaves a blank record and its lock file for reuse.
+            if had_record:
                 report.ports.append(port)
+            else:
+                report.released.append(f"port {port}")
     finally:
         if own:
             state.close()
