@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import occupy, portpool, release, write_layout
+from tests.helpers import occupy, portpool, release, start, write_layout
 
 from portpool._addresses import bind_targets, has_ipv6_loopback
 from portpool.errors import LayoutError
@@ -191,3 +191,27 @@ def test_a_lease_outside_an_instance_is_described_in_plain_words(
         assert text == f"held by pid {proc.pid}, outside any instance, service tests"
     finally:
         release(proc)
+
+
+def test_a_shield_trip_is_reported_once(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """Issue 15: a trip printed the same reason three times (shield, instance, CLI)."""
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", shield=0.05)
+    # The command is given the port by number, then a stranger takes it.
+    script = (
+        "import os, subprocess, sys, time\nprint(os.environ['PORT'], flush=True)\ntime.sleep(30)\n"
+    )
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", script)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == str(port_base)
+        stranger = occupy("listen", "127.0.0.1", port_base)
+        foreign.append(stranger)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 4, err
+    assert err.count(f"listened on by pid {stranger.pid}") == 1, err

@@ -253,7 +253,8 @@ class Instance:
 
         def tripped(lease: Lease | None, reason: str) -> None:
             self.lost_reason = reason
-            log.critical("instance %d of %s lost: %s", self.number, self.app, reason)
+            if on_lost is None:  # else the caller reports it: once, not three times
+                log.critical("instance %d of %s lost: %s", self.number, self.app, reason)
             (on_lost or self._default_on_lost)(lease, reason)
 
         self._shield = Shield(

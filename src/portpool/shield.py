@@ -345,11 +345,13 @@ class Shield:
             self._stopped = True
             self._tripped = reason
         self._stop_event.set()
-        log.critical("%s tripped: %s", self.name, reason)
+        # Reported once, by on_lost's owner (the CLI prints it; Instance's default logs it):
+        # logging here too printed every trip three times.
+        log.debug("%s tripped: %s", self.name, reason)
         try:
             self._on_lost(lease, reason)
         except Exception:
-            log.exception("%s: on_lost failed after the trip", self.name)
+            log.exception("%s: on_lost failed after the trip: %s", self.name, reason)
 
     # ------------------------------------------------------------ the checks
 
