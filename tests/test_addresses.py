@@ -6,6 +6,7 @@ Each test is one reported fault, with real foreign processes and real sockets.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +14,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import occupy, portpool, release, start, write_layout
+from tests.helpers import (
+    occupy,
+    portpool,
+    read_line,
+    release,
+    start,
+    status_json,
+    wait_for,
+    write_layout,
+)
 
 from portpool._addresses import bind_targets, has_ipv6_loopback
 from portpool.errors import LayoutError
@@ -215,3 +225,28 @@ def test_a_shield_trip_is_reported_once(
             proc.wait()
     assert proc.returncode == 4, err
     assert err.count(f"listened on by pid {stranger.pid}") == 1, err
+
+
+def test_no_silent_skip_up_prints_it_and_status_shows_it(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """Fault 5: `up` took P+1 and said nothing about why P was skipped."""
+    stranger = occupy("listen", "127.0.0.1", port_base)
+    foreign.append(stranger)
+    layout = tmp_path / "p.toml"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    write_layout(layout, port_base, services={"web": {"command": sleeper, "socket": "port"}})
+    up = start("up", "--config", str(layout))
+    try:
+        wait_for(lambda: "is up" in read_line(up), timeout=30)
+        doc = status_json(layout)
+        (service,) = doc["instances"][0]["services"]
+        assert service["port"] == port_base + 1
+        (refusal,) = service["refusals"]
+        assert refusal["port"] == port_base and refusal["reason"] == "in use"
+        assert f"pid {stranger.pid} (python" in refusal["detail"]
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=30)
+    assert err.count(f"got port {port_base + 1}, not {port_base}") == 1, err
+    assert refusal["detail"] in err

@@ -172,6 +172,11 @@ class Instance:
                     "pool": self.pool(name),
                     "port": lease.port,
                     "pid": self.service_pids.get(name, me.pid),
+                    # Why earlier ports of the pool were skipped (status, dashboard).
+                    "refusals": [
+                        {"port": r.port, "reason": r.reason, "detail": r.detail}
+                        for r in lease.refusals
+                    ],
                 }
                 for name, lease in self.leases.items()
             ],

@@ -109,8 +109,23 @@ def _valid_pool(pool: object) -> bool:
     return all(not (type(p) is not int or not 0 < p < 65536) for p in pool)
 
 
+def _parse_refusals(raw: object) -> list[dict[str, Any]]:
+    """Why a service skipped earlier ports of its pool: port, reason, detail (validated;
+    anything else is dropped, as a record is for people)."""
+    if type(raw) is not list:
+        return []
+    out = []
+    for item in raw[:64]:
+        if type(item) is not dict:
+            continue
+        port, reason, detail = item.get("port"), item.get("reason"), item.get("detail")
+        if type(port) is int and 0 < port < 65536 and type(reason) is str and type(detail) is str:
+            out.append({"port": port, "reason": reason[:64], "detail": detail[:512]})
+    return out
+
+
 def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
-    """Validated service entries as plain dicts of exactly name, pool, port, pid.
+    """Validated service entries as plain dicts of exactly name, pool, port, pid, refusals.
 
     Plain dicts because ``status --json`` passes tens of thousands of them straight to
     the JSON encoder; ``InstanceInfo.services`` wraps them on demand.
@@ -132,6 +147,7 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
                 "pool": pool,
                 "port": port if type(port) is int and 0 < port < 65536 else None,
                 "pid": pid if type(pid) is int and 0 < pid < 2**31 else None,
+                "refusals": _parse_refusals(item.get("refusals")),
             }
         )
     return tuple(out)
