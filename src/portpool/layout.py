@@ -276,7 +276,7 @@ def host_meaning(host: str) -> str:
     if host == "0.0.0.0":
         return "every IPv4 address; IPv6 clients (::1) are not served"
     if host == "127.0.0.1":
-        return "the IPv4 loopback only; clients must not use 'localhost' if it resolves to ::1"
+        return "the IPv4 loopback only; a client resolving 'localhost' to ::1 does not reach it"
     if host == "::1":
         return "the IPv6 loopback only; IPv4 clients are refused"
     return f"{host} only; the port's other addresses follow the kernel's bind rules"
