@@ -10,9 +10,11 @@ shield trips on a listener exactly when the diagnosis says it takes the lease's 
 from __future__ import annotations
 
 import errno
+import os
 import random
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -239,3 +241,33 @@ def test_doctor_names_the_pid_of_an_outgoing_connection(
     assert refusal is not None and refusal.reason == "in use"
     assert f"pid {proc.pid} (python" in refusal.detail
     assert f"a connection from 127.0.0.1:{port}" in refusal.detail
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sock_diag and /proc/net are Linux's")
+def test_sock_diag_reads_states_and_v6only_and_agrees_with_the_tables(port: int) -> None:
+    from portpool._platform._sockdiag import _proc_net
+
+    _needs_ipv6("::")
+    made: list[socket.socket] = []
+    try:
+        for flag, offset in ((1, 0), (0, 1)):
+            s = socket.socket(socket.AF_INET6)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, flag)
+            s.bind(("::", port + offset))
+            s.listen()
+            made.append(s)
+        client = socket.create_connection(("127.0.0.1", port + 1))
+        made.append(client)
+        by_port = {p: tcp_sockets(p) for p in (port, port + 1)}
+        (only6,) = by_port[port]
+        assert (only6.state, only6.address, only6.v6only) == ("listen", "::", True)
+        dual = next(s for s in by_port[port + 1] if s.state == "listen")
+        assert dual.v6only is False
+        assert dual.inode == os.fstat(made[1].fileno()).st_ino
+        # The fallback tables list the same sockets (without the V6ONLY flag).
+        for p, found in by_port.items():
+            table = {(s.family, s.address, s.state, s.inode) for s in _proc_net(p)}
+            assert {(s.family, s.address, s.state, s.inode) for s in found} == table
+    finally:
+        for s in made:
+            s.close()
