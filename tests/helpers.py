@@ -150,6 +150,13 @@ else:
         peer.close()
 print("ready", flush=True)
 sys.stdin.read()
+if kind == "connected":
+    # The server side closes first, so the TIME_WAIT lands on its ephemeral port, not on
+    # the occupied one: a TIME_WAIT left on P would block later tests for 60 s.
+    peer.close()
+    s.settimeout(10)
+    s.recv(1)
+    s.close()
 """
 
 

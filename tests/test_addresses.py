@@ -94,8 +94,8 @@ def test_wildcard_ipv6_is_dual_stack(state: StateDir, port_base: int) -> None:
         assert lease.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
         client = socket.create_connection(("127.0.0.1", port_base), timeout=5)
         conn, _ = lease.socket.accept()  # the IPv4 client reached our socket
+        client.close()  # the client closes first: no TIME_WAIT is left on our port
         conn.close()
-        client.close()
         for host in ("0.0.0.0", "127.0.0.1"):
             intruder = socket.socket()
             with pytest.raises(OSError):

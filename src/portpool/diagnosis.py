@@ -22,7 +22,7 @@ import errno
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from portpool._addresses import bind_all, covered_scopes, overlaps, socket_scopes
+from portpool._addresses import Scope, bind_all, covered_scopes, overlaps, socket_scopes
 from portpool._platform import (
     TcpSocket,
     locked_inodes,
@@ -108,15 +108,21 @@ class Occupant:
         }
 
 
-def occupies(sock: TcpSocket, host: str) -> bool:
-    """Whether ``sock`` uses an address a lease on ``host`` covers (bind overlap).
-
-    Raises OSError if ``host`` does not resolve."""
+def meets(sock: TcpSocket, scopes: frozenset[Scope]) -> bool:
+    """Whether ``sock``'s addresses meet ``scopes`` (``covered_scopes`` of a host): the
+    one rule for bind conflicts and for whose traffic a listener can receive."""
     try:
         theirs = socket_scopes(sock.family, sock.address, sock.v6only)
     except ValueError:
         return True  # an address we cannot read: assume the worst
-    return overlaps(theirs, covered_scopes(host))
+    return overlaps(theirs, scopes)
+
+
+def occupies(sock: TcpSocket, host: str) -> bool:
+    """Whether ``sock`` uses an address a lease on ``host`` covers (bind overlap).
+
+    Raises OSError if ``host`` does not resolve."""
+    return meets(sock, covered_scopes(host))
 
 
 def takes_traffic(sock: TcpSocket, host: str) -> bool:

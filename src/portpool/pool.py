@@ -2,7 +2,9 @@
 
 The bound, listening socket is the reservation (rule 5): it is handed to the service,
 so nothing can slip in between the check and the use. A port that is locked by
-nobody but cannot be bound belongs to a foreign program: skip it, never fight it.
+nobody but cannot be bound belongs to a foreign program: skip it, never fight it, and
+say why in the words of ``portpool.diagnosis`` (the ones ``doctor`` uses too). What a
+host binds (both loopbacks for ``localhost``, dual-stack ``::``) is ``_addresses``'s.
 """
 
 from __future__ import annotations

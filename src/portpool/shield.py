@@ -41,7 +41,7 @@ from portpool._platform import (
     socket_inode,
     tcp_sockets,
 )
-from portpool.diagnosis import Occupant
+from portpool.diagnosis import Occupant, meets
 
 if TYPE_CHECKING:
     import asyncio
@@ -425,7 +425,7 @@ class Shield:
         for listener in snapshot.listeners_on(port):
             if listener.inode is not None:
                 seen_inodes.add(listener.inode)
-            if watch.scopes is not None and not _reaches(listener, watch.scopes):
+            if watch.scopes is not None and not meets(listener, watch.scopes):
                 continue
             foreign = self._foreign_owner(listener, ours, watch, snapshot)
             if foreign is None:
@@ -482,12 +482,3 @@ def _occupant(listener: TcpSocket, pids: list[int]) -> str:
     """``pid 12 (nginx) on [::]:8000 (IPv6 and IPv4)``: the diagnosis's words."""
     found = Occupant(listener, tuple(pids), tuple(process_name(p) or "?" for p in pids))
     return f"{found.who()} on {found.place()}"
-
-
-def _reaches(listener: TcpSocket, scopes: frozenset[tuple[int, str | None]]) -> bool:
-    """Whether ``listener`` can receive traffic for an address in ``scopes``."""
-    try:
-        theirs = socket_scopes(listener.family, listener.address, listener.v6only)
-    except ValueError:
-        return True  # an address we cannot read: assume the worst
-    return overlaps(theirs, scopes)

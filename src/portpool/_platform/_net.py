@@ -1,10 +1,9 @@
 """Who listens on a TCP port, read from the kernel.
 
-On Linux the kernel's sock_diag netlink interface dumps every listening socket with its
-inode in ~0.1 ms, so the shield can ask every second; the socket tables
-(``/proc/net/tcp``, ``/proc/net/tcp6``) are the fallback. Mapping an inode to a pid
-scans ``/proc/*/fd`` and is done only to name a foreign holder. Elsewhere psutil is the
-only portable way.
+``listeners`` is the listening subset of ``_sockdiag.tcp_sockets`` (sock_diag on Linux,
+~0.1 ms, so the shield can ask every second; the socket tables as the fallback; psutil
+elsewhere), with ``IPV6_V6ONLY`` where the kernel says it. Mapping an inode to a pid
+scans ``/proc/*/fd`` and is done only to name a foreign holder.
 """
 
 from __future__ import annotations
