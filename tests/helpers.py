@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -118,3 +119,74 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# A foreign program occupying a port: listening, only bound, connected with the port as
+# its local port, or leaving a TIME_WAIT behind (it closes first). argv: kind, host,
+# port, v6only ("1", "0" or "-" for the default).
+OCCUPANT = r"""
+import socket, sys
+kind, host, port, v6only = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family, socket.SOCK_STREAM)
+if family == socket.AF_INET6 and v6only != "-":
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+keep = [s]
+if kind in ("listen", "bound"):
+    s.bind((host, port))
+    if kind == "listen":
+        s.listen()
+else:
+    server = socket.socket(family, socket.SOCK_STREAM)
+    server.bind((host, 0))
+    server.listen()
+    s.bind((host, port))
+    s.connect(server.getsockname()[:2])
+    peer, _ = server.accept()
+    keep += [server, peer]
+    if kind == "timewait":
+        s.close()  # the active close leaves our side in TIME_WAIT for up to 60 s
+        peer.recv(1)
+        peer.close()
+print("ready", flush=True)
+sys.stdin.read()
+if kind == "connected":
+    # The server side closes first, so the TIME_WAIT lands on its ephemeral port, not on
+    # the occupied one: a TIME_WAIT left on P would block later tests for 60 s.
+    peer.close()
+    s.settimeout(10)
+    s.recv(1)
+    s.close()
+"""
+
+
+def occupy(kind: str, host: str, port: int, v6only: str = "-") -> subprocess.Popen[str]:
+    """Start an OCCUPANT process; returns once it is set up (stop it with ``release``)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", OCCUPANT, kind, host, str(port), v6only],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = read_line(proc, timeout=20)
+    if line.strip() != "ready":
+        proc.kill()
+        _, err = proc.communicate(timeout=5)
+        raise AssertionError(f"occupant {kind} {host}:{port} failed: {err}")
+    return proc
+
+
+def release(proc: subprocess.Popen[str]) -> None:
+    """End an ``occupy`` process (closing its stdin) and reap it."""
+    assert proc.stdin is not None
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()

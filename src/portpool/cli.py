@@ -13,7 +13,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,6 +24,8 @@ from portpool.layout import Layout, describe_layout, resolve_layout
 
 if TYPE_CHECKING:
     import subprocess
+
+    from portpool.pool import Lease
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -129,45 +131,37 @@ def layout_command(config: str | None) -> None:
 
 @cli.command()
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def doctor(config: str | None) -> None:
+def doctor(config: str | None, as_json: bool) -> None:
     """What blocks which pool port, naming foreign holders where the OS says. Kills nothing."""
-    from portpool._platform import listeners, locked_inodes
-    from portpool.lock import inspect_port
-    from portpool.pool import describe_foreign
-    from portpool.statedir import StateDir
+    from portpool.diagnosis import examine_layout
 
     layout = _layout(config)
-    listening = {listener.port for listener in listeners()}
-    counts = {"free": 0, "held": 0, "foreign": 0}
-    with StateDir.open() as state:
-        locked = locked_inodes()
-        click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
-        for number in range(1, layout.max_instances + 1):
+    report = examine_layout(layout)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), separators=(",", ":")))
+        return
+    click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
+    number = 0
+    for verdict in report.verdicts:
+        if verdict.instance != number:
+            number = verdict.instance
             click.echo(f"instance {number}:")
-            for service in layout.services:
-                for port in service.pool(number):
-                    seen = inspect_port(state, port, locked)
-                    if not seen.is_free:
-                        counts["held"] += 1
-                        text = seen.describe()
-                    elif port in listening:
-                        counts["foreign"] += 1
-                        text = describe_foreign(port)
-                    else:
-                        counts["free"] += 1
-                        text = "free"
-                    click.echo(f"  {service.name:<16} {port:>5}  {text}")
+        click.echo(f"  {verdict.service:<16} {verdict.port:>5}  {verdict.describe()}")
+    counts = report.counts()
+    other = sum(n for kind, n in counts.items() if kind not in ("free", "held", "foreign"))
     click.echo(
         f"{counts['free']} free, {counts['held']} held by portpool, "
-        f"{counts['foreign']} used by foreign processes"
+        f"{counts['foreign']} used by foreign processes" + (f", {other} refused" if other else "")
     )
 
 
 @cli.command()
 @config_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
-def gc(config: str | None) -> None:
+def gc(config: str | None, as_json: bool) -> None:
     """Remove metadata left by dead holders (never anything a live holder has).
 
     Ports are shared by every app of the state dir, so the whole state dir is cleaned;
@@ -178,17 +172,31 @@ def gc(config: str | None) -> None:
     if config is not None:
         _layout(config)
     report = run_gc()
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), separators=(",", ":")))
+        return
     for name in report.instances:
         click.echo(f"removed record of dead instance {name}")
     for port in report.ports:
         click.echo(f"removed metadata of port {port} (holder is gone)")
+    for what in report.released:
+        click.echo(f"removed files left for reuse by released {what}")
     for name in report.temp_files:
         click.echo(f"removed temporary file {name}")
-    total = len(report.instances) + len(report.ports) + len(report.temp_files)
-    click.echo(f"gc: {total} removed")
+    click.echo(f"gc: {len(report.files)} files removed")
+    for name in report.files:
+        click.echo(f"  {name}")
 
 
 # ---------------------------------------------------------------- run / up
+
+
+def _report_skips(leases: Iterable[Lease]) -> None:
+    """One line per service that did not get its pool's first port, and why."""
+    for lease in leases:
+        note = lease.skip_note()
+        if note:
+            click.echo(f"portpool: {note}", err=True)
 
 
 def _install_handlers(handler: Callable[[int], None], signals: list[int]) -> None:
@@ -254,6 +262,7 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
 
     _install_handlers(forward, _stop_signals())
     instance = start_instance(layout, services=list(dict.fromkeys(services)) or None)
+    _report_skips(instance.leases.values())
     done = threading.Event()
     tripped: list[str] = []
     try:
@@ -318,6 +327,7 @@ def up(config: str | None, grace: float) -> None:
         if problem:
             raise LayoutError(layout.source, f"services.{service.name}.command", problem)
     instance = start_instance(layout)
+    _report_skips(instance.leases.values())
     supervisor = Supervisor(instance, grace_s=grace)
     instance.on_release(supervisor.stop)
     try:

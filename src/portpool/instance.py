@@ -172,6 +172,11 @@ class Instance:
                     "pool": self.pool(name),
                     "port": lease.port,
                     "pid": self.service_pids.get(name, me.pid),
+                    # Why earlier ports of the pool were skipped (status, dashboard).
+                    "refusals": [
+                        {"port": r.port, "reason": r.reason, "detail": r.detail}
+                        for r in lease.refusals
+                    ],
                 }
                 for name, lease in self.leases.items()
             ],
@@ -253,7 +258,8 @@ class Instance:
 
         def tripped(lease: Lease | None, reason: str) -> None:
             self.lost_reason = reason
-            log.critical("instance %d of %s lost: %s", self.number, self.app, reason)
+            if on_lost is None:  # else the caller reports it: once, not three times
+                log.critical("instance %d of %s lost: %s", self.number, self.app, reason)
             (on_lost or self._default_on_lost)(lease, reason)
 
         self._shield = Shield(

@@ -238,15 +238,48 @@ def _interval_problem(value: object) -> str | None:
 
 
 def _host_problem(host: object) -> str | None:
+    """Why ``host`` cannot be bound by every lease, or None. Hosts the kernel can never
+    bind are refused here, not by every bind later ("Invalid argument", exit 3)."""
     if not isinstance(host, str):
         return f"must be a string, not {_toml_type(host)}"
     if host == "localhost":
         return None
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {host!r}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None or ip.is_link_local:
+            return (
+                f"{host!r} is a link-local address, which a TCP server cannot portably "
+                "bind; use ::1, :: or a global address"
+            )
+        if ip.ipv4_mapped is not None:
+            return (
+                f"{host!r} is an IPv4-mapped address, which portpool's IPv6 sockets cannot "
+                f"bind; write {ip.ipv4_mapped} instead"
+            )
+    if ip.is_multicast or (ip.version == 4 and host == "255.255.255.255"):
+        return f"{host!r} is a multicast or broadcast address; a TCP server cannot bind it"
     return None
+
+
+def host_meaning(host: str) -> str:
+    """One line saying which addresses a lease on ``host`` covers (for ``layout``)."""
+    if host == "localhost":
+        return (
+            "127.0.0.1, served, and ::1, held bound so no other program can listen there "
+            "(a client trying ::1 first is refused and falls back to 127.0.0.1)"
+        )
+    if host == "::":
+        return "every IPv6 and IPv4 address, one dual-stack socket (IPV6_V6ONLY off)"
+    if host == "0.0.0.0":
+        return "every IPv4 address; IPv6 clients (::1) are not served"
+    if host == "127.0.0.1":
+        return "the IPv4 loopback only; a client resolving 'localhost' to ::1 does not reach it"
+    if host == "::1":
+        return "the IPv6 loopback only; IPv4 clients are refused"
+    return f"{host} only; the port's other addresses follow the kernel's bind rules"
 
 
 def _field_problems(
@@ -607,6 +640,7 @@ def describe_layout(layout: Layout) -> list[str]:
         f"app: {layout.app}",
         f"layout: {origin}",
         f"host: {layout.host}",
+        f"covers: {host_meaning(layout.host)}",
         f"heartbeat every {hb} s, shield check every {sh} s",
         f"max instances: {layout.max_instances} (admissible: {layout.admissible_instances}, "
         f"because {layout.limit_reason})",

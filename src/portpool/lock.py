@@ -338,7 +338,13 @@ class PortRecord:
         return ProcessIdentity(self.pid, self.start_token, self.boot_id)
 
     def describe(self) -> str:
-        return f"instance {self.instance} of {self.app} (pid {self.pid}, service {self.service})"
+        """Who holds the port, in plain words, also for a lease taken with ``acquire()``
+        outside an instance (it read "instance 0 of  (pid 12, service )")."""
+        service = f", service {self.service}" if self.service else ""
+        if self.instance > 0 and self.app:
+            return f"instance {self.instance} of {self.app} (pid {self.pid}{service})"
+        app = f" of app {self.app}" if self.app else ""
+        return f"pid {self.pid}{app}, outside any instance{service}"
 
 
 _INT_FIELDS = ("port", "pid", "instance")

@@ -2,26 +2,22 @@
 
 The bound, listening socket is the reservation (rule 5): it is handed to the service,
 so nothing can slip in between the check and the use. A port that is locked by
-nobody but cannot be bound belongs to a foreign program: skip it, never fight it.
+nobody but cannot be bound belongs to a foreign program: skip it, never fight it, and
+say why in the words of ``portpool.diagnosis`` (the ones ``doctor`` uses too). What a
+host binds (both loopbacks for ``localhost``, dual-stack ``::``) is ``_addresses``'s.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
-import ipaddress
 import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from portpool._platform import (
-    exclusive_bind_options,
-    listeners,
-    owners_of_inode,
-    process_name,
-    socket_inode,
-)
+from portpool._addresses import bind_all, bind_target, bind_targets
+from portpool._platform import socket_inode
+from portpool.diagnosis import DEFAULT_BACKLOG, diagnose
 from portpool.errors import (
     AlreadyHeldHere,
     LayoutError,
@@ -34,7 +30,9 @@ from portpool.errors import (
 from portpool.lock import PortLock, PortRecord, PortStatus
 from portpool.statedir import StateDir
 
-DEFAULT_BACKLOG = 128
+_Socket = socket.socket  # the field ``socket`` shadows the module inside Lease
+
+__all__ = ["DEFAULT_BACKLOG", "Lease", "acquire", "bind_listen", "check_port", "describe_foreign"]
 
 
 @dataclass
@@ -43,7 +41,9 @@ class Lease:
 
     Release it (or leave its ``with`` block) to close the socket, erase the record and
     unlock. ``socket`` is None once handed off with ``close_socket``. ``refusals`` says
-    why the ports before this one in the pool were skipped.
+    why the ports before this one in the pool were skipped. ``held`` are the extra
+    sockets that keep the rest of the host's addresses (``::1`` for ``localhost``)
+    from anyone else: bound, never listening, never handed to the service.
     """
 
     port: int
@@ -52,6 +52,7 @@ class Lease:
     lock: PortLock
     service: str = ""
     refusals: list[Refusal] = field(default_factory=list)
+    held: list[_Socket] = field(default_factory=list)
 
     @property
     def record(self) -> PortRecord | None:
@@ -67,11 +68,24 @@ class Lease:
         return self.socket.fileno()
 
     def close_socket(self) -> None:
-        """Close our listening socket but keep the lock (another portpool user can't take
-        the port; a foreign program could, which the shield reports)."""
+        """Close our sockets but keep the lock (another portpool user can't take the port;
+        a foreign program could, which the shield reports). The held ones go too: the
+        service binds the port itself now, maybe on ``::``, which they would block."""
         if self.socket is not None:
             self.socket.close()
             self.socket = None
+        for sock in self.held:
+            sock.close()
+        self.held.clear()
+
+    def skip_note(self) -> str | None:
+        """One line saying which port this lease got and why each earlier port of its
+        pool was refused; None when it got the pool's first port."""
+        if not self.refusals:
+            return None
+        who = f"service {self.service!r}" if self.service else "lease"
+        why = "; ".join(str(r) for r in self.refusals)
+        return f"{who} got port {self.port}, not {self.refusals[0].port}: {why}"
 
     def heartbeat(self) -> None:
         self.lock.heartbeat()
@@ -91,62 +105,40 @@ class Lease:
         return f"Lease(service={self.service!r}, host={self.host!r}, port={self.port})"
 
 
-@functools.lru_cache(maxsize=64)
-def _family(host: str) -> tuple[socket.AddressFamily, tuple[str, int] | tuple[str, int, int, int]]:
-    """The address family and bind address of ``host`` (cached: parsing is per call cost)."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        family, _, _, _, addr = infos[0]
-        return family, (str(addr[0]), 0)
-    if ip.version == 6:
-        return socket.AF_INET6, (host, 0, 0, 0)
-    return socket.AF_INET, (host, 0)
-
-
 def bind_listen(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
-    """A socket bound to ``host:port`` and listening, exclusively. Raises OSError."""
-    family, addr = _family(host)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        exclusive_bind_options(sock)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((addr[0], port, *addr[2:]))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    """A socket bound to ``host:port`` and listening, exclusively: the one a lease on
+    ``host`` serves with (127.0.0.1 for ``localhost``; ``::`` dual-stack). Raises OSError."""
+    return bind_target(bind_targets(host)[0], port, backlog)
 
 
-def describe_foreign(port: int) -> str:
-    """Name whoever listens on ``port``, as far as the OS tells."""
-    found = listeners(port)
-    if not found:
+def describe_foreign(port: int, host: str = "127.0.0.1") -> str:
+    """Name whoever occupies ``port`` for ``host``, as far as the OS tells."""
+    found = diagnose(port, host, probe=False)
+    if not found.occupants:
         return "used by a foreign process (unknown)"
-    parts = []
-    for listener in found:
-        pids = [listener.pid] if listener.pid is not None else []
-        if not pids and listener.inode:
-            pids = owners_of_inode(listener.inode)
-        if pids:
-            names = ", ".join(f"pid {p} ({process_name(p) or '?'})" for p in pids)
-            parts.append(f"{names} on {listener.address}")
-        else:
-            parts.append(f"unknown process on {listener.address}")
-    return "used by a foreign process: " + "; ".join(parts)
+    return f"used by {found.describe_occupants()}"
 
 
-def _bind_refusal(port: int, host: str, err: OSError) -> Refusal:
-    if err.errno == errno.EADDRINUSE:
-        return Refusal(port, "in use", describe_foreign(port))
-    if err.errno in (errno.EACCES, errno.EPERM):
-        return Refusal(port, "permission denied", f"binding {host}:{port}: {err.strerror}")
-    if err.errno == errno.EADDRNOTAVAIL:
-        return Refusal(port, "unavailable", f"{host} is not an address of this host")
-    return Refusal(port, "error", f"binding {host}:{port}: {err.strerror or err}")
+_BIND_RETRIES = 3
+
+
+def _bind_or_refusal(host: str, port: int, backlog: int) -> list[socket.socket] | Refusal:
+    """The lease's sockets, or why not. An address in use by no socket the kernel lists
+    was only probed for a moment (``doctor``): try again rather than skip the port."""
+    for attempt in range(_BIND_RETRIES + 1):
+        try:
+            return bind_all(host, port, backlog)
+        except OSError as e:
+            try:
+                found = diagnose(port, host, bind_error=e)
+            except OSError:  # the host name no longer resolves
+                return Refusal(port, "error", f"binding {host}:{port}: {e.strerror or e}")
+            if e.errno != errno.EADDRINUSE or found.occupants or attempt == _BIND_RETRIES:
+                refusal = found.refusal()
+                assert refusal is not None  # a bind error always has one
+                return refusal
+        time.sleep(0.001 * (attempt + 1))
+    raise AssertionError("unreachable")  # the loop always returns
 
 
 def _holder_detail(holder: object) -> str:
@@ -154,6 +146,11 @@ def _holder_detail(holder: object) -> str:
         return holder.describe()
     # Free by the time we looked: its holder released it between our try and our look.
     return "another process (released just now)"
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 def check_port(port: int, where: str = "pool") -> int:
@@ -211,24 +208,24 @@ def acquire(
             continue
         lock = taken
         try:
-            sock = bind_listen(host, port, backlog)
-        except OSError as e:
-            lock.release()
-            refusals.append(_bind_refusal(port, host, e))
-            continue
+            bound = _bind_or_refusal(host, port, backlog)
         except BaseException:
             lock.release()
             raise
+        if isinstance(bound, Refusal):
+            lock.release()
+            refusals.append(bound)
+            continue
         try:
             lock.write_record(app=app, instance=instance, service=service, host=host)
         except OSError as e:
-            sock.close()
+            _close_all(bound)
             lock.release()
             where = f"{state.path}/ports/{port}.json"
             raise StateDirError(where, f"cannot write metadata: {e.strerror or e}") from e
         except BaseException:
-            sock.close()
+            _close_all(bound)
             lock.release()
             raise
-        return Lease(port, host, sock, lock, service, refusals)
+        return Lease(port, host, bound[0], lock, service, refusals, bound[1:])
     raise PoolExhausted(pool, refusals, service or None)

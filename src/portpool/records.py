@@ -109,8 +109,23 @@ def _valid_pool(pool: object) -> bool:
     return all(not (type(p) is not int or not 0 < p < 65536) for p in pool)
 
 
+def _parse_refusals(raw: object) -> list[dict[str, Any]]:
+    """Why a service skipped earlier ports of its pool: port, reason, detail (validated;
+    anything else is dropped, as a record is for people)."""
+    if type(raw) is not list:
+        return []
+    out = []
+    for item in raw[:64]:
+        if type(item) is not dict:
+            continue
+        port, reason, detail = item.get("port"), item.get("reason"), item.get("detail")
+        if type(port) is int and 0 < port < 65536 and type(reason) is str and type(detail) is str:
+            out.append({"port": port, "reason": reason[:64], "detail": detail[:512]})
+    return out
+
+
 def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
-    """Validated service entries as plain dicts of exactly name, pool, port, pid.
+    """Validated service entries as plain dicts of exactly name, pool, port, pid, refusals.
 
     Plain dicts because ``status --json`` passes tens of thousands of them straight to
     the JSON encoder; ``InstanceInfo.services`` wraps them on demand.
@@ -132,6 +147,7 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
                 "pool": pool,
                 "port": port if type(port) is int and 0 < port < 65536 else None,
                 "pid": pid if type(pid) is int and 0 < pid < 2**31 else None,
+                "refusals": _parse_refusals(item.get("refusals")),
             }
         )
     return tuple(out)
@@ -255,11 +271,26 @@ def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo
 
 @dataclass
 class GcReport:
-    """What ``gc`` removed: stale instance records and stale port metadata."""
+    """What ``gc`` removed, exactly: ``files`` lists every file it unlinked (relative to
+    the state dir); the other lists say what they were. ``instances``: records of dead
+    instances ("app/n"); ``ports``: ports whose dead holder left its metadata;
+    ``released``: files a released port or a free slot left for reuse ("port 6000",
+    "slot app/3"); ``temp_files``: a dead writer's temporary files."""
 
     instances: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "instances": self.instances,
+            "ports": self.ports,
+            "released": self.released,
+            "temp_files": self.temp_files,
+            "files": self.files,
+        }
 
 
 def _remove_if_free(directory: DirHandle, lock_name: str, others: Sequence[str]) -> bool:
@@ -277,7 +308,30 @@ def _remove_if_free(directory: DirHandle, lock_name: str, others: Sequence[str])
     return True
 
 
-def _clean_temp_files(directory: DirHandle, report: GcReport) -> None:
+def _remove_free_files(
+    directory: DirHandle, lock_name: str, others: Sequence[str]
+) -> list[str] | None:
+    """``_remove_if_free``, telling which files were there and were unlinked (the lock
+    file last, if it was there before we locked it); None if the lock was held."""
+    existed = directory.stat_entry(lock_name) is not None
+    try:
+        held = HeldLock.acquire(directory, lock_name)
+    except (LockHeld, PortPoolError):
+        return None
+    removed: list[str] = []
+    try:
+        for name in others:
+            with contextlib.suppress(FileNotFoundError):
+                directory.unlink(name)
+                removed.append(name)
+    finally:
+        if existed and held.problem(check_kernel=False) is None:
+            removed.append(lock_name)  # remove_and_release unlinks it: still ours
+        held.remove_and_release()
+    return removed
+
+
+def _clean_temp_files(directory: DirHandle, report: GcReport, where: str = "") -> None:
     for name in directory.listdir():
         if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
             continue
@@ -287,6 +341,7 @@ def _clean_temp_files(directory: DirHandle, report: GcReport) -> None:
             with contextlib.suppress(OSError):
                 directory.unlink(name)
                 report.temp_files.append(name)
+                report.files.append(f"{where}{name}")
 
 
 def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcReport:
@@ -300,10 +355,15 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
     for number in slot_numbers(names):
         if is_held(directory, f"{number}.lock", locked):
             continue
-        stale = directory.stat_entry(f"{number}.json") is not None
-        if _remove_if_free(directory, f"{number}.lock", [f"{number}.json"]) and stale:
+        removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
+        if not removed:
+            continue
+        report.files.extend(f"apps/{app}/instances/{name}" for name in removed)
+        if f"{number}.json" in removed:
             report.instances.append(f"{app}/{number}")
-    _clean_temp_files(directory, report)
+        else:
+            report.released.append(f"slot {app}/{number}")
+    _clean_temp_files(directory, report, f"apps/{app}/instances/")
     return report
 
 
@@ -333,8 +393,15 @@ def gc(state: StateDir | None = None) -> GcReport:
                 had_record = read_port_record(ports, port) is not None
             except ValueError:
                 had_record = True
-            if _remove_if_free(ports, f"{port}.lock", [f"{port}.json"]) and had_record:
+            removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"])
+            if not removed:
+                continue
+            report.files.extend(f"ports/{name}" for name in removed)
+            # A released port leaves a blank record and its lock file for reuse.
+            if had_record:
                 report.ports.append(port)
+            else:
+                report.released.append(f"port {port}")
     finally:
         if own:
             state.close()

@@ -5,7 +5,10 @@ Per lease, each check asks:
 1. lock: our fd still holds the kernel lock and the path still names that file;
 2. metadata: the record at the path still names our pid and start token;
 3. port: our socket is still open, bound to our address and listening, and no other
-   process listens on that port on an address that would take our traffic;
+   process listens on that port where it can receive traffic meant for the lease: on
+   any address the lease covers (both loopbacks for ``localhost``), by the one rule of
+   ``portpool.diagnosis`` (so another user's ``[::]`` socket with ``IPV6_V6ONLY`` never
+   trips a lease on 127.0.0.1: that was a denial of service against every user);
 4. instance: the slot lock and record are still ours (``instance_check``).
 
 The first failure is a trip: ``on_lost`` is called once and the shield stops. The
@@ -29,14 +32,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
+from portpool._addresses import covered_scopes, overlaps, socket_scopes
 from portpool._platform import (
-    Listener,
-    listeners,
+    TcpSocket,
     locked_inodes,
     owners_of_inode,
     process_name,
     socket_inode,
+    tcp_sockets,
 )
+from portpool.diagnosis import Occupant, meets
 
 if TYPE_CHECKING:
     import asyncio
@@ -67,14 +72,6 @@ class LeaseReport:
         return f"{what}: {'ok' if self.ok else '; '.join(self.problems)}"
 
 
-def index_listeners(found: Iterable[Listener]) -> dict[int, list[Listener]]:
-    """Listening sockets grouped by port."""
-    by_port: dict[int, list[Listener]] = {}
-    for listener in found:
-        by_port.setdefault(listener.port, []).append(listener)
-    return by_port
-
-
 @functools.lru_cache(maxsize=256)
 def parse_address(text: str) -> IPAddress:
     """An IP address from a socket or table, v4-mapped IPv6 as IPv4. Raises ValueError."""
@@ -84,22 +81,16 @@ def parse_address(text: str) -> IPAddress:
     return addr
 
 
-def takes_traffic(listener_address: str, ours: IPAddress) -> bool:
-    """Whether a socket listening on ``listener_address`` would take traffic meant for a
-    socket listening on ``ours`` (same port): same address, or a wildcard covering it."""
+def takes_traffic(listener_address: str, ours: IPAddress, v6only: bool | None = None) -> bool:
+    """Whether a socket listening on ``listener_address`` (``v6only``: its IPV6_V6ONLY,
+    None if unknown) would take traffic meant for a socket on ``ours`` (same port).
+    ``portpool.diagnosis.takes_traffic`` is the same rule for a lease's whole host."""
     try:
         theirs = parse_address(listener_address)
     except ValueError:
         return True  # an address we cannot read: assume the worst
-    if theirs == ours:
-        return True
-    if theirs.is_unspecified:
-        # The tables do not say whether a [::] socket is IPv6-only: it may take IPv4 too.
-        return theirs.version == 6 or ours.version == 4
-    if ours.is_unspecified:
-        # Our own [::] socket is IPv6-only (pool.bind_listen sets IPV6_V6ONLY).
-        return theirs.version == ours.version
-    return False
+    mine = socket_scopes(ours.version, str(ours), ours.version == 6)
+    return overlaps(socket_scopes(theirs.version, str(theirs), v6only), mine)
 
 
 def _expected_address(lease: Lease) -> IPAddress | None:
@@ -129,7 +120,7 @@ class _Snapshot:
     def refresh(self) -> None:
         self._locked: dict[int, int] | None = None
         self._locked_read = False
-        self._listeners: dict[int, list[Listener]] | None = None
+        self._listeners: dict[int, list[TcpSocket]] | None = None
         self._children: set[int] | None = None
 
     def locked(self) -> dict[int, int] | None:
@@ -138,9 +129,12 @@ class _Snapshot:
             self._locked_read = True
         return self._locked
 
-    def listeners_on(self, port: int) -> list[Listener]:
+    def listeners_on(self, port: int) -> list[TcpSocket]:
         if self._listeners is None:
-            self._listeners = index_listeners(listeners())
+            by_port: dict[int, list[TcpSocket]] = {}
+            for found in tcp_sockets(listening_only=True):
+                by_port.setdefault(found.port, []).append(found)
+            self._listeners = by_port
         return self._listeners.get(port, [])
 
     def children(self) -> set[int]:
@@ -163,12 +157,11 @@ class _Watch:
 
     lease: Lease
     address: IPAddress | None
+    # Every address the lease covers; None: unknown (a name that stopped resolving),
+    # so every listener on the port counts.
+    scopes: frozenset[tuple[int, str | None]] | None = None
     base_inodes: set[int] = field(default_factory=set)  # our socket's, passed to children
     resolved_inodes: set[int] = field(default_factory=set)  # found in own processes
-
-
-def _describe_pids(pids: Iterable[int]) -> str:
-    return ", ".join(f"pid {p} ({process_name(p) or '?'})" for p in pids)
 
 
 def _descends_from(pid: int, ancestors: set[int]) -> bool:
@@ -219,7 +212,11 @@ class Shield:
 
     @staticmethod
     def _watch(lease: Lease) -> _Watch:
-        watch = _Watch(lease, _expected_address(lease))
+        try:
+            scopes: frozenset[tuple[int, str | None]] | None = covered_scopes(lease.host)
+        except OSError:
+            scopes = None
+        watch = _Watch(lease, _expected_address(lease), scopes)
         inode = lease.socket_inode if lease.socket is not None else None
         if inode is not None:
             watch.base_inodes.add(inode)
@@ -348,11 +345,13 @@ class Shield:
             self._stopped = True
             self._tripped = reason
         self._stop_event.set()
-        log.critical("%s tripped: %s", self.name, reason)
+        # Reported once, by on_lost's owner (the CLI prints it; Instance's default logs it):
+        # logging here too printed every trip three times.
+        log.debug("%s tripped: %s", self.name, reason)
         try:
             self._on_lost(lease, reason)
         except Exception:
-            log.exception("%s: on_lost failed after the trip", self.name)
+            log.exception("%s: on_lost failed after the trip: %s", self.name, reason)
 
     # ------------------------------------------------------------ the checks
 
@@ -426,7 +425,7 @@ class Shield:
         for listener in snapshot.listeners_on(port):
             if listener.inode is not None:
                 seen_inodes.add(listener.inode)
-            if watch.address is not None and not takes_traffic(listener.address, watch.address):
+            if watch.scopes is not None and not meets(listener, watch.scopes):
                 continue
             foreign = self._foreign_owner(listener, ours, watch, snapshot)
             if foreign is None:
@@ -458,10 +457,10 @@ class Shield:
 
     @staticmethod
     def _foreign_owner(
-        listener: Listener, ours: set[int], watch: _Watch, snapshot: _Snapshot
+        listener: TcpSocket, ours: set[int], watch: _Watch, snapshot: _Snapshot
     ) -> str | None:
-        """None if ``listener`` is ours (or the OS will not say whose), else who has it."""
-        at = f"on {listener.address}"
+        """None if ``listener`` is ours (or the OS will not say whose), else who has it,
+        in the words of ``portpool.diagnosis`` (as ``doctor`` says it)."""
         if listener.inode is not None:
             if listener.inode in ours:
                 return None
@@ -471,11 +470,15 @@ class Shield:
             if pids and not foreign:
                 watch.resolved_inodes.add(listener.inode)
                 return None
-            if not foreign:
-                return f"a process that is not ours (unknown pid) {at}"
-            return f"{_describe_pids(foreign)} {at}"
+            return _occupant(listener, foreign)
         if listener.pid is not None:
             if snapshot.is_ours(listener.pid):
                 return None
-            return f"{_describe_pids([listener.pid])} {at}"
+            return _occupant(listener, [listener.pid])
         return None  # the OS does not say whose: never trip on a guess
+
+
+def _occupant(listener: TcpSocket, pids: list[int]) -> str:
+    """``pid 12 (nginx) on [::]:8000 (IPv6 and IPv4)``: the diagnosis's words."""
+    found = Occupant(listener, tuple(pids), tuple(process_name(p) or "?" for p in pids))
+    return f"{found.who()} on {found.place()}"

@@ -11,6 +11,8 @@ Everything above this package calls these names and never ``sys.platform``:
 - ``ProcessIdentity``, ``current_identity``, ``identity_of``, ``is_alive``: pid + start
   token + boot id, so a reused pid never looks like the process that died.
 - ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
+- ``tcp_sockets``, ``TcpSocket``, ``owners_of_inodes``: every TCP socket on a port, in
+  every state, with ``IPV6_V6ONLY`` where the kernel says it (sock_diag).
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
 """
 
@@ -33,6 +35,7 @@ from portpool._platform._net import (
     owners_of_inode,
     socket_inode,
 )
+from portpool._platform._sockdiag import TcpSocket, owners_of_inodes, tcp_sockets
 
 if sys.platform == "win32":
     from portpool._platform.windows import (
@@ -63,6 +66,7 @@ __all__ = [
     "DirHandle",
     "Listener",
     "ProcessIdentity",
+    "TcpSocket",
     "boot_id",
     "current_identity",
     "ephemeral_port_range",
@@ -73,9 +77,11 @@ __all__ = [
     "listeners",
     "locked_inodes",
     "owners_of_inode",
+    "owners_of_inodes",
     "process_name",
     "read_at",
     "socket_inode",
+    "tcp_sockets",
     "try_lock",
     "unlock",
     "user_id",

@@ -1,0 +1,160 @@
+"""What a lease's ``host`` binds and covers: the address semantics, in one place.
+
+A lease must cover every address its clients may use, so that a client reaches the
+service or is refused, never a foreign program:
+
+- ``127.0.0.1``, ``::1``, another specific address: that address;
+- ``localhost``: 127.0.0.1, served, and ``::1`` (where the host has IPv6), held;
+- ``::``: one dual-stack socket (``IPV6_V6ONLY=0``): every IPv6 and IPv4 address;
+- ``0.0.0.0``: every IPv4 address.
+
+Why ``::1`` is held and not served for ``localhost``: a service is handed one socket
+(``PORT``, one ``LISTEN_FDS`` fd, ``sock=``) and most servers accept exactly one, so two
+sockets under one name would break them. The held socket is bound and never listens:
+a client that tries ``::1`` first is refused at once (RST), and every client that
+resolves ``localhost`` (browsers, Node >= 20, curl, Python) then tries 127.0.0.1; no
+foreign program can listen on ``[::1]:P`` meanwhile.
+
+Overlap follows Linux's bind rules (``inet_rcv_saddr_equal``): two sockets on one port
+overlap when their address sets meet, where a wildcard covers its family and a ``[::]``
+socket without ``IPV6_V6ONLY`` covers IPv4 too. The same rule says whether a foreign
+listener can receive traffic meant for a lease (a more specific listener wins only while
+it listens: ours may be restarting).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+from portpool._platform import exclusive_bind_options
+
+# (family 4 or 6, address, or None for the family's wildcard)
+Scope = tuple[int, str | None]
+
+
+@dataclass(frozen=True)
+class BindTarget:
+    """One socket a lease binds: ``serves`` is the one handed to the service; the others
+    are held (bound, never listening) only so that nobody else can bind them."""
+
+    family: socket.AddressFamily
+    address: str
+    v6only: bool | None  # IPV6_V6ONLY for an AF_INET6 socket, None for AF_INET
+    serves: bool
+
+
+@functools.lru_cache(maxsize=1)
+def has_ipv6_loopback() -> bool:
+    """Whether ``::1`` can be bound here (IPv6 enabled, loopback configured)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@functools.lru_cache(maxsize=64)
+def bind_targets(host: str) -> tuple[BindTarget, ...]:
+    """The sockets a lease on ``host`` binds, the served one first.
+
+    A name other than ``localhost`` is resolved and its first address used.
+    Raises OSError if the name does not resolve.
+    """
+    if host == "localhost":
+        served = BindTarget(socket.AF_INET, "127.0.0.1", None, True)
+        if not has_ipv6_loopback():
+            return (served,)
+        return (served, BindTarget(socket.AF_INET6, "::1", True, False))
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        addr = infos[0][4]
+        ip = ipaddress.ip_address(str(addr[0]))
+    if ip.version == 6:
+        # Only "::" is dual-stack: users expect it to take IPv4 too (as on most hosts).
+        return (BindTarget(socket.AF_INET6, str(ip), not ip.is_unspecified, True),)
+    return (BindTarget(socket.AF_INET, str(ip), None, True),)
+
+
+def socket_scopes(family: int, address: str, v6only: bool | None) -> frozenset[Scope]:
+    """The addresses a socket bound to ``address`` takes (``family`` 4 or 6).
+
+    ``v6only`` None for a ``[::]`` socket means unknown: it may take IPv4 too.
+    A v4-mapped IPv6 address counts as its IPv4 address.
+    """
+    ip = ipaddress.ip_address(address.strip("[]").partition("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 4:
+        return frozenset({(4, None if ip.is_unspecified else str(ip))})
+    if not ip.is_unspecified:
+        return frozenset({(6, str(ip))})
+    if v6only:
+        return frozenset({(6, None)})
+    return frozenset({(6, None), (4, None)})
+
+
+@functools.lru_cache(maxsize=64)
+def covered_scopes(host: str) -> frozenset[Scope]:
+    """Every address a lease on ``host`` covers. Raises OSError if it does not resolve."""
+    out: set[Scope] = set()
+    for t in bind_targets(host):
+        out |= socket_scopes(6 if t.family == socket.AF_INET6 else 4, t.address, t.v6only)
+    return frozenset(out)
+
+
+def overlaps(a: frozenset[Scope], b: frozenset[Scope]) -> bool:
+    """Whether two address sets meet (a wildcard meets every address of its family)."""
+    for fam_a, addr_a in a:
+        for fam_b, addr_b in b:
+            if fam_a == fam_b and (addr_a is None or addr_b is None or addr_a == addr_b):
+                return True
+    return False
+
+
+def bind_target(
+    target: BindTarget, port: int, backlog: int, *, reuse: bool = True
+) -> socket.socket:
+    """A socket bound to ``target`` on ``port``: listening if it serves, else only bound.
+
+    ``reuse=False`` binds as a server that does not set SO_REUSEADDR would (the probe of
+    ``doctor``). Raises OSError.
+    """
+    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    try:
+        if reuse:
+            exclusive_bind_options(sock)
+        if target.v6only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(target.v6only))
+        sock.bind((target.address, port))
+        if target.serves:
+            sock.listen(backlog)
+        elif reuse:
+            # A held socket that keeps SO_REUSEADDR could share its address with a
+            # foreign SO_REUSEADDR socket; cleared, any other bind conflicts with it.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_all(host: str, port: int, backlog: int, *, reuse: bool = True) -> list[socket.socket]:
+    """The sockets of ``bind_targets(host)`` on ``port``, served first; all or none.
+
+    Raises OSError (the first bind that failed), after closing what was bound.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for target in bind_targets(host):
+            sockets.append(bind_target(target, port, backlog, reuse=reuse))
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets

@@ -1,0 +1,252 @@
+"""A lease covers every address its clients may use; the faults of issue 11, end to end.
+
+Each test is one reported fault, with real foreign processes and real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.helpers import (
+    occupy,
+    portpool,
+    read_line,
+    release,
+    start,
+    status_json,
+    wait_for,
+    write_layout,
+)
+
+from portpool._addresses import bind_targets, has_ipv6_loopback
+from portpool.errors import LayoutError
+from portpool.layout import Layout, Service, describe_layout
+from portpool.lock import inspect_port
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+
+needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has no ::1")
+
+
+def _layout(path: Path, base: int, host: str, **kw: object) -> Path:
+    write_layout(path, base, services={"web": {}}, **kw)  # type: ignore[arg-type]
+    path.write_text(path.read_text().replace('host = "127.0.0.1"', f'host = "{host}"'))
+    return path
+
+
+@pytest.fixture
+def foreign() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        release(proc)
+
+
+@needs_ipv6
+def test_localhost_skips_a_port_a_foreign_server_holds_on_ipv6_loopback(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """Fault 1: a foreign [::1]:P server started first; `run` took P on 127.0.0.1 and a
+    client resolving localhost to ::1 (Node 17+) reached the foreign server."""
+    foreign.append(occupy("listen", "::1", port_base))
+    layout = _layout(tmp_path / "p.toml", port_base, "localhost")
+    done = portpool("run", "--fds", "--config", str(layout), "--", "sh", "-c", "echo $PORT")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(port_base + 1)
+    # No silent skip: one line naming the port it got and why the first was refused.
+    assert f"got port {port_base + 1}, not {port_base}" in done.stderr
+    assert f"pid {foreign[0].pid} (python" in done.stderr
+    assert f"[::1]:{port_base}" in done.stderr
+
+
+@needs_ipv6
+def test_localhost_lease_holds_ipv6_loopback_and_refuses_its_clients(
+    state: StateDir, port_base: int
+) -> None:
+    with acquire(state, [port_base], host="localhost") as lease:
+        assert [t.address for t in bind_targets("localhost")] == ["127.0.0.1", "::1"]
+        intruder = socket.socket(socket.AF_INET6)
+        intruder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with pytest.raises(OSError):
+            intruder.bind(("::1", port_base))
+        intruder.close()
+        # A ::1 client is refused at once (never reaches a stranger); 127.0.0.1 is served.
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("::1", port_base), timeout=5).close()
+        socket.create_connection(("127.0.0.1", port_base), timeout=5).close()
+        lease.close_socket()  # handed off by number: the held socket goes too
+        assert lease.held == []
+
+
+@needs_ipv6
+def test_wildcard_ipv6_is_dual_stack(state: StateDir, port_base: int) -> None:
+    """Fault 2: `::` was IPv6-only; IPv4 clients were refused and a foreign 0.0.0.0:P
+    listener could receive them."""
+    with acquire(state, [port_base], host="::") as lease:
+        assert lease.socket is not None
+        assert lease.socket.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
+        client = socket.create_connection(("127.0.0.1", port_base), timeout=5)
+        conn, _ = lease.socket.accept()  # the IPv4 client reached our socket
+        client.close()  # the client closes first: no TIME_WAIT is left on our port
+        conn.close()
+        for host in ("0.0.0.0", "127.0.0.1"):
+            intruder = socket.socket()
+            with pytest.raises(OSError):
+                intruder.bind((host, port_base))
+            intruder.close()
+
+
+@needs_ipv6
+def test_an_ipv6_only_wildcard_of_another_user_stops_no_instance(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """Fault 3: a [::] socket with IPV6_V6ONLY=1 made every start on 127.0.0.1 exit 4."""
+    foreign.append(occupy("listen", "::", port_base, "1"))
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", shield=0.05)
+    # The command runs for many shield intervals, then reports the port it was given.
+    script = "import os, time; time.sleep(1.0); print(os.environ['PORT'])"
+    done = portpool("run", "--config", str(layout), "--", sys.executable, "-c", script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(port_base)  # the pool did not skip it either
+    assert "shield tripped" not in done.stderr
+
+
+def test_doctor_names_an_outgoing_connection_on_a_pool_port(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """Fault 4: doctor said "free" for a port `run` refused as "foreign (unknown)"."""
+    proc = occupy("connected", "127.0.0.1", port_base)
+    foreign.append(proc)
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", max_instances=1)
+    done = portpool("doctor", "--config", str(layout))
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if f" {port_base}  " in x)
+    assert f"pid {proc.pid} (python" in line
+    assert f"a connection from 127.0.0.1:{port_base}" in line
+    ran = portpool("run", "--config", str(layout), "--", "sh", "-c", "echo $PORT")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == str(port_base + 1)
+    # run's reason is doctor's text, word for word.
+    assert line.split(f"{port_base}  ", 1)[1] in ran.stderr
+    as_json = json.loads(portpool("doctor", "--json", "--config", str(layout)).stdout)
+    first = next(p for p in as_json["ports"] if p["port"] == port_base)
+    assert first["kind"] == "foreign" and first["occupants"][0]["pids"] == [proc.pid]
+
+
+def test_gc_reports_exactly_the_files_it_removes(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """Fault 6: gc printed "0 removed" while deleting a released port's files."""
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1")
+    assert portpool("run", "--config", str(layout), "--", "true").returncode == 0
+    before = {str(p.relative_to(home)) for p in home.rglob("*") if p.is_file()}
+    done = portpool("gc", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    after = {str(p.relative_to(home)) for p in home.rglob("*") if p.is_file()}
+    assert sorted(report["files"]) == sorted(before - after)
+    assert f"ports/{port_base}.lock" in report["files"]
+    assert report["released"] == [f"port {port_base}"]
+    again = portpool("gc")
+    assert again.stdout.strip() == "gc: 0 files removed"
+
+
+@pytest.mark.parametrize(
+    ("host", "words"),
+    [("::ffff:127.0.0.1", "IPv4-mapped"), ("fe80::1%lo", "link-local"), ("fe80::1", "link-local")],
+)
+def test_hosts_that_can_never_be_bound_are_refused(host: str, words: str) -> None:
+    """Fault 7: these passed validation, then every bind failed with EINVAL (exit 3)."""
+    with pytest.raises(LayoutError, match=words):
+        Layout("a", (Service("web", 20000, 2),), host=host)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost", "::", "0.0.0.0", "10.1.2.3"])
+def test_layout_explains_each_host_in_one_line(host: str) -> None:
+    lines = describe_layout(Layout("a", (Service("web", 20000, 2),), host=host))
+    covers = [line for line in lines if line.startswith("covers: ")]
+    assert len(covers) == 1 and len(covers[0]) < 160
+
+
+HOLD_OUTSIDE = """
+import sys
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+lease = acquire(StateDir.open(), [int(sys.argv[1])], service="tests")
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_lease_outside_an_instance_is_described_in_plain_words(
+    state: StateDir, port_base: int
+) -> None:
+    """Fault 8: it read "instance 0 of  (pid 12, service )"."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_OUTSIDE, str(port_base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        text = inspect_port(state, port_base).describe()
+        assert text == f"held by pid {proc.pid}, outside any instance, service tests"
+    finally:
+        release(proc)
+
+
+def test_a_shield_trip_is_reported_once(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """Issue 15: a trip printed the same reason three times (shield, instance, CLI)."""
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", shield=0.05)
+    # The command is given the port by number, then a stranger takes it.
+    script = (
+        "import os, subprocess, sys, time\nprint(os.environ['PORT'], flush=True)\ntime.sleep(30)\n"
+    )
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", script)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == str(port_base)
+        stranger = occupy("listen", "127.0.0.1", port_base)
+        foreign.append(stranger)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 4, err
+    assert err.count(f"listened on by pid {stranger.pid}") == 1, err
+
+
+def test_no_silent_skip_up_prints_it_and_status_shows_it(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """Fault 5: `up` took P+1 and said nothing about why P was skipped."""
+    stranger = occupy("listen", "127.0.0.1", port_base)
+    foreign.append(stranger)
+    layout = tmp_path / "p.toml"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    write_layout(layout, port_base, services={"web": {"command": sleeper, "socket": "port"}})
+    up = start("up", "--config", str(layout))
+    try:
+        wait_for(lambda: "is up" in read_line(up), timeout=30)
+        doc = status_json(layout)
+        (service,) = doc["instances"][0]["services"]
+        assert service["port"] == port_base + 1
+        (refusal,) = service["refusals"]
+        assert refusal["port"] == port_base and refusal["reason"] == "in use"
+        assert f"pid {stranger.pid} (python" in refusal["detail"]
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=30)
+    assert err.count(f"got port {port_base + 1}, not {port_base}") == 1, err
+    assert refusal["detail"] in err

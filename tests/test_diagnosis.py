@@ -1,0 +1,273 @@
+"""The one diagnosis of a port: the pool's refusals, ``doctor`` and the shield agree.
+
+A table of real occupants (foreign processes): listening, only bound, connected with the
+port as local port, TIME_WAIT; both families; wildcard and specific addresses;
+IPV6_V6ONLY on and off. For every occupant and every host a lease may use, doctor's
+verdict is exactly the Refusal ``acquire`` gives (or both say the port is free), and the
+shield trips on a listener exactly when the diagnosis says it takes the lease's traffic.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+from tests.conftest import find_free_block
+from tests.helpers import occupy, release, wait_for
+
+from portpool._addresses import has_ipv6_loopback
+from portpool._platform import tcp_sockets
+from portpool.diagnosis import classify_port, diagnose, takes_traffic
+from portpool.errors import PoolExhausted
+from portpool.pool import Lease, acquire
+from portpool.shield import Shield
+from portpool.statedir import StateDir
+
+HOSTS = ["127.0.0.1", "::1", "localhost", "::", "0.0.0.0"]
+
+# (kind, address, IPV6_V6ONLY): every state, both families, wildcard and specific.
+OCCUPANTS = [
+    ("listen", "127.0.0.1", "-"),
+    ("listen", "127.0.0.2", "-"),
+    ("listen", "0.0.0.0", "-"),
+    ("listen", "::1", "-"),
+    ("listen", "::", "1"),
+    ("listen", "::", "0"),
+    ("bound", "127.0.0.1", "-"),
+    ("bound", "::1", "-"),
+    ("bound", "::", "1"),
+    ("bound", "::", "0"),
+    ("connected", "127.0.0.1", "-"),
+    ("connected", "::1", "-"),
+    ("timewait", "127.0.0.1", "-"),
+    ("timewait", "::1", "-"),
+]
+
+IPV6 = has_ipv6_loopback()
+
+
+def _needs_ipv6(*addresses: str) -> None:
+    if not IPV6 and any(":" in a or a == "localhost" for a in addresses):
+        pytest.skip("this host has no IPv6 loopback (::1)")
+
+
+@pytest.fixture
+def port() -> int:
+    """A port no socket uses in any state or family (TIME_WAIT leftovers of earlier
+    cases last 60 s, and a plain bind on 127.0.0.1 does not see those on ::1)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        candidate = rng.randrange(31000, 32000)
+        if not tcp_sockets(candidate) and find_free_block(1, candidate, candidate + 2):
+            return candidate
+    raise RuntimeError("no unused port in 31000..32000")
+
+
+@pytest.fixture
+def occupants() -> Iterator[list[subprocess.Popen[str]]]:
+    started: list[subprocess.Popen[str]] = []
+    yield started
+    for proc in started:
+        release(proc)
+
+
+def _state_of(port: int, kind: str) -> None:
+    """Wait until the kernel lists the occupant in the state it should be in."""
+    want = {"listen": "listen", "bound": "bound", "connected": "established"}
+    want["timewait"] = "time-wait"
+    wait_for(lambda: any(s.state == want[kind] for s in tcp_sockets(port)), timeout=10)
+
+
+def _try_acquire(state: StateDir, port: int, host: str) -> Lease | PoolExhausted:
+    try:
+        return acquire(state, [port], host=host)
+    except PoolExhausted as e:
+        return e
+
+
+@pytest.mark.parametrize(("kind", "address", "v6only"), OCCUPANTS)
+def test_doctor_and_pool_agree_on_every_occupant(
+    state: StateDir,
+    port: int,
+    occupants: list[subprocess.Popen[str]],
+    kind: str,
+    address: str,
+    v6only: str,
+) -> None:
+    _needs_ipv6(address)
+    proc = occupy(kind, address, port, v6only)
+    occupants.append(proc)
+    _state_of(port, kind)
+    for host in HOSTS:
+        if not IPV6 and (":" in host or host == "localhost"):
+            continue
+        refusal, _, found = classify_port(state, port, host)
+        assert found is not None
+        lease = _try_acquire(state, port, host)
+        if isinstance(lease, PoolExhausted):
+            assert lease.refusals == [refusal], (host, found)
+            if kind != "timewait":
+                assert f"pid {proc.pid} (python" in lease.refusals[0].detail
+            continue
+        with lease:
+            assert refusal is None, (host, refusal)
+            # A listener the pool could coexist with never takes the lease's traffic:
+            # the shield agrees and stays quiet.
+            assert not any(takes_traffic(o.socket, host) for o in found.occupants)
+            shield = Shield([lease], interval_s=1, on_lost=lambda lease, reason: None)
+            assert all(r.ok for r in shield.check_once()), (host, kind, address)
+
+
+# What the kernel's rules say, for the faults that were reported (True: refused).
+EXPECTED = [
+    # localhost covers ::1 too: a foreign [::1]:P server must make the pool skip P.
+    ("localhost", "listen", "::1", "-", True),
+    ("localhost", "listen", "127.0.0.1", "-", True),
+    # "::" is dual-stack: it conflicts with an IPv4 listener.
+    ("::", "listen", "0.0.0.0", "-", True),
+    ("::", "listen", "127.0.0.1", "-", True),
+    # Another user's IPv6-only [::] socket does not touch 127.0.0.1.
+    ("127.0.0.1", "listen", "::", "1", False),
+    ("127.0.0.1", "listen", "::", "0", True),
+    ("127.0.0.1", "listen", "::1", "-", False),
+    # An outgoing connection using P as local port blocks a server on that address.
+    ("127.0.0.1", "connected", "127.0.0.1", "-", True),
+    ("127.0.0.1", "bound", "127.0.0.1", "-", True),
+]
+
+
+@pytest.mark.parametrize(("host", "kind", "address", "v6only", "refused"), EXPECTED)
+def test_the_kernel_rules_the_pool_follows(
+    state: StateDir,
+    port: int,
+    occupants: list[subprocess.Popen[str]],
+    host: str,
+    kind: str,
+    address: str,
+    v6only: str,
+    refused: bool,
+) -> None:
+    _needs_ipv6(host, address)
+    occupants.append(occupy(kind, address, port, v6only))
+    _state_of(port, kind)
+    if refused:
+        with pytest.raises(PoolExhausted):
+            acquire(state, [port], host=host).release()
+    else:
+        acquire(state, [port], host=host).release()
+
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize(
+    ("address", "v6only"),
+    [
+        ("127.0.0.1", "-"),
+        ("127.0.0.2", "-"),
+        ("0.0.0.0", "-"),
+        ("::1", "-"),
+        ("::", "1"),
+        ("::", "0"),
+    ],
+)
+def test_the_shield_trips_exactly_when_the_diagnosis_says_traffic_is_taken(
+    state: StateDir,
+    port: int,
+    occupants: list[subprocess.Popen[str]],
+    host: str,
+    address: str,
+    v6only: str,
+) -> None:
+    _needs_ipv6(host, address)
+    trips: list[str] = []
+    with acquire(state, [port], host=host) as lease:
+        shield = Shield([lease], interval_s=1, on_lost=lambda lease, reason: trips.append(reason))
+        lease.close_socket()  # handed off by number: now anyone may bind the port
+        occupants.append(occupy("listen", address, port, v6only))
+        _state_of(port, "listen")
+        listener = next(s for s in tcp_sockets(port) if s.state == "listen")
+        expected = takes_traffic(listener, host)
+        reports = shield.check_once()
+        assert reports[0].ok is not expected, (host, address, v6only, reports)
+        if expected:
+            assert f"pid {occupants[-1].pid}" in reports[0].problems[0]
+    # The verdict itself, spelled out for the cases the issue names.
+    if host == "127.0.0.1" and address == "::" and v6only == "1":
+        assert not expected  # another user's IPv6-only socket is no trip (it was a DoS)
+    if host == "localhost" and address == "::1":
+        assert expected  # the second loopback is covered
+    if host == "::" and address in ("0.0.0.0", "127.0.0.1"):
+        assert expected  # dual-stack covers IPv4
+
+
+def test_time_wait_is_named_and_whether_it_blocks_a_plain_server(
+    state: StateDir, port: int, occupants: list[subprocess.Popen[str]]
+) -> None:
+    occupants.append(occupy("timewait", "127.0.0.1", port))
+    _state_of(port, "timewait")
+    found = diagnose(port, "127.0.0.1")
+    waits = [o for o in found.occupants if o.state == "time-wait"]
+    assert waits and "TIME_WAIT" in waits[0].describe()
+    # The occupant did not set SO_REUSEADDR, so not even our SO_REUSEADDR bind passes;
+    # whatever the kernel says, the plain-bind answer is at least as strict.
+    plain = socket.socket()
+    try:
+        plain.bind(("127.0.0.1", port))
+        plain_error = 0
+    except OSError as e:
+        plain_error = e.errno or -1
+    finally:
+        plain.close()
+    assert plain_error in (0, errno.EADDRINUSE)
+    plain_ok = plain_error == 0
+    assert found.plain_bind_blocked is (not plain_ok) or not found.bindable
+    if not found.bindable:
+        assert found.refusal() is not None
+        assert "TIME_WAIT" in found.refusal().detail  # type: ignore[union-attr]
+
+
+def test_doctor_names_the_pid_of_an_outgoing_connection(
+    state: StateDir, port: int, occupants: list[subprocess.Popen[str]]
+) -> None:
+    proc = occupy("connected", "127.0.0.1", port)
+    occupants.append(proc)
+    _state_of(port, "connected")
+    refusal, _, _ = classify_port(state, port, "127.0.0.1")
+    assert refusal is not None and refusal.reason == "in use"
+    assert f"pid {proc.pid} (python" in refusal.detail
+    assert f"a connection from 127.0.0.1:{port}" in refusal.detail
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sock_diag and /proc/net are Linux's")
+def test_sock_diag_reads_states_and_v6only_and_agrees_with_the_tables(port: int) -> None:
+    from portpool._platform._sockdiag import _proc_net
+
+    _needs_ipv6("::")
+    made: list[socket.socket] = []
+    try:
+        for flag, offset in ((1, 0), (0, 1)):
+            s = socket.socket(socket.AF_INET6)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, flag)
+            s.bind(("::", port + offset))
+            s.listen()
+            made.append(s)
+        client = socket.create_connection(("127.0.0.1", port + 1))
+        made.append(client)
+        by_port = {p: tcp_sockets(p) for p in (port, port + 1)}
+        (only6,) = by_port[port]
+        assert (only6.state, only6.address, only6.v6only) == ("listen", "::", True)
+        dual = next(s for s in by_port[port + 1] if s.state == "listen")
+        assert dual.v6only is False
+        assert dual.inode == os.fstat(made[1].fileno()).st_ino
+        # The fallback tables list the same sockets (without the V6ONLY flag).
+        for p, found in by_port.items():
+            table = {(s.family, s.address, s.state, s.inode) for s in _proc_net(p)}
+            assert {(s.family, s.address, s.state, s.inode) for s in found} == table
+    finally:
+        for s in made:
+            s.close()
