@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from portpool._platform import DirHandle, identity_of, locked_inodes
+from portpool._platform import DirHandle, LockTable, identity_of, locked_inodes
 from portpool.errors import LockHeld, PortPoolError, StateDirError
 from portpool.layout import is_finite_number
 from portpool.lock import HeldLock, is_held, read_port_record
@@ -212,7 +212,7 @@ def slot_numbers(names: Iterable[str]) -> list[int]:
 
 
 def read_instance(
-    directory: DirHandle, number: int, locked: dict[int, int] | None = None
+    directory: DirHandle, number: int, locked: LockTable | None = None
 ) -> InstanceInfo:
     """The state of slot ``number``: alive per its kernel lock, details per its record."""
     alive = is_held(directory, f"{number}.lock", locked)

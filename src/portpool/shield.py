@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Literal
 
 from portpool._platform import (
     Listener,
+    LockTable,
     listeners,
     locked_inodes,
     owners_of_inode,
@@ -127,12 +128,12 @@ class _Snapshot:
         self.refresh()
 
     def refresh(self) -> None:
-        self._locked: dict[int, int] | None = None
+        self._locked: LockTable | None = None
         self._locked_read = False
         self._listeners: dict[int, list[Listener]] | None = None
         self._children: set[int] | None = None
 
-    def locked(self) -> dict[int, int] | None:
+    def locked(self) -> LockTable | None:
         if not self._locked_read:
             self._locked = locked_inodes()
             self._locked_read = True

@@ -6,8 +6,8 @@ Everything above this package calls these names and never ``sys.platform``:
   relative to it (``openat``-style on POSIX).
 - ``try_lock`` / ``unlock``: a non-blocking exclusive lock on an open file
   (flock on POSIX, LockFileEx on Windows). A holder that dies frees it at once.
-- ``locked_inodes``: which inodes hold a lock right now, read from the kernel
-  where it tells (Linux ``/proc/locks``), else ``None``.
+- ``locked_inodes``: a ``LockTable`` of the (device, inode) pairs that hold a lock right
+  now, read from the kernel where it tells (Linux ``/proc/locks``), else ``None``.
 - ``ProcessIdentity``, ``current_identity``, ``identity_of``, ``is_alive``: pid + start
   token + boot id, so a reused pid never looks like the process that died.
 - ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
@@ -26,6 +26,7 @@ from portpool._platform._identity import (
     is_alive,
     process_name,
 )
+from portpool._platform._locks import LockTable
 from portpool._platform._net import (
     Listener,
     ephemeral_port_range,
@@ -62,6 +63,7 @@ else:
 __all__ = [
     "DirHandle",
     "Listener",
+    "LockTable",
     "ProcessIdentity",
     "boot_id",
     "current_identity",

@@ -1,0 +1,113 @@
+"""Hostile and careless inputs: every reader is total, nothing is changed unasked.
+
+Each test is one fault found by trying portpool as an attacker (another user, or a
+bug with our uid) and as a careless user would: lock tables matched by inode alone,
+file names with Unicode digits, record text that reaches the terminal, special files
+as layouts, a user-given state dir, quadratic validation, intervals that break threads,
+running out of file descriptors, a full stdout, and a cleaner racing a start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.helpers import PORTPOOL, read_line, write_layout
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc/locks")
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _mount_tmpfs(where: Path) -> Path:
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    return where
+
+
+@pytest.fixture
+def two_tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Two fresh tmpfs mounts: tmpfs numbers inodes per mount from 1, so they collide."""
+    mounted: list[Path] = []
+    try:
+        for name in ("a", "b"):
+            mounted.append(_mount_tmpfs(tmp_path / name))
+        yield mounted[0], mounted[1]
+    finally:
+        for mnt in mounted:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def _kill_run_leaving_record(config: Path, env: dict[str, str]) -> None:
+    """A `portpool run` killed -9 by its own command: its record stays, its locks go."""
+    done = subprocess.run(
+        [*PORTPOOL, "run", "--config", str(config), "--", "sh", "-c", "kill -9 $PPID"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == -9, done.stderr
+
+
+# ---------------------------------------------------------------- 1. device and inode
+
+
+@linux_only
+def test_a_lock_on_another_filesystem_with_the_same_inode_never_makes_the_dead_alive(
+    two_tmpfs: tuple[Path, Path], tmp_path: Path, port_base: int
+) -> None:
+    state_fs, other_fs = two_tmpfs
+    env = {**os.environ, "PORTPOOL_HOME": str(state_fs / "state")}
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    _kill_run_leaving_record(config, env)
+    slot = state_fs / "state" / "apps" / "testapp" / "instances" / "1.lock"
+    target = slot.stat().st_ino
+    twin = None
+    for i in range(4000):  # bounded: tmpfs hands out small inode numbers in order
+        path = other_fs / f"f{i}"
+        path.touch()
+        if path.stat().st_ino == target:
+            twin = path
+            break
+    if twin is None:
+        pytest.skip(f"no file with inode {target} on the second tmpfs")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(twin)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert read_line(holder) == "locked\n"
+        status = subprocess.run(
+            [*PORTPOOL, "status", "--json", "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        (instance,) = json.loads(status.stdout)["instances"]
+        assert instance["alive"] is False
+        gc = subprocess.run(
+            [*PORTPOOL, "gc"], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
+        assert gc.returncode == 0, gc.stderr
+        assert "removed record of dead instance testapp/1" in gc.stdout
+    finally:
+        holder.kill()
+        holder.wait()
