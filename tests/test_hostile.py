@@ -13,11 +13,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import PORTPOOL, read_line, write_layout
+from tests.helpers import PORTPOOL, portpool, read_line, status_json, write_layout
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc/locks")
 
@@ -111,3 +112,91 @@ def test_a_lock_on_another_filesystem_with_the_same_inode_never_makes_the_dead_a
     finally:
         holder.kill()
         holder.wait()
+
+
+# ---------------------------------------------------------------- 2. Unicode digits in names
+
+
+def _record(services: list[dict[str, object]]) -> str:
+    now = time.time()
+    doc = {"v": 1, "pid": 1, "start_token": "x", "started_at": now, "heartbeat_at": now}
+    return json.dumps({**doc, "services": services})
+
+
+def test_unicode_digit_file_names_never_crash_a_command(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    instances = home / "apps" / "testapp" / "instances"
+    instances.mkdir(parents=True)
+    (home / "ports").mkdir()
+    for name in ("².json", "³.lock", "٣.json", "07.json", "1.json.", "9" * 40 + ".lock"):
+        (instances / name).write_text("{}")
+        (home / "ports" / name).write_text("{}")
+    (instances / "4.json").write_text(_record([]))  # a dead instance gc should remove
+    for args in (["status"], ["status", "--json"], ["layout"], ["doctor"]):
+        done = portpool(*args, "--config", str(config))
+        assert done.returncode == 0, (args, done.stderr)
+    assert [i["number"] for i in status_json(config)["instances"]] == [4]
+    gc = portpool("gc")
+    assert gc.returncode == 0, gc.stderr
+    assert "removed record of dead instance testapp/4" in gc.stdout
+    assert (instances / "².json").exists() and (home / "ports" / "³.lock").exists()
+    run = portpool("run", "--config", str(config), "--", sys.executable, "-c", "pass")
+    assert run.returncode == 0, run.stderr
+
+
+def test_gc_skips_what_it_cannot_remove_and_still_reports_what_it_did(
+    home: Path, tmp_path: Path
+) -> None:
+    instances = home / "apps" / "testapp" / "instances"
+    instances.mkdir(parents=True)
+    (instances / "2.json").mkdir()  # a directory where a record belongs
+    (instances / "3.json").write_text(_record([]))
+    gc = portpool("gc")
+    assert gc.returncode == 1
+    assert "removed record of dead instance testapp/3" in gc.stdout
+    assert "gc skipped" in gc.stderr and "2.json" in gc.stderr
+    assert "Traceback" not in gc.stderr
+    assert (instances / "2.json").is_dir() and not (instances / "3.json").exists()
+
+
+# ---------------------------------------------------------------- 3. record text on a terminal
+
+
+def test_record_text_is_escaped_for_the_terminal_and_json_stays_valid(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    instances = home / "apps" / "testapp" / "instances"
+    instances.mkdir(parents=True)
+    names = ["\ud800lone", "\x1b[31mred\x1b[0m", "bidi\u202etxt", "new\nline"]
+    (instances / "1.json").write_text(
+        _record([{"name": n, "pool": [1], "port": 1, "pid": 1} for n in names])
+    )
+    done = subprocess.run(
+        [*PORTPOOL, "status", "--config", str(config)], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode("utf-8")  # valid UTF-8: no raw surrogate
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b[31mred\\x1b[0m=1" in out and "\\ud800lone=1" in out and "new\\nline" in out
+    assert len(out.splitlines()) == 3  # header lines and one row: no injected lines
+    doc = status_json(config)
+    assert [s["name"] for s in doc["instances"][0]["services"]] == names
+
+
+def test_a_full_stdout_is_one_line_of_error(home: Path, tmp_path: Path, port_base: int) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    for args in (["status"], ["status", "--json"], ["layout"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(
+                [*PORTPOOL, *args, "--config", str(config)],
+                stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+            )  # fmt: skip
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [
+            "portpool: error: cannot write to standard output: No space left on device"
+        ]

@@ -7,9 +7,12 @@ pool exhausted); 4 the shield tripped; 5 a service exited on its own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -28,8 +31,26 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# C0/C1 controls (ANSI escapes start with ESC), lone surrogates (unencodable: status
+# crashed on one), and bidi overrides (they reorder what the user reads).
+_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+
+
+def display(text: str) -> str:
+    """``text`` safe to print to a terminal: every control character, lone surrogate
+    and bidi override shown as a Python escape (``\\x1b``), the rest unchanged.
+
+    Text from the state dir is written by whoever shares our uid (or a bug): printed
+    raw, an ANSI sequence reached the user's terminal.
+    """
+    return _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 def _fail(error: PortPoolError) -> None:
-    click.echo(f"portpool: error: {error}", err=True)
+    lines = str(error).split("\n")  # messages may span lines; each is escaped alone
+    click.echo(
+        "\n".join(display(line) for line in [f"portpool: error: {lines[0]}", *lines[1:]]), err=True
+    )
     sys.exit(error.exit_code)
 
 
@@ -100,7 +121,7 @@ def status(config: str | None, as_json: bool) -> None:
             # Compact: the indenting encoder is pure Python and 6x slower at 1,000 instances.
             click.echo(json.dumps(doc, separators=(",", ":")))
             return
-        click.echo(f"app {layout.app} (state dir {state.path})")
+        click.echo(f"app {layout.app} (state dir {display(state.path)})")
         if not infos:
             click.echo("no instances")
             return
@@ -112,6 +133,7 @@ def status(config: str | None, as_json: bool) -> None:
                 services = "  ".join(f"{s.name}={s.port}" for s in info.services)
             else:
                 services = info.problem or "record unreadable"
+            services = display(services)  # record text: whoever shares our uid wrote it
             click.echo(
                 f"{info.number:>3}  {pid:>7}  {alive:<5}  {_age(info.heartbeat_age_s):<11}  "
                 f"{services}"
@@ -186,6 +208,10 @@ def gc(config: str | None) -> None:
         click.echo(f"removed temporary file {name}")
     total = len(report.instances) + len(report.ports) + len(report.temp_files)
     click.echo(f"gc: {total} removed")
+    for problem in report.problems:
+        click.echo(f"portpool: error: gc skipped {display(problem)}", err=True)
+    if report.problems:
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- run / up
@@ -349,12 +375,40 @@ def up(config: str | None, grace: float) -> None:
     sys.exit(outcome.code)
 
 
+def _output_failed(error: OSError) -> None:
+    """A stdout that is closed or full (``status > /dev/full``): one line, exit 1."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"portpool: error: cannot write to standard output: {error.strerror}\n")
+        sys.stderr.flush()
+    # What is still buffered can never be written: drop it instead of failing at exit.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    sys.exit(1)
+
+
+def _from_echo(error: BaseException) -> bool:
+    """Whether ``error`` was raised while printing (in ``click.echo``), not elsewhere."""
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "echo" and code.co_filename == click.utils.__file__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
         cli(prog_name="portpool")
     except KeyboardInterrupt:  # Ctrl-C before our handlers were installed
         sys.exit(128 + signal.SIGINT)
+    except OSError as e:
+        if not _from_echo(e):
+            raise
+        _output_failed(e)
 
 
 if __name__ == "__main__":

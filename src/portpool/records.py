@@ -202,12 +202,25 @@ def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
     )
 
 
+def decimal(text: str, max_digits: int = 6) -> int | None:
+    """``text`` as a number if it is 1..``max_digits`` ASCII digits without a leading
+    zero, else None. ``str.isdigit`` also accepts "²" and "٣", which ``int`` then
+    refuses or reads as another number: a file named ``².json`` crashed every command."""
+    if not (0 < len(text) <= max_digits and text.isascii() and text.isdigit()):
+        return None
+    if text[0] == "0" and len(text) > 1:
+        return None  # "07.json" is not the file of slot 7: leave it alone
+    return int(text)
+
+
 def slot_numbers(names: Iterable[str]) -> list[int]:
+    """The slot numbers of ``N.lock`` / ``N.json`` entries in ``names``; others ignored."""
     numbers = set()
     for name in names:
         stem, dot, ext = name.partition(".")
-        if dot and ext in ("lock", "json") and stem.isdigit() and len(stem) < 7:
-            numbers.add(int(stem))
+        number = decimal(stem) if dot and ext in ("lock", "json") else None
+        if number is not None and number > 0:
+            numbers.add(number)
     return sorted(numbers)
 
 
@@ -260,6 +273,9 @@ class GcReport:
     instances: list[str] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     temp_files: list[str] = field(default_factory=list)
+    # Entries gc could not handle (a directory where a record belongs, ...): reported,
+    # skipped, and never a reason to stop halfway with nothing said about what was done.
+    problems: list[str] = field(default_factory=list)
 
 
 def _remove_if_free(directory: DirHandle, lock_name: str, others: Sequence[str]) -> bool:
@@ -282,7 +298,7 @@ def _clean_temp_files(directory: DirHandle, report: GcReport) -> None:
         if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
             continue
         parts = name.split(".")
-        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        pid = decimal(parts[-3], 7) if len(parts) >= 4 else None
         if pid is not None and pid != os.getpid() and identity_of(pid) is None:
             with contextlib.suppress(OSError):
                 directory.unlink(name)
@@ -298,43 +314,58 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
         return report  # nothing a dead instance could have left: skip the kernel read
     locked = locked_inodes()
     for number in slot_numbers(names):
-        if is_held(directory, f"{number}.lock", locked):
-            continue
-        stale = directory.stat_entry(f"{number}.json") is not None
-        if _remove_if_free(directory, f"{number}.lock", [f"{number}.json"]) and stale:
-            report.instances.append(f"{app}/{number}")
+        try:
+            if is_held(directory, f"{number}.lock", locked):
+                continue
+            stale = directory.stat_entry(f"{number}.json") is not None
+            if _remove_if_free(directory, f"{number}.lock", [f"{number}.json"]) and stale:
+                report.instances.append(f"{app}/{number}")
+        except OSError as e:
+            where = os.path.join(directory.path, f"{number}.json")
+            report.problems.append(f"{where}: {e.strerror or e}")
     _clean_temp_files(directory, report)
     return report
+
+
+def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: GcReport) -> None:
+    stem, _, ext = name.partition(".")
+    port = decimal(stem, 5) if ext in ("lock", "json") else None
+    if port is None or not 0 < port < 65536:
+        return
+    if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
+        return  # handled with its lock file
+    if is_held(ports, f"{port}.lock", locked):
+        return
+    try:
+        had_record = read_port_record(ports, port) is not None
+    except ValueError:
+        had_record = True
+    if _remove_if_free(ports, f"{port}.lock", [f"{port}.json"]) and had_record:
+        report.ports.append(port)
 
 
 def gc(state: StateDir | None = None) -> GcReport:
     """Remove metadata left by dead holders, in every app and for every port.
 
-    Only what nobody holds is removed, and only while holding its lock (rule 2).
+    Only what nobody holds is removed, and only while holding its lock (rule 2). An
+    entry that cannot be handled is skipped and named in ``GcReport.problems``.
     """
     own = state is None
     state = state or StateDir.open()
     report = GcReport()
     try:
         for app in state.apps():
-            clean_app(state, app, report)
+            try:
+                clean_app(state, app, report)
+            except (OSError, PortPoolError) as e:
+                report.problems.append(f"app {app}: {e}")
         ports = state.ports()
         locked = locked_inodes()
         for name in sorted(ports.listdir()):
-            stem, _, ext = name.partition(".")
-            if ext not in ("lock", "json") or not stem.isdigit():
-                continue
-            port = int(stem)
-            if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
-                continue  # handled with its lock file
-            if is_held(ports, f"{port}.lock", locked):
-                continue
             try:
-                had_record = read_port_record(ports, port) is not None
-            except ValueError:
-                had_record = True
-            if _remove_if_free(ports, f"{port}.lock", [f"{port}.json"]) and had_record:
-                report.ports.append(port)
+                _clean_port(ports, name, locked, report)
+            except OSError as e:
+                report.problems.append(f"{os.path.join(ports.path, name)}: {e.strerror or e}")
     finally:
         if own:
             state.close()

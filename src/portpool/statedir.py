@@ -18,7 +18,7 @@ import threading
 from portpool._platform import DirHandle, user_id
 from portpool.errors import StateDirError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" accepts a final newline
 
 
 def default_path() -> str:
