@@ -200,3 +200,52 @@ def test_a_full_stdout_is_one_line_of_error(home: Path, tmp_path: Path, port_bas
         assert done.stderr.splitlines() == [
             "portpool: error: cannot write to standard output: No space left on device"
         ]
+
+
+# ---------------------------------------------------------------- 4. special files as layouts
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    # A bounded wait: a FIFO once made every command block forever.
+    return subprocess.run(
+        [*PORTPOOL, *args], capture_output=True, text=True, timeout=30, cwd=cwd, check=False
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and /dev/zero are POSIX")
+def test_special_files_given_as_config_are_a_one_line_usage_error(
+    home: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "layout.fifo"
+    os.mkfifo(fifo)
+    for path, kind in (("/dev/zero", "a character device"), (str(fifo), "a FIFO")):
+        for command in ("status", "layout", "up"):
+            done = _cli(command, "--config", path)
+            assert done.returncode == 2, (path, command, done.stderr)
+            assert (
+                done.stderr
+                == f"portpool: error: {path}: is {kind}, not a regular file; give a TOML file\n"
+            )
+    assert not home.exists()  # refused before anything was created
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dangling symlink", "device symlink"])
+def test_an_unusable_local_layout_is_an_error_never_the_default(
+    home: Path, tmp_path: Path, kind: str
+) -> None:
+    local = tmp_path / "portpool.toml"
+    if kind == "fifo":
+        os.mkfifo(local)
+    elif kind == "directory":
+        local.mkdir()
+    elif kind == "dangling symlink":
+        local.symlink_to(tmp_path / "gone.toml")
+    else:
+        local.symlink_to("/dev/null")
+    for command in ("status", "layout", "up"):
+        done = _cli(command, cwd=tmp_path)
+        assert done.returncode == 2, (kind, command, done.stdout, done.stderr)
+        assert done.stderr.startswith("portpool: error: portpool.toml: ")
+        assert len(done.stderr.splitlines()) == 1
+        assert "qwen-valencia" not in done.stdout  # the built-in layout was not used

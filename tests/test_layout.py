@@ -3,6 +3,7 @@ property tests that nothing but LayoutError escapes and accepted layouts are sou
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -424,7 +425,7 @@ def test_files_that_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(LayoutError) as info:
         load_layout(str(tmp_path / "missing.toml"))
     assert "cannot be read" in str(info.value)
-    with pytest.raises(LayoutError, match="cannot be read"):
+    with pytest.raises(LayoutError, match="is a directory, not a regular file"):
         load_layout(str(tmp_path))
     bad = tmp_path / "latin1.toml"
     bad.write_bytes(b'app = "a"\n# caf\xe9\n')
@@ -718,3 +719,34 @@ def test_random_files_only_ever_raise_layout_error(
             refusal = None
             assert_sound(layout)
         assert refusal is None or refusal.file == str(path)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert load_layout(str(path)).app == "demo"
+
+
+def test_special_and_oversized_files_are_refused_with_exit_code_2(tmp_path: Path) -> None:
+    from portpool.errors import LayoutFileError
+    from portpool.layout import LAYOUT_MAX_BYTES
+
+    big = tmp_path / "big.toml"
+    big.write_bytes(GOOD.encode() + b"#" * LAYOUT_MAX_BYTES)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    dangling = tmp_path / "dangling.toml"
+    dangling.symlink_to(tmp_path / "nowhere")
+    cases = [
+        (big, "is larger than"),
+        (fifo, "is a FIFO, not a regular file"),
+        (dangling, "is a dangling symbolic link"),
+        (tmp_path, "is a directory, not a regular file"),
+    ]
+    if os.path.exists("/dev/zero"):
+        cases.append((Path("/dev/zero"), "is a character device, not a regular file"))
+    for path, problem in cases:
+        with pytest.raises(LayoutFileError) as info:
+            load_layout(str(path))
+        assert info.value.exit_code == 2
+        assert str(info.value) == f"{path}: {problem}" or problem in str(info.value)
