@@ -29,6 +29,7 @@ from portpool._layout_checks import (
     BROWSER_UNSAFE_PORTS,
     INSTANCE_LIMIT,
     MAX_PORT,
+    MAX_SERVICES,
     Problem,
     admissible_instances,
     count_admissible,
@@ -43,7 +44,10 @@ from portpool.statedir import check_name
 __all__ = [
     "BROWSER_UNSAFE_PORTS",
     "INSTANCE_LIMIT",
+    "INTERVAL_MAX_S",
+    "INTERVAL_MIN_S",
     "MAX_PORT",
+    "MAX_SERVICES",
     "SERVICE_SOCKET_MODES",
     "Layout",
     "Service",
@@ -230,11 +234,20 @@ def is_finite_number(value: float) -> bool:
         return False
 
 
+# Intervals outside this range broke the threads that use them: 1e10 s overflowed the
+# thread's wait (the shield died silently), 1e-300 s busy-looped a core.
+INTERVAL_MIN_S = 0.01
+INTERVAL_MAX_S = 86400.0
+
+
 def _interval_problem(value: object) -> str | None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return f"must be a number of seconds, not {_toml_type(value)}"
-    if not is_finite_number(value) or value <= 0:
-        return f"must be a number of seconds > 0, not {value!r}"
+    if not is_finite_number(value) or not INTERVAL_MIN_S <= value <= INTERVAL_MAX_S:
+        return (
+            f"must be a number of seconds from {INTERVAL_MIN_S:g} to {INTERVAL_MAX_S:g} "
+            f"(one day), not {value!r}"
+        )
     return None
 
 
@@ -273,6 +286,10 @@ def _field_problems(
     return out
 
 
+def _too_many(count: int) -> str:
+    return f"has {count} services; a layout may have at most {MAX_SERVICES}"
+
+
 def _cross_problems(
     services: Sequence[Service], max_instances: object
 ) -> tuple[list[Problem], int, str]:
@@ -281,6 +298,9 @@ def _cross_problems(
     if not services:
         out.append(("services", "at least one service is required, e.g. [services.api]"))
         return out, 0, "there are no services"
+    if len(services) > MAX_SERVICES:
+        out.append(("services", _too_many(len(services))))
+        return out, 0, "there are too many services"
     out.extend(env_collisions(services))
     out.extend(instance1_overlaps(services))
     admissible, reason = count_admissible(services, INSTANCE_LIMIT)
@@ -450,6 +470,9 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
         problems.append(("services", f"must be a table, not {_toml_type(raw_services)}"))
     elif not raw_services:
         problems.append(("services", "at least one service is required, e.g. [services.api]"))
+    elif len(raw_services) > MAX_SERVICES:
+        # Refused before any per-service work: validation stays bounded whatever the file.
+        problems.append(("services", _too_many(len(raw_services))))
     else:
         for name, table in raw_services.items():
             key = f"services.{name}"
