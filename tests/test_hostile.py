@@ -13,12 +13,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.conftest import find_free_block
 from tests.helpers import PORTPOOL, portpool, read_line, status_json, write_layout
+
+from portpool.statedir import StateDir
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc/locks")
 
@@ -249,3 +253,31 @@ def test_an_unusable_local_layout_is_an_error_never_the_default(
         assert done.stderr.startswith("portpool: error: portpool.toml: ")
         assert len(done.stderr.splitlines()) == 1
         assert "qwen-valencia" not in done.stdout  # the built-in layout was not used
+
+
+# ---------------------------------------------------------------- 7. a shield thread that dies
+
+
+def test_a_shield_whose_thread_dies_trips_instead_of_going_silent(state: StateDir) -> None:
+    from portpool.pool import acquire
+    from portpool.shield import Shield
+
+    base = find_free_block(2)
+    lease = acquire(state, [base, base + 1])
+    fired: list[str] = []
+    done = threading.Event()
+
+    def on_lost(lease: object, reason: str) -> None:
+        fired.append(reason)
+        done.set()
+
+    # 1e10 s cannot be waited for (OverflowError): the thread dies at its first wait.
+    shield = Shield([lease], interval_s=1e10, on_lost=on_lost)
+    try:
+        shield.start()
+        assert done.wait(30)
+    finally:
+        shield.stop(timeout=5)
+        lease.release()
+    assert len(fired) == 1
+    assert fired[0].startswith("the shield stopped working: OverflowError: ")

@@ -315,6 +315,14 @@ class Shield:
         return nxt if nxt > now else now + self.interval_s
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # e.g. an interval too large to wait for (OverflowError)
+            # A shield whose thread died is off: that is a trip, never a silent end.
+            log.exception("%s: the shield's thread failed", self.name)
+            self._fire(None, f"the shield stopped working: {type(e).__name__}: {e}")
+
+    def _loop(self) -> None:
         next_at = time.monotonic() + self.interval_s
         while not self._stop_event.wait(max(0.0, next_at - time.monotonic())):
             try:
