@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -121,6 +122,13 @@ def test_a_lock_on_another_filesystem_with_the_same_inode_never_makes_the_dead_a
 # ---------------------------------------------------------------- 2. Unicode digits in names
 
 
+def _private_dirs(path: Path) -> None:
+    """``path`` and its missing parents, 0700 like portpool makes them."""
+    if not path.exists():
+        _private_dirs(path.parent)
+        path.mkdir(mode=0o700)
+
+
 def _record(services: list[dict[str, object]]) -> str:
     now = time.time()
     doc = {"v": 1, "pid": 1, "start_token": "x", "started_at": now, "heartbeat_at": now}
@@ -132,8 +140,8 @@ def test_unicode_digit_file_names_never_crash_a_command(
 ) -> None:
     config = write_layout(tmp_path / "portpool.toml", port_base)
     instances = home / "apps" / "testapp" / "instances"
-    instances.mkdir(parents=True)
-    (home / "ports").mkdir()
+    _private_dirs(instances)
+    _private_dirs(home / "ports")
     for name in ("².json", "³.lock", "٣.json", "07.json", "1.json.", "9" * 40 + ".lock"):
         (instances / name).write_text("{}")
         (home / "ports" / name).write_text("{}")
@@ -154,7 +162,7 @@ def test_gc_skips_what_it_cannot_remove_and_still_reports_what_it_did(
     home: Path, tmp_path: Path
 ) -> None:
     instances = home / "apps" / "testapp" / "instances"
-    instances.mkdir(parents=True)
+    _private_dirs(instances)
     (instances / "2.json").mkdir()  # a directory where a record belongs
     (instances / "3.json").write_text(_record([]))
     gc = portpool("gc")
@@ -173,7 +181,7 @@ def test_record_text_is_escaped_for_the_terminal_and_json_stays_valid(
 ) -> None:
     config = write_layout(tmp_path / "portpool.toml", port_base)
     instances = home / "apps" / "testapp" / "instances"
-    instances.mkdir(parents=True)
+    _private_dirs(instances)
     names = ["\ud800lone", "\x1b[31mred\x1b[0m", "bidi\u202etxt", "new\nline"]
     (instances / "1.json").write_text(
         _record([{"name": n, "pool": [1], "port": 1, "pid": 1} for n in names])
@@ -281,3 +289,50 @@ def test_a_shield_whose_thread_dies_trips_instead_of_going_silent(state: StateDi
         lease.release()
     assert len(fired) == 1
     assert fired[0].startswith("the shield stopped working: OverflowError: ")
+
+
+# ---------------------------------------------------------------- 5. a user-given state dir
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_a_user_given_state_dir_is_never_re_permissioned(tmp_path: Path, port_base: int) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    given = tmp_path / "home-like"
+    given.mkdir()
+    given.chmod(0o755)
+    (given / "notes.txt").write_text("mine")
+    env = {**os.environ, "PORTPOOL_HOME": str(given)}
+    for args in (["status"], ["doctor"], ["gc"], ["run", "--", sys.executable, "-c", "pass"]):
+        done = subprocess.run(
+            [*PORTPOOL, *args[:1], "--config", str(config), *args[1:]],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, (args, done.stderr)
+        assert "readable by group or others (mode 755)" in done.stderr
+        assert f"chmod 700 {given}" in done.stderr
+        assert len(done.stderr.splitlines()) == 1
+    assert stat.S_IMODE(given.stat().st_mode) == 0o755
+    assert sorted(p.name for p in given.iterdir()) == ["notes.txt"]
+
+
+def test_read_only_commands_create_nothing(tmp_path: Path, port_base: int) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    missing = tmp_path / "not-yet" / "state"
+    env = {**os.environ, "PORTPOOL_HOME": str(missing)}
+    for args in (["status"], ["status", "--json"], ["layout"], ["doctor"]):
+        done = subprocess.run(
+            [*PORTPOOL, *args, "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+    assert not (tmp_path / "not-yet").exists()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    env["PORTPOOL_HOME"] = str(private)
+    for args in (["status"], ["doctor"]):
+        done = subprocess.run(
+            [*PORTPOOL, *args, "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+    assert list(private.iterdir()) == []

@@ -110,7 +110,7 @@ def status(config: str | None, as_json: bool) -> None:
     from portpool.statedir import StateDir
 
     layout = _layout(config)
-    with StateDir.open() as state:
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
         infos = list_instances(layout.app, state)
         if as_json:
             doc = {
@@ -162,7 +162,7 @@ def doctor(config: str | None) -> None:
     layout = _layout(config)
     listening = {listener.port for listener in listeners()}
     counts = {"free": 0, "held": 0, "foreign": 0}
-    with StateDir.open() as state:
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
         locked = locked_inodes()
         click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
         for number in range(1, layout.max_instances + 1):

@@ -522,7 +522,9 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
 
     ``locked`` is a ``locked_inodes()`` snapshot, to share one kernel read among many ports.
     """
-    directory = state.ports()
+    directory = state.find("ports")  # read-only: a state dir never used has no ports
+    if directory is None:
+        return PortStatus(port, "free")
     if locked is None:
         locked = locked_inodes()
     if not is_held(directory, f"{port}.lock", locked):

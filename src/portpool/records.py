@@ -240,11 +240,16 @@ def read_instance(
 
 
 def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo]:
-    """Every instance slot of ``app`` that has a lock file or a record, by number."""
+    """Every instance slot of ``app`` that has a lock file or a record, by number.
+
+    Read-only: without ``state`` the state dir is opened with ``create=False``.
+    """
     own = state is None
-    state = state or StateDir.open()
+    state = state or StateDir.open(create=False)
     try:
-        directory = state.instances(app)
+        directory = state.find_instances(app)
+        if directory is None:
+            return []  # never used by this app: nothing to list, and nothing is created
         locked = locked_inodes()
         # Parsing thousands of records makes only acyclic objects: pausing the cyclic
         # collector meanwhile saves it scanning them again and again (~15% of the time).
