@@ -336,3 +336,82 @@ def test_read_only_commands_create_nothing(tmp_path: Path, port_base: int) -> No
         )  # fmt: skip
         assert done.returncode == 0, (args, done.stderr)
     assert list(private.iterdir()) == []
+
+
+# ---------------------------------------------------------------- 8. out of file descriptors
+
+
+@pytest.mark.skipif(os.name != "posix", reason="ulimit -n is POSIX")
+def test_out_of_descriptors_is_a_resource_limit_naming_the_need(home: Path, tmp_path: Path) -> None:
+    import resource
+
+    count = 40
+    base = find_free_block(count)
+    lines = ['app = "many"', "max_instances = 1"]
+    for i in range(count):
+        lines += [f"[services.s{i}]", f"base = {base + i}", "size = 1", "stride = 100"]
+    config = tmp_path / "many.toml"
+    config.write_text("\n".join(lines) + "\n")
+
+    def low_limit() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))
+
+    done = subprocess.run(
+        [*PORTPOOL, "run", "--config", str(config), "--", sys.executable, "-c", "pass"],
+        capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        "portpool: error: out of open files (the limit is 48); this layout needs about "
+        f"{3 * count + 16}: raise the limit (e.g. ulimit -n 1024) or start fewer services\n"
+    )
+    # Nothing is left held, and a normal limit starts it.
+    ok = portpool("run", "--config", str(config), "--", sys.executable, "-c", "pass")
+    assert ok.returncode == 0, ok.stderr
+
+
+# ---------------------------------------------------------------- 9. a cleaner racing a start
+
+DIE_HOLDING = """
+import os, sys
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+acquire(StateDir.open(), [int(sys.argv[1])])
+os._exit(0)  # dies holding: its record stays, the kernel frees its lock
+"""
+
+CLEAN_SLOWLY = """
+import sys, time
+from portpool.lock import HeldLock
+from portpool.statedir import StateDir
+ports = StateDir.open().ports()
+held = HeldLock.acquire(ports, sys.argv[1] + ".lock")  # what gc does to a dead holder's files
+print("held", flush=True)
+time.sleep(0.02)
+ports.unlink(sys.argv[1] + ".json")
+held.remove_and_release()
+"""
+
+
+def test_a_cleaner_holding_a_dead_holders_lock_never_pushes_a_start_off_its_port(
+    state: StateDir,
+) -> None:
+    from portpool.pool import acquire
+
+    base = find_free_block(2)
+    subprocess.run([sys.executable, "-c", DIE_HOLDING, str(base)], check=True, timeout=60)
+    assert state.ports() and Path(state.path, "ports", f"{base}.json").exists()
+    cleaner = subprocess.Popen(
+        [sys.executable, "-c", CLEAN_SLOWLY, str(base)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert read_line(cleaner) == "held\n"
+        lease = acquire(state, [base, base + 1])  # while the cleaner holds the first port
+        try:
+            assert lease.port == base
+        finally:
+            lease.release()
+    finally:
+        cleaner.wait(30)
+    assert cleaner.returncode == 0

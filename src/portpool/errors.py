@@ -76,6 +76,15 @@ class ResourceLimit(PortPoolError):
         need = f"; this layout needs about {needed}" if needed is not None else ""
         super().__init__(f"out of {limit}{now}{need}: {advice}")
 
+    def for_need(self, needed: int) -> ResourceLimit:
+        """This error, saying how many are needed (and a limit that would do)."""
+        advice = self.advice
+        if self.limit == "open files":
+            advice = (
+                f"raise the limit (e.g. ulimit -n {max(1024, 2 * needed)}) or start fewer services"
+            )
+        return ResourceLimit(self.limit, self.current, needed, advice)
+
 
 class LockError(PortPoolError):
     """A lock could not be taken or kept."""

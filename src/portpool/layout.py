@@ -362,6 +362,13 @@ class Layout:
         warnings = port_warnings(self.source, services, requested or admissible)
         object.__setattr__(self, "warnings", tuple(warnings))
 
+    @property
+    def descriptors_needed(self) -> int:
+        """About how many file descriptors an instance of this layout holds: per service
+        a lock, its record and the listening socket; plus the slot, std streams and
+        the state dir's handles."""
+        return 3 * len(self.services) + 16
+
     def service(self, name: str) -> Service:
         """The service called ``name``; LayoutError naming the known ones if there is none."""
         for s in self.services:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -37,12 +38,19 @@ from portpool._platform import (
     ProcessIdentity,
     current_identity,
     locked_inodes,
+    open_files_limit,
     read_at,
     try_lock,
     unlock,
     write_at,
 )
-from portpool.errors import AlreadyHeldHere, LockError, LockHeld, StateDirError
+from portpool.errors import (
+    AlreadyHeldHere,
+    LockError,
+    LockHeld,
+    ResourceLimit,
+    StateDirError,
+)
 from portpool.statedir import StateDir
 
 RECORD_SIZE = 1024
@@ -115,6 +123,26 @@ def close_idle_files() -> None:
         files.close()
 
 
+def out_of_descriptors(error: OSError) -> ResourceLimit | None:
+    """A ResourceLimit for an EMFILE/ENFILE ``error``, else None.
+
+    Out of descriptors once read as "no free port in pool ... (remove what is there)",
+    exit 3: it is a resource limit (exit 1), and nothing on disk is at fault.
+    """
+    if error.errno == errno.EMFILE:
+        return ResourceLimit(
+            "open files",
+            open_files_limit(),
+            None,
+            "raise the limit (ulimit -n) or start fewer services",
+        )
+    if error.errno == errno.ENFILE:
+        return ResourceLimit(
+            "open files of the whole system", None, None, "close programs or raise fs.file-max"
+        )
+    return None
+
+
 class HeldLock:
     """A kernel lock on ``<dir>/<name>`` that this process holds. Use ``acquire``."""
 
@@ -165,6 +193,9 @@ class HeldLock:
             try:
                 fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
             except OSError as e:
+                limit = out_of_descriptors(e)
+                if limit is not None:
+                    raise limit from e
                 raise StateDirError(
                     os.path.join(directory.path, name),
                     f"cannot open lock file: {e.strerror or e} (remove what is there)",
@@ -718,6 +749,9 @@ def _open_meta(directory: DirHandle, name: str) -> tuple[int, tuple[int, int]]:
         try:
             fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
         except OSError as e:
+            limit = out_of_descriptors(e)
+            if limit is not None:
+                raise limit from e  # nothing at the path is at fault: leave it
             # A symlink or other junk planted at our path: remove it (we hold the lock).
             try:
                 directory.unlink(name)

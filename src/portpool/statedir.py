@@ -46,10 +46,11 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def _check_mode(path: str, st: os.stat_result) -> None:
-    """Refuse a directory that is not ours or not private. Never change its mode: one
-    that was handed to us may be a home directory or ``/usr`` (PORTPOOL_HOME=/usr once
-    closed /usr to every other user)."""
+def _check_mode(path: str, st: os.stat_result, root: bool = False) -> None:
+    """Refuse a directory that is not ours, writable by others, or (the ``root`` of the
+    state dir) readable by others. Never change its mode: one handed to us may be a home
+    directory or ``/usr`` (PORTPOOL_HOME=/usr once closed /usr to every other user).
+    Inside a private root, a subdirectory readable by others is out of their reach."""
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(path, "is not a directory")
     if sys.platform == "win32":
@@ -66,7 +67,7 @@ def _check_mode(path: str, st: os.stat_result) -> None:
             f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
             f"run: chmod 700 {path}",
         )
-    if st.st_mode & 0o077:
+    if root and st.st_mode & 0o077:
         raise StateDirError(
             path,
             f"is readable by group or others (mode {stat.S_IMODE(st.st_mode):o}): others "
@@ -119,7 +120,7 @@ class StateDir:
             raise StateDirError(path, f"cannot be read: {e.strerror}") from e
         if stat.S_ISLNK(lst.st_mode):
             raise StateDirError(path, "is a symbolic link; refusing to follow it")
-        _check_mode(path, lst)
+        _check_mode(path, lst, root=True)
         try:
             handle = DirHandle.open_path(path)
         except OSError as e:
@@ -129,7 +130,7 @@ class StateDir:
             handle.close()
             raise StateDirError(path, "was replaced while being opened")
         try:
-            _check_mode(path, st)
+            _check_mode(path, st, root=True)
         except StateDirError:
             handle.close()
             raise

@@ -11,6 +11,7 @@ Everything above this package calls these names and never ``sys.platform``:
 - ``ProcessIdentity``, ``current_identity``, ``identity_of``, ``is_alive``: pid + start
   token + boot id, so a reused pid never looks like the process that died.
 - ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
+- ``open_files_limit``: the soft limit on open file descriptors, where there is one.
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
 """
 
@@ -41,6 +42,7 @@ if sys.platform == "win32":
         exclusive_bind_options,
         in_terminal_foreground,
         locked_inodes,
+        open_files_limit,
         read_at,
         try_lock,
         unlock,
@@ -53,6 +55,7 @@ else:
         exclusive_bind_options,
         in_terminal_foreground,
         locked_inodes,
+        open_files_limit,
         read_at,
         try_lock,
         unlock,
@@ -74,6 +77,7 @@ __all__ = [
     "is_alive",
     "listeners",
     "locked_inodes",
+    "open_files_limit",
     "owners_of_inode",
     "process_name",
     "read_at",

@@ -31,6 +31,14 @@ def user_id() -> int:
     return os.getuid()
 
 
+def open_files_limit() -> int | None:
+    """This process's soft limit on open file descriptors (``ulimit -n``), if any."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 class DirHandle:
     """A directory held open by fd; every file operation is relative to it.
 

@@ -137,6 +137,9 @@ if sys.platform == "win32":
         ):
             raise ctypes.WinError(ctypes.get_last_error())
 
+    def open_files_limit() -> int | None:
+        return None  # the C runtime's limit is not a user setting there
+
     def locked_inodes() -> LockTable | None:
         return None  # Windows does not list file locks; callers probe instead
 
