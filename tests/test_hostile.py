@@ -415,3 +415,29 @@ def test_a_cleaner_holding_a_dead_holders_lock_never_pushes_a_start_off_its_port
     finally:
         cleaner.wait(30)
     assert cleaner.returncode == 0
+
+
+@linux_only
+def test_doctor_escapes_port_record_text(home: Path, tmp_path: Path, port_base: int) -> None:
+    from portpool.lock import PortRecord, encode_record
+
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    _private_dirs(home / "ports")
+    record = PortRecord(
+        port_base, 1, "tok", "boot", "\x1b]0;owned\x07", 1, "\x1b[2J", "127.0.0.1", 1.0, 2.0
+    )
+    (home / "ports" / f"{port_base}.json").write_bytes(encode_record(record))
+    lock = home / "ports" / f"{port_base}.lock"
+    lock.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert read_line(holder) == "locked\n"
+        done = portpool("doctor", "--config", str(config))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert "\\x1b[2J" in done.stdout

@@ -172,7 +172,7 @@ def doctor(config: str | None) -> None:
                     seen = inspect_port(state, port, locked)
                     if not seen.is_free:
                         counts["held"] += 1
-                        text = seen.describe()
+                        text = display(seen.describe())  # record text: escape it
                     elif port in listening:
                         counts["foreign"] += 1
                         text = describe_foreign(port)
@@ -205,7 +205,7 @@ def gc(config: str | None) -> None:
     for port in report.ports:
         click.echo(f"removed metadata of port {port} (holder is gone)")
     for name in report.temp_files:
-        click.echo(f"removed temporary file {name}")
+        click.echo(f"removed temporary file {display(name)}")
     total = len(report.instances) + len(report.ports) + len(report.temp_files)
     click.echo(f"gc: {total} removed")
     for problem in report.problems:
