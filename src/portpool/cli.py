@@ -32,8 +32,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 # C0/C1 controls (ANSI escapes start with ESC), lone surrogates (unencodable: status
-# crashed on one), and bidi overrides (they reorder what the user reads).
-_UNSAFE_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069]")
+# crashed on one), bidi controls (they reorder what the user reads), and the Unicode
+# line and paragraph separators (they start a new line in some terminals and tools).
+_UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\u2028\u2029]"
+)
 
 
 def display(text: str) -> str:
