@@ -83,20 +83,21 @@ def answers(port: int) -> bool:
         return False
 
 
-def held_lock_inodes(state: Path) -> set[int]:
-    """Inodes of the state dir's lock files that the kernel says are locked now."""
+def held_lock_inodes(state: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the state dir's lock files that the kernel says are locked now."""
     from portpool._platform import locked_inodes
 
     locked = locked_inodes()
     if locked is None:
         raise RuntimeError("this benchmark reads /proc/locks (Linux only)")
-    inodes = set()
+    files = set()
     for sub in ("ports", "apps/bench-up/instances"):
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(state / sub):
                 if entry.name.endswith(".lock"):
-                    inodes.add(entry.inode())
-    return inodes & set(locked)
+                    st = entry.stat(follow_symlinks=False)
+                    files.add((st.st_dev, st.st_ino))
+    return files & set(locked)
 
 
 def one_up(config: Path, state: Path, ports: list[int]) -> dict[str, float]:

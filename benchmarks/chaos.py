@@ -280,17 +280,22 @@ def worker_main(wfd: int, cfg: Config, mode: str, seed: int) -> None:
 # ------------------------------------------------------------------ kernel readers
 
 
-def read_flocks() -> dict[int, set[int]]:
-    """inode -> pids holding a flock on it (waiters excluded), from /proc/locks."""
-    held: dict[int, set[int]] = {}
+def read_flocks() -> dict[tuple[int, int], set[int]]:
+    """(device, inode) -> pids holding a flock on it (waiters excluded), from /proc/locks.
+
+    By device too: with other programs' locks on other file systems, an inode number
+    alone can name a file that is not ours.
+    """
+    held: dict[tuple[int, int], set[int]] = {}
     with open("/proc/locks", encoding="ascii") as f:
         for line in f:
             fields = line.split()
             if len(fields) < 6 or fields[1] != "FLOCK":
                 continue  # "->" marks a waiter; POSIX/OFD locks are not ours
             try:
-                inode = int(fields[5].rsplit(":", 1)[1])
-                held.setdefault(inode, set()).add(int(fields[4]))
+                major, minor, ino = fields[5].split(":")
+                key = (os.makedev(int(major, 16), int(minor, 16)), int(ino))
+                held.setdefault(key, set()).add(int(fields[4]))
             except (ValueError, IndexError):
                 continue
     return held
@@ -409,11 +414,13 @@ def all_socket_owners(wanted: set[int]) -> dict[int, set[int]]:
     return socket_owners(pids, wanted)
 
 
-def file_inode(path: str) -> int | None:
+def file_inode(path: str) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, as ``read_flocks`` keys them."""
     try:
-        return os.stat(path, follow_symlinks=False).st_ino
+        st = os.stat(path, follow_symlinks=False)
     except OSError:
         return None
+    return st.st_dev, st.st_ino
 
 
 # ------------------------------------------------------------------ the harness
@@ -593,7 +600,7 @@ class Harness:
             if refusal is None:
                 self.stats.probes_taken += 1
                 return
-            holders = read_flocks().get(file_inode(lock_path) or -1, set())
+            holders = read_flocks().get(file_inode(lock_path) or (-1, -1), set())
             owners = set()
             if port is not None:
                 listening = set(read_tcp_listeners({port}).get(port, []))
@@ -677,7 +684,8 @@ class Harness:
                 inode = file_inode(f"{self.slot_dir}/{new.instance}.lock")
                 self.log(
                     f"instance {new.instance} reported by pids {w.pid} and {new.pid}; "
-                    f"kernel: slot lock inode {inode} held by {read_flocks().get(inode or -1)}"
+                    f"kernel: slot lock {inode} held by "
+                    f"{read_flocks().get(inode or (-1, -1))}"
                     f" fds {_fd_files(w.pid)} / {_fd_files(new.pid)}"
                 )
             if shared:

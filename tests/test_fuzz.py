@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
+import unicodedata
 import zlib
 from pathlib import Path
 from typing import Any
@@ -380,3 +383,231 @@ def _expect_layout_error_or_layout(path: Path) -> None:
     else:
         return
     assert str(path) in problem
+
+
+# ---------------------------------------------------------------- file names in the state dir
+
+# Names a careless user or another program may leave: Unicode digits ("²", "٣"),
+# leading zeros, separators portpool splits on, control characters, the longest names.
+unicode_digits = st.characters(categories=["Nd", "No"]).filter(lambda c: not c.isascii())
+name_stems = (
+    st.text(unicode_digits, min_size=1, max_size=4)
+    | st.text(st.sampled_from("0123456789"), min_size=1, max_size=30)
+    | st.text(st.characters(blacklist_characters="/\0"), min_size=1, max_size=20)
+    | st.integers(1, 254).map(lambda n: "9" * n)
+)
+file_names = st.builds(
+    lambda stem, ext: (stem + ext)[:255],
+    name_stems,
+    st.sampled_from([".json", ".lock", ".json.", ".lock.lock", "", ".tmp", ".1.2.tmp"]),
+).filter(lambda n: n not in (".", "..") and len(n.encode("utf-8", "surrogatepass")) <= 255)
+
+
+def _clear(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            entry.rmdir()
+        else:
+            entry.unlink()
+
+
+def test_state_dir_file_names_never_crash_a_reader_or_gc(
+    home: Path, state: StateDir, tmp_path: Path
+) -> None:
+    from portpool.records import gc as run_gc
+
+    config = write_layout(tmp_path / "l.toml", 40300, app="fuzzapp")
+    instances = Path(state.instances("fuzzapp").path)
+    ports = Path(state.ports().path)
+    runner = CliRunner()
+
+    @settings(FUZZ, max_examples=60)
+    @given(st.lists(file_names, min_size=1, max_size=5, unique=True))
+    @example(["².json", "³.lock", "٣.json", "07.json", "1.json."])
+    def check(names: list[str]) -> None:
+        for name in names:
+            try:
+                (instances / name).write_text("{}")
+                (ports / name).write_text("{}")
+            except (OSError, UnicodeEncodeError):
+                continue  # a name this file system refuses cannot be planted either
+        list_instances("fuzzapp", state)
+        report = run_gc(state)
+        assert report.problems == []
+        for args in (["status"], ["status", "--json"], ["doctor"]):
+            result = runner.invoke(cli, [*args, "--config", str(config)])
+            assert result.exit_code == 0, (args, result.output, result.exception)
+        _clear(instances)
+        _clear(ports)
+
+    check()
+
+
+# ---------------------------------------------------------------- special files everywhere
+
+SPECIAL_KINDS = ["fifo", "directory", "symlink", "dangling symlink", "device symlink", "device"]
+
+
+def _plant(path: Path, kind: str, target: Path) -> bool:
+    """A special file of ``kind`` at ``path``; False where this host cannot make one."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir(mode=0o700)
+    elif kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "dangling symlink":
+        path.symlink_to(target.parent / "gone")
+    elif kind == "device symlink":
+        path.symlink_to("/dev/zero")
+    else:
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # like /dev/zero
+        except PermissionError:
+            return False
+    return True
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and device nodes are POSIX")
+def test_special_files_in_every_place_portpool_reads(home: Path, tmp_path: Path) -> None:
+    """Layout file, port and instance locks and records, the state dir's subdirectories:
+    a FIFO never hangs a reader, a device is never read, nothing crashes."""
+    from portpool.records import gc as run_gc
+
+    base = 40400
+    config = write_layout(tmp_path / "l.toml", base, app="fuzzapp")
+    target = tmp_path / "target.json"
+    target.write_text("{}")
+    home.mkdir(mode=0o700)
+    runner = CliRunner()
+
+    @settings(FUZZ, max_examples=40)
+    @given(
+        st.sampled_from(SPECIAL_KINDS),
+        st.sampled_from(
+            [
+                "ports/{port}.lock",
+                "ports/{port}.json",
+                "apps/fuzzapp/instances/1.lock",
+                "apps/fuzzapp/instances/1.json",
+                "apps/fuzzapp/instances",
+                "apps/fuzzapp",
+                "ports",
+                "layout",
+            ]
+        ),
+    )
+    def check(kind: str, where: str) -> None:
+        for sub in ("ports", "apps"):
+            if (home / sub).is_symlink() or ((home / sub).exists() and not (home / sub).is_dir()):
+                (home / sub).unlink()
+            shutil.rmtree(home / sub, ignore_errors=True)
+        spot = tmp_path / "special.toml" if where == "layout" else home / where.format(port=base)
+        spot.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _plant(spot, kind, target):
+            return
+        layout = str(spot) if where == "layout" else str(config)
+        with StateDir.open(str(home)) as fresh:
+            with contextlib.suppress(PortPoolError):
+                list_instances("fuzzapp", fresh)
+            with contextlib.suppress(PortPoolError):
+                inspect_port(fresh, base)
+            with contextlib.suppress(PortPoolError):
+                run_gc(fresh)
+        for args in (["status"], ["status", "--json"], ["doctor"], ["layout"]):
+            result = runner.invoke(cli, [*args, "--config", layout])
+            assert result.exception is None or isinstance(result.exception, SystemExit), (
+                kind,
+                where,
+                args,
+                result.exception,
+            )
+            assert result.exit_code in (0, 1, 2), (kind, where, args, result.output)
+        if where == "layout":
+            spot.unlink() if not spot.is_dir() or spot.is_symlink() else spot.rmdir()
+
+    check()
+
+
+# ---------------------------------------------------------------- record text on a terminal
+
+hostile_text = st.text(
+    st.characters(categories=["Cc", "Cs", "Cf", "Zl", "Zp"]) | st.sampled_from("\x1b[]31;m"),
+    min_size=1,
+    max_size=12,
+)
+
+
+def test_record_strings_with_surrogates_and_controls_are_printed_escaped(
+    home: Path, state: StateDir, tmp_path: Path
+) -> None:
+    config = write_layout(tmp_path / "l.toml", 40500, app="fuzzapp")
+    path = Path(state.instances("fuzzapp").path)
+
+    @settings(FUZZ, max_examples=20)  # two real processes per example
+    @given(st.lists(hostile_text, min_size=1, max_size=3))
+    @example(["\ud800", "\x1b]0;title\x07", "\u202e"])
+    def check(names: list[str]) -> None:
+        services = [{"name": n, "pool": [1], "port": 1, "pid": 1} for n in names]
+        (path / "1.json").write_text(
+            json.dumps({**GOOD_INSTANCE, "services": services}), encoding="ascii"
+        )
+        plain = subprocess.run(
+            [sys.executable, "-m", "portpool.cli", "status", "--config", str(config)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert plain.returncode == 0, plain.stderr
+        text = plain.stdout.decode("utf-8")  # strict: no raw surrogate got out
+        assert not any(unicodedata.category(c) in ("Cc", "Cs") for c in text if c != "\n")
+        assert len(text.splitlines()) == 3  # no injected lines
+        as_json = subprocess.run(
+            [sys.executable, "-m", "portpool.cli", "status", "--json", "--config", str(config)],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert as_json.returncode == 0, as_json.stderr
+        doc = json.loads(as_json.stdout)
+        stored = json.loads(json.dumps(names))  # a surrogate pair in JSON reads as one char
+        assert [s["name"] for s in doc["instances"][0]["services"]] == [n[:64] for n in stored]
+
+    check()
+
+
+# ---------------------------------------------------------------- numbers out of range
+
+out_of_range = (
+    st.integers(-(2**64), -1)
+    | st.integers(65536, 2**64)
+    | st.integers(10**300, 10**400)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.sampled_from([0, 1e-300, 1e300, 1e10, -0.0, 2**63, 86400.5, 0.009])
+)
+NUMERIC_KEYS = ["base", "size", "stride", "max_instances", "heartbeat_interval", "shield_interval"]
+
+
+@FUZZ
+@given(st.sampled_from(NUMERIC_KEYS), out_of_range)
+@example("heartbeat_interval", 1e10)
+@example("shield_interval", 1e300)
+@example("shield_interval", 1e-300)
+def test_out_of_range_numbers_in_every_numeric_key(key: str, value: Any) -> None:
+    service: dict[str, Any] = {"base": 20000, "size": 2, "stride": 100}
+    doc: dict[str, Any] = {"app": "a", "services": {"s": service}}
+    if key in service:
+        service[key] = value
+    else:
+        doc[key] = value
+    try:
+        layout = parse_layout(doc, "fuzz.toml")
+    except LayoutError as e:
+        assert e.file == "fuzz.toml"  # noqa: PT017 - refusing is one of two right answers
+        return
+    # Accepted: then every value is one the threads and the pools can live with.
+    assert 0.01 <= layout.heartbeat_interval <= 86400
+    assert 0.01 <= layout.shield_interval <= 86400
+    assert 1 <= layout.max_instances <= 1000
+    for s in layout.services:
+        assert all(1 <= p <= 65535 for n in range(1, layout.max_instances + 1) for p in s.pool(n))

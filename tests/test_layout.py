@@ -3,6 +3,7 @@ property tests that nothing but LayoutError escapes and accepted layouts are sou
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -279,10 +280,13 @@ def test_service_values_are_checked(tmp_path: Path, line: str, key: str, problem
         ('app = ""', "app", "must be 1-64 letters"),
         ('host = "example.com"', "host", "must be an IP address"),
         ("host = 127", "host", "must be a string"),
-        ("heartbeat_interval = 0", "heartbeat_interval", "> 0, not 0"),
-        ("heartbeat_interval = -1.5", "heartbeat_interval", "> 0, not -1.5"),
-        ("heartbeat_interval = nan", "heartbeat_interval", "> 0, not nan"),
-        ("shield_interval = inf", "shield_interval", "> 0, not inf"),
+        ("heartbeat_interval = 0", "heartbeat_interval", "0.01 to 86400 (one day), not 0"),
+        ("heartbeat_interval = -1.5", "heartbeat_interval", "to 86400 (one day), not -1.5"),
+        ("heartbeat_interval = nan", "heartbeat_interval", "to 86400 (one day), not nan"),
+        ("shield_interval = inf", "shield_interval", "to 86400 (one day), not inf"),
+        ("heartbeat_interval = 1e10", "heartbeat_interval", "not 10000000000.0"),
+        ("shield_interval = 1e300", "shield_interval", "not 1e+300"),
+        ("shield_interval = 1e-300", "shield_interval", "from 0.01 to"),
         ('shield_interval = "10"', "shield_interval", "must be a number of seconds, not a str"),
         ("shield_interval = true", "shield_interval", "not a boolean"),
         ("max_instances = 0", "max_instances", "must be >= 1, not 0"),
@@ -424,7 +428,7 @@ def test_files_that_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(LayoutError) as info:
         load_layout(str(tmp_path / "missing.toml"))
     assert "cannot be read" in str(info.value)
-    with pytest.raises(LayoutError, match="cannot be read"):
+    with pytest.raises(LayoutError, match="is a directory, not a regular file"):
         load_layout(str(tmp_path))
     bad = tmp_path / "latin1.toml"
     bad.write_bytes(b'app = "a"\n# caf\xe9\n')
@@ -718,3 +722,59 @@ def test_random_files_only_ever_raise_layout_error(
             refusal = None
             assert_sound(layout)
         assert refusal is None or refusal.file == str(path)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    assert load_layout(str(path)).app == "demo"
+
+
+def test_special_and_oversized_files_are_refused_with_exit_code_2(tmp_path: Path) -> None:
+    from portpool.errors import LayoutFileError
+    from portpool.layout import LAYOUT_MAX_BYTES
+
+    big = tmp_path / "big.toml"
+    big.write_bytes(GOOD.encode() + b"#" * LAYOUT_MAX_BYTES)
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    dangling = tmp_path / "dangling.toml"
+    dangling.symlink_to(tmp_path / "nowhere")
+    cases = [
+        (big, "is larger than"),
+        (fifo, "is a FIFO, not a regular file"),
+        (dangling, "is a dangling symbolic link"),
+        (tmp_path, "is a directory, not a regular file"),
+    ]
+    if os.path.exists("/dev/zero"):
+        cases.append((Path("/dev/zero"), "is a character device, not a regular file"))
+    for path, problem in cases:
+        with pytest.raises(LayoutFileError) as info:
+            load_layout(str(path))
+        assert info.value.exit_code == 2
+        assert str(info.value) == f"{path}: {problem}" or problem in str(info.value)
+
+
+def test_overlaps_are_counted_exactly_and_services_are_capped(tmp_path: Path) -> None:
+    from portpool.layout import MAX_SERVICES
+
+    def many(count: int) -> dict[str, object]:
+        services = {f"s{i}": {"base": 20000, "size": 1} for i in range(count)}
+        return {"app": "a", "services": services}
+
+    with pytest.raises(LayoutError) as info:
+        parse_layout(many(MAX_SERVICES), "many.toml")
+    pairs = MAX_SERVICES * (MAX_SERVICES - 1) // 2
+    assert info.value.errors[0] == (
+        "many.toml: services.s1: in instance 1, s1's pool 20000 and s0's pool 20000 "
+        "share port 20000"
+    )
+    assert info.value.errors[-1] == f"many.toml: services: ... and {pairs - 20} more overlaps"
+    assert len(info.value.errors) == 21
+    with pytest.raises(LayoutError) as info:
+        parse_layout(many(40_000), "huge.toml")
+    assert info.value.errors == [
+        f"huge.toml: services: has 40000 services; a layout may have at most {MAX_SERVICES}"
+    ]
+    with pytest.raises(LayoutError, match="at most"):
+        Layout("a", tuple(Service(f"s{i}", 1000 + i, 1) for i in range(MAX_SERVICES + 1)))

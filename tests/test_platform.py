@@ -70,13 +70,14 @@ def test_locked_inodes_shows_our_lock_and_pid(tmp_path: Path):
     path.touch()
     fd = os.open(path, os.O_RDWR)
     try:
-        ino = os.fstat(fd).st_ino
-        assert ino not in (plat.locked_inodes() or {})
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)  # /proc/locks prints hex major:minor: same device
+        assert key not in (plat.locked_inodes() or {})
         assert plat.try_lock(fd)
-        assert (plat.locked_inodes() or {}).get(ino) == os.getpid()
+        assert (plat.locked_inodes() or {}).get(key) == os.getpid()
     finally:
         os.close(fd)
-    assert ino not in (plat.locked_inodes() or {})
+    assert key not in (plat.locked_inodes() or {})
 
 
 def test_dir_handle_refuses_symlinks(tmp_path: Path):

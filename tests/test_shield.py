@@ -165,7 +165,8 @@ def locked_by(path: Path) -> int | None:
     """The pid that holds the kernel lock on ``path``, per the kernel."""
     table = locked_inodes()
     assert table is not None, "these tests read /proc/locks"
-    return table.get(path.stat().st_ino)
+    st = path.stat()
+    return table.get((st.st_dev, st.st_ino))
 
 
 # ------------------------------------------------------------------ lock and metadata

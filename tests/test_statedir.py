@@ -93,13 +93,36 @@ def test_group_or_world_writable_state_dir_is_refused(tmp_path: Path, mode: int)
     assert _mode(path) == mode  # refused, not silently "repaired"
 
 
-def test_only_readable_by_others_is_tightened(tmp_path: Path):
+def test_readable_by_others_is_refused_never_re_permissioned(tmp_path: Path):
+    """PORTPOOL_HOME=$HOME once left the home directory at 0700 (and /usr, as root)."""
     path = tmp_path / "readable"
     path.mkdir()
     path.chmod(0o755)
-    with StateDir.open(str(path)):
-        pass
-    assert _mode(path) == 0o700
+    for create in (True, False):
+        with pytest.raises(StateDirError) as info:
+            StateDir.open(str(path), create=create)
+        assert "readable by group or others (mode 755)" in info.value.problem
+        assert f"chmod 700 {path}" in info.value.problem  # says what to do
+        assert _mode(path) == 0o755
+        assert list(path.iterdir()) == []  # nothing created in it
+
+
+def test_opened_without_create_creates_nothing(tmp_path: Path):
+    missing = tmp_path / "parent" / "state"
+    with StateDir.open(str(missing), create=False) as state:
+        assert state.root is None and state.path == str(missing)
+        assert state.find("ports") is None and state.find_instances("app") is None
+        assert state.apps() == []
+        with pytest.raises(StateDirError, match="does not exist"):
+            state.ports()
+    assert not (tmp_path / "parent").exists()
+    existing = tmp_path / "state"
+    existing.mkdir(mode=0o700)
+    with StateDir.open(str(existing), create=False) as state:
+        assert state.find("ports") is None
+        with pytest.raises(StateDirError, match="does not exist"):
+            state.instances("app")
+    assert list(existing.iterdir()) == []
 
 
 def test_hostile_subdirectories_are_refused(tmp_path: Path):

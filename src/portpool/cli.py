@@ -7,9 +7,12 @@ pool exhausted); 4 the shield tripped; 5 a service exited on its own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -30,8 +33,29 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# C0/C1 controls (ANSI escapes start with ESC), lone surrogates (unencodable: status
+# crashed on one), bidi controls (they reorder what the user reads), and the Unicode
+# line and paragraph separators (they start a new line in some terminals and tools).
+_UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\u2028\u2029]"
+)
+
+
+def display(text: str) -> str:
+    """``text`` safe to print to a terminal: every control character, lone surrogate
+    and bidi override shown as a Python escape (``\\x1b``), the rest unchanged.
+
+    Text from the state dir is written by whoever shares our uid (or a bug): printed
+    raw, an ANSI sequence reached the user's terminal.
+    """
+    return _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
 def _fail(error: PortPoolError) -> None:
-    click.echo(f"portpool: error: {error}", err=True)
+    lines = str(error).split("\n")  # messages may span lines; each is escaped alone
+    click.echo(
+        "\n".join(display(line) for line in [f"portpool: error: {lines[0]}", *lines[1:]]), err=True
+    )
     sys.exit(error.exit_code)
 
 
@@ -91,7 +115,7 @@ def status(config: str | None, as_json: bool) -> None:
     from portpool.statedir import StateDir
 
     layout = _layout(config)
-    with StateDir.open() as state:
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
         infos = list_instances(layout.app, state)
         if as_json:
             doc = {
@@ -102,7 +126,7 @@ def status(config: str | None, as_json: bool) -> None:
             # Compact: the indenting encoder is pure Python and 6x slower at 1,000 instances.
             click.echo(json.dumps(doc, separators=(",", ":")))
             return
-        click.echo(f"app {layout.app} (state dir {state.path})")
+        click.echo(f"app {layout.app} (state dir {display(state.path)})")
         if not infos:
             click.echo("no instances")
             return
@@ -114,6 +138,7 @@ def status(config: str | None, as_json: bool) -> None:
                 services = "  ".join(f"{s.name}={s.port}" for s in info.services)
             else:
                 services = info.problem or "record unreadable"
+            services = display(services)  # record text: whoever shares our uid wrote it
             click.echo(
                 f"{info.number:>3}  {pid:>7}  {alive:<5}  {_age(info.heartbeat_age_s):<11}  "
                 f"{services}"
@@ -148,7 +173,8 @@ def doctor(config: str | None, as_json: bool) -> None:
         if verdict.instance != number:
             number = verdict.instance
             click.echo(f"instance {number}:")
-        click.echo(f"  {verdict.service:<16} {verdict.port:>5}  {verdict.describe()}")
+        # record text from the state dir: escaped for the terminal
+        click.echo(f"  {verdict.service:<16} {verdict.port:>5}  {display(verdict.describe())}")
     counts = report.counts()
     other = sum(n for kind, n in counts.items() if kind not in ("free", "held", "foreign"))
     click.echo(
@@ -182,10 +208,14 @@ def gc(config: str | None, as_json: bool) -> None:
     for what in report.released:
         click.echo(f"removed files left for reuse by released {what}")
     for name in report.temp_files:
-        click.echo(f"removed temporary file {name}")
+        click.echo(f"removed temporary file {display(name)}")
     click.echo(f"gc: {len(report.files)} files removed")
     for name in report.files:
-        click.echo(f"  {name}")
+        click.echo(f"  {display(name)}")
+    for problem in report.problems:
+        click.echo(f"portpool: error: gc skipped {display(problem)}", err=True)
+    if report.problems:
+        sys.exit(1)
 
 
 # ---------------------------------------------------------------- run / up
@@ -359,12 +389,40 @@ def up(config: str | None, grace: float) -> None:
     sys.exit(outcome.code)
 
 
+def _output_failed(error: OSError) -> None:
+    """A stdout that is closed or full (``status > /dev/full``): one line, exit 1."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"portpool: error: cannot write to standard output: {error.strerror}\n")
+        sys.stderr.flush()
+    # What is still buffered can never be written: drop it instead of failing at exit.
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    sys.exit(1)
+
+
+def _from_echo(error: BaseException) -> bool:
+    """Whether ``error`` was raised while printing (in ``click.echo``), not elsewhere."""
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "echo" and code.co_filename == click.utils.__file__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def main() -> None:
     """Console-script entry point."""
     try:
         cli(prog_name="portpool")
     except KeyboardInterrupt:  # Ctrl-C before our handlers were installed
         sys.exit(128 + signal.SIGINT)
+    except OSError as e:
+        if not _from_echo(e):
+            raise
+        _output_failed(e)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from portpool._addresses import Scope, bind_all, covered_scopes, overlaps, socket_scopes
 from portpool._platform import (
+    LockTable,
     TcpSocket,
     locked_inodes,
     owners_of_inodes,
@@ -316,7 +317,7 @@ def classify_port(
     port: int,
     host: str,
     *,
-    locked: dict[int, int] | None = None,
+    locked: LockTable | None = None,
     sockets: Sequence[TcpSocket] | None = None,
 ) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None]:
     """Whether ``acquire`` on ``host`` would take ``port`` now, and if not the Refusal it
@@ -334,7 +335,7 @@ def examine_layout(layout: Layout, state: StateDir | None = None) -> DoctorRepor
     foreign holders where the OS says. Kills nothing. Raises StateDirError for an
     unusable state dir, OSError if the layout's host does not resolve."""
     own = state is None
-    state = state or StateDir.open()
+    state = state or StateDir.open(create=False)  # read-only: creates nothing
     try:
         locked = locked_inodes()
         sockets = tcp_sockets()

@@ -3,9 +3,11 @@
     PortPoolError
     ├── StateDirError          the state dir is unsafe or unusable (path, problem)
     ├── LayoutError            a layout file or value is invalid (file, key, problem)
+    │   └── LayoutFileError    the layout file cannot be used at all (exit code 2)
     ├── LockError              a lock could not be taken or kept
     │   ├── LockHeld           someone else holds it (port or path, holder)
     │   └── AlreadyHeldHere    this process already holds it (a second acquire is a bug)
+    ├── ResourceLimit          out of file descriptors or another OS limit (limit, needed)
     ├── StartError             nothing was started (exit code 3)
     │   ├── PoolExhausted      every port of a pool was refused (refusals, per port)
     │   └── NoFreeSlot         every instance slot is taken (holders, per slot)
@@ -47,6 +49,41 @@ class LayoutError(PortPoolError):
         self.problem = problem
         self.errors = list(errors) or [f"{file}: {key}: {problem}"]
         super().__init__("\n".join(self.errors))
+
+
+class LayoutFileError(LayoutError):
+    """The layout file is missing, not a regular file, too large or unreadable.
+
+    Exit code 2 (usage): the command was pointed at something that is not a layout.
+    """
+
+    exit_code = 2
+
+    def __init__(self, file: str, problem: str) -> None:
+        super().__init__(file, "file", problem, errors=[f"{file}: {problem}"])
+
+
+class ResourceLimit(PortPoolError):
+    """An OS resource limit stopped the command: ``limit`` (e.g. "open files"), its
+    current value, and how many of it the command needs where known."""
+
+    def __init__(self, limit: str, current: int | None, needed: int | None, advice: str) -> None:
+        self.limit = limit
+        self.current = current
+        self.needed = needed
+        self.advice = advice
+        now = f" (the limit is {current})" if current is not None else ""
+        need = f"; this layout needs about {needed}" if needed is not None else ""
+        super().__init__(f"out of {limit}{now}{need}: {advice}")
+
+    def for_need(self, needed: int) -> ResourceLimit:
+        """This error, saying how many are needed (and a limit that would do)."""
+        advice = self.advice
+        if self.limit == "open files":
+            advice = (
+                f"raise the limit (e.g. ulimit -n {max(1024, 2 * needed)}) or start fewer services"
+            )
+        return ResourceLimit(self.limit, self.current, needed, advice)
 
 
 class LockError(PortPoolError):

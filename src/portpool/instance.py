@@ -31,6 +31,7 @@ from portpool.errors import (
     NoFreeSlot,
     PoolExhausted,
     PortPoolError,
+    ResourceLimit,
     ShieldTripped,
     SlotHolder,
 )
@@ -378,6 +379,8 @@ def start_instance(
         slot.remove_and_release()
         if isinstance(e, PoolExhausted):
             e.args = (f"instance {number}: {e}",)
+        if isinstance(e, ResourceLimit) and e.needed is None:
+            raise e.for_need(layout.descriptors_needed) from e
         raise
     if heartbeat:
         instance.start_heartbeat()

@@ -19,6 +19,7 @@ import ipaddress
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from portpool._layout_checks import (
     BROWSER_UNSAFE_PORTS,
     INSTANCE_LIMIT,
     MAX_PORT,
+    MAX_SERVICES,
     Problem,
     admissible_instances,
     count_admissible,
@@ -36,13 +38,16 @@ from portpool._layout_checks import (
     port_warnings,
     span,
 )
-from portpool.errors import LayoutError, StateDirError
+from portpool.errors import LayoutError, LayoutFileError, StateDirError
 from portpool.statedir import check_name
 
 __all__ = [
     "BROWSER_UNSAFE_PORTS",
     "INSTANCE_LIMIT",
+    "INTERVAL_MAX_S",
+    "INTERVAL_MIN_S",
     "MAX_PORT",
+    "MAX_SERVICES",
     "SERVICE_SOCKET_MODES",
     "Layout",
     "Service",
@@ -229,11 +234,20 @@ def is_finite_number(value: float) -> bool:
         return False
 
 
+# Intervals outside this range broke the threads that use them: 1e10 s overflowed the
+# thread's wait (the shield died silently), 1e-300 s busy-looped a core.
+INTERVAL_MIN_S = 0.01
+INTERVAL_MAX_S = 86400.0
+
+
 def _interval_problem(value: object) -> str | None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         return f"must be a number of seconds, not {_toml_type(value)}"
-    if not is_finite_number(value) or value <= 0:
-        return f"must be a number of seconds > 0, not {value!r}"
+    if not is_finite_number(value) or not INTERVAL_MIN_S <= value <= INTERVAL_MAX_S:
+        return (
+            f"must be a number of seconds from {INTERVAL_MIN_S:g} to {INTERVAL_MAX_S:g} "
+            f"(one day), not {value!r}"
+        )
     return None
 
 
@@ -305,6 +319,10 @@ def _field_problems(
     return out
 
 
+def _too_many(count: int) -> str:
+    return f"has {count} services; a layout may have at most {MAX_SERVICES}"
+
+
 def _cross_problems(
     services: Sequence[Service], max_instances: object
 ) -> tuple[list[Problem], int, str]:
@@ -313,6 +331,9 @@ def _cross_problems(
     if not services:
         out.append(("services", "at least one service is required, e.g. [services.api]"))
         return out, 0, "there are no services"
+    if len(services) > MAX_SERVICES:
+        out.append(("services", _too_many(len(services))))
+        return out, 0, "there are too many services"
     out.extend(env_collisions(services))
     out.extend(instance1_overlaps(services))
     admissible, reason = count_admissible(services, INSTANCE_LIMIT)
@@ -373,6 +394,13 @@ class Layout:
         # Only instances that can run: a lowered maximum silences the rest.
         warnings = port_warnings(self.source, services, requested or admissible)
         object.__setattr__(self, "warnings", tuple(warnings))
+
+    @property
+    def descriptors_needed(self) -> int:
+        """About how many file descriptors an instance of this layout holds: per service
+        a lock, its record and the listening socket; plus the slot, std streams and
+        the state dir's handles."""
+        return 3 * len(self.services) + 16
 
     def service(self, name: str) -> Service:
         """The service called ``name``; LayoutError naming the known ones if there is none."""
@@ -482,6 +510,9 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
         problems.append(("services", f"must be a table, not {_toml_type(raw_services)}"))
     elif not raw_services:
         problems.append(("services", "at least one service is required, e.g. [services.api]"))
+    elif len(raw_services) > MAX_SERVICES:
+        # Refused before any per-service work: validation stays bounded whatever the file.
+        problems.append(("services", _too_many(len(raw_services))))
     else:
         for name, table in raw_services.items():
             key = f"services.{name}"
@@ -585,22 +616,69 @@ def _syntax_error(path: str, text: str, error: ValueError) -> LayoutError:
     return LayoutError(path, where, f"invalid TOML: {bare}")
 
 
-def load_layout(path: str) -> Layout:
-    """The layout in the TOML file at ``path``.
+LAYOUT_MAX_BYTES = 1 << 20  # a real layout is a few KiB; /dev/zero once read until MemoryError
 
-    Raises LayoutError naming the file and the key (or line and column) of every problem.
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _read_layout_file(path: str) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``LAYOUT_MAX_BYTES``.
+
+    O_NONBLOCK: opening a FIFO must not wait for a writer (it hung forever). The kind
+    is checked on the open file (fstat), so it cannot be swapped after the check.
     """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, flags)
+    except FileNotFoundError as e:
+        if os.path.islink(path):
+            problem = "is a dangling symbolic link: its target does not exist"
+            raise LayoutFileError(path, problem) from e
+        raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
     except OSError as e:
-        problem = f"cannot be read: {e.strerror or e}"
-        raise LayoutError(path, "file", problem, errors=[f"{path}: {problem}"]) from e
+        raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise LayoutFileError(path, f"is {kind}, not a regular file; give a TOML file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= LAYOUT_MAX_BYTES:
+            chunk = os.read(fd, LAYOUT_MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    if size > LAYOUT_MAX_BYTES:
+        raise LayoutFileError(path, f"is larger than {LAYOUT_MAX_BYTES} bytes; not a layout")
+    return b"".join(chunks)
+
+
+def load_layout(path: str) -> Layout:
+    """The layout in the TOML file at ``path`` (a regular file of at most
+    ``LAYOUT_MAX_BYTES``; a leading UTF-8 byte order mark is accepted).
+
+    Raises LayoutFileError (exit code 2) if the file cannot be used at all, LayoutError
+    naming the file and the key (or line and column) of every problem in it.
+    """
+    raw = _read_layout_file(path)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise LayoutError(path, f"line {line}", "is not valid UTF-8 text") from e
+    text = text.removeprefix("\ufeff")  # editors on Windows write a BOM; TOML tools skip it
     import tomllib  # only when a file is read: keeps `import portpool` light
 
     try:
@@ -614,17 +692,23 @@ def load_layout(path: str) -> Layout:
 
 def resolve_layout(config: str | None, cwd: str | None = None) -> Layout:
     """The layout to use: ``config`` if given, else ``portpool.toml`` in ``cwd`` (default:
-    the current directory) if present, else the built-in default layout.
+    the current directory) if there is anything by that name, else the built-in layout.
 
-    A relative ``config`` is relative to ``cwd``. Raises LayoutError.
+    A relative ``config`` is relative to ``cwd``. Raises LayoutError; a ``portpool.toml``
+    that exists but is unusable (a FIFO, a directory, a dangling symlink) is an error,
+    never a reason to fall back to the built-in layout.
     """
     base = cwd if cwd is not None else ""
     if config is not None:
         return load_layout(os.path.join(base, config) if base else config)
     local = os.path.join(base, "portpool.toml") if base else "portpool.toml"
-    if os.path.isfile(local):
-        return load_layout(local)
-    return default_layout()
+    try:
+        os.lstat(local)
+    except FileNotFoundError:
+        return default_layout()
+    except OSError as e:
+        raise LayoutFileError(local, f"cannot be read: {e.strerror or e}") from e
+    return load_layout(local)
 
 
 # --- for people ---------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -33,15 +34,23 @@ from typing import Any, Literal
 
 from portpool._platform import (
     DirHandle,
+    LockTable,
     ProcessIdentity,
     current_identity,
     locked_inodes,
+    open_files_limit,
     read_at,
     try_lock,
     unlock,
     write_at,
 )
-from portpool.errors import AlreadyHeldHere, LockError, LockHeld, StateDirError
+from portpool.errors import (
+    AlreadyHeldHere,
+    LockError,
+    LockHeld,
+    ResourceLimit,
+    StateDirError,
+)
 from portpool.statedir import StateDir
 
 RECORD_SIZE = 1024
@@ -114,6 +123,26 @@ def close_idle_files() -> None:
         files.close()
 
 
+def out_of_descriptors(error: OSError) -> ResourceLimit | None:
+    """A ResourceLimit for an EMFILE/ENFILE ``error``, else None.
+
+    Out of descriptors once read as "no free port in pool ... (remove what is there)",
+    exit 3: it is a resource limit (exit 1), and nothing on disk is at fault.
+    """
+    if error.errno == errno.EMFILE:
+        return ResourceLimit(
+            "open files",
+            open_files_limit(),
+            None,
+            "raise the limit (ulimit -n) or start fewer services",
+        )
+    if error.errno == errno.ENFILE:
+        return ResourceLimit(
+            "open files of the whole system", None, None, "close programs or raise fs.file-max"
+        )
+    return None
+
+
 class HeldLock:
     """A kernel lock on ``<dir>/<name>`` that this process holds. Use ``acquire``."""
 
@@ -164,6 +193,9 @@ class HeldLock:
             try:
                 fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
             except OSError as e:
+                limit = out_of_descriptors(e)
+                if limit is not None:
+                    raise limit from e
                 raise StateDirError(
                     os.path.join(directory.path, name),
                     f"cannot open lock file: {e.strerror or e} (remove what is there)",
@@ -211,9 +243,7 @@ class HeldLock:
             _held[key] = held
         return held
 
-    def problem(
-        self, check_kernel: bool = True, *, locked: dict[int, int] | None = None
-    ) -> str | None:
+    def problem(self, check_kernel: bool = True, *, locked: LockTable | None = None) -> str | None:
         """None while the lock is still ours on the same file, else what went wrong.
 
         ``check_kernel`` also asks the kernel that the lock is still held (Linux);
@@ -226,11 +256,13 @@ class HeldLock:
             return f"lock file {self.name} was deleted by another process"
         if (now.st_dev, now.st_ino) != (self.dev, self.ino):
             return f"lock file {self.name} was replaced by another file"
-        # /proc/locks is matched by inode alone: its device numbers differ from st_dev
-        # on btrfs subvolumes and overlay mounts, and a false "lost" would trip the shield.
         if check_kernel and locked is None:
             locked = locked_inodes()
-        if check_kernel and locked is not None and self.ino not in locked:
+        if (
+            check_kernel
+            and locked is not None
+            and not _listed(self.directory, self.name, now, locked)
+        ):
             return f"lock file {self.name} is no longer locked by the kernel"
         return None
 
@@ -275,7 +307,20 @@ class HeldLock:
         self.release()
 
 
-def is_held(directory: DirHandle, name: str, locked: dict[int, int] | None) -> bool:
+def _listed(directory: DirHandle, name: str, st: os.stat_result, locked: LockTable) -> bool:
+    """Whether the kernel's table lists a lock on the file ``st`` (``<dir>/<name>``).
+
+    Device and inode both: the inode alone matched other filesystems' locks. When the
+    table only lists the inode under another device (btrfs subvolumes and overlay mounts
+    list the filesystem's device, not ``st_dev``), the file itself is asked.
+    """
+    listed = locked.holds(st.st_dev, st.st_ino)
+    if listed is not None:
+        return listed
+    return _probe(directory, name)
+
+
+def is_held(directory: DirHandle, name: str, locked: LockTable | None) -> bool:
     """Whether ``<dir>/<name>`` is locked right now, without disturbing its holder.
 
     ``locked`` is a ``locked_inodes()`` snapshot; None means probe (an OS that does not
@@ -285,8 +330,13 @@ def is_held(directory: DirHandle, name: str, locked: dict[int, int] | None) -> b
     if st is None:
         return False
     if locked is not None:
-        return st.st_ino in locked
-    # No kernel listing on this OS: probe with a lock of our own, released at once.
+        return _listed(directory, name, st, locked)
+    return _probe(directory, name)
+
+
+def _probe(directory: DirHandle, name: str) -> bool:
+    """Whether ``<dir>/<name>`` is locked, asked by trying a lock of our own (released at
+    once). Only where the kernel's table cannot tell: a racer may fail meanwhile."""
     try:
         fd = directory.open_file(name, os.O_RDONLY)
     except OSError:
@@ -504,12 +554,14 @@ class PortStatus:
         return f"held, metadata unreadable ({self.problem or 'not written yet'})"
 
 
-def inspect_port(state: StateDir, port: int, locked: dict[int, int] | None = None) -> PortStatus:
+def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) -> PortStatus:
     """Who holds ``port`` in this state dir. Never "free" while its lock is held.
 
     ``locked`` is a ``locked_inodes()`` snapshot, to share one kernel read among many ports.
     """
-    directory = state.ports()
+    directory = state.find("ports")  # read-only: a state dir never used has no ports
+    if directory is None:
+        return PortStatus(port, "free")
     if locked is None:
         locked = locked_inodes()
     if not is_held(directory, f"{port}.lock", locked):
@@ -605,7 +657,7 @@ class PortLock:
             self.record = record
             self._written = data
 
-    def problem(self, *, locked: dict[int, int] | None = None) -> str | None:
+    def problem(self, *, locked: LockTable | None = None) -> str | None:
         """None while the lock and the metadata at the path are still ours, else why not.
 
         ``locked`` is a ``locked_inodes()`` snapshot, to share one kernel read among ports.
@@ -703,6 +755,9 @@ def _open_meta(directory: DirHandle, name: str) -> tuple[int, tuple[int, int]]:
         try:
             fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
         except OSError as e:
+            limit = out_of_descriptors(e)
+            if limit is not None:
+                raise limit from e  # nothing at the path is at fault: leave it
             # A symlink or other junk planted at our path: remove it (we hold the lock).
             try:
                 directory.unlink(name)

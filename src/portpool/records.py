@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from portpool._platform import DirHandle, identity_of, locked_inodes
+from portpool._platform import DirHandle, LockTable, identity_of, locked_inodes
 from portpool.errors import LockHeld, PortPoolError, StateDirError
 from portpool.layout import is_finite_number
 from portpool.lock import HeldLock, is_held, read_port_record
@@ -218,17 +218,30 @@ def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
     )
 
 
+def decimal(text: str, max_digits: int = 6) -> int | None:
+    """``text`` as a number if it is 1..``max_digits`` ASCII digits without a leading
+    zero, else None. ``str.isdigit`` also accepts "²" and "٣", which ``int`` then
+    refuses or reads as another number: a file named ``².json`` crashed every command."""
+    if not (0 < len(text) <= max_digits and text.isascii() and text.isdigit()):
+        return None
+    if text[0] == "0" and len(text) > 1:
+        return None  # "07.json" is not the file of slot 7: leave it alone
+    return int(text)
+
+
 def slot_numbers(names: Iterable[str]) -> list[int]:
+    """The slot numbers of ``N.lock`` / ``N.json`` entries in ``names``; others ignored."""
     numbers = set()
     for name in names:
         stem, dot, ext = name.partition(".")
-        if dot and ext in ("lock", "json") and stem.isdigit() and len(stem) < 7:
-            numbers.add(int(stem))
+        number = decimal(stem) if dot and ext in ("lock", "json") else None
+        if number is not None and number > 0:
+            numbers.add(number)
     return sorted(numbers)
 
 
 def read_instance(
-    directory: DirHandle, number: int, locked: dict[int, int] | None = None
+    directory: DirHandle, number: int, locked: LockTable | None = None
 ) -> InstanceInfo:
     """The state of slot ``number``: alive per its kernel lock, details per its record."""
     alive = is_held(directory, f"{number}.lock", locked)
@@ -243,11 +256,16 @@ def read_instance(
 
 
 def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo]:
-    """Every instance slot of ``app`` that has a lock file or a record, by number."""
+    """Every instance slot of ``app`` that has a lock file or a record, by number.
+
+    Read-only: without ``state`` the state dir is opened with ``create=False``.
+    """
     own = state is None
-    state = state or StateDir.open()
+    state = state or StateDir.open(create=False)
     try:
-        directory = state.instances(app)
+        directory = state.find_instances(app)
+        if directory is None:
+            return []  # never used by this app: nothing to list, and nothing is created
         locked = locked_inodes()
         # Parsing thousands of records makes only acyclic objects: pausing the cyclic
         # collector meanwhile saves it scanning them again and again (~15% of the time).
@@ -282,6 +300,9 @@ class GcReport:
     temp_files: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    # Entries gc could not handle (a directory where a record belongs, ...): reported,
+    # skipped, and never a reason to stop halfway with nothing said about what was done.
+    problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -290,29 +311,16 @@ class GcReport:
             "released": self.released,
             "temp_files": self.temp_files,
             "files": self.files,
+            "problems": self.problems,
         }
-
-
-def _remove_if_free(directory: DirHandle, lock_name: str, others: Sequence[str]) -> bool:
-    """Take ``lock_name``; if free, unlink ``others`` and the lock file while holding it."""
-    try:
-        held = HeldLock.acquire(directory, lock_name)
-    except (LockHeld, PortPoolError):
-        return False
-    try:
-        for name in others:
-            with contextlib.suppress(FileNotFoundError):
-                directory.unlink(name)
-    finally:
-        held.remove_and_release()
-    return True
 
 
 def _remove_free_files(
     directory: DirHandle, lock_name: str, others: Sequence[str]
 ) -> list[str] | None:
-    """``_remove_if_free``, telling which files were there and were unlinked (the lock
-    file last, if it was there before we locked it); None if the lock was held."""
+    """Take ``lock_name``; if free, unlink ``others`` and the lock file while holding it
+    (rule 2). Returns the files that were there and were unlinked (the lock file last,
+    if it was there before we locked it); None if the lock was held."""
     existed = directory.stat_entry(lock_name) is not None
     try:
         held = HeldLock.acquire(directory, lock_name)
@@ -336,7 +344,7 @@ def _clean_temp_files(directory: DirHandle, report: GcReport, where: str = "") -
         if not (name.startswith(".") and name.endswith(_TMP_SUFFIX)):
             continue
         parts = name.split(".")
-        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        pid = decimal(parts[-3], 7) if len(parts) >= 4 else None
         if pid is not None and pid != os.getpid() and identity_of(pid) is None:
             with contextlib.suppress(OSError):
                 directory.unlink(name)
@@ -353,9 +361,14 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
         return report  # nothing a dead instance could have left: skip the kernel read
     locked = locked_inodes()
     for number in slot_numbers(names):
-        if is_held(directory, f"{number}.lock", locked):
+        try:
+            if is_held(directory, f"{number}.lock", locked):
+                continue
+            removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
+        except OSError as e:
+            where = os.path.join(directory.path, f"{number}.json")
+            report.problems.append(f"{where}: {e.strerror or e}")
             continue
-        removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
         if not removed:
             continue
         report.files.extend(f"apps/{app}/instances/{name}" for name in removed)
@@ -367,41 +380,52 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
     return report
 
 
+def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: GcReport) -> None:
+    stem, _, ext = name.partition(".")
+    port = decimal(stem, 5) if ext in ("lock", "json") else None
+    if port is None or not 0 < port < 65536:
+        return
+    if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
+        return  # handled with its lock file
+    if is_held(ports, f"{port}.lock", locked):
+        return
+    try:
+        had_record = read_port_record(ports, port) is not None
+    except ValueError:
+        had_record = True
+    removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"])
+    if not removed:
+        return
+    report.files.extend(f"ports/{name}" for name in removed)
+    # A released port leaves a blank record and its lock file for reuse.
+    if had_record:
+        report.ports.append(port)
+    else:
+        report.released.append(f"port {port}")
+
+
 def gc(state: StateDir | None = None) -> GcReport:
     """Remove metadata left by dead holders, in every app and for every port.
 
-    Only what nobody holds is removed, and only while holding its lock (rule 2).
+    Only what nobody holds is removed, and only while holding its lock (rule 2). An
+    entry that cannot be handled is skipped and named in ``GcReport.problems``.
     """
     own = state is None
     state = state or StateDir.open()
     report = GcReport()
     try:
         for app in state.apps():
-            clean_app(state, app, report)
+            try:
+                clean_app(state, app, report)
+            except (OSError, PortPoolError) as e:
+                report.problems.append(f"app {app}: {e}")
         ports = state.ports()
         locked = locked_inodes()
         for name in sorted(ports.listdir()):
-            stem, _, ext = name.partition(".")
-            if ext not in ("lock", "json") or not stem.isdigit():
-                continue
-            port = int(stem)
-            if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
-                continue  # handled with its lock file
-            if is_held(ports, f"{port}.lock", locked):
-                continue
             try:
-                had_record = read_port_record(ports, port) is not None
-            except ValueError:
-                had_record = True
-            removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"])
-            if not removed:
-                continue
-            report.files.extend(f"ports/{name}" for name in removed)
-            # A released port leaves a blank record and its lock file for reuse.
-            if had_record:
-                report.ports.append(port)
-            else:
-                report.released.append(f"port {port}")
+                _clean_port(ports, name, locked, report)
+            except OSError as e:
+                report.problems.append(f"{os.path.join(ports.path, name)}: {e.strerror or e}")
     finally:
         if own:
             state.close()

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Literal
 
 from portpool._addresses import covered_scopes, overlaps, socket_scopes
 from portpool._platform import (
+    LockTable,
     TcpSocket,
     locked_inodes,
     owners_of_inode,
@@ -118,12 +119,12 @@ class _Snapshot:
         self.refresh()
 
     def refresh(self) -> None:
-        self._locked: dict[int, int] | None = None
+        self._locked: LockTable | None = None
         self._locked_read = False
         self._listeners: dict[int, list[TcpSocket]] | None = None
         self._children: set[int] | None = None
 
-    def locked(self) -> dict[int, int] | None:
+    def locked(self) -> LockTable | None:
         if not self._locked_read:
             self._locked = locked_inodes()
             self._locked_read = True
@@ -311,6 +312,14 @@ class Shield:
         return nxt if nxt > now else now + self.interval_s
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # e.g. an interval too large to wait for (OverflowError)
+            # A shield whose thread died is off: that is a trip, never a silent end.
+            log.exception("%s: the shield's thread failed", self.name)
+            self._fire(None, f"the shield stopped working: {type(e).__name__}: {e}")
+
+    def _loop(self) -> None:
         next_at = time.monotonic() + self.interval_s
         while not self._stop_event.wait(max(0.0, next_at - time.monotonic())):
             try:

@@ -18,7 +18,7 @@ import threading
 from portpool._platform import DirHandle, user_id
 from portpool.errors import StateDirError
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" accepts a final newline
 
 
 def default_path() -> str:
@@ -46,7 +46,11 @@ def check_name(kind: str, name: str) -> str:
     return name
 
 
-def _check_mode(path: str, st: os.stat_result, handle: DirHandle | None) -> None:
+def _check_mode(path: str, st: os.stat_result, root: bool = False) -> None:
+    """Refuse a directory that is not ours, writable by others, or (the ``root`` of the
+    state dir) readable by others. Never change its mode: one handed to us may be a home
+    directory or ``/usr`` (PORTPOOL_HOME=/usr once closed /usr to every other user).
+    Inside a private root, a subdirectory readable by others is out of their reach."""
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(path, "is not a directory")
     if sys.platform == "win32":
@@ -63,40 +67,60 @@ def _check_mode(path: str, st: os.stat_result, handle: DirHandle | None) -> None
             f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
             f"run: chmod 700 {path}",
         )
-    if st.st_mode & 0o077 and handle is not None:
-        handle.chmod(0o700)  # only readable by others, and ours: tighten it
+    if root and st.st_mode & 0o077:
+        raise StateDirError(
+            path,
+            f"is readable by group or others (mode {stat.S_IMODE(st.st_mode):o}): others "
+            "could read who holds which port; portpool never changes the mode of a "
+            f"directory it did not create. Use a new directory (PORTPOOL_HOME={path}"
+            f"{os.sep}portpool) or run: chmod 700 {path}",
+        )
 
 
 class StateDir:
-    """An opened, checked state dir. Use ``StateDir.open()``; close when done."""
+    """An opened, checked state dir. Use ``StateDir.open()``; close when done.
 
-    def __init__(self, root: DirHandle) -> None:
+    Opened with ``create=False`` (for read-only commands) it creates nothing: ``root`` is
+    None when the directory does not exist, and ``find`` answers None for what is missing.
+    """
+
+    def __init__(
+        self, root: DirHandle | None, path: str | None = None, create: bool = True
+    ) -> None:
         self.root = root
-        self.path = root.path
+        self.path = root.path if root is not None else os.path.abspath(path or default_path())
+        self.create = create
         self._subdirs: dict[str, DirHandle] = {}
         self._mutex = threading.Lock()
 
     @classmethod
-    def open(cls, path: str | None = None) -> StateDir:
-        """Open (creating 0700 if missing) and check the state dir at ``path``.
+    def open(cls, path: str | None = None, *, create: bool = True) -> StateDir:
+        """Open (creating it 0700 if missing, unless ``create`` is False) and check the
+        state dir at ``path``.
 
-        Raises StateDirError naming the path and the problem.
+        Raises StateDirError naming the path and the problem (a symlink, not ours,
+        readable or writable by others, ...).
         """
         path = os.path.abspath(path or default_path())
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise StateDirError(path, f"cannot be created: {e.strerror}") from e
+        if create:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.mkdir(path, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise StateDirError(path, f"cannot be created: {e.strerror}") from e
         try:
             lst = os.lstat(path)
+        except FileNotFoundError as e:
+            if not create:
+                return cls(None, path, create=False)
+            raise StateDirError(path, f"cannot be read: {e.strerror}") from e
         except OSError as e:
             raise StateDirError(path, f"cannot be read: {e.strerror}") from e
         if stat.S_ISLNK(lst.st_mode):
             raise StateDirError(path, "is a symbolic link; refusing to follow it")
-        _check_mode(path, lst, None)
+        _check_mode(path, lst, root=True)
         try:
             handle = DirHandle.open_path(path)
         except OSError as e:
@@ -105,23 +129,47 @@ class StateDir:
         if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
             handle.close()
             raise StateDirError(path, "was replaced while being opened")
-        _check_mode(path, st, handle)
-        return cls(handle)
+        try:
+            _check_mode(path, st, root=True)
+        except StateDirError:
+            handle.close()
+            raise
+        return cls(handle, create=create)
 
     def subdir(self, *parts: str) -> DirHandle:
-        """The checked subdirectory ``parts`` (e.g. "ports"), created 0700 if missing."""
+        """The checked subdirectory ``parts`` (e.g. "ports"), created 0700 if missing
+        (a StateDirError if it is missing in a state dir opened with ``create=False``)."""
+        found = self._open_subdir(parts, self.create)
+        if found is None:
+            where = os.path.join(self.path, *parts)
+            raise StateDirError(where, "does not exist (nothing has used this state dir yet)")
+        return found
+
+    def find(self, *parts: str) -> DirHandle | None:
+        """The checked subdirectory ``parts`` if it exists, else None; never creates."""
+        return self._open_subdir(parts, False)
+
+    def _open_subdir(self, parts: tuple[str, ...], create: bool) -> DirHandle | None:
         key = "/".join(parts)
         with self._mutex:
             found = self._subdirs.get(key)
             if found is not None:
                 return found
+            if self.root is None:
+                return None
             handle = self.root
             opened: list[DirHandle] = []
             try:
                 for part in parts:
-                    handle = handle.subdir(part)
+                    handle = handle.subdir(part, create=create)
                     opened.append(handle)
-                    _check_mode(handle.path, handle.stat(), handle)
+                    _check_mode(handle.path, handle.stat())
+            except FileNotFoundError:
+                for h in opened:
+                    h.close()
+                if create:
+                    raise StateDirError(os.path.join(self.path, *parts), "vanished") from None
+                return None
             except OSError as e:
                 for h in opened:
                     h.close()
@@ -144,10 +192,15 @@ class StateDir:
     def instances(self, app: str) -> DirHandle:
         return self.subdir("apps", check_name("app", app), "instances")
 
+    def find_instances(self, app: str) -> DirHandle | None:
+        """``instances`` of ``app`` if it exists, else None; never creates."""
+        return self.find("apps", check_name("app", app), "instances")
+
     def apps(self) -> list[str]:
         """Names of the apps that have ever used this state dir."""
         try:
-            return sorted(n for n in self.subdir("apps").listdir() if _NAME.match(n))
+            apps = self.find("apps")
+            return sorted(n for n in apps.listdir() if _NAME.match(n)) if apps else []
         except OSError:
             return []
 
@@ -156,7 +209,8 @@ class StateDir:
             for h in self._subdirs.values():
                 h.close()
             self._subdirs.clear()
-        self.root.close()
+        if self.root is not None:
+            self.root.close()
 
     def __enter__(self) -> StateDir:
         return self

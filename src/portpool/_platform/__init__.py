@@ -6,13 +6,14 @@ Everything above this package calls these names and never ``sys.platform``:
   relative to it (``openat``-style on POSIX).
 - ``try_lock`` / ``unlock``: a non-blocking exclusive lock on an open file
   (flock on POSIX, LockFileEx on Windows). A holder that dies frees it at once.
-- ``locked_inodes``: which inodes hold a lock right now, read from the kernel
-  where it tells (Linux ``/proc/locks``), else ``None``.
+- ``locked_inodes``: a ``LockTable`` of the (device, inode) pairs that hold a lock right
+  now, read from the kernel where it tells (Linux ``/proc/locks``), else ``None``.
 - ``ProcessIdentity``, ``current_identity``, ``identity_of``, ``is_alive``: pid + start
   token + boot id, so a reused pid never looks like the process that died.
 - ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
 - ``tcp_sockets``, ``TcpSocket``, ``owners_of_inodes``: every TCP socket on a port, in
   every state, with ``IPV6_V6ONLY`` where the kernel says it (sock_diag).
+- ``open_files_limit``: the soft limit on open file descriptors, where there is one.
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
 """
 
@@ -28,6 +29,7 @@ from portpool._platform._identity import (
     is_alive,
     process_name,
 )
+from portpool._platform._locks import LockTable
 from portpool._platform._net import (
     Listener,
     ephemeral_port_range,
@@ -43,6 +45,7 @@ if sys.platform == "win32":
         exclusive_bind_options,
         in_terminal_foreground,
         locked_inodes,
+        open_files_limit,
         read_at,
         try_lock,
         unlock,
@@ -55,6 +58,7 @@ else:
         exclusive_bind_options,
         in_terminal_foreground,
         locked_inodes,
+        open_files_limit,
         read_at,
         try_lock,
         unlock,
@@ -65,6 +69,7 @@ else:
 __all__ = [
     "DirHandle",
     "Listener",
+    "LockTable",
     "ProcessIdentity",
     "TcpSocket",
     "boot_id",
@@ -76,6 +81,7 @@ __all__ = [
     "is_alive",
     "listeners",
     "locked_inodes",
+    "open_files_limit",
     "owners_of_inode",
     "owners_of_inodes",
     "process_name",

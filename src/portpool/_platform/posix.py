@@ -10,6 +10,8 @@ import socket
 import sys
 from collections.abc import Iterator
 
+from portpool._platform._locks import LockTable
+
 assert sys.platform != "win32"
 
 # O_NONBLOCK: a FIFO planted at one of our paths must not hang an open (regular files
@@ -27,6 +29,14 @@ def write_at(fd: int, data: bytes, offset: int) -> int:
 
 def user_id() -> int:
     return os.getuid()
+
+
+def open_files_limit() -> int | None:
+    """This process's soft limit on open file descriptors (``ulimit -n``), if any."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 class DirHandle:
@@ -112,21 +122,26 @@ def unlock(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
 
 
-def _proc_locks() -> Iterator[tuple[int, int]]:
-    with open("/proc/locks", encoding="ascii") as f:
+def _proc_locks() -> Iterator[tuple[tuple[int, int], int]]:
+    with open("/proc/locks", encoding="ascii", errors="replace") as f:
         for line in f:
             fields = line.split()
             # "1: FLOCK  ADVISORY  WRITE 2035 fe:00:2148717 0 EOF"; "->" marks a waiter.
+            # The device is hex major:minor (minor may exceed two digits on tmpfs).
             if len(fields) < 6 or fields[1] != "FLOCK":
                 continue
+            parts = fields[5].split(":")
+            if len(parts) != 3 or not fields[4].isascii() or not fields[4].isdigit():
+                continue
             try:
-                yield int(fields[5].rsplit(":", 1)[1]), int(fields[4])
-            except (ValueError, IndexError):
+                device = os.makedev(int(parts[0], 16), int(parts[1], 16))
+                yield (device, int(parts[2])), int(fields[4])
+            except (ValueError, OverflowError):
                 continue
 
 
-def locked_inodes() -> dict[int, int] | None:
-    """inode -> pid for every flock held right now, or None where the kernel won't tell.
+def locked_inodes() -> LockTable | None:
+    """(device, inode) -> pid for every flock held now, or None where the kernel won't tell.
 
     The pid is the process that took the lock (a forked child sharing it is not shown).
     Read-only: unlike probing with a lock of our own, it never makes a racer fail.
@@ -134,7 +149,7 @@ def locked_inodes() -> dict[int, int] | None:
     if sys.platform != "linux":
         return None
     try:
-        return dict(_proc_locks())
+        return LockTable(_proc_locks())
     except OSError:
         return None
 

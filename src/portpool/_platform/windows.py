@@ -11,6 +11,8 @@ import socket
 import sys
 import threading
 
+from portpool._platform._locks import LockTable
+
 if sys.platform == "win32":
     import ctypes
     import msvcrt
@@ -135,7 +137,10 @@ if sys.platform == "win32":
         ):
             raise ctypes.WinError(ctypes.get_last_error())
 
-    def locked_inodes() -> dict[int, int] | None:
+    def open_files_limit() -> int | None:
+        return None  # the C runtime's limit is not a user setting there
+
+    def locked_inodes() -> LockTable | None:
         return None  # Windows does not list file locks; callers probe instead
 
     def exclusive_bind_options(sock: socket.socket) -> None:

@@ -1,0 +1,443 @@
+"""Hostile and careless inputs: every reader is total, nothing is changed unasked.
+
+Each test is one fault found by trying portpool as an attacker (another user, or a
+bug with our uid) and as a careless user would: lock tables matched by inode alone,
+file names with Unicode digits, record text that reaches the terminal, special files
+as layouts, a user-given state dir, quadratic validation, intervals that break threads,
+running out of file descriptors, a full stdout, and a cleaner racing a start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.conftest import find_free_block
+from tests.helpers import PORTPOOL, portpool, read_line, status_json, write_layout
+
+from portpool.statedir import StateDir
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc/locks")
+
+HOLD_LOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def _mount_tmpfs(where: Path) -> Path:
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    return where
+
+
+@pytest.fixture
+def two_tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """Two fresh tmpfs mounts: tmpfs numbers inodes per mount from 1, so they collide."""
+    mounted: list[Path] = []
+    try:
+        for name in ("a", "b"):
+            mounted.append(_mount_tmpfs(tmp_path / name))
+        yield mounted[0], mounted[1]
+    finally:
+        for mnt in mounted:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def _kill_run_leaving_record(config: Path, env: dict[str, str]) -> None:
+    """A `portpool run` killed -9 by its own command: its record stays, its locks go."""
+    done = subprocess.run(
+        [*PORTPOOL, "run", "--config", str(config), "--", "sh", "-c", "kill -9 $PPID"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == -9, done.stderr
+
+
+# ---------------------------------------------------------------- 1. device and inode
+
+
+@linux_only
+def test_a_lock_on_another_filesystem_with_the_same_inode_never_makes_the_dead_alive(
+    two_tmpfs: tuple[Path, Path], tmp_path: Path, port_base: int
+) -> None:
+    state_fs, other_fs = two_tmpfs
+    env = {**os.environ, "PORTPOOL_HOME": str(state_fs / "state")}
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    _kill_run_leaving_record(config, env)
+    slot = state_fs / "state" / "apps" / "testapp" / "instances" / "1.lock"
+    target = slot.stat().st_ino
+    twin = None
+    for i in range(4000):  # bounded: tmpfs hands out small inode numbers in order
+        path = other_fs / f"f{i}"
+        path.touch()
+        if path.stat().st_ino == target:
+            twin = path
+            break
+    if twin is None:
+        pytest.skip(f"no file with inode {target} on the second tmpfs")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(twin)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert read_line(holder) == "locked\n"
+        status = subprocess.run(
+            [*PORTPOOL, "status", "--json", "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stderr
+        (instance,) = json.loads(status.stdout)["instances"]
+        assert instance["alive"] is False
+        gc = subprocess.run(
+            [*PORTPOOL, "gc"], capture_output=True, text=True, timeout=60, env=env, check=False
+        )
+        assert gc.returncode == 0, gc.stderr
+        assert "removed record of dead instance testapp/1" in gc.stdout
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+# ---------------------------------------------------------------- 2. Unicode digits in names
+
+
+def _private_dirs(path: Path) -> None:
+    """``path`` and its missing parents, 0700 like portpool makes them."""
+    if not path.exists():
+        _private_dirs(path.parent)
+        path.mkdir(mode=0o700)
+
+
+def _record(services: list[dict[str, object]]) -> str:
+    now = time.time()
+    doc = {"v": 1, "pid": 1, "start_token": "x", "started_at": now, "heartbeat_at": now}
+    return json.dumps({**doc, "services": services})
+
+
+def test_unicode_digit_file_names_never_crash_a_command(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    instances = home / "apps" / "testapp" / "instances"
+    _private_dirs(instances)
+    _private_dirs(home / "ports")
+    for name in ("².json", "³.lock", "٣.json", "07.json", "1.json.", "9" * 40 + ".lock"):
+        (instances / name).write_text("{}")
+        (home / "ports" / name).write_text("{}")
+    (instances / "4.json").write_text(_record([]))  # a dead instance gc should remove
+    for args in (["status"], ["status", "--json"], ["layout"], ["doctor"]):
+        done = portpool(*args, "--config", str(config))
+        assert done.returncode == 0, (args, done.stderr)
+    assert [i["number"] for i in status_json(config)["instances"]] == [4]
+    gc = portpool("gc")
+    assert gc.returncode == 0, gc.stderr
+    assert "removed record of dead instance testapp/4" in gc.stdout
+    assert (instances / "².json").exists() and (home / "ports" / "³.lock").exists()
+    run = portpool("run", "--config", str(config), "--", sys.executable, "-c", "pass")
+    assert run.returncode == 0, run.stderr
+
+
+def test_gc_skips_what_it_cannot_remove_and_still_reports_what_it_did(
+    home: Path, tmp_path: Path
+) -> None:
+    instances = home / "apps" / "testapp" / "instances"
+    _private_dirs(instances)
+    (instances / "2.json").mkdir()  # a directory where a record belongs
+    (instances / "3.json").write_text(_record([]))
+    gc = portpool("gc")
+    assert gc.returncode == 1
+    assert "removed record of dead instance testapp/3" in gc.stdout
+    assert "gc skipped" in gc.stderr and "2.json" in gc.stderr
+    assert "Traceback" not in gc.stderr
+    assert (instances / "2.json").is_dir() and not (instances / "3.json").exists()
+
+
+# ---------------------------------------------------------------- 3. record text on a terminal
+
+
+def test_record_text_is_escaped_for_the_terminal_and_json_stays_valid(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    instances = home / "apps" / "testapp" / "instances"
+    _private_dirs(instances)
+    names = ["\ud800lone", "\x1b[31mred\x1b[0m", "bidi\u202etxt", "new\nline"]
+    (instances / "1.json").write_text(
+        _record([{"name": n, "pool": [1], "port": 1, "pid": 1} for n in names])
+    )
+    done = subprocess.run(
+        [*PORTPOOL, "status", "--config", str(config)], capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.decode("utf-8")  # valid UTF-8: no raw surrogate
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b[31mred\\x1b[0m=1" in out and "\\ud800lone=1" in out and "new\\nline" in out
+    assert len(out.splitlines()) == 3  # header lines and one row: no injected lines
+    doc = status_json(config)
+    assert [s["name"] for s in doc["instances"][0]["services"]] == names
+
+
+def test_a_full_stdout_is_one_line_of_error(home: Path, tmp_path: Path, port_base: int) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    for args in (["status"], ["status", "--json"], ["layout"]):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run(
+                [*PORTPOOL, *args, "--config", str(config)],
+                stdout=full, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+            )  # fmt: skip
+        assert done.returncode == 1
+        assert done.stderr.splitlines() == [
+            "portpool: error: cannot write to standard output: No space left on device"
+        ]
+
+
+# ---------------------------------------------------------------- 4. special files as layouts
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    # A bounded wait: a FIFO once made every command block forever.
+    return subprocess.run(
+        [*PORTPOOL, *args], capture_output=True, text=True, timeout=30, cwd=cwd, check=False
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs and /dev/zero are POSIX")
+def test_special_files_given_as_config_are_a_one_line_usage_error(
+    home: Path, tmp_path: Path
+) -> None:
+    fifo = tmp_path / "layout.fifo"
+    os.mkfifo(fifo)
+    for path, kind in (("/dev/zero", "a character device"), (str(fifo), "a FIFO")):
+        for command in ("status", "layout", "up"):
+            done = _cli(command, "--config", path)
+            assert done.returncode == 2, (path, command, done.stderr)
+            assert (
+                done.stderr
+                == f"portpool: error: {path}: is {kind}, not a regular file; give a TOML file\n"
+            )
+    assert not home.exists()  # refused before anything was created
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")
+@pytest.mark.parametrize("kind", ["fifo", "directory", "dangling symlink", "device symlink"])
+def test_an_unusable_local_layout_is_an_error_never_the_default(
+    home: Path, tmp_path: Path, kind: str
+) -> None:
+    local = tmp_path / "portpool.toml"
+    if kind == "fifo":
+        os.mkfifo(local)
+    elif kind == "directory":
+        local.mkdir()
+    elif kind == "dangling symlink":
+        local.symlink_to(tmp_path / "gone.toml")
+    else:
+        local.symlink_to("/dev/null")
+    for command in ("status", "layout", "up"):
+        done = _cli(command, cwd=tmp_path)
+        assert done.returncode == 2, (kind, command, done.stdout, done.stderr)
+        assert done.stderr.startswith("portpool: error: portpool.toml: ")
+        assert len(done.stderr.splitlines()) == 1
+        assert "qwen-valencia" not in done.stdout  # the built-in layout was not used
+
+
+# ---------------------------------------------------------------- 7. a shield thread that dies
+
+
+def test_a_shield_whose_thread_dies_trips_instead_of_going_silent(state: StateDir) -> None:
+    from portpool.pool import acquire
+    from portpool.shield import Shield
+
+    base = find_free_block(2)
+    lease = acquire(state, [base, base + 1])
+    fired: list[str] = []
+    done = threading.Event()
+
+    def on_lost(lease: object, reason: str) -> None:
+        fired.append(reason)
+        done.set()
+
+    # 1e10 s cannot be waited for (OverflowError): the thread dies at its first wait.
+    shield = Shield([lease], interval_s=1e10, on_lost=on_lost)
+    try:
+        shield.start()
+        assert done.wait(30)
+    finally:
+        shield.stop(timeout=5)
+        lease.release()
+    assert len(fired) == 1
+    assert fired[0].startswith("the shield stopped working: OverflowError: ")
+
+
+# ---------------------------------------------------------------- 5. a user-given state dir
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX modes")
+def test_a_user_given_state_dir_is_never_re_permissioned(tmp_path: Path, port_base: int) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    given = tmp_path / "home-like"
+    given.mkdir()
+    given.chmod(0o755)
+    (given / "notes.txt").write_text("mine")
+    env = {**os.environ, "PORTPOOL_HOME": str(given)}
+    for args in (["status"], ["doctor"], ["gc"], ["run", "--", sys.executable, "-c", "pass"]):
+        done = subprocess.run(
+            [*PORTPOOL, *args[:1], "--config", str(config), *args[1:]],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, (args, done.stderr)
+        assert "readable by group or others (mode 755)" in done.stderr
+        assert f"chmod 700 {given}" in done.stderr
+        assert len(done.stderr.splitlines()) == 1
+    assert stat.S_IMODE(given.stat().st_mode) == 0o755
+    assert sorted(p.name for p in given.iterdir()) == ["notes.txt"]
+
+
+def test_read_only_commands_create_nothing(tmp_path: Path, port_base: int) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    missing = tmp_path / "not-yet" / "state"
+    env = {**os.environ, "PORTPOOL_HOME": str(missing)}
+    for args in (["status"], ["status", "--json"], ["layout"], ["doctor"]):
+        done = subprocess.run(
+            [*PORTPOOL, *args, "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+    assert not (tmp_path / "not-yet").exists()
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    env["PORTPOOL_HOME"] = str(private)
+    for args in (["status"], ["doctor"]):
+        done = subprocess.run(
+            [*PORTPOOL, *args, "--config", str(config)],
+            capture_output=True, text=True, timeout=60, env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (args, done.stderr)
+    assert list(private.iterdir()) == []
+
+
+# ---------------------------------------------------------------- 8. out of file descriptors
+
+
+@pytest.mark.skipif(os.name != "posix", reason="ulimit -n is POSIX")
+def test_out_of_descriptors_is_a_resource_limit_naming_the_need(home: Path, tmp_path: Path) -> None:
+    import resource
+
+    count = 40
+    base = find_free_block(count)
+    lines = ['app = "many"', "max_instances = 1"]
+    for i in range(count):
+        lines += [f"[services.s{i}]", f"base = {base + i}", "size = 1", "stride = 100"]
+    config = tmp_path / "many.toml"
+    config.write_text("\n".join(lines) + "\n")
+
+    def low_limit() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))
+
+    done = subprocess.run(
+        [*PORTPOOL, "run", "--config", str(config), "--", sys.executable, "-c", "pass"],
+        capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        "portpool: error: out of open files (the limit is 48); this layout needs about "
+        f"{3 * count + 16}: raise the limit (e.g. ulimit -n 1024) or start fewer services\n"
+    )
+    # Nothing is left held, and a normal limit starts it.
+    ok = portpool("run", "--config", str(config), "--", sys.executable, "-c", "pass")
+    assert ok.returncode == 0, ok.stderr
+
+
+# ---------------------------------------------------------------- 9. a cleaner racing a start
+
+DIE_HOLDING = """
+import os, sys
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+acquire(StateDir.open(), [int(sys.argv[1])])
+os._exit(0)  # dies holding: its record stays, the kernel frees its lock
+"""
+
+CLEAN_SLOWLY = """
+import sys, time
+from portpool.lock import HeldLock
+from portpool.statedir import StateDir
+ports = StateDir.open().ports()
+held = HeldLock.acquire(ports, sys.argv[1] + ".lock")  # what gc does to a dead holder's files
+print("held", flush=True)
+time.sleep(0.02)
+ports.unlink(sys.argv[1] + ".json")
+held.remove_and_release()
+"""
+
+
+def test_a_cleaner_holding_a_dead_holders_lock_never_pushes_a_start_off_its_port(
+    state: StateDir,
+) -> None:
+    from portpool.pool import acquire
+
+    base = find_free_block(2)
+    subprocess.run([sys.executable, "-c", DIE_HOLDING, str(base)], check=True, timeout=60)
+    assert state.ports() and Path(state.path, "ports", f"{base}.json").exists()
+    cleaner = subprocess.Popen(
+        [sys.executable, "-c", CLEAN_SLOWLY, str(base)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert read_line(cleaner) == "held\n"
+        lease = acquire(state, [base, base + 1])  # while the cleaner holds the first port
+        try:
+            assert lease.port == base
+        finally:
+            lease.release()
+    finally:
+        cleaner.wait(30)
+    assert cleaner.returncode == 0
+
+
+@linux_only
+def test_doctor_escapes_port_record_text(home: Path, tmp_path: Path, port_base: int) -> None:
+    from portpool.lock import PortRecord, encode_record
+
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    _private_dirs(home / "ports")
+    record = PortRecord(
+        port_base, 1, "tok", "boot", "\x1b]0;owned\x07", 1, "\x1b[2J", "127.0.0.1", 1.0, 2.0
+    )
+    (home / "ports" / f"{port_base}.json").write_bytes(encode_record(record))
+    lock = home / "ports" / f"{port_base}.lock"
+    lock.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert read_line(holder) == "locked\n"
+        done = portpool("doctor", "--config", str(config))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert "\\x1b[2J" in done.stdout
