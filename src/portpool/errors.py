@@ -8,11 +8,17 @@
     │   └── AlreadyHeldHere    this process already holds it (a second acquire is a bug)
     ├── StartError             nothing was started (exit code 3)
     │   ├── PoolExhausted      every port of a pool was refused (refusals, per port)
-    │   └── NoFreeSlot         every instance slot is taken (holders, per slot)
+    │   ├── NoFreeSlot         every instance slot is taken (holders, per slot)
+    │   └── SlotUnavailable    the pinned instance number cannot be had
     ├── ShieldTripped          a lease or the slot stopped being ours (exit code 4)
     ├── ServiceExited          a supervised service exited on its own (exit code 5)
     ├── CommandNotFound        the command given to ``run`` cannot be executed (exit 127)
-    └── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
+    ├── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
+    ├── UsageError             wrong use of a command (exit code 2)
+    │   ├── ConfigFileError    the layout file cannot be read (also a LayoutError)
+    │   └── UnknownService     no such service in the layout (also a LayoutError)
+    ├── NotRunning             the instance asked for does not run
+    └── StopFailed             stop refused to signal, or the instance did not stop
 
 Every error carries its context as attributes, so callers never parse messages.
 """
@@ -165,3 +171,47 @@ class PassedSocketError(PortPoolError):
     def __init__(self, problem: str) -> None:
         self.problem = problem
         super().__init__(problem)
+
+
+class UsageError(PortPoolError):
+    """The command was used wrongly: an unknown service, a missing layout file, a number
+    outside 1..max (exit code 2, like click's own usage errors)."""
+
+    exit_code = 2
+
+
+class ConfigFileError(UsageError, LayoutError):
+    """The layout file given cannot be read (missing, unreadable): a usage error."""
+
+
+class UnknownService(UsageError, LayoutError):
+    """A service name the layout does not have."""
+
+
+class NotRunning(PortPoolError):
+    """The instance asked for is not running (or none is, or several are and none was
+    named). ``running`` lists the numbers of the running instances."""
+
+    def __init__(self, app: str, message: str, running: Sequence[int] = ()) -> None:
+        self.app = app
+        self.running = list(running)
+        super().__init__(message)
+
+
+class SlotUnavailable(StartError):
+    """The pinned instance number (``--instance N``) cannot be had; nothing was started."""
+
+    def __init__(self, app: str, number: int, reason: str) -> None:
+        self.app = app
+        self.number = number
+        self.reason = reason
+        super().__init__(f"instance {number} of {app!r} cannot be had: {reason}")
+
+
+class StopFailed(PortPoolError):
+    """``stop`` refused to signal, or the instance did not stop in time."""
+
+    def __init__(self, number: int, reason: str) -> None:
+        self.number = number
+        self.reason = reason
+        super().__init__(f"instance {number}: {reason}")

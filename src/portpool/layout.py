@@ -36,7 +36,7 @@ from portpool._layout_checks import (
     port_warnings,
     span,
 )
-from portpool.errors import LayoutError, StateDirError
+from portpool.errors import ConfigFileError, LayoutError, StateDirError, UnknownService
 from portpool.statedir import check_name
 
 __all__ = [
@@ -347,7 +347,7 @@ class Layout:
             if s.name == name:
                 return s
         known = ", ".join(s.name for s in self.services)
-        raise LayoutError(
+        raise UnknownService(
             self.source, f"services.{name}", f"no such service; this layout has: {known}"
         )
 
@@ -562,7 +562,7 @@ def load_layout(path: str) -> Layout:
             raw = f.read()
     except OSError as e:
         problem = f"cannot be read: {e.strerror or e}"
-        raise LayoutError(path, "file", problem, errors=[f"{path}: {problem}"]) from e
+        raise ConfigFileError(path, "file", problem, errors=[f"{path}: {problem}"]) from e
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
