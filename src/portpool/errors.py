@@ -18,7 +18,8 @@
     │   ├── ConfigFileError    the layout file cannot be read (also a LayoutError)
     │   └── UnknownService     no such service in the layout (also a LayoutError)
     ├── NotRunning             the instance asked for does not run
-    └── StopFailed             stop refused to signal, or the instance did not stop
+    ├── StopFailed             stop refused to signal, or the instance did not stop
+    └── DetachFailed           a detached up exited before it was up (its exit status)
 
 Every error carries its context as attributes, so callers never parse messages.
 """
@@ -215,3 +216,17 @@ class StopFailed(PortPoolError):
         self.number = number
         self.reason = reason
         super().__init__(f"instance {number}: {reason}")
+
+
+class DetachFailed(PortPoolError):
+    """A detached ``up`` exited before its instance was up; exits with its status."""
+
+    def __init__(self, returncode: int, log_path: str, tail: str) -> None:
+        self.returncode = returncode
+        self.log_path = log_path
+        self.tail = tail
+        self.exit_code = returncode if 0 < returncode < 256 else 1
+        super().__init__(
+            f"the detached up exited with status {returncode} before it was up "
+            f"(log: {log_path})\n{tail}"
+        )

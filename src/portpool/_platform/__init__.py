@@ -33,6 +33,7 @@ from portpool._platform._net import (
     owners_of_inode,
     socket_inode,
 )
+from portpool._platform._process import detached_options, signal_verified
 
 if sys.platform == "win32":
     from portpool._platform.windows import (
@@ -65,6 +66,7 @@ __all__ = [
     "ProcessIdentity",
     "boot_id",
     "current_identity",
+    "detached_options",
     "ephemeral_port_range",
     "exclusive_bind_options",
     "identity_of",
@@ -75,6 +77,7 @@ __all__ = [
     "owners_of_inode",
     "process_name",
     "read_at",
+    "signal_verified",
     "socket_inode",
     "try_lock",
     "unlock",
