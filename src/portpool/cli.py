@@ -7,6 +7,7 @@ pool exhausted); 4 the shield tripped; 5 a service exited on its own.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -152,46 +153,69 @@ def layout_command(config: str | None, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("service", required=False)
 @config_option
+@click.option("--all", "show_all", is_flag=True, help="List free ports too.")
+@json_option
 @handle_errors
-def doctor(config: str | None) -> None:
-    """What blocks which pool port, naming foreign holders where the OS says. Kills nothing."""
+def doctor(service: str | None, config: str | None, show_all: bool, as_json: bool) -> None:
+    """What blocks which pool port (of SERVICE, or all), naming foreign holders where the
+    OS says; free ports are only counted unless --all. Kills nothing."""
     from portpool._platform import listeners, locked_inodes
     from portpool.lock import inspect_port
     from portpool.pool import describe_foreign
     from portpool.statedir import StateDir
 
     layout = _layout(config)
+    if service is not None:
+        layout.service(service)
     listening = {listener.port for listener in listeners()}
     counts = {"free": 0, "held": 0, "foreign": 0}
+    rows: list[dict[str, Any]] = []
     with StateDir.open() as state:
         locked = locked_inodes()
-        click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
         for number in range(1, layout.max_instances + 1):
-            click.echo(f"instance {number}:")
-            for service in layout.services:
-                for port in service.pool(number):
+            for svc in layout.services:
+                if service is not None and svc.name != service:
+                    continue
+                for port in svc.pool(number):
                     seen = inspect_port(state, port, locked)
                     if not seen.is_free:
-                        counts["held"] += 1
-                        text = seen.describe()
+                        kind, text = "held", seen.describe()
                     elif port in listening:
-                        counts["foreign"] += 1
-                        text = describe_foreign(port)
+                        kind, text = "foreign", describe_foreign(port)
                     else:
-                        counts["free"] += 1
-                        text = "free"
-                    click.echo(f"  {service.name:<16} {port:>5}  {text}")
+                        kind, text = "free", "free"
+                    counts[kind] += 1
+                    rows.append(
+                        {"instance": number, "service": svc.name, "port": port,
+                         "state": kind, "detail": text}
+                    )  # fmt: skip
+    if as_json:
+        doc = {"app": layout.app, "host": layout.host, "ports": rows, "counts": counts}
+        click.echo(json.dumps(doc))
+        return
+    click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
+    shown = None
+    for row in rows:
+        if row["state"] == "free" and not show_all:
+            continue
+        if row["instance"] != shown:
+            shown = row["instance"]
+            click.echo(f"instance {shown}:")
+        click.echo(f"  {row['service']:<16} {row['port']:>5}  {row['detail']}")
     click.echo(
         f"{counts['free']} free, {counts['held']} held by portpool, "
         f"{counts['foreign']} used by foreign processes"
+        + ("" if show_all or not counts["free"] else " (--all lists the free ones)")
     )
 
 
 @cli.command()
 @config_option
+@json_option
 @handle_errors
-def gc(config: str | None) -> None:
+def gc(config: str | None, as_json: bool) -> None:
     """Remove metadata left by dead holders (never anything a live holder has).
 
     Ports are shared by every app of the state dir, so the whole state dir is cleaned;
@@ -202,6 +226,9 @@ def gc(config: str | None) -> None:
     if config is not None:
         _layout(config)
     report = run_gc()
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(report)))
+        return
     for name in report.instances:
         click.echo(f"removed record of dead instance {name}")
     for port in report.ports:
