@@ -182,8 +182,8 @@ HOLD = (
 
 def test_every_documented_exit_code(tmp_path: Path, port_base: int, home: Path) -> None:
     readme = (ROOT / "README.md").read_text()
-    for text in ("0 ok", "1 error", "2 usage", "3 nothing started", "4 the shield tripped",
-                 "5 a service exited"):  # fmt: skip
+    for text in ("| 0 | ok", "| 1 | error", "| 2 | usage", "| 3 | nothing started",
+                 "| 4 | the shield tripped", "| 5 | a service exited"):  # fmt: skip
         assert text in readme, text
     layout = write_layout(tmp_path / "p.toml", port_base, max_instances=1)
     cfg = ["--config", str(layout)]
