@@ -136,13 +136,19 @@ def test_slot_blocked_by_foreign_programs_is_skipped(
             assert [n for n, _ in inst.skipped] == [1]
             assert "beta" in inst.skipped[0][1]
             assert "instance 1 of testapp skipped" in caplog.text
-            assert "no free port in pool" in caplog.text
+            assert f"port {layout.pool('beta', 1)[0]}: in use" in caplog.text
             # Slot 1 and alpha's port in it were given back.
             assert inspect_port(state, layout.pool("alpha", 1)[0]).is_free
         # Pinned: no skipping.
         with pytest.raises(PoolExhausted) as info:
             start_instance(layout, state=state, number=1)
         assert info.value.exit_code == 3
+        # The command line says it too, on stderr; the command's stdout stays clean.
+        done = portpool("run", "--config", str(layout_file), "--", sys.executable, "-c",
+                        "import os; print(os.environ['PORTPOOL_INSTANCE'])")  # fmt: skip
+        assert (done.returncode, done.stdout) == (0, "2\n"), done.stderr
+        assert "instance 1 of testapp skipped: service 'beta': every port" in done.stderr
+        assert f"pid {os.getpid()}" in done.stderr  # who blocks it
     finally:
         for s in foreign:
             s.close()

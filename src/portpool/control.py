@@ -293,7 +293,8 @@ class Detached:
 
 
 # The line `up` prints once every service is ready: "portpool: instance N of APP is up".
-_UP_LINE = re.compile(rb"\binstance (\d+)\b[^\n]*\bis up\b")
+# Anchored at "portpool: " so that a service's own output ("name | ...") never matches.
+_UP_LINE = re.compile(rb"(?m)^portpool: instance (\d+)\b[^\n]*\bis up\b")
 _TAIL_LINES = 20
 
 

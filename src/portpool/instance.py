@@ -463,7 +463,8 @@ def start_instance(
         except PoolExhausted as e:
             if number is not None or not _blocked(e):
                 raise
-            why = str(e).split("\n", 1)[0]
+            refused = "; ".join(str(r) for r in e.refusals)
+            why = f"service {e.service!r}: every port of its pool is taken by others ({refused})"
             log.warning("instance %d of %s skipped: %s", taken, layout.app, why)
             skipped.append((taken, why))
             blocked = e
