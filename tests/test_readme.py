@@ -89,11 +89,11 @@ def test_every_block_is_runnable_or_marked() -> None:
             f"README line {block.line}: a ```{block.language} block cannot be run; "
             f"use one of {sorted(LANGUAGES)} or mark it {FRAGMENT}"
         )
-    # The README's own claims about what is marked.
-    fragments = [b for b in BLOCKS if b.fragment]
-    assert [b.text for b in fragments] == [BLOCKS[0].text], "only `make run`/`make test`"
+    # `make run` / `make test` are a fragment: running them here would run the suite again.
+    assert BLOCKS[0].fragment
     assert "make run" in BLOCKS[0].text
     assert "make test" in BLOCKS[0].text
+    assert sum(not b.fragment for b in BLOCKS) > 2 * sum(b.fragment for b in BLOCKS)
 
 
 def test_parser_sees_fragments_and_files() -> None:
