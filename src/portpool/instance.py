@@ -166,13 +166,17 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
             f"instance must be 1..{layout.max_instances} for app {layout.app!r}, not {number!r}"
         )
     directory = state.instances(layout.app)
-    try:
-        return HeldLock.acquire(directory, f"{number}.lock")
-    except (LockHeld, AlreadyHeldHere):
-        info = read_instance(directory, number)
-        who = f"pid {info.pid}" if info.pid is not None else (info.problem or "unknown")
-        where = f", started for {info.directory}" if info.directory else ""
-        raise SlotUnavailable(layout.app, number, f"it is running ({who}{where})") from None
+    for attempt in range(_SLOT_PASSES):
+        if attempt:
+            time.sleep(0.02 * attempt)  # a cleaner may hold a dead slot's lock for a moment
+        try:
+            return HeldLock.acquire(directory, f"{number}.lock")
+        except (LockHeld, AlreadyHeldHere):
+            continue
+    info = read_instance(directory, number)
+    who = f"pid {info.pid}" if info.pid is not None else (info.problem or "unknown")
+    where = f", started for {info.directory}" if info.directory else ""
+    raise SlotUnavailable(layout.app, number, f"it is running ({who}{where})")
 
 
 def _blocked(error: PoolExhausted) -> bool:
@@ -471,8 +475,9 @@ def start_instance(
             continue
         break
     instance.skipped = skipped
-    if not _runs_for(state, layout.app, preferred, directory):
-        # A second copy for the same checkout must not move the first one's number.
+    # Written only when it changes; and a second copy for the same checkout must not
+    # move the first one's number.
+    if taken != preferred and not _runs_for(state, layout.app, preferred, directory):
         _remember_number(state, layout.app, directory, taken)
     if heartbeat:
         instance.start_heartbeat()
