@@ -107,8 +107,8 @@ def service_port(
 ) -> tuple[InstanceInfo, int]:
     """The instance (as ``find_instance``) and the port its ``service`` holds.
 
-    Raises UnknownService (exit 2) for a name the layout does not have, NotRunning, and
-    StopFailed's sibling PortPoolError when the running instance did not lease it.
+    Raises UnknownService (exit 2) for a name the layout does not have; NotRunning when
+    no instance is found or the one found holds no port for ``service``.
     """
     layout.service(service)
     info = find_instance(layout, number, state=state)
@@ -213,10 +213,18 @@ def _is_recorded(pid: int, token: str, directory: DirHandle, number: int) -> Cal
 
 
 def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
-    if is_held(state.instances(app), f"{stopped.number}.lock", locked_inodes()):
+    locked = locked_inodes()
+    if is_held(state.instances(app), f"{stopped.number}.lock", locked):
         return False
-    # Its ports: no portpool lock and nothing of its tree still listening.
-    return all(inspect_port(state, p).is_free and not listeners(p) for p in stopped.ports)
+    for port in stopped.ports:
+        seen = inspect_port(state, port, locked)
+        if seen.is_free:
+            if listeners(port):
+                return False  # something it started still listens: not free yet
+        elif seen.record is None or seen.record.pid == stopped.pid:
+            return False
+        # else: a new holder (another instance) took it already: it is not ours to wait for
+    return True
 
 
 def stop_instances(
