@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -226,3 +227,23 @@ def test_every_documented_exit_code(tmp_path: Path, port_base: int, home: Path) 
     killed = portpool("run", *cfg, "--", sys.executable, "-c",
                       "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")  # fmt: skip
     assert killed.returncode in (128 + signal.SIGKILL, -signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
+    # A dry run against a venv path that does not exist: make prints every step.
+    def steps(target: str) -> str:
+        done = subprocess.run(
+            ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return done.stdout
+
+    run = steps("run")
+    assert "-e '.[services]'" in run
+    assert "dev" not in run
+    assert "--quiet" not in run  # pip's progress stays visible
+    assert "portpool up" in run
+    test = steps("test")
+    assert "-e '.[services,dev]'" in test
+    assert "pytest" in test
