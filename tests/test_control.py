@@ -401,7 +401,8 @@ def test_up_detach_logs_and_stop(tmp_path: Path, port_base: int, home: Path) -> 
         assert stopped.returncode == 0, stopped.stderr
         # -f ends with the instance.
         assert follower.wait(timeout=10) == 0
-        assert not pid_alive(up_pid) or not is_listening(port_base)
+        assert not is_listening(port_base)  # stop returned once its ports were free
+        wait_for(lambda: not pid_alive(up_pid), timeout=10)
         # The log stays for reading after the instance stopped.
         assert "stopped; its ports are free" in portpool("logs", "-i", "1", cwd=tmp_path).stdout
     finally:
