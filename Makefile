@@ -1,19 +1,27 @@
 # The two commands of the README: `make run` and `make test`. Each builds .venv from
 # the project's own files first, so a machine with only Python 3.11+, pip and make works.
+# `make run` installs only what running needs; `make test` adds the dev tools.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck pytest bench chaos clean
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[services,dev]'
+	@echo "Installing portpool and the reference services' packages into $(VENV) (about a minute)..."
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	$(BIN)/python -m pip install --progress-bar on -e '.[services]'
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
+	@echo "Installing the dev tools (pytest, ruff, mypy, the benchmarks' peers)..."
+	$(BIN)/python -m pip install --progress-bar on -e '.[services,dev]'
 	touch $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(BIN)/portpool up
 
 test: lint typecheck pytest

@@ -870,7 +870,8 @@ class Harness:
         try:
             for n in range(1, self.layout.max_instances + 1):
                 try:
-                    inst = start_instance(self.layout, state=self.state, heartbeat=False)
+                    # Pinned: unpinned, a start prefers this directory's last number.
+                    inst = start_instance(self.layout, state=self.state, heartbeat=False, number=n)
                 except PortPoolError as e:
                     self.counts.final_blocked += 1
                     self.log(f"after the run, starting instance {n} failed: {e}")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -83,13 +86,27 @@ def test_doctor_names_holders_and_foreign_processes(
         assert foreign.stdout is not None
         assert foreign.stdout.readline().strip() == "ok"
         assert read_line(holder).strip() == "1"
-        done = portpool("doctor", "--config", str(layout))
+        done = portpool("doctor", "--config", str(layout), "--all")
         assert done.returncode == 0, done.stderr
         lines = {int(m.group(1)): m.group(2) for m in re.finditer(r" (\d+)  (.*)", done.stdout)}
         assert lines[port_base].startswith("held by instance 1 of testapp")
         assert f"pid {foreign.pid}" in lines[port_base + 1]
         assert "python" in lines[port_base + 1]
         assert lines[port_base + 12] == "free"
+        # By default only what is not free, and a count of the rest.
+        done = portpool("doctor", "--config", str(layout))
+        shown = {int(m.group(1)) for m in re.finditer(r" (\d+)  ", done.stdout)}
+        assert shown == {port_base, port_base + 1, port_base + 2}  # alpha 2 ports + beta 1
+        assert "5 free, 2 held by portpool, 1 used by foreign processes" in done.stdout
+        assert "instance 2:" not in done.stdout
+        # One service only; JSON.
+        done = portpool("doctor", "alpha", "--config", str(layout), "--json")
+        doc = json.loads(done.stdout)
+        assert {r["service"] for r in doc["ports"]} == {"alpha"}
+        assert doc["counts"] == {"free": 2, "held": 1, "foreign": 1}
+        states = {r["port"]: r["state"] for r in doc["ports"]}
+        assert states[port_base + 1] == "foreign"
+        assert portpool("doctor", "gamma", "--config", str(layout)).returncode == 2
         assert foreign.poll() is None  # doctor kills nothing
     finally:
         release.touch()
@@ -134,3 +151,99 @@ def test_foreign_socket_fixture_is_loopback_only() -> None:
         assert s.getsockname()[0] == "127.0.0.1"
     finally:
         s.close()
+
+
+def test_layout_and_gc_json(tmp_path: Path, port_base: int, home: Path) -> None:
+    layout = write_layout(tmp_path / "p.toml", port_base, max_instances=3)
+    doc = json.loads(portpool("layout", "--config", str(layout), "--json").stdout)
+    assert doc["app"] == "testapp"
+    assert doc["max_instances"] == 3
+    assert [s["name"] for s in doc["services"]] == ["alpha", "beta"]
+    assert doc["instances"][2] == {
+        "number": 3,
+        "pools": {
+            "alpha": [port_base + 20, port_base + 21],
+            "beta": [port_base + 22, port_base + 23],
+        },
+    }
+    done = portpool("gc", "--json")
+    assert done.returncode == 0, done.stderr
+    assert set(json.loads(done.stdout)) == {"instances", "ports", "temp_files"}
+
+
+# Every exit code the README documents, each produced for real.
+HOLD = (
+    "import os, sys, time\n"
+    "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
+    "deadline = time.time() + 60\n"
+    "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+def test_every_documented_exit_code(tmp_path: Path, port_base: int, home: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    for text in ("| 0 | ok", "| 1 | error", "| 2 | usage", "| 3 | nothing started",
+                 "| 4 | the shield tripped", "| 5 | a service exited"):  # fmt: skip
+        assert text in readme, text
+    layout = write_layout(tmp_path / "p.toml", port_base, max_instances=1)
+    cfg = ["--config", str(layout)]
+    # 0 and 1
+    assert portpool("layout", *cfg).returncode == 0
+    assert portpool("stop", *cfg).returncode == 1
+    # 2: an unknown option or command, a missing or unreadable --config, an unknown service
+    assert portpool("status", "--no-such-flag").returncode == 2
+    assert portpool("frobnicate").returncode == 2
+    missing = portpool("status", "--config", str(tmp_path / "missing.toml"))
+    assert missing.returncode == 2
+    assert "missing.toml: cannot be read" in missing.stderr
+    assert portpool("layout", "--config", str(tmp_path)).returncode == 2  # a directory
+    unknown = portpool("run", *cfg, "--service", "gamma", "--", "true")
+    assert unknown.returncode == 2
+    assert "no such service" in unknown.stderr
+    # 3: nothing started (the only slot is taken)
+    release = tmp_path / "release"
+    holder = start("run", *cfg, "--", sys.executable, "-c", HOLD, str(release))
+    try:
+        assert read_line(holder).strip() == "1"
+        assert portpool("run", *cfg, "--", "true").returncode == 3
+        # 4: the shield tripped (the instance's slot lock file was deleted under it)
+        (home / "apps" / "testapp" / "instances" / "1.lock").unlink()
+        assert holder.wait(timeout=30) == 4
+    finally:
+        release.touch()
+        if holder.poll() is None:
+            holder.wait(timeout=30)
+    # 5: a service exited on its own
+    five = write_layout(
+        tmp_path / "five.toml",
+        port_base,
+        services={"web": {"command": [sys.executable, "-c", "import time; time.sleep(0.3)"]}},
+    )
+    assert portpool("up", "--config", str(five)).returncode == 5
+    # run: the command's status, 127 for a missing command, 128+N for a signal
+    assert portpool("run", *cfg, "--", sys.executable, "-c", "raise SystemExit(7)").returncode == 7
+    assert portpool("run", *cfg, "--", "no-such-command-here").returncode == 127
+    killed = portpool("run", *cfg, "--", sys.executable, "-c",
+                      "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")  # fmt: skip
+    assert killed.returncode in (128 + signal.SIGKILL, -signal.SIGKILL)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
+    # A dry run against a venv path that does not exist: make prints every step.
+    def steps(target: str) -> str:
+        done = subprocess.run(
+            ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return done.stdout
+
+    run = steps("run")
+    assert "-e '.[services]'" in run
+    assert "dev" not in run
+    assert "--quiet" not in run  # pip's progress stays visible
+    assert "portpool up" in run
+    test = steps("test")
+    assert "-e '.[services,dev]'" in test
+    assert "pytest" in test

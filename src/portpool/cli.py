@@ -83,6 +83,22 @@ def config_option(func: F) -> F:
     )(func)
 
 
+def instance_option(func: F) -> F:
+    return click.option(
+        "--instance",
+        "-i",
+        "instance_number",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Instance number. Default: this checkout's instance, else the only running one "
+        "(up/run: this checkout's last number if free, else the lowest free one).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(func)
+
+
 def _layout(config: str | None) -> Layout:
     return resolve_layout(config)
 
@@ -138,6 +154,8 @@ def status(config: str | None, as_json: bool) -> None:
                 services = "  ".join(f"{s.name}={s.port}" for s in info.services)
             else:
                 services = info.problem or "record unreadable"
+            if info.directory:
+                services += f"  (dir {info.directory})"
             services = display(services)  # record text: whoever shares our uid wrote it
             click.echo(
                 f"{info.number:>3}  {pid:>7}  {alive:<5}  {_age(info.heartbeat_age_s):<11}  "
@@ -147,29 +165,40 @@ def status(config: str | None, as_json: bool) -> None:
 
 @cli.command("layout")
 @config_option
+@json_option
 @handle_errors
-def layout_command(config: str | None) -> None:
+def layout_command(config: str | None, as_json: bool) -> None:
     """The pools of every admissible instance, then warnings (errors fail with exit 1)."""
+    if as_json:
+        from portpool.control import layout_document
+
+        click.echo(json.dumps(layout_document(_layout(config))))
+        return
     for line in describe_layout(_layout(config)):
         click.echo(line)
 
 
 @cli.command()
+@click.argument("service", required=False)
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--all", "show_all", is_flag=True, help="List free ports too.")
+@json_option
 @handle_errors
-def doctor(config: str | None, as_json: bool) -> None:
-    """What blocks which pool port, naming foreign holders where the OS says. Kills nothing."""
+def doctor(service: str | None, config: str | None, show_all: bool, as_json: bool) -> None:
+    """What blocks which pool port (of SERVICE, or all), naming foreign holders where the
+    OS says; free ports are only counted unless --all. Kills nothing."""
     from portpool.diagnosis import examine_layout
 
     layout = _layout(config)
-    report = examine_layout(layout)
+    report = examine_layout(layout, service=service)
     if as_json:
         click.echo(json.dumps(report.to_dict(), separators=(",", ":")))
         return
     click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
     number = 0
     for verdict in report.verdicts:
+        if verdict.refusal is None and not show_all:
+            continue
         if verdict.instance != number:
             number = verdict.instance
             click.echo(f"instance {number}:")
@@ -179,13 +208,15 @@ def doctor(config: str | None, as_json: bool) -> None:
     other = sum(n for kind, n in counts.items() if kind not in ("free", "held", "foreign"))
     click.echo(
         f"{counts['free']} free, {counts['held']} held by portpool, "
-        f"{counts['foreign']} used by foreign processes" + (f", {other} refused" if other else "")
+        f"{counts['foreign']} used by foreign processes"
+        + (f", {other} refused" if other else "")
+        + ("" if show_all or not counts["free"] else " (--all lists the free ones)")
     )
 
 
 @cli.command()
 @config_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option
 @handle_errors
 def gc(config: str | None, as_json: bool) -> None:
     """Remove metadata left by dead holders (never anything a live holder has).
@@ -255,9 +286,16 @@ def _stop_signals() -> list[int]:
 @click.option(
     "--fds", is_flag=True, help="Pass the listening sockets at fds 3.. (LISTEN_FDS protocol)."
 )
+@instance_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
-def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple[str, ...]) -> None:
+def run(
+    config: str | None,
+    services: tuple[str, ...],
+    fds: bool,
+    instance_number: int | None,
+    command: tuple[str, ...],
+) -> None:
     """Start an instance, run COMMAND with its ports, release when it exits.
 
     Exits with COMMAND's exit code (3 if nothing could start, 4 if the shield tripped).
@@ -291,7 +329,9 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
             child[0].send_signal(signum)
 
     _install_handlers(forward, _stop_signals())
-    instance = start_instance(layout, services=list(dict.fromkeys(services)) or None)
+    instance = start_instance(
+        layout, services=list(dict.fromkeys(services)) or None, number=instance_number
+    )
     _report_skips(instance.leases.values())
     done = threading.Event()
     tripped: list[str] = []
@@ -345,18 +385,22 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
     show_default=True,
     help="Seconds services get to stop after SIGTERM before SIGKILL.",
 )
+@instance_option
+@click.option("--detach", "-d", is_flag=True, help="Start in the background; return once up.")
 @handle_errors
-def up(config: str | None, grace: float) -> None:
+def up(config: str | None, grace: float, instance_number: int | None, detach: bool) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
     from portpool.instance import start_instance
     from portpool.supervisor import Outcome, Supervisor, find_program
 
     layout = _layout(config)
+    if detach:
+        return _up_detached(layout, config, grace, instance_number)
     for service in layout.services:
         problem = service.command and find_program(service.command)
         if problem:
             raise LayoutError(layout.source, f"services.{service.name}.command", problem)
-    instance = start_instance(layout)
+    instance = start_instance(layout, number=instance_number)
     _report_skips(instance.leases.values())
     supervisor = Supervisor(instance, grace_s=grace)
     instance.on_release(supervisor.stop)
@@ -387,6 +431,131 @@ def up(config: str | None, grace: float) -> None:
         click.echo(f"portpool: {outcome.message}", err=outcome.code != 0)
     click.echo(f"portpool: instance {instance.number} stopped; its ports are free")
     sys.exit(outcome.code)
+
+
+# ---------------------------------------------------------------- from another terminal
+
+
+def _up_detached(
+    layout: Layout, config: str | None, grace: float, instance_number: int | None
+) -> None:
+    from portpool.control import check_number, start_detached
+    from portpool.statedir import StateDir
+
+    check_number(layout, instance_number)
+    args = ["--grace", repr(grace)]
+    if config is not None:
+        args += ["--config", config]
+    if instance_number is not None:
+        args += ["--instance", str(instance_number)]
+    with StateDir.open() as state:
+        started = start_detached(layout, args, state=state)
+    click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
+    for name, port in started.ports.items():
+        click.echo(f"  {name:<16} {port:>5}")
+    click.echo(f"logs: portpool logs --instance {started.number}   ({started.log})")
+    click.echo(f"stop: portpool stop {started.number}")
+
+
+@cli.command()
+@click.argument("service")
+@instance_option
+@config_option
+@json_option
+@handle_errors
+def port(service: str, instance_number: int | None, config: str | None, as_json: bool) -> None:
+    """Print the port SERVICE holds in a running instance (for `$(portpool port api)`)."""
+    from portpool.control import check_number, service_port
+    from portpool.statedir import StateDir
+
+    layout = _layout(config)
+    check_number(layout, instance_number)
+    with StateDir.open() as state:
+        info, number = service_port(layout, service, instance_number, state=state)
+    if as_json:
+        doc = {"app": layout.app, "instance": info.number, "service": service, "port": number}
+        click.echo(json.dumps(doc))
+    else:
+        click.echo(number)
+
+
+@cli.command()
+@instance_option
+@config_option
+@click.option("--export", is_flag=True, help="Print `export KEY=value` lines for `eval`.")
+@handle_errors
+def env(instance_number: int | None, config: str | None, export: bool) -> None:
+    """A running instance's environment as KEY=value lines (a docker compose --env-file)."""
+    from portpool.control import check_number, format_env, instance_env
+    from portpool.statedir import StateDir
+
+    layout = _layout(config)
+    check_number(layout, instance_number)
+    with StateDir.open() as state:
+        click.echo(format_env(instance_env(layout, instance_number, state=state), export=export))
+
+
+@cli.command()
+@click.argument("number", type=click.IntRange(min=1), required=False)
+@click.option("--all", "every", is_flag=True, help="Stop every running instance of the app.")
+@config_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for its ports to be free.",
+)
+@json_option
+@handle_errors
+def stop(
+    number: int | None, every: bool, config: str | None, timeout: float, as_json: bool
+) -> None:
+    """Stop instance NUMBER (default: this checkout's, else the only running one).
+
+    SIGTERM goes only to the process holding the instance's slot lock whose identity
+    matches its record; then waits until its ports are free. Exit 1 if it does not run.
+    """
+    from portpool.control import check_number, stop_instances
+    from portpool.statedir import StateDir
+
+    if every and number is not None:
+        raise click.UsageError("give an instance NUMBER or --all, not both")
+    layout = _layout(config)
+    check_number(layout, number)
+    with StateDir.open() as state:
+        stopped = stop_instances(layout, number, every=every, timeout_s=timeout, state=state)
+    if as_json:
+        click.echo(json.dumps({"app": layout.app, "stopped": [s.to_dict() for s in stopped]}))
+        return
+    for s in stopped:
+        click.echo(f"portpool: instance {s.number} of {layout.app} stopped (pid {s.pid})")
+
+
+@cli.command()
+@click.argument("service", required=False)
+@instance_option
+@config_option
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the instance stops.")
+@handle_errors
+def logs(
+    service: str | None, instance_number: int | None, config: str | None, follow: bool
+) -> None:
+    """The output of a detached instance (`up --detach`), with `up`'s prefixes."""
+    from portpool.control import check_number, follow_log
+    from portpool.statedir import StateDir
+
+    layout = _layout(config)
+    check_number(layout, instance_number)
+    with StateDir.open() as state:
+        follow_log(
+            layout,
+            click.echo,
+            service=service,
+            number=instance_number,
+            follow=follow,
+            state=state,
+        )
 
 
 def _output_failed(error: OSError) -> None:

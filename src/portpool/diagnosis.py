@@ -330,10 +330,14 @@ def classify_port(
     return found.refusal(), tuple(found.notes()), found
 
 
-def examine_layout(layout: Layout, state: StateDir | None = None) -> DoctorReport:
-    """``doctor``: what blocks which pool port of every admissible instance, naming
-    foreign holders where the OS says. Kills nothing. Raises StateDirError for an
-    unusable state dir, OSError if the layout's host does not resolve."""
+def examine_layout(
+    layout: Layout, state: StateDir | None = None, service: str | None = None
+) -> DoctorReport:
+    """``doctor``: what blocks which pool port of every admissible instance (of
+    ``service`` only, if given), naming foreign holders where the OS says. Kills nothing.
+    Raises UnknownService (exit 2) for a ``service`` the layout lacks, StateDirError for
+    an unusable state dir, OSError if the layout's host does not resolve."""
+    services = layout.services if service is None else (layout.service(service),)
     own = state is None
     state = state or StateDir.open(create=False)  # read-only: creates nothing
     try:
@@ -341,12 +345,12 @@ def examine_layout(layout: Layout, state: StateDir | None = None) -> DoctorRepor
         sockets = tcp_sockets()
         verdicts = []
         for number in range(1, layout.max_instances + 1):
-            for service in layout.services:
-                for port in service.pool(number):
+            for svc in services:
+                for port in svc.pool(number):
                     refusal, notes, found = classify_port(
                         state, port, layout.host, locked=locked, sockets=sockets
                     )
-                    verdicts.append(PortVerdict(number, service.name, port, refusal, notes, found))
+                    verdicts.append(PortVerdict(number, svc.name, port, refusal, notes, found))
         return DoctorReport(layout.app, layout.host, layout.max_instances, tuple(verdicts))
     finally:
         if own:

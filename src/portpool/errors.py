@@ -3,18 +3,24 @@
     PortPoolError
     ├── StateDirError          the state dir is unsafe or unusable (path, problem)
     ├── LayoutError            a layout file or value is invalid (file, key, problem)
-    │   └── LayoutFileError    the layout file cannot be used at all (exit code 2)
     ├── LockError              a lock could not be taken or kept
     │   ├── LockHeld           someone else holds it (port or path, holder)
     │   └── AlreadyHeldHere    this process already holds it (a second acquire is a bug)
     ├── ResourceLimit          out of file descriptors or another OS limit (limit, needed)
     ├── StartError             nothing was started (exit code 3)
     │   ├── PoolExhausted      every port of a pool was refused (refusals, per port)
-    │   └── NoFreeSlot         every instance slot is taken (holders, per slot)
+    │   ├── NoFreeSlot         every instance slot is taken (holders, per slot)
+    │   └── SlotUnavailable    the pinned instance number cannot be had
     ├── ShieldTripped          a lease or the slot stopped being ours (exit code 4)
     ├── ServiceExited          a supervised service exited on its own (exit code 5)
     ├── CommandNotFound        the command given to ``run`` cannot be executed (exit 127)
-    └── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
+    ├── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
+    ├── UsageError             wrong use of a command (exit code 2)
+    │   ├── LayoutFileError    the layout file cannot be used at all (also a LayoutError)
+    │   └── UnknownService     no such service in the layout (also a LayoutError)
+    ├── NotRunning             the instance asked for does not run
+    ├── StopFailed             stop refused to signal, or the instance did not stop
+    └── DetachFailed           a detached up exited before it was up (its exit status)
 
 Every error carries its context as attributes, so callers never parse messages.
 """
@@ -49,18 +55,6 @@ class LayoutError(PortPoolError):
         self.problem = problem
         self.errors = list(errors) or [f"{file}: {key}: {problem}"]
         super().__init__("\n".join(self.errors))
-
-
-class LayoutFileError(LayoutError):
-    """The layout file is missing, not a regular file, too large or unreadable.
-
-    Exit code 2 (usage): the command was pointed at something that is not a layout.
-    """
-
-    exit_code = 2
-
-    def __init__(self, file: str, problem: str) -> None:
-        super().__init__(file, "file", problem, errors=[f"{file}: {problem}"])
 
 
 class ResourceLimit(PortPoolError):
@@ -202,3 +196,69 @@ class PassedSocketError(PortPoolError):
     def __init__(self, problem: str) -> None:
         self.problem = problem
         super().__init__(problem)
+
+
+class UsageError(PortPoolError):
+    """The command was used wrongly: an unknown service, a missing layout file, a number
+    outside 1..max (exit code 2, like click's own usage errors)."""
+
+    exit_code = 2
+
+
+class LayoutFileError(UsageError, LayoutError):
+    """The layout file is missing, not a regular file, too large or unreadable.
+
+    Exit code 2 (usage): the command was pointed at something that is not a layout.
+    """
+
+    exit_code = 2
+
+    def __init__(self, file: str, problem: str) -> None:
+        super().__init__(file, "file", problem, errors=[f"{file}: {problem}"])
+
+
+class UnknownService(UsageError, LayoutError):
+    """A service name the layout does not have."""
+
+
+class NotRunning(PortPoolError):
+    """The instance asked for is not running (or none is, or several are and none was
+    named). ``running`` lists the numbers of the running instances."""
+
+    def __init__(self, app: str, message: str, running: Sequence[int] = ()) -> None:
+        self.app = app
+        self.running = list(running)
+        super().__init__(message)
+
+
+class SlotUnavailable(StartError):
+    """The pinned instance number (``--instance N``) cannot be had; nothing was started."""
+
+    def __init__(self, app: str, number: int, reason: str) -> None:
+        self.app = app
+        self.number = number
+        self.reason = reason
+        super().__init__(f"instance {number} of {app!r} cannot be had: {reason}")
+
+
+class StopFailed(PortPoolError):
+    """``stop`` refused to signal, or the instance did not stop in time."""
+
+    def __init__(self, number: int, reason: str) -> None:
+        self.number = number
+        self.reason = reason
+        super().__init__(f"instance {number}: {reason}")
+
+
+class DetachFailed(PortPoolError):
+    """A detached ``up`` exited before its instance was up; exits with its status."""
+
+    def __init__(self, returncode: int, log_path: str, tail: str) -> None:
+        self.returncode = returncode
+        self.log_path = log_path
+        self.tail = tail
+        self.exit_code = returncode if 0 < returncode < 256 else 1
+        super().__init__(
+            f"the detached up exited with status {returncode} before it was up "
+            f"(log: {log_path})\n{tail}"
+        )

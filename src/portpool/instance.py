@@ -12,6 +12,7 @@ The two entry points of the original system live on under Pythonic names:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ from portpool.errors import (
     ResourceLimit,
     ShieldTripped,
     SlotHolder,
+    SlotUnavailable,
+    UsageError,
 )
 from portpool.layout import Layout, resolve_layout
 from portpool.lock import HeldLock
@@ -49,7 +52,7 @@ from portpool.records import (
     read_json_file,
     write_atomic,
 )
-from portpool.statedir import StateDir
+from portpool.statedir import StateDir, check_name
 
 # Records and cleanup moved to portpool.records; these names stay importable from here.
 __all__ = [
@@ -57,12 +60,14 @@ __all__ = [
     "Instance",
     "InstanceInfo",
     "ServiceInfo",
+    "checkout_dir",
     "clean_app",
     "current_instance",
     "gc",
     "get_service_port_pool",
     "init_instance_manager",
     "list_instances",
+    "previous_number",
     "read_instance",
     "read_json_file",
     "start_instance",
@@ -76,14 +81,70 @@ log = logging.getLogger("portpool.instance")
 _SLOT_PASSES = 3
 
 
-def _take_slot(state: StateDir, layout: Layout) -> tuple[int, HeldLock]:
+def checkout_dir(layout: Layout, cwd: str | None = None) -> str:
+    """The directory an instance is started for: the layout file's directory, or ``cwd``
+    (default: the working directory) for a layout that is not a file (the built-in one)."""
+    if layout.source and os.path.isfile(layout.source):
+        return os.path.dirname(os.path.realpath(layout.source))
+    return os.path.realpath(cwd if cwd is not None else os.getcwd())
+
+
+def _checkout_file(directory: str) -> str:
+    digest = hashlib.sha256(directory.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{digest[:32]}.json"
+
+
+def previous_number(state: StateDir, layout: Layout, directory: str) -> int | None:
+    """The number the last instance started for ``directory`` had, if it is admissible."""
+    try:
+        handle = state.subdir("apps", check_name("app", layout.app), "checkouts")
+        raw = read_json_file(handle, _checkout_file(directory))
+    except (ValueError, PortPoolError):
+        return None
+    if not isinstance(raw, dict) or raw.get("dir") != directory:
+        return None
+    number = raw.get("number")
+    if type(number) is int and 1 <= number <= layout.max_instances:
+        return number
+    return None
+
+
+def _remember_number(state: StateDir, app: str, directory: str, number: int) -> None:
+    data = json.dumps({"dir": directory, "number": number}).encode()
+    try:
+        handle = state.subdir("apps", check_name("app", app), "checkouts")
+        write_atomic(handle, _checkout_file(directory), data)
+    except PortPoolError as e:
+        log.warning("cannot remember instance %d for %s: %s", number, directory, e)
+
+
+def _runs_for(state: StateDir, app: str, number: int | None, directory: str) -> bool:
+    """Whether instance ``number`` runs, started for ``directory``."""
+    if number is None:
+        return False
+    info = read_instance(state.instances(app), number)
+    return info.alive and info.directory == directory
+
+
+def _slot_order(layout: Layout, preferred: int | None, skip: set[int]) -> list[int]:
+    numbers = [n for n in range(1, layout.max_instances + 1) if n not in skip]
+    if preferred in numbers:
+        numbers.remove(preferred)
+        numbers.insert(0, preferred)
+    return numbers
+
+
+def _take_slot(
+    state: StateDir, layout: Layout, preferred: int | None = None, skip: set[int] | None = None
+) -> tuple[int, HeldLock]:
     directory = state.instances(layout.app)
+    order = _slot_order(layout, preferred, skip or set())
     for attempt in range(_SLOT_PASSES):
         if attempt:
             # A cleaner holds a dead slot's lock for a moment while it removes the
             # record: look again before telling the user every slot is taken.
             time.sleep(0.02 * attempt)
-        for number in range(1, layout.max_instances + 1):
+        for number in order:
             try:
                 return number, HeldLock.acquire(directory, f"{number}.lock")
             except (LockHeld, AlreadyHeldHere):
@@ -98,6 +159,31 @@ def _take_slot(state: StateDir, layout: Layout) -> tuple[int, HeldLock]:
             detail = info.problem or "record unreadable"
         holders.append(SlotHolder(number, info.pid, detail))
     raise NoFreeSlot(layout.app, holders)
+
+
+def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
+    if type(number) is not int or not 1 <= number <= layout.max_instances:
+        raise UsageError(
+            f"instance must be 1..{layout.max_instances} for app {layout.app!r}, not {number!r}"
+        )
+    directory = state.instances(layout.app)
+    for attempt in range(_SLOT_PASSES):
+        if attempt:
+            time.sleep(0.02 * attempt)  # a cleaner may hold a dead slot's lock for a moment
+        try:
+            return HeldLock.acquire(directory, f"{number}.lock")
+        except (LockHeld, AlreadyHeldHere):
+            continue
+    info = read_instance(directory, number)
+    who = f"pid {info.pid}" if info.pid is not None else (info.problem or "unknown")
+    where = f", started for {info.directory}" if info.directory else ""
+    raise SlotUnavailable(layout.app, number, f"it is running ({who}{where})")
+
+
+def _blocked(error: PoolExhausted) -> bool:
+    """Every port of the pool is refused by something that is not a portpool holder
+    (a foreign program): the next slot's pool may well be free."""
+    return bool(error.refusals) and all(r.reason != "held" for r in error.refusals)
 
 
 class Instance:
@@ -115,6 +201,8 @@ class Instance:
         self.slot = slot
         self.leases = leases
         self.service_pids: dict[str, int] = {}
+        self.directory: str | None = None  # the checkout it was started for
+        self.skipped: list[tuple[int, str]] = []  # slots passed over: (number, why)
         self.started_at = time.time()
         self.lost_reason: str | None = None
         self._stop = threading.Event()
@@ -167,6 +255,7 @@ class Instance:
             "host": self.layout.host,
             "started_at": self.started_at,
             "heartbeat_at": time.time(),
+            "dir": self.directory,
             "services": [
                 {
                     "name": name,
@@ -345,21 +434,74 @@ def start_instance(
     state: StateDir | None = None,
     heartbeat: bool = True,
     clean: bool = True,
+    number: int | None = None,
+    directory: str | None = None,
 ) -> Instance:
-    """Take the lowest free slot and a lease from every service's pool, all or nothing.
+    """Take a free slot and a lease from every service's pool, all or nothing.
 
-    ``services`` limits the leases to those services (all when None). Raises NoFreeSlot
-    or PoolExhausted (nothing is held afterwards), LayoutError, StateDirError.
+    The slot is ``number`` if given (SlotUnavailable if it is running, UsageError if it
+    is outside 1..max), else the number the last instance for ``directory`` (default:
+    ``checkout_dir(layout)``) had if it is free, else the lowest free one. A slot where
+    one service's whole pool is taken by foreign programs is skipped (a warning says
+    which and why). ``services`` limits the leases to those services (all when None).
+    Raises NoFreeSlot or PoolExhausted (nothing is held afterwards), LayoutError,
+    StateDirError.
     """
     layout = layout or resolve_layout(None)
     names = list(services) if services else [s.name for s in layout.services]
     for name in names:
         layout.service(name)  # unknown names fail before anything is locked
     state = state or StateDir.open()
+    directory = directory or checkout_dir(layout)
     if clean:
         with contextlib.suppress(OSError, PortPoolError):
             clean_app(state, layout.app)
-    number, slot = _take_slot(state, layout)
+    preferred = previous_number(state, layout, directory) if number is None else None
+    skipped: list[tuple[int, str]] = []
+    blocked: PoolExhausted | None = None
+    while True:
+        if number is not None:
+            taken, slot = number, _take_pinned(state, layout, number)
+        else:
+            try:
+                taken, slot = _take_slot(state, layout, preferred, {n for n, _ in skipped})
+            except NoFreeSlot:
+                if blocked is None:
+                    raise
+                raise blocked from None  # every free slot was blocked: say why (exit 3)
+        try:
+            instance = _acquire_all(state, layout, taken, slot, names, directory=directory)
+        except PoolExhausted as e:
+            if number is not None or not _blocked(e):
+                raise
+            refused = "; ".join(str(r) for r in e.refusals)
+            why = f"service {e.service!r}: every port of its pool is taken by others ({refused})"
+            log.warning("instance %d of %s skipped: %s", taken, layout.app, why)
+            skipped.append((taken, why))
+            blocked = e
+            continue
+        break
+    instance.skipped = skipped
+    # Written only when it changes; and a second copy for the same checkout must not
+    # move the first one's number.
+    if taken != preferred and not _runs_for(state, layout.app, preferred, directory):
+        _remember_number(state, layout.app, directory, taken)
+    if heartbeat:
+        instance.start_heartbeat()
+    return instance
+
+
+def _acquire_all(
+    state: StateDir,
+    layout: Layout,
+    number: int,
+    slot: HeldLock,
+    names: Sequence[str],
+    *,
+    directory: str,
+) -> Instance:
+    """A lease from each service's pool in slot ``number`` and the record; on failure
+    release all."""
     leases: dict[str, Lease] = {}
     try:
         for name in names:
@@ -372,7 +514,9 @@ def start_instance(
                 service=name,
             )
         instance = Instance(state, layout, number, slot, leases)
+        instance.directory = directory
         instance.write_record()
+        return instance
     except BaseException as e:
         for lease in leases.values():
             lease.release()
@@ -382,9 +526,6 @@ def start_instance(
         if isinstance(e, ResourceLimit) and e.needed is None:
             raise e.for_need(layout.descriptors_needed) from e
         raise
-    if heartbeat:
-        instance.start_heartbeat()
-    return instance
 
 
 # ---------------------------------------------------------------- the original entry points
@@ -398,19 +539,22 @@ def init_instance_manager(
     *,
     services: Sequence[str] | None = None,
     shield: bool = True,
+    number: int | None = None,
 ) -> Instance:
     """Start this process's instance once, at start-up, before anything binds a port.
 
     ``layout`` is a Layout, a layout file path, or None (``./portpool.toml``, else the
     default layout). Later calls return the same instance. The leases' sockets are
     ready to serve: pass them to your server (see ``portpool.integrations``).
+    ``number`` pins the instance number (see ``start_instance``). Call ``release()`` on
+    the instance (or use it in a ``with`` block) to give everything back before exiting.
     """
     global _current
     with _current_mutex:
         if _current is not None and not _current._released:
             return _current
         resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
-        instance = start_instance(resolved, services=services)
+        instance = start_instance(resolved, services=services, number=number)
         if shield:
             instance.start_shield()
         _current = instance

@@ -38,7 +38,7 @@ from portpool._layout_checks import (
     port_warnings,
     span,
 )
-from portpool.errors import LayoutError, LayoutFileError, StateDirError
+from portpool.errors import LayoutError, LayoutFileError, StateDirError, UnknownService
 from portpool.statedir import check_name
 
 __all__ = [
@@ -408,7 +408,7 @@ class Layout:
             if s.name == name:
                 return s
         known = ", ".join(s.name for s in self.services)
-        raise LayoutError(
+        raise UnknownService(
             self.source, f"services.{name}", f"no such service; this layout has: {known}"
         )
 

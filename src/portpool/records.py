@@ -166,6 +166,7 @@ class InstanceInfo:
     heartbeat_at: float | None = None
     service_entries: tuple[dict[str, Any], ...] = ()  # validated, JSON-ready
     problem: str | None = None
+    directory: str | None = None  # the checkout it was started for (layout file's dir or cwd)
 
     @property
     def services(self) -> tuple[ServiceInfo, ...]:
@@ -190,6 +191,7 @@ class InstanceInfo:
             "started_at": self.started_at,
             "heartbeat_age_s": self.heartbeat_age_s,
             "services": list(self.service_entries),
+            "dir": self.directory,
         }
 
 
@@ -206,6 +208,7 @@ def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
             raise ValueError(f"has no valid {key}")
         times[key] = float(v)
     token = raw.get("start_token")
+    directory = raw.get("dir")
     return InstanceInfo(
         number,
         alive,
@@ -215,6 +218,7 @@ def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
         started_at=times["started_at"],
         heartbeat_at=times["heartbeat_at"],
         service_entries=_parse_services(raw.get("services", [])),
+        directory=directory[:4096] if isinstance(directory, str) else None,
     )
 
 

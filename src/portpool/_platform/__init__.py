@@ -37,6 +37,7 @@ from portpool._platform._net import (
     owners_of_inode,
     socket_inode,
 )
+from portpool._platform._process import detached_options, signal_verified
 from portpool._platform._sockdiag import TcpSocket, owners_of_inodes, tcp_sockets
 
 if sys.platform == "win32":
@@ -74,6 +75,7 @@ __all__ = [
     "TcpSocket",
     "boot_id",
     "current_identity",
+    "detached_options",
     "ephemeral_port_range",
     "exclusive_bind_options",
     "identity_of",
@@ -86,6 +88,7 @@ __all__ = [
     "owners_of_inodes",
     "process_name",
     "read_at",
+    "signal_verified",
     "socket_inode",
     "tcp_sockets",
     "try_lock",

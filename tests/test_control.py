@@ -1,0 +1,449 @@
+"""Reaching instances from outside: the same number per checkout, skipped and pinned
+slots, port/env, stop (and what it refuses to signal), up --detach and logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from tests.helpers import (
+    is_listening,
+    pid_alive,
+    portpool,
+    read_line,
+    start,
+    wait_for,
+    write_layout,
+)
+
+from portpool._platform import current_identity
+from portpool.errors import PoolExhausted, SlotUnavailable, StopFailed
+from portpool.instance import start_instance
+from portpool.layout import load_layout
+from portpool.lock import HeldLock, inspect_port
+from portpool.records import list_instances, write_atomic
+from portpool.statedir import StateDir
+
+# A command for `run` that prints its instance and waits until a file appears.
+HOLD = (
+    "import os, sys, time\n"
+    "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
+    "deadline = time.time() + 60\n"
+    "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+@pytest.fixture
+def layout_file(tmp_path: Path, port_base: int) -> Path:
+    return write_layout(tmp_path / "portpool.toml", port_base)
+
+
+def _hold(layout: Path, release: Path, *extra: str, cwd: Path | None = None):
+    proc = start(
+        "run", "--config", str(layout), *extra, "--", sys.executable, "-c", HOLD, str(release),
+        cwd=cwd,
+    )  # fmt: skip
+    return proc, int(read_line(proc))
+
+
+# ---------------------------------------------------------------- numbers
+
+
+def test_same_checkout_gets_its_previous_number(layout_file: Path, state: StateDir) -> None:
+    layout = load_layout(str(layout_file))
+    with (
+        start_instance(layout, state=state, directory="/checkouts/a") as a,
+        start_instance(layout, state=state, directory="/checkouts/b") as b,
+    ):
+        assert (a.number, b.number) == (1, 2)
+    # b alone first: it gets 2 again, not the lowest free (1); then a gets 1.
+    with start_instance(layout, state=state, directory="/checkouts/b") as b:
+        assert b.number == 2
+        with start_instance(layout, state=state, directory="/checkouts/a") as a:
+            assert a.number == 1
+            infos = {i.number: i.directory for i in list_instances(layout.app, state)}
+            assert infos == {1: "/checkouts/a", 2: "/checkouts/b"}
+        # A second copy of b's checkout does not move b's number.
+        with start_instance(layout, state=state, directory="/checkouts/b") as b2:
+            assert b2.number == 1
+    with start_instance(layout, state=state, directory="/checkouts/b") as b:
+        assert b.number == 2
+    # Taken by someone else: the lowest free one.
+    with (
+        start_instance(layout, state=state, directory="/checkouts/c", number=2),
+        start_instance(layout, state=state, directory="/checkouts/b") as b,
+    ):
+        assert b.number == 1
+
+
+def test_checkout_is_the_layout_files_directory_and_status_shows_it(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        write_layout(d / "portpool.toml", port_base)
+    release = tmp_path / "release"
+    procs = []
+    try:
+        p2, n2 = _hold(two / "portpool.toml", release)
+        p1, n1 = _hold(Path("portpool.toml"), release, cwd=one)
+        procs += [p1, p2]
+        assert (n2, n1) == (1, 2)
+        done = portpool("status", "--json", "--config", str(one / "portpool.toml"))
+        dirs = {i["number"]: i["dir"] for i in json.loads(done.stdout)["instances"]}
+        assert dirs == {1: str(two.resolve()), 2: str(one.resolve())}
+        text = portpool("status", "--config", str(one / "portpool.toml")).stdout
+        assert f"dir {one.resolve()}" in text
+    finally:
+        release.touch()
+        for p in procs:
+            p.wait(timeout=30)
+    # Started again in the other order, each checkout gets its own number back.
+    release.unlink()
+    procs = []
+    try:
+        p1, n1 = _hold(one / "portpool.toml", release)
+        p2, n2 = _hold(two / "portpool.toml", release)
+        procs += [p1, p2]
+        assert (n1, n2) == (2, 1)
+    finally:
+        release.touch()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_slot_blocked_by_foreign_programs_is_skipped(
+    layout_file: Path, state: StateDir, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = load_layout(str(layout_file))
+    foreign = [socket.create_server(("127.0.0.1", p)) for p in layout.pool("beta", 1)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="portpool.instance"):
+            inst = start_instance(layout, state=state, directory="/x")
+        with inst:
+            assert inst.number == 2
+            assert [n for n, _ in inst.skipped] == [1]
+            assert "beta" in inst.skipped[0][1]
+            assert "instance 1 of testapp skipped" in caplog.text
+            assert f"port {layout.pool('beta', 1)[0]}: in use" in caplog.text
+            # Slot 1 and alpha's port in it were given back.
+            assert inspect_port(state, layout.pool("alpha", 1)[0]).is_free
+        # Pinned: no skipping.
+        with pytest.raises(PoolExhausted) as info:
+            start_instance(layout, state=state, number=1)
+        assert info.value.exit_code == 3
+        # The command line says it too, on stderr; the command's stdout stays clean.
+        done = portpool("run", "--config", str(layout_file), "--", sys.executable, "-c",
+                        "import os; print(os.environ['PORTPOOL_INSTANCE'])")  # fmt: skip
+        assert (done.returncode, done.stdout) == (0, "2\n"), done.stderr
+        assert "instance 1 of testapp skipped: service 'beta': every port" in done.stderr
+        assert f"pid {os.getpid()}" in done.stderr  # who blocks it
+    finally:
+        for s in foreign:
+            s.close()
+
+
+def test_every_slot_blocked_reports_the_pool(tmp_path: Path, port_base: int, state) -> None:
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, max_instances=2)))
+    ports = layout.pool("beta", 1) + layout.pool("beta", 2)
+    foreign = [socket.create_server(("127.0.0.1", p)) for p in ports]
+    try:
+        with pytest.raises(PoolExhausted) as info:
+            start_instance(layout, state=state)
+        assert info.value.service == "beta"
+        assert list_instances(layout.app, state) == []
+    finally:
+        for s in foreign:
+            s.close()
+
+
+def test_pinned_number_fails_if_running(layout_file: Path, home: Path, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    proc, n = _hold(layout_file, release, "--instance", "3")
+    try:
+        assert n == 3
+        done = portpool("run", "--config", str(layout_file), "-i", "3", "--", "true")
+        assert done.returncode == 3
+        assert "instance 3 of 'testapp' cannot be had" in done.stderr
+        assert f"pid {proc.pid}" in done.stderr
+        done = portpool("run", "--config", str(layout_file), "-i", "11", "--", "true")
+        assert done.returncode == 2
+        with pytest.raises(SlotUnavailable):
+            start_instance(load_layout(str(layout_file)), number=3)
+    finally:
+        release.touch()
+        proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- port and env
+
+
+def test_port_and_env_of_the_running_instances(tmp_path: Path, port_base: int, home: Path) -> None:
+    here = tmp_path / "here"
+    there = tmp_path / "there"
+    for d in (here, there):
+        d.mkdir()
+        write_layout(d / "portpool.toml", port_base)
+    cfg = str(here / "portpool.toml")
+    done = portpool("port", "alpha", "--config", cfg)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert "no instance of testapp is running" in done.stderr
+    release = tmp_path / "release"
+    p1, _ = _hold(there / "portpool.toml", release)
+    try:
+        # Not this checkout's, but the only one running.
+        done = portpool("port", "beta", "--config", cfg)
+        assert done.stdout == f"{port_base + 2}\n", done.stderr
+        p2, _ = _hold(here / "portpool.toml", release)
+        try:
+            assert portpool("port", "beta", cwd=here).stdout == f"{port_base + 12}\n"
+            assert portpool("port", "beta", "-i", "1", cwd=here).stdout == f"{port_base + 2}\n"
+            doc = json.loads(portpool("port", "alpha", "--json", cwd=here).stdout)
+            assert doc == {"app": "testapp", "instance": 2, "service": "alpha",
+                           "port": port_base + 10}  # fmt: skip
+            # Two running, neither for this directory: an error listing both.
+            elsewhere = tmp_path / "elsewhere"
+            elsewhere.mkdir()
+            write_layout(elsewhere / "portpool.toml", port_base)
+            done = portpool("port", "beta", cwd=elsewhere)
+            assert done.returncode == 1
+            assert "instance 1" in done.stderr
+            assert "instance 2" in done.stderr
+            assert portpool("port", "gamma", cwd=here).returncode == 2
+            assert portpool("port", "beta", "-i", "5", cwd=here).returncode == 1
+
+            lines = portpool("env", cwd=here).stdout.splitlines()
+            env = dict(line.split("=", 1) for line in lines)
+            assert env == {
+                "PORTPOOL_APP": "testapp",
+                "PORTPOOL_INSTANCE": "2",
+                "PORTPOOL_PORT_ALPHA": str(port_base + 10),
+                "PORTPOOL_PORT_BETA": str(port_base + 12),
+                "PORTPOOL_SERVICES": "alpha,beta",
+            }
+            exported = portpool("env", "--export", "-i", "1", cwd=here).stdout
+            shell = subprocess.run(
+                ["sh", "-c", f'{exported}\necho "$PORTPOOL_INSTANCE $PORTPOOL_PORT_BETA"'],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            assert shell.stdout == f"1 {port_base + 2}\n"
+        finally:
+            release.touch()
+            p2.wait(timeout=30)
+    finally:
+        release.touch()
+        p1.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- stop
+
+
+def test_stop_ends_the_holder_and_waits_for_its_ports(
+    layout_file: Path, port_base: int, home: Path, tmp_path: Path
+) -> None:
+    release = tmp_path / "never"
+    procs = [_hold(layout_file, release)[0] for _ in range(3)]
+    try:
+        done = portpool("stop", "2", "--config", str(layout_file), "--json")
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout)
+        assert doc["stopped"] == [{"number": 2, "pid": procs[1].pid,
+                                   "ports": [port_base + 10, port_base + 12]}]  # fmt: skip
+        # Returned only once the ports were free: the run is gone, its locks too.
+        assert procs[1].wait(timeout=5) == 128 + signal.SIGTERM
+        with StateDir.open() as state:
+            assert inspect_port(state, port_base + 10).is_free
+        assert procs[0].poll() is None
+        assert procs[2].poll() is None
+        again = portpool("stop", "2", "--config", str(layout_file))
+        assert again.returncode == 1
+        assert "instance 2 of testapp is not running" in again.stderr
+        done = portpool("stop", "--all", "--config", str(layout_file))
+        assert done.returncode == 0, done.stderr
+        assert "instance 1 of testapp stopped" in done.stdout
+        assert "instance 3 of testapp stopped" in done.stdout
+        assert procs[0].wait(timeout=5) == procs[2].wait(timeout=5) == 128 + signal.SIGTERM
+        assert portpool("stop", "--all", "--config", str(layout_file)).returncode == 1
+        assert portpool("stop", "1", "--all", "--config", str(layout_file)).returncode == 2
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def test_stop_times_out_without_killing(layout_file: Path, home: Path, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    stubborn = (
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
+        "deadline = time.time() + 60\n"
+        "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
+        "    time.sleep(0.05)\n"
+    )
+    proc = start("run", "--config", str(layout_file), "--", sys.executable, "-c", stubborn,
+                 str(release))  # fmt: skip
+    try:
+        assert read_line(proc).strip() == "1"
+        done = portpool("stop", "--config", str(layout_file), "--timeout", "0.5")
+        assert done.returncode == 1
+        assert "still holds the instance" in done.stderr
+        assert proc.poll() is None  # asked, never killed
+    finally:
+        release.touch()
+        proc.wait(timeout=30)
+
+
+def _fake_holder(state: StateDir, app: str, number: int, pid: int, token: str) -> HeldLock:
+    """Take slot ``number`` in this process and write a record naming ``pid``."""
+    directory = state.instances(app)
+    held = HeldLock.acquire(directory, f"{number}.lock")
+    me = current_identity()
+    record = {"v": 1, "app": app, "number": number, "pid": pid, "start_token": token,
+              "boot_id": me.boot_id, "started_at": time.time(), "heartbeat_at": time.time(),
+              "services": []}  # fmt: skip
+    write_atomic(directory, f"{number}.json", json.dumps(record).encode())
+    return held
+
+
+def test_stop_never_signals_a_process_that_is_not_the_lock_holder(
+    layout_file: Path, state: StateDir
+) -> None:
+    layout = load_layout(str(layout_file))
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # The record names the bystander, but the slot lock is ours: refuse.
+        from portpool._platform import identity_of
+
+        ident = identity_of(bystander.pid)
+        assert ident is not None
+        held = _fake_holder(state, layout.app, 1, bystander.pid, ident.start_token)
+        try:
+            done = portpool("stop", "1", "--config", str(layout_file))
+            assert done.returncode == 1
+            assert f"held by pid {os.getpid()}, not by the recorded pid" in done.stderr
+            assert bystander.poll() is None
+        finally:
+            held.remove_and_release()
+        # The record names the lock holder's pid with another start token (a reused
+        # pid): refuse. We are that holder, and we are still alive to check.
+        held = _fake_holder(state, layout.app, 2, os.getpid(), "12345.000")
+        try:
+            from portpool.control import stop_instances
+
+            with pytest.raises(StopFailed) as info:
+                stop_instances(layout, 2, state=state, timeout_s=1)
+            assert "no longer the recorded process" in str(info.value)
+        finally:
+            held.remove_and_release()
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+# ---------------------------------------------------------------- up --detach and logs
+
+
+def _service_layout(tmp_path: Path, base: int, command: list[str]) -> Path:
+    return write_layout(
+        tmp_path / "portpool.toml",
+        base,
+        services={"web": {"command": command}, "worker": {"command": command}},
+    )
+
+
+SERVE = (
+    "import os, socket, sys, time\n"
+    "s = socket.socket(fileno=3)\n"
+    "print('hello from', os.environ['PORTPOOL_SERVICE'], os.environ['PORT'], flush=True)\n"
+    "while True:\n"
+    "    c, _ = s.accept()\n"
+    "    print('got a connection', flush=True)\n"
+    "    c.close()\n"
+)
+
+
+def test_up_detach_logs_and_stop(tmp_path: Path, port_base: int, home: Path) -> None:
+    layout = _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "instance 1 of testapp is up" in done.stdout
+    assert f"web              {port_base}" in done.stdout
+    up_pid = int(done.stdout.split("(pid ")[1].split(")")[0])
+    follower = None
+    try:
+        assert pid_alive(up_pid)
+        log = wait_for(lambda: "hello from worker" in portpool("logs", cwd=tmp_path).stdout
+                       and portpool("logs", cwd=tmp_path).stdout)  # fmt: skip
+        assert f"web    | hello from web {port_base}" in log
+        assert "instance 1 of testapp is up" in log
+        web_only = portpool("logs", "web", "-i", "1", cwd=tmp_path).stdout.splitlines()
+        assert web_only == [f"web    | hello from web {port_base}"]
+        assert portpool("logs", "nope", cwd=tmp_path).returncode == 2
+        follower = start("logs", "-f", "web", cwd=tmp_path)
+        assert read_line(follower).startswith("web    | hello from web")
+        socket.create_connection(("127.0.0.1", port_base)).close()  # it serves, detached
+        assert read_line(follower) == "web    | got a connection\n"
+        stopped = portpool("stop", cwd=tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+        # -f ends with the instance.
+        assert follower.wait(timeout=10) == 0
+        assert not is_listening(port_base)  # stop returned once its ports were free
+        wait_for(lambda: not pid_alive(up_pid), timeout=10)
+        # The log stays for reading after the instance stopped.
+        assert "stopped; its ports are free" in portpool("logs", "-i", "1", cwd=tmp_path).stdout
+    finally:
+        if follower is not None and follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        if pid_alive(up_pid):
+            portpool("stop", "--all", cwd=tmp_path)
+    assert layout.exists()
+
+
+def test_up_detach_exits_with_the_background_ups_status(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    layout = write_layout(
+        tmp_path / "portpool.toml",
+        port_base,
+        max_instances=1,
+        services={"web": {"command": [sys.executable, "-c", SERVE]}},
+    )
+    release = tmp_path / "release"
+    holder, _ = _hold(layout, release)
+    try:
+        done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
+        assert done.returncode == 3, done.stderr
+        assert "exited with status 3 before it was up" in done.stderr
+        assert "no free instance slot" in done.stderr  # the log's tail
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+
+
+def test_logs_of_an_attached_instance_say_why_there_are_none(
+    layout_file: Path, home: Path, tmp_path: Path
+) -> None:
+    release = tmp_path / "release"
+    proc, _ = _hold(layout_file, release)
+    try:
+        done = portpool("logs", "--config", str(layout_file))
+        assert done.returncode == 1
+        assert "only `portpool up --detach` writes one" in done.stderr
+    finally:
+        release.touch()
+        proc.wait(timeout=30)
