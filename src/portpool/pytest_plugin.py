@@ -18,14 +18,16 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-if TYPE_CHECKING:  # portpool itself is imported when a fixture is first used
-    from portpool import Instance, Lease, PoolExhausted, Refusal, StateDir
+if TYPE_CHECKING:  # the rest of portpool is imported when a fixture is first used
+    from portpool import Instance, Layout, Lease, PoolExhausted, Refusal, StateDir
+    from portpool._platform import TcpSocket
 
 HOST = "127.0.0.1"
 DEFAULT_TOP = 29999  # the default range ends here, or below the ephemeral range
@@ -53,20 +55,129 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 _source_key = pytest.StashKey["_PortSource"]()
+_state_path_key = pytest.StashKey[str]()
+_state_key = pytest.StashKey["StateDir"]()
+_layout_key = pytest.StashKey["Layout"]()
+_WORKER_STATE_PATH = "portpool_state_dir"  # the controller's state dir, in workerinput
+
+
+class PortpoolWarning(pytest.PytestWarning):
+    """A setting of the portpool plugin that works, but not as well as it could."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # A range the user chose is checked now, before any test runs: a typo or an overlap
-    # with the ephemeral range is a usage error. The default is computed on first use, so
-    # a suite that never asks for a port never fails because of this plugin.
+    # The state dir is where exclusivity lives: every process of this run must lock
+    # ports in the same one. It is fixed now, from the environment pytest started with
+    # (xdist workers take the controller's), never from a test's: one that set
+    # XDG_RUNTIME_DIR or PORTPOOL_HOME, or changed directory under a relative
+    # PORTPOOL_HOME, before its first port once moved its worker to another state dir,
+    # where it was handed a port another worker held. It is opened on first use only.
+    workerinput = getattr(config, "workerinput", None)
+    path = None if workerinput is None else workerinput.get(_WORKER_STATE_PATH)
+    if not path:
+        from portpool.statedir import default_path
+
+        path = default_path()
+    config.stash[_state_path_key] = os.path.abspath(str(path))
+    # A range or layout the user chose is checked now, before any test runs: a typo or
+    # an overlap with the ephemeral range is a usage error. The defaults are worked out
+    # on first use, so a suite that never asks for a port never fails because of them.
     if _range_setting(config) is not None:
         port_range(config)
+    if _layout_setting(config) is not None:
+        layout = _load_layout(config)
+        config.stash[_layout_key] = layout
+        overlap = _layout_overlap(config, layout)
+        if overlap:
+            config.issue_config_time_warning(PortpoolWarning(overlap), stacklevel=2)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without xdist
+def pytest_configure_node(node: Any) -> None:
+    node.workerinput[_WORKER_STATE_PATH] = node.config.stash[_state_path_key]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    source = config.stash.get(_source_key, None)
-    if source is not None:
-        source.close()
+    state = config.stash.get(_state_key, None)
+    if state is not None:
+        state.close()
+        del config.stash[_state_key]
+
+
+def _state(config: pytest.Config) -> StateDir:
+    """This run's state dir (fixed at configure time), opened on first use."""
+    state = config.stash.get(_state_key, None)
+    if state is None:
+        from portpool.statedir import StateDir
+
+        state = StateDir.open(config.stash[_state_path_key])
+        config.stash[_state_key] = state
+    return state
+
+
+# ---------------------------------------------------------------- the layout
+
+
+def _layout_setting(config: pytest.Config) -> tuple[str, str, str] | None:
+    """``(where, value, base directory)`` of the layout the user chose, or None."""
+    given = config.getoption("portpool_layout", None)
+    if given:
+        return "--portpool-layout", str(given), str(config.invocation_params.dir)
+    ini = config.getini("portpool_layout")
+    if ini:
+        base = config.inipath.parent if config.inipath else config.rootpath
+        return "portpool_layout (ini)", str(ini).strip(), str(base)
+    return None
+
+
+def _load_layout(config: pytest.Config) -> Layout:
+    """The layout of ``portpool_instance``. Raises pytest.UsageError for a layout the
+    user chose that cannot be used; LayoutError for a bad ``portpool.toml`` found by
+    default (only when a test asks for the instance)."""
+    from portpool.errors import LayoutError
+    from portpool.layout import resolve_layout
+
+    setting = _layout_setting(config)
+    if setting is None:
+        return resolve_layout(None, str(config.rootpath))
+    where, value, base = setting
+    try:
+        return resolve_layout(value, base)
+    except LayoutError as e:
+        raise pytest.UsageError(f"portpool: {where} = {value!r}: {e}") from e
+
+
+def _layout_overlap(config: pytest.Config, layout: Layout) -> str | None:
+    """A warning if ``layout``'s pools share ports with the port fixtures' range.
+
+    Exclusivity still holds (both take ports through the same locks), so this is a
+    warning, not an error: but a test holding such a port blocks that service's pool
+    for ``portpool_instance``, which then fails to start in that slot, and many suites
+    never use one of the two.
+    """
+    try:
+        low, high = port_range(config)
+    except pytest.UsageError:
+        return None  # no default range on this host: reported if a port is asked for
+    shared = sorted(
+        {
+            port
+            for number in range(1, layout.max_instances + 1)
+            for service in layout.services
+            for port in service.pool(number)
+            if low <= port <= high
+        }
+    )
+    if not shared:
+        return None
+    few = ", ".join(str(p) for p in shared[:5]) + (", ..." if len(shared) > 5 else "")
+    return (
+        f"portpool: the pools of layout {layout.source} (instances 1-{layout.max_instances})"
+        f" share {len(shared)} port{'s' if len(shared) > 1 else ''} ({few}) with the "
+        f"portpool_port range {low}-{high}: a test holding one of them blocks that pool "
+        "for portpool_instance; move the layout's base ports or set --portpool-port-range "
+        "/ portpool_port_range apart from them"
+    )
 
 
 # ---------------------------------------------------------------- the range
@@ -180,24 +291,23 @@ class _PortSource:
     moves forward, so a port comes back only after the whole range was handed out.
     """
 
-    def __init__(self, low: int, high: int, start: int, state: StateDir | None = None) -> None:
+    def __init__(
+        self, low: int, high: int, start: int, state: StateDir | Callable[[], StateDir]
+    ) -> None:
         self.low = low
         self.size = high - low + 1
         self.cursor = start % self.size
-        self._state = state  # opened on first use: PORTPOOL_HOME, else the user's
+        self._state = state  # a StateDir this source owns, or how to get the run's
 
     @property
     def state(self) -> StateDir:
-        if self._state is None:
-            from portpool import StateDir
-
-            self._state = StateDir.open()
-        return self._state
+        return self._state() if callable(self._state) else self._state
 
     def close(self) -> None:
-        if self._state is not None:
+        """Close the state dir if it was handed over (not the run's, which
+        pytest_unconfigure closes)."""
+        if not callable(self._state):
             self._state.close()
-            self._state = None
 
     def _candidates(self, count: int) -> list[int]:
         return [self.low + (self.cursor + i) % self.size for i in range(count)]
@@ -240,16 +350,20 @@ class _PortSource:
         from portpool import PoolExhausted
 
         high = self.low + self.size - 1
-        error = PoolExhausted(range(self.low, high + 1), _named(refusals), _SERVICE)
-        held = [r for r in error.refusals if r.reason == "held"]
-        others = [r for r in error.refusals if r.reason != "held"]
+        mine, held, others = _diagnosed(self.state, sorted({r.port for r in refusals}))
+        error = PoolExhausted(range(self.low, high + 1), others + held + mine, _SERVICE)
         lines = [f"  {r}" for r in others[:_SHOWN_REFUSALS]]
         if len(others) > _SHOWN_REFUSALS:
             lines.append(f"  ... and {len(others) - _SHOWN_REFUSALS} more")
+        if mine:
+            lines.append(
+                f"  {len(mine)} held by this test process itself (pid {os.getpid()}: "
+                f"tests of this run still holding them), e.g. port {mine[0].port}"
+            )
         if held:
             lines.append(
-                f"  {len(held)} held by other portpool users (tests of this or another run), "
-                f"e.g. {held[0]}"
+                f"  {len(held)} held by other portpool users (other xdist workers or pytest "
+                f"runs, other programs), e.g. {held[0]}"
             )
         error.args = (
             f"portpool: no free port in {self.low}-{high} "
@@ -263,43 +377,54 @@ def _socket_detail(error: OSError) -> str:
     return f"a socket still uses it, binding without SO_REUSEADDR: {error.strerror or error}"
 
 
-def _named(refusals: list[Refusal]) -> list[Refusal]:
-    """The refusals, each socket-blocked port described from the kernel's socket table
-    (who listens, which connection or TIME_WAIT uses it): only read when all failed."""
-    blocked = {r.port for r in refusals if r.reason == "in use"}
-    if not blocked:
-        return refusals
-    import dataclasses
+def _diagnosed(
+    state: StateDir, ports: list[int]
+) -> tuple[list[Refusal], list[Refusal], list[Refusal]]:
+    """Each refused port as the rest of portpool describes it (``doctor``, ``acquire``):
+    ``(held by this process, held by other portpool users, the rest)``. Read only when
+    the whole range failed: one read of the lock and socket tables for all."""
+    from portpool._platform import locked_inodes, tcp_sockets
+    from portpool.diagnosis import classify_port
+    from portpool.errors import Refusal
+    from portpool.lock import inspect_port
 
-    import psutil
-
-    seen: dict[int, list[str]] = {}
-    try:
-        connections = psutil.net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return refusals
-    for c in connections:
-        if not c.laddr or c.laddr.port not in blocked:
+    locked = locked_inodes()
+    sockets = tcp_sockets()
+    mine: list[Refusal] = []
+    held: list[Refusal] = []
+    others: list[Refusal] = []
+    for port in ports:
+        seen = inspect_port(state, port, locked)
+        if seen.record is not None and seen.record.pid == os.getpid():
+            mine.append(Refusal(port, "held", seen.describe()))
             continue
-        who = ""
-        if c.pid is not None:
-            try:
-                who = f" by pid {c.pid} ({psutil.Process(c.pid).name()})"
-            except psutil.Error:
-                who = f" by pid {c.pid}"
-        peer = f" -> {c.raddr.ip}:{c.raddr.port}" if c.raddr else ""
-        seen.setdefault(c.laddr.port, []).append(
-            f"{c.status} {c.laddr.ip}:{c.laddr.port}{peer}{who}"
-        )
-    out = []
-    for r in refusals:
-        sockets = seen.get(r.port)
-        if r.reason == "in use" and sockets:
-            detail = f"{r.detail}; socket table: {'; '.join(sorted(set(sockets)))}"
-            out.append(dataclasses.replace(r, detail=detail))
+        refusal, notes, _ = classify_port(state, port, HOST, locked=locked, sockets=sockets)
+        if refusal is not None:
+            (held if refusal.reason == "held" else others).append(refusal)
+        elif notes:  # free for portpool's own bind, not for a server without SO_REUSEADDR
+            others.append(Refusal(port, "in use", "; ".join(notes)))
         else:
-            out.append(r)
-    return out
+            others.append(_on_other_addresses(port, sockets))
+    return mine, held, others
+
+
+def _on_other_addresses(port: int, sockets: list[TcpSocket]) -> Refusal:
+    """Why a port free on 127.0.0.1 was refused: the hand-over check binds the wildcard
+    of both families, which a socket on another address (``::1``, a LAN address) blocks."""
+    from portpool.diagnosis import diagnose
+    from portpool.errors import Refusal
+
+    try:
+        found = diagnose(port, "::", sockets=sockets)
+    except OSError:  # no IPv6 here
+        found = None
+    if found is not None:
+        refusal = found.refusal()
+        if refusal is not None:
+            return refusal
+        if found.notes():
+            return Refusal(port, "in use", "; ".join(found.notes()))
+    return Refusal(port, "free now", "it was freed while this test looked for a port")
 
 
 def _start_offset(config: pytest.Config, size: int) -> int:
@@ -318,7 +443,8 @@ def _source(config: pytest.Config) -> _PortSource:
     source = config.stash.get(_source_key, None)
     if source is None:
         low, high = port_range(config)
-        source = _PortSource(low, high, _start_offset(config, high - low + 1))
+        start = _start_offset(config, high - low + 1)
+        source = _PortSource(low, high, start, lambda: _state(config))
         config.stash[_source_key] = source
     return source
 
@@ -368,20 +494,20 @@ def portpool_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
     takes its own instance slot), with its services' leases and sockets.
 
     The layout is ``--portpool-layout``, else the ``portpool_layout`` ini option (relative
-    to the ini file), else ``portpool.toml`` in the rootdir, else the default layout.
-    Raises LayoutError, NoFreeSlot or PoolExhausted.
+    to the ini file; both checked at start-up), else ``portpool.toml`` in the rootdir,
+    else the default layout. Raises LayoutError, NoFreeSlot or PoolExhausted.
     """
-    from portpool import resolve_layout, start_instance
+    from portpool.instance import start_instance
 
     config = request.config
-    given = config.getoption("portpool_layout", None)
-    if given:
-        layout = resolve_layout(str(given), str(config.invocation_params.dir))
-    elif config.getini("portpool_layout"):
-        base = config.inipath.parent if config.inipath else config.rootpath
-        layout = resolve_layout(str(config.getini("portpool_layout")), str(base))
-    else:
-        layout = resolve_layout(None, str(config.rootpath))
-    instance = start_instance(layout)
+    layout = config.stash.get(_layout_key, None)
+    if layout is None:
+        layout = _load_layout(config)
+        overlap = _layout_overlap(config, layout)
+        if overlap:
+            warnings.warn(PortpoolWarning(overlap), stacklevel=2)
+    # The slot is start_instance's choice, never pinned here: whatever it does about a
+    # slot whose pool a foreign program blocks (take the next one) applies to workers too.
+    instance = start_instance(layout, state=_state(config))
     yield instance
     instance.release()
