@@ -472,3 +472,32 @@ def test_a_layout_overlapping_the_port_range_is_warned_about(tmp_path: Path) -> 
     done = _run(session, _env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PortpoolWarning" not in done.stdout
+
+
+ARABIC_INDIC = str.maketrans("0123456789", "".join(chr(0x660 + d) for d in range(10)))
+FULLWIDTH = str.maketrans("0123456789", "".join(chr(0xFF10 + d) for d in range(10)))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "20000-29999".translate(ARABIC_INDIC),
+        "20000-29999".translate(FULLWIDTH),
+        "+20000-29999",
+        "20_000-29_999",
+        "20000",
+        "1-2-3",
+    ],
+)
+def test_a_range_of_anything_but_ascii_digits_is_refused(text: str) -> None:
+    from portpool.pytest_plugin import parse_port_range
+
+    with pytest.raises(pytest.UsageError, match="expected LOW-HIGH"):
+        parse_port_range(text)
+
+
+@pytest.mark.parametrize("text", ["20000-20099", " 20000 - 20099 ", "20000..20099"])
+def test_a_range_of_ascii_digits_is_read(text: str) -> None:
+    from portpool.pytest_plugin import parse_port_range
+
+    assert parse_port_range(text) == (20000, 20099)

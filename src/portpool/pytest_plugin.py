@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import warnings
 import zlib
@@ -206,13 +207,10 @@ def parse_port_range(text: str, where: str = "--portpool-port-range") -> tuple[i
     overlaps the ephemeral range: an outgoing connection of any program may take those
     ports at any moment, which is the flake this plugin exists to remove.
     """
-    low_text, sep, high_text = text.replace("..", "-").partition("-")
-    try:
-        low, high = int(low_text), int(high_text)
-    except ValueError:
-        low = high = 0
-        sep = ""
-    if not sep or not 1 <= low <= high <= 65535:
+    # ASCII digits only: int() also takes "٢٠٠٠٠", "+20000" and "20_000".
+    match = re.fullmatch(r"\s*([0-9]{1,5})\s*(?:-|\.\.)\s*([0-9]{1,5})\s*", text)
+    low, high = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not 1 <= low <= high <= 65535:
         raise pytest.UsageError(
             f"portpool: {where} = {text!r}: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535, "
             "e.g. 20000-29999"
