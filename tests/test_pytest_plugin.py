@@ -501,3 +501,19 @@ def test_a_range_of_ascii_digits_is_read(text: str) -> None:
     from portpool.pytest_plugin import parse_port_range
 
     assert parse_port_range(text) == (20000, 20099)
+
+
+def test_a_session_that_asks_for_nothing_imports_little_of_portpool(tmp_path: Path) -> None:
+    text = """
+import sys
+
+def test_modules():
+    print("LOADED", sorted(m for m in sys.modules if m.startswith("portpool")))
+"""
+    session = _session_dir(tmp_path, "s", text)
+    done = _run(session, _env(tmp_path / "state"), "-s")
+    assert done.returncode == 0, done.stdout
+    assert "'portpool.pytest_plugin'" in done.stdout  # the plugin was loaded
+    heavy = ("instance", "pool", "lock", "layout", "diagnosis", "records", "shield")
+    for name in heavy:
+        assert f"'portpool.{name}'" not in done.stdout, done.stdout
