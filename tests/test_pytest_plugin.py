@@ -411,6 +411,15 @@ def test_the_state_dir_is_fixed_at_start_up(tmp_path: Path, how: str, xdist: boo
     elif how == "chdir":
         env["PORTPOOL_HOME"] = "state"  # relative to the directory pytest started in
         state = where / "state"
+    if xdist:
+        # The controller's environment changes after start-up, before its workers are
+        # started: they still take the controller's state dir (through workerinput).
+        (where / "conftest.py").write_text(
+            "import os\n\n"
+            "def pytest_sessionstart(session):\n"
+            "    if not hasattr(session.config, 'workerinput'):\n"
+            "        os.environ['PORTPOOL_HOME'] = os.environ['PLUGIN_ELSEWHERE']\n"
+        )
     done = _run(where, env, "-s", *(["-n", "2"] if xdist else []))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "GOT" in done.stdout or xdist  # xdist does not show -s output
