@@ -526,3 +526,15 @@ def test_modules():
     heavy = ("instance", "pool", "lock", "layout", "diagnosis", "records", "shield")
     for name in heavy:
         assert f"'portpool.{name}'" not in done.stdout, done.stdout
+
+
+def test_a_default_layout_overlapping_the_range_is_warned_about_when_used(
+    tmp_path: Path,
+) -> None:
+    low, high = _free_range(40)
+    text = "def test_instance(portpool_instance):\n    assert portpool_instance.number == 1\n"
+    session = _session_dir(tmp_path, "s", text, f"portpool_port_range = {low}-{high}\n")
+    write_layout(session / "portpool.toml", low + 10, services={"web": {}}, max_instances=2)
+    done = _run(session, _env(tmp_path / "state"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PortpoolWarning: portpool: the pools of layout " in done.stdout, done.stdout
