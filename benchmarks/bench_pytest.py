@@ -114,7 +114,7 @@ def per_call_rows(quick: bool) -> list[Row]:
     from pytest_asyncio.plugin import _unused_port
 
     from portpool import StateDir
-    from portpool.pytest_plugin import _PortSource
+    from portpool._pytest_source import _PortSource
 
     n = 300 if quick else 3000
     port = free_block(1)

@@ -212,7 +212,10 @@ def test_an_exhausted_range_names_the_foreign_listener(tmp_path: Path) -> None:
         foreign.close()
     assert done.returncode == 1, done.stdout
     assert f"no free port in {low}-{low}" in done.stdout
-    assert f"port {low}: in use (used by a foreign process: pid {os.getpid()}" in done.stdout
+    # The words of the library's diagnosis, as doctor and acquire say it.
+    listening = f"port {low}: in use (used by pid {os.getpid()} ("
+    assert listening in done.stdout, done.stdout
+    assert f") listening on 127.0.0.1:{low})" in done.stdout
 
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["server-reuseaddr", "plain-server"])
@@ -241,9 +244,15 @@ def test_a_port_left_in_time_wait_is_not_handed_out(tmp_path: Path, reuse: bool)
     assert done.returncode == 1, done.stdout
     assert "1 error" in done.stdout  # refused at set-up, never handed to the test
     assert f"no free port in {low}-{low} (1 port)" in done.stdout
+    # The diagnosis's words: our own bind passes a TIME_WAIT the server's SO_REUSEADDR
+    # left; without it, our bind fails too. Never "a foreign process (unknown)".
     if reuse:
-        assert f"port {low}: in use (a socket still uses it" in done.stdout
-    assert f"TIME_WAIT 127.0.0.1:{low} -> 127.0.0.1:" in done.stdout
+        said = "in use (a server that does not set SO_REUSEADDR cannot bind it yet: "
+    else:
+        said = "in use (used by "
+    assert f"port {low}: {said}a closed connection in TIME_WAIT" in done.stdout, done.stdout
+    assert f"a closed connection in TIME_WAIT from 127.0.0.1:{low} to 127.0.0.1:" in done.stdout
+    assert "foreign process" not in done.stdout
 
 
 INSTANCE = """
@@ -356,3 +365,176 @@ def test_the_benchmark_counts_overlaps_and_bind_failures() -> None:
         ["BINDFAIL", "5002", "98"],
     ]
     assert count_log(lines) == (4, 1, 1, 2)
+
+
+# A test that changes the environment or directory before its first port: the run's
+# state dir was fixed at start-up, so its ports are locked where every other worker and
+# run looks (a worker once moved to another state dir and got a port another one held).
+MOVE = """
+import os
+
+def test_moves_then_takes(monkeypatch, request):
+    how, elsewhere = os.environ["PLUGIN_MOVE"], os.environ["PLUGIN_ELSEWHERE"]
+    if how == "chdir":
+        monkeypatch.chdir(elsewhere)
+    else:
+        monkeypatch.setenv(how, elsewhere)
+    port = request.getfixturevalue("portpool_port")
+    instance = request.getfixturevalue("portpool_instance")
+    print("GOT", port, instance.number)
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "xdist"),
+    [
+        ("PORTPOOL_HOME", False),
+        ("PORTPOOL_HOME", True),
+        ("XDG_RUNTIME_DIR", False),
+        ("chdir", False),
+    ],
+)
+def test_the_state_dir_is_fixed_at_start_up(tmp_path: Path, how: str, xdist: bool) -> None:
+    low, high = _free_range(2)
+    base = find_free_block(20, low=10000, high=19999)
+    where = _session_dir(tmp_path, "s", MOVE, f"portpool_port_range = {low}-{high}\n")
+    write_layout(where / "portpool.toml", base, app="plugin-move", services={"web": {}})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    env = _env(tmp_path / "state", PLUGIN_MOVE=how, PLUGIN_ELSEWHERE=str(elsewhere))
+    state = tmp_path / "state"
+    if how == "XDG_RUNTIME_DIR":
+        del env["PORTPOOL_HOME"]
+        (tmp_path / "xdg").mkdir(mode=0o700)
+        env["XDG_RUNTIME_DIR"] = str(tmp_path / "xdg")
+        state = tmp_path / "xdg" / "portpool"
+    elif how == "chdir":
+        env["PORTPOOL_HOME"] = "state"  # relative to the directory pytest started in
+        state = where / "state"
+    if xdist:
+        # The controller's environment changes after start-up, before its workers are
+        # started: they still take the controller's state dir (through workerinput).
+        (where / "conftest.py").write_text(
+            "import os\n\n"
+            "def pytest_sessionstart(session):\n"
+            "    if not hasattr(session.config, 'workerinput'):\n"
+            "        os.environ['PORTPOOL_HOME'] = os.environ['PLUGIN_ELSEWHERE']\n"
+        )
+    done = _run(where, env, "-s", *(["-n", "2"] if xdist else []))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "GOT" in done.stdout or xdist  # xdist does not show -s output
+    assert sorted(os.listdir(elsewhere)) == []
+    assert (state / "ports").is_dir()
+    assert (state / "apps" / "plugin-move" / "instances").is_dir()
+
+
+OWN = """
+def test_all_mine(portpool_port_factory):
+    portpool_port_factory()
+    portpool_port_factory()
+    portpool_port_factory()
+"""
+
+
+def test_an_exhausted_range_tells_ports_this_run_holds_from_others(tmp_path: Path) -> None:
+    low, high = _free_range(2)
+    where = _session_dir(tmp_path, "s", OWN, f"portpool_port_range = {low}-{high}\n")
+    done = _run(where, _env(tmp_path / "state"))
+    assert done.returncode == 1, done.stdout
+    assert f"no free port in {low}-{high} (2 ports)" in done.stdout
+    assert "2 held by this test process itself (pid " in done.stdout, done.stdout
+    assert "other portpool users" not in done.stdout
+
+
+@pytest.mark.parametrize("where", ["option", "ini"])
+def test_a_bad_layout_is_a_usage_error_at_start_up(tmp_path: Path, where: str) -> None:
+    session = _session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
+    if where == "option":
+        done = _run(session, _env(tmp_path / "state"), "--portpool-layout", "missing.toml")
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert "portpool: --portpool-layout = 'missing.toml': " in done.stderr
+    else:
+        (session / "pytest.ini").write_text("[pytest]\nportpool_layout = bad.toml\n")
+        (session / "bad.toml").write_text("app = \n")
+        done = _run(session, _env(tmp_path / "state"))
+        assert done.returncode == 4, done.stdout + done.stderr
+        assert "portpool: portpool_layout (ini) = 'bad.toml': " in done.stderr
+        assert "bad.toml" in done.stderr.split("'bad.toml': ", 1)[1]
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_layout_overlapping_the_port_range_is_warned_about(tmp_path: Path) -> None:
+    low, high = _free_range(40)
+    session = _session_dir(
+        tmp_path,
+        "s",
+        "def test_nothing():\n    pass\n",
+        f"portpool_port_range = {low}-{high}\nportpool_layout = app.toml\n",
+    )
+    write_layout(session / "app.toml", low + 10, services={"web": {}}, max_instances=2)
+    done = _run(session, _env(tmp_path / "state"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PortpoolWarning: portpool: the pools of layout " in done.stdout, done.stdout
+    assert f"share 4 ports ({low + 10}, {low + 11}, {low + 20}, {low + 21})" in done.stdout
+    # Apart: no warning.
+    write_layout(session / "app.toml", high + 1, services={"web": {}}, max_instances=2)
+    done = _run(session, _env(tmp_path / "state"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PortpoolWarning" not in done.stdout
+
+
+ARABIC_INDIC = str.maketrans("0123456789", "".join(chr(0x660 + d) for d in range(10)))
+FULLWIDTH = str.maketrans("0123456789", "".join(chr(0xFF10 + d) for d in range(10)))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "20000-29999".translate(ARABIC_INDIC),
+        "20000-29999".translate(FULLWIDTH),
+        "+20000-29999",
+        "20_000-29_999",
+        "20000",
+        "1-2-3",
+    ],
+)
+def test_a_range_of_anything_but_ascii_digits_is_refused(text: str) -> None:
+    from portpool.pytest_plugin import parse_port_range
+
+    with pytest.raises(pytest.UsageError, match="expected LOW-HIGH"):
+        parse_port_range(text)
+
+
+@pytest.mark.parametrize("text", ["20000-20099", " 20000 - 20099 ", "20000..20099"])
+def test_a_range_of_ascii_digits_is_read(text: str) -> None:
+    from portpool.pytest_plugin import parse_port_range
+
+    assert parse_port_range(text) == (20000, 20099)
+
+
+def test_a_session_that_asks_for_nothing_imports_little_of_portpool(tmp_path: Path) -> None:
+    text = """
+import sys
+
+def test_modules():
+    print("LOADED", sorted(m for m in sys.modules if m.startswith("portpool")))
+"""
+    session = _session_dir(tmp_path, "s", text)
+    done = _run(session, _env(tmp_path / "state"), "-s")
+    assert done.returncode == 0, done.stdout
+    assert "'portpool.pytest_plugin'" in done.stdout  # the plugin was loaded
+    heavy = ("instance", "pool", "lock", "layout", "diagnosis", "records", "shield")
+    for name in heavy:
+        assert f"'portpool.{name}'" not in done.stdout, done.stdout
+
+
+def test_a_default_layout_overlapping_the_range_is_warned_about_when_used(
+    tmp_path: Path,
+) -> None:
+    low, high = _free_range(40)
+    text = "def test_instance(portpool_instance):\n    assert portpool_instance.number == 1\n"
+    session = _session_dir(tmp_path, "s", text, f"portpool_port_range = {low}-{high}\n")
+    write_layout(session / "portpool.toml", low + 10, services={"web": {}}, max_instances=2)
+    done = _run(session, _env(tmp_path / "state"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PortpoolWarning: portpool: the pools of layout " in done.stdout, done.stdout

@@ -2,9 +2,10 @@
 
 Registered by the package's ``pytest11`` entry point, so installing portpool is all it
 takes. Every fixture is inert until a test asks for it: a suite that never does pays
-only for two options. The ports come from one range shared by every test, xdist worker
-and concurrent pytest run on this host, through portpool's kernel lock per port, which
-dies with its holder (a worker killed with ``kill -9`` frees its ports at once).
+only for two options and for fixing the state dir's path. The ports come from one range
+shared by every test, xdist worker and concurrent pytest run on this host, through
+portpool's kernel lock per port, which dies with its holder (a worker killed with
+``kill -9`` frees its ports at once).
 
 A probed-and-released port (``unused_tcp_port``, ``portpicker``) is nobody's a moment
 later: two workers can be handed the same one, and a port an earlier test's server
@@ -15,24 +16,22 @@ bind without ``SO_REUSEADDR`` on the wildcard address of both families succeeded
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
+import re
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-if TYPE_CHECKING:  # portpool itself is imported when a fixture is first used
-    from portpool import Instance, Lease, PoolExhausted, Refusal, StateDir
+from portpool._pytest_source import _PortSource
 
-HOST = "127.0.0.1"
+if TYPE_CHECKING:  # the rest of portpool is imported when a fixture is first used
+    from portpool import Instance, Layout, Lease, StateDir
+
 DEFAULT_TOP = 29999  # the default range ends here, or below the ephemeral range
 DEFAULT_SIZE = 10000
-_CHUNK = 16  # ports handed to one acquire() call: its per-call checks cost per port
-_SERVICE = "pytest"
-_SHOWN_REFUSALS = 12
 
 _RANGE_HELP = (
     "ports the portpool_port fixtures draw from, LOW-HIGH (default: 20000-29999, "
@@ -53,20 +52,129 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 _source_key = pytest.StashKey["_PortSource"]()
+_state_path_key = pytest.StashKey[str]()
+_state_key = pytest.StashKey["StateDir"]()
+_layout_key = pytest.StashKey["Layout"]()
+_WORKER_STATE_PATH = "portpool_state_dir"  # the controller's state dir, in workerinput
+
+
+class PortpoolWarning(pytest.PytestWarning):
+    """A setting of the portpool plugin that works, but not as well as it could."""
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # A range the user chose is checked now, before any test runs: a typo or an overlap
-    # with the ephemeral range is a usage error. The default is computed on first use, so
-    # a suite that never asks for a port never fails because of this plugin.
+    # The state dir is where exclusivity lives: every process of this run must lock
+    # ports in the same one. It is fixed now, from the environment pytest started with
+    # (xdist workers take the controller's), never from a test's: one that set
+    # XDG_RUNTIME_DIR or PORTPOOL_HOME, or changed directory under a relative
+    # PORTPOOL_HOME, before its first port once moved its worker to another state dir,
+    # where it was handed a port another worker held. It is opened on first use only.
+    workerinput = getattr(config, "workerinput", None)
+    path = None if workerinput is None else workerinput.get(_WORKER_STATE_PATH)
+    if not path:
+        from portpool.statedir import default_path
+
+        path = default_path()
+    config.stash[_state_path_key] = os.path.abspath(str(path))
+    # A range or layout the user chose is checked now, before any test runs: a typo or
+    # an overlap with the ephemeral range is a usage error. The defaults are worked out
+    # on first use, so a suite that never asks for a port never fails because of them.
     if _range_setting(config) is not None:
         port_range(config)
+    if _layout_setting(config) is not None:
+        layout = _load_layout(config)
+        config.stash[_layout_key] = layout
+        overlap = _layout_overlap(config, layout)
+        if overlap:
+            config.issue_config_time_warning(PortpoolWarning(overlap), stacklevel=2)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without xdist
+def pytest_configure_node(node: Any) -> None:
+    node.workerinput[_WORKER_STATE_PATH] = node.config.stash[_state_path_key]
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    source = config.stash.get(_source_key, None)
-    if source is not None:
-        source.close()
+    state = config.stash.get(_state_key, None)
+    if state is not None:
+        state.close()
+        del config.stash[_state_key]
+
+
+def _state(config: pytest.Config) -> StateDir:
+    """This run's state dir (fixed at configure time), opened on first use."""
+    state = config.stash.get(_state_key, None)
+    if state is None:
+        from portpool.statedir import StateDir
+
+        state = StateDir.open(config.stash[_state_path_key])
+        config.stash[_state_key] = state
+    return state
+
+
+# ---------------------------------------------------------------- the layout
+
+
+def _layout_setting(config: pytest.Config) -> tuple[str, str, str] | None:
+    """``(where, value, base directory)`` of the layout the user chose, or None."""
+    given = config.getoption("portpool_layout", None)
+    if given:
+        return "--portpool-layout", str(given), str(config.invocation_params.dir)
+    ini = config.getini("portpool_layout")
+    if ini:
+        base = config.inipath.parent if config.inipath else config.rootpath
+        return "portpool_layout (ini)", str(ini).strip(), str(base)
+    return None
+
+
+def _load_layout(config: pytest.Config) -> Layout:
+    """The layout of ``portpool_instance``. Raises pytest.UsageError for a layout the
+    user chose that cannot be used; LayoutError for a bad ``portpool.toml`` found by
+    default (only when a test asks for the instance)."""
+    from portpool.errors import LayoutError
+    from portpool.layout import resolve_layout
+
+    setting = _layout_setting(config)
+    if setting is None:
+        return resolve_layout(None, str(config.rootpath))
+    where, value, base = setting
+    try:
+        return resolve_layout(value, base)
+    except LayoutError as e:
+        raise pytest.UsageError(f"portpool: {where} = {value!r}: {e}") from e
+
+
+def _layout_overlap(config: pytest.Config, layout: Layout) -> str | None:
+    """A warning if ``layout``'s pools share ports with the port fixtures' range.
+
+    Exclusivity still holds (both take ports through the same locks), so this is a
+    warning, not an error: but a test holding such a port blocks that service's pool
+    for ``portpool_instance``, which then fails to start in that slot, and many suites
+    never use one of the two.
+    """
+    try:
+        low, high = port_range(config)
+    except pytest.UsageError:
+        return None  # no default range on this host: reported if a port is asked for
+    shared = sorted(
+        {
+            port
+            for number in range(1, layout.max_instances + 1)
+            for service in layout.services
+            for port in service.pool(number)
+            if low <= port <= high
+        }
+    )
+    if not shared:
+        return None
+    few = ", ".join(str(p) for p in shared[:5]) + (", ..." if len(shared) > 5 else "")
+    return (
+        f"portpool: the pools of layout {layout.source} (instances 1-{layout.max_instances})"
+        f" share {len(shared)} port{'s' if len(shared) > 1 else ''} ({few}) with the "
+        f"portpool_port range {low}-{high}: a test holding one of them blocks that pool "
+        "for portpool_instance; move the layout's base ports or set --portpool-port-range "
+        "/ portpool_port_range apart from them"
+    )
 
 
 # ---------------------------------------------------------------- the range
@@ -95,13 +203,10 @@ def parse_port_range(text: str, where: str = "--portpool-port-range") -> tuple[i
     overlaps the ephemeral range: an outgoing connection of any program may take those
     ports at any moment, which is the flake this plugin exists to remove.
     """
-    low_text, sep, high_text = text.replace("..", "-").partition("-")
-    try:
-        low, high = int(low_text), int(high_text)
-    except ValueError:
-        low = high = 0
-        sep = ""
-    if not sep or not 1 <= low <= high <= 65535:
+    # ASCII digits only: int() also takes "٢٠٠٠٠", "+20000" and "20_000".
+    match = re.fullmatch(r"\s*([0-9]{1,5})\s*(?:-|\.\.)\s*([0-9]{1,5})\s*", text)
+    low, high = (int(match[1]), int(match[2])) if match else (0, 0)
+    if not 1 <= low <= high <= 65535:
         raise pytest.UsageError(
             f"portpool: {where} = {text!r}: expected LOW-HIGH with 1 <= LOW <= HIGH <= 65535, "
             "e.g. 20000-29999"
@@ -143,165 +248,6 @@ def port_range(config: pytest.Config) -> tuple[int, int]:
     return low, high
 
 
-# ---------------------------------------------------------------- handing out ports
-
-
-def _bindable_without_reuse(port: int) -> OSError | None:
-    """None if a server that does not set SO_REUSEADDR can bind ``port`` on any address.
-
-    The kernel refuses such a bind while any socket uses the port: a listener, a
-    connection, or a TIME_WAIT left when an earlier test's server closed first. Binding
-    the dual-stack wildcard asks about both families and every address at once.
-    """
-    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
-        try:
-            probe = socket.socket(family, socket.SOCK_STREAM)
-        except OSError:
-            continue  # no IPv6 here: the IPv4 wildcard is the whole question
-        try:
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            probe.bind((address, port))
-            return None
-        except OSError as e:
-            if family == socket.AF_INET6 and e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                continue
-            return e
-        finally:
-            probe.close()
-    return None
-
-
-class _PortSource:
-    """This process's cursor over the shared range, and the state dir it locks ports in.
-
-    Each xdist worker starts at its own share of the range (and each run at its own
-    offset), so workers and concurrent runs rarely try the same port; the cursor only
-    moves forward, so a port comes back only after the whole range was handed out.
-    """
-
-    def __init__(self, low: int, high: int, start: int, state: StateDir | None = None) -> None:
-        self.low = low
-        self.size = high - low + 1
-        self.cursor = start % self.size
-        self._state = state  # opened on first use: PORTPOOL_HOME, else the user's
-
-    @property
-    def state(self) -> StateDir:
-        if self._state is None:
-            from portpool import StateDir
-
-            self._state = StateDir.open()
-        return self._state
-
-    def close(self) -> None:
-        if self._state is not None:
-            self._state.close()
-            self._state = None
-
-    def _candidates(self, count: int) -> list[int]:
-        return [self.low + (self.cursor + i) % self.size for i in range(count)]
-
-    def take(self, *, free_of_sockets: bool) -> Lease:
-        """The next port nobody holds, as a Lease with its listening socket.
-
-        With ``free_of_sockets`` the socket is closed (the lock kept) and the port is
-        handed out only if a bind without SO_REUSEADDR succeeds. Raises PoolExhausted
-        naming every holder when no port of the range is left.
-        """
-        from portpool import PoolExhausted, Refusal, acquire
-
-        refusals: list[Refusal] = []
-        tried = 0
-        while tried < self.size:
-            chunk = self._candidates(min(_CHUNK, self.size - tried))
-            try:
-                lease = acquire(self.state, chunk, host=HOST, service=_SERVICE)
-            except PoolExhausted as e:
-                refusals.extend(e.refusals)
-                tried += len(chunk)
-                self.cursor = (self.cursor + len(chunk)) % self.size
-                continue
-            refusals.extend(lease.refusals)
-            used = chunk.index(lease.port) + 1
-            tried += used
-            self.cursor = (self.cursor + used) % self.size
-            if not free_of_sockets:
-                return lease
-            lease.close_socket()
-            problem = _bindable_without_reuse(lease.port)
-            if problem is None:
-                return lease
-            lease.release()
-            refusals.append(Refusal(lease.port, "in use", _socket_detail(problem)))
-        raise self._exhausted(refusals)
-
-    def _exhausted(self, refusals: list[Refusal]) -> PoolExhausted:
-        from portpool import PoolExhausted
-
-        high = self.low + self.size - 1
-        error = PoolExhausted(range(self.low, high + 1), _named(refusals), _SERVICE)
-        held = [r for r in error.refusals if r.reason == "held"]
-        others = [r for r in error.refusals if r.reason != "held"]
-        lines = [f"  {r}" for r in others[:_SHOWN_REFUSALS]]
-        if len(others) > _SHOWN_REFUSALS:
-            lines.append(f"  ... and {len(others) - _SHOWN_REFUSALS} more")
-        if held:
-            lines.append(
-                f"  {len(held)} held by other portpool users (tests of this or another run), "
-                f"e.g. {held[0]}"
-            )
-        error.args = (
-            f"portpool: no free port in {self.low}-{high} "
-            f"({self.size} port{'s' if self.size > 1 else ''}): "
-            "widen --portpool-port-range or free the ports below\n" + "\n".join(lines),
-        )
-        return error
-
-
-def _socket_detail(error: OSError) -> str:
-    return f"a socket still uses it, binding without SO_REUSEADDR: {error.strerror or error}"
-
-
-def _named(refusals: list[Refusal]) -> list[Refusal]:
-    """The refusals, each socket-blocked port described from the kernel's socket table
-    (who listens, which connection or TIME_WAIT uses it): only read when all failed."""
-    blocked = {r.port for r in refusals if r.reason == "in use"}
-    if not blocked:
-        return refusals
-    import dataclasses
-
-    import psutil
-
-    seen: dict[int, list[str]] = {}
-    try:
-        connections = psutil.net_connections(kind="tcp")
-    except (psutil.Error, OSError):
-        return refusals
-    for c in connections:
-        if not c.laddr or c.laddr.port not in blocked:
-            continue
-        who = ""
-        if c.pid is not None:
-            try:
-                who = f" by pid {c.pid} ({psutil.Process(c.pid).name()})"
-            except psutil.Error:
-                who = f" by pid {c.pid}"
-        peer = f" -> {c.raddr.ip}:{c.raddr.port}" if c.raddr else ""
-        seen.setdefault(c.laddr.port, []).append(
-            f"{c.status} {c.laddr.ip}:{c.laddr.port}{peer}{who}"
-        )
-    out = []
-    for r in refusals:
-        sockets = seen.get(r.port)
-        if r.reason == "in use" and sockets:
-            detail = f"{r.detail}; socket table: {'; '.join(sorted(set(sockets)))}"
-            out.append(dataclasses.replace(r, detail=detail))
-        else:
-            out.append(r)
-    return out
-
-
 def _start_offset(config: pytest.Config, size: int) -> int:
     """Where this process starts in the range: the run's offset plus its worker's share."""
     workerinput = getattr(config, "workerinput", None)
@@ -318,7 +264,8 @@ def _source(config: pytest.Config) -> _PortSource:
     source = config.stash.get(_source_key, None)
     if source is None:
         low, high = port_range(config)
-        source = _PortSource(low, high, _start_offset(config, high - low + 1))
+        start = _start_offset(config, high - low + 1)
+        source = _PortSource(low, high, start, lambda: _state(config))
         config.stash[_source_key] = source
     return source
 
@@ -368,20 +315,20 @@ def portpool_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
     takes its own instance slot), with its services' leases and sockets.
 
     The layout is ``--portpool-layout``, else the ``portpool_layout`` ini option (relative
-    to the ini file), else ``portpool.toml`` in the rootdir, else the default layout.
-    Raises LayoutError, NoFreeSlot or PoolExhausted.
+    to the ini file; both checked at start-up), else ``portpool.toml`` in the rootdir,
+    else the default layout. Raises LayoutError, NoFreeSlot or PoolExhausted.
     """
-    from portpool import resolve_layout, start_instance
+    from portpool.instance import start_instance
 
     config = request.config
-    given = config.getoption("portpool_layout", None)
-    if given:
-        layout = resolve_layout(str(given), str(config.invocation_params.dir))
-    elif config.getini("portpool_layout"):
-        base = config.inipath.parent if config.inipath else config.rootpath
-        layout = resolve_layout(str(config.getini("portpool_layout")), str(base))
-    else:
-        layout = resolve_layout(None, str(config.rootpath))
-    instance = start_instance(layout)
+    layout = config.stash.get(_layout_key, None)
+    if layout is None:
+        layout = _load_layout(config)
+        overlap = _layout_overlap(config, layout)
+        if overlap:
+            warnings.warn(PortpoolWarning(overlap), stacklevel=2)
+    # The slot is start_instance's choice, never pinned here: whatever it does about a
+    # slot whose pool a foreign program blocks (take the next one) applies to workers too.
+    instance = start_instance(layout, state=_state(config))
     yield instance
     instance.release()
