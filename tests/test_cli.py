@@ -104,7 +104,7 @@ def test_doctor_names_holders_and_foreign_processes(
         doc = json.loads(done.stdout)
         assert {r["service"] for r in doc["ports"]} == {"alpha"}
         assert doc["counts"] == {"free": 2, "held": 1, "foreign": 1}
-        states = {r["port"]: r["state"] for r in doc["ports"]}
+        states = {r["port"]: r["kind"] for r in doc["ports"]}
         assert states[port_base + 1] == "foreign"
         assert portpool("doctor", "gamma", "--config", str(layout)).returncode == 2
         assert foreign.poll() is None  # doctor kills nothing
@@ -168,7 +168,14 @@ def test_layout_and_gc_json(tmp_path: Path, port_base: int, home: Path) -> None:
     }
     done = portpool("gc", "--json")
     assert done.returncode == 0, done.stderr
-    assert set(json.loads(done.stdout)) == {"instances", "ports", "temp_files"}
+    assert set(json.loads(done.stdout)) == {
+        "instances",
+        "ports",
+        "released",
+        "temp_files",
+        "files",
+        "problems",
+    }
 
 
 # Every exit code the README documents, each produced for real.
