@@ -65,16 +65,23 @@ def _check_mode(path: str, st: os.stat_result, root: bool = False) -> None:
         raise StateDirError(
             path,
             f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"run: chmod 700 {path}",
+            f"{_new_dir_advice(path)}",
         )
     if root and st.st_mode & 0o077:
         raise StateDirError(
             path,
             f"is readable by group or others (mode {stat.S_IMODE(st.st_mode):o}): others "
             "could read who holds which port; portpool never changes the mode of a "
-            f"directory it did not create. Use a new directory (PORTPOOL_HOME={path}"
-            f"{os.sep}portpool) or run: chmod 700 {path}",
+            f"directory it did not create. {_new_dir_advice(path)}",
         )
+
+
+def _new_dir_advice(path: str) -> str:
+    # Never advise a chmod: the directory may be /tmp or a home that others rely on.
+    return (
+        f"point PORTPOOL_HOME at a new directory, which portpool creates private "
+        f"(e.g. PORTPOOL_HOME={os.path.join(path, 'portpool')})"
+    )
 
 
 class StateDir:
