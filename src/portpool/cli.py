@@ -8,8 +8,6 @@ pool exhausted); 4 the shield tripped; 5 a service exited on its own.
 from __future__ import annotations
 
 import functools
-import json
-import logging
 import signal
 import sys
 import threading
@@ -19,11 +17,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from portpool.errors import LayoutError, PortPoolError, ShieldTripped
-from portpool.layout import Layout, describe_layout, resolve_layout
-
+# The library loads in the commands that use it: `--help` and the read-only commands
+# must not pay for sockets, threads and logging they never use (tests/test_imports.py).
 if TYPE_CHECKING:
     import subprocess
+
+    from portpool.errors import PortPoolError
+    from portpool.layout import Layout
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +38,8 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from portpool.errors import PortPoolError
+
         try:
             return func(*args, **kwargs)
         except PortPoolError as e:
@@ -58,14 +60,24 @@ def config_option(func: F) -> F:
 
 
 def _layout(config: str | None) -> Layout:
+    from portpool.layout import resolve_layout
+
     return resolve_layout(config)
+
+
+# Commands that log nothing (no threads, no instance): they skip importing logging.
+_SILENT_COMMANDS = frozenset({"status", "layout", "gc"})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="portpool")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Exclusive, predictable ports for every instance of a multi-service app."""
-    logging.basicConfig(level=logging.WARNING, format="portpool: %(levelname)s: %(message)s")
+    if ctx.invoked_subcommand not in _SILENT_COMMANDS:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="portpool: %(levelname)s: %(message)s")
 
 
 # ---------------------------------------------------------------- status / layout / doctor / gc
@@ -85,6 +97,8 @@ def _age(seconds: float | None) -> str:
 @handle_errors
 def status(config: str | None, as_json: bool) -> None:
     """Every instance of the app: number, pid, alive, heartbeat age, services and ports."""
+    import json
+
     from portpool.records import list_instances
     from portpool.statedir import StateDir
 
@@ -123,6 +137,8 @@ def status(config: str | None, as_json: bool) -> None:
 @handle_errors
 def layout_command(config: str | None) -> None:
     """The pools of every admissible instance, then warnings (errors fail with exit 1)."""
+    from portpool.layout import describe_layout
+
     for line in describe_layout(_layout(config)):
         click.echo(line)
 
@@ -225,7 +241,7 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
     Exits with COMMAND's exit code (3 if nothing could start, 4 if the shield tripped).
     """
     from portpool._platform import in_terminal_foreground
-    from portpool.errors import CommandNotFound
+    from portpool.errors import CommandNotFound, ShieldTripped
     from portpool.instance import start_instance
     from portpool.supervisor import (
         base_environment,
@@ -309,6 +325,7 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
 @handle_errors
 def up(config: str | None, grace: float) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
+    from portpool.errors import LayoutError
     from portpool.instance import start_instance
     from portpool.supervisor import Outcome, Supervisor, find_program
 

@@ -17,6 +17,7 @@ Everything above this package calls these names and never ``sys.platform``:
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from portpool._platform._identity import (
     ProcessIdentity,
@@ -26,13 +27,15 @@ from portpool._platform._identity import (
     is_alive,
     process_name,
 )
-from portpool._platform._net import (
-    Listener,
-    ephemeral_port_range,
-    listeners,
-    owners_of_inode,
-    socket_inode,
-)
+from portpool._platform._sysctl import ephemeral_port_range
+
+if TYPE_CHECKING:
+    from portpool._platform._net import (
+        Listener,
+        listeners,
+        owners_of_inode,
+        socket_inode,
+    )
 
 if sys.platform == "win32":
     from portpool._platform.windows import (
@@ -58,6 +61,21 @@ else:
         user_id,
         write_at,
     )
+
+_NET_NAMES = frozenset(("Listener", "listeners", "owners_of_inode", "socket_inode"))
+
+
+def __getattr__(name: str) -> object:
+    # The network readers load on first use: importing socket costs ~7 ms, and the
+    # read-only commands (status, gc, layout) never touch a socket.
+    if name in _NET_NAMES:
+        from portpool._platform import _net
+
+        value = getattr(_net, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DirHandle",
