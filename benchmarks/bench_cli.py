@@ -71,14 +71,15 @@ def free_base(size: int) -> int:
 
 
 def write_layouts(directory: Path) -> tuple[Path, Path]:
-    """``one-service.toml`` (for run) and a three-service layout (for status)."""
-    one_base = free_base(3)
+    """``one-service.toml`` (for run) and a three-service layout (for status), on one
+    free block: ports are keyed by number for the whole state dir, so the two layouts'
+    pools must not meet."""
+    base = free_base(33)
     one = directory / "one-service.toml"
-    one.write_text(f'app = "bench-cli-run"\n\n[services.web]\nbase = {one_base}\nsize = 3\n')
-    few_base = free_base(30)
+    one.write_text(f'app = "bench-cli-run"\n\n[services.web]\nbase = {base}\nsize = 3\n')
     lines = ['app = "bench-cli"', "max_instances = 3"]
     for i, name in enumerate(("api", "web", "worker")):
-        lines += ["", f"[services.{name}]", f"base = {few_base + i}", "size = 1", "stride = 10"]
+        lines += ["", f"[services.{name}]", f"base = {base + 3 + i}", "size = 1", "stride = 10"]
     few = directory / "few.toml"
     few.write_text("\n".join(lines) + "\n")
     return one, few
