@@ -94,6 +94,42 @@ def time_calls(fn: Callable[[], object], n: int, warmup: int = 50) -> list[float
     return samples
 
 
+@dataclass
+class ProcessTimes:
+    """Wall and CPU (user + system) milliseconds of each run of one whole process."""
+
+    wall_ms: list[float] = field(default_factory=list)
+    cpu_ms: list[float] = field(default_factory=list)
+
+
+def time_whole_process(
+    argv: list[str], env: dict[str, str], cwd: str | None = None, into: ProcessTimes | None = None
+) -> ProcessTimes:
+    """Run ``argv`` once to completion, output discarded; add its wall and CPU times
+    (from the kernel's accounting of that child) to ``into``. Raises RuntimeError if it
+    fails, with the end of its stderr."""
+    import subprocess
+
+    into = into if into is not None else ProcessTimes()
+    t0 = time.perf_counter_ns()
+    proc = subprocess.Popen(
+        argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    err = proc.stderr.read()  # small; read before waiting so a full pipe cannot block it
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed_ms = (time.perf_counter_ns() - t0) / 1e6
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{argv} exited {proc.returncode}: {err.decode(errors='replace')[-400:]}"
+        )
+    into.wall_ms.append(elapsed_ms)
+    into.cpu_ms.append((usage.ru_utime + usage.ru_stime) * 1000)
+    return into
+
+
 def machine() -> str:
     return (
         f"{platform.system()} {platform.release()} {platform.machine()}, "

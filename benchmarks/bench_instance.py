@@ -28,6 +28,7 @@ import json
 import os
 import pstats
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -378,18 +379,32 @@ def big_status_rows(hold: int, repeats: int) -> tuple[list[Row], list[str], dict
                 os.close(fd)
             write_dead_records(directory, template, layout, range(len(held) + 1, 1001))
             seen = check_status(env, cwd, config, expect=1000)  # also the warm-up
-            samples = [time_process(status_argv(config), env, cwd) for _ in range(repeats)]
+            floors = {
+                "python -c pass": [PY, "-c", "pass"],
+                'python -c "import click"': [PY, "-c", "import click"],
+            }
+            floor_samples: dict[str, list[float]] = {k: [] for k in floors}
+            samples = []
+            for _ in range(repeats):  # interleaved with its floors: load hits all alike
+                samples.append(time_process(status_argv(config), env, cwd))
+                for name, argv in floors.items():
+                    floor_samples[name].append(time_process(argv, env, cwd))
             row = Row(
                 f"{STATUS} (1,000 records, {seen['alive']} live)",
                 samples,
                 unit="ms",
                 note="50 services x 1000 instances; target < 300 ms",
             )
+            base = Row("python -c pass", floor_samples["python -c pass"], unit="ms")
             ok = row.median < 300
+            click_ms = statistics.median(floor_samples['python -c "import click"'])
             notes.append(
                 f"status --json over 1,000 records ({seen['alive']} live instances with "
                 f"{len(layout.services)} leases each, held by this process; the rest dead): "
-                f"{row.median:.0f} ms median (target < 300 ms: {'met' if ok else 'MISSED'}); "
+                f"{row.median:.0f} ms median (target < 300 ms: {'met' if ok else 'MISSED'}) "
+                f"= {row.median / base.median:.1f}x python -c pass in the same run "
+                f"({base.median:.0f} ms; python + import click "
+                f"{click_ms:.0f} ms); "
                 f"holding the live ones took {hold_s:.2f} s"
             )
             if not ok:
@@ -398,7 +413,10 @@ def big_status_rows(hold: int, repeats: int) -> tuple[list[Row], list[str], dict
             for inst in held:
                 inst.release()
             state.close()
-    return [row], notes, {"status_1000": seen}
+    extra_rows = [
+        Row(f"{k} (beside the 1,000-record rows)", v, unit="ms") for k, v in floor_samples.items()
+    ]
+    return [row, *extra_rows], notes, {"status_1000": seen}
 
 
 # ---------------------------------------------------------------- the section

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from benchmarks.__main__ import render, run_module
 from benchmarks.bench_peers import Attempt, count
-from benchmarks.bench_up import choose_base, held_lock_inodes, one_up, write_layout
+from benchmarks.bench_up import choose_base, held_lock_inodes, one_up, side_by_side, write_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ("portpicker", "ephemeral_port_reserve", "port_for")
@@ -140,3 +140,35 @@ def test_one_up_launch_is_ready_then_frees_every_lock(tmp_path: Path) -> None:
     assert timings["ready"] > 0
     assert timings["locks_free"] <= timings["exited"]
     assert held_lock_inodes(state) == set()
+
+
+def test_cli_benchmark_measures_every_command_beside_its_floors() -> None:
+    from benchmarks import bench_cli
+
+    section = bench_cli.run(quick=True)
+    names = [row.name for row in section.rows]
+    for floor in (bench_cli.FLOOR, "python -S -c pass", bench_cli.BARE, bench_cli.CLICK):
+        assert floor in names
+    for command in (bench_cli.STATUS, bench_cli.RUN, bench_cli.SHIM, "portpool --help"):
+        assert command in names
+    assert section.floor == bench_cli.FLOOR
+    for row in section.rows:
+        assert len(row.samples) == section.extra["runs"]
+        assert row.median > 0
+        assert section.ratio(row) is not None
+    text = "\n".join(section.notes)
+    assert "target <= 3.5x" in text and "target <= 3.0x" in text
+    assert "Outside portpool" in text
+    assert set(section.extra["cpu_ms_median"]) == set(names)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/locks")
+def test_up_floor_starts_the_six_commands_alone_and_stops_them(tmp_path: Path) -> None:
+    base = choose_base()
+    write_layout(tmp_path, base)
+    ports = [base + 10 * i for i in range(6)]
+    seconds = side_by_side(tmp_path / "service.py", ports)
+    assert seconds > 0
+    from benchmarks._common import bindable
+
+    assert all(bindable(p) for p in ports)  # every one of them stopped

@@ -244,3 +244,28 @@ def test_status_json_shape(tmp_path: Path, port_base: int, home: Path) -> None:
         proc.wait(timeout=30)
     wait_for(lambda: status_json(layout)["instances"] == [], 10)
     time.sleep(0)
+
+
+def test_record_service_entries_are_exactly_name_pool_port_pid() -> None:
+    # status --json prints these entries as they are: whatever a record holds, each has
+    # exactly these four keys, with only valid values.
+    from portpool.records import _parse_services
+
+    written = {"name": "api", "pool": [9000, 9001], "port": 9001, "pid": 4242}
+    hostile = [
+        {**written, "extra": "x" * 1000},
+        {**written, "name": "n" * 100},
+        {**written, "port": 70000, "pid": -1},
+        {"name": "bare", "pool": []},
+    ]
+    entries = _parse_services([dict(written), *hostile])
+    assert entries[0] == written
+    for entry in entries:
+        assert list(entry) == ["name", "pool", "port", "pid"]
+    assert entries[1]["port"] == 9001
+    assert entries[2]["name"] == "n" * 64
+    assert (entries[3]["port"], entries[3]["pid"]) == (None, None)
+    assert entries[4] == {"name": "bare", "pool": [], "port": None, "pid": None}
+    for bad in ([{"name": "x", "pool": [0]}], [{"name": "x", "pool": [True]}], [{"pool": []}]):
+        with pytest.raises(ValueError):
+            _parse_services(bad)

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -778,3 +779,54 @@ def test_overlaps_are_counted_exactly_and_services_are_capped(tmp_path: Path) ->
     ]
     with pytest.raises(LayoutError, match="at most"):
         Layout("a", tuple(Service(f"s{i}", 1000 + i, 1) for i in range(MAX_SERVICES + 1)))
+
+
+def bitset_admissible_same_stride(
+    services: tuple[Service, ...], stride: int, limit: int
+) -> tuple[int, str] | None:
+    """The same-stride count as a bit set shifted once per instance: the obvious (and
+    slow) way, for checking the sorted-gap one."""
+    from portpool._layout_checks import MAX_PORT, _overlap_text, span
+
+    ports = 0
+    for s in services:
+        ports |= ((1 << s.size) - 1) << s.base
+    if ports.bit_count() != sum(s.size for s in services):
+        return None
+    edge = min(services, key=lambda s: (MAX_PORT - s.base - s.size + 1) // stride)
+    in_range = (MAX_PORT - edge.base - edge.size + 1) // stride + 1
+    for k in range(1, min(limit, in_range)):
+        both = ports & (ports << (k * stride))
+        if both:
+            port = (both & -both).bit_length() - 1
+            a = next(s for s in services if 0 <= port - k * stride - s.base < s.size)
+            b = next(s for s in services if 0 <= port - s.base < s.size)
+            return k, _overlap_text(a, k + 1, b, 1)
+    if limit <= in_range:
+        return limit, f"portpool allows at most {limit} instances"
+    first = edge.first_port(in_range + 1)
+    return in_range, (
+        f"instance {in_range + 1}'s {edge.name} pool {span(first, first + edge.size - 1)} "
+        f"would leave the port range 1..{MAX_PORT}"
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(same_stride, st.integers(min_value=1, max_value=INSTANCE_LIMIT))
+def test_same_stride_count_and_reason_match_the_bit_set_way(
+    data: dict[str, Any], limit: int
+) -> None:
+    from portpool._layout_checks import _admissible_same_stride
+
+    try:
+        services = tuple(
+            Service(name=name, base=rule["base"], size=rule["size"], stride=rule["stride"])
+            for name, rule in data["services"].items()
+        )
+    except LayoutError:
+        return  # a pool of instance 1 beyond 65535: refused before any counting
+    stride = services[0].stride
+    expected = bitset_admissible_same_stride(services, stride, limit)
+    assert _admissible_same_stride(services, stride, limit) == expected
+    if expected is not None:
+        assert expected[0] == brute_force_admissible(services, limit)

@@ -241,3 +241,26 @@ def test_platform_exports_are_complete_and_sorted():
     assert plat.__all__ == sorted(plat.__all__)
     for name in plat.__all__:
         assert hasattr(plat, name), name
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_start_tokens_read_from_proc_equal_psutils(tmp_path: Path) -> None:
+    # Records written through psutil and tokens read from /proc must name the same
+    # process: a mismatch would make every live holder look dead (or a dead one alive).
+    import shutil
+
+    import psutil
+
+    from portpool._platform._identity import _linux_start_token
+
+    odd = tmp_path / "a) b (c"  # the name field holds spaces and parentheses
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", odd)
+    procs = [subprocess.Popen([str(odd), "30"]), subprocess.Popen(["sleep", "30"])]
+    try:
+        for pid in (os.getpid(), os.getppid(), 1, *(p.pid for p in procs)):
+            assert _linux_start_token(pid) == f"{psutil.Process(pid).create_time():.3f}", pid
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert _linux_start_token(procs[0].pid) is None

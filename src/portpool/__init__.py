@@ -1,36 +1,42 @@
-"""portpool: exclusive, predictable ports for every instance of a multi-service app."""
+"""portpool: exclusive, predictable ports for every instance of a multi-service app.
+
+The public names load on first use (PEP 562): ``import portpool`` alone costs almost
+nothing, so the CLI, the exec shim and a program that only wants one name don't pay
+for sockets, threads and dataclasses they never use.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from portpool.errors import (
-    AlreadyHeldHere,
-    CommandNotFound,
-    DetachFailed,
-    LayoutError,
-    LayoutFileError,
-    LockError,
-    LockHeld,
-    NoFreeSlot,
-    NotRunning,
-    PassedSocketError,
-    PoolExhausted,
-    PortPoolError,
-    Refusal,
-    ResourceLimit,
-    ServiceExited,
-    ShieldTripped,
-    SlotHolder,
-    SlotUnavailable,
-    StartError,
-    StateDirError,
-    StopFailed,
-    UnknownService,
-    UsageError,
-)
-
+# Not typing.TYPE_CHECKING: importing typing alone costs more than the rest of this file,
+# and the exec shim that starts every service imports this package. Type checkers treat
+# any name TYPE_CHECKING as true.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from portpool.errors import (
+        AlreadyHeldHere,
+        CommandNotFound,
+        DetachFailed,
+        LayoutError,
+        LayoutFileError,
+        LockError,
+        LockHeld,
+        NoFreeSlot,
+        NotRunning,
+        PassedSocketError,
+        PoolExhausted,
+        PortPoolError,
+        Refusal,
+        ResourceLimit,
+        ServiceExited,
+        ShieldTripped,
+        SlotHolder,
+        SlotUnavailable,
+        StartError,
+        StateDirError,
+        StopFailed,
+        UnknownService,
+        UsageError,
+    )
     from portpool.instance import (
         Instance,
         current_instance,
@@ -44,9 +50,36 @@ if TYPE_CHECKING:
     from portpool.records import list_instances
     from portpool.statedir import StateDir
 
-# Each name's module, imported on first access: importing the package (which pytest does
-# for the pytest11 plugin in every project, using it or not) stays cheap.
-_LAZY = {
+# Public name -> the module that defines it.
+_EXPORTS = {
+    **dict.fromkeys(
+        (
+            "AlreadyHeldHere",
+            "CommandNotFound",
+            "DetachFailed",
+            "LayoutError",
+            "LayoutFileError",
+            "LockError",
+            "LockHeld",
+            "NoFreeSlot",
+            "NotRunning",
+            "PassedSocketError",
+            "PoolExhausted",
+            "PortPoolError",
+            "Refusal",
+            "ResourceLimit",
+            "ServiceExited",
+            "ShieldTripped",
+            "SlotHolder",
+            "SlotUnavailable",
+            "StartError",
+            "StateDirError",
+            "StopFailed",
+            "UnknownService",
+            "UsageError",
+        ),
+        "portpool.errors",
+    ),
     **dict.fromkeys(
         (
             "Instance",
@@ -55,25 +88,26 @@ _LAZY = {
             "init_instance_manager",
             "start_instance",
         ),
-        "instance",
+        "portpool.instance",
     ),
     **dict.fromkeys(
-        ("Layout", "Service", "default_layout", "load_layout", "resolve_layout"), "layout"
+        ("Layout", "Service", "default_layout", "load_layout", "resolve_layout"),
+        "portpool.layout",
     ),
-    **dict.fromkeys(("PortLock", "PortRecord", "PortStatus", "inspect_port"), "lock"),
-    **dict.fromkeys(("Lease", "acquire", "bind_listen"), "pool"),
-    "list_instances": "records",
-    "StateDir": "statedir",
+    **dict.fromkeys(("PortLock", "PortRecord", "PortStatus", "inspect_port"), "portpool.lock"),
+    **dict.fromkeys(("Lease", "acquire", "bind_listen"), "portpool.pool"),
+    "list_instances": "portpool.records",
+    "StateDir": "portpool.statedir",
 }
 
 
 def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
+    module = _EXPORTS.get(name)
     if module is not None:
-        from importlib import import_module
+        import importlib
 
-        value = getattr(import_module(f"portpool.{module}"), name)
-        globals()[name] = value  # later accesses skip this function
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # later look-ups skip this function
         return value
     # importlib.metadata costs tens of ms to import: pay it only when asked.
     if name == "__version__":
@@ -87,7 +121,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

@@ -119,25 +119,33 @@ def _admissible_same_stride(
     """``admissible`` when every service has the same stride (the usual layout).
 
     Instance n's pools are then instance 1's port set U shifted by stride*(n-1), so
-    instance k+1 is the first to collide exactly when k is the least k with
-    U & (U << k*stride) != 0: one big-integer AND per instance instead of a set per pool.
+    instance k+1 is the first to collide exactly when k*stride is the smallest
+    difference of two ports of U that is a multiple of stride. Such a pair is adjacent
+    among the ports of U with the same remainder mod stride, so one pass over U sorted
+    finds it. (Shifting U as a bit set once per instance, up to 1,000 times, cost about
+    as much as starting python, on every layout load of every command.)
     None when instance 1's pools overlap (the general path says where).
     """
-    ports = 0
-    for s in services:
-        ports |= ((1 << s.size) - 1) << s.base
-    if ports.bit_count() != sum(s.size for s in services):
+    ports = sorted(p for s in services for p in range(s.base, s.base + s.size))
+    if len(set(ports)) != len(ports):
         return None
     # The last instance whose pools all stay in range.
     edge = min(services, key=lambda s: (MAX_PORT - s.base - s.size + 1) // stride)
     in_range = (MAX_PORT - edge.base - edge.size + 1) // stride + 1
-    for k in range(1, min(limit, in_range)):
-        both = ports & (ports << (k * stride))
-        if both:
-            port = (both & -both).bit_length() - 1  # the lowest shared port
-            a = next(s for s in services if 0 <= port - k * stride - s.base < s.size)
-            b = next(s for s in services if 0 <= port - s.base < s.size)
-            return k, _overlap_text(a, k + 1, b, 1)
+    below: dict[int, int] = {}  # remainder mod stride -> the highest port seen so far
+    first_hit: tuple[int, int] | None = None  # (k, the upper port of the pair)
+    for port in ports:  # ascending: on a tie in k the lowest upper port is kept
+        lower = below.get(port % stride)
+        if lower is not None:
+            k = (port - lower) // stride
+            if first_hit is None or k < first_hit[0]:
+                first_hit = (k, port)
+        below[port % stride] = port
+    if first_hit is not None and first_hit[0] < min(limit, in_range):
+        k, port = first_hit
+        a = next(s for s in services if 0 <= port - k * stride - s.base < s.size)
+        b = next(s for s in services if 0 <= port - s.base < s.size)
+        return k, _overlap_text(a, k + 1, b, 1)
     if limit <= in_range:
         return limit, f"portpool allows at most {limit} instances"
     first = edge.first_port(in_range + 1)

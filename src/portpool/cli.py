@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
 import os
 import re
 import signal
@@ -22,12 +21,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from portpool.errors import LayoutError, PortPoolError, ShieldTripped
-from portpool.layout import Layout, describe_layout, resolve_layout
-
+# The library loads in the commands that use it: `--help` and the read-only commands
+# must not pay for sockets, threads and logging they never use (tests/test_imports.py).
 if TYPE_CHECKING:
     import subprocess
 
+    from portpool.errors import PortPoolError
+    from portpool.layout import Layout
     from portpool.pool import Lease
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,6 +64,8 @@ def handle_errors(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from portpool.errors import PortPoolError
+
         try:
             return func(*args, **kwargs)
         except PortPoolError as e:
@@ -100,14 +102,24 @@ def json_option(func: F) -> F:
 
 
 def _layout(config: str | None) -> Layout:
+    from portpool.layout import resolve_layout
+
     return resolve_layout(config)
+
+
+# Commands that log nothing (no threads, no instance): they skip importing logging.
+_SILENT_COMMANDS = frozenset({"status", "layout", "gc"})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="portpool")
-def cli() -> None:
+@click.pass_context
+def cli(ctx: click.Context) -> None:
     """Exclusive, predictable ports for every instance of a multi-service app."""
-    logging.basicConfig(level=logging.WARNING, format="portpool: %(levelname)s: %(message)s")
+    if ctx.invoked_subcommand not in _SILENT_COMMANDS:
+        import logging
+
+        logging.basicConfig(level=logging.WARNING, format="portpool: %(levelname)s: %(message)s")
 
 
 # ---------------------------------------------------------------- status / layout / doctor / gc
@@ -127,6 +139,7 @@ def _age(seconds: float | None) -> str:
 @handle_errors
 def status(config: str | None, as_json: bool) -> None:
     """Every instance of the app: number, pid, alive, heartbeat age, services and ports."""
+
     from portpool.records import list_instances
     from portpool.statedir import StateDir
 
@@ -169,6 +182,8 @@ def status(config: str | None, as_json: bool) -> None:
 @handle_errors
 def layout_command(config: str | None, as_json: bool) -> None:
     """The pools of every admissible instance, then warnings (errors fail with exit 1)."""
+    from portpool.layout import describe_layout
+
     if as_json:
         from portpool.control import layout_document
 
@@ -301,7 +316,7 @@ def run(
     Exits with COMMAND's exit code (3 if nothing could start, 4 if the shield tripped).
     """
     from portpool._platform import in_terminal_foreground
-    from portpool.errors import CommandNotFound
+    from portpool.errors import CommandNotFound, ShieldTripped
     from portpool.instance import start_instance
     from portpool.supervisor import (
         base_environment,
@@ -390,6 +405,7 @@ def run(
 @handle_errors
 def up(config: str | None, grace: float, instance_number: int | None, detach: bool) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
+    from portpool.errors import LayoutError
     from portpool.instance import start_instance
     from portpool.supervisor import Outcome, Supervisor, find_program
 

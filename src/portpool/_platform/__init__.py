@@ -20,6 +20,7 @@ Everything above this package calls these names and never ``sys.platform``:
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from portpool._platform._identity import (
     ProcessIdentity,
@@ -30,15 +31,17 @@ from portpool._platform._identity import (
     process_name,
 )
 from portpool._platform._locks import LockTable
-from portpool._platform._net import (
-    Listener,
-    ephemeral_port_range,
-    listeners,
-    owners_of_inode,
-    socket_inode,
-)
-from portpool._platform._process import detached_options, signal_verified
-from portpool._platform._sockdiag import TcpSocket, owners_of_inodes, tcp_sockets
+from portpool._platform._sysctl import ephemeral_port_range
+
+if TYPE_CHECKING:
+    from portpool._platform._net import (
+        Listener,
+        listeners,
+        owners_of_inode,
+        socket_inode,
+    )
+    from portpool._platform._process import detached_options, signal_verified
+    from portpool._platform._sockdiag import TcpSocket, owners_of_inodes, tcp_sockets
 
 if sys.platform == "win32":
     from portpool._platform.windows import (
@@ -66,6 +69,26 @@ else:
         user_id,
         write_at,
     )
+
+# Loaded on first use: importing socket costs ~7 ms (subprocess more), and the read-only
+# commands (status, gc, layout) never touch a socket or start a process.
+_LAZY = {
+    **dict.fromkeys(("Listener", "listeners", "owners_of_inode", "socket_inode"), "_net"),
+    **dict.fromkeys(("TcpSocket", "owners_of_inodes", "tcp_sockets"), "_sockdiag"),
+    **dict.fromkeys(("detached_options", "signal_verified"), "_process"),
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is not None:
+        import importlib
+
+        value = getattr(importlib.import_module(f"portpool._platform.{module}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DirHandle",

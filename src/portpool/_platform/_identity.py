@@ -2,7 +2,9 @@
 
 psutil reads the start time the same way on every OS (``/proc/<pid>/stat`` on Linux,
 ``sysctl`` on macOS, ``GetProcessTimes`` on Windows) and checks liveness without sending
-a signal. It is imported on first use so ``import portpool`` stays light.
+a signal. It is imported on first use so ``import portpool`` stays light; on Linux the
+start token is read from ``/proc`` with psutil's own formula, so ``run`` and ``up`` do
+not import psutil at all.
 """
 
 from __future__ import annotations
@@ -39,7 +41,42 @@ def boot_id() -> str:
     return f"boot-{psutil.boot_time():.0f}"
 
 
+@functools.cache
+def _linux_boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime"):
+                return float(line.split()[1])
+    raise OSError("no btime in /proc/stat")
+
+
+def _linux_start_token(pid: int) -> str | None:
+    """psutil's ``create_time()`` computed as psutil computes it on Linux (start ticks /
+    clock ticks + boot time), so tokens match records written through psutil.
+
+    Read here because importing psutil costs ~15 ms, a tenth of ``portpool run``.
+    """
+    if sys.platform == "win32":  # never called there; tells type checkers os.sysconf exists
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        # The name (field 2) may hold spaces and parentheses: count from the last ')'.
+        ticks = data[data.rindex(b")") + 2 :].split()[19]
+        return f"{float(ticks) / os.sysconf('SC_CLK_TCK') + _linux_boot_time():.3f}"
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@functools.cache
+def _proc_mounted() -> bool:
+    # Without /proc every process would look dead: psutil then says what it can.
+    return sys.platform == "linux" and os.path.exists("/proc/self/stat")
+
+
 def _start_token(pid: int) -> str | None:
+    if _proc_mounted():
+        return _linux_start_token(pid)
     import psutil
 
     try:

@@ -6,9 +6,12 @@ import contextlib
 import errno
 import fcntl
 import os
-import socket
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import socket
 
 from portpool._platform._locks import LockTable
 
@@ -162,6 +165,8 @@ def exclusive_bind_options(sock: socket.socket) -> None:
     address bind over a wildcard listener, so it is left off there.
     """
     if sys.platform == "linux":
+        import socket  # here, not at the top: the read-only commands never bind
+
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 

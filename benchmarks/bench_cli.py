@@ -1,0 +1,188 @@
+"""The commands users type, as whole processes, beside the floor measured in the same run.
+
+Every row is one whole process from fork to exit, its median over many runs; the runs
+of all rows are interleaved so that a burst of load on a shared machine hits every row
+alike, and the report compares ratios, never absolute times:
+
+- floors: ``python -c pass`` (the floor of the ratios), ``python -S -c pass`` (without
+  site-packages), ``true`` (the bare command ``run`` starts), and
+  ``python -c "import click"`` (the CLI's library alone: outside portpool);
+- ``python -c "import portpool"`` and ``portpool --help``;
+- ``portpool status`` and ``status --json`` with 3 live instances held by this process;
+- ``portpool run --config one-service.toml -- true``;
+- the exec shim ``run`` and ``up`` put in front of every program
+  (``python -m portpool._spawn -- true``), to show what one program start costs.
+
+Targets (from the issue): ``run -- true`` <= 3.5x ``python -c pass``; ``status`` <= 3x.
+The notes split each figure into the part outside portpool (interpreter start, click's
+import, the shim's own interpreter start) and portpool's own part. CPU time (user +
+system, the kernel's accounting of each child) is reported beside wall time, because
+on a loaded machine it is the steadier of the two.
+
+Run: ``python -m benchmarks.bench_cli`` (``--quick`` for fewer runs).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks._common import (
+    ProcessTimes,
+    Row,
+    Section,
+    bindable,
+    print_section,
+    time_whole_process,
+)
+from benchmarks.bench_instance import bench_env
+
+PY = sys.executable
+FLOOR = "python -c pass"
+CLICK = 'python -c "import click"'
+SHIM = "exec shim: python -m portpool._spawn -- true"
+BARE = "true (the bare command)"
+STATUS = "portpool status (3 live instances)"
+RUN = "portpool run --config one-service.toml -- true"
+RUN_TARGET = 3.5
+STATUS_TARGET = 3.0
+
+
+def portpool_command() -> list[str]:
+    """The installed ``portpool`` script beside this python (what users type), else
+    ``python -m portpool.cli``."""
+    script = Path(PY).with_name("portpool")
+    return [str(script)] if script.exists() else [PY, "-m", "portpool.cli"]
+
+
+def free_base(size: int) -> int:
+    """A base port in 43000-44999 with ``size`` bindable ports after it."""
+    rng = random.Random(os.getpid())
+    for _ in range(200):
+        base = rng.randrange(43000, 45000 - size)
+        if all(bindable(p) for p in range(base, base + size)):
+            return base
+    raise RuntimeError("no free port block in 43000-44999")
+
+
+def write_layouts(directory: Path) -> tuple[Path, Path]:
+    """``one-service.toml`` (for run) and a three-service layout (for status), on one
+    free block: ports are keyed by number for the whole state dir, so the two layouts'
+    pools must not meet."""
+    base = free_base(33)
+    one = directory / "one-service.toml"
+    one.write_text(f'app = "bench-cli-run"\n\n[services.web]\nbase = {base}\nsize = 3\n')
+    lines = ['app = "bench-cli"', "max_instances = 3"]
+    for i, name in enumerate(("api", "web", "worker")):
+        lines += ["", f"[services.{name}]", f"base = {base + 3 + i}", "size = 1", "stride = 10"]
+    few = directory / "few.toml"
+    few.write_text("\n".join(lines) + "\n")
+    return one, few
+
+
+def measure(
+    commands: dict[str, list[str]], runs: int, env: dict[str, str], cwd: str
+) -> dict[str, ProcessTimes]:
+    """Each command once as warm-up (fills the byte-code cache), then ``runs`` rounds."""
+    times = {name: ProcessTimes() for name in commands}
+    for argv in commands.values():
+        time_whole_process(argv, env, cwd)
+    for _ in range(runs):
+        for name, argv in commands.items():
+            time_whole_process(argv, env, cwd, times[name])
+    return times
+
+
+def run(quick: bool = False) -> Section:
+    """Whole-process times of import, --help, status and run, with floors and ratios."""
+    from portpool.instance import start_instance
+    from portpool.layout import load_layout
+    from portpool.statedir import StateDir
+
+    runs = 7 if quick else 30
+    pp = portpool_command()
+    section = Section("the CLI as whole processes (ratios to python -c pass)", floor=FLOOR)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        one, few = write_layouts(directory)
+        home = directory / "state"
+        env = bench_env(PORTPOOL_HOME=str(home))
+        true = shutil.which("true") or "/bin/true"
+        commands = {
+            FLOOR: [PY, "-c", "pass"],
+            "python -S -c pass": [PY, "-S", "-c", "pass"],
+            BARE: [true],
+            CLICK: [PY, "-c", "import click"],
+            'python -c "import portpool"': [PY, "-c", "import portpool"],
+            "portpool --help": [*pp, "--help"],
+            STATUS: [*pp, "status", "--config", str(few)],
+            "portpool status --json (3 live instances)": [
+                *pp,
+                "status",
+                "--json",
+                "--config",
+                str(few),
+            ],
+            RUN: [*pp, "run", "--config", str(one), "--", true],
+            SHIM: [PY, "-m", "portpool._spawn", "--", true],
+        }
+        state = StateDir.open(str(home))
+        layout = load_layout(str(few))
+        held = []
+        try:
+            for _ in range(3):
+                held.append(start_instance(layout, state=state, heartbeat=False))
+            times = measure(commands, runs, env, tmp)
+        finally:
+            for instance in held:
+                instance.release()
+            state.close()
+    for name, t in times.items():
+        section.rows.append(Row(name, t.wall_ms, unit="ms", note="whole process, wall"))
+    wall = {name: statistics.median(t.wall_ms) for name, t in times.items()}
+    cpu = {name: statistics.median(t.cpu_ms) for name, t in times.items()}
+    section.extra["cpu_ms_median"] = cpu
+    section.extra["runs"] = runs
+    section.notes += explain(wall, cpu)
+    return section
+
+
+def explain(wall: dict[str, float], cpu: dict[str, float]) -> list[str]:
+    """Targets met or missed, and each figure split into what is outside portpool and
+    what is portpool's own."""
+    floor, click, shim, bare = wall[FLOOR], wall[CLICK], wall[SHIM], wall[BARE]
+    status, run_ms = wall[STATUS], wall[RUN]
+    notes = []
+    for name, target in ((RUN, RUN_TARGET), (STATUS, STATUS_TARGET)):
+        ratio = wall[name] / floor
+        verdict = "met" if ratio <= target else "MISSED"
+        notes.append(
+            f"`{name}`: {wall[name]:.0f} ms = {ratio:.2f}x python -c pass ({floor:.0f} ms); "
+            f"target <= {target}x: {verdict}; CPU time {cpu[name]:.0f} ms = "
+            f"{cpu[name] / cpu[FLOOR]:.2f}x."
+        )
+    notes.append(
+        f"Outside portpool: python start {floor:.0f} ms; click's own import "
+        f"{click - floor:.0f} ms more (`import click` alone is {click / floor:.2f}x python "
+        "-c pass, so no click command can be under that)."
+    )
+    notes.append(
+        f"portpool's own part of status (status - import click): {status - click:.0f} ms; "
+        f"of run: {run_ms - click - shim:.0f} ms (run - import click - the exec shim), "
+        f"the shim itself {shim:.0f} ms of which {shim - bare:.0f} ms is its python start "
+        f"and imports ({bare:.1f} ms the bare `true`)."
+    )
+    notes.append(
+        "CPU-time ratios to python -c pass: "
+        + ", ".join(f"{name} {value / cpu[FLOOR]:.2f}x" for name, value in cpu.items())
+    )
+    return notes
+
+
+if __name__ == "__main__":
+    print_section(run(quick="--quick" in sys.argv[1:]))
