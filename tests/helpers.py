@@ -118,3 +118,11 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def held_lock_files(root: Path) -> list[Path]:
+    """Lock files under ``root`` that the kernel says are flock-held right now (Linux)."""
+    from portpool._platform import locked_inodes
+
+    locked = locked_inodes() or {}
+    return [p for p in root.rglob("*.lock") if p.stat().st_ino in locked]
