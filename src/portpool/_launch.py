@@ -1,4 +1,4 @@
-"""Starting one process for the supervisor: exit statuses, environment, the exec shim.
+"""Helpers of the supervisor: starting one process, its output, who still holds a port.
 
 Part of the supervisor layer; ``portpool.supervisor`` re-exports these names.
 """
@@ -13,9 +13,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from portpool.errors import PortPoolError
+
+if TYPE_CHECKING:
+    import threading
+
+    from portpool.instance import Instance
 
 DEFAULT_GRACE_S = 5.0
 _INHERITED = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
@@ -122,3 +127,36 @@ def stop_children(
             with contextlib.suppress(OSError):
                 proc.kill()
             proc.wait()
+
+
+def pump_lines(
+    name: str, width: int, stream: IO[bytes], out: IO[str], lock: threading.Lock
+) -> None:
+    """Copy ``stream`` to ``out`` line by line, each prefixed with ``name |``."""
+    prefix = f"{name:<{width}} | "
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\n")
+        with lock, contextlib.suppress(OSError, ValueError):
+            out.write(prefix + line + "\n")
+            out.flush()
+    stream.close()
+
+
+def held_ports(instance: Instance) -> list[str]:
+    """Ports of ``instance`` listened on by a process other than us, for people:
+    "port P is still held by pid X (name)"."""
+    from portpool._platform import listeners, owners_of_inode, process_name
+
+    held: list[str] = []
+    me = os.getpid()
+    for lease in instance.leases.values():
+        own = lease.socket_inode
+        for listener in listeners(lease.port):
+            if listener.inode is not None and listener.inode == own:
+                continue
+            pids = [listener.pid] if listener.pid else owners_of_inode(listener.inode or 0)
+            for pid in pids:
+                if pid != me:
+                    name = process_name(pid) or "?"
+                    held.append(f"port {lease.port} is still held by pid {pid} ({name})")
+    return held

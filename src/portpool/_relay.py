@@ -15,6 +15,7 @@ process for the duration of ``run``/``up`` (main thread only) and puts them back
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
 
-from portpool._platform._process import ReceivedSignal, SignalInbox, stop_signals
+from portpool._platform import ReceivedSignal, SignalInbox, stop_signals
 from portpool.errors import Interrupted
 
 DUPLICATE_S = 0.25
@@ -117,8 +118,9 @@ def die_of(signum: int) -> None:
     SIGINT"); exit 128+N where the signal does not end a process by default."""
     import sys
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     if sys.platform != "win32":
         signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])

@@ -30,6 +30,7 @@ class ReceivedSignal:
     signum: int
     sender: int | None = None
     from_kernel: bool = False
+    sender_known: bool = True  # False where the OS gave no siginfo (handlers only)
 
 
 def become_subreaper() -> bool:
@@ -123,7 +124,7 @@ class SignalInbox:
         self._blocked = False
 
     def _queue_it(self, signum: int, frame: FrameType | None) -> None:
-        self._queue.put(ReceivedSignal(signum))
+        self._queue.put(ReceivedSignal(signum, sender_known=False))
 
     def install(self) -> None:
         """Queue each signal from now on (main thread only)."""
