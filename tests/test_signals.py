@@ -573,3 +573,48 @@ def test_the_exec_shim_imports_no_part_of_portpool(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     imported = re.findall(r"\|\s+(\S+)\s*$", done.stderr, flags=re.M)
     assert imported and not [m for m in imported if m.startswith("portpool")]
+
+
+def test_a_port_held_by_an_escaped_process_is_named_not_called_free(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # A service hands its listening socket to a process outside its tree (here over a
+    # unix socket, as one that escaped on a system without a subreaper would keep it).
+    path = str(tmp_path / "hand-over.sock")
+    keeper = subprocess.Popen(
+        [sys.executable, "-c",
+         "import socket, sys, time\n"
+         f"srv = socket.socket(socket.AF_UNIX); srv.bind({path!r}); srv.listen()\n"
+         "print('listening', flush=True)\n"
+         "conn, _ = srv.accept()\n"
+         "_, fds, _, _ = socket.recv_fds(conn, 16, 1)\n"
+         "print('got', fds[0], flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert keeper.stdout is not None
+        assert keeper.stdout.readline().strip() == "listening"
+        giver = (
+            "import socket, time\n"
+            f"c = socket.socket(socket.AF_UNIX); c.connect({path!r})\n"
+            "socket.send_fds(c, [b'x'], [3])\n"
+            "print('handed', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        services = {"web": {"command": [sys.executable, "-c", giver], "socket": "fd"}}
+        config = write_layout(tmp_path / "up.toml", port_base, services=services)
+        proc = subprocess.Popen(
+            [*PORTPOOL, "up", "-c", str(config), "--grace", "0.5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert keeper.stdout.readline().startswith("got")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert f"port {port_base} is still held by pid {keeper.pid}" in err, err
+        assert "its ports are free" not in out
+    finally:
+        keeper.kill()
+        keeper.wait()

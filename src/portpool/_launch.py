@@ -143,17 +143,19 @@ def pump_lines(
 
 
 def held_ports(instance: Instance) -> list[str]:
-    """Ports of ``instance`` listened on by a process other than us, for people:
-    "port P is still held by pid X (name)"."""
+    """Ports of ``instance`` listened on, on the instance's address, by a process other
+    than us, for people: "port P is still held by pid X (name)". Call it once our own
+    lease sockets are closed: a process holding a copy of one keeps it listening."""
     from portpool._platform import listeners, owners_of_inode, process_name
 
+    host = instance.layout.host
+    addresses = {"127.0.0.1", "::1"} if host == "localhost" else {host}
     held: list[str] = []
     me = os.getpid()
     for lease in instance.leases.values():
-        own = lease.socket_inode
         for listener in listeners(lease.port):
-            if listener.inode is not None and listener.inode == own:
-                continue
+            if listener.address not in addresses:
+                continue  # a foreign program elsewhere: the shield's business, not ours
             pids = [listener.pid] if listener.pid else owners_of_inode(listener.inode or 0)
             for pid in pids:
                 if pid != me:

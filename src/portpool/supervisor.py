@@ -309,7 +309,10 @@ class Supervisor:
 
     def lingering(self, timeout_s: float) -> list[str]:
         """Ports of the instance still listened on by a process other than us, waited
-        for up to ``timeout_s``: "port P is still held by pid X (name)"; [] when free."""
+        for up to ``timeout_s``: "port P is still held by pid X (name)"; [] when free.
+        Closes the leases' sockets first (the locks stay until release)."""
+        for lease in self.instance.leases.values():
+            lease.close_socket()
         deadline = time.monotonic() + timeout_s
         while True:
             held = held_ports(self.instance)
