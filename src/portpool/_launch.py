@@ -62,6 +62,11 @@ def find_program(command: Sequence[str]) -> str | None:
     return None if shutil.which(program) else f"{program!r} was not found on PATH"
 
 
+def shim_prefix() -> list[str]:
+    """The argv that starts the exec shim; append its options, ``--`` and the command."""
+    return [sys.executable, "-I", "-S", _SHIM]
+
+
 def spawn(
     command: Sequence[str],
     env: Mapping[str, str],
@@ -88,7 +93,7 @@ def spawn(
         raise PortPoolError("empty command")
     argv = list(command)
     if sys.platform != "win32":
-        shim = [sys.executable, "-I", "-S", _SHIM]
+        shim = shim_prefix()
         for fd, name in sockets:
             shim += ["--fd", f"{fd}:{name}"]
         for fd in keep_fds:

@@ -79,6 +79,7 @@ class SignalScope:
         dropped."""
 
         def loop() -> None:
+            self._inbox.prepare_reader()
             while not self._closing.is_set():
                 received = self._inbox.take(0.2)
                 if received is not None and not self._duplicate(received):
@@ -104,6 +105,7 @@ class SignalScope:
     ) -> None:
         self._closing.set()
         if self._thread is not None:
+            self._inbox.wake(self._thread.ident)
             self._thread.join(timeout=2)
         # Back to the old handlers first, then unblock: a signal still pending then
         # meets the handler the caller had (for the CLI: the default action).
