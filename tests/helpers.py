@@ -190,3 +190,11 @@ def release(proc: subprocess.Popen[str]) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+def held_lock_files(root: Path) -> list[Path]:
+    """Lock files under ``root`` that the kernel says are flock-held right now (Linux)."""
+    from portpool._platform import locked_inodes
+
+    locked = locked_inodes() or {}
+    return [p for p in root.rglob("*.lock") if p.stat().st_ino in locked]

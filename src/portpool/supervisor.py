@@ -1,210 +1,218 @@
-"""Starting and stopping service processes, for ``portpool up`` and ``portpool run``.
+"""Running commands and services on an instance: ``portpool run`` and ``portpool up``.
 
-Rule 7: we only ever signal processes we started ourselves, through their ``Popen``
-objects, which refuse to signal a child that was already reaped (so a recycled pid is
-never hit). Stopping is SIGTERM, a grace period, then SIGKILL, own children only.
+``run_command()`` and ``run_up()`` are the library calls behind the two commands; the
+``Supervisor`` they share has one place that starts a process with its sockets
+(``start_process``), one place that stops a process's whole tree (``stop``) and one
+wait loop (``wait``).
+
+Rule 7: we only signal processes we started, directly or through them: a service's
+process group while its leader is not reaped (so the group id cannot be reused), its
+``Popen`` (which refuses a reaped child), and descendants through ``psutil`` handles
+(which check the process start time). On Linux ``run``/``up`` is a child subreaper, so
+a service's double-forked or ``setsid`` children re-parent to us and stay stoppable.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import IO
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
 
-from portpool.errors import PortPoolError
-from portpool.instance import Instance
+from portpool._launch import (
+    DEFAULT_GRACE_S,
+    base_environment,
+    describe_status,
+    exit_status,
+    find_program,
+    held_ports,
+    pump_lines,
+    spawn,
+    stop_children,
+)
+from portpool._platform import (
+    ReceivedSignal,
+    enlarge_pipe,
+    in_terminal_foreground,
+    process_group,
+    reap_adopted,
+    signal_group,
+)
 
-DEFAULT_GRACE_S = 5.0
-_INHERITED = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
+__all__ = [
+    "DEFAULT_GRACE_S",
+    "Outcome",
+    "Supervisor",
+    "base_environment",
+    "describe_status",
+    "exit_status",
+    "find_program",
+    "run_command",
+    "run_up",
+    "spawn",
+    "stop_children",
+]
 
+if TYPE_CHECKING:
+    import psutil
 
-def exit_status(returncode: int) -> int:
-    """A shell-style exit status: 128+N for a child killed by signal N."""
-    return 128 - returncode if returncode < 0 else returncode
+    from portpool.instance import Instance
+    from portpool.layout import Layout
 
-
-def describe_status(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name}"
-    return f"exit status {returncode}"
-
-
-def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    """Our environment without inherited socket-activation variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
-    env.update(extra)
-    return env
-
-
-def find_program(command: Sequence[str]) -> str | None:
-    """None if ``command[0]`` can be executed, else why not (checked before anything
-    starts, so a typo in a layout is an error, not a service that dies at once)."""
-    if not command:
-        return "the command is empty"
-    program = command[0]
-    if os.sep in program or (os.altsep and os.altsep in program):
-        return None if os.access(program, os.X_OK) else f"{program!r} is not an executable file"
-    return None if shutil.which(program) else f"{program!r} was not found on PATH"
-
-
-def spawn(
-    command: Sequence[str],
-    env: Mapping[str, str],
-    *,
-    sockets: Sequence[tuple[int, str]] = (),
-    watch_parent: bool = False,
-    stdin: int | IO[bytes] | None = None,
-    stdout: int | IO[bytes] | None = None,
-    stderr: int | IO[bytes] | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start ``command``; with ``sockets`` [(fd, name)] they arrive at fds 3.. by the
-    systemd protocol. ``watch_parent`` makes the child get SIGTERM if we die (Linux),
-    so a kill -9 of portpool never leaves a command running without its leases."""
-    if not command:
-        raise PortPoolError("empty command")
-    argv = list(command)
-    if sockets or watch_parent:
-        shim = [sys.executable, "-m", "portpool._spawn"]
-        for fd, name in sockets:
-            shim += ["--fd", f"{fd}:{name}"]
-        if watch_parent:
-            shim += ["--parent", str(os.getpid())]
-        argv = [*shim, "--", *argv]
-    try:
-        return subprocess.Popen(
-            argv,
-            env=dict(env),
-            pass_fds=[fd for fd, _ in sockets],
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-        )
-    except OSError as e:
-        raise PortPoolError(f"cannot start {command[0]!r}: {e.strerror or e}") from e
-
-
-def stop_children(
-    children: Mapping[str, subprocess.Popen[bytes]], grace_s: float = DEFAULT_GRACE_S
-) -> None:
-    """SIGTERM each running child, wait up to ``grace_s``, then SIGKILL those left."""
-    for proc in children.values():
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.terminate()
-    deadline = time.monotonic() + grace_s
-    for proc in children.values():
-        remaining = max(0.0, deadline - time.monotonic())
-        try:
-            proc.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
+_TICK_S = 0.5
+_SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
 @dataclass
 class Outcome:
-    """Why a supervised run ended, and the exit code it maps to."""
+    """Why a supervised run ended: the exit code it maps to, a message, and the signal
+    the caller should die of after releasing (None: exit with ``code``)."""
 
     code: int
     message: str = ""
-
-
-def _pump(name: str, width: int, stream: IO[bytes], out: IO[str], lock: threading.Lock) -> None:
-    prefix = f"{name:<{width}} | "
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace").rstrip("\n")
-        with lock:
-            out.write(prefix + line + "\n")
-            out.flush()
-    stream.close()
+    signum: int | None = None
+    returncode: int | None = None  # ``run``: the command's Popen returncode
+    lingering: list[str] = field(default_factory=list)  # ports still held, for people
 
 
 class Supervisor:
-    """Runs the services of one instance that have a ``command`` in the layout."""
+    """Processes started for one instance, each with its whole tree.
+
+    ``on_exit(name, returncode)`` is called (on a waiter thread) when a process exits
+    while no stop was requested; it returns the ``Outcome`` that ends ``wait()``, or
+    None to keep waiting. With ``adopt`` every child of this process counts as ours
+    (``run``/``up``, child subreapers that start nothing else); without it, only the
+    descendants of the processes started here.
+    """
 
     def __init__(
-        self, instance: Instance, *, grace_s: float = DEFAULT_GRACE_S, out: IO[str] | None = None
+        self,
+        instance: Instance,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        out: IO[str] | None = None,
+        on_exit: Callable[[str, int], Outcome | None] | None = None,
+        adopt: bool = False,
     ) -> None:
         self.instance = instance
+        self.adopt = adopt  # every child of this process is ours (run/up as subreaper)
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.on_exit = on_exit or self._exited_on_its_own
+        self._groups: set[str] = set()  # names whose process leads its own group
+        self._tracked: dict[int, psutil.Process] = {}
         self._done = threading.Event()
         self._outcome: Outcome | None = None
         self._stopping = False
         self._print_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> dict[str, int]:
-        """Start every service with a command; returns service -> pid."""
+    # -- starting
+
+    def start_process(
+        self,
+        name: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        sockets: Sequence[tuple[int, str]] = (),
+        own_group: bool = True,
+        capture: bool = True,
+        width: int = 0,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``command`` as ``name`` with ``sockets`` at fds 3.., the parent-death
+        signal set and (``own_group``) in its own process group. With ``capture`` its
+        output is printed with a ``name |`` prefix; else it inherits our stdio."""
+        keep: list[int] = []
+        read_fd = write_fd = -1
+        if capture:
+            read_fd, write_fd = os.pipe()
+            enlarge_pipe(write_fd)
+            keep = [read_fd]  # the service holds a reader too: writes never hit EPIPE
+        try:
+            proc = spawn(
+                command,
+                env,
+                sockets=sockets,
+                watch_parent=True,
+                own_group=own_group,
+                keep_fds=keep,
+                stdin=subprocess.DEVNULL if capture else None,
+                stdout=write_fd if capture else None,
+                stderr=write_fd if capture else None,
+            )
+        except BaseException:
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        self.children[name] = proc
+        if own_group:
+            self._groups.add(name)
+        if capture:
+            os.close(write_fd)
+            pump = threading.Thread(
+                target=pump_lines,
+                args=(name, width, os.fdopen(read_fd, "rb"), self.out, self._print_lock),
+                name=f"portpool-out-{name}",
+                daemon=True,
+            )
+            pump.start()
+            self._threads.append(pump)
+        waiter = threading.Thread(
+            target=self._watch, args=(name, proc), name=f"portpool-wait-{name}", daemon=True
+        )
+        waiter.start()
+        return proc
+
+    def start_services(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
+        """Start every service of the instance that has a ``command``, each in its own
+        process group; returns service -> pid. Stops early (returning what started)
+        once ``should_stop()`` is true."""
         layout = self.instance.layout
         services = [s for s in layout.services if s.command and s.name in self.instance.leases]
         width = max((len(s.name) for s in services), default=0)
         common = {"PORTPOOL_SUPERVISOR_PID": str(os.getpid())}
         if "PORTPOOL_HOME" not in os.environ:
             common["PORTPOOL_HOME"] = self.instance.state.path
-        try:
-            for svc in services:
-                assert svc.command is not None
-                lease = self.instance.leases[svc.name]
-                env = base_environment({**self.instance.env(svc.name), **common})
-                sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
-                if svc.socket == "port":
-                    # The child binds the port itself; our lock keeps portpool users off.
-                    lease.close_socket()
-                proc = spawn(
-                    svc.command,
-                    env,
-                    sockets=sockets,
-                    watch_parent=True,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                )
-                self.children[svc.name] = proc
-                assert proc.stdout is not None
-                pump = threading.Thread(
-                    target=_pump,
-                    args=(svc.name, width, proc.stdout, self.out, self._print_lock),
-                    name=f"portpool-out-{svc.name}",
-                    daemon=True,
-                )
-                pump.start()
-                self._threads.append(pump)
-        except BaseException:
-            stop_children(self.children, self.grace_s)
-            raise
-        for name, proc in self.children.items():
-            waiter = threading.Thread(
-                target=self._watch, args=(name, proc), name=f"portpool-wait-{name}", daemon=True
-            )
-            waiter.start()
+        for svc in services:
+            if should_stop():
+                break
+            assert svc.command is not None
+            lease = self.instance.leases[svc.name]
+            env = base_environment({**self.instance.env(svc.name), **common})
+            sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
+            if svc.socket == "port":
+                # The child binds the port itself; our lock keeps portpool users off.
+                lease.close_socket()
+            self.start_process(svc.name, svc.command, env, sockets=sockets, width=width)
         pids = {name: proc.pid for name, proc in self.children.items()}
         self.instance.set_service_pids(pids)
         return pids
 
     def own_pids(self) -> list[int]:
+        """Pids of our processes still running (the shield's "ours" for a port; it
+        counts their descendants itself, when it needs to)."""
         return [p.pid for p in self.children.values() if p.returncode is None]
+
+    # -- waiting
+
+    def _exited_on_its_own(self, name: str, returncode: int) -> Outcome:
+        return Outcome(5, f"service {name!r} exited on its own ({describe_status(returncode)})")
 
     def _watch(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         returncode = proc.wait()
         if not self._stopping:
-            self.finish(
-                Outcome(5, f"service {name!r} exited on its own ({describe_status(returncode)})")
-            )
+            outcome = self.on_exit(name, returncode)
+            if outcome is not None:
+                self.finish(outcome)
 
     def finish(self, outcome: Outcome) -> None:
         """Ask the supervisor to stop with ``outcome`` (the first request wins)."""
@@ -212,15 +220,288 @@ class Supervisor:
             self._outcome = outcome
         self._done.set()
 
+    @property
+    def finishing(self) -> bool:
+        return self._done.is_set()
+
     def wait(self) -> Outcome:
-        """Block until a stop is requested (signal, service exit, shield trip)."""
-        while not self._done.wait(0.5):
-            pass
+        """Block until a stop is requested (signal, exit, shield trip), reaping orphans
+        adopted meanwhile."""
+        while not self._done.wait(_TICK_S):
+            self._reap()
         return self._outcome or Outcome(0)
 
-    def stop(self) -> None:
-        """Stop own children (SIGTERM, grace, SIGKILL) and let their output drain."""
+    def _reap(self) -> None:
+        reap_adopted({p.pid for p in self.children.values() if p.returncode is None})
+
+    # -- stopping
+
+    def send(self, signum: int, names: Sequence[str] | None = None) -> None:
+        """Send ``signum`` once to each named process (all when None): to its whole
+        group when it leads one, else to the process alone."""
+        for name in names if names is not None else list(self.children):
+            proc = self.children[name]
+            if proc.poll() is not None:
+                continue
+            if name in self._groups:
+                # The leader is not reaped (poll above): the group id is still its own.
+                signal_group(proc.pid, signum)
+            else:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signum)
+
+    def _tree(self) -> list[psutil.Process]:
+        """Every living process we started through our children: their descendants,
+        and with ``adopt`` every other child of ours (orphans adopted as a subreaper)."""
+        import psutil
+
+        mine = {p.pid for p in self.children.values()}
+        found: dict[int, psutil.Process] = {}
+        try:
+            if self.adopt:
+                roots = [psutil.Process()]
+            else:
+                roots = [psutil.Process(p.pid) for p in self.children.values() if p.poll() is None]
+            for root in roots:
+                for child in root.children(recursive=True):
+                    if child.pid not in mine:
+                        found[child.pid] = child
+        except psutil.Error:
+            pass
+        return list(found.values())
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop every process we started, with its whole tree: ``signum`` once to each
+        group and to each descendant outside those groups (also to one forked while
+        stopping), up to ``grace_s`` to exit, then SIGKILL for what is left. Returns
+        when all of it is gone."""
+        import psutil
+
         self._stopping = True
-        stop_children(self.children, self.grace_s)
+        groups = {p.pid for n, p in self.children.items() if n in self._groups and p.poll() is None}
+        self.send(signum)
+        signalled: set[tuple[int, float]] = set()
+        deadline = time.monotonic() + self.grace_s
+        kill = False
+        for step in range(100_000):  # bounded; ends at the deadline or when all are gone
+            self._reap()
+            alive = [p for p in self._tree() if _running(p)]
+            for proc in alive:
+                try:
+                    key = (proc.pid, proc.create_time())
+                    if kill:
+                        proc.kill()
+                    elif key not in signalled and process_group(proc.pid) not in groups:
+                        # Members of a signalled group got it already: once is enough.
+                        proc.send_signal(signum)
+                    signalled.add(key)
+                except psutil.Error:
+                    continue
+            if not alive and all(p.poll() is not None for p in self.children.values()):
+                break
+            if not kill and time.monotonic() >= deadline:
+                kill = True
+                self.send(_SIGKILL)
+                deadline = time.monotonic() + 10.0
+            elif kill and time.monotonic() >= deadline:
+                break  # unkillable (uninterruptible sleep): give up waiting, not hang
+            time.sleep(min(0.05, 0.002 * 2**step))  # most services exit within milliseconds
+        for child in self.children.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1.0)
+        self._reap()
         for thread in self._threads:
             thread.join(timeout=2)
+
+    def lingering(self, timeout_s: float) -> list[str]:
+        """Ports of the instance still listened on by a process other than us, waited
+        for up to ``timeout_s``: "port P is still held by pid X (name)"; [] when free.
+        Closes the leases' sockets first (the locks stay until release)."""
+        for lease in self.instance.leases.values():
+            lease.close_socket()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            held = held_ports(self.instance)
+            if not held or time.monotonic() >= deadline:
+                return held
+            time.sleep(0.05)
+
+
+def _running(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[[Any], None]:
+    """The signal callback of ``run``: pass each signal to the command once. A signal
+    the kernel sent to our whole group (a terminal's Ctrl-C) reached it already."""
+
+    terminal_keys = {getattr(signal, n, None) for n in ("SIGINT", "SIGQUIT")}
+
+    def relay(received: ReceivedSignal) -> None:
+        if shared_group and received.from_kernel:
+            return
+        if shared_group and not received.sender_known and received.signum in terminal_keys:
+            return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
+        supervisor.send(received.signum, [name])
+
+    return relay
+
+
+def _stop_with(signum: int) -> int:
+    # A hangup means the terminal is gone: stop services, do not make them reload.
+    return signal.SIGTERM if signum == getattr(signal, "SIGHUP", -1) else signum
+
+
+def run_command(
+    layout: Layout,
+    command: Sequence[str],
+    *,
+    services: Sequence[str] | None = None,
+    fds: bool = False,
+    grace_s: float = DEFAULT_GRACE_S,
+    number: int | None = None,
+    announce: Callable[[Instance], None] | None = None,
+) -> Outcome:
+    """``portpool run``: start an instance of ``layout`` with ``services`` (all when
+    None), run ``command`` with its environment (and with ``fds`` its sockets at fds
+    3..), and when it exits stop whatever it left running and release everything.
+
+    Main thread only: the stop signals are taken over for the call and relayed to the
+    command once each. ``number`` pins the instance number (see ``start_instance``).
+    ``announce(instance)`` runs before the command starts. Returns
+    the Outcome: ``code`` the command's exit status, ``signum`` the signal it died of
+    (the caller should then die of it too), ``lingering`` ports something still held.
+    Raises CommandNotFound (nothing started), Interrupted (a signal arrived before the
+    command started; all released), ShieldTripped (after stopping the command),
+    StartError, LayoutError, StateDirError.
+    """
+    from portpool._platform import become_subreaper
+    from portpool._relay import SignalScope
+    from portpool.errors import CommandNotFound, ShieldTripped
+    from portpool.instance import start_instance
+
+    problem = find_program(command)
+    if problem is not None:
+        raise CommandNotFound(command[0], problem)
+
+    def exited(name: str, returncode: int) -> Outcome:
+        signum = -returncode if returncode < 0 else None
+        return Outcome(exit_status(returncode), signum=signum, returncode=returncode)
+
+    with SignalScope() as scope:
+        become_subreaper()
+        # No heartbeat thread yet: every thread must start after the signals are blocked.
+        instance = start_instance(layout, services=services or None, number=number, heartbeat=False)
+        try:
+            names = list(instance.leases)
+            env = base_environment(instance.env(names[0] if len(names) == 1 else None))
+            sockets = [(lease.fileno(), n) for n, lease in instance.leases.items()] if fds else []
+            if not fds:
+                for lease in instance.leases.values():
+                    lease.close_socket()  # the lock stays: no portpool user can take the port
+            if announce is not None:
+                announce(instance)
+            scope.block()
+            scope.check()
+            # In a terminal's foreground group the command stays in ours, as after
+            # `exec`: it keeps the terminal, and the shell that called us gets Ctrl-C too.
+            shared = in_terminal_foreground()
+            supervisor = Supervisor(instance, grace_s=grace_s, on_exit=exited, adopt=True)
+            instance.on_release(supervisor.stop)
+            proc = supervisor.start_process(
+                "command", command, env, sockets=sockets, own_group=not shared, capture=False
+            )
+            scope.relay(relay_to(supervisor, "command", shared))
+            instance.set_service_pids(dict.fromkeys(names, proc.pid))
+            instance.start_heartbeat()
+            instance.start_shield(
+                on_lost=lambda lease, reason: supervisor.finish(Outcome(4, reason)),
+                own_pids=supervisor.own_pids,
+            )
+            outcome = supervisor.wait()
+            supervisor.stop()
+            outcome.lingering = supervisor.lingering(grace_s)
+        finally:
+            instance.release()
+    if outcome.code == ShieldTripped.exit_code and outcome.returncode is None:
+        raise ShieldTripped(outcome.message)
+    return outcome
+
+
+def run_up(
+    layout: Layout,
+    *,
+    grace_s: float = DEFAULT_GRACE_S,
+    number: int | None = None,
+    out: IO[str] | None = None,
+    on_up: Callable[[Instance, dict[str, int]], None] | None = None,
+) -> Outcome:
+    """``portpool up``: start an instance of ``layout`` and every service that has a
+    command, each in its own process group; hold them until a signal, a service's exit
+    or a shield trip, then stop every process they started and release everything.
+
+    Main thread only (takes over the stop signals for the call). A stop signal is
+    passed to the services once (SIGINT stays SIGINT; SIGHUP becomes SIGTERM), then
+    ``grace_s``, then SIGKILL; USR1/USR2 are passed on without stopping. ``on_up`` runs
+    once every service started; ``number`` pins the instance number. Returns the
+    Outcome: code 0 after SIGTERM, 4 shield tripped, 5 a service exited on its own;
+    ``signum`` set when the caller should die of that signal (SIGINT, SIGHUP, SIGQUIT). Raises LayoutError (a command cannot be
+    executed; nothing started), Interrupted, StartError, StateDirError.
+    """
+    from portpool._platform import become_subreaper
+    from portpool._relay import SignalScope
+    from portpool.errors import LayoutError
+    from portpool.instance import start_instance
+
+    for service in layout.services:
+        problem = service.command and find_program(service.command)
+        if problem:
+            raise LayoutError(layout.source, f"services.{service.name}.command", problem)
+    stop_signal: list[int] = []
+    relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
+    with SignalScope() as scope:
+        become_subreaper()
+        instance = start_instance(layout, number=number, heartbeat=False)
+        try:
+            scope.block()
+            scope.check()
+            supervisor = Supervisor(instance, grace_s=grace_s, out=out, adopt=True)
+            instance.on_release(supervisor.stop)
+
+            def on_signal(received: ReceivedSignal) -> None:
+                signum = received.signum
+                if signum in relayed_only:
+                    supervisor.send(signum)
+                elif supervisor.finishing:
+                    supervisor.send(_stop_with(signum))  # asked again: passed on once more
+                else:
+                    stop_signal.append(_stop_with(signum))
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGTERM:
+                        supervisor.finish(Outcome(0, f"stopping on {name}"))
+                    else:
+                        supervisor.finish(Outcome(128 + signum, f"stopping on {name}", signum))
+
+            scope.relay(on_signal)
+            pids = supervisor.start_services(should_stop=lambda: supervisor.finishing)
+            if not supervisor.finishing:
+                instance.start_heartbeat()
+                instance.start_shield(
+                    on_lost=lambda lease, reason: supervisor.finish(
+                        Outcome(4, f"shield tripped: {reason}")
+                    ),
+                    own_pids=supervisor.own_pids,
+                )
+                if on_up is not None:
+                    on_up(instance, pids)
+            outcome = supervisor.wait()
+            supervisor.stop(stop_signal[0] if stop_signal else signal.SIGTERM)
+            outcome.lingering = supervisor.lingering(grace_s)
+        finally:
+            instance.release()
+    return outcome

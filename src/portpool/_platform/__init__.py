@@ -15,6 +15,12 @@ Everything above this package calls these names and never ``sys.platform``:
   every state, with ``IPV6_V6ONLY`` where the kernel says it (sock_diag).
 - ``open_files_limit``: the soft limit on open file descriptors, where there is one.
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
+- ``become_subreaper``, ``signal_group``, ``process_group``, ``reap_adopted``,
+  ``SignalInbox``: what ``run``/``up`` need to stop whole process trees and to read
+  signals with their sender (``_process``).
+- ``signal_verified``, ``detached_options``: signal a process only once it is pinned and
+  checked (pidfd), and start one outside our session (``_control``, for ``stop`` and
+  ``up --detach``).
 """
 
 from __future__ import annotations
@@ -34,13 +40,23 @@ from portpool._platform._locks import LockTable
 from portpool._platform._sysctl import ephemeral_port_range
 
 if TYPE_CHECKING:
+    from portpool._platform._control import detached_options, signal_verified
     from portpool._platform._net import (
         Listener,
         listeners,
         owners_of_inode,
         socket_inode,
     )
-    from portpool._platform._process import detached_options, signal_verified
+    from portpool._platform._process import (
+        ReceivedSignal,
+        SignalInbox,
+        become_subreaper,
+        enlarge_pipe,
+        process_group,
+        reap_adopted,
+        signal_group,
+        stop_signals,
+    )
     from portpool._platform._sockdiag import TcpSocket, owners_of_inodes, tcp_sockets
 
 if sys.platform == "win32":
@@ -75,7 +91,20 @@ else:
 _LAZY = {
     **dict.fromkeys(("Listener", "listeners", "owners_of_inode", "socket_inode"), "_net"),
     **dict.fromkeys(("TcpSocket", "owners_of_inodes", "tcp_sockets"), "_sockdiag"),
-    **dict.fromkeys(("detached_options", "signal_verified"), "_process"),
+    **dict.fromkeys(("detached_options", "signal_verified"), "_control"),
+    **dict.fromkeys(
+        (
+            "ReceivedSignal",
+            "SignalInbox",
+            "become_subreaper",
+            "enlarge_pipe",
+            "process_group",
+            "reap_adopted",
+            "signal_group",
+            "stop_signals",
+        ),
+        "_process",
+    ),
 }
 
 
@@ -95,10 +124,14 @@ __all__ = [
     "Listener",
     "LockTable",
     "ProcessIdentity",
+    "ReceivedSignal",
+    "SignalInbox",
     "TcpSocket",
+    "become_subreaper",
     "boot_id",
     "current_identity",
     "detached_options",
+    "enlarge_pipe",
     "ephemeral_port_range",
     "exclusive_bind_options",
     "identity_of",
@@ -109,10 +142,14 @@ __all__ = [
     "open_files_limit",
     "owners_of_inode",
     "owners_of_inodes",
+    "process_group",
     "process_name",
     "read_at",
+    "reap_adopted",
+    "signal_group",
     "signal_verified",
     "socket_inode",
+    "stop_signals",
     "tcp_sockets",
     "try_lock",
     "unlock",

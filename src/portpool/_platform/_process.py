@@ -1,59 +1,182 @@
-"""Signalling a verified process, and starting one detached from our terminal.
+"""Process primitives for supervisors: subreaper, process groups, signals with senders.
 
-``signal_verified`` closes the gap between "this pid is the recorded process" and the
-signal: on Linux a pidfd pins the process, so a pid reused in between is never hit
-(the failure of every pid-file ``kill``).
+Only what ``run`` and ``up`` need to be transparent to signals and to stop every
+process they started: a child subreaper (Linux), signalling a whole process group,
+reaping adopted orphans, and receiving signals together with who sent them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import signal
-import subprocess
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Container, Iterable
+from dataclasses import dataclass
+from types import FrameType
+
+_PR_SET_CHILD_SUBREAPER = 36
+_F_SETPIPE_SZ = 1031
+# si_code of a signal the kernel sent: a terminal's Ctrl-C, Ctrl-\, hangup, SIGWINCH.
+_SI_KERNEL = 0x80
 
 
-def signal_verified(pid: int, is_expected: Callable[[], bool], signum: int) -> bool:
-    """Send ``signum`` to ``pid`` only if ``is_expected()`` holds for it; True if sent.
+@dataclass(frozen=True)
+class ReceivedSignal:
+    """One signal received: its number, the sending pid (None where unknown) and whether
+    the kernel sent it (a terminal signals its whole foreground process group)."""
 
-    ``is_expected`` is checked after the process is pinned (pidfd on Linux), so the
-    signal reaches the very process it approved. Elsewhere the check runs right before
-    the signal. Raises nothing for a process that is gone (returns False).
+    signum: int
+    sender: int | None = None
+    from_kernel: bool = False
+    sender_known: bool = True  # False where the OS gave no siginfo (handlers only)
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to us instead of init (Linux
+    ``PR_SET_CHILD_SUBREAPER``), so a service's double-forked or ``setsid`` children
+    stay ours to stop. False where the OS has no such thing."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``pgid``; False if the group is gone.
+
+    Callers pass only a group whose leader they started and have not reaped yet, so
+    the group id cannot have been reused by someone else's group.
     """
-    pidfd_open = getattr(os, "pidfd_open", None)
-    send = getattr(signal, "pidfd_send_signal", None)
-    if pidfd_open is not None and send is not None:
-        try:
-            fd = pidfd_open(pid)
-        except OSError:
-            return False  # gone (or not ours to see)
-        try:
-            if not is_expected():
-                return False
-            try:
-                send(fd, signum)
-            except ProcessLookupError:
-                return False
-            return True
-        finally:
-            os.close(fd)
-    if not is_expected():
+    if sys.platform == "win32":
         return False
     try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
         return False
     return True
 
 
-def detached_options() -> dict[str, Any]:
-    """``subprocess.Popen`` options that start a child outside our session / console, so
-    closing our terminal (SIGHUP) or a Ctrl-C there does not reach it."""
+def process_group(pid: int) -> int | None:
+    """The process group of ``pid``, None if it is gone (or unknown on Windows)."""
     if sys.platform == "win32":
-        flags = 0
-        for name in ("DETACHED_PROCESS", "CREATE_NEW_PROCESS_GROUP"):
-            flags |= getattr(subprocess, name, 0)
-        return {"creationflags": flags}
-    return {"start_new_session": True}
+        return None
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def reap_adopted(keep: Container[int]) -> list[int]:
+    """Reap exited children whose pid is not in ``keep`` (orphans adopted as a
+    subreaper); children in ``keep`` are left for their ``Popen`` to reap. Returns the
+    reaped pids."""
+    if sys.platform == "win32" or not hasattr(os, "waitid"):
+        return []
+    reaped: list[int] = []
+    for _ in range(1000):  # bounded: each round reaps one exited child
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            break
+        if info is None or info.si_pid in keep:
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, 0)
+        reaped.append(info.si_pid)
+    return reaped
+
+
+def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Best effort: give the pipe at ``fd`` a ``size``-byte buffer (Linux)."""
+    if sys.platform == "linux":
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+
+
+def stop_signals() -> list[int]:
+    """The signals ``run`` and ``up`` take over and relay: INT, TERM, HUP, QUIT, USR1,
+    USR2 (those the OS has)."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    return [int(getattr(signal, n)) for n in names if hasattr(signal, n)]
+
+
+class SignalInbox:
+    """Signals received by the process, with their sender where the OS tells.
+
+    Where ``sigtimedwait`` exists, ``block()`` blocks the signals in the calling thread
+    (and so in every thread it starts later) and ``take()`` reads them with their
+    ``siginfo``. Elsewhere Python handlers queue them, without a sender. Handlers are
+    queueing handlers in both cases, for threads that were started before ``block()``.
+    """
+
+    def __init__(self, signals: Iterable[int]) -> None:
+        self.signals = list(signals)
+        self._queue: queue.SimpleQueue[ReceivedSignal | None] = queue.SimpleQueue()
+        self._blocked = False
+        # SIGURG (ignored by default) wakes a reader thread early, by pthread_kill.
+        self._wake = getattr(signal, "SIGURG", None)
+
+    def _queue_it(self, signum: int, frame: FrameType | None) -> None:
+        self._queue.put(ReceivedSignal(signum, sender_known=False))
+
+    def install(self) -> None:
+        """Queue each signal from now on (main thread only)."""
+        for signum in self.signals:
+            signal.signal(signum, self._queue_it)
+
+    def block(self) -> None:
+        """Block the signals in this thread (and threads started later), where they can
+        be read with their sender."""
+        if sys.platform != "win32" and hasattr(signal, "sigtimedwait"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+            self._blocked = True
+
+    def unblock(self) -> None:
+        if self._blocked and sys.platform != "win32":
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+            self._blocked = False
+
+    def prepare_reader(self) -> None:
+        """Call first in the thread that will ``take()``: lets ``wake()`` reach it."""
+        if self._blocked and self._wake is not None and sys.platform != "win32":
+            signal.pthread_sigmask(signal.SIG_BLOCK, [self._wake])
+
+    def wake(self, reader: int | None) -> None:
+        """Make a ``take()`` running in thread ``reader`` (an ident) return None now."""
+        self._queue.put(None)
+        if sys.platform != "win32" and self._blocked and reader and self._wake is not None:
+            with contextlib.suppress(OSError, ProcessLookupError):
+                signal.pthread_kill(reader, self._wake)
+
+    def pending(self) -> list[int]:
+        """Signals sent to us and not yet read."""
+        if self._blocked and sys.platform != "win32":
+            return sorted(int(s) for s in signal.sigpending() if int(s) in self.signals)
+        return []
+
+    def take(self, timeout_s: float) -> ReceivedSignal | None:
+        """The next signal, or None after ``timeout_s``."""
+        with contextlib.suppress(queue.Empty):
+            return self._queue.get_nowait()
+        if self._blocked and sys.platform != "win32" and hasattr(signal, "sigtimedwait"):
+            wake = [self._wake] if self._wake is not None else []
+            info = signal.sigtimedwait([*self.signals, *wake], timeout_s)
+            # A wake-up, or (after a SIGSTOP/SIGCONT) the uninitialised siginfo that
+            # CPython 3.11 can return: nothing to report.
+            if info is None or info.si_signo not in self.signals:
+                return None
+            kernel = info.si_code == _SI_KERNEL
+            return ReceivedSignal(info.si_signo, None if kernel else info.si_pid, kernel)
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None

@@ -109,7 +109,20 @@ def listen_socket(name: str | None = None) -> socket.socket:
     Raises PassedSocketError when nothing was passed to this process, when ``name``
     was not passed, or when ``name`` is None and several sockets were passed.
     """
+    # Read before listen_fds() unsets it, to say precisely why nothing is ours.
+    meant_for = os.environ.get("LISTEN_PID", "") if "LISTEN_FDS" in os.environ else ""
     sockets = listen_fds()
+    if not sockets and meant_for.isdigit() and int(meant_for) != os.getpid():
+        # Usually a shell that forks instead of exec'ing its last command: the sockets
+        # and LISTEN_PID were given to the shell, not to us.
+        parent = int(meant_for) == os.getppid()
+        who = "this process's parent" if parent else "another process"
+        raise PassedSocketError(
+            f"LISTEN_PID is {meant_for}, the pid of {who} (a shell that started this "
+            f"program without exec?), not of this process ({os.getpid()}): use `exec` in "
+            "the shell command (sh -c 'exec python3 svc.py') or put the service's own "
+            "command in the layout"
+        )
     if not sockets:
         raise PassedSocketError(
             "no sockets were passed to this process (LISTEN_FDS/LISTEN_PID unset or for "
