@@ -450,8 +450,9 @@ def run_up(
     ``grace_s``, then SIGKILL; USR1/USR2 are passed on without stopping. ``on_up`` runs
     once every service started; ``number`` pins the instance number. Returns the
     Outcome: code 0 after SIGTERM, 4 shield tripped, 5 a service exited on its own;
-    ``signum`` set when the caller should die of that signal (SIGINT, SIGHUP, SIGQUIT). Raises LayoutError (a command cannot be
-    executed; nothing started), Interrupted, StartError, StateDirError.
+    ``signum`` set when the caller should die of that signal (SIGINT, SIGHUP, SIGQUIT).
+    Raises LayoutError (a command cannot be executed; nothing started), Interrupted,
+    StartError, StateDirError.
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
