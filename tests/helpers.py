@@ -197,4 +197,4 @@ def held_lock_files(root: Path) -> list[Path]:
     from portpool._platform import locked_inodes
 
     locked = locked_inodes() or {}
-    return [p for p in root.rglob("*.lock") if p.stat().st_ino in locked]
+    return [p for p in root.rglob("*.lock") if (p.stat().st_dev, p.stat().st_ino) in locked]

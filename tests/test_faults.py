@@ -19,7 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import portpool, start, status_json, wait_for, write_layout
+from tests.helpers import (
+    held_lock_files,
+    portpool,
+    start,
+    status_json,
+    wait_for,
+    write_layout,
+)
 
 from portpool.errors import PoolExhausted, PortPoolError
 from portpool.instance import list_instances, start_instance
@@ -30,17 +37,6 @@ from portpool.statedir import StateDir
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux faults")
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
-
-
-def _locked_inodes() -> set[int]:
-    with open("/proc/locks", encoding="ascii") as f:
-        return {int(line.split()[5].rsplit(":", 1)[1]) for line in f if " FLOCK " in line}
-
-
-def _held_files(root: Path) -> list[Path]:
-    """Files under ``root`` that the kernel says are flock-held right now."""
-    locked = _locked_inodes()
-    return [p for p in root.rglob("*.lock") if p.stat().st_ino in locked]
 
 
 @pytest.fixture
@@ -131,7 +127,7 @@ def test_full_disk_fails_clearly_and_leaves_nothing_that_blocks(
         assert str(home) in str(caught.value)
         assert "No space left" in str(caught.value)
         # All or nothing: no lock is left held, no half-written record names a holder.
-        assert _held_files(home) == []
+        assert held_lock_files(home) == []
         assert list_instances(layout.app, state) == []
     filler.unlink()
     env = dict(os.environ)
@@ -151,7 +147,7 @@ def test_full_disk_after_earlier_use_is_no_worse(
         with pytest.raises(PortPoolError) as caught:
             start_instance(layout, state=state, heartbeat=False)
         assert str(home) in str(caught.value)
-        assert _held_files(home) == []
+        assert held_lock_files(home) == []
         filler.unlink()
         with start_instance(layout, state=state, heartbeat=False) as inst:
             assert inst.number == 1
@@ -208,7 +204,7 @@ def test_state_dir_deleted_trips_the_shield_and_harms_nobody(
             assert only["alive"] is True
             assert only["pid"] == second.pid
             assert {s["port"] for s in only["services"]} == {port_base, port_base + 2}
-            assert len(_held_files(home)) == 3
+            assert len(held_lock_files(home)) == 3
         finally:
             second.send_signal(signal.SIGTERM)
             second.wait(timeout=30)
