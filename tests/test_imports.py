@@ -164,8 +164,7 @@ def test_read_only_commands_load_no_process_or_network_code(
     assert f"alpha={instance.leases['alpha'].port}" in done.stdout
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc replaces psutil there")
-def test_run_starts_a_command_without_psutil_or_server_stacks(
+def test_run_starts_a_command_without_server_stacks(
     startup: set[str], tmp_path: Path, home: Path, port_base: int
 ) -> None:
     config = write_layout(tmp_path / "one.toml", port_base, services={"web": {}})
@@ -174,6 +173,7 @@ def test_run_starts_a_command_without_psutil_or_server_stacks(
     assert marker.exists()  # the command did run, with its instance acquired
     loaded -= startup
     assert "portpool.instance" in loaded
-    assert "psutil" not in roots(loaded)
+    # psutil loads only once the command has ended, to find and stop what it left
+    # running (a process tree is psutil's job); identity and start need none of it.
     assert not loaded & CLICK_OPTIONAL
     assert not roots(loaded) & SERVER_STACKS

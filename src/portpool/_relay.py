@@ -130,8 +130,9 @@ def die_of(signum: int) -> None:
         with contextlib.suppress(OSError, ValueError):
             hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
             resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
-        signal.signal(signum, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+        if signum != signal.SIGKILL:  # SIGKILL's action cannot be set, nor blocked
+            signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
         os.kill(os.getpid(), signum)
         # Still alive: a signal whose default is not to end the process.
     os._exit(128 + signum)
