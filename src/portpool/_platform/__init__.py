@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from portpool._platform._acceptq import accept_queue_length
 from portpool._platform._identity import (
     ProcessIdentity,
     boot_id,
@@ -63,6 +64,7 @@ __all__ = [
     "DirHandle",
     "Listener",
     "ProcessIdentity",
+    "accept_queue_length",
     "boot_id",
     "current_identity",
     "ephemeral_port_range",

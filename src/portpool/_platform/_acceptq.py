@@ -1,0 +1,108 @@
+"""How many connections wait in a listening socket's accept queue, read from the kernel.
+
+For a socket that was bound and put in listen state before its service started, the
+kernel completes handshakes on its own, so a successful connect proves nothing about
+the service; a connection leaving the accept queue proves the service called accept().
+On Linux, sock_diag reports a listener's queue length as ``idiag_rqueue``; the socket
+table ``/proc/net/tcp`` (its ``rx_queue`` column) is the fallback. Elsewhere: None.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+
+from portpool._platform._net import (
+    _AF_NETLINK,
+    _DIAG_MESSAGE,
+    _DIAG_TIMEOUT_S,
+    _NETLINK_SOCK_DIAG,
+    _NLM_F_REQUEST_DUMP,
+    _NLMSG_DONE,
+    _NLMSG_ERROR,
+    _NLMSG_HEADER,
+    _SOCK_DIAG_BY_FAMILY,
+    _TCPF_LISTEN,
+)
+
+__all__ = ["accept_queue_length"]
+
+# inet_diag_req_v2 with the source port set: the kernel then dumps only that port's
+# listeners instead of every one on the host.
+_PORT_REQUEST = struct.Struct("=BBBBI")
+_PORT_FILTER = struct.Struct("!H46x")
+_RQUEUE_FIELD = 11
+_INODE_FIELD = 14
+
+
+def _diag_rqueue(family: int, port: int, inode: int) -> int | None:
+    """``idiag_rqueue`` of listener ``inode`` on ``port``, or None if it is not listed.
+    Raises OSError when sock_diag is not available."""
+    if _AF_NETLINK is None:
+        raise OSError("no netlink sockets here")
+    nl = socket.socket(_AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+    try:
+        nl.settimeout(_DIAG_TIMEOUT_S)  # a silent kernel raises instead of hanging
+        request = _PORT_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, _TCPF_LISTEN)
+        request += _PORT_FILTER.pack(port)
+        header = _NLMSG_HEADER.pack(
+            _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
+        )
+        nl.sendto(header + request, (0, 0))
+        found: int | None = None
+        while True:
+            data = nl.recv(1 << 16)
+            if not data:
+                raise OSError("sock_diag: empty answer")
+            offset = 0
+            while offset + _NLMSG_HEADER.size <= len(data):
+                length, kind, _, _, _ = _NLMSG_HEADER.unpack_from(data, offset)
+                if length < _NLMSG_HEADER.size:
+                    raise OSError("sock_diag: malformed answer")
+                body = offset + _NLMSG_HEADER.size
+                if kind == _NLMSG_DONE:
+                    return found
+                if kind == _NLMSG_ERROR:
+                    (error,) = struct.unpack_from("=i", data, body)
+                    raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
+                if length >= _NLMSG_HEADER.size + _DIAG_MESSAGE.size:
+                    fields = _DIAG_MESSAGE.unpack_from(data, body)
+                    if fields[_INODE_FIELD] == inode:
+                        found = int(fields[_RQUEUE_FIELD])
+                offset += (length + 3) & ~3
+    finally:
+        nl.close()
+
+
+def _proc_rqueue(family: int, inode: int) -> int | None:
+    """The ``rx_queue`` column of listener ``inode`` in /proc/net/tcp(6), or None."""
+    table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
+    try:
+        with open(table, encoding="ascii") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 10 and fields[9] == str(inode):
+                    return int(fields[4].partition(":")[2], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def accept_queue_length(sock: socket.socket) -> int | None:
+    """Connections in listening ``sock``'s accept queue (handshake done, not yet
+    accepted), or None where the OS does not say (not Linux, or ``sock`` not listening).
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        inode = os.fstat(sock.fileno()).st_ino
+        port = sock.getsockname()[1]
+    except OSError:
+        return None
+    try:
+        return _diag_rqueue(sock.family, port, inode)
+    except (OSError, struct.error):
+        return _proc_rqueue(sock.family, inode)  # no sock_diag (old kernel, sandbox)

@@ -1,0 +1,141 @@
+"""Readiness probes: when a started service counts as ready, for ``portpool up``.
+
+A layout's ``ready`` key picks the probe:
+
+- ``"tcp"`` (default). With ``socket = "fd"`` the socket listens before the service
+  starts and the kernel completes handshakes on its own, so a connect proves nothing:
+  the probe connects, then waits for the listening socket's accept queue (as the
+  kernel reports it, see ``accept_queue_length``) to drop back, which only happens when
+  the service calls accept(). With ``socket = "port"``: a connect succeeds.
+- ``"http:<path>"``: ``GET <path>`` answers with a 2xx status.
+- ``"log:<regex>"``: a line of the service's output matches (``re.search``).
+- ``"none"``: ready as soon as it is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+import socket
+import threading
+
+from portpool._platform import accept_queue_length
+
+__all__ = ["ReadinessProbe", "probe_host"]
+
+_CONNECT_TIMEOUT_S = 1.0
+_HTTP_TIMEOUT_S = 2.0
+
+
+def probe_host(host: str) -> str:
+    """The address a local probe connects to for a service bound to ``host``."""
+    if host in ("localhost", "0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+class ReadinessProbe:
+    """One service's readiness check, made again for every start of the service.
+
+    ``spec`` is the layout's ``ready`` value; ``listening`` is the socket ``up`` holds
+    for a ``socket = "fd"`` service (None for ``socket = "port"``). ``check()`` makes
+    one bounded attempt (at most about 2 s) and returns True once the service is ready;
+    ``feed_line`` gives it the service's output lines (for ``log:``). Thread-safe.
+    """
+
+    def __init__(
+        self, spec: str, host: str, port: int, listening: socket.socket | None = None
+    ) -> None:
+        self.spec = spec
+        self.host = probe_host(host)
+        self.port = port
+        self.listening = listening
+        kind, _, arg = spec.partition(":")
+        self.kind = kind
+        self.path = arg if kind == "http" else ""
+        self.pattern = re.compile(arg) if kind == "log" else None
+        self._matched = threading.Event()
+        self._probe_conn: socket.socket | None = None
+        self._queue_before = 0
+        self.last_problem = "not checked yet"
+
+    def feed_line(self, line: str) -> None:
+        """One line of the service's output (without its newline)."""
+        if self.pattern is not None and self.pattern.search(line):
+            self._matched.set()
+
+    def close(self) -> None:
+        """Drop a probe connection that is still open."""
+        if self._probe_conn is not None:
+            self._probe_conn.close()
+            self._probe_conn = None
+
+    def check(self) -> bool:
+        """One attempt; True when the service is ready (``last_problem`` says why not)."""
+        if self.kind == "none":
+            return True
+        if self.kind == "log":
+            self.last_problem = f"no output line matched {self.spec[4:]!r} yet"
+            return self._matched.is_set()
+        if self.kind == "http":
+            return self._check_http()
+        if self.listening is not None:
+            return self._check_accepting(self.listening)
+        return self._check_connect()
+
+    def _connect(self) -> socket.socket | None:
+        try:
+            return socket.create_connection((self.host, self.port), timeout=_CONNECT_TIMEOUT_S)
+        except OSError as e:
+            self.last_problem = f"connect to {self.host}:{self.port}: {e.strerror or e}"
+            return None
+
+    def _check_connect(self) -> bool:
+        conn = self._connect()
+        if conn is None:
+            return False
+        conn.close()
+        return True
+
+    def _check_accepting(self, listening: socket.socket) -> bool:
+        if self._probe_conn is None:
+            before = accept_queue_length(listening)
+            conn = self._connect()
+            if conn is None:
+                return False
+            if before is None:
+                # The OS does not report the queue (not Linux): a handshake is all we get.
+                conn.close()
+                return True
+            self._queue_before = before
+            self._probe_conn = conn
+        now = accept_queue_length(listening)
+        # Our probe raised the queue by one; only an accept() takes it back down.
+        if now is not None and now <= self._queue_before:
+            self.close()
+            return True
+        self.last_problem = (
+            f"{now} connection(s) wait in the accept queue of port {self.port}: "
+            "the service has not accepted one yet"
+        )
+        return False
+
+    def _check_http(self) -> bool:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=_HTTP_TIMEOUT_S)
+        try:
+            conn.request("GET", self.path, headers={"User-Agent": "portpool-readiness"})
+            response = conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.last_problem = f"GET {self.path} on port {self.port}: {e or type(e).__name__}"
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+        if 200 <= response.status < 300:
+            return True
+        self.last_problem = f"GET {self.path} on port {self.port} answered {response.status}"
+        return False
