@@ -25,6 +25,8 @@ from portpool.layout import Layout, describe_layout, resolve_layout
 if TYPE_CHECKING:
     import subprocess
 
+    from portpool.records import ServiceInfo
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -79,6 +81,18 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min ago"
 
 
+def _service_text(s: ServiceInfo) -> str:
+    """``name=port``, plus ``(state, N restarts, last exit S)`` for a supervised service."""
+    if s.state is None:
+        return f"{s.name}={s.port}"
+    extra = [s.state]
+    if s.restarts:
+        extra.append(f"{s.restarts} restart{'s' if s.restarts != 1 else ''}")
+    if s.last_exit_status is not None:
+        extra.append(f"last exit {s.last_exit_status}")
+    return f"{s.name}={s.port} ({', '.join(extra)})"
+
+
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -109,7 +123,7 @@ def status(config: str | None, as_json: bool) -> None:
             pid = str(info.pid) if info.pid is not None else "-"
             alive = "yes" if info.alive else "no"
             if info.readable:
-                services = "  ".join(f"{s.name}={s.port}" for s in info.services)
+                services = "  ".join(_service_text(s) for s in info.services)
             else:
                 services = info.problem or "record unreadable"
             click.echo(
@@ -325,21 +339,25 @@ def up(config: str | None, grace: float) -> None:
             lambda signum: supervisor.finish(
                 Outcome(0, f"stopping on {signal.Signals(signum).name}")
             ),
-            _stop_signals(),
+            [s for s in _stop_signals() if s != getattr(signal, "SIGHUP", None)],
         )
-        pids = supervisor.start()
+        if hasattr(signal, "SIGHUP"):  # a rolling restart on the same sockets
+            _install_handlers(lambda _signum: supervisor.request_rolling_restart(), [signal.SIGHUP])
+        supervisor.start()
         instance.start_shield(
             on_lost=lambda lease, reason: supervisor.finish(
                 Outcome(4, f"shield tripped: {reason}")
             ),
             own_pids=supervisor.own_pids,
         )
-        click.echo(f"portpool: instance {instance.number} of {layout.app} is up")
-        click.echo(f"  {'service':<16} {'port':>5}  {'pid':>7}")
-        for name, lease in instance.leases.items():
-            pid = pids.get(name)
-            click.echo(f"  {name:<16} {lease.port:>5}  {pid if pid else '-':>7}")
-        sys.stdout.flush()
+        if supervisor.wait_ready():
+            click.echo(f"portpool: instance {instance.number} of {layout.app} is up")
+            click.echo(f"  {'service':<16} {'port':>5}  {'pid':>7}")
+            pids = {name: k.pid for name, k in supervisor.keepers.items()}
+            for name, lease in instance.leases.items():
+                pid = pids.get(name)
+                click.echo(f"  {name:<16} {lease.port:>5}  {pid if pid else '-':>7}")
+            sys.stdout.flush()
         outcome = supervisor.wait()
     finally:
         instance.release()

@@ -114,6 +114,7 @@ class Instance:
         self.slot = slot
         self.leases = leases
         self.service_pids: dict[str, int] = {}
+        self.service_states: dict[str, Mapping[str, Any]] = {}  # set by the supervisor
         self.started_at = time.time()
         self.lost_reason: str | None = None
         self._stop = threading.Event()
@@ -172,6 +173,7 @@ class Instance:
                     "pool": self.pool(name),
                     "port": lease.port,
                     "pid": self.service_pids.get(name, me.pid),
+                    **self.service_states.get(name, {}),
                 }
                 for name, lease in self.leases.items()
             ],
@@ -191,6 +193,15 @@ class Instance:
         except PortPoolError as e:
             # As for the heartbeat: the shield, not a record write, judges ownership.
             log.warning("instance %d: cannot record service pids: %s", self.number, e)
+
+    def set_service_states(
+        self, states: Mapping[str, Mapping[str, Any]], pids: Mapping[str, int]
+    ) -> None:
+        """Record each supervised service's state (``state``, ``restarts``,
+        ``last_exit_status``, ...) and pid, for ``status`` and the dashboard."""
+        with self._mutex:
+            self.service_states.update(states)
+        self.set_service_pids(pids)
 
     def problem(self) -> str | None:
         """None while the slot lock and the record are still ours, else what went wrong."""

@@ -92,9 +92,23 @@ class ServiceInfo(NamedTuple):
     pool: tuple[int, ...]
     port: int | None
     pid: int | None
+    state: str | None = None  # starting, ready, restarting, exited (supervised by `up`)
+    restarts: int = 0
+    last_exit_status: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "pool": list(self.pool), "port": self.port, "pid": self.pid}
+        return {
+            "name": self.name,
+            "pool": list(self.pool),
+            "port": self.port,
+            "pid": self.pid,
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_exit_status": self.last_exit_status,
+        }
+
+
+_STATES = frozenset(("waiting", "starting", "ready", "restarting", "exited"))
 
 
 def _int_or_none(value: object) -> int | None:
@@ -110,7 +124,8 @@ def _valid_pool(pool: object) -> bool:
 
 
 def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
-    """Validated service entries as plain dicts of exactly name, pool, port, pid.
+    """Validated service entries as plain dicts of name, pool, port, pid, and for a
+    service ``up`` supervises: state, restarts, last_exit_status.
 
     Plain dicts because ``status --json`` passes tens of thousands of them straight to
     the JSON encoder; ``InstanceInfo.services`` wraps them on demand.
@@ -126,14 +141,22 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
         if not _valid_pool(pool):
             raise ValueError(f"service {name!r} has an invalid pool")
         port, pid = item.get("port"), item.get("pid")
-        out.append(
-            {
-                "name": name[:64],
-                "pool": pool,
-                "port": port if type(port) is int and 0 < port < 65536 else None,
-                "pid": pid if type(pid) is int and 0 < pid < 2**31 else None,
-            }
-        )
+        entry = {
+            "name": name[:64],
+            "pool": pool,
+            "port": port if type(port) is int and 0 < port < 65536 else None,
+            "pid": pid if type(pid) is int and 0 < pid < 2**31 else None,
+        }
+        if "state" in item:
+            state, restarts, last = (
+                item["state"],
+                item.get("restarts"),
+                item.get("last_exit_status"),
+            )
+            entry["state"] = state if type(state) is str and state in _STATES else None
+            entry["restarts"] = restarts if type(restarts) is int and restarts >= 0 else 0
+            entry["last_exit_status"] = last if type(last) is int and 0 <= last < 256 else None
+        out.append(entry)
     return tuple(out)
 
 
@@ -154,7 +177,15 @@ class InstanceInfo:
     @property
     def services(self) -> tuple[ServiceInfo, ...]:
         return tuple(
-            ServiceInfo(e["name"], tuple(e["pool"]), e["port"], e["pid"])
+            ServiceInfo(
+                e["name"],
+                tuple(e["pool"]),
+                e["port"],
+                e["pid"],
+                e.get("state"),
+                e.get("restarts", 0),
+                e.get("last_exit_status"),
+            )
             for e in self.service_entries
         )
 

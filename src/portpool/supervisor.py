@@ -8,6 +8,7 @@ never hit). Stopping is SIGTERM, a grace period, then SIGKILL, own children only
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -15,12 +16,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO
 
+from portpool._keeper import Failure, ServiceKeeper
+from portpool._order import start_order
+from portpool._readiness import ReadinessProbe
+from portpool._restart import RESTART_BURST, RESTART_WINDOW_S
 from portpool.errors import PortPoolError
 from portpool.instance import Instance
+from portpool.layout import Service
 
 DEFAULT_GRACE_S = 5.0
 _INHERITED = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
@@ -122,18 +128,48 @@ class Outcome:
     message: str = ""
 
 
-def _pump(name: str, width: int, stream: IO[bytes], out: IO[str], lock: threading.Lock) -> None:
+def _pump(
+    name: str,
+    width: int,
+    stream: IO[bytes],
+    out: IO[str],
+    lock: threading.Lock,
+    *,
+    on_line: Callable[[str], None] | None = None,
+) -> None:
     prefix = f"{name:<{width}} | "
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
+        if on_line is not None:
+            on_line(line)
         with lock:
             out.write(prefix + line + "\n")
             out.flush()
     stream.close()
 
 
+def describe_failure(failure: Failure) -> str:
+    """The one-line message for a keeper's ``Failure`` (the instance stops, exit 5)."""
+    name = failure.service
+    status = "" if failure.returncode is None else describe_status(failure.returncode)
+    if failure.kind == "exited":
+        return f"service {name!r} exited on its own ({status})"
+    if failure.kind == "early":
+        return f"service {name!r} exited before it was ready ({status})"
+    if failure.kind == "gave-up":
+        return (
+            f"service {name!r} gave up: more than {RESTART_BURST} restarts within "
+            f"{RESTART_WINDOW_S:g} s (last: {status})"
+        )
+    if failure.kind == "not-ready":
+        return f"service {name!r} was not ready in time ({failure.detail})"
+    return f"service {name!r} could not start: {failure.detail}"
+
+
 class Supervisor:
-    """Runs the services of one instance that have a ``command`` in the layout."""
+    """Runs the services of one instance that have a ``command`` in the layout: starts
+    them in dependency order, waits for each one's readiness, restarts them by their
+    ``restart`` policy on the same listening socket (``portpool._keeper``)."""
 
     def __init__(
         self, instance: Instance, *, grace_s: float = DEFAULT_GRACE_S, out: IO[str] | None = None
@@ -141,70 +177,139 @@ class Supervisor:
         self.instance = instance
         self.grace_s = grace_s
         self.out = out or sys.stdout
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.keepers: dict[str, ServiceKeeper] = {}
         self._done = threading.Event()
         self._outcome: Outcome | None = None
         self._stopping = False
         self._print_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._width = 0
+        self._common: dict[str, str] = {}
+        self._rolling = threading.Lock()
+
+    @property
+    def children(self) -> dict[str, subprocess.Popen[bytes]]:
+        """The current process of each service that was started."""
+        return {name: k.proc for name, k in self.keepers.items() if k.proc is not None}
 
     def start(self) -> dict[str, int]:
-        """Start every service with a command; returns service -> pid."""
+        """Start a keeper thread per service with a command, in dependency order; each
+        starts its service once what it depends on is ready. Returns service -> pid for
+        those already started (see ``wait_ready``)."""
         layout = self.instance.layout
-        services = [s for s in layout.services if s.command and s.name in self.instance.leases]
-        width = max((len(s.name) for s in services), default=0)
-        common = {"PORTPOOL_SUPERVISOR_PID": str(os.getpid())}
+        services = {
+            s.name: s for s in layout.services if s.command and s.name in self.instance.leases
+        }
+        self._width = max((len(name) for name in services), default=0)
+        self._common = {"PORTPOOL_SUPERVISOR_PID": str(os.getpid())}
         if "PORTPOOL_HOME" not in os.environ:
-            common["PORTPOOL_HOME"] = self.instance.state.path
-        try:
-            for svc in services:
-                assert svc.command is not None
-                lease = self.instance.leases[svc.name]
-                env = base_environment({**self.instance.env(svc.name), **common})
-                sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
-                if svc.socket == "port":
-                    # The child binds the port itself; our lock keeps portpool users off.
-                    lease.close_socket()
-                proc = spawn(
-                    svc.command,
-                    env,
-                    sockets=sockets,
-                    watch_parent=True,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                )
-                self.children[svc.name] = proc
-                assert proc.stdout is not None
-                pump = threading.Thread(
-                    target=_pump,
-                    args=(svc.name, width, proc.stdout, self.out, self._print_lock),
-                    name=f"portpool-out-{svc.name}",
-                    daemon=True,
-                )
-                pump.start()
-                self._threads.append(pump)
-        except BaseException:
-            stop_children(self.children, self.grace_s)
-            raise
-        for name, proc in self.children.items():
-            waiter = threading.Thread(
-                target=self._watch, args=(name, proc), name=f"portpool-wait-{name}", daemon=True
+            self._common["PORTPOOL_HOME"] = self.instance.state.path
+        # A dependency without a command has nothing to wait for.
+        graph = {n: tuple(d for d in s.depends_on if d in services) for n, s in services.items()}
+        for name in start_order(graph):
+            svc = services[name]
+            lease = self.instance.leases[name]
+            if svc.socket == "port":
+                # The child binds the port itself; our lock keeps portpool users off.
+                lease.close_socket()
+            self.keepers[name] = ServiceKeeper(
+                svc,
+                lease.port,
+                spawn=self._spawn_service,
+                stop=self._stop_one,
+                make_probe=functools.partial(self._probe, svc),
+                on_change=self._record_states,
+                on_ready=self._print_ready,
+                on_failure=lambda failure: self.finish(Outcome(5, describe_failure(failure))),
+                done=self._done,
+                depends_on=[self.keepers[d] for d in graph[name]],
             )
-            waiter.start()
-        pids = {name: proc.pid for name, proc in self.children.items()}
-        self.instance.set_service_pids(pids)
-        return pids
+        self._record_states(None)
+        for name, keeper in self.keepers.items():
+            thread = threading.Thread(target=keeper.run, name=f"portpool-keep-{name}", daemon=True)
+            thread.start()
+        return {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
+
+    def _probe(self, svc: Service) -> ReadinessProbe:
+        lease = self.instance.leases[svc.name]
+        listening = lease.socket if svc.socket == "fd" else None
+        host = listening.getsockname()[0] if listening is not None else self.instance.layout.host
+        return ReadinessProbe(svc.ready, host, lease.port, listening)
+
+    def _spawn_service(self, svc: Service, probe: ReadinessProbe) -> subprocess.Popen[bytes]:
+        assert svc.command is not None
+        lease = self.instance.leases[svc.name]
+        env = base_environment({**self.instance.env(svc.name), **self._common})
+        sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
+        proc = spawn(
+            svc.command,
+            env,
+            sockets=sockets,
+            watch_parent=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert proc.stdout is not None
+        pump = threading.Thread(
+            target=_pump,
+            args=(svc.name, self._width, proc.stdout, self.out, self._print_lock),
+            kwargs={"on_line": probe.feed_line},
+            name=f"portpool-out-{svc.name}",
+            daemon=True,
+        )
+        pump.start()
+        self._threads.append(pump)
+        return proc
+
+    def _stop_one(self, proc: subprocess.Popen[bytes]) -> None:
+        stop_children({"service": proc}, self.grace_s)
+
+    def _record_states(self, _keeper: ServiceKeeper | None) -> None:
+        pids = {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
+        states = {name: k.snapshot() for name, k in self.keepers.items()}
+        self.instance.set_service_states(states, pids)
+
+    def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
+        again = f" (restart {keeper.restarts})" if keeper.restarts else ""
+        with self._print_lock:
+            self.out.write(
+                f"portpool: {keeper.name} ready on port {keeper.port} in {seconds:.2f} s{again}\n"
+            )
+            self.out.flush()
+
+    def wait_ready(self) -> bool:
+        """Block until every service was ready once (True) or the run ends (False)."""
+        for keeper in self.keepers.values():
+            while not keeper.ever_ready.wait(0.2):
+                if self._done.is_set():
+                    return False
+        return not self._done.is_set()
 
     def own_pids(self) -> list[int]:
         return [p.pid for p in self.children.values() if p.returncode is None]
 
-    def _watch(self, name: str, proc: subprocess.Popen[bytes]) -> None:
-        returncode = proc.wait()
-        if not self._stopping:
-            self.finish(
-                Outcome(5, f"service {name!r} exited on its own ({describe_status(returncode)})")
-            )
+    def rolling_restart(self) -> list[str]:
+        """Restart every ready service in dependency order, each on its same socket,
+        waiting for each to be ready again before the next; returns those restarted.
+        A second request while one runs is ignored."""
+        if not self._rolling.acquire(blocking=False):
+            return []
+        try:
+            done = []
+            for name, keeper in self.keepers.items():
+                if self._done.is_set():
+                    break
+                timeout = keeper.service.ready_timeout_s + self.grace_s
+                if keeper.restart_now(timeout):
+                    done.append(name)
+            return done
+        finally:
+            self._rolling.release()
+
+    def request_rolling_restart(self) -> None:
+        """Start ``rolling_restart`` in a thread (safe to call from a signal handler)."""
+        threading.Thread(target=self.rolling_restart, name="portpool-rolling", daemon=True).start()
 
     def finish(self, outcome: Outcome) -> None:
         """Ask the supervisor to stop with ``outcome`` (the first request wins)."""
@@ -221,6 +326,7 @@ class Supervisor:
     def stop(self) -> None:
         """Stop own children (SIGTERM, grace, SIGKILL) and let their output drain."""
         self._stopping = True
+        self._done.set()
         stop_children(self.children, self.grace_s)
         for thread in self._threads:
             thread.join(timeout=2)
