@@ -125,7 +125,7 @@ def _valid_pool(pool: object) -> bool:
 
 def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
     """Validated service entries as plain dicts of name, pool, port, pid, and for a
-    service ``up`` supervises: state, restarts, last_exit_status.
+    service ``up`` supervises: state, restarts, last_exit_status, started_at, ready_at.
 
     Plain dicts because ``status --json`` passes tens of thousands of them straight to
     the JSON encoder; ``InstanceInfo.services`` wraps them on demand.
@@ -156,6 +156,9 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
             entry["state"] = state if type(state) is str and state in _STATES else None
             entry["restarts"] = restarts if type(restarts) is int and restarts >= 0 else 0
             entry["last_exit_status"] = last if type(last) is int and 0 <= last < 256 else None
+            for key in ("started_at", "ready_at"):  # wall clock of the current process
+                value = item.get(key)
+                entry[key] = value if type(value) is float and is_finite_number(value) else None
         out.append(entry)
     return tuple(out)
 
