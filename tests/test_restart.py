@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from tests.helpers import read_line, start, status_json, wait_for
+from tests.helpers import LineReader, start, status_json, wait_for
 
 from portpool._order import dependency_problems, start_order
 from portpool._platform import listeners
@@ -197,18 +197,9 @@ def request(port: int, timeout: float = 30.0) -> tuple[int, int]:
     return int(pid), int(n)
 
 
-def wait_is_up(proc: Any, timeout: float = 60.0) -> list[str]:
-    """``up``'s stdout lines up to and including "... is up" (bounded)."""
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = read_line(proc, timeout=max(0.1, deadline - time.monotonic()))
-        if not line:
-            break
-        lines.append(line.rstrip("\n"))
-        if line.rstrip().endswith("is up"):
-            return lines
-    raise AssertionError(f"up did not say 'is up': {lines}")
+def wait_is_up(reader: LineReader, timeout: float = 60.0) -> list[str]:
+    """``up``'s output lines up to "... is up" (bounded wait)."""
+    return reader.until(lambda line: line.endswith("is up"), timeout)
 
 
 def service_record(config: Path, name: str) -> dict[str, Any]:
@@ -216,11 +207,10 @@ def service_record(config: Path, name: str) -> dict[str, Any]:
     return next(s for s in instance["services"] if s["name"] == name)
 
 
-def stop_up(proc: Any) -> tuple[str, str]:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    return out, err
+def stop_up(reader: LineReader) -> tuple[str, str]:
+    if reader.proc.poll() is None:
+        reader.proc.send_signal(signal.SIGTERM)
+    return reader.finish(60)
 
 
 def env_with(**values: str) -> dict[str, str]:
@@ -234,8 +224,9 @@ def test_on_failure_restarts_keep_the_port_and_answer_every_request(
 ) -> None:
     config = write_config(tmp_path, port_base, {"flaky": {"restart": "on-failure"}})
     proc = start("up", "--config", str(config), env=env_with(FAIL_EVERY="20"))
+    reader = LineReader(proc)
     try:
-        wait_is_up(proc)
+        wait_is_up(reader)
         port = service_record(config, "flaky")["port"]
         answers: list[tuple[int, int]] = []
         errors: list[str] = []
@@ -264,7 +255,7 @@ def test_on_failure_restarts_keep_the_port_and_answer_every_request(
         assert record["last_exit_status"] == 1
         assert [listener.port for listener in listeners(port)] == [port]
     finally:
-        out, err = stop_up(proc)
+        out, err = stop_up(reader)
     assert proc.returncode == 0, err
     assert out.count("flaky ready on port") == exits + 1
 
@@ -287,9 +278,10 @@ def test_crash_loop_of_one_service_stops_the_whole_instance(
         },
     )
     proc = start("up", "--config", str(config), "--grace", "2")
-    lines = wait_is_up(proc)
+    reader = LineReader(proc)
+    lines = wait_is_up(reader)
     calm_pid = service_record(config, "calm")["pid"]
-    out, err = proc.communicate(timeout=90)
+    out, err = reader.finish(90)
     assert proc.returncode == 5, (lines, out, err)
     assert "service 'crash' gave up: more than 5 restarts within 60 s (last: exit status 3)" in err
     assert not psutil.pid_exists(calm_pid) or psutil.Process(calm_pid).status() == "zombie"
@@ -301,8 +293,9 @@ def test_kill_9_of_an_always_service_brings_it_back_on_the_same_socket(
 ) -> None:
     config = write_config(tmp_path, port_base, {"steady": {"restart": "always"}})
     proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
     try:
-        wait_is_up(proc)
+        wait_is_up(reader)
         port = service_record(config, "steady")["port"]
         (before,) = listeners(port)
         first_pid, _ = request(port)
@@ -318,7 +311,7 @@ def test_kill_9_of_an_always_service_brings_it_back_on_the_same_socket(
         assert record["last_exit_status"] == 128 + signal.SIGKILL
         assert record["pid"] == second_pid and record["port"] == port
     finally:
-        _out, err = stop_up(proc)
+        _out, err = stop_up(reader)
     assert proc.returncode == 0, err
 
 
@@ -329,7 +322,8 @@ def test_kill_9_of_up_leaves_nothing_with_restarting_services(
         tmp_path, port_base, {"one": {"restart": "always"}, "two": {"restart": "on-failure"}}
     )
     proc = start("up", "--config", str(config))
-    wait_is_up(proc)
+    reader = LineReader(proc)
+    wait_is_up(reader)
     ports = [service_record(config, n)["port"] for n in ("one", "two")]
     pids = [request(p)[0] for p in ports]
     proc.kill()
@@ -339,11 +333,12 @@ def test_kill_9_of_up_leaves_nothing_with_restarting_services(
         wait_for(lambda port=port: listeners(port) == [], 20)
     # Every lock was freed by the kernel: the next up gets the same ports.
     again = start("up", "--config", str(config))
+    again_reader = LineReader(again)
     try:
-        wait_is_up(again)
+        wait_is_up(again_reader)
         assert [service_record(config, n)["port"] for n in ("one", "two")] == ports
     finally:
-        stop_up(again)
+        stop_up(again_reader)
 
 
 def test_sighup_restarts_every_service_in_dependency_order_on_the_same_ports(
@@ -351,8 +346,9 @@ def test_sighup_restarts_every_service_in_dependency_order_on_the_same_ports(
 ) -> None:
     config = write_config(tmp_path, port_base, {"web": {"depends_on": ["db"]}, "db": {}})
     proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
     try:
-        wait_is_up(proc)
+        wait_is_up(reader)
         ports = {n: service_record(config, n)["port"] for n in ("db", "web")}
         old = {n: request(p)[0] for n, p in ports.items()}
         proc.send_signal(signal.SIGHUP)
@@ -372,16 +368,17 @@ def test_sighup_restarts_every_service_in_dependency_order_on_the_same_ports(
         assert db["restarts"] == web["restarts"] == 0  # on purpose: not a failure
         assert proc.poll() is None
     finally:
-        _out, err = stop_up(proc)
+        _out, err = stop_up(reader)
     assert proc.returncode == 0, err
 
 
 def test_restart_no_still_stops_the_instance(tmp_path: Path, port_base: int, home: Path) -> None:
     config = write_config(tmp_path, port_base, {"once": {}})
     proc = start("up", "--config", str(config))
-    wait_is_up(proc)
+    reader = LineReader(proc)
+    wait_is_up(reader)
     pid, _ = request(service_record(config, "once")["port"])
     os.kill(pid, signal.SIGKILL)
-    _out, err = proc.communicate(timeout=60)
+    _out, err = reader.finish(60)
     assert proc.returncode == 5
     assert "service 'once' exited on its own (killed by SIGKILL)" in err

@@ -166,8 +166,8 @@ class ServiceKeeper:
                 return None
             self.ready_at = time.time()
             self._set("ready")
-            self.ever_ready.set()
             self._on_ready(self, time.monotonic() - begun)
+            self.ever_ready.set()  # after the "ready" line: "is up" must come last
         finally:
             probe.close()
         returncode = proc.wait()
