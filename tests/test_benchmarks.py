@@ -140,3 +140,16 @@ def test_one_up_launch_is_ready_then_frees_every_lock(tmp_path: Path) -> None:
     assert timings["ready"] > 0
     assert timings["locks_free"] <= timings["exited"]
     assert held_lock_inodes(state) == set()
+
+
+@pytest.mark.slow
+def test_quick_restart_benchmark_refuses_nothing_with_the_socket_kept() -> None:
+    from benchmarks.bench_restart import run
+
+    section = run(quick=True)
+    assert section.extra["kept_refused"] == [0, 0, 0]
+    # The restart loop that rebinds refuses connections while the service is down.
+    refused = section.extra["rebind_refused"]
+    assert isinstance(refused, list) and all(n > 0 for n in refused)
+    for row in section.rows:
+        assert row.median > 0

@@ -126,14 +126,15 @@ class ServiceKeeper:
             if self._expected_exit:
                 self._expected_exit = False
                 continue
-            decision = self.tracker.on_exit(returncode, time.monotonic())
+            exited_at = time.monotonic()
+            decision = self.tracker.on_exit(returncode, exited_at)
             if not decision.restart:
                 self._set("exited")
                 kind = "gave-up" if decision.give_up else "exited"
                 self._on_failure(Failure(self.name, kind, returncode))
                 return
-            self._set("restarting")
-            if self._done.wait(decision.delay_s):
+            self._set("restarting")  # writes the record: counted in the backoff
+            if self._done.wait(max(0.0, exited_at + decision.delay_s - time.monotonic())):
                 return
 
     def _run_once(self) -> int | None:
