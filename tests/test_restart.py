@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 import pytest
-from tests.helpers import LineReader, start, status_json, wait_for
+from tests.helpers import LineReader, portpool, start, status_json, wait_for
 
 from portpool._order import dependency_problems, start_order
 from portpool._platform import listeners
@@ -310,6 +310,8 @@ def test_kill_9_of_an_always_service_brings_it_back_on_the_same_socket(
         assert record["restarts"] == 1
         assert record["last_exit_status"] == 128 + signal.SIGKILL
         assert record["pid"] == second_pid and record["port"] == port
+        shown = portpool("status", "--config", str(config)).stdout
+        assert f"steady={port} (ready, 1 restart, last exit 137)" in shown
     finally:
         _out, err = stop_up(reader)
     assert proc.returncode == 0, err

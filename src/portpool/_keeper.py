@@ -22,7 +22,7 @@ from portpool.layout import Service
 
 __all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper"]
 
-SERVICE_STATES = ("waiting", "starting", "ready", "restarting", "exited")
+SERVICE_STATES = ("starting", "ready", "restarting", "exited")
 _PROBE_INTERVAL_S = 0.05
 
 
@@ -78,7 +78,7 @@ class ServiceKeeper:
         self._done = done
         self._depends_on = tuple(depends_on)
         self.tracker = RestartTracker(service.restart)
-        self.state = "waiting"
+        self.state = "starting"  # also while it waits for what it depends on
         self.pid: int | None = None
         self.last_exit_status: int | None = None  # the shell's view: 128+N for signal N
         self.started_at: float | None = None  # wall clock of the current process's start
@@ -148,6 +148,8 @@ class ServiceKeeper:
             try:
                 proc = self._spawn(self.service, probe)
             except Exception as e:  # any reason a process could not start
+                if self._done.is_set():
+                    return None  # the instance is stopping: not a failure of this service
                 self._set("exited")
                 self._on_failure(Failure(self.name, "cannot-start", None, str(e)))
                 return None

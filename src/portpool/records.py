@@ -108,7 +108,7 @@ class ServiceInfo(NamedTuple):
         }
 
 
-_STATES = frozenset(("waiting", "starting", "ready", "restarting", "exited"))
+_STATES = frozenset(("starting", "ready", "restarting", "exited"))
 
 
 def _int_or_none(value: object) -> int | None:

@@ -189,6 +189,10 @@ class Supervisor:
         self._width = 0
         self._common: dict[str, str] = {}
         self._rolling = threading.Lock()
+        # Spawning and stopping exclude each other: a restart that begins while the
+        # instance stops would leave a service behind.
+        self._spawn_lock = threading.Lock()
+        self._spawned: list[subprocess.Popen[bytes]] = []
 
     @property
     def children(self) -> dict[str, subprocess.Popen[bytes]]:
@@ -244,15 +248,20 @@ class Supervisor:
         lease = self.instance.leases[svc.name]
         env = base_environment({**self.instance.env(svc.name), **self._common})
         sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
-        proc = spawn(
-            svc.command,
-            env,
-            sockets=sockets,
-            watch_parent=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        with self._spawn_lock:
+            if self._stopping:
+                raise PortPoolError("the instance is stopping")
+            proc = spawn(
+                svc.command,
+                env,
+                sockets=sockets,
+                watch_parent=True,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            self._spawned = [p for p in self._spawned if p.returncode is None]
+            self._spawned.append(proc)
         assert proc.stdout is not None
         pump = threading.Thread(
             target=_pump,
@@ -328,8 +337,10 @@ class Supervisor:
 
     def stop(self) -> None:
         """Stop own children (SIGTERM, grace, SIGKILL) and let their output drain."""
-        self._stopping = True
-        self._done.set()
-        stop_children(self.children, self.grace_s)
+        with self._spawn_lock:
+            self._stopping = True
+            self._done.set()
+        running = [p for p in self._spawned if p.poll() is None]
+        stop_children({str(p.pid): p for p in running}, self.grace_s)
         for thread in self._threads:
             thread.join(timeout=2)
