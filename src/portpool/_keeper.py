@@ -39,17 +39,18 @@ class Failure:
 
 
 SpawnFn = Callable[[Service, ReadinessProbe], subprocess.Popen[bytes]]
-StopFn = Callable[[subprocess.Popen[bytes]], None]
+StopFn = Callable[[str], None]
 
 
 class ServiceKeeper:
     """Keeps one service running; see the module docstring.
 
     ``spawn(service, probe)`` starts one process (its output is fed to the probe);
-    ``stop(proc)`` stops one process we started; ``make_probe()`` gives a fresh probe
-    per start; ``on_change(keeper)`` is called after every state change; ``on_ready
-    (keeper, seconds)`` when a start became ready; ``on_failure(failure)`` when the
-    instance must stop. ``done`` is set when the instance is stopping.
+    ``stop(name)`` stops the service's current process (and its tree);
+    ``make_probe()`` gives a fresh probe per start; ``on_change(keeper)`` is called
+    after every state change; ``on_ready(keeper, seconds)`` when a start became ready;
+    ``on_failure(failure)`` when the instance must stop. ``done`` is set when the
+    instance is stopping.
     """
 
     def __init__(
@@ -202,11 +203,10 @@ class ServiceKeeper:
         (rolling restart, same socket). False if that did not happen in ``timeout_s``."""
         with self._cond:
             before = self._ready_count
-            proc = self.proc
-            if proc is None or self.state != "ready":
+            if self.proc is None or self.state != "ready":
                 return False
             self._expected_exit = True
-        self._stop(proc)
+        self._stop(self.name)
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while self._ready_count == before and not self._done.is_set():

@@ -12,20 +12,18 @@ import json
 import logging
 import signal
 import sys
-import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from portpool.errors import LayoutError, PortPoolError, ShieldTripped
+from portpool.errors import PortPoolError
 from portpool.layout import Layout, describe_layout, resolve_layout
 
 if TYPE_CHECKING:
-    import subprocess
-
+    from portpool.instance import Instance
     from portpool.records import ServiceInfo
+    from portpool.supervisor import Outcome
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -205,17 +203,43 @@ def gc(config: str | None) -> None:
 # ---------------------------------------------------------------- run / up
 
 
-def _install_handlers(handler: Callable[[int], None], signals: list[int]) -> None:
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        handler(signum)
-
-    for signum in signals:
-        signal.signal(signum, on_signal)
+def _announce(instance: Instance) -> None:
+    ports = " ".join(f"{name}={port}" for name, port in instance.ports.items())
+    click.echo(f"portpool: instance {instance.number} of {instance.app}: {ports}", err=True)
 
 
-def _stop_signals() -> list[int]:
-    names = ("SIGINT", "SIGTERM", "SIGHUP")
-    return [getattr(signal, n) for n in names if hasattr(signal, n)]
+def _finish(outcome: Outcome, instance_line: str | None) -> None:
+    """Print how it ended, then exit with the outcome's code or die of its signal."""
+    from portpool._relay import die_of
+
+    for line in outcome.lingering:
+        click.echo(f"portpool: {line}", err=True)
+    if instance_line is not None and not outcome.lingering:
+        click.echo(instance_line)
+    if outcome.signum is not None:
+        die_of(outcome.signum)
+    sys.exit(outcome.code)
+
+
+def _interrupted(func: F) -> F:
+    """An interrupt before the command started: everything is released; die of it."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from portpool._relay import die_of
+        from portpool.errors import Interrupted
+
+        try:
+            return func(*args, **kwargs)
+        except Interrupted as e:
+            die_of(e.signum)
+
+    return wrapper  # type: ignore[return-value]
+
+
+quiet_option = click.option(
+    "--quiet", "-q", is_flag=True, help="Do not print the instance and its ports on stderr."
+)
 
 
 # Options end at the command: `run python -c ...` must not read -c as --config.
@@ -231,84 +255,28 @@ def _stop_signals() -> list[int]:
 @click.option(
     "--fds", is_flag=True, help="Pass the listening sockets at fds 3.. (LISTEN_FDS protocol)."
 )
+@quiet_option
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @handle_errors
-def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple[str, ...]) -> None:
+@_interrupted
+def run(
+    config: str | None, services: tuple[str, ...], fds: bool, quiet: bool, command: tuple[str, ...]
+) -> None:
     """Start an instance, run COMMAND with its ports, release when it exits.
 
-    Exits with COMMAND's exit code (3 if nothing could start, 4 if the shield tripped).
+    Exits with COMMAND's exit code, or dies of the signal that killed it (3 if nothing
+    could start, 4 if the shield tripped).
     """
-    from portpool._platform import in_terminal_foreground
-    from portpool.errors import CommandNotFound
-    from portpool.instance import start_instance
-    from portpool.supervisor import (
-        base_environment,
-        exit_status,
-        find_program,
-        spawn,
-        stop_children,
+    from portpool.supervisor import run_command
+
+    outcome = run_command(
+        _layout(config),
+        command,
+        services=list(dict.fromkeys(services)),
+        fds=fds,
+        announce=None if quiet else _announce,
     )
-
-    layout = _layout(config)
-    problem = find_program(command)
-    if problem is not None:
-        raise CommandNotFound(command[0], problem)
-    # Handlers first: a signal that arrives while the command starts is kept and
-    # delivered once it runs, never left to kill us and orphan the command.
-    child: list[subprocess.Popen[bytes]] = []
-    pending: list[int] = []
-
-    def forward(signum: int) -> None:
-        if not child:
-            pending.append(signum)
-        elif signum == signal.SIGINT and in_terminal_foreground():
-            pass  # the terminal's Ctrl-C reached the command too: once is enough
-        elif child[0].poll() is None:
-            child[0].send_signal(signum)
-
-    _install_handlers(forward, _stop_signals())
-    instance = start_instance(layout, services=list(dict.fromkeys(services)) or None)
-    done = threading.Event()
-    tripped: list[str] = []
-    try:
-        names = list(instance.leases)
-        env = base_environment(instance.env(names[0] if len(names) == 1 else None))
-        sockets = [(lease.fileno(), name) for name, lease in instance.leases.items()] if fds else []
-        if not fds:
-            for lease in instance.leases.values():
-                lease.close_socket()  # the lock stays: no portpool user can take the port
-        proc = spawn(command, env, sockets=sockets, watch_parent=True)
-        child.append(proc)
-        try:
-            for signum in pending:
-                forward(signum)
-            instance.set_service_pids(dict.fromkeys(names, proc.pid))
-
-            def on_lost(lease: object, reason: str) -> None:
-                tripped.append(reason)
-                stop_children({"command": proc})
-                done.set()
-
-            instance.start_shield(on_lost=on_lost, own_pids=lambda: [proc.pid])
-
-            def wait_child() -> None:
-                proc.wait()
-                done.set()
-
-            threading.Thread(target=wait_child, name="portpool-run-wait", daemon=True).start()
-            while not done.wait(0.5):
-                pass
-            returncode = proc.wait()
-        except BaseException:
-            # Never leave the command running without the leases it was started with.
-            stop_children({"command": proc})
-            raise
-    finally:
-        instance.release()
-    if tripped:
-        click.echo(f"portpool: shield tripped: {tripped[0]}", err=True)
-        sys.exit(ShieldTripped.exit_code)
-    sys.exit(exit_status(returncode))
+    _finish(outcome, None)
 
 
 @cli.command()
@@ -318,61 +286,44 @@ def run(config: str | None, services: tuple[str, ...], fds: bool, command: tuple
     type=float,
     default=5.0,
     show_default=True,
-    help="Seconds services get to stop after SIGTERM before SIGKILL.",
+    help="Seconds services get to stop after the stop signal before SIGKILL.",
 )
+@quiet_option
 @handle_errors
-def up(config: str | None, grace: float) -> None:
+@_interrupted
+def up(config: str | None, grace: float, quiet: bool) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
-    from portpool.instance import start_instance
-    from portpool.supervisor import Outcome, Supervisor, find_program
+    from portpool.supervisor import run_up
 
     layout = _layout(config)
-    for service in layout.services:
-        problem = service.command and find_program(service.command)
-        if problem:
-            raise LayoutError(layout.source, f"services.{service.name}.command", problem)
-    instance = start_instance(layout)
-    supervisor = Supervisor(instance, grace_s=grace)
-    instance.on_release(supervisor.stop)
-    try:
-        _install_handlers(
-            lambda signum: supervisor.finish(
-                Outcome(0, f"stopping on {signal.Signals(signum).name}")
-            ),
-            [s for s in _stop_signals() if s != getattr(signal, "SIGHUP", None)],
-        )
-        if hasattr(signal, "SIGHUP"):  # a rolling restart on the same sockets
-            _install_handlers(lambda _signum: supervisor.request_rolling_restart(), [signal.SIGHUP])
-        supervisor.start()
-        instance.start_shield(
-            on_lost=lambda lease, reason: supervisor.finish(
-                Outcome(4, f"shield tripped: {reason}")
-            ),
-            own_pids=supervisor.own_pids,
-        )
-        if supervisor.wait_ready():
-            click.echo(f"portpool: instance {instance.number} of {layout.app} is up")
-            click.echo(f"  {'service':<16} {'port':>5}  {'pid':>7}")
-            pids = {name: k.pid for name, k in supervisor.keepers.items()}
-            for name, lease in instance.leases.items():
-                pid = pids.get(name)
-                click.echo(f"  {name:<16} {lease.port:>5}  {pid if pid else '-':>7}")
-            sys.stdout.flush()
-        outcome = supervisor.wait()
-    finally:
-        instance.release()
+    numbers: list[int] = []
+
+    def on_up(instance: Instance, pids: dict[str, int]) -> None:
+        numbers.append(instance.number)
+        if not quiet:
+            _announce(instance)
+        click.echo(f"portpool: instance {instance.number} of {layout.app} is up")
+        click.echo(f"  {'service':<16} {'port':>5}  {'pid':>7}")
+        for name, port in instance.ports.items():
+            pid = pids.get(name)
+            click.echo(f"  {name:<16} {port:>5}  {pid if pid else '-':>7}")
+        sys.stdout.flush()
+
+    outcome = run_up(layout, grace_s=grace, on_up=on_up)
     if outcome.message:
-        click.echo(f"portpool: {outcome.message}", err=outcome.code != 0)
-    click.echo(f"portpool: instance {instance.number} stopped; its ports are free")
-    sys.exit(outcome.code)
+        click.echo(f"portpool: {outcome.message}", err=outcome.code != 0 and outcome.signum is None)
+    stopped = f"portpool: instance {numbers[0]} stopped; its ports are free" if numbers else None
+    _finish(outcome, stopped)
 
 
 def main() -> None:
     """Console-script entry point."""
     try:
         cli(prog_name="portpool")
-    except KeyboardInterrupt:  # Ctrl-C before our handlers were installed
-        sys.exit(128 + signal.SIGINT)
+    except KeyboardInterrupt:  # Ctrl-C before run/up took over the signals
+        from portpool._relay import die_of
+
+        die_of(signal.SIGINT)
 
 
 if __name__ == "__main__":

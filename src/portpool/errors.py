@@ -12,6 +12,7 @@
     ├── ShieldTripped          a lease or the slot stopped being ours (exit code 4)
     ├── ServiceExited          a supervised service exited on its own (exit code 5)
     ├── CommandNotFound        the command given to ``run`` cannot be executed (exit 127)
+    ├── Interrupted            a signal stopped ``run``/``up`` while starting (128+N)
     └── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
 
 Every error carries its context as attributes, so callers never parse messages.
@@ -165,3 +166,14 @@ class PassedSocketError(PortPoolError):
     def __init__(self, problem: str) -> None:
         self.problem = problem
         super().__init__(problem)
+
+
+class Interrupted(PortPoolError):
+    """A signal stopped ``run`` or ``up`` before its command started: everything was
+    released and nothing is left running. The CLI then dies of ``signum`` itself, as an
+    interrupted command would (exit 128+N where it cannot)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by signal {signum} before the command started")

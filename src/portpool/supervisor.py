@@ -1,8 +1,15 @@
-"""Starting and stopping service processes, for ``portpool up`` and ``portpool run``.
+"""Running commands and services on an instance: ``portpool run`` and ``portpool up``.
 
-Rule 7: we only ever signal processes we started ourselves, through their ``Popen``
-objects, which refuse to signal a child that was already reaped (so a recycled pid is
-never hit). Stopping is SIGTERM, a grace period, then SIGKILL, own children only.
+``run_command()`` and ``run_up()`` are the library calls behind the two commands; the
+``Supervisor`` they share has one place that starts a process with its sockets
+(``start_process``), one place that stops a process's whole tree (``stop``) and one
+wait loop (``wait``).
+
+Rule 7: we only signal processes we started, directly or through them: a service's
+process group while its leader is not reaped (so the group id cannot be reused), its
+``Popen`` (which refuses a reaped child), and descendants through ``psutil`` handles
+(which check the process start time). On Linux ``run``/``up`` is a child subreaper, so
+a service's double-forked or ``setsid`` children re-parent to us and stay stoppable.
 """
 
 from __future__ import annotations
@@ -10,125 +17,72 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import IO
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING, Any
 
 from portpool._keeper import Failure, ServiceKeeper
-from portpool._order import start_order
+from portpool._launch import (
+    DEFAULT_GRACE_S,
+    base_environment,
+    describe_status,
+    exit_status,
+    find_program,
+    spawn,
+    stop_children,
+)
+from portpool._platform import in_terminal_foreground, listeners, owners_of_inode
+from portpool._platform._process import (
+    ReceivedSignal,
+    enlarge_pipe,
+    process_group,
+    reap_adopted,
+    signal_group,
+)
 from portpool._readiness import ReadinessProbe
 from portpool._restart import RESTART_BURST, RESTART_WINDOW_S
 from portpool.errors import PortPoolError
-from portpool.instance import Instance
-from portpool.layout import Service
 
-DEFAULT_GRACE_S = 5.0
-_INHERITED = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
-_SPAWN_SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawn.py")
+__all__ = [
+    "DEFAULT_GRACE_S",
+    "Outcome",
+    "Supervisor",
+    "base_environment",
+    "describe_failure",
+    "describe_status",
+    "exit_status",
+    "find_program",
+    "run_command",
+    "run_up",
+    "spawn",
+    "stop_children",
+]
 
+if TYPE_CHECKING:
+    import psutil
 
-def exit_status(returncode: int) -> int:
-    """A shell-style exit status: 128+N for a child killed by signal N."""
-    return 128 - returncode if returncode < 0 else returncode
+    from portpool.instance import Instance
+    from portpool.layout import Layout, Service
 
-
-def describe_status(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"killed by {name}"
-    return f"exit status {returncode}"
-
-
-def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    """Our environment without inherited socket-activation variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
-    env.update(extra)
-    return env
-
-
-def find_program(command: Sequence[str]) -> str | None:
-    """None if ``command[0]`` can be executed, else why not (checked before anything
-    starts, so a typo in a layout is an error, not a service that dies at once)."""
-    if not command:
-        return "the command is empty"
-    program = command[0]
-    if os.sep in program or (os.altsep and os.altsep in program):
-        return None if os.access(program, os.X_OK) else f"{program!r} is not an executable file"
-    return None if shutil.which(program) else f"{program!r} was not found on PATH"
-
-
-def spawn(
-    command: Sequence[str],
-    env: Mapping[str, str],
-    *,
-    sockets: Sequence[tuple[int, str]] = (),
-    watch_parent: bool = False,
-    stdin: int | IO[bytes] | None = None,
-    stdout: int | IO[bytes] | None = None,
-    stderr: int | IO[bytes] | None = None,
-) -> subprocess.Popen[bytes]:
-    """Start ``command``; with ``sockets`` [(fd, name)] they arrive at fds 3.. by the
-    systemd protocol. ``watch_parent`` makes the child get SIGTERM if we die (Linux),
-    so a kill -9 of portpool never leaves a command running without its leases."""
-    if not command:
-        raise PortPoolError("empty command")
-    argv = list(command)
-    if sockets or watch_parent:
-        # The file, without site: `-m portpool._spawn` would import the whole package
-        # first, ~0.1 s more before every service start and restart.
-        shim = [sys.executable, "-S", _SPAWN_SHIM]
-        for fd, name in sockets:
-            shim += ["--fd", f"{fd}:{name}"]
-        if watch_parent:
-            shim += ["--parent", str(os.getpid())]
-        argv = [*shim, "--", *argv]
-    try:
-        return subprocess.Popen(
-            argv,
-            env=dict(env),
-            pass_fds=[fd for fd, _ in sockets],
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-        )
-    except OSError as e:
-        raise PortPoolError(f"cannot start {command[0]!r}: {e.strerror or e}") from e
-
-
-def stop_children(
-    children: Mapping[str, subprocess.Popen[bytes]], grace_s: float = DEFAULT_GRACE_S
-) -> None:
-    """SIGTERM each running child, wait up to ``grace_s``, then SIGKILL those left."""
-    for proc in children.values():
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.terminate()
-    deadline = time.monotonic() + grace_s
-    for proc in children.values():
-        remaining = max(0.0, deadline - time.monotonic())
-        try:
-            proc.wait(timeout=remaining)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
+_TICK_S = 0.5
+_SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
 @dataclass
 class Outcome:
-    """Why a supervised run ended, and the exit code it maps to."""
+    """Why a supervised run ended: the exit code it maps to, a message, and the signal
+    the caller should die of after releasing (None: exit with ``code``)."""
 
     code: int
     message: str = ""
+    signum: int | None = None
+    returncode: int | None = None  # ``run``: the command's Popen returncode
+    lingering: list[str] = field(default_factory=list)  # ports still held, for people
 
 
 def _pump(
@@ -144,8 +98,8 @@ def _pump(
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
         if on_line is not None:
-            on_line(line)
-        with lock:
+            on_line(line)  # a readiness probe waiting for a line ("log:")
+        with lock, contextlib.suppress(OSError, ValueError):
             out.write(prefix + line + "\n")
             out.flush()
     stream.close()
@@ -170,39 +124,116 @@ def describe_failure(failure: Failure) -> str:
 
 
 class Supervisor:
-    """Runs the services of one instance that have a ``command`` in the layout: starts
-    them in dependency order, waits for each one's readiness, restarts them by their
-    ``restart`` policy on the same listening socket (``portpool._keeper``)."""
+    """Processes started for one instance, each with its whole tree.
+
+    ``on_exit(name, returncode)`` is called (on a waiter thread) when a process exits
+    while no stop was requested; it returns the ``Outcome`` that ends ``wait()``, or
+    None to keep waiting.
+    """
 
     def __init__(
-        self, instance: Instance, *, grace_s: float = DEFAULT_GRACE_S, out: IO[str] | None = None
+        self,
+        instance: Instance,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        out: IO[str] | None = None,
+        on_exit: Callable[[str, int], Outcome | None] | None = None,
     ) -> None:
         self.instance = instance
         self.grace_s = grace_s
         self.out = out or sys.stdout
-        self.keepers: dict[str, ServiceKeeper] = {}
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.on_exit = on_exit or self._exited_on_its_own
+        self._groups: set[str] = set()  # names whose process leads its own group
+        self._tracked: dict[int, psutil.Process] = {}
         self._done = threading.Event()
         self._outcome: Outcome | None = None
         self._stopping = False
         self._print_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.keepers: dict[str, ServiceKeeper] = {}  # up's services (portpool._keeper)
         self._width = 0
         self._common: dict[str, str] = {}
         self._rolling = threading.Lock()
-        # Spawning and stopping exclude each other: a restart that begins while the
+        # Starting and stopping exclude each other: a restart that begins while the
         # instance stops would leave a service behind.
         self._spawn_lock = threading.Lock()
-        self._spawned: list[subprocess.Popen[bytes]] = []
 
-    @property
-    def children(self) -> dict[str, subprocess.Popen[bytes]]:
-        """The current process of each service that was started."""
-        return {name: k.proc for name, k in self.keepers.items() if k.proc is not None}
+    # -- starting
 
-    def start(self) -> dict[str, int]:
-        """Start a keeper thread per service with a command, in dependency order; each
-        starts its service once what it depends on is ready. Returns service -> pid for
-        those already started (see ``wait_ready``)."""
+    def start_process(
+        self,
+        name: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        sockets: Sequence[tuple[int, str]] = (),
+        own_group: bool = True,
+        capture: bool = True,
+        width: int = 0,
+        on_line: Callable[[str], None] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``command`` as ``name`` with ``sockets`` at fds 3.., the parent-death
+        signal set and (``own_group``) in its own process group. With ``capture`` its
+        output is printed with a ``name |`` prefix (each line also given to ``on_line``);
+        else it inherits our stdio. Raises StartError, or PortPoolError once stopping."""
+        keep: list[int] = []
+        read_fd = write_fd = -1
+        if capture:
+            read_fd, write_fd = os.pipe()
+            enlarge_pipe(write_fd)
+            keep = [read_fd]  # the service holds a reader too: writes never hit EPIPE
+        try:
+            with self._spawn_lock:
+                if self._stopping:
+                    raise PortPoolError(f"not starting {name!r}: the instance is stopping")
+                proc = spawn(
+                    command,
+                    env,
+                    sockets=sockets,
+                    watch_parent=True,
+                    own_group=own_group,
+                    keep_fds=keep,
+                    stdin=subprocess.DEVNULL if capture else None,
+                    stdout=write_fd if capture else None,
+                    stderr=write_fd if capture else None,
+                )
+                self.children[name] = proc
+                if own_group:
+                    self._groups.add(name)
+        except BaseException:
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        if capture:
+            os.close(write_fd)
+            pump = threading.Thread(
+                target=_pump,
+                args=(name, width, os.fdopen(read_fd, "rb"), self.out, self._print_lock),
+                kwargs={"on_line": on_line},
+                name=f"portpool-out-{name}",
+                daemon=True,
+            )
+            pump.start()
+            self._threads.append(pump)
+        waiter = threading.Thread(
+            target=self._watch, args=(name, proc), name=f"portpool-wait-{name}", daemon=True
+        )
+        waiter.start()
+        return proc
+
+    def start_services(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
+        """Start a keeper thread (``portpool._keeper``) for every service of the instance
+        that has a ``command``: each starts its service, in its own process group, once
+        what it depends on is ready, waits for its readiness and restarts it by its
+        ``restart`` policy on the same socket. Returns service -> pid of those started
+        already; ``wait_ready`` waits for the rest. Nothing starts once ``should_stop()``.
+        """
+        from portpool._order import start_order
+
+        if should_stop():
+            return {}
         layout = self.instance.layout
         services = {
             s.name: s for s in layout.services if s.command and s.name in self.instance.leases
@@ -215,15 +246,14 @@ class Supervisor:
         graph = {n: tuple(d for d in s.depends_on if d in services) for n, s in services.items()}
         for name in start_order(graph):
             svc = services[name]
-            lease = self.instance.leases[name]
             if svc.socket == "port":
                 # The child binds the port itself; our lock keeps portpool users off.
-                lease.close_socket()
+                self.instance.leases[name].close_socket()
             self.keepers[name] = ServiceKeeper(
                 svc,
-                lease.port,
+                self.instance.leases[name].port,
                 spawn=self._spawn_service,
-                stop=self._stop_one,
+                stop=self.stop_service,
                 make_probe=functools.partial(self._probe, svc),
                 on_change=self._record_states,
                 on_ready=self._print_ready,
@@ -248,34 +278,9 @@ class Supervisor:
         lease = self.instance.leases[svc.name]
         env = base_environment({**self.instance.env(svc.name), **self._common})
         sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
-        with self._spawn_lock:
-            if self._stopping:
-                raise PortPoolError("the instance is stopping")
-            proc = spawn(
-                svc.command,
-                env,
-                sockets=sockets,
-                watch_parent=True,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            self._spawned = [p for p in self._spawned if p.returncode is None]
-            self._spawned.append(proc)
-        assert proc.stdout is not None
-        pump = threading.Thread(
-            target=_pump,
-            args=(svc.name, self._width, proc.stdout, self.out, self._print_lock),
-            kwargs={"on_line": probe.feed_line},
-            name=f"portpool-out-{svc.name}",
-            daemon=True,
+        return self.start_process(
+            svc.name, svc.command, env, sockets=sockets, width=self._width, on_line=probe.feed_line
         )
-        pump.start()
-        self._threads.append(pump)
-        return proc
-
-    def _stop_one(self, proc: subprocess.Popen[bytes]) -> None:
-        stop_children({"service": proc}, self.grace_s)
 
     def _record_states(self, _keeper: ServiceKeeper | None) -> None:
         pids = {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
@@ -284,10 +289,9 @@ class Supervisor:
 
     def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
         again = f" (restart {keeper.restarts})" if keeper.restarts else ""
-        with self._print_lock:
-            self.out.write(
-                f"portpool: {keeper.name} ready on port {keeper.port} in {seconds:.2f} s{again}\n"
-            )
+        line = f"portpool: {keeper.name} ready on port {keeper.port} in {seconds:.2f} s{again}"
+        with self._print_lock, contextlib.suppress(OSError, ValueError):
+            self.out.write(line + "\n")
             self.out.flush()
 
     def wait_ready(self) -> bool:
@@ -298,13 +302,10 @@ class Supervisor:
                     return False
         return not self._done.is_set()
 
-    def own_pids(self) -> list[int]:
-        return [p.pid for p in self.children.values() if p.returncode is None]
-
     def rolling_restart(self) -> list[str]:
         """Restart every ready service in dependency order, each on its same socket,
-        waiting for each to be ready again before the next; returns those restarted.
-        A second request while one runs is ignored."""
+        waiting until it is ready again before the next; returns those restarted. A
+        request while one runs is ignored."""
         if not self._rolling.acquire(blocking=False):
             return []
         try:
@@ -312,16 +313,31 @@ class Supervisor:
             for name, keeper in self.keepers.items():
                 if self._done.is_set():
                     break
-                timeout = keeper.service.ready_timeout_s + self.grace_s
-                if keeper.restart_now(timeout):
+                if keeper.restart_now(keeper.service.ready_timeout_s + self.grace_s):
                     done.append(name)
             return done
         finally:
             self._rolling.release()
 
     def request_rolling_restart(self) -> None:
-        """Start ``rolling_restart`` in a thread (safe to call from a signal handler)."""
+        """``rolling_restart`` in a thread (for a signal callback)."""
         threading.Thread(target=self.rolling_restart, name="portpool-rolling", daemon=True).start()
+
+    def own_pids(self) -> list[int]:
+        """Pids of our processes still running (the shield's "ours" for a port)."""
+        return [p.pid for p in self.children.values() if p.returncode is None]
+
+    # -- waiting
+
+    def _exited_on_its_own(self, name: str, returncode: int) -> Outcome:
+        return Outcome(5, f"service {name!r} exited on its own ({describe_status(returncode)})")
+
+    def _watch(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        returncode = proc.wait()
+        if not self._stopping:
+            outcome = self.on_exit(name, returncode)
+            if outcome is not None:
+                self.finish(outcome)
 
     def finish(self, outcome: Outcome) -> None:
         """Ask the supervisor to stop with ``outcome`` (the first request wins)."""
@@ -329,18 +345,309 @@ class Supervisor:
             self._outcome = outcome
         self._done.set()
 
+    @property
+    def finishing(self) -> bool:
+        return self._done.is_set()
+
     def wait(self) -> Outcome:
-        """Block until a stop is requested (signal, service exit, shield trip)."""
-        while not self._done.wait(0.5):
-            pass
+        """Block until a stop is requested (signal, exit, shield trip), reaping orphans
+        adopted meanwhile."""
+        while not self._done.wait(_TICK_S):
+            self._reap()
         return self._outcome or Outcome(0)
 
-    def stop(self) -> None:
-        """Stop own children (SIGTERM, grace, SIGKILL) and let their output drain."""
+    def _reap(self) -> None:
+        reap_adopted({p.pid for p in self.children.values() if p.returncode is None})
+
+    # -- stopping
+
+    def send(self, signum: int, names: Sequence[str] | None = None) -> None:
+        """Send ``signum`` once to each named process (all when None): to its whole
+        group when it leads one, else to the process alone."""
+        for name in names if names is not None else list(self.children):
+            proc = self.children[name]
+            if proc.poll() is not None:
+                continue
+            if name in self._groups:
+                # The leader is not reaped (poll above): the group id is still its own.
+                signal_group(proc.pid, signum)
+            else:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signum)
+
+    def _tree(self) -> list[psutil.Process]:
+        """Every living process we started through our children: their descendants and
+        the orphans adopted as a subreaper (our own children not ours to ``Popen``)."""
+        import psutil
+
+        mine = {p.pid for p in self.children.values()}
+        found: dict[int, psutil.Process] = {}
+        try:
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in mine:
+                    found[child.pid] = child
+        except psutil.Error:
+            pass
+        return list(found.values())
+
+    def stop_service(self, name: str) -> None:
+        """Stop the process group of service ``name`` (SIGTERM, ``grace_s``, SIGKILL)
+        and reap it: a rolling restart's stop of one service."""
+        proc = self.children.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        self.send(signal.SIGTERM, [name])
+        try:
+            proc.wait(timeout=self.grace_s)
+        except subprocess.TimeoutExpired:
+            self.send(_SIGKILL, [name])
+            proc.wait()
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop every process we started, with its whole tree: ``signum`` once (to each
+        group, and to each descendant outside those groups), up to ``grace_s`` to exit,
+        then SIGKILL for what is left. Returns when all of it is gone."""
+        import psutil
+
         with self._spawn_lock:
             self._stopping = True
-            self._done.set()
-        running = [p for p in self._spawned if p.poll() is None]
-        stop_children({str(p.pid): p for p in running}, self.grace_s)
+            self._done.set()  # keepers stop restarting
+        groups = {p.pid for n, p in self.children.items() if n in self._groups and p.poll() is None}
+        tree = self._tree()
+        self.send(signum)
+        for proc in tree:
+            # Members of a signalled group got it already: once is enough.
+            if process_group(proc.pid) not in groups:
+                with contextlib.suppress(psutil.Error):
+                    proc.send_signal(signum)
+        if not self._wait_gone(tree, self.grace_s):
+            self.send(_SIGKILL)
+            for _ in range(10):  # bounded: a tree that forks while dying
+                for proc in self._tree():
+                    with contextlib.suppress(psutil.Error):
+                        proc.kill()
+                if self._wait_gone(self._tree(), 1.0):
+                    break
+        for child in self.children.values():
+            child.wait()
+        self._reap()
         for thread in self._threads:
             thread.join(timeout=2)
+
+    def _wait_gone(self, tree: Sequence[psutil.Process], timeout_s: float) -> bool:
+        import psutil
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self._reap()
+            alive: list[object] = [p for p in self.children.values() if p.poll() is None]
+            for proc in tree:
+                with contextlib.suppress(psutil.Error):
+                    if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                        alive.append(proc)
+            if not alive:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+    def lingering(self, timeout_s: float) -> list[str]:
+        """Ports of the instance still listened on by a process other than us, waited
+        for up to ``timeout_s``: "port P is still held by pid X (name)"; [] when free."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            held = _held_ports(self.instance)
+            if not held or time.monotonic() >= deadline:
+                return held
+            time.sleep(0.05)
+
+
+def _held_ports(instance: Instance) -> list[str]:
+    from portpool._platform import process_name
+
+    held: list[str] = []
+    me = os.getpid()
+    for lease in instance.leases.values():
+        own = lease.socket_inode
+        for listener in listeners(lease.port):
+            if listener.inode is not None and listener.inode == own:
+                continue
+            pids = [listener.pid] if listener.pid else owners_of_inode(listener.inode or 0)
+            for pid in pids:
+                if pid != me:
+                    name = process_name(pid) or "?"
+                    held.append(f"port {lease.port} is still held by pid {pid} ({name})")
+    return held
+
+
+def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[[Any], None]:
+    """The signal callback of ``run``: pass each signal to the command once. A signal
+    the kernel sent to our whole group (a terminal's Ctrl-C) reached it already."""
+
+    def relay(received: ReceivedSignal) -> None:
+        if shared_group and received.from_kernel:
+            return
+        supervisor.send(received.signum, [name])
+
+    return relay
+
+
+def _stop_with(signum: int) -> int:
+    # A hangup means the terminal is gone: stop services, do not make them reload.
+    return signal.SIGTERM if signum == getattr(signal, "SIGHUP", -1) else signum
+
+
+def run_command(
+    layout: Layout,
+    command: Sequence[str],
+    *,
+    services: Sequence[str] | None = None,
+    fds: bool = False,
+    grace_s: float = DEFAULT_GRACE_S,
+    announce: Callable[[Instance], None] | None = None,
+) -> Outcome:
+    """``portpool run``: start an instance of ``layout`` with ``services`` (all when
+    None), run ``command`` with its environment (and with ``fds`` its sockets at fds
+    3..), and when it exits stop whatever it left running and release everything.
+
+    Main thread only: the stop signals are taken over for the call and relayed to the
+    command once each. ``announce(instance)`` runs before the command starts. Returns
+    the Outcome: ``code`` the command's exit status, ``signum`` the signal it died of
+    (the caller should then die of it too), ``lingering`` ports something still held.
+    Raises CommandNotFound (nothing started), Interrupted (a signal arrived before the
+    command started; all released), ShieldTripped (after stopping the command),
+    StartError, LayoutError, StateDirError.
+    """
+    from portpool._platform._process import become_subreaper
+    from portpool._relay import SignalScope
+    from portpool.errors import CommandNotFound, ShieldTripped
+    from portpool.instance import start_instance
+
+    problem = find_program(command)
+    if problem is not None:
+        raise CommandNotFound(command[0], problem)
+
+    def exited(name: str, returncode: int) -> Outcome:
+        signum = -returncode if returncode < 0 else None
+        return Outcome(exit_status(returncode), signum=signum, returncode=returncode)
+
+    with SignalScope() as scope:
+        become_subreaper()
+        # No heartbeat thread yet: every thread must start after the signals are blocked.
+        instance = start_instance(layout, services=services or None, heartbeat=False)
+        try:
+            names = list(instance.leases)
+            env = base_environment(instance.env(names[0] if len(names) == 1 else None))
+            sockets = [(lease.fileno(), n) for n, lease in instance.leases.items()] if fds else []
+            if not fds:
+                for lease in instance.leases.values():
+                    lease.close_socket()  # the lock stays: no portpool user can take the port
+            if announce is not None:
+                announce(instance)
+            scope.block()
+            scope.check()
+            # In a terminal's foreground group the command stays in ours, as after
+            # `exec`: it keeps the terminal, and the shell that called us gets Ctrl-C too.
+            shared = in_terminal_foreground()
+            supervisor = Supervisor(instance, grace_s=grace_s, on_exit=exited)
+            instance.on_release(supervisor.stop)
+            proc = supervisor.start_process(
+                "command", command, env, sockets=sockets, own_group=not shared, capture=False
+            )
+            scope.relay(relay_to(supervisor, "command", shared))
+            instance.set_service_pids(dict.fromkeys(names, proc.pid))
+            instance.start_heartbeat()
+            instance.start_shield(
+                on_lost=lambda lease, reason: supervisor.finish(Outcome(4, reason)),
+                own_pids=supervisor.own_pids,
+            )
+            outcome = supervisor.wait()
+            supervisor.stop()
+            outcome.lingering = supervisor.lingering(grace_s)
+        finally:
+            instance.release()
+    if outcome.code == ShieldTripped.exit_code and outcome.returncode is None:
+        raise ShieldTripped(outcome.message)
+    return outcome
+
+
+def run_up(
+    layout: Layout,
+    *,
+    grace_s: float = DEFAULT_GRACE_S,
+    out: IO[str] | None = None,
+    on_up: Callable[[Instance, dict[str, int]], None] | None = None,
+) -> Outcome:
+    """``portpool up``: start an instance of ``layout`` and every service that has a
+    command, each in its own process group, in dependency order (a service starts once
+    what it depends on is ready); restart them by their ``restart`` policy on the same
+    sockets; hold them until a signal, a service's failure or a shield trip, then stop
+    every process they started and release everything.
+
+    Main thread only (takes over the stop signals for the call). A stop signal is
+    passed to the services once (SIGINT stays SIGINT), then ``grace_s``, then SIGKILL;
+    USR1/USR2 are passed on without stopping; SIGHUP restarts every service in
+    dependency order on the same sockets (``Supervisor.rolling_restart``). ``on_up``
+    runs once every service is ready. Returns the Outcome: code 0 after SIGTERM, 4
+    shield tripped, 5 a service exited and was not restarted, gave up after too many
+    restarts, or was not ready in time; ``signum`` set when the caller should die of
+    that signal (SIGINT, SIGQUIT). Raises LayoutError (a command cannot be executed;
+    nothing started), Interrupted, StartError, StateDirError.
+    """
+    from portpool._platform._process import become_subreaper
+    from portpool._relay import SignalScope
+    from portpool.errors import LayoutError
+    from portpool.instance import start_instance
+
+    for service in layout.services:
+        problem = service.command and find_program(service.command)
+        if problem:
+            raise LayoutError(layout.source, f"services.{service.name}.command", problem)
+    stop_signal: list[int] = []
+    relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
+    hangup = getattr(signal, "SIGHUP", None)
+    with SignalScope() as scope:
+        become_subreaper()
+        instance = start_instance(layout, heartbeat=False)
+        try:
+            scope.block()
+            scope.check()
+            # The keepers decide what a service's exit means (restart, or exit 5).
+            supervisor = Supervisor(instance, grace_s=grace_s, out=out, on_exit=lambda n, rc: None)
+            instance.on_release(supervisor.stop)
+
+            def on_signal(received: ReceivedSignal) -> None:
+                signum = received.signum
+                if signum in relayed_only:
+                    supervisor.send(signum)
+                elif signum == hangup and not supervisor.finishing:
+                    supervisor.request_rolling_restart()
+                elif supervisor.finishing:
+                    supervisor.send(_stop_with(signum))  # asked again: passed on once more
+                else:
+                    stop_signal.append(_stop_with(signum))
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGTERM:
+                        supervisor.finish(Outcome(0, f"stopping on {name}"))
+                    else:
+                        supervisor.finish(Outcome(128 + signum, f"stopping on {name}", signum))
+
+            scope.relay(on_signal)
+            supervisor.start_services(should_stop=lambda: supervisor.finishing)
+            if not supervisor.finishing:
+                instance.start_heartbeat()
+                instance.start_shield(
+                    on_lost=lambda lease, reason: supervisor.finish(
+                        Outcome(4, f"shield tripped: {reason}")
+                    ),
+                    own_pids=supervisor.own_pids,
+                )
+                if supervisor.wait_ready() and on_up is not None:
+                    pids = {n: k.pid for n, k in supervisor.keepers.items() if k.pid is not None}
+                    on_up(instance, pids)
+            outcome = supervisor.wait()
+            supervisor.stop(stop_signal[0] if stop_signal else signal.SIGTERM)
+            outcome.lingering = supervisor.lingering(grace_s)
+        finally:
+            instance.release()
+    return outcome

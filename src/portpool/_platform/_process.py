@@ -1,0 +1,165 @@
+"""Process primitives for supervisors: subreaper, process groups, signals with senders.
+
+Only what ``run`` and ``up`` need to be transparent to signals and to stop every
+process they started: a child subreaper (Linux), signalling a whole process group,
+reaping adopted orphans, and receiving signals together with who sent them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import sys
+from collections.abc import Container, Iterable
+from dataclasses import dataclass
+from types import FrameType
+
+_PR_SET_CHILD_SUBREAPER = 36
+_F_SETPIPE_SZ = 1031
+# si_code of a signal the kernel sent: a terminal's Ctrl-C, Ctrl-\, hangup, SIGWINCH.
+_SI_KERNEL = 0x80
+
+
+@dataclass(frozen=True)
+class ReceivedSignal:
+    """One signal received: its number, the sending pid (None where unknown) and whether
+    the kernel sent it (a terminal signals its whole foreground process group)."""
+
+    signum: int
+    sender: int | None = None
+    from_kernel: bool = False
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants re-parent to us instead of init (Linux
+    ``PR_SET_CHILD_SUBREAPER``), so a service's double-forked or ``setsid`` children
+    stay ours to stop. False where the OS has no such thing."""
+    if sys.platform != "linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def signal_group(pgid: int, signum: int) -> bool:
+    """Send ``signum`` to process group ``pgid``; False if the group is gone.
+
+    Callers pass only a group whose leader they started and have not reaped yet, so
+    the group id cannot have been reused by someone else's group.
+    """
+    if sys.platform == "win32":
+        return False
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def process_group(pid: int) -> int | None:
+    """The process group of ``pid``, None if it is gone (or unknown on Windows)."""
+    if sys.platform == "win32":
+        return None
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def reap_adopted(keep: Container[int]) -> list[int]:
+    """Reap exited children whose pid is not in ``keep`` (orphans adopted as a
+    subreaper); children in ``keep`` are left for their ``Popen`` to reap. Returns the
+    reaped pids."""
+    if sys.platform == "win32" or not hasattr(os, "waitid"):
+        return []
+    reaped: list[int] = []
+    for _ in range(1000):  # bounded: each round reaps one exited child
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            break
+        if info is None or info.si_pid in keep:
+            break
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, 0)
+        reaped.append(info.si_pid)
+    return reaped
+
+
+def enlarge_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Best effort: give the pipe at ``fd`` a ``size``-byte buffer (Linux)."""
+    if sys.platform == "linux":
+        import fcntl
+
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+
+
+def stop_signals() -> list[int]:
+    """The signals ``run`` and ``up`` take over and relay: INT, TERM, HUP, QUIT, USR1,
+    USR2 (those the OS has)."""
+    names = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+    return [int(getattr(signal, n)) for n in names if hasattr(signal, n)]
+
+
+class SignalInbox:
+    """Signals received by the process, with their sender where the OS tells.
+
+    Where ``sigtimedwait`` exists, ``block()`` blocks the signals in the calling thread
+    (and so in every thread it starts later) and ``take()`` reads them with their
+    ``siginfo``. Elsewhere Python handlers queue them, without a sender. Handlers are
+    queueing handlers in both cases, for threads that were started before ``block()``.
+    """
+
+    def __init__(self, signals: Iterable[int]) -> None:
+        self.signals = list(signals)
+        self._queue: queue.SimpleQueue[ReceivedSignal] = queue.SimpleQueue()
+        self._blocked = False
+
+    def _queue_it(self, signum: int, frame: FrameType | None) -> None:
+        self._queue.put(ReceivedSignal(signum))
+
+    def install(self) -> None:
+        """Queue each signal from now on (main thread only)."""
+        for signum in self.signals:
+            signal.signal(signum, self._queue_it)
+
+    def block(self) -> None:
+        """Block the signals in this thread (and threads started later), where they can
+        be read with their sender."""
+        if sys.platform != "win32" and hasattr(signal, "sigtimedwait"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+            self._blocked = True
+
+    def unblock(self) -> None:
+        if self._blocked and sys.platform != "win32":
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
+            self._blocked = False
+
+    def pending(self) -> list[int]:
+        """Signals sent to us and not yet read."""
+        if self._blocked and sys.platform != "win32":
+            return sorted(int(s) for s in signal.sigpending() if int(s) in self.signals)
+        return []
+
+    def take(self, timeout_s: float) -> ReceivedSignal | None:
+        """The next signal, or None after ``timeout_s``."""
+        with contextlib.suppress(queue.Empty):
+            return self._queue.get_nowait()
+        if self._blocked and sys.platform != "win32" and hasattr(signal, "sigtimedwait"):
+            info = signal.sigtimedwait(self.signals, timeout_s)
+            # After a SIGSTOP/SIGCONT, CPython 3.11 can return an uninitialised siginfo.
+            if info is None or info.si_signo not in self.signals:
+                return None
+            kernel = info.si_code == _SI_KERNEL
+            return ReceivedSignal(info.si_signo, None if kernel else info.si_pid, kernel)
+        try:
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return None

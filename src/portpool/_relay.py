@@ -1,0 +1,127 @@
+"""Signals of ``run`` and ``up``: interrupt the start-up, then relay each signal once.
+
+Part of the supervisor layer. ``SignalScope`` takes over the stop signals of the
+process for the duration of ``run``/``up`` (main thread only) and puts them back after:
+
+- while starting, the first signal raises ``Interrupted`` in the main thread, so
+  whatever was acquired is released and nothing starts (a Ctrl-C typed while the pool
+  was searched used to be replayed to the command, which then ran to its end);
+- from ``relay()`` on, a thread reads each signal with its sender and hands it to a
+  callback once. A signal the kernel sent (a terminal's Ctrl-C reaches its whole
+  foreground process group) is flagged, so the callback can skip a command that got it
+  already. The same signal from the same sender within ``DUPLICATE_S`` is one request:
+  ``timeout`` signals its child and then its whole group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType, TracebackType
+
+from portpool._platform._process import ReceivedSignal, SignalInbox, stop_signals
+from portpool.errors import Interrupted
+
+DUPLICATE_S = 0.25
+
+
+class SignalScope:
+    """Own the stop signals (INT, TERM, HUP, QUIT, USR1, USR2) for one ``run``/``up``.
+
+    Use as a context manager in the main thread, before any other thread starts: the
+    signals are blocked for reading with their sender, and threads inherit the block.
+    """
+
+    def __init__(self) -> None:
+        self.signals = stop_signals()
+        self._inbox = SignalInbox(self.signals)
+        self._old: dict[int, object] = {}
+        self._interrupted: int | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._last: dict[tuple[int, int], float] = {}
+
+    def __enter__(self) -> SignalScope:
+        for signum in self.signals:
+            self._old[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._interrupt)
+        return self
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        # Raise once: a second signal must not break the clean-up of the first.
+        if self._interrupted is None:
+            self._interrupted = signum
+            raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise ``Interrupted`` if a stop signal arrived and was not read yet (call
+        with the signals blocked, right before starting the command)."""
+        if self._interrupted is None:
+            received = self._inbox.take(0)
+            if received is not None:
+                self._interrupted = received.signum
+        if self._interrupted is not None:
+            raise Interrupted(self._interrupted)
+
+    def block(self) -> None:
+        """Block the signals from now on in this thread and the threads it starts; they
+        stay pending for ``check()`` or ``relay()``."""
+        self._inbox.block()
+        # Signals that arrive on threads started before the block are queued, not raised.
+        self._inbox.install()
+
+    def relay(self, callback: Callable[[ReceivedSignal], None]) -> None:
+        """From now on hand every signal to ``callback`` (on a thread), duplicates
+        dropped."""
+
+        def loop() -> None:
+            while not self._closing.is_set():
+                received = self._inbox.take(0.2)
+                if received is not None and not self._duplicate(received):
+                    callback(received)
+
+        self._thread = threading.Thread(target=loop, name="portpool-signals", daemon=True)
+        self._thread.start()
+
+    def _duplicate(self, received: ReceivedSignal) -> bool:
+        if received.sender is None:
+            return False
+        key = (received.signum, received.sender)
+        now = time.monotonic()
+        last = self._last.get(key)
+        self._last[key] = now
+        return last is not None and now - last < DUPLICATE_S
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._closing.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        # Back to the old handlers first, then unblock: a signal still pending then
+        # meets the handler the caller had (for the CLI: the default action).
+        for signum, old in self._old.items():
+            signal.signal(signum, old)  # type: ignore[arg-type]
+        self._inbox.unblock()
+
+
+def die_of(signum: int) -> None:
+    """End this process by ``signum`` with its default action, as the command did, so
+    a calling shell, ``make`` or ``xargs`` stops too (Cracauer's "proper handling of
+    SIGINT"); exit 128+N where the signal does not end a process by default."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if sys.platform != "win32":
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+        os.kill(os.getpid(), signum)
+        # Still alive: a signal whose default is not to end the process.
+    os._exit(128 + signum)
