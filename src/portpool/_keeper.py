@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from portpool._launch import describe_status
 from portpool._readiness import ReadinessProbe
 from portpool._restart import RESTART_BURST, RESTART_WINDOW_S, RestartTracker
 from portpool.layout import Service
 
-__all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper"]
+__all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper", "describe_failure"]
 
 SERVICE_STATES = ("starting", "ready", "restarting", "exited")
 _PROBE_INTERVAL_S = 0.05
@@ -36,6 +37,24 @@ class Failure:
     kind: str
     returncode: int | None = None
     detail: str = ""
+
+
+def describe_failure(failure: Failure) -> str:
+    """The one-line message for a keeper's ``Failure`` (the instance stops, exit 5)."""
+    name = failure.service
+    status = "" if failure.returncode is None else describe_status(failure.returncode)
+    if failure.kind == "exited":
+        return f"service {name!r} exited on its own ({status})"
+    if failure.kind == "early":
+        return f"service {name!r} exited before it was ready ({status})"
+    if failure.kind == "gave-up":
+        return (
+            f"service {name!r} gave up: more than {RESTART_BURST} restarts within "
+            f"{RESTART_WINDOW_S:g} s (last: {status})"
+        )
+    if failure.kind == "not-ready":
+        return f"service {name!r} was not ready in time ({failure.detail})"
+    return f"service {name!r} could not start: {failure.detail}"
 
 
 SpawnFn = Callable[[Service, ReadinessProbe], subprocess.Popen[bytes]]
@@ -215,10 +234,6 @@ class ServiceKeeper:
                     return False
                 self._cond.wait(min(remaining, 0.2))
         return self._ready_count > before
-
-    def describe_limit(self) -> str:
-        """The crash-loop rule, for messages."""
-        return f"more than {RESTART_BURST} restarts within {RESTART_WINDOW_S:g} s"
 
 
 def _shell_status(returncode: int) -> int:

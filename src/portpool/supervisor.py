@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
-from portpool._keeper import Failure, ServiceKeeper
+from portpool._keeper import ServiceKeeper, describe_failure
 from portpool._launch import (
     DEFAULT_GRACE_S,
     base_environment,
@@ -45,7 +45,6 @@ from portpool._platform._process import (
     signal_group,
 )
 from portpool._readiness import ReadinessProbe
-from portpool._restart import RESTART_BURST, RESTART_WINDOW_S
 from portpool.errors import PortPoolError
 
 __all__ = [
@@ -103,24 +102,6 @@ def _pump(
             out.write(prefix + line + "\n")
             out.flush()
     stream.close()
-
-
-def describe_failure(failure: Failure) -> str:
-    """The one-line message for a keeper's ``Failure`` (the instance stops, exit 5)."""
-    name = failure.service
-    status = "" if failure.returncode is None else describe_status(failure.returncode)
-    if failure.kind == "exited":
-        return f"service {name!r} exited on its own ({status})"
-    if failure.kind == "early":
-        return f"service {name!r} exited before it was ready ({status})"
-    if failure.kind == "gave-up":
-        return (
-            f"service {name!r} gave up: more than {RESTART_BURST} restarts within "
-            f"{RESTART_WINDOW_S:g} s (last: {status})"
-        )
-    if failure.kind == "not-ready":
-        return f"service {name!r} was not ready in time ({failure.detail})"
-    return f"service {name!r} could not start: {failure.detail}"
 
 
 class Supervisor:
