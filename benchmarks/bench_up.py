@@ -217,7 +217,9 @@ def run(quick: bool = False) -> Section:
             Row("SIGTERM -> up exited", ms["exited"], unit="ms", note="children stopped"),
         ]
         runs = max(3, repeats)
-        shim = [PY, "-m", "portpool._spawn", "--", PY, "-c", "pass"]
+        from portpool._launch import shim_prefix
+
+        shim = [*shim_prefix(), "--", PY, "-c", "pass"]
         section.rows += [
             Row("python -c pass", time_process_ms([PY, "-c", "pass"], runs), unit="ms"),
             Row(

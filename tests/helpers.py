@@ -175,3 +175,11 @@ class LineReader:
             if line is not None:
                 self.lines.append(line)
         return "".join(f"{x}\n" for x in self.lines), "".join(self._err)
+
+
+def held_lock_files(root: Path) -> list[Path]:
+    """Lock files under ``root`` that the kernel says are flock-held right now (Linux)."""
+    from portpool._platform import locked_inodes
+
+    locked = locked_inodes() or {}
+    return [p for p in root.rglob("*.lock") if p.stat().st_ino in locked]

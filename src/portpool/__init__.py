@@ -5,6 +5,7 @@ from __future__ import annotations
 from portpool.errors import (
     AlreadyHeldHere,
     CommandNotFound,
+    Interrupted,
     LayoutError,
     LockError,
     LockHeld,
@@ -49,6 +50,7 @@ __all__ = [
     "AlreadyHeldHere",
     "CommandNotFound",
     "Instance",
+    "Interrupted",
     "Layout",
     "LayoutError",
     "Lease",

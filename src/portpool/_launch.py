@@ -1,4 +1,4 @@
-"""Starting one process for the supervisor: exit statuses, environment, the exec shim.
+"""Helpers of the supervisor: starting one process, its output, who still holds a port.
 
 Part of the supervisor layer; ``portpool.supervisor`` re-exports these names.
 """
@@ -12,10 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
-from typing import IO
+from collections.abc import Callable, Mapping, Sequence
+from typing import IO, TYPE_CHECKING
 
 from portpool.errors import PortPoolError
+
+if TYPE_CHECKING:
+    import threading
+
+    from portpool.instance import Instance
 
 DEFAULT_GRACE_S = 5.0
 _INHERITED = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
@@ -57,6 +62,11 @@ def find_program(command: Sequence[str]) -> str | None:
     return None if shutil.which(program) else f"{program!r} was not found on PATH"
 
 
+def shim_prefix() -> list[str]:
+    """The argv that starts the exec shim; append its options, ``--`` and the command."""
+    return [sys.executable, "-I", "-S", _SHIM]
+
+
 def spawn(
     command: Sequence[str],
     env: Mapping[str, str],
@@ -83,7 +93,7 @@ def spawn(
         raise PortPoolError("empty command")
     argv = list(command)
     if sys.platform != "win32":
-        shim = [sys.executable, "-I", "-S", _SHIM]
+        shim = shim_prefix()
         for fd, name in sockets:
             shim += ["--fd", f"{fd}:{name}"]
         for fd in keep_fds:
@@ -122,3 +132,47 @@ def stop_children(
             with contextlib.suppress(OSError):
                 proc.kill()
             proc.wait()
+
+
+def pump_lines(
+    name: str,
+    width: int,
+    stream: IO[bytes],
+    out: IO[str],
+    lock: threading.Lock,
+    *,
+    on_line: Callable[[str], None] | None = None,
+) -> None:
+    """Copy ``stream`` to ``out`` line by line, each prefixed with ``name |``; each line
+    is also given to ``on_line`` (a readiness probe waiting for a line, "log:")."""
+    prefix = f"{name:<{width}} | "
+    for raw in iter(stream.readline, b""):
+        line = raw.decode(errors="replace").rstrip("\n")
+        if on_line is not None:
+            on_line(line)
+        with lock, contextlib.suppress(OSError, ValueError):
+            out.write(prefix + line + "\n")
+            out.flush()
+    stream.close()
+
+
+def held_ports(instance: Instance) -> list[str]:
+    """Ports of ``instance`` listened on, on the instance's address, by a process other
+    than us, for people: "port P is still held by pid X (name)". Call it once our own
+    lease sockets are closed: a process holding a copy of one keeps it listening."""
+    from portpool._platform import listeners, owners_of_inode, process_name
+
+    host = instance.layout.host
+    addresses = {"127.0.0.1", "::1"} if host == "localhost" else {host}
+    held: list[str] = []
+    me = os.getpid()
+    for lease in instance.leases.values():
+        for listener in listeners(lease.port):
+            if listener.address not in addresses:
+                continue  # a foreign program elsewhere: the shield's business, not ours
+            pids = [listener.pid] if listener.pid else owners_of_inode(listener.inode or 0)
+            for pid in pids:
+                if pid != me:
+                    name = process_name(pid) or "?"
+                    held.append(f"port {lease.port} is still held by pid {pid} ({name})")
+    return held

@@ -15,6 +15,7 @@ process for the duration of ``run``/``up`` (main thread only) and puts them back
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
 
-from portpool._platform._process import ReceivedSignal, SignalInbox, stop_signals
+from portpool._platform import ReceivedSignal, SignalInbox, stop_signals
 from portpool.errors import Interrupted
 
 DUPLICATE_S = 0.25
@@ -78,6 +79,7 @@ class SignalScope:
         dropped."""
 
         def loop() -> None:
+            self._inbox.prepare_reader()
             while not self._closing.is_set():
                 received = self._inbox.take(0.2)
                 if received is not None and not self._duplicate(received):
@@ -103,6 +105,7 @@ class SignalScope:
     ) -> None:
         self._closing.set()
         if self._thread is not None:
+            self._inbox.wake(self._thread.ident)
             self._thread.join(timeout=2)
         # Back to the old handlers first, then unblock: a signal still pending then
         # meets the handler the caller had (for the CLI: the default action).
@@ -117,8 +120,9 @@ def die_of(signum: int) -> None:
     SIGINT"); exit 128+N where the signal does not end a process by default."""
     import sys
 
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
     if sys.platform != "win32":
         signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])

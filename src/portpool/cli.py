@@ -317,7 +317,14 @@ def up(config: str | None, grace: float, quiet: bool) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Ctrl-C ends a command at once by SIGINT's default action, quietly, as for any Unix
+    tool that holds nothing (click would print "Aborted!" and exit 1, which a calling
+    shell takes for an error); ``run`` and ``up`` take the signals over while they hold
+    an instance.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         cli(prog_name="portpool")
     except KeyboardInterrupt:  # Ctrl-C before run/up took over the signals

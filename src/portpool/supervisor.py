@@ -33,13 +33,15 @@ from portpool._launch import (
     describe_status,
     exit_status,
     find_program,
+    held_ports,
+    pump_lines,
     spawn,
     stop_children,
 )
-from portpool._platform import in_terminal_foreground, listeners, owners_of_inode
-from portpool._platform._process import (
+from portpool._platform import (
     ReceivedSignal,
     enlarge_pipe,
+    in_terminal_foreground,
     process_group,
     reap_adopted,
     signal_group,
@@ -82,26 +84,6 @@ class Outcome:
     signum: int | None = None
     returncode: int | None = None  # ``run``: the command's Popen returncode
     lingering: list[str] = field(default_factory=list)  # ports still held, for people
-
-
-def _pump(
-    name: str,
-    width: int,
-    stream: IO[bytes],
-    out: IO[str],
-    lock: threading.Lock,
-    *,
-    on_line: Callable[[str], None] | None = None,
-) -> None:
-    prefix = f"{name:<{width}} | "
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace").rstrip("\n")
-        if on_line is not None:
-            on_line(line)  # a readiness probe waiting for a line ("log:")
-        with lock, contextlib.suppress(OSError, ValueError):
-            out.write(prefix + line + "\n")
-            out.flush()
-    stream.close()
 
 
 class Supervisor:
@@ -190,7 +172,7 @@ class Supervisor:
         if capture:
             os.close(write_fd)
             pump = threading.Thread(
-                target=_pump,
+                target=pump_lines,
                 args=(name, width, os.fdopen(read_fd, "rb"), self.out, self._print_lock),
                 kwargs={"on_line": on_line},
                 name=f"portpool-out-{name}",
@@ -305,7 +287,8 @@ class Supervisor:
         threading.Thread(target=self.rolling_restart, name="portpool-rolling", daemon=True).start()
 
     def own_pids(self) -> list[int]:
-        """Pids of our processes still running (the shield's "ours" for a port)."""
+        """Pids of our processes still running (the shield's "ours" for a port; it
+        counts their descendants itself, when it needs to)."""
         return [p.pid for p in self.children.values() if p.returncode is None]
 
     # -- waiting
@@ -434,40 +417,29 @@ class Supervisor:
 
     def lingering(self, timeout_s: float) -> list[str]:
         """Ports of the instance still listened on by a process other than us, waited
-        for up to ``timeout_s``: "port P is still held by pid X (name)"; [] when free."""
+        for up to ``timeout_s``: "port P is still held by pid X (name)"; [] when free.
+        Closes the leases' sockets first (the locks stay until release)."""
+        for lease in self.instance.leases.values():
+            lease.close_socket()
         deadline = time.monotonic() + timeout_s
         while True:
-            held = _held_ports(self.instance)
+            held = held_ports(self.instance)
             if not held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)
-
-
-def _held_ports(instance: Instance) -> list[str]:
-    from portpool._platform import process_name
-
-    held: list[str] = []
-    me = os.getpid()
-    for lease in instance.leases.values():
-        own = lease.socket_inode
-        for listener in listeners(lease.port):
-            if listener.inode is not None and listener.inode == own:
-                continue
-            pids = [listener.pid] if listener.pid else owners_of_inode(listener.inode or 0)
-            for pid in pids:
-                if pid != me:
-                    name = process_name(pid) or "?"
-                    held.append(f"port {lease.port} is still held by pid {pid} ({name})")
-    return held
 
 
 def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[[Any], None]:
     """The signal callback of ``run``: pass each signal to the command once. A signal
     the kernel sent to our whole group (a terminal's Ctrl-C) reached it already."""
 
+    terminal_keys = {getattr(signal, n, None) for n in ("SIGINT", "SIGQUIT")}
+
     def relay(received: ReceivedSignal) -> None:
         if shared_group and received.from_kernel:
             return
+        if shared_group and not received.sender_known and received.signum in terminal_keys:
+            return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
         supervisor.send(received.signum, [name])
 
     return relay
@@ -499,7 +471,7 @@ def run_command(
     command started; all released), ShieldTripped (after stopping the command),
     StartError, LayoutError, StateDirError.
     """
-    from portpool._platform._process import become_subreaper
+    from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
     from portpool.errors import CommandNotFound, ShieldTripped
     from portpool.instance import start_instance
@@ -575,7 +547,7 @@ def run_up(
     that signal (SIGINT, SIGQUIT). Raises LayoutError (a command cannot be executed;
     nothing started), Interrupted, StartError, StateDirError.
     """
-    from portpool._platform._process import become_subreaper
+    from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
     from portpool.errors import LayoutError
     from portpool.instance import start_instance

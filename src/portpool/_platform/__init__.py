@@ -12,6 +12,9 @@ Everything above this package calls these names and never ``sys.platform``:
   token + boot id, so a reused pid never looks like the process that died.
 - ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
+- ``become_subreaper``, ``signal_group``, ``process_group``, ``reap_adopted``,
+  ``SignalInbox``: what ``run``/``up`` need to stop whole process trees and to read
+  signals with their sender (``_process``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ from portpool._platform._net import (
     listeners,
     owners_of_inode,
     socket_inode,
+)
+from portpool._platform._process import (
+    ReceivedSignal,
+    SignalInbox,
+    become_subreaper,
+    enlarge_pipe,
+    process_group,
+    reap_adopted,
+    signal_group,
+    stop_signals,
 )
 
 if sys.platform == "win32":
@@ -64,9 +77,13 @@ __all__ = [
     "DirHandle",
     "Listener",
     "ProcessIdentity",
+    "ReceivedSignal",
+    "SignalInbox",
     "accept_queue_length",
+    "become_subreaper",
     "boot_id",
     "current_identity",
+    "enlarge_pipe",
     "ephemeral_port_range",
     "exclusive_bind_options",
     "identity_of",
@@ -75,9 +92,13 @@ __all__ = [
     "listeners",
     "locked_inodes",
     "owners_of_inode",
+    "process_group",
     "process_name",
     "read_at",
+    "reap_adopted",
+    "signal_group",
     "socket_inode",
+    "stop_signals",
     "try_lock",
     "unlock",
     "user_id",

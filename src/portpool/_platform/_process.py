@@ -30,6 +30,7 @@ class ReceivedSignal:
     signum: int
     sender: int | None = None
     from_kernel: bool = False
+    sender_known: bool = True  # False where the OS gave no siginfo (handlers only)
 
 
 def become_subreaper() -> bool:
@@ -119,11 +120,13 @@ class SignalInbox:
 
     def __init__(self, signals: Iterable[int]) -> None:
         self.signals = list(signals)
-        self._queue: queue.SimpleQueue[ReceivedSignal] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[ReceivedSignal | None] = queue.SimpleQueue()
         self._blocked = False
+        # SIGURG (ignored by default) wakes a reader thread early, by pthread_kill.
+        self._wake = getattr(signal, "SIGURG", None)
 
     def _queue_it(self, signum: int, frame: FrameType | None) -> None:
-        self._queue.put(ReceivedSignal(signum))
+        self._queue.put(ReceivedSignal(signum, sender_known=False))
 
     def install(self) -> None:
         """Queue each signal from now on (main thread only)."""
@@ -142,6 +145,18 @@ class SignalInbox:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
             self._blocked = False
 
+    def prepare_reader(self) -> None:
+        """Call first in the thread that will ``take()``: lets ``wake()`` reach it."""
+        if self._blocked and self._wake is not None and sys.platform != "win32":
+            signal.pthread_sigmask(signal.SIG_BLOCK, [self._wake])
+
+    def wake(self, reader: int | None) -> None:
+        """Make a ``take()`` running in thread ``reader`` (an ident) return None now."""
+        self._queue.put(None)
+        if sys.platform != "win32" and self._blocked and reader and self._wake is not None:
+            with contextlib.suppress(OSError, ProcessLookupError):
+                signal.pthread_kill(reader, self._wake)
+
     def pending(self) -> list[int]:
         """Signals sent to us and not yet read."""
         if self._blocked and sys.platform != "win32":
@@ -153,8 +168,10 @@ class SignalInbox:
         with contextlib.suppress(queue.Empty):
             return self._queue.get_nowait()
         if self._blocked and sys.platform != "win32" and hasattr(signal, "sigtimedwait"):
-            info = signal.sigtimedwait(self.signals, timeout_s)
-            # After a SIGSTOP/SIGCONT, CPython 3.11 can return an uninitialised siginfo.
+            wake = [self._wake] if self._wake is not None else []
+            info = signal.sigtimedwait([*self.signals, *wake], timeout_s)
+            # A wake-up, or (after a SIGSTOP/SIGCONT) the uninitialised siginfo that
+            # CPython 3.11 can return: nothing to report.
             if info is None or info.si_signo not in self.signals:
                 return None
             kernel = info.si_code == _SI_KERNEL

@@ -1,0 +1,23 @@
+"""The ``portpool`` command's entry point, outside the package on purpose.
+
+Importing ``portpool.cli`` takes tens of milliseconds, and a Ctrl-C in that time
+used to print a KeyboardInterrupt traceback. Here, before any of it is imported,
+SIGINT gets its default action: the process just ends, interrupted, with nothing to
+release yet (``portpool.cli.main`` keeps it so; ``run``/``up`` take the signals over
+while they hold something). Only the interpreter's built-in ``_signal`` is used:
+even ``import signal`` loads enum and functools, time in which a Ctrl-C would raise.
+"""
+
+import _signal  # type: ignore[import-not-found]  # no stub: the C module behind signal
+
+
+def main() -> None:
+    """Console-script entry point: ``portpool.cli.main`` with a quiet early Ctrl-C."""
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    from portpool.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

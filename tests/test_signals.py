@@ -1,0 +1,620 @@
+"""Signals and process trees of `portpool run` and `portpool up`, with real signals.
+
+A typed Ctrl-C is a real pseudo-terminal (the kernel signals its foreground process
+group); a sent signal is os.kill. Every fault of the issue on signals has a test here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pty
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from tests.helpers import PORTPOOL, held_lock_files, wait_for, write_layout
+
+from portpool._platform import listeners
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, Linux /proc")
+
+# Serves HTTP on the socket at fd 3; each request takes 1.5 s. SIGINT (and, with
+# "term" in argv, SIGTERM) stops it gracefully: the request in flight still completes.
+GRACEFUL = """\
+import http.server, os, signal, socket, sys, threading, time
+got = []
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        print("request", flush=True)
+        time.sleep(1.5)
+        self.send_response(200)
+        self.send_header("Content-Length", "4")
+        self.end_headers()
+        self.wfile.write(b"done")
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H, bind_and_activate=False)
+srv.socket.close()
+srv.socket = socket.socket(fileno=3)
+def on_signal(signum, frame):
+    got.append(signum)
+    print(f"signal {signal.Signals(signum).name} {len(got)}", flush=True)
+    threading.Thread(target=srv.shutdown).start()
+signal.signal(signal.SIGINT, on_signal)
+if "term" in sys.argv:
+    signal.signal(signal.SIGTERM, on_signal)
+print("ready", flush=True)
+srv.serve_forever()
+time.sleep(0.5)  # a second signal, if one came, is counted before we report
+print(f"stopped after {len(got)} signals", flush=True)
+"""
+
+COUNT_SIGINT = """\
+import signal, sys, time
+got = []
+signal.signal(signal.SIGINT, lambda s, f: got.append(s))
+print("ready", flush=True)
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and not got:
+    time.sleep(0.05)
+time.sleep(1.0)  # a second delivery would arrive within this
+print("sigints", len(got), flush=True)
+sys.exit(len(got))
+"""
+
+
+class Terminal:
+    """A program running in a new pseudo-terminal, as in a user's terminal window."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.pid, self.master = pty.fork()
+        if self.pid == 0:  # the child: session leader, the pty is its terminal
+            try:
+                os.execvp(argv[0], argv)
+            finally:
+                os._exit(127)
+        self.output = b""
+
+    def read_until(self, pattern: bytes, timeout: float = 60) -> bytes:
+        deadline = time.monotonic() + timeout
+        while pattern not in self.output and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                self.output += chunk
+        assert pattern in self.output, self.output.decode(errors="replace")
+        return self.output
+
+    def ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")  # the terminal signals its foreground group
+
+    def wait(self, timeout: float = 60) -> int:
+        """The exit status, -N if killed by signal N (reading output meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                with contextlib.suppress(OSError):
+                    while select.select([self.master], [], [], 0.1)[0]:
+                        chunk = os.read(self.master, 4096)
+                        if not chunk:
+                            break
+                        self.output += chunk
+                return os.waitstatus_to_exitcode(status)
+            if select.select([self.master], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    self.output += os.read(self.master, 4096)
+        raise AssertionError(f"pid {self.pid} still running: {self.output!r}")
+
+    def close(self) -> None:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            if os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                os.killpg(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        os.close(self.master)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
+@pytest.fixture
+def terminals() -> Iterator[list[Terminal]]:
+    made: list[Terminal] = []
+    yield made
+    for term in made:
+        term.close()
+
+
+def _request(port: int, result: list[str]) -> None:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as conn:
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := conn.recv(4096):
+                data += chunk
+        result.append(data.decode(errors="replace"))
+    except OSError as e:
+        result.append(f"error: {e}")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_one_ctrl_c_to_up_lets_a_graceful_service_finish_its_request(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    script = tmp_path / "graceful.py"
+    script.write_text(GRACEFUL)
+    services = {"web": {"command": [sys.executable, str(script)], "socket": "fd"}}
+    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    term = Terminal([*PORTPOOL, "up", "--config", str(config)])
+    terminals.append(term)
+    term.read_until(b"web | ready")
+    result: list[str] = []
+    client = threading.Thread(target=_request, args=(port_base, result))
+    client.start()
+    term.read_until(b"web | request")
+    term.ctrl_c()
+    client.join(timeout=30)
+    assert result and result[0].endswith("done"), result  # the request in flight completed
+    assert term.wait() == -signal.SIGINT  # up stopped by Ctrl-C dies of SIGINT
+    assert "signal SIGINT 1" in term.text
+    assert "stopped after 1 signals" in term.text, term.text
+    assert "exited on its own" not in term.text
+    assert listeners(port_base) == []  # (a bind may still meet the request's TIME_WAIT)
+
+
+def test_one_ctrl_c_to_run_lets_a_graceful_command_finish_its_request(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    script = tmp_path / "graceful.py"
+    script.write_text(GRACEFUL)
+    config = write_layout(tmp_path / "run.toml", port_base)
+    argv = [*PORTPOOL, "run", "-c", str(config), "--fds", "-s", "alpha", "--"]
+    term = Terminal([*argv, sys.executable, str(script), "term"])
+    terminals.append(term)
+    term.read_until(b"ready")
+    result: list[str] = []
+    client = threading.Thread(target=_request, args=(port_base, result))
+    client.start()
+    term.read_until(b"request")
+    term.ctrl_c()
+    client.join(timeout=30)
+    assert result and result[0].endswith("done"), result
+    assert term.wait() == 0  # the command handled SIGINT and exited 0: so does run
+    assert "stopped after 1 signals" in term.text, term.text
+
+
+def test_kill_int_to_a_foreground_run_reaches_the_command_once(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    config = write_layout(tmp_path / "run.toml", port_base)
+    term = Terminal([*PORTPOOL, "run", "-c", str(config), "--", sys.executable, "-c", COUNT_SIGINT])
+    terminals.append(term)
+    term.read_until(b"ready")
+    os.kill(term.pid, signal.SIGINT)  # from another shell: only run gets it
+    assert term.wait() == 1, term.text
+    assert "sigints 1" in term.text
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_timeout_s_int_reaches_the_command_once(tmp_path: Path, port_base: int, home: Path) -> None:
+    # timeout signals its child, then its whole process group.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    argv = [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, "-c", COUNT_SIGINT]
+    done = subprocess.run(
+        ["timeout", "--preserve-status", "-s", "INT", "3", *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "ready" in done.stdout, done.stderr
+    assert "sigints 1" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1
+
+
+def test_ctrl_c_stops_the_calling_shell_script(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    config = write_layout(tmp_path / "run.toml", port_base)
+    run = " ".join(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--", "sh", "-c", "'echo ready; sleep 30'"]
+    )
+    # bash goes on after a child that exited 130 (it takes that as "the child handled
+    # Ctrl-C"); it stops only for a child that died of SIGINT.
+    term = Terminal(["bash", "-c", f"{run}; echo continued"])
+    terminals.append(term)
+    term.read_until(b"ready")
+    term.ctrl_c()
+    assert term.wait() == -signal.SIGINT
+    assert "continued" not in term.text
+
+
+def _tree_script(tmp_path: Path) -> Path:
+    """A command whose descendants hold the listening socket at fd 3: a child of bash
+    (which does not exec), a double-forked grandchild and a setsid child."""
+    holder = tmp_path / "holder.py"
+    holder.write_text(
+        "import os, socket, sys, time\n"
+        "if sys.argv[1] == 'double':\n"
+        "    if os.fork():\n"
+        "        os._exit(0)\n"
+        "    if os.fork():\n"
+        "        os._exit(0)\n"
+        "s = socket.socket(fileno=os.dup(3))\n"
+        "print('holder', sys.argv[1], os.getpid(), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    script = tmp_path / "tree.sh"
+    py = sys.executable
+    script.write_text(
+        f"{py} {holder} double\n"
+        f"setsid {py} {holder} setsid &\n"
+        f"{py} {holder} child &\n"
+        "sleep 120\n"
+        "echo ended\n"
+    )
+    return script
+
+
+def _holders(text: str) -> dict[str, int]:
+    return {m[0]: int(m[1]) for m in re.findall(r"holder (\w+) (\d+)", text)}
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
+def test_up_stops_grandchildren_and_the_port_is_free_after(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    tree = _tree_script(tmp_path)
+    services = {"web": {"command": ["bash", str(tree)], "socket": "fd"}}
+    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    proc = subprocess.Popen(
+        [*PORTPOOL, "up", "-c", str(config), "--grace", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = ""
+    while len(_holders(lines)) < 3:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        lines += line
+    holders = _holders(lines)
+    assert set(holders) == {"double", "setsid", "child"}
+    assert psutil.Process(holders["setsid"]).pid == os.getsid(holders["setsid"])
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert [pid for pid in holders.values() if not _gone(pid)] == []
+    assert _bindable(port_base)
+
+
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
+def test_run_stops_grandchildren_and_the_port_is_free_after(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    tree = _tree_script(tmp_path)
+    config = write_layout(tmp_path / "run.toml", port_base)
+    proc = subprocess.Popen(
+        [
+            *PORTPOOL,
+            "run",
+            "-q",
+            "-c",
+            str(config),
+            "--fds",
+            "-s",
+            "alpha",
+            "--",
+            "bash",
+            str(tree),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = ""
+    while len(_holders(lines)) < 3:
+        line = proc.stdout.readline()
+        assert line
+        lines += line
+    holders = _holders(lines)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGTERM  # bash died of it: so does run
+    assert [pid for pid in holders.values() if not _gone(pid)] == []
+    assert _bindable(port_base)
+
+
+def _in_interpreter_start_up(err: str) -> bool:
+    """A Ctrl-C that met CPython's own start-up (site import, .pth files) or the
+    console-script wrapper pip writes, before the first line of portpool ran: out of
+    our reach, and nothing is held yet. Its traceback has no frame of portpool."""
+    import portpool
+
+    ours = (os.path.dirname(portpool.__file__), "_portpool_entry.py")
+    files = re.findall(r'File "([^"]+)"', err)
+    return (
+        "KeyboardInterrupt" in err
+        and bool(files)
+        and not any(f.startswith(ours[0]) or f.endswith(ours[1]) for f in files)
+    )
+
+
+def test_ctrl_c_at_random_moments_of_start_up_leaves_nothing(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_layout(tmp_path / "run.toml", port_base)
+    marker = tmp_path / "pids"
+    errors = tmp_path / "stderr"
+    # A quiet command (no Python of its own): it records its pid, then sleeps.
+    command = f"echo $$ >> {marker}; exec sleep 30"
+    rng = random.Random(10)
+    outcomes: dict[str, int] = {}
+    # The console script users run: a Ctrl-C while Python imports portpool is quiet too.
+    script = Path(sys.executable).with_name("portpool")
+    assert script.exists()
+    argv = [str(script), "run", "-q", "-c", str(config), "--fds", "--", "sh", "-c", command]
+    for _ in range(30):
+        with errors.open("w") as err_file:
+            # Its own group, signalled whole, as a terminal does.
+            proc = subprocess.Popen(argv, stderr=err_file, start_new_session=True)
+        time.sleep(rng.uniform(0, 0.6))
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            # CPython can swallow a Ctrl-C that meets an import callback while it starts.
+            assert _in_interpreter_start_up(errors.read_text()), errors.read_text()
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=30)
+        err = errors.read_text()
+        if _in_interpreter_start_up(err):
+            moment = "interpreter"
+        else:
+            assert "Traceback" not in err and "runpy" not in err, err
+            assert proc.returncode == -signal.SIGINT, err
+            moment = "started" if marker.exists() else "before"
+        outcomes[moment] = outcomes.get(moment, 0) + 1
+        if marker.exists():
+            pids = [int(pid) for pid in marker.read_text().split()]
+            wait_for(lambda pids=pids: all(_gone(pid) for pid in pids), 10)
+            marker.unlink()
+        assert held_lock_files(home) == []
+    # Both kinds of moment were hit: before the command started, and after.
+    assert outcomes.get("before") and outcomes.get("started"), outcomes
+
+
+def test_ctrl_c_while_run_searches_the_pool_starts_nothing(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    # Fault 2: a slow search (the pool's first 100 ports are taken by a foreign program;
+    # each refusal names its holder), and a Ctrl-C typed meanwhile.
+    foreign = []
+    for port in range(port_base, port_base + 100):
+        with contextlib.suppress(OSError):
+            foreign.append(socket.create_server(("127.0.0.1", port)))
+    services = {"alpha": {"size": 120}}
+    config = write_layout(tmp_path / "run.toml", port_base, services=services, max_instances=1)
+    marker = tmp_path / "started"
+    slot = home / "apps" / "testapp" / "instances" / "1.lock"
+    try:
+        term = Terminal([*PORTPOOL, "run", "-q", "-c", str(config), "--", "touch", str(marker)])
+        terminals.append(term)
+        wait_for(lambda: slot.exists() and held_lock_files(home), 30, interval=0.005)
+        assert not marker.exists()  # still searching: the Ctrl-C comes before the command
+        term.ctrl_c()
+        status = term.wait()
+    finally:
+        for s in foreign:
+            s.close()
+    assert not marker.exists()  # the command never started
+    assert held_lock_files(home) == []
+    assert "Traceback" not in term.text
+    assert status == -signal.SIGINT, term.text
+
+
+def test_up_whose_services_die_of_a_group_ctrl_c_is_interrupted_not_crashed(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Fault 6: the whole group of up gets SIGINT, as from a terminal.
+    services = {n: {"command": ["sleep", "60"], "socket": "port"} for n in ("a", "b", "c")}
+    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    for _ in range(3):
+        proc = subprocess.Popen(
+            [*PORTPOOL, "up", "-c", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        assert "is up" in proc.stdout.readline()
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == -signal.SIGINT, err
+        assert "exited on its own" not in err
+
+
+def _status_mask(text: str, field: str) -> int:
+    found = re.search(re.escape(field) + r":\s*([0-9a-f]+)", text)
+    assert found, text
+    return int(found[1], 16)
+
+
+def test_started_programs_have_default_signals_and_an_empty_mask(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Fault 7. What our own parent ignores (nohup) is passed on, as a shell would.
+    with open("/proc/self/status") as f:
+        inherited = _status_mask(f.read(), "SigIgn")
+    python_ignores = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
+    expected = inherited & ~python_ignores
+    config = write_layout(tmp_path / "run.toml", port_base)
+    for extra in ([], ["--fds"]):
+        done = subprocess.run(
+            [*PORTPOOL, "run", "-q", "-c", str(config), *extra, "--", "cat", "/proc/self/status"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert _status_mask(done.stdout, "SigIgn") == expected
+        assert _status_mask(done.stdout, "SigBlk") == 0
+    done = subprocess.run(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--", "sh", "-c", "yes | head -1"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "y\n", "")
+    services = {"web": {"command": ["cat", "/proc/self/status"], "socket": "fd"}}
+    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    done = subprocess.run(
+        [*PORTPOOL, "up", "-c", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert _status_mask(done.stdout, "web | SigIgn") == expected
+    assert _status_mask(done.stdout, "web | SigBlk") == 0
+
+
+def test_after_kill_9_of_up_a_service_finishes_its_shutdown(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Fault 4: its SIGTERM handler prints; the output pipe's reader (up) is gone.
+    done = tmp_path / "finished"
+    script = tmp_path / "svc.py"
+    script.write_text(
+        "import signal, sys, time\n"
+        "def bye(*a):\n"
+        "    for i in range(200):\n"
+        "        print('shutting down', i, flush=True)\n"
+        f"    open({str(done)!r}, 'w').write('ok')\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    services = {"web": {"command": [sys.executable, str(script)], "socket": "fd"}}
+    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    proc = subprocess.Popen([*PORTPOOL, "up", "-c", str(config)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    while "web | ready" not in proc.stdout.readline():
+        pass
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    wait_for(done.exists, 20)
+    assert done.read_text() == "ok"
+
+
+def test_a_shell_that_forks_gets_a_clear_listen_pid_error(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Fault 8: sh does not exec its last command here, so LISTEN_PID is the shell's pid.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    use = "from portpool.integrations import listen_socket; listen_socket()"
+    done = subprocess.run(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--fds", "-s", "alpha", "--",
+         "sh", "-c", f"{sys.executable} -c '{use}'; exit $?"],
+        check=False, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "LISTEN_PID" in done.stderr and "exec" in done.stderr, done.stderr
+    assert "start it with `portpool run --fds`" not in done.stderr
+
+
+def test_the_exec_shim_imports_no_part_of_portpool(tmp_path: Path) -> None:
+    from portpool import _launch
+
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-X", "importtime", _launch._SHIM, "--", "true"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = re.findall(r"\|\s+(\S+)\s*$", done.stderr, flags=re.M)
+    assert imported and not [m for m in imported if m.startswith("portpool")]
+
+
+def test_a_port_held_by_an_escaped_process_is_named_not_called_free(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # A service hands its listening socket to a process outside its tree (here over a
+    # unix socket, as one that escaped on a system without a subreaper would keep it).
+    path = str(tmp_path / "hand-over.sock")
+    keeper = subprocess.Popen(
+        [sys.executable, "-c",
+         "import socket, sys, time\n"
+         f"srv = socket.socket(socket.AF_UNIX); srv.bind({path!r}); srv.listen()\n"
+         "print('listening', flush=True)\n"
+         "conn, _ = srv.accept()\n"
+         "_, fds, _, _ = socket.recv_fds(conn, 16, 1)\n"
+         "print('got', fds[0], flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert keeper.stdout is not None
+        assert keeper.stdout.readline().strip() == "listening"
+        giver = (
+            "import socket, time\n"
+            f"c = socket.socket(socket.AF_UNIX); c.connect({path!r})\n"
+            "socket.send_fds(c, [b'x'], [3])\n"
+            "print('handed', flush=True)\n"
+            "time.sleep(60)\n"
+        )
+        services = {"web": {"command": [sys.executable, "-c", giver], "socket": "fd"}}
+        config = write_layout(tmp_path / "up.toml", port_base, services=services)
+        proc = subprocess.Popen(
+            [*PORTPOOL, "up", "-c", str(config), "--grace", "0.5"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert keeper.stdout.readline().startswith("got")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert f"port {port_base} is still held by pid {keeper.pid}" in err, err
+        assert "its ports are free" not in out
+    finally:
+        keeper.kill()
+        keeper.wait()
