@@ -384,3 +384,25 @@ def test_restart_no_still_stops_the_instance(tmp_path: Path, port_base: int, hom
     _out, err = reader.finish(60)
     assert proc.returncode == 5
     assert "service 'once' exited on its own (killed by SIGKILL)" in err
+
+
+def test_a_terminal_hangup_stops_up_instead_of_restarting(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    from tests.test_signals import Terminal
+
+    config = write_config(tmp_path, port_base, {"svc": {"restart": "always"}})
+    terminal = Terminal([sys.executable, "-m", "portpool.cli", "up", "--config", str(config)])
+    try:
+        terminal.read_until(b"is up")
+        pid = service_record(config, "svc")["pid"]
+        os.close(terminal.master)  # the window closes: the kernel hangs up on up
+        terminal.master = os.open(os.devnull, os.O_RDONLY)  # for close() below
+        deadline = time.monotonic() + 60
+        while os.waitpid(terminal.pid, os.WNOHANG) == (0, 0):
+            assert time.monotonic() < deadline, "up still runs after its terminal hung up"
+            time.sleep(0.05)
+        wait_for(lambda: not psutil.pid_exists(pid), 20)
+        assert status_json(config)["instances"] == []
+    finally:
+        terminal.close()

@@ -539,13 +539,14 @@ def run_up(
 
     Main thread only (takes over the stop signals for the call). A stop signal is
     passed to the services once (SIGINT stays SIGINT), then ``grace_s``, then SIGKILL;
-    USR1/USR2 are passed on without stopping; SIGHUP restarts every service in
-    dependency order on the same sockets (``Supervisor.rolling_restart``). ``on_up``
+    USR1/USR2 are passed on without stopping; SIGHUP sent by a process (``kill -HUP``)
+    restarts every service in dependency order on the same sockets
+    (``Supervisor.rolling_restart``), while a terminal's hangup stops. ``on_up``
     runs once every service is ready. Returns the Outcome: code 0 after SIGTERM, 4
     shield tripped, 5 a service exited and was not restarted, gave up after too many
     restarts, or was not ready in time; ``signum`` set when the caller should die of
-    that signal (SIGINT, SIGQUIT). Raises LayoutError (a command cannot be executed;
-    nothing started), Interrupted, StartError, StateDirError.
+    that signal (SIGINT, SIGQUIT, a terminal's SIGHUP). Raises LayoutError (a command
+    cannot be executed; nothing started), Interrupted, StartError, StateDirError.
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
@@ -573,7 +574,8 @@ def run_up(
                 signum = received.signum
                 if signum in relayed_only:
                     supervisor.send(signum)
-                elif signum == hangup and not supervisor.finishing:
+                elif signum == hangup and not received.from_kernel and not supervisor.finishing:
+                    # kill -HUP: a rolling restart. A terminal's hangup (the kernel's) stops.
                     supervisor.request_rolling_restart()
                 elif supervisor.finishing:
                     supervisor.send(_stop_with(signum))  # asked again: passed on once more
