@@ -618,3 +618,32 @@ def test_a_port_held_by_an_escaped_process_is_named_not_called_free(
     finally:
         keeper.kill()
         keeper.wait()
+
+
+def test_up_stops_a_process_a_service_starts_while_it_stops(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    pid_file = tmp_path / "late"
+    script = (
+        "import signal, subprocess, sys, time\n"
+        "def bye(*a):\n"
+        "    late = subprocess.Popen(['setsid', 'sleep', '60'])\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(late.pid))\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    services = {"web": {"command": [sys.executable, "-c", script], "socket": "fd"}}
+    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    proc = subprocess.Popen(
+        [*PORTPOOL, "up", "-q", "-c", str(config)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    while "web | ready" not in proc.stdout.readline():
+        pass
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    late = int(pid_file.read_text())  # it was started, while up was stopping
+    assert _gone(late)

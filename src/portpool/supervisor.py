@@ -91,7 +91,9 @@ class Supervisor:
 
     ``on_exit(name, returncode)`` is called (on a waiter thread) when a process exits
     while no stop was requested; it returns the ``Outcome`` that ends ``wait()``, or
-    None to keep waiting.
+    None to keep waiting. With ``adopt`` every child of this process counts as ours
+    (``run``/``up``, child subreapers that start nothing else); without it, only the
+    descendants of the processes started here.
     """
 
     def __init__(
@@ -101,8 +103,10 @@ class Supervisor:
         grace_s: float = DEFAULT_GRACE_S,
         out: IO[str] | None = None,
         on_exit: Callable[[str, int], Outcome | None] | None = None,
+        adopt: bool = False,
     ) -> None:
         self.instance = instance
+        self.adopt = adopt  # every child of this process is ours (run/up as subreaper)
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -340,16 +344,21 @@ class Supervisor:
                     proc.send_signal(signum)
 
     def _tree(self) -> list[psutil.Process]:
-        """Every living process we started through our children: their descendants and
-        the orphans adopted as a subreaper (our own children not ours to ``Popen``)."""
+        """Every living process we started through our children: their descendants,
+        and with ``adopt`` every other child of ours (orphans adopted as a subreaper)."""
         import psutil
 
         mine = {p.pid for p in self.children.values()}
         found: dict[int, psutil.Process] = {}
         try:
-            for child in psutil.Process().children(recursive=True):
-                if child.pid not in mine:
-                    found[child.pid] = child
+            if self.adopt:
+                roots = [psutil.Process()]
+            else:
+                roots = [psutil.Process(p.pid) for p in self.children.values() if p.poll() is None]
+            for root in roots:
+                for child in root.children(recursive=True):
+                    if child.pid not in mine:
+                        found[child.pid] = child
         except psutil.Error:
             pass
         return list(found.values())
@@ -368,52 +377,49 @@ class Supervisor:
             proc.wait()
 
     def stop(self, signum: int = signal.SIGTERM) -> None:
-        """Stop every process we started, with its whole tree: ``signum`` once (to each
-        group, and to each descendant outside those groups), up to ``grace_s`` to exit,
-        then SIGKILL for what is left. Returns when all of it is gone."""
+        """Stop every process we started, with its whole tree: ``signum`` once to each
+        group and to each descendant outside those groups (also to one forked while
+        stopping), up to ``grace_s`` to exit, then SIGKILL for what is left. Returns
+        when all of it is gone."""
         import psutil
 
         with self._spawn_lock:
             self._stopping = True
             self._done.set()  # keepers stop restarting
         groups = {p.pid for n, p in self.children.items() if n in self._groups and p.poll() is None}
-        tree = self._tree()
         self.send(signum)
-        for proc in tree:
-            # Members of a signalled group got it already: once is enough.
-            if process_group(proc.pid) not in groups:
-                with contextlib.suppress(psutil.Error):
-                    proc.send_signal(signum)
-        if not self._wait_gone(tree, self.grace_s):
-            self.send(_SIGKILL)
-            for _ in range(10):  # bounded: a tree that forks while dying
-                for proc in self._tree():
-                    with contextlib.suppress(psutil.Error):
+        signalled: set[tuple[int, float]] = set()
+        deadline = time.monotonic() + self.grace_s
+        kill = False
+        for _ in range(100_000):  # bounded; ends at the deadline or when all are gone
+            self._reap()
+            alive = [p for p in self._tree() if _running(p)]
+            for proc in alive:
+                try:
+                    key = (proc.pid, proc.create_time())
+                    if kill:
                         proc.kill()
-                if self._wait_gone(self._tree(), 1.0):
-                    break
+                    elif key not in signalled and process_group(proc.pid) not in groups:
+                        # Members of a signalled group got it already: once is enough.
+                        proc.send_signal(signum)
+                    signalled.add(key)
+                except psutil.Error:
+                    continue
+            if not alive and all(p.poll() is not None for p in self.children.values()):
+                break
+            if not kill and time.monotonic() >= deadline:
+                kill = True
+                self.send(_SIGKILL)
+                deadline = time.monotonic() + 10.0
+            elif kill and time.monotonic() >= deadline:
+                break  # unkillable (uninterruptible sleep): give up waiting, not hang
+            time.sleep(0.05)
         for child in self.children.values():
-            child.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1.0)
         self._reap()
         for thread in self._threads:
             thread.join(timeout=2)
-
-    def _wait_gone(self, tree: Sequence[psutil.Process], timeout_s: float) -> bool:
-        import psutil
-
-        deadline = time.monotonic() + timeout_s
-        while True:
-            self._reap()
-            alive: list[object] = [p for p in self.children.values() if p.poll() is None]
-            for proc in tree:
-                with contextlib.suppress(psutil.Error):
-                    if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                        alive.append(proc)
-            if not alive:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.02)
 
     def lingering(self, timeout_s: float) -> list[str]:
         """Ports of the instance still listened on by a process other than us, waited
@@ -427,6 +433,15 @@ class Supervisor:
             if not held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)
+
+
+def _running(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[[Any], None]:
@@ -502,7 +517,7 @@ def run_command(
             # In a terminal's foreground group the command stays in ours, as after
             # `exec`: it keeps the terminal, and the shell that called us gets Ctrl-C too.
             shared = in_terminal_foreground()
-            supervisor = Supervisor(instance, grace_s=grace_s, on_exit=exited)
+            supervisor = Supervisor(instance, grace_s=grace_s, on_exit=exited, adopt=True)
             instance.on_release(supervisor.stop)
             proc = supervisor.start_process(
                 "command", command, env, sockets=sockets, own_group=not shared, capture=False
@@ -567,7 +582,9 @@ def run_up(
             scope.block()
             scope.check()
             # The keepers decide what a service's exit means (restart, or exit 5).
-            supervisor = Supervisor(instance, grace_s=grace_s, out=out, on_exit=lambda n, rc: None)
+            supervisor = Supervisor(
+                instance, grace_s=grace_s, out=out, adopt=True, on_exit=lambda n, rc: None
+            )
             instance.on_release(supervisor.stop)
 
             def on_signal(received: ReceivedSignal) -> None:

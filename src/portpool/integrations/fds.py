@@ -30,8 +30,6 @@ _MAX_FDS = 1024
 # Received once per process: a socket object owns its fd, so wrapping the same fd twice
 # would let one object's close (or garbage collection) close the other's socket.
 _received: dict[str, socket.socket] | None = None
-# The LISTEN_PID we saw when it named another process, for a precise error.
-_meant_for: int | None = None
 
 
 def _parse(count_text: str, pid_text: str | None, names_text: str) -> list[str] | None:
@@ -46,8 +44,6 @@ def _parse(count_text: str, pid_text: str | None, names_text: str) -> list[str] 
             f"LISTEN_FDS={count_text!r} / LISTEN_PID={pid_text!r} are not numbers"
         ) from None
     if pid != os.getpid():
-        global _meant_for
-        _meant_for = pid
         return None  # meant for another process (we inherited the environment)
     if not 0 <= count <= _MAX_FDS:
         raise PassedSocketError(f"LISTEN_FDS={count} is out of range 0..{_MAX_FDS}")
@@ -113,13 +109,16 @@ def listen_socket(name: str | None = None) -> socket.socket:
     Raises PassedSocketError when nothing was passed to this process, when ``name``
     was not passed, or when ``name`` is None and several sockets were passed.
     """
+    # Read before listen_fds() unsets it, to say precisely why nothing is ours.
+    meant_for = os.environ.get("LISTEN_PID", "") if "LISTEN_FDS" in os.environ else ""
     sockets = listen_fds()
-    if not sockets and _meant_for is not None:
+    if not sockets and meant_for.isdigit() and int(meant_for) != os.getpid():
         # Usually a shell that forks instead of exec'ing its last command: the sockets
         # and LISTEN_PID were given to the shell, not to us.
-        who = "this process's parent" if _meant_for == os.getppid() else "another process"
+        parent = int(meant_for) == os.getppid()
+        who = "this process's parent" if parent else "another process"
         raise PassedSocketError(
-            f"LISTEN_PID is {_meant_for}, the pid of {who} (a shell that started this "
+            f"LISTEN_PID is {meant_for}, the pid of {who} (a shell that started this "
             f"program without exec?), not of this process ({os.getpid()}): use `exec` in "
             "the shell command (sh -c 'exec python3 svc.py') or put the service's own "
             "command in the layout"
