@@ -83,13 +83,34 @@ def test_tcp_on_a_passed_socket_waits_for_an_accept_not_a_handshake(
         # The kernel completes the probe's handshake, but nobody accepts: not ready.
         for _ in range(3):
             assert probe.check() is False
-        assert accept_queue_length(listening) == 1  # the probe's connection waits
+        assert accept_queue_length(listening) == 1  # the probe's (closed) connection waits
         assert "has not accepted" in probe.last_problem
         conn, _ = listening.accept()
         conn.close()
         assert probe.check() is True
     finally:
         probe.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+def test_tcp_probe_never_holds_up_a_server_that_reads_each_connection(
+    listening: socket.socket,
+) -> None:
+    host, port = listening.getsockname()[:2]
+    probe = ReadinessProbe("tcp", host, port, listening)
+    assert probe.check() is False  # connected; nobody accepted yet
+    with socket.create_connection((host, port), timeout=5) as client:
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert accept_queue_length(listening) == 2
+        # A single-threaded server takes the probe's connection first and reads a
+        # request from it: the probe closed it, so the read ends at once.
+        conn, _ = listening.accept()
+        conn.settimeout(5)
+        assert conn.recv(100) == b""
+        conn.close()
+        # One connection (the client's) still waits, yet the service proved it accepts.
+        assert accept_queue_length(listening) == 1
+        assert probe.check() is True
 
 
 def test_tcp_on_a_port_means_something_listens(listening: socket.socket) -> None:

@@ -188,9 +188,11 @@ class ServiceKeeper:
                     self._on_failure(Failure(self.name, "early", returncode))
                 return None
             self.ready_at = time.time()
-            self._set("ready")
+            # The "ready" line first ("is up" comes last), then the record: whoever sees
+            # every service ready in the record knows "is up" will be printed.
             self._on_ready(self, time.monotonic() - begun)
-            self.ever_ready.set()  # after the "ready" line: "is up" must come last
+            self.ever_ready.set()
+            self._set("ready")
         finally:
             probe.close()
         returncode = proc.wait()

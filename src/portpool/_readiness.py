@@ -4,9 +4,10 @@ A layout's ``ready`` key picks the probe:
 
 - ``"tcp"`` (default). With ``socket = "fd"`` the socket listens before the service
   starts and the kernel completes handshakes on its own, so a connect proves nothing:
-  the probe connects, then waits for the listening socket's accept queue (as the
-  kernel reports it, see ``accept_queue_length``) to drop back, which only happens when
-  the service calls accept(). With ``socket = "port"``: a connect succeeds.
+  the probe connects (and closes at once), then waits until the kernel reports that
+  connection taken off the listening socket's accept queue (``connection_accepted``:
+  it got a file, or is gone), which only happens when the service calls accept().
+  With ``socket = "port"``: a connect succeeds.
 - ``"http:<path>"``: ``GET <path>`` answers with a 2xx status.
 - ``"log:<regex>"``: a line of the service's output matches (``re.search``).
 - ``"none"``: ready as soon as it is started.
@@ -20,7 +21,7 @@ import re
 import socket
 import threading
 
-from portpool._platform import accept_queue_length
+from portpool._platform import accept_queue_length, connection_accepted
 
 __all__ = ["ReadinessProbe", "probe_host"]
 
@@ -58,8 +59,8 @@ class ReadinessProbe:
         self.path = arg if kind == "http" else ""
         self.pattern = re.compile(arg) if kind == "log" else None
         self._matched = threading.Event()
-        self._probe_conn: socket.socket | None = None
-        self._queue_before = 0
+        # (family, server side, our side) of the probe connection, once made.
+        self._probe: tuple[int, tuple[str, int], tuple[str, int]] | None = None
         self.last_problem = "not checked yet"
 
     def feed_line(self, line: str) -> None:
@@ -68,10 +69,8 @@ class ReadinessProbe:
             self._matched.set()
 
     def close(self) -> None:
-        """Drop a probe connection that is still open."""
-        if self._probe_conn is not None:
-            self._probe_conn.close()
-            self._probe_conn = None
+        """Forget the probe connection (the next ``check`` makes a new one)."""
+        self._probe = None
 
     def check(self) -> bool:
         """One attempt; True when the service is ready (``last_problem`` says why not)."""
@@ -101,25 +100,28 @@ class ReadinessProbe:
         return True
 
     def _check_accepting(self, listening: socket.socket) -> bool:
-        if self._probe_conn is None:
-            before = accept_queue_length(listening)
+        if self._probe is None:
             conn = self._connect()
             if conn is None:
                 return False
-            if before is None:
-                # The OS does not report the queue (not Linux): a handshake is all we get.
+            try:
+                server_side, our_side = conn.getpeername()[:2], conn.getsockname()[:2]
+            except OSError as e:
+                self.last_problem = f"probe connection to port {self.port}: {e.strerror or e}"
+                return False
+            finally:
+                # Closed at once: a service that reads a request from each connection
+                # must not wait on ours (a single-threaded server would wait forever,
+                # and so would we). The closed connection stays queued until accepted.
                 conn.close()
-                return True
-            self._queue_before = before
-            self._probe_conn = conn
-        now = accept_queue_length(listening)
-        # Our probe raised the queue by one; only an accept() takes it back down.
-        if now is not None and now <= self._queue_before:
-            self.close()
-            return True
+            self._probe = (listening.family, server_side, our_side)
+        accepted = connection_accepted(*self._probe)
+        if accepted is None or accepted:
+            return True  # None: the OS does not say (not Linux), a handshake is all we get
+        waiting = accept_queue_length(listening)
         self.last_problem = (
-            f"{now} connection(s) wait in the accept queue of port {self.port}: "
-            "the service has not accepted one yet"
+            f"the service has not accepted a connection on port {self.port} yet "
+            f"({waiting} waiting in its accept queue)"
         )
         return False
 

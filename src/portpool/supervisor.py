@@ -262,12 +262,13 @@ class Supervisor:
             self.out.flush()
 
     def wait_ready(self) -> bool:
-        """Block until every service was ready once (True) or the run ends (False)."""
+        """Block until every service was ready once (True, even if a stop was asked
+        for meanwhile) or the run ends before (False)."""
         for keeper in self.keepers.values():
             while not keeper.ever_ready.wait(0.2):
-                if self._done.is_set():
+                if self._done.is_set() and not keeper.ever_ready.is_set():
                     return False
-        return not self._done.is_set()
+        return True
 
     def rolling_restart(self) -> list[str]:
         """Restart every ready service in dependency order, each on its same socket,

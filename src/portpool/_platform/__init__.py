@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 
-from portpool._platform._acceptq import accept_queue_length
+from portpool._platform._acceptq import accept_queue_length, connection_accepted
 from portpool._platform._identity import (
     ProcessIdentity,
     boot_id,
@@ -82,6 +82,7 @@ __all__ = [
     "accept_queue_length",
     "become_subreaper",
     "boot_id",
+    "connection_accepted",
     "current_identity",
     "enlarge_pipe",
     "ephemeral_port_range",

@@ -1,4 +1,5 @@
-"""How many connections wait in a listening socket's accept queue, read from the kernel.
+"""A listening socket's accept queue, read from the kernel: its length, and whether one
+connection has left it.
 
 For a socket that was bound and put in listen state before its service started, the
 kernel completes handshakes on its own, so a successful connect proves nothing about
@@ -27,7 +28,7 @@ from portpool._platform._net import (
     _TCPF_LISTEN,
 )
 
-__all__ = ["accept_queue_length"]
+__all__ = ["accept_queue_length", "connection_accepted"]
 
 # inet_diag_req_v2 with the source port set: the kernel then dumps only that port's
 # listeners instead of every one on the host.
@@ -106,3 +107,93 @@ def accept_queue_length(sock: socket.socket) -> int | None:
         return _diag_rqueue(sock.family, port, inode)
     except (OSError, struct.error):
         return _proc_rqueue(sock.family, inode)  # no sock_diag (old kernel, sandbox)
+
+
+# inet_diag_sockid for one connection (ports and addresses in network order), and the
+# "no cookie" value that makes the kernel look the socket up by its addresses.
+_EXACT_ID = struct.Struct("!HH16s16s")
+_NO_COOKIE = struct.pack("=II", 0xFFFFFFFF, 0xFFFFFFFF)
+_NLM_F_REQUEST = 0x1
+_ENOENT = 2
+
+
+def _packed(family: int, address: str) -> bytes:
+    return socket.inet_pton(family, address).ljust(16, b"\0")
+
+
+def _diag_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """The inode of the TCP socket ``local`` <- ``remote``; None when there is none.
+    Raises OSError when sock_diag cannot answer."""
+    if _AF_NETLINK is None:
+        raise OSError("no netlink sockets here")
+    nl = socket.socket(_AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+    try:
+        nl.settimeout(_DIAG_TIMEOUT_S)
+        sockid = _EXACT_ID.pack(
+            local[1], remote[1], _packed(family, local[0]), _packed(family, remote[0])
+        )
+        request = _PORT_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF)
+        request += sockid + struct.pack("=I", 0) + _NO_COOKIE
+        header = _NLMSG_HEADER.pack(
+            _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0
+        )
+        nl.sendto(header + request, (0, 0))
+        data = nl.recv(1 << 16)
+        length, kind, _, _, _ = _NLMSG_HEADER.unpack_from(data, 0)
+        body = _NLMSG_HEADER.size
+        if kind == _NLMSG_ERROR:
+            (error,) = struct.unpack_from("=i", data, body)
+            if -error == _ENOENT:
+                return None
+            raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
+        if length < _NLMSG_HEADER.size + _DIAG_MESSAGE.size:
+            raise OSError("sock_diag: malformed answer")
+        return int(_DIAG_MESSAGE.unpack_from(data, body)[_INODE_FIELD])
+    finally:
+        nl.close()
+
+
+def _proc_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
+    """The same from /proc/net/tcp(6): the inode column of the matching line."""
+    from portpool._platform._net import _decode_v4, _decode_v6
+
+    table, decode = (
+        ("/proc/net/tcp6", _decode_v6)
+        if family == socket.AF_INET6
+        else ("/proc/net/tcp", _decode_v4)
+    )
+    want_local = (socket.inet_pton(family, local[0]), local[1])
+    want_remote = (socket.inet_pton(family, remote[0]), remote[1])
+    with open(table, encoding="ascii") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) < 10:
+                continue
+            found = []
+            for column in (fields[1], fields[2]):
+                addr_hex, _, port_hex = column.partition(":")
+                address = decode(addr_hex)
+                found.append((socket.inet_pton(family, address), int(port_hex, 16)))
+            if found == [want_local, want_remote]:
+                return int(fields[9])
+    return None
+
+
+def connection_accepted(
+    family: int, local: tuple[str, int], remote: tuple[str, int]
+) -> bool | None:
+    """Whether the server side (``local``) of our connection from ``remote`` has left
+    its listener's accept queue: a queued connection has no file yet (inode 0), an
+    accepted one has, and one accepted and closed is gone. None where the OS does not
+    say (not Linux)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        try:
+            inode = _diag_inode(family, local, remote)
+        except (OSError, struct.error):
+            inode = _proc_inode(family, local, remote)  # no sock_diag (old kernel, sandbox)
+    except (OSError, ValueError):
+        return None
+    return inode is None or inode != 0
