@@ -42,6 +42,9 @@ def write_layout(
             lines.append(f"command = {json.dumps(extra['command'])}")
         if "socket" in extra:
             lines.append(f'socket = "{extra["socket"]}"')
+        for key in ("restart", "depends_on", "ready", "ready_timeout_s"):  # for up
+            if key in extra:
+                lines.append(f"{key} = {json.dumps(extra[key])}")
         offset += size
     path.write_text("\n".join(lines) + "\n")
     return path
