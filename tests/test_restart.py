@@ -213,6 +213,13 @@ def stop_up(reader: LineReader) -> tuple[str, str]:
     return reader.finish(60)
 
 
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def env_with(**values: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(values)
@@ -300,7 +307,9 @@ def test_kill_9_of_an_always_service_brings_it_back_on_the_same_socket(
         (before,) = listeners(port)
         first_pid, _ = request(port)
         os.kill(first_pid, signal.SIGKILL)
-        # Sent while the service may still be down: it waits in the kept socket's queue.
+        # Dead first (a process still in accept() could take the next connection with
+        # it), then a request while the service is down: it waits in the kept queue.
+        wait_for(lambda: not _running(first_pid), 20)
         second_pid, n = request(port)
         assert second_pid != first_pid and n == 1
         assert listeners(port) == [before]  # the same listening socket (same inode)
