@@ -178,7 +178,18 @@ def run(quick: bool = False) -> Section:
         kept, kept_refused = kept_socket(directory, port, repeats)
         loop, loop_refused = rebind(directory, port + 1, repeats)
         # As up starts a service: the shim asks for SIGTERM on our death (ctypes, prctl).
-        shim = [PY, "-S", _spawn.__file__, "--parent", str(os.getpid()), "--", PY, "-c", "pass"]
+        shim = [
+            PY,
+            "-I",
+            "-S",
+            _spawn.__file__,
+            "--parent",
+            str(os.getpid()),
+            "--",
+            PY,
+            "-c",
+            "pass",
+        ]
         section.rows += [
             Row(
                 "exec shim + python -c pass",
