@@ -154,6 +154,15 @@ def _request(port: int, result: list[str]) -> None:
         result.append(f"error: {e}")
 
 
+def _read_until(proc: subprocess.Popen[str], text: str) -> None:
+    """Read ``proc``'s stdout until a line holds ``text`` (fails at its end)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"{text!r} never printed; exit {proc.wait(timeout=30)}")
+
+
 def _bindable(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -539,12 +548,11 @@ def test_after_kill_9_of_up_a_service_finishes_its_shutdown(
     config = write_layout(tmp_path / "up.toml", port_base, services=services)
     proc = subprocess.Popen([*PORTPOOL, "up", "-c", str(config)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    while "web | ready" not in proc.stdout.readline():
-        pass
+    _read_until(proc, "web | ready")
     proc.kill()
     proc.wait()
     proc.stdout.close()
-    wait_for(done.exists, 20)
+    wait_for(done.exists, 60)
     assert done.read_text() == "ok"
 
 
@@ -644,8 +652,7 @@ def test_up_stops_a_process_a_service_starts_while_it_stops(
         [*PORTPOOL, "up", "-q", "-c", str(config)], stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
-    while "web | ready" not in proc.stdout.readline():
-        pass
+    _read_until(proc, "web | ready")
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == 0

@@ -124,6 +124,12 @@ def die_of(signum: int) -> None:
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     if sys.platform != "win32":
+        import resource
+
+        # SIGQUIT's or SIGSEGV's default action dumps core: not of portpool, which is fine.
+        with contextlib.suppress(OSError, ValueError):
+            hard = resource.getrlimit(resource.RLIMIT_CORE)[1]
+            resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
         signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
         os.kill(os.getpid(), signum)
