@@ -350,3 +350,37 @@ def test_reference_app_is_up_when_the_dashboard_answers(tmp_path: Path, home: Pa
     finally:
         _out, err = stop(reader)
     assert proc.returncode == 0, err
+
+
+# Never ready; says which signal stopped it.
+SAYS_ITS_SIGNAL = """\
+import signal, sys, time
+def stop(signum, frame):
+    print("got", signal.Signals(signum).name, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stop_while_starting_reaches_the_service_as_the_stop_signal(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    script = tmp_path / "says.py"
+    script.write_text(SAYS_ITS_SIGNAL)
+    config = write_config(
+        tmp_path,
+        port_base,
+        {"slow": {"command": [sys.executable, str(script)], "ready": "log:never"}},
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path))
+    reader = LineReader(proc)
+    reader.until(lambda line: line.endswith("| started"))
+    proc.send_signal(signal.SIGINT)
+    out, _err = reader.finish(60)
+    # up passes SIGINT on; the parent-death SIGTERM (a keeper thread that ended
+    # before its service) must not get there first.
+    assert "slow | got SIGINT" in out, out
+    assert "got SIGTERM" not in out

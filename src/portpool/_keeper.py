@@ -179,8 +179,11 @@ class ServiceKeeper:
             self._set("starting")
             outcome = self._await_ready(proc, probe, begun)
             if outcome != "ready":
+                # Never leave this thread while the process runs: the parent-death
+                # signal (Linux) follows the thread that started it, and would SIGTERM
+                # a service that the instance's stop is about to stop gracefully.
+                returncode = proc.wait()
                 if outcome == "exited" and not self._done.is_set():
-                    returncode = proc.wait()
                     self.last_exit_status = _shell_status(returncode)
                     if self.ever_ready.is_set() or self._expected_exit:
                         return returncode  # a restart that crashed: the policy decides
