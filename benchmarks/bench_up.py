@@ -139,6 +139,11 @@ def one_up(config: Path, state: Path, ports: list[int]) -> dict[str, float]:
             if waiting:
                 time.sleep(0.002)
         t_ready = time.perf_counter()
+        # up says "is up" once its own readiness probes passed: after the services answer.
+        while not any(" is up" in text for _, text in lines):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"up did not say it is up (exit {proc.returncode})")
+            time.sleep(0.002)
         if not held_lock_inodes(state):
             raise RuntimeError("up is ready but /proc/locks shows none of its locks")
         t_term = time.perf_counter()

@@ -43,6 +43,9 @@ def write_layout(
             lines.append(f"command = {json.dumps(extra['command'])}")
         if "socket" in extra:
             lines.append(f'socket = "{extra["socket"]}"')
+        for key in ("restart", "depends_on", "ready", "ready_timeout_s"):  # for up
+            if key in extra:
+                lines.append(f"{key} = {json.dumps(extra[key])}")
         offset += size
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -190,6 +193,63 @@ def release(proc: subprocess.Popen[str]) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+class LineReader:
+    """Reads a process's stdout lines and its stderr in threads, so waiting for a line
+    never misses one already buffered (a selector on a buffered text stream can).
+    Once it exists, use ``finish`` instead of ``communicate``."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        import queue
+        import threading
+
+        assert proc.stdout is not None and proc.stderr is not None
+        self.proc = proc
+        self.lines: list[str] = []  # stdout lines handed out by ``until``
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._err: list[str] = []
+        out, err = proc.stdout, proc.stderr
+
+        def pump_out() -> None:
+            for line in out:
+                self._queue.put(line.rstrip("\n"))
+            self._queue.put(None)
+
+        self._threads = [
+            threading.Thread(target=pump_out, daemon=True),
+            threading.Thread(target=lambda: self._err.extend(err), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def until(self, predicate: Any, timeout: float = 60.0) -> list[str]:
+        """The stdout lines so far, once one satisfies ``predicate``; fails at the end of
+        the output or after ``timeout`` seconds."""
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no matching line within {timeout} s: {self.lines}") from None
+            if line is None:
+                raise AssertionError(f"the output ended without a matching line: {self.lines}")
+            self.lines.append(line)
+            if predicate(line):
+                return list(self.lines)
+
+    def finish(self, timeout: float = 60.0) -> tuple[str, str]:
+        """Wait for the process to exit; its whole stdout and stderr."""
+        self.proc.wait(timeout)
+        for thread in self._threads:
+            thread.join(timeout)
+        while not self._queue.empty():
+            line = self._queue.get_nowait()
+            if line is not None:
+                self.lines.append(line)
+        return "".join(f"{x}\n" for x in self.lines), "".join(self._err)
 
 
 def held_lock_files(root: Path) -> list[Path]:

@@ -172,3 +172,16 @@ def test_up_floor_starts_the_six_commands_alone_and_stops_them(tmp_path: Path) -
     from benchmarks._common import bindable
 
     assert all(bindable(p) for p in ports)  # every one of them stopped
+
+
+@pytest.mark.slow
+def test_quick_restart_benchmark_refuses_nothing_with_the_socket_kept() -> None:
+    from benchmarks.bench_restart import run
+
+    section = run(quick=True)
+    assert section.extra["kept_refused"] == [0, 0, 0]
+    # The restart loop that rebinds refuses connections while the service is down.
+    refused = section.extra["rebind_refused"]
+    assert isinstance(refused, list) and all(n > 0 for n in refused)
+    for row in section.rows:
+        assert row.median > 0

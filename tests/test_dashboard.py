@@ -100,6 +100,7 @@ def test_dashboard_shows_both_instances_healthy(home: Path, tmp_path: Path) -> N
                 assert row["data-port"] == str(up.ports[name])
                 assert row["data-pid"] == str(up.pids[name])
                 assert row["data-healthy"] == "true", (up.number, name, row)
+                assert (row["data-state"], row["data-restarts"]) == ("ready", "0"), row
         assert dom.summary["data-healthy"] == dom.summary["data-total"] == "12"
 
         ARTIFACTS.mkdir(exist_ok=True)

@@ -243,7 +243,7 @@ def test_unknown_keys_are_refused_at_every_level(tmp_path: Path) -> None:
         f"{error.file}: colour: unknown key; expected one of: app, host, heartbeat_interval,"
         " shield_interval, max_instances, services",
         f"{error.file}: services.api.port: unknown key; expected one of: base, size, stride,"
-        " command, socket",
+        " command, socket, restart, depends_on, ready, ready_timeout_s",
     ]
 
 

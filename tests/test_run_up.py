@@ -188,7 +188,9 @@ def wait_up(proc: subprocess.Popen[str], config: Path, count: int = 3) -> dict[s
         if not mine:
             return None
         ports = {s["name"]: s["port"] for s in mine[0]["services"]}
-        return ports if all(is_listening(p) for p in ports.values()) else None
+        # up says "is up" once every service passed its readiness probe.
+        ready = all(s.get("state", "ready") == "ready" for s in mine[0]["services"])
+        return ports if ready and all(is_listening(p) for p in ports.values()) else None
 
     ports: dict[str, int] = wait_for(ready, 60)
     assert len(ports) == count

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
 
 from portpool.errors import PortPoolError
@@ -135,12 +135,21 @@ def stop_children(
 
 
 def pump_lines(
-    name: str, width: int, stream: IO[bytes], out: IO[str], lock: threading.Lock
+    name: str,
+    width: int,
+    stream: IO[bytes],
+    out: IO[str],
+    lock: threading.Lock,
+    *,
+    on_line: Callable[[str], None] | None = None,
 ) -> None:
-    """Copy ``stream`` to ``out`` line by line, each prefixed with ``name |``."""
+    """Copy ``stream`` to ``out`` line by line, each prefixed with ``name |``; each line
+    is also given to ``on_line`` (a readiness probe waiting for a line, "log:")."""
     prefix = f"{name:<{width}} | "
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
+        if on_line is not None:
+            on_line(line)
         with lock, contextlib.suppress(OSError, ValueError):
             out.write(prefix + line + "\n")
             out.flush()

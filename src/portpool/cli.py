@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from portpool.errors import PortPoolError
     from portpool.instance import Instance
     from portpool.layout import Layout
+    from portpool.records import ServiceInfo
     from portpool.supervisor import Outcome
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -130,6 +131,18 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min ago"
 
 
+def _service_text(s: ServiceInfo) -> str:
+    """``name=port``, plus ``(state, N restarts, last exit S)`` for a supervised service."""
+    if s.state is None:
+        return f"{s.name}={s.port}"
+    extra = [s.state]
+    if s.restarts:
+        extra.append(f"{s.restarts} restart{'s' if s.restarts != 1 else ''}")
+    if s.last_exit_status is not None:
+        extra.append(f"last exit {s.last_exit_status}")
+    return f"{s.name}={s.port} ({', '.join(extra)})"
+
+
 @cli.command()
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -161,7 +174,7 @@ def status(config: str | None, as_json: bool) -> None:
             pid = str(info.pid) if info.pid is not None else "-"
             alive = "yes" if info.alive else "no"
             if info.readable:
-                services = "  ".join(f"{s.name}={s.port}" for s in info.services)
+                services = "  ".join(_service_text(s) for s in info.services)
             else:
                 services = info.problem or "record unreadable"
             if info.directory:

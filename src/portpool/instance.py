@@ -203,6 +203,7 @@ class Instance:
         self.service_pids: dict[str, int] = {}
         self.directory: str | None = None  # the checkout it was started for
         self.skipped: list[tuple[int, str]] = []  # slots passed over: (number, why)
+        self.service_states: dict[str, Mapping[str, Any]] = {}  # set by the supervisor
         self.started_at = time.time()
         self.lost_reason: str | None = None
         self._stop = threading.Event()
@@ -267,6 +268,7 @@ class Instance:
                         {"port": r.port, "reason": r.reason, "detail": r.detail}
                         for r in lease.refusals
                     ],
+                    **self.service_states.get(name, {}),
                 }
                 for name, lease in self.leases.items()
             ],
@@ -286,6 +288,15 @@ class Instance:
         except PortPoolError as e:
             # As for the heartbeat: the shield, not a record write, judges ownership.
             log.warning("instance %d: cannot record service pids: %s", self.number, e)
+
+    def set_service_states(
+        self, states: Mapping[str, Mapping[str, Any]], pids: Mapping[str, int]
+    ) -> None:
+        """Record each supervised service's state (``state``, ``restarts``,
+        ``last_exit_status``, ...) and pid, for ``status`` and the dashboard."""
+        with self._mutex:
+            self.service_states.update(states)
+        self.set_service_pids(pids)
 
     def problem(self) -> str | None:
         """None while the slot lock and the record are still ours, else what went wrong."""

@@ -21,7 +21,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
@@ -38,6 +38,8 @@ from portpool._layout_checks import (
     port_warnings,
     span,
 )
+from portpool._order import dependency_problems
+from portpool._restart import RESTART_POLICIES
 from portpool.errors import LayoutError, LayoutFileError, StateDirError, UnknownService
 from portpool.statedir import check_name
 
@@ -63,7 +65,18 @@ __all__ = [
 
 SERVICE_SOCKET_MODES = ("fd", "port")
 
-_SERVICE_KEYS = ("base", "size", "stride", "command", "socket")
+_SERVICE_KEYS = (
+    "base",
+    "size",
+    "stride",
+    "command",
+    "socket",
+    "restart",
+    "depends_on",
+    "ready",
+    "ready_timeout_s",
+)
+DEFAULT_READY_TIMEOUT_S = 30.0
 _TOP_KEYS = (
     "app",
     "host",
@@ -119,6 +132,10 @@ def _service_problems(
     stride: object,
     command: object,
     socket: object,
+    restart: object = "no",
+    depends_on: object = (),
+    ready: object = "tcp",
+    ready_timeout_s: object = DEFAULT_READY_TIMEOUT_S,
 ) -> list[Problem]:
     """Every problem of one service's own fields (not of its relation to others)."""
     key = f"services.{name}"
@@ -160,7 +177,59 @@ def _service_problems(
                 f"must be one of {', '.join(map(repr, SERVICE_SOCKET_MODES))}, not {socket!r}",
             )
         )
+    out.extend(_supervision_problems(key, restart, depends_on, ready, ready_timeout_s))
     return out
+
+
+def _ready_problem(ready: object) -> str | None:
+    """None if ``ready`` is "tcp", "none", "http:/<path>" or "log:<regex>"."""
+    if not isinstance(ready, str):
+        return f"must be a string, not {_toml_type(ready)}"
+    kind, colon, arg = ready.partition(":")
+    if ready in ("tcp", "none"):
+        return None
+    if kind == "http" and colon:
+        return None if arg.startswith("/") else f"the path must start with '/', not {arg!r}"
+    if kind == "log" and colon:
+        if not arg:
+            return "log: needs a regular expression, e.g. 'log:listening on'"
+        try:
+            re.compile(arg)
+        except re.error as e:
+            return f"invalid regular expression {arg!r}: {e}"
+        return None
+    return f"must be 'tcp', 'http:<path>', 'log:<regex>' or 'none', not {ready!r}"
+
+
+def _supervision_problems(
+    key: str, restart: object, depends_on: object, ready: object, ready_timeout_s: object
+) -> list[Problem]:
+    """Problems of the keys that say how ``up`` starts, checks and restarts a service."""
+    out: list[Problem] = []
+    if restart not in RESTART_POLICIES:
+        allowed = ", ".join(map(repr, RESTART_POLICIES))
+        out.append((f"{key}.restart", f"must be one of {allowed}, not {restart!r}"))
+    if not isinstance(depends_on, list | tuple):
+        out.append((f"{key}.depends_on", f"must be an array of service names, not {depends_on!r}"))
+    else:
+        for i, dep in enumerate(depends_on):
+            if not isinstance(dep, str):
+                out.append((f"{key}.depends_on[{i}]", f"must be a string, not {_toml_type(dep)}"))
+    problem = _ready_problem(ready)
+    if problem:
+        out.append((f"{key}.ready", problem))
+    problem = _interval_problem(ready_timeout_s)
+    if problem:
+        out.append((f"{key}.ready_timeout_s", problem))
+    return out
+
+
+def _dependency_problems(
+    services: Sequence[Service], names: Collection[str] | None = None
+) -> list[Problem]:
+    graph = {s.name: s.depends_on for s in services}
+    found = dependency_problems(graph, names)
+    return [(f"services.{name}.depends_on", p) for name, p in found]
 
 
 @dataclass(frozen=True)
@@ -168,7 +237,8 @@ class Service:
     """One service of a layout and the rule that gives its pool in every instance.
 
     Raises LayoutError when a field is invalid (name, base, size, stride, command,
-    socket), naming the key.
+    socket, restart, depends_on, ready, ready_timeout_s), naming the key. ``restart``,
+    ``depends_on``, ``ready`` and ``ready_timeout_s`` (seconds) only matter to ``up``.
     """
 
     name: str
@@ -177,10 +247,16 @@ class Service:
     stride: int = 100
     command: tuple[str, ...] | None = None
     socket: str = "fd"
+    restart: str = "no"
+    depends_on: tuple[str, ...] = ()
+    ready: str = "tcp"
+    ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S
 
     def __post_init__(self) -> None:
         if isinstance(self.command, list):
             object.__setattr__(self, "command", tuple(self.command))
+        if isinstance(self.depends_on, list):
+            object.__setattr__(self, "depends_on", tuple(self.depends_on))
         problems = _service_problems(
             name=self.name,
             base=self.base,
@@ -188,9 +264,14 @@ class Service:
             stride=self.stride,
             command=self.command,
             socket=self.socket,
+            restart=self.restart,
+            depends_on=self.depends_on,
+            ready=self.ready,
+            ready_timeout_s=self.ready_timeout_s,
         )
         if problems:
             raise _layout_error("<service>", problems)
+        object.__setattr__(self, "ready_timeout_s", float(self.ready_timeout_s))
 
     def first_port(self, instance: int) -> int:
         """The first port of this service's pool in ``instance`` (1-based)."""
@@ -324,7 +405,7 @@ def _too_many(count: int) -> str:
 
 
 def _cross_problems(
-    services: Sequence[Service], max_instances: object
+    services: Sequence[Service], max_instances: object, names: Collection[str] | None = None
 ) -> tuple[list[Problem], int, str]:
     """Problems between services: names, overlaps, the admissible count and the maximum."""
     out: list[Problem] = []
@@ -335,6 +416,7 @@ def _cross_problems(
         out.append(("services", _too_many(len(services))))
         return out, 0, "there are too many services"
     out.extend(env_collisions(services))
+    out.extend(_dependency_problems(services, names))
     out.extend(instance1_overlaps(services))
     admissible, reason = count_admissible(services, INSTANCE_LIMIT)
     if admissible == 0 and not out:
@@ -449,6 +531,9 @@ _DEFAULT_SERVICES = (
     ("conversational", 7000, 5),
     ("api-server", 9000, 3),
 )
+_DEFAULT_DEPENDS_ON = {
+    "api-server": ("mcp-universal", "ollama-mcp", "groq-api", "sandra-ia", "conversational")
+}
 
 
 @functools.lru_cache(maxsize=1)
@@ -464,6 +549,9 @@ def default_layout() -> Layout:
                 stride=100,
                 command=(sys.executable, "-m", "portpool.services", name),
                 socket="fd",
+                # "is up" means every service answers, the dashboard (api-server) last.
+                ready="http:/health",
+                depends_on=_DEFAULT_DEPENDS_ON.get(name, ()),
             )
             for name, base, size in _DEFAULT_SERVICES
         ),
@@ -529,6 +617,10 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
                     stride=table.get("stride", 100),
                     command=table.get("command"),
                     socket=table.get("socket", "fd"),
+                    restart=table.get("restart", "no"),
+                    depends_on=table.get("depends_on", ()),
+                    ready=table.get("ready", "tcp"),
+                    ready_timeout_s=table.get("ready_timeout_s", DEFAULT_READY_TIMEOUT_S),
                 )
             )
             if own:
@@ -543,12 +635,17 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
                     stride=table.get("stride", 100),
                     command=tuple(command) if command is not None else None,
                     socket=table.get("socket", "fd"),
+                    restart=table.get("restart", "no"),
+                    depends_on=tuple(table.get("depends_on", ())),
+                    ready=table.get("ready", "tcp"),
+                    ready_timeout_s=table.get("ready_timeout_s", DEFAULT_READY_TIMEOUT_S),
                 )
             )
     if problems:
         # Report what is wrong between the services that are right, too.
         if services:
-            problems.extend(_cross_problems(services, max_instances)[0])
+            names = [str(n) for n in raw_services] if isinstance(raw_services, Mapping) else None
+            problems.extend(_cross_problems(services, max_instances, names)[0])
         raise _layout_error(source, problems)
     return Layout(
         app=app,  # type: ignore[arg-type]
@@ -740,5 +837,20 @@ def describe_layout(layout: Layout) -> list[str]:
             f"(instances {layout.max_instances + 1}..{layout.admissible_instances} would fit "
             "but are above max_instances: not used)"
         )
+    lines.extend(describe_supervision(layout))
     lines.extend(f"warning: {w}" for w in layout.warnings)
+    return lines
+
+
+def describe_supervision(layout: Layout) -> list[str]:
+    """One line per service with a command: how ``up`` starts, checks and restarts it."""
+    lines = []
+    for s in layout.services:
+        if not s.command:
+            continue
+        after = ", ".join(s.depends_on) if s.depends_on else "-"
+        lines.append(
+            f"service {s.name}: ready {s.ready} within {s.ready_timeout_s:g} s, "
+            f"restart {s.restart}, after {after}"
+        )
     return lines

@@ -91,9 +91,23 @@ class ServiceInfo(NamedTuple):
     pool: tuple[int, ...]
     port: int | None
     pid: int | None
+    state: str | None = None  # starting, ready, restarting, exited (supervised by `up`)
+    restarts: int = 0
+    last_exit_status: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "pool": list(self.pool), "port": self.port, "pid": self.pid}
+        return {
+            "name": self.name,
+            "pool": list(self.pool),
+            "port": self.port,
+            "pid": self.pid,
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_exit_status": self.last_exit_status,
+        }
+
+
+_STATES = frozenset(("starting", "ready", "restarting", "exited"))
 
 
 def _int_or_none(value: object) -> int | None:
@@ -124,7 +138,8 @@ def _parse_refusals(raw: object) -> list[dict[str, Any]]:
 
 
 def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
-    """Validated service entries as plain dicts of exactly name, pool, port, pid, refusals.
+    """Validated service entries as plain dicts of name, pool, port, pid, refusals, and
+    for a service ``up`` supervises: state, restarts, last_exit_status, started_at, ready_at.
 
     Plain dicts because ``status --json`` passes tens of thousands of them straight to
     the JSON encoder; ``InstanceInfo.services`` wraps them on demand.
@@ -140,15 +155,26 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
         if not _valid_pool(pool):
             raise ValueError(f"service {name!r} has an invalid pool")
         port, pid = item.get("port"), item.get("pid")
-        out.append(
-            {
-                "name": name[:64],
-                "pool": pool,
-                "port": port if type(port) is int and 0 < port < 65536 else None,
-                "pid": pid if type(pid) is int and 0 < pid < 2**31 else None,
-                "refusals": _parse_refusals(item.get("refusals")),
-            }
-        )
+        entry = {
+            "name": name[:64],
+            "pool": pool,
+            "port": port if type(port) is int and 0 < port < 65536 else None,
+            "pid": pid if type(pid) is int and 0 < pid < 2**31 else None,
+            "refusals": _parse_refusals(item.get("refusals")),
+        }
+        if "state" in item:
+            state, restarts, last = (
+                item["state"],
+                item.get("restarts"),
+                item.get("last_exit_status"),
+            )
+            entry["state"] = state if type(state) is str and state in _STATES else None
+            entry["restarts"] = restarts if type(restarts) is int and restarts >= 0 else 0
+            entry["last_exit_status"] = last if type(last) is int and 0 <= last < 256 else None
+            for key in ("started_at", "ready_at"):  # wall clock of the current process
+                value = item.get(key)
+                entry[key] = value if type(value) is float and is_finite_number(value) else None
+        out.append(entry)
     return tuple(out)
 
 
@@ -170,7 +196,15 @@ class InstanceInfo:
     @property
     def services(self) -> tuple[ServiceInfo, ...]:
         return tuple(
-            ServiceInfo(e["name"], tuple(e["pool"]), e["port"], e["pid"])
+            ServiceInfo(
+                e["name"],
+                tuple(e["pool"]),
+                e["port"],
+                e["pid"],
+                e.get("state"),
+                e.get("restarts", 0),
+                e.get("last_exit_status"),
+            )
             for e in self.service_entries
         )
 

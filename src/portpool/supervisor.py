@@ -15,6 +15,7 @@ a service's double-forked or ``setsid`` children re-parent to us and stay stoppa
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
+from portpool._keeper import ServiceKeeper, describe_failure
 from portpool._launch import (
     DEFAULT_GRACE_S,
     base_environment,
@@ -44,12 +46,15 @@ from portpool._platform import (
     reap_adopted,
     signal_group,
 )
+from portpool._readiness import ReadinessProbe
+from portpool.errors import PortPoolError
 
 __all__ = [
     "DEFAULT_GRACE_S",
     "Outcome",
     "Supervisor",
     "base_environment",
+    "describe_failure",
     "describe_status",
     "exit_status",
     "find_program",
@@ -63,7 +68,7 @@ if TYPE_CHECKING:
     import psutil
 
     from portpool.instance import Instance
-    from portpool.layout import Layout
+    from portpool.layout import Layout, Service
 
 _TICK_S = 0.5
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
@@ -113,6 +118,13 @@ class Supervisor:
         self._stopping = False
         self._print_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self.keepers: dict[str, ServiceKeeper] = {}  # up's services (portpool._keeper)
+        self._width = 0
+        self._common: dict[str, str] = {}
+        self._rolling = threading.Lock()
+        # Starting and stopping exclude each other: a restart that begins while the
+        # instance stops would leave a service behind.
+        self._spawn_lock = threading.Lock()
 
     # -- starting
 
@@ -126,10 +138,12 @@ class Supervisor:
         own_group: bool = True,
         capture: bool = True,
         width: int = 0,
+        on_line: Callable[[str], None] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``command`` as ``name`` with ``sockets`` at fds 3.., the parent-death
         signal set and (``own_group``) in its own process group. With ``capture`` its
-        output is printed with a ``name |`` prefix; else it inherits our stdio."""
+        output is printed with a ``name |`` prefix (each line also given to ``on_line``);
+        else it inherits our stdio. Raises StartError, or PortPoolError once stopping."""
         keep: list[int] = []
         read_fd = write_fd = -1
         if capture:
@@ -137,30 +151,34 @@ class Supervisor:
             enlarge_pipe(write_fd)
             keep = [read_fd]  # the service holds a reader too: writes never hit EPIPE
         try:
-            proc = spawn(
-                command,
-                env,
-                sockets=sockets,
-                watch_parent=True,
-                own_group=own_group,
-                keep_fds=keep,
-                stdin=subprocess.DEVNULL if capture else None,
-                stdout=write_fd if capture else None,
-                stderr=write_fd if capture else None,
-            )
+            with self._spawn_lock:
+                if self._stopping:
+                    raise PortPoolError(f"not starting {name!r}: the instance is stopping")
+                proc = spawn(
+                    command,
+                    env,
+                    sockets=sockets,
+                    watch_parent=True,
+                    own_group=own_group,
+                    keep_fds=keep,
+                    stdin=subprocess.DEVNULL if capture else None,
+                    stdout=write_fd if capture else None,
+                    stderr=write_fd if capture else None,
+                )
+                self.children[name] = proc
+                if own_group:
+                    self._groups.add(name)
         except BaseException:
             for fd in (read_fd, write_fd):
                 if fd >= 0:
                     os.close(fd)
             raise
-        self.children[name] = proc
-        if own_group:
-            self._groups.add(name)
         if capture:
             os.close(write_fd)
             pump = threading.Thread(
                 target=pump_lines,
                 args=(name, width, os.fdopen(read_fd, "rb"), self.out, self._print_lock),
+                kwargs={"on_line": on_line},
                 name=f"portpool-out-{name}",
                 daemon=True,
             )
@@ -173,29 +191,105 @@ class Supervisor:
         return proc
 
     def start_services(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
-        """Start every service of the instance that has a ``command``, each in its own
-        process group; returns service -> pid. Stops early (returning what started)
-        once ``should_stop()`` is true."""
+        """Start a keeper thread (``portpool._keeper``) for every service of the instance
+        that has a ``command``: each starts its service, in its own process group, once
+        what it depends on is ready, waits for its readiness and restarts it by its
+        ``restart`` policy on the same socket. Returns service -> pid of those started
+        already; ``wait_ready`` waits for the rest. Nothing starts once ``should_stop()``.
+        """
+        from portpool._order import start_order
+
+        if should_stop():
+            return {}
         layout = self.instance.layout
-        services = [s for s in layout.services if s.command and s.name in self.instance.leases]
-        width = max((len(s.name) for s in services), default=0)
-        common = {"PORTPOOL_SUPERVISOR_PID": str(os.getpid())}
+        services = {
+            s.name: s for s in layout.services if s.command and s.name in self.instance.leases
+        }
+        self._width = max((len(name) for name in services), default=0)
+        self._common = {"PORTPOOL_SUPERVISOR_PID": str(os.getpid())}
         if "PORTPOOL_HOME" not in os.environ:
-            common["PORTPOOL_HOME"] = self.instance.state.path
-        for svc in services:
-            if should_stop():
-                break
-            assert svc.command is not None
-            lease = self.instance.leases[svc.name]
-            env = base_environment({**self.instance.env(svc.name), **common})
-            sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
+            self._common["PORTPOOL_HOME"] = self.instance.state.path
+        # A dependency without a command has nothing to wait for.
+        graph = {n: tuple(d for d in s.depends_on if d in services) for n, s in services.items()}
+        for name in start_order(graph):
+            svc = services[name]
             if svc.socket == "port":
                 # The child binds the port itself; our lock keeps portpool users off.
-                lease.close_socket()
-            self.start_process(svc.name, svc.command, env, sockets=sockets, width=width)
-        pids = {name: proc.pid for name, proc in self.children.items()}
-        self.instance.set_service_pids(pids)
-        return pids
+                self.instance.leases[name].close_socket()
+            self.keepers[name] = ServiceKeeper(
+                svc,
+                self.instance.leases[name].port,
+                spawn=self._spawn_service,
+                stop=self.stop_service,
+                make_probe=functools.partial(self._probe, svc),
+                on_change=self._record_states,
+                on_ready=self._print_ready,
+                on_failure=lambda failure: self.finish(Outcome(5, describe_failure(failure))),
+                done=self._done,
+                depends_on=[self.keepers[d] for d in graph[name]],
+            )
+        self._record_states(None)
+        for name, keeper in self.keepers.items():
+            thread = threading.Thread(target=keeper.run, name=f"portpool-keep-{name}", daemon=True)
+            thread.start()
+        return {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
+
+    def _probe(self, svc: Service) -> ReadinessProbe:
+        lease = self.instance.leases[svc.name]
+        listening = lease.socket if svc.socket == "fd" else None
+        host = listening.getsockname()[0] if listening is not None else self.instance.layout.host
+        return ReadinessProbe(svc.ready, host, lease.port, listening)
+
+    def _spawn_service(self, svc: Service, probe: ReadinessProbe) -> subprocess.Popen[bytes]:
+        assert svc.command is not None
+        lease = self.instance.leases[svc.name]
+        env = base_environment({**self.instance.env(svc.name), **self._common})
+        sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
+        return self.start_process(
+            svc.name, svc.command, env, sockets=sockets, width=self._width, on_line=probe.feed_line
+        )
+
+    def _record_states(self, _keeper: ServiceKeeper | None) -> None:
+        pids = {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
+        states = {name: k.snapshot() for name, k in self.keepers.items()}
+        self.instance.set_service_states(states, pids)
+
+    def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
+        again = f" (restart {keeper.restarts})" if keeper.restarts else ""
+        line = f"portpool: {keeper.name} ready on port {keeper.port} in {seconds:.2f} s{again}"
+        with self._print_lock, contextlib.suppress(OSError, ValueError):
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def wait_ready(self) -> bool:
+        """Block until every service was ready once (True, even if a stop was asked
+        for meanwhile) or the run ends before (False)."""
+        for keeper in self.keepers.values():
+            while not keeper.ever_ready.wait(0.2):
+                if self._done.is_set() and not keeper.ever_ready.is_set():
+                    return False
+        return True
+
+    def rolling_restart(self) -> list[str]:
+        """Restart every ready service in dependency order, each on its same socket,
+        waiting until it is ready again before the next; returns those restarted. A
+        request while one runs is ignored."""
+        if not self._rolling.acquire(blocking=False):
+            return []
+        try:
+            done = []
+            for name, keeper in self.keepers.items():
+                if self._done.is_set():
+                    break
+                if keeper.restart_now(keeper.service.ready_timeout_s + self.grace_s):
+                    done.append(name)
+            return done
+        finally:
+            self._rolling.release()
+
+    def request_rolling_restart(self) -> None:
+        """``rolling_restart`` in a thread (for a signal callback)."""
+        threading.Thread(target=self.rolling_restart, name="portpool-rolling", daemon=True).start()
 
     def own_pids(self) -> list[int]:
         """Pids of our processes still running (the shield's "ours" for a port; it
@@ -270,6 +364,19 @@ class Supervisor:
             pass
         return list(found.values())
 
+    def stop_service(self, name: str) -> None:
+        """Stop the process group of service ``name`` (SIGTERM, ``grace_s``, SIGKILL)
+        and reap it: a rolling restart's stop of one service."""
+        proc = self.children.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        self.send(signal.SIGTERM, [name])
+        try:
+            proc.wait(timeout=self.grace_s)
+        except subprocess.TimeoutExpired:
+            self.send(_SIGKILL, [name])
+            proc.wait()
+
     def stop(self, signum: int = signal.SIGTERM) -> None:
         """Stop every process we started, with its whole tree: ``signum`` once to each
         group and to each descendant outside those groups (also to one forked while
@@ -277,7 +384,9 @@ class Supervisor:
         when all of it is gone."""
         import psutil
 
-        self._stopping = True
+        with self._spawn_lock:
+            self._stopping = True
+            self._done.set()  # keepers stop restarting
         groups = {p.pid for n, p in self.children.items() if n in self._groups and p.poll() is None}
         self.send(signum)
         signalled: set[tuple[int, float]] = set()
@@ -442,15 +551,20 @@ def run_up(
     on_up: Callable[[Instance, dict[str, int]], None] | None = None,
 ) -> Outcome:
     """``portpool up``: start an instance of ``layout`` and every service that has a
-    command, each in its own process group; hold them until a signal, a service's exit
-    or a shield trip, then stop every process they started and release everything.
+    command, each in its own process group, in dependency order (a service starts once
+    what it depends on is ready); restart them by their ``restart`` policy on the same
+    sockets; hold them until a signal, a service's failure or a shield trip, then stop
+    every process they started and release everything.
 
     Main thread only (takes over the stop signals for the call). A stop signal is
-    passed to the services once (SIGINT stays SIGINT; SIGHUP becomes SIGTERM), then
-    ``grace_s``, then SIGKILL; USR1/USR2 are passed on without stopping. ``on_up`` runs
-    once every service started; ``number`` pins the instance number. Returns the
-    Outcome: code 0 after SIGTERM, 4 shield tripped, 5 a service exited on its own;
-    ``signum`` set when the caller should die of that signal (SIGINT, SIGHUP, SIGQUIT).
+    passed to the services once (SIGINT stays SIGINT), then ``grace_s``, then SIGKILL;
+    USR1/USR2 are passed on without stopping; SIGHUP sent by a process (``kill -HUP``)
+    restarts every service in dependency order on the same sockets
+    (``Supervisor.rolling_restart``), while a terminal's hangup stops. ``on_up``
+    runs once every service is ready; ``number`` pins the instance number. Returns the
+    Outcome: code 0 after SIGTERM, 4 shield tripped, 5 a service exited and was not
+    restarted, gave up after too many restarts, or was not ready in time; ``signum`` set
+    when the caller should die of that signal (SIGINT, SIGQUIT, a terminal's SIGHUP).
     Raises LayoutError (a command cannot be executed; nothing started), Interrupted,
     StartError, StateDirError.
     """
@@ -465,19 +579,26 @@ def run_up(
             raise LayoutError(layout.source, f"services.{service.name}.command", problem)
     stop_signal: list[int] = []
     relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
+    hangup = getattr(signal, "SIGHUP", None)
     with SignalScope() as scope:
         become_subreaper()
         instance = start_instance(layout, number=number, heartbeat=False)
         try:
             scope.block()
             scope.check()
-            supervisor = Supervisor(instance, grace_s=grace_s, out=out, adopt=True)
+            # The keepers decide what a service's exit means (restart, or exit 5).
+            supervisor = Supervisor(
+                instance, grace_s=grace_s, out=out, adopt=True, on_exit=lambda n, rc: None
+            )
             instance.on_release(supervisor.stop)
 
             def on_signal(received: ReceivedSignal) -> None:
                 signum = received.signum
                 if signum in relayed_only:
                     supervisor.send(signum)
+                elif signum == hangup and not received.from_kernel and not supervisor.finishing:
+                    # kill -HUP: a rolling restart. A terminal's hangup (the kernel's) stops.
+                    supervisor.request_rolling_restart()
                 elif supervisor.finishing:
                     supervisor.send(_stop_with(signum))  # asked again: passed on once more
                 else:
@@ -489,7 +610,7 @@ def run_up(
                         supervisor.finish(Outcome(128 + signum, f"stopping on {name}", signum))
 
             scope.relay(on_signal)
-            pids = supervisor.start_services(should_stop=lambda: supervisor.finishing)
+            supervisor.start_services(should_stop=lambda: supervisor.finishing)
             if not supervisor.finishing:
                 instance.start_heartbeat()
                 instance.start_shield(
@@ -498,7 +619,8 @@ def run_up(
                     ),
                     own_pids=supervisor.own_pids,
                 )
-                if on_up is not None:
+                if supervisor.wait_ready() and on_up is not None:
+                    pids = {n: k.pid for n, k in supervisor.keepers.items() if k.pid is not None}
                     on_up(instance, pids)
             outcome = supervisor.wait()
             supervisor.stop(stop_signal[0] if stop_signal else signal.SIGTERM)

@@ -40,6 +40,7 @@ from portpool._platform._locks import LockTable
 from portpool._platform._sysctl import ephemeral_port_range
 
 if TYPE_CHECKING:
+    from portpool._platform._acceptq import accept_queue_length, connection_accepted
     from portpool._platform._control import detached_options, signal_verified
     from portpool._platform._net import (
         Listener,
@@ -92,6 +93,7 @@ _LAZY = {
     **dict.fromkeys(("Listener", "listeners", "owners_of_inode", "socket_inode"), "_net"),
     **dict.fromkeys(("TcpSocket", "owners_of_inodes", "tcp_sockets"), "_sockdiag"),
     **dict.fromkeys(("detached_options", "signal_verified"), "_control"),
+    **dict.fromkeys(("accept_queue_length", "connection_accepted"), "_acceptq"),
     **dict.fromkeys(
         (
             "ReceivedSignal",
@@ -127,8 +129,10 @@ __all__ = [
     "ReceivedSignal",
     "SignalInbox",
     "TcpSocket",
+    "accept_queue_length",
     "become_subreaper",
     "boot_id",
+    "connection_accepted",
     "current_identity",
     "detached_options",
     "enlarge_pipe",

@@ -1,0 +1,245 @@
+"""One supervised service's life under ``portpool up``: start, readiness, restart.
+
+A keeper runs in its own thread: it waits until every service it depends on has been
+ready once, starts the service, waits for its readiness probe, and, when the service
+exits, restarts it by its ``restart`` policy with backoff (``portpool._restart``). The
+listening socket belongs to ``up`` for the instance's life and is passed again to each
+new process, so the port never changes and connections made while the service was
+down wait in the accept queue for the next process instead of being refused.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from portpool._launch import describe_status
+from portpool._readiness import ReadinessProbe
+from portpool._restart import RESTART_BURST, RESTART_WINDOW_S, RestartTracker
+from portpool.layout import Service
+
+__all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper", "describe_failure"]
+
+SERVICE_STATES = ("starting", "ready", "restarting", "exited")
+_PROBE_INTERVAL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a keeper stopped the instance: ``kind`` is ``exited`` (restart policy said
+    no), ``early`` (exited before ready), ``gave-up`` (crash loop), ``not-ready``
+    (timeout) or ``cannot-start``; ``returncode`` is the last one, if any."""
+
+    service: str
+    kind: str
+    returncode: int | None = None
+    detail: str = ""
+
+
+def describe_failure(failure: Failure) -> str:
+    """The one-line message for a keeper's ``Failure`` (the instance stops, exit 5)."""
+    name = failure.service
+    status = "" if failure.returncode is None else describe_status(failure.returncode)
+    if failure.kind == "exited":
+        return f"service {name!r} exited on its own ({status})"
+    if failure.kind == "early":
+        return f"service {name!r} exited before it was ready ({status})"
+    if failure.kind == "gave-up":
+        return (
+            f"service {name!r} gave up: more than {RESTART_BURST} restarts within "
+            f"{RESTART_WINDOW_S:g} s (last: {status})"
+        )
+    if failure.kind == "not-ready":
+        return f"service {name!r} was not ready in time ({failure.detail})"
+    return f"service {name!r} could not start: {failure.detail}"
+
+
+SpawnFn = Callable[[Service, ReadinessProbe], subprocess.Popen[bytes]]
+StopFn = Callable[[str], None]
+
+
+class ServiceKeeper:
+    """Keeps one service running; see the module docstring.
+
+    ``spawn(service, probe)`` starts one process (its output is fed to the probe);
+    ``stop(name)`` stops the service's current process (and its tree);
+    ``make_probe()`` gives a fresh probe per start; ``on_change(keeper)`` is called
+    after every state change; ``on_ready(keeper, seconds)`` when a start became ready;
+    ``on_failure(failure)`` when the instance must stop. ``done`` is set when the
+    instance is stopping.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        port: int,
+        *,
+        spawn: SpawnFn,
+        stop: StopFn,
+        make_probe: Callable[[], ReadinessProbe],
+        on_change: Callable[[ServiceKeeper], None],
+        on_ready: Callable[[ServiceKeeper, float], None],
+        on_failure: Callable[[Failure], None],
+        done: threading.Event,
+        depends_on: Sequence[ServiceKeeper] = (),
+    ) -> None:
+        self.service = service
+        self.name = service.name
+        self.port = port
+        self._spawn = spawn
+        self._stop = stop
+        self._make_probe = make_probe
+        self._on_change = on_change
+        self._on_ready = on_ready
+        self._on_failure = on_failure
+        self._done = done
+        self._depends_on = tuple(depends_on)
+        self.tracker = RestartTracker(service.restart)
+        self.state = "starting"  # also while it waits for what it depends on
+        self.pid: int | None = None
+        self.last_exit_status: int | None = None  # the shell's view: 128+N for signal N
+        self.started_at: float | None = None  # wall clock of the current process's start
+        self.ready_at: float | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.ever_ready = threading.Event()
+        self._cond = threading.Condition()
+        self._ready_count = 0
+        self._expected_exit = False  # a rolling restart stops the process on purpose
+
+    @property
+    def restarts(self) -> int:
+        return self.tracker.count
+
+    def snapshot(self) -> dict[str, object]:
+        """The state fields of the instance record (JSON-ready)."""
+        return {
+            "state": self.state,
+            "restarts": self.restarts,
+            "last_exit_status": self.last_exit_status,
+            "started_at": self.started_at,
+            "ready_at": self.ready_at,
+        }
+
+    def _set(self, state: str) -> None:
+        with self._cond:
+            self.state = state
+            if state == "ready":
+                self._ready_count += 1
+            self._cond.notify_all()
+        self._on_change(self)
+
+    # -- the thread
+
+    def run(self) -> None:
+        """The keeper thread's body: returns when the instance stops or fails."""
+        for dep in self._depends_on:
+            while not dep.ever_ready.wait(0.1):
+                if self._done.is_set():
+                    return
+        while not self._done.is_set():
+            returncode = self._run_once()
+            if returncode is None or self._done.is_set():
+                return
+            if self._expected_exit:
+                self._expected_exit = False
+                continue
+            exited_at = time.monotonic()
+            decision = self.tracker.on_exit(returncode, exited_at)
+            if not decision.restart:
+                self._set("exited")
+                kind = "gave-up" if decision.give_up else "exited"
+                self._on_failure(Failure(self.name, kind, returncode))
+                return
+            self._set("restarting")  # writes the record: counted in the backoff
+            if self._done.wait(max(0.0, exited_at + decision.delay_s - time.monotonic())):
+                return
+
+    def _run_once(self) -> int | None:
+        """Start the service and wait for it to exit; its return code, or None when the
+        instance stops or this start failed (the failure is reported)."""
+        probe = self._make_probe()
+        try:
+            begun = time.monotonic()
+            self.started_at = time.time()
+            self.ready_at = None
+            try:
+                proc = self._spawn(self.service, probe)
+            except Exception as e:  # any reason a process could not start
+                if self._done.is_set():
+                    return None  # the instance is stopping: not a failure of this service
+                self._set("exited")
+                self._on_failure(Failure(self.name, "cannot-start", None, str(e)))
+                return None
+            with self._cond:
+                self.proc = proc
+                self.pid = proc.pid
+            self._set("starting")
+            outcome = self._await_ready(proc, probe, begun)
+            if outcome != "ready":
+                # Never leave this thread while the process runs: the parent-death
+                # signal (Linux) follows the thread that started it, and would SIGTERM
+                # a service that the instance's stop is about to stop gracefully.
+                returncode = proc.wait()
+                if outcome == "exited" and not self._done.is_set():
+                    self.last_exit_status = _shell_status(returncode)
+                    if self.ever_ready.is_set() or self._expected_exit:
+                        return returncode  # a restart that crashed: the policy decides
+                    self._set("exited")
+                    self._on_failure(Failure(self.name, "early", returncode))
+                return None
+            self.ready_at = time.time()
+            # The "ready" line first ("is up" comes last), then the record: whoever sees
+            # every service ready in the record knows "is up" will be printed.
+            self._on_ready(self, time.monotonic() - begun)
+            self.ever_ready.set()
+            self._set("ready")
+        finally:
+            probe.close()
+        returncode = proc.wait()
+        self.last_exit_status = _shell_status(returncode)
+        return returncode
+
+    def _await_ready(
+        self, proc: subprocess.Popen[bytes], probe: ReadinessProbe, begun: float
+    ) -> str:
+        """``ready``, ``exited`` (before it was ready), ``timeout`` (reported) or
+        ``stopping``."""
+        deadline = begun + self.service.ready_timeout_s
+        while not self._done.is_set():
+            if proc.poll() is not None:
+                return "exited"
+            if probe.check():
+                return "ready"
+            if time.monotonic() >= deadline:
+                self._set("exited")
+                self._on_failure(Failure(self.name, "not-ready", None, probe.last_problem))
+                return "timeout"
+            self._done.wait(_PROBE_INTERVAL_S)
+        return "stopping"
+
+    # -- rolling restart
+
+    def restart_now(self, timeout_s: float) -> bool:
+        """Stop the current process on purpose and wait until a new one is ready
+        (rolling restart, same socket). False if that did not happen in ``timeout_s``."""
+        with self._cond:
+            before = self._ready_count
+            if self.proc is None or self.state != "ready":
+                return False
+            self._expected_exit = True
+        self._stop(self.name)
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._ready_count == before and not self._done.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.2))
+        return self._ready_count > before
+
+
+def _shell_status(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode

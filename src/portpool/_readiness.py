@@ -1,0 +1,143 @@
+"""Readiness probes: when a started service counts as ready, for ``portpool up``.
+
+A layout's ``ready`` key picks the probe:
+
+- ``"tcp"`` (default). With ``socket = "fd"`` the socket listens before the service
+  starts and the kernel completes handshakes on its own, so a connect proves nothing:
+  the probe connects (and closes at once), then waits until the kernel reports that
+  connection taken off the listening socket's accept queue (``connection_accepted``:
+  it got a file, or is gone), which only happens when the service calls accept().
+  With ``socket = "port"``: a connect succeeds.
+- ``"http:<path>"``: ``GET <path>`` answers with a 2xx status.
+- ``"log:<regex>"``: a line of the service's output matches (``re.search``).
+- ``"none"``: ready as soon as it is started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import re
+import socket
+import threading
+
+from portpool._platform import accept_queue_length, connection_accepted
+
+__all__ = ["ReadinessProbe", "probe_host"]
+
+_CONNECT_TIMEOUT_S = 1.0
+_HTTP_TIMEOUT_S = 2.0
+
+
+def probe_host(host: str) -> str:
+    """The address a local probe connects to for a service bound to ``host``."""
+    if host in ("localhost", "0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+class ReadinessProbe:
+    """One service's readiness check, made again for every start of the service.
+
+    ``spec`` is the layout's ``ready`` value; ``listening`` is the socket ``up`` holds
+    for a ``socket = "fd"`` service (None for ``socket = "port"``). ``check()`` makes
+    one bounded attempt (at most about 2 s) and returns True once the service is ready;
+    ``feed_line`` gives it the service's output lines (for ``log:``). Thread-safe.
+    """
+
+    def __init__(
+        self, spec: str, host: str, port: int, listening: socket.socket | None = None
+    ) -> None:
+        self.spec = spec
+        self.host = probe_host(host)
+        self.port = port
+        self.listening = listening
+        kind, _, arg = spec.partition(":")
+        self.kind = kind
+        self.path = arg if kind == "http" else ""
+        self.pattern = re.compile(arg) if kind == "log" else None
+        self._matched = threading.Event()
+        # (family, server side, our side) of the probe connection, once made.
+        self._probe: tuple[int, tuple[str, int], tuple[str, int]] | None = None
+        self.last_problem = "not checked yet"
+
+    def feed_line(self, line: str) -> None:
+        """One line of the service's output (without its newline)."""
+        if self.pattern is not None and self.pattern.search(line):
+            self._matched.set()
+
+    def close(self) -> None:
+        """Forget the probe connection (the next ``check`` makes a new one)."""
+        self._probe = None
+
+    def check(self) -> bool:
+        """One attempt; True when the service is ready (``last_problem`` says why not)."""
+        if self.kind == "none":
+            return True
+        if self.kind == "log":
+            self.last_problem = f"no output line matched {self.spec[4:]!r} yet"
+            return self._matched.is_set()
+        if self.kind == "http":
+            return self._check_http()
+        if self.listening is not None:
+            return self._check_accepting(self.listening)
+        return self._check_connect()
+
+    def _connect(self) -> socket.socket | None:
+        try:
+            return socket.create_connection((self.host, self.port), timeout=_CONNECT_TIMEOUT_S)
+        except OSError as e:
+            self.last_problem = f"connect to {self.host}:{self.port}: {e.strerror or e}"
+            return None
+
+    def _check_connect(self) -> bool:
+        conn = self._connect()
+        if conn is None:
+            return False
+        conn.close()
+        return True
+
+    def _check_accepting(self, listening: socket.socket) -> bool:
+        if self._probe is None:
+            conn = self._connect()
+            if conn is None:
+                return False
+            try:
+                server_side, our_side = conn.getpeername()[:2], conn.getsockname()[:2]
+            except OSError as e:
+                self.last_problem = f"probe connection to port {self.port}: {e.strerror or e}"
+                return False
+            finally:
+                # Closed at once: a service that reads a request from each connection
+                # must not wait on ours (a single-threaded server would wait forever,
+                # and so would we). The closed connection stays queued until accepted.
+                conn.close()
+            self._probe = (listening.family, server_side, our_side)
+        accepted = connection_accepted(*self._probe)
+        if accepted is None or accepted:
+            return True  # None: the OS does not say (not Linux), a handshake is all we get
+        waiting = accept_queue_length(listening)
+        self.last_problem = (
+            f"the service has not accepted a connection on port {self.port} yet "
+            f"({waiting} waiting in its accept queue)"
+        )
+        return False
+
+    def _check_http(self) -> bool:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=_HTTP_TIMEOUT_S)
+        try:
+            conn.request("GET", self.path, headers={"User-Agent": "portpool-readiness"})
+            response = conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException) as e:
+            self.last_problem = f"GET {self.path} on port {self.port}: {e or type(e).__name__}"
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                conn.close()
+        if 200 <= response.status < 300:
+            return True
+        self.last_problem = f"GET {self.path} on port {self.port} answered {response.status}"
+        return False

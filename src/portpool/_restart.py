@@ -1,0 +1,79 @@
+"""When a supervised service that exited is started again: the restart policy and backoff.
+
+A pure state machine (time is passed in), so the rules are tested without waiting:
+the delay before the k-th restart of a burst is 0.1 s * 2**(k-1), capped at 30 s, and a
+service that needs more than 5 restarts within 60 s is given up (restarting it forever
+hides the failure and burns the CPU, the crash loop systemd's StartLimitBurst stops).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+__all__ = [
+    "BACKOFF_CAP_S",
+    "BACKOFF_FIRST_S",
+    "RESTART_BURST",
+    "RESTART_POLICIES",
+    "RESTART_WINDOW_S",
+    "Decision",
+    "RestartTracker",
+    "backoff_delay_s",
+    "wants_restart",
+]
+
+RESTART_POLICIES = ("no", "on-failure", "always")
+BACKOFF_FIRST_S = 0.1
+BACKOFF_CAP_S = 30.0
+RESTART_BURST = 5  # restarts allowed within RESTART_WINDOW_S; one more gives up
+RESTART_WINDOW_S = 60.0
+
+
+def wants_restart(policy: str, returncode: int) -> bool:
+    """Whether ``policy`` restarts a service that exited with ``returncode`` (negative:
+    killed by that signal, which counts as a failure)."""
+    if policy == "always":
+        return True
+    if policy == "on-failure":
+        return returncode != 0
+    return False
+
+
+def backoff_delay_s(recent_restarts: int) -> float:
+    """The wait before a restart when ``recent_restarts`` happened within the window
+    already: 0.1, 0.2, 0.4, ... seconds, never more than 30."""
+    return float(min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2.0 ** min(recent_restarts, 20)))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do about one exit: restart after ``delay_s``, or not (``give_up`` says
+    whether that is the crash-loop limit rather than the policy)."""
+
+    restart: bool
+    delay_s: float = 0.0
+    give_up: bool = False
+
+
+@dataclass
+class RestartTracker:
+    """One service's restart history; ``on_exit`` decides, ``count`` is the total."""
+
+    policy: str = "no"
+    count: int = 0
+    _recent: deque[float] = field(default_factory=deque)
+
+    def on_exit(self, returncode: int, now: float) -> Decision:
+        """The decision for an exit at monotonic time ``now`` (seconds); a restart it
+        grants is counted at once."""
+        if not wants_restart(self.policy, returncode):
+            return Decision(False)
+        while self._recent and now - self._recent[0] > RESTART_WINDOW_S:
+            self._recent.popleft()
+        if len(self._recent) >= RESTART_BURST:
+            return Decision(False, give_up=True)
+        delay = backoff_delay_s(len(self._recent))
+        self._recent.append(now)
+        self.count += 1
+        return Decision(True, delay)

@@ -1,0 +1,386 @@
+"""Readiness probes on real sockets and programs, and `portpool up`'s start order:
+"is up" only when every service is ready, dependents after their dependencies, and an
+instance stopped when a service never gets ready or exits before it is."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from tests.helpers import LineReader, start, status_json
+
+from portpool._platform import accept_queue_length
+from portpool._readiness import ReadinessProbe, probe_host
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+FAMILIES = [
+    pytest.param("127.0.0.1", id="ipv4"),
+    pytest.param(
+        "::1",
+        id="ipv6",
+        marks=pytest.mark.skipif(not has_ipv6_loopback(), reason="no ::1 on this host"),
+    ),
+]
+
+
+@pytest.fixture
+def listening(request: pytest.FixtureRequest) -> Iterator[socket.socket]:
+    host = getattr(request, "param", "127.0.0.1")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
+    sock.bind((host, 0))
+    sock.listen(16)
+    yield sock
+    sock.close()
+
+
+# --- probes ---------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+@pytest.mark.parametrize("listening", FAMILIES, indirect=True)
+def test_accept_queue_length_counts_waiting_connections(listening: socket.socket) -> None:
+    address = listening.getsockname()[:2]
+    assert accept_queue_length(listening) == 0
+    clients = [socket.create_connection(address, timeout=5) for _ in range(3)]
+    try:
+        assert accept_queue_length(listening) == 3
+        conn, _ = listening.accept()
+        conn.close()
+        assert accept_queue_length(listening) == 2
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+@pytest.mark.parametrize("listening", FAMILIES, indirect=True)
+def test_tcp_on_a_passed_socket_waits_for_an_accept_not_a_handshake(
+    listening: socket.socket,
+) -> None:
+    host, port = listening.getsockname()[:2]
+    probe = ReadinessProbe("tcp", host, port, listening)
+    try:
+        # The kernel completes the probe's handshake, but nobody accepts: not ready.
+        for _ in range(3):
+            assert probe.check() is False
+        assert accept_queue_length(listening) == 1  # the probe's (closed) connection waits
+        assert "has not accepted" in probe.last_problem
+        conn, _ = listening.accept()
+        conn.close()
+        assert probe.check() is True
+    finally:
+        probe.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+def test_tcp_probe_never_holds_up_a_server_that_reads_each_connection(
+    listening: socket.socket,
+) -> None:
+    host, port = listening.getsockname()[:2]
+    probe = ReadinessProbe("tcp", host, port, listening)
+    assert probe.check() is False  # connected; nobody accepted yet
+    with socket.create_connection((host, port), timeout=5) as client:
+        client.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert accept_queue_length(listening) == 2
+        # A single-threaded server takes the probe's connection first and reads a
+        # request from it: the probe closed it, so the read ends at once.
+        conn, _ = listening.accept()
+        conn.settimeout(5)
+        assert conn.recv(100) == b""
+        conn.close()
+        # One connection (the client's) still waits, yet the service proved it accepts.
+        assert accept_queue_length(listening) == 1
+        assert probe.check() is True
+
+
+def test_tcp_on_a_port_means_something_listens(listening: socket.socket) -> None:
+    port = listening.getsockname()[1]
+    assert ReadinessProbe("tcp", "127.0.0.1", port).check() is True
+    listening.close()
+    probe = ReadinessProbe("tcp", "127.0.0.1", port)
+    assert probe.check() is False
+    assert "refused" in probe.last_problem.lower()
+
+
+def test_http_wants_a_2xx_answer_on_the_path() -> None:
+    answers = [503, 200]
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            self.send_response(answers.pop(0) if answers else 200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        probe = ReadinessProbe("http:/health?x=1", "127.0.0.1", server.server_address[1])
+        assert probe.check() is False
+        assert "answered 503" in probe.last_problem
+        assert probe.check() is True
+        assert seen == ["/health?x=1", "/health?x=1"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_log_matches_a_line_of_output_and_none_is_ready_at_once() -> None:
+    probe = ReadinessProbe(r"log:listening on \d+", "127.0.0.1", 1)
+    probe.feed_line("starting")
+    assert probe.check() is False
+    probe.feed_line("INFO listening on 8080")
+    assert probe.check() is True
+    assert ReadinessProbe("none", "127.0.0.1", 1).check() is True
+
+
+def test_probe_host_maps_wildcards_to_loopback() -> None:
+    assert [probe_host(h) for h in ("localhost", "0.0.0.0", "::", "::1", "10.0.0.1")] == [
+        "127.0.0.1",
+        "127.0.0.1",
+        "::1",
+        "::1",
+        "10.0.0.1",
+    ]
+
+
+# --- through the real `portpool up` ---------------------------------------------------
+
+# Records when it started and when it began to accept (a JSON line in RECORD), after
+# DELAY seconds of "warming up"; prints "ready to serve" then; answers HTTP /health.
+SERVICE = """\
+import http.server, json, os, signal, socket, sys, time
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+name = os.environ["PORTPOOL_SERVICE"]
+started = time.time()
+print("warming up", flush=True)
+time.sleep(float(os.environ.get("DELAY_" + name.upper(), "0")))
+if os.environ.get("EXIT_" + name.upper()):
+    sys.exit(int(os.environ["EXIT_" + name.upper()]))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404); self.end_headers()
+        self.wfile.write(name.encode())
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H, bind_and_activate=False)
+srv.socket.close(); srv.socket = socket.socket(fileno=3)
+with open(os.environ["RECORD"], "a") as f:
+    f.write(json.dumps({"name": name, "started": started, "accepting": time.time()}) + "\\n")
+print("ready to serve", flush=True)
+srv.serve_forever()
+"""
+
+NEVER_READY = """\
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # makes up wait its whole grace period
+print("never ready", flush=True)
+time.sleep(300)
+"""
+
+
+def write_config(tmp_path: Path, base: int, services: dict[str, dict[str, Any]]) -> Path:
+    script = tmp_path / "service.py"
+    script.write_text(SERVICE)
+    lines = ['app = "readyapp"', "heartbeat_interval = 0.5", "shield_interval = 0.5"]
+    for i, (name, keys) in enumerate(services.items()):
+        lines += [f"[services.{name}]", f"base = {base + 2 * i}", "size = 2", "stride = 10"]
+        command = keys.pop("command", [sys.executable, str(script)])
+        lines.append(f"command = {json.dumps(command)}")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    path = tmp_path / "portpool.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def up_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    import os
+
+    env = dict(os.environ, RECORD=str(tmp_path / "record.jsonl"))
+    env.update(values)
+    return env
+
+
+def output_until_up(reader: LineReader, timeout: float = 60.0) -> list[str]:
+    """``up``'s output lines up to "... is up" (bounded wait)."""
+    return reader.until(lambda line: line.endswith("is up"), timeout)
+
+
+def stop(reader: LineReader) -> tuple[str, str]:
+    if reader.proc.poll() is None:
+        reader.proc.send_signal(signal.SIGTERM)
+    return reader.finish(60)
+
+
+def test_dependents_start_after_their_dependency_answered_its_probe(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        port_base,
+        {
+            "web": {"depends_on": ["api"], "ready": "http:/health"},
+            "api": {"depends_on": ["db"], "ready": "http:/health"},
+            "db": {"ready": "http:/health"},
+        },
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path, DELAY_DB="1", DELAY_API="0.5"))
+    reader = LineReader(proc)
+    try:
+        lines = output_until_up(reader)
+        ready = [line.split()[1] for line in lines if " ready on port " in line]
+        assert ready == ["db", "api", "web"], lines
+        # Every service answers the moment "is up" is printed.
+        for name in ("db", "api", "web"):
+            (instance,) = status_json(config)["instances"]
+            port = next(s["port"] for s in instance["services"] if s["name"] == name)
+            assert httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).text == name
+        records = {
+            r["name"]: r
+            for r in map(json.loads, (tmp_path / "record.jsonl").read_text().splitlines())
+        }
+        assert records["api"]["started"] >= records["db"]["accepting"]
+        assert records["web"]["started"] >= records["api"]["accepting"]
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err
+
+
+def test_log_readiness_waits_for_the_line(tmp_path: Path, port_base: int, home: Path) -> None:
+    config = write_config(
+        tmp_path,
+        port_base,
+        {"slow": {"ready": "log:^ready to serve$"}, "after": {"depends_on": ["slow"]}},
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path, DELAY_SLOW="1"))
+    reader = LineReader(proc)
+    try:
+        lines = output_until_up(reader)
+        said = lines.index(next(x for x in lines if x.endswith("| ready to serve")))
+        became = lines.index(next(x for x in lines if "slow ready on port" in x))
+        assert said < became
+        records = [json.loads(x) for x in (tmp_path / "record.jsonl").read_text().splitlines()]
+        by_name = {r["name"]: r for r in records}
+        assert by_name["after"]["started"] >= by_name["slow"]["accepting"]
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err
+
+
+def test_never_ready_stops_the_instance_within_the_timeout_and_grace(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    script = tmp_path / "never.py"
+    script.write_text(NEVER_READY)
+    config = write_config(
+        tmp_path,
+        port_base,
+        {
+            "stuck": {
+                "command": [sys.executable, str(script)],
+                "ready": "log:will never be printed",
+                "ready_timeout_s": 2,
+            },
+            "later": {"depends_on": ["stuck"]},
+        },
+    )
+    begun = time.monotonic()
+    proc = start("up", "--config", str(config), "--grace", "1", env=up_env(tmp_path))
+    reader = LineReader(proc)
+    out, err = reader.finish(60)
+    elapsed = time.monotonic() - begun
+    assert proc.returncode == 5, (out, err)
+    assert "service 'stuck' was not ready in time" in err
+    assert "is up" not in out
+    assert not (tmp_path / "record.jsonl").exists()  # "later" was never started
+    # 2 s to get ready + 1 s of grace, plus room for two interpreters on a busy machine.
+    assert elapsed < 2 + 1 + 20
+    assert status_json(config)["instances"] == []
+
+
+def test_exit_before_ready_stops_the_instance(tmp_path: Path, port_base: int, home: Path) -> None:
+    config = write_config(tmp_path, port_base, {"early": {"restart": "on-failure"}, "b": {}})
+    proc = start("up", "--config", str(config), env=up_env(tmp_path, EXIT_EARLY="7"))
+    reader = LineReader(proc)
+    out, err = reader.finish(60)
+    assert proc.returncode == 5, (out, err)
+    assert "service 'early' exited before it was ready (exit status 7)" in err
+    assert "is up" not in out
+
+
+@pytest.mark.slow
+def test_reference_app_is_up_when_the_dashboard_answers(tmp_path: Path, home: Path) -> None:
+    proc = start("up", env=up_env(tmp_path), cwd=str(tmp_path))
+    reader = LineReader(proc)
+    try:
+        lines = output_until_up(reader, timeout=120)
+        ready = [line.split()[1] for line in lines if " ready on port " in line]
+        assert ready[-1] == "api-server" and len(ready) == 6
+        (instance,) = status_json()["instances"]
+        ports = {s["name"]: s["port"] for s in instance["services"]}
+        # No waiting: the dashboard and every service answer now.
+        page = httpx.get(f"http://127.0.0.1:{ports['api-server']}/", trust_env=False)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+        for port in ports.values():
+            assert httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).status_code == 200
+        assert {s["state"] for s in instance["services"]} == {"ready"}
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err
+
+
+# Never ready; says which signal stopped it.
+SAYS_ITS_SIGNAL = """\
+import signal, sys, time
+def stop(signum, frame):
+    print("got", signal.Signals(signum).name, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGINT, stop)
+signal.signal(signal.SIGTERM, stop)
+print("started", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_stop_while_starting_reaches_the_service_as_the_stop_signal(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    script = tmp_path / "says.py"
+    script.write_text(SAYS_ITS_SIGNAL)
+    config = write_config(
+        tmp_path,
+        port_base,
+        {"slow": {"command": [sys.executable, str(script)], "ready": "log:never"}},
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path))
+    reader = LineReader(proc)
+    reader.until(lambda line: line.endswith("| started"))
+    proc.send_signal(signal.SIGINT)
+    out, _err = reader.finish(60)
+    # up passes SIGINT on; the parent-death SIGTERM (a keeper thread that ended
+    # before its service) must not get there first.
+    assert "slow | got SIGINT" in out, out
+    assert "got SIGTERM" not in out

@@ -1,0 +1,417 @@
+"""Restart policy, backoff, start order and their layout keys; and, through the real
+`portpool up`, services restarted on the socket `up` keeps (the port never changes and
+no connection is refused), the crash-loop limit, SIGHUP's rolling restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from tests.helpers import LineReader, portpool, start, status_json, wait_for
+
+from portpool._order import dependency_problems, start_order
+from portpool._platform import listeners
+from portpool._restart import (
+    BACKOFF_CAP_S,
+    RESTART_BURST,
+    RESTART_WINDOW_S,
+    RestartTracker,
+    backoff_delay_s,
+    wants_restart,
+)
+from portpool.errors import LayoutError
+from portpool.layout import default_layout, describe_layout, parse_layout
+
+# --- the rules, without processes ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("policy", "returncode", "expected"),
+    [
+        ("no", 1, False),
+        ("no", 0, False),
+        ("on-failure", 1, True),
+        ("on-failure", -9, True),
+        ("on-failure", 0, False),
+        ("always", 0, True),
+        ("always", -9, True),
+    ],
+)
+def test_policy_decides_by_exit(policy: str, returncode: int, expected: bool) -> None:
+    assert wants_restart(policy, returncode) is expected
+
+
+def test_backoff_doubles_from_a_tenth_and_is_capped() -> None:
+    assert [backoff_delay_s(k) for k in range(5)] == [0.1, 0.2, 0.4, 0.8, 1.6]
+    assert backoff_delay_s(8) == pytest.approx(25.6)
+    assert backoff_delay_s(9) == BACKOFF_CAP_S == 30.0
+    assert backoff_delay_s(10_000) == 30.0
+
+
+def test_tracker_gives_up_after_five_restarts_in_sixty_seconds() -> None:
+    tracker = RestartTracker("on-failure")
+    delays = [tracker.on_exit(1, now=float(t)).delay_s for t in range(RESTART_BURST)]
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6]
+    sixth = tracker.on_exit(1, now=10.0)
+    assert not sixth.restart and sixth.give_up
+    assert tracker.count == RESTART_BURST
+    # Once the first restarts leave the window, the service may be restarted again.
+    later = tracker.on_exit(1, now=RESTART_WINDOW_S + 2.5)
+    assert later.restart and later.delay_s == 0.4  # two restarts are still in the window
+
+
+def test_tracker_with_policy_no_never_restarts() -> None:
+    decision = RestartTracker("no").on_exit(1, now=0.0)
+    assert not decision.restart and not decision.give_up
+
+
+def test_start_order_follows_dependencies_and_keeps_layout_order() -> None:
+    graph = {"api": ("db", "cache"), "web": ("api",), "db": (), "cache": ("db",), "x": ()}
+    assert start_order(graph) == ["db", "cache", "api", "web", "x"]
+
+
+def test_cycles_unknown_names_and_self_dependencies_are_problems() -> None:
+    assert dependency_problems({"a": ("b",), "b": ("c",), "c": ("a",)}) == [
+        ("a", "dependency cycle: a -> b -> c -> a")
+    ]
+    assert dependency_problems({"a": ("a",)}) == [("a", "a service cannot depend on itself")]
+    assert dependency_problems({"a": ("zz",)}) == [
+        ("a", "depends on 'zz', which is not a service; known: a")
+    ]
+    with pytest.raises(ValueError, match="cycle"):
+        start_order({"a": ("b",), "b": ("a",)})
+
+
+def _layout_doc(**extra: dict[str, Any]) -> dict[str, Any]:
+    services: dict[str, Any] = {
+        "a": {"base": 21000, "size": 1},
+        "b": {"base": 21010, "size": 1},
+    }
+    for name, keys in extra.items():
+        services[name].update(keys)
+    return {"app": "demo", "services": services}
+
+
+@pytest.mark.parametrize(
+    ("keys", "key", "problem"),
+    [
+        ({"restart": "sometimes"}, "restart", "must be one of 'no', 'on-failure', 'always'"),
+        ({"depends_on": "b"}, "depends_on", "must be an array of service names"),
+        ({"depends_on": [1]}, "depends_on[0]", "must be a string, not an integer"),
+        ({"depends_on": ["nope"]}, "depends_on", "depends on 'nope', which is not a service"),
+        ({"ready": "tcp:80"}, "ready", "must be 'tcp', 'http:<path>', 'log:<regex>' or 'none'"),
+        ({"ready": "http:health"}, "ready", "the path must start with '/'"),
+        ({"ready": "log:("}, "ready", "invalid regular expression"),
+        ({"ready_timeout_s": 0}, "ready_timeout_s", "must be a number of seconds > 0"),
+        ({"ready_timeout_s": "5"}, "ready_timeout_s", "must be a number of seconds"),
+    ],
+)
+def test_supervision_keys_are_validated(keys: dict[str, Any], key: str, problem: str) -> None:
+    with pytest.raises(LayoutError) as info:
+        parse_layout(_layout_doc(a=keys), "f.toml")
+    assert any(e.startswith(f"f.toml: services.a.{key}: {problem}") for e in info.value.errors), (
+        info.value.errors
+    )
+
+
+def test_a_dependency_cycle_is_a_layout_error() -> None:
+    doc = _layout_doc(a={"depends_on": ["b"]}, b={"depends_on": ["a"]})
+    with pytest.raises(LayoutError) as info:
+        parse_layout(doc, "f.toml")
+    assert info.value.errors == ["f.toml: services.a.depends_on: dependency cycle: a -> b -> a"]
+
+
+def test_a_service_with_its_own_problem_is_still_a_known_name() -> None:
+    doc = _layout_doc(a={"depends_on": ["b"]}, b={"restart": "x"})
+    with pytest.raises(LayoutError) as info:
+        parse_layout(doc, "f.toml")
+    assert [e for e in info.value.errors if "depends_on" in e] == []
+
+
+def test_layout_shows_the_keys_and_the_default_services_declare_readiness() -> None:
+    doc = _layout_doc(
+        a={"command": ["x"], "restart": "always", "ready": "log:up", "ready_timeout_s": 4},
+        b={"command": ["y"], "depends_on": ["a"]},
+    )
+    lines = describe_layout(parse_layout(doc, "f.toml"))
+    assert "service a: ready log:up within 4 s, restart always, after -" in lines
+    assert "service b: ready tcp within 30 s, restart no, after a" in lines
+    services = {s.name: s for s in default_layout().services}
+    assert {s.ready for s in services.values()} == {"http:/health"}
+    assert set(services["api-server"].depends_on) == set(services) - {"api-server"}
+
+
+# --- through the real `portpool up` ---------------------------------------------------
+
+# Serves on the socket at fd 3: answers "<pid> <n>" to each request line, and exits
+# with status 1 right after every FAIL_EVERY-th answer.
+SERVICE = """\
+import os, signal, socket, sys
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+every = int(os.environ.get("FAIL_EVERY", "0"))
+sock = socket.socket(fileno=3)
+print("serving", flush=True)
+n = 0
+while True:
+    conn, _ = sock.accept()
+    data = conn.recv(100)
+    if not data:  # a readiness probe: it sends nothing
+        conn.close()
+        continue
+    n += 1
+    conn.sendall(f"{os.getpid()} {n}\\n".encode())
+    conn.close()
+    if every and n % every == 0:
+        sys.exit(1)
+"""
+
+
+def write_config(tmp_path: Path, base: int, services: dict[str, dict[str, Any]]) -> Path:
+    """A layout of ``services`` (their extra keys as TOML values), each running SERVICE."""
+    script = tmp_path / "service.py"
+    script.write_text(SERVICE)
+    lines = ['app = "restartapp"', "heartbeat_interval = 0.5", "shield_interval = 0.5"]
+    for i, (name, keys) in enumerate(services.items()):
+        lines += [f"[services.{name}]", f"base = {base + 2 * i}", "size = 2", "stride = 10"]
+        command = keys.pop("command", [sys.executable, str(script)])
+        lines.append(f"command = {json.dumps(command)}")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    path = tmp_path / "portpool.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def request(port: int, timeout: float = 30.0) -> tuple[int, int]:
+    """One request over a fresh connection: (pid, n) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+        conn.sendall(b"hello\n")
+        pid, n = conn.makefile().readline().split()
+    return int(pid), int(n)
+
+
+def wait_is_up(reader: LineReader, timeout: float = 60.0) -> list[str]:
+    """``up``'s output lines up to "... is up" (bounded wait)."""
+    return reader.until(lambda line: line.endswith("is up"), timeout)
+
+
+def service_record(config: Path, name: str) -> dict[str, Any]:
+    (instance,) = status_json(config)["instances"]
+    return next(s for s in instance["services"] if s["name"] == name)
+
+
+def stop_up(reader: LineReader) -> tuple[str, str]:
+    if reader.proc.poll() is None:
+        reader.proc.send_signal(signal.SIGTERM)
+    return reader.finish(60)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def env_with(**values: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(values)
+    return env
+
+
+def test_on_failure_restarts_keep_the_port_and_answer_every_request(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_config(tmp_path, port_base, {"flaky": {"restart": "on-failure"}})
+    proc = start("up", "--config", str(config), env=env_with(FAIL_EVERY="20"))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        port = service_record(config, "flaky")["port"]
+        answers: list[tuple[int, int]] = []
+        errors: list[str] = []
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and len(answers) < 10_000:
+            try:
+                answers.append(request(port))
+            except OSError as e:  # refused, reset: exactly what must not happen
+                errors.append(repr(e))
+            # Paced, so that 5 s of traffic stays under the crash-loop limit.
+            time.sleep(0.04)
+        assert errors == []
+        exits = sum(1 for _, n in answers if n == 20)
+        assert exits >= 1, f"the service never reached its 20th request: {len(answers)} answers"
+        assert len({pid for pid, _ in answers}) >= exits
+        # Counted in the record once the last restart is ready again.
+        record = wait_for(
+            lambda: (
+                (r := service_record(config, "flaky"))["state"] == "ready"
+                and r["restarts"] == exits
+                and r
+            ),
+            30,
+        )
+        assert record["port"] == port
+        assert record["last_exit_status"] == 1
+        assert [listener.port for listener in listeners(port)] == [port]
+    finally:
+        out, err = stop_up(reader)
+    assert proc.returncode == 0, err
+    assert out.count("flaky ready on port") == exits + 1
+
+
+def test_crash_loop_of_one_service_stops_the_whole_instance(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    script = tmp_path / "crash.py"
+    script.write_text("import sys, time\ntime.sleep(0.05)\nsys.exit(3)\n")
+    config = write_config(
+        tmp_path,
+        port_base,
+        {
+            "calm": {},
+            "crash": {
+                "restart": "always",
+                "ready": "none",
+                "command": [sys.executable, str(script)],
+            },
+        },
+    )
+    proc = start("up", "--config", str(config), "--grace", "2")
+    reader = LineReader(proc)
+    lines = wait_is_up(reader)
+    calm_pid = service_record(config, "calm")["pid"]
+    out, err = reader.finish(90)
+    assert proc.returncode == 5, (lines, out, err)
+    assert "service 'crash' gave up: more than 5 restarts within 60 s (last: exit status 3)" in err
+    assert not psutil.pid_exists(calm_pid) or psutil.Process(calm_pid).status() == "zombie"
+    assert status_json(config)["instances"] == []
+
+
+def test_kill_9_of_an_always_service_brings_it_back_on_the_same_socket(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_config(tmp_path, port_base, {"steady": {"restart": "always"}})
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        port = service_record(config, "steady")["port"]
+        (before,) = listeners(port)
+        first_pid, _ = request(port)
+        os.kill(first_pid, signal.SIGKILL)
+        # Dead first (a process still in accept() could take the next connection with
+        # it), then a request while the service is down: it waits in the kept queue.
+        wait_for(lambda: not _running(first_pid), 20)
+        second_pid, n = request(port)
+        assert second_pid != first_pid and n == 1
+        assert listeners(port) == [before]  # the same listening socket (same inode)
+        record = wait_for(
+            lambda: (r := service_record(config, "steady"))["state"] == "ready" and r, 30
+        )
+        assert record["restarts"] == 1
+        assert record["last_exit_status"] == 128 + signal.SIGKILL
+        assert record["pid"] == second_pid and record["port"] == port
+        shown = portpool("status", "--config", str(config)).stdout
+        assert f"steady={port} (ready, 1 restart, last exit 137)" in shown
+    finally:
+        _out, err = stop_up(reader)
+    assert proc.returncode == 0, err
+
+
+def test_kill_9_of_up_leaves_nothing_with_restarting_services(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_config(
+        tmp_path, port_base, {"one": {"restart": "always"}, "two": {"restart": "on-failure"}}
+    )
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    wait_is_up(reader)
+    ports = [service_record(config, n)["port"] for n in ("one", "two")]
+    pids = [request(p)[0] for p in ports]
+    proc.kill()
+    proc.wait()
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 20)
+    for port in ports:
+        wait_for(lambda port=port: listeners(port) == [], 20)
+    # Every lock was freed by the kernel: the next up gets the same ports.
+    again = start("up", "--config", str(config))
+    again_reader = LineReader(again)
+    try:
+        wait_is_up(again_reader)
+        assert [service_record(config, n)["port"] for n in ("one", "two")] == ports
+    finally:
+        stop_up(again_reader)
+
+
+def test_sighup_restarts_every_service_in_dependency_order_on_the_same_ports(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_config(tmp_path, port_base, {"web": {"depends_on": ["db"]}, "db": {}})
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        ports = {n: service_record(config, n)["port"] for n in ("db", "web")}
+        old = {n: request(p)[0] for n, p in ports.items()}
+        proc.send_signal(signal.SIGHUP)
+        # Both come back, on the same ports, with new processes.
+        new = wait_for(
+            lambda: (
+                (pids := {n: service_record(config, n)["pid"] for n in ports})["web"] != old["web"]
+                and service_record(config, "web")["state"] == "ready"
+                and pids
+            ),
+            60,
+        )
+        assert new["db"] != old["db"]
+        assert {n: request(p)[0] for n, p in ports.items()} == new
+        db, web = service_record(config, "db"), service_record(config, "web")
+        assert web["started_at"] >= db["ready_at"]  # db was ready again before web restarted
+        assert db["restarts"] == web["restarts"] == 0  # on purpose: not a failure
+        assert proc.poll() is None
+    finally:
+        _out, err = stop_up(reader)
+    assert proc.returncode == 0, err
+
+
+def test_restart_no_still_stops_the_instance(tmp_path: Path, port_base: int, home: Path) -> None:
+    config = write_config(tmp_path, port_base, {"once": {}})
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    wait_is_up(reader)
+    pid, _ = request(service_record(config, "once")["port"])
+    os.kill(pid, signal.SIGKILL)
+    _out, err = reader.finish(60)
+    assert proc.returncode == 5
+    assert "service 'once' exited on its own (killed by SIGKILL)" in err
+
+
+def test_a_terminal_hangup_stops_up_instead_of_restarting(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    from tests.test_signals import Terminal
+
+    config = write_config(tmp_path, port_base, {"svc": {"restart": "always"}})
+    terminal = Terminal([sys.executable, "-m", "portpool.cli", "up", "--config", str(config)])
+    try:
+        terminal.read_until(b"is up")
+        pid = service_record(config, "svc")["pid"]
+        os.close(terminal.master)  # the window closes: the kernel hangs up on up
+        terminal.master = os.open(os.devnull, os.O_RDONLY)  # for close() below
+        deadline = time.monotonic() + 60
+        while os.waitpid(terminal.pid, os.WNOHANG) == (0, 0):
+            assert time.monotonic() < deadline, "up still runs after its terminal hung up"
+            time.sleep(0.05)
+        wait_for(lambda: not psutil.pid_exists(pid), 20)
+        assert status_json(config)["instances"] == []
+    finally:
+        terminal.close()
