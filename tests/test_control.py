@@ -605,3 +605,10 @@ def test_json_commands_print_errors_as_json(layout_file: Path, home: Path) -> No
         assert doc["exit_code"] == code
         assert doc["error"] in done.stderr  # the same message, once on each stream
         assert len(done.stderr.splitlines()) == 1
+    # A usage error the command finds itself (click's own message on stderr).
+    done = portpool("stop", "1", "--all", "--json", "--config", str(layout_file))
+    assert done.returncode == 2
+    assert json.loads(done.stdout) == {
+        "error": "give an instance NUMBER or --all, not both",
+        "exit_code": 2,
+    }

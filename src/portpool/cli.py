@@ -72,6 +72,10 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except PortPoolError as e:
             _fail(e, as_json=kwargs.get("as_json") is True)
+        except click.ClickException as e:  # a usage error found by the command itself
+            if kwargs.get("as_json") is True:
+                click.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
+            raise
 
     return wrapper  # type: ignore[return-value]
 
