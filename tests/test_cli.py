@@ -106,6 +106,15 @@ def test_doctor_names_holders_and_foreign_processes(
         assert doc["counts"] == {"free": 2, "held": 1, "foreign": 1}
         states = {r["port"]: r["kind"] for r in doc["ports"]}
         assert states[port_base + 1] == "foreign"
+        # --json follows the same filter as the text (free ports only with --all);
+        # the counts are always complete.
+        assert "free" not in states.values()
+        assert set(states) == {port_base, port_base + 1}
+        done = portpool("doctor", "alpha", "--config", str(layout), "--json", "--all")
+        doc = json.loads(done.stdout)
+        assert {r["port"]: r["kind"] for r in doc["ports"]}[port_base + 10] == "free"
+        assert len(doc["ports"]) == 4
+        assert doc["counts"] == {"free": 2, "held": 1, "foreign": 1}
         assert portpool("doctor", "gamma", "--config", str(layout)).returncode == 2
         assert foreign.poll() is None  # doctor kills nothing
     finally:

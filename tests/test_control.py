@@ -333,7 +333,7 @@ def test_stop_never_signals_a_process_that_is_not_the_lock_holder(
         try:
             done = portpool("stop", "1", "--config", str(layout_file))
             assert done.returncode == 1
-            assert f"held by pid {os.getpid()}, not by the recorded pid" in done.stderr
+            assert f"(pid {os.getpid()} holds it, the record names {bystander.pid})" in done.stderr
             assert bystander.poll() is None
         finally:
             held.remove_and_release()
@@ -443,7 +443,172 @@ def test_logs_of_an_attached_instance_say_why_there_are_none(
     try:
         done = portpool("logs", "--config", str(layout_file))
         assert done.returncode == 1
-        assert "only `portpool up --detach` writes one" in done.stderr
+        assert "instance 1 of testapp has no log (it was not started with --detach)" in done.stderr
     finally:
         release.touch()
         proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- what a new user met
+
+
+def test_logs_belong_to_the_up_that_wrote_them(tmp_path: Path, port_base: int, home: Path) -> None:
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert portpool("stop", "1", cwd=tmp_path).returncode == 0
+    # The same checkout starts attached on the same number: the detached one's log is
+    # not this instance's, and -f must not wait on it.
+    release = tmp_path / "release"
+    proc, number = _hold(tmp_path / "portpool.toml", release, cwd=tmp_path)
+    try:
+        assert number == 1
+        for args in (["logs"], ["logs", "-i", "1"], ["logs", "-f"], ["logs", "web", "-f"]):
+            done = portpool(*args, cwd=tmp_path, timeout=20)
+            assert done.returncode == 1, (args, done.stdout)
+            assert done.stdout == ""
+            msg = "instance 1 of testapp has no log (it was not started with --detach)"
+            assert msg in done.stderr, args
+    finally:
+        release.touch()
+        proc.wait(timeout=30)
+    # Stopped again: the last detached instance's log is there to read.
+    assert "hello from web" in portpool("logs", "-i", "1", cwd=tmp_path).stdout
+
+
+def _detaching(cwd: Path) -> tuple[subprocess.Popen[str], int]:
+    """`up --detach` started and stopped (SIGSTOP) as soon as its background up exists:
+    the test decides what happens to that up before the detach looks again."""
+    import psutil
+
+    detach = start("up", "--detach", cwd=cwd)
+    parent = psutil.Process(detach.pid)
+    child = wait_for(parent.children, timeout=30)[0]
+    detach.send_signal(signal.SIGSTOP)
+    return detach, child.pid
+
+
+def _finish(detach: subprocess.Popen[str]) -> tuple[int, str, str]:
+    detach.send_signal(signal.SIGCONT)
+    out, err = detach.communicate(timeout=60)
+    return detach.returncode, out, err
+
+
+def test_up_detach_reports_a_background_up_killed_by_a_signal(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    detach, up_pid = _detaching(tmp_path)
+    try:
+        os.kill(up_pid, signal.SIGKILL)
+    finally:
+        code, out, err = _finish(detach)
+    assert code == 128 + signal.SIGKILL, err
+    assert "killed by SIGKILL" in err
+    assert "status -9" not in err
+    assert "web" not in out  # no ports of an instance that is gone
+
+
+def test_up_detach_does_not_list_ports_of_an_up_that_stopped_at_once(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    detach, up_pid = _detaching(tmp_path)
+    try:
+        # It says "is up" while the detach is not looking, then stops before it looks.
+        log = home / "apps" / "testapp" / "logs" / f".starting-{detach.pid}.log"
+        wait_for(lambda: log.exists() and "is up" in log.read_text(), timeout=30)
+        os.kill(up_pid, signal.SIGTERM)
+        wait_for(lambda: not pid_alive(up_pid) or _zombie(up_pid), timeout=30)
+    finally:
+        code, out, err = _finish(detach)
+    assert code != 0
+    assert "right after it was up" in err
+    assert "web" not in out and "worker" not in out
+
+
+def _zombie(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_up_detach_relays_the_skip_warning(tmp_path: Path, port_base: int, home: Path) -> None:
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    # A foreign program holds every port of worker's pool in slot 1.
+    foreign = [socket.create_server(("127.0.0.1", p)) for p in (port_base + 2, port_base + 3)]
+    try:
+        done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert "instance 2 of testapp is up" in done.stdout
+        assert "instance 1 of testapp skipped" in done.stderr
+        assert "is up" not in done.stderr  # only what came before it
+    finally:
+        for s in foreign:
+            s.close()
+        portpool("stop", "--all", cwd=tmp_path)
+
+
+def test_stop_says_what_is_wrong_with_the_record(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Slow heartbeat and shield: the edited record stays, and the run outlives it.
+    layout_file = write_layout(tmp_path / "portpool.toml", port_base, heartbeat=60, shield=60)
+    release = tmp_path / "release"
+    proc, number = _hold(layout_file, release)
+    record = home / "apps" / "testapp" / "instances" / f"{number}.json"
+    original = json.loads(record.read_text())
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        # The record names another pid; the run is alive and holds the slot lock.
+        record.write_text(json.dumps({**original, "pid": dead.pid}))
+        done = portpool("stop", str(number), "--config", str(layout_file))
+        assert done.returncode == 1
+        assert (
+            f"its record does not match the process holding the slot (pid {proc.pid} holds "
+            f"it, the record names {dead.pid}): not signalling anything"
+        ) in done.stderr
+        # A pid that is not a whole number: unreadable, not "starting".
+        record.write_text(json.dumps({**original, "pid": "12x"}))
+        for args in ([str(number)], ["--all"]):
+            done = portpool("stop", *args, "--config", str(layout_file))
+            assert done.returncode == 1, args
+            assert "its record is unreadable: record has no valid pid" in done.stderr, args
+            assert "starting" not in done.stderr
+        assert proc.poll() is None  # nothing was signalled
+    finally:
+        release.touch()
+        proc.wait(timeout=30)
+
+
+def test_read_only_commands_create_no_state_dir(layout_file: Path, home: Path) -> None:
+    assert not home.exists()
+    for args in (["port", "alpha"], ["env"], ["logs"], ["logs", "-i", "1"], ["stop"],
+                 ["stop", "1"], ["stop", "--all"], ["port", "alpha", "-i", "2"]):  # fmt: skip
+        done = portpool(*args, "--config", str(layout_file))
+        assert done.returncode == 1, (args, done.stderr)
+        assert "is running" in done.stderr or "not running" in done.stderr, args
+        assert not home.exists(), args
+
+
+def test_json_commands_print_errors_as_json(layout_file: Path, home: Path) -> None:
+    for args, code in ((["port", "alpha"], 1), (["stop", "3"], 1), (["port", "nope"], 2),
+                       (["stop", "--all"], 1), (["layout"], 2)):  # fmt: skip
+        config = str(layout_file) if args != ["layout"] else str(home / "missing.toml")
+        done = portpool(*args, "--json", "--config", config)
+        assert done.returncode == code, (args, done.stderr)
+        doc = json.loads(done.stdout)
+        assert doc["exit_code"] == code
+        assert doc["error"] in done.stderr  # the same message, once on each stream
+        assert len(done.stderr.splitlines()) == 1
+    # A usage error the command finds itself (click's own message on stderr).
+    done = portpool("stop", "1", "--all", "--json", "--config", str(layout_file))
+    assert done.returncode == 2
+    assert json.loads(done.stdout) == {
+        "error": "give an instance NUMBER or --all, not both",
+        "exit_code": 2,
+    }

@@ -49,7 +49,9 @@ def display(text: str) -> str:
     return _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
-def _fail(error: PortPoolError) -> None:
+def _fail(error: PortPoolError, *, as_json: bool = False) -> None:
+    if as_json:  # a script reading stdout gets the error as JSON too
+        click.echo(json.dumps({"error": str(error), "exit_code": error.exit_code}))
     lines = str(error).split("\n")  # messages may span lines; each is escaped alone
     click.echo(
         "\n".join(display(line) for line in [f"portpool: error: {lines[0]}", *lines[1:]]), err=True
@@ -58,7 +60,9 @@ def _fail(error: PortPoolError) -> None:
 
 
 def handle_errors(func: F) -> F:
-    """Turn library errors into one message and the contract's exit code."""
+    """Turn library errors into one message and the contract's exit code; for a command
+    called with ``--json`` (an ``as_json`` flag, see ``json_option``), also into one JSON
+    object on stdout."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -67,7 +71,11 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PortPoolError as e:
-            _fail(e)
+            _fail(e, as_json=kwargs.get("as_json") is True)
+        except click.ClickException as e:  # a usage error found by the command itself
+            if kwargs.get("as_json") is True:
+                click.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
+            raise
 
     return wrapper  # type: ignore[return-value]
 
@@ -96,6 +104,8 @@ def instance_option(func: F) -> F:
 
 
 def json_option(func: F) -> F:
+    """``--json`` (as ``as_json``); with it, ``handle_errors`` also prints an error as
+    ``{"error": message, "exit_code": n}`` on stdout, so a script always gets JSON."""
     return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(func)
 
 
@@ -217,7 +227,8 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
     layout = _layout(config)
     report = examine_layout(layout, service=service)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), separators=(",", ":")))
+        doc = report.to_dict(show_free=show_all)
+        click.echo(json.dumps(doc, separators=(",", ":")))
         return
     click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
     number = 0
@@ -428,6 +439,8 @@ def _up_detached(
         args += ["--instance", str(instance_number)]
     with StateDir.open() as state:
         started = start_detached(layout, args, state=state)
+    for note in started.notes:  # its warnings (a skipped slot, ...) are for this terminal too
+        click.echo(display(note), err=True)
     click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
     for name, port in started.ports.items():
         click.echo(f"  {name:<16} {port:>5}")
@@ -448,7 +461,7 @@ def port(service: str, instance_number: int | None, config: str | None, as_json:
 
     layout = _layout(config)
     check_number(layout, instance_number)
-    with StateDir.open() as state:
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
         info, number = service_port(layout, service, instance_number, state=state)
     if as_json:
         doc = {"app": layout.app, "instance": info.number, "service": service, "port": number}
@@ -469,7 +482,7 @@ def env(instance_number: int | None, config: str | None, export: bool) -> None:
 
     layout = _layout(config)
     check_number(layout, instance_number)
-    with StateDir.open() as state:
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
         click.echo(format_env(instance_env(layout, instance_number, state=state), export=export))
 
 
@@ -501,7 +514,7 @@ def stop(
         raise click.UsageError("give an instance NUMBER or --all, not both")
     layout = _layout(config)
     check_number(layout, number)
-    with StateDir.open() as state:
+    with StateDir.open(create=False) as state:  # it only signals: creates nothing
         stopped = stop_instances(layout, number, every=every, timeout_s=timeout, state=state)
     if as_json:
         click.echo(json.dumps({"app": layout.app, "stopped": [s.to_dict() for s in stopped]}))
@@ -525,7 +538,7 @@ def logs(
 
     layout = _layout(config)
     check_number(layout, instance_number)
-    with StateDir.open() as state:
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
         follow_log(
             layout,
             click.echo,

@@ -9,7 +9,9 @@ a pid from a file, signalled blindly, kills whoever got the pid next).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -34,7 +36,13 @@ from portpool.errors import DetachFailed, NotRunning, StopFailed, UsageError
 from portpool.instance import checkout_dir, previous_number
 from portpool.layout import Layout, port_env_name
 from portpool.lock import inspect_port, is_held
-from portpool.records import InstanceInfo, list_instances, read_instance, read_json_file
+from portpool.records import (
+    InstanceInfo,
+    list_instances,
+    read_instance,
+    read_json_file,
+    write_atomic,
+)
 from portpool.statedir import StateDir, check_name
 
 __all__ = [
@@ -60,6 +68,15 @@ def _running(layout: Layout, state: StateDir) -> list[InstanceInfo]:
     return [i for i in list_instances(layout.app, state) if i.alive and i.readable]
 
 
+def _unreadable(info: InstanceInfo) -> str | None:
+    """What is wrong with a slot's record ("record has no valid pid"), if it is unreadable
+    (not merely missing: a slot whose record is not written yet is starting)."""
+    prefix = "record unreadable: "
+    if info.readable or not info.problem or not info.problem.startswith(prefix):
+        return None
+    return info.problem.removeprefix(prefix)
+
+
 def _listing(running: Sequence[InstanceInfo]) -> str:
     return "; ".join(f"instance {i.number} (pid {i.pid}, {i.directory or '?'})" for i in running)
 
@@ -75,12 +92,19 @@ def find_instance(
     """
     app = layout.app
     if number is not None:
-        info = read_instance(state.instances(app), number)
-        if info.alive and info.readable:
+        directory = state.find_instances(app)  # read-only: a missing dir is "not running"
+        info = read_instance(directory, number) if directory is not None else None
+        if info is not None and info.alive and info.readable:
             return info
         running = _running(layout, state)
         others = f"; running: {_listing(running)}" if running else ""
-        why = "is starting (no record yet)" if info.alive else "is not running"
+        if info is None or not info.alive:
+            why = "is not running"
+        elif _unreadable(info):
+            # A record that names no valid pid is not "starting": say what is wrong.
+            why = f"runs but its record is unreadable: {_unreadable(info)}"
+        else:
+            why = "is starting (no record yet)"
         raise NotRunning(app, f"instance {number} of {app} {why}{others}", [
             i.number for i in running
         ])  # fmt: skip
@@ -180,24 +204,43 @@ def _lock_holder(directory: DirHandle, number: int) -> int | None:
     return locked.get((st.st_dev, st.st_ino)) if st is not None else None
 
 
+def _mismatch(number: int, holder: int | None, recorded: int) -> StopFailed:
+    held = f"pid {holder} holds it" if holder is not None else "another process holds it"
+    return StopFailed(
+        number,
+        f"its record does not match the process holding the slot ({held}, the record "
+        f"names {recorded}): not signalling anything",
+    )
+
+
+def _stop_target(layout: Layout, number: int | None, state: StateDir) -> InstanceInfo:
+    """``find_instance``, except that a running slot whose record is unreadable is a
+    StopFailed naming the problem (it was reported as "starting" or "not running")."""
+    if number is not None:
+        directory = state.find_instances(layout.app)
+        info = read_instance(directory, number) if directory is not None else None
+        detail = _unreadable(info) if info is not None and info.alive else None
+        if detail:
+            raise StopFailed(number, f"its record is unreadable: {detail}: not signalling anything")
+    return find_instance(layout, number, state=state)
+
+
 def _verified_holder(layout: Layout, number: int, state: StateDir) -> tuple[InstanceInfo, str]:
     """The record of running instance ``number`` and why its pid may be signalled."""
     directory = state.instances(layout.app)
-    info = find_instance(layout, number, state=state)
+    info = _stop_target(layout, number, state)
     assert info.pid is not None  # a readable record has one
     try:
         raw = read_json_file(directory, f"{number}.json")
     except ValueError as e:
-        raise StopFailed(number, f"its record {e}: not signalling anything") from None
+        raise StopFailed(
+            number, f"its record is unreadable: record {e}: not signalling anything"
+        ) from None
     if not isinstance(raw, dict) or raw.get("boot_id") != boot_id():
         raise StopFailed(number, "its record is from another boot: not signalling anything")
     holder = _lock_holder(directory, number)
     if holder is not None and holder != info.pid:
-        raise StopFailed(
-            number,
-            f"its slot lock is held by pid {holder}, not by the recorded pid {info.pid}: "
-            "not signalling anything",
-        )
+        raise _mismatch(number, holder, info.pid)
     return info, str(raw.get("start_token"))
 
 
@@ -240,18 +283,28 @@ def stop_instances(
 
     The signal goes only to the process that holds the slot's kernel lock and whose
     identity matches the record (pid + start token + boot id). Raises NotRunning (none
-    to stop), StopFailed (identity mismatch, or still up after ``timeout_s`` seconds;
-    nothing is ever killed).
+    to stop), StopFailed (identity mismatch, an unreadable record, or still up after
+    ``timeout_s`` seconds; nothing is ever killed). With ``every``, a running slot whose
+    record is unreadable is left alone and reported once the others have stopped.
     """
+    refused: list[StopFailed] = []
     if every:
-        numbers = [i.number for i in _running(layout, state)]
-        if not numbers:
+        alive = [i for i in list_instances(layout.app, state) if i.alive]
+        numbers = [i.number for i in alive if i.readable]
+        for i in alive:
+            detail = _unreadable(i)
+            if detail:
+                refused.append(
+                    StopFailed(i.number, f"its record is unreadable: {detail}: not signalling it")
+                )
+        if not numbers and not refused:
             raise NotRunning(layout.app, f"no instance of {layout.app} is running")
     else:
-        numbers = [find_instance(layout, number, state=state).number]
-    directory = state.instances(layout.app)
+        numbers = [_stop_target(layout, number, state).number]
+    directory = state.instances(layout.app) if numbers else None
     sent: list[Stopped] = []
     for n in numbers:
+        assert directory is not None
         info, token = _verified_holder(layout, n, state)
         assert info.pid is not None
         ports = tuple(s.port for s in info.services if s.port is not None)
@@ -261,6 +314,9 @@ def stop_instances(
             if not read_instance(directory, n).alive:
                 sent.append(Stopped(n, info.pid, ports))  # it stopped on its own meanwhile
                 continue
+            holder = _lock_holder(directory, n)
+            if holder is not None and holder != info.pid:
+                raise _mismatch(n, holder, info.pid)
             raise StopFailed(
                 n, f"pid {info.pid} is no longer the recorded process: not signalling it"
             )
@@ -275,6 +331,8 @@ def stop_instances(
                     f"ports after {timeout_s:g} s (try again, or a longer --timeout)",
                 )
             time.sleep(_POLL_S)
+    if refused:
+        raise refused[0]  # the others were stopped; this one was not touched
     return sent
 
 
@@ -287,23 +345,73 @@ def _logs_dir(state: StateDir, app: str) -> DirHandle:
 
 def log_path(state: StateDir, app: str, number: int) -> str:
     """Where the output of detached instance ``number`` of ``app`` is kept."""
-    return os.path.join(_logs_dir(state, app).path, f"{number}.log")
+    return os.path.join(state.path, "apps", check_name("app", app), "logs", f"{number}.log")
+
+
+# `<n>.log` is tied to the `up` that wrote it by `<n>.owner.json` (its pid and start
+# token): a later attached instance on the same number has no log, and must not be shown
+# the previous detached one's as if it were its own.
+def _owner_name(number: int) -> str:
+    return f"{number}.owner.json"
+
+
+def _log_owner(logs: DirHandle, number: int) -> tuple[int, str] | None:
+    try:
+        raw = read_json_file(logs, _owner_name(number))
+    except ValueError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    pid, token = raw.get("pid"), raw.get("start_token")
+    if type(pid) is not int or not isinstance(token, str):
+        return None
+    return pid, token
 
 
 @dataclass(frozen=True)
 class Detached:
-    """An instance started by ``start_detached``: number, ``up``'s pid, ports, log."""
+    """An instance started by ``start_detached``: number, ``up``'s pid, ports (from its
+    verified record), log, and the lines ``up`` printed about itself before it was up
+    (warnings such as a skipped slot)."""
 
     number: int
     pid: int
     log: str
     ports: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
 
 # The line `up` prints once every service is ready: "portpool: instance N of APP is up".
 # Anchored at "portpool: " so that a service's own output ("name | ...") never matches.
 _UP_LINE = re.compile(rb"(?m)^portpool: instance (\d+)\b[^\n]*\bis up\b")
+_OWN_LINE = re.compile(rb"(?m)^portpool: [^\n]*")
 _TAIL_LINES = 20
+_STOP_WAIT_S = 10.0
+
+
+def _outcome(returncode: int | None) -> str:
+    from portpool.supervisor import describe_status  # one wording for a child's end
+
+    if returncode is None:
+        return "stopped"
+    if returncode < 0:
+        return f"was {describe_status(returncode)}"
+    return f"exited with status {returncode}"
+
+
+def _read_all(directory: DirHandle, name: str) -> bytes:
+    fd = directory.open_file(name, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _tail(seen: bytes) -> str:
+    return b"\n".join(seen.splitlines()[-_TAIL_LINES:]).decode(errors="replace")
 
 
 def start_detached(
@@ -311,9 +419,10 @@ def start_detached(
 ) -> Detached:
     """Start ``portpool up UP_ARGS`` in the background, in its own session, its output
     (the services' prefixed lines and its own) going to ``log_path(...)``; return once it
-    says the instance is up.
+    says the instance is up and its record (pid, start token, lock) shows it running.
 
-    Raises DetachFailed with its exit status and the log's tail if it exits first.
+    Raises DetachFailed with its exit status (128+N if killed by signal N) and the log's
+    tail if it exits first, or if it stopped right after it said it was up.
     """
     logs = _logs_dir(state, layout.app)
     starting = f".starting-{os.getpid()}.log"
@@ -331,6 +440,8 @@ def start_detached(
         )
     finally:
         os.close(fd)
+    # Its identity now, while it surely runs: the record must name this very process.
+    identity = identity_of(proc.pid)
     reader = logs.open_file(starting, os.O_RDONLY)
     seen = b""
     try:
@@ -347,11 +458,11 @@ def start_detached(
                     if rest:
                         seen += rest
                         continue
-                    tail = b"\n".join(seen.splitlines()[-_TAIL_LINES:])
                     raise DetachFailed(
                         proc.returncode,
                         os.path.join(logs.path, starting),
-                        tail.decode(errors="replace"),
+                        _tail(seen),
+                        _outcome(proc.returncode),
                     )
                 time.sleep(_POLL_S)
     except BaseException:
@@ -361,15 +472,63 @@ def start_detached(
         raise
     finally:
         os.close(reader)
-    logs.rename(starting, f"{number}.log")
+    notes = tuple(
+        m.group().decode(errors="replace") for m in _OWN_LINE.finditer(seen, 0, found.start())
+    )
     info = read_instance(state.instances(layout.app), number)
+    if not (
+        identity is not None
+        and info.alive
+        and info.readable
+        and info.pid == proc.pid
+        and info.start_token == identity.start_token
+    ):
+        # It said "is up" and stopped at once: its ports are not held, do not list them.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=_STOP_WAIT_S)
+        seen = _read_all(logs, starting)
+        raise DetachFailed(
+            proc.returncode,
+            os.path.join(logs.path, starting),
+            _tail(seen),
+            _outcome(proc.returncode),
+            when="right after it was up",
+        )
+    with contextlib.suppress(FileNotFoundError):
+        logs.unlink(f"{number}.log")  # the previous owner's: never shown under the new one
+    owner = {"pid": proc.pid, "start_token": identity.start_token}
+    write_atomic(logs, _owner_name(number), json.dumps(owner).encode())
+    logs.rename(starting, f"{number}.log")
     ports = {s.name: s.port for s in info.services if s.port is not None}
-    return Detached(number, proc.pid, os.path.join(logs.path, f"{number}.log"), ports)
+    return Detached(number, proc.pid, os.path.join(logs.path, f"{number}.log"), ports, notes)
 
 
 def _service_of(line: str) -> str | None:
     head, sep, _ = line.partition(" | ")
     return head.rstrip() if sep else None
+
+
+def _no_log(layout: Layout, number: int, running: bool) -> NotRunning:
+    if not running:
+        return NotRunning(
+            layout.app,
+            f"instance {number} of {layout.app} is not running and has no log "
+            "(only `portpool up --detach` writes one)",
+        )
+    return NotRunning(
+        layout.app,
+        f"instance {number} of {layout.app} has no log (it was not started with --detach)",
+        [number],
+    )
+
+
+def _owner_runs(state: StateDir, app: str, number: int, owner: tuple[int, str]) -> bool:
+    """Whether the ``up`` that wrote the log still runs and holds slot ``number``."""
+    now = identity_of(owner[0])
+    if now is None or now.start_token != owner[1]:
+        return False
+    directory = state.find_instances(app)
+    return directory is not None and is_held(directory, f"{number}.lock", locked_inodes())
 
 
 def follow_log(
@@ -382,29 +541,41 @@ def follow_log(
     state: StateDir,
 ) -> int:
     """Write the log of a detached instance line by line (only ``service``'s lines, with
-    their prefix, when given); with ``follow`` keep writing until the instance stops.
+    their prefix, when given); with ``follow`` keep writing until the ``up`` that wrote
+    it stops.
 
     The instance is ``number``, else as ``find_instance``, else this checkout's last
-    number. Returns that number. Raises UnknownService, NotRunning (no log).
+    number. A running instance is shown only the log its own ``up`` wrote; a stopped one,
+    the last detached instance's. Returns that number. Raises UnknownService, NotRunning
+    (no such instance, or it has no log). Read-only: creates nothing.
     """
     if service is not None:
         layout.service(service)
+    running: InstanceInfo | None = None
     if number is None:
         try:
-            number = find_instance(layout, state=state).number
+            running = find_instance(layout, state=state)
+            number = running.number
         except NotRunning:
             number = previous_number(state, layout, checkout_dir(layout))
             if number is None:
                 raise
-    logs = _logs_dir(state, layout.app)
+    else:
+        directory = state.find_instances(layout.app)
+        slot = read_instance(directory, number) if directory is not None else None
+        running = slot if slot is not None and slot.alive else None
+    logs = state.find("apps", check_name("app", layout.app), "logs")
+    owner = _log_owner(logs, number) if logs is not None else None
+    if logs is None or (
+        running is not None and (owner is None or (running.pid, running.start_token) != owner)
+    ):
+        # Running, but not the up that wrote this log: that log is not this instance's.
+        raise _no_log(layout, number, running is not None)
     try:
         fd = logs.open_file(f"{number}.log", os.O_RDONLY)
     except FileNotFoundError:
-        raise NotRunning(
-            layout.app,
-            f"instance {number} of {layout.app} has no log: only `portpool up --detach` "
-            "writes one (an attached up prints to its terminal)",
-        ) from None
+        raise _no_log(layout, number, running is not None) from None
+    follow = follow and owner is not None and running is not None
     pending = b""
     try:
         while True:
@@ -417,14 +588,12 @@ def follow_log(
                     if service is None or _service_of(line) == service:
                         write(line)
                 continue
-            if not follow or not is_held(
-                state.instances(layout.app), f"{number}.lock", locked_inodes()
-            ):
-                # Stopped: what it wrote before the lock went is all there is.
-                if follow:
-                    follow = False
-                    continue
+            if not follow:
                 break
+            assert owner is not None
+            if not _owner_runs(state, layout.app, number, owner):
+                follow = False  # stopped: read what it wrote before it went, then end
+                continue
             time.sleep(0.2)
     finally:
         os.close(fd)

@@ -302,13 +302,15 @@ class DoctorReport:
             out[v.kind] = out.get(v.kind, 0) + 1
         return out
 
-    def to_dict(self) -> dict[str, object]:
+    def to_dict(self, *, show_free: bool = True) -> dict[str, object]:
+        """JSON-ready; ``ports`` lists free ports only with ``show_free`` (``doctor``
+        without ``--all``), while ``counts`` always counts every port."""
         return {
             "app": self.app,
             "host": self.host,
             "max_instances": self.max_instances,
             "counts": self.counts(),
-            "ports": [v.to_dict() for v in self.verdicts],
+            "ports": [v.to_dict() for v in self.verdicts if show_free or v.refusal is not None],
         }
 
 

@@ -252,17 +252,30 @@ class StopFailed(PortPoolError):
 
 
 class DetachFailed(PortPoolError):
-    """A detached ``up`` exited before its instance was up; exits with its status."""
+    """A detached ``up`` exited before its instance was up, or stopped right after it
+    said so; exits with its status (128+N when killed by signal N, 1 if unknown)."""
 
-    def __init__(self, returncode: int, log_path: str, tail: str) -> None:
+    def __init__(
+        self,
+        returncode: int | None,
+        log_path: str,
+        tail: str,
+        outcome: str | None = None,
+        when: str = "before it was up",
+    ) -> None:
+        # returncode as subprocess gives it (-N: killed by signal N; None: not yet
+        # exited); outcome: "exited with status 3", "was killed by SIGKILL", ...
         self.returncode = returncode
         self.log_path = log_path
         self.tail = tail
-        self.exit_code = returncode if 0 < returncode < 256 else 1
-        super().__init__(
-            f"the detached up exited with status {returncode} before it was up "
-            f"(log: {log_path})\n{tail}"
-        )
+        if returncode is None:
+            self.exit_code = 1
+        elif returncode < 0:
+            self.exit_code = 128 - returncode  # a shell's status for death by signal N
+        else:
+            self.exit_code = returncode if 0 < returncode < 256 else 1
+        outcome = outcome or f"exited with status {returncode}"
+        super().__init__(f"the detached up {outcome} {when} (log: {log_path})\n{tail}")
 
 
 class Interrupted(PortPoolError):
