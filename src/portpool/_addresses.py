@@ -24,6 +24,7 @@ it listens: ours may be restarting).
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import socket
@@ -57,13 +58,44 @@ def has_ipv6_loopback() -> bool:
         return False
 
 
+def normalize_host(host: str) -> str:
+    """The one spelling of ``host`` every judgement uses: an IP literal in its canonical
+    form (``::0`` and ``0:0:0:0:0:0:0:0`` are ``::``, ``0:0:0:0:0:0:0:1`` is ``::1``),
+    ``localhost`` in lower case, any other name as given. ``layout`` said "covers: ::0
+    only" for a host that binds dual-stack: text and behaviour read different spellings.
+    """
+    if host.lower() == "localhost":
+        return "localhost"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def is_local_address(host: str) -> bool | None:
+    """Whether this host has the address a lease on ``host`` serves on (a bind to port 0
+    tells; EADDRNOTAVAIL says no). None if the name does not resolve or another error
+    leaves it unknown. Wildcards and loopbacks are always local."""
+    try:
+        target = bind_targets(host)[0]
+    except OSError:
+        return None
+    try:
+        with socket.socket(target.family, socket.SOCK_STREAM) as s:
+            s.bind((target.address, 0))
+    except OSError as e:
+        return False if e.errno == errno.EADDRNOTAVAIL else None
+    return True
+
+
 @functools.lru_cache(maxsize=64)
 def bind_targets(host: str) -> tuple[BindTarget, ...]:
     """The sockets a lease on ``host`` binds, the served one first.
 
-    A name other than ``localhost`` is resolved and its first address used.
-    Raises OSError if the name does not resolve.
+    ``host`` is read through ``normalize_host``; a name other than ``localhost`` is
+    resolved and its first address used. Raises OSError if the name does not resolve.
     """
+    host = normalize_host(host)
     if host == "localhost":
         served = BindTarget(socket.AF_INET, "127.0.0.1", None, True)
         if not has_ipv6_loopback():

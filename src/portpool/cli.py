@@ -212,6 +212,8 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
         + (f", {other} refused" if other else "")
         + ("" if show_all or not counts["free"] else " (--all lists the free ones)")
     )
+    for line in report.summary():
+        click.echo(line)
 
 
 @cli.command()
@@ -258,6 +260,16 @@ def _report_skips(leases: Iterable[Lease]) -> None:
         note = lease.skip_note()
         if note:
             click.echo(f"portpool: {note}", err=True)
+
+
+def _report_plain_bind(leases: Iterable[Lease], layout: Layout | None = None) -> None:
+    """One line per lease handed over by number (of ``layout``'s ``socket = "port"``
+    services, if given) whose port a plain bind cannot take yet."""
+    from portpool.diagnosis import by_number, plain_bind_notes
+
+    handed = list(leases) if layout is None else by_number(layout, leases)
+    for note in plain_bind_notes(handed):
+        click.echo(f"portpool: {note}", err=True)
 
 
 def _install_handlers(handler: Callable[[int], None], signals: list[int]) -> None:
@@ -333,6 +345,7 @@ def run(
         layout, services=list(dict.fromkeys(services)) or None, number=instance_number
     )
     _report_skips(instance.leases.values())
+    _report_plain_bind([] if fds else instance.leases.values())
     done = threading.Event()
     tripped: list[str] = []
     try:
@@ -402,6 +415,7 @@ def up(config: str | None, grace: float, instance_number: int | None, detach: bo
             raise LayoutError(layout.source, f"services.{service.name}.command", problem)
     instance = start_instance(layout, number=instance_number)
     _report_skips(instance.leases.values())
+    _report_plain_bind(instance.leases.values(), layout)
     supervisor = Supervisor(instance, grace_s=grace)
     instance.on_release(supervisor.stop)
     try:

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
+from portpool._addresses import is_local_address, normalize_host
 from portpool._layout_checks import (
     BROWSER_UNSAFE_PORTS,
     INSTANCE_LIMIT,
@@ -263,7 +264,16 @@ def _host_problem(host: object) -> str | None:
     except ValueError:
         return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {host!r}"
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id is not None or ip.is_link_local:
+        if ip.scope_id is not None:
+            base = host.partition("%")[0]
+            fix = (
+                "a link-local address cannot be bound portably either; use ::1, :: or a "
+                "global address"
+                if ip.is_link_local
+                else f"write {base!r}"
+            )
+            return f"{host!r} has a scope id (%{ip.scope_id}), which portpool cannot bind; {fix}"
+        if ip.is_link_local:
             return (
                 f"{host!r} is a link-local address, which a TCP server cannot portably "
                 "bind; use ::1, :: or a global address"
@@ -279,7 +289,9 @@ def _host_problem(host: object) -> str | None:
 
 
 def host_meaning(host: str) -> str:
-    """One line saying which addresses a lease on ``host`` covers (for ``layout``)."""
+    """One line saying which addresses a lease on ``host`` covers (for ``layout``), for
+    the host's canonical spelling (``::0`` is ``::``)."""
+    host = normalize_host(host)
     if host == "localhost":
         return (
             "127.0.0.1, served, and ::1, held bound so no other program can listen there "
@@ -288,12 +300,32 @@ def host_meaning(host: str) -> str:
     if host == "::":
         return "every IPv6 and IPv4 address, one dual-stack socket (IPV6_V6ONLY off)"
     if host == "0.0.0.0":
-        return "every IPv4 address; IPv6 clients (::1) are not served"
+        return (
+            "every IPv4 address; IPv6 clients are not served by this lease "
+            "(another program may listen on ::1)"
+        )
     if host == "127.0.0.1":
-        return "the IPv4 loopback only; a client resolving 'localhost' to ::1 does not reach it"
+        return (
+            "the IPv4 loopback only; IPv6 clients ('localhost' resolved to ::1) are not "
+            "served by this lease (another program may listen on ::1)"
+        )
     if host == "::1":
-        return "the IPv6 loopback only; IPv4 clients are refused"
+        return (
+            "the IPv6 loopback only; IPv4 clients are not served by this lease "
+            "(another program may listen on 127.0.0.1)"
+        )
     return f"{host} only; the port's other addresses follow the kernel's bind rules"
+
+
+def host_warning(host: str) -> str | None:
+    """One line for ``layout`` when this machine does not have ``host``'s address (every
+    bind will fail), or None. 192.0.2.1 passed ``layout`` silently before."""
+    if is_local_address(host) is False:
+        return (
+            f"host {normalize_host(host)} is not an address of this machine: every start "
+            "fails until it is (use 127.0.0.1, ::1, localhost, :: or 0.0.0.0)"
+        )
+    return None
 
 
 def _field_problems(
@@ -741,4 +773,5 @@ def describe_layout(layout: Layout) -> list[str]:
             "but are above max_instances: not used)"
         )
     lines.extend(f"warning: {w}" for w in layout.warnings)
+    lines.extend(f"warning: {w}" for w in filter(None, [host_warning(layout.host)]))
     return lines
