@@ -23,8 +23,15 @@ from tests.helpers import OCCUPANT, occupy, release, wait_for
 
 from portpool._addresses import has_ipv6_loopback
 from portpool._platform import tcp_sockets
-from portpool.diagnosis import classify_port, diagnose, plain_bind_notes, takes_traffic
+from portpool.diagnosis import (
+    by_number,
+    classify_port,
+    diagnose,
+    plain_bind_notes,
+    takes_traffic,
+)
 from portpool.errors import PoolExhausted
+from portpool.layout import Layout, Service
 from portpool.pool import Lease, acquire
 from portpool.shield import Shield
 from portpool.statedir import StateDir
@@ -459,3 +466,11 @@ def test_a_service_that_daemonizes_gets_a_hint_in_the_trip(
         assert f"listened on by pid {detached} (python" in problem
         assert "if this is your service's own detached child" in problem
         assert 'use socket = "fd")' in problem
+
+
+def test_up_notes_only_the_services_handed_over_by_number(state: StateDir, port: int) -> None:
+    layout = Layout("a", (Service("web", port, 1, socket="port"), Service("api", port + 1, 1)))
+    with acquire(state, [port], service="web") as lease:
+        assert by_number(layout, [lease]) == [lease]
+        lease.service = "api"  # socket = "fd": its socket is handed over, no note
+        assert by_number(layout, [lease]) == []
