@@ -25,10 +25,10 @@ from tests.helpers import (
     write_layout,
 )
 
-from portpool._addresses import bind_targets, covered_scopes, has_ipv6_loopback, normalize_host
+from portpool._addresses import bind_targets, covered_scopes, has_ipv6_loopback
 from portpool.diagnosis import diagnose
 from portpool.errors import LayoutError, PoolExhausted
-from portpool.layout import Layout, Service, describe_layout, host_meaning
+from portpool.layout import Layout, Service, describe_layout, host_meaning, normalize_host
 from portpool.lock import inspect_port
 from portpool.pool import acquire
 from portpool.statedir import StateDir

@@ -31,6 +31,7 @@ import socket
 from dataclasses import dataclass
 
 from portpool._platform import exclusive_bind_options
+from portpool.layout import normalize_host
 
 # (family 4 or 6, address, or None for the family's wildcard)
 Scope = tuple[int, str | None]
@@ -58,20 +59,6 @@ def has_ipv6_loopback() -> bool:
         return False
 
 
-def normalize_host(host: str) -> str:
-    """The one spelling of ``host`` every judgement uses: an IP literal in its canonical
-    form (``::0`` and ``0:0:0:0:0:0:0:0`` are ``::``, ``0:0:0:0:0:0:0:1`` is ``::1``),
-    ``localhost`` in lower case, any other name as given. ``layout`` said "covers: ::0
-    only" for a host that binds dual-stack: text and behaviour read different spellings.
-    """
-    if host.lower() == "localhost":
-        return "localhost"
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return host
-
-
 def is_local_address(host: str) -> bool | None:
     """Whether this host has the address a lease on ``host`` serves on (a bind to port 0
     tells; EADDRNOTAVAIL says no). None if the name does not resolve or another error
@@ -92,7 +79,7 @@ def is_local_address(host: str) -> bool | None:
 def bind_targets(host: str) -> tuple[BindTarget, ...]:
     """The sockets a lease on ``host`` binds, the served one first.
 
-    ``host`` is read through ``normalize_host``; a name other than ``localhost`` is
+    ``host`` is read through ``layout.normalize_host``; a name other than ``localhost`` is
     resolved and its first address used. Raises OSError if the name does not resolve.
     """
     host = normalize_host(host)

@@ -27,7 +27,6 @@ from portpool._addresses import (
     Scope,
     bind_all,
     covered_scopes,
-    normalize_host,
     overlaps,
     socket_scopes,
 )
@@ -42,7 +41,7 @@ from portpool._platform import (
     user_id,
 )
 from portpool.errors import Refusal
-from portpool.layout import Layout
+from portpool.layout import Layout, normalize_host
 from portpool.lock import inspect_port
 from portpool.statedir import StateDir
 
@@ -313,26 +312,19 @@ def plain_bind_notes(leases: Iterable[Lease]) -> list[str]:
     yet, naming who blocks it (``doctor``'s note): for leases handed to their service by
     number only (``socket = "port"``, ``run`` without ``--fds``), whose own bind then
     fails. Our own sockets (served and held) are not counted. Reads the socket table
-    once; binds nothing.
+    per lease; binds nothing.
 
     Such a port is kept, not skipped: the block lasts at most a TIME_WAIT (60 s) or one
     outgoing connection, a server that sets SO_REUSEADDR (most do) binds it anyway, and
     skipping would move the service off its predictable port for a passing state.
     """
-    leases = list(leases)
-    if not leases:
-        return []
-    sockets = tcp_sockets()
     out = []
     for lease in leases:
         mine = {socket_inode(s) for s in (lease.socket, *lease.held) if s is not None}
         blocking = [
             s
-            for s in sockets
-            if s.port == lease.port
-            and s.state != "listen"
-            and s.inode not in mine
-            and occupies(s, lease.host)
+            for s in tcp_sockets(lease.port)
+            if s.state != "listen" and s.inode not in mine and occupies(s, lease.host)
         ]
         if blocking:
             who = f"service {lease.service!r} " if lease.service else ""

@@ -25,7 +25,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeGuard
 
-from portpool._addresses import is_local_address, normalize_host
 from portpool._layout_checks import (
     BROWSER_UNSAFE_PORTS,
     INSTANCE_LIMIT,
@@ -288,6 +287,19 @@ def _host_problem(host: object) -> str | None:
     return None
 
 
+def normalize_host(host: str) -> str:
+    """The one spelling of ``host`` every judgement uses (layout text, the diagnosis,
+    the shield): an IP literal in its canonical form (``::0`` and ``0:0:0:0:0:0:0:0`` are
+    ``::``, ``0:0:0:0:0:0:0:1`` is ``::1``), ``localhost`` in lower case, any other name
+    as given. ``layout`` said "covers: ::0 only" for a host that binds dual-stack."""
+    if host.lower() == "localhost":
+        return "localhost"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
 def host_meaning(host: str) -> str:
     """One line saying which addresses a lease on ``host`` covers (for ``layout``), for
     the host's canonical spelling (``::0`` is ``::``)."""
@@ -320,6 +332,15 @@ def host_meaning(host: str) -> str:
 def host_warning(host: str) -> str | None:
     """One line for ``layout`` when this machine does not have ``host``'s address (every
     bind will fail), or None. 192.0.2.1 passed ``layout`` silently before."""
+    host = normalize_host(host)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # localhost, or a name: it resolves at start
+    if ip.is_loopback or ip.is_unspecified:
+        return None  # always this machine's (no socket: `layout` stays light)
+    from portpool._addresses import is_local_address  # a test bind
+
     if is_local_address(host) is False:
         return (
             f"host {normalize_host(host)} is not an address of this machine: every start "
