@@ -62,7 +62,7 @@ def has_ipv6_loopback() -> bool:
 def is_local_address(host: str) -> bool | None:
     """Whether this host has the address a lease on ``host`` serves on (a bind to port 0
     tells; EADDRNOTAVAIL says no). None if the name does not resolve or another error
-    leaves it unknown. Wildcards and loopbacks are always local."""
+    leaves it unknown."""
     try:
         target = bind_targets(host)[0]
     except OSError:

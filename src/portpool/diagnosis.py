@@ -23,13 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from portpool._addresses import (
-    Scope,
-    bind_all,
-    covered_scopes,
-    overlaps,
-    socket_scopes,
-)
+from portpool._addresses import Scope, bind_all, covered_scopes, overlaps, socket_scopes
 from portpool._platform import (
     LockTable,
     TcpSocket,
