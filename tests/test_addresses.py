@@ -398,3 +398,30 @@ def test_a_host_this_machine_does_not_have_is_reported(
     # A loopback host gets no such line.
     local = _layout(tmp_path / "q.toml", port_base, "127.0.0.1", max_instances=1)
     assert "not an address" not in portpool("layout", "--config", str(local)).stdout
+
+
+def test_up_notes_a_port_a_plain_bind_cannot_take_for_a_service_given_the_number(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REUSE_CONNECTION, str(port_base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    foreign.append(proc)
+    assert read_line(proc).strip() == "ready"
+    layout = tmp_path / "p.toml"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    services = {"web": {"command": sleeper, "socket": "port"}, "api": {"command": sleeper}}
+    write_layout(layout, port_base, services=services, max_instances=1)
+    up = start("up", "--config", str(layout))
+    try:
+        wait_for(lambda: "is up" in read_line(up), timeout=30)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=30)
+    notes = [x for x in err.splitlines() if "SO_REUSEADDR" in x]
+    assert len(notes) == 1, err
+    assert notes[0].startswith(f"portpool: service 'web' port {port_base}: a server that")
+    assert f"pid {proc.pid} (python) has a connection from 127.0.0.1:{port_base}" in notes[0]
