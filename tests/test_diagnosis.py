@@ -24,9 +24,9 @@ from tests.helpers import OCCUPANT, occupy, release, wait_for
 from portpool._addresses import has_ipv6_loopback
 from portpool._platform import tcp_sockets
 from portpool.diagnosis import (
-    by_number,
     classify_port,
     diagnose,
+    handed_over,
     plain_bind_notes,
     takes_traffic,
 )
@@ -468,9 +468,11 @@ def test_a_service_that_daemonizes_gets_a_hint_in_the_trip(
         assert 'use socket = "fd")' in problem
 
 
-def test_up_notes_only_the_services_handed_over_by_number(state: StateDir, port: int) -> None:
+def test_the_leases_handed_over_by_number(state: StateDir, port: int) -> None:
     layout = Layout("a", (Service("web", port, 1, socket="port"), Service("api", port + 1, 1)))
     with acquire(state, [port], service="web") as lease:
-        assert by_number(layout, [lease]) == [lease]
+        assert handed_over(layout, [lease]) == [lease]  # socket = "port"
         lease.service = "api"  # socket = "fd": its socket is handed over, no note
-        assert by_number(layout, [lease]) == []
+        assert handed_over(layout, [lease]) == []
+        lease.close_socket()  # `run` without --fds
+        assert handed_over(layout, [lease]) == [lease]

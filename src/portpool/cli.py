@@ -28,6 +28,7 @@ from portpool.layout import Layout, describe_layout, resolve_layout
 if TYPE_CHECKING:
     import subprocess
 
+    from portpool.instance import Instance
     from portpool.pool import Lease
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -262,13 +263,11 @@ def _report_skips(leases: Iterable[Lease]) -> None:
             click.echo(f"portpool: {note}", err=True)
 
 
-def _report_plain_bind(leases: Iterable[Lease], layout: Layout | None = None) -> None:
-    """One line per lease handed over by number (of ``layout``'s ``socket = "port"``
-    services, if given) whose port a plain bind cannot take yet."""
-    from portpool.diagnosis import by_number, plain_bind_notes
+def _report_plain_bind(instance: Instance) -> None:
+    """One line per port handed over by number that a plain bind cannot take yet."""
+    from portpool.diagnosis import handed_over, plain_bind_notes
 
-    handed = list(leases) if layout is None else by_number(layout, leases)
-    for note in plain_bind_notes(handed):
+    for note in plain_bind_notes(handed_over(instance.layout, instance.leases.values())):
         click.echo(f"portpool: {note}", err=True)
 
 
@@ -345,7 +344,6 @@ def run(
         layout, services=list(dict.fromkeys(services)) or None, number=instance_number
     )
     _report_skips(instance.leases.values())
-    _report_plain_bind([] if fds else instance.leases.values())
     done = threading.Event()
     tripped: list[str] = []
     try:
@@ -355,6 +353,7 @@ def run(
         if not fds:
             for lease in instance.leases.values():
                 lease.close_socket()  # the lock stays: no portpool user can take the port
+        _report_plain_bind(instance)
         proc = spawn(command, env, sockets=sockets, watch_parent=True)
         child.append(proc)
         try:
@@ -415,7 +414,7 @@ def up(config: str | None, grace: float, instance_number: int | None, detach: bo
             raise LayoutError(layout.source, f"services.{service.name}.command", problem)
     instance = start_instance(layout, number=instance_number)
     _report_skips(instance.leases.values())
-    _report_plain_bind(instance.leases.values(), layout)
+    _report_plain_bind(instance)
     supervisor = Supervisor(instance, grace_s=grace)
     instance.on_release(supervisor.stop)
     try:

@@ -295,10 +295,12 @@ def diagnose(
     return PortDiagnosis(port, host, occupants, bind_error.errno, message, plain_blocked, probe)
 
 
-def by_number(layout: Layout, leases: Iterable[Lease]) -> list[Lease]:
-    """The leases of ``layout``'s services handed over by number (``socket = "port"``)."""
+def handed_over(layout: Layout, leases: Iterable[Lease]) -> list[Lease]:
+    """The leases whose service gets only the number and binds the port itself: their
+    socket was closed (``run`` without ``--fds``) or their service has ``socket =
+    "port"`` (``up`` closes it when it starts the service)."""
     port_mode = {s.name for s in layout.services if s.socket == "port"}
-    return [lease for lease in leases if lease.service in port_mode]
+    return [lease for lease in leases if lease.socket is None or lease.service in port_mode]
 
 
 def plain_bind_notes(leases: Iterable[Lease]) -> list[str]:
