@@ -25,9 +25,10 @@ from tests.helpers import (
     write_layout,
 )
 
-from portpool._addresses import bind_targets, has_ipv6_loopback
-from portpool.errors import LayoutError
-from portpool.layout import Layout, Service, describe_layout
+from portpool._addresses import bind_targets, covered_scopes, has_ipv6_loopback
+from portpool.diagnosis import diagnose
+from portpool.errors import LayoutError, PoolExhausted
+from portpool.layout import Layout, Service, describe_layout, host_meaning, normalize_host
 from portpool.lock import inspect_port
 from portpool.pool import acquire
 from portpool.statedir import StateDir
@@ -250,3 +251,177 @@ def test_no_silent_skip_up_prints_it_and_status_shows_it(
         _, err = up.communicate(timeout=30)
     assert err.count(f"got port {port_base + 1}, not {port_base}") == 1, err
     assert refusal["detail"] in err
+
+
+SERVE_ON_LOOPBACK = (
+    "import os, socket, sys, time\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen()\n"
+    "print('serving', flush=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+@needs_ipv6
+def test_doctor_names_a_foreign_listener_on_a_held_port(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """A `run` in port mode on localhost: its held ::1 socket is closed with the served
+    one, so a foreign [::1]:P server can start and receive the lease's clients. doctor
+    printed "held by instance 1 ..." with `"occupants": []`."""
+    # The shield would stop the run at once; a long interval leaves time to ask doctor.
+    layout = _layout(tmp_path / "p.toml", port_base, "localhost", shield=60, max_instances=1)
+    script = [sys.executable, "-c", SERVE_ON_LOOPBACK]
+    run = start("run", "--config", str(layout), "--", *script)
+    try:
+        assert read_line(run).strip() == "serving"
+        stranger = occupy("listen", "::1", port_base)
+        foreign.append(stranger)
+        done = portpool("doctor", "--config", str(layout))
+        as_json = json.loads(portpool("doctor", "--json", "--config", str(layout)).stdout)
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.communicate(timeout=30)
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if f" {port_base}  " in x)
+    assert line.split(f"{port_base}  ", 1)[1].startswith("held by instance 1 of testapp")
+    assert f"also listened on by pid {stranger.pid} (python) on [::1]:{port_base}" in line
+    assert "1 held ports are also listened on by a foreign program" in done.stdout
+    first = next(p for p in as_json["ports"] if p["port"] == port_base)
+    assert first["kind"] == "held"
+    assert any(o["pids"] == [stranger.pid] for o in first["occupants"])
+
+
+REUSE_CONNECTION = (
+    "import socket, sys\n"
+    "server = socket.socket(); server.bind(('127.0.0.1', 0)); server.listen()\n"
+    "s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind(('127.0.0.1', int(sys.argv[1]))); s.connect(server.getsockname())\n"
+    "peer, _ = server.accept()\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+    "peer.close(); s.recv(1); s.close()\n"  # the server side closes first: no TIME_WAIT on P
+)
+
+
+def test_run_by_number_notes_a_port_a_plain_bind_cannot_take(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """An outgoing SO_REUSEADDR connection from 127.0.0.1:P: doctor's note was empty
+    after its colon, and `run` handed P out silently, then the service's plain bind
+    failed."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REUSE_CONNECTION, str(port_base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    foreign.append(proc)
+    assert read_line(proc).strip() == "ready"
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", max_instances=1)
+    doctor = portpool("doctor", "--all", "--config", str(layout))
+    line = next(x for x in doctor.stdout.splitlines() if f" {port_base}  " in x)
+    note = line.split(f"{port_base}  free; ", 1)[1]
+    assert note.startswith("a server that does not set SO_REUSEADDR cannot bind it yet: pid ")
+    assert f"pid {proc.pid} (python) has a connection from 127.0.0.1:{port_base}" in note
+    # The service binds the number itself, without SO_REUSEADDR: it fails.
+    bind = "import os, socket; socket.socket().bind(('127.0.0.1', int(os.environ['PORT'])))"
+    ran = portpool("run", "--config", str(layout), "--", sys.executable, "-c", bind)
+    assert ran.returncode == 1 and "Address already in use" in ran.stderr
+    # ... and run said why, in doctor's words, on one line.
+    notes = [x for x in ran.stderr.splitlines() if "SO_REUSEADDR" in x]
+    assert notes == [f"portpool: service 'web' port {port_base}: {note}"]
+    # A socket handed over keeps the port: no note.
+    fds = portpool("run", "--fds", "--config", str(layout), "--", "true")
+    assert fds.returncode == 0 and "SO_REUSEADDR" not in fds.stderr
+
+
+@pytest.mark.parametrize(
+    ("spelling", "canonical"),
+    [("::0", "::"), ("0:0:0:0:0:0:0:0", "::"), ("0:0:0:0:0:0:0:1", "::1")],
+)
+def test_every_spelling_of_a_host_reads_as_its_canonical_one(
+    state: StateDir, port_base: int, spelling: str, canonical: str
+) -> None:
+    """layout said "covers: ::0 only" for a host that binds dual-stack."""
+    if not has_ipv6_loopback():
+        pytest.skip("this host has no ::1")
+    assert normalize_host(spelling) == canonical
+    assert host_meaning(spelling) == host_meaning(canonical)
+    assert covered_scopes(spelling) == covered_scopes(canonical)
+    lines = describe_layout(Layout("a", (Service("web", port_base, 2),), host=spelling))
+    assert f"covers: {host_meaning(canonical)}" in lines
+    found = diagnose(port_base, spelling)
+    assert found.host == canonical
+
+
+def test_the_wording_of_addresses_refusals_and_hosts(
+    state: StateDir, port_base: int, foreign: list[subprocess.Popen[str]]
+) -> None:
+    assert host_meaning("::1").endswith(
+        "IPv4 clients are not served by this lease (another program may listen on 127.0.0.1)"
+    )
+    for host in ("127.0.0.1", "0.0.0.0"):
+        assert "not served by this lease (another program may listen on ::1)" in host_meaning(host)
+    assert all("refused" not in host_meaning(h) for h in ("::1", "127.0.0.1", "0.0.0.0"))
+    with pytest.raises(LayoutError, match=r"'::1%lo' has a scope id \(%lo\).*write '::1'"):
+        Layout("a", (Service("web", 20000, 2),), host="::1%lo")
+    # A held port's refusal says "held" once.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_OUTSIDE, str(port_base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    foreign.append(proc)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    with pytest.raises(PoolExhausted) as raised:
+        acquire(state, [port_base])
+    (refusal,) = raised.value.refusals
+    assert (
+        str(refusal)
+        == f"port {port_base}: held by pid {proc.pid}, outside any instance, service tests"
+    )
+
+
+def test_a_host_this_machine_does_not_have_is_reported(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """192.0.2.1 passed `layout` silently and doctor listed every port "unavailable"."""
+    layout = _layout(tmp_path / "p.toml", port_base, "192.0.2.1", max_instances=1)
+    shown = portpool("layout", "--config", str(layout))
+    assert shown.returncode == 0, shown.stderr
+    warnings = [x for x in shown.stdout.splitlines() if "192.0.2.1 is not an address" in x]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: host 192.0.2.1")
+    doctor = portpool("doctor", "--config", str(layout))
+    assert doctor.stdout.count("host 192.0.2.1 is not an address of this machine") == 1
+    assert "unavailable (192.0.2.1 is not an address of this host)" in doctor.stdout
+    # A loopback host gets no such line.
+    local = _layout(tmp_path / "q.toml", port_base, "127.0.0.1", max_instances=1)
+    assert "not an address" not in portpool("layout", "--config", str(local)).stdout
+
+
+def test_up_notes_a_port_a_plain_bind_cannot_take_for_a_service_given_the_number(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REUSE_CONNECTION, str(port_base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    foreign.append(proc)
+    assert read_line(proc).strip() == "ready"
+    layout = tmp_path / "p.toml"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    services = {"web": {"command": sleeper, "socket": "port"}, "api": {"command": sleeper}}
+    write_layout(layout, port_base, services=services, max_instances=1)
+    up = start("up", "--config", str(layout))
+    try:
+        wait_for(lambda: "is up" in read_line(up), timeout=30)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        _, err = up.communicate(timeout=30)
+    notes = [x for x in err.splitlines() if "SO_REUSEADDR" in x]
+    assert len(notes) == 1, err
+    assert notes[0].startswith(f"portpool: service 'web' port {port_base}: a server that")
+    assert f"pid {proc.pid} (python) has a connection from 127.0.0.1:{port_base}" in notes[0]

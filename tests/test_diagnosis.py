@@ -19,12 +19,19 @@ from collections.abc import Iterator
 
 import pytest
 from tests.conftest import find_free_block
-from tests.helpers import occupy, release, wait_for
+from tests.helpers import OCCUPANT, occupy, release, wait_for
 
 from portpool._addresses import has_ipv6_loopback
 from portpool._platform import tcp_sockets
-from portpool.diagnosis import classify_port, diagnose, takes_traffic
+from portpool.diagnosis import (
+    classify_port,
+    diagnose,
+    handed_over,
+    plain_bind_notes,
+    takes_traffic,
+)
 from portpool.errors import PoolExhausted
+from portpool.layout import Layout, Service
 from portpool.pool import Lease, acquire
 from portpool.shield import Shield
 from portpool.statedir import StateDir
@@ -271,3 +278,201 @@ def test_sock_diag_reads_states_and_v6only_and_agrees_with_the_tables(port: int)
     finally:
         for s in made:
             s.close()
+
+
+# A held port in port mode (the service binds it itself; the held ::1 socket of a
+# localhost lease is closed with the served one): what the service listens on, per host.
+SERVED = {
+    "127.0.0.1": ("127.0.0.1", "-"),
+    "::1": ("::1", "-"),
+    "localhost": ("127.0.0.1", "-"),
+    "::": ("::", "0"),
+    "0.0.0.0": ("0.0.0.0", "-"),
+}
+
+
+def _stranger(
+    started: list[subprocess.Popen[str]], address: str, port: int, v6only: str
+) -> int | None:
+    """A listener started through a shell that exits at once, so it is no descendant of
+    this process (a foreign program, not the lease holder's service); its pid, or None
+    if it could not listen. It ends when its stdin closes (``release`` of the shell)."""
+    shell = subprocess.Popen(
+        # via fd 3: a background job's stdin is /dev/null (even with <&0 in dash)
+        [
+            "sh",
+            "-c",
+            'exec 3<&0; "$@" <&3 3<&- & echo $!',
+            "sh",
+            sys.executable,
+            "-c",
+            OCCUPANT,
+            "listen",
+            address,
+            str(port),
+            v6only,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    started.append(shell)
+    assert shell.stdout is not None
+    # Both reads end: the listener prints "ready" or exits (closing the pipe) at once.
+    pid = int(shell.stdout.readline())
+    return pid if shell.stdout.readline().strip() == "ready" else None
+
+
+@pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.parametrize(
+    ("address", "v6only"), [("127.0.0.1", "-"), ("::1", "-"), ("::", "1"), ("0.0.0.0", "-")]
+)
+def test_doctor_and_the_shield_agree_on_a_held_port(
+    state: StateDir,
+    port: int,
+    occupants: list[subprocess.Popen[str]],
+    host: str,
+    address: str,
+    v6only: str,
+) -> None:
+    """doctor said "held by instance 1 ..." with no occupant while the shield tripped on
+    a foreign [::1]:P server that received a localhost lease's clients."""
+    _needs_ipv6(host, address)
+    with acquire(state, [port], host=host) as lease:
+        lease.close_socket()  # handed over by number
+        served, flag = SERVED[host]
+        service = occupy("listen", served, port, flag)
+        occupants.append(service)
+        intruder = _stranger(occupants, address, port, v6only)
+        shield = Shield(
+            [lease],
+            interval_s=1,
+            on_lost=lambda lease, reason: None,
+            own_pids=lambda: [service.pid],
+        )
+        (report,) = shield.check_once()
+        refusal, notes, found = classify_port(state, port, host)
+        assert refusal is not None and refusal.reason == "held"
+        assert found is not None
+        assert bool(notes) is (not report.ok), (host, address, v6only, notes, report)
+        if notes:
+            assert intruder is not None
+            assert f"pid {intruder} (python" in notes[0]
+            assert f"pid {intruder} (python" in report.problems[0]
+            assert any(intruder in o.pids for o in found.occupants)
+        if host == "localhost" and address == "::1":
+            assert notes  # the issue's case: the second loopback receives the clients
+
+
+REUSE_OCCUPANT = r"""
+import socket, sys
+kind, port = sys.argv[1], int(sys.argv[2])
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+s.connect(server.getsockname())
+peer, _ = server.accept()
+if kind == "timewait":
+    s.close()
+    peer.recv(1)
+    peer.close()
+print("ready", flush=True)
+sys.stdin.read()
+if kind == "connected":
+    peer.close()  # the server side closes first: no TIME_WAIT left on the port
+    s.recv(1)
+    s.close()
+"""
+
+
+def occupy_reusing(kind: str, port: int) -> subprocess.Popen[str]:
+    """A process with a SO_REUSEADDR socket connected from 127.0.0.1:``port`` (or, for
+    ``timewait``, that left it in TIME_WAIT): our bind takes the port, a plain one not."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", REUSE_OCCUPANT, kind, str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+@pytest.mark.parametrize("kind", ["connected", "timewait"])
+def test_the_plain_bind_note_names_its_occupant(
+    state: StateDir, port: int, occupants: list[subprocess.Popen[str]], kind: str
+) -> None:
+    """The note read "cannot bind it yet: " with nothing after the colon."""
+    proc = occupy_reusing(kind, port)
+    occupants.append(proc)
+    _state_of(port, kind)
+    refusal, notes, found = classify_port(state, port, "127.0.0.1")
+    assert refusal is None and found is not None and found.plain_bind_blocked
+    (note,) = notes
+    assert note.startswith("a server that does not set SO_REUSEADDR cannot bind it yet: ")
+    if kind == "connected":
+        assert f"pid {proc.pid} (python" in note
+        assert f"has a connection from 127.0.0.1:{port}" in note
+    else:
+        assert f"TIME_WAIT from 127.0.0.1:{port}" in note
+    # A lease handed over by number gets the same note; one that keeps its socket not.
+    with acquire(state, [port], host="127.0.0.1") as lease:
+        lease.service = "web"
+        (line,) = plain_bind_notes([lease])
+        assert line == f"service 'web' port {port}: {note}"
+    assert plain_bind_notes([]) == []
+
+
+def test_a_service_that_daemonizes_gets_a_hint_in_the_trip(
+    state: StateDir, port: int, occupants: list[subprocess.Popen[str]]
+) -> None:
+    """A double-forked server is re-parented, so the shield calls it foreign; the trip
+    says it may be the service's own detached child."""
+    daemon = (
+        "import os, socket, sys\n"
+        "if os.fork(): os._exit(0)\n"
+        "os.setsid()\n"
+        "if os.fork(): os._exit(0)\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+        "print(os.getpid(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with acquire(state, [port], host="127.0.0.1") as lease:
+        lease.close_socket()
+        service = subprocess.Popen(
+            [sys.executable, "-c", daemon, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        occupants.append(service)
+        assert service.stdout is not None
+        detached = int(service.stdout.readline())
+        assert service.wait(timeout=10) == 0  # the first fork's parent is gone
+        shield = Shield(
+            [lease],
+            interval_s=1,
+            on_lost=lambda lease, reason: None,
+            own_pids=lambda: [service.pid],
+        )
+        (report,) = shield.check_once()
+        assert not report.ok
+        (problem,) = report.problems
+        assert f"listened on by pid {detached} (python" in problem
+        assert "if this is your service's own detached child" in problem
+        assert 'use socket = "fd")' in problem
+
+
+def test_the_leases_handed_over_by_number(state: StateDir, port: int) -> None:
+    layout = Layout("a", (Service("web", port, 1, socket="port"), Service("api", port + 1, 1)))
+    with acquire(state, [port], service="web") as lease:
+        assert handed_over(layout, [lease]) == [lease]  # socket = "port"
+        lease.service = "api"  # socket = "fd": its socket is handed over, no note
+        assert handed_over(layout, [lease]) == []
+        lease.close_socket()  # `run` without --fds
+        assert handed_over(layout, [lease]) == [lease]

@@ -24,12 +24,14 @@ it listens: ours may be restarting).
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
 
 from portpool._platform import exclusive_bind_options
+from portpool.layout import normalize_host
 
 # (family 4 or 6, address, or None for the family's wildcard)
 Scope = tuple[int, str | None]
@@ -57,13 +59,30 @@ def has_ipv6_loopback() -> bool:
         return False
 
 
+def is_local_address(host: str) -> bool | None:
+    """Whether this host has the address a lease on ``host`` serves on (a bind to port 0
+    tells; EADDRNOTAVAIL says no). None if the name does not resolve or another error
+    leaves it unknown."""
+    try:
+        target = bind_targets(host)[0]
+    except OSError:
+        return None
+    try:
+        with socket.socket(target.family, socket.SOCK_STREAM) as s:
+            s.bind((target.address, 0))
+    except OSError as e:
+        return False if e.errno == errno.EADDRNOTAVAIL else None
+    return True
+
+
 @functools.lru_cache(maxsize=64)
 def bind_targets(host: str) -> tuple[BindTarget, ...]:
     """The sockets a lease on ``host`` binds, the served one first.
 
-    A name other than ``localhost`` is resolved and its first address used.
-    Raises OSError if the name does not resolve.
+    ``host`` is read through ``layout.normalize_host``; a name other than ``localhost`` is
+    resolved and its first address used. Raises OSError if the name does not resolve.
     """
+    host = normalize_host(host)
     if host == "localhost":
         served = BindTarget(socket.AF_INET, "127.0.0.1", None, True)
         if not has_ipv6_loopback():

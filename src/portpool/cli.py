@@ -248,6 +248,8 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
         + (f", {other} refused" if other else "")
         + ("" if show_all or not counts["free"] else " (--all lists the free ones)")
     )
+    for line in report.summary():
+        click.echo(line)
 
 
 @cli.command()
@@ -295,9 +297,18 @@ def _announce(instance: Instance, quiet: bool) -> None:
         note = lease.skip_note()
         if note:
             click.echo(f"portpool: {note}", err=True)
+    _report_plain_bind(instance)
     if not quiet:
         ports = " ".join(f"{name}={port}" for name, port in instance.ports.items())
         click.echo(f"portpool: instance {instance.number} of {instance.app}: {ports}", err=True)
+
+
+def _report_plain_bind(instance: Instance) -> None:
+    """One line per port handed over by number that a plain bind cannot take yet."""
+    from portpool.diagnosis import handed_over, plain_bind_notes
+
+    for note in plain_bind_notes(handed_over(instance.layout, instance.leases.values())):
+        click.echo(f"portpool: {note}", err=True)
 
 
 def _finish(outcome: Outcome, instance_line: str | None) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from portpool._addresses import Scope, bind_all, covered_scopes, overlaps, socket_scopes
 from portpool._platform import (
@@ -29,13 +30,17 @@ from portpool._platform import (
     locked_inodes,
     owners_of_inodes,
     process_name,
+    socket_inode,
     tcp_sockets,
     user_id,
 )
 from portpool.errors import Refusal
-from portpool.layout import Layout
+from portpool.layout import Layout, normalize_host
 from portpool.lock import inspect_port
 from portpool.statedir import StateDir
+
+if TYPE_CHECKING:
+    from portpool.pool import Lease
 
 DEFAULT_BACKLOG = 128
 
@@ -92,9 +97,11 @@ class Occupant:
         return f"a connection from {self.place()} to {s.remote} ({s.state})"
 
     def describe(self) -> str:
+        """``pid 12 (nginx) listening on ...``, ``pid 12 (curl) has a connection ...``."""
         if self.socket.state == "time-wait":
             return self.what()
-        return f"{self.who()} {self.what()}"
+        verb = "" if self.socket.state in ("listen", "bound") else "has "
+        return f"{self.who()} {verb}{self.what()}"
 
     def to_dict(self) -> dict[str, object]:
         s = self.socket
@@ -107,6 +114,17 @@ class Occupant:
             "pids": list(self.pids),
             "programs": list(self.programs),
         }
+
+
+PLAIN_BIND_NOTE = "a server that does not set SO_REUSEADDR cannot bind it yet"
+
+
+def plain_bind_note(occupants: Iterable[Occupant]) -> str:
+    """The note for a port our SO_REUSEADDR bind takes but a plain bind does not: who
+    blocks it (a connection or TIME_WAIT left by a SO_REUSEADDR socket: the note read
+    "cannot bind it yet: " with nothing named)."""
+    named = "; ".join(o.describe() for o in occupants if not o.listening)
+    return f"{PLAIN_BIND_NOTE}: {named or 'a socket the OS does not list'}"
 
 
 def meets(sock: TcpSocket, scopes: frozenset[Scope]) -> bool:
@@ -142,6 +160,41 @@ def with_owners(sockets: Iterable[TcpSocket]) -> list[Occupant]:
         pids = tuple([s.pid] if s.pid is not None else owners.get(s.inode or 0, []))
         out.append(Occupant(s, pids, tuple(process_name(p) or "?" for p in pids)))
     return out
+
+
+def _belongs_to(pid: int, holder: int) -> bool:
+    """Whether ``pid`` is ``holder`` or one of its descendants (a service it started)."""
+    if pid == holder:
+        return True
+    import psutil  # not at import: `import portpool` stays light
+
+    try:
+        return any(parent.pid == holder for parent in psutil.Process(pid).parents())
+    except (psutil.Error, OSError):
+        return False
+
+
+def foreign_listeners(occupants: Iterable[Occupant], holder: int | None) -> list[Occupant]:
+    """The listeners among ``occupants`` (of a held port) not proven to be the holder's
+    or its services': the shield's rule (a listener whose owner the OS does not name
+    counts as foreign). ``doctor`` said "held" with no occupant while the shield
+    tripped on a foreign ``[::1]:P`` server that received the lease's clients."""
+    out = []
+    for o in occupants:
+        if not o.listening:
+            continue
+        if holder is not None and o.pids and all(_belongs_to(p, holder) for p in o.pids):
+            continue
+        out.append(o)
+    return out
+
+
+def intruder_note(occupant: Occupant) -> str:
+    """The note for a foreign listener on a held port, in the shield's words."""
+    return (
+        f"but also listened on by {occupant.who()} on {occupant.place()}, which can "
+        "receive the lease's clients (the shield stops the instance)"
+    )
 
 
 @dataclass(frozen=True)
@@ -189,13 +242,7 @@ class PortDiagnosis:
         """What a free port still has on it that a user may trip over."""
         if not self.bindable:
             return []
-        out = []
-        if self.plain_bind_blocked:
-            out.append(
-                "a server that does not set SO_REUSEADDR cannot bind it yet: "
-                + "; ".join(o.what() for o in self.occupants if o.state == "time-wait")
-            )
-        return out
+        return [plain_bind_note(self.occupants)] if self.plain_bind_blocked else []
 
     def to_dict(self) -> dict[str, object]:
         refusal = self.refusal()
@@ -234,6 +281,7 @@ def diagnose(
     the port: the caller checks). ``sockets``: one ``tcp_sockets()`` read to reuse for
     many ports. Raises OSError if ``host`` does not resolve.
     """
+    host = normalize_host(host)
     seen = tcp_sockets(port) if sockets is None else [s for s in sockets if s.port == port]
     occupants = tuple(with_owners(s for s in seen if occupies(s, host)))
     plain_blocked = None
@@ -245,6 +293,39 @@ def diagnose(
         return PortDiagnosis(port, host, occupants, None, "", plain_blocked, probe)
     message = bind_error.strerror or str(bind_error)
     return PortDiagnosis(port, host, occupants, bind_error.errno, message, plain_blocked, probe)
+
+
+def handed_over(layout: Layout, leases: Iterable[Lease]) -> list[Lease]:
+    """The leases whose service gets only the number and binds the port itself: their
+    socket was closed (``run`` without ``--fds``) or their service has ``socket =
+    "port"`` (``up`` closes it when it starts the service)."""
+    port_mode = {s.name for s in layout.services if s.socket == "port"}
+    return [lease for lease in leases if lease.socket is None or lease.service in port_mode]
+
+
+def plain_bind_notes(leases: Iterable[Lease]) -> list[str]:
+    """One line per lease whose port a server that does not set SO_REUSEADDR cannot bind
+    yet, naming who blocks it (``doctor``'s note): for leases handed to their service by
+    number only (``socket = "port"``, ``run`` without ``--fds``), whose own bind then
+    fails. Our own sockets (served and held) are not counted. Reads the socket table
+    per lease; binds nothing.
+
+    Such a port is kept, not skipped: the block lasts at most a TIME_WAIT (60 s) or one
+    outgoing connection, a server that sets SO_REUSEADDR (most do) binds it anyway, and
+    skipping would move the service off its predictable port for a passing state.
+    """
+    out = []
+    for lease in leases:
+        mine = {socket_inode(s) for s in (lease.socket, *lease.held) if s is not None}
+        blocking = [
+            s
+            for s in tcp_sockets(lease.port)
+            if s.state != "listen" and s.inode not in mine and occupies(s, lease.host)
+        ]
+        if blocking:
+            who = f"service {lease.service!r} " if lease.service else ""
+            out.append(f"{who}port {lease.port}: {plain_bind_note(with_owners(blocking))}")
+    return out
 
 
 # ---------------------------------------------------------------- doctor
@@ -273,7 +354,8 @@ class PortVerdict:
         if self.refusal is None:
             return "; ".join(("free", *self.notes))
         if self.refusal.reason == "held":
-            return self.refusal.detail  # "held by instance 1 of app (pid ...)"
+            # "held by instance 1 of app (pid ...)", and any foreign listener on it
+            return "; ".join((self.refusal.detail, *self.notes))
         return f"{self.refusal.reason} ({self.refusal.detail})"
 
     def to_dict(self) -> dict[str, object]:
@@ -283,6 +365,7 @@ class PortVerdict:
             "port": self.port,
             "kind": self.kind,
             "text": self.describe(),
+            "notes": list(self.notes),
             "occupants": [] if self.diagnosis is None else self.diagnosis.to_dict()["occupants"],
         }
 
@@ -302,6 +385,24 @@ class DoctorReport:
             out[v.kind] = out.get(v.kind, 0) + 1
         return out
 
+    def summary(self) -> list[str]:
+        """Lines about the whole report that no single port says: a host this machine
+        does not have (every port read "unavailable"), foreign listeners on held ports."""
+        out = []
+        unavailable = self.counts().get("unavailable", 0)
+        if unavailable:
+            out.append(
+                f"host {self.host} is not an address of this machine: every start fails "
+                "until it is (check `host` in the layout)"
+            )
+        intruded = sum(1 for v in self.verdicts if v.kind == "held" and v.notes)
+        if intruded:
+            out.append(
+                f"{intruded} held ports are also listened on by a foreign program, which "
+                "can receive their clients"
+            )
+        return out
+
     def to_dict(self, *, show_free: bool = True) -> dict[str, object]:
         """JSON-ready; ``ports`` lists free ports only with ``show_free`` (``doctor``
         without ``--all``), while ``counts`` always counts every port."""
@@ -310,6 +411,7 @@ class DoctorReport:
             "host": self.host,
             "max_instances": self.max_instances,
             "counts": self.counts(),
+            "summary": self.summary(),
             "ports": [v.to_dict() for v in self.verdicts if show_free or v.refusal is not None],
         }
 
@@ -327,7 +429,11 @@ def classify_port(
     keeps nothing. Raises OSError if ``host`` does not resolve."""
     seen = inspect_port(state, port, locked)
     if not seen.is_free:
-        return Refusal(port, "held", seen.describe()), (), None
+        # Never probed (the holder's sockets are there); its listeners are still read.
+        found = diagnose(port, host, probe=False, sockets=sockets)
+        holder = None if seen.record is None else seen.record.pid
+        notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder))
+        return Refusal(port, "held", seen.describe()), notes, found
     found = diagnose(port, host, sockets=sockets)
     return found.refusal(), tuple(found.notes()), found
 

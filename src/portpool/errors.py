@@ -111,6 +111,8 @@ class Refusal:
     detail: str  # for people: who holds it, or what the OS said
 
     def __str__(self) -> str:
+        if self.detail.startswith(f"{self.reason} "):  # no "held (held by pid ...)"
+            return f"port {self.port}: {self.detail}"
         return f"port {self.port}: {self.reason} ({self.detail})"
 
 

@@ -344,7 +344,16 @@ def _host_problem(host: object) -> str | None:
     except ValueError:
         return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {host!r}"
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.scope_id is not None or ip.is_link_local:
+        if ip.scope_id is not None:
+            base = host.partition("%")[0]
+            fix = (
+                "a link-local address cannot be bound portably either; use ::1, :: or a "
+                "global address"
+                if ip.is_link_local
+                else f"write {base!r}"
+            )
+            return f"{host!r} has a scope id (%{ip.scope_id}), which portpool cannot bind; {fix}"
+        if ip.is_link_local:
             return (
                 f"{host!r} is a link-local address, which a TCP server cannot portably "
                 "bind; use ::1, :: or a global address"
@@ -359,8 +368,23 @@ def _host_problem(host: object) -> str | None:
     return None
 
 
+def normalize_host(host: str) -> str:
+    """The one spelling of ``host`` every judgement uses (layout text, the diagnosis,
+    the shield): an IP literal in its canonical form (``::0`` and ``0:0:0:0:0:0:0:0`` are
+    ``::``, ``0:0:0:0:0:0:0:1`` is ``::1``), ``localhost`` in lower case, any other name
+    as given. ``layout`` said "covers: ::0 only" for a host that binds dual-stack."""
+    if host.lower() == "localhost":
+        return "localhost"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
 def host_meaning(host: str) -> str:
-    """One line saying which addresses a lease on ``host`` covers (for ``layout``)."""
+    """One line saying which addresses a lease on ``host`` covers (for ``layout``), for
+    the host's canonical spelling (``::0`` is ``::``)."""
+    host = normalize_host(host)
     if host == "localhost":
         return (
             "127.0.0.1, served, and ::1, held bound so no other program can listen there "
@@ -369,12 +393,41 @@ def host_meaning(host: str) -> str:
     if host == "::":
         return "every IPv6 and IPv4 address, one dual-stack socket (IPV6_V6ONLY off)"
     if host == "0.0.0.0":
-        return "every IPv4 address; IPv6 clients (::1) are not served"
+        return (
+            "every IPv4 address; IPv6 clients are not served by this lease "
+            "(another program may listen on ::1)"
+        )
     if host == "127.0.0.1":
-        return "the IPv4 loopback only; a client resolving 'localhost' to ::1 does not reach it"
+        return (
+            "the IPv4 loopback only; IPv6 clients ('localhost' resolved to ::1) are not "
+            "served by this lease (another program may listen on ::1)"
+        )
     if host == "::1":
-        return "the IPv6 loopback only; IPv4 clients are refused"
+        return (
+            "the IPv6 loopback only; IPv4 clients are not served by this lease "
+            "(another program may listen on 127.0.0.1)"
+        )
     return f"{host} only; the port's other addresses follow the kernel's bind rules"
+
+
+def host_warning(host: str) -> str | None:
+    """One line for ``layout`` when this machine does not have ``host``'s address (every
+    bind will fail), or None. 192.0.2.1 passed ``layout`` silently before."""
+    host = normalize_host(host)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # localhost, or a name: it resolves at start
+    if ip.is_loopback or ip.is_unspecified:
+        return None  # always this machine's (no socket: `layout` stays light)
+    from portpool._addresses import is_local_address  # a test bind
+
+    if is_local_address(host) is False:
+        return (
+            f"host {normalize_host(host)} is not an address of this machine: every start "
+            "fails until it is (use 127.0.0.1, ::1, localhost, :: or 0.0.0.0)"
+        )
+    return None
 
 
 def _field_problems(
@@ -839,6 +892,7 @@ def describe_layout(layout: Layout) -> list[str]:
         )
     lines.extend(describe_supervision(layout))
     lines.extend(f"warning: {w}" for w in layout.warnings)
+    lines.extend(f"warning: {w}" for w in filter(None, [host_warning(layout.host)]))
     return lines
 
 

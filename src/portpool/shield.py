@@ -479,15 +479,42 @@ class Shield:
             if pids and not foreign:
                 watch.resolved_inodes.add(listener.inode)
                 return None
-            return _occupant(listener, foreign)
+            return _occupant(listener, foreign, watch.lease)
         if listener.pid is not None:
             if snapshot.is_ours(listener.pid):
                 return None
-            return _occupant(listener, [listener.pid])
+            return _occupant(listener, [listener.pid], watch.lease)
         return None  # the OS does not say whose: never trip on a guess
 
 
-def _occupant(listener: TcpSocket, pids: list[int]) -> str:
+def _occupant(listener: TcpSocket, pids: list[int], lease: Lease) -> str:
     """``pid 12 (nginx) on [::]:8000 (IPv6 and IPv4)``: the diagnosis's words."""
     found = Occupant(listener, tuple(pids), tuple(process_name(p) or "?" for p in pids))
-    return f"{found.who()} on {found.place()}"
+    text = f"{found.who()} on {found.place()}"
+    if _maybe_detached_service(pids, lease):
+        text += (
+            " (if this is your service's own detached child, keep it in the foreground"
+            ' or use socket = "fd")'
+        )
+    return text
+
+
+def _maybe_detached_service(pids: list[int], lease: Lease) -> bool:
+    """Whether a foreign listener may be the service itself, daemonized: the port was
+    handed over by number (a double fork re-parents the server, so it is no descendant
+    of ours), and the process is our user's and started after the lease was taken."""
+    sock = lease.socket
+    record = lease.record
+    if not pids or record is None or (sock is not None and sock.fileno() != -1):
+        return False
+    import psutil
+
+    try:
+        me = psutil.Process().username()
+        procs = [psutil.Process(p) for p in pids]
+        # 1 s of slack: process start times are read in clock ticks since boot
+        return all(
+            pr.username() == me and pr.create_time() >= record.acquired_at - 1 for pr in procs
+        )
+    except (psutil.Error, OSError):
+        return False
