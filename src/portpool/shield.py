@@ -36,6 +36,7 @@ from portpool._addresses import covered_scopes, overlaps, socket_scopes
 from portpool._platform import (
     LockTable,
     TcpSocket,
+    descends_from,
     locked_inodes,
     owners_of_inode,
     process_name,
@@ -149,7 +150,7 @@ class _Snapshot:
         (a service's worker, the real server behind a shell wrapper)."""
         if pid == os.getpid() or pid in self.children():
             return True
-        return bool(self.children()) and _descends_from(pid, self.children())
+        return bool(self.children()) and descends_from(pid, self.children())
 
 
 @dataclass
@@ -163,16 +164,6 @@ class _Watch:
     scopes: frozenset[tuple[int, str | None]] | None = None
     base_inodes: set[int] = field(default_factory=set)  # our socket's, passed to children
     resolved_inodes: set[int] = field(default_factory=set)  # found in own processes
-
-
-def _descends_from(pid: int, ancestors: set[int]) -> bool:
-    """Whether ``pid`` is a descendant of one of ``ancestors``."""
-    import psutil
-
-    try:
-        return any(parent.pid in ancestors for parent in psutil.Process(pid).parents())
-    except (psutil.Error, OSError):
-        return False
 
 
 class Shield:

@@ -13,6 +13,8 @@ Everything above this package calls these names and never ``sys.platform``:
 - ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
 - ``tcp_sockets``, ``TcpSocket``, ``owners_of_inodes``: every TCP socket on a port, in
   every state, with ``IPV6_V6ONLY`` where the kernel says it (sock_diag).
+- ``default_state_dir``, ``posix_modes``: the per-user state dir, and whether POSIX
+  modes (rather than ACLs) keep it private.
 - ``open_files_limit``: the soft limit on open file descriptors, where there is one.
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
 """
@@ -25,6 +27,7 @@ from portpool._platform._identity import (
     ProcessIdentity,
     boot_id,
     current_identity,
+    descends_from,
     identity_of,
     is_alive,
     process_name,
@@ -37,7 +40,8 @@ from portpool._platform._net import (
     owners_of_inode,
     socket_inode,
 )
-from portpool._platform._process import detached_options, signal_verified
+from portpool._platform._paths import default_state_dir, posix_modes
+from portpool._platform._process import detached_options, signal_verified, stop_signals
 from portpool._platform._sockdiag import TcpSocket, owners_of_inodes, tcp_sockets
 
 if sys.platform == "win32":
@@ -75,6 +79,8 @@ __all__ = [
     "TcpSocket",
     "boot_id",
     "current_identity",
+    "default_state_dir",
+    "descends_from",
     "detached_options",
     "ephemeral_port_range",
     "exclusive_bind_options",
@@ -86,10 +92,12 @@ __all__ = [
     "open_files_limit",
     "owners_of_inode",
     "owners_of_inodes",
+    "posix_modes",
     "process_name",
     "read_at",
     "signal_verified",
     "socket_inode",
+    "stop_signals",
     "tcp_sockets",
     "try_lock",
     "unlock",
