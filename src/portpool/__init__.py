@@ -1,7 +1,18 @@
-"""portpool: exclusive, predictable ports for every instance of a multi-service app."""
+"""portpool: exclusive, predictable ports for every instance of a multi-service app.
+
+This module is the public API: every name in ``__all__``, and nothing else, is kept
+stable. The implementation modules (``portpool.lock``, ``portpool.pool``, ...) are
+private; ``PortLock``, ``PortRecord``, ``PortStatus``, ``inspect_port`` and
+``bind_listen`` live there for portpool itself and its tests. A user who wants a port
+calls ``acquire`` (a ``Lease``) or ``start_instance`` (an ``Instance``), and reads who
+holds what with ``list_instances`` and ``examine_layout``.
+``init_instance_manager`` and ``get_service_port_pool`` are the compatibility layer of
+the original system's entry points.
+"""
 
 from __future__ import annotations
 
+from portpool.diagnosis import DoctorReport, Occupant, PortDiagnosis, PortVerdict, examine_layout
 from portpool.errors import (
     AlreadyHeldHere,
     CommandNotFound,
@@ -36,9 +47,9 @@ from portpool.instance import (
     start_instance,
 )
 from portpool.layout import Layout, Service, default_layout, load_layout, resolve_layout
-from portpool.lock import PortLock, PortRecord, PortStatus, inspect_port
-from portpool.pool import Lease, acquire, bind_listen
-from portpool.records import list_instances
+from portpool.pool import Lease, acquire
+from portpool.records import GcReport, InstanceInfo, ServiceInfo, gc, list_instances
+from portpool.shield import LeaseReport
 from portpool.statedir import StateDir
 
 
@@ -58,26 +69,31 @@ __all__ = [
     "AlreadyHeldHere",
     "CommandNotFound",
     "DetachFailed",
+    "DoctorReport",
+    "GcReport",
     "Instance",
+    "InstanceInfo",
     "InvalidPort",
     "Layout",
     "LayoutError",
     "LayoutFileError",
     "Lease",
+    "LeaseReport",
     "LockError",
     "LockHeld",
     "NoFreeSlot",
     "NotRunning",
+    "Occupant",
     "PassedSocketError",
     "PoolExhausted",
-    "PortLock",
+    "PortDiagnosis",
     "PortPoolError",
-    "PortRecord",
-    "PortStatus",
+    "PortVerdict",
     "Refusal",
     "ResourceLimit",
     "Service",
     "ServiceExited",
+    "ServiceInfo",
     "ShieldTripped",
     "SlotHolder",
     "SlotUnavailable",
@@ -89,12 +105,12 @@ __all__ = [
     "UsageError",
     "__version__",
     "acquire",
-    "bind_listen",
     "current_instance",
     "default_layout",
+    "examine_layout",
+    "gc",
     "get_service_port_pool",
     "init_instance_manager",
-    "inspect_port",
     "list_instances",
     "load_layout",
     "resolve_layout",

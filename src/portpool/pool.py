@@ -211,9 +211,15 @@ def acquire(
 ) -> Lease:
     """Acquire the first port of ``pool`` that is neither locked nor bound by anyone.
 
-    Returns a Lease holding the lock and the listening socket, its record written.
+    ``state``: the state dir (``StateDir.open()``); ``pool``: port numbers (ints in
+    1..65535), tried in order; ``host``: the IP address or name to listen on (a name
+    binds every address it resolves to); ``app``, ``instance``, ``service``: labels the
+    port's record shows to ``status``; ``backlog``: ``listen()``'s queue length.
+    Returns a Lease holding the lock and the listening socket, its record written; use
+    it in a ``with`` block or call ``release()``.
     Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
-    (a ValueError) for a value that is not a port, StateDirError if the record cannot be written.
+    (a ValueError) for a value that is not a port, StateDirError if the record cannot be
+    written, ResourceLimit when out of file descriptors.
     """
     for port in pool:
         check_port(port)
