@@ -51,14 +51,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def reset_for_tests() -> None:
-    """Forget (and close) every lock this process holds: for a test's clean slate only."""
-    with _held_mutex:
-        held = list(_held.values())
-    for lock in held:
-        lock.release()
-
-
 def out_of_descriptors(error: OSError) -> ResourceLimit | None:
     """A ResourceLimit for an EMFILE/ENFILE ``error``, else None.
 
