@@ -1,15 +1,15 @@
-"""Fixtures shared by every test: a private PORTPOOL_HOME and free port blocks."""
+"""Fixtures shared by every test: a private PORTPOOL_HOME, free port blocks, and module
+state reset between tests. ``find_free_block`` (from ``benchmarks._common``) is
+re-exported here for the tests that import it from this module."""
 
 from __future__ import annotations
 
-import os
-import random
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from benchmarks._common import find_free_block
 
 from portpool import _addresses, _heldlock, _layout_checks, _record, instance, layout, shield
 from portpool.integrations import fds
@@ -69,31 +69,6 @@ def state(home: Path) -> Iterator[StateDir]:
     opened = StateDir.open(str(home))
     yield opened
     opened.close()
-
-
-def _block_is_free(base: int, size: int) -> bool:
-    for port in range(base, base + size):
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        finally:
-            s.close()
-    return True
-
-
-def find_free_block(size: int = 20, low: int = 20000, high: int = 30000) -> int:
-    """The first port of ``size`` consecutive ports that are bindable right now.
-
-    Below the ephemeral range, so outgoing connections do not wander into it.
-    """
-    rng = random.Random(os.getpid() ^ id(object()))
-    for _ in range(200):
-        base = rng.randrange(low, high - size)
-        if _block_is_free(base, size):
-            return base
-    raise RuntimeError(f"no {size} free consecutive ports in {low}..{high}")
 
 
 @pytest.fixture

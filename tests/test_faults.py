@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from benchmarks._common import read_proc_locks
 from tests.helpers import portpool, start, status_json, wait_for, write_layout
 
 from portpool.errors import PoolExhausted, PortPoolError
@@ -33,8 +34,7 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 
 
 def _locked_inodes() -> set[int]:
-    with open("/proc/locks", encoding="ascii") as f:
-        return {int(line.split()[5].rsplit(":", 1)[1]) for line in f if " FLOCK " in line}
+    return {lock.ino for lock in read_proc_locks() if lock.kind == "FLOCK" and not lock.waiting}
 
 
 def _held_files(root: Path) -> list[Path]:
