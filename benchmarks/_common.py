@@ -144,16 +144,79 @@ def print_section(section: Section) -> None:
         print(json.dumps(section.to_json(), indent=2))
 
 
-def bindable(port: int, host: str = "127.0.0.1") -> bool:
-    """True if ``host:port`` can be bound right now (TIME_WAIT leftovers do not count)."""
+def bindable(port: int, host: str = "127.0.0.1", *, reuse_addr: bool = True) -> bool:
+    """True if ``host:port`` can be bound right now; with ``reuse_addr`` (SO_REUSEADDR)
+    TIME_WAIT leftovers do not count."""
     import socket
 
     s = socket.socket()
     try:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_addr:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
     except OSError:
         return False
     finally:
         s.close()
     return True
+
+
+def find_free_block(
+    size: int = 20,
+    low: int = 20000,
+    high: int = 30000,
+    *,
+    host: str = "127.0.0.1",
+    reuse_addr: bool = False,
+) -> int:
+    """The first port of ``size`` consecutive ports in ``low``..``high`` that bind on
+    ``host`` right now; RuntimeError after 300 random tries.
+
+    Stay below the ephemeral range, so outgoing connections do not wander into the
+    block. ``reuse_addr``: test with SO_REUSEADDR (a port in TIME_WAIT counts as free,
+    as it does for a server that sets it). The one block search of tests and benchmarks.
+    """
+    import random
+
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(300):
+        base = rng.randrange(low, high - size)
+        if all(bindable(p, host, reuse_addr=reuse_addr) for p in range(base, base + size)):
+            return base
+    raise RuntimeError(f"no {size} free consecutive ports in {low}..{high}")
+
+
+@dataclass(frozen=True)
+class ProcLock:
+    """One line of Linux's ``/proc/locks``: a lock held, or (``waiting``) waited for."""
+
+    kind: str  # FLOCK, POSIX, OFDLCK, ...
+    pid: int
+    dev: int
+    ino: int
+    waiting: bool
+
+
+def read_proc_locks() -> list[ProcLock]:
+    """Every lock the kernel lists in ``/proc/locks`` (Linux only; OSError elsewhere).
+
+    A waiter's line carries "->" after its number; the device is hex major:minor. The
+    one parser of that file outside portpool (tests and benchmarks read the kernel
+    themselves, independently of portpool's own reader).
+    """
+    out: list[ProcLock] = []
+    with open("/proc/locks", encoding="ascii") as f:
+        for line in f:
+            fields = line.split()
+            waiting = len(fields) > 1 and fields[1] == "->"
+            if waiting:
+                del fields[1]
+            if len(fields) < 6:
+                continue
+            try:
+                major, minor, ino = fields[5].split(":")
+                dev = os.makedev(int(major, 16), int(minor, 16))
+                out.append(ProcLock(fields[1], int(fields[4]), dev, int(ino), waiting))
+            except ValueError:
+                continue
+    return out

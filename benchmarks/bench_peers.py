@@ -41,7 +41,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks._common import Row, Section, bindable, print_section, time_calls
+from benchmarks._common import (
+    Row,
+    Section,
+    find_free_block,
+    print_section,
+    time_calls,
+)
 
 HOST = "127.0.0.1"
 FLOOR = "bind+listen+close (floor)"
@@ -63,14 +69,8 @@ def _free_port() -> int:
 def free_block(size: int, low: int = 30000, high: int = 32700) -> list[int]:
     """``size`` consecutive loopback ports that are bindable now (below the ephemeral
     range, so no outgoing connection lands on them mid-race)."""
-    import random
-
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(500):
-        base = rng.randrange(low, high - size)
-        if all(bindable(p, HOST) for p in range(base, base + size)):
-            return list(range(base, base + size))
-    raise RuntimeError(f"no {size} free consecutive ports in {low}..{high}")
+    base = find_free_block(size, low, high, host=HOST, reuse_addr=True)
+    return list(range(base, base + size))
 
 
 def _server_bind(port: int) -> socket.socket | None:

@@ -32,7 +32,13 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks._common import Row, Section, bindable, print_section, time_calls
+from benchmarks._common import (
+    Row,
+    Section,
+    find_free_block,
+    print_section,
+    time_calls,
+)
 
 HOST = "127.0.0.1"
 FLOOR = "bind+listen+close (floor)"
@@ -99,14 +105,7 @@ def _floor(port: int) -> None:
 def free_block(size: int, low: int = 10000, high: int = 19999) -> int:
     """The first of ``size`` consecutive loopback ports bindable now (below the ephemeral
     range, and apart from the blocks the test suite picks)."""
-    import random
-
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(300):
-        base = rng.randrange(low, high - size)
-        if all(bindable(p, HOST) for p in range(base, base + size)):
-            return base
-    raise RuntimeError(f"no {size} free consecutive ports in {low}..{high}")
+    return find_free_block(size, low, high, host=HOST, reuse_addr=True)
 
 
 def per_call_rows(quick: bool) -> list[Row]:

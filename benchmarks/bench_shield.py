@@ -18,30 +18,12 @@ import sys
 import tempfile
 import time
 
-from benchmarks._common import Row, Section, print_section, time_calls
+from benchmarks._common import Row, Section, find_free_block, print_section, time_calls
 
 
 def _free_block(size: int) -> int:
     """First port of ``size`` consecutive ports that bind on 127.0.0.1 now."""
-    import random
-    import socket
-
-    rng = random.Random(os.getpid())
-    for _ in range(200):
-        base = rng.randrange(23000, 24000 - size)
-        socks = []
-        try:
-            for port in range(base, base + size):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
+    return find_free_block(size, 23000, 24000)
 
 
 def _thread_cpu_s(native_id: int | None) -> float | None:

@@ -48,6 +48,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from benchmarks._common import read_proc_locks
+
 PORT_LOW, PORT_HIGH = 30000, 39999
 SERVICES = ("alpha", "beta", "gamma")
 PORTS_PER_SERVICE = 2
@@ -287,17 +289,9 @@ def read_flocks() -> dict[tuple[int, int], set[int]]:
     alone can name a file that is not ours.
     """
     held: dict[tuple[int, int], set[int]] = {}
-    with open("/proc/locks", encoding="ascii") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 6 or fields[1] != "FLOCK":
-                continue  # "->" marks a waiter; POSIX/OFD locks are not ours
-            try:
-                major, minor, ino = fields[5].split(":")
-                key = (os.makedev(int(major, 16), int(minor, 16)), int(ino))
-                held.setdefault(key, set()).add(int(fields[4]))
-            except (ValueError, IndexError):
-                continue
+    for lock in read_proc_locks():
+        if lock.kind == "FLOCK" and not lock.waiting:  # POSIX/OFD locks are not ours
+            held.setdefault((lock.dev, lock.ino), set()).add(lock.pid)
     return held
 
 

@@ -1,17 +1,58 @@
-"""Fixtures shared by every test: a private PORTPOOL_HOME and free port blocks."""
+"""Fixtures shared by every test: a private PORTPOOL_HOME, free port blocks, and module
+state reset between tests. ``find_free_block`` (from ``benchmarks._common``) is
+re-exported here for the tests that import it from this module."""
 
 from __future__ import annotations
 
-import os
-import random
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from benchmarks._common import find_free_block
 
+from portpool import _addresses, _heldlock, _layout_checks, _record, instance, layout, shield
+from portpool.integrations import fds
 from portpool.statedir import StateDir
+
+# Caches of host facts and pure functions: cleared after every test, so no test sees a
+# value an earlier one computed under other conditions (another PORTPOOL_HOME, a
+# monkeypatched environment).
+_CACHES = (
+    _layout_checks._ephemeral_range,
+    layout.default_layout,
+    _addresses.has_ipv6_loopback,
+    _addresses.bind_targets,
+    _addresses.covered_scopes,
+    shield.parse_address,
+)
+
+
+@pytest.fixture(autouse=True)
+def _reset_module_state() -> Iterator[None]:
+    """Give every test the module-level state it would have in a fresh process.
+
+    What a test leaves behind is undone after it: locks still in this process's registry
+    (released, or the next test to take that port would fail as AlreadyHeldHere), the
+    instance ``init_instance_manager`` started, the LISTEN_FDS sockets taken, and the
+    caches. What existed before the test (a module-scoped fixture's instance) is kept.
+    """
+    held_before = set(_heldlock._held)
+    current_before = instance._current
+    received_before = fds._received
+    yield
+    for key, lock in list(_heldlock._held.items()):
+        if key not in held_before:
+            lock.release()
+    if instance._current is not current_before:
+        leaked = instance._current
+        if leaked is not None and not leaked._released:
+            leaked.release()
+        instance._current = current_before
+    fds._received = received_before
+    _record._prefixes.clear()
+    for cache in _CACHES:
+        cache.cache_clear()
 
 
 @pytest.fixture
@@ -28,31 +69,6 @@ def state(home: Path) -> Iterator[StateDir]:
     opened = StateDir.open(str(home))
     yield opened
     opened.close()
-
-
-def _block_is_free(base: int, size: int) -> bool:
-    for port in range(base, base + size):
-        s = socket.socket()
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        finally:
-            s.close()
-    return True
-
-
-def find_free_block(size: int = 20, low: int = 20000, high: int = 30000) -> int:
-    """The first port of ``size`` consecutive ports that are bindable right now.
-
-    Below the ephemeral range, so outgoing connections do not wander into it.
-    """
-    rng = random.Random(os.getpid() ^ id(object()))
-    for _ in range(200):
-        base = rng.randrange(low, high - size)
-        if _block_is_free(base, size):
-            return base
-    raise RuntimeError(f"no {size} free consecutive ports in {low}..{high}")
 
 
 @pytest.fixture

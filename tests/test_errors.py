@@ -1,8 +1,10 @@
 """The exception tree: one base, context as attributes, messages that say what to do."""
 
 from __future__ import annotations
+import __future__
 
 import inspect
+import types
 
 import pytest
 
@@ -128,3 +130,27 @@ def test_public_api_is_exported_sorted_and_complete():
         assert cls.__name__ in names, f"portpool does not export {cls.__name__}"
     for name in ("acquire", "start_instance", "init_instance_manager", "get_service_port_pool"):
         assert name in names
+
+
+def test_all_is_sorted_and_exactly_the_public_names():
+    """httpx's rule: ``__all__`` is sorted and equals the package's public names."""
+    for name in portpool.__all__:
+        getattr(portpool, name)  # a lazily imported name appears once asked for
+    public = {
+        name
+        for name, value in vars(portpool).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)
+        and value is not __future__.annotations
+    }
+    assert portpool.__all__ == sorted(portpool.__all__)
+    assert set(portpool.__all__) - {"__version__"} == public
+
+
+def test_internals_are_not_exported_and_received_types_are():
+    for name in ("PortLock", "PortRecord", "PortStatus", "inspect_port", "bind_listen"):
+        assert name not in portpool.__all__
+        assert not hasattr(portpool, name)
+    # Types a user receives from an exported call are exported too.
+    for name in ("InstanceInfo", "ServiceInfo", "GcReport", "LeaseReport", "DoctorReport"):
+        assert name in portpool.__all__

@@ -21,7 +21,6 @@ from portpool.lock import (
     HeldLock,
     PortLock,
     PortRecord,
-    close_idle_files,
     decode_record,
     encode_record,
     inspect_port,
@@ -224,8 +223,8 @@ def test_forked_child_release_keeps_parents_lock(state: StateDir, port_base: int
 
 
 def test_forked_child_cannot_share_a_released_locks_files(state: StateDir, port_base: int):
-    """Files kept open after a release must not let a child and its parent both win."""
-    PortLock.acquire(state, port_base).release()  # its files are now kept for reuse
+    """A lock released before a fork must not let a child and its parent both win."""
+    PortLock.acquire(state, port_base).release()
     r, w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -563,10 +562,3 @@ def test_readers_never_see_a_torn_record(state: StateDir, port_base: int):
     assert set(result["seen"]) <= allowed, result
     assert all(result["seen"].get(v, 0) > 0 for v in allowed), result  # both were seen
     assert writes[0] > 100
-
-
-def test_idle_files_can_be_closed(state: StateDir, port_base: int):
-    PortLock.acquire(state, port_base).release()
-    close_idle_files()
-    with acquire(state, [port_base]) as lease:
-        assert lease.lock.problem() is None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from portpool.errors import LayoutError, PoolExhausted
+from portpool.errors import InvalidPort, LayoutError, PoolExhausted
 from portpool.lock import PortLock, inspect_port
 from portpool.pool import Lease, acquire, bind_listen, describe_foreign
 from portpool.statedir import StateDir
@@ -203,10 +203,14 @@ def test_privileged_port_is_refused_as_permission_denied(tmp_path: Path):
     assert out.stdout.strip() == "permission denied", out.stderr
 
 
-def test_invalid_ports_are_layout_errors(state: StateDir):
+def test_invalid_ports_are_caller_errors_not_layout_errors(state: StateDir):
+    # A bad argument once raised LayoutError(file="pool"), as if a layout file were wrong.
     for bad in (0, 65536, -1, True):
-        with pytest.raises(LayoutError):
+        with pytest.raises(InvalidPort) as info:
             acquire(state, [bad])
+        assert isinstance(info.value, ValueError)
+        assert not isinstance(info.value, LayoutError)
+        assert info.value.value is bad
 
 
 def test_empty_pool_is_exhausted(state: StateDir):

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from benchmarks._common import read_proc_locks
 
 from portpool.lock import inspect_port
 from portpool.statedir import StateDir
@@ -102,13 +103,7 @@ def _read_lines(racers: list[Racer], timeout_s: float = 60.0) -> dict[int, dict[
 
 
 def _waiters_on(inode: int) -> int:
-    count = 0
-    with open("/proc/locks", encoding="ascii") as f:
-        for line in f:
-            fields = line.split()
-            if "->" in fields and fields[-3].endswith(f":{inode}"):
-                count += 1
-    return count
+    return sum(1 for lock in read_proc_locks() if lock.waiting and lock.ino == inode)
 
 
 def _wait_all_blocked(barrier_fd: int, n: int, timeout_s: float = 20.0) -> None:

@@ -157,6 +157,16 @@ def helper(*argv: str) -> Iterator[subprocess.Popen[str]]:
                 stream.close()
 
 
+def wait_for_checks(shield: Shield, n: int = 3) -> None:
+    """Wait until the shield's loop completed ``n`` more checks: "no trip" after a sleep
+    proves nothing on a loaded machine where no check ran. Fails after DEADLINE_S."""
+    target = shield.checks_completed + n
+    deadline = time.monotonic() + DEADLINE_S
+    while shield.checks_completed < target:
+        assert time.monotonic() < deadline, f"only {shield.checks_completed} of {target} ran"
+        time.sleep(INTERVAL_S / 4)
+
+
 def lock_path(home: Path, port: int) -> Path:
     return home / "ports" / f"{port}.lock"
 
@@ -262,7 +272,7 @@ def test_foreign_listener_after_our_socket_closed_trips_naming_its_pid(
     shield = make_shield(leases)
     shield.start()
     victim.close_socket()  # handed off by number: a missing listener alone is fine
-    time.sleep(3 * INTERVAL_S)
+    wait_for_checks(shield)
     assert not trips.calls
     with helper("-c", LISTEN, "127.0.0.1", str(victim.port)) as foreign:
         lease, reason = trips.wait()
@@ -382,7 +392,7 @@ def test_instance_problem_trips_with_no_lease(
     problem: list[str] = []
     shield = make_shield(leases, instance_check=lambda: problem[0] if problem else None)
     shield.start()
-    time.sleep(2 * INTERVAL_S)
+    wait_for_checks(shield)
     assert not trips.calls
     problem.append("instance slot 1: lock file 1.lock was deleted by another process")
     lease, reason = trips.wait()
@@ -429,6 +439,8 @@ def test_a_failing_callback_is_logged_and_fires_once(
         while not calls and time.monotonic() < deadline:
             time.sleep(0.02)
         shield.stop(timeout=5)
+    assert shield._thread is not None
+    assert not shield._thread.is_alive()  # no check can run after this: none did fire
     assert len(calls) == 1
     assert any(r.levelname == "DEBUG" and "tripped" in r.getMessage() for r in caplog.records)
     failed = [r for r in caplog.records if "on_lost failed" in r.getMessage()]
@@ -494,11 +506,15 @@ def test_a_stopped_shield_never_fires(
 ) -> None:
     shield = make_shield(leases)
     shield.start()
-    time.sleep(INTERVAL_S)
+    wait_for_checks(shield, 1)
     shield.stop(timeout=5)
     shield.stop()  # idempotent
+    assert shield._thread is not None
+    assert not shield._thread.is_alive()  # the loop ended: no check can run any more
+    checked = shield.checks_completed
     lock_path(home, leases[0].port).unlink()
     time.sleep(4 * INTERVAL_S)
+    assert shield.checks_completed == checked
     assert not trips.calls
     assert shield.tripped is None
     assert not shield.check_once()[0].ok  # still reports, never fires
@@ -564,7 +580,10 @@ def test_run_async_trips_in_the_loop_and_cancel_stops(
     async def main() -> tuple[str, bool]:
         shield = Shield(leases, interval_s=INTERVAL_S, on_lost=trips)
         task = asyncio.create_task(shield.run_async())
-        await asyncio.sleep(2 * INTERVAL_S)
+        deadline = time.monotonic() + DEADLINE_S
+        while shield.checks_completed < 3:  # "no trip" means something once 3 checks ran
+            assert time.monotonic() < deadline, shield.checks_completed
+            await asyncio.sleep(INTERVAL_S / 4)
         assert not trips.calls
         lock_path(home, leases[0].port).unlink()
         await asyncio.wait_for(task, DEADLINE_S)

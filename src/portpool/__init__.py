@@ -1,22 +1,36 @@
 """portpool: exclusive, predictable ports for every instance of a multi-service app.
 
-The public names load on first use (PEP 562): ``import portpool`` alone costs almost
-nothing, so the CLI, the exec shim and a program that only wants one name don't pay
-for sockets, threads and dataclasses they never use.
+This module is the public API: every name in ``__all__``, and nothing else, is kept
+stable. The implementation modules (``portpool.lock``, ``portpool.pool``, ...) are
+private; ``PortLock``, ``PortRecord``, ``PortStatus``, ``inspect_port`` and
+``bind_listen`` live there for portpool itself and its tests. A user who wants a port
+calls ``acquire`` (a ``Lease``) or ``start_instance`` (an ``Instance``), and reads who
+holds what with ``list_instances`` and ``examine_layout``.
+``init_instance_manager`` and ``get_service_port_pool`` are the compatibility layer of
+the original system's entry points.
 """
 
 from __future__ import annotations
 
 # Not typing.TYPE_CHECKING: importing typing alone costs more than the rest of this file,
-# and the exec shim that starts every service imports this package. Type checkers treat
-# any name TYPE_CHECKING as true.
+# and every service's exec shim used to import this package. Type checkers treat any name
+# TYPE_CHECKING as true. The public names load on first use (PEP 562), so ``import
+# portpool`` alone costs almost nothing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from portpool.diagnosis import (
+        DoctorReport,
+        Occupant,
+        PortDiagnosis,
+        PortVerdict,
+        examine_layout,
+    )
     from portpool.errors import (
         AlreadyHeldHere,
         CommandNotFound,
         DetachFailed,
         Interrupted,
+        InvalidPort,
         LayoutError,
         LayoutFileError,
         LockError,
@@ -45,20 +59,50 @@ if TYPE_CHECKING:
         init_instance_manager,
         start_instance,
     )
-    from portpool.layout import Layout, Service, default_layout, load_layout, resolve_layout
-    from portpool.lock import PortLock, PortRecord, PortStatus, inspect_port
-    from portpool.pool import Lease, acquire, bind_listen
-    from portpool.records import list_instances
-    from portpool.statedir import StateDir
+    from portpool.layout import (
+        Layout,
+        Service,
+        default_layout,
+        load_layout,
+        resolve_layout,
+    )
+    from portpool.pool import (
+        Lease,
+        acquire,
+    )
+    from portpool.records import (
+        GcReport,
+        InstanceInfo,
+        ServiceInfo,
+        gc,
+        list_instances,
+    )
+    from portpool.shield import (
+        LeaseReport,
+    )
+    from portpool.statedir import (
+        StateDir,
+    )
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    **dict.fromkeys(
+        (
+            "DoctorReport",
+            "Occupant",
+            "PortDiagnosis",
+            "PortVerdict",
+            "examine_layout",
+        ),
+        "portpool.diagnosis",
+    ),
     **dict.fromkeys(
         (
             "AlreadyHeldHere",
             "CommandNotFound",
             "DetachFailed",
             "Interrupted",
+            "InvalidPort",
             "LayoutError",
             "LayoutFileError",
             "LockError",
@@ -93,13 +137,40 @@ _EXPORTS = {
         "portpool.instance",
     ),
     **dict.fromkeys(
-        ("Layout", "Service", "default_layout", "load_layout", "resolve_layout"),
+        (
+            "Layout",
+            "Service",
+            "default_layout",
+            "load_layout",
+            "resolve_layout",
+        ),
         "portpool.layout",
     ),
-    **dict.fromkeys(("PortLock", "PortRecord", "PortStatus", "inspect_port"), "portpool.lock"),
-    **dict.fromkeys(("Lease", "acquire", "bind_listen"), "portpool.pool"),
-    "list_instances": "portpool.records",
-    "StateDir": "portpool.statedir",
+    **dict.fromkeys(
+        (
+            "Lease",
+            "acquire",
+        ),
+        "portpool.pool",
+    ),
+    **dict.fromkeys(
+        (
+            "GcReport",
+            "InstanceInfo",
+            "ServiceInfo",
+            "gc",
+            "list_instances",
+        ),
+        "portpool.records",
+    ),
+    **dict.fromkeys(
+        ("LeaseReport",),
+        "portpool.shield",
+    ),
+    **dict.fromkeys(
+        ("StateDir",),
+        "portpool.statedir",
+    ),
 }
 
 
@@ -130,26 +201,32 @@ __all__ = [
     "AlreadyHeldHere",
     "CommandNotFound",
     "DetachFailed",
+    "DoctorReport",
+    "GcReport",
     "Instance",
+    "InstanceInfo",
     "Interrupted",
+    "InvalidPort",
     "Layout",
     "LayoutError",
     "LayoutFileError",
     "Lease",
+    "LeaseReport",
     "LockError",
     "LockHeld",
     "NoFreeSlot",
     "NotRunning",
+    "Occupant",
     "PassedSocketError",
     "PoolExhausted",
-    "PortLock",
+    "PortDiagnosis",
     "PortPoolError",
-    "PortRecord",
-    "PortStatus",
+    "PortVerdict",
     "Refusal",
     "ResourceLimit",
     "Service",
     "ServiceExited",
+    "ServiceInfo",
     "ShieldTripped",
     "SlotHolder",
     "SlotUnavailable",
@@ -161,12 +238,12 @@ __all__ = [
     "UsageError",
     "__version__",
     "acquire",
-    "bind_listen",
     "current_instance",
     "default_layout",
+    "examine_layout",
+    "gc",
     "get_service_port_pool",
     "init_instance_manager",
-    "inspect_port",
     "list_instances",
     "load_layout",
     "resolve_layout",

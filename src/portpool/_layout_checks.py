@@ -11,10 +11,25 @@ from __future__ import annotations
 import bisect
 import functools
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from portpool.layout import Service
+
+class Service(Protocol):
+    """What these checks read of a ``portpool.layout.Service``; a protocol, so this
+    module never imports ``layout`` (which imports it: no cycle between the two)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def base(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def stride(self) -> int: ...
+    @property
+    def env_name(self) -> str: ...
+    def first_port(self, instance: int) -> int: ...
+
 
 MAX_PORT = 65535
 INSTANCE_LIMIT = 1000  # no machine runs more copies of one app; keeps validation bounded

@@ -17,6 +17,7 @@
     ├── Interrupted            a signal stopped ``run``/``up`` while starting (128+N)
     ├── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
     ├── UsageError             wrong use of a command (exit code 2)
+    │   ├── InvalidPort        a value given as a port is not one (also a ValueError)
     │   ├── LayoutFileError    the layout file cannot be used at all (also a LayoutError)
     │   └── UnknownService     no such service in the layout (also a LayoutError)
     ├── NotRunning             the instance asked for does not run
@@ -206,6 +207,18 @@ class UsageError(PortPoolError):
     outside 1..max (exit code 2, like click's own usage errors)."""
 
     exit_code = 2
+
+
+class InvalidPort(UsageError, ValueError):
+    """A value passed as a port (to ``acquire``) is not a port number in 1..65535.
+
+    A caller's bug, not a layout's: it once read "pool: port: ..." as if a layout file
+    were at fault. Also a ValueError, as Python's own functions raise for a bad value.
+    """
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+        super().__init__(f"{value!r} is not a port number in 1..65535")
 
 
 class LayoutFileError(UsageError, LayoutError):

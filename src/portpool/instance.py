@@ -19,7 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from portpool import pool as pool_mod
 from portpool._platform import (
@@ -53,6 +53,9 @@ from portpool.records import (
     write_atomic,
 )
 from portpool.statedir import StateDir, check_name
+
+if TYPE_CHECKING:
+    from portpool.shield import LeaseReport
 
 # Records and cleanup moved to portpool.records; these names stay importable from here.
 __all__ = [
@@ -378,8 +381,9 @@ class Instance:
         logging.shutdown()
         os._exit(ShieldTripped.exit_code)
 
-    def verify_all(self) -> list[Any]:
-        """Run the shield's checks now and return its per-lease report."""
+    def verify_all(self) -> list[LeaseReport]:
+        """Run the shield's checks now: one LeaseReport per lease, plus one for the slot
+        (``kind="instance"``). Raises nothing for a lost lease: its report says so."""
         from portpool.shield import Shield
 
         shield = self._shield or Shield(
@@ -557,8 +561,13 @@ def init_instance_manager(
     ``layout`` is a Layout, a layout file path, or None (``./portpool.toml``, else the
     default layout). Later calls return the same instance. The leases' sockets are
     ready to serve: pass them to your server (see ``portpool.integrations``).
-    ``number`` pins the instance number (see ``start_instance``). Call ``release()`` on
-    the instance (or use it in a ``with`` block) to give everything back before exiting.
+    ``number`` pins the instance number (see ``start_instance``); ``services`` limits
+    the leases to those service names; ``shield`` starts the shield, which ends the
+    process with exit code 4 when a lease stops being ours. Call ``release()`` on the
+    instance (or use it in a ``with`` block) to give everything back before exiting.
+    Compatibility layer: the original system's entry point; new code calls
+    ``start_instance``. Raises what ``start_instance`` raises (NoFreeSlot,
+    PoolExhausted, SlotUnavailable, UsageError, LayoutError, StateDirError).
     """
     global _current
     with _current_mutex:
@@ -578,7 +587,13 @@ def current_instance() -> Instance | None:
 
 
 def get_service_port_pool(service: str, instance: int | None = None) -> list[int]:
-    """The pool of ``service`` for ``instance`` (default: this process's instance)."""
+    """The pool of ``service`` (a service name) for ``instance`` (an instance number,
+    default: this process's instance): its port numbers, in the order tried.
+
+    Compatibility layer: the original system's entry point. Raises UnknownService for a
+    service the layout lacks, PortPoolError when no ``instance`` is given and
+    ``init_instance_manager`` has not run in this process.
+    """
     if instance is not None:
         return resolve_layout(None).pool(service, instance)
     if _current is None:

@@ -40,8 +40,7 @@ from portpool._layout_checks import (
 )
 from portpool._order import dependency_problems
 from portpool._restart import RESTART_POLICIES
-from portpool.errors import LayoutError, LayoutFileError, StateDirError, UnknownService
-from portpool.statedir import check_name
+from portpool.errors import LayoutError, LayoutFileError, UnknownService
 
 __all__ = [
     "BROWSER_UNSAFE_PORTS",
@@ -114,11 +113,25 @@ def _is_int(value: object) -> TypeGuard[int]:
 def _name_problem(kind: str, name: object) -> str | None:
     if not isinstance(name, str):
         return f"{kind} name must be a string, not {_toml_type(name)}"
-    try:
-        check_name(kind, name)
-    except StateDirError as e:
-        return e.problem
-    return None
+    return name_problem(kind, name)
+
+
+# App and service names become path components of the state dir (statedir.check_name
+# enforces this rule there); "\Z", because "$" accepts a final newline.
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def name_problem(kind: str, name: str) -> str | None:
+    """Why ``name`` (an app or service name, ``kind`` says which) is not valid, or None.
+
+    Names become path components: no separators, no leading dot, 1-64 characters.
+    """
+    if _NAME.match(name):
+        return None
+    return (
+        f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit"
+    )
 
 
 # --- services -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from portpool._platform import is_alive, socket_inode
 from portpool.diagnosis import DEFAULT_BACKLOG, diagnose
 from portpool.errors import (
     AlreadyHeldHere,
-    LayoutError,
+    InvalidPort,
     LockHeld,
     PoolExhausted,
     PortPoolError,
@@ -157,9 +157,10 @@ def _close_all(sockets: list[socket.socket]) -> None:
         sock.close()
 
 
-def check_port(port: int, where: str = "pool") -> int:
+def check_port(port: int) -> int:
+    """``port`` if it is an int in 1..65535 (not a bool), else raises InvalidPort."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise LayoutError(where, "port", f"{port!r} is not a port number in 1..65535")
+        raise InvalidPort(port)
     return port
 
 
@@ -210,9 +211,15 @@ def acquire(
 ) -> Lease:
     """Acquire the first port of ``pool`` that is neither locked nor bound by anyone.
 
-    Returns a Lease holding the lock and the listening socket, its record written.
-    Raises PoolExhausted with a Refusal per port when every port is refused, LayoutError
-    for a value that is not a port, StateDirError if the record cannot be written.
+    ``state``: the state dir (``StateDir.open()``); ``pool``: port numbers (ints in
+    1..65535), tried in order; ``host``: the IP address or name to listen on (a name
+    binds every address it resolves to); ``app``, ``instance``, ``service``: labels the
+    port's record shows to ``status``; ``backlog``: ``listen()``'s queue length.
+    Returns a Lease holding the lock and the listening socket, its record written; use
+    it in a ``with`` block or call ``release()``.
+    Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
+    (a ValueError) for a value that is not a port, StateDirError if the record cannot be
+    written, ResourceLimit when out of file descriptors.
     """
     for port in pool:
         check_port(port)

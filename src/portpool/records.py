@@ -295,7 +295,10 @@ def read_instance(
 def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo]:
     """Every instance slot of ``app`` that has a lock file or a record, by number.
 
+    ``app``: the app's name; ``state``: the state dir (default: this user's).
     Read-only: without ``state`` the state dir is opened with ``create=False``.
+    Raises StateDirError for an invalid app name or an unsafe state dir; an unreadable
+    record is listed with its problem, never raised.
     """
     own = state is None
     state = state or StateDir.open(create=False)
@@ -436,8 +439,9 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
 def gc(state: StateDir | None = None) -> GcReport:
     """Remove metadata left by dead holders, in every app and for every port.
 
-    Only what nobody holds is removed, and only while holding its lock (rule 2). An
-    entry that cannot be handled is skipped and named in ``GcReport.problems``.
+    ``state``: the state dir (default: this user's). Only what nobody holds is removed,
+    and only while holding its lock (rule 2). An entry that cannot be handled is skipped
+    and named in ``GcReport.problems``; raises StateDirError only for an unsafe state dir.
     """
     own = state is None
     state = state or StateDir.open()

@@ -36,6 +36,7 @@ from portpool._addresses import covered_scopes, overlaps, socket_scopes
 from portpool._platform import (
     LockTable,
     TcpSocket,
+    descends_from,
     locked_inodes,
     owners_of_inode,
     process_name,
@@ -149,7 +150,7 @@ class _Snapshot:
         (a service's worker, the real server behind a shell wrapper)."""
         if pid == os.getpid() or pid in self.children():
             return True
-        return bool(self.children()) and _descends_from(pid, self.children())
+        return bool(self.children()) and descends_from(pid, self.children())
 
 
 @dataclass
@@ -163,16 +164,6 @@ class _Watch:
     scopes: frozenset[tuple[int, str | None]] | None = None
     base_inodes: set[int] = field(default_factory=set)  # our socket's, passed to children
     resolved_inodes: set[int] = field(default_factory=set)  # found in own processes
-
-
-def _descends_from(pid: int, ancestors: set[int]) -> bool:
-    """Whether ``pid`` is a descendant of one of ``ancestors``."""
-    import psutil
-
-    try:
-        return any(parent.pid in ancestors for parent in psutil.Process(pid).parents())
-    except (psutil.Error, OSError):
-        return False
 
 
 class Shield:
@@ -207,6 +198,7 @@ class Shield:
         self._stop_event = threading.Event()
         self._stopped = False
         self._tripped: str | None = None
+        self._checks_completed = 0  # by the loop; tests prove "no trip" meant "checked"
         self._running = False
         self._thread: threading.Thread | None = None
         self._async_wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
@@ -233,6 +225,13 @@ class Shield:
     @property
     def stopped(self) -> bool:
         return self._stopped
+
+    @property
+    def checks_completed(self) -> int:
+        """How many checks the shield's loop (thread or task) has run to the end, found
+        trouble or not; ``check_once`` calls are not counted. "No trip for a while"
+        means nothing until this has grown: a loaded machine may run no check at all."""
+        return self._checks_completed
 
     def start(self) -> None:
         """Check every ``interval_s`` from a daemon thread. Raises RuntimeError if the
@@ -337,6 +336,7 @@ class Shield:
         reports = self._check(abort=self._stop_event.is_set)
         if self._stop_event.is_set():
             return None  # a check interrupted by stop() proves nothing
+        self._checks_completed += 1
         for watch, report in zip(self._watches, reports, strict=False):
             if not report.ok:
                 reason = "; ".join(report.problems)

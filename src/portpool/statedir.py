@@ -9,15 +9,12 @@ refused: each of those lets another user forge or delete our locks.
 from __future__ import annotations
 
 import os
-import re
 import stat
-import sys
 import threading
 
-from portpool._platform import DirHandle, user_id
+from portpool._platform import DirHandle, default_state_dir, posix_modes, user_id
 from portpool.errors import StateDirError
-
-_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" accepts a final newline
+from portpool.layout import name_problem
 
 
 def default_path() -> str:
@@ -25,25 +22,14 @@ def default_path() -> str:
     home = os.environ.get("PORTPOOL_HOME")
     if home:
         return os.path.abspath(home)
-    import tempfile  # ~4 ms to import: only where no PORTPOOL_HOME says where
-
-    if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or tempfile.gettempdir()
-        return os.path.join(base, "portpool")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        return os.path.join(runtime, "portpool")
-    return os.path.join(tempfile.gettempdir(), f"portpool-{user_id()}")
+    return default_state_dir()
 
 
 def check_name(kind: str, name: str) -> str:
     """An app or service name, which becomes a path component: no separators, no dots."""
-    if not _NAME.match(name):
-        raise StateDirError(
-            name,
-            f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit",
-        )
+    problem = name_problem(kind, name)
+    if problem is not None:
+        raise StateDirError(name, problem)
     return name
 
 
@@ -54,7 +40,7 @@ def _check_mode(path: str, st: os.stat_result, root: bool = False) -> None:
     Inside a private root, a subdirectory readable by others is out of their reach."""
     if not stat.S_ISDIR(st.st_mode):
         raise StateDirError(path, "is not a directory")
-    if sys.platform == "win32":
+    if not posix_modes():
         return  # ACLs of %LOCALAPPDATA% keep it private; POSIX modes mean little there
     if st.st_uid != user_id():
         raise StateDirError(
@@ -208,7 +194,9 @@ class StateDir:
         """Names of the apps that have ever used this state dir."""
         try:
             apps = self.find("apps")
-            return sorted(n for n in apps.listdir() if _NAME.match(n)) if apps else []
+            return (
+                sorted(n for n in apps.listdir() if name_problem("app", n) is None) if apps else []
+            )
         except OSError:
             return []
 

@@ -13,6 +13,8 @@ Everything above this package calls these names and never ``sys.platform``:
 - ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
 - ``tcp_sockets``, ``TcpSocket``, ``owners_of_inodes``: every TCP socket on a port, in
   every state, with ``IPV6_V6ONLY`` where the kernel says it (sock_diag).
+- ``default_state_dir``, ``posix_modes``: the per-user state dir, and whether POSIX
+  modes (rather than ACLs) keep it private.
 - ``open_files_limit``: the soft limit on open file descriptors, where there is one.
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
 - ``become_subreaper``, ``signal_group``, ``process_group``, ``reap_adopted``,
@@ -32,16 +34,22 @@ from portpool._platform._identity import (
     ProcessIdentity,
     boot_id,
     current_identity,
+    descends_from,
     identity_of,
     is_alive,
     process_name,
 )
 from portpool._platform._locks import LockTable
+from portpool._platform._paths import default_state_dir, posix_modes
 from portpool._platform._sysctl import ephemeral_port_range
 
 if TYPE_CHECKING:
     from portpool._platform._acceptq import accept_queue_length, connection_accepted
-    from portpool._platform._control import detached_options, signal_verified
+    from portpool._platform._control import (
+        detached_options,
+        server_stop_signals,
+        signal_verified,
+    )
     from portpool._platform._net import (
         Listener,
         listeners,
@@ -92,7 +100,7 @@ else:
 _LAZY = {
     **dict.fromkeys(("Listener", "listeners", "owners_of_inode", "socket_inode"), "_net"),
     **dict.fromkeys(("TcpSocket", "owners_of_inodes", "tcp_sockets"), "_sockdiag"),
-    **dict.fromkeys(("detached_options", "signal_verified"), "_control"),
+    **dict.fromkeys(("detached_options", "server_stop_signals", "signal_verified"), "_control"),
     **dict.fromkeys(("accept_queue_length", "connection_accepted"), "_acceptq"),
     **dict.fromkeys(
         (
@@ -134,6 +142,8 @@ __all__ = [
     "boot_id",
     "connection_accepted",
     "current_identity",
+    "default_state_dir",
+    "descends_from",
     "detached_options",
     "enlarge_pipe",
     "ephemeral_port_range",
@@ -146,10 +156,12 @@ __all__ = [
     "open_files_limit",
     "owners_of_inode",
     "owners_of_inodes",
+    "posix_modes",
     "process_group",
     "process_name",
     "read_at",
     "reap_adopted",
+    "server_stop_signals",
     "signal_group",
     "signal_verified",
     "socket_inode",

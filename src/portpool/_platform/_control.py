@@ -57,3 +57,11 @@ def detached_options() -> dict[str, Any]:
             flags |= getattr(subprocess, name, 0)
         return {"creationflags": flags}
     return {"start_new_session": True}
+
+
+def server_stop_signals() -> tuple[signal.Signals, ...]:
+    """The signals that ask a server to stop: SIGINT and SIGTERM, plus SIGBREAK
+    (Ctrl-Break) on Windows."""
+    if sys.platform == "win32":
+        return (signal.SIGINT, signal.SIGTERM, signal.SIGBREAK)
+    return (signal.SIGINT, signal.SIGTERM)

@@ -133,3 +133,16 @@ def process_name(pid: int) -> str | None:
         return psutil.Process(pid).name()
     except (psutil.Error, OSError):
         return None
+
+
+def descends_from(pid: int, ancestors: set[int]) -> bool:
+    """Whether process ``pid`` is a descendant of one of the pids in ``ancestors``.
+
+    False when ``pid`` is gone or cannot be read (psutil walks the parent chain).
+    """
+    import psutil
+
+    try:
+        return any(parent.pid in ancestors for parent in psutil.Process(pid).parents())
+    except (psutil.Error, OSError):
+        return False

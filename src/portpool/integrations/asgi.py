@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import sys
 import threading
 from collections.abc import Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from portpool._platform import server_stop_signals
 from portpool.integrations._socket import SocketOrLease, reject_binding_options, serving_socket
 
 if TYPE_CHECKING:
@@ -34,9 +34,7 @@ if TYPE_CHECKING:
 
     import uvicorn
 
-_STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
-if sys.platform == "win32":
-    _STOP_SIGNALS += (signal.SIGBREAK,)
+_STOP_SIGNALS = server_stop_signals()
 
 
 def _server(app: Any, uvicorn_config: dict[str, Any], helper: str) -> uvicorn.Server:

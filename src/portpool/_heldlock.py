@@ -1,0 +1,253 @@
+"""A kernel lock on one file of the state dir that this process holds, and the process's
+registry of such locks (a second acquire in one process is a caller bug).
+
+``HeldLock`` takes a non-blocking exclusive kernel lock on ``<dir>/<name>``, which is
+the truth about ownership (a dead holder frees it at once), and checks that the path
+still names the locked file. A forked child shares the parent's open file descriptions,
+and a flock belongs to the description: the at-fork hook closes the child's copies so
+the child can neither free nor share the parent's locks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+import threading
+
+from portpool._platform import (
+    DirHandle,
+    LockTable,
+    locked_inodes,
+    open_files_limit,
+    try_lock,
+    unlock,
+)
+from portpool.errors import AlreadyHeldHere, LockError, LockHeld, ResourceLimit, StateDirError
+
+_OPEN_RETRIES = 16
+
+_Key = tuple[int, int, str]  # (directory device, directory inode, entry name)
+
+# Locks this process holds: a second acquire of the same lock in one process is a caller
+# bug, reported as such instead of failing as if someone else held it.
+_held: dict[_Key, HeldLock] = {}
+_held_mutex = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's open file descriptions, and a flock belongs to the
+    # description: unlocking there would free the parent's lock. Close every copy in the
+    # child. The mutex may have been held by another parent thread at fork time: replace it.
+    global _held_mutex
+    _held_mutex = threading.Lock()
+    for held in list(_held.values()):
+        held._disown()
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def out_of_descriptors(error: OSError) -> ResourceLimit | None:
+    """A ResourceLimit for an EMFILE/ENFILE ``error``, else None.
+
+    Out of descriptors once read as "no free port in pool ... (remove what is there)",
+    exit 3: it is a resource limit (exit 1), and nothing on disk is at fault.
+    """
+    if error.errno == errno.EMFILE:
+        return ResourceLimit(
+            "open files",
+            open_files_limit(),
+            None,
+            "raise the limit (ulimit -n) or start fewer services",
+        )
+    if error.errno == errno.ENFILE:
+        return ResourceLimit(
+            "open files of the whole system", None, None, "close programs or raise fs.file-max"
+        )
+    return None
+
+
+class HeldLock:
+    """A kernel lock on ``<dir>/<name>`` that this process holds. Use ``acquire``."""
+
+    def __init__(
+        self, directory: DirHandle, name: str, fd: int, file_id: tuple[int, int], key: _Key
+    ) -> None:
+        self.directory = directory
+        self.name = name
+        self.fd = fd
+        self.dev, self.ino = file_id
+        self.owner_pid = os.getpid()
+        self._key = key
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.directory.path, self.name)
+
+    @classmethod
+    def acquire(cls, directory: DirHandle, name: str) -> HeldLock:
+        """Lock ``<dir>/<name>`` without waiting.
+
+        Raises LockHeld if another lock holder has it, AlreadyHeldHere if this process
+        does, StateDirError if the path is unusable (a symlink, a directory, ...).
+        """
+        key = (*directory.identity, name)
+        with _held_mutex:
+            if key in _held:
+                raise AlreadyHeldHere(os.path.join(directory.path, name))
+        for _ in range(_OPEN_RETRIES):
+            try:
+                fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
+            except OSError as e:
+                limit = out_of_descriptors(e)
+                if limit is not None:
+                    raise limit from e
+                raise StateDirError(
+                    os.path.join(directory.path, name),
+                    f"cannot open lock file: {e.strerror or e} (remove what is there)",
+                ) from e
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise StateDirError(
+                        os.path.join(directory.path, name),
+                        "lock path is not a regular file (remove what is there)",
+                    )
+            except BaseException:
+                os.close(fd)
+                raise
+            held = cls._lock_checked(directory, name, key, fd, (st.st_dev, st.st_ino))
+            if held is not None:
+                return held
+        path = os.path.join(directory.path, name)
+        raise LockError(f"{path} kept being replaced while locking; giving up")
+
+    @classmethod
+    def _lock_checked(
+        cls, directory: DirHandle, name: str, key: _Key, fd: int, file_id: tuple[int, int]
+    ) -> HeldLock | None:
+        """Lock ``fd`` (the file ``file_id``) and check the path still names it.
+
+        Takes ownership of ``fd``: returns the HeldLock, or closes it and returns None
+        when the path names another file now (retry), or raises LockHeld.
+        """
+        try:
+            if not try_lock(fd):
+                raise LockHeld(os.path.join(directory.path, name))
+            # Rule 2: a holder may have unlinked or replaced the file between our open
+            # and our lock; a lock on an orphaned inode is worthless. The same inode at
+            # the path also means it is still linked.
+            now = directory.stat_entry(name)
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is None or (now.st_dev, now.st_ino) != file_id:
+            os.close(fd)  # frees the lock we took on the orphan
+            return None
+        held = cls(directory, name, fd, file_id, key)
+        with _held_mutex:
+            _held[key] = held
+        return held
+
+    def problem(self, check_kernel: bool = True, *, locked: LockTable | None = None) -> str | None:
+        """None while the lock is still ours on the same file, else what went wrong.
+
+        ``check_kernel`` also asks the kernel that the lock is still held (Linux);
+        ``locked`` is a ``locked_inodes()`` snapshot to use instead of reading it again.
+        """
+        if self.fd < 0:
+            return f"lock file {self.name} was released"
+        now = self.directory.stat_entry(self.name)
+        if now is None:
+            return f"lock file {self.name} was deleted by another process"
+        if (now.st_dev, now.st_ino) != (self.dev, self.ino):
+            return f"lock file {self.name} was replaced by another file"
+        if check_kernel and locked is None:
+            locked = locked_inodes()
+        if (
+            check_kernel
+            and locked is not None
+            and not _listed(self.directory, self.name, now, locked)
+        ):
+            return f"lock file {self.name} is no longer locked by the kernel"
+        return None
+
+    @property
+    def is_owner_process(self) -> bool:
+        """True in the process that took the lock, False in a forked child."""
+        return self.owner_pid == os.getpid()
+
+    def _disown(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _forget(self) -> None:
+        with _held_mutex:
+            if _held.get(self._key) is self:
+                del _held[self._key]
+
+    def release(self) -> None:
+        """Unlock and close. In a forked child this only closes the child's copy."""
+        self._forget()
+        if self.fd < 0:
+            return
+        if self.is_owner_process:
+            with contextlib.suppress(OSError):  # closing below frees it anyway
+                unlock(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+
+    def remove_and_release(self) -> None:
+        """Unlink the lock file while still holding it (rule 2), then release."""
+        if self.is_owner_process and self.problem(check_kernel=False) is None:
+            with contextlib.suppress(OSError):
+                self.directory.unlink(self.name)
+        self.release()
+
+
+def _listed(directory: DirHandle, name: str, st: os.stat_result, locked: LockTable) -> bool:
+    """Whether the kernel's table lists a lock on the file ``st`` (``<dir>/<name>``).
+
+    Device and inode both: the inode alone matched other filesystems' locks. When the
+    table only lists the inode under another device (btrfs subvolumes and overlay mounts
+    list the filesystem's device, not ``st_dev``), the file itself is asked.
+    """
+    listed = locked.holds(st.st_dev, st.st_ino)
+    if listed is not None:
+        return listed
+    return _probe(directory, name)
+
+
+def is_held(directory: DirHandle, name: str, locked: LockTable | None) -> bool:
+    """Whether ``<dir>/<name>`` is locked right now, without disturbing its holder.
+
+    ``locked`` is a ``locked_inodes()`` snapshot; None means probe (an OS that does not
+    list locks). Unknown is never "free".
+    """
+    st = directory.stat_entry(name)
+    if st is None:
+        return False
+    if locked is not None:
+        return _listed(directory, name, st, locked)
+    return _probe(directory, name)
+
+
+def _probe(directory: DirHandle, name: str) -> bool:
+    """Whether ``<dir>/<name>`` is locked, asked by trying a lock of our own (released at
+    once). Only where the kernel's table cannot tell: a racer may fail meanwhile."""
+    try:
+        fd = directory.open_file(name, os.O_RDONLY)
+    except OSError:
+        return True  # cannot tell: unknown is never "free"
+    try:
+        if try_lock(fd):
+            unlock(fd)
+            return False
+        return True
+    finally:
+        os.close(fd)
