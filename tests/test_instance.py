@@ -248,7 +248,8 @@ def test_status_json_shape(tmp_path: Path, port_base: int, home: Path) -> None:
 
 def test_record_service_entries_are_exactly_name_pool_port_pid() -> None:
     # status --json prints these entries as they are: whatever a record holds, each has
-    # exactly these four keys, with only valid values.
+    # exactly these five keys (refusals: why earlier pool ports were skipped), with only
+    # valid values.
     from portpool.records import _parse_services
 
     written = {"name": "api", "pool": [9000, 9001], "port": 9001, "pid": 4242}
@@ -259,13 +260,13 @@ def test_record_service_entries_are_exactly_name_pool_port_pid() -> None:
         {"name": "bare", "pool": []},
     ]
     entries = _parse_services([dict(written), *hostile])
-    assert entries[0] == written
+    assert entries[0] == {**written, "refusals": []}
     for entry in entries:
-        assert list(entry) == ["name", "pool", "port", "pid"]
+        assert list(entry) == ["name", "pool", "port", "pid", "refusals"]
     assert entries[1]["port"] == 9001
     assert entries[2]["name"] == "n" * 64
     assert (entries[3]["port"], entries[3]["pid"]) == (None, None)
-    assert entries[4] == {"name": "bare", "pool": [], "port": None, "pid": None}
+    assert entries[4] == {"name": "bare", "pool": [], "port": None, "pid": None, "refusals": []}
     for bad in ([{"name": "x", "pool": [0]}], [{"name": "x", "pool": [True]}], [{"pool": []}]):
         with pytest.raises(ValueError):
             _parse_services(bad)

@@ -110,7 +110,7 @@ def _layout_doc(**extra: dict[str, Any]) -> dict[str, Any]:
         ({"ready": "tcp:80"}, "ready", "must be 'tcp', 'http:<path>', 'log:<regex>' or 'none'"),
         ({"ready": "http:health"}, "ready", "the path must start with '/'"),
         ({"ready": "log:("}, "ready", "invalid regular expression"),
-        ({"ready_timeout_s": 0}, "ready_timeout_s", "must be a number of seconds > 0"),
+        ({"ready_timeout_s": 0}, "ready_timeout_s", "must be a number of seconds from 0.01"),
         ({"ready_timeout_s": "5"}, "ready_timeout_s", "must be a number of seconds"),
     ],
 )

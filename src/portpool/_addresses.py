@@ -177,3 +177,21 @@ def bind_all(host: str, port: int, backlog: int, *, reuse: bool = True) -> list[
             s.close()
         raise
     return sockets
+
+
+def host_warning(host: str) -> str | None:
+    """One line for ``layout`` when this machine does not have ``host``'s address (every
+    bind will fail), or None. 192.0.2.1 passed ``layout`` silently before."""
+    host = normalize_host(host)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # localhost, or a name: it resolves at start
+    if ip.is_loopback or ip.is_unspecified:
+        return None  # always this machine's (no socket: `layout` stays light)
+    if is_local_address(host) is False:  # a test bind
+        return (
+            f"host {normalize_host(host)} is not an address of this machine: every start "
+            "fails until it is (use 127.0.0.1, ::1, localhost, :: or 0.0.0.0)"
+        )
+    return None

@@ -16,7 +16,6 @@ A layout's ``ready`` key picks the probe:
 from __future__ import annotations
 
 import contextlib
-import http.client
 import re
 import socket
 import threading
@@ -126,6 +125,8 @@ class ReadinessProbe:
         return False
 
     def _check_http(self) -> bool:
+        import http.client  # with email and more: only for an http: probe (run needs none)
+
         conn = http.client.HTTPConnection(self.host, self.port, timeout=_HTTP_TIMEOUT_S)
         try:
             conn.request("GET", self.path, headers={"User-Agent": "portpool-readiness"})

@@ -202,14 +202,20 @@ def status(config: str | None, as_json: bool) -> None:
 @handle_errors
 def layout_command(config: str | None, as_json: bool) -> None:
     """The pools of every admissible instance, then warnings (errors fail with exit 1)."""
-    from portpool.layout import describe_layout
+    from portpool.layout import describe_layout, host_is_literal_remote
 
     if as_json:
         from portpool.control import layout_document
 
         click.echo(json.dumps(layout_document(_layout(config))))
         return
-    for line in describe_layout(_layout(config)):
+    layout = _layout(config)
+    warning = None
+    if host_is_literal_remote(layout.host):  # only then a socket is needed to tell
+        from portpool._addresses import host_warning
+
+        warning = host_warning(layout.host)
+    for line in describe_layout(layout, warning):
         click.echo(line)
 
 

@@ -423,26 +423,6 @@ def host_meaning(host: str) -> str:
     return f"{host} only; the port's other addresses follow the kernel's bind rules"
 
 
-def host_warning(host: str) -> str | None:
-    """One line for ``layout`` when this machine does not have ``host``'s address (every
-    bind will fail), or None. 192.0.2.1 passed ``layout`` silently before."""
-    host = normalize_host(host)
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None  # localhost, or a name: it resolves at start
-    if ip.is_loopback or ip.is_unspecified:
-        return None  # always this machine's (no socket: `layout` stays light)
-    from portpool._addresses import is_local_address  # a test bind
-
-    if is_local_address(host) is False:
-        return (
-            f"host {normalize_host(host)} is not an address of this machine: every start "
-            "fails until it is (use 127.0.0.1, ::1, localhost, :: or 0.0.0.0)"
-        )
-    return None
-
-
 def _field_problems(
     app: object, host: object, heartbeat: object, shield: object, max_instances: object
 ) -> list[Problem]:
@@ -877,9 +857,20 @@ def resolve_layout(config: str | None, cwd: str | None = None) -> Layout:
 # --- for people ---------------------------------------------------------------------
 
 
-def describe_layout(layout: Layout) -> list[str]:
+def host_is_literal_remote(host: str) -> bool:
+    """Whether ``host`` is an IP address other than a loopback or wildcard one: only
+    such a host can be missing from this machine (``_addresses.host_warning`` asks)."""
+    try:
+        ip = ipaddress.ip_address(normalize_host(host))
+    except ValueError:
+        return False  # localhost, or a name: it resolves at start
+    return not (ip.is_loopback or ip.is_unspecified)
+
+
+def describe_layout(layout: Layout, host_warning: str | None = None) -> list[str]:
     """The lines ``portpool layout`` prints: settings, every admissible instance's
-    pools, then the warnings."""
+    pools, then the warnings (``host_warning``: what the machine says of the host, from
+    ``_addresses.host_warning``; a layout itself never asks the machine)."""
     origin = "built-in default layout" if layout.source == "<default>" else layout.source
     hb = f"{layout.heartbeat_interval:g}"
     sh = f"{layout.shield_interval:g}"
@@ -905,7 +896,7 @@ def describe_layout(layout: Layout) -> list[str]:
         )
     lines.extend(describe_supervision(layout))
     lines.extend(f"warning: {w}" for w in layout.warnings)
-    lines.extend(f"warning: {w}" for w in filter(None, [host_warning(layout.host)]))
+    lines.extend(f"warning: {w}" for w in filter(None, [host_warning]))
     return lines
 
 
