@@ -236,7 +236,9 @@ def test_no_silent_skip_up_prints_it_and_status_shows_it(
     foreign.append(stranger)
     layout = tmp_path / "p.toml"
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    write_layout(layout, port_base, services={"web": {"command": sleeper, "socket": "port"}})
+    # The sleeper never listens: no readiness probe, or `up` would wait for it.
+    web = {"command": sleeper, "socket": "port", "ready": "none"}
+    write_layout(layout, port_base, services={"web": web})
     up = start("up", "--config", str(layout))
     try:
         wait_for(lambda: "is up" in read_line(up), timeout=30)
@@ -413,7 +415,10 @@ def test_up_notes_a_port_a_plain_bind_cannot_take_for_a_service_given_the_number
     assert read_line(proc).strip() == "ready"
     layout = tmp_path / "p.toml"
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
-    services = {"web": {"command": sleeper, "socket": "port"}, "api": {"command": sleeper}}
+    services = {  # the sleepers never serve: no readiness probes
+        "web": {"command": sleeper, "socket": "port", "ready": "none"},
+        "api": {"command": sleeper, "ready": "none"},
+    }
     write_layout(layout, port_base, services=services, max_instances=1)
     up = start("up", "--config", str(layout))
     try:

@@ -84,6 +84,8 @@ if TYPE_CHECKING:
         StateDir,
     )
 
+del TYPE_CHECKING  # not a public name
+
 # Public name -> the module that defines it.
 _EXPORTS = {
     **dict.fromkeys(
