@@ -13,7 +13,8 @@ import _signal  # type: ignore[import-not-found]  # no stub: the C module behind
 
 def main() -> None:
     """Console-script entry point: ``portpool.cli.main`` with a quiet early Ctrl-C."""
-    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+    if _signal.getsignal(_signal.SIGINT) is not _signal.SIG_IGN:  # `nohup`, `cmd &`
+        _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     from portpool.cli import main as cli_main
 
     cli_main()

@@ -527,6 +527,43 @@ def test_started_programs_have_default_signals_and_an_empty_mask(
     assert _status_mask(done.stdout, "web | SigBlk") == 0
 
 
+def test_signals_the_caller_ignored_stay_ignored_for_the_command(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # `nohup portpool run ...` and `portpool run ... &` in a script: what the caller
+    # ignored (HUP; INT and QUIT for a background job) stays ignored, as after a shell.
+    ignored = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+
+    def ignore() -> None:
+        for signum in ignored:
+            signal.signal(signum, signal.SIG_IGN)
+
+    bits = sum(1 << (s - 1) for s in ignored)
+    config = write_layout(tmp_path / "run.toml", port_base)
+    for extra in ([], ["--fds"]):
+        done = subprocess.run(
+            [*PORTPOOL, "run", "-q", "-c", str(config), *extra, "--", "cat", "/proc/self/status"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=ignore,  # the test's own child, before portpool starts: no threads
+        )
+        assert done.returncode == 0, done.stderr
+        assert _status_mask(done.stdout, "SigIgn") & bits == bits
+    services = {"web": {"command": ["cat", "/proc/self/status"], "socket": "fd"}}
+    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    done = subprocess.run(
+        [*PORTPOOL, "up", "-c", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=ignore,
+    )
+    assert _status_mask(done.stdout, "web | SigIgn") & bits == bits
+
+
 def test_after_kill_9_of_up_a_service_finishes_its_shutdown(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

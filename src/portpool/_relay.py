@@ -37,7 +37,9 @@ class SignalScope:
     """
 
     def __init__(self) -> None:
-        self.signals = stop_signals()
+        # A signal the caller ignored (`nohup`, `cmd &` in a script) stays ignored, for us
+        # and, through exec, for every program we start: as a shell leaves it.
+        self.signals = [s for s in stop_signals() if signal.getsignal(s) is not signal.SIG_IGN]
         self._inbox = SignalInbox(self.signals)
         self._old: dict[int, object] = {}
         self._interrupted: int | None = None

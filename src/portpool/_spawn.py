@@ -63,7 +63,11 @@ def _place(fds: list[int], keep: list[int]) -> None:
 def _reset_signals() -> None:
     for name in _PYTHON_CHANGED:
         number = getattr(signal, name, None)
-        if number is not None:
+        # SIGINT ignored here was ignored by the caller (Python leaves an inherited
+        # SIG_IGN alone, and portpool never ignores it): it stays so, as after a shell.
+        if number is not None and not (
+            name == "SIGINT" and signal.getsignal(number) is signal.SIG_IGN
+        ):
             signal.signal(number, signal.SIG_DFL)
     # Pending signals are delivered here, with their default action: we die as the
     # command would have, quietly.

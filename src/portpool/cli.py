@@ -598,7 +598,8 @@ def main() -> None:
     shell takes for an error); ``run`` and ``up`` take the signals over while they hold
     an instance.
     """
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored by the caller: kept
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         cli(prog_name="portpool")
     except KeyboardInterrupt:  # Ctrl-C before run/up took over the signals
