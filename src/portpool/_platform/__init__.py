@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 if sys.platform == "win32":
     from portpool._platform.windows import (
         DirHandle,
+        controlling_terminal_alive,
         exclusive_bind_options,
         in_terminal_foreground,
         locked_inodes,
@@ -84,6 +85,7 @@ if sys.platform == "win32":
 else:
     from portpool._platform.posix import (
         DirHandle,
+        controlling_terminal_alive,
         exclusive_bind_options,
         in_terminal_foreground,
         locked_inodes,
@@ -141,6 +143,7 @@ __all__ = [
     "become_subreaper",
     "boot_id",
     "connection_accepted",
+    "controlling_terminal_alive",
     "current_identity",
     "default_state_dir",
     "descends_from",

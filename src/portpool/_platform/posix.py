@@ -179,3 +179,24 @@ def in_terminal_foreground() -> bool:
         except OSError:
             continue
     return False
+
+
+def controlling_terminal_alive() -> bool:
+    """Whether we have a controlling terminal that has not hung up (closed window,
+    dropped ssh). Compare with the answer at start: after a hangup, opening it fails.
+
+    A shell that gets a terminal's hangup passes SIGHUP on to its jobs as an ordinary
+    signal from its own pid, so the sender cannot tell it from ``kill -HUP``; the
+    terminal can.
+    """
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return False  # ENXIO: none (any more); EIO: hung up
+    try:
+        os.read(fd, 0)
+    except OSError as e:
+        return e.errno != errno.EIO  # EIO: the terminal hung up
+    finally:
+        os.close(fd)
+    return True
