@@ -45,3 +45,43 @@ def test_every_low_descriptor_limit_is_one_line_of_error_never_a_traceback(
         ), (limit, done.stderr)
         assert done.stderr.count("\n") == 1, (limit, done.stderr)
     assert failed, "no limit was low enough to run out: the test proved nothing"
+
+
+# ---------------------------------------------------------------- layout checks in bounded memory
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_AS is POSIX")
+def test_many_services_sharing_one_huge_pool_are_rejected_in_bounded_memory(
+    home: Path, tmp_path: Path
+) -> None:
+    """1,000 services sharing one 64,000-port pool: the checks once expanded every pool
+    to its ports (64 million of them, 2.7 GB) and ended in a MemoryError traceback."""
+    import resource
+
+    lines = ['app = "big"', "max_instances = 1"]
+    for i in range(1000):
+        lines += [f"[services.s{i}]", "base = 1025", "size = 64000", "stride = 1"]
+    config = tmp_path / "big.toml"
+    config.write_text("\n".join(lines) + "\n")
+
+    def one_gib() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        soft = 1 << 30
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    for command in (["layout"], ["run"]):
+        args = [*PORTPOOL, *command, "--config", str(config)]
+        if command == ["run"]:
+            args += ["--", sys.executable, "-c", "pass"]
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=120, preexec_fn=one_gib, check=False
+        )
+        assert done.returncode == 1, (command, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and "MemoryError" not in done.stderr
+        out = done.stdout + done.stderr
+        assert "in instance 1, s1's pool 1025..65024 and s0's pool 1025..65024 share" in out
+        # The first overlaps in full, then how many more: a bounded report.
+        assert "... and 499480 more overlaps" in out
+        assert len(out.splitlines()) <= 25, out
