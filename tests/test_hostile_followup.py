@@ -5,6 +5,7 @@ Real files, real processes and a temporary PORTPOOL_HOME, like the rest of the s
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -85,3 +86,87 @@ def test_many_services_sharing_one_huge_pool_are_rejected_in_bounded_memory(
         # The first overlaps in full, then how many more: a bounded report.
         assert "... and 499480 more overlaps" in out
         assert len(out.splitlines()) <= 25, out
+
+
+# ---------------------------------------------------------------- special files and gc
+
+
+def _private_dirs(path: Path) -> None:
+    """``path`` and its missing parents, 0700 like portpool makes them."""
+    if not path.exists():
+        _private_dirs(path.parent)
+        path.mkdir(mode=0o700)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_gc_names_every_special_file_and_removes_or_follows_none(
+    home: Path, tmp_path: Path
+) -> None:
+    """Broken lock paths (a directory, a FIFO, a symlink) were skipped without a word
+    ("gc: 0 files removed", exit 0) while they block their port or slot; special files
+    at record paths were removed and reported as records of dead instances."""
+    instances = home / "apps" / "testapp" / "instances"
+    _private_dirs(instances)
+    _private_dirs(home / "ports")
+    ports = home / "ports"
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    (ports / "31100.lock").mkdir()
+    os.mkfifo(ports / "31110.lock")
+    (ports / "31101.lock").symlink_to(target)
+    (ports / "31102.lock").symlink_to(tmp_path / "dangling")
+    os.mkfifo(ports / "31555.json")
+    (ports / "31556.json").symlink_to(target)
+    (instances / "2.lock").mkdir()
+    os.mkfifo(instances / "7.json")
+    (instances / "9.json").symlink_to(target)
+    (instances / "3.json").write_text('{"v": 1}')  # a real (unreadable) record: removed
+    odd = {
+        ports / "31100.lock": ("a directory", "lock file", "port 31100"),
+        ports / "31110.lock": ("a FIFO", "lock file", "port 31110"),
+        ports / "31101.lock": ("a symbolic link", "lock file", "port 31101"),
+        ports / "31102.lock": ("a symbolic link", "lock file", "port 31102"),
+        ports / "31555.json": ("a FIFO", "record", "port 31555"),
+        ports / "31556.json": ("a symbolic link", "record", "port 31556"),
+        instances / "2.lock": ("a directory", "lock file", "slot testapp/2"),
+        instances / "7.json": ("a FIFO", "record", "slot testapp/7"),
+        instances / "9.json": ("a symbolic link", "record", "slot testapp/9"),
+    }
+    gc = subprocess.run([*PORTPOOL, "gc"], capture_output=True, text=True, timeout=60, check=False)
+    assert gc.returncode == 1, gc.stderr
+    assert "Traceback" not in gc.stderr
+    assert gc.stdout.splitlines()[:3] == [
+        "removed record of dead instance testapp/3",
+        "gc: 1 files removed",
+        "  apps/testapp/instances/3.json",
+    ], gc.stdout
+    errors = gc.stderr.splitlines()
+    assert len(errors) == len(odd), gc.stderr
+    for path, (kind, what, of) in odd.items():
+        line = (
+            f"portpool: error: gc skipped {path}: is {kind}, not the {what} of {of}; "
+            "left alone (portpool removes only files it makes): remove it by hand"
+        )
+        assert line in errors, (line, gc.stderr)
+        assert os.path.lexists(path), path
+    assert target.read_text() == "keep me"
+    # The JSON report says the same (its exit status is the CLI's business).
+    report = subprocess.run(
+        [*PORTPOOL, "gc", "--json"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert len(json.loads(report.stdout)["problems"]) == len(odd), report.stdout
+
+
+def test_status_says_a_symlinked_record_is_a_symlink(home: Path, tmp_path: Path) -> None:
+    """It once said "record cannot be opened: Too many levels of symbolic links"."""
+    instances = home / "apps" / "testapp" / "instances"
+    _private_dirs(instances)
+    (instances / "9.json").symlink_to(tmp_path / "anything")
+    config = write_layout(tmp_path / "portpool.toml", 31000)
+    done = subprocess.run(
+        [*PORTPOOL, "status", "--json", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (info,) = json.loads(done.stdout)["instances"]
+    assert info["problem"] == "record unreadable: 9.json is a symbolic link, not a record"
