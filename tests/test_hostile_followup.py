@@ -170,3 +170,27 @@ def test_status_says_a_symlinked_record_is_a_symlink(home: Path, tmp_path: Path)
     assert done.returncode == 0, done.stderr
     (info,) = json.loads(done.stdout)["instances"]
     assert info["problem"] == "record unreadable: 9.json is a symbolic link, not a record"
+
+
+# ---------------------------------------------------------------- PORTPOOL_HOME edge values
+
+
+@pytest.mark.parametrize("value", ["", "state", "./state"])
+def test_an_empty_or_relative_portpool_home_is_an_error_naming_it(
+    tmp_path: Path, port_base: int, value: str
+) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    env = {**os.environ, "PORTPOOL_HOME": value}
+    given = ["--config", str(config)]
+    for args in (["status", *given], ["gc"], ["run", *given, "--", sys.executable, "-c", "pass"]):
+        done = subprocess.run(
+            [*PORTPOOL, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, (args, done.stderr)
+        assert done.stderr.startswith(f"portpool: error: state dir PORTPOOL_HOME={value!r}: is "), (
+            done.stderr
+        )
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "absolute path" in done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["portpool.toml"]
