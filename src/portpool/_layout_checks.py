@@ -70,13 +70,14 @@ def _compact(runs: Sequence[tuple[int, int]], sep: str = "..") -> str:
     parts = [str(lo) if lo == hi else f"{lo}{sep}{hi}" for lo, hi in runs[:_MAX_RUNS_SHOWN]]
     if len(runs) > _MAX_RUNS_SHOWN:
         more = len(runs) - _MAX_RUNS_SHOWN
-        parts.append(f"... ({more} more range{'' if more == 1 else 's'})")
+        parts.append(f"... ({counted(more, 'more range')})")
     return ", ".join(parts)
 
 
-def _instances(count: int) -> str:
-    """``1 instance``, ``2 instances``."""
-    return f"{count} instance{'' if count == 1 else 's'}"
+def counted(count: int, noun: str) -> str:
+    """``counted(1, "instance")`` -> ``1 instance``; ``counted(2, "instance")`` ->
+    ``2 instances`` (messages once read "at most 1 instances")."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def span(first: int, last: int) -> str:
@@ -131,7 +132,7 @@ def count_admissible(services: Sequence[Service], limit: int) -> tuple[int, str]
             if not taken.isdisjoint(ports):
                 return n, _first_collision(services, n + 1, services[i])
             taken.update(ports)
-    return limit, f"portpool allows at most {_instances(limit)}"
+    return limit, f"portpool allows at most {counted(limit, 'instance')}"
 
 
 def _admissible_same_stride(
@@ -177,7 +178,7 @@ def _admissible_same_stride(
         b = next(s for s in services if 0 <= port - s.base < s.size)
         return k, _overlap_text(a, k + 1, b, 1)
     if limit <= in_range:
-        return limit, f"portpool allows at most {_instances(limit)}"
+        return limit, f"portpool allows at most {counted(limit, 'instance')}"
     first = edge.first_port(in_range + 1)
     return in_range, (
         f"instance {in_range + 1}'s {edge.name} pool {span(first, first + edge.size - 1)} "
@@ -226,7 +227,7 @@ def instance1_overlaps(services: Sequence[Service]) -> list[Problem]:
         found += overlapping
     if found > _MAX_REPORTED_OVERLAPS:
         more = found - _MAX_REPORTED_OVERLAPS
-        out.append(("services", f"... and {more} more overlap{'' if more == 1 else 's'}"))
+        out.append(("services", f"... and {counted(more, 'more overlap')}"))
     return out
 
 
