@@ -14,7 +14,6 @@ import threading
 
 from portpool._platform import DirHandle, default_state_dir, posix_modes, user_id
 from portpool.errors import StateDirError
-from portpool.layout import name_problem
 
 
 def default_path() -> str:
@@ -45,6 +44,10 @@ def default_path() -> str:
 
 def check_name(kind: str, name: str) -> str:
     """An app or service name, which becomes a path component: no separators, no dots."""
+    # Imported here: a pytest run that asks for no port fixes its state dir's path at
+    # start-up (importing this module) and has no use for layout parsing.
+    from portpool.layout import name_problem
+
     problem = name_problem(kind, name)
     if problem is not None:
         raise StateDirError(name, problem)
@@ -210,6 +213,8 @@ class StateDir:
 
     def apps(self) -> list[str]:
         """Names of the apps that have ever used this state dir."""
+        from portpool.layout import name_problem
+
         try:
             apps = self.find("apps")
             return (
