@@ -803,7 +803,7 @@ def bitset_admissible_same_stride(
             b = next(s for s in services if 0 <= port - s.base < s.size)
             return k, _overlap_text(a, k + 1, b, 1)
     if limit <= in_range:
-        return limit, f"portpool allows at most {limit} instances"
+        return limit, f"portpool allows at most {limit} instance{'' if limit == 1 else 's'}"
     first = edge.first_port(in_range + 1)
     return in_range, (
         f"instance {in_range + 1}'s {edge.name} pool {span(first, first + edge.size - 1)} "
@@ -830,3 +830,20 @@ def test_same_stride_count_and_reason_match_the_bit_set_way(
     assert _admissible_same_stride(services, stride, limit) == expected
     if expected is not None:
         assert expected[0] == brute_force_admissible(services, limit)
+
+
+def test_counted_nouns_are_singular_for_one() -> None:
+    """Counts of one read "1 instance", never "1 instances" (nor "1 more overlaps")."""
+    from portpool._layout_checks import _compact, count_admissible
+
+    # 7 services sharing a port are 21 pairs: one more than the 20 shown in full.
+    services = {f"s{i}": {"base": 20000, "size": 1} for i in range(7)}
+    with pytest.raises(LayoutError) as info:
+        parse_layout({"app": "a", "services": services}, "one.toml")
+    assert info.value.errors[-1] == "one.toml: services: ... and 1 more overlap"
+    layout = parse_layout({"app": "a", "services": {"s": {"base": 20000, "size": 1}}}, "x")
+    assert count_admissible(layout.services, 1) == (1, "portpool allows at most 1 instance")
+    assert count_admissible(layout.services, 2)[1] == "portpool allows at most 2 instances"
+    runs = [(p, p) for p in range(0, 14, 2)]
+    assert _compact(runs).endswith("... (1 more range)")
+    assert _compact([*runs, (20, 20)]).endswith("... (2 more ranges)")

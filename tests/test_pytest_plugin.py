@@ -375,10 +375,7 @@ import os
 
 def test_moves_then_takes(monkeypatch, request):
     how, elsewhere = os.environ["PLUGIN_MOVE"], os.environ["PLUGIN_ELSEWHERE"]
-    if how == "chdir":
-        monkeypatch.chdir(elsewhere)
-    else:
-        monkeypatch.setenv(how, elsewhere)
+    monkeypatch.setenv(how, elsewhere)
     port = request.getfixturevalue("portpool_port")
     instance = request.getfixturevalue("portpool_instance")
     print("GOT", port, instance.number)
@@ -391,7 +388,6 @@ def test_moves_then_takes(monkeypatch, request):
         ("PORTPOOL_HOME", False),
         ("PORTPOOL_HOME", True),
         ("XDG_RUNTIME_DIR", False),
-        ("chdir", False),
     ],
 )
 def test_the_state_dir_is_fixed_at_start_up(tmp_path: Path, how: str, xdist: bool) -> None:
@@ -408,9 +404,6 @@ def test_the_state_dir_is_fixed_at_start_up(tmp_path: Path, how: str, xdist: boo
         (tmp_path / "xdg").mkdir(mode=0o700)
         env["XDG_RUNTIME_DIR"] = str(tmp_path / "xdg")
         state = tmp_path / "xdg" / "portpool"
-    elif how == "chdir":
-        env["PORTPOOL_HOME"] = "state"  # relative to the directory pytest started in
-        state = where / "state"
     if xdist:
         # The controller's environment changes after start-up, before its workers are
         # started: they still take the controller's state dir (through workerinput).
@@ -426,6 +419,21 @@ def test_the_state_dir_is_fixed_at_start_up(tmp_path: Path, how: str, xdist: boo
     assert sorted(os.listdir(elsewhere)) == []
     assert (state / "ports").is_dir()
     assert (state / "apps" / "plugin-move" / "instances").is_dir()
+
+
+@pytest.mark.parametrize("value", ["", "state"])
+def test_an_empty_or_relative_portpool_home_is_a_usage_error(tmp_path: Path, value: str) -> None:
+    """A relative one once named another state dir in every working directory (a test
+    that changed directory took ports in another one); an empty one fell back to the
+    per-user default without a word."""
+    where = _session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
+    env = _env(tmp_path / "unused")
+    env["PORTPOOL_HOME"] = value
+    done = _run(where, env)
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    assert f"ERROR: portpool: state dir PORTPOOL_HOME={value!r}: is " in done.stderr
+    assert "INTERNALERROR" not in done.stdout + done.stderr
+    assert not (where / "state").exists()
 
 
 OWN = """

@@ -46,6 +46,36 @@ def test_default_is_per_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     assert default_path() == os.path.join(tempfile.gettempdir(), f"portpool-{os.getuid()}")
 
 
+def test_an_empty_or_relative_portpool_home_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """ "" once fell back to the shared default without a word; a relative path named a
+    state dir in each working directory, whose locks do not exclude each other."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PORTPOOL_HOME", "")
+    with pytest.raises(StateDirError) as info:
+        StateDir.open()
+    assert info.value.path == "PORTPOOL_HOME=''"
+    assert info.value.problem.startswith("is set but empty; unset it")
+    monkeypatch.setenv("PORTPOOL_HOME", "state")
+    with pytest.raises(StateDirError) as info:
+        StateDir.open()
+    assert info.value.path == "PORTPOOL_HOME='state'"
+    assert f"absolute path (e.g. PORTPOOL_HOME={tmp_path / 'state'})" in info.value.problem
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setenv("PORTPOOL_HOME", str(tmp_path / "a" / ".." / "state"))
+    assert default_path() == str(tmp_path / "state")
+
+
+def test_a_relative_xdg_runtime_dir_is_ignored(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """The XDG spec: a relative path there is invalid and must be ignored."""
+    monkeypatch.delenv("PORTPOOL_HOME", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "run")
+    assert default_path() == os.path.join(tempfile.gettempdir(), f"portpool-{os.getuid()}")
+
+
 def test_symlinked_state_dir_is_refused(tmp_path: Path):
     real = tmp_path / "real"
     real.mkdir(mode=0o700)

@@ -9,6 +9,7 @@ decided by the kernel lock alone.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -192,6 +193,8 @@ def read_port_record(directory: DirHandle, port: int) -> PortRecord | None:
     except FileNotFoundError:
         return None
     except OSError as e:
+        if e.errno == errno.ELOOP:  # O_NOFOLLOW's answer; its text names no symlink
+            raise ValueError("record is a symbolic link, not a record") from None
         raise ValueError(f"record cannot be opened: {e.strerror or e}") from e
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):

@@ -244,6 +244,9 @@ def acquire(
         except OSError as e:
             _close_all(bound)
             lock.release()
+            limit = out_of_descriptors(e)
+            if limit is not None:
+                raise limit from e
             where = f"{state.path}/ports/{port}.json"
             raise StateDirError(where, f"cannot write metadata: {e.strerror or e}") from e
         except BaseException:

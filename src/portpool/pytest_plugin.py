@@ -72,9 +72,13 @@ def pytest_configure(config: pytest.Config) -> None:
     workerinput = getattr(config, "workerinput", None)
     path = None if workerinput is None else workerinput.get(_WORKER_STATE_PATH)
     if not path:
+        from portpool.errors import StateDirError
         from portpool.statedir import default_path
 
-        path = default_path()
+        try:
+            path = default_path()
+        except StateDirError as e:  # an empty or relative PORTPOOL_HOME
+            raise pytest.UsageError(f"portpool: {e}") from None
     config.stash[_state_path_key] = os.path.abspath(str(path))
     # A range or layout the user chose is checked now, before any test runs: a typo or
     # an overlap with the ephemeral range is a usage error. The defaults are worked out

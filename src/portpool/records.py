@@ -10,6 +10,7 @@ heartbeat's age. Cleanup removes only what nobody holds, while holding its lock.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -53,18 +54,51 @@ def write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
         raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``a FIFO``, ``a symbolic link``, ... for an ``st_mode``: what a file is."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+class NotAFile(ValueError):
+    """A special file (symlink, FIFO, directory, ...) where a record belongs."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"is {kind}, not a record")
+        self.kind = kind
+
+
 def read_json_file(directory: DirHandle, name: str) -> Any:
-    """The JSON in ``<dir>/<name>`` (None if absent). Raises ValueError if unreadable."""
+    """The JSON in ``<dir>/<name>`` (None if absent). Raises ValueError if unreadable,
+    NotAFile (a ValueError) for a symlink, FIFO, directory, ... (never followed)."""
     try:
         fd = directory.open_file(name, os.O_RDONLY)
     except FileNotFoundError:
         return None
     except OSError as e:
+        # O_NOFOLLOW fails a symlink with ELOOP, whose text ("Too many levels of symbolic
+        # links") says nothing of what is there.
+        if e.errno == errno.ELOOP:
+            raise NotAFile("a symbolic link") from None
+        if e.errno == errno.EISDIR:
+            raise NotAFile("a directory") from None
         raise ValueError(f"cannot be opened: {e.strerror or e}") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError("is not a regular file")
+            raise NotAFile(file_kind(st.st_mode))
         # Ask for what the file holds (plus one byte to see it grow), not the maximum:
         # a 1 MiB buffer per read made listing 1,000 records twice as slow.
         data = os.read(fd, min(st.st_size, RECORD_MAX_BYTES) + 1)
@@ -288,6 +322,8 @@ def read_instance(
             problem = "starting (no record yet)" if alive else "no record"
             return InstanceInfo(number, alive, False, problem=problem)
         return _parse_record(number, alive, raw)
+    except NotAFile as e:
+        return InstanceInfo(number, alive, False, problem=f"record unreadable: {number}.json {e}")
     except ValueError as e:
         return InstanceInfo(number, alive, False, problem=f"record unreadable: record {e}")
 
@@ -384,15 +420,46 @@ def _clean_temp_files(directory: DirHandle, report: GcReport, where: str = "") -
                 report.files.append(f"{where}{name}")
 
 
+def _odd_entry(directory: DirHandle, name: str, of: str) -> str | None:
+    """The problem with ``<dir>/<name>`` if it is not a regular file, else None.
+
+    A directory, FIFO or symlink at a lock or record path is never ours (portpool makes
+    regular files only): gc once skipped such lock paths without a word, and removed such
+    records as "records of dead instances". It leaves them, never following a symlink,
+    and says what is in whose way.
+    """
+    st = directory.stat_entry(name)
+    if st is None or stat.S_ISREG(st.st_mode):
+        return None
+    what = "lock file" if name.endswith(".lock") else "record"
+    return (
+        f"{os.path.join(directory.path, name)}: is {file_kind(st.st_mode)}, not the {what} "
+        f"of {of}; left alone (portpool removes only files it makes): remove it by hand"
+    )
+
+
 def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcReport:
-    """Remove the records of ``app``'s dead instances (their slot lock is free)."""
+    """Remove the records of ``app``'s dead instances (their slot lock is free).
+
+    A slot whose lock or record path holds a special file is left whole and named in
+    ``report.problems``.
+    """
     report = report or GcReport()
     directory = state.instances(app)
     names = directory.listdir()
+    odd: set[int] = set()
+    for number in slot_numbers(names):
+        for name in (f"{number}.lock", f"{number}.json"):
+            problem = _odd_entry(directory, name, f"slot {app}/{number}")
+            if problem is not None:
+                report.problems.append(problem)
+                odd.add(number)
     if not any(n.endswith(".json") or n.endswith(_TMP_SUFFIX) for n in names):
         return report  # nothing a dead instance could have left: skip the kernel read
     locked = locked_inodes()
     for number in slot_numbers(names):
+        if number in odd:
+            continue
         try:
             if is_held(directory, f"{number}.lock", locked):
                 continue
@@ -417,6 +484,13 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
     port = decimal(stem, 5) if ext in ("lock", "json") else None
     if port is None or not 0 < port < 65536:
         return
+    problem = _odd_entry(ports, name, f"port {port}")
+    if problem is not None:
+        report.problems.append(problem)
+        return
+    partner = f"{port}.json" if ext == "lock" else f"{port}.lock"
+    if _odd_entry(ports, partner, "") is not None:
+        return  # the partner is named when the loop reaches it; neither is touched
     if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
         return  # handled with its lock file
     if is_held(ports, f"{port}.lock", locked):

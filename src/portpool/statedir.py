@@ -17,16 +17,36 @@ from portpool.errors import StateDirError
 
 
 def default_path() -> str:
-    """The state dir this process uses: ``PORTPOOL_HOME``, else the per-user default."""
+    """The state dir this process uses: ``PORTPOOL_HOME``, else the per-user default.
+
+    Raises StateDirError for an empty or relative ``PORTPOOL_HOME``: an empty one once
+    fell back to the shared default without a word, and a relative one named another
+    state dir in every working directory, whose locks do not exclude each other.
+    """
     home = os.environ.get("PORTPOOL_HOME")
-    if home:
-        return os.path.abspath(home)
-    return default_state_dir()
+    if home is None:
+        return default_state_dir()
+    if not home:
+        raise StateDirError(
+            "PORTPOOL_HOME=''",
+            "is set but empty; unset it to use the per-user default "
+            f"({default_state_dir()}), or set it to an absolute path",
+        )
+    if not os.path.isabs(home):
+        raise StateDirError(
+            f"PORTPOOL_HOME={home!r}",
+            "is a relative path: it would name another state dir in every working "
+            "directory, and their locks would not exclude each other; set it to an "
+            f"absolute path (e.g. PORTPOOL_HOME={os.path.abspath(home)})",
+        )
+    return os.path.abspath(home)
 
 
 def check_name(kind: str, name: str) -> str:
     """An app or service name, which becomes a path component: no separators, no dots."""
-    from portpool.layout import name_problem  # the layout's rule; loaded only when used
+    # Imported here: a pytest run that asks for no port fixes its state dir's path at
+    # start-up (importing this module) and has no use for layout parsing.
+    from portpool.layout import name_problem
 
     problem = name_problem(kind, name)
     if problem is not None:

@@ -14,7 +14,7 @@ def posix_modes() -> bool:
 
 def default_state_dir() -> str:
     """The per-user default state dir: ``%LOCALAPPDATA%\\portpool`` on Windows, else
-    ``$XDG_RUNTIME_DIR/portpool`` when that directory exists, else
+    ``$XDG_RUNTIME_DIR/portpool`` when that absolute directory exists, else
     ``<tmp>/portpool-<uid>``."""
     import tempfile  # ~4 ms to import: only where no PORTPOOL_HOME says where
 
@@ -22,6 +22,8 @@ def default_state_dir() -> str:
         base = os.environ.get("LOCALAPPDATA") or tempfile.gettempdir()
         return os.path.join(base, "portpool")
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
+    # The XDG spec: a relative path there is invalid and ignored (it would name another
+    # directory in every working directory).
+    if runtime and os.path.isabs(runtime) and os.path.isdir(runtime):
         return os.path.join(runtime, "portpool")
     return os.path.join(tempfile.gettempdir(), f"portpool-{os.getuid()}")

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource  # here, not where used: that is when no descriptor is left to load it
 import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -36,8 +37,6 @@ def user_id() -> int:
 
 def open_files_limit() -> int | None:
     """This process's soft limit on open file descriptors (``ulimit -n``), if any."""
-    import resource
-
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return None if soft == resource.RLIM_INFINITY else soft
 

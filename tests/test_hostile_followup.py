@@ -1,0 +1,196 @@
+"""Follow-ups to the hostile-input work: what a second look at each kind still broke.
+
+Real files, real processes and a temporary PORTPOOL_HOME, like the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.helpers import PORTPOOL, write_layout
+
+# ---------------------------------------------------------------- out of descriptors
+
+
+@pytest.mark.skipif(os.name != "posix", reason="ulimit -n is POSIX")
+def test_every_low_descriptor_limit_is_one_line_of_error_never_a_traceback(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """With almost no descriptor left, the error path once had to load ``resource`` (a
+    shared object: one more descriptor) and ended in an ImportError traceback."""
+    import resource
+
+    config = write_layout(tmp_path / "one.toml", port_base, services={"web": {}})
+    failed = 0
+    for limit in range(9, 15):
+
+        def low_limit(limit: int = limit) -> None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+        done = subprocess.run(
+            [*PORTPOOL, "run", "--config", str(config), "--", sys.executable, "-c", "pass"],
+            capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False,
+        )  # fmt: skip
+        if done.returncode == 0:
+            continue
+        failed += 1
+        assert done.returncode == 1, (limit, done.stderr)
+        assert done.stderr.startswith(
+            f"portpool: error: out of open files (the limit is {limit}); this layout needs "
+        ), (limit, done.stderr)
+        assert done.stderr.count("\n") == 1, (limit, done.stderr)
+    assert failed, "no limit was low enough to run out: the test proved nothing"
+
+
+# ---------------------------------------------------------------- layout checks in bounded memory
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_AS is POSIX")
+def test_many_services_sharing_one_huge_pool_are_rejected_in_bounded_memory(
+    home: Path, tmp_path: Path
+) -> None:
+    """1,000 services sharing one 64,000-port pool: the checks once expanded every pool
+    to its ports (64 million of them, 2.7 GB) and ended in a MemoryError traceback."""
+    import resource
+
+    lines = ['app = "big"', "max_instances = 1"]
+    for i in range(1000):
+        lines += [f"[services.s{i}]", "base = 1025", "size = 64000", "stride = 1"]
+    config = tmp_path / "big.toml"
+    config.write_text("\n".join(lines) + "\n")
+
+    def one_gib() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        soft = 1 << 30
+        if hard != resource.RLIM_INFINITY:
+            soft = min(soft, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+    for command in (["layout"], ["run"]):
+        args = [*PORTPOOL, *command, "--config", str(config)]
+        if command == ["run"]:
+            args += ["--", sys.executable, "-c", "pass"]
+        done = subprocess.run(
+            args, capture_output=True, text=True, timeout=120, preexec_fn=one_gib, check=False
+        )
+        assert done.returncode == 1, (command, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr and "MemoryError" not in done.stderr
+        out = done.stdout + done.stderr
+        assert "in instance 1, s1's pool 1025..65024 and s0's pool 1025..65024 share" in out
+        # The first overlaps in full, then how many more: a bounded report.
+        assert "... and 499480 more overlaps" in out
+        assert len(out.splitlines()) <= 25, out
+
+
+# ---------------------------------------------------------------- special files and gc
+
+
+def _private_dirs(path: Path) -> None:
+    """``path`` and its missing parents, 0700 like portpool makes them."""
+    if not path.exists():
+        _private_dirs(path.parent)
+        path.mkdir(mode=0o700)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_gc_names_every_special_file_and_removes_or_follows_none(
+    home: Path, tmp_path: Path
+) -> None:
+    """Broken lock paths (a directory, a FIFO, a symlink) were skipped without a word
+    ("gc: 0 files removed", exit 0) while they block their port or slot; special files
+    at record paths were removed and reported as records of dead instances."""
+    instances = home / "apps" / "testapp" / "instances"
+    _private_dirs(instances)
+    _private_dirs(home / "ports")
+    ports = home / "ports"
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    (ports / "31100.lock").mkdir()
+    os.mkfifo(ports / "31110.lock")
+    (ports / "31101.lock").symlink_to(target)
+    (ports / "31102.lock").symlink_to(tmp_path / "dangling")
+    os.mkfifo(ports / "31555.json")
+    (ports / "31556.json").symlink_to(target)
+    (instances / "2.lock").mkdir()
+    os.mkfifo(instances / "7.json")
+    (instances / "9.json").symlink_to(target)
+    (instances / "3.json").write_text('{"v": 1}')  # a real (unreadable) record: removed
+    odd = {
+        ports / "31100.lock": ("a directory", "lock file", "port 31100"),
+        ports / "31110.lock": ("a FIFO", "lock file", "port 31110"),
+        ports / "31101.lock": ("a symbolic link", "lock file", "port 31101"),
+        ports / "31102.lock": ("a symbolic link", "lock file", "port 31102"),
+        ports / "31555.json": ("a FIFO", "record", "port 31555"),
+        ports / "31556.json": ("a symbolic link", "record", "port 31556"),
+        instances / "2.lock": ("a directory", "lock file", "slot testapp/2"),
+        instances / "7.json": ("a FIFO", "record", "slot testapp/7"),
+        instances / "9.json": ("a symbolic link", "record", "slot testapp/9"),
+    }
+    gc = subprocess.run([*PORTPOOL, "gc"], capture_output=True, text=True, timeout=60, check=False)
+    assert gc.returncode == 1, gc.stderr
+    assert "Traceback" not in gc.stderr
+    assert gc.stdout.splitlines()[:3] == [
+        "removed record of dead instance testapp/3",
+        "gc: 1 files removed",
+        "  apps/testapp/instances/3.json",
+    ], gc.stdout
+    errors = gc.stderr.splitlines()
+    assert len(errors) == len(odd), gc.stderr
+    for path, (kind, what, of) in odd.items():
+        line = (
+            f"portpool: error: gc skipped {path}: is {kind}, not the {what} of {of}; "
+            "left alone (portpool removes only files it makes): remove it by hand"
+        )
+        assert line in errors, (line, gc.stderr)
+        assert os.path.lexists(path), path
+    assert target.read_text() == "keep me"
+    # The JSON report says the same (its exit status is the CLI's business).
+    report = subprocess.run(
+        [*PORTPOOL, "gc", "--json"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert len(json.loads(report.stdout)["problems"]) == len(odd), report.stdout
+
+
+def test_status_says_a_symlinked_record_is_a_symlink(home: Path, tmp_path: Path) -> None:
+    """It once said "record cannot be opened: Too many levels of symbolic links"."""
+    instances = home / "apps" / "testapp" / "instances"
+    _private_dirs(instances)
+    (instances / "9.json").symlink_to(tmp_path / "anything")
+    config = write_layout(tmp_path / "portpool.toml", 31000)
+    done = subprocess.run(
+        [*PORTPOOL, "status", "--json", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (info,) = json.loads(done.stdout)["instances"]
+    assert info["problem"] == "record unreadable: 9.json is a symbolic link, not a record"
+
+
+# ---------------------------------------------------------------- PORTPOOL_HOME edge values
+
+
+@pytest.mark.parametrize("value", ["", "state", "./state"])
+def test_an_empty_or_relative_portpool_home_is_an_error_naming_it(
+    tmp_path: Path, port_base: int, value: str
+) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    env = {**os.environ, "PORTPOOL_HOME": value}
+    given = ["--config", str(config)]
+    for args in (["status", *given], ["gc"], ["run", *given, "--", sys.executable, "-c", "pass"]):
+        done = subprocess.run(
+            [*PORTPOOL, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            env=env, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, (args, done.stderr)
+        assert done.stderr.startswith(f"portpool: error: state dir PORTPOOL_HOME={value!r}: is "), (
+            done.stderr
+        )
+        assert done.stderr.count("\n") == 1, done.stderr
+        assert "absolute path" in done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["portpool.toml"]
