@@ -619,10 +619,10 @@ def run_up(
     start), while a terminal's hangup stops. ``announce(instance)`` runs as soon as the
     instance is acquired, before any service starts (so its ports are said also when a
     start then fails); ``on_up`` runs once every service is ready; ``number`` pins the
-    instance number. Returns the
-    Outcome: code 0 after SIGTERM, 4 shield tripped, 5 a service exited and was not
-    restarted, gave up after too many restarts, or was not ready in time; ``signum`` set
-    when the caller should die of that signal (SIGINT, SIGQUIT, a terminal's SIGHUP).
+    instance number. Returns the Outcome: code 0 after SIGTERM, 4 shield tripped, 5 a
+    service exited and was not restarted, gave up after too many restarts without making
+    progress (``portpool._restart``), or was not ready in time; ``signum`` set when the
+    caller should die of that signal (SIGINT, SIGQUIT, a terminal's SIGHUP).
     Raises LayoutError (a command cannot be executed; nothing started), Interrupted,
     StartError, StateDirError.
     """
