@@ -476,3 +476,41 @@ def test_the_leases_handed_over_by_number(state: StateDir, port: int) -> None:
         assert handed_over(layout, [lease]) == []
         lease.close_socket()  # `run` without --fds
         assert handed_over(layout, [lease]) == [lease]
+
+
+def test_the_plain_bind_note_counts_many_occupants_and_names_three(
+    state: StateDir, port: int
+) -> None:
+    """A busy port's note listed 5,561 TIME_WAIT connections in one 411,543-char line."""
+    many = 40
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", port))
+    server.listen(many)
+    clients = []
+    try:
+        for _ in range(many):
+            clients.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            accepted, _ = server.accept()
+            accepted.close()  # the server side closes first: its end goes to TIME_WAIT
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+    waiting = wait_for(
+        lambda: (
+            len(w := [s for s in tcp_sockets(port) if s.state == "time-wait" and s.port == port])
+            >= many
+            and w
+        ),
+        10,
+    )
+    with acquire(state, [port], host="127.0.0.1") as lease:
+        lease.service = "web"
+        (line,) = plain_bind_notes([lease])
+    assert line.startswith(
+        f"service 'web' port {port}: a server that does not set SO_REUSEADDR cannot bind "
+        f"it yet: {len(waiting)} sockets ({len(waiting)} in TIME_WAIT) block it, the first 3: "
+    )
+    assert line.count("TIME_WAIT from") == 3
+    assert len(line) < 500

@@ -392,3 +392,42 @@ def test_options_end_at_the_command(layout: Path, port_base: int, home: Path) ->
     done = portpool("run", "--config", str(layout), "-s", "alpha", sys.executable, "-c", PRINT_ENV)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["PORT"] == str(port_base)
+
+
+# run_up with announce=: the instance's ports are said as soon as it is acquired, before
+# any service is ready, also when a start then fails (the CLI's "instance N of APP" line).
+ANNOUNCING_UP = """\
+import sys
+from portpool.layout import load_layout
+from portpool.supervisor import run_up
+
+def announce(instance):
+    ports = " ".join(f"{n}={p}" for n, p in instance.ports.items())
+    print(f"announced {instance.number}: {ports}", file=sys.stderr, flush=True)
+
+outcome = run_up(
+    load_layout(sys.argv[1]), on_up=lambda i, p: print("is up", flush=True), announce=announce
+)
+print(f"outcome {outcome.code}: {outcome.message}", file=sys.stderr, flush=True)
+"""
+
+
+def test_run_up_announces_the_instance_before_a_start_that_fails(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    crash = [sys.executable, "-c", "import sys, time; time.sleep(0.3); sys.exit(7)"]
+    config = up_layout(tmp_path, port_base, extra={"api": {"command": crash}})
+    done = subprocess.run(
+        [sys.executable, "-c", ANNOUNCING_UP, str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    lines = done.stderr.splitlines()
+    announced = [i for i, line in enumerate(lines) if line.startswith("announced 1: ")]
+    outcome = [i for i, line in enumerate(lines) if line.startswith("outcome ")]
+    assert announced and outcome and announced[0] < outcome[0], done.stderr
+    assert f"web={port_base} api={port_base + 2} db={port_base + 4}" in lines[announced[0]]
+    assert "outcome 5: service 'api' exited before it was ready (exit status 7)" in done.stderr
+    assert "is up" not in done.stdout

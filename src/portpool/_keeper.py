@@ -2,7 +2,8 @@
 
 A keeper runs in its own thread: it waits until every service it depends on has been
 ready once, starts the service, waits for its readiness probe, and, when the service
-exits, restarts it by its ``restart`` policy with backoff (``portpool._restart``). The
+exits, restarts it by its ``restart`` policy with backoff (``portpool._restart``: only
+runs that exit without making progress count toward the crash-loop limit). The
 listening socket belongs to ``up`` for the instance's life and is passed again to each
 new process, so the port never changes and connections made while the service was
 down wait in the accept queue for the next process instead of being refused.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from portpool._launch import describe_status
 from portpool._readiness import ReadinessProbe
-from portpool._restart import RESTART_BURST, RESTART_WINDOW_S, RestartTracker
+from portpool._restart import RESTART_BURST, RESTART_WINDOW_S, RestartTracker, made_progress
 from portpool.layout import Service
 
 __all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper", "describe_failure"]
@@ -50,7 +51,7 @@ def describe_failure(failure: Failure) -> str:
     if failure.kind == "gave-up":
         return (
             f"service {name!r} gave up: more than {RESTART_BURST} restarts within "
-            f"{RESTART_WINDOW_S:g} s (last: {status})"
+            f"{RESTART_WINDOW_S:g} s, none of them ready (last: {status})"
         )
     if failure.kind == "not-ready":
         return f"service {name!r} was not ready in time ({failure.detail})"
@@ -68,8 +69,14 @@ class ServiceKeeper:
     ``stop(name)`` stops the service's current process (and its tree);
     ``make_probe()`` gives a fresh probe per start; ``on_change(keeper)`` is called
     after every state change; ``on_ready(keeper, seconds)`` when a start became ready;
-    ``on_failure(failure)`` when the instance must stop. ``done`` is set when the
-    instance is stopping.
+    ``on_failure(failure)`` when the instance must stop; ``on_restart(keeper,
+    returncode, delay_s)`` when the service exited and will be started again after
+    ``delay_s`` seconds. ``done`` is set when the instance is stopping.
+
+    ``restarts`` counts the restarts after an exit (the policy's); ``planned_restarts``
+    those of a rolling restart, which stop the process on purpose and so leave
+    ``last_exit_status`` (the last failure) alone. ``start_reason`` says why the current
+    process started: "start", "restart" or "rolling".
     """
 
     def __init__(
@@ -85,6 +92,7 @@ class ServiceKeeper:
         on_failure: Callable[[Failure], None],
         done: threading.Event,
         depends_on: Sequence[ServiceKeeper] = (),
+        on_restart: Callable[[ServiceKeeper, int, float], None] | None = None,
     ) -> None:
         self.service = service
         self.name = service.name
@@ -95,6 +103,7 @@ class ServiceKeeper:
         self._on_change = on_change
         self._on_ready = on_ready
         self._on_failure = on_failure
+        self._on_restart = on_restart
         self._done = done
         self._depends_on = tuple(depends_on)
         self.tracker = RestartTracker(service.restart)
@@ -104,6 +113,9 @@ class ServiceKeeper:
         self.started_at: float | None = None  # wall clock of the current process's start
         self.ready_at: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
+        self.planned_restarts = 0
+        self._ready_kind = service.ready.partition(":")[0]  # tcp, http, log, none
+        self.start_reason = "start"
         self.ever_ready = threading.Event()
         self._cond = threading.Condition()
         self._ready_count = 0
@@ -115,13 +127,19 @@ class ServiceKeeper:
 
     def snapshot(self) -> dict[str, object]:
         """The state fields of the instance record (JSON-ready)."""
-        return {
+        snap: dict[str, object] = {
             "state": self.state,
             "restarts": self.restarts,
+            "planned_restarts": self.planned_restarts,
             "last_exit_status": self.last_exit_status,
             "started_at": self.started_at,
             "ready_at": self.ready_at,
         }
+        if self.pid is None:
+            # No process now (waiting, restarting, exited): the record must not name
+            # a dead pid (or, by default, up's own).
+            snap["pid"] = None
+        return snap
 
     def _set(self, state: str) -> None:
         with self._cond:
@@ -140,26 +158,42 @@ class ServiceKeeper:
                 if self._done.is_set():
                     return
         while not self._done.is_set():
-            returncode = self._run_once()
-            if returncode is None or self._done.is_set():
+            result = self._run_once()
+            if result is None or self._done.is_set():
                 return
+            returncode, progressed = result
+            self._clear_process()
             if self._expected_exit:
                 self._expected_exit = False
+                self.planned_restarts += 1
+                self.start_reason = "rolling"
+                self._set("restarting")
                 continue
             exited_at = time.monotonic()
-            decision = self.tracker.on_exit(returncode, exited_at)
+            decision = self.tracker.on_exit(returncode, exited_at, progressed=progressed)
             if not decision.restart:
                 self._set("exited")
                 kind = "gave-up" if decision.give_up else "exited"
                 self._on_failure(Failure(self.name, kind, returncode))
                 return
+            self.start_reason = "restart"
             self._set("restarting")  # writes the record: counted in the backoff
+            if self._on_restart is not None:
+                self._on_restart(self, returncode, decision.delay_s)
             if self._done.wait(max(0.0, exited_at + decision.delay_s - time.monotonic())):
                 return
 
-    def _run_once(self) -> int | None:
-        """Start the service and wait for it to exit; its return code, or None when the
-        instance stops or this start failed (the failure is reported)."""
+    def _clear_process(self) -> None:
+        with self._cond:
+            self.proc = None
+            self.pid = None
+            self.started_at = None
+            self.ready_at = None
+
+    def _run_once(self) -> tuple[int, bool] | None:
+        """Start the service and wait for it to exit: its return code and whether the
+        run made progress (``made_progress``), or None when the instance stops or this
+        start failed (the failure is reported)."""
         probe = self._make_probe()
         try:
             begun = time.monotonic()
@@ -184,9 +218,14 @@ class ServiceKeeper:
                 # a service that the instance's stop is about to stop gracefully.
                 returncode = proc.wait()
                 if outcome == "exited" and not self._done.is_set():
-                    self.last_exit_status = _shell_status(returncode)
-                    if self.ever_ready.is_set() or self._expected_exit:
-                        return returncode  # a restart that crashed: the policy decides
+                    if not self._expected_exit:
+                        self.last_exit_status = _shell_status(returncode)
+                    # Ready and gone between two checks (a fast service): progress.
+                    was_ready = probe.proved_before_exit()
+                    if self.ever_ready.is_set() or self._expected_exit or was_ready:
+                        # A restart that exited before we saw it ready: the policy decides.
+                        ran_s = time.monotonic() - begun
+                        return returncode, made_progress(self._ready_kind, was_ready, ran_s)
                     self._set("exited")
                     self._on_failure(Failure(self.name, "early", returncode))
                 return None
@@ -199,8 +238,9 @@ class ServiceKeeper:
         finally:
             probe.close()
         returncode = proc.wait()
-        self.last_exit_status = _shell_status(returncode)
-        return returncode
+        if not self._expected_exit:  # a rolling restart's SIGTERM is not a failure
+            self.last_exit_status = _shell_status(returncode)
+        return returncode, made_progress(self._ready_kind, True, time.monotonic() - begun)
 
     def _await_ready(
         self, proc: subprocess.Popen[bytes], probe: ReadinessProbe, begun: float

@@ -71,6 +71,18 @@ class ReadinessProbe:
         """Forget the probe connection (the next ``check`` makes a new one)."""
         self._probe = None
 
+    def proved_before_exit(self) -> bool:
+        """After the service exited before a ``check`` saw it ready: whether it was ready
+        all the same. A fast service can serve and exit between two checks (20 requests
+        take less than one probe interval); its run made progress. Only a ``log:`` match
+        or, for an ``fd`` socket, the probe connection taken off the queue can say so
+        after the fact; an http or port probe cannot (False)."""
+        if self.kind == "log":
+            return self._matched.is_set()
+        if self.kind == "tcp" and self.listening is not None and self._probe is not None:
+            return connection_accepted(*self._probe) is True
+        return False
+
     def check(self) -> bool:
         """One attempt; True when the service is ready (``last_problem`` says why not)."""
         if self.kind == "none":

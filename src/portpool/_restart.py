@@ -1,9 +1,15 @@
 """When a supervised service that exited is started again: the restart policy and backoff.
 
-A pure state machine (time is passed in), so the rules are tested without waiting:
-the delay before the k-th restart of a burst is 0.1 s * 2**(k-1), capped at 30 s, and a
-service that needs more than 5 restarts within 60 s is given up (restarting it forever
-hides the failure and burns the CPU, the crash loop systemd's StartLimitBurst stops).
+A pure state machine (time is passed in), so the rules are tested without waiting.
+A crash loop is a service that fails without making progress: a run counts toward the
+limit only if it exited before it became ready through a real probe (tcp, http, log),
+or, for ``ready = "none"``, ran less than 1 s (``made_progress``). The delay before the
+k-th counted restart is 0.1 s * 2**(k-1), capped at 30 s, and more than 5 counted
+restarts within 60 s give up (restarting it forever hides the failure and burns the
+CPU, the crash loop systemd's StartLimitBurst stops). A run that made progress clears
+the count, so the next restart waits 0.1 s again: a service that serves and exits now
+and then (every 20th request, under steady load) is never given up, the case a plain
+"N restarts in T seconds" rule got wrong.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ from dataclasses import dataclass, field
 __all__ = [
     "BACKOFF_CAP_S",
     "BACKOFF_FIRST_S",
+    "NONE_PROGRESS_S",
     "RESTART_BURST",
     "RESTART_POLICIES",
     "RESTART_WINDOW_S",
     "Decision",
     "RestartTracker",
     "backoff_delay_s",
+    "made_progress",
     "wants_restart",
 ]
 
@@ -28,6 +36,17 @@ BACKOFF_FIRST_S = 0.1
 BACKOFF_CAP_S = 30.0
 RESTART_BURST = 5  # restarts allowed within RESTART_WINDOW_S; one more gives up
 RESTART_WINDOW_S = 60.0
+NONE_PROGRESS_S = 1.0  # ready = "none": a run this long made progress
+
+
+def made_progress(ready_kind: str, became_ready: bool, ran_s: float) -> bool:
+    """Whether a run of a service made progress (does not count toward the crash-loop
+    limit): it became ready through a real probe (``ready_kind`` tcp, http or log), or,
+    with ``ready_kind`` "none" (ready at once, so readiness proves nothing), it ran at
+    least ``NONE_PROGRESS_S`` seconds (``ran_s``)."""
+    if ready_kind == "none":
+        return ran_s >= NONE_PROGRESS_S
+    return became_ready
 
 
 def wants_restart(policy: str, returncode: int) -> bool:
@@ -64,11 +83,16 @@ class RestartTracker:
     count: int = 0
     _recent: deque[float] = field(default_factory=deque)
 
-    def on_exit(self, returncode: int, now: float) -> Decision:
+    def on_exit(self, returncode: int, now: float, *, progressed: bool = False) -> Decision:
         """The decision for an exit at monotonic time ``now`` (seconds); a restart it
-        grants is counted at once."""
+        grants is counted in ``count`` at once. ``progressed`` (``made_progress``): the
+        run does not count toward the crash-loop limit and the backoff starts again."""
         if not wants_restart(self.policy, returncode):
             return Decision(False)
+        if progressed:
+            self._recent.clear()
+            self.count += 1
+            return Decision(True, BACKOFF_FIRST_S)
         while self._recent and now - self._recent[0] > RESTART_WINDOW_S:
             self._recent.popleft()
         if len(self._recent) >= RESTART_BURST:

@@ -173,7 +173,8 @@ def _parse_refusals(raw: object) -> list[dict[str, Any]]:
 
 def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
     """Validated service entries as plain dicts of name, pool, port, pid, refusals, and
-    for a service ``up`` supervises: state, restarts, last_exit_status, started_at, ready_at.
+    for a service ``up`` supervises: state, restarts, planned_restarts, last_exit_status,
+    started_at, ready_at.
 
     Plain dicts because ``status --json`` passes tens of thousands of them straight to
     the JSON encoder; ``InstanceInfo.services`` wraps them on demand.
@@ -204,6 +205,8 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
             )
             entry["state"] = state if type(state) is str and state in _STATES else None
             entry["restarts"] = restarts if type(restarts) is int and restarts >= 0 else 0
+            planned = item.get("planned_restarts")  # a rolling restart's (SIGHUP)
+            entry["planned_restarts"] = planned if type(planned) is int and planned >= 0 else 0
             entry["last_exit_status"] = last if type(last) is int and 0 <= last < 256 else None
             for key in ("started_at", "ready_at"):  # wall clock of the current process
                 value = item.get(key)

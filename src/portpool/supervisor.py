@@ -122,6 +122,11 @@ class Supervisor:
         self._width = 0
         self._common: dict[str, str] = {}
         self._rolling = threading.Lock()
+        # SIGHUP: one rolling-restart worker at a time, and at most one more queued.
+        self._hup_lock = threading.Lock()
+        self._hup_running = False
+        self._hup_pending = False
+        self.is_up = threading.Event()  # "is up" was said: a rolling restart may begin
         # Starting and stopping exclude each other: a restart that begins while the
         # instance stops would leave a service behind.
         self._spawn_lock = threading.Lock()
@@ -227,6 +232,7 @@ class Supervisor:
                 on_failure=lambda failure: self.finish(Outcome(5, describe_failure(failure))),
                 done=self._done,
                 depends_on=[self.keepers[d] for d in graph[name]],
+                on_restart=self._print_restarting,
             )
         self._record_states(None)
         for name, keeper in self.keepers.items():
@@ -254,12 +260,23 @@ class Supervisor:
         states = {name: k.snapshot() for name, k in self.keepers.items()}
         self.instance.set_service_states(states, pids)
 
-    def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
-        again = f" (restart {keeper.restarts})" if keeper.restarts else ""
-        line = f"portpool: {keeper.name} ready on port {keeper.port} in {seconds:.2f} s{again}"
+    def _say(self, line: str) -> None:
         with self._print_lock, contextlib.suppress(OSError, ValueError):
             self.out.write(line + "\n")
             self.out.flush()
+
+    def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
+        again = {
+            "restart": f" (restart {keeper.restarts})",
+            "rolling": " (rolling restart)",  # planned: not counted as a failure
+        }.get(keeper.start_reason, "")
+        self._say(f"portpool: {keeper.name} ready on port {keeper.port} in {seconds:.2f} s{again}")
+
+    def _print_restarting(self, keeper: ServiceKeeper, returncode: int, delay_s: float) -> None:
+        self._say(
+            f"portpool: service {keeper.name!r} exited ({describe_status(returncode)}); "
+            f"restarting in {delay_s:g} s"
+        )
 
     def wait_ready(self) -> bool:
         """Block until every service was ready once (True, even if a stop was asked
@@ -273,11 +290,13 @@ class Supervisor:
     def rolling_restart(self) -> list[str]:
         """Restart every ready service in dependency order, each on its same socket,
         waiting until it is ready again before the next; returns those restarted. A
-        request while one runs is ignored."""
+        call while one runs returns [] at once (``request_rolling_restart`` queues)."""
         if not self._rolling.acquire(blocking=False):
             return []
         try:
             done = []
+            if self.keepers and not self._done.is_set():
+                self._say(f"portpool: rolling restart of {', '.join(self.keepers)}")
             for name, keeper in self.keepers.items():
                 if self._done.is_set():
                     break
@@ -288,8 +307,43 @@ class Supervisor:
             self._rolling.release()
 
     def request_rolling_restart(self) -> None:
-        """``rolling_restart`` in a thread (for a signal callback)."""
-        threading.Thread(target=self.rolling_restart, name="portpool-rolling", daemon=True).start()
+        """``rolling_restart`` in a thread (for a signal callback), once every service
+        was ready. A request while services start or a rolling restart runs is queued:
+        at most one more runs after the current one (more requests meanwhile add
+        nothing; each is said on the console). Dropping them silently left a SIGHUP
+        sent during start or during a restart without effect."""
+        with self._hup_lock:
+            if self._hup_running:
+                if self._hup_pending:
+                    self._say("portpool: SIGHUP: a rolling restart is already queued")
+                else:
+                    self._hup_pending = True
+                    self._say(
+                        "portpool: SIGHUP: rolling restart queued (services are "
+                        "starting or restarting)"
+                    )
+                return
+            self._hup_running = True
+            if not all(k.ever_ready.is_set() for k in self.keepers.values()):
+                self._say("portpool: SIGHUP: rolling restart once every service is ready")
+        threading.Thread(target=self._rolling_worker, name="portpool-rolling", daemon=True).start()
+
+    def _rolling_worker(self) -> None:
+        try:
+            while not self.is_up.wait(0.2):
+                if self._done.is_set():
+                    return
+            while not self._done.is_set():
+                self.rolling_restart()
+                with self._hup_lock:
+                    if not self._hup_pending:
+                        self._hup_running = False
+                        return
+                    self._hup_pending = False
+        finally:
+            with self._hup_lock:
+                self._hup_running = False
+                self._hup_pending = False
 
     def own_pids(self) -> list[int]:
         """Pids of our processes still running (the shield's "ours" for a port; it
@@ -549,6 +603,7 @@ def run_up(
     number: int | None = None,
     out: IO[str] | None = None,
     on_up: Callable[[Instance, dict[str, int]], None] | None = None,
+    announce: Callable[[Instance], None] | None = None,
 ) -> Outcome:
     """``portpool up``: start an instance of ``layout`` and every service that has a
     command, each in its own process group, in dependency order (a service starts once
@@ -560,11 +615,14 @@ def run_up(
     passed to the services once (SIGINT stays SIGINT), then ``grace_s``, then SIGKILL;
     USR1/USR2 are passed on without stopping; SIGHUP sent by a process (``kill -HUP``)
     restarts every service in dependency order on the same sockets
-    (``Supervisor.rolling_restart``), while a terminal's hangup stops. ``on_up``
-    runs once every service is ready; ``number`` pins the instance number. Returns the
-    Outcome: code 0 after SIGTERM, 4 shield tripped, 5 a service exited and was not
-    restarted, gave up after too many restarts, or was not ready in time; ``signum`` set
-    when the caller should die of that signal (SIGINT, SIGQUIT, a terminal's SIGHUP).
+    (``Supervisor.rolling_restart``; one more is queued while one runs or services
+    start), while a terminal's hangup stops. ``announce(instance)`` runs as soon as the
+    instance is acquired, before any service starts (so its ports are said also when a
+    start then fails); ``on_up`` runs once every service is ready; ``number`` pins the
+    instance number. Returns the Outcome: code 0 after SIGTERM, 4 shield tripped, 5 a
+    service exited and was not restarted, gave up after too many restarts without making
+    progress (``portpool._restart``), or was not ready in time; ``signum`` set when the
+    caller should die of that signal (SIGINT, SIGQUIT, a terminal's SIGHUP).
     Raises LayoutError (a command cannot be executed; nothing started), Interrupted,
     StartError, StateDirError.
     """
@@ -584,6 +642,8 @@ def run_up(
         become_subreaper()
         instance = start_instance(layout, number=number, heartbeat=False)
         try:
+            if announce is not None:
+                announce(instance)
             scope.block()
             scope.check()
             # The keepers decide what a service's exit means (restart, or exit 5).
@@ -619,9 +679,11 @@ def run_up(
                     ),
                     own_pids=supervisor.own_pids,
                 )
-                if supervisor.wait_ready() and on_up is not None:
-                    pids = {n: k.pid for n, k in supervisor.keepers.items() if k.pid is not None}
-                    on_up(instance, pids)
+                if supervisor.wait_ready():
+                    if on_up is not None:
+                        pids = {n: k.pid for n, k in supervisor.keepers.items() if k.pid}
+                        on_up(instance, pids)
+                    supervisor.is_up.set()
             outcome = supervisor.wait()
             supervisor.stop(stop_signal[0] if stop_signal else signal.SIGTERM)
             outcome.lingering = supervisor.lingering(grace_s)
