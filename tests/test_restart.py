@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -15,7 +17,15 @@ from typing import Any
 
 import psutil
 import pytest
-from tests.helpers import LineReader, portpool, start, status_json, wait_for
+from tests.helpers import (
+    PORTPOOL,
+    LineReader,
+    held_lock_files,
+    portpool,
+    start,
+    status_json,
+    wait_for,
+)
 
 from portpool._order import dependency_problems, start_order
 from portpool._platform import listeners
@@ -563,6 +573,30 @@ def test_a_terminal_hangup_stops_up_instead_of_restarting(
             assert time.monotonic() < deadline, "up still runs after its terminal hung up"
             time.sleep(0.05)
         wait_for(lambda: not psutil.pid_exists(pid), 20)
+        assert status_json(config)["instances"] == []
+    finally:
+        terminal.close()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_a_hangup_passed_on_by_the_shell_stops_up_too(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # `up` run from an interactive shell whose window closes: the kernel hangs up on the
+    # shell, and bash passes SIGHUP on to its jobs as an ordinary signal from its own pid
+    # (not from the kernel). That is still a hangup: `up` stops, it does not restart.
+    from tests.test_signals import Terminal
+
+    config = write_config(tmp_path, port_base, {"svc": {"restart": "always"}})
+    command = " ".join(shlex.quote(a) for a in [*PORTPOOL, "up", "--config", str(config)])
+    terminal = Terminal(["bash", "--norc", "--noprofile", "-i"])
+    try:
+        os.write(terminal.master, command.encode() + b"\n")
+        terminal.read_until(b"is up")
+        pid = service_record(config, "svc")["pid"]
+        os.close(terminal.master)  # the window closes
+        terminal.master = os.open(os.devnull, os.O_RDONLY)  # for close() below
+        wait_for(lambda: not psutil.pid_exists(pid) and held_lock_files(home) == [], 60)
         assert status_json(config)["instances"] == []
     finally:
         terminal.close()

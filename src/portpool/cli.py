@@ -422,9 +422,11 @@ def up(
         return
     numbers: list[int] = []
 
-    def on_up(instance: Instance, pids: dict[str, int]) -> None:
+    def announce(instance: Instance) -> None:
         numbers.append(instance.number)
-        _announce(instance, quiet)
+        _announce(instance, quiet)  # as soon as the ports are ours, before readiness
+
+    def on_up(instance: Instance, pids: dict[str, int]) -> None:
         click.echo(f"portpool: instance {instance.number} of {layout.app} is up")
         click.echo(f"  {'service':<16} {'port':>5}  {'pid':>7}")
         for name, port in instance.ports.items():
@@ -432,7 +434,7 @@ def up(
             click.echo(f"  {name:<16} {port:>5}  {pid if pid else '-':>7}")
         sys.stdout.flush()
 
-    outcome = run_up(layout, grace_s=grace, number=instance_number, on_up=on_up)
+    outcome = run_up(layout, grace_s=grace, number=instance_number, on_up=on_up, announce=announce)
     if outcome.message:
         click.echo(f"portpool: {outcome.message}", err=outcome.code != 0 and outcome.signum is None)
     stopped = f"portpool: instance {numbers[0]} stopped; its ports are free" if numbers else None

@@ -40,6 +40,7 @@ from portpool._launch import (
 )
 from portpool._platform import (
     ReceivedSignal,
+    controlling_terminal_alive,
     enlarge_pipe,
     in_terminal_foreground,
     process_group,
@@ -638,6 +639,9 @@ def run_up(
     stop_signal: list[int] = []
     relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
     hangup = getattr(signal, "SIGHUP", None)
+    # A closed terminal reaches us as the kernel's SIGHUP, or as a shell passing its own
+    # on (an ordinary signal from the shell's pid): the terminal tells the two apart.
+    had_terminal = controlling_terminal_alive()
     with SignalScope() as scope:
         become_subreaper()
         instance = start_instance(layout, number=number, heartbeat=False)
@@ -656,8 +660,13 @@ def run_up(
                 signum = received.signum
                 if signum in relayed_only:
                     supervisor.send(signum)
-                elif signum == hangup and not received.from_kernel and not supervisor.finishing:
-                    # kill -HUP: a rolling restart. A terminal's hangup (the kernel's) stops.
+                elif (
+                    signum == hangup
+                    and not received.from_kernel
+                    and not supervisor.finishing
+                    and not (had_terminal and not controlling_terminal_alive())
+                ):
+                    # kill -HUP: a rolling restart. A terminal's hangup stops.
                     supervisor.request_rolling_restart()
                 elif supervisor.finishing:
                     supervisor.send(_stop_with(signum))  # asked again: passed on once more
