@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import re
 import sys
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from portpool._layout_checks import (
@@ -32,10 +32,9 @@ from portpool._layout_checks import (
     MAX_SERVICES,
     Problem,
     admissible_instances,
-    count_admissible,
-    env_collisions,
-    instance1_overlaps,
+    cross_problems,
     port_warnings,
+    too_many_services,
 )
 
 # Re-exported: every layout name is importable from here, wherever it is defined.
@@ -59,7 +58,6 @@ from portpool._layout_text import (
     host_is_literal_remote,
     host_meaning,
 )
-from portpool._order import dependency_problems
 from portpool.errors import LayoutError, UnknownService
 
 __all__ = [
@@ -108,14 +106,6 @@ _TOP_KEYS = (
     "max_instances",
     "services",
 )
-
-
-def _dependency_problems(
-    services: Sequence[Service], names: Collection[str] | None = None
-) -> list[Problem]:
-    graph = {s.name: s.depends_on for s in services}
-    found = dependency_problems(graph, names)
-    return [(f"services.{name}.depends_on", p) for name, p in found]
 
 
 @dataclass(frozen=True)
@@ -193,38 +183,6 @@ def _layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
     return LayoutError(source, key, problem, errors=[f"{source}: {k}: {p}" for k, p in problems])
 
 
-def _too_many(count: int) -> str:
-    return f"has {count} services; a layout may have at most {MAX_SERVICES}"
-
-
-def _cross_problems(
-    services: Sequence[Service], max_instances: object, names: Collection[str] | None = None
-) -> tuple[list[Problem], int, str]:
-    """Problems between services: names, overlaps, the admissible count and the maximum."""
-    out: list[Problem] = []
-    if not services:
-        out.append(("services", "at least one service is required, e.g. [services.api]"))
-        return out, 0, "there are no services"
-    if len(services) > MAX_SERVICES:
-        out.append(("services", _too_many(len(services))))
-        return out, 0, "there are too many services"
-    out.extend(env_collisions(services))
-    out.extend(_dependency_problems(services, names))
-    out.extend(instance1_overlaps(services))
-    admissible, reason = count_admissible(services, INSTANCE_LIMIT)
-    if admissible == 0 and not out:
-        out.append(("services", f"no instance is possible: {reason}"))
-    elif admissible and is_int(max_instances) and max_instances > admissible:
-        out.append(
-            (
-                "max_instances",
-                f"is {max_instances} but at most {admissible} instances keep every pool "
-                f"disjoint and inside 1..{MAX_PORT}: {reason}",
-            )
-        )
-    return out, admissible, reason
-
-
 @dataclass(frozen=True)
 class Layout:
     """An app's validated layout.
@@ -257,7 +215,7 @@ class Layout:
         if bad:
             problems.append(("services", f"must be Service objects, not {bad[0]!r}"))
             raise _layout_error(self.source, problems)
-        cross, admissible, reason = _cross_problems(services, requested)
+        cross, admissible, reason = cross_problems(services, requested)
         problems.extend(cross)
         if problems:
             raise _layout_error(self.source, problems)
@@ -393,7 +351,7 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
         problems.append(("services", "at least one service is required, e.g. [services.api]"))
     elif len(raw_services) > MAX_SERVICES:
         # Refused before any per-service work: validation stays bounded whatever the file.
-        problems.append(("services", _too_many(len(raw_services))))
+        problems.append(("services", too_many_services(len(raw_services))))
     else:
         for name, table in raw_services.items():
             key = f"services.{name}"
@@ -438,7 +396,7 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
         # Report what is wrong between the services that are right, too.
         if services:
             names = [str(n) for n in raw_services] if isinstance(raw_services, Mapping) else None
-            problems.extend(_cross_problems(services, max_instances, names)[0])
+            problems.extend(cross_problems(services, max_instances, names)[0])
         raise _layout_error(source, problems)
     return Layout(
         app=app,  # type: ignore[arg-type]
