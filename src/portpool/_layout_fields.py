@@ -2,7 +2,8 @@
 
 Each function takes a value as parsed (any type) and returns what is wrong with it, in
 words for the ``FILE: KEY: PROBLEM`` lines of a ``LayoutError``; none raises. The model
-(``portpool.layout``) collects them; relations between services are its concern.
+(``portpool.layout``) collects them; relations between services are
+``portpool._layout_checks``'s concern.
 """
 
 from __future__ import annotations

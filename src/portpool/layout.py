@@ -36,8 +36,6 @@ from portpool._layout_checks import (
     port_warnings,
     too_many_services,
 )
-
-# Re-exported: every layout name is importable from here, wherever it is defined.
 from portpool._layout_fields import (
     DEFAULT_READY_TIMEOUT_S,
     INTERVAL_MAX_S,
@@ -60,6 +58,7 @@ from portpool._layout_text import (
 )
 from portpool.errors import LayoutError, UnknownService
 
+# With the public names of the parts: every layout name is importable from here.
 __all__ = [
     "BROWSER_UNSAFE_PORTS",
     "DEFAULT_READY_TIMEOUT_S",
