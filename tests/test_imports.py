@@ -43,6 +43,8 @@ SERVER_STACKS = {
 CLICK_OPTIONAL = {"click.shell_completion", "click.testing", "click._termui_impl"}
 # What the read-only commands have no use for (each costs milliseconds of every start).
 NOT_FOR_READING = {"psutil", "socket", "subprocess", "logging", "tempfile"}
+# The CLI and its parts: all that `--help` may load of portpool.
+CLI_MODULES = {"portpool", "portpool.cli", "portpool._cli_common", "portpool._cli_control"}
 LIBRARY = {
     "portpool.instance",
     "portpool.pool",
@@ -125,7 +127,7 @@ def test_help_loads_click_and_the_cli_only(startup: set[str]) -> None:
     for args in (["--help"], ["status", "--help"]):
         loaded = imported(*cli(*args)) - startup
         assert "click" in loaded  # the process did run the CLI
-        assert portpool_modules(loaded) <= {"portpool", "portpool.cli"}, args
+        assert portpool_modules(loaded) <= CLI_MODULES, args
         assert not loaded & CLICK_OPTIONAL, args
         assert not roots(loaded) & (SERVER_STACKS | NOT_FOR_READING), args
 

@@ -3,15 +3,18 @@
 Pure functions over services (``portpool.layout.Service``): how many instances fit
 before two pools share a port or one leaves 1..65535, which services collide and
 where, and which ports deserve a warning (below 1024, in the OS's ephemeral range, on
-the browsers' unsafe-port list).
+the browsers' unsafe-port list); and every problem between services
+(``cross_problems``: environment names, dependencies, overlaps, the maximum).
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Collection, Iterable, Sequence
+from typing import Protocol, TypeGuard
+
+from portpool._order import dependency_problems
 
 
 class Service(Protocol):
@@ -28,6 +31,8 @@ class Service(Protocol):
     def stride(self) -> int: ...
     @property
     def env_name(self) -> str: ...
+    @property
+    def depends_on(self) -> tuple[str, ...]: ...
     def first_port(self, instance: int) -> int: ...
 
 
@@ -352,3 +357,52 @@ def port_warnings(source: str, services: Sequence[Service], instances: int) -> l
                 "refuse to connect there"
             )
     return out
+
+
+# --- problems between services ----------------------------------------------------
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def dependency_problems_of(
+    services: Sequence[Service], names: Collection[str] | None = None
+) -> list[Problem]:
+    """Each dependency problem (unknown name, cycle) as a ``services.S.depends_on`` key."""
+    graph = {s.name: s.depends_on for s in services}
+    found = dependency_problems(graph, names)
+    return [(f"services.{name}.depends_on", p) for name, p in found]
+
+
+def too_many_services(count: int) -> str:
+    """The problem of a layout with ``count`` (> ``MAX_SERVICES``) services."""
+    return f"has {count} services; a layout may have at most {MAX_SERVICES}"
+
+
+def cross_problems(
+    services: Sequence[Service], max_instances: object, names: Collection[str] | None = None
+) -> tuple[list[Problem], int, str]:
+    """Problems between services: names, overlaps, the admissible count and the maximum."""
+    out: list[Problem] = []
+    if not services:
+        out.append(("services", "at least one service is required, e.g. [services.api]"))
+        return out, 0, "there are no services"
+    if len(services) > MAX_SERVICES:
+        out.append(("services", too_many_services(len(services))))
+        return out, 0, "there are too many services"
+    out.extend(env_collisions(services))
+    out.extend(dependency_problems_of(services, names))
+    out.extend(instance1_overlaps(services))
+    admissible, reason = count_admissible(services, INSTANCE_LIMIT)
+    if admissible == 0 and not out:
+        out.append(("services", f"no instance is possible: {reason}"))
+    elif admissible and _is_int(max_instances) and max_instances > admissible:
+        out.append(
+            (
+                "max_instances",
+                f"is {max_instances} but at most {admissible} instances keep every pool "
+                f"disjoint and inside 1..{MAX_PORT}: {reason}",
+            )
+        )
+    return out, admissible, reason

@@ -3,6 +3,10 @@
 Every command calls the library, turns its errors into a clear message on stderr and
 the contract's exit code: 0 ok; 1 error; 2 usage; 3 nothing started (no free slot or a
 pool exhausted); 4 the shield tripped; 5 a service exited on its own.
+
+Here: the group and the commands that start or read instances (status, layout, doctor,
+gc, run, up). The commands that act on a running instance from another terminal are in
+``portpool._cli_control``; what every command shares, in ``portpool._cli_common``.
 """
 
 from __future__ import annotations
@@ -11,109 +15,29 @@ import contextlib
 import functools
 import json
 import os
-import re
 import signal
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
+
+from portpool._cli_common import (
+    F,
+    config_option,
+    display,
+    handle_errors,
+    instance_option,
+    json_option,
+    layout_for,
+)
+from portpool._cli_control import COMMANDS, up_detached
 
 # The library loads in the commands that use it: `--help` and the read-only commands
 # must not pay for sockets, threads and logging they never use (tests/test_imports.py).
 if TYPE_CHECKING:
-    from portpool.errors import PortPoolError
     from portpool.instance import Instance
-    from portpool.layout import Layout
     from portpool.records import ServiceInfo
     from portpool.supervisor import Outcome
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-# C0/C1 controls (ANSI escapes start with ESC), lone surrogates (unencodable: status
-# crashed on one), bidi controls (they reorder what the user reads), and the Unicode
-# line and paragraph separators (they start a new line in some terminals and tools).
-_UNSAFE_TEXT = re.compile(
-    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\u2028\u2029]"
-)
-
-
-def display(text: str) -> str:
-    """``text`` safe to print to a terminal: every control character, lone surrogate
-    and bidi override shown as a Python escape (``\\x1b``), the rest unchanged.
-
-    Text from the state dir is written by whoever shares our uid (or a bug): printed
-    raw, an ANSI sequence reached the user's terminal.
-    """
-    return _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
-
-
-def _fail(error: PortPoolError, *, as_json: bool = False) -> None:
-    if as_json:  # a script reading stdout gets the error as JSON too
-        click.echo(json.dumps({"error": str(error), "exit_code": error.exit_code}))
-    lines = str(error).split("\n")  # messages may span lines; each is escaped alone
-    click.echo(
-        "\n".join(display(line) for line in [f"portpool: error: {lines[0]}", *lines[1:]]), err=True
-    )
-    sys.exit(error.exit_code)
-
-
-def handle_errors(func: F) -> F:
-    """Turn library errors into one message and the contract's exit code; for a command
-    called with ``--json`` (an ``as_json`` flag, see ``json_option``), also into one JSON
-    object on stdout."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from portpool.errors import PortPoolError
-
-        try:
-            return func(*args, **kwargs)
-        except PortPoolError as e:
-            _fail(e, as_json=kwargs.get("as_json") is True)
-        except click.ClickException as e:  # a usage error found by the command itself
-            if kwargs.get("as_json") is True:
-                click.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
-            raise
-
-    return wrapper  # type: ignore[return-value]
-
-
-def config_option(func: F) -> F:
-    return click.option(
-        "--config",
-        "-c",
-        "config",
-        type=click.Path(),
-        default=None,
-        help="Layout file (TOML). Default: ./portpool.toml if present, else the built-in layout.",
-    )(func)
-
-
-def instance_option(func: F) -> F:
-    return click.option(
-        "--instance",
-        "-i",
-        "instance_number",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Instance number. Default: this checkout's instance, else the only running one "
-        "(up/run: this checkout's last number if free, else the lowest free one).",
-    )(func)
-
-
-def json_option(func: F) -> F:
-    """``--json`` (as ``as_json``); with it, ``handle_errors`` also prints an error as
-    ``{"error": message, "exit_code": n}`` on stdout, so a script always gets JSON."""
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(func)
-
-
-def _layout(config: str | None) -> Layout:
-    from portpool.layout import resolve_layout
-
-    return resolve_layout(config)
-
 
 # Commands that log nothing (no threads, no instance): they skip importing logging.
 _SILENT_COMMANDS = frozenset({"status", "layout", "gc"})
@@ -163,7 +87,7 @@ def status(config: str | None, as_json: bool) -> None:
     from portpool.records import list_instances
     from portpool.statedir import StateDir
 
-    layout = _layout(config)
+    layout = layout_for(config)
     with StateDir.open(create=False) as state:  # read-only: creates nothing
         infos = list_instances(layout.app, state)
         if as_json:
@@ -207,9 +131,9 @@ def layout_command(config: str | None, as_json: bool) -> None:
     if as_json:
         from portpool.control import layout_document
 
-        click.echo(json.dumps(layout_document(_layout(config))))
+        click.echo(json.dumps(layout_document(layout_for(config))))
         return
-    layout = _layout(config)
+    layout = layout_for(config)
     warning = None
     if host_is_literal_remote(layout.host):  # only then a socket is needed to tell
         from portpool._addresses import host_warning
@@ -230,7 +154,7 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
     OS says; free ports are only counted unless --all. Kills nothing."""
     from portpool.diagnosis import examine_layout
 
-    layout = _layout(config)
+    layout = layout_for(config)
     report = examine_layout(layout, service=service)
     if as_json:
         doc = report.to_dict(show_free=show_all)
@@ -271,7 +195,7 @@ def gc(config: str | None, as_json: bool) -> None:
     from portpool.records import gc as run_gc
 
     if config is not None:
-        _layout(config)
+        layout_for(config)
     report = run_gc()
     if as_json:
         click.echo(json.dumps(report.to_dict(), separators=(",", ":")))
@@ -386,7 +310,7 @@ def run(
     from portpool.supervisor import run_command
 
     outcome = run_command(
-        _layout(config),
+        layout_for(config),
         command,
         services=list(dict.fromkeys(services)),
         fds=fds,
@@ -416,9 +340,9 @@ def up(
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
     from portpool.supervisor import run_up
 
-    layout = _layout(config)
+    layout = layout_for(config)
     if detach:
-        _up_detached(layout, config, grace, instance_number)
+        up_detached(layout, config, grace, instance_number)
         return
     numbers: list[int] = []
 
@@ -441,131 +365,9 @@ def up(
     _finish(outcome, stopped)
 
 
-# ---------------------------------------------------------------- from another terminal
-
-
-def _up_detached(
-    layout: Layout, config: str | None, grace: float, instance_number: int | None
-) -> None:
-    from portpool.control import check_number, start_detached
-    from portpool.statedir import StateDir
-
-    check_number(layout, instance_number)
-    args = ["--grace", repr(grace)]
-    if config is not None:
-        args += ["--config", config]
-    if instance_number is not None:
-        args += ["--instance", str(instance_number)]
-    with StateDir.open() as state:
-        started = start_detached(layout, args, state=state)
-    for note in started.notes:  # its warnings (a skipped slot, ...) are for this terminal too
-        click.echo(display(note), err=True)
-    click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
-    for name, port in started.ports.items():
-        click.echo(f"  {name:<16} {port:>5}")
-    click.echo(f"logs: portpool logs --instance {started.number}   ({started.log})")
-    click.echo(f"stop: portpool stop {started.number}")
-
-
-@cli.command()
-@click.argument("service")
-@instance_option
-@config_option
-@json_option
-@handle_errors
-def port(service: str, instance_number: int | None, config: str | None, as_json: bool) -> None:
-    """Print the port SERVICE holds in a running instance (for `$(portpool port api)`)."""
-    from portpool.control import check_number, service_port
-    from portpool.statedir import StateDir
-
-    layout = _layout(config)
-    check_number(layout, instance_number)
-    with StateDir.open(create=False) as state:  # read-only: creates nothing
-        info, number = service_port(layout, service, instance_number, state=state)
-    if as_json:
-        doc = {"app": layout.app, "instance": info.number, "service": service, "port": number}
-        click.echo(json.dumps(doc))
-    else:
-        click.echo(number)
-
-
-@cli.command()
-@instance_option
-@config_option
-@click.option("--export", is_flag=True, help="Print `export KEY=value` lines for `eval`.")
-@handle_errors
-def env(instance_number: int | None, config: str | None, export: bool) -> None:
-    """A running instance's environment as KEY=value lines (a docker compose --env-file)."""
-    from portpool.control import check_number, format_env, instance_env
-    from portpool.statedir import StateDir
-
-    layout = _layout(config)
-    check_number(layout, instance_number)
-    with StateDir.open(create=False) as state:  # read-only: creates nothing
-        click.echo(format_env(instance_env(layout, instance_number, state=state), export=export))
-
-
-@cli.command()
-@click.argument("number", type=click.IntRange(min=1), required=False)
-@click.option("--all", "every", is_flag=True, help="Stop every running instance of the app.")
-@config_option
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0),
-    default=30.0,
-    show_default=True,
-    help="Seconds to wait for its ports to be free.",
-)
-@json_option
-@handle_errors
-def stop(
-    number: int | None, every: bool, config: str | None, timeout: float, as_json: bool
-) -> None:
-    """Stop instance NUMBER (default: this checkout's, else the only running one).
-
-    SIGTERM goes only to the process holding the instance's slot lock whose identity
-    matches its record; then waits until its ports are free. Exit 1 if it does not run.
-    """
-    from portpool.control import check_number, stop_instances
-    from portpool.statedir import StateDir
-
-    if every and number is not None:
-        raise click.UsageError("give an instance NUMBER or --all, not both")
-    layout = _layout(config)
-    check_number(layout, number)
-    with StateDir.open(create=False) as state:  # it only signals: creates nothing
-        stopped = stop_instances(layout, number, every=every, timeout_s=timeout, state=state)
-    if as_json:
-        click.echo(json.dumps({"app": layout.app, "stopped": [s.to_dict() for s in stopped]}))
-        return
-    for s in stopped:
-        click.echo(f"portpool: instance {s.number} of {layout.app} stopped (pid {s.pid})")
-
-
-@cli.command()
-@click.argument("service", required=False)
-@instance_option
-@config_option
-@click.option("--follow", "-f", is_flag=True, help="Keep printing until the instance stops.")
-@handle_errors
-def logs(
-    service: str | None, instance_number: int | None, config: str | None, follow: bool
-) -> None:
-    """The output of a detached instance (`up --detach`), with `up`'s prefixes."""
-    from portpool.control import check_number, follow_log
-    from portpool.statedir import StateDir
-
-    layout = _layout(config)
-    check_number(layout, instance_number)
-    with StateDir.open(create=False) as state:  # read-only: creates nothing
-        follow_log(
-            layout,
-            click.echo,
-            service=service,
-            number=instance_number,
-            follow=follow,
-            state=state,
-        )
+# From another terminal: port, env, stop, logs.
+for _command in COMMANDS:
+    cli.add_command(_command)
 
 
 def _output_failed(error: OSError) -> None:

@@ -1,7 +1,7 @@
-"""Instances: race-free instance numbers, acquire-all, the record and its heartbeat.
+"""Instances: a slot's leases taken all or nothing, the record and its heartbeat.
 
 An instance number is a slot ``apps/<app>/instances/<n>.lock`` held by a kernel lock for
-the instance's life: the lowest free one wins, a dead holder frees it at once. Its
+the instance's life; which number an instance gets is ``portpool._slots``'s concern. Its
 record and the cleanup of dead instances live in ``portpool.records``.
 
 The two entry points of the original system live on under Pythonic names:
@@ -12,7 +12,6 @@ The two entry points of the original system live on under Pythonic names:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -22,22 +21,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from portpool import pool as pool_mod
-from portpool._platform import (
-    current_identity,
-    locked_inodes,
-)
-from portpool.errors import (
-    AlreadyHeldHere,
-    LockHeld,
-    NoFreeSlot,
-    PoolExhausted,
-    PortPoolError,
-    ResourceLimit,
-    ShieldTripped,
-    SlotHolder,
-    SlotUnavailable,
-    UsageError,
-)
+from portpool._platform import current_identity
+from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
+from portpool.errors import PoolExhausted, PortPoolError, ResourceLimit, ShieldTripped
 from portpool.layout import Layout, resolve_layout
 from portpool.lock import HeldLock
 from portpool.pool import Lease
@@ -52,7 +38,7 @@ from portpool.records import (
     read_json_file,
     write_atomic,
 )
-from portpool.statedir import StateDir, check_name
+from portpool.statedir import StateDir
 
 if TYPE_CHECKING:
     from portpool.shield import LeaseReport
@@ -79,114 +65,6 @@ __all__ = [
 log = logging.getLogger("portpool.instance")
 
 # ---------------------------------------------------------------- a running instance
-
-
-_SLOT_PASSES = 3
-
-
-def checkout_dir(layout: Layout, cwd: str | None = None) -> str:
-    """The directory an instance is started for: the layout file's directory, or ``cwd``
-    (default: the working directory) for a layout that is not a file (the built-in one)."""
-    if layout.source and os.path.isfile(layout.source):
-        return os.path.dirname(os.path.realpath(layout.source))
-    return os.path.realpath(cwd if cwd is not None else os.getcwd())
-
-
-def _checkout_file(directory: str) -> str:
-    digest = hashlib.sha256(directory.encode("utf-8", "surrogateescape")).hexdigest()
-    return f"{digest[:32]}.json"
-
-
-def previous_number(state: StateDir, layout: Layout, directory: str) -> int | None:
-    """The number the last instance started for ``directory`` had, if it is admissible."""
-    try:
-        handle = state.subdir("apps", check_name("app", layout.app), "checkouts")
-        raw = read_json_file(handle, _checkout_file(directory))
-    except (ValueError, PortPoolError):
-        return None
-    if not isinstance(raw, dict) or raw.get("dir") != directory:
-        return None
-    number = raw.get("number")
-    if type(number) is int and 1 <= number <= layout.max_instances:
-        return number
-    return None
-
-
-def _remember_number(state: StateDir, app: str, directory: str, number: int) -> None:
-    data = json.dumps({"dir": directory, "number": number}).encode()
-    try:
-        handle = state.subdir("apps", check_name("app", app), "checkouts")
-        write_atomic(handle, _checkout_file(directory), data)
-    except PortPoolError as e:
-        log.warning("cannot remember instance %d for %s: %s", number, directory, e)
-
-
-def _runs_for(state: StateDir, app: str, number: int | None, directory: str) -> bool:
-    """Whether instance ``number`` runs, started for ``directory``."""
-    if number is None:
-        return False
-    info = read_instance(state.instances(app), number)
-    return info.alive and info.directory == directory
-
-
-def _slot_order(layout: Layout, preferred: int | None, skip: set[int]) -> list[int]:
-    numbers = [n for n in range(1, layout.max_instances + 1) if n not in skip]
-    if preferred in numbers:
-        numbers.remove(preferred)
-        numbers.insert(0, preferred)
-    return numbers
-
-
-def _take_slot(
-    state: StateDir, layout: Layout, preferred: int | None = None, skip: set[int] | None = None
-) -> tuple[int, HeldLock]:
-    directory = state.instances(layout.app)
-    order = _slot_order(layout, preferred, skip or set())
-    for attempt in range(_SLOT_PASSES):
-        if attempt:
-            # A cleaner holds a dead slot's lock for a moment while it removes the
-            # record: look again before telling the user every slot is taken.
-            time.sleep(0.02 * attempt)
-        for number in order:
-            try:
-                return number, HeldLock.acquire(directory, f"{number}.lock")
-            except (LockHeld, AlreadyHeldHere):
-                continue
-    locked = locked_inodes()
-    holders = []
-    for number in range(1, layout.max_instances + 1):
-        info = read_instance(directory, number, locked)
-        if info.readable:
-            detail = f"pid {info.pid}, heartbeat {info.heartbeat_age_s:.0f} s ago"
-        else:
-            detail = info.problem or "record unreadable"
-        holders.append(SlotHolder(number, info.pid, detail))
-    raise NoFreeSlot(layout.app, holders)
-
-
-def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
-    if type(number) is not int or not 1 <= number <= layout.max_instances:
-        raise UsageError(
-            f"instance must be 1..{layout.max_instances} for app {layout.app!r}, not {number!r}"
-        )
-    directory = state.instances(layout.app)
-    for attempt in range(_SLOT_PASSES):
-        if attempt:
-            time.sleep(0.02 * attempt)  # a cleaner may hold a dead slot's lock for a moment
-        try:
-            return HeldLock.acquire(directory, f"{number}.lock")
-        except (LockHeld, AlreadyHeldHere):
-            continue
-    info = read_instance(directory, number)
-    who = f"pid {info.pid}" if info.pid is not None else (info.problem or "unknown")
-    where = f", started for {info.directory}" if info.directory else ""
-    raise SlotUnavailable(layout.app, number, f"it is running ({who}{where})")
-
-
-def _blocked(error: PoolExhausted) -> bool:
-    """Every port of the pool is refused by something that is not a portpool holder
-    (a foreign program): the next slot's pool may well be free."""
-    return bool(error.refusals) and all(r.reason != "held" for r in error.refusals)
 
 
 class Instance:
@@ -472,35 +350,15 @@ def start_instance(
         with contextlib.suppress(OSError, PortPoolError):
             clean_app(state, layout.app)
     preferred = previous_number(state, layout, directory) if number is None else None
-    skipped: list[tuple[int, str]] = []
-    blocked: PoolExhausted | None = None
-    while True:
-        if number is not None:
-            taken, slot = number, _take_pinned(state, layout, number)
-        else:
-            try:
-                taken, slot = _take_slot(state, layout, preferred, {n for n, _ in skipped})
-            except NoFreeSlot:
-                if blocked is None:
-                    raise
-                raise blocked from None  # every free slot was blocked: say why (exit 3)
-        try:
-            instance = _acquire_all(state, layout, taken, slot, names, directory=directory)
-        except PoolExhausted as e:
-            if number is not None or not _blocked(e):
-                raise
-            refused = "; ".join(str(r) for r in e.refusals)
-            why = f"service {e.service!r}: every port of its pool is taken by others ({refused})"
-            log.warning("instance %d of %s skipped: %s", taken, layout.app, why)
-            skipped.append((taken, why))
-            blocked = e
-            continue
-        break
+    instance, _, skipped = fill_slot(
+        state,
+        layout,
+        lambda taken, slot: _acquire_all(state, layout, taken, slot, names, directory=directory),
+        number=number,
+        preferred=preferred,
+    )
     instance.skipped = skipped
-    # Written only when it changes; and a second copy for the same checkout must not
-    # move the first one's number.
-    if taken != preferred and not _runs_for(state, layout.app, preferred, directory):
-        _remember_number(state, layout.app, directory, taken)
+    remember_number(state, layout.app, directory, instance.number, preferred)
     if heartbeat:
         instance.start_heartbeat()
     return instance

@@ -1,0 +1,117 @@
+"""What every ``portpool`` command shares: safe text, errors to exit codes, common options.
+
+Only click and the standard library at import: the library loads in the commands that
+use it (tests/test_imports.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from portpool.errors import PortPoolError
+    from portpool.layout import Layout
+
+__all__ = [
+    "F",
+    "config_option",
+    "display",
+    "handle_errors",
+    "instance_option",
+    "json_option",
+    "layout_for",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# C0/C1 controls (ANSI escapes start with ESC), lone surrogates (unencodable: status
+# crashed on one), bidi controls (they reorder what the user reads), and the Unicode
+# line and paragraph separators (they start a new line in some terminals and tools).
+_UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\u2028\u2029]"
+)
+
+
+def display(text: str) -> str:
+    """``text`` safe to print to a terminal: every control character, lone surrogate
+    and bidi override shown as a Python escape (``\\x1b``), the rest unchanged.
+
+    Text from the state dir is written by whoever shares our uid (or a bug): printed
+    raw, an ANSI sequence reached the user's terminal.
+    """
+    return _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def _fail(error: PortPoolError, *, as_json: bool = False) -> None:
+    if as_json:  # a script reading stdout gets the error as JSON too
+        click.echo(json.dumps({"error": str(error), "exit_code": error.exit_code}))
+    lines = str(error).split("\n")  # messages may span lines; each is escaped alone
+    click.echo(
+        "\n".join(display(line) for line in [f"portpool: error: {lines[0]}", *lines[1:]]), err=True
+    )
+    sys.exit(error.exit_code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn library errors into one message and the contract's exit code; for a command
+    called with ``--json`` (an ``as_json`` flag, see ``json_option``), also into one JSON
+    object on stdout."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from portpool.errors import PortPoolError
+
+        try:
+            return func(*args, **kwargs)
+        except PortPoolError as e:
+            _fail(e, as_json=kwargs.get("as_json") is True)
+        except click.ClickException as e:  # a usage error found by the command itself
+            if kwargs.get("as_json") is True:
+                click.echo(json.dumps({"error": e.format_message(), "exit_code": e.exit_code}))
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def config_option(func: F) -> F:
+    return click.option(
+        "--config",
+        "-c",
+        "config",
+        type=click.Path(),
+        default=None,
+        help="Layout file (TOML). Default: ./portpool.toml if present, else the built-in layout.",
+    )(func)
+
+
+def instance_option(func: F) -> F:
+    return click.option(
+        "--instance",
+        "-i",
+        "instance_number",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Instance number. Default: this checkout's instance, else the only running one "
+        "(up/run: this checkout's last number if free, else the lowest free one).",
+    )(func)
+
+
+def json_option(func: F) -> F:
+    """``--json`` (as ``as_json``); with it, ``handle_errors`` also prints an error as
+    ``{"error": message, "exit_code": n}`` on stdout, so a script always gets JSON."""
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(func)
+
+
+def layout_for(config: str | None) -> Layout:
+    """The layout ``--config`` names (see ``portpool.layout.resolve_layout``)."""
+    from portpool.layout import resolve_layout
+
+    return resolve_layout(config)

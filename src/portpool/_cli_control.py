@@ -1,0 +1,155 @@
+"""The ``portpool`` commands that act on a running instance from another terminal.
+
+``port``, ``env``, ``stop`` and ``logs`` (registered on the ``portpool`` group by
+``portpool.cli``), and what ``up --detach`` prints; the work is ``portpool.control``'s.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+import click
+
+from portpool._cli_common import (
+    config_option,
+    display,
+    handle_errors,
+    instance_option,
+    json_option,
+    layout_for,
+)
+
+if TYPE_CHECKING:
+    from portpool.layout import Layout
+
+__all__ = ["COMMANDS", "up_detached"]
+
+
+def up_detached(
+    layout: Layout, config: str | None, grace: float, instance_number: int | None
+) -> None:
+    """Start ``layout``'s instance in the background (``up --detach``) and print where
+    it is: its number, ports, log and how to stop it."""
+    from portpool.control import check_number, start_detached
+    from portpool.statedir import StateDir
+
+    check_number(layout, instance_number)
+    args = ["--grace", repr(grace)]
+    if config is not None:
+        args += ["--config", config]
+    if instance_number is not None:
+        args += ["--instance", str(instance_number)]
+    with StateDir.open() as state:
+        started = start_detached(layout, args, state=state)
+    for note in started.notes:  # its warnings (a skipped slot, ...) are for this terminal too
+        click.echo(display(note), err=True)
+    click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
+    for name, port in started.ports.items():
+        click.echo(f"  {name:<16} {port:>5}")
+    click.echo(f"logs: portpool logs --instance {started.number}   ({started.log})")
+    click.echo(f"stop: portpool stop {started.number}")
+
+
+@click.command()
+@click.argument("service")
+@instance_option
+@config_option
+@json_option
+@handle_errors
+def port(service: str, instance_number: int | None, config: str | None, as_json: bool) -> None:
+    """Print the port SERVICE holds in a running instance (for `$(portpool port api)`)."""
+    from portpool.control import check_number, service_port
+    from portpool.statedir import StateDir
+
+    layout = layout_for(config)
+    check_number(layout, instance_number)
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
+        info, number = service_port(layout, service, instance_number, state=state)
+    if as_json:
+        doc = {"app": layout.app, "instance": info.number, "service": service, "port": number}
+        click.echo(json.dumps(doc))
+    else:
+        click.echo(number)
+
+
+@click.command()
+@instance_option
+@config_option
+@click.option("--export", is_flag=True, help="Print `export KEY=value` lines for `eval`.")
+@handle_errors
+def env(instance_number: int | None, config: str | None, export: bool) -> None:
+    """A running instance's environment as KEY=value lines (a docker compose --env-file)."""
+    from portpool.control import check_number, format_env, instance_env
+    from portpool.statedir import StateDir
+
+    layout = layout_for(config)
+    check_number(layout, instance_number)
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
+        click.echo(format_env(instance_env(layout, instance_number, state=state), export=export))
+
+
+@click.command()
+@click.argument("number", type=click.IntRange(min=1), required=False)
+@click.option("--all", "every", is_flag=True, help="Stop every running instance of the app.")
+@config_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for its ports to be free.",
+)
+@json_option
+@handle_errors
+def stop(
+    number: int | None, every: bool, config: str | None, timeout: float, as_json: bool
+) -> None:
+    """Stop instance NUMBER (default: this checkout's, else the only running one).
+
+    SIGTERM goes only to the process holding the instance's slot lock whose identity
+    matches its record; then waits until its ports are free. Exit 1 if it does not run.
+    """
+    from portpool.control import check_number, stop_instances
+    from portpool.statedir import StateDir
+
+    if every and number is not None:
+        raise click.UsageError("give an instance NUMBER or --all, not both")
+    layout = layout_for(config)
+    check_number(layout, number)
+    with StateDir.open(create=False) as state:  # it only signals: creates nothing
+        stopped = stop_instances(layout, number, every=every, timeout_s=timeout, state=state)
+    if as_json:
+        click.echo(json.dumps({"app": layout.app, "stopped": [s.to_dict() for s in stopped]}))
+        return
+    for s in stopped:
+        click.echo(f"portpool: instance {s.number} of {layout.app} stopped (pid {s.pid})")
+
+
+@click.command()
+@click.argument("service", required=False)
+@instance_option
+@config_option
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the instance stops.")
+@handle_errors
+def logs(
+    service: str | None, instance_number: int | None, config: str | None, follow: bool
+) -> None:
+    """The output of a detached instance (`up --detach`), with `up`'s prefixes."""
+    from portpool.control import check_number, follow_log
+    from portpool.statedir import StateDir
+
+    layout = layout_for(config)
+    check_number(layout, instance_number)
+    with StateDir.open(create=False) as state:  # read-only: creates nothing
+        follow_log(
+            layout,
+            click.echo,
+            service=service,
+            number=instance_number,
+            follow=follow,
+            state=state,
+        )
+
+
+COMMANDS = (port, env, stop, logs)

@@ -1,0 +1,270 @@
+"""Field validators of a layout: the problem, if any, with one value of a TOML table.
+
+Each function takes a value as parsed (any type) and returns what is wrong with it, in
+words for the ``FILE: KEY: PROBLEM`` lines of a ``LayoutError``; none raises. The model
+(``portpool.layout``) collects them; relations between services are
+``portpool._layout_checks``'s concern.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+from collections.abc import Mapping
+from typing import TypeGuard
+
+from portpool._layout_checks import MAX_PORT, Problem
+from portpool._restart import RESTART_POLICIES
+
+SERVICE_SOCKET_MODES = ("fd", "port")
+
+DEFAULT_READY_TIMEOUT_S = 30.0
+
+
+# --- small helpers ------------------------------------------------------------------
+
+
+def toml_type(value: object) -> str:
+    """The TOML name of ``value``'s type, for messages."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _name_problem(kind: str, name: object) -> str | None:
+    if not isinstance(name, str):
+        return f"{kind} name must be a string, not {toml_type(name)}"
+    return name_problem(kind, name)
+
+
+# App and service names become path components of the state dir (statedir.check_name
+# enforces this rule there); "\Z", because "$" accepts a final newline.
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+
+
+def name_problem(kind: str, name: str) -> str | None:
+    """Why ``name`` (an app or service name, ``kind`` says which) is not valid, or None.
+
+    Names become path components: no separators, no leading dot, 1-64 characters.
+    """
+    if _NAME.match(name):
+        return None
+    return (
+        f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+        "starting with a letter or digit"
+    )
+
+
+# --- services -----------------------------------------------------------------------
+
+
+def service_problems(
+    *,
+    name: object,
+    base: object,
+    size: object,
+    stride: object,
+    command: object,
+    socket: object,
+    restart: object = "no",
+    depends_on: object = (),
+    ready: object = "tcp",
+    ready_timeout_s: object = DEFAULT_READY_TIMEOUT_S,
+) -> list[Problem]:
+    """Every problem of one service's own fields (not of its relation to others)."""
+    key = f"services.{name}"
+    out: list[Problem] = []
+    problem = _name_problem("service", name)
+    if problem:
+        out.append((key, problem))
+    for sub, value, low in (("base", base, 1), ("size", size, 1), ("stride", stride, 0)):
+        if not is_int(value):
+            out.append((f"{key}.{sub}", f"must be an integer, not {toml_type(value)}"))
+        elif value < low:
+            out.append((f"{key}.{sub}", f"must be >= {low}, not {value}"))
+    if is_int(base) and base > MAX_PORT:
+        out.append((f"{key}.base", f"{base} is not a port in 1..{MAX_PORT}"))
+    elif is_int(base) and is_int(size) and base >= 1 and size >= 1:
+        last = base + size - 1
+        if last > MAX_PORT:
+            out.append(
+                (
+                    f"{key}.size",
+                    f"instance 1's pool {base}..{last} leaves the port range 1..{MAX_PORT}",
+                )
+            )
+    if command is not None:
+        if not isinstance(command, list | tuple) or not command:
+            out.append((f"{key}.command", f"must be a non-empty array of strings, not {command!r}"))
+        else:
+            for i, arg in enumerate(command):
+                if not isinstance(arg, str):
+                    out.append((f"{key}.command[{i}]", f"must be a string, not {toml_type(arg)}"))
+                elif "\0" in arg:
+                    out.append((f"{key}.command[{i}]", "must not contain a NUL character"))
+            if isinstance(command[0], str) and not command[0]:
+                out.append((f"{key}.command[0]", "the program must not be empty"))
+    if socket not in SERVICE_SOCKET_MODES:
+        out.append(
+            (
+                f"{key}.socket",
+                f"must be one of {', '.join(map(repr, SERVICE_SOCKET_MODES))}, not {socket!r}",
+            )
+        )
+    out.extend(_supervision_problems(key, restart, depends_on, ready, ready_timeout_s))
+    return out
+
+
+def _ready_problem(ready: object) -> str | None:
+    """None if ``ready`` is "tcp", "none", "http:/<path>" or "log:<regex>"."""
+    if not isinstance(ready, str):
+        return f"must be a string, not {toml_type(ready)}"
+    kind, colon, arg = ready.partition(":")
+    if ready in ("tcp", "none"):
+        return None
+    if kind == "http" and colon:
+        return None if arg.startswith("/") else f"the path must start with '/', not {arg!r}"
+    if kind == "log" and colon:
+        if not arg:
+            return "log: needs a regular expression, e.g. 'log:listening on'"
+        try:
+            re.compile(arg)
+        except re.error as e:
+            return f"invalid regular expression {arg!r}: {e}"
+        return None
+    return f"must be 'tcp', 'http:<path>', 'log:<regex>' or 'none', not {ready!r}"
+
+
+def _supervision_problems(
+    key: str, restart: object, depends_on: object, ready: object, ready_timeout_s: object
+) -> list[Problem]:
+    """Problems of the keys that say how ``up`` starts, checks and restarts a service."""
+    out: list[Problem] = []
+    if restart not in RESTART_POLICIES:
+        allowed = ", ".join(map(repr, RESTART_POLICIES))
+        out.append((f"{key}.restart", f"must be one of {allowed}, not {restart!r}"))
+    if not isinstance(depends_on, list | tuple):
+        out.append((f"{key}.depends_on", f"must be an array of service names, not {depends_on!r}"))
+    else:
+        for i, dep in enumerate(depends_on):
+            if not isinstance(dep, str):
+                out.append((f"{key}.depends_on[{i}]", f"must be a string, not {toml_type(dep)}"))
+    problem = _ready_problem(ready)
+    if problem:
+        out.append((f"{key}.ready", problem))
+    problem = _interval_problem(ready_timeout_s)
+    if problem:
+        out.append((f"{key}.ready_timeout_s", problem))
+    return out
+
+
+def is_finite_number(value: float) -> bool:
+    """False for NaN, infinities, and integers too large to be a float (10**400)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+# Intervals outside this range broke the threads that use them: 1e10 s overflowed the
+# thread's wait (the shield died silently), 1e-300 s busy-looped a core.
+INTERVAL_MIN_S = 0.01
+INTERVAL_MAX_S = 86400.0
+
+
+def _interval_problem(value: object) -> str | None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return f"must be a number of seconds, not {toml_type(value)}"
+    if not is_finite_number(value) or not INTERVAL_MIN_S <= value <= INTERVAL_MAX_S:
+        return (
+            f"must be a number of seconds from {INTERVAL_MIN_S:g} to {INTERVAL_MAX_S:g} "
+            f"(one day), not {value!r}"
+        )
+    return None
+
+
+def _host_problem(host: object) -> str | None:
+    """Why ``host`` cannot be bound by every lease, or None. Hosts the kernel can never
+    bind are refused here, not by every bind later ("Invalid argument", exit 3)."""
+    if not isinstance(host, str):
+        return f"must be a string, not {toml_type(host)}"
+    if host == "localhost":
+        return None
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {host!r}"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.scope_id is not None:
+            base = host.partition("%")[0]
+            fix = (
+                "a link-local address cannot be bound portably either; use ::1, :: or a "
+                "global address"
+                if ip.is_link_local
+                else f"write {base!r}"
+            )
+            return f"{host!r} has a scope id (%{ip.scope_id}), which portpool cannot bind; {fix}"
+        if ip.is_link_local:
+            return (
+                f"{host!r} is a link-local address, which a TCP server cannot portably "
+                "bind; use ::1, :: or a global address"
+            )
+        if ip.ipv4_mapped is not None:
+            return (
+                f"{host!r} is an IPv4-mapped address, which portpool's IPv6 sockets cannot "
+                f"bind; write {ip.ipv4_mapped} instead"
+            )
+    if ip.is_multicast or (ip.version == 4 and host == "255.255.255.255"):
+        return f"{host!r} is a multicast or broadcast address; a TCP server cannot bind it"
+    return None
+
+
+def normalize_host(host: str) -> str:
+    """The one spelling of ``host`` every judgement uses (layout text, the diagnosis,
+    the shield): an IP literal in its canonical form (``::0`` and ``0:0:0:0:0:0:0:0`` are
+    ``::``, ``0:0:0:0:0:0:0:1`` is ``::1``), ``localhost`` in lower case, any other name
+    as given. ``layout`` said "covers: ::0 only" for a host that binds dual-stack."""
+    if host.lower() == "localhost":
+        return "localhost"
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host
+
+
+def field_problems(
+    app: object, host: object, heartbeat: object, shield: object, max_instances: object
+) -> list[Problem]:
+    """Every problem of a layout's top-level fields."""
+    out: list[Problem] = []
+    problem = _name_problem("app", app)
+    if problem:
+        out.append(("app", problem))
+    problem = _host_problem(host)
+    if problem:
+        out.append(("host", problem))
+    for key, value in (("heartbeat_interval", heartbeat), ("shield_interval", shield)):
+        problem = _interval_problem(value)
+        if problem:
+            out.append((key, problem))
+    if max_instances is not None:
+        if not is_int(max_instances):
+            out.append(("max_instances", f"must be an integer, not {toml_type(max_instances)}"))
+        elif max_instances < 1:
+            out.append(("max_instances", f"must be >= 1, not {max_instances}"))
+    return out

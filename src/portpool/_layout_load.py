@@ -1,0 +1,165 @@
+"""Reading a layout file: the file's kind and size, its text, and TOML syntax errors.
+
+Turns a path into the TOML document ``portpool.layout.parse_layout`` validates, or a
+``LayoutFileError`` (the file cannot be used at all) / ``LayoutError`` (line and column,
+or the key set twice) naming the file. Which file to read (``--config``, then
+``./portpool.toml``) is decided here too.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from typing import Any
+
+from portpool.errors import LayoutError, LayoutFileError
+
+_AT = re.compile(r"\s*\(at (line (\d+), column (\d+)|end of document)\)\s*$")
+_DECLARED_TWICE = re.compile(r"Cannot declare \(((?:'(?:[^'\\]|\\.)*',? ?)+)\) twice")
+_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]*?)\s*\]\]?\s*(#.*)?$")
+_KEY_LINE = re.compile(r"^\s*([^=#\[]+?)\s*=")
+
+
+def _dotted(raw: str) -> list[str]:
+    return [p.strip().strip("\"'") for p in raw.split(".")]
+
+
+def _duplicate_key(text: str, message: str, line: int | None) -> list[str] | None:
+    """The dotted key a TOML "declared twice" / "cannot overwrite" error is about, if
+    it can be told; tomllib only gives the position."""
+    m = _DECLARED_TWICE.search(message)
+    if m:
+        return re.findall(r"'((?:[^'\\]|\\.)*)'", m.group(1))
+    if line is None or "Cannot overwrite a value" not in message:
+        return None
+    lines = text.splitlines()
+    if not 1 <= line <= len(lines):
+        return None
+    km = _KEY_LINE.match(lines[line - 1])
+    if not km:
+        return None
+    header: list[str] = []
+    for previous in reversed(lines[: line - 1]):
+        hm = _HEADER.match(previous)
+        if hm:
+            header = _dotted(hm.group(1))
+            break
+    return header + _dotted(km.group(1))
+
+
+def _syntax_error(path: str, text: str, error: ValueError) -> LayoutError:
+    message = str(error)
+    m = _AT.search(message)
+    line: int | None = None
+    if m and m.group(2):
+        line = int(m.group(2))
+        where = f"line {line}, column {m.group(3)}"
+    elif m:
+        where = "end of document"
+    else:
+        where = "<document>"
+    bare = message[: m.start()] if m else message
+    key = _duplicate_key(text, bare, line)
+    if key is not None and len(key) == 2 and key[0] == "services":
+        return LayoutError(
+            path, ".".join(key), f"duplicate service name (declared again at {where})"
+        )
+    if key:
+        return LayoutError(path, ".".join(key), f"is set twice (again at {where})")
+    return LayoutError(path, where, f"invalid TOML: {bare}")
+
+
+LAYOUT_MAX_BYTES = 1 << 20  # a real layout is a few KiB; /dev/zero once read until MemoryError
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _read_layout_file(path: str) -> bytes:
+    """The bytes of the regular file at ``path``, at most ``LAYOUT_MAX_BYTES``.
+
+    O_NONBLOCK: opening a FIFO must not wait for a writer (it hung forever). The kind
+    is checked on the open file (fstat), so it cannot be swapped after the check.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as e:
+        if os.path.islink(path):
+            problem = "is a dangling symbolic link: its target does not exist"
+            raise LayoutFileError(path, problem) from e
+        raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
+    except OSError as e:
+        raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            raise LayoutFileError(path, f"is {kind}, not a regular file; give a TOML file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= LAYOUT_MAX_BYTES:
+            chunk = os.read(fd, LAYOUT_MAX_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    if size > LAYOUT_MAX_BYTES:
+        raise LayoutFileError(path, f"is larger than {LAYOUT_MAX_BYTES} bytes; not a layout")
+    return b"".join(chunks)
+
+
+def read_layout_document(path: str) -> dict[str, Any]:
+    """The TOML document in the file at ``path`` (a regular file of at most
+    ``LAYOUT_MAX_BYTES``; a leading UTF-8 byte order mark is accepted).
+
+    Raises LayoutFileError (exit code 2) if the file cannot be used at all, LayoutError
+    naming the file and the line and column (or the key set twice) of a syntax error.
+    """
+    raw = _read_layout_file(path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LayoutError(path, f"line {line}", "is not valid UTF-8 text") from e
+    text = text.removeprefix("\ufeff")  # editors on Windows write a BOM; TOML tools skip it
+    import tomllib  # only when a file is read: keeps `import portpool` light
+
+    try:
+        data = tomllib.loads(text)
+    except RecursionError as e:
+        raise LayoutError(path, "<document>", "invalid TOML: nested too deeply") from e
+    except ValueError as e:  # TOMLDecodeError, and integers too long to convert
+        raise _syntax_error(path, text, e) from e
+    return data
+
+
+def layout_path(config: str | None, cwd: str | None = None) -> str | None:
+    """The layout file to read: ``config`` if given (relative to ``cwd``), else
+    ``portpool.toml`` in ``cwd`` (default: the current directory) if there is anything
+    by that name, else None (the built-in layout).
+
+    Raises LayoutFileError if ``portpool.toml`` cannot even be looked at; one that
+    exists but is unusable is read (and refused) by ``read_layout_document``.
+    """
+    base = cwd if cwd is not None else ""
+    if config is not None:
+        return os.path.join(base, config) if base else config
+    local = os.path.join(base, "portpool.toml") if base else "portpool.toml"
+    try:
+        os.lstat(local)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise LayoutFileError(local, f"cannot be read: {e.strerror or e}") from e
+    return local

@@ -1,0 +1,102 @@
+"""Layouts in words for people: what ``portpool layout`` prints and what a host covers.
+
+Presentation only: nothing here validates a layout or asks the machine anything
+(``portpool._addresses.host_warning`` does, and its answer is passed in).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import TYPE_CHECKING
+
+from portpool._layout_checks import span
+from portpool._layout_fields import normalize_host
+
+if TYPE_CHECKING:
+    from portpool.layout import Layout
+
+
+def host_meaning(host: str) -> str:
+    """One line saying which addresses a lease on ``host`` covers (for ``layout``), for
+    the host's canonical spelling (``::0`` is ``::``)."""
+    host = normalize_host(host)
+    if host == "localhost":
+        return (
+            "127.0.0.1, served, and ::1, held bound so no other program can listen there "
+            "(a client trying ::1 first is refused and falls back to 127.0.0.1)"
+        )
+    if host == "::":
+        return "every IPv6 and IPv4 address, one dual-stack socket (IPV6_V6ONLY off)"
+    if host == "0.0.0.0":
+        return (
+            "every IPv4 address; IPv6 clients are not served by this lease "
+            "(another program may listen on ::1)"
+        )
+    if host == "127.0.0.1":
+        return (
+            "the IPv4 loopback only; IPv6 clients ('localhost' resolved to ::1) are not "
+            "served by this lease (another program may listen on ::1)"
+        )
+    if host == "::1":
+        return (
+            "the IPv6 loopback only; IPv4 clients are not served by this lease "
+            "(another program may listen on 127.0.0.1)"
+        )
+    return f"{host} only; the port's other addresses follow the kernel's bind rules"
+
+
+def host_is_literal_remote(host: str) -> bool:
+    """Whether ``host`` is an IP address other than a loopback or wildcard one: only
+    such a host can be missing from this machine (``_addresses.host_warning`` asks)."""
+    try:
+        ip = ipaddress.ip_address(normalize_host(host))
+    except ValueError:
+        return False  # localhost, or a name: it resolves at start
+    return not (ip.is_loopback or ip.is_unspecified)
+
+
+def describe_layout(layout: Layout, host_warning: str | None = None) -> list[str]:
+    """The lines ``portpool layout`` prints: settings, every admissible instance's
+    pools, then the warnings (``host_warning``: what the machine says of the host, from
+    ``_addresses.host_warning``; a layout itself never asks the machine)."""
+    origin = "built-in default layout" if layout.source == "<default>" else layout.source
+    hb = f"{layout.heartbeat_interval:g}"
+    sh = f"{layout.shield_interval:g}"
+    lines = [
+        f"app: {layout.app}",
+        f"layout: {origin}",
+        f"host: {layout.host}",
+        f"covers: {host_meaning(layout.host)}",
+        f"heartbeat every {hb} s, shield check every {sh} s",
+        f"max instances: {layout.max_instances} (admissible: {layout.admissible_instances}, "
+        f"because {layout.limit_reason})",
+    ]
+    for n in range(1, layout.max_instances + 1):
+        pools = ", ".join(
+            f"{s.name} {span(s.first_port(n), s.first_port(n) + s.size - 1)}"
+            for s in layout.services
+        )
+        lines.append(f"instance {n}: {pools}")
+    if layout.admissible_instances > layout.max_instances:
+        lines.append(
+            f"(instances {layout.max_instances + 1}..{layout.admissible_instances} would fit "
+            "but are above max_instances: not used)"
+        )
+    lines.extend(describe_supervision(layout))
+    lines.extend(f"warning: {w}" for w in layout.warnings)
+    lines.extend(f"warning: {w}" for w in filter(None, [host_warning]))
+    return lines
+
+
+def describe_supervision(layout: Layout) -> list[str]:
+    """One line per service with a command: how ``up`` starts, checks and restarts it."""
+    lines = []
+    for s in layout.services:
+        if not s.command:
+            continue
+        after = ", ".join(s.depends_on) if s.depends_on else "-"
+        lines.append(
+            f"service {s.name}: ready {s.ready} within {s.ready_timeout_s:g} s, "
+            f"restart {s.restart}, after {after}"
+        )
+    return lines

@@ -1,0 +1,195 @@
+"""Choosing an instance's slot: which number an instance gets, and remembering it.
+
+The number is the pinned one if given, else the one the last instance started for the
+same checkout had, else the lowest free one; a slot where a service's whole pool is
+taken by foreign programs is skipped. A slot is the kernel lock
+``apps/<app>/instances/<n>.lock``; what runs in it (the leases, the record) is
+``portpool.instance``'s concern.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from portpool._platform import locked_inodes
+from portpool.errors import (
+    AlreadyHeldHere,
+    LockHeld,
+    NoFreeSlot,
+    PoolExhausted,
+    PortPoolError,
+    SlotHolder,
+    SlotUnavailable,
+    UsageError,
+)
+from portpool.layout import Layout
+from portpool.lock import HeldLock
+from portpool.records import read_instance, read_json_file, write_atomic
+from portpool.statedir import StateDir, check_name
+
+__all__ = ["checkout_dir", "fill_slot", "previous_number", "remember_number"]
+
+log = logging.getLogger("portpool.instance")
+T = TypeVar("T")
+
+_SLOT_PASSES = 3
+
+
+def checkout_dir(layout: Layout, cwd: str | None = None) -> str:
+    """The directory an instance is started for: the layout file's directory, or ``cwd``
+    (default: the working directory) for a layout that is not a file (the built-in one)."""
+    if layout.source and os.path.isfile(layout.source):
+        return os.path.dirname(os.path.realpath(layout.source))
+    return os.path.realpath(cwd if cwd is not None else os.getcwd())
+
+
+def _checkout_file(directory: str) -> str:
+    digest = hashlib.sha256(directory.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{digest[:32]}.json"
+
+
+def previous_number(state: StateDir, layout: Layout, directory: str) -> int | None:
+    """The number the last instance started for ``directory`` had, if it is admissible."""
+    try:
+        handle = state.subdir("apps", check_name("app", layout.app), "checkouts")
+        raw = read_json_file(handle, _checkout_file(directory))
+    except (ValueError, PortPoolError):
+        return None
+    if not isinstance(raw, dict) or raw.get("dir") != directory:
+        return None
+    number = raw.get("number")
+    if type(number) is int and 1 <= number <= layout.max_instances:
+        return number
+    return None
+
+
+def remember_number(
+    state: StateDir, app: str, directory: str, number: int, preferred: int | None
+) -> None:
+    """Remember ``number`` as ``directory``'s, unless it is ``preferred`` (already
+    remembered) or ``preferred`` still runs there: a second copy for the same checkout
+    must not move the first one's number. A failure is logged, never raised."""
+    if number == preferred or _runs_for(state, app, preferred, directory):
+        return
+    data = json.dumps({"dir": directory, "number": number}).encode()
+    try:
+        handle = state.subdir("apps", check_name("app", app), "checkouts")
+        write_atomic(handle, _checkout_file(directory), data)
+    except PortPoolError as e:
+        log.warning("cannot remember instance %d for %s: %s", number, directory, e)
+
+
+def _runs_for(state: StateDir, app: str, number: int | None, directory: str) -> bool:
+    """Whether instance ``number`` runs, started for ``directory``."""
+    if number is None:
+        return False
+    info = read_instance(state.instances(app), number)
+    return info.alive and info.directory == directory
+
+
+def _slot_order(layout: Layout, preferred: int | None, skip: set[int]) -> list[int]:
+    numbers = [n for n in range(1, layout.max_instances + 1) if n not in skip]
+    if preferred in numbers:
+        numbers.remove(preferred)
+        numbers.insert(0, preferred)
+    return numbers
+
+
+def _take_slot(
+    state: StateDir, layout: Layout, preferred: int | None = None, skip: set[int] | None = None
+) -> tuple[int, HeldLock]:
+    directory = state.instances(layout.app)
+    order = _slot_order(layout, preferred, skip or set())
+    for attempt in range(_SLOT_PASSES):
+        if attempt:
+            # A cleaner holds a dead slot's lock for a moment while it removes the
+            # record: look again before telling the user every slot is taken.
+            time.sleep(0.02 * attempt)
+        for number in order:
+            try:
+                return number, HeldLock.acquire(directory, f"{number}.lock")
+            except (LockHeld, AlreadyHeldHere):
+                continue
+    locked = locked_inodes()
+    holders = []
+    for number in range(1, layout.max_instances + 1):
+        info = read_instance(directory, number, locked)
+        if info.readable:
+            detail = f"pid {info.pid}, heartbeat {info.heartbeat_age_s:.0f} s ago"
+        else:
+            detail = info.problem or "record unreadable"
+        holders.append(SlotHolder(number, info.pid, detail))
+    raise NoFreeSlot(layout.app, holders)
+
+
+def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
+    if type(number) is not int or not 1 <= number <= layout.max_instances:
+        raise UsageError(
+            f"instance must be 1..{layout.max_instances} for app {layout.app!r}, not {number!r}"
+        )
+    directory = state.instances(layout.app)
+    for attempt in range(_SLOT_PASSES):
+        if attempt:
+            time.sleep(0.02 * attempt)  # a cleaner may hold a dead slot's lock for a moment
+        try:
+            return HeldLock.acquire(directory, f"{number}.lock")
+        except (LockHeld, AlreadyHeldHere):
+            continue
+    info = read_instance(directory, number)
+    who = f"pid {info.pid}" if info.pid is not None else (info.problem or "unknown")
+    where = f", started for {info.directory}" if info.directory else ""
+    raise SlotUnavailable(layout.app, number, f"it is running ({who}{where})")
+
+
+def _blocked(error: PoolExhausted) -> bool:
+    """Every port of the pool is refused by something that is not a portpool holder
+    (a foreign program): the next slot's pool may well be free."""
+    return bool(error.refusals) and all(r.reason != "held" for r in error.refusals)
+
+
+def fill_slot(
+    state: StateDir,
+    layout: Layout,
+    fill: Callable[[int, HeldLock], T],
+    *,
+    number: int | None,
+    preferred: int | None,
+) -> tuple[T, int, list[tuple[int, str]]]:
+    """Take a slot and return ``fill(number, slot)`` (which owns the slot from then on,
+    and releases it before raising), the number taken, and the slots skipped as
+    ``(number, why)``.
+
+    The slot is ``number`` if given (SlotUnavailable if it is running, UsageError if it
+    is outside 1..max), else ``preferred`` if it is free, else the lowest free one. When
+    ``fill`` raises PoolExhausted because foreign programs hold a whole pool, the next
+    free slot is tried (a warning says which and why). Raises NoFreeSlot, or the last
+    such PoolExhausted when every free slot was blocked (exit 3).
+    """
+    skipped: list[tuple[int, str]] = []
+    blocked: PoolExhausted | None = None
+    while True:
+        if number is not None:
+            taken, slot = number, _take_pinned(state, layout, number)
+        else:
+            try:
+                taken, slot = _take_slot(state, layout, preferred, {n for n, _ in skipped})
+            except NoFreeSlot:
+                if blocked is None:
+                    raise
+                raise blocked from None  # every free slot was blocked: say why (exit 3)
+        try:
+            return fill(taken, slot), taken, skipped
+        except PoolExhausted as e:
+            if number is not None or not _blocked(e):
+                raise
+            refused = "; ".join(str(r) for r in e.refusals)
+            why = f"service {e.service!r}: every port of its pool is taken by others ({refused})"
+            log.warning("instance %d of %s skipped: %s", taken, layout.app, why)
+            skipped.append((taken, why))
+            blocked = e
