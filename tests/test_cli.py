@@ -162,6 +162,17 @@ def test_foreign_socket_fixture_is_loopback_only() -> None:
         s.close()
 
 
+def test_gc_json_fails_like_gc_when_it_skipped_entries(home: Path) -> None:
+    # A directory where a port's lock file belongs is left and named; with --json too
+    # the command then exits 1 (it exited 0).
+    assert portpool("run", "--", sys.executable, "-c", "pass").returncode == 0
+    (home / "ports" / "31100.lock").mkdir()
+    plain = portpool("gc")
+    done = portpool("gc", "--json")
+    assert (plain.returncode, done.returncode) == (1, 1), (plain.stderr, done.stderr)
+    assert any("31100.lock" in p for p in json.loads(done.stdout)["problems"])
+
+
 def test_layout_and_gc_json(tmp_path: Path, port_base: int, home: Path) -> None:
     layout = write_layout(tmp_path / "p.toml", port_base, max_instances=3)
     doc = json.loads(portpool("layout", "--config", str(layout), "--json").stdout)

@@ -401,8 +401,9 @@ def cross_problems(
         out.append(
             (
                 "max_instances",
-                f"is {max_instances} but at most {admissible} instances keep every pool "
-                f"disjoint and inside 1..{MAX_PORT}: {reason}",
+                f"is {max_instances} but at most {counted(admissible, 'instance')} keep"
+                f"{'s' if admissible == 1 else ''} every pool disjoint and inside "
+                f"1..{MAX_PORT}: {reason}",
             )
         )
     return out, admissible, reason

@@ -199,7 +199,7 @@ def gc(config: str | None, as_json: bool) -> None:
     report = run_gc()
     if as_json:
         click.echo(json.dumps(report.to_dict(), separators=(",", ":")))
-        return
+        sys.exit(1 if report.problems else 0)  # skipped entries fail here too
     for name in report.instances:
         click.echo(f"removed record of dead instance {name}")
     for port in report.ports:
