@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import (
+    LineReader,
     occupy,
     portpool,
     read_line,
     release,
     start,
     status_json,
-    wait_for,
     write_layout,
 )
 
@@ -240,8 +240,9 @@ def test_no_silent_skip_up_prints_it_and_status_shows_it(
     web = {"command": sleeper, "socket": "port", "ready": "none"}
     write_layout(layout, port_base, services={"web": web})
     up = start("up", "--config", str(layout))
+    reader = LineReader(up)  # `is up` may come in one write with the lines before it
     try:
-        wait_for(lambda: "is up" in read_line(up), timeout=30)
+        reader.until(lambda line: "is up" in line, timeout=30)
         doc = status_json(layout)
         (service,) = doc["instances"][0]["services"]
         assert service["port"] == port_base + 1
@@ -250,7 +251,7 @@ def test_no_silent_skip_up_prints_it_and_status_shows_it(
         assert f"pid {stranger.pid} (python" in refusal["detail"]
     finally:
         up.send_signal(signal.SIGTERM)
-        _, err = up.communicate(timeout=30)
+        _, err = reader.finish(timeout=30)
     assert err.count(f"got port {port_base + 1}, not {port_base}") == 1, err
     assert refusal["detail"] in err
 
@@ -421,11 +422,12 @@ def test_up_notes_a_port_a_plain_bind_cannot_take_for_a_service_given_the_number
     }
     write_layout(layout, port_base, services=services, max_instances=1)
     up = start("up", "--config", str(layout))
+    reader = LineReader(up)  # `is up` may come in one write with the lines before it
     try:
-        wait_for(lambda: "is up" in read_line(up), timeout=30)
+        reader.until(lambda line: "is up" in line, timeout=30)
     finally:
         up.send_signal(signal.SIGTERM)
-        _, err = up.communicate(timeout=30)
+        _, err = reader.finish(timeout=30)
     notes = [x for x in err.splitlines() if "SO_REUSEADDR" in x]
     assert len(notes) == 1, err
     assert notes[0].startswith(f"portpool: service 'web' port {port_base}: a server that")
