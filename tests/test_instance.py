@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import portpool, read_line, start, status_json, wait_for, write_layout
 
-from portpool.errors import NoFreeSlot, PoolExhausted
+from portpool.errors import NoFreeSlot, PoolExhausted, UsageError
 from portpool.instance import (
     gc,
     get_service_port_pool,
@@ -113,6 +113,28 @@ def test_service_pool_entry_points(tmp_path: Path, port_base: int, monkeypatch) 
         assert init_instance_manager() is instance  # once per process
         assert get_service_port_pool("beta") == load_layout(str(layout_path)).pool("beta", 1)
         assert get_service_port_pool("beta", instance=3) == [port_base + 22, port_base + 23]
+    finally:
+        instance.release()
+
+
+def test_the_entry_points_keep_to_the_running_instance(
+    tmp_path: Path, port_base: int, monkeypatch
+) -> None:
+    # A second init_instance_manager with another layout silently returned the first
+    # instance; get_service_port_pool(s, instance=n) re-read ./portpool.toml.
+    first = write_layout(tmp_path / "first.toml", port_base)
+    other = write_layout(tmp_path / "other.toml", port_base + 500)
+    monkeypatch.chdir(tmp_path)
+    instance = init_instance_manager(str(first), shield=False)
+    try:
+        assert init_instance_manager(str(first)) is instance  # the same ask: the same one
+        (tmp_path / "portpool.toml").write_text(other.read_text())  # changed meanwhile
+        expected = load_layout(str(first)).pool("beta", 2)
+        assert get_service_port_pool("beta", instance=2) == expected
+        for kwargs in ({"layout": str(other)}, {"number": instance.number + 1},
+                       {"services": ["alpha"]}):  # fmt: skip
+            with pytest.raises(UsageError, match="already runs instance"):
+                init_instance_manager(shield=False, **kwargs)  # type: ignore[arg-type]
     finally:
         instance.release()
 

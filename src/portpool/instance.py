@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING, Any
 from portpool import pool as pool_mod
 from portpool._platform import current_identity
 from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
-from portpool.errors import PoolExhausted, PortPoolError, ResourceLimit, ShieldTripped
+from portpool.errors import (
+    PoolExhausted,
+    PortPoolError,
+    ResourceLimit,
+    ShieldTripped,
+    UsageError,
+)
 from portpool.layout import Layout, resolve_layout
 from portpool.lock import HeldLock
 from portpool.pool import Lease
@@ -424,12 +430,15 @@ def init_instance_manager(
     process with exit code 4 when a lease stops being ours. Call ``release()`` on the
     instance (or use it in a ``with`` block) to give everything back before exiting.
     Compatibility layer: the original system's entry point; new code calls
-    ``start_instance``. Raises what ``start_instance`` raises (NoFreeSlot,
+    ``start_instance``. Raises UsageError when this process already runs an instance
+    and the call asks for another layout, services or number (it used to return the
+    first instance silently); else what ``start_instance`` raises (NoFreeSlot,
     PoolExhausted, SlotUnavailable, UsageError, LayoutError, StateDirError).
     """
     global _current
     with _current_mutex:
         if _current is not None and not _current._released:
+            _check_same(_current, layout, services, number)
             return _current
         resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
         instance = start_instance(resolved, services=services, number=number)
@@ -437,6 +446,30 @@ def init_instance_manager(
             instance.start_shield()
         _current = instance
         return instance
+
+
+def _check_same(
+    current: Instance,
+    layout: Layout | str | None,
+    services: Sequence[str] | None,
+    number: int | None,
+) -> None:
+    """A repeated ``init_instance_manager`` call may only ask for what already runs."""
+    problems = []
+    if layout is not None:
+        wanted = layout if isinstance(layout, Layout) else resolve_layout(layout)
+        if wanted != current.layout:
+            problems.append(f"another layout ({wanted.source}, app {wanted.app!r})")
+    if services is not None and set(services) != set(current.leases):
+        problems.append(f"services {sorted(set(services))}")
+    if number is not None and number != current.number:
+        problems.append(f"instance {number}")
+    if problems:
+        raise UsageError(
+            f"this process already runs instance {current.number} of "
+            f"{current.layout.app!r} ({current.layout.source}); init_instance_manager "
+            f"was called again with {' and '.join(problems)}: release() it first"
+        )
 
 
 def current_instance() -> Instance | None:
@@ -448,12 +481,17 @@ def get_service_port_pool(service: str, instance: int | None = None) -> list[int
     """The pool of ``service`` (a service name) for ``instance`` (an instance number,
     default: this process's instance): its port numbers, in the order tried.
 
-    Compatibility layer: the original system's entry point. Raises UnknownService for a
-    service the layout lacks, PortPoolError when no ``instance`` is given and
-    ``init_instance_manager`` has not run in this process.
+    The layout is the running instance's (from ``init_instance_manager``), else
+    ``./portpool.toml`` or the default layout. Compatibility layer: the original
+    system's entry point. Raises UnknownService for a service the layout lacks,
+    PortPoolError when no ``instance`` is given and ``init_instance_manager`` has not
+    run in this process.
     """
     if instance is not None:
-        return resolve_layout(None).pool(service, instance)
+        running = _current if _current is not None and not _current._released else None
+        # The running instance's layout, not whatever ./portpool.toml says now.
+        layout = running.layout if running is not None else resolve_layout(None)
+        return layout.pool(service, instance)
     if _current is None:
         raise PortPoolError(
             "no instance in this process: call init_instance_manager() first, "
