@@ -20,11 +20,10 @@ from portpool._platform._sockdiag import (
     _DIAG_MESSAGE,
     _DIAG_TIMEOUT_S,
     _NETLINK_SOCK_DIAG,
-    _NLM_F_REQUEST_DUMP,
-    _NLMSG_DONE,
     _NLMSG_ERROR,
     _NLMSG_HEADER,
     _SOCK_DIAG_BY_FAMILY,
+    diag_messages,
 )
 
 __all__ = ["accept_queue_length", "connection_accepted"]
@@ -41,40 +40,14 @@ _TCPF_LISTEN = 1 << 10  # the state mask bit of TCP_LISTEN
 def _diag_rqueue(family: int, port: int, inode: int) -> int | None:
     """``idiag_rqueue`` of listener ``inode`` on ``port``, or None if it is not listed.
     Raises OSError when sock_diag is not available."""
-    if _AF_NETLINK is None:
-        raise OSError("no netlink sockets here")
-    nl = socket.socket(_AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
-    try:
-        nl.settimeout(_DIAG_TIMEOUT_S)  # a silent kernel raises instead of hanging
-        request = _PORT_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, _TCPF_LISTEN)
-        request += _PORT_FILTER.pack(port)
-        header = _NLMSG_HEADER.pack(
-            _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
-        )
-        nl.sendto(header + request, (0, 0))
-        found: int | None = None
-        while True:
-            data = nl.recv(1 << 16)
-            if not data:
-                raise OSError("sock_diag: empty answer")
-            offset = 0
-            while offset + _NLMSG_HEADER.size <= len(data):
-                length, kind, _, _, _ = _NLMSG_HEADER.unpack_from(data, offset)
-                if length < _NLMSG_HEADER.size:
-                    raise OSError("sock_diag: malformed answer")
-                body = offset + _NLMSG_HEADER.size
-                if kind == _NLMSG_DONE:
-                    return found
-                if kind == _NLMSG_ERROR:
-                    (error,) = struct.unpack_from("=i", data, body)
-                    raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
-                if length >= _NLMSG_HEADER.size + _DIAG_MESSAGE.size:
-                    fields = _DIAG_MESSAGE.unpack_from(data, body)
-                    if fields[_INODE_FIELD] == inode:
-                        found = int(fields[_RQUEUE_FIELD])
-                offset += (length + 3) & ~3
-    finally:
-        nl.close()
+    request = _PORT_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, _TCPF_LISTEN)
+    request += _PORT_FILTER.pack(port)
+    found: int | None = None
+    for data, body, _ in diag_messages(request):
+        fields = _DIAG_MESSAGE.unpack_from(data, body)
+        if fields[_INODE_FIELD] == inode:
+            found = int(fields[_RQUEUE_FIELD])
+    return found
 
 
 def _proc_rqueue(family: int, inode: int) -> int | None:

@@ -95,20 +95,20 @@ def _v6only(data: bytes, start: int, end: int) -> bool | None:
     return None
 
 
-def diag_dump(family: socket.AddressFamily, states: int = _ALL_STATES) -> list[TcpSocket]:
-    """TCP sockets of ``family`` in ``states`` (a TCPF_* mask), from the kernel's
-    sock_diag. Raises OSError where there is none (not Linux, an old kernel, a sandbox)."""
+def diag_messages(request: bytes) -> list[tuple[bytes, int, int]]:
+    """Send one sock_diag dump ``request`` (an inet_diag_req_v2, with any filter) and
+    return each answer message as (data, start of its body, its end). Raises OSError
+    where there is no sock_diag (not Linux, an old kernel, a sandbox)."""
     if _AF_NETLINK is None:
         raise OSError("no netlink sockets here")
     nl = socket.socket(_AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
     try:
         nl.settimeout(_DIAG_TIMEOUT_S)  # bounds the loop below: a silent kernel raises
-        request = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, states)
         header = _NLMSG_HEADER.pack(
             _NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, 1, 0
         )
         nl.sendto(header + request, (0, 0))
-        found: list[TcpSocket] = []
+        found: list[tuple[bytes, int, int]] = []
         while True:
             data = nl.recv(1 << 16)
             if not data:
@@ -125,10 +125,17 @@ def diag_dump(family: socket.AddressFamily, states: int = _ALL_STATES) -> list[T
                     (error,) = struct.unpack_from("=i", data, body)
                     raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
                 if length >= _NLMSG_HEADER.size + _DIAG_MESSAGE.size:
-                    found.append(_parse_message(family, data, body, offset + length))
+                    found.append((data, body, offset + length))
                 offset += (length + 3) & ~3
     finally:
         nl.close()
+
+
+def diag_dump(family: socket.AddressFamily, states: int = _ALL_STATES) -> list[TcpSocket]:
+    """TCP sockets of ``family`` in ``states`` (a TCPF_* mask), from the kernel's
+    sock_diag. Raises OSError where there is none (not Linux, an old kernel, a sandbox)."""
+    request = _DIAG_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, states)
+    return [_parse_message(family, data, body, end) for data, body, end in diag_messages(request)]
 
 
 def _parse_message(family: int, data: bytes, body: int, end: int) -> TcpSocket:
