@@ -128,6 +128,11 @@ def test_usage_errors_exit_2(home: Path) -> None:
     assert portpool("run").returncode == 2
     assert portpool("frobnicate").returncode == 2
     assert portpool("status", "--no-such-flag").returncode == 2
+    # run's options end at its command: an unknown one was taken for the program (127).
+    for args in (["--bogus", "--", "true"], ["-q", "--bogus", "true"]):
+        done = portpool("run", *args)
+        assert done.returncode == 2, done.stderr
+        assert "no such option: --bogus" in done.stderr
 
 
 def test_unsafe_state_dir_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
@@ -220,6 +225,11 @@ def test_every_documented_exit_code(tmp_path: Path, port_base: int, home: Path) 
     assert portpool("stop", *cfg).returncode == 1
     # 2: an unknown option or command, a missing or unreadable --config, an unknown service
     assert portpool("status", "--no-such-flag").returncode == 2
+    # run's options end at its command: an unknown one was taken for the program (127).
+    for args in (["--bogus", "--", "true"], ["-q", "--bogus", "true"]):
+        done = portpool("run", *args)
+        assert done.returncode == 2, done.stderr
+        assert "no such option: --bogus" in done.stderr
     assert portpool("frobnicate").returncode == 2
     missing = portpool("status", "--config", str(tmp_path / "missing.toml"))
     assert missing.returncode == 2

@@ -309,6 +309,10 @@ def run(
     """
     from portpool.supervisor import run_command
 
+    if command[0].startswith("-"):  # an option run does not know, not a program
+        raise click.UsageError(
+            f"no such option: {command[0]} (the command goes after its options, or after --)"
+        )
     outcome = run_command(
         layout_for(config),
         command,
