@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 import pytest
-from tests.helpers import portpool, read_line, start, write_layout
+from tests.helpers import PORTPOOL, portpool, read_line, start, write_layout
 
 from portpool.cli import cli
 
@@ -133,6 +133,24 @@ def test_usage_errors_exit_2(home: Path) -> None:
         done = portpool("run", *args)
         assert done.returncode == 2, done.stderr
         assert "no such option: --bogus" in done.stderr
+
+
+def test_a_closed_stdout_is_an_error_not_a_silent_success(home: Path) -> None:
+    # `portpool status >&-` printed nothing and exited 0 (the state dir became fd 1).
+    for args in (["status"], ["layout"]):
+        done = subprocess.run(
+            ["sh", "-c", 'exec "$0" "$@" >&-', *PORTPOOL, *args],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == "portpool: error: standard output is closed\n"
+    # run prints nothing on stdout: its command runs, with /dev/null as its stdout.
+    done = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', *PORTPOOL, "run", "-q", "--", sys.executable,
+         "-c", "import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1') + '\\n')"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, "/dev/null\n")
 
 
 def test_unsafe_state_dir_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:

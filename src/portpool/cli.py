@@ -398,6 +398,27 @@ def _from_echo(error: BaseException) -> bool:
     return False
 
 
+def _occupy_closed_std_fds() -> bool:
+    """Open /dev/null on each of fds 0-2 that is closed; True if stdout was.
+
+    With fd 1 closed (``portpool status >&-``) the state dir was opened as fd 1, the
+    output went nowhere and the command exited 0; a command's child would inherit it
+    as its stdout."""
+    stdout_closed = False
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)  # inheritable, as a standard fd must be
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)  # os.open makes fds close-on-exec
+            stdout_closed = stdout_closed or fd == 1
+    return stdout_closed
+
+
 def main() -> None:
     """Console-script entry point.
 
@@ -408,6 +429,10 @@ def main() -> None:
     """
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored by the caller: kept
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+    stdout_closed = _occupy_closed_std_fds()
+    if stdout_closed and sys.argv[1:2] != ["run"]:  # run prints nothing on stdout
+        click.echo("portpool: error: standard output is closed", err=True)
+        sys.exit(1)
     try:
         cli(prog_name="portpool")
     except KeyboardInterrupt:  # Ctrl-C before run/up took over the signals
