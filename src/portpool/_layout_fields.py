@@ -138,7 +138,12 @@ def _ready_problem(ready: object) -> str | None:
     if ready in ("tcp", "none"):
         return None
     if kind == "http" and colon:
-        return None if arg.startswith("/") else f"the path must start with '/', not {arg!r}"
+        if not arg.startswith("/"):
+            return f"the path must start with '/', not {arg!r}"
+        if any(c.isspace() or not c.isprintable() for c in arg):
+            # "http:/ he alth" passed and failed only after ready_timeout_s, at run time
+            return f"the path must have no spaces or control characters, not {arg!r}"
+        return None
     if kind == "log" and colon:
         if not arg:
             return "log: needs a regular expression, e.g. 'log:listening on'"
@@ -164,6 +169,8 @@ def _supervision_problems(
         for i, dep in enumerate(depends_on):
             if not isinstance(dep, str):
                 out.append((f"{key}.depends_on[{i}]", f"must be a string, not {toml_type(dep)}"))
+            elif dep in depends_on[:i]:
+                out.append((f"{key}.depends_on[{i}]", f"names {dep!r} twice"))
     problem = _ready_problem(ready)
     if problem:
         out.append((f"{key}.ready", problem))
