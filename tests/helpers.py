@@ -258,3 +258,33 @@ def held_lock_files(root: Path) -> list[Path]:
 
     locked = locked_inodes() or {}
     return [p for p in root.rglob("*.lock") if (p.stat().st_dev, p.stat().st_ino) in locked]
+
+
+# A command for `run` that prints its instance number and waits until the file named by
+# its first argument appears (at most 60 s).
+HOLD = (
+    "import os, sys, time\n"
+    "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
+    "deadline = time.time() + 60\n"
+    "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
+    "    time.sleep(0.05)\n"
+)
+
+
+def write_service_layout(
+    tmp_path: Path, base: int, services: dict[str, dict[str, Any]], *, app: str, script: str
+) -> Path:
+    """``tmp_path/portpool.toml``: app ``app`` with ``services`` (their extra keys as TOML
+    values; 2 ports each from ``base``, stride 10), each running the Python ``script``
+    unless its keys give a ``command``."""
+    script_path = tmp_path / "service.py"
+    script_path.write_text(script)
+    lines = [f'app = "{app}"', "heartbeat_interval = 0.5", "shield_interval = 0.5"]
+    for i, (name, keys) in enumerate(services.items()):
+        lines += [f"[services.{name}]", f"base = {base + 2 * i}", "size = 2", "stride = 10"]
+        command = keys.pop("command", [sys.executable, str(script_path)])
+        lines.append(f"command = {json.dumps(command)}")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    path = tmp_path / "portpool.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 import pytest
-from tests.helpers import PORTPOOL, portpool, read_line, start, write_layout
+from tests.helpers import HOLD, PORTPOOL, portpool, read_line, start, write_layout
 
 from portpool.cli import cli
 
@@ -222,13 +222,6 @@ def test_layout_and_gc_json(tmp_path: Path, port_base: int, home: Path) -> None:
 
 
 # Every exit code the README documents, each produced for real.
-HOLD = (
-    "import os, sys, time\n"
-    "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
-    "deadline = time.time() + 60\n"
-    "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
-    "    time.sleep(0.05)\n"
-)
 
 
 def test_every_documented_exit_code(tmp_path: Path, port_base: int, home: Path) -> None:

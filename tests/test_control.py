@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import (
+    HOLD,
     is_listening,
     pid_alive,
     portpool,
@@ -31,15 +32,6 @@ from portpool.layout import load_layout
 from portpool.lock import HeldLock, inspect_port
 from portpool.records import list_instances, write_atomic
 from portpool.statedir import StateDir
-
-# A command for `run` that prints its instance and waits until a file appears.
-HOLD = (
-    "import os, sys, time\n"
-    "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
-    "deadline = time.time() + 60\n"
-    "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
-    "    time.sleep(0.05)\n"
-)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.helpers import portpool, read_line, start, status_json, wait_for, write_layout
+from tests.helpers import HOLD, portpool, read_line, start, status_json, wait_for, write_layout
 
 from portpool.errors import NoFreeSlot, PoolExhausted, UsageError
 from portpool.instance import (
@@ -25,14 +25,6 @@ from portpool.instance import (
 from portpool.layout import load_layout
 from portpool.lock import inspect_port
 from portpool.statedir import StateDir
-
-HOLD = (
-    "import os, sys, time\n"
-    "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
-    "deadline = time.time() + 60\n"
-    "while not os.path.exists(sys.argv[1]) and time.time() < deadline:\n"
-    "    time.sleep(0.05)\n"
-)
 
 
 @pytest.fixture

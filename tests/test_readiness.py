@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.helpers import LineReader, start, status_json
+from tests.helpers import LineReader, start, status_json, write_service_layout
 
 from portpool._platform import accept_queue_length
 from portpool._readiness import ReadinessProbe, probe_host
@@ -203,17 +203,8 @@ time.sleep(300)
 
 
 def write_config(tmp_path: Path, base: int, services: dict[str, dict[str, Any]]) -> Path:
-    script = tmp_path / "service.py"
-    script.write_text(SERVICE)
-    lines = ['app = "readyapp"', "heartbeat_interval = 0.5", "shield_interval = 0.5"]
-    for i, (name, keys) in enumerate(services.items()):
-        lines += [f"[services.{name}]", f"base = {base + 2 * i}", "size = 2", "stride = 10"]
-        command = keys.pop("command", [sys.executable, str(script)])
-        lines.append(f"command = {json.dumps(command)}")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
-    path = tmp_path / "portpool.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    """A layout of ``services`` (their extra keys as TOML values), each running SERVICE."""
+    return write_service_layout(tmp_path, base, services, app="readyapp", script=SERVICE)
 
 
 def up_env(tmp_path: Path, **values: str) -> dict[str, str]:

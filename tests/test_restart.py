@@ -4,7 +4,6 @@ no connection is refused), the crash-loop limit, SIGHUP's rolling restart."""
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import shutil
@@ -25,6 +24,7 @@ from tests.helpers import (
     start,
     status_json,
     wait_for,
+    write_service_layout,
 )
 
 from portpool._order import dependency_problems, start_order
@@ -224,17 +224,7 @@ while True:
 
 def write_config(tmp_path: Path, base: int, services: dict[str, dict[str, Any]]) -> Path:
     """A layout of ``services`` (their extra keys as TOML values), each running SERVICE."""
-    script = tmp_path / "service.py"
-    script.write_text(SERVICE)
-    lines = ['app = "restartapp"', "heartbeat_interval = 0.5", "shield_interval = 0.5"]
-    for i, (name, keys) in enumerate(services.items()):
-        lines += [f"[services.{name}]", f"base = {base + 2 * i}", "size = 2", "stride = 10"]
-        command = keys.pop("command", [sys.executable, str(script)])
-        lines.append(f"command = {json.dumps(command)}")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
-    path = tmp_path / "portpool.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return write_service_layout(tmp_path, base, services, app="restartapp", script=SERVICE)
 
 
 def request(port: int, timeout: float = 30.0) -> tuple[int, int]:
