@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
 
@@ -113,25 +112,6 @@ def spawn(
         )
     except OSError as e:
         raise PortPoolError(f"cannot start {command[0]!r}: {e.strerror or e}") from e
-
-
-def stop_children(
-    children: Mapping[str, subprocess.Popen[bytes]], grace_s: float = DEFAULT_GRACE_S
-) -> None:
-    """SIGTERM each running child (the process only, not its tree), wait up to
-    ``grace_s``, then SIGKILL those left. ``Supervisor.stop`` stops whole trees."""
-    for proc in children.values():
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.terminate()
-    deadline = time.monotonic() + grace_s
-    for proc in children.values():
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                proc.kill()
-            proc.wait()
 
 
 def pump_lines(

@@ -36,7 +36,6 @@ from portpool._launch import (
     held_ports,
     pump_lines,
     spawn,
-    stop_children,
 )
 from portpool._platform import (
     ReceivedSignal,
@@ -62,7 +61,6 @@ __all__ = [
     "run_command",
     "run_up",
     "spawn",
-    "stop_children",
 ]
 
 if TYPE_CHECKING:
