@@ -113,14 +113,14 @@ elif kind == "asgi":
     serve_asgi(app, sock, log_level="warning", lifespan="off")
 elif kind == "aiohttp":
     from aiohttp import web
-    from portpool.integrations import run_aiohttp
+    from portpool.integrations import serve_aiohttp
 
     async def handle(request):
         return web.Response(body=info)
 
     app = web.Application()
     app.router.add_get("/", handle)
-    run_aiohttp(app, sock, print=None)
+    serve_aiohttp(app, sock, print=None)
 print("stopped", flush=True)
 """
 

@@ -4,6 +4,7 @@ on real portpool leases, real requests over loopback, real signals to real proce
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import selectors
@@ -19,16 +20,17 @@ from typing import Any
 import httpx
 import pytest
 
+import portpool.integrations
 from conftest import find_free_block
 from portpool import Lease, PortPoolError, StateDir, acquire
 from portpool.integrations import (
     make_http_server,
-    run_aiohttp,
     serve_aiohttp,
+    serve_aiohttp_async,
     serve_asgi,
     serve_asgi_async,
-    serve_asyncio,
-    serve_asyncio_protocol,
+    serve_protocol_async,
+    serve_streams_async,
 )
 
 posix_signals = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
@@ -85,17 +87,27 @@ def test_importing_portpool_loads_no_server_library() -> None:
     assert not {m for m in added if m.split(".")[0] in {"asyncio", "http", "socketserver"}}
 
 
+def test_one_naming_rule_serve_x_blocks_and_serve_x_async_is_a_coroutine() -> None:
+    """``serve_*`` once blocked in one module and was a coroutine in another: a caller
+    could not tell from the name whether to ``await`` it."""
+    helpers = [n for n in portpool.integrations.__all__ if n.startswith("serve_")]
+    assert len(helpers) == 7
+    for name in helpers:
+        is_coroutine = inspect.iscoroutinefunction(getattr(portpool.integrations, name))
+        assert is_coroutine == name.endswith("_async"), name
+
+
 # --- asyncio ---------------------------------------------------------------------------
 
 
-def test_serve_asyncio_streams_on_the_lease_socket(lease: Lease) -> None:
+def test_serve_streams_async_on_the_lease_socket(lease: Lease) -> None:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"echo " + await reader.readline())
         await writer.drain()
         writer.close()
 
     async def main() -> bytes:
-        server = await serve_asyncio(lease, echo)
+        server = await serve_streams_async(lease, echo)
         assert [inode(s) for s in server.sockets] == [inode(lease)]  # the same socket
         async with server:
             reader, writer = await asyncio.open_connection("127.0.0.1", lease.port)
@@ -109,7 +121,7 @@ def test_serve_asyncio_streams_on_the_lease_socket(lease: Lease) -> None:
     assert_still_reserved(lease)
 
 
-def test_serve_asyncio_protocol_on_the_lease_socket(lease: Lease) -> None:
+def test_serve_protocol_async_on_the_lease_socket(lease: Lease) -> None:
     class Shout(asyncio.Protocol):
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             assert isinstance(transport, asyncio.Transport)
@@ -120,7 +132,7 @@ def test_serve_asyncio_protocol_on_the_lease_socket(lease: Lease) -> None:
             self.transport.close()
 
     async def main() -> bytes:
-        server = await serve_asyncio_protocol(lease, Shout)
+        server = await serve_protocol_async(lease, Shout)
         async with server:
             reader, writer = await asyncio.open_connection("127.0.0.1", lease.port)
             writer.write(b"quiet\n")
@@ -178,7 +190,7 @@ def test_serve_asgi_async_serves_then_stops_gracefully_on_cancel(lease: Lease) -
 # --- aiohttp ---------------------------------------------------------------------------
 
 
-def test_serve_aiohttp_on_the_lease_socket(lease: Lease) -> None:
+def test_serve_aiohttp_async_on_the_lease_socket(lease: Lease) -> None:
     from aiohttp import web
 
     async def hello(request: web.Request) -> web.Response:
@@ -187,7 +199,7 @@ def test_serve_aiohttp_on_the_lease_socket(lease: Lease) -> None:
     async def main() -> httpx.Response:
         app = web.Application()
         app.router.add_get("/{tail:.*}", hello)
-        runner = await serve_aiohttp(app, lease)
+        runner = await serve_aiohttp_async(app, lease)
         try:
             async with httpx.AsyncClient(trust_env=False, timeout=30) as client:
                 return await client.get(url(lease, "/aio"))
@@ -260,9 +272,9 @@ def test_helpers_refuse_options_that_would_bind(lease: Lease) -> None:
     with pytest.raises(TypeError, match="drop reload"):
         serve_asgi(asgi_app([]), lease, reload=True)
     with pytest.raises(TypeError, match="drop host, port"):
-        run_aiohttp(web.Application(), lease, host="0.0.0.0", port=8080)
+        serve_aiohttp(web.Application(), lease, host="0.0.0.0", port=8080)
     with pytest.raises(TypeError, match="drop reuse_port"):
-        asyncio.run(serve_asyncio(lease, lambda r, w: None, reuse_port=True))
+        asyncio.run(serve_streams_async(lease, lambda r, w: None, reuse_port=True))
     assert lease.socket is not None and lease.socket.fileno() != -1  # untouched
 
 
@@ -288,7 +300,7 @@ def test_helpers_refuse_sockets_they_cannot_serve(lease: Lease) -> None:
 CHILD = """
 import asyncio, json, os, sys
 from portpool import StateDir, acquire
-from portpool.integrations import run_aiohttp, serve_asgi, serve_http
+from portpool.integrations import serve_aiohttp, serve_asgi, serve_http
 
 kind, port = sys.argv[1], int(sys.argv[2])
 state = StateDir.open(os.environ["PORTPOOL_HOME"])
@@ -328,7 +340,7 @@ with acquire(state, [port], service="web") as lease:
 
         app = web.Application()
         app.router.add_get("/", hello)
-        run_aiohttp(app, lease, print=None)
+        serve_aiohttp(app, lease, print=None)
     else:
         from http.server import BaseHTTPRequestHandler
 

@@ -6,11 +6,15 @@ already, never bound again, so the port cannot change hands between the check an
 use. A lease keeps its socket, and so the port, until it is released (the server gets
 a duplicate handle of the same kernel socket); a bare socket is handed over.
 
-| server | blocking | in your event loop |
+One naming rule: ``serve_X`` blocks (it serves until SIGINT/SIGTERM, then returns, like
+``asyncio.run``); ``serve_X_async`` is a coroutine for your own event loop (like
+``uvicorn.Server.serve``).
+
+| server | blocking | a coroutine, in your event loop |
 | --- | --- | --- |
-| asyncio streams / protocols | | ``serve_asyncio``, ``serve_asyncio_protocol`` |
+| asyncio streams / protocols | | ``serve_streams_async``, ``serve_protocol_async`` |
 | uvicorn (any ASGI app) | ``serve_asgi`` | ``serve_asgi_async`` |
-| aiohttp | ``run_aiohttp`` | ``serve_aiohttp`` |
+| aiohttp | ``serve_aiohttp`` | ``serve_aiohttp_async`` |
 | ``http.server`` | ``serve_http`` | (``make_http_server`` builds one) |
 
 Each server library is imported only inside its helper, so ``import portpool`` stays
@@ -19,9 +23,9 @@ light and none of them is a dependency of portpool.
 
 from __future__ import annotations
 
-from portpool.integrations.aiohttp_server import run_aiohttp, serve_aiohttp
+from portpool.integrations.aiohttp_server import serve_aiohttp, serve_aiohttp_async
 from portpool.integrations.asgi import serve_asgi, serve_asgi_async
-from portpool.integrations.asyncio_server import serve_asyncio, serve_asyncio_protocol
+from portpool.integrations.asyncio_server import serve_protocol_async, serve_streams_async
 from portpool.integrations.fds import LISTEN_FDS_START, listen_fds, listen_socket
 from portpool.integrations.http_server import make_http_server, serve_http
 
@@ -30,11 +34,11 @@ __all__ = [
     "listen_fds",
     "listen_socket",
     "make_http_server",
-    "run_aiohttp",
     "serve_aiohttp",
+    "serve_aiohttp_async",
     "serve_asgi",
     "serve_asgi_async",
-    "serve_asyncio",
-    "serve_asyncio_protocol",
     "serve_http",
+    "serve_protocol_async",
+    "serve_streams_async",
 ]

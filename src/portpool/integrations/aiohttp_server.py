@@ -2,15 +2,15 @@
 
 Inside your event loop::
 
-    from portpool.integrations import serve_aiohttp
+    from portpool.integrations import serve_aiohttp_async
 
-    runner = await serve_aiohttp(app, lease)   # accepting now
+    runner = await serve_aiohttp_async(app, lease)  # accepting now
     ...
-    await runner.cleanup()                     # stop serving; the lease keeps the port
+    await runner.cleanup()  # stop serving; the lease keeps the port
 
 Or blocking, with aiohttp's own SIGINT/SIGTERM handling (returns after a graceful stop)::
 
-    run_aiohttp(app, listen_socket("web"), print=None)
+    serve_aiohttp(app, listen_socket("web"), print=None)
 
 aiohttp serves the socket through a ``SockSite``; it never binds an address itself.
 """
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from aiohttp import web
 
 
-async def serve_aiohttp(
+async def serve_aiohttp_async(
     app: web.Application,
     sock_or_lease: SocketOrLease,
     *,
@@ -52,7 +52,9 @@ async def serve_aiohttp(
     return runner
 
 
-def run_aiohttp(app: web.Application, sock_or_lease: SocketOrLease, **run_app_kwargs: Any) -> None:
+def serve_aiohttp(
+    app: web.Application, sock_or_lease: SocketOrLease, **run_app_kwargs: Any
+) -> None:
     """Serve ``app`` on the socket until SIGINT/SIGTERM, then stop gracefully and return.
 
     ``run_app_kwargs`` go to ``aiohttp.web.run_app`` (``print``, ``access_log``,
@@ -61,5 +63,5 @@ def run_aiohttp(app: web.Application, sock_or_lease: SocketOrLease, **run_app_kw
     """
     from aiohttp import web
 
-    reject_binding_options(run_app_kwargs, "run_aiohttp")
+    reject_binding_options(run_app_kwargs, "serve_aiohttp")
     web.run_app(app, sock=serving_socket(sock_or_lease), **run_app_kwargs)

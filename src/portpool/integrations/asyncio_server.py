@@ -3,7 +3,7 @@
 ::
 
     import asyncio, portpool
-    from portpool.integrations import serve_asyncio
+    from portpool.integrations import serve_streams_async
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(await reader.readline())
@@ -11,11 +11,11 @@
         writer.close()
 
     async def main(lease: portpool.Lease) -> None:
-        server = await serve_asyncio(lease, echo)      # accepting now
+        server = await serve_streams_async(lease, echo)  # accepting now
         async with server:
             await server.serve_forever()
 
-``serve_asyncio_protocol(lease, factory)`` does the same for a Protocol factory. The
+``serve_protocol_async(lease, factory)`` does the same for a Protocol factory. The
 server serves the lease's own listening socket, never binding: closing the server closes
 only its handle, and the port stays reserved until the lease is released. A bare
 socket (e.g. from ``listen_socket()``) is taken over and closed with the server.
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 ClientConnected = Callable[["asyncio.StreamReader", "asyncio.StreamWriter"], Awaitable[None] | None]
 
 
-async def serve_asyncio(
+async def serve_streams_async(
     sock_or_lease: SocketOrLease, client_connected_cb: ClientConnected, **start_server_kwargs: Any
 ) -> asyncio.Server:
     """Serve streams on the socket: ``asyncio.start_server(client_connected_cb, sock=...)``.
@@ -45,12 +45,12 @@ async def serve_asyncio(
     """
     import asyncio
 
-    reject_binding_options(start_server_kwargs, "serve_asyncio")
+    reject_binding_options(start_server_kwargs, "serve_streams_async")
     sock = serving_socket(sock_or_lease)
     return await asyncio.start_server(client_connected_cb, sock=sock, **start_server_kwargs)
 
 
-async def serve_asyncio_protocol(
+async def serve_protocol_async(
     sock_or_lease: SocketOrLease,
     protocol_factory: Callable[[], asyncio.BaseProtocol],
     **create_server_kwargs: Any,
@@ -62,7 +62,7 @@ async def serve_asyncio_protocol(
     """
     import asyncio
 
-    reject_binding_options(create_server_kwargs, "serve_asyncio_protocol")
+    reject_binding_options(create_server_kwargs, "serve_protocol_async")
     sock = serving_socket(sock_or_lease)
     loop = asyncio.get_running_loop()
     return await loop.create_server(protocol_factory, sock=sock, **create_server_kwargs)

@@ -9,7 +9,7 @@ too). In the service::
     from portpool.integrations import listen_socket, serve_http
 
     sock = listen_socket("api-server")   # bound and listening already: never bind again
-    serve_http(sock, MyHandler)          # or serve_asgi(app, sock), run_aiohttp(app, sock)
+    serve_http(sock, MyHandler)          # or serve_asgi(app, sock), serve_aiohttp(app, sock)
 
 ``listen_fds()`` gives every passed socket by name. The first call reads and unsets the
 variables; later calls return the same socket objects, so asking for a second socket by
