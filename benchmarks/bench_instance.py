@@ -97,8 +97,8 @@ def layout_toml(layout: object) -> str:
     lines = [
         f"app = {json.dumps(layout.app)}",
         f"host = {json.dumps(layout.host)}",
-        f"heartbeat_interval = {layout.heartbeat_interval}",
-        f"shield_interval = {layout.shield_interval}",
+        f"heartbeat_interval = {layout.heartbeat_interval_s}",
+        f"shield_interval = {layout.shield_interval_s}",
         f"max_instances = {layout.max_instances}",
     ]
     for s in layout.services:

@@ -130,8 +130,8 @@ def make_layout(cfg: Config) -> Any:
         app="chaos",
         services=services,
         host="127.0.0.1",
-        heartbeat_interval=cfg.heartbeat_s,
-        shield_interval=cfg.shield_s,
+        heartbeat_interval_s=cfg.heartbeat_s,
+        shield_interval_s=cfg.shield_s,
         max_instances=cfg.max_instances,
         source="<chaos>",
     )

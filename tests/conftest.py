@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from benchmarks._common import find_free_block
 
-from portpool import _addresses, _heldlock, _layout_checks, _record, instance, layout, shield
+from portpool import _addresses, _heldlock, _record, instance, layout, shield
 from portpool.integrations import fds
 from portpool.statedir import StateDir
 
@@ -19,7 +19,6 @@ from portpool.statedir import StateDir
 # value an earlier one computed under other conditions (another PORTPOOL_HOME, a
 # monkeypatched environment).
 _CACHES = (
-    _layout_checks._ephemeral_range,
     layout.default_layout,
     _addresses.has_ipv6_loopback,
     _addresses.bind_targets,

@@ -606,8 +606,8 @@ def test_out_of_range_numbers_in_every_numeric_key(key: str, value: Any) -> None
         assert e.file == "fuzz.toml"  # noqa: PT017 - refusing is one of two right answers
         return
     # Accepted: then every value is one the threads and the pools can live with.
-    assert 0.01 <= layout.heartbeat_interval <= 86400
-    assert 0.01 <= layout.shield_interval <= 86400
+    assert 0.01 <= layout.heartbeat_interval_s <= 86400
+    assert 0.01 <= layout.shield_interval_s <= 86400
     assert 1 <= layout.max_instances <= 1000
     for s in layout.services:
         assert all(1 <= p <= 65535 for n in range(1, layout.max_instances + 1) for p in s.pool(n))

@@ -3,7 +3,9 @@ property tests that nothing but LayoutError escapes and accepted layouts are sou
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from portpool._host_warnings import layout_warnings
+from portpool._layout_checks import port_warnings
 from portpool._platform import ephemeral_port_range
 from portpool.errors import LayoutError
 from portpool.layout import (
@@ -108,8 +112,8 @@ def test_default_layout_has_the_original_numbers() -> None:
     layout = default_layout()
     assert layout.app == "qwen-valencia"
     assert layout.host == "127.0.0.1"
-    assert layout.heartbeat_interval == 30.0
-    assert layout.shield_interval == 10.0
+    assert layout.heartbeat_interval_s == 30.0
+    assert layout.shield_interval_s == 10.0
     assert layout.source == "<default>"
     assert [(s.name, s.base, s.size) for s in layout.services] == DEFAULT_NUMBERS
     for s in layout.services:
@@ -212,8 +216,8 @@ def test_a_good_file_loads(tmp_path: Path) -> None:
     layout = load_layout(path)
     assert layout.source == path
     assert layout.app == "demo"
-    assert layout.heartbeat_interval == 5.0
-    assert layout.shield_interval == 2.5
+    assert layout.heartbeat_interval_s == 5.0
+    assert layout.shield_interval_s == 2.5
     assert layout.service("web").command == ("python", "-m", "demo.web")
     assert layout.service("web").socket == "port"
     assert layout.service("api").command is None
@@ -465,22 +469,66 @@ def test_privileged_ports_warn() -> None:
 
 
 def test_ephemeral_ports_warn() -> None:
-    span = ephemeral_port_range()
-    if span is None:
-        pytest.skip("this OS does not tell its ephemeral port range")
-    low, high = span
+    # The pure check, with a range given: the same on every machine.
+    low, high = 32768, 60999
     base = low - 250  # instances 1..3 outside; from instance 4 on the pools are inside
-    layout = Layout("a", (Service("late", base, 2, 100),))
-    (warning,) = [w for w in layout.warnings if "ephemeral" in w]
-    last_inside = min(layout.admissible_instances, (high - base) // 100 + 1)
-    assert f"services.late: ports {base + 300}..{base + 301}, ..., " in warning
-    assert f"(instances 4-{last_inside})" in warning
+    late = (Service("late", base, 2, 100),)
+    (warning,) = [w for w in port_warnings("f", late, 100, (low, high)) if "ephemeral" in w]
+    assert warning.startswith(f"f: services.late: ports {base + 300}..{base + 301}, ..., ")
+    assert "(instances 4-100)" in warning
     assert f"{low}-{high}" in warning
     assert "lower max_instances" in warning
     # the pool that straddles the range start only counts the ports inside it
-    straddle = Layout("a", (Service("edge", low - 1, 2, 0),))
-    (warning,) = [w for w in straddle.warnings if "ephemeral" in w]
+    edge = (Service("edge", low - 1, 2, 0),)
+    (warning,) = [w for w in port_warnings("f", edge, 1, (low, high)) if "ephemeral" in w]
     assert f"port {low} (instance 1) is inside" in warning
+    assert not any("ephemeral" in w for w in port_warnings("f", edge, 1, None))
+
+
+def host_ephemeral_range() -> tuple[int, int]:
+    span = ephemeral_port_range()
+    if span is None:
+        pytest.skip("this OS does not tell its ephemeral port range")
+    return span
+
+
+def test_a_layout_is_a_value_its_warnings_never_ask_the_host() -> None:
+    """A Layout once read /proc (or ran sysctl) when built: its warnings depended on the
+    machine that built it. The host's part comes from ``layout_warnings``."""
+    low, high = host_ephemeral_range()
+    layout = Layout("a", (Service("late", low - 250, 2, 100),))
+    assert not any("ephemeral" in w for w in layout.warnings)
+    on_host = layout_warnings(layout)
+    (warning,) = [w for w in on_host if "ephemeral" in w]
+    last_inside = min(layout.max_instances, (high - layout.services[0].base) // 100 + 1)
+    assert f"services.late: ports {low + 50}..{low + 51}, ..., " in warning
+    assert f"(instances 4-{last_inside})" in warning
+    assert f"{low}-{high}" in warning
+    # the layout's own warnings are all there, in the same order
+    assert [w for w in on_host if "ephemeral" not in w] == list(layout.warnings)
+
+
+def test_the_layout_command_shows_the_hosts_ephemeral_warning(tmp_path: Path) -> None:
+    low, high = host_ephemeral_range()
+    path = write(
+        tmp_path,
+        f'app = "eph"\n[services.irc]\nbase = 6565\nsize = 2\nstride = 0\n'
+        f"[services.late]\nbase = {low - 1}\nsize = 2\nstride = 0\n",
+    )
+    cli = [sys.executable, "-m", "portpool.cli", "layout", "--config", path]
+    text = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=True).stdout
+    warnings = [line for line in text.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: {path}: services.irc: port 6566 (instance 1) is on "
+        "browsers' unsafe-port list: Chromium and Firefox refuse to connect there",
+        f"warning: {path}: services.late: port {low} (instance 1) is "
+        f"inside the OS's ephemeral port range {low}-{high}: any outgoing connection may "
+        "take them; move the pool out of it",
+    ]
+    as_json = subprocess.run(
+        [*cli, "--json"], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
+    assert json.loads(as_json)["warnings"] == [w.removeprefix("warning: ") for w in warnings]
 
 
 def test_unsafe_ports_are_grouped_per_service() -> None:
@@ -497,8 +545,9 @@ def test_warnings_only_cover_instances_that_can_run() -> None:
     span = ephemeral_port_range()
     unlimited = Layout("a", (Service("s", 20000, 3, 100),))
     if span is not None and span[0] <= 20000 + 100 * (unlimited.max_instances - 1):
-        assert any("lower max_instances" in w for w in unlimited.warnings)
-    assert Layout("a", (Service("s", 20000, 3, 100),), max_instances=3).warnings == ()
+        assert any("lower max_instances" in w for w in layout_warnings(unlimited))
+    lowered = Layout("a", (Service("s", 20000, 3, 100),), max_instances=3)
+    assert lowered.warnings == () == layout_warnings(lowered)
 
 
 # --- the Python API ---------------------------------------------------------------------
@@ -515,11 +564,11 @@ def test_service_checks_its_fields() -> None:
 
 
 def test_with_changes_revalidates() -> None:
-    fast = default_layout().with_changes(heartbeat_interval=0.2, shield_interval=0.05)
-    assert (fast.heartbeat_interval, fast.shield_interval) == (0.2, 0.05)
+    fast = default_layout().with_changes(heartbeat_interval_s=0.2, shield_interval_s=0.05)
+    assert (fast.heartbeat_interval_s, fast.shield_interval_s) == (0.2, 0.05)
     assert fast.max_instances == 10
     with pytest.raises(LayoutError, match="shield_interval"):
-        default_layout().with_changes(shield_interval=0)
+        default_layout().with_changes(shield_interval_s=0)
     lowered = default_layout().with_changes(max_instances=3)
     assert lowered.max_instances == 3
     with pytest.raises(LayoutError, match="at most 10"):

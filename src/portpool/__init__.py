@@ -18,6 +18,9 @@ from __future__ import annotations
 # portpool`` alone costs almost nothing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from portpool._host_warnings import (
+        layout_warnings,
+    )
     from portpool.diagnosis import (
         DoctorReport,
         Occupant,
@@ -88,6 +91,10 @@ del TYPE_CHECKING  # not a public name
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    **dict.fromkeys(
+        ("layout_warnings",),
+        "portpool._host_warnings",
+    ),
     **dict.fromkeys(
         (
             "DoctorReport",
@@ -246,6 +253,7 @@ __all__ = [
     "gc",
     "get_service_port_pool",
     "init_instance_manager",
+    "layout_warnings",
     "list_instances",
     "load_layout",
     "resolve_layout",

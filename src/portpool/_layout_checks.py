@@ -2,15 +2,15 @@
 
 Pure functions over services (``portpool.layout.Service``): how many instances fit
 before two pools share a port or one leaves 1..65535, which services collide and
-where, and which ports deserve a warning (below 1024, in the OS's ephemeral range, on
-the browsers' unsafe-port list); and every problem between services
+where, and which ports deserve a warning (below 1024, on the browsers' unsafe-port
+list, and inside an ephemeral port range the caller passes: this module never asks the
+host); and every problem between services
 (``cross_problems``: environment names, dependencies, overlaps, the maximum).
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
 from collections.abc import Collection, Iterable, Sequence
 from typing import Protocol, TypeGuard
 
@@ -259,14 +259,6 @@ def env_collisions(services: Sequence[Service]) -> list[Problem]:
 # --- warnings -----------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def _ephemeral_range() -> tuple[int, int] | None:
-    # Read once per process: on macOS it costs a sysctl subprocess.
-    from portpool._platform import ephemeral_port_range
-
-    return ephemeral_port_range()
-
-
 def _touching(s: Service, lo: int, hi: int, instances: int) -> tuple[int, int] | None:
     """The instances (first, last) among 1..``instances`` whose pool of ``s`` has a port
     in ``lo``..``hi``. Pools only move up with the instance number, so they are a run."""
@@ -327,11 +319,19 @@ def _unsafe_ports(s: Service, instances: int) -> str | None:
     )
 
 
-def port_warnings(source: str, services: Sequence[Service], instances: int) -> list[str]:
-    """Human warnings about ports of instances 1..``instances``, one per service and kind."""
+def port_warnings(
+    source: str,
+    services: Sequence[Service],
+    instances: int,
+    ephemeral: tuple[int, int] | None = None,
+) -> list[str]:
+    """Human warnings about ports of instances 1..``instances``, one per service and kind.
+
+    ``ephemeral``: the host's ephemeral port range (first, last), or None to leave that
+    kind out; a pure function, so a ``Layout``'s own warnings never depend on the host.
+    """
     if instances < 1:
         return []
-    ephemeral = _ephemeral_range()
     out: list[str] = []
     for s in services:
         where = f"{source}: services.{s.name}"

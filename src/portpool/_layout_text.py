@@ -1,7 +1,8 @@
 """Layouts in words for people: what ``portpool layout`` prints and what a host covers.
 
 Presentation only: nothing here validates a layout or asks the machine anything
-(``portpool._addresses.host_warning`` does, and its answer is passed in).
+(``portpool._addresses.host_warning`` and ``portpool._host_warnings`` do, and their
+answers are passed in).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from portpool._layout_checks import span
 from portpool._layout_fields import normalize_host
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from portpool.layout import Layout
 
 
@@ -55,13 +58,14 @@ def host_is_literal_remote(host: str) -> bool:
     return not (ip.is_loopback or ip.is_unspecified)
 
 
-def describe_layout(layout: Layout, host_warning: str | None = None) -> list[str]:
+def describe_layout(layout: Layout, warnings: Sequence[str] | None = None) -> list[str]:
     """The lines ``portpool layout`` prints: settings, every admissible instance's
-    pools, then the warnings (``host_warning``: what the machine says of the host, from
-    ``_addresses.host_warning``; a layout itself never asks the machine)."""
+    pools, then ``warnings`` (default: ``layout.warnings``; ``portpool layout`` passes
+    what this machine adds, from ``layout_warnings`` and ``_addresses.host_warning``: a
+    layout itself never asks the machine)."""
     origin = "built-in default layout" if layout.source == "<default>" else layout.source
-    hb = f"{layout.heartbeat_interval:g}"
-    sh = f"{layout.shield_interval:g}"
+    hb = f"{layout.heartbeat_interval_s:g}"
+    sh = f"{layout.shield_interval_s:g}"
     lines = [
         f"app: {layout.app}",
         f"layout: {origin}",
@@ -83,8 +87,7 @@ def describe_layout(layout: Layout, host_warning: str | None = None) -> list[str
             "but are above max_instances: not used)"
         )
     lines.extend(describe_supervision(layout))
-    lines.extend(f"warning: {w}" for w in layout.warnings)
-    lines.extend(f"warning: {w}" for w in filter(None, [host_warning]))
+    lines.extend(f"warning: {w}" for w in (layout.warnings if warnings is None else warnings))
     return lines
 
 

@@ -126,6 +126,7 @@ def status(config: str | None, as_json: bool) -> None:
 @handle_errors
 def layout_command(config: str | None, as_json: bool) -> None:
     """The pools of every admissible instance, then warnings (errors fail with exit 1)."""
+    from portpool._host_warnings import layout_warnings
     from portpool.layout import describe_layout, host_is_literal_remote
 
     if as_json:
@@ -134,12 +135,12 @@ def layout_command(config: str | None, as_json: bool) -> None:
         click.echo(json.dumps(layout_document(layout_for(config))))
         return
     layout = layout_for(config)
-    warning = None
+    warnings = list(layout_warnings(layout))
     if host_is_literal_remote(layout.host):  # only then a socket is needed to tell
         from portpool._addresses import host_warning
 
-        warning = host_warning(layout.host)
-    for line in describe_layout(layout, warning):
+        warnings.extend(filter(None, [host_warning(layout.host)]))
+    for line in describe_layout(layout, warnings):
         click.echo(line)
 
 

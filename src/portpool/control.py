@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from portpool._host_warnings import layout_warnings
 from portpool._platform import (
     DirHandle,
     boot_id,
@@ -612,8 +613,8 @@ def layout_document(layout: Layout) -> dict[str, Any]:
         "app": layout.app,
         "source": layout.source,
         "host": layout.host,
-        "heartbeat_interval": layout.heartbeat_interval,
-        "shield_interval": layout.shield_interval,
+        "heartbeat_interval": layout.heartbeat_interval_s,
+        "shield_interval": layout.shield_interval_s,
         "max_instances": layout.max_instances,
         "admissible_instances": layout.admissible_instances,
         "limit_reason": layout.limit_reason,
@@ -624,7 +625,7 @@ def layout_document(layout: Layout) -> dict[str, Any]:
         "instances": [
             {"number": n, "pools": layout.pools(n)} for n in range(1, layout.max_instances + 1)
         ],
-        "warnings": list(layout.warnings),
+        "warnings": list(layout_warnings(layout)),
     }
 
 

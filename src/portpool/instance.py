@@ -222,7 +222,7 @@ class Instance:
             return
 
         def loop() -> None:
-            while not self._stop.wait(self.layout.heartbeat_interval):
+            while not self._stop.wait(self.layout.heartbeat_interval_s):
                 self.heartbeat()
 
         self._heartbeat_thread = threading.Thread(
@@ -252,7 +252,7 @@ class Instance:
 
         self._shield = Shield(
             list(self.leases.values()),
-            interval_s=self.layout.shield_interval,
+            interval_s=self.layout.shield_interval_s,
             on_lost=tripped,
             instance_check=self.problem,
             own_pids=own_pids or (self.service_pids.values),
@@ -272,7 +272,7 @@ class Instance:
 
         shield = self._shield or Shield(
             list(self.leases.values()),
-            interval_s=self.layout.shield_interval,
+            interval_s=self.layout.shield_interval_s,
             on_lost=lambda lease, reason: None,
             instance_check=self.problem,
             own_pids=self.service_pids.values,

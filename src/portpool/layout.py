@@ -184,19 +184,24 @@ def _layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
 
 @dataclass(frozen=True)
 class Layout:
-    """An app's validated layout.
+    """An app's validated layout: a value, the same on every machine.
 
-    ``max_instances`` is the effective maximum: pass 0 (the default) for the computed
-    admissible count, or a lower number. ``admissible_instances``, ``limit_reason`` and
-    ``warnings`` are derived on construction; values passed for them are replaced.
-    Raises LayoutError listing every problem, with ``source`` as the file.
+    ``heartbeat_interval_s`` and ``shield_interval_s`` are seconds (the file's
+    ``heartbeat_interval`` and ``shield_interval``). ``max_instances`` is the effective
+    maximum: pass 0 (the default) for the computed admissible count, or a lower number.
+    ``admissible_instances``, ``limit_reason`` and ``warnings`` are derived on
+    construction; values passed for them are replaced. ``warnings`` are the ones the
+    layout alone implies (ports below 1024, on browsers' unsafe-port list); the ones that
+    depend on the host (a pool inside its ephemeral port range) come from
+    ``portpool.layout_warnings``. Raises LayoutError listing every problem, with
+    ``source`` as the file.
     """
 
     app: str
     services: tuple[Service, ...]
     host: str = "127.0.0.1"
-    heartbeat_interval: float = 30.0
-    shield_interval: float = 10.0
+    heartbeat_interval_s: float = 30.0
+    shield_interval_s: float = 10.0
     max_instances: int = 0
     admissible_instances: int = 0
     source: str = "<default>"
@@ -208,7 +213,7 @@ class Layout:
         object.__setattr__(self, "services", services)
         requested = self.max_instances or None
         problems = field_problems(
-            self.app, self.host, self.heartbeat_interval, self.shield_interval, requested
+            self.app, self.host, self.heartbeat_interval_s, self.shield_interval_s, requested
         )
         bad = [s for s in services if not isinstance(s, Service)]
         if bad:
@@ -218,12 +223,13 @@ class Layout:
         problems.extend(cross)
         if problems:
             raise _layout_error(self.source, problems)
-        object.__setattr__(self, "heartbeat_interval", float(self.heartbeat_interval))
-        object.__setattr__(self, "shield_interval", float(self.shield_interval))
+        object.__setattr__(self, "heartbeat_interval_s", float(self.heartbeat_interval_s))
+        object.__setattr__(self, "shield_interval_s", float(self.shield_interval_s))
         object.__setattr__(self, "admissible_instances", admissible)
         object.__setattr__(self, "max_instances", requested or admissible)
         object.__setattr__(self, "limit_reason", reason)
-        # Only instances that can run: a lowered maximum silences the rest.
+        # Only instances that can run: a lowered maximum silences the rest. No ephemeral
+        # range: a value object's warnings must not depend on the machine that built it.
         warnings = port_warnings(self.source, services, requested or admissible)
         object.__setattr__(self, "warnings", tuple(warnings))
 
@@ -306,8 +312,8 @@ def default_layout() -> Layout:
             for name, base, size in _DEFAULT_SERVICES
         ),
         host="127.0.0.1",
-        heartbeat_interval=30.0,
-        shield_interval=10.0,
+        heartbeat_interval_s=30.0,
+        shield_interval_s=10.0,
     )
 
 
@@ -401,8 +407,8 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
         app=app,  # type: ignore[arg-type]
         services=tuple(services),
         host=host,  # type: ignore[arg-type]
-        heartbeat_interval=heartbeat,  # type: ignore[arg-type]
-        shield_interval=shield,  # type: ignore[arg-type]
+        heartbeat_interval_s=heartbeat,  # type: ignore[arg-type]
+        shield_interval_s=shield,  # type: ignore[arg-type]
         max_instances=max_instances or 0,  # type: ignore[arg-type]
         source=source,
     )
