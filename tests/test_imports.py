@@ -51,6 +51,8 @@ LIBRARY = {
     "portpool.shield",
     "portpool.supervisor",
     "portpool._platform._net",
+    # reading a layout's restart key needs its words, not the supervisor's restart machinery
+    "portpool._restart",
 }
 
 

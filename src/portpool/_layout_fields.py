@@ -15,9 +15,11 @@ from collections.abc import Mapping
 from typing import TypeGuard
 
 from portpool._layout_checks import MAX_PORT, Problem
-from portpool._restart import RESTART_POLICIES
 
 SERVICE_SOCKET_MODES = ("fd", "port")
+# The layout file's ``restart`` values (portpool._restart applies them): defined here so
+# that reading a layout never loads the supervisor's restart machinery.
+RESTART_POLICIES = ("no", "on-failure", "always")
 
 DEFAULT_READY_TIMEOUT_S = 30.0
 

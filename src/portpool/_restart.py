@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from portpool._layout_fields import RESTART_POLICIES  # the layout file's words for them
+
 __all__ = [
     "BACKOFF_CAP_S",
     "BACKOFF_FIRST_S",
@@ -31,7 +33,6 @@ __all__ = [
     "wants_restart",
 ]
 
-RESTART_POLICIES = ("no", "on-failure", "always")
 BACKOFF_FIRST_S = 0.1
 BACKOFF_CAP_S = 30.0
 RESTART_BURST = 5  # restarts allowed within RESTART_WINDOW_S; one more gives up
