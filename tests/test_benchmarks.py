@@ -147,7 +147,15 @@ def test_cli_benchmark_measures_every_command_beside_its_floors() -> None:
 
     section = bench_cli.run(quick=True)
     names = [row.name for row in section.rows]
-    for floor in (bench_cli.FLOOR, "python -S -c pass", bench_cli.BARE, bench_cli.CLICK):
+    floors = (
+        bench_cli.FLOOR,
+        "python -S -c pass",
+        bench_cli.BARE,
+        bench_cli.CLICK,
+        bench_cli.CLICK_COMMAND,
+        bench_cli.STATUS_IMPORTS,
+    )
+    for floor in floors:
         assert floor in names
     for command in (bench_cli.STATUS, bench_cli.RUN, bench_cli.SHIM, "portpool --help"):
         assert command in names
@@ -158,7 +166,11 @@ def test_cli_benchmark_measures_every_command_beside_its_floors() -> None:
         assert section.ratio(row) is not None
     text = "\n".join(section.notes)
     assert "target <= 3.5x" in text and "target <= 3.0x" in text
-    assert "Outside portpool" in text
+    # status's remainder is split into what is outside portpool and what is its own
+    for kind in ("wall", "CPU time"):
+        assert f"{kind}: outside portpool, of status's" in text
+    assert "python start" in text and "click's import" in text
+    assert "importing its modules" in text and "the command's work" in text
     assert set(section.extra["cpu_ms_median"]) == set(names)  # type: ignore[arg-type]
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 from portpool.errors import LayoutError, LayoutFileError
 
-_AT = re.compile(r"\s*\(at (line (\d+), column (\d+)|end of document)\)\s*$")
-_DECLARED_TWICE = re.compile(r"Cannot declare \(((?:'(?:[^'\\]|\\.)*',? ?)+)\) twice")
-_HEADER = re.compile(r"^\s*\[\[?\s*([^\]]*?)\s*\]\]?\s*(#.*)?$")
-_KEY_LINE = re.compile(r"^\s*([^=#\[]+?)\s*=")
+# Patterns, not compiled objects: only a file with a TOML error needs them, and compiling
+# them on every import cost every command 2 M instructions (re caches them on use).
+_AT = r"\s*\(at (line (\d+), column (\d+)|end of document)\)\s*$"
+_DECLARED_TWICE = r"Cannot declare \(((?:'(?:[^'\\]|\\.)*',? ?)+)\) twice"
+_HEADER = r"^\s*\[\[?\s*([^\]]*?)\s*\]\]?\s*(#.*)?$"
+_KEY_LINE = r"^\s*([^=#\[]+?)\s*="
 
 
 def _dotted(raw: str) -> list[str]:
@@ -28,7 +30,7 @@ def _dotted(raw: str) -> list[str]:
 def _duplicate_key(text: str, message: str, line: int | None) -> list[str] | None:
     """The dotted key a TOML "declared twice" / "cannot overwrite" error is about, if
     it can be told; tomllib only gives the position."""
-    m = _DECLARED_TWICE.search(message)
+    m = re.search(_DECLARED_TWICE, message)
     if m:
         return re.findall(r"'((?:[^'\\]|\\.)*)'", m.group(1))
     if line is None or "Cannot overwrite a value" not in message:
@@ -36,12 +38,12 @@ def _duplicate_key(text: str, message: str, line: int | None) -> list[str] | Non
     lines = text.splitlines()
     if not 1 <= line <= len(lines):
         return None
-    km = _KEY_LINE.match(lines[line - 1])
+    km = re.match(_KEY_LINE, lines[line - 1])
     if not km:
         return None
     header: list[str] = []
     for previous in reversed(lines[: line - 1]):
-        hm = _HEADER.match(previous)
+        hm = re.match(_HEADER, previous)
         if hm:
             header = _dotted(hm.group(1))
             break
@@ -50,7 +52,7 @@ def _duplicate_key(text: str, message: str, line: int | None) -> list[str] | Non
 
 def _syntax_error(path: str, text: str, error: ValueError) -> LayoutError:
     message = str(error)
-    m = _AT.search(message)
+    m = re.search(_AT, message)
     line: int | None = None
     if m and m.group(2):
         line = int(m.group(2))
