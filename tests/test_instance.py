@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 from tests.helpers import HOLD, portpool, read_line, start, status_json, wait_for, write_layout
 
+from portpool._compat import get_service_port_pool, init_instance_manager
+from portpool._gc import gc
 from portpool.errors import NoFreeSlot, PoolExhausted, UsageError
-from portpool.instance import (
-    gc,
-    get_service_port_pool,
-    init_instance_manager,
-    list_instances,
-    start_instance,
-)
+from portpool.instance import start_instance
 from portpool.layout import load_layout
 from portpool.lock import inspect_port
+from portpool.records import list_instances
 from portpool.statedir import StateDir
 
 
