@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from benchmarks._common import find_free_block
 
-from portpool import _addresses, _compat, _heldlock, _layout_checks, _record, layout, shield
+from portpool import _addresses, _compat, _heldlock, _layout_checks, layout, shield
 from portpool.integrations import fds
 from portpool.statedir import StateDir
 
@@ -50,7 +50,6 @@ def _reset_module_state() -> Iterator[None]:
             leaked.release()
         _compat._current = current_before
     fds._received = received_before
-    _record._prefixes.clear()
     for cache in _CACHES:
         cache.cache_clear()
 
