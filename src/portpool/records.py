@@ -102,7 +102,7 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
             if type(p) is not int or not 0 < p < 65536:
                 raise ValueError(f"service {name!r} has an invalid pool")
         port, pid, refusals = item.get("port"), item.get("pid"), item.get("refusals")
-        entry = {
+        entry: dict[str, Any] = {
             "name": name[:64],
             "pool": pool,
             "port": port if type(port) is int and 0 < port < 65536 else None,
