@@ -216,8 +216,9 @@ def worker_main(wfd: int, cfg: Config, mode: str, seed: int) -> None:
     import logging
 
     from portpool import pool as pool_mod
+    from portpool._gc import gc
     from portpool.errors import PortPoolError, StartError
-    from portpool.instance import gc, start_instance
+    from portpool.instance import start_instance
     from portpool.statedir import StateDir
 
     logging.basicConfig(level=logging.CRITICAL)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from benchmarks._common import find_free_block
 
-from portpool import _addresses, _heldlock, _record, instance, layout, shield
+from portpool import _addresses, _compat, _heldlock, layout, shield
 from portpool.integrations import fds
 from portpool.statedir import StateDir
 
@@ -37,19 +37,18 @@ def _reset_module_state() -> Iterator[None]:
     caches. What existed before the test (a module-scoped fixture's instance) is kept.
     """
     held_before = set(_heldlock._held)
-    current_before = instance._current
+    current_before = _compat._current
     received_before = fds._received
     yield
     for key, lock in list(_heldlock._held.items()):
         if key not in held_before:
             lock.release()
-    if instance._current is not current_before:
-        leaked = instance._current
+    if _compat._current is not current_before:
+        leaked = _compat._current
         if leaked is not None and not leaked._released:
             leaked.release()
-        instance._current = current_before
+        _compat._current = current_before
     fds._received = received_before
-    _record._prefixes.clear()
     for cache in _CACHES:
         cache.cache_clear()
 

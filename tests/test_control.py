@@ -25,12 +25,13 @@ from tests.helpers import (
     write_layout,
 )
 
+from portpool._jsonfile import write_atomic
 from portpool._platform import current_identity
 from portpool.errors import PoolExhausted, SlotUnavailable, StopFailed
 from portpool.instance import start_instance
 from portpool.layout import load_layout
 from portpool.lock import HeldLock, inspect_port
-from portpool.records import list_instances, write_atomic
+from portpool.records import list_instances
 from portpool.statedir import StateDir
 
 

@@ -29,9 +29,10 @@ from tests.helpers import (
 )
 
 from portpool.errors import PoolExhausted, PortPoolError
-from portpool.instance import list_instances, start_instance
+from portpool.instance import start_instance
 from portpool.layout import load_layout
 from portpool.pool import acquire
+from portpool.records import list_instances
 from portpool.statedir import StateDir
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux faults")

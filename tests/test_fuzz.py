@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tests.helpers import write_layout
 
+from portpool._jsonfile import read_json_file
 from portpool.cli import cli
 from portpool.errors import LayoutError, PortPoolError
 from portpool.layout import load_layout, parse_layout
@@ -37,7 +38,7 @@ from portpool.lock import (
     inspect_port,
     read_port_record,
 )
-from portpool.records import list_instances, read_instance, read_json_file
+from portpool.records import list_instances, read_instance
 from portpool.statedir import StateDir
 
 FUZZ = settings(
@@ -414,7 +415,7 @@ def _clear(directory: Path) -> None:
 def test_state_dir_file_names_never_crash_a_reader_or_gc(
     home: Path, state: StateDir, tmp_path: Path
 ) -> None:
-    from portpool.records import gc as run_gc
+    from portpool._gc import gc as run_gc
 
     config = write_layout(tmp_path / "l.toml", 40300, app="fuzzapp")
     instances = Path(state.instances("fuzzapp").path)
@@ -472,7 +473,7 @@ def _plant(path: Path, kind: str, target: Path) -> bool:
 def test_special_files_in_every_place_portpool_reads(home: Path, tmp_path: Path) -> None:
     """Layout file, port and instance locks and records, the state dir's subdirectories:
     a FIFO never hangs a reader, a device is never read, nothing crashes."""
-    from portpool.records import gc as run_gc
+    from portpool._gc import gc as run_gc
 
     base = 40400
     config = write_layout(tmp_path / "l.toml", base, app="fuzzapp")

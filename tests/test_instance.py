@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 from tests.helpers import HOLD, portpool, read_line, start, status_json, wait_for, write_layout
 
+from portpool._compat import get_service_port_pool, init_instance_manager
+from portpool._gc import gc
 from portpool.errors import NoFreeSlot, PoolExhausted, UsageError
-from portpool.instance import (
-    gc,
-    get_service_port_pool,
-    init_instance_manager,
-    list_instances,
-    start_instance,
-)
+from portpool.instance import start_instance
 from portpool.layout import load_layout
 from portpool.lock import inspect_port
+from portpool.records import list_instances
 from portpool.statedir import StateDir
 
 
@@ -281,6 +278,26 @@ def test_record_service_entries_are_exactly_name_pool_port_pid() -> None:
     assert entries[2]["name"] == "n" * 64
     assert (entries[3]["port"], entries[3]["pid"]) == (None, None)
     assert entries[4] == {"name": "bare", "pool": [], "port": None, "pid": None, "refusals": []}
-    for bad in ([{"name": "x", "pool": [0]}], [{"name": "x", "pool": [True]}], [{"pool": []}]):
+    for bad in (
+        [{"name": "x", "pool": [0]}],
+        [{"name": "x", "pool": [True]}],
+        [{"name": "x", "pool": [9000, 65536]}],
+        [{"name": "x", "pool": [9000.0]}],
+        [{"name": "x", "pool": "9000"}],
+        [{"pool": []}],
+    ):
         with pytest.raises(ValueError):
             _parse_services(bad)
+
+
+def test_instance_module_is_only_the_running_instance() -> None:
+    # It re-exported records and cleanup names "for compatibility": one name, one home.
+    import portpool
+    import portpool.instance
+
+    assert portpool.instance.__all__ == ["Instance", "start_instance"]
+    for moved in ("list_instances", "read_instance", "gc", "GcReport", "InstanceInfo"):
+        assert not hasattr(portpool.instance, moved)
+    for public in ("gc", "GcReport", "list_instances", "init_instance_manager"):
+        assert public in portpool.__all__
+        assert getattr(portpool, public) is not None

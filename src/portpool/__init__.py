@@ -18,6 +18,15 @@ from __future__ import annotations
 # portpool`` alone costs almost nothing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from portpool._compat import (
+        current_instance,
+        get_service_port_pool,
+        init_instance_manager,
+    )
+    from portpool._gc import (
+        GcReport,
+        gc,
+    )
     from portpool._host_warnings import (
         layout_warnings,
     )
@@ -57,9 +66,6 @@ if TYPE_CHECKING:
     )
     from portpool.instance import (
         Instance,
-        current_instance,
-        get_service_port_pool,
-        init_instance_manager,
         start_instance,
     )
     from portpool.layout import (
@@ -74,10 +80,8 @@ if TYPE_CHECKING:
         acquire,
     )
     from portpool.records import (
-        GcReport,
         InstanceInfo,
         ServiceInfo,
-        gc,
         list_instances,
     )
     from portpool.shield import (
@@ -137,10 +141,22 @@ _EXPORTS = {
     ),
     **dict.fromkeys(
         (
-            "Instance",
             "current_instance",
             "get_service_port_pool",
             "init_instance_manager",
+        ),
+        "portpool._compat",
+    ),
+    **dict.fromkeys(
+        (
+            "GcReport",
+            "gc",
+        ),
+        "portpool._gc",
+    ),
+    **dict.fromkeys(
+        (
+            "Instance",
             "start_instance",
         ),
         "portpool.instance",
@@ -164,10 +180,8 @@ _EXPORTS = {
     ),
     **dict.fromkeys(
         (
-            "GcReport",
             "InstanceInfo",
             "ServiceInfo",
-            "gc",
             "list_instances",
         ),
         "portpool.records",

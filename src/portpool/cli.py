@@ -193,7 +193,7 @@ def gc(config: str | None, as_json: bool) -> None:
     Ports are shared by every app of the state dir, so the whole state dir is cleaned;
     a --config is checked like everywhere else.
     """
-    from portpool.records import gc as run_gc
+    from portpool._gc import gc as run_gc
 
     if config is not None:
         layout_for(config)

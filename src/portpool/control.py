@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portpool._host_warnings import layout_warnings
+from portpool._jsonfile import read_json_file, write_atomic
 from portpool._platform import (
     DirHandle,
     boot_id,
@@ -33,17 +34,11 @@ from portpool._platform import (
     locked_inodes,
     signal_verified,
 )
+from portpool._slots import checkout_dir, previous_number
 from portpool.errors import DetachFailed, NotRunning, StopFailed, UsageError
-from portpool.instance import checkout_dir, previous_number
 from portpool.layout import Layout, port_env_name
 from portpool.lock import inspect_port, is_held
-from portpool.records import (
-    InstanceInfo,
-    list_instances,
-    read_instance,
-    read_json_file,
-    write_atomic,
-)
+from portpool.records import InstanceInfo, list_instances, read_instance
 from portpool.statedir import StateDir, check_name
 
 __all__ = [

@@ -1,12 +1,9 @@
-"""Instances: a slot's leases taken all or nothing, the record and its heartbeat.
+"""A running instance: a slot's leases taken all or nothing, its record and heartbeat.
 
 An instance number is a slot ``apps/<app>/instances/<n>.lock`` held by a kernel lock for
-the instance's life; which number an instance gets is ``portpool._slots``'s concern. Its
-record and the cleanup of dead instances live in ``portpool.records``.
-
-The two entry points of the original system live on under Pythonic names:
-``init_instance_manager()`` (once, at start-up, before anything binds) and
-``get_service_port_pool(service)``.
+the instance's life; which number an instance gets is ``portpool._slots``'s concern.
+Reading records is ``portpool.records``'s, removing dead instances' ``portpool._gc``'s,
+and the original system's entry points (``init_instance_manager``) ``portpool._compat``'s.
 """
 
 from __future__ import annotations
@@ -21,6 +18,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from portpool import pool as pool_mod
+from portpool._gc import clean_app
+from portpool._jsonfile import read_json_file, write_atomic
 from portpool._platform import current_identity
 from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
 from portpool.errors import (
@@ -28,45 +27,16 @@ from portpool.errors import (
     PortPoolError,
     ResourceLimit,
     ShieldTripped,
-    UsageError,
 )
 from portpool.layout import Layout, resolve_layout
 from portpool.lock import HeldLock
 from portpool.pool import Lease
-from portpool.records import (
-    GcReport,
-    InstanceInfo,
-    ServiceInfo,
-    clean_app,
-    gc,
-    list_instances,
-    read_instance,
-    read_json_file,
-    write_atomic,
-)
 from portpool.statedir import StateDir
 
 if TYPE_CHECKING:
     from portpool.shield import LeaseReport
 
-# Records and cleanup moved to portpool.records; these names stay importable from here.
-__all__ = [
-    "GcReport",
-    "Instance",
-    "InstanceInfo",
-    "ServiceInfo",
-    "checkout_dir",
-    "clean_app",
-    "current_instance",
-    "gc",
-    "get_service_port_pool",
-    "init_instance_manager",
-    "list_instances",
-    "previous_number",
-    "read_instance",
-    "read_json_file",
-    "start_instance",
-]
+__all__ = ["Instance", "start_instance"]
 
 log = logging.getLogger("portpool.instance")
 
@@ -405,96 +375,3 @@ def _acquire_all(
         if isinstance(e, ResourceLimit) and e.needed is None:
             raise e.for_need(layout.descriptors_needed) from e
         raise
-
-
-# ---------------------------------------------------------------- the original entry points
-
-_current: Instance | None = None
-_current_mutex = threading.Lock()
-
-
-def init_instance_manager(
-    layout: Layout | str | None = None,
-    *,
-    services: Sequence[str] | None = None,
-    shield: bool = True,
-    number: int | None = None,
-) -> Instance:
-    """Start this process's instance once, at start-up, before anything binds a port.
-
-    ``layout`` is a Layout, a layout file path, or None (``./portpool.toml``, else the
-    default layout). Later calls return the same instance. The leases' sockets are
-    ready to serve: pass them to your server (see ``portpool.integrations``).
-    ``number`` pins the instance number (see ``start_instance``); ``services`` limits
-    the leases to those service names; ``shield`` starts the shield, which ends the
-    process with exit code 4 when a lease stops being ours. Call ``release()`` on the
-    instance (or use it in a ``with`` block) to give everything back before exiting.
-    Compatibility layer: the original system's entry point; new code calls
-    ``start_instance``. Raises UsageError when this process already runs an instance
-    and the call asks for another layout, services or number (it used to return the
-    first instance silently); else what ``start_instance`` raises (NoFreeSlot,
-    PoolExhausted, SlotUnavailable, UsageError, LayoutError, StateDirError).
-    """
-    global _current
-    with _current_mutex:
-        if _current is not None and not _current._released:
-            _check_same(_current, layout, services, number)
-            return _current
-        resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
-        instance = start_instance(resolved, services=services, number=number)
-        if shield:
-            instance.start_shield()
-        _current = instance
-        return instance
-
-
-def _check_same(
-    current: Instance,
-    layout: Layout | str | None,
-    services: Sequence[str] | None,
-    number: int | None,
-) -> None:
-    """A repeated ``init_instance_manager`` call may only ask for what already runs."""
-    problems = []
-    if layout is not None:
-        wanted = layout if isinstance(layout, Layout) else resolve_layout(layout)
-        if wanted != current.layout:
-            problems.append(f"another layout ({wanted.source}, app {wanted.app!r})")
-    if services is not None and set(services) != set(current.leases):
-        problems.append(f"services {sorted(set(services))}")
-    if number is not None and number != current.number:
-        problems.append(f"instance {number}")
-    if problems:
-        raise UsageError(
-            f"this process already runs instance {current.number} of "
-            f"{current.layout.app!r} ({current.layout.source}); init_instance_manager "
-            f"was called again with {' and '.join(problems)}: release() it first"
-        )
-
-
-def current_instance() -> Instance | None:
-    """The instance ``init_instance_manager`` started in this process, if any."""
-    return _current
-
-
-def get_service_port_pool(service: str, instance: int | None = None) -> list[int]:
-    """The pool of ``service`` (a service name) for ``instance`` (an instance number,
-    default: this process's instance): its port numbers, in the order tried.
-
-    The layout is the running instance's (from ``init_instance_manager``), else
-    ``./portpool.toml`` or the default layout. Compatibility layer: the original
-    system's entry point. Raises UnknownService for a service the layout lacks,
-    PortPoolError when no ``instance`` is given and ``init_instance_manager`` has not
-    run in this process.
-    """
-    if instance is not None:
-        running = _current if _current is not None and not _current._released else None
-        # The running instance's layout, not whatever ./portpool.toml says now.
-        layout = running.layout if running is not None else resolve_layout(None)
-        return layout.pool(service, instance)
-    if _current is None:
-        raise PortPoolError(
-            "no instance in this process: call init_instance_manager() first, "
-            "or pass the instance number"
-        )
-    return _current.pool(service)

@@ -1,0 +1,112 @@
+"""The original system's entry points: ``init_instance_manager`` and its pool look-up.
+
+A compatibility layer: ``init_instance_manager()`` starts this process's one instance
+(once, at start-up, before anything binds) and ``get_service_port_pool(service)``
+answers from that instance's layout. New code calls ``portpool.start_instance``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from portpool.errors import PortPoolError, UsageError
+from portpool.instance import Instance, start_instance
+from portpool.layout import Layout, resolve_layout
+
+__all__ = [
+    "current_instance",
+    "get_service_port_pool",
+    "init_instance_manager",
+]
+
+
+_current: Instance | None = None
+_current_mutex = threading.Lock()
+
+
+def init_instance_manager(
+    layout: Layout | str | None = None,
+    *,
+    services: Sequence[str] | None = None,
+    shield: bool = True,
+    number: int | None = None,
+) -> Instance:
+    """Start this process's instance once, at start-up, before anything binds a port.
+
+    ``layout`` is a Layout, a layout file path, or None (``./portpool.toml``, else the
+    default layout). Later calls return the same instance. The leases' sockets are
+    ready to serve: pass them to your server (see ``portpool.integrations``).
+    ``number`` pins the instance number (see ``start_instance``); ``services`` limits
+    the leases to those service names; ``shield`` starts the shield, which ends the
+    process with exit code 4 when a lease stops being ours. Call ``release()`` on the
+    instance (or use it in a ``with`` block) to give everything back before exiting.
+    Compatibility layer: the original system's entry point; new code calls
+    ``start_instance``. Raises UsageError when this process already runs an instance
+    and the call asks for another layout, services or number (it used to return the
+    first instance silently); else what ``start_instance`` raises (NoFreeSlot,
+    PoolExhausted, SlotUnavailable, UsageError, LayoutError, StateDirError).
+    """
+    global _current
+    with _current_mutex:
+        if _current is not None and not _current._released:
+            _check_same(_current, layout, services, number)
+            return _current
+        resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
+        instance = start_instance(resolved, services=services, number=number)
+        if shield:
+            instance.start_shield()
+        _current = instance
+        return instance
+
+
+def _check_same(
+    current: Instance,
+    layout: Layout | str | None,
+    services: Sequence[str] | None,
+    number: int | None,
+) -> None:
+    """A repeated ``init_instance_manager`` call may only ask for what already runs."""
+    problems = []
+    if layout is not None:
+        wanted = layout if isinstance(layout, Layout) else resolve_layout(layout)
+        if wanted != current.layout:
+            problems.append(f"another layout ({wanted.source}, app {wanted.app!r})")
+    if services is not None and set(services) != set(current.leases):
+        problems.append(f"services {sorted(set(services))}")
+    if number is not None and number != current.number:
+        problems.append(f"instance {number}")
+    if problems:
+        raise UsageError(
+            f"this process already runs instance {current.number} of "
+            f"{current.layout.app!r} ({current.layout.source}); init_instance_manager "
+            f"was called again with {' and '.join(problems)}: release() it first"
+        )
+
+
+def current_instance() -> Instance | None:
+    """The instance ``init_instance_manager`` started in this process, if any."""
+    return _current
+
+
+def get_service_port_pool(service: str, instance: int | None = None) -> list[int]:
+    """The pool of ``service`` (a service name) for ``instance`` (an instance number,
+    default: this process's instance): its port numbers, in the order tried.
+
+    The layout is the running instance's (from ``init_instance_manager``), else
+    ``./portpool.toml`` or the default layout. Compatibility layer: the original
+    system's entry point. Raises UnknownService for a service the layout lacks,
+    PortPoolError when no ``instance`` is given and ``init_instance_manager`` has not
+    run in this process.
+    """
+    if instance is not None:
+        running = _current if _current is not None and not _current._released else None
+        # The running instance's layout, not whatever ./portpool.toml says now.
+        layout = running.layout if running is not None else resolve_layout(None)
+        return layout.pool(service, instance)
+    if _current is None:
+        raise PortPoolError(
+            "no instance in this process: call init_instance_manager() first, "
+            "or pass the instance number"
+        )
+    return _current.pool(service)

@@ -1,0 +1,206 @@
+"""Cleanup: removing what dead instances and dead port holders left in the state dir.
+
+Only what nobody holds is removed, and only while holding its lock (rule 2): an
+instance's record with its free slot lock, a port's record with its free lock file, and
+a dead writer's temporary files. Whether something is held is the kernel's word.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from portpool._jsonfile import TMP_SUFFIX, decimal, file_kind
+from portpool._platform import DirHandle, LockTable, identity_of, locked_inodes
+from portpool.errors import LockHeld, PortPoolError
+from portpool.lock import HeldLock, is_held, read_port_record
+from portpool.records import slot_numbers
+from portpool.statedir import StateDir
+
+
+@dataclass
+class GcReport:
+    """What ``gc`` removed, exactly: ``files`` lists every file it unlinked (relative to
+    the state dir); the other lists say what they were. ``instances``: records of dead
+    instances ("app/n"); ``ports``: ports whose dead holder left its metadata;
+    ``released``: files a released port or a free slot left for reuse ("port 6000",
+    "slot app/3"); ``temp_files``: a dead writer's temporary files."""
+
+    instances: list[str] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+    temp_files: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    # Entries gc could not handle (a directory where a record belongs, ...): reported,
+    # skipped, and never a reason to stop halfway with nothing said about what was done.
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "instances": self.instances,
+            "ports": self.ports,
+            "released": self.released,
+            "temp_files": self.temp_files,
+            "files": self.files,
+            "problems": self.problems,
+        }
+
+
+def _remove_free_files(
+    directory: DirHandle, lock_name: str, others: Sequence[str]
+) -> list[str] | None:
+    """Take ``lock_name``; if free, unlink ``others`` and the lock file while holding it
+    (rule 2). Returns the files that were there and were unlinked (the lock file last,
+    if it was there before we locked it); None if the lock was held."""
+    existed = directory.stat_entry(lock_name) is not None
+    try:
+        held = HeldLock.acquire(directory, lock_name)
+    except (LockHeld, PortPoolError):
+        return None
+    removed: list[str] = []
+    try:
+        for name in others:
+            with contextlib.suppress(FileNotFoundError):
+                directory.unlink(name)
+                removed.append(name)
+    finally:
+        if existed and held.problem(check_kernel=False) is None:
+            removed.append(lock_name)  # remove_and_release unlinks it: still ours
+        held.remove_and_release()
+    return removed
+
+
+def _clean_temp_files(directory: DirHandle, report: GcReport, where: str = "") -> None:
+    for name in directory.listdir():
+        if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
+            continue
+        parts = name.split(".")
+        pid = decimal(parts[-3], 7) if len(parts) >= 4 else None
+        if pid is not None and pid != os.getpid() and identity_of(pid) is None:
+            with contextlib.suppress(OSError):
+                directory.unlink(name)
+                report.temp_files.append(name)
+                report.files.append(f"{where}{name}")
+
+
+def _odd_entry(directory: DirHandle, name: str, of: str) -> str | None:
+    """The problem with ``<dir>/<name>`` if it is not a regular file, else None.
+
+    A directory, FIFO or symlink at a lock or record path is never ours (portpool makes
+    regular files only): gc once skipped such lock paths without a word, and removed such
+    records as "records of dead instances". It leaves them, never following a symlink,
+    and says what is in whose way.
+    """
+    st = directory.stat_entry(name)
+    if st is None or stat.S_ISREG(st.st_mode):
+        return None
+    what = "lock file" if name.endswith(".lock") else "record"
+    return (
+        f"{os.path.join(directory.path, name)}: is {file_kind(st.st_mode)}, not the {what} "
+        f"of {of}; left alone (portpool removes only files it makes): remove it by hand"
+    )
+
+
+def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcReport:
+    """Remove the records of ``app``'s dead instances (their slot lock is free).
+
+    A slot whose lock or record path holds a special file is left whole and named in
+    ``report.problems``.
+    """
+    report = report or GcReport()
+    directory = state.instances(app)
+    names = directory.listdir()
+    odd: set[int] = set()
+    for number in slot_numbers(names):
+        for name in (f"{number}.lock", f"{number}.json"):
+            problem = _odd_entry(directory, name, f"slot {app}/{number}")
+            if problem is not None:
+                report.problems.append(problem)
+                odd.add(number)
+    if not any(n.endswith(".json") or n.endswith(TMP_SUFFIX) for n in names):
+        return report  # nothing a dead instance could have left: skip the kernel read
+    locked = locked_inodes()
+    for number in slot_numbers(names):
+        if number in odd:
+            continue
+        try:
+            if is_held(directory, f"{number}.lock", locked):
+                continue
+            removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
+        except OSError as e:
+            where = os.path.join(directory.path, f"{number}.json")
+            report.problems.append(f"{where}: {e.strerror or e}")
+            continue
+        if not removed:
+            continue
+        report.files.extend(f"apps/{app}/instances/{name}" for name in removed)
+        if f"{number}.json" in removed:
+            report.instances.append(f"{app}/{number}")
+        else:
+            report.released.append(f"slot {app}/{number}")
+    _clean_temp_files(directory, report, f"apps/{app}/instances/")
+    return report
+
+
+def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: GcReport) -> None:
+    stem, _, ext = name.partition(".")
+    port = decimal(stem, 5) if ext in ("lock", "json") else None
+    if port is None or not 0 < port < 65536:
+        return
+    problem = _odd_entry(ports, name, f"port {port}")
+    if problem is not None:
+        report.problems.append(problem)
+        return
+    partner = f"{port}.json" if ext == "lock" else f"{port}.lock"
+    if _odd_entry(ports, partner, "") is not None:
+        return  # the partner is named when the loop reaches it; neither is touched
+    if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
+        return  # handled with its lock file
+    if is_held(ports, f"{port}.lock", locked):
+        return
+    try:
+        had_record = read_port_record(ports, port) is not None
+    except ValueError:
+        had_record = True
+    removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"])
+    if not removed:
+        return
+    report.files.extend(f"ports/{name}" for name in removed)
+    # A released port leaves a blank record and its lock file for reuse.
+    if had_record:
+        report.ports.append(port)
+    else:
+        report.released.append(f"port {port}")
+
+
+def gc(state: StateDir | None = None) -> GcReport:
+    """Remove metadata left by dead holders, in every app and for every port.
+
+    ``state``: the state dir (default: this user's). Only what nobody holds is removed,
+    and only while holding its lock (rule 2). An entry that cannot be handled is skipped
+    and named in ``GcReport.problems``; raises StateDirError only for an unsafe state dir.
+    """
+    own = state is None
+    state = state or StateDir.open()
+    report = GcReport()
+    try:
+        for app in state.apps():
+            try:
+                clean_app(state, app, report)
+            except (OSError, PortPoolError) as e:
+                report.problems.append(f"app {app}: {e}")
+        ports = state.ports()
+        locked = locked_inodes()
+        for name in sorted(ports.listdir()):
+            try:
+                _clean_port(ports, name, locked, report)
+            except OSError as e:
+                report.problems.append(f"{os.path.join(ports.path, name)}: {e.strerror or e}")
+    finally:
+        if own:
+            state.close()
+    return report

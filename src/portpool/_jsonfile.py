@@ -1,0 +1,116 @@
+"""State-dir JSON files: replaced atomically, read without following or trusting them.
+
+A file is replaced by writing a temporary file and renaming it over, so a reader sees
+the old or the new text, never a torn one. A read never follows a symbolic link, never
+blocks on a FIFO, refuses what is not a regular file or is over ``RECORD_MAX_BYTES``,
+and turns every problem into a ValueError whose text completes "<file> ...". Also here:
+the numbers in the state dir's file names (``decimal``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import stat
+import threading
+from typing import Any
+
+from portpool._platform import DirHandle
+from portpool.errors import StateDirError
+
+RECORD_MAX_BYTES = 1 << 20
+TMP_SUFFIX = ".tmp"  # a temporary file is ".<name>.<pid>.<thread>.tmp" (gc reads the pid)
+
+
+def write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
+    """Replace ``<dir>/<name>`` with ``data`` so readers see the old or the new, never torn."""
+    tmp = f".{name}.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
+    try:
+        fd = directory.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    except OSError as e:
+        raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        directory.rename(tmp, name)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            directory.unlink(tmp)
+        raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``a FIFO``, ``a symbolic link``, ... for an ``st_mode``: what a file is."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+class NotAFile(ValueError):
+    """A special file (symlink, FIFO, directory, ...) where a record belongs."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(f"is {kind}, not a record")
+        self.kind = kind
+
+
+def read_json_file(directory: DirHandle, name: str) -> Any:
+    """The JSON in ``<dir>/<name>`` (None if absent). Raises ValueError if unreadable,
+    NotAFile (a ValueError) for a symlink, FIFO, directory, ... (never followed)."""
+    try:
+        fd = directory.open_file(name, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        # O_NOFOLLOW fails a symlink with ELOOP, whose text ("Too many levels of symbolic
+        # links") says nothing of what is there.
+        if e.errno == errno.ELOOP:
+            raise NotAFile("a symbolic link") from None
+        if e.errno == errno.EISDIR:
+            raise NotAFile("a directory") from None
+        raise ValueError(f"cannot be opened: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotAFile(file_kind(st.st_mode))
+        # Ask for what the file holds (plus one byte to see it grow), not the maximum:
+        # a 1 MiB buffer per read made listing 1,000 records twice as slow.
+        data = os.read(fd, min(st.st_size, RECORD_MAX_BYTES) + 1)
+    except OSError as e:
+        raise ValueError(f"cannot be read: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    if len(data) > RECORD_MAX_BYTES:
+        raise ValueError(f"is larger than {RECORD_MAX_BYTES} bytes")
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ValueError("is not valid JSON") from None
+
+
+def decimal(text: str, max_digits: int = 6) -> int | None:
+    """``text`` as a number if it is 1..``max_digits`` ASCII digits without a leading
+    zero, else None. ``str.isdigit`` also accepts "²" and "٣", which ``int`` then
+    refuses or reads as another number: a file named ``².json`` crashed every command."""
+    if not (0 < len(text) <= max_digits and text.isascii() and text.isdigit()):
+        return None
+    if text[0] == "0" and len(text) > 1:
+        return None  # "07.json" is not the file of slot 7: leave it alone
+    return int(text)
