@@ -21,15 +21,11 @@ import pytest
 from tests.conftest import find_free_block
 from tests.helpers import OCCUPANT, occupy, release, wait_for
 
-from portpool._addresses import has_ipv6_loopback
+from portpool._addresses import has_ipv6_loopback, takes_traffic
+from portpool._doctor import classify_port
+from portpool._handover import handed_over, plain_bind_notes
 from portpool._platform import tcp_sockets
-from portpool.diagnosis import (
-    classify_port,
-    diagnose,
-    handed_over,
-    plain_bind_notes,
-    takes_traffic,
-)
+from portpool.diagnosis import diagnose
 from portpool.errors import PoolExhausted
 from portpool.layout import Layout, Service
 from portpool.pool import Lease, acquire

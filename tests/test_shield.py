@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 from tests.conftest import find_free_block
 
-from portpool._platform import locked_inodes
+from portpool._addresses import parse_address, takes_traffic
+from portpool._platform import TcpSocket, locked_inodes
 from portpool.lock import encode_record, inspect_port, read_port_record
 from portpool.pool import Lease, acquire
-from portpool.shield import LeaseReport, Shield, parse_address, takes_traffic
+from portpool.shield import LeaseReport, Shield
 from portpool.statedir import StateDir
 
 INTERVAL_S = 0.2
@@ -315,20 +316,28 @@ def test_which_foreign_addresses_count(
         assert shown in report.problems[0]
 
 
+def _listener(address: str, v6only: bool | None = None, state: str = "listen") -> TcpSocket:
+    return TcpSocket(6 if ":" in address else 4, address, 8000, state, v6only=v6only)
+
+
 def test_address_overlap_rules() -> None:
-    v4, v6 = parse_address("127.0.0.1"), parse_address("::1")
-    assert takes_traffic("127.0.0.1", v4)
-    assert takes_traffic("0.0.0.0", v4)
-    assert takes_traffic("::", v4)  # v6only unknown: a dual-stack wildcard may take IPv4
-    assert takes_traffic("::", v4, v6only=False)
-    assert not takes_traffic("::", v4, v6only=True)
-    assert not takes_traffic("127.0.0.2", v4)
-    assert not takes_traffic("0.0.0.0", v6)
-    assert takes_traffic("::", v6)
-    assert not takes_traffic("::2", v6)
-    assert takes_traffic("10.1.2.3", parse_address("0.0.0.0"))
-    assert not takes_traffic("::1", parse_address("0.0.0.0"))
-    assert parse_address("::ffff:127.0.0.1") == v4
+    """The one rule the shield and doctor judge a listener by (``_addresses.meets``)."""
+    assert takes_traffic(_listener("127.0.0.1"), "127.0.0.1")
+    assert takes_traffic(_listener("0.0.0.0"), "127.0.0.1")
+    # v6only unknown: a dual-stack wildcard may take IPv4
+    assert takes_traffic(_listener("::"), "127.0.0.1")
+    assert takes_traffic(_listener("::", v6only=False), "127.0.0.1")
+    assert not takes_traffic(_listener("::", v6only=True), "127.0.0.1")
+    assert not takes_traffic(_listener("127.0.0.2"), "127.0.0.1")
+    assert not takes_traffic(_listener("0.0.0.0"), "::1")
+    assert takes_traffic(_listener("::"), "::1")
+    assert not takes_traffic(_listener("::2"), "::1")
+    assert takes_traffic(_listener("10.1.2.3"), "0.0.0.0")
+    assert not takes_traffic(_listener("::1"), "0.0.0.0")
+    assert takes_traffic(_listener("::ffff:127.0.0.1"), "127.0.0.1")
+    assert not takes_traffic(_listener("127.0.0.1", state="bound"), "127.0.0.1")
+    assert parse_address("::ffff:127.0.0.1") == parse_address("127.0.0.1")
+    assert parse_address("[fe80::1%lo]") == parse_address("fe80::1")
 
 
 def test_our_child_listening_on_the_port_is_ours_a_stranger_is_not(

@@ -18,12 +18,16 @@ from __future__ import annotations
 # portpool`` alone costs almost nothing.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from portpool.diagnosis import (
+    from portpool._doctor import (
         DoctorReport,
-        Occupant,
-        PortDiagnosis,
         PortVerdict,
         examine_layout,
+    )
+    from portpool._occupants import (
+        Occupant,
+    )
+    from portpool.diagnosis import (
+        PortDiagnosis,
     )
     from portpool.errors import (
         AlreadyHeldHere,
@@ -91,11 +95,17 @@ _EXPORTS = {
     **dict.fromkeys(
         (
             "DoctorReport",
-            "Occupant",
-            "PortDiagnosis",
             "PortVerdict",
             "examine_layout",
         ),
+        "portpool._doctor",
+    ),
+    **dict.fromkeys(
+        ("Occupant",),
+        "portpool._occupants",
+    ),
+    **dict.fromkeys(
+        ("PortDiagnosis",),
         "portpool.diagnosis",
     ),
     **dict.fromkeys(
