@@ -1,6 +1,8 @@
-"""``doctor``: every pool port of a layout's admissible instances, judged as ``acquire``
-would judge it (held by a portpool holder, else the kernel's probe bind), with the
-foreign listeners a holder's port has (the shield's rule: they can take its clients).
+"""``doctor``'s report on a layout: every pool port judged as ``acquire`` would judge it.
+
+Each port of each admissible instance is held by a portpool holder (its record says
+who), else the kernel's probe bind decides (``diagnosis``); a held port also names the
+foreign listeners on it (the shield's rule: they can take its clients). Kills nothing.
 """
 
 from __future__ import annotations

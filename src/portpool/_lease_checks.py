@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING
 
 from portpool._addresses import IPAddress, Scope, covered_scopes, meets, parse_address
 from portpool._occupants import Occupant
-from portpool._platform import TcpSocket, owners_of_inode, process_name, socket_inode
+from portpool._platform import (
+    TcpSocket,
+    ours_since,
+    owners_of_inode,
+    process_name,
+    socket_inode,
+)
 from portpool._snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -176,14 +182,4 @@ def _maybe_detached_service(pids: list[int], lease: Lease) -> bool:
     record = lease.record
     if not pids or record is None or (sock is not None and sock.fileno() != -1):
         return False
-    import psutil
-
-    try:
-        me = psutil.Process().username()
-        procs = [psutil.Process(p) for p in pids]
-        # 1 s of slack: process start times are read in clock ticks since boot
-        return all(
-            pr.username() == me and pr.create_time() >= record.acquired_at - 1 for pr in procs
-        )
-    except (psutil.Error, OSError):
-        return False
+    return ours_since(pids, record.acquired_at)

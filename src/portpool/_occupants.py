@@ -1,5 +1,6 @@
-"""Who is on a port: a socket of the kernel's table with its processes, in the words
-that refusals, ``doctor``, ``run``'s notes and the shield's trips all use.
+"""Who is on a port: a socket of the kernel's table and its processes, in words.
+
+Refusals, ``doctor``, ``run``'s notes and the shield's trips all name occupants here.
 
 A socket's owner is named only as far as the OS tells (pids and programs on Linux, from
 sock_diag and ``/proc/*/fd``); a socket of another user's process is said to be so.
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from portpool._platform import TcpSocket, owners_of_inodes, process_name, user_id
+from portpool._platform import TcpSocket, descends_from, owners_of_inodes, process_name, user_id
 
 
 def _where(sock: TcpSocket) -> str:
@@ -120,14 +121,7 @@ def with_owners(sockets: Iterable[TcpSocket]) -> list[Occupant]:
 
 def _belongs_to(pid: int, holder: int) -> bool:
     """Whether ``pid`` is ``holder`` or one of its descendants (a service it started)."""
-    if pid == holder:
-        return True
-    import psutil  # not at import: `import portpool` stays light
-
-    try:
-        return any(parent.pid == holder for parent in psutil.Process(pid).parents())
-    except (psutil.Error, OSError):
-        return False
+    return pid == holder or descends_from(pid, {holder})
 
 
 def foreign_listeners(occupants: Iterable[Occupant], holder: int | None) -> list[Occupant]:
