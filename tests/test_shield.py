@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import find_free_block
+from tests.helpers import release
 
 from portpool._addresses import parse_address, takes_traffic
 from portpool._platform import TcpSocket, locked_inodes
@@ -127,10 +128,11 @@ sys.stdin.read()
 
 
 @contextlib.contextmanager
-def helper(*argv: str) -> Iterator[subprocess.Popen[str]]:
-    """A helper process that prints "ready" once set up and lives until its stdin closes."""
+def helper(*argv: str, program: str = sys.executable) -> Iterator[subprocess.Popen[str]]:
+    """A helper process (``program`` with ``argv``) that prints "ready" once set up and
+    lives until its stdin closes (``helpers.release``, on leaving)."""
     proc = subprocess.Popen(
-        [sys.executable, *argv],
+        [program, *argv],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -145,17 +147,7 @@ def helper(*argv: str) -> Iterator[subprocess.Popen[str]]:
             pytest.fail(f"helper {argv[:2]} failed: {line!r} {err}")
         yield proc
     finally:
-        with contextlib.suppress(OSError):
-            assert proc.stdin is not None
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        release(proc)
 
 
 def wait_for_checks(shield: Shield, n: int = 3) -> None:
@@ -362,23 +354,9 @@ def test_a_grandchild_of_our_child_counts_as_ours(
     victim.close_socket()
     # A service started through a shell: the shell is our child, python its child.
     wrapper = f'"{sys.executable}" -c "$0" "$1" "$2"; true'
-    proc = subprocess.Popen(
-        ["sh", "-c", wrapper, LISTEN, "127.0.0.1", str(victim.port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+    with helper("-c", wrapper, LISTEN, "127.0.0.1", str(victim.port), program="sh") as proc:
         shield = make_shield(leases, own_pids=lambda: [proc.pid])
         assert all(r.ok for r in shield.check_once())
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=5)
-        assert proc.stdout is not None
-        proc.stdout.close()
 
 
 def test_a_socket_closed_under_the_lease_is_reported(
