@@ -5,6 +5,7 @@ import __future__
 
 import inspect
 import types
+import typing
 
 import pytest
 
@@ -93,6 +94,18 @@ def test_lock_errors():
     here = AlreadyHeldHere("/p")
     assert isinstance(here, LockError)
     assert "release it first" in str(here)
+
+
+def test_refusal_reasons_are_the_strings_status_json_and_the_dashboard_show():
+    assert typing.get_args(errors.RefusalReason) == (
+        "held",
+        "in use",
+        "permission denied",
+        "unavailable",
+        "error",
+        "free now",
+    )
+    assert typing.get_type_hints(Refusal)["reason"] == errors.RefusalReason
 
 
 def test_pool_exhausted_carries_refusals_in_pool_order():

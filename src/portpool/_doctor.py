@@ -9,18 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from portpool._occupants import foreign_listeners, intruder_note
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
 from portpool.diagnosis import PortDiagnosis, diagnose
-from portpool.errors import Refusal
+from portpool.errors import Refusal, RefusalReason
 from portpool.layout import Layout
 from portpool.lock import inspect_port
 from portpool.statedir import StateDir
-
-if TYPE_CHECKING:
-    from portpool.errors import RefusalReason
 
 # A verdict is a refusal's reason, but "foreign" for "in use" and "free" for none.
 VerdictKind = Literal[

@@ -31,27 +31,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol, TypeAlias
 
-# Not typing.TYPE_CHECKING: the types below exist only for type checkers, and this
-# module stays free of the typing import (type checkers treat any TYPE_CHECKING as true).
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    from typing import Literal, Protocol, TypeAlias
+# Every reason a Refusal gives; status --json and the dashboard show these strings.
+# "free now": the pytest plugin found the port freed while it looked for one.
+RefusalReason: TypeAlias = Literal[
+    "held", "in use", "permission denied", "unavailable", "error", "free now"
+]
 
-    # Every reason a Refusal gives; status --json and the dashboard show these strings.
-    # "free now": the pytest plugin found the port freed while it looked for one.
-    RefusalReason: TypeAlias = Literal[
-        "held", "in use", "permission denied", "unavailable", "error", "free now"
-    ]
 
-    class LockHolder(Protocol):
-        """Who holds a lock, as ``LockHeld`` reports it: a port's lock gives its
-        ``PortStatus`` (from ``inspect_port``; ``record`` names the holder)."""
+class LockHolder(Protocol):
+    """Who holds a lock, as ``LockHeld`` reports it: a port's lock gives its
+    ``PortStatus`` (from ``inspect_port``; its ``record`` names the holder)."""
 
-        @property
-        def is_free(self) -> bool: ...
+    @property
+    def is_free(self) -> bool: ...
 
-        def describe(self) -> str: ...
+    def describe(self) -> str: ...
 
 
 class PortPoolError(Exception):

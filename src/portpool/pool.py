@@ -14,7 +14,6 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from portpool._addresses import bind_all, bind_target, bind_targets
 from portpool._platform import is_alive, socket_inode
@@ -23,6 +22,7 @@ from portpool.errors import (
     AlreadyHeldHere,
     InvalidPort,
     LockHeld,
+    LockHolder,
     PoolExhausted,
     PortPoolError,
     Refusal,
@@ -31,9 +31,6 @@ from portpool.errors import (
 )
 from portpool.lock import PortLock, PortRecord, PortStatus, out_of_descriptors
 from portpool.statedir import StateDir
-
-if TYPE_CHECKING:
-    from portpool.errors import LockHolder
 
 _Socket = socket.socket  # the field ``socket`` shadows the module inside Lease
 
