@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from benchmarks._common import find_free_block
 
-from portpool import _addresses, _compat, _heldlock, layout, shield
+from portpool import _addresses, _compat, _heldlock, layout
 from portpool.integrations import fds
 from portpool.statedir import StateDir
 
@@ -23,7 +23,7 @@ _CACHES = (
     _addresses.has_ipv6_loopback,
     _addresses.bind_targets,
     _addresses.covered_scopes,
-    shield.parse_address,
+    _addresses.parse_address,
 )
 
 

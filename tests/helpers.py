@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +127,7 @@ def pid_alive(pid: int) -> bool:
 
 # A foreign program occupying a port: listening, only bound, connected with the port as
 # its local port, or leaving a TIME_WAIT behind (it closes first). argv: kind, host,
-# port, v6only ("1", "0" or "-" for the default).
+# port, v6only ("1", "0" or "-" for the default), and "reuse" to set SO_REUSEADDR.
 OCCUPANT = r"""
 import socket, sys
 kind, host, port, v6only = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
@@ -134,6 +135,8 @@ family = socket.AF_INET6 if ":" in host else socket.AF_INET
 s = socket.socket(family, socket.SOCK_STREAM)
 if family == socket.AF_INET6 and v6only != "-":
     s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+if sys.argv[5:] == ["reuse"]:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 keep = [s]
 if kind in ("listen", "bound"):
     s.bind((host, port))
@@ -163,10 +166,14 @@ if kind == "connected":
 """
 
 
-def occupy(kind: str, host: str, port: int, v6only: str = "-") -> subprocess.Popen[str]:
-    """Start an OCCUPANT process; returns once it is set up (stop it with ``release``)."""
+def occupy(
+    kind: str, host: str, port: int, v6only: str = "-", *, reuse: bool = False
+) -> subprocess.Popen[str]:
+    """Start an OCCUPANT process; returns once it is set up (stop it with ``release``).
+    ``reuse``: its socket sets SO_REUSEADDR (our bind takes the port, a plain one not)."""
+    flags = ["reuse"] if reuse else []
     proc = subprocess.Popen(
-        [sys.executable, "-c", OCCUPANT, kind, host, str(port), v6only],
+        [sys.executable, "-c", OCCUPANT, kind, host, str(port), v6only, *flags],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -193,6 +200,18 @@ def release(proc: subprocess.Popen[str]) -> None:
     for stream in (proc.stdout, proc.stderr):
         if stream is not None:
             stream.close()
+
+
+@contextlib.contextmanager
+def releasing() -> Iterator[list[subprocess.Popen[str]]]:
+    """A list to put started occupants in (any process with a stdin pipe that ends when
+    it closes); each is ``release``d on leaving, whatever the test did."""
+    started: list[subprocess.Popen[str]] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            release(proc)
 
 
 class LineReader:

@@ -15,25 +15,21 @@ import random
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from tests.conftest import find_free_block
-from tests.helpers import OCCUPANT, occupy, release, wait_for
+from tests.helpers import OCCUPANT, occupy, releasing, wait_for
 
-from portpool._addresses import has_ipv6_loopback
+from portpool._addresses import has_ipv6_loopback, takes_traffic
+from portpool._doctor import classify_port
+from portpool._handover import handed_over, plain_bind_notes
 from portpool._platform import tcp_sockets
-from portpool.diagnosis import (
-    classify_port,
-    diagnose,
-    handed_over,
-    plain_bind_notes,
-    takes_traffic,
-)
-from portpool.errors import PoolExhausted
+from portpool.diagnosis import PortDiagnosis, diagnose
+from portpool.errors import PoolExhausted, Refusal
 from portpool.layout import Layout, Service
 from portpool.pool import Lease, acquire
-from portpool.shield import Shield
+from portpool.shield import LeaseReport, Shield
 from portpool.statedir import StateDir
 
 HOSTS = ["127.0.0.1", "::1", "localhost", "::", "0.0.0.0"]
@@ -78,17 +74,52 @@ def port() -> int:
 
 @pytest.fixture
 def occupants() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for proc in started:
-        release(proc)
+    """The foreign processes a test started: released after it."""
+    with releasing() as started:
+        yield started
 
 
-def _state_of(port: int, kind: str) -> None:
-    """Wait until the kernel lists the occupant in the state it should be in."""
+Occupy = Callable[..., subprocess.Popen[str]]
+
+
+@pytest.fixture
+def occupy_port(port: int, occupants: list[subprocess.Popen[str]]) -> Occupy:
+    """``occupy_port(kind, address, v6only="-", reuse=False)``: a foreign process on
+    ``port`` (``helpers.occupy``), returned once the kernel lists its socket in the
+    state it should be in; released after the test."""
     want = {"listen": "listen", "bound": "bound", "connected": "established"}
     want["timewait"] = "time-wait"
-    wait_for(lambda: any(s.state == want[kind] for s in tcp_sockets(port)), timeout=10)
+
+    def start(
+        kind: str, address: str, v6only: str = "-", *, reuse: bool = False
+    ) -> subprocess.Popen[str]:
+        proc = occupy(kind, address, port, v6only, reuse=reuse)
+        occupants.append(proc)
+        wait_for(lambda: any(s.state == want[kind] for s in tcp_sockets(port)), timeout=10)
+        return proc
+
+    return start
+
+
+def _spawn(started: list[subprocess.Popen[str]], *argv: str) -> subprocess.Popen[str]:
+    """A process with stdin and stdout on pipes (it ends when its stdin closes), added to
+    ``started`` (the ``occupants`` fixture's list) to be released after the test."""
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    started.append(proc)
+    assert proc.stdout is not None
+    return proc
+
+
+def _shield(lease: Lease, own_pids: tuple[int, ...] = ()) -> Shield:
+    """A shield over ``lease`` alone, for ``check_once`` (``own_pids``: our services')."""
+    return Shield(
+        [lease], interval_s=1, on_lost=lambda lease, reason: None, own_pids=lambda: own_pids
+    )
+
+
+def _report(shield: Shield) -> LeaseReport:
+    (report,) = shield.check_once()
+    return report
 
 
 def _try_acquire(state: StateDir, port: int, host: str) -> Lease | PoolExhausted:
@@ -100,17 +131,10 @@ def _try_acquire(state: StateDir, port: int, host: str) -> Lease | PoolExhausted
 
 @pytest.mark.parametrize(("kind", "address", "v6only"), OCCUPANTS)
 def test_doctor_and_pool_agree_on_every_occupant(
-    state: StateDir,
-    port: int,
-    occupants: list[subprocess.Popen[str]],
-    kind: str,
-    address: str,
-    v6only: str,
+    state: StateDir, port: int, occupy_port: Occupy, kind: str, address: str, v6only: str
 ) -> None:
     _needs_ipv6(address)
-    proc = occupy(kind, address, port, v6only)
-    occupants.append(proc)
-    _state_of(port, kind)
+    proc = occupy_port(kind, address, v6only)
     for host in HOSTS:
         if not IPV6 and (":" in host or host == "localhost"):
             continue
@@ -127,8 +151,7 @@ def test_doctor_and_pool_agree_on_every_occupant(
             # A listener the pool could coexist with never takes the lease's traffic:
             # the shield agrees and stays quiet.
             assert not any(takes_traffic(o.socket, host) for o in found.occupants)
-            shield = Shield([lease], interval_s=1, on_lost=lambda lease, reason: None)
-            assert all(r.ok for r in shield.check_once()), (host, kind, address)
+            assert _report(_shield(lease)).ok, (host, kind, address)
 
 
 # What the kernel's rules say, for the faults that were reported (True: refused).
@@ -153,7 +176,7 @@ EXPECTED = [
 def test_the_kernel_rules_the_pool_follows(
     state: StateDir,
     port: int,
-    occupants: list[subprocess.Popen[str]],
+    occupy_port: Occupy,
     host: str,
     kind: str,
     address: str,
@@ -161,8 +184,7 @@ def test_the_kernel_rules_the_pool_follows(
     refused: bool,
 ) -> None:
     _needs_ipv6(host, address)
-    occupants.append(occupy(kind, address, port, v6only))
-    _state_of(port, kind)
+    occupy_port(kind, address, v6only)
     if refused:
         with pytest.raises(PoolExhausted):
             acquire(state, [port], host=host).release()
@@ -183,26 +205,19 @@ def test_the_kernel_rules_the_pool_follows(
     ],
 )
 def test_the_shield_trips_exactly_when_the_diagnosis_says_traffic_is_taken(
-    state: StateDir,
-    port: int,
-    occupants: list[subprocess.Popen[str]],
-    host: str,
-    address: str,
-    v6only: str,
+    state: StateDir, port: int, occupy_port: Occupy, host: str, address: str, v6only: str
 ) -> None:
     _needs_ipv6(host, address)
-    trips: list[str] = []
     with acquire(state, [port], host=host) as lease:
-        shield = Shield([lease], interval_s=1, on_lost=lambda lease, reason: trips.append(reason))
+        shield = _shield(lease)
         lease.close_socket()  # handed off by number: now anyone may bind the port
-        occupants.append(occupy("listen", address, port, v6only))
-        _state_of(port, "listen")
+        proc = occupy_port("listen", address, v6only)
         listener = next(s for s in tcp_sockets(port) if s.state == "listen")
         expected = takes_traffic(listener, host)
-        reports = shield.check_once()
-        assert reports[0].ok is not expected, (host, address, v6only, reports)
+        report = _report(shield)
+        assert report.ok is not expected, (host, address, v6only, report)
         if expected:
-            assert f"pid {occupants[-1].pid}" in reports[0].problems[0]
+            assert f"pid {proc.pid}" in report.problems[0]
     # The verdict itself, spelled out for the cases the issue names.
     if host == "127.0.0.1" and address == "::" and v6only == "1":
         assert not expected  # another user's IPv6-only socket is no trip (it was a DoS)
@@ -213,10 +228,9 @@ def test_the_shield_trips_exactly_when_the_diagnosis_says_traffic_is_taken(
 
 
 def test_time_wait_is_named_and_whether_it_blocks_a_plain_server(
-    state: StateDir, port: int, occupants: list[subprocess.Popen[str]]
+    state: StateDir, port: int, occupy_port: Occupy
 ) -> None:
-    occupants.append(occupy("timewait", "127.0.0.1", port))
-    _state_of(port, "timewait")
+    occupy_port("timewait", "127.0.0.1")
     found = diagnose(port, "127.0.0.1")
     waits = [o for o in found.occupants if o.state == "time-wait"]
     assert waits and "TIME_WAIT" in waits[0].describe()
@@ -239,15 +253,27 @@ def test_time_wait_is_named_and_whether_it_blocks_a_plain_server(
 
 
 def test_doctor_names_the_pid_of_an_outgoing_connection(
-    state: StateDir, port: int, occupants: list[subprocess.Popen[str]]
+    state: StateDir, port: int, occupy_port: Occupy
 ) -> None:
-    proc = occupy("connected", "127.0.0.1", port)
-    occupants.append(proc)
-    _state_of(port, "connected")
+    proc = occupy_port("connected", "127.0.0.1")
     refusal, _, _ = classify_port(state, port, "127.0.0.1")
     assert refusal is not None and refusal.reason == "in use"
     assert f"pid {proc.pid} (python" in refusal.detail
     assert f"a connection from 127.0.0.1:{port}" in refusal.detail
+
+
+@pytest.mark.parametrize(
+    ("error", "refusal"),
+    [
+        # No socket the OS lists (another user's, or gone since): still said, never "".
+        (errno.EADDRINUSE, Refusal(80, "in use", "used by a process the OS does not name")),
+        (errno.EACCES, Refusal(80, "permission denied", "binding ::1:80: Denied")),
+        (errno.EADDRNOTAVAIL, Refusal(80, "unavailable", "::1 is not an address of this host")),
+        (errno.EINVAL, Refusal(80, "error", "binding ::1:80: Denied")),
+    ],
+)
+def test_each_bind_error_is_the_refusal_acquire_reports(error: int, refusal: Refusal) -> None:
+    assert PortDiagnosis(80, "::1", (), error, "Denied").refusal() == refusal
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="sock_diag and /proc/net are Linux's")
@@ -297,27 +323,10 @@ def _stranger(
     """A listener started through a shell that exits at once, so it is no descendant of
     this process (a foreign program, not the lease holder's service); its pid, or None
     if it could not listen. It ends when its stdin closes (``release`` of the shell)."""
-    shell = subprocess.Popen(
-        # via fd 3: a background job's stdin is /dev/null (even with <&0 in dash)
-        [
-            "sh",
-            "-c",
-            'exec 3<&0; "$@" <&3 3<&- & echo $!',
-            "sh",
-            sys.executable,
-            "-c",
-            OCCUPANT,
-            "listen",
-            address,
-            str(port),
-            v6only,
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    started.append(shell)
+    # via fd 3: a background job's stdin is /dev/null (even with <&0 in dash)
+    script = 'exec 3<&0; "$@" <&3 3<&- & echo $!'
+    listener = (sys.executable, "-c", OCCUPANT, "listen", address, str(port), v6only)
+    shell = _spawn(started, "sh", "-c", script, "sh", *listener)
     assert shell.stdout is not None
     # Both reads end: the listener prints "ready" or exits (closing the pipe) at once.
     pid = int(shell.stdout.readline())
@@ -332,6 +341,7 @@ def test_doctor_and_the_shield_agree_on_a_held_port(
     state: StateDir,
     port: int,
     occupants: list[subprocess.Popen[str]],
+    occupy_port: Occupy,
     host: str,
     address: str,
     v6only: str,
@@ -342,16 +352,9 @@ def test_doctor_and_the_shield_agree_on_a_held_port(
     with acquire(state, [port], host=host) as lease:
         lease.close_socket()  # handed over by number
         served, flag = SERVED[host]
-        service = occupy("listen", served, port, flag)
-        occupants.append(service)
+        service = occupy_port("listen", served, flag)
         intruder = _stranger(occupants, address, port, v6only)
-        shield = Shield(
-            [lease],
-            interval_s=1,
-            on_lost=lambda lease, reason: None,
-            own_pids=lambda: [service.pid],
-        )
-        (report,) = shield.check_once()
+        report = _report(_shield(lease, own_pids=(service.pid,)))
         refusal, notes, found = classify_port(state, port, host)
         assert refusal is not None and refusal.reason == "held"
         assert found is not None
@@ -365,52 +368,13 @@ def test_doctor_and_the_shield_agree_on_a_held_port(
             assert notes  # the issue's case: the second loopback receives the clients
 
 
-REUSE_OCCUPANT = r"""
-import socket, sys
-kind, port = sys.argv[1], int(sys.argv[2])
-server = socket.socket()
-server.bind(("127.0.0.1", 0))
-server.listen()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port))
-s.connect(server.getsockname())
-peer, _ = server.accept()
-if kind == "timewait":
-    s.close()
-    peer.recv(1)
-    peer.close()
-print("ready", flush=True)
-sys.stdin.read()
-if kind == "connected":
-    peer.close()  # the server side closes first: no TIME_WAIT left on the port
-    s.recv(1)
-    s.close()
-"""
-
-
-def occupy_reusing(kind: str, port: int) -> subprocess.Popen[str]:
-    """A process with a SO_REUSEADDR socket connected from 127.0.0.1:``port`` (or, for
-    ``timewait``, that left it in TIME_WAIT): our bind takes the port, a plain one not."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", REUSE_OCCUPANT, kind, str(port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    return proc
-
-
 @pytest.mark.parametrize("kind", ["connected", "timewait"])
 def test_the_plain_bind_note_names_its_occupant(
-    state: StateDir, port: int, occupants: list[subprocess.Popen[str]], kind: str
+    state: StateDir, port: int, occupy_port: Occupy, kind: str
 ) -> None:
-    """The note read "cannot bind it yet: " with nothing after the colon."""
-    proc = occupy_reusing(kind, port)
-    occupants.append(proc)
-    _state_of(port, kind)
+    """The note read "cannot bind it yet: " with nothing after the colon. The occupant
+    sets SO_REUSEADDR: our bind takes the port, a plain one not."""
+    proc = occupy_port(kind, "127.0.0.1", reuse=True)
     refusal, notes, found = classify_port(state, port, "127.0.0.1")
     assert refusal is None and found is not None and found.plain_bind_blocked
     (note,) = notes
@@ -444,23 +408,11 @@ def test_a_service_that_daemonizes_gets_a_hint_in_the_trip(
     )
     with acquire(state, [port], host="127.0.0.1") as lease:
         lease.close_socket()
-        service = subprocess.Popen(
-            [sys.executable, "-c", daemon, str(port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        occupants.append(service)
+        service = _spawn(occupants, sys.executable, "-c", daemon, str(port))
         assert service.stdout is not None
         detached = int(service.stdout.readline())
         assert service.wait(timeout=10) == 0  # the first fork's parent is gone
-        shield = Shield(
-            [lease],
-            interval_s=1,
-            on_lost=lambda lease, reason: None,
-            own_pids=lambda: [service.pid],
-        )
-        (report,) = shield.check_once()
+        report = _report(_shield(lease, own_pids=(service.pid,)))
         assert not report.ok
         (problem,) = report.problems
         assert f"listened on by pid {detached} (python" in problem

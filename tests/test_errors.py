@@ -5,11 +5,14 @@ import __future__
 
 import inspect
 import types
+import typing
 
 import pytest
 
 import portpool
 from portpool import errors
+from portpool._portstatus import PortStatus
+from portpool._record import PortRecord
 from portpool.errors import (
     AlreadyHeldHere,
     LayoutError,
@@ -77,14 +80,32 @@ def test_layout_error_keeps_every_problem():
 
 
 def test_lock_errors():
-    held = LockHeld("/s/ports/1.lock", "pid 7")
+    record = PortRecord(1, 7, "token", "boot", "app", 1, "api", "127.0.0.1", 0.0, 0.0)
+    status = PortStatus(1, "held", record)
+    held = LockHeld("/s/ports/1.lock", status)
     assert isinstance(held, LockError)
-    assert (held.path, held.holder) == ("/s/ports/1.lock", "pid 7")
-    assert "pid 7" in str(held)
-    assert "another process" in str(LockHeld("/p"))
+    assert (held.path, held.holder) == ("/s/ports/1.lock", status)
+    # The holder in words, never its repr
+    assert str(held) == f"/s/ports/1.lock is {status.describe()}"
+    assert "pid 7" in str(held) and "PortStatus" not in str(held)
+    assert str(LockHeld("/p")) == "/p is held by another process"
+    # Gone by the time it was looked at: the lock was still held a moment before.
+    assert str(LockHeld("/p", PortStatus(1, "free"))) == "/p is held by another process"
     here = AlreadyHeldHere("/p")
     assert isinstance(here, LockError)
     assert "release it first" in str(here)
+
+
+def test_refusal_reasons_are_the_strings_status_json_and_the_dashboard_show():
+    assert typing.get_args(errors.RefusalReason) == (
+        "held",
+        "in use",
+        "permission denied",
+        "unavailable",
+        "error",
+        "free now",
+    )
+    assert typing.get_type_hints(Refusal)["reason"] == errors.RefusalReason
 
 
 def test_pool_exhausted_carries_refusals_in_pool_order():

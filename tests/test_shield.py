@@ -22,11 +22,13 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import find_free_block
+from tests.helpers import release
 
-from portpool._platform import locked_inodes
+from portpool._addresses import parse_address, takes_traffic
+from portpool._platform import TcpSocket, locked_inodes
 from portpool.lock import encode_record, inspect_port, read_port_record
 from portpool.pool import Lease, acquire
-from portpool.shield import LeaseReport, Shield, parse_address, takes_traffic
+from portpool.shield import LeaseReport, Shield
 from portpool.statedir import StateDir
 
 INTERVAL_S = 0.2
@@ -126,10 +128,11 @@ sys.stdin.read()
 
 
 @contextlib.contextmanager
-def helper(*argv: str) -> Iterator[subprocess.Popen[str]]:
-    """A helper process that prints "ready" once set up and lives until its stdin closes."""
+def helper(*argv: str, program: str = sys.executable) -> Iterator[subprocess.Popen[str]]:
+    """A helper process (``program`` with ``argv``) that prints "ready" once set up and
+    lives until its stdin closes (``helpers.release``, on leaving)."""
     proc = subprocess.Popen(
-        [sys.executable, *argv],
+        [program, *argv],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -144,17 +147,7 @@ def helper(*argv: str) -> Iterator[subprocess.Popen[str]]:
             pytest.fail(f"helper {argv[:2]} failed: {line!r} {err}")
         yield proc
     finally:
-        with contextlib.suppress(OSError):
-            assert proc.stdin is not None
-            proc.stdin.close()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
+        release(proc)
 
 
 def wait_for_checks(shield: Shield, n: int = 3) -> None:
@@ -315,20 +308,28 @@ def test_which_foreign_addresses_count(
         assert shown in report.problems[0]
 
 
+def _listener(address: str, v6only: bool | None = None, state: str = "listen") -> TcpSocket:
+    return TcpSocket(6 if ":" in address else 4, address, 8000, state, v6only=v6only)
+
+
 def test_address_overlap_rules() -> None:
-    v4, v6 = parse_address("127.0.0.1"), parse_address("::1")
-    assert takes_traffic("127.0.0.1", v4)
-    assert takes_traffic("0.0.0.0", v4)
-    assert takes_traffic("::", v4)  # v6only unknown: a dual-stack wildcard may take IPv4
-    assert takes_traffic("::", v4, v6only=False)
-    assert not takes_traffic("::", v4, v6only=True)
-    assert not takes_traffic("127.0.0.2", v4)
-    assert not takes_traffic("0.0.0.0", v6)
-    assert takes_traffic("::", v6)
-    assert not takes_traffic("::2", v6)
-    assert takes_traffic("10.1.2.3", parse_address("0.0.0.0"))
-    assert not takes_traffic("::1", parse_address("0.0.0.0"))
-    assert parse_address("::ffff:127.0.0.1") == v4
+    """The one rule the shield and doctor judge a listener by (``_addresses.meets``)."""
+    assert takes_traffic(_listener("127.0.0.1"), "127.0.0.1")
+    assert takes_traffic(_listener("0.0.0.0"), "127.0.0.1")
+    # v6only unknown: a dual-stack wildcard may take IPv4
+    assert takes_traffic(_listener("::"), "127.0.0.1")
+    assert takes_traffic(_listener("::", v6only=False), "127.0.0.1")
+    assert not takes_traffic(_listener("::", v6only=True), "127.0.0.1")
+    assert not takes_traffic(_listener("127.0.0.2"), "127.0.0.1")
+    assert not takes_traffic(_listener("0.0.0.0"), "::1")
+    assert takes_traffic(_listener("::"), "::1")
+    assert not takes_traffic(_listener("::2"), "::1")
+    assert takes_traffic(_listener("10.1.2.3"), "0.0.0.0")
+    assert not takes_traffic(_listener("::1"), "0.0.0.0")
+    assert takes_traffic(_listener("::ffff:127.0.0.1"), "127.0.0.1")
+    assert not takes_traffic(_listener("127.0.0.1", state="bound"), "127.0.0.1")
+    assert parse_address("::ffff:127.0.0.1") == parse_address("127.0.0.1")
+    assert parse_address("[fe80::1%lo]") == parse_address("fe80::1")
 
 
 def test_our_child_listening_on_the_port_is_ours_a_stranger_is_not(
@@ -353,23 +354,9 @@ def test_a_grandchild_of_our_child_counts_as_ours(
     victim.close_socket()
     # A service started through a shell: the shell is our child, python its child.
     wrapper = f'"{sys.executable}" -c "$0" "$1" "$2"; true'
-    proc = subprocess.Popen(
-        ["sh", "-c", wrapper, LISTEN, "127.0.0.1", str(victim.port)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "ready"
+    with helper("-c", wrapper, LISTEN, "127.0.0.1", str(victim.port), program="sh") as proc:
         shield = make_shield(leases, own_pids=lambda: [proc.pid])
         assert all(r.ok for r in shield.check_once())
-    finally:
-        assert proc.stdin is not None
-        proc.stdin.close()
-        proc.wait(timeout=5)
-        assert proc.stdout is not None
-        proc.stdout.close()
 
 
 def test_a_socket_closed_under_the_lease_is_reported(

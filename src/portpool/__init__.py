@@ -23,6 +23,11 @@ if TYPE_CHECKING:
         get_service_port_pool,
         init_instance_manager,
     )
+    from portpool._doctor import (
+        DoctorReport,
+        PortVerdict,
+        examine_layout,
+    )
     from portpool._gc import (
         GcReport,
         gc,
@@ -30,12 +35,11 @@ if TYPE_CHECKING:
     from portpool._host_warnings import (
         layout_warnings,
     )
-    from portpool.diagnosis import (
-        DoctorReport,
+    from portpool._occupants import (
         Occupant,
+    )
+    from portpool.diagnosis import (
         PortDiagnosis,
-        PortVerdict,
-        examine_layout,
     )
     from portpool.errors import (
         AlreadyHeldHere,
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
         PoolExhausted,
         PortPoolError,
         Refusal,
+        RefusalReason,
         ResourceLimit,
         ServiceExited,
         ShieldTripped,
@@ -102,11 +107,17 @@ _EXPORTS = {
     **dict.fromkeys(
         (
             "DoctorReport",
-            "Occupant",
-            "PortDiagnosis",
             "PortVerdict",
             "examine_layout",
         ),
+        "portpool._doctor",
+    ),
+    **dict.fromkeys(
+        ("Occupant",),
+        "portpool._occupants",
+    ),
+    **dict.fromkeys(
+        ("PortDiagnosis",),
         "portpool.diagnosis",
     ),
     **dict.fromkeys(
@@ -126,6 +137,7 @@ _EXPORTS = {
             "PoolExhausted",
             "PortPoolError",
             "Refusal",
+            "RefusalReason",
             "ResourceLimit",
             "ServiceExited",
             "ShieldTripped",
@@ -246,6 +258,7 @@ __all__ = [
     "PortPoolError",
     "PortVerdict",
     "Refusal",
+    "RefusalReason",
     "ResourceLimit",
     "Service",
     "ServiceExited",

@@ -19,7 +19,8 @@ Overlap follows Linux's bind rules (``inet_rcv_saddr_equal``): two sockets on on
 overlap when their address sets meet, where a wildcard covers its family and a ``[::]``
 socket without ``IPV6_V6ONLY`` covers IPv4 too. The same rule says whether a foreign
 listener can receive traffic meant for a lease (a more specific listener wins only while
-it listens: ours may be restarting).
+it listens: ours may be restarting). ``meets`` applies it to a socket of the kernel's
+table; the pool's refusals, ``doctor`` and the shield all judge by it.
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-from portpool._platform import exclusive_bind_options
+from portpool._platform import TcpSocket, exclusive_bind_options
 from portpool.layout import normalize_host
 
 # (family 4 or 6, address, or None for the family's wildcard)
 Scope = tuple[int, str | None]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -100,15 +102,23 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
     return (BindTarget(socket.AF_INET, str(ip), None, True),)
 
 
+@functools.lru_cache(maxsize=256)
+def parse_address(text: str) -> IPAddress:
+    """An IP address as a socket or the kernel's table spells it (``[::1]``, ``fe80::1%lo``),
+    a v4-mapped IPv6 address as its IPv4 address. Raises ValueError."""
+    addr = ipaddress.ip_address(text.strip("[]").partition("%")[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
 def socket_scopes(family: int, address: str, v6only: bool | None) -> frozenset[Scope]:
     """The addresses a socket bound to ``address`` takes (``family`` 4 or 6).
 
     ``v6only`` None for a ``[::]`` socket means unknown: it may take IPv4 too.
-    A v4-mapped IPv6 address counts as its IPv4 address.
+    A v4-mapped IPv6 address counts as its IPv4 address. Raises ValueError.
     """
-    ip = ipaddress.ip_address(address.strip("[]").partition("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    ip = parse_address(address)
     if ip.version == 4:
         return frozenset({(4, None if ip.is_unspecified else str(ip))})
     if not ip.is_unspecified:
@@ -134,6 +144,32 @@ def overlaps(a: frozenset[Scope], b: frozenset[Scope]) -> bool:
             if fam_a == fam_b and (addr_a is None or addr_b is None or addr_a == addr_b):
                 return True
     return False
+
+
+def meets(sock: TcpSocket, scopes: frozenset[Scope]) -> bool:
+    """Whether ``sock``'s addresses meet ``scopes`` (``covered_scopes`` of a host): the
+    one rule for bind conflicts and for whose traffic a listener can receive."""
+    try:
+        theirs = socket_scopes(sock.family, sock.address, sock.v6only)
+    except ValueError:
+        return True  # an address we cannot read: assume the worst
+    return overlaps(theirs, scopes)
+
+
+def occupies(sock: TcpSocket, host: str) -> bool:
+    """Whether ``sock`` uses an address a lease on ``host`` covers (bind overlap).
+
+    Raises OSError if ``host`` does not resolve."""
+    return meets(sock, covered_scopes(host))
+
+
+def takes_traffic(sock: TcpSocket, host: str) -> bool:
+    """Whether ``sock`` listens where it can receive traffic meant for a lease on
+    ``host``: the shield's rule. A ``[::]`` socket with ``IPV6_V6ONLY`` takes no IPv4
+    (another user's such socket once tripped every lease on 127.0.0.1); one whose flag
+    the OS did not say is assumed to take both. Raises OSError if ``host`` does not
+    resolve."""
+    return sock.state == "listen" and occupies(sock, host)
 
 
 def bind_target(

@@ -148,8 +148,8 @@ def _diagnosed(
     """Each refused port as the rest of portpool describes it (``doctor``, ``acquire``):
     ``(held by this process, held by other portpool users, the rest)``. Read only when
     the whole range failed: one read of the lock and socket tables for all."""
+    from portpool._doctor import classify_port
     from portpool._platform import locked_inodes, tcp_sockets
-    from portpool.diagnosis import classify_port
     from portpool.errors import Refusal
     from portpool.lock import inspect_port
 

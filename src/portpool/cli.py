@@ -153,7 +153,7 @@ def layout_command(config: str | None, as_json: bool) -> None:
 def doctor(service: str | None, config: str | None, show_all: bool, as_json: bool) -> None:
     """What blocks which pool port (of SERVICE, or all), naming foreign holders where the
     OS says; free ports are only counted unless --all. Kills nothing."""
-    from portpool.diagnosis import examine_layout
+    from portpool._doctor import examine_layout
 
     layout = layout_for(config)
     report = examine_layout(layout, service=service)
@@ -236,7 +236,7 @@ def _announce(instance: Instance, quiet: bool) -> None:
 
 def _report_plain_bind(instance: Instance) -> None:
     """One line per port handed over by number that a plain bind cannot take yet."""
-    from portpool.diagnosis import handed_over, plain_bind_notes
+    from portpool._handover import handed_over, plain_bind_notes
 
     for note in plain_bind_notes(handed_over(instance.layout, instance.leases.values())):
         click.echo(f"portpool: {note}", err=True)

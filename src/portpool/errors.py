@@ -31,6 +31,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol, TypeAlias
+
+# Every reason a Refusal gives; status --json and the dashboard show these strings.
+# "free now": the pytest plugin found the port freed while it looked for one.
+RefusalReason: TypeAlias = Literal[
+    "held", "in use", "permission denied", "unavailable", "error", "free now"
+]
+
+
+class LockHolder(Protocol):
+    """Who holds a lock, as ``LockHeld`` reports it: a port's lock gives its
+    ``PortStatus`` (from ``inspect_port``; its ``record`` names the holder)."""
+
+    @property
+    def is_free(self) -> bool: ...
+
+    def describe(self) -> str: ...
 
 
 class PortPoolError(Exception):
@@ -87,12 +104,17 @@ class LockError(PortPoolError):
 
 
 class LockHeld(LockError):
-    """The lock at ``path`` is held by another lock holder (``holder`` as far as known)."""
+    """The lock at ``path`` is held by another lock holder: ``holder`` is what was seen
+    of it (a port lock's ``PortStatus``), None where nobody looked."""
 
-    def __init__(self, path: str, holder: object | None = None) -> None:
+    def __init__(self, path: str, holder: LockHolder | None = None) -> None:
         self.path = path
         self.holder = holder
-        super().__init__(f"{path} is held by {holder or 'another process'}")
+        # A holder gone by the time we looked says "free": the lock was still held.
+        seen = "held by another process"
+        if holder is not None and not holder.is_free:
+            seen = holder.describe()
+        super().__init__(f"{path} is {seen}")
 
 
 class AlreadyHeldHere(LockError):
@@ -108,7 +130,7 @@ class Refusal:
     """Why one port of a pool was not acquired."""
 
     port: int
-    reason: str  # "held", "in use", "permission denied", "unavailable", "error"
+    reason: RefusalReason  # "held", "in use", "permission denied", "unavailable", ...
     detail: str  # for people: who holds it, or what the OS said
 
     def __str__(self) -> str:

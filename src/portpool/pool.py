@@ -22,6 +22,7 @@ from portpool.errors import (
     AlreadyHeldHere,
     InvalidPort,
     LockHeld,
+    LockHolder,
     PoolExhausted,
     PortPoolError,
     Refusal,
@@ -33,7 +34,7 @@ from portpool.statedir import StateDir
 
 _Socket = socket.socket  # the field ``socket`` shadows the module inside Lease
 
-__all__ = ["DEFAULT_BACKLOG", "Lease", "acquire", "bind_listen", "check_port", "describe_foreign"]
+__all__ = ["DEFAULT_BACKLOG", "Lease", "acquire", "bind_listen", "check_port"]
 
 
 @dataclass
@@ -112,14 +113,6 @@ def bind_listen(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.
     return bind_target(bind_targets(host)[0], port, backlog)
 
 
-def describe_foreign(port: int, host: str = "127.0.0.1") -> str:
-    """Name whoever occupies ``port`` for ``host``, as far as the OS tells."""
-    found = diagnose(port, host, probe=False)
-    if not found.occupants:
-        return "used by a foreign process (unknown)"
-    return f"used by {found.describe_occupants()}"
-
-
 _BIND_RETRIES = 3
 
 
@@ -145,8 +138,8 @@ def _bind_or_refusal(host: str, port: int, backlog: int) -> list[socket.socket] 
     raise AssertionError("unreachable")  # the loop always returns
 
 
-def _holder_detail(holder: object) -> str:
-    if isinstance(holder, PortStatus) and not holder.is_free:
+def _holder_detail(holder: LockHolder | None) -> str:
+    if holder is not None and not holder.is_free:
         return holder.describe()
     # Free by the time we looked: its holder released it between our try and our look.
     return "another process (released just now)"
@@ -168,7 +161,7 @@ def check_port(port: int) -> int:
 _BUSY_WAITS_MS = (1, 2, 4, 8, 16, 32, 32)
 
 
-def _only_passing(holder: object) -> bool:
+def _only_passing(holder: LockHolder | None) -> bool:
     """Whether a busy port's holder is likely there only for a moment: the lock was
     free when we looked, or its record names no live process. ``gc`` holds a dead
     holder's lock while it removes the files, and pushed 4-11% of simultaneous starts

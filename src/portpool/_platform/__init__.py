@@ -37,6 +37,7 @@ from portpool._platform._identity import (
     descends_from,
     identity_of,
     is_alive,
+    ours_since,
     process_name,
 )
 from portpool._platform._locks import LockTable
@@ -157,6 +158,7 @@ __all__ = [
     "listeners",
     "locked_inodes",
     "open_files_limit",
+    "ours_since",
     "owners_of_inode",
     "owners_of_inodes",
     "posix_modes",

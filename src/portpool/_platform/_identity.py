@@ -146,3 +146,17 @@ def descends_from(pid: int, ancestors: set[int]) -> bool:
         return any(parent.pid in ancestors for parent in psutil.Process(pid).parents())
     except (psutil.Error, OSError):
         return False
+
+
+def ours_since(pids: list[int], since_s: float) -> bool:
+    """Whether every process in ``pids`` runs as this process's user and started at or
+    after ``since_s`` (seconds since the epoch, with 1 s of slack: start times are read
+    in clock ticks since boot). False when one is gone or cannot be read."""
+    import psutil
+
+    try:
+        me = psutil.Process().username()
+        procs = [psutil.Process(p) for p in pids]
+        return all(p.username() == me and p.create_time() >= since_s - 1 for p in procs)
+    except (psutil.Error, OSError):
+        return False

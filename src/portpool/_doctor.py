@@ -1,0 +1,160 @@
+"""``doctor``'s report on a layout: every pool port judged as ``acquire`` would judge it.
+
+Each port of each admissible instance is held by a portpool holder (its record says
+who), else the kernel's probe bind decides (``diagnosis``); a held port also names the
+foreign listeners on it (the shield's rule: they can take its clients). Kills nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from portpool._occupants import foreign_listeners, intruder_note
+from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
+from portpool.diagnosis import PortDiagnosis, diagnose
+from portpool.errors import Refusal, RefusalReason
+from portpool.layout import Layout
+from portpool.lock import inspect_port
+from portpool.statedir import StateDir
+
+# A verdict is a refusal's reason, but "foreign" for "in use" and "free" for none.
+VerdictKind = Literal[
+    "free", "held", "foreign", "permission denied", "unavailable", "error", "free now"
+]
+
+
+@dataclass(frozen=True)
+class PortVerdict:
+    """``doctor``'s word on one pool port: None ``refusal`` means ``acquire`` can have it;
+    otherwise the very Refusal ``acquire`` would report."""
+
+    instance: int
+    service: str
+    port: int
+    refusal: Refusal | None
+    notes: tuple[str, ...] = ()
+    diagnosis: PortDiagnosis | None = None
+
+    @property
+    def kind(self) -> VerdictKind:
+        """``free``, ``held`` (by portpool), ``foreign`` (in use), or the refusal's reason."""
+        if self.refusal is None:
+            return "free"
+        reason: RefusalReason = self.refusal.reason
+        return "foreign" if reason == "in use" else reason
+
+    def describe(self) -> str:
+        if self.refusal is None:
+            return "; ".join(("free", *self.notes))
+        if self.refusal.reason == "held":
+            # "held by instance 1 of app (pid ...)", and any foreign listener on it
+            return "; ".join((self.refusal.detail, *self.notes))
+        return f"{self.refusal.reason} ({self.refusal.detail})"
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "instance": self.instance,
+            "service": self.service,
+            "port": self.port,
+            "kind": self.kind,
+            "text": self.describe(),
+            "notes": list(self.notes),
+            "occupants": [] if self.diagnosis is None else self.diagnosis.to_dict()["occupants"],
+        }
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """Every pool port of every admissible instance, judged as ``acquire`` would."""
+
+    app: str
+    host: str
+    max_instances: int
+    verdicts: tuple[PortVerdict, ...]
+
+    def counts(self) -> dict[str, int]:
+        out = {"free": 0, "held": 0, "foreign": 0}
+        for v in self.verdicts:
+            out[v.kind] = out.get(v.kind, 0) + 1
+        return out
+
+    def summary(self) -> list[str]:
+        """Lines about the whole report that no single port says: a host this machine
+        does not have (every port read "unavailable"), foreign listeners on held ports."""
+        out = []
+        unavailable = self.counts().get("unavailable", 0)
+        if unavailable:
+            out.append(
+                f"host {self.host} is not an address of this machine: every start fails "
+                "until it is (check `host` in the layout)"
+            )
+        intruded = sum(1 for v in self.verdicts if v.kind == "held" and v.notes)
+        if intruded:
+            out.append(
+                f"{intruded} held ports are also listened on by a foreign program, which "
+                "can receive their clients"
+            )
+        return out
+
+    def to_dict(self, *, show_free: bool = True) -> dict[str, object]:
+        """JSON-ready; ``ports`` lists free ports only with ``show_free`` (``doctor``
+        without ``--all``), while ``counts`` always counts every port."""
+        return {
+            "app": self.app,
+            "host": self.host,
+            "max_instances": self.max_instances,
+            "counts": self.counts(),
+            "summary": self.summary(),
+            "ports": [v.to_dict() for v in self.verdicts if show_free or v.refusal is not None],
+        }
+
+
+def classify_port(
+    state: StateDir,
+    port: int,
+    host: str,
+    *,
+    locked: LockTable | None = None,
+    sockets: Sequence[TcpSocket] | None = None,
+) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None]:
+    """Whether ``acquire`` on ``host`` would take ``port`` now, and if not the Refusal it
+    would give: held by a portpool lock holder, else the kernel's probe bind. Kills and
+    keeps nothing. Raises OSError if ``host`` does not resolve."""
+    seen = inspect_port(state, port, locked)
+    if not seen.is_free:
+        # Never probed (the holder's sockets are there); its listeners are still read.
+        found = diagnose(port, host, probe=False, sockets=sockets)
+        holder = None if seen.record is None else seen.record.pid
+        notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder))
+        return Refusal(port, "held", seen.describe()), notes, found
+    found = diagnose(port, host, sockets=sockets)
+    return found.refusal(), tuple(found.notes()), found
+
+
+def examine_layout(
+    layout: Layout, state: StateDir | None = None, service: str | None = None
+) -> DoctorReport:
+    """``doctor``: what blocks which pool port of every admissible instance (of
+    ``service`` only, if given), naming foreign holders where the OS says. Kills nothing.
+    Raises UnknownService (exit 2) for a ``service`` the layout lacks, StateDirError for
+    an unusable state dir, OSError if the layout's host does not resolve."""
+    services = layout.services if service is None else (layout.service(service),)
+    own = state is None
+    state = state or StateDir.open(create=False)  # read-only: creates nothing
+    try:
+        locked = locked_inodes()
+        sockets = tcp_sockets()
+        verdicts = []
+        for number in range(1, layout.max_instances + 1):
+            for svc in services:
+                for port in svc.pool(number):
+                    refusal, notes, found = classify_port(
+                        state, port, layout.host, locked=locked, sockets=sockets
+                    )
+                    verdicts.append(PortVerdict(number, svc.name, port, refusal, notes, found))
+        return DoctorReport(layout.app, layout.host, layout.max_instances, tuple(verdicts))
+    finally:
+        if own:
+            state.close()

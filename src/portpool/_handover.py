@@ -1,0 +1,52 @@
+"""Leases handed to their service by number, and what may stop that service's own bind.
+
+A service that gets only its port number (``socket = "port"``, or ``run`` without
+``--fds``) binds the port itself, maybe without SO_REUSEADDR; ``run`` and ``up`` then
+name who blocks such a bind (a connection or a TIME_WAIT on the port).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from portpool._addresses import occupies
+from portpool._occupants import plain_bind_note, with_owners
+from portpool._platform import socket_inode, tcp_sockets
+from portpool.layout import Layout
+
+if TYPE_CHECKING:
+    from portpool.pool import Lease
+
+
+def handed_over(layout: Layout, leases: Iterable[Lease]) -> list[Lease]:
+    """The leases whose service gets only the number and binds the port itself: their
+    socket was closed (``run`` without ``--fds``) or their service has ``socket =
+    "port"`` (``up`` closes it when it starts the service)."""
+    port_mode = {s.name for s in layout.services if s.socket == "port"}
+    return [lease for lease in leases if lease.socket is None or lease.service in port_mode]
+
+
+def plain_bind_notes(leases: Iterable[Lease]) -> list[str]:
+    """One line per lease whose port a server that does not set SO_REUSEADDR cannot bind
+    yet, naming who blocks it (``doctor``'s note): for leases handed to their service by
+    number only (``socket = "port"``, ``run`` without ``--fds``), whose own bind then
+    fails. Our own sockets (served and held) are not counted. Reads the socket table
+    per lease; binds nothing.
+
+    Such a port is kept, not skipped: the block lasts at most a TIME_WAIT (60 s) or one
+    outgoing connection, a server that sets SO_REUSEADDR (most do) binds it anyway, and
+    skipping would move the service off its predictable port for a passing state.
+    """
+    out = []
+    for lease in leases:
+        mine = {socket_inode(s) for s in (lease.socket, *lease.held) if s is not None}
+        blocking = [
+            s
+            for s in tcp_sockets(lease.port)
+            if s.state != "listen" and s.inode not in mine and occupies(s, lease.host)
+        ]
+        if blocking:
+            who = f"service {lease.service!r} " if lease.service else ""
+            out.append(f"{who}port {lease.port}: {plain_bind_note(with_owners(blocking))}")
+    return out

@@ -1,0 +1,147 @@
+"""Who is on a port: a socket of the kernel's table and its processes, in words.
+
+Refusals, ``doctor``, ``run``'s notes and the shield's trips all name occupants here.
+
+A socket's owner is named only as far as the OS tells (pids and programs on Linux, from
+sock_diag and ``/proc/*/fd``); a socket of another user's process is said to be so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from portpool._platform import TcpSocket, descends_from, owners_of_inodes, process_name, user_id
+
+
+def _where(sock: TcpSocket) -> str:
+    return f"[{sock.address}]:{sock.port}" if sock.family == 6 else f"{sock.address}:{sock.port}"
+
+
+@dataclass(frozen=True)
+class Occupant:
+    """One socket on the port: the kernel's entry, plus its processes where known."""
+
+    socket: TcpSocket
+    pids: tuple[int, ...] = ()
+    programs: tuple[str, ...] = ()
+
+    @property
+    def state(self) -> str:
+        return self.socket.state
+
+    @property
+    def listening(self) -> bool:
+        return self.socket.state == "listen"
+
+    def who(self) -> str:
+        """``pid 12 (nginx)``, or what is known instead."""
+        if self.pids:
+            return ", ".join(
+                f"pid {p} ({n})" for p, n in zip(self.pids, self.programs, strict=True)
+            )
+        if self.socket.state == "time-wait":
+            return "no process (the kernel keeps it up to 60 s)"
+        if self.socket.uid is not None and self.socket.uid != user_id():
+            return f"a process of uid {self.socket.uid} (the OS does not say which)"
+        return "an unknown process"
+
+    def place(self) -> str:
+        """The local address, e.g. ``[::]:8000 (IPv6 only)`` or ``127.0.0.1:8000``."""
+        s = self.socket
+        text = _where(s)
+        if s.family == 6 and s.address == "::" and s.state in ("listen", "bound"):
+            text += {True: " (IPv6 only)", False: " (IPv6 and IPv4)", None: ""}[s.v6only]
+        return text
+
+    def what(self) -> str:
+        """The socket's state and address, e.g. ``listening on [::]:8000 (IPv6 only)``."""
+        s = self.socket
+        if s.state == "listen":
+            return f"listening on {self.place()}"
+        if s.state == "bound":
+            return f"bound to {self.place()} (not listening)"
+        if s.state == "time-wait":
+            return f"a closed connection in TIME_WAIT from {self.place()} to {s.remote}"
+        return f"a connection from {self.place()} to {s.remote} ({s.state})"
+
+    def describe(self) -> str:
+        """``pid 12 (nginx) listening on ...``, ``pid 12 (curl) has a connection ...``."""
+        if self.socket.state == "time-wait":
+            return self.what()
+        verb = "" if self.socket.state in ("listen", "bound") else "has "
+        return f"{self.who()} {verb}{self.what()}"
+
+    def to_dict(self) -> dict[str, object]:
+        s = self.socket
+        return {
+            "state": s.state,
+            "address": s.address,
+            "port": s.port,
+            "v6only": s.v6only,
+            "remote": s.remote,
+            "pids": list(self.pids),
+            "programs": list(self.programs),
+        }
+
+
+PLAIN_BIND_NOTE = "a server that does not set SO_REUSEADDR cannot bind it yet"
+PLAIN_BIND_EXAMPLES = 3  # sockets named in the note; the rest only counted
+
+
+def plain_bind_note(occupants: Iterable[Occupant]) -> str:
+    """The note for a port our SO_REUSEADDR bind takes but a plain bind does not: who
+    blocks it (a connection or TIME_WAIT left by a SO_REUSEADDR socket: the note read
+    "cannot bind it yet: " with nothing named). Names at most ``PLAIN_BIND_EXAMPLES``
+    sockets and counts them all: a busy port's note once listed 5,561 TIME_WAIT
+    connections in one line of 411,543 characters."""
+    blocking = [o for o in occupants if not o.listening]
+    count = len(blocking)
+    named = "; ".join(o.describe() for o in blocking[:PLAIN_BIND_EXAMPLES])
+    if not named:
+        return f"{PLAIN_BIND_NOTE}: a socket the OS does not list"
+    if count <= 1:
+        return f"{PLAIN_BIND_NOTE}: {named}"
+    waiting = sum(1 for o in blocking if o.socket.state == "time-wait")
+    kinds = f"{count} sockets" + (f" ({waiting} in TIME_WAIT)" if waiting else "")
+    shown = "" if count <= PLAIN_BIND_EXAMPLES else f", the first {PLAIN_BIND_EXAMPLES}"
+    return f"{PLAIN_BIND_NOTE}: {kinds} block it{shown}: {named}"
+
+
+def with_owners(sockets: Iterable[TcpSocket]) -> list[Occupant]:
+    """``sockets`` with the pids and program names the OS tells (one /proc scan)."""
+    found = list(sockets)
+    owners = owners_of_inodes({s.inode for s in found if s.inode and s.pid is None})
+    out = []
+    for s in found:
+        pids = tuple([s.pid] if s.pid is not None else owners.get(s.inode or 0, []))
+        out.append(Occupant(s, pids, tuple(process_name(p) or "?" for p in pids)))
+    return out
+
+
+def _belongs_to(pid: int, holder: int) -> bool:
+    """Whether ``pid`` is ``holder`` or one of its descendants (a service it started)."""
+    return pid == holder or descends_from(pid, {holder})
+
+
+def foreign_listeners(occupants: Iterable[Occupant], holder: int | None) -> list[Occupant]:
+    """The listeners among ``occupants`` (of a held port) not proven to be the holder's
+    or its services': the shield's rule (a listener whose owner the OS does not name
+    counts as foreign). ``doctor`` said "held" with no occupant while the shield
+    tripped on a foreign ``[::1]:P`` server that received the lease's clients."""
+    out = []
+    for o in occupants:
+        if not o.listening:
+            continue
+        if holder is not None and o.pids and all(_belongs_to(p, holder) for p in o.pids):
+            continue
+        out.append(o)
+    return out
+
+
+def intruder_note(occupant: Occupant) -> str:
+    """The note for a foreign listener on a held port, in the shield's words."""
+    return (
+        f"but also listened on by {occupant.who()} on {occupant.place()}, which can "
+        "receive the lease's clients (the shield stops the instance)"
+    )
