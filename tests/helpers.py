@@ -163,10 +163,11 @@ if kind == "connected":
 """
 
 
-def occupy(kind: str, host: str, port: int, v6only: str = "-") -> subprocess.Popen[str]:
-    """Start an OCCUPANT process; returns once it is set up (stop it with ``release``)."""
+def start_script(code: str, *args: str, what: str = "script") -> subprocess.Popen[str]:
+    """Start ``python -c CODE ARGS`` (stdin, stdout and stderr piped); returns once it
+    prints ``ready`` (stop it with ``release``, which closes its stdin)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", OCCUPANT, kind, host, str(port), v6only],
+        [sys.executable, "-c", code, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -176,8 +177,13 @@ def occupy(kind: str, host: str, port: int, v6only: str = "-") -> subprocess.Pop
     if line.strip() != "ready":
         proc.kill()
         _, err = proc.communicate(timeout=5)
-        raise AssertionError(f"occupant {kind} {host}:{port} failed: {err}")
+        raise AssertionError(f"{what} {' '.join(args)} failed: {err}")
     return proc
+
+
+def occupy(kind: str, host: str, port: int, v6only: str = "-") -> subprocess.Popen[str]:
+    """Start an OCCUPANT process; returns once it is set up (stop it with ``release``)."""
+    return start_script(OCCUPANT, kind, host, str(port), v6only, what="occupant")
 
 
 def release(proc: subprocess.Popen[str]) -> None:
