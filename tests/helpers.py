@@ -8,8 +8,11 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 PORTPOOL = [sys.executable, "-m", "portpool.cli"]
 
@@ -294,3 +297,24 @@ def write_service_layout(
     path = tmp_path / "portpool.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A fresh tmpfs of ``size`` (mount's spelling: "64k", "4m") on the new directory
+    ``where``, unmounted after (made writable first, in case the test remounted it
+    read-only). Skips the test where mounting is denied (it needs root)."""
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(where)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     held_lock_files,
+    mounted_tmpfs,
     portpool,
     start,
     status_json,
@@ -42,21 +43,8 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs mounted for this test (root only; skipped where mounting is denied)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], capture_output=True, check=False)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def _fill(directory: Path) -> Path:

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import find_free_block
-from tests.helpers import PORTPOOL, portpool, read_line, status_json, write_layout
+from tests.helpers import (
+    PORTPOOL,
+    mounted_tmpfs,
+    portpool,
+    read_line,
+    status_json,
+    write_layout,
+)
 
 from portpool.statedir import StateDir
 
@@ -36,30 +43,11 @@ time.sleep(120)
 """
 
 
-def _mount_tmpfs(where: Path) -> Path:
-    where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    return where
-
-
 @pytest.fixture
 def two_tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """Two fresh tmpfs mounts: tmpfs numbers inodes per mount from 1, so they collide."""
-    mounted: list[Path] = []
-    try:
-        for name in ("a", "b"):
-            mounted.append(_mount_tmpfs(tmp_path / name))
-        yield mounted[0], mounted[1]
-    finally:
-        for mnt in mounted:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+    with mounted_tmpfs(tmp_path / "a", "4m") as a, mounted_tmpfs(tmp_path / "b", "4m") as b:
+        yield a, b
 
 
 def _kill_run_leaving_record(config: Path, env: dict[str, str]) -> None:

@@ -12,14 +12,12 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import find_free_block
 from portpool import Lease, PortPoolError, StateDir, acquire
 from portpool.integrations import (
     make_http_server,
@@ -32,18 +30,6 @@ from portpool.integrations import (
 )
 
 posix_signals = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-
-
-@pytest.fixture
-def port_base() -> int:
-    """Free ports from a range of this file's own, so parallel test runs rarely meet."""
-    return find_free_block(low=22000, high=23000)
-
-
-@pytest.fixture
-def lease(state: StateDir, port_base: int) -> Iterator[Lease]:
-    with acquire(state, [port_base, port_base + 1, port_base + 2], service="web") as held:
-        yield held
 
 
 def url(lease: Lease, path: str = "/") -> str:
