@@ -166,9 +166,11 @@ if kind == "connected":
 """
 
 
-def start_script(code: str, *args: str, what: str = "script") -> subprocess.Popen[str]:
+def start_script(
+    code: str, *args: str, ready: str = "ready", what: str = "script"
+) -> subprocess.Popen[str]:
     """Start ``python -c CODE ARGS`` (stdin, stdout and stderr piped); returns once it
-    prints ``ready`` (stop it with ``release``, which closes its stdin)."""
+    prints the line ``ready`` (stop it with ``release``, which closes its stdin)."""
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdin=subprocess.PIPE,
@@ -177,7 +179,7 @@ def start_script(code: str, *args: str, what: str = "script") -> subprocess.Pope
         text=True,
     )
     line = read_line(proc, timeout=20)
-    if line.strip() != "ready":
+    if line.strip() != ready:
         proc.kill()
         _, err = proc.communicate(timeout=5)
         raise AssertionError(f"{what} {' '.join(args)} failed: {err}")
