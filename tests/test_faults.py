@@ -66,25 +66,8 @@ def _fill(directory: Path) -> Path:
 
 
 def _run_prints_instance(config: Path, env: dict[str, str]) -> str:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "portpool.cli",
-            "run",
-            "--config",
-            str(config),
-            "--",
-            sys.executable,
-            "-c",
-            "import os; print(os.environ['PORTPOOL_INSTANCE'])",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    code = "import os; print(os.environ['PORTPOOL_INSTANCE'])"
+    done = portpool("run", "--config", str(config), "--", sys.executable, "-c", code, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -282,15 +265,8 @@ def test_sigstopped_holder_keeps_its_ports_and_slot_and_stays_healthy(
         first.send_signal(signal.SIGSTOP)
         try:
             stopped_at = time.monotonic()
-            newcomer = portpool(
-                "run",
-                "--config",
-                str(config),
-                "--",
-                sys.executable,
-                "-c",
-                "import os, json; print(json.dumps(dict(os.environ)))",
-            )
+            code = "import os, json; print(json.dumps(dict(os.environ)))"
+            newcomer = portpool("run", "--config", str(config), "--", sys.executable, "-c", code)
             assert newcomer.returncode == 0, newcomer.stderr
             env = json.loads(newcomer.stdout)
             assert env["PORTPOOL_INSTANCE"] == "2"
