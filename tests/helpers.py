@@ -191,6 +191,13 @@ def occupy(kind: str, host: str, port: int, v6only: str = "-") -> subprocess.Pop
     return start_script(OCCUPANT, kind, host, str(port), v6only, what="occupant")
 
 
+def kill_if_running(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL ``proc`` if it still runs, and reap it (a test's cleanup, whatever failed)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
 def release(proc: subprocess.Popen[str]) -> None:
     """End an ``occupy`` process (closing its stdin) and reap it."""
     assert proc.stdin is not None

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     LineReader,
+    kill_if_running,
     occupy,
     portpool,
     read_line,
@@ -216,9 +217,7 @@ def test_a_shield_trip_is_reported_once(
         foreign.append(stranger)
         _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
     assert proc.returncode == 4, err
     assert err.count(f"listened on by pid {stranger.pid}") == 1, err
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     held_lock_files,
+    kill_if_running,
     mounted_tmpfs,
     portpool,
     start,
@@ -181,9 +182,7 @@ def test_state_dir_deleted_trips_the_shield_and_harms_nobody(
             second.wait(timeout=30)
         assert second.returncode != 4
     finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(timeout=10)
+        kill_if_running(first)
 
 
 # ---------------------------------------------------------------- clock steps
@@ -247,9 +246,7 @@ def test_clock_steps_never_trip_nor_make_the_instance_look_dead(
         assert out.split()[0] == "ok", out
         assert seen >= 2
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
+        kill_if_running(child)
 
 
 # ---------------------------------------------------------------- SIGSTOP

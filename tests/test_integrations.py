@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.helpers import kill_if_running
 
 from portpool import Lease, PortPoolError, StateDir, acquire
 from portpool.integrations import (
@@ -369,9 +370,7 @@ def test_blocking_helper_serves_until_signal_then_returns_and_releases(
         proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
     assert proc.returncode == 0, err.decode()
     lines = out.decode().split()
     assert lines[-2:] == ["returned", "released"]  # the helper returned; `with` released
@@ -399,9 +398,7 @@ def test_serve_asgi_finishes_a_request_in_flight_on_sigterm(
         client.join(timeout=30)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
         client.join(timeout=30)
     assert [r.status_code for r in result] == [200]
     assert proc.returncode == 0, err.decode()

@@ -23,7 +23,7 @@ from benchmarks._sessions import (
     session_env,
 )
 from tests.conftest import find_free_block
-from tests.helpers import wait_for, write_layout
+from tests.helpers import kill_if_running, wait_for, write_layout
 
 
 def _run(where: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -121,9 +121,7 @@ def test_a_killed_test_process_frees_its_port_at_once(tmp_path: Path) -> None:
         assert got.returncode == 0, got.stdout
         assert f"GOT {low}" in got.stdout
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait(timeout=30)
+        kill_if_running(holder)
 
 
 def test_an_exhausted_range_names_the_foreign_listener(tmp_path: Path) -> None:
