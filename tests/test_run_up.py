@@ -15,8 +15,10 @@ import psutil
 import pytest
 from tests.helpers import (
     is_listening,
+    occupy,
     portpool,
     read_line,
+    release,
     start,
     status_json,
     wait_for,
@@ -256,15 +258,8 @@ def test_kill_9_of_up_blocks_nothing_and_children_exit(
 
 def test_up_rotates_past_a_foreign_listener(tmp_path: Path, port_base: int, home: Path) -> None:
     config = up_layout(tmp_path, port_base)
-    foreign = subprocess.Popen(
-        [sys.executable, "-c",
-         f"import socket,time; s=socket.create_server(('127.0.0.1',{port_base})); "
-         "print('ok',flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    foreign = occupy("listen", "127.0.0.1", port_base)
     try:
-        assert foreign.stdout is not None
-        assert foreign.stdout.readline().strip() == "ok"
         proc = start("up", "--config", str(config))
         ports = wait_up(proc, config)
         assert ports["web"] == port_base + 1
@@ -273,8 +268,7 @@ def test_up_rotates_past_a_foreign_listener(tmp_path: Path, port_base: int, home
         assert proc.returncode == 0
         assert foreign.poll() is None  # never touched
     finally:
-        foreign.kill()
-        foreign.wait()
+        release(foreign)
 
 
 def test_forged_record_pid_is_never_signalled(tmp_path: Path, port_base: int, home: Path) -> None:
