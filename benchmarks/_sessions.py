@@ -13,20 +13,40 @@ from pathlib import Path
 
 # Each test binds its port WITHOUT SO_REUSEADDR and serves one HTTP request on it; the
 # server closes first, so every port it used is left in TIME_WAIT, as a real server's is.
-# Each worker logs "OK port start end run i" or "BINDFAIL port errno" to its own file.
+# Each worker logs "OK port start end run i" or "BINDFAIL port errno" to its own file
+# (and leaves an empty "started-RUN-WORKER" file for the barrier).
 SERVE = """
 import os, socket, time
 import pytest
 
 LOG = os.environ["SERVE_LOG_DIR"]
 RUN = os.environ["SERVE_RUN"]
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+
+_PASSED = []
+
+
+def _barrier():
+    # No test serves before a test of the other session has begun (at most 60 s), so
+    # the two sessions overlap even when one starts late on a loaded machine.
+    if _PASSED:
+        return
+    open(os.path.join(LOG, f"started-{{RUN}}-{{WORKER}}"), "w").close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+        name.startswith("started-") and not name.startswith(f"started-{{RUN}}-")
+        for name in os.listdir(LOG)
+    ):
+        time.sleep(0.01)
+    _PASSED.append(True)
+
 
 @pytest.mark.parametrize("i", range({count}))
 def test_serve(i, {fixture}):
     port = {fixture}
+    _barrier()
     start = time.monotonic()
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    path = os.path.join(LOG, f"{{RUN}}-{{worker}}.log")
+    path = os.path.join(LOG, f"{{RUN}}-{{WORKER}}.log")
     server = socket.socket()
     try:
         server.bind(("127.0.0.1", port))
