@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import time
 from collections.abc import Callable
@@ -159,6 +160,24 @@ def bindable(port: int, host: str = "127.0.0.1", *, reuse_addr: bool = True) -> 
     finally:
         s.close()
     return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel gives for port 0 on ``host`` now (not held: only a number)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def bind_listen_close(port: int, host: str = "127.0.0.1") -> None:
+    """Bind ``host:port`` with SO_REUSEADDR, listen and close: the floor every way of
+    getting a port is compared with."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    sock.close()
 
 
 def find_free_block(

@@ -12,28 +12,12 @@ Run: ``python -m benchmarks.bench_acquire`` (``--quick`` for fewer samples).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 
-from benchmarks._common import Row, Section, print_section
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
-def _floor(port: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(128)
-    sock.close()
+from benchmarks._common import Row, Section, bind_listen_close, free_port, print_section
 
 
 def _interleaved(fns: list[Callable[[], object]], n: int, warmup: int = 50) -> list[list[float]]:
@@ -64,7 +48,7 @@ def run(quick: bool = False) -> Section:
 
     n = 500 if quick else 5000
     section = Section("acquire + release of one port", floor="bind+listen+close (floor)")
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         state = StateDir.open(os.path.join(tmp, "state"))
         try:
@@ -73,7 +57,7 @@ def run(quick: bool = False) -> Section:
                 acquire(state, [port], app="bench", instance=1, service="svc").release()
 
             floor, pp, pick = _interleaved(
-                [lambda: _floor(port), portpool_cycle, portpicker.pick_unused_port], n
+                [lambda: bind_listen_close(port), portpool_cycle, portpicker.pick_unused_port], n
             )
         finally:
             state.close()

@@ -36,8 +36,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from benchmarks._common import Row, Section, bindable, print_section
+
+if TYPE_CHECKING:
+    from portpool.instance import Instance
+    from portpool.statedir import StateDir
 
 PY = sys.executable
 STATUS = "portpool status --json"
@@ -296,52 +301,74 @@ def where_time_goes(argv: Sequence[str], env: dict[str, str], cwd: str) -> list[
     return notes
 
 
+@dataclasses.dataclass
+class StatusRun:
+    """Where ``status`` is timed: its layout file (None: the default), environment and
+    working directory, the state dir, and the instances this process holds there."""
+
+    config: str | None
+    env: dict[str, str]
+    cwd: str
+    state: StateDir
+    held: list[Instance]
+
+
+@contextlib.contextmanager
+def status_run(layout: object, config_name: str | None) -> Iterator[StatusRun]:
+    """A temporary home and working directory (with ``layout`` written to
+    ``config_name`` unless None); the instances put in ``held`` are released at the end."""
+    from portpool.statedir import StateDir
+
+    with temp_home() as home, tempfile.TemporaryDirectory() as cwd:
+        config = None
+        if config_name is not None:
+            config = os.path.join(cwd, config_name)
+            Path(config).write_text(layout_toml(layout))
+        state = StateDir.open(str(home))
+        run = StatusRun(config, bench_env(PORTPOOL_HOME=str(home)), cwd, state, [])
+        try:
+            yield run
+        finally:
+            for inst in run.held:
+                inst.release()
+            state.close()
+
+
 def status_rows(layout: object, repeats: int) -> tuple[list[Row], list[str], dict[str, object]]:
     """status --json with 10 live instances vs python -c pass and the CLI import."""
     from portpool.instance import start_instance
     from portpool.layout import Layout, default_layout
-    from portpool.statedir import StateDir
 
     assert isinstance(layout, Layout)
     notes: list[str] = []
-    with temp_home() as home, tempfile.TemporaryDirectory() as cwd:
-        config = None
-        if layout != default_layout():
-            config = os.path.join(cwd, "portpool.toml")
-            Path(config).write_text(layout_toml(layout))
-        env = bench_env(PORTPOOL_HOME=str(home))
-        state = StateDir.open(str(home))
-        held = []
-        try:
-            for _ in range(10):
-                held.append(start_instance(layout, state=state))
-            seen = check_status(env, cwd, config, expect=10)
-            commands = {
-                "python -c pass": [PY, "-c", "pass"],
-                'python -c "import portpool.cli"': [PY, "-c", "import portpool.cli"],
-                f"{STATUS} (10 live instances)": status_argv(config),
-            }
-            samples: dict[str, list[float]] = {k: [] for k in commands}
-            for argv in commands.values():
-                time_process(argv, env, cwd)  # warm-up: fills the byte-code cache
-            for _ in range(repeats):
-                for name, argv in commands.items():  # interleaved: noise hits all alike
-                    samples[name].append(time_process(argv, env, cwd))
-            rows = [Row(k, v, unit="ms", note="whole process") for k, v in samples.items()]
-            status_ms = rows[2].median
-            budget_ms = 2 * rows[1].median
-            ok = status_ms <= budget_ms
-            notes.append(
-                f"status --json, 10 live instances: {status_ms:.0f} ms median = "
-                f"{status_ms / rows[1].median:.2f}x the CLI import line (target <= 2x: "
-                f"{'met' if ok else 'MISSED'}); {status_ms / rows[0].median:.2f}x python -c pass"
-            )
-            if not ok:
-                notes.extend(where_time_goes(status_argv(config), env, cwd))
-        finally:
-            for inst in held:
-                inst.release()
-            state.close()
+    config_name = None if layout == default_layout() else "portpool.toml"
+    with status_run(layout, config_name) as run:
+        config, env, cwd, state = run.config, run.env, run.cwd, run.state
+        for _ in range(10):
+            run.held.append(start_instance(layout, state=state))
+        seen = check_status(env, cwd, config, expect=10)
+        commands = {
+            "python -c pass": [PY, "-c", "pass"],
+            'python -c "import portpool.cli"': [PY, "-c", "import portpool.cli"],
+            f"{STATUS} (10 live instances)": status_argv(config),
+        }
+        samples: dict[str, list[float]] = {k: [] for k in commands}
+        for argv in commands.values():
+            time_process(argv, env, cwd)  # warm-up: fills the byte-code cache
+        for _ in range(repeats):
+            for name, argv in commands.items():  # interleaved: noise hits all alike
+                samples[name].append(time_process(argv, env, cwd))
+        rows = [Row(k, v, unit="ms", note="whole process") for k, v in samples.items()]
+        status_ms = rows[2].median
+        budget_ms = 2 * rows[1].median
+        ok = status_ms <= budget_ms
+        notes.append(
+            f"status --json, 10 live instances: {status_ms:.0f} ms median = "
+            f"{status_ms / rows[1].median:.2f}x the CLI import line (target <= 2x: "
+            f"{'met' if ok else 'MISSED'}); {status_ms / rows[0].median:.2f}x python -c pass"
+        )
+        if not ok:
+            notes.extend(where_time_goes(status_argv(config), env, cwd))
     return rows, notes, {"status_10": seen}
 
 
@@ -394,7 +421,6 @@ def big_status_rows(hold: int, repeats: int) -> tuple[list[Row], list[str], dict
     from portpool.errors import PoolExhausted
     from portpool.instance import start_instance
     from portpool.layout import Layout
-    from portpool.statedir import StateDir
 
     layout = big_layout()
     assert isinstance(layout, Layout)
@@ -404,70 +430,62 @@ def big_status_rows(hold: int, repeats: int) -> tuple[list[Row], list[str], dict
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
     hold = min(hold, max(1, (max(soft, min(need, hard)) - 256) // (2 * len(layout.services) + 4)))
     notes: list[str] = []
-    with temp_home() as home, tempfile.TemporaryDirectory() as cwd:
-        config = os.path.join(cwd, "big.toml")
-        Path(config).write_text(layout_toml(layout))
-        env = bench_env(PORTPOOL_HOME=str(home))
-        state = StateDir.open(str(home))
-        held = []
-        try:
-            t0 = time.perf_counter()
-            for _ in range(hold):
-                try:
-                    held.append(start_instance(layout, state=state, heartbeat=False))
-                except PoolExhausted:
-                    break  # a port of the next instance is busy here: hold fewer
-            hold_s = time.perf_counter() - t0
-            directory = state.instances(layout.app)
-            fd = directory.open_file("1.json", os.O_RDONLY)
+    with status_run(layout, "big.toml") as run:
+        config, env, cwd, state, held = run.config, run.env, run.cwd, run.state, run.held
+        assert config is not None
+        t0 = time.perf_counter()
+        for _ in range(hold):
             try:
-                template = json.loads(os.read(fd, 1 << 20))
-            finally:
-                os.close(fd)
-            write_dead_records(directory, template, layout, range(len(held) + 1, 1001))
-            seen = check_status(env, cwd, config, expect=1000)  # also the warm-up
-            commands = {
-                f"{STATUS} (1,000 records, {seen['alive']} live)": status_argv(config),
-                "portpool status (text, 1,000 records)": [
-                    a for a in status_argv(config) if a != "--json"
-                ],
-                "python -c pass": [PY, "-c", "pass"],
-                'python -c "import click"': [PY, "-c", "import click"],
-            }
-            walls: dict[str, list[float]] = {k: [] for k in commands}
-            cpus: dict[str, list[float]] = {k: [] for k in commands}
-            for _ in range(repeats):  # interleaved with the floors: load hits all alike
-                for name, argv in commands.items():
-                    wall, cpu = run_process(argv, env, cwd)
-                    walls[name].append(wall)
-                    cpus[name].append(cpu)
-            rows = []
-            for name in commands:
-                rows.append(Row(name, walls[name], unit="ms", note="whole process, wall"))
-                rows.append(Row(f"{name}, CPU", cpus[name], unit="ms", note="user + system"))
-            row, cpu_row, base, base_cpu = rows[0], rows[1], rows[4], rows[5]
-            ok = row.median < 300
-            click_ms = statistics.median(walls['python -c "import click"'])
-            notes.append(
-                f"status --json over 1,000 records ({seen['alive']} live instances with "
-                f"{len(layout.services)} leases each, held by this process; the rest dead): "
-                f"{row.median:.0f} ms median wall (target < 300 ms: {'met' if ok else 'MISSED'}) "
-                f"= {row.median / base.median:.1f}x python -c pass in the same run "
-                f"({base.median:.0f} ms; python + import click {click_ms:.0f} ms); CPU "
-                f"{cpu_row.median:.0f} ms = {cpu_row.median / base_cpu.median:.1f}x python -c "
-                f"pass's {base_cpu.median:.0f} ms (wall minus CPU is waiting for a core); "
-                f"holding the live ones took {hold_s:.2f} s"
-            )
-            notes.append(
-                f"text status over the same records: {rows[2].median:.0f} ms wall, CPU "
-                f"{rows[3].median:.0f} ms ({STATUS}: {cpu_row.median:.0f} ms)"
-            )
-            if not ok:
-                notes.extend(where_time_goes(status_argv(config), env, cwd))
+                held.append(start_instance(layout, state=state, heartbeat=False))
+            except PoolExhausted:
+                break  # a port of the next instance is busy here: hold fewer
+        hold_s = time.perf_counter() - t0
+        directory = state.instances(layout.app)
+        fd = directory.open_file("1.json", os.O_RDONLY)
+        try:
+            template = json.loads(os.read(fd, 1 << 20))
         finally:
-            for inst in held:
-                inst.release()
-            state.close()
+            os.close(fd)
+        write_dead_records(directory, template, layout, range(len(held) + 1, 1001))
+        seen = check_status(env, cwd, config, expect=1000)  # also the warm-up
+        commands = {
+            f"{STATUS} (1,000 records, {seen['alive']} live)": status_argv(config),
+            "portpool status (text, 1,000 records)": [
+                a for a in status_argv(config) if a != "--json"
+            ],
+            "python -c pass": [PY, "-c", "pass"],
+            'python -c "import click"': [PY, "-c", "import click"],
+        }
+        walls: dict[str, list[float]] = {k: [] for k in commands}
+        cpus: dict[str, list[float]] = {k: [] for k in commands}
+        for _ in range(repeats):  # interleaved with the floors: load hits all alike
+            for name, argv in commands.items():
+                wall, cpu = run_process(argv, env, cwd)
+                walls[name].append(wall)
+                cpus[name].append(cpu)
+        rows = []
+        for name in commands:
+            rows.append(Row(name, walls[name], unit="ms", note="whole process, wall"))
+            rows.append(Row(f"{name}, CPU", cpus[name], unit="ms", note="user + system"))
+        row, cpu_row, base, base_cpu = rows[0], rows[1], rows[4], rows[5]
+        ok = row.median < 300
+        click_ms = statistics.median(walls['python -c "import click"'])
+        notes.append(
+            f"status --json over 1,000 records ({seen['alive']} live instances with "
+            f"{len(layout.services)} leases each, held by this process; the rest dead): "
+            f"{row.median:.0f} ms median wall (target < 300 ms: {'met' if ok else 'MISSED'}) "
+            f"= {row.median / base.median:.1f}x python -c pass in the same run "
+            f"({base.median:.0f} ms; python + import click {click_ms:.0f} ms); CPU "
+            f"{cpu_row.median:.0f} ms = {cpu_row.median / base_cpu.median:.1f}x python -c "
+            f"pass's {base_cpu.median:.0f} ms (wall minus CPU is waiting for a core); "
+            f"holding the live ones took {hold_s:.2f} s"
+        )
+        notes.append(
+            f"text status over the same records: {rows[2].median:.0f} ms wall, CPU "
+            f"{rows[3].median:.0f} ms ({STATUS}: {cpu_row.median:.0f} ms)"
+        )
+        if not ok:
+            notes.extend(where_time_goes(status_argv(config), env, cwd))
     return rows, notes, {"status_1000": seen}
 
 

@@ -44,7 +44,9 @@ from typing import Any
 from benchmarks._common import (
     Row,
     Section,
+    bind_listen_close,
     find_free_block,
+    free_port,
     print_section,
     time_calls,
 )
@@ -57,13 +59,6 @@ BARRIER_TIMEOUT_S = 60.0
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 def free_block(size: int, low: int = 30000, high: int = 32700) -> list[int]:
@@ -99,14 +94,6 @@ def _budgeted(fn: Callable[[], object], n: int, budget_s: float) -> list[float]:
 # ---------------------------------------------------------------- part 1: cost per call
 
 
-def _floor(port: int) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, port))
-    sock.listen(128)
-    sock.close()
-
-
 def per_call_rows(quick: bool) -> list[Row]:
     """Median/p99 per call of the floor, portpool and each peer, in one process."""
     import ephemeral_port_reserve
@@ -119,8 +106,10 @@ def per_call_rows(quick: bool) -> list[Row]:
     n = 300 if quick else 3000
     budget_s = 1.0 if quick else 6.0
     rows = []
-    port = _free_port()
-    rows.append(Row(FLOOR, _budgeted(lambda: _floor(port), n, budget_s), note="raw socket"))
+    port = free_port(HOST)
+    rows.append(
+        Row(FLOOR, _budgeted(lambda: bind_listen_close(port), n, budget_s), note="raw socket")
+    )
     with tempfile.TemporaryDirectory() as tmp:
         state = StateDir.open(os.path.join(tmp, "state"))
         try:

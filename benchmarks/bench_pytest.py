@@ -22,10 +22,8 @@ Run: ``python -m benchmarks.bench_pytest`` (``--quick`` for fewer samples and te
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,10 +33,12 @@ from pathlib import Path
 from benchmarks._common import (
     Row,
     Section,
+    bind_listen_close,
     find_free_block,
     print_section,
     time_calls,
 )
+from benchmarks._sessions import count_log, run_serving_sessions, serve_tests
 
 HOST = "127.0.0.1"
 FLOOR = "bind+listen+close (floor)"
@@ -57,49 +57,7 @@ KINDS = {
     ),
 }
 
-SERVE = """
-import os, socket, time
-import pytest
-
-LOG = os.environ["BENCH_LOG_DIR"]
-RUN = os.environ["BENCH_RUN"]
-
-@pytest.mark.parametrize("i", range({count}))
-def test_serve(i, {fixture}):
-    port = {fixture}
-    start = time.monotonic()
-    path = os.path.join(LOG, RUN + "-" + os.environ.get("PYTEST_XDIST_WORKER", "main"))
-    server = socket.socket()
-    try:
-        server.bind(("127.0.0.1", port))
-    except OSError as e:
-        with open(path, "a") as f:
-            f.write(f"BINDFAIL {{port}} {{e.errno}}\\n")
-        return
-    server.listen()
-    client = socket.create_connection(("127.0.0.1", port), timeout=10)
-    client.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-    conn, _ = server.accept()
-    conn.recv(1024)
-    conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nok")
-    conn.close()
-    server.close()
-    client.recv(1024)
-    client.close()
-    with open(path, "a") as f:
-        f.write(f"OK {{port}} {{start!r}} {{time.monotonic()!r}}\\n")
-"""
-
-
 # ---------------------------------------------------------------- part 1: cost per pick
-
-
-def _floor(port: int) -> None:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, port))
-    sock.listen(128)
-    sock.close()
 
 
 def free_block(size: int, low: int = 10000, high: int = 19999) -> int:
@@ -117,7 +75,7 @@ def per_call_rows(quick: bool) -> list[Row]:
 
     n = 300 if quick else 3000
     port = free_block(1)
-    rows = [Row(FLOOR, time_calls(lambda: _floor(port), n), note="raw socket")]
+    rows = [Row(FLOOR, time_calls(lambda: bind_listen_close(port, HOST), n), note="raw socket")]
     # Each call takes the next port of the range, as in a session. The first use of a
     # port on a host creates its lock and record files; later runs reopen them.
     size = n + 60
@@ -192,54 +150,20 @@ class LoadResult:
     seconds: float
 
 
-def count_log(lines: list[list[str]]) -> tuple[int, int, int, int]:
-    """(served, bind failures, overlaps, distinct ports) from the tests' log lines."""
-    served = [(int(x[1]), float(x[2]), float(x[3])) for x in lines if x[0] == "OK"]
-    failures = sum(1 for x in lines if x[0] == "BINDFAIL")
-    by_port: dict[int, list[tuple[float, float]]] = {}
-    for port, start, end in served:
-        by_port.setdefault(port, []).append((start, end))
-    overlaps = 0
-    for uses in by_port.values():
-        uses.sort()
-        overlaps += sum(1 for (_, e1), (s2, _) in itertools.pairwise(uses) if s2 < e1)
-    return len(served), failures, overlaps, len(by_port)
-
-
 def load(fixture: str, tests: int) -> LoadResult:
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        logs = root / "logs"
-        logs.mkdir()
         low = free_block(3 * tests)
-        ini = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+        ini = "asyncio_default_fixture_loop_scope = function\n"
         ini += f"portpool_port_range = {low}-{low + 3 * tests - 1}\n"
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PORTPOOL_"))}
-        env.update(PORTPOOL_HOME=str(root / "state"), BENCH_LOG_DIR=str(logs))
+        text = serve_tests(tests, fixture, fail_on_bind_error=False)
         t0 = time.perf_counter()
-        procs = []
-        for run in ("a", "b"):
-            where = root / run
-            where.mkdir()
-            (where / "pytest.ini").write_text(ini)
-            (where / "conftest.py").write_text(KINDS[fixture])
-            (where / "test_serve.py").write_text(SERVE.format(count=tests, fixture=fixture))
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "4"],
-                    cwd=where,
-                    env={**env, "BENCH_RUN": run},
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-            )
-        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        done, lines = run_serving_sessions(
+            Path(tmp), text, ini, conftest=KINDS[fixture], timeout_s=600
+        )
         seconds = time.perf_counter() - t0
-        for p, out in zip(procs, outputs, strict=True):
-            if p.returncode != 0:
-                raise RuntimeError(f"{fixture}: a session failed:\n{out[-2000:]}")
-        lines = [line.split() for f in logs.iterdir() for line in f.read_text().splitlines()]
+    for status, out in done:
+        if status != 0:
+            raise RuntimeError(f"{fixture}: a session failed:\n{out[-2000:]}")
     served, failures, overlaps, distinct = count_log(lines)
     return LoadResult(fixture, tests, served, failures, overlaps, distinct, seconds)
 

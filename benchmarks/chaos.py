@@ -368,20 +368,8 @@ def socket_owners(pids: set[int], wanted: set[int]) -> dict[int, set[int]]:
     if not wanted:
         return owners
     for pid in pids:
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            names = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for name in names:
-            try:
-                target = os.readlink(f"{fd_dir}/{name}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inode = int(target[8:-1])
-                if inode in wanted:
-                    owners.setdefault(inode, set()).add(pid)
+        for inode in _socket_inodes(pid) & wanted:
+            owners.setdefault(inode, set()).add(pid)
     return owners
 
 

@@ -13,6 +13,7 @@ from benchmarks._common import find_free_block
 
 from portpool import _addresses, _compat, _heldlock, layout
 from portpool.integrations import fds
+from portpool.pool import Lease, acquire
 from portpool.statedir import StateDir
 
 # Caches of host facts and pure functions: cleared after every test, so no test sees a
@@ -73,6 +74,13 @@ def state(home: Path) -> Iterator[StateDir]:
 def port_base() -> int:
     """The first of 20 consecutive free loopback ports, for this test's pools."""
     return find_free_block()
+
+
+@pytest.fixture
+def lease(state: StateDir, port_base: int) -> Iterator[Lease]:
+    """Three loopback ports from ``port_base`` held for service web, released after."""
+    with acquire(state, [port_base, port_base + 1, port_base + 2], service="web") as held:
+        yield held
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 PORTPOOL = [sys.executable, "-m", "portpool.cli"]
 
 
@@ -166,25 +168,40 @@ if kind == "connected":
 """
 
 
-def occupy(
-    kind: str, host: str, port: int, v6only: str = "-", *, reuse: bool = False
+def start_script(
+    code: str, *args: str, ready: str = "ready", what: str = "script"
 ) -> subprocess.Popen[str]:
-    """Start an OCCUPANT process; returns once it is set up (stop it with ``release``).
-    ``reuse``: its socket sets SO_REUSEADDR (our bind takes the port, a plain one not)."""
-    flags = ["reuse"] if reuse else []
+    """Start ``python -c CODE ARGS`` (stdin, stdout and stderr piped); returns once it
+    prints the line ``ready`` (stop it with ``release``, which closes its stdin)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", OCCUPANT, kind, host, str(port), v6only, *flags],
+        [sys.executable, "-c", code, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     line = read_line(proc, timeout=20)
-    if line.strip() != "ready":
+    if line.strip() != ready:
         proc.kill()
         _, err = proc.communicate(timeout=5)
-        raise AssertionError(f"occupant {kind} {host}:{port} failed: {err}")
+        raise AssertionError(f"{what} {' '.join(args)} failed: {err}")
     return proc
+
+
+def occupy(
+    kind: str, host: str, port: int, v6only: str = "-", *, reuse: bool = False
+) -> subprocess.Popen[str]:
+    """Start an OCCUPANT process; returns once it is set up (stop it with ``release``).
+    ``reuse``: its socket sets SO_REUSEADDR (our bind takes the port, a plain one not)."""
+    flags = ["reuse"] if reuse else []
+    return start_script(OCCUPANT, kind, host, str(port), v6only, *flags, what="occupant")
+
+
+def kill_if_running(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL ``proc`` if it still runs, and reap it (a test's cleanup, whatever failed)."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
 
 
 def release(proc: subprocess.Popen[str]) -> None:
@@ -307,3 +324,24 @@ def write_service_layout(
     path = tmp_path / "portpool.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A fresh tmpfs of ``size`` (mount's spelling: "64k", "4m") on the new directory
+    ``where``, unmounted after (made writable first, in case the test remounted it
+    read-only). Skips the test where mounting is denied (it needs root)."""
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(where)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     LineReader,
+    kill_if_running,
     occupy,
     portpool,
     read_line,
     release,
     start,
+    start_script,
     status_json,
     write_layout,
 )
@@ -190,14 +192,8 @@ def test_a_lease_outside_an_instance_is_described_in_plain_words(
     state: StateDir, port_base: int
 ) -> None:
     """Fault 8: it read "instance 0 of  (pid 12, service )"."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD_OUTSIDE, str(port_base)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_script(HOLD_OUTSIDE, str(port_base))
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
         text = inspect_port(state, port_base).describe()
         assert text == f"held by pid {proc.pid}, outside any instance, service tests"
     finally:
@@ -221,9 +217,7 @@ def test_a_shield_trip_is_reported_once(
         foreign.append(stranger)
         _, err = proc.communicate(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
     assert proc.returncode == 4, err
     assert err.count(f"listened on by pid {stranger.pid}") == 1, err
 
@@ -312,14 +306,8 @@ def test_run_by_number_notes_a_port_a_plain_bind_cannot_take(
     """An outgoing SO_REUSEADDR connection from 127.0.0.1:P: doctor's note was empty
     after its colon, and `run` handed P out silently, then the service's plain bind
     failed."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", REUSE_CONNECTION, str(port_base)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_script(REUSE_CONNECTION, str(port_base))
     foreign.append(proc)
-    assert read_line(proc).strip() == "ready"
     layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", max_instances=1)
     doctor = portpool("doctor", "--all", "--config", str(layout))
     line = next(x for x in doctor.stdout.splitlines() if f" {port_base}  " in x)
@@ -369,14 +357,8 @@ def test_the_wording_of_addresses_refusals_and_hosts(
     with pytest.raises(LayoutError, match=r"'::1%lo' has a scope id \(%lo\).*write '::1'"):
         Layout("a", (Service("web", 20000, 2),), host="::1%lo")
     # A held port's refusal says "held" once.
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD_OUTSIDE, str(port_base)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_script(HOLD_OUTSIDE, str(port_base))
     foreign.append(proc)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     with pytest.raises(PoolExhausted) as raised:
         acquire(state, [port_base])
     (refusal,) = raised.value.refusals
@@ -406,14 +388,8 @@ def test_a_host_this_machine_does_not_have_is_reported(
 def test_up_notes_a_port_a_plain_bind_cannot_take_for_a_service_given_the_number(
     tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
 ) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", REUSE_CONNECTION, str(port_base)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_script(REUSE_CONNECTION, str(port_base))
     foreign.append(proc)
-    assert read_line(proc).strip() == "ready"
     layout = tmp_path / "p.toml"
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     services = {  # the sleepers never serve: no readiness probes

@@ -13,7 +13,16 @@ from pathlib import Path
 
 import click
 import pytest
-from tests.helpers import HOLD, PORTPOOL, portpool, read_line, start, write_layout
+from tests.helpers import (
+    HOLD,
+    PORTPOOL,
+    occupy,
+    portpool,
+    read_line,
+    release,
+    start,
+    write_layout,
+)
 
 from portpool.cli import cli
 
@@ -69,22 +78,10 @@ def test_doctor_names_holders_and_foreign_processes(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
     layout = write_layout(tmp_path / "p.toml", port_base, max_instances=2)
-    foreign = subprocess.Popen(
-        [sys.executable, "-c",
-         f"import socket,time; s=socket.create_server(('127.0.0.1',{port_base + 1})); "
-         "print('ok',flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    release = tmp_path / "release"
-    holder = start(
-        "run", "--config", str(layout), "--", sys.executable, "-c",
-        "import os,sys,time\nprint(1,flush=True)\nt=time.time()+60\n"
-        "while not os.path.exists(sys.argv[1]) and time.time()<t: time.sleep(0.05)",
-        str(release),
-    )  # fmt: skip
+    foreign = occupy("listen", "127.0.0.1", port_base + 1)
+    done_file = tmp_path / "release"
+    holder = start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(done_file))
     try:
-        assert foreign.stdout is not None
-        assert foreign.stdout.readline().strip() == "ok"
         assert read_line(holder).strip() == "1"
         done = portpool("doctor", "--config", str(layout), "--all")
         assert done.returncode == 0, done.stderr
@@ -118,10 +115,9 @@ def test_doctor_names_holders_and_foreign_processes(
         assert portpool("doctor", "gamma", "--config", str(layout)).returncode == 2
         assert foreign.poll() is None  # doctor kills nothing
     finally:
-        release.touch()
+        done_file.touch()
         holder.wait(timeout=30)
-        foreign.kill()
-        foreign.wait()
+        release(foreign)
 
 
 def test_usage_errors_exit_2(home: Path) -> None:

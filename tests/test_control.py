@@ -17,6 +17,7 @@ import pytest
 from tests.helpers import (
     HOLD,
     is_listening,
+    kill_if_running,
     pid_alive,
     portpool,
     read_line,
@@ -271,9 +272,7 @@ def test_stop_ends_the_holder_and_waits_for_its_ports(
         assert portpool("stop", "1", "--all", "--config", str(layout_file)).returncode == 2
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
+            kill_if_running(p)
 
 
 def test_stop_times_out_without_killing(layout_file: Path, home: Path, tmp_path: Path) -> None:

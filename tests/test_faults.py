@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     held_lock_files,
+    kill_if_running,
+    mounted_tmpfs,
     portpool,
     start,
     status_json,
@@ -43,21 +45,8 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs mounted for this test (root only; skipped where mounting is denied)."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "mnt", "64k") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["mount", "-o", "remount,rw", str(mnt)], capture_output=True, check=False)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def _fill(directory: Path) -> Path:
@@ -79,25 +68,8 @@ def _fill(directory: Path) -> Path:
 
 
 def _run_prints_instance(config: Path, env: dict[str, str]) -> str:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "portpool.cli",
-            "run",
-            "--config",
-            str(config),
-            "--",
-            sys.executable,
-            "-c",
-            "import os; print(os.environ['PORTPOOL_INSTANCE'])",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
+    code = "import os; print(os.environ['PORTPOOL_INSTANCE'])"
+    done = portpool("run", "--config", str(config), "--", sys.executable, "-c", code, env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -211,9 +183,7 @@ def test_state_dir_deleted_trips_the_shield_and_harms_nobody(
             second.wait(timeout=30)
         assert second.returncode != 4
     finally:
-        if first.poll() is None:
-            first.kill()
-        first.wait(timeout=10)
+        kill_if_running(first)
 
 
 # ---------------------------------------------------------------- clock steps
@@ -277,9 +247,7 @@ def test_clock_steps_never_trip_nor_make_the_instance_look_dead(
         assert out.split()[0] == "ok", out
         assert seen >= 2
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(timeout=10)
+        kill_if_running(child)
 
 
 # ---------------------------------------------------------------- SIGSTOP
@@ -295,15 +263,8 @@ def test_sigstopped_holder_keeps_its_ports_and_slot_and_stays_healthy(
         first.send_signal(signal.SIGSTOP)
         try:
             stopped_at = time.monotonic()
-            newcomer = portpool(
-                "run",
-                "--config",
-                str(config),
-                "--",
-                sys.executable,
-                "-c",
-                "import os, json; print(json.dumps(dict(os.environ)))",
-            )
+            code = "import os, json; print(json.dumps(dict(os.environ)))"
+            newcomer = portpool("run", "--config", str(config), "--", sys.executable, "-c", code)
             assert newcomer.returncode == 0, newcomer.stderr
             env = json.loads(newcomer.stdout)
             assert env["PORTPOOL_INSTANCE"] == "2"

@@ -13,15 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from conftest import find_free_block
-from portpool import Lease, PassedSocketError, StateDir, acquire
+from portpool import Lease, PassedSocketError
 from portpool.integrations import listen_fds, listen_socket
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="LISTEN_FDS is POSIX-only")
@@ -123,18 +121,6 @@ elif kind == "aiohttp":
     serve_aiohttp(app, sock, print=None)
 print("stopped", flush=True)
 """
-
-
-@pytest.fixture
-def port_base() -> int:
-    """Free ports from a range of this file's own, so parallel test runs rarely meet."""
-    return find_free_block(low=22000, high=23000)
-
-
-@pytest.fixture
-def lease(state: StateDir, port_base: int) -> Iterator[Lease]:
-    with acquire(state, [port_base, port_base + 1, port_base + 2], service="web") as held:
-        yield held
 
 
 @pytest.fixture

@@ -57,13 +57,24 @@ scalars = (
     | st.floats(allow_nan=True, allow_infinity=True)
     | st.text(max_size=40)
 )
-json_values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=6)
-    ),
-    max_leaves=25,
-)
+
+
+def nested(
+    leaf: st.SearchStrategy[Any], *, size: int, key_size: int, leaves: int
+) -> st.SearchStrategy[Any]:
+    """``leaf`` values, and lists and string-keyed dicts of them (``size`` items at most,
+    keys of ``key_size`` characters), nested up to ``leaves`` leaves."""
+    return st.recursive(
+        leaf,
+        lambda inner: (
+            st.lists(inner, max_size=size)
+            | st.dictionaries(st.text(max_size=key_size), inner, max_size=size)
+        ),
+        max_leaves=leaves,
+    )
+
+
+json_values = nested(scalars, size=6, key_size=12, leaves=25)
 
 
 def _with_crc(text: bytes) -> bytes:
@@ -288,13 +299,7 @@ toml_scalars = (
     | st.booleans()
     | st.text(max_size=12)
 )
-toml_values = st.recursive(
-    toml_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
+toml_values = nested(toml_scalars, size=4, key_size=8, leaves=12)
 layout_like = st.fixed_dictionaries(
     {},
     optional={

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import find_free_block
-from tests.helpers import PORTPOOL, portpool, read_line, status_json, write_layout
+from tests.helpers import (
+    PORTPOOL,
+    mounted_tmpfs,
+    portpool,
+    read_line,
+    status_json,
+    write_layout,
+)
 
 from portpool.statedir import StateDir
 
@@ -36,30 +43,11 @@ time.sleep(120)
 """
 
 
-def _mount_tmpfs(where: Path) -> Path:
-    where.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(where)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
-    return where
-
-
 @pytest.fixture
 def two_tmpfs(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
     """Two fresh tmpfs mounts: tmpfs numbers inodes per mount from 1, so they collide."""
-    mounted: list[Path] = []
-    try:
-        for name in ("a", "b"):
-            mounted.append(_mount_tmpfs(tmp_path / name))
-        yield mounted[0], mounted[1]
-    finally:
-        for mnt in mounted:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+    with mounted_tmpfs(tmp_path / "a", "4m") as a, mounted_tmpfs(tmp_path / "b", "4m") as b:
+        yield a, b
 
 
 def _kill_run_leaving_record(config: Path, env: dict[str, str]) -> None:
@@ -129,6 +117,14 @@ def _private_dirs(path: Path) -> None:
         path.mkdir(mode=0o700)
 
 
+@pytest.fixture
+def instances(home: Path) -> Path:
+    """testapp's directory of instance records in ``home``, made as portpool makes it."""
+    path = home / "apps" / "testapp" / "instances"
+    _private_dirs(path)
+    return path
+
+
 def _record(services: list[dict[str, object]]) -> str:
     now = time.time()
     doc = {"v": 1, "pid": 1, "start_token": "x", "started_at": now, "heartbeat_at": now}
@@ -136,11 +132,9 @@ def _record(services: list[dict[str, object]]) -> str:
 
 
 def test_unicode_digit_file_names_never_crash_a_command(
-    home: Path, tmp_path: Path, port_base: int
+    home: Path, instances: Path, tmp_path: Path, port_base: int
 ) -> None:
     config = write_layout(tmp_path / "portpool.toml", port_base)
-    instances = home / "apps" / "testapp" / "instances"
-    _private_dirs(instances)
     _private_dirs(home / "ports")
     for name in ("².json", "³.lock", "٣.json", "07.json", "1.json.", "9" * 40 + ".lock"):
         (instances / name).write_text("{}")
@@ -158,11 +152,7 @@ def test_unicode_digit_file_names_never_crash_a_command(
     assert run.returncode == 0, run.stderr
 
 
-def test_gc_skips_what_it_cannot_remove_and_still_reports_what_it_did(
-    home: Path, tmp_path: Path
-) -> None:
-    instances = home / "apps" / "testapp" / "instances"
-    _private_dirs(instances)
+def test_gc_skips_what_it_cannot_remove_and_still_reports_what_it_did(instances: Path) -> None:
     (instances / "2.json").mkdir()  # a directory where a record belongs
     (instances / "3.json").write_text(_record([]))
     gc = portpool("gc")
@@ -177,11 +167,9 @@ def test_gc_skips_what_it_cannot_remove_and_still_reports_what_it_did(
 
 
 def test_record_text_is_escaped_for_the_terminal_and_json_stays_valid(
-    home: Path, tmp_path: Path, port_base: int
+    instances: Path, tmp_path: Path, port_base: int
 ) -> None:
     config = write_layout(tmp_path / "portpool.toml", port_base)
-    instances = home / "apps" / "testapp" / "instances"
-    _private_dirs(instances)
     names = ["\ud800lone", "\x1b[31mred\x1b[0m", "bidi\u202etxt", "new\nline"]
     (instances / "1.json").write_text(
         _record([{"name": n, "pool": [1], "port": 1, "pid": 1} for n in names])

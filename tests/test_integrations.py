@@ -13,15 +13,14 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
+from tests.helpers import kill_if_running
 
 import portpool.integrations
-from conftest import find_free_block
 from portpool import Lease, PortPoolError, StateDir, acquire
 from portpool.integrations import (
     make_http_server,
@@ -34,18 +33,6 @@ from portpool.integrations import (
 )
 
 posix_signals = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-
-
-@pytest.fixture
-def port_base() -> int:
-    """Free ports from a range of this file's own, so parallel test runs rarely meet."""
-    return find_free_block(low=22000, high=23000)
-
-
-@pytest.fixture
-def lease(state: StateDir, port_base: int) -> Iterator[Lease]:
-    with acquire(state, [port_base, port_base + 1, port_base + 2], service="web") as held:
-        yield held
 
 
 def url(lease: Lease, path: str = "/") -> str:
@@ -395,9 +382,7 @@ def test_blocking_helper_serves_until_signal_then_returns_and_releases(
         proc.send_signal(stop)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
     assert proc.returncode == 0, err.decode()
     lines = out.decode().split()
     assert lines[-2:] == ["returned", "released"]  # the helper returned; `with` released
@@ -425,9 +410,7 @@ def test_serve_asgi_finishes_a_request_in_flight_on_sigterm(
         client.join(timeout=30)
         out, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
         client.join(timeout=30)
     assert [r.status_code for r in result] == [200]
     assert proc.returncode == 0, err.decode()

@@ -7,78 +7,28 @@ the user's state dir.
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from benchmarks.bench_pytest import count_log
+from benchmarks._sessions import (
+    count_log,
+    pytest_cmd,
+    run_serving_sessions,
+    serve_tests,
+    session_dir,
+    session_env,
+)
 from tests.conftest import find_free_block
-from tests.helpers import wait_for, write_layout
-
-# Each test binds its port WITHOUT SO_REUSEADDR and serves one HTTP request on it; the
-# server closes first, so every port it used is left in TIME_WAIT, as a real server's is.
-SERVE_300 = """
-import os, socket, time
-import pytest
-
-LOG = os.environ["PLUGIN_LOG_DIR"]
-RUN = os.environ["PLUGIN_RUN"]
-
-@pytest.mark.parametrize("i", range(300))
-def test_serve(i, portpool_port):
-    start = time.monotonic()
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    path = os.path.join(LOG, f"{RUN}-{worker}.log")
-    server = socket.socket()
-    try:
-        server.bind(("127.0.0.1", portpool_port))
-    except OSError as e:
-        with open(path, "a") as f:
-            f.write(f"BINDFAIL {portpool_port} {e.errno}\\n")
-        raise
-    server.listen()
-    client = socket.create_connection(("127.0.0.1", portpool_port), timeout=10)
-    client.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-    conn, _ = server.accept()
-    assert conn.recv(1024).startswith(b"GET / ")
-    conn.sendall(b"HTTP/1.0 200 OK\\r\\n\\r\\nok")
-    conn.close()
-    server.close()
-    reply = client.recv(1024)
-    client.close()
-    assert reply.endswith(b"ok")
-    end = time.monotonic()
-    with open(path, "a") as f:
-        f.write(f"OK {portpool_port} {start!r} {end!r} {RUN} {i}\\n")
-"""
-
-
-def _session_dir(root: Path, name: str, test_text: str, ini: str = "") -> Path:
-    where = root / name
-    where.mkdir()
-    (where / "pytest.ini").write_text("[pytest]\n" + ini)
-    (where / "test_inner.py").write_text(test_text)
-    return where
-
-
-def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PORTPOOL_"))}
-    env.update(PORTPOOL_HOME=str(home), PYTHONDONTWRITEBYTECODE="1", **extra)
-    return env
-
-
-def _pytest_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+from tests.helpers import kill_if_running, wait_for, write_layout
 
 
 def _run(where: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        _pytest_cmd(*args),
+        pytest_cmd(*args),
         cwd=where,
         env=env,
         capture_output=True,
@@ -95,34 +45,19 @@ def _free_range(size: int) -> tuple[int, int]:
 
 
 def test_concurrent_xdist_sessions_never_share_a_port_and_always_bind(tmp_path: Path) -> None:
-    home = tmp_path / "state"
-    logs = tmp_path / "logs"
-    logs.mkdir()
     # 600 servers each leave TIME_WAIT on their port for a minute: a range of 900 ports
     # means the workers' shares meet, and the ones that move into ports used earlier
     # in this run must skip them.
     low, high = _free_range(900)
-    ini = f"portpool_port_range = {low}-{high}\n"
-    procs = []
-    for run in ("a", "b"):
-        where = _session_dir(tmp_path, run, SERVE_300, ini)
-        env = _env(home, PLUGIN_LOG_DIR=str(logs), PLUGIN_RUN=run)
-        procs.append(
-            subprocess.Popen(
-                _pytest_cmd("-n", "4"),
-                cwd=where,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
-        )
-    outputs = [p.communicate(timeout=180)[0] for p in procs]
-    lines = [line.split() for f in sorted(logs.iterdir()) for line in f.read_text().splitlines()]
+    text = serve_tests(300, "portpool_port", fail_on_bind_error=True)
+    done, lines = run_serving_sessions(
+        tmp_path, text, f"portpool_port_range = {low}-{high}\n", timeout_s=180
+    )
+    outputs = [out for _, out in done]
     failures = [x for x in lines if x[0] == "BINDFAIL"]
     assert failures == [], outputs
-    for proc, out in zip(procs, outputs, strict=True):
-        assert proc.returncode == 0, out
+    for status, out in done:
+        assert status == 0, out
         assert "300 passed" in out, out
     served = [(int(x[1]), float(x[2]), float(x[3]), x[4]) for x in lines if x[0] == "OK"]
     assert len(served) == 600
@@ -131,16 +66,7 @@ def test_concurrent_xdist_sessions_never_share_a_port_and_always_bind(tmp_path: 
     starts = {run: min(s for _, s, _, r in served if r == run) for run in ("a", "b")}
     ends = {run: max(e for _, _, e, r in served if r == run) for run in ("a", "b")}
     assert max(starts.values()) < min(ends.values())
-    by_port: dict[int, list[tuple[float, float, str]]] = {}
-    for port, start, end, run in served:
-        by_port.setdefault(port, []).append((start, end, run))
-    overlaps = []
-    for port, uses in by_port.items():
-        uses.sort()
-        for (s1, e1, r1), (s2, e2, r2) in itertools.pairwise(uses):
-            if s2 < e1:
-                overlaps.append((port, (s1, e1, r1), (s2, e2, r2)))
-    assert overlaps == []
+    assert count_log(lines) == (600, 0, 0, len({port for port, *_ in served})), lines
 
 
 HOLD = """
@@ -172,11 +98,11 @@ def test_a_killed_test_process_frees_its_port_at_once(tmp_path: Path) -> None:
     low, _ = _free_range(1)
     ini = f"portpool_port_range = {low}-{low}\n"
     ready = tmp_path / "ready"
-    holder_dir = _session_dir(tmp_path, "holder", HOLD, ini)
+    holder_dir = session_dir(tmp_path, "holder", HOLD, ini)
     holder = subprocess.Popen(
-        _pytest_cmd("-s"),
+        pytest_cmd("-s"),
         cwd=holder_dir,
-        env=_env(home, PLUGIN_READY=str(ready)),
+        env=session_env(home, PLUGIN_READY=str(ready)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -184,20 +110,18 @@ def test_a_killed_test_process_frees_its_port_at_once(tmp_path: Path) -> None:
         text = wait_for(lambda: ready.exists() and ready.read_text(), timeout=60)
         pid, port = (int(x) for x in text.split())
         assert pid == holder.pid and port == low
-        taker_dir = _session_dir(tmp_path, "taker", TAKE, ini)
-        refused = _run(taker_dir, _env(home), "-s")
+        taker_dir = session_dir(tmp_path, "taker", TAKE, ini)
+        refused = _run(taker_dir, session_env(home), "-s")
         assert refused.returncode == 1, refused.stdout
         assert "PoolExhausted" in refused.stdout
         assert f"pid {holder.pid}" in refused.stdout, refused.stdout
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-        got = _run(taker_dir, _env(home), "-s")
+        got = _run(taker_dir, session_env(home), "-s")
         assert got.returncode == 0, got.stdout
         assert f"GOT {low}" in got.stdout
     finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait(timeout=30)
+        kill_if_running(holder)
 
 
 def test_an_exhausted_range_names_the_foreign_listener(tmp_path: Path) -> None:
@@ -206,8 +130,8 @@ def test_an_exhausted_range_names_the_foreign_listener(tmp_path: Path) -> None:
     foreign.bind(("127.0.0.1", low))
     foreign.listen()
     try:
-        where = _session_dir(tmp_path, "s", TAKE, f"portpool_port_range = {low}-{low}\n")
-        done = _run(where, _env(tmp_path / "state"))
+        where = session_dir(tmp_path, "s", TAKE, f"portpool_port_range = {low}-{low}\n")
+        done = _run(where, session_env(tmp_path / "state"))
     finally:
         foreign.close()
     assert done.returncode == 1, done.stdout
@@ -239,8 +163,8 @@ def test_a_port_left_in_time_wait_is_not_handed_out(tmp_path: Path, reuse: bool)
     with pytest.raises(OSError):
         plain.bind(("127.0.0.1", low))  # what the next test's server would meet
     plain.close()
-    where = _session_dir(tmp_path, "s", TAKE, f"portpool_port_range = {low}-{low}\n")
-    done = _run(where, _env(tmp_path / "state"))
+    where = session_dir(tmp_path, "s", TAKE, f"portpool_port_range = {low}-{low}\n")
+    done = _run(where, session_env(tmp_path / "state"))
     assert done.returncode == 1, done.stdout
     assert "1 error" in done.stdout  # refused at set-up, never handed to the test
     assert f"no free port in {low}-{low} (1 port)" in done.stdout
@@ -281,10 +205,10 @@ def test_portpool_instance_gives_each_worker_its_own_instance(tmp_path: Path) ->
     base = find_free_block(20, low=10000, high=19999)
     logs = tmp_path / "logs"
     logs.mkdir()
-    where = _session_dir(tmp_path, "s", INSTANCE, "portpool_layout = conf/app.toml\n")
+    where = session_dir(tmp_path, "s", INSTANCE, "portpool_layout = conf/app.toml\n")
     (where / "conf").mkdir()
     write_layout(where / "conf" / "app.toml", base, app="plugin-test", services={"web": {}})
-    done = _run(where, _env(tmp_path / "state", PLUGIN_LOG_DIR=str(logs)), "-n", "2")
+    done = _run(where, session_env(tmp_path / "state", PLUGIN_LOG_DIR=str(logs)), "-n", "2")
     assert done.returncode == 0, done.stdout
     per_worker = {
         f.name: {tuple(line.split()) for line in f.read_text().splitlines()} for f in logs.iterdir()
@@ -314,23 +238,23 @@ def test_a_range_overlapping_the_ephemeral_range_is_a_usage_error(
     value = f"{low - 10}-{low + 10}"
     ini = f"portpool_port_range = {value}\n" if where == "ini" else ""
     args = ["--portpool-port-range", value] if where == "option" else []
-    session = _session_dir(tmp_path, "s", TAKE, ini)
-    done = _run(session, _env(tmp_path / "state"), *args)
+    session = session_dir(tmp_path, "s", TAKE, ini)
+    done = _run(session, session_env(tmp_path / "state"), *args)
     assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
     assert f"overlaps this host's ephemeral port range {low}-{high}" in done.stderr
 
 
 def test_a_malformed_range_is_a_usage_error(tmp_path: Path) -> None:
-    session = _session_dir(tmp_path, "s", TAKE)
-    done = _run(session, _env(tmp_path / "state"), "--portpool-port-range", "20000")
+    session = session_dir(tmp_path, "s", TAKE)
+    done = _run(session, session_env(tmp_path / "state"), "--portpool-port-range", "20000")
     assert done.returncode == 4
     assert "expected LOW-HIGH" in done.stderr
 
 
 def test_the_plugin_is_inert_in_a_session_that_asks_for_no_port(tmp_path: Path) -> None:
     home = tmp_path / "state"
-    session = _session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
-    done = _run(session, _env(home))
+    session = session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
+    done = _run(session, session_env(home))
     assert done.returncode == 0, done.stdout
     assert not home.exists()  # not even the state dir was created
 
@@ -351,8 +275,8 @@ def test_many(portpool_port, portpool_port_factory):
 def test_again(portpool_port_factory):
     assert len({portpool_port_factory() for _ in range(4)}) == 4
 """
-    where = _session_dir(tmp_path, "s", text, f"portpool_port_range = {low}-{high}\n")
-    done = _run(where, _env(tmp_path / "state"))
+    where = session_dir(tmp_path, "s", text, f"portpool_port_range = {low}-{high}\n")
+    done = _run(where, session_env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout
 
 
@@ -393,11 +317,11 @@ def test_moves_then_takes(monkeypatch, request):
 def test_the_state_dir_is_fixed_at_start_up(tmp_path: Path, how: str, xdist: bool) -> None:
     low, high = _free_range(2)
     base = find_free_block(20, low=10000, high=19999)
-    where = _session_dir(tmp_path, "s", MOVE, f"portpool_port_range = {low}-{high}\n")
+    where = session_dir(tmp_path, "s", MOVE, f"portpool_port_range = {low}-{high}\n")
     write_layout(where / "portpool.toml", base, app="plugin-move", services={"web": {}})
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir(mode=0o700)
-    env = _env(tmp_path / "state", PLUGIN_MOVE=how, PLUGIN_ELSEWHERE=str(elsewhere))
+    env = session_env(tmp_path / "state", PLUGIN_MOVE=how, PLUGIN_ELSEWHERE=str(elsewhere))
     state = tmp_path / "state"
     if how == "XDG_RUNTIME_DIR":
         del env["PORTPOOL_HOME"]
@@ -426,8 +350,8 @@ def test_an_empty_or_relative_portpool_home_is_a_usage_error(tmp_path: Path, val
     """A relative one once named another state dir in every working directory (a test
     that changed directory took ports in another one); an empty one fell back to the
     per-user default without a word."""
-    where = _session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
-    env = _env(tmp_path / "unused")
+    where = session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
+    env = session_env(tmp_path / "unused")
     env["PORTPOOL_HOME"] = value
     done = _run(where, env)
     assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
@@ -446,8 +370,8 @@ def test_all_mine(portpool_port_factory):
 
 def test_an_exhausted_range_tells_ports_this_run_holds_from_others(tmp_path: Path) -> None:
     low, high = _free_range(2)
-    where = _session_dir(tmp_path, "s", OWN, f"portpool_port_range = {low}-{high}\n")
-    done = _run(where, _env(tmp_path / "state"))
+    where = session_dir(tmp_path, "s", OWN, f"portpool_port_range = {low}-{high}\n")
+    done = _run(where, session_env(tmp_path / "state"))
     assert done.returncode == 1, done.stdout
     assert f"no free port in {low}-{high} (2 ports)" in done.stdout
     assert "2 held by this test process itself (pid " in done.stdout, done.stdout
@@ -456,15 +380,15 @@ def test_an_exhausted_range_tells_ports_this_run_holds_from_others(tmp_path: Pat
 
 @pytest.mark.parametrize("where", ["option", "ini"])
 def test_a_bad_layout_is_a_usage_error_at_start_up(tmp_path: Path, where: str) -> None:
-    session = _session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
+    session = session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
     if where == "option":
-        done = _run(session, _env(tmp_path / "state"), "--portpool-layout", "missing.toml")
+        done = _run(session, session_env(tmp_path / "state"), "--portpool-layout", "missing.toml")
         assert done.returncode == 4, done.stdout + done.stderr
         assert "portpool: --portpool-layout = 'missing.toml': " in done.stderr
     else:
         (session / "pytest.ini").write_text("[pytest]\nportpool_layout = bad.toml\n")
         (session / "bad.toml").write_text("app = \n")
-        done = _run(session, _env(tmp_path / "state"))
+        done = _run(session, session_env(tmp_path / "state"))
         assert done.returncode == 4, done.stdout + done.stderr
         assert "portpool: portpool_layout (ini) = 'bad.toml': " in done.stderr
         assert "bad.toml" in done.stderr.split("'bad.toml': ", 1)[1]
@@ -473,20 +397,20 @@ def test_a_bad_layout_is_a_usage_error_at_start_up(tmp_path: Path, where: str) -
 
 def test_a_layout_overlapping_the_port_range_is_warned_about(tmp_path: Path) -> None:
     low, high = _free_range(40)
-    session = _session_dir(
+    session = session_dir(
         tmp_path,
         "s",
         "def test_nothing():\n    pass\n",
         f"portpool_port_range = {low}-{high}\nportpool_layout = app.toml\n",
     )
     write_layout(session / "app.toml", low + 10, services={"web": {}}, max_instances=2)
-    done = _run(session, _env(tmp_path / "state"))
+    done = _run(session, session_env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PortpoolWarning: portpool: the pools of layout " in done.stdout, done.stdout
     assert f"share 4 ports ({low + 10}, {low + 11}, {low + 20}, {low + 21})" in done.stdout
     # Apart: no warning.
     write_layout(session / "app.toml", high + 1, services={"web": {}}, max_instances=2)
-    done = _run(session, _env(tmp_path / "state"))
+    done = _run(session, session_env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PortpoolWarning" not in done.stdout
 
@@ -527,8 +451,8 @@ import sys
 def test_modules():
     print("LOADED", sorted(m for m in sys.modules if m.startswith("portpool")))
 """
-    session = _session_dir(tmp_path, "s", text)
-    done = _run(session, _env(tmp_path / "state"), "-s")
+    session = session_dir(tmp_path, "s", text)
+    done = _run(session, session_env(tmp_path / "state"), "-s")
     assert done.returncode == 0, done.stdout
     assert "'portpool.pytest_plugin'" in done.stdout  # the plugin was loaded
     heavy = ("instance", "pool", "lock", "layout", "diagnosis", "records", "shield")
@@ -541,8 +465,8 @@ def test_a_default_layout_overlapping_the_range_is_warned_about_when_used(
 ) -> None:
     low, high = _free_range(40)
     text = "def test_instance(portpool_instance):\n    assert portpool_instance.number == 1\n"
-    session = _session_dir(tmp_path, "s", text, f"portpool_port_range = {low}-{high}\n")
+    session = session_dir(tmp_path, "s", text, f"portpool_port_range = {low}-{high}\n")
     write_layout(session / "portpool.toml", low + 10, services={"web": {}}, max_instances=2)
-    done = _run(session, _env(tmp_path / "state"))
+    done = _run(session, session_env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PortpoolWarning: portpool: the pools of layout " in done.stdout, done.stdout

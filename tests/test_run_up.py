@@ -15,8 +15,10 @@ import psutil
 import pytest
 from tests.helpers import (
     is_listening,
+    occupy,
     portpool,
     read_line,
+    release,
     start,
     status_json,
     wait_for,
@@ -197,6 +199,17 @@ def wait_up(proc: subprocess.Popen[str], config: Path, count: int = 3) -> dict[s
     return ports
 
 
+def _up_again_on(config: Path, ports: dict[str, int], stop: signal.Signals) -> int:
+    """Start ``up`` again, check it got ``ports``, stop it with ``stop``: its status."""
+    again = start("up", "--config", str(config))
+    try:
+        assert wait_up(again, config) == ports
+    finally:
+        again.send_signal(stop)
+        again.communicate(timeout=30)
+    return again.returncode
+
+
 def test_up_starts_serves_and_stops_cleanly(tmp_path: Path, port_base: int, home: Path) -> None:
     config = up_layout(tmp_path, port_base)
     proc = start("up", "--config", str(config))
@@ -211,13 +224,8 @@ def test_up_starts_serves_and_stops_cleanly(tmp_path: Path, port_base: int, home
     for pid in pids.values():
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     # Every lock is free: a second up gets instance 1 and the same ports.
-    again = start("up", "--config", str(config))
-    try:
-        assert wait_up(again, config) == ports
-    finally:
-        again.send_signal(signal.SIGINT)
-        again.communicate(timeout=30)
-    assert again.returncode == -signal.SIGINT  # stopped by SIGINT: dies of it, as a shell job
+    status = _up_again_on(config, ports, signal.SIGINT)
+    assert status == -signal.SIGINT  # stopped by SIGINT: dies of it, as a shell job
 
 
 def test_up_exits_5_when_a_service_dies(tmp_path: Path, port_base: int, home: Path) -> None:
@@ -246,25 +254,13 @@ def test_kill_9_of_up_blocks_nothing_and_children_exit(
     proc.wait()
     # The orphans notice their supervisor is gone and exit.
     wait_for(lambda: not any(psutil.pid_exists(p) for p in children), 20)
-    again = start("up", "--config", str(config))
-    try:
-        assert wait_up(again, config) == ports
-    finally:
-        again.send_signal(signal.SIGTERM)
-        again.communicate(timeout=30)
+    _up_again_on(config, ports, signal.SIGTERM)
 
 
 def test_up_rotates_past_a_foreign_listener(tmp_path: Path, port_base: int, home: Path) -> None:
     config = up_layout(tmp_path, port_base)
-    foreign = subprocess.Popen(
-        [sys.executable, "-c",
-         f"import socket,time; s=socket.create_server(('127.0.0.1',{port_base})); "
-         "print('ok',flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    foreign = occupy("listen", "127.0.0.1", port_base)
     try:
-        assert foreign.stdout is not None
-        assert foreign.stdout.readline().strip() == "ok"
         proc = start("up", "--config", str(config))
         ports = wait_up(proc, config)
         assert ports["web"] == port_base + 1
@@ -273,8 +269,7 @@ def test_up_rotates_past_a_foreign_listener(tmp_path: Path, port_base: int, home
         assert proc.returncode == 0
         assert foreign.poll() is None  # never touched
     finally:
-        foreign.kill()
-        foreign.wait()
+        release(foreign)
 
 
 def test_forged_record_pid_is_never_signalled(tmp_path: Path, port_base: int, home: Path) -> None:

@@ -21,10 +21,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
-from tests.helpers import PORTPOOL, held_lock_files, wait_for, write_layout
+from benchmarks._common import bindable
+from tests.helpers import PORTPOOL, held_lock_files, portpool, wait_for, write_layout
 
 from portpool._platform import listeners
 
@@ -154,6 +156,25 @@ def _request(port: int, result: list[str]) -> None:
         result.append(f"error: {e}")
 
 
+def _ctrl_c_during_a_request(term: Terminal, port: int, ready: bytes) -> list[str]:
+    """Once ``term`` prints ``ready``, send a request to ``port`` and type Ctrl-C while
+    it is in flight; the client's result (one string) once it has ended."""
+    term.read_until(ready)
+    result: list[str] = []
+    client = threading.Thread(target=_request, args=(port, result))
+    client.start()
+    term.read_until(ready.replace(b"ready", b"request"))
+    term.ctrl_c()
+    client.join(timeout=30)
+    return result
+
+
+def _web_layout(tmp_path: Path, port_base: int, *command: str) -> Path:
+    """``tmp_path/up.toml``: one service, web, running ``command`` with its socket at fd 3."""
+    services = {"web": {"command": list(command), "socket": "fd"}}
+    return write_layout(tmp_path / "up.toml", port_base, services=services)
+
+
 def _read_until(proc: subprocess.Popen[str], text: str) -> None:
     """Read ``proc``'s stdout until a line holds ``text`` (fails at its end)."""
     assert proc.stdout is not None
@@ -161,15 +182,6 @@ def _read_until(proc: subprocess.Popen[str], text: str) -> None:
         if text in line:
             return
     raise AssertionError(f"{text!r} never printed; exit {proc.wait(timeout=30)}")
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _gone(pid: int) -> bool:
@@ -184,17 +196,10 @@ def test_one_ctrl_c_to_up_lets_a_graceful_service_finish_its_request(
 ) -> None:
     script = tmp_path / "graceful.py"
     script.write_text(GRACEFUL)
-    services = {"web": {"command": [sys.executable, str(script)], "socket": "fd"}}
-    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    config = _web_layout(tmp_path, port_base, sys.executable, str(script))
     term = Terminal([*PORTPOOL, "up", "--config", str(config)])
     terminals.append(term)
-    term.read_until(b"web | ready")
-    result: list[str] = []
-    client = threading.Thread(target=_request, args=(port_base, result))
-    client.start()
-    term.read_until(b"web | request")
-    term.ctrl_c()
-    client.join(timeout=30)
+    result = _ctrl_c_during_a_request(term, port_base, b"web | ready")
     assert result and result[0].endswith("done"), result  # the request in flight completed
     assert term.wait() == -signal.SIGINT  # up stopped by Ctrl-C dies of SIGINT
     assert "signal SIGINT 1" in term.text
@@ -212,13 +217,7 @@ def test_one_ctrl_c_to_run_lets_a_graceful_command_finish_its_request(
     argv = [*PORTPOOL, "run", "-c", str(config), "--fds", "-s", "alpha", "--"]
     term = Terminal([*argv, sys.executable, str(script), "term"])
     terminals.append(term)
-    term.read_until(b"ready")
-    result: list[str] = []
-    client = threading.Thread(target=_request, args=(port_base, result))
-    client.start()
-    term.read_until(b"request")
-    term.ctrl_c()
-    client.join(timeout=30)
+    result = _ctrl_c_during_a_request(term, port_base, b"ready")
     assert result and result[0].endswith("done"), result
     assert term.wait() == 0  # the command handled SIGINT and exited 0: so does run
     assert "stopped after 1 signals" in term.text, term.text
@@ -297,8 +296,20 @@ def _tree_script(tmp_path: Path) -> Path:
     return script
 
 
-def _holders(text: str) -> dict[str, int]:
-    return {m[0]: int(m[1]) for m in re.findall(r"holder (\w+) (\d+)", text)}
+def _read_holders(proc: subprocess.Popen[str]) -> dict[str, int]:
+    """The pid of each holder of ``_tree_script``, by kind, read from ``proc``'s stdout."""
+    assert proc.stdout is not None
+    holders: dict[str, int] = {}
+    while len(holders) < 3:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        holders.update((m[0], int(m[1])) for m in re.findall(r"holder (\w+) (\d+)", line))
+    return holders
+
+
+def _assert_gone_and_free(holders: dict[str, int], port: int) -> None:
+    assert [pid for pid in holders.values() if not _gone(pid)] == []
+    assert bindable(port, reuse_addr=False)
 
 
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
@@ -306,28 +317,20 @@ def test_up_stops_grandchildren_and_the_port_is_free_after(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
     tree = _tree_script(tmp_path)
-    services = {"web": {"command": ["bash", str(tree)], "socket": "fd"}}
-    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    config = _web_layout(tmp_path, port_base, "bash", str(tree))
     proc = subprocess.Popen(
         [*PORTPOOL, "up", "-c", str(config), "--grace", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    lines = ""
-    while len(_holders(lines)) < 3:
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
-        lines += line
-    holders = _holders(lines)
+    holders = _read_holders(proc)
     assert set(holders) == {"double", "setsid", "child"}
     assert psutil.Process(holders["setsid"]).pid == os.getsid(holders["setsid"])
     proc.send_signal(signal.SIGTERM)
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert [pid for pid in holders.values() if not _gone(pid)] == []
-    assert _bindable(port_base)
+    _assert_gone_and_free(holders, port_base)
 
 
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
@@ -353,18 +356,11 @@ def test_run_stops_grandchildren_and_the_port_is_free_after(
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    lines = ""
-    while len(_holders(lines)) < 3:
-        line = proc.stdout.readline()
-        assert line
-        lines += line
-    holders = _holders(lines)
+    holders = _read_holders(proc)
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGTERM  # bash died of it: so does run
-    assert [pid for pid in holders.values() if not _gone(pid)] == []
-    assert _bindable(port_base)
+    _assert_gone_and_free(holders, port_base)
 
 
 def _in_interpreter_start_up(err: str) -> bool:
@@ -487,6 +483,24 @@ def _status_mask(text: str, field: str) -> int:
     return int(found[1], 16)
 
 
+def _started_statuses(tmp_path: Path, port_base: int, **kw: Any) -> list[tuple[str, str]]:
+    """``/proc/self/status`` of a command ``run`` starts (with and without ``--fds``) and
+    of a service ``up`` starts, each with the prefix of its lines ("web | " for up's);
+    ``kw`` goes to subprocess.run (a ``preexec_fn``)."""
+    config = write_layout(tmp_path / "run.toml", port_base)
+    statuses = []
+    for extra in ([], ["--fds"]):
+        done = portpool(
+            "run", "-q", "-c", str(config), *extra, "--", "cat", "/proc/self/status", **kw
+        )
+        assert done.returncode == 0, done.stderr
+        statuses.append((done.stdout, ""))
+    config = _web_layout(tmp_path, port_base, "cat", "/proc/self/status")
+    done = portpool("up", "-c", str(config), **kw)
+    statuses.append((done.stdout, "web | "))
+    return statuses
+
+
 def test_started_programs_have_default_signals_and_an_empty_mask(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
@@ -495,36 +509,12 @@ def test_started_programs_have_default_signals_and_an_empty_mask(
         inherited = _status_mask(f.read(), "SigIgn")
     python_ignores = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
     expected = inherited & ~python_ignores
+    for text, prefix in _started_statuses(tmp_path, port_base):
+        assert _status_mask(text, prefix + "SigIgn") == expected
+        assert _status_mask(text, prefix + "SigBlk") == 0
     config = write_layout(tmp_path / "run.toml", port_base)
-    for extra in ([], ["--fds"]):
-        done = subprocess.run(
-            [*PORTPOOL, "run", "-q", "-c", str(config), *extra, "--", "cat", "/proc/self/status"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert _status_mask(done.stdout, "SigIgn") == expected
-        assert _status_mask(done.stdout, "SigBlk") == 0
-    done = subprocess.run(
-        [*PORTPOOL, "run", "-q", "-c", str(config), "--", "sh", "-c", "yes | head -1"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = portpool("run", "-q", "-c", str(config), "--", "sh", "-c", "yes | head -1")
     assert (done.returncode, done.stdout, done.stderr) == (0, "y\n", "")
-    services = {"web": {"command": ["cat", "/proc/self/status"], "socket": "fd"}}
-    config = write_layout(tmp_path / "up.toml", port_base, services=services)
-    done = subprocess.run(
-        [*PORTPOOL, "up", "-c", str(config)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert _status_mask(done.stdout, "web | SigIgn") == expected
-    assert _status_mask(done.stdout, "web | SigBlk") == 0
 
 
 def test_signals_the_caller_ignored_stay_ignored_for_the_command(
@@ -539,29 +529,9 @@ def test_signals_the_caller_ignored_stay_ignored_for_the_command(
             signal.signal(signum, signal.SIG_IGN)
 
     bits = sum(1 << (s - 1) for s in ignored)
-    config = write_layout(tmp_path / "run.toml", port_base)
-    for extra in ([], ["--fds"]):
-        done = subprocess.run(
-            [*PORTPOOL, "run", "-q", "-c", str(config), *extra, "--", "cat", "/proc/self/status"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=ignore,  # the test's own child, before portpool starts: no threads
-        )
-        assert done.returncode == 0, done.stderr
-        assert _status_mask(done.stdout, "SigIgn") & bits == bits
-    services = {"web": {"command": ["cat", "/proc/self/status"], "socket": "fd"}}
-    config = write_layout(tmp_path / "up.toml", port_base, services=services)
-    done = subprocess.run(
-        [*PORTPOOL, "up", "-c", str(config)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=ignore,
-    )
-    assert _status_mask(done.stdout, "web | SigIgn") & bits == bits
+    # preexec_fn: the test's own child, before portpool starts (no threads)
+    for text, prefix in _started_statuses(tmp_path, port_base, preexec_fn=ignore):
+        assert _status_mask(text, prefix + "SigIgn") & bits == bits
 
 
 def test_after_kill_9_of_up_a_service_finishes_its_shutdown(
@@ -581,8 +551,7 @@ def test_after_kill_9_of_up_a_service_finishes_its_shutdown(
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
-    services = {"web": {"command": [sys.executable, str(script)], "socket": "fd"}}
-    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    config = _web_layout(tmp_path, port_base, sys.executable, str(script))
     proc = subprocess.Popen([*PORTPOOL, "up", "-c", str(config)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     _read_until(proc, "web | ready")
@@ -651,8 +620,7 @@ def test_a_port_held_by_an_escaped_process_is_named_not_called_free(
             "print('handed', flush=True)\n"
             "time.sleep(60)\n"
         )
-        services = {"web": {"command": [sys.executable, "-c", giver], "socket": "fd"}}
-        config = write_layout(tmp_path / "up.toml", port_base, services=services)
+        config = _web_layout(tmp_path, port_base, sys.executable, "-c", giver)
         proc = subprocess.Popen(
             [*PORTPOOL, "up", "-c", str(config), "--grace", "0.5"],
             stdout=subprocess.PIPE,
@@ -683,8 +651,7 @@ def test_up_stops_a_process_a_service_starts_while_it_stops(
         "print('ready', flush=True)\n"
         "time.sleep(60)\n"
     )
-    services = {"web": {"command": [sys.executable, "-c", script], "socket": "fd"}}
-    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    config = _web_layout(tmp_path, port_base, sys.executable, "-c", script)
     proc = subprocess.Popen(
         [*PORTPOOL, "up", "-q", "-c", str(config)], stdout=subprocess.PIPE, text=True
     )

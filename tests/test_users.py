@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from tests.conftest import find_free_block
-from tests.helpers import read_line, wait_for
+from tests.helpers import release, start_script, wait_for
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux users and tmpfs"),
@@ -80,6 +80,12 @@ for i in range(count):
 print("locked", flush=True)
 sys.stdin.readline()
 """
+
+
+def _lock_400_files(user: User) -> subprocess.Popen[str]:
+    """A process of ``user`` holding locks on 400 files of its home (``release`` it)."""
+    args = (str(user.uid), str(user.gid), str(user.home), "400")
+    return start_script(HOLD_MANY_LOCKS, *args, ready="locked")
 
 
 @dataclass
@@ -205,13 +211,8 @@ def test_another_user_cannot_make_a_dead_instance_look_alive(
     # mount from 1, so they share inode numbers with alice's lock files.
     slot = alice.home / "state" / "apps" / "shared" / "instances" / "1.lock"
     assert slot.stat().st_ino < 400
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_MANY_LOCKS, str(mallory.uid), str(mallory.gid),
-         str(mallory.home), "400"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = _lock_400_files(mallory)
     try:
-        assert read_line(holder) == "locked\n"
         twin = mallory.home / f"f{slot.stat().st_ino}"
         assert any(p.stat().st_ino == slot.stat().st_ino for p in mallory.home.iterdir()), twin
         (instance,) = alice.status(config)["instances"]
@@ -220,9 +221,7 @@ def test_another_user_cannot_make_a_dead_instance_look_alive(
         assert gc.returncode == 0, gc.stderr
         assert "removed record of dead instance shared/1" in gc.stdout
     finally:
-        assert holder.stdin is not None
-        holder.stdin.close()
-        holder.wait(30)
+        release(holder)
 
 
 def test_another_user_cannot_make_a_live_instance_look_dead_nor_stop_it(
@@ -246,20 +245,13 @@ def test_another_user_cannot_make_a_live_instance_look_dead_nor_stop_it(
         his = mallory.portpool("run", "--config", str(config), "--", "true")
         assert his.returncode in (0, 3), his.stderr
         # Mallory holds locks on files that share inode numbers with alice's.
-        holder = subprocess.Popen(
-            [sys.executable, "-c", HOLD_MANY_LOCKS, str(mallory.uid), str(mallory.gid),
-             str(mallory.home), "400"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        holder = _lock_400_files(mallory)
         try:
-            assert read_line(holder) == "locked\n"
             (instance,) = alice.status(config)["instances"]
             assert instance["alive"] is True
             assert instance["pid"] == running.pid
         finally:
-            assert holder.stdin is not None
-            holder.stdin.close()
-            holder.wait(30)
+            release(holder)
         # Several shield intervals later alice's instance still runs: nothing tripped it.
         time.sleep(1.0)
         assert running.poll() is None

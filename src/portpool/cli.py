@@ -130,7 +130,7 @@ def layout_command(config: str | None, as_json: bool) -> None:
     from portpool.layout import describe_layout, host_is_literal_remote
 
     if as_json:
-        from portpool.control import layout_document
+        from portpool._layout_document import layout_document
 
         click.echo(json.dumps(layout_document(layout_for(config))))
         return

@@ -18,30 +18,26 @@ SECONDS = 120
 WORKERS = 48
 
 
+def _chaos(
+    tmp_path: Path, timeout_s: float, *args: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """Run ``python -m benchmarks.chaos ARGS`` with a state dir and a JSON report in
+    ``tmp_path``; its result and the report's path."""
+    report = tmp_path / "chaos.json"
+    argv = [sys.executable, "-m", "benchmarks.chaos", *args]
+    argv += ["--state", str(tmp_path / "state"), "--json", str(report)]
+    done = subprocess.run(
+        argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=False
+    )
+    return done, report
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(SECONDS + 240)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the checker reads /proc")
 def test_chaos_two_minutes_48_workers_all_counts_zero(tmp_path: Path) -> None:
-    report = tmp_path / "chaos.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.chaos",
-            "--seconds",
-            str(SECONDS),
-            "--workers",
-            str(WORKERS),
-            "--state",
-            str(tmp_path / "state"),
-            "--json",
-            str(report),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SECONDS + 200,
-        check=False,
+    done, report = _chaos(
+        tmp_path, SECONDS + 200, "--seconds", str(SECONDS), "--workers", str(WORKERS)
     )
     assert report.exists(), done.stdout + done.stderr
     doc = json.loads(report.read_text())
@@ -68,29 +64,8 @@ def test_chaos_two_minutes_48_workers_all_counts_zero(tmp_path: Path) -> None:
 def test_chaos_checker_counts_a_rule_breaker(tmp_path: Path) -> None:
     """The checker is not vacuous: a process that listens on pool ports without their lock
     and flocks lock files without listening is counted, and the run fails."""
-    report = tmp_path / "chaos.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.chaos",
-            "--seconds",
-            "15",
-            "--workers",
-            "8",
-            "--rogue",
-            "1",
-            "--quiet",
-            "--state",
-            str(tmp_path / "state"),
-            "--json",
-            str(report),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=200,
-        check=False,
+    done, report = _chaos(
+        tmp_path, 200, "--seconds", "15", "--workers", "8", "--rogue", "1", "--quiet"
     )
     doc = json.loads(report.read_text())
     assert done.returncode == 1, done.stdout + done.stderr[-4000:]

@@ -1,0 +1,159 @@
+"""Starting ``portpool up`` detached (``up --detach``): in its own session, its output
+in a log, returning once its verified record shows it up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from portpool._logs import logs_dir, set_log_owner
+from portpool._platform import DirHandle, detached_options, identity_of
+from portpool.errors import DetachFailed
+from portpool.layout import Layout
+from portpool.records import read_instance
+from portpool.statedir import StateDir
+
+__all__ = ["Detached", "start_detached"]
+
+_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Detached:
+    """An instance started by ``start_detached``: number, ``up``'s pid, ports (from its
+    verified record), log, and the lines ``up`` printed about itself before it was up
+    (warnings such as a skipped slot)."""
+
+    number: int
+    pid: int
+    log: str
+    ports: dict[str, int] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+# The line `up` prints once every service is ready: "portpool: instance N of APP is up".
+# Anchored at "portpool: " so that a service's own output ("name | ...") never matches.
+_UP_LINE = re.compile(rb"(?m)^portpool: instance (\d+)\b[^\n]*\bis up\b")
+_OWN_LINE = re.compile(rb"(?m)^portpool: [^\n]*")
+_TAIL_LINES = 20
+_STOP_WAIT_S = 10.0
+
+
+def _outcome(returncode: int | None) -> str:
+    from portpool.supervisor import describe_status  # one wording for a child's end
+
+    if returncode is None:
+        return "stopped"
+    if returncode < 0:
+        return f"was {describe_status(returncode)}"
+    return f"exited with status {returncode}"
+
+
+def _read_all(directory: DirHandle, name: str) -> bytes:
+    fd = directory.open_file(name, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _tail(seen: bytes) -> str:
+    return b"\n".join(seen.splitlines()[-_TAIL_LINES:]).decode(errors="replace")
+
+
+def start_detached(
+    layout: Layout, up_args: Sequence[str], *, state: StateDir, cwd: str | None = None
+) -> Detached:
+    """Start ``portpool up UP_ARGS`` in the background, in its own session, its output
+    (the services' prefixed lines and its own) going to ``log_path(...)``; return once it
+    says the instance is up and its record (pid, start token, lock) shows it running.
+
+    Raises DetachFailed with its exit status (128+N if killed by signal N) and the log's
+    tail if it exits first, or if it stopped right after it said it was up.
+    """
+    logs = logs_dir(state, layout.app)
+    starting = f".starting-{os.getpid()}.log"
+    fd = logs.open_file(starting, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+    try:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "portpool.cli", "up", *up_args],
+            stdin=subprocess.DEVNULL,
+            stdout=fd,
+            stderr=fd,
+            cwd=cwd,
+            env=env,
+            **detached_options(),
+        )
+    finally:
+        os.close(fd)
+    # Its identity now, while it surely runs: the record must name this very process.
+    identity = identity_of(proc.pid)
+    reader = logs.open_file(starting, os.O_RDONLY)
+    seen = b""
+    try:
+        while True:
+            chunk = os.read(reader, 1 << 16)
+            seen += chunk
+            found = _UP_LINE.search(seen)
+            if found:
+                number = int(found.group(1))
+                break
+            if not chunk:
+                if proc.poll() is not None:
+                    rest = os.read(reader, 1 << 20)
+                    if rest:
+                        seen += rest
+                        continue
+                    raise DetachFailed(
+                        proc.returncode,
+                        os.path.join(logs.path, starting),
+                        _tail(seen),
+                        _outcome(proc.returncode),
+                    )
+                time.sleep(_POLL_S)
+    except BaseException:
+        if proc.poll() is None:  # interrupted while waiting: do not leave it half-started
+            proc.terminate()
+            proc.wait()
+        raise
+    finally:
+        os.close(reader)
+    notes = tuple(
+        m.group().decode(errors="replace") for m in _OWN_LINE.finditer(seen, 0, found.start())
+    )
+    info = read_instance(state.instances(layout.app), number)
+    if not (
+        identity is not None
+        and info.alive
+        and info.readable
+        and info.pid == proc.pid
+        and info.start_token == identity.start_token
+    ):
+        # It said "is up" and stopped at once: its ports are not held, do not list them.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=_STOP_WAIT_S)
+        seen = _read_all(logs, starting)
+        raise DetachFailed(
+            proc.returncode,
+            os.path.join(logs.path, starting),
+            _tail(seen),
+            _outcome(proc.returncode),
+            when="right after it was up",
+        )
+    with contextlib.suppress(FileNotFoundError):
+        logs.unlink(f"{number}.log")  # the previous owner's: never shown under the new one
+    set_log_owner(logs, number, proc.pid, identity.start_token)
+    logs.rename(starting, f"{number}.log")
+    ports = {s.name: s.port for s in info.services if s.port is not None}
+    return Detached(number, proc.pid, os.path.join(logs.path, f"{number}.log"), ports, notes)

@@ -1,0 +1,150 @@
+"""Which running instance a command from another terminal means, and its port and
+environment (``port``, ``env``; ``stop`` and ``logs`` find their instance here too).
+
+An instance runs while its slot's kernel lock is held: a record alone is never trusted.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+
+from portpool._slots import checkout_dir, previous_number
+from portpool.errors import NotRunning, UsageError
+from portpool.layout import Layout, port_env_name
+from portpool.records import InstanceInfo, list_instances, read_instance
+from portpool.statedir import StateDir
+
+__all__ = [
+    "check_number",
+    "find_instance",
+    "format_env",
+    "instance_env",
+    "service_port",
+    "unreadable_detail",
+]
+
+
+def check_number(layout: Layout, number: int | None) -> None:
+    """UsageError (exit 2) for an instance number outside 1..max_instances."""
+    if number is not None and not 1 <= number <= layout.max_instances:
+        raise UsageError(
+            f"--instance must be 1..{layout.max_instances} for app {layout.app!r}, not {number}"
+        )
+
+
+def _running(layout: Layout, state: StateDir) -> list[InstanceInfo]:
+    return [i for i in list_instances(layout.app, state) if i.alive and i.readable]
+
+
+def unreadable_detail(info: InstanceInfo) -> str | None:
+    """What is wrong with a slot's record ("record has no valid pid"), if it is unreadable
+    (not merely missing: a slot whose record is not written yet is starting)."""
+    prefix = "record unreadable: "
+    if info.readable or not info.problem or not info.problem.startswith(prefix):
+        return None
+    return info.problem.removeprefix(prefix)
+
+
+def _listing(running: Sequence[InstanceInfo]) -> str:
+    return "; ".join(f"instance {i.number} (pid {i.pid}, {i.directory or '?'})" for i in running)
+
+
+def find_instance(
+    layout: Layout, number: int | None = None, *, state: StateDir, cwd: str | None = None
+) -> InstanceInfo:
+    """The running instance ``number``, else this checkout's (see ``checkout_dir``), else
+    the only running one.
+
+    Raises NotRunning (exit 1) when that instance does not run, when none runs, or when
+    several run and none is this checkout's (the message lists them).
+    """
+    app = layout.app
+    if number is not None:
+        directory = state.find_instances(app)  # read-only: a missing dir is "not running"
+        info = read_instance(directory, number) if directory is not None else None
+        if info is not None and info.alive and info.readable:
+            return info
+        running = _running(layout, state)
+        others = f"; running: {_listing(running)}" if running else ""
+        if info is None or not info.alive:
+            why = "is not running"
+        elif unreadable_detail(info):
+            # A record that names no valid pid is not "starting": say what is wrong.
+            why = f"runs but its record is unreadable: {unreadable_detail(info)}"
+        else:
+            why = "is starting (no record yet)"
+        raise NotRunning(app, f"instance {number} of {app} {why}{others}", [
+            i.number for i in running
+        ])  # fmt: skip
+    running = _running(layout, state)
+    here = checkout_dir(layout, cwd)
+    mine = [i for i in running if i.directory == here]
+    if mine:
+        remembered = previous_number(state, layout, here)
+        return next((i for i in mine if i.number == remembered), mine[0])
+    if len(running) == 1:
+        return running[0]
+    if not running:
+        raise NotRunning(app, f"no instance of {app} is running")
+    raise NotRunning(
+        app,
+        f"{len(running)} instances of {app} are running and none for {here}; "
+        f"pick one with --instance: {_listing(running)}",
+        [i.number for i in running],
+    )
+
+
+def service_port(
+    layout: Layout, service: str, number: int | None = None, *, state: StateDir
+) -> tuple[InstanceInfo, int]:
+    """The instance (as ``find_instance``) and the port its ``service`` holds.
+
+    Raises UnknownService (exit 2) for a name the layout does not have; NotRunning when
+    no instance is found or the one found holds no port for ``service``.
+    """
+    layout.service(service)
+    info = find_instance(layout, number, state=state)
+    for entry in info.services:
+        if entry.name == service and entry.port is not None:
+            return info, entry.port
+    raise NotRunning(
+        layout.app,
+        f"instance {info.number} of {layout.app} holds no port for {service!r} "
+        "(started with --service for other services?)",
+        [info.number],
+    )
+
+
+def instance_env(layout: Layout, number: int | None = None, *, state: StateDir) -> dict[str, str]:
+    """The environment every service of the instance is given, minus the per-service
+    ``PORT``: ``PORTPOOL_APP``, ``PORTPOOL_INSTANCE``, each ``PORTPOOL_PORT_<SERVICE>``
+    and ``PORTPOOL_SERVICES``. Raises NotRunning."""
+    info = find_instance(layout, number, state=state)
+    env = {"PORTPOOL_APP": layout.app, "PORTPOOL_INSTANCE": str(info.number)}
+    names = []
+    for entry in info.services:
+        if entry.port is not None:
+            env[port_env_name(entry.name)] = str(entry.port)
+            names.append(entry.name)
+    env["PORTPOOL_SERVICES"] = ",".join(names)
+    return env
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.,:/@+-]*")
+
+
+def format_env(env: dict[str, str], *, export: bool = False) -> str:
+    """``KEY=value`` lines (a docker compose ``--env-file``), or ``export KEY=value`` lines
+    quoted for a POSIX shell's ``eval``. Values with other characters are single-quoted,
+    which both read literally."""
+    lines = []
+    for key, value in env.items():
+        if export:
+            lines.append(f"export {key}={shlex.quote(value)}")
+        elif _PLAIN.fullmatch(value):
+            lines.append(f"{key}={value}")
+        else:
+            lines.append(f"{key}='{value}'")  # app and service names never hold a quote
+    return "\n".join(lines)

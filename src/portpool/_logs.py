@@ -1,0 +1,158 @@
+"""The logs of detached instances: where each is kept, which ``up`` wrote it, and
+reading or following one (``portpool logs [-f]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+from portpool._find import find_instance
+from portpool._jsonfile import read_json_file, write_atomic
+from portpool._platform import DirHandle, identity_of, locked_inodes
+from portpool._slots import checkout_dir, previous_number
+from portpool.errors import NotRunning
+from portpool.layout import Layout
+from portpool.lock import is_held
+from portpool.records import InstanceInfo, read_instance
+from portpool.statedir import StateDir, check_name
+
+__all__ = ["follow_log", "log_path", "logs_dir", "set_log_owner"]
+
+
+def logs_dir(state: StateDir, app: str) -> DirHandle:
+    """The directory of ``app``'s detached logs, created if missing."""
+    return state.subdir("apps", check_name("app", app), "logs")
+
+
+def log_path(state: StateDir, app: str, number: int) -> str:
+    """Where the output of detached instance ``number`` of ``app`` is kept."""
+    return os.path.join(state.path, "apps", check_name("app", app), "logs", f"{number}.log")
+
+
+# `<n>.log` is tied to the `up` that wrote it by `<n>.owner.json` (its pid and start
+# token): a later attached instance on the same number has no log, and must not be shown
+# the previous detached one's as if it were its own.
+def _owner_name(number: int) -> str:
+    return f"{number}.owner.json"
+
+
+def _log_owner(logs: DirHandle, number: int) -> tuple[int, str] | None:
+    try:
+        raw = read_json_file(logs, _owner_name(number))
+    except ValueError:
+        return None
+    if not isinstance(raw, dict):
+        return None
+    pid, token = raw.get("pid"), raw.get("start_token")
+    if type(pid) is not int or not isinstance(token, str):
+        return None
+    return pid, token
+
+
+def set_log_owner(logs: DirHandle, number: int, pid: int, start_token: str) -> None:
+    """Record that ``<number>.log`` is written by the ``up`` with ``pid`` and
+    ``start_token`` (before the log is renamed into place)."""
+    owner = {"pid": pid, "start_token": start_token}
+    write_atomic(logs, _owner_name(number), json.dumps(owner).encode())
+
+
+def _service_of(line: str) -> str | None:
+    head, sep, _ = line.partition(" | ")
+    return head.rstrip() if sep else None
+
+
+def _no_log(layout: Layout, number: int, running: bool) -> NotRunning:
+    if not running:
+        return NotRunning(
+            layout.app,
+            f"instance {number} of {layout.app} is not running and has no log "
+            "(only `portpool up --detach` writes one)",
+        )
+    return NotRunning(
+        layout.app,
+        f"instance {number} of {layout.app} has no log (it was not started with --detach)",
+        [number],
+    )
+
+
+def _owner_runs(state: StateDir, app: str, number: int, owner: tuple[int, str]) -> bool:
+    """Whether the ``up`` that wrote the log still runs and holds slot ``number``."""
+    now = identity_of(owner[0])
+    if now is None or now.start_token != owner[1]:
+        return False
+    directory = state.find_instances(app)
+    return directory is not None and is_held(directory, f"{number}.lock", locked_inodes())
+
+
+def follow_log(
+    layout: Layout,
+    write: Callable[[str], None],
+    *,
+    service: str | None = None,
+    number: int | None = None,
+    follow: bool = False,
+    state: StateDir,
+) -> int:
+    """Write the log of a detached instance line by line (only ``service``'s lines, with
+    their prefix, when given); with ``follow`` keep writing until the ``up`` that wrote
+    it stops.
+
+    The instance is ``number``, else as ``find_instance``, else this checkout's last
+    number. A running instance is shown only the log its own ``up`` wrote; a stopped one,
+    the last detached instance's. Returns that number. Raises UnknownService, NotRunning
+    (no such instance, or it has no log). Read-only: creates nothing.
+    """
+    if service is not None:
+        layout.service(service)
+    running: InstanceInfo | None = None
+    if number is None:
+        try:
+            running = find_instance(layout, state=state)
+            number = running.number
+        except NotRunning:
+            number = previous_number(state, layout, checkout_dir(layout))
+            if number is None:
+                raise
+    else:
+        directory = state.find_instances(layout.app)
+        slot = read_instance(directory, number) if directory is not None else None
+        running = slot if slot is not None and slot.alive else None
+    logs = state.find("apps", check_name("app", layout.app), "logs")
+    owner = _log_owner(logs, number) if logs is not None else None
+    if logs is None or (
+        running is not None and (owner is None or (running.pid, running.start_token) != owner)
+    ):
+        # Running, but not the up that wrote this log: that log is not this instance's.
+        raise _no_log(layout, number, running is not None)
+    try:
+        fd = logs.open_file(f"{number}.log", os.O_RDONLY)
+    except FileNotFoundError:
+        raise _no_log(layout, number, running is not None) from None
+    follow = follow and owner is not None and running is not None
+    pending = b""
+    try:
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if chunk:
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    line = raw.decode(errors="replace")
+                    if service is None or _service_of(line) == service:
+                        write(line)
+                continue
+            if not follow:
+                break
+            assert owner is not None
+            if not _owner_runs(state, layout.app, number, owner):
+                follow = False  # stopped: read what it wrote before it went, then end
+                continue
+            time.sleep(0.2)
+    finally:
+        os.close(fd)
+    if pending and (service is None or _service_of(pending.decode(errors="replace")) == service):
+        write(pending.decode(errors="replace"))
+    return number

@@ -1,0 +1,188 @@
+"""Stopping running instances: SIGTERM only to a verified holder, then waiting until
+its slot and ports are free (``portpool stop``).
+
+``stop`` signals only the process that holds the slot's kernel lock and whose identity
+(pid + start token + boot id) is the one recorded (rule 7: a pid from a file, signalled
+blindly, kills whoever got the pid next).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from portpool._find import find_instance, unreadable_detail
+from portpool._jsonfile import read_json_file
+from portpool._platform import (
+    DirHandle,
+    boot_id,
+    identity_of,
+    listeners,
+    locked_inodes,
+    signal_verified,
+)
+from portpool.errors import NotRunning, StopFailed
+from portpool.layout import Layout
+from portpool.lock import inspect_port, is_held
+from portpool.records import InstanceInfo, list_instances, read_instance
+from portpool.statedir import StateDir
+
+__all__ = ["Stopped", "stop_instances"]
+
+_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """An instance ``stop`` ended: its number, the process signalled, its ports."""
+
+    number: int
+    pid: int
+    ports: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"number": self.number, "pid": self.pid, "ports": list(self.ports)}
+
+
+def _lock_holder(directory: DirHandle, number: int) -> int | None:
+    """The pid holding slot ``number``'s kernel lock (Linux), else None if unknown."""
+    locked = locked_inodes()
+    if locked is None:
+        return None
+    st = directory.stat_entry(f"{number}.lock")
+    return locked.get((st.st_dev, st.st_ino)) if st is not None else None
+
+
+def _mismatch(number: int, holder: int | None, recorded: int) -> StopFailed:
+    held = f"pid {holder} holds it" if holder is not None else "another process holds it"
+    return StopFailed(
+        number,
+        f"its record does not match the process holding the slot ({held}, the record "
+        f"names {recorded}): not signalling anything",
+    )
+
+
+def _stop_target(layout: Layout, number: int | None, state: StateDir) -> InstanceInfo:
+    """``find_instance``, except that a running slot whose record is unreadable is a
+    StopFailed naming the problem (it was reported as "starting" or "not running")."""
+    if number is not None:
+        directory = state.find_instances(layout.app)
+        info = read_instance(directory, number) if directory is not None else None
+        detail = unreadable_detail(info) if info is not None and info.alive else None
+        if detail:
+            raise StopFailed(number, f"its record is unreadable: {detail}: not signalling anything")
+    return find_instance(layout, number, state=state)
+
+
+def _verified_holder(layout: Layout, number: int, state: StateDir) -> tuple[InstanceInfo, str]:
+    """The record of running instance ``number`` and why its pid may be signalled."""
+    directory = state.instances(layout.app)
+    info = _stop_target(layout, number, state)
+    assert info.pid is not None  # a readable record has one
+    try:
+        raw = read_json_file(directory, f"{number}.json")
+    except ValueError as e:
+        raise StopFailed(
+            number, f"its record is unreadable: record {e}: not signalling anything"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("boot_id") != boot_id():
+        raise StopFailed(number, "its record is from another boot: not signalling anything")
+    holder = _lock_holder(directory, number)
+    if holder is not None and holder != info.pid:
+        raise _mismatch(number, holder, info.pid)
+    return info, str(raw.get("start_token"))
+
+
+def _is_recorded(pid: int, token: str, directory: DirHandle, number: int) -> Callable[[], bool]:
+    def check() -> bool:
+        now = identity_of(pid)
+        if now is None or now.start_token != token:
+            return False
+        holder = _lock_holder(directory, number)
+        return holder == pid if holder is not None else is_held(directory, f"{number}.lock", None)
+
+    return check
+
+
+def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
+    locked = locked_inodes()
+    if is_held(state.instances(app), f"{stopped.number}.lock", locked):
+        return False
+    for port in stopped.ports:
+        seen = inspect_port(state, port, locked)
+        if seen.is_free:
+            if listeners(port):
+                return False  # something it started still listens: not free yet
+        elif seen.record is None or seen.record.pid == stopped.pid:
+            return False
+        # else: a new holder (another instance) took it already: it is not ours to wait for
+    return True
+
+
+def stop_instances(
+    layout: Layout,
+    number: int | None = None,
+    *,
+    every: bool = False,
+    timeout_s: float = 30.0,
+    state: StateDir,
+) -> list[Stopped]:
+    """Ask instance ``number`` (default: as ``find_instance``), or ``every`` running one,
+    to stop with SIGTERM to its ``up``/``run``, and wait until its slot and ports are free.
+
+    The signal goes only to the process that holds the slot's kernel lock and whose
+    identity matches the record (pid + start token + boot id). Raises NotRunning (none
+    to stop), StopFailed (identity mismatch, an unreadable record, or still up after
+    ``timeout_s`` seconds; nothing is ever killed). With ``every``, a running slot whose
+    record is unreadable is left alone and reported once the others have stopped.
+    """
+    refused: list[StopFailed] = []
+    if every:
+        alive = [i for i in list_instances(layout.app, state) if i.alive]
+        numbers = [i.number for i in alive if i.readable]
+        for i in alive:
+            detail = unreadable_detail(i)
+            if detail:
+                refused.append(
+                    StopFailed(i.number, f"its record is unreadable: {detail}: not signalling it")
+                )
+        if not numbers and not refused:
+            raise NotRunning(layout.app, f"no instance of {layout.app} is running")
+    else:
+        numbers = [_stop_target(layout, number, state).number]
+    directory = state.instances(layout.app) if numbers else None
+    sent: list[Stopped] = []
+    for n in numbers:
+        assert directory is not None
+        info, token = _verified_holder(layout, n, state)
+        assert info.pid is not None
+        ports = tuple(s.port for s in info.services if s.port is not None)
+        if not signal_verified(
+            info.pid, _is_recorded(info.pid, token, directory, n), signal.SIGTERM
+        ):
+            if not read_instance(directory, n).alive:
+                sent.append(Stopped(n, info.pid, ports))  # it stopped on its own meanwhile
+                continue
+            holder = _lock_holder(directory, n)
+            if holder is not None and holder != info.pid:
+                raise _mismatch(n, holder, info.pid)
+            raise StopFailed(
+                n, f"pid {info.pid} is no longer the recorded process: not signalling it"
+            )
+        sent.append(Stopped(n, info.pid, ports))
+    deadline = time.monotonic() + timeout_s
+    for stopped in sent:
+        while not _is_down(state, layout.app, stopped):
+            if time.monotonic() > deadline:
+                raise StopFailed(
+                    stopped.number,
+                    f"pid {stopped.pid} got SIGTERM but still holds the instance or its "
+                    f"ports after {timeout_s:g} s (try again, or a longer --timeout)",
+                )
+            time.sleep(_POLL_S)
+    if refused:
+        raise refused[0]  # the others were stopped; this one was not touched
+    return sent
