@@ -131,9 +131,14 @@ def test_usage_errors_exit_2(home: Path) -> None:
         assert "no such option: --bogus" in done.stderr
 
 
-def test_a_closed_stdout_is_an_error_not_a_silent_success(home: Path) -> None:
+def test_a_closed_stdout_is_an_error_not_a_silent_success(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
     # `portpool status >&-` printed nothing and exited 0 (the state dir became fd 1).
-    for args in (["status"], ["layout"]):
+    # A layout on a free block: the default's ports may be in TIME_WAIT from anything on
+    # this machine, and run would print a note about it.
+    config = str(write_layout(tmp_path / "portpool.toml", port_base))
+    for args in (["status", "--config", config], ["layout", "--config", config]):
         done = subprocess.run(
             ["sh", "-c", 'exec "$0" "$@" >&-', *PORTPOOL, *args],
             capture_output=True, text=True, timeout=60, check=False,
@@ -142,7 +147,8 @@ def test_a_closed_stdout_is_an_error_not_a_silent_success(home: Path) -> None:
         assert done.stderr == "portpool: error: standard output is closed\n"
     # run prints nothing on stdout: its command runs, with /dev/null as its stdout.
     done = subprocess.run(
-        ["sh", "-c", 'exec "$0" "$@" >&-', *PORTPOOL, "run", "-q", "--", sys.executable,
+        ["sh", "-c", 'exec "$0" "$@" >&-', *PORTPOOL, "run", "-q", "--config", config, "--",
+         sys.executable,
          "-c", "import os, sys; sys.stderr.write(os.readlink('/proc/self/fd/1') + '\\n')"],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
