@@ -365,7 +365,7 @@ def test_a_socket_closed_under_the_lease_is_reported(
     shield = make_shield(leases)
     assert leases[2].socket is not None
     leases[2].socket.close()  # closed, but not handed off: nothing reserves the port now
-    reports = shield.verify_all()
+    reports = shield.check_once()
     assert [r.ok for r in reports] == [True, True, False]
     assert "our listening socket was closed" in reports[2].problems[0]
 
@@ -388,17 +388,17 @@ def test_instance_problem_trips_with_no_lease(
     assert trips.threads == ["portpool-shield"]
 
 
-def test_verify_all_reports_every_lease_and_the_instance(
+def test_check_once_reports_every_lease_and_the_instance(
     leases: list[Lease], make_shield: Callable[..., Shield], home: Path
 ) -> None:
     shield = make_shield(leases, instance_check=lambda: None)
-    reports = shield.verify_all()
+    reports = shield.check_once()
     assert [(r.service, r.port, r.ok, r.kind) for r in reports] == [
         *((lease.service, lease.port, True, "lease") for lease in leases),
         ("", 0, True, "instance"),
     ]
     lock_path(home, leases[0].port).unlink()
-    reports = shield.verify_all()
+    reports = shield.check_once()
     assert not reports[0].ok
     assert reports[0].problems == (
         f"lock file {leases[0].port}.lock was deleted by another process",

@@ -247,7 +247,7 @@ class Instance:
             instance_check=self.problem,
             own_pids=self.service_pids.values,
         )
-        return list(shield.verify_all())
+        return shield.check_once()
 
     # -- stopping
 

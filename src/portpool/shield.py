@@ -136,10 +136,6 @@ class Shield:
         one ``kind="instance"`` report when there is an ``instance_check``). Never trips."""
         return self._check(abort=lambda: False)
 
-    def verify_all(self) -> list[LeaseReport]:
-        """The report of ``check_once``, for ``status`` and ``doctor``."""
-        return self.check_once()
-
     async def run_async(self) -> None:
         """The shield's loop as an asyncio task: checks run in the loop's default
         executor, ``on_lost`` in the loop's thread. Cancelling the task stops the shield.
