@@ -179,3 +179,10 @@ def test_run_starts_a_command_without_server_stacks(
     # running (a process tree is psutil's job); identity and start need none of it.
     assert not loaded & CLICK_OPTIONAL
     assert not roots(loaded) & SERVER_STACKS
+    # up's service keepers, probes and restart policy: run starts no service.
+    assert not portpool_modules(loaded) & {
+        "portpool._keeper",
+        "portpool._readiness",
+        "portpool._restart",
+        "portpool._services",
+    }
