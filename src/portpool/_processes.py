@@ -83,6 +83,7 @@ class Supervisor:
         self._done = threading.Event()
         self._outcome: Outcome | None = None
         self._stopping = False
+        self._all_gone = False  # a stop ended with every process of ours gone
         self._print_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         # Starting and stopping exclude each other: a restart that begins while the
@@ -243,17 +244,21 @@ class Supervisor:
         """Stop every process we started, with its whole tree: ``signum`` once to each
         group and to each descendant outside those groups (also to one forked while
         stopping), up to ``grace_s`` to exit, then SIGKILL for what is left. Returns
-        when all of it is gone."""
-        import psutil
-
+        when all of it is gone. Once a stop saw all of it gone, a later call (the
+        instance's release after ``run``/``up`` stopped) returns at once: nothing can
+        become ours again, and each call scanned every process of the host twice."""
         with self._spawn_lock:
             self._stopping = True
             self._done.set()  # keepers stop restarting
+            if self._all_gone:
+                return
+        import psutil
+
         groups = {p.pid for n, p in self.children.items() if n in self._groups and p.poll() is None}
         self.send(signum)
         signalled: set[tuple[int, float]] = set()
         deadline = time.monotonic() + self.grace_s
-        kill = False
+        kill = gone = False
         for step in range(100_000):  # bounded; ends at the deadline or when all are gone
             self._reap()
             alive = [p for p in self._tree() if _running(p)]
@@ -269,6 +274,7 @@ class Supervisor:
                 except psutil.Error:
                     continue
             if not alive and all(p.poll() is not None for p in self.children.values()):
+                gone = True
                 break
             if not kill and time.monotonic() >= deadline:
                 kill = True
@@ -283,6 +289,7 @@ class Supervisor:
         self._reap()
         for thread in self._threads:
             thread.join(timeout=2)
+        self._all_gone = gone
 
     def lingering(self, timeout_s: float) -> list[str]:
         """Ports of the instance still listened on by a process other than us, waited
