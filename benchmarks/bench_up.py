@@ -38,7 +38,10 @@ from benchmarks.bench_instance import bench_env
 PY = sys.executable
 SERVICES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
 READY_TIMEOUT_S = 60.0
-UP_IMPORTS = "import logging, portpool.cli, portpool.instance, portpool.supervisor, portpool.shield"
+UP_IMPORTS = (
+    "import logging, portpool.cli, portpool.instance, portpool.supervisor, portpool._services,"
+    " portpool.shield"
+)
 
 # The socket passed at fd 3 under portpool; without it (the floor), its own on $PORT.
 SERVICE_CODE = """\
