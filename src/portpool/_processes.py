@@ -26,7 +26,13 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
 from portpool._launch import DEFAULT_GRACE_S, describe_status, held_ports, pump_lines, spawn
-from portpool._platform import enlarge_pipe, process_group, reap_adopted, signal_group
+from portpool._platform import (
+    enlarge_pipe,
+    has_children,
+    process_group,
+    reap_adopted,
+    signal_group,
+)
 from portpool.errors import PortPoolError
 
 __all__ = ["Outcome", "Supervisor"]
@@ -210,6 +216,8 @@ class Supervisor:
     def _tree(self) -> list[psutil.Process]:
         """Every living process we started through our children: their descendants,
         and with ``adopt`` every other child of ours (orphans adopted as a subreaper)."""
+        if self.adopt and not has_children():
+            return []  # no child at all: every descendant would be one (subreaper)
         import psutil
 
         mine = {p.pid for p in self.children.values()}
@@ -252,8 +260,6 @@ class Supervisor:
             self._done.set()  # keepers stop restarting
             if self._all_gone:
                 return
-        import psutil
-
         groups = {p.pid for n, p in self.children.items() if n in self._groups and p.poll() is None}
         self.send(signum)
         signalled: set[tuple[int, float]] = set()
@@ -262,6 +268,8 @@ class Supervisor:
         for step in range(100_000):  # bounded; ends at the deadline or when all are gone
             self._reap()
             alive = [p for p in self._tree() if _running(p)]
+            if alive:
+                import psutil  # loaded by _tree, which found them (none: not loaded at all)
             for proc in alive:
                 try:
                     key = (proc.pid, proc.create_time())
