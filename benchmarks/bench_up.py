@@ -316,15 +316,15 @@ def run(quick: bool = False) -> Section:
     spread = shim_own * len(SERVICES) / (os.cpu_count() or 1)
     rest = ready - floor - (cli - python) - by["start_instance in-process"] - spread
     section.notes.append(
-        f"Where the {ready - floor:.0f} ms above the floor go: up's own start {cli - python:.0f}"
-        f" ms (the modules it imports beyond python's start; {click - python:.0f} ms of it is "
-        f"click alone, outside portpool), {by['start_instance in-process']:.1f} ms acquiring "
-        f"the instance, the exec shim's interpreter start {shim_own:.0f} ms per service "
-        f"(~{spread:.0f} ms for six on {os.cpu_count()} CPUs), and {rest:.0f} ms left: "
-        "threads, spawns and six more processes sharing the CPUs. Only the first two "
-        "are avoidable, and the shim is what puts the socket at fd 3 with LISTEN_PID set "
-        f"to the service's own pid; up prints its table {table - ready:.0f} ms after all "
-        "answer (its readiness probes)."
+        f"Where the {ready - floor:.0f} ms above the floor go: up's own start "
+        f"{cli - python:.0f} ms (the modules it imports beyond python's start, of which "
+        f"click alone is {click - python:.0f} ms: outside portpool), "
+        f"{by['start_instance in-process']:.1f} ms acquiring the instance, the exec shim's "
+        f"interpreter start {shim_own:.0f} ms per service (~{spread:.0f} ms for six on "
+        f"{os.cpu_count()} CPUs; the shim is what puts the socket at fd 3 with LISTEN_PID "
+        f"the service's own pid and sets the parent-death signal), and {rest:.0f} ms left: "
+        "threads, spawns, and thirteen processes instead of six sharing the CPUs. up "
+        f"prints its table {table - ready:.0f} ms after all answer (its readiness probes)."
     )
     section.notes.append(
         f"Stop: locks free {by['SIGTERM -> all locks free']:.0f} ms after SIGTERM (children "
