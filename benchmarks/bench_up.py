@@ -323,7 +323,7 @@ def run(quick: bool = False) -> Section:
         f"interpreter start {shim_own:.0f} ms per service (~{spread:.0f} ms for six on "
         f"{os.cpu_count()} CPUs; the shim is what puts the socket at fd 3 with LISTEN_PID "
         f"the service's own pid and sets the parent-death signal), and {rest:.0f} ms left: "
-        "threads, spawns, and thirteen processes instead of six sharing the CPUs. up "
+        "threads, spawns, and thirteen interpreter starts instead of six sharing the CPUs. up "
         f"prints its table {table - ready:.0f} ms after all answer (its readiness probes)."
     )
     section.notes.append(
