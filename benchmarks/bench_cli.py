@@ -13,8 +13,9 @@ alike, and the report compares ratios, never absolute times:
 - ``portpool status`` and ``status --json`` with 3 live instances held by this process,
   beside a process that only imports what ``status`` imports (portpool's import share);
 - ``portpool run --config one-service.toml -- true``;
-- the exec shim ``run`` and ``up`` put in front of every program
-  (``python -m portpool._spawn -- true``), to show what one program start costs.
+- the exec shim ``run`` and ``up`` put in front of every program, started as they
+  start it (``python -I -S .../portpool/_spawn.py -- true``), to show what one program
+  start costs.
 
 Targets (from the issue): ``run -- true`` <= 3.5x ``python -c pass``; ``status`` <= 3x.
 The notes split each figure into the part outside portpool (interpreter start, click's
@@ -61,7 +62,7 @@ def cli(): pass
 def status(config, as_json): pass
 cli(["status", "--config", "few.toml"], prog_name="portpool")
 """
-SHIM = "exec shim: python -m portpool._spawn -- true"
+SHIM = "exec shim: python -I -S portpool/_spawn.py -- true"
 BARE = "true (the bare command)"
 STATUS = "portpool status (3 live instances)"
 RUN = "portpool run --config one-service.toml -- true"
@@ -116,6 +117,7 @@ def measure(
 
 def run(quick: bool = False) -> Section:
     """Whole-process times of import, --help, status and run, with floors and ratios."""
+    from portpool._launch import shim_prefix
     from portpool.instance import start_instance
     from portpool.layout import load_layout
     from portpool.statedir import StateDir
@@ -151,7 +153,8 @@ def run(quick: bool = False) -> Section:
                 str(few),
             ],
             RUN: [*pp, "run", "--config", str(one), "--", true],
-            SHIM: [PY, "-m", "portpool._spawn", "--", true],
+            # As run starts it (by path, isolated): `-m` would import the package too.
+            SHIM: [*shim_prefix(), "--", true],
         }
         state = StateDir.open(str(home))
         layout = load_layout(str(few))
@@ -240,7 +243,10 @@ def explain(wall: dict[str, float], cpu: dict[str, float]) -> list[str]:
     notes.append(
         f"run: portpool's own part {run_ms - click - shim:.0f} ms (run - import click - the "
         f"exec shim), the shim itself {shim:.0f} ms of which {shim - bare:.0f} ms is its "
-        f"python start and imports ({bare:.1f} ms the bare `true`)."
+        f"python start and imports ({bare:.1f} ms the bare `true`). Of run's {run_ms:.0f} ms, "
+        f"outside portpool: python's start {floor:.0f} ms and click {click - floor:.0f} ms; "
+        "the shim is the price of the sockets at fd 3 with LISTEN_PID the command's own pid "
+        "and the parent-death signal, which only the started process can set."
     )
     notes.append(
         "CPU-time ratios to python -c pass: "

@@ -38,7 +38,10 @@ from benchmarks.bench_instance import bench_env
 PY = sys.executable
 SERVICES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
 READY_TIMEOUT_S = 60.0
-UP_IMPORTS = "import logging, portpool.cli, portpool.instance, portpool.supervisor, portpool.shield"
+UP_IMPORTS = (
+    "import logging, portpool.cli, portpool.instance, portpool.supervisor, portpool._services,"
+    " portpool.shield"
+)
 
 # The socket passed at fd 3 under portpool; without it (the floor), its own on $PORT.
 SERVICE_CODE = """\
@@ -271,6 +274,12 @@ def run(quick: bool = False) -> Section:
         section.rows += [
             Row("python -c pass", time_process_ms([PY, "-c", "pass"], runs), unit="ms"),
             Row(
+                'python -c "import click"',
+                time_process_ms([PY, "-c", "import click"], runs),
+                unit="ms",
+                note="the CLI's library alone: outside portpool",
+            ),
+            Row(
                 "python + the modules `up` imports",
                 time_process_ms([PY, "-c", UP_IMPORTS], runs),
                 unit="ms",
@@ -301,13 +310,21 @@ def run(quick: bool = False) -> Section:
         f"({floor:.0f} ms) + {ready - floor:.0f} ms (target floor + 50 ms: {verdict}); "
         f"{ready / floor:.2f}x the floor."
     )
+    python = by["python -c pass"]
+    click = by['python -c "import click"']
+    shim_own = shim_ms - python  # the shim's interpreter start, per service
+    spread = shim_own * len(SERVICES) / (os.cpu_count() or 1)
+    rest = ready - floor - (cli - python) - by["start_instance in-process"] - spread
     section.notes.append(
-        f"Ready in {ready:.0f} ms median: {cli:.0f} ms is python start-up and the CLI's "
-        f"imports, {by['start_instance in-process']:.1f} ms acquiring the instance, the "
-        f"table is out at {table:.0f} ms (the six services spawned), then "
-        f"{ready - table:.0f} ms until all six answer: each service is two python starts "
-        f"(exec shim, then the program, {shim_ms:.0f} ms alone) and six of them share "
-        f"{os.cpu_count()} CPUs."
+        f"Where the {ready - floor:.0f} ms above the floor go: up's own start "
+        f"{cli - python:.0f} ms (the modules it imports beyond python's start, of which "
+        f"click alone is {click - python:.0f} ms: outside portpool), "
+        f"{by['start_instance in-process']:.1f} ms acquiring the instance, the exec shim's "
+        f"interpreter start {shim_own:.0f} ms per service (~{spread:.0f} ms for six on "
+        f"{os.cpu_count()} CPUs; the shim is what puts the socket at fd 3 with LISTEN_PID "
+        f"the service's own pid and sets the parent-death signal), and {rest:.0f} ms left: "
+        "threads, spawns, and thirteen interpreter starts instead of six sharing the CPUs. up "
+        f"prints its table {table - ready:.0f} ms after all answer (its readiness probes)."
     )
     section.notes.append(
         f"Stop: locks free {by['SIGTERM -> all locks free']:.0f} ms after SIGTERM (children "

@@ -177,7 +177,15 @@ def test_run_starts_a_command_without_server_stacks(
     assert marker.exists()  # the command did run, with its instance acquired
     loaded -= startup
     assert "portpool.instance" in loaded
-    # psutil loads only once the command has ended, to find and stop what it left
-    # running (a process tree is psutil's job); identity and start need none of it.
+    # psutil loads only to find and stop what the command left running (a process tree
+    # is psutil's job); a command that left nothing (no child of ours at all) needs
+    # none of it, nor do identity and start.
+    assert "psutil" not in roots(loaded)
     assert not loaded & CLICK_OPTIONAL
     assert not roots(loaded) & SERVER_STACKS
+    # up's service keepers and readiness probes: run starts no service.
+    assert not portpool_modules(loaded) & {
+        "portpool._keeper",
+        "portpool._readiness",
+        "portpool._services",
+    }

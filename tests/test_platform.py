@@ -264,3 +264,36 @@ def test_start_tokens_read_from_proc_equal_psutils(tmp_path: Path) -> None:
             p.kill()
             p.wait()
     assert _linux_start_token(procs[0].pid) is None
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="sock_diag is Linux's")
+def test_sock_diag_dump_of_one_port_has_its_sockets_in_every_state_and_no_other() -> None:
+    """The kernel walks its tables for the port asked (no whole-host dump); the
+    listener, an accepted connection and a TIME_WAIT on that port are all there."""
+    import time
+
+    from portpool._platform._sockdiag import diag_dump
+
+    other = socket.create_server(("127.0.0.1", 0))  # another port, which must not show
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    with socket.create_connection(("127.0.0.1", port)) as first:
+        conn, _ = server.accept()
+        conn.close()  # the server side closes first: its end of this one waits in TIME_WAIT
+        first.recv(1)
+    client = socket.create_connection(("127.0.0.1", port))
+    live, _ = server.accept()
+    try:
+        states: set[str] = set()
+        for _ in range(50):  # the TIME_WAIT appears once the client's close is through
+            found = diag_dump(socket.AF_INET, port=port)
+            assert {s.port for s in found} == {port}
+            states = {s.state for s in found}
+            if "time-wait" in states:
+                break
+            time.sleep(0.02)
+        assert {"listen", "established", "time-wait"} <= states
+        assert other.getsockname()[1] in {s.port for s in diag_dump(socket.AF_INET)}
+    finally:
+        for sock in (live, client, server, other):
+            sock.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -235,9 +236,10 @@ def test_up_exits_5_when_a_service_dies(tmp_path: Path, port_base: int, home: Pa
     victim = int(ask(ports["api"]).split()[1])
     others = [int(ask(ports[n]).split()[1]) for n in ("web", "db")]
     os.kill(victim, signal.SIGKILL)
-    _out, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=30)
     assert proc.returncode == 5
-    assert "'api' exited on its own (killed by SIGKILL)" in err
+    assert "portpool: service 'api' exited on its own (killed by SIGKILL)" in err.splitlines()
+    assert out.splitlines()[-1] == "portpool: instance 1 stopped; its ports are free"
     for pid in others:
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
     assert status_json(config)["instances"] == []
@@ -329,7 +331,8 @@ def test_ctrl_c_in_a_terminal_reaches_the_command_once(layout: Path, home: Path)
                 output += os.read(master, 1024)
         assert b"ready" in output
         os.write(master, b"\x03")  # Ctrl-C: the terminal signals its foreground group
-        while b"sigints" not in output and time.monotonic() < deadline:
+        # Until the count itself: a read can end between "sigints" and its number.
+        while not re.search(rb"sigints \d", output) and time.monotonic() < deadline:
             if select.select([master], [], [], 1)[0]:
                 try:
                     output += os.read(master, 1024)
@@ -393,6 +396,7 @@ def test_options_end_at_the_command(layout: Path, port_base: int, home: Path) ->
 # any service is ready, also when a start then fails (the CLI's "instance N of APP" line).
 ANNOUNCING_UP = """\
 import sys
+from portpool.errors import ServiceExited
 from portpool.layout import load_layout
 from portpool.supervisor import run_up
 
@@ -400,10 +404,15 @@ def announce(instance):
     ports = " ".join(f"{n}={p}" for n, p in instance.ports.items())
     print(f"announced {instance.number}: {ports}", file=sys.stderr, flush=True)
 
-outcome = run_up(
-    load_layout(sys.argv[1]), on_up=lambda i, p: print("is up", flush=True), announce=announce
-)
-print(f"outcome {outcome.code}: {outcome.message}", file=sys.stderr, flush=True)
+try:
+    outcome = run_up(
+        load_layout(sys.argv[1]), on_up=lambda i, p: print("is up", flush=True), announce=announce
+    )
+except ServiceExited as e:
+    print(f"outcome {e.exit_code}: {e}", file=sys.stderr, flush=True)
+    print(f"raised {e.service} {e.returncode} {e.status} {e.reason} {e.lingering}", flush=True)
+else:
+    print(f"outcome {outcome.code}: {outcome.message}", file=sys.stderr, flush=True)
 """
 
 
@@ -426,3 +435,47 @@ def test_run_up_announces_the_instance_before_a_start_that_fails(
     assert f"web={port_base} api={port_base + 2} db={port_base + 4}" in lines[announced[0]]
     assert "outcome 5: service 'api' exited before it was ready (exit status 7)" in done.stderr
     assert "is up" not in done.stdout
+    # The library raises ServiceExited (as run raises ShieldTripped), after releasing.
+    assert "raised api 7 7 early []" in done.stdout.splitlines()
+
+
+KILLED_UP = """\
+import sys
+from portpool.errors import ServiceExited
+from portpool.layout import load_layout
+from portpool.supervisor import run_up
+
+try:
+    run_up(load_layout(sys.argv[1]), on_up=lambda i, p: print("is up", flush=True))
+except ServiceExited as e:
+    print(f"raised {e.exit_code} {e.service} {e.returncode} {e.status} {e.reason}", flush=True)
+    print(str(e), flush=True)
+"""
+
+
+def test_run_up_raises_service_exited_when_a_ready_service_is_killed(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = up_layout(tmp_path, port_base)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_UP, str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        ports = wait_up(proc, config)  # every service ready, per the instance record
+        victim = int(ask(ports["api"]).split()[1])
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "is up" in out.splitlines()
+    assert out.splitlines()[-2:] == [
+        f"raised 5 api {-signal.SIGKILL} {128 + signal.SIGKILL} exited",
+        "service 'api' exited on its own (killed by SIGKILL)",
+    ]
+    assert status_json(config)["instances"] == []

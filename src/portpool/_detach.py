@@ -47,7 +47,7 @@ _STOP_WAIT_S = 10.0
 
 
 def _outcome(returncode: int | None) -> str:
-    from portpool.supervisor import describe_status  # one wording for a child's end
+    from portpool._launch import describe_status  # one wording for a child's end
 
     if returncode is None:
         return "stopped"

@@ -11,6 +11,7 @@ down wait in the accept queue for the next process instead of being refused.
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import threading
 import time
@@ -26,6 +27,7 @@ __all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper", "describe_failure"]
 
 SERVICE_STATES = ("starting", "ready", "restarting", "exited")
 _PROBE_INTERVAL_S = 0.05
+_FIRST_PROBE_INTERVAL_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -248,7 +250,9 @@ class ServiceKeeper:
         """``ready``, ``exited`` (before it was ready), ``timeout`` (reported) or
         ``stopping``."""
         deadline = begun + self.service.ready_timeout_s
-        while not self._done.is_set():
+        for attempt in itertools.count():
+            if self._done.is_set():
+                break
             if proc.poll() is not None:
                 return "exited"
             if probe.check():
@@ -257,7 +261,9 @@ class ServiceKeeper:
                 self._set("exited")
                 self._on_failure(Failure(self.name, "not-ready", None, probe.last_problem))
                 return "timeout"
-            self._done.wait(_PROBE_INTERVAL_S)
+            # Soon at first (a small service is ready within tens of milliseconds, and
+            # each service that depends on it waits for this), then every 50 ms.
+            self._done.wait(min(_PROBE_INTERVAL_S, _FIRST_PROBE_INTERVAL_S * 2**attempt))
         return "stopping"
 
     # -- rolling restart

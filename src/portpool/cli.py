@@ -343,7 +343,8 @@ def up(
     *, config: str | None, grace: float, instance_number: int | None, detach: bool, quiet: bool
 ) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
-    from portpool.supervisor import run_up
+    from portpool.errors import ServiceExited
+    from portpool.supervisor import Outcome, run_up
 
     layout = layout_for(config)
     if detach:
@@ -363,7 +364,13 @@ def up(
             click.echo(f"  {name:<16} {port:>5}  {pid if pid else '-':>7}")
         sys.stdout.flush()
 
-    outcome = run_up(layout, grace_s=grace, number=instance_number, on_up=on_up, announce=announce)
+    try:
+        outcome = run_up(
+            layout, grace_s=grace, number=instance_number, on_up=on_up, announce=announce
+        )
+    except ServiceExited as e:  # everything is stopped and released: say why, exit 5
+        click.echo(f"portpool: {e}", err=True)
+        outcome = Outcome(e.exit_code, lingering=e.lingering)
     if outcome.message:
         click.echo(f"portpool: {outcome.message}", err=outcome.code != 0 and outcome.signum is None)
     stopped = f"portpool: instance {numbers[0]} stopped; its ports are free" if numbers else None

@@ -195,14 +195,38 @@ class ShieldTripped(PortPoolError):
 
 
 class ServiceExited(PortPoolError):
-    """A supervised service exited on its own."""
+    """A service of ``up`` ended the instance: it exited on its own and its restart
+    policy said no, gave up restarting, could not start, or was not ready in time.
+    Raised once everything was stopped and released.
+
+    ``service`` is its name; ``returncode`` its last ``Popen`` return code (negative:
+    killed by that signal; None when it never exited: not ready in time, could not
+    start) and ``status`` the same as a shell's exit status (128+N for signal N);
+    ``reason`` is "exited", "early" (exited before it was ready), "gave-up",
+    "not-ready" or "cannot-start"; ``lingering`` the ports something still held after
+    the stop ("port P is still held by pid X (name)").
+    """
 
     exit_code = 5
 
-    def __init__(self, service: str, returncode: int) -> None:
+    def __init__(
+        self,
+        service: str,
+        returncode: int | None,
+        message: str | None = None,
+        *,
+        reason: str = "exited",
+        lingering: Sequence[str] = (),
+    ) -> None:
         self.service = service
         self.returncode = returncode
-        super().__init__(f"service {service!r} exited on its own with status {returncode}")
+        self.status: int | None = None
+        if returncode is not None:
+            self.status = 128 - returncode if returncode < 0 else returncode
+        self.reason = reason
+        self.lingering = list(lingering)
+        default = f"service {service!r} exited on its own with status {returncode}"
+        super().__init__(message or default)
 
 
 class CommandNotFound(PortPoolError):

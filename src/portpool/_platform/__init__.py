@@ -18,8 +18,8 @@ Everything above this package calls these names and never ``sys.platform``:
 - ``open_files_limit``: the soft limit on open file descriptors, where there is one.
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
 - ``become_subreaper``, ``signal_group``, ``process_group``, ``reap_adopted``,
-  ``SignalInbox``: what ``run``/``up`` need to stop whole process trees and to read
-  signals with their sender (``_process``).
+  ``has_children``, ``SignalInbox``: what ``run``/``up`` need to stop whole process
+  trees and to read signals with their sender (``_process``).
 - ``signal_verified``, ``detached_options``: signal a process only once it is pinned and
   checked (pidfd), and start one outside our session (``_control``, for ``stop`` and
   ``up --detach``).
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         SignalInbox,
         become_subreaper,
         enlarge_pipe,
+        has_children,
         process_group,
         reap_adopted,
         signal_group,
@@ -111,6 +112,7 @@ _LAZY = {
             "SignalInbox",
             "become_subreaper",
             "enlarge_pipe",
+            "has_children",
             "process_group",
             "reap_adopted",
             "signal_group",
@@ -152,6 +154,7 @@ __all__ = [
     "enlarge_pipe",
     "ephemeral_port_range",
     "exclusive_bind_options",
+    "has_children",
     "identity_of",
     "in_terminal_foreground",
     "is_alive",

@@ -1,0 +1,322 @@
+"""The Supervisor: the processes started for one instance, each with its whole tree.
+
+One place starts a process with its sockets (``Supervisor.start_process``), one wait
+loop ends a run (``wait``), and one place stops every process with its whole tree
+(``stop``). ``Outcome`` is why a supervised run ended. The commands built on it are
+``portpool._run`` (``run``) and ``portpool._up`` with ``portpool._services`` (``up``).
+
+Rule 7: we only signal processes we started, directly or through them: a service's
+process group while its leader is not reaped (so the group id cannot be reused), its
+``Popen`` (which refuses a reaped child), and descendants through ``psutil`` handles
+(which check the process start time). On Linux ``run``/``up`` is a child subreaper, so
+a service's double-forked or ``setsid`` children re-parent to us and stay stoppable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING
+
+from portpool._launch import DEFAULT_GRACE_S, describe_status, held_ports, pump_lines, spawn
+from portpool._platform import (
+    enlarge_pipe,
+    has_children,
+    process_group,
+    reap_adopted,
+    signal_group,
+)
+from portpool.errors import PortPoolError
+
+__all__ = ["Outcome", "Supervisor"]
+
+if TYPE_CHECKING:
+    import psutil
+
+    from portpool._keeper import Failure
+    from portpool.instance import Instance
+
+_TICK_S = 0.5
+_SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+@dataclass
+class Outcome:
+    """Why a supervised run ended: the exit code it maps to, a message, and the signal
+    the caller should die of after releasing (None: exit with ``code``)."""
+
+    code: int
+    message: str = ""
+    signum: int | None = None
+    returncode: int | None = None  # ``run``: the command's Popen returncode
+    lingering: list[str] = field(default_factory=list)  # ports still held, for people
+    failure: Failure | None = None  # ``up``: the service's failure behind code 5
+
+
+class Supervisor:
+    """Processes started for one instance, each with its whole tree.
+
+    ``on_exit(name, returncode)`` is called (on a waiter thread) when a process exits
+    while no stop was requested; it returns the ``Outcome`` that ends ``wait()``, or
+    None to keep waiting. With ``adopt`` every child of this process counts as ours
+    (``run``/``up``, child subreapers that start nothing else); without it, only the
+    descendants of the processes started here.
+    """
+
+    def __init__(
+        self,
+        instance: Instance,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        out: IO[str] | None = None,
+        on_exit: Callable[[str, int], Outcome | None] | None = None,
+        adopt: bool = False,
+    ) -> None:
+        self.instance = instance
+        self.adopt = adopt  # every child of this process is ours (run/up as subreaper)
+        self.grace_s = grace_s
+        self.out = out or sys.stdout
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.on_exit = on_exit or self._exited_on_its_own
+        self._groups: set[str] = set()  # names whose process leads its own group
+        self._done = threading.Event()
+        self._outcome: Outcome | None = None
+        self._stopping = False
+        self._all_gone = False  # a stop ended with every process of ours gone
+        self._print_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        # Starting and stopping exclude each other: a restart that begins while the
+        # instance stops would leave a service behind.
+        self._spawn_lock = threading.Lock()
+
+    # -- starting
+
+    def start_process(
+        self,
+        name: str,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        sockets: Sequence[tuple[int, str]] = (),
+        own_group: bool = True,
+        capture: bool = True,
+        width: int = 0,
+        on_line: Callable[[str], None] | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start ``command`` as ``name`` with ``sockets`` at fds 3.., the parent-death
+        signal set and (``own_group``) in its own process group. With ``capture`` its
+        output is printed with a ``name |`` prefix (each line also given to ``on_line``);
+        else it inherits our stdio. Raises StartError, or PortPoolError once stopping."""
+        keep: list[int] = []
+        read_fd = write_fd = -1
+        if capture:
+            read_fd, write_fd = os.pipe()
+            enlarge_pipe(write_fd)
+            keep = [read_fd]  # the service holds a reader too: writes never hit EPIPE
+        try:
+            with self._spawn_lock:
+                if self._stopping:
+                    raise PortPoolError(f"not starting {name!r}: the instance is stopping")
+                proc = spawn(
+                    command,
+                    env,
+                    sockets=sockets,
+                    watch_parent=True,
+                    own_group=own_group,
+                    keep_fds=keep,
+                    stdin=subprocess.DEVNULL if capture else None,
+                    stdout=write_fd if capture else None,
+                    stderr=write_fd if capture else None,
+                )
+                self.children[name] = proc
+                if own_group:
+                    self._groups.add(name)
+        except BaseException:
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        if capture:
+            os.close(write_fd)
+            pump = threading.Thread(
+                target=pump_lines,
+                args=(name, width, os.fdopen(read_fd, "rb"), self.out, self._print_lock),
+                kwargs={"on_line": on_line},
+                name=f"portpool-out-{name}",
+                daemon=True,
+            )
+            pump.start()
+            self._threads.append(pump)
+        waiter = threading.Thread(
+            target=self._watch, args=(name, proc), name=f"portpool-wait-{name}", daemon=True
+        )
+        waiter.start()
+        return proc
+
+    def own_pids(self) -> list[int]:
+        """Pids of our processes still running (the shield's "ours" for a port; it
+        counts their descendants itself, when it needs to)."""
+        return [p.pid for p in self.children.values() if p.returncode is None]
+
+    # -- waiting
+
+    def _exited_on_its_own(self, name: str, returncode: int) -> Outcome:
+        return Outcome(5, f"service {name!r} exited on its own ({describe_status(returncode)})")
+
+    def _watch(self, name: str, proc: subprocess.Popen[bytes]) -> None:
+        returncode = proc.wait()
+        if not self._stopping:
+            outcome = self.on_exit(name, returncode)
+            if outcome is not None:
+                self.finish(outcome)
+
+    def finish(self, outcome: Outcome) -> None:
+        """Ask the supervisor to stop with ``outcome`` (the first request wins)."""
+        if self._outcome is None:
+            self._outcome = outcome
+        self._done.set()
+
+    @property
+    def finishing(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> Outcome:
+        """Block until a stop is requested (signal, exit, shield trip), reaping orphans
+        adopted meanwhile."""
+        while not self._done.wait(_TICK_S):
+            self._reap()
+        return self._outcome or Outcome(0)
+
+    def _reap(self) -> None:
+        reap_adopted({p.pid for p in self.children.values() if p.returncode is None})
+
+    # -- stopping
+
+    def send(self, signum: int, names: Sequence[str] | None = None) -> None:
+        """Send ``signum`` once to each named process (all when None): to its whole
+        group when it leads one, else to the process alone."""
+        for name in names if names is not None else list(self.children):
+            proc = self.children[name]
+            if proc.poll() is not None:
+                continue
+            if name in self._groups:
+                # The leader is not reaped (poll above): the group id is still its own.
+                signal_group(proc.pid, signum)
+            else:
+                with contextlib.suppress(OSError):
+                    proc.send_signal(signum)
+
+    def _tree(self) -> list[psutil.Process]:
+        """Every living process we started through our children: their descendants,
+        and with ``adopt`` every other child of ours (orphans adopted as a subreaper)."""
+        if self.adopt and not has_children():
+            return []  # no child at all: every descendant would be one (subreaper)
+        import psutil
+
+        mine = {p.pid for p in self.children.values()}
+        found: dict[int, psutil.Process] = {}
+        try:
+            if self.adopt:
+                roots = [psutil.Process()]
+            else:
+                roots = [psutil.Process(p.pid) for p in self.children.values() if p.poll() is None]
+            for root in roots:
+                for child in root.children(recursive=True):
+                    if child.pid not in mine:
+                        found[child.pid] = child
+        except psutil.Error:
+            pass
+        return list(found.values())
+
+    def stop_service(self, name: str) -> None:
+        """Stop the process group of service ``name`` (SIGTERM, ``grace_s``, SIGKILL)
+        and reap it: a rolling restart's stop of one service."""
+        proc = self.children.get(name)
+        if proc is None or proc.poll() is not None:
+            return
+        self.send(signal.SIGTERM, [name])
+        try:
+            proc.wait(timeout=self.grace_s)
+        except subprocess.TimeoutExpired:
+            self.send(_SIGKILL, [name])
+            proc.wait()
+
+    def stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop every process we started, with its whole tree: ``signum`` once to each
+        group and to each descendant outside those groups (also to one forked while
+        stopping), up to ``grace_s`` to exit, then SIGKILL for what is left. Returns
+        when all of it is gone. Once a stop saw all of it gone, a later call (the
+        instance's release after ``run``/``up`` stopped) returns at once: nothing can
+        become ours again, and each call scanned every process of the host twice."""
+        with self._spawn_lock:
+            self._stopping = True
+            self._done.set()  # keepers stop restarting
+            if self._all_gone:
+                return
+        groups = {p.pid for n, p in self.children.items() if n in self._groups and p.poll() is None}
+        self.send(signum)
+        signalled: set[tuple[int, float]] = set()
+        deadline = time.monotonic() + self.grace_s
+        kill = gone = False
+        for step in range(100_000):  # bounded; ends at the deadline or when all are gone
+            self._reap()
+            alive = [p for p in self._tree() if _running(p)]
+            if alive:
+                import psutil  # loaded by _tree, which found them (none: not loaded at all)
+            for proc in alive:
+                try:
+                    key = (proc.pid, proc.create_time())
+                    if kill:
+                        proc.kill()
+                    elif key not in signalled and process_group(proc.pid) not in groups:
+                        # Members of a signalled group got it already: once is enough.
+                        proc.send_signal(signum)
+                    signalled.add(key)
+                except psutil.Error:
+                    continue
+            if not alive and all(p.poll() is not None for p in self.children.values()):
+                gone = True
+                break
+            if not kill and time.monotonic() >= deadline:
+                kill = True
+                self.send(_SIGKILL)
+                deadline = time.monotonic() + 10.0
+            elif kill and time.monotonic() >= deadline:
+                break  # unkillable (uninterruptible sleep): give up waiting, not hang
+            time.sleep(min(0.05, 0.002 * 2**step))  # most services exit within milliseconds
+        for child in self.children.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=1.0)
+        self._reap()
+        for thread in self._threads:
+            thread.join(timeout=2)
+        self._all_gone = gone
+
+    def lingering(self, timeout_s: float) -> list[str]:
+        """Ports of the instance still listened on by a process other than us, waited
+        for up to ``timeout_s``: "port P is still held by pid X (name)"; [] when free.
+        Closes the leases' sockets first (the locks stay until release)."""
+        for lease in self.instance.leases.values():
+            lease.close_socket()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            held = held_ports(self.instance)
+            if not held or time.monotonic() >= deadline:
+                return held
+            time.sleep(0.05)
+
+
+def _running(proc: psutil.Process) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False

@@ -1,0 +1,115 @@
+"""``portpool run``: one command on a fresh instance, its signals relayed, its exit status returned.
+
+``run_command`` acquires an instance, starts the command with the instance's
+environment (and with ``fds`` its sockets at fds 3..), relays each stop signal to it
+once, stops whatever it left running when it exits and releases everything. The
+command's exit status, or the signal it died of, is the caller's to pass on.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from portpool._launch import DEFAULT_GRACE_S, base_environment, exit_status, find_program
+from portpool._platform import ReceivedSignal, in_terminal_foreground
+from portpool._processes import Outcome, Supervisor
+
+__all__ = ["relay_to", "run_command"]
+
+if TYPE_CHECKING:
+    from portpool.instance import Instance
+    from portpool.layout import Layout
+
+
+def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[[Any], None]:
+    """The signal callback of ``run``: pass each signal to the command once. A signal
+    the kernel sent to our whole group (a terminal's Ctrl-C) reached it already."""
+
+    terminal_keys = {getattr(signal, n, None) for n in ("SIGINT", "SIGQUIT")}
+
+    def relay(received: ReceivedSignal) -> None:
+        if shared_group and received.from_kernel:
+            return
+        if shared_group and not received.sender_known and received.signum in terminal_keys:
+            return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
+        supervisor.send(received.signum, [name])
+
+    return relay
+
+
+def run_command(
+    layout: Layout,
+    command: Sequence[str],
+    *,
+    services: Sequence[str] | None = None,
+    fds: bool = False,
+    grace_s: float = DEFAULT_GRACE_S,
+    number: int | None = None,
+    announce: Callable[[Instance], None] | None = None,
+) -> Outcome:
+    """``portpool run``: start an instance of ``layout`` with ``services`` (all when
+    None), run ``command`` with its environment (and with ``fds`` its sockets at fds
+    3..), and when it exits stop whatever it left running and release everything.
+
+    Main thread only: the stop signals are taken over for the call and relayed to the
+    command once each. ``number`` pins the instance number (see ``start_instance``).
+    ``announce(instance)`` runs before the command starts. Returns
+    the Outcome: ``code`` the command's exit status, ``signum`` the signal it died of
+    (the caller should then die of it too), ``lingering`` ports something still held.
+    Raises CommandNotFound (nothing started), Interrupted (a signal arrived before the
+    command started; all released), ShieldTripped (after stopping the command),
+    StartError, LayoutError, StateDirError.
+    """
+    from portpool._platform import become_subreaper
+    from portpool._relay import SignalScope
+    from portpool.errors import CommandNotFound, ShieldTripped
+    from portpool.instance import start_instance
+
+    problem = find_program(command)
+    if problem is not None:
+        raise CommandNotFound(command[0], problem)
+
+    def exited(name: str, returncode: int) -> Outcome:
+        signum = -returncode if returncode < 0 else None
+        return Outcome(exit_status(returncode), signum=signum, returncode=returncode)
+
+    with SignalScope() as scope:
+        become_subreaper()
+        # No heartbeat thread yet: every thread must start after the signals are blocked.
+        instance = start_instance(layout, services=services or None, number=number, heartbeat=False)
+        try:
+            names = list(instance.leases)
+            env = base_environment(instance.env(names[0] if len(names) == 1 else None))
+            sockets = [(lease.fileno(), n) for n, lease in instance.leases.items()] if fds else []
+            if not fds:
+                for lease in instance.leases.values():
+                    lease.close_socket()  # the lock stays: no portpool user can take the port
+            if announce is not None:
+                announce(instance)
+            scope.block()
+            scope.check()
+            # In a terminal's foreground group the command stays in ours, as after
+            # `exec`: it keeps the terminal, and the shell that called us gets Ctrl-C too.
+            shared = in_terminal_foreground()
+            supervisor = Supervisor(instance, grace_s=grace_s, on_exit=exited, adopt=True)
+            instance.on_release(supervisor.stop)
+            proc = supervisor.start_process(
+                "command", command, env, sockets=sockets, own_group=not shared, capture=False
+            )
+            scope.relay(relay_to(supervisor, "command", shared))
+            instance.set_service_pids(dict.fromkeys(names, proc.pid))
+            instance.start_heartbeat()
+            instance.start_shield(
+                on_lost=lambda lease, reason: supervisor.finish(Outcome(4, reason)),
+                own_pids=supervisor.own_pids,
+            )
+            outcome = supervisor.wait()
+            supervisor.stop()
+            outcome.lingering = supervisor.lingering(grace_s)
+        finally:
+            instance.release()
+    if outcome.code == ShieldTripped.exit_code and outcome.returncode is None:
+        raise ShieldTripped(outcome.message)
+    return outcome

@@ -1,0 +1,209 @@
+"""``up``'s services under one Supervisor: a keeper per service, started in dependency order.
+
+``ServiceSupervisor`` adds to ``portpool._processes.Supervisor`` what only ``up`` needs:
+a keeper thread per service (``portpool._keeper``: start, readiness, restart policy),
+the "ready" and "restarting" lines, the services' states in the instance record, and
+rolling restarts (``kill -HUP``), one at a time with at most one more queued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import subprocess
+import threading
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING
+
+from portpool._keeper import Failure, ServiceKeeper, describe_failure
+from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
+from portpool._order import start_order
+from portpool._processes import Outcome, Supervisor
+from portpool._readiness import ReadinessProbe
+
+__all__ = ["ServiceSupervisor"]
+
+if TYPE_CHECKING:
+    from portpool.instance import Instance
+    from portpool.layout import Service
+
+
+class ServiceSupervisor(Supervisor):
+    """The Supervisor of ``up``: every service of ``instance`` that has a command, each
+    kept by a ``ServiceKeeper`` (see ``start_services``); ``grace_s`` and ``out`` as for
+    ``Supervisor``. A keeper's failure finishes the run with an ``Outcome`` of code 5
+    that carries the ``Failure``."""
+
+    def __init__(
+        self,
+        instance: Instance,
+        *,
+        grace_s: float = DEFAULT_GRACE_S,
+        out: IO[str] | None = None,
+    ) -> None:
+        # The keepers decide what a service's exit means (restart, or exit 5); every
+        # child of ours is ours (``up`` is a child subreaper that starts nothing else).
+        super().__init__(
+            instance, grace_s=grace_s, out=out, on_exit=lambda name, rc: None, adopt=True
+        )
+        self.keepers: dict[str, ServiceKeeper] = {}
+        self._width = 0
+        self._common: dict[str, str] = {}
+        self._rolling = threading.Lock()
+        # SIGHUP: one rolling-restart worker at a time, and at most one more queued.
+        self._hup_lock = threading.Lock()
+        self._hup_running = False
+        self._hup_pending = False
+        self.is_up = threading.Event()  # "is up" was said: a rolling restart may begin
+
+    def start_services(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
+        """Start a keeper thread (``portpool._keeper``) for every service of the instance
+        that has a ``command``: each starts its service, in its own process group, once
+        what it depends on is ready, waits for its readiness and restarts it by its
+        ``restart`` policy on the same socket. Returns service -> pid of those started
+        already; ``wait_ready`` waits for the rest. Nothing starts once ``should_stop()``.
+        """
+        if should_stop():
+            return {}
+        layout = self.instance.layout
+        services = {
+            s.name: s for s in layout.services if s.command and s.name in self.instance.leases
+        }
+        self._width = max((len(name) for name in services), default=0)
+        self._common = {"PORTPOOL_SUPERVISOR_PID": str(os.getpid())}
+        if "PORTPOOL_HOME" not in os.environ:
+            self._common["PORTPOOL_HOME"] = self.instance.state.path
+        # A dependency without a command has nothing to wait for.
+        graph = {n: tuple(d for d in s.depends_on if d in services) for n, s in services.items()}
+        for name in start_order(graph):
+            svc = services[name]
+            if svc.socket == "port":
+                # The child binds the port itself; our lock keeps portpool users off.
+                self.instance.leases[name].close_socket()
+            self.keepers[name] = ServiceKeeper(
+                svc,
+                self.instance.leases[name].port,
+                spawn=self._spawn_service,
+                stop=self.stop_service,
+                make_probe=functools.partial(self._probe, svc),
+                on_change=self._record_states,
+                on_ready=self._print_ready,
+                on_failure=self._failed,
+                done=self._done,
+                depends_on=[self.keepers[d] for d in graph[name]],
+                on_restart=self._print_restarting,
+            )
+        self._record_states(None)
+        for name, keeper in self.keepers.items():
+            thread = threading.Thread(target=keeper.run, name=f"portpool-keep-{name}", daemon=True)
+            thread.start()
+        return {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
+
+    def _probe(self, svc: Service) -> ReadinessProbe:
+        lease = self.instance.leases[svc.name]
+        listening = lease.socket if svc.socket == "fd" else None
+        host = listening.getsockname()[0] if listening is not None else self.instance.layout.host
+        return ReadinessProbe(svc.ready, host, lease.port, listening)
+
+    def _spawn_service(self, svc: Service, probe: ReadinessProbe) -> subprocess.Popen[bytes]:
+        assert svc.command is not None
+        lease = self.instance.leases[svc.name]
+        env = base_environment({**self.instance.env(svc.name), **self._common})
+        sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
+        return self.start_process(
+            svc.name, svc.command, env, sockets=sockets, width=self._width, on_line=probe.feed_line
+        )
+
+    def _record_states(self, _keeper: ServiceKeeper | None) -> None:
+        pids = {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
+        states = {name: k.snapshot() for name, k in self.keepers.items()}
+        self.instance.set_service_states(states, pids)
+
+    def _say(self, line: str) -> None:
+        with self._print_lock, contextlib.suppress(OSError, ValueError):
+            self.out.write(line + "\n")
+            self.out.flush()
+
+    def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
+        again = {
+            "restart": f" (restart {keeper.restarts})",
+            "rolling": " (rolling restart)",  # planned: not counted as a failure
+        }.get(keeper.start_reason, "")
+        self._say(f"portpool: {keeper.name} ready on port {keeper.port} in {seconds:.2f} s{again}")
+
+    def _print_restarting(self, keeper: ServiceKeeper, returncode: int, delay_s: float) -> None:
+        self._say(
+            f"portpool: service {keeper.name!r} exited ({describe_status(returncode)}); "
+            f"restarting in {delay_s:g} s"
+        )
+
+    def wait_ready(self) -> bool:
+        """Block until every service was ready once (True, even if a stop was asked
+        for meanwhile) or the run ends before (False)."""
+        for keeper in self.keepers.values():
+            while not keeper.ever_ready.wait(0.2):
+                if self._done.is_set() and not keeper.ever_ready.is_set():
+                    return False
+        return True
+
+    def rolling_restart(self) -> list[str]:
+        """Restart every ready service in dependency order, each on its same socket,
+        waiting until it is ready again before the next; returns those restarted. A
+        call while one runs returns [] at once (``request_rolling_restart`` queues)."""
+        if not self._rolling.acquire(blocking=False):
+            return []
+        try:
+            done = []
+            if self.keepers and not self._done.is_set():
+                self._say(f"portpool: rolling restart of {', '.join(self.keepers)}")
+            for name, keeper in self.keepers.items():
+                if self._done.is_set():
+                    break
+                if keeper.restart_now(keeper.service.ready_timeout_s + self.grace_s):
+                    done.append(name)
+            return done
+        finally:
+            self._rolling.release()
+
+    def request_rolling_restart(self) -> None:
+        """``rolling_restart`` in a thread (for a signal callback), once every service
+        was ready. A request while services start or a rolling restart runs is queued:
+        at most one more runs after the current one (more requests meanwhile add
+        nothing; each is said on the console). Dropping them silently left a SIGHUP
+        sent during start or during a restart without effect."""
+        with self._hup_lock:
+            if self._hup_running:
+                if self._hup_pending:
+                    self._say("portpool: SIGHUP: a rolling restart is already queued")
+                else:
+                    self._hup_pending = True
+                    self._say(
+                        "portpool: SIGHUP: rolling restart queued (services are "
+                        "starting or restarting)"
+                    )
+                return
+            self._hup_running = True
+            if not all(k.ever_ready.is_set() for k in self.keepers.values()):
+                self._say("portpool: SIGHUP: rolling restart once every service is ready")
+        threading.Thread(target=self._rolling_worker, name="portpool-rolling", daemon=True).start()
+
+    def _rolling_worker(self) -> None:
+        try:
+            while not self.is_up.wait(0.2):
+                if self._done.is_set():
+                    return
+            while not self._done.is_set():
+                self.rolling_restart()
+                with self._hup_lock:
+                    if not self._hup_pending:
+                        self._hup_running = False
+                        return
+                    self._hup_pending = False
+        finally:
+            with self._hup_lock:
+                self._hup_running = False
+                self._hup_pending = False
+
+    def _failed(self, failure: Failure) -> None:
+        self.finish(Outcome(5, describe_failure(failure), failure=failure))

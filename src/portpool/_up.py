@@ -1,0 +1,141 @@
+"""``portpool up``: every service of a layout, held until a signal, a failure or a shield trip.
+
+``run_up`` acquires an instance, starts its services through a ``ServiceSupervisor``
+(``portpool._services``), turns each stop signal into the run's end (``kill -HUP``
+into a rolling restart), and on the way out stops every process and releases
+everything. A service's failure ends the run with ``ServiceExited`` (exit code 5).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from typing import IO, TYPE_CHECKING
+
+from portpool._launch import DEFAULT_GRACE_S, find_program
+from portpool._platform import ReceivedSignal, controlling_terminal_alive
+from portpool._processes import Outcome
+
+__all__ = ["run_up"]
+
+if TYPE_CHECKING:
+    from portpool.instance import Instance
+    from portpool.layout import Layout
+
+
+def _stop_with(signum: int) -> int:
+    # A hangup means the terminal is gone: stop services, do not make them reload.
+    return signal.SIGTERM if signum == getattr(signal, "SIGHUP", -1) else signum
+
+
+def run_up(
+    layout: Layout,
+    *,
+    grace_s: float = DEFAULT_GRACE_S,
+    number: int | None = None,
+    out: IO[str] | None = None,
+    on_up: Callable[[Instance, dict[str, int]], None] | None = None,
+    announce: Callable[[Instance], None] | None = None,
+) -> Outcome:
+    """``portpool up``: start an instance of ``layout`` and every service that has a
+    command, each in its own process group, in dependency order (a service starts once
+    what it depends on is ready); restart them by their ``restart`` policy on the same
+    sockets; hold them until a signal, a service's failure or a shield trip, then stop
+    every process they started and release everything.
+
+    Main thread only (takes over the stop signals for the call). A stop signal is
+    passed to the services once (SIGINT stays SIGINT), then ``grace_s``, then SIGKILL;
+    USR1/USR2 are passed on without stopping; SIGHUP sent by a process (``kill -HUP``)
+    restarts every service in dependency order on the same sockets
+    (``ServiceSupervisor.rolling_restart``; one more is queued while one runs or services
+    start), while a terminal's hangup stops. ``announce(instance)`` runs as soon as the
+    instance is acquired, before any service starts (so its ports are said also when a
+    start then fails); ``on_up`` runs once every service is ready; ``number`` pins the
+    instance number. Returns the Outcome: code 0 after SIGTERM, 4 shield tripped;
+    ``signum`` set when the caller should die of that signal (SIGINT, SIGQUIT, a
+    terminal's SIGHUP); ``lingering`` ports something still held after the stop.
+    Raises ServiceExited (exit code 5, after stopping everything and releasing) when a
+    service exited and was not restarted, gave up after too many restarts without
+    making progress (``portpool._restart``), could not start, or was not ready in time;
+    LayoutError (a command cannot be executed; nothing started), Interrupted,
+    StartError, StateDirError.
+    """
+    from portpool._platform import become_subreaper
+    from portpool._relay import SignalScope
+    from portpool._services import ServiceSupervisor  # its keepers and probes: up only
+    from portpool.errors import LayoutError, ServiceExited
+    from portpool.instance import start_instance
+
+    for service in layout.services:
+        problem = service.command and find_program(service.command)
+        if problem:
+            raise LayoutError(layout.source, f"services.{service.name}.command", problem)
+    stop_signal: list[int] = []
+    relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
+    hangup = getattr(signal, "SIGHUP", None)
+    # A closed terminal reaches us as the kernel's SIGHUP, or as a shell passing its own
+    # on (an ordinary signal from the shell's pid): the terminal tells the two apart.
+    had_terminal = controlling_terminal_alive()
+    with SignalScope() as scope:
+        become_subreaper()
+        instance = start_instance(layout, number=number, heartbeat=False)
+        try:
+            if announce is not None:
+                announce(instance)
+            scope.block()
+            scope.check()
+            supervisor = ServiceSupervisor(instance, grace_s=grace_s, out=out)
+            instance.on_release(supervisor.stop)
+
+            def on_signal(received: ReceivedSignal) -> None:
+                signum = received.signum
+                if signum in relayed_only:
+                    supervisor.send(signum)
+                elif (
+                    signum == hangup
+                    and not received.from_kernel
+                    and not supervisor.finishing
+                    and not (had_terminal and not controlling_terminal_alive())
+                ):
+                    # kill -HUP: a rolling restart. A terminal's hangup stops.
+                    supervisor.request_rolling_restart()
+                elif supervisor.finishing:
+                    supervisor.send(_stop_with(signum))  # asked again: passed on once more
+                else:
+                    stop_signal.append(_stop_with(signum))
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGTERM:
+                        supervisor.finish(Outcome(0, f"stopping on {name}"))
+                    else:
+                        supervisor.finish(Outcome(128 + signum, f"stopping on {name}", signum))
+
+            scope.relay(on_signal)
+            supervisor.start_services(should_stop=lambda: supervisor.finishing)
+            if not supervisor.finishing:
+                instance.start_heartbeat()
+                instance.start_shield(
+                    on_lost=lambda lease, reason: supervisor.finish(
+                        Outcome(4, f"shield tripped: {reason}")
+                    ),
+                    own_pids=supervisor.own_pids,
+                )
+                if supervisor.wait_ready():
+                    if on_up is not None:
+                        pids = {n: k.pid for n, k in supervisor.keepers.items() if k.pid}
+                        on_up(instance, pids)
+                    supervisor.is_up.set()
+            outcome = supervisor.wait()
+            supervisor.stop(stop_signal[0] if stop_signal else signal.SIGTERM)
+            outcome.lingering = supervisor.lingering(grace_s)
+        finally:
+            instance.release()
+    failure = outcome.failure
+    if failure is not None:
+        raise ServiceExited(
+            failure.service,
+            failure.returncode,
+            outcome.message,
+            reason=failure.kind,
+            lingering=outcome.lingering,
+        )
+    return outcome
