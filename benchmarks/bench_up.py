@@ -39,7 +39,7 @@ PY = sys.executable
 SERVICES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
 READY_TIMEOUT_S = 60.0
 UP_IMPORTS = (
-    "import logging, portpool.cli, portpool.instance, portpool.supervisor, portpool._services,"
+    "import logging, portpool.cli, portpool.instance, portpool._up, portpool._services,"
     " portpool.shield"
 )
 

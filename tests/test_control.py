@@ -333,7 +333,7 @@ def test_stop_never_signals_a_process_that_is_not_the_lock_holder(
         # pid): refuse. We are that holder, and we are still alive to check.
         held = _fake_holder(state, layout.app, 2, os.getpid(), "12345.000")
         try:
-            from portpool.control import stop_instances
+            from portpool import stop_instances
 
             with pytest.raises(StopFailed) as info:
                 stop_instances(layout, 2, state=state, timeout_s=1)

@@ -49,7 +49,7 @@ LIBRARY = {
     "portpool.instance",
     "portpool.pool",
     "portpool.shield",
-    "portpool.supervisor",
+    "portpool._up",
     "portpool._platform._net",
     # reading a layout's restart key needs its words, not the supervisor's restart machinery
     "portpool._restart",

@@ -398,7 +398,7 @@ ANNOUNCING_UP = """\
 import sys
 from portpool.errors import ServiceExited
 from portpool.layout import load_layout
-from portpool.supervisor import run_up
+from portpool import run_up
 
 def announce(instance):
     ports = " ".join(f"{n}={p}" for n, p in instance.ports.items())
@@ -443,7 +443,7 @@ KILLED_UP = """\
 import sys
 from portpool.errors import ServiceExited
 from portpool.layout import load_layout
-from portpool.supervisor import run_up
+from portpool import run_up
 
 try:
     run_up(load_layout(sys.argv[1]), on_up=lambda i, p: print("is up", flush=True))

@@ -23,10 +23,20 @@ if TYPE_CHECKING:
         get_service_port_pool,
         init_instance_manager,
     )
+    from portpool._detach import (
+        Detached,
+        start_detached,
+    )
     from portpool._doctor import (
         DoctorReport,
         PortVerdict,
         examine_layout,
+    )
+    from portpool._find import (
+        find_instance,
+        format_env,
+        instance_env,
+        service_port,
     )
     from portpool._gc import (
         GcReport,
@@ -35,11 +45,29 @@ if TYPE_CHECKING:
     from portpool._host_warnings import (
         layout_warnings,
     )
+    from portpool._logs import (
+        follow_log,
+        log_path,
+    )
     from portpool._occupants import (
         Occupant,
     )
+    from portpool._processes import (
+        Outcome,
+    )
+    from portpool._run import (
+        run_command,
+    )
+    from portpool._stop import (
+        Stopped,
+        stop_instances,
+    )
+    from portpool._up import (
+        run_up,
+    )
     from portpool.diagnosis import (
         PortDiagnosis,
+        diagnose,
     )
     from portpool.errors import (
         AlreadyHeldHere,
@@ -100,6 +128,15 @@ del TYPE_CHECKING  # not a public name
 
 # Public name -> the module that defines it.
 _EXPORTS = {
+    **dict.fromkeys(("Detached", "start_detached"), "portpool._detach"),
+    **dict.fromkeys(
+        ("find_instance", "format_env", "instance_env", "service_port"), "portpool._find"
+    ),
+    **dict.fromkeys(("follow_log", "log_path"), "portpool._logs"),
+    **dict.fromkeys(("Outcome",), "portpool._processes"),
+    **dict.fromkeys(("run_command",), "portpool._run"),
+    **dict.fromkeys(("Stopped", "stop_instances"), "portpool._stop"),
+    **dict.fromkeys(("run_up",), "portpool._up"),
     **dict.fromkeys(
         ("layout_warnings",),
         "portpool._host_warnings",
@@ -117,7 +154,7 @@ _EXPORTS = {
         "portpool._occupants",
     ),
     **dict.fromkeys(
-        ("PortDiagnosis",),
+        ("PortDiagnosis", "diagnose"),
         "portpool.diagnosis",
     ),
     **dict.fromkeys(
@@ -236,6 +273,7 @@ __all__ = [
     "AlreadyHeldHere",
     "CommandNotFound",
     "DetachFailed",
+    "Detached",
     "DoctorReport",
     "GcReport",
     "Instance",
@@ -252,6 +290,7 @@ __all__ = [
     "NoFreeSlot",
     "NotRunning",
     "Occupant",
+    "Outcome",
     "PassedSocketError",
     "PoolExhausted",
     "PortDiagnosis",
@@ -270,19 +309,31 @@ __all__ = [
     "StateDir",
     "StateDirError",
     "StopFailed",
+    "Stopped",
     "UnknownService",
     "UsageError",
     "__version__",
     "acquire",
     "current_instance",
     "default_layout",
+    "diagnose",
     "examine_layout",
+    "find_instance",
+    "follow_log",
+    "format_env",
     "gc",
     "get_service_port_pool",
     "init_instance_manager",
+    "instance_env",
     "layout_warnings",
     "list_instances",
     "load_layout",
+    "log_path",
     "resolve_layout",
+    "run_command",
+    "run_up",
+    "service_port",
+    "start_detached",
     "start_instance",
+    "stop_instances",
 ]

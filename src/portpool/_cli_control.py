@@ -1,7 +1,8 @@
 """The ``portpool`` commands that act on a running instance from another terminal.
 
 ``port``, ``env``, ``stop`` and ``logs`` (registered on the ``portpool`` group by
-``portpool.cli``), and what ``up --detach`` prints; the work is ``portpool.control``'s.
+``portpool.cli``), and what ``up --detach`` prints; the work
+is the library's (``_find``, ``_stop``, ``_logs``, ``_detach``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def up_detached(
 ) -> None:
     """Start ``layout``'s instance in the background (``up --detach``) and print where
     it is: its number, ports, log and how to stop it."""
-    from portpool.control import check_number, start_detached
+    from portpool._detach import start_detached
+    from portpool._find import check_number
     from portpool.statedir import StateDir
 
     check_number(layout, instance_number)
@@ -59,7 +61,7 @@ def up_detached(
 @handle_errors
 def port(service: str, instance_number: int | None, config: str | None, as_json: bool) -> None:
     """Print the port SERVICE holds in a running instance (for `$(portpool port api)`)."""
-    from portpool.control import check_number, service_port
+    from portpool._find import check_number, service_port
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
@@ -80,7 +82,7 @@ def port(service: str, instance_number: int | None, config: str | None, as_json:
 @handle_errors
 def env(instance_number: int | None, config: str | None, export: bool) -> None:
     """A running instance's environment as KEY=value lines (a docker compose --env-file)."""
-    from portpool.control import check_number, format_env, instance_env
+    from portpool._find import check_number, format_env, instance_env
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
@@ -110,7 +112,8 @@ def stop(
     SIGTERM goes only to the process holding the instance's slot lock whose identity
     matches its record; then waits until its ports are free. Exit 1 if it does not run.
     """
-    from portpool.control import check_number, stop_instances
+    from portpool._find import check_number
+    from portpool._stop import stop_instances
     from portpool.statedir import StateDir
 
     if every and number is not None:
@@ -136,7 +139,8 @@ def logs(
     service: str | None, instance_number: int | None, config: str | None, follow: bool
 ) -> None:
     """The output of a detached instance (`up --detach`), with `up`'s prefixes."""
-    from portpool.control import check_number, follow_log
+    from portpool._find import check_number
+    from portpool._logs import follow_log
     from portpool.statedir import StateDir
 
     layout = layout_for(config)

@@ -1,6 +1,6 @@
 """Helpers of the supervisor: starting one process, its output, who still holds a port.
 
-Part of the supervisor layer; ``portpool.supervisor`` re-exports these names.
+Part of the supervisor layer (run, up and their processes).
 """
 
 from __future__ import annotations

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from portpool import Lease, PoolExhausted, Refusal, StateDir
     from portpool._platform import TcpSocket
+    from portpool.errors import PoolExhausted, Refusal
+    from portpool.pool import Lease
+    from portpool.statedir import StateDir
 
 HOST = "127.0.0.1"
 _CHUNK = 16  # ports handed to one acquire() call: its per-call checks cost per port
@@ -84,7 +86,8 @@ class _PortSource:
         handed out only if a bind without SO_REUSEADDR succeeds. Raises PoolExhausted
         naming every holder when no port of the range is left.
         """
-        from portpool import PoolExhausted, Refusal, acquire
+        from portpool.errors import PoolExhausted, Refusal
+        from portpool.pool import acquire
 
         refusals: list[Refusal] = []
         tried = 0
@@ -112,7 +115,7 @@ class _PortSource:
         raise self._exhausted(refusals)
 
     def _exhausted(self, refusals: list[Refusal]) -> PoolExhausted:
-        from portpool import PoolExhausted
+        from portpool.errors import PoolExhausted
 
         high = self.low + self.size - 1
         mine, held, others = _diagnosed(self.state, sorted({r.port for r in refusals}))

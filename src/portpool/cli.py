@@ -35,9 +35,9 @@ from portpool._cli_control import COMMANDS, up_detached
 # The library loads in the commands that use it: `--help` and the read-only commands
 # must not pay for sockets, threads and logging they never use (tests/test_imports.py).
 if TYPE_CHECKING:
+    from portpool._processes import Outcome
     from portpool.instance import Instance
     from portpool.records import ServiceInfo
-    from portpool.supervisor import Outcome
 
 # Commands that log nothing (no threads, no instance): they skip importing logging.
 _SILENT_COMMANDS = frozenset({"status", "layout", "gc"})
@@ -308,7 +308,7 @@ def run(
     Exits with COMMAND's exit code, or dies of the signal that killed it (3 if nothing
     could start, 4 if the shield tripped).
     """
-    from portpool.supervisor import run_command
+    from portpool._run import run_command
 
     if command[0].startswith("-"):  # an option run does not know, not a program
         raise click.UsageError(
@@ -343,8 +343,9 @@ def up(
     *, config: str | None, grace: float, instance_number: int | None, detach: bool, quiet: bool
 ) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
+    from portpool._processes import Outcome
+    from portpool._up import run_up
     from portpool.errors import ServiceExited
-    from portpool.supervisor import Outcome, run_up
 
     layout = layout_for(config)
     if detach:

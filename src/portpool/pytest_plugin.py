@@ -28,7 +28,10 @@ import pytest
 from portpool._pytest_source import _PortSource
 
 if TYPE_CHECKING:  # the rest of portpool is imported when a fixture is first used
-    from portpool import Instance, Layout, Lease, StateDir
+    from portpool.instance import Instance
+    from portpool.layout import Layout
+    from portpool.pool import Lease
+    from portpool.statedir import StateDir
 
 DEFAULT_TOP = 29999  # the default range ends here, or below the ephemeral range
 DEFAULT_SIZE = 10000
