@@ -7,7 +7,6 @@ is the library's (``_find``, ``_stop``, ``_logs``, ``_detach``).
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 import click
@@ -15,6 +14,7 @@ import click
 from portpool._cli_common import (
     config_option,
     display,
+    echo_json,
     handle_errors,
     instance_option,
     json_option,
@@ -70,7 +70,7 @@ def port(service: str, instance_number: int | None, config: str | None, as_json:
         info, number = service_port(layout, service, instance_number, state=state)
     if as_json:
         doc = {"app": layout.app, "instance": info.number, "service": service, "port": number}
-        click.echo(json.dumps(doc))
+        echo_json(doc)
     else:
         click.echo(number)
 
@@ -123,7 +123,7 @@ def stop(
     with StateDir.open(create=False) as state:  # it only signals: creates nothing
         stopped = stop_instances(layout, number, every=every, timeout_s=timeout, state=state)
     if as_json:
-        click.echo(json.dumps({"app": layout.app, "stopped": [s.to_dict() for s in stopped]}))
+        echo_json({"app": layout.app, "stopped": [s.to_dict() for s in stopped]})
         return
     for s in stopped:
         click.echo(f"portpool: instance {s.number} of {layout.app} stopped (pid {s.pid})")
