@@ -54,3 +54,18 @@ def test_layout_and_errors_may_import_no_layered_module() -> None:
     layers, independent = config["contracts"][0], config["contracts"][1]
     layered = {m.strip() for layer in layers["layers"] for m in layer.replace(":", "|").split("|")}
     assert layered - set(independent["forbidden_modules"]) == set()
+
+
+def test_every_public_callable_says_what_it_raises() -> None:
+    """The package's functions document their errors (or that they raise none)."""
+    import inspect
+
+    import portpool
+
+    for name in portpool.__all__:
+        value = getattr(portpool, name)
+        if inspect.isfunction(value):
+            doc = inspect.getdoc(value) or ""
+            assert "raise" in doc.lower(), f"portpool.{name}'s docstring names no errors"
+        elif inspect.isclass(value):
+            assert inspect.getdoc(value), f"portpool.{name} has no docstring"

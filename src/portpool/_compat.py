@@ -85,7 +85,8 @@ def _check_same(
 
 
 def current_instance() -> Instance | None:
-    """The instance ``init_instance_manager`` started in this process, if any."""
+    """The last instance ``init_instance_manager`` started in this process (it may
+    have been released since), or None if it never ran. Raises nothing."""
     return _current
 
 

@@ -138,7 +138,8 @@ _PLAIN = re.compile(r"[A-Za-z0-9_.,:/@+-]*")
 def format_env(env: dict[str, str], *, export: bool = False) -> str:
     """``KEY=value`` lines (a docker compose ``--env-file``), or ``export KEY=value`` lines
     quoted for a POSIX shell's ``eval``. Values with other characters are single-quoted,
-    which both read literally."""
+    which both read literally. ``env``: name -> value, as ``instance_env`` gives it.
+    Raises nothing."""
     lines = []
     for key, value in env.items():
         if export:

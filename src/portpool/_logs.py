@@ -28,7 +28,9 @@ def logs_dir(state: StateDir, app: str) -> DirHandle:
 
 
 def log_path(state: StateDir, app: str, number: int) -> str:
-    """Where the output of detached instance ``number`` of ``app`` is kept."""
+    """The path (str) where the output of detached instance ``number`` (1..) of ``app``
+    is kept; the file may not exist. Raises StateDirError if ``app`` is not a valid name
+    (it becomes a directory name)."""
     return os.path.join(state.path, "apps", check_name("app", app), "logs", f"{number}.log")
 
 

@@ -294,7 +294,9 @@ _DEFAULT_DEPENDS_ON = {
 
 @functools.lru_cache(maxsize=1)
 def default_layout() -> Layout:
-    """The original system's layout, started with the built-in reference services."""
+    """The original system's layout (six services: 6000+, 6010+, 6020+, 6030+, 7000+,
+    9000+, +100 per instance), started with the built-in reference services. Raises
+    nothing."""
     return Layout(
         app="qwen-valencia",
         services=tuple(
