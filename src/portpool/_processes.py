@@ -33,7 +33,7 @@ from portpool._platform import (
     reap_adopted,
     signal_group,
 )
-from portpool.errors import PortPoolError
+from portpool.errors import PortPoolError, ServiceExited
 
 __all__ = ["Outcome", "Supervisor"]
 
@@ -168,7 +168,8 @@ class Supervisor:
     # -- waiting
 
     def _exited_on_its_own(self, name: str, returncode: int) -> Outcome:
-        return Outcome(5, f"service {name!r} exited on its own ({describe_status(returncode)})")
+        status = describe_status(returncode)
+        return Outcome(ServiceExited.exit_code, f"service {name!r} exited on its own ({status})")
 
     def _watch(self, name: str, proc: subprocess.Popen[bytes]) -> None:
         returncode = proc.wait()

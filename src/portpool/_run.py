@@ -102,7 +102,9 @@ def run_command(
             instance.set_service_pids(dict.fromkeys(names, proc.pid))
             instance.start_heartbeat()
             instance.start_shield(
-                on_lost=lambda lease, reason: supervisor.finish(Outcome(4, reason)),
+                on_lost=lambda lease, reason: supervisor.finish(
+                    Outcome(ShieldTripped.exit_code, reason)
+                ),
                 own_pids=supervisor.own_pids,
             )
             outcome = supervisor.wait()

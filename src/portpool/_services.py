@@ -21,6 +21,7 @@ from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
 from portpool._order import start_order
 from portpool._processes import Outcome, Supervisor
 from portpool._readiness import ReadinessProbe
+from portpool.errors import ServiceExited
 
 __all__ = ["ServiceSupervisor"]
 
@@ -206,4 +207,4 @@ class ServiceSupervisor(Supervisor):
                 self._hup_pending = False
 
     def _failed(self, failure: Failure) -> None:
-        self.finish(Outcome(5, describe_failure(failure), failure=failure))
+        self.finish(Outcome(ServiceExited.exit_code, describe_failure(failure), failure=failure))

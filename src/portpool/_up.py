@@ -63,7 +63,7 @@ def run_up(
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
     from portpool._services import ServiceSupervisor  # its keepers and probes: up only
-    from portpool.errors import LayoutError, ServiceExited
+    from portpool.errors import LayoutError, ServiceExited, ShieldTripped
     from portpool.instance import start_instance
 
     for service in layout.services:
@@ -115,7 +115,7 @@ def run_up(
                 instance.start_heartbeat()
                 instance.start_shield(
                     on_lost=lambda lease, reason: supervisor.finish(
-                        Outcome(4, f"shield tripped: {reason}")
+                        Outcome(ShieldTripped.exit_code, f"shield tripped: {reason}")
                     ),
                     own_pids=supervisor.own_pids,
                 )
