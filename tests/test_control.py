@@ -26,11 +26,12 @@ from tests.helpers import (
     write_layout,
 )
 
+import portpool as portpool_lib
 from portpool._jsonfile import write_atomic
 from portpool._platform import current_identity
 from portpool.errors import PoolExhausted, SlotUnavailable, StopFailed
 from portpool.instance import start_instance
-from portpool.layout import load_layout
+from portpool.layout import default_layout, load_layout
 from portpool.lock import HeldLock, inspect_port
 from portpool.records import list_instances
 from portpool.statedir import StateDir
@@ -405,6 +406,48 @@ def test_up_detach_logs_and_stop(tmp_path: Path, port_base: int, home: Path) -> 
         if pid_alive(up_pid):
             portpool("stop", "--all", cwd=tmp_path)
     assert layout.exists()
+
+
+def test_start_detached_starts_the_layout_it_is_given(
+    tmp_path: Path, port_base: int, home: Path, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # start_detached ran `up` with whatever ./portpool.toml named, then waited for the
+    # given layout's app: it failed after 10 s and left the other app running.
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])  # testapp, in cwd
+    (tmp_path / "other").mkdir()
+    serve = {"command": [sys.executable, "-c", SERVE], "ready": "none"}
+    other = write_layout(tmp_path / "other" / "o.toml", port_base + 10, app="otherapp",
+                         services={"solo": serve})  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    layout = load_layout(str(other))
+    started = portpool_lib.start_detached(layout, state=state, quiet=True)
+    try:
+        assert started.ports == {"solo": port_base + 10}
+        assert not any(i.alive for i in list_instances("testapp", state))
+        assert not any(n.startswith("portpool: instance") for n in started.notes)  # quiet
+        # The library checks an instance number as the CLI does (exit 2, not "not running").
+        with pytest.raises(portpool_lib.UsageError) as bad:
+            portpool_lib.service_port(layout, "solo", 99, state=state)
+        assert bad.value.exit_code == 2
+    finally:
+        portpool_lib.stop_instances(layout, started.number, state=state)
+    # A layout its file does not hold cannot be read again by the background up.
+    for changed in (layout.with_changes(max_instances=1), default_layout().with_changes(app="x")):
+        with pytest.raises(portpool_lib.UsageError, match="detached up reads its layout"):
+            portpool_lib.start_detached(changed, state=state)
+
+
+def test_up_detach_quiet_prints_no_instance_line(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    done = portpool("up", "--detach", "-q", cwd=tmp_path, timeout=60)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert "instance 1 of testapp is up" in done.stdout
+        assert "portpool: instance 1 of testapp:" not in done.stderr  # `up -q` says no ports
+    finally:
+        portpool("stop", "--all", cwd=tmp_path)
 
 
 def test_up_detach_exits_with_the_background_ups_status(

@@ -16,7 +16,7 @@ from tests.helpers import HOLD, portpool, read_line, start, status_json, wait_fo
 
 from portpool._compat import get_service_port_pool, init_instance_manager
 from portpool._gc import gc
-from portpool.errors import NoFreeSlot, PoolExhausted, UsageError
+from portpool.errors import NoFreeSlot, PoolExhausted, PortPoolError, UsageError
 from portpool.instance import start_instance
 from portpool.layout import load_layout
 from portpool.lock import inspect_port
@@ -124,8 +124,17 @@ def test_the_entry_points_keep_to_the_running_instance(
                        {"services": ["alpha"]}):  # fmt: skip
             with pytest.raises(UsageError, match="already runs instance"):
                 init_instance_manager(shield=False, **kwargs)  # type: ignore[arg-type]
+        # One file spelled two ways is one layout (Layout equality includes its source).
+        assert init_instance_manager("first.toml", shield=False) is instance  # cwd-relative
+        with pytest.raises(UsageError, match=r"1\.\.10"):  # a bare ValueError before
+            get_service_port_pool("beta", instance=0)
+        with pytest.raises(UsageError, match=r"1\.\.10"):  # a pool no instance can have
+            get_service_port_pool("beta", instance=11)
     finally:
         instance.release()
+    # Released: the pools are not this process's any more (they were still answered).
+    with pytest.raises(PortPoolError, match="no instance runs in this process"):
+        get_service_port_pool("beta")
 
 
 def _run_holders(layout: Path, release: Path, count: int) -> list[subprocess.Popen[str]]:

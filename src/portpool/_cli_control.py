@@ -27,23 +27,17 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS", "up_detached"]
 
 
-def up_detached(
-    layout: Layout, config: str | None, grace: float, instance_number: int | None
-) -> None:
+def up_detached(layout: Layout, grace: float, instance_number: int | None, quiet: bool) -> None:
     """Start ``layout``'s instance in the background (``up --detach``) and print where
     it is: its number, ports, log and how to stop it."""
     from portpool._detach import start_detached
-    from portpool._find import check_number
     from portpool.statedir import StateDir
 
-    check_number(layout, instance_number)
-    args = ["--grace", repr(grace)]
-    if config is not None:
-        args += ["--config", config]
-    if instance_number is not None:
-        args += ["--instance", str(instance_number)]
+    layout.check_number(instance_number)
     with StateDir.open() as state:
-        started = start_detached(layout, args, state=state)
+        started = start_detached(
+            layout, state=state, number=instance_number, grace_s=grace, quiet=quiet
+        )
     for note in started.notes:  # its warnings (a skipped slot, ...) are for this terminal too
         click.echo(display(note), err=True)
     click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
@@ -61,11 +55,11 @@ def up_detached(
 @handle_errors
 def port(service: str, instance_number: int | None, config: str | None, as_json: bool) -> None:
     """Print the port SERVICE holds in a running instance (for `$(portpool port api)`)."""
-    from portpool._find import check_number, service_port
+    from portpool._find import service_port
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
-    check_number(layout, instance_number)
+    layout.check_number(instance_number)
     with StateDir.open(create=False) as state:  # read-only: creates nothing
         info, number = service_port(layout, service, instance_number, state=state)
     if as_json:
@@ -82,11 +76,11 @@ def port(service: str, instance_number: int | None, config: str | None, as_json:
 @handle_errors
 def env(instance_number: int | None, config: str | None, export: bool) -> None:
     """A running instance's environment as KEY=value lines (a docker compose --env-file)."""
-    from portpool._find import check_number, format_env, instance_env
+    from portpool._find import format_env, instance_env
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
-    check_number(layout, instance_number)
+    layout.check_number(instance_number)
     with StateDir.open(create=False) as state:  # read-only: creates nothing
         click.echo(format_env(instance_env(layout, instance_number, state=state), export=export))
 
@@ -112,14 +106,13 @@ def stop(
     SIGTERM goes only to the process holding the instance's slot lock whose identity
     matches its record; then waits until its ports are free. Exit 1 if it does not run.
     """
-    from portpool._find import check_number
     from portpool._stop import stop_instances
     from portpool.statedir import StateDir
 
     if every and number is not None:
         raise click.UsageError("give an instance NUMBER or --all, not both")
     layout = layout_for(config)
-    check_number(layout, number)
+    layout.check_number(number)
     with StateDir.open(create=False) as state:  # it only signals: creates nothing
         stopped = stop_instances(layout, number, every=every, timeout_s=timeout, state=state)
     if as_json:
@@ -139,12 +132,11 @@ def logs(
     service: str | None, instance_number: int | None, config: str | None, follow: bool
 ) -> None:
     """The output of a detached instance (`up --detach`), with `up`'s prefixes."""
-    from portpool._find import check_number
     from portpool._logs import follow_log
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
-    check_number(layout, instance_number)
+    layout.check_number(instance_number)
     with StateDir.open(create=False) as state:  # read-only: creates nothing
         follow_log(
             layout,

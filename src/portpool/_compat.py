@@ -44,13 +44,16 @@ def init_instance_manager(
     Compatibility layer: the original system's entry point; new code calls
     ``start_instance``. Raises UsageError when this process already runs an instance
     and the call asks for another layout, services or number (it used to return the
-    first instance silently); else what ``start_instance`` raises (NoFreeSlot,
-    PoolExhausted, SlotUnavailable, UsageError, LayoutError, StateDirError).
+    first instance silently; a shield asked for now is started); else what
+    ``start_instance`` raises (NoFreeSlot, PoolExhausted, SlotUnavailable, UsageError,
+    LayoutError, StateDirError).
     """
     global _current
     with _current_mutex:
         if _current is not None and not _current._released:
             _check_same(_current, layout, services, number)
+            if shield and _current._shield is None:  # asked for now: it runs from here on
+                _current.start_shield()
             return _current
         resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
         instance = start_instance(resolved, services=services, number=number)
@@ -70,7 +73,7 @@ def _check_same(
     problems = []
     if layout is not None:
         wanted = layout if isinstance(layout, Layout) else resolve_layout(layout)
-        if wanted != current.layout:
+        if not wanted.same_as(current.layout):
             problems.append(f"another layout ({wanted.source}, app {wanted.app!r})")
     if services is not None and set(services) != set(current.leases):
         problems.append(f"services {sorted(set(services))}")
@@ -97,17 +100,19 @@ def get_service_port_pool(service: str, instance: int | None = None) -> list[int
     The layout is the running instance's (from ``init_instance_manager``), else
     ``./portpool.toml`` or the default layout. Compatibility layer: the original
     system's entry point. Raises UnknownService for a service the layout lacks,
-    PortPoolError when no ``instance`` is given and ``init_instance_manager`` has not
-    run in this process.
+    UsageError for an ``instance`` outside 1..max_instances, PortPoolError when no
+    ``instance`` is given and no instance of ``init_instance_manager`` runs in this
+    process (never started, or released).
     """
+    running = _current if _current is not None and not _current._released else None
     if instance is not None:
-        running = _current if _current is not None and not _current._released else None
         # The running instance's layout, not whatever ./portpool.toml says now.
         layout = running.layout if running is not None else resolve_layout(None)
+        layout.check_number(instance)
         return layout.pool(service, instance)
-    if _current is None:
+    if running is None:
         raise PortPoolError(
-            "no instance in this process: call init_instance_manager() first, "
-            "or pass the instance number"
+            "no instance runs in this process: call init_instance_manager() first "
+            "(again after release()), or pass the instance number"
         )
-    return _current.pool(service)
+    return running.pool(service)

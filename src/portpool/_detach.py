@@ -10,12 +10,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from portpool._launch import DEFAULT_GRACE_S
 from portpool._logs import logs_dir, set_log_owner
 from portpool._platform import DirHandle, detached_options, identity_of
-from portpool.errors import DetachFailed
+from portpool.errors import DetachFailed, UsageError
 from portpool.layout import Layout
 from portpool.records import read_instance
 from portpool.statedir import StateDir
@@ -71,16 +71,64 @@ def _tail(seen: bytes) -> str:
     return b"\n".join(seen.splitlines()[-_TAIL_LINES:]).decode(errors="replace")
 
 
-def start_detached(
-    layout: Layout, up_args: Sequence[str], *, state: StateDir, cwd: str | None = None
-) -> Detached:
-    """Start ``portpool up UP_ARGS`` in the background, in its own session, its output
-    (the services' prefixed lines and its own) going to ``log_path(...)``; return once it
-    says the instance is up and its record (pid, start token, lock) shows it running.
+def _layout_args(layout: Layout, cwd: str) -> list[str]:
+    """``--config FILE`` naming ``layout`` for an ``up`` run in ``cwd``, which reads its
+    layout from a file: the one it came from, or none for the built-in layout."""
+    from portpool._layout_load import layout_path
+    from portpool.layout import default_layout, resolve_layout
 
-    Raises DetachFailed with its exit status (128+N if killed by signal N) and the log's
-    tail if it exits first, or if it stopped right after it said it was up.
+    if layout.source == default_layout().source:
+        if layout != default_layout():
+            raise UsageError(
+                "a detached up reads its layout from a file, and this one was built in "
+                "Python: save it as TOML and pass load_layout(path)"
+            )
+        found = layout_path(None, cwd)
+        if found is not None:
+            raise UsageError(
+                f"a detached up in {cwd} would use {found}, not the built-in layout: "
+                "pass cwd= a directory without a portpool.toml"
+            )
+        return []
+    path = os.path.abspath(layout.source)
+    if not resolve_layout(path).same_as(layout):
+        raise UsageError(
+            f"{layout.source} no longer holds this layout (changed since it was loaded, or "
+            "changed in Python): a detached up reads its layout from that file"
+        )
+    return ["--config", path]
+
+
+def start_detached(
+    layout: Layout,
+    *,
+    state: StateDir,
+    number: int | None = None,
+    grace_s: float = DEFAULT_GRACE_S,
+    quiet: bool = False,
+    cwd: str | None = None,
+) -> Detached:
+    """Start ``portpool up`` of ``layout`` in the background, in its own session, its
+    output (the services' prefixed lines and its own) going to ``log_path(...)``;
+    return once it says the instance is up and its record (pid, start token, lock)
+    shows it running.
+
+    ``layout`` must be the one its file holds (``load_layout``), or the built-in one:
+    the background ``up`` reads it again. ``number`` pins the instance number,
+    ``grace_s`` (seconds) is the stop grace before SIGKILL, ``quiet`` leaves out the
+    line naming the instance and its ports, ``cwd`` (default: the current directory)
+    is the checkout the instance is numbered for. Raises UsageError (a ``number``
+    outside 1..max_instances, a layout no file holds), DetachFailed with its exit
+    status (128+N if killed by signal N) and the log's tail if it exits first, or if it
+    stopped right after it said it was up.
     """
+    layout.check_number(number)
+    where = os.getcwd() if cwd is None else cwd
+    up_args = ["--grace", repr(grace_s), *_layout_args(layout, where)]
+    if number is not None:
+        up_args += ["--instance", str(number)]
+    if quiet:
+        up_args.append("--quiet")
     logs = logs_dir(state, layout.app)
     starting = f".starting-{os.getpid()}.log"
     fd = logs.open_file(starting, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)

@@ -11,27 +11,18 @@ import shlex
 from collections.abc import Sequence
 
 from portpool._slots import checkout_dir, previous_number
-from portpool.errors import NotRunning, UsageError
+from portpool.errors import NotRunning
 from portpool.layout import Layout, port_env_name
 from portpool.records import InstanceInfo, list_instances, read_instance
 from portpool.statedir import StateDir
 
 __all__ = [
-    "check_number",
     "find_instance",
     "format_env",
     "instance_env",
     "service_port",
     "unreadable_detail",
 ]
-
-
-def check_number(layout: Layout, number: int | None) -> None:
-    """UsageError (exit 2) for an instance number outside 1..max_instances."""
-    if number is not None and not 1 <= number <= layout.max_instances:
-        raise UsageError(
-            f"--instance must be 1..{layout.max_instances} for app {layout.app!r}, not {number}"
-        )
 
 
 def _running(layout: Layout, state: StateDir) -> list[InstanceInfo]:
@@ -57,9 +48,11 @@ def find_instance(
     """The running instance ``number``, else this checkout's (see ``checkout_dir``), else
     the only running one.
 
-    Raises NotRunning (exit 1) when that instance does not run, when none runs, or when
-    several run and none is this checkout's (the message lists them).
+    Raises UsageError (exit 2) for a ``number`` outside 1..max_instances, NotRunning
+    (exit 1) when that instance does not run, when none runs, or when several run and
+    none is this checkout's (the message lists them).
     """
+    layout.check_number(number)
     app = layout.app
     if number is not None:
         directory = state.find_instances(app)  # read-only: a missing dir is "not running"

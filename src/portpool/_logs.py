@@ -104,9 +104,11 @@ def follow_log(
 
     The instance is ``number``, else as ``find_instance``, else this checkout's last
     number. A running instance is shown only the log its own ``up`` wrote; a stopped one,
-    the last detached instance's. Returns that number. Raises UnknownService, NotRunning
-    (no such instance, or it has no log). Read-only: creates nothing.
+    the last detached instance's. Returns that number. Raises UnknownService, UsageError
+    (a ``number`` outside 1..max_instances), NotRunning (no such instance, or it has no
+    log). Read-only: creates nothing.
     """
+    layout.check_number(number)
     if service is not None:
         layout.service(service)
     running: InstanceInfo | None = None

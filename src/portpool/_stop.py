@@ -68,6 +68,7 @@ def _mismatch(number: int, holder: int | None, recorded: int) -> StopFailed:
 def _stop_target(layout: Layout, number: int | None, state: StateDir) -> InstanceInfo:
     """``find_instance``, except that a running slot whose record is unreadable is a
     StopFailed naming the problem (it was reported as "starting" or "not running")."""
+    layout.check_number(number)
     if number is not None:
         directory = state.find_instances(layout.app)
         info = read_instance(directory, number) if directory is not None else None

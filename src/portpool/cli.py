@@ -348,7 +348,7 @@ def up(
 
     layout = layout_for(config)
     if detach:
-        up_detached(layout, config, grace, instance_number)
+        up_detached(layout, grace, instance_number, quiet)
         return
     numbers: list[int] = []
 

@@ -56,7 +56,7 @@ from portpool._layout_text import (
     host_is_literal_remote,
     host_meaning,
 )
-from portpool.errors import LayoutError, UnknownService
+from portpool.errors import LayoutError, UnknownService, UsageError
 
 # With the public names of the parts: every layout name is importable from here.
 __all__ = [
@@ -267,6 +267,20 @@ class Layout:
         self._check_instance(instance)
         return {s.name: s.pool(instance) for s in self.services}
 
+    def check_number(self, number: int | None) -> None:
+        """Raise UsageError (exit 2) for an instance ``number`` outside
+        1..``max_instances``; None (no number given) passes."""
+        if number is not None and not 1 <= number <= self.max_instances:
+            raise UsageError(
+                f"--instance must be 1..{self.max_instances} for app {self.app!r}, not {number}"
+            )
+
+    def same_as(self, other: Layout) -> bool:
+        """Whether ``other`` has the same app, host, intervals, maximum and services,
+        whichever file each was read from (one file spelled two ways is one layout).
+        Raises nothing."""
+        return _settings(self) == _settings(other)
+
     def with_changes(self, **changes: object) -> Layout:
         """A copy with ``changes`` applied and validated again (LayoutError if invalid).
 
@@ -275,6 +289,17 @@ class Layout:
         if "max_instances" not in changes and self.max_instances == self.admissible_instances:
             changes["max_instances"] = 0
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _settings(layout: Layout) -> tuple[object, ...]:
+    return (
+        layout.app,
+        layout.services,
+        layout.host,
+        layout.heartbeat_interval_s,
+        layout.shield_interval_s,
+        layout.max_instances,
+    )
 
 
 # --- the built-in layout ------------------------------------------------------------
