@@ -15,7 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 from tests.helpers import (
+    PORTPOOL,
     is_listening,
+    kill_if_running,
     occupy,
     portpool,
     read_line,
@@ -479,3 +481,40 @@ def test_run_up_raises_service_exited_when_a_ready_service_is_killed(
         "service 'api' exited on its own (killed by SIGKILL)",
     ]
     assert status_json(config)["instances"] == []
+
+
+TRIPPED_UP = """\
+import sys
+from portpool import ShieldTripped, load_layout, run_up
+
+try:
+    run_up(load_layout(sys.argv[1]))
+except ShieldTripped as e:
+    print(f"raised {e.exit_code} {e.port}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("via", ["library", "cli"])
+def test_a_shield_trip_under_up_raises_shield_tripped_and_exits_4(
+    tmp_path: Path, port_base: int, home: Path, via: str
+) -> None:
+    # run_up returned Outcome(4) where run_command raised ShieldTripped: one rule now.
+    config = up_layout(tmp_path, port_base)
+    argv = (
+        [sys.executable, "-c", TRIPPED_UP, str(config)]
+        if via == "library"
+        else [*PORTPOOL, "up", "--config", str(config)]
+    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ports = wait_up(proc, config)
+        (home / "ports" / f"{ports['api']}.json").write_text("not a record")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_if_running(proc)
+    if via == "library":
+        assert out.splitlines()[-1] == f"raised 4 {ports['api']}", err
+    else:
+        assert proc.returncode == 4, err
+        assert "portpool: shield tripped: " in err and f"ports/{ports['api']}.json" in err
+        assert "stopped; its ports are free" in out

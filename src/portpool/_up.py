@@ -21,6 +21,7 @@ __all__ = ["run_up"]
 if TYPE_CHECKING:
     from portpool.instance import Instance
     from portpool.layout import Layout
+    from portpool.pool import Lease
 
 
 def _stop_with(signum: int) -> int:
@@ -47,16 +48,16 @@ def run_up(
     passed to the services once (SIGINT stays SIGINT), then ``grace_s``, then SIGKILL;
     USR1/USR2 are passed on without stopping; SIGHUP sent by a process (``kill -HUP``)
     restarts every service in dependency order on the same sockets
-    (``ServiceSupervisor.rolling_restart``; one more is queued while one runs or services
-    start), while a terminal's hangup stops. ``announce(instance)`` runs as soon as the
-    instance is acquired, before any service starts (so its ports are said also when a
-    start then fails); ``on_up`` runs once every service is ready; ``number`` pins the
-    instance number. Returns the Outcome: code 0 after SIGTERM, 4 shield tripped;
-    ``signum`` set when the caller should die of that signal (SIGINT, SIGQUIT, a
-    terminal's SIGHUP); ``lingering`` ports something still held after the stop.
-    Raises ServiceExited (exit code 5, after stopping everything and releasing) when a
-    service exited and was not restarted, gave up after too many restarts without
-    making progress (``portpool._restart``), could not start, or was not ready in time;
+    (one more is queued while one runs or services start), while a terminal's hangup
+    stops. ``announce(instance)`` runs as soon as the instance is acquired, before any
+    service starts (so its ports are said also when a start then fails); ``on_up`` runs
+    once every service is ready; ``number`` pins the instance number. Returns the
+    Outcome: code 0 after SIGTERM; ``signum`` set when the caller should die of that
+    signal (SIGINT, SIGQUIT, a terminal's SIGHUP); ``lingering`` ports something still
+    held after the stop. Raises, after stopping everything and releasing, ShieldTripped
+    (exit code 4) when a lease or the slot stopped being ours, ServiceExited (exit code
+    5) when a service exited and was not restarted, gave up after too many restarts
+    without making progress, could not start, or was not ready in time; raises
     LayoutError (a command cannot be executed; nothing started), Interrupted,
     StartError, StateDirError.
     """
@@ -71,6 +72,7 @@ def run_up(
         if problem:
             raise LayoutError(layout.source, f"services.{service.name}.command", problem)
     stop_signal: list[int] = []
+    tripped: list[ShieldTripped] = []
     relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
     hangup = getattr(signal, "SIGHUP", None)
     # A closed terminal reaches us as the kernel's SIGHUP, or as a shell passing its own
@@ -113,10 +115,14 @@ def run_up(
             supervisor.start_services(should_stop=lambda: supervisor.finishing)
             if not supervisor.finishing:
                 instance.start_heartbeat()
+
+                def on_lost(lease: Lease | None, reason: str) -> None:
+                    port = lease.port if lease is not None else None
+                    tripped.append(ShieldTripped(reason, port))
+                    supervisor.finish(Outcome(ShieldTripped.exit_code, f"shield tripped: {reason}"))
+
                 instance.start_shield(
-                    on_lost=lambda lease, reason: supervisor.finish(
-                        Outcome(ShieldTripped.exit_code, f"shield tripped: {reason}")
-                    ),
+                    on_lost=on_lost,
                     own_pids=supervisor.own_pids,
                 )
                 if supervisor.wait_ready():
@@ -129,6 +135,9 @@ def run_up(
             outcome.lingering = supervisor.lingering(grace_s)
         finally:
             instance.release()
+    if tripped and outcome.code == ShieldTripped.exit_code:
+        trip = tripped[0]
+        raise ShieldTripped(trip.reason, trip.port, lingering=outcome.lingering)
     failure = outcome.failure
     if failure is not None:
         raise ServiceExited(

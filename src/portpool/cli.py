@@ -344,7 +344,7 @@ def up(
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
     from portpool._processes import Outcome
     from portpool._up import run_up
-    from portpool.errors import ServiceExited
+    from portpool.errors import ServiceExited, ShieldTripped
 
     layout = layout_for(config)
     if detach:
@@ -368,7 +368,7 @@ def up(
         outcome = run_up(
             layout, grace_s=grace, number=instance_number, on_up=on_up, announce=announce
         )
-    except ServiceExited as e:  # everything is stopped and released: say why, exit 5
+    except (ServiceExited, ShieldTripped) as e:  # all stopped and released: say why
         click.echo(f"portpool: {e}", err=True)
         outcome = Outcome(e.exit_code, lingering=e.lingering)
     if outcome.message:

@@ -184,13 +184,18 @@ class NoFreeSlot(StartError):
 
 
 class ShieldTripped(PortPoolError):
-    """A lease or the instance slot stopped being ours."""
+    """A lease or the instance slot stopped being ours: ``reason`` in words, ``port``
+    the lease's port (None: the slot), ``lingering`` what still held a port after
+    ``run``/``up`` stopped everything they started."""
 
     exit_code = 4
 
-    def __init__(self, reason: str, port: int | None = None) -> None:
+    def __init__(
+        self, reason: str, port: int | None = None, *, lingering: Sequence[str] = ()
+    ) -> None:
         self.reason = reason
         self.port = port
+        self.lingering = list(lingering)
         super().__init__(f"shield tripped: {reason}")
 
 
