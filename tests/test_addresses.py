@@ -27,10 +27,18 @@ from tests.helpers import (
     write_layout,
 )
 
+import portpool as portpool_lib
 from portpool._addresses import bind_targets, covered_scopes, has_ipv6_loopback
 from portpool.diagnosis import diagnose
 from portpool.errors import LayoutError, PoolExhausted
-from portpool.layout import Layout, Service, describe_layout, host_meaning, normalize_host
+from portpool.layout import (
+    Layout,
+    Service,
+    describe_layout,
+    host_meaning,
+    load_layout,
+    normalize_host,
+)
 from portpool.lock import inspect_port
 from portpool.pool import acquire
 from portpool.statedir import StateDir
@@ -377,6 +385,12 @@ def test_a_host_this_machine_does_not_have_is_reported(
     assert shown.returncode == 0, shown.stderr
     warnings = [x for x in shown.stdout.splitlines() if "192.0.2.1 is not an address" in x]
     assert len(warnings) == 1 and warnings[0].startswith("warning: host 192.0.2.1")
+    # The same warning in --json and from the library (both had none).
+    doc = json.loads(portpool("layout", "--json", "--config", str(layout)).stdout)
+    assert [w for w in doc["warnings"] if "192.0.2.1 is not an address" in w] == [
+        warnings[0].removeprefix("warning: ")
+    ]
+    assert doc["warnings"] == list(portpool_lib.layout_warnings(load_layout(str(layout))))
     doctor = portpool("doctor", "--config", str(layout))
     assert doctor.stdout.count("host 192.0.2.1 is not an address of this machine") == 1
     assert "unavailable (192.0.2.1 is not an address of this host)" in doctor.stdout

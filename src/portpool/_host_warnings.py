@@ -23,9 +23,17 @@ def layout_warnings(layout: Layout) -> tuple[str, ...]:
     """Every warning about ``layout``'s ports on this host, as ``FILE: services.S: ...``
     lines, one per service and kind, in the layout's service order: ``layout.warnings``
     plus pools inside this host's ephemeral port range (any outgoing connection may take
-    those ports). Reads the range each call (a ``sysctl`` subprocess on macOS); raises
-    nothing (a range the OS does not tell gives no such warning).
+    those ports), then a ``host`` this machine does not have (every bind would fail).
+    Reads the range each call (a ``sysctl`` subprocess on macOS); raises nothing (a range
+    the OS does not tell gives no such warning).
     """
-    return tuple(
-        port_warnings(layout.source, layout.services, layout.max_instances, ephemeral_port_range())
+    from portpool.layout import host_is_literal_remote
+
+    warnings = port_warnings(
+        layout.source, layout.services, layout.max_instances, ephemeral_port_range()
     )
+    if host_is_literal_remote(layout.host):  # only then a socket is needed to tell
+        from portpool._addresses import host_warning
+
+        warnings.extend(filter(None, [host_warning(layout.host)]))
+    return tuple(warnings)

@@ -126,7 +126,7 @@ def status(config: str | None, as_json: bool) -> None:
 def layout_command(config: str | None, as_json: bool) -> None:
     """The pools of every admissible instance, then warnings (errors fail with exit 1)."""
     from portpool._host_warnings import layout_warnings
-    from portpool.layout import describe_layout, host_is_literal_remote
+    from portpool.layout import describe_layout
 
     if as_json:
         from portpool._layout_document import layout_document
@@ -134,12 +134,7 @@ def layout_command(config: str | None, as_json: bool) -> None:
         echo_json(layout_document(layout_for(config)))
         return
     layout = layout_for(config)
-    warnings = list(layout_warnings(layout))
-    if host_is_literal_remote(layout.host):  # only then a socket is needed to tell
-        from portpool._addresses import host_warning
-
-        warnings.extend(filter(None, [host_warning(layout.host)]))
-    for line in describe_layout(layout, warnings):
+    for line in describe_layout(layout, list(layout_warnings(layout))):
         click.echo(line)
 
 
