@@ -17,6 +17,19 @@ from typing import TypeGuard
 from portpool._layout_checks import MAX_PORT, Problem
 
 SERVICE_SOCKET_MODES = ("fd", "port")
+# The layout file's keys: at its top, and in each [services.NAME] table.
+TOP_KEYS = ("app", "host", "heartbeat_interval", "shield_interval", "max_instances", "services")
+SERVICE_KEYS = (
+    "base",
+    "size",
+    "stride",
+    "command",
+    "socket",
+    "restart",
+    "depends_on",
+    "ready",
+    "ready_timeout_s",
+)
 # The layout file's ``restart`` values (portpool._restart applies them): defined here so
 # that reading a layout never loads the supervisor's restart machinery.
 RESTART_POLICIES = ("no", "on-failure", "always")

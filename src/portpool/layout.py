@@ -40,7 +40,9 @@ from portpool._layout_fields import (
     DEFAULT_READY_TIMEOUT_S,
     INTERVAL_MAX_S,
     INTERVAL_MIN_S,
+    SERVICE_KEYS,
     SERVICE_SOCKET_MODES,
+    TOP_KEYS,
     field_problems,
     is_finite_number,
     is_int,
@@ -85,26 +87,6 @@ __all__ = [
     "port_env_name",
     "resolve_layout",
 ]
-
-_SERVICE_KEYS = (
-    "base",
-    "size",
-    "stride",
-    "command",
-    "socket",
-    "restart",
-    "depends_on",
-    "ready",
-    "ready_timeout_s",
-)
-_TOP_KEYS = (
-    "app",
-    "host",
-    "heartbeat_interval",
-    "shield_interval",
-    "max_instances",
-    "services",
-)
 
 
 @dataclass(frozen=True)
@@ -180,6 +162,17 @@ def port_env_name(service: str) -> str:
 def _layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
     key, problem = problems[0]
     return LayoutError(source, key, problem, errors=[f"{source}: {k}: {p}" for k, p in problems])
+
+
+# What makes two layouts the same, wherever each was read from.
+_SETTINGS = (
+    "app",
+    "services",
+    "host",
+    "heartbeat_interval_s",
+    "shield_interval_s",
+    "max_instances",
+)
 
 
 @dataclass(frozen=True)
@@ -279,7 +272,7 @@ class Layout:
         """Whether ``other`` has the same app, host, intervals, maximum and services,
         whichever file each was read from (one file spelled two ways is one layout).
         Raises nothing."""
-        return _settings(self) == _settings(other)
+        return all(getattr(self, k) == getattr(other, k) for k in _SETTINGS)
 
     def with_changes(self, **changes: object) -> Layout:
         """A copy with ``changes`` applied and validated again (LayoutError if invalid).
@@ -289,17 +282,6 @@ class Layout:
         if "max_instances" not in changes and self.max_instances == self.admissible_instances:
             changes["max_instances"] = 0
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
-
-
-def _settings(layout: Layout) -> tuple[object, ...]:
-    return (
-        layout.app,
-        layout.services,
-        layout.host,
-        layout.heartbeat_interval_s,
-        layout.shield_interval_s,
-        layout.max_instances,
-    )
 
 
 # --- the built-in layout ------------------------------------------------------------
@@ -363,7 +345,7 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
     """
     if not isinstance(data, Mapping):
         raise LayoutError(source, "<document>", f"must be a table, not {toml_type(data)}")
-    problems = _unknown_keys(data, _TOP_KEYS, "")
+    problems = _unknown_keys(data, TOP_KEYS, "")
     if "app" not in data:
         problems.append(("app", 'is required, e.g. app = "myapp"'))
     app = data.get("app", "app")
@@ -390,7 +372,7 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
             if not isinstance(table, Mapping):
                 problems.append((key, f"must be a table, not {toml_type(table)}"))
                 continue
-            own = _unknown_keys(table, _SERVICE_KEYS, f"{key}.")
+            own = _unknown_keys(table, SERVICE_KEYS, f"{key}.")
             own.extend((f"{key}.{k}", "is required") for k in ("base", "size") if k not in table)
             own.extend(
                 service_problems(
