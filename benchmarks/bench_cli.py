@@ -50,7 +50,7 @@ PY = sys.executable
 FLOOR = "python -c pass"
 CLICK = 'python -c "import click"'
 CLICK_COMMAND = "click floor: a group running one no-op command with status's options"
-STATUS_IMPORTS = "status's imports only (portpool.cli, records, statedir, tomllib)"
+STATUS_IMPORTS = "status's imports only (portpool.cli, layout, records, statedir, tomllib)"
 # A click group as small as click allows, parsing what `portpool status --config F` parses.
 CLICK_COMMAND_CODE = """\
 import click
@@ -140,7 +140,8 @@ def run(quick: bool = False) -> Section:
             STATUS_IMPORTS: [
                 PY,
                 "-c",
-                "import portpool.cli, portpool.records, portpool.statedir, tomllib",
+                "import portpool.cli, portpool.layout, portpool.records, portpool.statedir,"
+                " tomllib",
             ],
             'python -c "import portpool"': [PY, "-c", "import portpool"],
             "portpool --help": [*pp, "--help"],

@@ -93,18 +93,25 @@ def _instance_memory(pid: int) -> tuple[float, float, dict[str, float]]:
 
 
 def _one_up(
-    home: str, stop_ms: list[float], table_ms: list[float]
+    home: str, stop_ms: list[float], table_ms: list[float], announce_ms: list[float]
 ) -> tuple[float, dict[str, float], float, float, dict[str, float]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "PORT"))}
     env["PORTPOOL_HOME"] = home
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [PORTPOOL, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        [PORTPOOL, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
+        assert proc.stderr is not None
+        # "portpool: instance N of APP: name=port ...": the slot and every lease are held,
+        # no service started yet. What follows on stderr is a few lines: left unread.
+        for line in proc.stderr:
+            if line.startswith("portpool: instance "):
+                announce_ms.append((time.perf_counter() - t0) * 1000)
+                break
         ports = _read_ports(proc, deadline)
-        table_ms.append((time.perf_counter() - t0) * 1000)  # slot, leases, six spawned
+        table_ms.append((time.perf_counter() - t0) * 1000)  # printed once all are ready
         ready_ms: dict[str, float] = {}
         while len(ready_ms) < len(ports) and time.monotonic() < deadline:
             for name, port in ports.items():
@@ -167,10 +174,11 @@ def run(quick: bool = False) -> Section:
     rss_by_service: dict[str, list[float]] = {}
     stop_ms: list[float] = []
     table_ms: list[float] = []
+    announce_ms: list[float] = []
     for _ in range(reps):
         with tempfile.TemporaryDirectory() as tmp:
             all_ms, ready_ms, rss_mb, uss_mb, services_rss = _one_up(
-                os.path.join(tmp, "state"), stop_ms, table_ms
+                os.path.join(tmp, "state"), stop_ms, table_ms, announce_ms
             )
         totals.append(all_ms)
         for name, ms in ready_ms.items():
@@ -180,7 +188,15 @@ def run(quick: bool = False) -> Section:
         for name, mb in services_rss.items():
             rss_by_service.setdefault(name, []).append(mb)
     section.rows.append(
-        Row("up -> its table printed", table_ms, unit="ms", note="portpool's own part, all in")
+        Row(
+            "up -> its ports announced",
+            announce_ms,
+            unit="ms",
+            note="portpool's own part: python, click, imports, the instance",
+        )
+    )
+    section.rows.append(
+        Row("up -> its table printed", table_ms, unit="ms", note="once all six are ready")
     )
     section.rows.append(
         Row("up -> all six answering /health", totals, unit="ms", note="from Popen of `up`")
@@ -235,8 +251,9 @@ def explain_ready(section: Section) -> str:
         "Per service, launch to answering: " + ", ".join(parts) + f". The six import "
         f"{imports_sum:.0f} ms of python in all; on {cpus} CPUs that is at least "
         f"{imports_sum / cpus:.0f} ms, against {by['up -> all six answering /health']:.0f} "
-        f"ms measured. portpool's own part, launch to its table (python start, click, "
-        f"the instance, six spawns): {by['up -> its table printed']:.0f} ms."
+        f"ms measured. portpool's own part, launch to its ports announced (python start, "
+        f"click, its imports, the instance), before any service starts: "
+        f"{by['up -> its ports announced']:.0f} ms; then six spawns through the exec shim."
     )
 
 
