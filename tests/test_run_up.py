@@ -518,3 +518,33 @@ def test_a_shield_trip_under_up_raises_shield_tripped_and_exits_4(
         assert proc.returncode == 4, err
         assert "portpool: shield tripped: " in err and f"ports/{ports['api']}.json" in err
         assert "stopped; its ports are free" in out
+
+
+def test_run_command_refuses_bad_calls_with_usage_errors(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # An empty list was an IndexError, a string ran its first letter ("'t' was not
+    # found"), a call from a thread a bare ValueError of the signal module.
+    import threading
+
+    from portpool import UsageError, load_layout, run_command, run_up
+
+    layout = load_layout(str(write_layout(tmp_path / "l.toml", port_base)))
+    for command in ([], "true", ["true", 1]):
+        with pytest.raises(UsageError, match="list of strings"):
+            run_command(layout, command)  # type: ignore[arg-type]
+    raised: list[BaseException] = []
+
+    def in_a_thread() -> None:
+        for call in (lambda: run_command(layout, ["true"]), lambda: run_up(layout)):
+            try:
+                call()
+            except BaseException as e:
+                raised.append(e)
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join(timeout=30)
+    assert [type(e) for e in raised] == [UsageError, UsageError], raised
+    assert all("main thread" in str(e) for e in raised)
+    assert status_json(tmp_path / "l.toml")["instances"] == []  # nothing was started

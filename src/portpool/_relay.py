@@ -24,7 +24,7 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 
 from portpool._platform import ReceivedSignal, SignalInbox, stop_signals
-from portpool.errors import Interrupted
+from portpool.errors import Interrupted, UsageError
 
 DUPLICATE_S = 0.25
 
@@ -48,6 +48,11 @@ class SignalScope:
         self._last: dict[tuple[int, int], float] = {}
 
     def __enter__(self) -> SignalScope:
+        if threading.current_thread() is not threading.main_thread():
+            # Python lets only the main thread set handlers: say so, not "ValueError".
+            raise UsageError(
+                "run_command and run_up take over the stop signals: call them from the main thread"
+            )
         for signum in self.signals:
             self._old[signum] = signal.getsignal(signum)
             signal.signal(signum, self._interrupt)

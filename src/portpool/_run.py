@@ -58,15 +58,18 @@ def run_command(
     ``announce(instance)`` runs before the command starts. Returns
     the Outcome: ``code`` the command's exit status, ``signum`` the signal it died of
     (the caller should then die of it too), ``lingering`` ports something still held.
-    Raises CommandNotFound (nothing started), Interrupted (a signal arrived before the
+    Raises UsageError (``command`` not a non-empty list of strings, or not called from
+    the main thread), CommandNotFound (nothing started), Interrupted (a signal arrived before the
     command started; all released), ShieldTripped (after stopping the command),
     StartError, LayoutError, StateDirError.
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
-    from portpool.errors import CommandNotFound, ShieldTripped
+    from portpool.errors import CommandNotFound, ShieldTripped, UsageError
     from portpool.instance import start_instance
 
+    if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
+        raise UsageError(f"the command is a list of strings (program, arguments), not {command!r}")
     problem = find_program(command)
     if problem is not None:
         raise CommandNotFound(command[0], problem)

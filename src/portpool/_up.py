@@ -58,7 +58,8 @@ def run_up(
     (exit code 4) when a lease or the slot stopped being ours, ServiceExited (exit code
     5) when a service exited and was not restarted, gave up after too many restarts
     without making progress, could not start, or was not ready in time; raises
-    LayoutError (a command cannot be executed; nothing started), Interrupted,
+    LayoutError (a command cannot be executed; nothing started), UsageError (not
+    called from the main thread), Interrupted,
     StartError, StateDirError.
     """
     from portpool._platform import become_subreaper
