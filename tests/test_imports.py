@@ -189,3 +189,15 @@ def test_run_starts_a_command_without_server_stacks(
         "portpool._readiness",
         "portpool._services",
     }
+
+
+def test_up_starts_services_without_server_stacks(
+    startup: set[str], tmp_path: Path, home: Path, port_base: int
+) -> None:
+    # A service that exits at once: up stops with exit 5 after loading what it needs.
+    services = {"web": {"command": ["true"], "ready": "none"}}
+    config = write_layout(tmp_path / "up.toml", port_base, services=services)
+    loaded = imported(*cli("up", "--config", str(config)), expect_status=5) - startup
+    assert {"portpool.instance", "portpool._services", "portpool._keeper"} <= loaded
+    assert not loaded & CLICK_OPTIONAL
+    assert not roots(loaded) & SERVER_STACKS
