@@ -28,8 +28,6 @@ Run: ``python -m benchmarks.bench_cli`` (``--quick`` for fewer runs).
 
 from __future__ import annotations
 
-import os
-import random
 import shutil
 import statistics
 import sys
@@ -40,7 +38,7 @@ from benchmarks._common import (
     ProcessTimes,
     Row,
     Section,
-    bindable,
+    find_free_block,
     print_section,
     time_whole_process,
 )
@@ -77,21 +75,11 @@ def portpool_command() -> list[str]:
     return [str(script)] if script.exists() else [PY, "-m", "portpool.cli"]
 
 
-def free_base(size: int) -> int:
-    """A base port in 43000-44999 with ``size`` bindable ports after it."""
-    rng = random.Random(os.getpid())
-    for _ in range(200):
-        base = rng.randrange(43000, 45000 - size)
-        if all(bindable(p) for p in range(base, base + size)):
-            return base
-    raise RuntimeError("no free port block in 43000-44999")
-
-
 def write_layouts(directory: Path) -> tuple[Path, Path]:
     """``one-service.toml`` (for run) and a three-service layout (for status), on one
     free block: ports are keyed by number for the whole state dir, so the two layouts'
     pools must not meet."""
-    base = free_base(33)
+    base = find_free_block(33, 43000, 45000)
     one = directory / "one-service.toml"
     one.write_text(f'app = "bench-cli-run"\n\n[services.web]\nbase = {base}\nsize = 3\n')
     lines = ['app = "bench-cli"', "max_instances = 3"]

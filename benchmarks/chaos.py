@@ -48,7 +48,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from benchmarks._common import read_proc_locks
+from benchmarks._common import find_free_block, read_proc_locks
 
 PORT_LOW, PORT_HIGH = 30000, 39999
 SERVICES = ("alpha", "beta", "gamma")
@@ -148,26 +148,12 @@ def all_ports(layout: Any) -> list[int]:
     )
 
 
-def find_base(max_instances: int, seed: int) -> int:
+def find_base(max_instances: int) -> int:
     """A base in 30000-39999 whose whole span of ports is bindable right now."""
-    span = STRIDE * max_instances
-    rng = random.Random(seed)
-    for _ in range(200):
-        base = rng.randrange(PORT_LOW, PORT_HIGH - span)
-        if all(_bindable(p) for p in range(base, base + span)):
-            return base
-    raise SystemExit(f"chaos: no {span} free consecutive ports in {PORT_LOW}..{PORT_HIGH}")
-
-
-def _bindable(port: int) -> bool:
-    s = socket.socket()
     try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
+        return find_free_block(STRIDE * max_instances, PORT_LOW, PORT_HIGH)
+    except RuntimeError as e:
+        raise SystemExit(f"chaos: {e}") from None
 
 
 # ------------------------------------------------------------------ workers
@@ -947,7 +933,7 @@ def parse_args(argv: list[str] | None) -> tuple[Config, str | None]:
     p.add_argument("--quiet", action="store_true", help="no per-event lines on stderr")
     a = p.parse_args(argv)
     seed = a.seed if a.seed is not None else random.SystemRandom().getrandbits(32)
-    base = a.base if a.base is not None else find_base(a.max_instances, seed)
+    base = a.base if a.base is not None else find_base(a.max_instances)
     if not PORT_LOW <= base <= PORT_HIGH - STRIDE * a.max_instances:
         p.error(f"--base must leave the whole span inside {PORT_LOW}..{PORT_HIGH}")
     return Config(
