@@ -13,7 +13,7 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from portpool._platform._sockdiag import _proc_net, tcp_sockets
+from portpool._platform._sockdiag import _proc_net, owners_of_inodes, tcp_sockets
 
 
 @dataclass(frozen=True)
@@ -56,23 +56,4 @@ def socket_inode(sock: socket.socket) -> int | None:
 
 def owners_of_inode(inode: int) -> list[int]:
     """Pids of the processes that have socket ``inode`` open (Linux; scans /proc)."""
-    if sys.platform != "linux":
-        return []
-    target = f"socket:[{inode}]"
-    pids: list[int] = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fd_dir = f"/proc/{entry.name}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue  # gone, or not ours to look at
-        for fd in fds:
-            try:
-                if os.readlink(f"{fd_dir}/{fd}") == target:
-                    pids.append(int(entry.name))
-                    break
-            except OSError:
-                continue
-    return pids
+    return owners_of_inodes([inode]).get(inode, [])
