@@ -539,8 +539,8 @@ class Harness:
         self._probe(victim, attempt, f"{self.port_dir}/{port}.lock", port, f"port {port}")
 
     def probe_slot(self, victim: int, number: int) -> None:
+        from portpool._heldlock import HeldLock
         from portpool.errors import LockHeld
-        from portpool.lock import HeldLock
 
         directory = self.state.instances(self.layout.app)
 

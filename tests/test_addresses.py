@@ -29,6 +29,7 @@ from tests.helpers import (
 
 import portpool as portpool_lib
 from portpool._addresses import bind_targets, covered_scopes, has_ipv6_loopback
+from portpool._portstatus import inspect_port
 from portpool.diagnosis import diagnose
 from portpool.errors import LayoutError, PoolExhausted
 from portpool.layout import (
@@ -39,7 +40,6 @@ from portpool.layout import (
     load_layout,
     normalize_host,
 )
-from portpool.lock import inspect_port
 from portpool.pool import acquire
 from portpool.statedir import StateDir
 

@@ -27,12 +27,13 @@ from tests.helpers import (
 )
 
 import portpool as portpool_lib
+from portpool._heldlock import HeldLock
 from portpool._jsonfile import write_atomic
 from portpool._platform import current_identity
+from portpool._portstatus import inspect_port
 from portpool.errors import PoolExhausted, SlotUnavailable, StopFailed
 from portpool.instance import start_instance
 from portpool.layout import default_layout, load_layout
-from portpool.lock import HeldLock, inspect_port
 from portpool.records import list_instances
 from portpool.statedir import StateDir
 

@@ -27,17 +27,11 @@ from hypothesis import strategies as st
 from tests.helpers import write_layout
 
 from portpool._jsonfile import read_json_file
+from portpool._portstatus import inspect_port
+from portpool._record import RECORD_SIZE, PortRecord, decode_record, encode_record, read_port_record
 from portpool.cli import cli
 from portpool.errors import LayoutError, PortPoolError
 from portpool.layout import load_layout, parse_layout
-from portpool.lock import (
-    RECORD_SIZE,
-    PortRecord,
-    decode_record,
-    encode_record,
-    inspect_port,
-    read_port_record,
-)
 from portpool.records import list_instances, read_instance
 from portpool.statedir import StateDir
 

@@ -371,7 +371,7 @@ os._exit(0)  # dies holding: its record stays, the kernel frees its lock
 
 CLEAN_SLOWLY = """
 import sys, time
-from portpool.lock import HeldLock
+from portpool._heldlock import HeldLock
 from portpool.statedir import StateDir
 ports = StateDir.open().ports()
 held = HeldLock.acquire(ports, sys.argv[1] + ".lock")  # what gc does to a dead holder's files
@@ -407,7 +407,7 @@ def test_a_cleaner_holding_a_dead_holders_lock_never_pushes_a_start_off_its_port
 
 @linux_only
 def test_doctor_escapes_port_record_text(home: Path, tmp_path: Path, port_base: int) -> None:
-    from portpool.lock import PortRecord, encode_record
+    from portpool._record import PortRecord, encode_record
 
     config = write_layout(tmp_path / "portpool.toml", port_base)
     _private_dirs(home / "ports")

@@ -16,10 +16,10 @@ from tests.helpers import HOLD, portpool, read_line, start, status_json, wait_fo
 
 from portpool._compat import get_service_port_pool, init_instance_manager
 from portpool._gc import gc
+from portpool._portstatus import inspect_port
 from portpool.errors import NoFreeSlot, PoolExhausted, PortPoolError, UsageError
 from portpool.instance import start_instance
 from portpool.layout import load_layout
-from portpool.lock import inspect_port
 from portpool.records import list_instances
 from portpool.statedir import StateDir
 

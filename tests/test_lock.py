@@ -15,17 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from portpool._heldlock import HeldLock
+from portpool._portstatus import inspect_port
+from portpool._record import RECORD_SIZE, PortRecord, decode_record, encode_record, read_port_record
 from portpool.errors import AlreadyHeldHere, LockHeld, StateDirError
-from portpool.lock import (
-    RECORD_SIZE,
-    HeldLock,
-    PortLock,
-    PortRecord,
-    decode_record,
-    encode_record,
-    inspect_port,
-    read_port_record,
-)
+from portpool.lock import PortLock
 from portpool.pool import acquire
 from portpool.statedir import StateDir
 
@@ -503,7 +497,7 @@ def test_read_port_record_of_arbitrary_file(state: StateDir, data: bytes):
 
 READER = r"""
 import json, os, sys, time
-from portpool.lock import RECORD_SIZE, decode_record, read_port_record
+from portpool._record import decode_record, read_port_record, RECORD_SIZE
 from portpool.statedir import StateDir
 ports = StateDir.open().ports()
 port, n = int(sys.argv[1]), int(sys.argv[2])

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from portpool._portstatus import inspect_port
 from portpool.errors import InvalidPort, LayoutError, PoolExhausted
-from portpool.lock import PortLock, inspect_port
+from portpool.lock import PortLock
 from portpool.pool import Lease, acquire, bind_listen
 from portpool.statedir import StateDir
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from benchmarks._common import read_proc_locks
 
-from portpool.lock import inspect_port
+from portpool._portstatus import inspect_port
 from portpool.statedir import StateDir
 
 POOL_SIZE = 3
@@ -34,7 +34,7 @@ POOL_SIZE = 3
 RACER = r"""
 import fcntl, json, os, sys
 from portpool.errors import PoolExhausted
-from portpool.lock import read_port_record
+from portpool._record import read_port_record
 from portpool.pool import acquire
 from portpool.statedir import StateDir
 
@@ -215,7 +215,7 @@ def test_fewer_racers_than_ports_all_win(state: StateDir, port_base: int, tmp_pa
 CHURNER = r"""
 import os, random, sys, time
 from portpool.errors import PoolExhausted
-from portpool.lock import read_port_record
+from portpool._record import read_port_record
 from portpool.pool import acquire
 from portpool.statedir import StateDir
 

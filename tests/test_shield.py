@@ -26,7 +26,8 @@ from tests.helpers import release
 
 from portpool._addresses import parse_address, takes_traffic
 from portpool._platform import TcpSocket, locked_inodes
-from portpool.lock import encode_record, inspect_port, read_port_record
+from portpool._portstatus import inspect_port
+from portpool._record import encode_record, read_port_record
 from portpool.pool import Lease, acquire
 from portpool.shield import LeaseReport, Shield
 from portpool.statedir import StateDir

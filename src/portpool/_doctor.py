@@ -13,10 +13,10 @@ from typing import Literal
 
 from portpool._occupants import foreign_listeners, intruder_note
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
+from portpool._portstatus import inspect_port
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import Refusal, RefusalReason
 from portpool.layout import Layout
-from portpool.lock import inspect_port
 from portpool.statedir import StateDir
 
 # A verdict is a refusal's reason, but "foreign" for "in use" and "free" for none.

@@ -14,10 +14,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from portpool._heldlock import HeldLock, is_held
 from portpool._jsonfile import TMP_SUFFIX, decimal, file_kind
 from portpool._platform import DirHandle, LockTable, identity_of, locked_inodes
+from portpool._record import read_port_record
 from portpool.errors import LockHeld, PortPoolError
-from portpool.lock import HeldLock, is_held, read_port_record
 from portpool.records import slot_numbers
 from portpool.statedir import StateDir
 

@@ -10,12 +10,12 @@ import time
 from collections.abc import Callable
 
 from portpool._find import find_instance
+from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
 from portpool.errors import NotRunning
 from portpool.layout import Layout
-from portpool.lock import is_held
 from portpool.records import InstanceInfo, read_instance
 from portpool.statedir import StateDir, check_name
 

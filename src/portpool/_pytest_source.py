@@ -153,8 +153,8 @@ def _diagnosed(
     the whole range failed: one read of the lock and socket tables for all."""
     from portpool._doctor import classify_port
     from portpool._platform import locked_inodes, tcp_sockets
+    from portpool._portstatus import inspect_port
     from portpool.errors import Refusal
-    from portpool.lock import inspect_port
 
     locked = locked_inodes()
     sockets = tcp_sockets()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from portpool._heldlock import HeldLock
 from portpool._jsonfile import read_json_file, write_atomic
 from portpool._platform import locked_inodes
 from portpool.errors import (
@@ -30,7 +31,6 @@ from portpool.errors import (
     UsageError,
 )
 from portpool.layout import Layout
-from portpool.lock import HeldLock
 from portpool.records import read_instance
 from portpool.statedir import StateDir, check_name
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from portpool._find import find_instance, unreadable_detail
+from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file
 from portpool._platform import (
     DirHandle,
@@ -24,9 +25,9 @@ from portpool._platform import (
     locked_inodes,
     signal_verified,
 )
+from portpool._portstatus import inspect_port
 from portpool.errors import NotRunning, StopFailed
 from portpool.layout import Layout
-from portpool.lock import inspect_port, is_held
 from portpool.records import InstanceInfo, list_instances, read_instance
 from portpool.statedir import StateDir
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from portpool import pool as pool_mod
 from portpool._gc import clean_app
+from portpool._heldlock import HeldLock
 from portpool._jsonfile import read_json_file, write_atomic
 from portpool._platform import current_identity
 from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
@@ -29,7 +30,6 @@ from portpool.errors import (
     ShieldTripped,
 )
 from portpool.layout import Layout, resolve_layout
-from portpool.lock import HeldLock
 from portpool.pool import Lease
 from portpool.statedir import StateDir
 

@@ -2,8 +2,7 @@
 
 The kernel lock (``portpool._heldlock``) is the truth about ownership; the record
 ``<port>.json`` (``portpool._record``) is for people: who holds the port, since when,
-last heartbeat. This module also re-exports the names of those modules and of
-``portpool._portstatus`` that other code imports from here.
+last heartbeat.
 """
 
 from __future__ import annotations
@@ -16,33 +15,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from portpool._heldlock import HeldLock, is_held, out_of_descriptors
+from portpool._heldlock import HeldLock, out_of_descriptors
 from portpool._platform import DirHandle, LockTable, current_identity, read_at, write_at
-from portpool._portstatus import PortState, PortStatus, inspect_port
+from portpool._portstatus import inspect_port
 from portpool._record import (
     RECORD_SIZE,
     PortRecord,
-    decode_record,
     encode_record,
     read_port_record,
 )
 from portpool.errors import LockError, LockHeld, StateDirError
 from portpool.statedir import StateDir
 
-__all__ = [
-    "RECORD_SIZE",
-    "HeldLock",
-    "PortLock",
-    "PortRecord",
-    "PortState",
-    "PortStatus",
-    "decode_record",
-    "encode_record",
-    "inspect_port",
-    "is_held",
-    "out_of_descriptors",
-    "read_port_record",
-]
+__all__ = ["PortLock"]
 
 
 @dataclass

@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from portpool._addresses import bind_all, bind_target, bind_targets
+from portpool._heldlock import out_of_descriptors
 from portpool._platform import is_alive, socket_inode
+from portpool._portstatus import PortStatus
+from portpool._record import PortRecord
 from portpool.diagnosis import DEFAULT_BACKLOG, diagnose
 from portpool.errors import (
     AlreadyHeldHere,
@@ -29,7 +32,7 @@ from portpool.errors import (
     ResourceLimit,
     StateDirError,
 )
-from portpool.lock import PortLock, PortRecord, PortStatus, out_of_descriptors
+from portpool.lock import PortLock
 from portpool.statedir import StateDir
 
 _Socket = socket.socket  # the field ``socket`` shadows the module inside Lease
