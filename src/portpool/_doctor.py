@@ -39,13 +39,16 @@ class PortVerdict:
 
     @property
     def kind(self) -> VerdictKind:
-        """``free``, ``held`` (by portpool), ``foreign`` (in use), or the refusal's reason."""
+        """``free``, ``held`` (by portpool), ``foreign`` (in use), or the refusal's reason.
+        Raises nothing."""
         if self.refusal is None:
             return "free"
         reason: RefusalReason = self.refusal.reason
         return "foreign" if reason == "in use" else reason
 
     def describe(self) -> str:
+        """One line for people: ``free``, the holder and notes, or the refusal and why.
+        Raises nothing."""
         if self.refusal is None:
             return "; ".join(("free", *self.notes))
         if self.refusal.reason == "held":
@@ -54,6 +57,8 @@ class PortVerdict:
         return f"{self.refusal.reason} ({self.refusal.detail})"
 
     def to_dict(self) -> dict[str, object]:
+        """JSON-ready: the fields, ``kind``, ``text`` and the port's ``occupants`` (dicts).
+        Raises nothing."""
         return {
             "instance": self.instance,
             "service": self.service,
@@ -75,6 +80,8 @@ class DoctorReport:
     verdicts: tuple[PortVerdict, ...]
 
     def counts(self) -> dict[str, int]:
+        """How many ports have each ``kind``: ``free``, ``held`` and ``foreign`` always
+        (0 if none), any refusal reason that occurs. Raises nothing."""
         out = {"free": 0, "held": 0, "foreign": 0}
         for v in self.verdicts:
             out[v.kind] = out.get(v.kind, 0) + 1
@@ -82,7 +89,8 @@ class DoctorReport:
 
     def summary(self) -> list[str]:
         """Lines about the whole report that no single port says: a host this machine
-        does not have (every port read "unavailable"), foreign listeners on held ports."""
+        does not have (every port read "unavailable"), foreign listeners on held ports.
+        Raises nothing."""
         out = []
         unavailable = self.counts().get("unavailable", 0)
         if unavailable:
@@ -100,7 +108,7 @@ class DoctorReport:
 
     def to_dict(self, *, show_free: bool = True) -> dict[str, object]:
         """JSON-ready; ``ports`` lists free ports only with ``show_free`` (``doctor``
-        without ``--all``), while ``counts`` always counts every port."""
+        without ``--all``), while ``counts`` always counts every port. Raises nothing."""
         return {
             "app": self.app,
             "host": self.host,

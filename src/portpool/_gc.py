@@ -41,6 +41,7 @@ class GcReport:
     problems: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: each field's list, under the field's name. Raises nothing."""
         return {
             "instances": self.instances,
             "ports": self.ports,

@@ -28,14 +28,16 @@ class Occupant:
 
     @property
     def state(self) -> str:
+        """The socket's state: ``listen``, ``bound``, ``time-wait``, ... Raises nothing."""
         return self.socket.state
 
     @property
     def listening(self) -> bool:
+        """Whether the socket listens (state ``listen``). Raises nothing."""
         return self.socket.state == "listen"
 
     def who(self) -> str:
-        """``pid 12 (nginx)``, or what is known instead."""
+        """``pid 12 (nginx)``, or what is known instead. Raises nothing."""
         if self.pids:
             return ", ".join(
                 f"pid {p} ({n})" for p, n in zip(self.pids, self.programs, strict=True)
@@ -47,7 +49,8 @@ class Occupant:
         return "an unknown process"
 
     def place(self) -> str:
-        """The local address, e.g. ``[::]:8000 (IPv6 only)`` or ``127.0.0.1:8000``."""
+        """The local address, e.g. ``[::]:8000 (IPv6 only)`` or ``127.0.0.1:8000``.
+        Raises nothing."""
         s = self.socket
         text = _where(s)
         if s.family == 6 and s.address == "::" and s.state in ("listen", "bound"):
@@ -55,7 +58,8 @@ class Occupant:
         return text
 
     def what(self) -> str:
-        """The socket's state and address, e.g. ``listening on [::]:8000 (IPv6 only)``."""
+        """The socket's state and address, e.g. ``listening on [::]:8000 (IPv6 only)``.
+        Raises nothing."""
         s = self.socket
         if s.state == "listen":
             return f"listening on {self.place()}"
@@ -66,13 +70,16 @@ class Occupant:
         return f"a connection from {self.place()} to {s.remote} ({s.state})"
 
     def describe(self) -> str:
-        """``pid 12 (nginx) listening on ...``, ``pid 12 (curl) has a connection ...``."""
+        """``pid 12 (nginx) listening on ...``, ``pid 12 (curl) has a connection ...``.
+        Raises nothing."""
         if self.socket.state == "time-wait":
             return self.what()
         verb = "" if self.socket.state in ("listen", "bound") else "has "
         return f"{self.who()} {verb}{self.what()}"
 
     def to_dict(self) -> dict[str, object]:
+        """JSON-ready: the socket's state, address, port (int), v6only, remote, and the
+        ``pids`` and ``programs`` lists. Raises nothing."""
         s = self.socket
         return {
             "state": s.state,

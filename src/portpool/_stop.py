@@ -45,6 +45,7 @@ class Stopped:
     ports: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``number``, ``pid`` and ``ports`` (a list of int). Raises nothing."""
         return {"number": self.number, "pid": self.pid, "ports": list(self.ports)}
 
 

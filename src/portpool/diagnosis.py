@@ -46,16 +46,20 @@ class PortDiagnosis:
 
     @property
     def bindable(self) -> bool:
+        """Whether ``acquire``'s bind would succeed (no ``bind_error``). Raises nothing."""
         return self.bind_error is None
 
     def describe_occupants(self) -> str:
+        """Every occupant's ``describe()``, joined by "; " (or a placeholder when the OS
+        names none). Raises nothing."""
         if not self.occupants:
             return "a process the OS does not name"
         return "; ".join(o.describe() for o in self.occupants)
 
     def refusal(self) -> Refusal | None:
         """Why ``acquire`` refuses the port, or None if it can have it. Its text is the
-        same whether the pool met the error itself or ``doctor`` probed for it."""
+        same whether the pool met the error itself or ``doctor`` probed for it.
+        Raises nothing."""
         err, port, host = self.bind_error, self.port, self.host
         if err is None:
             return None
@@ -68,12 +72,15 @@ class PortDiagnosis:
         return Refusal(port, "error", f"binding {host}:{port}: {self.bind_message}")
 
     def notes(self) -> list[str]:
-        """What a free port still has on it that a user may trip over."""
+        """What a free port still has on it that a user may trip over: a list of lines,
+        empty for a port that is not bindable. Raises nothing."""
         if not self.bindable:
             return []
         return [plain_bind_note(self.occupants)] if self.plain_bind_blocked else []
 
     def to_dict(self) -> dict[str, object]:
+        """JSON-ready: port (int), host, ``bindable``, the refusal's text (or None),
+        ``plain_bind_blocked`` and the ``occupants`` (dicts). Raises nothing."""
         refusal = self.refusal()
         return {
             "port": self.port,

@@ -90,7 +90,8 @@ class ResourceLimit(PortPoolError):
         super().__init__(f"out of {limit}{now}{need}: {advice}")
 
     def for_need(self, needed: int) -> ResourceLimit:
-        """This error, saying how many are needed (and a limit that would do)."""
+        """A new error like this one, saying ``needed`` (a count) and, for open files, a
+        limit that would do. Returns it; raises nothing."""
         advice = self.advice
         if self.limit == "open files":
             advice = (

@@ -72,20 +72,28 @@ class Instance:
 
     @property
     def app(self) -> str:
+        """The layout's app name. Raises nothing."""
         return self.layout.app
 
     def port(self, service: str) -> int:
+        """The port (int) leased to ``service``. Raises KeyError for a service this
+        instance holds no lease for."""
         return self.leases[service].port
 
     @property
     def ports(self) -> dict[str, int]:
+        """Each leased service's name -> its port (int). Raises nothing."""
         return {name: lease.port for name, lease in self.leases.items()}
 
     def pool(self, service: str) -> list[int]:
+        """The ordered ports (int) of ``service``'s pool in this instance. Raises
+        UnknownService for a service the layout lacks."""
         return self.layout.pool(service, self.number)
 
     def env(self, service: str | None = None) -> dict[str, str]:
-        """The environment a service of this instance is given (DESIGN.md)."""
+        """The environment (name -> value, all str) a service of this instance is given
+        (DESIGN.md); with ``service``, also its ``PORT`` and ``PORTPOOL_SERVICE``.
+        Raises KeyError for a ``service`` this instance holds no lease for."""
         env = {"PORTPOOL_APP": self.app, "PORTPOOL_INSTANCE": str(self.number)}
         names = []
         for svc in self.layout.services:
@@ -132,13 +140,16 @@ class Instance:
         }
 
     def write_record(self) -> None:
+        """Write this instance's record (``<n>.json``) now; nothing once released.
+        Raises StateDirError if the record cannot be written."""
         data = json.dumps(self._record(), separators=(",", ":")).encode()
         with self._mutex:
             if not self._released:
                 write_atomic(self.state.instances(self.app), f"{self.number}.json", data)
 
     def set_service_pids(self, pids: Mapping[str, int]) -> None:
-        """Record which process serves each service (for ``status`` and the dashboard)."""
+        """Record which process (pid) serves each service (for ``status`` and the
+        dashboard). Raises nothing: a failed record write is logged."""
         self.service_pids.update(pids)
         try:
             self.write_record()
@@ -150,13 +161,17 @@ class Instance:
         self, states: Mapping[str, Mapping[str, Any]], pids: Mapping[str, int]
     ) -> None:
         """Record each supervised service's state (``state``, ``restarts``,
-        ``last_exit_status``, ...) and pid, for ``status`` and the dashboard."""
+        ``last_exit_status``, ...) and pid, for ``status`` and the dashboard. Raises
+        nothing: a failed record write is logged."""
         with self._mutex:
             self.service_states.update(states)
         self.set_service_pids(pids)
 
     def problem(self) -> str | None:
-        """None while the slot lock and the record are still ours, else what went wrong."""
+        """None while the slot lock and the record are still ours, else what went wrong.
+        Raises StateDirError if the instances directory cannot be opened, OSError if the
+        slot's lock file cannot be examined (an unreadable record is a problem, not an
+        error)."""
         slot_problem = self.slot.problem()
         if slot_problem is not None:
             return f"instance slot {self.number}: {slot_problem}"
@@ -177,7 +192,8 @@ class Instance:
     # -- heartbeat
 
     def heartbeat(self) -> None:
-        """Refresh every lease's and the record's ``heartbeat_at`` now."""
+        """Refresh every lease's and the record's ``heartbeat_at`` now. Raises nothing: a
+        full disk must not kill a healthy instance (failures are logged or skipped)."""
         for lease in list(self.leases.values()):
             with contextlib.suppress(PortPoolError, OSError):
                 lease.heartbeat()
@@ -188,6 +204,9 @@ class Instance:
             log.warning("heartbeat of instance %d: %s", self.number, e)
 
     def start_heartbeat(self) -> None:
+        """Start the thread that calls ``heartbeat()`` every ``heartbeat_interval_s``
+        seconds; a second call does nothing. Raises RuntimeError if the thread cannot
+        start."""
         if self._heartbeat_thread is not None:
             return
 
@@ -208,7 +227,8 @@ class Instance:
         own_pids: Callable[[], Iterable[int]] | None = None,
     ) -> None:
         """Watch every lease and the slot; on a trip call ``on_lost`` (default: shut down
-        this instance and exit the process with code 4)."""
+        this instance and exit the process with code 4). A second call does nothing.
+        Raises RuntimeError if the shield's thread cannot start."""
         from portpool.shield import Shield
 
         if self._shield is not None:
@@ -252,14 +272,16 @@ class Instance:
     # -- stopping
 
     def on_release(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` first thing in ``release()`` (e.g. stop supervised services)."""
+        """Run ``callback`` first thing in ``release()`` (e.g. stop supervised services).
+        Raises nothing; ``release()`` logs what the callback raises."""
         self._on_release.append(callback)
 
     def release(self) -> None:
         """Stop heartbeat and shield, release every lease and the slot, remove our record.
 
         Only what is still ours is erased: a lock or record taken over by someone else
-        is left alone. Safe to call twice and from any thread.
+        is left alone. Safe to call twice and from any thread. A callback's error is
+        logged, not raised; it raises what ``problem()`` raises (StateDirError, OSError).
         """
         with self._mutex:
             if self._released:

@@ -131,7 +131,8 @@ class Service:
         object.__setattr__(self, "ready_timeout_s", float(self.ready_timeout_s))
 
     def first_port(self, instance: int) -> int:
-        """The first port of this service's pool in ``instance`` (1-based)."""
+        """The first port of this service's pool in ``instance`` (1-based). Raises
+        ValueError if ``instance`` is not an int >= 1."""
         if not is_int(instance) or instance < 1:
             raise ValueError(f"instance numbers start at 1, not {instance!r}")
         return self.base + self.stride * (instance - 1)
@@ -147,7 +148,8 @@ class Service:
 
     @property
     def env_name(self) -> str:
-        """The environment variable that carries this service's port: PORTPOOL_PORT_<NAME>."""
+        """The environment variable that carries this service's port: PORTPOOL_PORT_<NAME>.
+        Raises nothing."""
         return port_env_name(self.name)
 
 
@@ -230,11 +232,12 @@ class Layout:
     def descriptors_needed(self) -> int:
         """About how many file descriptors an instance of this layout holds: per service
         a lock, its record and the listening socket; plus the slot, std streams and
-        the state dir's handles."""
+        the state dir's handles. Raises nothing."""
         return 3 * len(self.services) + 16
 
     def service(self, name: str) -> Service:
-        """The service called ``name``; LayoutError naming the known ones if there is none."""
+        """The service called ``name``. Raises UnknownService (a LayoutError and a
+        UsageError) naming the known ones if there is none."""
         for s in self.services:
             if s.name == name:
                 return s
@@ -251,12 +254,14 @@ class Layout:
             )
 
     def pool(self, service: str, instance: int) -> list[int]:
-        """The pool of ``service`` in ``instance``: ValueError outside 1..admissible."""
+        """The ordered ports (int) of ``service`` in ``instance``. Raises ValueError for
+        an ``instance`` outside 1..admissible, UnknownService for an unknown ``service``."""
         self._check_instance(instance)
         return self.service(service).pool(instance)
 
     def pools(self, instance: int) -> dict[str, list[int]]:
-        """Every service's pool in ``instance``, in the layout's service order."""
+        """Every service's name -> its pool (ports, int) in ``instance``, in the layout's
+        service order. Raises ValueError for an ``instance`` outside 1..admissible."""
         self._check_instance(instance)
         return {s.name: s.pool(instance) for s in self.services}
 
@@ -275,7 +280,8 @@ class Layout:
         return all(getattr(self, k) == getattr(other, k) for k in _SETTINGS)
 
     def with_changes(self, **changes: object) -> Layout:
-        """A copy with ``changes`` applied and validated again (LayoutError if invalid).
+        """A copy with ``changes`` (field name -> value) applied and validated again.
+        Raises LayoutError if invalid, TypeError for a name that is not a field.
 
         A maximum that was not lowered follows the new admissible count.
         """

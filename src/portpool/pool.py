@@ -61,13 +61,17 @@ class Lease:
 
     @property
     def record(self) -> PortRecord | None:
+        """The port's record as last written by us, None before it was. Raises nothing."""
         return self.lock.record
 
     @property
     def socket_inode(self) -> int | None:
+        """The listening socket's inode (Linux), None if closed or unknown. Raises nothing."""
         return None if self.socket is None else socket_inode(self.socket)
 
     def fileno(self) -> int:
+        """The listening socket's file descriptor (int), to hand to a service. Raises
+        PortPoolError once ``close_socket`` or ``release`` closed it."""
         if self.socket is None:
             raise PortPoolError(f"port {self.port}: the lease's socket was already closed")
         return self.socket.fileno()
@@ -75,7 +79,8 @@ class Lease:
     def close_socket(self) -> None:
         """Close our sockets but keep the lock (another portpool user can't take the port;
         a foreign program could, which the shield reports). The held ones go too: the
-        service binds the port itself now, maybe on ``::``, which they would block."""
+        service binds the port itself now, maybe on ``::``, which they would block.
+        Raises nothing."""
         if self.socket is not None:
             self.socket.close()
             self.socket = None
@@ -85,7 +90,7 @@ class Lease:
 
     def skip_note(self) -> str | None:
         """One line saying which port this lease got and why each earlier port of its
-        pool was refused; None when it got the pool's first port."""
+        pool was refused; None when it got the pool's first port. Raises nothing."""
         if not self.refusals:
             return None
         who = f"service {self.service!r}" if self.service else "lease"
@@ -93,10 +98,13 @@ class Lease:
         return f"{who} got port {self.port}, not {self.refusals[0].port}: {why}"
 
     def heartbeat(self) -> None:
+        """Refresh the record's ``heartbeat_at`` now. Raises LockError once released,
+        OSError if the write fails."""
         self.lock.heartbeat()
 
     def release(self) -> None:
-        """Close the socket, erase the record, unlock. Safe to call twice."""
+        """Close the socket, erase the record, unlock. Safe to call twice. Raises
+        nothing."""
         self.close_socket()
         self.lock.release()
 

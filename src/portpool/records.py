@@ -46,6 +46,8 @@ class ServiceInfo(NamedTuple):
     last_exit_status: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the fields under their names, ``pool`` as a list of int. Raises
+        nothing."""
         return {
             "name": self.name,
             "pool": list(self.pool),
@@ -146,6 +148,8 @@ class InstanceInfo:
 
     @property
     def services(self) -> tuple[ServiceInfo, ...]:
+        """One ServiceInfo per service entry of the record, in its order. Raises nothing
+        (the entries were validated when read)."""
         return tuple(
             ServiceInfo(
                 e["name"],
@@ -161,11 +165,15 @@ class InstanceInfo:
 
     @property
     def heartbeat_age_s(self) -> float | None:
+        """Seconds since the last heartbeat (rounded to ms, never negative), None if the
+        record has none. Raises nothing."""
         if self.heartbeat_at is None:
             return None
         return round(max(0.0, time.time() - self.heartbeat_at), 3)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the record's fields, ``heartbeat_age_s`` (seconds) and the service
+        entries (dicts). Raises nothing."""
         return {
             "number": self.number,
             "pid": self.pid,

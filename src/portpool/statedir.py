@@ -153,7 +153,9 @@ class StateDir:
 
     def subdir(self, *parts: str) -> DirHandle:
         """The checked subdirectory ``parts`` (e.g. "ports"), created 0700 if missing
-        (a StateDirError if it is missing in a state dir opened with ``create=False``)."""
+        (a StateDirError if it is missing in a state dir opened with ``create=False``).
+        Raises StateDirError too if it is not a private directory of ours or cannot be
+        opened."""
         found = self._open_subdir(parts, self.create)
         if found is None:
             where = os.path.join(self.path, *parts)
@@ -161,7 +163,9 @@ class StateDir:
         return found
 
     def find(self, *parts: str) -> DirHandle | None:
-        """The checked subdirectory ``parts`` if it exists, else None; never creates."""
+        """The checked subdirectory ``parts`` if it exists, else None; never creates.
+        Raises StateDirError if it exists but is not a private directory of ours or
+        cannot be opened."""
         return self._open_subdir(parts, False)
 
     def _open_subdir(self, parts: tuple[str, ...], create: bool) -> DirHandle | None:
@@ -200,19 +204,25 @@ class StateDir:
             return handle
 
     def ports(self) -> DirHandle:
-        """The ``ports`` subdirectory (created 0700 on first use)."""
+        """The ``ports`` subdirectory (created 0700 on first use). Raises StateDirError
+        as ``subdir`` does."""
         found = self._subdirs.get("ports")  # hot path of acquire: no mutex once opened
         return found if found is not None else self.subdir("ports")
 
     def instances(self, app: str) -> DirHandle:
+        """The ``instances`` subdirectory of ``app`` (created 0700 if missing). Raises
+        StateDirError for an invalid app name, or as ``subdir`` does."""
         return self.subdir("apps", check_name("app", app), "instances")
 
     def find_instances(self, app: str) -> DirHandle | None:
-        """``instances`` of ``app`` if it exists, else None; never creates."""
+        """``instances`` of ``app`` if it exists, else None; never creates. Raises
+        StateDirError for an invalid app name, or as ``find`` does."""
         return self.find("apps", check_name("app", app), "instances")
 
     def apps(self) -> list[str]:
-        """Names of the apps that have ever used this state dir."""
+        """Names of the apps that have ever used this state dir, sorted; [] if it cannot
+        be listed. Raises StateDirError if ``apps`` exists but is not a private directory
+        of ours."""
         from portpool.layout import name_problem
 
         try:
@@ -224,6 +234,7 @@ class StateDir:
             return []
 
     def close(self) -> None:
+        """Close every directory handle this opened. Raises nothing."""
         with self._mutex:
             for h in self._subdirs.values():
                 h.close()
