@@ -69,3 +69,32 @@ def test_every_public_callable_says_what_it_raises() -> None:
             assert "raise" in doc.lower(), f"portpool.{name}'s docstring names no errors"
         elif inspect.isclass(value):
             assert inspect.getdoc(value), f"portpool.{name} has no docstring"
+
+
+def test_every_public_method_and_property_says_what_it_raises() -> None:
+    """A public class's own methods and properties document their errors (or that they
+    raise none); what tuple, NamedTuple or Exception define is theirs to document."""
+    import functools
+    import inspect
+
+    import portpool
+
+    inherited = set(dir(tuple)) | set(dir(Exception))
+    missing = []
+    for name in portpool.__all__:
+        cls = getattr(portpool, name)
+        if not inspect.isclass(cls):
+            continue
+        for attr, member in vars(cls).items():
+            if attr.startswith("_") or attr in inherited:
+                continue
+            value = member.__func__ if isinstance(member, staticmethod | classmethod) else member
+            if isinstance(value, property | functools.cached_property):
+                doc = value.__doc__ or ""
+            elif inspect.isfunction(value):
+                doc = inspect.getdoc(value) or ""
+            else:
+                continue  # a field, a constant
+            if "raise" not in doc.lower():
+                missing.append(f"{name}.{attr}")
+    assert not missing, f"docstrings that name no errors: {missing}"
