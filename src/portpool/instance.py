@@ -281,7 +281,9 @@ class Instance:
 
         Only what is still ours is erased: a lock or record taken over by someone else
         is left alone. Safe to call twice and from any thread. A callback's error is
-        logged, not raised; it raises what ``problem()`` raises (StateDirError, OSError).
+        logged, not raised; when the instances directory cannot be checked (it became
+        unsafe or unreadable) the slot is unlocked and its files are left. Raises
+        nothing: an exception here used to leave the slot locked after the leases went.
         """
         with self._mutex:
             if self._released:
@@ -297,7 +299,11 @@ class Instance:
                 log.exception("while stopping instance %d", self.number)
         for lease in self.leases.values():
             lease.release()
-        if self.slot.is_owner_process and self.problem() is None:
+        try:
+            ours = self.slot.is_owner_process and self.problem() is None
+        except (PortPoolError, OSError):  # an unusable instances dir: unlock, erase nothing
+            ours = False
+        if ours:
             with contextlib.suppress(OSError):
                 self.state.instances(self.app).unlink(f"{self.number}.json")
             self.slot.remove_and_release()
