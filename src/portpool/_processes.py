@@ -33,7 +33,7 @@ from portpool._platform import (
     reap_adopted,
     signal_group,
 )
-from portpool.errors import PortPoolError, ServiceExited
+from portpool.errors import PortPoolError, ServiceExited, ShieldTripped
 
 __all__ = ["Outcome", "Supervisor"]
 
@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from portpool._keeper import Failure
     from portpool.instance import Instance
+    from portpool.pool import Lease
 
 _TICK_S = 0.5
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
@@ -58,6 +59,7 @@ class Outcome:
     returncode: int | None = None  # ``run``: the command's Popen returncode
     lingering: list[str] = field(default_factory=list)  # ports still held, for people
     failure: Failure | None = None  # ``up``: the service's failure behind code 5
+    tripped: ShieldTripped | None = None  # the shield's trip behind code 4
 
 
 class Supervisor:
@@ -183,6 +185,12 @@ class Supervisor:
         if self._outcome is None:
             self._outcome = outcome
         self._done.set()
+
+    def shield_lost(self, lease: Lease | None, reason: str) -> None:
+        """The shield's ``on_lost``: stop with exit code 4, the trip (its reason and the
+        lease's port, None for the slot) kept in the outcome as ``tripped``."""
+        trip = ShieldTripped(reason, lease.port if lease is not None else None)
+        self.finish(Outcome(trip.exit_code, str(trip), tripped=trip))
 
     @property
     def finishing(self) -> bool:

@@ -65,7 +65,7 @@ def run_command(
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
-    from portpool.errors import CommandNotFound, ShieldTripped, UsageError
+    from portpool.errors import CommandNotFound, UsageError
     from portpool.instance import start_instance
 
     if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
@@ -104,17 +104,13 @@ def run_command(
             scope.relay(relay_to(supervisor, "command", shared))
             instance.set_service_pids(dict.fromkeys(names, proc.pid))
             instance.start_heartbeat()
-            instance.start_shield(
-                on_lost=lambda lease, reason: supervisor.finish(
-                    Outcome(ShieldTripped.exit_code, reason)
-                ),
-                own_pids=supervisor.own_pids,
-            )
+            instance.start_shield(on_lost=supervisor.shield_lost, own_pids=supervisor.own_pids)
             outcome = supervisor.wait()
             supervisor.stop()
             outcome.lingering = supervisor.lingering(grace_s)
         finally:
             instance.release()
-    if outcome.code == ShieldTripped.exit_code and outcome.returncode is None:
-        raise ShieldTripped(outcome.message)
+    if outcome.tripped is not None:
+        outcome.tripped.lingering = outcome.lingering
+        raise outcome.tripped
     return outcome

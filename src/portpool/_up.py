@@ -21,7 +21,6 @@ __all__ = ["run_up"]
 if TYPE_CHECKING:
     from portpool.instance import Instance
     from portpool.layout import Layout
-    from portpool.pool import Lease
 
 
 def _stop_with(signum: int) -> int:
@@ -65,7 +64,7 @@ def run_up(
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
     from portpool._services import ServiceSupervisor  # its keepers and probes: up only
-    from portpool.errors import LayoutError, ServiceExited, ShieldTripped
+    from portpool.errors import LayoutError, ServiceExited
     from portpool.instance import start_instance
 
     for service in layout.services:
@@ -73,7 +72,6 @@ def run_up(
         if problem:
             raise LayoutError(layout.source, f"services.{service.name}.command", problem)
     stop_signal: list[int] = []
-    tripped: list[ShieldTripped] = []
     relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
     hangup = getattr(signal, "SIGHUP", None)
     # A closed terminal reaches us as the kernel's SIGHUP, or as a shell passing its own
@@ -116,16 +114,7 @@ def run_up(
             supervisor.start_services(should_stop=lambda: supervisor.finishing)
             if not supervisor.finishing:
                 instance.start_heartbeat()
-
-                def on_lost(lease: Lease | None, reason: str) -> None:
-                    port = lease.port if lease is not None else None
-                    tripped.append(ShieldTripped(reason, port))
-                    supervisor.finish(Outcome(ShieldTripped.exit_code, f"shield tripped: {reason}"))
-
-                instance.start_shield(
-                    on_lost=on_lost,
-                    own_pids=supervisor.own_pids,
-                )
+                instance.start_shield(on_lost=supervisor.shield_lost, own_pids=supervisor.own_pids)
                 if supervisor.wait_ready():
                     if on_up is not None:
                         pids = {n: k.pid for n, k in supervisor.keepers.items() if k.pid}
@@ -136,9 +125,9 @@ def run_up(
             outcome.lingering = supervisor.lingering(grace_s)
         finally:
             instance.release()
-    if tripped and outcome.code == ShieldTripped.exit_code:
-        trip = tripped[0]
-        raise ShieldTripped(trip.reason, trip.port, lingering=outcome.lingering)
+    if outcome.tripped is not None:
+        outcome.tripped.lingering = outcome.lingering
+        raise outcome.tripped
     failure = outcome.failure
     if failure is not None:
         raise ServiceExited(
