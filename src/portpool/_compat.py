@@ -52,7 +52,7 @@ def init_instance_manager(
     with _current_mutex:
         if _current is not None and not _current._released:
             _check_same(_current, layout, services, number)
-            if shield and _current._shield is None:  # asked for now: it runs from here on
+            if shield:  # asked for now: it runs from here on (a running shield stays)
                 _current.start_shield()
             return _current
         resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
