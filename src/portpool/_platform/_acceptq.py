@@ -24,6 +24,7 @@ from portpool._platform._sockdiag import (
     _NLMSG_HEADER,
     _SOCK_DIAG_BY_FAMILY,
     diag_messages,
+    proc_net_rows,
 )
 
 __all__ = ["accept_queue_length", "connection_accepted"]
@@ -142,18 +143,13 @@ def _proc_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) ->
     )
     want_local = (socket.inet_pton(family, local[0]), local[1])
     want_remote = (socket.inet_pton(family, remote[0]), remote[1])
-    with open(table, encoding="ascii") as f:
-        next(f, None)
-        for line in f:
-            fields = line.split()
-            if len(fields) < 10:
-                continue
-            found = []
-            for column in (fields[1], fields[2]):
-                addr_hex, _, port_hex = column.partition(":")
-                found.append((decode(addr_hex), int(port_hex, 16)))
-            if found == [want_local, want_remote]:
-                return int(fields[9])
+    for fields in proc_net_rows(table):
+        found = []
+        for column in (fields[1], fields[2]):
+            addr_hex, _, port_hex = column.partition(":")
+            found.append((decode(addr_hex), int(port_hex, 16)))
+        if found == [want_local, want_remote]:
+            return int(fields[9])
     return None
 
 

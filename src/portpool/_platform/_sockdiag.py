@@ -14,7 +14,7 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 # Linux's TCP states (include/net/tcp_states.h), by number.
@@ -175,26 +175,33 @@ def _decode_v6(hex_addr: str) -> tuple[int, str]:
     return _address(socket.AF_INET6, words)
 
 
+def proc_net_rows(table: str) -> Iterator[list[str]]:
+    """The fields of each socket line of ``table`` (/proc/net/tcp or tcp6): ``sl``,
+    ``local_address``, ``rem_address``, ``st``, ..., ``inode`` at index 9. Raises
+    OSError (FileNotFoundError: no such table, e.g. no IPv6 in this kernel)."""
+    with open(table, encoding="ascii") as f:
+        next(f, None)  # the header
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 10:
+                yield fields
+
+
 def _proc_net(port: int | None) -> list[TcpSocket]:
     found: list[TcpSocket] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
-            with open(table, encoding="ascii") as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) < 10:
-                        continue
-                    addr_hex, _, port_hex = fields[1].partition(":")
-                    local_port = int(port_hex, 16)
-                    if port is not None and local_port != port:
-                        continue
-                    if table.endswith("6"):
-                        fam, address = _decode_v6(addr_hex)
-                    else:
-                        fam, address = 4, _decode_v4(addr_hex)
-                    state = _STATES.get(int(fields[3], 16), fields[3])
-                    found.append(TcpSocket(fam, address, local_port, state, int(fields[9]) or None))
+            for fields in proc_net_rows(table):
+                addr_hex, _, port_hex = fields[1].partition(":")
+                local_port = int(port_hex, 16)
+                if port is not None and local_port != port:
+                    continue
+                if table.endswith("6"):
+                    fam, address = _decode_v6(addr_hex)
+                else:
+                    fam, address = 4, _decode_v4(addr_hex)
+                state = _STATES.get(int(fields[3], 16), fields[3])
+                found.append(TcpSocket(fam, address, local_port, state, int(fields[9]) or None))
         except FileNotFoundError:
             continue  # no IPv6 in this kernel
     return found
