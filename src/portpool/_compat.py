@@ -50,17 +50,23 @@ def init_instance_manager(
     """
     global _current
     with _current_mutex:
-        if _current is not None and not _current._released:
-            _check_same(_current, layout, services, number)
+        running = _running()
+        if running is not None:
+            _check_same(running, layout, services, number)
             if shield:  # asked for now: it runs from here on (a running shield stays)
-                _current.start_shield()
-            return _current
+                running.start_shield()
+            return running
         resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
         instance = start_instance(resolved, services=services, number=number)
         if shield:
             instance.start_shield()
         _current = instance
         return instance
+
+
+def _running() -> Instance | None:
+    """The instance ``init_instance_manager`` started, unless it was released since."""
+    return _current if _current is not None and not _current._released else None
 
 
 def _check_same(
@@ -104,7 +110,7 @@ def get_service_port_pool(service: str, instance: int | None = None) -> list[int
     ``instance`` is given and no instance of ``init_instance_manager`` runs in this
     process (never started, or released).
     """
-    running = _current if _current is not None and not _current._released else None
+    running = _running()
     if instance is not None:
         # The running instance's layout, not whatever ./portpool.toml says now.
         layout = running.layout if running is not None else resolve_layout(None)
