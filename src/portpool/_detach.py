@@ -75,7 +75,7 @@ def _layout_args(layout: Layout, cwd: str) -> list[str]:
     """``--config FILE`` naming ``layout`` for an ``up`` run in ``cwd``, which reads its
     layout from a file: the one it came from, or none for the built-in layout."""
     from portpool._layout_load import layout_path
-    from portpool.layout import default_layout, resolve_layout
+    from portpool.layout import default_layout, load_layout
 
     if layout.source == default_layout().source:
         if layout != default_layout():
@@ -91,7 +91,7 @@ def _layout_args(layout: Layout, cwd: str) -> list[str]:
             )
         return []
     path = os.path.abspath(layout.source)
-    if not resolve_layout(path).same_as(layout):
+    if not load_layout(path).same_as(layout):
         raise UsageError(
             f"{layout.source} no longer holds this layout (changed since it was loaded, or "
             "changed in Python): a detached up reads its layout from that file"
