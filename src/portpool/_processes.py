@@ -61,6 +61,13 @@ class Outcome:
     failure: Failure | None = None  # ``up``: the service's failure behind code 5
     tripped: ShieldTripped | None = None  # the shield's trip behind code 4
 
+    def raise_if_tripped(self) -> None:
+        """Raise the shield's trip behind this outcome (ShieldTripped, with what still
+        held a port as ``lingering``), if the shield ended the run."""
+        if self.tripped is not None:
+            self.tripped.lingering = self.lingering
+            raise self.tripped
+
 
 class Supervisor:
     """Processes started for one instance, each with its whole tree.

@@ -110,7 +110,5 @@ def run_command(
             outcome.lingering = supervisor.lingering(grace_s)
         finally:
             instance.release()
-    if outcome.tripped is not None:
-        outcome.tripped.lingering = outcome.lingering
-        raise outcome.tripped
+    outcome.raise_if_tripped()
     return outcome

@@ -125,9 +125,7 @@ def run_up(
             outcome.lingering = supervisor.lingering(grace_s)
         finally:
             instance.release()
-    if outcome.tripped is not None:
-        outcome.tripped.lingering = outcome.lingering
-        raise outcome.tripped
+    outcome.raise_if_tripped()
     failure = outcome.failure
     if failure is not None:
         raise ServiceExited(
