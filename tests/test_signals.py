@@ -302,7 +302,7 @@ def _read_holders(proc: subprocess.Popen[str]) -> dict[str, int]:
     holders: dict[str, int] = {}
     while len(holders) < 3:
         line = proc.stdout.readline()
-        assert line, proc.stderr.read() if proc.stderr else ""
+        assert line, (proc.wait(timeout=30), proc.stderr.read() if proc.stderr else "")
         holders.update((m[0], int(m[1])) for m in re.findall(r"holder (\w+) (\d+)", line))
     return holders
 
@@ -354,6 +354,7 @@ def test_run_stops_grandchildren_and_the_port_is_free_after(
             str(tree),
         ],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,  # said by _read_holders if run ends before the holders
         text=True,
     )
     holders = _read_holders(proc)
