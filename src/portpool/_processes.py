@@ -211,7 +211,10 @@ class Supervisor:
         return self._outcome or Outcome(0)
 
     def _reap(self) -> None:
-        reap_adopted({p.pid for p in self.children.values() if p.returncode is None})
+        # Under the spawn lock: a child being started (by a keeper's thread) is not in
+        # ``children`` yet, and reaping it would leave its Popen a returncode of 0.
+        with self._spawn_lock:
+            reap_adopted({p.pid for p in self.children.values() if p.returncode is None})
 
     # -- stopping
 
