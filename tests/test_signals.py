@@ -281,7 +281,9 @@ def _tree_script(tmp_path: Path) -> Path:
         "    if os.fork():\n"
         "        os._exit(0)\n"
         "s = socket.socket(fileno=os.dup(3))\n"
-        "print('holder', sys.argv[1], os.getpid(), flush=True)\n"
+        # One write of a whole line: the three holders share the pipe, and print() with
+        # PYTHONUNBUFFERED set writes each piece on its own ("holder childholder setsid").
+        "os.write(1, f'holder {sys.argv[1]} {os.getpid()}\\n'.encode())\n"
         "time.sleep(120)\n"
     )
     script = tmp_path / "tree.sh"
@@ -300,9 +302,11 @@ def _read_holders(proc: subprocess.Popen[str]) -> dict[str, int]:
     """The pid of each holder of ``_tree_script``, by kind, read from ``proc``'s stdout."""
     assert proc.stdout is not None
     holders: dict[str, int] = {}
+    lines: list[str] = []
     while len(holders) < 3:
         line = proc.stdout.readline()
-        assert line, (proc.wait(timeout=30), proc.stderr.read() if proc.stderr else "")
+        assert line, (lines, proc.wait(timeout=30), proc.stderr.read() if proc.stderr else "")
+        lines.append(line)
         holders.update((m[0], int(m[1])) for m in re.findall(r"holder (\w+) (\d+)", line))
     return holders
 
