@@ -4,6 +4,7 @@ re-exported here for the tests that import it from this module."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,15 @@ from portpool import _addresses, _compat, _heldlock, layout
 from portpool.integrations import fds
 from portpool.pool import Lease, acquire
 from portpool.statedir import StateDir
+
+# A test run started as a background job of a non-interactive shell (`make test &` in a
+# script) inherits SIGINT and SIGQUIT ignored, and every program it starts would too:
+# the Ctrl-C tests would then test "a signal the caller ignored stays ignored" instead.
+# Give the run what a terminal's shell gives it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if hasattr(signal, "SIGQUIT") and signal.getsignal(signal.SIGQUIT) is signal.SIG_IGN:
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
 
 # Caches of host facts and pure functions: cleared after every test, so no test sees a
 # value an earlier one computed under other conditions (another PORTPOOL_HOME, a
