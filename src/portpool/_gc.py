@@ -8,6 +8,7 @@ a dead writer's temporary files. Whether something is held is the kernel's word.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import stat
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from portpool._jsonfile import TMP_SUFFIX, decimal, file_kind
 from portpool._platform import DirHandle, LockTable, identity_of, locked_inodes
 from portpool._record import read_port_record
 from portpool.errors import LockHeld, PortPoolError
-from portpool.records import slot_numbers
+from portpool.records import recorded_pid, slot_numbers
 from portpool.statedir import StateDir
 
 
@@ -125,12 +126,14 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
                 odd.add(number)
     if not any(n.endswith(".json") or n.endswith(TMP_SUFFIX) for n in names):
         return report  # nothing a dead instance could have left: skip the kernel read
-    locked = locked_inodes()
+    # Read once, and only if a record's pid cannot confirm its own lock (a dead one).
+    locked = functools.cache(locked_inodes)
     for number in slot_numbers(names):
         if number in odd:
             continue
         try:
-            if is_held(directory, f"{number}.lock", locked):
+            holder = recorded_pid(directory, number)
+            if is_held(directory, f"{number}.lock", locked, holder=holder):
                 continue
             removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
         except OSError as e:

@@ -15,10 +15,13 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Callable
 
 from portpool._platform import (
     DirHandle,
     LockTable,
+    confirms_flock,
+    flock_held,
     locked_inodes,
     open_files_limit,
     try_lock,
@@ -153,11 +156,18 @@ class HeldLock:
             _held[key] = held
         return held
 
-    def problem(self, check_kernel: bool = True, *, locked: LockTable | None = None) -> str | None:
+    def problem(
+        self,
+        check_kernel: bool = True,
+        *,
+        locked: Callable[[], LockTable | None] = locked_inodes,
+    ) -> str | None:
         """None while the lock is still ours on the same file, else what went wrong.
 
-        ``check_kernel`` also asks the kernel that the lock is still held (Linux);
-        ``locked`` is a ``locked_inodes()`` snapshot to use instead of reading it again.
+        ``check_kernel`` also asks the kernel that the lock is still held: of our own
+        fd where the OS says (``flock_held``), else in the table ``locked()`` gives (a
+        shared ``locked_inodes()`` snapshot, read only when needed). Raises OSError if
+        the lock file cannot be examined.
         """
         if self.fd < 0:
             return f"lock file {self.name} was released"
@@ -166,15 +176,13 @@ class HeldLock:
             return f"lock file {self.name} was deleted by another process"
         if (now.st_dev, now.st_ino) != (self.dev, self.ino):
             return f"lock file {self.name} was replaced by another file"
-        if check_kernel and locked is None:
-            locked = locked_inodes()
-        if (
-            check_kernel
-            and locked is not None
-            and not _listed(self.directory, self.name, now, locked)
-        ):
-            return f"lock file {self.name} is no longer locked by the kernel"
-        return None
+        if not check_kernel:
+            return None
+        held = flock_held(self.fd)
+        if held is None:
+            table = locked()
+            held = table is None or _listed(self.directory, self.name, now, table)
+        return None if held else f"lock file {self.name} is no longer locked by the kernel"
 
     @property
     def is_owner_process(self) -> bool:
@@ -223,15 +231,29 @@ def _listed(directory: DirHandle, name: str, st: os.stat_result, locked: LockTab
     return _probe(directory, name)
 
 
-def is_held(directory: DirHandle, name: str, locked: LockTable | None) -> bool:
+def is_held(
+    directory: DirHandle,
+    name: str,
+    locked: LockTable | Callable[[], LockTable | None] | None,
+    *,
+    holder: int | None = None,
+) -> bool:
     """Whether ``<dir>/<name>`` is locked right now, without disturbing its holder.
 
-    ``locked`` is a ``locked_inodes()`` snapshot; None means probe (an OS that does not
-    list locks). Unknown is never "free".
+    ``holder``: the pid its record names; where the OS confirms that process holds the
+    lock (``confirms_flock``), the kernel's whole table is not read (a read of it waits
+    for an RCU grace period). ``locked`` is a ``locked_inodes()`` snapshot, or a
+    function giving one (called only when needed); None means probe (an OS that does
+    not list locks). Unknown is never "free". Raises OSError if the entry cannot be
+    examined.
     """
     st = directory.stat_entry(name)
     if st is None:
         return False
+    if holder is not None and confirms_flock(holder, st.st_dev, st.st_ino):
+        return True
+    if callable(locked):
+        locked = locked()
     if locked is not None:
         return _listed(directory, name, st, locked)
     return _probe(directory, name)

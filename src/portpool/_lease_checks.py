@@ -83,7 +83,7 @@ def _expected_address(lease: Lease) -> IPAddress | None:
 def lease_problems(watched: Watch, snapshot: Snapshot) -> list[str]:
     """Every problem one check finds with a lease, in words; empty when it is ours.
     Learns the inodes of our children's sockets as it meets them. Raises OSError."""
-    lock_problem = watched.lease.lock.problem(locked=snapshot.locked())
+    lock_problem = watched.lease.lock.problem(locked=snapshot.locked)
     problems = [] if lock_problem is None else [lock_problem]
     problems.extend(_port_problems(watched, snapshot))
     return problems

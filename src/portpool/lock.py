@@ -13,10 +13,18 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from portpool._heldlock import HeldLock, out_of_descriptors
-from portpool._platform import DirHandle, LockTable, current_identity, read_at, write_at
+from portpool._platform import (
+    DirHandle,
+    LockTable,
+    current_identity,
+    locked_inodes,
+    read_at,
+    write_at,
+)
 from portpool._portstatus import inspect_port
 from portpool._record import (
     RECORD_SIZE,
@@ -90,10 +98,12 @@ class PortLock:
             self.record = record
             self._written = data
 
-    def problem(self, *, locked: LockTable | None = None) -> str | None:
+    def problem(self, *, locked: Callable[[], LockTable | None] = locked_inodes) -> str | None:
         """None while the lock and the metadata at the path are still ours, else why not.
 
-        ``locked`` is a ``locked_inodes()`` snapshot, to share one kernel read among ports.
+        ``locked`` gives a ``locked_inodes()`` snapshot where the kernel must be asked
+        through its lock table (see ``HeldLock.problem``), to share one read among
+        ports. Raises OSError if the lock file cannot be examined.
         """
         lock_problem = self.lock.problem(locked=locked)
         if lock_problem is not None:

@@ -9,9 +9,10 @@ heartbeat's age. Removing dead instances' records is ``portpool._gc``'s concern.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -225,19 +226,44 @@ def slot_numbers(names: Iterable[str]) -> list[int]:
     return sorted(numbers)
 
 
-def read_instance(
-    directory: DirHandle, number: int, locked: LockTable | None = None
-) -> InstanceInfo:
-    """The state of slot ``number``: alive per its kernel lock, details per its record."""
-    alive = is_held(directory, f"{number}.lock", locked)
+def recorded_pid(directory: DirHandle, number: int) -> int | None:
+    """The pid slot ``number``'s record names, None if it names none or cannot be read.
+    Raises nothing: it only lets ``is_held`` ask that process first."""
     try:
         raw = read_json_file(directory, f"{number}.json")
-        if raw is None:
-            problem = "starting (no record yet)" if alive else "no record"
-            return InstanceInfo(number, alive, False, problem=problem)
-        return _parse_record(number, alive, raw)
+    except (OSError, ValueError):
+        return None
+    return _int_or_none(raw.get("pid")) if isinstance(raw, dict) else None
+
+
+def read_instance(
+    directory: DirHandle,
+    number: int,
+    locked: LockTable | Callable[[], LockTable | None] | None = None,
+) -> InstanceInfo:
+    """The state of slot ``number``: alive per its kernel lock, details per its record.
+
+    ``locked``: a ``locked_inodes()`` snapshot or a function giving one, read only when
+    the record's pid cannot confirm the lock itself; None probes. Raises OSError if the
+    slot's lock file cannot be examined (an unreadable record is reported, not raised).
+    """
+    raw: object = None
+    unreadable: str | None = None
+    try:
+        raw = read_json_file(directory, f"{number}.json")
     except NotAFile as e:
-        return InstanceInfo(number, alive, False, problem=f"record unreadable: {number}.json {e}")
+        unreadable = f"record unreadable: {number}.json {e}"
+    except ValueError as e:
+        unreadable = f"record unreadable: record {e}"
+    holder = _int_or_none(raw.get("pid")) if isinstance(raw, dict) else None
+    alive = is_held(directory, f"{number}.lock", locked, holder=holder)
+    if unreadable is not None:
+        return InstanceInfo(number, alive, False, problem=unreadable)
+    if raw is None:
+        problem = "starting (no record yet)" if alive else "no record"
+        return InstanceInfo(number, alive, False, problem=problem)
+    try:
+        return _parse_record(number, alive, raw)
     except ValueError as e:
         return InstanceInfo(number, alive, False, problem=f"record unreadable: record {e}")
 
@@ -256,7 +282,8 @@ def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo
         directory = state.find_instances(app)
         if directory is None:
             return []  # never used by this app: nothing to list, and nothing is created
-        locked = locked_inodes()
+        # Read once, and only if some record's pid cannot confirm its own lock.
+        locked = functools.cache(locked_inodes)
         numbers = slot_numbers(directory.listdir())
         infos = [read_instance(directory, n, locked) for n in numbers]
         # A free slot with no record is just a lock file left for reuse: not an instance.

@@ -143,6 +143,12 @@ if sys.platform == "win32":
     def locked_inodes() -> LockTable | None:
         return None  # Windows does not list file locks; callers probe instead
 
+    def flock_held(fd: int) -> bool | None:
+        return None  # no per-handle lock listing: callers ask locked_inodes or probe
+
+    def confirms_flock(pid: int, device: int, inode: int) -> bool:
+        return False  # another process's handles are not listed: callers probe
+
     def exclusive_bind_options(sock: socket.socket) -> None:
         # SO_EXCLUSIVEADDRUSE, never SO_REUSEADDR: on Windows the latter lets anyone steal.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)

@@ -1,0 +1,159 @@
+"""Whether a lock is held, answered without the kernel's whole lock table where we can.
+
+Reading /proc/locks takes the kernel's file-lock rwsem for writing: the read waits for
+an RCU grace period (10-30 ms of wall time per process on the machines measured) and
+every flock() on the host waits with it. Our own locks are asked of our own fds
+(``flock_held``), a live instance's slot of its recorded process (``confirms_flock``);
+the table is read only when neither can tell (a dead holder, another user's process).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tests.helpers import write_layout
+
+from portpool import _heldlock
+from portpool import _platform as plat
+from portpool._heldlock import HeldLock
+from portpool.statedir import StateDir
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux fdinfo")
+
+# A child that takes the lock, says so, and holds it until its stdin closes.
+HOLD = (
+    "import fcntl, os, sys\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('held', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+def test_flock_held_follows_our_own_fd(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    path.touch()
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert plat.try_lock(fd)
+        assert plat.flock_held(fd) is True
+        fcntl.flock(fd, fcntl.LOCK_UN)  # the file stays open: only the lock is gone
+        assert plat.flock_held(fd) is False
+    finally:
+        os.close(fd)
+
+
+def test_confirms_flock_names_only_the_process_that_holds_it(tmp_path: Path) -> None:
+    path = tmp_path / "x.lock"
+    path.touch()
+    st = path.stat()
+    mine = os.open(path, os.O_RDWR)  # open here too, without the lock
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "held"
+        assert plat.confirms_flock(child.pid, st.st_dev, st.st_ino)
+        assert not plat.confirms_flock(os.getpid(), st.st_dev, st.st_ino)
+        assert not plat.confirms_flock(child.pid, st.st_dev, st.st_ino + 1)
+        assert not plat.confirms_flock(2**31 - 1, st.st_dev, st.st_ino)  # no such process
+    finally:
+        os.close(mine)
+        child.communicate("", timeout=30)
+    assert not plat.confirms_flock(child.pid, st.st_dev, st.st_ino)
+
+
+@pytest.mark.parametrize("source", ["own fd", "lock table"])
+def test_a_lock_unlocked_behind_our_back_is_a_problem(
+    state: StateDir, monkeypatch: pytest.MonkeyPatch, source: str
+) -> None:
+    if source == "lock table":  # where fdinfo cannot tell (an older kernel, macOS)
+        monkeypatch.setattr(_heldlock, "flock_held", lambda fd: None)
+    held = HeldLock.acquire(state.ports(), "7.lock")
+    try:
+        assert held.problem() is None
+        fcntl.flock(held.fd, fcntl.LOCK_UN)  # e.g. a forked child sharing the open file
+        assert held.problem() == "lock file 7.lock is no longer locked by the kernel"
+    finally:
+        held.release()
+
+
+# Runs the CLI in this interpreter and says on stderr each time /proc/locks is opened.
+AUDITED_CLI = """\
+import os, sys
+def hook(event, args):
+    if event == "open" and args and str(args[0]) == "/proc/locks":
+        os.write(2, b"READ /proc/locks\\n")
+sys.addaudithook(hook)
+from portpool.cli import main
+sys.argv = ["portpool", *sys.argv[1:]]
+main()
+"""
+
+
+def _audited(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", AUDITED_CLI, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_run_and_status_of_live_instances_never_read_the_lock_table(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_layout(tmp_path / "l.toml", port_base, shield=0.05)
+    holders = [
+        subprocess.Popen(
+            [sys.executable, "-m", "portpool.cli", "run", "-c", str(config), "--", "sleep", "30"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for proc in holders:
+            assert proc.stderr is not None
+            assert "instance" in proc.stderr.readline()  # its ports are announced
+        status = _audited("status", "--json", "-c", str(config))
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.count('"alive":true') == 2, status.stdout
+        assert "READ /proc/locks" not in status.stderr
+        # A run whose shield checks a few times (every 0.05 s) and then releases.
+        run = _audited("run", "-q", "-c", str(config), "--", "sleep", "0.5")
+        assert run.returncode == 0, run.stderr
+        assert "READ /proc/locks" not in run.stderr
+    finally:
+        for proc in holders:
+            proc.terminate()
+            proc.communicate(timeout=30)
+
+
+def test_status_of_a_dead_instance_still_asks_the_lock_table(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_layout(tmp_path / "l.toml", port_base)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portpool.cli", "run", "-c", str(config), "--", "sleep", "30"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    assert "instance" in proc.stderr.readline()
+    proc.kill()  # its record stays; the kernel freed its locks
+    proc.wait(timeout=30)
+    status = _audited("status", "--json", "-c", str(config))
+    assert status.returncode == 0, status.stderr
+    assert '"alive":false' in status.stdout, status.stdout
+    assert "READ /proc/locks" in status.stderr  # no live process could vouch for it
