@@ -156,18 +156,21 @@ def honest_notes(outcomes: list[Outcome]) -> list[str]:
                     f"{peer.unit}): a kernel lock, a file identity check and a metadata "
                     f"record cost more than a probe; {WHY.get(name, '')}."
                 )
-    for o in outcomes:
-        if o.section is None:
-            continue
-        for n in o.section.notes:
-            if "MISSED" in n:
-                notes.append(f"{o.section.title}: {n.splitlines()[0]}")
-    notes.append(
-        "The floor (bind+listen+close) is what any exclusive reservation must do at least; "
-        "portpool adds a lock file and a metadata write to it, which is why it sits "
-        "several times above the floor. The peers are not exclusive: the race counts "
-        "show what that saving buys."
-    )
+    # Missed targets are explained in their sections' notes: named here, not repeated.
+    missed = [
+        f"{o.section.title} ({sum('MISSED' in n for n in o.section.notes)})"
+        for o in outcomes
+        if o.section is not None and any("MISSED" in n for n in o.section.notes)
+    ]
+    if missed:
+        notes.append("Targets missed, each explained in its section: " + "; ".join(missed) + ".")
+    if any(peer_of(r.name) for o in outcomes if o.section is not None for r in o.section.rows):
+        notes.append(
+            "The floor (bind+listen+close) is what any exclusive reservation must do at "
+            "least; portpool adds a lock file and a metadata write to it, which is why it "
+            "sits several times above the floor. The peers are not exclusive: the race "
+            "counts show what that saving buys."
+        )
     return notes
 
 

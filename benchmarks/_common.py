@@ -13,9 +13,11 @@ import os
 import platform
 import socket
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -129,6 +131,13 @@ def time_whole_process(
     into.wall_ms.append(elapsed_ms)
     into.cpu_ms.append((usage.ru_utime + usage.ru_stime) * 1000)
     return into
+
+
+def portpool_command() -> list[str]:
+    """The installed ``portpool`` script beside this python (what users type), else
+    ``python -m portpool.cli``."""
+    script = Path(sys.executable).with_name("portpool")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "portpool.cli"]
 
 
 def machine() -> str:

@@ -139,6 +139,7 @@ def test_one_up_launch_is_ready_then_frees_every_lock(tmp_path: Path) -> None:
     assert timings["table"] > 0
     assert timings["ready"] > 0
     assert timings["locks_free"] <= timings["exited"]
+    assert timings["cpu"] > 0  # up and its services, from the kernel's accounting
     assert held_lock_inodes(state) == set()
 
 
@@ -179,8 +180,9 @@ def test_up_floor_starts_the_six_commands_alone_and_stops_them(tmp_path: Path) -
     base = choose_base()
     write_layout(tmp_path, base)
     ports = [base + 10 * i for i in range(6)]
-    seconds = side_by_side(tmp_path / "service.py", ports)
+    seconds, cpu_s = side_by_side(tmp_path / "service.py", ports)
     assert seconds > 0
+    assert cpu_s > 0
     from benchmarks._common import bindable
 
     assert all(bindable(p) for p in ports)  # every one of them stopped
