@@ -3,7 +3,7 @@
 Reading /proc/locks takes the kernel's file-lock rwsem for writing: the read waits for
 an RCU grace period (10-30 ms of wall time per process on the machines measured) and
 every flock() on the host waits with it. Our own locks are asked of our own fds
-(``flock_held``), a live instance's slot of its recorded process (``confirms_flock``);
+(``flock_held``), a live instance's slot of its recorded process (``OpenFiles.holds_flock``);
 the table is read only when neither can tell (a dead holder, another user's process).
 """
 
@@ -33,6 +33,8 @@ HOLD = (
     "print('held', flush=True)\n"
     "sys.stdin.read()\n"
 )
+# The same, with a second file open and not locked: it must not vouch for that one.
+DECOY = "import os, sys\nunlocked = os.open(sys.argv[2], os.O_RDWR)\n" + HOLD
 
 
 def test_flock_held_follows_our_own_fd(tmp_path: Path) -> None:
@@ -48,10 +50,11 @@ def test_flock_held_follows_our_own_fd(tmp_path: Path) -> None:
         os.close(fd)
 
 
-def test_confirms_flock_names_only_the_process_that_holds_it(tmp_path: Path) -> None:
-    path = tmp_path / "x.lock"
+def test_open_files_confirm_only_the_process_that_holds_that_files_lock(tmp_path: Path) -> None:
+    path, other = tmp_path / "x.lock", tmp_path / "y.lock"
     path.touch()
-    st = path.stat()
+    other.touch()
+    st, st_other = path.stat(), other.stat()
     mine = os.open(path, os.O_RDWR)  # open here too, without the lock
     child = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(path)],
@@ -59,17 +62,29 @@ def test_confirms_flock_names_only_the_process_that_holds_it(tmp_path: Path) -> 
         stdout=subprocess.PIPE,
         text=True,
     )
+    # A process holding another file's lock while it has this one open, unlocked.
+    decoy = subprocess.Popen(
+        [sys.executable, "-c", DECOY, str(other), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
-        assert child.stdout is not None
-        assert child.stdout.readline().strip() == "held"
-        assert plat.confirms_flock(child.pid, st.st_dev, st.st_ino)
-        assert not plat.confirms_flock(os.getpid(), st.st_dev, st.st_ino)
-        assert not plat.confirms_flock(child.pid, st.st_dev, st.st_ino + 1)
-        assert not plat.confirms_flock(2**31 - 1, st.st_dev, st.st_ino)  # no such process
+        for proc in (child, decoy):
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "held"
+        files = plat.OpenFiles()
+        assert files.holds_flock(child.pid, st.st_dev, st.st_ino)
+        assert not files.holds_flock(os.getpid(), st.st_dev, st.st_ino)
+        assert not files.holds_flock(decoy.pid, st.st_dev, st.st_ino)
+        assert files.holds_flock(decoy.pid, st_other.st_dev, st_other.st_ino)
+        assert not files.holds_flock(child.pid, st.st_dev, st.st_ino + 1)
+        assert not files.holds_flock(2**31 - 1, st.st_dev, st.st_ino)  # no such process
     finally:
         os.close(mine)
         child.communicate("", timeout=30)
-    assert not plat.confirms_flock(child.pid, st.st_dev, st.st_ino)
+        decoy.communicate("", timeout=30)
+    assert not plat.OpenFiles().holds_flock(child.pid, st.st_dev, st.st_ino)
 
 
 @pytest.mark.parametrize("source", ["own fd", "lock table"])

@@ -17,7 +17,7 @@ from typing import Any
 
 from portpool._heldlock import HeldLock, is_held
 from portpool._jsonfile import TMP_SUFFIX, decimal, file_kind
-from portpool._platform import DirHandle, LockTable, identity_of, locked_inodes
+from portpool._platform import DirHandle, LockTable, OpenFiles, identity_of, locked_inodes
 from portpool._record import read_port_record
 from portpool.errors import LockHeld, PortPoolError
 from portpool.records import recorded_pid, slot_numbers
@@ -128,12 +128,13 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
         return report  # nothing a dead instance could have left: skip the kernel read
     # Read once, and only if a record's pid cannot confirm its own lock (a dead one).
     locked = functools.cache(locked_inodes)
+    open_files = OpenFiles()
     for number in slot_numbers(names):
         if number in odd:
             continue
         try:
             holder = recorded_pid(directory, number)
-            if is_held(directory, f"{number}.lock", locked, holder=holder):
+            if is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files):
                 continue
             removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
         except OSError as e:

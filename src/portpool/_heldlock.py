@@ -20,7 +20,7 @@ from collections.abc import Callable
 from portpool._platform import (
     DirHandle,
     LockTable,
-    confirms_flock,
+    OpenFiles,
     flock_held,
     locked_inodes,
     open_files_limit,
@@ -237,20 +237,21 @@ def is_held(
     locked: LockTable | Callable[[], LockTable | None] | None,
     *,
     holder: int | None = None,
+    open_files: OpenFiles | None = None,
 ) -> bool:
     """Whether ``<dir>/<name>`` is locked right now, without disturbing its holder.
 
     ``holder``: the pid its record names; where the OS confirms that process holds the
-    lock (``confirms_flock``), the kernel's whole table is not read (a read of it waits
-    for an RCU grace period). ``locked`` is a ``locked_inodes()`` snapshot, or a
-    function giving one (called only when needed); None means probe (an OS that does
-    not list locks). Unknown is never "free". Raises OSError if the entry cannot be
-    examined.
+    lock (``open_files``, shared among the calls of one command), the kernel's whole
+    table is not read (a read of it waits for an RCU grace period). ``locked`` is a
+    ``locked_inodes()`` snapshot, or a function giving one (called only when needed);
+    None means probe (an OS that does not list locks). Unknown is never "free". Raises
+    OSError if the entry cannot be examined.
     """
     st = directory.stat_entry(name)
     if st is None:
         return False
-    if holder is not None and confirms_flock(holder, st.st_dev, st.st_ino):
+    if holder is not None and (open_files or OpenFiles()).holds_flock(holder, st.st_dev, st.st_ino):
         return True
     if callable(locked):
         locked = locked()

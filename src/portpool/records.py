@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from portpool._heldlock import is_held
 from portpool._jsonfile import NotAFile, decimal, read_json_file
-from portpool._platform import DirHandle, LockTable, locked_inodes
+from portpool._platform import DirHandle, LockTable, OpenFiles, locked_inodes
 from portpool.statedir import StateDir
 
 
@@ -240,11 +240,13 @@ def read_instance(
     directory: DirHandle,
     number: int,
     locked: LockTable | Callable[[], LockTable | None] | None = None,
+    open_files: OpenFiles | None = None,
 ) -> InstanceInfo:
     """The state of slot ``number``: alive per its kernel lock, details per its record.
 
     ``locked``: a ``locked_inodes()`` snapshot or a function giving one, read only when
-    the record's pid cannot confirm the lock itself; None probes. Raises OSError if the
+    the record's pid cannot confirm the lock itself (asked through ``open_files``,
+    shared among the slots of one command); None probes. Raises OSError if the
     slot's lock file cannot be examined (an unreadable record is reported, not raised).
     """
     raw: object = None
@@ -256,7 +258,7 @@ def read_instance(
     except ValueError as e:
         unreadable = f"record unreadable: record {e}"
     holder = _int_or_none(raw.get("pid")) if isinstance(raw, dict) else None
-    alive = is_held(directory, f"{number}.lock", locked, holder=holder)
+    alive = is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files)
     if unreadable is not None:
         return InstanceInfo(number, alive, False, problem=unreadable)
     if raw is None:
@@ -284,8 +286,9 @@ def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo
             return []  # never used by this app: nothing to list, and nothing is created
         # Read once, and only if some record's pid cannot confirm its own lock.
         locked = functools.cache(locked_inodes)
+        open_files = OpenFiles()
         numbers = slot_numbers(directory.listdir())
-        infos = [read_instance(directory, n, locked) for n in numbers]
+        infos = [read_instance(directory, n, locked, open_files) for n in numbers]
         # A free slot with no record is just a lock file left for reuse: not an instance.
         return [i for i in infos if i.alive or i.problem != "no record"]
     finally:

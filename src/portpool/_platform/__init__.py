@@ -8,9 +8,9 @@ Everything above this package calls these names and never ``sys.platform``:
   (flock on POSIX, LockFileEx on Windows). A holder that dies frees it at once.
 - ``locked_inodes``: a ``LockTable`` of the (device, inode) pairs that hold a lock right
   now, read from the kernel where it tells (Linux ``/proc/locks``), else ``None``.
-  ``flock_held`` (one of our own fds) and ``confirms_flock`` (a given process) say
-  whether a lock is held from fdinfo (Linux), which waits for no RCU grace period as
-  reading /proc/locks does.
+  ``flock_held`` (one of our own fds) and ``OpenFiles.holds_flock`` (a given process)
+  say whether a lock is held from fdinfo (Linux), which waits for no RCU grace period
+  as reading /proc/locks does.
 - ``ProcessIdentity``, ``current_identity``, ``identity_of``, ``is_alive``: pid + start
   token + boot id, so a reused pid never looks like the process that died.
 - ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
@@ -76,7 +76,7 @@ if TYPE_CHECKING:
 if sys.platform == "win32":
     from portpool._platform.windows import (
         DirHandle,
-        confirms_flock,
+        OpenFiles,
         controlling_terminal_alive,
         exclusive_bind_options,
         flock_held,
@@ -92,7 +92,7 @@ if sys.platform == "win32":
 else:
     from portpool._platform.posix import (
         DirHandle,
-        confirms_flock,
+        OpenFiles,
         controlling_terminal_alive,
         exclusive_bind_options,
         flock_held,
@@ -145,6 +145,7 @@ __all__ = [
     "DirHandle",
     "Listener",
     "LockTable",
+    "OpenFiles",
     "ProcessIdentity",
     "ReceivedSignal",
     "SignalInbox",
@@ -152,7 +153,6 @@ __all__ = [
     "accept_queue_length",
     "become_subreaper",
     "boot_id",
-    "confirms_flock",
     "connection_accepted",
     "controlling_terminal_alive",
     "current_identity",

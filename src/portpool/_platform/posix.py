@@ -124,25 +124,49 @@ def unlock(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+def _lock_entry(line: str) -> tuple[tuple[int, int], int] | None:
+    """((device, inode), pid) of a flock in the kernel's lock listing format, else None:
+    "1: FLOCK  ADVISORY  WRITE 2035 fe:00:2148717 0 EOF" ("->" marks a waiter). The
+    device is hex major:minor (minor may exceed two digits on tmpfs)."""
+    fields = line.split()
+    if len(fields) < 6 or fields[1] != "FLOCK":
+        return None
+    parts = fields[5].split(":")
+    if len(parts) != 3 or not fields[4].isascii() or not fields[4].isdigit():
+        return None
+    try:
+        device = os.makedev(int(parts[0], 16), int(parts[1], 16))
+        return (device, int(parts[2])), int(fields[4])
+    except (ValueError, OverflowError):
+        return None
+
+
 def _proc_locks() -> Iterator[tuple[tuple[int, int], int]]:
     with open("/proc/locks", encoding="ascii", errors="replace") as f:
         for line in f:
-            fields = line.split()
-            # "1: FLOCK  ADVISORY  WRITE 2035 fe:00:2148717 0 EOF"; "->" marks a waiter.
-            # The device is hex major:minor (minor may exceed two digits on tmpfs).
-            if len(fields) < 6 or fields[1] != "FLOCK":
-                continue
-            parts = fields[5].split(":")
-            if len(parts) != 3 or not fields[4].isascii() or not fields[4].isdigit():
-                continue
-            try:
-                device = os.makedev(int(parts[0], 16), int(parts[1], 16))
-                yield (device, int(parts[2])), int(fields[4])
-            except (ValueError, OverflowError):
-                continue
+            entry = _lock_entry(line)
+            if entry is not None:
+                yield entry
 
 
-# Whether this kernel lists flock locks in /proc/self/fdinfo (Linux 4.1+): learnt the
+def _fdinfo_flocks(path: str) -> set[tuple[int, int]] | None:
+    """(device, inode) of each flock the open file at ``path`` (an fdinfo file) holds;
+    None if it cannot be read. Only granted locks are listed there, never waiters."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = set()
+    for line in lines:
+        if line.startswith("lock:"):
+            entry = _lock_entry(line[len("lock:") :])
+            if entry is not None:
+                found.add(entry[0])
+    return found
+
+
+# Whether this kernel lists flock locks in /proc/<pid>/fdinfo (Linux 4.1+): learnt the
 # first time a lock we hold shows there. Until then a missing line proves nothing.
 _fdinfo_lists_locks = False
 
@@ -161,45 +185,65 @@ def flock_held(fd: int) -> bool | None:
     if sys.platform != "linux":
         return None
     try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
-            info = f.read()
+        st = os.fstat(fd)
     except OSError:
         return None
-    if _lists_flock(info):
+    locks = _fdinfo_flocks(f"/proc/self/fdinfo/{fd}")
+    if locks is None:
+        return None
+    if (st.st_dev, st.st_ino) in locks:
         _fdinfo_lists_locks = True
         return True
-    return False if _fdinfo_lists_locks else None
-
-
-def confirms_flock(pid: int, device: int, inode: int) -> bool:
-    """True when process ``pid`` has the file (``device``, ``inode``) open with its flock
-    lock held, per its ``/proc/<pid>/fd`` and ``fdinfo`` (Linux, our own user's
-    processes); False when that cannot be confirmed (not held, not readable, another
-    OS): the caller then asks ``locked_inodes()``. Waits for no RCU grace period.
-    """
-    if sys.platform != "linux" or isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            st = os.stat(f"/proc/{pid}/fd/{fd}")
-            if (st.st_dev, st.st_ino) != (device, inode):
-                continue
-            with open(f"/proc/{pid}/fdinfo/{fd}", "rb") as f:
-                info = f.read()
-        except OSError:
-            continue  # closed meanwhile, or not ours to read
-        if _lists_flock(info):
-            return True
+    # Listed under another device (btrfs subvolumes, overlay mounts): cannot tell.
+    if not _fdinfo_lists_locks or any(ino == st.st_ino for _, ino in locks):
+        return None
     return False
 
 
-def _lists_flock(fdinfo: bytes) -> bool:
-    # "lock:\t1: FLOCK  ADVISORY  WRITE 2035 fe:00:2148717 0 EOF": locks of this open file.
-    return any(line.startswith(b"lock:") and b" FLOCK " in line for line in fdinfo.splitlines())
+# More open files than this in one process: not worth scanning, read the lock table.
+_MAX_SCANNED_FDS = 4096
+
+
+class OpenFiles:
+    """Which files other processes have open, each process's fd table read once (from
+    ``/proc/<pid>/fd``, Linux, our own user's processes), to ask whether one of them
+    holds a file's flock (``holds_flock``) without reading the kernel's whole lock
+    table. One per command: a process's table is not read again."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, dict[tuple[int, int], list[str]]] = {}
+
+    def _table(self, pid: int) -> dict[tuple[int, int], list[str]]:
+        table = self._fds.get(pid)
+        if table is None:
+            table = {}
+            try:
+                names = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                names = []  # gone, or another user's: nothing to confirm
+            if len(names) > _MAX_SCANNED_FDS:
+                names = []  # one read of the lock table is cheaper than this many stats
+            for name in names:
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{name}")
+                except OSError:
+                    continue  # closed meanwhile
+                table.setdefault((st.st_dev, st.st_ino), []).append(name)
+            self._fds[pid] = table
+        return table
+
+    def holds_flock(self, pid: int, device: int, inode: int) -> bool:
+        """True when process ``pid`` holds the flock of the file (``device``,
+        ``inode``), as the lock line of one of its fds names it; False when that cannot
+        be confirmed (not held, not readable, too many files, another OS): the caller
+        then asks ``locked_inodes()``. Waits for no RCU grace period."""
+        if sys.platform != "linux" or type(pid) is not int or pid <= 0:
+            return False
+        for name in self._table(pid).get((device, inode), []):
+            # The lock line names its file: an fd reused since the scan cannot mislead.
+            if (device, inode) in (_fdinfo_flocks(f"/proc/{pid}/fdinfo/{name}") or ()):
+                return True
+        return False
 
 
 def locked_inodes() -> LockTable | None:

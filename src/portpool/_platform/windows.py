@@ -146,8 +146,12 @@ if sys.platform == "win32":
     def flock_held(fd: int) -> bool | None:
         return None  # no per-handle lock listing: callers ask locked_inodes or probe
 
-    def confirms_flock(pid: int, device: int, inode: int) -> bool:
-        return False  # another process's handles are not listed: callers probe
+    class OpenFiles:
+        """Another process's open handles are not listed here: nothing is confirmed
+        and callers probe."""
+
+        def holds_flock(self, pid: int, device: int, inode: int) -> bool:
+            return False
 
     def exclusive_bind_options(sock: socket.socket) -> None:
         # SO_EXCLUSIVEADDRUSE, never SO_REUSEADDR: on Windows the latter lets anyone steal.
