@@ -28,6 +28,7 @@ Run: ``python -m benchmarks.bench_cli`` (``--quick`` for fewer runs).
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import sys
@@ -171,24 +172,26 @@ def run(quick: bool = False) -> Section:
 
 
 def lock_table_cost(runs: int = 5) -> tuple[int, float] | None:
-    """(entries, median ms) of the first read of the kernel's lock table in a fresh
-    process (a later read in the same process is fast for a while: the cost is a grace
-    period, not the entries), or None where the OS does not list its locks."""
+    """(entries, median ms) of a read of the kernel's lock table by a fresh process when
+    nobody read it for a while (the state a user's command meets), or None where the
+    OS does not list its locks. The cost is an RCU grace period, not the entries: a
+    read shortly after another one (tens of ms) is fast, so the runs are spaced."""
     import subprocess
+    import time
 
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as f:
-            entries = sum(1 for _ in f)
-    except OSError:
+    if not os.path.exists("/proc/locks"):
         return None
     code = (
         "import time\nt = time.perf_counter()\nopen('/proc/locks', 'rb').read()\n"
         "print((time.perf_counter() - t) * 1000)"
     )
-    times = [
-        float(subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout)
-        for _ in range(runs)
-    ]
+    times = []
+    for _ in range(runs):
+        time.sleep(0.5)
+        done = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True)
+        times.append(float(done.stdout))
+    with open("/proc/locks", encoding="ascii", errors="replace") as f:
+        entries = sum(1 for _ in f)
     return entries, statistics.median(times)
 
 
