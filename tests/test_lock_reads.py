@@ -41,13 +41,29 @@ def test_flock_held_follows_our_own_fd(tmp_path: Path) -> None:
     path = tmp_path / "x.lock"
     path.touch()
     fd = os.open(path, os.O_RDWR)
+    st = os.fstat(fd)
     try:
         assert plat.try_lock(fd)
-        assert plat.flock_held(fd) is True
+        assert plat.flock_held(fd, st.st_dev, st.st_ino) is True
         fcntl.flock(fd, fcntl.LOCK_UN)  # the file stays open: only the lock is gone
-        assert plat.flock_held(fd) is False
+        assert plat.flock_held(fd, st.st_dev, st.st_ino) is False
     finally:
         os.close(fd)
+
+
+def test_a_lock_fd_closed_and_reused_for_another_locked_file_is_lost(state: StateDir) -> None:
+    a = HeldLock.acquire(state.ports(), "1.lock")
+    b = HeldLock.acquire(state.ports(), "2.lock")
+    try:
+        assert a.problem() is None
+        os.dup2(b.fd, a.fd)  # library code closed a's fd; the number now holds b's file
+        assert a.problem() == "lock file 1.lock is no longer locked by the kernel"
+        assert b.problem() is None
+    finally:
+        reused, a.fd = a.fd, -1  # the number is b's file now: a has nothing to release
+        os.close(reused)
+        a.release()
+        b.release()
 
 
 def test_open_files_confirm_only_the_process_that_holds_that_files_lock(tmp_path: Path) -> None:
@@ -55,6 +71,7 @@ def test_open_files_confirm_only_the_process_that_holds_that_files_lock(tmp_path
     path.touch()
     other.touch()
     st, st_other = path.stat(), other.stat()
+    where, where_other = os.path.realpath(path), os.path.realpath(other)
     mine = os.open(path, os.O_RDWR)  # open here too, without the lock
     child = subprocess.Popen(
         [sys.executable, "-c", HOLD, str(path)],
@@ -74,17 +91,17 @@ def test_open_files_confirm_only_the_process_that_holds_that_files_lock(tmp_path
             assert proc.stdout is not None
             assert proc.stdout.readline().strip() == "held"
         files = plat.OpenFiles()
-        assert files.holds_flock(child.pid, st.st_dev, st.st_ino)
-        assert not files.holds_flock(os.getpid(), st.st_dev, st.st_ino)
-        assert not files.holds_flock(decoy.pid, st.st_dev, st.st_ino)
-        assert files.holds_flock(decoy.pid, st_other.st_dev, st_other.st_ino)
-        assert not files.holds_flock(child.pid, st.st_dev, st.st_ino + 1)
-        assert not files.holds_flock(2**31 - 1, st.st_dev, st.st_ino)  # no such process
+        assert files.holds_flock(child.pid, where, st.st_dev, st.st_ino)
+        assert not files.holds_flock(os.getpid(), where, st.st_dev, st.st_ino)
+        assert not files.holds_flock(decoy.pid, where, st.st_dev, st.st_ino)
+        assert files.holds_flock(decoy.pid, where_other, st_other.st_dev, st_other.st_ino)
+        assert not files.holds_flock(child.pid, where, st.st_dev, st.st_ino + 1)
+        assert not files.holds_flock(2**31 - 1, where, st.st_dev, st.st_ino)  # no such pid
     finally:
         os.close(mine)
         child.communicate("", timeout=30)
         decoy.communicate("", timeout=30)
-    assert not plat.OpenFiles().holds_flock(child.pid, st.st_dev, st.st_ino)
+    assert not plat.OpenFiles().holds_flock(child.pid, where, st.st_dev, st.st_ino)
 
 
 @pytest.mark.parametrize("source", ["own fd", "lock table"])
@@ -92,7 +109,7 @@ def test_a_lock_unlocked_behind_our_back_is_a_problem(
     state: StateDir, monkeypatch: pytest.MonkeyPatch, source: str
 ) -> None:
     if source == "lock table":  # where fdinfo cannot tell (an older kernel, macOS)
-        monkeypatch.setattr(_heldlock, "flock_held", lambda fd: None)
+        monkeypatch.setattr(_heldlock, "flock_held", lambda fd, device, inode: None)
     held = HeldLock.acquire(state.ports(), "7.lock")
     try:
         assert held.problem() is None

@@ -20,7 +20,7 @@ from portpool._jsonfile import TMP_SUFFIX, decimal, file_kind
 from portpool._platform import DirHandle, LockTable, OpenFiles, identity_of, locked_inodes
 from portpool._record import read_port_record
 from portpool.errors import LockHeld, PortPoolError
-from portpool.records import recorded_pid, slot_numbers
+from portpool.records import recorded_holder, slot_numbers
 from portpool.statedir import StateDir
 
 
@@ -133,7 +133,7 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
         if number in odd:
             continue
         try:
-            holder = recorded_pid(directory, number)
+            holder = recorded_holder(directory, number)
             if is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files):
                 continue
             removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])

@@ -178,7 +178,7 @@ class HeldLock:
             return f"lock file {self.name} was replaced by another file"
         if not check_kernel:
             return None
-        held = flock_held(self.fd)
+        held = flock_held(self.fd, self.dev, self.ino)
         if held is None:
             table = locked()
             held = table is None or _listed(self.directory, self.name, now, table)
@@ -241,9 +241,10 @@ def is_held(
 ) -> bool:
     """Whether ``<dir>/<name>`` is locked right now, without disturbing its holder.
 
-    ``holder``: the pid its record names; where the OS confirms that process holds the
-    lock (``open_files``, shared among the calls of one command), the kernel's whole
-    table is not read (a read of it waits for an RCU grace period). ``locked`` is a
+    ``holder``: the pid its record names, once that very process is known to run (pid,
+    start token, boot id); where the OS confirms that process holds the lock
+    (``open_files``, shared among the calls of one command), the kernel's whole table
+    is not read (a read of it waits for an RCU grace period). ``locked`` is a
     ``locked_inodes()`` snapshot, or a function giving one (called only when needed);
     None means probe (an OS that does not list locks). Unknown is never "free". Raises
     OSError if the entry cannot be examined.
@@ -251,8 +252,10 @@ def is_held(
     st = directory.stat_entry(name)
     if st is None:
         return False
-    if holder is not None and (open_files or OpenFiles()).holds_flock(holder, st.st_dev, st.st_ino):
-        return True
+    if holder is not None:
+        path = os.path.realpath(os.path.join(directory.path, name))
+        if (open_files or OpenFiles()).holds_flock(holder, path, st.st_dev, st.st_ino):
+            return True
     if callable(locked):
         locked = locked()
     if locked is not None:

@@ -18,7 +18,14 @@ from typing import Any, NamedTuple
 
 from portpool._heldlock import is_held
 from portpool._jsonfile import NotAFile, decimal, read_json_file
-from portpool._platform import DirHandle, LockTable, OpenFiles, locked_inodes
+from portpool._platform import (
+    DirHandle,
+    LockTable,
+    OpenFiles,
+    ProcessIdentity,
+    is_alive,
+    locked_inodes,
+)
 from portpool.statedir import StateDir
 
 
@@ -226,14 +233,26 @@ def slot_numbers(names: Iterable[str]) -> list[int]:
     return sorted(numbers)
 
 
-def recorded_pid(directory: DirHandle, number: int) -> int | None:
-    """The pid slot ``number``'s record names, None if it names none or cannot be read.
-    Raises nothing: it only lets ``is_held`` ask that process first."""
+def _running_holder(raw: object) -> int | None:
+    """The pid a record names when that very process runs (pid, start token and boot id
+    match), else None: only then is it asked whether it holds the lock (a reused pid
+    could be any process, with any number of open files)."""
+    if not isinstance(raw, dict):
+        return None
+    pid, token, boot = _int_or_none(raw.get("pid")), raw.get("start_token"), raw.get("boot_id")
+    if pid is None or not isinstance(token, str) or not isinstance(boot, str):
+        return None
+    return pid if is_alive(ProcessIdentity(pid, token, boot)) else None
+
+
+def recorded_holder(directory: DirHandle, number: int) -> int | None:
+    """The pid slot ``number``'s record names if that very process runs, else None (no
+    record, unreadable, or another process). Raises nothing: it only lets ``is_held``
+    ask that process first."""
     try:
-        raw = read_json_file(directory, f"{number}.json")
+        return _running_holder(read_json_file(directory, f"{number}.json"))
     except (OSError, ValueError):
         return None
-    return _int_or_none(raw.get("pid")) if isinstance(raw, dict) else None
 
 
 def read_instance(
@@ -257,7 +276,7 @@ def read_instance(
         unreadable = f"record unreadable: {number}.json {e}"
     except ValueError as e:
         unreadable = f"record unreadable: record {e}"
-    holder = _int_or_none(raw.get("pid")) if isinstance(raw, dict) else None
+    holder = _running_holder(raw)
     alive = is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files)
     if unreadable is not None:
         return InstanceInfo(number, alive, False, problem=unreadable)

@@ -171,10 +171,11 @@ def _fdinfo_flocks(path: str) -> set[tuple[int, int]] | None:
 _fdinfo_lists_locks = False
 
 
-def flock_held(fd: int) -> bool | None:
-    """Whether the open file at ``fd`` holds its flock lock now, from this process's own
-    ``/proc/self/fdinfo`` (Linux); None where that cannot tell (another OS, an older
-    kernel, an fd we cannot read).
+def flock_held(fd: int, device: int, inode: int) -> bool | None:
+    """Whether ``fd`` holds the flock lock of the file (``device``, ``inode``) now, from
+    this process's own ``/proc/self/fdinfo`` (Linux); None where that cannot tell
+    (another OS, an older kernel, an fd we cannot read). The lock line names its file:
+    an fd closed and reused for another locked file does not count.
 
     Why not ``locked_inodes()``: reading /proc/locks takes the kernel's file-lock rwsem
     for writing, which waits for an RCU grace period (10-30 ms of wall time per process
@@ -184,18 +185,14 @@ def flock_held(fd: int) -> bool | None:
     global _fdinfo_lists_locks
     if sys.platform != "linux":
         return None
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return None
     locks = _fdinfo_flocks(f"/proc/self/fdinfo/{fd}")
     if locks is None:
         return None
-    if (st.st_dev, st.st_ino) in locks:
+    if (device, inode) in locks:
         _fdinfo_lists_locks = True
         return True
     # Listed under another device (btrfs subvolumes, overlay mounts): cannot tell.
-    if not _fdinfo_lists_locks or any(ino == st.st_ino for _, ino in locks):
+    if not _fdinfo_lists_locks or any(ino == inode for _, ino in locks):
         return None
     return False
 
@@ -205,15 +202,16 @@ _MAX_SCANNED_FDS = 4096
 
 
 class OpenFiles:
-    """Which files other processes have open, each process's fd table read once (from
-    ``/proc/<pid>/fd``, Linux, our own user's processes), to ask whether one of them
-    holds a file's flock (``holds_flock``) without reading the kernel's whole lock
-    table. One per command: a process's table is not read again."""
+    """Which files other processes have open, each process's fd table read once (the
+    links in ``/proc/<pid>/fd``, Linux, our own user's processes), to ask whether one
+    of them holds a file's flock (``holds_flock``) without reading the kernel's whole
+    lock table. One per command: a process's table is not read again. The links are
+    read, never followed: a process's file on a hung network mount cannot hang us."""
 
     def __init__(self) -> None:
-        self._fds: dict[int, dict[tuple[int, int], list[str]]] = {}
+        self._fds: dict[int, dict[str, list[str]]] = {}
 
-    def _table(self, pid: int) -> dict[tuple[int, int], list[str]]:
+    def _table(self, pid: int) -> dict[str, list[str]]:
         table = self._fds.get(pid)
         if table is None:
             table = {}
@@ -222,24 +220,24 @@ class OpenFiles:
             except OSError:
                 names = []  # gone, or another user's: nothing to confirm
             if len(names) > _MAX_SCANNED_FDS:
-                names = []  # one read of the lock table is cheaper than this many stats
+                names = []  # one read of the lock table is cheaper than this many links
             for name in names:
                 try:
-                    st = os.stat(f"/proc/{pid}/fd/{name}")
+                    table.setdefault(os.readlink(f"/proc/{pid}/fd/{name}"), []).append(name)
                 except OSError:
                     continue  # closed meanwhile
-                table.setdefault((st.st_dev, st.st_ino), []).append(name)
             self._fds[pid] = table
         return table
 
-    def holds_flock(self, pid: int, device: int, inode: int) -> bool:
-        """True when process ``pid`` holds the flock of the file (``device``,
-        ``inode``), as the lock line of one of its fds names it; False when that cannot
-        be confirmed (not held, not readable, too many files, another OS): the caller
-        then asks ``locked_inodes()``. Waits for no RCU grace period."""
+    def holds_flock(self, pid: int, path: str, device: int, inode: int) -> bool:
+        """True when process ``pid`` holds the flock of the file at ``path`` (absolute,
+        symlinks resolved), (``device``, ``inode``), as the lock line of one of its fds
+        names it; False when that cannot be confirmed (not held, not readable, too many
+        files, another OS): the caller then asks ``locked_inodes()``. Waits for no RCU
+        grace period."""
         if sys.platform != "linux" or type(pid) is not int or pid <= 0:
             return False
-        for name in self._table(pid).get((device, inode), []):
+        for name in self._table(pid).get(path, []):
             # The lock line names its file: an fd reused since the scan cannot mislead.
             if (device, inode) in (_fdinfo_flocks(f"/proc/{pid}/fdinfo/{name}") or ()):
                 return True

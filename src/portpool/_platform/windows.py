@@ -143,14 +143,14 @@ if sys.platform == "win32":
     def locked_inodes() -> LockTable | None:
         return None  # Windows does not list file locks; callers probe instead
 
-    def flock_held(fd: int) -> bool | None:
+    def flock_held(fd: int, device: int, inode: int) -> bool | None:
         return None  # no per-handle lock listing: callers ask locked_inodes or probe
 
     class OpenFiles:
         """Another process's open handles are not listed here: nothing is confirmed
         and callers probe."""
 
-        def holds_flock(self, pid: int, device: int, inode: int) -> bool:
+        def holds_flock(self, pid: int, path: str, device: int, inode: int) -> bool:
             return False
 
     def exclusive_bind_options(sock: socket.socket) -> None:
