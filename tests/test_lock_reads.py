@@ -13,10 +13,11 @@ import fcntl
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from tests.helpers import write_layout
+from tests.helpers import portpool, write_layout
 
 from portpool import _heldlock
 from portpool import _platform as plat
@@ -189,3 +190,34 @@ def test_status_of_a_dead_instance_still_asks_the_lock_table(
     assert status.returncode == 0, status.stderr
     assert '"alive":false' in status.stdout, status.stdout
     assert "READ /proc/locks" in status.stderr  # no live process could vouch for it
+
+
+def test_logs_follow_asks_the_running_up_not_the_lock_table(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    serve = "import socket, time\ns = socket.socket(fileno=3)\nprint('hello', flush=True)\n"
+    serve += "time.sleep(60)\n"
+    services = {"web": {"command": [sys.executable, "-c", serve], "ready": "none"}}
+    config = write_layout(tmp_path / "portpool.toml", port_base, services=services)
+    up = portpool("up", "--detach", "-c", str(config), cwd=tmp_path, timeout=60)
+    assert up.returncode == 0, up.stderr
+    follower = subprocess.Popen(
+        [sys.executable, "-c", AUDITED_CLI, "logs", "-f", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        time.sleep(1.5)  # a few of its checks (every 0.2 s) that the up still runs
+        stopped = portpool("stop", "-c", str(config), cwd=tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+        out, err = follower.communicate(timeout=30)
+        assert follower.returncode == 0, err
+        assert "web | hello" in out  # it followed the log until the instance stopped
+        assert "READ /proc/locks" not in err
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+        portpool("stop", "--all", "-c", str(config), cwd=tmp_path)

@@ -86,7 +86,11 @@ def _owner_runs(state: StateDir, app: str, number: int, owner: tuple[int, str]) 
     if now is None or now.start_token != owner[1]:
         return False
     directory = state.find_instances(app)
-    return directory is not None and is_held(directory, f"{number}.lock", locked_inodes())
+    # Asked of the owner's own fds (it is the very process: start token checked above):
+    # read every 0.2 s, /proc/locks would stall every flock() on the host each time.
+    return directory is not None and is_held(
+        directory, f"{number}.lock", locked_inodes, holder=owner[0]
+    )
 
 
 def follow_log(
