@@ -166,8 +166,8 @@ def run(quick: bool = False) -> Section:
             f"in a process took {locks[1]:.1f} ms (median of fresh processes), waiting for an "
             "RCU grace period while every flock() on the host waits too. status, run and up "
             "no longer read it while each instance's own process vouches for its lock "
-            "(fdinfo); status of a dead instance, stop, doctor, logs, gc and the diagnosis of a "
-            "refused port still do."
+            "(fdinfo), nor does logs --follow; status of a dead instance, stop, doctor, gc and "
+            "the diagnosis of a refused port still do."
         )
     return section
 
