@@ -1,0 +1,190 @@
+"""Starting one program: both ways ``run`` and ``up`` have (``spawn``, which on Linux
+uses posix_spawn + setpriv + sh, and the exec shim every other POSIX system uses) give
+it the same start: sockets at fds 3.. in order, ``LISTEN_PID`` its own pid, an empty
+signal mask and default dispositions whatever the spawning thread blocks, only the fds
+it is given, its own process group, and SIGTERM when its parent dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from portpool._launch import spawn, spawn_with_shim
+from portpool._platform import native_argv
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fds by number need POSIX")
+
+Spawn = Callable[..., subprocess.Popen[bytes]]
+LAUNCHERS = {"spawn": spawn, "shim": spawn_with_shim}
+
+# What the started program sees, as JSON on stdout.
+REPORT = r"""
+import json, os, socket, stat, sys
+def port(fd):
+    try:
+        return socket.socket(fileno=os.dup(fd)).getsockname()[1]
+    except OSError:
+        return None
+inodes = set()
+for name in os.listdir("/proc/self/fd"):
+    try:
+        inodes.add(os.fstat(int(name)).st_ino)
+    except OSError:
+        pass
+status = open("/proc/self/status").read()
+mask = lambda key: int(status.split(key + ":")[1].split()[0], 16)
+print(json.dumps({
+    "pid": os.getpid(), "pgid": os.getpgid(0),
+    "env": {k: os.environ.get(k) for k in ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")},
+    "ports": [port(3), port(4)], "inodes": sorted(inodes),
+    "blocked": mask("SigBlk"),
+}))
+"""
+
+
+@pytest.fixture(params=sorted(LAUNCHERS))
+def launcher(request: pytest.FixtureRequest) -> Spawn:
+    if request.param == "spawn" and native_argv(["true"], parent=os.getpid()) is None:
+        pytest.skip("no setpriv with --pdeathsig or no /bin/sh here: spawn is the shim")
+    return LAUNCHERS[request.param]
+
+
+@pytest.fixture
+def two_sockets() -> Iterator[list[socket.socket]]:
+    made = []
+    for _ in range(2):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        made.append(s)
+    yield made
+    for s in made:
+        s.close()
+
+
+def _in_blocking_thread(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
+    """``start()`` in a thread that blocks the stop signals, as up's keepers do."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def body() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+        started.append(start())
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    thread.join(30)
+    assert started, "the start raised"
+    return started[0]
+
+
+def _report(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def test_the_program_gets_its_sockets_in_order_and_its_own_listen_pid(
+    launcher: Spawn, two_sockets: list[socket.socket]
+) -> None:
+    first, second = two_sockets
+    # The second socket first, so a source may well sit on the other's target number.
+    sockets = [(second.fileno(), "admin"), (first.fileno(), "web")]
+    proc = _in_blocking_thread(
+        lambda: launcher(
+            [sys.executable, "-c", REPORT],
+            dict(os.environ),
+            sockets=sockets,
+            watch_parent=True,
+            own_group=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+    )
+    seen = _report(proc)
+    assert seen["ports"] == [second.getsockname()[1], first.getsockname()[1]]
+    assert seen["env"] == {
+        "LISTEN_FDS": "2",
+        "LISTEN_FDNAMES": "admin:web",
+        "LISTEN_PID": str(proc.pid),
+    }
+    assert seen["pid"] == proc.pid  # the exec'd program itself, not a shell around it
+    assert seen["pgid"] == proc.pid
+    assert seen["blocked"] == 0  # (dispositions: test_signals, with a program not Python)
+
+
+def test_the_program_gets_the_fds_it_is_given_and_no_other(launcher: Spawn) -> None:
+    kept_r, kept_w = os.pipe()
+    stray_r, stray_w = os.pipe()
+    os.set_inheritable(stray_r, True)  # as an fd our own parent left us
+    try:
+        proc = launcher(
+            [sys.executable, "-c", REPORT],
+            dict(os.environ),
+            keep_fds=[kept_r],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        seen = _report(proc)
+        assert os.fstat(kept_r).st_ino in seen["inodes"]
+        assert os.fstat(stray_r).st_ino not in seen["inodes"]
+        assert seen["env"]["LISTEN_FDS"] is None  # no sockets: no socket activation
+        assert seen["pgid"] != proc.pid  # not asked to lead a group
+    finally:
+        for fd in (kept_r, kept_w, stray_r, stray_w):
+            os.close(fd)
+
+
+# A parent that starts the program through the launcher and is then killed with -9.
+MIDDLE = r"""
+import os, subprocess, sys
+from portpool._launch import {name}
+child = {name}([sys.executable, "-c", {code!r}, {flag!r}], dict(os.environ), watch_parent=True)
+print(child.pid, flush=True)
+sys.stdin.read()
+"""
+ON_TERM = """
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (open(sys.argv[1], "w").write("term"), sys.exit(0)))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_program_gets_sigterm_when_its_parent_dies(launcher: Spawn, tmp_path: Path) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    flag = tmp_path / "got-term"
+    name = "spawn" if launcher is spawn else "spawn_with_shim"
+    middle = subprocess.Popen(
+        [sys.executable, "-c", MIDDLE.format(name=name, code=ON_TERM, flag=str(flag))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert middle.stdout is not None
+        assert middle.stdout.readline().strip().isdigit()
+        assert middle.stdout.readline() == "ready\n"  # its handler is in place
+        middle.kill()
+        middle.wait(30)
+        for _ in range(300):  # the file exists a moment before its text is written
+            if flag.exists() and flag.read_text():
+                break
+            time.sleep(0.02)
+        assert flag.read_text() == "term"
+    finally:
+        middle.kill()
+        middle.wait(30)
