@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from portpool._platform import TcpSocket, exclusive_bind_options
 from portpool.layout import normalize_host
 
+# listen()'s backlog when no layout says otherwise
+DEFAULT_BACKLOG = 128
 # (family 4 or 6, address, or None for the family's wildcard)
 Scope = tuple[int, str | None]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

@@ -11,7 +11,6 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from portpool._addresses import occupies
-from portpool._occupants import plain_bind_note, with_owners
 from portpool._platform import socket_inode, tcp_sockets
 from portpool.layout import Layout
 
@@ -47,6 +46,8 @@ def plain_bind_notes(leases: Iterable[Lease]) -> list[str]:
             if s.state != "listen" and s.inode not in mine and occupies(s, lease.host)
         ]
         if blocking:
+            from portpool._occupants import plain_bind_note, with_owners  # rarely needed
+
             who = f"service {lease.service!r} " if lease.service else ""
             out.append(f"{who}port {lease.port}: {plain_bind_note(with_owners(blocking))}")
     return out

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from portpool._addresses import IPAddress, Scope, covered_scopes, meets, parse_address
-from portpool._occupants import Occupant
 from portpool._platform import (
     TcpSocket,
     ours_since,
@@ -164,6 +163,8 @@ def _foreign_owner(
 
 def _occupant(listener: TcpSocket, pids: list[int], lease: Lease) -> str:
     """``pid 12 (nginx) on [::]:8000 (IPv6 and IPv4)``: the diagnosis's words."""
+    from portpool._occupants import Occupant  # only once something foreign is found
+
     found = Occupant(listener, tuple(pids), tuple(process_name(p) or "?" for p in pids))
     text = f"{found.who()} on {found.place()}"
     if _maybe_detached_service(pids, lease):

@@ -17,13 +17,11 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from portpool._addresses import bind_all, occupies
+from portpool._addresses import DEFAULT_BACKLOG, bind_all, occupies
 from portpool._occupants import Occupant, plain_bind_note, with_owners
 from portpool._platform import TcpSocket, tcp_sockets
 from portpool.errors import Refusal
 from portpool.layout import normalize_host
-
-DEFAULT_BACKLOG = 128
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from portpool._platform import (
     read_at,
     write_at,
 )
-from portpool._portstatus import inspect_port
 from portpool._record import (
     RECORD_SIZE,
     PortRecord,
@@ -59,6 +58,8 @@ class PortLock:
         try:
             lock = HeldLock.acquire(directory, f"{port}.lock")
         except LockHeld as e:
+            from portpool._portstatus import inspect_port  # who holds it: only now
+
             raise LockHeld(e.path, inspect_port(state, port)) from None
         try:
             meta_fd = _open_meta(directory, f"{port}.json")

@@ -15,12 +15,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from portpool._addresses import bind_all, bind_target, bind_targets
+from portpool._addresses import DEFAULT_BACKLOG, bind_all, bind_target, bind_targets
 from portpool._heldlock import out_of_descriptors
 from portpool._platform import is_alive, socket_inode
-from portpool._portstatus import PortStatus
 from portpool._record import PortRecord
-from portpool.diagnosis import DEFAULT_BACKLOG, diagnose
 from portpool.errors import (
     AlreadyHeldHere,
     InvalidPort,
@@ -138,6 +136,8 @@ def _bind_or_refusal(host: str, port: int, backlog: int) -> list[socket.socket] 
             if limit is not None:
                 raise limit from e
             try:
+                from portpool.diagnosis import diagnose  # only for a refused port
+
                 found = diagnose(port, host, bind_error=e)
             except OSError:  # the host name no longer resolves
                 return Refusal(port, "error", f"binding {host}:{port}: {e.strerror or e}")
@@ -177,6 +177,8 @@ def _only_passing(holder: LockHolder | None) -> bool:
     free when we looked, or its record names no live process. ``gc`` holds a dead
     holder's lock while it removes the files, and pushed 4-11% of simultaneous starts
     off a free first port; a live recorded holder is refused at once."""
+    from portpool._portstatus import PortStatus  # imported already by inspect_port
+
     if not isinstance(holder, PortStatus):
         return False
     if holder.is_free or holder.record is None:
