@@ -188,3 +188,36 @@ def test_the_program_gets_sigterm_when_its_parent_dies(launcher: Spawn, tmp_path
     finally:
         middle.kill()
         middle.wait(30)
+
+
+ECHO_ARGS = "import json, sys; print(json.dumps(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["two words", "", "$HOME", "`id`", "*", "a\nb", "-c", "--", "'\"", "\\"],
+        ["-x", "exec", "$1", "$@", ";", "|", "&&"],
+    ],
+)
+def test_the_program_gets_its_arguments_exactly(launcher: Spawn, args: list[str]) -> None:
+    proc = launcher(
+        [sys.executable, "-c", ECHO_ARGS, *args],
+        dict(os.environ),
+        watch_parent=True,
+        stdout=subprocess.PIPE,
+    )
+    out, _ = proc.communicate(timeout=60)
+    assert json.loads(out) == args
+
+
+def test_a_program_whose_name_starts_with_a_dash_runs(launcher: Spawn, tmp_path: Path) -> None:
+    # bash's exec (where /bin/sh is bash) takes such a name for an option.
+    program = tmp_path / "-hello"
+    program.write_text('#!/bin/sh\necho hello from "$0"\n')
+    program.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = launcher(["-hello"], env, watch_parent=True, stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert out.decode().startswith("hello from ")

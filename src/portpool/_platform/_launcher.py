@@ -158,9 +158,12 @@ def native_argv(
 ) -> list[str] | None:
     """What ``spawn_placed`` runs for ``command`` (setpriv with ``parent``, then sh), or
     None where it cannot run here: not Linux, no ``setpriv`` with ``--pdeathsig`` while
-    ``parent`` is given, no ``/bin/sh``. Its fds and signal mask are ``spawn_placed``'s."""
+    ``parent`` is given, no ``/bin/sh``, or a program whose name starts with ``-``. Its
+    fds and signal mask are ``spawn_placed``'s."""
     if not sys.platform.startswith("linux") or not os.access(_SH, os.X_OK):
         return None
+    if command and command[0].startswith("-"):
+        return None  # bash's exec (where /bin/sh is bash) would take it for an option
     prefix: list[str] = []
     if parent is not None:
         setpriv = _setpriv()
