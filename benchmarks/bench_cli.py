@@ -19,10 +19,9 @@ alike, and the report compares ratios, never absolute times:
   imports what ``run`` imports;
 - ``status`` and ``run`` started as ``python -c "from portpool.cli import main; main()"``,
   without the console script's freeze of the cyclic collector (what that trick is worth);
-- what ``run`` and ``up`` put in front of every program, started as they start it: on
-  Linux setpriv (the parent-death signal) and ``sh`` (``LISTEN_PID``), the fds placed by
-  ``posix_spawn`` (``_platform.native_argv``); elsewhere the exec shim
-  (``python -I -S .../portpool/_spawn.py -- true``), which is timed too.
+- the exec shim ``run`` and ``up`` put in front of every program, started as they
+  start it (``python -I -S .../portpool/_spawn.py -- true``), to show what one program
+  start costs.
 
 Targets (from the issue): ``run -- true`` <= 3.5x ``python -c pass``; ``status`` <= 3x.
 The notes split each figure into the part outside portpool (interpreter start, click's
@@ -78,7 +77,6 @@ finally:
 """
 )
 SHIM = "exec shim: python -I -S portpool/_spawn.py -- true"
-LAUNCHER = "launcher as run starts a program: setpriv + sh -> true"
 RUN_IMPORTS = "run's imports only (portpool.cli, _run, instance, shield, supervisor, logging)"
 # The CLI without the console script's entry point (and its freeze of the collector).
 NO_FREEZE = "import sys\nsys.argv[0] = 'portpool'\nfrom portpool.cli import main\nmain()"
@@ -122,7 +120,6 @@ def measure(
 def run(quick: bool = False) -> Section:
     """Whole-process times of import, --help, status and run, with floors and ratios."""
     from portpool._launch import shim_prefix
-    from portpool._platform import native_argv
     from portpool.instance import start_instance
     from portpool.layout import load_layout
     from portpool.statedir import StateDir
@@ -175,9 +172,6 @@ def run(quick: bool = False) -> Section:
             # As run starts it (by path, isolated): `-m` would import the package too.
             SHIM: [*shim_prefix(), "--", true],
         }
-        launcher = native_argv([true], parent=os.getpid())
-        if launcher is not None:
-            commands[LAUNCHER] = launcher
         state = StateDir.open(str(home))
         layout = load_layout(str(few))
         held = []
@@ -261,15 +255,15 @@ def split_run(ms: dict[str, float], kind: str) -> list[str]:
     command, run_ms, bare = ms[CLICK_COMMAND], ms[RUN], ms[BARE]
     own = run_ms - command - bare
     imports = ms[RUN_IMPORTS] - ms[CLICK_FROZEN]
-    start = ms.get(LAUNCHER, ms[SHIM]) - bare
+    start = ms[SHIM] - bare
     rest = own - imports - start
     return [
         f"{kind}: of run's {run_ms:.0f} ms, outside portpool: the click floor "
         f"{command:.0f} ms (python, click's import and work) and the bare `true` "
         f"{bare:.1f} ms; portpool's own {own:.0f} ms ({own / ms[FLOOR]:.2f}x python -c "
         f"pass): importing its modules {imports:.0f} ms (the imports-only process - import "
-        f"click, both with the collector as the command has it), starting the program "
-        f"{start:.1f} ms and {rest:.0f} ms for the rest (layout, slot, lease, threads, "
+        f"click, both with the collector as the command has it), the exec shim's "
+        f"python {start:.1f} ms and {rest:.0f} ms for the rest (layout, slot, lease, threads, "
         "release, exit)."
     ]
 
@@ -296,13 +290,11 @@ def explain(wall: dict[str, float], cpu: dict[str, float]) -> list[str]:
             f"walked again, at exit either) saves {saved:.0f} ms of `{frozen}` "
             f"({saved / wall[plain]:.0%} of {wall[plain]:.0f} ms without it)."
         )
-    start = wall.get(LAUNCHER)
-    if start is not None:
-        notes.append(
-            f"Starting a program: {start:.1f} ms for setpriv and sh before `true` "
-            f"({bare:.1f} ms alone), where the exec shim, still used where setpriv or "
-            f"posix_spawn is missing, takes {wall[SHIM]:.1f} ms (a second python)."
-        )
+    notes.append(
+        f"The exec shim, which puts the sockets at fd 3 with LISTEN_PID the command's own "
+        f"pid and sets the parent-death signal, takes {wall[SHIM]:.1f} ms before `true` "
+        f"({bare:.1f} ms alone): a second python, started with -I -S."
+    )
     notes.append(
         "CPU-time ratios to python -c pass: "
         + ", ".join(f"{name} {value / cpu[FLOOR]:.2f}x" for name, value in cpu.items())

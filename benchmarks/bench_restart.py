@@ -35,7 +35,6 @@ from benchmarks._common import Row, Section, bindable, print_section
 from benchmarks.bench_instance import bench_env
 from benchmarks.bench_up import LAUNCH_ROW, time_process_ms
 from portpool import _spawn
-from portpool._platform import native_argv
 
 PY = sys.executable
 BACKOFF_S = 0.1
@@ -178,10 +177,8 @@ def run(quick: bool = False) -> Section:
         port = free_port()
         kept, kept_refused = kept_socket(directory, port, repeats)
         loop, loop_refused = rebind(directory, port + 1, repeats)
-        # As up starts a service: setpriv + sh on Linux, else the exec shim (each asks the
-        # kernel for SIGTERM on our death).
-        pass_argv = [PY, "-c", "pass"]
-        start = native_argv(pass_argv, parent=os.getpid(), listen_pid=True) or [
+        # As up starts a service: the shim asks for SIGTERM on our death (ctypes, prctl).
+        shim = [
             PY,
             "-I",
             "-S",
@@ -189,12 +186,14 @@ def run(quick: bool = False) -> Section:
             "--parent",
             str(os.getpid()),
             "--",
-            *pass_argv,
+            PY,
+            "-c",
+            "pass",
         ]
         section.rows += [
             Row(
                 LAUNCH_ROW,
-                time_process_ms(start, max(3, repeats)),
+                time_process_ms(shim, max(3, repeats)),
                 unit="ms",
                 note="the restarted service's own start-up floor",
             ),
@@ -222,14 +221,14 @@ def run(quick: bool = False) -> Section:
     loop_ms = by["rebind (restart loop, client retries every 10 ms)"]
     section.notes += [
         f"With the socket kept the next request is answered {kept_ms:.0f} ms after the "
-        f"death ({BACKOFF_S * 1000:.0f} ms backoff + the service's start as up makes it) "
+        f"death ({BACKOFF_S * 1000:.0f} ms backoff + the exec shim + the service's start-up) "
         f"and no connection is refused ({sum(kept_refused)} in {len(kept)} restarts).",
         f"Rebinding answers after {loop_ms:.0f} ms, but only because this client retried: "
         f"{sum(loop_refused)} connections were refused in {len(loop)} restarts, each one an "
         "error for a client that does not retry.",
-        "The kept socket's extra time is what starts the service (placing the socket at "
-        "fd 3 and asking the kernel for SIGTERM on up's death: setpriv and sh on Linux, "
-        "a second interpreter elsewhere) and the state written to the instance record.",
+        "The kept socket's extra time is the exec shim (one more interpreter start, which "
+        "places the socket at fd 3 and asks the kernel for SIGTERM on up's death) and the "
+        "state written to the instance record.",
     ]
     return section
 

@@ -1,8 +1,14 @@
-"""Starting one program: both ways ``run`` and ``up`` have (``spawn``, which on Linux
-uses posix_spawn + setpriv + sh, and the exec shim every other POSIX system uses) give
-it the same start: sockets at fds 3.. in order, ``LISTEN_PID`` its own pid, an empty
-signal mask and default dispositions whatever the spawning thread blocks, only the fds
-it is given, its own process group, and SIGTERM when its parent dies.
+"""Starting one program as ``run`` and ``up`` do (``_launch.spawn``, through the exec
+shim): sockets at fds 3.. in order, ``LISTEN_PID`` its own pid, an empty signal mask
+whatever the spawning thread blocks, only the fds it is given, its own process group,
+SIGTERM when its parent dies, and otherwise exactly what it would get from ``exec``:
+its arguments, its environment (names no shell would take, ``PWD`` as it was), and a
+refusal with exit 127 for what the kernel will not execute.
+
+A faster start through ``posix_spawn`` + ``setpriv`` + ``sh`` was tried and dropped:
+the shell drops environment variables whose names are not shell names (exported bash
+functions), rewrites ``PWD``, runs files without a ``#!`` line and names its own script
+in errors. These tests hold any replacement to the shim's behaviour.
 """
 
 from __future__ import annotations
@@ -21,13 +27,9 @@ from typing import Any
 
 import pytest
 
-from portpool._launch import spawn, spawn_with_shim
-from portpool._platform import native_argv
+from portpool._launch import spawn
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="fds by number need POSIX")
-
-Spawn = Callable[..., subprocess.Popen[bytes]]
-LAUNCHERS = {"spawn": spawn, "shim": spawn_with_shim}
 
 # What the started program sees, as JSON on stdout.
 REPORT = r"""
@@ -52,13 +54,6 @@ print(json.dumps({
     "blocked": mask("SigBlk"),
 }))
 """
-
-
-@pytest.fixture(params=sorted(LAUNCHERS))
-def launcher(request: pytest.FixtureRequest) -> Spawn:
-    if request.param == "spawn" and native_argv(["true"], parent=os.getpid()) is None:
-        pytest.skip("no setpriv with --pdeathsig or no /bin/sh here: spawn is the shim")
-    return LAUNCHERS[request.param]
 
 
 @pytest.fixture
@@ -97,13 +92,13 @@ def _report(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
 
 
 def test_the_program_gets_its_sockets_in_order_and_its_own_listen_pid(
-    launcher: Spawn, two_sockets: list[socket.socket]
+    two_sockets: list[socket.socket],
 ) -> None:
     first, second = two_sockets
     # The second socket first, so a source may well sit on the other's target number.
     sockets = [(second.fileno(), "admin"), (first.fileno(), "web")]
     proc = _in_blocking_thread(
-        lambda: launcher(
+        lambda: spawn(
             [sys.executable, "-c", REPORT],
             dict(os.environ),
             sockets=sockets,
@@ -125,12 +120,12 @@ def test_the_program_gets_its_sockets_in_order_and_its_own_listen_pid(
     assert seen["blocked"] == 0  # (dispositions: test_signals, with a program not Python)
 
 
-def test_the_program_gets_the_fds_it_is_given_and_no_other(launcher: Spawn) -> None:
+def test_the_program_gets_the_fds_it_is_given_and_no_other() -> None:
     kept_r, kept_w = os.pipe()
     stray_r, stray_w = os.pipe()
     os.set_inheritable(stray_r, True)  # as an fd our own parent left us
     try:
-        proc = launcher(
+        proc = spawn(
             [sys.executable, "-c", REPORT],
             dict(os.environ),
             keep_fds=[kept_r],
@@ -147,11 +142,11 @@ def test_the_program_gets_the_fds_it_is_given_and_no_other(launcher: Spawn) -> N
             os.close(fd)
 
 
-# A parent that starts the program through the launcher and is then killed with -9.
+# A parent that starts the program as run does and is then killed with -9.
 MIDDLE = r"""
 import os, subprocess, sys
-from portpool._launch import {name}
-child = {name}([sys.executable, "-c", {code!r}, {flag!r}], dict(os.environ), watch_parent=True)
+from portpool._launch import spawn
+child = spawn([sys.executable, "-c", {code!r}, {flag!r}], dict(os.environ), watch_parent=True)
 print(child.pid, flush=True)
 sys.stdin.read()
 """
@@ -163,13 +158,12 @@ time.sleep(60)
 """
 
 
-def test_the_program_gets_sigterm_when_its_parent_dies(launcher: Spawn, tmp_path: Path) -> None:
+def test_the_program_gets_sigterm_when_its_parent_dies(tmp_path: Path) -> None:
     if not sys.platform.startswith("linux"):
         pytest.skip("the parent-death signal is Linux's")
     flag = tmp_path / "got-term"
-    name = "spawn" if launcher is spawn else "spawn_with_shim"
     middle = subprocess.Popen(
-        [sys.executable, "-c", MIDDLE.format(name=name, code=ON_TERM, flag=str(flag))],
+        [sys.executable, "-c", MIDDLE.format(code=ON_TERM, flag=str(flag))],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -200,8 +194,8 @@ ECHO_ARGS = "import json, sys; print(json.dumps(sys.argv[1:]))"
         ["-x", "exec", "$1", "$@", ";", "|", "&&"],
     ],
 )
-def test_the_program_gets_its_arguments_exactly(launcher: Spawn, args: list[str]) -> None:
-    proc = launcher(
+def test_the_program_gets_its_arguments_exactly(args: list[str]) -> None:
+    proc = spawn(
         [sys.executable, "-c", ECHO_ARGS, *args],
         dict(os.environ),
         watch_parent=True,
@@ -211,13 +205,52 @@ def test_the_program_gets_its_arguments_exactly(launcher: Spawn, args: list[str]
     assert json.loads(out) == args
 
 
-def test_a_program_whose_name_starts_with_a_dash_runs(launcher: Spawn, tmp_path: Path) -> None:
-    # bash's exec (where /bin/sh is bash) takes such a name for an option.
+def test_a_program_whose_name_starts_with_a_dash_runs(tmp_path: Path) -> None:
     program = tmp_path / "-hello"
     program.write_text('#!/bin/sh\necho hello from "$0"\n')
     program.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = launcher(["-hello"], env, watch_parent=True, stdout=subprocess.PIPE)
+    proc = spawn(["-hello"], env, watch_parent=True, stdout=subprocess.PIPE)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert out.decode().startswith("hello from ")
+
+
+def test_the_environment_arrives_as_given(tmp_path: Path) -> None:
+    # An exported bash function, names with '-' and '.', and what a shell would rewrite.
+    given = {
+        "PATH": os.environ.get("PATH", os.defpath),
+        "BASH_FUNC_greet%%": "() {  echo hi\n}",
+        "my-var": "1",
+        "a.b": "2",
+        "IFS": "x",
+        "OPTIND": "7",
+        "PPID": "123",
+        "PWD": "/nonexistent",
+    }
+    dump = "import json, os; print(json.dumps(dict(os.environ)))"
+    proc = spawn([sys.executable, "-c", dump], given, watch_parent=True, stdout=subprocess.PIPE)
+    out, _ = proc.communicate(timeout=60)
+    seen = json.loads(out)
+    seen.pop("LC_CTYPE", None)  # python's own locale coercion, not the start's
+    assert seen == given
+
+
+@pytest.mark.parametrize(
+    ("content", "mode"),
+    [
+        ("echo a script without a #! line\n", 0o755),  # the kernel: exec format error
+        ("#!/bin/sh\necho not executable\n", 0o644),
+        ("#!/nonexistent/interpreter\n", 0o755),
+    ],
+)
+def test_what_the_kernel_will_not_execute_is_refused_with_127(
+    tmp_path: Path, content: str, mode: int
+) -> None:
+    program = tmp_path / "prog"
+    program.write_text(content)
+    program.chmod(mode)
+    proc = spawn([str(program)], dict(os.environ), watch_parent=True, stderr=subprocess.PIPE)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 127
+    assert err.decode().startswith(f"portpool: cannot start {str(program)!r}: ")

@@ -23,8 +23,7 @@ if TYPE_CHECKING:
 
 DEFAULT_GRACE_S = 5.0
 _INHERITED = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
-# Where spawn_placed cannot start a program: run by path with -I -S, it imports nothing
-# of portpool (145 ms -> ~12 ms a start).
+# Run by path with -I -S: the shim imports nothing of portpool (145 ms -> ~20 ms a start).
 _SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawn.py")
 
 
@@ -67,9 +66,6 @@ def shim_prefix() -> list[str]:
     return [sys.executable, "-I", "-S", _SHIM]
 
 
-Std = int | IO[bytes] | None
-
-
 def spawn(
     command: Sequence[str],
     env: Mapping[str, str],
@@ -78,9 +74,9 @@ def spawn(
     watch_parent: bool = False,
     own_group: bool = False,
     keep_fds: Sequence[int] = (),
-    stdin: Std = None,
-    stdout: Std = None,
-    stderr: Std = None,
+    stdin: int | IO[bytes] | None = None,
+    stdout: int | IO[bytes] | None = None,
+    stderr: int | IO[bytes] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``command``; with ``sockets`` [(fd, name)] they arrive at fds 3.. by the
     systemd protocol, with ``LISTEN_PID`` the command's own pid.
@@ -89,61 +85,9 @@ def spawn(
     portpool never leaves it running without its leases. ``own_group``: it leads a new
     process group. ``keep_fds`` stay open in the command (a reader of its own output
     pipe, so its writes never fail once we are gone). The command starts with default
-    signal dispositions and an empty signal mask, whatever ours are. Where the OS has
-    the parts (Linux: ``posix_spawn``, setpriv, sh) without a second interpreter, else
-    through the exec shim. Raises PortPoolError if it cannot be started.
+    signal dispositions and an empty signal mask, whatever ours are. Raises
+    PortPoolError if it cannot be started.
     """
-    if not command:
-        raise PortPoolError("empty command")
-    if sys.platform != "win32":
-        from portpool._platform import spawn_placed
-
-        placed_env = dict(env)
-        if sockets:
-            placed_env["LISTEN_FDS"] = str(len(sockets))
-            placed_env["LISTEN_FDNAMES"] = ":".join(name for _, name in sockets)
-        native = spawn_placed(
-            command,
-            placed_env,
-            placed=[fd for fd, _ in sockets],
-            kept=keep_fds,
-            parent=os.getpid() if watch_parent else None,
-            listen_pid=bool(sockets),
-            own_group=own_group,
-            stdin=stdin,
-            stdout=stdout,
-            stderr=stderr,
-        )
-        if native is not None:
-            return native
-    return spawn_with_shim(
-        command,
-        env,
-        sockets=sockets,
-        watch_parent=watch_parent,
-        own_group=own_group,
-        keep_fds=keep_fds,
-        stdin=stdin,
-        stdout=stdout,
-        stderr=stderr,
-    )
-
-
-def spawn_with_shim(
-    command: Sequence[str],
-    env: Mapping[str, str],
-    *,
-    sockets: Sequence[tuple[int, str]] = (),
-    watch_parent: bool = False,
-    own_group: bool = False,
-    keep_fds: Sequence[int] = (),
-    stdin: Std = None,
-    stdout: Std = None,
-    stderr: Std = None,
-) -> subprocess.Popen[bytes]:
-    """``spawn`` through the exec shim (a Python interpreter of its own, ~12 ms of CPU),
-    as on every POSIX system without ``spawn_placed``'s parts; on Windows, the command
-    itself. The same arguments and errors as ``spawn``."""
     if not command:
         raise PortPoolError("empty command")
     argv = list(command)

@@ -1,8 +1,5 @@
 """Exec shim for commands and services: place passed sockets at fds 3.., then exec.
 
-Used where ``_platform.spawn_placed`` cannot start a program (not Linux, no ``setpriv``
-with ``--pdeathsig``, no ``/bin/sh``): it costs a second interpreter start, ~12 ms.
-
 Run by file path, never as ``-m portpool._spawn``, so that it imports no part of the
 package (only ``os``, ``_signal``, ``fcntl`` and, on Linux, ``ctypes``)::
 

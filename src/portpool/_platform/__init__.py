@@ -23,9 +23,6 @@ Everything above this package calls these names and never ``sys.platform``:
 - ``become_subreaper``, ``signal_group``, ``process_group``, ``reap_adopted``,
   ``has_children``, ``SignalInbox``: what ``run``/``up`` need to stop whole process
   trees and to read signals with their sender (``_process``).
-- ``spawn_placed`` (``native_argv``: what it runs): start a program with fds at 3..,
-  an empty signal mask and the parent-death signal without the Python exec shim,
-  where the OS has the parts (``_launcher``).
 - ``signal_verified``, ``detached_options``: signal a process only once it is pinned and
   checked (pidfd), and start one outside our session (``_control``, for ``stop`` and
   ``up --detach``).
@@ -57,7 +54,6 @@ if TYPE_CHECKING:
         server_stop_signals,
         signal_verified,
     )
-    from portpool._platform._launcher import native_argv, spawn_placed
     from portpool._platform._net import (
         Listener,
         listeners,
@@ -117,7 +113,6 @@ _LAZY = {
     **dict.fromkeys(("TcpSocket", "owners_of_inodes", "tcp_sockets"), "_sockdiag"),
     **dict.fromkeys(("detached_options", "server_stop_signals", "signal_verified"), "_control"),
     **dict.fromkeys(("accept_queue_length", "connection_accepted"), "_acceptq"),
-    **dict.fromkeys(("native_argv", "spawn_placed"), "_launcher"),
     **dict.fromkeys(
         (
             "ReceivedSignal",
@@ -174,7 +169,6 @@ __all__ = [
     "is_alive",
     "listeners",
     "locked_inodes",
-    "native_argv",
     "open_files_limit",
     "ours_since",
     "owners_of_inode",
@@ -188,7 +182,6 @@ __all__ = [
     "signal_group",
     "signal_verified",
     "socket_inode",
-    "spawn_placed",
     "stop_signals",
     "tcp_sockets",
     "try_lock",
