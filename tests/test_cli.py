@@ -297,3 +297,31 @@ def test_make_run_installs_only_what_running_needs(tmp_path: Path) -> None:
     test = steps("test")
     assert "-e '.[services,dev]'" in test
     assert "pytest" in test
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a removed working directory is POSIX's")
+def test_a_removed_working_directory_is_named_not_a_traceback(
+    tmp_path: Path, home: Path, port_base: int
+) -> None:
+    # A shell left in a directory that was then removed (a finished worktree, a temp dir).
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    gone = tmp_path / "gone"
+    cases = [
+        ["run", "-q", "--", "true"],  # the built-in layout: numbered for the directory
+        ["port", "api-server"],
+        ["env"],
+        ["up", "--detach", "--config", str(config)],
+    ]
+    for args in cases:
+        gone.mkdir()
+        done = subprocess.run(
+            ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone)]
+            + [*PORTPOOL, *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr, (args, done.stderr)
+        assert "the current directory no longer exists" in done.stderr, (args, done.stderr)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from portpool._launch import DEFAULT_GRACE_S
 from portpool._logs import logs_dir, set_log_owner
 from portpool._platform import DirHandle, detached_options, identity_of
+from portpool._slots import working_directory
 from portpool.errors import DetachFailed, UsageError
 from portpool.layout import Layout
 from portpool.records import read_instance
@@ -123,7 +124,7 @@ def start_detached(
     stopped right after it said it was up.
     """
     layout.check_number(number)
-    where = os.getcwd() if cwd is None else cwd
+    where = working_directory() if cwd is None else cwd
     up_args = ["--grace", repr(grace_s), *_layout_args(layout, where)]
     if number is not None:
         up_args += ["--instance", str(number)]

@@ -42,12 +42,27 @@ T = TypeVar("T")
 _SLOT_PASSES = 3
 
 
+def working_directory() -> str:
+    """``os.getcwd()``. Raises UsageError if the working directory was removed (a bare
+    FileNotFoundError traceback before)."""
+    try:
+        return os.getcwd()
+    except FileNotFoundError:
+        raise UsageError(
+            "the current directory no longer exists (it was removed): cd to one that does"
+        ) from None
+
+
 def checkout_dir(layout: Layout, cwd: str | None = None) -> str:
     """The directory an instance is started for: the layout file's directory, or ``cwd``
-    (default: the working directory) for a layout that is not a file (the built-in one)."""
+    (default: the working directory) for a layout that is not a file (the built-in one).
+    Raises UsageError if the working directory it needs was removed."""
     if layout.source and os.path.isfile(layout.source):
-        return os.path.dirname(os.path.realpath(layout.source))
-    return os.path.realpath(cwd if cwd is not None else os.getcwd())
+        source = layout.source
+        if not os.path.isabs(source):
+            source = os.path.join(working_directory(), source)
+        return os.path.dirname(os.path.realpath(source))
+    return os.path.realpath(cwd if cwd is not None else working_directory())
 
 
 def _checkout_file(directory: str) -> str:
