@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -314,9 +315,9 @@ def test_a_removed_working_directory_is_named_not_a_traceback(
     ]
     for args in cases:
         gone.mkdir()
+        in_gone = ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone)]
         done = subprocess.run(
-            ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone)]
-            + [*PORTPOOL, *args],
+            [*in_gone, *PORTPOOL, *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -325,3 +326,25 @@ def test_a_removed_working_directory_is_named_not_a_traceback(
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr, (args, done.stderr)
         assert "the current directory no longer exists" in done.stderr, (args, done.stderr)
+
+
+def test_a_program_named_like_an_option_runs_after_double_dash(
+    tmp_path: Path, home: Path, port_base: int
+) -> None:
+    config = write_layout(tmp_path / "run.toml", port_base)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    program = bin_dir / "-dashprog"
+    program.write_text('#!/bin/sh\necho "dashprog $*"\n')
+    program.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = portpool("run", "-q", "-c", str(config), "--", "-dashprog", "a b", env=env)
+    assert (done.returncode, done.stdout) == (0, "dashprog a b\n"), done.stderr
+    # Without --, it is an option run does not know.
+    done = portpool("run", "-q", "-c", str(config), "-dashprog", env=env)
+    assert done.returncode == 2
+    assert "no such option: -d" in done.stderr  # click reads -dashprog as -d -a ...
+    # An unknown option before -- stays one.
+    done = portpool("run", "-q", "-c", str(config), "-x", "--", "-dashprog", env=env)
+    assert done.returncode == 2
+    assert "no such option: -x" in done.stderr

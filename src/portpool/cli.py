@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from portpool._cli_common import (
+    CommandAfterOptions,
     F,
     config_option,
     display,
@@ -29,6 +30,7 @@ from portpool._cli_common import (
     instance_option,
     json_option,
     layout_for,
+    refuse_unknown_option,
 )
 from portpool._cli_control import COMMANDS, up_detached
 
@@ -271,7 +273,10 @@ quiet_option = click.option(
 
 
 # Options end at the command: `run python -c ...` must not read -c as --config.
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@cli.command(
+    cls=CommandAfterOptions,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+)
 @config_option
 @click.option(
     "--service",
@@ -304,10 +309,7 @@ def run(
     """
     from portpool._run import run_command
 
-    if command[0].startswith("-"):  # an option run does not know, not a program
-        raise click.UsageError(
-            f"no such option: {command[0]} (the command goes after its options, or after --)"
-        )
+    refuse_unknown_option(command)
     outcome = run_command(
         layout_for(config),
         command,
