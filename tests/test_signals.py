@@ -669,3 +669,27 @@ def test_up_stops_a_process_a_service_starts_while_it_stops(
     assert proc.returncode == 0
     late = int(pid_file.read_text())  # it was started, while up was stopping
     assert _gone(late)
+
+
+def test_a_caller_that_ignores_sigchld_still_gets_the_exit_status(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Ignored SIGCHLD: the kernel reaps children itself and every wait says 0.
+    config = write_layout(tmp_path / "run.toml", port_base)
+
+    def ignore_chld() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+
+    done = portpool(
+        "run", "-q", "-c", str(config), "--", "sh", "-c", "exit 3", preexec_fn=ignore_chld
+    )
+    assert done.returncode == 3, done.stderr
+    done = portpool(
+        "run", "-q", "-c", str(config), "--", "sh", "-c", "kill -TERM $$", preexec_fn=ignore_chld
+    )
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    service = {"web": {"command": ["sh", "-c", "exit 3"], "ready": "none"}}
+    config = write_layout(tmp_path / "up.toml", port_base + 5, services=service)
+    done = portpool("up", "-c", str(config), preexec_fn=ignore_chld)
+    assert done.returncode == 5
+    assert "exited on its own (exit status 3)" in done.stderr

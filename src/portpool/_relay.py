@@ -30,7 +30,8 @@ DUPLICATE_S = 0.25
 
 
 class SignalScope:
-    """Own the stop signals (INT, TERM, HUP, QUIT, USR1, USR2) for one ``run``/``up``.
+    """Own the stop signals (INT, TERM, HUP, QUIT, USR1, USR2) for one ``run``/``up``,
+    and SIGCHLD's default action where the caller ignored it.
 
     Use as a context manager in the main thread, before any other thread starts: the
     signals are blocked for reading with their sender, and threads inherit the block.
@@ -56,6 +57,13 @@ class SignalScope:
         for signum in self.signals:
             self._old[signum] = signal.getsignal(signum)
             signal.signal(signum, self._interrupt)
+        chld = getattr(signal, "SIGCHLD", None)
+        if chld is not None and signal.getsignal(chld) is signal.SIG_IGN:
+            # Ignored, the kernel reaps our children itself and every exit status reads
+            # as 0 (`run` exited 0 for a command that exited 3): default while we run,
+            # for us and for the programs we start.
+            self._old[chld] = signal.SIG_IGN
+            signal.signal(chld, signal.SIG_DFL)
         return self
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
