@@ -359,6 +359,42 @@ def test_out_of_descriptors_is_a_resource_limit_naming_the_need(home: Path, tmp_
     assert ok.returncode == 0, ok.stderr
 
 
+@pytest.mark.parametrize("limit", [60, 120])
+def test_up_out_of_descriptors_is_a_resource_limit_naming_its_need(
+    home: Path, tmp_path: Path, limit: int
+) -> None:
+    # 60: the instance itself cannot be had; 120: it can, the services' starts cannot
+    # (that read "service 's09' could not start: [Errno 24]", exit 5, or a traceback).
+    import resource
+
+    count = 30
+    base = find_free_block(count)
+    lines = ['app = "many-up"', "max_instances = 1"]
+    for i in range(count):
+        lines += [f"[services.s{i:02d}]", f"base = {base + i}", "size = 1", "stride = 100"]
+        lines += ['command = ["sleep", "60"]', 'ready = "none"']
+    config = tmp_path / "many.toml"
+    config.write_text("\n".join(lines) + "\n")
+
+    def low_limit() -> None:
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+    done = subprocess.run(
+        [*PORTPOOL, "up", "-q", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[-1] == (
+        f"portpool: error: out of open files (the limit is {limit}); this layout needs about "
+        f"{3 * count + 16 + 3 * count}: raise the limit (e.g. ulimit -n 1024) or start fewer "
+        "services"
+    )
+    status = portpool("status", "--json", "--config", str(config))
+    assert '"instances":[]' in status.stdout, status.stdout  # nothing left held
+
+
 # ---------------------------------------------------------------- 9. a cleaner racing a start
 
 DIE_HOLDING = """

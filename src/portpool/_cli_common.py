@@ -74,6 +74,13 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except PortPoolError as e:
             _fail(e, as_json=kwargs.get("as_json") is True)
+        except OSError as e:  # out of descriptors where nothing expected it (an import)
+            from portpool.statedir import out_of_descriptors
+
+            limit = out_of_descriptors(e)
+            if limit is None:
+                raise
+            _fail(limit, as_json=kwargs.get("as_json") is True)
         except click.ClickException as e:  # a usage error found by the command itself
             if kwargs.get("as_json") is True:
                 echo_json({"error": e.format_message(), "exit_code": e.exit_code})

@@ -11,7 +11,6 @@ the child can neither free nor share the parent's locks.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import stat
 import threading
@@ -23,11 +22,11 @@ from portpool._platform import (
     OpenFiles,
     flock_held,
     locked_inodes,
-    open_files_limit,
     try_lock,
     unlock,
 )
-from portpool.errors import AlreadyHeldHere, LockError, LockHeld, ResourceLimit, StateDirError
+from portpool.errors import AlreadyHeldHere, LockError, LockHeld, StateDirError
+from portpool.statedir import out_of_descriptors
 
 _OPEN_RETRIES = 16
 
@@ -52,26 +51,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def out_of_descriptors(error: OSError) -> ResourceLimit | None:
-    """A ResourceLimit for an EMFILE/ENFILE ``error``, else None.
-
-    Out of descriptors once read as "no free port in pool ... (remove what is there)",
-    exit 3: it is a resource limit (exit 1), and nothing on disk is at fault.
-    """
-    if error.errno == errno.EMFILE:
-        return ResourceLimit(
-            "open files",
-            open_files_limit(),
-            None,
-            "raise the limit (ulimit -n) or start fewer services",
-        )
-    if error.errno == errno.ENFILE:
-        return ResourceLimit(
-            "open files of the whole system", None, None, "close programs or raise fs.file-max"
-        )
-    return None
 
 
 class HeldLock:

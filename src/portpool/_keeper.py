@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from portpool._launch import describe_status
 from portpool._readiness import ReadinessProbe
 from portpool._restart import RESTART_BURST, RESTART_WINDOW_S, RestartTracker, made_progress
+from portpool.errors import ResourceLimit
 from portpool.layout import Service
 
 __all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper", "describe_failure"]
@@ -40,6 +41,7 @@ class Failure:
     kind: str
     returncode: int | None = None
     detail: str = ""
+    limit: ResourceLimit | None = None  # cannot-start: out of file descriptors
 
 
 def describe_failure(failure: Failure) -> str:
@@ -207,7 +209,8 @@ class ServiceKeeper:
                 if self._done.is_set():
                     return None  # the instance is stopping: not a failure of this service
                 self._set("exited")
-                self._on_failure(Failure(self.name, "cannot-start", None, str(e)))
+                limit = e if isinstance(e, ResourceLimit) else None
+                self._on_failure(Failure(self.name, "cannot-start", None, str(e), limit))
                 return None
             with self._cond:
                 self.proc = proc

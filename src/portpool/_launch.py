@@ -86,7 +86,7 @@ def spawn(
     process group. ``keep_fds`` stay open in the command (a reader of its own output
     pipe, so its writes never fail once we are gone). The command starts with default
     signal dispositions and an empty signal mask, whatever ours are. Raises
-    PortPoolError if it cannot be started.
+    ResourceLimit out of file descriptors, else PortPoolError if it cannot be started.
     """
     if not command:
         raise PortPoolError("empty command")
@@ -111,6 +111,11 @@ def spawn(
             stderr=stderr,
         )
     except OSError as e:
+        from portpool.statedir import out_of_descriptors
+
+        limit = out_of_descriptors(e)
+        if limit is not None:
+            raise limit from e
         raise PortPoolError(f"cannot start {command[0]!r}: {e.strerror or e}") from e
 
 

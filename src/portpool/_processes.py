@@ -122,11 +122,17 @@ class Supervisor:
         """Start ``command`` as ``name`` with ``sockets`` at fds 3.., the parent-death
         signal set and (``own_group``) in its own process group. With ``capture`` its
         output is printed with a ``name |`` prefix (each line also given to ``on_line``);
-        else it inherits our stdio. Raises StartError, or PortPoolError once stopping."""
+        else it inherits our stdio. Raises StartError, ResourceLimit (out of file
+        descriptors), or PortPoolError once stopping."""
         keep: list[int] = []
         read_fd = write_fd = -1
         if capture:
-            read_fd, write_fd = os.pipe()
+            try:
+                read_fd, write_fd = os.pipe()
+            except OSError as e:
+                from portpool.statedir import out_of_descriptors
+
+                raise out_of_descriptors(e) or e from e
             enlarge_pipe(write_fd)
             keep = [read_fd]  # the service holds a reader too: writes never hit EPIPE
         try:

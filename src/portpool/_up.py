@@ -28,6 +28,12 @@ def _stop_with(signum: int) -> int:
     return signal.SIGTERM if signum == getattr(signal, "SIGHUP", -1) else signum
 
 
+def _descriptors_needed(layout: Layout) -> int:
+    """About how many fds ``up`` holds: the instance's, and per started service its
+    output pipe, and a start's pipes for a moment."""
+    return layout.descriptors_needed + 3 * sum(1 for s in layout.services if s.command)
+
+
 def run_up(
     layout: Layout,
     *,
@@ -58,13 +64,14 @@ def run_up(
     5) when a service exited and was not restarted, gave up after too many restarts
     without making progress, could not start, or was not ready in time; raises
     LayoutError (a command cannot be executed; nothing started), UsageError (not
-    called from the main thread), Interrupted,
+    called from the main thread), ResourceLimit (out of file descriptors, with about
+    how many the layout needs), Interrupted,
     StartError, StateDirError.
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
     from portpool._services import ServiceSupervisor  # its keepers and probes: up only
-    from portpool.errors import LayoutError, ServiceExited
+    from portpool.errors import LayoutError, ResourceLimit, ServiceExited
     from portpool.instance import start_instance
 
     for service in layout.services:
@@ -79,7 +86,10 @@ def run_up(
     had_terminal = controlling_terminal_alive()
     with SignalScope() as scope:
         become_subreaper()
-        instance = start_instance(layout, number=number, heartbeat=False)
+        try:
+            instance = start_instance(layout, number=number, heartbeat=False)
+        except ResourceLimit as e:
+            raise e.for_need(_descriptors_needed(layout)) from e.__cause__
         try:
             if announce is not None:
                 announce(instance)
@@ -127,6 +137,8 @@ def run_up(
             instance.release()
     outcome.raise_if_tripped()
     failure = outcome.failure
+    if failure is not None and failure.limit is not None:
+        raise failure.limit.for_need(_descriptors_needed(layout)) from None
     if failure is not None:
         raise ServiceExited(
             failure.service,

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from portpool._heldlock import HeldLock, out_of_descriptors
+from portpool._heldlock import HeldLock
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -32,7 +32,7 @@ from portpool._record import (
     read_port_record,
 )
 from portpool.errors import LockError, LockHeld, StateDirError
-from portpool.statedir import StateDir
+from portpool.statedir import StateDir, out_of_descriptors
 
 __all__ = ["PortLock"]
 

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from portpool._addresses import DEFAULT_BACKLOG, bind_all, bind_target, bind_targets
-from portpool._heldlock import out_of_descriptors
 from portpool._platform import is_alive, socket_inode
 from portpool._record import PortRecord
 from portpool.errors import (
@@ -31,7 +30,7 @@ from portpool.errors import (
     StateDirError,
 )
 from portpool.lock import PortLock
-from portpool.statedir import StateDir
+from portpool.statedir import StateDir, out_of_descriptors
 
 _Socket = socket.socket  # the field ``socket`` shadows the module inside Lease
 

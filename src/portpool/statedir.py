@@ -8,12 +8,19 @@ refused: each of those lets another user forge or delete our locks.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import threading
 
-from portpool._platform import DirHandle, default_state_dir, posix_modes, user_id
-from portpool.errors import StateDirError
+from portpool._platform import (
+    DirHandle,
+    default_state_dir,
+    open_files_limit,
+    posix_modes,
+    user_id,
+)
+from portpool.errors import ResourceLimit, StateDirError
 
 
 def default_path() -> str:
@@ -90,6 +97,26 @@ def _new_dir_advice(path: str) -> str:
         f"point PORTPOOL_HOME at a new directory, which portpool creates private "
         f"(e.g. PORTPOOL_HOME={os.path.join(path, 'portpool')})"
     )
+
+
+def out_of_descriptors(error: OSError) -> ResourceLimit | None:
+    """A ResourceLimit for an EMFILE/ENFILE ``error``, else None.
+
+    Out of descriptors once read as "no free port in pool ... (remove what is there)",
+    exit 3: it is a resource limit (exit 1), and nothing on disk is at fault.
+    """
+    if error.errno == errno.EMFILE:
+        return ResourceLimit(
+            "open files",
+            open_files_limit(),
+            None,
+            "raise the limit (ulimit -n) or start fewer services",
+        )
+    if error.errno == errno.ENFILE:
+        return ResourceLimit(
+            "open files of the whole system", None, None, "close programs or raise fs.file-max"
+        )
+    return None
 
 
 class StateDir:
@@ -192,6 +219,9 @@ class StateDir:
             except OSError as e:
                 for h in opened:
                     h.close()
+                limit = out_of_descriptors(e)
+                if limit is not None:
+                    raise limit from e
                 where = os.path.join(self.path, *parts)
                 raise StateDirError(where, f"cannot be used: {e.strerror or e}") from e
             except StateDirError:
