@@ -382,7 +382,7 @@ def test_crash_loop_of_one_service_stops_the_whole_instance(
     out, err = reader.finish(90)
     assert proc.returncode == 5, (lines, out, err)
     assert (
-        "service 'crash' gave up: more than 5 restarts within 60 s, none of them ready "
+        "service 'crash' gave up: more than 5 restarts within 60 s, none of them ran 1 s "
         "(last: exit status 3)" in err
     )
     assert not psutil.pid_exists(calm_pid) or psutil.Process(calm_pid).status() == "zombie"

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 from portpool._launch import describe_status
 from portpool._readiness import ReadinessProbe
-from portpool._restart import RESTART_BURST, RESTART_WINDOW_S, RestartTracker, made_progress
+from portpool._restart import (
+    NONE_PROGRESS_S,
+    RESTART_BURST,
+    RESTART_WINDOW_S,
+    RestartTracker,
+    made_progress,
+)
 from portpool.errors import ResourceLimit
 from portpool.layout import Service
 
@@ -55,7 +61,7 @@ def describe_failure(failure: Failure) -> str:
     if failure.kind == "gave-up":
         return (
             f"service {name!r} gave up: more than {RESTART_BURST} restarts within "
-            f"{RESTART_WINDOW_S:g} s, none of them ready (last: {status})"
+            f"{RESTART_WINDOW_S:g} s, {failure.detail or 'none of them ready'} (last: {status})"
         )
     if failure.kind == "not-ready":
         return f"service {name!r} was not ready in time ({failure.detail})"
@@ -178,7 +184,11 @@ class ServiceKeeper:
             if not decision.restart:
                 self._set("exited")
                 kind = "gave-up" if decision.give_up else "exited"
-                self._on_failure(Failure(self.name, kind, returncode))
+                # ready = "none" is ready at once: a run made progress only by lasting.
+                short = (
+                    f"none of them ran {NONE_PROGRESS_S:g} s" if self._ready_kind == "none" else ""
+                )
+                self._on_failure(Failure(self.name, kind, returncode, short))
                 return
             self.start_reason = "restart"
             self._set("restarting")  # writes the record: counted in the backoff
