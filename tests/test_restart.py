@@ -9,6 +9,7 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from tests.helpers import (
     start,
     status_json,
     wait_for,
+    write_layout,
     write_service_layout,
 )
 
@@ -593,3 +595,49 @@ def test_a_hangup_passed_on_by_the_shell_stops_up_too(
         assert status_json(config)["instances"] == []
     finally:
         terminal.close()
+
+
+# Serves for a moment, then exits 1: ready (the probe connected), restarted, again.
+SHORT_LIVED = """
+import socket, sys, time
+server = socket.socket(fileno=3)
+server.settimeout(0.05)
+end = time.monotonic() + 0.05
+while time.monotonic() < end:
+    try:
+        server.accept()[0].close()
+    except OSError:
+        pass
+sys.exit(1)
+"""
+COUNT_PUMPS = """
+import gc, os, signal, sys, threading, time
+from portpool import load_layout, run_up
+
+def count() -> None:
+    time.sleep(float(sys.argv[2]))
+    pumps = [o for o in gc.get_objects()
+             if isinstance(o, threading.Thread) and o.name.startswith("portpool-out-")]
+    print("pumps", len(pumps), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=count, daemon=True).start()
+run_up(load_layout(sys.argv[1]))
+"""
+
+
+def test_restarts_leave_no_output_pumps_behind(tmp_path: Path, port_base: int, home: Path) -> None:
+    # Each start made a thread copying the service's output; finished ones were kept in a
+    # list for good, so up grew by ~2 kB with every restart of a service that exits often.
+    script = tmp_path / "short.py"
+    script.write_text(SHORT_LIVED)
+    service = {"command": [sys.executable, str(script)], "restart": "on-failure"}
+    config = write_layout(tmp_path / "p.toml", port_base, services={"blip": service})
+    done = subprocess.run(
+        [sys.executable, "-c", COUNT_PUMPS, str(config), "4"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    restarts = done.stdout.count("restarting in")
+    assert restarts >= 5, done.stdout + done.stderr  # it did restart, many times
+    pumps = int(done.stdout.split("pumps ")[1].split()[0])
+    assert pumps <= 2, (pumps, restarts)

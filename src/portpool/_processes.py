@@ -168,7 +168,8 @@ class Supervisor:
                 daemon=True,
             )
             pump.start()
-            self._threads.append(pump)
+            with self._spawn_lock:  # only the pumps still copying: restarts must not grow up
+                self._threads = [t for t in self._threads if t.is_alive()] + [pump]
         waiter = threading.Thread(
             target=self._watch, args=(name, proc), name=f"portpool-wait-{name}", daemon=True
         )
