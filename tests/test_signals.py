@@ -26,7 +26,14 @@ from typing import Any
 import psutil
 import pytest
 from benchmarks._common import bindable
-from tests.helpers import PORTPOOL, held_lock_files, portpool, wait_for, write_layout
+from tests.helpers import (
+    PORTPOOL,
+    held_lock_files,
+    kill_if_running,
+    portpool,
+    wait_for,
+    write_layout,
+)
 
 from portpool._platform import listeners
 
@@ -693,3 +700,40 @@ def test_a_caller_that_ignores_sigchld_still_gets_the_exit_status(
     done = portpool("up", "-c", str(config), preexec_fn=ignore_chld)
     assert done.returncode == 5
     assert "exited on its own (exit status 3)" in done.stderr
+
+
+COUNT_USR1 = """
+import signal, sys, time
+count = 0
+def got(*_):
+    global count
+    count += 1
+signal.signal(signal.SIGUSR1, got)
+signal.signal(signal.SIGTERM, lambda *_: (print("usr1", count, flush=True), sys.exit(0)))
+print("ready", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_signals_a_script_sends_in_a_row_each_reach_the_command(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # The same signal from the same sender within 0.25 s was taken for timeout's copy.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    proc = subprocess.Popen(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, "-c", COUNT_USR1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        for _ in range(5):
+            os.kill(proc.pid, signal.SIGUSR1)
+            time.sleep(0.12)
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        kill_if_running(proc)
+    assert out == "usr1 5\n"
