@@ -344,7 +344,10 @@ def test_a_program_named_like_an_option_runs_after_double_dash(
     done = portpool("run", "-q", "-c", str(config), "-dashprog", env=env)
     assert done.returncode == 2
     assert "no such option: -d" in done.stderr  # click reads -dashprog as -d -a ...
-    # An unknown option before -- stays one.
+    # An unknown option before -- stays one, also when spelled like the program.
     done = portpool("run", "-q", "-c", str(config), "-x", "--", "-dashprog", env=env)
     assert done.returncode == 2
     assert "no such option: -x" in done.stderr
+    done = portpool("run", "-q", "-c", str(config), "--bogus", "--", "--bogus", env=env)
+    assert done.returncode == 2
+    assert "no such option: --bogus" in done.stderr

@@ -144,21 +144,23 @@ def layout_for(config: str | None) -> Layout:
 
 
 class CommandAfterOptions(click.Command):
-    """A command whose arguments are a program and its arguments. It remembers the word
-    after the first ``--``: click drops the ``--``, and a program named ``-x`` given
-    after it must not be taken for an unknown option (``refuse_unknown_option``)."""
+    """A command whose arguments are a program and its arguments. It remembers how many
+    words follow the first ``--``: click drops the ``--``, and a program named ``-x``
+    given after it must not be taken for an unknown option (``refuse_unknown_option``)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if "--" in args[:-1]:
-            ctx.meta["portpool.after_dashdash"] = args[args.index("--") + 1]
+        if "--" in args:
+            ctx.meta["portpool.after_dashdash"] = len(args) - args.index("--") - 1
         return super().parse_args(ctx, args)
 
 
 def refuse_unknown_option(command: tuple[str, ...]) -> None:
     """Raise click.UsageError if ``command`` starts with an option the command does not
     know (``run -x``) rather than a program given after ``--`` (``run -- -x``)."""
+    # The program came right after -- when the words after it are exactly the command
+    # (an unknown option before --, "-x -- prog", keeps the -- in the command).
     after_dashdash = click.get_current_context().meta.get("portpool.after_dashdash")
-    if command[0].startswith("-") and command[0] != after_dashdash:
+    if command[0].startswith("-") and len(command) != after_dashdash:
         raise click.UsageError(
             f"no such option: {command[0]} (the command goes after its options, or after --)"
         )
