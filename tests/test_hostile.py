@@ -395,6 +395,25 @@ def test_up_out_of_descriptors_is_a_resource_limit_naming_its_need(
     assert '"instances":[]' in status.stdout, status.stdout  # nothing left held
 
 
+def test_out_of_descriptors_anywhere_in_run_or_up_names_the_need() -> None:
+    # An import that met EMFILE after the services started ended in "the limit is N"
+    # without the count (or, before, a traceback).
+    import errno
+
+    from portpool._launch import descriptors_named
+    from portpool.errors import ResourceLimit
+
+    with pytest.raises(ResourceLimit) as raised, descriptors_named(196):
+        raise OSError(errno.EMFILE, "Too many open files", "portpool/shield.py")
+    assert raised.value.needed == 196
+    assert raised.value.exit_code == 1
+    with pytest.raises(ResourceLimit) as raised, descriptors_named(196):
+        raise ResourceLimit("open files", 60, 106, "raise the limit")
+    assert raised.value.needed == 196
+    with pytest.raises(PermissionError), descriptors_named(196):
+        raise PermissionError(errno.EACCES, "not this one")
+
+
 # ---------------------------------------------------------------- 9. a cleaner racing a start
 
 DIE_HOLDING = """

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
 
 from portpool.errors import PortPoolError
@@ -25,6 +25,25 @@ DEFAULT_GRACE_S = 5.0
 _INHERITED = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
 # Run by path with -I -S: the shim imports nothing of portpool (145 ms -> ~20 ms a start).
 _SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawn.py")
+
+
+@contextlib.contextmanager
+def descriptors_named(needed: int) -> Iterator[None]:
+    """Out of file descriptors anywhere inside (a start, a pipe, an import) raises
+    ResourceLimit saying about ``needed`` fds, as the README promises; a bare EMFILE
+    ended in a traceback or a message without the count."""
+    from portpool.errors import ResourceLimit
+    from portpool.statedir import out_of_descriptors
+
+    try:
+        yield
+    except ResourceLimit as e:
+        raise e.for_need(needed) from e.__cause__
+    except OSError as e:
+        limit = out_of_descriptors(e)
+        if limit is None:
+            raise
+        raise limit.for_need(needed) from e
 
 
 def exit_status(returncode: int) -> int:

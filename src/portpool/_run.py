@@ -12,7 +12,13 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from portpool._launch import DEFAULT_GRACE_S, base_environment, exit_status, find_program
+from portpool._launch import (
+    DEFAULT_GRACE_S,
+    base_environment,
+    descriptors_named,
+    exit_status,
+    find_program,
+)
 from portpool._platform import ReceivedSignal, in_terminal_foreground
 from portpool._processes import Outcome, Supervisor
 
@@ -78,7 +84,7 @@ def run_command(
         signum = -returncode if returncode < 0 else None
         return Outcome(exit_status(returncode), signum=signum, returncode=returncode)
 
-    with SignalScope() as scope:
+    with descriptors_named(layout.descriptors_needed), SignalScope() as scope:
         become_subreaper()
         # No heartbeat thread yet: every thread must start after the signals are blocked.
         instance = start_instance(layout, services=services or None, number=number, heartbeat=False)

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
-from portpool._launch import DEFAULT_GRACE_S, find_program
+from portpool._launch import DEFAULT_GRACE_S, descriptors_named, find_program
 from portpool._platform import ReceivedSignal, controlling_terminal_alive
 from portpool._processes import Outcome
 
@@ -71,7 +71,7 @@ def run_up(
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
     from portpool._services import ServiceSupervisor  # its keepers and probes: up only
-    from portpool.errors import LayoutError, ResourceLimit, ServiceExited
+    from portpool.errors import LayoutError, ServiceExited
     from portpool.instance import start_instance
 
     for service in layout.services:
@@ -84,12 +84,9 @@ def run_up(
     # A closed terminal reaches us as the kernel's SIGHUP, or as a shell passing its own
     # on (an ordinary signal from the shell's pid): the terminal tells the two apart.
     had_terminal = controlling_terminal_alive()
-    with SignalScope() as scope:
+    with descriptors_named(_descriptors_needed(layout)), SignalScope() as scope:
         become_subreaper()
-        try:
-            instance = start_instance(layout, number=number, heartbeat=False)
-        except ResourceLimit as e:
-            raise e.for_need(_descriptors_needed(layout)) from e.__cause__
+        instance = start_instance(layout, number=number, heartbeat=False)
         try:
             if announce is not None:
                 announce(instance)
