@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from tests.conftest import find_free_block
@@ -152,6 +153,28 @@ def test_doctor_and_pool_agree_on_every_occupant(
             # the shield agrees and stays quiet.
             assert not any(takes_traffic(o.socket, host) for o in found.occupants)
             assert _report(_shield(lease)).ok, (host, kind, address)
+
+
+@pytest.mark.parametrize("what", ["fifo", "directory", "symlink"])
+def test_doctor_and_pool_agree_on_a_lock_path_that_is_not_a_file(
+    state: StateDir, port: int, home: Path, what: str
+) -> None:
+    # doctor called such a port free (no lock held on it, the bind works) while every
+    # acquire refused it: "lock path is not a regular file".
+    _try_acquire(state, port + 1, "127.0.0.1").release()  # makes ports/
+    lock = home / "ports" / f"{port}.lock"
+    if what == "fifo":
+        os.mkfifo(lock)
+    elif what == "directory":
+        lock.mkdir()
+    else:
+        lock.symlink_to(home / "elsewhere")
+    refusal, _, _ = classify_port(state, port, "127.0.0.1")
+    refused = _try_acquire(state, port, "127.0.0.1")
+    assert isinstance(refused, PoolExhausted)
+    assert refusal is not None
+    assert refusal.reason == refused.refusals[0].reason == "error"
+    assert str(lock) in refusal.detail and str(lock) in refused.refusals[0].detail
 
 
 # What the kernel's rules say, for the faults that were reported (True: refused).

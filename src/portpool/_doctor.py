@@ -7,10 +7,13 @@ foreign listeners on it (the shield's rule: they can take its clients). Kills no
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from portpool._jsonfile import file_kind
 from portpool._occupants import foreign_listeners, intruder_note
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
 from portpool._portstatus import inspect_port
@@ -131,6 +134,9 @@ def classify_port(
     would give: held by a portpool lock holder, else the kernel's probe bind. Kills and
     keeps nothing. Raises OSError if ``host`` does not resolve."""
     seen = inspect_port(state, port, locked)
+    unusable = _unusable_lock_path(state, port) if seen.is_free else None
+    if unusable is not None:
+        return Refusal(port, "error", unusable), (), None
     if not seen.is_free:
         # Never probed (the holder's sockets are there); its listeners are still read.
         found = diagnose(port, host, probe=False, sockets=sockets)
@@ -139,6 +145,18 @@ def classify_port(
         return Refusal(port, "held", seen.describe()), notes, found
     found = diagnose(port, host, sockets=sockets)
     return found.refusal(), tuple(found.notes()), found
+
+
+def _unusable_lock_path(state: StateDir, port: int) -> str | None:
+    """Why ``acquire`` cannot use the port's lock path, if something that is not a
+    regular file sits there (portpool makes none): doctor called such a port free while
+    run refused it. Read-only: never opens or creates the path."""
+    directory = state.find("ports")
+    st = None if directory is None else directory.stat_entry(f"{port}.lock")
+    if directory is None or st is None or stat.S_ISREG(st.st_mode):
+        return None
+    where = os.path.join(directory.path, f"{port}.lock")
+    return f"{where}: lock path is {file_kind(st.st_mode)}, not a regular file (remove it)"
 
 
 def examine_layout(
