@@ -311,7 +311,7 @@ def test_a_removed_working_directory_is_named_not_a_traceback(
         ["run", "-q", "--", "true"],  # the built-in layout: numbered for the directory
         ["port", "api-server"],
         ["env"],
-        ["up", "--detach", "--config", str(config)],
+        ["up", "--detach", "--config", "portpool.toml"],  # a path relative to it
     ]
     for args in cases:
         gone.mkdir()
@@ -326,6 +326,17 @@ def test_a_removed_working_directory_is_named_not_a_traceback(
         assert done.returncode == 2, (args, done.stderr)
         assert "Traceback" not in done.stderr, (args, done.stderr)
         assert "the current directory no longer exists" in done.stderr, (args, done.stderr)
+    # A layout named by its absolute path needs no working directory: up runs detached.
+    gone.mkdir()
+    args = ["up", "--detach", "-q", "--config", str(config)]
+    done = subprocess.run(
+        [*in_gone, *PORTPOOL, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    try:
+        assert done.returncode == 0, done.stderr
+    finally:
+        stopped = portpool("stop", "--all", "--config", str(config))
+    assert stopped.returncode == 0, stopped.stderr
 
 
 def test_a_program_named_like_an_option_runs_after_double_dash(

@@ -72,9 +72,11 @@ def _tail(seen: bytes) -> str:
     return b"\n".join(seen.splitlines()[-_TAIL_LINES:]).decode(errors="replace")
 
 
-def _layout_args(layout: Layout, cwd: str) -> list[str]:
-    """``--config FILE`` naming ``layout`` for an ``up`` run in ``cwd``, which reads its
-    layout from a file: the one it came from, or none for the built-in layout."""
+def _layout_args(layout: Layout, cwd: str | None) -> list[str]:
+    """``--config FILE`` naming ``layout`` for an ``up`` run in ``cwd`` (default: ours),
+    which reads its layout from a file: the one it came from, or none for the built-in
+    layout. Needs our working directory only for the built-in layout or a relative path
+    (UsageError if it was removed)."""
     from portpool._layout_load import layout_path
     from portpool.layout import default_layout, load_layout
 
@@ -84,6 +86,7 @@ def _layout_args(layout: Layout, cwd: str) -> list[str]:
                 "a detached up reads its layout from a file, and this one was built in "
                 "Python: save it as TOML and pass load_layout(path)"
             )
+        cwd = working_directory() if cwd is None else cwd
         found = layout_path(None, cwd)
         if found is not None:
             raise UsageError(
@@ -91,7 +94,9 @@ def _layout_args(layout: Layout, cwd: str) -> list[str]:
                 "pass cwd= a directory without a portpool.toml"
             )
         return []
-    path = os.path.abspath(layout.source)
+    path = layout.source
+    if not os.path.isabs(path):
+        path = os.path.join(working_directory(), path)
     if not load_layout(path).same_as(layout):
         raise UsageError(
             f"{layout.source} no longer holds this layout (changed since it was loaded, or "
@@ -124,8 +129,7 @@ def start_detached(
     stopped right after it said it was up.
     """
     layout.check_number(number)
-    where = working_directory() if cwd is None else cwd
-    up_args = ["--grace", repr(grace_s), *_layout_args(layout, where)]
+    up_args = ["--grace", repr(grace_s), *_layout_args(layout, cwd)]
     if number is not None:
         up_args += ["--instance", str(number)]
     if quiet:

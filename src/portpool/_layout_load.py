@@ -83,6 +83,14 @@ _FILE_KINDS = (
 )
 
 
+def _working_directory_exists() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _read_layout_file(path: str) -> bytes:
     """The bytes of the regular file at ``path``, at most ``LAYOUT_MAX_BYTES``.
 
@@ -96,6 +104,9 @@ def _read_layout_file(path: str) -> bytes:
         if os.path.islink(path):
             problem = "is a dangling symbolic link: its target does not exist"
             raise LayoutFileError(path, problem) from e
+        if not os.path.isabs(path) and not _working_directory_exists():
+            problem = "cannot be read: the current directory no longer exists (it was removed)"
+            raise LayoutFileError(path, f"{problem}: cd to one that does") from e
         raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
     except OSError as e:
         raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
