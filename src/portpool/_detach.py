@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 from portpool._launch import DEFAULT_GRACE_S
+from portpool._layout_load import absolute_path, layout_path, working_directory
 from portpool._logs import logs_dir, set_log_owner
 from portpool._platform import DirHandle, detached_options, identity_of
-from portpool._slots import working_directory
 from portpool.errors import DetachFailed, UsageError
 from portpool.layout import Layout
 from portpool.records import read_instance
@@ -77,7 +77,6 @@ def _layout_args(layout: Layout, cwd: str | None) -> list[str]:
     which reads its layout from a file: the one it came from, or none for the built-in
     layout. Needs our working directory only for the built-in layout or a relative path
     (UsageError if it was removed)."""
-    from portpool._layout_load import layout_path
     from portpool.layout import default_layout, load_layout
 
     if layout.source == default_layout().source:
@@ -94,9 +93,7 @@ def _layout_args(layout: Layout, cwd: str | None) -> list[str]:
                 "pass cwd= a directory without a portpool.toml"
             )
         return []
-    path = layout.source
-    if not os.path.isabs(path):
-        path = os.path.join(working_directory(), path)
+    path = absolute_path(layout.source)
     if not load_layout(path).same_as(layout):
         raise UsageError(
             f"{layout.source} no longer holds this layout (changed since it was loaded, or "

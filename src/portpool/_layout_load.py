@@ -13,7 +13,7 @@ import re
 import stat
 from typing import Any
 
-from portpool.errors import LayoutError, LayoutFileError
+from portpool.errors import LayoutError, LayoutFileError, UsageError
 
 # Patterns, not compiled objects: only a file with a TOML error needs them, and compiling
 # them on every import cost every command 2 M instructions (re caches them on use).
@@ -83,12 +83,21 @@ _FILE_KINDS = (
 )
 
 
-def _working_directory_exists() -> bool:
+def working_directory() -> str:
+    """``os.getcwd()``. Raises UsageError if the working directory was removed (a bare
+    FileNotFoundError traceback before, from every command that needed it)."""
     try:
-        os.getcwd()
+        return os.getcwd()
     except FileNotFoundError:
-        return False
-    return True
+        raise UsageError(
+            "the current directory no longer exists (it was removed): cd to one that does"
+        ) from None
+
+
+def absolute_path(path: str) -> str:
+    """``path`` joined to the working directory if relative (not resolved). Raises
+    UsageError if it is relative and the working directory was removed."""
+    return path if os.path.isabs(path) else os.path.join(working_directory(), path)
 
 
 def _read_layout_file(path: str) -> bytes:
@@ -104,9 +113,7 @@ def _read_layout_file(path: str) -> bytes:
         if os.path.islink(path):
             problem = "is a dangling symbolic link: its target does not exist"
             raise LayoutFileError(path, problem) from e
-        if not os.path.isabs(path) and not _working_directory_exists():
-            problem = "cannot be read: the current directory no longer exists (it was removed)"
-            raise LayoutFileError(path, f"{problem}: cd to one that does") from e
+        absolute_path(path)  # a relative path in a removed directory: say that
         raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
     except OSError as e:
         raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from portpool._heldlock import HeldLock
 from portpool._jsonfile import read_json_file, write_atomic
+from portpool._layout_load import absolute_path, working_directory
 from portpool._platform import locked_inodes
 from portpool.errors import (
     AlreadyHeldHere,
@@ -42,26 +43,12 @@ T = TypeVar("T")
 _SLOT_PASSES = 3
 
 
-def working_directory() -> str:
-    """``os.getcwd()``. Raises UsageError if the working directory was removed (a bare
-    FileNotFoundError traceback before)."""
-    try:
-        return os.getcwd()
-    except FileNotFoundError:
-        raise UsageError(
-            "the current directory no longer exists (it was removed): cd to one that does"
-        ) from None
-
-
 def checkout_dir(layout: Layout, cwd: str | None = None) -> str:
     """The directory an instance is started for: the layout file's directory, or ``cwd``
     (default: the working directory) for a layout that is not a file (the built-in one).
     Raises UsageError if the working directory it needs was removed."""
     if layout.source and os.path.isfile(layout.source):
-        source = layout.source
-        if not os.path.isabs(source):
-            source = os.path.join(working_directory(), source)
-        return os.path.dirname(os.path.realpath(source))
+        return os.path.dirname(os.path.realpath(absolute_path(layout.source)))
     return os.path.realpath(cwd if cwd is not None else working_directory())
 
 
