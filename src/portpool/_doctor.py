@@ -8,12 +8,11 @@ foreign listeners on it (the shield's rule: they can take its clients). Kills no
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from portpool._jsonfile import file_kind
+from portpool._jsonfile import special_entry
 from portpool._occupants import foreign_listeners, intruder_note
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
 from portpool._portstatus import inspect_port
@@ -152,11 +151,11 @@ def _unusable_lock_path(state: StateDir, port: int) -> str | None:
     regular file sits there (portpool makes none): doctor called such a port free while
     run refused it. Read-only: never opens or creates the path."""
     directory = state.find("ports")
-    st = None if directory is None else directory.stat_entry(f"{port}.lock")
-    if directory is None or st is None or stat.S_ISREG(st.st_mode):
+    kind = None if directory is None else special_entry(directory, f"{port}.lock")
+    if directory is None or kind is None:
         return None
     where = os.path.join(directory.path, f"{port}.lock")
-    return f"{where}: lock path is {file_kind(st.st_mode)}, not a regular file (remove it)"
+    return f"{where}: lock path is {kind}, not a regular file (remove it)"
 
 
 def examine_layout(

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from portpool._heldlock import HeldLock, is_held
-from portpool._jsonfile import TMP_SUFFIX, decimal, file_kind
+from portpool._jsonfile import TMP_SUFFIX, decimal, special_entry
 from portpool._platform import DirHandle, LockTable, OpenFiles, identity_of, locked_inodes
 from portpool._record import read_port_record
 from portpool.errors import LockHeld, PortPoolError
@@ -98,12 +97,12 @@ def _odd_entry(directory: DirHandle, name: str, of: str) -> str | None:
     records as "records of dead instances". It leaves them, never following a symlink,
     and says what is in whose way.
     """
-    st = directory.stat_entry(name)
-    if st is None or stat.S_ISREG(st.st_mode):
+    kind = special_entry(directory, name)
+    if kind is None:
         return None
     what = "lock file" if name.endswith(".lock") else "record"
     return (
-        f"{os.path.join(directory.path, name)}: is {file_kind(st.st_mode)}, not the {what} "
+        f"{os.path.join(directory.path, name)}: is {kind}, not the {what} "
         f"of {of}; left alone (portpool removes only files it makes): remove it by hand"
     )
 

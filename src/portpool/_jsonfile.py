@@ -63,6 +63,14 @@ def file_kind(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else "a special file"
 
 
+def special_entry(directory: DirHandle, name: str) -> str | None:
+    """What ``<dir>/<name>`` is (``a FIFO``, ``a directory``, ...) when it exists and is
+    not a regular file, else None; a symlink is not followed. Raises OSError if it
+    cannot be examined."""
+    st = directory.stat_entry(name)
+    return None if st is None or stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
+
+
 class NotAFile(ValueError):
     """A special file (symlink, FIFO, directory, ...) where a record belongs."""
 
