@@ -17,8 +17,8 @@ def main() -> None:
     if _signal.getsignal(_signal.SIGINT) is not _signal.SIG_IGN:  # `nohup`, `cmd &`
         _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
     # What the imports create lives as long as the process: the cyclic collector need
-    # not walk it while importing, nor once more at exit (12-17% of a short command's
-    # time: benchmarks/bench_cli.py). The collector runs as usual in between.
+    # not walk it while importing, nor once more at exit (11-14% of status and run in
+    # benchmarks/bench_cli.py). The collector runs as usual in between.
     gc.disable()
     from portpool.cli import main as cli_main
 
