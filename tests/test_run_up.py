@@ -96,6 +96,66 @@ def test_run_gives_env_and_returns_exit_code(layout: Path, port_base: int, home:
     assert status_json(layout)["instances"] == []
 
 
+# What another instance (an outer `up`, an `eval "$(portpool env --export)"`) left in
+# the caller's environment: none of it may reach a program of this instance.
+STALE = {
+    "PORT": "1111",
+    "PORTPOOL_APP": "other",
+    "PORTPOOL_INSTANCE": "9",
+    "PORTPOOL_SERVICE": "old",
+    "PORTPOOL_SERVICES": "old,cache",
+    "PORTPOOL_PORT_CACHE": "2222",
+    "PORTPOOL_SUPERVISOR_PID": "1",
+    "LISTEN_FDS": "1",
+    "LISTEN_FDNAMES": "old",
+    "LISTEN_PID": "1",
+}
+
+
+def test_run_gives_only_its_own_instance_variables(
+    layout: Path, port_base: int, home: Path
+) -> None:
+    env = {**os.environ, **STALE}
+    done = portpool("run", "--config", str(layout), "--", sys.executable, "-c", PRINT_ENV, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "PORTPOOL_APP": "testapp",
+        "PORTPOOL_HOME": str(home),  # where the state is: kept for nested commands
+        "PORTPOOL_INSTANCE": "1",
+        "PORTPOOL_PORT_ALPHA": str(port_base),
+        "PORTPOOL_PORT_BETA": str(port_base + 2),
+        "PORTPOOL_SERVICES": "alpha,beta",
+    }
+
+
+def test_up_gives_only_its_own_instance_variables(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    out = tmp_path / "env.json"
+    write_env = PRINT_ENV.replace(", flush=True)", f", file=open({str(out)!r}, 'w'))")
+    command = [sys.executable, "-c", write_env]
+    config = write_layout(
+        tmp_path / "portpool.toml",
+        port_base,
+        services={"web": {"command": command, "ready": "none", "restart": "no"}},
+    )
+    done = portpool("up", "--config", str(config), env={**os.environ, **STALE})
+    assert done.returncode == 5, done.stderr  # the service exits on its own once written
+    seen = json.loads(out.read_text())
+    assert seen.pop("PORTPOOL_SUPERVISOR_PID") != "1"  # up's own pid, not the stale one
+    assert seen.pop("LISTEN_PID") != "1"  # its own socket (socket = "fd" by default)
+    assert (seen.pop("LISTEN_FDS"), seen.pop("LISTEN_FDNAMES")) == ("1", "web")
+    assert seen == {
+        "PORT": str(port_base),
+        "PORTPOOL_APP": "testapp",
+        "PORTPOOL_HOME": str(home),
+        "PORTPOOL_INSTANCE": "1",
+        "PORTPOOL_PORT_WEB": str(port_base),
+        "PORTPOOL_SERVICE": "web",
+        "PORTPOOL_SERVICES": "web",
+    }
+
+
 def test_two_runs_at_once_get_instances_one_and_two(
     layout: Path, home: Path, tmp_path: Path
 ) -> None:

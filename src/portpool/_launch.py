@@ -22,7 +22,23 @@ if TYPE_CHECKING:
     from portpool.instance import Instance
 
 DEFAULT_GRACE_S = 5.0
-_INHERITED = ("LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PID")
+# What portpool itself gives a program: an inherited value (from an outer `up`, or an
+# `eval "$(portpool env --export)"` of another app) would name ports this instance does
+# not hold, so a program sees only its own instance's.
+_OURS = frozenset(
+    {
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_PID",
+        "PORT",
+        "PORTPOOL_APP",
+        "PORTPOOL_INSTANCE",
+        "PORTPOOL_SERVICE",
+        "PORTPOOL_SERVICES",
+        "PORTPOOL_SUPERVISOR_PID",
+    }
+)
+_OURS_PREFIX = "PORTPOOL_PORT_"
 # Run by path with -I -S: the shim imports nothing of portpool (145 ms -> ~20 ms a start).
 _SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawn.py")
 
@@ -63,8 +79,10 @@ def describe_status(returncode: int) -> str:
 
 
 def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
-    """Our environment without inherited socket-activation variables, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if k not in _INHERITED}
+    """Our environment without the variables portpool gives (inherited socket-activation,
+    ``PORT`` and ``PORTPOOL_*`` values but ``PORTPOOL_HOME``), plus ``extra`` (name ->
+    value). Raises nothing."""
+    env = {k: v for k, v in os.environ.items() if k not in _OURS and not k.startswith(_OURS_PREFIX)}
     env.update(extra)
     return env
 
