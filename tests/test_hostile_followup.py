@@ -194,3 +194,78 @@ def test_an_empty_or_relative_portpool_home_is_an_error_naming_it(
         assert done.stderr.count("\n") == 1, done.stderr
         assert "absolute path" in done.stderr
     assert sorted(os.listdir(tmp_path)) == ["portpool.toml"]
+
+
+# ---------------------------------------------------------------- the state dir's subdirectories
+
+
+def _run_true(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PORTPOOL, "run", "--config", str(config), "--", sys.executable, "-c", "pass"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_an_unusable_ports_directory_is_an_error_never_an_exhausted_pool(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """A ports directory writable by others was refused port by port: "instance 1
+    skipped: every port of its pool is taken by others", then "no free port", exit 3;
+    and its advice named a new PORTPOOL_HOME inside the state dir."""
+    config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=2)
+    ports = home / "ports"
+    _private_dirs(ports)
+    ports.chmod(0o777)
+    done = _run_true(config)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(
+        f"portpool: error: state dir {ports}: is writable by group or others (mode 777); "
+    ), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"PORTPOOL_HOME={home}" not in done.stderr  # no new home inside this one
+    ports.rmdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    ports.symlink_to(elsewhere)
+    done = _run_true(config)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"portpool: error: state dir {ports}: is a symbolic link; refusing to follow it\n"
+    )
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_an_entry_in_place_of_a_subdirectory_is_named_with_what_it_is(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """A symlink at ``apps`` was reported as "apps/<app>/instances: cannot be used: Not
+    a directory": a path that does not exist, and a symlink to a directory is one."""
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    apps = home / "apps"
+    instances = apps / "testapp" / "instances"
+
+    def expect(entry: Path, problem: str) -> None:
+        for args in (["status", "--config", str(config)], ["gc"]):
+            seen = subprocess.run(
+                [*PORTPOOL, *args], capture_output=True, text=True, timeout=60, check=False
+            )
+            assert seen.returncode == 1, (args, seen.stderr)
+            assert f"state dir {entry}: {problem}\n" in seen.stderr, (args, seen.stderr)
+        done = _run_true(config)
+        assert done.returncode == 1, done.stderr
+        assert done.stderr == f"portpool: error: state dir {entry}: {problem}\n"
+
+    home.mkdir(mode=0o700, exist_ok=True)
+    apps.symlink_to(elsewhere)
+    expect(apps, "is a symbolic link; refusing to follow it")
+    assert list(elsewhere.iterdir()) == []
+    apps.unlink()
+    _private_dirs(instances.parent)
+    instances.write_text("")
+    expect(instances, "is a regular file, not a directory")
+    instances.unlink()
+    os.mkfifo(instances)
+    expect(instances, "is a FIFO, not a directory")

@@ -19,6 +19,7 @@ from typing import Any
 
 from portpool._platform import DirHandle
 from portpool.errors import StateDirError
+from portpool.statedir import file_kind
 
 RECORD_MAX_BYTES = 1 << 20
 TMP_SUFFIX = ".tmp"  # a temporary file is ".<name>.<pid>.<thread>.tmp" (gc reads the pid)
@@ -43,24 +44,6 @@ def write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             directory.unlink(tmp)
         raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
-
-
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISLNK, "a symbolic link"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def file_kind(mode: int) -> str:
-    """``a FIFO``, ``a symbolic link``, ... for an ``st_mode``: what a file is."""
-    for test, kind in _KINDS:
-        if test(mode):
-            return kind
-    return "a regular file" if stat.S_ISREG(mode) else "a special file"
 
 
 def special_entry(directory: DirHandle, name: str) -> str | None:

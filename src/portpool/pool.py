@@ -223,11 +223,15 @@ def acquire(
     Returns a Lease holding the lock and the listening socket, its record written; use
     it in a ``with`` block or call ``release()``.
     Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
-    (a ValueError) for a value that is not a port, StateDirError if the record cannot be
-    written, ResourceLimit when out of file descriptors.
+    (a ValueError) for a value that is not a port, StateDirError if the ports directory
+    is unusable or the record cannot be written, ResourceLimit when out of file
+    descriptors.
     """
     for port in pool:
         check_port(port)
+    # An unusable ports directory is the state dir's fault, raised here: refused port by
+    # port, it read as "every port of its pool is taken by others" (exit 3).
+    state.ports()
     refusals: list[Refusal] = []
     for port in pool:
         taken = _lock_port(state, port)

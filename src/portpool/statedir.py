@@ -80,7 +80,7 @@ def _check_mode(path: str, st: os.stat_result, root: bool = False) -> None:
         raise StateDirError(
             path,
             f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); "
-            f"{_new_dir_advice(path)}",
+            + (_new_dir_advice(path) if root else _subdir_advice()),
         )
     if root and st.st_mode & 0o077:
         raise StateDirError(
@@ -97,6 +97,46 @@ def _new_dir_advice(path: str) -> str:
         f"point PORTPOOL_HOME at a new directory, which portpool creates private "
         f"(e.g. PORTPOOL_HOME={os.path.join(path, 'portpool')})"
     )
+
+
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """``a FIFO``, ``a symbolic link``, ... for an ``st_mode``: what a file is."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+def _subdir_advice() -> str:
+    # The state dir's own subdirectory: a new PORTPOOL_HOME inside it would not help.
+    return (
+        "portpool creates its subdirectories private: remove it once nothing uses this "
+        "state dir, or point PORTPOOL_HOME at a new directory"
+    )
+
+
+def _entry_problem(parent: DirHandle, name: str, error: OSError) -> str:
+    """Why the entry ``name`` of ``parent`` cannot be opened as a subdirectory: what it
+    is (a symlink is never followed), else ``error``'s text."""
+    try:
+        st = parent.stat_entry(name)
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link; refusing to follow it"
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        return f"is {file_kind(st.st_mode)}, not a directory"
+    return f"cannot be used: {error.strerror or error}"
 
 
 def out_of_descriptors(error: OSError) -> ResourceLimit | None:
@@ -203,11 +243,13 @@ class StateDir:
                 return found
             if self.root is None:
                 return None
-            handle = self.root
+            handle = parent = self.root
             opened: list[DirHandle] = []
+            part = ""
             try:
                 for part in parts:
-                    handle = handle.subdir(part, create=create)
+                    parent = handle
+                    handle = parent.subdir(part, create=create)
                     opened.append(handle)
                     _check_mode(handle.path, handle.stat())
             except FileNotFoundError:
@@ -217,13 +259,15 @@ class StateDir:
                     raise StateDirError(os.path.join(self.path, *parts), "vanished") from None
                 return None
             except OSError as e:
+                limit = out_of_descriptors(e)
+                # The entry at fault (``apps`` a symlink), not the path asked for; looked
+                # at through its parent before that is closed.
+                problem = "" if limit is not None else _entry_problem(parent, part, e)
                 for h in opened:
                     h.close()
-                limit = out_of_descriptors(e)
                 if limit is not None:
                     raise limit from e
-                where = os.path.join(self.path, *parts)
-                raise StateDirError(where, f"cannot be used: {e.strerror or e}") from e
+                raise StateDirError(os.path.join(parent.path, part), problem) from e
             except StateDirError:
                 for h in opened:
                     h.close()
