@@ -513,6 +513,37 @@ def test_logs_belong_to_the_up_that_wrote_them(tmp_path: Path, port_base: int, h
     assert "hello from web" in portpool("logs", "-i", "1", cwd=tmp_path).stdout
 
 
+def test_a_log_that_is_a_symlink_or_a_directory_is_named_never_followed(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """`logs` ended in an OSError traceback ("Too many levels of symbolic links", "Is a
+    directory") where a symlink or a directory stood at the log's path."""
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert portpool("stop", "1", cwd=tmp_path).returncode == 0
+    log = home / "apps" / "testapp" / "logs" / "1.log"
+    secret = tmp_path / "secret"
+    secret.write_text("not a log\n")
+    log.unlink()
+
+    def symlink() -> None:
+        log.symlink_to(secret)
+
+    for kind, make in (("a symbolic link", symlink), ("a directory", log.mkdir)):
+        make()
+        for args in (["logs"], ["logs", "-f"], ["logs", "web", "-i", "1"]):
+            seen = portpool(*args, cwd=tmp_path, timeout=20)
+            assert (seen.returncode, seen.stdout) == (1, ""), (args, seen.stderr)
+            assert seen.stderr == (
+                f"portpool: error: state dir {log}: is {kind}, not a log portpool wrote; "
+                "remove it\n"
+            ), args
+        if log.is_symlink():
+            log.unlink()
+    assert secret.read_text() == "not a log\n"
+
+
 def _detaching(cwd: Path) -> tuple[subprocess.Popen[str], int]:
     """`up --detach` started and stopped (SIGSTOP) as soon as its background up exists:
     the test decides what happens to that up before the detach looks again."""

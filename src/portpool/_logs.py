@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 from portpool._find import find_instance
 from portpool._heldlock import is_held
-from portpool._jsonfile import read_json_file, write_atomic
+from portpool._jsonfile import read_json_file, special_entry, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
-from portpool.errors import NotRunning
+from portpool.errors import NotRunning, StateDirError
 from portpool.layout import Layout
 from portpool.records import InstanceInfo, read_instance
 from portpool.statedir import StateDir, check_name
@@ -93,6 +93,31 @@ def _owner_runs(state: StateDir, app: str, number: int, owner: tuple[int, str]) 
     )
 
 
+def _log_error(logs: DirHandle, number: int, problem: str) -> StateDirError:
+    return StateDirError(os.path.join(logs.path, f"{number}.log"), problem)
+
+
+def _open_log(logs: DirHandle, number: int) -> int | None:
+    """The log's fd, None if there is none. A symlink or directory there ended in a
+    traceback; it is never portpool's, so it is named (StateDirError), not followed."""
+    try:
+        kind = special_entry(logs, f"{number}.log")
+        if kind is not None:
+            raise _log_error(logs, number, f"is {kind}, not a log portpool wrote; remove it")
+        return logs.open_file(f"{number}.log", os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise _log_error(logs, number, f"cannot be read: {e.strerror or e}") from e
+
+
+def _read_log(logs: DirHandle, number: int, fd: int) -> bytes:
+    try:
+        return os.read(fd, 1 << 16)
+    except OSError as e:
+        raise _log_error(logs, number, f"cannot be read: {e.strerror or e}") from e
+
+
 def follow_log(
     layout: Layout,
     write: Callable[[str], None],
@@ -110,7 +135,8 @@ def follow_log(
     number. A running instance is shown only the log its own ``up`` wrote; a stopped one,
     the last detached instance's. Returns that number. Raises UnknownService, UsageError
     (a ``number`` outside 1..max_instances), NotRunning (no such instance, or it has no
-    log). Read-only: creates nothing.
+    log), StateDirError (the log is a symlink, a directory, ... or cannot be read).
+    Read-only: creates nothing.
     """
     layout.check_number(number)
     if service is not None:
@@ -135,15 +161,14 @@ def follow_log(
     ):
         # Running, but not the up that wrote this log: that log is not this instance's.
         raise _no_log(layout, number, running is not None)
-    try:
-        fd = logs.open_file(f"{number}.log", os.O_RDONLY)
-    except FileNotFoundError:
-        raise _no_log(layout, number, running is not None) from None
+    fd = _open_log(logs, number)
+    if fd is None:
+        raise _no_log(layout, number, running is not None)
     follow = follow and owner is not None and running is not None
     pending = b""
     try:
         while True:
-            chunk = os.read(fd, 1 << 16)
+            chunk = _read_log(logs, number, fd)
             if chunk:
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
