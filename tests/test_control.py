@@ -647,6 +647,16 @@ def test_stop_says_what_is_wrong_with_the_record(
             assert done.returncode == 1, args
             assert "its record is unreadable: record has no valid pid" in done.stderr, args
             assert "starting" not in done.stderr
+        # Without --instance, too: "no instance of testapp is running" sent users to start
+        # another while this one held its slot.
+        record.write_text('{"v": 1,')
+        for args in (["stop"], ["port", "alpha"], ["env"], ["logs"]):
+            done = portpool(*args, "--config", str(layout_file))
+            assert (done.returncode, done.stdout) == (1, ""), args
+            assert done.stderr == (
+                "portpool: error: no instance of testapp can be used: instance 1 runs but "
+                "its record is unreadable: record is not valid JSON\n"
+            ), args
         assert proc.poll() is None  # nothing was signalled
     finally:
         release.touch()

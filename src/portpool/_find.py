@@ -25,8 +25,9 @@ __all__ = [
 ]
 
 
-def _running(layout: Layout, state: StateDir) -> list[InstanceInfo]:
-    return [i for i in list_instances(layout.app, state) if i.alive and i.readable]
+def _alive(layout: Layout, state: StateDir) -> list[InstanceInfo]:
+    """Every slot whose lock is held, its record readable or not."""
+    return [i for i in list_instances(layout.app, state) if i.alive]
 
 
 def unreadable_detail(info: InstanceInfo) -> str | None:
@@ -36,6 +37,15 @@ def unreadable_detail(info: InstanceInfo) -> str | None:
     if info.readable or not info.problem or not info.problem.startswith(prefix):
         return None
     return info.problem.removeprefix(prefix)
+
+
+def _unusable(info: InstanceInfo) -> str:
+    """Why a live slot cannot be used: its record is unreadable, or not written yet."""
+    detail = unreadable_detail(info)
+    if detail:
+        # A record that names no valid pid is not "starting": say what is wrong.
+        return f"runs but its record is unreadable: {detail}"
+    return "is starting (no record yet)"
 
 
 def _listing(running: Sequence[InstanceInfo]) -> str:
@@ -59,19 +69,14 @@ def find_instance(
         info = read_instance(directory, number) if directory is not None else None
         if info is not None and info.alive and info.readable:
             return info
-        running = _running(layout, state)
+        running = [i for i in _alive(layout, state) if i.readable]
         others = f"; running: {_listing(running)}" if running else ""
-        if info is None or not info.alive:
-            why = "is not running"
-        elif unreadable_detail(info):
-            # A record that names no valid pid is not "starting": say what is wrong.
-            why = f"runs but its record is unreadable: {unreadable_detail(info)}"
-        else:
-            why = "is starting (no record yet)"
+        why = "is not running" if info is None or not info.alive else _unusable(info)
         raise NotRunning(app, f"instance {number} of {app} {why}{others}", [
             i.number for i in running
         ])  # fmt: skip
-    running = _running(layout, state)
+    alive = _alive(layout, state)
+    running = [i for i in alive if i.readable]
     here = checkout_dir(layout, cwd)
     mine = [i for i in running if i.directory == here]
     if mine:
@@ -79,6 +84,12 @@ def find_instance(
         return next((i for i in mine if i.number == remembered), mine[0])
     if len(running) == 1:
         return running[0]
+    if not running and alive:
+        # Its lock is held: "no instance is running" sent users to start a second one.
+        what = "; ".join(f"instance {i.number} {_unusable(i)}" for i in alive)
+        raise NotRunning(app, f"no instance of {app} can be used: {what}", [
+            i.number for i in alive
+        ])  # fmt: skip
     if not running:
         raise NotRunning(app, f"no instance of {app} is running")
     raise NotRunning(

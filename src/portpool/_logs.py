@@ -146,8 +146,10 @@ def follow_log(
         try:
             running = find_instance(layout, state=state)
             number = running.number
-        except NotRunning:
-            number = previous_number(state, layout, checkout_dir(layout))
+        except NotRunning as e:
+            # None runs: this checkout's last log. Some run (several, none of them this
+            # checkout's, or one whose record is unreadable): which one is for the user.
+            number = None if e.running else previous_number(state, layout, checkout_dir(layout))
             if number is None:
                 raise
     else:
