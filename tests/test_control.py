@@ -690,3 +690,19 @@ def test_json_commands_print_errors_as_json(layout_file: Path, home: Path) -> No
         "error": "give an instance NUMBER or --all, not both",
         "exit_code": 2,
     }
+    # Numbers out of range, 0 as 99: click's range types printed usage text and no JSON.
+    for args, error in (
+        (["port", "alpha", "-i", "0"], "--instance must be 1..10 for app 'testapp', not 0"),
+        (["port", "alpha", "-i", "99"], "--instance must be 1..10 for app 'testapp', not 99"),
+        (["port", "alpha", "-i", "-1"], "--instance must be 1..10 for app 'testapp', not -1"),
+        (["stop", "0"], "NUMBER must be 1..10 for app 'testapp', not 0"),
+        (["stop", "--timeout", "-1"], "--timeout must be 0 or more seconds, not -1.0"),
+        (["stop", "--timeout", "nan"], "--timeout must be 0 or more seconds, not nan"),
+    ):
+        done = portpool(*args, "--json", "--config", str(layout_file))
+        assert done.returncode == 2, (args, done.stderr)
+        assert json.loads(done.stdout) == {"error": error, "exit_code": 2}, args
+        assert error in done.stderr, args
+    done = portpool("up", "--grace", "-1", "--config", str(layout_file))
+    assert done.returncode == 2
+    assert "--grace must be 0 or more seconds, not -1.0" in done.stderr

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "F",
+    "check_seconds",
     "config_option",
     "display",
     "echo_json",
@@ -105,7 +106,9 @@ def instance_option(func: F) -> F:
         "--instance",
         "-i",
         "instance_number",
-        type=click.IntRange(min=1),
+        # Range checked by the command against the layout (Layout.check_number), so that
+        # --json reports 0 as it reports 99; click's IntRange printed usage text only.
+        type=int,
         default=None,
         help="Instance number. Default: this checkout's instance, else the only running one "
         "(up/run: this checkout's last number if free, else the lowest free one).",
@@ -141,6 +144,15 @@ def layout_for(config: str | None) -> Layout:
     from portpool.layout import resolve_layout
 
     return resolve_layout(config)
+
+
+def check_seconds(option: str, value: float) -> float:
+    """``value`` if it is 0 or more seconds, else click.UsageError naming ``option``.
+    Checked in the command, not by a click range type: the range's error printed no
+    JSON for ``--json``."""
+    if not value >= 0:  # also NaN
+        raise click.UsageError(f"{option} must be 0 or more seconds, not {value}")
+    return value
 
 
 class CommandAfterOptions(click.Command):

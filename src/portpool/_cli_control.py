@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from portpool._cli_common import (
+    check_seconds,
     config_option,
     display,
     echo_json,
@@ -86,12 +87,12 @@ def env(instance_number: int | None, config: str | None, export: bool) -> None:
 
 
 @click.command()
-@click.argument("number", type=click.IntRange(min=1), required=False)
+@click.argument("number", type=int, required=False)  # range: check_number, as --instance
 @click.option("--all", "every", is_flag=True, help="Stop every running instance of the app.")
 @config_option
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0),
+    type=float,  # check_seconds, below
     default=30.0,
     show_default=True,
     help="Seconds to wait for its ports to be free.",
@@ -111,8 +112,9 @@ def stop(
 
     if every and number is not None:
         raise click.UsageError("give an instance NUMBER or --all, not both")
+    check_seconds("--timeout", timeout)
     layout = layout_for(config)
-    layout.check_number(number)
+    layout.check_number(number, "NUMBER")
     with StateDir.open(create=False) as state:  # it only signals: creates nothing
         stopped = stop_instances(layout, number, every=every, timeout_s=timeout, state=state)
     if as_json:

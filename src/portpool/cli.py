@@ -23,6 +23,7 @@ import click
 from portpool._cli_common import (
     CommandAfterOptions,
     F,
+    check_seconds,
     config_option,
     display,
     echo_json,
@@ -343,6 +344,7 @@ def up(
     from portpool._up import run_up
     from portpool.errors import ServiceExited, ShieldTripped
 
+    check_seconds("--grace", grace)
     layout = layout_for(config)
     if detach:
         up_detached(layout, grace, instance_number, quiet)

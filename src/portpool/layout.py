@@ -265,12 +265,13 @@ class Layout:
         self._check_instance(instance)
         return {s.name: s.pool(instance) for s in self.services}
 
-    def check_number(self, number: int | None) -> None:
+    def check_number(self, number: int | None, given_as: str = "--instance") -> None:
         """Raise UsageError (exit 2) for an instance ``number`` outside
-        1..``max_instances``; None (no number given) passes."""
+        1..``max_instances``, naming it as the user gave it (``given_as``: an option or
+        argument name); None (no number given) passes."""
         if number is not None and not 1 <= number <= self.max_instances:
             raise UsageError(
-                f"--instance must be 1..{self.max_instances} for app {self.app!r}, not {number}"
+                f"{given_as} must be 1..{self.max_instances} for app {self.app!r}, not {number}"
             )
 
     def same_as(self, other: Layout) -> bool:
