@@ -310,3 +310,26 @@ def test_instance_module_is_only_the_running_instance() -> None:
     for public in ("gc", "GcReport", "list_instances", "init_instance_manager"):
         assert public in portpool.__all__
         assert getattr(portpool, public) is not None
+
+
+def test_the_slot_holder_replaces_a_symlink_at_its_record_path_and_never_follows_it(
+    layout_file: Path, state: StateDir, home: Path, tmp_path: Path
+) -> None:
+    """The README's promise: holding the slot's lock, the instance owns its record path;
+    a directory there it cannot replace, and says so."""
+    instances = home / "apps" / "testapp" / "instances"
+    instances.mkdir(parents=True, mode=0o700)
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    (instances / "1.json").symlink_to(target)
+    layout = load_layout(str(layout_file))
+    with start_instance(layout, state=state) as instance:
+        assert instance.number == 1
+        record = instances / "1.json"
+        assert not record.is_symlink()
+        assert json.loads(record.read_text())["number"] == 1
+    assert target.read_text() == "keep me"
+    (instances / "1.json").unlink(missing_ok=True)
+    (instances / "1.json").mkdir()
+    with pytest.raises(PortPoolError, match=r"cannot write 1\.json: Is a directory"):
+        start_instance(layout, state=state, number=1)
