@@ -249,6 +249,12 @@ def test_every_documented_exit_code(tmp_path: Path, port_base: int, home: Path) 
     assert missing.returncode == 2
     assert "missing.toml: cannot be read" in missing.stderr
     assert portpool("layout", "--config", str(tmp_path)).returncode == 2  # a directory
+    for args in (["layout"], ["status"], ["up"], ["run", "-q", "--", "true"]):
+        empty = portpool(args[0], "--config", "", *args[1:])  # `--config "$UNSET"`
+        assert (empty.returncode, empty.stderr) == (
+            2,
+            "portpool: error: --config '': is empty: give the layout file's path\n",
+        ), args
     unknown = portpool("run", *cfg, "--service", "gamma", "--", "true")
     assert unknown.returncode == 2
     assert "no such service" in unknown.stderr

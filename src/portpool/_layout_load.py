@@ -169,10 +169,13 @@ def layout_path(config: str | None, cwd: str | None = None) -> str | None:
     ``portpool.toml`` in ``cwd`` (default: the current directory) if there is anything
     by that name, else None (the built-in layout).
 
-    Raises LayoutFileError if ``portpool.toml`` cannot even be looked at; one that
-    exists but is unusable is read (and refused) by ``read_layout_document``.
+    Raises LayoutFileError for an empty ``config`` or if ``portpool.toml`` cannot even
+    be looked at; one that exists but is unusable is read (and refused) by
+    ``read_layout_document``.
     """
     base = cwd if cwd is not None else ""
+    if config == "":  # `--config "$UNSET"`: the message named no file at all
+        raise LayoutFileError("--config ''", "is empty: give the layout file's path")
     if config is not None:
         return os.path.join(base, config) if base else config
     local = os.path.join(base, "portpool.toml") if base else "portpool.toml"
