@@ -29,6 +29,7 @@ from benchmarks._common import bindable
 from tests.helpers import (
     PORTPOOL,
     held_lock_files,
+    is_listening,
     kill_if_running,
     portpool,
     wait_for,
@@ -737,3 +738,96 @@ def test_signals_a_script_sends_in_a_row_each_reach_the_command(
     finally:
         kill_if_running(proc)
     assert out == "usr1 5\n"
+
+
+LOG_SIGNALS = """
+import os, signal, sys, time
+log = sys.argv[1]
+def note(text):
+    with open(log, "a") as f:
+        f.write(text + "\\n")
+def got(signum, frame):
+    note(signal.Signals(signum).name)
+    if sys.argv[3:] == ["die"]:  # of the signal, as a program without a handler would
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+for name in ("SIGHUP", "SIGTERM", "SIGINT"):
+    signal.signal(getattr(signal, name), got)
+note("ready")
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    time.sleep(0.05)
+note("done")
+"""
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_a_terminal_hangup_reaches_the_command_when_run_leads_the_session(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    """ssh -t / tmux / xterm -e: the kernel sends a hangup to the session leader alone.
+    run took it for a signal its whole group had got, and its command ran on, holding
+    the lease, after the terminal was gone."""
+    config = write_layout(tmp_path / "run.toml", port_base)
+    log = tmp_path / "log"
+    script = tmp_path / "log_signals.py"
+    script.write_text(LOG_SIGNALS)
+    term = Terminal([*PORTPOOL, "run", "-q", "-c", str(config), "--",
+                     sys.executable, str(script), str(log), "20", "die"])  # fmt: skip
+    terminals.append(term)
+    wait_for(lambda: "ready" in _lines(log), 30)
+    os.close(term.master)  # the window closes: the kernel hangs the terminal up
+    term.master = os.open(os.devnull, os.O_RDONLY)  # for close() and wait()'s reads
+    status = term.wait(timeout=30)
+    assert _lines(log) == ["ready", "SIGHUP"]  # once, and it ended the command early
+    assert status == -signal.SIGHUP  # the command died of it: so does run
+    assert not is_listening(port_base)
+
+
+def test_a_signal_to_run_goes_to_its_command_alone_as_with_exec(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """Outside a terminal run passed a signal to the command's whole process group: a
+    shell that traps SIGTERM to let its child finish could not, the child got it too."""
+    config = write_layout(tmp_path / "run.toml", port_base)
+    log = tmp_path / "log"
+    script = tmp_path / "log_signals.py"
+    script.write_text(LOG_SIGNALS)
+    shell = f'trap "echo sh-SIGTERM >> {log}" TERM; "$0" "$1" "$2" 1.5 & wait; wait'
+    proc = subprocess.Popen(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--",
+         "sh", "-c", shell, sys.executable, str(script), str(log)],
+        start_new_session=True,  # no terminal: the command gets a process group of its own
+    )  # fmt: skip
+    try:
+        wait_for(lambda: "ready" in _lines(log), 30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # the shell trapped it and finished normally
+    finally:
+        kill_if_running(proc)
+    assert _lines(log) == ["ready", "sh-SIGTERM", "done"]
+
+
+def test_up_leading_its_session_dies_of_the_hangup_though_its_terminal_is_gone(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    """Its last lines went to the hung-up terminal (EIO), and up exited 1 with "cannot
+    write to standard output" instead of dying of SIGHUP; the services were stopped."""
+    log = tmp_path / "log"
+    script = tmp_path / "log_signals.py"
+    script.write_text(LOG_SIGNALS)
+    command = [sys.executable, str(script), str(log), "20", "die"]
+    config = write_layout(tmp_path / "up.toml", port_base,
+                          services={"web": {"command": command, "ready": "none"}})  # fmt: skip
+    term = Terminal([*PORTPOOL, "up", "-c", str(config)])
+    terminals.append(term)
+    term.read_until(b"is up")
+    wait_for(lambda: "ready" in _lines(log), 30)
+    os.close(term.master)  # the window closes
+    term.master = os.open(os.devnull, os.O_RDONLY)
+    assert term.wait(timeout=30) == -signal.SIGHUP
+    assert _lines(log) == ["ready", "SIGTERM"]  # a hangup stops services with SIGTERM
+    assert not is_listening(port_base)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 if TYPE_CHECKING:
+    from portpool._processes import Outcome
     from portpool.errors import PortPoolError
     from portpool.layout import Layout
 
@@ -25,6 +26,7 @@ __all__ = [
     "config_option",
     "display",
     "echo_json",
+    "finish",
     "handle_errors",
     "instance_option",
     "json_option",
@@ -144,6 +146,30 @@ def layout_for(config: str | None) -> Layout:
     from portpool.layout import resolve_layout
 
     return resolve_layout(config)
+
+
+def finish(outcome: Outcome, instance_line: str | None, message: str | None = None) -> None:
+    """Print how it ended (``message``, what still holds a port, ``instance_line``),
+    then exit with the outcome's code or die of its signal.
+
+    Dying of a signal, the printing is best effort: after a terminal's hangup every
+    write to it fails (EIO), and `up` exited 1 saying so instead of dying of SIGHUP.
+    """
+    from portpool._relay import die_of
+
+    try:
+        if message:
+            click.echo(f"portpool: {message}", err=outcome.code != 0 and outcome.signum is None)
+        for line in outcome.lingering:
+            click.echo(f"portpool: {line}", err=True)
+        if instance_line is not None and not outcome.lingering:
+            click.echo(instance_line)
+    except OSError:
+        if outcome.signum is None:
+            raise
+    if outcome.signum is not None:
+        die_of(outcome.signum)
+    sys.exit(outcome.code)
 
 
 def check_seconds(option: str, value: float) -> float:

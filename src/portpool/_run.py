@@ -19,7 +19,7 @@ from portpool._launch import (
     exit_status,
     find_program,
 )
-from portpool._platform import ReceivedSignal, in_terminal_foreground
+from portpool._platform import ReceivedSignal, in_terminal_foreground, is_session_leader
 from portpool._processes import Outcome, Supervisor
 
 __all__ = ["relay_to", "run_command"]
@@ -34,13 +34,19 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
     the kernel sent to our whole group (a terminal's Ctrl-C) reached it already."""
 
     terminal_keys = {getattr(signal, n, None) for n in ("SIGINT", "SIGQUIT")}
+    hangup = getattr(signal, "SIGHUP", None)
+    # A terminal's hangup goes to the session's leader alone: leading it (ssh -t, tmux,
+    # xterm -e), we are the only one to hear it, and the command kept running.
+    alone = {hangup} if is_session_leader() else set()
 
     def relay(received: ReceivedSignal) -> None:
-        if shared_group and received.from_kernel:
+        if shared_group and received.from_kernel and received.signum not in alone:
             return
         if shared_group and not received.sender_known and received.signum in terminal_keys:
             return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
-        supervisor.send(received.signum, [name])
+        # To the command alone, as if it had been exec'd: a shell that traps TERM to
+        # stop its children in order must get to do so (they are stopped after it).
+        supervisor.send(received.signum, [name], group=False)
 
     return relay
 

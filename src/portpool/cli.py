@@ -27,6 +27,7 @@ from portpool._cli_common import (
     config_option,
     display,
     echo_json,
+    finish,
     handle_errors,
     instance_option,
     json_option,
@@ -38,7 +39,6 @@ from portpool._cli_control import COMMANDS, up_detached
 # The library loads in the commands that use it: `--help` and the read-only commands
 # must not pay for sockets, threads and logging they never use (tests/test_imports.py).
 if TYPE_CHECKING:
-    from portpool._processes import Outcome
     from portpool.instance import Instance
     from portpool.records import ServiceInfo
 
@@ -239,19 +239,6 @@ def _report_plain_bind(instance: Instance) -> None:
         click.echo(f"portpool: {note}", err=True)
 
 
-def _finish(outcome: Outcome, instance_line: str | None) -> None:
-    """Print how it ended, then exit with the outcome's code or die of its signal."""
-    from portpool._relay import die_of
-
-    for line in outcome.lingering:
-        click.echo(f"portpool: {line}", err=True)
-    if instance_line is not None and not outcome.lingering:
-        click.echo(instance_line)
-    if outcome.signum is not None:
-        die_of(outcome.signum)
-    sys.exit(outcome.code)
-
-
 def _interrupted(func: F) -> F:
     """An interrupt before the command started: everything is released; die of it."""
 
@@ -319,7 +306,7 @@ def run(
         number=instance_number,
         announce=lambda instance: _announce(instance, quiet),
     )
-    _finish(outcome, None)
+    finish(outcome, None)
 
 
 @cli.command()
@@ -370,10 +357,8 @@ def up(
     except (ServiceExited, ShieldTripped) as e:  # all stopped and released: say why
         click.echo(f"portpool: {e}", err=True)
         outcome = Outcome(e.exit_code, lingering=e.lingering)
-    if outcome.message:
-        click.echo(f"portpool: {outcome.message}", err=outcome.code != 0 and outcome.signum is None)
     stopped = f"portpool: instance {numbers[0]} stopped; its ports are free" if numbers else None
-    _finish(outcome, stopped)
+    finish(outcome, stopped, outcome.message)
 
 
 # From another terminal: port, env, stop, logs.

@@ -282,6 +282,12 @@ def in_terminal_foreground() -> bool:
     return False
 
 
+def is_session_leader() -> bool:
+    """Whether we lead our session (``ssh -t host portpool run``, ``tmux new '...'``): a
+    terminal's hangup then reaches us alone, not our process group."""
+    return os.getsid(0) == os.getpid()
+
+
 def controlling_terminal_alive() -> bool:
     """Whether we have a controlling terminal that has not hung up (closed window,
     dropped ssh). Compare with the answer at start: after a hangup, opening it fails.

@@ -160,5 +160,8 @@ if sys.platform == "win32":
     def in_terminal_foreground() -> bool:
         return False  # a console's Ctrl-C is not forwarded by portpool on Windows
 
+    def is_session_leader() -> bool:
+        return False  # no sessions nor SIGHUP on Windows
+
     def controlling_terminal_alive() -> bool:
         return False  # no SIGHUP on Windows: nothing to tell apart
