@@ -695,3 +695,31 @@ def test_portpool_run_exits_4_when_its_lock_file_is_deleted(
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def test_portpool_run_exits_4_when_its_state_dir_is_moved_away(
+    home: Path, tmp_path: Path, ports: int
+) -> None:
+    """`mv $PORTPOOL_HOME elsewhere` kept every lock held and every file the same (the
+    handles moved with the directory), so the shield saw nothing while a second start
+    by that path made a new state dir and got the same number and port."""
+    from tests.helpers import pid_alive, read_line, start, wait_for, write_layout
+
+    layout = write_layout(tmp_path / "portpool.toml", ports, services={"alpha": {}}, shield=0.2)
+    child = "import os, time; print(os.environ['PORT'], os.getpid(), flush=True); time.sleep(60)"
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", child)
+    try:
+        child_pid = int(read_line(proc).split()[1])
+        home.rename(tmp_path / "moved")
+        assert proc.wait(timeout=20) == 4
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert f"state dir {home} was moved away or removed" in err
+        wait_for(lambda: not pid_alive(child_pid), timeout=10)  # own child stopped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()

@@ -168,13 +168,16 @@ class Instance:
         self.set_service_pids(pids)
 
     def problem(self) -> str | None:
-        """None while the slot lock and the record are still ours, else what went wrong.
-        Raises StateDirError if the instances directory cannot be opened, OSError if the
-        slot's lock file cannot be examined (an unreadable record is a problem, not an
-        error)."""
+        """None while the slot lock, the record and the state dir's path are still ours,
+        else what went wrong. Raises StateDirError if the instances directory cannot be
+        opened, OSError if the slot's lock file cannot be examined (an unreadable record
+        is a problem, not an error)."""
         slot_problem = self.slot.problem()
         if slot_problem is not None:
             return f"instance slot {self.number}: {slot_problem}"
+        moved = self.state.problem()  # the slot's lock file moves with it: not seen above
+        if moved is not None:
+            return moved
         try:
             raw = read_json_file(self.state.instances(self.app), f"{self.number}.json")
         except ValueError as e:

@@ -218,6 +218,23 @@ class StateDir:
             raise
         return cls(handle, create=create)
 
+    def problem(self) -> str | None:
+        """None while ``path`` still names the directory this opened, else what became
+        of it. Moved away (``mv``), its locks stay held but a start by that path makes
+        a new state dir and gets the same numbers and ports. Raises nothing."""
+        if self.root is None:
+            return None
+        try:
+            now = os.lstat(self.path)
+            opened = self.root.stat()
+        except FileNotFoundError:
+            return f"state dir {self.path} was moved away or removed"
+        except OSError as e:
+            return f"state dir {self.path} cannot be examined: {e.strerror or e}"
+        if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
+            return f"state dir {self.path} was moved away: that path names another directory"
+        return None
+
     def subdir(self, *parts: str) -> DirHandle:
         """The checked subdirectory ``parts`` (e.g. "ports"), created 0700 if missing
         (a StateDirError if it is missing in a state dir opened with ``create=False``).
