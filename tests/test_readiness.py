@@ -375,3 +375,91 @@ def test_a_stop_while_starting_reaches_the_service_as_the_stop_signal(
     # before its service) must not get there first.
     assert "slow | got SIGINT" in out, out
     assert "got SIGTERM" not in out
+
+
+# A listener that is nobody's child here: it forks, its parent exits, and it listens on
+# the port given as soon as it can bind it (pid written to the file given then) until
+# that file is removed.
+FOREIGN = """\
+import os, socket, sys, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+deadline = time.monotonic() + 30
+while True:
+    try:
+        server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.005)
+with open(sys.argv[2], "w") as f:
+    f.write(str(os.getpid()))
+deadline = time.monotonic() + 60
+while os.path.exists(sys.argv[2]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="listeners' owners are read from /proc")
+def test_a_foreign_listener_on_a_port_service_is_never_taken_for_the_service(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """socket = "port": the service binds the port itself, so a foreign program can be
+    first. Its answer made the probe call the service ready ("is up", exit 0 for up
+    --detach) while the service failed to bind; a crash loop was "ready" every time."""
+    import subprocess
+
+    service = (
+        "import time; print('started', flush=True); time.sleep(2.0); "
+        "raise SystemExit('could not bind: port taken')"
+    )
+    config = write_config(tmp_path, port_base, {
+        "web": {"command": [sys.executable, "-c", service], "socket": "port"},
+    })  # fmt: skip
+    pid_file = tmp_path / "foreign.pid"
+    # up holds the port while it starts; the foreign program binds it in the second
+    # between up handing it over by number and the service binding it.
+    proc = start("up", "--config", str(config), env=up_env(tmp_path))
+    try:
+        reader = LineReader(proc)
+        reader.until(lambda line: line.endswith("| started"))
+        subprocess.run([sys.executable, "-c", FOREIGN, str(port_base), str(pid_file)], check=True)
+        out, err = reader.finish(60)
+        assert pid_file.exists() and pid_file.read_text(), "the foreign listener never bound"
+        print("OUT", out, "ERR", err)
+        # Stopped by the shield (4, the foreign listener) or by the service's exit (5),
+        # whichever comes first; never up.
+        assert proc.returncode in (4, 5), (out, err)
+        assert "is up" not in out
+        assert "ready on port" not in out
+    finally:
+        pid_file.unlink(missing_ok=True)  # the foreign listener ends
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_port_probe_names_a_foreign_listener_it_reached(tmp_path: Path) -> None:
+    """The probe's words, for the log and the not-ready message."""
+    import subprocess
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    pid_file = tmp_path / "foreign.pid"
+    subprocess.run([sys.executable, "-c", FOREIGN, str(port), str(pid_file)], check=True)
+    deadline = time.monotonic() + 30
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline, "the foreign listener did not start"
+        time.sleep(0.05)
+    try:
+        probe = ReadinessProbe("tcp", "127.0.0.1", port)
+        assert probe.check() is (sys.platform != "linux")  # elsewhere the OS does not say
+        if sys.platform == "linux":
+            assert probe.last_problem.startswith(
+                f"port {port} is answered by pid {pid_file.read_text()} (python"
+            ), probe.last_problem
+    finally:
+        pid_file.unlink()

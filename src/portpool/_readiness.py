@@ -7,7 +7,8 @@ A layout's ``ready`` key picks the probe:
   the probe connects (and closes at once), then waits until the kernel reports that
   connection taken off the listening socket's accept queue (``connection_accepted``:
   it got a file, or is gone), which only happens when the service calls accept().
-  With ``socket = "port"``: a connect succeeds.
+  With ``socket = "port"``: a connect succeeds, and no process portpool did not start
+  listens where it connected.
 - ``"http:<path>"``: ``GET <path>`` answers with a 2xx status.
 - ``"log:<regex>"``: a line of the service's output matches (``re.search``).
 - ``"none"``: ready as soon as it is started.
@@ -108,7 +109,34 @@ class ReadinessProbe:
         if conn is None:
             return False
         conn.close()
+        intruder = self._foreign_listener()
+        if intruder is not None:
+            self.last_problem = (
+                f"port {self.port} is answered by {intruder}, not by the service: a "
+                "program portpool did not start took it before the service bound it"
+            )
+            return False
         return True
+
+    def _foreign_listener(self) -> str | None:
+        """Who, not started by us, listens where the probe connected; None if nobody or
+        the OS does not say. With ``socket = "port"`` the service binds the port itself,
+        so a foreign program can be first: its answer once made a service that then
+        failed to bind "ready", and every restart of a crash loop too."""
+        import os
+
+        from portpool._addresses import takes_traffic
+        from portpool._occupants import foreign_listeners, with_owners
+        from portpool._platform import tcp_sockets
+
+        try:
+            sockets = tcp_sockets(self.port, listening_only=True)
+            found = with_owners(s for s in sockets if takes_traffic(s, self.host))
+        except OSError:
+            return None
+        # Ours: what descends from this process, a subreaper (a daemonized service too).
+        foreign = [o for o in foreign_listeners(found, os.getpid()) if o.pids]
+        return f"{foreign[0].who()} on {foreign[0].place()}" if foreign else None
 
     def _check_accepting(self, listening: socket.socket) -> bool:
         if self._probe is None:
