@@ -415,6 +415,28 @@ def test_the_plain_bind_note_names_its_occupant(
     assert plain_bind_notes([]) == []
 
 
+def test_doctor_lists_a_free_port_with_a_note_without_all(
+    home: Path, tmp_path: Path, port: int, occupy_port: Occupy
+) -> None:
+    """run warned of a TIME_WAIT that blocks a plain bind while doctor, without --all,
+    only counted the port as free: the one diagnosis must say the same everywhere."""
+    import json
+
+    from tests.helpers import portpool
+
+    occupy_port("timewait", "127.0.0.1", reuse=True)
+    config = tmp_path / "portpool.toml"
+    config.write_text(f'app = "tw"\n[services.web]\nbase = {port}\nsize = 1\n')
+    text = portpool("doctor", "--config", str(config))
+    assert text.returncode == 0, text.stderr
+    line = next(x for x in text.stdout.splitlines() if f" {port}  " in x)
+    assert "free; a server that does not set SO_REUSEADDR cannot bind it yet" in line
+    assert f"TIME_WAIT from 127.0.0.1:{port}" in line
+    doc = json.loads(portpool("doctor", "--json", "--config", str(config)).stdout)
+    (listed,) = [p for p in doc["ports"] if p["port"] == port]
+    assert listed["kind"] == "free" and listed["notes"], listed
+
+
 def test_a_service_that_daemonizes_gets_a_hint_in_the_trip(
     state: StateDir, port: int, occupants: list[subprocess.Popen[str]]
 ) -> None:

@@ -48,6 +48,13 @@ class PortVerdict:
         reason: RefusalReason = self.refusal.reason
         return "foreign" if reason == "in use" else reason
 
+    @property
+    def listed(self) -> bool:
+        """Whether ``doctor`` lists it without ``--all``: refused, or free with a note (a
+        TIME_WAIT a plain bind would meet: run warns of it, and doctor once did not).
+        Raises nothing."""
+        return self.refusal is not None or bool(self.notes)
+
     def describe(self) -> str:
         """One line for people: ``free``, the holder and notes, or the refusal and why.
         Raises nothing."""
@@ -109,15 +116,16 @@ class DoctorReport:
         return out
 
     def to_dict(self, *, show_free: bool = True) -> dict[str, object]:
-        """JSON-ready; ``ports`` lists free ports only with ``show_free`` (``doctor``
-        without ``--all``), while ``counts`` always counts every port. Raises nothing."""
+        """JSON-ready; ``ports`` lists the ``listed`` ports, and with ``show_free`` the
+        free ones too (``doctor --all``), while ``counts`` always counts every port.
+        Raises nothing."""
         return {
             "app": self.app,
             "host": self.host,
             "max_instances": self.max_instances,
             "counts": self.counts(),
             "summary": self.summary(),
-            "ports": [v.to_dict() for v in self.verdicts if show_free or v.refusal is not None],
+            "ports": [v.to_dict() for v in self.verdicts if show_free or v.listed],
         }
 
 

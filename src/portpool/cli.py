@@ -149,7 +149,7 @@ def layout_command(config: str | None, as_json: bool) -> None:
 @handle_errors
 def doctor(service: str | None, config: str | None, show_all: bool, as_json: bool) -> None:
     """What blocks which pool port (of SERVICE, or all), naming foreign holders where the
-    OS says; free ports are only counted unless --all. Kills nothing."""
+    OS says; free ports without a note are only counted unless --all. Kills nothing."""
     from portpool._doctor import examine_layout
 
     layout = layout_for(config)
@@ -161,7 +161,7 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
     click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
     number = 0
     for verdict in report.verdicts:
-        if verdict.refusal is None and not show_all:
+        if not (verdict.listed or show_all):
             continue
         if verdict.instance != number:
             number = verdict.instance
