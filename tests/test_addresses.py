@@ -422,3 +422,18 @@ def test_up_notes_a_port_a_plain_bind_cannot_take_for_a_service_given_the_number
     assert len(notes) == 1, err
     assert notes[0].startswith(f"portpool: service 'web' port {port_base}: a server that")
     assert f"pid {proc.pid} (python) has a connection from 127.0.0.1:{port_base}" in notes[0]
+
+
+def test_a_host_this_machine_does_not_have_fails_at_once_not_slot_by_slot(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """Each of the 10 slots was tried in turn, with a warning that its pool was "taken
+    by others", before the same error: nobody held these ports, and no slot can do
+    better when the host itself is missing."""
+    layout = _layout(tmp_path / "p.toml", port_base, "192.0.2.1", max_instances=10)
+    for args in (["run", "--config", str(layout), "--", "true"], ["up", "--config", str(layout)]):
+        done = portpool(*args)
+        assert done.returncode == 3, done.stderr
+        assert "skipped" not in done.stderr and "taken by others" not in done.stderr
+        assert done.stderr.startswith("portpool: error: instance 1: service "), done.stderr
+        assert "unavailable (192.0.2.1 is not an address of this host)" in done.stderr

@@ -152,8 +152,11 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
 
 def _blocked(error: PoolExhausted) -> bool:
     """Every port of the pool is refused by something that is not a portpool holder
-    (a foreign program): the next slot's pool may well be free."""
-    return bool(error.refusals) and all(r.reason != "held" for r in error.refusals)
+    (a foreign program): the next slot's pool may well be free. Not when the host is
+    no address of this machine: that refuses every slot alike, and trying each one
+    printed a warning per slot (329 of them) before the same error."""
+    reasons = {r.reason for r in error.refusals}
+    return bool(reasons) and "held" not in reasons and reasons != {"unavailable"}
 
 
 def fill_slot(
@@ -192,7 +195,7 @@ def fill_slot(
             if number is not None or not _blocked(e):
                 raise
             refused = "; ".join(str(r) for r in e.refusals)
-            why = f"service {e.service!r}: every port of its pool is taken by others ({refused})"
+            why = f"service {e.service!r}: every port of its pool is refused ({refused})"
             log.warning("instance %d of %s skipped: %s", taken, layout.app, why)
             skipped.append((taken, why))
             blocked = e
