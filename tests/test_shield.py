@@ -240,6 +240,28 @@ def test_metadata_rewritten_with_another_pid_trips(
     assert len(trips.calls) == 1
 
 
+def test_metadata_replaced_by_a_copy_of_another_of_our_records_trips(
+    home: Path,
+    leases: list[Lease],
+    make_shield: Callable[..., Shield],
+    trips: Trips,
+) -> None:
+    """Our own pid and start token, but another port's record (`cp 32020.json
+    32010.json`): only the pid was compared, so the shield called it ours."""
+    victim, other = leases[2], leases[1]
+    make_shield(leases).start()
+    copy = (home / "ports" / f"{other.port}.json").read_bytes()
+    fd = os.open(home / "ports" / f"{victim.port}.json", os.O_WRONLY)
+    try:
+        os.pwrite(fd, copy, 0)
+    finally:
+        os.close(fd)
+    lease, reason = trips.wait()
+    assert lease is victim
+    assert f"replaced by another record (it now names port {other.port}" in reason
+    assert len(trips.calls) == 1
+
+
 def test_our_shutdown_leaves_a_record_rewritten_by_another_process(
     home: Path, state: StateDir, leases: list[Lease]
 ) -> None:

@@ -122,6 +122,12 @@ class PortLock:
                 f"metadata ports/{self.port}.json was rewritten by another process "
                 f"(it now names pid {seen.pid})"
             )
+        if (seen.port, seen.acquired_at) != (self.record.port, self.record.acquired_at):
+            # Our pid, but not this lease's record (a copy of another port's file).
+            return (
+                f"metadata ports/{self.port}.json was replaced by another record "
+                f"(it now names port {seen.port}, acquired at {seen.acquired_at})"
+            )
         return None
 
     def release(self) -> None:
