@@ -22,6 +22,7 @@ from tests.helpers import (
     portpool,
     read_line,
     start,
+    status_json,
     wait_for,
     write_layout,
 )
@@ -407,6 +408,34 @@ def test_up_detach_logs_and_stop(tmp_path: Path, port_base: int, home: Path) -> 
         if pid_alive(up_pid):
             portpool("stop", "--all", cwd=tmp_path)
     assert layout.exists()
+
+
+def test_a_signal_while_up_detach_waits_stops_the_background_up(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A Ctrl-C (or kill) of `up --detach` before "is up" ended the waiting process
+    alone: the background up went on starting, and nothing told the user."""
+    import psutil
+
+    slow = "import time; print('started', flush=True); time.sleep(60)"
+    write_layout(tmp_path / "portpool.toml", port_base, services={
+        "web": {"command": [sys.executable, "-c", slow], "ready": "log:never printed"},
+    })  # fmt: skip
+    detach = start("up", "--detach", cwd=tmp_path)
+    background = wait_for(psutil.Process(detach.pid).children, timeout=30)[0]
+    try:
+        log = home / "apps" / "testapp" / "logs" / f".starting-{detach.pid}.log"
+        wait_for(lambda: log.exists() and "web | started" in log.read_text(), timeout=30)
+        detach.send_signal(signal.SIGINT)
+        assert detach.wait(timeout=30) == -signal.SIGINT  # dies of it, as a shell job
+        assert not background.is_running() or background.status() == psutil.STATUS_ZOMBIE
+        assert status_json(tmp_path / "portpool.toml")["instances"] == []
+        assert not is_listening(port_base)
+    finally:
+        kill_if_running(detach)
+        if background.is_running():  # the fault: it went on starting
+            background.terminate()
+            background.wait(timeout=30)
 
 
 def test_start_detached_starts_the_layout_it_is_given(

@@ -32,10 +32,14 @@ def up_detached(layout: Layout, grace: float, instance_number: int | None, quiet
     """Start ``layout``'s instance in the background (``up --detach``) and print where
     it is: its number, ports, log and how to stop it."""
     from portpool._detach import start_detached
+    from portpool._relay import SignalScope
     from portpool.statedir import StateDir
 
     layout.check_number(instance_number)
-    with StateDir.open() as state:
+    # A Ctrl-C while waiting for it to be up ended this process alone and left the
+    # background up starting, unseen: the scope turns it into Interrupted, on which
+    # start_detached stops what it started, and the command then dies of the signal.
+    with StateDir.open() as state, SignalScope():
         started = start_detached(
             layout, state=state, number=instance_number, grace_s=grace, quiet=quiet
         )
