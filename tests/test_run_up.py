@@ -316,6 +316,10 @@ def test_kill_9_of_up_blocks_nothing_and_children_exit(
     children = [int(ask(p).split()[1]) for p in ports.values()]
     proc.kill()
     proc.wait()
+    # Its record stays till gc; its services' last states read as past, not "ready".
+    shown = portpool("status", "--config", str(config)).stdout
+    assert f"web={ports['web']} (was ready)" in shown, shown
+    assert "(ready" not in shown
     # The orphans notice their supervisor is gone and exit.
     wait_for(lambda: not any(psutil.pid_exists(p) for p in children), 20)
     _up_again_on(config, ports, signal.SIGTERM)

@@ -68,11 +68,12 @@ def _age(seconds: float | None) -> str:
     return f"{seconds / 60:.0f} min ago"
 
 
-def _service_text(s: ServiceInfo) -> str:
-    """``name=port``, plus ``(state, N restarts, last exit S)`` for a supervised service."""
+def _service_text(s: ServiceInfo, alive: bool) -> str:
+    """``name=port``, plus ``(state, N restarts, last exit S)`` for a supervised service;
+    ``was <state>`` when its instance is dead (kill -9: "ready" beside "alive no")."""
     if s.state is None:
         return f"{s.name}={s.port}"
-    extra = [s.state]
+    extra = [s.state if alive else f"was {s.state}"]
     if s.restarts:
         extra.append(f"{s.restarts} restart{'s' if s.restarts != 1 else ''}")
     if s.last_exit_status is not None:
@@ -110,7 +111,7 @@ def status(config: str | None, as_json: bool) -> None:
             pid = str(info.pid) if info.pid is not None else "-"
             alive = "yes" if info.alive else "no"
             if info.readable:
-                services = "  ".join(_service_text(s) for s in info.services)
+                services = "  ".join(_service_text(s, info.alive) for s in info.services)
             else:
                 services = info.problem or "record unreadable"
             if info.directory:
