@@ -307,6 +307,24 @@ def test_up_exits_5_when_a_service_dies(tmp_path: Path, port_base: int, home: Pa
     assert status_json(config)["instances"] == []
 
 
+def test_up_whose_reader_went_away_stops_cleanly_and_dies_of_sigpipe(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """`portpool up | head -2`: once up next wrote (here: "stopping on SIGTERM") it
+    exited 1 without a word; a pipeline's writer dies of SIGPIPE, after releasing."""
+    config = up_layout(tmp_path, port_base)
+    proc = start("up", "--config", str(config))
+    ports = wait_up(proc, config)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == -signal.SIGPIPE
+    assert "Traceback" not in proc.stderr.read()
+    proc.stderr.close()
+    assert not any(is_listening(p) for p in ports.values())
+    assert status_json(config)["instances"] == []
+
+
 def test_kill_9_of_up_blocks_nothing_and_children_exit(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

@@ -241,7 +241,9 @@ def _report_plain_bind(instance: Instance) -> None:
 
 
 def _interrupted(func: F) -> F:
-    """An interrupt before the command started: everything is released; die of it."""
+    """An interrupt before the command started: everything is released; die of it.
+    A reader of our stdout that went away (``portpool up | head -2``): everything is
+    released too; die of SIGPIPE, quietly, as a pipeline's writer does (it exited 1)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -252,6 +254,15 @@ def _interrupted(func: F) -> F:
             return func(*args, **kwargs)
         except Interrupted as e:
             die_of(e.signum)
+        except BrokenPipeError:
+            pipe = getattr(signal, "SIGPIPE", None)
+            if pipe is None:
+                raise
+            with contextlib.suppress(OSError, ValueError):  # what is buffered: dropped
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            die_of(pipe)
 
     return wrapper  # type: ignore[return-value]
 
