@@ -225,14 +225,14 @@ class Supervisor:
 
     # -- stopping
 
-    def send(self, signum: int, names: Sequence[str] | None = None, *, group: bool = True) -> None:
+    def send(self, signum: int, names: Sequence[str] | None = None) -> None:
         """Send ``signum`` once to each named process (all when None): to its whole
-        group when it leads one and ``group`` is True, else to the process alone."""
+        group when it leads one, else to the process alone."""
         for name in names if names is not None else list(self.children):
             proc = self.children[name]
             if proc.poll() is not None:
                 continue
-            if group and name in self._groups:
+            if name in self._groups:
                 # The leader is not reaped (poll above): the group id is still its own.
                 signal_group(proc.pid, signum)
             else:

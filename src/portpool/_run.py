@@ -44,9 +44,10 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
             return
         if shared_group and not received.sender_known and received.signum in terminal_keys:
             return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
-        # To the command alone, as if it had been exec'd: a shell that traps TERM to
-        # stop its children in order must get to do so (they are stopped after it).
-        supervisor.send(received.signum, [name], group=False)
+        # Outside a terminal, to the command's process group: `timeout`, a CI runner or
+        # systemd signal the group of what they started, and so reach a bare command's
+        # children; sent to the command alone, `sh -c 'prog; echo'` ran prog to its end.
+        supervisor.send(received.signum, [name])
 
     return relay
 
