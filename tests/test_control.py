@@ -692,6 +692,36 @@ def test_stop_says_what_is_wrong_with_the_record(
         proc.wait(timeout=30)
 
 
+def test_an_unreadable_record_is_never_passed_over_for_another_checkouts_instance(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """This checkout's record unreadable, another checkout's instance running: "the
+    only running one" rule picked the other, and `stop` stopped it."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    procs = []
+    release = tmp_path / "release"
+    try:
+        for where in (mine, other):
+            where.mkdir()
+            config = write_layout(where / "portpool.toml", port_base, heartbeat=60, shield=60)
+            procs.append(_hold(config, release, cwd=where))
+        assert [number for _, number in procs] == [1, 2]
+        (home / "apps" / "testapp" / "instances" / "1.json").write_text('{"v": 1,')
+        for args in (["stop"], ["port", "alpha"], ["env"]):
+            done = portpool(*args, cwd=mine)
+            assert (done.returncode, done.stdout) == (1, ""), (args, done.stdout)
+            assert "2 instances of testapp are running" in done.stderr, args
+            assert (
+                "instance 1 runs but its record is unreadable: record is not valid JSON"
+                in done.stderr
+            ), args
+        assert all(proc.poll() is None for proc, _ in procs)  # nothing was stopped
+    finally:
+        release.touch()
+        for proc, _ in procs:
+            proc.wait(timeout=30)
+
+
 def test_read_only_commands_create_no_state_dir(layout_file: Path, home: Path) -> None:
     assert not home.exists()
     for args in (["port", "alpha"], ["env"], ["logs"], ["logs", "-i", "1"], ["stop"],
@@ -735,3 +765,9 @@ def test_json_commands_print_errors_as_json(layout_file: Path, home: Path) -> No
     done = portpool("up", "--grace", "-1", "--config", str(layout_file))
     assert done.returncode == 2
     assert "--grace must be 0 or more seconds, not -1.0" in done.stderr
+    for args in (["up"], ["up", "--detach"], ["run", "--", "true"]):  # one wording for all
+        done = portpool(args[0], "-i", "0", "--config", str(layout_file), *args[1:])
+        assert done.returncode == 2, args
+        assert done.stderr == (
+            "portpool: error: --instance must be 1..10 for app 'testapp', not 0\n"
+        ), args

@@ -82,7 +82,11 @@ def find_instance(
     if mine:
         remembered = previous_number(state, layout, here)
         return next((i for i in mine if i.number == remembered), mine[0])
-    if len(running) == 1:
+    # A live slot whose record is unreadable may be this checkout's: "the only running
+    # one" must not then mean another checkout's (stop stopped it). One only starting
+    # (no record yet) is not counted: that is a moment, and says nothing of whose.
+    unreadable = [i for i in alive if not i.readable and unreadable_detail(i)]
+    if len(running) == 1 and not unreadable:
         return running[0]
     if not running and alive:
         # Its lock is held: "no instance is running" sent users to start a second one.
@@ -92,10 +96,13 @@ def find_instance(
         ])  # fmt: skip
     if not running:
         raise NotRunning(app, f"no instance of {app} is running")
+    listing = "; ".join(
+        [_listing(running)] + [f"instance {i.number} {_unusable(i)}" for i in unreadable]
+    )
     raise NotRunning(
         app,
-        f"{len(running)} instances of {app} are running and none for {here}; "
-        f"pick one with --instance: {_listing(running)}",
+        f"{len(running) + len(unreadable)} instances of {app} are running and none for "
+        f"{here}; pick one with --instance: {listing}",
         [i.number for i in running],
     )
 

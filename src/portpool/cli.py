@@ -310,8 +310,10 @@ def run(
     from portpool._run import run_command
 
     refuse_unknown_option(command)
+    layout = layout_for(config)
+    layout.check_number(instance_number)  # in the words of every other command
     outcome = run_command(
-        layout_for(config),
+        layout,
         command,
         services=list(dict.fromkeys(services)),
         fds=fds,
@@ -345,6 +347,7 @@ def up(
 
     check_seconds("--grace", grace)
     layout = layout_for(config)
+    layout.check_number(instance_number)
     if detach:
         up_detached(layout, grace, instance_number, quiet)
         return
