@@ -738,6 +738,9 @@ def test_portpool_run_exits_4_when_its_state_dir_is_moved_away(
         err = proc.stderr.read()
         assert f"state dir {home} was moved away or removed" in err
         wait_for(lambda: not pid_alive(child_pid), timeout=10)  # own child stopped
+        # Its own files, where they went, are removed as on any stop (rule 7).
+        instances = tmp_path / "moved" / "apps" / "testapp" / "instances"
+        assert sorted(p.name for p in instances.iterdir()) == []
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -172,12 +172,15 @@ class Instance:
         else what went wrong. Raises StateDirError if the instances directory cannot be
         opened, OSError if the slot's lock file cannot be examined (an unreadable record
         is a problem, not an error)."""
+        # The state dir's path last: its lock files move with it, so they see nothing.
+        return self._own_files_problem() or self.state.problem()
+
+    def _own_files_problem(self) -> str | None:
+        """Whether the slot's lock and record, as our handles see them, are still ours:
+        then they are ours to remove, even in a state dir moved away."""
         slot_problem = self.slot.problem()
         if slot_problem is not None:
             return f"instance slot {self.number}: {slot_problem}"
-        moved = self.state.problem()  # the slot's lock file moves with it: not seen above
-        if moved is not None:
-            return moved
         try:
             raw = read_json_file(self.state.instances(self.app), f"{self.number}.json")
         except ValueError as e:
@@ -303,7 +306,7 @@ class Instance:
         for lease in self.leases.values():
             lease.release()
         try:
-            ours = self.slot.is_owner_process and self.problem() is None
+            ours = self.slot.is_owner_process and self._own_files_problem() is None
         except (PortPoolError, OSError):  # an unusable instances dir: unlock, erase nothing
             ours = False
         if ours:
