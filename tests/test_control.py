@@ -550,11 +550,16 @@ def test_a_log_that_is_a_symlink_or_a_directory_is_named_never_followed(
     _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
     done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert portpool("stop", "1", cwd=tmp_path).returncode == 0
     log = home / "apps" / "testapp" / "logs" / "1.log"
+    log.unlink()  # running, its log removed: not "it was not started with --detach"
+    removed = portpool("logs", cwd=tmp_path)
+    assert (removed.returncode, removed.stderr) == (
+        1,
+        f"portpool: error: the log of instance 1 ({log}) was removed\n",
+    )
+    assert portpool("stop", "1", cwd=tmp_path).returncode == 0
     secret = tmp_path / "secret"
     secret.write_text("not a log\n")
-    log.unlink()
 
     def symlink() -> None:
         log.symlink_to(secret)

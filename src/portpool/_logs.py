@@ -164,6 +164,12 @@ def follow_log(
         # Running, but not the up that wrote this log: that log is not this instance's.
         raise _no_log(layout, number, running is not None)
     fd = _open_log(logs, number)
+    if fd is None and running is not None and owner is not None:
+        # Its own up wrote it (the owner matched): it was there, and someone removed it.
+        path = os.path.join(logs.path, f"{number}.log")
+        raise NotRunning(layout.app, f"the log of instance {number} ({path}) was removed", [
+            number
+        ])  # fmt: skip
     if fd is None:
         raise _no_log(layout, number, running is not None)
     follow = follow and owner is not None and running is not None
