@@ -434,6 +434,9 @@ def test_a_foreign_listener_on_a_port_service_is_never_taken_for_the_service(
         assert proc.returncode in (4, 5), (out, err)
         assert "is up" not in out
         assert "ready on port" not in out
+        # Not waited for, nor named as if portpool had started it (a subreaper knows).
+        assert "still held" not in err
+        assert out.splitlines()[-1] == "portpool: instance 1 stopped; its ports are free"
     finally:
         pid_file.unlink(missing_ok=True)  # the foreign listener ends
         if proc.poll() is None:

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from typing import IO, TYPE_CHECKING
 
 from portpool.errors import PortPoolError
@@ -178,11 +178,18 @@ def pump_lines(
     stream.close()
 
 
-def held_ports(instance: Instance) -> list[str]:
+def held_ports(
+    instance: Instance, *, descendants_only: bool = False, lease_inodes: Set[int] = frozenset()
+) -> list[str]:
     """Ports of ``instance`` listened on, on the instance's address, by a process other
     than us, for people: "port P is still held by pid X (name)". Call it once our own
-    lease sockets are closed: a process holding a copy of one keeps it listening."""
-    from portpool._platform import listeners, owners_of_inode, process_name
+    lease sockets are closed: a process holding a copy of one keeps it listening.
+
+    ``descendants_only`` (a subreaper, to which whatever we started stays a
+    descendant): only those count, and whoever holds one of our ``lease_inodes`` (a
+    socket handed out of the tree); a foreign program was not ours to wait for (the
+    stop waited its grace period, then named it as if it were)."""
+    from portpool._platform import descends_from, listeners, owners_of_inode, process_name
 
     host = instance.layout.host
     addresses = {"127.0.0.1", "::1"} if host == "localhost" else {host}
@@ -193,8 +200,9 @@ def held_ports(instance: Instance) -> list[str]:
             if listener.address not in addresses:
                 continue  # a foreign program elsewhere: the shield's business, not ours
             pids = [listener.pid] if listener.pid else owners_of_inode(listener.inode or 0)
+            ours = not descendants_only or listener.inode in lease_inodes
             for pid in pids:
-                if pid != me:
+                if pid != me and (ours or descends_from(pid, {me})):
                     name = process_name(pid) or "?"
                     held.append(f"port {lease.port} is still held by pid {pid} ({name})")
     return held

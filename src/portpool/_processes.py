@@ -87,9 +87,12 @@ class Supervisor:
         out: IO[str] | None = None,
         on_exit: Callable[[str, int], Outcome | None] | None = None,
         adopt: bool = False,
+        subreaper: bool = False,
     ) -> None:
         self.instance = instance
         self.adopt = adopt  # every child of this process is ours (run/up as subreaper)
+        # The kernel made us a subreaper: all we start stays a descendant of ours.
+        self.subreaper = subreaper
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -329,11 +332,15 @@ class Supervisor:
         """Ports of the instance still listened on by a process other than us, waited
         for up to ``timeout_s``: "port P is still held by pid X (name)"; [] when free.
         Closes the leases' sockets first (the locks stay until release)."""
+        inodes = set()  # ours wherever they went (a service may hand one out of our tree)
         for lease in self.instance.leases.values():
+            inode = lease.socket_inode
+            if inode is not None:
+                inodes.add(inode)
             lease.close_socket()
         deadline = time.monotonic() + timeout_s
         while True:
-            held = held_ports(self.instance)
+            held = held_ports(self.instance, descendants_only=self.subreaper, lease_inodes=inodes)
             if not held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)

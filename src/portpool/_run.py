@@ -92,7 +92,7 @@ def run_command(
         return Outcome(exit_status(returncode), signum=signum, returncode=returncode)
 
     with descriptors_named(layout.descriptors_needed), SignalScope() as scope:
-        become_subreaper()
+        subreaper = become_subreaper()
         # No heartbeat thread yet: every thread must start after the signals are blocked.
         instance = start_instance(layout, services=services or None, number=number, heartbeat=False)
         try:
@@ -109,7 +109,9 @@ def run_command(
             # In a terminal's foreground group the command stays in ours, as after
             # `exec`: it keeps the terminal, and the shell that called us gets Ctrl-C too.
             shared = in_terminal_foreground()
-            supervisor = Supervisor(instance, grace_s=grace_s, on_exit=exited, adopt=True)
+            supervisor = Supervisor(
+                instance, grace_s=grace_s, on_exit=exited, adopt=True, subreaper=subreaper
+            )
             instance.on_release(supervisor.stop)
             proc = supervisor.start_process(
                 "command", command, env, sockets=sockets, own_group=not shared, capture=False

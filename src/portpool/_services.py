@@ -42,11 +42,17 @@ class ServiceSupervisor(Supervisor):
         *,
         grace_s: float = DEFAULT_GRACE_S,
         out: IO[str] | None = None,
+        subreaper: bool = False,
     ) -> None:
         # The keepers decide what a service's exit means (restart, or exit 5); every
         # child of ours is ours (``up`` is a child subreaper that starts nothing else).
         super().__init__(
-            instance, grace_s=grace_s, out=out, on_exit=lambda name, rc: None, adopt=True
+            instance,
+            grace_s=grace_s,
+            out=out,
+            on_exit=lambda name, rc: None,
+            adopt=True,
+            subreaper=subreaper,
         )
         self.keepers: dict[str, ServiceKeeper] = {}
         self._width = 0

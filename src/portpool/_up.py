@@ -85,14 +85,14 @@ def run_up(
     # on (an ordinary signal from the shell's pid): the terminal tells the two apart.
     had_terminal = controlling_terminal_alive()
     with descriptors_named(_descriptors_needed(layout)), SignalScope() as scope:
-        become_subreaper()
+        subreaper = become_subreaper()
         instance = start_instance(layout, number=number, heartbeat=False)
         try:
             if announce is not None:
                 announce(instance)
             scope.block()
             scope.check()
-            supervisor = ServiceSupervisor(instance, grace_s=grace_s, out=out)
+            supervisor = ServiceSupervisor(instance, grace_s=grace_s, out=out, subreaper=subreaper)
             instance.on_release(supervisor.stop)
 
             def on_signal(received: ReceivedSignal) -> None:
