@@ -692,24 +692,20 @@ def test_twenty_busy_leases_for_a_minute_never_trip(state: StateDir) -> None:
 # ------------------------------------------------------------------ end to end
 
 
-def test_portpool_run_exits_4_when_its_lock_file_is_deleted(
-    home: Path, tmp_path: Path, ports: int
-) -> None:
-    """The whole chain: the shield trips, the instance stops its child and exits 4."""
-    from tests.helpers import pid_alive, read_line, start, wait_for, write_layout
+@contextlib.contextmanager
+def _run_holding_its_port(
+    tmp_path: Path, ports: int
+) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """`portpool run` (shield every 0.2 s) of a child that holds its port: (the run, the
+    port, the child's pid); killed if still running afterwards, its pipes closed."""
+    from tests.helpers import read_line, start, write_layout
 
     layout = write_layout(tmp_path / "portpool.toml", ports, services={"alpha": {}}, shield=0.2)
     child = "import os, time; print(os.environ['PORT'], os.getpid(), flush=True); time.sleep(60)"
     proc = start("run", "--config", str(layout), "--", sys.executable, "-c", child)
     try:
         port_text, pid_text = read_line(proc).split()
-        port, child_pid = int(port_text), int(pid_text)
-        lock_path(home, port).unlink()
-        assert proc.wait(timeout=20) == 4
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        assert f"{port}.lock was deleted by another process" in err
-        wait_for(lambda: not pid_alive(child_pid), timeout=10)  # own child stopped
+        yield proc, int(port_text), int(pid_text)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -717,6 +713,26 @@ def test_portpool_run_exits_4_when_its_lock_file_is_deleted(
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def _tripped(proc: subprocess.Popen[str], child_pid: int) -> str:
+    """What the run said once it exited 4, after checking it stopped its own child."""
+    from tests.helpers import pid_alive, wait_for
+
+    assert proc.wait(timeout=20) == 4
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    wait_for(lambda: not pid_alive(child_pid), timeout=10)  # own child stopped
+    return err
+
+
+def test_portpool_run_exits_4_when_its_lock_file_is_deleted(
+    home: Path, tmp_path: Path, ports: int
+) -> None:
+    """The whole chain: the shield trips, the instance stops its child and exits 4."""
+    with _run_holding_its_port(tmp_path, ports) as (proc, port, child_pid):
+        lock_path(home, port).unlink()
+        assert f"{port}.lock was deleted by another process" in _tripped(proc, child_pid)
 
 
 def test_portpool_run_exits_4_when_its_state_dir_is_moved_away(
@@ -725,26 +741,9 @@ def test_portpool_run_exits_4_when_its_state_dir_is_moved_away(
     """`mv $PORTPOOL_HOME elsewhere` kept every lock held and every file the same (the
     handles moved with the directory), so the shield saw nothing while a second start
     by that path made a new state dir and got the same number and port."""
-    from tests.helpers import pid_alive, read_line, start, wait_for, write_layout
-
-    layout = write_layout(tmp_path / "portpool.toml", ports, services={"alpha": {}}, shield=0.2)
-    child = "import os, time; print(os.environ['PORT'], os.getpid(), flush=True); time.sleep(60)"
-    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", child)
-    try:
-        child_pid = int(read_line(proc).split()[1])
+    with _run_holding_its_port(tmp_path, ports) as (proc, _, child_pid):
         home.rename(tmp_path / "moved")
-        assert proc.wait(timeout=20) == 4
-        assert proc.stderr is not None
-        err = proc.stderr.read()
-        assert f"state dir {home} was moved away or removed" in err
-        wait_for(lambda: not pid_alive(child_pid), timeout=10)  # own child stopped
+        assert f"state dir {home} was moved away or removed" in _tripped(proc, child_pid)
         # Its own files, where they went, are removed as on any stop (rule 7).
         instances = tmp_path / "moved" / "apps" / "testapp" / "instances"
         assert sorted(p.name for p in instances.iterdir()) == []
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=5)
-        for stream in (proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()

@@ -17,9 +17,9 @@ import stat
 import threading
 from typing import Any
 
+from portpool._layout_load import file_kind
 from portpool._platform import DirHandle
 from portpool.errors import StateDirError
-from portpool.statedir import file_kind
 
 RECORD_MAX_BYTES = 1 << 20
 TMP_SUFFIX = ".tmp"  # a temporary file is ".<name>.<pid>.<thread>.tmp" (gc reads the pid)

@@ -74,13 +74,22 @@ def _syntax_error(path: str, text: str, error: ValueError) -> LayoutError:
 
 LAYOUT_MAX_BYTES = 1 << 20  # a real layout is a few KiB; /dev/zero once read until MemoryError
 
-_FILE_KINDS = (
+_KINDS = (
     (stat.S_ISDIR, "a directory"),
+    (stat.S_ISLNK, "a symbolic link"),
     (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
     (stat.S_ISCHR, "a character device"),
     (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
 )
+
+
+def file_kind(mode: int) -> str:
+    """``a FIFO``, ``a symbolic link``, ... for an ``st_mode``: what a file is."""
+    for test, kind in _KINDS:
+        if test(mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
 
 
 def working_directory() -> str:
@@ -120,7 +129,7 @@ def _read_layout_file(path: str) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = next((k for test, k in _FILE_KINDS if test(st.st_mode)), "not a regular file")
+            kind = file_kind(st.st_mode)
             raise LayoutFileError(path, f"is {kind}, not a regular file; give a TOML file")
         chunks: list[bytes] = []
         size = 0

@@ -13,6 +13,7 @@ import os
 import stat
 import threading
 
+from portpool._layout_load import file_kind
 from portpool._platform import (
     DirHandle,
     default_state_dir,
@@ -97,24 +98,6 @@ def _new_dir_advice(path: str) -> str:
         f"point PORTPOOL_HOME at a new directory, which portpool creates private "
         f"(e.g. PORTPOOL_HOME={os.path.join(path, 'portpool')})"
     )
-
-
-_KINDS = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISLNK, "a symbolic link"),
-    (stat.S_ISFIFO, "a FIFO"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-)
-
-
-def file_kind(mode: int) -> str:
-    """``a FIFO``, ``a symbolic link``, ... for an ``st_mode``: what a file is."""
-    for test, kind in _KINDS:
-        if test(mode):
-            return kind
-    return "a regular file" if stat.S_ISREG(mode) else "a special file"
 
 
 def _subdir_advice() -> str:
