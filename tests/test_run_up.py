@@ -325,6 +325,33 @@ def test_up_whose_reader_went_away_stops_cleanly_and_dies_of_sigpipe(
     assert status_json(config)["instances"] == []
 
 
+def test_up_whose_reader_went_away_stops_at_its_services_next_line(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """The services' lines are up's writes too: written into the void, up ran on
+    unseen (until a service exited, or a stop), where `head` had ended the pipeline."""
+    tick = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.2)\n"
+    config = write_layout(tmp_path / "up.toml", port_base, services={
+        "ticker": {"command": [sys.executable, "-c", tick], "ready": "none"},
+    })  # fmt: skip
+    proc = start("up", "--config", str(config))
+    assert proc.stdout is not None and proc.stderr is not None
+    for _ in range(20):  # its table, then the service's first line
+        if read_line(proc, timeout=30).endswith("| tick\n"):
+            break
+    else:
+        raise AssertionError("the service's lines never came through up")
+    proc.stdout.close()  # the reader is gone; only the service writes from now on
+    try:
+        assert proc.wait(timeout=30) == -signal.SIGPIPE
+    finally:
+        kill_if_running(proc)
+    assert "Traceback" not in proc.stderr.read()
+    proc.stderr.close()
+    assert not is_listening(port_base)
+    assert status_json(config)["instances"] == []
+
+
 def test_kill_9_of_up_blocks_nothing_and_children_exit(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

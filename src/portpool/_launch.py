@@ -164,17 +164,26 @@ def pump_lines(
     lock: threading.Lock,
     *,
     on_line: Callable[[str], None] | None = None,
+    on_broken: Callable[[], None] | None = None,
 ) -> None:
     """Copy ``stream`` to ``out`` line by line, each prefixed with ``name |``; each line
-    is also given to ``on_line`` (a readiness probe waiting for a line, "log:")."""
+    is also given to ``on_line`` (a readiness probe waiting for a line, "log:").
+    ``on_broken`` is called when ``out``'s reader went away (``up | head``); the
+    stream is still drained, so the service never blocks on a full pipe."""
     prefix = f"{name:<{width}} | "
     for raw in iter(stream.readline, b""):
         line = raw.decode(errors="replace").rstrip("\n")
         if on_line is not None:
             on_line(line)
-        with lock, contextlib.suppress(OSError, ValueError):
-            out.write(prefix + line + "\n")
-            out.flush()
+        try:
+            with lock:
+                out.write(prefix + line + "\n")
+                out.flush()
+        except BrokenPipeError:
+            if on_broken is not None:
+                on_broken()
+        except (OSError, ValueError):
+            pass  # a full disk or a closed stream: the line is lost, the service is not
     stream.close()
 
 

@@ -166,7 +166,7 @@ class Supervisor:
             pump = threading.Thread(
                 target=pump_lines,
                 args=(name, width, os.fdopen(read_fd, "rb"), self.out, self._print_lock),
-                kwargs={"on_line": on_line},
+                kwargs={"on_line": on_line, "on_broken": self.reader_gone},
                 name=f"portpool-out-{name}",
                 daemon=True,
             )
@@ -196,6 +196,13 @@ class Supervisor:
             outcome = self.on_exit(name, returncode)
             if outcome is not None:
                 self.finish(outcome)
+
+    def reader_gone(self) -> None:
+        """Our output's reader went away (``up | head -2``): stop as a pipeline's writer
+        does, of SIGPIPE. Writing services' lines into the void, up ran on unseen."""
+        pipe = getattr(signal, "SIGPIPE", None)
+        code = 128 + pipe if pipe is not None else 1
+        self.finish(Outcome(code, "the reader of its output went away", pipe))
 
     def finish(self, outcome: Outcome) -> None:
         """Ask the supervisor to stop with ``outcome`` (the first request wins)."""

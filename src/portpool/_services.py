@@ -8,7 +8,6 @@ rolling restarts (``kill -HUP``), one at a time with at most one more queued.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import subprocess
@@ -128,9 +127,14 @@ class ServiceSupervisor(Supervisor):
         self.instance.set_service_states(states, pids)
 
     def _say(self, line: str) -> None:
-        with self._print_lock, contextlib.suppress(OSError, ValueError):
-            self.out.write(line + "\n")
-            self.out.flush()
+        try:
+            with self._print_lock:
+                self.out.write(line + "\n")
+                self.out.flush()
+        except BrokenPipeError:
+            self.reader_gone()
+        except (OSError, ValueError):
+            pass
 
     def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
         again = {
