@@ -711,15 +711,16 @@ def test_an_unreadable_record_is_never_passed_over_for_another_checkouts_instanc
             config = write_layout(where / "portpool.toml", port_base, heartbeat=60, shield=60)
             procs.append(_hold(config, release, cwd=where))
         assert [number for _, number in procs] == [1, 2]
-        (home / "apps" / "testapp" / "instances" / "1.json").write_text('{"v": 1,')
-        for args in (["stop"], ["port", "alpha"], ["env"]):
-            done = portpool(*args, cwd=mine)
-            assert (done.returncode, done.stdout) == (1, ""), (args, done.stdout)
-            assert "2 instances of testapp are running" in done.stderr, args
-            assert (
-                "instance 1 runs but its record is unreadable: record is not valid JSON"
-                in done.stderr
-            ), args
+        record = home / "apps" / "testapp" / "instances" / "1.json"
+        for text, why in (('{"v": 1,', "is not valid JSON"), ("null", "is null, not a record")):
+            record.write_text(text)  # `null` once read as no record yet: "starting"
+            for args in (["stop"], ["port", "alpha"], ["env"]):
+                done = portpool(*args, cwd=mine)
+                assert (done.returncode, done.stdout) == (1, ""), (args, done.stdout)
+                assert "2 instances of testapp are running" in done.stderr, args
+                assert (
+                    f"instance 1 runs but its record is unreadable: record {why}" in done.stderr
+                ), args
         assert all(proc.poll() is None for proc, _ in procs)  # nothing was stopped
     finally:
         release.touch()

@@ -63,8 +63,9 @@ class NotAFile(ValueError):
 
 
 def read_json_file(directory: DirHandle, name: str) -> Any:
-    """The JSON in ``<dir>/<name>`` (None if absent). Raises ValueError if unreadable,
-    NotAFile (a ValueError) for a symlink, FIFO, directory, ... (never followed)."""
+    """The JSON in ``<dir>/<name>`` (None if absent). Raises ValueError if unreadable
+    or ``null`` (which no record is), NotAFile (a ValueError) for a symlink, FIFO,
+    directory, ... (never followed)."""
     try:
         fd = directory.open_file(name, os.O_RDONLY)
     except FileNotFoundError:
@@ -91,9 +92,12 @@ def read_json_file(directory: DirHandle, name: str) -> Any:
     if len(data) > RECORD_MAX_BYTES:
         raise ValueError(f"is larger than {RECORD_MAX_BYTES} bytes")
     try:
-        return json.loads(data)
+        doc = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ValueError("is not valid JSON") from None
+    if doc is None:  # `null` read as "absent": a live slot's was "starting", not unknown
+        raise ValueError("is null, not a record")
+    return doc
 
 
 def decimal(text: str, max_digits: int = 6) -> int | None:
