@@ -38,9 +38,14 @@ def _run(where: Path, env: dict[str, str], *args: str) -> subprocess.CompletedPr
     )
 
 
+# Apart from the 20000-30000 blocks other tests pick, below the ephemeral range, and
+# below the README's fixed ports (18080.., 18200..): these sessions' servers bind without
+# SO_REUSEADDR, and their TIME_WAITs once refused the README's acquire of 18200-18202.
+LOW, HIGH = 10000, 17999
+
+
 def _free_range(size: int) -> tuple[int, int]:
-    # Apart from the 20000-30000 blocks other tests pick, below the ephemeral range.
-    base = find_free_block(size, low=10000, high=19999)
+    base = find_free_block(size, low=LOW, high=HIGH)
     return base, base + size - 1
 
 
@@ -202,7 +207,7 @@ def test_instance(i, portpool_instance, portpool_lease):
 
 
 def test_portpool_instance_gives_each_worker_its_own_instance(tmp_path: Path) -> None:
-    base = find_free_block(20, low=10000, high=19999)
+    base = find_free_block(20, low=LOW, high=HIGH)
     logs = tmp_path / "logs"
     logs.mkdir()
     where = session_dir(tmp_path, "s", INSTANCE, "portpool_layout = conf/app.toml\n")
@@ -316,7 +321,7 @@ def test_moves_then_takes(monkeypatch, request):
 )
 def test_the_state_dir_is_fixed_at_start_up(tmp_path: Path, how: str, xdist: bool) -> None:
     low, high = _free_range(2)
-    base = find_free_block(20, low=10000, high=19999)
+    base = find_free_block(20, low=LOW, high=HIGH)
     where = session_dir(tmp_path, "s", MOVE, f"portpool_port_range = {low}-{high}\n")
     write_layout(where / "portpool.toml", base, app="plugin-move", services={"web": {}})
     elsewhere = tmp_path / "elsewhere"
