@@ -30,12 +30,12 @@ __all__ = ["COMMANDS", "up_detached"]
 
 def up_detached(layout: Layout, grace: float, instance_number: int | None, quiet: bool) -> None:
     """Start ``layout``'s instance in the background (``up --detach``) and print where
-    it is: its number, ports, log and how to stop it."""
+    it is: its number, ports, log and how to stop it. ``instance_number`` is checked by
+    start_detached (UsageError)."""
     from portpool._detach import start_detached
     from portpool._relay import SignalScope
     from portpool.statedir import StateDir
 
-    layout.check_number(instance_number)
     # A Ctrl-C while waiting for it to be up ended this process alone and left the
     # background up starting, unseen: the scope turns it into Interrupted, on which
     # start_detached stops what it started, and the command then dies of the signal.

@@ -175,16 +175,25 @@ def pump_lines(
         line = raw.decode(errors="replace").rstrip("\n")
         if on_line is not None:
             on_line(line)
-        try:
-            with lock:
-                out.write(prefix + line + "\n")
-                out.flush()
-        except BrokenPipeError:
-            if on_broken is not None:
-                on_broken()
-        except (OSError, ValueError):
-            pass  # a full disk or a closed stream: the line is lost, the service is not
+        write_line(out, lock, prefix + line, on_broken)
     stream.close()
+
+
+def write_line(
+    out: IO[str], lock: threading.Lock, line: str, on_broken: Callable[[], None] | None
+) -> None:
+    """Write ``line`` and a newline to ``out`` under ``lock``, and flush. A reader that
+    went away calls ``on_broken``; any other error loses the line (a full disk, a
+    closed stream), never the caller. Raises nothing."""
+    try:
+        with lock:
+            out.write(line + "\n")
+            out.flush()
+    except BrokenPipeError:
+        if on_broken is not None:
+            on_broken()
+    except (OSError, ValueError):
+        pass
 
 
 def held_ports(

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 from portpool._keeper import Failure, ServiceKeeper, describe_failure
-from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
+from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status, write_line
 from portpool._order import start_order
 from portpool._processes import Outcome, Supervisor
 from portpool._readiness import ReadinessProbe
@@ -127,14 +127,7 @@ class ServiceSupervisor(Supervisor):
         self.instance.set_service_states(states, pids)
 
     def _say(self, line: str) -> None:
-        try:
-            with self._print_lock:
-                self.out.write(line + "\n")
-                self.out.flush()
-        except BrokenPipeError:
-            self.reader_gone()
-        except (OSError, ValueError):
-            pass
+        write_line(self.out, self._print_lock, line, self.reader_gone)
 
     def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
         again = {

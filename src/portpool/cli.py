@@ -258,10 +258,7 @@ def _interrupted(func: F) -> F:
             pipe = getattr(signal, "SIGPIPE", None)
             if pipe is None:
                 raise
-            with contextlib.suppress(OSError, ValueError):  # what is buffered: dropped
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
+            _drop_stdout()
             die_of(pipe)
 
     return wrapper  # type: ignore[return-value]
@@ -386,12 +383,17 @@ def _output_failed(error: OSError) -> None:
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.write(f"portpool: error: cannot write to standard output: {error.strerror}\n")
         sys.stderr.flush()
-    # What is still buffered can never be written: drop it instead of failing at exit.
+    _drop_stdout()
+    sys.exit(1)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered can never be written, and
+    must not fail once more at exit. Raises nothing."""
     with contextlib.suppress(OSError, ValueError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-    sys.exit(1)
 
 
 def _from_echo(error: BaseException) -> bool:
