@@ -777,3 +777,22 @@ def test_json_commands_print_errors_as_json(layout_file: Path, home: Path) -> No
         assert done.stderr == (
             "portpool: error: --instance must be 1..10 for app 'testapp', not 0\n"
         ), args
+
+
+def test_a_command_line_click_cannot_parse_is_json_too(layout_file: Path, home: Path) -> None:
+    # An unknown option, a missing argument, a flag given a value: click's own usage
+    # text on stderr as before, and for --json the same message as JSON on stdout.
+    for args, error in (
+        (["status", "--bogus"], "No such option '--bogus'."),
+        (["stop", "-1"], "No such option '-1'."),
+        (["port"], "Missing argument 'SERVICE'."),
+        (["doctor", "--all=3"], "Option '--all' does not take a value."),
+        (["layout", "--config"], "Option '--config' requires an argument."),
+    ):
+        done = portpool(*args[:1], "--json", *args[1:])
+        assert done.returncode == 2, (args, done.stderr)
+        assert json.loads(done.stdout) == {"error": error, "exit_code": 2}, args
+        assert f"Error: {error}" in done.stderr, args
+        plain = portpool(*args)  # without --json, stdout stays empty
+        assert (plain.returncode, plain.stdout) == (2, ""), args
+    assert not home.exists()

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "F",
+    "JsonAwareCommand",
+    "JsonAwareGroup",
     "check_seconds",
     "config_option",
     "display",
@@ -90,6 +92,27 @@ def handle_errors(func: F) -> F:
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+class JsonAwareCommand(click.Command):
+    """A command whose command line click cannot parse (an unknown option, a missing
+    value) still prints that error as one JSON object on stdout when ``--json`` was
+    given, as its own errors do: a script reading stdout got nothing for a typo."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        words = args[: args.index("--")] if "--" in args else list(args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as e:
+            if "--json" in words and any(p.name == "as_json" for p in self.params):
+                echo_json({"error": e.format_message(), "exit_code": e.exit_code})
+            raise
+
+
+class JsonAwareGroup(click.Group):
+    """The ``portpool`` group: its commands are ``JsonAwareCommand``s."""
+
+    command_class = JsonAwareCommand
 
 
 def config_option(func: F) -> F:

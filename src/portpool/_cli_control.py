@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from portpool._cli_common import (
+    JsonAwareCommand,
     check_seconds,
     config_option,
     display,
@@ -52,7 +53,7 @@ def up_detached(layout: Layout, grace: float, instance_number: int | None, quiet
     click.echo(f"stop: portpool stop {started.number}")
 
 
-@click.command()
+@click.command(cls=JsonAwareCommand)
 @click.argument("service")
 @instance_option
 @config_option
@@ -90,7 +91,7 @@ def env(instance_number: int | None, config: str | None, export: bool) -> None:
         click.echo(format_env(instance_env(layout, instance_number, state=state), export=export))
 
 
-@click.command()
+@click.command(cls=JsonAwareCommand)
 @click.argument("number", type=int, required=False)  # range: check_number, as --instance
 @click.option("--all", "every", is_flag=True, help="Stop every running instance of the app.")
 @config_option

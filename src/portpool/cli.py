@@ -23,6 +23,7 @@ import click
 from portpool._cli_common import (
     CommandAfterOptions,
     F,
+    JsonAwareGroup,
     check_seconds,
     config_option,
     display,
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
 _SILENT_COMMANDS = frozenset({"status", "layout", "gc"})
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=JsonAwareGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="portpool")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
