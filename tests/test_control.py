@@ -18,9 +18,11 @@ from tests.helpers import (
     HOLD,
     is_listening,
     kill_if_running,
+    occupy,
     pid_alive,
     portpool,
     read_line,
+    releasing,
     start,
     status_json,
     wait_for,
@@ -299,6 +301,29 @@ def test_stop_times_out_without_killing(layout_file: Path, home: Path, tmp_path:
     finally:
         release.touch()
         proc.wait(timeout=30)
+
+
+def test_stop_does_not_wait_for_a_foreign_listener_the_lease_does_not_cover(
+    layout_file: Path, port_base: int, home: Path, tmp_path: Path
+) -> None:
+    """A foreign server on [::1]:P beside an instance on 127.0.0.1:P is not the
+    instance's: `stop` returned only after its timeout, exit 1, though the run was gone."""
+    from portpool._addresses import has_ipv6_loopback
+
+    if not has_ipv6_loopback():
+        pytest.skip("this host has no ::1")
+    with releasing() as occupants:
+        occupants.append(occupy("listen", "::1", port_base, "1"))
+        proc, number = _hold(layout_file, tmp_path / "never")
+        try:
+            assert number == 1
+            done = portpool("stop", "--config", str(layout_file), "--timeout", "5", "--json")
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["stopped"][0]["ports"][0] == port_base
+            assert proc.wait(timeout=5) == -signal.SIGTERM
+            assert occupants[0].poll() is None  # never touched: it still listens
+        finally:
+            kill_if_running(proc)
 
 
 def _fake_holder(state: StateDir, app: str, number: int, pid: int, token: str) -> HeldLock:

@@ -11,19 +11,21 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from portpool._find import find_instance, unreadable_detail
 from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file
+from portpool._occupants import foreign_listeners, with_owners
 from portpool._platform import (
     DirHandle,
+    TcpSocket,
     boot_id,
     identity_of,
-    listeners,
     locked_inodes,
     signal_verified,
+    tcp_sockets,
 )
 from portpool._portstatus import inspect_port
 from portpool.errors import NotRunning, StopFailed
@@ -43,6 +45,10 @@ class Stopped:
     number: int
     pid: int
     ports: tuple[int, ...] = ()
+    # Listeners on those ports that were not the holder's or its services' when it was
+    # signalled: never waited for (a foreign [::1]:P server beside an instance on
+    # 127.0.0.1 made every `stop` time out, though the instance was gone).
+    foreign: frozenset[tuple[object, ...]] = field(default=frozenset(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``number``, ``pid`` and ``ports`` (a list of int). Raises nothing."""
@@ -110,6 +116,17 @@ def _is_recorded(pid: int, token: str, directory: DirHandle, number: int) -> Cal
     return check
 
 
+def _listener_key(sock: TcpSocket) -> tuple[object, ...]:
+    return (sock.family, sock.address, sock.port, sock.inode, sock.pid)
+
+
+def _foreign_now(ports: tuple[int, ...], holder: int) -> frozenset[tuple[object, ...]]:
+    """The listeners on ``ports`` that are not ``holder``'s or its descendants' (the
+    shield's rule: one whose owner the OS does not name is not ours either)."""
+    found = (s for port in ports for s in tcp_sockets(port, listening_only=True))
+    return frozenset(_listener_key(o.socket) for o in foreign_listeners(with_owners(found), holder))
+
+
 def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
     locked = locked_inodes()
     if is_held(state.instances(app), f"{stopped.number}.lock", locked):
@@ -117,7 +134,8 @@ def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
     for port in stopped.ports:
         seen = inspect_port(state, port, locked)
         if seen.is_free:
-            if listeners(port):
+            listening = tcp_sockets(port, listening_only=True)
+            if any(_listener_key(s) not in stopped.foreign for s in listening):
                 return False  # something it started still listens: not free yet
         elif seen.record is None or seen.record.pid == stopped.pid:
             return False
@@ -163,11 +181,12 @@ def stop_instances(
         info, token = _verified_holder(layout, n, state)
         assert info.pid is not None
         ports = tuple(s.port for s in info.services if s.port is not None)
+        foreign = _foreign_now(ports, info.pid)
         if not signal_verified(
             info.pid, _is_recorded(info.pid, token, directory, n), signal.SIGTERM
         ):
             if not read_instance(directory, n).alive:
-                sent.append(Stopped(n, info.pid, ports))  # it stopped on its own meanwhile
+                sent.append(Stopped(n, info.pid, ports, foreign))  # it stopped on its own
                 continue
             holder = _lock_holder(directory, n)
             if holder is not None and holder != info.pid:
@@ -175,7 +194,7 @@ def stop_instances(
             raise StopFailed(
                 n, f"pid {info.pid} is no longer the recorded process: not signalling it"
             )
-        sent.append(Stopped(n, info.pid, ports))
+        sent.append(Stopped(n, info.pid, ports, foreign))
     deadline = time.monotonic() + timeout_s
     for stopped in sent:
         while not _is_down(state, layout.app, stopped):
