@@ -511,3 +511,32 @@ def test_the_plain_bind_note_counts_many_occupants_and_names_three(
     )
     assert line.count("TIME_WAIT from") == 3
     assert len(line) < 500
+
+
+def test_a_refusal_names_the_listener_and_counts_a_busy_ports_connections(
+    state: StateDir, port: int
+) -> None:
+    """A foreign server with 40 open connections made its refusal one entry per
+    connection (3,716 characters in `up`'s error, `doctor` and `status --json`)."""
+    many = 40
+    server = socket.create_server(("127.0.0.1", port), backlog=many)
+    pairs: list[tuple[socket.socket, socket.socket]] = []
+    try:
+        for _ in range(many):
+            client = socket.create_connection(("127.0.0.1", port), timeout=5)
+            pairs.append((client, server.accept()[0]))
+        lease = _try_acquire(state, port, "127.0.0.1")
+        assert isinstance(lease, PoolExhausted)
+        (refusal,) = lease.refusals
+        doctor_refusal, _, _ = classify_port(state, port, "127.0.0.1")
+        assert doctor_refusal == refusal  # the same words for the pool and doctor
+    finally:
+        for client, accepted in pairs:
+            client.close()  # the client closes first: no TIME_WAIT is left on the port
+            accepted.close()
+        server.close()
+    assert refusal.detail.startswith(f"used by pid {os.getpid()} ("), refusal.detail
+    assert f"listening on 127.0.0.1:{port}; " in refusal.detail  # the listener first
+    assert refusal.detail.count("has a connection from") == 2  # then 2 of the 40 accepted
+    assert refusal.detail.endswith(f"; and {many - 2} more sockets"), refusal.detail
+    assert len(str(refusal)) < 500

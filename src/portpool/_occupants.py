@@ -115,6 +115,27 @@ def plain_bind_note(occupants: Iterable[Occupant]) -> str:
     return f"{PLAIN_BIND_NOTE}: {kinds} block it{shown}: {named}"
 
 
+# Listeners first: they are what a user looks for; then only-bound sockets, then the rest.
+_STATE_ORDER = {"listen": 0, "bound": 1}
+
+
+def occupants_text(occupants: Iterable[Occupant]) -> str:
+    """Each occupant's ``describe()``, listeners first, joined by "; ": at most
+    ``PLAIN_BIND_EXAMPLES`` named, the rest counted ("and 38 more sockets (2 in
+    TIME_WAIT)"). A foreign server with 40 open connections made its refusal (in `up`'s
+    error, `doctor`, `status --json` and the dashboard) a line of 3,716 characters, one
+    entry per connection. Empty for no occupants. Raises nothing."""
+    ordered = sorted(occupants, key=lambda o: _STATE_ORDER.get(o.state, 2))
+    named = "; ".join(o.describe() for o in ordered[:PLAIN_BIND_EXAMPLES])
+    rest = ordered[PLAIN_BIND_EXAMPLES:]
+    if not rest:
+        return named
+    waiting = sum(1 for o in rest if o.state == "time-wait")
+    noun = "more socket" if len(rest) == 1 else "more sockets"
+    kinds = f" ({waiting} in TIME_WAIT)" if waiting else ""
+    return f"{named}; and {len(rest)} {noun}{kinds}"
+
+
 def with_owners(sockets: Iterable[TcpSocket]) -> list[Occupant]:
     """``sockets`` with the pids and program names the OS tells (one /proc scan)."""
     found = list(sockets)

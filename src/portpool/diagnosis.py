@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from portpool._addresses import DEFAULT_BACKLOG, bind_all, occupies
-from portpool._occupants import Occupant, plain_bind_note, with_owners
+from portpool._occupants import Occupant, occupants_text, plain_bind_note, with_owners
 from portpool._platform import TcpSocket, tcp_sockets
 from portpool.errors import Refusal
 from portpool.layout import normalize_host
@@ -48,11 +48,12 @@ class PortDiagnosis:
         return self.bind_error is None
 
     def describe_occupants(self) -> str:
-        """Every occupant's ``describe()``, joined by "; " (or a placeholder when the OS
-        names none). Raises nothing."""
+        """The occupants' ``describe()``, listeners first, joined by "; ", the first few
+        named and the rest counted (``_occupants.occupants_text``); a placeholder when the
+        OS names none. Raises nothing."""
         if not self.occupants:
             return "a process the OS does not name"
-        return "; ".join(o.describe() for o in self.occupants)
+        return occupants_text(self.occupants)
 
     def refusal(self) -> Refusal | None:
         """Why ``acquire`` refuses the port, or None if it can have it. Its text is the
