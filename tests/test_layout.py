@@ -148,7 +148,7 @@ def test_default_layout_admits_ten_instances_and_says_why() -> None:
         layout.service("mcp-universal").pool(0)
 
 
-def test_default_layout_warns_about_port_6000() -> None:
+def test_default_layout_warns_about_port_6000_and_x11s_range() -> None:
     warnings = default_layout().warnings
     unsafe = [w for w in warnings if "unsafe-port" in w]
     assert unsafe == [
@@ -156,6 +156,24 @@ def test_default_layout_warns_about_port_6000() -> None:
         "unsafe-port list: Chromium and Firefox refuse to connect there"
     ]
     assert 6000 in BROWSER_UNSAFE_PORTS
+    # X11 holds 6000+N for display :N: every MCP pool of instance 1 is there (DESIGN.md),
+    # but only 6000 is on the browsers' list, and nothing warned about the others.
+    x11 = [w for w in warnings if "X11" in w]
+    assert [w.split(": ")[1] for w in x11] == [
+        "services.mcp-universal",
+        "services.ollama-mcp",
+        "services.groq-api",
+        "services.sandra-ia",
+    ]
+    assert x11[0].startswith(
+        "<default>: services.mcp-universal: ports 6000..6002 (instance 1) are in X11's "
+        "range 6000-6063: "
+    )
+    assert "ports 6030..6033 (instance 1) are in X11's range" in x11[3]
+    # A pool that reaches into the range only at a later instance says which.
+    late = Layout("a", (Service("s", 5800, 2, 100),))
+    (warning,) = [w for w in late.warnings if "X11" in w]
+    assert "ports 6000..6001 (instance 3) are in X11's range" in warning
     assert {6665, 6666, 6667, 6668, 6669, 10080, 22, 25} <= BROWSER_UNSAFE_PORTS
 
 

@@ -3,8 +3,8 @@
 Pure functions over services (``portpool.layout.Service``): how many instances fit
 before two pools share a port or one leaves 1..65535, which services collide and
 where, and which ports deserve a warning (below 1024, on the browsers' unsafe-port
-list, and inside an ephemeral port range the caller passes: this module never asks the
-host); and every problem between services
+list, in X11's 6000-6063, and inside an ephemeral port range the caller passes: this
+module never asks the host); and every problem between services
 (``cross_problems``: environment names, dependencies, overlaps, the maximum).
 """
 
@@ -53,6 +53,9 @@ BROWSER_UNSAFE_PORTS = frozenset(
     }
 )  # fmt: skip
 _UNSAFE_SORTED = sorted(BROWSER_UNSAFE_PORTS)
+# X11's TCP ports: display :N listens on 6000+N (DESIGN.md: the default layout's MCP
+# pools all fall there, only 6000 is on the browsers' list).
+X11_PORTS = (6000, 6063)
 
 _MAX_REPORTED_OVERLAPS = 20
 _MAX_RUNS_SHOWN = 6
@@ -355,6 +358,12 @@ def port_warnings(
             out.append(
                 f"{where}: {unsafe} on browsers' unsafe-port list: Chromium and Firefox "
                 "refuse to connect there"
+            )
+        x11 = _ports_in(s, X11_PORTS[0], X11_PORTS[1], instances)
+        if x11:
+            out.append(
+                f"{where}: {x11} in X11's range {X11_PORTS[0]}-{X11_PORTS[1]}: an X server "
+                "that listens on TCP holds 6000+N for display :N (the pool then moves on)"
             )
     return out
 

@@ -186,9 +186,9 @@ class Layout:
     maximum: pass 0 (the default) for the computed admissible count, or a lower number.
     ``admissible_instances``, ``limit_reason`` and ``warnings`` are derived on
     construction; values passed for them are replaced. ``warnings`` are the ones the
-    layout alone implies (ports below 1024, on browsers' unsafe-port list); the ones that
-    depend on the host (a pool inside its ephemeral port range) come from
-    ``portpool.layout_warnings``. Raises LayoutError listing every problem, with
+    layout alone implies (ports below 1024, on browsers' unsafe-port list, in X11's
+    6000-6063); the ones that depend on the host (a pool inside its ephemeral port
+    range) come from ``portpool.layout_warnings``. Raises LayoutError listing every problem, with
     ``source`` as the file.
     """
 
