@@ -540,3 +540,30 @@ def test_a_refusal_names_the_listener_and_counts_a_busy_ports_connections(
     assert refusal.detail.count("has a connection from") == 2  # then 2 of the 40 accepted
     assert refusal.detail.endswith(f"; and {many - 2} more sockets"), refusal.detail
     assert len(str(refusal)) < 500
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's sock_diag names orphans")
+def test_a_connection_its_program_closed_is_named_no_process(port: int) -> None:
+    """A service's side of a connection it closed (FIN-WAIT-2 while the peer keeps its
+    end open) has no process; it was "an unknown process has a connection", in doctor's
+    note on every port of a reference app just stopped."""
+    server = socket.create_server(("127.0.0.1", port))
+    client = socket.create_connection(("127.0.0.1", port), timeout=5)
+    accepted, _ = server.accept()
+    try:
+        accepted.close()  # the active close: our side goes to FIN-WAIT-2, orphaned
+        server.close()
+        wait_for(lambda: any(s.state == "fin-wait-2" for s in tcp_sockets(port)), 10)
+        found = diagnose(port, "127.0.0.1")
+    finally:
+        client.close()
+    (orphan,) = [o for o in found.occupants if o.state == "fin-wait-2"]
+    assert orphan.orphaned and orphan.pids == ()
+    assert orphan.who() == "no process (its program closed it)"
+    assert orphan.describe() == (
+        f"a closed connection from 127.0.0.1:{port} to {orphan.socket.remote} (fin-wait-2), "
+        "which the kernel ends on its own"
+    )
+    assert found.plain_bind_blocked
+    (note,) = found.notes()
+    assert "unknown process" not in note and "which the kernel ends on its own" in note

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 from portpool._platform import TcpSocket, descends_from, owners_of_inodes, process_name, user_id
 
+# States a connection is in after its program closed it (the kernel finishes it alone).
+_CLOSING = frozenset({"fin-wait-1", "fin-wait-2", "closing", "last-ack"})
+
 
 def _where(sock: TcpSocket) -> str:
     return f"[{sock.address}]:{sock.port}" if sock.family == 6 else f"{sock.address}:{sock.port}"
@@ -32,6 +35,15 @@ class Occupant:
         return self.socket.state
 
     @property
+    def orphaned(self) -> bool:
+        """Whether the socket is a connection its program closed and the kernel finishes
+        alone (closing, and no inode: no file refers to it). Such sockets were named "an
+        unknown process has a connection" after every stop of the reference app.
+        Raises nothing."""
+        s = self.socket
+        return s.state in _CLOSING and s.inode is None and s.pid is None and not self.pids
+
+    @property
     def listening(self) -> bool:
         """Whether the socket listens (state ``listen``). Raises nothing."""
         return self.socket.state == "listen"
@@ -44,6 +56,8 @@ class Occupant:
             )
         if self.socket.state == "time-wait":
             return "no process (the kernel keeps it up to 60 s)"
+        if self.orphaned:
+            return "no process (its program closed it)"
         if self.socket.uid is not None and self.socket.uid != user_id():
             return f"a process of uid {self.socket.uid} (the OS does not say which)"
         return "an unknown process"
@@ -67,12 +81,17 @@ class Occupant:
             return f"bound to {self.place()} (not listening)"
         if s.state == "time-wait":
             return f"a closed connection in TIME_WAIT from {self.place()} to {s.remote}"
+        if self.orphaned:
+            return (
+                f"a closed connection from {self.place()} to {s.remote} ({s.state}), "
+                "which the kernel ends on its own"
+            )
         return f"a connection from {self.place()} to {s.remote} ({s.state})"
 
     def describe(self) -> str:
         """``pid 12 (nginx) listening on ...``, ``pid 12 (curl) has a connection ...``.
         Raises nothing."""
-        if self.socket.state == "time-wait":
+        if self.socket.state == "time-wait" or self.orphaned:
             return self.what()
         verb = "" if self.socket.state in ("listen", "bound") else "has "
         return f"{self.who()} {verb}{self.what()}"
