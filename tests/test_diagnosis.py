@@ -567,3 +567,52 @@ def test_a_connection_its_program_closed_is_named_no_process(port: int) -> None:
     assert found.plain_bind_blocked
     (note,) = found.notes()
     assert "unknown process" not in note and "which the kernel ends on its own" in note
+
+
+def test_doctor_names_a_listener_on_the_loopback_the_host_does_not_cover(
+    state: StateDir, port: int, occupy_port: Occupy
+) -> None:
+    """A foreign server on [::1]:P beside a 127.0.0.1 layout takes `localhost:P`'s
+    clients that try ::1 first (browsers, Node); doctor called the port plainly free."""
+    _needs_ipv6("::1")
+    from portpool._doctor import examine_layout
+
+    proc = occupy_port("listen", "::1")
+    layout = Layout("a", (Service("web", port, 1),), host="127.0.0.1", max_instances=1)
+    (verdict,) = examine_layout(layout, state).verdicts
+    assert verdict.kind == "free" and verdict.listed  # listed without --all
+    assert verdict.describe().startswith(f"free; pid {proc.pid} (python")
+    assert verdict.describe().endswith(
+        f"listens on [::1]:{port}, which host 127.0.0.1 does not cover: a client of "
+        f'localhost:{port} that tries it first reaches that program (host = "localhost" '
+        "holds both loopbacks)"
+    )
+    assert verdict.to_dict()["notes"] == [verdict.describe().removeprefix("free; ")]
+    # Held by us, it is named too, and is not one of the foreign listeners the shield
+    # trips on (those are counted in the summary).
+    with acquire(state, [port], host="127.0.0.1"):
+        report = examine_layout(layout, state)
+        (verdict,) = report.verdicts
+        assert verdict.kind == "held"
+        assert f"listens on [::1]:{port}, which host 127.0.0.1 does not cover" in (
+            verdict.describe()
+        )
+        assert report.summary() == []
+    # A layout on localhost covers ::1: nothing to say (acquire would refuse the port).
+    both = Layout("a", (Service("web", port, 1),), host="localhost", max_instances=1)
+    (verdict,) = examine_layout(both, state).verdicts
+    assert verdict.elsewhere == () and verdict.kind == "foreign"
+
+
+def test_doctors_summary_counts_one_intruded_port_in_the_singular() -> None:
+    """It read "1 held ports are also listened on"."""
+    from portpool._doctor import DoctorReport, PortVerdict
+
+    held = Refusal(7000, "held", "held by instance 1 of a (pid 1, service web)")
+    intruded = PortVerdict(1, "web", 7000, held, ("but also listened on by pid 2 ...",))
+    one = DoctorReport("a", "127.0.0.1", 1, (intruded,))
+    assert one.summary() == [
+        "1 held port is also listened on by a foreign program, which can receive their clients"
+    ]
+    two = DoctorReport("a", "127.0.0.1", 1, (intruded, intruded))
+    assert two.summary()[0].startswith("2 held ports are also listened on")

@@ -12,13 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from portpool._addresses import occupies
 from portpool._jsonfile import special_entry
-from portpool._occupants import foreign_listeners, intruder_note
+from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
 from portpool._portstatus import inspect_port
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import Refusal, RefusalReason
-from portpool.layout import Layout
+from portpool.layout import Layout, normalize_host
 from portpool.statedir import StateDir
 
 # A verdict is a refusal's reason, but "foreign" for "in use" and "free" for none.
@@ -38,6 +39,8 @@ class PortVerdict:
     refusal: Refusal | None
     notes: tuple[str, ...] = ()
     diagnosis: PortDiagnosis | None = None
+    # Listeners on the other loopback, which the lease does not cover (``elsewhere``).
+    elsewhere: tuple[str, ...] = ()
 
     @property
     def kind(self) -> VerdictKind:
@@ -53,17 +56,17 @@ class PortVerdict:
         """Whether ``doctor`` lists it without ``--all``: refused, or free with a note (a
         TIME_WAIT a plain bind would meet: run warns of it, and doctor once did not).
         Raises nothing."""
-        return self.refusal is not None or bool(self.notes)
+        return self.refusal is not None or bool(self.notes or self.elsewhere)
 
     def describe(self) -> str:
         """One line for people: ``free``, the holder and notes, or the refusal and why.
         Raises nothing."""
         if self.refusal is None:
-            return "; ".join(("free", *self.notes))
+            return "; ".join(("free", *self.notes, *self.elsewhere))
         if self.refusal.reason == "held":
             # "held by instance 1 of app (pid ...)", and any foreign listener on it
-            return "; ".join((self.refusal.detail, *self.notes))
-        return f"{self.refusal.reason} ({self.refusal.detail})"
+            return "; ".join((self.refusal.detail, *self.notes, *self.elsewhere))
+        return "; ".join((f"{self.refusal.reason} ({self.refusal.detail})", *self.elsewhere))
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: the fields, ``kind``, ``text`` and the port's ``occupants`` (dicts).
@@ -74,7 +77,7 @@ class PortVerdict:
             "port": self.port,
             "kind": self.kind,
             "text": self.describe(),
-            "notes": list(self.notes),
+            "notes": [*self.notes, *self.elsewhere],
             "occupants": [] if self.diagnosis is None else self.diagnosis.to_dict()["occupants"],
         }
 
@@ -109,9 +112,10 @@ class DoctorReport:
             )
         intruded = sum(1 for v in self.verdicts if v.kind == "held" and v.notes)
         if intruded:
+            ports = "1 held port is" if intruded == 1 else f"{intruded} held ports are"
             out.append(
-                f"{intruded} held ports are also listened on by a foreign program, which "
-                "can receive their clients"
+                f"{ports} also listened on by a foreign program, which can receive "
+                "their clients"
             )
         return out
 
@@ -166,6 +170,35 @@ def _unusable_lock_path(state: StateDir, port: int) -> str | None:
     return f"{where}: lock path is {kind}, not a regular file (remove it)"
 
 
+# Hosts that cover one loopback only: `localhost` clients may reach the other one first.
+_ONE_LOOPBACK = ("127.0.0.1", "::1", "0.0.0.0")
+
+
+def other_loopback_notes(port: int, host: str, sockets: Sequence[TcpSocket]) -> tuple[str, ...]:
+    """One note per listener on ``port`` at the loopback ``host`` does not cover (``[::1]``
+    beside 127.0.0.1): no refusal and no trip, since the lease's clients by address never
+    reach it, but a client of ``localhost:<port>`` that tries it first (browsers, Node)
+    gets that program instead of the service. ``doctor`` called such a port plainly free
+    or held. Raises nothing."""
+    host = normalize_host(host)
+    if host not in _ONE_LOOPBACK:
+        return ()
+    found = [
+        s
+        for s in sockets
+        if s.port == port
+        and s.state == "listen"
+        and occupies(s, "localhost")
+        and not occupies(s, host)
+    ]
+    return tuple(
+        f"{o.who()} listens on {o.place()}, which host {host} does not cover: a client of "
+        f"localhost:{port} that tries it first reaches that program "
+        '(host = "localhost" holds both loopbacks)'
+        for o in with_owners(found)
+    )
+
+
 def examine_layout(
     layout: Layout, state: StateDir | None = None, service: str | None = None
 ) -> DoctorReport:
@@ -186,7 +219,10 @@ def examine_layout(
                     refusal, notes, found = classify_port(
                         state, port, layout.host, locked=locked, sockets=sockets
                     )
-                    verdicts.append(PortVerdict(number, svc.name, port, refusal, notes, found))
+                    elsewhere = other_loopback_notes(port, layout.host, sockets)
+                    verdicts.append(
+                        PortVerdict(number, svc.name, port, refusal, notes, found, elsewhere)
+                    )
         return DoctorReport(layout.app, layout.host, layout.max_instances, tuple(verdicts))
     finally:
         if own:
