@@ -114,8 +114,7 @@ class DoctorReport:
         if intruded:
             ports = "1 held port is" if intruded == 1 else f"{intruded} held ports are"
             out.append(
-                f"{ports} also listened on by a foreign program, which can receive "
-                "their clients"
+                f"{ports} also listened on by a foreign program, which can receive their clients"
             )
         return out
 
