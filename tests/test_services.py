@@ -102,15 +102,18 @@ def service_env(instance: Instance, name: str) -> dict[str, str]:
     return env
 
 
-def wait_healthy(port: int, proc: subprocess.Popen[bytes] | None, log: Path) -> dict[str, Any]:
+def wait_healthy(
+    port: int, proc: subprocess.Popen[bytes] | None, log: Path, host: str = "127.0.0.1"
+) -> dict[str, Any]:
     """Poll ``GET /health`` until it answers (bounded); fail with the service's log."""
+    where = f"[{host}]" if ":" in host else host
     deadline = time.monotonic() + START_TIMEOUT_S
     last: Exception | None = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             pytest.fail(f"service on {port} exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2, trust_env=False)
+            response = httpx.get(f"http://{where}:{port}/health", timeout=2, trust_env=False)
             if response.status_code == 200:
                 return dict(response.json())
         except httpx.HTTPError as e:
@@ -321,6 +324,47 @@ def test_api_instances_lists_every_instance_with_live_health(running: Running) -
         second.release()
     after = httpx.get(url, trust_env=False).json()
     assert [i["number"] for i in after["instances"]] == [1]
+
+
+def test_the_api_server_checks_its_services_on_the_layouts_host(
+    state: StateDir, tmp_path: Path
+) -> None:
+    """With ``host = "::1"`` the api-server checked 127.0.0.1: every service read as
+    down on the dashboard while ``up`` said all were ready."""
+    from portpool._addresses import has_ipv6_loopback
+
+    if not has_ipv6_loopback():
+        pytest.skip("this host has no ::1")
+    base = find_free_block(6, low=16000, high=16900)
+    names = ("conversational", "api-server")
+    layout = Layout(
+        "qwen-valencia", tuple(Service(n, base + 3 * i, 3) for i, n in enumerate(names)), "::1"
+    )
+    instance = start_instance(layout, state=state, heartbeat=False)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name in names:
+            lease = instance.leases[name]
+            assert lease.socket is not None
+            log = tmp_path / f"{name}.log"
+            procs[name] = spawn(name, service_env(instance, name), log, lease.socket)
+            lease.close_socket()
+        instance.set_service_pids({name: p.pid for name, p in procs.items()})
+        for name, proc in procs.items():
+            wait_healthy(instance.ports[name], proc, tmp_path / f"{name}.log", "::1")
+        url = f"http://[::1]:{instance.ports['api-server']}"
+        body = httpx.get(f"{url}/api/services", timeout=10, trust_env=False).json()
+        assert body["healthy"] is True, body
+        assert {s["name"]: s["pid"] for s in body["services"]} == {
+            n: p.pid for n, p in procs.items()
+        }
+        listed = httpx.get(f"{url}/api/instances?health=1", timeout=10, trust_env=False).json()
+        (record,) = listed["instances"]
+        assert all(s["health"]["healthy"] for s in record["services"]), record
+    finally:
+        for proc in procs.values():
+            stop(proc)
+        instance.release()
 
 
 def test_dashboard_page_is_served_self_contained(running: Running) -> None:

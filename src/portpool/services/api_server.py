@@ -2,9 +2,10 @@
 
 - ``GET /api/health`` (and ``/health``): this service is up.
 - ``GET /api/services``: every service of this instance with port, pool, pid and its
-  health, checked over loopback now.
+  health, checked now on the address this api-server serves on (the layout's host; a
+  wildcard's loopback).
 - ``GET /api/instances``: every instance of the app on this host, from the state dir;
-  with ``?health=1`` each service of a live instance is checked over loopback too.
+  with ``?health=1`` each service of a live instance is checked there too.
 - ``GET /``: the dashboard (one self-contained page that refreshes itself).
 
 A service is healthy when its ``GET /health`` answers 200 naming that service and port,
@@ -32,21 +33,36 @@ CHECK_HOST = "127.0.0.1"
 CHECK_TIMEOUT_S = 1.0
 
 
+def check_host_for(address: str) -> str:
+    """Where to reach the instance's services, given the address this api-server's own
+    socket is bound to (every service of a layout binds the layout's ``host``): a
+    wildcard's loopback, else that address. With ``host = "::1"`` the checks went to
+    127.0.0.1 and every service read as down while ``up`` said all were ready."""
+    if address == "0.0.0.0":
+        return CHECK_HOST
+    if address == "::":
+        return "::1"
+    return address
+
+
 def dashboard_html() -> str:
     """The dashboard page, shipped in the package (no build step, no outside assets)."""
     return resources.files("portpool.services").joinpath("static/dashboard.html").read_text("utf-8")
 
 
-async def check_health(client: httpx.AsyncClient, name: str, port: int | None) -> dict[str, Any]:
-    """Ask ``127.0.0.1:<port>/health`` now; ``healthy`` only if the answer names ``name``
+async def check_health(
+    client: httpx.AsyncClient, name: str, port: int | None, host: str = CHECK_HOST
+) -> dict[str, Any]:
+    """Ask ``<host>:<port>/health`` now; ``healthy`` only if the answer names ``name``
     and ``port``. Never raises for a down or foreign service: ``error`` says what was seen."""
     import httpx
 
     if port is None:
         return {"healthy": False, "pid": None, "latency_ms": None, "error": "no port"}
     started = time.perf_counter()
+    where = f"[{host}]" if ":" in host else host
     try:
-        response = await client.get(f"http://{CHECK_HOST}:{port}/health")
+        response = await client.get(f"http://{where}:{port}/health")
         body = response.json()
     except httpx.TimeoutException:
         silent = f"no answer within {CHECK_TIMEOUT_S:g} s"
@@ -91,11 +107,15 @@ def _own_services(ctx: ServiceContext, instances: list[dict[str, Any]]) -> list[
     ]
 
 
-async def services_report(ctx: ServiceContext, client: httpx.AsyncClient) -> dict[str, Any]:
-    """The body of ``/api/services``."""
+async def services_report(
+    ctx: ServiceContext, client: httpx.AsyncClient, host: str = CHECK_HOST
+) -> dict[str, Any]:
+    """The body of ``/api/services``; the services are checked on ``host``."""
     instances, problem = await asyncio.to_thread(_read_instances, ctx.app)
     services = _own_services(ctx, instances)
-    checks = await asyncio.gather(*(check_health(client, s["name"], s["port"]) for s in services))
+    checks = await asyncio.gather(
+        *(check_health(client, s["name"], s["port"], host) for s in services)
+    )
     for service, check in zip(services, checks, strict=True):
         service["pid"] = check["pid"] or service.get("pid")
         service.update(healthy=check["healthy"], latency_ms=check["latency_ms"])
@@ -111,9 +131,10 @@ async def services_report(ctx: ServiceContext, client: httpx.AsyncClient) -> dic
 
 
 async def instances_report(
-    ctx: ServiceContext, client: httpx.AsyncClient, health: bool
+    ctx: ServiceContext, client: httpx.AsyncClient, health: bool, host: str = CHECK_HOST
 ) -> dict[str, Any]:
-    """The body of ``/api/instances``; with ``health`` each service carries a ``health``."""
+    """The body of ``/api/instances``; with ``health`` each service carries a ``health``
+    (checked on ``host``: the instances of one app share its layout's host)."""
     instances, problem = await asyncio.to_thread(_read_instances, ctx.app)
     if health:
         pending = []
@@ -122,7 +143,7 @@ async def instances_report(
                 pending.append((record, service))
         checks = await asyncio.gather(
             *(
-                check_health(client, service["name"], service.get("port"))
+                check_health(client, service["name"], service.get("port"), host)
                 if record.get("alive")
                 else _not_running()
                 for record, service in pending
@@ -145,8 +166,8 @@ async def _not_running() -> dict[str, Any]:
     return {"healthy": False, "pid": None, "latency_ms": None, "error": "instance not running"}
 
 
-def build_app(ctx: ServiceContext) -> Starlette:
-    """The ASGI app of the api-server."""
+def build_app(ctx: ServiceContext, check_host: str = CHECK_HOST) -> Starlette:
+    """The ASGI app of the api-server; it checks the services' health on ``check_host``."""
     import contextlib
     from collections.abc import AsyncIterator
 
@@ -170,11 +191,13 @@ def build_app(ctx: ServiceContext) -> Starlette:
         return JSONResponse(ctx.health(), headers=no_store)
 
     async def services(_request: Request) -> Response:
-        return JSONResponse(await services_report(ctx, clients[0]), headers=no_store)
+        report = await services_report(ctx, clients[0], check_host)
+        return JSONResponse(report, headers=no_store)
 
     async def instances(request: Request) -> Response:
         wanted = request.query_params.get("health", "") not in ("", "0", "false", "no")
-        return JSONResponse(await instances_report(ctx, clients[0], wanted), headers=no_store)
+        report = await instances_report(ctx, clients[0], wanted, check_host)
+        return JSONResponse(report, headers=no_store)
 
     async def dashboard(_request: Request) -> Response:
         return HTMLResponse(page, headers=no_store)
@@ -191,4 +214,4 @@ def build_app(ctx: ServiceContext) -> Starlette:
 
 async def serve(ctx: ServiceContext, sock: socket.socket, stop: asyncio.Event) -> None:
     """Serve the API and the dashboard on ``sock`` until ``stop`` is set."""
-    await serve_asgi(build_app(ctx), sock, stop)
+    await serve_asgi(build_app(ctx, check_host_for(sock.getsockname()[0])), sock, stop)
