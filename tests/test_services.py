@@ -367,6 +367,25 @@ def test_the_api_server_checks_its_services_on_the_layouts_host(
         instance.release()
 
 
+def test_the_api_server_answers_only_loopback_host_names(running: Running) -> None:
+    """A page of evil.example that resolves itself to 127.0.0.1 (DNS rebinding) could
+    read every instance's directories and pids: only loopback names are answered (421
+    else), as the MCP services do; /health answers any Host, for health checkers."""
+    port = running.ports["api-server"]
+    url = running.url("api-server")
+
+    def status(path: str, host: str) -> int:
+        return httpx.get(url + path, headers={"Host": host}, trust_env=False).status_code
+
+    for path in ("/", "/api/instances", "/api/services"):
+        assert status(path, f"evil.example:{port}") == 421, path
+        assert status(path, f"localhost.evil.example:{port}") == 421, path
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST"):
+            assert status(path, host) == 200, (path, host)
+    assert status("/health", f"evil.example:{port}") == 200
+    assert status("/api/health", f"evil.example:{port}") == 200
+
+
 def test_dashboard_page_is_served_self_contained(running: Running) -> None:
     response = httpx.get(running.url("api-server", "/"), trust_env=False)
     assert response.status_code == 200

@@ -9,7 +9,8 @@ Each is a small, real server on the socket its lease passed to it (``LISTEN_FDS`
 - ``conversational``: a WebSocket service that answers each text message, naming its
   instance and service.
 - ``api-server``: an HTTP JSON API (``/api/health``, ``/api/services``, ``/api/instances``)
-  and a dashboard at ``/``.
+  and a dashboard at ``/``; on a loopback address it answers only loopback ``Host``
+  names (DNS rebinding), but for its health.
 
 Every service answers ``GET /health`` with ``{"ok", "app", "service", "instance", "port",
 "pid"}``, stops cleanly on SIGTERM or SIGINT, and stops by itself when the ``portpool up``

@@ -9,7 +9,10 @@
 - ``GET /``: the dashboard (one self-contained page that refreshes itself).
 
 A service is healthy when its ``GET /health`` answers 200 naming that service and port,
-so a foreign program on the port never counts as ours.
+so a foreign program on the port never counts as ours. Served on a loopback address, it
+answers only requests whose ``Host`` is a loopback name (421 otherwise), as the MCP
+services do: a web page could otherwise read the instances' directories and pids
+through DNS rebinding (``/health`` answers any ``Host``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,40 @@ def check_host_for(address: str) -> str:
     if address == "::":
         return "::1"
     return address
+
+
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def host_is_loopback(header: str) -> bool:
+    """Whether a ``Host`` header (``name``, ``name:port``, ``[v6]:port``) names a
+    loopback address: the only names a browser uses for a server on one without DNS
+    rebinding (a page of evil.example resolving itself to 127.0.0.1)."""
+    host = header.strip().lower()
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    return name in LOOPBACK_NAMES
+
+
+# What any Host may ask: says no more than that this service runs (for health checkers).
+OPEN_PATHS = frozenset({"/health", "/api/health"})
+
+
+def loopback_only(app: Any) -> Any:
+    """``app`` (ASGI) answering 421 to HTTP and WebSocket requests whose ``Host`` is not
+    a loopback name (``host_is_loopback``), but for ``OPEN_PATHS``; lifespan events pass
+    through."""
+    from starlette.responses import PlainTextResponse
+
+    async def guarded(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] in ("http", "websocket") and scope.get("path") not in OPEN_PATHS:
+            headers = dict(scope.get("headers") or [])
+            if not host_is_loopback(headers.get(b"host", b"").decode("latin-1")):
+                response = PlainTextResponse("Invalid Host header", status_code=421)
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return guarded
 
 
 def dashboard_html() -> str:
@@ -214,4 +251,8 @@ def build_app(ctx: ServiceContext, check_host: str = CHECK_HOST) -> Starlette:
 
 async def serve(ctx: ServiceContext, sock: socket.socket, stop: asyncio.Event) -> None:
     """Serve the API and the dashboard on ``sock`` until ``stop`` is set."""
-    await serve_asgi(build_app(ctx, check_host_for(sock.getsockname()[0])), sock, stop)
+    address = sock.getsockname()[0]
+    app: Any = build_app(ctx, check_host_for(address))
+    if address in LOOPBACK_NAMES:
+        app = loopback_only(app)
+    await serve_asgi(app, sock, stop)
