@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import find_free_block
-from tests.helpers import OCCUPANT, occupy, releasing, wait_for
+from tests.helpers import HOLD, OCCUPANT, occupy, read_line, releasing, start, wait_for
 
 from portpool._addresses import has_ipv6_loopback, takes_traffic
 from portpool._doctor import classify_port
@@ -570,7 +570,7 @@ def test_a_connection_its_program_closed_is_named_no_process(port: int) -> None:
 
 
 def test_doctor_names_a_listener_on_the_loopback_the_host_does_not_cover(
-    state: StateDir, port: int, occupy_port: Occupy
+    state: StateDir, port: int, occupy_port: Occupy, tmp_path: Path
 ) -> None:
     """A foreign server on [::1]:P beside a 127.0.0.1 layout takes `localhost:P`'s
     clients that try ::1 first (browsers, Node); doctor called the port plainly free."""
@@ -588,9 +588,15 @@ def test_doctor_names_a_listener_on_the_loopback_the_host_does_not_cover(
         "holds both loopbacks)"
     )
     assert verdict.to_dict()["notes"] == [verdict.describe().removeprefix("free; ")]
-    # Held by us, it is named too, and is not one of the foreign listeners the shield
-    # trips on (those are counted in the summary).
-    with acquire(state, [port], host="127.0.0.1"):
+    # Held by an instance, it is named too, and is not one of the foreign listeners the
+    # shield trips on (those are counted in the summary).
+    config = tmp_path / "portpool.toml"
+    config.write_text(f'app = "a"\nmax_instances = 1\n[services.web]\nbase = {port}\nsize = 1\n')
+    release_file = tmp_path / "release"
+    holder = start("run", "--config", str(config), "--", sys.executable, "-c", HOLD,
+                   str(release_file))  # fmt: skip
+    try:
+        assert read_line(holder).strip() == "1"
         report = examine_layout(layout, state)
         (verdict,) = report.verdicts
         assert verdict.kind == "held"
@@ -598,6 +604,22 @@ def test_doctor_names_a_listener_on_the_loopback_the_host_does_not_cover(
             verdict.describe()
         )
         assert report.summary() == []
+    finally:
+        release_file.touch()
+        holder.wait(timeout=30)
+    # A program of the holder's own (a `socket = "port"` service binding ::1 itself) is
+    # not named: it is the service.
+    other = find_free_block(1, 32000, 32500)
+    with acquire(state, [other], host="127.0.0.1"):
+        own = socket.socket(socket.AF_INET6)
+        try:
+            own.bind(("::1", other))
+            own.listen()
+            one = Layout("a", (Service("web", other, 1),), host="127.0.0.1", max_instances=1)
+            (verdict,) = examine_layout(one, state).verdicts
+            assert verdict.kind == "held" and verdict.elsewhere == (), verdict
+        finally:
+            own.close()
     # A layout on localhost covers ::1: nothing to say (acquire would refuse the port).
     both = Layout("a", (Service("web", port, 1),), host="localhost", max_instances=1)
     (verdict,) = examine_layout(both, state).verdicts

@@ -173,12 +173,15 @@ def _unusable_lock_path(state: StateDir, port: int) -> str | None:
 _ONE_LOOPBACK = ("127.0.0.1", "::1", "0.0.0.0")
 
 
-def other_loopback_notes(port: int, host: str, sockets: Sequence[TcpSocket]) -> tuple[str, ...]:
+def other_loopback_notes(
+    port: int, host: str, sockets: Sequence[TcpSocket], holder: int | None = None
+) -> tuple[str, ...]:
     """One note per listener on ``port`` at the loopback ``host`` does not cover (``[::1]``
     beside 127.0.0.1): no refusal and no trip, since the lease's clients by address never
     reach it, but a client of ``localhost:<port>`` that tries it first (browsers, Node)
     gets that program instead of the service. ``doctor`` called such a port plainly free
-    or held. Raises nothing."""
+    or held. The listeners of ``holder`` (the pid holding the port) and its services are
+    left out: a ``socket = "port"`` service may bind ``::1`` itself. Raises nothing."""
     host = normalize_host(host)
     if host not in _ONE_LOOPBACK:
         return ()
@@ -194,8 +197,25 @@ def other_loopback_notes(port: int, host: str, sockets: Sequence[TcpSocket]) -> 
         f"{o.who()} listens on {o.place()}, which host {host} does not cover: a client of "
         f"localhost:{port} that tries it first reaches that program "
         '(host = "localhost" holds both loopbacks)'
-        for o in with_owners(found)
+        for o in foreign_listeners(with_owners(found), holder)
     )
+
+
+def _elsewhere(
+    state: StateDir,
+    port: int,
+    *,
+    host: str,
+    sockets: Sequence[TcpSocket],
+    refusal: Refusal | None,
+    locked: LockTable | None,
+) -> tuple[str, ...]:
+    """``other_loopback_notes`` of a port, its holder read only when there is a note."""
+    notes = other_loopback_notes(port, host, sockets)
+    if notes and refusal is not None and refusal.reason == "held":
+        record = inspect_port(state, port, locked).record
+        notes = other_loopback_notes(port, host, sockets, None if record is None else record.pid)
+    return notes
 
 
 def examine_layout(
@@ -218,7 +238,14 @@ def examine_layout(
                     refusal, notes, found = classify_port(
                         state, port, layout.host, locked=locked, sockets=sockets
                     )
-                    elsewhere = other_loopback_notes(port, layout.host, sockets)
+                    elsewhere = _elsewhere(
+                        state,
+                        port,
+                        host=layout.host,
+                        sockets=sockets,
+                        refusal=refusal,
+                        locked=locked,
+                    )
                     verdicts.append(
                         PortVerdict(number, svc.name, port, refusal, notes, found, elsewhere)
                     )
