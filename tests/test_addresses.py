@@ -290,7 +290,7 @@ def test_doctor_names_a_foreign_listener_on_a_held_port(
     line = next(x for x in done.stdout.splitlines() if f" {port_base}  " in x)
     assert line.split(f"{port_base}  ", 1)[1].startswith("held by instance 1 of testapp")
     assert f"also listened on by pid {stranger.pid} (python) on [::1]:{port_base}" in line
-    assert "1 held ports are also listened on by a foreign program" in done.stdout
+    assert "1 held port is also listened on by a foreign program" in done.stdout
     first = next(p for p in as_json["ports"] if p["port"] == port_base)
     assert first["kind"] == "held"
     assert any(o["pids"] == [stranger.pid] for o in first["occupants"])

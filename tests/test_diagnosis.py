@@ -636,5 +636,8 @@ def test_doctors_summary_counts_one_intruded_port_in_the_singular() -> None:
     assert one.summary() == [
         "1 held port is also listened on by a foreign program, which can receive their clients"
     ]
-    two = DoctorReport("a", "127.0.0.1", 1, (intruded, intruded))
+    two = DoctorReport("a", "127.0.0.1", 2, (intruded, intruded))
     assert two.summary()[0].startswith("2 held ports are also listened on")
+    # Its heading read "app a: 1 instances".
+    assert one.heading() == "app a: 1 instance, host 127.0.0.1"
+    assert two.heading() == "app a: 2 instances, host 127.0.0.1"

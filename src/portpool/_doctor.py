@@ -14,6 +14,7 @@ from typing import Literal
 
 from portpool._addresses import occupies
 from portpool._jsonfile import special_entry
+from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
 from portpool._portstatus import inspect_port
@@ -98,6 +99,11 @@ class DoctorReport:
         for v in self.verdicts:
             out[v.kind] = out.get(v.kind, 0) + 1
         return out
+
+    def heading(self) -> str:
+        """The first line of ``doctor``'s text: ``app A: 2 instances, host H`` (it read
+        "1 instances"). Raises nothing."""
+        return f"app {self.app}: {counted(self.max_instances, 'instance')}, host {self.host}"
 
     def summary(self) -> list[str]:
         """Lines about the whole report that no single port says: a host this machine

@@ -160,7 +160,7 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
         doc = report.to_dict(show_free=show_all)
         echo_json(doc)
         return
-    click.echo(f"app {layout.app}: {layout.max_instances} instances, host {layout.host}")
+    click.echo(report.heading())
     number = 0
     for verdict in report.verdicts:
         if not (verdict.listed or show_all):
