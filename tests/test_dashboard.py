@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from test_services import ALL_SERVICES, Up, start_up, stop, stop_up, wait_up
+from test_services import (
+    ALL_SERVICES,
+    PORTPOOL,
+    Up,
+    cli_env,
+    start_up,
+    status_json,
+    stop,
+    stop_up,
+    wait_up,
+)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
 BROWSER_TIMEOUT_S = 90
@@ -112,4 +123,43 @@ def test_dashboard_shows_both_instances_healthy(home: Path, tmp_path: Path) -> N
         for proc in procs:
             stop(proc)
         for up in ups:
+            stop_up(up)
+
+
+@pytest.mark.slow
+def test_a_stopped_instance_is_shown_but_not_counted_as_down(home: Path, tmp_path: Path) -> None:
+    """The record of a killed instance stays until the next start or `gc`: its services
+    counted as down, and the summary of a healthy app read "6 / 7 services healthy"."""
+    chromium()
+    log = tmp_path / "up.log"
+    proc = start_up(home, log)
+    up: Up | None = None
+    killed = None
+    try:
+        up = wait_up(home, proc, log)
+        hold = "import time; print('ready', flush=True); time.sleep(60)"
+        killed = subprocess.Popen(
+            [PORTPOOL, "run", "--service", "api-server", "--", sys.executable, "-c", hold],
+            env=cli_env(home), cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert killed.stdout is not None and killed.stdout.readline() == "ready\n"
+        killed.kill()  # its record stays, its lock is gone: "not running"
+        killed.wait(timeout=10)
+        records = {i["number"]: i["alive"] for i in status_json(home)["instances"]}
+        assert records == {up.number: True, up.number + 1: False}
+
+        dump = browse(up.url("api-server", "/"), tmp_path / "profile", "--dump-dom")
+        dom = DashboardDom()
+        dom.feed(dump.stdout)
+        assert dom.body.get("data-state") == "ready", dump.stdout[:2000]
+        assert dom.instances[up.number + 1]["data-alive"] == "false"
+        assert list(dom.services[up.number + 1]) == ["api-server"]  # shown, as stopped
+        assert dom.summary["data-healthy"] == dom.summary["data-total"] == "6", dom.summary
+        assert "ok" in (dom.summary.get("class") or "").split()
+    finally:
+        if killed is not None and killed.poll() is None:
+            killed.kill()
+            killed.wait()
+        stop(proc)
+        if up is not None:
             stop_up(up)
