@@ -6,11 +6,13 @@ missing. A screenshot is kept under ``artifacts/`` for people to look at.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,6 +61,70 @@ def browse(url: str, profile: Path, *args: str) -> subprocess.CompletedProcess[s
     return subprocess.run(
         command, capture_output=True, text=True, timeout=BROWSER_TIMEOUT_S, check=True
     )
+
+
+# Every instance card: [id, scrollWidth, clientWidth], once the page has rendered.
+CARD_WIDTHS_JS = """new Promise(done => { const t = setInterval(() => {
+  if (document.body && document.body.dataset.state === "ready") {
+    clearInterval(t);
+    done(JSON.stringify([...document.querySelectorAll("article.instance")]
+      .map(c => [c.id, c.scrollWidth, c.clientWidth])));
+  } }, 100); })"""
+
+
+def card_widths(url: str, profile: Path, window: str) -> list[list[Any]]:
+    """Each instance card's id, scrollWidth and clientWidth in headless Chromium with a
+    ``window`` ("1280,900") size, read over the DevTools protocol once it rendered."""
+    import asyncio
+    import re
+    import urllib.request
+
+    from websockets.asyncio.client import connect
+
+    proc = subprocess.Popen(
+        [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--remote-debugging-port=0", f"--user-data-dir={profile}",
+         f"--window-size={window}", "about:blank"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        port = None
+        for _ in range(200):  # Chromium says where it listens within its first lines
+            found = re.search(r"ws://127\.0\.0\.1:(\d+)/", proc.stderr.readline())
+            if found:
+                port = int(found.group(1))
+                break
+        assert port is not None, "Chromium named no DevTools port"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=10) as answer:
+            page = next(t for t in json.load(answer) if t["type"] == "page")
+
+        async def measure() -> list[list[Any]]:
+            async with connect(page["webSocketDebuggerUrl"], max_size=None) as ws:
+                calls = 0
+
+                async def call(method: str, **params: Any) -> dict[str, Any]:
+                    nonlocal calls
+                    calls += 1
+                    await ws.send(json.dumps({"id": calls, "method": method, "params": params}))
+                    while True:
+                        message = json.loads(await ws.recv())
+                        if message.get("id") == calls:
+                            return dict(message)
+
+                await call("Page.navigate", url=url)
+                done = await call(
+                    "Runtime.evaluate",
+                    expression=CARD_WIDTHS_JS,
+                    awaitPromise=True,
+                    returnByValue=True,
+                )
+                return list(json.loads(done["result"]["result"]["value"]))
+
+        return asyncio.run(asyncio.wait_for(measure(), BROWSER_TIMEOUT_S))
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 class DashboardDom(HTMLParser):
@@ -113,6 +179,13 @@ def test_dashboard_shows_both_instances_healthy(home: Path, tmp_path: Path) -> N
                 assert row["data-healthy"] == "true", (up.number, name, row)
                 assert (row["data-state"], row["data-restarts"]) == ("ready", "0"), row
         assert dom.summary["data-healthy"] == dom.summary["data-total"] == "12"
+
+        # Every column fits a card: at 1280 px two 596 px cards clipped the state column.
+        for window in ("1280,900", "1920,1000"):
+            widths = card_widths(url, tmp_path / f"profile-{window}", window)
+            assert len(widths) == 2
+            for card, scroll_width, client_width in widths:
+                assert scroll_width <= client_width, (window, card, scroll_width, client_width)
 
         ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "dashboard.png"
