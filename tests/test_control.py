@@ -821,3 +821,30 @@ def test_a_command_line_click_cannot_parse_is_json_too(layout_file: Path, home: 
         plain = portpool(*args)  # without --json, stdout stays empty
         assert (plain.returncode, plain.stdout) == (2, ""), args
     assert not home.exists()
+
+
+def test_slot_blocked_by_another_apps_leases_is_skipped(
+    layout_file: Path, home: Path, tmp_path: Path
+) -> None:
+    # Another app sharing the state dir holds one of beta's slot-1 ports, a foreign
+    # program the other: the start ended with exit 3 while slot 2 was free.
+    layout = load_layout(str(layout_file))
+    first, second = layout.pool("beta", 1)
+    other = write_layout(tmp_path / "o.toml", first, app="otherapp", services={"web": {"size": 1}})
+    release = tmp_path / "release"
+    holder, _ = _hold(other, release)
+    foreign = socket.create_server(("127.0.0.1", second))
+    try:
+        done = portpool("run", "--config", str(layout_file), "--", sys.executable, "-c",
+                        "import os; print(os.environ['PORTPOOL_INSTANCE'], "
+                        "os.environ['PORTPOOL_PORT_BETA'])")  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        number, port = done.stdout.split()
+        assert number == "2" and int(port) in layout.pool("beta", 2)
+        assert "instance 1 of testapp skipped: service 'beta': every port" in done.stderr
+        assert f"port {first}: held by instance 1 of otherapp" in done.stderr, done.stderr
+    finally:
+        foreign.close()
+        release.touch()
+        holder.wait(timeout=30)
+    assert holder.returncode == 0  # the other app's instance ran on, untouched

@@ -2,7 +2,7 @@
 
 The number is the pinned one if given, else the one the last instance started for the
 same checkout had, else the lowest free one; a slot where a service's whole pool is
-taken by foreign programs is skipped. A slot is the kernel lock
+taken (by foreign programs or other apps' leases) is skipped. A slot is the kernel lock
 ``apps/<app>/instances/<n>.lock``; what runs in it (the leases, the record) is
 ``portpool.instance``'s concern.
 """
@@ -151,12 +151,14 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
 
 
 def _blocked(error: PoolExhausted) -> bool:
-    """Every port of the pool is refused by something that is not a portpool holder
-    (a foreign program): the next slot's pool may well be free. Not when the host is
-    no address of this machine: that refuses every slot alike, and trying each one
-    printed a warning per slot (329 of them) before the same error."""
+    """Every port of the pool is refused (by foreign programs, or by leases of another
+    app or process sharing the state dir): the next slot's pool may well be free. A
+    pool partly held by another app's instance used to end the start (exit 3) while
+    the next slot was free. Not when the host is no address of this machine: that
+    refuses every slot alike, and trying each one printed a warning per slot (329 of
+    them) before the same error."""
     reasons = {r.reason for r in error.refusals}
-    return bool(reasons) and "held" not in reasons and reasons != {"unavailable"}
+    return bool(reasons) and reasons != {"unavailable"}
 
 
 def fill_slot(
@@ -173,8 +175,9 @@ def fill_slot(
 
     The slot is ``number`` if given (SlotUnavailable if it is running, UsageError if it
     is outside 1..max), else ``preferred`` if it is free, else the lowest free one. When
-    ``fill`` raises PoolExhausted because foreign programs hold a whole pool, the next
-    free slot is tried (a warning says which and why). Raises NoFreeSlot, or the last
+    ``fill`` raises PoolExhausted because a whole pool is refused (foreign programs, other
+    apps' leases; not a host this machine lacks), the next free slot is tried (a warning
+    says which and why). Raises NoFreeSlot, or the last
     such PoolExhausted when every free slot was blocked (exit 3).
     """
     skipped: list[tuple[int, str]] = []

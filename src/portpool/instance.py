@@ -345,9 +345,9 @@ def start_instance(
     The slot is ``number`` if given (SlotUnavailable if it is running, UsageError if it
     is outside 1..max), else the number the last instance for ``directory`` (default:
     ``checkout_dir(layout)``) had if it is free, else the lowest free one. A slot where
-    one service's whole pool is taken by foreign programs is skipped (a warning says
-    which and why). ``services`` limits the leases to those services (all when None).
-    Raises NoFreeSlot or PoolExhausted (nothing is held afterwards), LayoutError,
+    one service's whole pool is taken (foreign programs, other apps' leases) is skipped
+    (a warning says which and why). ``services`` limits the leases to those services
+    (all when None). Raises NoFreeSlot or PoolExhausted (nothing is held afterwards), LayoutError,
     StateDirError.
     """
     layout = layout or resolve_layout(None)
