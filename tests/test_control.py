@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import (
     HOLD,
+    PORTPOOL,
     is_listening,
     kill_if_running,
     occupy,
@@ -848,3 +849,38 @@ def test_slot_blocked_by_another_apps_leases_is_skipped(
         release.touch()
         holder.wait(timeout=30)
     assert holder.returncode == 0  # the other app's instance ran on, untouched
+
+
+def test_a_command_whose_reader_is_gone_dies_of_sigpipe(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """`portpool logs -f | head`, `portpool layout | head -1`: click turned the broken
+    pipe into exit 1; a pipeline's writer dies of SIGPIPE, quietly (as up and run do)."""
+    tick = "import time\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.05)\n"
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", tick])
+    done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    try:
+        follower = start("logs", "-f", "web", cwd=tmp_path)
+        assert follower.stdout is not None and follower.stderr is not None
+        assert read_line(follower).endswith("| tick\n")
+        follower.stdout.close()  # the reader is gone; the next tick is written to no one
+        try:
+            assert follower.wait(timeout=30) == -signal.SIGPIPE
+        finally:
+            kill_if_running(follower)
+        assert follower.stderr.read() == ""
+        follower.stderr.close()
+        # A reader gone before the first line: every command that prints on stdout.
+        for args in (["logs"], ["status"], ["status", "--json"], ["layout"], ["env"],
+                     ["port", "web"], ["doctor", "--all"]):  # fmt: skip
+            read_end, write_end = os.pipe()
+            os.close(read_end)
+            try:
+                proc = subprocess.run([*PORTPOOL, *args], stdout=write_end, stderr=subprocess.PIPE,
+                                      text=True, cwd=tmp_path, timeout=60, check=False)  # fmt: skip
+            finally:
+                os.close(write_end)
+            assert (proc.returncode, proc.stderr) == (-signal.SIGPIPE, ""), args
+    finally:
+        assert portpool("stop", cwd=tmp_path).returncode == 0

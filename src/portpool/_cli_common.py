@@ -6,9 +6,12 @@ use it (tests/test_imports.py).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,12 +30,15 @@ __all__ = [
     "check_seconds",
     "config_option",
     "display",
+    "drop_stdout",
     "echo_json",
     "finish",
+    "from_echo",
     "handle_errors",
     "instance_option",
     "json_option",
     "layout_for",
+    "reader_gone",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,6 +60,39 @@ def display(text: str) -> str:
     raw, an ANSI sequence reached the user's terminal.
     """
     return _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered can never be written, and
+    must not fail once more at exit. Raises nothing."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def from_echo(error: BaseException) -> bool:
+    """Whether ``error`` was raised while printing (in ``click.echo``), not elsewhere."""
+    tb = error.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "echo" and code.co_filename == click.utils.__file__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def reader_gone(error: BrokenPipeError) -> None:
+    """The reader of our stdout went away (``portpool logs -f | head``): die of SIGPIPE,
+    quietly, as a pipeline's writer does (click exited 1). Raises ``error`` where the
+    OS has no SIGPIPE."""
+    from portpool._relay import die_of
+
+    pipe = getattr(signal, "SIGPIPE", None)
+    if pipe is None:
+        raise error
+    drop_stdout()
+    die_of(pipe)
 
 
 def _fail(error: PortPoolError, *, as_json: bool = False) -> None:
@@ -79,6 +118,10 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except PortPoolError as e:
             _fail(e, as_json=kwargs.get("as_json") is True)
+        except BrokenPipeError as e:
+            if not from_echo(e):
+                raise
+            reader_gone(e)
         except OSError as e:  # out of descriptors where nothing expected it (an import)
             from portpool.statedir import out_of_descriptors
 

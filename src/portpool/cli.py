@@ -27,12 +27,15 @@ from portpool._cli_common import (
     check_seconds,
     config_option,
     display,
+    drop_stdout,
     echo_json,
     finish,
+    from_echo,
     handle_errors,
     instance_option,
     json_option,
     layout_for,
+    reader_gone,
     refuse_unknown_option,
 )
 from portpool._cli_control import COMMANDS, up_detached
@@ -255,12 +258,8 @@ def _interrupted(func: F) -> F:
             return func(*args, **kwargs)
         except Interrupted as e:
             die_of(e.signum)
-        except BrokenPipeError:
-            pipe = getattr(signal, "SIGPIPE", None)
-            if pipe is None:
-                raise
-            _drop_stdout()
-            die_of(pipe)
+        except BrokenPipeError as e:
+            reader_gone(e)
 
     return wrapper  # type: ignore[return-value]
 
@@ -384,28 +383,8 @@ def _output_failed(error: OSError) -> None:
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.write(f"portpool: error: cannot write to standard output: {error.strerror}\n")
         sys.stderr.flush()
-    _drop_stdout()
+    drop_stdout()
     sys.exit(1)
-
-
-def _drop_stdout() -> None:
-    """Point stdout at /dev/null: what is still buffered can never be written, and
-    must not fail once more at exit. Raises nothing."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-
-
-def _from_echo(error: BaseException) -> bool:
-    """Whether ``error`` was raised while printing (in ``click.echo``), not elsewhere."""
-    tb = error.__traceback__
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        if code.co_name == "echo" and code.co_filename == click.utils.__file__:
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _occupy_closed_std_fds() -> bool:
@@ -450,7 +429,7 @@ def main() -> None:
 
         die_of(signal.SIGINT)
     except OSError as e:
-        if not _from_echo(e):
+        if not from_echo(e):
             raise
         _output_failed(e)
 
