@@ -333,3 +333,34 @@ def test_the_slot_holder_replaces_a_symlink_at_its_record_path_and_never_follows
     (instances / "1.json").mkdir()
     with pytest.raises(PortPoolError, match=r"cannot write 1\.json: Is a directory"):
         start_instance(layout, state=state, number=1)
+
+
+def test_a_forked_child_never_rewrites_or_stops_its_parents_instance(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    # A child forked with the instance in memory (multiprocessing's fork, a prefork
+    # server) once wrote the record under its own pid on heartbeat(), so the parent's
+    # shield tripped: "record rewritten by another process".
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, heartbeat=30)))
+    ran_in = tmp_path / "callback-ran-in"
+    with start_instance(layout, state=state, heartbeat=False) as inst:
+        inst.on_release(lambda: ran_in.write_text(str(os.getpid())))
+        pid = os.fork()
+        if pid == 0:  # the child: what a worker holding the object might call
+            code = 0
+            try:
+                inst.heartbeat()
+                inst.set_service_pids({"alpha": os.getpid()})
+                inst.write_record()
+                inst.release()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert not ran_in.exists()  # the parent's callbacks are the parent's
+        (info,) = list_instances(layout.app, state)
+        assert info.pid == os.getpid()
+        assert {s.name: s.pid for s in info.services} == {"alpha": os.getpid(), "beta": os.getpid()}
+        assert all(report.ok for report in inst.verify_all()), inst.verify_all()
+    assert ran_in.read_text() == str(os.getpid())

@@ -139,9 +139,19 @@ class Instance:
             ],
         }
 
+    @property
+    def _in_forked_child(self) -> bool:
+        """True in a process forked from the one that started this instance: there the
+        slot, the leases and the record are the parent's (the fork hook closed our
+        copies of the locks), so nothing may be written or stopped in their name."""
+        return not self.slot.is_owner_process
+
     def write_record(self) -> None:
-        """Write this instance's record (``<n>.json``) now; nothing once released.
-        Raises StateDirError if the record cannot be written."""
+        """Write this instance's record (``<n>.json``) now; nothing once released or in
+        a forked child (the record names the parent: a child's pid in it tripped the
+        parent's shield). Raises StateDirError if the record cannot be written."""
+        if self._in_forked_child:
+            return
         data = json.dumps(self._record(), separators=(",", ":")).encode()
         with self._mutex:
             if not self._released:
@@ -198,8 +208,11 @@ class Instance:
     # -- heartbeat
 
     def heartbeat(self) -> None:
-        """Refresh every lease's and the record's ``heartbeat_at`` now. Raises nothing: a
-        full disk must not kill a healthy instance (failures are logged or skipped)."""
+        """Refresh every lease's and the record's ``heartbeat_at`` now; nothing in a
+        forked child. Raises nothing: a full disk must not kill a healthy instance
+        (failures are logged or skipped)."""
+        if self._in_forked_child:
+            return
         for lease in list(self.leases.values()):
             with contextlib.suppress(PortPoolError, OSError):
                 lease.heartbeat()
@@ -290,11 +303,18 @@ class Instance:
         logged, not raised; when the instances directory cannot be checked (it became
         unsafe or unreadable) the slot is unlocked and its files are left. Raises
         nothing: an exception here used to leave the slot locked after the leases went.
+        In a forked child it only closes the child's copies of the sockets and locks:
+        the ``on_release`` callbacks and the files stay the parent's.
         """
         with self._mutex:
             if self._released:
                 return
             self._released = True
+        if self._in_forked_child:
+            for lease in self.leases.values():
+                lease.release()  # the child's copies only (see PortLock.release)
+            self.slot.release()
+            return
         self._stop.set()
         if self._shield is not None:
             self._shield.stop()
