@@ -17,7 +17,7 @@ from tests.helpers import HOLD, portpool, read_line, start, status_json, wait_fo
 from portpool._compat import get_service_port_pool, init_instance_manager
 from portpool._gc import gc
 from portpool._portstatus import inspect_port
-from portpool.errors import NoFreeSlot, PoolExhausted, PortPoolError, UsageError
+from portpool.errors import NoFreeSlot, NotRunning, PoolExhausted, PortPoolError, UsageError
 from portpool.instance import start_instance
 from portpool.layout import load_layout
 from portpool.records import list_instances
@@ -364,3 +364,36 @@ def test_a_forked_child_never_rewrites_or_stops_its_parents_instance(
         assert {s.name: s.pid for s in info.services} == {"alpha": os.getpid(), "beta": os.getpid()}
         assert all(report.ok for report in inst.verify_all()), inst.verify_all()
     assert ran_in.read_text() == str(os.getpid())
+
+
+def test_start_shield_on_a_released_instance_raises_instead_of_ending_the_process(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    # It used to start a shield over released leases, which tripped at its first check
+    # and, by default, ended the whole process with exit code 4.
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, shield=0.05)))
+    inst = start_instance(layout, state=state, heartbeat=False)
+    inst.release()
+    with pytest.raises(NotRunning, match="was released"):
+        inst.start_shield(on_lost=lambda lease, reason: None)
+    assert inst._shield is None
+
+
+def test_start_shield_in_a_forked_child_raises_instead_of_tripping(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, shield=0.05)))
+    with start_instance(layout, state=state, heartbeat=False) as inst:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                inst.start_shield()
+                code = 3  # a shield runs over locks this child does not hold
+            except NotRunning:
+                code = 0
+            except BaseException:
+                code = 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert all(report.ok for report in inst.verify_all())

@@ -24,6 +24,7 @@ from portpool._jsonfile import read_json_file, write_atomic
 from portpool._platform import current_identity
 from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
 from portpool.errors import (
+    NotRunning,
     PoolExhausted,
     PortPoolError,
     ResourceLimit,
@@ -247,11 +248,10 @@ class Instance:
     ) -> None:
         """Watch every lease and the slot; on a trip call ``on_lost`` (default: shut down
         this instance and exit the process with code 4). A second call does nothing.
-        Raises RuntimeError if the shield's thread cannot start."""
+        Raises NotRunning once the instance was released, or in a forked child (a shield
+        over leases that are not held tripped at its first check and ended the process
+        with code 4), RuntimeError if the shield's thread cannot start."""
         from portpool.shield import Shield
-
-        if self._shield is not None:
-            return
 
         def tripped(lease: Lease | None, reason: str) -> None:
             self.lost_reason = reason
@@ -259,15 +259,23 @@ class Instance:
                 log.critical("instance %d of %s lost: %s", self.number, self.app, reason)
             (on_lost or self._default_on_lost)(lease, reason)
 
-        self._shield = Shield(
-            list(self.leases.values()),
-            interval_s=self.layout.shield_interval_s,
-            on_lost=tripped,
-            instance_check=self.problem,
-            own_pids=own_pids or (self.service_pids.values),
-            name=f"portpool-shield-{self.number}",
-        )
-        self._shield.start()
+        with self._mutex:  # against a concurrent release(): it stops what started here
+            if self._shield is not None:
+                return
+            if self._released or self._in_forked_child:
+                why = "was released" if self._released else "belongs to the parent process"
+                raise NotRunning(
+                    self.app, f"instance {self.number} of {self.app!r} {why}; nothing to shield"
+                )
+            self._shield = Shield(
+                list(self.leases.values()),
+                interval_s=self.layout.shield_interval_s,
+                on_lost=tripped,
+                instance_check=self.problem,
+                own_pids=own_pids or (self.service_pids.values),
+                name=f"portpool-shield-{self.number}",
+            )
+            self._shield.start()
 
     def _default_on_lost(self, lease: Lease | None, reason: str) -> None:
         self.release()
