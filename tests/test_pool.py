@@ -293,3 +293,19 @@ def test_port_lock_is_released_when_bind_fails(state: StateDir, port_base: int, 
         acquire(state, [port_base])
     lock = PortLock.acquire(state, port_base)  # not left locked by the failed attempt
     lock.release()
+
+
+def test_a_lease_refuses_pickling_with_what_to_pass_instead(state: StateDir, port_base: int):
+    # multiprocessing's spawn and forkserver (the default start methods off Linux and
+    # from Python 3.14) pickle a Process's arguments: a Lease failed with "cannot pickle
+    # '_thread.lock' object". The socket is what another process can be given.
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    with acquire(state, [port_base], service="web") as lease:
+        for dumps in (pickle.dumps, ForkingPickler.dumps):
+            with pytest.raises(
+                TypeError, match=r"Lease \(port \d+\) cannot be pickled.*lease\.socket"
+            ):
+                dumps(lease)
+        assert lease.socket is not None and lease.socket.getsockname()[1] == port_base

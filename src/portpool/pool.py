@@ -111,6 +111,15 @@ class Lease:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # multiprocessing's spawn and forkserver pickle a Process's arguments; a Lease
+        # failed there with "cannot pickle '_thread.lock' object", which says nothing.
+        raise TypeError(
+            f"a portpool Lease (port {self.port}) cannot be pickled or copied: its kernel "
+            "lock belongs to this process. Pass lease.socket to the other process "
+            "(multiprocessing sends sockets) and keep the lease here until it is done"
+        )
+
     def __repr__(self) -> str:
         return f"Lease(service={self.service!r}, host={self.host!r}, port={self.port})"
 
