@@ -20,7 +20,7 @@ from portpool._portstatus import inspect_port
 from portpool._record import RECORD_SIZE, PortRecord, decode_record, encode_record, read_port_record
 from portpool.errors import AlreadyHeldHere, LockHeld, StateDirError
 from portpool.lock import PortLock
-from portpool.pool import acquire
+from portpool.pool import Lease, acquire
 from portpool.statedir import StateDir
 
 # A process that takes a port's lock (and record) and holds it until killed.
@@ -556,3 +556,31 @@ def test_readers_never_see_a_torn_record(state: StateDir, port_base: int):
     assert set(result["seen"]) <= allowed, result
     assert all(result["seen"].get(v, 0) > 0 for v in allowed), result  # both were seen
     assert writes[0] > 100
+
+
+def test_releasing_one_lease_from_several_threads_at_once_raises_nothing(
+    state: StateDir, port_base: int
+) -> None:
+    # Each thread read the lock's fd before any had cleared it: the second close raised
+    # EBADF out of release() ("raises nothing"), or closed a file another thread had
+    # just opened under the same number.
+    errors: list[BaseException] = []
+    for _ in range(100):
+        lease = acquire(state, [port_base], service="web")
+        start = threading.Barrier(4)
+
+        def release(lease: Lease = lease, start: threading.Barrier = start) -> None:
+            start.wait()
+            try:
+                lease.release()
+            except BaseException as e:  # any error is the finding
+                errors.append(e)
+
+        threads = [threading.Thread(target=release) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        seen = inspect_port(state, port_base)
+        assert seen.is_free and seen.record is None

@@ -65,6 +65,9 @@ class HeldLock:
         self.dev, self.ino = file_id
         self.owner_pid = os.getpid()
         self._key = key
+        # Taking the fd for release is one step: two threads releasing at once closed
+        # it twice (EBADF, or another thread's file that reused the number).
+        self._fd_mutex = threading.Lock()
 
     @property
     def path(self) -> str:
@@ -169,6 +172,8 @@ class HeldLock:
         return self.owner_pid == os.getpid()
 
     def _disown(self) -> None:
+        # In the forked child, alone: the mutex may have been held by a parent thread.
+        self._fd_mutex = threading.Lock()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -179,15 +184,17 @@ class HeldLock:
                 del _held[self._key]
 
     def release(self) -> None:
-        """Unlock and close. In a forked child this only closes the child's copy."""
+        """Unlock and close. In a forked child this only closes the child's copy. Safe to
+        call twice and from several threads at once. Raises nothing."""
         self._forget()
-        if self.fd < 0:
+        with self._fd_mutex:
+            fd, self.fd = self.fd, -1
+        if fd < 0:
             return
         if self.is_owner_process:
             with contextlib.suppress(OSError):  # closing below frees it anyway
-                unlock(self.fd)
-        os.close(self.fd)
-        self.fd = -1
+                unlock(fd)
+        os.close(fd)
 
     def remove_and_release(self) -> None:
         """Unlink the lock file while still holding it (rule 2), then release."""

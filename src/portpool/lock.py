@@ -135,22 +135,24 @@ class PortLock:
 
         In a forked child this only closes the child's copies: the lock and the record
         stay the parent's. When the lock file is no longer ours (replaced or unlinked by
-        someone else) the record is left alone: it may be the new holder's.
+        someone else) the record is left alone: it may be the new holder's. Safe from
+        several threads at once: a second caller waits until the record is erased and
+        the lock released (it once unlocked first, leaving our record to the next holder).
         """
         with self._mutex:
             fd, self.meta_fd = self.meta_fd, -1
-        if fd < 0:
-            self.lock.release()
-            return
-        lock = self.lock
-        if lock.is_owner_process and lock.problem(check_kernel=False) is None:
-            # Erase before unlocking, so nobody ever reads our record as theirs; but only
-            # our own bytes: a record another process wrote is evidence, not ours to wipe.
-            with contextlib.suppress(OSError):
-                if self._written is None or read_at(fd, RECORD_SIZE, 0) == self._written:
-                    write_at(fd, _BLANK, 0)
-        os.close(fd)
-        lock.release()
+            if fd < 0:
+                self.lock.release()
+                return
+            lock = self.lock
+            if lock.is_owner_process and lock.problem(check_kernel=False) is None:
+                # Erase before unlocking, so nobody ever reads our record as theirs; but
+                # only our own bytes: a record another process wrote is evidence.
+                with contextlib.suppress(OSError):
+                    if self._written is None or read_at(fd, RECORD_SIZE, 0) == self._written:
+                        write_at(fd, _BLANK, 0)
+            os.close(fd)
+            lock.release()
 
 
 _BLANK = b" " * RECORD_SIZE
