@@ -475,3 +475,41 @@ def test_a_default_layout_overlapping_the_range_is_warned_about_when_used(
     done = _run(session, session_env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PortpoolWarning: portpool: the pools of layout " in done.stdout, done.stdout
+
+
+def _readme_section(title: str) -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : None if end < 0 else end]
+
+
+def _python_blocks(section: str) -> list[str]:
+    """The runnable ```python blocks of ``section`` (not those marked a fragment)."""
+    blocks = []
+    lines = section.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == "```python" and (i == 0 or lines[i - 1].strip() != "<!-- fragment -->"):
+            end = lines.index("```", i + 1)
+            blocks.append("\n".join(lines[i + 1 : end]) + "\n")
+    return blocks
+
+
+def test_the_readmes_pytest_examples_pass_as_tests_under_xdist(tmp_path: Path) -> None:
+    # The README's test examples ran only as scripts (tests/test_readme.py), which
+    # defines the test functions and calls none: a broken example passed there.
+    blocks = [b for b in _python_blocks(_readme_section("Testing with pytest")) if "def test_" in b]
+    assert len(blocks) >= 5
+    layout = _readme_section("The command line").split("# file: portpool.toml\n", 1)[1]
+    layout = layout.split("```", 1)[0]
+    low, high = _free_range(200)
+    where = tmp_path / "suite"
+    where.mkdir()
+    (where / "pytest.ini").write_text(f"[pytest]\nportpool_port_range = {low}-{high}\n")
+    (where / "portpool.toml").write_text(layout)
+    for number, block in enumerate(blocks):
+        (where / f"test_readme_{number}.py").write_text(block)
+    tests = sum(block.count("\ndef test_") + block.startswith("def test_") for block in blocks)
+    done = _run(where, session_env(tmp_path / "state"), "-n", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{tests} passed" in done.stdout, done.stdout
