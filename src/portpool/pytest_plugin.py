@@ -285,7 +285,9 @@ def portpool_port_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[
     """``() -> int``: each call a new port, held until this test's teardown.
 
     Each port is locked for this test alone (across xdist workers and concurrent runs)
-    and bindable at hand-over by a server that does not set SO_REUSEADDR.
+    and bindable at hand-over by a server that does not set SO_REUSEADDR. A call raises
+    PoolExhausted, naming the holders, when no port of the range is left, and
+    pytest.UsageError when this host leaves no default range.
     """
     source = _source(request.config)
     leases: list[Lease] = []
@@ -303,14 +305,16 @@ def portpool_port_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[
 @pytest.fixture
 def portpool_port(portpool_port_factory: Callable[[], int]) -> int:
     """A TCP port held for this test alone until its teardown; nothing is bound on it, and
-    a server binds it without SO_REUSEADDR (no TIME_WAIT left by an earlier test)."""
+    a server binds it without SO_REUSEADDR (no TIME_WAIT left by an earlier test).
+    Raises what a ``portpool_port_factory`` call raises."""
     return portpool_port_factory()
 
 
 @pytest.fixture
 def portpool_lease(request: pytest.FixtureRequest) -> Iterator[Lease]:
     """A portpool Lease on 127.0.0.1: the lock and the bound, listening socket itself,
-    for servers that take a socket (``sock=``, an fd): no window between check and use."""
+    for servers that take a socket (``sock=``, an fd): no window between check and use.
+    Raises PoolExhausted when no port of the range is left."""
     lease = _source(request.config).take(free_of_sockets=False)
     yield lease
     lease.release()

@@ -37,7 +37,9 @@ async def serve_aiohttp_async(
     Stop with ``await runner.cleanup()``, which closes the server's handle (a lease keeps
     the port until released; a bare socket is closed). ``runner_kwargs`` go to
     ``aiohttp.web.AppRunner``; ``shutdown_timeout`` (seconds) bounds the wait for
-    in-flight requests on cleanup.
+    in-flight requests on cleanup. Raises PortPoolError when the lease's socket was
+    already closed or the socket is not a listening stream socket, TypeError for
+    anything but a Lease or a socket.socket.
     """
     from aiohttp import web
 
@@ -59,7 +61,8 @@ def serve_aiohttp(
 
     ``run_app_kwargs`` go to ``aiohttp.web.run_app`` (``print``, ``access_log``,
     ``shutdown_timeout``, ...); ``host``, ``port``, ``path``, ``sock`` and
-    ``reuse_*`` raise TypeError, since the socket decides the address.
+    ``reuse_*`` raise TypeError, since the socket decides the address. Raises what
+    ``serve_aiohttp_async`` raises for the socket.
     """
     from aiohttp import web
 

@@ -80,7 +80,10 @@ def serve_asgi(app: Any, sock_or_lease: SocketOrLease, **uvicorn_config: Any) ->
 
     Blocks until SIGINT or SIGTERM, then shuts down gracefully and returns. The socket
     is never re-bound; uvicorn closes its handle on shutdown, and a lease keeps the port until
-    released. Raises TypeError for config options that would bind another address.
+    released. Raises TypeError for config options that would bind another address (or
+    ``reload``/``workers``) and for anything but a Lease or a socket.socket;
+    PortPoolError when the lease's socket was already closed or the socket is not a
+    listening stream socket.
     """
     server = _server(app, uvicorn_config, "serve_asgi")
     sockets = _sockets(sock_or_lease)
@@ -93,7 +96,7 @@ async def serve_asgi_async(app: Any, sock_or_lease: SocketOrLease, **uvicorn_con
 
     Returns after SIGINT or SIGTERM (in the main thread) and a graceful shutdown. When
     the awaiting task is cancelled, the server shuts down gracefully first, then the
-    cancellation propagates. Same socket rules as ``serve_asgi``.
+    cancellation propagates. Same socket rules and errors as ``serve_asgi``.
     """
     import asyncio
 

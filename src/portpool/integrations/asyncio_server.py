@@ -41,7 +41,9 @@ async def serve_streams_async(
 
     Returns the server, already accepting. ``start_server_kwargs`` go to
     ``asyncio.start_server`` (``limit``, ``ssl``, ``backlog``, ...); options that would
-    bind another address (``host``, ``port``, ``sock``, ``reuse_port``...) raise TypeError.
+    bind another address (``host``, ``port``, ``sock``, ``reuse_port``...) raise TypeError,
+    as does anything but a Lease or a socket.socket. Raises PortPoolError when the lease's
+    socket was already closed or the socket is not a listening stream socket.
     """
     import asyncio
 
@@ -59,6 +61,7 @@ async def serve_protocol_async(
 
     Returns the server, already accepting. ``create_server_kwargs`` go to
     ``loop.create_server``; options that would bind another address raise TypeError.
+    Same socket errors as ``serve_streams_async``.
     """
     import asyncio
 

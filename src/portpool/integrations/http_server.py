@@ -53,7 +53,9 @@ def make_http_server(
 
     Nothing is bound; ``server.server_address`` is the socket's address and
     ``server.server_close()`` closes the server's handle (a lease keeps the port until
-    released; a bare socket is closed).
+    released; a bare socket is closed). Raises PortPoolError when the lease's socket was
+    already closed (``close_socket()``, ``release()``) or the socket is closed or not a
+    listening stream socket; TypeError for anything but a Lease or a socket.socket.
     """
     from http.server import ThreadingHTTPServer
 
@@ -84,7 +86,8 @@ def serve_http(
     """Serve ``handler_class`` on the socket until SIGINT or SIGTERM, then close and return.
 
     Signals are only handled from the main thread; elsewhere it serves until the
-    process ends. The server's handle is closed on return.
+    process ends. The server's handle is closed on return. Raises what
+    ``make_http_server`` raises.
     """
     server = make_http_server(sock_or_lease, handler_class, server_class or _default_class())
     if threading.current_thread() is not threading.main_thread():
