@@ -309,3 +309,49 @@ def test_a_lease_refuses_pickling_with_what_to_pass_instead(state: StateDir, por
             ):
                 dumps(lease)
         assert lease.socket is not None and lease.socket.getsockname()[1] == port_base
+
+
+# A file system that refuses to grow our files (a quota, a full disk), made real with a
+# file size limit of 0 bytes in a child process: every record write fails with EFBIG.
+NO_GROWTH = r"""
+import resource, signal, sys
+from portpool.errors import PortPoolError, StateDirError
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+
+port = int(sys.argv[1])
+state = StateDir.open()
+held = acquire(state, [port])  # its record is written while writes still work
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the error, not the signal, please
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+for what, call in (("heartbeat", held.heartbeat), ("acquire", lambda: acquire(state, [port + 1]))):
+    try:
+        call()
+        print(what, "no error")
+    except StateDirError as e:
+        print(what, "StateDirError", e.path.rsplit("/", 1)[-1], e.problem)
+    except PortPoolError as e:
+        print(what, type(e).__name__, e)
+held.release()
+"""
+
+
+def test_a_file_system_that_refuses_record_writes_is_a_state_dir_error(
+    home: Path, port_base: int
+) -> None:
+    # acquire() once grew each new record file before its lock's record was written,
+    # outside the handler that reports a failed write: the OSError (EFBIG, EDQUOT)
+    # escaped `except PortPoolError`. Lease.heartbeat() let it out too.
+    done = subprocess.run(
+        [sys.executable, "-c", NO_GROWTH, str(port_base)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"heartbeat StateDirError {port_base}.json cannot write metadata: File too large",
+        f"acquire StateDirError {port_base + 1}.json cannot write metadata: File too large",
+    ]
+    assert inspect_port(StateDir.open(str(home)), port_base + 1).is_free

@@ -180,8 +180,11 @@ def _open_meta(directory: DirHandle, name: str) -> int:
             os.close(fd)
             directory.unlink(name)
             continue
-        if st.st_size != RECORD_SIZE:
-            os.ftruncate(fd, RECORD_SIZE)  # only after junk or first use: not the hot path
+        if st.st_size > RECORD_SIZE:
+            # Only ever shrink: our first write grows a new file, and there a file system
+            # that refuses to grow it (quota, file size limit) is reported as the state
+            # dir's fault; growing it here leaked the OSError out of acquire().
+            os.ftruncate(fd, RECORD_SIZE)
         return fd
     path = os.path.join(directory.path, name)
     raise StateDirError(path, "metadata path keeps being replaced")

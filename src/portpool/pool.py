@@ -96,8 +96,12 @@ class Lease:
 
     def heartbeat(self) -> None:
         """Refresh the record's ``heartbeat_at`` now. Raises LockError once released,
-        OSError if the write fails."""
-        self.lock.heartbeat()
+        StateDirError if the write fails (a full disk, a quota)."""
+        try:
+            self.lock.heartbeat()
+        except OSError as e:
+            where = f"{self.lock.lock.directory.path}/{self.port}.json"
+            raise StateDirError(where, f"cannot write metadata: {e.strerror or e}") from e
 
     def release(self) -> None:
         """Close the socket, erase the record, unlock. Safe to call twice. Raises
