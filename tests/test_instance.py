@@ -397,3 +397,13 @@ def test_start_shield_in_a_forked_child_raises_instead_of_tripping(
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert all(report.ok for report in inst.verify_all())
+
+
+def test_one_service_name_given_as_a_str_is_that_service(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    # A str is a Sequence[str] to the type checker: "alpha" was read as the services
+    # "a", "l", "p", "h", "a" and refused with "services.a: no such service".
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base)))
+    with start_instance(layout, services="alpha", state=state, heartbeat=False) as inst:
+        assert list(inst.ports) == ["alpha"]

@@ -374,11 +374,15 @@ def start_instance(
     is outside 1..max), else the number the last instance for ``directory`` (default:
     ``checkout_dir(layout)``) had if it is free, else the lowest free one. A slot where
     one service's whole pool is taken (foreign programs, other apps' leases) is skipped
-    (a warning says which and why). ``services`` limits the leases to those services
-    (all when None). Raises NoFreeSlot or PoolExhausted (nothing is held afterwards), LayoutError,
-    StateDirError.
+    (a warning says which and why). ``services`` (service names) limits the leases to
+    those services (all when None or empty); a single name may be given as a str.
+    Raises NoFreeSlot, PoolExhausted or SlotUnavailable (nothing is held afterwards),
+    UnknownService for a name the layout lacks, UsageError for a ``number`` outside
+    1..max_instances, LayoutError, StateDirError, ResourceLimit.
     """
     layout = layout or resolve_layout(None)
+    if isinstance(services, str):  # a str is a Sequence[str]: its letters were names
+        services = [services]
     names = list(services) if services else [s.name for s in layout.services]
     for name in names:
         layout.service(name)  # unknown names fail before anything is locked
