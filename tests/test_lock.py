@@ -584,3 +584,34 @@ def test_releasing_one_lease_from_several_threads_at_once_raises_nothing(
         assert errors == []
         seen = inspect_port(state, port_base)
         assert seen.is_free and seen.record is None
+
+
+def test_a_heartbeat_never_writes_over_a_record_another_process_wrote(
+    state: StateDir, home: Path, port_base: int
+) -> None:
+    # The heartbeat rewrote the whole file from memory: a record another process had
+    # written over ours was "healed" before the shield's next check, which then never
+    # tripped (`up` ran on, its port's record once taken over).
+    from portpool.errors import LockError
+
+    with acquire(state, [port_base], service="web") as lease:
+        path = home / "ports" / f"{port_base}.json"
+        path.write_text("not a record")
+        with pytest.raises(LockError, match="no longer the record this process wrote"):
+            lease.heartbeat()
+        assert path.read_text() == "not a record"
+        assert "unreadable" in (lease.lock.problem() or "")
+    assert path.read_text() == "not a record"  # release leaves evidence alone too
+
+
+def test_heartbeats_of_an_untouched_record_keep_refreshing_it(
+    state: StateDir, port_base: int
+) -> None:
+    with acquire(state, [port_base], service="web") as lease:
+        assert lease.record is not None
+        first = lease.record.acquired_at
+        lease.lock.heartbeat(now=first + 5)
+        lease.lock.heartbeat(now=first + 10)
+        seen = inspect_port(state, port_base).record
+        assert seen is not None and seen.heartbeat_at == first + 10
+        assert lease.lock.problem() is None

@@ -84,17 +84,28 @@ class PortLock:
         return record
 
     def heartbeat(self, now: float | None = None) -> None:
-        """Refresh ``heartbeat_at`` in place (one pwrite). Raises LockError once released."""
+        """Refresh ``heartbeat_at`` in place (one pwrite), only over our own record.
+
+        Raises LockError once released, or when the file no longer holds the record we
+        wrote (it is left as found: the shield reports it; a heartbeat that wrote over it
+        hid a takeover from the shield), OSError if the read or write fails.
+        """
         if self.record is None:
             return
         now = time.time() if now is None else now
-        self._write(dataclasses.replace(self.record, heartbeat_at=now))
+        self._write(dataclasses.replace(self.record, heartbeat_at=now), over_ours=True)
 
-    def _write(self, record: PortRecord) -> None:
+    def _write(self, record: PortRecord, *, over_ours: bool = False) -> None:
         data = encode_record(record)
         with self._mutex:
             if self.meta_fd < 0:
                 raise LockError(f"port {self.port}: lock already released")
+            mine = self._written
+            if over_ours and mine is not None and read_at(self.meta_fd, RECORD_SIZE, 0) != mine:
+                raise LockError(
+                    f"port {self.port}: metadata ports/{self.port}.json is no longer the "
+                    "record this process wrote; left as found"
+                )
             write_at(self.meta_fd, data, 0)
             self.record = record
             self._written = data

@@ -95,7 +95,8 @@ class Lease:
         return f"{who} got port {self.port}, not {self.refusals[0].port}: {why}"
 
     def heartbeat(self) -> None:
-        """Refresh the record's ``heartbeat_at`` now. Raises LockError once released,
+        """Refresh the record's ``heartbeat_at`` now. Raises LockError once released or
+        when another process wrote over the record (left as found, for the shield),
         StateDirError if the write fails (a full disk, a quota)."""
         try:
             self.lock.heartbeat()
