@@ -407,3 +407,22 @@ def test_one_service_name_given_as_a_str_is_that_service(
     layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base)))
     with start_instance(layout, services="alpha", state=state, heartbeat=False) as inst:
         assert list(inst.ports) == ["alpha"]
+
+
+def test_a_heartbeat_leaves_an_instance_record_another_process_wrote_for_the_shield(
+    tmp_path: Path, port_base: int, state: StateDir, home: Path
+) -> None:
+    # heartbeat() rewrote the record from memory: one another process had written over
+    # ours was healed before the shield's next check, which then saw nothing wrong.
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base)))
+    with start_instance(layout, state=state, heartbeat=False) as inst:
+        path = home / "apps" / layout.app / "instances" / f"{inst.number}.json"
+        taken = json.loads(path.read_text())
+        taken["pid"] = 1
+        path.write_text(json.dumps(taken))
+        inst.heartbeat()
+        inst.set_service_pids({"alpha": os.getpid()})
+        assert json.loads(path.read_text())["pid"] == 1
+        (report,) = [r for r in inst.verify_all() if r.kind == "instance"]
+        assert not report.ok and "rewritten by another process" in report.problems[0]
+    assert json.loads(path.read_text())["pid"] == 1  # release erases only its own

@@ -24,6 +24,7 @@ from portpool._jsonfile import read_json_file, write_atomic
 from portpool._platform import current_identity
 from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
 from portpool.errors import (
+    LockError,
     NotRunning,
     PoolExhausted,
     PortPoolError,
@@ -69,6 +70,7 @@ class Instance:
         self._shield: Any = None
         self._mutex = threading.RLock()
         self._released = False
+        self._recorded = False  # after our first record, we only ever write over ours
         self._on_release: list[Callable[[], None]] = []
 
     @property
@@ -150,13 +152,24 @@ class Instance:
     def write_record(self) -> None:
         """Write this instance's record (``<n>.json``) now; nothing once released or in
         a forked child (the record names the parent: a child's pid in it tripped the
-        parent's shield). Raises StateDirError if the record cannot be written."""
+        parent's shield). Raises StateDirError if the record cannot be written,
+        LockError when the slot or the record is no longer ours (the files are left as
+        found for the shield to report: a heartbeat that rewrote them hid a takeover)."""
         if self._in_forked_child:
             return
         data = json.dumps(self._record(), separators=(",", ":")).encode()
         with self._mutex:
-            if not self._released:
-                write_atomic(self.state.instances(self.app), f"{self.number}.json", data)
+            if self._released:
+                return
+            if self._recorded:
+                try:
+                    problem = self._own_files_problem()
+                except OSError:  # cannot tell: the write below says what is wrong
+                    problem = None
+                if problem is not None:
+                    raise LockError(f"{problem}; left as found")
+            write_atomic(self.state.instances(self.app), f"{self.number}.json", data)
+            self._recorded = True
 
     def set_service_pids(self, pids: Mapping[str, int]) -> None:
         """Record which process (pid) serves each service (for ``status`` and the
