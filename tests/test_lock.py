@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -615,3 +617,67 @@ def test_heartbeats_of_an_untouched_record_keep_refreshing_it(
         seen = inspect_port(state, port_base).record
         assert seen is not None and seen.heartbeat_at == first + 10
         assert lease.lock.problem() is None
+
+
+def _release_in_unsearchable_dirs(home: str, port: int) -> str:
+    """In this process: take a lease and an instance, make their directories
+    unsearchable, release both, and say what happened (one word per step)."""
+    from portpool.instance import start_instance
+    from portpool.layout import Layout, Service
+
+    state = StateDir.open(home)
+    lease = acquire(state, [port])
+    layout = Layout(app="unsearchable", services=(Service("web", base=port + 1, size=1),))
+    inst = start_instance(layout, state=state, heartbeat=False, clean=False)
+    dirs = [os.path.join(home, "ports"), os.path.join(home, "apps", "unsearchable", "instances")]
+    for path in dirs:
+        os.chmod(path, 0)
+    said = []
+    for release in (lease.release, inst.release):
+        try:
+            release()
+            said.append("released")
+        except OSError as e:
+            said.append(type(e).__name__)
+    for path in dirs:
+        os.chmod(path, 0o700)
+    again = acquire(state, [port])  # raised "held by this process already"
+    again.release()
+    said.append("again" if lease.lock.lock.fd == inst.slot.fd == -1 else "fds-left")
+    return " ".join(said)
+
+
+def test_release_raises_nothing_and_unlocks_when_its_directory_became_unsearchable(
+    port_base: int,
+) -> None:
+    # The check "is the path still our file?" raised EACCES out of release() ("raises
+    # nothing"), before the unlock: the lease's and the slot's locks stayed held.
+    # Root is never refused a directory, so the child gives up root first.
+    home = tempfile.mkdtemp()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(read_end)
+            if os.geteuid() == 0:
+                # Once as root first: every module it needs is imported while the
+                # interpreter's own files are still readable.
+                warm = tempfile.mkdtemp()
+                _release_in_unsearchable_dirs(warm, port_base)
+                shutil.rmtree(warm)
+                os.chown(home, 65534, 65534)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            os.write(write_end, _release_in_unsearchable_dirs(home, port_base).encode())
+        except BaseException as e:
+            os.write(write_end, repr(e).encode())
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as said:
+        words = said.read()
+    os.waitpid(pid, 0)
+    shutil.rmtree(home, ignore_errors=True)
+    assert words == "released released again"

@@ -197,8 +197,14 @@ class HeldLock:
         os.close(fd)
 
     def remove_and_release(self) -> None:
-        """Unlink the lock file while still holding it (rule 2), then release."""
-        if self.is_owner_process and self.problem(check_kernel=False) is None:
+        """Unlink the lock file while still holding it (rule 2), then release. Raises
+        nothing: when the path cannot be examined the file is left and the lock released
+        (an OSError here once left the lock held)."""
+        try:
+            ours = self.is_owner_process and self.problem(check_kernel=False) is None
+        except OSError:
+            ours = False
+        if ours:
             with contextlib.suppress(OSError):
                 self.directory.unlink(self.name)
         self.release()

@@ -156,7 +156,7 @@ class PortLock:
                 self.lock.release()
                 return
             lock = self.lock
-            if lock.is_owner_process and lock.problem(check_kernel=False) is None:
+            if lock.is_owner_process and _still_ours(lock):
                 # Erase before unlocking, so nobody ever reads our record as theirs; but
                 # only our own bytes: a record another process wrote is evidence.
                 with contextlib.suppress(OSError):
@@ -167,6 +167,16 @@ class PortLock:
 
 
 _BLANK = b" " * RECORD_SIZE
+
+
+def _still_ours(lock: HeldLock) -> bool:
+    """Whether the path still names our locked file; False when that cannot be told
+    (a directory made unsearchable): its OSError once escaped release() and left the
+    lock held, so the port could not be taken again by this process."""
+    try:
+        return lock.problem(check_kernel=False) is None
+    except OSError:
+        return False
 
 
 def _open_meta(directory: DirHandle, name: str) -> int:
