@@ -4,7 +4,11 @@ Every helper takes a ``Lease`` (it serves ``lease.socket``) or a ``socket.socket
 (for instance one from ``listen_socket()``) and serves that socket: bound and listening
 already, never bound again, so the port cannot change hands between the check and the
 use. A lease keeps its socket, and so the port, until it is released (the server gets
-a duplicate handle of the same kernel socket); a bare socket is handed over.
+a duplicate handle of the same kernel socket); a bare socket is handed over. A
+duplicate shares the socket's blocking mode: once an asyncio-based server (asyncio,
+uvicorn, aiohttp) has served a lease, its socket stays non-blocking at the OS level;
+call ``lease.socket.settimeout(None)`` before a blocking ``accept()`` or before handing
+``lease.fileno()`` to a program that expects a blocking socket.
 
 One naming rule: ``serve_X`` blocks (it serves until SIGINT/SIGTERM, then returns, like
 ``asyncio.run``); ``serve_X_async`` is a coroutine for your own event loop (like
