@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from tests.helpers import mounted_tmpfs
 
 from portpool._portstatus import inspect_port
 from portpool.errors import InvalidPort, LayoutError, PoolExhausted
@@ -355,3 +356,22 @@ def test_a_file_system_that_refuses_record_writes_is_a_state_dir_error(
         f"acquire StateDirError {port_base + 1}.json cannot write metadata: File too large",
     ]
     assert inspect_port(StateDir.open(str(home)), port_base + 1).is_free
+
+
+def test_a_read_only_state_dir_is_a_state_dir_error_not_an_exhausted_pool(
+    tmp_path: Path, port_base: int
+) -> None:
+    # Every port's lock file failed to open with EROFS, each a per-port refusal: acquire
+    # raised PoolExhausted (exit 3, "no free port") advising to "remove what is there".
+    from portpool.errors import StateDirError
+
+    with mounted_tmpfs(tmp_path / "fs", "1m") as fs:
+        state = StateDir.open(str(fs / "state"))
+        acquire(state, [port_base]).release()  # the ports directory exists
+        subprocess.run(["mount", "-o", "remount,ro", str(fs)], check=True)
+        with pytest.raises(StateDirError) as info:
+            acquire(state, [port_base + 1, port_base + 2])
+        assert info.value.path == str(fs / "state" / "ports")
+        assert "Read-only file system" in info.value.problem
+        assert "remove what is there" not in info.value.problem
+        state.close()

@@ -11,6 +11,7 @@ the child can neither free nor share the parent's locks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import threading
@@ -91,6 +92,13 @@ class HeldLock:
                 limit = out_of_descriptors(e)
                 if limit is not None:
                     raise limit from e
+                if _directory_refuses(directory, name, e):
+                    # Not this file's fault, so "remove what is there" was wrong advice.
+                    raise StateDirError(
+                        directory.path,
+                        f"cannot create or open files in it: {e.strerror or e} (make it "
+                        "writable by you, or set PORTPOOL_HOME to a directory that is)",
+                    ) from e
                 raise StateDirError(
                     os.path.join(directory.path, name),
                     f"cannot open lock file: {e.strerror or e} (remove what is there)",
@@ -208,6 +216,19 @@ class HeldLock:
             with contextlib.suppress(OSError):
                 self.directory.unlink(self.name)
         self.release()
+
+
+def _directory_refuses(directory: DirHandle, name: str, error: OSError) -> bool:
+    """Whether opening ``<dir>/<name>`` failed because of the directory itself: a
+    read-only file system, or no right to create the file there."""
+    if error.errno == errno.EROFS:
+        return True
+    if error.errno not in (errno.EACCES, errno.EPERM):
+        return False
+    try:
+        return directory.stat_entry(name) is None
+    except OSError:
+        return True  # not even searchable
 
 
 def _listed(directory: DirHandle, name: str, st: os.stat_result, locked: LockTable) -> bool:

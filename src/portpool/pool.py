@@ -201,7 +201,10 @@ def _only_passing(holder: LockHolder | None) -> bool:
 
 def _lock_port(state: StateDir, port: int) -> PortLock | Refusal:
     """The port's lock, or why not. A port held only for a moment (a cleaner, a holder
-    leaving) is tried again a few times rather than skipped while really free."""
+    leaving) is tried again a few times rather than skipped while really free. Raises
+    StateDirError when the ports directory itself refuses (read-only, not writable):
+    no other port would do better, and port by port it read as "all taken" (exit 3)."""
+    ports_dir = state.ports().path
     for wait_ms in (*_BUSY_WAITS_MS, None):
         try:
             return PortLock.acquire(state, port)
@@ -213,6 +216,10 @@ def _lock_port(state: StateDir, port: int) -> PortLock | Refusal:
             return Refusal(port, "held", "by this process already")
         except ResourceLimit:
             raise  # out of descriptors: no other port of the pool would do better
+        except StateDirError as e:
+            if e.path == ports_dir:
+                raise
+            return Refusal(port, "error", str(e))
         except PortPoolError as e:
             return Refusal(port, "error", str(e))
     raise AssertionError("unreachable")  # the loop always returns
