@@ -199,6 +199,23 @@ def test_gc_json_fails_like_gc_when_it_skipped_entries(home: Path) -> None:
     assert any("31100.lock" in p for p in json.loads(done.stdout)["problems"])
 
 
+def test_gc_creates_nothing(home: Path) -> None:
+    # Like status and doctor: gc of a state dir that is not there made it, and an app
+    # directory holding only logs got an empty instances directory.
+    for args in (["gc"], ["gc", "--json"]):
+        done = portpool(*args)
+        assert done.returncode == 0, done.stderr
+        assert not home.exists(), args
+    (home / "apps" / "someapp" / "logs").mkdir(parents=True, mode=0o700)
+    home.chmod(0o700)
+    (home / "apps").chmod(0o700)
+    (home / "apps" / "someapp").chmod(0o700)
+    done = portpool("gc")
+    assert (done.returncode, done.stdout) == (0, "gc: 0 files removed\n"), done.stderr
+    found = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
+    assert found == ["apps", "apps/someapp", "apps/someapp/logs"]
+
+
 def test_layout_and_gc_json(tmp_path: Path, port_base: int, home: Path) -> None:
     layout = write_layout(tmp_path / "p.toml", port_base, max_instances=3)
     doc = json.loads(portpool("layout", "--config", str(layout), "--json").stdout)

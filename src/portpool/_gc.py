@@ -114,7 +114,9 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
     ``report.problems``.
     """
     report = report or GcReport()
-    directory = state.instances(app)
+    directory = state.find_instances(app)  # an app dir without instances: nothing to do
+    if directory is None:
+        return report
     names = directory.listdir()
     odd: set[int] = set()
     for number in slot_numbers(names):
@@ -185,12 +187,13 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
 def gc(state: StateDir | None = None) -> GcReport:
     """Remove metadata left by dead holders, in every app and for every port.
 
-    ``state``: the state dir (default: this user's). Only what nobody holds is removed,
-    and only while holding its lock (rule 2). An entry that cannot be handled is skipped
-    and named in ``GcReport.problems``; raises StateDirError only for an unsafe state dir.
+    ``state``: the state dir (default: this user's; a missing one is not created). Only
+    what nobody holds is removed, and only while holding its lock (rule 2). An entry that
+    cannot be handled is skipped and named in ``GcReport.problems``; raises StateDirError
+    only for an unsafe state dir.
     """
     own = state is None
-    state = state or StateDir.open()
+    state = state or StateDir.open(create=False)  # cleaning creates nothing
     report = GcReport()
     try:
         for app in state.apps():
@@ -198,7 +201,9 @@ def gc(state: StateDir | None = None) -> GcReport:
                 clean_app(state, app, report)
             except (OSError, PortPoolError) as e:
                 report.problems.append(f"app {app}: {e}")
-        ports = state.ports()
+        ports = state.find("ports")
+        if ports is None:
+            return report
         locked = locked_inodes()
         for name in sorted(ports.listdir()):
             try:
