@@ -135,6 +135,14 @@ def test_the_entry_points_keep_to_the_running_instance(
     # Released: the pools are not this process's any more (they were still answered).
     with pytest.raises(PortPoolError, match="no instance runs in this process"):
         get_service_port_pool("beta")
+    # One service named as a str, as start_instance takes it: the second call asked
+    # for the services "a", "l", "p", "h", "a" and was refused.
+    instance = init_instance_manager(str(first), services="alpha", shield=False)
+    try:
+        assert list(instance.leases) == ["alpha"]
+        assert init_instance_manager(str(first), services="alpha", shield=False) is instance
+    finally:
+        instance.release()
 
 
 def _run_holders(layout: Path, release: Path, count: int) -> list[subprocess.Popen[str]]:

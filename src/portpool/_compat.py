@@ -38,9 +38,10 @@ def init_instance_manager(
     default layout). Later calls return the same instance. The leases' sockets are
     ready to serve: pass them to your server (see ``portpool.integrations``).
     ``number`` pins the instance number (see ``start_instance``); ``services`` limits
-    the leases to those service names; ``shield`` starts the shield, which ends the
-    process with exit code 4 when a lease stops being ours. Call ``release()`` on the
-    instance (or use it in a ``with`` block) to give everything back before exiting.
+    the leases to those service names (one name may be given as a str); ``shield``
+    starts the shield, which ends the process with exit code 4 when a lease stops being
+    ours. Call ``release()`` on the instance (or use it in a ``with`` block) to give
+    everything back before exiting.
     Compatibility layer: the original system's entry point; new code calls
     ``start_instance``. Raises UsageError when this process already runs an instance
     and the call asks for another layout, services or number (it used to return the
@@ -49,6 +50,8 @@ def init_instance_manager(
     LayoutError, StateDirError).
     """
     global _current
+    if isinstance(services, str):  # one name, as start_instance takes it (not its letters)
+        services = [services]
     with _current_mutex:
         running = _running()
         if running is not None:
