@@ -90,8 +90,15 @@ def portpool_modules(modules: set[str]) -> set[str]:
     return {m for m in modules if m == "portpool" or m.startswith("portpool.")}
 
 
+# The console script users type: its entry module (``_portpool_entry``) runs before the
+# CLI and is part of what `portpool --help` loads; `-m portpool.cli` would skip it.
+SCRIPT = Path(sys.executable).with_name("portpool")
+
+
 def cli(*args: str) -> list[str]:
-    return ["-m", "portpool.cli", *args]
+    """The ``portpool`` command as users type it, as arguments to this python."""
+    assert SCRIPT.exists(), f"the console script {SCRIPT} is not installed"
+    return [str(SCRIPT), *args]
 
 
 def test_import_portpool_loads_only_the_package(startup: set[str]) -> None:
@@ -129,6 +136,7 @@ def test_help_loads_click_and_the_cli_only(startup: set[str]) -> None:
     for args in (["--help"], ["status", "--help"]):
         loaded = imported(*cli(*args)) - startup
         assert "click" in loaded  # the process did run the CLI
+        assert "_portpool_entry" in loaded  # ... through the console script's entry point
         assert portpool_modules(loaded) <= CLI_MODULES, args
         assert not loaded & CLICK_OPTIONAL, args
         assert not roots(loaded) & (SERVER_STACKS | NOT_FOR_READING), args
