@@ -16,11 +16,12 @@ from tests.helpers import HOLD, portpool, read_line, start, status_json, wait_fo
 
 from portpool._compat import get_service_port_pool, init_instance_manager
 from portpool._gc import gc
+from portpool._platform import OpenFiles, locked_inodes
 from portpool._portstatus import inspect_port
 from portpool.errors import NoFreeSlot, NotRunning, PoolExhausted, PortPoolError, UsageError
 from portpool.instance import start_instance
 from portpool.layout import load_layout
-from portpool.records import list_instances
+from portpool.records import list_instances, read_instance
 from portpool.statedir import StateDir
 
 
@@ -215,6 +216,32 @@ def test_dead_instance_is_cleaned_by_gc_and_by_next_start(
         release.touch()
     with StateDir.open(str(home)) as state:
         assert gc(state).instances == []
+
+
+def test_an_instance_that_stops_cleanly_while_status_reads_it_is_not_shown_dead(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    """status reads a record, then asks its lock; a clean stop in between (record
+    removed, then slot unlocked) must not show a dead instance that never died."""
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base)))
+    instance = start_instance(layout, state=state, heartbeat=False)
+    stopped: list[int] = []
+
+    class StopsWhenAsked(OpenFiles):
+        """Asked whether the record's process holds the slot: it stops cleanly first."""
+
+        def holds_flock(self, pid: int, path: str, device: int, inode: int) -> bool:
+            if not stopped:
+                stopped.append(instance.number)
+                instance.release()
+            return super().holds_flock(pid, path, device, inode)
+
+    directory = state.instances(layout.app)
+    # As list_instances asks: the kernel's lock table where the process cannot vouch.
+    info = read_instance(directory, instance.number, locked_inodes, StopsWhenAsked())
+    assert stopped == [instance.number]  # the record was read before the stop
+    assert (info.alive, info.problem) == (False, "no record")
+    assert list_instances(layout.app, state) == []
 
 
 def test_status_survives_a_corrupt_record(tmp_path: Path, port_base: int, home: Path) -> None:

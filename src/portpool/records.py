@@ -255,6 +255,16 @@ def recorded_holder(directory: DirHandle, number: int) -> int | None:
         return None
 
 
+_READ_TRIES = 3
+
+
+def _record_stamp(directory: DirHandle, name: str) -> tuple[int, int, int] | None:
+    """(inode, ctime, size) of the record file, None if absent: a record is replaced by
+    a rename, so another stamp is another file. Raises OSError if it cannot be examined."""
+    st = directory.stat_entry(name)
+    return None if st is None else (st.st_ino, st.st_ctime_ns, st.st_size)
+
+
 def read_instance(
     directory: DirHandle,
     number: int,
@@ -267,7 +277,36 @@ def read_instance(
     the record's pid cannot confirm the lock itself (asked through ``open_files``,
     shared among the slots of one command); None probes. Raises OSError if the
     slot's lock file cannot be examined (an unreadable record is reported, not raised).
+
+    The record is read before the lock is asked, and an instance that stops cleanly
+    removes its record before it unlocks: a record read from an instance that stopped
+    in between would show a dead instance that never died. So a record whose slot is
+    free counts only if it is still the same file afterwards; gone, the instance
+    stopped cleanly ("no record"); replaced, the slot is read again.
     """
+    name = f"{number}.json"
+    for _ in range(_READ_TRIES):
+        try:
+            before = _record_stamp(directory, name)
+        except OSError:  # the reading below says what is wrong with it
+            return _read_instance_once(directory, number, locked, open_files)
+        info = _read_instance_once(directory, number, locked, open_files)
+        if info.alive:
+            return info
+        try:
+            if _record_stamp(directory, name) == before:
+                return info
+        except OSError:
+            return info
+    return info
+
+
+def _read_instance_once(
+    directory: DirHandle,
+    number: int,
+    locked: LockTable | Callable[[], LockTable | None] | None,
+    open_files: OpenFiles | None,
+) -> InstanceInfo:
     raw: object = None
     unreadable: str | None = None
     try:
