@@ -258,13 +258,6 @@ def recorded_holder(directory: DirHandle, number: int) -> int | None:
 _READ_TRIES = 3
 
 
-def _record_stamp(directory: DirHandle, name: str) -> tuple[int, int, int] | None:
-    """(inode, ctime, size) of the record file, None if absent: a record is replaced by
-    a rename, so another stamp is another file. Raises OSError if it cannot be examined."""
-    st = directory.stat_entry(name)
-    return None if st is None else (st.st_ino, st.st_ctime_ns, st.st_size)
-
-
 def read_instance(
     directory: DirHandle,
     number: int,
@@ -281,21 +274,17 @@ def read_instance(
     The record is read before the lock is asked, and an instance that stops cleanly
     removes its record before it unlocks: a record read from an instance that stopped
     in between would show a dead instance that never died. So a record whose slot is
-    free counts only if it is still the same file afterwards; gone, the instance
-    stopped cleanly ("no record"); replaced, the slot is read again.
+    free counts only if it is still there afterwards; gone, the slot is read again
+    (the instance stopped cleanly: "no record").
     """
     name = f"{number}.json"
     for _ in range(_READ_TRIES):
-        try:
-            before = _record_stamp(directory, name)
-        except OSError:  # the reading below says what is wrong with it
-            return _read_instance_once(directory, number, locked, open_files)
         info = _read_instance_once(directory, number, locked, open_files)
-        if info.alive:
+        if info.alive or info.problem == "no record":
             return info
         try:
-            if _record_stamp(directory, name) == before:
-                return info
+            if directory.stat_entry(name) is not None:
+                return info  # a dead instance's record: it stays until gc or the next start
         except OSError:
             return info
     return info
