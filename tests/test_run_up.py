@@ -96,6 +96,20 @@ def test_run_gives_env_and_returns_exit_code(layout: Path, port_base: int, home:
     assert status_json(layout)["instances"] == []
 
 
+def test_run_of_a_command_the_kernel_refuses_exits_127_and_releases(
+    layout: Path, home: Path
+) -> None:
+    """An argument over the kernel's 128 KiB per string (E2BIG): the command cannot be
+    executed, which is 127 as for a missing program, not an error of portpool's (1)."""
+    from portpool import CommandNotFound, load_layout, run_command
+
+    with pytest.raises(CommandNotFound) as refused:
+        run_command(load_layout(str(layout)), ["true", "x" * (256 * 1024)])
+    assert refused.value.exit_code == 127
+    assert "'true': Argument list too long" in str(refused.value)
+    assert status_json(layout)["instances"] == []
+
+
 # What another instance (an outer `up`, an `eval "$(portpool env --export)"`) left in
 # the caller's environment: none of it may reach a program of this instance.
 STALE = {

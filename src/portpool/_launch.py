@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from typing import IO, TYPE_CHECKING
 
-from portpool.errors import PortPoolError
+from portpool.errors import CommandNotFound, PortPoolError
 
 if TYPE_CHECKING:
     import threading
@@ -123,7 +123,7 @@ def spawn(
     process group. ``keep_fds`` stay open in the command (a reader of its own output
     pipe, so its writes never fail once we are gone). The command starts with default
     signal dispositions and an empty signal mask, whatever ours are. Raises
-    ResourceLimit out of file descriptors, else PortPoolError if it cannot be started.
+    ResourceLimit out of file descriptors, else CommandNotFound if it cannot be started.
     """
     if not command:
         raise PortPoolError("empty command")
@@ -153,7 +153,9 @@ def spawn(
         limit = out_of_descriptors(e)
         if limit is not None:
             raise limit from e
-        raise PortPoolError(f"cannot start {command[0]!r}: {e.strerror or e}") from e
+        # What the kernel refused (arguments or environment too large, E2BIG): the
+        # command cannot be executed, as the shim's own refusal says (127, as a shell).
+        raise CommandNotFound(command[0], f"{command[0]!r}: {e.strerror or e}") from e
 
 
 def pump_lines(
