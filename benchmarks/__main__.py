@@ -73,7 +73,13 @@ class Outcome:
 def section_from_json(doc: dict[str, object]) -> Section:
     """Rebuild a Section from ``Section.to_json()``."""
     rows = [
-        Row(str(r["name"]), [float(s) for s in r["samples"]], str(r["unit"]), str(r["note"]))
+        Row(
+            str(r["name"]),
+            [float(s) for s in r["samples"]],
+            str(r["unit"]),
+            str(r["note"]),
+            floor=None if r.get("floor") is None else str(r["floor"]),
+        )
         for r in doc["rows"]  # type: ignore[attr-defined]
     ]
     return Section(

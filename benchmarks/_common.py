@@ -28,6 +28,9 @@ class Row:
     samples: list[float]
     unit: str = "us"
     note: str = ""
+    # The row this one is a ratio to, when not the section's floor (a section whose
+    # rows have different floors: wall time beside wall time, CPU beside CPU).
+    floor: str | None = None
 
     @property
     def median(self) -> float:
@@ -52,7 +55,8 @@ class Section:
     extra: dict[str, object] = field(default_factory=dict)
 
     def ratio(self, row: Row) -> float | None:
-        base = next((r for r in self.rows if r.name == self.floor), None)
+        floor = row.floor or self.floor
+        base = next((r for r in self.rows if r.name == floor), None)
         if base is None or not base.median:
             return None
         return row.median / base.median

@@ -42,6 +42,9 @@ PY = sys.executable
 SERVICES = ("alpha", "bravo", "charlie", "delta", "echo", "foxtrot")
 READY_TIMEOUT_S = 60.0
 LAUNCH_ROW = "exec shim + python -c pass"
+FLOOR_ROW = "six commands side by side, no portpool -> all answer"
+CPU_FLOOR_ROW = "six commands side by side: CPU, start to exit"
+PYTHON_ROW = "python -c pass"
 CLICK_ROW = "python + import click, as the portpool command imports it"
 # Imported as the portpool command imports: the collector off, then frozen.
 AS_THE_COMMAND = "import gc\ngc.disable()\n{}\ngc.freeze()\ngc.enable()\n"
@@ -279,28 +282,29 @@ def run(quick: bool = False) -> Section:
             floor_cpu_ms.append(cpu_s * 1000)
         ms = {k: [r[k] * 1000 for r in results] for k in results[0]}
         section.rows += [
-            Row(
-                "six commands side by side, no portpool -> all answer",
-                floor_ms,
-                unit="ms",
-                note="the floor of `up` (each binds its own port)",
-            ),
-            Row(
-                "six commands side by side: CPU, start to exit",
-                floor_cpu_ms,
-                unit="ms",
-                note="the CPU floor of `up`",
-            ),
+            Row(FLOOR_ROW, floor_ms, unit="ms", note="the floor of `up` (each binds its own port)"),
+            Row(CPU_FLOOR_ROW, floor_cpu_ms, unit="ms", note="the CPU floor of `up`"),
             Row(
                 "up and its six services: CPU, launch to exit",
                 ms["cpu"],
                 unit="ms",
-                note="after SIGTERM once all answered",
+                note="after SIGTERM once all answered; ratio to the CPU floor",
+                floor=CPU_FLOOR_ROW,
             ),
             Row(
-                "launch -> up prints its table", ms["table"], unit="ms", note="slot, leases, spawn"
+                "launch -> up prints its table",
+                ms["table"],
+                unit="ms",
+                note="slot, leases, spawn",
+                floor=FLOOR_ROW,
             ),
-            Row("launch -> all six answer", ms["ready"], unit="ms", note="time to ready"),
+            Row(
+                "launch -> all six answer",
+                ms["ready"],
+                unit="ms",
+                note="time to ready; ratio to the six commands alone",
+                floor=FLOOR_ROW,
+            ),
             Row("SIGTERM -> all locks free", ms["locks_free"], unit="ms", note="per /proc/locks"),
             Row("SIGTERM -> up exited", ms["exited"], unit="ms", note="children stopped"),
         ]
@@ -309,12 +313,20 @@ def run(quick: bool = False) -> Section:
 
         launch = [*shim_prefix(), "--", PY, "-c", "pass"]
         section.rows += [
-            Row("python -c pass", time_process_ms([PY, "-c", "pass"], runs), unit="ms"),
+            Row(PYTHON_ROW, time_process_ms([PY, "-c", "pass"], runs), unit="ms", floor=PYTHON_ROW),
+            Row(
+                "python -S -c pass",
+                time_process_ms([PY, "-S", "-c", "pass"], runs),
+                unit="ms",
+                note="python without site-packages",
+                floor=PYTHON_ROW,
+            ),
             Row(
                 CLICK_ROW,
                 time_process_ms([PY, "-c", AS_THE_COMMAND.format("import click")], runs),
                 unit="ms",
                 note="the CLI's library alone, imported as the command does: outside portpool",
+                floor=PYTHON_ROW,
             ),
             Row(
                 "python + the modules `up` imports",
@@ -322,12 +334,14 @@ def run(quick: bool = False) -> Section:
                 unit="ms",
                 note="up's own start-up floor (click, the CLI, instance, supervisor, shield), "
                 "imported as the command does",
+                floor=PYTHON_ROW,
             ),
             Row(
                 LAUNCH_ROW,
                 time_process_ms(launch, runs),
                 unit="ms",
                 note="each service's start-up floor (two python starts)",
+                floor=PYTHON_ROW,
             ),
             Row(
                 "start_instance in-process",
@@ -341,9 +355,9 @@ def run(quick: bool = False) -> Section:
     table = by["launch -> up prints its table"]
     cli = by["python + the modules `up` imports"]
     launch_ms = by[LAUNCH_ROW]
-    floor = by["six commands side by side, no portpool -> all answer"]
+    floor = by[FLOOR_ROW]
     cpu = by["up and its six services: CPU, launch to exit"]
-    cpu_floor = by["six commands side by side: CPU, start to exit"]
+    cpu_floor = by[CPU_FLOOR_ROW]
     section.notes.append(
         f"CPU: up and its services {cpu:.0f} ms from launch to exit, the six commands "
         f"alone {cpu_floor:.0f} ms ({cpu / cpu_floor:.2f}x): portpool's own CPU is "
@@ -356,7 +370,7 @@ def run(quick: bool = False) -> Section:
         f"({floor:.0f} ms) + {ready - floor:.0f} ms (target floor + 50 ms: {verdict}); "
         f"{ready / floor:.2f}x the floor."
     )
-    python = by["python -c pass"]
+    python = by[PYTHON_ROW]
     click = by[CLICK_ROW]
     shim_own = launch_ms - python  # the shim's interpreter start, per service
     spread = shim_own * len(SERVICES) / (os.cpu_count() or 1)

@@ -9,7 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from benchmarks.__main__ import render, run_module
+from benchmarks.__main__ import render, run_module, section_from_json
+from benchmarks._common import Row, Section
 from benchmarks.bench_peers import Attempt, count
 from benchmarks.bench_up import choose_base, held_lock_inodes, one_up, side_by_side, write_layout
 
@@ -186,6 +187,51 @@ def test_up_floor_starts_the_six_commands_alone_and_stops_them(tmp_path: Path) -
     from benchmarks._common import bindable
 
     assert all(bindable(p) for p in ports)  # every one of them stopped
+
+
+def test_a_row_keeps_its_own_floor_through_the_runners_report() -> None:
+    """A section whose rows have different floors (wall beside wall, CPU beside CPU):
+    each ratio is to its own floor, also once the runner rebuilt it from JSON."""
+    section = Section(
+        "mixed",
+        rows=[
+            Row("wall floor", [10.0], unit="ms"),
+            Row("cpu floor", [4.0], unit="ms"),
+            Row("wall", [30.0], unit="ms", floor="wall floor"),
+            Row("cpu", [12.0], unit="ms", floor="cpu floor"),
+            Row("no floor", [5.0], unit="ms"),
+        ],
+    )
+    for s in (section, section_from_json(json.loads(json.dumps(section.to_json())))):
+        ratios = {r.name: s.ratio(r) for r in s.rows}
+        assert ratios == {
+            "wall floor": None,
+            "cpu floor": None,
+            "wall": 3.0,
+            "cpu": 3.0,
+            "no floor": None,
+        }
+        assert "| wall | 30.0 ms | 30.0 ms | 3.00x |" in s.to_markdown()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/locks")
+def test_up_benchmark_gives_up_as_a_ratio_to_its_floors() -> None:
+    """The issue's `up` row beside its floors in the same run, as ratios: the six
+    commands alone, python -c pass and python -S -c pass."""
+    from benchmarks import bench_up
+
+    section = bench_up.run(quick=True)
+    rows = {r.name: r for r in section.rows}
+    floor = rows["six commands side by side, no portpool -> all answer"]
+    ready = rows["launch -> all six answer"]
+    assert section.ratio(ready) == pytest.approx(ready.median / floor.median)
+    cpu = rows["up and its six services: CPU, launch to exit"]
+    cpu_floor = rows["six commands side by side: CPU, start to exit"]
+    assert section.ratio(cpu) == pytest.approx(cpu.median / cpu_floor.median)
+    python = rows["python -c pass"]
+    for name in ("python -S -c pass", "exec shim + python -c pass"):
+        assert section.ratio(rows[name]) == pytest.approx(rows[name].median / python.median)
 
 
 @pytest.mark.slow
