@@ -235,6 +235,27 @@ def test_up_benchmark_gives_up_as_a_ratio_to_its_floors() -> None:
 
 
 @pytest.mark.slow
+def test_status_over_1000_records_is_a_ratio_to_python_of_the_same_run() -> None:
+    """The issue's scale row: status --json over 1,000 records of a 50-service layout,
+    wall and CPU each a ratio to python -c pass of the same run (python -S beside)."""
+    from benchmarks import bench_instance
+
+    rows, _, extra = bench_instance.big_status_rows(hold=2, repeats=1)
+    assert extra["status_1000"] == {"alive": 2, "instances": 1000}
+    section = Section("scale", rows=rows)
+    by = {r.name: r for r in rows}
+    names = [r.name for r in rows]
+    status = next(n for n in names if n.startswith("portpool status --json (1,000 records"))
+    floor = by["python -c pass (beside the 1,000 records)"]
+    cpu_floor = by["python -c pass (beside the 1,000 records), CPU"]
+    assert section.ratio(by[status]) == pytest.approx(by[status].median / floor.median)
+    cpu = by[f"{status}, CPU"]
+    assert section.ratio(cpu) == pytest.approx(cpu.median / cpu_floor.median)
+    assert "python -S -c pass (beside the 1,000 records)" in by
+    assert len(set(names)) == len(names)  # no floor name is ambiguous
+
+
+@pytest.mark.slow
 def test_quick_restart_benchmark_refuses_nothing_with_the_socket_kept() -> None:
     from benchmarks.bench_restart import run
 
