@@ -564,6 +564,52 @@ def test_run_up_announces_the_instance_before_a_start_that_fails(
     assert "raised api 7 7 early []" in done.stdout.splitlines()
 
 
+# A program that uses the library and has children of its own, started before the call:
+# one running, one exited and not yet waited for. portpool did not start them.
+HOST_PROGRAM = """\
+import os, signal, subprocess, sys
+from portpool import load_layout, run_command, run_up
+
+own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
+os.waitid(os.P_PID, exited.pid, os.WEXITED | os.WNOWAIT)  # exited, still unreaped
+layout = load_layout(sys.argv[1])
+if sys.argv[2] == "run":
+    outcome = run_command(layout, [sys.executable, "-c", "pass"])
+else:
+    outcome = run_up(layout, on_up=lambda i, p: os.kill(os.getpid(), signal.SIGTERM))
+print("outcome", outcome.code)
+print("own child running", own.poll() is None)
+print("exited child's status", exited.wait())
+own.kill()
+own.wait()
+"""
+
+
+@pytest.mark.parametrize("call", ["run", "up"])
+def test_the_library_never_stops_or_reaps_its_callers_own_children(
+    tmp_path: Path, port_base: int, home: Path, call: str
+) -> None:
+    """run_command and run_up stop what they started, with its tree, and leave the
+    calling program's own children alone: not signalled, their exit status not taken."""
+    sleeper = {"command": [sys.executable, "-c", "import time; time.sleep(60)"], "ready": "none"}
+    config = write_layout(tmp_path / "p.toml", port_base, services={"web": sleeper})
+    done = subprocess.run(
+        [sys.executable, "-c", HOST_PROGRAM, str(config), call],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-3:] == [  # after up's own lines
+        "outcome 0",
+        "own child running True",
+        "exited child's status 7",
+    ], done.stderr
+    assert status_json(config)["instances"] == []
+
+
 KILLED_UP = """\
 import sys
 from portpool.errors import ServiceExited

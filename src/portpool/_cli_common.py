@@ -268,3 +268,24 @@ def refuse_unknown_option(command: tuple[str, ...]) -> None:
         raise click.UsageError(
             f"no such option: {command[0]} (the command goes after its options, or after --)"
         )
+
+
+def occupy_closed_std_fds() -> bool:
+    """Open /dev/null on each of fds 0-2 that is closed; True if stdout was.
+
+    With fd 1 closed (``portpool status >&-``) the state dir was opened as fd 1, the
+    output went nowhere and the command exited 0; a command's child would inherit it
+    as its stdout."""
+    stdout_closed = False
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)  # inheritable, as a standard fd must be
+                os.close(null)
+            else:
+                os.set_inheritable(fd, True)  # os.open makes fds close-on-exec
+            stdout_closed = stdout_closed or fd == 1
+    return stdout_closed

@@ -74,9 +74,10 @@ class Supervisor:
 
     ``on_exit(name, returncode)`` is called (on a waiter thread) when a process exits
     while no stop was requested; it returns the ``Outcome`` that ends ``wait()``, or
-    None to keep waiting. With ``adopt`` every child of this process counts as ours
-    (``run``/``up``, child subreapers that start nothing else); without it, only the
-    descendants of the processes started here.
+    None to keep waiting. With ``adopt`` every child of this process counts as ours,
+    to stop and to reap (the ``portpool`` command, a child subreaper that starts nothing
+    else); without it, only the descendants of the processes started here: a program
+    calling the library has children of its own.
     """
 
     def __init__(
@@ -228,6 +229,8 @@ class Supervisor:
         return self._outcome or Outcome(0)
 
     def _reap(self) -> None:
+        if not self.adopt:
+            return  # a child we did not start is the calling program's: its status too
         # Under the spawn lock: a child being started (by a keeper's thread) is not in
         # ``children`` yet, and reaping it would leave its Popen a returncode of 0.
         with self._spawn_lock:

@@ -61,6 +61,7 @@ def run_command(
     grace_s: float = DEFAULT_GRACE_S,
     number: int | None = None,
     announce: Callable[[Instance], None] | None = None,
+    whole_tree: bool = False,
 ) -> Outcome:
     """``portpool run``: start an instance of ``layout`` with ``services`` (all when
     None), run ``command`` with its environment (and with ``fds`` its sockets at fds
@@ -75,6 +76,14 @@ def run_command(
     the main thread), CommandNotFound (nothing started), Interrupted (a signal arrived before the
     command started; all released), ShieldTripped (after stopping the command),
     StartError, LayoutError, StateDirError.
+
+    ``whole_tree``: this process starts nothing but what this call starts (the
+    ``portpool`` command): on Linux it becomes a child subreaper, so what the command
+    started through a double fork or ``setsid`` stays in its tree and is stopped with
+    it, and every child of this process counts as the command's. False (the default,
+    for a program calling the library, which may have children of its own): what the
+    command left running is found among its descendants; no child of the caller is
+    ever signalled or reaped, and the process's subreaper flag is left alone.
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
@@ -92,7 +101,7 @@ def run_command(
         return Outcome(exit_status(returncode), signum=signum, returncode=returncode)
 
     with descriptors_named(layout.descriptors_needed), SignalScope() as scope:
-        subreaper = become_subreaper()
+        subreaper = whole_tree and become_subreaper()
         # No heartbeat thread yet: every thread must start after the signals are blocked.
         instance = start_instance(layout, services=services or None, number=number, heartbeat=False)
         try:
@@ -110,7 +119,7 @@ def run_command(
             # `exec`: it keeps the terminal, and the shell that called us gets Ctrl-C too.
             shared = in_terminal_foreground()
             supervisor = Supervisor(
-                instance, grace_s=grace_s, on_exit=exited, adopt=True, subreaper=subreaper
+                instance, grace_s=grace_s, on_exit=exited, adopt=whole_tree, subreaper=subreaper
             )
             instance.on_release(supervisor.stop)
             proc = supervisor.start_process(

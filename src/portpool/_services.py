@@ -42,15 +42,17 @@ class ServiceSupervisor(Supervisor):
         grace_s: float = DEFAULT_GRACE_S,
         out: IO[str] | None = None,
         subreaper: bool = False,
+        adopt: bool = False,
     ) -> None:
-        # The keepers decide what a service's exit means (restart, or exit 5); every
-        # child of ours is ours (``up`` is a child subreaper that starts nothing else).
+        # The keepers decide what a service's exit means (restart, or exit 5); with
+        # ``adopt`` every child of ours is ours (the portpool command's ``up``, a child
+        # subreaper that starts nothing else).
         super().__init__(
             instance,
             grace_s=grace_s,
             out=out,
             on_exit=lambda name, rc: None,
-            adopt=True,
+            adopt=adopt,
             subreaper=subreaper,
         )
         self.keepers: dict[str, ServiceKeeper] = {}

@@ -42,6 +42,7 @@ def run_up(
     out: IO[str] | None = None,
     on_up: Callable[[Instance, dict[str, int]], None] | None = None,
     announce: Callable[[Instance], None] | None = None,
+    whole_tree: bool = False,
 ) -> Outcome:
     """``portpool up``: start an instance of ``layout`` and every service that has a
     command, each in its own process group, in dependency order (a service starts once
@@ -67,6 +68,14 @@ def run_up(
     called from the main thread), ResourceLimit (out of file descriptors, with about
     how many the layout needs), Interrupted,
     StartError, StateDirError.
+
+    ``whole_tree``: this process starts nothing but the services (the ``portpool``
+    command): on Linux it becomes a child subreaper, so what a service started through
+    a double fork or ``setsid`` stays in its tree and is stopped with it, and every
+    child of this process counts as the services'. False (the default, for a program
+    calling the library, which may have children of its own): only the services and
+    their descendants count; no child of the caller is ever signalled or reaped, and
+    the process's subreaper flag is left alone.
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
@@ -85,14 +94,16 @@ def run_up(
     # on (an ordinary signal from the shell's pid): the terminal tells the two apart.
     had_terminal = controlling_terminal_alive()
     with descriptors_named(_descriptors_needed(layout)), SignalScope() as scope:
-        subreaper = become_subreaper()
+        subreaper = whole_tree and become_subreaper()
         instance = start_instance(layout, number=number, heartbeat=False)
         try:
             if announce is not None:
                 announce(instance)
             scope.block()
             scope.check()
-            supervisor = ServiceSupervisor(instance, grace_s=grace_s, out=out, subreaper=subreaper)
+            supervisor = ServiceSupervisor(
+                instance, grace_s=grace_s, out=out, subreaper=subreaper, adopt=whole_tree
+            )
             instance.on_release(supervisor.stop)
 
             def on_signal(received: ReceivedSignal) -> None:

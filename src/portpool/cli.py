@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import sys
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from portpool._cli_common import (
     instance_option,
     json_option,
     layout_for,
+    occupy_closed_std_fds,
     reader_gone,
     refuse_unknown_option,
 )
@@ -316,6 +316,7 @@ def run(
         fds=fds,
         number=instance_number,
         announce=lambda instance: _announce(instance, quiet),
+        whole_tree=True,  # this process starts nothing else: every child of it is run's
     )
     finish(outcome, None)
 
@@ -364,7 +365,12 @@ def up(
 
     try:
         outcome = run_up(
-            layout, grace_s=grace, number=instance_number, on_up=on_up, announce=announce
+            layout,
+            grace_s=grace,
+            number=instance_number,
+            on_up=on_up,
+            announce=announce,
+            whole_tree=True,  # this process starts nothing else: every child of it is up's
         )
     except (ServiceExited, ShieldTripped) as e:  # all stopped and released: say why
         click.echo(f"portpool: {e}", err=True)
@@ -387,27 +393,6 @@ def _output_failed(error: OSError) -> None:
     sys.exit(1)
 
 
-def _occupy_closed_std_fds() -> bool:
-    """Open /dev/null on each of fds 0-2 that is closed; True if stdout was.
-
-    With fd 1 closed (``portpool status >&-``) the state dir was opened as fd 1, the
-    output went nowhere and the command exited 0; a command's child would inherit it
-    as its stdout."""
-    stdout_closed = False
-    for fd in (0, 1, 2):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, os.O_RDWR)
-            if null != fd:
-                os.dup2(null, fd)  # inheritable, as a standard fd must be
-                os.close(null)
-            else:
-                os.set_inheritable(fd, True)  # os.open makes fds close-on-exec
-            stdout_closed = stdout_closed or fd == 1
-    return stdout_closed
-
-
 def main() -> None:
     """Console-script entry point.
 
@@ -418,7 +403,7 @@ def main() -> None:
     """
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored by the caller: kept
         signal.signal(signal.SIGINT, signal.SIG_DFL)
-    stdout_closed = _occupy_closed_std_fds()
+    stdout_closed = occupy_closed_std_fds()
     if stdout_closed and sys.argv[1:2] != ["run"]:  # run prints nothing on stdout
         click.echo("portpool: error: standard output is closed", err=True)
         sys.exit(1)
