@@ -255,6 +255,32 @@ def test_status_over_1000_records_is_a_ratio_to_python_of_the_same_run() -> None
     assert len(set(names)) == len(names)  # no floor name is ambiguous
 
 
+def test_each_reference_service_is_a_ratio_to_its_own_imports() -> None:
+    """The issue's reference-app row: each service's time to answering beside its
+    floor, a python importing what that service imports (named by its module)."""
+    from benchmarks import bench_services
+
+    from portpool.services import SERVICES
+
+    rows = {bench_services.imports_row(kind): m for kind, m in bench_services.IMPORTS.items()}
+    for name, module in SERVICES.items():
+        floor = bench_services.service_floor(name)
+        assert f"portpool.services.{module}" in rows[floor], (name, floor)
+    section = Section(
+        "reference app",
+        rows=[
+            Row(bench_services.PYTHON_ROW, [10.0], unit="ms"),
+            Row(bench_services.service_floor("api-server"), [400.0], unit="ms"),
+            Row(
+                "up -> api-server answering",
+                [600.0],
+                floor=bench_services.service_floor("api-server"),
+            ),
+        ],
+    )
+    assert section.ratio(section.rows[2]) == 1.5
+
+
 @pytest.mark.slow
 def test_quick_restart_benchmark_refuses_nothing_with_the_socket_kept() -> None:
     from benchmarks.bench_restart import run
