@@ -572,7 +572,8 @@ from portpool import load_layout, run_command, run_up
 
 own = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
 exited = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
-os.waitid(os.P_PID, exited.pid, os.WEXITED | os.WNOWAIT)  # exited, still unreaped
+if hasattr(os, "waitid"):  # not on macOS
+    os.waitid(os.P_PID, exited.pid, os.WEXITED | os.WNOWAIT)  # exited, still unreaped
 layout = load_layout(sys.argv[1])
 if sys.argv[2] == "run":
     outcome = run_command(layout, [sys.executable, "-c", "pass"])
