@@ -282,8 +282,20 @@ def run(quick: bool = False) -> Section:
             floor_cpu_ms.append(cpu_s * 1000)
         ms = {k: [r[k] * 1000 for r in results] for k in results[0]}
         section.rows += [
-            Row(FLOOR_ROW, floor_ms, unit="ms", note="the floor of `up` (each binds its own port)"),
-            Row(CPU_FLOOR_ROW, floor_cpu_ms, unit="ms", note="the CPU floor of `up`"),
+            Row(
+                FLOOR_ROW,
+                floor_ms,
+                unit="ms",
+                note="the floor of `up` (each binds its own port)",
+                floor=FLOOR_ROW,
+            ),
+            Row(
+                CPU_FLOOR_ROW,
+                floor_cpu_ms,
+                unit="ms",
+                note="the CPU floor of `up`",
+                floor=CPU_FLOOR_ROW,
+            ),
             Row(
                 "up and its six services: CPU, launch to exit",
                 ms["cpu"],

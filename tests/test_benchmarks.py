@@ -229,6 +229,7 @@ def test_up_benchmark_gives_up_as_a_ratio_to_its_floors() -> None:
     cpu = rows["up and its six services: CPU, launch to exit"]
     cpu_floor = rows["six commands side by side: CPU, start to exit"]
     assert section.ratio(cpu) == pytest.approx(cpu.median / cpu_floor.median)
+    assert section.ratio(floor) == section.ratio(cpu_floor) == 1.0  # the floors say so
     python = rows["python -c pass"]
     for name in ("python -S -c pass", "exec shim + python -c pass"):
         assert section.ratio(rows[name]) == pytest.approx(rows[name].median / python.median)
