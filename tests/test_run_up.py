@@ -110,6 +110,51 @@ def test_run_of_a_command_the_kernel_refuses_exits_127_and_releases(
     assert status_json(layout)["instances"] == []
 
 
+# Writes a line to the fd named in argv[1], then prints every fd it has open.
+WRITE_TO_FD = (
+    "import os, sys\n"
+    "os.write(int(sys.argv[1]), b'through portpool\\n')\n"
+    "names = os.listdir('/dev/fd')\n"
+    "def is_open(fd):\n"
+    "    try:\n"
+    "        os.fstat(fd)\n"
+    "    except OSError:\n"
+    "        return False\n"
+    "    return True\n"
+    "print(sorted(int(n) for n in names if is_open(int(n))))\n"
+)
+
+
+@pytest.mark.parametrize("fds", [False, True])
+def test_run_passes_the_fds_it_was_started_with_as_exec_would(
+    layout: Path, home: Path, tmp_path: Path, fds: bool
+) -> None:
+    """A shell's `5>file` or `<(...)`, make's jobserver: the command gets what run was
+    started with, at the same numbers (as after exec), and nothing of portpool's own."""
+    import fcntl
+
+    out = tmp_path / "out"
+    with out.open("wb") as f:
+        fd = fcntl.fcntl(f.fileno(), fcntl.F_DUPFD, 40)  # above what run itself opens
+        try:
+            extra = ["--fds"] if fds else []
+            argv = [*PORTPOOL, "run", "-q", "--config", str(layout), *extra, "--"]
+            done = subprocess.run(
+                [*argv, sys.executable, "-c", WRITE_TO_FD, str(fd)],
+                pass_fds=[fd],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+        finally:
+            os.close(fd)
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == b"through portpool\n"
+    sockets = [3, 4] if fds else []  # alpha and beta, at 3 and 4
+    assert json.loads(done.stdout) == [0, 1, 2, *sockets, fd]
+
+
 # What another instance (an outer `up`, an `eval "$(portpool env --export)"`) left in
 # the caller's environment: none of it may reach a program of this instance.
 STALE = {

@@ -289,3 +289,26 @@ def occupy_closed_std_fds() -> bool:
                 os.set_inheritable(fd, True)  # os.open makes fds close-on-exec
             stdout_closed = stdout_closed or fd == 1
     return stdout_closed
+
+
+def inherited_fds() -> list[int]:
+    """The file descriptors above 2 open in this process, sorted: called before ``run``
+    opens anything, what it was started with (a shell's ``<(...)`` or ``5>file``, make's
+    jobserver), for its command to get as after ``exec``. [] where fds are not listed."""
+    if sys.platform == "win32":
+        return []
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(listing)
+        except OSError:
+            continue
+        fds = []
+        for name in names:
+            if name.isdigit() and int(name) > 2:
+                try:
+                    os.fstat(int(name))
+                except OSError:
+                    continue  # the listing's own fd, closed by now
+                fds.append(int(name))
+        return sorted(fds)
+    return []

@@ -111,6 +111,7 @@ def spawn(
     watch_parent: bool = False,
     own_group: bool = False,
     keep_fds: Sequence[int] = (),
+    inherit_fds: Sequence[int] = (),
     stdin: int | IO[bytes] | None = None,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
@@ -121,13 +122,17 @@ def spawn(
     ``watch_parent``: the command gets SIGTERM if we die (Linux), so a kill -9 of
     portpool never leaves it running without its leases. ``own_group``: it leads a new
     process group. ``keep_fds`` stay open in the command (a reader of its own output
-    pipe, so its writes never fail once we are gone). The command starts with default
+    pipe, so its writes never fail once we are gone). ``inherit_fds`` reach the command
+    at their own numbers, as after ``exec`` (what ``run`` was started with), but for
+    those at a socket's number, which the socket replaces. The command starts with default
     signal dispositions and an empty signal mask, whatever ours are. Raises
     ResourceLimit out of file descriptors, else CommandNotFound if it cannot be started.
     """
     if not command:
         raise PortPoolError("empty command")
     argv = list(command)
+    targets = range(3, 3 + len(sockets))
+    inherited = [fd for fd in inherit_fds if fd not in targets] if sys.platform != "win32" else []
     if sys.platform != "win32":
         shim = shim_prefix()
         for fd, name in sockets:
@@ -141,7 +146,7 @@ def spawn(
         return subprocess.Popen(
             argv,
             env=dict(env),
-            pass_fds=[*(fd for fd, _ in sockets), *keep_fds],
+            pass_fds=[*(fd for fd, _ in sockets), *keep_fds, *inherited],
             process_group=0 if own_group and sys.platform != "win32" else None,
             stdin=stdin,
             stdout=stdout,

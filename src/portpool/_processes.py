@@ -122,11 +122,13 @@ class Supervisor:
         capture: bool = True,
         width: int = 0,
         on_line: Callable[[str], None] | None = None,
+        inherit_fds: Sequence[int] = (),
     ) -> subprocess.Popen[bytes]:
         """Start ``command`` as ``name`` with ``sockets`` at fds 3.., the parent-death
         signal set and (``own_group``) in its own process group. With ``capture`` its
         output is printed with a ``name |`` prefix (each line also given to ``on_line``);
-        else it inherits our stdio. Raises StartError, ResourceLimit (out of file
+        else it inherits our stdio. ``inherit_fds`` keep their numbers (see ``spawn``).
+        Raises StartError, ResourceLimit (out of file
         descriptors), or PortPoolError once stopping."""
         keep: list[int] = []
         read_fd = write_fd = -1
@@ -150,6 +152,7 @@ class Supervisor:
                     watch_parent=True,
                     own_group=own_group,
                     keep_fds=keep,
+                    inherit_fds=inherit_fds,
                     stdin=subprocess.DEVNULL if capture else None,
                     stdout=write_fd if capture else None,
                     stderr=write_fd if capture else None,

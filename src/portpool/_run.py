@@ -62,6 +62,7 @@ def run_command(
     number: int | None = None,
     announce: Callable[[Instance], None] | None = None,
     whole_tree: bool = False,
+    pass_fds: Sequence[int] = (),
 ) -> Outcome:
     """``portpool run``: start an instance of ``layout`` with ``services`` (all when
     None), run ``command`` with its environment (and with ``fds`` its sockets at fds
@@ -84,6 +85,11 @@ def run_command(
     for a program calling the library, which may have children of its own): what the
     command left running is found among its descendants; no child of the caller is
     ever signalled or reaped, and the process's subreaper flag is left alone.
+
+    ``pass_fds``: file descriptors of this process (above 2) that the command gets at
+    the same numbers, as after ``exec`` (``portpool run`` passes what it was started
+    with: a shell's ``<(...)`` or ``5>file``, make's jobserver); with ``fds`` one at a
+    socket's number (3..) is replaced by the socket.
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
@@ -123,7 +129,13 @@ def run_command(
             )
             instance.on_release(supervisor.stop)
             proc = supervisor.start_process(
-                "command", command, env, sockets=sockets, own_group=not shared, capture=False
+                "command",
+                command,
+                env,
+                sockets=sockets,
+                own_group=not shared,
+                capture=False,
+                inherit_fds=pass_fds,
             )
             scope.relay(relay_to(supervisor, "command", shared))
             instance.set_service_pids(dict.fromkeys(names, proc.pid))

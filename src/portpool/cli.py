@@ -31,6 +31,7 @@ from portpool._cli_common import (
     finish,
     from_echo,
     handle_errors,
+    inherited_fds,
     instance_option,
     json_option,
     layout_for,
@@ -306,6 +307,7 @@ def run(
     """
     from portpool._run import run_command
 
+    inherited = inherited_fds()  # before anything is opened: what run was started with
     refuse_unknown_option(command)
     layout = layout_for(config)
     layout.check_number(instance_number)  # in the words of every other command
@@ -317,6 +319,7 @@ def run(
         number=instance_number,
         announce=lambda instance: _announce(instance, quiet),
         whole_tree=True,  # this process starts nothing else: every child of it is run's
+        pass_fds=inherited,
     )
     finish(outcome, None)
 
