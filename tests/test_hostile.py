@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -200,6 +201,30 @@ def test_a_full_stdout_is_one_line_of_error(home: Path, tmp_path: Path, port_bas
         assert done.stderr.splitlines() == [
             "portpool: error: cannot write to standard output: No space left on device"
         ]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGPIPE is POSIX")
+def test_json_cut_short_by_its_reader_dies_of_sigpipe_as_text_output_does(tmp_path: Path) -> None:
+    """`portpool layout --json | head -c 10` over a large layout: the reader goes away
+    in the middle of the one big write, which the OS then reports as a short write, not
+    an error. Ignoring the count, the command exited 0 with its output cut short; text
+    output dies of SIGPIPE there, as a pipeline's writer does."""
+    lines = ['app = "wide"', "max_instances = 500"]
+    for i in range(40):
+        lines += [f"[services.s{i:02d}]", f"base = {20000 + i}", "size = 1", "stride = 40"]
+    config = tmp_path / "wide.toml"
+    config.write_text("\n".join(lines) + "\n")
+    for extra in ([], ["--json"]):
+        argv = [*PORTPOOL, "layout", "--config", str(config), *extra]
+        whole = subprocess.run(argv, capture_output=True, timeout=60, check=True).stdout
+        assert len(whole) > 1 << 17  # more than a pipe holds
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(10) == whole[:10]
+        proc.stdout.close()  # the reader goes away
+        err = proc.stderr.read()
+        assert proc.wait(timeout=60) == -signal.SIGPIPE, (extra, err)
+        proc.stderr.close()
 
 
 # ---------------------------------------------------------------- 4. special files as layouts

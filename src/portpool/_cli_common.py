@@ -7,6 +7,7 @@ use it (tests/test_imports.py).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -72,11 +73,14 @@ def drop_stdout() -> None:
 
 
 def from_echo(error: BaseException) -> bool:
-    """Whether ``error`` was raised while printing (in ``click.echo``), not elsewhere."""
+    """Whether ``error`` was raised while printing (in ``click.echo`` or ``echo_json``),
+    not elsewhere."""
     tb = error.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
-        if code.co_name == "echo" and code.co_filename == click.utils.__file__:
+        if code is echo_json.__code__ or (
+            code.co_name == "echo" and code.co_filename == click.utils.__file__
+        ):
             return True
         tb = tb.tb_next
     return False
@@ -195,10 +199,22 @@ def echo_json(doc: object) -> None:
     import orjson
 
     try:
-        data = orjson.dumps(doc)
+        data = orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
-        data = json.dumps(doc, separators=(",", ":")).encode()
-    click.echo(data)
+        data = json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+    # Written whole, never cut short in silence: a reader that goes away in the middle
+    # of one large write makes the OS report a short write, not an error, and
+    # click.echo ignored the count (exit 0 with the output cut). The next write fails
+    # (EPIPE), so the command fails as for text output.
+    sys.stdout.flush()  # what was printed before comes first
+    out = sys.stdout.buffer
+    view = memoryview(data)
+    while view:
+        written = out.write(view)
+        if not written:
+            raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+        view = view[written:]
+    out.flush()
 
 
 def json_option(func: F) -> F:
