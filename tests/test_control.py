@@ -884,3 +884,32 @@ def test_a_command_whose_reader_is_gone_dies_of_sigpipe(
             assert (proc.returncode, proc.stderr) == (-signal.SIGPIPE, ""), args
     finally:
         assert portpool("stop", cwd=tmp_path).returncode == 0
+
+
+def _to_gone_reader(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([*PORTPOOL, *args], stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, cwd=cwd, timeout=60, check=False)  # fmt: skip
+    finally:
+        os.close(write_end)
+
+
+def test_help_version_and_json_errors_to_a_gone_reader_die_of_sigpipe(
+    tmp_path: Path, layout_file: Path, home: Path
+) -> None:
+    """`portpool --help | head -1` exited 1 (click's own handling), and an error's JSON
+    to a gone reader exited 1 without the error's message on stderr."""
+    for args in (["--help"], ["--version"], ["status", "--help"], ["stop", "-h"]):
+        proc = _to_gone_reader(*args, cwd=tmp_path)
+        assert (proc.returncode, proc.stderr) == (-signal.SIGPIPE, ""), args
+    proc = _to_gone_reader("port", "--json", "nosuch", cwd=tmp_path)
+    assert proc.returncode == -signal.SIGPIPE
+    assert "portpool: error: " in proc.stderr and "nosuch" in proc.stderr
+    proc = _to_gone_reader("stop", "--json", cwd=tmp_path)
+    assert proc.returncode == -signal.SIGPIPE
+    assert "is running" in proc.stderr
+    proc = _to_gone_reader("status", "--json", "--bogus", cwd=tmp_path)
+    assert proc.returncode == -signal.SIGPIPE
+    assert "No such option '--bogus'" in proc.stderr

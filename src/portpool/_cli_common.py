@@ -100,13 +100,25 @@ def reader_gone(error: BrokenPipeError) -> None:
 
 
 def _fail(error: PortPoolError, *, as_json: bool = False) -> None:
-    if as_json:  # a script reading stdout gets the error as JSON too
-        echo_json({"error": str(error), "exit_code": error.exit_code})
     lines = str(error).split("\n")  # messages may span lines; each is escaped alone
+    # stderr first: a JSON reader that is gone (SIGPIPE) must not take the message along
     click.echo(
         "\n".join(display(line) for line in [f"portpool: error: {lines[0]}", *lines[1:]]), err=True
     )
+    if as_json:  # a script reading stdout gets the error as JSON too
+        echo_json({"error": str(error), "exit_code": error.exit_code})
     sys.exit(error.exit_code)
+
+
+def _usage_as_json(error: click.ClickException) -> None:
+    """Print click's ``error`` as JSON on stdout; with that reader gone, still show
+    click's usage text on stderr (click shows it only once we return), then die of
+    SIGPIPE."""
+    try:
+        echo_json({"error": error.format_message(), "exit_code": error.exit_code})
+    except BrokenPipeError as gone:
+        error.show()
+        reader_gone(gone)
 
 
 def handle_errors(func: F) -> F:
@@ -135,7 +147,7 @@ def handle_errors(func: F) -> F:
             _fail(limit, as_json=kwargs.get("as_json") is True)
         except click.ClickException as e:  # a usage error found by the command itself
             if kwargs.get("as_json") is True:
-                echo_json({"error": e.format_message(), "exit_code": e.exit_code})
+                _usage_as_json(e)
             raise
 
     return wrapper  # type: ignore[return-value]
@@ -152,14 +164,40 @@ class JsonAwareCommand(click.Command):
             return super().parse_args(ctx, args)
         except click.UsageError as e:
             if "--json" in words and any(p.name == "as_json" for p in self.params):
-                echo_json({"error": e.format_message(), "exit_code": e.exit_code})
+                _usage_as_json(e)
             raise
 
 
 class JsonAwareGroup(click.Group):
-    """The ``portpool`` group: its commands are ``JsonAwareCommand``s."""
+    """The ``portpool`` group: its commands are ``JsonAwareCommand``s, and whatever it
+    prints (``--help``, ``--version``, an error's JSON) dies of SIGPIPE when the reader
+    is gone, as the commands' own output does: click exited 1 (``portpool --help | head -1``)."""
 
     command_class = JsonAwareCommand
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError as e:  # `portpool --help`, `portpool --version`
+            if not from_echo(e):
+                raise
+            reader_gone(e)
+            raise  # not reached: reader_gone dies or raises
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError as e:  # a command's --help, an error's JSON
+            if not from_echo(e):
+                raise
+            reader_gone(e)
+            raise  # not reached
 
 
 def config_option(func: F) -> F:
