@@ -218,6 +218,25 @@ def test_forked_child_release_keeps_parents_lock(state: StateDir, port_base: int
     assert inspect_port(state, port_base).is_free
 
 
+def test_forked_child_heartbeat_leaves_the_parents_record_alone(state: StateDir, port_base: int):
+    """A child's lease.heartbeat() refreshed the parent's record through the inherited
+    metadata fd: a write in the parent's name, which the instance's heartbeat never does."""
+    lease = acquire(state, [port_base], app="app", instance=1, service="svc")
+    path = ports_of(state) / f"{port_base}.json"
+    before = path.read_bytes()
+
+    def child() -> bool:
+        time.sleep(0.01)  # a heartbeat_at that differs from the parent's
+        lease.heartbeat()
+        return True
+
+    assert _in_child(child) == 0
+    assert path.read_bytes() == before
+    lease.heartbeat()  # the parent's own still writes
+    assert path.read_bytes() != before
+    lease.release()
+
+
 def test_forked_child_cannot_share_a_released_locks_files(state: StateDir, port_base: int):
     """A lock released before a fork must not let a child and its parent both win."""
     PortLock.acquire(state, port_base).release()

@@ -88,9 +88,10 @@ class PortLock:
 
         Raises LockError once released, or when the file no longer holds the record we
         wrote (it is left as found: the shield reports it; a heartbeat that wrote over it
-        hid a takeover from the shield), OSError if the read or write fails.
+        hid a takeover from the shield), OSError if the read or write fails. Does nothing
+        in a forked child: the record is the parent's (a child's heartbeat refreshed it).
         """
-        if self.record is None:
+        if self.record is None or not self.lock.is_owner_process:
             return
         now = time.time() if now is None else now
         self._write(dataclasses.replace(self.record, heartbeat_at=now), over_ours=True)
