@@ -722,3 +722,35 @@ def test_foreign_listener_on_6000_moves_mcp_universal_to_6001(home: Path, tmp_pa
         if up is not None:
             stop_up(up)
         foreign.close()
+
+
+def test_the_api_server_on_another_loopback_address_answers_only_loopback_host_names(
+    state: StateDir, tmp_path: Path
+) -> None:
+    """On ``host = "127.0.0.2"`` (a loopback too) the Host check was off: only the three
+    names 127.0.0.1, localhost and ::1 turned it on, so DNS rebinding to 127.0.0.2 read
+    every instance's directories and pids. ``localhost.`` (the absolute name) is loopback."""
+    base = find_free_block(3, low=16000, high=16900)
+    layout = Layout("rebind-app", (Service("api-server", base, 3),), "127.0.0.2")
+    instance = start_instance(layout, state=state, heartbeat=False)
+    proc = None
+    try:
+        lease = instance.leases["api-server"]
+        assert lease.socket is not None
+        log = tmp_path / "api-server.log"
+        proc = spawn("api-server", service_env(instance, "api-server"), log, lease.socket)
+        lease.close_socket()
+        port = instance.ports["api-server"]
+        wait_healthy(port, proc, log, "127.0.0.2")
+
+        def status(host: str) -> int:
+            url = f"http://127.0.0.2:{port}/api/instances"
+            return httpx.get(url, headers={"Host": host}, trust_env=False).status_code
+
+        assert status(f"evil.example:{port}") == 421
+        for host in (f"127.0.0.2:{port}", f"localhost.:{port}", "127.0.0.1", f"[::1]:{port}"):
+            assert status(host) == 200, host
+    finally:
+        if proc is not None:
+            stop(proc)
+        instance.release()

@@ -57,7 +57,18 @@ def host_is_loopback(header: str) -> bool:
     rebinding (a page of evil.example resolving itself to 127.0.0.1)."""
     host = header.strip().lower()
     name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
-    return name in LOOPBACK_NAMES
+    return name in LOOPBACK_NAMES or name == "localhost." or is_loopback_address(name)
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether ``address`` is an IP literal of a loopback (all of 127.0.0.0/8, ``::1``):
+    a server on 127.0.0.2 was left open to DNS rebinding, as only three names counted."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 # What any Host may ask: says no more than that this service runs (for health checkers).
@@ -253,6 +264,6 @@ async def serve(ctx: ServiceContext, sock: socket.socket, stop: asyncio.Event) -
     """Serve the API and the dashboard on ``sock`` until ``stop`` is set."""
     address = sock.getsockname()[0]
     app: Any = build_app(ctx, check_host_for(address))
-    if address in LOOPBACK_NAMES:
+    if is_loopback_address(address):
         app = loopback_only(app)
     await serve_asgi(app, sock, stop)
