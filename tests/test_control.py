@@ -327,6 +327,46 @@ def test_stop_does_not_wait_for_a_foreign_listener_the_lease_does_not_cover(
             kill_if_running(proc)
 
 
+def test_stop_does_not_wait_for_a_foreign_listener_that_appears_while_stopping(
+    layout_file: Path, port_base: int, home: Path, tmp_path: Path
+) -> None:
+    """A foreign server started on [::1]:P after `stop` signalled (while the instance
+    was stopping) was taken for one of its services: `stop` timed out, exit 1."""
+    from portpool._addresses import has_ipv6_loopback
+
+    if not has_ipv6_loopback():
+        pytest.skip("this host has no ::1")
+    termed, go = tmp_path / "termed", tmp_path / "go"
+    slow = (
+        "import os, signal, sys, time\n"
+        "def bye(*_):\n"
+        "    open(sys.argv[1], 'w').close()\n"
+        "    deadline = time.time() + 30\n"
+        "    while not os.path.exists(sys.argv[2]) and time.time() < deadline:\n"
+        "        time.sleep(0.02)\n"
+        "    os._exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "print(os.environ['PORTPOOL_INSTANCE'], flush=True)\n"
+        "while True:\n"
+        "    time.sleep(1)\n"
+    )
+    proc = start("run", "--config", str(layout_file), "--", sys.executable, "-c", slow,
+                 str(termed), str(go))  # fmt: skip
+    with releasing() as occupants:
+        try:
+            assert read_line(proc).strip() == "1"
+            stopper = start("stop", "--config", str(layout_file), "--timeout", "10")
+            wait_for(termed.exists)  # signalled; the instance is stopping
+            occupants.append(occupy("listen", "::1", port_base, "1"))
+            go.touch()
+            assert stopper.wait(timeout=30) == 0, stopper.communicate()
+            assert proc.wait(timeout=10) == 0
+            assert occupants[0].poll() is None  # never touched: it still listens
+        finally:
+            go.touch()
+            kill_if_running(proc)
+
+
 def _fake_holder(state: StateDir, app: str, number: int, pid: int, token: str) -> HeldLock:
     """Take slot ``number`` in this process and write a record naming ``pid``."""
     directory = state.instances(app)

@@ -17,13 +17,13 @@ from typing import Any
 from portpool._find import find_instance, unreadable_detail
 from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file
-from portpool._occupants import foreign_listeners, with_owners
+from portpool._occupants import with_owners
 from portpool._platform import (
     DirHandle,
-    TcpSocket,
     boot_id,
     identity_of,
     locked_inodes,
+    process_tree,
     signal_verified,
     tcp_sockets,
 )
@@ -45,10 +45,11 @@ class Stopped:
     number: int
     pid: int
     ports: tuple[int, ...] = ()
-    # Listeners on those ports that were not the holder's or its services' when it was
-    # signalled: never waited for (a foreign [::1]:P server beside an instance on
-    # 127.0.0.1 made every `stop` time out, though the instance was gone).
-    foreign: frozenset[tuple[object, ...]] = field(default=frozenset(), compare=False)
+    # The holder's process tree and its listeners' inodes on those ports when it was
+    # signalled: only these are waited for. A foreign [::1]:P server beside an instance
+    # on 127.0.0.1, there before or started while stopping, made `stop` time out.
+    tree: frozenset[int] = field(default=frozenset(), compare=False)
+    own: frozenset[int] = field(default=frozenset(), compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: ``number``, ``pid`` and ``ports`` (a list of int). Raises nothing."""
@@ -116,15 +117,24 @@ def _is_recorded(pid: int, token: str, directory: DirHandle, number: int) -> Cal
     return check
 
 
-def _listener_key(sock: TcpSocket) -> tuple[object, ...]:
-    return (sock.family, sock.address, sock.port, sock.inode, sock.pid)
+def _own_now(ports: tuple[int, ...], holder: int) -> tuple[frozenset[int], frozenset[int]]:
+    """The ``holder``'s process tree and the inodes of the listeners on ``ports`` that
+    are its (the shield's rule: one whose owner the OS does not name is not ours)."""
+    tree = process_tree(holder)
+    found = with_owners(s for port in ports for s in tcp_sockets(port, listening_only=True))
+    own = (o.socket.inode for o in found if o.pids and all(p in tree for p in o.pids))
+    return tree, frozenset(i for i in own if i)
 
 
-def _foreign_now(ports: tuple[int, ...], holder: int) -> frozenset[tuple[object, ...]]:
-    """The listeners on ``ports`` that are not ``holder``'s or its descendants' (the
-    shield's rule: one whose owner the OS does not name is not ours either)."""
-    found = (s for port in ports for s in tcp_sockets(port, listening_only=True))
-    return frozenset(_listener_key(o.socket) for o in foreign_listeners(with_owners(found), holder))
+def _ours_listening(port: int, stopped: Stopped) -> bool:
+    """Whether a listener on ``port`` is one the holder's tree had, or is owned by a
+    process of that tree (a service still shutting down)."""
+    rest = []
+    for s in tcp_sockets(port, listening_only=True):
+        if s.inode and s.inode in stopped.own:
+            return True
+        rest.append(s)
+    return any(p in stopped.tree for o in with_owners(rest) for p in o.pids)
 
 
 def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
@@ -134,8 +144,7 @@ def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
     for port in stopped.ports:
         seen = inspect_port(state, port, locked)
         if seen.is_free:
-            listening = tcp_sockets(port, listening_only=True)
-            if any(_listener_key(s) not in stopped.foreign for s in listening):
+            if _ours_listening(port, stopped):
                 return False  # something it started still listens: not free yet
         elif seen.record is None or seen.record.pid == stopped.pid:
             return False
@@ -181,12 +190,12 @@ def stop_instances(
         info, token = _verified_holder(layout, n, state)
         assert info.pid is not None
         ports = tuple(s.port for s in info.services if s.port is not None)
-        foreign = _foreign_now(ports, info.pid)
+        tree, own = _own_now(ports, info.pid)
         if not signal_verified(
             info.pid, _is_recorded(info.pid, token, directory, n), signal.SIGTERM
         ):
             if not read_instance(directory, n).alive:
-                sent.append(Stopped(n, info.pid, ports, foreign))  # it stopped on its own
+                sent.append(Stopped(n, info.pid, ports, tree, own))  # it stopped on its own
                 continue
             holder = _lock_holder(directory, n)
             if holder is not None and holder != info.pid:
@@ -194,7 +203,7 @@ def stop_instances(
             raise StopFailed(
                 n, f"pid {info.pid} is no longer the recorded process: not signalling it"
             )
-        sent.append(Stopped(n, info.pid, ports, foreign))
+        sent.append(Stopped(n, info.pid, ports, tree, own))
     deadline = time.monotonic() + timeout_s
     for stopped in sent:
         while not _is_down(state, layout.app, stopped):

@@ -42,6 +42,7 @@ from portpool._platform._identity import (
     is_alive,
     ours_since,
     process_name,
+    process_tree,
 )
 from portpool._platform._locks import LockTable
 from portpool._platform._paths import default_state_dir, posix_modes
@@ -179,6 +180,7 @@ __all__ = [
     "posix_modes",
     "process_group",
     "process_name",
+    "process_tree",
     "read_at",
     "reap_adopted",
     "server_stop_signals",

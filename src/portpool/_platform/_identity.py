@@ -148,6 +148,17 @@ def descends_from(pid: int, ancestors: set[int]) -> bool:
         return False
 
 
+def process_tree(pid: int) -> frozenset[int]:
+    """``pid`` and every process descending from it now; just ``pid`` when it is gone
+    or cannot be read (psutil walks the children)."""
+    import psutil
+
+    try:
+        return frozenset({pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))})
+    except (psutil.Error, OSError):
+        return frozenset({pid})
+
+
 def ours_since(pids: list[int], since_s: float) -> bool:
     """Whether every process in ``pids`` runs as this process's user and started at or
     after ``since_s`` (seconds since the epoch, with 1 s of slack: start times are read
