@@ -461,3 +461,20 @@ def test_a_heartbeat_leaves_an_instance_record_another_process_wrote_for_the_shi
         (report,) = [r for r in inst.verify_all() if r.kind == "instance"]
         assert not report.ok and "rewritten by another process" in report.problems[0]
     assert json.loads(path.read_text())["pid"] == 1  # release erases only its own
+
+
+def test_an_instance_refuses_pickling_and_copying_with_what_to_pass_instead(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    """As a Lease: spawn and forkserver failed with "cannot pickle '_thread.lock'
+    object", and copy.copy made a second owner whose release() freed the ports."""
+    import copy
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base)))
+    with start_instance(layout, state=state, heartbeat=False) as inst:
+        for dumps in (pickle.dumps, ForkingPickler.dumps, copy.copy, copy.deepcopy):
+            with pytest.raises(TypeError, match=r"Instance \(testapp 1\) cannot be pickled"):
+                dumps(inst)
+        assert all(report.ok for report in inst.verify_all())

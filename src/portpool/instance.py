@@ -367,6 +367,17 @@ class Instance:
     def __exit__(self, *exc: object) -> None:
         self.release()
 
+    def __reduce__(self) -> str | tuple[object, ...]:
+        # As a Lease: spawn and forkserver failed with "cannot pickle '_thread.lock'
+        # object", and copy.copy made a second owner whose release() freed the ports
+        # under the first.
+        raise TypeError(
+            f"a portpool Instance ({self.app} {self.number}) cannot be pickled or copied: "
+            "its kernel locks belong to this process. Pass instance.env() or "
+            "instance.ports, and each lease.socket, to the other process, and keep the "
+            "instance here until it is done"
+        )
+
     def __repr__(self) -> str:
         return f"Instance(app={self.app!r}, number={self.number}, ports={self.ports})"
 
