@@ -32,7 +32,7 @@ from portpool.errors import (
     ShieldTripped,
 )
 from portpool.layout import Layout, resolve_layout
-from portpool.pool import Lease
+from portpool.pool import Lease, not_transferable
 from portpool.statedir import StateDir
 
 if TYPE_CHECKING:
@@ -368,15 +368,8 @@ class Instance:
         self.release()
 
     def __reduce__(self) -> str | tuple[object, ...]:
-        # As a Lease: spawn and forkserver failed with "cannot pickle '_thread.lock'
-        # object", and copy.copy made a second owner whose release() freed the ports
-        # under the first.
-        raise TypeError(
-            f"a portpool Instance ({self.app} {self.number}) cannot be pickled or copied: "
-            "its kernel locks belong to this process. Pass instance.env() or "
-            "instance.ports, and each lease.socket, to the other process, and keep the "
-            "instance here until it is done"
-        )
+        # As a Lease's; besides, copy.copy made a second owner that released the ports.
+        raise not_transferable(f"Instance ({self.app} {self.number})")
 
     def __repr__(self) -> str:
         return f"Instance(app={self.app!r}, number={self.number}, ports={self.ports})"

@@ -117,16 +117,21 @@ class Lease:
         self.release()
 
     def __reduce__(self) -> str | tuple[object, ...]:
-        # multiprocessing's spawn and forkserver pickle a Process's arguments; a Lease
-        # failed there with "cannot pickle '_thread.lock' object", which says nothing.
-        raise TypeError(
-            f"a portpool Lease (port {self.port}) cannot be pickled or copied: its kernel "
-            "lock belongs to this process. Pass lease.socket to the other process "
-            "(multiprocessing sends sockets) and keep the lease here until it is done"
-        )
+        raise not_transferable(f"Lease (port {self.port})")
 
     def __repr__(self) -> str:
         return f"Lease(service={self.service!r}, host={self.host!r}, port={self.port})"
+
+
+def not_transferable(what: str) -> TypeError:
+    """The error for pickling or copying ``what`` (a Lease, an Instance): multiprocessing's
+    spawn and forkserver pickle a Process's arguments, and failed with "cannot pickle
+    '_thread.lock' object", which says nothing."""
+    return TypeError(
+        f"a portpool {what} cannot be pickled or copied: its kernel locks belong to this "
+        "process. Pass lease.socket (or instance.env()) to the other process "
+        "(multiprocessing sends sockets) and keep it here until that is done"
+    )
 
 
 def bind_listen(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
