@@ -61,6 +61,17 @@ def portpool(*args: str, timeout: float = 60, **kw: Any) -> subprocess.Completed
     )
 
 
+def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c CODE ARGS`` to completion (this interpreter) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
 def start(*args: str, **kw: Any) -> subprocess.Popen[str]:
     """Start ``portpool ARGS`` in the background, output captured line by line."""
     return subprocess.Popen(

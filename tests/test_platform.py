@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.helpers import run_python
 
 from portpool import _platform as plat
 from portpool._platform import DirHandle, ProcessIdentity
@@ -27,14 +28,9 @@ TRY_LOCK = (
 
 
 def _other_process_can_lock(path: Path) -> bool:
-    out = subprocess.run(
-        [sys.executable, "-c", TRY_LOCK, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout.strip()
-    return out == "True"
+    done = run_python(TRY_LOCK, str(path))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() == "True"
 
 
 def test_try_lock_is_exclusive_across_processes_and_freed_by_unlock(tmp_path: Path):

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tests.helpers import mounted_tmpfs
+from tests.helpers import mounted_tmpfs, run_python
 
 from portpool._portstatus import inspect_port
 from portpool.errors import InvalidPort, LayoutError, PoolExhausted
@@ -343,13 +343,7 @@ def test_a_file_system_that_refuses_record_writes_is_a_state_dir_error(
     # acquire() once grew each new record file before its lock's record was written,
     # outside the handler that reports a failed write: the OSError (EFBIG, EDQUOT)
     # escaped `except PortPoolError`. Lease.heartbeat() let it out too.
-    done = subprocess.run(
-        [sys.executable, "-c", NO_GROWTH, str(port_base)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(NO_GROWTH, str(port_base))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
         f"heartbeat StateDirError {port_base}.json cannot write metadata: File too large",
