@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -214,6 +216,40 @@ def test_forked_child_release_keeps_parents_lock(state: StateDir, port_base: int
     assert status.state == "held"
     assert status.record.pid == os.getpid()
     assert lease.lock.problem() is None
+    lease.release()
+    assert inspect_port(state, port_base).is_free
+
+
+def test_forked_child_release_never_waits_for_a_parent_threads_mutex(
+    state: StateDir, port_base: int
+) -> None:
+    """A fork while another thread of the parent was inside the lease's heartbeat (its
+    mutex held): the child's release() waited for that mutex forever."""
+    lease = acquire(state, [port_base], app="app", instance=1, service="svc")
+    in_heartbeat, fork_done = threading.Event(), threading.Event()
+
+    def heartbeat_at_fork_time() -> None:
+        with lease.lock._mutex:  # where a heartbeat's write holds it
+            in_heartbeat.set()
+            fork_done.wait(30)
+
+    thread = threading.Thread(target=heartbeat_at_fork_time)
+    thread.start()
+    try:
+        assert in_heartbeat.wait(30)
+
+        def child() -> bool:
+            signal.alarm(10)  # a hang ends the child by SIGALRM
+            lease.release()
+            return lease.lock.meta_fd == -1
+
+        with warnings.catch_warnings():  # fork() with a thread running: the case itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            assert _in_child(child) == 0
+    finally:
+        fork_done.set()
+        thread.join(30)
+    assert inspect_port(state, port_base).record.pid == os.getpid()  # still the parent's
     lease.release()
     assert inspect_port(state, port_base).is_free
 

@@ -151,6 +151,15 @@ class PortLock:
         several threads at once: a second caller waits until the record is erased and
         the lock released (it once unlocked first, leaving our record to the next holder).
         """
+        if not self.lock.is_owner_process:
+            # A forked child: the mutex may have been held by a parent thread at fork
+            # time (a heartbeat), and would be held forever here; the child is the only
+            # user of its copies.
+            fd, self.meta_fd = self.meta_fd, -1
+            if fd >= 0:
+                os.close(fd)
+            self.lock.release()
+            return
         with self._mutex:
             fd, self.meta_fd = self.meta_fd, -1
             if fd < 0:
