@@ -164,7 +164,7 @@ class StateDir:
         state dir at ``path``.
 
         Raises StateDirError naming the path and the problem (a symlink, not ours,
-        readable or writable by others, ...).
+        readable or writable by others, ...), ResourceLimit out of file descriptors.
         """
         path = os.path.abspath(path or default_path())
         if create:
@@ -189,6 +189,9 @@ class StateDir:
         try:
             handle = DirHandle.open_path(path)
         except OSError as e:
+            limit = out_of_descriptors(e)  # nothing about the directory is at fault
+            if limit is not None:
+                raise limit from e
             raise StateDirError(path, f"cannot be opened safely: {e.strerror}") from e
         st = handle.stat()
         if (st.st_dev, st.st_ino) != (lst.st_dev, lst.st_ino):
