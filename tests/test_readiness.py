@@ -466,3 +466,16 @@ def test_a_port_probe_names_a_foreign_listener_it_reached(tmp_path: Path) -> Non
             ), probe.last_problem
     finally:
         pid_file.unlink()
+
+
+def test_log_matches_a_line_as_a_terminal_shows_it() -> None:
+    # A logger that colours its output, or ends lines with CRLF, still says the line.
+    probe = ReadinessProbe("log:^listening on \\d+$", "127.0.0.1", 1)
+    probe.feed_line("\x1b[1;32mlistening\x1b[0m on \x1b[4m8080\x1b[0m")
+    assert probe.check() is True
+    probe = ReadinessProbe("log:listening on 8080$", "127.0.0.1", 1)
+    probe.feed_line("listening on 8080\r")
+    assert probe.check() is True
+    probe = ReadinessProbe("log:see \x1b", "127.0.0.1", 1)  # a pattern for the raw line
+    probe.feed_line("see \x1b]8;;http://x\x1b\\")
+    assert probe.check() is True

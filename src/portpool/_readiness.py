@@ -10,7 +10,8 @@ A layout's ``ready`` key picks the probe:
   With ``socket = "port"``: a connect succeeds, and no process portpool did not start
   listens where it connected.
 - ``"http:<path>"``: ``GET <path>`` answers with a 2xx status.
-- ``"log:<regex>"``: a line of the service's output matches (``re.search``).
+- ``"log:<regex>"``: a line of the service's output matches (``re.search``), as the
+  line reads on a terminal: without a trailing carriage return or colour codes.
 - ``"none"``: ready as soon as it is started.
 """
 
@@ -26,6 +27,10 @@ from portpool._platform import accept_queue_length, connection_accepted
 __all__ = ["ReadinessProbe", "probe_host"]
 
 _CONNECT_TIMEOUT_S = 1.0
+# Terminal control sequences (CSI, like colours, and OSC, like hyperlinks) a logger adds
+# when it believes it writes to a terminal: "log:listening on" never matched
+# "\x1b[32mlistening\x1b[0m on", which reads "listening on" on the screen.
+_TERMINAL_CODES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
 _HTTP_TIMEOUT_S = 2.0
 
 
@@ -64,8 +69,13 @@ class ReadinessProbe:
         self.last_problem = "not checked yet"
 
     def feed_line(self, line: str) -> None:
-        """One line of the service's output (without its newline)."""
-        if self.pattern is not None and self.pattern.search(line):
+        """One line of the service's output (without its newline). Matched as it
+        reads on a terminal too: without colour codes and a trailing carriage return
+        (CRLF output once never matched a pattern ending in ``$``)."""
+        if self.pattern is None:
+            return
+        plain = _TERMINAL_CODES.sub("", line).rstrip("\r")
+        if self.pattern.search(plain) or self.pattern.search(line):
             self._matched.set()
 
     def close(self) -> None:
