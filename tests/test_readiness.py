@@ -479,3 +479,44 @@ def test_log_matches_a_line_as_a_terminal_shows_it() -> None:
     probe = ReadinessProbe("log:see \x1b", "127.0.0.1", 1)  # a pattern for the raw line
     probe.feed_line("see \x1b]8;;http://x\x1b\\")
     assert probe.check() is True
+
+
+# A single-threaded server whose health check takes SLOW seconds to answer.
+SLOW_HEALTH = """\
+import http.server, os, signal, socket, sys, time
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(float(os.environ["SLOW"])); self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H, bind_and_activate=False)
+srv.socket.close(); srv.socket = socket.socket(fileno=3)
+srv.serve_forever()
+"""
+
+
+def test_a_health_check_slower_than_two_seconds_is_ready_within_ready_timeout(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Each probe gave up after 2 s and asked again: never ready, whatever the timeout.
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_HEALTH)
+    config = write_config(
+        tmp_path,
+        port_base,
+        {
+            "slow": {
+                "command": [sys.executable, str(script)],
+                "ready": "http:/health",
+                "ready_timeout_s": 30,
+            }
+        },
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path, SLOW="2.5"))
+    reader = LineReader(proc)
+    try:
+        lines = output_until_up(reader)
+        assert any("slow ready on port" in line for line in lines), lines
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err

@@ -268,7 +268,7 @@ class ServiceKeeper:
                 break
             if proc.poll() is not None:
                 return "exited"
-            if probe.check():
+            if probe.check(deadline - time.monotonic()):
                 return "ready"
             if time.monotonic() >= deadline:
                 self._set("exited")

@@ -48,7 +48,8 @@ class ReadinessProbe:
 
     ``spec`` is the layout's ``ready`` value; ``listening`` is the socket ``up`` holds
     for a ``socket = "fd"`` service (None for ``socket = "port"``). ``check()`` makes
-    one bounded attempt (at most about 2 s) and returns True once the service is ready;
+    one bounded attempt (about 2 s at most; an http answer is awaited up to
+    ``check``'s ``wait_s``) and returns True once the service is ready;
     ``feed_line`` gives it the service's output lines (for ``log:``). Thread-safe.
     """
 
@@ -94,15 +95,19 @@ class ReadinessProbe:
             return connection_accepted(*self._probe) is True
         return False
 
-    def check(self) -> bool:
-        """One attempt; True when the service is ready (``last_problem`` says why not)."""
+    def check(self, wait_s: float = _HTTP_TIMEOUT_S) -> bool:
+        """One attempt; True when the service is ready (``last_problem`` says why not).
+        ``wait_s``: how long an http answer may take (the time left before the ready
+        timeout; never less than 2 s). A fixed 2 s made a health check that answers in
+        3 s never ready, whatever ``ready_timeout_s`` allowed, and each abandoned
+        request kept a single-threaded server busy for the next one."""
         if self.kind == "none":
             return True
         if self.kind == "log":
             self.last_problem = f"no output line matched {self.spec[4:]!r} yet"
             return self._matched.is_set()
         if self.kind == "http":
-            return self._check_http()
+            return self._check_http(max(_HTTP_TIMEOUT_S, wait_s))
         if self.listening is not None:
             return self._check_accepting(self.listening)
         return self._check_connect()
@@ -174,10 +179,10 @@ class ReadinessProbe:
         )
         return False
 
-    def _check_http(self) -> bool:
+    def _check_http(self, timeout_s: float) -> bool:
         import http.client  # with email and more: only for an http: probe (run needs none)
 
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=_HTTP_TIMEOUT_S)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
         try:
             conn.request("GET", self.path, headers={"User-Agent": "portpool-readiness"})
             response = conn.getresponse()
