@@ -544,6 +544,30 @@ def test_run_a_missing_command_exits_127_and_up_refuses_a_missing_program(
     assert status_json(config)["instances"] == []
 
 
+def test_up_refuses_a_command_that_names_no_program_before_anything_starts(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # A directory passed the check (os.access says a directory is "executable"): web
+    # started, then db failed with exit 5; a layout error starts nothing.
+    marker = tmp_path / "web-started"
+    web = {"command": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], "ready": "none"}
+    cases = {
+        str(tmp_path): "is not an executable file",
+        "python3 -m http.server": "the program and each argument are separate strings",
+        "cd": "'cd' is a shell builtin",
+    }
+    for program, said in cases.items():
+        config = up_layout(
+            tmp_path, port_base, extra={"web": web, "db": {"command": [program], "ready": "none"}}
+        )
+        done = portpool("up", "--config", str(config))
+        assert done.returncode == 1, done.stderr
+        assert f"{config}: services.db.command" in done.stderr
+        assert said in done.stderr
+        assert not marker.exists()
+        assert status_json(config)["instances"] == []
+
+
 def test_a_service_named_twice_is_acquired_once(layout: Path, port_base: int, home: Path) -> None:
     done = portpool(
         "run", "--config", str(layout), "-s", "alpha", "-s", "alpha", "--",

@@ -94,8 +94,36 @@ def find_program(command: Sequence[str]) -> str | None:
         return "the command is empty"
     program = command[0]
     if os.sep in program or (os.altsep and os.altsep in program):
-        return None if os.access(program, os.X_OK) else f"{program!r} is not an executable file"
-    return None if shutil.which(program) else f"{program!r} was not found on PATH"
+        # A directory passes os.access(X_OK): it then failed only once started, after
+        # the other services had started (exit 5, not a layout error).
+        if os.path.isfile(program) and os.access(program, os.X_OK):
+            return None
+        where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
+        return f"{program!r} is not an executable file{where}"
+    if shutil.which(program):
+        return None
+    return f"{program!r} was not found on PATH{_not_found_hint(program)}"
+
+
+# Shell builtins people put in a command ("cd", "export", "source"): no file runs them.
+# fmt: off
+_SHELL_BUILTINS = frozenset((
+    "alias", "bg", "cd", "command", "exec", "export", "fg", "jobs", "read", "set", "shift",
+    "source", "trap", "ulimit", "umask", "unset", "wait", ".", ":",
+))
+# fmt: on
+
+
+def _not_found_hint(program: str) -> str:
+    """Why a program the PATH lacks is likely written wrong, for the error message."""
+    if any(c.isspace() for c in program.strip()):
+        return (
+            "; the program and each argument are separate strings "
+            f"({program.split()!r}), or use ['sh', '-c', {program!r}]"
+        )
+    if program in _SHELL_BUILTINS:
+        return f"; {program!r} is a shell builtin: run it in a shell, ['sh', '-c', '{program} ...']"
+    return ""
 
 
 def shim_prefix() -> list[str]:
