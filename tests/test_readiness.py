@@ -520,3 +520,25 @@ def test_a_health_check_slower_than_two_seconds_is_ready_within_ready_timeout(
     finally:
         _out, err = stop(reader)
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("answer", [b"\x15\x03\x03\x00\x02\x02\x28", b""])
+def test_http_probe_of_a_tls_only_server_says_it_speaks_plain_http(answer: bytes) -> None:
+    # A TLS server answers a plain request with an alert record (or nothing) and hangs up.
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        probe = ReadinessProbe("http:/health", "127.0.0.1", server.getsockname()[1])
+        assert probe.check() is False
+        assert "plain HTTP" in probe.last_problem and "HTTPS" in probe.last_problem
+    finally:
+        thread.join(10)
+        server.close()

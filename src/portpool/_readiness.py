@@ -189,6 +189,13 @@ class ReadinessProbe:
             response.read()
         except (OSError, http.client.HTTPException) as e:
             self.last_problem = f"GET {self.path} on port {self.port}: {e or type(e).__name__}"
+            if isinstance(e, ConnectionResetError | http.client.BadStatusLine):
+                # What a TLS-only server does with a plain request: the bare "connection
+                # reset" left users guessing for the whole ready_timeout_s.
+                self.last_problem += (
+                    " (the http: probe speaks plain HTTP; for a service that speaks only "
+                    "HTTPS, use ready = 'tcp' or 'log:<regex>')"
+                )
             return False
         finally:
             with contextlib.suppress(OSError):
