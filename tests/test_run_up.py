@@ -556,6 +556,18 @@ def test_up_refuses_a_command_that_names_no_program_before_anything_starts(
         "python3 -m http.server": "the program and each argument are separate strings",
         "cd": "'cd' is a shell builtin",
     }
+    for name, first_line in (
+        ("gone", "#!/no/such/interpreter -x"),
+        ("env", "#!/usr/bin/env nope-9z"),
+    ):
+        script = tmp_path / name
+        script.write_text(f"{first_line}\nexit 0\n")
+        script.chmod(0o755)
+        cases[str(script)] = (
+            "starts with '#!/no/such/interpreter'"
+            if name == "gone"
+            else ("runs 'nope-9z' through env")
+        )
     for program, said in cases.items():
         config = up_layout(
             tmp_path, port_base, extra={"web": web, "db": {"command": [program], "ready": "none"}}

@@ -97,12 +97,38 @@ def find_program(command: Sequence[str]) -> str | None:
         # A directory passes os.access(X_OK): it then failed only once started, after
         # the other services had started (exit 5, not a layout error).
         if os.path.isfile(program) and os.access(program, os.X_OK):
-            return None
+            return _interpreter_problem(program)
         where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
         return f"{program!r} is not an executable file{where}"
-    if shutil.which(program):
-        return None
+    found = shutil.which(program)
+    if found:
+        return _interpreter_problem(found)
     return f"{program!r} was not found on PATH{_not_found_hint(program)}"
+
+
+def _interpreter_problem(path: str) -> str | None:
+    """Why the ``#!`` interpreter of the script at ``path`` cannot run, or None (not a
+    script, unreadable, or fine). A missing interpreter failed only once started ("No
+    such file or directory" for a file that exists), after other services had started."""
+    if os.name == "nt":
+        return None  # no #! there
+    try:
+        with open(path, "rb") as f:
+            first = f.read(256)
+    except OSError:
+        return None
+    if not first.startswith(b"#!"):
+        return None
+    words = first[2:].split(b"\n", 1)[0].decode(errors="replace").split()
+    if not words or not os.path.isabs(words[0]):
+        return None
+    interpreter = words[0]
+    if not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
+        return f"{path!r} starts with '#!{interpreter}', which is not an executable file"
+    program = words[1] if os.path.basename(interpreter) == "env" and len(words) > 1 else ""
+    if program and program[0] != "-" and "=" not in program and not shutil.which(program):
+        return f"{path!r} runs {program!r} through env ('#!'), not found on PATH"
+    return None
 
 
 # Shell builtins people put in a command ("cd", "export", "source"): no file runs them.
