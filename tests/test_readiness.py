@@ -542,3 +542,29 @@ def test_http_probe_of_a_tls_only_server_says_it_speaks_plain_http(answer: bytes
     finally:
         thread.join(10)
         server.close()
+
+
+def test_a_dependency_without_a_command_passes_on_its_own_dependencies(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # api -> proxy (no command: run elsewhere) -> db: api started at once, before db.
+    config = write_config(tmp_path, port_base, {"db": {"ready": "log:^ready to serve$"}})
+    config.write_text(
+        config.read_text()
+        + f'[services.proxy]\nbase = {port_base + 2}\nsize = 2\nstride = 10\ndepends_on = ["db"]\n'
+        + f"[services.api]\nbase = {port_base + 4}\nsize = 2\nstride = 10\n"
+        + f"command = {json.dumps([sys.executable, str(tmp_path / 'service.py')])}\n"
+        + 'depends_on = ["proxy"]\n'
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path, DELAY_DB="1"))
+    reader = LineReader(proc)
+    try:
+        lines = output_until_up(reader)
+        ready = [line.split()[1] for line in lines if " ready on port " in line]
+        assert ready == ["db", "api"], lines
+        records = [json.loads(x) for x in (tmp_path / "record.jsonl").read_text().splitlines()]
+        by_name = {r["name"]: r for r in records}
+        assert by_name["api"]["started"] >= by_name["db"]["accepting"]
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err

@@ -12,7 +12,7 @@ import functools
 import os
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING
 
 from portpool._keeper import Failure, ServiceKeeper, describe_failure
@@ -26,7 +26,7 @@ __all__ = ["ServiceSupervisor"]
 
 if TYPE_CHECKING:
     from portpool.instance import Instance
-    from portpool.layout import Service
+    from portpool.layout import Layout, Service
 
 
 class ServiceSupervisor(Supervisor):
@@ -82,8 +82,7 @@ class ServiceSupervisor(Supervisor):
         self._common = {"PORTPOOL_SUPERVISOR_PID": str(os.getpid())}
         if "PORTPOOL_HOME" not in os.environ:
             self._common["PORTPOOL_HOME"] = self.instance.state.path
-        # A dependency without a command has nothing to wait for.
-        graph = {n: tuple(d for d in s.depends_on if d in services) for n, s in services.items()}
+        graph = {n: _started_dependencies(layout, n, services) for n in services}
         for name in start_order(graph):
             svc = services[name]
             if svc.socket == "port":
@@ -213,3 +212,26 @@ class ServiceSupervisor(Supervisor):
 
     def _failed(self, failure: Failure) -> None:
         self.finish(Outcome(ServiceExited.exit_code, describe_failure(failure), failure=failure))
+
+
+def _started_dependencies(
+    layout: Layout, name: str, started: Mapping[str, Service]
+) -> tuple[str, ...]:
+    """What ``name`` waits for: the services it depends on that ``up`` starts, and,
+    through one that it does not start (no command: nothing to wait for), what that
+    one depends on. Dropping the one without a command dropped its own dependencies
+    too: with api -> proxy (no command) -> db, api started before db was ready."""
+    by_name = {s.name: s for s in layout.services}
+    found: list[str] = []
+    seen: set[str] = set()
+    todo = list(by_name[name].depends_on)
+    while todo:  # the layout has no cycles: this ends
+        dep = todo.pop(0)
+        if dep in seen or dep not in by_name:
+            continue
+        seen.add(dep)
+        if dep in started:
+            found.append(dep)
+        else:
+            todo.extend(by_name[dep].depends_on)
+    return tuple(found)
