@@ -799,3 +799,18 @@ def test_run_command_refuses_bad_calls_with_usage_errors(
     assert [type(e) for e in raised] == [UsageError, UsageError], raised
     assert all("main thread" in str(e) for e in raised)
     assert status_json(tmp_path / "l.toml")["instances"] == []  # nothing was started
+
+
+def test_up_detach_refuses_a_command_that_cannot_run_itself(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Found only by the background up: "the detached up exited with status 1" and a
+    # log to read, instead of the layout error (file, key, why) and nothing started.
+    config = up_layout(tmp_path, port_base, extra={"db": {"command": [str(tmp_path)]}})
+    done = portpool("up", "--detach", "--config", str(config))
+    assert done.returncode == 1, done.stderr
+    assert f"{config}: services.db.command" in done.stderr
+    assert "is not an executable file" in done.stderr
+    assert "detached up" not in done.stderr
+    assert not list(home.glob("apps/*/logs/.starting-*.log"))
+    assert status_json(config)["instances"] == []

@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from portpool._launch import DEFAULT_GRACE_S
+from portpool._launch import DEFAULT_GRACE_S, check_commands
 from portpool._layout_load import absolute_path, layout_path, working_directory
 from portpool._logs import logs_dir, set_log_owner
 from portpool._platform import DirHandle, detached_options, identity_of
@@ -121,11 +121,13 @@ def start_detached(
     ``grace_s`` (seconds) is the stop grace before SIGKILL, ``quiet`` leaves out the
     line naming the instance and its ports, ``cwd`` (default: the current directory)
     is the checkout the instance is numbered for. Raises UsageError (a ``number``
-    outside 1..max_instances, a layout no file holds), DetachFailed with its exit
+    outside 1..max_instances, a layout no file holds), LayoutError (a service's
+    command cannot be executed; nothing started), DetachFailed with its exit
     status (128+N if killed by signal N) and the log's tail if it exits first, or if it
     stopped right after it said it was up.
     """
     layout.check_number(number)
+    check_commands(layout, cwd)  # here, not only in the background up's log
     up_args = ["--grace", repr(grace_s), *_layout_args(layout, cwd)]
     if number is not None:
         up_args += ["--instance", str(number)]

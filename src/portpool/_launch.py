@@ -14,12 +14,13 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from typing import IO, TYPE_CHECKING
 
-from portpool.errors import CommandNotFound, PortPoolError
+from portpool.errors import CommandNotFound, LayoutError, PortPoolError
 
 if TYPE_CHECKING:
     import threading
 
     from portpool.instance import Instance
+    from portpool.layout import Layout
 
 DEFAULT_GRACE_S = 5.0
 # What portpool itself gives a program: an inherited value (from an outer `up`, or an
@@ -85,6 +86,23 @@ def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in _OURS and not k.startswith(_OURS_PREFIX)}
     env.update(extra)
     return env
+
+
+def check_commands(layout: Layout, cwd: str | None = None) -> None:
+    """Raise LayoutError (file, ``services.<name>.command``, why) for the first service
+    whose command cannot be executed (``find_program``; a relative path from ``cwd``,
+    default the current directory). ``up`` and ``up --detach`` call it before anything
+    starts: the detached ``up`` once found it only in the background, and its caller
+    got "exited with status 1" and a log to read."""
+    for service in layout.services:
+        if not service.command:
+            continue
+        command = list(service.command)
+        if cwd is not None and os.sep in command[0] and not os.path.isabs(command[0]):
+            command[0] = os.path.join(cwd, command[0])
+        problem = find_program(command)
+        if problem:
+            raise LayoutError(layout.source, f"services.{service.name}.command", problem)
 
 
 def find_program(command: Sequence[str]) -> str | None:

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
-from portpool._launch import DEFAULT_GRACE_S, descriptors_named, find_program
+from portpool._launch import DEFAULT_GRACE_S, check_commands, descriptors_named
 from portpool._platform import ReceivedSignal, controlling_terminal_alive
 from portpool._processes import Outcome
 
@@ -80,13 +80,10 @@ def run_up(
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
     from portpool._services import ServiceSupervisor  # its keepers and probes: up only
-    from portpool.errors import LayoutError, ServiceExited
+    from portpool.errors import ServiceExited
     from portpool.instance import start_instance
 
-    for service in layout.services:
-        problem = service.command and find_program(service.command)
-        if problem:
-            raise LayoutError(layout.source, f"services.{service.name}.command", problem)
+    check_commands(layout)
     stop_signal: list[int] = []
     relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
     hangup = getattr(signal, "SIGHUP", None)
