@@ -568,3 +568,76 @@ def test_a_dependency_without_a_command_passes_on_its_own_dependencies(
     finally:
         _out, err = stop(reader)
     assert proc.returncode == 0, err
+
+
+def test_an_http_path_that_is_not_ascii_is_sent_percent_encoded(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # "http:/héalth" raised UnicodeEncodeError in the keeper's thread: up never got
+    # ready, never timed out, and waited until killed.
+    script = tmp_path / "paths.py"
+    script.write_text(
+        SERVICE.replace('self.path == "/health"', 'self.path == "/h%C3%A9alth?q=%C3%A9"')
+    )
+    config = write_config(
+        tmp_path,
+        port_base,
+        {"s": {"command": [sys.executable, str(script)], "ready": "http:/héalth?q=é"}},
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path))
+    reader = LineReader(proc)
+    try:
+        lines = output_until_up(reader)
+        assert any("s ready on port" in line for line in lines), lines
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err
+
+
+def test_a_readiness_check_that_raises_stops_the_instance_instead_of_hanging() -> None:
+    # An exception out of a check ended the keeper's thread: no failure was reported,
+    # so up neither got ready nor timed out.
+    import subprocess
+
+    from portpool._keeper import Failure, ServiceKeeper
+    from portpool.layout import Service
+
+    class Broken(ReadinessProbe):
+        def check(self, wait_s: float = 2.0) -> bool:
+            raise ValueError("probe bug")
+
+    failures: list[Failure] = []
+    done = threading.Event()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def spawn(_svc: Service, _probe: ReadinessProbe) -> subprocess.Popen[bytes]:
+        procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]))
+        return procs[-1]
+
+    def stop(_name: str) -> None:
+        for p in procs:
+            p.kill()
+
+    def failed(failure: Failure) -> None:
+        failures.append(failure)
+        stop("s")
+
+    service = Service(name="s", base=1, size=1, command=("x",), ready="tcp")
+    keeper = ServiceKeeper(
+        service,
+        1,
+        spawn=spawn,
+        stop=stop,
+        make_probe=lambda: Broken("tcp", "127.0.0.1", 1),
+        on_change=lambda _k: None,
+        on_ready=lambda _k, _s: None,
+        on_failure=failed,
+        done=done,
+    )
+    thread = threading.Thread(target=keeper.run, daemon=True)
+    thread.start()
+    thread.join(30)
+    stop("s")
+    assert not thread.is_alive()
+    assert [f.kind for f in failures] == ["not-ready"]
+    assert "ValueError: probe bug" in failures[0].detail

@@ -268,8 +268,14 @@ class ServiceKeeper:
                 break
             if proc.poll() is not None:
                 return "exited"
-            if probe.check(deadline - time.monotonic()):
-                return "ready"
+            try:
+                if probe.check(deadline - time.monotonic()):
+                    return "ready"
+            except Exception as e:  # a probe's own bug must stop the instance, not hang it
+                self._set("exited")
+                detail = f"the readiness check failed: {type(e).__name__}: {e}"
+                self._on_failure(Failure(self.name, "not-ready", None, detail))
+                return "timeout"
             if time.monotonic() >= deadline:
                 self._set("exited")
                 self._on_failure(Failure(self.name, "not-ready", None, probe.last_problem))

@@ -21,12 +21,14 @@ import contextlib
 import re
 import socket
 import threading
+import urllib.parse
 
 from portpool._platform import accept_queue_length, connection_accepted
 
 __all__ = ["ReadinessProbe", "probe_host"]
 
 _CONNECT_TIMEOUT_S = 1.0
+_PATH_SAFE = "".join(chr(c) for c in range(33, 127))  # printable ASCII stays as written
 # Terminal control sequences (CSI, like colours, and OSC, like hyperlinks) a logger adds
 # when it believes it writes to a terminal: "log:listening on" never matched
 # "\x1b[32mlistening\x1b[0m on", which reads "listening on" on the screen.
@@ -62,7 +64,9 @@ class ReadinessProbe:
         self.listening = listening
         kind, _, arg = spec.partition(":")
         self.kind = kind
-        self.path = arg if kind == "http" else ""
+        # A request line is ASCII: "http:/héalth" raised UnicodeEncodeError in the
+        # probe's thread, and up then waited forever. Sent as a browser would.
+        self.path = urllib.parse.quote(arg, safe=_PATH_SAFE) if kind == "http" else ""
         self.pattern = re.compile(arg) if kind == "log" else None
         self._matched = threading.Event()
         # (family, server side, our side) of the probe connection, once made.
