@@ -555,6 +555,8 @@ def test_up_refuses_a_command_that_names_no_program_before_anything_starts(
         str(tmp_path): "is not an executable file",
         "python3 -m http.server": "the program and each argument are separate strings",
         "cd": "'cd' is a shell builtin",
+        "$HOME/bin/server": "no shell expands '~' or '$VAR' in a command",
+        "~/bin/server": "no shell expands '~' or '$VAR' in a command",
     }
     for name, first_line in (
         ("gone", "#!/no/such/interpreter -x"),

@@ -117,7 +117,7 @@ def find_program(command: Sequence[str]) -> str | None:
         if os.path.isfile(program) and os.access(program, os.X_OK):
             return _interpreter_problem(program)
         where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
-        return f"{program!r} is not an executable file{where}"
+        return f"{program!r} is not an executable file{where}{_not_found_hint(program)}"
     found = shutil.which(program)
     if found:
         return _interpreter_problem(found)
@@ -159,7 +159,12 @@ _SHELL_BUILTINS = frozenset((
 
 
 def _not_found_hint(program: str) -> str:
-    """Why a program the PATH lacks is likely written wrong, for the error message."""
+    """Why a program that cannot be found is likely written wrong, for the message."""
+    if program.startswith("~") or "$" in program:
+        return (
+            "; no shell expands '~' or '$VAR' in a command: write the path out, or use "
+            f"['sh', '-c', 'exec {program} ...']"
+        )
     if any(c.isspace() for c in program.strip()):
         return (
             "; the program and each argument are separate strings "
