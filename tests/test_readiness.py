@@ -151,8 +151,11 @@ def test_http_wants_a_2xx_answer_on_the_path() -> None:
 
 def test_log_matches_a_line_of_output_and_none_is_ready_at_once() -> None:
     probe = ReadinessProbe(r"log:listening on \d+", "127.0.0.1", 1)
+    assert probe.check() is False
+    assert "printed no line at all" in probe.last_problem  # buffered output, most likely
     probe.feed_line("starting")
     assert probe.check() is False
+    assert "printed no line" not in probe.last_problem
     probe.feed_line("INFO listening on 8080")
     assert probe.check() is True
     assert ReadinessProbe("none", "127.0.0.1", 1).check() is True

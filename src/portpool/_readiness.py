@@ -69,6 +69,7 @@ class ReadinessProbe:
         self.path = urllib.parse.quote(arg, safe=_PATH_SAFE) if kind == "http" else ""
         self.pattern = re.compile(arg) if kind == "log" else None
         self._matched = threading.Event()
+        self._lines = 0  # output lines seen (log:), to say when there were none
         # (family, server side, our side) of the probe connection, once made.
         self._probe: tuple[int, tuple[str, int], tuple[str, int]] | None = None
         self.last_problem = "not checked yet"
@@ -79,6 +80,7 @@ class ReadinessProbe:
         (CRLF output once never matched a pattern ending in ``$``)."""
         if self.pattern is None:
             return
+        self._lines += 1
         plain = _TERMINAL_CODES.sub("", line).rstrip("\r")
         if self.pattern.search(plain) or self.pattern.search(line):
             self._matched.set()
@@ -109,6 +111,13 @@ class ReadinessProbe:
             return True
         if self.kind == "log":
             self.last_problem = f"no output line matched {self.spec[4:]!r} yet"
+            if not self._lines:
+                # The usual cause: output to a pipe is block-buffered (Python, C stdio),
+                # so the line a terminal showed at once never reached up.
+                self.last_problem += (
+                    "; the service printed no line at all (output to a pipe may stay in "
+                    "its buffer: flush after the line, or for Python set PYTHONUNBUFFERED=1)"
+                )
             return self._matched.is_set()
         if self.kind == "http":
             return self._check_http(max(_HTTP_TIMEOUT_S, wait_s))
