@@ -644,3 +644,35 @@ def test_a_readiness_check_that_raises_stops_the_instance_instead_of_hanging() -
     assert not thread.is_alive()
     assert [f.kind for f in failures] == ["not-ready"]
     assert "ValueError: probe bug" in failures[0].detail
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no ::1 on this host")
+def test_a_localhost_service_listening_on_ipv6_alone_is_ready() -> None:
+    # host = "localhost", socket = "port": a server that took ::1 alone (as Node's
+    # listen(port, "localhost") does) was probed on 127.0.0.1 only, and never ready.
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server6(http.server.HTTPServer):
+        address_family = socket.AF_INET6
+
+    server = Server6(("::1", 0), Handler)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        tcp = ReadinessProbe("tcp", "localhost", port)
+        assert tcp.check() is True, tcp.last_problem
+        http_probe = ReadinessProbe("http:/health", "localhost", port)
+        assert http_probe.check() is True, http_probe.last_problem
+    finally:
+        server.shutdown()
+        server.server_close()
+    probe = ReadinessProbe("tcp", "localhost", port)
+    assert probe.check() is False
+    assert "127.0.0.1" in probe.last_problem and "[::1]" in probe.last_problem

@@ -25,7 +25,7 @@ import urllib.parse
 
 from portpool._platform import accept_queue_length, connection_accepted
 
-__all__ = ["ReadinessProbe", "probe_host"]
+__all__ = ["ReadinessProbe", "probe_host", "probe_hosts"]
 
 _CONNECT_TIMEOUT_S = 1.0
 _PATH_SAFE = "".join(chr(c) for c in range(33, 127))  # printable ASCII stays as written
@@ -45,6 +45,13 @@ def probe_host(host: str) -> str:
     return host
 
 
+def probe_hosts(host: str) -> tuple[str, ...]:
+    """The addresses a local probe tries, in order, for a service bound to ``host``:
+    for "localhost" both loopbacks, as clients resolve it to either (a server that
+    listens on "localhost" may take ::1 alone, as Node does: it was never ready)."""
+    return ("127.0.0.1", "::1") if host == "localhost" else (probe_host(host),)
+
+
 class ReadinessProbe:
     """One service's readiness check, made again for every start of the service.
 
@@ -59,7 +66,8 @@ class ReadinessProbe:
         self, spec: str, host: str, port: int, listening: socket.socket | None = None
     ) -> None:
         self.spec = spec
-        self.host = probe_host(host)
+        self.hosts = probe_hosts(host)
+        self.host = self.hosts[0]  # the address that answered last
         self.port = port
         self.listening = listening
         kind, _, arg = spec.partition(":")
@@ -126,11 +134,18 @@ class ReadinessProbe:
         return self._check_connect()
 
     def _connect(self) -> socket.socket | None:
-        try:
-            return socket.create_connection((self.host, self.port), timeout=_CONNECT_TIMEOUT_S)
-        except OSError as e:
-            self.last_problem = f"connect to {self.host}:{self.port}: {e.strerror or e}"
-            return None
+        problems = []
+        for host in self.hosts:
+            try:
+                conn = socket.create_connection((host, self.port), timeout=_CONNECT_TIMEOUT_S)
+            except OSError as e:
+                where = f"[{host}]" if ":" in host else host
+                problems.append(f"connect to {where}:{self.port}: {e.strerror or e}")
+                continue
+            self.host = host
+            return conn
+        self.last_problem = "; ".join(problems)
+        return None
 
     def _check_connect(self) -> bool:
         conn = self._connect()
@@ -195,7 +210,13 @@ class ReadinessProbe:
     def _check_http(self, timeout_s: float) -> bool:
         import http.client  # with email and more: only for an http: probe (run needs none)
 
+        sock = self._connect()
+        if sock is None:
+            self.last_problem = f"GET {self.path}: {self.last_problem}"
+            return False
+        sock.settimeout(timeout_s)
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
+        conn.sock = sock  # connected to whichever address answered
         try:
             conn.request("GET", self.path, headers={"User-Agent": "portpool-readiness"})
             response = conn.getresponse()
