@@ -229,6 +229,20 @@ def stop(reader: LineReader) -> tuple[str, str]:
     return reader.finish(60)
 
 
+def script_command(tmp_path: Path, name: str, source: str) -> list[str]:
+    """``[python, tmp_path/name]``, with ``source`` written there."""
+    script = tmp_path / name
+    script.write_text(source)
+    return [sys.executable, str(script)]
+
+
+def service_records(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """What each service of SERVICE wrote to ``record.jsonl`` (its start, its first
+    accept), by name."""
+    lines = (tmp_path / "record.jsonl").read_text().splitlines()
+    return {r["name"]: r for r in map(json.loads, lines)}
+
+
 def test_dependents_start_after_their_dependency_answered_its_probe(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
@@ -252,10 +266,7 @@ def test_dependents_start_after_their_dependency_answered_its_probe(
             (instance,) = status_json(config)["instances"]
             port = next(s["port"] for s in instance["services"] if s["name"] == name)
             assert httpx.get(f"http://127.0.0.1:{port}/health", trust_env=False).text == name
-        records = {
-            r["name"]: r
-            for r in map(json.loads, (tmp_path / "record.jsonl").read_text().splitlines())
-        }
+        records = service_records(tmp_path)
         assert records["api"]["started"] >= records["db"]["accepting"]
         assert records["web"]["started"] >= records["api"]["accepting"]
     finally:
@@ -276,8 +287,7 @@ def test_log_readiness_waits_for_the_line(tmp_path: Path, port_base: int, home: 
         said = lines.index(next(x for x in lines if x.endswith("| ready to serve")))
         became = lines.index(next(x for x in lines if "slow ready on port" in x))
         assert said < became
-        records = [json.loads(x) for x in (tmp_path / "record.jsonl").read_text().splitlines()]
-        by_name = {r["name"]: r for r in records}
+        by_name = service_records(tmp_path)
         assert by_name["after"]["started"] >= by_name["slow"]["accepting"]
     finally:
         _out, err = stop(reader)
@@ -287,14 +297,13 @@ def test_log_readiness_waits_for_the_line(tmp_path: Path, port_base: int, home: 
 def test_never_ready_stops_the_instance_within_the_timeout_and_grace(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
-    script = tmp_path / "never.py"
-    script.write_text(NEVER_READY)
+    command = script_command(tmp_path, "never.py", NEVER_READY)
     config = write_config(
         tmp_path,
         port_base,
         {
             "stuck": {
-                "command": [sys.executable, str(script)],
+                "command": command,
                 "ready": "log:will never be printed",
                 "ready_timeout_s": 2,
             },
@@ -362,12 +371,11 @@ time.sleep(60)
 def test_a_stop_while_starting_reaches_the_service_as_the_stop_signal(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
-    script = tmp_path / "says.py"
-    script.write_text(SAYS_ITS_SIGNAL)
+    command = script_command(tmp_path, "says.py", SAYS_ITS_SIGNAL)
     config = write_config(
         tmp_path,
         port_base,
-        {"slow": {"command": [sys.executable, str(script)], "ready": "log:never"}},
+        {"slow": {"command": command, "ready": "log:never"}},
     )
     proc = start("up", "--config", str(config), env=up_env(tmp_path))
     reader = LineReader(proc)
@@ -502,19 +510,9 @@ def test_a_health_check_slower_than_two_seconds_is_ready_within_ready_timeout(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
     # Each probe gave up after 2 s and asked again: never ready, whatever the timeout.
-    script = tmp_path / "slow.py"
-    script.write_text(SLOW_HEALTH)
-    config = write_config(
-        tmp_path,
-        port_base,
-        {
-            "slow": {
-                "command": [sys.executable, str(script)],
-                "ready": "http:/health",
-                "ready_timeout_s": 30,
-            }
-        },
-    )
+    command = script_command(tmp_path, "slow.py", SLOW_HEALTH)
+    slow = {"command": command, "ready": "http:/health", "ready_timeout_s": 30}
+    config = write_config(tmp_path, port_base, {"slow": slow})
     proc = start("up", "--config", str(config), env=up_env(tmp_path, SLOW="2.5"))
     reader = LineReader(proc)
     try:
@@ -565,8 +563,7 @@ def test_a_dependency_without_a_command_passes_on_its_own_dependencies(
         lines = output_until_up(reader)
         ready = [line.split()[1] for line in lines if " ready on port " in line]
         assert ready == ["db", "api"], lines
-        records = [json.loads(x) for x in (tmp_path / "record.jsonl").read_text().splitlines()]
-        by_name = {r["name"]: r for r in records}
+        by_name = service_records(tmp_path)
         assert by_name["api"]["started"] >= by_name["db"]["accepting"]
     finally:
         _out, err = stop(reader)
@@ -578,14 +575,12 @@ def test_an_http_path_that_is_not_ascii_is_sent_percent_encoded(
 ) -> None:
     # "http:/héalth" raised UnicodeEncodeError in the keeper's thread: up never got
     # ready, never timed out, and waited until killed.
-    script = tmp_path / "paths.py"
-    script.write_text(
-        SERVICE.replace('self.path == "/health"', 'self.path == "/h%C3%A9alth?q=%C3%A9"')
-    )
+    paths = SERVICE.replace('self.path == "/health"', 'self.path == "/h%C3%A9alth?q=%C3%A9"')
+    command = script_command(tmp_path, "paths.py", paths)
     config = write_config(
         tmp_path,
         port_base,
-        {"s": {"command": [sys.executable, str(script)], "ready": "http:/héalth?q=é"}},
+        {"s": {"command": command, "ready": "http:/héalth?q=é"}},
     )
     proc = start("up", "--config", str(config), env=up_env(tmp_path))
     reader = LineReader(proc)
