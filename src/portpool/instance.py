@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +43,21 @@ __all__ = ["Instance", "start_instance"]
 
 log = logging.getLogger("portpool.instance")
 
+# Every Instance of this process, for the fork hook below.
+_instances: weakref.WeakSet[Instance] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A parent thread may have held an instance's mutex at fork time (the heartbeat's
+    # record write): the child's release() then waited for it forever. The child is
+    # the only user of its copies, alone at this point: a fresh mutex each.
+    for instance in list(_instances):
+        instance._mutex = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 # ---------------------------------------------------------------- a running instance
 
 
@@ -69,6 +85,7 @@ class Instance:
         self._heartbeat_thread: threading.Thread | None = None
         self._shield: Any = None
         self._mutex = threading.RLock()
+        _instances.add(self)
         self._released = False
         self._recorded = False  # after our first record, we only ever write over ours
         self._on_release: list[Callable[[], None]] = []
