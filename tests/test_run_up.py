@@ -582,6 +582,59 @@ def test_up_refuses_a_command_that_names_no_program_before_anything_starts(
         assert status_json(config)["instances"] == []
 
 
+def test_a_script_with_crlf_line_endings_is_refused_before_anything_starts(
+    tmp_path: Path, layout: Path, port_base: int, home: Path
+) -> None:
+    # "#!/bin/sh\r\n": the kernel looks for "/bin/sh\r" (env for "python3\r"). The
+    # check read the line split at any whitespace, passed it, and the service failed
+    # only once started ("No such file or directory" for a file that exists).
+    marker = tmp_path / "web-started"
+    web = {"command": [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], "ready": "none"}
+    for name, first_line, said in (
+        ("sh", "#!/bin/sh", "names the interpreter '/bin/sh\\r'"),
+        ("env", "#!/usr/bin/env python3", "has env look for 'python3\\r'"),
+    ):
+        script = tmp_path / name
+        script.write_bytes(f"{first_line}\r\nexit 0\r\n".encode())
+        script.chmod(0o755)
+        config = up_layout(
+            tmp_path, port_base, extra={"web": web, "db": {"command": [str(script)]}}
+        )
+        done = portpool("up", "--config", str(config))
+        assert done.returncode == 1, done.stderr
+        assert f"{config}: services.db.command" in done.stderr
+        assert "CRLF line endings" in done.stderr and said in done.stderr, done.stderr
+        assert not marker.exists()
+        done = portpool("run", "--config", str(layout), "--", str(script))
+        assert done.returncode == 127, done.stderr
+        assert "CRLF line endings" in done.stderr
+
+
+def test_the_command_checks_refuse_no_script_that_runs(
+    tmp_path: Path, layout: Path, home: Path
+) -> None:
+    # What the kernel and the shim run must pass: a program found through a relative
+    # PATH entry, a symlink to a script, env -S, a #! line with an argument.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scripts = {
+        "plain": "#!/bin/sh\nexit 0\n",
+        "envs": f"#!/usr/bin/env -S {Path(sys.executable).name} -u\nimport sys\n",
+        "args": "#!/bin/sh -e\nexit 0\n",
+    }
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    (bin_dir / "link").symlink_to("plain")
+    env = {
+        **os.environ,
+        "PATH": f"bin{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    for program in ("plain", "bin/link", "bin/envs", "bin/args", str(bin_dir / "link")):
+        done = portpool("run", "--config", str(layout), "--", program, cwd=tmp_path, env=env)
+        assert done.returncode == 0, (program, done.stderr)
+
+
 def test_a_service_named_twice_is_acquired_once(layout: Path, port_base: int, home: Path) -> None:
     done = portpool(
         "run", "--config", str(layout), "-s", "alpha", "-s", "alpha", "--",

@@ -137,7 +137,11 @@ def _interpreter_problem(path: str) -> str | None:
         return None
     if not first.startswith(b"#!"):
         return None
-    words = first[2:].split(b"\n", 1)[0].decode(errors="replace").split()
+    line = first[2:].split(b"\n", 1)[0].decode(errors="replace")
+    crlf = _carriage_return_problem(path, line)
+    if crlf:
+        return crlf
+    words = line.split()
     if not words or not os.path.isabs(words[0]):
         return None
     interpreter = words[0]
@@ -147,6 +151,25 @@ def _interpreter_problem(path: str) -> str | None:
     if program and program[0] != "-" and "=" not in program and not shutil.which(program):
         return f"{path!r} runs {program!r} through env ('#!'), not found on PATH"
     return None
+
+
+def _carriage_return_problem(path: str, line: str) -> str | None:
+    """Why the ``#!`` ``line`` (after ``#!``, without its newline) of ``path`` fails for a
+    carriage return, or None. The kernel splits it at spaces and tabs only, so a file
+    with CRLF line endings names '/bin/sh\\r' (or has env look for 'python3\\r'): it
+    passed the check and failed only once started, after the other services."""
+    words = [w for w in line.replace("\t", " ").split(" ") if w]
+    if not words:
+        return None
+    env = os.path.basename(words[0].rstrip("\r")) == "env" and len(words) > 1
+    word = words[1] if env else words[0]
+    if not word.endswith("\r") or (shutil.which(word) if env else os.path.exists(word)):
+        return None  # (a file by that very name would run)
+    named = f"has env look for {word!r}" if env else f"names the interpreter {word!r}"
+    return (
+        f"{path!r} has CRLF line endings: its '#!' line {named}, which does not exist; "
+        "convert the file to LF line endings (dos2unix)"
+    )
 
 
 # Shell builtins people put in a command ("cd", "export", "source"): no file runs them.
