@@ -492,6 +492,24 @@ def test_log_matches_a_line_as_a_terminal_shows_it() -> None:
     assert probe.check() is True
 
 
+def test_log_matches_past_every_escape_and_a_carriage_return_inside_the_line() -> None:
+    # `tput sgr0` ends a colour with "\x1b(B\x1b[m": the "\x1b(B" stayed and "ready on"
+    # never matched. A spinner redraws its line after a "\r": "^ready" never matched.
+    lines = {
+        "^ready on port \\d+$": "\x1b[1mready\x1b(B\x1b[m on port 80",
+        "^ready on port 80$": "starting...\r\x1b[2Kready on port 80",
+        "^ready$": "\x1b7\x1b[2;1Hready\x1b8",
+        "^up$": "\x1b]0;title\x07\x1bP+q544e\x1b\\up\x1b=",
+    }
+    for pattern, line in lines.items():
+        probe = ReadinessProbe("log:" + pattern, "127.0.0.1", 1)
+        probe.feed_line(line)
+        assert probe.check() is True, (pattern, line)
+    probe = ReadinessProbe("log:^ready$", "127.0.0.1", 1)
+    probe.feed_line("not ready\rnot ready either")
+    assert probe.check() is False
+
+
 # A single-threaded server whose health check takes SLOW seconds to answer.
 SLOW_HEALTH = """\
 import http.server, os, signal, socket, sys, time
@@ -521,6 +539,22 @@ def test_a_health_check_slower_than_two_seconds_is_ready_within_ready_timeout(
     finally:
         _out, err = stop(reader)
     assert proc.returncode == 0, err
+
+
+def test_an_http_probe_sees_the_service_exit_while_it_awaits_the_answer(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # socket = "fd": the probe's request waits in up's own accept queue, so a service
+    # that died before accepting it left the probe waiting the whole ready_timeout_s,
+    # then "not ready in time" (a restart's crash too: the instance stopped where the
+    # restart policy should have started it again).
+    config = write_config(
+        tmp_path, port_base, {"web": {"ready": "http:/health", "ready_timeout_s": 20}}
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path, DELAY_WEB="0.5", EXIT_WEB="3"))
+    out, err = LineReader(proc).finish(60)
+    assert proc.returncode == 5, (out, err)
+    assert "service 'web' exited before it was ready (exit status 3)" in err, err
 
 
 @pytest.mark.parametrize("answer", [b"\x15\x03\x03\x00\x02\x02\x28", b""])

@@ -225,6 +225,8 @@ class ServiceKeeper:
             with self._cond:
                 self.proc = proc
                 self.pid = proc.pid
+            # A slow http answer is awaited no longer than the process lives.
+            probe.running = lambda: proc.poll() is None and not self._done.is_set()
             self._set("starting")
             outcome = self._await_ready(proc, probe, begun)
             if outcome != "ready":

@@ -11,7 +11,8 @@ A layout's ``ready`` key picks the probe:
   listens where it connected.
 - ``"http:<path>"``: ``GET <path>`` answers with a 2xx status.
 - ``"log:<regex>"``: a line of the service's output matches (``re.search``), as the
-  line reads on a terminal: without a trailing carriage return or colour codes.
+  line reads on a terminal: without a trailing carriage return, colour codes or other
+  escape sequences, and each part after a carriage return inside it on its own.
 - ``"none"``: ready as soon as it is started.
 """
 
@@ -21,7 +22,9 @@ import contextlib
 import re
 import socket
 import threading
+import time
 import urllib.parse
+from collections.abc import Callable
 
 from portpool._platform import accept_queue_length, connection_accepted
 
@@ -31,9 +34,17 @@ _CONNECT_TIMEOUT_S = 1.0
 _PATH_SAFE = "".join(chr(c) for c in range(33, 127))  # printable ASCII stays as written
 # Terminal control sequences (CSI, like colours, and OSC, like hyperlinks) a logger adds
 # when it believes it writes to a terminal: "log:listening on" never matched
-# "\x1b[32mlistening\x1b[0m on", which reads "listening on" on the screen.
-_TERMINAL_CODES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)")
+# "\x1b[32mlistening\x1b[0m on", which reads "listening on" on the screen. Then DCS,
+# APC and the like, and every other escape (ESC, intermediates, a final byte): `tput
+# sgr0` writes "\x1b(B\x1b[m", and its "\x1b(B" left "ready\x1b(B on" unmatched.
+_TERMINAL_CODES = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"
+    r"|\x1b[PX^_][^\x1b]*\x1b\\"
+    r"|\x1b[ -/]*[0-~]"
+)
 _HTTP_TIMEOUT_S = 2.0
+_ALIVE_CHECK_S = 0.1  # how often a wait for an http answer asks whether to go on
 
 
 def probe_host(host: str) -> str:
@@ -81,6 +92,9 @@ class ReadinessProbe:
         # (family, server side, our side) of the probe connection, once made.
         self._probe: tuple[int, tuple[str, int], tuple[str, int]] | None = None
         self.last_problem = "not checked yet"
+        # Asked every 0.1 s while an http answer is awaited: False gives up the wait
+        # (the service exited, the instance stops). Set by whoever started the service.
+        self.running: Callable[[], bool] = lambda: True
 
     def feed_line(self, line: str) -> None:
         """One line of the service's output (without its newline). Matched as it
@@ -90,7 +104,12 @@ class ReadinessProbe:
             return
         self._lines += 1
         plain = _TERMINAL_CODES.sub("", line).rstrip("\r")
-        if self.pattern.search(plain) or self.pattern.search(line):
+        # A carriage return inside the line (a spinner's "starting...\rready") sends
+        # the cursor back: the screen shows each part over the last, so "^ready" is
+        # matched against each part too.
+        parts = plain.split("\r") if "\r" in plain else ()
+        search = self.pattern.search
+        if search(plain) or search(line) or any(search(part) for part in parts):
             self._matched.set()
 
     def close(self) -> None:
@@ -219,6 +238,8 @@ class ReadinessProbe:
         conn.sock = sock  # connected to whichever address answered
         try:
             conn.request("GET", self.path, headers={"User-Agent": "portpool-readiness"})
+            if not self._await_answer(sock, timeout_s):
+                return False
             response = conn.getresponse()
             response.read()
         except (OSError, http.client.HTTPException) as e:
@@ -238,3 +259,29 @@ class ReadinessProbe:
             return True
         self.last_problem = f"GET {self.path} on port {self.port} answered {response.status}"
         return False
+
+    def _await_answer(self, sock: socket.socket, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for the first byte of an answer (or the server's
+        hang-up) on ``sock``, asking ``running`` every 0.1 s; False (``last_problem``
+        says why) when it never came or ``running`` said to stop. One wait of the whole
+        ready timeout missed a service that died meanwhile: with ``socket = "fd"`` the
+        request stays queued on up's own socket, so up saw the exit (a restart by the
+        policy) only when ready_timeout_s ran out, and stopped the instance instead."""
+        end = time.monotonic() + timeout_s
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                self.last_problem = f"GET {self.path} on port {self.port}: timed out"
+                return False
+            sock.settimeout(min(left, _ALIVE_CHECK_S))
+            try:
+                sock.recv(1, socket.MSG_PEEK)  # consumes nothing: http.client reads it
+            except TimeoutError:
+                if not self.running():
+                    self.last_problem = f"GET {self.path} on port {self.port}: no answer yet"
+                    return False
+                continue
+            except OSError:
+                pass  # the read that follows says what went wrong, as before
+            sock.settimeout(max(left, 0.001))
+            return True
