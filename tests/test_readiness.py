@@ -579,6 +579,30 @@ def test_http_probe_of_a_tls_only_server_says_it_speaks_plain_http(answer: bytes
         server.close()
 
 
+def test_http_probe_takes_a_2xx_status_without_waiting_for_the_body_to_end() -> None:
+    # HTTP/1.0 without a length, connection kept open (or a body that streams): the
+    # probe waited for the body's end until its timeout, and the service was never ready.
+    server = socket.create_server(("127.0.0.1", 0))
+    served = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nok")
+            served.wait(30)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        probe = ReadinessProbe("http:/health", "127.0.0.1", server.getsockname()[1])
+        assert probe.check() is True, probe.last_problem
+    finally:
+        served.set()
+        thread.join(10)
+        server.close()
+
+
 def test_a_dependency_without_a_command_passes_on_its_own_dependencies(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

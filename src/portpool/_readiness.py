@@ -45,6 +45,7 @@ _TERMINAL_CODES = re.compile(
 )
 _HTTP_TIMEOUT_S = 2.0
 _ALIVE_CHECK_S = 0.1  # how often a wait for an http answer asks whether to go on
+_BODY_WAIT_S = 1.0  # for the rest of an answer whose status came
 
 
 def probe_host(host: str) -> str:
@@ -241,7 +242,12 @@ class ReadinessProbe:
             if not self._await_answer(sock, timeout_s):
                 return False
             response = conn.getresponse()
-            response.read()
+            # The status says it all; the body is read (a close with unread data resets
+            # the server's side) but not awaited: an HTTP/1.0 answer without a length
+            # that kept its connection open was never ready, whatever its 200.
+            sock.settimeout(min(sock.gettimeout() or _BODY_WAIT_S, _BODY_WAIT_S))
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                response.read()
         except (OSError, http.client.HTTPException) as e:
             self.last_problem = f"GET {self.path} on port {self.port}: {e or type(e).__name__}"
             if isinstance(e, ConnectionResetError | http.client.BadStatusLine):
