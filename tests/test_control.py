@@ -533,6 +533,36 @@ def test_start_detached_starts_the_layout_it_is_given(
             portpool_lib.start_detached(changed, state=state)
 
 
+def test_start_detached_finds_a_program_on_a_relative_path_entry_from_its_cwd(
+    tmp_path: Path, port_base: int, home: Path, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The background up and its services run in ``cwd``, where PATH's "bin" names
+    # checkout/bin; the check before it started looked in the caller's directory and
+    # refused, as a layout error, a command that would have run.
+    checkout = tmp_path / "checkout"
+    (checkout / "bin").mkdir(parents=True)
+    tool = checkout / "bin" / "tool-in-checkout"
+    tool.write_text("#!/bin/sh\nexec sleep 60\n")
+    tool.chmod(0o755)
+    layout = load_layout(
+        str(
+            write_layout(
+                checkout / "portpool.toml",
+                port_base,
+                services={"solo": {"command": ["tool-in-checkout"], "ready": "none"}},
+            )
+        )
+    )
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("PATH", f"bin{os.pathsep}{os.environ['PATH']}")
+    started = portpool_lib.start_detached(layout, state=state, quiet=True, cwd=str(checkout))
+    try:
+        assert list(started.ports) == ["solo"]
+    finally:
+        portpool_lib.stop_instances(layout, started.number, state=state)
+
+
 def test_up_detach_quiet_prints_no_instance_line(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

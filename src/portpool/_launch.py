@@ -94,20 +94,27 @@ def check_commands(layout: Layout, cwd: str | None = None) -> None:
     default the current directory). ``up`` and ``up --detach`` call it before anything
     starts: the detached ``up`` once found it only in the background, and its caller
     got "exited with status 1" and a log to read."""
+    path = None
+    if cwd is not None:
+        # The services run in ``cwd``: a relative PATH entry ("bin", "") names a
+        # directory there, not here (a command found there was refused here).
+        entries = os.environ.get("PATH", os.defpath).split(os.pathsep)
+        path = os.pathsep.join(os.path.join(cwd, entry) for entry in entries)
     for service in layout.services:
         if not service.command:
             continue
         command = list(service.command)
         if cwd is not None and os.sep in command[0] and not os.path.isabs(command[0]):
             command[0] = os.path.join(cwd, command[0])
-        problem = find_program(command)
+        problem = find_program(command, path)
         if problem:
             raise LayoutError(layout.source, f"services.{service.name}.command", problem)
 
 
-def find_program(command: Sequence[str]) -> str | None:
+def find_program(command: Sequence[str], path: str | None = None) -> str | None:
     """None if ``command[0]`` can be executed, else why not (checked before anything
-    starts, so a typo in a layout is an error, not a service that dies at once)."""
+    starts, so a typo in a layout is an error, not a service that dies at once).
+    ``path``: the PATH to search (default: ours)."""
     if not command:
         return "the command is empty"
     program = command[0]
@@ -115,16 +122,16 @@ def find_program(command: Sequence[str]) -> str | None:
         # A directory passes os.access(X_OK): it then failed only once started, after
         # the other services had started (exit 5, not a layout error).
         if os.path.isfile(program) and os.access(program, os.X_OK):
-            return _interpreter_problem(program)
+            return _interpreter_problem(program, path)
         where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
         return f"{program!r} is not an executable file{where}{_not_found_hint(program)}"
-    found = shutil.which(program)
+    found = shutil.which(program, path=path)
     if found:
-        return _interpreter_problem(found)
+        return _interpreter_problem(found, path)
     return f"{program!r} was not found on PATH{_not_found_hint(program)}"
 
 
-def _interpreter_problem(path: str) -> str | None:
+def _interpreter_problem(path: str, search: str | None = None) -> str | None:
     """Why the ``#!`` interpreter of the script at ``path`` cannot run, or None (not a
     script, unreadable, or fine). A missing interpreter failed only once started ("No
     such file or directory" for a file that exists), after other services had started."""
@@ -138,7 +145,7 @@ def _interpreter_problem(path: str) -> str | None:
     if not first.startswith(b"#!"):
         return None
     line = first[2:].split(b"\n", 1)[0].decode(errors="replace")
-    crlf = _carriage_return_problem(path, line)
+    crlf = _carriage_return_problem(path, line, search)
     if crlf:
         return crlf
     words = line.split()
@@ -148,12 +155,17 @@ def _interpreter_problem(path: str) -> str | None:
     if not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
         return f"{path!r} starts with '#!{interpreter}', which is not an executable file"
     program = words[1] if os.path.basename(interpreter) == "env" and len(words) > 1 else ""
-    if program and program[0] != "-" and "=" not in program and not shutil.which(program):
+    if (
+        program
+        and program[0] != "-"
+        and "=" not in program
+        and not shutil.which(program, path=search)
+    ):
         return f"{path!r} runs {program!r} through env ('#!'), not found on PATH"
     return None
 
 
-def _carriage_return_problem(path: str, line: str) -> str | None:
+def _carriage_return_problem(path: str, line: str, search: str | None = None) -> str | None:
     """Why the ``#!`` ``line`` (after ``#!``, without its newline) of ``path`` fails for a
     carriage return, or None. The kernel splits it at spaces and tabs only, so a file
     with CRLF line endings names '/bin/sh\\r' (or has env look for 'python3\\r'): it
@@ -163,7 +175,9 @@ def _carriage_return_problem(path: str, line: str) -> str | None:
         return None
     env = os.path.basename(words[0].rstrip("\r")) == "env" and len(words) > 1
     word = words[1] if env else words[0]
-    if not word.endswith("\r") or (shutil.which(word) if env else os.path.exists(word)):
+    if not word.endswith("\r") or (
+        shutil.which(word, path=search) if env else os.path.exists(word)
+    ):
         return None  # (a file by that very name would run)
     named = f"has env look for {word!r}" if env else f"names the interpreter {word!r}"
     return (
