@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import threading
+import weakref
 from collections.abc import Callable
 
 from portpool._platform import (
@@ -39,12 +40,33 @@ _held: dict[_Key, HeldLock] = {}
 _held_mutex = threading.Lock()
 
 
+class ForkSafeRLock:
+    """A reentrant mutex that a forked child gets fresh: a parent thread may have held
+    it at fork time (an instance's heartbeat writing its record), and the child's
+    ``release()`` then waited for it forever. Use as ``with mutex:``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        _fork_safe.add(self)
+
+    def __enter__(self) -> bool:
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+_fork_safe: weakref.WeakSet[ForkSafeRLock] = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
     # The child shares the parent's open file descriptions, and a flock belongs to the
     # description: unlocking there would free the parent's lock. Close every copy in the
     # child. The mutex may have been held by another parent thread at fork time: replace it.
     global _held_mutex
     _held_mutex = threading.Lock()
+    for mutex in list(_fork_safe):
+        mutex._lock = threading.RLock()
     for held in list(_held.values()):
         held._disown()
     _held.clear()

@@ -14,13 +14,12 @@ import logging
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from portpool import pool as pool_mod
 from portpool._gc import clean_app
-from portpool._heldlock import HeldLock
+from portpool._heldlock import ForkSafeRLock, HeldLock
 from portpool._jsonfile import read_json_file, write_atomic
 from portpool._platform import current_identity
 from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
@@ -42,21 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["Instance", "start_instance"]
 
 log = logging.getLogger("portpool.instance")
-
-# Every Instance of this process, for the fork hook below.
-_instances: weakref.WeakSet[Instance] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    # A parent thread may have held an instance's mutex at fork time (the heartbeat's
-    # record write): the child's release() then waited for it forever. The child is
-    # the only user of its copies, alone at this point: a fresh mutex each.
-    for instance in list(_instances):
-        instance._mutex = threading.RLock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 # ---------------------------------------------------------------- a running instance
 
@@ -84,8 +68,7 @@ class Instance:
         self._stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._shield: Any = None
-        self._mutex = threading.RLock()
-        _instances.add(self)
+        self._mutex = ForkSafeRLock()  # a child's copy never waits for a parent's thread
         self._released = False
         self._recorded = False  # after our first record, we only ever write over ours
         self._on_release: list[Callable[[], None]] = []
