@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -356,3 +359,41 @@ def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
     finally:
         subprocess.run(["mount", "-o", "remount,rw", str(where)], capture_output=True, check=False)
         subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def in_forked_child(child: Callable[[], bool]) -> int:
+    """Run ``child`` in a forked child, where a hang ends by SIGALRM after 10 s; its
+    exit code: 0 when ``child`` returned True."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        signal.alarm(10)
+        code = 1
+        try:
+            code = 0 if child() else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def fork_while_held(mutex: Any, child: Callable[[], bool]) -> int:
+    """Fork while another thread holds ``mutex`` (as a heartbeat holds its lock while it
+    writes) and run ``child`` in the child, where a hang ends by SIGALRM after 10 s.
+    Returns the child's exit code: 0 when ``child`` returned True."""
+    held, forked = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with mutex:
+            held.set()
+            forked.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert held.wait(30)
+        with warnings.catch_warnings():  # fork() with a thread running: the case itself
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return in_forked_child(child)
+    finally:
+        forked.set()
+        thread.join(30)

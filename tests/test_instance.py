@@ -12,7 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.helpers import HOLD, portpool, read_line, start, status_json, wait_for, write_layout
+from tests.helpers import (
+    HOLD,
+    fork_while_held,
+    portpool,
+    read_line,
+    start,
+    status_json,
+    wait_for,
+    write_layout,
+)
 
 from portpool._compat import get_service_port_pool, init_instance_manager
 from portpool._gc import gc
@@ -407,38 +416,15 @@ def test_a_forked_childs_release_never_waits_for_a_parent_threads_instance_mutex
     # Forked while the heartbeat thread wrote the record (the instance's mutex held),
     # the child's release() waited for that copied mutex forever; the fix for the
     # lease's own mutex did not reach the instance's.
-    import threading
-    import warnings
-
     layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, heartbeat=30)))
     with start_instance(layout, state=state, heartbeat=False) as inst:
-        in_heartbeat, fork_done = threading.Event(), threading.Event()
 
-        def heartbeat_at_fork_time() -> None:
-            with inst._mutex:  # where write_record (the heartbeat's) holds it
-                in_heartbeat.set()
-                fork_done.wait(30)
+        def child() -> bool:
+            inst.release()
+            return True
 
-        thread = threading.Thread(target=heartbeat_at_fork_time)
-        thread.start()
-        try:
-            assert in_heartbeat.wait(30)
-            with warnings.catch_warnings():  # fork() with a thread running: the case itself
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-            if pid == 0:  # pragma: no cover - the child
-                signal.alarm(10)  # a hang ends the child by SIGALRM
-                code = 1
-                try:
-                    inst.release()
-                    code = 0
-                finally:
-                    os._exit(code)
-            _, status = os.waitpid(pid, 0)
-        finally:
-            fork_done.set()
-            thread.join(30)
-        assert os.waitstatus_to_exitcode(status) == 0
+        # inst._mutex: where write_record (the heartbeat's) holds it
+        assert fork_while_held(inst._mutex, child) == 0
         assert all(report.ok for report in inst.verify_all()), inst.verify_all()
 
 

@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import warnings
 import zlib
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.helpers import fork_while_held, in_forked_child
 
 from portpool._heldlock import HeldLock
 from portpool._portstatus import inspect_port
@@ -32,6 +31,7 @@ HOLDER = r"""
 import sys, time
 from portpool.lock import PortLock
 from portpool.statedir import StateDir
+from tests.helpers import fork_while_held, in_forked_child
 lock = PortLock.acquire(StateDir.open(), int(sys.argv[1]))
 lock.write_record(app="other", instance=7, service="holder", host="127.0.0.1")
 print("held", flush=True)
@@ -187,19 +187,6 @@ def test_held_lock_remove_and_release(state: StateDir):
 # ---------------------------------------------------------------- fork
 
 
-def _in_child(fn) -> int:
-    """Run ``fn`` in a forked child; its exit status (0 when fn returns True)."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            code = 0 if fn() else 2
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
 def test_forked_child_release_keeps_parents_lock(state: StateDir, port_base: int):
     lease = acquire(state, [port_base], app="app", instance=1, service="svc")
 
@@ -211,7 +198,7 @@ def test_forked_child_release_keeps_parents_lock(state: StateDir, port_base: int
             return type(e).__name__ == "PoolExhausted"
         return False
 
-    assert _in_child(child) == 0
+    assert in_forked_child(child) == 0
     status = inspect_port(state, port_base)
     assert status.state == "held"
     assert status.record.pid == os.getpid()
@@ -226,29 +213,12 @@ def test_forked_child_release_never_waits_for_a_parent_threads_mutex(
     """A fork while another thread of the parent was inside the lease's heartbeat (its
     mutex held): the child's release() waited for that mutex forever."""
     lease = acquire(state, [port_base], app="app", instance=1, service="svc")
-    in_heartbeat, fork_done = threading.Event(), threading.Event()
 
-    def heartbeat_at_fork_time() -> None:
-        with lease.lock._mutex:  # where a heartbeat's write holds it
-            in_heartbeat.set()
-            fork_done.wait(30)
+    def child() -> bool:
+        lease.release()
+        return lease.lock.meta_fd == -1
 
-    thread = threading.Thread(target=heartbeat_at_fork_time)
-    thread.start()
-    try:
-        assert in_heartbeat.wait(30)
-
-        def child() -> bool:
-            signal.alarm(10)  # a hang ends the child by SIGALRM
-            lease.release()
-            return lease.lock.meta_fd == -1
-
-        with warnings.catch_warnings():  # fork() with a thread running: the case itself
-            warnings.simplefilter("ignore", DeprecationWarning)
-            assert _in_child(child) == 0
-    finally:
-        fork_done.set()
-        thread.join(30)
+    assert fork_while_held(lease.lock._mutex, child) == 0  # where a heartbeat's write holds it
     assert inspect_port(state, port_base).record.pid == os.getpid()  # still the parent's
     lease.release()
     assert inspect_port(state, port_base).is_free
@@ -266,7 +236,7 @@ def test_forked_child_heartbeat_leaves_the_parents_record_alone(state: StateDir,
         lease.heartbeat()
         return True
 
-    assert _in_child(child) == 0
+    assert in_forked_child(child) == 0
     assert path.read_bytes() == before
     lease.heartbeat()  # the parent's own still writes
     assert path.read_bytes() != before
@@ -556,6 +526,7 @@ READER = r"""
 import json, os, sys, time
 from portpool._record import decode_record, read_port_record, RECORD_SIZE
 from portpool.statedir import StateDir
+from tests.helpers import fork_while_held, in_forked_child
 ports = StateDir.open().ports()
 port, n = int(sys.argv[1]), int(sys.argv[2])
 raw_fd = os.open(f"{port}.json", os.O_RDONLY, dir_fd=ports.fd)
