@@ -15,7 +15,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
@@ -86,7 +86,7 @@ def from_echo(error: BaseException) -> bool:
     return False
 
 
-def reader_gone(error: BrokenPipeError) -> None:
+def reader_gone(error: BrokenPipeError) -> NoReturn:
     """The reader of our stdout went away (``portpool logs -f | head``): die of SIGPIPE,
     quietly, as a pipeline's writer does (click exited 1). Raises ``error`` where the
     OS has no SIGPIPE."""
@@ -134,10 +134,6 @@ def handle_errors(func: F) -> F:
             return func(*args, **kwargs)
         except PortPoolError as e:
             _fail(e, as_json=kwargs.get("as_json") is True)
-        except BrokenPipeError as e:
-            if not from_echo(e):
-                raise
-            reader_gone(e)
         except OSError as e:  # out of descriptors where nothing expected it (an import)
             from portpool.statedir import out_of_descriptors
 
@@ -188,7 +184,6 @@ class JsonAwareGroup(click.Group):
             if not from_echo(e):
                 raise
             reader_gone(e)
-            raise  # not reached: reader_gone dies or raises
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -197,7 +192,6 @@ class JsonAwareGroup(click.Group):
             if not from_echo(e):
                 raise
             reader_gone(e)
-            raise  # not reached
 
 
 def config_option(func: F) -> F:

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
+from typing import NoReturn
 
 from portpool._platform import ReceivedSignal, SignalInbox, stop_signals
 from portpool.errors import Interrupted, UsageError
@@ -134,7 +135,7 @@ class SignalScope:
         self._inbox.unblock()
 
 
-def die_of(signum: int) -> None:
+def die_of(signum: int) -> NoReturn:
     """End this process by ``signum`` with its default action, as the command did, so
     a calling shell, ``make`` or ``xargs`` stops too (Cracauer's "proper handling of
     SIGINT"); exit 128+N where the signal does not end a process by default."""
