@@ -42,8 +42,8 @@ _held_mutex = threading.Lock()
 
 class ForkSafeRLock:
     """A reentrant mutex that a forked child gets fresh: a parent thread may have held
-    it at fork time (an instance's heartbeat writing its record), and the child's
-    ``release()`` then waited for it forever. Use as ``with mutex:``."""
+    it at fork time (a heartbeat writing its record), and the child's ``release()``
+    then waited for it forever. Use as ``with mutex:``."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -90,7 +90,7 @@ class HeldLock:
         self._key = key
         # Taking the fd for release is one step: two threads releasing at once closed
         # it twice (EBADF, or another thread's file that reused the number).
-        self._fd_mutex = threading.Lock()
+        self._fd_mutex = ForkSafeRLock()
 
     @property
     def path(self) -> str:
@@ -202,8 +202,6 @@ class HeldLock:
         return self.owner_pid == os.getpid()
 
     def _disown(self) -> None:
-        # In the forked child, alone: the mutex may have been held by a parent thread.
-        self._fd_mutex = threading.Lock()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -11,12 +11,11 @@ import contextlib
 import dataclasses
 import os
 import stat
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from portpool._heldlock import HeldLock
+from portpool._heldlock import ForkSafeRLock, HeldLock
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -45,7 +44,7 @@ class PortLock:
     lock: HeldLock
     meta_fd: int
     record: PortRecord | None = None
-    _mutex: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _mutex: ForkSafeRLock = field(default_factory=ForkSafeRLock, repr=False)
     _written: bytes | None = field(default=None, repr=False)  # our record, byte for byte
 
     @classmethod
@@ -151,15 +150,6 @@ class PortLock:
         several threads at once: a second caller waits until the record is erased and
         the lock released (it once unlocked first, leaving our record to the next holder).
         """
-        if not self.lock.is_owner_process:
-            # A forked child: the mutex may have been held by a parent thread at fork
-            # time (a heartbeat), and would be held forever here; the child is the only
-            # user of its copies.
-            fd, self.meta_fd = self.meta_fd, -1
-            if fd >= 0:
-                os.close(fd)
-            self.lock.release()
-            return
         with self._mutex:
             fd, self.meta_fd = self.meta_fd, -1
             if fd < 0:
