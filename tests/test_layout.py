@@ -914,3 +914,24 @@ def test_counted_nouns_are_singular_for_one() -> None:
     runs = [(p, p) for p in range(0, 14, 2)]
     assert _compact(runs).endswith("... (1 more range)")
     assert _compact([*runs, (20, 20)]).endswith("... (2 more ranges)")
+
+
+@pytest.mark.parametrize("ready", ["http://127.0.0.1:8000/health", "http://localhost/", "http://x"])
+def test_an_http_url_as_ready_is_refused_naming_the_path_form(tmp_path: Path, ready: str) -> None:
+    """A URL passed validation and was asked for as the path "//host:port/...": a 404
+    until ready_timeout_s, exit 5, instead of a layout error before anything starts."""
+    error = refused(
+        tmp_path, f'app = "a"\n[services.x]\nbase = 20000\nsize = 1\nready = "{ready}"\n'
+    )
+    assert error.key == "services.x.ready"
+    assert "give the path only, e.g. 'http:/health'" in error.problem
+    assert (
+        load_layout(
+            write(
+                tmp_path, 'app = "a"\n[services.x]\nbase = 20000\nsize = 1\nready = "http:/a//b"\n'
+            )
+        )
+        .services[0]
+        .ready
+        == "http:/a//b"
+    )

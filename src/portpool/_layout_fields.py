@@ -155,6 +155,13 @@ def _ready_problem(ready: object) -> str | None:
     if kind == "http" and colon:
         if not arg.startswith("/"):
             return f"the path must start with '/', not {arg!r}"
+        if arg.startswith("//"):
+            # "http://127.0.0.1:8000/health" passed and then asked the service for the
+            # path "//127.0.0.1:8000/health": a 404 until ready_timeout_s, exit 5.
+            return (
+                f"give the path only, e.g. 'http:/health', not {ready!r}: the probe asks "
+                "the service's own address and port"
+            )
         if any(c.isspace() or not c.isprintable() for c in arg):
             # "http:/ he alth" passed and failed only after ready_timeout_s, at run time
             return f"the path must have no spaces or control characters, not {arg!r}"
