@@ -935,3 +935,14 @@ def test_an_http_url_as_ready_is_refused_naming_the_path_form(tmp_path: Path, re
         .ready
         == "http:/a//b"
     )
+
+
+def test_a_maximum_above_portpools_own_limit_says_so(tmp_path: Path) -> None:
+    """Pools that fit more than INSTANCE_LIMIT instances: the maximum is refused for the
+    limit, not with "at most 1000 instances keep every pool disjoint" (they keep more)."""
+    error = refused(tmp_path, f"max_instances = {INSTANCE_LIMIT + 1}\n" + GOOD)
+    assert error.key == "max_instances"
+    assert error.problem == (
+        f"is {INSTANCE_LIMIT + 1} but portpool allows at most {INSTANCE_LIMIT} instances"
+    )
+    assert load_layout(write(tmp_path, f"max_instances = {INSTANCE_LIMIT}\n" + GOOD))

@@ -406,6 +406,9 @@ def cross_problems(
     admissible, reason = count_admissible(services, INSTANCE_LIMIT)
     if admissible == 0 and not out:
         out.append(("services", f"no instance is possible: {reason}"))
+    elif admissible == INSTANCE_LIMIT and _is_int(max_instances) and max_instances > admissible:
+        # Not "at most 1000 keep every pool disjoint": the pools would allow more.
+        out.append(("max_instances", f"is {max_instances} but {reason}"))
     elif admissible and _is_int(max_instances) and max_instances > admissible:
         out.append(
             (
