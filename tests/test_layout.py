@@ -946,3 +946,19 @@ def test_a_maximum_above_portpools_own_limit_says_so(tmp_path: Path) -> None:
         f"is {INSTANCE_LIMIT + 1} but portpool allows at most {INSTANCE_LIMIT} instances"
     )
     assert load_layout(write(tmp_path, f"max_instances = {INSTANCE_LIMIT}\n" + GOOD))
+
+
+def test_a_path_object_is_kept_as_a_string(tmp_path: Path) -> None:
+    """load_layout(Path(...)) kept the Path as ``source``: the layout's JSON document
+    (``portpool layout --json``) failed to encode, and errors carried a Path as file."""
+    from portpool._layout_document import layout_document
+
+    path = Path(write(tmp_path, GOOD))
+    for layout in (load_layout(path), resolve_layout(path), resolve_layout(None, tmp_path)):
+        assert type(layout.source) is str
+        assert json.loads(json.dumps(layout_document(layout)))["source"] == layout.source
+    assert load_layout(path) == load_layout(str(path))
+    bad = Path(write(tmp_path, 'app = "a"\n', "bad.toml"))
+    with pytest.raises(LayoutError) as info:
+        load_layout(bad)
+    assert info.value.file == str(bad)

@@ -7,6 +7,7 @@ answers from that instance's layout. New code calls ``portpool.start_instance``.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 
@@ -26,7 +27,7 @@ _current_mutex = threading.Lock()
 
 
 def init_instance_manager(
-    layout: Layout | str | None = None,
+    layout: Layout | str | os.PathLike[str] | None = None,
     *,
     services: Sequence[str] | None = None,
     shield: bool = True,
@@ -34,7 +35,7 @@ def init_instance_manager(
 ) -> Instance:
     """Start this process's instance once, at start-up, before anything binds a port.
 
-    ``layout`` is a Layout, a layout file path, or None (``./portpool.toml``, else the
+    ``layout`` is a Layout, a layout file path (str or Path), or None (``./portpool.toml``, else the
     default layout). Later calls return the same instance. The leases' sockets are
     ready to serve: pass them to your server (see ``portpool.integrations``).
     ``number`` pins the instance number (see ``start_instance``); ``services`` limits
@@ -74,7 +75,7 @@ def _running() -> Instance | None:
 
 def _check_same(
     current: Instance,
-    layout: Layout | str | None,
+    layout: Layout | str | os.PathLike[str] | None,
     services: Sequence[str] | None,
     number: int | None,
 ) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -430,17 +431,22 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
     )
 
 
-def load_layout(path: str) -> Layout:
+def load_layout(path: str | os.PathLike[str]) -> Layout:
     """The layout in the TOML file at ``path`` (a regular file of at most
-    ``LAYOUT_MAX_BYTES``; a leading UTF-8 byte order mark is accepted).
+    ``LAYOUT_MAX_BYTES``; a leading UTF-8 byte order mark is accepted). A ``Path`` is
+    kept as its ``str``: the layout's ``source`` (and every error's file) is a string.
 
     Raises LayoutFileError (exit code 2) if the file cannot be used at all, LayoutError
     naming the file and the key (or line and column) of every problem in it.
     """
+    # A Path stayed the source: `portpool layout --json`'s document failed to encode.
+    path = os.fspath(path)
     return parse_layout(read_layout_document(path), path)
 
 
-def resolve_layout(config: str | None, cwd: str | None = None) -> Layout:
+def resolve_layout(
+    config: str | os.PathLike[str] | None, cwd: str | os.PathLike[str] | None = None
+) -> Layout:
     """The layout to use: ``config`` if given, else ``portpool.toml`` in ``cwd`` (default:
     the current directory) if there is anything by that name, else the built-in layout.
 
@@ -448,5 +454,7 @@ def resolve_layout(config: str | None, cwd: str | None = None) -> Layout:
     that exists but is unusable (a FIFO, a directory, a dangling symlink) is an error,
     never a reason to fall back to the built-in layout.
     """
-    path = layout_path(config, cwd)
+    path = layout_path(
+        None if config is None else os.fspath(config), None if cwd is None else os.fspath(cwd)
+    )
     return default_layout() if path is None else load_layout(path)
