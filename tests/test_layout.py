@@ -621,6 +621,9 @@ def test_resolve_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     chosen = resolve_layout(other, str(cwd))
     assert (chosen.app, chosen.source) == ("other", other)
     assert resolve_layout("portpool.toml", str(cwd)).source == local  # relative to cwd
+    sub = cwd / "sub"
+    sub.mkdir()
+    assert resolve_layout(None, str(sub)) is default_layout()  # parents are not searched
     monkeypatch.chdir(cwd)
     assert resolve_layout(None).app == "demo"
     assert resolve_layout(None).source == "portpool.toml"
