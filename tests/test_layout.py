@@ -965,3 +965,22 @@ def test_a_path_object_is_kept_as_a_string(tmp_path: Path) -> None:
     with pytest.raises(LayoutError) as info:
         load_layout(bad)
     assert info.value.file == str(bad)
+
+
+def test_an_unknown_key_names_the_key_it_is_probably(tmp_path: Path) -> None:
+    """A typo (``comand``, ``readyy``, ``Base``) or a key at the wrong level is named:
+    "unknown key" alone left the reader to compare it with the list by eye."""
+    error = refused(
+        tmp_path,
+        "stride = 100\nmax_instance = 2\n"
+        + GOOD
+        + 'comand = ["x"]\nreadyy = "tcp"\nBase = 3\nshield_interval = 1\n',
+    )
+    problems = {line.split(": ")[1]: line for line in error.errors}
+    assert "(it belongs in a [services.NAME] table)" in problems["stride"]
+    assert "(did you mean 'max_instances'?)" in problems["max_instance"]
+    assert "(did you mean 'command'?)" in problems["services.api.comand"]
+    assert "(did you mean 'ready'?)" in problems["services.api.readyy"]
+    assert "(did you mean 'base'?)" in problems["services.api.Base"]
+    assert "(it belongs at the top of the file" in problems["services.api.shield_interval"]
+    assert all("unknown key" in line for line in error.errors)

@@ -342,8 +342,24 @@ def _unknown_keys(table: Iterable[object], known: Sequence[str], prefix: str) ->
     for key in table:
         if key not in known:
             where = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{key!r}"
-            out.append((where, f"unknown key; expected one of: {', '.join(known)}"))
+            hint = _key_hint(key, known) if isinstance(key, str) else ""
+            out.append((where, f"unknown key{hint}; expected one of: {', '.join(known)}"))
     return out
+
+
+def _key_hint(key: str, known: Sequence[str]) -> str:
+    """`` (did you mean 'command'?)`` for a typo, or where a key of the other level goes:
+    a bare "unknown key" left ``comand`` or a top-level ``base`` to be puzzled out."""
+    import difflib  # only for a file with an unknown key
+
+    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.75)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    if known is TOP_KEYS and key in SERVICE_KEYS:
+        return " (it belongs in a [services.NAME] table)"
+    if known is SERVICE_KEYS and key in TOP_KEYS:
+        return " (it belongs at the top of the file, before any [services.NAME] table)"
+    return ""
 
 
 def parse_layout(data: Mapping[str, object], source: str) -> Layout:
