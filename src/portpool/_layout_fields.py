@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeGuard
 
 from portpool._layout_checks import MAX_PORT, Problem
@@ -83,6 +83,35 @@ def name_problem(kind: str, name: str) -> str | None:
         f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
         "starting with a letter or digit"
     )
+
+
+def unknown_key_problems(
+    table: Iterable[object], known: Sequence[str], prefix: str
+) -> list[Problem]:
+    """Each key of ``table`` not in ``known`` (TOP_KEYS or SERVICE_KEYS), as
+    ``PREFIXKEY``, with the key it probably is or where it belongs."""
+    out: list[Problem] = []
+    for key in table:
+        if key not in known:
+            where = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{key!r}"
+            hint = _key_hint(key, known) if isinstance(key, str) else ""
+            out.append((where, f"unknown key{hint}; expected one of: {', '.join(known)}"))
+    return out
+
+
+def _key_hint(key: str, known: Sequence[str]) -> str:
+    """`` (did you mean 'command'?)`` for a typo, or where a key of the other level goes:
+    a bare "unknown key" left ``comand`` or a top-level ``base`` to be puzzled out."""
+    import difflib  # only for a file with an unknown key
+
+    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.75)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    if tuple(known) == TOP_KEYS and key in SERVICE_KEYS:
+        return " (it belongs in a [services.NAME] table)"
+    if tuple(known) == SERVICE_KEYS and key in TOP_KEYS:
+        return " (it belongs at the top of the file, before any [services.NAME] table)"
+    return ""
 
 
 # --- services -----------------------------------------------------------------------

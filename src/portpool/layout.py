@@ -23,7 +23,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from portpool._layout_checks import (
@@ -51,6 +51,7 @@ from portpool._layout_fields import (
     normalize_host,
     service_problems,
     toml_type,
+    unknown_key_problems,
 )
 from portpool._layout_load import LAYOUT_MAX_BYTES, layout_path, read_layout_document
 from portpool._layout_text import (
@@ -337,31 +338,6 @@ def default_layout() -> Layout:
 # --- parsing ------------------------------------------------------------------------
 
 
-def _unknown_keys(table: Iterable[object], known: Sequence[str], prefix: str) -> list[Problem]:
-    out: list[Problem] = []
-    for key in table:
-        if key not in known:
-            where = f"{prefix}{key}" if isinstance(key, str) else f"{prefix}{key!r}"
-            hint = _key_hint(key, known) if isinstance(key, str) else ""
-            out.append((where, f"unknown key{hint}; expected one of: {', '.join(known)}"))
-    return out
-
-
-def _key_hint(key: str, known: Sequence[str]) -> str:
-    """`` (did you mean 'command'?)`` for a typo, or where a key of the other level goes:
-    a bare "unknown key" left ``comand`` or a top-level ``base`` to be puzzled out."""
-    import difflib  # only for a file with an unknown key
-
-    close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.75)
-    if close:
-        return f" (did you mean {close[0]!r}?)"
-    if known is TOP_KEYS and key in SERVICE_KEYS:
-        return " (it belongs in a [services.NAME] table)"
-    if known is SERVICE_KEYS and key in TOP_KEYS:
-        return " (it belongs at the top of the file, before any [services.NAME] table)"
-    return ""
-
-
 def parse_layout(data: Mapping[str, object], source: str) -> Layout:
     """The layout described by ``data`` (a parsed TOML document) from file ``source``.
 
@@ -369,7 +345,7 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
     """
     if not isinstance(data, Mapping):
         raise LayoutError(source, "<document>", f"must be a table, not {toml_type(data)}")
-    problems = _unknown_keys(data, TOP_KEYS, "")
+    problems = unknown_key_problems(data, TOP_KEYS, "")
     if "app" not in data:
         problems.append(("app", 'is required, e.g. app = "myapp"'))
     app = data.get("app", "app")
@@ -396,7 +372,7 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
             if not isinstance(table, Mapping):
                 problems.append((key, f"must be a table, not {toml_type(table)}"))
                 continue
-            own = _unknown_keys(table, SERVICE_KEYS, f"{key}.")
+            own = unknown_key_problems(table, SERVICE_KEYS, f"{key}.")
             own.extend((f"{key}.{k}", "is required") for k in ("base", "size") if k not in table)
             own.extend(
                 service_problems(
