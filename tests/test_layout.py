@@ -919,25 +919,29 @@ def test_counted_nouns_are_singular_for_one() -> None:
     assert _compact([*runs, (20, 20)]).endswith("... (2 more ranges)")
 
 
-@pytest.mark.parametrize("ready", ["http://127.0.0.1:8000/health", "http://localhost/", "http://x"])
-def test_an_http_url_as_ready_is_refused_naming_the_path_form(tmp_path: Path, ready: str) -> None:
-    """A URL passed validation and was asked for as the path "//host:port/...": a 404
-    until ready_timeout_s, exit 5, instead of a layout error before anything starts."""
-    error = refused(
-        tmp_path, f'app = "a"\n[services.x]\nbase = 20000\nsize = 1\nready = "{ready}"\n'
-    )
-    assert error.key == "services.x.ready"
-    assert "give the path only, e.g. 'http:/health'" in error.problem
-    assert (
-        load_layout(
-            write(
-                tmp_path, 'app = "a"\n[services.x]\nbase = 20000\nsize = 1\nready = "http:/a//b"\n'
-            )
-        )
-        .services[0]
-        .ready
-        == "http:/a//b"
-    )
+def _ready_layout(tmp_path: Path, ready: str) -> str:
+    return write(tmp_path, f'app = "a"\n[services.x]\nbase = 20000\nsize = 1\nready = "{ready}"\n')
+
+
+@pytest.mark.parametrize(
+    ("ready", "problem"),
+    [
+        ("http://127.0.0.1:8000/health", "give the path only, e.g. 'http:/health'"),
+        ("http://localhost/", "give the path only, e.g. 'http:/health'"),
+        ("http://x", "give the path only, e.g. 'http:/health'"),
+        ("http:/health#top", "the path must have no '#fragment'"),
+    ],
+)
+def test_an_http_ready_path_that_cannot_be_sent_is_refused(
+    tmp_path: Path, ready: str, problem: str
+) -> None:
+    """A URL (or a fragment) passed validation and was sent as the path ("//host:port/..."):
+    a 404 until ready_timeout_s, exit 5, instead of a layout error before anything starts."""
+    with pytest.raises(LayoutError) as info:
+        load_layout(_ready_layout(tmp_path, ready))
+    assert info.value.key == "services.x.ready"
+    assert problem in info.value.problem
+    assert load_layout(_ready_layout(tmp_path, "http:/a//b?c=d")).services[0].ready
 
 
 def test_a_maximum_above_portpools_own_limit_says_so(tmp_path: Path) -> None:

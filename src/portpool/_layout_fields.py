@@ -191,6 +191,9 @@ def _ready_problem(ready: object) -> str | None:
                 f"give the path only, e.g. 'http:/health', not {ready!r}: the probe asks "
                 "the service's own address and port"
             )
+        if "#" in arg:
+            # Sent as written, "/health#top" is a path no server routes (browsers drop it).
+            return f"the path must have no '#fragment' (it is never sent), not {arg!r}"
         if any(c.isspace() or not c.isprintable() for c in arg):
             # "http:/ he alth" passed and failed only after ready_timeout_s, at run time
             return f"the path must have no spaces or control characters, not {arg!r}"
