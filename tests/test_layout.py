@@ -988,3 +988,35 @@ def test_an_unknown_key_names_the_key_it_is_probably(tmp_path: Path) -> None:
     assert "(did you mean 'base'?)" in problems["services.api.Base"]
     assert "(it belongs at the top of the file" in problems["services.api.shield_interval"]
     assert all("unknown key" in line for line in error.errors)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a removed working directory is POSIX's")
+@pytest.mark.parametrize("command", [["layout"], ["status"], ["doctor"], ["layout", "--json"]])
+def test_a_removed_working_directory_is_not_the_built_in_layout(
+    tmp_path: Path, home: Path, command: list[str]
+) -> None:
+    """In a directory that was removed, layout and status showed the built-in app (and
+    its instances) as if there were no ./portpool.toml, while run said the directory was
+    gone: every command now says so (exit 2)."""
+    from tests.helpers import PORTPOOL
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    in_gone = ["sh", "-c", 'cd "$1" && rmdir "$1" && shift && exec "$@"', "sh", str(gone)]
+    done = subprocess.run(
+        [*in_gone, *PORTPOOL, *command], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "the current directory no longer exists" in done.stderr
+    assert "qwen-valencia" not in done.stdout
+
+
+def test_a_missing_directory_to_look_in_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(LayoutError) as info:
+        resolve_layout(None, str(tmp_path / "nowhere"))
+    assert info.value.exit_code == 2
+    assert (
+        str(info.value)
+        == f"{tmp_path / 'nowhere'}: is not a directory: no portpool.toml to look for"
+    )
+    assert resolve_layout(None, str(tmp_path)) is default_layout()

@@ -191,6 +191,12 @@ def layout_path(config: str | None, cwd: str | None = None) -> str | None:
     try:
         os.lstat(local)
     except FileNotFoundError:
+        # In a removed directory there is no portpool.toml either: status and layout
+        # showed the built-in app there, where run said the directory was gone.
+        if cwd is None:
+            working_directory()
+        elif not os.path.isdir(cwd):
+            raise LayoutFileError(cwd, "is not a directory: no portpool.toml to look for") from None
         return None
     except OSError as e:
         raise LayoutFileError(local, f"cannot be read: {e.strerror or e}") from e
