@@ -1020,3 +1020,23 @@ def test_a_missing_directory_to_look_in_is_an_error(tmp_path: Path) -> None:
         == f"{tmp_path / 'nowhere'}: is not a directory: no portpool.toml to look for"
     )
     assert resolve_layout(None, str(tmp_path)) is default_layout()
+
+
+def test_an_instance_number_is_an_int_named_as_it_was_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``True`` passed the range check (it is 1) and failed later as a ValueError; the
+    Python entry point said "--instance", an option its caller never typed."""
+    from portpool import get_service_port_pool
+    from portpool.errors import UsageError
+
+    layout = default_layout()
+    for bad in (True, 0, 11):
+        with pytest.raises(UsageError, match=rf"^--instance must be 1\.\.10 .*not {bad!r}$"):
+            layout.check_number(bad)
+    layout.check_number(10)
+    write(tmp_path, GOOD)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"^instance must be 1\.\.1000 for app 'demo', not 0$"):
+        get_service_port_pool("web", 0)
+    assert get_service_port_pool("web", 2) == [20010, 20011, 20012]

@@ -118,7 +118,7 @@ def get_service_port_pool(service: str, instance: int | None = None) -> list[int
     if instance is not None:
         # The running instance's layout, not whatever ./portpool.toml says now.
         layout = running.layout if running is not None else resolve_layout(None)
-        layout.check_number(instance)
+        layout.check_number(instance, "instance")  # a Python argument, not --instance
         return layout.pool(service, instance)
     if running is None:
         raise PortPoolError(

@@ -270,10 +270,11 @@ class Layout:
     def check_number(self, number: int | None, given_as: str = "--instance") -> None:
         """Raise UsageError (exit 2) for an instance ``number`` outside
         1..``max_instances``, naming it as the user gave it (``given_as``: an option or
-        argument name); None (no number given) passes."""
-        if number is not None and not 1 <= number <= self.max_instances:
+        argument name); None (no number given) passes. ``True`` is not 1: it passed here
+        and then failed as a ValueError."""
+        if number is not None and not (is_int(number) and 1 <= number <= self.max_instances):
             raise UsageError(
-                f"{given_as} must be 1..{self.max_instances} for app {self.app!r}, not {number}"
+                f"{given_as} must be 1..{self.max_instances} for app {self.app!r}, not {number!r}"
             )
 
     def same_as(self, other: Layout) -> bool:
