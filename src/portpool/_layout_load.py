@@ -178,8 +178,9 @@ def layout_path(config: str | None, cwd: str | None = None) -> str | None:
     ``portpool.toml`` in ``cwd`` (default: the current directory) if there is anything
     by that name, else None (the built-in layout).
 
-    Raises LayoutFileError for an empty ``config`` or if ``portpool.toml`` cannot even
-    be looked at; one that exists but is unusable is read (and refused) by
+    Raises LayoutFileError for an empty ``config``, a ``cwd`` that is not a directory,
+    or if ``portpool.toml`` cannot even be looked at; UsageError if the working
+    directory was removed. One that exists but is unusable is read (and refused) by
     ``read_layout_document``.
     """
     base = cwd if cwd is not None else ""

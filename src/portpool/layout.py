@@ -443,7 +443,8 @@ def resolve_layout(
     """The layout to use: ``config`` if given, else ``portpool.toml`` in ``cwd`` (default:
     the current directory) if there is anything by that name, else the built-in layout.
 
-    A relative ``config`` is relative to ``cwd``. Raises LayoutError; a ``portpool.toml``
+    A relative ``config`` is relative to ``cwd``. Raises LayoutError (UsageError if the
+    working directory was removed); a ``portpool.toml``
     that exists but is unusable (a FIFO, a directory, a dangling symlink) is an error,
     never a reason to fall back to the built-in layout.
     """
