@@ -1040,3 +1040,26 @@ def test_an_instance_number_is_an_int_named_as_it_was_given(
     with pytest.raises(UsageError, match=r"^instance must be 1\.\.1000 for app 'demo', not 0$"):
         get_service_port_pool("web", 0)
     assert get_service_port_pool("web", 2) == [20010, 20011, 20012]
+
+
+def test_a_stride_smaller_than_the_size_warns(tmp_path: Path) -> None:
+    """Pools of consecutive instances that overlap admit one instance: only the limit
+    said so before, and a second `up` got "no free instance slot" without a warning."""
+    path = write(tmp_path, 'app = "a"\n[services.api]\nbase = 20000\nsize = 5\nstride = 3\n')
+    layout = load_layout(path)
+    assert layout.max_instances == 1
+    expected = (
+        f"{path}: services.api: stride 3 is smaller than size 5: each instance's pool "
+        "overlaps the next one's, so only 1 instance fits; make stride at least 5 "
+        "(stride = 0 means one instance on purpose)"
+    )
+    assert layout.warnings == (expected,)
+    assert expected in layout_warnings(layout)
+    shown = subprocess.run(
+        [sys.executable, "-m", "portpool.cli", "layout", "--config", path],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"warning: {expected}" in shown.stdout.splitlines()
+    for stride in (0, 5, 100):  # one instance on purpose, or pools that never overlap
+        text = f'app = "a"\n[services.api]\nbase = 20000\nsize = 5\nstride = {stride}\n'
+        assert load_layout(write(tmp_path, text)).warnings == ()

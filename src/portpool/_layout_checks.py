@@ -338,6 +338,14 @@ def port_warnings(
     out: list[str] = []
     for s in services:
         where = f"{source}: services.{s.name}"
+        if 0 < s.stride < s.size:
+            # Valid, but surely not meant: the layout then admits one instance, which
+            # `layout` showed only as its limit and `up` as "no free instance slot".
+            out.append(
+                f"{where}: stride {s.stride} is smaller than size {s.size}: each "
+                "instance's pool overlaps the next one's, so only 1 instance fits; make "
+                f"stride at least {s.size} (stride = 0 means one instance on purpose)"
+            )
         low = _ports_in(s, 1, 1023, instances)
         if low:
             out.append(
