@@ -1063,3 +1063,20 @@ def test_a_stride_smaller_than_the_size_warns(tmp_path: Path) -> None:
     for stride in (0, 5, 100):  # one instance on purpose, or pools that never overlap
         text = f'app = "a"\n[services.api]\nbase = 20000\nsize = 5\nstride = {stride}\n'
         assert load_layout(write(tmp_path, text)).warnings == ()
+
+
+def test_text_that_is_not_utf8_is_located_and_utf16_is_named(tmp_path: Path) -> None:
+    """The line alone was given; a UTF-16 file (Windows PowerShell's `>`) read as "line 1:
+    is not valid UTF-8 text", which did not say what to do."""
+    path = tmp_path / "portpool.toml"
+    path.write_bytes(b'app = "a"\n[services.x]\nbase = 1\nsize = 1 # caf\xe9\n')
+    with pytest.raises(LayoutError) as info:
+        load_layout(str(path))
+    assert (info.value.key, info.value.problem) == ("line 4, column 15", "is not valid UTF-8 text")
+    for encoding in ("utf-16", "utf-16-be"):
+        bom = "\ufeff" if encoding == "utf-16-be" else ""  # utf-16 writes its own
+        path.write_bytes((bom + GOOD).encode(encoding))
+        with pytest.raises(LayoutError) as info:
+            load_layout(str(path))
+        assert info.value.problem.startswith("is UTF-16 text"), encoding
+        assert "save it as UTF-8" in info.value.problem

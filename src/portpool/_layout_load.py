@@ -159,8 +159,13 @@ def read_layout_document(path: str) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+            # Windows PowerShell's `>` writes UTF-16: "line 1: not UTF-8" said no more.
+            problem = "is UTF-16 text (it starts with a UTF-16 byte order mark): save it as UTF-8"
+            raise LayoutError(path, "<document>", problem) from e
         line = raw[: e.start].count(b"\n") + 1
-        raise LayoutError(path, f"line {line}", "is not valid UTF-8 text") from e
+        column = e.start - raw.rfind(b"\n", 0, e.start)  # in bytes, 1-based
+        raise LayoutError(path, f"line {line}, column {column}", "is not valid UTF-8 text") from e
     text = text.removeprefix("\ufeff")  # editors on Windows write a BOM; TOML tools skip it
     import tomllib  # only when a file is read: keeps `import portpool` light
 
