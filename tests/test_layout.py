@@ -457,7 +457,7 @@ def test_files_that_cannot_be_read(tmp_path: Path) -> None:
     bad.write_bytes(b'app = "a"\n# caf\xe9\n')
     with pytest.raises(LayoutError) as info:
         load_layout(str(bad))
-    assert info.value.key == "line 2"
+    assert info.value.key == "line 2, column 6"
     assert "UTF-8" in str(info.value)
 
 
