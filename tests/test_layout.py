@@ -1080,3 +1080,25 @@ def test_text_that_is_not_utf8_is_located_and_utf16_is_named(tmp_path: Path) -> 
             load_layout(str(path))
         assert info.value.problem.startswith("is UTF-16 text"), encoding
         assert "save it as UTF-8" in info.value.problem
+
+
+def test_a_key_with_a_control_character_stays_on_its_error_line(tmp_path: Path) -> None:
+    """A quoted key with a newline split its error line in two, and the CLI (which
+    escapes each line) printed "FILE: services.a" and "b: service name ..." as two."""
+    error = refused(
+        tmp_path,
+        'app = "a"\n"top\\nkey" = 1\n[services."a\\nb"]\nbase = 20000\nsize = 1\n'
+        '[services.c]\nbase = 20010\nsize = 1\n"x\\u001b[31m" = 2\n',
+    )
+    assert error.errors == [
+        f"{error.file}: top\\nkey: unknown key; expected one of: app, host, "
+        "heartbeat_interval, shield_interval, max_instances, services",
+        f"{error.file}: services.a\\nb: service name 'a\\nb' must be 1-64 letters, digits, "
+        "'.', '_' or '-', starting with a letter or digit",
+        f"{error.file}: services.c.x\\x1b[31m: unknown key; expected one of: base, size, "
+        "stride, command, socket, restart, depends_on, ready, ready_timeout_s",
+    ]
+    assert error.key == "top\nkey"  # the attribute keeps the key as the file spelled it
+    with pytest.raises(LayoutError) as info:
+        default_layout().service("a\nb")
+    assert str(info.value).count("\n") == 0

@@ -165,7 +165,17 @@ def port_env_name(service: str) -> str:
 
 def _layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
     key, problem = problems[0]
-    return LayoutError(source, key, problem, errors=[f"{source}: {k}: {p}" for k, p in problems])
+    lines = [f"{_shown(source)}: {_shown(k)}: {p}" for k, p in problems]
+    return LayoutError(source, key, problem, errors=lines)
+
+
+def _shown(text: str) -> str:
+    """``text`` (a key or a file name, as the file spelled it) with every character that
+    is not printable as a Python escape: a quoted key "a\\nb" split its error line in
+    two ("FILE: services.a" and "b: ..."), and one error read as two."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 # What makes two layouts the same, wherever each was read from.
@@ -245,7 +255,9 @@ class Layout:
                 return s
         known = ", ".join(s.name for s in self.services)
         raise UnknownService(
-            self.source, f"services.{name}", f"no such service; this layout has: {known}"
+            self.source,
+            f"services.{_shown(str(name))}",
+            f"no such service; this layout has: {known}",
         )
 
     def _check_instance(self, instance: int) -> None:
