@@ -23,7 +23,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from portpool._layout_checks import (
@@ -31,7 +31,6 @@ from portpool._layout_checks import (
     INSTANCE_LIMIT,
     MAX_PORT,
     MAX_SERVICES,
-    Problem,
     admissible_instances,
     cross_problems,
     port_warnings,
@@ -47,9 +46,11 @@ from portpool._layout_fields import (
     field_problems,
     is_finite_number,
     is_int,
+    layout_error,
     name_problem,
     normalize_host,
     service_problems,
+    shown_text,
     toml_type,
     unknown_key_problems,
 )
@@ -129,7 +130,7 @@ class Service:
             ready_timeout_s=self.ready_timeout_s,
         )
         if problems:
-            raise _layout_error("<service>", problems)
+            raise layout_error("<service>", problems)
         object.__setattr__(self, "ready_timeout_s", float(self.ready_timeout_s))
 
     def first_port(self, instance: int) -> int:
@@ -161,21 +162,6 @@ def port_env_name(service: str) -> str:
 
 
 # --- layouts ------------------------------------------------------------------------
-
-
-def _layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
-    key, problem = problems[0]
-    lines = [f"{_shown(source)}: {_shown(k)}: {p}" for k, p in problems]
-    return LayoutError(source, key, problem, errors=lines)
-
-
-def _shown(text: str) -> str:
-    """``text`` (a key or a file name, as the file spelled it) with every character that
-    is not printable as a Python escape: a quoted key "a\\nb" split its error line in
-    two ("FILE: services.a" and "b: ..."), and one error read as two."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 # What makes two layouts the same, wherever each was read from.
@@ -225,11 +211,11 @@ class Layout:
         bad = [s for s in services if not isinstance(s, Service)]
         if bad:
             problems.append(("services", f"must be Service objects, not {bad[0]!r}"))
-            raise _layout_error(self.source, problems)
+            raise layout_error(self.source, problems)
         cross, admissible, reason = cross_problems(services, requested)
         problems.extend(cross)
         if problems:
-            raise _layout_error(self.source, problems)
+            raise layout_error(self.source, problems)
         object.__setattr__(self, "heartbeat_interval_s", float(self.heartbeat_interval_s))
         object.__setattr__(self, "shield_interval_s", float(self.shield_interval_s))
         object.__setattr__(self, "admissible_instances", admissible)
@@ -256,7 +242,7 @@ class Layout:
         known = ", ".join(s.name for s in self.services)
         raise UnknownService(
             self.source,
-            f"services.{_shown(str(name))}",
+            f"services.{shown_text(str(name))}",
             f"no such service; this layout has: {known}",
         )
 
@@ -424,7 +410,7 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
         if services:
             names = [str(n) for n in raw_services] if isinstance(raw_services, Mapping) else None
             problems.extend(cross_problems(services, max_instances, names)[0])
-        raise _layout_error(source, problems)
+        raise layout_error(source, problems)
     return Layout(
         app=app,  # type: ignore[arg-type]
         services=tuple(services),
