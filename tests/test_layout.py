@@ -1102,3 +1102,19 @@ def test_a_key_with_a_control_character_stays_on_its_error_line(tmp_path: Path) 
     with pytest.raises(LayoutError) as info:
         default_layout().service("a\nb")
     assert str(info.value).count("\n") == 0
+
+
+def test_the_layout_text_shows_control_characters_escaped(tmp_path: Path) -> None:
+    """`portpool layout` printed a ready pattern's ESC and BEL raw to the terminal."""
+    path = write(
+        tmp_path,
+        'app = "a"\n[services.api]\nbase = 20000\nsize = 1\ncommand = ["x"]\n'
+        'ready = "log:\\u001b\\\\[32mready\\u0007"\n',
+    )
+    assert load_layout(path).services[0].ready == "log:\x1b\\[32mready\x07"
+    shown = subprocess.run(
+        [sys.executable, "-m", "portpool.cli", "layout", "--config", path],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert "service api: ready log:\\x1b\\[32mready\\x07 within 30 s" in shown.stdout
+    assert all(line.isprintable() for line in shown.stdout.splitlines())
