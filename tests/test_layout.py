@@ -1118,3 +1118,9 @@ def test_the_layout_text_shows_control_characters_escaped(tmp_path: Path) -> Non
     )  # fmt: skip
     assert "service api: ready log:\\x1b\\[32mready\\x07 within 30 s" in shown.stdout
     assert all(line.isprintable() for line in shown.stdout.splitlines())
+
+
+def test_a_layout_made_in_python_is_not_called_the_built_in_one() -> None:
+    made = Layout("mine", (Service("web", 20000, 2),))
+    assert describe_layout(made)[1] == "layout: made in Python, not read from a file"
+    assert describe_layout(default_layout())[1] == "layout: built-in default layout"

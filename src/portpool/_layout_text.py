@@ -63,7 +63,12 @@ def describe_layout(layout: Layout, warnings: Sequence[str] | None = None) -> li
     pools, then ``warnings`` (default: ``layout.warnings``; ``portpool layout`` passes
     what this machine adds, from ``layout_warnings`` and ``_addresses.host_warning``: a
     layout itself never asks the machine)."""
-    origin = "built-in default layout" if layout.source == "<default>" else layout.source
+    origin = layout.source
+    if origin == "<default>":  # not read from a file: the built-in one, or made in Python
+        from portpool.layout import default_layout
+
+        built_in = layout.same_as(default_layout())
+        origin = "built-in default layout" if built_in else "made in Python, not read from a file"
     hb = f"{layout.heartbeat_interval_s:g}"
     sh = f"{layout.shield_interval_s:g}"
     lines = [
