@@ -1124,3 +1124,33 @@ def test_a_layout_made_in_python_is_not_called_the_built_in_one() -> None:
     made = Layout("mine", (Service("web", 20000, 2),))
     assert describe_layout(made)[1] == "layout: made in Python, not read from a file"
     assert describe_layout(default_layout())[1] == "layout: built-in default layout"
+
+
+def test_dependency_checks_stay_bounded_whatever_the_file(tmp_path: Path) -> None:
+    """20,000 names in one depends_on took 5 s (a quadratic duplicate check) and printed
+    20,000 lines; names that are not services each repeated the list of all services."""
+    many = ", ".join(f'"d{i}"' for i in range(20000))
+    error = refused(
+        tmp_path, f'app = "a"\n[services.api]\nbase = 20000\nsize = 1\ndepends_on = [{many}]\n'
+    )
+    assert error.errors == [
+        f"{error.file}: services.api.depends_on: names 20000 services; a layout has at most 1000"
+    ]
+    services = {f"s{i}": {"base": 20000 + i, "size": 1, "depends_on": [f"x{i}"]} for i in range(30)}
+    with pytest.raises(LayoutError) as info:
+        parse_layout({"app": "a", "services": services}, "f.toml")
+    lines = info.value.errors
+    assert len(lines) == 21
+    assert lines[0] == (
+        "f.toml: services.s0.depends_on: depends on 'x0', which is not a service; known: "
+        + ", ".join(f"s{i}" for i in range(20))
+        + ", ... (10 more)"
+    )
+    assert (
+        lines[-1] == "f.toml: services.s20.depends_on: ... and 10 more names that are not services"
+    )
+    bounded = {
+        f"s{i}": {"base": 20000 + i, "size": 1, "depends_on": ["s0"] * 1000} for i in range(1, 3)
+    }
+    with pytest.raises(LayoutError, match=r"depends_on\[999\]: names 's0' twice"):
+        parse_layout({"app": "a", "services": {"s0": {"base": 1024, "size": 1}, **bounded}}, "f")

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeGuard
 
-from portpool._layout_checks import MAX_PORT, Problem
+from portpool._layout_checks import MAX_PORT, MAX_SERVICES, Problem
 from portpool.errors import LayoutError
 
 SERVICE_SOCKET_MODES = ("fd", "port")
@@ -236,12 +236,19 @@ def _supervision_problems(
         out.append((f"{key}.restart", f"must be one of {allowed}, not {restart!r}"))
     if not isinstance(depends_on, list | tuple):
         out.append((f"{key}.depends_on", f"must be an array of service names, not {depends_on!r}"))
+    elif len(depends_on) > MAX_SERVICES:
+        # Bounded whatever the file: 20,000 names took 5 s and printed 20,000 lines.
+        too_many = f"names {len(depends_on)} services; a layout has at most {MAX_SERVICES}"
+        out.append((f"{key}.depends_on", too_many))
     else:
+        seen: set[str] = set()
         for i, dep in enumerate(depends_on):
             if not isinstance(dep, str):
                 out.append((f"{key}.depends_on[{i}]", f"must be a string, not {toml_type(dep)}"))
-            elif dep in depends_on[:i]:
+            elif dep in seen:
                 out.append((f"{key}.depends_on[{i}]", f"names {dep!r} twice"))
+            else:
+                seen.add(dep)
     problem = _ready_problem(ready)
     if problem:
         out.append((f"{key}.ready", problem))

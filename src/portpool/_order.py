@@ -10,6 +10,9 @@ from collections.abc import Collection, Mapping, Sequence
 
 __all__ = ["dependency_problems", "start_order"]
 
+_MAX_UNKNOWN_SHOWN = 20  # unknown names reported in full, then counted
+_MAX_NAMES_SHOWN = 20  # known names listed in each of those reports
+
 
 def dependency_problems(
     depends_on: Mapping[str, Sequence[str]], known: Collection[str] | None = None
@@ -22,16 +25,29 @@ def dependency_problems(
     service in layout order, as ``a -> b -> a``.
     """
     names = list(depends_on) if known is None else list(known)
+    known_set = set(names)  # a list made 1,000 services x 1,000 names quadratic
+    shown = names[:_MAX_NAMES_SHOWN]
+    more = len(names) - len(shown)
+    known_text = ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
     out: list[tuple[str, str]] = []
+    unknown = 0
+    first_unshown = ""  # the service of the first unknown name only counted
     for name, deps in depends_on.items():
         for dep in deps:
             if dep == name:
                 out.append((name, "a service cannot depend on itself"))
-            elif dep not in names:
-                known_text = ", ".join(names)
-                out.append(
-                    (name, f"depends on {dep!r}, which is not a service; known: {known_text}")
-                )
+            elif dep not in known_set:
+                unknown += 1
+                if unknown <= _MAX_UNKNOWN_SHOWN:
+                    problem = f"depends on {dep!r}, which is not a service; known: {known_text}"
+                    out.append((name, problem))
+                elif not first_unshown:
+                    first_unshown = name
+    if first_unshown:
+        # Each line once named every service: 1,000 services depending on names that do
+        # not exist filled a gigabyte with the same list.
+        extra = unknown - _MAX_UNKNOWN_SHOWN
+        out.append((first_unshown, f"... and {extra} more names that are not services"))
     if out:
         return out
     cycle = _find_cycle(depends_on)
