@@ -919,8 +919,12 @@ def test_counted_nouns_are_singular_for_one() -> None:
     assert _compact([*runs, (20, 20)]).endswith("... (2 more ranges)")
 
 
+def _ready_layout_text(ready: str) -> str:
+    return f'app = "a"\n[services.x]\nbase = 20000\nsize = 1\nready = "{ready}"\n'
+
+
 def _ready_layout(tmp_path: Path, ready: str) -> str:
-    return write(tmp_path, f'app = "a"\n[services.x]\nbase = 20000\nsize = 1\nready = "{ready}"\n')
+    return write(tmp_path, _ready_layout_text(ready))
 
 
 @pytest.mark.parametrize(
@@ -1154,3 +1158,21 @@ def test_dependency_checks_stay_bounded_whatever_the_file(tmp_path: Path) -> Non
     }
     with pytest.raises(LayoutError, match=r"depends_on\[999\]: names 's0' twice"):
         parse_layout({"app": "a", "services": {"s0": {"base": 1024, "size": 1}, **bounded}}, "f")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("a{99999999999}", "the repetition number is too large"),
+        ("(" * 5000 + ")" * 5000, "maximum recursion depth exceeded"),
+    ],
+)
+def test_a_log_pattern_re_cannot_compile_is_a_layout_error(
+    tmp_path: Path, pattern: str, problem: str
+) -> None:
+    """re.compile raised OverflowError and RecursionError, not re.error: a traceback."""
+    error = refused(tmp_path, _ready_layout_text(f"log:{pattern}"))
+    assert error.key == "services.x.ready"
+    assert error.problem.startswith("invalid regular expression ")
+    assert problem in error.problem
+    assert len(error.problem) < 200

@@ -222,6 +222,9 @@ def _ready_problem(ready: object) -> str | None:
             re.compile(arg)
         except re.error as e:
             return f"invalid regular expression {arg!r}: {e}"
+        except (OverflowError, RecursionError) as e:  # "a{99999999999}": a traceback
+            shown = arg if len(arg) <= 60 else arg[:60] + "..."
+            return f"invalid regular expression {shown!r}: {e}"
         return None
     return f"must be 'tcp', 'http:<path>', 'log:<regex>' or 'none', not {ready!r}"
 
