@@ -171,20 +171,23 @@ def test_record_text_is_escaped_for_the_terminal_and_json_stays_valid(
     instances: Path, tmp_path: Path, port_base: int
 ) -> None:
     config = write_layout(tmp_path / "portpool.toml", port_base)
+    # No layout has such a name, so the record is refused (`env` once printed the name
+    # into lines a shell sources); the refusal quotes it, escaped, in status and JSON.
     names = ["\ud800lone", "\x1b[31mred\x1b[0m", "bidi\u202etxt", "new\nline"]
-    (instances / "1.json").write_text(
-        _record([{"name": n, "pool": [1], "port": 1, "pid": 1} for n in names])
-    )
-    done = subprocess.run(
-        [*PORTPOOL, "status", "--config", str(config)], capture_output=True, timeout=60, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    out = done.stdout.decode("utf-8")  # valid UTF-8: no raw surrogate
-    assert "\x1b" not in out and "\u202e" not in out
-    assert "\\x1b[31mred\\x1b[0m=1" in out and "\\ud800lone=1" in out and "new\\nline" in out
-    assert len(out.splitlines()) == 3  # header lines and one row: no injected lines
-    doc = status_json(config)
-    assert [s["name"] for s in doc["instances"][0]["services"]] == names
+    shown = ["\\ud800lone", "\\x1b[31mred\\x1b[0m", "bidi\\u202etxt", "new\\nline"]
+    for name, escaped in zip(names, shown, strict=True):
+        (instances / "1.json").write_text(_record([{"name": name, "pool": [1], "port": 1}]))
+        done = subprocess.run(
+            [*PORTPOOL, "status", "--config", str(config)],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        out = done.stdout.decode("utf-8")  # valid UTF-8: no raw surrogate
+        assert "\x1b" not in out and "\u202e" not in out
+        assert "invalid name" in out and escaped in out, out
+        assert len(out.splitlines()) == 3  # header lines and one row: no injected lines
+        [info] = status_json(config)["instances"]
+        assert info["readable"] is False and "invalid name" in info["problem"]
 
 
 def test_a_full_stdout_is_one_line_of_error(home: Path, tmp_path: Path, port_base: int) -> None:

@@ -26,6 +26,7 @@ from portpool._platform import (
     is_alive,
     locked_inodes,
 )
+from portpool.layout import name_problem
 from portpool.statedir import StateDir
 
 
@@ -70,6 +71,11 @@ class ServiceInfo(NamedTuple):
 _STATES = frozenset(("starting", "ready", "restarting", "exited"))
 
 
+@functools.lru_cache(maxsize=1024)  # the same few names in every record of a status
+def _valid_name(name: str) -> bool:
+    return name_problem("service", name) is None
+
+
 def _int_or_none(value: object) -> int | None:
     if type(value) is int and 0 <= value < 2**31:
         return value
@@ -106,6 +112,10 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
         name = item.get("name") if type(item) is dict else None
         if type(name) is not str:
             raise ValueError("a service entry has no name")
+        # A name reaches `env`'s KEY=value lines: "x'$(cmd)'" ran cmd in a shell that
+        # sourced them. Only a layout's valid names are ever written.
+        if not _valid_name(name):
+            raise ValueError(f"a service entry has an invalid name {name[:64]!r}")
         pool = item.get("pool", [])
         if type(pool) is not list:
             raise ValueError(f"service {name!r} has an invalid pool")
@@ -114,7 +124,7 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
                 raise ValueError(f"service {name!r} has an invalid pool")
         port, pid, refusals = item.get("port"), item.get("pid"), item.get("refusals")
         entry: dict[str, Any] = {
-            "name": name[:64],
+            "name": name,
             "pool": pool,
             "port": port if type(port) is int and 0 < port < 65536 else None,
             "pid": pid if type(pid) is int and 0 < pid < 2**31 else None,

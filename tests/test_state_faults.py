@@ -1,0 +1,70 @@
+"""Broken state on disk as the control commands (`status`, `gc`, `env`, `logs`) meet it.
+
+Each test is one fault found by damaging a state dir under a running or dead instance:
+what the command says must be true, it keeps what it can, and it never turns damage
+into an action (a command run, a log hidden, a report of removed files lost).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.helpers import portpool, status_json, write_layout
+
+from portpool._jsonfile import write_atomic
+from portpool.instance import Instance, start_instance
+from portpool.layout import load_layout
+from portpool.statedir import StateDir
+
+
+@pytest.fixture
+def layout_file(tmp_path: Path, port_base: int) -> Path:
+    # Heartbeat and shield far apart: the test's damage stays until the command reads it.
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    return write_layout(checkout / "portpool.toml", port_base, heartbeat=3600, shield=3600)
+
+
+@pytest.fixture
+def running(layout_file: Path, state: StateDir) -> Iterator[Instance]:
+    """Instance 1 of the layout, started for the layout file's directory."""
+    layout = load_layout(str(layout_file))
+    with start_instance(layout, state=state, directory=str(layout_file.parent)) as inst:
+        yield inst
+
+
+def _rewrite_record(state: StateDir, number: int, change: dict[str, object]) -> None:
+    directory = state.instances("testapp")
+    path = Path(directory.path) / f"{number}.json"
+    record = json.loads(path.read_text())
+    record.update(change)
+    write_atomic(directory, f"{number}.json", json.dumps(record).encode())
+
+
+# ---------------------------------------------------------------- record fields reach output
+
+
+def test_a_service_name_in_a_record_never_reaches_env_lines_that_a_shell_runs(
+    running: Instance, layout_file: Path, state: StateDir, tmp_path: Path
+) -> None:
+    marker = tmp_path / "ran"
+    services = json.loads((Path(state.instances("testapp").path) / "1.json").read_text())
+    evil = {"name": "x\nEVIL=1'$(touch ran)'", "pool": [1], "port": 1}  # run in tmp_path
+    _rewrite_record(state, 1, {"services": [*services["services"], evil]})
+
+    done = portpool("env", "--config", str(layout_file))
+    if done.returncode == 0:  # the old code printed it: sourcing it must then run nothing
+        env_file = tmp_path / "instance.env"
+        env_file.write_text(done.stdout)
+        sh = ["sh", "-c", f'set -a; . "{env_file}"']
+        subprocess.run(sh, cwd=tmp_path, timeout=30, check=False)
+    assert not marker.exists(), done.stdout
+    assert done.returncode == 1, done.stdout
+    assert "invalid name" in done.stderr and "x\\nEVIL" in done.stderr, done.stderr
+    # status says the same of it, and still lists the slot as running.
+    [info] = status_json(layout_file)["instances"]
+    assert info["alive"] is True and "invalid name" in info["problem"]
