@@ -68,3 +68,34 @@ def test_a_service_name_in_a_record_never_reaches_env_lines_that_a_shell_runs(
     # status says the same of it, and still lists the slot as running.
     [info] = status_json(layout_file)["instances"]
     assert info["alive"] is True and "invalid name" in info["problem"]
+
+
+# ---------------------------------------------------------------- gc
+
+
+def _kill_run_leaving_record(config: Path) -> None:
+    """A `portpool run` killed -9 by its own command: its record stays, its locks go."""
+    done = portpool("run", "--config", str(config), "--", "sh", "-c", "kill -9 $PPID")
+    assert done.returncode == -9, done.stderr
+
+
+def test_gc_says_what_it_removed_when_the_ports_dir_is_refused(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    _kill_run_leaving_record(config)
+    record = home / "apps" / "testapp" / "instances" / "1.json"
+    assert record.exists()
+    (home / "ports").rename(home / "ports.away")
+    (home / "ports").symlink_to(home / "ports.away")
+
+    done = portpool("gc", "--json")
+    # The dead instance's record went, and the report says so, with why ports were skipped.
+    assert not record.exists()
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert report["instances"] == ["testapp/1"]
+    assert "apps/testapp/instances/1.json" in report["files"]
+    [problem] = report["problems"]
+    assert str(home / "ports") in problem and "symbolic link" in problem
+    assert (home / "ports.away").is_dir() and (home / "ports").is_symlink()  # not followed

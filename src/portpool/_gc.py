@@ -201,7 +201,11 @@ def gc(state: StateDir | None = None) -> GcReport:
                 clean_app(state, app, report)
             except (OSError, PortPoolError) as e:
                 report.problems.append(f"app {app}: {e}")
-        ports = state.find("ports")
+        try:
+            ports = state.find("ports")
+        except PortPoolError as e:  # a symlink there: what was removed above is still said
+            report.problems.append(str(e))
+            return report
         if ports is None:
             return report
         locked = locked_inodes()
