@@ -70,6 +70,33 @@ def test_a_service_name_in_a_record_never_reaches_env_lines_that_a_shell_runs(
     assert info["alive"] is True and "invalid name" in info["problem"]
 
 
+# ---------------------------------------------------------------- logs
+
+
+def test_logs_of_a_running_detached_instance_whose_record_is_damaged(
+    tmp_path: Path, home: Path, port_base: int
+) -> None:
+    sleeper = {"command": ["sleep", "600"], "ready": "none", "socket": "port"}
+    config = write_layout(
+        tmp_path / "portpool.toml", port_base, services={"alpha": sleeper}, heartbeat=3600,
+        shield=3600,
+    )  # fmt: skip
+    done = portpool("up", "--detach", "--config", str(config), timeout=60)
+    assert done.returncode == 0, done.stderr
+    record = home / "apps" / "testapp" / "instances" / "1.json"
+    good = record.read_bytes()
+    try:
+        record.write_text("{")  # damaged: says neither its pid nor its start token
+        shown = portpool("logs", "--instance", "1", "--config", str(config))
+        # It was started with --detach, and its up still runs: its log is shown.
+        assert shown.returncode == 0, shown.stderr
+        assert "instance 1 of testapp is up" in shown.stdout
+    finally:
+        record.write_bytes(good)  # stop refuses an instance whose record it cannot read
+        stopped = portpool("stop", "--all", "--config", str(config))
+        assert stopped.returncode == 0, stopped.stderr
+
+
 # ---------------------------------------------------------------- gc
 
 

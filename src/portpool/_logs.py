@@ -93,6 +93,19 @@ def _owner_runs(state: StateDir, app: str, number: int, owner: tuple[int, str]) 
     )
 
 
+def _wrote_log(
+    state: StateDir, app: str, running: InstanceInfo, owner: tuple[int, str] | None
+) -> bool:
+    """Whether the running instance is the ``up`` that wrote the log (``owner``). Its
+    record says; an unreadable one cannot (it read as "not started with --detach", and
+    the log was hidden), so the owner is asked: it runs and holds the slot."""
+    if owner is None:
+        return False
+    if running.readable:
+        return (running.pid, running.start_token) == owner
+    return _owner_runs(state, app, running.number, owner)
+
+
 def _log_error(logs: DirHandle, number: int, problem: str) -> StateDirError:
     return StateDirError(os.path.join(logs.path, f"{number}.log"), problem)
 
@@ -158,9 +171,7 @@ def follow_log(
         running = slot if slot is not None and slot.alive else None
     logs = state.find("apps", check_name("app", layout.app), "logs")
     owner = _log_owner(logs, number) if logs is not None else None
-    if logs is None or (
-        running is not None and (owner is None or (running.pid, running.start_token) != owner)
-    ):
+    if logs is None or (running is not None and not _wrote_log(state, layout.app, running, owner)):
         # Running, but not the up that wrote this log: that log is not this instance's.
         raise _no_log(layout, number, running is not None)
     fd = _open_log(logs, number)
