@@ -8,6 +8,7 @@ into an action (a command run, a log hidden, a report of removed files lost).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,32 @@ def test_a_service_name_in_a_record_never_reaches_env_lines_that_a_shell_runs(
     # status says the same of it, and still lists the slot as running.
     [info] = status_json(layout_file)["instances"]
     assert info["alive"] is True and "invalid name" in info["problem"]
+
+
+# ---------------------------------------------------------------- a slot nobody can take
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+def test_a_special_file_at_a_slot_lock_reads_the_same_to_every_command(
+    running: Instance, layout_file: Path, home: Path, kind: str
+) -> None:
+    lock = home / "apps" / "testapp" / "instances" / "3.lock"
+    {"symlink": lambda: lock.symlink_to("/nonexistent"), "directory": lock.mkdir,
+     "fifo": lambda: os.mkfifo(lock)}[kind]()  # fmt: skip
+    # A probe cannot open it: `stop 3` and `port --instance 3` said "is starting (no
+    # record yet)" while `status` listed nothing (no lock table lists it).
+    for args in (["stop", "3"], ["port", "alpha", "--instance", "3"]):
+        done = portpool(*args, "--config", str(layout_file))
+        assert done.returncode == 1, done.stderr
+        assert "starting" not in done.stderr, done.stderr
+        assert "not running" in done.stderr and "3.lock is a" in done.stderr, done.stderr
+    by_number = {i["number"]: i for i in status_json(layout_file)["instances"]}
+    assert by_number[1]["alive"] is True  # the running one is untouched, still the one
+    assert by_number[3]["alive"] is False and "3.lock is a" in by_number[3]["problem"]
+    assert portpool("port", "alpha", "--config", str(layout_file)).stdout.strip() == str(
+        running.ports["alpha"]
+    )
+    assert lock.is_symlink() or lock.is_dir() or lock.is_fifo()  # left for the user
 
 
 # ---------------------------------------------------------------- logs

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from portpool._slots import checkout_dir, previous_number
 from portpool.errors import NotRunning
 from portpool.layout import Layout, port_env_name
-from portpool.records import InstanceInfo, list_instances, read_instance
+from portpool.records import SLOT_UNUSABLE, InstanceInfo, list_instances, read_instance
 from portpool.statedir import StateDir
 
 __all__ = [
@@ -72,6 +72,8 @@ def find_instance(
         running = [i for i in _alive(layout, state) if i.readable]
         others = f"; running: {_listing(running)}" if running else ""
         why = "is not running" if info is None or not info.alive else _unusable(info)
+        if info is not None and info.problem and info.problem.startswith(SLOT_UNUSABLE):
+            why += f" ({info.problem})"
         raise NotRunning(app, f"instance {number} of {app} {why}{others}", [
             i.number for i in running
         ])  # fmt: skip

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from portpool._heldlock import is_held
-from portpool._jsonfile import NotAFile, decimal, read_json_file
+from portpool._jsonfile import NotAFile, decimal, read_json_file, special_entry
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -266,6 +266,7 @@ def recorded_holder(directory: DirHandle, number: int) -> int | None:
 
 
 _READ_TRIES = 3
+SLOT_UNUSABLE = "slot unusable: "  # starts InstanceInfo.problem of a slot nobody can take
 
 
 def read_instance(
@@ -292,6 +293,8 @@ def read_instance(
         info = _read_instance_once(directory, number, locked, open_files)
         if info.alive or info.problem == "no record":
             return info
+        if info.problem is not None and info.problem.startswith(SLOT_UNUSABLE):
+            return info  # no record to race with
         try:
             if directory.stat_entry(name) is not None:
                 return info  # a dead instance's record: it stays until gc or the next start
@@ -306,6 +309,12 @@ def _read_instance_once(
     locked: LockTable | Callable[[], LockTable | None] | None,
     open_files: OpenFiles | None,
 ) -> InstanceInfo:
+    lock_kind = special_entry(directory, f"{number}.lock")
+    if lock_kind is not None:
+        # Never portpool's, and nobody can take the slot: no lock table lists it, and a
+        # probe cannot open it, which read as "starting" to `stop` but absent to `status`.
+        problem = f"{number}.lock is {lock_kind}, not a lock file portpool made; remove it"
+        return InstanceInfo(number, False, False, problem=SLOT_UNUSABLE + problem)
     raw: object = None
     unreadable: str | None = None
     try:
