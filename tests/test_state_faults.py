@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from tests.helpers import portpool, status_json, write_layout
 
+from portpool._heldlock import HeldLock
 from portpool._jsonfile import write_atomic
+from portpool.errors import StateDirError
 from portpool.instance import Instance, start_instance
 from portpool.layout import load_layout
 from portpool.statedir import StateDir
@@ -95,6 +97,21 @@ def test_a_special_file_at_a_slot_lock_reads_the_same_to_every_command(
         running.ports["alpha"]
     )
     assert lock.is_symlink() or lock.is_dir() or lock.is_fifo()  # left for the user
+
+
+@pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
+def test_taking_a_lock_names_what_is_at_its_path(state: StateDir, kind: str) -> None:
+    # "cannot open lock file: Too many levels of symbolic links" for one symlink.
+    directory = state.ports()
+    lock = Path(directory.path) / "6000.lock"
+    {"symlink": lambda: lock.symlink_to("/nonexistent"), "directory": lock.mkdir,
+     "fifo": lambda: os.mkfifo(lock)}[kind]()  # fmt: skip
+    with pytest.raises(StateDirError) as refused:
+        HeldLock.acquire(directory, "6000.lock")
+    what = {"symlink": "a symbolic link", "directory": "a directory", "fifo": "a FIFO"}[kind]
+    assert str(refused.value) == (
+        f"state dir {lock}: is {what}, not a lock file portpool made; never followed (remove it)"
+    )
 
 
 # ---------------------------------------------------------------- logs

@@ -18,6 +18,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
+from portpool._layout_load import file_kind
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -121,16 +122,18 @@ class HeldLock:
                         f"cannot create or open files in it: {e.strerror or e} (make it "
                         "writable by you, or set PORTPOOL_HOME to a directory that is)",
                     ) from e
+                kind = _special_kind(directory, name)
                 raise StateDirError(
                     os.path.join(directory.path, name),
-                    f"cannot open lock file: {e.strerror or e} (remove what is there)",
+                    _not_a_lock(kind)
+                    if kind is not None
+                    else f"cannot open lock file: {e.strerror or e} (remove what is there)",
                 ) from e
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise StateDirError(
-                        os.path.join(directory.path, name),
-                        "lock path is not a regular file (remove what is there)",
+                        os.path.join(directory.path, name), _not_a_lock(file_kind(st.st_mode))
                     )
             except BaseException:
                 os.close(fd)
@@ -236,6 +239,20 @@ class HeldLock:
             with contextlib.suppress(OSError):
                 self.directory.unlink(self.name)
         self.release()
+
+
+def _special_kind(directory: DirHandle, name: str) -> str | None:
+    """What ``<dir>/<name>`` is when it is there and not a regular file ("a symbolic
+    link", which an open reported as "Too many levels of symbolic links"), else None."""
+    try:
+        st = directory.stat_entry(name)
+    except OSError:
+        return None
+    return None if st is None or stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
+
+
+def _not_a_lock(kind: str) -> str:
+    return f"is {kind}, not a lock file portpool made; never followed (remove it)"
 
 
 def _directory_refuses(directory: DirHandle, name: str, error: OSError) -> bool:
