@@ -170,3 +170,24 @@ def test_gc_says_what_it_removed_when_the_ports_dir_is_refused(
     [problem] = report["problems"]
     assert str(home / "ports") in problem and "symbolic link" in problem
     assert (home / "ports.away").is_dir() and (home / "ports").is_symlink()  # not followed
+
+
+def test_gc_removes_a_dead_writers_temporary_files_in_every_dir_of_the_app(
+    state: StateDir,
+) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dirs = {
+        sub: Path(state.subdir("apps", "testapp", sub).path)
+        for sub in ("instances", "checkouts", "logs")
+    }
+    for where in dirs.values():
+        (where / f".x.json.{dead.pid}.1.tmp").write_text("{")
+        (where / f".x.json.{os.getpid()}.1.tmp").write_text("{")  # its writer runs: kept
+
+    done = portpool("gc", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for sub, where in dirs.items():
+        assert f"apps/testapp/{sub}/.x.json.{dead.pid}.1.tmp" in report["files"]
+        assert sorted(p.name for p in where.iterdir()) == [f".x.json.{os.getpid()}.1.tmp"]

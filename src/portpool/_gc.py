@@ -199,6 +199,12 @@ def gc(state: StateDir | None = None) -> GcReport:
         for app in state.apps():
             try:
                 clean_app(state, app, report)
+                # write_atomic's temporary files elsewhere in the app (the checkouts'
+                # numbers, the logs' owners) were never removed.
+                for sub in ("checkouts", "logs"):
+                    found = state.find("apps", app, sub)
+                    if found is not None:
+                        _clean_temp_files(found, report, f"apps/{app}/{sub}/")
             except (OSError, PortPoolError) as e:
                 report.problems.append(f"app {app}: {e}")
         try:
