@@ -191,3 +191,15 @@ def test_gc_removes_a_dead_writers_temporary_files_in_every_dir_of_the_app(
     for sub, where in dirs.items():
         assert f"apps/testapp/{sub}/.x.json.{dead.pid}.1.tmp" in report["files"]
         assert sorted(p.name for p in where.iterdir()) == [f".x.json.{os.getpid()}.1.tmp"]
+
+
+def test_a_record_with_a_number_too_long_to_read_is_unreadable_json(
+    state: StateDir, layout_file: Path
+) -> None:
+    # Python refuses integers over 4,300 digits with a plain ValueError, whose advice
+    # ("use sys.set_int_max_str_digits()") reached the user as the record's problem.
+    directory = Path(state.instances("testapp").path)
+    (directory / "7.json").write_text('{"v": 1, "pid": 1' + "0" * 5000 + "}")
+    [info] = status_json(layout_file)["instances"]
+    assert (info["number"], info["alive"]) == (7, False)
+    assert info["problem"] == "record unreadable: record is not valid JSON"
