@@ -77,6 +77,23 @@ def test_a_relative_xdg_runtime_dir_is_ignored(monkeypatch: pytest.MonkeyPatch, 
     assert default_path() == os.path.join(tempfile.gettempdir(), f"portpool-{os.getuid()}")
 
 
+def test_an_xdg_runtime_dir_of_another_user_is_ignored(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """The XDG spec: it MUST be the user's. Inherited through `sudo -E`, root's state
+    dir went into the user's runtime dir, and then refused every command of the user."""
+    monkeypatch.delenv("PORTPOOL_HOME", raising=False)
+    theirs = tmp_path / "run"
+    theirs.mkdir(mode=0o700)
+    other = 65534 if os.getuid() != 65534 else 65533
+    try:
+        os.chown(theirs, other, -1)
+    except PermissionError:
+        pytest.skip("cannot give a directory to another user without privileges")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(theirs))
+    assert default_path() == os.path.join(tempfile.gettempdir(), f"portpool-{os.getuid()}")
+
+
 def test_symlinked_state_dir_is_refused(tmp_path: Path):
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
