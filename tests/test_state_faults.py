@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from tests.helpers import portpool, status_json, write_layout
 
 from portpool._heldlock import HeldLock
 from portpool._jsonfile import write_atomic
+from portpool._platform import current_identity, try_lock
+from portpool._record import PortRecord, encode_record
 from portpool.errors import StateDirError
 from portpool.instance import Instance, start_instance
 from portpool.layout import load_layout
@@ -71,6 +74,38 @@ def test_a_service_name_in_a_record_never_reaches_env_lines_that_a_shell_runs(
     # status says the same of it, and still lists the slot as running.
     [info] = status_json(layout_file)["instances"]
     assert info["alive"] is True and "invalid name" in info["problem"]
+
+
+def test_a_holders_record_text_never_splits_or_colours_a_warning(
+    state: StateDir, tmp_path: Path, port_base: int
+) -> None:
+    # The port's lock held here, its record naming labels a bug (or anyone sharing our
+    # uid) could write: `run` warned "got port P+1, not P: held by instance 3 of evil",
+    # then "app" on a line of its own, with BEL and a bidi override raw.
+    config = write_layout(tmp_path / "portpool.toml", port_base, services={"alpha": {}})
+    ports = state.ports()
+    lock = ports.open_file(f"{port_base}.lock", os.O_RDWR | os.O_CREAT)
+    record = ports.open_file(f"{port_base}.json", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert try_lock(lock)
+        me = current_identity()
+        now = time.time()
+        labels = ("evil\napp\x07", "svc\u202e\x1b[31m")
+        held = PortRecord(port_base, me.pid, me.start_token, me.boot_id, *labels[:1], 3,
+                          labels[1], "127.0.0.1", now, now)  # fmt: skip
+        os.write(record, encode_record(held))
+        done = portpool("run", "--config", str(config), "--", "true")
+    finally:
+        os.close(record)
+        os.close(lock)
+    assert done.returncode == 0, done.stderr
+    [note] = [line for line in done.stderr.splitlines() if "got port" in line]
+    assert (
+        f"not {port_base}: port {port_base}: held by instance 3 of evil\\napp\\x07 (pid {me.pid},"
+        in note
+    )
+    assert "service svc\\u202e\\x1b[31m)" in note
+    assert not any(c in done.stderr for c in "\x07\x1b\u202e"), done.stderr
 
 
 # ---------------------------------------------------------------- a slot nobody can take

@@ -11,7 +11,6 @@ import errno
 import functools
 import json
 import os
-import re
 import signal
 import sys
 from collections.abc import Callable
@@ -45,14 +44,6 @@ __all__ = [
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-# C0/C1 controls (ANSI escapes start with ESC), lone surrogates (unencodable: status
-# crashed on one), bidi controls (they reorder what the user reads), and the Unicode
-# line and paragraph separators (they start a new line in some terminals and tools).
-_UNSAFE_TEXT = re.compile(
-    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\u2028\u2029]"
-)
-
-
 def display(text: str) -> str:
     """``text`` safe to print to a terminal: every control character, lone surrogate
     and bidi override shown as a Python escape (``\\x1b``), the rest unchanged.
@@ -60,7 +51,9 @@ def display(text: str) -> str:
     Text from the state dir is written by whoever shares our uid (or a bug): printed
     raw, an ANSI sequence reached the user's terminal.
     """
-    return _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
+    from portpool._record import printable  # here: `--help` loads no state-dir code
+
+    return printable(text)
 
 
 def drop_stdout() -> None:
