@@ -108,6 +108,29 @@ def test_a_holders_record_text_never_splits_or_colours_a_warning(
     assert not any(c in done.stderr for c in "\x07\x1b\u202e"), done.stderr
 
 
+def test_a_record_directory_never_starts_a_line_of_an_error(
+    layout_file: Path, state: StateDir
+) -> None:
+    # Several run, none for this checkout: the error lists each one's directory, which
+    # is the record's text; "/b\nportpool: ..." printed a line that portpool never said.
+    layout = load_layout(str(layout_file))
+    with (
+        start_instance(layout, state=state, directory="/a"),
+        start_instance(layout, state=state, directory="/b"),
+    ):
+        _rewrite_record(state, 2, {"dir": "/b\nportpool: all is well \x1b[32m"})
+        done = portpool("port", "alpha", "--config", str(layout_file))
+        pinned = portpool("run", "--instance", "2", "--config", str(layout_file), "--", "true")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr  # one line
+    assert "instance 2 (pid " in done.stderr
+    assert "/b\\nportpool: all is well \\x1b[32m)" in done.stderr, done.stderr
+    # Taking that slot by number: "it is running (pid P, started for <the record's dir>)".
+    assert pinned.returncode == 3, pinned.stderr
+    assert pinned.stderr.count("\n") == 1, pinned.stderr
+    assert "started for /b\\nportpool: all is well \\x1b[32m)" in pinned.stderr
+
+
 # ---------------------------------------------------------------- a slot nobody can take
 
 

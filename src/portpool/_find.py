@@ -10,6 +10,7 @@ import re
 import shlex
 from collections.abc import Sequence
 
+from portpool._record import printable
 from portpool._slots import checkout_dir, previous_number
 from portpool.errors import NotRunning
 from portpool.layout import Layout, port_env_name
@@ -49,7 +50,10 @@ def _unusable(info: InstanceInfo) -> str:
 
 
 def _listing(running: Sequence[InstanceInfo]) -> str:
-    return "; ".join(f"instance {i.number} (pid {i.pid}, {i.directory or '?'})" for i in running)
+    # The directory is the record's text: a newline in it started a line of its own.
+    return "; ".join(
+        f"instance {i.number} (pid {i.pid}, {printable(i.directory or '?')})" for i in running
+    )
 
 
 def find_instance(

@@ -21,6 +21,7 @@ from portpool._heldlock import HeldLock
 from portpool._jsonfile import read_json_file, write_atomic
 from portpool._layout_load import absolute_path, working_directory
 from portpool._platform import locked_inodes
+from portpool._record import printable
 from portpool.errors import (
     AlreadyHeldHere,
     LockHeld,
@@ -146,7 +147,7 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
             continue
     info = read_instance(directory, number)
     who = f"pid {info.pid}" if info.pid is not None else (info.problem or "unknown")
-    where = f", started for {info.directory}" if info.directory else ""
+    where = f", started for {printable(info.directory)}" if info.directory else ""
     raise SlotUnavailable(layout.app, number, f"it is running ({who}{where})")
 
 
