@@ -131,6 +131,29 @@ def test_a_record_directory_never_starts_a_line_of_an_error(
     assert "started for /b\\nportpool: all is well \\x1b[32m)" in pinned.stderr
 
 
+# ---------------------------------------------------------------- instance numbers
+
+
+def test_a_running_instance_beyond_a_lowered_max_is_reachable_by_its_number(
+    running: Instance, layout_file: Path, state: StateDir, tmp_path: Path, port_base: int
+) -> None:
+    # Instance 3 started; then the layout's max_instances went down to 2. status lists
+    # it, but `port --instance 3` was a usage error (exit 2): it could not be addressed.
+    with start_instance(load_layout(str(layout_file)), state=state, number=3) as third:
+        smaller = write_layout(tmp_path / "smaller.toml", port_base, max_instances=2)
+        assert [i["number"] for i in status_json(smaller)["instances"]] == [1, 3]
+        found = portpool("port", "alpha", "--instance", "3", "--config", str(smaller))
+        assert found.returncode == 0, found.stderr
+        assert found.stdout.strip() == str(third.ports["alpha"])
+        env = portpool("env", "--instance", "3", "--config", str(smaller))
+        assert "PORTPOOL_INSTANCE=3\n" in env.stdout, env.stderr
+        # A number beyond it that does not run is still a usage error.
+        for args in (["port", "alpha", "--instance", "4"], ["logs", "--instance", "4"]):
+            refused = portpool(*args, "--config", str(smaller))
+            assert refused.returncode == 2, refused.stderr
+            assert "--instance must be 1..2 for app 'testapp', not 4" in refused.stderr
+
+
 # ---------------------------------------------------------------- a slot nobody can take
 
 

@@ -65,7 +65,6 @@ def port(service: str, instance_number: int | None, config: str | None, as_json:
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
-    layout.check_number(instance_number)
     with StateDir.open(create=False) as state:  # read-only: creates nothing
         info, number = service_port(layout, service, instance_number, state=state)
     if as_json:
@@ -86,7 +85,6 @@ def env(instance_number: int | None, config: str | None, export: bool) -> None:
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
-    layout.check_number(instance_number)
     with StateDir.open(create=False) as state:  # read-only: creates nothing
         click.echo(format_env(instance_env(layout, instance_number, state=state), export=export))
 
@@ -143,7 +141,6 @@ def logs(
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
-    layout.check_number(instance_number)
     with StateDir.open(create=False) as state:  # read-only: creates nothing
         follow_log(
             layout,

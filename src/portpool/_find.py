@@ -21,6 +21,7 @@ __all__ = [
     "find_instance",
     "format_env",
     "instance_env",
+    "running_slot",
     "service_port",
     "unreadable_detail",
 ]
@@ -56,21 +57,31 @@ def _listing(running: Sequence[InstanceInfo]) -> str:
     )
 
 
+def running_slot(layout: Layout, number: int, *, state: StateDir) -> InstanceInfo | None:
+    """Slot ``number`` of the layout's app as ``read_instance`` reads it (None if the
+    app has no slots yet). Raises UsageError (exit 2) for a ``number`` outside
+    1..max_instances unless that slot runs: started before max_instances was lowered,
+    it is listed by ``status`` and must stay reachable by its number."""
+    directory = state.find_instances(layout.app) if number > 0 else None
+    info = read_instance(directory, number) if directory is not None else None
+    if info is None or not info.alive:
+        layout.check_number(number)
+    return info
+
+
 def find_instance(
     layout: Layout, number: int | None = None, *, state: StateDir, cwd: str | None = None
 ) -> InstanceInfo:
     """The running instance ``number``, else this checkout's (see ``checkout_dir``), else
     the only running one.
 
-    Raises UsageError (exit 2) for a ``number`` outside 1..max_instances, NotRunning
-    (exit 1) when that instance does not run, when none runs, or when several run and
-    none is this checkout's (the message lists them).
+    Raises UsageError (exit 2) for a ``number`` outside 1..max_instances that does not
+    run, NotRunning (exit 1) when that instance does not run, when none runs, or when
+    several run and none is this checkout's (the message lists them).
     """
-    layout.check_number(number)
     app = layout.app
     if number is not None:
-        directory = state.find_instances(app)  # read-only: a missing dir is "not running"
-        info = read_instance(directory, number) if directory is not None else None
+        info = running_slot(layout, number, state=state)
         if info is not None and info.alive and info.readable:
             return info
         running = [i for i in _alive(layout, state) if i.readable]

@@ -9,14 +9,14 @@ import os
 import time
 from collections.abc import Callable
 
-from portpool._find import find_instance
+from portpool._find import find_instance, running_slot
 from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file, special_entry, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
 from portpool.errors import NotRunning, StateDirError
 from portpool.layout import Layout
-from portpool.records import InstanceInfo, read_instance
+from portpool.records import InstanceInfo
 from portpool.statedir import StateDir, check_name
 
 __all__ = ["follow_log", "log_path", "logs_dir", "set_log_owner"]
@@ -147,11 +147,10 @@ def follow_log(
     The instance is ``number``, else as ``find_instance``, else this checkout's last
     number. A running instance is shown only the log its own ``up`` wrote; a stopped one,
     the last detached instance's. Returns that number. Raises UnknownService, UsageError
-    (a ``number`` outside 1..max_instances), NotRunning (no such instance, or it has no
-    log), StateDirError (the log is a symlink, a directory, ... or cannot be read).
-    Read-only: creates nothing.
+    (a ``number`` outside 1..max_instances that does not run), NotRunning (no such
+    instance, or it has no log), StateDirError (the log is a symlink, a directory, ...
+    or cannot be read). Read-only: creates nothing.
     """
-    layout.check_number(number)
     if service is not None:
         layout.service(service)
     running: InstanceInfo | None = None
@@ -166,8 +165,7 @@ def follow_log(
             if number is None:
                 raise
     else:
-        directory = state.find_instances(layout.app)
-        slot = read_instance(directory, number) if directory is not None else None
+        slot = running_slot(layout, number, state=state)
         running = slot if slot is not None and slot.alive else None
     logs = state.find("apps", check_name("app", layout.app), "logs")
     owner = _log_owner(logs, number) if logs is not None else None
