@@ -174,6 +174,26 @@ def test_opened_without_create_creates_nothing(tmp_path: Path):
     assert list(existing.iterdir()) == []
 
 
+def test_a_subdirectory_of_another_user_is_named_with_what_to_do(tmp_path: Path):
+    root = tmp_path / "state"
+    with StateDir.open(str(root)) as state:
+        ports = Path(state.ports().path)
+    other = 65534 if os.getuid() != 65534 else 65533
+    try:
+        os.chown(ports, other, -1)
+    except PermissionError:
+        pytest.skip("cannot give a directory to another user without privileges")
+    with StateDir.open(str(root)) as state, pytest.raises(StateDirError) as info:
+        state.ports()
+    assert info.value.path == str(ports)
+    # Not "set PORTPOOL_HOME": the state dir is the user's own; this entry of it is not.
+    assert info.value.problem == (
+        f"is owned by uid {other}, not by you (uid {os.getuid()}); portpool creates its "
+        "subdirectories private: remove it once nothing uses this state dir, or point "
+        "PORTPOOL_HOME at a new directory"
+    )
+
+
 def test_hostile_subdirectories_are_refused(tmp_path: Path):
     root = tmp_path / "state"
     with StateDir.open(str(root)) as state:

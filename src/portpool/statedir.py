@@ -75,7 +75,8 @@ def _check_mode(path: str, st: os.stat_result, root: bool = False) -> None:
         raise StateDirError(
             path,
             f"is owned by uid {st.st_uid}, not by you (uid {user_id()}); "
-            "use your own directory (set PORTPOOL_HOME)",
+            # Inside our own state dir, "set PORTPOOL_HOME" sent users away from it.
+            + ("use your own directory (set PORTPOOL_HOME)" if root else _subdir_advice()),
         )
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StateDirError(
