@@ -216,6 +216,12 @@ def test_logs_of_a_running_detached_instance_whose_record_is_damaged(
         # It was started with --detach, and its up still runs: its log is shown.
         assert shown.returncode == 0, shown.stderr
         assert "instance 1 of testapp is up" in shown.stdout
+        # An owner file naming another live process (this one) is not the slot's holder.
+        me = current_identity()
+        owner = home / "apps" / "testapp" / "logs" / "1.owner.json"
+        owner.write_text(json.dumps({"pid": me.pid, "start_token": me.start_token}))
+        other = portpool("logs", "--instance", "1", "--config", str(config))
+        assert other.returncode == 1 and "has no log" in other.stderr, other.stderr
     finally:
         record.write_bytes(good)  # stop refuses an instance whose record it cannot read
         stopped = portpool("stop", "--all", "--config", str(config))

@@ -103,7 +103,13 @@ def _wrote_log(
         return False
     if running.readable:
         return (running.pid, running.start_token) == owner
-    return _owner_runs(state, app, running.number, owner)
+    if not _owner_runs(state, app, running.number, owner):
+        return False
+    # It runs and the slot is held; held by it, where the kernel's table says who.
+    directory = state.find_instances(app)
+    st = directory.stat_entry(f"{running.number}.lock") if directory is not None else None
+    table = locked_inodes()
+    return st is not None and (table is None or table.get((st.st_dev, st.st_ino)) == owner[0])
 
 
 def _log_error(logs: DirHandle, number: int, problem: str) -> StateDirError:
