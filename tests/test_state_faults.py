@@ -180,6 +180,26 @@ def test_a_special_file_at_a_slot_lock_reads_the_same_to_every_command(
     assert lock.is_symlink() or lock.is_dir() or lock.is_fifo()  # left for the user
 
 
+def test_a_start_takes_the_next_slot_past_one_nobody_can_take(
+    state: StateDir, tmp_path: Path, port_base: int
+) -> None:
+    # A symlink at 1.lock ended every start of the app with an error, slot 2 free; the
+    # DESIGN: "take the lowest free instance slot".
+    config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=2)
+    instances = Path(state.instances("testapp").path)
+    (instances / "1.lock").symlink_to("/nonexistent")
+    command = ["sh", "-c", "echo $PORTPOOL_INSTANCE"]
+    done = portpool("run", "--config", str(config), "--", *command)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "2\n"
+    assert "instance slot 1 of testapp skipped" in done.stderr
+    assert f"{instances / '1.lock'}: is a symbolic link" in done.stderr
+    # Pinned to it, the start is refused, naming it; the symlink is left as found.
+    pinned = portpool("run", "--instance", "1", "--config", str(config), "--", "true")
+    assert pinned.returncode == 1 and "is a symbolic link" in pinned.stderr
+    assert (instances / "1.lock").is_symlink()
+
+
 @pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
 def test_taking_a_lock_names_what_is_at_its_path(state: StateDir, kind: str) -> None:
     # "cannot open lock file: Too many levels of symbolic links" for one symlink.

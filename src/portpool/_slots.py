@@ -30,6 +30,7 @@ from portpool.errors import (
     PortPoolError,
     SlotHolder,
     SlotUnavailable,
+    StateDirError,
     UsageError,
 )
 from portpool.layout import Layout
@@ -115,11 +116,19 @@ def _take_slot(
             # A cleaner holds a dead slot's lock for a moment while it removes the
             # record: look again before telling the user every slot is taken.
             time.sleep(0.02 * attempt)
-        for number in order:
+        for number in order[:]:
             try:
                 return number, HeldLock.acquire(directory, f"{number}.lock")
             except (LockHeld, AlreadyHeldHere):
                 continue
+            except StateDirError as e:
+                if e.path != os.path.join(directory.path, f"{number}.lock"):
+                    raise  # the directory itself refuses: so does every slot
+                # A symlink or a directory at one slot's lock path ended every start
+                # of the app: that slot is not free, the next one may be (as a pool
+                # rotates past such a port). Named once; NoFreeSlot lists it too.
+                log.warning("instance slot %d of %s skipped: %s", number, layout.app, e)
+                order.remove(number)
     locked = locked_inodes()
     holders = []
     for number in range(1, layout.max_instances + 1):
