@@ -43,8 +43,15 @@ SERVER_STACKS = {
 CLICK_OPTIONAL = {"click.shell_completion", "click.testing", "click._termui_impl"}
 # What the read-only commands have no use for (each costs milliseconds of every start).
 NOT_FOR_READING = {"psutil", "socket", "subprocess", "logging", "tempfile"}
-# The CLI and its parts: all that `--help` may load of portpool.
-CLI_MODULES = {"portpool", "portpool.cli", "portpool._cli_common", "portpool._cli_control"}
+# The CLI and its parts: all that `--help` may load of portpool (and _text, which
+# imports nothing: how untrusted text is printed).
+CLI_MODULES = {
+    "portpool",
+    "portpool.cli",
+    "portpool._cli_common",
+    "portpool._cli_control",
+    "portpool._text",
+}
 LIBRARY = {
     "portpool.instance",
     "portpool.pool",

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
+from portpool._text import printable
+
 if TYPE_CHECKING:
     from portpool._processes import Outcome
     from portpool.errors import PortPoolError
@@ -51,8 +53,6 @@ def display(text: str) -> str:
     Text from the state dir is written by whoever shares our uid (or a bug): printed
     raw, an ANSI sequence reached the user's terminal.
     """
-    from portpool._record import printable  # here: `--help` loads no state-dir code
-
     return printable(text)
 
 

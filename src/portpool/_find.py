@@ -10,8 +10,8 @@ import re
 import shlex
 from collections.abc import Sequence
 
-from portpool._record import printable
 from portpool._slots import checkout_dir, previous_number
+from portpool._text import printable
 from portpool.errors import NotRunning
 from portpool.layout import Layout, port_env_name
 from portpool.records import SLOT_UNUSABLE, InstanceInfo, list_instances, read_instance

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeGuard
 
 from portpool._layout_checks import MAX_PORT, MAX_SERVICES, Problem
+from portpool._text import printable
 from portpool.errors import LayoutError
 
 SERVICE_SOCKET_MODES = ("fd", "port")
@@ -44,17 +45,8 @@ DEFAULT_READY_TIMEOUT_S = 30.0
 def layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
     """One LayoutError for every problem, each line ``FILE: KEY: PROBLEM``."""
     key, problem = problems[0]
-    lines = [f"{shown_text(source)}: {shown_text(k)}: {p}" for k, p in problems]
+    lines = [f"{printable(source)}: {printable(k)}: {p}" for k, p in problems]
     return LayoutError(source, key, problem, errors=lines)
-
-
-def shown_text(text: str) -> str:
-    """``text`` (a key or a file name, as the file spelled it) with every character that
-    is not printable as a Python escape: a quoted key "a\\nb" split its error line in
-    two ("FILE: services.a" and "b: ..."), and one error read as two."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
 def toml_type(value: object) -> str:

@@ -11,7 +11,8 @@ import ipaddress
 from typing import TYPE_CHECKING
 
 from portpool._layout_checks import span
-from portpool._layout_fields import normalize_host, shown_text
+from portpool._layout_fields import normalize_host
+from portpool._text import printable
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -95,7 +96,7 @@ def describe_layout(layout: Layout, warnings: Sequence[str] | None = None) -> li
     lines.extend(f"warning: {w}" for w in (layout.warnings if warnings is None else warnings))
     # A file's name and its ready patterns may hold control characters: printed raw, an
     # ESC in `ready = "log:..."` reached the terminal.
-    return [shown_text(line) for line in lines]
+    return [printable(line) for line in lines]
 
 
 def describe_supervision(layout: Layout) -> list[str]:

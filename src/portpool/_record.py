@@ -13,13 +13,13 @@ import errno
 import json
 import math
 import os
-import re
 import stat
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from portpool._platform import DirHandle, ProcessIdentity, read_at
+from portpool._text import printable
 from portpool.errors import LockError
 
 RECORD_SIZE = 1024
@@ -71,21 +71,6 @@ class PortRecord:
             return f"instance {self.instance} of {name} (pid {self.pid}{service})"
         app = f" of app {name}" if name else ""
         return f"pid {self.pid}{app}, outside any instance{service}"
-
-
-# C0/C1 controls (ANSI escapes start with ESC), lone surrogates (unencodable: status
-# crashed on one), bidi controls (they reorder what the user reads), and the Unicode
-# line and paragraph separators (they start a new line in some terminals and tools).
-_UNSAFE_TEXT = re.compile(
-    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c\u2028\u2029]"
-)
-
-
-def printable(text: str) -> str:
-    """``text`` safe to print to a terminal, or to put in a one-line message: every
-    control character, lone surrogate and bidi override shown as a Python escape
-    (``\\x1b``), the rest unchanged. Raises nothing."""
-    return _UNSAFE_TEXT.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 _INT_FIELDS = ("port", "pid", "instance")

@@ -21,7 +21,7 @@ from portpool._heldlock import HeldLock
 from portpool._jsonfile import read_json_file, write_atomic
 from portpool._layout_load import absolute_path, working_directory
 from portpool._platform import locked_inodes
-from portpool._record import printable
+from portpool._text import printable
 from portpool.errors import (
     AlreadyHeldHere,
     LockHeld,

@@ -50,7 +50,6 @@ from portpool._layout_fields import (
     name_problem,
     normalize_host,
     service_problems,
-    shown_text,
     toml_type,
     unknown_key_problems,
 )
@@ -61,6 +60,7 @@ from portpool._layout_text import (
     host_is_literal_remote,
     host_meaning,
 )
+from portpool._text import printable
 from portpool.errors import LayoutError, UnknownService, UsageError
 
 # With the public names of the parts: every layout name is importable from here.
@@ -242,7 +242,7 @@ class Layout:
         known = ", ".join(s.name for s in self.services)
         raise UnknownService(
             self.source,
-            f"services.{shown_text(str(name))}",
+            f"services.{printable(str(name))}",
             f"no such service; this layout has: {known}",
         )
 
