@@ -175,3 +175,9 @@ def test_internals_are_not_exported_and_received_types_are():
     # Types a user receives from an exported call are exported too.
     for name in ("InstanceInfo", "ServiceInfo", "GcReport", "LeaseReport", "DoctorReport"):
         assert name in portpool.__all__
+
+
+def test_no_free_slot_of_one_slot_says_its_only_slot_and_why():
+    e = NoFreeSlot("app", [SlotHolder(1, 10, "pid 10")], limit="max_instances = 1 in the layout")
+    assert "(its only slot is held; max_instances = 1 in the layout)" in str(e)
+    assert e.limit == "max_instances = 1 in the layout"

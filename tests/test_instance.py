@@ -91,6 +91,20 @@ def test_no_free_slot_lists_the_holders(tmp_path: Path, port_base: int, state: S
         assert [h.number for h in info.value.holders] == [1, 2]
         assert all(h.pid == os.getpid() for h in info.value.holders)
         assert f"pid {os.getpid()}" in str(info.value)
+        assert "(all 2 are held; max_instances = 2 in the layout)" in str(info.value)
+
+
+def test_no_free_slot_of_a_one_instance_layout_says_why(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    # Pools of size 2 and stride 1 overlap from instance 2 on: one instance fits.
+    path = tmp_path / "one.toml"
+    path.write_text(f'app = "one"\n[services.web]\nbase = {port_base}\nsize = 2\nstride = 1\n')
+    layout = load_layout(str(path))
+    with start_instance(layout, state=state), pytest.raises(NoFreeSlot) as info:
+        start_instance(layout, state=state)
+    text = str(info.value)
+    assert "(its only slot is held; the layout admits 1 instance: instance 2's web pool" in text
 
 
 def test_heartbeat_refreshes_record(tmp_path: Path, port_base: int, state: StateDir) -> None:

@@ -138,7 +138,14 @@ def _take_slot(
         else:
             detail = info.problem or "record unreadable"
         holders.append(SlotHolder(number, info.pid, detail))
-    raise NoFreeSlot(layout.app, holders)
+    raise NoFreeSlot(layout.app, holders, _limit_words(layout))
+
+
+def _limit_words(layout: Layout) -> str:
+    if layout.max_instances < layout.admissible_instances:
+        return f"max_instances = {layout.max_instances} in the layout"
+    many = "instance" if layout.admissible_instances == 1 else "instances"
+    return f"the layout admits {layout.admissible_instances} {many}: {layout.limit_reason}"
 
 
 def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:

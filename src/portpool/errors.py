@@ -173,14 +173,20 @@ class SlotHolder:
 
 
 class NoFreeSlot(StartError):
-    """Every instance slot 1..max of ``app`` is held."""
+    """Every instance slot 1..max of ``app`` is held; ``limit`` says, in words, where
+    the maximum comes from (the layout's ``max_instances``, or what keeps its pools
+    disjoint), as a user of one slot otherwise asks why there is only one."""
 
-    def __init__(self, app: str, holders: Sequence[SlotHolder]) -> None:
+    def __init__(self, app: str, holders: Sequence[SlotHolder], limit: str = "") -> None:
         self.app = app
         self.holders = list(holders)
+        self.limit = limit
+        held = "its only slot is held" if len(self.holders) == 1 else "all {} are held"
+        why = f"; {limit}" if limit else ""
         lines = "\n".join(f"  {h}" for h in self.holders)
         super().__init__(
-            f"no free instance slot for app {app!r} (all {len(self.holders)} are held)\n{lines}"
+            f"no free instance slot for app {app!r} ({held.format(len(self.holders))}{why})"
+            f"\n{lines}"
         )
 
 
