@@ -983,3 +983,28 @@ def test_help_version_and_json_errors_to_a_gone_reader_die_of_sigpipe(
     proc = _to_gone_reader("status", "--json", "--bogus", cwd=tmp_path)
     assert proc.returncode == -signal.SIGPIPE
     assert "No such option '--bogus'" in proc.stderr
+
+
+def test_up_detach_returns_after_the_record_says_every_service_is_ready(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Six services ready at about the same time: a keeper's record write could land
+    # after "is up" (status then said "starting"), or an older snapshot after a newer.
+    names = ("a", "b", "c", "d", "e", "f")
+    command = [sys.executable, "-c", SERVE]
+    layout = write_layout(
+        tmp_path / "portpool.toml",
+        port_base,
+        services={n: {"command": command, "ready": "tcp", "size": 1} for n in names},
+        heartbeat=60,  # no heartbeat rewrites the record while status reads it
+    )
+    for _ in range(5):
+        done = portpool("up", "--detach", "--quiet", cwd=tmp_path, timeout=60)
+        assert done.returncode == 0, done.stderr
+        try:
+            # Read at once (status would start a python first, and hide the race).
+            record = json.loads((home / "apps/testapp/instances/1.json").read_text())
+            states = {s["name"]: s.get("state") for s in record["services"]}
+            assert states == dict.fromkeys(names, "ready")
+        finally:
+            assert portpool("stop", cwd=tmp_path).returncode == 0
