@@ -24,7 +24,13 @@ from collections.abc import Callable
 from types import FrameType, TracebackType
 from typing import NoReturn
 
-from portpool._platform import ReceivedSignal, SignalInbox, stop_signals
+from portpool._platform import (
+    ReceivedSignal,
+    SignalInbox,
+    ignored_by_default,
+    passed_signals,
+    stop_signals,
+)
 from portpool.errors import Interrupted, UsageError
 
 # timeout's two sends are microseconds apart; a person's or a script's are not (0.25 s
@@ -34,8 +40,11 @@ DUPLICATE_S = 0.05
 
 
 class SignalScope:
-    """Own the stop signals (INT, TERM, HUP, QUIT, USR1, USR2) for one ``run``/``up``,
-    and SIGCHLD's default action where the caller ignored it.
+    """Own the stop signals (INT, TERM, HUP, QUIT, USR1, USR2) and the other signals
+    passed on (``passed_signals``: WINCH, ALRM, ...) for one ``run``/``up``, and
+    SIGCHLD's default action where the caller ignored it. While starting, a signal
+    whose default action does nothing (WINCH: a terminal resized) is dropped, as it
+    would be by a command not started yet; any other one interrupts.
 
     Use as a context manager in the main thread, before any other thread starts: the
     signals are blocked for reading with their sender, and threads inherit the block.
@@ -44,7 +53,8 @@ class SignalScope:
     def __init__(self) -> None:
         # A signal the caller ignored (`nohup`, `cmd &` in a script) stays ignored, for us
         # and, through exec, for every program we start: as a shell leaves it.
-        self.signals = [s for s in stop_signals() if signal.getsignal(s) is not signal.SIG_IGN]
+        every = dict.fromkeys([*stop_signals(), *passed_signals()])
+        self.signals = [s for s in every if signal.getsignal(s) is not signal.SIG_IGN]
         self._inbox = SignalInbox(self.signals)
         self._old: dict[int, object] = {}
         self._interrupted: int | None = None
@@ -72,16 +82,20 @@ class SignalScope:
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
         # Raise once: a second signal must not break the clean-up of the first.
-        if self._interrupted is None:
+        if self._interrupted is None and not ignored_by_default(signum):
             self._interrupted = signum
             raise Interrupted(signum)
 
     def check(self) -> None:
         """Raise ``Interrupted`` if a stop signal arrived and was not read yet (call
         with the signals blocked, right before starting the command)."""
-        if self._interrupted is None:
+        for _ in range(len(self.signals) + 1):  # bounded: each signal is pending once
+            if self._interrupted is not None:
+                break
             received = self._inbox.take(0)
-            if received is not None:
+            if received is None:
+                break
+            if not ignored_by_default(received.signum):
                 self._interrupted = received.signum
         if self._interrupted is not None:
             raise Interrupted(self._interrupted)

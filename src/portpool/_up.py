@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 from portpool._launch import DEFAULT_GRACE_S, check_commands, descriptors_named
-from portpool._platform import ReceivedSignal, controlling_terminal_alive
+from portpool._platform import ReceivedSignal, controlling_terminal_alive, passed_signals
 from portpool._processes import Outcome
 
 __all__ = ["run_up"]
@@ -52,7 +52,8 @@ def run_up(
 
     Main thread only (takes over the stop signals for the call). A stop signal is
     passed to the services once (SIGINT stays SIGINT), then ``grace_s``, then SIGKILL;
-    USR1/USR2 are passed on without stopping; SIGHUP sent by a process (``kill -HUP``)
+    USR1/USR2 and the other signals of ``passed_signals`` (WINCH, ALRM, ...) are passed
+    on without stopping; SIGHUP sent by a process (``kill -HUP``)
     restarts every service in dependency order on the same sockets
     (one more is queued while one runs or services start), while a terminal's hangup
     stops. ``announce(instance)`` runs as soon as the instance is acquired, before any
@@ -86,6 +87,7 @@ def run_up(
     check_commands(layout)
     stop_signal: list[int] = []
     relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
+    relayed_only.update(passed_signals())  # WINCH, ALRM, ...: passed on, as USR1
     hangup = getattr(signal, "SIGHUP", None)
     # A closed terminal reaches us as the kernel's SIGHUP, or as a shell passing its own
     # on (an ordinary signal from the shell's pid): the terminal tells the two apart.

@@ -123,6 +123,28 @@ def stop_signals() -> list[int]:
     return [int(getattr(signal, n)) for n in names if hasattr(signal, n)]
 
 
+def passed_signals() -> list[int]:
+    """The other signals ``run`` and ``up`` take over and pass on, as after ``exec``:
+    WINCH, ALRM, VTALRM, PROF, IO, PWR and the real-time ones (those the OS has). Left
+    to their default action, ``kill -ALRM`` ended portpool without releasing (its
+    record stayed, the command got SIGTERM instead) and ``kill -WINCH`` was dropped.
+    Not SIGURG (it wakes our reader thread), nor what the kernel sends a process for
+    its own doing (SIGSEGV, SIGPIPE, SIGXCPU, ...) or job control."""
+    names = ("SIGWINCH", "SIGALRM", "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR")
+    found = [int(getattr(signal, n)) for n in names if hasattr(signal, n)]
+    low, high = getattr(signal, "SIGRTMIN", None), getattr(signal, "SIGRTMAX", None)
+    if low is not None and high is not None:
+        found += range(int(low), int(high) + 1)
+    return list(dict.fromkeys(found))
+
+
+def ignored_by_default(signum: int) -> bool:
+    """Whether ``signum``'s default action is to do nothing (SIGWINCH, SIGURG, SIGCHLD,
+    SIGCONT): such a signal never interrupts a start-up."""
+    names = ("SIGWINCH", "SIGURG", "SIGCHLD", "SIGCONT")
+    return signum in {int(getattr(signal, n)) for n in names if hasattr(signal, n)}
+
+
 class SignalInbox:
     """Signals received by the process, with their sender where the OS tells.
 

@@ -1,0 +1,157 @@
+"""`run` and `up` pass on every signal a command started with `exec` would have got,
+and stop their whole trees, with real processes and real signals (Linux)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from tests.helpers import (
+    PORTPOOL,
+    kill_if_running,
+    status_json,
+    wait_for,
+    write_layout,
+    write_service_layout,
+)
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, Linux /proc")
+
+# Notes (by number) every signal it is sent in the file argv[1]; SIGTERM ends it with status 0.
+NOTE_SIGNALS = """
+import os, signal, sys, time
+log = sys.argv[1]
+def note(text):
+    with open(log, "a") as f:
+        f.write(text + "\\n")
+def got(signum, frame):
+    note(str(signum))
+    if signum == signal.SIGTERM:
+        sys.exit(0)
+for signum in (signal.SIGALRM, signal.SIGWINCH, signal.SIGVTALRM, signal.SIGRTMIN + 3,
+               signal.SIGTERM):
+    signal.signal(signum, got)
+note("ready")
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+PASSED = [signal.SIGALRM, signal.SIGWINCH, signal.SIGVTALRM, signal.SIGRTMIN + 3]
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _send_each(pid: int, log: Path, expected: list[str]) -> None:
+    """Send ``PASSED`` one at a time, each once its predecessor arrived."""
+    for signum in PASSED:
+        os.kill(pid, signum)
+        expected.append(str(signum))
+        assert wait_for(lambda: _lines(log) == expected, timeout=20), (_lines(log), signum)
+
+
+def test_run_passes_alrm_winch_and_realtime_signals_to_its_command_once(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # SIGALRM (default: end the process) ended run without releasing: its record stayed
+    # and the command got SIGTERM from the parent-death signal; SIGWINCH was dropped.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    script = tmp_path / "note.py"
+    script.write_text(NOTE_SIGNALS)
+    log = tmp_path / "signals.log"
+    proc = subprocess.Popen(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, str(script), str(log)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: _lines(log) == ["ready"], timeout=30), _lines(log)
+        expected = ["ready"]
+        _send_each(proc.pid, log, expected)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        kill_if_running(proc)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert _lines(log) == [*expected, str(signal.SIGTERM.value)]
+    assert status_json(config)["instances"] == []
+
+
+def test_a_terminal_resize_while_run_starts_does_not_interrupt_it(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # SIGWINCH does nothing by default: while starting, it must not be taken for an
+    # interrupt (the command, not started yet, would not have heard it either).
+    config = write_layout(tmp_path / "run.toml", port_base)
+    code = "import sys; print('ran', flush=True); sys.exit(7)"
+    proc = subprocess.Popen(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sent = [0]
+    done = threading.Event()
+
+    def resize() -> None:
+        for _ in range(2000):  # bounded; every 5 ms from the start until it exits
+            if done.is_set() or proc.poll() is not None:
+                return
+            try:
+                os.kill(proc.pid, signal.SIGWINCH)
+            except ProcessLookupError:
+                return
+            sent[0] += 1
+            time.sleep(0.005)
+
+    sender = threading.Thread(target=resize)
+    sender.start()
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        done.set()
+        sender.join()
+        kill_if_running(proc)
+    assert sent[0] > 10  # the resizes happened, also while it started
+    assert (proc.returncode, out) == (7, "ran\n")
+    assert status_json(config)["instances"] == []
+
+
+def test_up_passes_alrm_winch_and_realtime_signals_to_its_services_and_keeps_running(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    log = tmp_path / "signals.log"
+    config = write_service_layout(
+        tmp_path,
+        port_base,
+        {"web": {"ready": "none"}},
+        app="passup",
+        script=NOTE_SIGNALS.replace("sys.argv[1]", repr(str(log))),
+    )
+    proc = subprocess.Popen(
+        [*PORTPOOL, "up", "-q", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for(lambda: _lines(log) == ["ready"], timeout=30), _lines(log)
+        expected = ["ready"]
+        _send_each(proc.pid, log, expected)
+        assert proc.poll() is None  # passed on: none of them stops up
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        kill_if_running(proc)
+    assert proc.returncode == 0, err
+    assert _lines(log) == [*expected, str(signal.SIGTERM.value)]
+    assert status_json(config)["instances"] == []
