@@ -155,3 +155,45 @@ def test_up_passes_alrm_winch_and_realtime_signals_to_its_services_and_keeps_run
     assert proc.returncode == 0, err
     assert _lines(log) == [*expected, str(signal.SIGTERM.value)]
     assert status_json(config)["instances"] == []
+
+
+# Says "real-time N" at each SIGRTMIN+1, read blocked (a Python handler runs once for
+# a burst); SIGTERM ends it.
+COUNT_REAL_TIME = """
+import signal
+rt = signal.SIGRTMIN + 1
+signal.pthread_sigmask(signal.SIG_BLOCK, [rt, signal.SIGTERM])
+print("ready", flush=True)
+count = 0
+while signal.sigwaitinfo([rt, signal.SIGTERM]).si_signo == rt:
+    count += 1
+    print("real-time", count, flush=True)
+"""
+
+
+def test_real_time_signals_sent_in_a_burst_each_reach_the_command(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # The kernel queues real-time signals: three sent at once are three delivered, as
+    # to a bare command; run took the second and third for copies of the first.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    proc = subprocess.Popen(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, "-c", COUNT_REAL_TIME],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()))
+    reader.start()
+    try:
+        assert wait_for(lambda: lines[:1] == ["ready\n"], timeout=30), lines
+        for _ in range(3):
+            os.kill(proc.pid, signal.SIGRTMIN + 1)
+        assert wait_for(lambda: len(lines) >= 4, timeout=20), lines
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        kill_if_running(proc)
+        reader.join(timeout=30)
+    assert proc.returncode == 0
+    assert lines == ["ready\n", "real-time 1\n", "real-time 2\n", "real-time 3\n"]

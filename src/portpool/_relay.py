@@ -10,7 +10,8 @@ process for the duration of ``run``/``up`` (main thread only) and puts them back
   callback once. A signal the kernel sent (a terminal's Ctrl-C reaches its whole
   foreground process group) is flagged, so the callback can skip a command that got it
   already. The same signal from the same sender within ``DUPLICATE_S`` of the first
-  is one request: ``timeout`` signals its child and then its whole group.
+  is one request: ``timeout`` signals its child and then its whole group; but for
+  real-time signals, which the kernel queues, so each one sent counts.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from portpool.errors import Interrupted, UsageError
 # dropped `kill -USR1` sent every 0.1 s, and a window that moved with each copy dropped
 # every one after the first).
 DUPLICATE_S = 0.05
+# The first real-time signal: these are queued, each one sent is delivered.
+_REAL_TIME = int(getattr(signal, "SIGRTMIN", 1 << 16))
 
 
 class SignalScope:
@@ -122,8 +125,8 @@ class SignalScope:
         self._thread.start()
 
     def _duplicate(self, received: ReceivedSignal) -> bool:
-        if received.sender is None:
-            return False
+        if received.sender is None or received.signum >= _REAL_TIME:
+            return False  # the kernel queues each real-time signal sent: none is a copy
         key = (received.signum, received.sender)
         now = time.monotonic()
         first = self._last.get(key)
