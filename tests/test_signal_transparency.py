@@ -3,6 +3,7 @@ and stop their whole trees, with real processes and real signals (Linux)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from tests.helpers import (
     PORTPOOL,
@@ -197,3 +199,36 @@ def test_real_time_signals_sent_in_a_burst_each_reach_the_command(
         reader.join(timeout=30)
     assert proc.returncode == 0
     assert lines == ["ready\n", "real-time 1\n", "real-time 2\n", "real-time 3\n"]
+
+
+@pytest.mark.parametrize("command", ["run", "up"])
+def test_a_child_inherited_through_exec_is_never_signalled(
+    tmp_path: Path, port_base: int, home: Path, command: str
+) -> None:
+    # `sh -c 'sidecar & exec portpool up'`: the sidecar is a child of portpool's process,
+    # but portpool did not start it. The stop took every child for its own and killed it.
+    pid_file = tmp_path / "sidecar.pid"
+    config = write_service_layout(
+        tmp_path, port_base, {"web": {"ready": "none"}}, app="inherit", script=NOTE_SIGNALS
+    )
+    portpool = " ".join([*PORTPOOL, command, "-q", "-c", str(config)])
+    if command == "run":
+        portpool += " -- true"
+    script = f"sleep 60 >/dev/null & echo $! > {pid_file}; exec {portpool}"
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    sidecar = None
+    try:
+        assert wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=30)
+        sidecar = psutil.Process(int(pid_file.read_text()))
+        if command == "up":
+            assert wait_for(lambda: status_json(config)["instances"], timeout=30)
+            os.kill(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=60)
+        assert proc.returncode == 0
+        assert status_json(config)["instances"] == []  # it did stop
+        assert sidecar.is_running() and sidecar.status() != psutil.STATUS_ZOMBIE
+    finally:
+        kill_if_running(proc)
+        if sidecar is not None:
+            with contextlib.suppress(psutil.Error):
+                sidecar.kill()

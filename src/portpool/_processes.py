@@ -94,6 +94,10 @@ class Supervisor:
         self.adopt = adopt  # every child of this process is ours (run/up as subreaper)
         # The kernel made us a subreaper: all we start stays a descendant of ours.
         self.subreaper = subreaper
+        # Children this process had before we started anything: inherited through the
+        # exec that started portpool (`sh -c 'sidecar & exec portpool up'`). Not ours,
+        # nor what they start: `adopt` stopped them with the instance.
+        self._inherited = _children_now() if adopt else []
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -257,13 +261,19 @@ class Supervisor:
 
     def _tree(self) -> list[psutil.Process]:
         """Every living process we started through our children: their descendants,
-        and with ``adopt`` every other child of ours (orphans adopted as a subreaper)."""
+        and with ``adopt`` every other child of ours (orphans adopted as a subreaper)
+        but those we had before we started anything, and what they started."""
         if self.adopt and not has_children():
             return []  # no child at all: every descendant would be one (subreaper)
         import psutil
 
-        mine = {p.pid for p in self.children.values()}
+        skip = {p.pid for p in self.children.values()}  # signalled through their Popen
         found: dict[int, psutil.Process] = {}
+        for inherited in self._inherited:
+            with contextlib.suppress(psutil.Error):
+                if inherited.is_running():  # the very process (its start time is checked)
+                    skip.add(inherited.pid)
+                    skip.update(c.pid for c in inherited.children(recursive=True))
         try:
             if self.adopt:
                 roots = [psutil.Process()]
@@ -271,7 +281,7 @@ class Supervisor:
                 roots = [psutil.Process(p.pid) for p in self.children.values() if p.poll() is None]
             for root in roots:
                 for child in root.children(recursive=True):
-                    if child.pid not in mine:
+                    if child.pid not in skip:
                         found[child.pid] = child
         except psutil.Error:
             pass
@@ -357,6 +367,18 @@ class Supervisor:
             if not held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)
+
+
+def _children_now() -> list[psutil.Process]:
+    """This process's children now (none, without loading psutil, in the usual case)."""
+    if not has_children():
+        return []
+    import psutil
+
+    try:
+        return psutil.Process().children()
+    except psutil.Error:
+        return []
 
 
 def _running(proc: psutil.Process) -> bool:
