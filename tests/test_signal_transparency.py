@@ -209,7 +209,11 @@ def test_a_child_inherited_through_exec_is_never_signalled(
     # but portpool did not start it. The stop took every child for its own and killed it.
     pid_file = tmp_path / "sidecar.pid"
     config = write_service_layout(
-        tmp_path, port_base, {"web": {"ready": "none"}}, app="inherit", script=NOTE_SIGNALS
+        tmp_path,
+        port_base,
+        {"web": {"ready": "none"}},
+        app="inherit",
+        script="import time\ntime.sleep(60)\n",
     )
     portpool = " ".join([*PORTPOOL, command, "-q", "-c", str(config)])
     if command == "run":
@@ -221,7 +225,8 @@ def test_a_child_inherited_through_exec_is_never_signalled(
         assert wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=30)
         sidecar = psutil.Process(int(pid_file.read_text()))
         if command == "up":
-            assert wait_for(lambda: status_json(config)["instances"], timeout=30)
+            assert proc.stdout is not None
+            assert wait_for(lambda: "is up" in proc.stdout.readline(), timeout=30)
             os.kill(proc.pid, signal.SIGTERM)
         proc.communicate(timeout=60)
         assert proc.returncode == 0

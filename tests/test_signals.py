@@ -12,6 +12,7 @@ import pty
 import random
 import re
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -827,3 +828,29 @@ def test_up_leading_its_session_dies_of_the_hangup_though_its_terminal_is_gone(
     assert term.wait(timeout=30) == -signal.SIGHUP
     assert _lines(log) == ["ready", "SIGTERM"]  # a hangup stops services with SIGTERM
     assert not is_listening(port_base)
+
+
+ASK_PASSWORD = """\
+printf 'password: ' > /dev/tty
+read answer < /dev/tty
+echo "got $answer" > "$1"
+"""
+
+
+def test_a_command_reads_the_terminal_though_run_has_no_std_fd_on_it(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    # With fds 0-2 redirected, run took itself for outside a terminal and put the
+    # command in a process group of its own: its read of /dev/tty (sudo's, ssh's
+    # password prompt) stopped it with SIGTTIN, and run waited for it for good.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    answer = tmp_path / "answer"
+    command = [*PORTPOOL, "run", "-q", "-c", str(config), "--", "sh", "-c", ASK_PASSWORD]
+    quoted = shlex.join([*command, "sh", str(answer)])
+    # The shell keeps the terminal open, as a user's does (not exec: no fd would).
+    term = Terminal(["sh", "-c", f"{quoted} < /dev/null > /dev/null 2>&1"])
+    terminals.append(term)
+    term.read_until(b"password: ")
+    os.write(term.master, b"secret\n")
+    assert term.wait(timeout=30) == 0, term.text
+    assert answer.read_text() == "got secret\n"
