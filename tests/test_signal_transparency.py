@@ -4,10 +4,14 @@ and stop their whole trees, with real processes and real signals (Linux)."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import pty
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -237,3 +241,54 @@ def test_a_child_inherited_through_exec_is_never_signalled(
         if sidecar is not None:
             with contextlib.suppress(psutil.Error):
                 sidecar.kill()
+
+
+def test_a_terminal_resize_is_not_passed_to_up_s_services(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Services run outside the terminal: a resize is not for them (nginx and httpd take
+    # SIGWINCH for "stop your workers gracefully"); kill -WINCH to up still is.
+    log = tmp_path / "signals.log"
+    note = NOTE_SIGNALS.replace("sys.argv[1]", repr(str(log)))
+    note = note.replace("signal.SIGTERM):", "signal.SIGTERM, signal.SIGUSR1):")
+    config = write_service_layout(
+        tmp_path, port_base, {"web": {"ready": "none"}}, app="resize", script=note
+    )
+    pid, master = pty.fork()
+    if pid == 0:  # session leader, in the foreground of the pty
+        try:
+            os.execv(
+                sys.executable, [sys.executable, "-m", "portpool.cli", "up", "-c", str(config)]
+            )
+        finally:
+            os._exit(127)
+    output = bytearray()
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(master, 4096):
+                output.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: _lines(log) == ["ready"], timeout=30), (_lines(log), output)
+        for rows in (30, 40, 50):  # the kernel signals the foreground group of the pty
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 80, 0, 0))
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGUSR1)  # after the resizes: once it arrives, they would have
+        usr1 = str(signal.SIGUSR1.value)
+        assert wait_for(lambda: usr1 in _lines(log), timeout=20), _lines(log)
+        os.kill(pid, signal.SIGWINCH)  # sent by a process: passed on
+        winch = str(signal.SIGWINCH.value)
+        assert wait_for(lambda: winch in _lines(log), timeout=20), _lines(log)
+        os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        os.close(master)
+    assert os.waitstatus_to_exitcode(status) == 0, output
+    assert _lines(log) == ["ready", usr1, winch, str(signal.SIGTERM.value)]

@@ -89,6 +89,7 @@ def run_up(
     relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
     relayed_only.update(passed_signals())  # WINCH, ALRM, ...: passed on, as USR1
     hangup = getattr(signal, "SIGHUP", None)
+    resize = getattr(signal, "SIGWINCH", None)
     # A closed terminal reaches us as the kernel's SIGHUP, or as a shell passing its own
     # on (an ordinary signal from the shell's pid): the terminal tells the two apart.
     had_terminal = controlling_terminal_alive()
@@ -108,7 +109,13 @@ def run_up(
             def on_signal(received: ReceivedSignal) -> None:
                 signum = received.signum
                 if signum in relayed_only:
-                    supervisor.send(signum)
+                    # A terminal resized: the services are not in it, and nginx or httpd
+                    # take SIGWINCH for "stop your workers gracefully". kill -WINCH passes.
+                    resized = signum == resize and (
+                        received.from_kernel or not received.sender_known
+                    )
+                    if not resized:
+                        supervisor.send(signum)
                 elif (
                     signum == hangup
                     and not received.from_kernel
