@@ -21,6 +21,7 @@ from tests.helpers import (
     PORTPOOL,
     LineReader,
     held_lock_files,
+    kill_if_running,
     portpool,
     start,
     status_json,
@@ -641,3 +642,63 @@ def test_restarts_leave_no_output_pumps_behind(tmp_path: Path, port_base: int, h
     assert restarts >= 5, done.stdout + done.stderr  # it did restart, many times
     pumps = int(done.stdout.split("pumps ")[1].split()[0])
     assert pumps <= 2, (pumps, restarts)
+
+
+# Leaves a daemon (double fork, setsid) serving its socket, noting its pid in argv[1],
+# then exits 1 (a crash) once the daemon answered.
+LEAVES_A_DAEMON = """
+import os, socket, sys, time
+listening = socket.socket(fileno=3)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        with open(sys.argv[1], "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        while True:
+            conn, _ = listening.accept()
+            conn.close()
+    os._exit(0)
+time.sleep(0.5)
+sys.exit(1)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_restart_stops_what_the_previous_process_left_running(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Each restart left the crashed process's daemon running beside the new one: old
+    # code kept answering on the same socket, one more copy per restart.
+    pids_file = tmp_path / "daemons"
+    script = tmp_path / "leaves.py"
+    script.write_text(LEAVES_A_DAEMON)
+    command = [sys.executable, str(script), str(pids_file)]
+    keys = {"command": command, "restart": "always", "ready": "tcp"}
+    config = write_service_layout(tmp_path, port_base, {"web": keys}, app="leftover", script="")
+    proc = subprocess.Popen(
+        [*PORTPOOL, "up", "-q", "--grace", "2", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def daemons() -> list[int]:
+        return [int(p) for p in pids_file.read_text().split()] if pids_file.exists() else []
+
+    try:
+        assert wait_for(lambda: len(daemons()) >= 3, timeout=60), daemons()
+        earlier = daemons()[:2]  # both started before a restart: stopped before it
+        assert wait_for(lambda: all(_gone(p) for p in earlier), timeout=20), earlier
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        kill_if_running(proc)
+    assert proc.returncode == 0, err
+    assert all(_gone(p) for p in daemons())

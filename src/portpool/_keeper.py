@@ -82,6 +82,8 @@ class ServiceKeeper:
     ``on_failure(failure)`` when the instance must stop; ``on_restart(keeper,
     returncode, delay_s)`` when the service exited and will be started again after
     ``delay_s`` seconds. ``done`` is set when the instance is stopping.
+    ``stop_leftovers(name)`` stops what an exited process left running, before the
+    service is started again.
 
     ``restarts`` counts the restarts after an exit (the policy's); ``planned_restarts``
     those of a rolling restart, which stop the process on purpose and so leave
@@ -103,6 +105,7 @@ class ServiceKeeper:
         done: threading.Event,
         depends_on: Sequence[ServiceKeeper] = (),
         on_restart: Callable[[ServiceKeeper, int, float], None] | None = None,
+        stop_leftovers: StopFn | None = None,
     ) -> None:
         self.service = service
         self.name = service.name
@@ -114,6 +117,7 @@ class ServiceKeeper:
         self._on_ready = on_ready
         self._on_failure = on_failure
         self._on_restart = on_restart
+        self._stop_leftovers = stop_leftovers
         self._done = done
         self._depends_on = tuple(depends_on)
         self.tracker = RestartTracker(service.restart)
@@ -173,6 +177,9 @@ class ServiceKeeper:
                 return
             returncode, progressed = result
             self._clear_process()
+            if self._stop_leftovers is not None:
+                # Before the next start: what the old process left would serve beside it.
+                self._stop_leftovers(self.name)
             if self._expected_exit:
                 self._expected_exit = False
                 self.planned_restarts += 1

@@ -8,6 +8,7 @@ rolling restarts (``kill -HUP``), one at a time with at most one more queued.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -18,6 +19,7 @@ from typing import IO, TYPE_CHECKING
 from portpool._keeper import Failure, ServiceKeeper, describe_failure
 from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status, write_line
 from portpool._order import start_order
+from portpool._platform import has_children
 from portpool._processes import Outcome, Supervisor
 from portpool._readiness import ReadinessProbe
 from portpool.errors import ServiceExited
@@ -100,6 +102,7 @@ class ServiceSupervisor(Supervisor):
                 done=self._done,
                 depends_on=[self.keepers[d] for d in graph[name]],
                 on_restart=self._print_restarting,
+                stop_leftovers=self.stop_leftovers,
             )
         self._record_states(None)
         for name, keeper in self.keepers.items():
@@ -121,6 +124,45 @@ class ServiceSupervisor(Supervisor):
         return self.start_process(
             svc.name, svc.command, env, sockets=sockets, width=self._width, on_line=probe.feed_line
         )
+
+    def stop_leftovers(self, name: str) -> None:
+        """Stop what the exited process of service ``name`` left running, before it is
+        started again: the orphans we adopted as a subreaper that carry its
+        ``PORTPOOL_SERVICE`` and our ``PORTPOOL_SUPERVISOR_PID``, with their trees
+        (SIGTERM, ``grace_s``, SIGKILL). Each restart left the previous process's
+        double-forked or ``setsid`` children running, answering on the same socket
+        with old code. Only with ``adopt`` (elsewhere orphans are not ours to find);
+        a process that cleared its environment is not found. Raises nothing."""
+        if not self.adopt or not has_children():
+            return
+        import psutil
+
+        keep = {p.pid for p in self.children.values() if p.poll() is None}
+        keep.update(p.pid for p in self._inherited)
+        found: dict[int, psutil.Process] = {}
+        try:
+            orphans = [c for c in psutil.Process().children() if c.pid not in keep]
+        except psutil.Error:
+            return
+        for orphan in orphans:
+            with contextlib.suppress(psutil.Error):
+                env = orphan.environ()
+                if env.get("PORTPOOL_SERVICE") != name:
+                    continue
+                if env.get("PORTPOOL_SUPERVISOR_PID") != str(os.getpid()):
+                    continue
+                found[orphan.pid] = orphan
+                found.update((c.pid, c) for c in orphan.children(recursive=True))
+        if not found:
+            return
+        for proc in found.values():
+            with contextlib.suppress(psutil.Error):
+                proc.terminate()
+        _, alive = psutil.wait_procs(list(found.values()), timeout=self.grace_s)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=10.0)
 
     def _record_states(self, _keeper: ServiceKeeper | None) -> None:
         pids = {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
