@@ -292,3 +292,86 @@ def test_a_terminal_resize_is_not_passed_to_up_s_services(
         os.close(master)
     assert os.waitstatus_to_exitcode(status) == 0, output
     assert _lines(log) == ["ready", usr1, winch, str(signal.SIGTERM.value)]
+
+
+# Notes "ready", each SIGHUP a process sent (the kernel's own, which a closed terminal
+# may add whatever runs in it, are not counted), and "done" 1.5 s after the first.
+SI_KERNEL = 0x80
+NOTE_HANGUPS = f"""
+import signal, sys, time
+log = sys.argv[1]
+def note(text):
+    with open(log, "a") as f:
+        f.write(text + "\\n")
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGHUP])
+note("ready")
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:
+    info = signal.sigtimedwait([signal.SIGHUP], 0.05)
+    if info is not None and info.si_code != {SI_KERNEL}:
+        note("SIGHUP")
+        deadline = min(deadline, time.monotonic() + 1.5)
+note("done")
+"""
+
+
+# A job-control shell in a terminal, as bash: runs argv as its foreground job, and on
+# the terminal's hangup passes SIGHUP on to the job's process group, then waits for it.
+SHELL = """
+import os, signal, sys, time
+hung = []
+signal.signal(signal.SIGHUP, lambda s, f: hung.append(s))
+job = os.fork()
+if job == 0:
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    os.tcsetpgrp(0, os.getpid())
+    signal.signal(signal.SIGTTOU, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    os.execvp(sys.argv[1], sys.argv[1:])
+deadline = time.monotonic() + 60
+while not hung and time.monotonic() < deadline:
+    time.sleep(0.05)
+os.killpg(job, signal.SIGHUP)
+os.waitpid(job, 0)
+"""
+
+
+def test_a_closed_terminal_gives_the_command_of_run_one_hangup(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # The shell passes its hangup on to its job, run's group, which holds the command:
+    # run passed it on once more, and the command got two.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    script = tmp_path / "hangups.py"
+    script.write_text(NOTE_HANGUPS)
+    log = tmp_path / "log"
+    run = [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, str(script), str(log)]
+    pid, master = pty.fork()
+    if pid == 0:  # the shell: the session's leader, the pty its terminal
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", SHELL, *run])
+        finally:
+            os._exit(127)
+    try:
+        assert wait_for(lambda: _lines(log) == ["ready"], timeout=30), _lines(log)
+        # run is held stopped while the shell passes the hangup on, so that its copy,
+        # if any, comes after the command read the shell's (not merged with it).
+        run_pid = psutil.Process(pid).children()[0].pid
+        os.kill(run_pid, signal.SIGSTOP)
+        assert wait_for(lambda: psutil.Process(run_pid).status() == psutil.STATUS_STOPPED)
+        os.close(master)  # the window closes
+        master = -1
+        assert wait_for(lambda: "SIGHUP" in _lines(log), timeout=30), _lines(log)
+        os.kill(run_pid, signal.SIGCONT)
+        assert wait_for(lambda: "done" in _lines(log), timeout=30), _lines(log)
+        os.waitpid(pid, 0)
+        assert _lines(log) == ["ready", "SIGHUP", "done"]
+        assert status_json(config)["instances"] == []
+    finally:
+        if master >= 0:
+            os.close(master)
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)

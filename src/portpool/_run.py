@@ -19,7 +19,12 @@ from portpool._launch import (
     exit_status,
     find_program,
 )
-from portpool._platform import ReceivedSignal, in_terminal_foreground, is_session_leader
+from portpool._platform import (
+    ReceivedSignal,
+    controlling_terminal_alive,
+    in_terminal_foreground,
+    is_session_leader,
+)
 from portpool._processes import Outcome, Supervisor
 
 __all__ = ["relay_to", "run_command"]
@@ -38,9 +43,20 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
     # A terminal's hangup goes to the session's leader alone: leading it (ssh -t, tmux,
     # xterm -e), we are the only one to hear it, and the command kept running.
     alone = {hangup} if is_session_leader() else set()
+    # Else the shell that leads it passes its hangup on to its job, our whole group: the
+    # command got that one too (a window closed on `run` gave it two). The terminal
+    # tells it from a `kill -HUP`, as for `up`.
+    had_terminal = shared_group and controlling_terminal_alive()
 
     def relay(received: ReceivedSignal) -> None:
         if shared_group and received.from_kernel and received.signum not in alone:
+            return
+        if (
+            received.signum == hangup
+            and hangup not in alone
+            and had_terminal
+            and not controlling_terminal_alive()
+        ):
             return
         if shared_group and not received.sender_known and received.signum in terminal_keys:
             return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
