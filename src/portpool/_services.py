@@ -207,7 +207,8 @@ class ServiceSupervisor(Supervisor):
             for name, keeper in self.keepers.items():
                 if self._done.is_set():
                     break
-                if keeper.restart_now(keeper.service.ready_timeout_s + self.grace_s):
+                # Its stop and that of what it left (stop_leftovers) may each take a grace.
+                if keeper.restart_now(keeper.service.ready_timeout_s + 2 * self.grace_s):
                     done.append(name)
             return done
         finally:
