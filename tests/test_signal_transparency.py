@@ -21,6 +21,7 @@ import pytest
 from tests.helpers import (
     PORTPOOL,
     kill_if_running,
+    run_python,
     status_json,
     wait_for,
     write_layout,
@@ -375,3 +376,27 @@ def test_a_closed_terminal_gives_the_command_of_run_one_hangup(
             if os.waitpid(pid, os.WNOHANG) == (0, 0):
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
+
+
+TIMED_CALLER = """
+import signal, sys
+from portpool import load_layout
+from portpool._run import run_command
+fired = []
+signal.signal(signal.SIGALRM, lambda s, f: fired.append(s))
+signal.setitimer(signal.ITIMER_REAL, 0.5)  # the caller's own timer (pytest-timeout's)
+command = [sys.executable, "-c", "import time; time.sleep(2)"]
+outcome = run_command(load_layout(sys.argv[1]), command)
+print("code", outcome.code, "alarms", len(fired))
+"""
+
+
+def test_a_caller_s_own_alarm_handler_is_left_alone_by_run_command(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # SIGALRM is passed on to the command only where nobody handles it: a program that
+    # times itself with it (pytest-timeout) got no alarm, and its command was killed.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    done = run_python(TIMED_CALLER, str(config))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "code 0 alarms 1\n"

@@ -56,8 +56,10 @@ class SignalScope:
     def __init__(self) -> None:
         # A signal the caller ignored (`nohup`, `cmd &` in a script) stays ignored, for us
         # and, through exec, for every program we start: as a shell leaves it.
-        every = dict.fromkeys([*stop_signals(), *passed_signals()])
-        self.signals = [s for s in every if signal.getsignal(s) is not signal.SIG_IGN]
+        self.signals = [s for s in stop_signals() if signal.getsignal(s) is not signal.SIG_IGN]
+        # The others only where the caller has no handler of its own: a program calling
+        # the library may time itself with SIGALRM (pytest-timeout does).
+        self.signals += [s for s in passed_signals() if signal.getsignal(s) is signal.SIG_DFL]
         self._inbox = SignalInbox(self.signals)
         self._old: dict[int, object] = {}
         self._interrupted: int | None = None
