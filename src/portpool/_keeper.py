@@ -180,6 +180,8 @@ class ServiceKeeper:
             if self._stop_leftovers is not None:
                 # Before the next start: what the old process left would serve beside it.
                 self._stop_leftovers(self.name)
+                if self._done.is_set():
+                    return  # the instance began to stop meanwhile: nothing to restart
             if self._expected_exit:
                 self._expected_exit = False
                 self.planned_restarts += 1
