@@ -992,7 +992,7 @@ def test_up_detach_returns_after_the_record_says_every_service_is_ready(
     # after "is up" (status then said "starting"), or an older snapshot after a newer.
     names = ("a", "b", "c", "d", "e", "f")
     command = [sys.executable, "-c", SERVE]
-    layout = write_layout(
+    write_layout(
         tmp_path / "portpool.toml",
         port_base,
         services={n: {"command": command, "ready": "tcp", "size": 1} for n in names},

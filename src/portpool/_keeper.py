@@ -256,11 +256,11 @@ class ServiceKeeper:
                     self._on_failure(Failure(self.name, "early", returncode))
                 return None
             self.ready_at = time.time()
-            # The "ready" line first ("is up" comes last), then the record: whoever sees
-            # every service ready in the record knows "is up" will be printed.
+            # The "ready" line, the record, then what lets "is up" be printed: whoever
+            # read "is up" (up --detach) finds every service ready in the record.
             self._on_ready(self, time.monotonic() - begun)
-            self.ever_ready.set()
             self._set("ready")
+            self.ever_ready.set()
         finally:
             probe.close()
         returncode = proc.wait()

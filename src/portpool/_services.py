@@ -61,6 +61,7 @@ class ServiceSupervisor(Supervisor):
         self._width = 0
         self._common: dict[str, str] = {}
         self._rolling = threading.Lock()
+        self._recording = threading.Lock()
         # SIGHUP: one rolling-restart worker at a time, and at most one more queued.
         self._hup_lock = threading.Lock()
         self._hup_running = False
@@ -165,9 +166,12 @@ class ServiceSupervisor(Supervisor):
         psutil.wait_procs(alive, timeout=10.0)
 
     def _record_states(self, _keeper: ServiceKeeper | None) -> None:
-        pids = {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
-        states = {name: k.snapshot() for name, k in self.keepers.items()}
-        self.instance.set_service_states(states, pids)
+        # One snapshot and its write at a time: two keepers changing state together
+        # could write an older snapshot last ("starting" after "ready").
+        with self._recording:
+            pids = {name: k.pid for name, k in self.keepers.items() if k.pid is not None}
+            states = {name: k.snapshot() for name, k in self.keepers.items()}
+            self.instance.set_service_states(states, pids)
 
     def _say(self, line: str) -> None:
         write_line(self.out, self._print_lock, line, self.reader_gone)

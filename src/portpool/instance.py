@@ -157,10 +157,11 @@ class Instance:
         found for the shield to report: a heartbeat that rewrote them hid a takeover)."""
         if self._in_forked_child:
             return
-        data = json.dumps(self._record(), separators=(",", ":")).encode()
         with self._mutex:
             if self._released:
                 return
+            # Built under the mutex, or an older record could be written last.
+            data = json.dumps(self._record(), separators=(",", ":")).encode()
             if self._recorded:
                 try:
                     problem = self._own_files_problem()
@@ -184,9 +185,8 @@ class Instance:
     def set_service_states(
         self, states: Mapping[str, Mapping[str, Any]], pids: Mapping[str, int]
     ) -> None:
-        """Record each supervised service's state (``state``, ``restarts``,
-        ``last_exit_status``, ...) and pid, for ``status`` and the dashboard. Raises
-        nothing: a failed record write is logged."""
+        """Record each supervised service's state (``state``, ``restarts``, ...) and pid,
+        for ``status`` and the dashboard. Raises nothing: a failed write is logged."""
         with self._mutex:
             self.service_states.update(states)
         self.set_service_pids(pids)
