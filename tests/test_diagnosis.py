@@ -23,7 +23,7 @@ from tests.conftest import find_free_block
 from tests.helpers import HOLD, OCCUPANT, occupy, read_line, releasing, start, wait_for
 
 from portpool._addresses import has_ipv6_loopback, takes_traffic
-from portpool._doctor import classify_port
+from portpool._doctor import classify_port, examine_layout
 from portpool._handover import handed_over, plain_bind_notes
 from portpool._platform import tcp_sockets
 from portpool.diagnosis import PortDiagnosis, diagnose
@@ -641,3 +641,31 @@ def test_doctors_summary_counts_one_intruded_port_in_the_singular() -> None:
     # Its heading read "app a: 1 instances".
     assert one.heading() == "app a: 1 instance, host 127.0.0.1"
     assert two.heading() == "app a: 2 instances, host 127.0.0.1"
+
+
+@pytest.mark.parametrize(("lease_host", "address"), [("127.0.0.1", "::1"), ("localhost", "::1")])
+def test_doctor_judges_a_held_port_by_the_host_of_the_lease_that_holds_it(
+    state: StateDir,
+    port: int,
+    occupants: list[subprocess.Popen[str]],
+    lease_host: str,
+    address: str,
+) -> None:
+    """Two layouts sharing a state dir: doctor of a localhost layout said a foreign
+    [::1]:P listener beside another app's lease on 127.0.0.1 "can receive the lease's
+    clients (the shield stops the instance)", and that shield never tripped; doctor of a
+    127.0.0.1 layout named no intruder beside a localhost lease whose shield trips."""
+    _needs_ipv6(lease_host, address)
+    with acquire(state, [port], host=lease_host) as lease:
+        lease.close_socket()  # handed over by number: the other loopback is open
+        intruder = _stranger(occupants, address, port, "-")
+        assert intruder is not None
+        report = _report(_shield(lease))
+        for host in HOSTS:
+            refusal, notes, _ = classify_port(state, port, host)
+            assert refusal is not None and refusal.reason == "held"
+            assert bool(notes) is (not report.ok), (lease_host, host, notes, report)
+            layout = Layout("a", (Service("web", port, 1),), host=host, max_instances=1)
+            (verdict,) = examine_layout(layout, state).verdicts
+            # The other loopback's listener is named once: as an intruder or elsewhere.
+            assert verdict.describe().count(f"pid {intruder} (python") == 1, verdict

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from portpool._addresses import occupies
+from portpool._addresses import covered_scopes, occupies
 from portpool._jsonfile import special_entry
 from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
-from portpool._portstatus import inspect_port
+from portpool._portstatus import PortStatus, inspect_port
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import Refusal, RefusalReason
 from portpool.layout import Layout, normalize_host
@@ -154,13 +154,29 @@ def classify_port(
     if unusable is not None:
         return Refusal(port, "error", unusable), (), None
     if not seen.is_free:
-        # Never probed (the holder's sockets are there); its listeners are still read.
-        found = diagnose(port, host, probe=False, sockets=sockets)
+        # Never probed (the holder's sockets are there); its listeners are still read,
+        # by the host the holder's lease covers, as its shield reads them.
+        found = diagnose(port, holder_host(seen, host), probe=False, sockets=sockets)
         holder = None if seen.record is None else seen.record.pid
         notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder))
         return Refusal(port, "held", seen.describe()), notes, found
     found = diagnose(port, host, sockets=sockets)
     return found.refusal(), tuple(found.notes()), found
+
+
+def holder_host(seen: PortStatus, host: str) -> str:
+    """The host whose addresses a held port's lease covers: its record's (what its
+    shield judges by), else ``host``. A layout on localhost named a foreign [::1]:P
+    listener as one "the shield stops" beside another app's lease on 127.0.0.1, whose
+    shield never does. Raises nothing."""
+    record = seen.record
+    if record is None or not record.host:
+        return host
+    try:
+        covered_scopes(record.host)
+    except OSError:  # a name that no longer resolves: judge by ``host``
+        return host
+    return record.host
 
 
 def _unusable_lock_path(state: StateDir, port: int) -> str | None:
@@ -216,12 +232,13 @@ def _elsewhere(
     refusal: Refusal | None,
     locked: LockTable | None,
 ) -> tuple[str, ...]:
-    """``other_loopback_notes`` of a port, its holder read only when there is a note."""
-    notes = other_loopback_notes(port, host, sockets)
-    if notes and refusal is not None and refusal.reason == "held":
-        record = inspect_port(state, port, locked).record
-        notes = other_loopback_notes(port, host, sockets, None if record is None else record.pid)
-    return notes
+    """``other_loopback_notes`` of a port, by its holder's host and without its holder's
+    own listeners when it is held."""
+    if refusal is None or refusal.reason != "held":
+        return other_loopback_notes(port, host, sockets)
+    seen = inspect_port(state, port, locked)
+    holder = None if seen.record is None else seen.record.pid
+    return other_loopback_notes(port, holder_host(seen, host), sockets, holder)
 
 
 def examine_layout(
