@@ -437,3 +437,55 @@ def test_a_host_this_machine_does_not_have_fails_at_once_not_slot_by_slot(
         assert "skipped" not in done.stderr and "taken by others" not in done.stderr
         assert done.stderr.startswith("portpool: error: instance 1: service "), done.stderr
         assert "unavailable (192.0.2.1 is not an address of this host)" in done.stderr
+
+
+def _in_own_hosts_file(hosts: Path, code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -c CODE ARGS`` where /etc/hosts reads as ``hosts`` (a private mount
+    namespace: ``unshare -rm``); skips where this system cannot make one."""
+    probe = subprocess.run(["unshare", "-rm", "true"], capture_output=True, check=False)
+    if probe.returncode != 0:
+        pytest.skip("no unprivileged mount namespace here (unshare -rm) to give its own hosts")
+    script = 'mount --bind "$0" /etc/hosts && exec "$@"'
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, str(hosts), sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+LOCALHOST_CLIENT = """
+import socket, sys
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+print(sorted({i[4][0] for i in socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)}))
+with StateDir.open() as state, acquire(state, [int(sys.argv[1])], host="localhost") as lease:
+    assert lease.socket is not None
+    client = socket.create_connection(("localhost", lease.port), timeout=10)
+    lease.socket.settimeout(10)
+    conn, peer = lease.socket.accept()
+    print(conn.getsockname()[0], [s.getsockname()[0] for s in lease.held])
+    conn.close()
+    client.close()
+"""
+
+
+@needs_ipv6
+def test_a_localhost_lease_serves_where_the_system_resolves_localhost(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """With `::1 localhost` alone in /etc/hosts, a localhost lease served 127.0.0.1 and
+    held ::1: every client of `localhost:P` (Python's create_connection) was refused."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("::1 localhost\n")
+    done = _in_own_hosts_file(hosts, LOCALHOST_CLIENT, str(port_base))
+    assert done.returncode == 0, done.stderr
+    resolved, reached = done.stdout.splitlines()
+    assert resolved == "['::1']"
+    assert reached == "::1 ['127.0.0.1']"  # and 127.0.0.1 is still held from others
+    # Where localhost resolves to 127.0.0.1 (alone or first), it is served, ::1 held.
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost\n")
+    done = _in_own_hosts_file(hosts, LOCALHOST_CLIENT, str(port_base))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[1] == "127.0.0.1 ['::1']"

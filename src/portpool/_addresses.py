@@ -4,7 +4,8 @@ A lease must cover every address its clients may use, so that a client reaches t
 service or is refused, never a foreign program:
 
 - ``127.0.0.1``, ``::1``, another specific address: that address;
-- ``localhost``: 127.0.0.1, served, and ``::1`` (where the host has IPv6), held;
+- ``localhost``: 127.0.0.1, served, and ``::1`` (where the host has IPv6), held; or
+  the other way round where the system resolves ``localhost`` to ``::1`` alone;
 - ``::``: one dual-stack socket (``IPV6_V6ONLY=0``): every IPv6 and IPv4 address;
 - ``0.0.0.0``: every IPv4 address.
 
@@ -79,6 +80,19 @@ def is_local_address(host: str) -> bool | None:
     return True
 
 
+@functools.lru_cache(maxsize=1)
+def _localhost_is_ipv6_only() -> bool:
+    """Whether this system resolves ``localhost`` to IPv6 addresses only (``::1
+    localhost`` alone in /etc/hosts): its clients never try 127.0.0.1 then. False when
+    the name does not resolve."""
+    try:
+        infos = socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)
+    except OSError:
+        return False
+    families = {info[0] for info in infos}
+    return families == {socket.AF_INET6}
+
+
 @functools.lru_cache(maxsize=64)
 def bind_targets(host: str) -> tuple[BindTarget, ...]:
     """The sockets a lease on ``host`` binds, the served one first.
@@ -88,10 +102,16 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
     """
     host = normalize_host(host)
     if host == "localhost":
-        served = BindTarget(socket.AF_INET, "127.0.0.1", None, True)
+        ipv4 = BindTarget(socket.AF_INET, "127.0.0.1", None, True)
         if not has_ipv6_loopback():
-            return (served,)
-        return (served, BindTarget(socket.AF_INET6, "::1", True, False))
+            return (ipv4,)
+        if _localhost_is_ipv6_only():
+            # Served on 127.0.0.1, the lease refused every client that resolves the name.
+            return (
+                BindTarget(socket.AF_INET6, "::1", True, True),
+                BindTarget(socket.AF_INET, "127.0.0.1", None, False),
+            )
+        return (ipv4, BindTarget(socket.AF_INET6, "::1", True, False))
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:

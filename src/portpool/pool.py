@@ -136,7 +136,8 @@ def not_transferable(what: str) -> TypeError:
 
 def bind_listen(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.socket:
     """A socket bound to ``host:port`` and listening, exclusively: the one a lease on
-    ``host`` serves with (127.0.0.1 for ``localhost``; ``::`` dual-stack). Raises OSError."""
+    ``host`` serves with (127.0.0.1 for ``localhost``, or ::1 where the system resolves
+    ``localhost`` to it alone; ``::`` dual-stack). Raises OSError."""
     return bind_target(bind_targets(host)[0], port, backlog)
 
 
