@@ -27,7 +27,7 @@ from portpool._doctor import classify_port, examine_layout
 from portpool._handover import handed_over, plain_bind_notes
 from portpool._platform import tcp_sockets
 from portpool.diagnosis import PortDiagnosis, diagnose
-from portpool.errors import PoolExhausted, Refusal
+from portpool.errors import InvalidPort, PoolExhausted, Refusal
 from portpool.layout import Layout, Service
 from portpool.pool import Lease, acquire
 from portpool.shield import LeaseReport, Shield
@@ -669,3 +669,17 @@ def test_doctor_judges_a_held_port_by_the_host_of_the_lease_that_holds_it(
             (verdict,) = examine_layout(layout, state).verdicts
             # The other loopback's listener is named once: as an intruder or elsewhere.
             assert verdict.describe().count(f"pid {intruder} (python") == 1, verdict
+
+
+@pytest.mark.parametrize("value", [0, -1, 65536, True])
+def test_a_value_that_is_not_a_port_is_refused_by_the_diagnosis_as_by_acquire(
+    state: StateDir, value: int
+) -> None:
+    """diagnose(0) called port 0 bindable (its probe bound a random port) and 65536 raised
+    OverflowError, while acquire refuses both as InvalidPort."""
+    with pytest.raises(InvalidPort):
+        acquire(state, [value])
+    with pytest.raises(InvalidPort):
+        diagnose(value, "127.0.0.1")
+    with pytest.raises(InvalidPort):
+        classify_port(state, value, "127.0.0.1")

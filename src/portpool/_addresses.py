@@ -33,6 +33,7 @@ import socket
 from dataclasses import dataclass
 
 from portpool._platform import TcpSocket, exclusive_bind_options
+from portpool.errors import InvalidPort
 from portpool.layout import normalize_host
 
 # listen()'s backlog when no layout says otherwise
@@ -51,6 +52,13 @@ class BindTarget:
     address: str
     v6only: bool | None  # IPV6_V6ONLY for an AF_INET6 socket, None for AF_INET
     serves: bool
+
+
+def check_port(port: int) -> int:
+    """``port`` if it is an int in 1..65535 (not a bool), else raises InvalidPort."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InvalidPort(port)
+    return port
 
 
 @functools.lru_cache(maxsize=1)

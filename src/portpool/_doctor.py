@@ -148,7 +148,8 @@ def classify_port(
 ) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None]:
     """Whether ``acquire`` on ``host`` would take ``port`` now, and if not the Refusal it
     would give: held by a portpool lock holder, else the kernel's probe bind. Kills and
-    keeps nothing. Raises OSError if ``host`` does not resolve."""
+    keeps nothing. Raises InvalidPort for a value that is not a port, OSError if
+    ``host`` does not resolve."""
     seen = inspect_port(state, port, locked)
     unusable = _unusable_lock_path(state, port) if seen.is_free else None
     if unusable is not None:

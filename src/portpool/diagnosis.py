@@ -17,7 +17,7 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from portpool._addresses import DEFAULT_BACKLOG, bind_all, occupies
+from portpool._addresses import DEFAULT_BACKLOG, bind_all, check_port, occupies
 from portpool._occupants import Occupant, occupants_text, plain_bind_note, with_owners
 from portpool._platform import TcpSocket, tcp_sockets
 from portpool.errors import Refusal
@@ -114,8 +114,11 @@ def diagnose(
     Otherwise ``probe`` binds the port for a moment exactly as ``acquire`` would, and
     once more without SO_REUSEADDR, then closes it (never while a portpool lock holds
     the port: the caller checks). ``sockets``: one ``tcp_sockets()`` read to reuse for
-    many ports. Raises OSError if ``host`` does not resolve.
+    many ports. Raises InvalidPort (a ValueError) for a value that is not a port, as
+    ``acquire`` does (port 0 read as free: the probe bound a random port), OSError if
+    ``host`` does not resolve.
     """
+    check_port(port)
     host = normalize_host(host)
     seen = tcp_sockets(port) if sockets is None else [s for s in sockets if s.port == port]
     occupants = tuple(with_owners(s for s in seen if occupies(s, host)))

@@ -15,12 +15,17 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from portpool._addresses import DEFAULT_BACKLOG, bind_all, bind_target, bind_targets
+from portpool._addresses import (
+    DEFAULT_BACKLOG,
+    bind_all,
+    bind_target,
+    bind_targets,
+    check_port,
+)
 from portpool._platform import is_alive, socket_inode
 from portpool._record import PortRecord
 from portpool.errors import (
     AlreadyHeldHere,
-    InvalidPort,
     LockHeld,
     LockHolder,
     PoolExhausted,
@@ -178,13 +183,6 @@ def _holder_detail(holder: LockHolder | None) -> str:
 def _close_all(sockets: list[socket.socket]) -> None:
     for sock in sockets:
         sock.close()
-
-
-def check_port(port: int) -> int:
-    """``port`` if it is an int in 1..65535 (not a bool), else raises InvalidPort."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise InvalidPort(port)
-    return port
 
 
 # Waits (ms) before trying a port again whose holder looks like it is only passing.
