@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from tests.helpers import (
+    PORTPOOL,
     LineReader,
     kill_if_running,
     occupy,
@@ -489,3 +490,53 @@ def test_a_localhost_lease_serves_where_the_system_resolves_localhost(
     done = _in_own_hosts_file(hosts, LOCALHOST_CLIENT, str(port_base))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1] == "127.0.0.1 ['::1']"
+
+
+# In a network namespace of its own whose loopback has no IPv6 (a host without ::1).
+_NO_IPV6 = (
+    "ip link set lo up && echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6 && "
+    'echo 1 > /proc/sys/net/ipv6/conf/lo/disable_ipv6 && exec "$@"'
+)
+
+
+def _without_ipv6(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` on a network of its own whose loopback has 127.0.0.1 and no ::1
+    (``unshare -rn``); skips where this system cannot make one."""
+    probe = subprocess.run(
+        ["unshare", "-rn", "sh", "-c", _NO_IPV6, "sh", "true"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip("no unprivileged network namespace without IPv6 here (unshare -rn)")
+    return subprocess.run(
+        ["unshare", "-rn", "sh", "-c", _NO_IPV6, "sh", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_layout_warns_of_ipv6_loopback_on_a_host_without_it(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """On a host without IPv6, `doctor` said "host ::1 is not an address of this machine:
+    every start fails" and `run` failed, while `layout` called a ::1 layout fine."""
+    layout = str(_layout(tmp_path / "p.toml", port_base, "::1", max_instances=1))
+    shown = _without_ipv6(*PORTPOOL, "layout", "--config", layout)
+    assert shown.returncode == 0, shown.stderr
+    warning = "warning: host ::1 is not an address of this machine: every start fails"
+    assert [x for x in shown.stdout.splitlines() if x.startswith(warning)] == [
+        f"{warning} until it is (use 127.0.0.1, localhost, :: or 0.0.0.0)"
+    ]
+    doctor = _without_ipv6(*PORTPOOL, "doctor", "--config", layout)
+    assert "host ::1 is not an address of this machine" in doctor.stdout, doctor.stderr
+    run = _without_ipv6(*PORTPOOL, "run", "--config", layout, "--", "true")
+    assert run.returncode == 3, run.stderr
+    # What works there is not warned of: 127.0.0.1, localhost (127.0.0.1 alone), and ::.
+    for host in ("127.0.0.1", "localhost", "::"):
+        other = str(_layout(tmp_path / "q.toml", port_base, host, max_instances=1))
+        assert "not an address" not in _without_ipv6(*PORTPOOL, "layout", "--config", other).stdout
+        assert _without_ipv6(*PORTPOOL, "run", "--config", other, "--", "true").returncode == 0
+    # Where ::1 exists, no warning.
+    if has_ipv6_loopback():
+        assert "not an address" not in portpool("layout", "--config", layout).stdout

@@ -247,17 +247,21 @@ def bind_all(host: str, port: int, backlog: int, *, reuse: bool = True) -> list[
 
 def host_warning(host: str) -> str | None:
     """One line for ``layout`` when this machine does not have ``host``'s address (every
-    bind will fail), or None. 192.0.2.1 passed ``layout`` silently before."""
+    bind will fail): an address other than a wildcard or IPv4 loopback, ``::1`` included;
+    else None. 192.0.2.1 passed ``layout`` silently before."""
     host = normalize_host(host)
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return None  # localhost, or a name: it resolves at start
-    if ip.is_loopback or ip.is_unspecified:
+    if ip.is_unspecified or (ip.is_loopback and ip.version == 4):
         return None  # always this machine's (no socket: `layout` stays light)
+    # ::1 too: a host without IPv6 has none, and `layout` was silent while `doctor` said
+    # "every start fails".
     if is_local_address(host) is False:  # a test bind
+        others = ", ".join(h for h in ("127.0.0.1", "::1", "localhost", "::") if h != host)
         return (
-            f"host {normalize_host(host)} is not an address of this machine: every start "
-            "fails until it is (use 127.0.0.1, ::1, localhost, :: or 0.0.0.0)"
+            f"host {host} is not an address of this machine: every start fails until it "
+            f"is (use {others} or 0.0.0.0)"
         )
     return None

@@ -23,16 +23,17 @@ def layout_warnings(layout: Layout) -> tuple[str, ...]:
     """Every warning about ``layout``'s ports on this host, as ``FILE: services.S: ...``
     lines, one per service and kind, in the layout's service order: ``layout.warnings``
     plus pools inside this host's ephemeral port range (any outgoing connection may take
-    those ports), then a ``host`` this machine does not have (every bind would fail).
-    Reads the range each call (a ``sysctl`` subprocess on macOS); raises nothing (a range
-    the OS does not tell gives no such warning).
+    those ports), then a ``host`` this machine does not have (every bind would fail;
+    ``::1`` on a host without IPv6). Reads the range each call (a ``sysctl`` subprocess
+    on macOS); raises nothing (a range the OS does not tell gives no such warning).
     """
-    from portpool.layout import host_is_literal_remote
+    from portpool.layout import host_is_literal_remote, normalize_host
 
     warnings = port_warnings(
         layout.source, layout.services, layout.max_instances, ephemeral_port_range()
     )
-    if host_is_literal_remote(layout.host):  # only then a socket is needed to tell
+    # Only then a socket is needed to tell (::1: a host without IPv6 has none).
+    if host_is_literal_remote(layout.host) or normalize_host(layout.host) == "::1":
         from portpool._addresses import host_warning
 
         warnings.extend(filter(None, [host_warning(layout.host)]))
