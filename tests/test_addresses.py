@@ -540,3 +540,49 @@ def test_layout_warns_of_ipv6_loopback_on_a_host_without_it(
     # Where ::1 exists, no warning.
     if has_ipv6_loopback():
         assert "not an address" not in portpool("layout", "--config", layout).stdout
+
+
+@pytest.mark.parametrize(
+    ("host", "bound"),
+    [("::ffff:127.0.0.1", "127.0.0.1"), ("::1%lo", "::1"), ("::1%1", "::1"), ("::%lo", "::")],
+)
+def test_acquire_binds_the_address_its_coverage_names(
+    state: StateDir, port_base: int, host: str, bound: str
+) -> None:
+    """A v4-mapped host (covering 127.0.0.1) was bound IPv6-only, and ::1%lo was passed
+    to the resolver: every port of the pool was refused ("Invalid argument", "Name or
+    service not known") although nothing used it."""
+    if ":" in bound and not has_ipv6_loopback():
+        pytest.skip("this host has no ::1")
+    with acquire(state, [port_base], host=host) as lease:
+        assert lease.socket is not None
+        assert lease.socket.getsockname()[0] == bound
+        assert diagnose(port_base + 1, host).refusal() is None
+        family = socket.AF_INET6 if ":" in bound else socket.AF_INET
+        with socket.socket(family) as other, pytest.raises(OSError):
+            other.bind((bound, port_base))  # covered: nobody else binds it
+
+
+def _link_local_address() -> str | None:
+    """A link-local IPv6 address of this host with its zone (``fe80::1%eth0``), or None."""
+    try:
+        with open("/proc/net/if_inet6") as table:
+            rows = [line.split() for line in table]
+    except OSError:
+        return None
+    for raw, _, _, scope, flags, name in (r for r in rows if len(r) == 6):
+        if int(scope, 16) == 0x20 and not int(flags, 16) & 0x40:  # link, not tentative
+            return f"{socket.inet_ntop(socket.AF_INET6, bytes.fromhex(raw))}%{name}"
+    return None
+
+
+def test_acquire_binds_a_link_local_address_with_its_zone(state: StateDir, port_base: int) -> None:
+    """Python's bind drops ``%eth0``: a link-local host was refused on every port
+    ("Invalid argument"). No traffic: the address is only bound."""
+    host = _link_local_address()
+    if host is None:
+        pytest.skip("this host has no link-local IPv6 address")
+    with acquire(state, [port_base], host=host) as lease:
+        assert lease.socket is not None
+        assert lease.socket.getsockname()[0].partition("%")[0] == host.partition("%")[0]
+        assert lease.socket.getsockname()[3] == socket.if_nametoindex(host.partition("%")[2])

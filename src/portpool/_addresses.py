@@ -126,9 +126,14 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
         addr = infos[0][4]
         ip = ipaddress.ip_address(str(addr[0]))
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # what the kernel binds for it; an IPv6-only bind was EINVAL
     if ip.version == 6:
+        address = str(ip)
+        if ip.scope_id is not None and not ip.is_link_local:
+            address = address.partition("%")[0]  # a zone means nothing here (::1%lo)
         # Only "::" is dual-stack: users expect it to take IPv4 too (as on most hosts).
-        return (BindTarget(socket.AF_INET6, str(ip), not ip.is_unspecified, True),)
+        return (BindTarget(socket.AF_INET6, address, not ip.is_unspecified, True),)
     return (BindTarget(socket.AF_INET, str(ip), None, True),)
 
 
@@ -202,6 +207,18 @@ def takes_traffic(sock: TcpSocket, host: str) -> bool:
     return sock.state == "listen" and occupies(sock, host)
 
 
+def _sockaddr(target: BindTarget, port: int) -> tuple[str, int] | tuple[str, int, int, int]:
+    """``target``'s address for ``bind``, with the scope id of a link-local address
+    (Python's own parsing drops ``%eth0``: every bind read "Invalid argument")."""
+    if "%" not in target.address:
+        return (target.address, port)
+    flags = socket.AI_NUMERICHOST
+    for *_, addr in socket.getaddrinfo(target.address, port, target.family, 0, 0, flags):
+        if len(addr) == 4:
+            return (str(addr[0]), port, int(addr[2]), int(addr[3]))
+    return (target.address, port)
+
+
 def bind_target(
     target: BindTarget, port: int, backlog: int, *, reuse: bool = True
 ) -> socket.socket:
@@ -216,7 +233,7 @@ def bind_target(
             exclusive_bind_options(sock)
         if target.v6only is not None:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(target.v6only))
-        sock.bind((target.address, port))
+        sock.bind(_sockaddr(target, port))
         if target.serves:
             sock.listen(backlog)
         elif reuse:
