@@ -25,7 +25,7 @@ from tests.helpers import HOLD, OCCUPANT, occupy, read_line, releasing, start, w
 from portpool._addresses import has_ipv6_loopback, takes_traffic
 from portpool._doctor import classify_port, examine_layout
 from portpool._handover import handed_over, plain_bind_notes
-from portpool._platform import tcp_sockets
+from portpool._platform import owners_of_inodes, tcp_sockets
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import InvalidPort, PoolExhausted, Refusal
 from portpool.layout import Layout, Service
@@ -683,3 +683,53 @@ def test_a_value_that_is_not_a_port_is_refused_by_the_diagnosis_as_by_acquire(
         diagnose(value, "127.0.0.1")
     with pytest.raises(InvalidPort):
         classify_port(state, value, "127.0.0.1")
+
+
+def _daemon_sharing(started: list[subprocess.Popen[str]], sock: socket.socket) -> int:
+    """A process that shares ``sock`` (inherited, as by a service) and is no descendant
+    of this one (started through a shell that exits at once, as a daemon's double fork
+    does); its pid. It ends when its stdin closes (``release`` of the shell)."""
+    script = 'exec 3<&0; "$@" <&3 3<&- & echo $!'
+    wait = (sys.executable, "-c", "import sys; print('ready', flush=True); sys.stdin.read()")
+    shell = subprocess.Popen(
+        ("sh", "-c", script, "sh", *wait),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        pass_fds=[sock.fileno()],
+    )
+    started.append(shell)
+    assert shell.stdout is not None
+    pid = int(shell.stdout.readline())
+    assert shell.stdout.readline().strip() == "ready"
+    return pid
+
+
+@pytest.mark.parametrize("which", ["the lease's", "one bound after hand-over"])
+def test_a_socket_the_holder_shares_with_a_daemon_is_the_holders(
+    state: StateDir, port: int, occupants: list[subprocess.Popen[str]], which: str
+) -> None:
+    """A `socket = "fd"` service that daemonizes keeps the lease's socket: doctor named
+    that socket, with the holder's own pid, as a foreign listener "the shield stops",
+    and the shield tripped on such a socket it did not know yet (bound after a hand-over
+    by number), although the holder itself has it open."""
+    with acquire(state, [port], host="127.0.0.1") as lease:
+        shield = _shield(lease)
+        sock = lease.socket
+        assert sock is not None
+        if which != "the lease's":
+            lease.close_socket()
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        try:
+            daemon = _daemon_sharing(occupants, sock)
+            (listener,) = [s for s in tcp_sockets(port) if s.state == "listen"]
+            owners = owners_of_inodes([listener.inode or 0])[listener.inode or 0]
+            assert sorted(owners) == sorted([os.getpid(), daemon])  # shared, as meant
+            refusal, notes, _ = classify_port(state, port, "127.0.0.1")
+            assert refusal is not None and refusal.reason == "held"
+            assert notes == ()
+            assert _report(shield).ok
+        finally:
+            sock.close()

@@ -18,6 +18,7 @@ Foreign owners are named in ``_occupants``'s words, as ``doctor`` names them.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -147,10 +148,11 @@ def _foreign_owner(
     if listener.inode is not None:
         if listener.inode in ours:
             return None
-        # An unknown socket: find its processes (a /proc scan, so only now).
+        # An unknown socket: find its processes (a /proc scan, so only now). One this
+        # process has open itself is ours, whoever shares it (``foreign_listeners``).
         pids = owners_of_inode(listener.inode)
         foreign = [p for p in pids if not snapshot.is_ours(p)]
-        if pids and not foreign:
+        if pids and (not foreign or os.getpid() in pids):
             watched.resolved_inodes.add(listener.inode)
             return None
         return _occupant(listener, foreign, watched.lease)

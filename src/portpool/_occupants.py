@@ -175,12 +175,20 @@ def foreign_listeners(occupants: Iterable[Occupant], holder: int | None) -> list
     """The listeners among ``occupants`` (of a held port) not proven to be the holder's
     or its services': the shield's rule (a listener whose owner the OS does not name
     counts as foreign). ``doctor`` said "held" with no occupant while the shield
-    tripped on a foreign ``[::1]:P`` server that received the lease's clients."""
+    tripped on a foreign ``[::1]:P`` server that received the lease's clients.
+
+    A socket the holder itself has open is the holder's, whoever shares it: a service
+    that daemonizes keeps the lease's socket, and ``doctor`` named that socket (and the
+    holder) as an intruder the shield would stop, which it never did."""
     out = []
     for o in occupants:
         if not o.listening:
             continue
-        if holder is not None and o.pids and all(_belongs_to(p, holder) for p in o.pids):
+        if (
+            holder is not None
+            and o.pids
+            and (holder in o.pids or all(_belongs_to(p, holder) for p in o.pids))
+        ):
             continue
         out.append(o)
     return out
