@@ -74,8 +74,8 @@ def has_ipv6_loopback() -> bool:
 
 def is_local_address(host: str) -> bool | None:
     """Whether this host has the address a lease on ``host`` serves on (a bind to port 0
-    tells; EADDRNOTAVAIL says no). None if the name does not resolve or another error
-    leaves it unknown."""
+    tells; EADDRNOTAVAIL, or EAFNOSUPPORT from a kernel without IPv6, says no). None if
+    the name does not resolve or another error leaves it unknown."""
     try:
         target = bind_targets(host)[0]
     except OSError:
@@ -84,7 +84,7 @@ def is_local_address(host: str) -> bool | None:
         with socket.socket(target.family, socket.SOCK_STREAM) as s:
             s.bind((target.address, 0))
     except OSError as e:
-        return False if e.errno == errno.EADDRNOTAVAIL else None
+        return False if e.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) else None
     return True
 
 

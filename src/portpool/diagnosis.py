@@ -68,6 +68,9 @@ class PortDiagnosis:
             return Refusal(port, "permission denied", f"binding {host}:{port}: {self.bind_message}")
         if err == errno.EADDRNOTAVAIL:
             return Refusal(port, "unavailable", f"{host} is not an address of this host")
+        if err == errno.EAFNOSUPPORT:
+            # A kernel without IPv6 (ipv6.disable=1): no port, no slot does better.
+            return Refusal(port, "unavailable", f"{host}: this host has no IPv6")
         return Refusal(port, "error", f"binding {host}:{port}: {self.bind_message}")
 
     def notes(self) -> list[str]:
