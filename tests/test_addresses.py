@@ -586,3 +586,44 @@ def test_acquire_binds_a_link_local_address_with_its_zone(state: StateDir, port_
         assert lease.socket is not None
         assert lease.socket.getsockname()[0].partition("%")[0] == host.partition("%")[0]
         assert lease.socket.getsockname()[3] == socket.if_nametoindex(host.partition("%")[2])
+
+
+NAME_CLIENT = """
+import socket, sys
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+port = int(sys.argv[1])
+with StateDir.open() as state, acquire(state, [port], host="pp-both") as lease:
+    assert lease.socket is not None
+    print(sorted([lease.socket.getsockname()[0], *(s.getsockname()[0] for s in lease.held)]))
+    for address, family in (("127.0.0.1", socket.AF_INET), ("::1", socket.AF_INET6)):
+        for option in (None, socket.SO_REUSEADDR, socket.SO_REUSEPORT):
+            with socket.socket(family) as other:
+                if option is not None:
+                    other.setsockopt(socket.SOL_SOCKET, option, 1)
+                try:
+                    other.bind((address, port))
+                    other.listen()
+                    print("a foreign program listens on", address, option)
+                except OSError:
+                    pass
+    with socket.create_connection(("pp-both", port), timeout=10):
+        lease.socket.settimeout(10)
+        lease.socket.accept()[0].close()
+    print("reached")
+"""
+
+
+@needs_ipv6
+def test_a_host_name_covers_every_address_it_resolves_to(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A name was bound on its first address alone (acquire's docstring said every one):
+    a foreign program could listen on its other loopback and get the clients that try
+    that one first."""
+    hosts = tmp_path / "hosts"
+    # 203.0.113.7 (a documentation address) is no address of this machine: nothing to hold.
+    hosts.write_text("127.0.0.1 pp-both\n::1 pp-both\n203.0.113.7 pp-both\n")
+    done = _in_own_hosts_file(hosts, NAME_CLIENT, str(port_base))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["['127.0.0.1', '::1']", "reached"]

@@ -26,6 +26,7 @@ table; the pool's refusals, ``doctor`` and the shield all judge by it.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import ipaddress
@@ -106,7 +107,8 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
     """The sockets a lease on ``host`` binds, the served one first.
 
     ``host`` is read through ``layout.normalize_host``; a name other than ``localhost`` is
-    resolved and its first address used. Raises OSError if the name does not resolve.
+    resolved: its first address served, the others held (its clients may try any).
+    Raises OSError if the name does not resolve.
     """
     host = normalize_host(host)
     if host == "localhost":
@@ -121,11 +123,19 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
             )
         return (ipv4, BindTarget(socket.AF_INET6, "::1", True, False))
     try:
-        ip = ipaddress.ip_address(host)
+        return (_address_target(host),)
     except ValueError:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        addr = infos[0][4]
-        ip = ipaddress.ip_address(str(addr[0]))
+        pass
+    # Every address: with the first alone, a client of the name trying another one (::1
+    # before 127.0.0.1, in the system's order) could reach a foreign program there.
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    first, *others = dict.fromkeys(_address_target(str(info[4][0])) for info in infos)
+    return (first, *(dataclasses.replace(t, serves=False) for t in others))
+
+
+def _address_target(host: str) -> BindTarget:
+    """The socket a lease on the IP address ``host`` serves with. Raises ValueError."""
+    ip = ipaddress.ip_address(host)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped  # what the kernel binds for it; an IPv6-only bind was EINVAL
     if ip.version == 6:
@@ -133,8 +143,8 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
         if ip.scope_id is not None and not ip.is_link_local:
             address = address.partition("%")[0]  # a zone means nothing here (::1%lo)
         # Only "::" is dual-stack: users expect it to take IPv4 too (as on most hosts).
-        return (BindTarget(socket.AF_INET6, address, not ip.is_unspecified, True),)
-    return (BindTarget(socket.AF_INET, str(ip), None, True),)
+        return BindTarget(socket.AF_INET6, address, not ip.is_unspecified, True)
+    return BindTarget(socket.AF_INET, str(ip), None, True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -247,14 +257,21 @@ def bind_target(
 
 
 def bind_all(host: str, port: int, backlog: int, *, reuse: bool = True) -> list[socket.socket]:
-    """The sockets of ``bind_targets(host)`` on ``port``, served first; all or none.
+    """The sockets of ``bind_targets(host)`` on ``port``, served first; all or none (but
+    for a name's other address that this machine does not have: none to hold).
 
     Raises OSError (the first bind that failed), after closing what was bound.
     """
     sockets: list[socket.socket] = []
     try:
         for target in bind_targets(host):
-            sockets.append(bind_target(target, port, backlog, reuse=reuse))
+            try:
+                sockets.append(bind_target(target, port, backlog, reuse=reuse))
+            except OSError as e:
+                # A name's other address that is not this machine's: nobody here can
+                # listen on it either, so there is nothing to hold.
+                if target.serves or e.errno != errno.EADDRNOTAVAIL:
+                    raise
     except BaseException:
         for s in sockets:
             s.close()
