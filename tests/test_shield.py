@@ -747,3 +747,75 @@ def test_portpool_run_exits_4_when_its_state_dir_is_moved_away(
         # Its own files, where they went, are removed as on any stop (rule 7).
         instances = tmp_path / "moved" / "apps" / "testapp" / "instances"
         assert sorted(p.name for p in instances.iterdir()) == []
+
+
+# `portpool run` in a process of its own (a subreaper): the command daemonizes a server
+# on the port (a subshell that exits at once: the server is adopted by `run`), then the
+# running shield's checks are made at once, with doctor's word on the same port.
+DAEMONIZING_RUN = r"""
+import os, sys, threading, time
+from portpool._doctor import classify_port
+from portpool._platform import tcp_sockets
+from portpool._run import run_command
+from portpool.layout import load_layout
+from portpool.statedir import StateDir
+
+layout, release = load_layout(sys.argv[1]), sys.argv[2]
+server = (
+    "import os, socket, sys, time\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(os.environ['PORT']))); s.listen()\n"
+    "while not os.path.exists(sys.argv[1]): time.sleep(0.05)\n"
+)
+command = ["sh", "-c", '(python3 -c "$0" "$1" &); while [ ! -e "$1" ]; do sleep 0.05; done',
+           server, release]
+found = {}
+
+def check():
+    instance = found["instance"]
+    (port,) = [lease.port for lease in instance.leases.values()]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and not [
+        s for s in tcp_sockets(port) if s.state == "listen"
+    ]:
+        time.sleep(0.02)
+    (listener,) = [s for s in tcp_sockets(port) if s.state == "listen"]
+    reports = instance.verify_all()
+    print("shield", all(r.ok for r in reports), [str(r) for r in reports], flush=True)
+    with StateDir.open() as state:
+        _, notes, _ = classify_port(state, port, layout.host)
+    print("doctor", list(notes), flush=True)
+    open(release, "w").close()
+
+def announce(instance):
+    found["instance"] = instance
+    threading.Thread(target=check, daemon=True).start()
+
+outcome = run_command(layout, command, announce=announce, whole_tree=True)
+print("code", outcome.code, flush=True)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a child subreaper is Linux's")
+def test_a_service_that_daemonizes_under_run_is_ours_for_the_shield_as_for_doctor(
+    tmp_path: Path, ports: int
+) -> None:
+    """`run`/`up` adopt what their command daemonizes (a child subreaper) and stop it with
+    the instance, and doctor called its server the holder's; the shield called it a
+    foreign listener and stopped the instance (exit 4)."""
+    config = tmp_path / "portpool.toml"
+    config.write_text(
+        f'app = "t"\nmax_instances = 1\nshield_interval = 0.2\n[services.web]\nbase = {ports}\n'
+        "size = 1\n"
+    )
+    env = {**os.environ, "PORTPOOL_HOME": str(tmp_path / "state")}
+    done = subprocess.run(
+        [sys.executable, "-c", DAEMONIZING_RUN, str(config), str(tmp_path / "release")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    assert lines[:1] == [f"shield True ['web port {ports}: ok', 'instance: ok']"], done
+    assert lines[1:] == ["doctor []", "code 0"], done

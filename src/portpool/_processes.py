@@ -189,8 +189,16 @@ class Supervisor:
 
     def own_pids(self) -> list[int]:
         """Pids of our processes still running (the shield's "ours" for a port; it
-        counts their descendants itself, when it needs to)."""
-        return [p.pid for p in self.children.values() if p.returncode is None]
+        counts their descendants itself, when it needs to). With ``adopt``, every child
+        of this process: a service's daemonized server, adopted by us as a subreaper and
+        stopped with us, tripped the shield as "foreign" while ``doctor`` said ours."""
+        pids = [p.pid for p in self.children.values() if p.returncode is None]
+        if self.adopt and has_children():
+            import psutil
+
+            with contextlib.suppress(psutil.Error):
+                pids += [c.pid for c in psutil.Process().children() if c.pid not in pids]
+        return pids
 
     # -- waiting
 
