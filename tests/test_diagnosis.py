@@ -735,3 +735,20 @@ def test_a_socket_the_holder_shares_with_a_daemon_is_the_holders(
             assert _report(shield).ok
         finally:
             sock.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's lock table is Linux's")
+def test_a_held_port_without_a_readable_record_does_not_name_its_holder_as_an_intruder(
+    state: StateDir, port: int, home: Path
+) -> None:
+    """Between the lock and the record's write, or with a damaged record, doctor named
+    the holder's own listening socket as a foreign listener "the shield stops"; the
+    shield never counts its own socket."""
+    with acquire(state, [port], host="127.0.0.1") as lease:
+        (home / "ports" / f"{port}.json").write_bytes(b"{ torn")
+        refusal, notes, _ = classify_port(state, port, "127.0.0.1")
+        assert refusal is not None and refusal.reason == "held"
+        assert "metadata unreadable" in refusal.detail
+        assert notes == ()
+        problems = _report(_shield(lease)).problems
+        assert problems and not any("listened on" in p for p in problems), problems

@@ -19,7 +19,7 @@ from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
 from portpool._portstatus import PortStatus, inspect_port
 from portpool.diagnosis import PortDiagnosis, diagnose
-from portpool.errors import Refusal, RefusalReason
+from portpool.errors import Refusal, RefusalReason, StateDirError
 from portpool.layout import Layout, normalize_host
 from portpool.statedir import StateDir
 
@@ -158,11 +158,28 @@ def classify_port(
         # Never probed (the holder's sockets are there); its listeners are still read,
         # by the host the holder's lease covers, as its shield reads them.
         found = diagnose(port, holder_host(seen, host), probe=False, sockets=sockets)
-        holder = None if seen.record is None else seen.record.pid
+        holder = holder_pid(state, seen, locked)
         notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder))
         return Refusal(port, "held", seen.describe()), notes, found
     found = diagnose(port, host, sockets=sockets)
     return found.refusal(), tuple(found.notes()), found
+
+
+def holder_pid(state: StateDir, seen: PortStatus, locked: LockTable | None) -> int | None:
+    """The pid holding a held port: its record's, else the one the kernel's lock table
+    names (a record not written yet, or damaged: doctor named the holder's own socket
+    as a foreign listener "the shield stops"). None if neither says. Raises nothing."""
+    if seen.record is not None:
+        return seen.record.pid
+    try:
+        directory = state.find("ports")
+        entry = None if directory is None else directory.stat_entry(f"{seen.port}.lock")
+        table = locked_inodes() if locked is None else locked
+    except (OSError, StateDirError):
+        return None
+    if entry is None or table is None:
+        return None
+    return table.get((entry.st_dev, entry.st_ino))
 
 
 def holder_host(seen: PortStatus, host: str) -> str:
@@ -238,7 +255,7 @@ def _elsewhere(
     if refusal is None or refusal.reason != "held":
         return other_loopback_notes(port, host, sockets)
     seen = inspect_port(state, port, locked)
-    holder = None if seen.record is None else seen.record.pid
+    holder = holder_pid(state, seen, locked)
     return other_loopback_notes(port, holder_host(seen, host), sockets, holder)
 
 
