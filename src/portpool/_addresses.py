@@ -89,6 +89,15 @@ def is_local_address(host: str) -> bool | None:
     return True
 
 
+def _loopbacks() -> tuple[BindTarget, ...]:
+    """127.0.0.1, served, and ::1 held where this host has it: what ``localhost`` covers
+    (known without resolving the name)."""
+    ipv4 = BindTarget(socket.AF_INET, "127.0.0.1", None, True)
+    if not has_ipv6_loopback():
+        return (ipv4,)
+    return (ipv4, BindTarget(socket.AF_INET6, "::1", True, False))
+
+
 @functools.lru_cache(maxsize=1)
 def _localhost_is_ipv6_only() -> bool:
     """Whether this system resolves ``localhost`` to IPv6 addresses only (``::1
@@ -112,16 +121,12 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
     """
     host = normalize_host(host)
     if host == "localhost":
-        ipv4 = BindTarget(socket.AF_INET, "127.0.0.1", None, True)
-        if not has_ipv6_loopback():
-            return (ipv4,)
-        if _localhost_is_ipv6_only():
+        both = _loopbacks()
+        if len(both) == 2 and _localhost_is_ipv6_only():
             # Served on 127.0.0.1, the lease refused every client that resolves the name.
-            return (
-                BindTarget(socket.AF_INET6, "::1", True, True),
-                BindTarget(socket.AF_INET, "127.0.0.1", None, False),
-            )
-        return (ipv4, BindTarget(socket.AF_INET6, "::1", True, False))
+            ipv4, ipv6 = both
+            return (dataclasses.replace(ipv6, serves=True), dataclasses.replace(ipv4, serves=False))
+        return both
     try:
         return (_address_target(host),)
     except ValueError:
@@ -177,7 +182,10 @@ def socket_scopes(family: int, address: str, v6only: bool | None) -> frozenset[S
 def covered_scopes(host: str) -> frozenset[Scope]:
     """Every address a lease on ``host`` covers. Raises OSError if it does not resolve."""
     out: set[Scope] = set()
-    for t in bind_targets(host):
+    # localhost: which loopback serves does not matter here, so the name is not resolved
+    # (doctor asks it of every port's listeners, whatever the layout's host).
+    targets = _loopbacks() if normalize_host(host) == "localhost" else bind_targets(host)
+    for t in targets:
         out |= socket_scopes(6 if t.family == socket.AF_INET6 else 4, t.address, t.v6only)
     return frozenset(out)
 
