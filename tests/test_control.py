@@ -281,6 +281,25 @@ def test_stop_ends_the_holder_and_waits_for_its_ports(
             kill_if_running(p)
 
 
+def test_stop_reaches_a_running_instance_beyond_a_lowered_max(
+    layout_file: Path, port_base: int, home: Path, tmp_path: Path
+) -> None:
+    # Instance 3 runs; the layout's max_instances then went down to 2: status lists it
+    # and port/env reach it, but `stop 3` was a usage error (exit 2).
+    release = tmp_path / "never"
+    third, _ = _hold(layout_file, release, "--instance", "3")
+    try:
+        smaller = write_layout(tmp_path / "smaller.toml", port_base, max_instances=2)
+        done = portpool("stop", "3", "--config", str(smaller))
+        assert done.returncode == 0, done.stderr
+        assert "instance 3 of testapp stopped" in done.stdout
+        assert third.wait(timeout=5) == -signal.SIGTERM
+        refused = portpool("stop", "3", "--config", str(smaller))
+        assert refused.returncode == 2, refused.stderr  # no longer runs: out of range
+    finally:
+        kill_if_running(third)
+
+
 def test_stop_times_out_without_killing(layout_file: Path, home: Path, tmp_path: Path) -> None:
     release = tmp_path / "release"
     stubborn = (

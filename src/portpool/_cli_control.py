@@ -117,9 +117,10 @@ def stop(
         raise click.UsageError("give an instance NUMBER or --all, not both")
     check_seconds("--timeout", timeout)
     layout = layout_for(config)
-    layout.check_number(number, "NUMBER")
     with StateDir.open(create=False) as state:  # it only signals: creates nothing
-        stopped = stop_instances(layout, number, every=every, timeout_s=timeout, state=state)
+        stopped = stop_instances(
+            layout, number, every=every, timeout_s=timeout, state=state, given_as="NUMBER"
+        )
     if as_json:
         echo_json({"app": layout.app, "stopped": [s.to_dict() for s in stopped]})
         return

@@ -57,15 +57,18 @@ def _listing(running: Sequence[InstanceInfo]) -> str:
     )
 
 
-def running_slot(layout: Layout, number: int, *, state: StateDir) -> InstanceInfo | None:
+def running_slot(
+    layout: Layout, number: int, *, state: StateDir, given_as: str = "--instance"
+) -> InstanceInfo | None:
     """Slot ``number`` of the layout's app as ``read_instance`` reads it (None if the
-    app has no slots yet). Raises UsageError (exit 2) for a ``number`` outside
-    1..max_instances unless that slot runs: started before max_instances was lowered,
-    it is listed by ``status`` and must stay reachable by its number."""
+    app has no slots yet). Raises UsageError (exit 2, naming the number ``given_as``)
+    for a ``number`` outside 1..max_instances unless that slot runs: started before
+    max_instances was lowered, it is listed by ``status`` and must stay reachable by
+    its number."""
     directory = state.find_instances(layout.app) if number > 0 else None
     info = read_instance(directory, number) if directory is not None else None
     if info is None or not info.alive:
-        layout.check_number(number)
+        layout.check_number(number, given_as)
     return info
 
 

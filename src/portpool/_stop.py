@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from portpool._find import find_instance, unreadable_detail
+from portpool._find import find_instance, running_slot, unreadable_detail
 from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file
 from portpool._occupants import with_owners
@@ -74,13 +74,14 @@ def _mismatch(number: int, holder: int | None, recorded: int) -> StopFailed:
     )
 
 
-def _stop_target(layout: Layout, number: int | None, state: StateDir) -> InstanceInfo:
+def _stop_target(
+    layout: Layout, number: int | None, state: StateDir, given_as: str = "number"
+) -> InstanceInfo:
     """``find_instance``, except that a running slot whose record is unreadable is a
-    StopFailed naming the problem (it was reported as "starting" or "not running")."""
-    layout.check_number(number)
+    StopFailed naming the problem (it was reported as "starting" or "not running").
+    A running slot beyond a lowered max_instances is reached, as by ``port``."""
     if number is not None:
-        directory = state.find_instances(layout.app)
-        info = read_instance(directory, number) if directory is not None else None
+        info = running_slot(layout, number, state=state, given_as=given_as)
         detail = unreadable_detail(info) if info is not None and info.alive else None
         if detail:
             raise StopFailed(number, f"its record is unreadable: {detail}: not signalling anything")
@@ -159,6 +160,7 @@ def stop_instances(
     every: bool = False,
     timeout_s: float = 30.0,
     state: StateDir,
+    given_as: str = "number",
 ) -> list[Stopped]:
     """Ask instance ``number`` (default: as ``find_instance``), or ``every`` running one,
     to stop with SIGTERM to its ``up``/``run``, and wait until its slot and ports are free.
@@ -168,6 +170,8 @@ def stop_instances(
     to stop), StopFailed (identity mismatch, an unreadable record, or still up after
     ``timeout_s`` seconds; nothing is ever killed). With ``every``, a running slot whose
     record is unreadable is left alone and reported once the others have stopped.
+    UsageError (exit 2, naming ``number`` as ``given_as``, e.g. the CLI's NUMBER) for a
+    ``number`` outside 1..max_instances that does not run.
     """
     refused: list[StopFailed] = []
     if every:
@@ -182,7 +186,7 @@ def stop_instances(
         if not numbers and not refused:
             raise NotRunning(layout.app, f"no instance of {layout.app} is running")
     else:
-        numbers = [_stop_target(layout, number, state).number]
+        numbers = [_stop_target(layout, number, state, given_as).number]
     directory = state.instances(layout.app) if numbers else None
     sent: list[Stopped] = []
     for n in numbers:
