@@ -542,6 +542,13 @@ def test_run_a_missing_command_exits_127_and_up_refuses_a_missing_program(
     assert f"{config}: services.db.command" in done.stderr
     assert "is up" not in done.stdout
     assert status_json(config)["instances"] == []
+    # Two such services: both named at once, as the layout's other errors are.
+    two = {"db": {"command": ["no-such-program-xyz"]}, "cache": {"command": ["no-such-2"]}}
+    config = up_layout(tmp_path, port_base, extra=two)
+    done = portpool("up", "--config", str(config))
+    assert done.returncode == 1
+    assert f"{config}: services.db.command: 'no-such-program-xyz' was not" in done.stderr
+    assert f"{config}: services.cache.command: 'no-such-2' was not" in done.stderr
 
 
 def test_up_refuses_a_command_that_names_no_program_before_anything_starts(

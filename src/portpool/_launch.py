@@ -14,7 +14,8 @@ import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence, Set
 from typing import IO, TYPE_CHECKING
 
-from portpool.errors import CommandNotFound, LayoutError, PortPoolError
+from portpool._layout_fields import layout_error
+from portpool.errors import CommandNotFound, PortPoolError
 
 if TYPE_CHECKING:
     import threading
@@ -89,17 +90,19 @@ def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
 
 
 def check_commands(layout: Layout, cwd: str | None = None) -> None:
-    """Raise LayoutError (file, ``services.<name>.command``, why) for the first service
-    whose command cannot be executed (``find_program``; a relative path from ``cwd``,
-    default the current directory). ``up`` and ``up --detach`` call it before anything
-    starts: the detached ``up`` once found it only in the background, and its caller
-    got "exited with status 1" and a log to read."""
+    """Raise LayoutError (file, ``services.<name>.command``, why; one line for every
+    service whose command cannot be executed, as for the layout's other errors) per
+    ``find_program``, a relative path from ``cwd`` (default the current directory).
+    ``up`` and ``up --detach`` call it before anything starts: the detached ``up`` once
+    found it only in the background, and its caller got "exited with status 1" and a
+    log to read."""
     path = None
     if cwd is not None:
         # The services run in ``cwd``: a relative PATH entry ("bin", "") names a
         # directory there, not here (a command found there was refused here).
         entries = os.environ.get("PATH", os.defpath).split(os.pathsep)
         path = os.pathsep.join(os.path.join(cwd, entry) for entry in entries)
+    problems = []
     for service in layout.services:
         if not service.command:
             continue
@@ -108,7 +111,9 @@ def check_commands(layout: Layout, cwd: str | None = None) -> None:
             command[0] = os.path.join(cwd, command[0])
         problem = find_program(command, path)
         if problem:
-            raise LayoutError(layout.source, f"services.{service.name}.command", problem)
+            problems.append((f"services.{service.name}.command", problem))
+    if problems:
+        raise layout_error(layout.source, problems)
 
 
 def find_program(command: Sequence[str], path: str | None = None) -> str | None:
