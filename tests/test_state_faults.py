@@ -200,6 +200,31 @@ def test_a_start_takes_the_next_slot_past_one_nobody_can_take(
     assert (instances / "1.lock").is_symlink()
 
 
+def test_a_start_takes_the_next_slot_past_one_whose_record_path_is_a_directory(
+    state: StateDir, layout_file: Path
+) -> None:
+    # A directory at 1.json ended every start after its leases were taken ("cannot
+    # write 1.json: Is a directory"), slot 2 free; status said "record unreadable" and
+    # stop 1 "not running", where a special file at 1.lock reads "slot unusable".
+    instances = Path(state.instances("testapp").path)
+    (instances / "1.json").mkdir()
+    command = ["sh", "-c", "echo $PORTPOOL_INSTANCE"]
+    done = portpool("run", "--config", str(layout_file), "--", *command)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "2\n"
+    assert "instance slot 1 of testapp skipped" in done.stderr
+    assert f"{instances / '1.json'}: is a directory" in done.stderr
+    (info,) = status_json(layout_file)["instances"]
+    assert info["number"] == 1 and info["alive"] is False
+    assert info["problem"].startswith("slot unusable: 1.json is a directory"), info
+    stop = portpool("stop", "1", "--config", str(layout_file))
+    assert stop.returncode == 1 and "1.json is a directory" in stop.stderr, stop.stderr
+    # Pinned to it, the start is refused, naming it; the directory is left as found.
+    pinned = portpool("run", "--instance", "1", "--config", str(layout_file), "--", "true")
+    assert pinned.returncode == 1 and "1.json" in pinned.stderr, pinned.stderr
+    assert (instances / "1.json").is_dir()
+
+
 @pytest.mark.parametrize("kind", ["symlink", "directory", "fifo"])
 def test_taking_a_lock_names_what_is_at_its_path(state: StateDir, kind: str) -> None:
     # "cannot open lock file: Too many levels of symbolic links" for one symlink.

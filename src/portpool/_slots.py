@@ -18,9 +18,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from portpool._heldlock import HeldLock
-from portpool._jsonfile import read_json_file, write_atomic
+from portpool._jsonfile import read_json_file, special_entry, write_atomic
 from portpool._layout_load import absolute_path, working_directory
-from portpool._platform import locked_inodes
+from portpool._platform import DirHandle, locked_inodes
 from portpool._text import printable
 from portpool.errors import (
     AlreadyHeldHere,
@@ -34,7 +34,7 @@ from portpool.errors import (
     UsageError,
 )
 from portpool.layout import Layout
-from portpool.records import read_instance
+from portpool.records import RECORD_BLOCKER, read_instance
 from portpool.statedir import StateDir, check_name
 
 __all__ = ["checkout_dir", "fill_slot", "previous_number", "remember_number"]
@@ -117,6 +117,13 @@ def _take_slot(
             # record: look again before telling the user every slot is taken.
             time.sleep(0.02 * attempt)
         for number in order[:]:
+            blocker = _record_blocker(directory, number)
+            if blocker is not None:
+                # A directory at its record path ended every start of the app after
+                # its leases were taken ("cannot write 1.json"), other slots free.
+                log.warning("instance slot %d of %s skipped: %s", number, layout.app, blocker)
+                order.remove(number)
+                continue
             try:
                 return number, HeldLock.acquire(directory, f"{number}.lock")
             except (LockHeld, AlreadyHeldHere):
@@ -139,6 +146,19 @@ def _take_slot(
             detail = info.problem or "record unreadable"
         holders.append(SlotHolder(number, info.pid, detail))
     raise NoFreeSlot(layout.app, holders, _limit_words(layout))
+
+
+def _record_blocker(directory: DirHandle, number: int) -> str | None:
+    """Why slot ``number``'s record cannot be written (a directory at its path), or None.
+    A symlink or FIFO there is replaced by the record's rename, never followed."""
+    try:
+        kind = special_entry(directory, f"{number}.json")
+    except OSError:
+        return None  # the start's own write says what is wrong, naming the path
+    if kind != RECORD_BLOCKER:
+        return None
+    path = os.path.join(directory.path, f"{number}.json")
+    return f"{path}: is {kind}, not a record portpool wrote"
 
 
 def _limit_words(layout: Layout) -> str:

@@ -267,6 +267,7 @@ def recorded_holder(directory: DirHandle, number: int) -> int | None:
 
 _READ_TRIES = 3
 SLOT_UNUSABLE = "slot unusable: "  # starts InstanceInfo.problem of a slot nobody can take
+RECORD_BLOCKER = "a directory"  # at a record path: the one special file a rename cannot replace
 
 
 def read_instance(
@@ -317,14 +318,21 @@ def _read_instance_once(
         return InstanceInfo(number, False, False, problem=SLOT_UNUSABLE + problem)
     raw: object = None
     unreadable: str | None = None
+    record_is_dir = False
     try:
         raw = read_json_file(directory, f"{number}.json")
     except NotAFile as e:
         unreadable = f"record unreadable: {number}.json {e}"
+        record_is_dir = e.kind == RECORD_BLOCKER
     except ValueError as e:
         unreadable = f"record unreadable: record {e}"
     holder = _running_holder(raw)
     alive = is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files)
+    if record_is_dir and not alive:
+        # A start cannot write its record there (a symlink or FIFO it replaces): nobody
+        # can take the slot, as with a special file at its lock path.
+        problem = f"{number}.json is {RECORD_BLOCKER}, not a record portpool wrote; remove it"
+        return InstanceInfo(number, False, False, problem=SLOT_UNUSABLE + problem)
     if unreadable is not None:
         return InstanceInfo(number, alive, False, problem=unreadable)
     if raw is None:
