@@ -1176,3 +1176,23 @@ def test_a_log_pattern_re_cannot_compile_is_a_layout_error(
     assert error.problem.startswith("invalid regular expression ")
     assert problem in error.problem
     assert len(error.problem) < 200
+
+
+@pytest.mark.parametrize(
+    ("encoding", "name"),
+    [("utf-16-le", "UTF-16"), ("utf-16-be", "UTF-16"), ("utf-32-le", "UTF-32"),
+     ("utf-32-be", "UTF-32"), ("utf-32", "UTF-32")],
+)  # fmt: skip
+def test_a_file_in_a_wide_encoding_is_named_with_or_without_a_byte_order_mark(
+    tmp_path: Path, encoding: str, name: str
+) -> None:
+    """ASCII in UTF-16 without a byte order mark is valid UTF-8 (NUL between the
+    letters): it read as "line 1, column 2: invalid TOML: Expected '='"; UTF-32's mark
+    (FF FE 00 00 starts like UTF-16's) was called UTF-16."""
+    path = tmp_path / "portpool.toml"
+    path.write_bytes(GOOD.encode(encoding))
+    with pytest.raises(LayoutError) as info:
+        load_layout(str(path))
+    assert info.value.key == "<document>"
+    assert info.value.problem.startswith(f"is {name} text ("), info.value.problem
+    assert info.value.problem.endswith("save it as UTF-8")

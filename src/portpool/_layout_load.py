@@ -148,6 +148,31 @@ def _read_layout_file(path: str) -> bytes:
     return b"".join(chunks)
 
 
+def _wide_text(raw: bytes) -> str | None:
+    """What wide encoding ``raw`` is in ("is UTF-16 text (...)"), or None.
+
+    Windows PowerShell's `>` writes UTF-16: "line 1: not UTF-8" said no more. Without a
+    byte order mark, ASCII in UTF-16 is valid UTF-8 (every other byte NUL), which read
+    as "line 1, column 2: invalid TOML: Expected '='"; UTF-32's mark was called UTF-16.
+    """
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "is UTF-32 text (it starts with a UTF-32 byte order mark)"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "is UTF-16 text (it starts with a UTF-16 byte order mark)"
+    head = raw[:4096]
+    if len(head) < 4 or b"\x00" not in head:
+        return None  # TOML text never holds a NUL: a file with none is not wide
+    for unit, name in ((4, "UTF-32"), (2, "UTF-16")):
+        # ASCII text in it: in (nearly) every unit, all bytes but the low one are NUL.
+        units = [head[i : i + unit] for i in range(0, len(head) - unit + 1, unit)]
+        nul = b"\x00" * (unit - 1)
+        little = sum(u[1:] == nul for u in units)
+        big = sum(u[:-1] == nul for u in units)
+        if max(little, big) * 10 >= len(units) * 9:
+            return f"is {name} text (ASCII with NUL bytes between)"
+    return None
+
+
 def read_layout_document(path: str) -> dict[str, Any]:
     """The TOML document in the file at ``path`` (a regular file of at most
     ``LAYOUT_MAX_BYTES``; a leading UTF-8 byte order mark is accepted).
@@ -156,13 +181,12 @@ def read_layout_document(path: str) -> dict[str, Any]:
     naming the file and the line and column (or the key set twice) of a syntax error.
     """
     raw = _read_layout_file(path)
+    wide = _wide_text(raw)
+    if wide is not None:
+        raise LayoutError(path, "<document>", f"{wide}: save it as UTF-8")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-            # Windows PowerShell's `>` writes UTF-16: "line 1: not UTF-8" said no more.
-            problem = "is UTF-16 text (it starts with a UTF-16 byte order mark): save it as UTF-8"
-            raise LayoutError(path, "<document>", problem) from e
         line = raw[: e.start].count(b"\n") + 1
         column = e.start - raw.rfind(b"\n", 0, e.start)  # in bytes, 1-based
         raise LayoutError(path, f"line {line}, column {column}", "is not valid UTF-8 text") from e
