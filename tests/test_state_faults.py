@@ -200,6 +200,36 @@ def test_a_start_takes_the_next_slot_past_one_nobody_can_take(
     assert (instances / "1.lock").is_symlink()
 
 
+def test_a_hard_linked_slot_lock_is_unusable_not_a_phantom_instance(
+    running: Instance, layout_file: Path, home: Path
+) -> None:
+    # 2.lock, a second name of running instance 1's lock file: instance 1 holding it
+    # made slot 2 read "starting (no record yet)" to stop and port, and alive in status.
+    instances = home / "apps" / "testapp" / "instances"
+    os.link(instances / "1.lock", instances / "2.lock")
+    for args in (["stop", "2"], ["port", "alpha", "--instance", "2"]):
+        done = portpool(*args, "--config", str(layout_file))
+        assert done.returncode == 1, done.stderr
+        assert "starting" not in done.stderr, done.stderr
+        assert "2.lock is a file with 2 hard links" in done.stderr, done.stderr
+    by_number = {i["number"]: i for i in status_json(layout_file)["instances"]}
+    assert by_number[1]["alive"] is True  # the running one is untouched
+    assert by_number[2]["alive"] is False
+    assert by_number[2]["problem"].startswith("slot unusable: 2.lock is a file with 2 hard")
+    # A start skips it (held, like 1); gc removes neither name.
+    command = ["sh", "-c", "echo $PORTPOOL_INSTANCE"]
+    done = portpool("run", "--config", str(layout_file), "--", *command)
+    assert done.returncode == 0 and done.stdout == "3\n", done.stderr
+    assert portpool("gc").returncode == 0
+    assert (instances / "1.lock").stat().st_nlink == 2
+    # Free, two names of one lock are refused by name, never taken as one slot.
+    (instances / "4.lock").touch()
+    os.link(instances / "4.lock", instances / "5.lock")
+    pinned = portpool("run", "--instance", "5", "--config", str(layout_file), "--", "true")
+    assert pinned.returncode == 1, pinned.stderr
+    assert "5.lock: is a file with 2 hard links, not a lock file" in pinned.stderr
+
+
 def test_a_start_takes_the_next_slot_past_one_whose_record_path_is_a_directory(
     state: StateDir, layout_file: Path
 ) -> None:

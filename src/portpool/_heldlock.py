@@ -166,6 +166,12 @@ class HeldLock:
         if now is None or (now.st_dev, now.st_ino) != file_id:
             os.close(fd)  # frees the lock we took on the orphan
             return None
+        kind = lock_file_problem(now)
+        if kind is not None:
+            # Free, yet another name of the same file: whoever locks it by that name
+            # would hold this one too (a held one is refused above like any other).
+            os.close(fd)
+            raise StateDirError(os.path.join(directory.path, name), _not_a_lock(kind))
         held = cls(directory, name, fd, file_id, key)
         with _held_mutex:
             _held[key] = held
@@ -241,6 +247,27 @@ class HeldLock:
         self.release()
 
 
+def lock_file_problem(st: os.stat_result) -> str | None:
+    """What the file ``st`` is ("a symbolic link", "a file with 2 hard links") when it
+    cannot be a lock file portpool made, else None (a regular file of one name).
+
+    A hard link made one lock two slots' (or two ports'): taking one showed the other
+    as held by nobody ("instance 2 is starting (no record yet)") to every command.
+    """
+    if not stat.S_ISREG(st.st_mode):
+        return file_kind(st.st_mode)
+    if st.st_nlink > 1:
+        return f"a file with {st.st_nlink} hard links"
+    return None
+
+
+def lock_path_kind(directory: DirHandle, name: str) -> str | None:
+    """``lock_file_problem`` of ``<dir>/<name>`` (never followed), None if it is absent.
+    Raises OSError if it cannot be examined."""
+    st = directory.stat_entry(name)
+    return None if st is None else lock_file_problem(st)
+
+
 def _special_kind(directory: DirHandle, name: str) -> str | None:
     """What ``<dir>/<name>`` is when it is there and not a regular file ("a symbolic
     link", which an open reported as "Too many levels of symbolic links"), else None."""
@@ -252,7 +279,8 @@ def _special_kind(directory: DirHandle, name: str) -> str | None:
 
 
 def _not_a_lock(kind: str) -> str:
-    return f"is {kind}, not a lock file portpool made; never followed (remove it)"
+    follow = "" if kind.startswith("a file") else "; never followed"
+    return f"is {kind}, not a lock file portpool made{follow} (remove it)"
 
 
 def _directory_refuses(directory: DirHandle, name: str, error: OSError) -> bool:

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from portpool._heldlock import is_held
-from portpool._jsonfile import NotAFile, decimal, read_json_file, special_entry
+from portpool._heldlock import is_held, lock_path_kind
+from portpool._jsonfile import NotAFile, decimal, read_json_file
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -310,8 +310,8 @@ def _read_instance_once(
     locked: LockTable | Callable[[], LockTable | None] | None,
     open_files: OpenFiles | None,
 ) -> InstanceInfo:
-    lock_kind = special_entry(directory, f"{number}.lock")
-    if lock_kind is not None:
+    lock_kind = lock_path_kind(directory, f"{number}.lock")
+    if lock_kind is not None and not lock_kind.startswith("a file"):
         # Never portpool's, and nobody can take the slot: no lock table lists it, and a
         # probe cannot open it, which read as "starting" to `stop` but absent to `status`.
         problem = f"{number}.lock is {lock_kind}, not a lock file portpool made; remove it"
@@ -328,6 +328,12 @@ def _read_instance_once(
         unreadable = f"record unreadable: record {e}"
     holder = _running_holder(raw)
     alive = is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files)
+    if lock_kind is not None and not (alive and holder is not None):
+        # Another name of a lock file (a hard link): held by another slot's instance, it
+        # read "starting (no record yet)"; only a running holder its record names makes
+        # it this slot's. Free, no start can take it either.
+        problem = f"{number}.lock is {lock_kind}, not a lock file portpool made; remove it"
+        return InstanceInfo(number, False, False, problem=SLOT_UNUSABLE + problem)
     if record_is_dir and not alive:
         # A start cannot write its record there (a symlink or FIFO it replaces): nobody
         # can take the slot, as with a special file at its lock path.
