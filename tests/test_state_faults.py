@@ -334,6 +334,27 @@ def test_gc_says_what_it_removed_when_the_ports_dir_is_refused(
     assert (home / "ports.away").is_dir() and (home / "ports").is_symlink()  # not followed
 
 
+def test_gc_never_removes_the_records_of_a_live_holder_whose_lock_file_went(
+    running: Instance, layout_file: Path, home: Path
+) -> None:
+    # With 1.lock and the port's lock file removed by hand, gc said "removed record of
+    # dead instance testapp/1" of a running instance (pid and start token checked) and
+    # removed its port record too: status then listed nothing while it ran.
+    record = home / "apps" / "testapp" / "instances" / "1.json"
+    port_record = home / "ports" / f"{running.ports['alpha']}.json"
+    (home / "apps" / "testapp" / "instances" / "1.lock").unlink()
+    (home / "ports" / f"{running.ports['alpha']}.lock").unlink()
+    done = portpool("gc", "--json")
+    report = json.loads(done.stdout)
+    assert report["instances"] == [] and report["ports"] == [], report
+    assert record.exists() and port_record.exists()
+    assert done.returncode == 1 and len(report["problems"]) == 2, report
+    for problem in report["problems"]:
+        assert f"its holder (pid {os.getpid()}) still runs" in problem, problem
+    (info,) = status_json(layout_file)["instances"]
+    assert info["readable"] is True and info["pid"] == os.getpid()
+
+
 def test_gc_removes_a_dead_writers_temporary_files_in_every_dir_of_the_app(
     state: StateDir,
 ) -> None:

@@ -16,7 +16,14 @@ from typing import Any
 
 from portpool._heldlock import HeldLock, is_held
 from portpool._jsonfile import TMP_SUFFIX, decimal, special_entry
-from portpool._platform import DirHandle, LockTable, OpenFiles, identity_of, locked_inodes
+from portpool._platform import (
+    DirHandle,
+    LockTable,
+    OpenFiles,
+    identity_of,
+    is_alive,
+    locked_inodes,
+)
 from portpool._record import read_port_record
 from portpool.errors import LockHeld, PortPoolError
 from portpool.records import recorded_holder, slot_numbers
@@ -74,6 +81,13 @@ def _remove_free_files(
             removed.append(lock_name)  # remove_and_release unlinks it: still ours
         held.remove_and_release()
     return removed
+
+
+def _live_holder(where: str, pid: int, lock_name: str) -> str:
+    return (
+        f"{where}: its holder (pid {pid}) still runs but does not hold {lock_name} (removed "
+        "or replaced under it?); left alone: a record of a live process is never removed"
+    )
 
 
 def _clean_temp_files(directory: DirHandle, report: GcReport, where: str = "") -> None:
@@ -137,6 +151,13 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
             holder = recorded_holder(directory, number)
             if is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files):
                 continue
+            if holder is not None:
+                # Its lock file was removed or replaced under it: the instance runs (pid
+                # and start token checked) and its shield stops it. gc called its record
+                # a dead instance's and removed it; status then listed nothing.
+                where = os.path.join(directory.path, f"{number}.json")
+                report.problems.append(_live_holder(where, holder, f"{number}.lock"))
+                continue
             removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
         except OSError as e:
             where = os.path.join(directory.path, f"{number}.json")
@@ -170,9 +191,16 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
     if is_held(ports, f"{port}.lock", locked):
         return
     try:
-        had_record = read_port_record(ports, port) is not None
+        record = read_port_record(ports, port)
     except ValueError:
+        record = None
         had_record = True
+    else:
+        had_record = record is not None
+    if record is not None and is_alive(record.identity):
+        where = os.path.join(ports.path, f"{port}.json")
+        report.problems.append(_live_holder(where, record.pid, f"{port}.lock"))
+        return
     removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"])
     if not removed:
         return
