@@ -303,6 +303,38 @@ def test_logs_of_a_running_detached_instance_whose_record_is_damaged(
         assert stopped.returncode == 0, stopped.stderr
 
 
+@pytest.mark.parametrize("blocked", ["1.log", "1.owner.json"])
+def test_up_detach_with_a_directory_at_its_log_path_says_where_the_log_is(
+    tmp_path: Path, state: StateDir, port_base: int, blocked: str
+) -> None:
+    # A directory at 1.log ended `up --detach` in an IsADirectoryError traceback (exit 1)
+    # over a running instance, whose log `logs` then called absent ("not started with
+    # --detach"); one at 1.owner.json, in a StateDirError after it was up.
+    sleeper = {"command": ["sleep", "600"], "ready": "none", "socket": "port"}
+    config = write_layout(
+        tmp_path / "portpool.toml", port_base, services={"alpha": sleeper}, heartbeat=3600,
+        shield=3600,
+    )  # fmt: skip
+    logs = Path(state.subdir("apps", "testapp", "logs").path)
+    (logs / blocked).mkdir()
+    done = portpool("up", "--detach", "--config", str(config), timeout=60)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert "instance 1 of testapp is up" in done.stdout
+        assert f"the log cannot be put at {logs / '1.log'} (" in done.stderr, done.stderr
+        [starting] = [p for p in logs.iterdir() if p.name.startswith(".starting-")]
+        assert f"({starting})" in done.stdout  # where its log really is
+        assert "instance 1 of testapp is up" in starting.read_text()
+        shown = portpool("logs", "--instance", "1", "--config", str(config))
+        assert shown.returncode == 1, shown.stderr
+        assert f"{logs / blocked}: is a directory" in shown.stderr, shown.stderr
+        assert "--detach" not in shown.stderr
+    finally:
+        stopped = portpool("stop", "--all", "--config", str(config))
+        assert stopped.returncode == 0, stopped.stderr
+    assert (logs / blocked).is_dir()  # left for the user
+
+
 # ---------------------------------------------------------------- gc
 
 

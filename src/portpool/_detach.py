@@ -16,7 +16,7 @@ from portpool._launch import DEFAULT_GRACE_S, check_commands
 from portpool._layout_load import absolute_path, layout_path, working_directory
 from portpool._logs import logs_dir, set_log_owner
 from portpool._platform import DirHandle, detached_options, identity_of
-from portpool.errors import DetachFailed, UsageError
+from portpool.errors import DetachFailed, PortPoolError, UsageError
 from portpool.layout import Layout
 from portpool.records import read_instance
 from portpool.statedir import StateDir
@@ -203,9 +203,33 @@ def start_detached(
             _outcome(proc.returncode),
             when="right after it was up",
         )
-    with contextlib.suppress(FileNotFoundError):
-        logs.unlink(f"{number}.log")  # the previous owner's: never shown under the new one
-    set_log_owner(logs, number, proc.pid, identity.start_token)
-    logs.rename(starting, f"{number}.log")
+    problem = _place_log(logs, number, starting, proc.pid, identity.start_token)
+    log = f"{number}.log" if problem is None else starting
+    notes += (f"portpool: warning: {problem}",) if problem else ()
     ports = {s.name: s.port for s in info.services if s.port is not None}
-    return Detached(number, proc.pid, os.path.join(logs.path, f"{number}.log"), ports, notes)
+    return Detached(number, proc.pid, os.path.join(logs.path, log), ports, notes)
+
+
+def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str) -> str | None:
+    """Move the log ``starting`` to ``<number>.log``, tied to its ``up`` (``pid``,
+    ``token``); None, or what kept it where it is. The instance is up by then: a
+    directory at that path ended `up --detach` in a traceback over a running instance
+    whose log `logs` called absent ("not started with --detach")."""
+    final = f"{number}.log"
+    blocked: Exception | None = None
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            logs.unlink(final)  # the previous owner's: never shown under the new one
+    except OSError as e:
+        blocked = e  # still owned below: `logs` then names what is in the way
+    try:
+        set_log_owner(logs, number, pid, token)
+        if blocked is None:
+            logs.rename(starting, final)
+    except (OSError, PortPoolError) as e:
+        blocked = blocked or e
+    if blocked is None:
+        return None
+    why = blocked.strerror if isinstance(blocked, OSError) and blocked.strerror else blocked
+    where, stays = os.path.join(logs.path, final), os.path.join(logs.path, starting)
+    return f"the log cannot be put at {where} ({why}); it stays at {stays}"

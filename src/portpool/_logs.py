@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from portpool._find import find_instance, running_slot
 from portpool._heldlock import is_held
-from portpool._jsonfile import read_json_file, special_entry, write_atomic
+from portpool._jsonfile import NotAFile, read_json_file, special_entry, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
 from portpool.errors import NotRunning, StateDirError
@@ -44,6 +44,10 @@ def _owner_name(number: int) -> str:
 def _log_owner(logs: DirHandle, number: int) -> tuple[int, str] | None:
     try:
         raw = read_json_file(logs, _owner_name(number))
+    except NotAFile as e:
+        # Never portpool's: "not started with --detach" hid a detached instance's log.
+        where = os.path.join(logs.path, _owner_name(number))
+        raise StateDirError(where, f"{e}: remove it") from e
     except ValueError:
         return None
     if not isinstance(raw, dict):
