@@ -155,7 +155,7 @@ def test_doctor_and_pool_agree_on_every_occupant(
             assert _report(_shield(lease)).ok, (host, kind, address)
 
 
-@pytest.mark.parametrize("what", ["fifo", "directory", "symlink"])
+@pytest.mark.parametrize("what", ["fifo", "directory", "symlink", "hard link"])
 def test_doctor_and_pool_agree_on_a_lock_path_that_is_not_a_file(
     state: StateDir, port: int, home: Path, what: str
 ) -> None:
@@ -167,6 +167,8 @@ def test_doctor_and_pool_agree_on_a_lock_path_that_is_not_a_file(
         os.mkfifo(lock)
     elif what == "directory":
         lock.mkdir()
+    elif what == "hard link":  # a second name of a free lock file: no slot's or port's
+        os.link(home / "ports" / f"{port + 1}.lock", lock)
     else:
         lock.symlink_to(home / "elsewhere")
     refusal, _, _ = classify_port(state, port, "127.0.0.1")

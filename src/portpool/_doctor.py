@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from portpool._addresses import covered_scopes, occupies
-from portpool._jsonfile import special_entry
+from portpool._heldlock import lock_path_kind
 from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
@@ -199,14 +199,14 @@ def holder_host(seen: PortStatus, host: str) -> str:
 
 def _unusable_lock_path(state: StateDir, port: int) -> str | None:
     """Why ``acquire`` cannot use the port's lock path, if something that is not a
-    regular file sits there (portpool makes none): doctor called such a port free while
-    run refused it. Read-only: never opens or creates the path."""
+    regular file of one name sits there (portpool makes none): doctor called such a port
+    free while run refused it. Read-only: never opens or creates the path."""
     directory = state.find("ports")
-    kind = None if directory is None else special_entry(directory, f"{port}.lock")
+    kind = None if directory is None else lock_path_kind(directory, f"{port}.lock")
     if directory is None or kind is None:
         return None
     where = os.path.join(directory.path, f"{port}.lock")
-    return f"{where}: lock path is {kind}, not a regular file (remove it)"
+    return f"{where}: lock path is {kind}, not a lock file portpool made (remove it)"
 
 
 # Hosts that cover one loopback only: `localhost` clients may reach the other one first.
