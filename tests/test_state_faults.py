@@ -228,6 +228,12 @@ def test_a_hard_linked_slot_lock_is_unusable_not_a_phantom_instance(
     pinned = portpool("run", "--instance", "5", "--config", str(layout_file), "--", "true")
     assert pinned.returncode == 1, pinned.stderr
     assert "5.lock: is a file with 2 hard links, not a lock file" in pinned.stderr
+    # gc names both (it skipped them without a word), and removes neither.
+    gc = portpool("gc")
+    assert gc.returncode == 1, gc.stderr
+    for n in (4, 5):
+        assert f"{n}.lock: is a file with 2 hard links, not the lock file of slot" in gc.stderr
+    assert (instances / "5.lock").stat().st_nlink == 2
 
 
 def test_a_start_takes_the_next_slot_past_one_whose_record_path_is_a_directory(

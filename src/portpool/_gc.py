@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from portpool._heldlock import HeldLock, is_held
+from portpool._heldlock import HeldLock, is_held, lock_path_kind
 from portpool._jsonfile import TMP_SUFFIX, decimal, special_entry
 from portpool._platform import (
     DirHandle,
@@ -90,6 +90,18 @@ def _live_holder(where: str, pid: int, lock_name: str) -> str:
     )
 
 
+def _linked_lock(directory: DirHandle, name: str, of: str) -> str | None:
+    """The problem with a free lock file that has other names (hard links), else None:
+    no start takes it, and gc skipped it without a word, for ever."""
+    kind = lock_path_kind(directory, name)
+    if kind is None:
+        return None
+    return (
+        f"{os.path.join(directory.path, name)}: is {kind}, not the lock file of {of}; "
+        "left alone (portpool removes only files it makes): remove it by hand"
+    )
+
+
 def _clean_temp_files(directory: DirHandle, report: GcReport, where: str = "") -> None:
     for name in directory.listdir():
         if not (name.startswith(".") and name.endswith(TMP_SUFFIX)):
@@ -158,6 +170,10 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
                 where = os.path.join(directory.path, f"{number}.json")
                 report.problems.append(_live_holder(where, holder, f"{number}.lock"))
                 continue
+            linked = _linked_lock(directory, f"{number}.lock", f"slot {app}/{number}")
+            if linked is not None:
+                report.problems.append(linked)
+                continue
             removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
         except OSError as e:
             where = os.path.join(directory.path, f"{number}.json")
@@ -200,6 +216,10 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
     if record is not None and is_alive(record.identity):
         where = os.path.join(ports.path, f"{port}.json")
         report.problems.append(_live_holder(where, record.pid, f"{port}.lock"))
+        return
+    linked = _linked_lock(ports, f"{port}.lock", f"port {port}")
+    if linked is not None:
+        report.problems.append(linked)
         return
     removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"])
     if not removed:
