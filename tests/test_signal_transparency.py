@@ -400,3 +400,75 @@ def test_a_caller_s_own_alarm_handler_is_left_alone_by_run_command(
     done = run_python(TIMED_CALLER, str(config))
     assert done.returncode == 0, done.stderr
     assert done.stdout == "code 0 alarms 1\n"
+
+
+# The command of `run`: lets the sidecar go on (file `go`), waits until what the
+# sidecar started (pid in file `orphan`) is an orphan re-parented to portpool, then
+# exits 0; with "listen" it waits instead, up to 30 s, for the shield to stop it.
+AFTER_SIDECAR = """
+import os, pathlib, sys, time
+here = pathlib.Path(sys.argv[1])
+(here / "go").write_text("")
+deadline = time.monotonic() + 30
+def ready():
+    text = (here / "orphan").read_text() if (here / "orphan").exists() else ""
+    if not text.endswith("\\n"):
+        return False
+    with open(f"/proc/{int(text)}/stat") as f:  # ppid: the 4th field, after ") S "
+        return int(f.read().rpartition(")")[2].split()[1]) == os.getppid()
+while time.monotonic() < deadline and not ready():
+    time.sleep(0.02)
+if sys.argv[2] == "listen":
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+# The sidecar a shell starts before it execs portpool: once the command runs, it starts
+# `child` in the background and exits, so `child` is re-parented to portpool.
+SIDECAR = (
+    "( while [ ! -f {here}/go ]; do sleep 0.02; done; {child} & echo $! > {here}/orphan.tmp;"
+    " mv {here}/orphan.tmp {here}/orphan ) >/dev/null 2>&1 &"
+)
+
+LISTENER = """
+import socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("kind", ["sleep", "listen"])
+def test_an_orphan_of_an_inherited_child_is_not_portpool_s(
+    tmp_path: Path, port_base: int, home: Path, kind: str
+) -> None:
+    # `sh -c 'sidecar & exec portpool run'`: what the sidecar starts and leaves is
+    # re-parented to portpool (a subreaper), but portpool did not start it. The stop
+    # killed it; and when it listened on the instance's port, the shield took it for
+    # the command's and let it hold the port (exit 0, not 4).
+    config = write_layout(tmp_path / "run.toml", port_base, services={"web": {"size": 1}})
+    listener = f"{sys.executable} -c '{LISTENER}' {port_base}"
+    child = listener if kind == "listen" else "sleep 60"
+    (tmp_path / "cmd.py").write_text(AFTER_SIDECAR)
+    run = [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, "cmd.py", ".", kind]
+    script = SIDECAR.format(here=tmp_path, child=child) + " exec " + " ".join(run)
+    proc = subprocess.Popen(
+        ["sh", "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    orphan = None
+    try:
+        _, err = proc.communicate(timeout=60)
+        orphan = psutil.Process(int((tmp_path / "orphan").read_text()))
+        assert orphan.is_running() and orphan.status() != psutil.STATUS_ZOMBIE
+        if kind == "listen":
+            assert proc.returncode == 4, err  # the shield tripped on the foreign listener
+            assert b"is now listened on by pid" in err, err
+            assert b"still held" not in err, err  # not ours to wait for either
+        else:
+            assert proc.returncode == 0, err
+    finally:
+        kill_if_running(proc)
+        if orphan is not None:
+            with contextlib.suppress(psutil.Error):
+                orphan.kill()

@@ -11,7 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from typing import IO, TYPE_CHECKING
 
 from portpool._layout_fields import layout_error
@@ -323,7 +323,11 @@ def write_line(
 
 
 def held_ports(
-    instance: Instance, *, descendants_only: bool = False, lease_inodes: Set[int] = frozenset()
+    instance: Instance,
+    *,
+    descendants_only: bool = False,
+    lease_inodes: Set[int] = frozenset(),
+    roots: Callable[[], Iterable[int]] | None = None,
 ) -> list[str]:
     """Ports of ``instance`` listened on, on the instance's address, by a process other
     than us, for people: "port P is still held by pid X (name)". Call it once our own
@@ -332,13 +336,25 @@ def held_ports(
     ``descendants_only`` (a subreaper, to which whatever we started stays a
     descendant): only those count, and whoever holds one of our ``lease_inodes`` (a
     socket handed out of the tree); a foreign program was not ours to wait for (the
-    stop waited its grace period, then named it as if it were)."""
+    stop waited its grace period, then named it as if it were). ``roots()`` gives the
+    processes whose descendants count (default: us; a child we inherited through exec
+    and what it started are not ours)."""
     from portpool._platform import descends_from, listeners, owners_of_inode, process_name
 
     host = instance.layout.host
     addresses = {"127.0.0.1", "::1"} if host == "localhost" else {host}
     held: list[str] = []
     me = os.getpid()
+    own: set[int] | None = None
+
+    def _descends(pid: int) -> bool:
+        nonlocal own
+        if roots is None:
+            return descends_from(pid, {me})
+        if own is None:
+            own = set(roots())
+        return pid in own or descends_from(pid, own)
+
     for lease in instance.leases.values():
         for listener in listeners(lease.port):
             if listener.address not in addresses:
@@ -346,7 +362,7 @@ def held_ports(
             pids = [listener.pid] if listener.pid else owners_of_inode(listener.inode or 0)
             ours = not descendants_only or listener.inode in lease_inodes
             for pid in pids:
-                if pid != me and (ours or descends_from(pid, {me})):
+                if pid != me and (ours or _descends(pid)):
                     name = process_name(pid) or "?"
                     held.append(f"port {lease.port} is still held by pid {pid} ({name})")
     return held

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from portpool.pool import Lease
 
 _TICK_S = 0.5
+# In the environment of every process an instance starts (``up``'s services also carry
+# PORTPOOL_SUPERVISOR_PID, our pid), and so of what they start (a daemon keeps them).
+_MARKS = ("PORTPOOL_APP", "PORTPOOL_INSTANCE", "PORTPOOL_SUPERVISOR_PID")
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
@@ -98,6 +101,15 @@ class Supervisor:
         # exec that started portpool (`sh -c 'sidecar & exec portpool up'`). Not ours,
         # nor what they start: `adopt` stopped them with the instance.
         self._inherited = _children_now() if adopt else []
+        # What the inherited children started, seen so far (pid + start time): once
+        # orphaned it is re-parented to us, the subreaper, and looks adopted.
+        self._foreign: set[psutil.Process] = set()
+        self._foreign_lock = threading.Lock()  # the shield, keepers and the stop ask
+        # The instance's marks in the environment of every process we start (set by
+        # start_process): an orphan adopted while inherited children live must carry
+        # them to count as ours (see ``_adopted``).
+        self._marks: dict[str, str] = {}
+        self._note_foreign()
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -162,6 +174,7 @@ class Supervisor:
                     stderr=write_fd if capture else None,
                 )
                 self.children[name] = proc
+                self._marks = {k: env[k] for k in _MARKS if k in env}
                 if own_group:
                     self._groups.add(name)
         except BaseException:
@@ -197,8 +210,56 @@ class Supervisor:
             import psutil
 
             with contextlib.suppress(psutil.Error):
-                pids += [c.pid for c in psutil.Process().children() if c.pid not in pids]
+                adopted = self._adopted(psutil.Process().children())
+                pids += [c.pid for c in adopted if c.pid not in pids]
         return pids
+
+    def _note_foreign(self) -> None:
+        """Remember the descendants of the children we inherited through exec, while
+        their lineage can still be seen: orphaned, they are re-parented to us."""
+        if not self._inherited:
+            return
+        import psutil
+
+        seen: list[psutil.Process] = []
+        for inherited in self._inherited:
+            with contextlib.suppress(psutil.Error):
+                if inherited.is_running():
+                    seen += inherited.children(recursive=True)
+        with self._foreign_lock:
+            # The gone ones can no longer be adopted: a busy sidecar must not grow this.
+            self._foreign = {p for p in self._foreign if _running(p)} | set(seen)
+
+    def _adopted(self, children: Sequence[psutil.Process]) -> list[psutil.Process]:
+        """Those of ``children`` (this process's) that are ours but not started here:
+        orphans of our processes' trees, adopted as a subreaper. Never a child
+        inherited through exec nor anything it started (rule 7: the stop killed a
+        sidecar's orphaned child, and the shield took a sidecar's listener on our
+        port for ours). Once we inherited any, an orphan of unknown lineage counts as
+        ours only when its environment carries the instance's marks."""
+        self._note_foreign()
+        started = {p.pid for p in self.children.values()}
+        with self._foreign_lock:
+            inherited = set(self._inherited) | self._foreign
+        found = []
+        for child in children:
+            if child.pid in started or child in inherited:
+                continue
+            if self._inherited and not self._marked(child):
+                continue
+            found.append(child)
+        return found
+
+    def _marked(self, proc: psutil.Process) -> bool:
+        import psutil
+
+        if not self._marks:
+            return False
+        try:
+            env = proc.environ()
+        except psutil.Error:
+            return False  # unreadable (gone, another user's): not proven ours
+        return all(env.get(k) == v for k, v in self._marks.items())
 
     # -- waiting
 
@@ -250,6 +311,7 @@ class Supervisor:
         # ``children`` yet, and reaping it would leave its Popen a returncode of 0.
         with self._spawn_lock:
             reap_adopted({p.pid for p in self.children.values() if p.returncode is None})
+        self._note_foreign()
 
     # -- stopping
 
@@ -275,24 +337,22 @@ class Supervisor:
             return []  # no child at all: every descendant would be one (subreaper)
         import psutil
 
-        skip = {p.pid for p in self.children.values()}  # signalled through their Popen
         found: dict[int, psutil.Process] = {}
-        for inherited in self._inherited:
+        roots: list[psutil.Process] = []
+        for started in self.children.values():
+            if started.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    roots.append(psutil.Process(started.pid))
+        if self.adopt:
             with contextlib.suppress(psutil.Error):
-                if inherited.is_running():  # the very process (its start time is checked)
-                    skip.add(inherited.pid)
-                    skip.update(c.pid for c in inherited.children(recursive=True))
-        try:
-            if self.adopt:
-                roots = [psutil.Process()]
-            else:
-                roots = [psutil.Process(p.pid) for p in self.children.values() if p.poll() is None]
-            for root in roots:
-                for child in root.children(recursive=True):
-                    if child.pid not in skip:
-                        found[child.pid] = child
-        except psutil.Error:
-            pass
+                for adopted in self._adopted(psutil.Process().children()):
+                    found[adopted.pid] = adopted
+                    roots.append(adopted)
+        for root in roots:
+            with contextlib.suppress(psutil.Error):
+                found.update((c.pid, c) for c in root.children(recursive=True))
+        for pid in {p.pid for p in self.children.values()}:
+            found.pop(pid, None)  # signalled through their Popen
         return list(found.values())
 
     def stop_service(self, name: str) -> None:
@@ -371,7 +431,12 @@ class Supervisor:
             lease.close_socket()
         deadline = time.monotonic() + timeout_s
         while True:
-            held = held_ports(self.instance, descendants_only=self.subreaper, lease_inodes=inodes)
+            held = held_ports(
+                self.instance,
+                descendants_only=self.subreaper,
+                lease_inodes=inodes,
+                roots=self.own_pids,
+            )
             if not held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)

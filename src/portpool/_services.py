@@ -138,11 +138,10 @@ class ServiceSupervisor(Supervisor):
             return
         import psutil
 
-        keep = {p.pid for p in self.children.values() if p.poll() is None}
-        keep.update(p.pid for p in self._inherited)
         found: dict[int, psutil.Process] = {}
         try:
-            orphans = [c for c in psutil.Process().children() if c.pid not in keep]
+            # Never one inherited through exec, nor what it started (``_adopted``).
+            orphans = self._adopted(psutil.Process().children())
         except psutil.Error:
             return
         for orphan in orphans:
