@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
 from portpool._launch import DEFAULT_GRACE_S, describe_status, held_ports, pump_lines, spawn
+from portpool._lineage import Lineage
 from portpool._platform import (
     enlarge_pipe,
     has_children,
@@ -45,9 +46,6 @@ if TYPE_CHECKING:
     from portpool.pool import Lease
 
 _TICK_S = 0.5
-# In the environment of every process an instance starts (``up``'s services also carry
-# PORTPOOL_SUPERVISOR_PID, our pid), and so of what they start (a daemon keeps them).
-_MARKS = ("PORTPOOL_APP", "PORTPOOL_INSTANCE", "PORTPOOL_SUPERVISOR_PID")
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
 
 
@@ -97,19 +95,9 @@ class Supervisor:
         self.adopt = adopt  # every child of this process is ours (run/up as subreaper)
         # The kernel made us a subreaper: all we start stays a descendant of ours.
         self.subreaper = subreaper
-        # Children this process had before we started anything: inherited through the
-        # exec that started portpool (`sh -c 'sidecar & exec portpool up'`). Not ours,
-        # nor what they start: `adopt` stopped them with the instance.
-        self._inherited = _children_now() if adopt else []
-        # What the inherited children started, seen so far (pid + start time): once
-        # orphaned it is re-parented to us, the subreaper, and looks adopted.
-        self._foreign: set[psutil.Process] = set()
-        self._foreign_lock = threading.Lock()  # the shield, keepers and the stop ask
-        # The instance's marks in the environment of every process we start (set by
-        # start_process): an orphan adopted while inherited children live must carry
-        # them to count as ours (see ``_adopted``).
-        self._marks: dict[str, str] = {}
-        self._note_foreign()
+        # Which of our children are ours (``adopt``): not those we inherited through
+        # exec (`sh -c 'sidecar & exec portpool up'`), nor what they start.
+        self._lineage = Lineage(adopt)
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.children: dict[str, subprocess.Popen[bytes]] = {}
@@ -174,7 +162,7 @@ class Supervisor:
                     stderr=write_fd if capture else None,
                 )
                 self.children[name] = proc
-                self._marks = {k: env[k] for k in _MARKS if k in env}
+                self._lineage.mark(env)
                 if own_group:
                     self._groups.add(name)
         except BaseException:
@@ -214,52 +202,10 @@ class Supervisor:
                 pids += [c.pid for c in adopted if c.pid not in pids]
         return pids
 
-    def _note_foreign(self) -> None:
-        """Remember the descendants of the children we inherited through exec, while
-        their lineage can still be seen: orphaned, they are re-parented to us."""
-        if not self._inherited:
-            return
-        import psutil
-
-        seen: list[psutil.Process] = []
-        for inherited in self._inherited:
-            with contextlib.suppress(psutil.Error):
-                if inherited.is_running():
-                    seen += inherited.children(recursive=True)
-        with self._foreign_lock:
-            # The gone ones can no longer be adopted: a busy sidecar must not grow this.
-            self._foreign = {p for p in self._foreign if _running(p)} | set(seen)
-
     def _adopted(self, children: Sequence[psutil.Process]) -> list[psutil.Process]:
-        """Those of ``children`` (this process's) that are ours but not started here:
-        orphans of our processes' trees, adopted as a subreaper. Never a child
-        inherited through exec nor anything it started (rule 7: the stop killed a
-        sidecar's orphaned child, and the shield took a sidecar's listener on our
-        port for ours). Once we inherited any, an orphan of unknown lineage counts as
-        ours only when its environment carries the instance's marks."""
-        self._note_foreign()
-        started = {p.pid for p in self.children.values()}
-        with self._foreign_lock:
-            inherited = set(self._inherited) | self._foreign
-        found = []
-        for child in children:
-            if child.pid in started or child in inherited:
-                continue
-            if self._inherited and not self._marked(child):
-                continue
-            found.append(child)
-        return found
-
-    def _marked(self, proc: psutil.Process) -> bool:
-        import psutil
-
-        if not self._marks:
-            return False
-        try:
-            env = proc.environ()
-        except psutil.Error:
-            return False  # unreadable (gone, another user's): not proven ours
-        return all(env.get(k) == v for k, v in self._marks.items())
+        """Those of ``children`` (this process's) that are ours and not started here
+        (``Lineage.adopted``)."""
+        return self._lineage.adopted(children, {p.pid for p in self.children.values()})
 
     # -- waiting
 
@@ -311,7 +257,7 @@ class Supervisor:
         # ``children`` yet, and reaping it would leave its Popen a returncode of 0.
         with self._spawn_lock:
             reap_adopted({p.pid for p in self.children.values() if p.returncode is None})
-        self._note_foreign()
+        self._lineage.note()
 
     # -- stopping
 
@@ -440,18 +386,6 @@ class Supervisor:
             if not held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)
-
-
-def _children_now() -> list[psutil.Process]:
-    """This process's children now (none, without loading psutil, in the usual case)."""
-    if not has_children():
-        return []
-    import psutil
-
-    try:
-        return psutil.Process().children()
-    except psutil.Error:
-        return []
 
 
 def _running(proc: psutil.Process) -> bool:
