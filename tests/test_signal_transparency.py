@@ -472,3 +472,82 @@ def test_an_orphan_of_an_inherited_child_is_not_portpool_s(
         if orphan is not None:
             with contextlib.suppress(psutil.Error):
                 orphan.kill()
+
+
+# Notes each INT, TERM, USR1 and USR2 it gets (read with sigtimedwait: none is merged
+# with another by a handler); after USR2 it notes what else is pending, and ends.
+NOTE_EACH = """
+import signal, sys
+log = sys.argv[1]
+wanted = [signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2]
+signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+def note(text):
+    with open(log, "a") as f:
+        f.write(text + "\\n")
+note("ready")
+for _ in range(600):
+    info = signal.sigtimedwait(wanted, 0.1)
+    if info is not None:
+        note(str(info.si_signo))
+        if info.si_signo == signal.SIGUSR2:
+            break
+while (info := signal.sigtimedwait(wanted, 0)) is not None:
+    note(str(info.si_signo))
+"""
+
+# In a terminal's foreground (run shares its group with the command): USR1 to run
+# alone, then TERM to the whole group (the script survives it), then USR2 to run.
+GROUP_KILL = """
+trap 'echo script got TERM' TERM
+wait_for() {{
+  for _ in $(seq 600); do grep -qx "$1" {log} 2>/dev/null && return; sleep 0.05; done
+}}
+{run} &
+pp=$!
+wait_for ready; kill -USR1 $pp
+wait_for {usr1}; kill -TERM 0
+wait_for {term}; kill -USR2 $pp
+wait $pp; echo "run exited $?"
+"""
+
+
+def test_a_signal_sent_to_the_group_run_shares_reaches_the_command_once(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # `kill 0` in a script (or a shell passing on a signal to its job) reaches every
+    # process of the group, the command too: run passed it on as well, a second time.
+    log = tmp_path / "signals.log"
+    config = write_layout(tmp_path / "run.toml", port_base)
+    (tmp_path / "note.py").write_text(NOTE_EACH)
+    run = [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, "note.py", str(log)]
+    script = GROUP_KILL.format(
+        log=log, run=" ".join(run), usr1=int(signal.SIGUSR1), term=int(signal.SIGTERM)
+    )
+    pid, master = pty.fork()
+    if pid == 0:  # session leader in the foreground of the pty; run in its group
+        try:
+            os.chdir(tmp_path)
+            os.execv("/bin/sh", ["sh", "-c", script])
+        finally:
+            os._exit(127)
+    output = bytearray()
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while chunk := os.read(master, 4096):
+                output.extend(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        assert wait_for(lambda: b"run exited" in output, timeout=60), (output, _lines(log))
+        os.waitpid(pid, 0)
+    finally:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        os.close(master)
+    assert b"run exited 0" in output, output
+    expected = ["ready", *(str(int(s)) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2))]
+    assert _lines(log) == expected, output

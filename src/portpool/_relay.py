@@ -17,6 +17,7 @@ process for the duration of ``run``/``up`` (main thread only) and puts them back
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -26,6 +27,7 @@ from types import FrameType, TracebackType
 from typing import NoReturn
 
 from portpool._platform import (
+    GroupWitness,
     ReceivedSignal,
     SignalInbox,
     ignored_by_default,
@@ -112,15 +114,23 @@ class SignalScope:
         # Signals that arrive on threads started before the block are queued, not raised.
         self._inbox.install()
 
-    def relay(self, callback: Callable[[ReceivedSignal], None]) -> None:
+    def relay(
+        self, callback: Callable[[ReceivedSignal], None], witness: GroupWitness | None = None
+    ) -> None:
         """From now on hand every signal to ``callback`` (on a thread), duplicates
-        dropped."""
+        dropped. With a ``witness``, each one is marked ``to_group`` when it was sent
+        to our whole group (the witness is asked of every one, duplicates too, so none
+        stays pending for it)."""
 
         def loop() -> None:
             self._inbox.prepare_reader()
             while not self._closing.is_set():
                 received = self._inbox.take(0.2)
-                if received is not None and not self._duplicate(received):
+                if received is None:
+                    continue
+                if witness is not None and witness.saw(received.signum):
+                    received = dataclasses.replace(received, to_group=True)
+                if not self._duplicate(received):
                     callback(received)
 
         self._thread = threading.Thread(target=loop, name="portpool-signals", daemon=True)

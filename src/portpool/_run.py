@@ -20,6 +20,7 @@ from portpool._launch import (
     find_program,
 )
 from portpool._platform import (
+    GroupWitness,
     ReceivedSignal,
     controlling_terminal_alive,
     in_terminal_foreground,
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
 def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[[Any], None]:
     """The signal callback of ``run``: pass each signal to the command once. A signal
-    the kernel sent to our whole group (a terminal's Ctrl-C) reached it already."""
+    the kernel sent to our whole group (a terminal's Ctrl-C) reached it already, and
+    so did one a process sent to the group (``kill 0`` in a script: ``to_group``)."""
 
     terminal_keys = {getattr(signal, n, None) for n in ("SIGINT", "SIGQUIT")}
     hangup = getattr(signal, "SIGHUP", None)
@@ -51,6 +53,8 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
     def relay(received: ReceivedSignal) -> None:
         if shared_group and received.from_kernel and received.signum not in alone:
             return
+        if shared_group and received.to_group:
+            return  # sent to our whole group by a process: the command got it too
         if (
             received.signum == hangup
             and hangup not in alone
@@ -143,6 +147,11 @@ def run_command(
             supervisor = Supervisor(
                 instance, grace_s=grace_s, on_exit=exited, adopt=whole_tree, subreaper=subreaper
             )
+            # Started after the Supervisor, which would take it for inherited; ended
+            # before the stop, which would wait for it (the signals stay blocked in it).
+            witness = GroupWitness.start(scope.signals) if shared else None
+            if witness is not None:
+                instance.on_release(witness.close)
             instance.on_release(supervisor.stop)
             proc = supervisor.start_process(
                 "command",
@@ -153,11 +162,13 @@ def run_command(
                 capture=False,
                 inherit_fds=pass_fds,
             )
-            scope.relay(relay_to(supervisor, "command", shared))
+            scope.relay(relay_to(supervisor, "command", shared), witness)
             instance.set_service_pids(dict.fromkeys(names, proc.pid))
             instance.start_heartbeat()
             instance.start_shield(on_lost=supervisor.shield_lost, own_pids=supervisor.own_pids)
             outcome = supervisor.wait()
+            if witness is not None:
+                witness.close()
             supervisor.stop()
             outcome.lingering = supervisor.lingering(grace_s)
         finally:

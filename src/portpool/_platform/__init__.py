@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         socket_inode,
     )
     from portpool._platform._process import (
+        GroupWitness,
         ReceivedSignal,
         SignalInbox,
         become_subreaper,
@@ -120,6 +121,7 @@ _LAZY = {
     **dict.fromkeys(("accept_queue_length", "connection_accepted"), "_acceptq"),
     **dict.fromkeys(
         (
+            "GroupWitness",
             "ReceivedSignal",
             "SignalInbox",
             "become_subreaper",
@@ -150,6 +152,7 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "DirHandle",
+    "GroupWitness",
     "Listener",
     "LockTable",
     "OpenFiles",

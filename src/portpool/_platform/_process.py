@@ -11,7 +11,9 @@ import contextlib
 import os
 import queue
 import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from types import FrameType
@@ -31,6 +33,7 @@ class ReceivedSignal:
     sender: int | None = None
     from_kernel: bool = False
     sender_known: bool = True  # False where the OS gave no siginfo (handlers only)
+    to_group: bool = False  # a process sent it to our whole group (``GroupWitness``)
 
 
 def become_subreaper() -> bool:
@@ -216,3 +219,95 @@ class SignalInbox:
             return self._queue.get(timeout=timeout_s)
         except queue.Empty:
             return None
+
+
+_WITNESS_WAIT_S = 2.0
+# The witness: keeps the signals in argv blocked (as inherited) and, for each byte N
+# read from stdin, answers b"1" if signal N was pending for it (taking one) or b"0".
+_WITNESS = """
+import os, signal, sys
+wanted = [int(s) for s in sys.argv[1:]]
+signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+while True:
+    asked = os.read(0, 1)
+    if not asked:
+        break
+    got = asked[0] in wanted and signal.sigtimedwait([asked[0]], 0) is not None
+    os.write(1, b"1" if got else b"0")
+"""
+
+
+class GroupWitness:
+    """A small process in our process group that tells whether a signal we received
+    was sent to the whole group (``kill 0`` by a script, a shell passing a hangup to
+    its job) or to us alone (``kill PID``): the kernel queues a group's signal to every
+    member in the same call, so the witness has it pending by the time we read ours.
+
+    For ``run`` sharing its group with the command: a group's signal reached the
+    command already, and passing it on gave it two. Start it with the signals blocked
+    in the calling thread (it inherits the block, so none ends it before it runs).
+    Linux and other systems with ``sigtimedwait``; ``start()`` returns None elsewhere
+    or when it cannot start.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self._lock = threading.Lock()
+
+    @classmethod
+    def start(cls, signals: Iterable[int]) -> GroupWitness | None:
+        """Start a witness of ``signals`` in our group; None where it cannot be."""
+        if sys.platform == "win32" or not hasattr(signal, "sigtimedwait"):
+            return None
+        argv = [sys.executable, "-I", "-S", "-c", _WITNESS, *(str(int(s)) for s in signals)]
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, cwd="/", env={}
+            )
+        except OSError:
+            return None
+        return cls(proc)
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def saw(self, signum: int) -> bool | None:
+        """Whether the witness got ``signum`` too (one is taken from its pending
+        signals): True, sent to the group; False, to us alone; None when it cannot
+        tell (gone). Call for every signal received, so none stays pending for it."""
+        import select
+
+        if not 0 < signum < 256:
+            return None
+        with self._lock:
+            stdin, stdout = self._proc.stdin, self._proc.stdout
+            if stdin is None or stdout is None or stdin.closed:
+                return None
+            try:
+                stdin.write(bytes([signum]))
+                # Stopped alone (kill -STOP) it must not hold up every signal after.
+                if not select.select([stdout], [], [], _WITNESS_WAIT_S)[0]:
+                    self._broken()
+                    return None
+                answer = stdout.read(1)
+            except (OSError, ValueError):
+                return None
+        return {b"1": True, b"0": False}.get(answer)
+
+    def _broken(self) -> None:
+        # A late answer would be taken for the next question's: ask no more.
+        for stream in (self._proc.stdin, self._proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+    def close(self) -> None:
+        """End the witness (its stdin closed: it exits) and reap it."""
+        with self._lock:
+            self._broken()
+        try:
+            self._proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()  # ours: started above
+            self._proc.wait()
