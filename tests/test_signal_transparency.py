@@ -404,7 +404,8 @@ def test_a_caller_s_own_alarm_handler_is_left_alone_by_run_command(
 
 # The command of `run`: lets the sidecar go on (file `go`), waits until what the
 # sidecar started (pid in file `orphan`) is an orphan re-parented to portpool, then
-# exits 0; with "listen" it waits instead, up to 30 s, for the shield to stop it.
+# exits 0 (file `seen`); with "listen" or "hold" it waits instead, up to 30 s, for
+# the shield or `up`'s stop to end it.
 AFTER_SIDECAR = """
 import os, pathlib, sys, time
 here = pathlib.Path(sys.argv[1])
@@ -418,7 +419,8 @@ def ready():
         return int(f.read().rpartition(")")[2].split()[1]) == os.getppid()
 while time.monotonic() < deadline and not ready():
     time.sleep(0.02)
-if sys.argv[2] == "listen":
+(here / "seen").write_text("")
+if sys.argv[2] in ("listen", "hold"):
     while time.monotonic() < deadline:
         time.sleep(0.05)
 """
@@ -467,6 +469,33 @@ def test_an_orphan_of_an_inherited_child_is_not_portpool_s(
             assert b"still held" not in err, err  # not ours to wait for either
         else:
             assert proc.returncode == 0, err
+    finally:
+        kill_if_running(proc)
+        if orphan is not None:
+            with contextlib.suppress(psutil.Error):
+                orphan.kill()
+
+
+def test_an_orphan_of_an_inherited_child_is_not_stopped_with_up(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # The same under `up`: its service lets the sidecar go on, and `up` is stopped once
+    # the sidecar's child is an orphan of `up`'s.
+    (tmp_path / "cmd.py").write_text(AFTER_SIDECAR)
+    command = [sys.executable, str(tmp_path / "cmd.py"), str(tmp_path), "hold"]
+    config = write_layout(
+        tmp_path / "up.toml", port_base, services={"web": {"command": command, "ready": "none"}}
+    )
+    up = " ".join([*PORTPOOL, "up", "-q", "-c", str(config)])
+    script = SIDECAR.format(here=tmp_path, child="sleep 60") + " exec " + up
+    proc = subprocess.Popen(["sh", "-c", script], cwd=tmp_path, stdout=subprocess.DEVNULL)
+    orphan = None
+    try:
+        assert wait_for((tmp_path / "seen").exists, timeout=30)
+        orphan = psutil.Process(int((tmp_path / "orphan").read_text()))
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert orphan.is_running() and orphan.status() != psutil.STATUS_ZOMBIE
     finally:
         kill_if_running(proc)
         if orphan is not None:
