@@ -147,11 +147,14 @@ def run_command(
             supervisor = Supervisor(
                 instance, grace_s=grace_s, on_exit=exited, adopt=whole_tree, subreaper=subreaper
             )
-            # Started after the Supervisor, which would take it for inherited; ended
-            # before the stop, which would wait for it (the signals stay blocked in it).
-            witness = GroupWitness.start(scope.signals) if shared else None
-            if witness is not None:
-                instance.on_release(witness.close)
+            witnesses: list[GroupWitness] = []
+
+            def close_witness() -> None:
+                # Before the stop, which would wait for it (its signals stay blocked).
+                for w in witnesses:
+                    w.close()
+
+            instance.on_release(close_witness)
             instance.on_release(supervisor.stop)
             proc = supervisor.start_process(
                 "command",
@@ -162,13 +165,18 @@ def run_command(
                 capture=False,
                 inherit_fds=pass_fds,
             )
+            # After the command: a group's signal sent in between reaches the command
+            # alone, and is passed on once more (started first, the witness would
+            # have it and the command none, nor from us). After the Supervisor too,
+            # which would take it for a child inherited through exec.
+            witness = GroupWitness.start(scope.signals) if shared else None
+            witnesses += [witness] if witness is not None else []
             scope.relay(relay_to(supervisor, "command", shared), witness)
             instance.set_service_pids(dict.fromkeys(names, proc.pid))
             instance.start_heartbeat()
             instance.start_shield(on_lost=supervisor.shield_lost, own_pids=supervisor.own_pids)
             outcome = supervisor.wait()
-            if witness is not None:
-                witness.close()
+            close_witness()
             supervisor.stop()
             outcome.lingering = supervisor.lingering(grace_s)
         finally:
