@@ -363,6 +363,11 @@ def test_the_wording_of_addresses_refusals_and_hosts(
     for host in ("127.0.0.1", "0.0.0.0"):
         assert "not served by this lease (another program may listen on ::1)" in host_meaning(host)
     assert all("refused" not in host_meaning(h) for h in ("::1", "127.0.0.1", "0.0.0.0"))
+    # True on every machine: it read "127.0.0.1, served" where localhost is ::1 alone.
+    assert host_meaning("localhost") == (
+        "127.0.0.1 served and ::1 held bound (where this host has IPv6): no one else "
+        "listens there; the other way round where localhost resolves to ::1 alone"
+    )
     with pytest.raises(LayoutError, match=r"'::1%lo' has a scope id \(%lo\).*write '::1'"):
         Layout("a", (Service("web", 20000, 2),), host="::1%lo")
     # A held port's refusal says "held" once.

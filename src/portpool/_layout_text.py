@@ -25,9 +25,11 @@ def host_meaning(host: str) -> str:
     the host's canonical spelling (``::0`` is ``::``)."""
     host = normalize_host(host)
     if host == "localhost":
+        # True on every machine (a layout is a value): the IPv6-only case and a host
+        # without IPv6 are said too (it read "127.0.0.1, served" where ::1 was).
         return (
-            "127.0.0.1, served, and ::1, held bound so no other program can listen there "
-            "(a client trying ::1 first is refused and falls back to 127.0.0.1)"
+            "127.0.0.1 served and ::1 held bound (where this host has IPv6): no one else "
+            "listens there; the other way round where localhost resolves to ::1 alone"
         )
     if host == "::":
         return "every IPv6 and IPv4 address, one dual-stack socket (IPV6_V6ONLY off)"
