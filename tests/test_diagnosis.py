@@ -29,6 +29,7 @@ from portpool._platform import owners_of_inodes, tcp_sockets
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import InvalidPort, PoolExhausted, Refusal
 from portpool.layout import Layout, Service
+from portpool.lock import PortLock
 from portpool.pool import Lease, acquire
 from portpool.shield import LeaseReport, Shield
 from portpool.statedir import StateDir
@@ -754,3 +755,89 @@ def test_a_held_port_without_a_readable_record_does_not_name_its_holder_as_an_in
         assert notes == ()
         problems = _report(_shield(lease)).problems
         assert problems and not any("listened on" in p for p in problems), problems
+
+
+# A holder of another app that is killed with -9 once its record is written.
+DEAD_HOLDER = """
+import sys
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+lease = acquire(StateDir.open(), [int(sys.argv[1])], host="127.0.0.1", app="other")
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's lock table is Linux's")
+def test_a_dead_holders_record_does_not_name_the_new_holder_as_an_intruder(
+    state: StateDir, port: int, home: Path, occupants: list[subprocess.Popen[str]]
+) -> None:
+    """A holder killed with -9 leaves its record until the lock's next holder writes its
+    own: doctor took the dead process for the holder and named the new holder's own
+    listening socket as a foreign listener "the shield stops"."""
+    dead = _spawn(occupants, sys.executable, "-c", DEAD_HOLDER, str(port))
+    assert read_line(dead).strip() == "held"
+    dead.kill()
+    dead.wait()
+    # The next holder: locked, bound and listening, its record not written yet.
+    lock = PortLock.acquire(state, port)
+    try:
+        with socket.create_server(("127.0.0.1", port)):
+            assert b'"app":"other"' in (home / "ports" / f"{port}.json").read_bytes()
+            refusal, notes, found = classify_port(state, port, "127.0.0.1")
+            assert refusal is not None and refusal.reason == "held"
+            assert found is not None and [o.pids for o in found.occupants] == [(os.getpid(),)]
+            assert notes == ()
+            # Judged by the host of the layout, not by the dead holder's record.
+            layout = Layout("t", (Service("web", port, 1),), host="127.0.0.1", max_instances=1)
+            report = examine_layout(layout, state)
+            (verdict,) = report.verdicts
+            assert verdict.describe().startswith("held by ") and not verdict.notes
+            assert report.summary() == []
+    finally:
+        lock.release()
+
+
+# A holder in a pid namespace of its own (a container sharing the state dir and the
+# network): its record names pid 1, its pid there. With "port" it closes its socket (a
+# hand-over by number), and a foreign program listens there instead.
+NAMESPACED_HOLDER = """
+import os, sys
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+lease = acquire(StateDir.open(), [int(sys.argv[1])], host="127.0.0.1", app="boxed")
+if sys.argv[2] == "port":
+    lease.close_socket()
+print(os.getpid(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="pid namespaces are Linux's")
+@pytest.mark.parametrize("handed", ["fd", "port"])
+def test_a_holder_recorded_under_another_pid_namespace_is_known_by_its_lock(
+    state: StateDir,
+    port: int,
+    occupants: list[subprocess.Popen[str]],
+    occupy_port: Occupy,
+    handed: str,
+) -> None:
+    """A record written in another pid namespace names a pid that here is another
+    process (pid 1: every process descends from it): doctor counted every listener on
+    the port as the holder's, a foreign one that took its clients too; judged by when
+    that process started, the holder's own socket read as a foreign listener. The
+    process that holds the lock is the holder."""
+    argv = ["unshare", "-rpf", "--mount-proc", sys.executable, "-c", NAMESPACED_HOLDER]
+    if subprocess.run([*argv[:3], "true"], capture_output=True, check=False).returncode:
+        pytest.skip("no unprivileged pid namespace here (unshare -rpf --mount-proc)")
+    holder = _spawn(occupants, *argv, str(port), handed)
+    assert read_line(holder).strip() == "1"
+    if handed == "port":
+        intruder = occupy_port("listen", "127.0.0.1")
+    refusal, notes, found = classify_port(state, port, "127.0.0.1")
+    assert refusal is not None and refusal.detail.startswith("held by pid 1 of app boxed")
+    assert found is not None and len(found.occupants) == 1  # the one listener
+    if handed == "fd":
+        assert notes == ()
+    else:
+        assert len(notes) == 1 and f"by pid {intruder.pid} " in notes[0], notes

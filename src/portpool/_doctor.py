@@ -16,8 +16,16 @@ from portpool._addresses import covered_scopes, occupies
 from portpool._heldlock import lock_path_kind
 from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
-from portpool._platform import LockTable, TcpSocket, locked_inodes, tcp_sockets
+from portpool._platform import (
+    LockTable,
+    OpenFiles,
+    TcpSocket,
+    is_alive,
+    locked_inodes,
+    tcp_sockets,
+)
 from portpool._portstatus import PortStatus, inspect_port
+from portpool._record import PortRecord
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import Refusal, RefusalReason, StateDirError
 from portpool.layout import Layout, normalize_host
@@ -165,21 +173,37 @@ def classify_port(
     return found.refusal(), tuple(found.notes()), found
 
 
+def _live_record(seen: PortStatus) -> PortRecord | None:
+    """A held port's record, if the process it names still runs: a holder killed with
+    -9 leaves its record until the lock's next holder writes its own, and doctor took
+    that dead process for the holder (its host, its pid), naming the new holder's own
+    socket as a foreign listener "the shield stops". Raises nothing."""
+    record = seen.record
+    return record if record is not None and is_alive(record.identity) else None
+
+
 def holder_pid(state: StateDir, seen: PortStatus, locked: LockTable | None) -> int | None:
     """The pid holding a held port: its record's, else the one the kernel's lock table
-    names (a record not written yet, or damaged: doctor named the holder's own socket
-    as a foreign listener "the shield stops"). None if neither says. Raises nothing."""
-    if seen.record is not None:
-        return seen.record.pid
+    names (a record not written yet, damaged, or a dead holder's: doctor named the
+    holder's own socket as a foreign listener "the shield stops"), if that process has
+    the port's lock file open with the lock (a pid the table names may have been
+    reused). None if neither says. Raises nothing."""
+    record = _live_record(seen)
+    if record is not None:
+        return record.pid
     try:
         directory = state.find("ports")
         entry = None if directory is None else directory.stat_entry(f"{seen.port}.lock")
         table = locked_inodes() if locked is None else locked
     except (OSError, StateDirError):
         return None
-    if entry is None or table is None:
+    if directory is None or entry is None or table is None:
         return None
-    return table.get((entry.st_dev, entry.st_ino))
+    pid = table.get((entry.st_dev, entry.st_ino))
+    path = os.path.join(os.path.realpath(directory.path), f"{seen.port}.lock")
+    if pid is None or not OpenFiles().holds_flock(pid, path, entry.st_dev, entry.st_ino):
+        return None
+    return pid
 
 
 def holder_host(seen: PortStatus, host: str) -> str:
@@ -187,7 +211,7 @@ def holder_host(seen: PortStatus, host: str) -> str:
     shield judges by), else ``host``. A layout on localhost named a foreign [::1]:P
     listener as one "the shield stops" beside another app's lease on 127.0.0.1, whose
     shield never does. Raises nothing."""
-    record = seen.record
+    record = _live_record(seen)
     if record is None or not record.host:
         return host
     try:
