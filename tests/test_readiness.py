@@ -729,3 +729,10 @@ def test_a_localhost_service_listening_on_ipv6_alone_is_ready() -> None:
     probe = ReadinessProbe("tcp", "localhost", port)
     assert probe.check() is False
     assert "127.0.0.1" in probe.last_problem and "[::1]" in probe.last_problem
+
+
+def test_a_service_with_no_check_was_ready_even_if_it_exited_before_the_first() -> None:
+    # ready = "none" is ready once started: a service that exited before the keeper's
+    # first look was "exited before it was ready" (and "on its own" a moment later).
+    assert ReadinessProbe("none", "127.0.0.1", 1).proved_before_exit() is True
+    assert ReadinessProbe("tcp", "127.0.0.1", 1).proved_before_exit() is False

@@ -312,8 +312,10 @@ def wait_up(proc: subprocess.Popen[str], config: Path, count: int = 3) -> dict[s
         if not mine:
             return None
         ports = {s["name"]: s["port"] for s in mine[0]["services"]}
-        # up says "is up" once every service passed its readiness probe.
-        ready = all(s.get("state", "ready") == "ready" for s in mine[0]["services"])
+        # up says "is up" once every service passed its readiness probe. A record
+        # with no state at all was written before the keepers started (not ready).
+        states = [s.get("state") for s in mine[0]["services"]]
+        ready = any(states) and all(state in (None, "ready") for state in states)
         return ports if ready and all(is_listening(p) for p in ports.values()) else None
 
     ports: dict[str, int] = wait_for(ready, 60)

@@ -122,7 +122,11 @@ class ReadinessProbe:
         all the same. A fast service can serve and exit between two checks (20 requests
         take less than one probe interval); its run made progress. Only a ``log:`` match
         or, for an ``fd`` socket, the probe connection taken off the queue can say so
-        after the fact; an http or port probe cannot (False)."""
+        after the fact; an http or port probe cannot (False). ``none`` was ready when it
+        started (True): a fast exit before the first check was reported as "exited before
+        it was ready", and as "exited on its own" after it."""
+        if self.kind == "none":
+            return True
         if self.kind == "log":
             return self._matched.is_set()
         if self.kind == "tcp" and self.listening is not None and self._probe is not None:
