@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
 import sys
@@ -397,3 +399,79 @@ def fork_while_held(mutex: Any, child: Callable[[], bool]) -> int:
     finally:
         forked.set()
         thread.join(30)
+
+
+class Terminal:
+    """A program running in a new pseudo-terminal, as in a user's terminal window."""
+
+    def __init__(self, argv: list[str], cwd: Path | None = None) -> None:
+        self.pid, self.master = pty.fork()
+        if self.pid == 0:  # the child: session leader, the pty is its terminal
+            try:
+                if cwd is not None:
+                    os.chdir(cwd)
+                os.execvp(argv[0], argv)
+            finally:
+                os._exit(127)
+        self.output = b""
+        self._drainer: threading.Thread | None = None
+
+    def drain(self) -> None:
+        """Read the output in a thread from now on (a test that waits on something
+        else must not let the program block on a full terminal)."""
+
+        def read() -> None:
+            with contextlib.suppress(OSError):
+                while chunk := os.read(self.master, 4096):
+                    self.output += chunk
+
+        self._drainer = threading.Thread(target=read, daemon=True)
+        self._drainer.start()
+
+    def read_until(self, pattern: bytes, timeout: float = 60) -> bytes:
+        deadline = time.monotonic() + timeout
+        while pattern not in self.output and time.monotonic() < deadline:
+            if select.select([self.master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                self.output += chunk
+        assert pattern in self.output, self.output.decode(errors="replace")
+        return self.output
+
+    def ctrl_c(self) -> None:
+        os.write(self.master, b"\x03")  # the terminal signals its foreground group
+
+    def wait(self, timeout: float = 60) -> int:
+        """The exit status, -N if killed by signal N (reading output meanwhile)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                with contextlib.suppress(OSError):
+                    while self._drainer is None and select.select([self.master], [], [], 0.1)[0]:
+                        chunk = os.read(self.master, 4096)
+                        if not chunk:
+                            break
+                        self.output += chunk
+                return os.waitstatus_to_exitcode(status)
+            if self._drainer is None and select.select([self.master], [], [], 0.1)[0]:
+                with contextlib.suppress(OSError):
+                    self.output += os.read(self.master, 4096)
+            elif self._drainer is not None:
+                time.sleep(0.05)
+        raise AssertionError(f"pid {self.pid} still running: {self.output!r}")
+
+    def close(self) -> None:
+        with contextlib.suppress(ChildProcessError, ProcessLookupError):
+            if os.waitpid(self.pid, os.WNOHANG) == (0, 0):
+                os.killpg(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+        os.close(self.master)
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")

@@ -20,6 +20,7 @@ import psutil
 import pytest
 from tests.helpers import (
     PORTPOOL,
+    Terminal,
     kill_if_running,
     run_python,
     status_json,
@@ -255,43 +256,24 @@ def test_a_terminal_resize_is_not_passed_to_up_s_services(
     config = write_service_layout(
         tmp_path, port_base, {"web": {"ready": "none"}}, app="resize", script=note
     )
-    pid, master = pty.fork()
-    if pid == 0:  # session leader, in the foreground of the pty
-        try:
-            os.execv(
-                sys.executable, [sys.executable, "-m", "portpool.cli", "up", "-c", str(config)]
-            )
-        finally:
-            os._exit(127)
-    output = bytearray()
-
-    def drain() -> None:
-        with contextlib.suppress(OSError):
-            while chunk := os.read(master, 4096):
-                output.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    # The session leader, in the foreground of the pty.
+    term = Terminal([sys.executable, "-m", "portpool.cli", "up", "-c", str(config)])
+    term.drain()
     try:
-        assert wait_for(lambda: _lines(log) == ["ready"], timeout=30), (_lines(log), output)
+        assert wait_for(lambda: _lines(log) == ["ready"], timeout=30), (_lines(log), term.text)
         for rows in (30, 40, 50):  # the kernel signals the foreground group of the pty
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 80, 0, 0))
+            fcntl.ioctl(term.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, 80, 0, 0))
             time.sleep(0.05)
-        os.kill(pid, signal.SIGUSR1)  # after the resizes: once it arrives, they would have
+        os.kill(term.pid, signal.SIGUSR1)  # after the resizes: once it arrives, they would have
         usr1 = str(signal.SIGUSR1.value)
         assert wait_for(lambda: usr1 in _lines(log), timeout=20), _lines(log)
-        os.kill(pid, signal.SIGWINCH)  # sent by a process: passed on
+        os.kill(term.pid, signal.SIGWINCH)  # sent by a process: passed on
         winch = str(signal.SIGWINCH.value)
         assert wait_for(lambda: winch in _lines(log), timeout=20), _lines(log)
-        os.kill(pid, signal.SIGTERM)
-        _, status = os.waitpid(pid, 0)
+        os.kill(term.pid, signal.SIGTERM)
+        assert term.wait() == 0, term.text
     finally:
-        with contextlib.suppress(ChildProcessError, ProcessLookupError):
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        os.close(master)
-    assert os.waitstatus_to_exitcode(status) == 0, output
+        term.close()
     assert _lines(log) == ["ready", usr1, winch, str(signal.SIGTERM.value)]
 
 
@@ -552,31 +534,13 @@ def test_a_signal_sent_to_the_group_run_shares_reaches_the_command_once(
     script = GROUP_KILL.format(
         log=log, run=" ".join(run), usr1=int(signal.SIGUSR1), term=int(signal.SIGTERM)
     )
-    pid, master = pty.fork()
-    if pid == 0:  # session leader in the foreground of the pty; run in its group
-        try:
-            os.chdir(tmp_path)
-            os.execv("/bin/sh", ["sh", "-c", script])
-        finally:
-            os._exit(127)
-    output = bytearray()
-
-    def drain() -> None:
-        with contextlib.suppress(OSError):
-            while chunk := os.read(master, 4096):
-                output.extend(chunk)
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
+    # The shell: session leader in the foreground of the pty; run in its group.
+    term = Terminal(["/bin/sh", "-c", script], cwd=tmp_path)
     try:
-        assert wait_for(lambda: b"run exited" in output, timeout=60), (output, _lines(log))
-        os.waitpid(pid, 0)
+        term.read_until(b"run exited", timeout=60)
+        term.wait()
     finally:
-        with contextlib.suppress(ChildProcessError, ProcessLookupError):
-            if os.waitpid(pid, os.WNOHANG) == (0, 0):
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-        os.close(master)
-    assert b"run exited 0" in output, output
+        term.close()
+    assert b"run exited 0" in term.output, term.text
     expected = ["ready", *(str(int(s)) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2))]
-    assert _lines(log) == expected, output
+    assert _lines(log) == expected, term.text

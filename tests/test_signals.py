@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pty
 import random
 import re
-import select
 import shlex
 import shutil
 import signal
@@ -29,6 +27,7 @@ import pytest
 from benchmarks._common import bindable
 from tests.helpers import (
     PORTPOOL,
+    Terminal,
     held_lock_files,
     is_listening,
     kill_if_running,
@@ -84,65 +83,6 @@ time.sleep(1.0)  # a second delivery would arrive within this
 print("sigints", len(got), flush=True)
 sys.exit(len(got))
 """
-
-
-class Terminal:
-    """A program running in a new pseudo-terminal, as in a user's terminal window."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.pid, self.master = pty.fork()
-        if self.pid == 0:  # the child: session leader, the pty is its terminal
-            try:
-                os.execvp(argv[0], argv)
-            finally:
-                os._exit(127)
-        self.output = b""
-
-    def read_until(self, pattern: bytes, timeout: float = 60) -> bytes:
-        deadline = time.monotonic() + timeout
-        while pattern not in self.output and time.monotonic() < deadline:
-            if select.select([self.master], [], [], 0.5)[0]:
-                try:
-                    chunk = os.read(self.master, 4096)
-                except OSError:
-                    break
-                if not chunk:
-                    break
-                self.output += chunk
-        assert pattern in self.output, self.output.decode(errors="replace")
-        return self.output
-
-    def ctrl_c(self) -> None:
-        os.write(self.master, b"\x03")  # the terminal signals its foreground group
-
-    def wait(self, timeout: float = 60) -> int:
-        """The exit status, -N if killed by signal N (reading output meanwhile)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                with contextlib.suppress(OSError):
-                    while select.select([self.master], [], [], 0.1)[0]:
-                        chunk = os.read(self.master, 4096)
-                        if not chunk:
-                            break
-                        self.output += chunk
-                return os.waitstatus_to_exitcode(status)
-            if select.select([self.master], [], [], 0.1)[0]:
-                with contextlib.suppress(OSError):
-                    self.output += os.read(self.master, 4096)
-        raise AssertionError(f"pid {self.pid} still running: {self.output!r}")
-
-    def close(self) -> None:
-        with contextlib.suppress(ChildProcessError, ProcessLookupError):
-            if os.waitpid(self.pid, os.WNOHANG) == (0, 0):
-                os.killpg(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-        os.close(self.master)
-
-    @property
-    def text(self) -> str:
-        return self.output.decode(errors="replace")
 
 
 @pytest.fixture

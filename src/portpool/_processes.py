@@ -331,8 +331,14 @@ class Supervisor:
         signalled: set[tuple[int, float]] = set()
         deadline = time.monotonic() + self.grace_s
         kill = gone = False
+        quiet = 0  # scans in a row that found nothing of ours left
         for step in range(100_000):  # bounded; ends at the deadline or when all are gone
             self._reap()
+            # Before the scan: a process reaped by then had its orphans re-parented to
+            # us already, so the scan finds them. A process that exits during the scan
+            # hands its children to us unseen: only a second empty scan says all gone
+            # (a service's orphan started while stopping outlived up, 1 run in 5).
+            exited = all(p.poll() is not None for p in self.children.values())
             alive = [p for p in self._tree() if _running(p)]
             if alive:
                 import psutil  # loaded by _tree, which found them (none: not loaded at all)
@@ -347,7 +353,8 @@ class Supervisor:
                     signalled.add(key)
                 except psutil.Error:
                     continue
-            if not alive and all(p.poll() is not None for p in self.children.values()):
+            quiet = quiet + 1 if not alive and exited else 0
+            if quiet >= 2:
                 gone = True
                 break
             if not kill and time.monotonic() >= deadline:
