@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from portpool._addresses import covered_scopes, occupies
 from portpool._heldlock import lock_path_kind
@@ -25,7 +25,6 @@ from portpool._platform import (
     tcp_sockets,
 )
 from portpool._portstatus import PortStatus, inspect_port
-from portpool._record import PortRecord
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import Refusal, RefusalReason, StateDirError
 from portpool.layout import Layout, normalize_host
@@ -146,6 +145,13 @@ class DoctorReport:
         }
 
 
+class _Holder(NamedTuple):
+    """Who holds a held port (``pid``, None if unknown) and the host its lease covers."""
+
+    pid: int | None
+    host: str
+
+
 def classify_port(
     state: StateDir,
     port: int,
@@ -158,67 +164,78 @@ def classify_port(
     would give: held by a portpool lock holder, else the kernel's probe bind. Kills and
     keeps nothing. Raises InvalidPort for a value that is not a port, OSError if
     ``host`` does not resolve."""
+    return _classify(state, port, host, locked=locked, sockets=sockets)[:3]
+
+
+def _classify(
+    state: StateDir,
+    port: int,
+    host: str,
+    *,
+    locked: LockTable | None,
+    sockets: Sequence[TcpSocket] | None,
+) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None, _Holder | None]:
+    """``classify_port``, and the holder of a held port (read once: doctor's other
+    notes of that port need it too)."""
     seen = inspect_port(state, port, locked)
     unusable = _unusable_lock_path(state, port) if seen.is_free else None
     if unusable is not None:
-        return Refusal(port, "error", unusable), (), None
+        return Refusal(port, "error", unusable), (), None, None
     if not seen.is_free:
         # Never probed (the holder's sockets are there); its listeners are still read,
         # by the host the holder's lease covers, as its shield reads them.
-        found = diagnose(port, holder_host(seen, host), probe=False, sockets=sockets)
-        holder = holder_pid(state, seen, locked)
-        notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder))
-        return Refusal(port, "held", seen.describe()), notes, found
+        holder = _holder(state, seen, host, locked)
+        found = diagnose(port, holder.host, probe=False, sockets=sockets)
+        notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder.pid))
+        return Refusal(port, "held", seen.describe()), notes, found, holder
     found = diagnose(port, host, sockets=sockets)
-    return found.refusal(), tuple(found.notes()), found
+    return found.refusal(), tuple(found.notes()), found, None
 
 
-def _live_record(seen: PortStatus) -> PortRecord | None:
-    """A held port's record, if the process it names still runs: a holder killed with
-    -9 leaves its record until the lock's next holder writes its own, and doctor took
-    that dead process for the holder (its host, its pid), naming the new holder's own
-    socket as a foreign listener "the shield stops". Raises nothing."""
+def _holder(state: StateDir, seen: PortStatus, host: str, locked: LockTable | None) -> _Holder:
+    """The pid holding a held port and the host its lease covers (what its shield judges
+    by). Both come from its record only while the process it names still runs: a holder
+    killed with -9 leaves its record until the lock's next holder writes its own, and
+    doctor took that dead process for the holder (its host, its pid), naming the new
+    holder's own socket as a foreign listener "the shield stops". Else the pid is the
+    one the kernel's lock table names (a record not written yet, damaged, or a dead
+    holder's), if that process has the port's lock file open with the lock (a pid the
+    table names may have been reused), and the host is ``host``. Raises nothing."""
     record = seen.record
-    return record if record is not None and is_alive(record.identity) else None
+    if record is None or not is_alive(record.identity):
+        return _Holder(_lock_table_holder(state, seen.port, locked), host)
+    return _Holder(record.pid, _covered_host(record.host, host))
 
 
-def holder_pid(state: StateDir, seen: PortStatus, locked: LockTable | None) -> int | None:
-    """The pid holding a held port: its record's, else the one the kernel's lock table
-    names (a record not written yet, damaged, or a dead holder's: doctor named the
-    holder's own socket as a foreign listener "the shield stops"), if that process has
-    the port's lock file open with the lock (a pid the table names may have been
-    reused). None if neither says. Raises nothing."""
-    record = _live_record(seen)
-    if record is not None:
-        return record.pid
+def _lock_table_holder(state: StateDir, port: int, locked: LockTable | None) -> int | None:
+    """The pid the kernel's lock table names for ``port``'s lock file, if that process
+    holds the lock on it; None if unknown. Raises nothing."""
     try:
         directory = state.find("ports")
-        entry = None if directory is None else directory.stat_entry(f"{seen.port}.lock")
+        entry = None if directory is None else directory.stat_entry(f"{port}.lock")
         table = locked_inodes() if locked is None else locked
     except (OSError, StateDirError):
         return None
     if directory is None or entry is None or table is None:
         return None
     pid = table.get((entry.st_dev, entry.st_ino))
-    path = os.path.join(os.path.realpath(directory.path), f"{seen.port}.lock")
+    path = os.path.join(os.path.realpath(directory.path), f"{port}.lock")
     if pid is None or not OpenFiles().holds_flock(pid, path, entry.st_dev, entry.st_ino):
         return None
     return pid
 
 
-def holder_host(seen: PortStatus, host: str) -> str:
-    """The host whose addresses a held port's lease covers: its record's (what its
-    shield judges by), else ``host``. A layout on localhost named a foreign [::1]:P
-    listener as one "the shield stops" beside another app's lease on 127.0.0.1, whose
-    shield never does. Raises nothing."""
-    record = _live_record(seen)
-    if record is None or not record.host:
+def _covered_host(recorded: str, host: str) -> str:
+    """``recorded`` (a live holder's lease host), else ``host`` when it is empty or no
+    longer resolves. A layout on localhost named a foreign [::1]:P listener as one "the
+    shield stops" beside another app's lease on 127.0.0.1, whose shield never does."""
+    if not recorded:
         return host
     try:
-        covered_scopes(record.host)
+        covered_scopes(recorded)
     except OSError:  # a name that no longer resolves: judge by ``host``
         return host
-    return record.host
+    return recorded
 
 
 def _unusable_lock_path(state: StateDir, port: int) -> str | None:
@@ -266,21 +283,13 @@ def other_loopback_notes(
 
 
 def _elsewhere(
-    state: StateDir,
-    port: int,
-    *,
-    host: str,
-    sockets: Sequence[TcpSocket],
-    refusal: Refusal | None,
-    locked: LockTable | None,
+    port: int, *, host: str, sockets: Sequence[TcpSocket], holder: _Holder | None
 ) -> tuple[str, ...]:
     """``other_loopback_notes`` of a port, by its holder's host and without its holder's
-    own listeners when it is held."""
-    if refusal is None or refusal.reason != "held":
+    own listeners when it is held (``holder``)."""
+    if holder is None:
         return other_loopback_notes(port, host, sockets)
-    seen = inspect_port(state, port, locked)
-    holder = holder_pid(state, seen, locked)
-    return other_loopback_notes(port, holder_host(seen, host), sockets, holder)
+    return other_loopback_notes(port, holder.host, sockets, holder.pid)
 
 
 def examine_layout(
@@ -300,17 +309,10 @@ def examine_layout(
         for number in range(1, layout.max_instances + 1):
             for svc in services:
                 for port in svc.pool(number):
-                    refusal, notes, found = classify_port(
+                    refusal, notes, found, holder = _classify(
                         state, port, layout.host, locked=locked, sockets=sockets
                     )
-                    elsewhere = _elsewhere(
-                        state,
-                        port,
-                        host=layout.host,
-                        sockets=sockets,
-                        refusal=refusal,
-                        locked=locked,
-                    )
+                    elsewhere = _elsewhere(port, host=layout.host, sockets=sockets, holder=holder)
                     verdicts.append(
                         PortVerdict(number, svc.name, port, refusal, notes, found, elsewhere)
                     )
