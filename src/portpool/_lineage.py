@@ -20,7 +20,7 @@ from portpool._platform import has_children
 if TYPE_CHECKING:
     import psutil
 
-__all__ = ["Lineage"]
+__all__ = ["Lineage", "running"]
 
 # In the environment of every process an instance starts (``up``'s services also carry
 # PORTPOOL_SUPERVISOR_PID, our pid), and so of what they start (a daemon keeps them).
@@ -60,7 +60,7 @@ class Lineage:
                     seen += inherited.children(recursive=True)
         with self._lock:
             # The gone ones can no longer be adopted: a busy sidecar must not grow this.
-            self._foreign = {p for p in self._foreign if _alive(p)} | set(seen)
+            self._foreign = {p for p in self._foreign if running(p)} | set(seen)
 
     def adopted(
         self, children: Sequence[psutil.Process], started: Collection[int]
@@ -104,7 +104,8 @@ def _children_now() -> list[psutil.Process]:
         return []
 
 
-def _alive(proc: psutil.Process) -> bool:
+def running(proc: psutil.Process) -> bool:
+    """Whether ``proc`` still runs (not gone, not a zombie waiting to be reaped)."""
     import psutil
 
     try:

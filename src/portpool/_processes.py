@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
 from portpool._launch import DEFAULT_GRACE_S, describe_status, held_ports, pump_lines, spawn
-from portpool._lineage import Lineage
+from portpool._lineage import Lineage, running
 from portpool._platform import (
     enlarge_pipe,
     has_children,
@@ -339,7 +339,7 @@ class Supervisor:
             # hands its children to us unseen: only a second empty scan says all gone
             # (a service's orphan started while stopping outlived up, 1 run in 5).
             exited = all(p.poll() is not None for p in self.children.values())
-            alive = [p for p in self._tree() if _running(p)]
+            alive = [p for p in self._tree() if running(p)]
             if alive:
                 import psutil  # loaded by _tree, which found them (none: not loaded at all)
             for proc in alive:
@@ -393,12 +393,3 @@ class Supervisor:
             if not held or time.monotonic() >= deadline:
                 return held
             time.sleep(0.05)
-
-
-def _running(proc: psutil.Process) -> bool:
-    import psutil
-
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
