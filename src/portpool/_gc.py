@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from portpool._heldlock import HeldLock, is_held, lock_path_kind
-from portpool._jsonfile import TMP_SUFFIX, decimal, special_entry
+from portpool._jsonfile import TMP_SUFFIX, decimal
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -27,7 +27,7 @@ from portpool._platform import (
 from portpool._record import read_port_record
 from portpool.errors import LockHeld, PortPoolError
 from portpool.records import recorded_holder, slot_numbers
-from portpool.statedir import StateDir
+from portpool.statedir import StateDir, special_entry
 
 
 @dataclass

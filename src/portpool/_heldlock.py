@@ -29,7 +29,7 @@ from portpool._platform import (
     unlock,
 )
 from portpool.errors import AlreadyHeldHere, LockError, LockHeld, StateDirError
-from portpool.statedir import out_of_descriptors
+from portpool.statedir import out_of_descriptors, special_entry
 
 _OPEN_RETRIES = 16
 
@@ -269,13 +269,11 @@ def lock_path_kind(directory: DirHandle, name: str) -> str | None:
 
 
 def _special_kind(directory: DirHandle, name: str) -> str | None:
-    """What ``<dir>/<name>`` is when it is there and not a regular file ("a symbolic
-    link", which an open reported as "Too many levels of symbolic links"), else None."""
-    try:
-        st = directory.stat_entry(name)
-    except OSError:
-        return None
-    return None if st is None or stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
+    """``special_entry`` ("a symbolic link", which an open reported as "Too many levels
+    of symbolic links"), None if it cannot be examined either."""
+    with contextlib.suppress(OSError):
+        return special_entry(directory, name)
+    return None
 
 
 def _not_a_lock(kind: str) -> str:

@@ -46,14 +46,6 @@ def write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
         raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
 
 
-def special_entry(directory: DirHandle, name: str) -> str | None:
-    """What ``<dir>/<name>`` is (``a FIFO``, ``a directory``, ...) when it exists and is
-    not a regular file, else None; a symlink is not followed. Raises OSError if it
-    cannot be examined."""
-    st = directory.stat_entry(name)
-    return None if st is None or stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
-
-
 class NotAFile(ValueError):
     """A special file (symlink, FIFO, directory, ...) where a record belongs."""
 

@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 from portpool._find import find_instance, running_slot
 from portpool._heldlock import is_held
-from portpool._jsonfile import NotAFile, read_json_file, special_entry, write_atomic
+from portpool._jsonfile import NotAFile, read_json_file, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
 from portpool.errors import NotRunning, StateDirError
 from portpool.layout import Layout
 from portpool.records import InstanceInfo
-from portpool.statedir import StateDir, check_name
+from portpool.statedir import StateDir, check_name, special_entry
 
 __all__ = ["follow_log", "log_path", "logs_dir", "set_log_owner"]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from portpool._heldlock import HeldLock
-from portpool._jsonfile import read_json_file, special_entry, write_atomic
+from portpool._jsonfile import read_json_file, write_atomic
 from portpool._layout_load import absolute_path, working_directory
 from portpool._platform import DirHandle, locked_inodes
 from portpool._text import printable
@@ -35,7 +35,7 @@ from portpool.errors import (
 )
 from portpool.layout import Layout
 from portpool.records import RECORD_BLOCKER, read_instance
-from portpool.statedir import StateDir, check_name
+from portpool.statedir import StateDir, check_name, special_entry
 
 __all__ = ["checkout_dir", "fill_slot", "previous_number", "remember_number"]
 

@@ -325,3 +325,11 @@ class StateDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def special_entry(directory: DirHandle, name: str) -> str | None:
+    """What ``<dir>/<name>`` is (``a FIFO``, ``a directory``, ...) when it exists and is
+    not a regular file, else None; a symlink is not followed. Raises OSError if it
+    cannot be examined."""
+    st = directory.stat_entry(name)
+    return None if st is None or stat.S_ISREG(st.st_mode) else file_kind(st.st_mode)
