@@ -150,16 +150,20 @@ def _interpreter_problem(path: str, search: str | None = None) -> str | None:
     if not first.startswith(b"#!"):
         return None
     line = first[2:].split(b"\n", 1)[0].decode(errors="replace")
-    crlf = _carriage_return_problem(path, line, search)
+    # As the kernel reads it: split at spaces and tabs only (a CR stays in its word).
+    words = [w for w in line.replace("\t", " ").split(" ") if w]
+    if not words:
+        return None
+    env = os.path.basename(words[0].rstrip("\r")) == "env" and len(words) > 1
+    crlf = _carriage_return_problem(path, words, env, search)
     if crlf:
         return crlf
-    words = line.split()
-    if not words or not os.path.isabs(words[0]):
-        return None
     interpreter = words[0]
+    if not os.path.isabs(interpreter):
+        return None
     if not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
         return f"{path!r} starts with '#!{interpreter}', which is not an executable file"
-    program = words[1] if os.path.basename(interpreter) == "env" and len(words) > 1 else ""
+    program = words[1] if env else ""
     if (
         program
         and program[0] != "-"
@@ -170,15 +174,13 @@ def _interpreter_problem(path: str, search: str | None = None) -> str | None:
     return None
 
 
-def _carriage_return_problem(path: str, line: str, search: str | None = None) -> str | None:
-    """Why the ``#!`` ``line`` (after ``#!``, without its newline) of ``path`` fails for a
-    carriage return, or None. The kernel splits it at spaces and tabs only, so a file
-    with CRLF line endings names '/bin/sh\\r' (or has env look for 'python3\\r'): it
-    passed the check and failed only once started, after the other services."""
-    words = [w for w in line.replace("\t", " ").split(" ") if w]
-    if not words:
-        return None
-    env = os.path.basename(words[0].rstrip("\r")) == "env" and len(words) > 1
+def _carriage_return_problem(
+    path: str, words: Sequence[str], env: bool, search: str | None = None
+) -> str | None:
+    """Why the ``#!`` line of ``path`` (its ``words`` as the kernel splits them; ``env``:
+    it runs ``words[1]`` through env) fails for a carriage return, or None. A file with
+    CRLF line endings names '/bin/sh\\r' (or has env look for 'python3\\r'): it passed
+    the check and failed only once started, after the other services."""
     word = words[1] if env else words[0]
     if not word.endswith("\r") or (
         shutil.which(word, path=search) if env else os.path.exists(word)
