@@ -37,6 +37,8 @@ from tests.helpers import (
 )
 
 from portpool._platform import listeners
+from portpool._relay import SignalScope
+from portpool.errors import Interrupted
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="POSIX signals, Linux /proc")
 
@@ -794,3 +796,18 @@ def test_a_command_reads_the_terminal_though_run_has_no_std_fd_on_it(
     os.write(term.master, b"secret\n")
     assert term.wait(timeout=30) == 0, term.text
     assert answer.read_text() == "got secret\n"
+
+
+def test_a_stop_signal_inside_the_import_machinery_is_kept_for_check() -> None:
+    # A Ctrl-C that met an import lock's callback raised there: CPython printed
+    # "Exception ignored in ... _get_module_lock" with a traceback and dropped it.
+    namespace: dict[str, object] = {}
+    code = compile("import sys\nframe = sys._getframe()", "<frozen importlib._bootstrap>", "exec")
+    exec(code, namespace)
+    importlib_frame = namespace["frame"]
+    with SignalScope() as scope:
+        scope._interrupt(signal.SIGINT, importlib_frame)  # type: ignore[arg-type]
+        with pytest.raises(Interrupted):
+            scope.check()
+    with SignalScope() as scope, pytest.raises(Interrupted):
+        scope._interrupt(signal.SIGINT, sys._getframe())  # anywhere else: at once

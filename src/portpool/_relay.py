@@ -91,7 +91,12 @@ class SignalScope:
         # Raise once: a second signal must not break the clean-up of the first.
         if self._interrupted is None and not ignored_by_default(signum):
             self._interrupted = signum
-            raise Interrupted(signum)
+            # Never inside the import machinery: CPython prints and drops what its
+            # callbacks raise ("Exception ignored in ... _get_module_lock", a traceback
+            # on a Ctrl-C), and a raise mid-import can leave a module half made. Kept
+            # for ``check``, which raises it before the command starts.
+            if frame is None or not frame.f_code.co_filename.startswith("<frozen importlib"):
+                raise Interrupted(signum)
 
     def check(self) -> None:
         """Raise ``Interrupted`` if a stop signal arrived and was not read yet (call
