@@ -1,14 +1,15 @@
-"""Starting one program as ``run`` and ``up`` do (``_launch.spawn``, through the exec
-shim): sockets at fds 3.. in order, ``LISTEN_PID`` its own pid, an empty signal mask
-whatever the spawning thread blocks, only the fds it is given, its own process group,
-SIGTERM when its parent dies, and otherwise exactly what it would get from ``exec``:
-its arguments, its environment (names no shell would take, ``PWD`` as it was), and a
-refusal with exit 127 for what the kernel will not execute.
+"""Starting one program as ``run`` and ``up`` do (``_launch.spawn``, prepared in the forked
+child by ``_spawn.ChildSetup``): sockets at fds 3.. in order, ``LISTEN_PID`` its own
+pid, an empty signal mask whatever the spawning thread blocks, only the fds it is given,
+its own process group, SIGTERM when its parent dies, and otherwise exactly what it would
+get from ``exec``: its arguments, its environment (names no shell would take, ``PWD`` as
+it was), and CommandNotFound (exit 127) for what the kernel will not execute.
 
-A faster start through ``posix_spawn`` + ``setpriv`` + ``sh`` was tried and dropped:
-the shell drops environment variables whose names are not shell names (exported bash
+A faster start through ``posix_spawn`` + ``setpriv`` + ``sh`` was tried and dropped: the
+shell drops environment variables whose names are not shell names (exported bash
 functions), rewrites ``PWD``, runs files without a ``#!`` line and names its own script
-in errors. These tests hold any replacement to the shim's behaviour.
+in errors. These tests held the exec shim (a second python per start) to that, and hold
+what replaced it, the same steps in the forked child.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from portpool._launch import spawn
@@ -70,16 +72,22 @@ def two_sockets() -> Iterator[list[socket.socket]]:
 
 
 def _in_blocking_thread(start: Callable[[], subprocess.Popen[bytes]]) -> subprocess.Popen[bytes]:
-    """``start()`` in a thread that blocks the stop signals, as up's keepers do."""
+    """``start()`` in a thread that blocks the stop signals, as up's keepers do, and
+    lives until the process exits, as they do: the parent-death signal (Linux) follows
+    the thread that started the process."""
     started: list[subprocess.Popen[bytes]] = []
+    ready = threading.Event()
 
     def body() -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-        started.append(start())
+        try:
+            started.append(start())
+        finally:
+            ready.set()
+        started[0].wait(60)
 
-    thread = threading.Thread(target=body)
-    thread.start()
-    thread.join(30)
+    threading.Thread(target=body, daemon=True).start()
+    ready.wait(30)
     assert started, "the start raised"
     return started[0]
 
@@ -247,10 +255,66 @@ def test_the_environment_arrives_as_given(tmp_path: Path) -> None:
 def test_what_the_kernel_will_not_execute_is_refused_with_127(
     tmp_path: Path, content: str, mode: int
 ) -> None:
+    from portpool import CommandNotFound
+
     program = tmp_path / "prog"
     program.write_text(content)
     program.chmod(mode)
-    proc = spawn([str(program)], dict(os.environ), watch_parent=True, stderr=subprocess.PIPE)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 127
-    assert err.decode().startswith(f"portpool: cannot start {str(program)!r}: ")
+    with pytest.raises(CommandNotFound) as refused:
+        spawn([str(program)], dict(os.environ), watch_parent=True, stderr=subprocess.PIPE)
+    assert refused.value.exit_code == 127
+    assert str(refused.value).startswith(f"cannot start the command: {str(program)!r}: ")
+    # The child that could not exec was reaped: no zombie of ours is left.
+    zombies = [p for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]
+    assert zombies == []
+
+
+def test_starts_from_many_threads_while_others_hold_locks_never_hang(
+    two_sockets: list[socket.socket], tmp_path: Path
+) -> None:
+    """The child runs Python between fork and exec: it must take no lock another thread
+    may hold at the fork. Four threads start 25 programs each while three others keep
+    taking the locks a forked child could wait on (logging's, the import lock, the C
+    library's environment lock); every program starts with its sockets and exits 0."""
+    import importlib
+    import logging
+
+    log = logging.getLogger("portpool-test-churn")
+    log.addHandler(logging.FileHandler(tmp_path / "churn.log"))
+    log.propagate = False
+    stop = threading.Event()
+    churned = {"log": 0, "import": 0, "env": 0}
+
+    def churn(kind: str) -> None:
+        while not stop.is_set():
+            if kind == "log":
+                log.warning("churn %d", churned["log"])
+            elif kind == "import":
+                sys.modules.pop("colorsys", None)
+                importlib.import_module("colorsys")
+            else:
+                os.environ["PORTPOOL_TEST_CHURN"] = str(churned["env"])
+            churned[kind] += 1
+
+    sockets = [(s.fileno(), f"s{i}") for i, s in enumerate(two_sockets)]
+    check = 'test "$LISTEN_PID" = "$$" && test "$LISTEN_FDS" = 2'
+    codes: list[int] = []
+
+    def starter() -> None:
+        for _ in range(25):
+            proc = spawn(["sh", "-c", check], dict(os.environ), sockets=sockets, watch_parent=True)
+            codes.append(proc.wait(60))
+
+    churners = [threading.Thread(target=churn, args=(k,), daemon=True) for k in churned]
+    starters = [threading.Thread(target=starter, daemon=True) for _ in range(4)]
+    for t in churners + starters:
+        t.start()
+    for t in starters:
+        t.join(120)
+    stop.set()
+    for t in churners:
+        t.join(10)
+    os.environ.pop("PORTPOOL_TEST_CHURN", None)
+    assert not any(t.is_alive() for t in starters), "a start hung"
+    assert codes == [0] * 100
+    assert all(n > 0 for n in churned.values()), churned  # the locks were busy meanwhile

@@ -622,8 +622,8 @@ def test_a_script_with_crlf_line_endings_is_refused_before_anything_starts(
 def test_the_command_checks_refuse_no_script_that_runs(
     tmp_path: Path, layout: Path, home: Path
 ) -> None:
-    # What the kernel and the shim run must pass: a program found through a relative
-    # PATH entry, a symlink to a script, env -S, a #! line with an argument.
+    # What the kernel runs (execvpe, as the start does) must pass: a program found through
+    # a relative PATH entry, a symlink to a script, env -S, a #! line with an argument.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     scripts = {

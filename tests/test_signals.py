@@ -534,23 +534,6 @@ def test_a_shell_that_forks_gets_a_clear_listen_pid_error(
     assert "start it with `portpool run --fds`" not in done.stderr
 
 
-def test_the_exec_shim_imports_no_part_of_portpool(tmp_path: Path) -> None:
-    from portpool import _launch
-
-    done = subprocess.run(
-        [sys.executable, "-I", "-S", "-X", "importtime", _launch._SHIM, "--", "true"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    imported = re.findall(r"\|\s+(\S+)\s*$", done.stderr, flags=re.M)
-    assert imported and not [m for m in imported if m.startswith("portpool")]
-    # Nor the signal module's enum layer (a third of the shim's start): _signal does.
-    assert "enum" not in imported, imported
-
-
 def test_a_port_held_by_an_escaped_process_is_named_not_called_free(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

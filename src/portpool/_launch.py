@@ -41,8 +41,6 @@ _OURS = frozenset(
     }
 )
 _OURS_PREFIX = "PORTPOOL_PORT_"
-# Run by path with -I -S: the shim imports nothing of portpool (145 ms -> ~20 ms a start).
-_SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawn.py")
 
 
 @contextlib.contextmanager
@@ -219,11 +217,6 @@ def _not_found_hint(program: str) -> str:
     return ""
 
 
-def shim_prefix() -> list[str]:
-    """The argv that starts the exec shim; append its options, ``--`` and the command."""
-    return [sys.executable, "-I", "-S", _SHIM]
-
-
 def spawn(
     command: Sequence[str],
     env: Mapping[str, str],
@@ -251,37 +244,70 @@ def spawn(
     """
     if not command:
         raise PortPoolError("empty command")
-    argv = list(command)
     targets = range(3, 3 + len(sockets))
     inherited = [fd for fd in inherit_fds if fd not in targets] if sys.platform != "win32" else []
+    setup = report = None
     if sys.platform != "win32":
-        shim = shim_prefix()
-        for fd, name in sockets:
-            shim += ["--fd", f"{fd}:{name}"]
-        for fd in keep_fds:
-            shim += ["--keep", str(fd)]
-        if watch_parent:
-            shim += ["--parent", str(os.getpid())]
-        argv = [*shim, "--", *argv]
+        from portpool._spawn import ChildSetup  # POSIX only
+
+        report, report_w = _pipe()
+        setup = ChildSetup(
+            command,
+            env,
+            sockets=sockets,
+            keep=keep_fds,
+            inherited=inherited,
+            parent=os.getpid() if watch_parent else None,
+            report=report_w,
+        )
     try:
-        return subprocess.Popen(
-            argv,
+        proc = subprocess.Popen(
+            list(command),
             env=dict(env),
             pass_fds=[*(fd for fd, _ in sockets), *keep_fds, *inherited],
             process_group=0 if own_group and sys.platform != "win32" else None,
+            preexec_fn=setup,  # noqa: PLW1509  # safe: see portpool._spawn
             stdin=stdin,
             stdout=stdout,
             stderr=stderr,
         )
     except OSError as e:
+        if report is not None:
+            os.close(report)
+        raise _not_started(command, e) from e
+    finally:
+        if setup is not None:
+            os.close(setup.report)
+    if report is not None:
+        with open(report, "rb") as reader:  # empty once the program runs: exec closed it
+            reported = reader.read().decode(errors="replace")
+        if reported:
+            proc.wait()
+            number, _, why = reported.partition(" ")
+            raise _not_started(command, OSError(int(number), why))
+    return proc
+
+
+def _pipe() -> tuple[int, int]:
+    """A close-on-exec pipe; out of descriptors raises ResourceLimit."""
+    try:
+        return os.pipe()
+    except OSError as e:
         from portpool.statedir import out_of_descriptors
 
-        limit = out_of_descriptors(e)
-        if limit is not None:
-            raise limit from e
-        # What the kernel refused (arguments or environment too large, E2BIG): the
-        # command cannot be executed, as the shim's own refusal says (127, as a shell).
-        raise CommandNotFound(command[0], f"{command[0]!r}: {e.strerror or e}") from e
+        raise out_of_descriptors(e) or e from e
+
+
+def _not_started(command: Sequence[str], e: OSError) -> PortPoolError:
+    """ResourceLimit out of file descriptors, else CommandNotFound: what the kernel refused
+    (arguments or environment too large, E2BIG; a file it cannot execute) cannot be
+    executed (127, as a shell says)."""
+    from portpool.statedir import out_of_descriptors
+
+    limit = out_of_descriptors(e)
+    if limit is not None:
+        return limit
+    return CommandNotFound(command[0], f"{command[0]!r}: {e.strerror or e}")
 
 
 def pump_lines(

@@ -1,125 +1,139 @@
-"""Exec shim for commands and services: place passed sockets at fds 3.., then exec.
+"""A started program's last steps in the forked child: sockets at fds 3.., exec.
 
-Run by file path, never as ``-m portpool._spawn``, so that it imports no part of the
-package (only ``os``, ``_signal``, ``fcntl`` and, on Linux, ``ctypes``)::
+``ChildSetup`` runs as ``subprocess.Popen``'s ``preexec_fn`` and never returns: it
+places the sockets at fds 3, 4, ... (the systemd protocol), sets ``LISTEN_PID`` to the
+child's own pid (only the child knows it, so it execs the program itself, with the
+environment exactly as given), asks for SIGTERM when its parent dies (Linux), restores
+default signal dispositions and an empty signal mask, and closes what it must not pass.
+It replaced an exec shim, a second python per program start (~10 ms, a tenth of ``run``).
 
-    python -I -S .../portpool/_spawn.py [--fd FD:NAME]... [--keep FD] [--parent PID] -- CMD...
-
-Why it exists: the systemd protocol wants the sockets at fds 3, 4, ... and
-``LISTEN_PID`` set to the service's own pid, which only the child can know, and on
-Linux the parent-death signal must be set by the child itself; ``preexec_fn`` could do
-both but is unsafe while the supervisor runs threads.
-
-It is started with the supervisor's stop signals blocked, so a Ctrl-C while this
-interpreter starts stays pending (no traceback, no "Could not import runpy module").
-Before the exec it restores what Python changed (SIGPIPE and SIGXFSZ ignored, a SIGINT
-handler) to the default and unblocks every signal: a signal that was pending then ends
-this process by its default action, as it would have ended the command, and the
-command starts with default dispositions and an empty signal mask.
+Why a ``preexec_fn`` is safe here although the supervisor runs threads (the warning in
+subprocess's documentation): a child forked from a threaded process deadlocks only on a
+lock that another thread held at the fork. This code takes none: after the fork the
+interpreter re-creates its own locks (GIL, import) and the child makes system calls
+(dup, fcntl, close, prctl through a function bound before the fork, sigaction,
+sigprocmask, execve) and allocates memory (malloc is reset by the C library's fork);
+it imports nothing, logs nothing and never writes ``environ``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import signal
 import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import NoReturn
 
-try:
-    # The signal module's C core, without its enum wrappers: importing ``signal``
-    # (enum, functools, collections) cost ~5 ms of CPU per service start, a third of
-    # this interpreter's whole start. Its functions are the same, with plain ints.
-    import _signal as signal  # type: ignore[import-not-found]  # no stub: same API
-except ImportError:  # an interpreter without the C module
-    import signal
+from portpool._platform import open_fds, parent_death_setter
 
 assert sys.platform != "win32", "sockets by fd and signal masks need POSIX"
 
-# Python installs a handler or SIG_IGN for these; an exec keeps SIG_IGN, so reset them.
-_PYTHON_CHANGED = ("SIGINT", "SIGPIPE", "SIGXFSZ", "SIGXFZ")
-_PR_SET_PDEATHSIG = 1
+# The exit status of a program that could not be executed, as a shell's.
+NOT_EXECUTED = 127
 
 
-def _set_parent_death_signal(parent: int) -> bool:
-    """SIGTERM us when ``parent`` dies (Linux); False if it already died."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+class ChildSetup:
+    """The ``preexec_fn`` that starts ``command`` with ``env`` (name -> value).
 
+    ``sockets`` [(fd, name)] arrive at fds 3.. with ``LISTEN_FDS``, ``LISTEN_FDNAMES``
+    and ``LISTEN_PID``; ``keep`` fds stay open above them (at other numbers);
+    ``inherited`` fds keep their numbers; every other inheritable fd above 2 is closed.
+    ``parent``: a pid; the child asks for SIGTERM when its parent dies and exits 1 at
+    once if the parent is not ``parent`` any more (it died before the request took).
+    ``report``: the write end of a pipe (close-on-exec) on which a failed exec is
+    reported as ``<errno> <why>`` before the child exits 127; the pipe closes
+    unwritten when the program starts (``spawn`` reads it, as Popen reads its own).
+    """
+
+    def __init__(
+        self,
+        command: Sequence[str],
+        env: Mapping[str, str],
+        *,
+        sockets: Sequence[tuple[int, str]] = (),
+        keep: Sequence[int] = (),
+        inherited: Sequence[int] = (),
+        parent: int | None = None,
+        report: int,
+    ) -> None:
+        self.command = list(command)
+        self.env = dict(env)
+        self.fds = [fd for fd, _ in sockets]
+        self.names = [name for _, name in sockets]
+        self.keep = list(keep)
+        self.inherited = set(inherited)
+        self.parent = parent
+        self.report = report
+        # Bound now: the child must not load a library (see the module's docstring).
+        self._set_parent_death: Callable[[int], bool] | None = (
+            parent_death_setter() if parent is not None else None
+        )
+
+    def __call__(self) -> NoReturn:
+        report = self.report
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-    # The parent may have died before prctl took effect: then nobody supervises us.
-    return os.getppid() == parent
+            # Above the sockets' numbers first, or placing them could close it.
+            report = fcntl.fcntl(self.report, fcntl.F_DUPFD_CLOEXEC, 3 + len(self.fds))
+            self._prepare()
+            os.execvpe(self.command[0], self.command, self.env)
+        except OSError as e:
+            number, why = e.errno or 0, e.strerror or str(e)
+        except BaseException as e:  # nothing may return into subprocess's child code
+            number, why = 0, str(e) or type(e).__name__
+        with contextlib.suppress(OSError):
+            os.write(report, f"{number} {why}".encode(errors="replace"))
+        os._exit(NOT_EXECUTED)
+
+    def _prepare(self) -> None:
+        if self.parent is not None:
+            if self._set_parent_death is not None:
+                self._set_parent_death(signal.SIGTERM)
+            # The parent may have died before the request took: nobody supervises us.
+            if os.getppid() != self.parent:
+                os._exit(1)
+        kept = self._place()
+        self._close_others(kept)
+        if self.fds:
+            self.env["LISTEN_FDS"] = str(len(self.fds))
+            self.env["LISTEN_FDNAMES"] = ":".join(self.names)
+            self.env["LISTEN_PID"] = str(os.getpid())
+        _default_signals()
+
+    def _place(self) -> set[int]:
+        """Move the sockets to 3, 4, ... and ``keep`` above them, all inheritable;
+        return the fds that stay open."""
+        top = 3 + len(self.fds)
+        # Copy every source above the targets first: a source may sit on a target number.
+        temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in self.fds + self.keep]
+        for i, temp in enumerate(temps[: len(self.fds)]):
+            os.dup2(temp, 3 + i, inheritable=True)
+        for temp in temps[len(self.fds) :]:
+            os.set_inheritable(temp, True)
+        for stale in {fd for fd in self.fds + self.keep if fd >= top} | set(temps[: len(self.fds)]):
+            os.close(stale)
+        return {*range(top), *temps[len(self.fds) :], *(fd for fd in self.inherited if fd >= top)}
+
+    @staticmethod
+    def _close_others(kept: set[int]) -> None:
+        """Close every inheritable fd not in ``kept`` (what Popen's ``close_fds`` does
+        after a ``preexec_fn``, which never returns here). The others close at exec."""
+        for fd in open_fds():
+            if fd not in kept:
+                with contextlib.suppress(OSError):  # the listing's own fd, closed by now
+                    if os.get_inheritable(fd):
+                        os.close(fd)
 
 
-def _place(fds: list[int], keep: list[int]) -> None:
-    """Move ``fds`` to 3, 4, ... and ``keep`` above them, all inheritable."""
-    top = 3 + len(fds)
-    import fcntl
-
-    # Copy every source above the targets first: a source may sit on a target number.
-    temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in fds + keep]
-    for i, temp in enumerate(temps[: len(fds)]):
-        os.dup2(temp, 3 + i, inheritable=True)
-    for temp in temps[len(fds) :]:
-        os.set_inheritable(temp, True)
-    for stale in {fd for fd in fds + keep if fd >= top} | set(temps[: len(fds)]):
-        os.close(stale)
-
-
-def _reset_signals() -> None:
-    for name in _PYTHON_CHANGED:
-        number = getattr(signal, name, None)
-        # SIGINT ignored here was ignored by the caller (Python leaves an inherited
-        # SIG_IGN alone, and portpool never ignores it): it stays so, as after a shell.
-        if number is not None and not (
-            name == "SIGINT" and signal.getsignal(number) == signal.SIG_IGN
-        ):
-            signal.signal(number, signal.SIG_DFL)
-    # Pending signals are delivered here, with their default action: we die as the
-    # command would have, quietly.
+def _default_signals() -> None:
+    """Handled signals back to their default action, then an empty mask: a signal that
+    was pending (blocked by the supervisor while it started us) ends this child by its
+    default action, as it would have ended the program. What is ignored stays ignored,
+    as after ``exec`` (the caller's ``nohup``); Popen already restored SIGPIPE and SIGXFSZ."""
+    for signum in signal.valid_signals():
+        with contextlib.suppress(OSError, ValueError):
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
-
-
-def main(argv: list[str]) -> int:
-    fds: list[int] = []
-    names: list[str] = []
-    keep: list[int] = []
-    parent: int | None = None
-    args = list(argv)
-    while args and args[0] != "--":
-        opt = args.pop(0)
-        if opt == "--fd" and args:
-            fd_text, _, name = args.pop(0).partition(":")
-            fds.append(int(fd_text))
-            names.append(name)
-        elif opt == "--keep" and args:
-            keep.append(int(args.pop(0)))
-        elif opt == "--parent" and args:
-            parent = int(args.pop(0))
-        else:
-            os.write(2, f"portpool spawn: bad argument {opt!r}\n".encode())
-            return 2
-    command = args[1:]
-    if not command:
-        os.write(2, b"portpool spawn: no command after --\n")
-        return 2
-    if parent is not None and not _set_parent_death_signal(parent):
-        return 1
-    env = dict(os.environ)
-    if fds or keep:
-        _place(fds, keep)
-    if fds:
-        env["LISTEN_FDS"] = str(len(fds))
-        env["LISTEN_FDNAMES"] = ":".join(names)
-        env["LISTEN_PID"] = str(os.getpid())
-    _reset_signals()
-    try:
-        os.execvpe(command[0], command, env)
-    except OSError as e:
-        os.write(2, f"portpool: cannot start {command[0]!r}: {e.strerror}\n".encode())
-        return 127
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

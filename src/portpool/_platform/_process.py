@@ -14,10 +14,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from types import FrameType
 
+_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _F_SETPIPE_SZ = 1031
 # si_code of a signal the kernel sent: a terminal's Ctrl-C, Ctrl-\, hangup, SIGWINCH.
@@ -49,6 +50,41 @@ def become_subreaper() -> bool:
         return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
+
+
+def parent_death_setter() -> Callable[[int], bool] | None:
+    """A function ``set(signum) -> ok`` that asks the kernel to send the calling process
+    ``signum`` when the thread that forked it ends (Linux ``PR_SET_PDEATHSIG``), or None
+    where the OS has no such thing. Bound here, before a fork, so that the forked child
+    calls it without loading a library (a dlopen there could wait on a lock)."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_signal(signum: int) -> bool:
+        return int(prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)) == 0
+
+    return set_signal
+
+
+def open_fds() -> list[int]:
+    """The calling process's open file descriptors, from ``/proc/self/fd`` (Linux) or
+    ``/dev/fd`` (macOS, BSD); where neither lists them, every number below the
+    descriptor limit (capped at 65,536: a loop over a limit of millions takes seconds)."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            return sorted(int(name) for name in os.listdir(listing))
+        except (OSError, ValueError):
+            continue
+    from portpool._platform import open_files_limit
+
+    soft = open_files_limit() or 65536
+    return list(range(min(soft, 65536)))
 
 
 def signal_group(pgid: int, signum: int) -> bool:
