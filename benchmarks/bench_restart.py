@@ -33,8 +33,7 @@ from pathlib import Path
 
 from benchmarks._common import Row, Section, bindable, print_section
 from benchmarks.bench_instance import bench_env
-from benchmarks.bench_up import LAUNCH_ROW, time_process_ms
-from portpool import _spawn
+from benchmarks.bench_up import LAUNCH_ROW, spawn_ms
 
 PY = sys.executable
 BACKOFF_S = 0.1
@@ -177,23 +176,10 @@ def run(quick: bool = False) -> Section:
         port = free_port()
         kept, kept_refused = kept_socket(directory, port, repeats)
         loop, loop_refused = rebind(directory, port + 1, repeats)
-        # As up starts a service: the shim asks for SIGTERM on our death (ctypes, prctl).
-        shim = [
-            PY,
-            "-I",
-            "-S",
-            _spawn.__file__,
-            "--parent",
-            str(os.getpid()),
-            "--",
-            PY,
-            "-c",
-            "pass",
-        ]
         section.rows += [
             Row(
                 LAUNCH_ROW,
-                time_process_ms(shim, max(3, repeats)),
+                spawn_ms([PY, "-c", "pass"], max(3, repeats)),
                 unit="ms",
                 note="the restarted service's own start-up floor",
             ),
@@ -221,14 +207,14 @@ def run(quick: bool = False) -> Section:
     loop_ms = by["rebind (restart loop, client retries every 10 ms)"]
     section.notes += [
         f"With the socket kept the next request is answered {kept_ms:.0f} ms after the "
-        f"death ({BACKOFF_S * 1000:.0f} ms backoff + the exec shim + the service's start-up) "
+        f"death ({BACKOFF_S * 1000:.0f} ms backoff + the start + the service's start-up) "
         f"and no connection is refused ({sum(kept_refused)} in {len(kept)} restarts).",
         f"Rebinding answers after {loop_ms:.0f} ms, but only because this client retried: "
         f"{sum(loop_refused)} connections were refused in {len(loop)} restarts, each one an "
         "error for a client that does not retry.",
-        "The kept socket's extra time is the exec shim (one more interpreter start, which "
-        "places the socket at fd 3 and asks the kernel for SIGTERM on up's death) and the "
-        "state written to the instance record.",
+        "The kept socket's extra time is the start (fork; in the child the socket placed at "
+        "fd 3 and SIGTERM asked for on up's death; exec) and the state written to the "
+        "instance record.",
     ]
     return section
 

@@ -276,7 +276,7 @@ def explain_ready(section: Section) -> str:
         f"{imports_sum / cpus:.0f} ms, against {by['up -> all six answering /health']:.0f} "
         f"ms measured. portpool's own part, launch to its ports announced (python start, "
         f"click, its imports, the instance), before any service starts: "
-        f"{by['up -> its ports announced']:.0f} ms; then six spawns through the exec shim."
+        f"{by['up -> its ports announced']:.0f} ms; then six spawns."
     )
 
 

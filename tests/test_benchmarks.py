@@ -159,7 +159,7 @@ def test_cli_benchmark_measures_every_command_beside_its_floors() -> None:
     )
     for floor in floors:
         assert floor in names
-    for command in (bench_cli.STATUS, bench_cli.RUN, bench_cli.SHIM, "portpool --help"):
+    for command in (bench_cli.STATUS, bench_cli.RUN, bench_cli.START, "portpool --help"):
         assert command in names
     assert section.floor == bench_cli.FLOOR
     for row in section.rows:
@@ -231,7 +231,7 @@ def test_up_benchmark_gives_up_as_a_ratio_to_its_floors() -> None:
     assert section.ratio(cpu) == pytest.approx(cpu.median / cpu_floor.median)
     assert section.ratio(floor) == section.ratio(cpu_floor) == 1.0  # the floors say so
     python = rows["python -c pass"]
-    for name in ("python -S -c pass", "exec shim + python -c pass"):
+    for name in ("python -S -c pass", bench_up.LAUNCH_ROW):
         assert section.ratio(rows[name]) == pytest.approx(rows[name].median / python.median)
 
 
