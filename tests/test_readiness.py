@@ -93,6 +93,26 @@ def test_tcp_on_a_passed_socket_waits_for_an_accept_not_a_handshake(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+@pytest.mark.parametrize("listening", FAMILIES, indirect=True)
+def test_a_connection_the_service_closed_first_counts_as_accepted(
+    listening: socket.socket,
+) -> None:
+    """A fast service accepts the probe's connection and closes it before the probe
+    does: its side is left without a file (FIN_WAIT2, then TIME_WAIT for a minute),
+    which was read as "still queued", so up waited out the ready timeout and failed."""
+    from portpool._platform import connection_accepted
+
+    client = socket.create_connection(listening.getsockname()[:2], timeout=5)
+    server_side, our_side = client.getpeername()[:2], client.getsockname()[:2]
+    assert connection_accepted(listening.family, server_side, our_side) is False  # queued
+    conn, _ = listening.accept()
+    conn.close()  # the service closes first
+    assert connection_accepted(listening.family, server_side, our_side) is True
+    client.close()  # then the probe: the service's side is in TIME_WAIT
+    assert connection_accepted(listening.family, server_side, our_side) is True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
 def test_tcp_probe_never_holds_up_a_server_that_reads_each_connection(
     listening: socket.socket,
 ) -> None:

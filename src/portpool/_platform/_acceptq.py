@@ -33,9 +33,13 @@ __all__ = ["accept_queue_length", "connection_accepted"]
 # listeners instead of every one on the host.
 _PORT_REQUEST = struct.Struct("=BBBBI")
 _PORT_FILTER = struct.Struct("!H46x")
+_STATE_FIELD = 1
 _RQUEUE_FIELD = 11
 _INODE_FIELD = 14
 _TCPF_LISTEN = 1 << 10  # the state mask bit of TCP_LISTEN
+# What a connection in the accept queue can be in: ESTABLISHED, SYN_RECV, CLOSE_WAIT (the
+# client closed), NEW_SYN_RECV. A server side in any other state was accepted and closed.
+_QUEUED_STATES = frozenset({1, 3, 8, 12})
 
 
 def _diag_rqueue(family: int, port: int, inode: int) -> int | None:
@@ -95,9 +99,11 @@ def _packed(family: int, address: str) -> bytes:
     return socket.inet_pton(family, address).ljust(16, b"\0")
 
 
-def _diag_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-    """The inode of the TCP socket ``local`` <- ``remote``; None when there is none.
-    Raises OSError when sock_diag cannot answer."""
+def _diag_connection(
+    family: int, local: tuple[str, int], remote: tuple[str, int]
+) -> tuple[int, int] | None:
+    """(TCP state, inode) of the TCP socket ``local`` <- ``remote``; None when there is
+    none. Raises OSError when sock_diag cannot answer."""
     if _AF_NETLINK is None:
         raise OSError("no netlink sockets here")
     nl = socket.socket(_AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
@@ -122,7 +128,8 @@ def _diag_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) ->
             raise OSError(-error, f"sock_diag: {os.strerror(-error)}")
         if length < _NLMSG_HEADER.size + _DIAG_MESSAGE.size:
             raise OSError("sock_diag: malformed answer")
-        return int(_DIAG_MESSAGE.unpack_from(data, body)[_INODE_FIELD])
+        fields = _DIAG_MESSAGE.unpack_from(data, body)
+        return int(fields[_STATE_FIELD]), int(fields[_INODE_FIELD])
     finally:
         nl.close()
 
@@ -136,8 +143,10 @@ def _raw_v6(hex_addr: str) -> bytes:
     return b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
 
 
-def _proc_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) -> int | None:
-    """The same from /proc/net/tcp(6): the inode column of the matching line."""
+def _proc_connection(
+    family: int, local: tuple[str, int], remote: tuple[str, int]
+) -> tuple[int, int] | None:
+    """The same from /proc/net/tcp(6): the state and inode columns of the matching line."""
     table, decode = (
         ("/proc/net/tcp6", _raw_v6) if family == socket.AF_INET6 else ("/proc/net/tcp", _raw_v4)
     )
@@ -149,7 +158,7 @@ def _proc_inode(family: int, local: tuple[str, int], remote: tuple[str, int]) ->
             addr_hex, _, port_hex = column.partition(":")
             found.append((decode(addr_hex), int(port_hex, 16)))
         if found == [want_local, want_remote]:
-            return int(fields[9])
+            return int(fields[3], 16), int(fields[9])
     return None
 
 
@@ -157,16 +166,21 @@ def connection_accepted(
     family: int, local: tuple[str, int], remote: tuple[str, int]
 ) -> bool | None:
     """Whether the server side (``local``) of our connection from ``remote`` has left
-    its listener's accept queue: a queued connection has no file yet (inode 0), an
-    accepted one has, and one accepted and closed is gone. None where the OS does not
-    say (not Linux)."""
+    its listener's accept queue: a queued connection has no file yet (inode 0) and is
+    established, or half closed by us; an accepted one has a file; one accepted and
+    closed is gone, or lingers without a file in a closing state (TIME_WAIT when the
+    service closed first: a fast service was taken for one that never accepted, until
+    the probe's timeout). None where the OS does not say (not Linux)."""
     if sys.platform != "linux":
         return None
     try:
         try:
-            inode = _diag_inode(family, local, remote)
+            found = _diag_connection(family, local, remote)
         except (OSError, struct.error):
-            inode = _proc_inode(family, local, remote)  # no sock_diag (old kernel, sandbox)
+            found = _proc_connection(family, local, remote)  # no sock_diag (old kernel, sandbox)
     except (OSError, ValueError):
         return None
-    return inode is None or inode != 0
+    if found is None:
+        return True
+    state, inode = found
+    return inode != 0 or state not in _QUEUED_STATES
