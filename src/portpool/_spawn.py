@@ -39,7 +39,7 @@ class ChildSetup:
 
     ``sockets`` [(fd, name)] arrive at fds 3.. with ``LISTEN_FDS``, ``LISTEN_FDNAMES``
     and ``LISTEN_PID``; ``keep`` fds stay open above them (at other numbers);
-    ``inherited`` fds keep their numbers; every other inheritable fd above 2 is closed.
+    ``inherited`` fds keep their numbers; every other fd above 2 is closed.
     ``parent``: a pid; the child asks for SIGTERM when its parent dies and exits 1 at
     once if the parent is not ``parent`` any more (it died before the request took).
     ``report``: the write end of a pipe (close-on-exec) on which a failed exec is
@@ -74,6 +74,7 @@ class ChildSetup:
     def __call__(self) -> NoReturn:
         report = self.report
         try:
+            self._close_unpassed()
             # Above the sockets' numbers first, or placing them could close it.
             report = fcntl.fcntl(self.report, fcntl.F_DUPFD_CLOEXEC, 3 + len(self.fds))
             self._prepare()
@@ -93,17 +94,15 @@ class ChildSetup:
             # The parent may have died before the request took: nobody supervises us.
             if os.getppid() != self.parent:
                 os._exit(1)
-        kept = self._place()
-        self._close_others(kept)
+        self._place()
         if self.fds:
             self.env["LISTEN_FDS"] = str(len(self.fds))
             self.env["LISTEN_FDNAMES"] = ":".join(self.names)
             self.env["LISTEN_PID"] = str(os.getpid())
         _default_signals()
 
-    def _place(self) -> set[int]:
-        """Move the sockets to 3, 4, ... and ``keep`` above them, all inheritable;
-        return the fds that stay open."""
+    def _place(self) -> None:
+        """Move the sockets to 3, 4, ... and ``keep`` above them, all inheritable."""
         top = 3 + len(self.fds)
         # Copy every source above the targets first: a source may sit on a target number.
         temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in self.fds + self.keep]
@@ -113,17 +112,17 @@ class ChildSetup:
             os.set_inheritable(temp, True)
         for stale in {fd for fd in self.fds + self.keep if fd >= top} | set(temps[: len(self.fds)]):
             os.close(stale)
-        return {*range(top), *temps[len(self.fds) :], *(fd for fd in self.inherited if fd >= top)}
 
-    @staticmethod
-    def _close_others(kept: set[int]) -> None:
-        """Close every inheritable fd not in ``kept`` (what Popen's ``close_fds`` does
-        after a ``preexec_fn``, which never returns here). The others close at exec."""
+    def _close_unpassed(self) -> None:
+        """Close every fd above 2 the program is not given, close-on-exec or not (what
+        Popen's ``close_fds`` does after a ``preexec_fn``, which never returns here),
+        before anything is copied: the forked child holds all of its parent's fds, and
+        ``run --fds`` of N services needed N more than the limit its error asked for."""
+        passed = {self.report, *self.fds, *self.keep, *self.inherited}
         for fd in open_fds():
-            if fd not in kept:
+            if fd > 2 and fd not in passed:
                 with contextlib.suppress(OSError):  # the listing's own fd, closed by now
-                    if os.get_inheritable(fd):
-                        os.close(fd)
+                    os.close(fd)
 
 
 def _default_signals() -> None:
