@@ -349,3 +349,13 @@ def test_the_program_starts_with_all_its_sockets_near_the_descriptor_limit() -> 
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert (done.returncode, done.stdout, done.stderr) == (0, f"{count}\n", "")
+
+
+def test_a_start_refused_before_the_fork_leaks_no_descriptor() -> None:
+    """Popen refuses an argument with a NUL byte before it forks (ValueError): the pipe
+    that reports a failed exec was left open, one descriptor per refused start."""
+    before = sorted(os.listdir("/proc/self/fd"))
+    for _ in range(3):
+        with pytest.raises(ValueError, match="null byte"):
+            spawn(["sh", "-c", "echo a\0b"], dict(os.environ), watch_parent=True)
+    assert sorted(os.listdir("/proc/self/fd")) == before

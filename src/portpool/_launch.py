@@ -271,10 +271,13 @@ def spawn(
             stdout=stdout,
             stderr=stderr,
         )
-    except OSError as e:
+    except BaseException as e:
+        # Refused before the fork too (a NUL byte: ValueError), where it leaked this fd.
         if report is not None:
             os.close(report)
-        raise _not_started(command, e) from e
+        if isinstance(e, OSError):
+            raise _not_started(command, e) from e
+        raise
     finally:
         if setup is not None:
             os.close(setup.report)
