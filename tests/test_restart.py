@@ -702,3 +702,54 @@ def test_a_restart_stops_what_the_previous_process_left_running(
         kill_if_running(proc)
     assert proc.returncode == 0, err
     assert all(_gone(p) for p in daemons())
+
+
+def test_a_restart_that_cannot_exec_for_a_moment_is_retried_by_the_policy(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A program being rewritten (a build, a copy: ETXTBSY) while its service restarts
+    could not be executed for a moment: that was a run exiting 127 for the restart
+    policy, which retried it; starting programs without the exec shim made it the end
+    of the whole instance ("could not start", exit 5)."""
+    program = tmp_path / "svc.sh"
+    gate = tmp_path / "exit-now"
+    program.write_text(
+        f"#!/bin/sh\necho run\nwhile [ ! -e {shlex.quote(str(gate))} ]; do sleep 0.02; done\n"
+        f"rm -f {shlex.quote(str(gate))}\nexit 1\n"
+    )
+    program.chmod(0o755)
+    config = write_config(
+        tmp_path,
+        port_base,
+        {
+            "svc": {
+                "restart": "on-failure",
+                "ready": "log:^run$",
+                "socket": "port",
+                "command": [str(program)],
+            }
+        },
+    )
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        writer = os.open(program, os.O_WRONLY | os.O_APPEND)  # the build writes it
+        try:
+            gate.touch()
+            said = reader.until(lambda line: "could not be started again" in line, 30)
+        finally:
+            os.close(writer)
+        assert "Text file busy); restarting in " in said[-1], said
+        record = wait_for(
+            lambda: (
+                (r := service_record(config, "svc"))["state"] == "ready"
+                and r["restarts"] >= 2
+                and r
+            ),
+            30,
+        )
+        assert record["pid"] is not None
+    finally:
+        _out, err = stop_up(reader)
+    assert proc.returncode == 0, err

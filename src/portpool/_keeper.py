@@ -27,7 +27,7 @@ from portpool._restart import (
     RestartTracker,
     made_progress,
 )
-from portpool.errors import ResourceLimit
+from portpool.errors import CommandNotFound, ResourceLimit
 from portpool.layout import Service
 
 __all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper", "describe_failure"]
@@ -124,6 +124,7 @@ class ServiceKeeper:
         self.state = "starting"  # also while it waits for what it depends on
         self.pid: int | None = None
         self.last_exit_status: int | None = None  # the shell's view: 128+N for signal N
+        self.start_problem: str | None = None  # why the last restart could not exec
         self.started_at: float | None = None  # wall clock of the current process's start
         self.ready_at: float | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -227,10 +228,18 @@ class ServiceKeeper:
             except Exception as e:  # any reason a process could not start
                 if self._done.is_set():
                     return None  # the instance is stopping: not a failure of this service
+                if isinstance(e, CommandNotFound) and self.start_reason != "start":
+                    # A restart the kernel would not exec for a moment (the program being
+                    # rewritten: ETXTBSY, ENOENT) is a run that exited 127, as a shell
+                    # says, for the restart policy to retry or give up on.
+                    self.last_exit_status = CommandNotFound.exit_code
+                    self.start_problem = e.problem
+                    return CommandNotFound.exit_code, False
                 self._set("exited")
                 limit = e if isinstance(e, ResourceLimit) else None
                 self._on_failure(Failure(self.name, "cannot-start", None, str(e), limit))
                 return None
+            self.start_problem = None
             with self._cond:
                 self.proc = proc
                 self.pid = proc.pid

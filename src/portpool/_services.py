@@ -183,10 +183,12 @@ class ServiceSupervisor(Supervisor):
         self._say(f"portpool: {keeper.name} ready on port {keeper.port} in {seconds:.2f} s{again}")
 
     def _print_restarting(self, keeper: ServiceKeeper, returncode: int, delay_s: float) -> None:
-        self._say(
-            f"portpool: service {keeper.name!r} exited ({describe_status(returncode)}); "
-            f"restarting in {delay_s:g} s"
+        ended = (
+            f"could not be started again ({keeper.start_problem})"
+            if keeper.start_problem
+            else f"exited ({describe_status(returncode)})"
         )
+        self._say(f"portpool: service {keeper.name!r} {ended}; restarting in {delay_s:g} s")
 
     def wait_ready(self) -> bool:
         """Block until every service was ready once (True, even if a stop was asked
