@@ -359,3 +359,17 @@ def test_a_start_refused_before_the_fork_leaks_no_descriptor() -> None:
         with pytest.raises(ValueError, match="null byte"):
             spawn(["sh", "-c", "echo a\0b"], dict(os.environ), watch_parent=True)
     assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def test_the_child_tries_the_paths_execvp_would_in_its_order() -> None:
+    """The search is done before the fork (os.execvpe's runs Python that may take a
+    lock), and must try exactly what execvpe would, as the program's own PATH says."""
+    from portpool._spawn import exec_candidates
+
+    for env in ({"PATH": "/usr/bin::bin"}, {}, {"PATH": ""}, {"PATH": "/opt/x:/bin"}):
+        for program in ("true", "./prog", "dir/prog", "/bin/true"):
+            if os.path.dirname(program):
+                expected = [os.fsencode(program)]
+            else:
+                expected = [os.fsencode(os.path.join(d, program)) for d in os.get_exec_path(env)]
+            assert exec_candidates(program, env) == expected, (program, env)

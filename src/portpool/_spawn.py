@@ -66,6 +66,9 @@ class ChildSetup:
         self.inherited = set(inherited)
         self.parent = parent
         self.report = report
+        # os.execvpe's search runs Python that may take a lock (the warnings module's,
+        # from Python 3.14): the candidates are found here and the child only execve()s.
+        self.candidates = exec_candidates(self.command[0], self.env)
         # Bound now: the child must not load a library (see the module's docstring).
         self._set_parent_death: Callable[[int], bool] | None = (
             parent_death_setter() if parent is not None else None
@@ -78,7 +81,7 @@ class ChildSetup:
             # Above the sockets' numbers first, or placing them could close it.
             report = fcntl.fcntl(self.report, fcntl.F_DUPFD_CLOEXEC, 3 + len(self.fds))
             self._prepare()
-            os.execvpe(self.command[0], self.command, self.env)
+            self._exec()
         except OSError as e:
             number, why = e.errno or 0, e.strerror or str(e)
         except BaseException as e:  # nothing may return into subprocess's child code
@@ -86,6 +89,21 @@ class ChildSetup:
         with contextlib.suppress(OSError):
             os.write(report, f"{number} {why}".encode(errors="replace"))
         os._exit(NOT_EXECUTED)
+
+    def _exec(self) -> NoReturn:
+        """execve() each candidate as execvp does: the first error that is not "no such
+        file" is the one raised, else the last."""
+        first: OSError | None = None
+        last: OSError = FileNotFoundError(2, "No such file or directory")
+        for path in self.candidates:
+            try:
+                os.execve(path, self.command, self.env)
+            except (FileNotFoundError, NotADirectoryError) as e:
+                last = e
+            except OSError as e:
+                last = e
+                first = first or e
+        raise first or last
 
     def _prepare(self) -> None:
         if self.parent is not None:
@@ -123,6 +141,16 @@ class ChildSetup:
             if fd > 2 and fd not in passed:
                 with contextlib.suppress(OSError):  # the listing's own fd, closed by now
                     os.close(fd)
+
+
+def exec_candidates(program: str, env: Mapping[str, str]) -> list[bytes]:
+    """The paths ``os.execvpe(program, ..., env)`` would try, in order: ``program``
+    itself when it names a directory, else it in each directory of ``env``'s PATH (the
+    default path without one; an empty entry is the working directory)."""
+    if os.path.dirname(program):
+        return [os.fsencode(program)]
+    entries = env.get("PATH", os.defpath).split(os.pathsep)
+    return [os.fsencode(os.path.join(entry, program)) for entry in entries]
 
 
 def _default_signals() -> None:
