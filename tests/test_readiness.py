@@ -123,7 +123,7 @@ def test_tcp_probe_never_holds_up_a_server_that_reads_each_connection(
         client.sendall(b"GET / HTTP/1.0\r\n\r\n")
         assert accept_queue_length(listening) == 2
         # A single-threaded server takes the probe's connection first and reads a
-        # request from it: the probe closed it, so the read ends at once.
+        # request from it: the probe closed its sending side, so the read ends at once.
         conn, _ = listening.accept()
         conn.settimeout(5)
         assert conn.recv(100) == b""
@@ -131,6 +131,52 @@ def test_tcp_probe_never_holds_up_a_server_that_reads_each_connection(
         # One connection (the client's) still waits, yet the service proved it accepts.
         assert accept_queue_length(listening) == 1
         assert probe.check() is True
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+@pytest.mark.parametrize("listening", FAMILIES, indirect=True)
+@pytest.mark.parametrize("answer", [b"ok\n", b""], ids=["answers", "closes"])
+def test_tcp_probe_on_a_passed_socket_wakes_when_the_service_uses_its_connection(
+    listening: socket.socket, answer: bytes
+) -> None:
+    # The keeper slept a whole interval (up to 50 ms) after the service had accepted;
+    # the wait now ends when the service answers or closes the probe's connection.
+    host, port = listening.getsockname()[:2]
+    probe = ReadinessProbe("tcp", host, port, listening)
+    stop = threading.Event()
+    try:
+        assert probe.check() is False  # connected; nobody accepted yet
+        assert probe.wait(0.05, stop) is False  # a queued connection gets nothing
+        conn, _ = listening.accept()
+        if answer:
+            conn.sendall(answer)
+        conn.close()
+        assert probe.wait(30, stop) is True  # woken by the service, not the time
+        assert probe.check() is True
+        assert probe.proved_before_exit() is True
+    finally:
+        probe.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+def test_tcp_probe_asks_the_kernel_when_the_service_keeps_its_connection_silent(
+    listening: socket.socket,
+) -> None:
+    host, port = listening.getsockname()[:2]
+    probe = ReadinessProbe("tcp", host, port, listening)
+    stop = threading.Event()
+    try:
+        assert probe.check() is False
+        conn, _ = listening.accept()
+        try:
+            conn.settimeout(5)
+            assert conn.recv(100) == b""  # the probe's end was closed for sending
+            assert probe.wait(0.05, stop) is False  # accepted, but nothing reached us
+            assert probe.check() is True  # the kernel says: taken off the queue
+        finally:
+            conn.close()
+    finally:
+        probe.close()
 
 
 def test_tcp_on_a_port_means_something_listens(listening: socket.socket) -> None:
@@ -717,6 +763,78 @@ def test_a_readiness_check_that_raises_stops_the_instance_instead_of_hanging() -
     assert not thread.is_alive()
     assert [f.kind for f in failures] == ["not-ready"]
     assert "ValueError: probe bug" in failures[0].detail
+
+
+SLOW_ACCEPT = """\
+import socket, sys, time
+server = socket.socket(fileno=int(sys.argv[1]))
+time.sleep(0.3)  # starting up
+conn, _ = server.accept()
+conn.sendall(b"ok\\n")
+conn.close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+def test_a_keeper_sees_a_passed_socket_service_ready_when_it_answers_not_a_tick_later(
+    listening: socket.socket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the retry interval stretched to 30 s, only the service's answer on the probe
+    # connection can end the wait after the first try: ready at the second try. The
+    # keeper slept the whole interval, however soon the service accepted.
+    import subprocess
+
+    import portpool._keeper
+    from portpool._keeper import Failure, ServiceKeeper
+    from portpool.layout import Service
+
+    monkeypatch.setattr(portpool._keeper, "_FIRST_PROBE_INTERVAL_S", 30.0)
+    monkeypatch.setattr(portpool._keeper, "_PROBE_INTERVAL_S", 30.0)
+    host, port = listening.getsockname()[:2]
+
+    class Counting(ReadinessProbe):
+        checks = 0
+
+        def check(self, wait_s: float = 2.0) -> bool:
+            Counting.checks += 1
+            return super().check(wait_s)
+
+    procs: list[subprocess.Popen[bytes]] = []
+    failures: list[Failure] = []
+    done = threading.Event()
+
+    def spawn(_svc: Service, _probe: ReadinessProbe) -> subprocess.Popen[bytes]:
+        fd = listening.fileno()
+        procs.append(subprocess.Popen([sys.executable, "-c", SLOW_ACCEPT, str(fd)], pass_fds=[fd]))
+        return procs[-1]
+
+    def stop(_name: str) -> None:
+        for p in procs:
+            p.kill()
+
+    keeper = ServiceKeeper(
+        Service(name="s", base=port, size=1, command=("x",), ready="tcp"),
+        port,
+        spawn=spawn,
+        stop=stop,
+        make_probe=lambda: Counting("tcp", host, port, listening),
+        on_change=lambda _k: None,
+        on_ready=lambda _k, _s: None,
+        on_failure=failures.append,
+        done=done,
+    )
+    thread = threading.Thread(target=keeper.run, daemon=True)
+    thread.start()
+    try:
+        assert keeper.ever_ready.wait(20), f"not ready after {Counting.checks} tries"
+        assert Counting.checks == 2  # the first (not accepted yet), then the one it woke
+        assert failures == []
+    finally:
+        done.set()
+        stop("s")
+        thread.join(10)
+    assert not thread.is_alive()
 
 
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="no ::1 on this host")

@@ -4,9 +4,12 @@ A layout's ``ready`` key picks the probe:
 
 - ``"tcp"`` (default). With ``socket = "fd"`` the socket listens before the service
   starts and the kernel completes handshakes on its own, so a connect proves nothing:
-  the probe connects (and closes at once), then waits until the kernel reports that
-  connection taken off the listening socket's accept queue (``connection_accepted``:
-  it got a file, or is gone), which only happens when the service calls accept().
+  the probe connects (and closes its sending side at once), then waits until the
+  kernel reports that connection taken off the listening socket's accept queue
+  (``connection_accepted``: it got a file, or is gone), which only happens when the
+  service calls accept(). What the service then does with the connection, an answer
+  or its close, reaches the probe's still open receiving side: it wakes ``wait`` and
+  proves the accept by itself, as only a process that accepted it can do either.
   With ``socket = "port"``: a connect succeeds, and no process portpool did not start
   listens where it connected.
 - ``"http:<path>"``: ``GET <path>`` answers with a 2xx status.
@@ -92,6 +95,10 @@ class ReadinessProbe:
         self._lines = 0  # output lines seen (log:), to say when there were none
         # (family, server side, our side) of the probe connection, once made.
         self._probe: tuple[int, tuple[str, int], tuple[str, int]] | None = None
+        # Our end of that connection, half-closed, while the service has not yet used
+        # it; ``_answered`` once the service wrote to it or closed it.
+        self._conn: socket.socket | None = None
+        self._answered = False
         self.last_problem = "not checked yet"
         # Asked every 0.1 s while an http answer is awaited: False gives up the wait
         # (the service exited, the instance stops). Set by whoever started the service.
@@ -115,7 +122,21 @@ class ReadinessProbe:
 
     def close(self) -> None:
         """Forget the probe connection (the next ``check`` makes a new one)."""
+        self._drop_connection()
         self._probe = None
+        self._answered = False
+
+    def wait(self, timeout_s: float, stop: threading.Event) -> bool:
+        """Wait up to ``timeout_s`` seconds before the next ``check``: True when the
+        service gave a sign meanwhile that it may pass now (``tcp`` on a passed socket:
+        it answered or closed the probe connection), else False once the time ran out
+        or ``stop`` was set. While the probe connection is watched, ``stop`` is seen
+        when the time runs out: keep ``timeout_s`` short. Sleeping the whole interval
+        (up to 50 ms) made up say "ready" that late after the service accepted."""
+        if self._conn is None:
+            stop.wait(max(0.0, timeout_s))
+            return False
+        return self._read_answer(timeout_s)
 
     def proved_before_exit(self) -> bool:
         """After the service exited before a ``check`` saw it ready: whether it was ready
@@ -130,7 +151,7 @@ class ReadinessProbe:
         if self.kind == "log":
             return self._matched.is_set()
         if self.kind == "tcp" and self.listening is not None and self._probe is not None:
-            return connection_accepted(*self._probe) is True
+            return self._read_answer() or connection_accepted(*self._probe) is True
         return False
 
     def check(self, wait_s: float = _HTTP_TIMEOUT_S) -> bool:
@@ -212,15 +233,20 @@ class ReadinessProbe:
                 return False
             try:
                 server_side, our_side = conn.getpeername()[:2], conn.getsockname()[:2]
+                # Our end closed for writing at once: a service that reads a request
+                # from each connection must not wait on ours (a single-threaded server
+                # would wait forever, and so would we). The connection stays queued
+                # until accepted; what the service then writes, or its close, reaches
+                # us (``wait``).
+                conn.shutdown(socket.SHUT_WR)
             except OSError as e:
+                conn.close()
                 self.last_problem = f"probe connection to port {self.port}: {e.strerror or e}"
                 return False
-            finally:
-                # Closed at once: a service that reads a request from each connection
-                # must not wait on ours (a single-threaded server would wait forever,
-                # and so would we). The closed connection stays queued until accepted.
-                conn.close()
+            self._conn = conn
             self._probe = (listening.family, server_side, our_side)
+        if self._read_answer():
+            return True
         accepted = connection_accepted(*self._probe)
         if accepted is None or accepted:
             return True  # None: the OS does not say (not Linux), a handshake is all we get
@@ -230,6 +256,37 @@ class ReadinessProbe:
             f"({waiting} waiting in its accept queue)"
         )
         return False
+
+    def _read_answer(self, timeout_s: float = 0.0) -> bool:
+        """Whether the service answered or closed the probe connection (True from then
+        on), waiting up to ``timeout_s`` for it. Only a process that accepted it can: a
+        queued connection gets nothing. A service that closed it before our end was
+        half-closed left its side waiting out TIME_WAIT without a file, which the
+        kernel's table reads as "not accepted" for a minute; our end sees the close. A
+        reset proves nothing (the listener may have gone): the kernel's table is asked,
+        as before."""
+        if self._answered:
+            return True
+        conn = self._conn
+        if conn is None:
+            return False
+        try:
+            # A socket timeout, not select(): select() cannot take an fd above 1023.
+            conn.settimeout(timeout_s if timeout_s > 0 else 0.0)
+            conn.recv(4096)  # an answer or b"" (closed): either proves the accept
+        except (BlockingIOError, TimeoutError):
+            return False  # nothing yet
+        except OSError:
+            self._drop_connection()
+            return False
+        self._answered = True
+        self._drop_connection()
+        return True
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
     def _check_http(self, timeout_s: float) -> bool:
         import http.client  # with email and more: only for an http: probe (run needs none)
