@@ -406,6 +406,19 @@ def run(quick: bool = False) -> Section:
     )
     python = by[PYTHON_ROW]
     click = by[CLICK_ROW]
+    if ready - floor > 50:
+        # Outside portpool beyond the floor: up's own interpreter start and click's import.
+        own = ready - floor - click
+        share = (
+            "all of it outside portpool: portpool's own part fits in the 50 ms"
+            if own <= 50
+            else f"portpool's own part is {own - 50:.0f} ms over the 50 ms"
+        )
+        section.notes.append(
+            f"`up` is {ready - floor - 50:.0f} ms above its target; up's interpreter start "
+            f"({python:.0f} ms) and click's import ({click - python:.0f} ms) are outside "
+            f"portpool, which leaves portpool's own part {own:.0f} ms: {share}."
+        )
     start_own = max(0.0, launch_ms - python)  # what a start adds to the program's own
     spread = start_own * len(SERVICES) / (os.cpu_count() or 1)
     rest = ready - floor - (cli - python) - by["start_instance in-process"] - spread
