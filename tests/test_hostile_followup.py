@@ -52,6 +52,38 @@ def test_every_low_descriptor_limit_is_one_line_of_error_never_a_traceback(
     assert failed, "no limit was low enough to run out: the test proved nothing"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="ulimit -n is POSIX")
+def test_out_of_descriptors_writing_a_record_is_the_resource_limit_too(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """Twelve services with --fds: at some limits the descriptors ran out while the
+    instance's record was written, and that read "state dir ...: cannot write 1.json:
+    Too many open files", as if the state dir were at fault."""
+    import resource
+
+    services = {f"s{i}": {"size": 1} for i in range(12)}
+    config = write_layout(tmp_path / "twelve.toml", port_base, services=services, stride=20)
+    failed = 0
+    for limit in range(30, 56):
+
+        def low_limit(limit: int = limit) -> None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+        done = subprocess.run(
+            [*PORTPOOL, "run", "-q", "--fds", "--config", str(config), "--", "true"],
+            capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False,
+        )  # fmt: skip
+        if done.returncode == 0:
+            continue
+        failed += 1
+        assert done.returncode == 1, (limit, done.stderr)
+        assert done.stderr.startswith(
+            f"portpool: error: out of open files (the limit is {limit}); this layout needs "
+        ), (limit, done.stderr)
+    assert failed, "no limit was low enough to run out: the test proved nothing"
+
+
 # ---------------------------------------------------------------- layout checks in bounded memory
 
 

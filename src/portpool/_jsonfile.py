@@ -19,7 +19,7 @@ from typing import Any
 
 from portpool._layout_load import file_kind
 from portpool._platform import DirHandle
-from portpool.errors import StateDirError
+from portpool.statedir import write_error
 
 RECORD_MAX_BYTES = 1 << 20
 TMP_SUFFIX = ".tmp"  # a temporary file is ".<name>.<pid>.<thread>.tmp" (gc reads the pid)
@@ -31,7 +31,7 @@ def write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
     try:
         fd = directory.open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     except OSError as e:
-        raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
+        raise write_error(directory.path, f"cannot write {name}", e) from e
     try:
         try:
             view = memoryview(data)
@@ -43,7 +43,7 @@ def write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             directory.unlink(tmp)
-        raise StateDirError(directory.path, f"cannot write {name}: {e.strerror or e}") from e
+        raise write_error(directory.path, f"cannot write {name}", e) from e
 
 
 class NotAFile(ValueError):

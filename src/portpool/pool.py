@@ -35,7 +35,7 @@ from portpool.errors import (
     StateDirError,
 )
 from portpool.lock import PortLock
-from portpool.statedir import StateDir, out_of_descriptors
+from portpool.statedir import StateDir, out_of_descriptors, write_error
 
 _Socket = socket.socket  # the field ``socket`` shadows the module inside Lease
 
@@ -107,7 +107,7 @@ class Lease:
             self.lock.heartbeat()
         except OSError as e:
             where = f"{self.lock.lock.directory.path}/{self.port}.json"
-            raise StateDirError(where, f"cannot write metadata: {e.strerror or e}") from e
+            raise write_error(where, "cannot write metadata", e) from e
 
     def release(self) -> None:
         """Close the socket, erase the record, unlock. Safe to call twice. Raises
@@ -278,11 +278,7 @@ def acquire(
         except OSError as e:
             _close_all(bound)
             lock.release()
-            limit = out_of_descriptors(e)
-            if limit is not None:
-                raise limit from e
-            where = f"{state.path}/ports/{port}.json"
-            raise StateDirError(where, f"cannot write metadata: {e.strerror or e}") from e
+            raise write_error(f"{state.path}/ports/{port}.json", "cannot write metadata", e) from e
         except BaseException:
             _close_all(bound)
             lock.release()

@@ -143,6 +143,13 @@ def out_of_descriptors(error: OSError) -> ResourceLimit | None:
     return None
 
 
+def write_error(path: str, what: str, error: OSError) -> ResourceLimit | StateDirError:
+    """The error for a failed write at ``path`` in the state dir: ResourceLimit out of
+    descriptors (nothing on disk is at fault; it read "state dir ...: cannot write
+    1.json: Too many open files"), else StateDirError(path, "<what>: <why>")."""
+    return out_of_descriptors(error) or StateDirError(path, f"{what}: {error.strerror or error}")
+
+
 class StateDir:
     """An opened, checked state dir. Use ``StateDir.open()``; close when done.
 
