@@ -17,32 +17,26 @@ from tests.helpers import PORTPOOL, write_layout
 # ---------------------------------------------------------------- out of descriptors
 
 
-@pytest.mark.skipif(os.name != "posix", reason="ulimit -n is POSIX")
-def test_every_low_descriptor_limit_is_one_line_of_error_never_a_traceback(
-    home: Path, tmp_path: Path, port_base: int
-) -> None:
-    """With almost no descriptor left, the error path once had to load ``resource`` (a
-    shared object: one more descriptor) and ended in an ImportError traceback."""
+def assert_out_of_files_said_in_one_line(argv: list[str], limits: range) -> None:
+    """Run ``argv`` under each descriptor limit: every failure exits 1 with one line of
+    error naming the limit (before it at most run's line naming the instance, when the
+    limit was reached starting the command), and at least one limit fails."""
     import resource
 
-    config = write_layout(tmp_path / "one.toml", port_base, services={"web": {}})
     failed = 0
-    for limit in range(9, 15):
+    for limit in limits:
 
         def low_limit(limit: int = limit) -> None:
             hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
         done = subprocess.run(
-            [*PORTPOOL, "run", "--config", str(config), "--", sys.executable, "-c", "pass"],
-            capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False,
-        )  # fmt: skip
+            argv, capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False
+        )
         if done.returncode == 0:
             continue
         failed += 1
         assert done.returncode == 1, (limit, done.stderr)
-        # One line of error; before it at most run's line naming the instance, when the
-        # limit was reached starting the command.
         *before, error = done.stderr.splitlines()
         assert error.startswith(
             f"portpool: error: out of open files (the limit is {limit}); this layout needs "
@@ -53,35 +47,27 @@ def test_every_low_descriptor_limit_is_one_line_of_error_never_a_traceback(
 
 
 @pytest.mark.skipif(os.name != "posix", reason="ulimit -n is POSIX")
+def test_every_low_descriptor_limit_is_one_line_of_error_never_a_traceback(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """With almost no descriptor left, the error path once had to load ``resource`` (a
+    shared object: one more descriptor) and ended in an ImportError traceback."""
+    config = write_layout(tmp_path / "one.toml", port_base, services={"web": {}})
+    argv = [*PORTPOOL, "run", "--config", str(config), "--", sys.executable, "-c", "pass"]
+    assert_out_of_files_said_in_one_line(argv, range(9, 15))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="ulimit -n is POSIX")
 def test_out_of_descriptors_writing_a_record_is_the_resource_limit_too(
     home: Path, tmp_path: Path, port_base: int
 ) -> None:
     """Twelve services with --fds: at some limits the descriptors ran out while the
     instance's record was written, and that read "state dir ...: cannot write 1.json:
     Too many open files", as if the state dir were at fault."""
-    import resource
-
     services = {f"s{i}": {"size": 1} for i in range(12)}
     config = write_layout(tmp_path / "twelve.toml", port_base, services=services, stride=20)
-    failed = 0
-    for limit in range(30, 56):
-
-        def low_limit(limit: int = limit) -> None:
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-
-        done = subprocess.run(
-            [*PORTPOOL, "run", "-q", "--fds", "--config", str(config), "--", "true"],
-            capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False,
-        )  # fmt: skip
-        if done.returncode == 0:
-            continue
-        failed += 1
-        assert done.returncode == 1, (limit, done.stderr)
-        assert done.stderr.startswith(
-            f"portpool: error: out of open files (the limit is {limit}); this layout needs "
-        ), (limit, done.stderr)
-    assert failed, "no limit was low enough to run out: the test proved nothing"
+    argv = [*PORTPOOL, "run", "-q", "--fds", "--config", str(config), "--", "true"]
+    assert_out_of_files_said_in_one_line(argv, range(30, 56))
 
 
 # ---------------------------------------------------------------- layout checks in bounded memory
