@@ -373,3 +373,46 @@ def test_the_child_tries_the_paths_execvp_would_in_its_order() -> None:
             else:
                 expected = [os.fsencode(os.path.join(d, program)) for d in os.get_exec_path(env)]
             assert exec_candidates(program, env) == expected, (program, env)
+
+
+def test_no_handler_of_the_caller_runs_in_the_child_before_its_exec() -> None:
+    """The child is a copy of the caller until its exec: a signal that reached it there
+    ran the caller's Python handler in the copy (with the caller's wakeup fd closed and
+    its number reused). Signals sent to children that are still copies of us, while 40
+    programs start, must never run our handler anywhere but here."""
+    read_end, write_end = os.pipe()
+    ours = os.getpid()
+
+    def handler(signum: int, frame: object) -> None:
+        os.write(write_end, f"{os.getpid()}\n".encode())
+
+    me = psutil.Process()
+    cmdline = me.cmdline()
+    old = signal.signal(signal.SIGUSR1, handler)
+    done = threading.Event()
+    sent = [0]
+
+    def pester() -> None:
+        while not done.is_set():
+            for child in me.children():
+                try:
+                    if child.cmdline() == cmdline:  # not exec'd yet
+                        child.send_signal(signal.SIGUSR1)
+                        sent[0] += 1
+                except psutil.Error:
+                    pass
+
+    thread = threading.Thread(target=pester, daemon=True)
+    thread.start()
+    try:
+        for _ in range(40):
+            spawn(["sleep", "0"], dict(os.environ)).wait(60)
+    finally:
+        done.set()
+        thread.join(10)
+        signal.signal(signal.SIGUSR1, old)
+        os.close(write_end)
+        with os.fdopen(read_end) as r:
+            ran_in = {int(line) for line in r.read().split()}
+    assert sent[0] > 0, "no child was ever caught before its exec: the test proved nothing"
+    assert ran_in <= {ours}, ran_in

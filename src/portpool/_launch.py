@@ -260,6 +260,11 @@ def spawn(
             parent=os.getpid() if watch_parent else None,
             report=report_w,
         )
+    # From the fork to the exec the child is a copy of us: a signal reaching it there ran
+    # our Python handler in the copy (at-fork callbacks run Python before the
+    # ``preexec_fn``). Blocked in this thread, signals wait in the child for its default
+    # dispositions, and here for the next instruction after the start.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals()) if setup else None
     try:
         proc = subprocess.Popen(
             list(command),
@@ -279,6 +284,8 @@ def spawn(
             raise _not_started(command, e) from e
         raise
     finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if setup is not None:
             os.close(setup.report)
     if report is not None:
