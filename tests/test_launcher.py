@@ -416,3 +416,39 @@ def test_no_handler_of_the_caller_runs_in_the_child_before_its_exec() -> None:
             ran_in = {int(line) for line in r.read().split()}
     assert sent[0] > 0, "no child was ever caught before its exec: the test proved nothing"
     assert ran_in <= {ours}, ran_in
+
+
+# A process whose descriptors all are in use when it starts its first program: spawn's
+# own module for the child's steps is imported then, and an import opens its file.
+FIRST_START_AT_THE_LIMIT = r"""
+import os, resource, sys
+import portpool.statedir  # as run and up have, long before their first start
+from portpool._launch import spawn
+from portpool.errors import ResourceLimit
+assert "portpool._spawn" not in sys.modules
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+highest = max(int(name) for name in os.listdir("/proc/self/fd"))
+resource.setrlimit(resource.RLIMIT_NOFILE, (highest + 8, hard))
+held = []
+while True:
+    try:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        break
+try:
+    spawn(["true"], dict(os.environ), watch_parent=True)
+except ResourceLimit as e:
+    print("ResourceLimit", e.exit_code)
+"""
+
+
+def test_the_first_start_out_of_descriptors_is_the_resource_limit() -> None:
+    """The first start imports the child's steps: out of descriptors there, the import's
+    OSError escaped as is, and ``up`` of 12 services under ``ulimit -n 48`` stopped with
+    exit 5, "service 's2' could not start: [Errno 24] Too many open files: '.../_spawn.py'"
+    instead of the one line naming the limit (exit 1)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FIRST_START_AT_THE_LIMIT],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (done.returncode, done.stdout, done.stderr) == (0, "ResourceLimit 1\n", "")

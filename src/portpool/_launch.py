@@ -248,7 +248,12 @@ def spawn(
     inherited = [fd for fd in inherit_fds if fd not in targets] if sys.platform != "win32" else []
     setup = report = None
     if sys.platform != "win32":
-        from portpool._spawn import ChildSetup  # POSIX only
+        try:
+            from portpool._spawn import ChildSetup  # POSIX only
+        except OSError as e:
+            # The first start imports it, and an import opens its file: out of
+            # descriptors, up of 12 services stopped with exit 5 naming _spawn.py.
+            raise _not_started(command, e) from e
 
         report, report_w = _pipe()
         setup = ChildSetup(
