@@ -114,6 +114,29 @@ def test_a_connection_the_service_closed_first_counts_as_accepted(
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
+@pytest.mark.parametrize("listening", FAMILIES, indirect=True)
+def test_a_service_that_shut_its_listening_socket_down_never_accepted(
+    listening: socket.socket,
+) -> None:
+    """A service that never accepts but shuts the passed socket down (a common way to
+    wake a thread blocked in accept, on a failed start): the kernel resets the queued
+    probe connection, which is then gone from its table, and "gone" read as accepted
+    and closed. up said the service was ready, and up, with the port listened on by
+    nobody; a crash loop's runs each counted as progress."""
+    host, port = listening.getsockname()[:2]
+    probe = ReadinessProbe("tcp", host, port, listening)
+    try:
+        assert probe.check() is False  # queued, not accepted
+        listening.shutdown(socket.SHUT_RD)  # as the service would, on the same socket
+        for _ in range(3):
+            assert probe.check() is False
+            assert probe.proved_before_exit() is False
+        assert "no longer listens" in probe.last_problem
+    finally:
+        probe.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the accept queue is read on Linux")
 def test_tcp_probe_never_holds_up_a_server_that_reads_each_connection(
     listening: socket.socket,
 ) -> None:

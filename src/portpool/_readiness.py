@@ -67,6 +67,18 @@ def probe_hosts(host: str) -> tuple[str, ...]:
     return ("127.0.0.1", "::1") if host == "localhost" else (probe_host(host),)
 
 
+def _still_listening(sock: socket.socket) -> bool:
+    """Whether ``sock`` is still a listening socket. A service that shuts the passed
+    socket down (to wake a thread blocked in accept) resets every queued connection,
+    the probe's too, which then is gone from the kernel's table as if accepted and
+    closed: up said "ready" for a service that never accepted, on a dead port. True
+    where the OS does not say."""
+    try:
+        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+    except (OSError, AttributeError):  # no SO_ACCEPTCONN (Windows' Python, older macOS)
+        return True
+
+
 class ReadinessProbe:
     """One service's readiness check, made again for every start of the service.
 
@@ -151,7 +163,9 @@ class ReadinessProbe:
         if self.kind == "log":
             return self._matched.is_set()
         if self.kind == "tcp" and self.listening is not None and self._probe is not None:
-            return self._read_answer() or connection_accepted(*self._probe) is True
+            if self._read_answer():
+                return True
+            return _still_listening(self.listening) and connection_accepted(*self._probe) is True
         return False
 
     def check(self, wait_s: float = _HTTP_TIMEOUT_S) -> bool:
@@ -247,6 +261,12 @@ class ReadinessProbe:
             self._probe = (listening.family, server_side, our_side)
         if self._read_answer():
             return True
+        if not _still_listening(listening):
+            self.last_problem = (
+                f"the socket of port {self.port} no longer listens: the service shut it "
+                "down without accepting a connection"
+            )
+            return False
         accepted = connection_accepted(*self._probe)
         if accepted is None or accepted:
             return True  # None: the OS does not say (not Linux), a handshake is all we get
