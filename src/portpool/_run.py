@@ -156,6 +156,10 @@ def run_command(
 
             instance.on_release(close_witness)
             instance.on_release(supervisor.stop)
+            # Once more as late as can be: a terminal's Ctrl-C between the check above
+            # and the fork reached the group before the command was in it, and was then
+            # dropped as the command's own (it ran on; run hung, 1 Ctrl-C in ~200).
+            scope.check()
             proc = supervisor.start_process(
                 "command",
                 command,
