@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -424,3 +425,61 @@ def test_a_record_with_a_number_too_long_to_read_is_unreadable_json(
     [info] = status_json(layout_file)["instances"]
     assert (info["number"], info["alive"]) == (7, False)
     assert info["problem"] == "record unreadable: record is not valid JSON"
+
+
+OUT_OF_FDS_RECORD = """
+import json, logging, os, resource, sys
+from portpool._jsonfile import read_json_file
+from portpool.errors import ResourceLimit
+from portpool.instance import start_instance
+from portpool.layout import load_layout
+
+warnings = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        warnings.append(record.getMessage())
+logging.getLogger("portpool").addHandler(Keep())
+inst = start_instance(load_layout(sys.argv[1]), heartbeat=False)
+directory = inst.state.instances(inst.app)
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+try:
+    read_json_file(directory, f"{inst.number}.json")
+    read = "read"
+except ResourceLimit as e:
+    read = "ResourceLimit: " + str(e)
+except ValueError as e:
+    read = "ValueError: " + str(e)
+inst.set_service_pids({"web": os.getpid()})
+for fd in held:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+inst.release()
+print(json.dumps({"read": read, "warnings": warnings}))
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="RLIMIT_NOFILE is POSIX")
+def test_out_of_descriptors_never_makes_an_instance_disown_its_own_record(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """With no descriptor left, reading the instance's own record failed as "cannot be
+    opened", which the instance took for a record rewritten by another process: "cannot
+    record service pids: instance record 1.json cannot be opened: Too many open files;
+    left as found" (up with twelve services at ulimit -n 50, two runs in three)."""
+    config = write_layout(tmp_path / "one.toml", port_base, services={"web": {}})
+    done = subprocess.run(
+        [sys.executable, "-c", OUT_OF_FDS_RECORD, str(config)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    seen = json.loads(done.stdout)
+    assert seen["read"].startswith("ResourceLimit: out of open files"), seen
+    assert seen["warnings"], seen  # the record write failed, and said so
+    for warning in seen["warnings"]:
+        assert "out of open files" in warning and "left as found" not in warning, warning

@@ -19,7 +19,7 @@ from typing import Any
 
 from portpool._layout_load import file_kind
 from portpool._platform import DirHandle
-from portpool.statedir import write_error
+from portpool.statedir import out_of_descriptors, write_error
 
 RECORD_MAX_BYTES = 1 << 20
 TMP_SUFFIX = ".tmp"  # a temporary file is ".<name>.<pid>.<thread>.tmp" (gc reads the pid)
@@ -57,7 +57,7 @@ class NotAFile(ValueError):
 def read_json_file(directory: DirHandle, name: str) -> Any:
     """The JSON in ``<dir>/<name>`` (None if absent). Raises ValueError if unreadable
     or ``null`` (which no record is), NotAFile (a ValueError) for a symlink, FIFO,
-    directory, ... (never followed)."""
+    directory, ... (never followed), ResourceLimit out of file descriptors."""
     try:
         fd = directory.open_file(name, os.O_RDONLY)
     except FileNotFoundError:
@@ -69,6 +69,11 @@ def read_json_file(directory: DirHandle, name: str) -> Any:
             raise NotAFile("a symbolic link") from None
         if e.errno == errno.EISDIR:
             raise NotAFile("a directory") from None
+        # Out of descriptors says nothing of the file: read as "unreadable", it made an
+        # instance take its own record for one rewritten by another process.
+        limit = out_of_descriptors(e)
+        if limit is not None:
+            raise limit from e
         raise ValueError(f"cannot be opened: {e.strerror or e}") from e
     try:
         st = os.fstat(fd)

@@ -26,6 +26,7 @@ from portpool._platform import (
     is_alive,
     locked_inodes,
 )
+from portpool.errors import ResourceLimit
 from portpool.layout import name_problem
 from portpool.statedir import StateDir
 
@@ -261,7 +262,7 @@ def recorded_holder(directory: DirHandle, number: int) -> int | None:
     ask that process first."""
     try:
         return _running_holder(read_json_file(directory, f"{number}.json"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, ResourceLimit):
         return None
 
 
