@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import PORTPOOL, write_layout
+from tests.helpers import PORTPOOL, portpool, write_layout
 
 # ---------------------------------------------------------------- out of descriptors
 
@@ -68,6 +68,44 @@ def test_out_of_descriptors_writing_a_record_is_the_resource_limit_too(
     config = write_layout(tmp_path / "twelve.toml", port_base, services=services, stride=20)
     argv = [*PORTPOOL, "run", "-q", "--fds", "--config", str(config), "--", "true"]
     assert_out_of_files_said_in_one_line(argv, range(30, 56))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="ulimit -n is POSIX")
+def test_a_detached_up_that_could_not_be_started_leaves_no_log(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """``up --detach`` whose own start of the background up failed for descriptors left
+    an empty ``.starting-<pid>.log`` that nothing names (nor does gc remove it)."""
+    import resource
+
+    config = write_layout(
+        tmp_path / "one.toml",
+        port_base,
+        services={"web": {"command": [sys.executable, "-c", "import time; time.sleep(60)"]}},
+    )
+    refused = 0
+    for limit in range(5, 13):
+
+        def low_limit(limit: int = limit) -> None:
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+        done = subprocess.run(
+            [*PORTPOOL, "up", "--detach", "--quiet", "--config", str(config)],
+            capture_output=True, text=True, timeout=60, preexec_fn=low_limit, check=False,
+        )  # fmt: skip
+        if done.returncode == 0:
+            portpool("stop", "--all", "--config", str(config))
+            continue
+        logs = home / "apps" / "testapp" / "logs"
+        left = sorted(logs.glob(".starting-*")) if logs.exists() else []
+        if "(log: " in done.stderr:  # the background up ran and failed: its log is named
+            for log in left:
+                log.unlink()
+            continue
+        refused += "out of open files" in done.stderr
+        assert left == [], (limit, left, done.stderr)
+    assert refused, "no limit stopped the start itself: the test proved nothing"
 
 
 # ---------------------------------------------------------------- layout checks in bounded memory

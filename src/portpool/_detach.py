@@ -147,6 +147,11 @@ def start_detached(
             env=env,
             **detached_options(),
         )
+    except BaseException:
+        # Nothing was started, nothing will write to it: an empty log nothing names.
+        with contextlib.suppress(OSError):
+            logs.unlink(starting)
+        raise
     finally:
         os.close(fd)
     # Its identity now, while it surely runs: the record must name this very process.
