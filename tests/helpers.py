@@ -20,6 +20,19 @@ from typing import Any
 import pytest
 
 PORTPOOL = [sys.executable, "-m", "portpool.cli"]
+# For a child script: lower the descriptor limit to 64 (the hard limit kept) and take
+# every descriptor left, keeping them in ``held`` (the script closes them, or exits).
+EXHAUST_DESCRIPTORS = """
+import os as _os, resource as _resource
+_soft, _hard = _resource.getrlimit(_resource.RLIMIT_NOFILE)
+_resource.setrlimit(_resource.RLIMIT_NOFILE, (64, _hard))
+held = []
+try:
+    while True:
+        held.append(_os.open(_os.devnull, _os.O_RDONLY))
+except OSError:
+    pass
+"""
 
 
 def write_layout(

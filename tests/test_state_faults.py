@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import portpool, status_json, write_layout
+from tests.helpers import EXHAUST_DESCRIPTORS, portpool, status_json, write_layout
 
 from portpool._heldlock import HeldLock
 from portpool._jsonfile import write_atomic
@@ -427,7 +427,8 @@ def test_a_record_with_a_number_too_long_to_read_is_unreadable_json(
     assert info["problem"] == "record unreadable: record is not valid JSON"
 
 
-OUT_OF_FDS_RECORD = """
+OUT_OF_FDS_RECORD = (
+    """
 import json, logging, os, resource, sys
 from portpool._jsonfile import read_json_file
 from portpool.errors import ResourceLimit
@@ -441,14 +442,9 @@ class Keep(logging.Handler):
 logging.getLogger("portpool").addHandler(Keep())
 inst = start_instance(load_layout(sys.argv[1]), heartbeat=False)
 directory = inst.state.instances(inst.app)
-soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
-held = []
-try:
-    while True:
-        held.append(os.open(os.devnull, os.O_RDONLY))
-except OSError:
-    pass
+"""
+    + EXHAUST_DESCRIPTORS
+    + """
 try:
     read_json_file(directory, f"{inst.number}.json")
     read = "read"
@@ -459,10 +455,11 @@ except ValueError as e:
 inst.set_service_pids({"web": os.getpid()})
 for fd in held:
     os.close(fd)
-resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+resource.setrlimit(resource.RLIMIT_NOFILE, (_soft, _hard))
 inst.release()
 print(json.dumps({"read": read, "warnings": warnings}))
 """
+)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="RLIMIT_NOFILE is POSIX")

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tests.helpers import run_python
+from tests.helpers import EXHAUST_DESCRIPTORS, run_python
 
 from portpool.errors import StateDirError
 from portpool.statedir import StateDir, check_name, default_path
@@ -252,23 +252,21 @@ def test_subdir_handles_are_shared_and_closed(tmp_path: Path):
     assert state.root.fd == -1
 
 
-OUT_OF_FDS = """
+OUT_OF_FDS = (
+    """
 import os, resource, sys
 from portpool.errors import ResourceLimit, StateDirError
 from portpool.statedir import StateDir
 StateDir.open(sys.argv[1]).close()  # it exists: only the open can fail
-resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-held = []
-try:
-    while True:
-        held.append(os.open(os.devnull, os.O_RDONLY))
-except OSError:
-    pass
+"""
+    + EXHAUST_DESCRIPTORS
+    + """
 try:
     StateDir.open(sys.argv[1])
 except (ResourceLimit, StateDirError) as e:
     print(type(e).__name__, e.exit_code)
 """
+)
 
 
 def test_out_of_descriptors_opening_it_is_a_resource_limit(tmp_path: Path) -> None:
