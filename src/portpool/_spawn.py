@@ -27,11 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
 from portpool._platform import open_fds, parent_death_setter
+from portpool.errors import CommandNotFound
 
 assert sys.platform != "win32", "sockets by fd and signal masks need POSIX"
-
-# The exit status of a program that could not be executed, as a shell's.
-NOT_EXECUTED = 127
 
 
 class ChildSetup:
@@ -88,7 +86,7 @@ class ChildSetup:
             number, why = 0, str(e) or type(e).__name__
         with contextlib.suppress(OSError):
             os.write(report, f"{number} {why}".encode(errors="replace"))
-        os._exit(NOT_EXECUTED)
+        os._exit(CommandNotFound.exit_code)  # 127, as a shell's
 
     def _exec(self) -> NoReturn:
         """execve() each candidate as execvp does: the first error that is not "no such

@@ -37,19 +37,25 @@ class ReceivedSignal:
     to_group: bool = False  # a process sent it to our whole group (``GroupWitness``)
 
 
+def _prctl() -> Callable[..., int] | None:
+    """The C library's ``prctl`` (Linux), or None where there is none."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return prctl
+
+
 def become_subreaper() -> bool:
     """Make orphaned descendants re-parent to us instead of init (Linux
     ``PR_SET_CHILD_SUBREAPER``), so a service's double-forked or ``setsid`` children
     stay ours to stop. False where the OS has no such thing."""
-    if sys.platform != "linux":
-        return False
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
-        return False
+    prctl = _prctl()
+    return prctl is not None and int(prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
 
 
 def parent_death_setter() -> Callable[[int], bool] | None:
@@ -57,13 +63,8 @@ def parent_death_setter() -> Callable[[int], bool] | None:
     ``signum`` when the thread that forked it ends (Linux ``PR_SET_PDEATHSIG``), or None
     where the OS has no such thing. Bound here, before a fork, so that the forked child
     calls it without loading a library (a dlopen there could wait on a lock)."""
-    if sys.platform != "linux":
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
+    prctl = _prctl()
+    if prctl is None:
         return None
 
     def set_signal(signum: int) -> bool:
