@@ -255,7 +255,7 @@ def spawn(
             # descriptors, up of 12 services stopped with exit 5 naming _spawn.py.
             raise _not_started(command, e) from e
 
-        report, report_w = _pipe()
+        report, report_w = new_pipe()
         setup = ChildSetup(
             command,
             env,
@@ -303,8 +303,9 @@ def spawn(
     return proc
 
 
-def _pipe() -> tuple[int, int]:
-    """A close-on-exec pipe; out of descriptors raises ResourceLimit."""
+def new_pipe() -> tuple[int, int]:
+    """A close-on-exec pipe (read fd, write fd). Raises ResourceLimit out of file
+    descriptors, else OSError."""
     try:
         return os.pipe()
     except OSError as e:

@@ -25,7 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
-from portpool._launch import DEFAULT_GRACE_S, describe_status, held_ports, pump_lines, spawn
+from portpool._launch import (
+    DEFAULT_GRACE_S,
+    describe_status,
+    held_ports,
+    new_pipe,
+    pump_lines,
+    spawn,
+)
 from portpool._lineage import Lineage, running
 from portpool._platform import (
     enlarge_pipe,
@@ -137,12 +144,7 @@ class Supervisor:
         keep: list[int] = []
         read_fd = write_fd = -1
         if capture:
-            try:
-                read_fd, write_fd = os.pipe()
-            except OSError as e:
-                from portpool.statedir import out_of_descriptors
-
-                raise out_of_descriptors(e) or e from e
+            read_fd, write_fd = new_pipe()
             enlarge_pipe(write_fd)
             keep = [read_fd]  # the service holds a reader too: writes never hit EPIPE
         try:
