@@ -280,14 +280,20 @@ def test_taking_a_lock_names_what_is_at_its_path(state: StateDir, kind: str) -> 
 # ---------------------------------------------------------------- logs
 
 
-def test_logs_of_a_running_detached_instance_whose_record_is_damaged(
-    tmp_path: Path, home: Path, port_base: int
-) -> None:
+def _sleeper_layout(tmp_path: Path, port_base: int) -> Path:
+    """One service that sleeps, ready at once; no heartbeat or shield rewrites the
+    record while a test damages it."""
     sleeper = {"command": ["sleep", "600"], "ready": "none", "socket": "port"}
-    config = write_layout(
+    return write_layout(
         tmp_path / "portpool.toml", port_base, services={"alpha": sleeper}, heartbeat=3600,
         shield=3600,
     )  # fmt: skip
+
+
+def test_logs_of_a_running_detached_instance_whose_record_is_damaged(
+    tmp_path: Path, home: Path, port_base: int
+) -> None:
+    config = _sleeper_layout(tmp_path, port_base)
     done = portpool("up", "--detach", "--config", str(config), timeout=60)
     assert done.returncode == 0, done.stderr
     record = home / "apps" / "testapp" / "instances" / "1.json"
@@ -317,11 +323,7 @@ def test_up_detach_with_a_directory_at_its_log_path_says_where_the_log_is(
     # A directory at 1.log ended `up --detach` in an IsADirectoryError traceback (exit 1)
     # over a running instance, whose log `logs` then called absent ("not started with
     # --detach"); one at 1.owner.json, in a StateDirError after it was up.
-    sleeper = {"command": ["sleep", "600"], "ready": "none", "socket": "port"}
-    config = write_layout(
-        tmp_path / "portpool.toml", port_base, services={"alpha": sleeper}, heartbeat=3600,
-        shield=3600,
-    )  # fmt: skip
+    config = _sleeper_layout(tmp_path, port_base)
     logs = Path(state.subdir("apps", "testapp", "logs").path)
     (logs / blocked).mkdir()
     done = portpool("up", "--detach", "--config", str(config), timeout=60)
