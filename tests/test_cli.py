@@ -22,6 +22,8 @@ from tests.helpers import (
     read_line,
     release,
     start,
+    status_json,
+    wait_for,
     write_layout,
 )
 
@@ -385,3 +387,28 @@ def test_a_program_named_like_an_option_runs_after_double_dash(
     done = portpool("run", "-q", "-c", str(config), "--bogus", "--", "--bogus", env=env)
     assert done.returncode == 2
     assert "no such option: --bogus" in done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads a zombie's state in /proc")
+def test_gc_right_after_a_kill_9_takes_the_unreaped_holder_for_dead(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Killed, a holder is a zombie until its parent reaps it (here: until we wait; a
+    # detached up's parent, init, took 1.5 s on a loaded machine). Its locks are free at
+    # once, yet gc said "its holder still runs but does not hold 1.lock" and exited 1.
+    layout = write_layout(tmp_path / "p.toml", port_base)
+    done_file = tmp_path / "release"
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(done_file))
+    try:
+        assert read_line(proc).strip() == "1"
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: [i["alive"] for i in status_json(layout)["instances"]] == [False])
+        with open(f"/proc/{proc.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] == "Z"  # not reaped yet
+        done = portpool("gc")
+        assert done.returncode == 0, done.stderr
+        assert "removed record of dead instance testapp/1" in done.stdout
+        assert status_json(layout)["instances"] == []
+    finally:
+        done_file.touch()
+        proc.wait()

@@ -50,9 +50,10 @@ def _linux_boot_time() -> float:
     raise OSError("no btime in /proc/stat")
 
 
-def _linux_start_token(pid: int) -> str | None:
+def _linux_start_token(pid: int, *, running: bool = False) -> str | None:
     """psutil's ``create_time()`` computed as psutil computes it on Linux (start ticks /
     clock ticks + boot time), so tokens match records written through psutil.
+    ``running``: None for a zombie too (exited, not reaped yet).
 
     Read here because importing psutil costs ~15 ms, a tenth of ``portpool run``.
     """
@@ -62,8 +63,10 @@ def _linux_start_token(pid: int) -> str | None:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
         # The name (field 2) may hold spaces and parentheses: count from the last ')'.
-        ticks = data[data.rindex(b")") + 2 :].split()[19]
-        return f"{float(ticks) / os.sysconf('SC_CLK_TCK') + _linux_boot_time():.3f}"
+        fields = data[data.rindex(b")") + 2 :].split()
+        if running and fields[0] in (b"Z", b"X"):
+            return None
+        return f"{float(fields[19]) / os.sysconf('SC_CLK_TCK') + _linux_boot_time():.3f}"
     except (OSError, ValueError, IndexError):
         return None
 
@@ -74,13 +77,16 @@ def _proc_mounted() -> bool:
     return sys.platform == "linux" and os.path.exists("/proc/self/stat")
 
 
-def _start_token(pid: int) -> str | None:
+def _start_token(pid: int, *, running: bool = False) -> str | None:
     if _proc_mounted():
-        return _linux_start_token(pid)
+        return _linux_start_token(pid, running=running)
     import psutil
 
     try:
-        return f"{psutil.Process(pid).create_time():.3f}"
+        process = psutil.Process(pid)
+        if running and process.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return f"{process.create_time():.3f}"
     except (psutil.Error, OSError, ValueError):
         return None
 
@@ -118,11 +124,13 @@ def identity_of(pid: int) -> ProcessIdentity | None:
 
 
 def is_alive(identity: ProcessIdentity) -> bool:
-    """True if the very process ``identity`` names still runs (a reused pid does not count)."""
-    if identity.boot_id != boot_id():
+    """True if the very process ``identity`` names still runs (a reused pid does not count).
+
+    A zombie does not run: killed, a holder stays one until its parent reaps it, its locks
+    already free, and gc called it "a live holder that lost its lock" (exit 1)."""
+    if identity.boot_id != boot_id() or identity.pid <= 0:
         return False
-    now = identity_of(identity.pid)
-    return now is not None and now.start_token == identity.start_token
+    return _start_token(identity.pid, running=True) == identity.start_token
 
 
 def process_name(pid: int) -> str | None:
