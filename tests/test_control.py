@@ -123,6 +123,37 @@ def test_checkout_is_the_layout_files_directory_and_status_shows_it(
             p.wait(timeout=30)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="symlinks need a privilege on Windows")
+def test_checkouts_sharing_a_symlinked_layout_file_are_each_their_own(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Worktrees that link one shared portpool.toml: the checkout was the link's target's
+    # directory, the same for all, so `port`/`stop` in one worktree reached another's.
+    shared = write_layout(tmp_path / "shared.toml", port_base)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        d.mkdir()
+        (d / "portpool.toml").symlink_to(shared)
+    release = tmp_path / "release"
+    procs = []
+    try:
+        p1, n1 = _hold(Path("portpool.toml"), release, cwd=one)
+        procs.append(p1)
+        p2, n2 = _hold(Path("portpool.toml"), release, cwd=two)
+        procs.append(p2)
+        assert (n1, n2) == (1, 2)
+        dirs = {i["number"]: i["dir"] for i in status_json(shared)["instances"]}
+        assert dirs == {1: str(one.resolve()), 2: str(two.resolve())}
+        for d, n in ((one, n1), (two, n2)):
+            done = portpool("env", cwd=d)
+            assert done.returncode == 0, done.stderr
+            assert f"PORTPOOL_INSTANCE={n}\n" in done.stdout
+    finally:
+        release.touch()
+        for p in procs:
+            p.wait(timeout=30)
+
+
 def test_slot_blocked_by_foreign_programs_is_skipped(
     layout_file: Path, state: StateDir, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -50,7 +50,9 @@ def checkout_dir(layout: Layout, cwd: str | None = None) -> str:
     (default: the working directory) for a layout that is not a file (the built-in one).
     Raises UsageError if the working directory it needs was removed."""
     if layout.source and os.path.isfile(layout.source):
-        return os.path.dirname(os.path.realpath(absolute_path(layout.source)))
+        # The directory the file is in, not its target's if it is a symlink: worktrees
+        # that link one shared layout file were all one checkout (port/stop crossed them).
+        return os.path.realpath(os.path.dirname(absolute_path(layout.source)))
     return os.path.realpath(cwd if cwd is not None else working_directory())
 
 
