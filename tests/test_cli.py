@@ -412,3 +412,32 @@ def test_gc_right_after_a_kill_9_takes_the_unreaped_holder_for_dead(
     finally:
         done_file.touch()
         proc.wait()
+
+
+def test_the_records_on_disk_are_json_naming_their_holder(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # DESIGN's "State on disk": ports/<port>.json says who holds the port. It held a JSON
+    # line, then a "#crc" line and padding: json.load and jq refused the file.
+    layout = write_layout(tmp_path / "p.toml", port_base)
+    done_file = tmp_path / "release"
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(done_file))
+    try:
+        assert read_line(proc).strip() == "1"
+        instance = json.loads((home / "apps" / "testapp" / "instances" / "1.json").read_text())
+        assert instance["pid"] == proc.pid
+        ports = {s["name"]: s["port"] for s in instance["services"]}
+        assert ports == {"alpha": port_base, "beta": port_base + 2}
+        for service, port in ports.items():
+            record = json.loads((home / "ports" / f"{port}.json").read_text())
+            assert (record["pid"], record["app"], record["instance"], record["service"]) == (
+                proc.pid,
+                "testapp",
+                1,
+                service,
+            )
+            assert record["start_token"] == instance["start_token"]
+            assert record["acquired_at"] <= record["heartbeat_at"]
+    finally:
+        done_file.touch()
+        proc.wait()

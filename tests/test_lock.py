@@ -419,11 +419,14 @@ def test_encoding_is_exactly_compact_json(state: StateDir, port_base: int):
     record = PortRecord(port_base, 42, "1.5", "boot", "app", 2, "svc", "::1", 1.25, 2.5)
     data = encode_record(record)
     assert len(data) == RECORD_SIZE
-    text = data.split(b"\n", 1)[0]
-    assert json.loads(text) == record.to_dict()
-    assert text == json.dumps(record.to_dict(), separators=(",", ":")).encode()
+    # The whole file is one JSON object (json.load, jq): the record, then its checksum.
+    text = json.dumps(record.to_dict(), separators=(",", ":")).encode()
+    assert json.loads(data) == {**record.to_dict(), "crc": f"{zlib.crc32(text):08x}"}
+    assert data.split(b"\n", 1)[0] == text[:-1] + b',"crc":"%08x"}' % zlib.crc32(text)
     assert decode_record(data) == record
     assert decode_record(b" " * RECORD_SIZE) is None
+    # A record as written before (a JSON line, then a "#<crc>" line) still reads.
+    assert decode_record((text + b"\n#%08x\n" % zlib.crc32(text)).ljust(RECORD_SIZE)) == record
 
 
 _names = st.text(max_size=40)

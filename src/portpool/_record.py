@@ -4,7 +4,9 @@ A record is written in place with one ``pwrite`` (no truncate, no rename: each o
 costs ~200 us on ext4 and acquire is on the hot path). A reader that races a write can
 see a torn record, so the record ends with a CRC32 of its text: a torn or damaged record
 reads as "unreadable", and unreadable never means "free" — whether a port is held is
-decided by the kernel lock alone.
+decided by the kernel lock alone. The file is one JSON object (its last member, ``crc``,
+the checksum of the object's text without it) padded with spaces, so that ``json.load``
+and ``jq`` read it as people expect of a ``.json`` file.
 """
 
 from __future__ import annotations
@@ -79,8 +81,15 @@ _FLOAT_FIELDS = ("acquired_at", "heartbeat_at")
 _MAX_STR = 256
 
 
+# The last member of a record's object: `,"crc":"<8 hex digits>"}`.
+_CRC_HEAD = b',"crc":"'
+_CRC_TAIL_LEN = len(_CRC_HEAD) + 8 + 2
+
+
 def encode_record(record: PortRecord) -> bytes:
-    """The fixed-size bytes of ``record``: its compact JSON line, a CRC line, space padding.
+    """The fixed-size bytes of ``record``: its compact JSON object, whose last member
+    ``crc`` is the CRC32 of the object's text without that member, a newline, then
+    space padding.
 
     Raises LockError if a text field is over 256 characters (``decode_record`` would
     refuse it: never write a record we cannot read back) or the record does not fit
@@ -91,7 +100,7 @@ def encode_record(record: PortRecord) -> bytes:
         if len(getattr(record, name)) > _MAX_STR:
             raise LockError(f"port {record.port}: record field {name!r} is over {_MAX_STR} chars")
     text = json.dumps(record.to_dict(), separators=(",", ":")).encode("ascii")
-    body = text + b"\n#%08x\n" % zlib.crc32(text)
+    body = text[:-1] + _CRC_HEAD + b'%08x"}\n' % zlib.crc32(text)
     if len(body) > RECORD_SIZE:
         raise LockError(f"port {record.port}: metadata record too large ({len(body)} bytes)")
     return body.ljust(RECORD_SIZE, b" ")
@@ -107,9 +116,13 @@ def decode_record(data: bytes) -> PortRecord | None:
     stripped = data.rstrip(b" \n\0")
     if not stripped:
         return None
-    text, sep, crc_hex = stripped.rpartition(b"\n#")
-    if not sep or len(crc_hex) != 8:
-        raise ValueError("record has no checksum line")
+    tail = stripped[-_CRC_TAIL_LEN:]
+    if tail.startswith(_CRC_HEAD) and tail.endswith(b'"}'):
+        text, crc_hex = stripped[:-_CRC_TAIL_LEN] + b"}", tail[len(_CRC_HEAD) : -2]
+    else:  # as written before the record was one JSON object: a line, then "#<crc>"
+        text, sep, crc_hex = stripped.rpartition(b"\n#")
+        if not sep or len(crc_hex) != 8:
+            raise ValueError("record has no checksum")
     try:
         crc = int(crc_hex, 16)
     except ValueError:
