@@ -441,3 +441,7 @@ def test_the_records_on_disk_are_json_naming_their_holder(
     finally:
         done_file.touch()
         proc.wait()
+    # Released, the records left for reuse are JSON too, and name nobody.
+    left = sorted((home / "ports").glob("*.json"))
+    assert left
+    assert all(json.loads(path.read_text()) == {} for path in left)

@@ -25,6 +25,8 @@ from portpool._text import printable
 from portpool.errors import LockError
 
 RECORD_SIZE = 1024
+# A released port's record, left for the next holder: an empty JSON object.
+BLANK_RECORD = b"{}".ljust(RECORD_SIZE, b" ")
 _READ_RETRIES = 3
 
 
@@ -107,14 +109,14 @@ def encode_record(record: PortRecord) -> bytes:
 
 
 def decode_record(data: bytes) -> PortRecord | None:
-    """Parse a record. None for a blank (released) record.
+    """Parse a record. None for a blank (released) record: ``{}``, or only spaces.
 
     Raises ValueError for anything torn, damaged or hostile; never anything else.
     """
     if len(data) > RECORD_SIZE:
         raise ValueError("record larger than its fixed size")
     stripped = data.rstrip(b" \n\0")
-    if not stripped:
+    if stripped in (b"", b"{}"):
         return None
     tail = stripped[-_CRC_TAIL_LEN:]
     if tail.startswith(_CRC_HEAD) and tail.endswith(b'"}'):

@@ -25,6 +25,7 @@ from portpool._platform import (
     write_at,
 )
 from portpool._record import (
+    BLANK_RECORD,
     RECORD_SIZE,
     PortRecord,
     encode_record,
@@ -161,12 +162,9 @@ class PortLock:
                 # only our own bytes: a record another process wrote is evidence.
                 with contextlib.suppress(OSError):
                     if self._written is None or read_at(fd, RECORD_SIZE, 0) == self._written:
-                        write_at(fd, _BLANK, 0)
+                        write_at(fd, BLANK_RECORD, 0)
             os.close(fd)
             lock.release()
-
-
-_BLANK = b" " * RECORD_SIZE
 
 
 def _still_ours(lock: HeldLock) -> bool:
