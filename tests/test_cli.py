@@ -445,3 +445,27 @@ def test_the_records_on_disk_are_json_naming_their_holder(
     left = sorted((home / "ports").glob("*.json"))
     assert left
     assert all(json.loads(path.read_text()) == {} for path in left)
+
+
+def test_python_dash_m_portpool_is_the_command(tmp_path: Path, home: Path) -> None:
+    # `python -m portpool` (this interpreter's portpool, as with pip) failed: "'portpool'
+    # is a package and cannot be directly executed".
+    done = subprocess.run(
+        [sys.executable, "-m", "portpool", "layout"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == portpool("layout", cwd=tmp_path).stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "portpool", "status", "--bogus"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert bad.returncode == 2
+    assert "Usage: portpool status" in bad.stderr
