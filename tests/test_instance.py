@@ -333,17 +333,20 @@ def test_record_service_entries_are_exactly_name_pool_port_pid() -> None:
     written = {"name": "api", "pool": [9000, 9001], "port": 9001, "pid": 4242}
     hostile = [
         {**written, "extra": "x" * 1000},
-        {**written, "port": 70000, "pid": -1},
+        {**written, "name": "web", "pid": -1},
         {"name": "bare", "pool": []},
     ]
-    entries = _parse_services([dict(written), *hostile])
+    entries = _parse_services([dict(written), *hostile[1:]])
     assert entries[0] == {**written, "refusals": []}
-    for entry in entries:
+    for entry in [*entries, *_parse_services(hostile[:1])]:
         assert list(entry) == ["name", "pool", "port", "pid", "refusals"]
-    assert entries[1]["port"] == 9001
-    assert (entries[2]["port"], entries[2]["pid"]) == (None, None)
-    assert entries[3] == {"name": "bare", "pool": [], "port": None, "pid": None, "refusals": []}
+    assert (entries[1]["port"], entries[1]["pid"]) == (9001, None)
+    assert entries[2] == {"name": "bare", "pool": [], "port": None, "pid": None, "refusals": []}
     for bad in (
+        [{**written, "port": 70000}],  # a port is one of its pool's, or none
+        [{**written, "port": 9002}],
+        [{**written, "port": "9001"}],
+        [written, written],  # a service named twice
         [{"name": "x", "pool": [0]}],
         [{"name": "x", "pool": [True]}],
         [{"name": "x", "pool": [9000, 65536]}],

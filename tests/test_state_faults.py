@@ -77,6 +77,56 @@ def test_a_service_name_in_a_record_never_reaches_env_lines_that_a_shell_runs(
     assert info["alive"] is True and "invalid name" in info["problem"]
 
 
+def _services_of_record(state: StateDir) -> list[dict[str, object]]:
+    record = json.loads((Path(state.instances("testapp").path) / "1.json").read_text())
+    services: list[dict[str, object]] = record["services"]
+    return services
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        # port 22 is not in alpha's pool: `port` printed it, and a script talked to sshd
+        ({"port": 22}, "port 22 is not in its pool"),
+        ({"port": "x"}, "invalid port"),  # read as "no port": `env` dropped the service
+        ({"port": 70000}, "invalid port"),
+        ({"port": True}, "invalid port"),
+    ],
+)
+def test_a_service_entry_whose_port_is_not_one_of_its_pool_is_unreadable(
+    running: Instance,
+    layout_file: Path,
+    state: StateDir,
+    damage: dict[str, object],
+    problem: str,
+) -> None:
+    services = _services_of_record(state)
+    services[0].update(damage)
+    _rewrite_record(state, 1, {"services": services})
+
+    port = portpool("port", "alpha", "--config", str(layout_file))
+    assert port.returncode == 1 and port.stdout == "", port.stdout
+    assert problem in port.stderr, port.stderr
+    env = portpool("env", "--config", str(layout_file))
+    assert env.returncode == 1 and "PORTPOOL_PORT" not in env.stdout, env.stdout
+    [info] = status_json(layout_file)["instances"]
+    assert info["alive"] is True and info["readable"] is False, info
+    assert problem in info["problem"], info
+
+
+def test_a_service_named_twice_in_a_record_is_unreadable(
+    running: Instance, layout_file: Path, state: StateDir
+) -> None:
+    services = _services_of_record(state)
+    _rewrite_record(state, 1, {"services": services + services})
+
+    env = portpool("env", "--config", str(layout_file))
+    # It printed PORTPOOL_SERVICES=alpha,beta,alpha,beta.
+    assert env.returncode == 1 and "PORTPOOL_SERVICES" not in env.stdout, env.stdout
+    [info] = status_json(layout_file)["instances"]
+    assert info["readable"] is False and "'alpha' twice" in info["problem"], info
+
+
 def test_a_holders_record_text_never_splits_or_colours_a_warning(
     state: StateDir, tmp_path: Path, port_base: int
 ) -> None:

@@ -109,6 +109,7 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
     if type(raw) is not list:
         raise ValueError("'services' is not a list")
     out = []
+    seen: set[str] = set()
     for item in raw:
         name = item.get("name") if type(item) is dict else None
         if type(name) is not str:
@@ -117,6 +118,9 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
         # sourced them. Only a layout's valid names are ever written.
         if not _valid_name(name):
             raise ValueError(f"a service entry has an invalid name {name[:64]!r}")
+        if name in seen:  # `env` printed PORTPOOL_SERVICES=a,b,a,b
+            raise ValueError(f"names service {name!r} twice")
+        seen.add(name)
         pool = item.get("pool", [])
         if type(pool) is not list:
             raise ValueError(f"service {name!r} has an invalid pool")
@@ -124,10 +128,17 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
             if type(p) is not int or not 0 < p < 65536:
                 raise ValueError(f"service {name!r} has an invalid pool")
         port, pid, refusals = item.get("port"), item.get("pid"), item.get("refusals")
+        # A port is one of its pool's, or the record is not one portpool wrote: read as
+        # "no port", `env` dropped the service; outside the pool, `port` printed 22.
+        if port is not None:
+            if type(port) is not int or not 0 < port < 65536:
+                raise ValueError(f"service {name!r} has an invalid port")
+            if port not in pool:
+                raise ValueError(f"service {name!r}: port {port} is not in its pool")
         entry: dict[str, Any] = {
             "name": name,
             "pool": pool,
-            "port": port if type(port) is int and 0 < port < 65536 else None,
+            "port": port,
             "pid": pid if type(pid) is int and 0 < pid < 2**31 else None,
             # Most services skipped no port: no call, and no list to build and drop.
             "refusals": _parse_refusals(refusals) if refusals else [],
