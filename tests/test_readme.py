@@ -37,6 +37,7 @@ LANGUAGES = {
     "node": "js",
 }
 _FENCE = re.compile(r"^```(\S*)\s*$")
+_TEST_FUNCTION = re.compile(r"^def (test_\w+)\(", re.MULTILINE)
 _FILE = re.compile(r"^(?:#|//) file: (\S+)\s*$")
 BLOCK_TIMEOUT_S = 120
 
@@ -105,6 +106,21 @@ def test_parser_sees_fragments_and_files() -> None:
     ]
 
 
+def test_a_block_of_tests_runs_its_tests(tmp_path: Path) -> None:
+    # Run as a script, a block of pytest tests defined them and exited 0: the README's
+    # pytest examples were never run, and one that broke still passed here.
+    env = _env(tmp_path / "state")
+    failing = Block(7, "python", "def test_it():\n    assert 1 == 2\n", False)
+    with pytest.raises(AssertionError, match="README line 7: exit 1"):
+        _run_python(failing, tmp_path, env)
+    skipped = Block(9, "python", "import pytest\n\n\ndef test_it():\n    pytest.skip()\n", False)
+    with pytest.raises(AssertionError, match="test_it did not pass"):
+        _run_python(skipped, tmp_path, env)
+    two = "def test_it():\n    pass\n\n\ndef test_too():\n    pass\n"
+    passing = Block(11, "python", two, False)
+    assert "2 passed" in _run_python(passing, tmp_path, env)
+
+
 def _env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PORTPOOL_HOME"] = str(home)
@@ -137,6 +153,27 @@ def _run(argv: list[str], block: Block, cwd: Path, env: dict[str, str]) -> str:
         f"--- stdout\n{done.stdout}\n--- stderr\n{done.stderr}"
     )
     return done.stdout
+
+
+def _run_python(block: Block, cwd: Path, env: dict[str, str]) -> str:
+    """Run a Python block: a block of pytest tests under pytest (as plain Python it
+    only defined them, and a broken example passed), every test passing, else as a
+    script."""
+    script = cwd / f"readme_block_{block.line}.py"
+    if not _TEST_FUNCTION.search(block.text):
+        script.write_text(block.text)
+        return _run([sys.executable, str(script)], block, cwd, env)
+    script = cwd / f"test_readme_block_{block.line}.py"
+    script.write_text(block.text)
+    tests = _TEST_FUNCTION.findall(block.text)
+    # -rA: every test's outcome by name, so one skipped or never collected is seen.
+    argv = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(script)]
+    out = _run(argv, block, cwd, env)
+    for name in tests:
+        assert f"PASSED {script.name}::{name}" in out, (
+            f"README line {block.line}: {name} did not pass\n{block.text}\n--- pytest\n{out}"
+        )
+    return out
 
 
 def _check_file(block: Block, path: Path, cwd: Path, env: dict[str, str]) -> None:
@@ -174,9 +211,7 @@ def test_readme_blocks_run_as_written(tmp_path: Path) -> None:
                     _run(["bash", "-euo", "pipefail", "-c", block.text], block, work, env)
                 )
             elif kind == "python":
-                script = work / f"readme_block_{block.line}.py"
-                script.write_text(block.text)
-                outputs.append(_run([sys.executable, str(script)], block, work, env))
+                outputs.append(_run_python(block, work, env))
             elif kind == "js":
                 if node is None:
                     continue  # reported below: the README's Node block needs node
@@ -202,6 +237,10 @@ def test_readme_blocks_run_as_written(tmp_path: Path) -> None:
     assert "hello from portpool" in everything  # the library example served and asked
     assert ran.get("sh", 0) >= 3
     assert ran.get("python", 0) >= 2
+    # The pytest examples (aiohttp, uvicorn, http.server, the factory, the instance) ran.
+    test_blocks = [b for b in BLOCKS if not b.fragment and _TEST_FUNCTION.search(b.text)]
+    assert len(test_blocks) >= 5
+    assert everything.count(" passed in ") == len(test_blocks), everything
     if node is None:
         pytest.skip("node is not installed: the README's Node example was only saved, not run")
     assert "api-server of instance" in everything
