@@ -296,6 +296,63 @@ def test_service_values_are_checked(tmp_path: Path, line: str, key: str, problem
 
 
 @pytest.mark.parametrize(
+    ("line", "key", "shown"),
+    [
+        # The value as the file spells it: Python's spelling (False, datetime.date(...),
+        # {'a': 1}) is not what the user wrote.
+        ("restart = false", "services.x.restart", "not false"),
+        ("socket = 1979-05-27", "services.x.socket", "not 1979-05-27"),
+        ("socket = 1979-05-27T07:32:00Z", "services.x.socket", "not 1979-05-27T07:32:00Z"),
+        ("command = {a = 1, b = [true]}", "services.x.command", "not {a = 1, b = [true]}"),
+        ("depends_on = true", "services.x.depends_on", "not true"),
+        ('ready = ["tcp"]', "services.x.ready", "not an array"),
+    ],
+)
+def test_a_wrong_value_is_shown_as_the_file_spells_it(
+    tmp_path: Path, line: str, key: str, shown: str
+) -> None:
+    error = refused(tmp_path, f'app = "a"\n[services.x]\nbase = 20000\nsize = 3\n{line}\n')
+    assert error.key == key
+    assert error.problem.endswith(shown), error.problem
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f'socket = "{"s" * 200_000}"',
+        f'ready = "{"r" * 200_000}"',
+        f'ready = "http:/{"p" * 200_000}#"',
+        f"restart = [{', '.join(['1'] * 50_000)}]",
+        f'depends_on = "{"d" * 200_000}"',
+        f'depends_on = ["{"d" * 200_000}"]',
+        f'command = "{"c" * 200_000}"',
+    ],
+)
+def test_a_huge_wrong_value_is_shown_cut(tmp_path: Path, line: str) -> None:
+    # The whole value was printed: a 200 KB string made a 200 KB error line.
+    error = refused(tmp_path, f'app = "a"\n[services.x]\nbase = 20000\nsize = 3\n{line}\n')
+    assert len(error.errors[0]) < 400, error.errors[0][:400]
+    assert "..." in error.problem
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        f'app = "{"a" * 200_000}"',
+        f'host = "{"h" * 200_000}"',
+        f"[services.{'s' * 200_000}]\nbase = 20000\nsize = 3",
+    ],
+)
+def test_a_huge_name_is_shown_cut(tmp_path: Path, line: str) -> None:
+    text = f"{line}\n" if line.startswith("[") else f"{line}\n[services.x]\nbase = 1\nsize = 1\n"
+    if line.startswith("["):
+        text = f'app = "a"\n{text}'
+    error = refused(tmp_path, text)
+    problems = [p for p in error.errors if "..." in p]
+    assert problems and all(len(p.split(": ", 2)[2]) < 400 for p in problems), error.errors
+
+
+@pytest.mark.parametrize(
     ("line", "key", "problem"),
     [
         ("app = 3", "app", "must be a string, not an integer"),

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeGuard
 
 from portpool._layout_checks import MAX_PORT, MAX_SERVICES, Problem
-from portpool._text import printable
+from portpool._text import cut, printable, toml_value
 from portpool.errors import LayoutError
 
 SERVICE_SOCKET_MODES = ("fd", "port")
@@ -45,7 +45,8 @@ DEFAULT_READY_TIMEOUT_S = 30.0
 def layout_error(source: str, problems: Sequence[Problem]) -> LayoutError:
     """One LayoutError for every problem, each line ``FILE: KEY: PROBLEM``."""
     key, problem = problems[0]
-    lines = [f"{printable(source)}: {printable(k)}: {p}" for k, p in problems]
+    # A key holds a service name of any length: cut, as values are.
+    lines = [f"{printable(source)}: {printable(cut(k, 120))}: {p}" for k, p in problems]
     return LayoutError(source, key, problem, errors=lines)
 
 
@@ -89,7 +90,7 @@ def name_problem(kind: str, name: str) -> str | None:
     if _NAME.match(name):
         return None
     return (
-        f"{kind} name {name!r} must be 1-64 letters, digits, '.', '_' or '-', "
+        f"{kind} name {toml_value(name)} must be 1-64 letters, digits, '.', '_' or '-', "
         "starting with a letter or digit"
     )
 
@@ -163,7 +164,8 @@ def service_problems(
             )
     if command is not None:
         if not isinstance(command, list | tuple) or not command:
-            out.append((f"{key}.command", f"must be a non-empty array of strings, not {command!r}"))
+            wrong = f"must be a non-empty array of strings, not {toml_value(command)}"
+            out.append((f"{key}.command", wrong))
         else:
             for i, arg in enumerate(command):
                 if not isinstance(arg, str):
@@ -176,7 +178,8 @@ def service_problems(
         out.append(
             (
                 f"{key}.socket",
-                f"must be one of {', '.join(map(repr, SERVICE_SOCKET_MODES))}, not {socket!r}",
+                f"must be one of {', '.join(map(repr, SERVICE_SOCKET_MODES))}, "
+                f"not {toml_value(socket)}",
             )
         )
     out.extend(_supervision_problems(key, restart, depends_on, ready, ready_timeout_s))
@@ -192,20 +195,20 @@ def _ready_problem(ready: object) -> str | None:
         return None
     if kind == "http" and colon:
         if not arg.startswith("/"):
-            return f"the path must start with '/', not {arg!r}"
+            return f"the path must start with '/', not {toml_value(arg)}"
         if arg.startswith("//"):
             # "http://127.0.0.1:8000/health" passed and then asked the service for the
             # path "//127.0.0.1:8000/health": a 404 until ready_timeout_s, exit 5.
             return (
-                f"give the path only, e.g. 'http:/health', not {ready!r}: the probe asks "
+                f"give the path only, e.g. 'http:/health', not {toml_value(ready)}: the probe asks "
                 "the service's own address and port"
             )
         if "#" in arg:
             # Sent as written, "/health#top" is a path no server routes (browsers drop it).
-            return f"the path must have no '#fragment' (it is never sent), not {arg!r}"
+            return f"the path must have no '#fragment' (it is never sent), not {toml_value(arg)}"
         if any(c.isspace() or not c.isprintable() for c in arg):
             # "http:/ he alth" passed and failed only after ready_timeout_s, at run time
-            return f"the path must have no spaces or control characters, not {arg!r}"
+            return f"the path must have no spaces or control characters, not {toml_value(arg)}"
         return None
     if kind == "log" and colon:
         if not arg:
@@ -213,12 +216,11 @@ def _ready_problem(ready: object) -> str | None:
         try:
             re.compile(arg)
         except re.error as e:
-            return f"invalid regular expression {arg!r}: {e}"
+            return f"invalid regular expression {toml_value(arg)}: {e}"
         except (OverflowError, RecursionError) as e:  # "a{99999999999}": a traceback
-            shown = arg if len(arg) <= 60 else arg[:60] + "..."
-            return f"invalid regular expression {shown!r}: {e}"
+            return f"invalid regular expression {toml_value(arg)}: {e}"
         return None
-    return f"must be 'tcp', 'http:<path>', 'log:<regex>' or 'none', not {ready!r}"
+    return f"must be 'tcp', 'http:<path>', 'log:<regex>' or 'none', not {toml_value(ready)}"
 
 
 def _supervision_problems(
@@ -228,9 +230,10 @@ def _supervision_problems(
     out: list[Problem] = []
     if restart not in RESTART_POLICIES:
         allowed = ", ".join(map(repr, RESTART_POLICIES))
-        out.append((f"{key}.restart", f"must be one of {allowed}, not {restart!r}"))
+        out.append((f"{key}.restart", f"must be one of {allowed}, not {toml_value(restart)}"))
     if not isinstance(depends_on, list | tuple):
-        out.append((f"{key}.depends_on", f"must be an array of service names, not {depends_on!r}"))
+        wrong = f"must be an array of service names, not {toml_value(depends_on)}"
+        out.append((f"{key}.depends_on", wrong))
     elif len(depends_on) > MAX_SERVICES:
         # Bounded whatever the file: 20,000 names took 5 s and printed 20,000 lines.
         too_many = f"names {len(depends_on)} services; a layout has at most {MAX_SERVICES}"
@@ -241,7 +244,7 @@ def _supervision_problems(
             if not isinstance(dep, str):
                 out.append((f"{key}.depends_on[{i}]", f"must be a string, not {toml_type(dep)}"))
             elif dep in seen:
-                out.append((f"{key}.depends_on[{i}]", f"names {dep!r} twice"))
+                out.append((f"{key}.depends_on[{i}]", f"names {toml_value(dep)} twice"))
             else:
                 seen.add(dep)
     problem = _ready_problem(ready)
@@ -273,7 +276,7 @@ def _interval_problem(value: object) -> str | None:
     if not is_finite_number(value) or not INTERVAL_MIN_S <= value <= INTERVAL_MAX_S:
         return (
             f"must be a number of seconds from {INTERVAL_MIN_S:g} to {INTERVAL_MAX_S:g} "
-            f"(one day), not {value!r}"
+            f"(one day), not {toml_value(value)}"
         )
     return None
 
@@ -288,7 +291,8 @@ def _host_problem(host: object) -> str | None:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
-        return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {host!r}"
+        shown = toml_value(host)
+        return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {shown}"
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id is not None:
             base = host.partition("%")[0]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 
+from portpool._text import cut, toml_value
+
 __all__ = ["dependency_problems", "start_order"]
 
 _MAX_UNKNOWN_SHOWN = 20  # unknown names reported in full, then counted
@@ -28,7 +30,7 @@ def dependency_problems(
     known_set = set(names)  # a list made 1,000 services x 1,000 names quadratic
     shown = names[:_MAX_NAMES_SHOWN]
     more = len(names) - len(shown)
-    known_text = ", ".join(shown) + (f", ... ({more} more)" if more > 0 else "")
+    known_text = ", ".join(map(cut, shown)) + (f", ... ({more} more)" if more > 0 else "")
     out: list[tuple[str, str]] = []
     unknown = 0
     first_unshown = ""  # the service of the first unknown name only counted
@@ -39,7 +41,9 @@ def dependency_problems(
             elif dep not in known_set:
                 unknown += 1
                 if unknown <= _MAX_UNKNOWN_SHOWN:
-                    problem = f"depends on {dep!r}, which is not a service; known: {known_text}"
+                    problem = (
+                        f"depends on {toml_value(dep)}, which is not a service; known: {known_text}"
+                    )
                     out.append((name, problem))
                 elif not first_unshown:
                     first_unshown = name
