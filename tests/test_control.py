@@ -456,7 +456,7 @@ def test_stop_never_signals_a_process_that_is_not_the_lock_holder(
 
             with pytest.raises(StopFailed) as info:
                 stop_instances(layout, 2, state=state, timeout_s=1)
-            assert "no longer the recorded process" in str(info.value)
+            assert "with another start time: a reused pid" in str(info.value)
         finally:
             held.remove_and_release()
         assert bystander.poll() is None
@@ -817,8 +817,8 @@ def test_stop_says_what_is_wrong_with_the_record(
         done = portpool("stop", str(number), "--config", str(layout_file))
         assert done.returncode == 1
         assert (
-            f"its record does not match the process holding the slot (pid {proc.pid} holds "
-            f"it, the record names {dead.pid}): not signalling anything"
+            f"record does not match the process holding the slot (pid {proc.pid} holds "
+            f"it, the record names {dead.pid}, which is not running): not signalling anything"
         ) in done.stderr
         # A pid that is not a whole number: unreadable, not "starting".
         record.write_text(json.dumps({**original, "pid": "12x"}))

@@ -127,6 +127,32 @@ def test_a_service_named_twice_in_a_record_is_unreadable(
     assert info["readable"] is False and "'alpha' twice" in info["problem"], info
 
 
+@pytest.mark.parametrize("pid", [1, 2**31 - 1])  # another process; none at all
+def test_a_record_naming_a_process_that_does_not_run_is_not_the_slots(
+    running: Instance, layout_file: Path, state: StateDir, pid: int
+) -> None:
+    # The slot's holder runs; its record names another process. status showed pid 1 as
+    # the instance's (alive, ports and all), and `port` printed the record's port.
+    _rewrite_record(state, 1, {"pid": pid})
+
+    [info] = status_json(layout_file)["instances"]
+    assert info["alive"] is True and info["readable"] is False, info
+    problem = (
+        f"record does not match the process holding the slot (pid {os.getpid()} holds it, "
+        f"the record names {pid}, which is not running)"
+    )
+    assert problem in info["problem"] and info["pid"] is None, info
+    text = portpool("status", "--config", str(layout_file))
+    assert problem in text.stdout, text.stdout
+    port = portpool("port", "alpha", "--config", str(layout_file))
+    assert port.returncode == 1 and port.stdout == "", port.stdout
+    assert problem in port.stderr, port.stderr
+    # Naming its holder again, the record is the instance's once more.
+    _rewrite_record(state, 1, {"pid": os.getpid()})
+    [info] = status_json(layout_file)["instances"]
+    assert info["readable"] is True and info["pid"] == os.getpid(), info
+
+
 def test_a_holders_record_text_never_splits_or_colours_a_warning(
     state: StateDir, tmp_path: Path, port_base: int
 ) -> None:

@@ -357,9 +357,38 @@ def _read_instance_once(
         problem = "starting (no record yet)" if alive else "no record"
         return InstanceInfo(number, alive, False, problem=problem)
     try:
-        return _parse_record(number, alive, raw)
+        info = _parse_record(number, alive, raw)
     except ValueError as e:
         return InstanceInfo(number, alive, False, problem=f"record unreadable: record {e}")
+    if alive and holder is None:
+        # The slot is held, and the process the record names (pid, start token, boot id)
+        # does not run: the record is not its holder's (one starting has not written its
+        # own yet, or it was rewritten). Shown, pid 1 passed for the instance's process.
+        problem = _not_the_holders(directory, number, info.pid, locked)
+        return InstanceInfo(number, alive, False, problem=f"record unreadable: {problem}")
+    return info
+
+
+def _not_the_holders(
+    directory: DirHandle,
+    number: int,
+    recorded: int | None,
+    locked: LockTable | Callable[[], LockTable | None] | None,
+) -> str:
+    """What a held slot's record naming a process that does not run says, with the
+    holder's pid where the kernel's lock table tells (read here only on this rare path)."""
+    table = locked() if callable(locked) else locked if locked is not None else locked_inodes()
+    try:
+        st = directory.stat_entry(f"{number}.lock")
+    except OSError:
+        st = None
+    holder = table.get((st.st_dev, st.st_ino)) if table is not None and st is not None else None
+    if holder is not None and holder == recorded:
+        names = f"the record names pid {recorded} with another start time: a reused pid"
+    else:
+        names = f"the record names {recorded}, which is not running"
+    held = f"pid {holder} holds it" if holder is not None else "another process holds it"
+    return f"record does not match the process holding the slot ({held}, {names})"
 
 
 def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo]:
