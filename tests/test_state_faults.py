@@ -153,6 +153,30 @@ def test_a_record_naming_a_process_that_does_not_run_is_not_the_slots(
     assert info["readable"] is True and info["pid"] == os.getpid(), info
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="pid namespaces are Linux's")
+def test_an_instance_in_a_pid_namespace_of_its_own_is_still_read_from_outside(
+    layout_file: Path, home: Path
+) -> None:
+    # A container sharing the state dir: its record names its pid in there (1), not the
+    # one the lock table lists here. That is its holder, not a record to refuse.
+    unshare = ["unshare", "-rpf", "--mount-proc", "--kill-child=SIGTERM"]
+    if subprocess.run([*unshare, "true"], capture_output=True, check=False).returncode:
+        pytest.skip("no unprivileged pid namespace here (unshare -rpf --mount-proc)")
+    run = [sys.executable, "-m", "portpool.cli", "run", "-c", str(layout_file), "--"]
+    proc = subprocess.Popen([*unshare, *run, "sleep", "60"], stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        assert "instance 1" in proc.stderr.readline()
+        [info] = status_json(layout_file)["instances"]
+        assert info["alive"] is True and info["readable"] is True, info
+        assert info["pid"] == 1 and info["pid"] != proc.pid, info
+        port = portpool("port", "alpha", "--config", str(layout_file))
+        assert port.returncode == 0 and port.stdout.strip().isdigit(), port.stderr
+    finally:
+        proc.kill()  # unshare waits out SIGTERM; its --kill-child sends run SIGTERM
+        proc.communicate(timeout=30)
+
+
 def test_a_holders_record_text_never_splits_or_colours_a_warning(
     state: StateDir, tmp_path: Path, port_base: int
 ) -> None:

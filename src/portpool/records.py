@@ -23,8 +23,10 @@ from portpool._platform import (
     LockTable,
     OpenFiles,
     ProcessIdentity,
+    identity_of,
     is_alive,
     locked_inodes,
+    namespace_pids,
 )
 from portpool.errors import ResourceLimit
 from portpool.layout import name_problem
@@ -362,33 +364,45 @@ def _read_instance_once(
         return InstanceInfo(number, alive, False, problem=f"record unreadable: record {e}")
     if alive and holder is None:
         # The slot is held, and the process the record names (pid, start token, boot id)
-        # does not run: the record is not its holder's (one starting has not written its
-        # own yet, or it was rewritten). Shown, pid 1 passed for the instance's process.
-        problem = _not_the_holders(directory, number, info.pid, locked)
-        return InstanceInfo(number, alive, False, problem=f"record unreadable: {problem}")
+        # does not run here: the record may not be its holder's (one starting has not
+        # written its own yet, or it was rewritten). Shown, pid 1 passed for the
+        # instance's process, its ports and all.
+        mismatch = _not_the_holders(directory, number, raw, locked)
+        if mismatch is not None:
+            return InstanceInfo(number, alive, False, problem=f"record unreadable: {mismatch}")
     return info
 
 
 def _not_the_holders(
     directory: DirHandle,
     number: int,
-    recorded: int | None,
+    raw: object,
     locked: LockTable | Callable[[], LockTable | None] | None,
-) -> str:
-    """What a held slot's record naming a process that does not run says, with the
-    holder's pid where the kernel's lock table tells (read here only on this rare path)."""
+) -> str | None:
+    """What is wrong with a held slot's record ``raw`` (a valid one) whose process does
+    not run here, or None when the lock's holder cannot be told (no lock table) or is
+    that process, seen from another pid namespace (same start token and boot id: a
+    container sharing the state dir). The lock table is read only on this rare path."""
+    assert isinstance(raw, dict)  # parsed already
     table = locked() if callable(locked) else locked if locked is not None else locked_inodes()
     try:
         st = directory.stat_entry(f"{number}.lock")
     except OSError:
-        st = None
+        return None
     holder = table.get((st.st_dev, st.st_ino)) if table is not None and st is not None else None
-    if holder is not None and holder == recorded:
+    if holder is None:
+        return None
+    seen = identity_of(holder)
+    token, boot, recorded = raw.get("start_token"), raw.get("boot_id"), raw.get("pid")
+    if seen is not None and (seen.start_token, seen.boot_id) == (token, boot):
+        inner = namespace_pids(holder)
+        if inner is None or recorded in inner:
+            return None  # the holder, by its pid in its own namespace
+    if holder == recorded:
         names = f"the record names pid {recorded} with another start time: a reused pid"
     else:
         names = f"the record names {recorded}, which is not running"
-    held = f"pid {holder} holds it" if holder is not None else "another process holds it"
-    return f"record does not match the process holding the slot ({held}, {names})"
+    return f"record does not match the process holding the slot (pid {holder} holds it, {names})"
 
 
 def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo]:

@@ -123,6 +123,23 @@ def identity_of(pid: int) -> ProcessIdentity | None:
     return ProcessIdentity(pid, token, boot_id())
 
 
+def namespace_pids(pid: int) -> tuple[int, ...] | None:
+    """The pids of process ``pid`` in each pid namespace it is in, outermost first (Linux
+    ``NSpid``: ``(4242, 1)`` for a container's first process), or None where the OS
+    does not tell or there is no such process. A record written in a container names
+    the inner pid."""
+    if not _proc_mounted():
+        return None
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"NSpid:"):
+                    return tuple(int(p) for p in line.split()[1:])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def is_alive(identity: ProcessIdentity) -> bool:
     """True if the very process ``identity`` names still runs (a reused pid does not count).
 
