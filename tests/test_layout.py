@@ -260,13 +260,40 @@ def test_syntax_error_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_unknown_keys_are_refused_at_every_level(tmp_path: Path) -> None:
-    error = refused(tmp_path, "colour = 1\n" + GOOD + "port = 3\n")
+    error = refused(tmp_path, "colour = 1\n" + GOOD + "prot = 3\n")
     assert error.errors == [
         f"{error.file}: colour: unknown key; expected one of: app, host, heartbeat_interval,"
         " shield_interval, max_instances, services",
-        f"{error.file}: services.api.port: unknown key; expected one of: base, size, stride,"
+        f"{error.file}: services.api.prot: unknown key; expected one of: base, size, stride,"
         " command, socket, restart, depends_on, ready, ready_timeout_s",
     ]
+
+
+@pytest.mark.parametrize(
+    ("line", "where", "meant"),
+    [
+        # Words other tools use: no spelling is close, and "unknown key" left the user to
+        # find that a service's first port is its "base".
+        ("port = 9000", "services.api.port", "base"),
+        ("count = 3", "services.api.count", "size"),
+        ("cmd = ['x']", "services.api.cmd", "command"),
+        ("after = []", "services.api.after", "depends_on"),
+        ("healthcheck = 'tcp'", "services.api.healthcheck", "ready"),
+        ("timeout = 3", "services.api.timeout", "ready_timeout_s"),
+    ],
+)
+def test_an_unknown_key_another_tool_uses_names_ours(
+    tmp_path: Path, line: str, where: str, meant: str
+) -> None:
+    error = refused(tmp_path, GOOD + line + "\n")
+    [problem] = [p for p in error.errors if f": {where}: " in p]
+    assert f"unknown key (did you mean {meant!r}?)" in problem, problem
+
+
+def test_an_unknown_top_key_another_tool_uses_names_ours(tmp_path: Path) -> None:
+    error = refused(tmp_path, "name = 'x'\ninstances = 3\n" + GOOD)
+    assert "name: unknown key (did you mean 'app'?)" in str(error), error
+    assert "instances: unknown key (did you mean 'max_instances'?)" in str(error), error
 
 
 @pytest.mark.parametrize(

@@ -109,6 +109,33 @@ def unknown_key_problems(
     return out
 
 
+# Words other tools use for a key of ours (no spelling is close: "port" is not "base").
+_OTHER_WORDS = {
+    "port": "base",
+    "first_port": "base",
+    "start": "base",
+    "start_port": "base",
+    "count": "size",
+    "ports": "size",
+    "pool_size": "size",
+    "cmd": "command",
+    "argv": "command",
+    "after": "depends_on",
+    "requires": "depends_on",
+    "needs": "depends_on",
+    "healthcheck": "ready",
+    "health": "ready",
+    "timeout": "ready_timeout_s",
+    "name": "app",
+    "instances": "max_instances",
+    "heartbeat": "heartbeat_interval",
+    "shield": "shield_interval",
+    "address": "host",
+    "bind": "host",
+    "service": "services",
+}
+
+
 def _key_hint(key: str, known: Sequence[str]) -> str:
     """`` (did you mean 'command'?)`` for a typo, or where a key of the other level goes:
     a bare "unknown key" left ``comand`` or a top-level ``base`` to be puzzled out."""
@@ -117,6 +144,9 @@ def _key_hint(key: str, known: Sequence[str]) -> str:
     close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.75)
     if close:
         return f" (did you mean {close[0]!r}?)"
+    meant = _OTHER_WORDS.get(key.lower().replace("-", "_"))
+    if meant is not None and meant in known:
+        return f" (did you mean {meant!r}?)"
     if tuple(known) == TOP_KEYS and key in SERVICE_KEYS:
         return " (it belongs in a [services.NAME] table)"
     if tuple(known) == SERVICE_KEYS and key in TOP_KEYS:
