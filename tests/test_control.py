@@ -688,6 +688,25 @@ def test_logs_belong_to_the_up_that_wrote_them(tmp_path: Path, port_base: int, h
     assert "hello from web" in portpool("logs", "-i", "1", cwd=tmp_path).stdout
 
 
+def test_a_log_of_long_lines_reads_whole(tmp_path: Path, port_base: int, home: Path) -> None:
+    """Lines longer than one read (64 KiB) come out whole, each once, filtered by their
+    service's prefix, the last one without its newline too (a long line was read in
+    quadratic time: 16 MB took 2.1 s, 32 MB 7.3 s)."""
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert portpool("stop", "1", cwd=tmp_path).returncode == 0
+    long_web, long_worker = "web | " + "w" * (3 << 20), "worker | " + "k" * 200_000
+    lines = [long_web, "web | short", long_worker, "web | é" * 40_000, "web | last"]
+    log = home / "apps" / "testapp" / "logs" / "1.log"
+    log.write_bytes("\n".join(lines).encode())  # the last line has no newline
+    everything = portpool("logs", "-i", "1", cwd=tmp_path)
+    assert everything.returncode == 0, everything.stderr
+    assert everything.stdout.splitlines() == lines
+    web = portpool("logs", "web", "-i", "1", cwd=tmp_path)
+    assert web.stdout.splitlines() == [line for line in lines if line.startswith("web |")]
+
+
 def test_a_log_that_is_a_symlink_or_a_directory_is_named_never_followed(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

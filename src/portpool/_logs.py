@@ -192,13 +192,18 @@ def follow_log(
     if fd is None:
         raise _no_log(layout, number, running is not None)
     follow = follow and owner is not None and running is not None
-    pending = b""
+    # A line's parts until it ends, joined once: adding each chunk to one bytes object
+    # and splitting it all again made a long line quadratic (16 MB: 2.1 s, 32 MB: 7.3 s).
+    pending: list[bytes] = []
     try:
         while True:
             chunk = _read_log(logs, number, fd)
             if chunk:
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
+                if b"\n" not in chunk:
+                    pending.append(chunk)
+                    continue
+                *lines, rest = b"".join([*pending, chunk]).split(b"\n")
+                pending = [rest]
                 for raw in lines:
                     line = raw.decode(errors="replace")
                     if service is None or _service_of(line) == service:
@@ -213,6 +218,7 @@ def follow_log(
             time.sleep(0.2)
     finally:
         os.close(fd)
-    if pending and (service is None or _service_of(pending.decode(errors="replace")) == service):
-        write(pending.decode(errors="replace"))
+    last = b"".join(pending).decode(errors="replace")
+    if last and (service is None or _service_of(last) == service):
+        write(last)
     return number
