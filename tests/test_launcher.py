@@ -3,7 +3,8 @@ child by ``_spawn.ChildSetup``): sockets at fds 3.. in order, ``LISTEN_PID`` its
 pid, an empty signal mask whatever the spawning thread blocks, only the fds it is given,
 its own process group, SIGTERM when its parent dies, and otherwise exactly what it would
 get from ``exec``: its arguments, its environment (names no shell would take, ``PWD`` as
-it was), and CommandNotFound (exit 127) for what the kernel will not execute.
+it was), and CommandNotFound (exit 127 or 126, as a shell) for what the kernel will not
+execute.
 
 A faster start through ``posix_spawn`` + ``setpriv`` + ``sh`` was tried and dropped: the
 shell drops environment variables whose names are not shell names (exported bash
@@ -245,15 +246,15 @@ def test_the_environment_arrives_as_given(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "mode"),
+    ("content", "mode", "expected"),
     [
-        ("echo a script without a #! line\n", 0o755),  # the kernel: exec format error
-        ("#!/bin/sh\necho not executable\n", 0o644),
-        ("#!/nonexistent/interpreter\n", 0o755),
+        ("echo a script without a #! line\n", 0o755, 126),  # the kernel: exec format error
+        ("#!/bin/sh\necho not executable\n", 0o644, 126),
+        ("#!/nonexistent/interpreter\n", 0o755, 127),  # the kernel: no such file
     ],
 )
-def test_what_the_kernel_will_not_execute_is_refused_with_127(
-    tmp_path: Path, content: str, mode: int
+def test_what_the_kernel_will_not_execute_is_refused_as_a_shell_says(
+    tmp_path: Path, content: str, mode: int, expected: int
 ) -> None:
     from portpool import CommandNotFound
 
@@ -262,7 +263,8 @@ def test_what_the_kernel_will_not_execute_is_refused_with_127(
     program.chmod(mode)
     with pytest.raises(CommandNotFound) as refused:
         spawn([str(program)], dict(os.environ), watch_parent=True, stderr=subprocess.PIPE)
-    assert refused.value.exit_code == 127
+    # 127 for no such file (the interpreter), 126 for a file that cannot be executed.
+    assert refused.value.exit_code == expected
     assert str(refused.value).startswith(f"cannot start the command: {str(program)!r}: ")
     # The child that could not exec was reaped: no zombie of ours is left.
     zombies = [p for p in psutil.Process().children() if p.status() == psutil.STATUS_ZOMBIE]

@@ -96,17 +96,53 @@ def test_run_gives_env_and_returns_exit_code(layout: Path, port_base: int, home:
     assert status_json(layout)["instances"] == []
 
 
-def test_run_of_a_command_the_kernel_refuses_exits_127_and_releases(
+def test_run_of_a_command_the_kernel_refuses_exits_126_and_releases(
     layout: Path, home: Path
 ) -> None:
     """An argument over the kernel's 128 KiB per string (E2BIG): the command cannot be
-    executed, which is 127 as for a missing program, not an error of portpool's (1)."""
+    executed, which is 126 as a shell says (the program exists), not an error of
+    portpool's (1)."""
     from portpool import CommandNotFound, load_layout, run_command
 
     with pytest.raises(CommandNotFound) as refused:
         run_command(load_layout(str(layout)), ["true", "x" * (256 * 1024)])
-    assert refused.value.exit_code == 127
+    assert refused.value.exit_code == 126
     assert "'true': Argument list too long" in str(refused.value)
+    assert status_json(layout)["instances"] == []
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "mode", "expected"),
+    [
+        ("no-such-file", None, 0, 127),
+        ("script-without-x", "#!/bin/sh\necho hi\n", 0o644, 126),
+        ("a-directory", "", 0o755, 126),
+        ("missing-interpreter", "#!/nonexistent/interpreter\n", 0o755, 127),
+    ],
+)
+def test_run_of_a_program_that_cannot_run_exits_as_a_shell_would(
+    layout: Path,
+    home: Path,
+    tmp_path: Path,
+    name: str,
+    content: str | None,
+    mode: int,
+    expected: int,
+) -> None:
+    """POSIX shells (and env) exit 127 for a program that does not exist and 126 for one
+    that exists but cannot be executed; `run` said 127 for both, so a script could not
+    tell "not installed" from "chmod +x forgotten"."""
+    program = tmp_path / name
+    if content == "":
+        program.mkdir()
+    elif content is not None:
+        program.write_text(content)
+        program.chmod(mode)
+    bash = subprocess.run(["sh", "-c", f"'{program}'"], capture_output=True, check=False)
+    assert bash.returncode == expected  # what the shell says, for comparison
+    done = portpool("run", "--config", str(layout), "--", str(program))
+    assert done.returncode == expected, done.stderr
+    assert "cannot start the command" in done.stderr
     assert status_json(layout)["instances"] == []
 
 

@@ -230,11 +230,11 @@ class ServiceKeeper:
                     return None  # the instance is stopping: not a failure of this service
                 if isinstance(e, CommandNotFound) and self.start_reason != "start":
                     # A restart the kernel would not exec for a moment (the program being
-                    # rewritten: ETXTBSY, ENOENT) is a run that exited 127, as a shell
-                    # says, for the restart policy to retry or give up on.
-                    self.last_exit_status = CommandNotFound.exit_code
+                    # rewritten: ETXTBSY, ENOENT) is a run that exited 126 or 127, as a
+                    # shell says, for the restart policy to retry or give up on.
+                    self.last_exit_status = e.exit_code
                     self.start_problem = e.problem
-                    return CommandNotFound.exit_code, False
+                    return e.exit_code, False
                 self._set("exited")
                 limit = e if isinstance(e, ResourceLimit) else None
                 self._on_failure(Failure(self.name, "cannot-start", None, str(e), limit))

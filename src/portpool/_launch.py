@@ -6,6 +6,7 @@ Part of the supervisor layer (run, up and their processes).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import signal
@@ -118,8 +119,18 @@ def find_program(command: Sequence[str], path: str | None = None) -> str | None:
     """None if ``command[0]`` can be executed, else why not (checked before anything
     starts, so a typo in a layout is an error, not a service that dies at once).
     ``path``: the PATH to search (default: ours)."""
+    refused = unexecutable(command, path)
+    return None if refused is None else refused.problem
+
+
+def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotFound | None:
+    """None if ``command[0]`` can be executed, else the CommandNotFound to raise: its
+    ``exit_code`` a shell's, 127 for a program (or ``#!`` interpreter) that does not
+    exist, 126 for one that exists but cannot be executed (``run`` exited 127 for a
+    script without execute permission, where every shell says 126).
+    ``path``: the PATH to search (default: ours)."""
     if not command:
-        return "the command is empty"
+        return CommandNotFound("", "the command is empty")
     program = command[0]
     if os.sep in program or (os.altsep and os.altsep in program):
         # A directory passes os.access(X_OK): it then failed only once started, after
@@ -127,14 +138,15 @@ def find_program(command: Sequence[str], path: str | None = None) -> str | None:
         if os.path.isfile(program) and os.access(program, os.X_OK):
             return _interpreter_problem(program, path)
         where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
-        return f"{program!r} is not an executable file{where}{_not_found_hint(program)}"
+        problem = f"{program!r} is not an executable file{where}{_not_found_hint(program)}"
+        return CommandNotFound(program, problem, found=os.path.exists(program))
     found = shutil.which(program, path=path)
     if found:
         return _interpreter_problem(found, path)
-    return f"{program!r} was not found on PATH{_not_found_hint(program)}"
+    return CommandNotFound(program, f"{program!r} was not found on PATH{_not_found_hint(program)}")
 
 
-def _interpreter_problem(path: str, search: str | None = None) -> str | None:
+def _interpreter_problem(path: str, search: str | None = None) -> CommandNotFound | None:
     """Why the ``#!`` interpreter of the script at ``path`` cannot run, or None (not a
     script, unreadable, or fine). A missing interpreter failed only once started ("No
     such file or directory" for a file that exists), after other services had started."""
@@ -155,12 +167,14 @@ def _interpreter_problem(path: str, search: str | None = None) -> str | None:
     env = os.path.basename(words[0].rstrip("\r")) == "env" and len(words) > 1
     crlf = _carriage_return_problem(path, words, env, search)
     if crlf:
-        return crlf
+        return CommandNotFound(path, crlf)  # the kernel: no such file (127)
     interpreter = words[0]
     if not os.path.isabs(interpreter):
         return None
     if not (os.path.isfile(interpreter) and os.access(interpreter, os.X_OK)):
-        return f"{path!r} starts with '#!{interpreter}', which is not an executable file"
+        problem = f"{path!r} starts with '#!{interpreter}', which is not an executable file"
+        # Missing: the kernel says ENOENT (127); there but not executable: EACCES (126).
+        return CommandNotFound(path, problem, found=os.path.exists(interpreter))
     program = words[1] if env else ""
     if (
         program
@@ -168,7 +182,9 @@ def _interpreter_problem(path: str, search: str | None = None) -> str | None:
         and "=" not in program
         and not shutil.which(program, path=search)
     ):
-        return f"{path!r} runs {program!r} through env ('#!'), not found on PATH"
+        return CommandNotFound(
+            path, f"{path!r} runs {program!r} through env ('#!'), not found on PATH"
+        )
     return None
 
 
@@ -317,13 +333,14 @@ def new_pipe() -> tuple[int, int]:
 def _not_started(command: Sequence[str], e: OSError) -> PortPoolError:
     """ResourceLimit out of file descriptors, else CommandNotFound: what the kernel refused
     (arguments or environment too large, E2BIG; a file it cannot execute) cannot be
-    executed (127, as a shell says)."""
+    executed: 127 for no such file, else 126, as a shell (and ``env``) says."""
     from portpool.statedir import out_of_descriptors
 
     limit = out_of_descriptors(e)
     if limit is not None:
         return limit
-    return CommandNotFound(command[0], f"{command[0]!r}: {e.strerror or e}")
+    missing = e.errno == errno.ENOENT
+    return CommandNotFound(command[0], f"{command[0]!r}: {e.strerror or e}", found=not missing)
 
 
 def pump_lines(

@@ -17,7 +17,7 @@ from portpool._launch import (
     base_environment,
     descriptors_named,
     exit_status,
-    find_program,
+    unexecutable,
 )
 from portpool._platform import (
     GroupWitness,
@@ -94,8 +94,9 @@ def run_command(
     the Outcome: ``code`` the command's exit status, ``signum`` the signal it died of
     (the caller should then die of it too), ``lingering`` ports something still held.
     Raises UsageError (``command`` not a non-empty list of strings, or not called from
-    the main thread), CommandNotFound (nothing started), Interrupted (a signal arrived before the
-    command started; all released), ShieldTripped (after stopping the command),
+    the main thread), CommandNotFound (nothing started; exit_code 127 or 126),
+    Interrupted (a signal arrived before the command started; all released),
+    ShieldTripped (after stopping the command),
     StartError, LayoutError, StateDirError.
 
     ``whole_tree``: this process starts nothing but what this call starts (the
@@ -113,14 +114,14 @@ def run_command(
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
-    from portpool.errors import CommandNotFound, UsageError
+    from portpool.errors import UsageError
     from portpool.instance import start_instance
 
     if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
         raise UsageError(f"the command is a list of strings (program, arguments), not {command!r}")
-    problem = find_program(command)
-    if problem is not None:
-        raise CommandNotFound(command[0], problem)
+    refused = unexecutable(command)
+    if refused is not None:
+        raise refused
 
     def exited(name: str, returncode: int) -> Outcome:
         signum = -returncode if returncode < 0 else None

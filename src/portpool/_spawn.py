@@ -19,6 +19,7 @@ it imports nothing, logs nothing and never writes ``environ``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -30,6 +31,9 @@ from portpool._platform import open_fds, parent_death_setter
 from portpool.errors import CommandNotFound
 
 assert sys.platform != "win32", "sockets by fd and signal masks need POSIX"
+
+_NOT_FOUND = CommandNotFound.exit_code  # 127
+_NOT_EXECUTABLE = 126
 
 
 class ChildSetup:
@@ -86,7 +90,8 @@ class ChildSetup:
             number, why = 0, str(e) or type(e).__name__
         with contextlib.suppress(OSError):
             os.write(report, f"{number} {why}".encode(errors="replace"))
-        os._exit(CommandNotFound.exit_code)  # 127, as a shell's
+        # As a shell's: 127 for no such file, 126 for one the kernel would not execute.
+        os._exit(_NOT_FOUND if number == errno.ENOENT else _NOT_EXECUTABLE)
 
     def _exec(self) -> NoReturn:
         """execve() each candidate as execvp does: the first error that is not "no such

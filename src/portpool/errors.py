@@ -13,7 +13,7 @@
     │   └── SlotUnavailable    the pinned instance number cannot be had
     ├── ShieldTripped          a lease or the slot stopped being ours (exit code 4)
     ├── ServiceExited          a supervised service exited on its own (exit code 5)
-    ├── CommandNotFound        the command given to ``run`` cannot be executed (exit 127)
+    ├── CommandNotFound        the command given to ``run`` cannot be executed (127 / 126)
     ├── Interrupted            a signal stopped ``run``/``up`` while starting (128+N)
     ├── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
     ├── UsageError             wrong use of a command (exit code 2)
@@ -242,13 +242,19 @@ class ServiceExited(PortPoolError):
 
 
 class CommandNotFound(PortPoolError):
-    """The command to run cannot be executed; nothing was started (127, as a shell)."""
+    """The command to run cannot be executed; nothing was started. ``exit_code`` is a
+    shell's: 127 when the program (or its ``#!`` interpreter) does not exist, 126 when
+    it exists but cannot be executed (``found=True``: no execute permission, a
+    directory, not a program, arguments too long), as POSIX shells and ``env`` say."""
 
     exit_code = 127
 
-    def __init__(self, command: str, problem: str) -> None:
+    def __init__(self, command: str, problem: str, *, found: bool = False) -> None:
         self.command = command
         self.problem = problem
+        self.found = found
+        if found:
+            self.exit_code = 126
         super().__init__(f"cannot start the command: {problem}")
 
 
