@@ -794,3 +794,68 @@ def test_a_stop_signal_inside_the_import_machinery_is_kept_for_check() -> None:
             scope.check()
     with SignalScope() as scope, pytest.raises(Interrupted):
         scope._interrupt(signal.SIGINT, sys._getframe())  # anywhere else: at once
+
+
+# Forks (with "child") or not, then the process that is to be suspended handles SIGTERM
+# by writing the marker file ``argv[1]``, says its pid and stops itself (SIGSTOP).
+SUSPENDS_ITSELF = """\
+import os, signal, sys, time
+marker, who = sys.argv[1], sys.argv[2]
+parent = who == "child" and os.fork()
+if not parent:
+    def on_term(signum, frame):
+        with open(marker, "w") as f:
+            f.write("stopped gracefully")
+        os._exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    os.write(1, f"suspended {os.getpid()}\\n".encode())
+    os.kill(os.getpid(), signal.SIGSTOP)
+time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "who", "stop"),
+    [
+        ("run", "child", signal.SIGTERM),
+        ("up", "child", signal.SIGTERM),
+        ("up", "service", signal.SIGTERM),
+        ("up", "service", signal.SIGHUP),  # a rolling restart stops it
+    ],
+)
+def test_a_suspended_process_of_the_tree_gets_its_stop_signal_handled(
+    tmp_path: Path, port_base: int, home: Path, command: str, who: str, stop: int
+) -> None:
+    """A process of the tree stopped by SIGSTOP (a debugger's, a Ctrl-Z of its own)
+    acts on no signal but SIGKILL and SIGCONT: it was sent SIGTERM, sat stopped through
+    the grace period and was killed, its SIGTERM handler never run. As systemd does,
+    what is stopped gets SIGCONT after the stop signal, and shuts down as it chose."""
+    script = tmp_path / "suspends.py"
+    script.write_text(SUSPENDS_ITSELF)
+    marker = tmp_path / "marker"
+    argv = [sys.executable, str(script), str(marker), who]
+    if command == "run":
+        config = write_layout(tmp_path / "run.toml", port_base)
+        args = ["run", "-c", str(config), "--", *argv]
+    else:
+        # Ready once it said so: a rolling restart waits for every service to be ready.
+        service = {"command": argv, "socket": "fd", "ready": "log:^suspended"}
+        config = write_layout(tmp_path / "up.toml", port_base, services={"web": service})
+        args = ["up", "-c", str(config)]
+    proc = subprocess.Popen(
+        [*PORTPOOL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = next(line for line in proc.stdout if "suspended" in line)
+        pid = int(line.split()[-1])
+        wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED)
+        proc.send_signal(stop)
+        if stop == signal.SIGHUP:  # the service started again stops itself too
+            next(line for line in proc.stdout if "suspended" in line)
+            proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        kill_if_running(proc)
+    assert marker.read_text() == "stopped gracefully", err
+    assert _gone(pid)

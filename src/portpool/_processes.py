@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
@@ -43,7 +43,7 @@ from portpool._platform import (
 )
 from portpool.errors import PortPoolError, ServiceExited, ShieldTripped
 
-__all__ = ["Outcome", "Supervisor"]
+__all__ = ["Outcome", "Supervisor", "resume_stopped"]
 
 if TYPE_CHECKING:
     import psutil
@@ -54,6 +54,22 @@ if TYPE_CHECKING:
 
 _TICK_S = 0.5
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+_SIGCONT: int | None = getattr(signal, "SIGCONT", None)
+
+
+def resume_stopped(procs: Iterable[psutil.Process]) -> None:
+    """SIGCONT to each of ``procs`` that is stopped (SIGSTOP, SIGTSTP), after it was
+    sent its stop signal, as systemd does: a stopped process acts on no signal but
+    SIGKILL, so it sat through the grace period, its SIGTERM handler never run, and
+    was killed. A process being traced is left to its debugger. Raises nothing."""
+    if _SIGCONT is None:
+        return
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.status() == psutil.STATUS_STOPPED:
+                proc.send_signal(_SIGCONT)  # psutil checks it is still the same process
 
 
 @dataclass
@@ -303,6 +319,25 @@ class Supervisor:
             found.pop(pid, None)  # signalled through their Popen
         return list(found.values())
 
+    def _resume_stopped(
+        self, started: Sequence[subprocess.Popen[bytes]], *, with_descendants: bool = False
+    ) -> None:
+        """``resume_stopped`` for the processes of ``started`` not reaped yet (the
+        check keeps their pids from being reused), and their descendants if asked."""
+        if _SIGCONT is None or not any(p.poll() is None for p in started):
+            return
+        import psutil
+
+        found: list[psutil.Process] = []
+        for popen in started:
+            if popen.poll() is None:
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(popen.pid)
+                    found.append(proc)
+                    if with_descendants:
+                        found += proc.children(recursive=True)
+        resume_stopped(found)
+
     def stop_service(self, name: str) -> None:
         """Stop the process group of service ``name`` (SIGTERM, ``grace_s``, SIGKILL)
         and reap it: a rolling restart's stop of one service."""
@@ -310,6 +345,7 @@ class Supervisor:
         if proc is None or proc.poll() is not None:
             return
         self.send(signal.SIGTERM, [name])
+        self._resume_stopped([proc], with_descendants=True)
         try:
             proc.wait(timeout=self.grace_s)
         except subprocess.TimeoutExpired:
@@ -342,6 +378,9 @@ class Supervisor:
             # (a service's orphan started while stopping outlived up, 1 run in 5).
             exited = all(p.poll() is not None for p in self.children.values())
             alive = [p for p in self._tree() if running(p)]
+            if not kill:
+                # After the stop signal (sent to the groups above, to the rest below).
+                self._resume_stopped(list(self.children.values()))
             if alive:
                 import psutil  # loaded by _tree, which found them (none: not loaded at all)
             for proc in alive:
@@ -355,6 +394,8 @@ class Supervisor:
                     signalled.add(key)
                 except psutil.Error:
                     continue
+            if alive and not kill:
+                resume_stopped(alive)
             quiet = quiet + 1 if not alive and exited else 0
             if quiet >= 2:
                 gone = True

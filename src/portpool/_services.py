@@ -20,7 +20,7 @@ from portpool._keeper import Failure, ServiceKeeper, describe_failure
 from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status, write_line
 from portpool._order import start_order
 from portpool._platform import has_children
-from portpool._processes import Outcome, Supervisor
+from portpool._processes import Outcome, Supervisor, resume_stopped
 from portpool._readiness import ReadinessProbe
 from portpool.errors import ServiceExited
 
@@ -158,6 +158,7 @@ class ServiceSupervisor(Supervisor):
         for proc in found.values():
             with contextlib.suppress(psutil.Error):
                 proc.terminate()
+        resume_stopped(found.values())
         _, alive = psutil.wait_procs(list(found.values()), timeout=self.grace_s)
         for proc in alive:
             with contextlib.suppress(psutil.Error):
