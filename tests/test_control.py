@@ -354,6 +354,26 @@ def test_stop_times_out_without_killing(layout_file: Path, home: Path, tmp_path:
         proc.wait(timeout=30)
 
 
+def test_stop_of_a_suspended_holder_lets_it_act_on_the_sigterm(
+    layout_file: Path, home: Path, tmp_path: Path
+) -> None:
+    """A `run` stopped by SIGSTOP (a debugger, `kill -STOP`) acts on no signal but
+    SIGKILL and SIGCONT: `stop` sent it SIGTERM and waited until its timeout, "still
+    holds the instance". As `kill %1` in a shell does, `stop` sends a suspended
+    holder SIGCONT after the SIGTERM (it is the verified holder, nothing else)."""
+    import psutil
+
+    proc, _ = _hold(layout_file, tmp_path / "never")
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED)
+        done = portpool("stop", "1", "--config", str(layout_file), "--timeout", "30")
+        assert done.returncode == 0, done.stderr
+        assert proc.wait(timeout=30) == -signal.SIGTERM  # run dies of its command's signal
+    finally:
+        kill_if_running(proc)
+
+
 def test_stop_does_not_wait_for_a_foreign_listener_the_lease_does_not_cover(
     layout_file: Path, port_base: int, home: Path, tmp_path: Path
 ) -> None:

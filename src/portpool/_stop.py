@@ -118,6 +118,23 @@ def _is_recorded(pid: int, token: str, directory: DirHandle, number: int) -> Cal
     return check
 
 
+def _resume_if_suspended(pid: int, is_expected: Callable[[], bool]) -> None:
+    """SIGCONT after the SIGTERM to a holder that is stopped (SIGSTOP, a Ctrl-Z): it acts
+    on no other signal, and ``stop`` waited for it until its timeout. As ``kill %1`` in
+    a shell does; only to the verified holder. Raises nothing."""
+    cont = getattr(signal, "SIGCONT", None)
+    if cont is None:
+        return
+    import psutil
+
+    try:
+        suspended = psutil.Process(pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return
+    if suspended:
+        signal_verified(pid, is_expected, cont)
+
+
 def _own_now(ports: tuple[int, ...], holder: int) -> tuple[frozenset[int], frozenset[int]]:
     """The ``holder``'s process tree and the inodes of the listeners on ``ports`` that
     are its (the shield's rule: one whose owner the OS does not name is not ours)."""
@@ -166,10 +183,12 @@ def stop_instances(
     to stop with SIGTERM to its ``up``/``run``, and wait until its slot and ports are free.
 
     The signal goes only to the process that holds the slot's kernel lock and whose
-    identity matches the record (pid + start token + boot id). Raises NotRunning (none
-    to stop), StopFailed (identity mismatch, an unreadable record, or still up after
-    ``timeout_s`` seconds; nothing is ever killed). With ``every``, a running slot whose
-    record is unreadable is left alone and reported once the others have stopped.
+    identity matches the record (pid + start token + boot id), and SIGCONT after it
+    when that process is stopped (SIGSTOP), so that it can act on the SIGTERM. Raises
+    NotRunning (none to stop), StopFailed (identity mismatch, an unreadable record, or
+    still up after ``timeout_s`` seconds; nothing is ever killed). With ``every``, a
+    running slot whose record is unreadable is left alone and reported once the others
+    have stopped.
     UsageError (exit 2, naming ``number`` as ``given_as``, e.g. the CLI's NUMBER) for a
     ``number`` outside 1..max_instances that does not run.
     """
@@ -207,6 +226,7 @@ def stop_instances(
             raise StopFailed(
                 n, f"pid {info.pid} is no longer the recorded process: not signalling it"
             )
+        _resume_if_suspended(info.pid, _is_recorded(info.pid, token, directory, n))
         sent.append(Stopped(n, info.pid, ports, tree, own))
     deadline = time.monotonic() + timeout_s
     for stopped in sent:
