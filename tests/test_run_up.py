@@ -914,3 +914,60 @@ def test_up_detach_refuses_a_command_that_cannot_run_itself(
     assert "detached up" not in done.stderr
     assert not list(home.glob("apps/*/logs/.starting-*.log"))
     assert status_json(config)["instances"] == []
+
+
+# Double-forks a daemon that listens on $PORT at argv[1] (a [::] socket dual-stack), then
+# exits once the daemon has written its pid to argv[2]: what `nginx` without
+# `daemon off` does, and outside a subreaper nothing brings the daemon back to us.
+DAEMON_ON_ADDRESS = """\
+import os, socket, sys, time
+address, pid_file = sys.argv[1], sys.argv[2]
+if os.fork():
+    for _ in range(1000):
+        if os.path.exists(pid_file) and open(pid_file).read():
+            break
+        time.sleep(0.01)
+    sys.exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+s = socket.socket(family)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind((address, int(os.environ["PORT"])))
+s.listen()
+with open(pid_file, "w") as f:
+    f.write(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [("localhost", "::"), ("0.0.0.0", "127.0.0.1"), ("::", "0.0.0.0"), ("127.0.0.1", "0.0.0.0")],
+)
+def test_a_daemon_left_on_an_address_the_lease_covers_is_named_as_lingering(
+    tmp_path: Path, port_base: int, home: Path, host: str, address: str
+) -> None:
+    """run_command (no subreaper) names what still listens on the instance's port once
+    the command is gone: only a listener on the very spelling of ``host`` was named, so
+    a daemon on [::] under host localhost, or on 127.0.0.1 under 0.0.0.0, left the port
+    "free" while it served it. The one coverage rule of the pool, doctor and the shield
+    decides now."""
+    from portpool import load_layout, run_command
+    from portpool._addresses import has_ipv6_loopback
+
+    if ":" in host + address and not has_ipv6_loopback():
+        pytest.skip("this host has no ::1")
+    config = write_layout(tmp_path / "p.toml", port_base, services={"web": {"size": 1}})
+    config.write_text(config.read_text().replace('host = "127.0.0.1"', f'host = "{host}"'))
+    pid_file = tmp_path / "daemon.pid"
+    command = [sys.executable, "-c", DAEMON_ON_ADDRESS, address, str(pid_file)]
+    outcome = run_command(load_layout(str(config)), command, grace_s=1.0)
+    daemon = int(pid_file.read_text())
+    try:
+        assert outcome.code == 0
+        assert outcome.lingering == [f"port {port_base} is still held by pid {daemon} (python)"]
+    finally:
+        os.kill(daemon, signal.SIGKILL)

@@ -390,9 +390,10 @@ def held_ports(
     lease_inodes: Set[int] = frozenset(),
     roots: Callable[[], Iterable[int]] | None = None,
 ) -> list[str]:
-    """Ports of ``instance`` listened on, on the instance's address, by a process other
-    than us, for people: "port P is still held by pid X (name)". Call it once our own
-    lease sockets are closed: a process holding a copy of one keeps it listening.
+    """Ports of ``instance`` listened on, on an address the lease covers (``_addresses``'s
+    rule), by a process other than us, for people: "port P is still held by pid X
+    (name)". Call it once our own lease sockets are closed: a process holding a copy
+    of one keeps it listening.
 
     ``descendants_only`` (a subreaper, to which whatever we started stays a
     descendant): only those count, and whoever holds one of our ``lease_inodes`` (a
@@ -400,10 +401,15 @@ def held_ports(
     stop waited its grace period, then named it as if it were). ``roots()`` gives the
     processes whose descendants count (default: us; a child we inherited through exec
     and what it started are not ours)."""
-    from portpool._platform import descends_from, listeners, owners_of_inode, process_name
+    from portpool._addresses import covered_scopes, meets
+    from portpool._platform import descends_from, owners_of_inode, process_name, tcp_sockets
 
-    host = instance.layout.host
-    addresses = {"127.0.0.1", "::1"} if host == "localhost" else {host}
+    try:
+        # The one rule of the pool, doctor and the shield: a daemon on [::] under host
+        # localhost, or on 127.0.0.1 under 0.0.0.0, was "free" for want of the spelling.
+        scopes = covered_scopes(instance.layout.host)
+    except OSError:
+        scopes = None  # a name that no longer resolves: every address may be its
     held: list[str] = []
     me = os.getpid()
     own: set[int] | None = None
@@ -417,8 +423,8 @@ def held_ports(
         return pid in own or descends_from(pid, own)
 
     for lease in instance.leases.values():
-        for listener in listeners(lease.port):
-            if listener.address not in addresses:
+        for listener in tcp_sockets(lease.port, listening_only=True):
+            if scopes is not None and not meets(listener, scopes):
                 continue  # a foreign program elsewhere: the shield's business, not ours
             pids = [listener.pid] if listener.pid else owners_of_inode(listener.inode or 0)
             ours = not descendants_only or listener.inode in lease_inodes
