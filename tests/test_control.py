@@ -485,6 +485,39 @@ def test_stop_never_signals_a_process_that_is_not_the_lock_holder(
         bystander.wait()
 
 
+def test_stop_all_stops_the_others_when_one_record_does_not_match_its_holder(
+    layout_file: Path, state: StateDir, tmp_path: Path
+) -> None:
+    """`stop --all` with slot 1's record naming another process than its lock holder:
+    the refusal came before instance 2 was even asked, so one forged or stale record
+    kept every other instance running. As for an unreadable record, the others are
+    stopped, and the refused one is reported after, untouched (exit 1)."""
+    layout = load_layout(str(layout_file))
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    held = None
+    second = None
+    try:
+        from portpool._platform import identity_of
+
+        ident = identity_of(bystander.pid)
+        assert ident is not None
+        held = _fake_holder(state, layout.app, 1, bystander.pid, ident.start_token)
+        second, number = _hold(layout_file, tmp_path / "never", "--instance", "2")
+        assert number == 2
+        done = portpool("stop", "--all", "--config", str(layout_file))
+        assert done.returncode == 1, done.stderr
+        assert f"(pid {os.getpid()} holds it, the record names {bystander.pid})" in done.stderr
+        assert second.wait(timeout=30) == -signal.SIGTERM  # stopped before the report
+        assert bystander.poll() is None
+    finally:
+        if held is not None:
+            held.remove_and_release()
+        if second is not None:
+            kill_if_running(second)
+        bystander.kill()
+        bystander.wait()
+
+
 # ---------------------------------------------------------------- up --detach and logs
 
 

@@ -170,6 +170,25 @@ def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
     return True
 
 
+def _signal_holder(layout: Layout, n: int, state: StateDir, directory: DirHandle) -> Stopped:
+    """SIGTERM to the verified holder of running instance ``n`` (SIGCONT after it if it
+    is suspended): what to wait for. Raises StopFailed (identity mismatch, unreadable
+    record), NotRunning."""
+    info, token = _verified_holder(layout, n, state)
+    assert info.pid is not None
+    ports = tuple(s.port for s in info.services if s.port is not None)
+    tree, own = _own_now(ports, info.pid)
+    if not signal_verified(info.pid, _is_recorded(info.pid, token, directory, n), signal.SIGTERM):
+        if not read_instance(directory, n).alive:
+            return Stopped(n, info.pid, ports, tree, own)  # it stopped on its own
+        holder = _lock_holder(directory, n)
+        if holder is not None and holder != info.pid:
+            raise _mismatch(n, holder, info.pid)
+        raise StopFailed(n, f"pid {info.pid} is no longer the recorded process: not signalling it")
+    _resume_if_suspended(info.pid, _is_recorded(info.pid, token, directory, n))
+    return Stopped(n, info.pid, ports, tree, own)
+
+
 def stop_instances(
     layout: Layout,
     number: int | None = None,
@@ -187,8 +206,8 @@ def stop_instances(
     when that process is stopped (SIGSTOP), so that it can act on the SIGTERM. Raises
     NotRunning (none to stop), StopFailed (identity mismatch, an unreadable record, or
     still up after ``timeout_s`` seconds; nothing is ever killed). With ``every``, a
-    running slot whose record is unreadable is left alone and reported once the others
-    have stopped.
+    running slot whose record is unreadable, or does not match its holder, is left
+    alone and reported once the others have stopped.
     UsageError (exit 2, naming ``number`` as ``given_as``, e.g. the CLI's NUMBER) for a
     ``number`` outside 1..max_instances that does not run.
     """
@@ -210,24 +229,17 @@ def stop_instances(
     sent: list[Stopped] = []
     for n in numbers:
         assert directory is not None
-        info, token = _verified_holder(layout, n, state)
-        assert info.pid is not None
-        ports = tuple(s.port for s in info.services if s.port is not None)
-        tree, own = _own_now(ports, info.pid)
-        if not signal_verified(
-            info.pid, _is_recorded(info.pid, token, directory, n), signal.SIGTERM
-        ):
-            if not read_instance(directory, n).alive:
-                sent.append(Stopped(n, info.pid, ports, tree, own))  # it stopped on its own
-                continue
-            holder = _lock_holder(directory, n)
-            if holder is not None and holder != info.pid:
-                raise _mismatch(n, holder, info.pid)
-            raise StopFailed(
-                n, f"pid {info.pid} is no longer the recorded process: not signalling it"
-            )
-        _resume_if_suspended(info.pid, _is_recorded(info.pid, token, directory, n))
-        sent.append(Stopped(n, info.pid, ports, tree, own))
+        try:
+            sent.append(_signal_holder(layout, n, state, directory))
+        except StopFailed as e:
+            if not every:
+                raise
+            # One record that does not match its holder left every other instance
+            # running: as for an unreadable one, stop the others, report it after.
+            refused.append(e)
+        except NotRunning:
+            if not every:
+                raise  # (with --all: it stopped on its own since it was listed)
     deadline = time.monotonic() + timeout_s
     for stopped in sent:
         while not _is_down(state, layout.app, stopped):
