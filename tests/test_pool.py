@@ -89,6 +89,22 @@ def test_release_twice_and_after_context_is_safe(state: StateDir, port_base: int
     acquire(state, [port_base]).release()  # and the port is free to take again
 
 
+def test_listen_again_revives_a_socket_a_holder_shut_down(state: StateDir, port_base: int):
+    """shutdown(2) by any holder of the listening socket stops it listening for all;
+    it stays bound, so ``listen_again`` makes it serve the same port again."""
+    with acquire(state, [port_base]) as lease:
+        assert lease.socket is not None
+        assert lease.listen_again() is False  # listening: nothing to do
+        copy = socket.socket(fileno=os.dup(lease.fileno()))  # as a service holds it
+        copy.shutdown(socket.SHUT_RDWR)
+        copy.close()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port_base), timeout=5).close()
+        assert lease.listen_again() is True
+        socket.create_connection(("127.0.0.1", port_base), timeout=5).close()
+        assert lease.socket.getsockname()[1] == port_base
+
+
 def test_rotates_past_a_port_held_by_another_lease(state: StateDir, port_base: int):
     pool = [port_base, port_base + 1, port_base + 2]
     with acquire(state, pool, service="a") as first, acquire(state, pool, service="b") as second:

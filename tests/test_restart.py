@@ -753,3 +753,59 @@ def test_a_restart_that_cannot_exec_for_a_moment_is_retried_by_the_policy(
     finally:
         _out, err = stop_up(reader)
     assert proc.returncode == 0, err
+
+
+# Answers one request with its pid, then shuts the passed listening socket down (as a
+# server does to wake a thread blocked in accept) and exits 1.
+SHUTS_ITS_SOCKET_DOWN = """\
+import os, socket, sys
+sock = socket.socket(fileno=3)
+print("serving", flush=True)
+while True:
+    conn, _ = sock.accept()
+    if conn.recv(100):
+        conn.sendall(f"{os.getpid()} 1\\n".encode())
+        conn.close()
+        break
+    conn.close()  # a readiness probe: it sends nothing
+sock.shutdown(socket.SHUT_RDWR)
+sys.exit(1)
+"""
+
+
+def test_a_restart_gets_its_socket_listening_though_the_last_run_shut_it_down(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """shutdown(2) on a passed listening socket stops it listening for every holder,
+    ``up``'s copy too: each restart was handed a dead socket (its accept failed with
+    EINVAL) and every client was refused, though the restart policy promises the same
+    socket. The socket is still bound to the port: ``up`` listens on it again before
+    the next run starts."""
+    script = tmp_path / "shuts.py"
+    script.write_text(SHUTS_ITS_SOCKET_DOWN)
+    keys = {
+        "restart": "on-failure",
+        "ready": "log:^serving",
+        "command": [sys.executable, str(script)],
+    }
+    config = write_config(tmp_path, port_base, {"svc": keys})
+    # Only the restart is watched here: a shield check right between a run's shutdown
+    # and its exit would see the socket not listening, which is its business.
+    config.write_text(config.read_text().replace("shield_interval = 0.5", "shield_interval = 60"))
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        pids = []
+        for _ in range(3):
+            for _attempt in range(200):  # refused while it restarts (bounded)
+                try:
+                    pids.append(request(port_base)[0])
+                    break
+                except OSError:
+                    time.sleep(0.05)
+        assert len(set(pids)) == 3, pids
+        assert proc.poll() is None
+    finally:
+        _out, err = stop_up(reader)
+    assert proc.returncode == 0, err

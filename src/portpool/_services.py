@@ -103,7 +103,7 @@ class ServiceSupervisor(Supervisor):
                 done=self._done,
                 depends_on=[self.keepers[d] for d in graph[name]],
                 on_restart=self._print_restarting,
-                stop_leftovers=self.stop_leftovers,
+                stop_leftovers=self.before_restart,
             )
         self._record_states(None)
         for name, keeper in self.keepers.items():
@@ -125,6 +125,18 @@ class ServiceSupervisor(Supervisor):
         return self.start_process(
             svc.name, svc.command, env, sockets=sockets, width=self._width, on_line=probe.feed_line
         )
+
+    def before_restart(self, name: str) -> None:
+        """What a restart of service ``name`` needs once its process exited: its socket
+        listening again if the process shut it down (``Lease.listen_again``), then
+        ``stop_leftovers``. Raises nothing."""
+        lease = self.instance.leases.get(name)
+        if lease is not None:
+            try:
+                lease.listen_again()
+            except OSError as e:  # the restart then fails, and says why
+                self._say(f"portpool: service {name!r}: its socket cannot listen again ({e})")
+        self.stop_leftovers(name)
 
     def stop_leftovers(self, name: str) -> None:
         """Stop what the exited process of service ``name`` left running, before it is

@@ -78,6 +78,20 @@ class Lease:
             raise PortPoolError(f"port {self.port}: the lease's socket was already closed")
         return self.socket.fileno()
 
+    def listen_again(self, backlog: int = DEFAULT_BACKLOG) -> bool:
+        """Put our socket back in listen state if a holder of it shut it down: True if it
+        had to. ``shutdown(2)`` on a passed listening socket (a server waking a thread
+        blocked in accept) stops it listening for every holder, ours too, while it
+        stays bound to the port; a restart was handed it dead. False where the OS does
+        not say (no SO_ACCEPTCONN) or the socket is gone. Raises OSError."""
+        accepting = getattr(socket, "SO_ACCEPTCONN", None)
+        if self.socket is None or self.socket.fileno() == -1 or accepting is None:
+            return False
+        if self.socket.getsockopt(socket.SOL_SOCKET, accepting):
+            return False
+        self.socket.listen(backlog)
+        return True
+
     def close_socket(self) -> None:
         """Close our sockets but keep the lock (another portpool user can't take the port;
         a foreign program could, which the shield reports). The held ones go too: the
