@@ -809,3 +809,73 @@ def test_a_restart_gets_its_socket_listening_though_the_last_run_shut_it_down(
     finally:
         _out, err = stop_up(reader)
     assert proc.returncode == 0, err
+
+
+# Serves on the socket at fd 3 (answering "<pid> 1"); on SIGTERM it shuts the listening
+# socket down, drains for DRAIN_S seconds and exits 0: a graceful server's stop.
+DRAINS_ON_SIGTERM = """\
+import os, signal, socket, sys, threading, time
+sock = socket.socket(fileno=3)
+def drain(*a):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one: draining already
+    print("draining", flush=True)
+    sock.shutdown(socket.SHUT_RDWR)
+    time.sleep(float(os.environ.get("DRAIN_S", "1.5")))
+    os._exit(0)
+signal.signal(signal.SIGTERM, drain)
+def serve():
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return
+        if conn.recv(100):
+            conn.sendall(f"{os.getpid()} 1\\n".encode())
+        conn.close()
+threading.Thread(target=serve, daemon=True).start()
+print("serving", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+@pytest.mark.parametrize("command", ["up", "run"])
+def test_a_service_that_shuts_its_socket_down_to_drain_does_not_trip_the_shield(
+    tmp_path: Path, port_base: int, home: Path, command: str
+) -> None:
+    """A graceful server shuts its listening socket down on SIGTERM and drains: the
+    shield, checking meanwhile, found our socket "no longer listening" and stopped the
+    instance with exit 4 (a rolling restart of `up`, a `run` stopped by SIGTERM). Only
+    a holder of the socket can shut it down, never a foreign program: the shield puts
+    it back in listen state, the port stays ours, and clients queue for the next run."""
+    script = tmp_path / "drains.py"
+    script.write_text(DRAINS_ON_SIGTERM)
+    argv = [sys.executable, str(script)]
+    keys = {"restart": "on-failure", "ready": "log:^serving", "command": argv}
+    config = write_config(tmp_path, port_base, {"svc": keys})
+    config.write_text(config.read_text().replace("shield_interval = 0.5", "shield_interval = 0.1"))
+    if command == "run":
+        proc = start("run", "--config", str(config), "--fds", "--", *argv)
+        reader = LineReader(proc)
+        reader.until(lambda line: line == "serving", 60)
+        first = request(port_base)[0]
+        proc.send_signal(signal.SIGTERM)
+        out, err = reader.finish(60)
+        assert proc.returncode == 0, err  # the command's own status, not the shield's 4
+        assert "shield" not in err
+        assert "draining" in out
+        return
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        first = request(port_base)[0]
+        proc.send_signal(signal.SIGHUP)  # a rolling restart: SIGTERM to the service
+        reader.until(lambda line: "svc ready on port" in line and "rolling" in line, 60)
+        second = request(port_base)[0]
+        assert second != first
+        assert proc.poll() is None
+    finally:
+        _out, err = stop_up(reader)
+    assert proc.returncode == 0, err
+    assert "shield tripped" not in err

@@ -4,7 +4,8 @@ Per lease:
 
 1. lock: our fd still holds the kernel lock and the path still names that file, and the
    record at the path still names our pid and start token (``PortLock.problem``);
-2. port: our socket is still open, bound to our address and listening, and no other
+2. port: our socket is still open, bound to our address and listening (put back in
+   listen state when a process holding it shut it down), and no other
    process listens on that port where it can receive traffic meant for the lease: on
    any address the lease covers (both loopbacks for ``localhost``), by the one rule of
    ``_addresses.meets`` (so another user's ``[::]`` socket with ``IPV6_V6ONLY`` never
@@ -134,9 +135,14 @@ def _socket_problem(watched: Watch, sock: socket.socket) -> str | None:
         return f"port {port}: our socket is now bound to port {name[1]}"
     if watched.address is not None and parse_address(str(name[0])) != watched.address:
         return f"port {port}: our socket is now bound to {name[0]}, not {watched.address}"
-    accept_option = getattr(socket, "SO_ACCEPTCONN", None)
-    if accept_option is not None and not sock.getsockopt(socket.SOL_SOCKET, accept_option):
-        return f"port {port}: our socket is no longer listening"
+    try:
+        # Only a holder of our socket can shut it down: this process or one it started
+        # (a server draining on SIGTERM, in a rolling restart or a stop), never a
+        # foreign program. Listening again keeps the port ours and lets clients queue
+        # for the next run; taken for a trip, it stopped the whole instance (exit 4).
+        watched.lease.listen_again()
+    except OSError as e:
+        return f"port {port}: our socket is no longer listening ({e.strerror or e})"
     return None
 
 
