@@ -485,13 +485,15 @@ def test_stop_never_signals_a_process_that_is_not_the_lock_holder(
         bystander.wait()
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
 def test_stop_all_stops_the_others_when_one_record_does_not_match_its_holder(
-    layout_file: Path, state: StateDir, tmp_path: Path
+    layout_file: Path, state: StateDir, tmp_path: Path, as_json: bool
 ) -> None:
     """`stop --all` with slot 1's record naming another process than its lock holder:
     the refusal came before instance 2 was even asked, so one forged or stale record
     kept every other instance running. As for an unreadable record, the others are
-    stopped, and the refused one is reported after, untouched (exit 1)."""
+    stopped, and the refused one is reported after, untouched (exit 1); the output
+    names the ones stopped (it printed only the error)."""
     layout = load_layout(str(layout_file))
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     held = None
@@ -504,10 +506,19 @@ def test_stop_all_stops_the_others_when_one_record_does_not_match_its_holder(
         held = _fake_holder(state, layout.app, 1, bystander.pid, ident.start_token)
         second, number = _hold(layout_file, tmp_path / "never", "--instance", "2")
         assert number == 2
-        done = portpool("stop", "--all", "--config", str(layout_file))
+        json_flag = ["--json"] if as_json else []
+        done = portpool("stop", "--all", *json_flag, "--config", str(layout_file))
         assert done.returncode == 1, done.stderr
         assert f"(pid {os.getpid()} holds it, the record names {bystander.pid})" in done.stderr
         assert second.wait(timeout=30) == -signal.SIGTERM  # stopped before the report
+        if as_json:
+            report = json.loads(done.stdout)
+            assert report["app"] == layout.app and report["exit_code"] == 1
+            assert [(s["number"], s["pid"]) for s in report["stopped"]] == [(2, second.pid)]
+            assert "record names" in report["error"]
+        else:
+            line = f"portpool: instance 2 of {layout.app} stopped (pid {second.pid})"
+            assert done.stdout.splitlines() == [line]
         assert bystander.poll() is None
     finally:
         if held is not None:

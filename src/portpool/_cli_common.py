@@ -34,6 +34,7 @@ __all__ = [
     "display",
     "drop_stdout",
     "echo_json",
+    "fail",
     "finish",
     "from_echo",
     "handle_errors",
@@ -92,14 +93,18 @@ def reader_gone(error: BrokenPipeError) -> NoReturn:
     die_of(pipe)
 
 
-def _fail(error: PortPoolError, *, as_json: bool = False) -> None:
+def fail(
+    error: PortPoolError, *, as_json: bool = False, done: dict[str, Any] | None = None
+) -> NoReturn:
+    """Print ``error`` on stderr (and as one JSON object on stdout with ``as_json``, with
+    ``done``'s members: what the command did before it failed) and exit with its code."""
     lines = str(error).split("\n")  # messages may span lines; each is escaped alone
     # stderr first: a JSON reader that is gone (SIGPIPE) must not take the message along
     click.echo(
         "\n".join(display(line) for line in [f"portpool: error: {lines[0]}", *lines[1:]]), err=True
     )
     if as_json:  # a script reading stdout gets the error as JSON too
-        echo_json({"error": str(error), "exit_code": error.exit_code})
+        echo_json({**(done or {}), "error": str(error), "exit_code": error.exit_code})
     sys.exit(error.exit_code)
 
 
@@ -126,14 +131,14 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except PortPoolError as e:
-            _fail(e, as_json=kwargs.get("as_json") is True)
+            fail(e, as_json=kwargs.get("as_json") is True)
         except OSError as e:  # out of descriptors where nothing expected it (an import)
             from portpool.statedir import out_of_descriptors
 
             limit = out_of_descriptors(e)
             if limit is None:
                 raise
-            _fail(limit, as_json=kwargs.get("as_json") is True)
+            fail(limit, as_json=kwargs.get("as_json") is True)
         except click.ClickException as e:  # a usage error found by the command itself
             if kwargs.get("as_json") is True:
                 _usage_as_json(e)

@@ -17,6 +17,7 @@ from portpool._cli_common import (
     config_option,
     display,
     echo_json,
+    fail,
     handle_errors,
     instance_option,
     json_option,
@@ -24,6 +25,7 @@ from portpool._cli_common import (
 )
 
 if TYPE_CHECKING:
+    from portpool._stop import Stopped
     from portpool.layout import Layout
 
 __all__ = ["COMMANDS", "up_detached"]
@@ -111,21 +113,42 @@ def stop(
     matches its record; then waits until its ports are free. Exit 1 if it does not run.
     """
     from portpool._stop import stop_instances
+    from portpool.errors import StopFailed
     from portpool.statedir import StateDir
 
     if every and number is not None:
         raise click.UsageError("give an instance NUMBER or --all, not both")
     check_seconds("--timeout", timeout)
     layout = layout_for(config)
+    done: list[Stopped] = []
+
+    def stopped(s: Stopped) -> None:
+        # Said as each goes down: `--all` that refuses one record stops the others first.
+        done.append(s)
+        if not as_json:
+            click.echo(f"portpool: instance {s.number} of {layout.app} stopped (pid {s.pid})")
+
     with StateDir.open(create=False) as state:  # it only signals: creates nothing
-        stopped = stop_instances(
-            layout, number, every=every, timeout_s=timeout, state=state, given_as="NUMBER"
-        )
+        try:
+            stop_instances(
+                layout,
+                number,
+                every=every,
+                timeout_s=timeout,
+                state=state,
+                given_as="NUMBER",
+                on_stopped=stopped,
+            )
+        except StopFailed as e:
+            if not (as_json and done):
+                raise
+            fail(e, as_json=True, done={"app": layout.app, "stopped": _dicts(done)})
     if as_json:
-        echo_json({"app": layout.app, "stopped": [s.to_dict() for s in stopped]})
-        return
-    for s in stopped:
-        click.echo(f"portpool: instance {s.number} of {layout.app} stopped (pid {s.pid})")
+        echo_json({"app": layout.app, "stopped": _dicts(done)})
+
+
+def _dicts(stopped: list[Stopped]) -> list[dict[str, object]]:
+    return [s.to_dict() for s in stopped]
 
 
 @click.command()

@@ -197,6 +197,7 @@ def stop_instances(
     timeout_s: float = 30.0,
     state: StateDir,
     given_as: str = "number",
+    on_stopped: Callable[[Stopped], None] | None = None,
 ) -> list[Stopped]:
     """Ask instance ``number`` (default: as ``find_instance``), or ``every`` running one,
     to stop with SIGTERM to its ``up``/``run``, and wait until its slot and ports are free.
@@ -209,7 +210,9 @@ def stop_instances(
     running slot whose record is unreadable, or does not match its holder, is left
     alone and reported once the others have stopped.
     UsageError (exit 2, naming ``number`` as ``given_as``, e.g. the CLI's NUMBER) for a
-    ``number`` outside 1..max_instances that does not run.
+    ``number`` outside 1..max_instances that does not run. ``on_stopped`` is called
+    with each instance once it is down, before any of those errors is raised: with
+    ``every``, the instances stopped beside a refused one are known to the caller.
     """
     refused: list[StopFailed] = []
     if every:
@@ -250,6 +253,8 @@ def stop_instances(
                     f"ports after {timeout_s:g} s (try again, or a longer --timeout)",
                 )
             time.sleep(_POLL_S)
+        if on_stopped is not None:
+            on_stopped(stopped)
     if refused:
         raise refused[0]  # the others were stopped; this one was not touched
     return sent
