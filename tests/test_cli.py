@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -389,6 +391,23 @@ def test_a_program_named_like_an_option_runs_after_double_dash(
     assert "no such option: --bogus" in done.stderr
 
 
+@contextlib.contextmanager
+def _instance_1_held_by_run(
+    tmp_path: Path, port_base: int
+) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
+    """A two-service layout's instance 1, held by `portpool run` of a sleeper; released
+    (and the run reaped) on leaving."""
+    layout = write_layout(tmp_path / "p.toml", port_base)
+    done_file = tmp_path / "release"
+    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(done_file))
+    try:
+        assert read_line(proc).strip() == "1"
+        yield layout, proc
+    finally:
+        done_file.touch()
+        proc.wait()
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads a zombie's state in /proc")
 def test_gc_right_after_a_kill_9_takes_the_unreaped_holder_for_dead(
     tmp_path: Path, port_base: int, home: Path
@@ -396,11 +415,7 @@ def test_gc_right_after_a_kill_9_takes_the_unreaped_holder_for_dead(
     # Killed, a holder is a zombie until its parent reaps it (here: until we wait; a
     # detached up's parent, init, took 1.5 s on a loaded machine). Its locks are free at
     # once, yet gc said "its holder still runs but does not hold 1.lock" and exited 1.
-    layout = write_layout(tmp_path / "p.toml", port_base)
-    done_file = tmp_path / "release"
-    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(done_file))
-    try:
-        assert read_line(proc).strip() == "1"
+    with _instance_1_held_by_run(tmp_path, port_base) as (layout, proc):
         os.kill(proc.pid, signal.SIGKILL)
         wait_for(lambda: [i["alive"] for i in status_json(layout)["instances"]] == [False])
         with open(f"/proc/{proc.pid}/stat") as f:
@@ -409,9 +424,6 @@ def test_gc_right_after_a_kill_9_takes_the_unreaped_holder_for_dead(
         assert done.returncode == 0, done.stderr
         assert "removed record of dead instance testapp/1" in done.stdout
         assert status_json(layout)["instances"] == []
-    finally:
-        done_file.touch()
-        proc.wait()
 
 
 def test_the_records_on_disk_are_json_naming_their_holder(
@@ -419,11 +431,7 @@ def test_the_records_on_disk_are_json_naming_their_holder(
 ) -> None:
     # DESIGN's "State on disk": ports/<port>.json says who holds the port. It held a JSON
     # line, then a "#crc" line and padding: json.load and jq refused the file.
-    layout = write_layout(tmp_path / "p.toml", port_base)
-    done_file = tmp_path / "release"
-    proc = start("run", "--config", str(layout), "--", sys.executable, "-c", HOLD, str(done_file))
-    try:
-        assert read_line(proc).strip() == "1"
+    with _instance_1_held_by_run(tmp_path, port_base) as (_, proc):
         instance = json.loads((home / "apps" / "testapp" / "instances" / "1.json").read_text())
         assert instance["pid"] == proc.pid
         ports = {s["name"]: s["port"] for s in instance["services"]}
@@ -438,9 +446,6 @@ def test_the_records_on_disk_are_json_naming_their_holder(
             )
             assert record["start_token"] == instance["start_token"]
             assert record["acquired_at"] <= record["heartbeat_at"]
-    finally:
-        done_file.touch()
-        proc.wait()
     # Released, the records left for reuse are JSON too, and name nobody.
     left = sorted((home / "ports").glob("*.json"))
     assert left
