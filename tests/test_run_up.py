@@ -146,6 +146,25 @@ def test_run_of_a_program_that_cannot_run_exits_as_a_shell_would(
     assert status_json(layout)["instances"] == []
 
 
+def test_run_of_a_program_on_path_without_execute_permission_exits_126(
+    layout: Path, home: Path, tmp_path: Path
+) -> None:
+    """A program found on PATH but not executable exists: bash and env say "Permission
+    denied" and 126; `run` said it "was not found on PATH" and 127."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "tool-without-x").write_text("#!/bin/sh\necho hi\n")
+    (bin_dir / "tool-without-x").chmod(0o644)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    shell = subprocess.run(["env", "tool-without-x"], env=env, capture_output=True, check=False)
+    assert shell.returncode == 126  # what env says, for comparison
+    done = portpool("run", "--config", str(layout), "--", "tool-without-x", env=env)
+    assert done.returncode == 126, done.stderr
+    assert str(bin_dir / "tool-without-x") in done.stderr
+    assert "not found" not in done.stderr
+    assert status_json(layout)["instances"] == []
+
+
 # Writes a line to the fd named in argv[1], then prints every fd it has open.
 WRITE_TO_FD = (
     "import os, sys\n"

@@ -143,6 +143,13 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
     found = shutil.which(program, path=path)
     if found:
         return _interpreter_problem(found, path)
+    # A file on PATH without execute permission exists: a shell and env say "Permission
+    # denied" and 126; it read "not found on PATH" (127), hiding a missing chmod +x.
+    there = shutil.which(program, mode=os.F_OK, path=path)
+    if there:
+        return CommandNotFound(
+            program, f"{program!r} on PATH is {there!r}, not executable", found=True
+        )
     return CommandNotFound(program, f"{program!r} was not found on PATH{_not_found_hint(program)}")
 
 
