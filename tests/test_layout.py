@@ -545,6 +545,23 @@ def test_files_that_cannot_be_read(tmp_path: Path) -> None:
     assert "UTF-8" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "restart = " + "[" * 400 + "]" * 400,
+        "command = " + "{a = " * 300 + "1" + "}" * 300,
+        "socket = " + "[{a = " * 150 + "1" + "}]" * 150,
+    ],
+)
+def test_a_deeply_nested_wrong_value_is_shown_cut(tmp_path: Path, line: str) -> None:
+    # tomllib reads 400 levels; spelling them back recursed once per level and ended
+    # `layout` in a RecursionError traceback instead of the layout error.
+    error = refused(tmp_path, f'app = "a"\n[services.x]\nbase = 20000\nsize = 3\n{line}\n')
+    assert error.key.startswith("services.x.")
+    assert len(error.errors[0]) < 400, error.errors[0][:400]
+    assert "..." in error.problem
+
+
 def test_pathological_toml_is_a_layout_error(tmp_path: Path) -> None:
     assert "nested too deeply" in str(refused(tmp_path, "x = " + "[" * 5000))
     assert "invalid TOML" in str(refused(tmp_path, "x = " + "9" * 5000 + "\n"))

@@ -57,11 +57,18 @@ def toml_value(value: object, limit: int = SHOWN_MAX) -> str:
     if callable(isoformat):  # a TOML date, time or date-time
         text = str(isoformat())
         return text[:-6] + "Z" if text.endswith("+00:00") else text
+    # Each level spells at least one character, so a level past ``limit`` is never shown:
+    # items get one less, which bounds the recursion (tomllib reads ~450 levels, and
+    # spelling them back ended `layout` in a RecursionError traceback).
     if isinstance(value, dict):
+        if limit <= 0:
+            return "{...}"
         pairs = ((_toml_key(str(k), limit), v) for k, v in value.items())
-        return _joined("{", (f"{k} = {toml_value(v, limit)}" for k, v in pairs), "}", limit)
+        return _joined("{", (f"{k} = {toml_value(v, limit - 1)}" for k, v in pairs), "}", limit)
     if isinstance(value, list | tuple):
-        return _joined("[", (toml_value(v, limit) for v in value), "]", limit)
+        if limit <= 0:
+            return "[...]"
+        return _joined("[", (toml_value(v, limit - 1) for v in value), "]", limit)
     return cut(repr(value), limit)
 
 
