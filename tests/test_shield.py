@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import os
 import random
 import socket
@@ -380,6 +381,63 @@ def test_a_grandchild_of_our_child_counts_as_ours(
     with helper("-c", wrapper, LISTEN, "127.0.0.1", str(victim.port), program="sh") as proc:
         shield = make_shield(leases, own_pids=lambda: [proc.pid])
         assert all(r.ok for r in shield.check_once())
+
+
+# A foreign server as most are written: SO_REUSEADDR, which lets it bind beside a socket
+# that is bound but not listening (ours, once a holder shut it down); "listen" or not.
+REUSEADDR_SERVER = """
+import socket, sys
+port, mode = int(sys.argv[1]), sys.argv[2]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", port))
+if mode == "listen":
+    s.listen()
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    s.listen()
+    print("listening", flush=True)
+except OSError as e:
+    print(f"refused {e.errno}", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_foreign_server_in_the_window_of_a_shut_down_socket_still_trips(
+    leases: list[Lease], make_shield: Callable[..., Shield]
+) -> None:
+    """A holder's shutdown(2) leaves our socket bound but not listening, and a
+    SO_REUSEADDR server can then bind and listen on the port. The shield puts our socket
+    back in listen state, but never over a foreign listener: that is a trip."""
+    victim = leases[0]
+    shield = make_shield(leases)
+    assert victim.socket is not None
+    victim.socket.shutdown(socket.SHUT_RDWR)  # as a service holding a copy would
+    with helper("-c", REUSEADDR_SERVER, str(victim.port), "listen") as foreign:
+        reports = shield.check_once()
+        assert [r.ok for r in reports] == [False, True, True]
+        assert f"is now also listened on by pid {foreign.pid}" in " ".join(reports[0].problems)
+        assert "no longer listening" in " ".join(reports[0].problems)
+
+
+def test_a_shut_down_socket_listens_again_before_a_foreign_bind_can_listen(
+    leases: list[Lease], make_shield: Callable[..., Shield]
+) -> None:
+    """The other order: the foreign server only bound in the window; once the shield
+    made our socket listen again, its listen is refused and the port stays ours."""
+    victim = leases[0]
+    shield = make_shield(leases)
+    assert victim.socket is not None
+    victim.socket.shutdown(socket.SHUT_RDWR)
+    with helper("-c", REUSEADDR_SERVER, str(victim.port), "bind") as foreign:
+        assert [r.ok for r in shield.check_once()] == [True, True, True]
+        assert foreign.stdin is not None and foreign.stdout is not None
+        foreign.stdin.write("\n")
+        foreign.stdin.flush()
+        assert foreign.stdout.readline().strip() == f"refused {errno.EADDRINUSE}"
+    with socket.create_connection(("127.0.0.1", victim.port), timeout=5):
+        pass  # our socket's backlog takes it
 
 
 def test_a_socket_closed_under_the_lease_is_reported(
