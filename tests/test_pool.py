@@ -105,6 +105,24 @@ def test_listen_again_revives_a_socket_a_holder_shut_down(state: StateDir, port_
         assert lease.socket.getsockname()[1] == port_base
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux's accept-queue bound")
+def test_listen_again_keeps_the_backlog_it_was_acquired_with(state: StateDir, port_base: int):
+    """A revived socket queued 128 connections whatever ``acquire(backlog=)`` said."""
+    with acquire(state, [port_base], backlog=1) as lease:
+        copy = socket.socket(fileno=os.dup(lease.fileno()))
+        copy.shutdown(socket.SHUT_RDWR)
+        copy.close()
+        assert lease.listen_again() is True
+        # Linux queues backlog + 1 accepted connections, then drops the next SYN.
+        queued = [socket.create_connection(("127.0.0.1", port_base), timeout=5) for _ in "ab"]
+        try:
+            with pytest.raises(TimeoutError):
+                socket.create_connection(("127.0.0.1", port_base), timeout=0.5).close()
+        finally:
+            for client in queued:
+                client.close()
+
+
 def test_rotates_past_a_port_held_by_another_lease(state: StateDir, port_base: int):
     pool = [port_base, port_base + 1, port_base + 2]
     with acquire(state, pool, service="a") as first, acquire(state, pool, service="b") as second:

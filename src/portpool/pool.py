@@ -60,6 +60,7 @@ class Lease:
     service: str = ""
     refusals: list[Refusal] = field(default_factory=list)
     held: list[_Socket] = field(default_factory=list)
+    backlog: int = DEFAULT_BACKLOG  # listen()'s queue length, as acquired
 
     @property
     def record(self) -> PortRecord | None:
@@ -78,18 +79,19 @@ class Lease:
             raise PortPoolError(f"port {self.port}: the lease's socket was already closed")
         return self.socket.fileno()
 
-    def listen_again(self, backlog: int = DEFAULT_BACKLOG) -> bool:
+    def listen_again(self) -> bool:
         """Put our socket back in listen state if a holder of it shut it down: True if it
         had to. ``shutdown(2)`` on a passed listening socket (a server waking a thread
         blocked in accept) stops it listening for every holder, ours too, while it
         stays bound to the port; a restart was handed it dead. False where the OS does
-        not say (no SO_ACCEPTCONN) or the socket is gone. Raises OSError."""
+        not say (no SO_ACCEPTCONN) or the socket is gone. The queue length is the
+        one it was acquired with. Raises OSError."""
         accepting = getattr(socket, "SO_ACCEPTCONN", None)
         if self.socket is None or self.socket.fileno() == -1 or accepting is None:
             return False
         if self.socket.getsockopt(socket.SOL_SOCKET, accepting):
             return False
-        self.socket.listen(backlog)
+        self.socket.listen(self.backlog)
         return True
 
     def close_socket(self) -> None:
@@ -297,5 +299,5 @@ def acquire(
             _close_all(bound)
             lock.release()
             raise
-        return Lease(port, host, bound[0], lock, service, refusals, bound[1:])
+        return Lease(port, host, bound[0], lock, service, refusals, bound[1:], backlog)
     raise PoolExhausted(pool, refusals, service or None)
