@@ -513,3 +513,46 @@ def test_the_readmes_pytest_examples_pass_as_tests_under_xdist(tmp_path: Path) -
     done = _run(where, session_env(tmp_path / "state"), "-n", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{tests} passed" in done.stdout, done.stdout
+
+
+UNUSABLE = """
+def test_port(portpool_port):
+    pass
+
+def test_factory(portpool_port_factory):
+    portpool_port_factory()
+
+def test_lease(portpool_lease):
+    pass
+
+def test_instance(portpool_instance):
+    pass
+
+def test_plain():
+    pass
+"""
+
+
+@pytest.mark.parametrize("xdist", [False, True])
+def test_an_unusable_state_dir_is_one_line_per_test_not_a_traceback(
+    tmp_path: Path, xdist: bool
+) -> None:
+    """A state dir portpool refuses (here: open to others) is the environment's fault,
+    the same for every test: each test that asks for a port said so under a screenful
+    of traceback through pytest-asyncio, the plugin and ``statedir``."""
+    low, high = _free_range(4)
+    home = tmp_path / "shared"
+    home.mkdir()
+    home.chmod(0o755)
+    where = session_dir(tmp_path, "s", UNUSABLE, f"portpool_port_range = {low}-{high}\n")
+    base = find_free_block(2, low=LOW, high=HIGH)
+    write_layout(where / "portpool.toml", base, app="plugin-unusable", services={"web": {}})
+    done = _run(where, session_env(home), *(["-n", "2"] if xdist else []))
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "1 failed, 1 passed, 3 errors" in done.stdout, out
+    said = f"portpool: state dir {home}: is readable by group or others (mode 755)"
+    assert done.stdout.count(said) >= 4, out
+    for frame in ("statedir.py", "pytest_plugin.py", "_pytest_source.py", "Traceback"):
+        assert frame not in out, out
+    assert "INTERNALERROR" not in out

@@ -16,6 +16,7 @@ bind without ``SO_REUSEADDR`` on the wildcard address of both families succeeded
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -109,14 +110,31 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def _state(config: pytest.Config) -> StateDir:
-    """This run's state dir (fixed at configure time), opened on first use."""
+    """This run's state dir (fixed at configure time), opened on first use. Fails the
+    test (see ``_environment_errors``) when portpool refuses it."""
     state = config.stash.get(_state_key, None)
     if state is None:
         from portpool.statedir import StateDir
 
-        state = StateDir.open(config.stash[_state_path_key])
+        with _environment_errors():
+            state = StateDir.open(config.stash[_state_path_key])
         config.stash[_state_key] = state
     return state
+
+
+@contextlib.contextmanager
+def _environment_errors() -> Iterator[None]:
+    """Turn a state dir portpool refuses, or an OS limit, into one line for the test.
+
+    Both are the environment's fault and the same for every test: each test that asked
+    for a port said so under a screenful of traceback through the plugin and statedir.
+    """
+    from portpool.errors import ResourceLimit, StateDirError
+
+    try:
+        yield
+    except (StateDirError, ResourceLimit) as e:
+        raise pytest.fail.Exception(f"portpool: {e}", pytrace=False) from None
 
 
 # ---------------------------------------------------------------- the layout
@@ -287,13 +305,15 @@ def portpool_port_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[
     Each port is locked for this test alone (across xdist workers and concurrent runs)
     and bindable at hand-over by a server that does not set SO_REUSEADDR. A call raises
     PoolExhausted, naming the holders, when no port of the range is left, and
-    pytest.UsageError when this host leaves no default range.
+    pytest.UsageError when this host leaves no default range; it fails the test with one
+    line when portpool refuses the state dir or the OS is out of file descriptors.
     """
     source = _source(request.config)
     leases: list[Lease] = []
 
     def take() -> int:
-        lease = source.take(free_of_sockets=True)
+        with _environment_errors():
+            lease = source.take(free_of_sockets=True)
         leases.append(lease)
         return lease.port
 
@@ -314,8 +334,10 @@ def portpool_port(portpool_port_factory: Callable[[], int]) -> int:
 def portpool_lease(request: pytest.FixtureRequest) -> Iterator[Lease]:
     """A portpool Lease on 127.0.0.1: the lock and the bound, listening socket itself,
     for servers that take a socket (``sock=``, an fd): no window between check and use.
-    Raises PoolExhausted when no port of the range is left."""
-    lease = _source(request.config).take(free_of_sockets=False)
+    Raises PoolExhausted when no port of the range is left; fails the test as
+    ``portpool_port_factory`` does."""
+    with _environment_errors():
+        lease = _source(request.config).take(free_of_sockets=False)
     yield lease
     lease.release()
 
@@ -327,7 +349,8 @@ def portpool_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
 
     The layout is ``--portpool-layout``, else the ``portpool_layout`` ini option (relative
     to the ini file; both checked at start-up), else ``portpool.toml`` in the rootdir,
-    else the default layout. Raises LayoutError, NoFreeSlot or PoolExhausted.
+    else the default layout. Raises LayoutError, NoFreeSlot or PoolExhausted; fails the
+    tests as ``portpool_port_factory`` does.
     """
     from portpool.instance import start_instance
 
@@ -340,6 +363,7 @@ def portpool_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
             warnings.warn(PortpoolWarning(overlap), stacklevel=2)
     # The slot is start_instance's choice, never pinned here: whatever it does about a
     # slot whose pool a foreign program blocks (take the next one) applies to workers too.
-    instance = start_instance(layout, state=_state(config))
+    with _environment_errors():
+        instance = start_instance(layout, state=_state(config))
     yield instance
     instance.release()
