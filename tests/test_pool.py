@@ -250,6 +250,20 @@ def test_invalid_ports_are_caller_errors_not_layout_errors(state: StateDir):
         assert info.value.value is bad
 
 
+def test_a_pool_given_as_an_iterator_is_tried_not_used_up(state: StateDir, port_base: int):
+    # Checking the ports once consumed an iterator or a generator: a free port was then
+    # refused as "no free port in pool []".
+    for pool in (iter([port_base]), (p for p in [port_base]), range(port_base, port_base + 1)):
+        with acquire(state, pool) as lease:
+            assert lease.port == port_base
+
+
+def test_a_pool_given_as_one_str_is_a_type_error(state: StateDir, port_base: int):
+    # A str is a sequence: its characters were checked as ports ("'2' is not a port").
+    with pytest.raises(TypeError, match="port numbers"):
+        acquire(state, str(port_base))  # type: ignore[arg-type]
+
+
 def test_empty_pool_is_exhausted(state: StateDir):
     with pytest.raises(PoolExhausted) as info:
         acquire(state, [])

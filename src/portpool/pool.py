@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from portpool._addresses import (
@@ -247,7 +247,7 @@ def _lock_port(state: StateDir, port: int) -> PortLock | Refusal:
 
 def acquire(
     state: StateDir,
-    pool: Sequence[int],
+    pool: Iterable[int],
     *,
     host: str = "127.0.0.1",
     app: str = "",
@@ -258,18 +258,21 @@ def acquire(
     """Acquire the first port of ``pool`` that is neither locked nor bound by anyone.
 
     ``state``: the state dir (``StateDir.open()``); ``pool``: port numbers (ints in
-    1..65535), tried in order; ``host``: the IP address or name to listen on (a name
-    binds every address it resolves to); ``app``, ``instance``, ``service``: labels the
-    port's record shows to ``status``; ``backlog``: ``listen()``'s queue length.
+    1..65535; any iterable of them), tried in order; ``host``: the IP address or name
+    to listen on (a name binds every address it resolves to); ``app``, ``instance``,
+    ``service``: labels the port's record shows to ``status``; ``backlog``:
+    ``listen()``'s queue length.
     Returns a Lease holding the lock and the listening socket, its record written; use
     it in a ``with`` block or call ``release()``.
     Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
-    (a ValueError) for a value that is not a port, StateDirError if the ports directory
-    is unusable or the record cannot be written, ResourceLimit when out of file
-    descriptors.
+    (a ValueError) for a value that is not a port, TypeError for a ``pool`` given as one
+    str, StateDirError if the ports directory is unusable or the record cannot be
+    written, ResourceLimit when out of file descriptors.
     """
-    for port in pool:
-        check_port(port)
+    if isinstance(pool, (str, bytes)):  # its characters were checked as ports
+        raise TypeError(f"pool must be port numbers (ints), not one {type(pool).__name__}")
+    # A list: checking an iterator's ports once used it up, and a free port was refused.
+    pool = [check_port(port) for port in pool]
     # An unusable ports directory is the state dir's fault, raised here: refused port by
     # port, it read as "every port of its pool is taken by others" (exit 3).
     state.ports()
