@@ -556,3 +556,22 @@ def test_an_unusable_state_dir_is_one_line_per_test_not_a_traceback(
     for frame in ("statedir.py", "pytest_plugin.py", "_pytest_source.py", "Traceback"):
         assert frame not in out, out
     assert "INTERNALERROR" not in out
+
+
+def test_the_plugin_is_named_portpool_for_p_and_no(tmp_path: Path) -> None:
+    """What the README says: ``-p no:portpool`` turns it off (a suite of plain tests
+    still runs), ``-p portpool`` loads it where autoloading is off."""
+    low, high = _free_range(2)
+    plain = session_dir(tmp_path, "plain", "def test_nothing():\n    pass\n")
+    off = _run(plain, session_env(tmp_path / "state"), "-p", "no:portpool")
+    assert off.returncode == 0, off.stdout + off.stderr
+    assert "1 passed" in off.stdout
+    assert not (tmp_path / "state").exists()
+    ported = session_dir(tmp_path, "ported", TAKE, f"portpool_port_range = {low}-{high}\n")
+    env = session_env(tmp_path / "state", PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
+    loaded = _run(ported, env, "-s", "-p", "portpool")
+    assert loaded.returncode == 0, loaded.stdout + loaded.stderr
+    assert f"GOT {low}" in loaded.stdout or f"GOT {high}" in loaded.stdout, loaded.stdout
+    unloaded = _run(ported, env)
+    assert unloaded.returncode == 1, unloaded.stdout
+    assert "fixture 'portpool_port' not found" in unloaded.stdout
