@@ -415,3 +415,87 @@ def test_serve_asgi_finishes_a_request_in_flight_on_sigterm(
     assert [r.status_code for r in result] == [200]
     assert proc.returncode == 0, err.decode()
     assert out.decode().splitlines() == ["lifespan shutdown", "returned", "released"]
+
+
+IN_A_THREAD = """
+import os, sys, threading, urllib.request
+from portpool import StateDir, acquire
+from portpool.integrations import serve_aiohttp, serve_asgi, serve_http
+
+kind, port = sys.argv[1], int(sys.argv[2])
+state = StateDir.open(os.environ["PORTPOOL_HOME"])
+errors = []
+
+
+async def asgi(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": kind.encode()})
+
+
+def serve(lease):
+    try:
+        if kind == "asgi":
+            serve_asgi(asgi, lease, log_level="warning", lifespan="off")
+        elif kind == "aiohttp":
+            from aiohttp import web
+
+            async def hello(request):
+                return web.Response(text=kind)
+
+            app = web.Application()
+            app.router.add_get("/", hello)
+            serve_aiohttp(app, lease, print=None)
+        else:
+            from http.server import BaseHTTPRequestHandler
+
+            class Hello(BaseHTTPRequestHandler):
+                def do_GET(self):
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(kind)))
+                    self.end_headers()
+                    self.wfile.write(kind.encode())
+
+                def log_message(self, *args):
+                    pass
+
+            serve_http(lease, Hello)
+    except BaseException as e:
+        errors.append(repr(e))
+
+
+with acquire(state, [port], service="web") as lease:
+    server = threading.Thread(target=serve, args=(lease,), daemon=True)
+    server.start()
+    body = "none"
+    for _ in range(60):  # the lease's socket queues a request until a server accepts it
+        if errors:
+            break
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as reply:
+                body = reply.read().decode()
+            break
+        except OSError:
+            continue
+    print(body, errors, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["asgi", "aiohttp", "http"])
+def test_blocking_helpers_serve_from_a_thread_that_is_not_the_main_one(
+    state: StateDir, port_base: int, kind: str
+) -> None:
+    """Signal handlers belong to the main thread, so there each helper serves until the
+    process ends (as the docstrings say). ``serve_aiohttp`` failed at once instead:
+    aiohttp's ``run_app`` set its signal handlers, 'set_wakeup_fd only works in main
+    thread', and every request waited for a server that was gone."""
+    done = subprocess.run(
+        [sys.executable, "-c", IN_A_THREAD, kind, str(port_base)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [kind, "[]"], done.stdout + done.stderr

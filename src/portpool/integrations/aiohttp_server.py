@@ -59,12 +59,18 @@ def serve_aiohttp(
 ) -> None:
     """Serve ``app`` on the socket until SIGINT/SIGTERM, then stop gracefully and return.
 
-    ``run_app_kwargs`` go to ``aiohttp.web.run_app`` (``print``, ``access_log``,
-    ``shutdown_timeout``, ...); ``host``, ``port``, ``path``, ``sock`` and
-    ``reuse_*`` raise TypeError, since the socket decides the address. Raises what
-    ``serve_aiohttp_async`` raises for the socket.
+    Signals are only handled from the main thread; elsewhere it serves until the
+    process ends, as ``serve_http`` and ``serve_asgi`` do. ``run_app_kwargs`` go to
+    ``aiohttp.web.run_app`` (``print``, ``access_log``, ``shutdown_timeout``, ...);
+    ``host``, ``port``, ``path``, ``sock`` and ``reuse_*`` raise TypeError, since the
+    socket decides the address. Raises what ``serve_aiohttp_async`` raises for the socket.
     """
+    import threading
+
     from aiohttp import web
 
     reject_binding_options(run_app_kwargs, "serve_aiohttp")
+    if threading.current_thread() is not threading.main_thread():
+        # run_app sets signal handlers, which only the main thread may: it failed at once.
+        run_app_kwargs.setdefault("handle_signals", False)
     web.run_app(app, sock=serving_socket(sock_or_lease), **run_app_kwargs)
