@@ -575,3 +575,34 @@ def test_the_plugin_is_named_portpool_for_p_and_no(tmp_path: Path) -> None:
     unloaded = _run(ported, env)
     assert unloaded.returncode == 1, unloaded.stdout
     assert "fixture 'portpool_port' not found" in unloaded.stdout
+
+
+BY_NUMBER = """
+import errno, socket
+import pytest
+
+def test_bind_the_instance_port_itself(portpool_instance):
+    lease = portpool_instance.leases["web"]
+    with pytest.raises(OSError) as refused:
+        socket.create_server(("127.0.0.1", lease.port))
+    assert refused.value.errno == errno.EADDRINUSE
+    lease.close_socket()
+    server = socket.socket()
+    server.bind(("127.0.0.1", lease.port))  # no SO_REUSEADDR
+    server.listen()
+    assert portpool_instance.env("web")["PORT"] == str(lease.port)
+    assert lease.lock.problem() is None  # the lock stays ours
+    server.close()
+"""
+
+
+def test_a_service_binding_the_instance_port_itself_does_so_once_the_socket_is_closed(
+    tmp_path: Path,
+) -> None:
+    """What the README tells a test that starts a ``socket = "port"`` service itself."""
+    base = find_free_block(20, low=LOW, high=HIGH)
+    where = session_dir(tmp_path, "s", BY_NUMBER)
+    write_layout(where / "portpool.toml", base, app="plugin-by-number", services={"web": {}})
+    done = _run(where, session_env(tmp_path / "state"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed" in done.stdout
