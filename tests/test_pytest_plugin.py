@@ -145,6 +145,11 @@ def test_an_exhausted_range_names_the_foreign_listener(tmp_path: Path) -> None:
     listening = f"port {low}: in use (used by pid {os.getpid()} ("
     assert listening in done.stdout, done.stdout
     assert f") listening on 127.0.0.1:{low})" in done.stdout
+    # The error and its words, not the plugin's own code: the traceback printed the
+    # whole of the port source's take() above them.
+    assert "PoolExhausted" in done.stdout
+    for inside in ("_pytest_source.py", "pytest_plugin.py", "def take("):
+        assert inside not in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["server-reuseaddr", "plain-server"])

@@ -86,6 +86,7 @@ class _PortSource:
         handed out only if a bind without SO_REUSEADDR succeeds. Raises PoolExhausted
         naming every holder when no port of the range is left.
         """
+        __tracebackhide__ = True  # pytest: report the error, not this function's code
         from portpool.errors import PoolExhausted, Refusal
         from portpool.pool import acquire
 

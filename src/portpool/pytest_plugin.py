@@ -312,6 +312,7 @@ def portpool_port_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[
     leases: list[Lease] = []
 
     def take() -> int:
+        __tracebackhide__ = True  # the error says it all; our frames are noise in a report
         with _environment_errors():
             lease = source.take(free_of_sockets=True)
         leases.append(lease)
@@ -327,6 +328,7 @@ def portpool_port(portpool_port_factory: Callable[[], int]) -> int:
     """A TCP port held for this test alone until its teardown; nothing is bound on it, and
     a server binds it without SO_REUSEADDR (no TIME_WAIT left by an earlier test).
     Raises what a ``portpool_port_factory`` call raises."""
+    __tracebackhide__ = True
     return portpool_port_factory()
 
 
@@ -336,6 +338,7 @@ def portpool_lease(request: pytest.FixtureRequest) -> Iterator[Lease]:
     for servers that take a socket (``sock=``, an fd): no window between check and use.
     Raises PoolExhausted when no port of the range is left; fails the test as
     ``portpool_port_factory`` does."""
+    __tracebackhide__ = True
     with _environment_errors():
         lease = _source(request.config).take(free_of_sockets=False)
     yield lease
