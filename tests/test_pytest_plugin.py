@@ -611,3 +611,37 @@ def test_a_service_binding_the_instance_port_itself_does_so_once_the_socket_is_c
     done = _run(where, session_env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 passed" in done.stdout
+
+
+TWO_INSTANCE_TESTS = """
+def test_a(portpool_instance):
+    pass
+
+def test_b(portpool_instance):
+    pass
+"""
+
+
+def test_an_instance_that_cannot_start_is_its_error_not_portpools_code(tmp_path: Path) -> None:
+    """The error of ``start_instance`` (here the only slot's pool taken by a foreign
+    listener) with its words, once per test: the report printed the source of
+    ``acquire`` and the frames of ``instance`` and ``_slots`` above it, twice."""
+    base = find_free_block(1, low=LOW, high=HIGH)
+    foreign = socket.socket()
+    foreign.bind(("127.0.0.1", base))
+    foreign.listen()
+    try:
+        where = session_dir(tmp_path, "s", TWO_INSTANCE_TESTS)
+        (where / "portpool.toml").write_text(
+            f'app = "plugin-full"\nmax_instances = 1\n[services.web]\nbase = {base}\nsize = 1\n'
+        )
+        done = _run(where, session_env(tmp_path / "state"))
+    finally:
+        foreign.close()
+    assert done.returncode == 1, done.stdout
+    assert "2 errors" in done.stdout
+    said = f"PoolExhausted: instance 1: service 'web': no free port in pool [{base}]"
+    assert done.stdout.count(said) >= 2, done.stdout
+    assert f"port {base}: in use (used by pid {os.getpid()} (" in done.stdout
+    for inside in (": in fill_slot", ": in start_instance", "def acquire(", "pytest_plugin.py"):
+        assert inside not in done.stdout, done.stdout

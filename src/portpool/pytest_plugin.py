@@ -355,18 +355,25 @@ def portpool_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
     else the default layout. Raises LayoutError, NoFreeSlot or PoolExhausted; fails the
     tests as ``portpool_port_factory`` does.
     """
+    __tracebackhide__ = True
+    from portpool.errors import PortPoolError
     from portpool.instance import start_instance
 
     config = request.config
-    layout = config.stash.get(_layout_key, None)
-    if layout is None:
-        layout = _load_layout(config)
-        overlap = _layout_overlap(config, layout)
-        if overlap:
-            warnings.warn(PortpoolWarning(overlap), stacklevel=2)
-    # The slot is start_instance's choice, never pinned here: whatever it does about a
-    # slot whose pool a foreign program blocks (take the next one) applies to workers too.
-    with _environment_errors():
-        instance = start_instance(layout, state=_state(config))
+    try:
+        layout = config.stash.get(_layout_key, None)
+        if layout is None:
+            layout = _load_layout(config)
+            overlap = _layout_overlap(config, layout)
+            if overlap:
+                warnings.warn(PortpoolWarning(overlap), stacklevel=2)
+        # The slot is start_instance's choice, never pinned here: whatever it does about a
+        # slot a foreign program blocks (take the next one) applies to workers too.
+        with _environment_errors():
+            instance = start_instance(layout, state=_state(config))
+    except PortPoolError as e:
+        # The error and its words (who holds what): the report printed the source of
+        # acquire() and the frames of instance and _slots above them, for every test.
+        raise e.with_traceback(None) from None
     yield instance
     instance.release()
