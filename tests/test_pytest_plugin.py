@@ -645,3 +645,31 @@ def test_an_instance_that_cannot_start_is_its_error_not_portpools_code(tmp_path:
     assert f"port {base}: in use (used by pid {os.getpid()} (" in done.stdout
     for inside in (": in fill_slot", ": in start_instance", "def acquire(", "pytest_plugin.py"):
         assert inside not in done.stdout, done.stdout
+
+
+# A network namespace of its own whose ephemeral range starts at 1024: no default range.
+_WIDE_EPHEMERAL = 'echo "1024 65000" > /proc/sys/net/ipv4/ip_local_port_range && exec "$@"'
+
+
+def test_a_host_with_no_default_range_is_one_error_not_the_plugins_code(tmp_path: Path) -> None:
+    """Where the ephemeral range leaves no default range, a test asking for a port got
+    the error under the source of ``port_range`` and ``_source``, and the range as a
+    Python tuple."""
+    wrap = ["unshare", "-rn", "sh", "-c", _WIDE_EPHEMERAL, "sh"]
+    if subprocess.run([*wrap, "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no unprivileged network namespace here (unshare -rn) to set its range")
+    where = session_dir(tmp_path, "s", TAKE)
+    done = subprocess.run(
+        [*wrap, *pytest_cmd()],
+        cwd=where,
+        env=session_env(tmp_path / "state"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    said = "portpool: this host's ephemeral port range 1024-65000 leaves no default range"
+    assert said in done.stdout, done.stdout
+    for inside in ("def port_range(", "pytest_plugin.py"):
+        assert inside not in done.stdout, done.stdout

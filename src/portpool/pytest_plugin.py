@@ -258,6 +258,7 @@ def _suggest(ephemeral: tuple[int, int]) -> str:
 def port_range(config: pytest.Config) -> tuple[int, int]:
     """The range of this session: the option, the ini value, else the default (the 10000
     ports up to 29999, lowered to end below the ephemeral range). Raises pytest.UsageError."""
+    __tracebackhide__ = True  # pytest: the error says it all, not this function's code
     setting = _range_setting(config)
     if setting is not None:
         return parse_port_range(setting[1], setting[0])
@@ -266,11 +267,15 @@ def port_range(config: pytest.Config) -> tuple[int, int]:
     low = max(1024, high - DEFAULT_SIZE + 1)
     if high - low < 99:
         raise pytest.UsageError(
-            f"portpool: this host's ephemeral port range {ephemeral} leaves no default range "
-            "for portpool_port below it: set --portpool-port-range or the "
+            f"portpool: this host's ephemeral port range {_dashed(ephemeral)} leaves no "
+            "default range for portpool_port below it: set --portpool-port-range or the "
             "portpool_port_range ini option"
         )
     return low, high
+
+
+def _dashed(ports: tuple[int, int] | None) -> str:
+    return "(unknown)" if ports is None else f"{ports[0]}-{ports[1]}"
 
 
 def _start_offset(config: pytest.Config, size: int) -> int:
@@ -286,6 +291,7 @@ def _start_offset(config: pytest.Config, size: int) -> int:
 
 
 def _source(config: pytest.Config) -> _PortSource:
+    __tracebackhide__ = True
     source = config.stash.get(_source_key, None)
     if source is None:
         low, high = port_range(config)
@@ -308,6 +314,7 @@ def portpool_port_factory(request: pytest.FixtureRequest) -> Iterator[Callable[[
     pytest.UsageError when this host leaves no default range; it fails the test with one
     line when portpool refuses the state dir or the OS is out of file descriptors.
     """
+    __tracebackhide__ = True
     source = _source(request.config)
     leases: list[Lease] = []
 
