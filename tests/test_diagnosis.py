@@ -844,3 +844,40 @@ def test_a_holder_recorded_under_another_pid_namespace_is_known_by_its_lock(
         assert notes == ()
     else:
         assert len(notes) == 1 and f"by pid {intruder.pid} " in notes[0], notes
+
+
+_UNRESOLVED = """
+import socket, sys
+from portpool import diagnose
+
+port = int(sys.argv[1])
+for listening in (False, True):
+    server = socket.create_server(("127.0.0.1", port)) if listening else None
+    try:
+        diagnose(port, "portpool-unresolvable.invalid")
+        print("returned")
+    except OSError:
+        print("OSError")
+    if server is not None:
+        server.close()
+"""
+
+
+def test_a_host_that_does_not_resolve_raises_whether_or_not_the_port_is_used() -> None:
+    """As the docstring says: OSError. It raised only when a socket used the port (its
+    address was compared with the host's); on a free port it returned a diagnosis.
+    Run on a network of its own (``unshare -rn``), where no name server is reachable:
+    the name is never sent off this host."""
+    wrap = ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+    if subprocess.run([*wrap, "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no unprivileged network namespace here (unshare -rn)")
+    port = find_free_block(1)
+    done = subprocess.run(
+        [*wrap, sys.executable, "-c", _UNRESOLVED, str(port)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["OSError", "OSError"], done.stdout

@@ -17,7 +17,7 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from portpool._addresses import DEFAULT_BACKLOG, bind_all, check_port, occupies
+from portpool._addresses import DEFAULT_BACKLOG, bind_all, check_port, covered_scopes, meets
 from portpool._occupants import Occupant, occupants_text, plain_bind_note, with_owners
 from portpool._platform import TcpSocket, tcp_sockets
 from portpool.errors import Refusal
@@ -123,8 +123,10 @@ def diagnose(
     """
     check_port(port)
     host = normalize_host(host)
+    # Resolved once, first: an unresolvable name raised only when a socket used the port.
+    covered = covered_scopes(host)
     seen = tcp_sockets(port) if sockets is None else [s for s in sockets if s.port == port]
-    occupants = tuple(with_owners(s for s in seen if occupies(s, host)))
+    occupants = tuple(with_owners(s for s in seen if meets(s, covered)))
     plain_blocked = None
     if bind_error is None and probe:
         bind_error = _probe(host, port, reuse=True)
