@@ -7,6 +7,7 @@ the user's state dir.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,7 +24,7 @@ from benchmarks._sessions import (
     session_env,
 )
 from tests.conftest import find_free_block
-from tests.helpers import kill_if_running, wait_for, write_layout
+from tests.helpers import Terminal, kill_if_running, wait_for, write_layout
 
 
 def _run(where: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
@@ -673,3 +674,44 @@ def test_a_host_with_no_default_range_is_one_error_not_the_plugins_code(tmp_path
     assert said in done.stdout, done.stdout
     for inside in ("def port_range(", "pytest_plugin.py"):
         assert inside not in done.stdout, done.stdout
+
+
+HOLD_BOTH = """
+import os, time
+
+def test_hold(portpool_port, portpool_lease):
+    with open(os.environ["PLUGIN_READY"], "w") as f:
+        f.write(f"{portpool_port} {portpool_lease.port}")
+    time.sleep(120)
+"""
+
+
+def test_a_run_stopped_by_ctrl_c_releases_its_ports_at_teardown(tmp_path: Path) -> None:
+    """Ctrl-C typed at the terminal while a test holds ports: pytest tears the fixtures
+    down, so the ports' records read as released (not only unlocked by the exit), and
+    the next run takes the same ports."""
+    low, high = _free_range(2)
+    ini = f"portpool_port_range = {low}-{high}\n"
+    ready = tmp_path / "ready"
+    home = tmp_path / "state"
+    where = session_dir(tmp_path, "held", HOLD_BOTH, ini)
+    env = session_env(home, PLUGIN_READY=str(ready))
+    argv = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *pytest_cmd("-s")]
+    terminal = Terminal(argv, where)
+    try:
+        text = wait_for(lambda: ready.exists() and ready.read_text(), timeout=60)
+        ports = sorted(int(x) for x in text.split())
+        assert ports == [low, high]
+        terminal.ctrl_c()
+        status = terminal.wait()
+    finally:
+        terminal.close()
+    assert status == 2, terminal.output  # pytest's "interrupted"
+    assert b"KeyboardInterrupt" in terminal.output
+    for port in ports:
+        assert json.loads((home / "ports" / f"{port}.json").read_text()) == {}
+    again = session_dir(tmp_path, "again", HOLD_BOTH.replace("time.sleep(120)", "pass"), ini)
+    ready.unlink()
+    done = _run(again, env)
+    assert done.returncode == 0, done.stdout
+    assert sorted(int(x) for x in ready.read_text().split()) == ports
