@@ -419,6 +419,11 @@ def test_a_layout_overlapping_the_port_range_is_warned_about(tmp_path: Path) -> 
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PortpoolWarning: portpool: the pools of layout " in done.stdout, done.stdout
     assert f"share 4 ports ({low + 10}, {low + 11}, {low + 20}, {low + 21})" in done.stdout
+    assert "1 passed, 1 warning in" in done.stdout, done.stdout
+    # Once, by the controller: each xdist worker added it again ("1 passed, 3 warnings").
+    done = _run(session, session_env(tmp_path / "state"), "-n", "2")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 passed, 1 warning in" in done.stdout, done.stdout
     # Apart: no warning.
     write_layout(session / "app.toml", high + 1, services={"web": {}}, max_instances=2)
     done = _run(session, session_env(tmp_path / "state"))

@@ -93,7 +93,7 @@ def pytest_configure(config: pytest.Config) -> None:
         layout = _load_layout(config)
         config.stash[_layout_key] = layout
         overlap = _layout_overlap(config, layout)
-        if overlap:
+        if overlap and workerinput is None:  # once, by the controller, not by every worker
             config.issue_config_time_warning(PortpoolWarning(overlap), stacklevel=2)
 
 
