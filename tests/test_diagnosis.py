@@ -881,3 +881,19 @@ def test_a_host_that_does_not_resolve_raises_whether_or_not_the_port_is_used() -
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["OSError", "OSError"], done.stdout
+
+
+@pytest.mark.parametrize("name", ["a" * 64 + ".test", "a..test"])
+def test_a_host_name_that_cannot_be_looked_up_is_an_os_error_not_a_unicode_error(
+    state: StateDir, name: str
+) -> None:
+    """Python refuses to encode such a name before any lookup (no query leaves the
+    host): its UnicodeError escaped ``diagnose`` and ``acquire`` raw, where a name that
+    does not resolve is an OSError and a refused port."""
+    port = find_free_block(1)
+    with pytest.raises(OSError, match=f"host name {name!r} cannot be looked up"):
+        diagnose(port, name)
+    with pytest.raises(PoolExhausted) as refused:
+        acquire(state, [port], host=name)
+    assert [r.reason for r in refused.value.refusals] == ["error"]
+    assert "cannot be looked up" in str(refused.value)

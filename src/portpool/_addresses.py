@@ -133,7 +133,12 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
         pass
     # Every address: with the first alone, a client of the name trying another one (::1
     # before 127.0.0.1, in the system's order) could reach a foreign program there.
-    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except UnicodeError as e:  # refused before any lookup ("a..b"): it escaped raw
+        raise socket.gaierror(
+            socket.EAI_NONAME, f"host name {host!r} cannot be looked up: {e}"
+        ) from None
     first, *others = dict.fromkeys(_address_target(str(info[4][0])) for info in infos)
     return (first, *(dataclasses.replace(t, serves=False) for t in others))
 
