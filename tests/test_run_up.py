@@ -991,3 +991,25 @@ def test_a_daemon_left_on_an_address_the_lease_covers_is_named_as_lingering(
         assert said.startswith(f"port {port_base} is still held by pid {daemon} ("), said
     finally:
         os.kill(daemon, signal.SIGKILL)
+
+
+def test_run_fds_of_a_port_service_does_not_say_its_bind_may_fail(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """`run --fds` of a service whose layout says `socket = "port"` printed "a server
+    that does not set SO_REUSEADDR cannot bind it yet" for a port whose bound socket it
+    passed at fd 3: nothing binds that port again. Without --fds the note is right."""
+    config = write_layout(tmp_path / "p.toml", port_base, services={"web": {"socket": "port"}})
+    connected = occupy("connected", "127.0.0.1", port_base, reuse=True)
+    try:
+        fds = portpool("run", "--config", str(config), "--fds", "--", sys.executable, "-c", "")
+        assert fds.returncode == 0, fds.stderr
+        assert f"web={port_base}" in fds.stderr  # it did get the port the connection uses
+        assert "SO_REUSEADDR" not in fds.stderr
+        by_number = portpool("run", "--config", str(config), "--", sys.executable, "-c", "")
+        assert by_number.returncode == 0, by_number.stderr
+        assert f"service 'web' port {port_base}: a server that does not set SO_REUSEADDR" in (
+            by_number.stderr
+        )
+    finally:
+        release(connected)

@@ -18,10 +18,14 @@ if TYPE_CHECKING:
     from portpool.pool import Lease
 
 
-def handed_over(layout: Layout, leases: Iterable[Lease]) -> list[Lease]:
+def handed_over(layout: Layout, leases: Iterable[Lease], *, up: bool = True) -> list[Lease]:
     """The leases whose service gets only the number and binds the port itself: their
-    socket was closed (``run`` without ``--fds``) or their service has ``socket =
-    "port"`` (``up`` closes it when it starts the service)."""
+    socket was closed (``run`` without ``--fds``) or, for ``up``, their service has
+    ``socket = "port"`` (``up`` closes it when it starts the service). For ``run``
+    (``up=False``) the layout's ``socket`` does not count: ``--fds`` passes every socket
+    (a `socket = "port"` service's too, which then binds nothing), else none."""
+    if not up:
+        return [lease for lease in leases if lease.socket is None]
     port_mode = {s.name for s in layout.services if s.socket == "port"}
     return [lease for lease in leases if lease.socket is None or lease.service in port_mode]
 

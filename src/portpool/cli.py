@@ -224,24 +224,26 @@ def gc(config: str | None, as_json: bool) -> None:
 # ---------------------------------------------------------------- run / up
 
 
-def _announce(instance: Instance, quiet: bool) -> None:
+def _announce(instance: Instance, quiet: bool, *, up: bool = True) -> None:
     """On stderr, so the command's stdout stays clean: one line per service that did not
-    get its pool's first port and why (always), then the instance and its ports."""
+    get its pool's first port and why (always), then the instance and its ports.
+    ``up``: False for ``run``, whose services bind their ports only without ``--fds``."""
     for lease in instance.leases.values():
         note = lease.skip_note()
         if note:
             click.echo(f"portpool: {note}", err=True)
-    _report_plain_bind(instance)
+    _report_plain_bind(instance, up=up)
     if not quiet:
         ports = " ".join(f"{name}={port}" for name, port in instance.ports.items())
         click.echo(f"portpool: instance {instance.number} of {instance.app}: {ports}", err=True)
 
 
-def _report_plain_bind(instance: Instance) -> None:
+def _report_plain_bind(instance: Instance, *, up: bool = True) -> None:
     """One line per port handed over by number that a plain bind cannot take yet."""
     from portpool._handover import handed_over, plain_bind_notes
 
-    for note in plain_bind_notes(handed_over(instance.layout, instance.leases.values())):
+    leases = handed_over(instance.layout, instance.leases.values(), up=up)
+    for note in plain_bind_notes(leases):
         click.echo(f"portpool: {note}", err=True)
 
 
@@ -317,7 +319,7 @@ def run(
         services=list(dict.fromkeys(services)),
         fds=fds,
         number=instance_number,
-        announce=lambda instance: _announce(instance, quiet),
+        announce=lambda instance: _announce(instance, quiet, up=False),
         whole_tree=True,  # this process starts nothing else: every child of it is run's
         pass_fds=inherited,
     )
