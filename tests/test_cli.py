@@ -474,3 +474,16 @@ def test_python_dash_m_portpool_is_the_command(tmp_path: Path, home: Path) -> No
     )
     assert bad.returncode == 2
     assert "Usage: portpool status" in bad.stderr
+
+
+def test_an_unknown_service_on_the_command_line_is_not_called_a_key_of_the_file(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """`portpool port nope` said "p.toml: services.nope: no such service", the form of
+    an error at a key of the layout file: the user looked for a [services.nope] table
+    that was never there. It names the service the command line asked for."""
+    config = write_layout(tmp_path / "p.toml", port_base)
+    for args in (["port", "nope"], ["run", "-s", "nope", "--", "true"], ["logs", "nope"]):
+        done = portpool(*args[:1], "--config", str(config), *args[1:])
+        said = f"{config}: no such service 'nope' in this layout; it has: alpha, beta"
+        assert (done.returncode, done.stderr) == (2, f"portpool: error: {said}\n"), args

@@ -240,11 +240,12 @@ class Layout:
             if s.name == name:
                 return s
         known = ", ".join(s.name for s in self.services)
-        raise UnknownService(
-            self.source,
-            f"services.{printable(str(name))}",
-            f"no such service; this layout has: {known}",
-        )
+        shown = printable(str(name))
+        problem = f"no such service; this layout has: {known}"
+        # Said as the name asked for: "services.NAME: ..." read as a key of the file.
+        where = self.source if self.source != "<default>" else f"app {self.app!r}"
+        message = f"{where}: no such service {shown!r} in this layout; it has: {known}"
+        raise UnknownService(self.source, f"services.{shown}", problem, [message])
 
     def _check_instance(self, instance: int) -> None:
         if not is_int(instance) or not 1 <= instance <= self.admissible_instances:
