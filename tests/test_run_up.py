@@ -1013,3 +1013,60 @@ def test_run_fds_of_a_port_service_does_not_say_its_bind_may_fail(
         )
     finally:
         release(connected)
+
+
+# A service that takes SIGTERM and SIGINT for nothing: only SIGKILL ends it.
+STUBBORN = (
+    "import os, signal, socket, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+    "sock = socket.socket(fileno=3)\n"
+    "print('pid', os.getpid(), flush=True)\n"
+    "while True:\n"
+    "    time.sleep(1)\n"
+)
+
+
+def _stubborn_up(tmp_path: Path, port_base: int, grace: str) -> tuple[subprocess.Popen[str], int]:
+    config = write_layout(tmp_path / "up.toml", port_base, services={
+        "slow": {"command": [sys.executable, "-c", STUBBORN], "ready": "log:^pid "},
+    })  # fmt: skip
+    proc = start("up", "--config", str(config), "--grace", grace)
+    for _ in range(20):
+        line = read_line(proc, timeout=30)
+        if "| pid " in line:
+            return proc, int(line.split()[-1])
+    raise AssertionError("the service never said its pid")
+
+
+def test_up_says_it_is_stopping_when_asked_and_when_it_kills_after_the_grace(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """Ctrl-C to an `up` whose service takes its time: up said nothing at all until
+    every service had gone ("stopping on SIGINT" came last, after the whole grace
+    period), and a service it had to SIGKILL once the grace was over went unmentioned."""
+    proc, pid = _stubborn_up(tmp_path, port_base, "60")
+    try:
+        proc.send_signal(signal.SIGINT)
+        while "stopping on SIGINT" not in (line := read_line(proc, timeout=30)):
+            pass
+        assert line == "portpool: stopping on SIGINT\n"
+        assert psutil.pid_exists(pid)  # said at once: the service still runs its grace
+        os.kill(pid, signal.SIGKILL)  # the test's own shortcut through the 60 s
+        out, _ = proc.communicate(timeout=30)
+        assert "stopping on" not in out  # said once
+        assert proc.returncode == -signal.SIGINT
+    finally:
+        kill_if_running(proc)
+    proc, pid = _stubborn_up(tmp_path, port_base, "0.2")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        lines = out.splitlines()
+        killed = "portpool: still running 0.2 s after SIGTERM (--grace): SIGKILL to"
+        assert lines[lines.index("portpool: stopping on SIGTERM") + 1 :] == [
+            f"{killed} service 'slow' (pid {pid})",
+            "portpool: instance 1 stopped; its ports are free",
+        ]
+    finally:
+        kill_if_running(proc)

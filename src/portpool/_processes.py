@@ -402,6 +402,8 @@ class Supervisor:
                 break
             if not kill and time.monotonic() >= deadline:
                 kill = True
+                started = [c.pid for c in self.children.values() if c.poll() is None]
+                self.grace_over(signum, started + [p.pid for p in alive])
                 self.send(_SIGKILL)
                 deadline = time.monotonic() + 10.0
             elif kill and time.monotonic() >= deadline:
@@ -414,6 +416,11 @@ class Supervisor:
         for thread in self._threads:
             thread.join(timeout=2)
         self._all_gone = gone
+
+    def grace_over(self, signum: int, pids: list[int]) -> None:
+        """Called by ``stop`` when ``pids`` (ints) still run ``grace_s`` after ``signum``,
+        just before their SIGKILL: here nothing (``run`` prints nothing of its own
+        then); ``up`` says so. Raises nothing."""
 
     def lingering(self, timeout_s: float) -> list[str]:
         """Ports of the instance still listened on by a process other than us, waited

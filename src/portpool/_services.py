@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Mapping
@@ -187,6 +188,24 @@ class ServiceSupervisor(Supervisor):
 
     def _say(self, line: str) -> None:
         write_line(self.out, self._print_lock, line, self.reader_gone)
+
+    def say(self, line: str) -> None:
+        """Write ``line`` (one line of text, no newline) to ``out`` among the services'
+        lines, as up's own "portpool: ..." lines are. Raises nothing."""
+        self._say(line)
+
+    def grace_over(self, signum: int, pids: list[int]) -> None:
+        """Say which services (and other processes of their trees) are SIGKILLed for
+        still running ``grace_s`` after ``signum``: a Ctrl-C went unanswered for the
+        whole grace period, and the kill then went unmentioned. Raises nothing."""
+        services = {k.pid: name for name, k in self.keepers.items() if k.pid is not None}
+        named = [f"service {services[p]!r} (pid {p})" for p in pids if p in services]
+        named += [f"pid {p}" for p in pids if p not in services]
+        name = signal.Signals(signum).name if signum in signal.valid_signals() else signum
+        self._say(
+            f"portpool: still running {self.grace_s:g} s after {name} (--grace): "
+            f"SIGKILL to {', '.join(named) or 'what is left'}"
+        )
 
     def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
         again = {

@@ -129,6 +129,8 @@ def run_up(
                 else:
                     stop_signal.append(_stop_with(signum))
                     name = signal.Signals(signum).name
+                    # Said now, not once all is stopped: a service may take its grace.
+                    supervisor.say(f"portpool: stopping on {name}")
                     if signum == signal.SIGTERM:
                         supervisor.finish(Outcome(0, f"stopping on {name}"))
                     else:

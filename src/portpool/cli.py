@@ -381,7 +381,8 @@ def up(
         click.echo(f"portpool: {e}", err=True)
         outcome = Outcome(e.exit_code, lingering=e.lingering)
     stopped = f"portpool: instance {numbers[0]} stopped; its ports are free" if numbers else None
-    finish(outcome, stopped, outcome.message)
+    # A stop's "stopping on SIGINT" was said when the signal came (outcome.message).
+    finish(outcome, stopped)
 
 
 # From another terminal: port, env, stop, logs.
