@@ -518,6 +518,9 @@ def test_the_readmes_pytest_examples_pass_as_tests_under_xdist(tmp_path: Path) -
     where.mkdir()
     (where / "pytest.ini").write_text(f"[pytest]\nportpool_port_range = {low}-{high}\n")
     (where / "portpool.toml").write_text(layout)
+    # The worker that an example starts itself, saved as the README saves it.
+    worker = _readme_section("The command line").split("# file: worker.py\n", 1)[1]
+    (where / "worker.py").write_text(worker.split("```", 1)[0])
     for number, block in enumerate(blocks):
         (where / f"test_readme_{number}.py").write_text(block)
     tests = sum(block.count("\ndef test_") + block.startswith("def test_") for block in blocks)
