@@ -1070,3 +1070,28 @@ def test_up_says_it_is_stopping_when_asked_and_when_it_kills_after_the_grace(
         ]
     finally:
         kill_if_running(proc)
+
+
+def test_a_script_without_a_hash_bang_line_is_named_as_such(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """An executable Python file without a '#!' line: run and up said only "Exec format
+    error", which names no cause; a shell would have run it as a shell script."""
+    script = tmp_path / "web.py"
+    script.write_text("import time\ntime.sleep(30)\n")
+    script.chmod(0o755)
+    hint = (
+        f"cannot start the command: '{script}': Exec format error: neither a program nor a "
+        "script that names its interpreter in a first '#!' line (such as "
+        "'#!/usr/bin/env python3'); or start it through its interpreter"
+    )
+    config = write_layout(tmp_path / "p.toml", port_base, services={"web": {}})
+    ran = portpool("run", "--config", str(config), "--", str(script))
+    assert ran.returncode == 126
+    assert f"portpool: error: {hint}\n" in ran.stderr
+    config = write_layout(tmp_path / "up.toml", port_base, services={
+        "web": {"command": [str(script)], "ready": "none"},
+    })  # fmt: skip
+    up = portpool("up", "--config", str(config))
+    assert up.returncode == 5
+    assert f"portpool: service 'web' could not start: {hint}\n" in up.stderr

@@ -347,7 +347,13 @@ def _not_started(command: Sequence[str], e: OSError) -> PortPoolError:
     if limit is not None:
         return limit
     missing = e.errno == errno.ENOENT
-    return CommandNotFound(command[0], f"{command[0]!r}: {e.strerror or e}", found=not missing)
+    problem = f"{command[0]!r}: {e.strerror or e}"
+    if e.errno == errno.ENOEXEC:  # "Exec format error" alone named no cause
+        problem += (
+            ": neither a program nor a script that names its interpreter in a first '#!' "
+            "line (such as '#!/usr/bin/env python3'); or start it through its interpreter"
+        )
+    return CommandNotFound(command[0], problem, found=not missing)
 
 
 def pump_lines(
