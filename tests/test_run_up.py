@@ -1095,3 +1095,21 @@ def test_a_script_without_a_hash_bang_line_is_named_as_such(
     up = portpool("up", "--config", str(config))
     assert up.returncode == 5
     assert f"portpool: service 'web' could not start: {hint}\n" in up.stderr
+
+
+def test_a_service_runs_in_the_working_directory_of_up_not_the_layouts(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """As the README says: with `--config ../portpool.toml` a relative path in a command
+    is looked for in the working directory `up` was started in."""
+    project = tmp_path / "project"
+    sub = project / "sub"
+    sub.mkdir(parents=True)
+    where = "import os; print('cwd', os.getcwd(), flush=True)"
+    config = write_layout(project / "portpool.toml", port_base, services={
+        "web": {"command": [sys.executable, "-c", where], "ready": "none"},
+    })  # fmt: skip
+    done = portpool("up", "--config", "../portpool.toml", cwd=sub)
+    assert done.returncode == 5  # the service exits on its own once it has printed
+    assert f"web | cwd {sub}\n" in done.stdout, done.stdout + done.stderr
+    assert config.exists()
