@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -588,6 +589,37 @@ def test_up_detach_logs_and_stop(tmp_path: Path, port_base: int, home: Path) -> 
         if pid_alive(up_pid):
             portpool("stop", "--all", cwd=tmp_path)
     assert layout.exists()
+
+
+def test_up_detach_with_a_config_prints_commands_that_reach_its_instance(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """`up -d --config project/p.toml` printed "stop: portpool stop 1", which, run where
+    it was printed, read the built-in layout: "instance 1 of qwen-valencia is not
+    running". The printed commands name the layout as the command line did."""
+    project = tmp_path / "my project"
+    project.mkdir()
+    config = _service_layout(project, port_base, [sys.executable, "-c", SERVE])
+    given = os.path.relpath(config, tmp_path)
+    done = portpool("up", "--detach", "--config", given, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    try:
+        lines = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": port" in line)
+
+        def as_printed(line: str) -> subprocess.CompletedProcess[str]:
+            command = line.partition("   (")[0].replace("portpool", shlex.join(PORTPOOL), 1)
+            return subprocess.run(
+                ["bash", "-c", command],
+                cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        logs = as_printed(lines["logs"])
+        assert logs.returncode == 0, logs.stderr
+        stop = as_printed(lines["stop"])
+        assert stop.returncode == 0, stop.stderr
+        assert lines["stop"] == "portpool stop 1 --config 'my project/portpool.toml'"
+    finally:
+        portpool("stop", "--all", "--config", str(config))
 
 
 def test_a_signal_while_up_detach_waits_stops_the_background_up(

@@ -31,10 +31,19 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS", "up_detached"]
 
 
-def up_detached(layout: Layout, grace: float, instance_number: int | None, quiet: bool) -> None:
+def up_detached(
+    layout: Layout,
+    grace: float,
+    instance_number: int | None,
+    quiet: bool,
+    config: str | None = None,
+) -> None:
     """Start ``layout``'s instance in the background (``up --detach``) and print where
-    it is: its number, ports, log and how to stop it. ``instance_number`` is checked by
-    start_detached (UsageError)."""
+    it is: its number, ports, log and how to stop it (with ``--config`` as ``config``
+    was given: without it, run where printed, they read another layout).
+    ``instance_number`` is checked by start_detached (UsageError)."""
+    import shlex
+
     from portpool._detach import start_detached
     from portpool._relay import SignalScope
     from portpool.statedir import StateDir
@@ -51,8 +60,9 @@ def up_detached(layout: Layout, grace: float, instance_number: int | None, quiet
     click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
     for name, port in started.ports.items():
         click.echo(f"  {name:<16} {port:>5}")
-    click.echo(f"logs: portpool logs --instance {started.number}   ({started.log})")
-    click.echo(f"stop: portpool stop {started.number}")
+    where = f" --config {shlex.quote(config)}" if config is not None else ""
+    click.echo(f"logs: portpool logs --instance {started.number}{where}   ({started.log})")
+    click.echo(f"stop: portpool stop {started.number}{where}")
 
 
 @click.command(cls=JsonAwareCommand)

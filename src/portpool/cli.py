@@ -352,7 +352,7 @@ def up(
     layout = layout_for(config)
     layout.check_number(instance_number)
     if detach:
-        up_detached(layout, grace, instance_number, quiet)
+        up_detached(layout, grace, instance_number, quiet, config)
         return
     numbers: list[int] = []
 
