@@ -16,7 +16,6 @@ from tests.helpers import run_python
 
 from portpool import _platform as plat
 from portpool._platform import DirHandle, ProcessIdentity
-from portpool.pool import Lease
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX primitives")
 
@@ -294,36 +293,3 @@ def test_sock_diag_dump_of_one_port_has_its_sockets_in_every_state_and_no_other(
     finally:
         for sock in (live, client, server, other):
             sock.close()
-
-
-def _in_new_pid_namespace(code: str) -> subprocess.CompletedProcess[str] | None:
-    """Run ``python -c code`` in a new pid namespace with its own /proc (as a container
-    sharing the state dir sees the host), or None where unshare is not allowed here."""
-    for user in ([], ["--user", "--map-root-user"]):
-        argv = ["unshare", *user, "--pid", "--fork", "--mount-proc", sys.executable, "-c"]
-        try:
-            done = subprocess.run(
-                [*argv, code], capture_output=True, text=True, timeout=60, check=False
-            )
-        except FileNotFoundError:
-            return None
-        if "unshare:" not in done.stderr:
-            return done
-    return None
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux pid namespaces")
-def test_a_lock_held_outside_our_pid_namespace_is_never_free(lease: Lease, home: Path):
-    """The kernel lists in /proc/locks only the locks of processes the reader's pid
-    namespace can see: in a container sharing the state dir, a port the host holds read
-    "free" and its instance "alive: no" (unknown must never read free)."""
-    code = (
-        "from portpool.statedir import StateDir\n"
-        "from portpool._portstatus import inspect_port\n"
-        f"print(inspect_port(StateDir.open(create=False), {lease.port}).state)\n"
-    )
-    done = _in_new_pid_namespace(code)
-    if done is None:
-        pytest.skip("unshare --pid is not available or not permitted here")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "held"

@@ -14,14 +14,9 @@ class LockTable(dict[tuple[int, int], int]):
     alive (tmpfs inode numbers are small and reused).
     """
 
-    def __init__(
-        self, entries: Iterable[tuple[tuple[int, int], int]] = (), *, partial: bool = False
-    ) -> None:
+    def __init__(self, entries: Iterable[tuple[tuple[int, int], int]] = ()) -> None:
         super().__init__(entries)
         self.inodes = {ino for _, ino in self}
-        # The kernel lists only the locks of processes the reader's pid namespace sees:
-        # in a container sharing the state dir, a lock the host holds is missing.
-        self.partial = partial
 
     def holds(self, device: int, inode: int) -> bool | None:
         """True if a lock is listed on (``device``, ``inode``); False if none is listed on
@@ -30,8 +25,7 @@ class LockTable(dict[tuple[int, int], int]):
         None is "cannot tell from the table": btrfs subvolumes and overlay mounts list a
         lock under the filesystem's device while ``stat`` gives another one, and another
         user's file may share the inode number. The caller then asks the file itself.
-        Never False from a ``partial`` table: an unlisted lock may be held unseen.
         """
         if (device, inode) in self:
             return True
-        return None if self.partial or inode in self.inodes else False
+        return None if inode in self.inodes else False

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import functools
 import os
 import resource  # here, not where used: that is when no descriptor is left to load it
 import sys
@@ -250,29 +249,13 @@ def locked_inodes() -> LockTable | None:
 
     The pid is the process that took the lock (a forked child sharing it is not shown).
     Read-only: unlike probing with a lock of our own, it never makes a racer fail.
-    In a child pid namespace the table is ``partial``: an unlisted lock is asked of the file.
     """
     if sys.platform != "linux":
         return None
     try:
-        return LockTable(_proc_locks(), partial=_in_child_pid_namespace())
+        return LockTable(_proc_locks())
     except OSError:
         return None
-
-
-# The initial pid namespace's inode (PROC_PID_INIT_INO, fixed since Linux 3.8).
-_INIT_PID_NAMESPACE = "pid:[4026531836]"
-
-
-@functools.cache
-def _in_child_pid_namespace() -> bool:
-    """Whether we run in a pid namespace other than the initial one (a container):
-    /proc/locks then leaves out the locks of processes outside it, and a lock the host
-    holds on a shared state dir read as free. True when it cannot be told."""
-    try:
-        return os.readlink("/proc/self/ns/pid") != _INIT_PID_NAMESPACE
-    except OSError:
-        return True
 
 
 def exclusive_bind_options(sock: socket.socket) -> None:
