@@ -935,3 +935,45 @@ def test_a_service_with_no_check_was_ready_even_if_it_exited_before_the_first() 
     # first look was "exited before it was ready" (and "on its own" a moment later).
     assert ReadinessProbe("none", "127.0.0.1", 1).proved_before_exit() is True
     assert ReadinessProbe("tcp", "127.0.0.1", 1).proved_before_exit() is False
+
+
+# Writes its prompt without ending the line (flushed), then waits, as a REPL-like
+# server or a progress line does.
+PARTIAL_LINE = """\
+import sys, time
+sys.stdout.write("warming up\\n"); sys.stdout.write("ready to serve"); sys.stdout.flush()
+time.sleep(60)
+"""
+
+
+def test_log_matches_a_flushed_line_that_was_not_ended_yet(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # A terminal shows "ready to serve" at once; up read output by whole lines only, so
+    # it waited for a newline that never came and said the service "printed no line at
+    # all", and printed nothing of it either until the service exited.
+    command = script_command(tmp_path, "partial.py", PARTIAL_LINE)
+    config = write_config(
+        tmp_path, port_base, {"prompt": {"command": command, "ready": "log:^ready to serve$"}}
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path))
+    reader = LineReader(proc)
+    try:
+        lines = output_until_up(reader, timeout=30)
+        assert any("prompt ready on port" in line for line in lines), lines
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err
+    # The unfinished line is printed once, when the service's output ends.
+    assert (_out + err).count("| ready to serve") == 1, (_out, err)
+
+
+def test_a_line_given_in_pieces_counts_once_and_matches_as_it_stands() -> None:
+    probe = ReadinessProbe("log:^ready$", "127.0.0.1", 1)
+    probe.feed_partial("rea")
+    assert probe.check() is False
+    assert "no line at all" not in probe.last_problem  # it printed the start of one
+    probe.feed_partial("ready")
+    assert probe.check() is True
+    probe.feed_line("ready and more")
+    assert probe._lines == 1

@@ -365,14 +365,33 @@ def pump_lines(
     *,
     on_line: Callable[[str], None] | None = None,
     on_broken: Callable[[], None] | None = None,
+    on_partial: Callable[[str], None] | None = None,
 ) -> None:
     """Copy ``stream`` to ``out`` line by line, each prefixed with ``name |``; each line
     is also given to ``on_line`` (a readiness probe waiting for a line, "log:").
-    ``on_broken`` is called when ``out``'s reader went away (``up | head``); the
-    stream is still drained, so the service never blocks on a full pipe."""
+    ``on_partial`` gets the start of a line the service wrote without ending it yet, each
+    time more of it arrives (a prompt, a progress line: a terminal shows it at once;
+    read by whole lines, a "log:" probe waited forever for its newline); it is printed
+    once it ends, or at the end of the output. ``on_broken`` is called when ``out``'s
+    reader went away (``up | head``); the stream is still drained, so the service never
+    blocks on a full pipe."""
     prefix = f"{name:<{width}} | "
-    for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace").rstrip("\n")
+    read = getattr(stream, "read1", stream.read)  # what is there now, not a full buffer
+    pending = b""
+    while True:
+        chunk = read(65536)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if on_line is not None:
+                on_line(line)
+            write_line(out, lock, prefix + line, on_broken)
+        if pending and on_partial is not None:
+            on_partial(pending.decode(errors="replace"))
+    if pending:
+        line = pending.decode(errors="replace")
         if on_line is not None:
             on_line(line)
         write_line(out, lock, prefix + line, on_broken)

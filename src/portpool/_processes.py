@@ -150,10 +150,12 @@ class Supervisor:
         width: int = 0,
         on_line: Callable[[str], None] | None = None,
         inherit_fds: Sequence[int] = (),
+        on_partial: Callable[[str], None] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``command`` as ``name`` with ``sockets`` at fds 3.., the parent-death
         signal set and (``own_group``) in its own process group. With ``capture`` its
-        output is printed with a ``name |`` prefix (each line also given to ``on_line``);
+        output is printed with a ``name |`` prefix (each line also given to ``on_line``,
+        and the start of a line not ended yet to ``on_partial``);
         else it inherits our stdio. ``inherit_fds`` keep their numbers (see ``spawn``).
         Raises StartError, ResourceLimit (out of file
         descriptors), or PortPoolError once stopping."""
@@ -193,7 +195,11 @@ class Supervisor:
             pump = threading.Thread(
                 target=pump_lines,
                 args=(name, width, os.fdopen(read_fd, "rb"), self.out, self._print_lock),
-                kwargs={"on_line": on_line, "on_broken": self.reader_gone},
+                kwargs={
+                    "on_line": on_line,
+                    "on_broken": self.reader_gone,
+                    "on_partial": on_partial,
+                },
                 name=f"portpool-out-{name}",
                 daemon=True,
             )

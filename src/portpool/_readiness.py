@@ -105,6 +105,7 @@ class ReadinessProbe:
         self.pattern = re.compile(arg) if kind == "log" else None
         self._matched = threading.Event()
         self._lines = 0  # output lines seen (log:), to say when there were none
+        self._partial = False  # the last thing seen is the start of an unended line
         # (family, server side, our side) of the probe connection, once made.
         self._probe: tuple[int, tuple[str, int], tuple[str, int]] | None = None
         # Our end of that connection, half-closed, while the service has not yet used
@@ -122,7 +123,8 @@ class ReadinessProbe:
         (CRLF output once never matched a pattern ending in ``$``)."""
         if self.pattern is None:
             return
-        self._lines += 1
+        self._lines += 0 if self._partial else 1  # the line whose start was counted
+        self._partial = False
         plain = _TERMINAL_CODES.sub("", line).rstrip("\r")
         # A carriage return inside the line (a spinner's "starting...\rready") sends
         # the cursor back: the screen shows each part over the last, so "^ready" is
@@ -131,6 +133,16 @@ class ReadinessProbe:
         search = self.pattern.search
         if search(plain) or search(line) or any(search(part) for part in parts):
             self._matched.set()
+
+    def feed_partial(self, text: str) -> None:
+        """The start of a line the service wrote (and flushed) without ending it yet, all
+        of it so far: matched as ``feed_line`` matches a line, since a terminal shows it
+        at once (a prompt, "ready" followed by a progress line). Waiting for its newline
+        left such a service never ready, said to have "printed no line at all"."""
+        if self.pattern is None:
+            return
+        self.feed_line(text)  # counts the line once, however many pieces it comes in
+        self._partial = True
 
     def close(self) -> None:
         """Forget the probe connection (the next ``check`` makes a new one)."""

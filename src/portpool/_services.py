@@ -124,7 +124,13 @@ class ServiceSupervisor(Supervisor):
         env = base_environment({**self.instance.env(svc.name), **self._common})
         sockets = [(lease.fileno(), svc.name)] if svc.socket == "fd" else []
         return self.start_process(
-            svc.name, svc.command, env, sockets=sockets, width=self._width, on_line=probe.feed_line
+            svc.name,
+            svc.command,
+            env,
+            sockets=sockets,
+            width=self._width,
+            on_line=probe.feed_line,
+            on_partial=probe.feed_partial,
         )
 
     def before_restart(self, name: str) -> None:
