@@ -977,3 +977,24 @@ def test_a_line_given_in_pieces_counts_once_and_matches_as_it_stands() -> None:
     assert probe.check() is True
     probe.feed_line("ready and more")
     assert probe._lines == 1
+
+
+@pytest.mark.parametrize("listening", FAMILIES, indirect=True)
+def test_an_answer_that_is_not_http_is_named_on_one_line(listening: socket.socket) -> None:
+    # The raw status line went into the message: "...: hello\r\n (the http: probe ...)"
+    # split up's one-line failure in two, and a service's escape codes reached the terminal.
+    def answer() -> None:
+        conn, _ = listening.accept()
+        with conn:
+            conn.recv(4096)
+            conn.sendall(b"hello \x1b[31mthere\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    host, port = listening.getsockname()[:2]
+    probe = ReadinessProbe("http:/health", host, port)
+    assert probe.check() is False
+    thread.join(10)
+    assert "\n" not in probe.last_problem and "\r" not in probe.last_problem
+    assert "\x1b" not in probe.last_problem
+    assert "hello \\x1b[31mthere" in probe.last_problem, probe.last_problem

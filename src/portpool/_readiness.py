@@ -30,6 +30,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from portpool._platform import accept_queue_length, connection_accepted
+from portpool._text import cut, printable
 
 __all__ = ["ReadinessProbe", "probe_host", "probe_hosts"]
 
@@ -342,7 +343,9 @@ class ReadinessProbe:
             with contextlib.suppress(OSError, http.client.HTTPException):
                 response.read()
         except (OSError, http.client.HTTPException) as e:
-            self.last_problem = f"GET {self.path} on port {self.port}: {e or type(e).__name__}"
+            # The service's bytes (a status line that is not HTTP) on one printable line.
+            said = cut(printable(str(e).strip())) or type(e).__name__
+            self.last_problem = f"GET {self.path} on port {self.port}: {said}"
             if isinstance(e, ConnectionResetError | http.client.BadStatusLine):
                 # What a TLS-only server does with a plain request: the bare "connection
                 # reset" left users guessing for the whole ready_timeout_s.
