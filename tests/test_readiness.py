@@ -998,3 +998,47 @@ def test_an_answer_that_is_not_http_is_named_on_one_line(listening: socket.socke
     assert "\n" not in probe.last_problem and "\r" not in probe.last_problem
     assert "\x1b" not in probe.last_problem
     assert "hello \\x1b[31mthere" in probe.last_problem, probe.last_problem
+
+
+def test_output_pieces_reach_the_probe_as_a_terminal_shows_them() -> None:
+    # Through a real pipe, piece by piece, as a service flushes them: a line not ended
+    # yet is given as its part after the last carriage return (a progress bar redrawing
+    # one line for minutes was matched whole on every piece), and not at all once that
+    # part is long; whole lines as before, the last one at the end of the output.
+    import io
+    import os
+    import queue
+
+    from portpool._launch import _PARTIAL_MAX, pump_lines
+
+    read_fd, write_fd = os.pipe()
+    partials: queue.Queue[str] = queue.Queue()
+    lines: list[str] = []
+    out = io.StringIO()
+    pump = threading.Thread(
+        target=pump_lines,
+        args=("svc", 3, os.fdopen(read_fd, "rb"), out, threading.Lock()),
+        kwargs={"on_line": lines.append, "on_partial": partials.put},
+        daemon=True,
+    )
+    pump.start()
+
+    def piece(data: bytes) -> str:
+        os.write(write_fd, data)
+        return partials.get(timeout=10)
+
+    assert piece(b"fetching 1%") == "fetching 1%"
+    assert piece(b"\rfetching 2%") == "fetching 2%"
+    assert piece(b"\rready") == "ready"
+    os.write(write_fd, b" " * (_PARTIAL_MAX + 1))  # too long a part: not given
+    assert piece(b"\rstill going") == "still going"
+    os.write(write_fd, b"\r\ndone\nlast")
+    os.close(write_fd)
+    pump.join(10)
+    assert list(partials.queue) in ([], ["last"])  # "last" when read before the end
+    assert lines == [
+        "fetching 1%\rfetching 2%\rready" + " " * (_PARTIAL_MAX + 1) + "\rstill going\r",
+        "done",
+        "last",
+    ]
+    assert out.getvalue().split("\n")[1:] == ["svc | done", "svc | last", ""]

@@ -356,6 +356,9 @@ def _not_started(command: Sequence[str], e: OSError) -> PortPoolError:
     return CommandNotFound(command[0], problem, found=not missing)
 
 
+_PARTIAL_MAX = 4096  # bytes of an unended line given to ``on_partial``
+
+
 def pump_lines(
     name: str,
     width: int,
@@ -376,25 +379,36 @@ def pump_lines(
     reader went away (``up | head``); the stream is still drained, so the service never
     blocks on a full pipe."""
     prefix = f"{name:<{width}} | "
-    read = getattr(stream, "read1", stream.read)  # what is there now, not a full buffer
-    pending = b""
-    while True:
-        chunk = read(65536)
-        if not chunk:
-            break
-        *lines, pending = (pending + chunk).split(b"\n")
-        for raw in lines:
-            line = raw.decode(errors="replace")
-            if on_line is not None:
-                on_line(line)
-            write_line(out, lock, prefix + line, on_broken)
-        if pending and on_partial is not None:
-            on_partial(pending.decode(errors="replace"))
-    if pending:
-        line = pending.decode(errors="replace")
+
+    def emit(raw: bytes) -> None:
+        line = raw.decode(errors="replace")
         if on_line is not None:
             on_line(line)
         write_line(out, lock, prefix + line, on_broken)
+
+    read = getattr(stream, "read1", stream.read)  # what is there now, not a full buffer
+    pending = bytearray()  # the line not ended yet
+    shown_from = 0  # where its part after the last carriage return begins
+    while chunk := read(65536):
+        begin = 0
+        while (end := chunk.find(b"\n", begin)) >= 0:
+            pending += chunk[begin:end]
+            emit(bytes(pending))
+            pending.clear()
+            shown_from, begin = 0, end + 1
+        rest = chunk[begin:]
+        cr = rest.rfind(b"\r")
+        if cr >= 0:
+            shown_from = len(pending) + cr + 1
+        pending += rest
+        # What a terminal shows of it: the part after its last carriage return (a
+        # progress bar redraws one line for minutes: all of it, matched again on every
+        # piece, cost time quadratic in its length). A longer part waits for its end.
+        shown = len(pending) - shown_from
+        if on_partial is not None and 0 < shown <= _PARTIAL_MAX:
+            on_partial(pending[shown_from:].decode(errors="replace"))
+    if pending:
+        emit(bytes(pending))
     stream.close()
 
 
