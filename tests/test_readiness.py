@@ -444,6 +444,8 @@ def test_never_ready_stops_the_instance_within_the_timeout_and_grace(
     elapsed = time.monotonic() - begun
     assert proc.returncode == 5, (out, err)
     assert "service 'stuck' was not ready in time" in err
+    # Which probe and which timeout, the keys to change (it said only what was missing).
+    assert "(ready = 'log:will never be printed', ready_timeout_s = 2: no output line" in err
     assert "is up" not in out
     assert not (tmp_path / "record.jsonl").exists()  # "later" was never started
     # 2 s to get ready + 1 s of grace, plus room for two interpreters on a busy machine.

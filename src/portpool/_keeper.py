@@ -298,7 +298,10 @@ class ServiceKeeper:
                 return "timeout"
             if time.monotonic() >= deadline:
                 self._set("exited")
-                self._on_failure(Failure(self.name, "not-ready", None, probe.last_problem))
+                # The keys to change, not only what was missing at the end.
+                svc = self.service
+                detail = f"ready = {svc.ready!r}, ready_timeout_s = {svc.ready_timeout_s:g}: "
+                self._on_failure(Failure(self.name, "not-ready", None, detail + probe.last_problem))
                 return "timeout"
             # Soon at first (a small service is ready within tens of milliseconds, and
             # each service that depends on it waits for this), then every 50 ms: at
