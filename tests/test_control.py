@@ -1173,3 +1173,61 @@ def test_up_detach_returns_after_the_record_says_every_service_is_ready(
             assert states == dict.fromkeys(names, "ready")
         finally:
             assert portpool("stop", cwd=tmp_path).returncode == 0
+
+
+SHOW_ENV = (
+    "import json, os, socket\n"
+    "s = socket.socket(fileno=3)\n"
+    "names = ('PYTHONUNBUFFERED', 'PYTHONIOENCODING', 'CALLER_VAR')\n"
+    "print('env', json.dumps({n: os.environ.get(n) for n in names}), flush=True)\n"
+    "while True:\n"
+    "    s.accept()[0].close()\n"
+)
+
+
+@pytest.mark.parametrize("unbuffered", [None, "", "0"])
+def test_up_detach_gives_its_services_the_callers_environment_unchanged(
+    tmp_path: Path, port_base: int, home: Path, unbuffered: str | None
+) -> None:
+    # The background up was started with PYTHONUNBUFFERED=1 in its environment (for its
+    # own output), which every service then got: a service ran otherwise detached
+    # than in the foreground, and a caller's own value was overwritten.
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", SHOW_ENV])
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["CALLER_VAR"] = "a b=c"
+    if unbuffered is not None:
+        env["PYTHONUNBUFFERED"] = unbuffered
+    done = portpool("up", "--detach", cwd=tmp_path, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    try:
+        log = wait_for(
+            lambda: (out := portpool("logs", "web", cwd=tmp_path).stdout).count("env ") and out
+        )
+        seen = json.loads(log.split("| env ", 1)[1].splitlines()[0])
+        expected = {
+            "PYTHONUNBUFFERED": unbuffered,
+            "PYTHONIOENCODING": os.environ.get("PYTHONIOENCODING"),
+            "CALLER_VAR": "a b=c",
+        }
+        assert seen == expected
+    finally:
+        assert portpool("stop", cwd=tmp_path).returncode == 0
+
+
+def test_up_detach_searches_each_piece_of_the_log_once() -> None:
+    # Each piece of the background up's log was searched again with all before it:
+    # services that printed 30 MB before they were ready kept up --detach waiting a
+    # minute after "is up". Now the search starts at the last line not ended yet.
+    from portpool._detach import _UpLineFinder
+
+    finder = _UpLineFinder()
+    assert finder.feed(b"svc | " + b"y" * 100 + b"\n" * 1000) is None
+    assert finder.scan_from == len(finder.seen)  # nothing of it is searched again
+    assert finder.feed(b"svc | a line not ended") is None
+    assert finder.scan_from == 106 + 1000  # its start
+    assert finder.feed(b" yet\nportpool: instance 3 of app is") is None
+    found = finder.feed(b" up\n  svc  9000\n")
+    assert found is not None and found.group(1) == b"3"
+    # A service's line that reads like up's is never taken for it.
+    other = _UpLineFinder()
+    assert other.feed(b"svc | portpool: instance 4 of app is up\n") is None

@@ -68,7 +68,26 @@ def _read_all(directory: DirHandle, name: str) -> bytes:
         os.close(fd)
 
 
-def _tail(seen: bytes) -> str:
+class _UpLineFinder:
+    """The log of a background ``up`` as it grows, and where in it ``up`` said "is up".
+    Each piece is searched from the start of the line it continues, never the whole
+    log again: services that printed 30 MB before they were ready kept `up --detach`
+    searching for a minute after they were (quadratic in the log's size)."""
+
+    def __init__(self) -> None:
+        self.seen = bytearray()
+        self.scan_from = 0  # the start of the last line not ended yet
+
+    def feed(self, chunk: bytes) -> re.Match[bytes] | None:
+        """Add ``chunk``; the "is up" line's match once it is there, else None."""
+        self.seen += chunk
+        # "^" matches right after a newline at a search's start position too.
+        found = _UP_LINE.search(self.seen, self.scan_from)
+        self.scan_from = self.seen.rfind(b"\n", self.scan_from) + 1 or self.scan_from
+        return found
+
+
+def _tail(seen: bytes | bytearray) -> str:
     return b"\n".join(seen.splitlines()[-_TAIL_LINES:]).decode(errors="replace")
 
 
@@ -137,14 +156,14 @@ def start_detached(
     starting = f".starting-{os.getpid()}.log"
     fd = logs.open_file(starting, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
     try:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # Its own output unbuffered by -u, not PYTHONUNBUFFERED=1 in its environment:
+        # every service inherited that, and ran otherwise than in the foreground.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "portpool.cli", "up", *up_args],
+            [sys.executable, "-u", "-m", "portpool.cli", "up", *up_args],
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
             cwd=cwd,
-            env=env,
             **detached_options(),
         )
     except BaseException:
@@ -157,12 +176,12 @@ def start_detached(
     # Its identity now, while it surely runs: the record must name this very process.
     identity = identity_of(proc.pid)
     reader = logs.open_file(starting, os.O_RDONLY)
-    seen = b""
+    finder = _UpLineFinder()
+    seen = finder.seen
     try:
         while True:
             chunk = os.read(reader, 1 << 16)
-            seen += chunk
-            found = _UP_LINE.search(seen)
+            found = finder.feed(chunk)
             if found:
                 number = int(found.group(1))
                 break
@@ -170,7 +189,7 @@ def start_detached(
                 if proc.poll() is not None:
                     rest = os.read(reader, 1 << 20)
                     if rest:
-                        seen += rest
+                        finder.feed(rest)
                         continue
                     raise DetachFailed(
                         proc.returncode,
@@ -200,11 +219,10 @@ def start_detached(
         # It said "is up" and stopped at once: its ports are not held, do not list them.
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=_STOP_WAIT_S)
-        seen = _read_all(logs, starting)
         raise DetachFailed(
             proc.returncode,
             os.path.join(logs.path, starting),
-            _tail(seen),
+            _tail(_read_all(logs, starting)),
             _outcome(proc.returncode),
             when="right after it was up",
         )
