@@ -1011,7 +1011,7 @@ def test_output_pieces_reach_the_probe_as_a_terminal_shows_them() -> None:
     import os
     import queue
 
-    from portpool._launch import _PARTIAL_MAX, pump_lines
+    from portpool._output import _PARTIAL_MAX, pump_lines
 
     read_fd, write_fd = os.pipe()
     partials: queue.Queue[str] = queue.Queue()

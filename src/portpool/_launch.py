@@ -1,4 +1,4 @@
-"""Helpers of the supervisor: starting one process, its output, who still holds a port.
+"""Helpers of the supervisor: starting one process, who still holds a port.
 
 Part of the supervisor layer (run, up and their processes).
 """
@@ -19,8 +19,6 @@ from portpool._layout_fields import layout_error
 from portpool.errors import CommandNotFound, PortPoolError
 
 if TYPE_CHECKING:
-    import threading
-
     from portpool.instance import Instance
     from portpool.layout import Layout
 
@@ -354,79 +352,6 @@ def _not_started(command: Sequence[str], e: OSError) -> PortPoolError:
             "line (such as '#!/usr/bin/env python3'); or start it through its interpreter"
         )
     return CommandNotFound(command[0], problem, found=not missing)
-
-
-_PARTIAL_MAX = 4096  # bytes of an unended line given to ``on_partial``
-
-
-def pump_lines(
-    name: str,
-    width: int,
-    stream: IO[bytes],
-    out: IO[str],
-    lock: threading.Lock,
-    *,
-    on_line: Callable[[str], None] | None = None,
-    on_broken: Callable[[], None] | None = None,
-    on_partial: Callable[[str], None] | None = None,
-) -> None:
-    """Copy ``stream`` to ``out`` line by line, each prefixed with ``name |``; each line
-    is also given to ``on_line`` (a readiness probe waiting for a line, "log:").
-    ``on_partial`` gets the start of a line the service wrote without ending it yet, each
-    time more of it arrives (a prompt, a progress line: a terminal shows it at once;
-    read by whole lines, a "log:" probe waited forever for its newline); it is printed
-    once it ends, or at the end of the output. ``on_broken`` is called when ``out``'s
-    reader went away (``up | head``); the stream is still drained, so the service never
-    blocks on a full pipe."""
-    prefix = f"{name:<{width}} | "
-
-    def emit(raw: bytes) -> None:
-        line = raw.decode(errors="replace")
-        if on_line is not None:
-            on_line(line)
-        write_line(out, lock, prefix + line, on_broken)
-
-    read = getattr(stream, "read1", stream.read)  # what is there now, not a full buffer
-    pending = bytearray()  # the line not ended yet
-    shown_from = 0  # where its part after the last carriage return begins
-    while chunk := read(65536):
-        begin = 0
-        while (end := chunk.find(b"\n", begin)) >= 0:
-            pending += chunk[begin:end]
-            emit(bytes(pending))
-            pending.clear()
-            shown_from, begin = 0, end + 1
-        rest = chunk[begin:]
-        cr = rest.rfind(b"\r")
-        if cr >= 0:
-            shown_from = len(pending) + cr + 1
-        pending += rest
-        # What a terminal shows of it: the part after its last carriage return (a
-        # progress bar redraws one line for minutes: all of it, matched again on every
-        # piece, cost time quadratic in its length). A longer part waits for its end.
-        shown = len(pending) - shown_from
-        if on_partial is not None and 0 < shown <= _PARTIAL_MAX:
-            on_partial(pending[shown_from:].decode(errors="replace"))
-    if pending:
-        emit(bytes(pending))
-    stream.close()
-
-
-def write_line(
-    out: IO[str], lock: threading.Lock, line: str, on_broken: Callable[[], None] | None
-) -> None:
-    """Write ``line`` and a newline to ``out`` under ``lock``, and flush. A reader that
-    went away calls ``on_broken``; any other error loses the line (a full disk, a
-    closed stream), never the caller. Raises nothing."""
-    try:
-        with lock:
-            out.write(line + "\n")
-            out.flush()
-    except BrokenPipeError:
-        if on_broken is not None:
-            on_broken()
-    except (OSError, ValueError):
-        pass
 
 
 def held_ports(

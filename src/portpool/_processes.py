@@ -30,10 +30,10 @@ from portpool._launch import (
     describe_status,
     held_ports,
     new_pipe,
-    pump_lines,
     spawn,
 )
 from portpool._lineage import Lineage, running
+from portpool._output import pump_lines
 from portpool._platform import (
     enlarge_pipe,
     has_children,

@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING
 
 from portpool._keeper import Failure, ServiceKeeper, describe_failure
-from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status, write_line
+from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
 from portpool._order import start_order
+from portpool._output import write_line
 from portpool._platform import has_children
 from portpool._processes import Outcome, Supervisor, resume_stopped
 from portpool._readiness import ReadinessProbe

@@ -1,0 +1,83 @@
+"""Copying a service's output to ``up``'s console, line by line under its name, and
+giving each line (and a line not ended yet) to its readiness probe.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import IO
+
+__all__ = ["pump_lines", "write_line"]
+
+_PARTIAL_MAX = 4096  # bytes of an unended line given to ``on_partial``
+
+
+def pump_lines(
+    name: str,
+    width: int,
+    stream: IO[bytes],
+    out: IO[str],
+    lock: threading.Lock,
+    *,
+    on_line: Callable[[str], None] | None = None,
+    on_broken: Callable[[], None] | None = None,
+    on_partial: Callable[[str], None] | None = None,
+) -> None:
+    """Copy ``stream`` to ``out`` line by line, each prefixed with ``name |``; each line
+    is also given to ``on_line`` (a readiness probe waiting for a line, "log:").
+    ``on_partial`` gets the start of a line the service wrote without ending it yet, each
+    time more of it arrives (a prompt, a progress line: a terminal shows it at once;
+    read by whole lines, a "log:" probe waited forever for its newline); it is printed
+    once it ends, or at the end of the output. ``on_broken`` is called when ``out``'s
+    reader went away (``up | head``); the stream is still drained, so the service never
+    blocks on a full pipe."""
+    prefix = f"{name:<{width}} | "
+
+    def emit(raw: bytes) -> None:
+        line = raw.decode(errors="replace")
+        if on_line is not None:
+            on_line(line)
+        write_line(out, lock, prefix + line, on_broken)
+
+    read = getattr(stream, "read1", stream.read)  # what is there now, not a full buffer
+    pending = bytearray()  # the line not ended yet
+    shown_from = 0  # where its part after the last carriage return begins
+    while chunk := read(65536):
+        begin = 0
+        while (end := chunk.find(b"\n", begin)) >= 0:
+            pending += chunk[begin:end]
+            emit(bytes(pending))
+            pending.clear()
+            shown_from, begin = 0, end + 1
+        rest = chunk[begin:]
+        cr = rest.rfind(b"\r")
+        if cr >= 0:
+            shown_from = len(pending) + cr + 1
+        pending += rest
+        # What a terminal shows of it: the part after its last carriage return (a
+        # progress bar redraws one line for minutes: all of it, matched again on every
+        # piece, cost time quadratic in its length). A longer part waits for its end.
+        shown = len(pending) - shown_from
+        if on_partial is not None and 0 < shown <= _PARTIAL_MAX:
+            on_partial(pending[shown_from:].decode(errors="replace"))
+    if pending:
+        emit(bytes(pending))
+    stream.close()
+
+
+def write_line(
+    out: IO[str], lock: threading.Lock, line: str, on_broken: Callable[[], None] | None
+) -> None:
+    """Write ``line`` and a newline to ``out`` under ``lock``, and flush. A reader that
+    went away calls ``on_broken``; any other error loses the line (a full disk, a
+    closed stream), never the caller. Raises nothing."""
+    try:
+        with lock:
+            out.write(line + "\n")
+            out.flush()
+    except BrokenPipeError:
+        if on_broken is not None:
+            on_broken()
+    except (OSError, ValueError):
+        pass
