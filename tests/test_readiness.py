@@ -1044,3 +1044,30 @@ def test_output_pieces_reach_the_probe_as_a_terminal_shows_them() -> None:
         "last",
     ]
     assert out.getvalue().split("\n")[1:] == ["svc | done", "svc | last", ""]
+
+
+def test_an_http_answer_is_awaited_no_longer_than_the_time_left() -> None:
+    # The wait for an answer was never under 2 s: with ready_timeout_s = 0.5, a health
+    # check answering 200 after 1.5 s made the service "ready", a second after the
+    # README's "awaited until ready_timeout_s runs out".
+    server = socket.create_server(("127.0.0.1", 0))
+    answered = threading.Event()
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(4096)
+            answered.wait(1.5)  # set once the probe gave up
+            with contextlib.suppress(OSError):
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        probe = ReadinessProbe("http:/health", "127.0.0.1", server.getsockname()[1])
+        assert probe.check(0.3) is False
+        assert "timed out" in probe.last_problem, probe.last_problem
+    finally:
+        answered.set()
+        thread.join(10)
+        server.close()
