@@ -9,6 +9,7 @@ everything. A service's failure ends the run with ``ServiceExited`` (exit code 5
 from __future__ import annotations
 
 import signal
+import threading
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
@@ -93,6 +94,7 @@ def run_up(
     # A closed terminal reaches us as the kernel's SIGHUP, or as a shell passing its own
     # on (an ordinary signal from the shell's pid): the terminal tells the two apart.
     had_terminal = controlling_terminal_alive()
+    saying_up = threading.Lock()  # "is up" and "stopping on ...": one, then the other
     with descriptors_named(_descriptors_needed(layout)), SignalScope() as scope:
         subreaper = whole_tree and become_subreaper()
         instance = start_instance(layout, number=number, heartbeat=False)
@@ -129,23 +131,27 @@ def run_up(
                 else:
                     stop_signal.append(_stop_with(signum))
                     name = signal.Signals(signum).name
-                    # Said now, not once all is stopped: a service may take its grace.
-                    supervisor.say(f"portpool: stopping on {name}")
-                    if signum == signal.SIGTERM:
-                        supervisor.finish(Outcome(0, f"stopping on {name}"))
-                    else:
-                        supervisor.finish(Outcome(128 + signum, f"stopping on {name}", signum))
+                    with saying_up:  # never "is up" after this line
+                        # Said now, not once all is stopped: a service may take its grace.
+                        supervisor.say(f"portpool: stopping on {name}")
+                        code = 0 if signum == signal.SIGTERM else 128 + signum
+                        kept = None if signum == signal.SIGTERM else signum
+                        supervisor.finish(Outcome(code, f"stopping on {name}", kept))
 
             scope.relay(on_signal)
             supervisor.start_services(should_stop=lambda: supervisor.finishing)
             if not supervisor.finishing:
                 instance.start_heartbeat()
                 instance.start_shield(on_lost=supervisor.shield_lost, own_pids=supervisor.own_pids)
-                if supervisor.wait_ready():
-                    if on_up is not None:
-                        pids = {n: k.pid for n, k in supervisor.keepers.items() if k.pid}
-                        on_up(instance, pids)
-                    supervisor.is_up.set()
+                # A stop asked for as the last service got ready: "stopping on SIGTERM"
+                # was followed by "is up" (and up --detach read it as up).
+                ready = supervisor.wait_ready()  # not under the lock: a stop must get in
+                with saying_up:
+                    if ready and not supervisor.finishing:
+                        if on_up is not None:
+                            pids = {n: k.pid for n, k in supervisor.keepers.items() if k.pid}
+                            on_up(instance, pids)
+                        supervisor.is_up.set()
             outcome = supervisor.wait()
             supervisor.stop(stop_signal[0] if stop_signal else signal.SIGTERM)
             outcome.lingering = supervisor.lingering(grace_s)
