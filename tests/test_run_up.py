@@ -1113,3 +1113,38 @@ def test_a_service_runs_in_the_working_directory_of_up_not_the_layouts(
     assert done.returncode == 5  # the service exits on its own once it has printed
     assert f"web | cwd {sub}\n" in done.stdout, done.stdout + done.stderr
     assert config.exists()
+
+
+# run_up whose on_up gets a SIGTERM while it says "is up" (as the last service got
+# ready), then gives the stop's line a moment to get in between, as it did.
+STOPPED_WHILE_UP = """\
+import io, os, signal, sys, time
+from portpool import load_layout, run_up
+
+out = io.StringIO()
+def on_up(instance, pids):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.5)
+    out.write("is up\\n")
+outcome = run_up(load_layout(sys.argv[1]), on_up=on_up, out=out)
+print(outcome.code)
+print(out.getvalue(), end="")
+"""
+
+
+def test_up_says_is_up_before_it_says_it_stops_never_after(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # A stop asked for as the last service got ready: "stopping on SIGTERM" came first,
+    # then "is up" and the table, and up --detach took that for up.
+    config = up_layout(tmp_path, port_base)
+    done = subprocess.run(
+        [sys.executable, "-c", STOPPED_WHILE_UP, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [x for x in done.stdout.splitlines() if x.startswith(("is up", "portpool: stop"))]
+    assert lines == ["is up", "portpool: stopping on SIGTERM"], done.stdout
+    assert done.stdout.splitlines()[0] == "0"
