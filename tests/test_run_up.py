@@ -1140,6 +1140,7 @@ def test_up_says_is_up_before_it_says_it_stops_never_after(
     config = up_layout(tmp_path, port_base)
     done = subprocess.run(
         [sys.executable, "-c", STOPPED_WHILE_UP, str(config)],
+        check=False,
         capture_output=True,
         text=True,
         timeout=60,
