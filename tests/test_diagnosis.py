@@ -51,8 +51,15 @@ OCCUPANTS = [
     ("bound", "::", "0"),
     ("connected", "127.0.0.1", "-"),
     ("connected", "::1", "-"),
+    # Bound to a wildcard, then connected: the kernel's table lists the connection's
+    # address ([::1]:P), its bind check the wildcard (a 0.0.0.0 lease was refused by
+    # "a process the OS does not name").
+    ("connected", "::", "-"),
+    ("connected", "0.0.0.0", "-"),
     ("timewait", "127.0.0.1", "-"),
     ("timewait", "::1", "-"),
+    ("timewait", "::", "-"),
+    ("timewait", "0.0.0.0", "-"),
 ]
 
 IPV6 = has_ipv6_loopback()
@@ -150,6 +157,8 @@ def test_doctor_and_pool_agree_on_every_occupant(
             assert lease.refusals == [refusal], (host, found)
             if kind != "timewait":
                 assert f"pid {proc.pid} (python" in lease.refusals[0].detail
+            else:
+                assert "TIME_WAIT" in lease.refusals[0].detail, (host, lease.refusals)
             continue
         with lease:
             assert refusal is None, (host, refusal)

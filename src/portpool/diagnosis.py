@@ -17,7 +17,14 @@ import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from portpool._addresses import DEFAULT_BACKLOG, bind_all, check_port, covered_scopes, meets
+from portpool._addresses import (
+    DEFAULT_BACKLOG,
+    Scope,
+    bind_all,
+    check_port,
+    covered_scopes,
+    meets,
+)
 from portpool._occupants import Occupant, occupants_text, plain_bind_note, with_owners
 from portpool._platform import TcpSocket, tcp_sockets
 from portpool.errors import Refusal
@@ -41,6 +48,9 @@ class PortDiagnosis:
     bind_message: str = ""
     plain_bind_blocked: bool | None = None
     probed: bool = field(default=False, compare=False)
+    # The occupants are connections on no covered address, named because the kernel
+    # refused the bind and no socket on a covered address is listed (``_bound_wider``).
+    inferred: bool = False
 
     @property
     def bindable(self) -> bool:
@@ -63,7 +73,13 @@ class PortDiagnosis:
         if err is None:
             return None
         if err == errno.EADDRINUSE:
-            return Refusal(port, "in use", f"used by {self.describe_occupants()}")
+            detail = f"used by {self.describe_occupants()}"
+            if self.inferred:
+                detail += (
+                    f", whose socket was bound to a wildcard address (which covers {host}) "
+                    "before it connected: the OS lists a connection by the address it uses"
+                )
+            return Refusal(port, "in use", detail)
         if err in (errno.EACCES, errno.EPERM):
             return Refusal(port, "permission denied", f"binding {host}:{port}: {self.bind_message}")
         if err == errno.EADDRNOTAVAIL:
@@ -91,7 +107,23 @@ class PortDiagnosis:
             "refusal": None if refusal is None else str(refusal),
             "plain_bind_blocked": self.plain_bind_blocked,
             "occupants": [o.to_dict() for o in self.occupants],
+            "inferred": self.inferred,
         }
+
+
+def _bound_wider(sock: TcpSocket, covered: frozenset[Scope]) -> bool:
+    """Whether ``sock``, on no address of ``covered``, may still block a bind there: a
+    connection (or its TIME_WAIT) is listed by the address it uses, while the kernel's
+    bind check counts the one its socket was bound to, maybe a wildcard (``[::]:P``
+    then connected from ``[::1]:P`` refused a lease on 0.0.0.0, and the refusal named
+    "a process the OS does not name"). An IPv4 wildcard never blocks an IPv6 address;
+    an IPv6 one blocks IPv4 unless it is IPv6-only."""
+    if sock.state in ("listen", "bound"):
+        return False  # listed by the address they were bound to
+    families = {family for family, _ in covered}
+    if sock.family == 4:
+        return 4 in families
+    return 6 in families or (4 in families and sock.v6only is not True)
 
 
 def _probe(host: str, port: int, *, reuse: bool) -> OSError | None:
@@ -134,5 +166,11 @@ def diagnose(
             plain_blocked = _probe(host, port, reuse=False) is not None
     if bind_error is None:
         return PortDiagnosis(port, host, occupants, None, "", plain_blocked, probe)
+    inferred = False
+    if bind_error.errno == errno.EADDRINUSE and not occupants:
+        occupants = tuple(with_owners(s for s in seen if _bound_wider(s, covered)))
+        inferred = bool(occupants)
     message = bind_error.strerror or str(bind_error)
-    return PortDiagnosis(port, host, occupants, bind_error.errno, message, plain_blocked, probe)
+    return PortDiagnosis(
+        port, host, occupants, bind_error.errno, message, plain_blocked, probe, inferred
+    )
