@@ -24,7 +24,7 @@ from portpool._platform import (
     is_alive,
     locked_inodes,
 )
-from portpool._record import read_port_record
+from portpool._record import PortRecord, read_port_record
 from portpool.errors import LockHeld, PortPoolError
 from portpool.records import recorded_holder, slot_numbers
 from portpool.statedir import StateDir, special_entry
@@ -88,6 +88,14 @@ def _live_holder(where: str, pid: int, lock_name: str) -> str:
         f"{where}: its holder (pid {pid}) still runs but does not hold {lock_name} (removed "
         "or replaced under it?); left alone: a record of a live process is never removed"
     )
+
+
+def _held_now(directory: DirHandle, lock_name: str, holder: int | None) -> bool:
+    """Whether ``lock_name`` is held, asked again of the kernel's current table before a
+    live holder is said to have lost its lock: gc judges by a table read at its start,
+    and a holder that locked since (a starting instance) read as "still runs but does
+    not hold" it (gc exited 1 on a healthy instance). Raises OSError as ``is_held``."""
+    return is_held(directory, lock_name, locked_inodes(), holder=holder)
 
 
 def _linked_lock(directory: DirHandle, name: str, of: str) -> str | None:
@@ -163,6 +171,11 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
             holder = recorded_holder(directory, number)
             if is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files):
                 continue
+            if holder is not None and _held_now(directory, f"{number}.lock", holder):
+                continue  # locked since the table gc judges by was read
+            # Asked again: a holder killed since its record was read is a dead one.
+            if holder is not None:
+                holder = recorded_holder(directory, number)
             if holder is not None:
                 # Its lock file was removed or replaced under it: the instance runs (pid
                 # and start token checked) and its shield stops it. gc called its record
@@ -190,6 +203,15 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
     return report
 
 
+def _read_record(ports: DirHandle, port: int) -> tuple[PortRecord | None, bool]:
+    """The port's record (None if unreadable or absent) and whether a file was there."""
+    try:
+        record = read_port_record(ports, port)
+    except ValueError:
+        return None, True
+    return record, record is not None
+
+
 def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: GcReport) -> None:
     stem, _, ext = name.partition(".")
     port = decimal(stem, 5) if ext in ("lock", "json") else None
@@ -206,13 +228,11 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
         return  # handled with its lock file
     if is_held(ports, f"{port}.lock", locked):
         return
-    try:
-        record = read_port_record(ports, port)
-    except ValueError:
-        record = None
-        had_record = True
-    else:
-        had_record = record is not None
+    record, had_record = _read_record(ports, port)
+    if record is not None and is_alive(record.identity):
+        if _held_now(ports, f"{port}.lock", None):
+            return  # locked since the table gc judges by was read
+        record, had_record = _read_record(ports, port)  # a holder killed since: dead
     if record is not None and is_alive(record.identity):
         where = os.path.join(ports.path, f"{port}.json")
         report.problems.append(_live_holder(where, record.pid, f"{port}.lock"))
