@@ -76,8 +76,9 @@ class PortDiagnosis:
             detail = f"used by {self.describe_occupants()}"
             if self.inferred:
                 detail += (
-                    f", whose socket was bound to a wildcard address (which covers {host}) "
-                    "before it connected: the OS lists a connection by the address it uses"
+                    ", whose socket was bound to [::] (IPv6 and IPv4) before it connected,"
+                    " which keeps every IPv4 address of the port: the OS lists a connection"
+                    " by the address it uses"
                 )
             return Refusal(port, "in use", detail)
         if err in (errno.EACCES, errno.EPERM):
@@ -112,18 +113,18 @@ class PortDiagnosis:
 
 
 def _bound_wider(sock: TcpSocket, covered: frozenset[Scope]) -> bool:
-    """Whether ``sock``, on no address of ``covered``, may still block a bind there: a
-    connection (or its TIME_WAIT) is listed by the address it uses, while the kernel's
-    bind check counts the one its socket was bound to, maybe a wildcard (``[::]:P``
-    then connected from ``[::1]:P`` refused a lease on 0.0.0.0, and the refusal named
-    "a process the OS does not name"). An IPv4 wildcard never blocks an IPv6 address;
-    an IPv6 one blocks IPv4 unless it is IPv6-only."""
-    if sock.state in ("listen", "bound"):
-        return False  # listed by the address they were bound to
-    families = {family for family, _ in covered}
-    if sock.family == 4:
-        return 4 in families
-    return 6 in families or (4 in families and sock.v6only is not True)
+    """Whether ``sock``, on no address of ``covered``, may still block a bind there: an
+    IPv6 connection (or its TIME_WAIT) is listed by the address it uses, while Linux's
+    bind check still counts the ``[::]`` (IPv6 and IPv4) its socket was bound to
+    against the IPv4 wildcard (``[::]:P`` then connected from ``[::1]:P`` refused a
+    lease on 0.0.0.0, and the refusal named "a process the OS does not name"). An IPv4
+    connection's bind address follows the one it uses: the table tells the truth."""
+    return (
+        sock.state not in ("listen", "bound")
+        and sock.family == 6
+        and sock.v6only is not True
+        and (4, None) in covered
+    )
 
 
 def _probe(host: str, port: int, *, reuse: bool) -> OSError | None:
