@@ -810,6 +810,46 @@ def test_a_dead_holders_record_does_not_name_the_new_holder_as_an_intruder(
         lock.release()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the kernel's lock table is Linux's")
+def test_a_dead_holders_record_is_not_named_as_the_holder_of_the_port(
+    state: StateDir, port: int, home: Path, occupants: list[subprocess.Popen[str]]
+) -> None:
+    """Until the lock's next holder writes its record, the dead one's stays: doctor and
+    the pool's refusal said "held by pid <dead>" of a process that no longer ran, while
+    the kernel's lock table named the process holding it."""
+    dead = _spawn(occupants, sys.executable, "-c", DEAD_HOLDER, str(port))
+    assert read_line(dead).strip() == "held"
+    dead.kill()
+    dead.wait()
+    lock = PortLock.acquire(state, port)  # the next holder, its record not written yet
+    try:
+        refusal, _, _ = classify_port(state, port, "127.0.0.1")
+        code = (
+            "import sys\n"
+            "from portpool.pool import acquire\n"
+            "from portpool.statedir import StateDir\n"
+            "try:\n"
+            "    acquire(StateDir.open(), [int(sys.argv[1])])\n"
+            "except Exception as e:\n"
+            "    print(e.refusals[0])\n"
+        )
+        pool = subprocess.run(
+            [sys.executable, "-c", code, str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert refusal is not None and refusal.reason == "held"
+        assert str(refusal) == pool.stdout.strip(), pool.stderr
+        for text in (refusal.detail, pool.stdout):
+            holder, _, record = text.partition(";")
+            assert f"held by pid {os.getpid()} (" in holder, text
+            assert f"pid {dead.pid}" in record and "which no longer runs" in record, text
+    finally:
+        lock.release()
+
+
 # A holder in a pid namespace of its own (a container sharing the state dir and the
 # network): its record names pid 1, its pid there. With "port" it closes its socket (a
 # hand-over by number), and a foreign program listens there instead.

@@ -18,13 +18,12 @@ from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import (
     LockTable,
-    OpenFiles,
     TcpSocket,
     is_alive,
     locked_inodes,
     tcp_sockets,
 )
-from portpool._portstatus import PortStatus, inspect_port
+from portpool._portstatus import PortStatus, inspect_port, lock_holder
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import Refusal, RefusalReason, StateDirError
 from portpool.layout import Layout, normalize_host
@@ -212,17 +211,9 @@ def _lock_table_holder(state: StateDir, port: int, locked: LockTable | None) -> 
     holds the lock on it; None if unknown. Raises nothing."""
     try:
         directory = state.find("ports")
-        entry = None if directory is None else directory.stat_entry(f"{port}.lock")
-        table = locked_inodes() if locked is None else locked
     except (OSError, StateDirError):
         return None
-    if directory is None or entry is None or table is None:
-        return None
-    pid = table.get((entry.st_dev, entry.st_ino))
-    path = os.path.join(os.path.realpath(directory.path), f"{port}.lock")
-    if pid is None or not OpenFiles().holds_flock(pid, path, entry.st_dev, entry.st_ino):
-        return None
-    return pid
+    return None if directory is None else lock_holder(directory, f"{port}.lock", locked)
 
 
 def _covered_host(recorded: str, host: str) -> str:

@@ -6,12 +6,22 @@ is held (an unreadable record is "held-unreadable").
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
 from portpool._heldlock import is_held
-from portpool._platform import LockTable, locked_inodes
+from portpool._platform import (
+    DirHandle,
+    LockTable,
+    OpenFiles,
+    identity_of,
+    is_alive,
+    locked_inodes,
+    process_name,
+)
 from portpool._record import PortRecord, read_port_record
+from portpool._text import printable
 from portpool.statedir import StateDir
 
 PortState = Literal["free", "held", "held-unreadable"]
@@ -25,17 +35,62 @@ class PortStatus:
     state: PortState
     record: PortRecord | None = None
     problem: str | None = None  # why the record is unreadable
+    # The record is a dead holder's (its process no longer runs): the lock's holder has
+    # not written its own yet. ``holder``: that holder's pid, where the kernel names it.
+    stale: bool = False
+    holder: int | None = None
 
     @property
     def is_free(self) -> bool:
         return self.state == "free"
 
     def describe(self) -> str:
+        """``free``, ``held by <the record's holder>``, or what is known of a holder its
+        record does not name. Raises nothing."""
         if self.state == "free":
             return "free"
-        if self.record is not None:
+        if self.record is not None and not self.stale:
             return f"held by {self.record.describe()}"
-        return f"held, metadata unreadable ({self.problem or 'not written yet'})"
+        who = "held"
+        if self.holder is not None:
+            name = process_name(self.holder)
+            who = f"held by pid {self.holder}" + (f" ({printable(name)})" if name else "")
+        if self.record is not None:
+            return (
+                f"{who}; its record still names the previous holder, "
+                f"{self.record.describe()}, which no longer runs"
+            )
+        return f"{who}, metadata unreadable ({self.problem or 'not written yet'})"
+
+
+def lock_holder(directory: DirHandle, name: str, locked: LockTable | None) -> int | None:
+    """The pid the kernel's lock table names for ``<dir>/<name>``, if that process holds
+    the lock on that file (a pid the table names may have been reused); None if unknown.
+    Raises nothing."""
+    try:
+        entry = directory.stat_entry(name)
+        table = locked_inodes() if locked is None else locked
+    except OSError:
+        return None
+    if entry is None or table is None:
+        return None
+    pid = table.get((entry.st_dev, entry.st_ino))
+    path = os.path.join(os.path.realpath(directory.path), name)
+    if pid is None or not OpenFiles().holds_flock(pid, path, entry.st_dev, entry.st_ino):
+        return None
+    return pid
+
+
+def _stale(record: PortRecord, holder: int | None) -> bool:
+    """Whether ``record`` names a process that does not run, nor holds the lock from
+    another pid namespace (the holder's start token and boot id are the record's)."""
+    if is_alive(record.identity):
+        return False
+    seen = None if holder is None else identity_of(holder)
+    return seen is None or (seen.start_token, seen.boot_id) != (
+        record.start_token,
+        record.boot_id,
+    )
 
 
 def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) -> PortStatus:
@@ -53,8 +108,17 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
     try:
         record = read_port_record(directory, port)
     except ValueError as e:
-        return PortStatus(port, "held-unreadable", None, str(e))
+        holder = lock_holder(directory, f"{port}.lock", locked)
+        return PortStatus(port, "held-unreadable", None, str(e), holder=holder)
     if record is None or record.port != port:
         problem = None if record is None else f"record names port {record.port}"
-        return PortStatus(port, "held-unreadable", None, problem)
-    return PortStatus(port, "held", record)
+        holder = lock_holder(directory, f"{port}.lock", locked)
+        return PortStatus(port, "held-unreadable", None, problem, holder=holder)
+    if is_alive(record.identity):
+        return PortStatus(port, "held", record)
+    # A holder killed with -9 leaves its record until the next holder writes its own:
+    # "held by pid <dead>" named a process that no longer ran.
+    holder = lock_holder(directory, f"{port}.lock", locked)
+    if not _stale(record, holder):
+        return PortStatus(port, "held", record)
+    return PortStatus(port, "held", record, stale=True, holder=holder)
