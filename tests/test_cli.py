@@ -487,3 +487,29 @@ def test_an_unknown_service_on_the_command_line_is_not_called_a_key_of_the_file(
         done = portpool(*args[:1], "--config", str(config), *args[1:])
         said = f"{config}: no such service 'nope' in this layout; it has: alpha, beta"
         assert (done.returncode, done.stderr) == (2, f"portpool: error: {said}\n"), args
+
+
+def test_status_says_why_a_service_skipped_ports_as_doctor_and_run_say_it(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # A foreign server on the first port of a pool: run took the next one and said why,
+    # `status --json` kept the refusal, but `status` printed only "web=P+1": the reason
+    # the service is not on its usual port was in no text a person reads later.
+    layout = write_layout(tmp_path / "p.toml", port_base, services={"web": {}}, max_instances=1)
+    foreign = occupy("listen", "127.0.0.1", port_base)
+    held = start("run", "--config", str(layout), "--", "sleep", "60")
+    try:
+        wait_for(lambda: status_json(layout)["instances"], timeout=30)
+        (service,) = status_json(layout)["instances"][0]["services"]
+        assert service["port"] == port_base + 1
+        (refusal,) = service["refusals"]
+        assert refusal["port"] == port_base and f"pid {foreign.pid} (python" in refusal["detail"]
+        text = portpool("status", "--config", str(layout)).stdout
+        said = f"web skipped {port_base}: {refusal['reason']} ({refusal['detail']})"
+        assert said in text, text
+        doctor = portpool("doctor", "--config", str(layout)).stdout
+        assert f"{refusal['reason']} ({refusal['detail']})" in doctor, doctor
+    finally:
+        held.terminate()
+        held.communicate(timeout=30)
+        release(foreign)

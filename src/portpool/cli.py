@@ -126,6 +126,11 @@ def status(config: str | None, as_json: bool) -> None:
                 f"{info.number:>3}  {pid:>7}  {alive:<5}  {_age(info.heartbeat_age_s):<11}  "
                 f"{services}"
             )
+            # Why a service is not on its pool's first port, in run's and doctor's words.
+            for entry in info.service_entries:
+                for r in entry.get("refusals", ()):
+                    said = f"{entry['name']} skipped {r['port']}: {r['reason']} ({r['detail']})"
+                    click.echo(f"{'':>36}{display(said)}")
 
 
 @cli.command("layout")
