@@ -50,10 +50,15 @@ def _linux_boot_time() -> float:
     raise OSError("no btime in /proc/stat")
 
 
+_PF_EXITING = 0x4  # in /proc/<pid>/stat's flags (field 9), set as do_exit() begins
+
+
 def _linux_start_token(pid: int, *, running: bool = False) -> str | None:
     """psutil's ``create_time()`` computed as psutil computes it on Linux (start ticks /
     clock ticks + boot time), so tokens match records written through psutil.
-    ``running``: None for a zombie too (exited, not reaped yet).
+    ``running``: None for a zombie too (exited, not reaped yet), and for a process that
+    is exiting (PF_EXITING): the kernel drops its locks before it is a zombie, and gc
+    racing a ``kill -9`` said "its holder still runs but does not hold" the lock.
 
     Read here because importing psutil costs ~15 ms, a tenth of ``portpool run``.
     """
@@ -64,7 +69,7 @@ def _linux_start_token(pid: int, *, running: bool = False) -> str | None:
             data = f.read()
         # The name (field 2) may hold spaces and parentheses: count from the last ')'.
         fields = data[data.rindex(b")") + 2 :].split()
-        if running and fields[0] in (b"Z", b"X"):
+        if running and (fields[0] in (b"Z", b"X") or int(fields[6]) & _PF_EXITING):
             return None
         return f"{float(fields[19]) / os.sysconf('SC_CLK_TCK') + _linux_boot_time():.3f}"
     except (OSError, ValueError, IndexError):
