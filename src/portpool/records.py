@@ -28,6 +28,7 @@ from portpool._platform import (
     locked_inodes,
     namespace_pids,
 )
+from portpool._portstatus import lock_holder
 from portpool.errors import ResourceLimit
 from portpool.layout import name_problem
 from portpool.statedir import StateDir
@@ -380,16 +381,12 @@ def _not_the_holders(
     locked: LockTable | Callable[[], LockTable | None] | None,
 ) -> str | None:
     """What is wrong with a held slot's record ``raw`` (a valid one) whose process does
-    not run here, or None when the lock's holder cannot be told (no lock table) or is
-    that process, seen from another pid namespace (same start token and boot id: a
-    container sharing the state dir). The lock table is read only on this rare path."""
+    not run here, or None when the lock's holder cannot be told (no lock table, or the
+    pid it names does not hold that file: ``lock_holder``, as a port's diagnosis asks)
+    or is that process, seen from another pid namespace (same start token and boot id:
+    a container sharing the state dir). The lock table is read only on this rare path."""
     assert isinstance(raw, dict)  # parsed already
-    table = locked() if callable(locked) else locked if locked is not None else locked_inodes()
-    try:
-        st = directory.stat_entry(f"{number}.lock")
-    except OSError:
-        return None
-    holder = table.get((st.st_dev, st.st_ino)) if table is not None and st is not None else None
+    holder = lock_holder(directory, f"{number}.lock", locked() if callable(locked) else locked)
     if holder is None:
         return None
     seen = identity_of(holder)
