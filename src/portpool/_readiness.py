@@ -29,7 +29,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
-from portpool._platform import accept_queue_length, connection_accepted
+from portpool._platform import accept_queue_length, connection_accepted, is_listening
 from portpool._text import cut, printable
 
 __all__ = ["ReadinessProbe", "probe_host", "probe_hosts"]
@@ -69,16 +69,16 @@ def probe_hosts(host: str) -> tuple[str, ...]:
     return ("127.0.0.1", "::1") if host == "localhost" else (probe_host(host),)
 
 
-def _still_listening(sock: socket.socket) -> bool:
-    """Whether ``sock`` is still a listening socket. A service that shuts the passed
-    socket down (to wake a thread blocked in accept) resets every queued connection,
-    the probe's too, which then is gone from the kernel's table as if accepted and
-    closed: up said "ready" for a service that never accepted, on a dead port. True
-    where the OS does not say."""
+def _shut_down(sock: socket.socket) -> bool:
+    """Whether ``sock`` no longer listens. A service that shuts the passed socket down
+    (to wake a thread blocked in accept) resets every queued connection, the probe's
+    too, which then is gone from the kernel's table as if accepted and closed: up said
+    "ready" for a service that never accepted, on a dead port. False where the OS does
+    not say."""
     try:
-        return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-    except (OSError, AttributeError):  # no SO_ACCEPTCONN (Windows' Python, older macOS)
-        return True
+        return is_listening(sock) is False
+    except OSError:
+        return False
 
 
 class ReadinessProbe:
@@ -179,7 +179,7 @@ class ReadinessProbe:
         if self.kind == "tcp" and self.listening is not None and self._probe is not None:
             if self._read_answer():
                 return True
-            return _still_listening(self.listening) and connection_accepted(*self._probe) is True
+            return not _shut_down(self.listening) and connection_accepted(*self._probe) is True
         return False
 
     def check(self, wait_s: float = _HTTP_TIMEOUT_S) -> bool:
@@ -276,7 +276,7 @@ class ReadinessProbe:
             self._probe = (listening.family, server_side, our_side)
         if self._read_answer():
             return True
-        if not _still_listening(listening):
+        if _shut_down(listening):
             self.last_problem = (
                 f"the socket of port {self.port} no longer listens: the service shut it "
                 "down without accepting a connection"

@@ -22,7 +22,7 @@ from portpool._addresses import (
     bind_targets,
     check_port,
 )
-from portpool._platform import is_alive, socket_inode
+from portpool._platform import is_alive, is_listening, socket_inode
 from portpool._record import PortRecord
 from portpool.errors import (
     AlreadyHeldHere,
@@ -86,10 +86,9 @@ class Lease:
         stays bound to the port; a restart was handed it dead. False where the OS does
         not say (no SO_ACCEPTCONN) or the socket is gone. The queue length is the
         one it was acquired with. Raises OSError."""
-        accepting = getattr(socket, "SO_ACCEPTCONN", None)
-        if self.socket is None or self.socket.fileno() == -1 or accepting is None:
+        if self.socket is None or self.socket.fileno() == -1:
             return False
-        if self.socket.getsockopt(socket.SOL_SOCKET, accepting):
+        if is_listening(self.socket) is not False:
             return False
         self.socket.listen(self.backlog)
         return True

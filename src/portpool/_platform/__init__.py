@@ -13,7 +13,8 @@ Everything above this package calls these names and never ``sys.platform``:
   as reading /proc/locks does.
 - ``ProcessIdentity``, ``current_identity``, ``identity_of``, ``is_alive``: pid + start
   token + boot id, so a reused pid never looks like the process that died.
-- ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port.
+- ``listeners``, ``socket_inode``, ``owners_of_inode``: who listens on a TCP port;
+  ``is_listening``: whether a socket is in listen state.
 - ``tcp_sockets``, ``TcpSocket``, ``owners_of_inodes``: every TCP socket on a port, in
   every state, with ``IPV6_V6ONLY`` where the kernel says it (sock_diag).
 - ``default_state_dir``, ``posix_modes``: the per-user state dir, and whether POSIX
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     )
     from portpool._platform._net import (
         Listener,
+        is_listening,
         listeners,
         owners_of_inode,
         socket_inode,
@@ -118,7 +120,9 @@ else:
 # Loaded on first use: importing socket costs ~7 ms (subprocess more), and the read-only
 # commands (status, gc, layout) never touch a socket or start a process.
 _LAZY = {
-    **dict.fromkeys(("Listener", "listeners", "owners_of_inode", "socket_inode"), "_net"),
+    **dict.fromkeys(
+        ("Listener", "is_listening", "listeners", "owners_of_inode", "socket_inode"), "_net"
+    ),
     **dict.fromkeys(("TcpSocket", "owners_of_inodes", "tcp_sockets"), "_sockdiag"),
     **dict.fromkeys(("detached_options", "server_stop_signals", "signal_verified"), "_control"),
     **dict.fromkeys(("accept_queue_length", "connection_accepted"), "_acceptq"),
@@ -183,6 +187,7 @@ __all__ = [
     "ignored_by_default",
     "in_terminal_foreground",
     "is_alive",
+    "is_listening",
     "is_session_leader",
     "listeners",
     "locked_inodes",

@@ -54,6 +54,16 @@ def socket_inode(sock: socket.socket) -> int | None:
         return None
 
 
+def is_listening(sock: socket.socket) -> bool | None:
+    """Whether ``sock`` is in listen state (``SO_ACCEPTCONN``); None where the OS does not
+    say (Windows' Python, older macOS). A holder of a passed listening socket that shuts
+    it down stops it listening for every holder. Raises OSError (a closed socket)."""
+    accepting = getattr(socket, "SO_ACCEPTCONN", None)
+    if accepting is None:
+        return None
+    return bool(sock.getsockopt(socket.SOL_SOCKET, accepting))
+
+
 def owners_of_inode(inode: int) -> list[int]:
     """Pids of the processes that have socket ``inode`` open (Linux; scans /proc)."""
     return owners_of_inodes([inode]).get(inode, [])
