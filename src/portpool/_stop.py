@@ -27,7 +27,7 @@ from portpool._platform import (
     signal_verified,
     tcp_sockets,
 )
-from portpool._portstatus import inspect_port
+from portpool._portstatus import inspect_port, lock_holder
 from portpool.errors import NotRunning, StopFailed
 from portpool.layout import Layout
 from portpool.records import InstanceInfo, list_instances, read_instance
@@ -58,11 +58,7 @@ class Stopped:
 
 def _lock_holder(directory: DirHandle, number: int) -> int | None:
     """The pid holding slot ``number``'s kernel lock (Linux), else None if unknown."""
-    locked = locked_inodes()
-    if locked is None:
-        return None
-    st = directory.stat_entry(f"{number}.lock")
-    return locked.get((st.st_dev, st.st_ino)) if st is not None else None
+    return lock_holder(directory, f"{number}.lock", None)
 
 
 def _mismatch(number: int, holder: int | None, recorded: int) -> StopFailed:
