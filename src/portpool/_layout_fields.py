@@ -245,9 +245,8 @@ def _ready_problem(ready: object) -> str | None:
             return "log: needs a regular expression, e.g. 'log:listening on'"
         try:
             re.compile(arg)
-        except re.error as e:
-            return f"invalid regular expression {toml_value(arg)}: {e}"
-        except (OverflowError, RecursionError) as e:  # "a{99999999999}": a traceback
+        # OverflowError, RecursionError: "a{99999999999}" ended in a traceback.
+        except (re.error, OverflowError, RecursionError) as e:
             return f"invalid regular expression {toml_value(arg)}: {e}"
         return None
     return f"must be 'tcp', 'http:<path>', 'log:<regex>' or 'none', not {toml_value(ready)}"
