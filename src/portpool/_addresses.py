@@ -31,8 +31,8 @@ import errno
 import functools
 import ipaddress
 import socket
-from dataclasses import dataclass
 
+from portpool._dataclass import dataclass
 from portpool._platform import TcpSocket, exclusive_bind_options
 from portpool.errors import InvalidPort
 from portpool.layout import normalize_host

@@ -10,8 +10,8 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
+from portpool._dataclass import dataclass, field
 from portpool._launch import DEFAULT_GRACE_S, check_commands
 from portpool._layout_load import absolute_path, layout_path, working_directory
 from portpool._logs import logs_dir, set_log_owner

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 from portpool._addresses import covered_scopes, occupies
+from portpool._dataclass import dataclass
 from portpool._heldlock import lock_path_kind
 from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners

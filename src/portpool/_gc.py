@@ -11,9 +11,9 @@ import contextlib
 import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from portpool._dataclass import dataclass, field
 from portpool._heldlock import HeldLock, is_held, lock_path_kind
 from portpool._jsonfile import TMP_SUFFIX, decimal
 from portpool._platform import (

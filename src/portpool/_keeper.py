@@ -16,8 +16,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
+from portpool._dataclass import dataclass
 from portpool._launch import describe_status
 from portpool._readiness import ReadinessProbe
 from portpool._restart import (

@@ -21,10 +21,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from portpool._addresses import IPAddress, Scope, covered_scopes, meets, parse_address
+from portpool._dataclass import dataclass, field
 from portpool._platform import (
     TcpSocket,
     ours_since,

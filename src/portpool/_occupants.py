@@ -9,8 +9,8 @@ sock_diag and ``/proc/*/fd``); a socket of another user's process is said to be 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from portpool._dataclass import dataclass
 from portpool._platform import TcpSocket, descends_from, owners_of_inodes, process_name, user_id
 
 # States a connection is in after its program closed it (the kernel finishes it alone).

@@ -7,9 +7,9 @@ is held (an unreadable record is "held-unreadable").
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Literal
 
+from portpool._dataclass import dataclass
 from portpool._heldlock import is_held
 from portpool._platform import (
     DirHandle,

@@ -22,9 +22,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
+from portpool._dataclass import dataclass, field
 from portpool._launch import (
     DEFAULT_GRACE_S,
     describe_status,

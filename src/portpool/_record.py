@@ -17,9 +17,9 @@ import math
 import os
 import stat
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
+from portpool._dataclass import dataclass
 from portpool._platform import DirHandle, ProcessIdentity, read_at
 from portpool._text import printable
 from portpool.errors import LockError

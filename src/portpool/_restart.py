@@ -15,8 +15,8 @@ and then (every 20th request, under steady load) is never given up, the case a p
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 
+from portpool._dataclass import dataclass, field
 from portpool._layout_fields import RESTART_POLICIES  # the layout file's words for them
 
 __all__ = [

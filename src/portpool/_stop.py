@@ -11,9 +11,9 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
+from portpool._dataclass import dataclass, field
 from portpool._find import find_instance, running_slot, unreadable_detail
 from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from portpool._addresses import (
     DEFAULT_BACKLOG,
@@ -25,6 +24,7 @@ from portpool._addresses import (
     covered_scopes,
     meets,
 )
+from portpool._dataclass import dataclass, field
 from portpool._occupants import Occupant, occupants_text, plain_bind_note, with_owners
 from portpool._platform import TcpSocket, tcp_sockets
 from portpool.errors import Refusal

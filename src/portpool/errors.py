@@ -30,8 +30,9 @@ Every error carries its context as attributes, so callers never parse messages.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Literal, Protocol, TypeAlias
+
+from portpool._dataclass import dataclass
 
 # Every reason a Refusal gives; status --json and the dashboard show these strings.
 # "free now": the pytest plugin found the port freed while it looked for one.

@@ -24,8 +24,8 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 
+from portpool._dataclass import dataclass, field
 from portpool._layout_checks import (
     BROWSER_UNSAFE_PORTS,
     INSTANCE_LIMIT,

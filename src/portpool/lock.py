@@ -13,8 +13,8 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from portpool._dataclass import dataclass, field
 from portpool._heldlock import ForkSafeRLock, HeldLock
 from portpool._platform import (
     DirHandle,

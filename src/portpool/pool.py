@@ -13,7 +13,6 @@ import errno
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 from portpool._addresses import (
     DEFAULT_BACKLOG,
@@ -22,6 +21,7 @@ from portpool._addresses import (
     bind_targets,
     check_port,
 )
+from portpool._dataclass import dataclass, field
 from portpool._platform import is_alive, is_listening, socket_inode
 from portpool._record import PortRecord
 from portpool.errors import (

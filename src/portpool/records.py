@@ -13,9 +13,9 @@ import functools
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from portpool._dataclass import dataclass
 from portpool._heldlock import is_held, lock_path_kind
 from portpool._jsonfile import NotAFile, decimal, read_json_file
 from portpool._platform import (

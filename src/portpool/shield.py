@@ -17,9 +17,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from portpool._dataclass import dataclass
 from portpool._lease_checks import Watch, lease_problems, watch
 from portpool._snapshot import Snapshot
 

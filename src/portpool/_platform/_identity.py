@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from dataclasses import dataclass
+
+from portpool._dataclass import dataclass
 
 
 @dataclass(frozen=True)

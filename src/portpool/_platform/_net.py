@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from dataclasses import dataclass
 
+from portpool._dataclass import dataclass
 from portpool._platform._sockdiag import _proc_net, owners_of_inodes, tcp_sockets
 
 

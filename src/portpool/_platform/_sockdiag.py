@@ -15,7 +15,8 @@ import socket
 import struct
 import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+
+from portpool._dataclass import dataclass
 
 # Linux's TCP states (include/net/tcp_states.h), by number.
 _STATES = {

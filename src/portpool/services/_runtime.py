@@ -11,9 +11,9 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+from portpool._dataclass import dataclass, field
 from portpool.errors import PassedSocketError, PortPoolError
 from portpool.layout import port_env_name
 

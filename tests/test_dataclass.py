@@ -1,0 +1,214 @@
+"""portpool's ``dataclass`` behaves as the standard library's, side by side on the same
+class bodies: construction, defaults, errors, repr, equality, hashing, frozenness and the
+dataclasses functions (fields, replace, asdict), pickling and copying."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from portpool import _dataclass
+from portpool._gc import GcReport
+from portpool.layout import Service
+from portpool.pool import Lease
+
+
+def make(decorator: Callable[..., Any], frozen: bool) -> dict[str, type]:
+    """The same class bodies under ``decorator``: plain fields, defaults, factories,
+    fields left out of repr and comparison, a __post_init__, a class's own __repr__."""
+
+    @decorator(frozen=frozen)
+    class Point:
+        x: int
+        y: int = 0
+        tags: list[str] = dataclasses.field(default_factory=list)
+        note: str = dataclasses.field(default="", compare=False, repr=False)
+
+    @decorator(frozen=frozen)
+    class Checked:
+        name: str
+        size: int = 1
+
+        def __post_init__(self) -> None:
+            if self.size < 1:
+                raise ValueError(f"size {self.size} of {self.name}")
+
+    @decorator(frozen=frozen)
+    class Own:
+        value: float
+
+        def __repr__(self) -> str:
+            return f"<own {self.value}>"
+
+    @decorator(frozen=frozen)
+    class Empty:
+        pass
+
+    return {"Point": Point, "Checked": Checked, "Own": Own, "Empty": Empty}
+
+
+def outcome(action: Callable[[], Any]) -> tuple[str, Any]:
+    try:
+        return ("value", action())
+    except Exception as e:  # the kind of error is what must match, not its words
+        return ("error", type(e))
+
+
+def both(frozen: bool) -> tuple[dict[str, type], dict[str, type]]:
+    return make(dataclasses.dataclass, frozen), make(_dataclass.dataclass, frozen)
+
+
+CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
+    ("Point", (1,), {}),
+    ("Point", (1, 2), {}),
+    ("Point", (1, 2, ["a"], "n"), {}),
+    ("Point", (), {"x": 3, "note": "n"}),
+    ("Point", (1,), {"y": 5, "tags": ["b"]}),
+    ("Point", (), {}),  # missing x
+    ("Point", (1, 2, [], "n", 5), {}),  # too many
+    ("Point", (1,), {"x": 2}),  # twice
+    ("Point", (1,), {"z": 2}),  # unknown
+    ("Checked", ("web",), {}),
+    ("Checked", ("web", 0), {}),  # refused by __post_init__
+    ("Own", (1.5,), {}),
+    ("Own", (float("nan"),), {}),
+    ("Empty", (), {}),
+    ("Empty", (1,), {}),
+]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize(("cls", "args", "kwargs"), CALLS)
+def test_construction_and_repr_match(
+    frozen: bool, cls: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
+    std, ours = both(frozen)
+    expected = outcome(lambda: std[cls](*args, **kwargs))
+    got = outcome(lambda: ours[cls](*args, **kwargs))
+    assert got[0] == expected[0]
+    if expected[0] == "error":
+        assert got[1] is expected[1]
+        return
+    assert repr(got[1]) == repr(expected[1])
+    assert dataclasses.asdict(got[1]) == dataclasses.asdict(expected[1])
+    assert [f.name for f in dataclasses.fields(got[1])] == [
+        f.name for f in dataclasses.fields(expected[1])
+    ]
+    assert type(got[1]).__match_args__ == type(expected[1]).__match_args__
+
+
+def pairs(classes: dict[str, type]) -> list[tuple[Any, Any]]:
+    nan = float("nan")
+    point, own = classes["Point"], classes["Own"]
+    shared = ["t"]
+    return [
+        (point(1, 2), point(1, 2)),
+        (point(1, 2), point(1, 3)),
+        (point(1, 2, note="a"), point(1, 2, note="b")),  # note is not compared
+        (point(1, 2, ["a"]), point(1, 2, ["b"])),
+        (point(1, 2, shared), point(1, 2, shared)),
+        (own(nan), own(nan)),  # different nan objects: unequal
+        (classes["Empty"](), classes["Empty"]()),
+        (point(1), (1, 0, [], "")),  # another type: NotImplemented, so unequal
+    ]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_equality_and_hashing_match(frozen: bool) -> None:
+    std, ours = both(frozen)
+    nan = float("nan")
+    for (a, b), (c, d) in zip(pairs(std), pairs(ours), strict=True):
+        assert (c == d, c != d) == (a == b, a != b)
+    for name in std:
+        assert (std[name].__hash__ is None) == (ours[name].__hash__ is None), name
+    if frozen:
+        # the same object twice: equal though nan != nan, and equal objects hash alike
+        one = ours["Own"](nan)
+        assert one == one and hash(one) == hash(copy.copy(one))
+        assert hash(ours["Point"](1, 2, (), "a")) == hash(ours["Point"](1, 2, (), "b"))
+        assert hash(ours["Point"](1, 2, ())) == hash(std["Point"](1, 2, ()))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_frozen_assignment_and_deletion_match(frozen: bool) -> None:
+    std, ours = both(frozen)
+    for classes in (std, ours):
+        a = classes["Point"](1)
+        assert outcome(lambda a=a: setattr(a, "x", 5)) == (
+            ("error", dataclasses.FrozenInstanceError) if frozen else ("value", None)
+        )
+        assert outcome(lambda a=a: delattr(a, "y"))[0] == ("error" if frozen else "value")
+        assert outcome(lambda a=a: setattr(a, "other", 1))[0] == ("error" if frozen else "value")
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_replace_pickle_and_copy(frozen: bool) -> None:
+    point = make(_dataclass.dataclass, frozen)["Point"]
+    a = point(1, 2, ["x"], "n")
+    b = dataclasses.replace(a, y=7)
+    assert (b.x, b.y, b.tags, b.note) == (1, 7, ["x"], "n")
+    assert a.y == 2
+    for again in (copy.copy(a), copy.deepcopy(a)):
+        assert again == a and repr(again) == repr(a)
+    with pytest.raises(TypeError):
+        dataclasses.replace(a, z=1)
+    with pytest.raises(ValueError, match="size 0"):
+        dataclasses.replace(make(_dataclass.dataclass, frozen)["Checked"]("a"), size=0)
+
+
+def test_project_types_pickle() -> None:
+    service = Service(name="web", base=6000, size=3)
+    report = GcReport(instances=["x 1"])
+    for value in (service, report):
+        again = pickle.loads(pickle.dumps(value))
+        assert again == value and repr(again) == repr(value)
+
+
+def test_each_instance_gets_its_own_default_factory_value() -> None:
+    point = make(_dataclass.dataclass, False)["Point"]
+    a, b = point(1), point(2)
+    a.tags.append("only a")
+    assert b.tags == []
+
+
+def test_refuses_what_the_standard_decorator_refuses() -> None:
+    with pytest.raises(ValueError, match="mutable default"):
+
+        @_dataclass.dataclass
+        class Bad:
+            items: list[int] = []  # noqa: RUF012
+
+    with pytest.raises(TypeError, match="non-default argument"):
+
+        @_dataclass.dataclass
+        class Order:
+            a: int = 0
+            b: int  # type: ignore[misc]
+
+    with pytest.raises(TypeError, match="__setattr__"):
+
+        @_dataclass.dataclass(frozen=True)
+        class Guarded:
+            a: int
+
+            def __setattr__(self, name: str, value: object) -> None:
+                raise AttributeError(name)
+
+
+def test_the_project_types_are_dataclasses_with_their_own_methods_kept() -> None:
+    service = Service(name="web", base=6000, size=3)
+    assert dataclasses.is_dataclass(service)
+    moved = dataclasses.replace(service, base=6100)
+    assert (moved.base, moved.name) == (6100, "web")
+    assert service != moved and service == dataclasses.replace(moved, base=6000)
+    assert hash(service) == hash(dataclasses.replace(moved, base=6000))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        service.base = 1  # type: ignore[misc]
+    # Lease keeps the __repr__ it writes itself, and is unhashable as a mutable dataclass.
+    assert Lease.__repr__.__qualname__ == "Lease.__repr__"
+    assert Lease.__hash__ is None
