@@ -16,7 +16,8 @@ alike, and the report compares ratios, never absolute times:
 - ``portpool status`` and ``status --json`` with 3 live instances held by this process,
   beside a process that only imports what ``status`` imports (portpool's import share);
 - ``portpool run --config one-service.toml -- true``, beside a process that only
-  imports what ``run`` imports;
+  imports what ``run`` imports, and one that only imports the standard library's
+  modules those load (their share of the imports);
 - ``status`` and ``run`` started as ``python -c "from portpool.cli import main; main()"``,
   without the console script's freeze of the cyclic collector (what that trick is worth);
 - ``true`` started in-process as ``run`` starts its command (``_launch.spawn``: fork,
@@ -80,6 +81,11 @@ finally:
 START = "true started as run starts it (spawn, in-process, to its exit)"
 POPEN = "true started by subprocess.Popen (in-process, to its exit)"
 RUN_IMPORTS = "run's imports only (portpool.cli, _run, instance, shield, supervisor, logging)"
+RUN_MODULES = (
+    "portpool.cli, portpool._run, portpool.instance, portpool.shield, portpool._processes,"
+    " portpool._relay, logging"
+)
+RUN_STDLIB = "the standard library's modules of run's imports only (beyond click's)"
 # The CLI without the console script's entry point (and its freeze of the collector).
 NO_FREEZE = "import sys\nsys.argv[0] = 'portpool'\nfrom portpool.cli import main\nmain()"
 STATUS_NO_FREEZE = "portpool status (3 live instances), collector not frozen"
@@ -163,11 +169,9 @@ def run(quick: bool = False) -> Section:
             RUN_IMPORTS: [
                 PY,
                 "-c",
-                FROZEN.format(
-                    imports="import portpool.cli, portpool._run, portpool.instance,"
-                    " portpool.shield, portpool._processes, portpool._relay, logging"
-                ),
+                FROZEN.format(imports=f"import {RUN_MODULES}"),
             ],
+            RUN_STDLIB: [PY, "-c", FROZEN.format(imports=f"import {stdlib_of_run(env)}")],
             STATUS_NO_FREEZE: [PY, "-c", NO_FREEZE, "status", "--config", str(few)],
             RUN_NO_FREEZE: [PY, "-c", NO_FREEZE, "run", "--config", str(one), "--", true],
         }
@@ -203,6 +207,23 @@ def run(quick: bool = False) -> Section:
             "the diagnosis of a refused port still do."
         )
     return section
+
+
+def stdlib_of_run(env: dict[str, str]) -> str:
+    """``import click, <the top-level standard-library modules that run's imports load
+    beyond click's>``, found by importing them in a child (so that the floor follows
+    the code)."""
+    import json
+    import subprocess
+
+    code = (
+        "import json, sys\nimport click\nbefore = set(sys.modules)\n"
+        f"import {RUN_MODULES}\n"
+        "print(json.dumps(sorted(m for m in set(sys.modules) - before\n"
+        "    if '.' not in m and not m.startswith(('_', 'portpool')))))"
+    )
+    done = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return ", ".join(["click", *json.loads(done.stdout)])
 
 
 def start_cost(argv: list[str], env: dict[str, str], runs: int) -> dict[str, ProcessTimes]:
@@ -287,6 +308,7 @@ def split_run(ms: dict[str, float], kind: str) -> list[str]:
     command, run_ms, bare = ms[CLICK_COMMAND], ms[RUN], ms[BARE]
     own = run_ms - command - bare
     imports = ms[RUN_IMPORTS] - ms[CLICK_FROZEN]
+    stdlib = ms[RUN_STDLIB] - ms[CLICK_FROZEN]
     start = max(0.0, ms[START] - ms[POPEN])
     rest = own - imports - start
     return [
@@ -294,7 +316,10 @@ def split_run(ms: dict[str, float], kind: str) -> list[str]:
         f"{command:.0f} ms (python, click's import and work) and the bare `true` "
         f"{bare:.1f} ms; portpool's own {own:.0f} ms ({own / ms[FLOOR]:.2f}x python -c "
         f"pass): importing its modules {imports:.0f} ms (the imports-only process - import "
-        f"click, both with the collector as the command has it), starting the command "
+        f"click, both with the collector as the command has it; {stdlib:.0f} ms of it the "
+        "standard library's modules they load, e.g. socket, subprocess, logging, json, "
+        f"tomllib, hashlib, shutil, ctypes, and {imports - stdlib:.0f} ms portpool's own "
+        "modules), starting the command "
         f"{start:.1f} ms more than a plain subprocess.Popen and {rest:.0f} ms for the rest "
         "(layout, slot, lease, threads, release, exit)."
     ]
