@@ -231,3 +231,47 @@ def test_the_package_builds_its_dataclasses_with_its_own_decorator() -> None:
         )
     ]
     assert direct == []
+
+
+def test_subclasses_inherit_frozenness_as_with_the_standard_decorator() -> None:
+    """A subclass must be frozen exactly when its dataclass bases are, whichever of the two
+    decorators made either; ``__dataclass_params__`` says what the class really is (a
+    user's ``@dataclasses.dataclass(frozen=True)`` subclass of Service was refused)."""
+    decorators: list[Callable[..., Any]] = [dataclasses.dataclass, _dataclass.dataclass]
+    for base_decorator in decorators:
+        for base_frozen in (False, True):
+
+            @base_decorator(frozen=base_frozen)
+            class Base:
+                a: int
+
+            for decorator in decorators:
+                for frozen in (False, True):
+
+                    def subclass(decorator: Any = decorator, frozen: bool = frozen) -> Any:
+                        @decorator(frozen=frozen)
+                        class Sub(Base):
+                            b: int = 0
+
+                        return Sub(1)
+
+                    if frozen != base_frozen:
+                        with pytest.raises(TypeError, match="cannot inherit"):
+                            subclass()
+                        continue
+                    made = subclass()
+                    assert repr(made).endswith("Sub(a=1, b=0)")
+                    params = type(made).__dataclass_params__
+                    assert (params.init, params.repr, params.eq, params.frozen) == (
+                        True,
+                        True,
+                        True,
+                        frozen,
+                    )
+                    if frozen:
+                        with pytest.raises(dataclasses.FrozenInstanceError):
+                            made.a = 2
+                    else:
+                        made.a = 2
+    mine: Any = dataclasses.dataclass(frozen=True)(type("Mine", (Service,), {}))
+    assert mine(name="web", base=6000, size=3) == mine(name="web", base=6000, size=3)

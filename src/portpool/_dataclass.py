@@ -53,10 +53,18 @@ def dataclass(cls: _C | None = None, /, *, frozen: bool = False) -> _C | Callabl
 
 
 def _process(cls: _C, frozen: bool) -> _C:
-    # The standard decorator checks the fields and records them; it adds no method.
-    dataclasses.dataclass(cls, init=False, repr=False, eq=False)
-    fields = dataclasses.fields(cls)
     own = cls.__dict__
+    guarded = [name for name in ("__setattr__", "__delattr__") if name in own]
+    # The standard decorator checks the fields and records them; it adds no method, but
+    # for a subclass of a dataclass the two frozen ones: told ``frozen`` there, it checks
+    # that the bases are frozen just as this class (no class of portpool inherits one).
+    inherits = any(dataclasses.is_dataclass(base) for base in cls.__mro__[1:])
+    dataclasses.dataclass(cls, init=False, repr=False, eq=False, frozen=frozen and inherits)
+    # What the class is, for that check in its subclasses and for whoever reads it.
+    params = own["__dataclass_params__"]
+    params.init = params.repr = params.eq = True
+    params.frozen = frozen
+    fields = dataclasses.fields(cls)
     methods: dict[str, Any] = {
         "__init__": _make_init(cls, fields),
         "__repr__": _make_repr(tuple(f.name for f in fields if f.repr)),
@@ -71,7 +79,7 @@ def _process(cls: _C, frozen: bool) -> _C:
             ("__setattr__", _make_frozen_setattr(cls, names)),
             ("__delattr__", _make_frozen_delattr(cls, names)),
         ):
-            if name in own:
+            if name in guarded:
                 raise TypeError(f"Cannot overwrite attribute {name} in class {cls.__name__}")
             _set_method(cls, name, method)
     # The standard decorator's rule for __hash__ with eq=True: a class that defines
