@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import pickle
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -275,3 +276,16 @@ def test_subclasses_inherit_frozenness_as_with_the_standard_decorator() -> None:
                         made.a = 2
     mine: Any = dataclasses.dataclass(frozen=True)(type("Mine", (Service,), {}))
     assert mine(name="web", base=6000, size=3) == mine(name="web", base=6000, size=3)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_equality_compares_as_this_pythons_standard_decorator(frozen: bool) -> None:
+    """Python 3.13 compares field by field (one nan in two instances: unequal), earlier
+    versions as tuples (an element compares by identity first: equal)."""
+    std, ours = both(frozen)
+    nan = float("nan")
+    before_313 = sys.version_info < (3, 13)
+    assert (std["Own"](nan) == std["Own"](nan)) is before_313
+    assert (ours["Own"](nan) == ours["Own"](nan)) is before_313
+    same = ours["Own"](nan)
+    assert same == same  # the very instance: equal on every version

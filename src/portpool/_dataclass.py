@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import sys
 from collections.abc import Callable
 from dataclasses import MISSING, FrozenInstanceError, field
 from operator import attrgetter
@@ -158,13 +159,36 @@ def _make_repr(names: tuple[str, ...]) -> Callable[[Any], str]:
 
 
 def _make_eq(names: tuple[str, ...]) -> Callable[[Any, object], Any]:
+    if sys.version_info >= (3, 13):
+        return _make_eq_by_field(names)
     values = _values(names)
 
     def equal(self: Any, other: object) -> Any:
-        # As the standard method: a tuple each, so an element compares by identity first.
+        # As the standard method before 3.13: a tuple each, so an element compares by
+        # identity first.
         if other.__class__ is not self.__class__:
             return NotImplemented
         return values(self) == values(other)
+
+    return equal
+
+
+def _make_eq_by_field(names: tuple[str, ...]) -> Callable[[Any, object], Any]:
+    getters = tuple(attrgetter(name) for name in names)
+
+    def equal(self: Any, other: object) -> Any:
+        # As the standard method from 3.13 on: the instance itself is equal, another one
+        # compares field by field, ``a == a2 and b == b2`` (one nan in both: unequal).
+        if self is other:
+            return True
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        result: Any = True
+        for get in getters:
+            result = get(self) == get(other)
+            if not result:
+                break
+        return result
 
     return equal
 
