@@ -289,3 +289,39 @@ def test_equality_compares_as_this_pythons_standard_decorator(frozen: bool) -> N
     assert (ours["Own"](nan) == ours["Own"](nan)) is before_313
     same = ours["Own"](nan)
     assert same == same  # the very instance: equal on every version
+
+
+def test_a_bad_call_is_told_in_the_standard_words() -> None:
+    """Every missing argument is named, and how many positional ones the class takes."""
+
+    def classes(decorator: Callable[..., Any]) -> tuple[Any, ...]:
+        @decorator(frozen=True)
+        class Three:
+            a: int
+            b: int
+            c: int
+            d: int = 0
+
+        return Three, make(decorator, False)["Empty"]
+
+    def error(action: Callable[[], Any]) -> str:
+        with pytest.raises(TypeError) as caught:
+            action()
+        return str(caught.value)
+
+    (std, std_empty), (ours, ours_empty) = (
+        classes(dataclasses.dataclass),
+        classes(_dataclass.dataclass),
+    )
+    calls: list[Callable[[Any, Any], Any]] = [
+        lambda three, empty: three(),
+        lambda three, empty: three(1),
+        lambda three, empty: three(1, 2),
+        lambda three, empty: three(1, c=3),
+        lambda three, empty: three(1, 2, 3, 4, 5),
+        lambda three, empty: empty(1),
+        lambda three, empty: empty(1, 2),
+    ]
+    for call in calls:
+        ours_said = error(lambda call=call: call(ours, ours_empty))
+        assert ours_said == error(lambda call=call: call(std, std_empty))

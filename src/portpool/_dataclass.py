@@ -116,16 +116,21 @@ def _make_init(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> Callabl
     post_init = hasattr(cls, "__post_init__")
     setter = object.__setattr__
     title = f"{cls.__qualname__}.__init__()"
+    # The standard method's words for a bad call, which count ``self``.
+    required = tuple(n for n in names if n not in defaults and n not in factories)
+    low, high = len(required) + 1, len(names) + 1
+    takes = (
+        f"from {low} to {high} positional arguments"
+        if low < high
+        else f"{high} positional argument{'s' if high > 1 else ''}"
+    )
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         if kwargs and not known.issuperset(kwargs):
             unknown = next(k for k in kwargs if k not in known)
             raise TypeError(f"{title} got an unexpected keyword argument {unknown!r}")
         if len(args) > len(names):
-            raise TypeError(
-                f"{title} takes {len(names) + 1} positional arguments but "
-                f"{len(args) + 1} were given"
-            )
+            raise TypeError(f"{title} takes {takes} but {len(args) + 1} were given")
         for name, value in zip(names, args, strict=False):
             if name in kwargs:
                 raise TypeError(f"{title} got multiple values for argument {name!r}")
@@ -138,7 +143,8 @@ def _make_init(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> Callabl
             elif name in factories:
                 setter(self, name, factories[name]())
             else:
-                raise TypeError(f"{title} missing required argument: {name!r}")
+                missing = [n for n in required[len(args) :] if n not in kwargs]
+                raise TypeError(f"{title} {_missing(missing)}")
         for name in later:
             if name in factories:
                 setter(self, name, factories[name]())
@@ -148,6 +154,17 @@ def _make_init(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> Callabl
             self.__post_init__()
 
     return init
+
+
+def _missing(names: list[str]) -> str:
+    """``missing 2 required positional arguments: 'a' and 'b'``, as Python says it."""
+    quoted = [repr(name) for name in names]
+    if len(quoted) > 2:
+        listed = ", ".join(quoted[:-1]) + ", and " + quoted[-1]
+    else:
+        listed = " and ".join(quoted)
+    plural = "s" if len(names) > 1 else ""
+    return f"missing {len(names)} required positional argument{plural}: {listed}"
 
 
 def _make_repr(names: tuple[str, ...]) -> Callable[[Any], str]:
