@@ -325,3 +325,16 @@ def test_a_bad_call_is_told_in_the_standard_words() -> None:
     for call in calls:
         ours_said = error(lambda call=call: call(ours, ours_empty))
         assert ours_said == error(lambda call=call: call(std, std_empty))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_repr_that_reaches_its_own_instance_says_dots(frozen: bool) -> None:
+    """An instance inside its own fields is shown as ``...``, as the standard repr does
+    (portpool's recursed until RecursionError)."""
+    std, ours = both(frozen)
+    shown = []
+    for classes in (std, ours):
+        point = classes["Point"](1)
+        point.tags.append(point)
+        shown.append(repr(point).split("Point", 1)[1])
+    assert shown[1] == shown[0] == "(x=1, y=0, tags=[...])"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import reprlib
 import sys
 from collections.abc import Callable
 from dataclasses import MISSING, FrozenInstanceError, field
@@ -168,6 +169,8 @@ def _missing(names: list[str]) -> str:
 
 
 def _make_repr(names: tuple[str, ...]) -> Callable[[Any], str]:
+    # As the standard method: an instance met again inside its own fields shows "...".
+    @reprlib.recursive_repr()
     def show(self: Any) -> str:
         shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in names)
         return f"{type(self).__qualname__}({shown})"
