@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import pickle
 import re
 import sys
@@ -338,3 +339,26 @@ def test_a_repr_that_reaches_its_own_instance_says_dots(frozen: bool) -> None:
         point.tags.append(point)
         shown.append(repr(point).split("Point", 1)[1])
     assert shown[1] == shown[0] == "(x=1, y=0, tags=[...])"
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_help_and_inspect_see_the_fields_as_parameters(frozen: bool) -> None:
+    """``inspect.signature`` (help(), IDEs, documentation tools) lists the fields as the
+    standard compiled __init__ does, not ``(*args, **kwargs)``; so does the docstring of
+    a class without one; a subclass with its own __init__ shows that one."""
+    std, ours = both(frozen)
+    for name in std:
+        assert str(inspect.signature(ours[name])) == str(inspect.signature(std[name])), name
+        assert ours[name].__doc__ == std[name].__doc__, name
+    assert str(inspect.signature(ours["Point"])).startswith("(x: 'int', y: 'int' = 0, tags:")
+
+    class Plain(ours["Point"]):  # type: ignore[misc]
+        pass
+
+    class Own(ours["Point"]):  # type: ignore[misc]
+        def __init__(self, z: int) -> None:
+            super().__init__(z)
+
+    assert str(inspect.signature(Plain)) == str(inspect.signature(std["Point"]))
+    assert str(inspect.signature(Own)) == "(z: 'int') -> 'None'"
+    assert str(inspect.signature(Service)).startswith("(name: 'str', base: 'int', size: 'int'")

@@ -18,11 +18,12 @@ defines itself are kept, as the standard decorator keeps them.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import reprlib
 import sys
 from collections.abc import Callable
-from dataclasses import MISSING, FrozenInstanceError, field
+from dataclasses import MISSING, Field, FrozenInstanceError, field
 from operator import attrgetter
 from typing import Any, TypeVar, dataclass_transform, overload
 
@@ -56,6 +57,7 @@ def dataclass(cls: _C | None = None, /, *, frozen: bool = False) -> _C | Callabl
 
 def _process(cls: _C, frozen: bool) -> _C:
     own = cls.__dict__
+    documented = bool(own.get("__doc__"))
     guarded = [name for name in ("__setattr__", "__delattr__") if name in own]
     # The standard decorator checks the fields and records them; it adds no method, but
     # for a subclass of a dataclass the two frozen ones: told ``frozen`` there, it checks
@@ -75,6 +77,8 @@ def _process(cls: _C, frozen: bool) -> _C:
     for name, method in methods.items():
         if name not in own:  # the class's own method wins, as with the standard decorator
             _set_method(cls, name, method)
+            if name == "__init__":
+                cls.__signature__ = _Signature(method, fields)  # type: ignore[attr-defined]
     if frozen:
         names = frozenset(f.name for f in fields)
         for name, method in (
@@ -94,7 +98,46 @@ def _process(cls: _C, frozen: bool) -> _C:
             _set_method(cls, "__hash__", _make_hash(hashed))
         else:
             cls.__hash__ = None  # type: ignore[assignment]
+    if not documented:  # as the standard decorator names a class without a docstring
+        cls.__doc__ = cls.__name__ + str(inspect.signature(cls)).replace(" -> None", "")
     return cls
+
+
+class _Factory:
+    """A default_factory's place in a signature, shown as the standard one shows it."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+class _Signature:
+    """What ``inspect.signature`` (help, IDEs) reads for the class: the init fields as the
+    standard compiled ``__init__`` lists them, built when asked."""
+
+    def __init__(self, init: Callable[..., None], fields: tuple[Field[Any], ...]) -> None:
+        self.init, self.fields = init, fields
+
+    def __get__(self, obj: object, owner: type[object]) -> inspect.Signature | None:
+        if obj is not None or owner.__init__ is not self.init:
+            return None  # an instance, or a subclass's own __init__: inspect reads that
+        factory = _Factory()
+        parameters = [
+            inspect.Parameter(
+                f.name,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                default=(
+                    f.default
+                    if f.default is not MISSING
+                    else factory
+                    if f.default_factory is not MISSING
+                    else inspect.Parameter.empty
+                ),
+                annotation=f.type,
+            )
+            for f in self.fields
+            if f.init
+        ]
+        return inspect.Signature(parameters, return_annotation=None)
 
 
 def _set_method(cls: type, name: str, method: Any) -> None:
