@@ -362,3 +362,31 @@ def test_help_and_inspect_see_the_fields_as_parameters(frozen: bool) -> None:
     assert str(inspect.signature(Plain)) == str(inspect.signature(std["Point"]))
     assert str(inspect.signature(Own)) == "(z: 'int') -> 'None'"
     assert str(inspect.signature(Service)).startswith("(name: 'str', base: 'int', size: 'int'")
+
+
+def test_a_mutable_init_assigns_through_the_class_setattr() -> None:
+    """The standard __init__ of a mutable dataclass assigns ``self.x = x``, so a subclass's
+    own __setattr__ (a user's GcReport that logs or validates) sees every field; a frozen
+    one sets them past its guard."""
+    seen: dict[str, list[str]] = {}
+    for label, base in (
+        ("std", make(dataclasses.dataclass, False)),
+        ("ours", make(_dataclass.dataclass, False)),
+    ):
+        names = seen.setdefault(label, [])
+
+        class Watched(base["Point"]):  # type: ignore[misc, valid-type]
+            def __setattr__(self, name: str, value: object, names: list[str] = names) -> None:
+                names.append(name)
+                super().__setattr__(name, value)
+
+        Watched(1)
+
+    class Report(GcReport):
+        def __setattr__(self, name: str, value: object) -> None:
+            seen.setdefault("report", []).append(name)
+            super().__setattr__(name, value)
+
+    Report()
+    assert seen["ours"] == seen["std"] == ["x", "y", "tags", "note"]
+    assert seen["report"] == [f.name for f in dataclasses.fields(GcReport)]

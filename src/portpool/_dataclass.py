@@ -70,7 +70,7 @@ def _process(cls: _C, frozen: bool) -> _C:
     params.frozen = frozen
     fields = dataclasses.fields(cls)
     methods: dict[str, Any] = {
-        "__init__": _make_init(cls, fields),
+        "__init__": _make_init(cls, fields, frozen),
         "__repr__": _make_repr(tuple(f.name for f in fields if f.repr)),
         "__eq__": _make_eq(tuple(f.name for f in fields if f.compare)),
     }
@@ -145,7 +145,9 @@ def _set_method(cls: type, name: str, method: Any) -> None:
     setattr(cls, name, method)
 
 
-def _make_init(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> Callable[..., None]:
+def _make_init(
+    cls: type, fields: tuple[dataclasses.Field[Any], ...], frozen: bool
+) -> Callable[..., None]:
     names = tuple(f.name for f in fields if f.init)
     known = frozenset(names)
     defaults = {f.name: f.default for f in fields if f.default is not MISSING}
@@ -158,7 +160,9 @@ def _make_init(cls: type, fields: tuple[dataclasses.Field[Any], ...]) -> Callabl
         ):
             raise TypeError(f"non-default argument {after!r} follows default argument")
     post_init = hasattr(cls, "__post_init__")
-    setter = object.__setattr__
+    # As the standard method: past the frozen guard, else ``self.x = x`` (a subclass's
+    # own __setattr__ sees the fields).
+    setter: Callable[[Any, str, Any], None] = object.__setattr__ if frozen else setattr
     title = f"{cls.__qualname__}.__init__()"
     # The standard method's words for a bad call, which count ``self``.
     required = tuple(n for n in names if n not in defaults and n not in factories)
