@@ -390,3 +390,13 @@ def test_a_mutable_init_assigns_through_the_class_setattr() -> None:
     Report()
     assert seen["ours"] == seen["std"] == ["x", "y", "tags", "note"]
     assert seen["report"] == [f.name for f in dataclasses.fields(GcReport)]
+
+
+def test_the_methods_belong_to_the_class_module() -> None:
+    """The standard methods are compiled in the class's module, so they pickle by
+    reference (a process pool handed ``Service.__repr__``) and documentation tools file
+    them under the class; portpool's named its own helper module."""
+    for name in ("__init__", "__repr__", "__eq__", "__hash__", "__setattr__", "__delattr__"):
+        method = getattr(Service, name)
+        assert method.__module__ == Service.__module__, name
+        assert pickle.loads(pickle.dumps(method)) is method, name

@@ -142,6 +142,7 @@ class _Signature:
 
 def _set_method(cls: type, name: str, method: Any) -> None:
     method.__name__, method.__qualname__ = name, f"{cls.__qualname__}.{name}"
+    method.__module__ = cls.__module__  # where the standard decorator compiles its methods
     setattr(cls, name, method)
 
 
