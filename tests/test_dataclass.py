@@ -400,3 +400,12 @@ def test_the_methods_belong_to_the_class_module() -> None:
         method = getattr(Service, name)
         assert method.__module__ == Service.__module__, name
         assert pickle.loads(pickle.dumps(method)) is method, name
+
+
+def test_keyword_only_fields_are_refused_not_made_positional() -> None:
+    with pytest.raises(TypeError, match="keyword-only"):
+
+        @_dataclass.dataclass
+        class Named:
+            a: int
+            b: int = dataclasses.field(default=0, kw_only=True)

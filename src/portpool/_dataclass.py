@@ -12,7 +12,8 @@ acquire + release of a port creates three (about 5% of that call).
 
 Supported: ``frozen``, fields with ``default``, ``default_factory``, ``repr=False``,
 ``compare=False``, ``hash``, ``init=False``, and ``__post_init__``; methods the class
-defines itself are kept, as the standard decorator keeps them.
+defines itself are kept, as the standard decorator keeps them. Not supported (refused):
+keyword-only fields; ``InitVar`` pseudo-fields are not passed to ``__post_init__``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def _process(cls: _C, frozen: bool) -> _C:
     params.init = params.repr = params.eq = True
     params.frozen = frozen
     fields = dataclasses.fields(cls)
+    if any(f.kw_only is True for f in fields):
+        # The shared __init__ takes every field by position too: refused, not ignored.
+        raise TypeError(f"{cls.__qualname__}: keyword-only fields are not supported here")
     methods: dict[str, Any] = {
         "__init__": _make_init(cls, fields, frozen),
         "__repr__": _make_repr(tuple(f.name for f in fields if f.repr)),
