@@ -322,8 +322,8 @@ def is_held(
     (``open_files``, shared among the calls of one command), the kernel's whole table
     is not read (a read of it waits for an RCU grace period). ``locked`` is a
     ``locked_inodes()`` snapshot, or a function giving one (called only when needed);
-    None means probe (an OS that does not list locks). Unknown is never "free". Raises
-    OSError if the entry cannot be examined.
+    None means probe (an OS that does not list locks, or a table that kept changing
+    while read). Unknown is never "free". Raises OSError if the entry cannot be examined.
     """
     st = directory.stat_entry(name)
     if st is None:
