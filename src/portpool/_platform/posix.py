@@ -144,7 +144,8 @@ def _lock_entry(line: str) -> tuple[tuple[int, int], int] | None:
 # /proc/locks is served a page per read(), each page resuming the kernel's list by
 # position: a lock released meanwhile ahead of that position shifted the rest back, and
 # a lock held throughout went missing from the listing (1 read in 8 under lock churn,
-# 1 in 6,000 beside the chaos harness). Hence the overlap checked below.
+# 1 in 6,000 beside the chaos harness; ``python -m benchmarks.torn_lock_reads``).
+# Hence the overlap checked below.
 _PAGE_READ = 1 << 20  # more than a page: the kernel returns one page per call anyway
 _OVERLAP_RECORDS = 4
 # Beside the chaos harness 1 read in 40 needed another, rarely more than 40 in a row.
