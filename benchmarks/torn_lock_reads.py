@@ -12,7 +12,8 @@ most ``--seconds``) each way and counts the reads that do not list the held lock
 - ``text``: line by line from a text file, as portpool read it before;
 - ``big``: ``os.read`` of 1 MiB until EOF (the kernel still returns one page a call);
 - ``union2``: two ``text`` reads, a lock listed by either counting as listed;
-- ``portpool``: ``locked_inodes()`` (a None, "cannot tell", is counted apart).
+- ``portpool``: ``locked_inodes()`` (an incomplete table, where portpool asks the file
+  itself, is counted apart as "cannot tell").
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def read_portpool() -> set[Key] | None:
     from portpool._platform import locked_inodes
 
     table = locked_inodes()
-    return None if table is None else set(table)
+    # An incomplete table (locks kept changing) answers "cannot tell" for what it lacks.
+    return None if table is None or not table.complete else set(table)
 
 
 WAYS: dict[str, Callable[[], set[Key] | None]] = {

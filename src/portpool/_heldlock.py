@@ -299,7 +299,8 @@ def _listed(directory: DirHandle, name: str, st: os.stat_result, locked: LockTab
 
     Device and inode both: the inode alone matched other filesystems' locks. When the
     table only lists the inode under another device (btrfs subvolumes and overlay mounts
-    list the filesystem's device, not ``st_dev``), the file itself is asked.
+    list the filesystem's device, not ``st_dev``), or may have missed it (locks kept
+    changing while it was read), the file itself is asked.
     """
     listed = locked.holds(st.st_dev, st.st_ino)
     if listed is not None:
@@ -322,8 +323,8 @@ def is_held(
     (``open_files``, shared among the calls of one command), the kernel's whole table
     is not read (a read of it waits for an RCU grace period). ``locked`` is a
     ``locked_inodes()`` snapshot, or a function giving one (called only when needed);
-    None means probe (an OS that does not list locks, or a table that kept changing
-    while read). Unknown is never "free". Raises OSError if the entry cannot be examined.
+    None means probe (an OS that does not list locks). Unknown is never "free". Raises
+    OSError if the entry cannot be examined.
     """
     st = directory.stat_entry(name)
     if st is None:

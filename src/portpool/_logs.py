@@ -113,7 +113,10 @@ def _wrote_log(
     directory = state.find_instances(app)
     st = directory.stat_entry(f"{running.number}.lock") if directory is not None else None
     table = locked_inodes()
-    return st is not None and (table is None or table.get((st.st_dev, st.st_ino)) == owner[0])
+    if st is None or table is None:
+        return st is not None
+    pid = table.get((st.st_dev, st.st_ino))
+    return pid == owner[0] or (pid is None and not table.complete)  # not listed: unknown
 
 
 def _log_error(logs: DirHandle, number: int, problem: str) -> StateDirError:

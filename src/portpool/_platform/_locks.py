@@ -14,18 +14,24 @@ class LockTable(dict[tuple[int, int], int]):
     alive (tmpfs inode numbers are small and reused).
     """
 
-    def __init__(self, entries: Iterable[tuple[tuple[int, int], int]] = ()) -> None:
+    def __init__(
+        self, entries: Iterable[tuple[tuple[int, int], int]] = (), *, complete: bool = True
+    ) -> None:
         super().__init__(entries)
         self.inodes = {ino for _, ino in self}
+        # False: locks kept changing while the kernel's table was read, and one held
+        # throughout may be missing (every lock listed was held).
+        self.complete = complete
 
     def holds(self, device: int, inode: int) -> bool | None:
         """True if a lock is listed on (``device``, ``inode``); False if none is listed on
-        that inode anywhere; None when the inode is only listed on other devices.
+        that inode anywhere in a complete table; None otherwise.
 
         None is "cannot tell from the table": btrfs subvolumes and overlay mounts list a
-        lock under the filesystem's device while ``stat`` gives another one, and another
-        user's file may share the inode number. The caller then asks the file itself.
+        lock under the filesystem's device while ``stat`` gives another one, another
+        user's file may share the inode number, and an incomplete table may have missed
+        the lock. The caller then asks the file itself.
         """
         if (device, inode) in self:
             return True
-        return None if inode in self.inodes else False
+        return None if inode in self.inodes or not self.complete else False

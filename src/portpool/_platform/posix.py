@@ -188,21 +188,24 @@ def _consistent_listing(fd: int) -> bytes | None:
     return data
 
 
-def _proc_locks() -> list[tuple[tuple[int, int], int]] | None:
-    """The flocks of one consistent read of ``/proc/locks``; None if none could be had
-    within ``_CONSISTENT_READ_S`` (locks kept changing). Raises OSError."""
+def _proc_locks() -> tuple[list[tuple[tuple[int, int], int]], bool]:
+    """The flocks ``/proc/locks`` lists, and whether they are all that were held: False
+    when no consistent read could be had within ``_CONSISTENT_READ_S`` (locks kept
+    changing), and these come from one plain read. Raises OSError."""
     fd = os.open("/proc/locks", os.O_RDONLY | os.O_CLOEXEC)
     try:
         deadline = time.monotonic() + _CONSISTENT_READ_S
         data = _consistent_listing(fd)
         while data is None and time.monotonic() < deadline:
             data = _consistent_listing(fd)
+        complete = data is not None
+        if data is None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            data = b"".join(iter(lambda: os.read(fd, _PAGE_READ), b""))
     finally:
         os.close(fd)
-    if data is None:
-        return None
     lines = data.decode("ascii", errors="replace").splitlines()
-    return [entry for entry in map(_lock_entry, lines) if entry is not None]
+    return [entry for entry in map(_lock_entry, lines) if entry is not None], complete
 
 
 def _fdinfo_flocks(path: str) -> set[tuple[int, int]] | None:
@@ -301,21 +304,20 @@ class OpenFiles:
 
 
 def locked_inodes() -> LockTable | None:
-    """(device, inode) -> pid for every flock held now, or None where the kernel won't tell
-    (another OS, or locks changing too fast for one consistent read of the table).
+    """(device, inode) -> pid for every flock held now, or None where the kernel won't tell.
 
     The pid is the process that took the lock (a forked child sharing it is not shown).
     Read-only: unlike probing with a lock of our own, it never makes a racer fail. A lock
-    held throughout the read is always listed: a table missing one said "free" of a held
-    port (see ``_consistent_listing``).
+    held throughout the read is listed (a table missing one said "free" of a held port,
+    see ``_consistent_listing``), unless the table says it is not ``complete``.
     """
     if sys.platform != "linux":
         return None
     try:
-        entries = _proc_locks()
+        entries, complete = _proc_locks()
     except OSError:
         return None
-    return None if entries is None else LockTable(entries)
+    return LockTable(entries, complete=complete)
 
 
 def exclusive_bind_options(sock: socket.socket) -> None:
