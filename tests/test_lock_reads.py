@@ -223,6 +223,29 @@ def test_logs_follow_asks_the_running_up_not_the_lock_table(
         portpool("stop", "--all", "-c", str(config), cwd=tmp_path)
 
 
+def test_a_lock_an_incomplete_table_does_not_list_is_asked_of_the_file(state: StateDir) -> None:
+    # A table read while locks kept changing may lack a lock held throughout: what it
+    # lacks is neither held nor free until the file itself says.
+    ports = state.ports()
+    for name in ("1.lock", "2.lock"):
+        os.close(ports.open_file(name, os.O_RDWR | os.O_CREAT))
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLD, os.path.join(ports.path, "1.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline() == "held\n"
+        incomplete = plat.LockTable(complete=False)
+        assert incomplete.holds(1, 2) is None
+        assert plat.LockTable().holds(1, 2) is False
+        assert _heldlock.is_held(ports, "1.lock", incomplete)
+        assert not _heldlock.is_held(ports, "2.lock", incomplete)
+    finally:
+        child.communicate("", timeout=30)
+
+
 # Takes and drops batches of flocks on its own files (argv[1]: how many) in a temporary
 # directory (argv[2]) until its stdin closes or 60 s pass; prints how many batches.
 CHURN = """\
