@@ -488,3 +488,25 @@ class Terminal:
     @property
     def text(self) -> str:
         return self.output.decode(errors="replace")
+
+
+def hold_port_lock(port: int) -> subprocess.Popen[str]:
+    """A child holding ``port``'s lock in the state dir ``PORTPOOL_HOME`` names, from when
+    this returns until its stdin is closed (it prints "held" once it holds it)."""
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from portpool.lock import PortLock\n"
+            "from portpool.statedir import StateDir\n"
+            f"lock = PortLock.acquire(StateDir.open(), {port})\n"
+            "print('held', flush=True)\n"
+            "sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None and child.stdout.readline() == "held\n"
+    return child

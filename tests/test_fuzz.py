@@ -24,7 +24,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from tests.helpers import write_layout
+from tests.helpers import hold_port_lock, write_layout
 
 from portpool._jsonfile import read_json_file
 from portpool._portstatus import inspect_port
@@ -141,23 +141,7 @@ def test_decode_record_random_json_with_good_checksum(value: Any) -> None:
 def held_port(home: Path, state: StateDir) -> Any:
     """A port whose lock is held by another process (a child that flocks it and waits)."""
     port = 40123
-    child = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys\n"
-            "from portpool.lock import PortLock\n"
-            "from portpool.statedir import StateDir\n"
-            f"lock = PortLock.acquire(StateDir.open(), {port})\n"
-            "print('held', flush=True)\n"
-            "sys.stdin.read()\n",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert child.stdout is not None
-    assert child.stdout.readline().strip() == "held"
+    child = hold_port_lock(port)
     yield port
     assert child.stdin is not None
     child.stdin.close()
