@@ -164,9 +164,12 @@ def _record_start(data: bytes, records: int) -> int:
     return pos
 
 
-def _consistent_listing(fd: int) -> bytes | None:
+def _consistent_listing(fd: int, deadline: float) -> bytes | None:
     """The kernel's whole lock listing from the open ``/proc/locks`` ``fd``, or None when
-    the list changed ahead of a page boundary while it was read (read it again).
+    the list changed ahead of a page boundary while it was read (read it again), or when
+    ``deadline`` (``time.monotonic()``) passed before the end: each page costs a walk from
+    the start of the kernel's list, so a table of 5,000 locks took 150 ms (15 ms read
+    plainly) and the cost grows with the square of its pages.
 
     Each page after the first is read from where the last few records read so far
     begin: reading at any offset but the one the last read ended at makes the kernel
@@ -184,6 +187,8 @@ def _consistent_listing(fd: int) -> bytes | None:
             return None
         if len(page) == len(data) - start:
             return data
+        if time.monotonic() > deadline:
+            return None
         data += page[len(data) - start :]
     return data
 
@@ -191,13 +196,14 @@ def _consistent_listing(fd: int) -> bytes | None:
 def _proc_locks() -> tuple[list[tuple[tuple[int, int], int]], bool]:
     """The flocks ``/proc/locks`` lists, and whether they are all that were held: False
     when no consistent read could be had within ``_CONSISTENT_READ_S`` (locks kept
-    changing), and these come from one plain read. Raises OSError."""
+    changing, or a table of many thousands of locks), and these come from one plain
+    read. Raises OSError."""
     fd = os.open("/proc/locks", os.O_RDONLY | os.O_CLOEXEC)
     try:
         deadline = time.monotonic() + _CONSISTENT_READ_S
-        data = _consistent_listing(fd)
+        data = _consistent_listing(fd, deadline)
         while data is None and time.monotonic() < deadline:
-            data = _consistent_listing(fd)
+            data = _consistent_listing(fd, deadline)
         complete = data is not None
         if data is None:
             os.lseek(fd, 0, os.SEEK_SET)
