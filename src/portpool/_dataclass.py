@@ -158,11 +158,10 @@ def _make_init(
     defaults = {f.name: f.default for f in fields if f.default is not MISSING}
     factories = {f.name: f.default_factory for f in fields if f.default_factory is not MISSING}
     later = tuple(f.name for f in fields if not f.init)
+    optional = defaults.keys() | factories.keys()
     for before, after in itertools.pairwise(names):
         # What the standard decorator checks when it writes __init__'s signature.
-        if (before in defaults or before in factories) and not (
-            after in defaults or after in factories
-        ):
+        if before in optional and after not in optional:
             raise TypeError(f"non-default argument {after!r} follows default argument")
     post_init = hasattr(cls, "__post_init__")
     # As the standard method: past the frozen guard, else ``self.x = x`` (a subclass's
@@ -170,7 +169,7 @@ def _make_init(
     setter: Callable[[Any, str, Any], None] = object.__setattr__ if frozen else setattr
     title = f"{cls.__qualname__}.__init__()"
     # The standard method's words for a bad call, which count ``self``.
-    required = tuple(n for n in names if n not in defaults and n not in factories)
+    required = tuple(n for n in names if n not in optional)
     low, high = len(required) + 1, len(names) + 1
     takes = (
         f"from {low} to {high} positional arguments"
