@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tests.helpers import hold_port_lock, write_layout
 
+from portpool import _jsonfile
 from portpool._jsonfile import read_json_file
 from portpool._portstatus import inspect_port
 from portpool._record import RECORD_SIZE, PortRecord, decode_record, encode_record, read_port_record
@@ -238,6 +239,107 @@ def test_instance_record_readers_never_crash(state: StateDir) -> None:
             os.unlink(path / name)
 
     check()
+
+
+# Supervised entries' fields and the encodings only the json module reads, so that the
+# comparison below meets every branch: state, restarts, refusals, a BOM, UTF-16, NaN.
+SUPERVISED_ITEM = st.fixed_dictionaries(
+    {"name": st.sampled_from(["alpha", "beta"]), "pool": st.just([1, 2]), "port": st.just(1)},
+    optional={
+        "pid": st.integers(-(2**65), 2**65),
+        "state": st.sampled_from(["ready", "exited", "x"]) | json_values,
+        "restarts": st.integers(-(2**65), 2**65) | st.integers(10**300, 10**400),
+        "planned_restarts": st.integers(-(2**65), 2**65),
+        "last_exit_status": st.integers(-(2**65), 2**65),
+        "started_at": st.floats() | st.integers(-(2**70), 2**70),
+        "refusals": st.lists(
+            st.fixed_dictionaries(
+                {"port": st.integers(-(2**65), 2**65), "reason": st.text(), "detail": st.text()}
+            ),
+            max_size=2,
+        )
+        | json_values,
+    },
+)
+supervised_record = st.builds(
+    lambda extra, services: {**GOOD_INSTANCE, **extra, "services": services},
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "pid": st.integers(-(2**65), 2**65),
+            "dir": st.text(max_size=8),  # surrogates: written escaped, as os.fsdecode gives
+            "started_at": st.integers(-(2**70), 2**70) | st.floats(),
+        },
+    ),
+    st.lists(SUPERVISED_ITEM, max_size=3),
+)
+
+
+def _encodings(doc: object) -> st.SearchStrategy[bytes]:
+    text = json.dumps(doc)
+    return st.sampled_from(
+        [
+            text.encode(),
+            json.dumps(doc, ensure_ascii=False).encode("utf-8", "surrogatepass"),
+            b"\xef\xbb\xbf" + text.encode(),
+            text.encode("utf-16"),
+        ]
+    )
+
+
+def test_every_record_reads_as_the_json_module_reads_it(state: StateDir) -> None:
+    """Records are decoded with orjson, the json module taking what orjson refuses: the
+    instance each record makes must be the one the json module alone makes."""
+    directory = state.instances("fuzzapp")
+    path = Path(directory.path)
+
+    @FUZZ
+    @given(
+        (instance_bytes | (supervised_record | instance_like).flatmap(_encodings)),
+    )
+    @example(_dump({**GOOD_INSTANCE, "dir": "/src/\udcff"}))
+    @example(_dump({**GOOD_INSTANCE, "pid": 2**64 + 4242}))
+    @example(_dump({**GOOD_INSTANCE, "services": [{**SERVICE_ONE, "restarts": 2**64}]}))
+    @example(_dump({**GOOD_INSTANCE, "services": [{**SERVICE_ONE, "restarts": -(2**63) - 1}]}))
+    @example(b"\xef\xbb\xbf" + _dump(GOOD_INSTANCE))
+    def check(data: bytes) -> None:
+        (path / "1.json").write_bytes(data)
+        ours = read_instance(directory, 1)
+        documents = []
+        for decode in (json.loads, _jsonfile._decode):
+            try:
+                documents.append(decode(data))
+            except (ValueError, RecursionError):
+                documents.append(ValueError)
+        expected_doc, doc = documents
+        if len(data) < 2048 and not _has_int_beyond_64_bits(expected_doc):  # not 3,000 deep
+            assert repr(doc) == repr(expected_doc)  # repr: NaN != NaN; also float vs int
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_jsonfile, "_decode", json.loads)  # the reference: the json module
+            reference = read_instance(directory, 1)
+        assert ours.to_dict() | {"heartbeat_age_s": 0} == reference.to_dict() | {
+            "heartbeat_age_s": 0
+        }
+        os.unlink(path / "1.json")
+
+    check()
+
+
+SERVICE_ONE = {"name": "alpha", "pool": [1, 2], "port": 1, "pid": 4242, "state": "ready"}
+
+
+def _has_int_beyond_64_bits(value: object) -> bool:
+    """Whether ``value`` holds an integer orjson reads as a float (no reader accepts one)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif type(item) is int and not -(2**63) <= item < 2**64:
+            return True
+    return False
 
 
 def test_status_json_survives_hostile_records(home: Path, state: StateDir, tmp_path: Path) -> None:

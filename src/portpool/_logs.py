@@ -53,7 +53,7 @@ def _log_owner(logs: DirHandle, number: int) -> tuple[int, str] | None:
     if not isinstance(raw, dict):
         return None
     pid, token = raw.get("pid"), raw.get("start_token")
-    if type(pid) is not int or not isinstance(token, str):
+    if type(pid) is not int or not 0 < pid < 2**31 or not isinstance(token, str):
         return None
     return pid, token
 

@@ -153,9 +153,9 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
                 item.get("last_exit_status"),
             )
             entry["state"] = state if type(state) is str and state in _STATES else None
-            entry["restarts"] = restarts if type(restarts) is int and restarts >= 0 else 0
+            entry["restarts"] = restarts if _int_or_none(restarts) is not None else 0
             planned = item.get("planned_restarts")  # a rolling restart's (SIGHUP)
-            entry["planned_restarts"] = planned if type(planned) is int and planned >= 0 else 0
+            entry["planned_restarts"] = planned if _int_or_none(planned) is not None else 0
             entry["last_exit_status"] = last if type(last) is int and 0 <= last < 256 else None
             for key in ("started_at", "ready_at"):  # wall clock of the current process
                 value = item.get(key)
