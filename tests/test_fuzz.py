@@ -17,6 +17,7 @@ import subprocess
 import sys
 import unicodedata
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from hypothesis import strategies as st
 from tests.helpers import hold_port_lock, write_layout
 
 from portpool import _jsonfile
+from portpool._cli_common import echo_json
 from portpool._jsonfile import read_json_file
 from portpool._portstatus import inspect_port
 from portpool._record import RECORD_SIZE, PortRecord, decode_record, encode_record, read_port_record
@@ -364,6 +366,50 @@ def test_status_json_survives_hostile_records(home: Path, state: StateDir, tmp_p
             os.unlink(path / name)
 
     check()
+
+
+# ---------------------------------------------------------------- JSON output
+
+finite_values = nested(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.sampled_from(["\ud800", "a\udcff", "\x1b[31m"]),  # what orjson refuses to write
+    size=4,
+    key_size=6,
+    leaves=12,
+)
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=6), finite_values, max_size=3), st.lists(finite_values))
+def test_a_document_printed_item_by_item_is_the_whole_document(
+    capfdbinary: pytest.CaptureFixture[bytes], head: dict[str, Any], items: list[Any]
+) -> None:
+    head.pop("items", None)
+    echo_json({**head, "items": items})
+    whole = capfdbinary.readouterr().out
+    echo_json(head, listed=("items", iter(items)))
+    listed = capfdbinary.readouterr().out
+    assert listed.endswith(b"\n")
+    assert listed.count(b"\n") == 1  # one line
+    listed.decode("utf-8")  # strict: no raw surrogate
+    assert json.loads(listed) == json.loads(whole) == {**head, "items": items}
+    assert list(json.loads(listed)) == [*head, "items"]  # the list comes last
+
+
+def test_a_document_printed_item_by_item_is_printed_whole_or_not_at_all(
+    capfdbinary: pytest.CaptureFixture[bytes],
+) -> None:
+    def items() -> Iterator[dict[str, int]]:
+        yield {"number": 1}
+        raise OSError("the second slot cannot be examined")
+
+    with pytest.raises(OSError, match="second slot"):
+        echo_json({"app": "a"}, listed=("instances", items()))
+    assert capfdbinary.readouterr().out == b""
 
 
 # ---------------------------------------------------------------- layout files

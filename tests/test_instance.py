@@ -30,7 +30,7 @@ from portpool._portstatus import inspect_port
 from portpool.errors import NoFreeSlot, NotRunning, PoolExhausted, PortPoolError, UsageError
 from portpool.instance import start_instance
 from portpool.layout import load_layout
-from portpool.records import list_instances, read_instance
+from portpool.records import iter_instances, list_instances, read_instance
 from portpool.statedir import StateDir
 
 
@@ -58,6 +58,37 @@ def test_instances_get_lowest_free_slot_and_ports_a_stride_apart(
     assert inspect_port(state, layout.pool("alpha", 1)[0], None).is_free
     with start_instance(layout, state=state) as again:
         assert again.number == 1
+
+
+def test_iter_instances_reads_each_slot_when_asked_and_lists_as_list_instances(
+    layout_file: Path, state: StateDir, home: Path
+) -> None:
+    layout = load_layout(str(layout_file))
+    # No heartbeat: nothing rewrites a record while the test does.
+    with (
+        start_instance(layout, state=state, heartbeat=False) as one,
+        start_instance(layout, state=state, heartbeat=False) as two,
+    ):
+        listed = list_instances(layout.app, state)
+        assert list(iter_instances(layout.app, state)) == listed
+        assert [i.number for i in listed] == [one.number, two.number]
+        # Without a state dir: this user's (PORTPOOL_HOME), opened at the first next.
+        assert [i.number for i in iter_instances(layout.app)] == [1, 2]
+        records = Path(state.instances(layout.app).path)
+        saved = (records / "2.json").read_bytes()
+        try:
+            infos = iter_instances(layout.app, state)
+            assert next(infos).number == 1
+            # Slot 2 is read only now: what its record holds now is what comes.
+            (records / "2.json").write_bytes(b"{not json")
+            second = next(infos)
+            assert (second.number, second.alive, second.readable) == (2, True, False)
+            assert second.problem == "record unreadable: record is not valid JSON"
+            assert next(infos, None) is None
+        finally:
+            (records / "2.json").write_bytes(saved)
+    assert list(iter_instances(layout.app, state)) == []
+    assert list(iter_instances("never-used", state)) == []
 
 
 def test_pool_exhausted_releases_everything(layout_file: Path, state: StateDir) -> None:

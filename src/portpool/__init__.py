@@ -115,6 +115,7 @@ if TYPE_CHECKING:
     from portpool.records import (
         InstanceInfo,
         ServiceInfo,
+        iter_instances,
         list_instances,
     )
     from portpool.shield import (
@@ -231,6 +232,7 @@ _EXPORTS = {
         (
             "InstanceInfo",
             "ServiceInfo",
+            "iter_instances",
             "list_instances",
         ),
         "portpool.records",
@@ -325,6 +327,7 @@ __all__ = [
     "get_service_port_pool",
     "init_instance_manager",
     "instance_env",
+    "iter_instances",
     "layout_warnings",
     "list_instances",
     "load_layout",

@@ -44,8 +44,10 @@ from portpool._cli_control import COMMANDS, up_detached
 # The library loads in the commands that use it: `--help` and the read-only commands
 # must not pay for sockets, threads and logging they never use (tests/test_imports.py).
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from portpool.instance import Instance
-    from portpool.records import ServiceInfo
+    from portpool.records import InstanceInfo, ServiceInfo
 
 # Commands that log nothing (no threads, no instance): they skip importing logging.
 _SILENT_COMMANDS = frozenset({"status", "layout", "gc"})
@@ -93,44 +95,48 @@ def _service_text(s: ServiceInfo, alive: bool) -> str:
 def status(config: str | None, as_json: bool) -> None:
     """Every instance of the app: number, pid, alive, heartbeat age, services and ports."""
 
-    from portpool.records import list_instances
+    from portpool.records import iter_instances
     from portpool.statedir import StateDir
 
     layout = layout_for(config)
     with StateDir.open(create=False) as state:  # read-only: creates nothing
-        infos = list_instances(layout.app, state)
+        # One record at a time (iter_instances says why); printed once all are read.
+        infos = iter_instances(layout.app, state)
         if as_json:
-            doc = {
-                "app": layout.app,
-                "state_dir": state.path,
-                "instances": [i.to_dict() for i in infos],
-            }
-            echo_json(doc)
+            head = {"app": layout.app, "state_dir": state.path}
+            echo_json(head, listed=("instances", (i.to_dict() for i in infos)))
             return
+        lines = _status_lines(infos)
         click.echo(f"app {layout.app} (state dir {display(state.path)})")
-        if not infos:
+        if not lines:
             click.echo("no instances")
             return
         click.echo(f"{'#':>3}  {'pid':>7}  {'alive':<5}  {'heartbeat':<11}  services")
-        for info in infos:
-            pid = str(info.pid) if info.pid is not None else "-"
-            alive = "yes" if info.alive else "no"
-            if info.readable:
-                services = "  ".join(_service_text(s, info.alive) for s in info.services)
-            else:
-                services = info.problem or "record unreadable"
-            if info.directory:
-                services += f"  (dir {info.directory})"
-            services = display(services)  # record text: whoever shares our uid wrote it
-            click.echo(
-                f"{info.number:>3}  {pid:>7}  {alive:<5}  {_age(info.heartbeat_age_s):<11}  "
-                f"{services}"
-            )
-            # Why a service is not on its pool's first port, in run's and doctor's words.
-            for entry in info.service_entries:
-                for r in entry.get("refusals", ()):
-                    said = f"{entry['name']} skipped {r['port']}: {r['reason']} ({r['detail']})"
-                    click.echo(f"{'':>36}{display(said)}")
+        click.echo("\n".join(lines))
+
+
+def _status_lines(infos: Iterable[InstanceInfo]) -> list[str]:
+    """The lines of text ``status`` prints for ``infos``, below its header."""
+    lines = []
+    for info in infos:
+        pid = str(info.pid) if info.pid is not None else "-"
+        alive = "yes" if info.alive else "no"
+        if info.readable:
+            services = "  ".join(_service_text(s, info.alive) for s in info.services)
+        else:
+            services = info.problem or "record unreadable"
+        if info.directory:
+            services += f"  (dir {info.directory})"
+        services = display(services)  # record text: whoever shares our uid wrote it
+        lines.append(
+            f"{info.number:>3}  {pid:>7}  {alive:<5}  {_age(info.heartbeat_age_s):<11}  {services}"
+        )
+        # Why a service is not on its pool's first port, in run's and doctor's words.
+        for entry in info.service_entries:
+            for r in entry.get("refusals", ()):
+                said = f"{entry['name']} skipped {r['port']}: {r['reason']} ({r['detail']})"
+                lines.append(f"{'':>36}{display(said)}")
+    return lines
 
 
 @cli.command("layout")
