@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import EXHAUST_DESCRIPTORS, portpool, status_json, write_layout
+from tests.helpers import EXHAUST_DESCRIPTORS, PORTPOOL, portpool, status_json, write_layout
 
 from portpool._heldlock import HeldLock
 from portpool._jsonfile import write_atomic
@@ -375,6 +376,39 @@ def test_taking_a_lock_names_what_is_at_its_path(state: StateDir, kind: str) -> 
     assert str(refused.value) == (
         f"state dir {lock}: is {what}, not a lock file portpool made; never followed (remove it)"
     )
+
+
+def test_a_slot_that_cannot_be_examined_is_an_error_naming_it_in_text_and_json(
+    running: Instance, layout_file: Path, state: StateDir
+) -> None:
+    """An instances dir we may list but not search (mode 600): status printed a
+    PermissionError traceback, and with --json "cannot write to standard output" and no
+    JSON at all (the records are read while the JSON is written)."""
+    directory = Path(state.instances("testapp").path)
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # root passes any mode: without its two overrides, as a user
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv (util-linux) to drop its overrides")
+        as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+    said = f"state dir {directory}/1.lock: cannot be examined: Permission denied"
+    directory.chmod(0o600)
+    try:
+        for args in (["status"], ["status", "--json"], ["stop", "--all", "--json"]):
+            done = subprocess.run(
+                [*as_user, *PORTPOOL, *args, "--config", str(layout_file)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert (done.returncode, done.stderr) == (1, f"portpool: error: {said}\n"), args
+            if "--json" in args:
+                assert json.loads(done.stdout) == {"error": said, "exit_code": 1}, args
+            else:
+                assert done.stdout == "", args
+    finally:
+        directory.chmod(0o700)
+    assert running.problem() is None  # nothing was done to it, stop --all included
 
 
 # ---------------------------------------------------------------- logs

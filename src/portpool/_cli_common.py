@@ -34,6 +34,7 @@ __all__ = [
     "display",
     "drop_stdout",
     "echo_json",
+    "echo_json_listing",
     "fail",
     "finish",
     "from_echo",
@@ -67,12 +68,12 @@ def drop_stdout() -> None:
 
 
 def from_echo(error: BaseException) -> bool:
-    """Whether ``error`` was raised while printing (in ``click.echo`` or ``echo_json``),
-    not elsewhere."""
+    """Whether ``error`` was raised while printing (in ``click.echo`` or writing
+    ``echo_json``'s output), not elsewhere (reading what ``echo_json_listing`` prints)."""
     tb = error.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
-        if code is echo_json.__code__ or (
+        if code is _write_stdout.__code__ or (
             code.co_name == "echo" and code.co_filename == click.utils.__file__
         ):
             return True
@@ -231,30 +232,33 @@ def _json_bytes(doc: object) -> bytes:
         return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def echo_json(doc: object, *, listed: tuple[str, Iterable[object]] | None = None) -> None:
+def echo_json(doc: object) -> None:
     """Print ``doc`` (dicts, lists, str, int, float, bool, None) as one line of compact
-    UTF-8 JSON on stdout.
+    UTF-8 JSON on stdout."""
+    _write_stdout(_json_bytes(doc) + b"\n")
 
-    ``listed``: ``(key, items)`` prints ``doc`` (a dict without ``key``) with ``key`` last,
-    the list of ``items``, each encoded as it comes: the caller need not hold them all
-    at once (``status --json`` over 1,000 records of 50 services held 50,000 entries
+
+def echo_json_listing(head: dict[str, object], key: str, items: Iterable[object]) -> None:
+    """Print ``{**head, key: [*items]}`` as ``echo_json`` does, ``key`` last (it must
+    not be in ``head``), each item encoded as it comes: the caller need not hold them
+    all at once (``status --json`` over 1,000 records of 50 services held 50,000 entries
     together, and growing the heap for them was about a fifth of its CPU). Nothing is
-    printed before the last item is encoded: an error on the way prints only the error.
-    """
-    if listed is None:
-        data = _json_bytes(doc) + b"\n"
-    else:
-        key, items = listed
-        assert isinstance(doc, dict)
-        assert key not in doc  # it must come last, after what doc holds
-        head = _json_bytes({**doc, key: []})  # ...,"key":[]}: the items go between
-        parts = [head[:-2]]
-        for n, item in enumerate(items):
-            if n:
-                parts.append(b",")
-            parts.append(_json_bytes(item))
-        parts.append(b"]}\n")
-        data = b"".join(parts)
+    printed before the last item is encoded: an error on the way prints only the error,
+    and is not one of writing stdout (``from_echo``)."""
+    assert key not in head  # it must come last, after what head holds
+    opening = _json_bytes({**head, key: []})  # ...,"key":[]}: the items go between
+    parts = [opening[:-2]]
+    for n, item in enumerate(items):
+        if n:
+            parts.append(b",")
+        parts.append(_json_bytes(item))
+    parts.append(b"]}\n")
+    _write_stdout(b"".join(parts))
+
+
+def _write_stdout(data: bytes) -> None:
+    """Write ``data`` to stdout whole, after what was printed before. Raises OSError
+    (BrokenPipeError: the reader went away), which ``from_echo`` knows as its own."""
     # Written whole, never cut short in silence: a reader that goes away in the middle
     # of one large write makes the OS report a short write, not an error, and
     # click.echo ignored the count (exit 0 with the output cut). The next write fails

@@ -28,6 +28,7 @@ from portpool._cli_common import (
     display,
     drop_stdout,
     echo_json,
+    echo_json_listing,
     finish,
     from_echo,
     handle_errors,
@@ -103,8 +104,8 @@ def status(config: str | None, as_json: bool) -> None:
         # One record at a time (iter_instances says why); printed once all are read.
         infos = iter_instances(layout.app, state)
         if as_json:
-            head = {"app": layout.app, "state_dir": state.path}
-            echo_json(head, listed=("instances", (i.to_dict() for i in infos)))
+            head: dict[str, object] = {"app": layout.app, "state_dir": state.path}
+            echo_json_listing(head, "instances", (i.to_dict() for i in infos))
             return
         lines = _status_lines(infos)
         click.echo(f"app {layout.app} (state dir {display(state.path)})")

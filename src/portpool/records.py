@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -29,9 +30,9 @@ from portpool._platform import (
     namespace_pids,
 )
 from portpool._portstatus import lock_holder
-from portpool.errors import ResourceLimit
+from portpool.errors import ResourceLimit, StateDirError
 from portpool.layout import name_problem
-from portpool.statedir import StateDir
+from portpool.statedir import StateDir, out_of_descriptors
 
 
 def _finite(value: float) -> bool:
@@ -159,7 +160,9 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
             entry["last_exit_status"] = last if type(last) is int and 0 <= last < 256 else None
             for key in ("started_at", "ready_at"):  # wall clock of the current process
                 value = item.get(key)
-                entry[key] = value if type(value) is float and _finite(value) else None
+                # An int too (as the record's own times): a JSON decoder may give either.
+                ok = type(value) in (float, int) and _finite(value)
+                entry[key] = float(value) if ok else None
         out.append(entry)
     return tuple(out)
 
@@ -408,8 +411,9 @@ def iter_instances(app: str, state: StateDir | None = None) -> Iterator[Instance
 
     ``app``: the app's name; ``state``: the state dir (default: this user's, opened with
     ``create=False`` at the first ``next`` and closed when the iteration ends). Read-only.
-    Raises, as the iteration reaches it, StateDirError for an invalid app name or an
-    unsafe state dir, OSError for a lock file that cannot be examined; an unreadable
+    Raises, as the iteration reaches it, StateDirError for an invalid app name, an
+    unsafe state dir or a slot that cannot be examined (its lock file cannot be looked
+    at, e.g. no search permission), ResourceLimit out of file descriptors; an unreadable
     record is yielded with its problem, never raised.
 
     ``list_instances`` holds them all; this lets a caller let each go: ``status``
@@ -426,7 +430,14 @@ def iter_instances(app: str, state: StateDir | None = None) -> Iterator[Instance
         locked = functools.cache(locked_inodes)
         open_files = OpenFiles()
         for number in slot_numbers(directory.listdir()):
-            info = read_instance(directory, number, locked, open_files)
+            try:
+                info = read_instance(directory, number, locked, open_files)
+            except OSError as e:  # was a traceback (a directory we may list, not search)
+                limit = out_of_descriptors(e)
+                if limit is not None:
+                    raise limit from e
+                where = os.path.join(directory.path, f"{number}.lock")
+                raise StateDirError(where, f"cannot be examined: {e.strerror or e}") from e
             # A free slot with no record is just a lock file left for reuse: not an instance.
             if info.alive or info.problem != "no record":
                 yield info
@@ -440,7 +451,7 @@ def list_instances(app: str, state: StateDir | None = None) -> list[InstanceInfo
 
     ``app``: the app's name; ``state``: the state dir (default: this user's).
     Read-only: without ``state`` the state dir is opened with ``create=False``.
-    Raises StateDirError for an invalid app name or an unsafe state dir; an unreadable
-    record is listed with its problem, never raised.
+    Raises as ``iter_instances`` does; an unreadable record is listed with its problem,
+    never raised.
     """
     return list(iter_instances(app, state))
