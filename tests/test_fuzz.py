@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from tests.helpers import hold_port_lock, write_layout
 
 from portpool import _jsonfile
-from portpool._cli_common import echo_json
+from portpool._cli_common import echo_json, echo_json_listing, from_echo
 from portpool._jsonfile import read_json_file
 from portpool._portstatus import inspect_port
 from portpool._record import RECORD_SIZE, PortRecord, decode_record, encode_record, read_port_record
@@ -304,6 +304,8 @@ def test_every_record_reads_as_the_json_module_reads_it(state: StateDir) -> None
     @example(_dump({**GOOD_INSTANCE, "services": [{**SERVICE_ONE, "restarts": 2**64}]}))
     @example(_dump({**GOOD_INSTANCE, "services": [{**SERVICE_ONE, "restarts": -(2**63) - 1}]}))
     @example(b"\xef\xbb\xbf" + _dump(GOOD_INSTANCE))
+    @example(_dump({**GOOD_INSTANCE, "services": [{**SERVICE_ONE, "started_at": 10**20}]}))
+    @example(_dump({**GOOD_INSTANCE, "services": [{**SERVICE_ONE, "ready_at": -(2**63) - 1}]}))
     def check(data: bytes) -> None:
         (path / "1.json").write_bytes(data)
         ours = read_instance(directory, 1)
@@ -391,7 +393,7 @@ def test_a_document_printed_item_by_item_is_the_whole_document(
     head.pop("items", None)
     echo_json({**head, "items": items})
     whole = capfdbinary.readouterr().out
-    echo_json(head, listed=("items", iter(items)))
+    echo_json_listing(head, "items", iter(items))
     listed = capfdbinary.readouterr().out
     assert listed.endswith(b"\n")
     assert listed.count(b"\n") == 1  # one line
@@ -407,9 +409,11 @@ def test_a_document_printed_item_by_item_is_printed_whole_or_not_at_all(
         yield {"number": 1}
         raise OSError("the second slot cannot be examined")
 
-    with pytest.raises(OSError, match="second slot"):
-        echo_json({"app": "a"}, listed=("instances", items()))
+    with pytest.raises(OSError, match="second slot") as raised:
+        echo_json_listing({"app": "a"}, "instances", items())
     assert capfdbinary.readouterr().out == b""
+    # Not an error of writing stdout: the command reports it (as JSON with --json).
+    assert not from_echo(raised.value)
 
 
 # ---------------------------------------------------------------- layout files

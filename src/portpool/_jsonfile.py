@@ -105,8 +105,11 @@ def _decode(data: bytes) -> Any:
     (47 against 15 us a record; ``python -m benchmarks --quick --only bench_instance``).
     What orjson refuses and the json module reads (a lone surrogate, as a checkout path
     that is not UTF-8 is written; NaN; a byte order mark) is read by the json module,
-    so every file reads as before. The one value orjson reads differently, an integer
-    beyond 64 bits (as a float), fits no field a reader accepts: each bounds its integers.
+    so every file reads as before. The one value orjson reads differently is an integer
+    beyond 64 bits, as the float nearest it: a reader keeps integers only within bounds
+    and reads a time as a float either way, so the result is the same (a message
+    quoting a refused value may show 1e+20 where the json module's gave the integer).
+    Nesting between the json module's depth limit and orjson's 1,024 now reads.
     """
     import orjson  # here, not at the top: it imports uuid and datetime, which click has
 
