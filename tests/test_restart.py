@@ -504,7 +504,11 @@ def test_sighups_while_starting_or_restarting_are_queued_once(
     proc = start("up", "--config", str(config), env=env_with(START_DELAY="1.5"))
     reader = LineReader(proc)
     try:
-        first = wait_for(lambda: (r := _record_if_any(config, "slow")) and r["pid"] and r, 30)
+        # The first record up writes has no state yet (and up's own pid): wait for one
+        # with the service's process in it (CI under load read the first one).
+        first = wait_for(
+            lambda: (r := _record_if_any(config, "slow")) and "state" in r and r["pid"] and r, 30
+        )
         assert first["state"] == "starting"
         # Each SIGHUP after the previous one's line: pending signals of one kind merge,
         # and up takes the same signal from the same sender within DUPLICATE_S as one.
