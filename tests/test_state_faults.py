@@ -381,9 +381,9 @@ def test_taking_a_lock_names_what_is_at_its_path(state: StateDir, kind: str) -> 
 def test_a_slot_that_cannot_be_examined_is_an_error_naming_it_in_text_and_json(
     running: Instance, layout_file: Path, state: StateDir
 ) -> None:
-    """An instances dir we may list but not search (mode 600): status printed a
-    PermissionError traceback, and with --json "cannot write to standard output" and no
-    JSON at all (the records are read while the JSON is written)."""
+    """An instances dir we may list but not search (mode 600): every command reading a
+    slot printed a PermissionError traceback, and status --json "cannot write to
+    standard output" and no JSON at all (the records are read while it is written)."""
     directory = Path(state.instances("testapp").path)
     as_user: list[str] = []
     if os.geteuid() == 0:  # root passes any mode: without its two overrides, as a user
@@ -393,7 +393,13 @@ def test_a_slot_that_cannot_be_examined_is_an_error_naming_it_in_text_and_json(
     said = f"state dir {directory}/1.lock: cannot be examined: Permission denied"
     directory.chmod(0o600)
     try:
-        for args in (["status"], ["status", "--json"], ["stop", "--all", "--json"]):
+        for args in (
+            ["status"],
+            ["status", "--json"],
+            ["stop", "--all", "--json"],
+            ["stop", "1", "--json"],  # one slot, read by read_instance alone
+            ["env", "--instance", "1"],
+        ):
             done = subprocess.run(
                 [*as_user, *PORTPOOL, *args, "--config", str(layout_file)],
                 capture_output=True,

@@ -30,9 +30,9 @@ from portpool._platform import (
     namespace_pids,
 )
 from portpool._portstatus import lock_holder
-from portpool.errors import ResourceLimit, StateDirError
+from portpool.errors import ResourceLimit
 from portpool.layout import name_problem
-from portpool.statedir import StateDir, out_of_descriptors
+from portpool.statedir import StateDir, write_error
 
 
 def _finite(value: float) -> bool:
@@ -298,8 +298,10 @@ def read_instance(
 
     ``locked``: a ``locked_inodes()`` snapshot or a function giving one, read only when
     the record's pid cannot confirm the lock itself (asked through ``open_files``,
-    shared among the slots of one command); None probes. Raises OSError if the
-    slot's lock file cannot be examined (an unreadable record is reported, not raised).
+    shared among the slots of one command); None probes. Raises StateDirError naming
+    ``<dir>/<number>.lock`` if the slot cannot be examined (e.g. no search permission
+    on the directory: every command that read it printed a traceback), ResourceLimit
+    out of file descriptors; an unreadable record is reported, not raised.
 
     The record is read before the lock is asked, and an instance that stops cleanly
     removes its record before it unlocks: a record read from an instance that stopped
@@ -309,7 +311,11 @@ def read_instance(
     """
     name = f"{number}.json"
     for _ in range(_READ_TRIES):
-        info = _read_instance_once(directory, number, locked, open_files)
+        try:
+            info = _read_instance_once(directory, number, locked, open_files)
+        except OSError as e:  # was a traceback (a directory we may list, not search)
+            where = os.path.join(directory.path, f"{number}.lock")
+            raise write_error(where, "cannot be examined", e) from e
         if info.alive or info.problem == "no record":
             return info
         if info.problem is not None and info.problem.startswith(SLOT_UNUSABLE):
@@ -412,9 +418,9 @@ def iter_instances(app: str, state: StateDir | None = None) -> Iterator[Instance
     ``app``: the app's name; ``state``: the state dir (default: this user's, opened with
     ``create=False`` at the first ``next`` and closed when the iteration ends). Read-only.
     Raises, as the iteration reaches it, StateDirError for an invalid app name, an
-    unsafe state dir or a slot that cannot be examined (its lock file cannot be looked
-    at, e.g. no search permission), ResourceLimit out of file descriptors; an unreadable
-    record is yielded with its problem, never raised.
+    unsafe state dir or a slot that cannot be examined, ResourceLimit out of file
+    descriptors (as ``read_instance``); an unreadable record is yielded with its
+    problem, never raised.
 
     ``list_instances`` holds them all; this lets a caller let each go: ``status``
     over 1,000 records of 50 services held 50,000 service entries at once, and growing
@@ -430,14 +436,7 @@ def iter_instances(app: str, state: StateDir | None = None) -> Iterator[Instance
         locked = functools.cache(locked_inodes)
         open_files = OpenFiles()
         for number in slot_numbers(directory.listdir()):
-            try:
-                info = read_instance(directory, number, locked, open_files)
-            except OSError as e:  # was a traceback (a directory we may list, not search)
-                limit = out_of_descriptors(e)
-                if limit is not None:
-                    raise limit from e
-                where = os.path.join(directory.path, f"{number}.lock")
-                raise StateDirError(where, f"cannot be examined: {e.strerror or e}") from e
+            info = read_instance(directory, number, locked, open_files)
             # A free slot with no record is just a lock file left for reuse: not an instance.
             if info.alive or info.problem != "no record":
                 yield info
