@@ -391,6 +391,12 @@ def test_a_slot_that_cannot_be_examined_is_an_error_naming_it_in_text_and_json(
             pytest.skip("running as root without setpriv (util-linux) to drop its overrides")
         as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
     said = f"state dir {directory}/1.lock: cannot be examined: Permission denied"
+
+    def command(args: list[str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*as_user, *PORTPOOL, *args], capture_output=True, text=True, timeout=60, check=False
+        )
+
     directory.chmod(0o600)
     try:
         for args in (
@@ -400,18 +406,22 @@ def test_a_slot_that_cannot_be_examined_is_an_error_naming_it_in_text_and_json(
             ["stop", "1", "--json"],  # one slot, read by read_instance alone
             ["env", "--instance", "1"],
         ):
-            done = subprocess.run(
-                [*as_user, *PORTPOOL, *args, "--config", str(layout_file)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=False,
-            )
+            done = command([*args, "--config", str(layout_file)])
             assert (done.returncode, done.stderr) == (1, f"portpool: error: {said}\n"), args
             if "--json" in args:
                 assert json.loads(done.stdout) == {"error": said, "exit_code": 1}, args
             else:
                 assert done.stdout == "", args
+        # gc goes on with the other apps and the ports, naming the slot it could not
+        # examine once ("gc skipped app testapp: [Errno 13] Permission denied: '1.lock'").
+        problem = f"{directory}/1.lock: cannot be examined: Permission denied"
+        for args in (["gc"], ["gc", "--json"]):
+            done = command(args)
+            assert done.returncode == 1, (args, done.stderr)
+            if "--json" in args:
+                assert json.loads(done.stdout)["problems"] == [problem], done.stdout
+            else:
+                assert done.stderr == f"portpool: error: gc skipped {problem}\n", done.stderr
     finally:
         directory.chmod(0o700)
     assert running.problem() is None  # nothing was done to it, stop --all included

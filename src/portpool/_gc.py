@@ -8,6 +8,7 @@ a dead writer's temporary files. Whether something is held is the kernel's word.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 from collections.abc import Sequence
@@ -155,7 +156,15 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
     odd: set[int] = set()
     for number in slot_numbers(names):
         for name in (f"{number}.lock", f"{number}.json"):
-            problem = _odd_entry(directory, name, f"slot {app}/{number}")
+            try:
+                problem = _odd_entry(directory, name, f"slot {app}/{number}")
+            except OSError as e:  # it said "app a: [Errno 13] Permission denied: '1.lock'"
+                where = os.path.join(directory.path, name)
+                report.problems.append(f"{where}: cannot be examined: {e.strerror or e}")
+                if e.errno in (errno.EACCES, errno.EPERM):
+                    return report  # a directory we may list, not search: so is every slot
+                odd.add(number)
+                break
             if problem is not None:
                 report.problems.append(problem)
                 odd.add(number)
