@@ -51,6 +51,7 @@ from benchmarks._common import (
     portpool_command,
     print_section,
     time_whole_process,
+    wait_exit,
 )
 from benchmarks.bench_instance import bench_env
 
@@ -247,7 +248,7 @@ def start_cost(argv: list[str], env: dict[str, str], runs: int) -> dict[str, Pro
             # getrusage, not os.times: its children's times count in 10 ms ticks.
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter_ns()
-            start().wait(60)
+            wait_exit(start())
             wall = (time.perf_counter_ns() - t0) / 1e6
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             if i:

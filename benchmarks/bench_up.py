@@ -35,7 +35,14 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks._common import Row, Section, bindable, portpool_command, print_section
+from benchmarks._common import (
+    Row,
+    Section,
+    bindable,
+    portpool_command,
+    print_section,
+    wait_exit,
+)
 from benchmarks.bench_instance import bench_env
 
 PY = sys.executable
@@ -259,7 +266,7 @@ def spawn_ms(argv: list[str], runs: int) -> list[float]:
                 watch_parent=True,
                 stdout=subprocess.DEVNULL,
             )
-            proc.wait(60)
+            wait_exit(proc)
             if i:
                 samples.append((time.perf_counter_ns() - t0) / 1e6)
     return samples
