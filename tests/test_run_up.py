@@ -9,8 +9,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -28,7 +30,9 @@ from tests.helpers import (
     write_layout,
 )
 
+from portpool import load_layout, start_instance
 from portpool._platform import listeners, owners_of_inode
+from portpool.statedir import StateDir
 
 PRINT_ENV = (
     "import os, json, sys\n"
@@ -1149,3 +1153,49 @@ def test_up_says_is_up_before_it_says_it_stops_never_after(
     lines = [x for x in done.stdout.splitlines() if x.startswith(("is up", "portpool: stop"))]
     assert lines == ["is up", "portpool: stopping on SIGTERM"], done.stdout
     assert done.stdout.splitlines()[0] == "0"
+
+
+def test_a_stop_waits_for_a_start_under_way_and_stops_its_program_too(
+    tmp_path: Path, port_base: int, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Starts run side by side, outside the lock that keeps starting and stopping apart
+    # (up's six services started one after another before). A stop must still see a
+    # start under way: here its program runs, and the start has not returned yet.
+    from portpool import _processes
+    from portpool._processes import Supervisor
+    from portpool.errors import PortPoolError
+
+    real_spawn = _processes.spawn
+    forked = threading.Event()
+
+    def slow_to_return(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc = real_spawn(*args, **kwargs)
+        forked.set()
+        time.sleep(0.5)  # the window: running, not in the supervisor's children yet
+        return proc
+
+    monkeypatch.setattr(_processes, "spawn", slow_to_return)
+    instance = start_instance(load_layout(str(write_layout(tmp_path / "p.toml", port_base))),
+                              state=state, heartbeat=False)  # fmt: skip
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        supervisor = Supervisor(instance, grace_s=5.0)  # not adopting: only what it started
+        starter = threading.Thread(
+            target=lambda: started.append(
+                supervisor.start_process(
+                    "sleeper", ["sleep", "60"], dict(os.environ), capture=False
+                )
+            )
+        )
+        starter.start()
+        assert forked.wait(10)
+        supervisor.stop()  # returns once everything it started is gone
+        starter.join(10)
+        (proc,) = started
+        assert proc.poll() is not None, "the program of a start under way outlived the stop"
+        with pytest.raises(PortPoolError, match="stopping"):
+            supervisor.start_process("late", ["true"], dict(os.environ), capture=False)
+    finally:
+        for left in started:
+            kill_if_running(left)
+        instance.release()

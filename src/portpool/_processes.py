@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from portpool.pool import Lease
 
 _TICK_S = 0.5
+_START_WAIT_S = 10.0  # stop's wait for the starts under way
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
 _SIGCONT: int | None = getattr(signal, "SIGCONT", None)
 
@@ -133,8 +134,12 @@ class Supervisor:
         self._print_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         # Starting and stopping exclude each other: a restart that begins while the
-        # instance stops would leave a service behind.
+        # instance stops would leave a service behind. Starts run side by side (each
+        # waits for its program's exec): a stop waits for those under way to be counted
+        # in ``children``, and none begins once it is stopping.
         self._spawn_lock = threading.Lock()
+        self._spawned = threading.Condition(self._spawn_lock)
+        self._spawning = 0  # starts under way: forked or forking, not in ``children`` yet
 
     # -- starting
 
@@ -169,6 +174,12 @@ class Supervisor:
             with self._spawn_lock:
                 if self._stopping:
                     raise PortPoolError(f"not starting {name!r}: the instance is stopping")
+                self._spawning += 1
+            proc: subprocess.Popen[bytes] | None = None
+            try:
+                # Not under the lock: six services of up started one after the other,
+                # each waiting for the one before to exec (~100 ms from the first start
+                # to the last, on two CPUs; benchmarks/bench_up.py).
                 proc = spawn(
                     command,
                     env,
@@ -181,10 +192,15 @@ class Supervisor:
                     stdout=write_fd if capture else None,
                     stderr=write_fd if capture else None,
                 )
-                self.children[name] = proc
-                self._lineage.mark(env)
-                if own_group:
-                    self._groups.add(name)
+            finally:
+                with self._spawn_lock:
+                    self._spawning -= 1
+                    if proc is not None:
+                        self.children[name] = proc
+                        self._lineage.mark(env)
+                        if own_group:
+                            self._groups.add(name)
+                    self._spawned.notify_all()
         except BaseException:
             for fd in (read_fd, write_fd):
                 if fd >= 0:
@@ -277,9 +293,11 @@ class Supervisor:
     def _reap(self) -> None:
         if not self.adopt:
             return  # a child we did not start is the calling program's: its status too
-        # Under the spawn lock: a child being started (by a keeper's thread) is not in
+        # Not while a child is being started (by a keeper's thread): it is not in
         # ``children`` yet, and reaping it would leave its Popen a returncode of 0.
         with self._spawn_lock:
+            if self._spawning:
+                return  # the next tick reaps
             reap_adopted({p.pid for p in self.children.values() if p.returncode is None})
         self._lineage.note()
 
@@ -368,6 +386,10 @@ class Supervisor:
         with self._spawn_lock:
             self._stopping = True
             self._done.set()  # keepers stop restarting
+            # A start under way returns once its program runs (or failed to): counted
+            # in ``children`` then, it is stopped with the rest. Bounded, for an exec
+            # hung on a dead mount (as a subreaper's child, the scan below finds it).
+            self._spawned.wait_for(lambda: self._spawning == 0, timeout=_START_WAIT_S)
             if self._all_gone:
                 return
         groups = {p.pid for n, p in self.children.items() if n in self._groups and p.poll() is None}
