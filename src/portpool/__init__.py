@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from portpool._occupants import (
         Occupant,
     )
-    from portpool._processes import (
+    from portpool._outcome import (
         Outcome,
     )
     from portpool._run import (
@@ -134,7 +134,7 @@ _EXPORTS = {
         ("find_instance", "format_env", "instance_env", "service_port"), "portpool._find"
     ),
     **dict.fromkeys(("follow_log", "log_path"), "portpool._logs"),
-    **dict.fromkeys(("Outcome",), "portpool._processes"),
+    **dict.fromkeys(("Outcome",), "portpool._outcome"),
     **dict.fromkeys(("run_command",), "portpool._run"),
     **dict.fromkeys(("Stopped", "stop_instances"), "portpool._stop"),
     **dict.fromkeys(("run_up",), "portpool._up"),

@@ -21,7 +21,7 @@ import click
 from portpool._text import printable
 
 if TYPE_CHECKING:
-    from portpool._processes import Outcome
+    from portpool._outcome import Outcome
     from portpool.errors import PortPoolError
     from portpool.layout import Layout
 

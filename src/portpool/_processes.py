@@ -21,10 +21,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
 
-from portpool._dataclass import dataclass, field
 from portpool._launch import (
     DEFAULT_GRACE_S,
     describe_status,
@@ -33,65 +32,29 @@ from portpool._launch import (
     spawn,
 )
 from portpool._lineage import Lineage, running
+from portpool._outcome import Outcome
 from portpool._output import pump_lines
 from portpool._platform import (
     enlarge_pipe,
     has_children,
     process_group,
     reap_adopted,
+    resume_stopped,
     signal_group,
 )
 from portpool.errors import PortPoolError, ServiceExited, ShieldTripped
 
-__all__ = ["Outcome", "Supervisor", "resume_stopped"]
+__all__ = ["Supervisor"]
 
 if TYPE_CHECKING:
     import psutil
 
-    from portpool._keeper import Failure
     from portpool.instance import Instance
     from portpool.pool import Lease
 
 _TICK_S = 0.5
 _START_WAIT_S = 10.0  # stop's wait for the starts under way
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
-_SIGCONT: int | None = getattr(signal, "SIGCONT", None)
-
-
-def resume_stopped(procs: Iterable[psutil.Process]) -> None:
-    """SIGCONT to each of ``procs`` that is stopped (SIGSTOP, SIGTSTP), after it was
-    sent its stop signal, as systemd does: a stopped process acts on no signal but
-    SIGKILL, so it sat through the grace period, its SIGTERM handler never run, and
-    was killed. A process being traced is left to its debugger. Raises nothing."""
-    if _SIGCONT is None:
-        return
-    import psutil
-
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            if proc.status() == psutil.STATUS_STOPPED:
-                proc.send_signal(_SIGCONT)  # psutil checks it is still the same process
-
-
-@dataclass
-class Outcome:
-    """Why a supervised run ended: the exit code it maps to, a message, and the signal
-    the caller should die of after releasing (None: exit with ``code``)."""
-
-    code: int
-    message: str = ""
-    signum: int | None = None
-    returncode: int | None = None  # ``run``: the command's Popen returncode
-    lingering: list[str] = field(default_factory=list)  # ports still held, for people
-    failure: Failure | None = None  # ``up``: the service's failure behind code 5
-    tripped: ShieldTripped | None = None  # the shield's trip behind code 4
-
-    def raise_if_tripped(self) -> None:
-        """Raise the shield's trip behind this outcome (ShieldTripped, with what still
-        held a port as ``lingering``), if the shield ended the run."""
-        if self.tripped is not None:
-            self.tripped.lingering = self.lingering
-            raise self.tripped
 
 
 class Supervisor:
@@ -133,10 +96,9 @@ class Supervisor:
         self._all_gone = False  # a stop ended with every process of ours gone
         self._print_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
-        # Starting and stopping exclude each other: a restart that begins while the
-        # instance stops would leave a service behind. Starts run side by side (each
-        # waits for its program's exec): a stop waits for those under way to be counted
-        # in ``children``, and none begins once it is stopping.
+        # Starting and stopping exclude each other (a restart begun while the instance
+        # stops left a service behind): none begins once stopping, and a stop waits for
+        # the starts under way (side by side, each waiting for its exec) to be counted.
         self._spawn_lock = threading.Lock()
         self._spawned = threading.Condition(self._spawn_lock)
         self._spawning = 0  # starts under way: forked or forking, not in ``children`` yet
@@ -162,8 +124,8 @@ class Supervisor:
         output is printed with a ``name |`` prefix (each line also given to ``on_line``,
         and the start of a line not ended yet to ``on_partial``);
         else it inherits our stdio. ``inherit_fds`` keep their numbers (see ``spawn``).
-        Raises StartError, ResourceLimit (out of file
-        descriptors), or PortPoolError once stopping."""
+        Raises StartError, ResourceLimit (out of file descriptors), or PortPoolError
+        once stopping."""
         keep: list[int] = []
         read_fd = write_fd = -1
         if capture:
@@ -177,9 +139,8 @@ class Supervisor:
                 self._spawning += 1
             proc: subprocess.Popen[bytes] | None = None
             try:
-                # Not under the lock: six services of up started one after the other,
-                # each waiting for the one before to exec (~100 ms from the first start
-                # to the last, on two CPUs; benchmarks/bench_up.py).
+                # Not under the lock: up's six services started one after another, the
+                # last ~100 ms after the first on two CPUs (benchmarks/bench_up.py).
                 proc = spawn(
                     command,
                     env,
@@ -233,7 +194,7 @@ class Supervisor:
         counts their descendants itself, when it needs to). With ``adopt``, every child
         of this process: a service's daemonized server, adopted by us as a subreaper and
         stopped with us, tripped the shield as "foreign" while ``doctor`` said ours."""
-        pids = [p.pid for p in self.children.values() if p.returncode is None]
+        pids = [p.pid for p in self._started() if p.returncode is None]
         if self.adopt and has_children():
             import psutil
 
@@ -245,7 +206,11 @@ class Supervisor:
     def _adopted(self, children: Sequence[psutil.Process]) -> list[psutil.Process]:
         """Those of ``children`` (this process's) that are ours and not started here
         (``Lineage.adopted``)."""
-        return self._lineage.adopted(children, {p.pid for p in self.children.values()})
+        return self._lineage.adopted(children, {p.pid for p in self._started()})
+
+    def _started(self) -> list[subprocess.Popen[bytes]]:
+        # A copy, made in one step: a keeper's thread may add a start meanwhile.
+        return list(self.children.values())
 
     # -- waiting
 
@@ -348,7 +313,7 @@ class Supervisor:
     ) -> None:
         """``resume_stopped`` for the processes of ``started`` not reaped yet (the
         check keeps their pids from being reused), and their descendants if asked."""
-        if _SIGCONT is None or not any(p.poll() is None for p in started):
+        if sys.platform == "win32" or not any(p.poll() is None for p in started):
             return
         import psutil
 
@@ -386,9 +351,8 @@ class Supervisor:
         with self._spawn_lock:
             self._stopping = True
             self._done.set()  # keepers stop restarting
-            # A start under way returns once its program runs (or failed to): counted
-            # in ``children`` then, it is stopped with the rest. Bounded, for an exec
-            # hung on a dead mount (as a subreaper's child, the scan below finds it).
+            # A start under way returns once its program runs (or failed to), counted in
+            # ``children``. Bounded: an exec hung on a dead mount (the scan finds it).
             self._spawned.wait_for(lambda: self._spawning == 0, timeout=_START_WAIT_S)
             if self._all_gone:
                 return

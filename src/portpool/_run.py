@@ -19,6 +19,7 @@ from portpool._launch import (
     exit_status,
     unexecutable,
 )
+from portpool._outcome import Outcome
 from portpool._platform import (
     GroupWitness,
     ReceivedSignal,
@@ -26,7 +27,7 @@ from portpool._platform import (
     in_terminal_foreground,
     is_session_leader,
 )
-from portpool._processes import Outcome, Supervisor
+from portpool._processes import Supervisor
 
 __all__ = ["relay_to", "run_command"]
 

@@ -20,9 +20,10 @@ from typing import IO, TYPE_CHECKING
 from portpool._keeper import Failure, ServiceKeeper, describe_failure
 from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
 from portpool._order import start_order
+from portpool._outcome import Outcome
 from portpool._output import write_line
-from portpool._platform import has_children
-from portpool._processes import Outcome, Supervisor, resume_stopped
+from portpool._platform import has_children, resume_stopped
+from portpool._processes import Supervisor
 from portpool._readiness import ReadinessProbe
 from portpool.errors import ServiceExited
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 from portpool._launch import DEFAULT_GRACE_S, check_commands, descriptors_named
+from portpool._outcome import Outcome
 from portpool._platform import ReceivedSignal, controlling_terminal_alive, passed_signals
-from portpool._processes import Outcome
 
 __all__ = ["run_up"]
 

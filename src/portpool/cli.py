@@ -362,7 +362,7 @@ def up(
     *, config: str | None, grace: float, instance_number: int | None, detach: bool, quiet: bool
 ) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
-    from portpool._processes import Outcome
+    from portpool._outcome import Outcome
     from portpool._up import run_up
     from portpool.errors import ServiceExited, ShieldTripped
 

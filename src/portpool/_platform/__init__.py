@@ -77,6 +77,7 @@ if TYPE_CHECKING:
         passed_signals,
         process_group,
         reap_adopted,
+        resume_stopped,
         signal_group,
         stop_signals,
     )
@@ -140,6 +141,7 @@ _LAZY = {
             "passed_signals",
             "process_group",
             "reap_adopted",
+            "resume_stopped",
             "signal_group",
             "stop_signals",
         ),
@@ -205,6 +207,7 @@ __all__ = [
     "process_tree",
     "read_at",
     "reap_adopted",
+    "resume_stopped",
     "server_stop_signals",
     "signal_group",
     "signal_verified",

@@ -16,14 +16,19 @@ import sys
 import threading
 from collections.abc import Callable, Container, Iterable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from portpool._dataclass import dataclass
+
+if TYPE_CHECKING:
+    import psutil
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 _F_SETPIPE_SZ = 1031
 # si_code of a signal the kernel sent: a terminal's Ctrl-C, Ctrl-\, hangup, SIGWINCH.
 _SI_KERNEL = 0x80
+_SIGCONT: int | None = getattr(signal, "SIGCONT", None)  # none on Windows
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,21 @@ def reap_adopted(keep: Container[int]) -> list[int]:
             os.waitpid(info.si_pid, 0)
         reaped.append(info.si_pid)
     return reaped
+
+
+def resume_stopped(procs: Iterable[psutil.Process]) -> None:
+    """SIGCONT to each of ``procs`` that is stopped (SIGSTOP, SIGTSTP), after it was
+    sent its stop signal, as systemd does: a stopped process acts on no signal but
+    SIGKILL, so it sat through the grace period, its SIGTERM handler never run, and
+    was killed. A process being traced is left to its debugger. Raises nothing."""
+    if _SIGCONT is None:
+        return
+    import psutil
+
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            if proc.status() == psutil.STATUS_STOPPED:
+                proc.send_signal(_SIGCONT)  # psutil checks it is still the same process
 
 
 def has_children() -> bool:
