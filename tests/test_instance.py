@@ -553,3 +553,28 @@ def test_an_instance_refuses_pickling_and_copying_with_what_to_pass_instead(
             with pytest.raises(TypeError, match=r"Instance \(testapp 1\) cannot be pickled"):
                 dumps(inst)
         assert all(report.ok for report in inst.verify_all())
+
+
+def test_status_shows_a_service_without_a_port_as_a_dash(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # A record may name no port for a service (port null, or none): --json said null,
+    # text status printed Python's "alpha=None".
+    layout = write_layout(tmp_path / "p.toml", port_base)
+    assert portpool("run", "--config", str(layout), "--", "true").returncode == 0  # the dirs
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    t = time.time() - 60
+    record = {"v": 1, "pid": dead.pid, "started_at": t, "heartbeat_at": t, "services": [
+        {"name": "alpha", "pool": [port_base], "port": None, "pid": None, "state": "ready"},
+        {"name": "beta", "pool": [port_base + 10], "pid": None},
+    ]}  # fmt: skip
+    instances = home / "apps" / "testapp" / "instances"
+    (instances / "1.json").write_text(json.dumps(record))
+    (instances / "1.lock").touch()
+    services = status_json(layout)["instances"][0]["services"]
+    assert [(s["name"], s["port"]) for s in services] == [("alpha", None), ("beta", None)]
+    text = portpool("status", "--config", str(layout))
+    assert text.returncode == 0, text.stderr
+    assert "alpha=- (was ready)  beta=-" in text.stdout, text.stdout
+    assert "None" not in text.stdout

@@ -83,7 +83,8 @@ def _service_text(entry: dict[str, Any], alive: bool) -> str:
 
     The entry, not ``ServiceInfo``: making one per service was a quarter of text
     ``status`` over 1,000 records of 50 services (``benchmarks.bench_instance``)."""
-    name, port, state = entry["name"], entry["port"], entry.get("state")
+    name, state = entry["name"], entry.get("state")
+    port = "-" if entry["port"] is None else entry["port"]  # as the pid column: not "None"
     if state is None:
         return f"{name}={port}"
     extra = [state if alive else f"was {state}"]
