@@ -497,11 +497,13 @@ def test_after_kill_9_of_up_a_service_finishes_its_shutdown(
     done = tmp_path / "finished"
     script = tmp_path / "svc.py"
     script.write_text(
-        "import signal, sys, time\n"
+        "import os, signal, sys, time\n"
         "def bye(*a):\n"
         "    for i in range(200):\n"
         "        print('shutting down', i, flush=True)\n"
-        f"    open({str(done)!r}, 'w').write('ok')\n"
+        # Written, then renamed: seen existing, it was once read before its write.
+        f"    open({str(done)!r} + '.tmp', 'w').write('ok')\n"
+        f"    os.replace({str(done)!r} + '.tmp', {str(done)!r})\n"
         "    sys.exit(0)\n"
         "signal.signal(signal.SIGTERM, bye)\n"
         "print('ready', flush=True)\n"
