@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import Row, Section, bindable, print_section
+from benchmarks._common import Row, Section, find_free_block, print_section
 from benchmarks.bench_instance import bench_env
 from benchmarks.bench_up import LAUNCH_ROW, spawn_ms
 
@@ -70,10 +70,9 @@ while True:
 
 
 def free_port() -> int:
-    for port in range(42000, 42990, 10):
-        if all(bindable(port + k) for k in range(2)):
-            return port
-    raise RuntimeError("no free port in 42000-42999")
+    """Two free ports (``port``, ``port + 1``) below the ephemeral range: the rebinding
+    loop binds its fixed port again and again."""
+    return find_free_block(size=2)
 
 
 def ask(port: int, line: str, *, retry: bool) -> tuple[int, int]:
