@@ -816,6 +816,57 @@ def test_a_restart_gets_its_socket_listening_though_the_last_run_shut_it_down(
     assert proc.returncode == 0, err
 
 
+# Shuts the passed listening socket down, says so, and exits 1 once $GATE exists.
+SHUTS_DOWN_AND_WAITS = """\
+import os, socket, sys, time
+sock = socket.socket(fileno=3)
+print("serving", flush=True)
+sock.shutdown(socket.SHUT_RDWR)
+print("shut down", flush=True)
+for _ in range(3000):
+    if os.path.exists(os.environ["GATE"]):
+        break
+    time.sleep(0.01)
+sys.exit(1)
+"""
+
+
+def test_a_socket_that_cannot_listen_again_is_named_with_the_reason_alone(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """Between a run's shutdown(2) of the passed socket and its restart, a foreign
+    socket with SO_REUSEADDR bound the port and listened: ``up`` cannot listen on its own
+    socket again. It says why as a reason ("Address already in use"), not as Python's
+    "[Errno 98] ..." text."""
+    script = tmp_path / "shuts.py"
+    script.write_text(SHUTS_DOWN_AND_WAITS)
+    gate = tmp_path / "gate"
+    keys = {
+        "restart": "on-failure",
+        "ready": "log:^serving",
+        "command": [sys.executable, str(script)],
+    }
+    config = write_config(tmp_path, port_base, {"svc": keys})
+    config.write_text(config.read_text().replace("shield_interval = 0.5", "shield_interval = 60"))
+    proc = start("up", "--config", str(config), env=env_with(GATE=str(gate)))
+    reader = LineReader(proc)
+    foreign = socket.socket()
+    try:
+        reader.until(lambda line: line.endswith("shut down"), 60)
+        foreign.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        foreign.bind(("127.0.0.1", port_base))
+        foreign.listen()
+        gate.touch()
+        said = reader.until(lambda line: "cannot listen again" in line, 60)
+        assert said[-1].endswith(
+            "portpool: service 'svc': its socket cannot listen again (Address already in use)"
+        ), said[-1]
+    finally:
+        foreign.close()
+        out, err = stop_up(reader)
+    assert "Errno" not in out + err and "Traceback" not in err, out + err
+
+
 # Serves on the socket at fd 3 (answering "<pid> 1"); on SIGTERM it shuts the listening
 # socket down, drains for DRAIN_S seconds and exits 0: a graceful server's stop.
 DRAINS_ON_SIGTERM = """\

@@ -144,7 +144,8 @@ class ServiceSupervisor(Supervisor):
             try:
                 lease.listen_again()
             except OSError as e:  # the restart then fails, and says why
-                self._say(f"portpool: service {name!r}: its socket cannot listen again ({e})")
+                why = e.strerror or e
+                self._say(f"portpool: service {name!r}: its socket cannot listen again ({why})")
         self.stop_leftovers(name)
 
     def stop_leftovers(self, name: str) -> None:
