@@ -778,6 +778,22 @@ sys.exit(1)
 """
 
 
+def _shutting_down_layout(tmp_path: Path, port_base: int, code: str) -> Path:
+    """A layout of one on-failure service "svc" running ``code`` (ready at "serving").
+    Only the restart is watched: a shield check right between a run's shutdown and its
+    exit would see the socket not listening, which is its business."""
+    script = tmp_path / "shuts.py"
+    script.write_text(code)
+    keys = {
+        "restart": "on-failure",
+        "ready": "log:^serving",
+        "command": [sys.executable, str(script)],
+    }
+    config = write_config(tmp_path, port_base, {"svc": keys})
+    config.write_text(config.read_text().replace("shield_interval = 0.5", "shield_interval = 60"))
+    return config
+
+
 def test_a_restart_gets_its_socket_listening_though_the_last_run_shut_it_down(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
@@ -786,17 +802,7 @@ def test_a_restart_gets_its_socket_listening_though_the_last_run_shut_it_down(
     EINVAL) and every client was refused, though the restart policy promises the same
     socket. The socket is still bound to the port: ``up`` listens on it again before
     the next run starts."""
-    script = tmp_path / "shuts.py"
-    script.write_text(SHUTS_ITS_SOCKET_DOWN)
-    keys = {
-        "restart": "on-failure",
-        "ready": "log:^serving",
-        "command": [sys.executable, str(script)],
-    }
-    config = write_config(tmp_path, port_base, {"svc": keys})
-    # Only the restart is watched here: a shield check right between a run's shutdown
-    # and its exit would see the socket not listening, which is its business.
-    config.write_text(config.read_text().replace("shield_interval = 0.5", "shield_interval = 60"))
+    config = _shutting_down_layout(tmp_path, port_base, SHUTS_ITS_SOCKET_DOWN)
     proc = start("up", "--config", str(config))
     reader = LineReader(proc)
     try:
@@ -838,16 +844,8 @@ def test_a_socket_that_cannot_listen_again_is_named_with_the_reason_alone(
     socket with SO_REUSEADDR bound the port and listened: ``up`` cannot listen on its own
     socket again. It says why as a reason ("Address already in use"), not as Python's
     "[Errno 98] ..." text."""
-    script = tmp_path / "shuts.py"
-    script.write_text(SHUTS_DOWN_AND_WAITS)
+    config = _shutting_down_layout(tmp_path, port_base, SHUTS_DOWN_AND_WAITS)
     gate = tmp_path / "gate"
-    keys = {
-        "restart": "on-failure",
-        "ready": "log:^serving",
-        "command": [sys.executable, str(script)],
-    }
-    config = write_config(tmp_path, port_base, {"svc": keys})
-    config.write_text(config.read_text().replace("shield_interval = 0.5", "shield_interval = 60"))
     proc = start("up", "--config", str(config), env=env_with(GATE=str(gate)))
     reader = LineReader(proc)
     foreign = socket.socket()
