@@ -192,6 +192,36 @@ def test_doctor_and_pool_agree_on_a_lock_path_that_is_not_a_file(
     assert str(lock) in refusal.detail and str(lock) in refused.refusals[0].detail
 
 
+def test_doctor_status_and_run_agree_on_a_directory_at_a_port_record_path(
+    home: Path, tmp_path: Path, port: int
+) -> None:
+    """A directory at ``ports/<port>.json``: acquire cannot replace it (a symlink or a
+    file it does) and refused the port, while doctor called it free, and ``doctor
+    --all`` listed it among the free ones."""
+    import json
+
+    from tests.helpers import portpool
+
+    config = tmp_path / "portpool.toml"
+    config.write_text(f'app = "rec"\nmax_instances = 1\n[services.web]\nbase = {port}\nsize = 1\n')
+    assert portpool("run", "-q", "--config", str(config), "--", "true").returncode == 0
+    record = home / "ports" / f"{port}.json"
+    record.unlink(missing_ok=True)
+    record.mkdir()
+    why = f"{record}: metadata path is a directory, not a record portpool wrote (remove it)"
+    ran = portpool("run", "--config", str(config), "--", "true")
+    assert ran.returncode == 3, ran.stderr
+    assert f"port {port}: error" in ran.stderr and why in ran.stderr, ran.stderr
+    for args in ((), ("--all",)):
+        text = portpool("doctor", *args, "--config", str(config))
+        line = next(x for x in text.stdout.splitlines() if f" {port}  " in x)
+        assert "free" not in line and why in line, text.stdout
+    doc = json.loads(portpool("doctor", "--json", "--config", str(config)).stdout)
+    (listed,) = [p for p in doc["ports"] if p["port"] == port]
+    assert listed["kind"] == "error" and why in listed["text"], listed
+    assert record.is_dir()  # doctor and run only read it
+
+
 # What the kernel's rules say, for the faults that were reported (True: refused).
 EXPECTED = [
     # localhost covers ::1 too: a foreign [::1]:P server must make the pool skip P.

@@ -27,6 +27,7 @@ from portpool._portstatus import PortStatus, inspect_port, lock_holder
 from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import Refusal, RefusalReason, StateDirError
 from portpool.layout import Layout, normalize_host
+from portpool.lock import record_path_problem
 from portpool.statedir import StateDir
 
 # A verdict is a refusal's reason, but "foreign" for "in use" and "free" for none.
@@ -230,15 +231,19 @@ def _covered_host(recorded: str, host: str) -> str:
 
 
 def _unusable_lock_path(state: StateDir, port: int) -> str | None:
-    """Why ``acquire`` cannot use the port's lock path, if something that is not a
-    regular file of one name sits there (portpool makes none): doctor called such a port
-    free while run refused it. Read-only: never opens or creates the path."""
+    """Why ``acquire`` cannot use the port's lock path (something that is not a regular
+    file of one name sits there: portpool makes none) or its record path (a directory,
+    which it cannot replace): doctor called such a port free while run refused it.
+    Read-only: never opens or creates either path."""
     directory = state.find("ports")
-    kind = None if directory is None else lock_path_kind(directory, f"{port}.lock")
-    if directory is None or kind is None:
+    if directory is None:
         return None
-    where = os.path.join(directory.path, f"{port}.lock")
-    return f"{where}: lock path is {kind}, not a lock file portpool made (remove it)"
+    kind = lock_path_kind(directory, f"{port}.lock")
+    if kind is not None:
+        where = os.path.join(directory.path, f"{port}.lock")
+        return f"{where}: lock path is {kind}, not a lock file portpool made (remove it)"
+    problem = record_path_problem(directory, f"{port}.json")
+    return None if problem is None else f"{os.path.join(directory.path, f'{port}.json')}: {problem}"
 
 
 # Hosts that cover one loopback only: `localhost` clients may reach the other one first.

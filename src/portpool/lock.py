@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from portpool._dataclass import dataclass, field
 from portpool._heldlock import ForkSafeRLock, HeldLock
+from portpool._layout_load import file_kind
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -177,6 +178,18 @@ def _still_ours(lock: HeldLock) -> bool:
         return False
 
 
+def record_path_problem(directory: DirHandle, name: str) -> str | None:
+    """Why a port's record cannot be written at ``<dir>/<name>`` (``<port>.json``): a
+    directory sits there, which ``acquire`` cannot remove (a symlink or other file it
+    replaces), so it refuses the port. None otherwise, also when the path is absent.
+    ``doctor`` asks it too: it called such a port free while ``run`` refused it.
+    Read-only. Raises OSError if the entry cannot be examined."""
+    st = directory.stat_entry(name)
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        return None
+    return f"metadata path is {file_kind(st.st_mode)}, not a record portpool wrote (remove it)"
+
+
 def _open_meta(directory: DirHandle, name: str) -> int:
     """Open our record file for writing; we hold the port's lock, so the path is ours."""
     for _ in range(2):
@@ -191,7 +204,10 @@ def _open_meta(directory: DirHandle, name: str) -> int:
                 directory.unlink(name)
             except OSError:
                 path = os.path.join(directory.path, name)
-                raise StateDirError(path, f"metadata path unusable: {e.strerror}") from e
+                why = f"metadata path unusable: {e.strerror}"
+                with contextlib.suppress(OSError):
+                    why = record_path_problem(directory, name) or why
+                raise StateDirError(path, why) from e
             continue
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
