@@ -27,7 +27,14 @@ from portpool._compat import get_service_port_pool, init_instance_manager
 from portpool._gc import gc
 from portpool._platform import OpenFiles, locked_inodes
 from portpool._portstatus import inspect_port
-from portpool.errors import NoFreeSlot, NotRunning, PoolExhausted, PortPoolError, UsageError
+from portpool.errors import (
+    NoFreeSlot,
+    NotRunning,
+    PoolExhausted,
+    PortPoolError,
+    SlotUnavailable,
+    UsageError,
+)
 from portpool.instance import start_instance
 from portpool.layout import load_layout
 from portpool.records import iter_instances, list_instances, read_instance
@@ -423,7 +430,8 @@ def test_the_slot_holder_replaces_a_symlink_at_its_record_path_and_never_follows
     assert target.read_text() == "keep me"
     (instances / "1.json").unlink(missing_ok=True)
     (instances / "1.json").mkdir()
-    with pytest.raises(PortPoolError, match=r"cannot write 1\.json: Is a directory"):
+    # Refused before any port is taken (it was once the record's write failing).
+    with pytest.raises(SlotUnavailable, match=r"1\.json: is a directory, not a record"):
         start_instance(layout, state=state, number=1)
 
 

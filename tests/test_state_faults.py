@@ -296,10 +296,19 @@ def test_a_start_takes_the_next_slot_past_one_nobody_can_take(
     assert done.stdout == "2\n"
     assert "instance slot 1 of testapp skipped" in done.stderr
     assert f"{instances / '1.lock'}: is a symbolic link" in done.stderr
-    # Pinned to it, the start is refused, naming it; the symlink is left as found.
+    # Pinned to it, the start is refused, naming it, with the code of a slot that is not
+    # free (3, as unpinned when every slot is like it; it was 1, a state dir error); the
+    # symlink is left as found.
     pinned = portpool("run", "--instance", "1", "--config", str(config), "--", "true")
-    assert pinned.returncode == 1 and "is a symbolic link" in pinned.stderr
+    assert pinned.returncode == 3 and "is a symbolic link" in pinned.stderr
+    assert "instance 1 of 'testapp' cannot be had: its slot is unusable: " in pinned.stderr
     assert (instances / "1.lock").is_symlink()
+    # Every slot so: no free slot (3), not "all 2 are held".
+    (instances / "2.lock").unlink(missing_ok=True)
+    (instances / "2.lock").symlink_to("/nonexistent")
+    none = portpool("run", "--config", str(config), "--", "true")
+    assert none.returncode == 3, none.stderr
+    assert "(all 2 are held or unusable;" in none.stderr, none.stderr
 
 
 def test_a_hard_linked_slot_lock_is_unusable_not_a_phantom_instance(
@@ -328,7 +337,7 @@ def test_a_hard_linked_slot_lock_is_unusable_not_a_phantom_instance(
     (instances / "4.lock").touch()
     os.link(instances / "4.lock", instances / "5.lock")
     pinned = portpool("run", "--instance", "5", "--config", str(layout_file), "--", "true")
-    assert pinned.returncode == 1, pinned.stderr
+    assert pinned.returncode == 3, pinned.stderr
     assert "5.lock: is a file with 2 hard links, not a lock file" in pinned.stderr
     # gc names both (it skipped them without a word), and removes neither.
     gc = portpool("gc")
@@ -359,7 +368,10 @@ def test_a_start_takes_the_next_slot_past_one_whose_record_path_is_a_directory(
     assert stop.returncode == 1 and "1.json is a directory" in stop.stderr, stop.stderr
     # Pinned to it, the start is refused, naming it; the directory is left as found.
     pinned = portpool("run", "--instance", "1", "--config", str(layout_file), "--", "true")
-    assert pinned.returncode == 1 and "1.json" in pinned.stderr, pinned.stderr
+    assert pinned.returncode == 3 and "1.json" in pinned.stderr, pinned.stderr
+    assert "its slot is unusable: " in pinned.stderr, pinned.stderr
+    unpinned = portpool("run", "--config", str(layout_file), "--", "true")  # 2 is free
+    assert unpinned.returncode == 0, unpinned.stderr
     assert (instances / "1.json").is_dir()
 
 

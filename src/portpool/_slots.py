@@ -176,6 +176,9 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
             f"instance must be 1..{layout.max_instances} for app {layout.app!r}, not {number!r}"
         )
     directory = state.instances(layout.app)
+    blocker = _record_blocker(directory, number)
+    if blocker is not None:
+        raise SlotUnavailable(layout.app, number, f"its slot is unusable: {blocker}")
     for attempt in range(_SLOT_PASSES):
         if attempt:
             time.sleep(0.02 * attempt)  # a cleaner may hold a dead slot's lock for a moment
@@ -183,6 +186,11 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
             return HeldLock.acquire(directory, f"{number}.lock")
         except (LockHeld, AlreadyHeldHere):
             continue
+        except StateDirError as e:
+            if e.path != os.path.join(directory.path, f"{number}.lock"):
+                raise  # the directory itself refuses
+            # Not free, as when unpinned (exit 3): it ended as a state dir error (1).
+            raise SlotUnavailable(layout.app, number, f"its slot is unusable: {e}") from e
     info = read_instance(directory, number)
     who = f"pid {info.pid}" if info.pid is not None else (info.problem or "unknown")
     where = f", started for {printable(info.directory)}" if info.directory else ""

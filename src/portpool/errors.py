@@ -182,13 +182,13 @@ class NoFreeSlot(StartError):
         self.app = app
         self.holders = list(holders)
         self.limit = limit
-        held = "its only slot is held" if len(self.holders) == 1 else "all {} are held"
+        unusable = any(h.detail.startswith("slot unusable") for h in self.holders)
+        held = "held or unusable" if unusable else "held"
+        one = len(self.holders) == 1
+        held = f"its only slot is {held}" if one else f"all {len(self.holders)} are {held}"
         why = f"; {limit}" if limit else ""
         lines = "\n".join(f"  {h}" for h in self.holders)
-        super().__init__(
-            f"no free instance slot for app {app!r} ({held.format(len(self.holders))}{why})"
-            f"\n{lines}"
-        )
+        super().__init__(f"no free instance slot for app {app!r} ({held}{why})\n{lines}")
 
 
 class ShieldTripped(PortPoolError):
