@@ -201,6 +201,9 @@ def test_gc_json_fails_like_gc_when_it_skipped_entries(home: Path) -> None:
     done = portpool("gc", "--json")
     assert (plain.returncode, done.returncode) == (1, 1), (plain.stderr, done.stderr)
     assert any("31100.lock" in p for p in json.loads(done.stdout)["problems"])
+    # Named on stderr with --json too (the README: "names on stderr (exit 1) any entry
+    # it had to skip"); stderr was empty.
+    assert done.stderr == plain.stderr and "portpool: error: gc skipped " in done.stderr
 
 
 def test_gc_creates_nothing(home: Path) -> None:

@@ -222,7 +222,8 @@ def gc(config: str | None, as_json: bool) -> None:
     report = run_gc()
     if as_json:
         echo_json(report.to_dict())
-        sys.exit(1 if report.problems else 0)  # skipped entries fail here too
+        _gc_problems(report.problems)  # skipped entries fail here too, named on stderr
+        return
     for name in report.instances:
         click.echo(f"removed record of dead instance {name}")
     for port in report.ports:
@@ -234,9 +235,14 @@ def gc(config: str | None, as_json: bool) -> None:
     click.echo(f"gc: {len(report.files)} files removed")
     for name in report.files:
         click.echo(f"  {display(name)}")
-    for problem in report.problems:
+    _gc_problems(report.problems)
+
+
+def _gc_problems(problems: list[str]) -> None:
+    """Name each entry gc skipped on stderr, then exit 1 if there was one."""
+    for problem in problems:
         click.echo(f"portpool: error: gc skipped {display(problem)}", err=True)
-    if report.problems:
+    if problems:
         sys.exit(1)
 
 
