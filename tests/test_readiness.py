@@ -752,6 +752,12 @@ def test_a_dependency_without_a_command_passes_on_its_own_dependencies(
         assert ready == ["db", "api"], lines
         by_name = service_records(tmp_path)
         assert by_name["api"]["started"] >= by_name["db"]["accepting"]
+        # The proxy's socket is up's: its pid in status is up's own (the README), where
+        # up's table shows "-"; the others' are their own processes'.
+        (instance,) = status_json(config)["instances"]
+        pids = {s["name"]: s["pid"] for s in instance["services"]}
+        assert pids["proxy"] == proc.pid == instance["pid"], pids
+        assert proc.pid not in (pids["db"], pids["api"]), pids
     finally:
         _out, err = stop(reader)
     assert proc.returncode == 0, err
