@@ -837,13 +837,15 @@ sys.exit(1)
 """
 
 
-def test_a_socket_that_cannot_listen_again_is_named_with_the_reason_alone(
+def test_a_socket_that_cannot_listen_again_trips_the_shield_at_once(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
     """Between a run's shutdown(2) of the passed socket and its restart, a foreign
     socket with SO_REUSEADDR bound the port and listened: ``up`` cannot listen on its own
-    socket again. It says why as a reason ("Address already in use"), not as Python's
-    "[Errno 98] ..." text."""
+    socket again. It said so quoting Python ("[Errno 98] ..."), then handed the dead
+    socket to every restart, announcing each "ready", until the shield's next check (10
+    s by default; 60 here). It names the reason and trips now: exit 4, naming the
+    foreign listener, no restart."""
     config = _shutting_down_layout(tmp_path, port_base, SHUTS_DOWN_AND_WAITS)
     gate = tmp_path / "gate"
     proc = start("up", "--config", str(config), env=env_with(GATE=str(gate)))
@@ -859,9 +861,13 @@ def test_a_socket_that_cannot_listen_again_is_named_with_the_reason_alone(
         assert said[-1].endswith(
             "portpool: service 'svc': its socket cannot listen again (Address already in use)"
         ), said[-1]
+        out, err = reader.finish(30)  # it ends by itself: no SIGTERM from here
     finally:
         foreign.close()
         out, err = stop_up(reader)
+    assert proc.returncode == 4, out + err
+    assert "shield tripped" in err and f"pid {os.getpid()}" in err, err
+    assert "(restart 1)" not in out, out
     assert "Errno" not in out + err and "Traceback" not in err, out + err
 
 

@@ -137,8 +137,8 @@ class ServiceSupervisor(Supervisor):
 
     def before_restart(self, name: str) -> None:
         """What a restart of service ``name`` needs once its process exited: its socket
-        listening again if the process shut it down (``Lease.listen_again``), then
-        ``stop_leftovers``. Raises nothing."""
+        listening again if the process shut it down (``Lease.listen_again``; if it cannot,
+        the shield checks at once), then ``stop_leftovers``. Raises nothing."""
         lease = self.instance.leases.get(name)
         if lease is not None:
             try:
@@ -146,6 +146,8 @@ class ServiceSupervisor(Supervisor):
             except OSError as e:  # the restart then fails, and says why
                 why = e.strerror or e
                 self._say(f"portpool: service {name!r}: its socket cannot listen again ({why})")
+                # Someone else listens on the port: the shield's check says who, now.
+                self.instance.verify_all(trip=True)
         self.stop_leftovers(name)
 
     def stop_leftovers(self, name: str) -> None:

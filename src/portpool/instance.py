@@ -223,8 +223,7 @@ class Instance:
 
     def heartbeat(self) -> None:
         """Refresh every lease's and the record's ``heartbeat_at`` now; nothing in a
-        forked child. Raises nothing: a full disk must not kill a healthy instance
-        (failures are logged or skipped)."""
+        forked child. Raises nothing: a full disk must not kill a healthy instance."""
         if self._in_forked_child:
             return
         for lease in list(self.leases.values()):
@@ -237,9 +236,8 @@ class Instance:
             log.warning("heartbeat of instance %d: %s", self.number, e)
 
     def start_heartbeat(self) -> None:
-        """Start the thread that calls ``heartbeat()`` every ``heartbeat_interval_s``
-        seconds; a second call does nothing. Raises RuntimeError if the thread cannot
-        start."""
+        """Start the thread calling ``heartbeat()`` every ``heartbeat_interval_s`` s; a
+        second call does nothing. Raises RuntimeError if the thread cannot start."""
         if self._heartbeat_thread is not None:
             return
 
@@ -295,11 +293,14 @@ class Instance:
         logging.shutdown()
         os._exit(ShieldTripped.exit_code)
 
-    def verify_all(self) -> list[LeaseReport]:
-        """Run the shield's checks now: one LeaseReport per lease, plus one for the slot
-        (``kind="instance"``). Raises nothing for a lost lease: its report says so."""
+    def verify_all(self, *, trip: bool = False) -> list[LeaseReport]:
+        """Run the shield's checks now: one LeaseReport per lease, one for the slot
+        (``kind="instance"``); ``trip``: a running shield trips on what they find
+        (``Shield.check_now``). Raises nothing for a lost lease: its report says so."""
         from portpool.shield import Shield
 
+        if trip and self._shield is not None:
+            return self._shield.check_now()  # type: ignore[no-any-return]
         shield = self._shield or Shield(
             list(self.leases.values()),
             interval_s=self.layout.shield_interval_s,
@@ -387,8 +388,8 @@ def start_instance(
 ) -> Instance:
     """Take a free slot and a lease from every service's pool, all or nothing.
 
-    The slot is ``number`` if given (SlotUnavailable if it is running, UsageError if it
-    is outside 1..max), else the number the last instance for ``directory`` (default:
+    The slot is ``number`` if given (SlotUnavailable if it runs or is unusable, UsageError
+    if it is outside 1..max), else the number the last instance for ``directory`` (default:
     ``checkout_dir(layout)``) had if it is free, else the lowest free one. A slot where
     one service's whole pool is taken (foreign programs, other apps' leases) is skipped
     (a warning says which and why). ``services`` (service names) limits the leases to
@@ -432,8 +433,7 @@ def _acquire_all(
     *,
     directory: str,
 ) -> Instance:
-    """A lease from each service's pool in slot ``number`` and the record; on failure
-    release all."""
+    """A lease from each service's pool in slot ``number`` and the record, or none."""
     leases: dict[str, Lease] = {}
     try:
         for name in names:

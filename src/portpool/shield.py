@@ -136,6 +136,22 @@ class Shield:
         one ``kind="instance"`` report when there is an ``instance_check``). Never trips."""
         return self._check(abort=lambda: False)
 
+    def check_now(self) -> list[LeaseReport]:
+        """``check_once``, then a trip on what it found, as the loop's next check would:
+        for a caller that saw a sign of trouble between checks (``up``'s socket could not
+        listen again: a foreign program listens on the port, and each restart was handed
+        the dead socket until the next check, 10 s by default). ``on_lost`` then runs in
+        the caller's thread; nothing fires once stopped."""
+        try:
+            reports = self.check_once()
+        except Exception:  # as in the loop: a bug in a check must not end the caller
+            log.exception("%s: a check failed unexpectedly", self.name)
+            return []
+        found = self._trip_of(reports)
+        if found is not None:
+            self._fire(*found)
+        return reports
+
     async def run_async(self) -> None:
         """The shield's loop as an asyncio task: checks run in the loop's default
         executor, ``on_lost`` in the loop's thread. Cancelling the task stops the shield.
@@ -207,6 +223,9 @@ class Shield:
         if self._stop_event.is_set():
             return None  # a check interrupted by stop() proves nothing
         self._checks_completed += 1
+        return self._trip_of(reports)
+
+    def _trip_of(self, reports: list[LeaseReport]) -> tuple[Lease | None, str] | None:
         for watched, report in zip(self._watches, reports, strict=False):
             if not report.ok:
                 reason = "; ".join(report.problems)
