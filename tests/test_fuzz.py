@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 import unicodedata
 import zlib
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from tests.helpers import hold_port_lock, write_layout
+from tests.helpers import hold_port_lock, portpool, write_layout
 
 from portpool import _jsonfile
 from portpool._cli_common import echo_json, echo_json_listing, from_echo
@@ -363,11 +364,33 @@ def test_status_json_survives_hostile_records(home: Path, state: StateDir, tmp_p
         assert doc["app"] == "fuzzapp"
         for inst in doc["instances"]:
             assert inst["alive"] is False
-            assert inst["heartbeat_age_s"] is None or inst["heartbeat_age_s"] >= 0
+            # An age since 1970 at most: -1e300 was read as a time, its age 301 digits.
+            assert inst["heartbeat_age_s"] is None or 0 <= inst["heartbeat_age_s"] <= time.time()
         for name in os.listdir(path):
             os.unlink(path / name)
 
     check()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "shown"),
+    [
+        ("heartbeat_at", -1e300, "-1e+300"),
+        ("started_at", -1, "-1"),
+        ("heartbeat_at", 1e11, "1e+11"),
+    ],
+)
+def test_a_record_time_that_is_no_time_of_day_makes_the_record_unreadable(
+    home: Path, state: StateDir, tmp_path: Path, key: str, value: float, shown: str
+) -> None:
+    config = write_layout(tmp_path / "l.toml", 40200, app="fuzzapp")
+    path = Path(state.instances("fuzzapp").path)
+    (path / "1.json").write_bytes(_dump({**GOOD_INSTANCE, key: value}))
+    why = f"record unreadable: record has no valid {key} ({shown} is no time of day)"
+    (inst,) = json.loads(portpool("status", "--json", "--config", str(config)).stdout)["instances"]
+    assert (inst["readable"], inst["problem"]) == (False, why), inst
+    text = portpool("status", "--config", str(config))
+    assert text.returncode == 0 and why in text.stdout, text.stdout
 
 
 # ---------------------------------------------------------------- JSON output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +21,14 @@ from tests.helpers import fork_while_held, in_forked_child
 
 from portpool._heldlock import HeldLock
 from portpool._portstatus import inspect_port
-from portpool._record import RECORD_SIZE, PortRecord, decode_record, encode_record, read_port_record
+from portpool._record import (
+    LAST_WALL_CLOCK,
+    RECORD_SIZE,
+    PortRecord,
+    decode_record,
+    encode_record,
+    read_port_record,
+)
 from portpool.errors import AlreadyHeldHere, LockHeld, StateDirError
 from portpool.lock import PortLock
 from portpool.pool import Lease, acquire
@@ -440,14 +448,24 @@ _records = st.builds(
     instance=st.integers(0, 2**31 - 1),
     service=_names,
     host=_names,
-    acquired_at=st.floats(allow_nan=False, allow_infinity=False),
-    heartbeat_at=st.floats(allow_nan=False, allow_infinity=False),
+    acquired_at=st.floats(0, LAST_WALL_CLOCK),
+    heartbeat_at=st.floats(0, LAST_WALL_CLOCK),
 )
 
 
 @given(_records)
 def test_records_round_trip(record: PortRecord):
     assert decode_record(encode_record(record)) == record
+
+
+@given(_records, st.sampled_from(["acquired_at", "heartbeat_at"]), st.sampled_from([-1e300, 1e11]))
+def test_a_record_time_that_is_no_time_of_day_is_refused(
+    record: PortRecord, field: str, value: float
+) -> None:
+    """Times are seconds since 1970: -1e300 was read as a valid one."""
+    bad = dataclasses.replace(record, **{field: value})
+    with pytest.raises(ValueError, match=f"record field '{field}' is no time of day"):
+        decode_record(encode_record(bad))
 
 
 @given(st.binary(max_size=RECORD_SIZE + 64))

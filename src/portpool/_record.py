@@ -80,6 +80,8 @@ class PortRecord:
 _INT_FIELDS = ("port", "pid", "instance")
 _STR_FIELDS = ("start_token", "boot_id", "app", "service", "host")
 _FLOAT_FIELDS = ("acquired_at", "heartbeat_at")
+# Seconds since 1970 of the year 2286: a time of day in a record lies in 0..this.
+LAST_WALL_CLOCK = 1e10
 _MAX_STR = 256
 
 
@@ -158,6 +160,8 @@ def decode_record(data: bytes) -> PortRecord | None:
             number = math.inf
         if not math.isfinite(number):
             raise ValueError(f"record field {name!r} is not a finite number")
+        if not 0 <= number <= LAST_WALL_CLOCK:
+            raise ValueError(f"record field {name!r} is no time of day ({number:.6g})")
         values[name] = number
     return PortRecord(**values)
 

@@ -30,6 +30,7 @@ from portpool._platform import (
     namespace_pids,
 )
 from portpool._portstatus import lock_holder
+from portpool._record import LAST_WALL_CLOCK
 from portpool.errors import ResourceLimit
 from portpool.layout import name_problem
 from portpool.statedir import StateDir, write_error
@@ -162,7 +163,7 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
                 value = item.get(key)
                 # An int too (as the record's own times): a JSON decoder may give either.
                 ok = type(value) in (float, int) and _finite(value)
-                entry[key] = float(value) if ok else None
+                entry[key] = float(value) if ok and 0 <= value <= LAST_WALL_CLOCK else None
         out.append(entry)
     return tuple(out)
 
@@ -234,6 +235,8 @@ def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
         v = raw.get(key)
         if not isinstance(v, int | float) or isinstance(v, bool) or not _finite(v):
             raise ValueError(f"has no valid {key}")
+        if not 0 <= v <= LAST_WALL_CLOCK:  # -1e300 printed an age of 301 digits
+            raise ValueError(f"has no valid {key} ({v:.6g} is no time of day)")
         times[key] = float(v)
     token = raw.get("start_token")
     directory = raw.get("dir")
