@@ -56,6 +56,34 @@ def _rewrite_record(state: StateDir, number: int, change: dict[str, object]) -> 
 # ---------------------------------------------------------------- record fields reach output
 
 
+@pytest.mark.parametrize("forged", ["pool", "name"])
+def test_port_and_env_print_only_ports_the_instance_holds_as_leases(
+    running: Instance, layout_file: Path, state: StateDir, forged: str
+) -> None:
+    """A hand-edited record of a running instance: ``pool = [22], port = 22`` for alpha
+    had ``port alpha`` print 22 and ``env`` export it, or alpha renamed to a service the
+    layout lacks had ``env`` export PORTPOOL_PORT_EVIL, while ``doctor`` named alpha's
+    real lease. The ports' own locks and records vouch for a record's ports now."""
+    alpha = running.ports["alpha"]
+    services = json.loads((Path(state.instances("testapp").path) / "1.json").read_text())
+    entries = services["services"]
+    first = next(e for e in entries if e["name"] == "alpha")
+    if forged == "pool":
+        first.update(pool=[22], port=22)
+        why = "names port 22 for 'alpha', and its lock is not held"
+    else:
+        first.update(name="evil")
+        why = f"names port {alpha} for 'evil', and its own record names instance 1 of testapp"
+    _rewrite_record(state, 1, {"services": entries})
+    for args in (["port", "alpha"], ["port", "beta"], ["env"]):  # beta's entry is right
+        done = portpool(*args, "--config", str(layout_file))
+        assert done.returncode == 1 and done.stdout == "", (args, done.stdout)
+        assert "instance 1 of testapp runs but its record is not its leases'" in done.stderr
+        assert why in done.stderr, done.stderr
+    running.write_record()  # the instance's own record again: its port again
+    assert portpool("port", "alpha", "--config", str(layout_file)).stdout.strip() == str(alpha)
+
+
 def test_a_service_name_in_a_record_never_reaches_env_lines_that_a_shell_runs(
     running: Instance, layout_file: Path, state: StateDir, tmp_path: Path
 ) -> None:

@@ -6,10 +6,14 @@ An instance runs while its slot's kernel lock is held: a record alone is never t
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 from collections.abc import Sequence
 
+from portpool._heldlock import is_held
+from portpool._platform import locked_inodes
+from portpool._record import read_port_record
 from portpool._slots import checkout_dir, previous_number
 from portpool._text import printable
 from portpool.errors import NotRunning
@@ -137,6 +141,7 @@ def service_port(
     """
     layout.service(service)
     info = find_instance(layout, number, state=state)
+    _vouch(layout.app, info, state)
     for entry in info.services:
         if entry.name == service and entry.port is not None:
             return info, entry.port
@@ -153,6 +158,7 @@ def instance_env(layout: Layout, number: int | None = None, *, state: StateDir) 
     ``PORT``: ``PORTPOOL_APP``, ``PORTPOOL_INSTANCE``, each ``PORTPOOL_PORT_<SERVICE>``
     and ``PORTPOOL_SERVICES``. Raises NotRunning."""
     info = find_instance(layout, number, state=state)
+    _vouch(layout.app, info, state)
     env = {"PORTPOOL_APP": layout.app, "PORTPOOL_INSTANCE": str(info.number)}
     names = []
     for entry in info.services:
@@ -161,6 +167,37 @@ def instance_env(layout: Layout, number: int | None = None, *, state: StateDir) 
             names.append(entry.name)
     env["PORTPOOL_SERVICES"] = ",".join(names)
     return env
+
+
+def _vouch(app: str, info: InstanceInfo, state: StateDir) -> None:
+    """Raise NotRunning unless each service port the instance's record names is that
+    service's lease: the port's lock is held and its own record names this app,
+    instance and service. A record is the instance's word; a hand-edited one (pool
+    ``[22]``, port 22, or a service the layout lacks) had ``port`` print 22 while
+    ``doctor`` named the real lease."""
+    directory = state.find("ports")
+    for service, port in ((e["name"], e["port"]) for e in info.service_entries):
+        if port is None:
+            continue
+        problem = "its lock is not held"
+        with contextlib.suppress(OSError, ValueError):  # cannot be read: not vouched for
+            if directory is not None and is_held(
+                directory, f"{port}.lock", locked_inodes, holder=info.pid
+            ):
+                record = read_port_record(directory, port)
+                if record is not None and (record.app, record.instance, record.service) == (
+                    app,
+                    info.number,
+                    service,
+                ):
+                    continue
+                problem = "its own record names " + (record.describe() if record else "nobody")
+        raise NotRunning(
+            app,
+            f"instance {info.number} of {app} runs but its record is not its leases': it "
+            f"names port {port} for {service!r}, and {problem}",
+            [info.number],
+        )
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:/@+-]*")
