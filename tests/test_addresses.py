@@ -352,6 +352,15 @@ def test_every_spelling_of_a_host_reads_as_its_canonical_one(
     assert f"covers: {host_meaning(canonical)}" in lines
     found = diagnose(port_base, spelling)
     assert found.host == canonical
+    # From a layout file, in what layout and doctor print (they printed the spelling).
+    config = Path(state.path).parent / "spelled.toml"
+    web = f"[services.web]\nbase = {port_base}\nsize = 2\n"
+    config.write_text(f'app = "a"\nmax_instances = 1\nhost = "{spelling}"\n{web}')
+    for command in ("layout", "doctor"):
+        done = portpool(command, "--json", "--config", str(config))
+        assert json.loads(done.stdout)["host"] == canonical, done.stdout
+    text = portpool("doctor", "--config", str(config)).stdout
+    assert text.startswith(f"app a: 1 instance, host {canonical}\n"), text
 
 
 def test_the_wording_of_addresses_refusals_and_hosts(

@@ -415,7 +415,8 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
     return Layout(
         app=app,  # type: ignore[arg-type]
         services=tuple(services),
-        host=host,  # type: ignore[arg-type]
+        # One spelling everywhere, as the README says: doctor and layout printed "::0".
+        host=normalize_host(host),  # type: ignore[arg-type]
         heartbeat_interval_s=heartbeat,  # type: ignore[arg-type]
         shield_interval_s=shield,  # type: ignore[arg-type]
         max_instances=max_instances or 0,  # type: ignore[arg-type]
