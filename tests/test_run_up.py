@@ -147,6 +147,9 @@ def test_run_of_a_program_that_cannot_run_exits_as_a_shell_would(
     done = portpool("run", "--config", str(layout), "--", str(program))
     assert done.returncode == expected, done.stderr
     assert "cannot start the command" in done.stderr
+    # Why, as a shell says it: "No such file" for the missing one, and only for it.
+    missing = "is not an executable file: it does not exist"
+    assert (missing in done.stderr) == (name == "no-such-file"), done.stderr
     assert status_json(layout)["instances"] == []
 
 

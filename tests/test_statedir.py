@@ -152,6 +152,7 @@ def test_readable_by_others_is_refused_never_re_permissioned(tmp_path: Path):
             StateDir.open(str(path), create=create)
         assert "readable by group or others (mode 755)" in info.value.problem
         assert f"PORTPOOL_HOME={path / 'portpool'}" in info.value.problem  # says what to do
+        assert "did not create: point PORTPOOL_HOME at a new directory" in info.value.problem
         assert _mode(path) == 0o755
         assert list(path.iterdir()) == []  # nothing created in it
 

@@ -136,7 +136,8 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
         if os.path.isfile(program) and os.access(program, os.X_OK):
             return _interpreter_problem(program, path)
         where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
-        problem = f"{program!r} is not an executable file{where}{_not_found_hint(program)}"
+        why = "" if os.path.lexists(program) else ": it does not exist"
+        problem = f"{program!r} is not an executable file{where}{why}{_not_found_hint(program)}"
         return CommandNotFound(program, problem, found=os.path.exists(program))
     found = shutil.which(program, path=path)
     if found:

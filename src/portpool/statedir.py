@@ -89,7 +89,7 @@ def _check_mode(path: str, st: os.stat_result, root: bool = False) -> None:
             path,
             f"is readable by group or others (mode {stat.S_IMODE(st.st_mode):o}): others "
             "could read who holds which port; portpool never changes the mode of a "
-            f"directory it did not create. {_new_dir_advice(path)}",
+            f"directory it did not create: {_new_dir_advice(path)}",
         )
 
 
