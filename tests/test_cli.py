@@ -490,6 +490,9 @@ def test_an_unknown_service_on_the_command_line_is_not_called_a_key_of_the_file(
         done = portpool(*args[:1], "--config", str(config), *args[1:])
         said = f"{config}: no such service 'nope' in this layout; it has: alpha, beta"
         assert (done.returncode, done.stderr) == (2, f"portpool: error: {said}\n"), args
+    # A control character is escaped once (it read 'we\\x1bb', escaped twice).
+    done = portpool("port", "we\x1bb", "--config", str(config))
+    assert "no such service 'we\\x1bb' in this layout" in done.stderr, done.stderr
 
 
 def test_status_says_why_a_service_skipped_ports_as_doctor_and_run_say_it(

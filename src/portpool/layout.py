@@ -244,7 +244,7 @@ class Layout:
         problem = f"no such service; this layout has: {known}"
         # Said as the name asked for: "services.NAME: ..." read as a key of the file.
         where = self.source if self.source != "<default>" else f"app {self.app!r}"
-        message = f"{where}: no such service {shown!r} in this layout; it has: {known}"
+        message = f"{where}: no such service '{shown}' in this layout; it has: {known}"
         raise UnknownService(self.source, f"services.{shown}", problem, [message])
 
     def _check_instance(self, instance: int) -> None:
