@@ -512,3 +512,35 @@ def test_doctor_escapes_port_record_text(home: Path, tmp_path: Path, port_base: 
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout
     assert "\\x1b[2J" in done.stdout
+
+
+@linux_only
+def test_a_port_record_naming_its_holders_pid_with_another_start_time_says_so(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """doctor said "held by pid P (python); its record still names the previous holder,
+    ... (pid P ...), which no longer runs": one pid, running and not running."""
+    from portpool._record import PortRecord, encode_record
+
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    _private_dirs(home / "ports")
+    lock = home / "ports" / f"{port_base}.lock"
+    lock.touch()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert read_line(holder) == "locked\n"
+        record = PortRecord(
+            port_base, holder.pid, "not-its-token", "boot", "testapp", 1, "alpha", "", 1.0, 2.0
+        )
+        (home / "ports" / f"{port_base}.json").write_bytes(encode_record(record))
+        done = portpool("doctor", "--config", str(config))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if f" {port_base}  " in x)
+    assert f"held by pid {holder.pid} (python" in line, line
+    assert "which no longer runs" not in line, line
+    assert f"(pid {holder.pid}, service alpha) with another start time" in line, line

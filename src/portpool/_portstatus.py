@@ -55,6 +55,12 @@ class PortStatus:
         if self.holder is not None:
             name = process_name(self.holder)
             who = f"held by pid {self.holder}" + (f" ({printable(name)})" if name else "")
+        if self.record is not None and self.record.pid == self.holder:
+            # Not "pid P holds it; the record names pid P, which no longer runs".
+            return (
+                f"{who}; its record names {self.record.describe()} with another start "
+                "time (an earlier process of that pid, or a record edited by hand)"
+            )
         if self.record is not None:
             return (
                 f"{who}; its record still names the previous holder, "
