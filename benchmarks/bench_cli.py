@@ -299,7 +299,8 @@ def split_status(ms: dict[str, float], kind: str) -> list[str]:
         f"its modules {own_imports:.0f} ms (the imports-only process - import click, both "
         f"as the command imports them) and the command's work "
         f"{max(0.0, own - own_imports):.0f} ms (reading the layout file and the records, "
-        "asking each live instance's process about its lock, printing)."
+        "asking each live instance's process about its lock, printing; a difference of "
+        "medians, so a few ms of it are noise, and 0 means within it)."
     ]
 
 

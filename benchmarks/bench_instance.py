@@ -500,6 +500,13 @@ def big_status_rows(hold: int, repeats: int) -> tuple[list[Row], list[str], dict
             f"holding the live ones took {hold_s:.2f} s"
         )
         notes.append(
+            f"Of the {row.median:.0f} ms, outside portpool: python's start {base.median:.0f} "
+            f"ms and click's import {click_ms - base.median:.0f} ms more; portpool's own part "
+            f"(its imports, reading and checking 1,000 records of {len(layout.services)} "
+            f"services, encoding the output) {row.median - click_ms:.0f} ms"
+            + ("." if ok else f", {row.median - 300:.0f} ms over the target: portpool's.")
+        )
+        notes.append(
             f"text status over the same records: {rows[2].median:.0f} ms wall, CPU "
             f"{rows[3].median:.0f} ms ({STATUS}: {cpu_row.median:.0f} ms)"
         )

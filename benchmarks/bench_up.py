@@ -82,6 +82,12 @@ def choose_base() -> int:
     return find_free_block(size=10 * len(SERVICES))
 
 
+def _after(ms: float) -> str:
+    """``N ms after`` for a difference of medians, which noise may make zero or negative
+    (it read "-0 ms after")."""
+    return "as" if round(ms) <= 0 else f"{ms:.0f} ms after"
+
+
 def write_layout(directory: Path, base: int) -> Path:
     """The six-service layout file and its service program, in ``directory``."""
     program = directory / "service.py"
@@ -436,7 +442,7 @@ def run(quick: bool = False) -> Section:
         f"service's own pid and the parent-death signal set in the child, exec), and "
         f"{rest:.0f} ms left: "
         "threads, spawns, probes, and up's start sharing the CPUs with the services'. up "
-        f"prints its table {table - ready:.0f} ms after all answer (its readiness probes)."
+        f"prints its table {_after(table - ready)} all answer (its readiness probes)."
     )
     section.notes.append(
         f"Stop: locks free {by['SIGTERM -> all locks free']:.0f} ms after SIGTERM (children "
