@@ -331,6 +331,11 @@ def test_a_start_takes_the_next_slot_past_one_nobody_can_take(
     assert pinned.returncode == 3 and "is a symbolic link" in pinned.stderr
     assert "instance 1 of 'testapp' cannot be had: its slot is unusable: " in pinned.stderr
     assert (instances / "1.lock").is_symlink()
+    # doctor called the slot's ports free and said nothing of the slot.
+    said = "instance 1: slot unusable, every start skips it: 1.lock is a symbolic link"
+    assert said in portpool("doctor", "--config", str(config)).stdout
+    doc = json.loads(portpool("doctor", "--json", "--config", str(config)).stdout)
+    assert any(line.startswith(said) for line in doc["summary"]), doc["summary"]
     # Every slot so: no free slot (3), not "all 2 are held".
     (instances / "2.lock").unlink(missing_ok=True)
     (instances / "2.lock").symlink_to("/nonexistent")

@@ -28,6 +28,7 @@ from portpool.diagnosis import PortDiagnosis, diagnose
 from portpool.errors import Refusal, RefusalReason, StateDirError
 from portpool.layout import Layout, normalize_host
 from portpool.lock import record_path_problem
+from portpool.records import SLOT_UNUSABLE, iter_instances
 from portpool.statedir import StateDir
 
 # A verdict is a refusal's reason, but "foreign" for "in use" and "free" for none.
@@ -98,6 +99,9 @@ class DoctorReport:
     host: str
     max_instances: int
     verdicts: tuple[PortVerdict, ...]
+    # Slots no start can take ("instance 1: slot unusable: 1.lock is a directory, ..."):
+    # run skipped them (or failed, pinned) while doctor called their ports free.
+    unusable_slots: tuple[str, ...] = ()
 
     def counts(self) -> dict[str, int]:
         """How many ports have each ``kind``: ``free``, ``held`` and ``foreign`` always
@@ -116,7 +120,7 @@ class DoctorReport:
         """Lines about the whole report that no single port says: a host this machine
         does not have (every port read "unavailable"), foreign listeners on held ports.
         Raises nothing."""
-        out = []
+        out = list(self.unusable_slots)
         unavailable = self.counts().get("unavailable", 0)
         if unavailable:
             out.append(
@@ -312,7 +316,18 @@ def examine_layout(
                     verdicts.append(
                         PortVerdict(number, svc.name, port, refusal, notes, found, elsewhere)
                     )
-        return DoctorReport(layout.app, layout.host, layout.max_instances, tuple(verdicts))
+        try:
+            slots = tuple(
+                f"instance {info.number}: slot unusable, every start skips it: "
+                + info.problem.removeprefix(SLOT_UNUSABLE)
+                for info in iter_instances(layout.app, state)
+                if info.problem is not None and info.problem.startswith(SLOT_UNUSABLE)
+            )
+        except StateDirError as e:  # every start fails on it too: said, not raised
+            slots = (f"the instance slots cannot be read: {e}",)
+        return DoctorReport(
+            layout.app, layout.host, layout.max_instances, tuple(verdicts), unusable_slots=slots
+        )
     finally:
         if own:
             state.close()
