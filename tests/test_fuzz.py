@@ -776,3 +776,18 @@ def test_out_of_range_numbers_in_every_numeric_key(key: str, value: Any) -> None
     assert 1 <= layout.max_instances <= 1000
     for s in layout.services:
         assert all(1 <= p <= 65535 for n in range(1, layout.max_instances + 1) for p in s.pool(n))
+
+
+def test_text_status_keeps_its_columns_for_a_large_instance_number(
+    home: Path, state: StateDir, tmp_path: Path
+) -> None:
+    """A record 12345.json pushed its line's columns two places right of the others."""
+    config = write_layout(tmp_path / "l.toml", 40200, app="fuzzapp")
+    path = Path(state.instances("fuzzapp").path)
+    for number in (1, 12345):
+        (path / f"{number}.json").write_bytes(_dump(GOOD_INSTANCE))
+    done = portpool("status", "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    head, first, large = done.stdout.splitlines()[1:]
+    assert head.index("pid") == first.index("4242") + 1 == large.index("4242") + 1, done.stdout
+    assert head.startswith("    #  ") and large.startswith("12345  "), done.stdout

@@ -119,13 +119,13 @@ def status(config: str | None, as_json: bool) -> None:
         if not lines:
             click.echo("no instances")
             return
-        click.echo(f"{'#':>3}  {'pid':>7}  {'alive':<5}  {'heartbeat':<11}  services")
         click.echo("\n".join(lines))
 
 
 def _status_lines(infos: Iterable[InstanceInfo]) -> list[str]:
-    """The lines of text ``status`` prints for ``infos``, below its header."""
-    lines = []
+    """The lines of text ``status`` prints for ``infos``, its header first ([] for none):
+    the "#" column as wide as the largest number (a 99999.json pushed its line out)."""
+    rows: list[tuple[int | None, str]] = []  # (number, the rest); None: a note below
     for info in infos:
         pid = str(info.pid) if info.pid is not None else "-"
         alive = "yes" if info.alive else "no"
@@ -136,15 +136,19 @@ def _status_lines(infos: Iterable[InstanceInfo]) -> list[str]:
         if info.directory:
             services += f"  (dir {info.directory})"
         services = display(services)  # record text: whoever shares our uid wrote it
-        lines.append(
-            f"{info.number:>3}  {pid:>7}  {alive:<5}  {_age(info.heartbeat_age_s):<11}  {services}"
+        rows.append(
+            (info.number, f"{pid:>7}  {alive:<5}  {_age(info.heartbeat_age_s):<11}  {services}")
         )
         # Why a service is not on its pool's first port, in run's and doctor's words.
         for entry in info.service_entries:
             for r in entry.get("refusals", ()):
                 said = f"{entry['name']} skipped {r['port']}: {r['reason']} ({r['detail']})"
-                lines.append(f"{'':>36}{display(said)}")
-    return lines
+                rows.append((None, f"{'':>31}{display(said)}"))
+    if not rows:
+        return []
+    width = max([3, *(len(str(n)) for n, _ in rows if n is not None)])
+    head = f"{'#':>{width}}  {'pid':>7}  {'alive':<5}  {'heartbeat':<11}  services"
+    return [head, *(f"{'' if n is None else n:>{width}}  {rest}" for n, rest in rows)]
 
 
 @cli.command("layout")
