@@ -9,6 +9,7 @@ running out of file descriptors, a full stdout, and a cleaner racing a start.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -488,27 +489,34 @@ def test_a_cleaner_holding_a_dead_holders_lock_never_pushes_a_start_off_its_port
     assert cleaner.returncode == 0
 
 
-@linux_only
-def test_doctor_escapes_port_record_text(home: Path, tmp_path: Path, port_base: int) -> None:
-    from portpool._record import PortRecord, encode_record
-
-    config = write_layout(tmp_path / "portpool.toml", port_base)
+@contextlib.contextmanager
+def _port_lock_held_elsewhere(home: Path, port: int) -> Iterator[subprocess.Popen[str]]:
+    """A child process holding ``port``'s lock file (made here, no record) while inside."""
     _private_dirs(home / "ports")
-    record = PortRecord(
-        port_base, 1, "tok", "boot", "\x1b]0;owned\x07", 1, "\x1b[2J", "127.0.0.1", 1.0, 2.0
-    )
-    (home / "ports" / f"{port_base}.json").write_bytes(encode_record(record))
-    lock = home / "ports" / f"{port_base}.lock"
+    lock = home / "ports" / f"{port}.lock"
     lock.touch()
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert read_line(holder) == "locked\n"
-        done = portpool("doctor", "--config", str(config))
+        yield holder
     finally:
         holder.kill()
         holder.wait()
+
+
+@linux_only
+def test_doctor_escapes_port_record_text(home: Path, tmp_path: Path, port_base: int) -> None:
+    from portpool._record import PortRecord, encode_record
+
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    record = PortRecord(
+        port_base, 1, "tok", "boot", "\x1b]0;owned\x07", 1, "\x1b[2J", "127.0.0.1", 1.0, 2.0
+    )
+    with _port_lock_held_elsewhere(home, port_base):
+        (home / "ports" / f"{port_base}.json").write_bytes(encode_record(record))
+        done = portpool("doctor", "--config", str(config))
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout
     assert "\\x1b[2J" in done.stdout
@@ -523,22 +531,12 @@ def test_a_port_record_naming_its_holders_pid_with_another_start_time_says_so(
     from portpool._record import PortRecord, encode_record
 
     config = write_layout(tmp_path / "portpool.toml", port_base)
-    _private_dirs(home / "ports")
-    lock = home / "ports" / f"{port_base}.lock"
-    lock.touch()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert read_line(holder) == "locked\n"
+    with _port_lock_held_elsewhere(home, port_base) as holder:
         record = PortRecord(
             port_base, holder.pid, "not-its-token", "boot", "testapp", 1, "alpha", "", 1.0, 2.0
         )
         (home / "ports" / f"{port_base}.json").write_bytes(encode_record(record))
         done = portpool("doctor", "--config", str(config))
-    finally:
-        holder.kill()
-        holder.wait()
     assert done.returncode == 0, done.stderr
     line = next(x for x in done.stdout.splitlines() if f" {port_base}  " in x)
     assert f"held by pid {holder.pid} (python" in line, line
