@@ -56,30 +56,42 @@ def _rewrite_record(state: StateDir, number: int, change: dict[str, object]) -> 
 # ---------------------------------------------------------------- record fields reach output
 
 
-@pytest.mark.parametrize("forged", ["pool", "name"])
+@pytest.mark.parametrize("forged", ["pool", "name", "port record"])
 def test_port_and_env_print_only_ports_the_instance_holds_as_leases(
-    running: Instance, layout_file: Path, state: StateDir, forged: str
+    running: Instance, layout_file: Path, state: StateDir, home: Path, forged: str
 ) -> None:
     """A hand-edited record of a running instance: ``pool = [22], port = 22`` for alpha
     had ``port alpha`` print 22 and ``env`` export it, or alpha renamed to a service the
     layout lacks had ``env`` export PORTPOOL_PORT_EVIL, while ``doctor`` named alpha's
-    real lease. The ports' own locks and records vouch for a record's ports now."""
-    alpha = running.ports["alpha"]
+    real lease. The ports' own locks and records vouch for a record's ports now, each
+    for its own service: beta's ``port`` is still printed."""
+    alpha, beta = running.ports["alpha"], running.ports["beta"]
     services = json.loads((Path(state.instances("testapp").path) / "1.json").read_text())
     entries = services["services"]
     first = next(e for e in entries if e["name"] == "alpha")
     if forged == "pool":
         first.update(pool=[22], port=22)
         why = "names port 22 for 'alpha', and its lock is not held"
-    else:
+    elif forged == "name":
         first.update(name="evil")
         why = f"names port {alpha} for 'evil', and its own record names instance 1 of testapp"
+    else:  # alpha's own port record: its lock is held, not "not held" as it read
+        record = home / "ports" / f"{alpha}.json"
+        record.unlink()
+        record.mkdir()
+        why = f"names port {alpha} for 'alpha', and its lock is held but its own record is"
     _rewrite_record(state, 1, {"services": entries})
-    for args in (["port", "alpha"], ["port", "beta"], ["env"]):  # beta's entry is right
-        done = portpool(*args, "--config", str(layout_file))
-        assert done.returncode == 1 and done.stdout == "", (args, done.stdout)
+    env = portpool("env", "--config", str(layout_file))
+    alpha_port = portpool("port", "alpha", "--config", str(layout_file))
+    for done in (env, alpha_port) if forged != "name" else (env,):
+        assert done.returncode == 1 and done.stdout == "", done.stdout
         assert "instance 1 of testapp runs but its record is not its leases'" in done.stderr
         assert why in done.stderr, done.stderr
+    if forged == "name":  # the record names no alpha
+        assert alpha_port.returncode == 1 and "holds no port for 'alpha'" in alpha_port.stderr
+    assert portpool("port", "beta", "--config", str(layout_file)).stdout.strip() == str(beta)
+    if forged == "port record":
+        return
     running.write_record()  # the instance's own record again: its port again
     assert portpool("port", "alpha", "--config", str(layout_file)).stdout.strip() == str(alpha)
 
@@ -356,6 +368,14 @@ def test_a_hard_linked_slot_lock_is_unusable_not_a_phantom_instance(
         assert done.returncode == 1, done.stderr
         assert "starting" not in done.stderr, done.stderr
         assert "2.lock is a file with 2 hard links" in done.stderr, done.stderr
+    # Pinned to it: not "it is running" (it read so), its slot is unusable (exit 3).
+    pinned = portpool("run", "--instance", "2", "--config", str(layout_file), "--", "true")
+    assert pinned.returncode == 3, pinned.stderr
+    assert (
+        "instance 2 of 'testapp' cannot be had: its slot is unusable: 2.lock is a file with 2"
+        in pinned.stderr
+    )
+    assert "running" not in pinned.stderr, pinned.stderr
     by_number = {i["number"]: i for i in status_json(layout_file)["instances"]}
     assert by_number[1]["alive"] is True  # the running one is untouched
     assert by_number[2]["alive"] is False

@@ -6,14 +6,13 @@ An instance runs while its slot's kernel lock is held: a record alone is never t
 
 from __future__ import annotations
 
-import contextlib
 import re
 import shlex
 from collections.abc import Sequence
 
 from portpool._heldlock import is_held
-from portpool._platform import locked_inodes
-from portpool._record import read_port_record
+from portpool._platform import DirHandle, locked_inodes
+from portpool._record import PortRecord, read_port_record
 from portpool._slots import checkout_dir, previous_number
 from portpool._text import printable
 from portpool.errors import NotRunning
@@ -141,9 +140,9 @@ def service_port(
     """
     layout.service(service)
     info = find_instance(layout, number, state=state)
-    _vouch(layout.app, info, state)
     for entry in info.services:
         if entry.name == service and entry.port is not None:
+            _vouch(layout.app, info, state, only=service)
             return info, entry.port
     raise NotRunning(
         layout.app,
@@ -169,35 +168,48 @@ def instance_env(layout: Layout, number: int | None = None, *, state: StateDir) 
     return env
 
 
-def _vouch(app: str, info: InstanceInfo, state: StateDir) -> None:
-    """Raise NotRunning unless each service port the instance's record names is that
-    service's lease: the port's lock is held and its own record names this app,
-    instance and service. A record is the instance's word; a hand-edited one (pool
-    ``[22]``, port 22, or a service the layout lacks) had ``port`` print 22 while
-    ``doctor`` named the real lease."""
+def _vouch(app: str, info: InstanceInfo, state: StateDir, only: str | None = None) -> None:
+    """Raise NotRunning unless each service port the instance's record names (of service
+    ``only``, if given) is that service's lease: the port's lock is held and its own
+    record names this app, instance and service. A record is the instance's word; a
+    hand-edited one (pool ``[22]``, port 22, or a service the layout lacks) had ``port``
+    print 22 while ``doctor`` named the real lease."""
     directory = state.find("ports")
     for service, port in ((e["name"], e["port"]) for e in info.service_entries):
-        if port is None:
+        if port is None or only not in (None, service):
             continue
-        problem = "its lock is not held"
-        with contextlib.suppress(OSError, ValueError):  # cannot be read: not vouched for
-            if directory is not None and is_held(
-                directory, f"{port}.lock", locked_inodes, holder=info.pid
+        problem, record = _port_lease(directory, port, holder=info.pid)
+        if problem is None:
+            if record is not None and (record.app, record.instance, record.service) == (
+                app,
+                info.number,
+                service,
             ):
-                record = read_port_record(directory, port)
-                if record is not None and (record.app, record.instance, record.service) == (
-                    app,
-                    info.number,
-                    service,
-                ):
-                    continue
-                problem = "its own record names " + (record.describe() if record else "nobody")
+                continue
+            problem = "its own record names " + (record.describe() if record else "nobody")
         raise NotRunning(
             app,
             f"instance {info.number} of {app} runs but its record is not its leases': it "
             f"names port {port} for {service!r}, and {problem}",
             [info.number],
         )
+
+
+def _port_lease(
+    directory: DirHandle | None, port: int, *, holder: int | None
+) -> tuple[str | None, PortRecord | None]:
+    """Why ``port`` cannot be a lease (its lock is not held, or its record cannot be
+    read: which of the two), else None and its record (None if it has none)."""
+    try:
+        if directory is None or not is_held(
+            directory, f"{port}.lock", locked_inodes, holder=holder
+        ):
+            return "its lock is not held", None
+        return None, read_port_record(directory, port)
+    except OSError as e:
+        return f"its lock cannot be examined ({e.strerror or e})", None
+    except ValueError as e:
+        return f"its lock is held but its own record is unreadable ({e})", None
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:/@+-]*")

@@ -34,7 +34,7 @@ from portpool.errors import (
     UsageError,
 )
 from portpool.layout import Layout
-from portpool.records import RECORD_BLOCKER, read_instance
+from portpool.records import RECORD_BLOCKER, SLOT_UNUSABLE, read_instance
 from portpool.statedir import StateDir, check_name, special_entry
 
 __all__ = ["checkout_dir", "fill_slot", "previous_number", "remember_number"]
@@ -192,6 +192,10 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
             # Not free, as when unpinned (exit 3): it ended as a state dir error (1).
             raise SlotUnavailable(layout.app, number, f"its slot is unusable: {e}") from e
     info = read_instance(directory, number)
+    if info.problem is not None and info.problem.startswith(SLOT_UNUSABLE):
+        # A second name of another slot's held lock: not running, never to be had.
+        why = info.problem.removeprefix(SLOT_UNUSABLE)
+        raise SlotUnavailable(layout.app, number, f"its slot is unusable: {why}")
     who = f"pid {info.pid}" if info.pid is not None else (info.problem or "unknown")
     where = f", started for {printable(info.directory)}" if info.directory else ""
     raise SlotUnavailable(layout.app, number, f"it is running ({who}{where})")
