@@ -122,6 +122,8 @@ def test_run_of_a_command_the_kernel_refuses_exits_126_and_releases(
         ("script-without-x", "#!/bin/sh\necho hi\n", 0o644, 126),
         ("a-directory", "", 0o755, 126),
         ("missing-interpreter", "#!/nonexistent/interpreter\n", 0o755, 127),
+        ("dangling-symlink", "->", 0, 127),
+        ("through-a-file/sub", None, 0, 127),
     ],
 )
 def test_run_of_a_program_that_cannot_run_exits_as_a_shell_would(
@@ -139,6 +141,10 @@ def test_run_of_a_program_that_cannot_run_exits_as_a_shell_would(
     program = tmp_path / name
     if content == "":
         program.mkdir()
+    elif content == "->":
+        program.symlink_to(tmp_path / "nowhere")
+    elif name.startswith("through-a-file"):
+        program.parent.write_text("")
     elif content is not None:
         program.write_text(content)
         program.chmod(mode)
@@ -149,7 +155,9 @@ def test_run_of_a_program_that_cannot_run_exits_as_a_shell_would(
     assert "cannot start the command" in done.stderr
     # Why, as a shell says it: "No such file" for the missing one, and only for it.
     missing = "is not an executable file: it does not exist"
-    assert (missing in done.stderr) == (name == "no-such-file"), done.stderr
+    assert (missing in done.stderr) == (name in ("no-such-file", "dangling-symlink"))
+    if name.startswith("through-a-file"):
+        assert ": a part of its path is not a directory" in done.stderr, done.stderr
     assert status_json(layout)["instances"] == []
 
 

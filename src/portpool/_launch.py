@@ -136,9 +136,9 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
         if os.path.isfile(program) and os.access(program, os.X_OK):
             return _interpreter_problem(program, path)
         where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
-        why = "" if os.path.lexists(program) else ": it does not exist"
+        why, found = _stat_words(program)
         problem = f"{program!r} is not an executable file{where}{why}{_not_found_hint(program)}"
-        return CommandNotFound(program, problem, found=os.path.exists(program))
+        return CommandNotFound(program, problem, found=found)
     found = shutil.which(program, path=path)
     if found:
         return _interpreter_problem(found, path)
@@ -150,6 +150,21 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
             program, f"{program!r} on PATH is {there!r}, not executable", found=True
         )
     return CommandNotFound(program, f"{program!r} was not found on PATH{_not_found_hint(program)}")
+
+
+def _stat_words(program: str) -> tuple[str, bool]:
+    """Why a path that is no executable file is not, and whether it counts as found
+    (126) or not (127): absent, a dangling symlink, or a path through a file ("Not a
+    directory": 127 as sh says; bash says 126), not found."""
+    try:
+        os.stat(program)
+    except FileNotFoundError:
+        return ": it does not exist", False
+    except NotADirectoryError:
+        return ": a part of its path is not a directory", False
+    except OSError as e:
+        return f": {e.strerror or e}", True
+    return "", True
 
 
 def _interpreter_problem(path: str, search: str | None = None) -> CommandNotFound | None:
