@@ -136,9 +136,9 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
         if os.path.isfile(program) and os.access(program, os.X_OK):
             return _interpreter_problem(program, path)
         where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
-        why, found = _stat_words(program)
+        why, exists = _stat_words(program)
         problem = f"{program!r} is not an executable file{where}{why}{_not_found_hint(program)}"
-        return CommandNotFound(program, problem, found=found)
+        return CommandNotFound(program, problem, found=exists)
     found = shutil.which(program, path=path)
     if found:
         return _interpreter_problem(found, path)
