@@ -6,12 +6,13 @@ An instance runs while its slot's kernel lock is held: a record alone is never t
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from portpool._heldlock import is_held
-from portpool._platform import DirHandle, locked_inodes
+from portpool._platform import DirHandle, LockTable, OpenFiles, locked_inodes
 from portpool._record import PortRecord, read_port_record
 from portpool._slots import checkout_dir, previous_number
 from portpool._text import printable
@@ -175,10 +176,12 @@ def _vouch(app: str, info: InstanceInfo, state: StateDir, only: str | None = Non
     hand-edited one (pool ``[22]``, port 22, or a service the layout lacks) had ``port``
     print 22 while ``doctor`` named the real lease."""
     directory = state.find("ports")
+    # One lock table and one fd scan for every port (as records and gc share theirs).
+    locked, open_files = functools.cache(locked_inodes), OpenFiles()
     for service, port in ((e["name"], e["port"]) for e in info.service_entries):
         if port is None or only not in (None, service):
             continue
-        problem, record = _port_lease(directory, port, holder=info.pid)
+        problem, record = _port_lease(directory, port, info.pid, locked, open_files)
         if problem is None:
             if record is not None and (record.app, record.instance, record.service) == (
                 app,
@@ -196,13 +199,17 @@ def _vouch(app: str, info: InstanceInfo, state: StateDir, only: str | None = Non
 
 
 def _port_lease(
-    directory: DirHandle | None, port: int, *, holder: int | None
+    directory: DirHandle | None,
+    port: int,
+    holder: int | None,
+    locked: Callable[[], LockTable | None],
+    open_files: OpenFiles,
 ) -> tuple[str | None, PortRecord | None]:
     """Why ``port`` cannot be a lease (its lock is not held, or its record cannot be
     read: which of the two), else None and its record (None if it has none)."""
     try:
         if directory is None or not is_held(
-            directory, f"{port}.lock", locked_inodes, holder=holder
+            directory, f"{port}.lock", locked, holder=holder, open_files=open_files
         ):
             return "its lock is not held", None
         return None, read_port_record(directory, port)
