@@ -189,7 +189,10 @@ def test_doctor_and_pool_agree_on_a_lock_path_that_is_not_a_file(
     assert isinstance(refused, PoolExhausted)
     assert refusal is not None
     assert refusal.reason == refused.refusals[0].reason == "error"
-    assert str(lock) in refusal.detail and str(lock) in refused.refusals[0].detail
+    # In the same words: doctor said "lock path is a directory", run "is a directory
+    # ...; never followed".
+    assert refusal.detail == refused.refusals[0].detail
+    assert refusal.detail.startswith(f"state dir {lock}: is a "), refusal.detail
 
 
 def test_doctor_status_and_run_agree_on_a_directory_at_a_port_record_path(
@@ -208,7 +211,10 @@ def test_doctor_status_and_run_agree_on_a_directory_at_a_port_record_path(
     record = home / "ports" / f"{port}.json"
     record.unlink(missing_ok=True)
     record.mkdir()
-    why = f"{record}: metadata path is a directory, not a record portpool wrote (remove it)"
+    # The same words from both, to the "state dir " that run's prefixed and doctor's not.
+    why = (
+        f"state dir {record}: metadata path is a directory, not a record portpool wrote (remove it)"
+    )
     ran = portpool("run", "--config", str(config), "--", "true")
     assert ran.returncode == 3, ran.stderr
     assert f"port {port}: error" in ran.stderr and why in ran.stderr, ran.stderr

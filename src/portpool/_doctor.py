@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 
 from portpool._addresses import covered_scopes, occupies
 from portpool._dataclass import dataclass
-from portpool._heldlock import lock_path_kind
+from portpool._heldlock import lock_path_kind, not_a_lock_file
 from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import (
@@ -242,12 +242,16 @@ def _unusable_lock_path(state: StateDir, port: int) -> str | None:
     directory = state.find("ports")
     if directory is None:
         return None
+    # Worded as acquire's error, so run and doctor say the same of one port.
     kind = lock_path_kind(directory, f"{port}.lock")
     if kind is not None:
-        where = os.path.join(directory.path, f"{port}.lock")
-        return f"{where}: lock path is {kind}, not a lock file portpool made (remove it)"
+        return str(
+            StateDirError(os.path.join(directory.path, f"{port}.lock"), not_a_lock_file(kind))
+        )
     problem = record_path_problem(directory, f"{port}.json")
-    return None if problem is None else f"{os.path.join(directory.path, f'{port}.json')}: {problem}"
+    if problem is None:
+        return None
+    return str(StateDirError(os.path.join(directory.path, f"{port}.json"), problem))
 
 
 # Hosts that cover one loopback only: `localhost` clients may reach the other one first.

@@ -125,7 +125,7 @@ class HeldLock:
                 kind = _special_kind(directory, name)
                 raise StateDirError(
                     os.path.join(directory.path, name),
-                    _not_a_lock(kind)
+                    not_a_lock_file(kind)
                     if kind is not None
                     else f"cannot open lock file: {e.strerror or e} (remove what is there)",
                 ) from e
@@ -133,7 +133,7 @@ class HeldLock:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise StateDirError(
-                        os.path.join(directory.path, name), _not_a_lock(file_kind(st.st_mode))
+                        os.path.join(directory.path, name), not_a_lock_file(file_kind(st.st_mode))
                     )
             except BaseException:
                 os.close(fd)
@@ -171,7 +171,7 @@ class HeldLock:
             # Free, yet another name of the same file: whoever locks it by that name
             # would hold this one too (a held one is refused above like any other).
             os.close(fd)
-            raise StateDirError(os.path.join(directory.path, name), _not_a_lock(kind))
+            raise StateDirError(os.path.join(directory.path, name), not_a_lock_file(kind))
         held = cls(directory, name, fd, file_id, key)
         with _held_mutex:
             _held[key] = held
@@ -276,7 +276,9 @@ def _special_kind(directory: DirHandle, name: str) -> str | None:
     return None
 
 
-def _not_a_lock(kind: str) -> str:
+def not_a_lock_file(kind: str) -> str:
+    """Why a lock path holding ``kind`` ("a directory", "a symbolic link", ...) cannot be
+    used: the text ``HeldLock.acquire`` raises and ``doctor`` prints."""
     follow = "" if kind.startswith("a file") else "; never followed"
     return f"is {kind}, not a lock file portpool made{follow} (remove it)"
 
