@@ -228,6 +228,52 @@ def test_doctor_status_and_run_agree_on_a_directory_at_a_port_record_path(
     assert record.is_dir()  # doctor and run only read it
 
 
+def test_a_second_name_of_a_held_lock_file_is_unusable_to_doctor_run_and_gc_alike(
+    state: StateDir, home: Path, tmp_path: Path, port: int
+) -> None:
+    """``ports/<port>.lock`` a hard link of another port's held lock file: doctor said
+    "held, metadata unreadable (not written yet)", for ever, run "held (held, ...)", and
+    gc nothing; the free case read "is a file with 2 hard links" everywhere."""
+    import json
+
+    from tests.helpers import portpool
+
+    holder = _try_acquire(state, port + 1, "127.0.0.1")  # a live holder, its record written
+    assert isinstance(holder, Lease)
+    with holder:
+        lock = home / "ports" / f"{port}.lock"
+        os.link(home / "ports" / f"{port + 1}.lock", lock)
+        config = tmp_path / "portpool.toml"
+        config.write_text(
+            f'app = "linked"\nmax_instances = 1\n[services.web]\nbase = {port}\nsize = 1\n'
+        )
+        why = (
+            f"state dir {lock}: is a file with 2 hard links, not a lock file portpool made "
+            "(remove it)"
+        )
+        ran = portpool("run", "--config", str(config), "--", "true")
+        assert ran.returncode == 3, ran.stderr
+        assert f"port {port}: error ({why})" in ran.stderr, ran.stderr
+        text = portpool("doctor", "--config", str(config)).stdout
+        assert f" {port}  error ({why})" in text, text
+        # Each kind by the word its lines use: "1 refused" summed the "error" lines.
+        assert "0 free, 0 held by portpool, 0 used by foreign processes, 1 error" in text, text
+        doc = json.loads(portpool("doctor", "--json", "--config", str(config)).stdout)
+        (listed,) = doc["ports"]
+        assert (listed["kind"], listed["text"]) == ("error", f"error ({why})"), listed
+        assert doc["counts"] == {"free": 0, "held": 0, "foreign": 0, "error": 1}, doc
+        # The real holder's own port still reads held by it.
+        refusal, _, _ = classify_port(state, port + 1, "127.0.0.1")
+        assert refusal is not None and refusal.reason == "held", refusal
+        assert refusal.detail.startswith(f"held by pid {os.getpid()}"), refusal
+        cleaned = portpool("gc")
+        assert cleaned.returncode == 1, cleaned.stderr
+        assert f"{lock}: is a file with 2 hard links, not the lock file of port {port}" in (
+            cleaned.stderr
+        )
+        assert lock.stat().st_nlink == 2  # named, never removed
+
+
 # What the kernel's rules say, for the faults that were reported (True: refused).
 EXPECTED = [
     # localhost covers ::1 too: a foreign [::1]:P server must make the pool skip P.

@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 
 from portpool._addresses import covered_scopes, occupies
 from portpool._dataclass import dataclass
-from portpool._heldlock import lock_path_kind, not_a_lock_file
+from portpool._heldlock import lock_path_kind, unusable_lock_path
 from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import (
@@ -182,7 +182,7 @@ def _classify(
     """``classify_port``, and the holder of a held port (read once: doctor's other
     notes of that port need it too)."""
     seen = inspect_port(state, port, locked)
-    unusable = _unusable_lock_path(state, port) if seen.is_free else None
+    unusable = _unusable_lock_path(state, port) if seen.is_free else seen.unusable
     if unusable is not None:
         return Refusal(port, "error", unusable), (), None, None
     if not seen.is_free:
@@ -245,9 +245,7 @@ def _unusable_lock_path(state: StateDir, port: int) -> str | None:
     # Worded as acquire's error, so run and doctor say the same of one port.
     kind = lock_path_kind(directory, f"{port}.lock")
     if kind is not None:
-        return str(
-            StateDirError(os.path.join(directory.path, f"{port}.lock"), not_a_lock_file(kind))
-        )
+        return unusable_lock_path(os.path.join(directory.path, f"{port}.lock"), kind)
     problem = record_path_problem(directory, f"{port}.json")
     if problem is None:
         return None

@@ -100,8 +100,8 @@ def _held_now(directory: DirHandle, lock_name: str, holder: int | None) -> bool:
 
 
 def _linked_lock(directory: DirHandle, name: str, of: str) -> str | None:
-    """The problem with a free lock file that has other names (hard links), else None:
-    no start takes it, and gc skipped it without a word, for ever."""
+    """The problem with a lock file that has other names (hard links), else None: no
+    start takes it, and gc skipped it without a word, for ever. Raises OSError."""
     kind = lock_path_kind(directory, name)
     if kind is None:
         return None
@@ -236,6 +236,12 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
     if ext == "json" and ports.stat_entry(f"{port}.lock") is not None:
         return  # handled with its lock file
     if is_held(ports, f"{port}.lock", locked):
+        # Held through another name (a hard link) with no record of its own: gc said
+        # nothing, and doctor "not written yet", for ever. Only named, never removed.
+        if _read_record(ports, port)[0] is None:
+            linked = _linked_lock(ports, f"{port}.lock", f"port {port}")
+            if linked is not None:
+                report.problems.append(linked)
         return
     record, had_record = _read_record(ports, port)
     if record is not None and is_alive(record.identity):

@@ -278,9 +278,15 @@ def _special_kind(directory: DirHandle, name: str) -> str | None:
 
 def not_a_lock_file(kind: str) -> str:
     """Why a lock path holding ``kind`` ("a directory", "a symbolic link", ...) cannot be
-    used: the text ``HeldLock.acquire`` raises and ``doctor`` prints."""
+    used: the problem of the ``StateDirError`` ``HeldLock.acquire`` raises."""
     follow = "" if kind.startswith("a file") else "; never followed"
     return f"is {kind}, not a lock file portpool made{follow} (remove it)"
+
+
+def unusable_lock_path(path: str, kind: str) -> str:
+    """``not_a_lock_file`` of ``path`` as acquire's error reads, for the commands that
+    only look (doctor, status, stop): they worded it their own way ("1.lock is ...")."""
+    return str(StateDirError(path, not_a_lock_file(kind)))
 
 
 def _directory_refuses(directory: DirHandle, name: str, error: OSError) -> bool:

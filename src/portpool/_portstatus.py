@@ -10,7 +10,7 @@ import os
 from typing import Literal
 
 from portpool._dataclass import dataclass
-from portpool._heldlock import is_held
+from portpool._heldlock import is_held, lock_path_kind, unusable_lock_path
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -39,6 +39,11 @@ class PortStatus:
     # not written its own yet. ``holder``: that holder's pid, where the kernel names it.
     stale: bool = False
     holder: int | None = None
+    # The lock is held through another name of the file (a hard link) and no record
+    # names this port: why this path is not a lock file portpool made, as acquire says
+    # it of a free one. doctor called such a port "held, metadata unreadable (not
+    # written yet)", which never changed.
+    unusable: str | None = None
 
     @property
     def is_free(self) -> bool:
@@ -49,6 +54,8 @@ class PortStatus:
         record does not name. Raises nothing."""
         if self.state == "free":
             return "free"
+        if self.unusable is not None:
+            return self.unusable
         if self.record is not None and not self.stale:
             return f"held by {self.record.describe()}"
         who = "held"
@@ -87,6 +94,18 @@ def lock_holder(directory: DirHandle, name: str, locked: LockTable | None) -> in
     return pid
 
 
+def _unusable(directory: DirHandle, name: str) -> str | None:
+    """Why ``<dir>/<name>`` is not a lock file portpool made (a file with other names,
+    ...), in acquire's words; None if it is one or cannot be examined."""
+    try:
+        kind = lock_path_kind(directory, name)
+    except OSError:
+        return None
+    if kind is None:
+        return None
+    return unusable_lock_path(os.path.join(directory.path, name), kind)
+
+
 def _stale(record: PortRecord, holder: int | None) -> bool:
     """Whether ``record`` names a process that does not run, nor holds the lock from
     another pid namespace (the holder's start token and boot id are the record's)."""
@@ -119,7 +138,14 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
     if record is None or record.port != port:
         problem = None if record is None else f"record names port {record.port}"
         holder = lock_holder(directory, f"{port}.lock", locked)
-        return PortStatus(port, "held-unreadable", None, problem, holder=holder)
+        return PortStatus(
+            port,
+            "held-unreadable",
+            None,
+            problem,
+            holder=holder,
+            unusable=_unusable(directory, f"{port}.lock"),
+        )
     if is_alive(record.identity):
         return PortStatus(port, "held", record)
     # A holder killed with -9 leaves its record until the next holder writes its own:

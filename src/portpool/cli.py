@@ -198,11 +198,13 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
         # record text from the state dir: escaped for the terminal
         click.echo(f"  {verdict.service:<16} {verdict.port:>5}  {display(verdict.describe())}")
     counts = report.counts()
-    other = sum(n for kind, n in counts.items() if kind not in ("free", "held", "foreign"))
+    # Each other kind by the word its ports' lines and --json use ("1 refused" summed
+    # ports whose lines said "error").
+    other = sorted(kind for kind in counts if kind not in ("free", "held", "foreign"))
     click.echo(
         f"{counts['free']} free, {counts['held']} held by portpool, "
         f"{counts['foreign']} used by foreign processes"
-        + (f", {other} refused" if other else "")
+        + "".join(f", {counts[kind]} {kind}" for kind in other)
         + ("" if show_all or not counts["free"] else " (--all lists the free ones)")
     )
     for line in report.summary():

@@ -48,6 +48,11 @@ class LockHolder(Protocol):
     @property
     def is_free(self) -> bool: ...
 
+    # Why the lock's path is not a lock file portpool made, though its file is locked
+    # (through another name); None if it is one.
+    @property
+    def unusable(self) -> str | None: ...
+
     def describe(self) -> str: ...
 
 
@@ -136,7 +141,8 @@ class Refusal:
     detail: str  # for people: who holds it, or what the OS said
 
     def __str__(self) -> str:
-        if self.detail.startswith(f"{self.reason} "):  # no "held (held by pid ...)"
+        # No "held (held by pid ...)" nor "held (held, metadata unreadable ...)".
+        if self.detail.startswith(tuple(f"{self.reason}{c}" for c in " ,;")):
             return f"port {self.port}: {self.detail}"
         return f"port {self.port}: {self.reason} ({self.detail})"
 

@@ -228,6 +228,9 @@ def _lock_port(state: StateDir, port: int) -> PortLock | Refusal:
         try:
             return PortLock.acquire(state, port)
         except LockHeld as e:
+            if e.holder is not None and e.holder.unusable is not None:
+                # Held through another name of the file: no wait frees this one.
+                return Refusal(port, "error", e.holder.unusable)
             if wait_ms is None or not _only_passing(e.holder):
                 return Refusal(port, "held", _holder_detail(e.holder))
             time.sleep(wait_ms / 1000)
