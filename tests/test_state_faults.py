@@ -312,10 +312,10 @@ def test_a_special_file_at_a_slot_lock_reads_the_same_to_every_command(
         done = portpool(*args, "--config", str(layout_file))
         assert done.returncode == 1, done.stderr
         assert "starting" not in done.stderr, done.stderr
-        assert "not running" in done.stderr and "3.lock is a" in done.stderr, done.stderr
+        assert "not running" in done.stderr and "3.lock: is a" in done.stderr, done.stderr
     by_number = {i["number"]: i for i in status_json(layout_file)["instances"]}
     assert by_number[1]["alive"] is True  # the running one is untouched, still the one
-    assert by_number[3]["alive"] is False and "3.lock is a" in by_number[3]["problem"]
+    assert by_number[3]["alive"] is False and "3.lock: is a" in by_number[3]["problem"]
     assert portpool("port", "alpha", "--config", str(layout_file)).stdout.strip() == str(
         running.ports["alpha"]
     )
@@ -335,16 +335,21 @@ def test_a_start_takes_the_next_slot_past_one_nobody_can_take(
     assert done.returncode == 0, done.stderr
     assert done.stdout == "2\n"
     assert "instance slot 1 of testapp skipped" in done.stderr
-    assert f"{instances / '1.lock'}: is a symbolic link" in done.stderr
+    # One text from run, a pinned run and doctor: doctor gave the bare "1.lock is ...".
+    why = (
+        f"state dir {instances / '1.lock'}: is a symbolic link, not a lock file portpool "
+        "made; never followed (remove it)"
+    )
+    assert why in done.stderr, done.stderr
     # Pinned to it, the start is refused, naming it, with the code of a slot that is not
     # free (3, as unpinned when every slot is like it; it was 1, a state dir error); the
     # symlink is left as found.
     pinned = portpool("run", "--instance", "1", "--config", str(config), "--", "true")
     assert pinned.returncode == 3 and "is a symbolic link" in pinned.stderr
-    assert "instance 1 of 'testapp' cannot be had: its slot is unusable: " in pinned.stderr
+    assert f"instance 1 of 'testapp' cannot be had: its slot is unusable: {why}" in pinned.stderr
     assert (instances / "1.lock").is_symlink()
     # doctor called the slot's ports free and said nothing of the slot.
-    said = "instance 1: slot unusable, every start skips it: 1.lock is a symbolic link"
+    said = f"instance 1: slot unusable, every start skips it: {why}"
     assert said in portpool("doctor", "--config", str(config)).stdout
     doc = json.loads(portpool("doctor", "--json", "--config", str(config)).stdout)
     assert any(line.startswith(said) for line in doc["summary"]), doc["summary"]
@@ -367,19 +372,23 @@ def test_a_hard_linked_slot_lock_is_unusable_not_a_phantom_instance(
         done = portpool(*args, "--config", str(layout_file))
         assert done.returncode == 1, done.stderr
         assert "starting" not in done.stderr, done.stderr
-        assert "2.lock is a file with 2 hard links" in done.stderr, done.stderr
+        assert f"{instances / '2.lock'}: is a file with 2 hard links" in done.stderr, done.stderr
     # Pinned to it: not "it is running" (it read so), its slot is unusable (exit 3).
     pinned = portpool("run", "--instance", "2", "--config", str(layout_file), "--", "true")
     assert pinned.returncode == 3, pinned.stderr
     assert (
-        "instance 2 of 'testapp' cannot be had: its slot is unusable: 2.lock is a file with 2"
-        in pinned.stderr
+        "instance 2 of 'testapp' cannot be had: its slot is unusable: state dir "
+        f"{instances / '2.lock'}: is a file with 2 hard links, not a lock file portpool made "
+        "(remove it)" in pinned.stderr
     )
     assert "running" not in pinned.stderr, pinned.stderr
     by_number = {i["number"]: i for i in status_json(layout_file)["instances"]}
     assert by_number[1]["alive"] is True  # the running one is untouched
     assert by_number[2]["alive"] is False
-    assert by_number[2]["problem"].startswith("slot unusable: 2.lock is a file with 2 hard")
+    assert by_number[2]["problem"] == (
+        f"slot unusable: state dir {instances / '2.lock'}: is a file with 2 hard links, not a "
+        "lock file portpool made (remove it)"
+    )
     # A start skips it (held, like 1); gc removes neither name.
     command = ["sh", "-c", "echo $PORTPOOL_INSTANCE"]
     done = portpool("run", "--config", str(layout_file), "--", *command)
@@ -413,16 +422,21 @@ def test_a_start_takes_the_next_slot_past_one_whose_record_path_is_a_directory(
     assert done.returncode == 0, done.stderr
     assert done.stdout == "2\n"
     assert "instance slot 1 of testapp skipped" in done.stderr
-    assert f"{instances / '1.json'}: is a directory" in done.stderr
+    why = (
+        f"state dir {instances / '1.json'}: is a directory, not a record portpool wrote (remove it)"
+    )
+    assert why in done.stderr, done.stderr
     (info,) = status_json(layout_file)["instances"]
     assert info["number"] == 1 and info["alive"] is False
-    assert info["problem"].startswith("slot unusable: 1.json is a directory"), info
+    assert info["problem"] == f"slot unusable: {why}", info
     stop = portpool("stop", "1", "--config", str(layout_file))
-    assert stop.returncode == 1 and "1.json is a directory" in stop.stderr, stop.stderr
+    assert stop.returncode == 1 and why in stop.stderr, stop.stderr
+    doctor = portpool("doctor", "--config", str(layout_file)).stdout
+    assert f"instance 1: slot unusable, every start skips it: {why}" in doctor, doctor
     # Pinned to it, the start is refused, naming it; the directory is left as found.
     pinned = portpool("run", "--instance", "1", "--config", str(layout_file), "--", "true")
     assert pinned.returncode == 3 and "1.json" in pinned.stderr, pinned.stderr
-    assert "its slot is unusable: " in pinned.stderr, pinned.stderr
+    assert f"its slot is unusable: {why}" in pinned.stderr, pinned.stderr
     unpinned = portpool("run", "--config", str(layout_file), "--", "true")  # 2 is free
     assert unpinned.returncode == 0, unpinned.stderr
     assert (instances / "1.json").is_dir()

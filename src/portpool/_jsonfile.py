@@ -19,6 +19,7 @@ from typing import Any
 
 from portpool._layout_load import file_kind
 from portpool._platform import DirHandle
+from portpool.errors import StateDirError
 from portpool.statedir import out_of_descriptors, write_error
 
 RECORD_MAX_BYTES = 1 << 20
@@ -44,6 +45,12 @@ def write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             directory.unlink(tmp)
         raise write_error(directory.path, f"cannot write {name}", e) from e
+
+
+def not_a_record(path: str, kind: str) -> str:
+    """Why ``kind`` ("a directory") at a record ``path`` keeps portpool's record out, in
+    one text for every command (doctor gave the bare file name). Raises nothing."""
+    return str(StateDirError(path, f"is {kind}, not a record portpool wrote (remove it)"))
 
 
 class NotAFile(ValueError):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from portpool._heldlock import HeldLock
-from portpool._jsonfile import read_json_file, write_atomic
+from portpool._jsonfile import not_a_record, read_json_file, write_atomic
 from portpool._layout_load import absolute_path, working_directory
 from portpool._platform import DirHandle, locked_inodes
 from portpool._text import printable
@@ -159,8 +159,7 @@ def _record_blocker(directory: DirHandle, number: int) -> str | None:
         return None  # the start's own write says what is wrong, naming the path
     if kind != RECORD_BLOCKER:
         return None
-    path = os.path.join(directory.path, f"{number}.json")
-    return f"{path}: is {kind}, not a record portpool wrote"
+    return not_a_record(os.path.join(directory.path, f"{number}.json"), kind)
 
 
 def _limit_words(layout: Layout) -> str:

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from portpool._dataclass import dataclass
-from portpool._heldlock import is_held, lock_path_kind
-from portpool._jsonfile import NotAFile, decimal, read_json_file
+from portpool._heldlock import is_held, lock_path_kind, unusable_lock_path
+from portpool._jsonfile import NotAFile, decimal, not_a_record, read_json_file
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -341,7 +341,7 @@ def _read_instance_once(
     if lock_kind is not None and not lock_kind.startswith("a file"):
         # Never portpool's, and nobody can take the slot: no lock table lists it, and a
         # probe cannot open it, which read as "starting" to `stop` but absent to `status`.
-        problem = f"{number}.lock is {lock_kind}, not a lock file portpool made; remove it"
+        problem = unusable_lock_path(os.path.join(directory.path, f"{number}.lock"), lock_kind)
         return InstanceInfo(number, False, False, problem=SLOT_UNUSABLE + problem)
     raw: object = None
     unreadable: str | None = None
@@ -359,12 +359,12 @@ def _read_instance_once(
         # Another name of a lock file (a hard link): held by another slot's instance, it
         # read "starting (no record yet)"; only a running holder its record names makes
         # it this slot's. Free, no start can take it either.
-        problem = f"{number}.lock is {lock_kind}, not a lock file portpool made; remove it"
+        problem = unusable_lock_path(os.path.join(directory.path, f"{number}.lock"), lock_kind)
         return InstanceInfo(number, False, False, problem=SLOT_UNUSABLE + problem)
     if record_is_dir and not alive:
         # A start cannot write its record there (a symlink or FIFO it replaces): nobody
         # can take the slot, as with a special file at its lock path.
-        problem = f"{number}.json is {RECORD_BLOCKER}, not a record portpool wrote; remove it"
+        problem = not_a_record(os.path.join(directory.path, f"{number}.json"), RECORD_BLOCKER)
         return InstanceInfo(number, False, False, problem=SLOT_UNUSABLE + problem)
     if unreadable is not None:
         return InstanceInfo(number, alive, False, problem=unreadable)
