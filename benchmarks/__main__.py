@@ -199,8 +199,9 @@ def render(outcomes: list[Outcome], meta: dict[str, str]) -> str:
         f"- load average (1/5/15 min) at start: {meta['load_start']}, at end: {meta['load_end']}",
         "- child processes run with byte-code caching on (in a private cache directory), "
         "as an installed package would",
-        "- figures are medians and p99s of many samples, and ratios to a floor measured in "
-        "the same run; on a shared machine compare ratios, not absolute times",
+        "- figures are medians and p99s (the largest sample where a row has 100 or fewer), "
+        "and ratios to a floor measured in the same run; on a shared machine compare "
+        "ratios, not absolute times",
         "",
         "## Summary",
         "",
@@ -219,7 +220,9 @@ def render(outcomes: list[Outcome], meta: dict[str, str]) -> str:
             if o.stderr_tail:
                 lines += ["```", o.stderr_tail.rstrip(), "```", ""]
     lines += ["## Honest notes", ""]
-    lines += [f"- {n}" for n in honest_notes(outcomes)]
+    # Said even when empty: a bare heading read as a section left unwritten.
+    notes = honest_notes(outcomes) or ["No target missed and no peer faster in this run."]
+    lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 

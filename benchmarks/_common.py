@@ -93,6 +93,13 @@ class Section:
         }
 
 
+def leftover(ms: float) -> str:
+    """``N ms`` for what is left of a whole once its parts are taken away, or "none
+    measurable" when the parts (medians of separate runs, each with its noise) add up
+    to the whole or more: it read "-3 ms for the rest"."""
+    return f"{ms:.0f} ms" if round(ms) > 0 else "none measurable (the parts add up to it)"
+
+
 def time_calls(fn: Callable[[], object], n: int, warmup: int = 50) -> list[float]:
     """Microseconds per call of ``fn``, one sample per call."""
     for _ in range(warmup):

@@ -48,6 +48,7 @@ from benchmarks._common import (
     Row,
     Section,
     find_free_block,
+    leftover,
     portpool_command,
     print_section,
     time_whole_process,
@@ -322,8 +323,8 @@ def split_run(ms: dict[str, float], kind: str) -> list[str]:
         "standard library's modules they load, e.g. socket, subprocess, logging, json, "
         f"tomllib, hashlib, shutil, ctypes, and {imports - stdlib:.0f} ms portpool's own "
         "modules), starting the command "
-        f"{start:.1f} ms more than a plain subprocess.Popen and {rest:.0f} ms for the rest "
-        "(layout, slot, lease, threads, release, exit)."
+        f"{start:.1f} ms more than a plain subprocess.Popen, and for the rest (layout, slot, "
+        f"lease, threads, release, exit) {leftover(rest)}."
     ]
 
 

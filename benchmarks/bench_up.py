@@ -39,6 +39,7 @@ from benchmarks._common import (
     Row,
     Section,
     find_free_block,
+    leftover,
     portpool_command,
     print_section,
     wait_exit,
@@ -440,8 +441,8 @@ def run(quick: bool = False) -> Section:
         f"starting a service {start_own:.1f} ms more than python alone (~{spread:.1f} ms for "
         f"six on {os.cpu_count()} CPUs: fork, the socket put at fd 3 with LISTEN_PID the "
         f"service's own pid and the parent-death signal set in the child, exec), and "
-        f"{rest:.0f} ms left: "
-        "threads, spawns, probes, and up's start sharing the CPUs with the services'. up "
+        f"left for threads, spawns, probes, and up's start sharing the CPUs with the "
+        f"services': {leftover(rest)}. up "
         f"prints its table {_after(table - ready)} all answer (its readiness probes)."
     )
     section.notes.append(

@@ -9,8 +9,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from benchmarks.__main__ import render, run_module, section_from_json
-from benchmarks._common import Row, Section
+from benchmarks.__main__ import Outcome, render, run_module, section_from_json
+from benchmarks._common import Row, Section, leftover
 from benchmarks.bench_peers import Attempt, count
 from benchmarks.bench_up import choose_base, held_lock_inodes, one_up, side_by_side, write_layout
 
@@ -115,6 +115,33 @@ def test_a_failing_module_is_reported_and_does_not_stop_the_others(
     assert "| portpool b |" in text
     # portpool slower than a peer is said out loud.
     assert "portpool b (4 us) is 2.0x portpicker c" in text
+
+
+def test_a_report_with_nothing_missed_says_so_under_its_honest_notes() -> None:
+    # The heading stood alone, which read as a section left unwritten.
+    section = Section("fine", floor="a")
+    section.rows += [Row("a", [1.0, 2.0]), Row("portpool b", [1.5])]
+    meta = dict.fromkeys(("machine", "date", "command", "load_start", "load_end"), "m")
+    text = render([Outcome("bench_fine", 1.0, section)], meta)
+    honest = text.split("## Honest notes\n", 1)[1]
+    assert honest.strip() == "- No target missed and no peer faster in this run."
+    assert "the largest sample where a row has 100 or fewer" in text
+
+
+def test_a_leftover_of_noise_is_not_printed_as_negative() -> None:
+    # "-3 ms for the rest": parts, each a median of its own runs, may add up to more.
+    assert leftover(11.4) == "11 ms"
+    assert leftover(-3.2) == leftover(0.2) == "none measurable (the parts add up to it)"
+
+
+def test_the_instance_benchmark_keeps_off_the_apps_ports_and_the_ephemeral_range() -> None:
+    # It bound 6000-9xxx when free (a running app's), else 40000-41999 (ephemeral).
+    from benchmarks.bench_instance import choose_layout
+
+    layout, which = choose_layout()
+    ports = [p for n in range(1, 11) for pool in layout.pools(n).values() for p in pool]
+    assert min(ports) >= 20000 and max(ports) <= 29999, (min(ports), max(ports))
+    assert "shifted" in which
 
 
 def test_only_names_an_existing_benchmark(tmp_path: Path) -> None:
