@@ -1150,6 +1150,22 @@ def test_help_version_and_json_errors_to_a_gone_reader_die_of_sigpipe(
     assert "No such option '--bogus'" in proc.stderr
 
 
+def test_a_usage_error_to_a_gone_reader_dies_of_sigpipe(tmp_path: Path, home: Path) -> None:
+    """``status --bogus 2>&1 | head -1``: click shows a usage error after its own EPIPE
+    handling, and the write's failure exited 1, where every other output dies of SIGPIPE
+    (and a reader there is 2)."""
+    for args in (["status", "--bogus"], ["status", "--json", "--bogus"], ["nosuch"]):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = subprocess.run([*PORTPOOL, *args], stdout=write_end, stderr=write_end,
+                                  cwd=tmp_path, timeout=60, check=False)  # fmt: skip
+        finally:
+            os.close(write_end)
+        assert proc.returncode == -signal.SIGPIPE, args
+        assert portpool(*args, cwd=tmp_path).returncode == 2, args
+
+
 def test_up_detach_returns_after_the_record_says_every_service_is_ready(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

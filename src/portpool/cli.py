@@ -453,6 +453,10 @@ def main() -> None:
     except OSError as e:
         if not from_echo(e):
             raise
+        if isinstance(e, BrokenPipeError):
+            # click shows a usage error after its own EPIPE handling: with stderr's
+            # reader gone it exited 1, where every other output dies of SIGPIPE.
+            reader_gone(e)
         _output_failed(e)
 
 
