@@ -198,8 +198,7 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
         # record text from the state dir: escaped for the terminal
         click.echo(f"  {verdict.service:<16} {verdict.port:>5}  {display(verdict.describe())}")
     counts = report.counts()
-    # Each other kind by the word its ports' lines and --json use ("1 refused" summed
-    # ports whose lines said "error").
+    # Each other kind by its lines' and --json's word ("1 refused" summed "error" lines).
     other = sorted(kind for kind in counts if kind not in ("free", "held", "foreign"))
     click.echo(
         f"{counts['free']} free, {counts['held']} held by portpool, "
@@ -433,10 +432,9 @@ def _output_failed(error: OSError) -> None:
 def main() -> None:
     """Console-script entry point.
 
-    Ctrl-C ends a command at once by SIGINT's default action, quietly, as for any Unix
-    tool that holds nothing (click would print "Aborted!" and exit 1, which a calling
-    shell takes for an error); ``run`` and ``up`` take the signals over while they hold
-    an instance.
+    Ctrl-C ends a command at once by SIGINT's default action, quietly, as any Unix tool
+    holding nothing does (click printed "Aborted!" and exited 1, an error to a calling
+    shell); ``run`` and ``up`` take the signals over while they hold an instance.
     """
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # ignored by the caller: kept
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -453,9 +451,7 @@ def main() -> None:
     except OSError as e:
         if not from_echo(e):
             raise
-        if isinstance(e, BrokenPipeError):
-            # click shows a usage error after its own EPIPE handling: with stderr's
-            # reader gone it exited 1, where every other output dies of SIGPIPE.
+        if isinstance(e, BrokenPipeError):  # a usage error's (click shows it late): exited 1
             reader_gone(e)
         _output_failed(e)
 

@@ -149,11 +149,8 @@ def _parse_services(raw: object) -> tuple[dict[str, Any], ...]:
             "refusals": _parse_refusals(refusals) if refusals else [],
         }
         if "state" in item:
-            state, restarts, last = (
-                item["state"],
-                item.get("restarts"),
-                item.get("last_exit_status"),
-            )
+            state, restarts = item["state"], item.get("restarts")
+            last = item.get("last_exit_status")
             entry["state"] = state if type(state) is str and state in _STATES else None
             entry["restarts"] = restarts if _int_or_none(restarts) is not None else 0
             planned = item.get("planned_restarts")  # a rolling restart's (SIGHUP)
@@ -409,6 +406,8 @@ def _not_the_holders(
             return None  # the holder, by its pid in its own namespace
     if holder == recorded:
         names = f"the record names pid {recorded} with another start time: a reused pid"
+    elif type(recorded) is int and identity_of(recorded) is not None:  # 1, a shell, ...
+        names = f"the record names pid {recorded}, another process, with another start time"
     else:
         names = f"the record names {recorded}, which is not running"
     return f"record does not match the process holding the slot (pid {holder} holds it, {names})"
