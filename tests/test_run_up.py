@@ -331,6 +331,23 @@ def test_run_fds_serves_on_the_lease_socket(layout: Path, port_base: int, home: 
             proc.kill()
 
 
+def test_env_and_port_under_run_with_service_name_only_its_services(
+    layout: Path, home: Path
+) -> None:
+    """A run with ``--service`` holds no lease for the others: ``env`` lists only its own
+    (exit 0), and ``port`` of another says so, as a record missing a service it does
+    hold as a lease must not (tests/test_state_faults.py)."""
+    inner = (
+        f"{' '.join(PORTPOOL)} env --config {layout}; echo env=$?; "
+        f"{' '.join(PORTPOOL)} port beta --config {layout}; echo port=$?"
+    )
+    done = portpool("run", "--config", str(layout), "--service", "alpha", "--", "sh", "-c", inner)
+    assert done.returncode == 0, done.stderr
+    assert "PORTPOOL_SERVICES=alpha\n" in done.stdout and "env=0" in done.stdout, done.stdout
+    assert "PORTPOOL_PORT_BETA" not in done.stdout and "port=1" in done.stdout, done.stdout
+    assert "holds no port for 'beta' (started with --service" in done.stderr, done.stderr
+
+
 def test_run_forwards_signals(layout: Path, home: Path) -> None:
     script = (
         "import signal, sys, time\n"

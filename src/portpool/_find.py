@@ -145,6 +145,7 @@ def service_port(
         if entry.name == service and entry.port is not None:
             _vouch(layout.app, info, state, only=service)
             return info, entry.port
+    _vouch_unlisted(layout, info, state, [service])
     raise NotRunning(
         layout.app,
         f"instance {info.number} of {layout.app} holds no port for {service!r} "
@@ -159,6 +160,8 @@ def instance_env(layout: Layout, number: int | None = None, *, state: StateDir) 
     and ``PORTPOOL_SERVICES``. Raises NotRunning."""
     info = find_instance(layout, number, state=state)
     _vouch(layout.app, info, state)
+    listed = {e["name"] for e in info.service_entries if e["port"] is not None}
+    _vouch_unlisted(layout, info, state, [s.name for s in layout.services if s.name not in listed])
     env = {"PORTPOOL_APP": layout.app, "PORTPOOL_INSTANCE": str(info.number)}
     names = []
     for entry in info.services:
@@ -196,6 +199,40 @@ def _vouch(app: str, info: InstanceInfo, state: StateDir, only: str | None = Non
             f"names port {port} for {service!r}, and {problem}",
             [info.number],
         )
+
+
+def _vouch_unlisted(
+    layout: Layout, info: InstanceInfo, state: StateDir, services: Sequence[str]
+) -> None:
+    """Raise NotRunning if the instance holds a lease for one of ``services``, which its
+    record does not list: a record edited by hand (its services deleted) had ``env``
+    exit 0 without their ports, and ``port`` say "started with --service". A run with
+    ``--service`` holds no lease for the others, so this finds none for it."""
+    directory = state.find("ports")
+    if not services or directory is None:
+        return
+    try:
+        pools = layout.pools(info.number)
+    except ValueError:  # a number this layout no longer admits: no pool to look in
+        return
+    locked, open_files = functools.cache(locked_inodes), OpenFiles()
+    for service in services:
+        for port in pools.get(service, ()):
+            problem, record = _port_lease(directory, port, info.pid, locked, open_files)
+            if (
+                problem is None
+                and record is not None
+                and record.pid == info.pid
+                and (record.app, record.instance, record.service)
+                == (layout.app, info.number, service)
+            ):
+                raise NotRunning(
+                    layout.app,
+                    f"instance {info.number} of {layout.app} runs but its record is not its "
+                    f"leases': it names no port for {service!r}, whose lease is port {port} "
+                    "(its lock held, its own record naming it)",
+                    [info.number],
+                )
 
 
 def _port_lease(
