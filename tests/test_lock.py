@@ -435,6 +435,12 @@ def test_encoding_is_exactly_compact_json(state: StateDir, port_base: int):
     assert decode_record(b" " * RECORD_SIZE) is None
     # A record as written before (a JSON line, then a "#<crc>" line) still reads.
     assert decode_record((text + b"\n#%08x\n" % zlib.crc32(text)).ljust(RECORD_SIZE)) == record
+    # Reformatted by a tool (json.dumps' spaces): it read "record has no checksum".
+    pretty = json.dumps(json.loads(data)).encode()
+    with pytest.raises(ValueError, match=r"^record was rewritten: its checksum is not as"):
+        decode_record(pretty)
+    with pytest.raises(ValueError, match=r"^record has no checksum$"):
+        decode_record(text)
 
 
 _names = st.text(max_size=40)

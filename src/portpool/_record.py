@@ -126,6 +126,8 @@ def decode_record(data: bytes) -> PortRecord | None:
     else:  # as written before the record was one JSON object: a line, then "#<crc>"
         text, sep, crc_hex = stripped.rpartition(b"\n#")
         if not sep or len(crc_hex) != 8:
+            if b'"crc"' in stripped:  # reformatted (spaces, order): not "has no checksum"
+                raise ValueError("record was rewritten: its checksum is not as portpool writes it")
             raise ValueError("record has no checksum")
     try:
         crc = int(crc_hex, 16)
