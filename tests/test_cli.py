@@ -200,7 +200,11 @@ def test_gc_json_fails_like_gc_when_it_skipped_entries(home: Path) -> None:
     plain = portpool("gc")
     done = portpool("gc", "--json")
     assert (plain.returncode, done.returncode) == (1, 1), (plain.stderr, done.stderr)
-    assert any("31100.lock" in p for p in json.loads(done.stdout)["problems"])
+    report = json.loads(done.stdout)
+    assert any("31100.lock" in p for p in report["problems"])
+    # And the error object every failing command's --json has (the README), beside it.
+    assert report["exit_code"] == 1, report
+    assert report["error"] == "gc skipped " + "; ".join(report["problems"]), report
     # Named on stderr with --json too (the README: "names on stderr (exit 1) any entry
     # it had to skip"); stderr was empty.
     assert done.stderr == plain.stderr and "portpool: error: gc skipped " in done.stderr

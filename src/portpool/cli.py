@@ -197,8 +197,7 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
             click.echo(f"instance {number}:")
         # record text from the state dir: escaped for the terminal
         click.echo(f"  {verdict.service:<16} {verdict.port:>5}  {display(verdict.describe())}")
-    counts = report.counts()
-    # Each other kind by its lines' and --json's word ("1 refused" summed "error" lines).
+    counts = report.counts()  # each other kind by its lines' word ("1 refused" was "error")
     other = sorted(kind for kind in counts if kind not in ("free", "held", "foreign"))
     click.echo(
         f"{counts['free']} free, {counts['held']} held by portpool, "
@@ -225,8 +224,9 @@ def gc(config: str | None, as_json: bool) -> None:
     if config is not None:
         layout_for(config)
     report = run_gc()
-    if as_json:
-        echo_json(report.to_dict())
+    if as_json:  # a failure's JSON names its error and code, as every command's does
+        fault = {"error": "gc skipped " + "; ".join(report.problems), "exit_code": 1}
+        echo_json(report.to_dict() | (fault if report.problems else {}))
         _gc_problems(report.problems)  # skipped entries fail here too, named on stderr
         return
     for name in report.instances:
