@@ -89,6 +89,48 @@ def test_release_twice_and_after_context_is_safe(state: StateDir, port_base: int
     acquire(state, [port_base]).release()  # and the port is free to take again
 
 
+def test_a_lease_dropped_unreleased_stays_whole_until_the_process_exits(
+    state: StateDir, port_base: int
+):
+    """Dropped without release, the garbage collector closed a lease's socket and its
+    lock stayed: the port was locked with nothing listening, and nothing left to
+    release it. It now keeps lock, socket and record together until exit."""
+    code = (
+        "import gc, socket, sys, warnings\n"
+        "warnings.simplefilter('error')\n"  # a socket closed by the collector warns
+        "from portpool.errors import PoolExhausted\n"
+        "from portpool.pool import acquire\n"
+        "from portpool.statedir import StateDir\n"
+        "state, port = StateDir.open(sys.argv[1]), int(sys.argv[2])\n"
+        "acquire(state, [port], service='web')\n"
+        "gc.collect()\n"
+        "socket.create_connection(('127.0.0.1', port), timeout=5).close()  # still listens\n"
+        "try:\n"
+        "    acquire(state, [port])\n"
+        "except PoolExhausted as e:\n"
+        "    print(e.refusals[0])\n"
+        "print('done', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, state.path, str(port_base)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdout is not None
+    try:
+        assert child.stdout.readline() == f"port {port_base}: held (by this process already)\n"
+        assert child.stdout.readline() == "done\n"
+        seen = inspect_port(state, port_base)  # from outside: its record, its holder
+        assert seen.record is not None and seen.record.pid == child.pid, seen
+        assert seen.record.service == "web"
+    finally:
+        child.communicate("", timeout=30)
+    assert child.returncode == 0
+    assert inspect_port(state, port_base).is_free  # the exit freed it, as any lock
+
+
 def test_listen_again_revives_a_socket_a_holder_shut_down(state: StateDir, port_base: int):
     """shutdown(2) by any holder of the listening socket stops it listening for all;
     it stays bound, so ``listen_again`` makes it serve the same port again."""

@@ -92,6 +92,10 @@ class HeldLock:
         # Taking the fd for release is one step: two threads releasing at once closed
         # it twice (EBADF, or another thread's file that reused the number).
         self._fd_mutex = ForkSafeRLock()
+        # What this lock guards, kept alive while it is held (the table of held locks
+        # keeps this one): a Lease dropped without release lost its socket to the
+        # garbage collector and kept its lock, a port locked with nothing listening.
+        self.guards: object = None
 
     @property
     def path(self) -> str:
@@ -224,6 +228,7 @@ class HeldLock:
         """Unlock and close. In a forked child this only closes the child's copy. Safe to
         call twice and from several threads at once. Raises nothing."""
         self._forget()
+        self.guards = None
         with self._fd_mutex:
             fd, self.fd = self.fd, -1
         if fd < 0:

@@ -47,7 +47,8 @@ class Lease:
     """A port acquired from a pool: its kernel lock, its listening socket, its record.
 
     Release it (or leave its ``with`` block) to close the socket, erase the record and
-    unlock. ``socket`` is None once handed off with ``close_socket``. ``refusals`` says
+    unlock; one dropped unreleased stays whole (lock, socket, record) until the process
+    exits. ``socket`` is None once handed off with ``close_socket``. ``refusals`` says
     why the ports before this one in the pool were skipped. ``held`` are the extra
     sockets that keep the rest of the host's addresses (``::1`` for ``localhost``)
     from anyone else: bound, never listening, never handed to the service.
@@ -304,5 +305,7 @@ def acquire(
             _close_all(bound)
             lock.release()
             raise
-        return Lease(port, host, bound[0], lock, service, refusals, bound[1:], backlog)
+        lease = Lease(port, host, bound[0], lock, service, refusals, bound[1:], backlog)
+        lock.lock.guards = lease  # dropped unreleased, it stays whole until exit
+        return lease
     raise PoolExhausted(pool, refusals, service or None)
