@@ -33,6 +33,7 @@ from portpool.errors import (
     PoolExhausted,
     PortPoolError,
     SlotUnavailable,
+    UnknownService,
     UsageError,
 )
 from portpool.instance import start_instance
@@ -119,6 +120,23 @@ def test_pool_exhausted_releases_everything(layout_file: Path, state: StateDir) 
     finally:
         for s in foreign:
             s.close()
+
+
+def test_an_instance_names_a_service_the_layout_lacks_as_the_layout_does(
+    layout_file: Path, state: StateDir
+) -> None:
+    # inst.port("zz") and inst.env("zz") raised a bare KeyError, the layout's calls
+    # UnknownService; a service of the layout not leased here is still a KeyError.
+    layout = load_layout(str(layout_file))
+    with start_instance(layout, state=state, services=["alpha"]) as inst:
+        for call in (inst.port, inst.env):
+            with pytest.raises(UnknownService, match="no such service .zz. in this layout; it has: alpha, beta"):
+                call("zz")
+            with pytest.raises(KeyError):
+                call("beta")
+        assert inst.env("alpha")["PORT"] == str(inst.port("alpha"))
+    # And an empty pool's message ends where it ends (it had a trailing newline).
+    assert str(PoolExhausted([], [])) == "no free port in pool []"
 
 
 def test_no_free_slot_lists_the_holders(tmp_path: Path, port_base: int, state: StateDir) -> None:

@@ -163,8 +163,8 @@ class PoolExhausted(StartError):
         self.refusals = list(refusals)
         self.service = service
         who = f"service {service!r}: " if service else ""
-        lines = "\n".join(f"  {r}" for r in self.refusals)
-        super().__init__(f"{who}no free port in pool {self.pool}\n{lines}")
+        lines = "".join(f"\n  {r}" for r in self.refusals)  # none: no trailing newline
+        super().__init__(f"{who}no free port in pool {self.pool}{lines}")
 
 
 @dataclass(frozen=True)

@@ -79,9 +79,9 @@ class Instance:
         return self.layout.app
 
     def port(self, service: str) -> int:
-        """The port (int) leased to ``service``. Raises KeyError for a service this
-        instance holds no lease for."""
-        return self.leases[service].port
+        """The port (int) leased to ``service``. Raises UnknownService for a name the
+        layout lacks (it was a bare KeyError), KeyError for one not leased here."""
+        return self.leases[self.layout.service(service).name].port
 
     @property
     def ports(self) -> dict[str, int]:
@@ -95,8 +95,8 @@ class Instance:
 
     def env(self, service: str | None = None) -> dict[str, str]:
         """The environment (name -> value, all str) a service of this instance is given
-        (DESIGN.md); with ``service``, also its ``PORT`` and ``PORTPOOL_SERVICE``.
-        Raises KeyError for a ``service`` this instance holds no lease for."""
+        (DESIGN.md); with ``service``, also its ``PORT`` and ``PORTPOOL_SERVICE``. Raises
+        UnknownService for a name the layout lacks, KeyError for one not leased here."""
         env = {"PORTPOOL_APP": self.app, "PORTPOOL_INSTANCE": str(self.number)}
         names = []
         for svc in self.layout.services:
@@ -106,7 +106,7 @@ class Instance:
         # The exact names: PORTPOOL_PORT_<SERVICE> folds "-" and "_" together.
         env["PORTPOOL_SERVICES"] = ",".join(names)
         if service is not None:
-            env["PORT"] = str(self.leases[service].port)
+            env["PORT"] = str(self.leases[self.layout.service(service).name].port)
             env["PORTPOOL_SERVICE"] = service
         return env
 
