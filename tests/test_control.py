@@ -591,6 +591,26 @@ def test_up_detach_logs_and_stop(tmp_path: Path, port_base: int, home: Path) -> 
     assert layout.exists()
 
 
+def test_logs_print_a_services_lines_as_it_wrote_them_piped_or_not(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """As up's console shows them: piped, click dropped the colour codes of a line but
+    kept its other escapes (a terminal title, a bell), neither raw nor escaped."""
+    line = "\x1b[31mred\x1b[0m \x1b]0;title\x07 done"
+    code = f"import sys, time\nprint({line!r}, flush=True)\ntime.sleep(60)\n"
+    _service_layout(tmp_path, port_base, [sys.executable, "-c", code])
+    done = portpool("up", "--detach", cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    try:
+        log = wait_for(lambda: "done" in (out := portpool("logs", "web", cwd=tmp_path).stdout)
+                       and out)  # fmt: skip
+        assert log == f"web    | {line}\n", log
+        path = home / "apps" / "testapp" / "logs" / "1.log"
+        assert f"web    | {line}\n" in path.read_text()
+    finally:
+        assert portpool("stop", cwd=tmp_path).returncode == 0
+
+
 def test_up_detach_with_a_config_prints_commands_that_reach_its_instance(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

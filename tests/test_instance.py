@@ -130,7 +130,9 @@ def test_an_instance_names_a_service_the_layout_lacks_as_the_layout_does(
     layout = load_layout(str(layout_file))
     with start_instance(layout, state=state, services=["alpha"]) as inst:
         for call in (inst.port, inst.env):
-            with pytest.raises(UnknownService, match="no such service .zz. in this layout; it has: alpha, beta"):
+            with pytest.raises(
+                UnknownService, match=r"no such service .zz. in this layout; it has: alpha, beta"
+            ):
                 call("zz")
             with pytest.raises(KeyError):
                 call("beta")

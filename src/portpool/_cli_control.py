@@ -7,6 +7,7 @@ is the library's (``_find``, ``_stop``, ``_logs``, ``_detach``).
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import click
@@ -178,7 +179,9 @@ def logs(
     with StateDir.open(create=False) as state:  # read-only: creates nothing
         follow_log(
             layout,
-            click.echo,
+            # As the service wrote it and as up's console shows it: piped, click dropped
+            # colour codes but kept other escapes, so neither raw nor escaped.
+            functools.partial(click.echo, color=True),
             service=service,
             number=instance_number,
             follow=follow,
