@@ -372,8 +372,9 @@ def portpool_instance(request: pytest.FixtureRequest) -> Iterator[Instance]:
         if layout is None:
             layout = _load_layout(config)
             overlap = _layout_overlap(config, layout)
-            if overlap:
-                warnings.warn(PortpoolWarning(overlap), stacklevel=2)
+            if overlap:  # at the layout file, the cause: it pointed into pytest's own code
+                where = layout.source if os.path.isfile(layout.source) else __file__
+                warnings.warn_explicit(PortpoolWarning(overlap), PortpoolWarning, where, 1)
         # The slot is start_instance's choice, never pinned here: whatever it does about a
         # slot a foreign program blocks (take the next one) applies to workers too.
         with _environment_errors():
