@@ -398,11 +398,20 @@ def test_a_hard_linked_slot_lock_is_unusable_not_a_phantom_instance(
         f"slot unusable: state dir {instances / '2.lock'}: is a file with 2 hard links, not a "
         "lock file portpool made (remove it)"
     )
-    # A start skips it (held, like 1); gc removes neither name.
+    # A start skips it, saying so (it passed it without a word, as a held slot); gc names
+    # it (it said nothing) and removes neither name.
     command = ["sh", "-c", "echo $PORTPOOL_INSTANCE"]
     done = portpool("run", "--config", str(layout_file), "--", *command)
     assert done.returncode == 0 and done.stdout == "3\n", done.stderr
-    assert portpool("gc").returncode == 0
+    why = by_number[2]["problem"].removeprefix("slot unusable: ")
+    assert f"instance slot 2 of testapp skipped: {why}" in done.stderr, done.stderr
+    assert "slot 1 of" not in done.stderr, done.stderr  # the running one's is simply held
+    cleaned = portpool("gc")
+    assert cleaned.returncode == 1, cleaned.stderr
+    assert f"{instances / '2.lock'}: is a file with 2 hard links, not the lock file of slot" in (
+        cleaned.stderr
+    )
+    assert "1.lock" not in cleaned.stderr, cleaned.stderr
     assert (instances / "1.lock").stat().st_nlink == 2
     # Free, two names of one lock are refused by name, never taken as one slot.
     (instances / "4.lock").touch()

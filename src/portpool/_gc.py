@@ -179,6 +179,13 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
         try:
             holder = recorded_holder(directory, number)
             if is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files):
+                # Held through another name (a hard link) with no running holder of its
+                # own: named, as for a port, never removed (gc said nothing of it).
+                linked = holder is None and _linked_lock(
+                    directory, f"{number}.lock", f"slot {app}/{number}"
+                )
+                if linked:
+                    report.problems.append(linked)
                 continue
             if holder is not None and _held_now(directory, f"{number}.lock", holder):
                 continue  # locked since the table gc judges by was read

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from portpool._heldlock import HeldLock
+from portpool._heldlock import HeldLock, lock_path_kind
 from portpool._jsonfile import not_a_record, read_json_file, write_atomic
 from portpool._layout_load import absolute_path, working_directory
 from portpool._platform import DirHandle, locked_inodes
@@ -129,6 +129,10 @@ def _take_slot(
             try:
                 return number, HeldLock.acquire(directory, f"{number}.lock")
             except (LockHeld, AlreadyHeldHere):
+                unusable = _held_elsewhere(directory, number)
+                if unusable is not None:  # another slot's lock file: skipped without a word
+                    log.warning("instance slot %d of %s skipped: %s", number, layout.app, unusable)
+                    order.remove(number)
                 continue
             except StateDirError as e:
                 if e.path != os.path.join(directory.path, f"{number}.lock"):
@@ -160,6 +164,19 @@ def _record_blocker(directory: DirHandle, number: int) -> str | None:
     if kind != RECORD_BLOCKER:
         return None
     return not_a_record(os.path.join(directory.path, f"{number}.json"), kind)
+
+
+def _held_elsewhere(directory: DirHandle, number: int) -> str | None:
+    """Why held slot ``number`` is no instance's: its lock file is another name (a hard
+    link) of a lock someone holds, and no running holder's record makes it this slot's
+    (``read_instance``'s words); None for a slot that is simply held."""
+    try:
+        if lock_path_kind(directory, f"{number}.lock") is None:
+            return None  # one name: held by its own instance
+    except OSError:
+        return None
+    problem = read_instance(directory, number).problem or ""
+    return problem.removeprefix(SLOT_UNUSABLE) if problem.startswith(SLOT_UNUSABLE) else None
 
 
 def _limit_words(layout: Layout) -> str:
