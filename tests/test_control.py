@@ -477,7 +477,8 @@ def test_stop_never_signals_a_process_that_is_not_the_lock_holder(
 
             with pytest.raises(StopFailed) as info:
                 stop_instances(layout, 2, state=state, timeout_s=1)
-            assert "with another start time: a reused pid" in str(info.value)
+            reused = "with another start time (an earlier process of that pid, or a record"
+            assert reused in str(info.value), info.value
         finally:
             held.remove_and_release()
         assert bystander.poll() is None
@@ -953,7 +954,7 @@ def test_stop_says_what_is_wrong_with_the_record(
         assert done.returncode == 1
         assert (
             f"record does not match the process holding the slot (pid {proc.pid} holds "
-            f"it, the record names {dead.pid}, which is not running): not signalling anything"
+            f"it, the record names pid {dead.pid}, which is not running): not signalling anything"
         ) in done.stderr
         # A pid that is not a whole number: unreadable, not "starting".
         record.write_text(json.dumps({**original, "pid": "12x"}))

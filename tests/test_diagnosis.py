@@ -28,7 +28,7 @@ from portpool._doctor import classify_port, examine_layout
 from portpool._handover import handed_over, plain_bind_notes
 from portpool._platform import owners_of_inodes, tcp_sockets
 from portpool.diagnosis import PortDiagnosis, diagnose
-from portpool.errors import InvalidPort, PoolExhausted, Refusal
+from portpool.errors import InvalidPort, PoolExhausted, Refusal, RefusalReason
 from portpool.layout import Layout, Service
 from portpool.lock import PortLock
 from portpool.pool import Lease, acquire
@@ -272,6 +272,22 @@ def test_a_second_name_of_a_held_lock_file_is_unusable_to_doctor_run_and_gc_alik
             cleaned.stderr
         )
         assert lock.stat().st_nlink == 2  # named, never removed
+
+
+def test_doctors_count_line_names_each_kind_by_its_lines_word() -> None:
+    # "2 refused" summed ports whose lines said "error"; then "2 error".
+    from portpool._doctor import DoctorReport, PortVerdict
+
+    def verdict(port: int, reason: RefusalReason | None) -> PortVerdict:
+        return PortVerdict(1, "web", port, None if reason is None else Refusal(port, reason, "x"))
+
+    reasons: list[RefusalReason | None] = [None, "held", "error", "error", "unavailable"]
+    report = DoctorReport(
+        "a", "127.0.0.1", 1, tuple(verdict(6000 + i, r) for i, r in enumerate(reasons))
+    )
+    assert report.tally() == (
+        "1 free, 1 held by portpool, 0 used by foreign processes, 2 errors, 1 unavailable"
+    )
 
 
 # What the kernel's rules say, for the faults that were reported (True: refused).

@@ -185,7 +185,7 @@ def test_a_record_naming_a_process_that_does_not_run_is_not_the_slots(
     names = (
         "pid 1, another process, with another start time"
         if pid == 1
-        else f"{pid}, which is not running"
+        else f"pid {pid}, which is not running"
     )
     problem = (
         f"record does not match the process holding the slot (pid {os.getpid()} holds it, "

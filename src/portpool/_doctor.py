@@ -111,6 +111,20 @@ class DoctorReport:
             out[v.kind] = out.get(v.kind, 0) + 1
         return out
 
+    def tally(self) -> str:
+        """``doctor``'s count line: ``5 free, 2 held by portpool, 1 used by foreign
+        processes``, then each other kind by the word its ports' lines use (``, 2 errors``;
+        it summed them as "refused"). Raises nothing."""
+        counts = self.counts()
+        other = sorted(kind for kind in counts if kind not in ("free", "held", "foreign"))
+        return (
+            f"{counts['free']} free, {counts['held']} held by portpool, "
+            f"{counts['foreign']} used by foreign processes"
+        ) + "".join(
+            f", {counted(counts[kind], kind) if kind == 'error' else f'{counts[kind]} {kind}'}"
+            for kind in other
+        )
+
     def heading(self) -> str:
         """The first line of ``doctor``'s text: ``app A: 2 instances, host H`` (it read
         "1 instances"). Raises nothing."""

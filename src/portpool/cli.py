@@ -197,14 +197,8 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
             click.echo(f"instance {number}:")
         # record text from the state dir: escaped for the terminal
         click.echo(f"  {verdict.service:<16} {verdict.port:>5}  {display(verdict.describe())}")
-    counts = report.counts()  # each other kind by its lines' word ("1 refused" was "error")
-    other = sorted(kind for kind in counts if kind not in ("free", "held", "foreign"))
-    click.echo(
-        f"{counts['free']} free, {counts['held']} held by portpool, "
-        f"{counts['foreign']} used by foreign processes"
-        + "".join(f", {counts[kind]} {kind}" for kind in other)
-        + ("" if show_all or not counts["free"] else " (--all lists the free ones)")
-    )
+    hint = "" if show_all or not report.counts()["free"] else " (--all lists the free ones)"
+    click.echo(report.tally() + hint)
     for line in report.summary():
         click.echo(line)
 

@@ -404,12 +404,13 @@ def _not_the_holders(
         inner = namespace_pids(holder)
         if inner is None or recorded in inner:
             return None  # the holder, by its pid in its own namespace
-    if holder == recorded:
-        names = f"the record names pid {recorded} with another start time: a reused pid"
+    if holder == recorded:  # as a port record's: "a reused pid" read as another process
+        names = f"the record names pid {recorded} with another start time (an earlier process"
+        names += " of that pid, or a record edited by hand)"
     elif type(recorded) is int and identity_of(recorded) is not None:  # 1, a shell, ...
         names = f"the record names pid {recorded}, another process, with another start time"
     else:
-        names = f"the record names {recorded}, which is not running"
+        names = f"the record names pid {recorded}, which is not running"
     return f"record does not match the process holding the slot (pid {holder} holds it, {names})"
 
 
