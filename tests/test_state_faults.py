@@ -317,7 +317,8 @@ def test_a_special_file_at_a_slot_lock_reads_the_same_to_every_command(
      "fifo": lambda: os.mkfifo(lock)}[kind]()  # fmt: skip
     # A probe cannot open it: `stop 3` and `port --instance 3` said "is starting (no
     # record yet)" while `status` listed nothing (no lock table lists it).
-    for args in (["stop", "3"], ["port", "alpha", "--instance", "3"]):
+    # logs said only "is not running and has no log", naming nothing of the slot.
+    for args in (["stop", "3"], ["port", "alpha", "--instance", "3"], ["logs", "-i", "3"]):
         done = portpool(*args, "--config", str(layout_file))
         assert done.returncode == 1, done.stderr
         assert "starting" not in done.stderr, done.stderr

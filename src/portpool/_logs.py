@@ -16,7 +16,7 @@ from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
 from portpool.errors import NotRunning, StateDirError
 from portpool.layout import Layout
-from portpool.records import InstanceInfo
+from portpool.records import SLOT_UNUSABLE, InstanceInfo
 from portpool.statedir import StateDir, check_name, special_entry
 
 __all__ = ["follow_log", "log_path", "logs_dir", "set_log_owner"]
@@ -70,12 +70,15 @@ def _service_of(line: str) -> str | None:
     return head.rstrip() if sep else None
 
 
-def _no_log(layout: Layout, number: int, running: bool) -> NotRunning:
+def _no_log(layout: Layout, number: int, running: bool, why: str | None = None) -> NotRunning:
+    """``why``: what is wrong with the slot (``slot unusable: ...``), said too: every
+    other command names it, and logs said only "not running"."""
     if not running:
         return NotRunning(
             layout.app,
-            f"instance {number} of {layout.app} is not running and has no log "
-            "(only `portpool up --detach` writes one)",
+            f"instance {number} of {layout.app} is not running"
+            + (f" ({why})" if why else "")
+            + " and has no log (only `portpool up --detach` writes one)",
         )
     return NotRunning(
         layout.app,
@@ -167,6 +170,7 @@ def follow_log(
     if service is not None:
         layout.service(service)
     running: InstanceInfo | None = None
+    unusable: str | None = None
     if number is None:
         try:
             running = find_instance(layout, state=state)
@@ -180,11 +184,13 @@ def follow_log(
     else:
         slot = running_slot(layout, number, state=state)
         running = slot if slot is not None and slot.alive else None
+        if slot is not None and (slot.problem or "").startswith(SLOT_UNUSABLE):
+            unusable = slot.problem
     logs = state.find("apps", check_name("app", layout.app), "logs")
     owner = _log_owner(logs, number) if logs is not None else None
     if logs is None or (running is not None and not _wrote_log(state, layout.app, running, owner)):
         # Running, but not the up that wrote this log: that log is not this instance's.
-        raise _no_log(layout, number, running is not None)
+        raise _no_log(layout, number, running is not None, unusable)
     fd = _open_log(logs, number)
     if fd is None and running is not None and owner is not None:
         # Its own up wrote it (the owner matched): it was there, and someone removed it.
@@ -193,7 +199,7 @@ def follow_log(
             number
         ])  # fmt: skip
     if fd is None:
-        raise _no_log(layout, number, running is not None)
+        raise _no_log(layout, number, running is not None, unusable)
     follow = follow and owner is not None and running is not None
     # A line's parts until it ends, joined once: adding each chunk to one bytes object
     # and splitting it all again made a long line quadratic (16 MB: 2.1 s, 32 MB: 7.3 s).
