@@ -1063,11 +1063,16 @@ def _stubborn_up(tmp_path: Path, port_base: int, grace: str) -> tuple[subprocess
         "slow": {"command": [sys.executable, "-c", STUBBORN], "ready": "log:^pid "},
     })  # fmt: skip
     proc = start("up", "--config", str(config), "--grace", grace)
+    pid = None
     for _ in range(20):
         line = read_line(proc, timeout=30)
         if "| pid " in line:
-            return proc, int(line.split()[-1])
-    raise AssertionError("the service never said its pid")
+            pid = int(line.split()[-1])
+        # Its "ready" line too: signalled between the two, up said "ready" after
+        # "stopping on SIGTERM", which the callers' line order did not expect (1 CI run).
+        if "slow ready on port" in line and pid is not None:
+            return proc, pid
+    raise AssertionError(f"the service never said its pid and got ready (pid {pid})")
 
 
 def test_up_says_it_is_stopping_when_asked_and_when_it_kills_after_the_grace(
