@@ -272,9 +272,14 @@ def test_a_record_directory_never_starts_a_line_of_an_error(
         _rewrite_record(state, 2, {"dir": "/b\nportpool: all is well \x1b[32m"})
         done = portpool("port", "alpha", "--config", str(layout_file))
         pinned = portpool("run", "--instance", "2", "--config", str(layout_file), "--", "true")
+        stop = portpool("stop", "--config", str(layout_file))
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1, done.stderr  # one line
     assert "instance 2 (pid " in done.stderr
+    # Each names its own way to pick one: stop has no --instance (it takes N), and said so.
+    assert "; pick one with --instance: instance 1 (pid " in done.stderr, done.stderr
+    assert stop.returncode == 1, stop.stderr
+    assert "; pick one with its number (portpool stop N): instance 1 (pid " in stop.stderr
     assert "/b\\nportpool: all is well \\x1b[32m)" in done.stderr, done.stderr
     # Taking that slot by number: "it is running (pid P, started for <the record's dir>)".
     assert pinned.returncode == 3, pinned.stderr

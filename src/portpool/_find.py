@@ -77,10 +77,17 @@ def running_slot(
 
 
 def find_instance(
-    layout: Layout, number: int | None = None, *, state: StateDir, cwd: str | None = None
+    layout: Layout,
+    number: int | None = None,
+    *,
+    state: StateDir,
+    cwd: str | None = None,
+    pick: str = "--instance",
 ) -> InstanceInfo:
     """The running instance ``number``, else this checkout's (see ``checkout_dir``), else
-    the only running one.
+    the only running one. ``pick``: how the command is given a number, for the message
+    listing several (``stop`` takes it as an argument: "--instance" sent users to an
+    option it lacks).
 
     Raises UsageError (exit 2) for a ``number`` outside 1..max_instances that does not
     run, NotRunning (exit 1) when that instance does not run, when none runs, or when
@@ -126,7 +133,7 @@ def find_instance(
     raise NotRunning(
         app,
         f"{len(running) + len(unreadable)} instances of {app} are running and none for "
-        f"{here}; pick one with --instance: {listing}",
+        f"{here}; pick one with {pick}: {listing}",
         [i.number for i in running],
     )
 

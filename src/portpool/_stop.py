@@ -81,7 +81,7 @@ def _stop_target(
         detail = unreadable_detail(info) if info is not None and info.alive else None
         if detail:
             raise StopFailed(number, f"its record is unreadable: {detail}: not signalling anything")
-    return find_instance(layout, number, state=state)
+    return find_instance(layout, number, state=state, pick="its number (portpool stop N)")
 
 
 def _verified_holder(layout: Layout, number: int, state: StateDir) -> tuple[InstanceInfo, str]:
