@@ -531,6 +531,41 @@ def test_stop_all_stops_the_others_when_one_record_does_not_match_its_holder(
         bystander.wait()
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_stop_all_reports_the_ones_it_stopped_when_an_earlier_one_outlasts_the_timeout(
+    layout_file: Path, tmp_path: Path, as_json: bool
+) -> None:
+    """Instance 1 ignoring SIGTERM past --timeout: `stop --all` gave only its error, while
+    it had stopped instance 2 (said only when the slow one came last)."""
+    release = tmp_path / "release"
+    stubborn = start(
+        "run", "--config", str(layout_file), "--", sys.executable, "-c",
+        "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + HOLD, str(release),
+    )  # fmt: skip
+    second = None
+    try:
+        assert read_line(stubborn) == "1\n"
+        second, number = _hold(layout_file, tmp_path / "never")
+        assert number == 2
+        json_flag = ["--json"] if as_json else []
+        done = portpool("stop", "--all", "--timeout", "1", *json_flag, "--config", str(layout_file))
+        assert done.returncode == 1, done.stderr
+        assert "instance 1: pid" in done.stderr and "after 1 s" in done.stderr, done.stderr
+        assert second.wait(timeout=30) == -signal.SIGTERM
+        if as_json:
+            report = json.loads(done.stdout)
+            assert [(s["number"], s["pid"]) for s in report["stopped"]] == [(2, second.pid)]
+            assert report["exit_code"] == 1 and "after 1 s" in report["error"]
+        else:
+            line = f"portpool: instance 2 of testapp stopped (pid {second.pid})"
+            assert done.stdout.splitlines() == [line]
+    finally:
+        release.touch()
+        assert stubborn.wait(timeout=30) is not None
+        if second is not None:
+            kill_if_running(second)
+
+
 # ---------------------------------------------------------------- up --detach and logs
 
 

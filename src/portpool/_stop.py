@@ -240,17 +240,22 @@ def stop_instances(
             if not every:
                 raise  # (with --all: it stopped on its own since it was listed)
     deadline = time.monotonic() + timeout_s
+    late: list[StopFailed] = []
     for stopped in sent:
         while not _is_down(state, layout.app, stopped):
             if time.monotonic() > deadline:
-                raise StopFailed(
+                # Each other one is still looked at (and reported, once down): one slow
+                # instance 1 hid that --all had stopped instance 2.
+                late.append(StopFailed(
                     stopped.number,
                     f"pid {stopped.pid} got SIGTERM but still holds the instance or its "
                     f"ports after {timeout_s:g} s (try again, or a longer --timeout)",
-                )
+                ))  # fmt: skip
+                break
             time.sleep(_POLL_S)
-        if on_stopped is not None:
-            on_stopped(stopped)
-    if refused:
-        raise refused[0]  # the others were stopped; this one was not touched
+        else:
+            if on_stopped is not None:
+                on_stopped(stopped)
+    if late or refused:
+        raise (late + refused)[0]  # the others were stopped; refused ones not touched
     return sent
