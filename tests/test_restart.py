@@ -515,9 +515,15 @@ def test_sighups_while_starting_or_restarting_are_queued_once(
         proc.send_signal(signal.SIGHUP)  # while starting: runs once it is ready
         reader.until(lambda line: "rolling restart once every service is ready" in line, 30)
         time.sleep(DUPLICATE_S + 0.1)  # (the same signal within DUPLICATE_S is one)
+        # The same restart: it has not begun (two while starting ran two restarts).
         proc.send_signal(signal.SIGHUP)
-        reader.until(lambda line: "rolling restart queued" in line, 30)
-        time.sleep(DUPLICATE_S + 0.1)  # (the same signal within DUPLICATE_S is one)
+        reader.until(lambda line: "a rolling restart is already queued" in line, 30)
+        # While that one runs (its service takes 1.5 s to be ready): one more after it,
+        # and no third.
+        reader.until(lambda line: "portpool: rolling restart of slow" in line, 30)
+        proc.send_signal(signal.SIGHUP)
+        reader.until(lambda line: "rolling restart queued (one is running)" in line, 30)
+        time.sleep(DUPLICATE_S + 0.1)
         proc.send_signal(signal.SIGHUP)
         reader.until(lambda line: "a rolling restart is already queued" in line, 30)
         assert proc.poll() is None

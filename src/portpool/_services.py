@@ -69,6 +69,7 @@ class ServiceSupervisor(Supervisor):
         self._hup_lock = threading.Lock()
         self._hup_running = False
         self._hup_pending = False
+        self._hup_begun = False  # the worker's restart began (it no longer waits for ready)
         self.is_up = threading.Event()  # "is up" was said: a rolling restart may begin
 
     def start_services(self, should_stop: Callable[[], bool] = lambda: False) -> dict[str, int]:
@@ -264,20 +265,18 @@ class ServiceSupervisor(Supervisor):
 
     def request_rolling_restart(self) -> None:
         """``rolling_restart`` in a thread (for a signal callback), once every service
-        was ready. A request while services start or a rolling restart runs is queued:
-        at most one more runs after the current one (more requests meanwhile add
-        nothing; each is said on the console). Dropping them silently left a SIGHUP
-        sent during start or during a restart without effect."""
+        was ready. A request while one waits for that is the same restart (it has not
+        begun: it picks up whatever changed); one while a rolling restart runs queues at
+        most one more after it. Each is said on the console. Dropping them silently left
+        a SIGHUP sent during start or during a restart without effect; two during start
+        ran two restarts."""
         with self._hup_lock:
             if self._hup_running:
-                if self._hup_pending:
+                if self._hup_pending or not self._hup_begun:
                     self._say("portpool: SIGHUP: a rolling restart is already queued")
                 else:
                     self._hup_pending = True
-                    self._say(
-                        "portpool: SIGHUP: rolling restart queued (services are "
-                        "starting or restarting)"
-                    )
+                    self._say("portpool: SIGHUP: rolling restart queued (one is running)")
                 return
             self._hup_running = True
             if not all(k.ever_ready.is_set() for k in self.keepers.values()):
@@ -289,17 +288,18 @@ class ServiceSupervisor(Supervisor):
             while not self.is_up.wait(0.2):
                 if self._done.is_set():
                     return
+            with self._hup_lock:
+                self._hup_begun = True
             while not self._done.is_set():
                 self.rolling_restart()
                 with self._hup_lock:
                     if not self._hup_pending:
-                        self._hup_running = False
+                        self._hup_running = self._hup_begun = False
                         return
                     self._hup_pending = False
         finally:
             with self._hup_lock:
-                self._hup_running = False
-                self._hup_pending = False
+                self._hup_running = self._hup_pending = self._hup_begun = False
 
     def _failed(self, failure: Failure) -> None:
         self.finish(Outcome(ServiceExited.exit_code, describe_failure(failure), failure=failure))
