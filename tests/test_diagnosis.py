@@ -580,6 +580,51 @@ def test_a_service_that_daemonizes_gets_a_hint_in_the_trip(
         assert 'use socket = "fd")' in problem
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a child subreaper is Linux's")
+def test_a_subreaper_gives_no_detached_child_hint(
+    state: StateDir, port: int, occupants: list[subprocess.Popen[str]]
+) -> None:
+    """Under run and up on Linux (subreapers) a daemonized service is adopted, so a
+    foreign listener is not one: the hint to keep it in the foreground misled. The
+    shield here runs in a subreaper; the listener is a stranger's, started after."""
+    holder = (
+        "import sys\n"
+        "from portpool._platform import become_subreaper, is_subreaper\n"
+        "from portpool.pool import acquire\n"
+        "from portpool.shield import Shield\n"
+        "from portpool.statedir import StateDir\n"
+        "assert not is_subreaper() and become_subreaper() and is_subreaper()\n"
+        "lease = acquire(StateDir.open(sys.argv[1]), [int(sys.argv[2])])\n"
+        "lease.close_socket()  # handed over by number\n"
+        "print('leased', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "shield = Shield([lease], interval_s=1, on_lost=lambda *_: None)\n"
+        "(report,) = shield.check_once()\n"
+        "print(repr(report.problems), flush=True)\n"
+        "lease.release()\n"
+    )
+    daemon = (
+        "import os, socket, sys\n"
+        "if os.fork(): os._exit(0)\n"
+        "os.setsid()\n"
+        "if os.fork(): os._exit(0)\n"
+        "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+        "print(os.getpid(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    shield = _spawn(occupants, sys.executable, "-c", holder, state.path, str(port))
+    assert shield.stdout is not None and shield.stdin is not None
+    assert shield.stdout.readline() == "leased\n"
+    stranger = _spawn(occupants, sys.executable, "-c", daemon, str(port))
+    assert stranger.stdout is not None
+    detached = int(stranger.stdout.readline())
+    shield.stdin.write("go\n")
+    shield.stdin.flush()
+    problems = shield.stdout.readline()
+    assert f"listened on by pid {detached} (python" in problems, problems
+    assert "detached child" not in problems, problems
+
+
 def test_the_leases_handed_over_by_number(state: StateDir, port: int) -> None:
     layout = Layout("a", (Service("web", port, 1, socket="port"), Service("api", port + 1, 1)))
     with acquire(state, [port], service="web") as lease:

@@ -27,6 +27,7 @@ from portpool._addresses import IPAddress, Scope, covered_scopes, meets, parse_a
 from portpool._dataclass import dataclass, field
 from portpool._platform import (
     TcpSocket,
+    is_subreaper,
     ours_since,
     owners_of_inode,
     process_name,
@@ -191,4 +192,6 @@ def _maybe_detached_service(pids: list[int], lease: Lease) -> bool:
     record = lease.record
     if not pids or record is None or (sock is not None and sock.fileno() != -1):
         return False
-    return ours_since(pids, record.acquired_at)
+    # A subreaper (run and up on Linux) adopts a daemonized service: it would be ours,
+    # so a foreign listener is not one, and the hint misled.
+    return not is_subreaper() and ours_since(pids, record.acquired_at)

@@ -21,7 +21,7 @@ Everything above this package calls these names and never ``sys.platform``:
   modes (rather than ACLs) keep it private.
 - ``open_files_limit``: the soft limit on open file descriptors, where there is one.
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
-- ``become_subreaper``, ``signal_group``, ``process_group``, ``reap_adopted``,
+- ``become_subreaper``, ``is_subreaper``, ``signal_group``, ``process_group``, ``reap_adopted``,
   ``has_children``, ``SignalInbox``: what ``run``/``up`` need to stop whole process
   trees and to read signals with their sender (``_process``).
 - ``signal_verified``, ``detached_options``: signal a process only once it is pinned and
@@ -72,6 +72,7 @@ if TYPE_CHECKING:
         enlarge_pipe,
         has_children,
         ignored_by_default,
+        is_subreaper,
         open_fds,
         parent_death_setter,
         passed_signals,
@@ -136,6 +137,7 @@ _LAZY = {
             "enlarge_pipe",
             "has_children",
             "ignored_by_default",
+            "is_subreaper",
             "open_fds",
             "parent_death_setter",
             "passed_signals",
@@ -191,6 +193,7 @@ __all__ = [
     "is_alive",
     "is_listening",
     "is_session_leader",
+    "is_subreaper",
     "listeners",
     "locked_inodes",
     "namespace_pids",

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 _F_SETPIPE_SZ = 1031
 # si_code of a signal the kernel sent: a terminal's Ctrl-C, Ctrl-\, hangup, SIGWINCH.
 _SI_KERNEL = 0x80
@@ -62,6 +63,18 @@ def become_subreaper() -> bool:
     stay ours to stop. False where the OS has no such thing."""
     prctl = _prctl()
     return prctl is not None and int(prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
+
+
+def is_subreaper() -> bool:
+    """Whether this process adopts its orphaned descendants (``become_subreaper`` took).
+    False where the OS has no such thing or will not say."""
+    prctl = _prctl()
+    if prctl is None:
+        return False
+    import ctypes
+
+    flag = ctypes.c_int(0)
+    return int(prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)) == 0 and flag.value != 0
 
 
 def parent_death_setter() -> Callable[[int], bool] | None:
