@@ -552,23 +552,27 @@ def test_doctor_lists_a_free_port_with_a_note_without_all(
     assert listed["kind"] == "free" and listed["notes"], listed
 
 
+# A server that daemonizes (double fork, new session) and listens on argv[1]; it prints
+# its pid and ends when its stdin closes.
+DAEMON = (
+    "import os, socket, sys\n"
+    "if os.fork(): os._exit(0)\n"
+    "os.setsid()\n"
+    "if os.fork(): os._exit(0)\n"
+    "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
+    "print(os.getpid(), flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
 def test_a_service_that_daemonizes_gets_a_hint_in_the_trip(
     state: StateDir, port: int, occupants: list[subprocess.Popen[str]]
 ) -> None:
     """A double-forked server is re-parented, so the shield calls it foreign; the trip
     says it may be the service's own detached child."""
-    daemon = (
-        "import os, socket, sys\n"
-        "if os.fork(): os._exit(0)\n"
-        "os.setsid()\n"
-        "if os.fork(): os._exit(0)\n"
-        "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
-        "print(os.getpid(), flush=True)\n"
-        "sys.stdin.read()\n"
-    )
     with acquire(state, [port], host="127.0.0.1") as lease:
         lease.close_socket()
-        service = _spawn(occupants, sys.executable, "-c", daemon, str(port))
+        service = _spawn(occupants, sys.executable, "-c", DAEMON, str(port))
         assert service.stdout is not None
         detached = int(service.stdout.readline())
         assert service.wait(timeout=10) == 0  # the first fork's parent is gone
@@ -603,19 +607,10 @@ def test_a_subreaper_gives_no_detached_child_hint(
         "print(repr(report.problems), flush=True)\n"
         "lease.release()\n"
     )
-    daemon = (
-        "import os, socket, sys\n"
-        "if os.fork(): os._exit(0)\n"
-        "os.setsid()\n"
-        "if os.fork(): os._exit(0)\n"
-        "s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen()\n"
-        "print(os.getpid(), flush=True)\n"
-        "sys.stdin.read()\n"
-    )
     shield = _spawn(occupants, sys.executable, "-c", holder, state.path, str(port))
     assert shield.stdout is not None and shield.stdin is not None
     assert shield.stdout.readline() == "leased\n"
-    stranger = _spawn(occupants, sys.executable, "-c", daemon, str(port))
+    stranger = _spawn(occupants, sys.executable, "-c", DAEMON, str(port))
     assert stranger.stdout is not None
     detached = int(stranger.stdout.readline())
     shield.stdin.write("go\n")
