@@ -13,7 +13,7 @@ from typing import Literal, NamedTuple
 
 from portpool._addresses import covered_scopes, occupies
 from portpool._dataclass import dataclass
-from portpool._heldlock import lock_path_kind, unusable_lock_path
+from portpool._heldlock import lock_path_problem
 from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import (
@@ -257,9 +257,9 @@ def _unusable_lock_path(state: StateDir, port: int) -> str | None:
     if directory is None:
         return None
     # Worded as acquire's error, so run and doctor say the same of one port.
-    kind = lock_path_kind(directory, f"{port}.lock")
-    if kind is not None:
-        return unusable_lock_path(os.path.join(directory.path, f"{port}.lock"), kind)
+    unusable = lock_path_problem(directory, f"{port}.lock")
+    if unusable is not None:
+        return unusable
     problem = record_path_problem(directory, f"{port}.json")
     if problem is None:
         return None

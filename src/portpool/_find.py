@@ -10,6 +10,7 @@ import functools
 import re
 import shlex
 from collections.abc import Callable, Sequence
+from typing import TypeGuard
 
 from portpool._heldlock import is_held
 from portpool._platform import DirHandle, LockTable, OpenFiles, locked_inodes
@@ -148,11 +149,12 @@ def service_port(
     """
     layout.service(service)
     info = find_instance(layout, number, state=state)
+    tables = _tables()  # one lock table and one fd scan for both checks
     for entry in info.services:
         if entry.name == service and entry.port is not None:
-            _vouch(layout.app, info, state, only=service)
+            _vouch(layout.app, info, state, tables, only=service)
             return info, entry.port
-    _vouch_unlisted(layout, info, state, [service])
+    _vouch_unlisted(layout, info, state, tables, [service])
     raise NotRunning(
         layout.app,
         f"instance {info.number} of {layout.app} holds no port for {service!r} "
@@ -166,9 +168,11 @@ def instance_env(layout: Layout, number: int | None = None, *, state: StateDir) 
     ``PORT``: ``PORTPOOL_APP``, ``PORTPOOL_INSTANCE``, each ``PORTPOOL_PORT_<SERVICE>``
     and ``PORTPOOL_SERVICES``. Raises NotRunning."""
     info = find_instance(layout, number, state=state)
-    _vouch(layout.app, info, state)
+    tables = _tables()  # one lock table and one fd scan for both checks
+    _vouch(layout.app, info, state, tables)
     listed = {e["name"] for e in info.service_entries if e["port"] is not None}
-    _vouch_unlisted(layout, info, state, [s.name for s in layout.services if s.name not in listed])
+    missing = [s.name for s in layout.services if s.name not in listed]
+    _vouch_unlisted(layout, info, state, tables, missing)
     env = {"PORTPOOL_APP": layout.app, "PORTPOOL_INSTANCE": str(info.number)}
     names = []
     for entry in info.services:
@@ -179,25 +183,40 @@ def instance_env(layout: Layout, number: int | None = None, *, state: StateDir) 
     return env
 
 
-def _vouch(app: str, info: InstanceInfo, state: StateDir, only: str | None = None) -> None:
+_Tables = tuple[Callable[[], LockTable | None], OpenFiles]
+
+
+def _tables() -> _Tables:
+    """The kernel's lock table, read once when first asked, and one fd scan, for every
+    port a command checks (as records and gc share theirs)."""
+    return functools.cache(locked_inodes), OpenFiles()
+
+
+def _names(record: PortRecord | None, app: str, number: int, service: str) -> TypeGuard[PortRecord]:
+    """Whether a port's own ``record`` names ``service`` of instance ``number`` of ``app``."""
+    return record is not None and (record.app, record.instance, record.service) == (
+        app,
+        number,
+        service,
+    )
+
+
+def _vouch(
+    app: str, info: InstanceInfo, state: StateDir, tables: _Tables, only: str | None = None
+) -> None:
     """Raise NotRunning unless each service port the instance's record names (of service
     ``only``, if given) is that service's lease: the port's lock is held and its own
     record names this app, instance and service. A record is the instance's word; a
     hand-edited one (pool ``[22]``, port 22, or a service the layout lacks) had ``port``
     print 22 while ``doctor`` named the real lease."""
     directory = state.find("ports")
-    # One lock table and one fd scan for every port (as records and gc share theirs).
-    locked, open_files = functools.cache(locked_inodes), OpenFiles()
+    locked, open_files = tables
     for service, port in ((e["name"], e["port"]) for e in info.service_entries):
         if port is None or only not in (None, service):
             continue
         problem, record = _port_lease(directory, port, info.pid, locked, open_files)
         if problem is None:
-            if record is not None and (record.app, record.instance, record.service) == (
-                app,
-                info.number,
-                service,
-            ):
+            if _names(record, app, info.number, service):
                 continue
             problem = "its own record names " + (record.describe() if record else "nobody")
         raise NotRunning(
@@ -209,7 +228,7 @@ def _vouch(app: str, info: InstanceInfo, state: StateDir, only: str | None = Non
 
 
 def _vouch_unlisted(
-    layout: Layout, info: InstanceInfo, state: StateDir, services: Sequence[str]
+    layout: Layout, info: InstanceInfo, state: StateDir, tables: _Tables, services: Sequence[str]
 ) -> None:
     """Raise NotRunning if the instance holds a lease for one of ``services``, which its
     record does not list: a record edited by hand (its services deleted) had ``env``
@@ -222,16 +241,14 @@ def _vouch_unlisted(
         pools = layout.pools(info.number)
     except ValueError:  # a number this layout no longer admits: no pool to look in
         return
-    locked, open_files = functools.cache(locked_inodes), OpenFiles()
+    locked, open_files = tables
     for service in services:
         for port in pools.get(service, ()):
             problem, record = _port_lease(directory, port, info.pid, locked, open_files)
             if (
                 problem is None
-                and record is not None
+                and _names(record, layout.app, info.number, service)
                 and record.pid == info.pid
-                and (record.app, record.instance, record.service)
-                == (layout.app, info.number, service)
             ):
                 raise NotRunning(
                     layout.app,

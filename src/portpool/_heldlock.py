@@ -294,6 +294,13 @@ def unusable_lock_path(path: str, kind: str) -> str:
     return str(StateDirError(path, not_a_lock_file(kind)))
 
 
+def lock_path_problem(directory: DirHandle, name: str) -> str | None:
+    """``unusable_lock_path`` of ``<dir>/<name>`` (never followed) if it is not a lock
+    file portpool made, else None. Raises OSError if it cannot be examined."""
+    kind = lock_path_kind(directory, name)
+    return None if kind is None else unusable_lock_path(os.path.join(directory.path, name), kind)
+
+
 def _directory_refuses(directory: DirHandle, name: str, error: OSError) -> bool:
     """Whether opening ``<dir>/<name>`` failed because of the directory itself: a
     read-only file system, or no right to create the file there."""

@@ -10,7 +10,7 @@ import os
 from typing import Literal
 
 from portpool._dataclass import dataclass
-from portpool._heldlock import is_held, lock_path_kind, unusable_lock_path
+from portpool._heldlock import is_held, lock_path_problem
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -95,15 +95,11 @@ def lock_holder(directory: DirHandle, name: str, locked: LockTable | None) -> in
 
 
 def _unusable(directory: DirHandle, name: str) -> str | None:
-    """Why ``<dir>/<name>`` is not a lock file portpool made (a file with other names,
-    ...), in acquire's words; None if it is one or cannot be examined."""
+    """``lock_path_problem``, None where the path cannot be examined."""
     try:
-        kind = lock_path_kind(directory, name)
+        return lock_path_problem(directory, name)
     except OSError:
         return None
-    if kind is None:
-        return None
-    return unusable_lock_path(os.path.join(directory.path, name), kind)
 
 
 def _stale(record: PortRecord, holder: int | None) -> bool:
