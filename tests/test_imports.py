@@ -50,6 +50,7 @@ CLI_MODULES = {
     "portpool.cli",
     "portpool._cli_common",
     "portpool._cli_control",
+    "portpool._cli_inspect",
     "portpool._text",
 }
 LIBRARY = {
