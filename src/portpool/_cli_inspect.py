@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from portpool._cli_common import (
+    JsonAwareCommand,
     config_option,
     display,
     echo_json,
@@ -60,7 +61,7 @@ def _service_text(entry: dict[str, Any], alive: bool) -> str:
     return f"{name}={port} ({', '.join(extra)})"
 
 
-@click.command()
+@click.command(cls=JsonAwareCommand)
 @config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @handle_errors
@@ -115,7 +116,7 @@ def _status_lines(infos: Iterable[InstanceInfo]) -> list[str]:
     return [head, *(f"{'' if n is None else n:>{width}}  {rest}" for n, rest in rows)]
 
 
-@click.command("layout")
+@click.command("layout", cls=JsonAwareCommand)
 @config_option
 @json_option
 @handle_errors
@@ -134,7 +135,7 @@ def layout_command(config: str | None, as_json: bool) -> None:
         click.echo(line)
 
 
-@click.command()
+@click.command(cls=JsonAwareCommand)
 @click.argument("service", required=False)
 @config_option
 @click.option("--all", "show_all", is_flag=True, help="List free ports too.")
@@ -167,7 +168,7 @@ def doctor(service: str | None, config: str | None, show_all: bool, as_json: boo
         click.echo(line)
 
 
-@click.command()
+@click.command(cls=JsonAwareCommand)
 @config_option
 @json_option
 @handle_errors
