@@ -566,6 +566,37 @@ def test_stop_all_reports_the_ones_it_stopped_when_an_earlier_one_outlasts_the_t
             kill_if_running(second)
 
 
+@pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])
+def test_stop_all_names_every_instance_that_outlasts_the_timeout(
+    layout_file: Path, tmp_path: Path, as_json: bool
+) -> None:
+    """Two instances ignoring SIGTERM past --timeout: `stop --all` named only the first,
+    so the user learned of instance 2 only by running stop again."""
+    release = tmp_path / "release"
+    ignore = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + HOLD
+    stubborn = [
+        start("run", "--config", str(layout_file), "--", sys.executable, "-c", ignore, str(release))
+        for _ in range(2)
+    ]
+    try:
+        assert sorted(int(read_line(p)) for p in stubborn) == [1, 2]
+        json_flag = ["--json"] if as_json else []
+        done = portpool("stop", "--all", "--timeout", "1", *json_flag, "--config", str(layout_file))
+        assert done.returncode == 1, done.stderr
+        said = done.stderr.splitlines()
+        assert said[0].startswith("portpool: error: instance 1: pid "), done.stderr
+        assert said[1].startswith("instance 2: pid "), done.stderr
+        assert all("still holds the instance or its ports after 1 s" in s for s in said), said
+        if as_json:
+            report = json.loads(done.stdout)
+            assert report["stopped"] == [] and report["exit_code"] == 1
+            assert report["error"].split("\n") == [s.removeprefix("portpool: error: ") for s in said]
+    finally:
+        release.touch()
+        for proc in stubborn:
+            assert proc.wait(timeout=30) is not None
+
+
 # ---------------------------------------------------------------- up --detach and logs
 
 

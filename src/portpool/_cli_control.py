@@ -151,8 +151,9 @@ def stop(
                 on_stopped=stopped,
             )
         except StopFailed as e:
-            if not (as_json and done):
+            if not as_json:
                 raise
+            # what was stopped, even none: a script reads one shape whenever stop refused
             fail(e, as_json=True, done={"app": layout.app, "stopped": _dicts(done)})
     if as_json:
         echo_json({"app": layout.app, "stopped": _dicts(done)})

@@ -257,5 +257,5 @@ def stop_instances(
             if on_stopped is not None:
                 on_stopped(stopped)
     if late or refused:
-        raise (late + refused)[0]  # the others were stopped; refused ones not touched
+        raise StopFailed.of(late + refused)  # the others were stopped; refused ones not touched
     return sent

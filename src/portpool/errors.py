@@ -334,7 +334,19 @@ class StopFailed(PortPoolError):
     def __init__(self, number: int, reason: str) -> None:
         self.number = number
         self.reason = reason
+        self.failures: tuple[StopFailed, ...] = (self,)  # each instance's, with --all
         super().__init__(f"instance {number}: {reason}")
+
+    @classmethod
+    def of(cls, failures: Sequence[StopFailed]) -> StopFailed:
+        """One error for ``failures`` (non-empty, one per instance): the first's number
+        and reason, a message naming each on its own line, and all of them as
+        ``failures``. Raises nothing. (``stop --all`` named only the first.)"""
+        first = failures[0]
+        combined = cls(first.number, first.reason)
+        combined.failures = tuple(failures)
+        combined.args = ("\n".join(str(f) for f in failures),)
+        return combined
 
 
 class DetachFailed(PortPoolError):
