@@ -590,7 +590,8 @@ def test_stop_all_names_every_instance_that_outlasts_the_timeout(
         if as_json:
             report = json.loads(done.stdout)
             assert report["stopped"] == [] and report["exit_code"] == 1
-            assert report["error"].split("\n") == [s.removeprefix("portpool: error: ") for s in said]
+            lines = [s.removeprefix("portpool: error: ") for s in said]
+            assert report["error"].split("\n") == lines
     finally:
         release.touch()
         for proc in stubborn:

@@ -938,6 +938,43 @@ def test_a_localhost_service_listening_on_ipv6_alone_is_ready() -> None:
     assert "127.0.0.1" in probe.last_problem and "[::1]" in probe.last_problem
 
 
+# Given its port by number, binds IPv4 alone (0.0.0.0), as `python -m http.server` does.
+IPV4_ONLY = """\
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self): self.send_response(200); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"""
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no ::1 on this host")
+@pytest.mark.parametrize("ready", ["tcp", "http:/"])
+def test_an_ipv4_service_of_a_dual_stack_layout_is_ready(
+    tmp_path: Path, port_base: int, home: Path, ready: str
+) -> None:
+    # host = "::" covers both families, so a service given the port by number may bind
+    # 0.0.0.0; it answered on 127.0.0.1 while the probe tried [::1] alone: exit 5.
+    (tmp_path / "v4.py").write_text(IPV4_ONLY)
+    config = write_service_layout(
+        tmp_path,
+        port_base,
+        {"web": {"socket": "port", "ready": ready, "ready_timeout_s": 20,
+                 "command": [sys.executable, str(tmp_path / "v4.py")]}},
+        app="dualapp",
+        script="",
+    )  # fmt: skip
+    config.write_text('host = "::"\n' + config.read_text())
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        lines = output_until_up(reader)
+        assert any(f"web ready on port {port_base}" in line for line in lines), lines
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err
+
+
 def test_a_service_with_no_check_was_ready_even_if_it_exited_before_the_first() -> None:
     # ready = "none" is ready once started: a service that exited before the keeper's
     # first look was "exited before it was ready" (and "on its own" a moment later).

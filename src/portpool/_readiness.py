@@ -65,8 +65,14 @@ def probe_host(host: str) -> str:
 def probe_hosts(host: str) -> tuple[str, ...]:
     """The addresses a local probe tries, in order, for a service bound to ``host``:
     for "localhost" both loopbacks, as clients resolve it to either (a server that
-    listens on "localhost" may take ::1 alone, as Node does: it was never ready)."""
-    return ("127.0.0.1", "::1") if host == "localhost" else (probe_host(host),)
+    listens on "localhost" may take ::1 alone, as Node does: it was never ready); for
+    "::" both too, as its lease covers both families (a server given the port by
+    number that binds 0.0.0.0 or 127.0.0.1 answered, yet was never ready)."""
+    if host == "localhost":
+        return ("127.0.0.1", "::1")
+    if host == "::":
+        return ("::1", "127.0.0.1")
+    return (probe_host(host),)
 
 
 def _shut_down(sock: socket.socket) -> bool:
