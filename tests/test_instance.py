@@ -517,11 +517,16 @@ def test_start_shield_on_a_released_instance_raises_instead_of_ending_the_proces
     assert inst._shield is None
 
 
+@pytest.mark.parametrize("parents_shield", [False, True], ids=["parent-unshielded", "shielded"])
 def test_start_shield_in_a_forked_child_raises_instead_of_tripping(
-    tmp_path: Path, port_base: int, state: StateDir
+    tmp_path: Path, port_base: int, state: StateDir, parents_shield: bool
 ) -> None:
+    # With the parent's shield on (init_instance_manager's default), the child's call
+    # saw it and returned quietly, where the README promises NotRunning.
     layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, shield=0.05)))
     with start_instance(layout, state=state, heartbeat=False) as inst:
+        if parents_shield:
+            inst.start_shield(on_lost=lambda lease, reason: None)
         pid = os.fork()
         if pid == 0:
             try:

@@ -3,7 +3,8 @@
 The number is the pinned one if given, else the one the last instance started for the
 same checkout had, else the lowest free one; a slot where a service's whole pool is
 taken (by foreign programs or other apps' leases) is skipped. A slot is the kernel lock
-``apps/<app>/instances/<n>.lock``; what runs in it (the leases, the record) is
+``apps/<app>/instances/<n>.lock``; here too, whether a held slot and its record are
+still ours (``own_slot_problem``). What runs in it (the leases, what the record says) is
 ``portpool.instance``'s concern.
 """
 
@@ -20,7 +21,7 @@ from typing import TypeVar
 from portpool._heldlock import HeldLock, lock_path_kind
 from portpool._jsonfile import not_a_record, read_json_file, write_atomic
 from portpool._layout_load import absolute_path, working_directory
-from portpool._platform import DirHandle, locked_inodes
+from portpool._platform import DirHandle, current_identity, locked_inodes
 from portpool._text import printable
 from portpool.errors import (
     AlreadyHeldHere,
@@ -37,7 +38,13 @@ from portpool.layout import Layout
 from portpool.records import RECORD_BLOCKER, SLOT_UNUSABLE, read_instance
 from portpool.statedir import StateDir, check_name, special_entry
 
-__all__ = ["checkout_dir", "fill_slot", "previous_number", "remember_number"]
+__all__ = [
+    "checkout_dir",
+    "fill_slot",
+    "own_slot_problem",
+    "previous_number",
+    "remember_number",
+]
 
 log = logging.getLogger("portpool.instance")
 T = TypeVar("T")
@@ -269,3 +276,26 @@ def fill_slot(
             log.warning("instance %d of %s skipped: %s", taken, layout.app, why)
             skipped.append((taken, why))
             blocked = e
+
+
+def own_slot_problem(state: StateDir, app: str, number: int, slot: HeldLock) -> str | None:
+    """None while slot ``number``'s lock (``slot``, held by this process) and its record
+    are still this process's, as our handles see them, else what went wrong: then they
+    are ours to remove, even in a state dir moved away. Raises StateDirError if the
+    instances directory cannot be opened, OSError if the lock cannot be examined."""
+    slot_problem = slot.problem()
+    if slot_problem is not None:
+        return f"instance slot {number}: {slot_problem}"
+    try:
+        raw = read_json_file(state.instances(app), f"{number}.json")
+    except ValueError as e:
+        return f"instance record {number}.json {e}"
+    me = current_identity()
+    if not isinstance(raw, dict):
+        return f"instance record {number}.json was removed by another process"
+    if (raw.get("pid"), raw.get("start_token")) != (me.pid, me.start_token):
+        return (
+            f"instance record {number}.json was rewritten by another process "
+            f"(it now names pid {raw.get('pid')})"
+        )
+    return None

@@ -20,9 +20,15 @@ from typing import TYPE_CHECKING, Any
 from portpool import pool as pool_mod
 from portpool._gc import clean_app
 from portpool._heldlock import ForkSafeRLock, HeldLock
-from portpool._jsonfile import read_json_file, write_atomic
+from portpool._jsonfile import write_atomic
 from portpool._platform import current_identity
-from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
+from portpool._slots import (
+    checkout_dir,
+    fill_slot,
+    own_slot_problem,
+    previous_number,
+    remember_number,
+)
 from portpool.errors import (
     LockError,
     NotRunning,
@@ -202,22 +208,7 @@ class Instance:
     def _own_files_problem(self) -> str | None:
         """Whether the slot's lock and record, as our handles see them, are still ours:
         then they are ours to remove, even in a state dir moved away."""
-        slot_problem = self.slot.problem()
-        if slot_problem is not None:
-            return f"instance slot {self.number}: {slot_problem}"
-        try:
-            raw = read_json_file(self.state.instances(self.app), f"{self.number}.json")
-        except ValueError as e:
-            return f"instance record {self.number}.json {e}"
-        me = current_identity()
-        if not isinstance(raw, dict):
-            return f"instance record {self.number}.json was removed by another process"
-        if (raw.get("pid"), raw.get("start_token")) != (me.pid, me.start_token):
-            return (
-                f"instance record {self.number}.json was rewritten by another process "
-                f"(it now names pid {raw.get('pid')})"
-            )
-        return None
+        return own_slot_problem(self.state, self.app, self.number, self.slot)
 
     # -- heartbeat
 
@@ -271,13 +262,14 @@ class Instance:
             (on_lost or self._default_on_lost)(lease, reason)
 
         with self._mutex:  # against a concurrent release(): it stops what started here
-            if self._shield is not None:
-                return
+            # Before "already on": a forked child saw its parent's shield and returned.
             if self._released or self._in_forked_child:
                 why = "was released" if self._released else "belongs to the parent process"
                 raise NotRunning(
                     self.app, f"instance {self.number} of {self.app!r} {why}; nothing to shield"
                 )
+            if self._shield is not None:
+                return
             self._shield = Shield(
                 list(self.leases.values()),
                 interval_s=self.layout.shield_interval_s,
