@@ -775,6 +775,15 @@ def test_doctor_names_a_listener_on_the_loopback_the_host_does_not_cover(
             assert verdict.kind == "held" and verdict.elsewhere == (), verdict
         finally:
             own.close()
+    # Beside a 0.0.0.0 layout the fix is ::, which keeps every IPv4 address (localhost
+    # would shrink it to the loopbacks).
+    every4 = Layout("a", (Service("web", port, 1),), host="0.0.0.0", max_instances=1)
+    (verdict,) = examine_layout(every4, state).verdicts
+    assert verdict.describe().endswith(
+        f"listens on [::1]:{port}, which host 0.0.0.0 does not cover: a client of "
+        f'localhost:{port} that tries it first reaches that program (host = "::" holds '
+        "every address of both families)"
+    )
     # A layout on localhost covers ::1: nothing to say (acquire would refuse the port).
     both = Layout("a", (Service("web", port, 1),), host="localhost", max_instances=1)
     (verdict,) = examine_layout(both, state).verdicts

@@ -290,10 +290,15 @@ def other_loopback_notes(
         and occupies(s, "localhost")
         and not occupies(s, host)
     ]
+    # The wider host that covers it: localhost would shrink 0.0.0.0 to the loopbacks.
+    fix = (
+        'host = "::" holds every address of both families'
+        if host == "0.0.0.0"
+        else 'host = "localhost" holds both loopbacks'
+    )
     return tuple(
         f"{o.who()} listens on {o.place()}, which host {host} does not cover: a client of "
-        f"localhost:{port} that tries it first reaches that program "
-        '(host = "localhost" holds both loopbacks)'
+        f"localhost:{port} that tries it first reaches that program ({fix})"
         for o in foreign_listeners(with_owners(found), holder)
     )
 
