@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -247,7 +248,12 @@ def test_special_files_given_as_config_are_a_one_line_usage_error(
 ) -> None:
     fifo = tmp_path / "layout.fifo"
     os.mkfifo(fifo)
-    for path, kind in (("/dev/zero", "a character device"), (str(fifo), "a FIFO")):
+    # A socket cannot even be opened: it said "cannot be read: No such device or address".
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(str(tmp_path / "layout.sock"))
+    unix.close()
+    kinds = (("/dev/zero", "a character device"), (str(fifo), "a FIFO"))
+    for path, kind in (*kinds, (str(tmp_path / "layout.sock"), "a socket")):
         for command in ("status", "layout", "up"):
             done = _cli(command, "--config", path)
             assert done.returncode == 2, (path, command, done.stderr)
@@ -259,7 +265,9 @@ def test_special_files_given_as_config_are_a_one_line_usage_error(
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")
-@pytest.mark.parametrize("kind", ["fifo", "directory", "dangling symlink", "device symlink"])
+@pytest.mark.parametrize(
+    "kind", ["fifo", "directory", "dangling symlink", "device symlink", "socket"]
+)
 def test_an_unusable_local_layout_is_an_error_never_the_default(
     home: Path, tmp_path: Path, kind: str
 ) -> None:
@@ -270,10 +278,19 @@ def test_an_unusable_local_layout_is_an_error_never_the_default(
         local.mkdir()
     elif kind == "dangling symlink":
         local.symlink_to(tmp_path / "gone.toml")
+    elif kind == "socket":
+        unix = socket.socket(socket.AF_UNIX)
+        unix.bind(str(local))
+        unix.close()
     else:
         local.symlink_to("/dev/null")
-    for command in ("status", "layout", "up"):
-        done = _cli(command, cwd=tmp_path)
+    # Every command: gc checked only a --config, and cleaned on beside such a file.
+    commands = [
+        ["status"], ["layout"], ["up"], ["doctor"], ["gc"], ["env"], ["port", "web"],
+        ["stop"], ["logs"], ["run", "--", "true"],
+    ]  # fmt: skip
+    for command in commands:
+        done = _cli(*command, cwd=tmp_path)
         assert done.returncode == 2, (kind, command, done.stdout, done.stderr)
         assert done.stderr.startswith("portpool: error: portpool.toml: ")
         assert len(done.stderr.splitlines()) == 1

@@ -176,12 +176,11 @@ def gc(config: str | None, as_json: bool) -> None:
     """Remove metadata left by dead holders (never anything a live holder has).
 
     Ports are shared by every app of the state dir, so the whole state dir is cleaned;
-    a --config is checked like everywhere else.
+    the layout (--config, or ./portpool.toml) is checked like everywhere else.
     """
     from portpool._gc import gc as run_gc
 
-    if config is not None:
-        layout_for(config)
+    layout_for(config)  # an unusable ./portpool.toml is an error here too, never skipped
     report = run_gc()
     if as_json:  # a failure's JSON names its error and code, as every command's does
         fault = {"error": "gc skipped " + "; ".join(report.problems), "exit_code": 1}

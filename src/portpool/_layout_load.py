@@ -8,6 +8,7 @@ or the key set twice) naming the file. Which file to read (``--config``, then
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -125,12 +126,12 @@ def _read_layout_file(path: str) -> bytes:
         absolute_path(path)  # a relative path in a removed directory: say that
         raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
     except OSError as e:
+        # A socket cannot be opened at all ("No such device or address"): say what it is.
+        with contextlib.suppress(OSError):
+            _refuse_special(path, os.stat(path).st_mode)
         raise LayoutFileError(path, f"cannot be read: {e.strerror or e}") from e
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = file_kind(st.st_mode)
-            raise LayoutFileError(path, f"is {kind}, not a regular file; give a TOML file")
+        _refuse_special(path, os.fstat(fd).st_mode)
         chunks: list[bytes] = []
         size = 0
         while size <= LAYOUT_MAX_BYTES:
@@ -146,6 +147,14 @@ def _read_layout_file(path: str) -> bytes:
     if size > LAYOUT_MAX_BYTES:
         raise LayoutFileError(path, f"is larger than {LAYOUT_MAX_BYTES} bytes; not a layout")
     return b"".join(chunks)
+
+
+def _refuse_special(path: str, mode: int) -> None:
+    """Raise LayoutFileError naming the kind of file at ``path`` (of ``mode``) unless it
+    is a regular file."""
+    if not stat.S_ISREG(mode):
+        kind = file_kind(mode)
+        raise LayoutFileError(path, f"is {kind}, not a regular file; give a TOML file")
 
 
 def _wide_text(raw: bytes) -> str | None:
