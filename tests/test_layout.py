@@ -507,6 +507,40 @@ def test_duplicate_service_names(tmp_path: Path) -> None:
     assert "line 4" in error.problem
 
 
+@pytest.mark.parametrize(
+    ("text", "key", "parent"),
+    [
+        # A [header] after an inline table read "duplicate service name" for services.b,
+        # which appears once.
+        ('services = { a = { base = 20000, size = 1 } }\n[services.b]\nbase = 20010\n',
+         "services.b", "services"),
+        ('[services]\na = { base = 20000, size = 1 }\n[services.a.x]\n', "services.a.x",
+         "services.a"),
+        # A dotted key into one read "invalid TOML: Cannot mutate immutable namespace".
+        ('services.a = { base = 20000 }\nservices.a.size = 1\n', "services.a.size",
+         "services.a"),
+    ],
+)  # fmt: skip
+def test_a_key_added_to_an_inline_table_is_named_as_such(
+    tmp_path: Path, text: str, key: str, parent: str
+) -> None:
+    error = refused(tmp_path, 'app = "a"\n' + text)
+    assert error.key == key
+    assert error.problem.startswith(
+        f"cannot be added to {parent}, which an earlier line wrote as an inline table"
+    ), error.problem
+    assert f"write {parent} as a [{parent}] table (at line " in error.problem
+
+
+def test_a_key_added_to_a_value_is_named_as_such(tmp_path: Path) -> None:
+    error = refused(tmp_path, 'app = "a"\nservices = [1]\n[services.b]\n')
+    assert error.key == "services.b"
+    assert error.problem == (
+        "cannot be added to services, which an earlier line set to a value, not a table "
+        "(at line 3, column 12)"
+    )
+
+
 def test_a_key_set_twice(tmp_path: Path) -> None:
     error = refused(tmp_path, 'app = "a"\n[services.web]\nbase = 20000\nbase = 20001\nsize = 1\n')
     assert error.key == "services.web.base"

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import stat
+from collections.abc import Sequence
 from typing import Any
 
 from portpool.errors import LayoutError, LayoutFileError, UsageError
@@ -29,12 +30,12 @@ def _dotted(raw: str) -> list[str]:
 
 
 def _duplicate_key(text: str, message: str, line: int | None) -> list[str] | None:
-    """The dotted key a TOML "declared twice" / "cannot overwrite" error is about, if
-    it can be told; tomllib only gives the position."""
+    """The dotted key a TOML "declared twice" / "cannot overwrite" / "cannot mutate"
+    error is about, if it can be told; tomllib only gives the position."""
     m = re.search(_DECLARED_TWICE, message)
     if m:
         return re.findall(r"'((?:[^'\\]|\\.)*)'", m.group(1))
-    if line is None or "Cannot overwrite a value" not in message:
+    if line is None or not ("Cannot overwrite a value" in message or "immutable" in message):
         return None
     lines = text.splitlines()
     if not 1 <= line <= len(lines):
@@ -51,6 +52,36 @@ def _duplicate_key(text: str, message: str, line: int | None) -> list[str] | Non
     return header + _dotted(km.group(1))
 
 
+def _closed_parent(text: str, key: Sequence[str], line: int) -> str | None:
+    """Why ``key``, which tomllib says is declared twice at ``line``, cannot be declared
+    when the lines before it never declared it, or None (they did: a true duplicate, or
+    this cannot be told). Such a key extends what an earlier key set as an inline table
+    or a value, which TOML closes: it read "duplicate service name" for a service that
+    appears once, after ``services = { a = {...} }``."""
+    import tomllib
+
+    try:
+        node: object = tomllib.loads("\n".join(text.splitlines()[: line - 1]))
+    except tomllib.TOMLDecodeError:
+        return None
+    for depth, part in enumerate(key):
+        if not isinstance(node, dict) or part not in node:
+            parent = ".".join(key[:depth])
+            break
+        node = node[part]
+    else:
+        return None  # declared before: a true duplicate
+    if not parent:
+        return None
+    if isinstance(node, dict):
+        return (
+            f"cannot be added to {parent}, which an earlier line wrote as an inline table "
+            f"({{ ... }}), closed at its braces: move {key[depth]} into those braces, or "
+            f"write {parent} as a [{parent}] table"
+        )
+    return f"cannot be added to {parent}, which an earlier line set to a value, not a table"
+
+
 def _syntax_error(path: str, text: str, error: ValueError) -> LayoutError:
     message = str(error)
     m = re.search(_AT, message)
@@ -64,6 +95,9 @@ def _syntax_error(path: str, text: str, error: ValueError) -> LayoutError:
         where = "<document>"
     bare = message[: m.start()] if m else message
     key = _duplicate_key(text, bare, line)
+    closed = _closed_parent(text, key, line) if key and line else None
+    if key and closed:
+        return LayoutError(path, ".".join(key), f"{closed} (at {where})")
     if key is not None and len(key) == 2 and key[0] == "services":
         return LayoutError(
             path, ".".join(key), f"duplicate service name (declared again at {where})"
