@@ -619,6 +619,14 @@ def test_privileged_ports_warn() -> None:
         "<default>: services.web: ports 80..82 (instance 1) are below 1024: binding them "
         "needs administrator rights on most systems"
     ]
+    # One port is "it": it read "port 80 (instance 1) is below 1024: binding them".
+    one = Layout("a", (Service("web", 80, 1),), max_instances=1)
+    assert [w for w in one.warnings if "below 1024" in w] == [
+        "<default>: services.web: port 80 (instance 1) is below 1024: binding it "
+        "needs administrator rights on most systems"
+    ]
+    (warning,) = port_warnings("f", (Service("e", 40000, 1),), 1, (32768, 60999))
+    assert "any outgoing connection may take it; move the pool" in warning
 
 
 def test_ephemeral_ports_warn() -> None:
@@ -676,7 +684,7 @@ def test_the_layout_command_shows_the_hosts_ephemeral_warning(tmp_path: Path) ->
         "browsers' unsafe-port list: Chromium and Firefox refuse to connect there",
         f"warning: {path}: services.late: port {low} (instance 1) is "
         f"inside the OS's ephemeral port range {low}-{high}: any outgoing connection may "
-        "take them; move the pool out of it",
+        "take it; move the pool out of it",
     ]
     as_json = subprocess.run(
         [*cli, "--json"], capture_output=True, text=True, timeout=60, check=True
@@ -1233,7 +1241,7 @@ def test_a_key_with_a_control_character_stays_on_its_error_line(tmp_path: Path) 
         f"{error.file}: top\\nkey: unknown key; expected one of: app, host, "
         "heartbeat_interval, shield_interval, max_instances, services",
         f"{error.file}: services.a\\nb: service name 'a\\nb' must be 1-64 letters, digits, "
-        "'.', '_' or '-', starting with a letter or digit",
+        "'.', '_' or '-', all ASCII, starting with a letter or digit",
         f"{error.file}: services.c.x\\x1b[31m: unknown key; expected one of: base, size, "
         "stride, command, socket, restart, depends_on, ready, ready_timeout_s",
     ]

@@ -300,6 +300,11 @@ def _ports_in(s: Service, lo: int, hi: int, instances: int) -> str | None:
     )
 
 
+def _them(ports: str) -> str:
+    """The pronoun for ``_ports_in``'s ``ports``: "it" for one port, else "them"."""
+    return "it" if ports.endswith(" is") else "them"
+
+
 def _unsafe_ports(s: Service, instances: int) -> str | None:
     """``port 6000 (instance 1) is`` for the browser-blocked ports of ``s``'s pools."""
     top = s.first_port(instances) + s.size - 1
@@ -349,7 +354,7 @@ def port_warnings(
         low = _ports_in(s, 1, 1023, instances)
         if low:
             out.append(
-                f"{where}: {low} below 1024: binding them needs administrator rights "
+                f"{where}: {low} below 1024: binding {_them(low)} needs administrator rights "
                 "on most systems"
             )
         eph = ephemeral and _ports_in(s, ephemeral[0], ephemeral[1], instances)
@@ -358,7 +363,7 @@ def port_warnings(
             later = (_touching(s, ephemeral[0], ephemeral[1], instances) or (1, 1))[0] > 1
             out.append(
                 f"{where}: {eph} inside the OS's ephemeral port range "
-                f"{ephemeral[0]}-{ephemeral[1]}: any outgoing connection may take them; "
+                f"{ephemeral[0]}-{ephemeral[1]}: any outgoing connection may take {_them(eph)}; "
                 f"move the pool out of it{', or lower max_instances' if later else ''}"
             )
         unsafe = _unsafe_ports(s, instances)

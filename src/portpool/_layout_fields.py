@@ -91,7 +91,7 @@ def name_problem(kind: str, name: str) -> str | None:
         return None
     return (
         f"{kind} name {toml_value(name)} must be 1-64 letters, digits, '.', '_' or '-', "
-        "starting with a letter or digit"
+        "all ASCII, starting with a letter or digit"
     )
 
 
