@@ -264,6 +264,29 @@ def test_special_files_given_as_config_are_a_one_line_usage_error(
     assert not home.exists()  # refused before anything was created
 
 
+def test_a_newline_in_a_path_never_splits_an_error_line(tmp_path: Path) -> None:
+    """A --config path or PORTPOOL_HOME with a newline and an escape: the message was
+    split in two at the newline (each part escaped on its own), the ESC shown as \\x1b."""
+    name = "x\ny\x1b[31m.toml"
+    done = _cli("layout", "--config", str(tmp_path / name))
+    assert done.returncode == 2
+    assert done.stderr == (
+        f"portpool: error: {tmp_path}/x\\ny\\x1b[31m.toml: cannot be read: No such file or "
+        "directory\n"
+    )
+    home = tmp_path / "h\nx"
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)
+    done = subprocess.run(
+        [*PORTPOOL, "status"], capture_output=True, text=True, timeout=30, check=False,
+        env=dict(os.environ, PORTPOOL_HOME=str(home)),
+    )  # fmt: skip
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"portpool: error: state dir {tmp_path}/h\\nx: is readable by ")
+    assert line.endswith(f"(e.g. PORTPOOL_HOME={tmp_path}/h\\nx/portpool)")
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")
 @pytest.mark.parametrize(
     "kind", ["fifo", "directory", "dangling symlink", "device symlink", "socket"]

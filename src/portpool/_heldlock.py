@@ -28,6 +28,7 @@ from portpool._platform import (
     try_lock,
     unlock,
 )
+from portpool._text import printable
 from portpool.errors import AlreadyHeldHere, LockError, LockHeld, StateDirError
 from portpool.statedir import out_of_descriptors, special_entry
 
@@ -146,7 +147,7 @@ class HeldLock:
             if held is not None:
                 return held
         path = os.path.join(directory.path, name)
-        raise LockError(f"{path} kept being replaced while locking; giving up")
+        raise LockError(f"{printable(path)} kept being replaced while locking; giving up")
 
     @classmethod
     def _lock_checked(

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import Literal, Protocol, TypeAlias
 
 from portpool._dataclass import dataclass
+from portpool._text import printable
 
 # Every reason a Refusal gives; status --json and the dashboard show these strings.
 # "free now": the pytest plugin found the port freed while it looked for one.
@@ -68,7 +69,7 @@ class StateDirError(PortPoolError):
     def __init__(self, path: str, problem: str) -> None:
         self.path = path
         self.problem = problem
-        super().__init__(f"state dir {path}: {problem}")
+        super().__init__(f"state dir {printable(path)}: {problem}")  # one line, whatever the path
 
 
 class LayoutError(PortPoolError):
@@ -78,7 +79,8 @@ class LayoutError(PortPoolError):
         self.file = file
         self.key = key
         self.problem = problem
-        self.errors = list(errors) or [f"{file}: {key}: {problem}"]
+        # A newline in a path or key split the message: each line is escaped on its own.
+        self.errors = list(errors) or [f"{printable(file)}: {printable(key)}: {problem}"]
         super().__init__("\n".join(self.errors))
 
 
@@ -301,7 +303,7 @@ class LayoutFileError(UsageError, LayoutError):
     exit_code = 2
 
     def __init__(self, file: str, problem: str) -> None:
-        super().__init__(file, "file", problem, errors=[f"{file}: {problem}"])
+        super().__init__(file, "file", problem, errors=[f"{printable(file)}: {problem}"])
 
 
 class UnknownService(UsageError, LayoutError):

@@ -21,6 +21,7 @@ from portpool._platform import (
     posix_modes,
     user_id,
 )
+from portpool._text import printable
 from portpool.errors import ResourceLimit, StateDirError
 
 
@@ -45,7 +46,7 @@ def default_path() -> str:
             f"PORTPOOL_HOME={home!r}",
             "is a relative path: it would name another state dir in every working "
             "directory, and their locks would not exclude each other; set it to an "
-            f"absolute path (e.g. PORTPOOL_HOME={os.path.abspath(home)})",
+            f"absolute path (e.g. PORTPOOL_HOME={printable(os.path.abspath(home))})",
         )
     return os.path.abspath(home)
 
@@ -97,7 +98,7 @@ def _new_dir_advice(path: str) -> str:
     # Never advise a chmod: the directory may be /tmp or a home that others rely on.
     return (
         f"point PORTPOOL_HOME at a new directory, which portpool creates private "
-        f"(e.g. PORTPOOL_HOME={os.path.join(path, 'portpool')})"
+        f"(e.g. PORTPOOL_HOME={printable(os.path.join(path, 'portpool'))})"
     )
 
 
@@ -222,11 +223,12 @@ class StateDir:
             now = os.lstat(self.path)
             opened = self.root.stat()
         except FileNotFoundError:
-            return f"state dir {self.path} was moved away or removed"
+            return f"state dir {printable(self.path)} was moved away or removed"
         except OSError as e:
-            return f"state dir {self.path} cannot be examined: {e.strerror or e}"
+            return f"state dir {printable(self.path)} cannot be examined: {e.strerror or e}"
         if (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino):
-            return f"state dir {self.path} was moved away: that path names another directory"
+            where = printable(self.path)
+            return f"state dir {where} was moved away: that path names another directory"
         return None
 
     def subdir(self, *parts: str) -> DirHandle:
