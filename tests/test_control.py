@@ -465,7 +465,11 @@ def test_stop_never_signals_a_process_that_is_not_the_lock_holder(
         try:
             done = portpool("stop", "1", "--config", str(layout_file))
             assert done.returncode == 1
-            assert f"(pid {os.getpid()} holds it, the record names {bystander.pid})" in done.stderr
+            # In status's words: that process runs, but does not hold the slot.
+            assert (
+                f"(pid {os.getpid()} holds it, the record names pid {bystander.pid}, a running "
+                "process that does not hold it)"
+            ) in done.stderr
             assert bystander.poll() is None
         finally:
             held.remove_and_release()
@@ -511,7 +515,10 @@ def test_stop_all_stops_the_others_when_one_record_does_not_match_its_holder(
         json_flag = ["--json"] if as_json else []
         done = portpool("stop", "--all", *json_flag, "--config", str(layout_file))
         assert done.returncode == 1, done.stderr
-        assert f"(pid {os.getpid()} holds it, the record names {bystander.pid})" in done.stderr
+        assert (
+            f"(pid {os.getpid()} holds it, the record names pid {bystander.pid}, a running "
+            "process that does not hold it)"
+        ) in done.stderr
         assert second.wait(timeout=30) == -signal.SIGTERM  # stopped before the report
         if as_json:
             report = json.loads(done.stdout)

@@ -21,7 +21,7 @@ from tests.helpers import EXHAUST_DESCRIPTORS, PORTPOOL, portpool, status_json, 
 
 from portpool._heldlock import HeldLock
 from portpool._jsonfile import write_atomic
-from portpool._platform import current_identity, try_lock
+from portpool._platform import current_identity, identity_of, try_lock
 from portpool._record import PortRecord, encode_record
 from portpool.errors import StateDirError
 from portpool.instance import Instance, start_instance
@@ -201,6 +201,34 @@ def test_a_record_naming_a_process_that_does_not_run_is_not_the_slots(
     _rewrite_record(state, 1, {"pid": os.getpid()})
     [info] = status_json(layout_file)["instances"]
     assert info["readable"] is True and info["pid"] == os.getpid(), info
+
+
+def test_a_record_naming_a_running_process_that_does_not_hold_the_slot_is_not_the_slots(
+    running: Instance, layout_file: Path, state: StateDir
+) -> None:
+    # Another live process, its start token copied in too: status showed it as the
+    # instance's process (alive, ports and all), and port and env printed the ports,
+    # while stop (which asks who holds the lock) refused the record.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        seen = identity_of(other.pid)
+        assert seen is not None
+        _rewrite_record(state, 1, {"pid": other.pid, "start_token": seen.start_token})
+        problem = (
+            f"record does not match the process holding the slot (pid {os.getpid()} holds "
+            f"it, the record names pid {other.pid}, a running process that does not hold it)"
+        )
+        [info] = status_json(layout_file)["instances"]
+        assert info["alive"] is True and info["readable"] is False, info
+        assert problem in info["problem"] and info["pid"] is None, info
+        for command in (["port", "alpha"], ["env"], ["stop", "--timeout", "1"]):
+            done = portpool(*command, "--config", str(layout_file))
+            assert done.returncode == 1 and done.stdout == "", (command, done.stdout)
+            assert f"the record names pid {other.pid}" in done.stderr, (command, done.stderr)
+        assert other.poll() is None  # never signalled
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="pid namespaces are Linux's")

@@ -26,8 +26,9 @@ from portpool._platform import (
     locked_inodes,
 )
 from portpool._record import PortRecord, read_port_record
+from portpool._slot_holder import recorded_holder
 from portpool.errors import LockHeld, PortPoolError
-from portpool.records import recorded_holder, slot_numbers
+from portpool.records import slot_numbers
 from portpool.statedir import StateDir, special_entry
 
 

@@ -350,15 +350,30 @@ def is_held(
     st = directory.stat_entry(name)
     if st is None:
         return False
-    if holder is not None:
-        path = os.path.realpath(os.path.join(directory.path, name))
-        if (open_files or OpenFiles()).holds_flock(holder, path, st.st_dev, st.st_ino):
-            return True
+    if holder is not None and _holds(directory, name, st, holder, open_files):
+        return True
     if callable(locked):
         locked = locked()
     if locked is not None:
         return _listed(directory, name, st, locked)
     return _probe(directory, name)
+
+
+def holds_lock(
+    directory: DirHandle, name: str, pid: int, open_files: OpenFiles | None = None
+) -> bool:
+    """Whether the OS says process ``pid`` holds the flock of ``<dir>/<name>`` (False
+    where it cannot tell, or there is no such file). Raises OSError if the entry cannot
+    be examined."""
+    st = directory.stat_entry(name)
+    return st is not None and _holds(directory, name, st, pid, open_files)
+
+
+def _holds(
+    directory: DirHandle, name: str, st: os.stat_result, pid: int, open_files: OpenFiles | None
+) -> bool:
+    path = os.path.realpath(os.path.join(directory.path, name))
+    return (open_files or OpenFiles()).holds_flock(pid, path, st.st_dev, st.st_ino)
 
 
 def _probe(directory: DirHandle, name: str) -> bool:

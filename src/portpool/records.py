@@ -17,21 +17,16 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 from portpool._dataclass import dataclass
-from portpool._heldlock import is_held, lock_path_kind, unusable_lock_path
+from portpool._heldlock import holds_lock, is_held, lock_path_kind, unusable_lock_path
 from portpool._jsonfile import NotAFile, decimal, not_a_record, read_json_file
 from portpool._platform import (
     DirHandle,
     LockTable,
     OpenFiles,
-    ProcessIdentity,
-    identity_of,
-    is_alive,
     locked_inodes,
-    namespace_pids,
 )
-from portpool._portstatus import lock_holder
 from portpool._record import LAST_WALL_CLOCK
-from portpool.errors import ResourceLimit
+from portpool._slot_holder import record_mismatch, running_holder
 from portpool.layout import name_problem
 from portpool.statedir import StateDir, write_error
 
@@ -261,28 +256,6 @@ def slot_numbers(names: Iterable[str]) -> list[int]:
     return sorted(numbers)
 
 
-def _running_holder(raw: object) -> int | None:
-    """The pid a record names when that very process runs (pid, start token and boot id
-    match), else None: only then is it asked whether it holds the lock (a reused pid
-    could be any process, with any number of open files)."""
-    if not isinstance(raw, dict):
-        return None
-    pid, token, boot = _int_or_none(raw.get("pid")), raw.get("start_token"), raw.get("boot_id")
-    if pid is None or not isinstance(token, str) or not isinstance(boot, str):
-        return None
-    return pid if is_alive(ProcessIdentity(pid, token, boot)) else None
-
-
-def recorded_holder(directory: DirHandle, number: int) -> int | None:
-    """The pid slot ``number``'s record names if that very process runs, else None (no
-    record, unreadable, or another process). Raises nothing: it only lets ``is_held``
-    ask that process first."""
-    try:
-        return _running_holder(read_json_file(directory, f"{number}.json"))
-    except (OSError, ValueError, ResourceLimit):
-        return None
-
-
 _READ_TRIES = 3
 SLOT_UNUSABLE = "slot unusable: "  # starts InstanceInfo.problem of a slot nobody can take
 RECORD_BLOCKER = "a directory"  # at a record path: the one special file a rename cannot replace
@@ -350,8 +323,11 @@ def _read_instance_once(
         record_is_dir = e.kind == RECORD_BLOCKER
     except ValueError as e:
         unreadable = f"record unreadable: record {e}"
-    holder = _running_holder(raw)
-    alive = is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files)
+    holder = running_holder(raw)
+    # Asked of that process first: a live pid with a copied start token that does not
+    # hold the lock passed for the instance's process ("alive", its ports and all).
+    vouched = holder is not None and holds_lock(directory, f"{number}.lock", holder, open_files)
+    alive = vouched or is_held(directory, f"{number}.lock", locked, open_files=open_files)
     if lock_kind is not None and not (alive and holder is not None):
         # Another name of a lock file (a hard link): held by another slot's instance, it
         # read "starting (no record yet)"; only a running holder its record names makes
@@ -372,46 +348,15 @@ def _read_instance_once(
         info = _parse_record(number, alive, raw)
     except ValueError as e:
         return InstanceInfo(number, alive, False, problem=f"record unreadable: record {e}")
-    if alive and holder is None:
+    if alive and not vouched:
         # The slot is held, and the process the record names (pid, start token, boot id)
-        # does not run here: the record may not be its holder's (one starting has not
-        # written its own yet, or it was rewritten). Shown, pid 1 passed for the
-        # instance's process, its ports and all.
-        mismatch = _not_the_holders(directory, number, raw, locked)
+        # does not run here or does not say it holds the lock: the record may not be its
+        # holder's (one starting has not written its own yet, or it was rewritten).
+        # Shown, pid 1 passed for the instance's process, its ports and all.
+        mismatch = record_mismatch(directory, number, raw, locked)
         if mismatch is not None:
             return InstanceInfo(number, alive, False, problem=f"record unreadable: {mismatch}")
     return info
-
-
-def _not_the_holders(
-    directory: DirHandle,
-    number: int,
-    raw: object,
-    locked: LockTable | Callable[[], LockTable | None] | None,
-) -> str | None:
-    """What is wrong with a held slot's record ``raw`` (a valid one) whose process does
-    not run here, or None when the lock's holder cannot be told (no lock table, or the
-    pid it names does not hold that file: ``lock_holder``, as a port's diagnosis asks)
-    or is that process, seen from another pid namespace (same start token and boot id:
-    a container sharing the state dir). The lock table is read only on this rare path."""
-    assert isinstance(raw, dict)  # parsed already
-    holder = lock_holder(directory, f"{number}.lock", locked() if callable(locked) else locked)
-    if holder is None:
-        return None
-    seen = identity_of(holder)
-    token, boot, recorded = raw.get("start_token"), raw.get("boot_id"), raw.get("pid")
-    if seen is not None and (seen.start_token, seen.boot_id) == (token, boot):
-        inner = namespace_pids(holder)
-        if inner is None or recorded in inner:
-            return None  # the holder, by its pid in its own namespace
-    if holder == recorded:  # as a port record's: "a reused pid" read as another process
-        names = f"the record names pid {recorded} with another start time (an earlier process"
-        names += " of that pid, or a record edited by hand)"
-    elif type(recorded) is int and identity_of(recorded) is not None:  # 1, a shell, ...
-        names = f"the record names pid {recorded}, another process, with another start time"
-    else:
-        names = f"the record names pid {recorded}, which is not running"
-    return f"record does not match the process holding the slot (pid {holder} holds it, {names})"
 
 
 def iter_instances(app: str, state: StateDir | None = None) -> Iterator[InstanceInfo]:
