@@ -355,19 +355,24 @@ def test_stop_times_out_without_killing(layout_file: Path, home: Path, tmp_path:
         proc.wait(timeout=30)
 
 
+@pytest.mark.parametrize("suspended", ["run", "command"])
 def test_stop_of_a_suspended_holder_lets_it_act_on_the_sigterm(
-    layout_file: Path, home: Path, tmp_path: Path
+    layout_file: Path, home: Path, tmp_path: Path, suspended: str
 ) -> None:
     """A `run` stopped by SIGSTOP (a debugger, `kill -STOP`) acts on no signal but
     SIGKILL and SIGCONT: `stop` sent it SIGTERM and waited until its timeout, "still
     holds the instance". As `kill %1` in a shell does, `stop` sends a suspended
-    holder SIGCONT after the SIGTERM (it is the verified holder, nothing else)."""
+    holder SIGCONT after the SIGTERM (it is the verified holder, nothing else).
+    Its command suspended instead: `run` passed the SIGTERM on, and the command sat on
+    it until `stop` timed out; `run` resumes it, as `stop` would were it exec'd."""
     import psutil
 
     proc, _ = _hold(layout_file, tmp_path / "never")
     try:
-        os.kill(proc.pid, signal.SIGSTOP)
-        wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED)
+        (command,) = psutil.Process(proc.pid).children()
+        target = proc.pid if suspended == "run" else command.pid
+        os.kill(target, signal.SIGSTOP)
+        wait_for(lambda: psutil.Process(target).status() == psutil.STATUS_STOPPED)
         done = portpool("stop", "1", "--config", str(layout_file), "--timeout", "30")
         assert done.returncode == 0, done.stderr
         assert proc.wait(timeout=30) == -signal.SIGTERM  # run dies of its command's signal

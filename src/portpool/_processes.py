@@ -327,6 +327,14 @@ class Supervisor:
                         found += proc.children(recursive=True)
         resume_stopped(found)
 
+    def resume_stopped(self, names: Sequence[str]) -> None:
+        """SIGCONT to each named process and its descendants that is stopped (SIGSTOP,
+        Ctrl-Z), after a stop signal was passed to it: stopped, it acts on none, and
+        ``portpool stop`` of a ``run`` whose command was suspended timed out. Raises
+        nothing."""
+        procs = [self.children[name] for name in names if name in self.children]
+        self._resume_stopped(procs, with_descendants=True)
+
     def stop_service(self, name: str) -> None:
         """Stop the process group of service ``name`` (SIGTERM, ``grace_s``, SIGKILL)
         and reap it: a rolling restart's stop of one service."""

@@ -42,6 +42,7 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
     so did one a process sent to the group (``kill 0`` in a script: ``to_group``)."""
 
     terminal_keys = {getattr(signal, n, None) for n in ("SIGINT", "SIGQUIT")}
+    ending = {getattr(signal, n, None) for n in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")}
     hangup = getattr(signal, "SIGHUP", None)
     # A terminal's hangup goes to the session's leader alone: leading it (ssh -t, tmux,
     # xterm -e), we are the only one to hear it, and the command kept running.
@@ -69,6 +70,10 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
         # systemd signal the group of what they started, and so reach a bare command's
         # children; sent to the command alone, `sh -c 'prog; echo'` ran prog to its end.
         supervisor.send(received.signum, [name])
+        if received.signum in ending:
+            # As `stop` resumes the process it signals: were the command exec'd, it
+            # would be that process (transparency), and it acts on nothing while stopped.
+            supervisor.resume_stopped([name])
 
     return relay
 
