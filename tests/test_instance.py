@@ -424,6 +424,7 @@ def test_instance_module_is_only_the_running_instance() -> None:
     import portpool.instance
 
     assert portpool.instance.__all__ == ["Instance", "start_instance"]
+    assert portpool.instance.Instance is portpool.Instance  # its body is in _instance
     for moved in ("list_instances", "read_instance", "gc", "GcReport", "InstanceInfo"):
         assert not hasattr(portpool.instance, moved)
     for public in ("gc", "GcReport", "list_instances", "init_instance_manager"):
@@ -611,3 +612,30 @@ def test_status_shows_a_service_without_a_port_as_a_dash(
     assert text.returncode == 0, text.stderr
     assert "alpha=- (was ready)  beta=-" in text.stdout, text.stdout
     assert "None" not in text.stdout
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts /proc/self/fd")
+def test_starting_and_releasing_instances_in_a_loop_leaks_no_descriptor(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """start_instance without a state dir opened one (4 directory descriptors) that
+    release never closed: a process starting and releasing instances in a loop ran out
+    of descriptors ("out of open files") after a few thousand."""
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, max_instances=1)))
+
+    def count() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    start_instance(layout, heartbeat=False).release()  # modules and caches settled
+    before = count()
+    for _ in range(20):
+        start_instance(layout, heartbeat=False).release()
+        with start_instance(layout):  # with its heartbeat thread
+            pass
+        init_instance_manager(layout, shield=False).release()
+    held = start_instance(layout, heartbeat=False)
+    for _ in range(20):  # a start that fails closes what it opened too
+        with pytest.raises(NoFreeSlot):
+            start_instance(layout, heartbeat=False)
+    held.release()
+    assert count() == before

@@ -1,7 +1,8 @@
-"""A running instance: a slot's leases taken all or nothing, its record and heartbeat.
+"""Starting an instance: a slot's leases taken all or nothing, and its record.
 
 An instance number is a slot ``apps/<app>/instances/<n>.lock`` held by a kernel lock for
-the instance's life; which number an instance gets is ``portpool._slots``'s concern.
+the instance's life; which number an instance gets is ``portpool._slots``'s concern,
+and what a running instance does (``Instance``) ``portpool._instance``'s.
 Reading records is ``portpool.records``'s, removing dead instances' ``portpool._gc``'s,
 and the original system's entry points (``init_instance_manager``) ``portpool._compat``'s.
 """
@@ -9,363 +10,22 @@ and the original system's entry points (``init_instance_manager``) ``portpool._c
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import threading
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
 
 from portpool import pool as pool_mod
 from portpool._gc import clean_app
-from portpool._heldlock import ForkSafeRLock, HeldLock
-from portpool._jsonfile import write_atomic
-from portpool._platform import current_identity
-from portpool._slots import (
-    checkout_dir,
-    fill_slot,
-    own_slot_problem,
-    previous_number,
-    remember_number,
-)
-from portpool.errors import (
-    LockError,
-    NotRunning,
-    PoolExhausted,
-    PortPoolError,
-    ResourceLimit,
-    ShieldTripped,
-)
+from portpool._heldlock import HeldLock
+from portpool._instance import Instance
+from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
+from portpool.errors import PoolExhausted, PortPoolError, ResourceLimit
 from portpool.layout import Layout, resolve_layout
-from portpool.pool import Lease, not_transferable
+from portpool.pool import Lease
 from portpool.statedir import StateDir
-
-if TYPE_CHECKING:
-    from portpool.shield import LeaseReport
 
 __all__ = ["Instance", "start_instance"]
 
 log = logging.getLogger("portpool.instance")
-
-# ---------------------------------------------------------------- a running instance
-
-
-class Instance:
-    """A running instance: its slot, its leases, its record, heartbeat and shield.
-
-    Create with ``start_instance()``. Release with ``release()`` or a ``with`` block.
-    """
-
-    def __init__(
-        self, state: StateDir, layout: Layout, number: int, slot: HeldLock, leases: dict[str, Lease]
-    ) -> None:
-        self.state = state
-        self.layout = layout
-        self.number = number
-        self.slot = slot
-        self.leases = leases
-        self.service_pids: dict[str, int] = {}
-        self.directory: str | None = None  # the checkout it was started for
-        self.skipped: list[tuple[int, str]] = []  # slots passed over: (number, why)
-        self.service_states: dict[str, Mapping[str, Any]] = {}  # set by the supervisor
-        self.started_at = time.time()
-        self.lost_reason: str | None = None
-        self._stop = threading.Event()
-        self._heartbeat_thread: threading.Thread | None = None
-        self._shield: Any = None
-        self._mutex = ForkSafeRLock()  # a child's copy never waits for a parent's thread
-        self._released = False
-        self._recorded = False  # after our first record, we only ever write over ours
-        self._on_release: list[Callable[[], None]] = []
-
-    @property
-    def app(self) -> str:
-        """The layout's app name. Raises nothing."""
-        return self.layout.app
-
-    def port(self, service: str) -> int:
-        """The port (int) leased to ``service``. Raises UnknownService for a name the
-        layout lacks (it was a bare KeyError), KeyError for one not leased here."""
-        return self.leases[self.layout.service(service).name].port
-
-    @property
-    def ports(self) -> dict[str, int]:
-        """Each leased service's name -> its port (int). Raises nothing."""
-        return {name: lease.port for name, lease in self.leases.items()}
-
-    def pool(self, service: str) -> list[int]:
-        """The ordered ports (int) of ``service``'s pool in this instance. Raises
-        UnknownService for a service the layout lacks."""
-        return self.layout.pool(service, self.number)
-
-    def env(self, service: str | None = None) -> dict[str, str]:
-        """The environment (name -> value, all str) a service of this instance is given
-        (DESIGN.md); with ``service``, also its ``PORT`` and ``PORTPOOL_SERVICE``. Raises
-        UnknownService for a name the layout lacks, KeyError for one not leased here."""
-        env = {"PORTPOOL_APP": self.app, "PORTPOOL_INSTANCE": str(self.number)}
-        names = []
-        for svc in self.layout.services:
-            if svc.name in self.leases:
-                env[svc.env_name] = str(self.leases[svc.name].port)
-                names.append(svc.name)
-        # The exact names: PORTPOOL_PORT_<SERVICE> folds "-" and "_" together.
-        env["PORTPOOL_SERVICES"] = ",".join(names)
-        if service is not None:
-            env["PORT"] = str(self.leases[self.layout.service(service).name].port)
-            env["PORTPOOL_SERVICE"] = service
-        return env
-
-    # -- record
-
-    def _record(self) -> dict[str, Any]:
-        me = current_identity()
-        return {
-            "v": 1,
-            "app": self.app,
-            "number": self.number,
-            "pid": me.pid,
-            "start_token": me.start_token,
-            "boot_id": me.boot_id,
-            "host": self.layout.host,
-            "started_at": self.started_at,
-            "heartbeat_at": time.time(),
-            "dir": self.directory,
-            "services": [
-                {
-                    "name": name,
-                    "pool": self.pool(name),
-                    "port": lease.port,
-                    "pid": self.service_pids.get(name, me.pid),
-                    # Why earlier ports of the pool were skipped (status, dashboard).
-                    "refusals": [
-                        {"port": r.port, "reason": r.reason, "detail": r.detail}
-                        for r in lease.refusals
-                    ],
-                    **self.service_states.get(name, {}),
-                }
-                for name, lease in self.leases.items()
-            ],
-        }
-
-    @property
-    def _in_forked_child(self) -> bool:
-        """True in a process forked from the one that started this instance: there the
-        slot, the leases and the record are the parent's (the fork hook closed our
-        copies of the locks), so nothing may be written or stopped in their name."""
-        return not self.slot.is_owner_process
-
-    def write_record(self) -> None:
-        """Write this instance's record (``<n>.json``) now; nothing once released or in
-        a forked child (the record names the parent: a child's pid in it tripped the
-        parent's shield). Raises StateDirError if the record cannot be written,
-        LockError when the slot or the record is no longer ours (the files are left as
-        found for the shield to report: a heartbeat that rewrote them hid a takeover)."""
-        if self._in_forked_child:
-            return
-        with self._mutex:
-            if self._released:
-                return
-            # Built under the mutex, or an older record could be written last.
-            data = json.dumps(self._record(), separators=(",", ":")).encode()
-            if self._recorded:
-                try:
-                    problem = self._own_files_problem()
-                except OSError:  # cannot tell: the write below says what is wrong
-                    problem = None
-                if problem is not None:
-                    raise LockError(f"{problem}; left as found")
-            write_atomic(self.state.instances(self.app), f"{self.number}.json", data)
-            self._recorded = True
-
-    def set_service_pids(self, pids: Mapping[str, int]) -> None:
-        """Record which process (pid) serves each service (for ``status`` and the
-        dashboard). Raises nothing: a failed record write is logged."""
-        self.service_pids.update(pids)
-        try:
-            self.write_record()
-        except PortPoolError as e:
-            # As for the heartbeat: the shield, not a record write, judges ownership.
-            log.warning("instance %d: cannot record service pids: %s", self.number, e)
-
-    def set_service_states(
-        self, states: Mapping[str, Mapping[str, Any]], pids: Mapping[str, int]
-    ) -> None:
-        """Record each supervised service's state (``state``, ``restarts``, ...) and pid,
-        for ``status`` and the dashboard. Raises nothing: a failed write is logged."""
-        with self._mutex:
-            self.service_states.update(states)
-        self.set_service_pids(pids)
-
-    def problem(self) -> str | None:
-        """None while the slot lock, the record and the state dir's path are still ours,
-        else what went wrong. Raises StateDirError if the instances directory cannot be
-        opened, OSError if the slot's lock file cannot be examined (an unreadable record
-        is a problem, not an error)."""
-        # The state dir's path last: its lock files move with it, so they see nothing.
-        return self._own_files_problem() or self.state.problem()
-
-    def _own_files_problem(self) -> str | None:
-        """Whether the slot's lock and record, as our handles see them, are still ours:
-        then they are ours to remove, even in a state dir moved away."""
-        return own_slot_problem(self.state, self.app, self.number, self.slot)
-
-    # -- heartbeat
-
-    def heartbeat(self) -> None:
-        """Refresh every lease's and the record's ``heartbeat_at`` now; nothing in a
-        forked child. Raises nothing: a full disk must not kill a healthy instance."""
-        if self._in_forked_child:
-            return
-        for lease in list(self.leases.values()):
-            with contextlib.suppress(PortPoolError, OSError):
-                lease.heartbeat()
-        try:
-            self.write_record()
-        except PortPoolError as e:
-            # A full disk must not kill a healthy instance; the shield judges ownership.
-            log.warning("heartbeat of instance %d: %s", self.number, e)
-
-    def start_heartbeat(self) -> None:
-        """Start the thread calling ``heartbeat()`` every ``heartbeat_interval_s`` s; a
-        second call does nothing. Raises RuntimeError if the thread cannot start."""
-        if self._heartbeat_thread is not None:
-            return
-
-        def loop() -> None:
-            while not self._stop.wait(self.layout.heartbeat_interval_s):
-                self.heartbeat()
-
-        self._heartbeat_thread = threading.Thread(
-            target=loop, name=f"portpool-heartbeat-{self.number}", daemon=True
-        )
-        self._heartbeat_thread.start()
-
-    # -- shield
-
-    def start_shield(
-        self,
-        on_lost: Callable[[Lease | None, str], None] | None = None,
-        own_pids: Callable[[], Iterable[int]] | None = None,
-    ) -> None:
-        """Watch every lease and the slot; on a trip call ``on_lost`` (default: shut down
-        this instance and exit the process with code 4). A second call does nothing.
-        Raises NotRunning once the instance was released, or in a forked child (a shield
-        over leases that are not held tripped at its first check and ended the process
-        with code 4), RuntimeError if the shield's thread cannot start."""
-        from portpool.shield import Shield
-
-        def tripped(lease: Lease | None, reason: str) -> None:
-            self.lost_reason = reason
-            if on_lost is None:  # else the caller reports it: once, not three times
-                log.critical("instance %d of %s lost: %s", self.number, self.app, reason)
-            (on_lost or self._default_on_lost)(lease, reason)
-
-        with self._mutex:  # against a concurrent release(): it stops what started here
-            # Before "already on": a forked child saw its parent's shield and returned.
-            if self._released or self._in_forked_child:
-                why = "was released" if self._released else "belongs to the parent process"
-                raise NotRunning(
-                    self.app, f"instance {self.number} of {self.app!r} {why}; nothing to shield"
-                )
-            if self._shield is not None:
-                return
-            self._shield = Shield(
-                list(self.leases.values()),
-                interval_s=self.layout.shield_interval_s,
-                on_lost=tripped,
-                instance_check=self.problem,
-                own_pids=own_pids or (self.service_pids.values),
-                name=f"portpool-shield-{self.number}",
-            )
-            self._shield.start()
-
-    def _default_on_lost(self, lease: Lease | None, reason: str) -> None:
-        self.release()
-        logging.shutdown()
-        os._exit(ShieldTripped.exit_code)
-
-    def verify_all(self, *, trip: bool = False) -> list[LeaseReport]:
-        """Run the shield's checks now: one LeaseReport per lease, one for the slot
-        (``kind="instance"``); ``trip``: a running shield trips on what they find
-        (``Shield.check_now``). Raises nothing for a lost lease: its report says so."""
-        from portpool.shield import Shield
-
-        if trip and self._shield is not None:
-            return self._shield.check_now()  # type: ignore[no-any-return]
-        shield = self._shield or Shield(
-            list(self.leases.values()),
-            interval_s=self.layout.shield_interval_s,
-            on_lost=lambda lease, reason: None,
-            instance_check=self.problem,
-            own_pids=self.service_pids.values,
-        )
-        return shield.check_once()
-
-    # -- stopping
-
-    def on_release(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` first thing in ``release()`` (e.g. stop supervised services).
-        Raises nothing; ``release()`` logs what the callback raises."""
-        self._on_release.append(callback)
-
-    def release(self) -> None:
-        """Stop heartbeat and shield, release every lease and the slot, remove our record.
-
-        Only what is still ours is erased: a lock or record taken over by someone else
-        is left alone. Safe to call twice and from any thread. A callback's error is
-        logged, not raised; when the instances directory cannot be checked (it became
-        unsafe or unreadable) the slot is unlocked and its files are left. Raises
-        nothing: an exception here used to leave the slot locked after the leases went.
-        In a forked child it only closes the child's copies of the sockets and locks:
-        the ``on_release`` callbacks and the files stay the parent's.
-        """
-        with self._mutex:
-            if self._released:
-                return
-            self._released = True
-        if self._in_forked_child:
-            for lease in self.leases.values():
-                lease.release()  # the child's copies only (see PortLock.release)
-            self.slot.release()
-            return
-        self._stop.set()
-        if self._shield is not None:
-            self._shield.stop()
-        for callback in self._on_release:
-            try:
-                callback()
-            except Exception:
-                log.exception("while stopping instance %d", self.number)
-        for lease in self.leases.values():
-            lease.release()
-        try:
-            ours = self.slot.is_owner_process and self._own_files_problem() is None
-        except (PortPoolError, OSError):  # an unusable instances dir: unlock, erase nothing
-            ours = False
-        if ours:
-            with contextlib.suppress(OSError):
-                self.state.instances(self.app).unlink(f"{self.number}.json")
-            self.slot.remove_and_release()
-        else:
-            self.slot.release()
-        if self._heartbeat_thread is not None and self._heartbeat_thread is not (
-            threading.current_thread()
-        ):
-            self._heartbeat_thread.join(timeout=5)
-
-    def __enter__(self) -> Instance:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __reduce__(self) -> str | tuple[object, ...]:
-        # As a Lease's; besides, copy.copy made a second owner that released the ports.
-        raise not_transferable(f"Instance ({self.app} {self.number})")
-
-    def __repr__(self) -> str:
-        return f"Instance(app={self.app!r}, number={self.number}, ports={self.ports})"
 
 
 def start_instance(
@@ -396,20 +56,29 @@ def start_instance(
     names = list(services) if services else [s.name for s in layout.services]
     for name in names:
         layout.service(name)  # unknown names fail before anything is locked
+    owned = state is None
     state = state or StateDir.open()
-    directory = directory or checkout_dir(layout)
-    if clean:
-        with contextlib.suppress(OSError, PortPoolError):
-            clean_app(state, layout.app)
-    preferred = previous_number(state, layout, directory) if number is None else None
-    instance, _, skipped = fill_slot(
-        state,
-        layout,
-        lambda taken, slot: _acquire_all(state, layout, taken, slot, names, directory=directory),
-        number=number,
-        preferred=preferred,
-    )
+    try:
+        directory = directory or checkout_dir(layout)
+        if clean:
+            with contextlib.suppress(OSError, PortPoolError):
+                clean_app(state, layout.app)
+        preferred = previous_number(state, layout, directory) if number is None else None
+        instance, _, skipped = fill_slot(
+            state,
+            layout,
+            lambda taken, slot: _acquire_all(
+                state, layout, taken, slot, names, directory=directory
+            ),
+            number=number,
+            preferred=preferred,
+        )
+    except BaseException:
+        if owned:
+            state.close()
+        raise
     instance.skipped = skipped
+    instance._owns_state = owned
     remember_number(state, layout.app, directory, instance.number, preferred)
     if heartbeat:
         instance.start_heartbeat()
