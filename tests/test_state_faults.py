@@ -788,6 +788,73 @@ def test_gc_takes_a_port_locked_after_its_read_of_the_lock_table_for_held(
         assert record["pid"] == os.getpid() and lease.port == port_base
 
 
+def test_gc_takes_a_port_released_and_acquired_again_between_its_reads_for_held(
+    state: StateDir, port_base: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # gc read the record (a live holder's), found the lock free (it was released just
+    # then), and read the record again: now the next holder's, written after it locked,
+    # so after gc asked. "its holder still runs but does not hold <port>.lock", exit 1
+    # (5 gc runs in 150 beside two processes starting and releasing). The interleaving
+    # is forced here, at the moment gc asks the lock again.
+    import portpool._gc as gc_mod
+    from portpool._platform import locked_inodes
+    from portpool.pool import acquire
+
+    acquire(state, [port_base + 1]).release()  # makes ports/
+    before = locked_inodes()
+    first = acquire(state, [port_base])
+    held: list[object] = []
+    asked = gc_mod._held_now
+
+    def released_and_taken_again(*args: object, **kwargs: object) -> bool:
+        first.release()
+        free = asked(*args, **kwargs)  # type: ignore[arg-type]
+        time.sleep(0.01)  # another acquired_at
+        held.append(acquire(state, [port_base]))  # locks, then writes its record
+        return free
+
+    monkeypatch.setattr(gc_mod, "_held_now", released_and_taken_again)
+    ports = state.find("ports")
+    assert ports is not None
+    report = gc_mod.GcReport()
+    gc_mod._clean_port(ports, f"{port_base}.lock", before, report)
+    assert held, "the interleaving was not reached"
+    assert report.problems == [] and report.files == [], report
+    held[0].release()  # type: ignore[attr-defined]
+
+
+def test_gc_takes_a_slot_released_and_taken_again_between_its_reads_for_held(
+    tmp_path: Path, port_base: int, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for a port: the instance record read, the slot released and taken again (by
+    # the same process, a loop of start_instance/release) before gc read the record
+    # again. gc said "its holder (pid ...) still runs but does not hold 1.lock".
+    import portpool._gc as gc_mod
+
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, max_instances=1)))
+    first = start_instance(layout, state=state, heartbeat=False)
+    held: list[Instance] = []
+    real_is_held, asked = gc_mod.is_held, gc_mod._held_now
+
+    def released_first(directory: object, name: str, *args: object, **kw: object) -> bool:
+        if name == "1.lock" and not held:
+            first.release()
+        return real_is_held(directory, name, *args, **kw)  # type: ignore[arg-type]
+
+    def taken_again(*args: object, **kwargs: object) -> bool:
+        free = asked(*args, **kwargs)  # type: ignore[arg-type]
+        time.sleep(0.01)  # another started_at
+        held.append(start_instance(layout, state=state, heartbeat=False, clean=False))
+        return free
+
+    monkeypatch.setattr(gc_mod, "is_held", released_first)
+    monkeypatch.setattr(gc_mod, "_held_now", taken_again)
+    report = gc_mod.clean_app(state, layout.app)
+    assert held, "the interleaving was not reached"
+    assert report.problems == [] and report.instances == [], report
+    held[0].release()
+
+
 def test_gc_racing_instances_that_start_and_die_removes_only_dead_holders_metadata(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 from portpool._dataclass import dataclass, field
 from portpool._heldlock import HeldLock, is_held, lock_path_kind
-from portpool._jsonfile import TMP_SUFFIX, decimal
+from portpool._jsonfile import TMP_SUFFIX, decimal, read_json_file
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -26,8 +26,8 @@ from portpool._platform import (
     locked_inodes,
 )
 from portpool._record import PortRecord, read_port_record
-from portpool._slot_holder import recorded_holder
-from portpool.errors import LockHeld, PortPoolError
+from portpool._slot_holder import running_holder
+from portpool.errors import LockHeld, PortPoolError, ResourceLimit
 from portpool.records import slot_numbers
 from portpool.statedir import StateDir, special_entry
 
@@ -83,6 +83,21 @@ def _remove_free_files(
             removed.append(lock_name)  # remove_and_release unlinks it: still ours
         held.remove_and_release()
     return removed
+
+
+def _recorded_start(directory: DirHandle, number: int) -> tuple[int, str, object] | None:
+    """(pid, start token, started_at) of slot ``number``'s record when the process it
+    names runs, else None (no record, unreadable, or that process is gone): one
+    instance's record keeps it across heartbeats, a new instance in the slot has
+    another. Raises nothing."""
+    try:
+        raw = read_json_file(directory, f"{number}.json")
+    except (OSError, ValueError, ResourceLimit):
+        return None
+    pid = running_holder(raw)
+    if pid is None or not isinstance(raw, dict):
+        return None
+    return pid, str(raw.get("start_token")), raw.get("started_at")
 
 
 def _live_holder(where: str, pid: int, lock_name: str) -> str:
@@ -178,7 +193,8 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
         if number in odd:
             continue
         try:
-            holder = recorded_holder(directory, number)
+            started = _recorded_start(directory, number)
+            holder = None if started is None else int(started[0])
             if is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files):
                 # Held through another name (a hard link) with no running holder of its
                 # own: named, as for a port, never removed (gc said nothing of it).
@@ -190,9 +206,14 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
                 continue
             if holder is not None and _held_now(directory, f"{number}.lock", holder):
                 continue  # locked since the table gc judges by was read
-            # Asked again: a holder killed since its record was read is a dead one.
+            # Asked again: a holder killed since its record was read is a dead one; one
+            # that released the slot and was followed by a new holder (its record written
+            # after it locked, so after the lock was asked) is not to be judged.
             if holder is not None:
-                holder = recorded_holder(directory, number)
+                now = _recorded_start(directory, number)
+                if now is not None and now != started:
+                    continue
+                holder = None if now is None else holder
             if holder is not None:
                 # Its lock file was removed or replaced under it: the instance runs (pid
                 # and start token checked) and its shield stops it. gc called its record
@@ -253,9 +274,15 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
         return
     record, had_record = _read_record(ports, port)
     if record is not None and is_alive(record.identity):
+        first = (record.identity, record.acquired_at)
         if _held_now(ports, f"{port}.lock", None):
             return  # locked since the table gc judges by was read
         record, had_record = _read_record(ports, port)  # a holder killed since: dead
+        if record is not None and (record.identity, record.acquired_at) != first:
+            # Released and acquired again between the two reads: a holder writes its
+            # record after it locks, so the lock was asked before it took it (gc exited
+            # 1 on a healthy port, "removed or replaced under it?").
+            return
     if record is not None and is_alive(record.identity):
         where = os.path.join(ports.path, f"{port}.json")
         report.problems.append(_live_holder(where, record.pid, f"{port}.lock"))

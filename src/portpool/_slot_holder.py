@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from portpool._jsonfile import read_json_file
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -19,9 +18,8 @@ from portpool._platform import (
     namespace_pids,
 )
 from portpool._portstatus import lock_holder
-from portpool.errors import ResourceLimit
 
-__all__ = ["record_mismatch", "recorded_holder", "running_holder"]
+__all__ = ["record_mismatch", "running_holder"]
 
 
 def running_holder(raw: object) -> int | None:
@@ -37,16 +35,6 @@ def running_holder(raw: object) -> int | None:
     if not isinstance(token, str) or not isinstance(boot, str):
         return None
     return pid if is_alive(ProcessIdentity(pid, token, boot)) else None
-
-
-def recorded_holder(directory: DirHandle, number: int) -> int | None:
-    """The pid slot ``number``'s record names if that very process runs, else None (no
-    record, unreadable, or another process). Raises nothing: it only lets ``is_held``
-    ask that process first."""
-    try:
-        return running_holder(read_json_file(directory, f"{number}.json"))
-    except (OSError, ValueError, ResourceLimit):
-        return None
 
 
 def record_mismatch(
