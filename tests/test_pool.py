@@ -459,3 +459,50 @@ def test_a_read_only_state_dir_is_a_state_dir_error_not_an_exhausted_pool(
         assert "Read-only file system" in info.value.problem
         assert "remove what is there" not in info.value.problem
         state.close()
+
+
+HOLD_PORTS = r"""
+import sys
+from portpool.pool import acquire
+from portpool.statedir import StateDir
+
+state = StateDir.open()
+leases = [acquire(state, [int(p)], service="other") for p in sys.argv[1:]]
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_pool_refused_port_by_port_reads_the_lock_table_once(
+    state: StateDir, port_base: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each refused port's holder was named by a read of the kernel's whole lock table:
+    with every port of a 2,000-port pool held elsewhere, acquire took 61 s to raise
+    PoolExhausted. One read now serves the whole pool (counted, not timed)."""
+    import portpool._portstatus as portstatus
+
+    pool = list(range(port_base, port_base + 20))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_PORTS, *map(str, pool)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        reads: list[object] = []
+        real = portstatus.locked_inodes
+
+        def counted() -> object:
+            reads.append(None)
+            return real()
+
+        monkeypatch.setattr(portstatus, "locked_inodes", counted)
+        with pytest.raises(PoolExhausted) as info:
+            acquire(state, pool, service="api")
+        assert [r.reason for r in info.value.refusals] == ["held"] * len(pool)
+        # Each still names its holder, from the one table.
+        assert all(f"pid {holder.pid}" in r.detail for r in info.value.refusals), info.value
+        assert len(reads) == 1, len(reads)
+    finally:
+        holder.communicate(timeout=30)

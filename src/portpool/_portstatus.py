@@ -150,3 +150,31 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
     if not _stale(record, holder):
         return PortStatus(port, "held", record)
     return PortStatus(port, "held", record, stale=True, holder=holder)
+
+
+class SharedLockTable:
+    """The kernel's lock table, read once for the diagnoses of many refused ports (one
+    ``acquire`` of a pool), and again when asked for a fresh one. Each read walks every
+    lock of the host: read per refused port, 2,000 ports held elsewhere took 61 s to
+    refuse, where one read took a fraction of a second."""
+
+    def __init__(self) -> None:
+        self._table: LockTable | None = None
+        self._read = False
+
+    def __call__(self, *, fresh: bool = False) -> LockTable | None:
+        """The table (None where the OS lists no locks), read now if ``fresh`` or never
+        read yet. Raises nothing beyond ``locked_inodes``."""
+        if fresh or not self._read:
+            self._table, self._read = locked_inodes(), True
+        return self._table
+
+
+def refused_port_status(state: StateDir, port: int, table: SharedLockTable | None) -> PortStatus:
+    """``inspect_port`` of a port whose lock this process just failed to take, by
+    ``table`` (shared among a pool's refusals; None reads one), read afresh when it says
+    the port is free: locked since the shared table was read."""
+    if table is None:
+        return inspect_port(state, port)
+    status = inspect_port(state, port, table())
+    return inspect_port(state, port, table(fresh=True)) if status.is_free else status

@@ -13,6 +13,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from portpool._dataclass import dataclass, field
 from portpool._heldlock import ForkSafeRLock, HeldLock
@@ -35,6 +36,9 @@ from portpool._record import (
 from portpool.errors import LockError, LockHeld, StateDirError
 from portpool.statedir import StateDir, out_of_descriptors
 
+if TYPE_CHECKING:
+    from portpool._portstatus import SharedLockTable
+
 __all__ = ["PortLock"]
 
 
@@ -50,8 +54,9 @@ class PortLock:
     _written: bytes | None = field(default=None, repr=False)  # our record, byte for byte
 
     @classmethod
-    def acquire(cls, state: StateDir, port: int) -> PortLock:
-        """Lock ``port`` in ``state`` without waiting.
+    def acquire(cls, state: StateDir, port: int, table: SharedLockTable | None = None) -> PortLock:
+        """Lock ``port`` in ``state`` without waiting. ``table``: the kernel's lock table
+        shared among the ports of one pool, to name a holder by (None: read one).
 
         Raises LockHeld (``holder`` is the PortStatus seen), AlreadyHeldHere, StateDirError.
         """
@@ -59,9 +64,9 @@ class PortLock:
         try:
             lock = HeldLock.acquire(directory, f"{port}.lock")
         except LockHeld as e:
-            from portpool._portstatus import inspect_port  # who holds it: only now
+            from portpool._portstatus import refused_port_status  # who holds it: only now
 
-            raise LockHeld(e.path, inspect_port(state, port)) from None
+            raise LockHeld(e.path, refused_port_status(state, port, table)) from None
         try:
             meta_fd = _open_meta(directory, f"{port}.json")
         except BaseException:

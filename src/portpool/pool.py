@@ -23,6 +23,7 @@ from portpool._addresses import (
 )
 from portpool._dataclass import dataclass, field
 from portpool._platform import is_alive, is_listening, socket_inode
+from portpool._portstatus import SharedLockTable
 from portpool._record import PortRecord
 from portpool.errors import (
     AlreadyHeldHere,
@@ -219,7 +220,7 @@ def _only_passing(holder: LockHolder | None) -> bool:
     return not is_alive(holder.record.identity)
 
 
-def _lock_port(state: StateDir, port: int) -> PortLock | Refusal:
+def _lock_port(state: StateDir, port: int, table: SharedLockTable) -> PortLock | Refusal:
     """The port's lock, or why not. A port held only for a moment (a cleaner, a holder
     leaving) is tried again a few times rather than skipped while really free. Raises
     StateDirError when the ports directory itself refuses (read-only, not writable):
@@ -227,7 +228,7 @@ def _lock_port(state: StateDir, port: int) -> PortLock | Refusal:
     ports_dir = state.ports().path
     for wait_ms in (*_BUSY_WAITS_MS, None):
         try:
-            return PortLock.acquire(state, port)
+            return PortLock.acquire(state, port, table)
         except LockHeld as e:
             if e.holder is not None and e.holder.unusable is not None:
                 # Held through another name of the file: no wait frees this one.
@@ -280,8 +281,9 @@ def acquire(
     # port, it read as "every port of its pool is taken by others" (exit 3).
     state.ports()
     refusals: list[Refusal] = []
+    table = SharedLockTable()  # read only if a port is refused, once for them all
     for port in pool:
-        taken = _lock_port(state, port)
+        taken = _lock_port(state, port, table)
         if isinstance(taken, Refusal):
             refusals.append(taken)
             continue
