@@ -181,3 +181,79 @@ def test_no_free_slot_of_one_slot_says_its_only_slot_and_why():
     e = NoFreeSlot("app", [SlotHolder(1, 10, "pid 10")], limit="max_instances = 1 in the layout")
     assert "(its only slot is held; max_instances = 1 in the layout)" in str(e)
     assert e.limit == "max_instances = 1 in the layout"
+
+
+def _one_of_each() -> list[PortPoolError]:
+    """An instance of every error class, built as the code that raises it builds it."""
+    held = PortStatus(7000, "free")
+    samples: list[PortPoolError] = [
+        PortPoolError("plain"),
+        StateDirError("/s", "bad"),
+        LayoutError("f.toml", "services.a.base", "must be a port"),
+        errors.LayoutFileError("f.toml", "is a FIFO, not a regular file"),
+        errors.UnknownService("f.toml", "services.x", "no such service 'x'"),
+        errors.ResourceLimit("open files", 10, 20, "raise the limit"),
+        LockError("lost"),
+        LockHeld("/s/ports/7000.lock", held),
+        AlreadyHeldHere("/s/ports/7000.lock"),
+        StartError("cannot start"),
+        PoolExhausted([7000, 7001], [Refusal(7000, "held", "by pid 1")], "api"),
+        NoFreeSlot("app", [SlotHolder(1, 10, "a reason")]),
+        ShieldTripped("port 7000 lost", 7000, lingering=["port 7000 ..."]),
+        ServiceExited("api", -9, reason="gave-up"),
+        errors.CommandNotFound("prog", "'prog' was not found on PATH"),
+        PassedSocketError("fd 3 is not a socket"),
+        errors.UsageError("bad usage"),
+        errors.InvalidPort(0),
+        errors.NotRunning("app", "not running", [1, 2]),
+        errors.SlotUnavailable("app", 1, "it runs"),
+        errors.StopFailed.of([errors.StopFailed(1, "timed out"), errors.StopFailed(2, "no")]),
+        errors.DetachFailed(-9, "/s/logs/1.log", "the tail"),
+        errors.Interrupted(2),
+    ]
+    return samples
+
+
+def test_every_error_pickles_and_copies_as_it_is():
+    """Their __init__ takes other arguments than their message: pickling (what
+    multiprocessing does with a worker's exception) and copy.copy raised TypeError for
+    most, and InvalidPort, ShieldTripped, LockHeld and AlreadyHeldHere came back with
+    their message doubled ("shield tripped: shield tripped: ...")."""
+    import copy
+    import pickle
+
+    samples = _one_of_each()
+    assert {type(e) for e in samples} == set(EXCEPTIONS)  # a new class needs a sample
+    for error in samples:
+        for again in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+            assert type(again) is type(error)
+            assert (str(again), again.args, again.exit_code) == (
+                str(error),
+                error.args,
+                error.exit_code,
+            ), error
+            assert vars(again).keys() == vars(error).keys(), error
+
+
+def _exhausted_in_a_worker(home: str, port: int) -> None:
+    import os
+
+    from portpool.pool import acquire
+    from portpool.statedir import StateDir
+
+    os.environ["PORTPOOL_HOME"] = home
+    with StateDir.open() as state, acquire(state, [port]):
+        acquire(state, [port], service="api")  # held by this very process: refused
+
+
+def test_an_error_raised_in_a_multiprocessing_worker_reaches_the_parent(tmp_path, port_base):
+    import concurrent.futures
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        future = pool.submit(_exhausted_in_a_worker, str(tmp_path / "state"), port_base)
+        with pytest.raises(PoolExhausted) as info:
+            future.result(timeout=60)  # was BrokenProcessPool
+    assert info.value.exit_code == 3 and info.value.service == "api"
+    assert [(r.port, r.reason) for r in info.value.refusals] == [(port_base, "held")]

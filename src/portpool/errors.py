@@ -58,9 +58,24 @@ class LockHolder(Protocol):
 
 
 class PortPoolError(Exception):
-    """Base of every error portpool raises on purpose."""
+    """Base of every error portpool raises on purpose. Each one pickles and copies as
+    it is (its message, its attributes), whatever its ``__init__`` takes."""
 
     exit_code: int = 1
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt from its args and attributes, never by calling __init__ with the
+        # message: a PoolExhausted raised in a multiprocessing worker broke the pool
+        # (BrokenProcessPool), and an InvalidPort came back with its message doubled.
+        return (_rebuilt, (type(self), self.args), self.__dict__)
+
+
+def _rebuilt(cls: type[PortPoolError], args: tuple[object, ...]) -> PortPoolError:
+    """An instance of ``cls`` with ``args``, its ``__init__`` not run (pickle then sets
+    its attributes). Raises nothing."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    return error
 
 
 class StateDirError(PortPoolError):
