@@ -15,6 +15,7 @@ import pytest
 from tests.helpers import (
     HOLD,
     fork_while_held,
+    in_forked_child,
     portpool,
     read_line,
     start,
@@ -206,6 +207,8 @@ def test_the_entry_points_keep_to_the_running_instance(
                        {"services": ["alpha"]}):  # fmt: skip
             with pytest.raises(UsageError, match="already runs instance"):
                 init_instance_manager(shield=False, **kwargs)  # type: ignore[arg-type]
+        # An empty list is every service, as start_instance reads it: it was "another".
+        assert init_instance_manager(str(first), services=[], shield=False) is instance
         # One file spelled two ways is one layout (Layout equality includes its source).
         assert init_instance_manager("first.toml", shield=False) is instance  # cwd-relative
         with pytest.raises(UsageError, match=r"1\.\.10"):  # a bare ValueError before
@@ -225,6 +228,34 @@ def test_the_entry_points_keep_to_the_running_instance(
         assert init_instance_manager(str(first), services="alpha", shield=False) is instance
     finally:
         instance.release()
+
+
+@pytest.mark.parametrize("parents_shield", [False, True], ids=["unshielded", "shielded"])
+def test_init_instance_manager_in_a_forked_child_returns_the_same_instance(
+    tmp_path: Path, port_base: int, parents_shield: bool
+) -> None:
+    # "Later calls return the same instance": in a forked child the call asked the
+    # parent's instance for a shield and raised NotRunning.
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base)))
+    instance = init_instance_manager(layout, shield=parents_shield)
+    try:
+        assert in_forked_child(lambda: init_instance_manager(layout) is instance) == 0
+        assert all(report.ok for report in instance.verify_all())  # still the parent's
+    finally:
+        instance.release()
+
+
+def test_a_service_named_twice_takes_one_lease(tmp_path: Path, port_base: int, state: StateDir):
+    # The second name took a second lease that release() never freed: its port stayed
+    # "held (by this process already)" until the process exited.
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base)))
+    pool = layout.pool("alpha", 1)
+    with start_instance(layout, services=["alpha", "alpha"], state=state) as instance:
+        assert instance.ports == {"alpha": pool[0]}
+    from portpool.pool import acquire
+
+    with acquire(state, pool) as lease:  # every port of the pool is free again
+        assert lease.port == pool[0]
 
 
 def _run_holders(layout: Path, release: Path, count: int) -> list[subprocess.Popen[str]]:

@@ -8,9 +8,9 @@ answers from that instance's layout. New code calls ``portpool.start_instance``.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 
+from portpool._heldlock import ForkSafeRLock
 from portpool.errors import PortPoolError, UsageError
 from portpool.instance import Instance, start_instance
 from portpool.layout import Layout, resolve_layout
@@ -23,7 +23,7 @@ __all__ = [
 
 
 _current: Instance | None = None
-_current_mutex = threading.Lock()
+_current_mutex = ForkSafeRLock()  # a forked child's call never waits for a parent thread
 
 
 def init_instance_manager(
@@ -57,7 +57,9 @@ def init_instance_manager(
         running = _running()
         if running is not None:
             _check_same(running, layout, services, number)
-            if shield:  # asked for now: it runs from here on (a running shield stays)
+            # Asked for now: it runs from here on (a running shield stays). In a forked
+            # child the instance is the parent's to shield: it raised NotRunning there.
+            if shield and not running._in_forked_child:
                 running.start_shield()
             return running
         resolved = layout if isinstance(layout, Layout) else resolve_layout(layout)
@@ -85,8 +87,10 @@ def _check_same(
         wanted = layout if isinstance(layout, Layout) else resolve_layout(layout)
         if not wanted.same_as(current.layout):
             problems.append(f"another layout ({wanted.source}, app {wanted.app!r})")
-    if services is not None and set(services) != set(current.leases):
-        problems.append(f"services {sorted(set(services))}")
+    # As start_instance reads them: an empty list is every service of the layout.
+    wanted_services = set(services or [s.name for s in current.layout.services])
+    if services is not None and wanted_services != set(current.leases):
+        problems.append(f"services {sorted(wanted_services)}")
     if number is not None and number != current.number:
         problems.append(f"instance {number}")
     if problems:

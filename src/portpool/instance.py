@@ -53,7 +53,8 @@ def start_instance(
     layout = layout or resolve_layout(None)
     if isinstance(services, str):  # a str is a Sequence[str]: its letters were names
         services = [services]
-    names = list(services) if services else [s.name for s in layout.services]
+    # Each once: a name given twice took a second lease that release() never freed.
+    names = list(dict.fromkeys(services)) if services else [s.name for s in layout.services]
     for name in names:
         layout.service(name)  # unknown names fail before anything is locked
     owned = state is None
