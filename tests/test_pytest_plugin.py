@@ -356,18 +356,26 @@ def test_the_state_dir_is_fixed_at_start_up(tmp_path: Path, how: str, xdist: boo
     assert (state / "apps" / "plugin-move" / "instances").is_dir()
 
 
+@pytest.mark.parametrize("xdist", [False, True], ids=["plain", "xdist"])
 @pytest.mark.parametrize("value", ["", "state"])
-def test_an_empty_or_relative_portpool_home_is_a_usage_error(tmp_path: Path, value: str) -> None:
+def test_an_empty_or_relative_portpool_home_fails_the_tests_that_ask_for_a_port(
+    tmp_path: Path, value: str, xdist: bool
+) -> None:
     """A relative one once named another state dir in every working directory (a test
     that changed directory took ports in another one); an empty one fell back to the
-    per-user default without a word."""
-    where = session_dir(tmp_path, "s", "def test_nothing():\n    pass\n")
+    per-user default without a word. Refused, it failed every pytest run of the
+    environment (exit 4), even one that asks for no port: now each test that asks
+    fails with the one line, and the others pass."""
+    tests = "def test_nothing():\n    pass\n\ndef test_a_port(portpool_port):\n    pass\n"
+    where = session_dir(tmp_path, "s", tests)
     env = session_env(tmp_path / "unused")
     env["PORTPOOL_HOME"] = value
-    done = _run(where, env)
-    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
-    assert f"ERROR: portpool: state dir PORTPOOL_HOME={value!r}: is " in done.stderr
-    assert "INTERNALERROR" not in done.stdout + done.stderr
+    done = _run(where, env, *(["-p", "xdist", "-n", "2"] if xdist else []), "-rfE")
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out  # a test failed, not a usage error (4)
+    assert "1 passed" in out and ("1 failed" in out or "1 error" in out), out
+    assert f"portpool: state dir PORTPOOL_HOME={value!r}: is " in out, out
+    assert "INTERNALERROR" not in out and "Traceback" not in out, out
     assert not (where / "state").exists()
 
 

@@ -58,6 +58,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 _source_key = pytest.StashKey["_PortSource"]()
 _state_path_key = pytest.StashKey[str]()
 _state_key = pytest.StashKey["StateDir"]()
+_state_error_key = pytest.StashKey[Exception]()  # why PORTPOOL_HOME was refused
 _layout_key = pytest.StashKey["Layout"]()
 _WORKER_STATE_PATH = "portpool_state_dir"  # the controller's state dir, in workerinput
 
@@ -82,8 +83,11 @@ def pytest_configure(config: pytest.Config) -> None:
         try:
             path = default_path()
         except StateDirError as e:  # an empty or relative PORTPOOL_HOME
-            raise pytest.UsageError(f"portpool: {e}") from None
-    config.stash[_state_path_key] = os.path.abspath(str(path))
+            # Said by each test that asks for a port: a run that asks for none is not
+            # portpool's (it failed every pytest run of the environment, exit 4).
+            config.stash[_state_error_key] = e
+    if path:
+        config.stash[_state_path_key] = os.path.abspath(str(path))
     # A range or layout the user chose is checked now, before any test runs: a typo or
     # an overlap with the ephemeral range is a usage error. The defaults are worked out
     # on first use, so a suite that never asks for a port never fails because of them.
@@ -99,7 +103,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without xdist
 def pytest_configure_node(node: Any) -> None:
-    node.workerinput[_WORKER_STATE_PATH] = node.config.stash[_state_path_key]
+    # None: the controller's PORTPOOL_HOME was refused; the worker finds it so too.
+    node.workerinput[_WORKER_STATE_PATH] = node.config.stash.get(_state_path_key, None)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -117,6 +122,9 @@ def _state(config: pytest.Config) -> StateDir:
         from portpool.statedir import StateDir
 
         with _environment_errors():
+            refused = config.stash.get(_state_error_key, None)
+            if refused is not None:
+                raise refused
             state = StateDir.open(config.stash[_state_path_key])
         config.stash[_state_key] = state
     return state
