@@ -66,6 +66,23 @@ def test_an_empty_or_relative_portpool_home_is_refused(
     assert os.listdir(tmp_path) == []
     monkeypatch.setenv("PORTPOOL_HOME", str(tmp_path / "a" / ".." / "state"))
     assert default_path() == str(tmp_path / "state")
+    # Given to StateDir.open, the same paths are refused alike: "state" was created in
+    # the working directory, and "" opened the per-user default.
+    for given, problem in (("state", "is a relative path"), ("", "is empty")):
+        with pytest.raises(StateDirError) as info:
+            StateDir.open(given)
+        assert info.value.path == repr(given) and info.value.problem.startswith(problem)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_log_path_is_only_for_an_instance_number(state: StateDir) -> None:
+    from portpool._logs import log_path
+    from portpool.errors import UsageError
+
+    assert log_path(state, "app", 1).endswith(os.path.join("apps", "app", "logs", "1.log"))
+    for number in (0, -3, True):  # "logs/0.log", "logs/-3.log"
+        with pytest.raises(UsageError, match="instance number must be 1 or more"):
+            log_path(state, "app", number)
 
 
 def test_a_relative_xdg_runtime_dir_is_ignored(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):

@@ -14,7 +14,7 @@ from portpool._heldlock import is_held
 from portpool._jsonfile import NotAFile, read_json_file, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
-from portpool.errors import NotRunning, StateDirError
+from portpool.errors import NotRunning, StateDirError, UsageError
 from portpool.layout import Layout
 from portpool.records import SLOT_UNUSABLE, InstanceInfo
 from portpool.statedir import StateDir, check_name, special_entry
@@ -30,7 +30,10 @@ def logs_dir(state: StateDir, app: str) -> DirHandle:
 def log_path(state: StateDir, app: str, number: int) -> str:
     """The path (str) where the output of detached instance ``number`` (1..) of ``app``
     is kept; the file may not exist. Raises StateDirError if ``app`` is not a valid name
-    (it becomes a directory name)."""
+    (it becomes a directory name), UsageError for a ``number`` below 1 (or not an int):
+    it named "logs/0.log" and "logs/-3.log"."""
+    if type(number) is not int or number < 1:
+        raise UsageError(f"instance number must be 1 or more, not {number!r}")
     return os.path.join(state.path, "apps", check_name("app", app), "logs", f"{number}.log")
 
 

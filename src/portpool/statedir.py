@@ -172,9 +172,18 @@ class StateDir:
         """Open (creating it 0700 if missing, unless ``create`` is False) and check the
         state dir at ``path``.
 
-        Raises StateDirError naming the path and the problem (a symlink, not ours,
-        readable or writable by others, ...), ResourceLimit out of file descriptors.
+        ``path``: an absolute path, or None for ``default_path()``. Raises StateDirError
+        naming the path and the problem (empty or relative, as for ``PORTPOOL_HOME``; a
+        symlink, not ours, readable or writable by others, ...), ResourceLimit out of
+        file descriptors.
         """
+        if path is not None and not os.path.isabs(path):
+            # As for PORTPOOL_HOME: "" opened the per-user default without a word, and a
+            # relative path named another state dir in every working directory.
+            where = "is empty" if not path else "is a relative path"
+            raise StateDirError(
+                repr(path), f"{where}: give an absolute path (None: PORTPOOL_HOME or the default)"
+            )
         path = os.path.abspath(path or default_path())
         if create:
             try:
