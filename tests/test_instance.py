@@ -670,3 +670,25 @@ def test_starting_and_releasing_instances_in_a_loop_leaks_no_descriptor(
             start_instance(layout, heartbeat=False)
     held.release()
     assert count() == before
+
+
+def test_an_instance_outlives_the_with_block_of_its_state_dir(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """Closed under a running instance, the state dir could not be examined: its shield
+    tripped (exit 4 by default), and its release left the record to be read as a live
+    holder's ("still runs but does not hold 1.lock"). It now stays open until the last
+    instance or lease held in it is released, and closes then."""
+    layout = load_layout(str(write_layout(tmp_path / "p.toml", port_base, shield=0.05)))
+    lost: list[str] = []
+    with StateDir.open() as state:
+        instance = start_instance(layout, state=state)
+        instance.start_shield(on_lost=lambda lease, reason: lost.append(reason))
+    time.sleep(0.5)  # ten shield checks
+    assert lost == [] and all(report.ok for report in instance.verify_all())
+    instance.heartbeat()  # its record can still be written
+    instance.release()
+    assert state.root is not None and state.root.fd == -1  # closed with the last user
+    assert not (home / "apps" / "testapp" / "instances" / "1.json").exists()
+    with StateDir.open() as state:
+        assert gc(state).problems == []

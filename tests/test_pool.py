@@ -506,3 +506,23 @@ def test_a_pool_refused_port_by_port_reads_the_lock_table_once(
         assert len(reads) == 1, len(reads)
     finally:
         holder.communicate(timeout=30)
+
+
+def test_a_lease_released_after_its_state_dir_was_closed_erases_its_record(
+    home: Path, port_base: int
+) -> None:
+    """The release could not look at its path through the closed state dir: it left
+    its record whole (this live pid), and gc said "its holder still runs but does not
+    hold <port>.lock" until the process exited."""
+    from portpool._gc import gc
+
+    with StateDir.open() as state:
+        lease = acquire(state, [port_base], service="web")
+    lease.release()
+    record = home / "ports" / f"{port_base}.json"
+    assert f'"pid":{os.getpid()}'.encode() not in record.read_bytes()
+    with StateDir.open() as state:
+        assert inspect_port(state, port_base).is_free
+        assert gc(state).problems == []
+        with acquire(state, [port_base]) as again:  # and the port is there to take
+            assert again.port == port_base

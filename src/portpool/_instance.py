@@ -341,11 +341,15 @@ class Instance:
         self._close_state()
 
     def _close_state(self) -> None:
-        """Close the state dir start_instance opened for this instance (4 descriptors
-        each: a process that started and released instances in a loop ran out of them),
-        unless a heartbeat that outlived its join could still use it."""
+        """Let the state dir close (``StateDir.keep_open``), and close the one
+        start_instance opened for this instance (4 descriptors each: a process that
+        started and released instances in a loop ran out of them), unless a heartbeat
+        that outlived its join could still use it."""
         beating = self._heartbeat_thread is not None and self._heartbeat_thread.is_alive()
-        if self._owns_state and not (beating and not self._in_forked_child):
+        if beating and not self._in_forked_child:
+            return
+        self.state.let_close()
+        if self._owns_state:
             self.state.close()
 
     def __enter__(self) -> Instance:

@@ -78,6 +78,7 @@ def start_instance(
         if owned:
             state.close()
         raise
+    state.keep_open()  # until release: a state dir closed under it tripped its shield
     instance.skipped = skipped
     instance._owns_state = owned
     remember_number(state, layout.app, directory, instance.number, preferred)

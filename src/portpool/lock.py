@@ -50,6 +50,7 @@ class PortLock:
     lock: HeldLock
     meta_fd: int
     record: PortRecord | None = None
+    state: StateDir | None = field(default=None, repr=False)  # kept open while held
     _mutex: ForkSafeRLock = field(default_factory=ForkSafeRLock, repr=False)
     _written: bytes | None = field(default=None, repr=False)  # our record, byte for byte
 
@@ -72,7 +73,8 @@ class PortLock:
         except BaseException:
             lock.release()
             raise
-        return cls(port, lock, meta_fd)
+        state.keep_open()
+        return cls(port, lock, meta_fd, state=state)
 
     def write_record(
         self, *, app: str, instance: int, service: str, host: str, now: float | None = None
@@ -171,6 +173,8 @@ class PortLock:
                         write_at(fd, BLANK_RECORD, 0)
             os.close(fd)
             lock.release()
+            if self.state is not None:
+                self.state.let_close()
 
 
 def _still_ours(lock: HeldLock) -> bool:

@@ -166,6 +166,8 @@ class StateDir:
         self.create = create
         self._subdirs: dict[str, DirHandle] = {}
         self._mutex = threading.Lock()
+        self._users = 0  # leases and instances held in it (keep_open, let_close)
+        self._close_asked = False
 
     @classmethod
     def open(cls, path: str | None = None, *, create: bool = True) -> StateDir:
@@ -329,8 +331,33 @@ class StateDir:
         except OSError:
             return []
 
+    def keep_open(self) -> None:
+        """Count one more lease or instance held in this state dir: ``close()`` waits
+        until it is released (``let_close``). Raises nothing."""
+        with self._mutex:
+            self._users += 1
+
+    def let_close(self) -> None:
+        """One lease or instance held in this state dir was released: the last one
+        closes it if ``close()`` was asked meanwhile. Raises nothing."""
+        with self._mutex:
+            self._users -= 1
+            now = self._users <= 0 and self._close_asked
+        if now:
+            self._close_handles()
+
     def close(self) -> None:
-        """Close every directory handle this opened. Raises nothing."""
+        """Close every directory handle this opened, at once, or once every lease and
+        instance held in it is released: closed under them, a lease released after its
+        ``with StateDir.open()`` block left its record as a live holder's, and an
+        instance's shield tripped on a state dir it could not examine. Raises nothing."""
+        with self._mutex:
+            self._close_asked = True
+            if self._users > 0:
+                return
+        self._close_handles()
+
+    def _close_handles(self) -> None:
         with self._mutex:
             for h in self._subdirs.values():
                 h.close()
