@@ -304,6 +304,10 @@ def test_a_pool_given_as_one_str_is_a_type_error(state: StateDir, port_base: int
     # A str is a sequence: its characters were checked as ports ("'2' is not a port").
     with pytest.raises(TypeError, match="port numbers"):
         acquire(state, str(port_base))  # type: ignore[arg-type]
+    # host=None raised AttributeError ('NoneType' object has no attribute 'lower').
+    with pytest.raises(TypeError, match="host must be a str"):
+        acquire(state, [port_base], host=None)  # type: ignore[arg-type]
+    assert inspect_port(state, port_base).is_free  # nothing was locked
 
 
 def test_empty_pool_is_exhausted(state: StateDir):

@@ -270,11 +270,14 @@ def acquire(
     it in a ``with`` block or call ``release()``.
     Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
     (a ValueError) for a value that is not a port, TypeError for a ``pool`` given as one
-    str, StateDirError if the ports directory is unusable or the record cannot be
-    written, ResourceLimit when out of file descriptors.
+    str or a ``host`` that is not a str, StateDirError if the ports directory is
+    unusable or the record cannot be written, ResourceLimit when out of file
+    descriptors.
     """
     if isinstance(pool, (str, bytes)):  # its characters were checked as ports
         raise TypeError(f"pool must be port numbers (ints), not one {type(pool).__name__}")
+    if not isinstance(host, str):  # None raised AttributeError from deep in binding
+        raise TypeError(f"host must be a str (an IP address or a name), not {host!r}")
     # A list: checking an iterator's ports once used it up, and a free port was refused.
     pool = [check_port(port) for port in pool]
     # An unusable ports directory is the state dir's fault, raised here: refused port by
