@@ -86,6 +86,23 @@ def test_same_checkout_gets_its_previous_number(layout_file: Path, state: StateD
         assert b.number == 1
 
 
+def test_of_two_copies_for_one_checkout_the_first_is_the_checkouts(
+    layout_file: Path, state: StateDir
+) -> None:
+    # As the README says: `port`, `env`, `logs` and `stop` without a number mean the
+    # copy whose number the checkout keeps, the first; a second copy never moves it.
+    layout = load_layout(str(layout_file))
+    with (
+        start_instance(layout, state=state, number=2) as first,
+        start_instance(layout, state=state) as second,
+    ):
+        assert second.number == 1  # the lower number, yet not the checkout's
+        for command in (["port", "alpha"], ["env"]):
+            done = portpool(*command, "--config", str(layout_file))
+            assert done.returncode == 0, done.stderr
+            assert str(first.port("alpha")) in done.stdout, (command, done.stdout)
+
+
 def test_checkout_is_the_layout_files_directory_and_status_shows_it(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
