@@ -18,6 +18,7 @@ from portpool._layout_checks import counted
 from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import (
     LockTable,
+    SocketOwners,
     TcpSocket,
     is_alive,
     locked_inodes,
@@ -177,12 +178,14 @@ def classify_port(
     *,
     locked: LockTable | None = None,
     sockets: Sequence[TcpSocket] | None = None,
+    owners: SocketOwners | None = None,
 ) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None]:
     """Whether ``acquire`` on ``host`` would take ``port`` now, and if not the Refusal it
     would give: held by a portpool lock holder, else the kernel's probe bind. Kills and
-    keeps nothing. Raises InvalidPort for a value that is not a port, OSError if
-    ``host`` does not resolve."""
-    return _classify(state, port, host, locked=locked, sockets=sockets)[:3]
+    keeps nothing. ``locked``, ``sockets``, ``owners``: the kernel reads to share among
+    many ports (None: read here). Raises InvalidPort for a value that is not a port,
+    OSError if ``host`` does not resolve."""
+    return _classify(state, port, host, locked=locked, sockets=sockets, owners=owners)[:3]
 
 
 def _classify(
@@ -192,6 +195,7 @@ def _classify(
     *,
     locked: LockTable | None,
     sockets: Sequence[TcpSocket] | None,
+    owners: SocketOwners | None = None,
 ) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None, _Holder | None]:
     """``classify_port``, and the holder of a held port (read once: doctor's other
     notes of that port need it too)."""
@@ -203,10 +207,10 @@ def _classify(
         # Never probed (the holder's sockets are there); its listeners are still read,
         # by the host the holder's lease covers, as its shield reads them.
         holder = _holder(state, seen, host, locked)
-        found = diagnose(port, holder.host, probe=False, sockets=sockets)
+        found = diagnose(port, holder.host, probe=False, sockets=sockets, owners=owners)
         notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder.pid))
         return Refusal(port, "held", seen.describe()), notes, found, holder
-    found = diagnose(port, host, sockets=sockets)
+    found = diagnose(port, host, sockets=sockets, owners=owners)
     return found.refusal(), tuple(found.notes()), found, None
 
 
@@ -326,12 +330,13 @@ def examine_layout(
     try:
         locked = locked_inodes()
         sockets = tcp_sockets()
+        owners = SocketOwners()  # who has each socket open: one scan for every port
         verdicts = []
         for number in range(1, layout.max_instances + 1):
             for svc in services:
                 for port in svc.pool(number):
                     refusal, notes, found, holder = _classify(
-                        state, port, layout.host, locked=locked, sockets=sockets
+                        state, port, layout.host, locked=locked, sockets=sockets, owners=owners
                     )
                     elsewhere = _elsewhere(port, host=layout.host, sockets=sockets, holder=holder)
                     verdicts.append(

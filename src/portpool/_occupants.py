@@ -8,7 +8,7 @@ sock_diag and ``/proc/*/fd``); a socket of another user's process is said to be 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from portpool._dataclass import dataclass
 from portpool._platform import TcpSocket, descends_from, owners_of_inodes, process_name, user_id
@@ -155,10 +155,14 @@ def occupants_text(occupants: Iterable[Occupant]) -> str:
     return f"{named}; and {len(rest)} {noun}{kinds}"
 
 
-def with_owners(sockets: Iterable[TcpSocket]) -> list[Occupant]:
-    """``sockets`` with the pids and program names the OS tells (one /proc scan)."""
+def with_owners(
+    sockets: Iterable[TcpSocket],
+    scan: Callable[[Iterable[int]], dict[int, list[int]]] = owners_of_inodes,
+) -> list[Occupant]:
+    """``sockets`` with the pids and program names the OS tells (one /proc scan, or
+    ``scan``: a ``SocketOwners`` shared by the diagnoses of many ports)."""
     found = list(sockets)
-    owners = owners_of_inodes({s.inode for s in found if s.inode and s.pid is None})
+    owners = scan({s.inode for s in found if s.inode and s.pid is None})
     out = []
     for s in found:
         pids = tuple([s.pid] if s.pid is not None else owners.get(s.inode or 0, []))

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from portpool._platform import TcpSocket
+    from portpool._platform import SocketOwners, TcpSocket
     from portpool.errors import PoolExhausted, Refusal
     from portpool.pool import Lease
     from portpool.statedir import StateDir
@@ -153,12 +153,13 @@ def _diagnosed(
     ``(held by this process, held by other portpool users, the rest)``. Read only when
     the whole range failed: one read of the lock and socket tables for all."""
     from portpool._doctor import classify_port
-    from portpool._platform import locked_inodes, tcp_sockets
+    from portpool._platform import SocketOwners, locked_inodes, tcp_sockets
     from portpool._portstatus import inspect_port
     from portpool.errors import Refusal
 
     locked = locked_inodes()
     sockets = tcp_sockets()
+    owners = SocketOwners()  # who has each socket open: one scan for every port
     mine: list[Refusal] = []
     held: list[Refusal] = []
     others: list[Refusal] = []
@@ -167,24 +168,26 @@ def _diagnosed(
         if seen.record is not None and seen.record.pid == os.getpid():
             mine.append(Refusal(port, "held", seen.describe()))
             continue
-        refusal, notes, _ = classify_port(state, port, HOST, locked=locked, sockets=sockets)
+        refusal, notes, _ = classify_port(
+            state, port, HOST, locked=locked, sockets=sockets, owners=owners
+        )
         if refusal is not None:
             (held if refusal.reason == "held" else others).append(refusal)
         elif notes:  # free for portpool's own bind, not for a server without SO_REUSEADDR
             others.append(Refusal(port, "in use", "; ".join(notes)))
         else:
-            others.append(_on_other_addresses(port, sockets))
+            others.append(_on_other_addresses(port, sockets, owners))
     return mine, held, others
 
 
-def _on_other_addresses(port: int, sockets: list[TcpSocket]) -> Refusal:
+def _on_other_addresses(port: int, sockets: list[TcpSocket], owners: SocketOwners) -> Refusal:
     """Why a port free on 127.0.0.1 was refused: the hand-over check binds the wildcard
     of both families, which a socket on another address (``::1``, a LAN address) blocks."""
     from portpool.diagnosis import diagnose
     from portpool.errors import Refusal
 
     try:
-        found = diagnose(port, "::", sockets=sockets)
+        found = diagnose(port, "::", sockets=sockets, owners=owners)
     except OSError:  # no IPv6 here
         found = None
     if found is not None:

@@ -26,7 +26,7 @@ from portpool._addresses import (
 )
 from portpool._dataclass import dataclass, field
 from portpool._occupants import Occupant, occupants_text, plain_bind_note, with_owners
-from portpool._platform import TcpSocket, tcp_sockets
+from portpool._platform import SocketOwners, TcpSocket, tcp_sockets
 from portpool.errors import Refusal
 from portpool.layout import normalize_host
 
@@ -143,6 +143,7 @@ def diagnose(
     bind_error: OSError | None = None,
     probe: bool = True,
     sockets: Sequence[TcpSocket] | None = None,
+    owners: SocketOwners | None = None,
 ) -> PortDiagnosis:
     """What occupies ``port`` for a lease on ``host``, and who.
 
@@ -150,16 +151,18 @@ def diagnose(
     Otherwise ``probe`` binds the port for a moment exactly as ``acquire`` would, and
     once more without SO_REUSEADDR, then closes it (never while a portpool lock holds
     the port: the caller checks). ``sockets``: one ``tcp_sockets()`` read to reuse for
-    many ports. Raises InvalidPort (a ValueError) for a value that is not a port, as
-    ``acquire`` does (port 0 read as free: the probe bound a random port), OSError if
-    ``host`` does not resolve.
+    many ports; ``owners``: one ``SocketOwners`` (who has each socket open) likewise.
+    Raises InvalidPort (a ValueError) for a value that is not a port, as ``acquire``
+    does (port 0 read as free: the probe bound a random port), OSError if ``host``
+    does not resolve.
     """
     check_port(port)
     host = normalize_host(host)
     # Resolved once, first: an unresolvable name raised only when a socket used the port.
     covered = covered_scopes(host)
     seen = tcp_sockets(port) if sockets is None else [s for s in sockets if s.port == port]
-    occupants = tuple(with_owners(s for s in seen if meets(s, covered)))
+    scan = owners or SocketOwners()
+    occupants = tuple(with_owners((s for s in seen if meets(s, covered)), scan))
     plain_blocked = None
     if bind_error is None and probe:
         bind_error = _probe(host, port, reuse=True)
@@ -169,7 +172,7 @@ def diagnose(
         return PortDiagnosis(port, host, occupants, None, "", plain_blocked, probe)
     inferred = False
     if bind_error.errno == errno.EADDRINUSE and not occupants:
-        occupants = tuple(with_owners(s for s in seen if _bound_wider(s, covered)))
+        occupants = tuple(with_owners((s for s in seen if _bound_wider(s, covered)), scan))
         inferred = bool(occupants)
     message = bind_error.strerror or str(bind_error)
     return PortDiagnosis(

@@ -22,7 +22,7 @@ from portpool._addresses import (
     check_port,
 )
 from portpool._dataclass import dataclass, field
-from portpool._platform import is_alive, is_listening, socket_inode
+from portpool._platform import SocketOwners, is_alive, is_listening, socket_inode
 from portpool._portstatus import SharedLockTable
 from portpool._record import PortRecord
 from portpool.errors import (
@@ -166,7 +166,9 @@ def bind_listen(host: str, port: int, backlog: int = DEFAULT_BACKLOG) -> socket.
 _BIND_RETRIES = 3
 
 
-def _bind_or_refusal(host: str, port: int, backlog: int) -> list[socket.socket] | Refusal:
+def _bind_or_refusal(
+    host: str, port: int, backlog: int, owners: SocketOwners
+) -> list[socket.socket] | Refusal:
     """The lease's sockets, or why not. An address in use by no socket the kernel lists
     was only probed for a moment (``doctor``): try again rather than skip the port."""
     for attempt in range(_BIND_RETRIES + 1):
@@ -179,7 +181,7 @@ def _bind_or_refusal(host: str, port: int, backlog: int) -> list[socket.socket] 
             try:
                 from portpool.diagnosis import diagnose  # only for a refused port
 
-                found = diagnose(port, host, bind_error=e)
+                found = diagnose(port, host, bind_error=e, owners=owners)
             except OSError:  # the host name no longer resolves
                 return Refusal(port, "error", f"binding {host}:{port}: {e.strerror or e}")
             if e.errno != errno.EADDRINUSE or found.occupants or attempt == _BIND_RETRIES:
@@ -284,7 +286,9 @@ def acquire(
     # port, it read as "every port of its pool is taken by others" (exit 3).
     state.ports()
     refusals: list[Refusal] = []
-    table = SharedLockTable()  # read only if a port is refused, once for them all
+    # Read only if a port is refused, once for them all: the lock table, and who has
+    # each socket open (scanned per refused port, refusing a large pool took seconds).
+    table, owners = SharedLockTable(), SocketOwners()
     for port in pool:
         taken = _lock_port(state, port, table)
         if isinstance(taken, Refusal):
@@ -292,7 +296,7 @@ def acquire(
             continue
         lock = taken
         try:
-            bound = _bind_or_refusal(host, port, backlog)
+            bound = _bind_or_refusal(host, port, backlog, owners)
         except BaseException:
             lock.release()
             raise

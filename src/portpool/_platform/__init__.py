@@ -82,7 +82,12 @@ if TYPE_CHECKING:
         signal_group,
         stop_signals,
     )
-    from portpool._platform._sockdiag import TcpSocket, owners_of_inodes, tcp_sockets
+    from portpool._platform._sockdiag import (
+        SocketOwners,
+        TcpSocket,
+        owners_of_inodes,
+        tcp_sockets,
+    )
 
 if sys.platform == "win32":
     from portpool._platform.windows import (
@@ -125,7 +130,7 @@ _LAZY = {
     **dict.fromkeys(
         ("Listener", "is_listening", "listeners", "owners_of_inode", "socket_inode"), "_net"
     ),
-    **dict.fromkeys(("TcpSocket", "owners_of_inodes", "tcp_sockets"), "_sockdiag"),
+    **dict.fromkeys(("SocketOwners", "TcpSocket", "owners_of_inodes", "tcp_sockets"), "_sockdiag"),
     **dict.fromkeys(("detached_options", "server_stop_signals", "signal_verified"), "_control"),
     **dict.fromkeys(("accept_queue_length", "connection_accepted"), "_acceptq"),
     **dict.fromkeys(
@@ -172,6 +177,7 @@ __all__ = [
     "ProcessIdentity",
     "ReceivedSignal",
     "SignalInbox",
+    "SocketOwners",
     "TcpSocket",
     "accept_queue_length",
     "become_subreaper",
