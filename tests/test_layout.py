@@ -519,6 +519,11 @@ def test_duplicate_service_names(tmp_path: Path) -> None:
         # A dotted key into one read "invalid TOML: Cannot mutate immutable namespace".
         ('services.a = { base = 20000 }\nservices.a.size = 1\n', "services.a.size",
          "services.a"),
+        # So did an [[array of tables]] header into one.
+        ('services = { a = { base = 20000, size = 1 } }\n[[services.b]]\nbase = 20010\n',
+         "services.b", "services"),
+        ('services = { a = { base = 20000, size = 1 } }\n[[services.a.deps]]\nx = 1\n',
+         "services.a.deps", "services.a"),
     ],
 )  # fmt: skip
 def test_a_key_added_to_an_inline_table_is_named_as_such(
@@ -538,6 +543,13 @@ def test_a_key_added_to_a_value_is_named_as_such(tmp_path: Path) -> None:
     assert error.problem == (
         "cannot be added to services, which an earlier line set to a value, not a table "
         "(at line 3, column 12)"
+    )
+    # A [table] header onto a value read "invalid TOML: Cannot overwrite a value".
+    error = refused(tmp_path, 'app = "a"\n[services.a]\nbase = 20000\n[services.a.base]\n')
+    assert error.key == "services.a.base"
+    assert error.problem == (
+        "is set to a value by an earlier line, so a [services.a.base] table cannot follow "
+        "(at line 4, column 17)"
     )
 
 

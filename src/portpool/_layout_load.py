@@ -40,6 +40,9 @@ def _duplicate_key(text: str, message: str, line: int | None) -> list[str] | Non
     lines = text.splitlines()
     if not 1 <= line <= len(lines):
         return None
+    own = re.match(_HEADER, lines[line - 1])
+    if own:  # a [table] or [[array]] header: its own key ("[[services.b]]")
+        return _dotted(own.group(1))
     km = re.match(_KEY_LINE, lines[line - 1])
     if not km:
         return None
@@ -70,7 +73,10 @@ def _closed_parent(text: str, key: Sequence[str], line: int) -> str | None:
             break
         node = node[part]
     else:
-        return None  # declared before: a true duplicate
+        if isinstance(node, dict) or not re.match(_HEADER, text.splitlines()[line - 1]):
+            return None  # declared before: a true duplicate
+        # A [table] header onto a value: "invalid TOML: Cannot overwrite a value".
+        return f"is set to a value by an earlier line, so a [{'.'.join(key)}] table cannot follow"
     if not parent:
         return None
     if isinstance(node, dict):
