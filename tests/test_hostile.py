@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -285,6 +286,44 @@ def test_a_newline_in_a_path_never_splits_an_error_line(tmp_path: Path) -> None:
     (line,) = done.stderr.splitlines()
     assert line.startswith(f"portpool: error: state dir {tmp_path}/h\\nx: is readable by ")
     assert line.endswith(f"(e.g. PORTPOOL_HOME={tmp_path}/h\\nx/portpool)")
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="pastes the hint into bash")
+def test_up_detach_shows_a_path_with_a_newline_on_its_own_lines_and_pasteable(
+    tmp_path: Path, port_base: int
+) -> None:
+    """up --detach printed its --config path and the log path raw: a newline split its
+    "logs:" and "stop:" hints, and the terminal ate their escape sequences, so the
+    pasteable command named a file that does not exist."""
+    where = tmp_path / "we\nird\x1b[31m"
+    where.mkdir()
+    config = where / "ok.toml"
+    config.write_text(f'app = "nl"\n[services.a]\nbase = {port_base}\nsize = 1\n')
+    home = tmp_path / "h\nx"
+    env = dict(os.environ, PORTPOOL_HOME=str(home))
+    done = subprocess.run(
+        [*PORTPOOL, "up", "--detach", "--config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False, env=env,
+    )  # fmt: skip
+    try:
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert not any("\x1b" in line for line in lines), lines
+        (stop,) = [line for line in lines if line.startswith("stop: ")]
+        assert stop.startswith("stop: portpool stop 1 --config $'"), stop
+        (logs,) = [line for line in lines if line.startswith("logs: ")]
+        assert f"({tmp_path}/h\\nx/apps/nl/logs/1.log)" in logs, logs
+        # Pasted into bash, the hint names the very file.
+        word = stop.removeprefix("stop: portpool stop 1 --config ")
+        said = subprocess.run(
+            ["bash", "-c", f"printf %s {word}"], capture_output=True, text=True, check=True
+        )
+        assert said.stdout == str(config)
+    finally:
+        subprocess.run(
+            [*PORTPOOL, "stop", "--all", "--config", str(config)],
+            capture_output=True, timeout=60, check=False, env=env,
+        )  # fmt: skip
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="FIFOs are POSIX")

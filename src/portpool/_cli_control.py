@@ -43,10 +43,9 @@ def up_detached(
     it is: its number, ports, log and how to stop it (with ``--config`` as ``config``
     was given: without it, run where printed, they read another layout).
     ``instance_number`` is checked by start_detached (UsageError)."""
-    import shlex
-
     from portpool._detach import start_detached
     from portpool._relay import SignalScope
+    from portpool._text import shell_word
     from portpool.statedir import StateDir
 
     # A Ctrl-C while waiting for it to be up ended this process alone and left the
@@ -61,8 +60,8 @@ def up_detached(
     click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
     for name, port in started.ports.items():
         click.echo(f"  {name:<16} {port:>5}")
-    where = f" --config {shlex.quote(config)}" if config is not None else ""
-    click.echo(f"logs: portpool logs --instance {started.number}{where}   ({started.log})")
+    where = f" --config {shell_word(config)}" if config is not None else ""
+    click.echo(f"logs: portpool logs --instance {started.number}{where}   ({display(started.log)})")
     click.echo(f"stop: portpool stop {started.number}{where}")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-__all__ = ["cut", "printable", "toml_value"]
+__all__ = ["cut", "printable", "shell_word", "toml_value"]
 
 
 def printable(text: str) -> str:
@@ -23,6 +23,23 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one word to paste into a shell: ``shlex.quote``'s, or, when it holds
+    characters that are not printable (a newline, an escape), bash's ``$'...'`` with
+    each of them escaped as ``printable`` shows it. Raises nothing.
+
+    Quoted raw, a path with a newline split ``up --detach``'s "stop: portpool stop 1
+    --config '...'" hint in two, and the terminal ate its escape sequences."""
+    if text.isprintable():
+        import shlex
+
+        return shlex.quote(text)
+    body = "".join(
+        "\\" + c if c in "\\'" else c if c.isprintable() else ascii(c)[1:-1] for c in text
+    )
+    return f"$'{body}'"
 
 
 SHOWN_MAX = 60  # characters of a value quoted in a message; a layout value can be 1 MB
