@@ -38,7 +38,7 @@ from portpool._platform import current_identity
 from portpool._portstatus import inspect_port
 from portpool.errors import PoolExhausted, SlotUnavailable, StopFailed
 from portpool.instance import start_instance
-from portpool.layout import default_layout, load_layout
+from portpool.layout import Service, default_layout, load_layout
 from portpool.records import list_instances
 from portpool.statedir import StateDir
 
@@ -198,6 +198,17 @@ def test_slot_blocked_by_foreign_programs_is_skipped(
         assert (done.returncode, done.stdout) == (0, "2\n"), done.stderr
         assert "instance 1 of testapp skipped: service 'beta': every port" in done.stderr
         assert f"pid {os.getpid()}" in done.stderr  # who blocks it
+        # A one-port pool: "its only port is refused", not "every port of its pool".
+        one = layout.with_changes(
+            services=(layout.services[0], Service("beta", layout.pool("beta", 1)[0], 1, 10)),
+        )
+        caplog.clear()
+        with (
+            caplog.at_level(logging.WARNING, logger="portpool.instance"),
+            start_instance(one, state=state, directory="/y") as inst,  # no number kept
+        ):
+            assert inst.number == 2
+        assert "skipped: service 'beta': its only port is refused (port " in caplog.text
     finally:
         for s in foreign:
             s.close()

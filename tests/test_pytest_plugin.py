@@ -394,7 +394,13 @@ def test_an_exhausted_range_tells_ports_this_run_holds_from_others(tmp_path: Pat
     assert done.returncode == 1, done.stdout
     assert f"no free port in {low}-{high} (2 ports)" in done.stdout
     assert "2 held by this test process itself (pid " in done.stdout, done.stdout
+    assert "tests of this run still holding them), e.g. port " in done.stdout
     assert "other portpool users" not in done.stdout
+    # One port is "it" ("1 held ... still holding them").
+    (where / "pytest.ini").write_text(f"[pytest]\nportpool_port_range = {low}-{low}\n")
+    done = _run(where, session_env(tmp_path / "state"))
+    assert "1 held by this test process itself (pid " in done.stdout, done.stdout
+    assert "tests of this run still holding it), e.g. port " in done.stdout, done.stdout
 
 
 @pytest.mark.parametrize("where", ["option", "ini"])
@@ -437,6 +443,14 @@ def test_a_layout_overlapping_the_port_range_is_warned_about(tmp_path: Path) -> 
     done = _run(session, session_env(tmp_path / "state"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PortpoolWarning" not in done.stdout
+    # One port shared is "it" ("a test holding one of them ... apart from them").
+    (session / "app.toml").write_text(
+        f'app = "one"\nmax_instances = 1\n[services.web]\nbase = {high}\nsize = 1\n'
+    )
+    done = _run(session, session_env(tmp_path / "state"))
+    text = " ".join(done.stdout.split())  # the warning is wrapped
+    assert f"share 1 port ({high}) with the portpool_port range" in text, done.stdout
+    assert "a test holding it blocks that pool" in text and "apart from it" in text, text
 
 
 ARABIC_INDIC = str.maketrans("0123456789", "".join(chr(0x660 + d) for d in range(10)))

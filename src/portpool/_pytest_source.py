@@ -127,7 +127,8 @@ class _PortSource:
         if mine:
             lines.append(
                 f"  {len(mine)} held by this test process itself (pid {os.getpid()}: "
-                f"tests of this run still holding them), e.g. port {mine[0].port}"
+                f"tests of this run still holding {'it' if len(mine) == 1 else 'them'}), "
+                f"e.g. port {mine[0].port}"
             )
         if held:
             lines.append(

@@ -272,7 +272,8 @@ def fill_slot(
             if number is not None or not _blocked(e):
                 raise
             refused = "; ".join(str(r) for r in e.refusals)
-            why = f"service {e.service!r}: every port of its pool is refused ({refused})"
+            every = "its only port is" if len(e.refusals) == 1 else "every port of its pool is"
+            why = f"service {e.service!r}: {every} refused ({refused})"
             log.warning("instance %d of %s skipped: %s", taken, layout.app, why)
             skipped.append((taken, why))
             blocked = e

@@ -201,12 +201,13 @@ def _layout_overlap(config: pytest.Config, layout: Layout) -> str | None:
     if not shared:
         return None
     few = ", ".join(str(p) for p in shared[:5]) + (", ..." if len(shared) > 5 else "")
+    one = len(shared) == 1  # "a test holding one of them" for one port
     return (
         f"portpool: the pools of layout {layout.source} (instances 1-{layout.max_instances})"
-        f" share {len(shared)} port{'s' if len(shared) > 1 else ''} ({few}) with the "
-        f"portpool_port range {low}-{high}: a test holding one of them blocks that pool "
-        "for portpool_instance; move the layout's base ports or set --portpool-port-range "
-        "/ portpool_port_range apart from them"
+        f" share {len(shared)} port{'' if one else 's'} ({few}) with the "
+        f"portpool_port range {low}-{high}: a test holding {'it' if one else 'one of them'} "
+        "blocks that pool for portpool_instance; move the layout's base ports or set "
+        f"--portpool-port-range / portpool_port_range apart from {'it' if one else 'them'}"
     )
 
 
