@@ -861,3 +861,62 @@ def test_a_suspended_process_of_the_tree_gets_its_stop_signal_handled(
         kill_if_running(proc)
     assert marker.read_text() == "stopped gracefully", err
     assert _gone(pid)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="job control of an interactive bash")
+def test_up_as_a_background_job_starts_and_takes_a_hangup_without_stopping(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    """`portpool up > log &` in a terminal: up asked its terminal whether it had hung up
+    by reading it, and a read from a background process group stopped the whole job
+    ("Stopped (tty input)"): nothing started. A `kill -HUP` to such a job stopped it the
+    same way instead of restarting its services."""
+    log = tmp_path / "log"
+    script = tmp_path / "log_signals.py"
+    script.write_text(LOG_SIGNALS)
+    command = [sys.executable, str(script), str(log), "60", "die"]
+    config = write_layout(tmp_path / "up.toml", port_base,
+                          services={"web": {"command": command, "ready": "none"}})  # fmt: skip
+    term = Terminal(["bash", "--norc", "--noprofile", "-i"])
+    terminals.append(term)
+    term.drain()
+    up = shlex.join([*PORTPOOL, "up", "-c", str(config)])
+    os.write(term.master, f"{up} > {shlex.quote(str(tmp_path / 'up.log'))} 2>&1 &\n".encode())
+    wait_for(lambda: "ready" in _lines(log), 30)  # it started its service
+
+    def job() -> psutil.Process:
+        (found,) = [p for p in psutil.Process(term.pid).children() if "up" in p.cmdline()]
+        return found
+
+    assert job().status() != psutil.STATUS_STOPPED
+    os.write(term.master, b"kill -HUP %1\n")  # a rolling restart, as in the foreground
+    wait_for(lambda: _lines(log).count("ready") == 2, 30)
+    assert _lines(log)[:2] == ["ready", "SIGTERM"]
+    assert job().status() != psutil.STATUS_STOPPED
+    os.write(term.master, b"kill %1; wait; exit\n")
+    assert term.wait(timeout=60) == 0, term.text
+    assert not is_listening(port_base)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="job control of an interactive bash")
+def test_run_of_an_interactive_shell_keeps_the_terminal(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    """An interactive shell under run takes the terminal for its own process group; run,
+    then in a background group, read the terminal and was stopped (SIGTTIN): the outer
+    shell said "Stopped" and took the terminal back while the inner one still ran."""
+    config = write_layout(tmp_path / "run.toml", port_base)
+    term = Terminal(["bash", "--norc", "--noprofile", "-i"])
+    terminals.append(term)
+    inner = shlex.join([*PORTPOOL, "run", "-q", "-c", str(config), "--",
+                        "env", "PS1=INNER$ ", "bash", "--norc", "--noprofile", "-i"])  # fmt: skip
+    os.write(term.master, f"{inner}\n".encode())
+    term.read_until(b"INNER$ ", timeout=30)
+    os.write(term.master, b"echo inner-alive-$PORTPOOL_INSTANCE\n")
+    term.read_until(b"inner-alive-1", timeout=30)
+    os.write(term.master, b"exit\n")
+    os.write(term.master, b"echo outer-$?\n")
+    term.read_until(b"outer-0", timeout=30)
+    os.write(term.master, b"exit\n")
+    assert term.wait(timeout=30) == 0
+    assert b"Stopped" not in term.output, term.text

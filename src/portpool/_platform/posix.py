@@ -388,7 +388,10 @@ def controlling_terminal_alive() -> bool:
     except OSError:
         return False  # ENXIO: none (any more); EIO: hung up
     try:
-        os.read(fd, 0)
+        # Asked by an ioctl, not a read: a read from a background process group (`up &`,
+        # or a job put in the background with Ctrl-Z, bg) stopped the whole group with
+        # SIGTTIN. A hung-up terminal answers every ioctl with EIO.
+        os.tcgetpgrp(fd)
     except OSError as e:
         return e.errno != errno.EIO  # EIO: the terminal hung up
     finally:
