@@ -1232,3 +1232,39 @@ def test_a_stop_waits_for_a_start_under_way_and_stops_its_program_too(
         for left in started:
             kill_if_running(left)
         instance.release()
+
+
+FLOOD = (
+    "import sys, time\ntime.sleep(1)\nwhile True:\n    sys.stdout.write('talking ' * 100 + '\\n')\n"
+)
+
+
+def test_stop_acts_while_up_output_is_blocked_by_a_reader_that_does_not_read(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A service talking into `portpool up | slow-reader` filled the pipe; the output
+    pump then held the console while its write blocked, and the "stopping on SIGTERM"
+    line waited for it: SIGTERM, and so `portpool stop`, did nothing until the reader
+    read. The stop no longer waits to say so."""
+    script = tmp_path / "flood.py"
+    script.write_text(FLOOD)
+    config = write_layout(tmp_path / "up.toml", port_base, services={
+        "web": {"command": [sys.executable, str(script)], "ready": "none"}
+    })  # fmt: skip
+    proc = subprocess.Popen(
+        [*PORTPOOL, "up", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    try:
+        assert proc.stdout is not None
+        while b" is up" not in proc.stdout.readline():
+            pass
+        time.sleep(2)  # the service talks from 1 s on: the pipe is full, nobody reads it
+        done = portpool("stop", "--config", str(config), "--timeout", "20")
+        assert done.returncode == 0, done.stderr
+        assert not is_listening(port_base)
+    finally:
+        if proc.stdout is not None:  # let it write its last lines, and end
+            drained = threading.Thread(target=proc.stdout.read)
+            drained.start()
+            kill_if_running(proc)
+            drained.join(30)

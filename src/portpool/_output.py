@@ -67,15 +67,24 @@ def pump_lines(
 
 
 def write_line(
-    out: IO[str], lock: threading.Lock, line: str, on_broken: Callable[[], None] | None
+    out: IO[str],
+    lock: threading.Lock,
+    line: str,
+    on_broken: Callable[[], None] | None,
+    wait_s: float | None = None,
 ) -> None:
     """Write ``line`` and a newline to ``out`` under ``lock``, and flush. A reader that
     went away calls ``on_broken``; any other error loses the line (a full disk, a
-    closed stream), never the caller. Raises nothing."""
+    closed stream), never the caller. ``wait_s``: how long to wait for ``lock`` (None:
+    as long as it takes); the line is lost when it is not had by then. Raises nothing."""
+    if not lock.acquire(timeout=-1 if wait_s is None else wait_s):
+        return  # held by a write that blocks (a full pipe, a terminal stopped by Ctrl-S)
     try:
-        with lock:
+        try:
             out.write(line + "\n")
             out.flush()
+        finally:
+            lock.release()  # before on_broken, which may say something too
     except BrokenPipeError:
         if on_broken is not None:
             on_broken()

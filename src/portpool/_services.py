@@ -198,13 +198,15 @@ class ServiceSupervisor(Supervisor):
             states = {name: k.snapshot() for name, k in self.keepers.items()}
             self.instance.set_service_states(states, pids)
 
-    def _say(self, line: str) -> None:
-        write_line(self.out, self._print_lock, line, self.reader_gone)
+    def _say(self, line: str, wait_s: float | None = None) -> None:
+        write_line(self.out, self._print_lock, line, self.reader_gone, wait_s)
 
-    def say(self, line: str) -> None:
+    def say(self, line: str, wait_s: float | None = None) -> None:
         """Write ``line`` (one line of text, no newline) to ``out`` among the services'
-        lines, as up's own "portpool: ..." lines are. Raises nothing."""
-        self._say(line)
+        lines, as up's own "portpool: ..." lines are; with ``wait_s`` (seconds), lost if
+        the output is blocked that long (a stop must not wait for a reader). Raises
+        nothing."""
+        self._say(line, wait_s)
 
     def grace_over(self, signum: int, pids: list[int]) -> None:
         """Say which services (and other processes of their trees) are SIGKILLed for

@@ -19,6 +19,9 @@ from portpool._platform import ReceivedSignal, controlling_terminal_alive, passe
 
 __all__ = ["run_up"]
 
+# How long a stop waits to say "stopping on ..." while the output is blocked.
+_SAY_WAIT_S = 0.5
+
 if TYPE_CHECKING:
     from portpool.instance import Instance
     from portpool.layout import Layout
@@ -133,7 +136,9 @@ def run_up(
                     name = signal.Signals(signum).name
                     with saying_up:  # never "is up" after this line
                         # Said now, not once all is stopped: a service may take its grace.
-                        supervisor.say(f"portpool: stopping on {name}")
+                        # Not waited for: an output blocked by a reader that does not
+                        # read (a full pipe, Ctrl-S) kept SIGTERM and `stop` from acting.
+                        supervisor.say(f"portpool: stopping on {name}", wait_s=_SAY_WAIT_S)
                         code = 0 if signum == signal.SIGTERM else 128 + signum
                         kept = None if signum == signal.SIGTERM else signum
                         supervisor.finish(Outcome(code, f"stopping on {name}", kept))
