@@ -423,23 +423,27 @@ time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("kind", ["sleep", "listen"])
+@pytest.mark.parametrize(("kind", "marked"), [("sleep", False), ("listen", False), ("sleep", True)])
 def test_an_orphan_of_an_inherited_child_is_not_portpool_s(
-    tmp_path: Path, port_base: int, home: Path, kind: str
+    tmp_path: Path, port_base: int, home: Path, kind: str, marked: bool
 ) -> None:
     # `sh -c 'sidecar & exec portpool run'`: what the sidecar starts and leaves is
     # re-parented to portpool (a subreaper), but portpool did not start it. The stop
     # killed it; and when it listened on the instance's port, the shield took it for
-    # the command's and let it hold the port (exit 0, not 4).
+    # the command's and let it hold the port (exit 0, not 4). `marked`: the caller
+    # exported the instance's variables (eval "$(portpool env --export)"), so the
+    # sidecar carried the marks of the command's own processes, and was killed.
     config = write_layout(tmp_path / "run.toml", port_base, services={"web": {"size": 1}})
     listener = f"{sys.executable} -c '{LISTENER}' {port_base}"
     child = listener if kind == "listen" else "sleep 60"
     (tmp_path / "cmd.py").write_text(AFTER_SIDECAR)
     run = [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, "cmd.py", ".", kind]
     script = SIDECAR.format(here=tmp_path, child=child) + " exec " + " ".join(run)
+    marks = {"PORTPOOL_APP": "testapp", "PORTPOOL_INSTANCE": "1"} if marked else {}
     proc = subprocess.Popen(
-        ["sh", "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+        ["sh", "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, **marks},
+    )  # fmt: skip
     orphan = None
     try:
         _, err = proc.communicate(timeout=60)

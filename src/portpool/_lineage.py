@@ -11,6 +11,7 @@ unknown lineage is ours only when its environment carries the instance's marks.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
@@ -43,8 +44,12 @@ class Lineage:
         self.note()
 
     def mark(self, env: Mapping[str, str]) -> None:
-        """Take the instance's marks from ``env``, that of a process we start."""
-        self._marks = {k: env[k] for k in _MARKS if k in env}
+        """Take the instance's marks from ``env``, that of a process we start. Marks we
+        carry ourselves prove nothing: a caller that exported the instance's variables
+        (``eval "$(portpool env --export)"``) gave them to its sidecar too, and run's
+        stop killed what that sidecar started."""
+        marks = {k: env[k] for k in _MARKS if k in env}
+        self._marks = {} if all(os.environ.get(k) == v for k, v in marks.items()) else marks
 
     def note(self) -> None:
         """Remember the descendants of the inherited children, while their lineage can
