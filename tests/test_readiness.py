@@ -1114,3 +1114,41 @@ def test_an_http_answer_is_awaited_no_longer_than_the_time_left() -> None:
         answered.set()
         thread.join(10)
         server.close()
+
+
+def test_a_line_that_never_ends_keeps_up_s_memory_bounded() -> None:
+    # A progress line redrawn for ever without a newline was kept whole until its end:
+    # up's memory grew by the size of every redraw (1.7 GB for 300 MB of output). What
+    # a terminal shows no more is dropped, and one part too long is printed in pieces.
+    import io
+    import os
+    import tracemalloc
+
+    from portpool._output import _PENDING_MAX, pump_lines
+
+    read_fd, write_fd = os.pipe()
+    lines: list[str] = []
+    pump = threading.Thread(
+        target=pump_lines,
+        args=("svc", 3, os.fdopen(read_fd, "rb"), io.StringIO(), threading.Lock()),
+        kwargs={"on_line": lines.append},
+        daemon=True,
+    )
+    redraw = b"\rprogress " + b"x" * (_PENDING_MAX // 2)
+    tracemalloc.start()
+    try:
+        pump.start()
+        for _ in range(40):  # 20 MB of redraws, never a newline
+            os.write(write_fd, redraw)  # returns once the pump has read all but a pipe's worth
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    os.write(write_fd, b"\rdone\n" + b"y" * (3 * _PENDING_MAX) + b"\n")
+    os.close(write_fd)
+    pump.join(30)
+    assert not pump.is_alive()
+    assert peak < 8 * _PENDING_MAX, peak  # was the whole 20 MB, and more
+    # The redrawn line ends as a terminal shows it: its last part, "done".
+    assert lines[0].rsplit("\r", 1)[-1] == "done" and len(lines[0]) <= 2 * _PENDING_MAX
+    # A 3 MiB line without a carriage return: in pieces, nothing lost.
+    assert "".join(lines[1:]) == "y" * (3 * _PENDING_MAX) and len(lines) >= 3

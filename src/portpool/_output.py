@@ -11,6 +11,7 @@ from typing import IO
 __all__ = ["pump_lines", "write_line"]
 
 _PARTIAL_MAX = 4096  # bytes of an unended line given to ``on_partial``
+_PENDING_MAX = 1 << 20  # bytes kept of an unended line (see pump_lines)
 
 
 def pump_lines(
@@ -29,7 +30,9 @@ def pump_lines(
     ``on_partial`` gets the start of a line the service wrote without ending it yet, each
     time more of it arrives (a prompt, a progress line: a terminal shows it at once;
     read by whole lines, a "log:" probe waited forever for its newline); it is printed
-    once it ends, or at the end of the output. ``on_broken`` is called when ``out``'s
+    once it ends, or at the end of the output. Of such a line past 1 MiB, what a
+    terminal shows no more (its redraws before the last carriage return) is dropped,
+    and a single part that long is printed in pieces. ``on_broken`` is called when ``out``'s
     reader went away (``up | head``); the stream is still drained, so the service never
     blocks on a full pipe."""
     prefix = f"{name:<{width}} | "
@@ -61,6 +64,16 @@ def pump_lines(
         shown = len(pending) - shown_from
         if on_partial is not None and 0 < shown <= _PARTIAL_MAX:
             on_partial(pending[shown_from:].decode(errors="replace"))
+        if len(pending) > _PENDING_MAX:
+            # Kept whole until its end, a progress line that never ends grew up's memory
+            # without limit (1.7 GB for 300 MB of redraws). A terminal shows only its
+            # part after the last carriage return: the rest goes; a part that is itself
+            # that long is printed in pieces.
+            del pending[:shown_from]
+            shown_from = 0
+            if len(pending) > _PENDING_MAX:
+                emit(bytes(pending))
+                pending.clear()
     if pending:
         emit(bytes(pending))
     stream.close()
