@@ -1000,6 +1000,30 @@ def test_up_detach_reports_a_background_up_killed_by_a_signal(
     assert "web" not in out  # no ports of an instance that is gone
 
 
+def test_up_detach_stopped_by_portpool_stop_before_it_is_up_exits_1(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # The background up stopped by SIGTERM exits 0; the detach must still fail (as the
+    # README says: 1, not the 0 of a success), naming what happened.
+    write_layout(
+        tmp_path / "portpool.toml",
+        port_base,
+        services={"web": {"command": [sys.executable, "-c", "import time; time.sleep(60)"],
+                          "ready": "tcp", "ready_timeout_s": 60}},
+    )  # fmt: skip
+    detach = start("up", "--detach", cwd=tmp_path)
+    try:
+        wait_for(lambda: any(i["alive"] for i in status_json(tmp_path / "portpool.toml")
+                             ["instances"]), timeout=30)  # fmt: skip
+        done = portpool("stop", "--timeout", "30", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        _, err = detach.communicate(timeout=60)
+    finally:
+        kill_if_running(detach)
+    assert detach.returncode == 1, err
+    assert "the detached up exited with status 0 before it was up" in err, err
+
+
 def test_up_detach_does_not_list_ports_of_an_up_that_stopped_at_once(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
