@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -510,3 +510,53 @@ def hold_port_lock(port: int) -> subprocess.Popen[str]:
     )
     assert child.stdout is not None and child.stdout.readline() == "held\n"
     return child
+
+
+# Holds a plain (non-portpool) listening socket on each port of its arguments, says
+# "listening", and keeps them until its stdin closes; with "lease" it holds each port
+# as a portpool lease instead (PORTPOOL_HOME's state dir).
+HOLD_PORTS = r"""
+import socket, sys
+ports = [int(p) for p in sys.argv[2:]]
+if sys.argv[1] == "lease":
+    from portpool.pool import acquire
+    from portpool.statedir import StateDir
+    state = StateDir.open()
+    held = [acquire(state, [p], service="other") for p in ports]
+else:
+    held = [socket.create_server(("127.0.0.1", p)) for p in ports]
+print("listening", flush=True)
+sys.stdin.read()
+"""
+
+
+@contextlib.contextmanager
+def ports_held(ports: Iterable[int], how: str = "plain") -> Iterator[subprocess.Popen[str]]:
+    """Another process holding ``ports`` (``how``: "plain" listening sockets, a foreign
+    program's, or "lease": portpool leases) for the ``with`` block."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_PORTS, how, *map(str, ports)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "listening\n"
+        yield holder
+    finally:
+        holder.communicate(timeout=30)
+
+
+def count_proc_scans(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """A list that grows by one each time this process starts a scan of every
+    process's descriptors (``os.scandir("/proc")``), from now on."""
+    scans: list[None] = []
+    real = os.scandir
+
+    def counted(path: Any = ".") -> Any:
+        if path == "/proc":
+            scans.append(None)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    return scans

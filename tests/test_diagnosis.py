@@ -21,7 +21,17 @@ from pathlib import Path
 import pytest
 from benchmarks._common import bindable
 from tests.conftest import find_free_block
-from tests.helpers import HOLD, OCCUPANT, occupy, read_line, releasing, start, wait_for
+from tests.helpers import (
+    HOLD,
+    OCCUPANT,
+    count_proc_scans,
+    occupy,
+    ports_held,
+    read_line,
+    releasing,
+    start,
+    wait_for,
+)
 
 from portpool._addresses import has_ipv6_loopback, takes_traffic
 from portpool._doctor import classify_port, examine_layout
@@ -1095,19 +1105,6 @@ def test_a_host_name_that_cannot_be_looked_up_is_an_os_error_not_a_unicode_error
     assert "cannot be looked up" in str(refused.value)
 
 
-FOREIGN_PORTS = r"""
-import socket, sys
-held = []
-for p in sys.argv[1:]:
-    s = socket.socket()
-    s.bind(("127.0.0.1", int(p)))
-    s.listen()
-    held.append(s)
-print("listening", flush=True)
-sys.stdin.read()
-"""
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="owners are found by scanning /proc")
 def test_doctor_names_the_owners_of_many_foreign_ports_with_one_scan(
     state: StateDir, monkeypatch: pytest.MonkeyPatch
@@ -1116,26 +1113,9 @@ def test_doctor_names_the_owners_of_many_foreign_ports_with_one_scan(
     at most one more, for a socket opened since) now serves the whole layout."""
     base = find_free_block(20)
     layout = Layout("a", (Service("web", base, 10), Service("api", base + 10, 10)), max_instances=1)
-    foreign = subprocess.Popen(
-        [sys.executable, "-c", FOREIGN_PORTS, *map(str, range(base, base + 20))],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert foreign.stdout is not None and foreign.stdout.readline() == "listening\n"
-        scans: list[object] = []
-        real = os.scandir
-
-        def counted(path: object = ".") -> object:
-            if path == "/proc":  # a scan of every process's descriptors starts so
-                scans.append(None)
-            return real(path)  # type: ignore[call-overload]
-
-        monkeypatch.setattr(os, "scandir", counted)
+    with ports_held(range(base, base + 20)) as foreign:
+        scans = count_proc_scans(monkeypatch)
         verdicts = examine_layout(layout, state).verdicts
         assert len(verdicts) == 20
         assert all(f"pid {foreign.pid}" in v.describe() for v in verdicts), verdicts[0]
         assert 1 <= len(scans) <= 2, len(scans)
-    finally:
-        foreign.communicate(timeout=30)

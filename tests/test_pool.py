@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from tests.helpers import mounted_tmpfs, run_python
+from tests.helpers import count_proc_scans, mounted_tmpfs, ports_held, run_python
 
 from portpool._portstatus import inspect_port
 from portpool.errors import InvalidPort, LayoutError, PoolExhausted
@@ -465,18 +465,6 @@ def test_a_read_only_state_dir_is_a_state_dir_error_not_an_exhausted_pool(
         state.close()
 
 
-HOLD_PORTS = r"""
-import sys
-from portpool.pool import acquire
-from portpool.statedir import StateDir
-
-state = StateDir.open()
-leases = [acquire(state, [int(p)], service="other") for p in sys.argv[1:]]
-print("held", flush=True)
-sys.stdin.read()
-"""
-
-
 def test_a_pool_refused_port_by_port_reads_the_lock_table_once(
     state: StateDir, port_base: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -486,14 +474,7 @@ def test_a_pool_refused_port_by_port_reads_the_lock_table_once(
     import portpool._portstatus as portstatus
 
     pool = list(range(port_base, port_base + 20))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_PORTS, *map(str, pool)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    with ports_held(pool, "lease") as holder:
         reads: list[object] = []
         real = portstatus.locked_inodes
 
@@ -508,8 +489,6 @@ def test_a_pool_refused_port_by_port_reads_the_lock_table_once(
         # Each still names its holder, from the one table.
         assert all(f"pid {holder.pid}" in r.detail for r in info.value.refusals), info.value
         assert len(reads) == 1, len(reads)
-    finally:
-        holder.communicate(timeout=30)
 
 
 def test_a_lease_released_after_its_state_dir_was_closed_erases_its_record(
@@ -532,19 +511,6 @@ def test_a_lease_released_after_its_state_dir_was_closed_erases_its_record(
             assert again.port == port_base
 
 
-LISTEN_ON = r"""
-import socket, sys
-held = []
-for p in sys.argv[1:]:
-    s = socket.socket()
-    s.bind(("127.0.0.1", int(p)))
-    s.listen()
-    held.append(s)
-print("listening", flush=True)
-sys.stdin.read()
-"""
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="owners are found by scanning /proc")
 def test_a_pool_a_foreign_program_holds_is_refused_with_one_scan_of_socket_owners(
     state: StateDir, port_base: int, monkeypatch: pytest.MonkeyPatch
@@ -553,26 +519,9 @@ def test_a_pool_a_foreign_program_holds_is_refused_with_one_scan_of_socket_owner
     a 2,000-port pool held by a foreign program took 10 s to refuse (7 M readlinks).
     One scan (and at most one more, for a socket opened since) serves the pool."""
     pool = list(range(port_base, port_base + 20))
-    foreign = subprocess.Popen(
-        [sys.executable, "-c", LISTEN_ON, *map(str, pool)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert foreign.stdout is not None and foreign.stdout.readline() == "listening\n"
-        scans: list[object] = []
-        real = os.scandir
-
-        def counted(path: object = ".") -> object:
-            if path == "/proc":  # a scan of every process's descriptors starts so
-                scans.append(None)
-            return real(path)  # type: ignore[call-overload]
-
-        monkeypatch.setattr(os, "scandir", counted)
+    with ports_held(pool) as foreign:
+        scans = count_proc_scans(monkeypatch)
         with pytest.raises(PoolExhausted) as info:
             acquire(state, pool, service="api")
         assert all(f"pid {foreign.pid}" in r.detail for r in info.value.refusals), info.value
         assert len(info.value.refusals) == len(pool) and 1 <= len(scans) <= 2, len(scans)
-    finally:
-        foreign.communicate(timeout=30)

@@ -689,6 +689,18 @@ note("done")
 """
 
 
+def _up_logging_signals(tmp_path: Path, port_base: int, seconds: int) -> tuple[Path, Path]:
+    """(log, layout): one service that notes in ``log`` each stop signal it gets, and
+    dies of it, running ``seconds`` at most."""
+    log = tmp_path / "log"
+    script = tmp_path / "log_signals.py"
+    script.write_text(LOG_SIGNALS)
+    command = [sys.executable, str(script), str(log), str(seconds), "die"]
+    config = write_layout(tmp_path / "up.toml", port_base,
+                          services={"web": {"command": command, "ready": "none"}})  # fmt: skip
+    return log, config
+
+
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -740,12 +752,7 @@ def test_up_leading_its_session_dies_of_the_hangup_though_its_terminal_is_gone(
 ) -> None:
     """Its last lines went to the hung-up terminal (EIO), and up exited 1 with "cannot
     write to standard output" instead of dying of SIGHUP; the services were stopped."""
-    log = tmp_path / "log"
-    script = tmp_path / "log_signals.py"
-    script.write_text(LOG_SIGNALS)
-    command = [sys.executable, str(script), str(log), "20", "die"]
-    config = write_layout(tmp_path / "up.toml", port_base,
-                          services={"web": {"command": command, "ready": "none"}})  # fmt: skip
+    log, config = _up_logging_signals(tmp_path, port_base, 20)
     term = Terminal([*PORTPOOL, "up", "-c", str(config)])
     terminals.append(term)
     term.read_until(b"is up")
@@ -871,12 +878,7 @@ def test_up_as_a_background_job_starts_and_takes_a_hangup_without_stopping(
     by reading it, and a read from a background process group stopped the whole job
     ("Stopped (tty input)"): nothing started. A `kill -HUP` to such a job stopped it the
     same way instead of restarting its services."""
-    log = tmp_path / "log"
-    script = tmp_path / "log_signals.py"
-    script.write_text(LOG_SIGNALS)
-    command = [sys.executable, str(script), str(log), "60", "die"]
-    config = write_layout(tmp_path / "up.toml", port_base,
-                          services={"web": {"command": command, "ready": "none"}})  # fmt: skip
+    log, config = _up_logging_signals(tmp_path, port_base, 60)
     term = Terminal(["bash", "--norc", "--noprofile", "-i"])
     terminals.append(term)
     term.drain()
