@@ -922,38 +922,3 @@ def test_run_of_an_interactive_shell_keeps_the_terminal(
     os.write(term.master, b"exit\n")
     assert term.wait(timeout=30) == 0
     assert b"Stopped" not in term.output, term.text
-
-
-@pytest.mark.skipif(shutil.which("bash") is None, reason="job control of an interactive bash")
-def test_run_started_with_ampersand_and_brought_back_with_fg_is_one_job(
-    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
-) -> None:
-    """Started in the background, run put its command in a process group of its own;
-    after `fg` the command, not in the foreground group, was stopped (SIGTTIN) when it
-    read the terminal, and Ctrl-Z stopped run alone. As after `exec`, they are one job."""
-    config = write_layout(tmp_path / "run.toml", port_base)
-    term = Terminal(["bash", "--norc", "--noprofile", "-i"])
-    terminals.append(term)
-    reader = "import time; time.sleep(1); print('typed:', input())"
-    run = shlex.join([*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, "-c",
-                      reader])  # fmt: skip
-    os.write(term.master, f"{run} &\n".encode())
-    term.read_until(b"[1] ", timeout=30)  # the job's number and pid
-
-    def job_and_command() -> tuple[int, int] | None:
-        for job in psutil.Process(term.pid).children():
-            for child in job.children():
-                if reader in child.cmdline():
-                    return job.pid, child.pid
-        return None
-
-    wait_for(lambda: job_and_command() is not None, 30)
-    found = job_and_command()
-    assert found is not None
-    assert os.getpgid(found[1]) == os.getpgid(found[0])  # one process group, one job
-    os.write(term.master, b"fg\n")
-    time.sleep(1.5)  # the command reads the terminal now
-    os.write(term.master, b"hello\n")
-    term.read_until(b"typed: hello", timeout=30)
-    os.write(term.master, b"exit\n")
-    assert term.wait(timeout=30) == 0

@@ -24,6 +24,7 @@ from portpool._platform import (
     GroupWitness,
     ReceivedSignal,
     controlling_terminal_alive,
+    in_terminal_foreground,
     is_session_leader,
 )
 from portpool._processes import Supervisor
@@ -147,13 +148,9 @@ def run_command(
                 announce(instance)
             scope.block()
             scope.check()
-            # In a terminal the command stays in our process group, as after `exec`: it
-            # keeps the terminal, the shell that called us gets Ctrl-C too, and a job
-            # started with `&` and brought back with `fg` is one job (the command, in a
-            # group of its own, was stopped reading the terminal; Ctrl-Z stopped run
-            # alone). Asked of the terminal itself, not of fds 0-2: with all three
-            # redirected, the command's read of a password from /dev/tty stopped it.
-            shared = controlling_terminal_alive()
+            # In a terminal's foreground group the command stays in ours, as after
+            # `exec`: it keeps the terminal, and the shell that called us gets Ctrl-C too.
+            shared = in_terminal_foreground()
             supervisor = Supervisor(
                 instance, grace_s=grace_s, on_exit=exited, adopt=whole_tree, subreaper=subreaper
             )

@@ -350,6 +350,25 @@ def exclusive_bind_options(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
+def in_terminal_foreground() -> bool:
+    """True if we run in the foreground process group of our controlling terminal: a
+    Ctrl-C there reaches our children directly, so forwarding it would deliver it twice.
+
+    Asked of the terminal itself, not of fds 0-2: with all three redirected (``run --
+    deploy.sh < /dev/null > log 2>&1``), the command was put in a group of its own, and
+    stopped (SIGTTIN) for good when it read a password from /dev/tty."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return False  # no controlling terminal (ENXIO), or it hung up
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def is_session_leader() -> bool:
     """Whether we lead our session (``ssh -t host portpool run``, ``tmux new '...'``): a
     terminal's hangup then reaches us alone, not our process group."""

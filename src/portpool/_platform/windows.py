@@ -157,6 +157,9 @@ if sys.platform == "win32":
         # SO_EXCLUSIVEADDRUSE, never SO_REUSEADDR: on Windows the latter lets anyone steal.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
 
+    def in_terminal_foreground() -> bool:
+        return False  # a console's Ctrl-C is not forwarded by portpool on Windows
+
     def is_session_leader() -> bool:
         return False  # no sessions nor SIGHUP on Windows
 
