@@ -1234,25 +1234,34 @@ def test_a_stop_waits_for_a_start_under_way_and_stops_its_program_too(
         instance.release()
 
 
-FLOOD = (
-    "import sys, time\ntime.sleep(1)\nwhile True:\n    sys.stdout.write('talking ' * 100 + '\\n')\n"
-)
+FLOOD = """\
+import os, signal, sys, time
+if sys.argv[1:] == ["loud-exit"]:  # says a lot as it stops: blocks on the full pipe
+    signal.signal(signal.SIGTERM, lambda *a: (os.write(1, b"bye\\n" * 20000), os._exit(0)))
+time.sleep(1)
+while True:
+    sys.stdout.write("talking " * 100 + "\\n")
+"""
 
 
+@pytest.mark.parametrize("exit_kind", ["quiet-exit", "loud-exit"])
 def test_stop_acts_while_up_output_is_blocked_by_a_reader_that_does_not_read(
-    tmp_path: Path, port_base: int, home: Path
+    tmp_path: Path, port_base: int, home: Path, exit_kind: str
 ) -> None:
     """A service talking into `portpool up | slow-reader` filled the pipe; the output
     pump then held the console while its write blocked, and the "stopping on SIGTERM"
     line waited for it: SIGTERM, and so `portpool stop`, did nothing until the reader
-    read. The stop no longer waits to say so."""
+    read. The stop no longer waits to say so. `loud-exit`: a service that blocks on
+    the pipe as it stops was never SIGKILLed, as up waited to say it would be."""
     script = tmp_path / "flood.py"
     script.write_text(FLOOD)
     config = write_layout(tmp_path / "up.toml", port_base, services={
-        "web": {"command": [sys.executable, str(script)], "ready": "none"}
+        "web": {"command": [sys.executable, str(script), exit_kind], "ready": "none"}
     })  # fmt: skip
     proc = subprocess.Popen(
-        [*PORTPOOL, "up", "-c", str(config)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        [*PORTPOOL, "up", "-c", str(config), "--grace", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
     )
     try:
         assert proc.stdout is not None

@@ -8,10 +8,13 @@ import threading
 from collections.abc import Callable
 from typing import IO
 
-__all__ = ["pump_lines", "write_line"]
+__all__ = ["STOPPING_SAY_WAIT_S", "pump_lines", "write_line"]
 
 _PARTIAL_MAX = 4096  # bytes of an unended line given to ``on_partial``
 _PENDING_MAX = 1 << 20  # bytes kept of an unended line (see pump_lines)
+# How long a line said while stopping waits for a console a reader blocks (a full pipe,
+# Ctrl-S): the stop must go on, and the line is lost instead.
+STOPPING_SAY_WAIT_S = 0.5
 
 
 def pump_lines(

@@ -21,7 +21,7 @@ from portpool._keeper import Failure, ServiceKeeper, describe_failure
 from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
 from portpool._order import start_order
 from portpool._outcome import Outcome
-from portpool._output import write_line
+from portpool._output import STOPPING_SAY_WAIT_S, write_line
 from portpool._platform import has_children, resume_stopped
 from portpool._processes import Supervisor
 from portpool._readiness import ReadinessProbe
@@ -216,9 +216,10 @@ class ServiceSupervisor(Supervisor):
         named = [f"service {services[p]!r} (pid {p})" for p in pids if p in services]
         named += [f"pid {p}" for p in pids if p not in services]
         name = signal.Signals(signum).name if signum in signal.valid_signals() else signum
-        self._say(
+        self._say(  # not waited for: a blocked console kept the SIGKILL from coming
             f"portpool: still running {self.grace_s:g} s after {name} (--grace): "
-            f"SIGKILL to {', '.join(named) or 'what is left'}"
+            f"SIGKILL to {', '.join(named) or 'what is left'}",
+            STOPPING_SAY_WAIT_S,
         )
 
     def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:

@@ -15,12 +15,11 @@ from typing import IO, TYPE_CHECKING
 
 from portpool._launch import DEFAULT_GRACE_S, check_commands, descriptors_named
 from portpool._outcome import Outcome
+from portpool._output import STOPPING_SAY_WAIT_S
 from portpool._platform import ReceivedSignal, controlling_terminal_alive, passed_signals
 
 __all__ = ["run_up"]
 
-# How long a stop waits to say "stopping on ..." while the output is blocked.
-_SAY_WAIT_S = 0.5
 
 if TYPE_CHECKING:
     from portpool.instance import Instance
@@ -138,7 +137,7 @@ def run_up(
                         # Said now, not once all is stopped: a service may take its grace.
                         # Not waited for: an output blocked by a reader that does not
                         # read (a full pipe, Ctrl-S) kept SIGTERM and `stop` from acting.
-                        supervisor.say(f"portpool: stopping on {name}", wait_s=_SAY_WAIT_S)
+                        supervisor.say(f"portpool: stopping on {name}", wait_s=STOPPING_SAY_WAIT_S)
                         code = 0 if signum == signal.SIGTERM else 128 + signum
                         kept = None if signum == signal.SIGTERM else signum
                         supervisor.finish(Outcome(code, f"stopping on {name}", kept))
