@@ -194,7 +194,7 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
             continue
         try:
             started = _recorded_start(directory, number)
-            holder = None if started is None else int(started[0])
+            holder = None if started is None else started[0]
             if is_held(directory, f"{number}.lock", locked, holder=holder, open_files=open_files):
                 # Held through another name (a hard link) with no running holder of its
                 # own: named, as for a port, never removed (gc said nothing of it).

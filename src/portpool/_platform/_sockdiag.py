@@ -252,14 +252,7 @@ def tcp_sockets(port: int | None = None, *, listening_only: bool = False) -> lis
 def owners_of_inodes(inodes: Iterable[int]) -> dict[int, list[int]]:
     """inode -> pids of the processes that have that socket open (Linux; one /proc scan
     for all of them). Sockets of processes we may not inspect are simply missing."""
-    wanted = set(inodes)
-    owners: dict[int, list[int]] = {}
-    if sys.platform != "linux" or not wanted:
-        return owners
-    for inode, pid in _socket_descriptors():
-        if inode in wanted and pid not in owners.setdefault(inode, []):
-            owners[inode].append(pid)
-    return owners
+    return SocketOwners()(inodes)
 
 
 class SocketOwners:
