@@ -12,6 +12,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from portpool._job import JobWatch
 from portpool._launch import (
     DEFAULT_GRACE_S,
     base_environment,
@@ -111,7 +112,10 @@ def run_command(
     it, and every child of this process counts as the command's. False (the default,
     for a program calling the library, which may have children of its own): what the
     command left running is found among its descendants; no child of the caller is
-    ever signalled or reaped, and the process's subreaper flag is left alone.
+    ever signalled or reaped, and the process's subreaper flag is left alone. With
+    ``whole_tree``, a background job of a terminal (``portpool run ... &``) whose
+    command is stopped by job control (it read the terminal, Ctrl-Z) stops by the same
+    signal, and hands the terminal to the command when brought to the foreground.
 
     ``pass_fds``: file descriptors of this process (above 2) that the command gets at
     the same numbers, as after ``exec`` (``portpool run`` passes what it was started
@@ -154,10 +158,11 @@ def run_command(
             supervisor = Supervisor(
                 instance, grace_s=grace_s, on_exit=exited, adopt=whole_tree, subreaper=subreaper
             )
-            witnesses: list[GroupWitness] = []
+            witnesses: list[GroupWitness | JobWatch] = []
 
             def close_witness() -> None:
-                # Before the stop, which would wait for it (its signals stay blocked).
+                # Before the stop, which would wait for it (its signals stay blocked),
+                # and the terminal back to our group before anything is printed.
                 for w in witnesses:
                     w.close()
 
@@ -182,6 +187,13 @@ def run_command(
             # which would take it for a child inherited through exec.
             witness = GroupWitness.start(scope.signals) if shared else None
             witnesses += [witness] if witness is not None else []
+            if whole_tree and not shared and controlling_terminal_alive():
+                # A background job of a terminal (`run ... &`): keep it one with the
+                # command's group, which a read of the terminal or Ctrl-Z stops alone.
+                # Only the portpool command: a calling program is not ours to stop.
+                job = JobWatch(proc)
+                witnesses.append(job)
+                job.start()
             scope.relay(relay_to(supervisor, "command", shared), witness)
             instance.set_service_pids(dict.fromkeys(names, proc.pid))
             instance.start_heartbeat()

@@ -23,7 +23,8 @@ Everything above this package calls these names and never ``sys.platform``:
 - ``exclusive_bind_options``: socket options that make a listening socket exclusive.
 - ``become_subreaper``, ``is_subreaper``, ``signal_group``, ``process_group``, ``reap_adopted``,
   ``has_children``, ``SignalInbox``: what ``run``/``up`` need to stop whole process
-  trees and to read signals with their sender (``_process``).
+  trees and to read signals with their sender (``_process``); ``stopped_by`` and
+  ``move_terminal_foreground``: job control of ``run ... &`` in a terminal.
 - ``signal_verified``, ``detached_options``: signal a process only once it is pinned and
   checked (pidfd), and start one outside our session (``_control``, for ``stop`` and
   ``up --detach``).
@@ -81,6 +82,7 @@ if TYPE_CHECKING:
         resume_stopped,
         signal_group,
         stop_signals,
+        stopped_by,
     )
     from portpool._platform._sockdiag import (
         SocketOwners,
@@ -99,6 +101,7 @@ if sys.platform == "win32":
         in_terminal_foreground,
         is_session_leader,
         locked_inodes,
+        move_terminal_foreground,
         open_files_limit,
         read_at,
         try_lock,
@@ -116,6 +119,7 @@ else:
         in_terminal_foreground,
         is_session_leader,
         locked_inodes,
+        move_terminal_foreground,
         open_files_limit,
         read_at,
         try_lock,
@@ -151,6 +155,7 @@ _LAZY = {
             "resume_stopped",
             "signal_group",
             "stop_signals",
+            "stopped_by",
         ),
         "_process",
     ),
@@ -202,6 +207,7 @@ __all__ = [
     "is_subreaper",
     "listeners",
     "locked_inodes",
+    "move_terminal_foreground",
     "namespace_pids",
     "open_fds",
     "open_files_limit",
@@ -222,6 +228,7 @@ __all__ = [
     "signal_verified",
     "socket_inode",
     "stop_signals",
+    "stopped_by",
     "tcp_sockets",
     "try_lock",
     "unlock",

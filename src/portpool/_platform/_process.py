@@ -132,6 +132,22 @@ def process_group(pid: int) -> int | None:
         return None
 
 
+def stopped_by(pid: int) -> int | None:
+    """The job-control signal (SIGTSTP, SIGTTIN, SIGTTOU) that ``pid``, a child of ours
+    not reaped yet, is stopped by now; None if it runs, is gone or was stopped by
+    another signal. The stop is left to be waited for by others (WNOWAIT)."""
+    if sys.platform == "win32" or not hasattr(os, "waitid"):
+        return None
+    try:
+        info = os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None or info.si_code != os.CLD_STOPPED:
+        return None
+    job_stops = {signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU}
+    return info.si_status if info.si_status in job_stops else None
+
+
 def reap_adopted(keep: Container[int]) -> list[int]:
     """Reap exited children whose pid is not in ``keep`` (orphans adopted as a
     subreaper); children in ``keep`` are left for their ``Popen`` to reap. Returns the

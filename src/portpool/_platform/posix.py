@@ -369,6 +369,31 @@ def in_terminal_foreground() -> bool:
         os.close(fd)
 
 
+def move_terminal_foreground(from_pgid: int, to_pgid: int) -> bool:
+    """Make ``to_pgid`` the foreground process group of our controlling terminal if
+    ``from_pgid`` is it now, as a shell hands the terminal to a job and takes it back;
+    False if it was not (or there is no terminal). SIGTTOU is blocked for the call: a
+    process not in the foreground group may then set it, as a shell does, instead of
+    being stopped."""
+    import signal
+
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return False
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTTOU])
+    try:
+        if os.tcgetpgrp(fd) != from_pgid:
+            return False
+        os.tcsetpgrp(fd, to_pgid)
+        return True
+    except OSError:
+        return False  # hung up (EIO), or the group is gone (EPERM)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        os.close(fd)
+
+
 def is_session_leader() -> bool:
     """Whether we lead our session (``ssh -t host portpool run``, ``tmux new '...'``): a
     terminal's hangup then reaches us alone, not our process group."""

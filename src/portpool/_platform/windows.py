@@ -160,6 +160,9 @@ if sys.platform == "win32":
     def in_terminal_foreground() -> bool:
         return False  # a console's Ctrl-C is not forwarded by portpool on Windows
 
+    def move_terminal_foreground(from_pgid: int, to_pgid: int) -> bool:
+        return False  # no process groups nor job control on Windows
+
     def is_session_leader() -> bool:
         return False  # no sessions nor SIGHUP on Windows
 
