@@ -877,3 +877,70 @@ def test_a_service_that_daemonizes_under_run_is_ours_for_the_shield_as_for_docto
     lines = done.stdout.splitlines()
     assert lines[:1] == [f"shield True ['web port {ports}: ok', 'instance: ok']"], done
     assert lines[1:] == ["doctor []", "code 0"], done
+
+
+# The README's worker pattern from a program using the library: the instance's own
+# process closes a `socket = "port"` lease's socket and starts the worker that binds the
+# number (directly, or through a shell), while the default shield watches every 0.1 s.
+OWN_WORKER = """
+import socket, subprocess, sys, time
+import portpool
+from portpool.layout import load_layout
+
+layout = load_layout(sys.argv[1])
+instance = portpool.start_instance(layout)
+instance.start_shield()  # the default: a trip ends this process with exit code 4
+port = instance.port("worker")
+instance.leases["worker"].close_socket()
+serve = f"import socket,time; s=socket.create_server(('127.0.0.1',{port})); time.sleep(3)"
+argv = [sys.executable, "-c", serve]
+if sys.argv[2] == "shell":
+    argv = ["sh", "-c", '"$0" "$@"; true', *argv]
+worker = subprocess.Popen(argv)
+shield = instance._shield  # its count proves the checks ran while the worker listened
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+    except OSError:
+        time.sleep(0.05)
+first = shield.checks_completed
+while time.monotonic() < deadline and shield.checks_completed < first + 10:
+    time.sleep(0.05)
+print("checks", shield.checks_completed - first, flush=True)
+print("reports", [(r.port, r.ok, r.problems) for r in instance.verify_all()], flush=True)
+worker.kill()
+worker.wait()
+instance.release()
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", ["direct", "shell"])
+def test_a_worker_the_instance_process_starts_is_ours_for_the_default_shield(
+    tmp_path: Path, home: Path, how: str
+) -> None:
+    """A program calling the library closed a `socket = "port"` lease's socket and
+    started the worker that binds its number, as README's worker.py: the default shield
+    took the worker, this process's own child, for a foreign listener and ended the
+    program with exit code 4 (its ``finally`` never ran, the worker kept the port)."""
+    base = find_free_block()
+    layout = tmp_path / "portpool.toml"
+    layout.write_text(
+        f'app = "own-worker"\nshield_interval = 0.1\n'
+        f'[services.worker]\nbase = {base}\nsize = 2\nsocket = "port"\n'
+    )
+    script = tmp_path / "own_worker.py"
+    script.write_text(OWN_WORKER)
+    done = subprocess.run(
+        [sys.executable, str(script), str(layout), how],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "survived" in done.stdout
+    assert "checks 10" in done.stdout, done.stdout
+    assert f"({base}, True, ())" in done.stdout, done.stdout

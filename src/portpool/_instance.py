@@ -234,6 +234,9 @@ class Instance:
     ) -> None:
         """Watch every lease and the slot; on a trip call ``on_lost`` (default: shut down
         this instance and exit the process with code 4). A second call does nothing.
+        ``own_pids()`` gives the pids whose processes, and their descendants, serve the
+        instance's ports (default: this process and the pids of ``set_service_pids``):
+        a listener of theirs on a lease's port is the instance's own, never a trip.
         Raises NotRunning once the instance was released, or in a forked child (a shield
         over leases that are not held tripped at its first check and ended the process
         with code 4), RuntimeError if the shield's thread cannot start."""
@@ -259,10 +262,15 @@ class Instance:
                 interval_s=self.layout.shield_interval_s,
                 on_lost=tripped,
                 instance_check=self.problem,
-                own_pids=own_pids or (self.service_pids.values),
+                own_pids=own_pids or self._own_pids,
                 name=f"portpool-shield-{self.number}",
             )
             self._shield.start()
+
+    def _own_pids(self) -> list[int]:
+        # This process too: a worker it starts on a `socket = "port"` lease (README's
+        # worker.py) was a foreign listener, and the default trip ended the program.
+        return [os.getpid(), *self.service_pids.values()]
 
     def _default_on_lost(self, lease: Lease | None, reason: str) -> None:
         self.release()
@@ -282,7 +290,7 @@ class Instance:
             interval_s=self.layout.shield_interval_s,
             on_lost=lambda lease, reason: None,
             instance_check=self.problem,
-            own_pids=self.service_pids.values,
+            own_pids=self._own_pids,
         )
         return shield.check_once()
 
