@@ -62,6 +62,7 @@ class Instance:
         self._recorded = False  # after our first record, we only ever write over ours
         self._on_release: list[Callable[[], None]] = []
         self._owns_state = False  # start_instance opened it: release closes it
+        self._state_let_go = False
 
     @property
     def app(self) -> str:
@@ -316,6 +317,16 @@ class Instance:
             if self._released:
                 return
             self._released = True
+        try:
+            self._release()
+        except BaseException:
+            # A Ctrl-C (KeyboardInterrupt) midway left the slot locked for good, and a
+            # second call returned at once: let it finish the job (each step repeats).
+            with self._mutex:
+                self._released = False
+            raise
+
+    def _release(self) -> None:
         if self._in_forked_child:
             for lease in self.leases.values():
                 lease.release()  # the child's copies only (see PortLock.release)
@@ -325,11 +336,12 @@ class Instance:
         self._stop.set()
         if self._shield is not None:
             self._shield.stop()
-        for callback in self._on_release:
+        while self._on_release:  # each to its end once; one interrupted runs again
             try:
-                callback()
+                self._on_release[0]()
             except Exception:
                 log.exception("while stopping instance %d", self.number)
+            del self._on_release[0]
         for lease in self.leases.values():
             lease.release()
         try:
@@ -354,8 +366,11 @@ class Instance:
         started and released instances in a loop ran out of them), unless a heartbeat
         that outlived its join could still use it."""
         beating = self._heartbeat_thread is not None and self._heartbeat_thread.is_alive()
-        if beating and not self._in_forked_child:
+        if (beating and not self._in_forked_child) or self._state_let_go:
             return
+        # Once, even when a second release() finishes an interrupted one: a second
+        # let_close() would close a state dir still in use by other leases.
+        self._state_let_go = True
         self.state.let_close()
         if self._owns_state:
             self.state.close()

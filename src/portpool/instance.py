@@ -81,9 +81,13 @@ def start_instance(
     state.keep_open()  # until release: a state dir closed under it tripped its shield
     instance.skipped = skipped
     instance._owns_state = owned
-    remember_number(state, layout.app, directory, instance.number, preferred)
-    if heartbeat:
-        instance.start_heartbeat()
+    try:
+        remember_number(state, layout.app, directory, instance.number, preferred)
+        if heartbeat:
+            instance.start_heartbeat()
+    except BaseException:
+        instance.release()  # a Ctrl-C here left an instance no caller could release
+        raise
     return instance
 
 

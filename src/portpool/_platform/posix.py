@@ -99,9 +99,11 @@ class DirHandle:
         return os.listdir(self.fd)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        # Forgotten first: a close interrupted (Ctrl-C) and called again must never
+        # close the number twice, by then maybe another file's.
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
 
 
 def try_lock(fd: int) -> bool:
