@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -482,6 +484,49 @@ def test_a_range_of_ascii_digits_is_read(text: str) -> None:
     assert parse_port_range(text) == (20000, 20099)
 
 
+# Ephemeral ranges (first, last) with room beside them: Linux's default, ranges starting
+# at 1024 (a common tuning), ending at 65535, and one below 1024.
+ROOMY = [(32768, 60999), (1024, 2000), (60000, 65535), (1024, 65000), (1, 1000), (49152, 65535)]
+
+
+@pytest.mark.parametrize("ephemeral", ROOMY)
+def test_the_advice_for_an_overlapping_range_is_a_range_outside_the_ephemeral_one(
+    ephemeral: tuple[int, int],
+) -> None:
+    from portpool.pytest_plugin import MIN_SIZE, default_range, range_advice
+
+    advice = range_advice(ephemeral)
+    match = re.fullmatch(r"choose a range outside it, e.g. ([0-9]+)-([0-9]+)", advice)
+    assert match, advice
+    low, high = int(match[1]), int(match[2])
+    assert low >= 1024 and high <= 65535 and high - low + 1 >= MIN_SIZE, advice
+    assert high < ephemeral[0] or ephemeral[1] < low, advice
+    # ... and it is the range the plugin takes when none is set.
+    assert default_range(ephemeral) == (low, high)
+
+
+# 1024-65535 got "choose a range outside it, e.g. 65536-65535".
+@pytest.mark.parametrize("ephemeral", [(1024, 65535), (1, 65535), (1000, 65500)])
+def test_no_room_beside_the_ephemeral_range_is_said_with_what_to_do(
+    ephemeral: tuple[int, int],
+) -> None:
+    from portpool.pytest_plugin import default_range, range_advice
+
+    assert default_range(ephemeral) is None
+    advice = range_advice(ephemeral)
+    assert advice.startswith("no 100 ports within 1024-65535 are outside it; narrow it, e.g. ")
+    assert "e.g. sudo sysctl" in advice or sys.platform not in ("linux", "darwin"), advice
+    below = ephemeral[0] - 1  # ports below it: for root only
+    assert (f"choose a range within 1-{below}" in advice) == (below > 0), advice
+    assert not re.search(r"[0-9]+-[0-9]+, and", advice), advice  # no range "outside" it
+
+
+def test_the_default_range_is_20000_29999_where_the_ephemeral_range_is_unknown() -> None:
+    from portpool.pytest_plugin import default_range
+
+    assert default_range(None) == (20000, 29999)
+
+
 def test_a_session_that_asks_for_nothing_imports_little_of_portpool(tmp_path: Path) -> None:
     text = """
 import sys
@@ -682,32 +727,72 @@ def test_an_instance_that_cannot_start_is_its_error_not_portpools_code(tmp_path:
         assert inside not in done.stdout, done.stdout
 
 
-# A network namespace of its own whose ephemeral range starts at 1024: no default range.
-_WIDE_EPHEMERAL = 'echo "1024 65000" > /proc/sys/net/ipv4/ip_local_port_range && exec "$@"'
+def _with_ephemeral(first: int, last: int) -> list[str]:
+    """A command prefix: a network namespace of its own with this ephemeral range."""
+    set_it = f'echo "{first} {last}" > /proc/sys/net/ipv4/ip_local_port_range && exec "$@"'
+    wrap = ["unshare", "-rn", "sh", "-c", set_it, "sh"]
+    if subprocess.run([*wrap, "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no unprivileged network namespace here (unshare -rn) to set its range")
+    return wrap
 
 
 def test_a_host_with_no_default_range_is_one_error_not_the_plugins_code(tmp_path: Path) -> None:
     """Where the ephemeral range leaves no default range, a test asking for a port got
     the error under the source of ``port_range`` and ``_source``, and the range as a
-    Python tuple."""
-    wrap = ["unshare", "-rn", "sh", "-c", _WIDE_EPHEMERAL, "sh"]
-    if subprocess.run([*wrap, "true"], capture_output=True, check=False).returncode != 0:
-        pytest.skip("no unprivileged network namespace here (unshare -rn) to set its range")
+    Python tuple; it said "set --portpool-port-range", which every range would fail."""
+    wrap = _with_ephemeral(1024, 65535)
     where = session_dir(tmp_path, "s", TAKE)
+    env = session_env(tmp_path / "state")
     done = subprocess.run(
         [*wrap, *pytest_cmd()],
         cwd=where,
-        env=session_env(tmp_path / "state"),
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert done.returncode == 1, done.stdout + done.stderr
-    said = "portpool: this host's ephemeral port range 1024-65000 leaves no default range"
+    said = (
+        "portpool: this host's ephemeral port range 1024-65535 leaves no default range for "
+        "portpool_port: no 100 ports within 1024-65535 are outside it; narrow it, e.g. sudo "
+        "sysctl -w net.ipv4.ip_local_port_range='32768 60999', and run pytest again"
+    )
     assert said in done.stdout, done.stdout
-    for inside in ("def port_range(", "pytest_plugin.py"):
+    for inside in ("def port_range(", "pytest_plugin.py", "--portpool-port-range"):
         assert inside not in done.stdout, done.stdout
+    # A range given there: refused, with the same advice, never "e.g. 65536-65535".
+    option = ["--portpool-port-range", "43000-43099"]
+    done = subprocess.run(
+        [*wrap, *pytest_cmd(*option)],
+        check=False,
+        cwd=where,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 4, done.stdout + done.stderr  # pytest's usage error
+    assert "overlaps this host's ephemeral port range 1024-65535" in done.stderr, done.stderr
+    assert "narrow it, e.g. sudo sysctl" in done.stderr, done.stderr
+    assert "65536" not in done.stderr, done.stderr
+
+
+def test_a_host_with_no_room_below_its_ephemeral_range_defaults_above_it(tmp_path: Path) -> None:
+    wrap = _with_ephemeral(1024, 65000)
+    where = session_dir(tmp_path, "s", TAKE)
+    done = subprocess.run(
+        [*wrap, *pytest_cmd("-s")],
+        check=False,
+        cwd=where,
+        env=session_env(tmp_path / "state"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = re.search(r"GOT ([0-9]+)", done.stdout)
+    assert got and 65001 <= int(got[1]) <= 65535, done.stdout
 
 
 HOLD_BOTH = """

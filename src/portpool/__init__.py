@@ -125,6 +125,10 @@ if TYPE_CHECKING:
         StateDir,
     )
 
+    # Set by __getattr__ on first use; declared here, or type checkers read it as
+    # __getattr__'s return type, object.
+    __version__: str
+
 del TYPE_CHECKING  # not a public name
 
 # Public name -> the module that defines it.

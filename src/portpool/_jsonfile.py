@@ -17,6 +17,12 @@ import stat
 import threading
 from typing import Any
 
+# At the top, not where a record is first decoded: on a fresh state dir that was inside
+# Instance.release(), and orjson (3.13) segfaults when a signal handler raises during
+# its import, so a second Ctrl-C while stopping crashed the process. Every module that
+# reads the state dir imports this one, so orjson is loaded before anything is held.
+import orjson
+
 from portpool._layout_load import file_kind
 from portpool._platform import DirHandle
 from portpool.errors import StateDirError
@@ -118,8 +124,6 @@ def _decode(data: bytes) -> Any:
     quoting a refused value may show 1e+20 where the json module's gave the integer).
     Nesting between the json module's depth limit and orjson's 1,024 now reads.
     """
-    import orjson  # here, not at the top: it imports uuid and datetime, which click has
-
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:

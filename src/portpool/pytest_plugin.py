@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -36,11 +37,18 @@ if TYPE_CHECKING:  # the rest of portpool is imported when a fixture is first us
 
 DEFAULT_TOP = 29999  # the default range ends here, or below the ephemeral range
 DEFAULT_SIZE = 10000
+MIN_SIZE = 100  # fewer ports is no range to default to or suggest
 
 _RANGE_HELP = (
     "ports the portpool_port fixtures draw from, LOW-HIGH (default: 20000-29999, "
-    "or the 10000 ports below this host's ephemeral range)"
+    "or up to 10000 ports below, else above, this host's ephemeral range)"
 )
+# How to narrow the ephemeral range back to each OS's default (for the advice).
+_NARROW = {
+    "linux": "sudo sysctl -w net.ipv4.ip_local_port_range='32768 60999'",
+    "darwin": "sudo sysctl -w net.inet.ip.portrange.first=49152",
+    "win32": "netsh int ipv4 set dynamicport tcp start=49152 num=16384 (as administrator)",
+}
 _LAYOUT_HELP = (
     "layout file of portpool_instance (default: portpool.toml in the rootdir, "
     "else portpool's default layout)"
@@ -250,41 +258,64 @@ def parse_port_range(text: str, where: str = "--portpool-port-range") -> tuple[i
         raise pytest.UsageError(
             f"portpool: {where} = {low}-{high} overlaps this host's ephemeral port range "
             f"{ephemeral[0]}-{ephemeral[1]}: any outgoing connection may take those ports "
-            f"while a test holds them; choose a range outside it, e.g. "
-            f"{_suggest(ephemeral)}"
+            f"while a test holds them; {range_advice(ephemeral)}"
         )
     return low, high
 
 
-def _suggest(ephemeral: tuple[int, int]) -> str:
-    high = min(DEFAULT_TOP, ephemeral[0] - 1)
-    low = max(1024, high - DEFAULT_SIZE + 1)
-    if high >= low:
-        return f"{low}-{high}"
-    return f"{ephemeral[1] + 1}-{min(65535, ephemeral[1] + DEFAULT_SIZE)}"
+def default_range(ephemeral: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The default range beside the ephemeral range ``(first, last)`` (None: unknown):
+    up to 10000 ports ending at 29999 or below it, else starting above it, all within
+    1024..65535; None when neither side leaves ``MIN_SIZE`` ports. Raises nothing."""
+    if ephemeral is None:
+        return DEFAULT_TOP - DEFAULT_SIZE + 1, DEFAULT_TOP
+    end = min(DEFAULT_TOP, ephemeral[0] - 1)
+    below = (max(1024, end - DEFAULT_SIZE + 1), end)
+    start = max(1024, ephemeral[1] + 1)
+    above = (start, min(65535, start + DEFAULT_SIZE - 1))
+    for low, high in (below, above):
+        if high - low + 1 >= MIN_SIZE:
+            return low, high
+    return None
+
+
+def range_advice(ephemeral: tuple[int, int]) -> str:
+    """What to do instead of a range that overlaps the ephemeral range ``(first, last)``:
+    a range outside it, or, where none is left, how to make room. Raises nothing."""
+    room = default_range(ephemeral)
+    if room is not None:
+        return f"choose a range outside it, e.g. {room[0]}-{room[1]}"
+    # A suggestion past 65535 ("65536-65535") was the plugin's answer to 1024-65535.
+    privileged = (
+        f", or, for tests allowed to bind ports below 1024 (root), choose a range within "
+        f"1-{min(1023, ephemeral[0] - 1)}"
+        if ephemeral[0] > 1
+        else ""
+    )
+    how = _NARROW.get(sys.platform, "with the OS's settings")
+    return (
+        f"no {MIN_SIZE} ports within 1024-65535 are outside it; narrow it, e.g. {how}, "
+        f"and run pytest again{privileged}"
+    )
 
 
 def port_range(config: pytest.Config) -> tuple[int, int]:
-    """The range of this session: the option, the ini value, else the default (the 10000
-    ports up to 29999, lowered to end below the ephemeral range). Raises pytest.UsageError."""
+    """The range of this session: the option, the ini value, else ``default_range``.
+    Raises pytest.UsageError for a range the user set that is refused, or when no
+    default is left beside this host's ephemeral range."""
     __tracebackhide__ = True  # pytest: the error says it all, not this function's code
     setting = _range_setting(config)
     if setting is not None:
         return parse_port_range(setting[1], setting[0])
     ephemeral = _ephemeral()
-    high = DEFAULT_TOP if ephemeral is None else min(DEFAULT_TOP, ephemeral[0] - 1)
-    low = max(1024, high - DEFAULT_SIZE + 1)
-    if high - low < 99:
+    room = default_range(ephemeral)
+    if room is None:
+        assert ephemeral is not None  # an unknown ephemeral range has the default
         raise pytest.UsageError(
-            f"portpool: this host's ephemeral port range {_dashed(ephemeral)} leaves no "
-            "default range for portpool_port below it: set --portpool-port-range or the "
-            "portpool_port_range ini option"
+            f"portpool: this host's ephemeral port range {ephemeral[0]}-{ephemeral[1]} "
+            f"leaves no default range for portpool_port: {range_advice(ephemeral)}"
         )
-    return low, high
-
-
-def _dashed(ports: tuple[int, int] | None) -> str:
-    return "(unknown)" if ports is None else f"{ports[0]}-{ports[1]}"
+    return room
 
 
 def _start_offset(config: pytest.Config, size: int) -> int:
