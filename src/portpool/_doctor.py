@@ -25,7 +25,7 @@ from portpool._platform import (
     tcp_sockets,
 )
 from portpool._portstatus import PortStatus, inspect_port, lock_holder
-from portpool.diagnosis import PortDiagnosis, diagnose
+from portpool.diagnosis import PortDiagnosis, diagnose_port
 from portpool.errors import Refusal, RefusalReason, StateDirError
 from portpool.layout import Layout, normalize_host
 from portpool.lock import record_path_problem
@@ -207,10 +207,10 @@ def _classify(
         # Never probed (the holder's sockets are there); its listeners are still read,
         # by the host the holder's lease covers, as its shield reads them.
         holder = _holder(state, seen, host, locked)
-        found = diagnose(port, holder.host, probe=False, sockets=sockets, owners=owners)
+        found = diagnose_port(port, holder.host, probe=False, sockets=sockets, owners=owners)
         notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder.pid))
         return Refusal(port, "held", seen.describe()), notes, found, holder
-    found = diagnose(port, host, sockets=sockets, owners=owners)
+    found = diagnose_port(port, host, sockets=sockets, owners=owners)
     return found.refusal(), tuple(found.notes()), found, None
 
 

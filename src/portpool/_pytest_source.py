@@ -184,11 +184,11 @@ def _diagnosed(
 def _on_other_addresses(port: int, sockets: list[TcpSocket], owners: SocketOwners) -> Refusal:
     """Why a port free on 127.0.0.1 was refused: the hand-over check binds the wildcard
     of both families, which a socket on another address (``::1``, a LAN address) blocks."""
-    from portpool.diagnosis import diagnose
+    from portpool.diagnosis import diagnose_port
     from portpool.errors import Refusal
 
     try:
-        found = diagnose(port, "::", sockets=sockets, owners=owners)
+        found = diagnose_port(port, "::", sockets=sockets, owners=owners)
     except OSError:  # no IPv6 here
         found = None
     if found is not None:

@@ -13,8 +13,10 @@ disagree (they did: ``doctor`` called a port free that ``run`` refused). It answ
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from portpool._addresses import (
     DEFAULT_BACKLOG,
@@ -29,6 +31,9 @@ from portpool._occupants import Occupant, occupants_text, plain_bind_note, with_
 from portpool._platform import SocketOwners, TcpSocket, tcp_sockets
 from portpool.errors import Refusal
 from portpool.layout import normalize_host
+
+if TYPE_CHECKING:
+    from portpool.statedir import StateDir
 
 
 @dataclass(frozen=True)
@@ -51,11 +56,14 @@ class PortDiagnosis:
     # The occupants are connections on no covered address, named because the kernel
     # refused the bind and no socket on a covered address is listed (``_bound_wider``).
     inferred: bool = False
+    # Who holds the port's portpool lock (as ``status`` words it); then never probed.
+    held: str | None = None
 
     @property
     def bindable(self) -> bool:
-        """Whether ``acquire``'s bind would succeed (no ``bind_error``). Raises nothing."""
-        return self.bind_error is None
+        """Whether ``acquire``'s bind would succeed (no ``bind_error``, no portpool lock
+        held on it). Raises nothing."""
+        return self.bind_error is None and self.held is None
 
     def describe_occupants(self) -> str:
         """The occupants' ``describe()``, listeners first, joined by "; ", the first few
@@ -70,6 +78,8 @@ class PortDiagnosis:
         same whether the pool met the error itself or ``doctor`` probed for it.
         Raises nothing."""
         err, port, host = self.bind_error, self.port, self.host
+        if self.held is not None:
+            return Refusal(port, "held", self.held)
         if err is None:
             return None
         if err == errno.EADDRINUSE:
@@ -109,6 +119,7 @@ class PortDiagnosis:
             "plain_bind_blocked": self.plain_bind_blocked,
             "occupants": [o.to_dict() for o in self.occupants],
             "inferred": self.inferred,
+            "held": self.held,
         }
 
 
@@ -136,7 +147,35 @@ def _probe(host: str, port: int, *, reuse: bool) -> OSError | None:
     return None
 
 
-def diagnose(
+def diagnose(port: int, host: str, *, state: StateDir | None = None) -> PortDiagnosis:
+    """What occupies ``port`` for a lease on ``host``, and who, as ``doctor`` says it:
+    the sockets on it, and whether ``acquire`` would get it (``bindable``).
+
+    A port whose portpool lock is held in ``state`` (default: the state dir
+    ``PORTPOOL_HOME`` names, never created here) is ``held`` and never probed: the
+    probe's bind for a moment made the holder's own bind of its port fail (a test
+    server starting on a ``portpool_port``). Else the port is bound for a moment
+    exactly as ``acquire`` would, and once more without SO_REUSEADDR.
+    Raises InvalidPort (a ValueError) for a value that is not a port, OSError if
+    ``host`` does not resolve, StateDirError for an unusable state dir.
+    """
+    check_port(port)
+    from portpool._portstatus import inspect_port
+    from portpool.statedir import StateDir
+
+    opened = state or StateDir.open(create=False)
+    try:
+        seen = inspect_port(opened, port)
+    finally:
+        if state is None:
+            opened.close()
+    if not seen.is_free:
+        found = diagnose_port(port, host, probe=False)
+        return dataclasses.replace(found, held=seen.describe())
+    return diagnose_port(port, host)
+
+
+def diagnose_port(
     port: int,
     host: str,
     *,
@@ -145,7 +184,8 @@ def diagnose(
     sockets: Sequence[TcpSocket] | None = None,
     owners: SocketOwners | None = None,
 ) -> PortDiagnosis:
-    """What occupies ``port`` for a lease on ``host``, and who.
+    """``diagnose`` without asking about portpool's lock: for the pool (a refused bind)
+    and ``doctor``, which know whether it is held.
 
     ``bind_error``: the error a real bind just got (the pool's case: no probe then).
     Otherwise ``probe`` binds the port for a moment exactly as ``acquire`` would, and

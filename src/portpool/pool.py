@@ -179,9 +179,9 @@ def _bind_or_refusal(
             if limit is not None:
                 raise limit from e
             try:
-                from portpool.diagnosis import diagnose  # only for a refused port
+                from portpool.diagnosis import diagnose_port  # only for a refused port
 
-                found = diagnose(port, host, bind_error=e, owners=owners)
+                found = diagnose_port(port, host, bind_error=e, owners=owners)
             except OSError:  # the host name no longer resolves
                 return Refusal(port, "error", f"binding {host}:{port}: {e.strerror or e}")
             if e.errno != errno.EADDRINUSE or found.occupants or attempt == _BIND_RETRIES:
