@@ -14,14 +14,14 @@ import time
 from portpool._dataclass import dataclass, field
 from portpool._launch import DEFAULT_GRACE_S, check_commands
 from portpool._layout_load import absolute_path, layout_path, working_directory
-from portpool._logs import logs_dir, set_log_owner
-from portpool._platform import DirHandle, detached_options, identity_of
+from portpool._logs import drop_log_owner, logs_dir, set_log_owner
+from portpool._platform import DirHandle, current_identity, detached_options, identity_of
 from portpool.errors import DetachFailed, PortPoolError, UsageError
 from portpool.layout import Layout
 from portpool.records import read_instance
-from portpool.statedir import StateDir
+from portpool.statedir import StateDir, check_name
 
-__all__ = ["Detached", "start_detached"]
+__all__ = ["Detached", "claim_starting_log", "start_detached"]
 
 _POLL_S = 0.05
 
@@ -45,6 +45,38 @@ _UP_LINE = re.compile(rb"(?m)^portpool: instance (\d+)\b[^\n]*\bis up\b")
 _OWN_LINE = re.compile(rb"(?m)^portpool: [^\n]*")
 _TAIL_LINES = 20
 _STOP_WAIT_S = 10.0
+_STARTING_LOG = re.compile(r"\.starting-[0-9]+\.log")
+
+# The background up: `portpool up`, once it has claimed its log (state dir, app, log
+# name: argv[1:4]). Claimed by itself, not by `up --detach` once it knows its pid: a
+# kill -9 of `up --detach` in between left an instance whose log `logs` never found.
+# One line: a Windows command line keeps it whole.
+_BACKGROUND_UP = (
+    "import sys; from portpool._detach import claim_starting_log; "
+    "claim_starting_log(*sys.argv[1:4]); del sys.argv[1:4]; "
+    "from portpool.cli import main; main()"
+)
+
+
+def claim_starting_log(state_path: str, app: str, log: str) -> None:
+    """Record that ``log`` (``.starting-<pid>.log`` in ``app``'s logs of the state dir
+    at ``state_path``) is written by this process, the background ``up`` of ``up
+    --detach``, before it takes a slot: from its record on, ``portpool logs`` finds the
+    instance's log while it starts, and if ``up --detach`` dies before it is up.
+    Raises nothing: what went wrong is said as a warning on stderr (the log itself,
+    which ``up --detach`` relays), and the up goes on."""
+    try:
+        if not _STARTING_LOG.fullmatch(log):
+            raise UsageError(f"not a starting log's name: {log!r}")
+        me = current_identity()
+        with StateDir.open(state_path) as state:
+            set_log_owner(logs_dir(state, check_name("app", app)), log, me.pid, me.start_token)
+    except (OSError, PortPoolError) as e:
+        print(
+            f"portpool: warning: `portpool logs` cannot show this instance until it is up: {e}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _outcome(returncode: int | None) -> str:
@@ -154,12 +186,14 @@ def start_detached(
         up_args.append("--quiet")
     logs = logs_dir(state, layout.app)
     starting = f".starting-{os.getpid()}.log"
+    background_up = [sys.executable, "-u", "-c", _BACKGROUND_UP, state.path, layout.app]
+    background_up += [starting, "up", *up_args]
     fd = logs.open_file(starting, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
     try:
         # Its own output unbuffered by -u, not PYTHONUNBUFFERED=1 in its environment:
         # every service inherited that, and ran otherwise than in the foreground.
         proc = subprocess.Popen(
-            [sys.executable, "-u", "-m", "portpool.cli", "up", *up_args],
+            background_up,
             stdin=subprocess.DEVNULL,
             stdout=fd,
             stderr=fd,
@@ -202,6 +236,7 @@ def start_detached(
         if proc.poll() is None:  # interrupted while waiting: do not leave it half-started
             proc.terminate()
             proc.wait()
+        drop_log_owner(logs, starting)  # its up is gone: the log stays, for the error
         raise
     finally:
         os.close(reader)
@@ -219,6 +254,8 @@ def start_detached(
         # It said "is up" and stopped at once: its ports are not held, do not list them.
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=_STOP_WAIT_S)
+        if proc.returncode is not None:
+            drop_log_owner(logs, starting)
         raise DetachFailed(
             proc.returncode,
             os.path.join(logs.path, starting),
@@ -235,9 +272,10 @@ def start_detached(
 
 def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str) -> str | None:
     """Move the log ``starting`` to ``<number>.log``, tied to its ``up`` (``pid``,
-    ``token``); None, or what kept it where it is. The instance is up by then: a
-    directory at that path ended `up --detach` in a traceback over a running instance
-    whose log `logs` called absent ("not started with --detach")."""
+    ``token``); None, or what kept it where it is (tied to its up there still). The
+    instance is up by then: a directory at that path ended `up --detach` in a traceback
+    over a running instance whose log `logs` called absent ("not started with
+    --detach"). In this order, so that `logs` finds it at every step."""
     final = f"{number}.log"
     blocked: Exception | None = None
     try:
@@ -246,12 +284,13 @@ def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str
     except OSError as e:
         blocked = e  # still owned below: `logs` then names what is in the way
     try:
-        set_log_owner(logs, number, pid, token)
+        set_log_owner(logs, final, pid, token)
         if blocked is None:
             logs.rename(starting, final)
     except (OSError, PortPoolError) as e:
         blocked = blocked or e
     if blocked is None:
+        drop_log_owner(logs, starting)
         return None
     why = blocked.strerror if isinstance(blocked, OSError) and blocked.strerror else blocked
     where, stays = os.path.join(logs.path, final), os.path.join(logs.path, starting)

@@ -4,10 +4,13 @@ reading or following one (``portpool logs [-f]``).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from portpool._find import find_instance, running_slot
 from portpool._heldlock import is_held
@@ -19,7 +22,7 @@ from portpool.layout import Layout
 from portpool.records import SLOT_UNUSABLE, InstanceInfo
 from portpool.statedir import StateDir, check_name, special_entry
 
-__all__ = ["follow_log", "log_path", "logs_dir", "set_log_owner"]
+__all__ = ["drop_log_owner", "follow_log", "log_path", "logs_dir", "set_log_owner"]
 
 
 def logs_dir(state: StateDir, app: str) -> DirHandle:
@@ -39,17 +42,27 @@ def log_path(state: StateDir, app: str, number: int) -> str:
 
 # `<n>.log` is tied to the `up` that wrote it by `<n>.owner.json` (its pid and start
 # token): a later attached instance on the same number has no log, and must not be shown
-# the previous detached one's as if it were its own.
-def _owner_name(number: int) -> str:
-    return f"{number}.owner.json"
+# the previous detached one's as if it were its own. Until `up --detach` moves it there
+# once the instance is up, the log is `.starting-<pid>.log`, tied the same way by
+# `.owner-of-starting-<pid>.json`, which the background up writes itself before it takes
+# a slot: the log is its instance's while it starts, and if `up --detach` dies first.
+# (Not `.starting-<pid>.owner.json`: `.starting-*` is how users pick out those logs.)
+_STARTING = ".starting-"
+_STARTING_OWNER = re.compile(r"\.owner-of-starting-([0-9]+)\.json")
 
 
-def _log_owner(logs: DirHandle, number: int) -> tuple[int, str] | None:
+def _owner_name(log: str) -> str:
+    if log.startswith(_STARTING):
+        return f".owner-of-{log[1:].removesuffix('.log')}.json"
+    return log.removesuffix(".log") + ".owner.json"
+
+
+def _log_owner(logs: DirHandle, log: str) -> tuple[int, str] | None:
     try:
-        raw = read_json_file(logs, _owner_name(number))
+        raw = read_json_file(logs, _owner_name(log))
     except NotAFile as e:
         # Never portpool's: "not started with --detach" hid a detached instance's log.
-        where = os.path.join(logs.path, _owner_name(number))
+        where = os.path.join(logs.path, _owner_name(log))
         raise StateDirError(where, f"{e}: remove it") from e
     except ValueError:
         return None
@@ -61,11 +74,32 @@ def _log_owner(logs: DirHandle, number: int) -> tuple[int, str] | None:
     return pid, token
 
 
-def set_log_owner(logs: DirHandle, number: int, pid: int, start_token: str) -> None:
-    """Record that ``<number>.log`` is written by the ``up`` with ``pid`` and
-    ``start_token`` (before the log is renamed into place)."""
+def set_log_owner(logs: DirHandle, log: str, pid: int, start_token: str) -> None:
+    """Record that the log named ``log`` (``<n>.log`` before it is renamed into place,
+    ``.starting-<pid>.log`` before its ``up`` takes a slot) is written by the ``up``
+    with ``pid`` and ``start_token``. Raises StateDirError if it cannot be written."""
     owner = {"pid": pid, "start_token": start_token}
-    write_atomic(logs, _owner_name(number), json.dumps(owner).encode())
+    write_atomic(logs, _owner_name(log), json.dumps(owner).encode())
+
+
+def drop_log_owner(logs: DirHandle, log: str) -> None:
+    """Remove the record of who writes ``log``, if any (its log moved, or its ``up``
+    is gone). Raises nothing: a record left behind names an ``up`` that no longer runs."""
+    with contextlib.suppress(OSError):
+        logs.unlink(_owner_name(log))
+
+
+def _starting_logs(logs: DirHandle) -> Iterator[str]:
+    """The ``.starting-<pid>.log`` names some ``up`` claimed (of ups starting, or whose
+    ``up --detach`` died before they were up, or that failed), listed when first asked."""
+    try:
+        names = logs.listdir()
+    except OSError as e:
+        raise StateDirError(logs.path, f"cannot be listed: {e.strerror or e}") from e
+    for name in names:
+        claimed = _STARTING_OWNER.fullmatch(name)
+        if claimed:
+            yield f"{_STARTING}{claimed.group(1)}.log"
 
 
 def _service_of(line: str) -> str | None:
@@ -125,29 +159,58 @@ def _wrote_log(
     return pid == owner[0] or (pid is None and not table.complete)  # not listed: unknown
 
 
-def _log_error(logs: DirHandle, number: int, problem: str) -> StateDirError:
-    return StateDirError(os.path.join(logs.path, f"{number}.log"), problem)
+def _log_error(logs: DirHandle, log: str, problem: str) -> StateDirError:
+    return StateDirError(os.path.join(logs.path, log), problem)
 
 
-def _open_log(logs: DirHandle, number: int) -> int | None:
+def _open_log(logs: DirHandle, log: str) -> int | None:
     """The log's fd, None if there is none. A symlink or directory there ended in a
     traceback; it is never portpool's, so it is named (StateDirError), not followed."""
     try:
-        kind = special_entry(logs, f"{number}.log")
+        kind = special_entry(logs, log)
         if kind is not None:
-            raise _log_error(logs, number, f"is {kind}, not a log portpool wrote; remove it")
-        return logs.open_file(f"{number}.log", os.O_RDONLY)
+            raise _log_error(logs, log, f"is {kind}, not a log portpool wrote; remove it")
+        return logs.open_file(log, os.O_RDONLY)
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise _log_error(logs, number, f"cannot be read: {e.strerror or e}") from e
+        raise _log_error(logs, log, f"cannot be read: {e.strerror or e}") from e
 
 
-def _read_log(logs: DirHandle, number: int, fd: int) -> bytes:
+def _read_log(logs: DirHandle, log: str, fd: int) -> bytes:
     try:
         return os.read(fd, 1 << 16)
     except OSError as e:
-        raise _log_error(logs, number, f"cannot be read: {e.strerror or e}") from e
+        raise _log_error(logs, log, f"cannot be read: {e.strerror or e}") from e
+
+
+def _open_own_log(
+    state: StateDir, app: str, logs: DirHandle, running: InstanceInfo
+) -> tuple[str, tuple[int, str], int] | None:
+    """The log the running instance's own ``up`` writes: its name, owner and an open fd;
+    None if there is none (it was not started with --detach). Raises NotRunning if its
+    log was there and was removed, StateDirError as ``_open_log``.
+
+    ``<n>.log`` is asked before and after the starting logs: `up --detach` moves the log
+    there (owner, rename, then the starting owner removed) while this looks, and one of
+    the three looks finds it wherever the move had got to."""
+    placed = f"{running.number}.log"
+    claimed = False
+    for log in itertools.chain([placed], _starting_logs(logs), [placed]):
+        owner = _log_owner(logs, log)
+        if owner is None or not _wrote_log(state, app, running, owner):
+            continue
+        claimed = True
+        fd = _open_log(logs, log)
+        if fd is not None:
+            return log, owner, fd
+    if not claimed:
+        return None
+    # Its own up wrote it (the owner matched): it was there, and someone removed it.
+    path = os.path.join(logs.path, placed)
+    raise NotRunning(app, f"the log of instance {running.number} ({path}) was removed", [
+        running.number
+    ])  # fmt: skip
 
 
 def follow_log(
@@ -164,11 +227,12 @@ def follow_log(
     it stops.
 
     The instance is ``number``, else as ``find_instance``, else this checkout's last
-    number. A running instance is shown only the log its own ``up`` wrote; a stopped one,
-    the last detached instance's. Returns that number. Raises UnknownService, UsageError
-    (a ``number`` outside 1..max_instances that does not run), NotRunning (no such
-    instance, or it has no log), StateDirError (the log is a symlink, a directory, ...
-    or cannot be read). Read-only: creates nothing.
+    number. A running instance is shown only the log its own ``up`` wrote, from its
+    start (while it starts too, and if its ``up --detach`` died before it was up); a
+    stopped one, the last detached instance's. Returns that number. Raises
+    UnknownService, UsageError (a ``number`` outside 1..max_instances that does not
+    run), NotRunning (no such instance, or it has no log), StateDirError (the log is a
+    symlink, a directory, ... or cannot be read). Read-only: creates nothing.
     """
     if service is not None:
         layout.service(service)
@@ -190,26 +254,27 @@ def follow_log(
         if slot is not None and (slot.problem or "").startswith(SLOT_UNUSABLE):
             unusable = slot.problem
     logs = state.find("apps", check_name("app", layout.app), "logs")
-    owner = _log_owner(logs, number) if logs is not None else None
-    if logs is None or (running is not None and not _wrote_log(state, layout.app, running, owner)):
-        # Running, but not the up that wrote this log: that log is not this instance's.
+    if logs is None:
         raise _no_log(layout, number, running is not None, unusable)
-    fd = _open_log(logs, number)
-    if fd is None and running is not None and owner is not None:
-        # Its own up wrote it (the owner matched): it was there, and someone removed it.
-        path = os.path.join(logs.path, f"{number}.log")
-        raise NotRunning(layout.app, f"the log of instance {number} ({path}) was removed", [
-            number
-        ])  # fmt: skip
-    if fd is None:
-        raise _no_log(layout, number, running is not None, unusable)
-    follow = follow and owner is not None and running is not None
+    owner: tuple[int, str] | None = None  # the up that writes it: followed while it runs
+    if running is not None:
+        # Only the log its own up wrote: another one is not this instance's.
+        own = _open_own_log(state, layout.app, logs, running)
+        if own is None:
+            raise _no_log(layout, number, True)
+        log, owner, fd = own
+    else:
+        log = f"{number}.log"
+        opened = _open_log(logs, log)
+        if opened is None:
+            raise _no_log(layout, number, False, unusable)
+        fd = opened
     # A line's parts until it ends, joined once: adding each chunk to one bytes object
     # and splitting it all again made a long line quadratic (16 MB: 2.1 s, 32 MB: 7.3 s).
     pending: list[bytes] = []
     try:
         while True:
-            chunk = _read_log(logs, number, fd)
+            chunk = _read_log(logs, log, fd)
             if chunk:
                 if b"\n" not in chunk:
                     pending.append(chunk)
@@ -221,9 +286,8 @@ def follow_log(
                     if service is None or _service_of(line) == service:
                         write(line)
                 continue
-            if not follow:
+            if not follow or owner is None:
                 break
-            assert owner is not None
             if not _owner_runs(state, layout.app, number, owner):
                 follow = False  # stopped: read what it wrote before it went, then end
                 continue

@@ -1,0 +1,171 @@
+"""`portpool logs` of a detached instance that is still starting, and of one whose
+`up --detach` was killed before it was up: its log is found, shown and followed.
+
+A new user's trial: a slow service, `up --detach` in the background, `logs -f` while it
+starts said "it was not started with --detach" (exit 1), and so did every `logs` for the
+whole life of an instance whose `up --detach` was killed before "is up"."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import (
+    HOLD,
+    PORTPOOL,
+    kill_if_running,
+    portpool,
+    read_line,
+    start,
+    status_json,
+    wait_for,
+    write_layout,
+)
+
+# Says it warms up, then waits for the test's release file (60 s at most) before the
+# line its readiness waits for: the instance stays "starting" until the test says.
+SLOW = """\
+import os, sys, time
+print("warming up", flush=True)
+deadline = time.monotonic() + 60
+while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("ready to serve", flush=True)
+time.sleep(600)
+"""
+
+NOT_DETACHED = "instance 1 of testapp has no log (it was not started with --detach)"
+
+
+def _slow_layout(tmp_path: Path, port_base: int, release: Path) -> Path:
+    web = {
+        "command": [sys.executable, "-c", SLOW, str(release)],
+        "ready": "log:ready to serve",
+        "ready_timeout_s": 120,
+    }
+    return write_layout(tmp_path / "portpool.toml", port_base, services={"web": web})
+
+
+def _warming_up(home: Path, detach_pid: int) -> bool:
+    """The service runs and said so (in the log `up --detach` started it with): the
+    instance has its record and is starting."""
+    log = home / "apps" / "testapp" / "logs" / f".starting-{detach_pid}.log"
+    return log.exists() and "warming up" in log.read_text()
+
+
+class _Follower:
+    """``portpool logs -f ...`` running, its output read as it comes (from the pipe
+    itself: a line already in a file object's buffer is not seen by select)."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.proc = subprocess.Popen(
+            [*PORTPOOL, "logs", "-f", *args], stdout=subprocess.PIPE, cwd=cwd
+        )
+        self.seen = b""
+
+    def until(self, text: str, timeout: float = 30.0) -> str:
+        """Everything it printed so far, once that holds ``text`` (a bounded wait)."""
+        assert self.proc.stdout is not None
+        fd, deadline = self.proc.stdout.fileno(), time.monotonic() + timeout
+        while text.encode() not in self.seen:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([fd], [], [], max(left, 0))
+            assert ready, f"no {text!r} within {timeout} s: {self.seen!r}"
+            chunk = os.read(fd, 1 << 16)
+            assert chunk, f"it ended before {text!r}: {self.seen!r}"
+            self.seen += chunk
+        return self.seen.decode()
+
+
+def test_logs_and_logs_follow_show_an_instance_while_it_starts(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    release = tmp_path / "release"
+    _slow_layout(tmp_path, port_base, release)
+    detach = start("up", "--detach", cwd=tmp_path)
+    follower: _Follower | None = None
+    try:
+        wait_for(lambda: _warming_up(home, detach.pid), timeout=30)
+        [starting] = status_json(tmp_path / "portpool.toml")["instances"]
+        assert starting["number"] == 1 and detach.poll() is None  # not up yet
+
+        for args in (["logs"], ["logs", "--instance", "1"], ["logs", "web"]):
+            shown = portpool(*args, cwd=tmp_path)
+            assert shown.returncode == 0, (args, shown.stderr)
+            assert "web | warming up" in shown.stdout, args
+            assert "is up" not in shown.stdout
+
+        follower = _Follower("--instance", "1", cwd=tmp_path)
+        assert "web | warming up" in follower.until("warming up")
+        release.touch()
+        # It follows the start through "is up": the log moved to 1.log under it.
+        followed = follower.until("portpool: instance 1 of testapp is up")
+        assert "web | ready to serve" in followed
+        out, err = detach.communicate(timeout=60)
+        assert detach.returncode == 0, err
+        assert "instance 1 of testapp is up" in out
+        assert follower.proc.poll() is None  # still following the running instance
+
+        stopped = portpool("stop", "1", cwd=tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+        assert follower.proc.wait(timeout=30) == 0  # -f ends with the instance
+        after = portpool("logs", "--instance", "1", cwd=tmp_path)
+        assert "web | warming up" in after.stdout and "stopped" in after.stdout
+    finally:
+        kill_if_running(detach)
+        if follower is not None:
+            kill_if_running(follower.proc)
+        portpool("stop", "--all", cwd=tmp_path)
+
+
+def test_logs_follow_an_instance_whose_up_detach_was_killed_before_it_was_up(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    release = tmp_path / "release"
+    _slow_layout(tmp_path, port_base, release)
+    detach = start("up", "--detach", cwd=tmp_path)
+    follower: _Follower | None = None
+    try:
+        wait_for(lambda: _warming_up(home, detach.pid), timeout=30)
+        detach.kill()  # kill -9 of the waiting `up --detach`: its background up goes on
+        detach.wait(timeout=30)
+
+        shown = portpool("logs", cwd=tmp_path)
+        assert shown.returncode == 0, shown.stderr
+        assert "web | warming up" in shown.stdout
+        follower = _Follower(cwd=tmp_path)
+        follower.until("web | warming up")
+        release.touch()
+        follower.until("portpool: instance 1 of testapp is up")
+
+        # Up, with nobody to move its log: it is still this instance's, plain or -f.
+        [up] = status_json(tmp_path / "portpool.toml")["instances"]
+        assert up["alive"]
+        again = portpool("logs", "web", "--instance", "1", cwd=tmp_path)
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.splitlines() == ["web | warming up", "web | ready to serve"]
+
+        stopped = portpool("stop", "1", cwd=tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+        assert follower.proc.wait(timeout=30) == 0
+    finally:
+        kill_if_running(detach)
+        if follower is not None:
+            kill_if_running(follower.proc)
+        portpool("stop", "--all", cwd=tmp_path)
+
+    # That log is its up's alone: an attached instance on the same number has none.
+    holder = start("run", "--", sys.executable, "-c", HOLD, str(tmp_path / "free"), cwd=tmp_path)
+    try:
+        assert read_line(holder) == "1\n"
+        for args in (["logs"], ["logs", "-f"]):
+            done = portpool(*args, cwd=tmp_path, timeout=20)
+            assert (done.returncode, done.stdout) == (1, ""), (args, done.stderr)
+            assert NOT_DETACHED in done.stderr, args
+    finally:
+        (tmp_path / "free").touch()
+        holder.wait(timeout=30)
