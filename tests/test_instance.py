@@ -769,3 +769,15 @@ def test_ctrl_c_at_random_moments_of_start_and_release_never_keeps_the_slot(
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     interrupts = int(done.stdout.split()[-1])
     assert interrupts >= 50, done.stdout  # the interrupts did land, in many places
+
+
+def test_list_instances_given_a_layout_says_to_pass_its_app(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    """list_instances(layout) raised "expected string or bytes-like object, got
+    'Layout'" from deep in a name check."""
+    layout = load_layout(write_layout(tmp_path / "l.toml", port_base))
+    with pytest.raises(TypeError, match=r"not a Layout: pass layout\.app"):
+        list_instances(layout, state)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="app's name"):
+        next(iter_instances(None, state))  # type: ignore[arg-type]

@@ -170,7 +170,10 @@ def _run_python(block: Block, cwd: Path, env: dict[str, str]) -> str:
     script.write_text(block.text)
     tests = _TEST_FUNCTION.findall(block.text)
     # -rA: every test's outcome by name, so one skipped or never collected is seen.
-    argv = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", str(script)]
+    # A leaked pipe or socket fails it: the worker example left its stdout open.
+    argv = [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider"]
+    argv += ["-W", "error::ResourceWarning"]
+    argv += ["-W", "error::pytest.PytestUnraisableExceptionWarning", str(script)]
     out = _run(argv, block, cwd, env)
     for name in tests:
         assert f"PASSED {script.name}::{name}" in out, (

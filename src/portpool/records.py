@@ -365,7 +365,8 @@ def iter_instances(app: str, state: StateDir | None = None) -> Iterator[Instance
 
     ``app``: the app's name; ``state``: the state dir (default: this user's, opened with
     ``create=False`` at the first ``next`` and closed when the iteration ends). Read-only.
-    Raises, as the iteration reaches it, StateDirError for an invalid app name, an
+    Raises, as the iteration reaches it, TypeError for an ``app`` that is not a str (a
+    ``Layout``: pass ``layout.app``), StateDirError for an invalid app name, an
     unsafe state dir or a slot that cannot be examined, ResourceLimit out of file
     descriptors (as ``read_instance``); an unreadable record is yielded with its
     problem, never raised.
@@ -374,6 +375,10 @@ def iter_instances(app: str, state: StateDir | None = None) -> Iterator[Instance
     over 1,000 records of 50 services held 50,000 service entries at once, and growing
     the heap for them was about a fifth of its CPU.
     """
+    if not isinstance(app, str):
+        # A Layout passed for its name raised "expected string or bytes-like object".
+        hint = ": pass layout.app" if hasattr(app, "app") else ""
+        raise TypeError(f"app is the app's name (a str), not a {type(app).__name__}{hint}")
     own = state is None
     state = state or StateDir.open(create=False)
     try:
