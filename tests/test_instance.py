@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -781,3 +782,19 @@ def test_list_instances_given_a_layout_says_to_pass_its_app(
         list_instances(layout, state)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="app's name"):
         next(iter_instances(None, state))  # type: ignore[arg-type]
+
+
+def test_release_after_a_thread_start_cut_short_frees_everything(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    """A Ctrl-C while Thread.start() waited for the heartbeat's or the shield's thread
+    left a thread object not started yet; release() then raised RuntimeError ("cannot
+    join thread before it is started") before the slot was freed, on every call. The
+    state such an interrupt leaves is set up here directly: a thread never started."""
+    layout = load_layout(write_layout(tmp_path / "l.toml", port_base))
+    instance = start_instance(layout, state=state, heartbeat=False)
+    instance._heartbeat_thread = threading.Thread(target=lambda: None)  # never started
+    instance.release()
+    again = start_instance(layout, state=state, number=instance.number, heartbeat=False)
+    assert again.ports == instance.ports
+    again.release()

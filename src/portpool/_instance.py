@@ -21,6 +21,7 @@ from portpool._heldlock import ForkSafeRLock, HeldLock
 from portpool._jsonfile import write_atomic
 from portpool._platform import current_identity
 from portpool._slots import own_slot_problem
+from portpool._threads import join_thread
 from portpool.errors import LockError, NotRunning, PortPoolError, ShieldTripped
 from portpool.layout import Layout
 from portpool.pool import Lease, not_transferable
@@ -63,6 +64,8 @@ class Instance:
         self._on_release: list[Callable[[], None]] = []
         self._owns_state = False  # start_instance opened it: release closes it
         self._state_let_go = False
+        self._release_done = False  # every step of release() ran
+        self._releaser: int | None = None  # the thread in release(), if any
 
     @property
     def app(self) -> str:
@@ -313,18 +316,19 @@ class Instance:
         In a forked child it only closes the child's copies of the sockets and locks:
         the ``on_release`` callbacks and the files stay the parent's.
         """
+        # Done only once every step ran: a Ctrl-C (KeyboardInterrupt) midway, even as
+        # the mutex below was let go, left the slot locked for good, and a second call
+        # returned at once. The next call from this thread finishes the job (each step
+        # repeats safely); one from another thread leaves it to the releasing one.
+        me = threading.get_ident()
         with self._mutex:
-            if self._released:
+            if self._release_done or self._releaser not in (None, me):
                 return
             self._released = True
-        try:
-            self._release()
-        except BaseException:
-            # A Ctrl-C (KeyboardInterrupt) midway left the slot locked for good, and a
-            # second call returned at once: let it finish the job (each step repeats).
-            with self._mutex:
-                self._released = False
-            raise
+            self._releaser = me
+        self._release()
+        self._release_done = True
+        self._releaser = None
 
     def _release(self) -> None:
         if self._in_forked_child:
@@ -354,10 +358,7 @@ class Instance:
             self.slot.remove_and_release()
         else:
             self.slot.release()
-        if self._heartbeat_thread is not None and self._heartbeat_thread is not (
-            threading.current_thread()
-        ):
-            self._heartbeat_thread.join(timeout=5)
+        join_thread(self._heartbeat_thread, timeout=5)
         self._close_state()
 
     def _close_state(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from portpool import pool as pool_mod
 from portpool._gc import clean_app
@@ -117,11 +117,26 @@ def _acquire_all(
         instance.write_record()
         return instance
     except BaseException as e:
-        for lease in leases.values():
-            lease.release()
-        slot.remove_and_release()
+        _undo([*(lease.release for lease in leases.values()), slot.remove_and_release])
         if isinstance(e, PoolExhausted):
             e.args = (f"instance {number}: {e}",)
         if isinstance(e, ResourceLimit) and e.needed is None:
             raise e.for_need(layout.descriptors_needed) from e
         raise
+
+
+def _undo(steps: Sequence[Callable[[], None]]) -> None:
+    """Run every one of ``steps`` (each safe to repeat), even when a Ctrl-C lands in one:
+    a second interrupt while a first was cleaned up stopped the clean-up part-way, and
+    the slot and ports stayed held with no Instance to release them. An interrupted step
+    runs again (up to 3 times); the first interrupt is raised once all ran."""
+    interrupted: BaseException | None = None
+    for step in steps:
+        for _ in range(3):
+            try:
+                step()
+                break
+            except BaseException as e:
+                interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted

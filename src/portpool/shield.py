@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 from portpool._dataclass import dataclass
 from portpool._lease_checks import Watch, lease_problems, watch
 from portpool._snapshot import Snapshot
+from portpool._threads import join_thread
 
 if TYPE_CHECKING:
     import asyncio
@@ -127,9 +128,7 @@ class Shield:
             loop, event = wake
             with contextlib.suppress(RuntimeError):  # the loop already closed
                 loop.call_soon_threadsafe(event.set)
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        join_thread(self._thread, timeout)
 
     def check_once(self) -> list[LeaseReport]:
         """Run every check now, retrying transient failures, and report per lease (plus
