@@ -169,3 +169,85 @@ def test_logs_follow_an_instance_whose_up_detach_was_killed_before_it_was_up(
     finally:
         (tmp_path / "free").touch()
         holder.wait(timeout=30)
+
+
+# A first detached instance 1, started and stopped: its `1.log` is what `logs` showed
+# instead of the next instance 1's, whose `up --detach` was killed before it was up.
+FIRST = "import time; print('first instance', flush=True); time.sleep(600)"
+
+
+def _first_instance_stopped(tmp_path: Path, port_base: int) -> None:
+    web = {"command": [sys.executable, "-c", FIRST], "ready": "log:first instance"}
+    write_layout(tmp_path / "portpool.toml", port_base, services={"web": web})
+    done = portpool("up", "--detach", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert portpool("stop", "1", cwd=tmp_path).returncode == 0
+    assert "web | first instance" in portpool("logs", cwd=tmp_path).stdout
+
+
+def _detach_killed_while_warming_up(tmp_path: Path, port_base: int, home: Path) -> Path:
+    """A slow instance 1 started with `up --detach`, which is killed -9 once the service
+    runs: its background up goes on. The release file, touched, lets it get up."""
+    release = tmp_path / "release"
+    _slow_layout(tmp_path, port_base, release)
+    detach = start("up", "--detach", cwd=tmp_path)
+    try:
+        wait_for(lambda: _warming_up(home, detach.pid), timeout=30)
+    finally:
+        detach.kill()
+        detach.wait(timeout=30)
+    return release
+
+
+def _logs_of_this_instance(tmp_path: Path, home: Path) -> str:
+    """`logs` of the stopped instance 1: this one's output, never the first one's, and
+    kept where `logs` looks (`1.log`, not a starting log)."""
+    for args in (["logs"], ["logs", "-f"], ["logs", "--instance", "1"]):
+        shown = portpool(*args, cwd=tmp_path, timeout=30)
+        assert shown.returncode == 0, (args, shown.stderr)
+        assert "web | warming up" in shown.stdout, (args, shown.stdout)
+        assert "first instance" not in shown.stdout, (args, shown.stdout)
+    logs = home / "apps" / "testapp" / "logs"
+    assert "web | warming up" in (logs / "1.log").read_text()
+    assert not list(logs.glob(".starting-*")), list(logs.iterdir())
+    return shown.stdout
+
+
+def test_logs_after_stop_show_the_instance_whose_up_detach_was_killed_before_it_was_up(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # The trial: `portpool up --detach & sleep 2; kill -9 $!`, the instance up a few
+    # seconds later, then `stop` and `logs`: the previous instance 1's log was shown.
+    _first_instance_stopped(tmp_path, port_base)
+    release = _detach_killed_while_warming_up(tmp_path, port_base, home)
+    try:
+        release.touch()
+        wait_for(lambda: "is up" in portpool("logs", cwd=tmp_path).stdout, timeout=60)
+        # Its up moved its log itself before it said so: `1.log` from then on.
+        logs = home / "apps" / "testapp" / "logs"
+        assert "web | ready to serve" in (logs / "1.log").read_text()
+        assert not list(logs.glob(".starting-*")), list(logs.iterdir())
+        stopped = portpool("stop", "1", cwd=tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+    finally:
+        portpool("stop", "--all", cwd=tmp_path)
+    shown = _logs_of_this_instance(tmp_path, home)
+    assert "web | ready to serve" in shown
+    assert "portpool: instance 1 of testapp is up" in shown
+
+
+def test_logs_after_stop_show_an_instance_stopped_while_starting_after_its_up_detach_died(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # Never up: `stop` while its service still warms up, nobody left to move its log.
+    _first_instance_stopped(tmp_path, port_base)
+    _detach_killed_while_warming_up(tmp_path, port_base, home)
+    try:
+        [starting] = status_json(tmp_path / "portpool.toml")["instances"]
+        assert starting["alive"] and starting["number"] == 1
+        stopped = portpool("stop", "1", cwd=tmp_path)
+        assert stopped.returncode == 0, stopped.stderr
+    finally:
+        portpool("stop", "--all", cwd=tmp_path)
+    shown = _logs_of_this_instance(tmp_path, home)
+    assert "is up" not in shown and "ready to serve" not in shown

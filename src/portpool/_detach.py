@@ -9,19 +9,30 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from typing import TYPE_CHECKING
 
 from portpool._dataclass import dataclass, field
 from portpool._launch import DEFAULT_GRACE_S, check_commands
 from portpool._layout_load import absolute_path, layout_path, working_directory
 from portpool._logs import drop_log_owner, logs_dir, set_log_owner
-from portpool._platform import DirHandle, current_identity, detached_options, identity_of
+from portpool._platform import (
+    DirHandle,
+    ProcessIdentity,
+    current_identity,
+    detached_options,
+    identity_of,
+)
 from portpool.errors import DetachFailed, PortPoolError, UsageError
 from portpool.layout import Layout
 from portpool.records import read_instance
 from portpool.statedir import StateDir, check_name
 
-__all__ = ["Detached", "claim_starting_log", "start_detached"]
+if TYPE_CHECKING:
+    from portpool.instance import Instance
+
+__all__ = ["Detached", "adopt_starting_log", "claim_starting_log", "start_detached"]
 
 _POLL_S = 0.05
 
@@ -45,7 +56,7 @@ _UP_LINE = re.compile(rb"(?m)^portpool: instance (\d+)\b[^\n]*\bis up\b")
 _OWN_LINE = re.compile(rb"(?m)^portpool: [^\n]*")
 _TAIL_LINES = 20
 _STOP_WAIT_S = 10.0
-_STARTING_LOG = re.compile(r"\.starting-[0-9]+\.log")
+_STARTING_LOG = re.compile(r"\.starting-([0-9]+)\.log")
 
 # The background up: `portpool up`, once it has claimed its log (state dir, app, log
 # name: argv[1:4]). Claimed by itself, not by `up --detach` once it knows its pid: a
@@ -58,6 +69,26 @@ _BACKGROUND_UP = (
 )
 
 
+class _Claim:
+    """The starting log this process, a background ``up``, claimed: where it is, which
+    file it is (its stdout's), and its ``up --detach`` (None if already gone)."""
+
+    def __init__(self, state_path: str, app: str, log: str, client: ProcessIdentity | None) -> None:
+        self.state_path, self.app, self.log, self.client = state_path, app, log, client
+        self.file: tuple[int, int] | None = None
+        with contextlib.suppress(OSError):
+            st = os.fstat(1)
+            self.file = (st.st_dev, st.st_ino)
+        self.hooked = False  # its move at the instance's release is registered
+        self.settled = False  # moved, or tried and said why not: never again
+        self.lock = threading.Lock()  # the release may run in another thread
+
+
+# Set once, by _BACKGROUND_UP before `up` runs, in a process that runs nothing else:
+# that `up` must know it writes a detached log, and `up` has no option for it.
+_claim: _Claim | None = None
+
+
 def claim_starting_log(state_path: str, app: str, log: str) -> None:
     """Record that ``log`` (``.starting-<pid>.log`` in ``app``'s logs of the state dir
     at ``state_path``) is written by this process, the background ``up`` of ``up
@@ -65,18 +96,77 @@ def claim_starting_log(state_path: str, app: str, log: str) -> None:
     instance's log while it starts, and if ``up --detach`` dies before it is up.
     Raises nothing: what went wrong is said as a warning on stderr (the log itself,
     which ``up --detach`` relays), and the up goes on."""
+    global _claim
     try:
-        if not _STARTING_LOG.fullmatch(log):
+        named = _STARTING_LOG.fullmatch(log)
+        if not named:
             raise UsageError(f"not a starting log's name: {log!r}")
+        # The `up --detach` waiting for us (its pid is in the log's name) is our parent,
+        # unless it died already and we were given another.
+        client_pid = int(named.group(1))
+        client = identity_of(client_pid) if os.getppid() == client_pid else None
+        _claim = _Claim(state_path, app, log, client)
         me = current_identity()
         with StateDir.open(state_path) as state:
             set_log_owner(logs_dir(state, check_name("app", app)), log, me.pid, me.start_token)
     except (OSError, PortPoolError) as e:
-        print(
-            f"portpool: warning: `portpool logs` cannot show this instance until it is up: {e}",
-            file=sys.stderr,
-            flush=True,
-        )
+        _warn(f"`portpool logs` cannot show this instance until it is up: {e}")
+
+
+def _warn(problem: str) -> None:
+    print(f"portpool: warning: {problem}", file=sys.stderr, flush=True)
+
+
+def adopt_starting_log(instance: Instance) -> None:
+    """In the background ``up`` of ``up --detach`` (in any other process: nothing), once
+    that ``up --detach`` is gone, put the log at ``<n>.log`` of ``instance`` itself: now,
+    and when the instance is released (before its slot is free: ``stop`` then ``logs``
+    must find it). Called once the instance has its number, and again once it is up.
+    While ``up --detach`` runs, it moves the log at "is up", or names it in its error.
+    Raises nothing: what kept the log where it is is said as a warning on stderr."""
+    claim = _claim
+    if claim is None:
+        return
+    number = instance.number
+    if not claim.hooked:
+        claim.hooked = True
+        instance.on_release(lambda: _adopt(claim, number))
+    _adopt(claim, number)
+
+
+def _client_waits(client: ProcessIdentity | None) -> bool:
+    """Whether the ``up --detach`` that started us still runs. Once it exits we have
+    another parent (POSIX, even before it is reaped); on Windows, whose parent pid
+    stays, its identity says."""
+    if client is None or os.getppid() != client.pid:
+        return False
+    now = identity_of(client.pid)
+    return now is not None and now.start_token == client.start_token
+
+
+def _adopt(claim: _Claim, number: int) -> None:
+    with claim.lock:
+        if claim.settled or _client_waits(claim.client):
+            return
+        claim.settled = True
+        problem = None
+        try:
+            with StateDir.open(claim.state_path) as state:
+                logs = logs_dir(state, claim.app)
+                here = logs.stat_entry(claim.log)
+                if here is None:
+                    # Moved by `up --detach` before it died: its claim may be left.
+                    drop_log_owner(logs, claim.log)
+                elif claim.file is None or (here.st_dev, here.st_ino) == claim.file:
+                    # Not another file by its name: a later `up --detach` given that pid.
+                    me = current_identity()
+                    problem = _place_log(logs, number, claim.log, me.pid, me.start_token)
+        except (OSError, PortPoolError) as e:
+            where = os.path.join(claim.state_path, "apps", claim.app, "logs")
+            final, stays = os.path.join(where, f"{number}.log"), os.path.join(where, claim.log)
+            problem = f"the log cannot be put at {final} ({e}); it stays at {stays}"
+        if problem:
+            _warn(problem)
 
 
 def _outcome(returncode: int | None) -> str:
@@ -273,9 +363,9 @@ def start_detached(
 def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str) -> str | None:
     """Move the log ``starting`` to ``<number>.log``, tied to its ``up`` (``pid``,
     ``token``); None, or what kept it where it is (tied to its up there still). The
-    instance is up by then: a directory at that path ended `up --detach` in a traceback
-    over a running instance whose log `logs` called absent ("not started with
-    --detach"). In this order, so that `logs` finds it at every step."""
+    instance has its number by then, and may be up: a directory at that path ended `up
+    --detach` in a traceback over a running instance whose log `logs` called absent
+    ("not started with --detach"). In this order, so that `logs` finds it at every step."""
     final = f"{number}.log"
     blocked: Exception | None = None
     try:

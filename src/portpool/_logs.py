@@ -42,8 +42,9 @@ def log_path(state: StateDir, app: str, number: int) -> str:
 
 # `<n>.log` is tied to the `up` that wrote it by `<n>.owner.json` (its pid and start
 # token): a later attached instance on the same number has no log, and must not be shown
-# the previous detached one's as if it were its own. Until `up --detach` moves it there
-# once the instance is up, the log is `.starting-<pid>.log`, tied the same way by
+# the previous detached one's as if it were its own. Until it is moved there (by `up
+# --detach` once the instance is up; by the background up itself, once it has its number,
+# if `up --detach` died), the log is `.starting-<pid>.log`, tied the same way by
 # `.owner-of-starting-<pid>.json`, which the background up writes itself before it takes
 # a slot: the log is its instance's while it starts, and if `up --detach` dies first.
 # (Not `.starting-<pid>.owner.json`: `.starting-*` is how users pick out those logs.)
@@ -191,7 +192,7 @@ def _open_own_log(
     None if there is none (it was not started with --detach). Raises NotRunning if its
     log was there and was removed, StateDirError as ``_open_log``.
 
-    ``<n>.log`` is asked before and after the starting logs: `up --detach` moves the log
+    ``<n>.log`` is asked before and after the starting logs: `up --detach` or its up moves it
     there (owner, rename, then the starting owner removed) while this looks, and one of
     the three looks finds it wherever the move had got to."""
     placed = f"{running.number}.log"

@@ -181,6 +181,7 @@ def up(
     *, config: str | None, grace: float, instance_number: int | None, detach: bool, quiet: bool
 ) -> None:
     """Start an instance with every service of the layout; hold it until Ctrl-C/SIGTERM."""
+    from portpool._detach import adopt_starting_log
     from portpool._outcome import Outcome
     from portpool._up import run_up
     from portpool.errors import ServiceExited, ShieldTripped
@@ -195,9 +196,11 @@ def up(
 
     def announce(instance: Instance) -> None:
         numbers.append(instance.number)
+        adopt_starting_log(instance)  # a detached up's, when its `up --detach` died
         _announce(instance, quiet)  # as soon as the ports are ours, before readiness
 
     def on_up(instance: Instance, pids: dict[str, int]) -> None:
+        adopt_starting_log(instance)
         click.echo(f"portpool: instance {instance.number} of {layout.app} is up")
         click.echo(f"  {'service':<16} {'port':>5}  {'pid':>7}")
         for name, port in instance.ports.items():
