@@ -1148,3 +1148,10 @@ def test_diagnose_never_probes_a_port_whose_portpool_lock_is_held(
         holder.stdin.close()
         holder.wait(timeout=30)
     assert diagnose(port_base, "127.0.0.1").bindable  # released: free again, probed
+
+
+def test_diagnose_with_no_host_is_a_type_error_as_for_acquire(port_base: int, home: Path) -> None:
+    """diagnose(port, None) raised AttributeError ("'NoneType' object has no attribute
+    'lower'") from deep in the name handling."""
+    with pytest.raises(TypeError, match="host must be a str"):
+        diagnose(port_base, None)  # type: ignore[arg-type]

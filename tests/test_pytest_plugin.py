@@ -521,10 +521,17 @@ def test_no_room_beside_the_ephemeral_range_is_said_with_what_to_do(
     assert not re.search(r"[0-9]+-[0-9]+, and", advice), advice  # no range "outside" it
 
 
-def test_the_default_range_is_20000_29999_where_the_ephemeral_range_is_unknown() -> None:
+@pytest.mark.parametrize(
+    "ephemeral", [None, (32768, 60999), (5000, 5100), (1024, 19999), (30000, 65535)]
+)
+def test_the_default_range_is_20000_29999_where_it_is_outside_the_ephemeral_range(
+    ephemeral: tuple[int, int] | None,
+) -> None:
+    """An ephemeral range all below 20000 (5000-5100) moved the default below itself,
+    to 1024-4999, though 20000-29999 was free of it, as the README says."""
     from portpool.pytest_plugin import default_range
 
-    assert default_range(None) == (20000, 29999)
+    assert default_range(ephemeral) == (20000, 29999)
 
 
 def test_a_session_that_asks_for_nothing_imports_little_of_portpool(tmp_path: Path) -> None:

@@ -156,10 +156,13 @@ def diagnose(port: int, host: str, *, state: StateDir | None = None) -> PortDiag
     probe's bind for a moment made the holder's own bind of its port fail (a test
     server starting on a ``portpool_port``). Else the port is bound for a moment
     exactly as ``acquire`` would, and once more without SO_REUSEADDR.
-    Raises InvalidPort (a ValueError) for a value that is not a port, OSError if
-    ``host`` does not resolve, StateDirError for an unusable state dir.
+    Raises InvalidPort (a ValueError) for a value that is not a port, TypeError for a
+    ``host`` that is not a str, OSError if ``host`` does not resolve, StateDirError for
+    an unusable state dir.
     """
     check_port(port)
+    if not isinstance(host, str):  # None raised AttributeError from deep in the names
+        raise TypeError(f"host must be a str (an IP address or a name), not {host!r}")
     from portpool._portstatus import inspect_port
     from portpool.statedir import StateDir
 

@@ -265,10 +265,12 @@ def parse_port_range(text: str, where: str = "--portpool-port-range") -> tuple[i
 
 def default_range(ephemeral: tuple[int, int] | None) -> tuple[int, int] | None:
     """The default range beside the ephemeral range ``(first, last)`` (None: unknown):
-    up to 10000 ports ending at 29999 or below it, else starting above it, all within
+    20000-29999 where that does not overlap it, else up to 10000 ports ending below it,
+    else starting above it, all within
     1024..65535; None when neither side leaves ``MIN_SIZE`` ports. Raises nothing."""
-    if ephemeral is None:
-        return DEFAULT_TOP - DEFAULT_SIZE + 1, DEFAULT_TOP
+    default = (DEFAULT_TOP - DEFAULT_SIZE + 1, DEFAULT_TOP)
+    if ephemeral is None or ephemeral[1] < default[0] or ephemeral[0] > default[1]:
+        return default  # a range below 20000 moved it below itself: 1024-4999 for 5000-5100
     end = min(DEFAULT_TOP, ephemeral[0] - 1)
     below = (max(1024, end - DEFAULT_SIZE + 1), end)
     start = max(1024, ephemeral[1] + 1)
