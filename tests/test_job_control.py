@@ -119,3 +119,43 @@ def test_ctrl_z_then_fg_and_bg_keep_the_command_and_run_one_job(
     os.write(shell.master, b"read -r x; echo read-$x\n")
     os.write(shell.master, b"back\n")
     shell.read_until(b"read-back", timeout=30)
+
+
+# Logs SIGTERM and SIGCONT as they come (TERM ends it with status 43), then reads the
+# terminal.
+SIGNAL_LOG = """
+import os, signal, sys
+log = sys.argv[1]
+def note(name):
+    with open(log, "a") as f:
+        f.write(name + "\\n")
+def term(*_):
+    note("TERM")
+    os._exit(43)
+signal.signal(signal.SIGTERM, term)
+signal.signal(signal.SIGCONT, lambda *_: note("CONT"))
+print("reading", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))  # a race: about 1 in 4 showed it
+def test_kill_of_a_job_stopped_on_a_read_gives_the_command_its_signal_before_sigcont(
+    tmp_path: Path, port_base: int, home: Path, shell: Terminal, attempt: int
+) -> None:
+    """`kill %1` of a stopped job sends SIGTERM, then SIGCONT: a bare command acts on
+    the SIGTERM. run, continued, resumed its command at once, before passing the
+    SIGTERM on: the command read the terminal and was stopped again first (a hangup
+    the same way: SIGCONT, then SIGHUP)."""
+    config = write_layout(tmp_path / "run.toml", port_base)
+    script, log = tmp_path / "signal_log.py", tmp_path / "signals.log"
+    script.write_text(SIGNAL_LOG)
+    run = shlex.join(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--", sys.executable, str(script), str(log)]
+    )
+    os.write(shell.master, f"{run} &\n".encode())
+    shell.read_until(b"reading", timeout=60)
+    assert _await_job(shell, "Stopped (tty input)") == "Stopped (tty input)", shell.text
+    os.write(shell.master, b"kill %1\n")
+    assert _await_job(shell, "Exit 43") == "Exit 43", shell.text
+    assert log.read_text().split() == ["TERM"], shell.text

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from typing import TYPE_CHECKING
 
-from portpool._platform import move_terminal_foreground, process_group, signal_group, stopped_by
+from portpool._platform import (
+    move_terminal_foreground,
+    process_group,
+    signal_group,
+    stopped_by,
+)
 
 if TYPE_CHECKING:
     import subprocess
@@ -34,41 +38,41 @@ _SIGCONT: int | None = getattr(signal, "SIGCONT", None)  # none on Windows
 
 
 class JobWatch:
-    """Watch the command ``proc`` (our child, the leader of its own process group) on
-    a thread, from ``start()`` until ``close()``. Does nothing where the OS has no job
-    control (Windows)."""
+    """Keep the command ``proc`` (our child, the leader of its own process group) and
+    our job one: ``step()`` is called every ``JOB_POLL_S`` on the signal relay's thread
+    while no signal comes (``SignalScope.relay``'s ``idle``), until ``close()``. Does
+    nothing where the OS has no job control (Windows)."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         self.proc = proc
         self.pid = proc.pid
-        self._closing = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="portpool-job", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._closing.wait(JOB_POLL_S):
-            self.step()
+        self._closed = False
+        self._continued = False  # we stopped as the command did, and were continued
 
     def step(self) -> None:
         """Follow one change of the command's or of our job's state, if any."""
         ours = process_group(os.getpid())
-        if ours is None:
-            return  # no process groups (Windows)
+        if ours is None or self._closed:
+            return  # no process groups (Windows), or the command is done
+        if self._continued:
+            # Only now, after the relay passed on what came with our SIGCONT (`kill %1`:
+            # SIGTERM, then SIGCONT; a hangup): resumed first, the command read the
+            # terminal and stopped again before it saw its signal.
+            self._continued = False
+            move_terminal_foreground(ours, self.pid)  # fg: hand it on; bg: not ours
+            self._resume()
+            return
         stop = stopped_by(self.pid)
         if move_terminal_foreground(ours, self.pid):
             # `fg` of our job, the command's group in the background (and maybe stopped
             # by a read of the terminal meanwhile): the terminal is for it.
             self._resume()
-        elif stop is not None and not self._closing.is_set():
+        elif stop is not None:
             move_terminal_foreground(self.pid, ours)
             # Stopped as the command was: the shell sees its job stop, and continues us
             # (fg, bg, kill -CONT) as it would have continued the command.
             os.kill(os.getpid(), stop)
-            move_terminal_foreground(ours, self.pid)  # fg: hand it on; bg: not ours
-            self._resume()
+            self._continued = True
 
     def _resume(self) -> None:
         # Not reaped: the group id is still the command's.
@@ -76,11 +80,9 @@ class JobWatch:
             signal_group(self.pid, _SIGCONT)
 
     def close(self) -> None:
-        """Stop watching; give the terminal back to our group if the command's has it.
+        """Stop following; give the terminal back to our group if the command's has it.
         Call once the command has exited or is being stopped."""
-        self._closing.set()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=2)
+        self._closed = True
         ours = process_group(os.getpid())
         if ours is not None:
             move_terminal_foreground(self.pid, ours)

@@ -120,18 +120,27 @@ class SignalScope:
         self._inbox.install()
 
     def relay(
-        self, callback: Callable[[ReceivedSignal], None], witness: GroupWitness | None = None
+        self,
+        callback: Callable[[ReceivedSignal], None],
+        witness: GroupWitness | None = None,
+        idle: tuple[Callable[[], None], float] | None = None,
     ) -> None:
         """From now on hand every signal to ``callback`` (on a thread), duplicates
         dropped. With a ``witness``, each one is marked ``to_group`` when it was sent
         to our whole group (the witness is asked of every one, duplicates too, so none
-        stays pending for it)."""
+        stays pending for it). ``idle``: (a function, seconds) called on the same thread
+        whenever no signal came for that long, so that what it does comes after every
+        signal already received (job control: a command resumed only after the
+        SIGTERM that came with the SIGCONT was passed on)."""
+        wait_s = 0.2 if idle is None else idle[1]
 
         def loop() -> None:
             self._inbox.prepare_reader()
             while not self._closing.is_set():
-                received = self._inbox.take(0.2)
+                received = self._inbox.take(wait_s)
                 if received is None:
+                    if idle is not None and not self._closing.is_set():
+                        idle[0]()
                     continue
                 if witness is not None and witness.saw(received.signum):
                     received = dataclasses.replace(received, to_group=True)

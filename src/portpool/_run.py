@@ -12,7 +12,7 @@ import signal
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from portpool._job import JobWatch
+from portpool._job import JOB_POLL_S, JobWatch
 from portpool._launch import (
     DEFAULT_GRACE_S,
     base_environment,
@@ -187,14 +187,15 @@ def run_command(
             # which would take it for a child inherited through exec.
             witness = GroupWitness.start(scope.signals) if shared else None
             witnesses += [witness] if witness is not None else []
+            job = None
             if whole_tree and not shared and controlling_terminal_alive():
                 # A background job of a terminal (`run ... &`): keep it one with the
                 # command's group, which a read of the terminal or Ctrl-Z stops alone.
                 # Only the portpool command: a calling program is not ours to stop.
                 job = JobWatch(proc)
                 witnesses.append(job)
-                job.start()
-            scope.relay(relay_to(supervisor, "command", shared), witness)
+            idle = None if job is None else (job.step, JOB_POLL_S)
+            scope.relay(relay_to(supervisor, "command", shared), witness, idle)
             instance.set_service_pids(dict.fromkeys(names, proc.pid))
             instance.start_heartbeat()
             instance.start_shield(on_lost=supervisor.shield_lost, own_pids=supervisor.own_pids)
