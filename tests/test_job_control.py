@@ -58,6 +58,13 @@ def _start_in_background(shell: Terminal, tmp_path: Path, port_base: int) -> Non
     shell.read_until(b"reading", timeout=60)
 
 
+def _type(shell: Terminal, *lines: str, expect: str) -> None:
+    """Type each of ``lines`` and Enter, then wait (30 s at most) for ``expect``."""
+    for line in lines:
+        os.write(shell.master, f"{line}\n".encode())
+    shell.read_until(expect.encode(), timeout=30)
+
+
 def _await_job(shell: Terminal, state: str) -> str:
     """Ask bash's ``jobs -l`` (unlike ``jobs``, it names the signal) until job 1 is in
     ``state`` (``Running``, ``Stopped (tty input)``, ...), for at most 15 s; returns the
@@ -85,12 +92,8 @@ def test_a_background_run_whose_command_reads_the_terminal_stops_as_one_job(
     did, and ``fg`` hands the terminal on and continues the command."""
     _start_in_background(shell, tmp_path, port_base)
     assert _await_job(shell, "Stopped (tty input)") == "Stopped (tty input)", shell.text
-    os.write(shell.master, b"fg\n")
-    os.write(shell.master, b"hello\n")
-    shell.read_until(b"got-hello", timeout=30)
-    os.write(shell.master, b"end\n")
-    os.write(shell.master, b"echo status-$?\n")
-    shell.read_until(b"status-7", timeout=30)
+    _type(shell, "fg", "hello", expect="got-hello")
+    _type(shell, "end", "echo status-$?", expect="status-7")
 
 
 def test_ctrl_z_then_fg_and_bg_keep_the_command_and_run_one_job(
@@ -100,25 +103,17 @@ def test_ctrl_z_then_fg_and_bg_keep_the_command_and_run_one_job(
     stops with it, so bash takes the terminal back ("Stopped") instead of waiting on a
     job it thinks runs. ``bg`` then continues both; ``fg`` gives the terminal back."""
     _start_in_background(shell, tmp_path, port_base)
-    os.write(shell.master, b"fg\n")
-    os.write(shell.master, b"one\n")
-    shell.read_until(b"got-one", timeout=30)
+    _type(shell, "fg", "one", expect="got-one")
     os.write(shell.master, b"\x1a")  # Ctrl-Z
     shell.read_until(b"Stopped", timeout=30)
     assert _await_job(shell, "Stopped") == "Stopped", shell.text
     os.write(shell.master, b"bg\n")
     # Continued in the background, it reads the terminal again: stopped again, as one job.
     assert _await_job(shell, "Stopped (tty input)") == "Stopped (tty input)", shell.text
-    os.write(shell.master, b"fg\n")
-    os.write(shell.master, b"two\n")
-    shell.read_until(b"got-two", timeout=30)
-    os.write(shell.master, b"end\n")
-    os.write(shell.master, b"echo status-$?\n")
-    shell.read_until(b"status-7", timeout=30)
+    _type(shell, "fg", "two", expect="got-two")
+    _type(shell, "end", "echo status-$?", expect="status-7")
     # The terminal is the shell's again: a command it runs next reads it.
-    os.write(shell.master, b"read -r x; echo read-$x\n")
-    os.write(shell.master, b"back\n")
-    shell.read_until(b"read-back", timeout=30)
+    _type(shell, "read -r x; echo read-$x", "back", expect="read-back")
 
 
 # Logs SIGTERM and SIGCONT as they come (TERM ends it with status 43), then reads the

@@ -57,6 +57,22 @@ def _warming_up(home: Path, detach_pid: int) -> bool:
     return log.exists() and "warming up" in log.read_text()
 
 
+def _start_warming_up(
+    tmp_path: Path, port_base: int, home: Path
+) -> tuple[Path, subprocess.Popen[str]]:
+    """A slow instance 1 started with `up --detach`, once its service runs (still
+    starting): the release file, touched, lets it get up; and the waiting `up --detach`."""
+    release = tmp_path / "release"
+    _slow_layout(tmp_path, port_base, release)
+    detach = start("up", "--detach", cwd=tmp_path)
+    try:
+        wait_for(lambda: _warming_up(home, detach.pid), timeout=30)
+    except BaseException:
+        kill_if_running(detach)
+        raise
+    return release, detach
+
+
 class _Follower:
     """``portpool logs -f ...`` running, its output read as it comes (from the pipe
     itself: a line already in a file object's buffer is not seen by select)."""
@@ -84,12 +100,9 @@ class _Follower:
 def test_logs_and_logs_follow_show_an_instance_while_it_starts(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
-    release = tmp_path / "release"
-    _slow_layout(tmp_path, port_base, release)
-    detach = start("up", "--detach", cwd=tmp_path)
+    release, detach = _start_warming_up(tmp_path, port_base, home)
     follower: _Follower | None = None
     try:
-        wait_for(lambda: _warming_up(home, detach.pid), timeout=30)
         [starting] = status_json(tmp_path / "portpool.toml")["instances"]
         assert starting["number"] == 1 and detach.poll() is None  # not up yet
 
@@ -125,12 +138,9 @@ def test_logs_and_logs_follow_show_an_instance_while_it_starts(
 def test_logs_follow_an_instance_whose_up_detach_was_killed_before_it_was_up(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:
-    release = tmp_path / "release"
-    _slow_layout(tmp_path, port_base, release)
-    detach = start("up", "--detach", cwd=tmp_path)
+    release, detach = _start_warming_up(tmp_path, port_base, home)
     follower: _Follower | None = None
     try:
-        wait_for(lambda: _warming_up(home, detach.pid), timeout=30)
         detach.kill()  # kill -9 of the waiting `up --detach`: its background up goes on
         detach.wait(timeout=30)
 
@@ -188,14 +198,9 @@ def _first_instance_stopped(tmp_path: Path, port_base: int) -> None:
 def _detach_killed_while_warming_up(tmp_path: Path, port_base: int, home: Path) -> Path:
     """A slow instance 1 started with `up --detach`, which is killed -9 once the service
     runs: its background up goes on. The release file, touched, lets it get up."""
-    release = tmp_path / "release"
-    _slow_layout(tmp_path, port_base, release)
-    detach = start("up", "--detach", cwd=tmp_path)
-    try:
-        wait_for(lambda: _warming_up(home, detach.pid), timeout=30)
-    finally:
-        detach.kill()
-        detach.wait(timeout=30)
+    release, detach = _start_warming_up(tmp_path, port_base, home)
+    detach.kill()
+    detach.wait(timeout=30)
     return release
 
 
