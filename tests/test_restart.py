@@ -945,3 +945,16 @@ def test_a_service_that_shuts_its_socket_down_to_drain_does_not_trip_the_shield(
         _out, err = stop_up(reader)
     assert proc.returncode == 0, err
     assert "shield tripped" not in err
+
+
+def test_probe_and_stop_backoff_stay_capped_after_thousands_of_tries() -> None:
+    """Readiness probes every 50 ms and the stop's checks computed 0.005 * 2**attempt:
+    past attempt 1074 (about 52 s of waiting: a long ready_timeout_s, a --grace of a
+    minute) that is past a float, and up crashed with OverflowError mid-stop, leaving a
+    service that ignored SIGTERM running, never SIGKILLed."""
+    from portpool._keeper import backoff_s
+
+    assert backoff_s(0.005, 0.05, 0) == 0.005
+    assert backoff_s(0.005, 0.05, 3) == 0.04
+    for attempt in (10, 1074, 1075, 100_000):
+        assert backoff_s(0.005, 0.05, attempt) == 0.05

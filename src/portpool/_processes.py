@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
 
+from portpool._keeper import backoff_s
 from portpool._launch import (
     DEFAULT_GRACE_S,
     describe_status,
@@ -408,7 +409,7 @@ class Supervisor:
                 deadline = time.monotonic() + 10.0
             elif kill and time.monotonic() >= deadline:
                 break  # unkillable (uninterruptible sleep): give up waiting, not hang
-            time.sleep(min(0.05, 0.002 * 2**step))  # most services exit within milliseconds
+            time.sleep(backoff_s(0.002, 0.05, step))  # most services exit within ms
         for child in self.children.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.wait(timeout=1.0)
