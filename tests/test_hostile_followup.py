@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -329,3 +330,44 @@ def test_an_entry_in_place_of_a_subdirectory_is_named_with_what_it_is(
     instances.unlink()
     os.mkfifo(instances)
     expect(instances, "is a FIFO, not a directory")
+
+
+def _immutable(path: Path) -> bool:
+    """Make ``path`` immutable (chattr +i: root, on a filesystem with the flag)."""
+    done = subprocess.run(["chattr", "+i", str(path)], capture_output=True, check=False)
+    return done.returncode == 0
+
+
+def _mutable(*paths: Path) -> None:
+    for path in paths:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True, check=False)
+
+
+def test_gc_names_a_file_it_cannot_remove_and_keeps_its_pair_whole(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """gc skipped an immutable lock file without a word (exit 0), and for a record it
+    could not unlink named the lock file instead, which it had removed, unlisted."""
+    config = write_layout(tmp_path / "l.toml", port_base)
+    assert portpool("run", "-q", "-c", str(config), "--", "true").returncode == 0
+    ports = home / "ports"
+    first, second = port_base, port_base + 2  # alpha's and beta's ports of instance 1
+    lock, record = ports / f"{first}.lock", ports / f"{second}.json"
+    assert lock.exists() and record.exists()
+    if shutil.which("chattr") is None or not _immutable(lock):
+        pytest.skip("needs chattr +i (root, on a filesystem with the immutable flag)")
+    try:
+        if not _immutable(record):
+            pytest.skip("needs chattr +i on a second file")
+        gc = portpool("gc")
+        assert gc.returncode == 1, gc.stdout + gc.stderr
+        assert f"{lock}: cannot be locked to remove it" in gc.stderr, gc.stderr
+        assert f"{record}: cannot be removed: Operation not permitted" in gc.stderr
+        # The pair of the record it could not remove stays whole, lock file and all.
+        assert (ports / f"{second}.lock").exists() and record.exists()
+        assert f"ports/{second}.lock" not in gc.stdout
+    finally:
+        _mutable(lock, record)
+    again = portpool("gc")
+    assert again.returncode == 0, again.stderr
+    assert not record.exists() and not lock.exists()

@@ -62,26 +62,43 @@ class GcReport:
 
 
 def _remove_free_files(
-    directory: DirHandle, lock_name: str, others: Sequence[str]
+    directory: DirHandle, lock_name: str, others: Sequence[str], problems: list[str]
 ) -> list[str] | None:
     """Take ``lock_name``; if free, unlink ``others`` and the lock file while holding it
     (rule 2). Returns the files that were there and were unlinked (the lock file last,
-    if it was there before we locked it); None if the lock was held."""
+    if it was there before we locked it); None if the lock was held or could not be
+    taken. What could not be done is added to ``problems``, naming its file: gc skipped
+    an immutable lock file without a word, and for a record it could not unlink named
+    the lock file (which it had removed, unlisted) instead."""
     existed = directory.stat_entry(lock_name) is not None
     try:
         held = HeldLock.acquire(directory, lock_name)
-    except (LockHeld, PortPoolError):
+    except LockHeld:
+        return None
+    except PortPoolError as e:
+        where = os.path.join(directory.path, lock_name)
+        problems.append(f"{where}: cannot be locked to remove it: {e}")
         return None
     removed: list[str] = []
+    kept = False
     try:
         for name in others:
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 directory.unlink(name)
                 removed.append(name)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                kept = True  # the pair stays together: the lock file is kept too
+                where = os.path.join(directory.path, name)
+                problems.append(f"{where}: cannot be removed: {e.strerror or e}")
     finally:
-        if existed and held.problem(check_kernel=False) is None:
-            removed.append(lock_name)  # remove_and_release unlinks it: still ours
-        held.remove_and_release()
+        if kept:
+            held.release()
+        else:
+            if existed and held.problem(check_kernel=False) is None:
+                removed.append(lock_name)  # remove_and_release unlinks it: still ours
+            held.remove_and_release()
     return removed
 
 
@@ -225,7 +242,9 @@ def clean_app(state: StateDir, app: str, report: GcReport | None = None) -> GcRe
             if linked is not None:
                 report.problems.append(linked)
                 continue
-            removed = _remove_free_files(directory, f"{number}.lock", [f"{number}.json"])
+            removed = _remove_free_files(
+                directory, f"{number}.lock", [f"{number}.json"], report.problems
+            )
         except OSError as e:
             where = os.path.join(directory.path, f"{number}.json")
             report.problems.append(f"{where}: {e.strerror or e}")
@@ -291,7 +310,7 @@ def _clean_port(ports: DirHandle, name: str, locked: LockTable | None, report: G
     if linked is not None:
         report.problems.append(linked)
         return
-    removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"])
+    removed = _remove_free_files(ports, f"{port}.lock", [f"{port}.json"], report.problems)
     if not removed:
         return
     report.files.extend(f"ports/{name}" for name in removed)
