@@ -952,7 +952,7 @@ def test_probe_and_stop_backoff_stay_capped_after_thousands_of_tries() -> None:
     past attempt 1074 (about 52 s of waiting: a long ready_timeout_s, a --grace of a
     minute) that is past a float, and up crashed with OverflowError mid-stop, leaving a
     service that ignored SIGTERM running, never SIGKILLed."""
-    from portpool._keeper import backoff_s
+    from portpool._restart import backoff_s
 
     assert backoff_s(0.005, 0.05, 0) == 0.005
     assert backoff_s(0.005, 0.05, 3) == 0.04

@@ -25,12 +25,13 @@ from portpool._restart import (
     RESTART_BURST,
     RESTART_WINDOW_S,
     RestartTracker,
+    backoff_s,
     made_progress,
 )
 from portpool.errors import CommandNotFound, ResourceLimit
 from portpool.layout import Service
 
-__all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper", "backoff_s", "describe_failure"]
+__all__ = ["SERVICE_STATES", "Failure", "ServiceKeeper", "describe_failure"]
 
 SERVICE_STATES = ("starting", "ready", "restarting", "exited")
 _PROBE_INTERVAL_S = 0.05
@@ -48,13 +49,6 @@ class Failure:
     returncode: int | None = None
     detail: str = ""
     limit: ResourceLimit | None = None  # cannot-start: out of file descriptors
-
-
-def backoff_s(first_s: float, cap_s: float, attempt: int) -> float:
-    """``first_s`` doubled ``attempt`` times (0, 1, ...), at most ``cap_s``: seconds.
-    The exponent is capped: 2**1075 is past a float, and a readiness wait or a stop
-    of 52 s or more ended in OverflowError (a service never SIGKILLed). Raises nothing."""
-    return min(cap_s, first_s * 2.0 ** min(attempt, 60))
 
 
 def describe_failure(failure: Failure) -> str:

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, TYPE_CHECKING
 
-from portpool._keeper import backoff_s
 from portpool._launch import (
     DEFAULT_GRACE_S,
     describe_status,
@@ -43,6 +42,7 @@ from portpool._platform import (
     resume_stopped,
     signal_group,
 )
+from portpool._restart import backoff_s
 from portpool.errors import PortPoolError, ServiceExited, ShieldTripped
 
 __all__ = ["Supervisor"]

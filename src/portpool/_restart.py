@@ -29,6 +29,7 @@ __all__ = [
     "Decision",
     "RestartTracker",
     "backoff_delay_s",
+    "backoff_s",
     "made_progress",
     "wants_restart",
 ]
@@ -102,3 +103,10 @@ class RestartTracker:
         self._recent.append(now)
         self.count += 1
         return Decision(True, delay)
+
+
+def backoff_s(first_s: float, cap_s: float, attempt: int) -> float:
+    """``first_s`` doubled ``attempt`` times (0, 1, ...), at most ``cap_s``: seconds.
+    The exponent is capped: 2**1075 is past a float, and a readiness wait or a stop
+    of 52 s or more ended in OverflowError (a service never SIGKILLed). Raises nothing."""
+    return min(cap_s, first_s * 2.0 ** min(attempt, 60))
