@@ -1152,3 +1152,33 @@ def test_a_line_that_never_ends_keeps_up_s_memory_bounded() -> None:
     assert lines[0].rsplit("\r", 1)[-1] == "done" and len(lines[0]) <= 2 * _PENDING_MAX
     # A 3 MiB line without a carriage return: in pieces, nothing lost.
     assert "".join(lines[1:]) == "y" * (3 * _PENDING_MAX) and len(lines) >= 3
+
+
+# A line that makes the pattern ^(a|a)+$ backtrack for ever (2**40 ways to read it).
+BACKTRACKING = """\
+import time
+print("a" * 40 + "b", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_log_pattern_that_backtracks_times_out_instead_of_hanging_up(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """ready = "log:^(a|a)+$" (or ^(a+)+$) on a line of 40 a's and a b: matching it held
+    up's interpreter for hours, so ready_timeout_s never fired and up took no SIGTERM (only
+    kill -9 ended it). Each line's match is now bounded: the line does not match, the
+    probe says why, and the timeout and signals work."""
+    command = script_command(tmp_path, "backtracking.py", BACKTRACKING)
+    config = write_config(
+        tmp_path,
+        port_base,
+        {"slow": {"command": command, "ready": "log:^(a|a)+$", "ready_timeout_s": 2}},
+    )
+    proc = start("up", "--config", str(config), "--grace", "1", env=up_env(tmp_path))
+    reader = LineReader(proc)
+    out, err = reader.finish(60)
+    assert proc.returncode == 5, (out, err)
+    assert "service 'slow' was not ready in time" in err
+    assert "took too long on a line" in err, err
+    assert status_json(config)["instances"] == []

@@ -13,7 +13,8 @@ A layout's ``ready`` key picks the probe:
   With ``socket = "port"``: a connect succeeds, and no process portpool did not start
   listens where it connected.
 - ``"http:<path>"``: ``GET <path>`` answers with a 2xx status.
-- ``"log:<regex>"``: a line of the service's output matches (``re.search``), as the
+- ``"log:<regex>"``: a line of the service's output matches (``re.search``'s syntax, each line
+  given at most 0.2 s), as the
   line reads on a terminal: without a trailing carriage return, colour codes or other
   escape sequences, and each part after a carriage return inside it on its own.
 - ``"none"``: ready as soon as it is started.
@@ -28,13 +29,22 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from portpool._platform import accept_queue_length, connection_accepted, is_listening
 from portpool._text import cut, printable
 
+if TYPE_CHECKING:
+    import regex
+
 __all__ = ["ReadinessProbe", "probe_host", "probe_hosts"]
 
 _CONNECT_TIMEOUT_S = 1.0
+# How long one line may take a log: pattern. Python's re cannot be stopped: a pattern
+# that backtracks (^(a+)+$ on 40 a's and a b) held up's interpreter for hours, its
+# ready_timeout_s and every signal with it. The regex package stops at a timeout, and
+# matches with the interpreter's lock let go meanwhile.
+_LINE_MATCH_S = 0.2
 _PATH_SAFE = "".join(chr(c) for c in range(33, 127))  # printable ASCII stays as written
 # Terminal control sequences (CSI, like colours, and OSC, like hyperlinks) a logger adds
 # when it believes it writes to a terminal: "log:listening on" never matched
@@ -110,7 +120,8 @@ class ReadinessProbe:
         # A request line is ASCII: "http:/héalth" raised UnicodeEncodeError in the
         # probe's thread, and up then waited forever. Sent as a browser would.
         self.path = urllib.parse.quote(arg, safe=_PATH_SAFE) if kind == "http" else ""
-        self.pattern = re.compile(arg) if kind == "log" else None
+        self.pattern = _log_pattern(arg) if kind == "log" else None
+        self._slow_line: str | None = None  # the start of a line that took too long
         self._matched = threading.Event()
         self._lines = 0  # output lines seen (log:), to say when there were none
         self._partial = False  # the last thing seen is the start of an unended line
@@ -138,9 +149,16 @@ class ReadinessProbe:
         # the cursor back: the screen shows each part over the last, so "^ready" is
         # matched against each part too.
         parts = plain.split("\r") if "\r" in plain else ()
-        search = self.pattern.search
-        if search(plain) or search(line) or any(search(part) for part in parts):
+        if any(self._search(text) for text in (plain, line, *parts)):
             self._matched.set()
+
+    def _search(self, text: str) -> bool:
+        assert self.pattern is not None
+        try:
+            return self.pattern.search(text, concurrent=True, timeout=_LINE_MATCH_S) is not None
+        except TimeoutError:
+            self._slow_line = cut(printable(text), 60)
+            return False
 
     def feed_partial(self, text: str) -> None:
         """The start of a line the service wrote (and flushed) without ending it yet, all
@@ -199,6 +217,12 @@ class ReadinessProbe:
             return True
         if self.kind == "log":
             self.last_problem = f"no output line matched {self.spec[4:]!r} yet"
+            if self._slow_line is not None:
+                self.last_problem += (
+                    f"; the pattern took too long on a line ({self._slow_line!r}: over "
+                    f"{_LINE_MATCH_S:g} s, it backtracks: write it without nested "
+                    "repetition such as (a|a)+)"
+                )
             if not self._lines:
                 # The usual cause: output to a pipe is block-buffered (Python, C stdio),
                 # so the line a terminal showed at once never reached up.
@@ -395,3 +419,11 @@ class ReadinessProbe:
                 pass  # the read that follows says what went wrong, as before
             sock.settimeout(max(left, 0.001))
             return True
+
+
+def _log_pattern(text: str) -> regex.Pattern[str]:
+    """``text`` compiled for ``log:`` readiness by the regex package (Python's re
+    syntax), which can stop a match. Raises regex.error (the layout checked it with re)."""
+    import regex
+
+    return regex.compile(text, flags=regex.VERSION0)
