@@ -163,8 +163,7 @@ def _adopt(claim: _Claim, number: int) -> None:
                     problem = _place_log(logs, number, claim.log, me.pid, me.start_token)
         except (OSError, PortPoolError) as e:
             where = os.path.join(claim.state_path, "apps", claim.app, "logs")
-            final, stays = os.path.join(where, f"{number}.log"), os.path.join(where, claim.log)
-            problem = f"the log cannot be put at {final} ({e}); it stays at {stays}"
+            problem = _log_stays(where, number, claim.log, e)
         if problem:
             _warn(problem)
 
@@ -382,6 +381,12 @@ def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str
     if blocked is None:
         drop_log_owner(logs, starting)
         return None
-    why = blocked.strerror if isinstance(blocked, OSError) and blocked.strerror else blocked
-    where, stays = os.path.join(logs.path, final), os.path.join(logs.path, starting)
-    return f"the log cannot be put at {where} ({why}); it stays at {stays}"
+    return _log_stays(logs.path, number, starting, blocked)
+
+
+def _log_stays(logs_path: str, number: int, starting: str, why: Exception) -> str:
+    """What kept the log ``starting`` from ``<number>.log`` in ``logs_path``, and where
+    it stays."""
+    said = why.strerror if isinstance(why, OSError) and why.strerror else why
+    where, stays = os.path.join(logs_path, f"{number}.log"), os.path.join(logs_path, starting)
+    return f"the log cannot be put at {where} ({said}); it stays at {stays}"
