@@ -4,6 +4,7 @@ re-exported here for the tests that import it from this module."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -62,6 +63,20 @@ def _reset_module_state() -> Iterator[None]:
     fds._received = received_before
     for cache in _CACHES:
         cache.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _private_state_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A private PORTPOOL_HOME for a test that names none (nor a module's fixture).
+
+    Without it, a test that asked for no ``home`` used this user's state dir, shared with
+    the other xdist worker: its instance of "testapp" took slot 2 there, not 1.
+    """
+    if "PORTPOOL_HOME" not in os.environ:
+        path = tmp_path_factory.mktemp("home") / "state"
+        monkeypatch.setenv("PORTPOOL_HOME", str(path))
 
 
 @pytest.fixture
