@@ -1102,8 +1102,14 @@ def test_stop_says_what_is_wrong_with_the_record(
             assert (done.returncode, done.stdout) == (1, ""), args
             assert done.stderr == (
                 "portpool: error: no instance of testapp can be used: instance 1 runs but "
-                "its record is unreadable: record is not valid JSON\n"
+                f"its record is unreadable: record is not valid JSON ({record})\n"
             ), args
+        # With a number, too: the error names the file, not only "record unreadable".
+        done = portpool("stop", str(number), "--config", str(layout_file))
+        assert done.stderr == (
+            f"portpool: error: instance {number}: its record is unreadable: record is not "
+            f"valid JSON ({record}): not signalling anything\n"
+        )
         assert proc.poll() is None  # nothing was signalled
     finally:
         release.touch()

@@ -921,7 +921,9 @@ def test_a_held_port_without_a_readable_record_does_not_name_its_holder_as_an_in
         (home / "ports" / f"{port}.json").write_bytes(b"{ torn")
         refusal, notes, _ = classify_port(state, port, "127.0.0.1")
         assert refusal is not None and refusal.reason == "held"
-        assert "metadata unreadable" in refusal.detail
+        # Naming the file: "unreadable" alone left users to guess which one.
+        where = home / "ports" / f"{port}.json"
+        assert refusal.detail.endswith(f"metadata unreadable: record has no checksum ({where})")
         assert notes == ()
         problems = _report(_shield(lease)).problems
         assert problems and not any("listened on" in p for p in problems), problems

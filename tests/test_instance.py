@@ -93,7 +93,9 @@ def test_iter_instances_reads_each_slot_when_asked_and_lists_as_list_instances(
             (records / "2.json").write_bytes(b"{not json")
             second = next(infos)
             assert (second.number, second.alive, second.readable) == (2, True, False)
-            assert second.problem == "record unreadable: record is not valid JSON"
+            assert second.problem == (
+                f"record unreadable: record is not valid JSON ({records / '2.json'})"
+            )
             assert next(infos, None) is None
         finally:
             (records / "2.json").write_bytes(saved)

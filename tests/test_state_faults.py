@@ -707,7 +707,9 @@ def test_a_record_with_a_number_too_long_to_read_is_unreadable_json(
     (directory / "7.json").write_text('{"v": 1, "pid": 1' + "0" * 5000 + "}")
     [info] = status_json(layout_file)["instances"]
     assert (info["number"], info["alive"]) == (7, False)
-    assert info["problem"] == "record unreadable: record is not valid JSON"
+    assert info["problem"] == (
+        f"record unreadable: record is not valid JSON ({directory / '7.json'})"
+    )
 
 
 OUT_OF_FDS_RECORD = (

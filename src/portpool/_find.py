@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeGuard
 
 from portpool._heldlock import is_held
+from portpool._jsonfile import record_problem
 from portpool._platform import DirHandle, LockTable, OpenFiles, locked_inodes
 from portpool._record import PortRecord, read_port_record
 from portpool._slots import checkout_dir, previous_number
@@ -277,7 +278,8 @@ def _port_lease(
     except OSError as e:
         return f"its lock cannot be examined ({e.strerror or e})", None
     except ValueError as e:
-        return f"its lock is held but its own record is unreadable ({e})", None
+        why = record_problem(e, directory, f"{port}.json")  # directory: is_held passed
+        return f"its lock is held but its own record is unreadable: {why}", None
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.,:/@+-]*")

@@ -25,6 +25,7 @@ import orjson
 
 from portpool._layout_load import file_kind
 from portpool._platform import DirHandle
+from portpool._text import printable
 from portpool.errors import StateDirError
 from portpool.statedir import out_of_descriptors, write_error
 
@@ -57,6 +58,13 @@ def not_a_record(path: str, kind: str) -> str:
     """Why ``kind`` ("a directory") at a record ``path`` keeps portpool's record out, in
     one text for every command (doctor gave the bare file name). Raises nothing."""
     return str(StateDirError(path, f"is {kind}, not a record portpool wrote (remove it)"))
+
+
+def record_problem(why: object, directory: DirHandle, name: str) -> str:
+    """``why`` a record cannot be used, naming the file: "record is not valid JSON
+    (<dir>/<name>)". Without the path, users were told a record was unreadable and left
+    to guess which of the state dir's files. Raises nothing."""
+    return f"{why} ({printable(os.path.join(directory.path, name))})"
 
 
 class NotAFile(ValueError):

@@ -11,6 +11,7 @@ from typing import Literal
 
 from portpool._dataclass import dataclass
 from portpool._heldlock import is_held, lock_path_problem
+from portpool._jsonfile import record_problem
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -73,7 +74,9 @@ class PortStatus:
                 f"{who}; its record still names the previous holder, "
                 f"{self.record.describe()}, which no longer runs"
             )
-        return f"{who}, metadata unreadable ({self.problem or 'not written yet'})"
+        if self.problem is None:
+            return f"{who}, metadata unreadable (not written yet)"
+        return f"{who}, metadata unreadable: {self.problem}"  # it ends with its file's path
 
 
 def lock_holder(directory: DirHandle, name: str, locked: LockTable | None) -> int | None:
@@ -130,7 +133,8 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
         record = read_port_record(directory, port)
     except ValueError as e:
         holder = lock_holder(directory, f"{port}.lock", locked)
-        return PortStatus(port, "held-unreadable", None, str(e), holder=holder)
+        problem = record_problem(e, directory, f"{port}.json")
+        return PortStatus(port, "held-unreadable", None, problem, holder=holder)
     if record is None or record.port != port:
         problem = None if record is None else f"record names port {record.port}"
         holder = lock_holder(directory, f"{port}.lock", locked)

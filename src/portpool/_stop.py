@@ -16,7 +16,7 @@ from typing import Any
 from portpool._dataclass import dataclass, field
 from portpool._find import find_instance, running_slot, unreadable_detail
 from portpool._heldlock import is_held
-from portpool._jsonfile import read_json_file
+from portpool._jsonfile import read_json_file, record_problem
 from portpool._occupants import with_owners
 from portpool._platform import (
     DirHandle,
@@ -92,8 +92,9 @@ def _verified_holder(layout: Layout, number: int, state: StateDir) -> tuple[Inst
     try:
         raw = read_json_file(directory, f"{number}.json")
     except ValueError as e:
+        why = record_problem(f"record {e}", directory, f"{number}.json")
         raise StopFailed(
-            number, f"its record is unreadable: record {e}: not signalling anything"
+            number, f"its record is unreadable: {why}: not signalling anything"
         ) from None
     if not isinstance(raw, dict) or raw.get("boot_id") != boot_id():
         raise StopFailed(number, "its record is from another boot: not signalling anything")

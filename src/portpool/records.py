@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from portpool._dataclass import dataclass
 from portpool._heldlock import holds_lock, is_held, lock_path_kind, unusable_lock_path
-from portpool._jsonfile import NotAFile, decimal, not_a_record, read_json_file
+from portpool._jsonfile import NotAFile, decimal, not_a_record, read_json_file, record_problem
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -322,7 +322,8 @@ def _read_instance_once(
         unreadable = f"record unreadable: {number}.json {e}"
         record_is_dir = e.kind == RECORD_BLOCKER
     except ValueError as e:
-        unreadable = f"record unreadable: record {e}"
+        why = record_problem(f"record {e}", directory, f"{number}.json")
+        unreadable = f"record unreadable: {why}"
     holder = running_holder(raw)
     # Asked of that process first: a live pid with a copied start token that does not
     # hold the lock passed for the instance's process ("alive", its ports and all).
@@ -347,7 +348,8 @@ def _read_instance_once(
     try:
         info = _parse_record(number, alive, raw)
     except ValueError as e:
-        return InstanceInfo(number, alive, False, problem=f"record unreadable: record {e}")
+        problem = record_problem(f"record {e}", directory, f"{number}.json")
+        return InstanceInfo(number, alive, False, problem=f"record unreadable: {problem}")
     if alive and not vouched:
         # The slot is held, and the process the record names (pid, start token, boot id)
         # does not run here or does not say it holds the lock: the record may not be its
