@@ -386,7 +386,10 @@ def test_a_record_time_that_is_no_time_of_day_makes_the_record_unreadable(
     config = write_layout(tmp_path / "l.toml", 40200, app="fuzzapp")
     path = Path(state.instances("fuzzapp").path)
     (path / "1.json").write_bytes(_dump({**GOOD_INSTANCE, key: value}))
-    why = f"record unreadable: record has no valid {key} ({shown} is no time of day)"
+    why = (
+        f"record unreadable: record has no valid {key} ({shown} is no time of day) "
+        f"({path / '1.json'})"
+    )
     (inst,) = json.loads(portpool("status", "--json", "--config", str(config)).stdout)["instances"]
     assert (inst["readable"], inst["problem"]) == (False, why), inst
     text = portpool("status", "--config", str(config))
