@@ -278,7 +278,7 @@ def _port_lease(
     except OSError as e:
         return f"its lock cannot be examined ({e.strerror or e})", None
     except ValueError as e:
-        why = record_problem(e, directory, f"{port}.json")  # directory: is_held passed
+        why = e if directory is None else record_problem(e, directory, f"{port}.json")
         return f"its lock is held but its own record is unreadable: {why}", None
 
 

@@ -133,8 +133,8 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
         record = read_port_record(directory, port)
     except ValueError as e:
         holder = lock_holder(directory, f"{port}.lock", locked)
-        problem = record_problem(e, directory, f"{port}.json")
-        return PortStatus(port, "held-unreadable", None, problem, holder=holder)
+        why = record_problem(e, directory, f"{port}.json")
+        return PortStatus(port, "held-unreadable", None, why, holder=holder)
     if record is None or record.port != port:
         problem = None if record is None else f"record names port {record.port}"
         holder = lock_holder(directory, f"{port}.lock", locked)
