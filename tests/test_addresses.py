@@ -335,6 +335,54 @@ def test_run_by_number_notes_a_port_a_plain_bind_cannot_take(
     assert fds.returncode == 0 and "SO_REUSEADDR" not in fds.stderr
 
 
+# An IPv6 connection whose socket was bound to [::]:P (dual-stack, SO_REUSEADDR) before
+# it connected from [::1]: the kernel's table lists it at [::1]:P, yet it keeps a plain
+# bind off 0.0.0.0:P.
+WIDE_CONNECTION = (
+    "import socket, sys\n"
+    "server = socket.create_server(('::1', 0), family=socket.AF_INET6)\n"
+    "s = socket.socket(socket.AF_INET6)\n"
+    "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)\n"
+    "s.bind(('::', int(sys.argv[1]))); s.connect(server.getsockname()[:2])\n"
+    "peer, _ = server.accept()\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+    "peer.close(); s.recv(1); s.close()\n"
+)
+
+
+@needs_ipv6
+def test_a_dual_stack_connection_listed_on_ipv6_is_named_for_a_plain_bind_on_0_0_0_0(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """run printed no note, and doctor and diagnose() said the plain bind was kept off by
+    "a socket the OS does not list", though the OS lists it (at [::1]:P)."""
+    proc = start_script(WIDE_CONNECTION, str(port_base))
+    foreign.append(proc)
+    plain = socket.socket()
+    with pytest.raises(OSError):  # the kernel's word: a plain bind fails
+        plain.bind(("0.0.0.0", port_base))
+    plain.close()
+    note = (
+        "a server that does not set SO_REUSEADDR cannot bind it yet: "
+        f"pid {proc.pid} (python) has a connection from [::1]:{port_base} to [::1]:"
+    )
+    why = ", whose socket was bound to [::] (IPv6 and IPv4) before it connected"
+    found = diagnose(port_base, "0.0.0.0")
+    assert found.bindable and found.inferred
+    [said] = found.notes()
+    assert said.startswith(note) and why in said, said
+    layout = _layout(tmp_path / "p.toml", port_base, "0.0.0.0", max_instances=1)
+    doctor = portpool("doctor", "--all", "--config", str(layout))
+    line = next(x for x in doctor.stdout.splitlines() if f" {port_base}  " in x)
+    assert line.split(f"{port_base}  free; ", 1)[1] == said
+    ran = portpool("run", "--config", str(layout), "--", "true")
+    assert ran.returncode == 0, ran.stderr
+    notes = [x for x in ran.stderr.splitlines() if "SO_REUSEADDR" in x]
+    assert notes == [f"portpool: service 'web' port {port_base}: {said}"]
+
+
 @pytest.mark.parametrize(
     ("spelling", "canonical"),
     [("::0", "::"), ("0:0:0:0:0:0:0:0", "::"), ("0:0:0:0:0:0:0:1", "::1")],

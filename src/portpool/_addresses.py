@@ -214,6 +214,22 @@ def meets(sock: TcpSocket, scopes: frozenset[Scope]) -> bool:
     return overlaps(theirs, scopes)
 
 
+def bound_wider(sock: TcpSocket, covered: frozenset[Scope]) -> bool:
+    """Whether ``sock``, on no address of ``covered``, may still block a bind there: an
+    IPv6 connection (or its TIME_WAIT) is listed by the address it uses, while Linux's
+    bind check still counts the ``[::]`` (IPv6 and IPv4) its socket was bound to
+    against the IPv4 wildcard (``[::]:P`` then connected from ``[::1]:P`` refused a
+    lease on 0.0.0.0, and the refusal named "a process the OS does not name"). An IPv4
+    connection's bind address follows the one it uses: the table tells the truth.
+    Raises nothing."""
+    return (
+        sock.state not in ("listen", "bound")
+        and sock.family == 6
+        and sock.v6only is not True
+        and (4, None) in covered
+    )
+
+
 def occupies(sock: TcpSocket, host: str) -> bool:
     """Whether ``sock`` uses an address a lease on ``host`` covers (bind overlap).
 

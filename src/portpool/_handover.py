@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from portpool._addresses import occupies
+from portpool._addresses import covered_scopes
+from portpool._occupants import plain_bind_blockers, plain_bind_note, with_owners
 from portpool._platform import socket_inode, tcp_sockets
 from portpool.layout import Layout
 
@@ -44,14 +45,12 @@ def plain_bind_notes(leases: Iterable[Lease]) -> list[str]:
     out = []
     for lease in leases:
         mine = {socket_inode(s) for s in (lease.socket, *lease.held) if s is not None}
-        blocking = [
-            s
-            for s in tcp_sockets(lease.port)
-            if s.state != "listen" and s.inode not in mine and occupies(s, lease.host)
-        ]
+        others = [s for s in tcp_sockets(lease.port) if s.inode not in mine]
+        # doctor's rule, so the two name the same sockets (a [::] socket's connection on
+        # [::1] kept a plain bind off 0.0.0.0, and run said nothing while doctor did).
+        blocking, inferred = plain_bind_blockers(others, covered_scopes(lease.host))
         if blocking:
-            from portpool._occupants import plain_bind_note, with_owners  # rarely needed
-
+            note = plain_bind_note(with_owners(blocking), inferred=inferred)
             who = f"service {lease.service!r} " if lease.service else ""
-            out.append(f"{who}port {lease.port}: {plain_bind_note(with_owners(blocking))}")
+            out.append(f"{who}port {lease.port}: {note}")
     return out

@@ -20,14 +20,20 @@ from typing import TYPE_CHECKING
 
 from portpool._addresses import (
     DEFAULT_BACKLOG,
-    Scope,
     bind_all,
+    bound_wider,
     check_port,
     covered_scopes,
     meets,
 )
 from portpool._dataclass import dataclass, field
-from portpool._occupants import Occupant, occupants_text, plain_bind_note, with_owners
+from portpool._occupants import (
+    BOUND_WIDER,
+    Occupant,
+    occupants_text,
+    plain_bind_note,
+    with_owners,
+)
 from portpool._platform import SocketOwners, TcpSocket, tcp_sockets
 from portpool.errors import Refusal
 from portpool.layout import normalize_host
@@ -54,7 +60,8 @@ class PortDiagnosis:
     plain_bind_blocked: bool | None = None
     probed: bool = field(default=False, compare=False)
     # The occupants are connections on no covered address, named because the kernel
-    # refused the bind and no socket on a covered address is listed (``_bound_wider``).
+    # refused a bind (ours, or the plain one) and no socket on a covered address is
+    # listed (``_addresses.bound_wider``).
     inferred: bool = False
     # Who holds the port's portpool lock (as ``status`` words it); then never probed.
     held: str | None = None
@@ -84,13 +91,7 @@ class PortDiagnosis:
             return None
         if err == errno.EADDRINUSE:
             detail = f"used by {self.describe_occupants()}"
-            if self.inferred:
-                detail += (
-                    ", whose socket was bound to [::] (IPv6 and IPv4) before it connected,"
-                    " which keeps every IPv4 address of the port: the OS lists a connection"
-                    " by the address it uses"
-                )
-            return Refusal(port, "in use", detail)
+            return Refusal(port, "in use", detail + (BOUND_WIDER if self.inferred else ""))
         if err in (errno.EACCES, errno.EPERM):
             return Refusal(port, "permission denied", f"binding {host}:{port}: {self.bind_message}")
         if err == errno.EADDRNOTAVAIL:
@@ -105,7 +106,9 @@ class PortDiagnosis:
         empty for a port that is not bindable. Raises nothing."""
         if not self.bindable:
             return []
-        return [plain_bind_note(self.occupants)] if self.plain_bind_blocked else []
+        if not self.plain_bind_blocked:
+            return []
+        return [plain_bind_note(self.occupants, inferred=self.inferred)]
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: port (int), host, ``bindable``, the refusal's text (or None),
@@ -121,21 +124,6 @@ class PortDiagnosis:
             "inferred": self.inferred,
             "held": self.held,
         }
-
-
-def _bound_wider(sock: TcpSocket, covered: frozenset[Scope]) -> bool:
-    """Whether ``sock``, on no address of ``covered``, may still block a bind there: an
-    IPv6 connection (or its TIME_WAIT) is listed by the address it uses, while Linux's
-    bind check still counts the ``[::]`` (IPv6 and IPv4) its socket was bound to
-    against the IPv4 wildcard (``[::]:P`` then connected from ``[::1]:P`` refused a
-    lease on 0.0.0.0, and the refusal named "a process the OS does not name"). An IPv4
-    connection's bind address follows the one it uses: the table tells the truth."""
-    return (
-        sock.state not in ("listen", "bound")
-        and sock.family == 6
-        and sock.v6only is not True
-        and (4, None) in covered
-    )
 
 
 def _probe(host: str, port: int, *, reuse: bool) -> OSError | None:
@@ -211,12 +199,17 @@ def diagnose_port(
         bind_error = _probe(host, port, reuse=True)
         if bind_error is None:
             plain_blocked = _probe(host, port, reuse=False) is not None
-    if bind_error is None:
-        return PortDiagnosis(port, host, occupants, None, "", plain_blocked, probe)
+    # Refused, with no socket on a covered address to name (the plain bind: no
+    # connection or TIME_WAIT there): the one the table lists by another address.
+    # doctor's note read "a socket the OS does not list" for the one it lists.
     inferred = False
-    if bind_error.errno == errno.EADDRINUSE and not occupants:
-        occupants = tuple(with_owners((s for s in seen if _bound_wider(s, covered)), scan))
-        inferred = bool(occupants)
+    refused = bind_error.errno == errno.EADDRINUSE if bind_error is not None else plain_blocked
+    named = occupants if bind_error is not None else [o for o in occupants if not o.listening]
+    if refused and not named:
+        wider = tuple(with_owners((s for s in seen if bound_wider(s, covered)), scan))
+        occupants, inferred = occupants + wider, bool(wider)
+    if bind_error is None:
+        return PortDiagnosis(port, host, occupants, None, "", plain_blocked, probe, inferred)
     message = bind_error.strerror or str(bind_error)
     return PortDiagnosis(
         port, host, occupants, bind_error.errno, message, plain_blocked, probe, inferred
