@@ -335,6 +335,51 @@ def test_run_by_number_notes_a_port_a_plain_bind_cannot_take(
     assert fds.returncode == 0 and "SO_REUSEADDR" not in fds.stderr
 
 
+LISTENER = (
+    "import socket, sys\n"
+    "family = socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET\n"
+    "s = socket.socket(family); s.bind((sys.argv[1], int(sys.argv[2]))); s.listen()\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+HANDED_OVER = (
+    "import sys\n"
+    "from portpool.pool import acquire\n"
+    "from portpool.statedir import StateDir\n"
+    "lease = acquire(StateDir.open(), [int(sys.argv[1])], host='127.0.0.1', service='web')\n"
+    "lease.close_socket()\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+@needs_ipv6
+def test_diagnose_gives_the_notes_doctor_gives(
+    tmp_path: Path, port_base: int, state: StateDir, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """diagnose() is doctor for one port (README), yet its notes() left out the foreign
+    listener a held port's shield stops the instance for, and the listener on the
+    other loopback of a free one: a library caller could not see either."""
+    free, held = port_base, port_base + 1
+    layout = _layout(tmp_path / "p.toml", port_base, "::1", max_instances=1)
+    foreign.append(start_script(LISTENER, "127.0.0.1", str(free)))
+    # The holder hands its port over by number; a foreign server (not of its tree) got
+    # there first.
+    foreign.append(start_script(HANDED_OVER, str(held), what="holder"))
+    foreign.append(start_script(LISTENER, "127.0.0.1", str(held), what="intruder"))
+    pid = foreign[-1].pid
+    [intruder] = diagnose(held, "::1", state=state).notes()  # judged by the lease's host
+    assert intruder.startswith(f"but also listened on by pid {pid} (python) on 127.0.0.1:")
+    doctor = portpool("doctor", "--config", str(layout))
+    [line] = [x for x in doctor.stdout.splitlines() if f" {held}  " in x]
+    assert line.endswith(f"; {intruder}"), line
+    [elsewhere] = diagnose(free, "::1").notes()
+    assert elsewhere.startswith(f"pid {foreign[0].pid} (python) listens on 127.0.0.1:{free}, ")
+    assert elsewhere in portpool("doctor", "--config", str(layout)).stdout
+
+
 # An IPv6 connection whose socket was bound to [::]:P (dual-stack, SO_REUSEADDR) before
 # it connected from [::1]: the kernel's table lists it at [::1]:P, yet it keeps a plain
 # bind off 0.0.0.0:P.

@@ -9,25 +9,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal
 
-from portpool._addresses import covered_scopes, occupies
 from portpool._dataclass import dataclass
 from portpool._heldlock import lock_path_problem
 from portpool._layout_checks import counted
-from portpool._occupants import foreign_listeners, intruder_note, with_owners
 from portpool._platform import (
     LockTable,
     SocketOwners,
     TcpSocket,
-    is_alive,
     locked_inodes,
     tcp_sockets,
 )
-from portpool._portstatus import PortStatus, inspect_port, lock_holder
-from portpool.diagnosis import PortDiagnosis, diagnose_port
+from portpool._portstatus import inspect_port
+from portpool.diagnosis import (
+    PortDiagnosis,
+    PortHolder,
+    diagnose_port,
+    intruder_notes,
+    other_loopback_notes,
+    port_holder,
+)
 from portpool.errors import Refusal, RefusalReason, StateDirError
-from portpool.layout import Layout, normalize_host
+from portpool.layout import Layout
 from portpool.lock import record_path_problem
 from portpool.records import SLOT_UNUSABLE, iter_instances
 from portpool.statedir import StateDir
@@ -164,13 +168,6 @@ class DoctorReport:
         }
 
 
-class _Holder(NamedTuple):
-    """Who holds a held port (``pid``, None if unknown) and the host its lease covers."""
-
-    pid: int | None
-    host: str
-
-
 def classify_port(
     state: StateDir,
     port: int,
@@ -196,7 +193,7 @@ def _classify(
     locked: LockTable | None,
     sockets: Sequence[TcpSocket] | None,
     owners: SocketOwners | None = None,
-) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None, _Holder | None]:
+) -> tuple[Refusal | None, tuple[str, ...], PortDiagnosis | None, PortHolder | None]:
     """``classify_port``, and the holder of a held port (read once: doctor's other
     notes of that port need it too)."""
     seen = inspect_port(state, port, locked)
@@ -206,50 +203,12 @@ def _classify(
     if not seen.is_free:
         # Never probed (the holder's sockets are there); its listeners are still read,
         # by the host the holder's lease covers, as its shield reads them.
-        holder = _holder(state, seen, host, locked)
+        holder = port_holder(state, seen, host, locked)
         found = diagnose_port(port, holder.host, probe=False, sockets=sockets, owners=owners)
-        notes = tuple(intruder_note(o) for o in foreign_listeners(found.occupants, holder.pid))
+        notes = intruder_notes(found.occupants, holder)
         return Refusal(port, "held", seen.describe()), notes, found, holder
     found = diagnose_port(port, host, sockets=sockets, owners=owners)
     return found.refusal(), tuple(found.notes()), found, None
-
-
-def _holder(state: StateDir, seen: PortStatus, host: str, locked: LockTable | None) -> _Holder:
-    """The pid holding a held port and the host its lease covers (what its shield judges
-    by). Both come from its record only while the process it names still runs: a holder
-    killed with -9 leaves its record until the lock's next holder writes its own, and
-    doctor took that dead process for the holder (its host, its pid), naming the new
-    holder's own socket as a foreign listener "the shield stops". Else the pid is the
-    one the kernel's lock table names (a record not written yet, damaged, or a dead
-    holder's), if that process has the port's lock file open with the lock (a pid the
-    table names may have been reused), and the host is ``host``. Raises nothing."""
-    record = seen.record
-    if record is None or not is_alive(record.identity):
-        return _Holder(_lock_table_holder(state, seen.port, locked), host)
-    return _Holder(record.pid, _covered_host(record.host, host))
-
-
-def _lock_table_holder(state: StateDir, port: int, locked: LockTable | None) -> int | None:
-    """The pid the kernel's lock table names for ``port``'s lock file, if that process
-    holds the lock on it; None if unknown. Raises nothing."""
-    try:
-        directory = state.find("ports")
-    except (OSError, StateDirError):
-        return None
-    return None if directory is None else lock_holder(directory, f"{port}.lock", locked)
-
-
-def _covered_host(recorded: str, host: str) -> str:
-    """``recorded`` (a live holder's lease host), else ``host`` when it is empty or no
-    longer resolves. A layout on localhost named a foreign [::1]:P listener as one "the
-    shield stops" beside another app's lease on 127.0.0.1, whose shield never does."""
-    if not recorded:
-        return host
-    try:
-        covered_scopes(recorded)
-    except OSError:  # a name that no longer resolves: judge by ``host``
-        return host
-    return recorded
 
 
 def _unusable_lock_path(state: StateDir, port: int) -> str | None:
@@ -270,45 +229,8 @@ def _unusable_lock_path(state: StateDir, port: int) -> str | None:
     return str(StateDirError(os.path.join(directory.path, f"{port}.json"), problem))
 
 
-# Hosts that cover one loopback only: `localhost` clients may reach the other one first.
-_ONE_LOOPBACK = ("127.0.0.1", "::1", "0.0.0.0")
-
-
-def other_loopback_notes(
-    port: int, host: str, sockets: Sequence[TcpSocket], holder: int | None = None
-) -> tuple[str, ...]:
-    """One note per listener on ``port`` at the loopback ``host`` does not cover (``[::1]``
-    beside 127.0.0.1): no refusal and no trip, since the lease's clients by address never
-    reach it, but a client of ``localhost:<port>`` that tries it first (browsers, Node)
-    gets that program instead of the service. ``doctor`` called such a port plainly free
-    or held. The listeners of ``holder`` (the pid holding the port) and its services are
-    left out: a ``socket = "port"`` service may bind ``::1`` itself. Raises nothing."""
-    host = normalize_host(host)
-    if host not in _ONE_LOOPBACK:
-        return ()
-    found = [
-        s
-        for s in sockets
-        if s.port == port
-        and s.state == "listen"
-        and occupies(s, "localhost")
-        and not occupies(s, host)
-    ]
-    # The wider host that covers it: localhost would shrink 0.0.0.0 to the loopbacks.
-    fix = (
-        'host = "::" holds every address of both families'
-        if host == "0.0.0.0"
-        else 'host = "localhost" holds both loopbacks'
-    )
-    return tuple(
-        f"{o.who()} listens on {o.place()}, which host {host} does not cover: a client of "
-        f"localhost:{port} that tries it first reaches that program ({fix})"
-        for o in foreign_listeners(with_owners(found), holder)
-    )
-
-
 def _elsewhere(
-    port: int, *, host: str, sockets: Sequence[TcpSocket], holder: _Holder | None
+    port: int, *, host: str, sockets: Sequence[TcpSocket], holder: PortHolder | None
 ) -> tuple[str, ...]:
     """``other_loopback_notes`` of a port, by its holder's host and without its holder's
     own listeners when it is held (``holder``)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from portpool._addresses import (
     DEFAULT_BACKLOG,
@@ -25,17 +25,28 @@ from portpool._addresses import (
     check_port,
     covered_scopes,
     meets,
+    occupies,
 )
 from portpool._dataclass import dataclass, field
 from portpool._occupants import (
     BOUND_WIDER,
     Occupant,
+    foreign_listeners,
+    intruder_note,
     occupants_text,
     plain_bind_note,
     with_owners,
 )
-from portpool._platform import SocketOwners, TcpSocket, tcp_sockets
-from portpool.errors import Refusal
+from portpool._platform import (
+    LockTable,
+    SocketOwners,
+    TcpSocket,
+    is_alive,
+    locked_inodes,
+    tcp_sockets,
+)
+from portpool._portstatus import PortStatus, inspect_port, lock_holder
+from portpool.errors import Refusal, StateDirError
 from portpool.layout import normalize_host
 
 if TYPE_CHECKING:
@@ -65,6 +76,10 @@ class PortDiagnosis:
     inferred: bool = False
     # Who holds the port's portpool lock (as ``status`` words it); then never probed.
     held: str | None = None
+    # What else listens where a user may trip over it, in doctor's words: a foreign
+    # listener on a held port (its shield stops the instance), a listener on the other
+    # loopback the host does not cover (``diagnose`` only; the pool leaves it empty).
+    listener_notes: tuple[str, ...] = ()
 
     @property
     def bindable(self) -> bool:
@@ -102,13 +117,12 @@ class PortDiagnosis:
         return Refusal(port, "error", f"binding {host}:{port}: {self.bind_message}")
 
     def notes(self) -> list[str]:
-        """What a free port still has on it that a user may trip over: a list of lines,
-        empty for a port that is not bindable. Raises nothing."""
-        if not self.bindable:
-            return []
-        if not self.plain_bind_blocked:
-            return []
-        return [plain_bind_note(self.occupants, inferred=self.inferred)]
+        """What the port still has on it that a user may trip over, as ``doctor`` says
+        it: a list of lines (a plain bind kept off a free port, ``listener_notes``).
+        Raises nothing."""
+        plain = self.bindable and self.plain_bind_blocked
+        note = [plain_bind_note(self.occupants, inferred=self.inferred)] if plain else []
+        return note + list(self.listener_notes)
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready: port (int), host, ``bindable``, the refusal's text (or None),
@@ -143,7 +157,9 @@ def diagnose(port: int, host: str, *, state: StateDir | None = None) -> PortDiag
     ``PORTPOOL_HOME`` names, never created here) is ``held`` and never probed: the
     probe's bind for a moment made the holder's own bind of its port fail (a test
     server starting on a ``portpool_port``). Else the port is bound for a moment
-    exactly as ``acquire`` would, and once more without SO_REUSEADDR.
+    exactly as ``acquire`` would, and once more without SO_REUSEADDR. ``notes()`` are
+    doctor's notes of the port: a plain bind kept off it, a foreign listener its
+    holder's shield stops the instance for, a listener on the other loopback.
     Raises InvalidPort (a ValueError) for a value that is not a port, TypeError for a
     ``host`` that is not a str, OSError if ``host`` does not resolve, StateDirError for
     an unusable state dir.
@@ -151,19 +167,26 @@ def diagnose(port: int, host: str, *, state: StateDir | None = None) -> PortDiag
     check_port(port)
     if not isinstance(host, str):  # None raised AttributeError from deep in the names
         raise TypeError(f"host must be a str (an IP address or a name), not {host!r}")
-    from portpool._portstatus import inspect_port
     from portpool.statedir import StateDir
 
     opened = state or StateDir.open(create=False)
     try:
-        seen = inspect_port(opened, port)
+        locked = locked_inodes()
+        seen = inspect_port(opened, port, locked)
+        holder = None if seen.is_free else port_holder(opened, seen, host, locked)
     finally:
         if state is None:
             opened.close()
-    if not seen.is_free:
-        found = diagnose_port(port, host, probe=False)
-        return dataclasses.replace(found, held=seen.describe())
-    return diagnose_port(port, host)
+    sockets = tcp_sockets(port)
+    if holder is None:
+        found = diagnose_port(port, host, sockets=sockets)
+        return dataclasses.replace(found, listener_notes=other_loopback_notes(port, host, sockets))
+    # doctor's notes of a held port: they were left out here (README: diagnose is doctor).
+    found = diagnose_port(port, host, probe=False, sockets=sockets)
+    judged = diagnose_port(port, holder.host, probe=False, sockets=sockets)
+    notes = intruder_notes(judged.occupants, holder)
+    notes += other_loopback_notes(port, holder.host, sockets, holder.pid)
+    return dataclasses.replace(found, held=seen.describe(), listener_notes=notes)
 
 
 def diagnose_port(
@@ -213,4 +236,94 @@ def diagnose_port(
     message = bind_error.strerror or str(bind_error)
     return PortDiagnosis(
         port, host, occupants, bind_error.errno, message, plain_blocked, probe, inferred
+    )
+
+
+class PortHolder(NamedTuple):
+    """Who holds a held port (``pid``, None if unknown) and the host its lease covers."""
+
+    pid: int | None
+    host: str
+
+
+def intruder_notes(occupants: Sequence[Occupant], holder: PortHolder) -> tuple[str, ...]:
+    """One note per listener among ``occupants`` (of a held port, by the host its lease
+    covers) that is not its ``holder``'s: the shield's rule. Raises nothing."""
+    return tuple(intruder_note(o) for o in foreign_listeners(occupants, holder.pid))
+
+
+def port_holder(
+    state: StateDir, seen: PortStatus, host: str, locked: LockTable | None
+) -> PortHolder:
+    """The pid holding a held port and the host its lease covers (what its shield judges
+    by). Both come from its record only while the process it names still runs: a holder
+    killed with -9 leaves its record until the lock's next holder writes its own, and
+    doctor took that dead process for the holder (its host, its pid), naming the new
+    holder's own socket as a foreign listener "the shield stops". Else the pid is the
+    one the kernel's lock table names (a record not written yet, damaged, or a dead
+    holder's), if that process has the port's lock file open with the lock (a pid the
+    table names may have been reused), and the host is ``host``. Raises nothing."""
+    record = seen.record
+    if record is None or not is_alive(record.identity):
+        return PortHolder(_lock_table_holder(state, seen.port, locked), host)
+    return PortHolder(record.pid, _covered_host(record.host, host))
+
+
+def _lock_table_holder(state: StateDir, port: int, locked: LockTable | None) -> int | None:
+    """The pid the kernel's lock table names for ``port``'s lock file, if that process
+    holds the lock on it; None if unknown. Raises nothing."""
+    try:
+        directory = state.find("ports")
+    except (OSError, StateDirError):
+        return None
+    return None if directory is None else lock_holder(directory, f"{port}.lock", locked)
+
+
+def _covered_host(recorded: str, host: str) -> str:
+    """``recorded`` (a live holder's lease host), else ``host`` when it is empty or no
+    longer resolves. A layout on localhost named a foreign [::1]:P listener as one "the
+    shield stops" beside another app's lease on 127.0.0.1, whose shield never does."""
+    if not recorded:
+        return host
+    try:
+        covered_scopes(recorded)
+    except OSError:  # a name that no longer resolves: judge by ``host``
+        return host
+    return recorded
+
+
+# Hosts that cover one loopback only: `localhost` clients may reach the other one first.
+_ONE_LOOPBACK = ("127.0.0.1", "::1", "0.0.0.0")
+
+
+def other_loopback_notes(
+    port: int, host: str, sockets: Sequence[TcpSocket], holder: int | None = None
+) -> tuple[str, ...]:
+    """One note per listener on ``port`` at the loopback ``host`` does not cover (``[::1]``
+    beside 127.0.0.1): no refusal and no trip, since the lease's clients by address never
+    reach it, but a client of ``localhost:<port>`` that tries it first (browsers, Node)
+    gets that program instead of the service. ``doctor`` called such a port plainly free
+    or held. The listeners of ``holder`` (the pid holding the port) and its services are
+    left out: a ``socket = "port"`` service may bind ``::1`` itself. Raises nothing."""
+    host = normalize_host(host)
+    if host not in _ONE_LOOPBACK:
+        return ()
+    found = [
+        s
+        for s in sockets
+        if s.port == port
+        and s.state == "listen"
+        and occupies(s, "localhost")
+        and not occupies(s, host)
+    ]
+    # The wider host that covers it: localhost would shrink 0.0.0.0 to the loopbacks.
+    fix = (
+        'host = "::" holds every address of both families'
+        if host == "0.0.0.0"
+        else 'host = "localhost" holds both loopbacks'
+    )
+    return tuple(
+        f"{o.who()} listens on {o.place()}, which host {host} does not cover: a client of "
+        f"localhost:{port} that tries it first reaches that program ({fix})"
+        for o in foreign_listeners(with_owners(found), holder)
     )
