@@ -5,14 +5,18 @@ Each test is one reported fault, with real foreign processes and real sockets.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from tests.helpers import (
     PORTPOOL,
@@ -25,6 +29,7 @@ from tests.helpers import (
     start,
     start_script,
     status_json,
+    wait_for,
     write_layout,
 )
 
@@ -48,7 +53,8 @@ needs_ipv6 = pytest.mark.skipif(not has_ipv6_loopback(), reason="this host has n
 
 
 def _layout(path: Path, base: int, host: str, **kw: object) -> Path:
-    write_layout(path, base, services={"web": {}}, **kw)  # type: ignore[arg-type]
+    kw.setdefault("services", {"web": {}})
+    write_layout(path, base, **kw)  # type: ignore[arg-type]
     path.write_text(path.read_text().replace('host = "127.0.0.1"', f'host = "{host}"'))
     return path
 
@@ -378,6 +384,120 @@ def test_diagnose_gives_the_notes_doctor_gives(
     [elsewhere] = diagnose(free, "::1").notes()
     assert elsewhere.startswith(f"pid {foreign[0].pid} (python) listens on 127.0.0.1:{free}, ")
     assert elsewhere in portpool("doctor", "--config", str(layout)).stdout
+
+
+# A sidecar the shell starts before it execs portpool: once `up`'s service answers on
+# 127.0.0.1:P it listens on [::1]:P, which a lease on localhost covers, and writes its
+# pid to the file it is given.
+SIDECAR = (
+    "import os, socket, sys, time\n"
+    "port = int(sys.argv[1])\n"
+    "for _ in range(600):\n"
+    "    try:\n"
+    "        socket.create_connection(('127.0.0.1', port), timeout=1).close()\n"
+    "        break\n"
+    "    except OSError:\n"
+    "        time.sleep(0.05)\n"
+    "s = socket.socket(socket.AF_INET6); s.bind(('::1', port)); s.listen()\n"
+    "open(sys.argv[2] + '.tmp', 'w').write(str(os.getpid()))\n"
+    "os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n"
+    "time.sleep(60)\n"
+)
+# A service on PORT at 127.0.0.1 that writes its pid to the file it is given.
+SERVE = (
+    "import os, socket, sys, time\n"
+    "s = socket.create_server(('127.0.0.1', int(os.environ['PORT'])))\n"
+    "if len(sys.argv) > 1:\n"
+    "    open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+    "    os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+    "time.sleep(60)\n"
+)
+
+
+@needs_ipv6
+def test_doctor_names_an_inherited_sidecar_s_listener_the_shield_trips_on(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """`sh -c 'sidecar & exec portpool up'`: the sidecar descends from up's process, so
+    doctor took its [::1]:P listener for up's own and called the port clean, while the
+    shield (rightly: up did not start it) tripped on it."""
+    serve, pid_file = tmp_path / "serve.py", tmp_path / "sidecar.pid"
+    serve.write_text(SERVE)
+    service = {"command": [sys.executable, str(serve)], "socket": "port"}
+    layout = _layout(
+        tmp_path / "p.toml", port_base, "localhost", shield=3, services={"web": service}
+    )
+    up = " ".join([*PORTPOOL, "up", "--config", str(layout)])
+    script = f'{sys.executable} -c "$SIDECAR" {port_base} {pid_file} >/dev/null 2>&1 & exec {up}'
+    proc = subprocess.Popen(
+        ["sh", "-c", script], env={**os.environ, "SIDECAR": SIDECAR}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    sidecar = None
+    try:
+        assert wait_for(pid_file.exists, timeout=30)
+        sidecar = int(pid_file.read_text())
+        doctor = portpool("doctor", "--config", str(layout))
+        [line] = [x for x in doctor.stdout.splitlines() if f" {port_base}  " in x]
+        said = f"but also listened on by pid {sidecar} (python"
+        assert said in line and "(the shield stops the instance)" in line, line
+        _, err = proc.communicate(timeout=60)  # the shield trips within 3 s
+        assert proc.returncode == 4, err
+        assert f"listened on by pid {sidecar} (python" in err
+    finally:
+        kill_if_running(proc)
+        if sidecar is not None:  # started by this test, through its shell
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(sidecar, signal.SIGKILL)
+
+
+# A program that starts its service outside its own tree (setsid -f) and records it
+# with set_service_pids; it stops the service and releases when its stdin closes.
+LIBRARY_HOLDER = (
+    "import os, pathlib, signal, subprocess, sys, time\n"
+    "import portpool\n"
+    "layout, serve, pid_file = sys.argv[1:4]\n"
+    "inst = portpool.start_instance(portpool.load_layout(layout))\n"
+    "lease = inst.leases['web']\n"
+    "lease.close_socket()\n"
+    "env = {**os.environ, 'PORT': str(lease.port)}\n"
+    "subprocess.run(['setsid', '-f', sys.executable, serve, pid_file], env=env, check=True)\n"
+    "for _ in range(600):\n"
+    "    if os.path.exists(pid_file):\n"
+    "        break\n"
+    "    time.sleep(0.05)\n"
+    "pid = int(pathlib.Path(pid_file).read_text())\n"
+    "inst.set_service_pids({'web': pid})\n"
+    "inst.start_shield()\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+    "print(inst.lost_reason, flush=True)\n"
+    "os.kill(pid, signal.SIGTERM)\n"
+    "inst.release()\n"
+)
+
+
+def test_doctor_counts_a_library_instance_s_service_outside_its_tree_as_its_own(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A service a program started outside its own tree and recorded with
+    set_service_pids: its shield counts it as the instance's, and doctor called it an
+    intruder "the shield stops", which it never did."""
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", shield=0.2, max_instances=1)
+    serve, pid_file = tmp_path / "serve.py", tmp_path / "service.pid"
+    serve.write_text(SERVE)
+    holder = start_script(LIBRARY_HOLDER, str(layout), str(serve), str(pid_file))
+    try:
+        service = int(pid_file.read_text())
+        assert psutil.Process(service).ppid() != holder.pid  # outside the holder's tree
+        doctor = portpool("doctor", "--config", str(layout))
+        [line] = [x for x in doctor.stdout.splitlines() if f" {port_base}  " in x]
+        assert "held by instance 1" in line and "listened on" not in line, line
+        assert portpool_lib.diagnose(port_base, "127.0.0.1").notes() == []
+        time.sleep(0.6)  # three shield checks
+    finally:
+        out, _ = holder.communicate(timeout=30)  # closes its stdin: it stops
+    assert out == "None\n"  # its shield agreed: never tripped
 
 
 # An IPv6 connection whose socket was bound to [::]:P (dual-stack, SO_REUSEADDR) before

@@ -236,7 +236,7 @@ def _elsewhere(
     own listeners when it is held (``holder``)."""
     if holder is None:
         return other_loopback_notes(port, host, sockets)
-    return other_loopback_notes(port, holder.host, sockets, holder.pid)
+    return other_loopback_notes(port, holder.host, sockets, holder.owner)
 
 
 def examine_layout(

@@ -53,6 +53,9 @@ class Instance:
         self.directory: str | None = None  # the checkout it was started for
         self.skipped: list[tuple[int, str]] = []  # slots passed over: (number, why)
         self.service_states: dict[str, Mapping[str, Any]] = {}  # set by the supervisor
+        # Children inherited through the exec that started up/run (set by the
+        # supervisor): not the instance's, which doctor reads here as its shield judges.
+        self.inherited_pids: tuple[int, ...] = ()
         self.started_at = time.time()
         self.lost_reason: str | None = None
         self._stop = threading.Event()
@@ -119,6 +122,7 @@ class Instance:
             "started_at": self.started_at,
             "heartbeat_at": time.time(),
             "dir": self.directory,
+            **({"inherited": list(self.inherited_pids)} if self.inherited_pids else {}),
             "services": [
                 {
                     "name": name,

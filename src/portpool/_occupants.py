@@ -12,7 +12,14 @@ from collections.abc import Callable, Iterable
 
 from portpool._addresses import Scope, bound_wider, meets
 from portpool._dataclass import dataclass
-from portpool._platform import TcpSocket, descends_from, owners_of_inodes, process_name, user_id
+from portpool._platform import (
+    TcpSocket,
+    ancestors,
+    environment_of,
+    owners_of_inodes,
+    process_name,
+    user_id,
+)
 
 # States a connection is in after its program closed it (the kernel finishes it alone).
 _CLOSING = frozenset({"fin-wait-1", "fin-wait-2", "closing", "last-ack"})
@@ -195,12 +202,43 @@ def with_owners(
     return out
 
 
-def _belongs_to(pid: int, holder: int) -> bool:
-    """Whether ``pid`` is ``holder`` or one of its descendants (a service it started)."""
-    return pid == holder or descends_from(pid, {holder})
+@dataclass(frozen=True)
+class Owner:
+    """Whose processes a held port's listeners may be, by its holder's shield: the
+    holder (``pid``), its services (``services``, pids) and what they start, and what
+    else descends from the holder, except the children it inherited through the exec
+    that started it (``inherited``, which ``up`` and ``run`` record: a sidecar of
+    ``sh -c 'sidecar & exec portpool up'``) and what they start. Once it inherited any,
+    another child is its own only when its environment carries ``marks`` (the
+    instance's variables), as ``_lineage`` judges it. doctor took an inherited
+    sidecar's listener for the holder's while the shield tripped on it, and a library
+    instance's service outside its tree for an intruder the shield never stopped."""
+
+    pid: int
+    services: frozenset[int] = frozenset()
+    inherited: frozenset[int] = frozenset()
+    marks: tuple[tuple[str, str], ...] = ()
+
+    def owns(self, pid: int) -> bool:
+        """Whether process ``pid`` is the holder's own. Raises nothing (a process that
+        is gone or cannot be read is not proven its own)."""
+        if pid == self.pid or pid in self.services:
+            return True
+        chain = ancestors(pid)
+        if self.services.intersection(chain):
+            return True
+        if self.pid not in chain:
+            return False
+        child = [pid, *chain][chain.index(self.pid)]  # the holder's child on the way
+        if child in self.inherited:
+            return False
+        if not self.inherited:
+            return True
+        env = environment_of(child)
+        return bool(self.marks) and env is not None and all(env.get(k) == v for k, v in self.marks)
 
 
-def foreign_listeners(occupants: Iterable[Occupant], holder: int | None) -> list[Occupant]:
+def foreign_listeners(occupants: Iterable[Occupant], holder: Owner | int | None) -> list[Occupant]:
     """The listeners among ``occupants`` (of a held port) not proven to be the holder's
     or its services': the shield's rule (a listener whose owner the OS does not name
     counts as foreign). ``doctor`` said "held" with no occupant while the shield
@@ -208,15 +246,17 @@ def foreign_listeners(occupants: Iterable[Occupant], holder: int | None) -> list
 
     A socket the holder itself has open is the holder's, whoever shares it: a service
     that daemonizes keeps the lease's socket, and ``doctor`` named that socket (and the
-    holder) as an intruder the shield would stop, which it never did."""
+    holder) as an intruder the shield would stop, which it never did. ``holder``: its
+    ``Owner``, or only its pid (then all that descends from it is its own)."""
+    owner = Owner(holder) if isinstance(holder, int) else holder
     out = []
     for o in occupants:
         if not o.listening:
             continue
         if (
-            holder is not None
+            owner is not None
             and o.pids
-            and (holder in o.pids or all(_belongs_to(p, holder) for p in o.pids))
+            and (owner.pid in o.pids or all(owner.owns(p) for p in o.pids))
         ):
             continue
         out.append(o)

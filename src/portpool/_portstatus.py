@@ -6,12 +6,14 @@ is held (an unreadable record is "held-unreadable").
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Iterable
 from typing import Literal
 
 from portpool._dataclass import dataclass
 from portpool._heldlock import is_held, lock_path_problem
-from portpool._jsonfile import record_problem
+from portpool._jsonfile import read_json_file, record_problem
 from portpool._platform import (
     DirHandle,
     LockTable,
@@ -23,6 +25,7 @@ from portpool._platform import (
 )
 from portpool._record import PortRecord, read_port_record
 from portpool._text import printable
+from portpool.errors import StateDirError
 from portpool.statedir import StateDir
 
 PortState = Literal["free", "held", "held-unreadable"]
@@ -182,3 +185,36 @@ def refused_port_status(state: StateDir, port: int, table: SharedLockTable | Non
         return inspect_port(state, port)
     status = inspect_port(state, port, table())
     return inspect_port(state, port, table(fresh=True)) if status.is_free else status
+
+
+_MAX_PIDS = 256  # a record's pid lists read; a hostile one cannot make doctor walk more
+
+
+def instance_processes(state: StateDir, record: PortRecord) -> tuple[frozenset[int], ...]:
+    """``(services, inherited)``: the pids the instance record of ``record``'s holder
+    gives for its services and for the children it inherited through exec, both empty
+    when the port is no instance's or the record is another process's or unreadable.
+    Raises nothing."""
+    if record.instance <= 0:
+        return frozenset(), frozenset()
+    try:
+        directory = state.find_instances(record.app)
+        raw = None if directory is None else read_json_file(directory, f"{record.instance}.json")
+    except (OSError, ValueError, StateDirError):
+        return frozenset(), frozenset()
+    if not isinstance(raw, dict) or raw.get("pid") != record.pid:
+        return frozenset(), frozenset()
+    entries = raw.get("services")
+    services = {
+        e.get("pid")
+        for e in (entries[:_MAX_PIDS] if type(entries) is list else [])
+        if isinstance(e, dict)
+    }
+    inherited = raw.get("inherited")
+    return _pids(services) - {record.pid}, _pids(inherited if type(inherited) is list else [])
+
+
+def _pids(values: Iterable[object]) -> frozenset[int]:
+    """The valid pids among ``values`` (at most ``_MAX_PIDS``). Raises nothing."""
+    found = (v for v in values if type(v) is int and 0 < v < 2**31)
+    return frozenset(itertools.islice(found, _MAX_PIDS))

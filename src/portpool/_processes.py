@@ -86,6 +86,8 @@ class Supervisor:
         # Which of our children are ours (``adopt``): not those we inherited through
         # exec (`sh -c 'sidecar & exec portpool up'`), nor what they start.
         self._lineage = Lineage(adopt)
+        # Recorded with the services' pids, for doctor to judge listeners as we do.
+        instance.inherited_pids = tuple(p.pid for p in self._lineage.inherited)
         self.grace_s = grace_s
         self.out = out or sys.stdout
         self.children: dict[str, subprocess.Popen[bytes]] = {}

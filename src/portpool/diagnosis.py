@@ -31,6 +31,7 @@ from portpool._dataclass import dataclass, field
 from portpool._occupants import (
     BOUND_WIDER,
     Occupant,
+    Owner,
     foreign_listeners,
     intruder_note,
     occupants_text,
@@ -41,11 +42,13 @@ from portpool._platform import (
     LockTable,
     SocketOwners,
     TcpSocket,
+    environment_of,
     is_alive,
     locked_inodes,
     tcp_sockets,
 )
-from portpool._portstatus import PortStatus, inspect_port, lock_holder
+from portpool._portstatus import PortStatus, inspect_port, instance_processes, lock_holder
+from portpool._record import PortRecord
 from portpool.errors import Refusal, StateDirError
 from portpool.layout import normalize_host
 
@@ -185,7 +188,7 @@ def diagnose(port: int, host: str, *, state: StateDir | None = None) -> PortDiag
     found = diagnose_port(port, host, probe=False, sockets=sockets)
     judged = diagnose_port(port, holder.host, probe=False, sockets=sockets)
     notes = intruder_notes(judged.occupants, holder)
-    notes += other_loopback_notes(port, holder.host, sockets, holder.pid)
+    notes += other_loopback_notes(port, holder.host, sockets, holder.owner)
     return dataclasses.replace(found, held=seen.describe(), listener_notes=notes)
 
 
@@ -240,16 +243,30 @@ def diagnose_port(
 
 
 class PortHolder(NamedTuple):
-    """Who holds a held port (``pid``, None if unknown) and the host its lease covers."""
+    """Who holds a held port (``pid``, None if unknown), the host its lease covers, and
+    whose listeners count as its own (``owner``, as its shield counts them)."""
 
     pid: int | None
     host: str
+    owner: Owner | None = None
 
 
 def intruder_notes(occupants: Sequence[Occupant], holder: PortHolder) -> tuple[str, ...]:
     """One note per listener among ``occupants`` (of a held port, by the host its lease
     covers) that is not its ``holder``'s: the shield's rule. Raises nothing."""
-    return tuple(intruder_note(o) for o in foreign_listeners(occupants, holder.pid))
+    return tuple(intruder_note(o) for o in foreign_listeners(occupants, holder.owner))
+
+
+def _owner(state: StateDir, record: PortRecord) -> Owner:
+    """The live holder of ``record`` and its instance's processes (``Owner``)."""
+    services, inherited = instance_processes(state, record)
+    marks: tuple[tuple[str, str], ...] = ()
+    if inherited:
+        marks = (("PORTPOOL_APP", record.app), ("PORTPOOL_INSTANCE", str(record.instance)))
+        own = environment_of(record.pid) or {}
+        if all(own.get(k) == v for k, v in marks):
+            marks = ()  # the holder carries them itself: they prove nothing (_lineage)
+    return Owner(record.pid, services, inherited, marks)
 
 
 def port_holder(
@@ -265,8 +282,9 @@ def port_holder(
     table names may have been reused), and the host is ``host``. Raises nothing."""
     record = seen.record
     if record is None or not is_alive(record.identity):
-        return PortHolder(_lock_table_holder(state, seen.port, locked), host)
-    return PortHolder(record.pid, _covered_host(record.host, host))
+        pid = _lock_table_holder(state, seen.port, locked)
+        return PortHolder(pid, host, None if pid is None else Owner(pid))
+    return PortHolder(record.pid, _covered_host(record.host, host), _owner(state, record))
 
 
 def _lock_table_holder(state: StateDir, port: int, locked: LockTable | None) -> int | None:
@@ -297,13 +315,13 @@ _ONE_LOOPBACK = ("127.0.0.1", "::1", "0.0.0.0")
 
 
 def other_loopback_notes(
-    port: int, host: str, sockets: Sequence[TcpSocket], holder: int | None = None
+    port: int, host: str, sockets: Sequence[TcpSocket], holder: Owner | None = None
 ) -> tuple[str, ...]:
     """One note per listener on ``port`` at the loopback ``host`` does not cover (``[::1]``
     beside 127.0.0.1): no refusal and no trip, since the lease's clients by address never
     reach it, but a client of ``localhost:<port>`` that tries it first (browsers, Node)
     gets that program instead of the service. ``doctor`` called such a port plainly free
-    or held. The listeners of ``holder`` (the pid holding the port) and its services are
+    or held. The listeners of ``holder`` (the port's holder, as ``Owner``) are
     left out: a ``socket = "port"`` service may bind ``::1`` itself. Raises nothing."""
     host = normalize_host(host)
     if host not in _ONE_LOOPBACK:

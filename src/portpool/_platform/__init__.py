@@ -37,9 +37,11 @@ from typing import TYPE_CHECKING
 
 from portpool._platform._identity import (
     ProcessIdentity,
+    ancestors,
     boot_id,
     current_identity,
     descends_from,
+    environment_of,
     identity_of,
     is_alive,
     namespace_pids,
@@ -185,6 +187,7 @@ __all__ = [
     "SocketOwners",
     "TcpSocket",
     "accept_queue_length",
+    "ancestors",
     "become_subreaper",
     "boot_id",
     "connection_accepted",
@@ -194,6 +197,7 @@ __all__ = [
     "descends_from",
     "detached_options",
     "enlarge_pipe",
+    "environment_of",
     "ephemeral_port_range",
     "exclusive_bind_options",
     "flock_held",

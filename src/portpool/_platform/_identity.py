@@ -179,6 +179,28 @@ def descends_from(pid: int, ancestors: set[int]) -> bool:
         return False
 
 
+def ancestors(pid: int) -> list[int]:
+    """The pids of ``pid``'s parent, its parent's parent, ... up to the first process;
+    [] when ``pid`` is gone or cannot be read (psutil walks the parent chain)."""
+    import psutil
+
+    try:
+        return [parent.pid for parent in psutil.Process(pid).parents()]
+    except (psutil.Error, OSError):
+        return []
+
+
+def environment_of(pid: int) -> dict[str, str] | None:
+    """The environment of process ``pid``, None when it is gone or the OS will not say
+    (another user's process)."""
+    import psutil
+
+    try:
+        return dict(psutil.Process(pid).environ())
+    except (psutil.Error, OSError):
+        return None
+
+
 def process_tree(pid: int) -> frozenset[int]:
     """``pid`` and every process descending from it now; just ``pid`` when it is gone
     or cannot be read (psutil walks the children)."""
