@@ -526,6 +526,34 @@ wait $pp; echo "run exited $?"
 """
 
 
+# The command sends TERM to its whole group at once, `run` and its witness in it: the
+# witness, started after the command, missed it, and run passed it on a second time.
+KILL_AT_ONCE = """
+trap 'echo outer got TERM' TERM
+for i in 1 2 3 4 5 6 7 8; do
+  {run} -- sh -c 'trap "echo got TERM \\$\\$" TERM; kill -TERM 0; sleep 0.2; echo end'
+done
+echo all done
+"""
+
+
+def test_a_group_signal_the_command_sends_as_it_starts_reaches_it_once(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    config = write_layout(tmp_path / "run.toml", port_base)
+    run = " ".join([*PORTPOOL, "run", "-q", "-c", str(config)])
+    term = Terminal(["/bin/sh", "-c", KILL_AT_ONCE.format(run=run)], cwd=tmp_path)
+    try:
+        term.read_until(b"all done", timeout=120)
+        term.wait()
+    finally:
+        term.close()
+    lines = term.text.splitlines()
+    got = [x for x in lines if x.startswith("got TERM")]
+    assert len(got) == 8 and len(set(got)) == 8, term.text  # once for each command
+    assert lines.count("end") == 8, term.text
+
+
 def test_a_signal_sent_to_the_group_run_shares_reaches_the_command_once(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import NoReturn
 
@@ -112,6 +112,17 @@ class SignalScope:
         if self._interrupted is not None:
             raise Interrupted(self._interrupted)
 
+    def take_pending(self) -> list[ReceivedSignal]:
+        """Every signal that arrived and was not read yet, in order, taken (call with the
+        signals blocked). Raises nothing."""
+        taken: list[ReceivedSignal] = []
+        for _ in range(4 * (len(self.signals) + 1)):  # bounded: each is pending once
+            received = self._inbox.take(0)
+            if received is None:
+                break
+            taken.append(received)
+        return taken
+
     def block(self) -> None:
         """Block the signals from now on in this thread and the threads it starts; they
         stay pending for ``check()`` or ``relay()``."""
@@ -124,6 +135,7 @@ class SignalScope:
         callback: Callable[[ReceivedSignal], None],
         witness: GroupWitness | None = None,
         idle: tuple[Callable[[], None], float] | None = None,
+        early: Sequence[ReceivedSignal] = (),
     ) -> None:
         """From now on hand every signal to ``callback`` (on a thread), duplicates
         dropped. With a ``witness``, each one is marked ``to_group`` when it was sent
@@ -131,11 +143,18 @@ class SignalScope:
         stays pending for it). ``idle``: (a function, seconds) called on the same thread
         whenever no signal came for that long, so that what it does comes after every
         signal already received (job control: a command resumed only after the
-        SIGTERM that came with the SIGCONT was passed on)."""
+        SIGTERM that came with the SIGCONT was passed on). ``early``: signals taken
+        (``take_pending``) before the command existed, handed first and never marked
+        ``to_group``: the command cannot have had them (the witness's copy is taken)."""
         wait_s = 0.2 if idle is None else idle[1]
 
         def loop() -> None:
             self._inbox.prepare_reader()
+            for before in early:
+                if witness is not None:
+                    witness.saw(before.signum)
+                if not self._duplicate(before):
+                    callback(before)
             while not self._closing.is_set():
                 received = self._inbox.take(wait_s)
                 if received is None:

@@ -172,6 +172,14 @@ def run_command(
             # and the fork reached the group before the command was in it, and was then
             # dropped as the command's own (it ran on; run hung, 1 Ctrl-C in ~200).
             scope.check()
+            # The witness before the command, after the Supervisor (which would take it
+            # for a child inherited through exec). Started after the command, it missed
+            # a group's signal sent in its first milliseconds (`kill 0` at a script's
+            # start), which the command had: passed on, the command got it twice. What
+            # came before the command is taken now and passed on (the command had none).
+            witness = GroupWitness.start(scope.signals) if shared else None
+            witnesses += [witness] if witness is not None else []
+            early = scope.take_pending() if witness is not None else []
             proc = supervisor.start_process(
                 "command",
                 command,
@@ -181,12 +189,6 @@ def run_command(
                 capture=False,
                 inherit_fds=pass_fds,
             )
-            # After the command: a group's signal sent in between reaches the command
-            # alone, and is passed on once more (started first, the witness would
-            # have it and the command none, nor from us). After the Supervisor too,
-            # which would take it for a child inherited through exec.
-            witness = GroupWitness.start(scope.signals) if shared else None
-            witnesses += [witness] if witness is not None else []
             job = None
             if whole_tree and not shared and controlling_terminal_alive():
                 # A background job of a terminal (`run ... &`): keep it one with the
@@ -195,7 +197,7 @@ def run_command(
                 job = JobWatch(proc)
                 witnesses.append(job)
             idle = None if job is None else (job.step, JOB_POLL_S)
-            scope.relay(relay_to(supervisor, "command", shared), witness, idle)
+            scope.relay(relay_to(supervisor, "command", shared), witness, idle, early)
             instance.set_service_pids(dict.fromkeys(names, proc.pid))
             instance.start_heartbeat()
             instance.start_shield(on_lost=supervisor.shield_lost, own_pids=supervisor.own_pids)
