@@ -1109,6 +1109,33 @@ def test_up_says_it_is_stopping_when_asked_and_when_it_kills_after_the_grace(
         kill_if_running(proc)
 
 
+def test_up_names_the_service_of_a_leftover_it_kills_after_the_grace(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """What a service left running that outlived the grace was named "SIGKILL to pid N"
+    alone: which service's tree it was in went unsaid."""
+    leftover = "(trap '' TERM; exec sleep 60) & echo started; wait"
+    config = write_layout(
+        tmp_path / "p.toml",
+        port_base,
+        services={"tree": {"command": ["sh", "-c", leftover], "ready": "none"}},
+    )
+    proc = subprocess.Popen(
+        [*PORTPOOL, "up", "--grace", "0.3", "-c", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        while "tree | started" not in read_line(proc, timeout=30):
+            pass
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        kill_if_running(proc)
+    said = "portpool: still running 0.3 s after SIGTERM (--grace): SIGKILL to pid "
+    [line] = [x for x in out.splitlines() if x.startswith(said)]
+    assert re.fullmatch(r"\d+ \(of service 'tree'\)", line.removeprefix(said)), out
+
+
 def test_a_script_without_a_hash_bang_line_is_named_as_such(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

@@ -22,7 +22,7 @@ from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
 from portpool._order import start_order
 from portpool._outcome import Outcome
 from portpool._output import STOPPING_SAY_WAIT_S, write_line
-from portpool._platform import has_children, resume_stopped
+from portpool._platform import ancestors, environment_of, has_children, resume_stopped
 from portpool._processes import Supervisor
 from portpool._readiness import ReadinessProbe
 from portpool.errors import ServiceExited
@@ -214,13 +214,25 @@ class ServiceSupervisor(Supervisor):
         whole grace period, and the kill then went unmentioned. Raises nothing."""
         services = {k.pid: name for name, k in self.keepers.items() if k.pid is not None}
         named = [f"service {services[p]!r} (pid {p})" for p in pids if p in services]
-        named += [f"pid {p}" for p in pids if p not in services]
+        named += [self._leftover(p, services) for p in pids if p not in services]
         name = signal.Signals(signum).name if signum in signal.valid_signals() else signum
         self._say(  # not waited for: a blocked console kept the SIGKILL from coming
             f"portpool: still running {self.grace_s:g} s after {name} (--grace): "
             f"SIGKILL to {', '.join(named) or 'what is left'}",
             STOPPING_SAY_WAIT_S,
         )
+
+    def _leftover(self, pid: int, services: Mapping[int, str]) -> str:
+        """``pid`` (not a service's own process) and the service whose tree it is in:
+        by its ancestry, else by the PORTPOOL_SERVICE its environment kept (an orphan).
+        A bare "SIGKILL to pid 9898" left the user to find which service left it."""
+        line = [pid, *ancestors(pid)]
+        name = next((services[p] for p in line if p in services), None)
+        if name is None:
+            env = environment_of(pid) or {}
+            if env.get("PORTPOOL_SUPERVISOR_PID") == str(os.getpid()):
+                name = env.get("PORTPOOL_SERVICE")
+        return f"pid {pid}" if name is None else f"pid {pid} (of service {name!r})"
 
     def _print_ready(self, keeper: ServiceKeeper, seconds: float) -> None:
         again = {
