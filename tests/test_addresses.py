@@ -451,6 +451,77 @@ def test_doctor_names_an_inherited_sidecar_s_listener_the_shield_trips_on(
                 os.kill(sidecar, signal.SIGKILL)
 
 
+# A sidecar that takes the instance's variables (`eval "$(portpool env --export)"`) and
+# leaves an orphan listening on the port (its shell exits): re-parented to up, the
+# orphan carries PORTPOOL_APP and PORTPOOL_INSTANCE, but not up's services' marks.
+MARKED_SIDECAR = (
+    "import os, subprocess, sys, time\n"
+    "config, pid_file = sys.argv[1:3]\n"
+    "open(pid_file + '.sidecar', 'w').write(str(os.getpid()))\n"
+    "for _ in range(600):\n"
+    "    done = subprocess.run([sys.executable, '-m', 'portpool.cli', 'env', '-c', config],\n"
+    "                          capture_output=True, text=True)\n"
+    "    if done.returncode == 0:\n"
+    "        break\n"
+    "    time.sleep(0.05)\n"
+    "env = {**os.environ, **dict(x.split('=', 1) for x in done.stdout.split())}\n"
+    "listen = (\n"
+    "    'import os, socket, sys, time\\n'\n"
+    "    'for _ in range(600):\\n'\n"
+    "    '    try:\\n'\n"
+    "    '        s = socket.create_server((\"127.0.0.1\", int(sys.argv[1])))\\n'\n"
+    "    '        break\\n'\n"
+    "    '    except OSError:\\n'\n"
+    "    '        time.sleep(0.05)\\n'\n"
+    "    'open(sys.argv[2], \"w\").write(str(os.getpid()))\\n'\n"
+    "    'time.sleep(60)\\n'\n"
+    ")\n"
+    "port = env['PORTPOOL_PORT_WEB']\n"
+    "subprocess.run(['sh', '-c', f'{sys.executable} -c \"$L\" {port} {pid_file} &'],\n"
+    "               env={**env, 'L': listen}, check=True)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_doctor_names_an_orphan_with_the_instance_s_variables_but_not_up_s_marks(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A sidecar's orphan carrying PORTPOOL_APP and PORTPOOL_INSTANCE: doctor took it
+    for the instance's, the shield (which also wants up's PORTPOOL_SUPERVISOR_PID)
+    tripped on it."""
+    pid_file = tmp_path / "orphan.pid"
+    idle = {"command": [sys.executable, "-c", "import time; time.sleep(60)"]}
+    service = {**idle, "socket": "port", "ready": "none"}
+    layout = _layout(
+        tmp_path / "p.toml", port_base, "127.0.0.1", shield=3, services={"web": service}
+    )
+    up = " ".join([*PORTPOOL, "up", "--config", str(layout)])
+    script = f'{sys.executable} -c "$SIDECAR" {layout} {pid_file} >/dev/null 2>&1 & exec {up}'
+    proc = subprocess.Popen(
+        ["sh", "-c", script], env={**os.environ, "SIDECAR": MARKED_SIDECAR}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    orphan = None
+    try:
+        assert wait_for(pid_file.exists, timeout=30)
+        time.sleep(0.1)  # the file is written whole by then
+        orphan = int(pid_file.read_text())
+        assert psutil.Process(orphan).ppid() == proc.pid  # adopted by up, a subreaper
+        doctor = portpool("doctor", "--config", str(layout))
+        [line] = [x for x in doctor.stdout.splitlines() if f" {port_base}  " in x]
+        assert f"but also listened on by pid {orphan} (python" in line, line
+        _, err = proc.communicate(timeout=60)  # the shield trips within 3 s
+        assert proc.returncode == 4, err
+        assert f"listened on by pid {orphan} (python" in err
+    finally:
+        kill_if_running(proc)
+        sidecar = tmp_path / "orphan.pid.sidecar"
+        for pid in [orphan, int(sidecar.read_text()) if sidecar.exists() else None]:
+            if pid is not None:  # the sidecar and its orphan: started by this test
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
 # A program that starts its service outside its own tree (setsid -f) and records it
 # with set_service_pids; it stops the service and releases when its stdin closes.
 LIBRARY_HOLDER = (
@@ -500,6 +571,38 @@ def test_doctor_counts_a_library_instance_s_service_outside_its_tree_as_its_own(
     assert out == "None\n"  # its shield agreed: never tripped
 
 
+# A library instance that holds its ports until its stdin closes (no heartbeat: the
+# test's edits of its record stay).
+HOLD_INSTANCE = (
+    "import sys\n"
+    "import portpool\n"
+    "inst = portpool.start_instance(portpool.load_layout(sys.argv[1]), heartbeat=False)\n"
+    "print('ready', flush=True)\n"
+    "sys.stdin.read()\n"
+    "inst.release()\n"
+)
+
+
+@pytest.mark.parametrize("pid", [[1], {"a": 1}, "12", -1, 2**40, True])
+def test_doctor_reads_a_hostile_service_pid_in_an_instance_record_as_unknown(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]], pid: object
+) -> None:
+    """An instance record whose service names an unhashable pid ([1]) crashed doctor,
+    doctor --json (nothing on stdout) and diagnose() with a TypeError."""
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", max_instances=1)
+    foreign.append(start_script(HOLD_INSTANCE, str(layout)))
+    record = home / "apps" / "testapp" / "instances" / "1.json"
+    doc = json.loads(record.read_text())
+    doc["services"][0]["pid"] = pid
+    doc["inherited"] = [pid, "x", None]
+    record.write_text(json.dumps(doc))
+    done = portpool("doctor", "--json", "--config", str(layout))
+    assert done.returncode == 0, done.stderr
+    [verdict] = [v for v in json.loads(done.stdout)["ports"] if v["port"] == port_base]
+    assert verdict["kind"] == "held", verdict
+    assert portpool_lib.diagnose(port_base, "127.0.0.1").held is not None
+
+
 # An IPv6 connection whose socket was bound to [::]:P (dual-stack, SO_REUSEADDR) before
 # it connected from [::1]: the kernel's table lists it at [::1]:P, yet it keeps a plain
 # bind off 0.0.0.0:P.
@@ -546,6 +649,24 @@ def test_a_dual_stack_connection_listed_on_ipv6_is_named_for_a_plain_bind_on_0_0
     assert ran.returncode == 0, ran.stderr
     notes = [x for x in ran.stderr.splitlines() if "SO_REUSEADDR" in x]
     assert notes == [f"portpool: service 'web' port {port_base}: {said}"]
+
+
+@needs_ipv6
+def test_a_connection_bound_to_ipv6_loopback_alone_is_no_note_for_0_0_0_0(
+    tmp_path: Path, port_base: int, home: Path, foreign: list[subprocess.Popen[str]]
+) -> None:
+    """Listed alike, a socket bound to [::1]:P before it connected keeps nothing off
+    0.0.0.0:P: run guessed from the table and said a plain bind would fail, while it
+    worked and doctor said nothing."""
+    narrow = WIDE_CONNECTION.replace("s.bind(('::',", "s.bind(('::1',")
+    foreign.append(start_script(narrow, str(port_base)))
+    plain = socket.socket()
+    plain.bind(("0.0.0.0", port_base))  # the kernel's word: nothing keeps it off
+    plain.close()
+    assert diagnose(port_base, "0.0.0.0").notes() == []
+    layout = _layout(tmp_path / "p.toml", port_base, "0.0.0.0", max_instances=1)
+    ran = portpool("run", "--config", str(layout), "--", "true")
+    assert ran.returncode == 0 and "SO_REUSEADDR" not in ran.stderr, ran.stderr
 
 
 @pytest.mark.parametrize(

@@ -230,7 +230,9 @@ def test_status_says_a_symlinked_record_is_a_symlink(home: Path, tmp_path: Path)
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     (info,) = json.loads(done.stdout)["instances"]
-    assert info["problem"] == "record unreadable: 9.json is a symbolic link, not a record"
+    assert info["problem"] == (
+        f"record unreadable: 9.json is a symbolic link, not a record ({instances / '9.json'})"
+    )
 
 
 # ---------------------------------------------------------------- PORTPOOL_HOME edge values

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from portpool._addresses import covered_scopes
-from portpool._occupants import plain_bind_blockers, plain_bind_note, with_owners
+from portpool._addresses import covered_scopes, meets
+from portpool._occupants import plain_bind_note, with_owners
 from portpool._platform import socket_inode, tcp_sockets
 from portpool.layout import Layout
 
@@ -35,8 +35,9 @@ def plain_bind_notes(leases: Iterable[Lease]) -> list[str]:
     """One line per lease whose port a server that does not set SO_REUSEADDR cannot bind
     yet, naming who blocks it (``doctor``'s note): for leases handed to their service by
     number only (``socket = "port"``, ``run`` without ``--fds``), whose own bind then
-    fails. Our own sockets (served and held) are not counted. Reads the socket table
-    per lease; binds nothing.
+    fails. Call before the service starts. A lease none of whose sockets is open any
+    more (``run``'s) is judged as doctor judges a free port, by the kernel's probe
+    binds; else by the socket table, our own sockets (served and held) not counted.
 
     Such a port is kept, not skipped: the block lasts at most a TIME_WAIT (60 s) or one
     outgoing connection, a server that sets SO_REUSEADDR (most do) binds it anyway, and
@@ -44,13 +45,28 @@ def plain_bind_notes(leases: Iterable[Lease]) -> list[str]:
     """
     out = []
     for lease in leases:
-        mine = {socket_inode(s) for s in (lease.socket, *lease.held) if s is not None}
-        others = [s for s in tcp_sockets(lease.port) if s.inode not in mine]
-        # doctor's rule, so the two name the same sockets (a [::] socket's connection on
-        # [::1] kept a plain bind off 0.0.0.0, and run said nothing while doctor did).
-        blocking, inferred = plain_bind_blockers(others, covered_scopes(lease.host))
-        if blocking:
-            note = plain_bind_note(with_owners(blocking), inferred=inferred)
-            who = f"service {lease.service!r} " if lease.service else ""
-            out.append(f"{who}port {lease.port}: {note}")
+        who = f"service {lease.service!r} " if lease.service else ""
+        out += [f"{who}port {lease.port}: {note}" for note in _plain_bind_notes(lease)]
     return out
+
+
+def _plain_bind_notes(lease: Lease) -> list[str]:
+    if lease.socket is None and not lease.held:
+        # Nothing of ours on the port: the probe tells what the table cannot (a [::1]
+        # connection whose socket was bound to [::] keeps a plain bind off 0.0.0.0; one
+        # bound to [::1] does not, and the table shows both alike).
+        from portpool.diagnosis import diagnose_port  # rarely needed
+
+        try:
+            found = diagnose_port(lease.port, lease.host)
+        except OSError:  # the name no longer resolves: the service's bind will say
+            return []
+        return found.notes() if found.bindable else []
+    mine = {socket_inode(s) for s in (lease.socket, *lease.held) if s is not None}
+    covered = covered_scopes(lease.host)
+    blocking = [
+        s
+        for s in tcp_sockets(lease.port)
+        if s.state != "listen" and s.inode not in mine and meets(s, covered)
+    ]
+    return [plain_bind_note(with_owners(blocking))] if blocking else []

@@ -16,16 +16,13 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from portpool._occupants import INSTANCE_MARKS
 from portpool._platform import has_children
 
 if TYPE_CHECKING:
     import psutil
 
 __all__ = ["Lineage", "running"]
-
-# In the environment of every process an instance starts (``up``'s services also carry
-# PORTPOOL_SUPERVISOR_PID, our pid), and so of what they start (a daemon keeps them).
-_MARKS = ("PORTPOOL_APP", "PORTPOOL_INSTANCE", "PORTPOOL_SUPERVISOR_PID")
 
 
 class Lineage:
@@ -48,7 +45,7 @@ class Lineage:
         carry ourselves prove nothing: a caller that exported the instance's variables
         (``eval "$(portpool env --export)"``) gave them to its sidecar too, and run's
         stop killed what that sidecar started."""
-        marks = {k: env[k] for k in _MARKS if k in env}
+        marks = {k: env[k] for k in INSTANCE_MARKS if k in env}  # doctor reads them too
         self._marks = {} if all(os.environ.get(k) == v for k, v in marks.items()) else marks
 
     def note(self) -> None:

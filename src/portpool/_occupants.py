@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from portpool._addresses import Scope, bound_wider, meets
 from portpool._dataclass import dataclass
 from portpool._platform import (
     TcpSocket,
@@ -128,29 +127,13 @@ BOUND_WIDER = (
 PLAIN_BIND_EXAMPLES = 3  # sockets named in the note; the rest only counted
 
 
-def plain_bind_blockers(
-    sockets: Iterable[TcpSocket], covered: frozenset[Scope]
-) -> tuple[list[TcpSocket], bool]:
-    """The sockets of ``sockets`` (one port's) that may keep a server that does not set
-    SO_REUSEADDR from binding it on ``covered`` (``covered_scopes`` of the lease's
-    host), and whether they are named by inference: connections and TIME_WAITs on a
-    covered address, else IPv6 ones whose socket may have been bound to ``[::]``
-    (``bound_wider``). Raises nothing."""
-    found = list(sockets)
-    blocking = [s for s in found if s.state != "listen" and meets(s, covered)]
-    if blocking:
-        return blocking, False
-    wider = [s for s in found if bound_wider(s, covered)]
-    return wider, bool(wider)
-
-
 def plain_bind_note(occupants: Iterable[Occupant], *, inferred: bool = False) -> str:
     """The note for a port our SO_REUSEADDR bind takes but a plain bind does not: who
     blocks it (a connection or TIME_WAIT left by a SO_REUSEADDR socket: the note read
     "cannot bind it yet: " with nothing named). Names at most ``PLAIN_BIND_EXAMPLES``
     sockets and counts them all: a busy port's note once listed 5,561 TIME_WAIT
     connections in one line of 411,543 characters. ``inferred``: they are on no
-    covered address (``plain_bind_blockers``), and the note says why they count."""
+    covered address (``_addresses.bound_wider``), and the note says why they count."""
     blocking = [o for o in occupants if not o.listening]
     count = len(blocking)
     named = "; ".join(o.describe() for o in blocking[:PLAIN_BIND_EXAMPLES])
@@ -200,6 +183,11 @@ def with_owners(
         pids = tuple([s.pid] if s.pid is not None else owners.get(s.inode or 0, []))
         out.append(Occupant(s, pids, tuple(process_name(p) or "?" for p in pids)))
     return out
+
+
+# In the environment of every process an instance starts (``up``'s services also carry
+# PORTPOOL_SUPERVISOR_PID, up's pid), and so of what they start (a daemon keeps them).
+INSTANCE_MARKS = ("PORTPOOL_APP", "PORTPOOL_INSTANCE", "PORTPOOL_SUPERVISOR_PID")
 
 
 @dataclass(frozen=True)

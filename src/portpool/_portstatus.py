@@ -205,11 +205,12 @@ def instance_processes(state: StateDir, record: PortRecord) -> tuple[frozenset[i
     if not isinstance(raw, dict) or raw.get("pid") != record.pid:
         return frozenset(), frozenset()
     entries = raw.get("services")
-    services = {
+    # A list, not a set: a hostile pid ([1], {}) is unhashable, and doctor crashed on it.
+    services = [
         e.get("pid")
         for e in (entries[:_MAX_PIDS] if type(entries) is list else [])
         if isinstance(e, dict)
-    }
+    ]
     inherited = raw.get("inherited")
     return _pids(services) - {record.pid}, _pids(inherited if type(inherited) is list else [])
 

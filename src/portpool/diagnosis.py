@@ -30,6 +30,7 @@ from portpool._addresses import (
 from portpool._dataclass import dataclass, field
 from portpool._occupants import (
     BOUND_WIDER,
+    INSTANCE_MARKS,
     Occupant,
     Owner,
     foreign_listeners,
@@ -262,10 +263,13 @@ def _owner(state: StateDir, record: PortRecord) -> Owner:
     services, inherited = instance_processes(state, record)
     marks: tuple[tuple[str, str], ...] = ()
     if inherited:
-        marks = (("PORTPOOL_APP", record.app), ("PORTPOOL_INSTANCE", str(record.instance)))
+        # _lineage's marks: those a process the instance started carries (up's services
+        # also its PORTPOOL_SUPERVISOR_PID), none if the holder carries them too.
+        started = next(filter(None, map(environment_of, sorted(services))), {})
+        marks = tuple((k, started[k]) for k in INSTANCE_MARKS if k in started)
         own = environment_of(record.pid) or {}
         if all(own.get(k) == v for k, v in marks):
-            marks = ()  # the holder carries them itself: they prove nothing (_lineage)
+            marks = ()  # they prove nothing: a sidecar could have them from us
     return Owner(record.pid, services, inherited, marks)
 
 

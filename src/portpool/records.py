@@ -319,7 +319,8 @@ def _read_instance_once(
     try:
         raw = read_json_file(directory, f"{number}.json")
     except NotAFile as e:
-        unreadable = f"record unreadable: {number}.json {e}"
+        why = record_problem(f"{number}.json {e}", directory, f"{number}.json")
+        unreadable = f"record unreadable: {why}"
         record_is_dir = e.kind == RECORD_BLOCKER
     except ValueError as e:
         why = record_problem(f"record {e}", directory, f"{number}.json")
