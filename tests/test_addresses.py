@@ -414,6 +414,39 @@ SERVE = (
 )
 
 
+def _up_beside(layout: Path, sidecar: str, *args: str) -> subprocess.Popen[str]:
+    """`sh -c 'sidecar & exec portpool up'`: the Python ``sidecar`` (with ``args``) is a
+    child of up's process that up did not start."""
+    up = " ".join([*PORTPOOL, "up", "--config", str(layout)])
+    script = f'{sys.executable} -c "$SIDECAR" {" ".join(args)} >/dev/null 2>&1 & exec {up}'
+    return subprocess.Popen(
+        ["sh", "-c", script], env={**os.environ, "SIDECAR": sidecar}, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def _kill_all(proc: subprocess.Popen[str], *pids: int | None) -> None:
+    """Kill ``proc`` and the processes ``pids`` (None: not known), all of them started
+    by the test (a sidecar through up's shell, and its orphan)."""
+    kill_if_running(proc)
+    for pid in pids:
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _named_then_tripped(proc: subprocess.Popen[str], layout: Path, port: int, pid: int) -> None:
+    """doctor names ``pid``'s listener on ``port`` as one the shield stops the instance
+    for, and then the shield of ``proc`` (an ``up``) trips on it (exit 4)."""
+    doctor = portpool("doctor", "--config", str(layout))
+    [line] = [x for x in doctor.stdout.splitlines() if f" {port}  " in x]
+    said = f"but also listened on by pid {pid} (python"
+    assert said in line and "(the shield stops the instance)" in line, line
+    _, err = proc.communicate(timeout=60)  # the shield trips within its interval
+    assert proc.returncode == 4, err
+    assert f"listened on by pid {pid} (python" in err
+
+
 @needs_ipv6
 def test_doctor_names_an_inherited_sidecar_s_listener_the_shield_trips_on(
     tmp_path: Path, port_base: int, home: Path
@@ -427,28 +460,14 @@ def test_doctor_names_an_inherited_sidecar_s_listener_the_shield_trips_on(
     layout = _layout(
         tmp_path / "p.toml", port_base, "localhost", shield=3, services={"web": service}
     )
-    up = " ".join([*PORTPOOL, "up", "--config", str(layout)])
-    script = f'{sys.executable} -c "$SIDECAR" {port_base} {pid_file} >/dev/null 2>&1 & exec {up}'
-    proc = subprocess.Popen(
-        ["sh", "-c", script], env={**os.environ, "SIDECAR": SIDECAR}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = _up_beside(layout, SIDECAR, str(port_base), str(pid_file))
     sidecar = None
     try:
         assert wait_for(pid_file.exists, timeout=30)
         sidecar = int(pid_file.read_text())
-        doctor = portpool("doctor", "--config", str(layout))
-        [line] = [x for x in doctor.stdout.splitlines() if f" {port_base}  " in x]
-        said = f"but also listened on by pid {sidecar} (python"
-        assert said in line and "(the shield stops the instance)" in line, line
-        _, err = proc.communicate(timeout=60)  # the shield trips within 3 s
-        assert proc.returncode == 4, err
-        assert f"listened on by pid {sidecar} (python" in err
+        _named_then_tripped(proc, layout, port_base, sidecar)
     finally:
-        kill_if_running(proc)
-        if sidecar is not None:  # started by this test, through its shell
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(sidecar, signal.SIGKILL)
+        _kill_all(proc, sidecar)
 
 
 # A sidecar that takes the instance's variables (`eval "$(portpool env --export)"`) and
@@ -495,31 +514,17 @@ def test_doctor_names_an_orphan_with_the_instance_s_variables_but_not_up_s_marks
     layout = _layout(
         tmp_path / "p.toml", port_base, "127.0.0.1", shield=3, services={"web": service}
     )
-    up = " ".join([*PORTPOOL, "up", "--config", str(layout)])
-    script = f'{sys.executable} -c "$SIDECAR" {layout} {pid_file} >/dev/null 2>&1 & exec {up}'
-    proc = subprocess.Popen(
-        ["sh", "-c", script], env={**os.environ, "SIDECAR": MARKED_SIDECAR}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    proc = _up_beside(layout, MARKED_SIDECAR, str(layout), str(pid_file))
     orphan = None
     try:
         assert wait_for(pid_file.exists, timeout=30)
         time.sleep(0.1)  # the file is written whole by then
         orphan = int(pid_file.read_text())
         assert psutil.Process(orphan).ppid() == proc.pid  # adopted by up, a subreaper
-        doctor = portpool("doctor", "--config", str(layout))
-        [line] = [x for x in doctor.stdout.splitlines() if f" {port_base}  " in x]
-        assert f"but also listened on by pid {orphan} (python" in line, line
-        _, err = proc.communicate(timeout=60)  # the shield trips within 3 s
-        assert proc.returncode == 4, err
-        assert f"listened on by pid {orphan} (python" in err
+        _named_then_tripped(proc, layout, port_base, orphan)
     finally:
-        kill_if_running(proc)
         sidecar = tmp_path / "orphan.pid.sidecar"
-        for pid in [orphan, int(sidecar.read_text()) if sidecar.exists() else None]:
-            if pid is not None:  # the sidecar and its orphan: started by this test
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+        _kill_all(proc, orphan, int(sidecar.read_text()) if sidecar.exists() else None)
 
 
 # A program that starts its service outside its own tree (setsid -f) and records it

@@ -1182,3 +1182,29 @@ def test_a_log_pattern_that_backtracks_times_out_instead_of_hanging_up(
     assert "service 'slow' was not ready in time" in err
     assert "took too long on a line" in err, err
     assert status_json(config)["instances"] == []
+
+
+def test_a_line_that_makes_a_service_ready_is_printed_before_up_says_so() -> None:
+    """The "log:" probe saw the line before the line was printed, and the keeper's
+    "ready on port" line, written on its own thread, came first (a CI run). The probe
+    now sees it under the output lock, right before it is written."""
+    import io
+    import os
+
+    from portpool._output import pump_lines, write_line
+
+    out, lock = io.StringIO(), threading.Lock()
+    said: list[threading.Thread] = []
+
+    def ready(line: str) -> None:  # what the keeper does once the probe matched
+        keeper = threading.Thread(target=write_line, args=(out, lock, "up: ready", None))
+        keeper.start()
+        said.append(keeper)
+        keeper.join(0.3)  # as long as the keeper may take to be first
+
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"ready to serve\n")
+    os.close(write_fd)
+    pump_lines("svc", 3, os.fdopen(read_fd, "rb"), out, lock, on_line=ready)
+    said[0].join(10)
+    assert out.getvalue().splitlines() == ["svc | ready to serve", "up: ready"]

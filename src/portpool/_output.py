@@ -4,6 +4,7 @@ giving each line (and a line not ended yet) to its readiness probe.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import IO
@@ -42,9 +43,11 @@ def pump_lines(
 
     def emit(raw: bytes) -> None:
         line = raw.decode(errors="replace")
-        if on_line is not None:
-            on_line(line)
-        write_line(out, lock, prefix + line, on_broken)
+        # Given to on_line under the output lock, right before it is written: a "log:"
+        # readiness it gives is said ("ready on port") after the line, never before it
+        # (a CI run), and still at once when the console is blocked (Ctrl-S).
+        seen = None if on_line is None else functools.partial(on_line, line)
+        write_line(out, lock, prefix + line, on_broken, before=seen)
 
     read = getattr(stream, "read1", stream.read)  # what is there now, not a full buffer
     pending = bytearray()  # the line not ended yet
@@ -88,21 +91,29 @@ def write_line(
     line: str,
     on_broken: Callable[[], None] | None,
     wait_s: float | None = None,
+    *,
+    before: Callable[[], None] | None = None,
 ) -> None:
     """Write ``line`` and a newline to ``out`` under ``lock``, and flush. A reader that
     went away calls ``on_broken``; any other error loses the line (a full disk, a
     closed stream), never the caller. ``wait_s``: how long to wait for ``lock`` (None:
-    as long as it takes); the line is lost when it is not had by then. Raises nothing."""
+    as long as it takes); the line is lost when it is not had by then. ``before`` is
+    called under the lock before the write (what it raises, the caller gets). Raises
+    nothing else."""
     if not lock.acquire(timeout=-1 if wait_s is None else wait_s):
         return  # held by a write that blocks (a full pipe, a terminal stopped by Ctrl-S)
+    broken = False
     try:
+        if before is not None:
+            before()
         try:
             out.write(line + "\n")
             out.flush()
-        finally:
-            lock.release()  # before on_broken, which may say something too
-    except BrokenPipeError:
-        if on_broken is not None:
-            on_broken()
-    except (OSError, ValueError):
-        pass
+        except BrokenPipeError:
+            broken = True
+        except (OSError, ValueError):
+            pass
+    finally:
+        lock.release()  # before on_broken, which may say something too
+    if broken and on_broken is not None:
+        on_broken()
