@@ -1208,3 +1208,30 @@ def test_a_line_that_makes_a_service_ready_is_printed_before_up_says_so() -> Non
     pump_lines("svc", 3, os.fdopen(read_fd, "rb"), out, lock, on_line=ready)
     said[0].join(10)
     assert out.getvalue().splitlines() == ["svc | ready to serve", "up: ready"]
+
+
+def test_a_blocked_console_does_not_hold_up_a_line_s_readiness() -> None:
+    """Seen under the output lock, a line waited for a write that blocks (a terminal
+    stopped by Ctrl-S holds the lock): its service would not get ready until then."""
+    import io
+    import os
+
+    from portpool._output import pump_lines
+
+    out, lock = io.StringIO(), threading.Lock()
+    seen = threading.Event()
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"ready to serve\n")
+    os.close(write_fd)
+    pump = threading.Thread(
+        target=pump_lines,
+        args=("svc", 3, os.fdopen(read_fd, "rb"), out, lock),
+        kwargs={"on_line": lambda line: seen.set()},
+        daemon=True,
+    )
+    with lock:  # another service's write, blocked
+        pump.start()
+        assert seen.wait(10)  # ready while the console is still blocked
+        assert out.getvalue() == ""
+    pump.join(10)
+    assert out.getvalue() == "svc | ready to serve\n"  # printed once it is free

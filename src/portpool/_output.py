@@ -45,7 +45,7 @@ def pump_lines(
         line = raw.decode(errors="replace")
         # Given to on_line under the output lock, right before it is written: a "log:"
         # readiness it gives is said ("ready on port") after the line, never before it
-        # (a CI run), and still at once when the console is blocked (Ctrl-S).
+        # (a CI run); and without the lock once it is held by a blocked write (Ctrl-S).
         seen = None if on_line is None else functools.partial(on_line, line)
         write_line(out, lock, prefix + line, on_broken, before=seen)
 
@@ -85,6 +85,9 @@ def pump_lines(
     stream.close()
 
 
+BLOCKED_S = 0.05  # the output lock held longer: a write blocks (a full pipe, Ctrl-S)
+
+
 def write_line(
     out: IO[str],
     lock: threading.Lock,
@@ -98,9 +101,13 @@ def write_line(
     went away calls ``on_broken``; any other error loses the line (a full disk, a
     closed stream), never the caller. ``wait_s``: how long to wait for ``lock`` (None:
     as long as it takes); the line is lost when it is not had by then. ``before`` is
-    called under the lock before the write (what it raises, the caller gets). Raises
-    nothing else."""
-    if not lock.acquire(timeout=-1 if wait_s is None else wait_s):
+    called under the lock before the write, or without it when the lock is held longer
+    than ``BLOCKED_S`` (what it raises, the caller gets). Raises nothing else."""
+    locked = before is not None and lock.acquire(timeout=BLOCKED_S)
+    if before is not None and not locked:
+        before()  # a write blocks the console (Ctrl-S): what waits for the line must not
+        before = None
+    if not locked and not lock.acquire(timeout=-1 if wait_s is None else wait_s):
         return  # held by a write that blocks (a full pipe, a terminal stopped by Ctrl-S)
     broken = False
     try:
