@@ -7,6 +7,7 @@ group); a sent signal is os.kill. Every fault of the issue on signals has a test
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import re
@@ -803,6 +804,46 @@ def test_a_stop_signal_inside_the_import_machinery_is_kept_for_check() -> None:
             scope.check()
     with SignalScope() as scope, pytest.raises(Interrupted):
         scope._interrupt(signal.SIGINT, sys._getframe())  # anywhere else: at once
+
+
+def test_a_signal_that_came_before_the_command_is_handed_on_as_such() -> None:
+    """run took what came between its last check and the command's fork for the
+    command's own when the kernel sent it (a Ctrl-C typed as the command started) and
+    dropped it: the command, not yet there, never got it (10 in 200 typed keys)."""
+    from portpool._run import relay_to
+
+    sent: list[int] = []
+
+    class Command:  # where relay_to sends: the signals it passes on, recorded
+        def send(self, signum: int, names: list[str]) -> None:
+            sent.append(signum)
+
+        def resume_stopped(self, names: list[str]) -> None:
+            pass
+
+    got: list[Any] = []
+    relayed = threading.Event()
+    with SignalScope() as scope:
+        scope.block()
+        os.kill(os.getpid(), signal.SIGUSR1)  # pending: blocked in this thread
+        early = scope.take_pending()
+        assert [e.signum for e in early] == [signal.SIGUSR1]
+        pass_on = relay_to(Command(), "command", shared_group=True)  # type: ignore[arg-type]
+
+        def callback(received: Any) -> None:
+            got.append(received)
+            pass_on(received)
+            relayed.set()
+
+        scope.relay(callback, None, None, early)
+        assert relayed.wait(10)
+    assert [(r.signum, r.before_command) for r in got] == [(signal.SIGUSR1, True)]
+    assert sent == [signal.SIGUSR1]
+    # The same signal as a terminal's, after the command started: it had it already.
+    sent.clear()
+    from_terminal = dataclasses.replace(got[0], before_command=False, from_kernel=True)
+    pass_on(from_terminal)
+    assert sent == []
 
 
 # Forks (with "child") or not, then the process that is to be suspended handles SIGTERM

@@ -266,9 +266,11 @@ def spawn(
     stdin: int | IO[bytes] | None = None,
     stdout: int | IO[bytes] | None = None,
     stderr: int | IO[bytes] | None = None,
+    before_fork: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``command``; with ``sockets`` [(fd, name)] they arrive at fds 3.. by the
-    systemd protocol, with ``LISTEN_PID`` the command's own pid.
+    systemd protocol, with ``LISTEN_PID`` the command's own pid. ``before_fork`` is
+    called right before the fork (``run`` takes the signals the command cannot have).
 
     ``watch_parent``: the command gets SIGTERM if we die (Linux), so a kill -9 of
     portpool never leaves it running without its leases. ``own_group``: it leads a new
@@ -308,6 +310,8 @@ def spawn(
     # dispositions, and here for the next instruction after the start.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals()) if setup else None
     try:
+        if before_fork is not None:
+            before_fork()
         proc = subprocess.Popen(
             list(command),
             env=dict(env),

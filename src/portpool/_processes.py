@@ -121,12 +121,14 @@ class Supervisor:
         on_line: Callable[[str], None] | None = None,
         inherit_fds: Sequence[int] = (),
         on_partial: Callable[[str], None] | None = None,
+        before_fork: Callable[[], None] | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``command`` as ``name`` with ``sockets`` at fds 3.., the parent-death
         signal set and (``own_group``) in its own process group. With ``capture`` its
         output is printed with a ``name |`` prefix (each line also given to ``on_line``,
         and the start of a line not ended yet to ``on_partial``);
-        else it inherits our stdio. ``inherit_fds`` keep their numbers (see ``spawn``).
+        else it inherits our stdio. ``inherit_fds`` keep their numbers, ``before_fork``
+        is called right before the fork (see ``spawn``).
         Raises StartError, ResourceLimit (out of file descriptors), or PortPoolError
         once stopping."""
         keep: list[int] = []
@@ -155,6 +157,7 @@ class Supervisor:
                     stdin=subprocess.DEVNULL if capture else None,
                     stdout=write_fd if capture else None,
                     stderr=write_fd if capture else None,
+                    before_fork=before_fork,
                 )
             finally:
                 with self._spawn_lock:

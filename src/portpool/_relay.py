@@ -144,8 +144,9 @@ class SignalScope:
         whenever no signal came for that long, so that what it does comes after every
         signal already received (job control: a command resumed only after the
         SIGTERM that came with the SIGCONT was passed on). ``early``: signals taken
-        (``take_pending``) before the command existed, handed first and never marked
-        ``to_group``: the command cannot have had them (the witness's copy is taken)."""
+        (``take_pending``) before the command existed, handed first and marked
+        ``before_command``: the command cannot have had them (the witness's copy is
+        taken), even a terminal's Ctrl-C."""
         wait_s = 0.2 if idle is None else idle[1]
 
         def loop() -> None:
@@ -154,7 +155,7 @@ class SignalScope:
                 if witness is not None:
                     witness.saw(before.signum)
                 if not self._duplicate(before):
-                    callback(before)
+                    callback(dataclasses.replace(before, before_command=True))
             while not self._closing.is_set():
                 received = self._inbox.take(wait_s)
                 if received is None:

@@ -54,6 +54,11 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
     had_terminal = shared_group and controlling_terminal_alive()
 
     def relay(received: ReceivedSignal) -> None:
+        if received.before_command:
+            # Typed or sent before the command existed: it got none (a Ctrl-C typed
+            # as it started was lost, 1 in 20).
+            supervisor.send(received.signum, [name])
+            return
         if shared_group and received.from_kernel and received.signum not in alone:
             return
         if shared_group and received.to_group:
@@ -168,18 +173,18 @@ def run_command(
 
             instance.on_release(close_witness)
             instance.on_release(supervisor.stop)
-            # Once more as late as can be: a terminal's Ctrl-C between the check above
-            # and the fork reached the group before the command was in it, and was then
-            # dropped as the command's own (it ran on; run hung, 1 Ctrl-C in ~200).
-            scope.check()
             # The witness before the command, after the Supervisor (which would take it
             # for a child inherited through exec). Started after the command, it missed
             # a group's signal sent in its first milliseconds (`kill 0` at a script's
-            # start), which the command had: passed on, the command got it twice. What
-            # came before the command is taken now and passed on (the command had none).
+            # start), which the command had: passed on, the command got it twice.
             witness = GroupWitness.start(scope.signals) if shared else None
             witnesses += [witness] if witness is not None else []
-            early = scope.take_pending() if witness is not None else []
+            # Once more as late as can be: what came before (and while the witness
+            # started) stops us, as a Ctrl-C before the command does.
+            scope.check()
+            # What comes from here to the fork is passed on: the command had none of it
+            # (dropped as its own, a Ctrl-C typed as it started was lost, 1 in 20).
+            early: list[ReceivedSignal] = []
             proc = supervisor.start_process(
                 "command",
                 command,
@@ -188,6 +193,7 @@ def run_command(
                 own_group=not shared,
                 capture=False,
                 inherit_fds=pass_fds,
+                before_fork=lambda: early.extend(scope.take_pending()),
             )
             job = None
             if whole_tree and not shared and controlling_terminal_alive():

@@ -42,6 +42,8 @@ class ReceivedSignal:
     from_kernel: bool = False
     sender_known: bool = True  # False where the OS gave no siginfo (handlers only)
     to_group: bool = False  # a process sent it to our whole group (``GroupWitness``)
+    # It came before the command existed: whoever sent it, the command did not get it.
+    before_command: bool = False
 
 
 def _prctl() -> Callable[..., int] | None:
@@ -347,12 +349,19 @@ class GroupWitness:
         if sys.platform == "win32" or not hasattr(signal, "sigtimedwait"):
             return None
         argv = [sys.executable, "-I", "-S", "-c", _WITNESS, *(str(int(s)) for s in signals)]
+        # Popen may vfork: a Ctrl-Z reaching the child before its exec stopped it, and us
+        # with it, for good (run hung in vfork, the shell never saw the job stop). The
+        # terminal's stop signals wait, blocked, until the child runs the witness.
+        stops = {getattr(signal, n) for n in ("SIGTSTP", "SIGTTIN", "SIGTTOU")}
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, cwd="/", env={}
             )
         except OSError:
             return None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return cls(proc)
 
     @property
