@@ -527,6 +527,50 @@ def test_doctor_names_an_orphan_with_the_instance_s_variables_but_not_up_s_marks
         _kill_all(proc, orphan, int(sidecar.read_text()) if sidecar.exists() else None)
 
 
+# A service that daemonizes: its orphan listens on PORT, keeping its environment (the
+# instance's marks), and writes its pid to the file it is given.
+DAEMONIZES = (
+    "import os, socket, sys, time\n"
+    "if os.fork() == 0:\n"
+    "    if os.fork() == 0:\n"
+    "        s = socket.create_server(('127.0.0.1', int(os.environ['PORT'])))\n"
+    "        open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()))\n"
+    "        os.rename(sys.argv[1] + '.tmp', sys.argv[1])\n"
+    "        time.sleep(60)\n"
+    "    os._exit(0)\n"
+    "time.sleep(60)\n"
+)
+
+
+def test_doctor_takes_the_marks_from_the_record_not_from_a_service_that_cleared_them(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """With a sidecar inherited through exec, doctor read the marks an orphan must carry
+    from the first service's environment; one started with `env -i` has none, so doctor
+    named the other service's daemon an intruder the shield (which never tripped) stops."""
+    pid_file = tmp_path / "daemon.pid"
+    cleared = {"command": ["env", "-i", "A=1", "/bin/sleep", "60"], "ready": "none"}
+    daemon = {"command": [sys.executable, "-c", DAEMONIZES, str(pid_file)], "ready": "none"}
+    services = {"quiet": {**cleared, "socket": "port"}, "web": {**daemon, "socket": "port"}}
+    layout = _layout(tmp_path / "p.toml", port_base, "127.0.0.1", shield=0.2, services=services)
+    sidecar = tmp_path / "sidecar.pid"
+    idle = "import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(60)"
+    proc = _up_beside(layout, idle, str(sidecar))
+    orphan = None
+    try:
+        assert wait_for(pid_file.exists, timeout=30)
+        orphan = int(pid_file.read_text())
+        record = json.loads((home / "apps" / "testapp" / "instances" / "1.json").read_text())
+        assert record["inherited"] and record["marks"]["PORTPOOL_INSTANCE"] == "1"
+        doctor = portpool("doctor", "--config", str(layout))
+        [line] = [x for x in doctor.stdout.splitlines() if f" {port_base + 2}  " in x]
+        assert "held by instance 1" in line and "listened on" not in line, line
+        time.sleep(1)  # five shield checks: none trips on the service's own daemon
+        assert proc.poll() is None
+    finally:
+        _kill_all(proc, orphan, int(sidecar.read_text()) if sidecar.exists() else None)
+
+
 # A program that starts its service outside its own tree (setsid -f) and records it
 # with set_service_pids; it stops the service and releases when its stdin closes.
 LIBRARY_HOLDER = (

@@ -53,9 +53,11 @@ class Instance:
         self.directory: str | None = None  # the checkout it was started for
         self.skipped: list[tuple[int, str]] = []  # slots passed over: (number, why)
         self.service_states: dict[str, Mapping[str, Any]] = {}  # set by the supervisor
-        # Children inherited through the exec that started up/run (set by the
-        # supervisor): not the instance's, which doctor reads here as its shield judges.
+        # Children inherited through the exec that started up/run, and the marks an
+        # orphan must then carry to be the instance's (set by the supervisor): doctor
+        # reads them here, to judge listeners as the shield does.
         self.inherited_pids: tuple[int, ...] = ()
+        self.adoption_marks: dict[str, str] = {}
         self.started_at = time.time()
         self.lost_reason: str | None = None
         self._stop = threading.Event()
@@ -122,7 +124,11 @@ class Instance:
             "started_at": self.started_at,
             "heartbeat_at": time.time(),
             "dir": self.directory,
-            **({"inherited": list(self.inherited_pids)} if self.inherited_pids else {}),
+            **(
+                {"inherited": list(self.inherited_pids), "marks": dict(self.adoption_marks)}
+                if self.inherited_pids
+                else {}
+            ),
             "services": [
                 {
                     "name": name,

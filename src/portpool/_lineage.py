@@ -48,6 +48,12 @@ class Lineage:
         marks = {k: env[k] for k in INSTANCE_MARKS if k in env}  # doctor reads them too
         self._marks = {} if all(os.environ.get(k) == v for k, v in marks.items()) else marks
 
+    @property
+    def marks(self) -> dict[str, str]:
+        """The marks an orphan of unknown lineage must carry to be ours (a copy; empty:
+        none can be). Raises nothing."""
+        return dict(self._marks)
+
     def note(self) -> None:
         """Remember the descendants of the inherited children, while their lineage can
         still be seen (call now and then: each tick of the supervisor's wait)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from portpool._dataclass import dataclass
 from portpool._heldlock import is_held, lock_path_problem
@@ -190,20 +190,29 @@ def refused_port_status(state: StateDir, port: int, table: SharedLockTable | Non
 _MAX_PIDS = 256  # a record's pid lists read; a hostile one cannot make doctor walk more
 
 
-def instance_processes(state: StateDir, record: PortRecord) -> tuple[frozenset[int], ...]:
-    """``(services, inherited)``: the pids the instance record of ``record``'s holder
-    gives for its services and for the children it inherited through exec, both empty
+class InstanceProcesses(NamedTuple):
+    """What an instance record says of its processes: its services' pids, the children
+    its ``up``/``run`` inherited through exec, and the marks (environment variables) an
+    orphan of unknown lineage must carry to be the instance's (``_lineage``)."""
+
+    services: frozenset[int] = frozenset()
+    inherited: frozenset[int] = frozenset()
+    marks: tuple[tuple[str, str], ...] = ()
+
+
+def instance_processes(state: StateDir, record: PortRecord) -> InstanceProcesses:
+    """What the instance record of ``record``'s holder says of its processes; nothing
     when the port is no instance's or the record is another process's or unreadable.
     Raises nothing."""
     if record.instance <= 0:
-        return frozenset(), frozenset()
+        return InstanceProcesses()
     try:
         directory = state.find_instances(record.app)
         raw = None if directory is None else read_json_file(directory, f"{record.instance}.json")
     except (OSError, ValueError, StateDirError):
-        return frozenset(), frozenset()
+        return InstanceProcesses()
     if not isinstance(raw, dict) or raw.get("pid") != record.pid:
-        return frozenset(), frozenset()
+        return InstanceProcesses()
     entries = raw.get("services")
     # A list, not a set: a hostile pid ([1], {}) is unhashable, and doctor crashed on it.
     services = [
@@ -212,7 +221,16 @@ def instance_processes(state: StateDir, record: PortRecord) -> tuple[frozenset[i
         if isinstance(e, dict)
     ]
     inherited = raw.get("inherited")
-    return _pids(services) - {record.pid}, _pids(inherited if type(inherited) is list else [])
+    marks = raw.get("marks")
+    return InstanceProcesses(
+        _pids(services) - {record.pid},
+        _pids(inherited if type(inherited) is list else []),
+        tuple(
+            (k, v)
+            for k, v in (marks.items() if isinstance(marks, dict) else ())
+            if isinstance(k, str) and k.startswith("PORTPOOL_") and isinstance(v, str)
+        )[:8],
+    )
 
 
 def _pids(values: Iterable[object]) -> frozenset[int]:

@@ -165,6 +165,7 @@ class Supervisor:
                     if proc is not None:
                         self.children[name] = proc
                         self._lineage.mark(env)
+                        self.instance.adoption_marks = self._lineage.marks
                         if own_group:
                             self._groups.add(name)
                     self._spawned.notify_all()

@@ -30,7 +30,6 @@ from portpool._addresses import (
 from portpool._dataclass import dataclass, field
 from portpool._occupants import (
     BOUND_WIDER,
-    INSTANCE_MARKS,
     Occupant,
     Owner,
     foreign_listeners,
@@ -43,7 +42,6 @@ from portpool._platform import (
     LockTable,
     SocketOwners,
     TcpSocket,
-    environment_of,
     is_alive,
     locked_inodes,
     tcp_sockets,
@@ -259,18 +257,11 @@ def intruder_notes(occupants: Sequence[Occupant], holder: PortHolder) -> tuple[s
 
 
 def _owner(state: StateDir, record: PortRecord) -> Owner:
-    """The live holder of ``record`` and its instance's processes (``Owner``)."""
-    services, inherited = instance_processes(state, record)
-    marks: tuple[tuple[str, str], ...] = ()
-    if inherited:
-        # _lineage's marks: those a process the instance started carries (up's services
-        # also its PORTPOOL_SUPERVISOR_PID), none if the holder carries them too.
-        started = next(filter(None, map(environment_of, sorted(services))), {})
-        marks = tuple((k, started[k]) for k in INSTANCE_MARKS if k in started)
-        own = environment_of(record.pid) or {}
-        if all(own.get(k) == v for k, v in marks):
-            marks = ()  # they prove nothing: a sidecar could have them from us
-    return Owner(record.pid, services, inherited, marks)
+    """The live holder of ``record`` and its instance's processes (``Owner``), with the
+    marks its shield judges orphans by, as its record gives them (the environment of a
+    service that cleared its own proves nothing)."""
+    found = instance_processes(state, record)
+    return Owner(record.pid, found.services, found.inherited, found.marks)
 
 
 def port_holder(
