@@ -158,6 +158,11 @@ class SignalScope:
                     callback(dataclasses.replace(before, before_command=True))
             while not self._closing.is_set():
                 received = self._inbox.take(wait_s)
+                if received is None and idle is not None:
+                    # Once more, at once: continued after a stop, the wait can return
+                    # nothing though a signal waits (`kill %1`: SIGTERM, then SIGCONT),
+                    # and the idle step resumed the command before it got its SIGTERM.
+                    received = self._inbox.take(0)
                 if received is None:
                     if idle is not None and not self._closing.is_set():
                         idle[0]()
