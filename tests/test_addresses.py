@@ -435,6 +435,11 @@ def _kill_all(proc: subprocess.Popen[str], *pids: int | None) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def _pid_in(path: Path) -> int | None:
+    """The pid a test's process wrote to ``path``, None if it wrote none (yet)."""
+    return int(path.read_text()) if path.exists() else None
+
+
 def _named_then_tripped(proc: subprocess.Popen[str], layout: Path, port: int, pid: int) -> None:
     """doctor names ``pid``'s listener on ``port`` as one the shield stops the instance
     for, and then the shield of ``proc`` (an ``up``) trips on it (exit 4)."""
@@ -523,8 +528,7 @@ def test_doctor_names_an_orphan_with_the_instance_s_variables_but_not_up_s_marks
         assert psutil.Process(orphan).ppid() == proc.pid  # adopted by up, a subreaper
         _named_then_tripped(proc, layout, port_base, orphan)
     finally:
-        sidecar = tmp_path / "orphan.pid.sidecar"
-        _kill_all(proc, orphan, int(sidecar.read_text()) if sidecar.exists() else None)
+        _kill_all(proc, orphan, _pid_in(tmp_path / "orphan.pid.sidecar"))
 
 
 # A service that daemonizes: its orphan listens on PORT, keeping its environment (the
@@ -568,7 +572,7 @@ def test_doctor_takes_the_marks_from_the_record_not_from_a_service_that_cleared_
         time.sleep(1)  # five shield checks: none trips on the service's own daemon
         assert proc.poll() is None
     finally:
-        _kill_all(proc, orphan, int(sidecar.read_text()) if sidecar.exists() else None)
+        _kill_all(proc, orphan, _pid_in(sidecar))
 
 
 # A program that starts its service outside its own tree (setsid -f) and records it

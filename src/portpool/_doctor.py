@@ -26,8 +26,8 @@ from portpool.diagnosis import (
     PortDiagnosis,
     PortHolder,
     diagnose_port,
+    elsewhere_notes,
     intruder_notes,
-    other_loopback_notes,
     port_holder,
 )
 from portpool.errors import Refusal, RefusalReason, StateDirError
@@ -229,16 +229,6 @@ def _unusable_lock_path(state: StateDir, port: int) -> str | None:
     return str(StateDirError(os.path.join(directory.path, f"{port}.json"), problem))
 
 
-def _elsewhere(
-    port: int, *, host: str, sockets: Sequence[TcpSocket], holder: PortHolder | None
-) -> tuple[str, ...]:
-    """``other_loopback_notes`` of a port, by its holder's host and without its holder's
-    own listeners when it is held (``holder``)."""
-    if holder is None:
-        return other_loopback_notes(port, host, sockets)
-    return other_loopback_notes(port, holder.host, sockets, holder.owner)
-
-
 def examine_layout(
     layout: Layout, state: StateDir | None = None, service: str | None = None
 ) -> DoctorReport:
@@ -260,7 +250,7 @@ def examine_layout(
                     refusal, notes, found, holder = _classify(
                         state, port, layout.host, locked=locked, sockets=sockets, owners=owners
                     )
-                    elsewhere = _elsewhere(port, host=layout.host, sockets=sockets, holder=holder)
+                    elsewhere = elsewhere_notes(port, layout.host, sockets, holder)
                     verdicts.append(
                         PortVerdict(number, svc.name, port, refusal, notes, found, elsewhere)
                     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from portpool._addresses import covered_scopes, meets
+from portpool._addresses import occupies
 from portpool._occupants import plain_bind_note, with_owners
 from portpool._platform import socket_inode, tcp_sockets
 from portpool.layout import Layout
@@ -63,10 +63,9 @@ def _plain_bind_notes(lease: Lease) -> list[str]:
             return []
         return found.notes() if found.bindable else []
     mine = {socket_inode(s) for s in (lease.socket, *lease.held) if s is not None}
-    covered = covered_scopes(lease.host)
     blocking = [
         s
         for s in tcp_sockets(lease.port)
-        if s.state != "listen" and s.inode not in mine and meets(s, covered)
+        if s.state != "listen" and s.inode not in mine and occupies(s, lease.host)
     ]
     return [plain_bind_note(with_owners(blocking))] if blocking else []

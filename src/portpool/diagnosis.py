@@ -180,14 +180,14 @@ def diagnose(port: int, host: str, *, state: StateDir | None = None) -> PortDiag
         if state is None:
             opened.close()
     sockets = tcp_sockets(port)
+    elsewhere = elsewhere_notes(port, host, sockets, holder)
     if holder is None:
         found = diagnose_port(port, host, sockets=sockets)
-        return dataclasses.replace(found, listener_notes=other_loopback_notes(port, host, sockets))
+        return dataclasses.replace(found, listener_notes=elsewhere)
     # doctor's notes of a held port: they were left out here (README: diagnose is doctor).
     found = diagnose_port(port, host, probe=False, sockets=sockets)
     judged = diagnose_port(port, holder.host, probe=False, sockets=sockets)
-    notes = intruder_notes(judged.occupants, holder)
-    notes += other_loopback_notes(port, holder.host, sockets, holder.owner)
+    notes = intruder_notes(judged.occupants, holder) + elsewhere
     return dataclasses.replace(found, held=seen.describe(), listener_notes=notes)
 
 
@@ -242,10 +242,9 @@ def diagnose_port(
 
 
 class PortHolder(NamedTuple):
-    """Who holds a held port (``pid``, None if unknown), the host its lease covers, and
-    whose listeners count as its own (``owner``, as its shield counts them)."""
+    """The host a held port's lease covers, and whose listeners count as its holder's
+    own (``owner``, as its shield counts them; None when the holder is unknown)."""
 
-    pid: int | None
     host: str
     owner: Owner | None = None
 
@@ -278,8 +277,8 @@ def port_holder(
     record = seen.record
     if record is None or not is_alive(record.identity):
         pid = _lock_table_holder(state, seen.port, locked)
-        return PortHolder(pid, host, None if pid is None else Owner(pid))
-    return PortHolder(record.pid, _covered_host(record.host, host), _owner(state, record))
+        return PortHolder(host, None if pid is None else Owner(pid))
+    return PortHolder(_covered_host(record.host, host), _owner(state, record))
 
 
 def _lock_table_holder(state: StateDir, port: int, locked: LockTable | None) -> int | None:
@@ -340,3 +339,13 @@ def other_loopback_notes(
         f"localhost:{port} that tries it first reaches that program ({fix})"
         for o in foreign_listeners(with_owners(found), holder)
     )
+
+
+def elsewhere_notes(
+    port: int, host: str, sockets: Sequence[TcpSocket], holder: PortHolder | None
+) -> tuple[str, ...]:
+    """``other_loopback_notes`` of a port: by ``host``, or when it is held (``holder``)
+    by its holder's host and without its holder's own listeners. Raises nothing."""
+    if holder is None:
+        return other_loopback_notes(port, host, sockets)
+    return other_loopback_notes(port, holder.host, sockets, holder.owner)
