@@ -179,14 +179,18 @@ def diagnose(port: int, host: str, *, state: StateDir | None = None) -> PortDiag
     finally:
         if state is None:
             opened.close()
-    sockets = tcp_sockets(port)
+    sockets, owners = tcp_sockets(port), SocketOwners()  # one read of each for all below
     elsewhere = elsewhere_notes(port, host, sockets, holder)
     if holder is None:
-        found = diagnose_port(port, host, sockets=sockets)
+        found = diagnose_port(port, host, sockets=sockets, owners=owners)
         return dataclasses.replace(found, listener_notes=elsewhere)
     # doctor's notes of a held port: they were left out here (README: diagnose is doctor).
-    found = diagnose_port(port, host, probe=False, sockets=sockets)
-    judged = diagnose_port(port, holder.host, probe=False, sockets=sockets)
+    found = diagnose_port(port, host, probe=False, sockets=sockets, owners=owners)
+    judged = (
+        found  # by the holder's host, as its shield judges: most often the caller's
+        if normalize_host(holder.host) == found.host
+        else diagnose_port(port, holder.host, probe=False, sockets=sockets, owners=owners)
+    )
     notes = intruder_notes(judged.occupants, holder) + elsewhere
     return dataclasses.replace(found, held=seen.describe(), listener_notes=notes)
 
