@@ -404,6 +404,8 @@ class Supervisor:
             if alive and not kill:
                 resume_stopped(alive)
             quiet = quiet + 1 if not alive and exited else 0
+            if quiet and self.adopt and not has_children():
+                quiet = 2  # a subreaper with no child at all has no descendant left
             if quiet >= 2:
                 gone = True
                 break
