@@ -55,8 +55,10 @@ def _plain_bind_notes(lease: Lease) -> list[str]:
         # Nothing of ours on the port: the probe tells what the table cannot (a [::1]
         # connection whose socket was bound to [::] keeps a plain bind off 0.0.0.0; one
         # bound to [::1] does not, and the table shows both alike).
-        from portpool.diagnosis import diagnose_port  # rarely needed
+        from portpool.diagnosis import diagnose_port, probe_bind
 
+        if probe_bind(lease.host, lease.port, reuse=False) is None:
+            return []  # the service's own bind works: nothing to name, no table read
         try:
             found = diagnose_port(lease.port, lease.host)
         except OSError:  # the name no longer resolves: the service's bind will say

@@ -142,9 +142,13 @@ class PortDiagnosis:
         }
 
 
-def _probe(host: str, port: int, *, reuse: bool) -> OSError | None:
+def probe_bind(host: str, port: int, *, reuse: bool) -> OSError | None:
+    """The error a bind of ``port`` on every address ``host`` covers gets now, as
+    ``acquire`` binds (``reuse``: with SO_REUSEADDR) or as a plain server does; None
+    when every bind worked (each socket closed at once). ``host``: an IP address or
+    name, in any spelling. Raises nothing: a name that does not resolve is its OSError."""
     try:
-        for sock in bind_all(host, port, DEFAULT_BACKLOG, reuse=reuse):
+        for sock in bind_all(normalize_host(host), port, DEFAULT_BACKLOG, reuse=reuse):
             sock.close()
     except OSError as e:
         return e
@@ -225,9 +229,9 @@ def diagnose_port(
     occupants = tuple(with_owners((s for s in seen if meets(s, covered)), scan))
     plain_blocked = None
     if bind_error is None and probe:
-        bind_error = _probe(host, port, reuse=True)
+        bind_error = probe_bind(host, port, reuse=True)
         if bind_error is None:
-            plain_blocked = _probe(host, port, reuse=False) is not None
+            plain_blocked = probe_bind(host, port, reuse=False) is not None
     # Refused, with no socket on a covered address to name (the plain bind: no
     # connection or TIME_WAIT there): the one the table lists by another address.
     # doctor's note read "a socket the OS does not list" for the one it lists.
