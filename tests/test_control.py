@@ -103,6 +103,45 @@ def test_of_two_copies_for_one_checkout_the_first_is_the_checkouts(
             assert str(first.port("alpha")) in done.stdout, (command, done.stdout)
 
 
+def test_a_second_copy_pinned_to_a_number_does_not_take_the_checkouts_number(
+    layout_file: Path, tmp_path: Path, home: Path
+) -> None:
+    # `run --instance 3` beside the checkout's running instance 1 was remembered as the
+    # checkout's: `port` gave the second copy's port and `stop` stopped it, not the first.
+    release = tmp_path / "release"
+    procs = []
+    try:
+        first, n1 = _hold(layout_file, release)
+        procs.append(first)
+        second, n3 = _hold(layout_file, release, "--instance", "3")
+        procs.append(second)
+        assert (n1, n3) == (1, 3)
+        port = portpool("port", "alpha", "--config", str(layout_file))
+        assert port.returncode == 0, port.stderr
+        infos = json.loads(portpool("status", "--json", "--config", str(layout_file)).stdout)
+        ports = {i["number"]: i["services"][0]["port"] for i in infos["instances"]}
+        assert int(port.stdout) == ports[1], (port.stdout, ports)
+        stopped = portpool("stop", "--config", str(layout_file))
+        assert stopped.returncode == 0, stopped.stderr
+        assert "instance 1 of" in stopped.stdout + stopped.stderr
+        assert first.wait(timeout=30) != 0  # stopped, not released by the file
+        assert second.poll() is None
+    finally:
+        release.touch()
+        for p in procs:
+            p.wait(timeout=30)
+    # Pinned while nothing of the checkout ran, a number is the checkout's from then on.
+    release.unlink()
+    pinned, n = _hold(layout_file, release, "--instance", "3")
+    release.touch()
+    pinned.wait(timeout=30)
+    release.unlink()
+    again, n_again = _hold(layout_file, release)
+    release.touch()
+    again.wait(timeout=30)
+    assert (n, n_again) == (3, 3)
+
+
 def test_checkout_is_the_layout_files_directory_and_status_shows_it(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

@@ -84,12 +84,13 @@ def previous_number(state: StateDir, layout: Layout, directory: str) -> int | No
 
 
 def remember_number(
-    state: StateDir, app: str, directory: str, number: int, preferred: int | None
+    state: StateDir, app: str, directory: str, number: int, remembered: int | None
 ) -> None:
-    """Remember ``number`` as ``directory``'s, unless it is ``preferred`` (already
-    remembered) or ``preferred`` still runs there: a second copy for the same checkout
-    must not move the first one's number. A failure is logged, never raised."""
-    if number == preferred or _runs_for(state, app, preferred, directory):
+    """Remember ``number`` as ``directory``'s, unless it is ``remembered`` (the number
+    ``previous_number`` gave) or ``remembered`` still runs there: a second copy for the
+    same checkout, pinned to a number or not, must not move the first one's number
+    (``stop`` without one stopped the second). A failure is logged, never raised."""
+    if number == remembered or _runs_for(state, app, remembered, directory):
         return
     data = json.dumps({"dir": directory, "number": number}).encode()
     try:

@@ -64,7 +64,10 @@ def start_instance(
         if clean:
             with contextlib.suppress(OSError, PortPoolError):
                 clean_app(state, layout.app)
-        preferred = previous_number(state, layout, directory) if number is None else None
+        # A pinned number is not a preference, yet the remembered one still decides
+        # whether this start may take over the checkout's number (not while it runs).
+        remembered = previous_number(state, layout, directory)
+        preferred = remembered if number is None else None
         instance, _, skipped = fill_slot(
             state,
             layout,
@@ -82,7 +85,7 @@ def start_instance(
     instance.skipped = skipped
     instance._owns_state = owned
     try:
-        remember_number(state, layout.app, directory, instance.number, preferred)
+        remember_number(state, layout.app, directory, instance.number, remembered)
         if heartbeat:
             instance.start_heartbeat()
     except BaseException:
