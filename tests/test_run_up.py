@@ -638,6 +638,14 @@ def test_run_a_missing_command_exits_127_and_up_refuses_a_missing_program(
     assert done.returncode == 1
     assert f"{config}: services.db.command: 'no-such-program-xyz' was not" in done.stderr
     assert f"{config}: services.cache.command: 'no-such-2' was not" in done.stderr
+    # `layout` warns of them (it said nothing, then `up` refused); `run` ignores them.
+    shown = portpool("layout", "--config", str(config))
+    assert shown.returncode == 0, shown.stderr
+    for name, program in (("db", "no-such-program-xyz"), ("cache", "no-such-2")):
+        said = f"warning: {config}: services.{name}.command: '{program}' was not found on PATH"
+        assert f"{said}; up does not start the layout while it is so" in shown.stdout
+    warned = json.loads(portpool("layout", "--json", "--config", str(config)).stdout)
+    assert sum("services.db.command" in w for w in warned["warnings"]) == 1
 
 
 def test_up_refuses_a_command_that_names_no_program_before_anything_starts(

@@ -123,15 +123,17 @@ def _status_lines(infos: Iterable[InstanceInfo]) -> list[str]:
 def layout_command(config: str | None, as_json: bool) -> None:
     """The pools of every admissible instance, then warnings (errors fail with exit 1)."""
     from portpool._host_warnings import layout_warnings
+    from portpool._programs import command_warnings
     from portpool.layout import describe_layout
 
+    layout = layout_for(config)
+    commands = command_warnings(layout)
     if as_json:
         from portpool._layout_document import layout_document
 
-        echo_json(layout_document(layout_for(config)))
+        echo_json(layout_document(layout, commands))
         return
-    layout = layout_for(config)
-    for line in describe_layout(layout, list(layout_warnings(layout))):
+    for line in describe_layout(layout, [*layout_warnings(layout), *commands]):
         click.echo(line)
 
 

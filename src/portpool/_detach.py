@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from portpool._dataclass import dataclass, field
-from portpool._launch import DEFAULT_GRACE_S, check_commands
+from portpool._launch import DEFAULT_GRACE_S
 from portpool._layout_load import absolute_path, layout_path, working_directory
 from portpool._logs import drop_log_owner, logs_dir, set_log_owner
 from portpool._platform import (
@@ -24,6 +24,7 @@ from portpool._platform import (
     detached_options,
     identity_of,
 )
+from portpool._programs import check_commands
 from portpool.errors import DetachFailed, PortPoolError, UsageError
 from portpool.layout import Layout
 from portpool.records import read_instance

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any
 
 from portpool._host_warnings import layout_warnings
@@ -11,9 +12,9 @@ from portpool.layout import Layout
 __all__ = ["layout_document"]
 
 
-def layout_document(layout: Layout) -> dict[str, Any]:
+def layout_document(layout: Layout, more_warnings: Sequence[str] = ()) -> dict[str, Any]:
     """The layout as one JSON-ready object: settings, services, every admissible
-    instance's pools, warnings."""
+    instance's pools, warnings (this host's, then ``more_warnings``)."""
     return {
         "app": layout.app,
         "source": layout.source,
@@ -30,5 +31,5 @@ def layout_document(layout: Layout) -> dict[str, Any]:
         "instances": [
             {"number": n, "pools": layout.pools(n)} for n in range(1, layout.max_instances + 1)
         ],
-        "warnings": list(layout_warnings(layout)),
+        "warnings": [*layout_warnings(layout), *more_warnings],
     }

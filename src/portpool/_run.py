@@ -18,7 +18,6 @@ from portpool._launch import (
     base_environment,
     descriptors_named,
     exit_status,
-    unexecutable,
 )
 from portpool._outcome import Outcome
 from portpool._platform import (
@@ -29,6 +28,7 @@ from portpool._platform import (
     is_session_leader,
 )
 from portpool._processes import Supervisor
+from portpool._programs import unexecutable
 
 __all__ = ["relay_to", "run_command"]
 

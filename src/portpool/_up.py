@@ -13,10 +13,11 @@ import threading
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
-from portpool._launch import DEFAULT_GRACE_S, check_commands, descriptors_named
+from portpool._launch import DEFAULT_GRACE_S, descriptors_named
 from portpool._outcome import Outcome
 from portpool._output import STOPPING_SAY_WAIT_S
 from portpool._platform import ReceivedSignal, controlling_terminal_alive, passed_signals
+from portpool._programs import check_commands
 
 __all__ = ["run_up"]
 
