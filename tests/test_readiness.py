@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.helpers import LineReader, start, status_json, write_service_layout
+from tests.helpers import LineReader, start, status_json, wait_for, write_service_layout
 
 from portpool._platform import accept_queue_length
 from portpool._readiness import ReadinessProbe, probe_host
@@ -385,6 +385,15 @@ def test_dependents_start_after_their_dependency_answered_its_probe(
     proc = start("up", "--config", str(config), env=up_env(tmp_path, DELAY_DB="1", DELAY_API="0.5"))
     reader = LineReader(proc)
     try:
+        # While db is not ready, web waits unstarted: no pid yet (README, status --json).
+        def waiting() -> dict[str, dict[str, Any]] | None:
+            found = status_json(config)["instances"]
+            by_name = {s["name"]: s for s in found[0]["services"]} if found else {}
+            return by_name if by_name.get("db", {}).get("state") == "starting" else None
+
+        services = wait_for(waiting, 30)
+        assert services and services["web"]["state"] == "starting", services
+        assert services["web"]["pid"] is None and services["web"]["started_at"] is None
         lines = output_until_up(reader)
         ready = [line.split()[1] for line in lines if " ready on port " in line]
         assert ready == ["db", "api", "web"], lines
