@@ -104,6 +104,21 @@ def test_localhost_lease_holds_ipv6_loopback_and_refuses_its_clients(
 
 
 @needs_ipv6
+def test_a_host_in_another_spelling_covers_what_its_one_spelling_covers(
+    state: StateDir, port_base: int
+) -> None:
+    """acquire(host="LOCALHOST") bound 127.0.0.1 alone, as a name: ::1 was left to a
+    stranger, and the lease kept the raw spelling (a layout reads one spelling)."""
+    for spelling, one in (("LOCALHOST", "localhost"), ("0:0:0:0:0:0:0:1", "::1")):
+        with acquire(state, [port_base], host=spelling) as lease:
+            assert lease.host == one
+            intruder = socket.socket(socket.AF_INET6)
+            with pytest.raises(OSError):
+                intruder.bind(("::1", port_base))
+            intruder.close()
+
+
+@needs_ipv6
 def test_wildcard_ipv6_is_dual_stack(state: StateDir, port_base: int) -> None:
     """Fault 2: `::` was IPv6-only; IPv4 clients were refused and a foreign 0.0.0.0:P
     listener could receive them."""

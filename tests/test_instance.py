@@ -786,6 +786,19 @@ def test_list_instances_given_a_layout_says_to_pass_its_app(
         next(iter_instances(None, state))  # type: ignore[arg-type]
 
 
+def test_start_instance_given_a_path_or_a_path_for_state_says_what_it_wants(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    """start_instance("portpool.toml") and state="/tmp" raised AttributeError ('str'
+    object has no attribute 'services') from deep inside."""
+    path = write_layout(tmp_path / "l.toml", port_base)
+    with pytest.raises(TypeError, match=r"layout must be a Layout \(load_layout\(path\)"):
+        start_instance(str(path), state=state)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"state must be a StateDir \(StateDir\.open\(\)\)"):
+        start_instance(load_layout(path), state=str(tmp_path))  # type: ignore[arg-type]
+    assert list_instances("testapp", state) == []
+
+
 def test_release_after_a_thread_start_cut_short_frees_everything(
     tmp_path: Path, port_base: int, state: StateDir
 ) -> None:

@@ -310,6 +310,18 @@ def test_a_pool_given_as_one_str_is_a_type_error(state: StateDir, port_base: int
     assert inspect_port(state, port_base).is_free  # nothing was locked
 
 
+def test_a_state_or_pool_of_the_wrong_kind_is_a_type_error_that_says_what_is_wanted(
+    tmp_path: Path, state: StateDir, port_base: int
+) -> None:
+    # Each raised AttributeError ('str' object has no attribute 'ports') or "'NoneType'
+    # object is not iterable" from deep inside.
+    with pytest.raises(TypeError, match=r"state must be a StateDir \(StateDir\.open\(\)\)"):
+        acquire(str(tmp_path), [port_base])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="pool must be port numbers"):
+        acquire(state, None)  # type: ignore[arg-type]
+    assert inspect_port(state, port_base).is_free  # nothing was locked
+
+
 def test_empty_pool_is_exhausted(state: StateDir):
     with pytest.raises(PoolExhausted) as info:
         acquire(state, [])

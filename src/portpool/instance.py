@@ -48,8 +48,14 @@ def start_instance(
     those services (all when None or empty); a single name may be given as a str.
     Raises NoFreeSlot, PoolExhausted or SlotUnavailable (nothing is held afterwards),
     UnknownService for a name the layout lacks, UsageError for a ``number`` outside
-    1..max_instances, LayoutError, StateDirError, ResourceLimit.
+    1..max_instances, LayoutError, StateDirError, ResourceLimit, and TypeError for a
+    ``layout`` that is no Layout (a path: ``load_layout(path)`` reads it) or a ``state``
+    that is no StateDir (each raised AttributeError from deep inside).
     """
+    if layout is not None and not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a Layout (load_layout(path) reads a file), not {layout!r}")
+    if state is not None and not isinstance(state, StateDir):
+        raise TypeError(f"state must be a StateDir (StateDir.open()), not {state!r}")
     layout = layout or resolve_layout(None)
     if isinstance(services, str):  # a str is a Sequence[str]: its letters were names
         services = [services]

@@ -22,6 +22,7 @@ from portpool._addresses import (
     check_port,
 )
 from portpool._dataclass import dataclass, field
+from portpool._layout_fields import normalize_host
 from portpool._platform import SocketOwners, is_alive, is_listening, socket_inode
 from portpool._portstatus import SharedLockTable
 from portpool._record import PortRecord
@@ -271,15 +272,20 @@ def acquire(
     Returns a Lease holding the lock and the listening socket, its record written; use
     it in a ``with`` block or call ``release()``.
     Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
-    (a ValueError) for a value that is not a port, TypeError for a ``pool`` given as one
-    str or a ``host`` that is not a str, StateDirError if the ports directory is
-    unusable or the record cannot be written, ResourceLimit when out of file
-    descriptors.
+    (a ValueError) for a value that is not a port, TypeError for a ``state`` that is no
+    StateDir, a ``pool`` that is no iterable or one str, or a ``host`` that is not a
+    str, StateDirError if the ports directory is unusable or the record cannot be
+    written, ResourceLimit when out of file descriptors.
     """
-    if isinstance(pool, (str, bytes)):  # its characters were checked as ports
-        raise TypeError(f"pool must be port numbers (ints), not one {type(pool).__name__}")
+    # Each raised AttributeError or "'NoneType' object is not iterable" from deep inside.
+    if not isinstance(state, StateDir):
+        raise TypeError(f"state must be a StateDir (StateDir.open()), not {state!r}")
+    if isinstance(pool, (str, bytes)) or not isinstance(pool, Iterable):  # str: characters
+        raise TypeError(f"pool must be port numbers (ints), not {type(pool).__name__}")
     if not isinstance(host, str):  # None raised AttributeError from deep in binding
         raise TypeError(f"host must be a str (an IP address or a name), not {host!r}")
+    # One spelling, as a layout's: "LOCALHOST" bound 127.0.0.1 as a name, leaving ::1.
+    host = normalize_host(host)
     # A list: checking an iterator's ports once used it up, and a free port was refused.
     pool = [check_port(port) for port in pool]
     # An unusable ports directory is the state dir's fault, raised here: refused port by
