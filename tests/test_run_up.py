@@ -244,10 +244,11 @@ STALE = {
 def test_run_gives_only_its_own_instance_variables(
     layout: Path, port_base: int, home: Path
 ) -> None:
-    env = {**os.environ, **STALE}
+    env = {**os.environ, **STALE, "LISTEN_ADDR": "0.0.0.0:8"}  # the app's own: kept
     done = portpool("run", "--config", str(layout), "--", sys.executable, "-c", PRINT_ENV, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {
+        "LISTEN_ADDR": "0.0.0.0:8",
         "PORTPOOL_APP": "testapp",
         "PORTPOOL_HOME": str(home),  # where the state is: kept for nested commands
         "PORTPOOL_INSTANCE": "1",
