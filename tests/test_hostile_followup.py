@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.helpers import PORTPOOL, portpool, write_layout
+from tests.helpers import PORTPOOL, portpool, status_json, write_layout
 
 # ---------------------------------------------------------------- out of descriptors
 
@@ -373,3 +373,52 @@ def test_gc_names_a_file_it_cannot_remove_and_keeps_its_pair_whole(
     again = portpool("gc")
     assert again.returncode == 0, again.stderr
     assert not record.exists() and not lock.exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="sh, exec and symlinks as on POSIX")
+def test_up_detach_that_cannot_create_its_log_says_so_without_a_traceback(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """A directory or a symbolic link at ``logs/.starting-<pid>.log`` (the pid is the
+    one ``exec`` keeps), as a read-only state dir: ``up --detach`` ended in a Python
+    traceback, where ``up`` and ``run`` name the state dir's path and why."""
+    config = write_layout(
+        tmp_path / "one.toml",
+        port_base,
+        services={"web": {"command": [sys.executable, "-c", "import time; time.sleep(60)"]}},
+    )
+    logs = home / "apps" / "testapp" / "logs"
+    for made in (home, logs.parent.parent, logs.parent, logs):  # private, as portpool's
+        made.mkdir(exist_ok=True)
+        made.chmod(0o700)
+    for place, why in (
+        ("mkdir", "is a directory, not a log portpool wrote; remove it"),
+        (f"ln -s {tmp_path / 'x'}", "is a symbolic link, not a log portpool wrote; remove it"),
+    ):
+        up = " ".join([*PORTPOOL, "up", "--detach", "--config", str(config)])
+        script = f'{place} "{logs}/.starting-$$.log" && exec {up}'
+        done = subprocess.run(
+            ["sh", "-c", script], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"portpool: error: state dir {logs}/.starting-"), line
+        assert line.endswith(f".log: {why}"), line
+        assert status_json(config)["instances"] == []  # nothing was started
+    assert not (tmp_path / "x").exists()  # the link was not followed
+
+
+def test_a_detached_up_that_left_an_empty_log_is_said_to_have_left_one() -> None:
+    """On a full disk the background up could not write its error to its log: the
+    caller read "exited with status 1 before it was up" and an empty log's tail."""
+    from portpool.errors import DetachFailed
+
+    full = str(DetachFailed(1, "/s/logs/.starting-9.log", ""))
+    assert full.endswith(
+        "(its log is empty: it could not write even its error there, as on a full disk; "
+        "`portpool up` in the foreground shows it)"
+    )
+    assert str(DetachFailed(-9, "/s/logs/.starting-9.log", "\n")).endswith("(its log is empty)")
+    said = str(DetachFailed(3, "/s/logs/.starting-9.log", "no free instance slot"))
+    assert said.endswith("\nno free instance slot")

@@ -25,10 +25,10 @@ from portpool._platform import (
     identity_of,
 )
 from portpool._programs import check_commands
-from portpool.errors import DetachFailed, PortPoolError, UsageError
+from portpool.errors import DetachFailed, PortPoolError, StateDirError, UsageError
 from portpool.layout import Layout
 from portpool.records import read_instance
-from portpool.statedir import StateDir, check_name
+from portpool.statedir import StateDir, check_name, special_entry, write_error
 
 if TYPE_CHECKING:
     from portpool.instance import Instance
@@ -278,7 +278,15 @@ def start_detached(
     starting = f".starting-{os.getpid()}.log"
     background_up = [sys.executable, "-u", "-c", _BACKGROUND_UP, state.path, layout.app]
     background_up += [starting, "up", *up_args]
-    fd = logs.open_file(starting, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+    try:
+        fd = logs.open_file(starting, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND)
+    except OSError as e:  # a traceback: read-only, a directory or a link at its name
+        path = os.path.join(logs.path, starting)
+        with contextlib.suppress(OSError):
+            kind = special_entry(logs, starting)  # a link read "Too many levels of ..."
+            if kind:
+                raise StateDirError(path, f"is {kind}, not a log portpool wrote; remove it") from e
+        raise write_error(path, "cannot create the log", e) from e
     try:
         # Its own output unbuffered by -u, not PYTHONUNBUFFERED=1 in its environment:
         # every service inherited that, and ran otherwise than in the foreground.

@@ -390,6 +390,15 @@ class DetachFailed(PortPoolError):
         else:
             self.exit_code = returncode if 0 < returncode < 256 else 1
         outcome = outcome or f"exited with status {returncode}"
+        if not tail.strip():
+            # Its error went nowhere: a full disk took the log's writes too, and the
+            # caller read only that it exited.
+            tail = "(its log is empty" + (
+                ": it could not write even its error there, as on a full disk; "
+                "`portpool up` in the foreground shows it)"
+                if returncode is not None and returncode > 0
+                else ")"
+            )
         super().__init__(f"the detached up {outcome} {when} (log: {log_path})\n{tail}")
 
 
