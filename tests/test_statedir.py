@@ -29,6 +29,9 @@ def test_created_private_even_with_a_permissive_umask(tmp_path: Path):
     finally:
         os.umask(old)
     assert _mode(tmp_path / "a" / "state") == 0o700
+    # The missing directories above it too: they were 0777, and others could rename
+    # the state dir away beneath them (a mistyped PORTPOOL_HOME made them).
+    assert _mode(tmp_path / "a") == 0o700
     assert _mode(tmp_path / "a" / "state" / "ports") == 0o700
     assert _mode(tmp_path / "a" / "state" / "apps" / "my-app" / "instances") == 0o700
 

@@ -8,6 +8,7 @@ refused: each of those lets another user forge or delete our locks.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -189,7 +190,7 @@ class StateDir:
         path = os.path.abspath(path or default_path())
         if create:
             try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _make_parents(os.path.dirname(path))
                 os.mkdir(path, 0o700)
             except FileExistsError:
                 pass
@@ -370,6 +371,22 @@ class StateDir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _make_parents(directory: str) -> None:
+    """``directory`` and every missing one above it, each created 0700 as the state dir
+    is: under ``umask 000`` they were 0777, and others could rename the state dir away
+    beneath them. Raises OSError."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(made, 0o700)
 
 
 def special_entry(directory: DirHandle, name: str) -> str | None:
