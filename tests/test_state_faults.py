@@ -613,7 +613,10 @@ def test_up_detach_with_a_directory_at_its_log_path_says_where_the_log_is(
         assert "instance 1 of testapp is up" in done.stdout
         assert f"the log cannot be put at {logs / '1.log'} (" in done.stderr, done.stderr
         [starting] = [p for p in logs.iterdir() if p.name.startswith(".starting-")]
-        assert f"({starting})" in done.stdout  # where its log really is
+        # Where its log really is, and a command that shows it: `portpool logs
+        # --instance 1`, which it named, refuses what holds 1.log's place (below).
+        assert f"logs: tail -f {starting}\n" in done.stdout, done.stdout
+        assert "portpool logs" not in done.stdout
         assert "instance 1 of testapp is up" in starting.read_text()
         shown = portpool("logs", "--instance", "1", "--config", str(config))
         assert shown.returncode == 1, shown.stderr

@@ -61,7 +61,11 @@ def up_detached(
     for name, port in started.ports.items():
         click.echo(f"  {name:<16} {port:>5}")
     where = f" --config {shell_word(config)}" if config is not None else ""
-    click.echo(f"logs: portpool logs --instance {started.number}{where}   ({display(started.log)})")
+    if started.log_placed:
+        shown = display(started.log)
+        click.echo(f"logs: portpool logs --instance {started.number}{where}   ({shown})")
+    else:  # `portpool logs` refuses what holds its place (the warning above says what)
+        click.echo(f"logs: tail -f {display(shell_word(started.log))}")
     click.echo(f"stop: portpool stop {started.number}{where}")
 
 

@@ -42,13 +42,15 @@ _POLL_S = 0.05
 class Detached:
     """An instance started by ``start_detached``: number, ``up``'s pid, ports (from its
     verified record), log, and the lines ``up`` printed about itself before it was up
-    (warnings such as a skipped slot)."""
+    (warnings such as a skipped slot). ``log_placed``: False when the log stayed at
+    its starting name (a note says why), where ``portpool logs`` does not look."""
 
     number: int
     pid: int
     log: str
     ports: dict[str, int] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    log_placed: bool = True
 
 
 # The line `up` prints once every service is ready: "portpool: instance N of APP is up".
@@ -365,7 +367,7 @@ def start_detached(
     log = f"{number}.log" if problem is None else starting
     notes += (f"portpool: warning: {problem}",) if problem else ()
     ports = {s.name: s.port for s in info.services if s.port is not None}
-    return Detached(number, proc.pid, os.path.join(logs.path, log), ports, notes)
+    return Detached(number, proc.pid, os.path.join(logs.path, log), ports, notes, problem is None)
 
 
 def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str) -> str | None:
