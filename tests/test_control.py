@@ -1143,11 +1143,13 @@ def test_stop_says_what_is_wrong_with_the_record(
                 "portpool: error: no instance of testapp can be used: instance 1 runs but "
                 f"its record is unreadable: record is not valid JSON ({record})\n"
             ), args
-        # With a number, too: the error names the file, not only "record unreadable".
+        # With a number, too: the error names the file, not only "record unreadable", and
+        # the process that holds the slot (the user had no way to find it).
         done = portpool("stop", str(number), "--config", str(layout_file))
+        held = f"; pid {proc.pid} holds its slot" if sys.platform == "linux" else ""
         assert done.stderr == (
             f"portpool: error: instance {number}: its record is unreadable: record is not "
-            f"valid JSON ({record}): not signalling anything\n"
+            f"valid JSON ({record}): not signalling anything{held}\n"
         )
         assert proc.poll() is None  # nothing was signalled
     finally:

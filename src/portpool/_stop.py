@@ -70,6 +70,14 @@ def _mismatch(number: int, holder: int | None, recorded: int) -> StopFailed:
     )
 
 
+def _unreadable(number: int, why: str, directory: DirHandle) -> StopFailed:
+    """Why an instance whose record cannot be read is not signalled, naming the pid that
+    holds its slot where the OS says: the user had no way to find the process."""
+    holder = _lock_holder(directory, number)
+    held = f"; pid {holder} holds its slot" if holder is not None else ""
+    return StopFailed(number, f"its record is unreadable: {why}: not signalling anything{held}")
+
+
 def _stop_target(
     layout: Layout, number: int | None, state: StateDir, given_as: str = "number"
 ) -> InstanceInfo:
@@ -80,7 +88,7 @@ def _stop_target(
         info = running_slot(layout, number, state=state, given_as=given_as)
         detail = unreadable_detail(info) if info is not None and info.alive else None
         if detail:
-            raise StopFailed(number, f"its record is unreadable: {detail}: not signalling anything")
+            raise _unreadable(number, detail, state.instances(layout.app))
     return find_instance(layout, number, state=state, pick="its number (portpool stop N)")
 
 
@@ -93,9 +101,7 @@ def _verified_holder(layout: Layout, number: int, state: StateDir) -> tuple[Inst
         raw = read_json_file(directory, f"{number}.json")
     except ValueError as e:
         why = record_problem(f"record {e}", directory, f"{number}.json")
-        raise StopFailed(
-            number, f"its record is unreadable: {why}: not signalling anything"
-        ) from None
+        raise _unreadable(number, why, directory) from None
     if not isinstance(raw, dict) or raw.get("boot_id") != boot_id():
         raise StopFailed(number, "its record is from another boot: not signalling anything")
     holder = _lock_holder(directory, number)
