@@ -20,7 +20,7 @@ import httpx
 import pytest
 from tests.helpers import LineReader, start, status_json, wait_for, write_service_layout
 
-from portpool._platform import accept_queue_length
+from portpool._platform import accept_queue_length, tcp_sockets
 from portpool._readiness import ReadinessProbe, probe_host
 
 
@@ -1244,3 +1244,26 @@ def test_a_blocked_console_does_not_hold_up_a_line_s_readiness() -> None:
         assert out.getvalue() == ""
     pump.join(10)
     assert out.getvalue() == "svc | ready to serve\n"  # printed once it is free
+
+
+def test_an_http_probe_leaves_no_time_wait_on_the_services_port(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """An HTTP/1.0 service closes each connection first, so the probe's left its side in
+    TIME_WAIT on the service's own port: for a minute after ``up`` stopped, a server
+    that does not set SO_REUSEADDR could not bind it. The probe resets a connection
+    the service closed, and nothing waits."""
+    config = write_config(tmp_path, port_base, {"web": {"ready": "http:/health"}})
+    proc = start("up", "--config", str(config), env=up_env(tmp_path))
+    reader = LineReader(proc)
+    try:
+        output_until_up(reader)
+    finally:
+        _out, err = stop(reader)
+    assert proc.returncode == 0, err
+    assert [s for s in tcp_sockets(port_base) if s.state == "time-wait"] == []
+    plain = socket.socket()
+    try:
+        plain.bind(("127.0.0.1", port_base))  # no SO_REUSEADDR
+    finally:
+        plain.close()

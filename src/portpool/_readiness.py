@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import re
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -59,6 +60,8 @@ _TERMINAL_CODES = re.compile(
 )
 _HTTP_TIMEOUT_S = 2.0
 _HTTP_MIN_WAIT_S = 0.05  # the last check before the ready timeout still gets a chance
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+_CLOSE_GRACEFULLY = struct.pack("ii", 0, 0)  # SO_LINGER off: close() sends a FIN
 _ALIVE_CHECK_S = 0.1  # how often a wait for an http answer asks whether to go on
 _BODY_WAIT_S = 1.0  # for the rest of an answer whose status came
 
@@ -364,6 +367,11 @@ class ReadinessProbe:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
         conn.sock = sock  # connected to whichever address answered
         try:
+            # A service that closes first (HTTP/1.0, "Connection: close") was left in
+            # TIME_WAIT on its own port by our FIN: for a minute after a stop, a server
+            # without SO_REUSEADDR could not bind it. Our close resets such a connection
+            # (http.client closes it as it reads the answer), which ends both sides.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             conn.request("GET", self.path, headers={"User-Agent": "portpool-readiness"})
             if not self._await_answer(sock, timeout_s):
                 return False
@@ -371,6 +379,8 @@ class ReadinessProbe:
             # The status says it all; the body is read (a close with unread data resets
             # the server's side) but not awaited: an HTTP/1.0 answer without a length
             # that kept its connection open was never ready, whatever its 200.
+            if not response.will_close:  # kept alive: our FIN goes first, as usual
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _CLOSE_GRACEFULLY)
             sock.settimeout(min(sock.gettimeout() or _BODY_WAIT_S, _BODY_WAIT_S))
             with contextlib.suppress(OSError, http.client.HTTPException):
                 response.read()
