@@ -1246,18 +1246,52 @@ def test_a_blocked_console_does_not_hold_up_a_line_s_readiness() -> None:
     assert out.getvalue() == "svc | ready to serve\n"  # printed once it is free
 
 
+# An HTTP/1.1 service that answers "Connection: close" and closes as a careful server
+# does: its write side first, then it reads until the client's end (a lingering close).
+LINGERING = """\
+import os, socket, sys, time
+sock = socket.socket(fileno=3)
+while True:
+    conn, _ = sock.accept()
+    conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\\r\\nContent-Length: 3\\r\\nConnection: close\\r\\n\\r\\nok\\n")
+    time.sleep(0.05)  # its own work first (a log line): the client has the answer by then
+    try:
+        conn.shutdown(socket.SHUT_WR)
+    except OSError as e:
+        with open(sys.argv[1], "a") as out:
+            out.write(f"shutdown: {e!r}\\n")
+    try:
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass  # the client's reset, once it saw our end: it leaves no TIME_WAIT here
+    conn.close()
+    with open(sys.argv[1] + ".closed", "a") as out:
+        out.write("closed\\n")
+"""
+
+
+@pytest.mark.parametrize("service", ["http.server", "lingering close"])
 def test_an_http_probe_leaves_no_time_wait_on_the_services_port(
-    tmp_path: Path, port_base: int, home: Path
+    tmp_path: Path, port_base: int, home: Path, service: str
 ) -> None:
-    """An HTTP/1.0 service closes each connection first, so the probe's left its side in
-    TIME_WAIT on the service's own port: for a minute after ``up`` stopped, a server
-    that does not set SO_REUSEADDR could not bind it. The probe resets a connection
-    the service closed, and nothing waits."""
-    config = write_config(tmp_path, port_base, {"web": {"ready": "http:/health"}})
+    """A service that closes each connection first (HTTP/1.0, "Connection: close") was
+    left by the probe's FIN in TIME_WAIT on its own port: for a minute after ``up``
+    stopped, a server that does not set SO_REUSEADDR could not bind it. The probe resets
+    a connection the service closed, and only then: a reset sent before the service's
+    own close made its shutdown() fail (ENOTCONN)."""
+    errors = tmp_path / "errors"
+    extra: dict[str, Any] = {"ready": "http:/health"}
+    if service == "lingering close":
+        extra["command"] = [*script_command(tmp_path, "linger.py", LINGERING), str(errors)]
+    config = write_config(tmp_path, port_base, {"web": extra})
     proc = start("up", "--config", str(config), env=up_env(tmp_path))
     reader = LineReader(proc)
     try:
         output_until_up(reader)
+        if service == "lingering close":  # its close of the probe's connection is done
+            assert wait_for(Path(f"{errors}.closed").exists, 30)
     finally:
         _out, err = stop(reader)
     assert proc.returncode == 0, err
@@ -1267,3 +1301,4 @@ def test_an_http_probe_leaves_no_time_wait_on_the_services_port(
         plain.bind(("127.0.0.1", port_base))  # no SO_REUSEADDR
     finally:
         plain.close()
+    assert not errors.exists(), errors.read_text()

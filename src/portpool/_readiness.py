@@ -61,7 +61,8 @@ _TERMINAL_CODES = re.compile(
 _HTTP_TIMEOUT_S = 2.0
 _HTTP_MIN_WAIT_S = 0.05  # the last check before the ready timeout still gets a chance
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
-_CLOSE_GRACEFULLY = struct.pack("ii", 0, 0)  # SO_LINGER off: close() sends a FIN
+# How long an http answer that says the service closes the connection waits for that close.
+_SERVICE_CLOSE_WAIT_S = 0.2
 _ALIVE_CHECK_S = 0.1  # how often a wait for an http answer asks whether to go on
 _BODY_WAIT_S = 1.0  # for the rest of an answer whose status came
 
@@ -364,14 +365,16 @@ class ReadinessProbe:
             self.last_problem = f"GET {self.path}: {self.last_problem}"
             return False
         sock.settimeout(timeout_s)
+        try:
+            last = sock.dup()  # closed after http.client's close: it says how we end
+        except OSError as e:
+            sock.close()
+            self.last_problem = f"GET {self.path} on port {self.port}: {e.strerror or e}"
+            return False
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout_s)
         conn.sock = sock  # connected to whichever address answered
+        response = None
         try:
-            # A service that closes first (HTTP/1.0, "Connection: close") was left in
-            # TIME_WAIT on its own port by our FIN: for a minute after a stop, a server
-            # without SO_REUSEADDR could not bind it. Our close resets such a connection
-            # (http.client closes it as it reads the answer), which ends both sides.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
             conn.request("GET", self.path, headers={"User-Agent": "portpool-readiness"})
             if not self._await_answer(sock, timeout_s):
                 return False
@@ -379,8 +382,6 @@ class ReadinessProbe:
             # The status says it all; the body is read (a close with unread data resets
             # the server's side) but not awaited: an HTTP/1.0 answer without a length
             # that kept its connection open was never ready, whatever its 200.
-            if not response.will_close:  # kept alive: our FIN goes first, as usual
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _CLOSE_GRACEFULLY)
             sock.settimeout(min(sock.gettimeout() or _BODY_WAIT_S, _BODY_WAIT_S))
             with contextlib.suppress(OSError, http.client.HTTPException):
                 response.read()
@@ -399,6 +400,10 @@ class ReadinessProbe:
         finally:
             with contextlib.suppress(OSError):
                 conn.close()
+                if response is not None:
+                    response.close()
+            closes = response is not None and response.will_close
+            _end_probe_connection(last, _SERVICE_CLOSE_WAIT_S if closes else 0.0)
         if 200 <= response.status < 300:
             return True
         self.last_problem = f"GET {self.path} on port {self.port} answered {response.status}"
@@ -437,3 +442,18 @@ def _log_pattern(text: str) -> regex.Pattern[str]:
     import regex
 
     return regex.compile(text, flags=regex.VERSION0)
+
+
+def _end_probe_connection(sock: socket.socket, wait_s: float) -> None:
+    """Close a probe's connection ``sock``. One the service closed first (seen within
+    ``wait_s`` seconds) is reset: our FIN left the service's side in TIME_WAIT on its
+    own port, and for a minute after a stop a server without SO_REUSEADDR could not
+    bind it. One the service has not closed ends with our FIN, as usual: a reset before
+    its own close broke its shutdown (a server's lingering close). Raises nothing."""
+    try:
+        sock.settimeout(wait_s)
+        with contextlib.suppress(OSError):  # a timeout, nothing yet: BlockingIOError
+            if sock.recv(1, socket.MSG_PEEK) == b"":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+    finally:
+        sock.close()
