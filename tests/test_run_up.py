@@ -649,6 +649,44 @@ def test_run_a_missing_command_exits_127_and_up_refuses_a_missing_program(
     assert sum("services.db.command" in w for w in warned["warnings"]) == 1
 
 
+@pytest.mark.skipif(os.name != "posix", reason="FIFOs, sh and a removed working directory")
+def test_layout_and_up_say_why_of_a_fifo_on_path_and_from_a_removed_directory(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """An executable FIFO on PATH: reading its "#!" waited for a writer, and `layout`
+    (and `up`) hung. From a removed working directory, a relative command ended both
+    in a FileNotFoundError traceback."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fifo = bin_dir / "fifosvc"
+    os.mkfifo(fifo)
+    fifo.chmod(0o755)
+    extra = {"db": {"command": ["fifosvc"]}, "cache": {"command": ["./svc.sh"]}}
+    config = up_layout(tmp_path, port_base, extra=extra)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    said = f"services.db.command: 'fifosvc' on PATH is '{fifo}', not a regular file"
+    shown = portpool("layout", "--config", str(config), env=env, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert said in shown.stdout
+    done = portpool("up", "--config", str(config), env=env, timeout=30)
+    assert done.returncode == 1, done.stderr
+    assert said in done.stderr
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    for command in ("layout", "up"):
+        script = f"cd {gone} && rmdir {gone} && exec {' '.join(PORTPOOL)} {command} -c {config}"
+        done = subprocess.run(
+            ["sh", "-c", script], capture_output=True, text=True, timeout=30, check=False
+        )
+        assert "Traceback" not in done.stderr, done.stderr
+        assert (
+            "services.cache.command: './svc.sh' is not an executable file (relative to the "
+            "working directory, which was removed)" in done.stdout + done.stderr
+        ), (command, done.stdout, done.stderr)
+        gone.mkdir()
+    assert status_json(config)["instances"] == []
+
+
 def test_up_refuses_a_command_that_names_no_program_before_anything_starts(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

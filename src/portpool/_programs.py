@@ -88,11 +88,17 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
         # the other services had started (exit 5, not a layout error).
         if os.path.isfile(program) and os.access(program, os.X_OK):
             return _interpreter_problem(program, path)
-        where = "" if os.path.isabs(program) else f" (relative to {os.getcwd()})"
+        where = "" if os.path.isabs(program) else f" (relative to {_working_directory()})"
         why, exists = _stat_words(program)
         problem = f"{program!r} is not an executable file{where}{why}{_not_found_hint(program)}"
         return CommandNotFound(program, problem, found=exists)
     found = shutil.which(program, path=path)
+    if found and not os.path.isfile(found):
+        # An executable FIFO passes which(): reading its "#!" waited for a writer, and
+        # `layout` hung. The kernel refuses to execute it (EACCES: 126).
+        return CommandNotFound(
+            program, f"{program!r} on PATH is {found!r}, not a regular file", found=True
+        )
     if found:
         return _interpreter_problem(found, path)
     # A file on PATH without execute permission exists: a shell and env say "Permission
@@ -103,6 +109,15 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
             program, f"{program!r} on PATH is {there!r}, not executable", found=True
         )
     return CommandNotFound(program, f"{program!r} was not found on PATH{_not_found_hint(program)}")
+
+
+def _working_directory() -> str:
+    """The working directory, in words when it was removed: ``layout`` and ``up``
+    ended in a FileNotFoundError traceback there. Raises nothing."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return "the working directory, which was removed"
 
 
 def _stat_words(program: str) -> tuple[str, bool]:
