@@ -1128,10 +1128,12 @@ def test_stop_says_what_is_wrong_with_the_record(
         ) in done.stderr
         # A pid that is not a whole number: unreadable, not "starting".
         record.write_text(json.dumps({**original, "pid": "12x"}))
+        held = f"; pid {proc.pid} holds its slot" if sys.platform == "linux" else ""
         for args in ([str(number)], ["--all"]):
             done = portpool("stop", *args, "--config", str(layout_file))
             assert done.returncode == 1, args
             assert "its record is unreadable: record has no valid pid" in done.stderr, args
+            assert f"not signalling anything{held}\n" in done.stderr, args
             assert "starting" not in done.stderr
         # Without --instance, too: "no instance of testapp is running" sent users to start
         # another while this one held its slot.
@@ -1146,7 +1148,6 @@ def test_stop_says_what_is_wrong_with_the_record(
         # With a number, too: the error names the file, not only "record unreadable", and
         # the process that holds the slot (the user had no way to find it).
         done = portpool("stop", str(number), "--config", str(layout_file))
-        held = f"; pid {proc.pid} holds its slot" if sys.platform == "linux" else ""
         assert done.stderr == (
             f"portpool: error: instance {number}: its record is unreadable: record is not "
             f"valid JSON ({record}): not signalling anything{held}\n"

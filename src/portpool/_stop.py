@@ -224,9 +224,7 @@ def stop_instances(
         for i in alive:
             detail = unreadable_detail(i)
             if detail:
-                refused.append(
-                    StopFailed(i.number, f"its record is unreadable: {detail}: not signalling it")
-                )
+                refused.append(_unreadable(i.number, detail, state.instances(layout.app)))
         if not numbers and not refused:
             raise NotRunning(layout.app, f"no instance of {layout.app} is running")
     else:
