@@ -319,6 +319,15 @@ def test_a_state_or_pool_of_the_wrong_kind_is_a_type_error_that_says_what_is_wan
         acquire(str(tmp_path), [port_base])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="pool must be port numbers"):
         acquire(state, None)  # type: ignore[arg-type]
+
+    class Ports:  # iterable through __getitem__ alone, as Python iterates it: still a pool
+        def __getitem__(self, index: int) -> int:
+            if index:
+                raise IndexError(index)
+            return port_base
+
+    with acquire(state, Ports()) as lease:  # type: ignore[arg-type]
+        assert lease.port == port_base
     assert inspect_port(state, port_base).is_free  # nothing was locked
 
 

@@ -280,14 +280,18 @@ def acquire(
     # Each raised AttributeError or "'NoneType' object is not iterable" from deep inside.
     if not isinstance(state, StateDir):
         raise TypeError(f"state must be a StateDir (StateDir.open()), not {state!r}")
-    if isinstance(pool, (str, bytes)) or not isinstance(pool, Iterable):  # str: characters
-        raise TypeError(f"pool must be port numbers (ints), not {type(pool).__name__}")
+    if isinstance(pool, (str, bytes)):  # its characters were checked as ports
+        raise TypeError(f"pool must be port numbers (ints), not one {type(pool).__name__}")
     if not isinstance(host, str):  # None raised AttributeError from deep in binding
         raise TypeError(f"host must be a str (an IP address or a name), not {host!r}")
-    # One spelling, as a layout's: "LOCALHOST" bound 127.0.0.1 as a name, leaving ::1.
+    # One spelling, as a layout's: the lease and its record kept "LOCALHOST".
     host = normalize_host(host)
+    try:
+        ports = iter(pool)  # what iterates by __getitem__ alone too
+    except TypeError:
+        raise TypeError(f"pool must be port numbers (ints), not {pool!r}") from None
     # A list: checking an iterator's ports once used it up, and a free port was refused.
-    pool = [check_port(port) for port in pool]
+    pool = [check_port(port) for port in ports]
     # An unusable ports directory is the state dir's fault, raised here: refused port by
     # port, it read as "every port of its pool is taken by others" (exit 3).
     state.ports()
