@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from portpool._layout_fields import layout_error
-from portpool.errors import CommandNotFound
+from portpool._layout_load import working_directory
+from portpool.errors import CommandNotFound, UsageError
 
 if TYPE_CHECKING:
     from portpool.layout import Layout
@@ -115,8 +116,8 @@ def _working_directory() -> str:
     """The working directory, in words when it was removed: ``layout`` and ``up``
     ended in a FileNotFoundError traceback there. Raises nothing."""
     try:
-        return os.getcwd()
-    except OSError:
+        return working_directory()
+    except UsageError:
         return "the working directory, which was removed"
 
 
