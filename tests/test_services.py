@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from conftest import find_free_block
+from portpool._platform import tcp_sockets
 from portpool.instance import Instance, start_instance
 from portpool.layout import Layout, Service
 from portpool.pool import acquire
@@ -656,6 +657,8 @@ def test_two_ups_get_instances_one_and_two_and_see_each_other(home: Path, tmp_pa
             assert second.ports[name] in second.pools[name]
         assert not set(first.ports.values()) & set(second.ports.values())
 
+        ports = [port for up in ups for port in up.ports.values()]
+        before = _closed_by_the_service(ports)  # what our own /health waits left
         for up in ups:
             listed = api(up, "/api/instances", health="1")
             assert listed["instance"] == up.number
@@ -670,6 +673,23 @@ def test_two_ups_get_instances_one_and_two_and_see_each_other(home: Path, tmp_pa
             stop(proc)
         for up in ups:
             stop_up(up)
+    # The api-server's checks (the dashboard's, every 3 s) kept connections alive that
+    # the services closed when stopped, and the WebSocket service closes each first:
+    # every port of both instances was left in TIME_WAIT, unbindable without
+    # SO_REUSEADDR for a minute after "its ports are free".
+    assert _closed_by_the_service(ports) <= before
+
+
+def _closed_by_the_service(ports: list[int]) -> set[tuple[int, str | None]]:
+    """(port, peer) of every connection on ``ports`` whose service's side closed first
+    and still waits (TIME_WAIT, FIN_WAIT): each keeps a plain bind off its port."""
+    waiting = {"time-wait", "fin-wait-1", "fin-wait-2", "closing"}
+    return {
+        (s.port, s.remote)
+        for port in ports
+        for s in tcp_sockets(port)
+        if s.state in waiting and s.port == port
+    }
 
 
 @pytest.mark.slow

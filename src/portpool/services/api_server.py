@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -231,7 +232,18 @@ def build_app(ctx: ServiceContext, check_host: str = CHECK_HOST) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         # trust_env=False: health checks go to loopback, never through a proxy from the env.
-        async with httpx.AsyncClient(timeout=CHECK_TIMEOUT_S, trust_env=False) as client:
+        # Each check's connection is ours to end, once answered, and ends in a reset (as a
+        # load balancer's health checks do): a service that closed first (the WebSocket
+        # one) or an idle kept-alive connection it closed when stopped left its own port
+        # in TIME_WAIT, and for a minute after a stop a plain bind of every port failed.
+        transport = httpx.AsyncHTTPTransport(
+            limits=httpx.Limits(max_keepalive_connections=0),
+            socket_options=[(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))],
+            trust_env=False,
+        )
+        async with httpx.AsyncClient(
+            timeout=CHECK_TIMEOUT_S, trust_env=False, transport=transport
+        ) as client:
             clients.append(client)
             yield
 
