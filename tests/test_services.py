@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from tests.helpers import kill_if_running
 
 from conftest import find_free_block
 from portpool._platform import tcp_sockets
@@ -516,6 +517,45 @@ def test_unknown_service_is_a_usage_error() -> None:
     assert result.returncode == 2
     assert "unknown service 'no-such-service'" in result.stderr
     assert "api-server" in result.stderr
+
+
+# Holds the import of a service's runtime open (cold byte-code caches on a fresh clone
+# take about a second there), saying so: a signal then lands inside the imports.
+SLOW_IMPORT = """\
+import sys, time
+class SlowImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "portpool.services._runtime":
+            print("importing", file=sys.stderr, flush=True)
+            time.sleep(30)
+        return None
+sys.meta_path.insert(0, SlowImport())
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_ctrl_c_while_a_service_imports_ends_it_without_a_traceback(tmp_path: Path) -> None:
+    """A Ctrl-C early in `make run` reached the services in their imports: each printed
+    a KeyboardInterrupt traceback of 60 lines."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_IMPORT)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "portpool.services", "groq-api"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stderr is not None
+    try:
+        assert proc.stderr.readline() == "importing\n"
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        proc.wait(timeout=30)
+    finally:
+        kill_if_running(proc)
+    assert proc.returncode == -signal.SIGINT, err  # dies of it, as an interrupted process
+    assert "Traceback" not in err, err
 
 
 # ---------------------------------------------------------------- end to end: `portpool up`

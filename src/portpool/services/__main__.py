@@ -43,5 +43,21 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
+def die_of_interrupt() -> None:
+    """A Ctrl-C before the service took its signals over (its imports take a second):
+    end as the interrupted process it is, without the KeyboardInterrupt traceback of
+    each import it cut short."""
+    import signal
+
+    sys.stderr.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(130)  # where a signal does not end the process (Windows)
+
+
 if __name__ == "__main__":
-    exit_now(main(sys.argv[1:]))
+    try:
+        code = main(sys.argv[1:])
+    except KeyboardInterrupt:
+        die_of_interrupt()
+    exit_now(code)
