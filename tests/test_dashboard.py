@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.helpers import LineReader
 
 from test_services import (
     ALL_SERVICES,
@@ -137,6 +138,8 @@ class DashboardDom(HTMLParser):
         self.instances: dict[int, dict[str, str | None]] = {}
         self.services: dict[int, dict[str, dict[str, str | None]]] = {}
         self._card: int | None = None
+        self._row: dict[str, str | None] | None = None
+        self._in_state = False
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = dict(attrs)
@@ -151,6 +154,18 @@ class DashboardDom(HTMLParser):
             self.services[self._card] = {}
         elif tag == "tr" and "service" in classes and self._card is not None:
             self.services[self._card][a["data-service"] or ""] = a
+            self._row = a
+        elif tag == "td" and "state" in classes and self._row is not None:
+            self._in_state = True  # its text, as shown: "state-text"
+            self._row["state-text"] = ""
+
+    def handle_data(self, data: str) -> None:
+        if self._in_state and self._row is not None:
+            self._row["state-text"] = (self._row.get("state-text") or "") + data
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self._in_state = False
 
 
 @pytest.mark.slow
@@ -210,13 +225,21 @@ def test_a_stopped_instance_is_shown_but_not_counted_as_down(home: Path, tmp_pat
     killed = None
     try:
         up = wait_up(home, proc, log)
-        hold = "import time; print('ready', flush=True); time.sleep(60)"
+        # An `up` of the same app with one service, killed -9 once ready: its record
+        # (the service "ready") stays, its lock is gone: "not running".
+        layout = tmp_path / "one.toml"
+        hold = [sys.executable, "-c", "import time; time.sleep(60)"]
+        layout.write_text(
+            'app = "qwen-valencia"\n[services.api-server]\nbase = 9000\nsize = 1\n'
+            f'command = {json.dumps(hold)}\nready = "none"\n'
+        )
         killed = subprocess.Popen(
-            [PORTPOOL, "run", "--service", "api-server", "--", sys.executable, "-c", hold],
-            env=cli_env(home), cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+            [PORTPOOL, "up", "--config", str(layout)],
+            env=cli_env(home), cwd=tmp_path, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        assert killed.stdout is not None and killed.stdout.readline() == "ready\n"
-        killed.kill()  # its record stays, its lock is gone: "not running"
+        LineReader(killed).until(lambda line: line.endswith("is up"), 60)
+        killed.kill()
         killed.wait(timeout=10)
         records = {i["number"]: i["alive"] for i in status_json(home)["instances"]}
         assert records == {up.number: True, up.number + 1: False}
@@ -227,6 +250,9 @@ def test_a_stopped_instance_is_shown_but_not_counted_as_down(home: Path, tmp_pat
         assert dom.body.get("data-state") == "ready", dump.stdout[:2000]
         assert dom.instances[up.number + 1]["data-alive"] == "false"
         assert list(dom.services[up.number + 1]) == ["api-server"]  # shown, as stopped
+        # Not "ready" beside "not running", as if it ran: `status` says "(was ready)".
+        assert dom.services[up.number + 1]["api-server"]["state-text"] == "was ready"
+        assert dom.services[up.number]["api-server"]["state-text"] == "ready"
         assert dom.summary["data-healthy"] == dom.summary["data-total"] == "6", dom.summary
         assert "ok" in (dom.summary.get("class") or "").split()
     finally:
