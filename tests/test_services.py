@@ -282,6 +282,29 @@ def test_conversational_replies_naming_instance_and_service(running: Running) ->
     assert "error" in replies[2]
 
 
+def test_a_client_that_closes_with_an_error_code_is_no_traceback_in_the_log(
+    running: Running,
+) -> None:
+    """A client closing with 1011 (or dropping the connection) made the conversational
+    service log "connection handler failed" with a full ConnectionClosedError traceback."""
+    from websockets.asyncio.client import connect
+
+    port = running.ports["conversational"]
+    log = running.logs / "conversational.log"
+
+    async def talk_then_fail() -> None:
+        async with connect(f"ws://127.0.0.1:{port}/", open_timeout=10) as ws:
+            await ws.send("hello")
+            await asyncio.wait_for(ws.recv(), 10)
+            await ws.close(code=1011, reason="client failed")
+
+    asyncio.run(talk_then_fail())
+    # It still serves, and said nothing of the client's close.
+    assert ws_exchange(f"ws://127.0.0.1:{port}/", ["again"])[0]["message"] == "again"
+    assert "Traceback" not in log.read_text()
+    assert "connection handler failed" not in log.read_text()
+
+
 def test_api_services_lists_all_six_healthy(running: Running) -> None:
     body = httpx.get(running.url("api-server", "/api/services"), trust_env=False).json()
     assert body["app"] == "qwen-valencia"

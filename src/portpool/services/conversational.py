@@ -12,6 +12,7 @@ Each text message gets one reply, a JSON object naming who answered::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 import json
 import socket
@@ -40,13 +41,18 @@ def reply_to(ctx: ServiceContext, message: str) -> dict[str, Any]:
 async def serve(ctx: ServiceContext, sock: socket.socket, stop: asyncio.Event) -> None:
     """Serve WebSocket conversations and ``GET /health`` on ``sock`` until ``stop`` is set."""
     from websockets.asyncio.server import serve as serve_websockets
+    from websockets.exceptions import ConnectionClosed
 
     async def converse(connection: ServerConnection) -> None:
-        async for message in connection:
-            if isinstance(message, str):
-                await connection.send(json.dumps(reply_to(ctx, message)))
-            else:
-                await connection.send(json.dumps({"error": "send text messages", **ctx.health()}))
+        # A client's close with an error code (1011) or a dropped connection is the
+        # client's business: it was logged as "connection handler failed" with a traceback.
+        with contextlib.suppress(ConnectionClosed):
+            async for message in connection:
+                if isinstance(message, str):
+                    reply = reply_to(ctx, message)
+                else:
+                    reply = {"error": "send text messages", **ctx.health()}
+                await connection.send(json.dumps(reply))
 
     def health_without_upgrade(connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?", 1)[0] != "/health":
