@@ -305,6 +305,54 @@ def test_a_client_that_closes_with_an_error_code_is_no_traceback_in_the_log(
     assert "connection handler failed" not in log.read_text()
 
 
+def test_health_checks_leave_no_wait_and_no_error_on_a_checked_server(port_base: int) -> None:
+    """The api-server's checks kept connections alive (each port then sat in TIME_WAIT
+    after its service stopped); reset without asking the service to close, they made
+    an HTTP/1.1 http.server log a ConnectionResetError on every check."""
+    import http.server
+    import threading
+
+    from portpool.services.api_server import check_health, health_client
+
+    errors: list[str] = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keeps a connection unless asked to close
+
+        def do_GET(self) -> None:
+            body = json.dumps({"service": "svc", "port": port_base, "pid": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server(http.server.ThreadingHTTPServer):
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            errors.append(repr(sys.exc_info()[1]))
+
+    server = Server(("127.0.0.1", port_base), Health)
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
+
+    async def check_thrice() -> list[dict[str, Any]]:
+        async with health_client() as client:
+            return [await check_health(client, "svc", port_base) for _ in range(3)]
+
+    try:
+        checks = asyncio.run(check_thrice())
+        time.sleep(0.2)  # the server's threads end their connections
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [c["healthy"] for c in checks] == [True] * 3, checks
+    assert errors == []
+    waiting = {"time-wait", "fin-wait-1", "fin-wait-2", "closing"}
+    assert [s for s in tcp_sockets(port_base) if s.state in waiting] == []
+
+
 def test_api_services_lists_all_six_healthy(running: Running) -> None:
     body = httpx.get(running.url("api-server", "/api/services"), trust_env=False).json()
     assert body["app"] == "qwen-valencia"

@@ -99,6 +99,31 @@ def dashboard_html() -> str:
     return resources.files("portpool.services").joinpath("static/dashboard.html").read_text("utf-8")
 
 
+def health_client() -> httpx.AsyncClient:
+    """The client of the health checks: ``trust_env=False`` (they go to loopback, never
+    through a proxy from the environment), and each check's connection used once.
+
+    Kept alive, the connections were closed by the services when they stopped, and the
+    WebSocket service closes each first anyway: each port sat in TIME_WAIT, and for a
+    minute after a stop a plain bind of it failed. Each check now asks the service to
+    close (``Connection: close``) and answers that close with a reset (SO_LINGER 0), as
+    load balancers' health checks do: nothing waits on either side. A reset of a
+    connection the service meant to keep (without the header) made HTTP/1.1 servers
+    such as ``http.server`` log a ConnectionResetError per check."""
+    import httpx
+
+    reset = [(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))]
+    transport = httpx.AsyncHTTPTransport(
+        limits=httpx.Limits(max_keepalive_connections=0), socket_options=reset, trust_env=False
+    )
+    return httpx.AsyncClient(
+        timeout=CHECK_TIMEOUT_S,
+        trust_env=False,
+        transport=transport,
+        headers={"Connection": "close"},
+    )
+
+
 async def check_health(
     client: httpx.AsyncClient, name: str, port: int | None, host: str = CHECK_HOST
 ) -> dict[str, Any]:
@@ -220,7 +245,6 @@ def build_app(ctx: ServiceContext, check_host: str = CHECK_HOST) -> Starlette:
     import contextlib
     from collections.abc import AsyncIterator
 
-    import httpx
     from starlette.applications import Starlette
     from starlette.responses import HTMLResponse, JSONResponse
     from starlette.routing import Route
@@ -231,19 +255,7 @@ def build_app(ctx: ServiceContext, check_host: str = CHECK_HOST) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        # trust_env=False: health checks go to loopback, never through a proxy from the env.
-        # Each check's connection is ours to end, once answered, and ends in a reset (as a
-        # load balancer's health checks do): a service that closed first (the WebSocket
-        # one) or an idle kept-alive connection it closed when stopped left its own port
-        # in TIME_WAIT, and for a minute after a stop a plain bind of every port failed.
-        transport = httpx.AsyncHTTPTransport(
-            limits=httpx.Limits(max_keepalive_connections=0),
-            socket_options=[(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))],
-            trust_env=False,
-        )
-        async with httpx.AsyncClient(
-            timeout=CHECK_TIMEOUT_S, trust_env=False, transport=transport
-        ) as client:
+        async with health_client() as client:
             clients.append(client)
             yield
 
