@@ -671,6 +671,17 @@ def test_layout_and_up_say_why_of_a_fifo_on_path_and_from_a_removed_directory(
     done = portpool("up", "--config", str(config), env=env, timeout=30)
     assert done.returncode == 1, done.stderr
     assert said in done.stderr
+    # A program of that name later on PATH is the one exec runs (it goes past the FIFO,
+    # EACCES): the FIFO hid it, and run refused with 126.
+    later = tmp_path / "later"
+    later.mkdir()
+    (later / "fifosvc").write_text('#!/bin/sh\necho ran "$0"\n')
+    (later / "fifosvc").chmod(0o755)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{later}{os.pathsep}{os.environ['PATH']}"
+    done = portpool("run", "-q", "--config", str(config), "--", "fifosvc", env=env, timeout=30)
+    assert (done.returncode, done.stdout) == (0, f"ran {later / 'fifosvc'}\n"), done.stderr
+    shown = portpool("layout", "--config", str(config), env=env, timeout=30)
+    assert "services.db.command" not in shown.stdout
     gone = tmp_path / "gone"
     gone.mkdir()
     for command in ("layout", "up"):

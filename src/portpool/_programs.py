@@ -93,15 +93,15 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
         why, exists = _stat_words(program)
         problem = f"{program!r} is not an executable file{where}{why}{_not_found_hint(program)}"
         return CommandNotFound(program, problem, found=exists)
-    found = shutil.which(program, path=path)
-    if found and not os.path.isfile(found):
+    found, special = _search_path(program, path)
+    if found:
+        return _interpreter_problem(found, path)
+    if special:
         # An executable FIFO passes which(): reading its "#!" waited for a writer, and
         # `layout` hung. The kernel refuses to execute it (EACCES: 126).
         return CommandNotFound(
-            program, f"{program!r} on PATH is {found!r}, not a regular file", found=True
+            program, f"{program!r} on PATH is {special!r}, not a regular file", found=True
         )
-    if found:
-        return _interpreter_problem(found, path)
     # A file on PATH without execute permission exists: a shell and env say "Permission
     # denied" and 126; it read "not found on PATH" (127), hiding a missing chmod +x.
     there = shutil.which(program, mode=os.F_OK, path=path)
@@ -110,6 +110,21 @@ def unexecutable(command: Sequence[str], path: str | None = None) -> CommandNotF
             program, f"{program!r} on PATH is {there!r}, not executable", found=True
         )
     return CommandNotFound(program, f"{program!r} was not found on PATH{_not_found_hint(program)}")
+
+
+def _search_path(program: str, path: str | None) -> tuple[str | None, str | None]:
+    """The first executable regular file named ``program`` on ``path`` (default: our
+    PATH), and the first executable entry there that is no regular file (a FIFO): exec
+    goes past such an entry (EACCES) to the next, so one early on PATH hid a program
+    that runs. Raises nothing."""
+    entries = (os.environ.get("PATH", os.defpath) if path is None else path).split(os.pathsep)
+    special = None
+    for entry in entries:
+        found = shutil.which(program, path=entry or os.curdir)  # "" is the working directory
+        if found and os.path.isfile(found):
+            return found, special
+        special = special or found
+    return None, special
 
 
 def _working_directory() -> str:
