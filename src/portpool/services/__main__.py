@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+
+# A Ctrl-C before the service takes its signals over (its imports take about a second
+# on a fresh clone) ends it as the default action does: quietly, interrupted. A Python
+# handler printed a KeyboardInterrupt traceback of each import it cut short, and one
+# that raises inside orjson's import crashes the process (SIGSEGV).
+if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 from portpool.services import SERVICES
 
@@ -43,21 +51,5 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-def die_of_interrupt() -> None:
-    """A Ctrl-C before the service took its signals over (its imports take a second):
-    end as the interrupted process it is, without the KeyboardInterrupt traceback of
-    each import it cut short."""
-    import signal
-
-    sys.stderr.flush()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)
-    os._exit(130)  # where a signal does not end the process (Windows)
-
-
 if __name__ == "__main__":
-    try:
-        code = main(sys.argv[1:])
-    except KeyboardInterrupt:
-        die_of_interrupt()
-    exit_now(code)
+    exit_now(main(sys.argv[1:]))
