@@ -682,6 +682,11 @@ def test_layout_and_up_say_why_of_a_fifo_on_path_and_from_a_removed_directory(
     assert (done.returncode, done.stdout) == (0, f"ran {later / 'fifosvc'}\n"), done.stderr
     shown = portpool("layout", "--config", str(config), env=env, timeout=30)
     assert "services.db.command" not in shown.stdout
+    # Given as a path (a link to it, too), it was refused without a reason.
+    (tmp_path / "link").symlink_to(fifo)
+    done = portpool("run", "--config", str(config), "--", str(tmp_path / "link"), timeout=30)
+    assert done.returncode == 126, done.stderr
+    assert f"'{tmp_path / 'link'}' is not an executable file: it is a FIFO" in done.stderr
     gone = tmp_path / "gone"
     gone.mkdir()
     for command in ("layout", "up"):

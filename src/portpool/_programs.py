@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from portpool._layout_fields import layout_error
-from portpool._layout_load import working_directory
+from portpool._layout_load import file_kind, working_directory
 from portpool.errors import CommandNotFound, UsageError
 
 if TYPE_CHECKING:
@@ -141,13 +142,15 @@ def _stat_words(program: str) -> tuple[str, bool]:
     (126) or not (127): absent, a dangling symlink, or a path through a file ("Not a
     directory": 127 as sh says; bash says 126), not found."""
     try:
-        os.stat(program)
+        st = os.stat(program)
     except FileNotFoundError:
         return ": it does not exist", False
     except NotADirectoryError:
         return ": a part of its path is not a directory", False
     except OSError as e:
         return f": {e.strerror or e}", True
+    if not stat.S_ISREG(st.st_mode):  # a FIFO (or a link to one) was refused unexplained
+        return f": it is {file_kind(st.st_mode)}", True
     return "", True
 
 
