@@ -2,7 +2,7 @@
 ``command`` of each service (``up`` checks them all before anything starts, ``layout``
 warns of them) and ``run``'s command.
 
-Only ``os`` and ``shutil``: ``portpool layout`` uses it, and the read-only commands
+Only ``os``, ``shutil`` and ``stat``: ``portpool layout`` uses it, and the read-only commands
 load no process or network code (tests/test_imports.py).
 """
 

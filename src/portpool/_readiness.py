@@ -448,8 +448,9 @@ def _end_probe_connection(sock: socket.socket, wait_s: float) -> None:
     """Close a probe's connection ``sock``. One the service closed first (seen within
     ``wait_s`` seconds) is reset: our FIN left the service's side in TIME_WAIT on its
     own port, and for a minute after a stop a server without SO_REUSEADDR could not
-    bind it. One the service has not closed ends with our FIN, as usual: a reset before
-    its own close broke its shutdown (a server's lingering close). Raises nothing."""
+    bind it (a server that reads on after closing its side, a lingering close, reads
+    the reset instead of our end). One the service has not closed ends with our FIN, as
+    usual: a reset before its own close broke its shutdown(). Raises nothing."""
     try:
         sock.settimeout(wait_s)
         with contextlib.suppress(OSError):  # a timeout, nothing yet: BlockingIOError
