@@ -16,8 +16,8 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from portpool._occupants import INSTANCE_MARKS
 from portpool._platform import has_children
+from portpool._portstatus import INSTANCE_MARKS
 
 if TYPE_CHECKING:
     import psutil

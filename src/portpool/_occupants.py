@@ -185,11 +185,6 @@ def with_owners(
     return out
 
 
-# In the environment of every process an instance starts (``up``'s services also carry
-# PORTPOOL_SUPERVISOR_PID, up's pid), and so of what they start (a daemon keeps them).
-INSTANCE_MARKS = ("PORTPOOL_APP", "PORTPOOL_INSTANCE", "PORTPOOL_SUPERVISOR_PID")
-
-
 @dataclass(frozen=True)
 class Owner:
     """Whose processes a held port's listeners may be, by its holder's shield: the

@@ -188,6 +188,10 @@ def refused_port_status(state: StateDir, port: int, table: SharedLockTable | Non
 
 
 _MAX_PIDS = 256  # a record's pid lists read; a hostile one cannot make doctor walk more
+# In the environment of every process an instance starts (``up``'s services also carry
+# PORTPOOL_SUPERVISOR_PID, up's pid), and so of what they start (a daemon keeps them):
+# an instance record's "marks" are some of these (``_lineage``).
+INSTANCE_MARKS = ("PORTPOOL_APP", "PORTPOOL_INSTANCE", "PORTPOOL_SUPERVISOR_PID")
 
 
 class InstanceProcesses(NamedTuple):
@@ -222,14 +226,11 @@ def instance_processes(state: StateDir, record: PortRecord) -> InstanceProcesses
     ]
     inherited = raw.get("inherited")
     marks = raw.get("marks")
+    given = marks if isinstance(marks, dict) else {}
     return InstanceProcesses(
         _pids(services) - {record.pid},
         _pids(inherited if type(inherited) is list else []),
-        tuple(
-            (k, v)
-            for k, v in (marks.items() if isinstance(marks, dict) else ())
-            if isinstance(k, str) and k.startswith("PORTPOOL_") and isinstance(v, str)
-        )[:8],
+        tuple((k, given[k]) for k in INSTANCE_MARKS if isinstance(given.get(k), str)),
     )
 
 
