@@ -1158,6 +1158,36 @@ def test_stop_says_what_is_wrong_with_the_record(
         proc.wait(timeout=30)
 
 
+def test_a_record_deleted_under_a_running_instance_names_its_holder(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """With its record deleted, an instance read "starting (no record yet)" for good,
+    naming no process; `stop --all` left it out and said no instance was running."""
+    layout_file = write_layout(tmp_path / "portpool.toml", port_base, heartbeat=60, shield=60)
+    release = tmp_path / "release"
+    proc, number = _hold(layout_file, release)
+    (home / "apps" / "testapp" / "instances" / f"{number}.json").unlink()
+    held = f"; pid {proc.pid} holds its slot" if sys.platform == "linux" else ""
+    starting = f"starting (no record yet{held})"
+    try:
+        done = portpool("status", "--json", "--config", str(layout_file))
+        [listed] = json.loads(done.stdout)["instances"]
+        assert (listed["alive"], listed["problem"]) == (True, starting)
+        for args, error in (
+            (["stop", str(number)], f"instance {number} of testapp is {starting}"),
+            (["stop", "--all"], f"instance {number}: it is {starting}: not signalling anything"),
+            (["stop"], f"no instance of testapp can be used: instance {number} is {starting}"),
+            (["port", "alpha"], f"no instance of testapp can be used: instance 1 is {starting}"),
+        ):
+            done = portpool(*args, "--config", str(layout_file))
+            assert (done.returncode, done.stdout) == (1, ""), args
+            assert done.stderr == f"portpool: error: {error}\n", args
+        assert proc.poll() is None  # nothing was signalled
+    finally:
+        release.touch()
+        proc.wait(timeout=30)
+
+
 def test_an_unreadable_record_is_never_passed_over_for_another_checkouts_instance(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

@@ -53,7 +53,7 @@ def _unusable(info: InstanceInfo) -> str:
     if detail:
         # A record that names no valid pid is not "starting": say what is wrong.
         return f"runs but its record is unreadable: {detail}"
-    return "is starting (no record yet)"
+    return f"is {info.problem or 'starting (no record yet)'}"
 
 
 def _listing(running: Sequence[InstanceInfo]) -> str:

@@ -225,6 +225,10 @@ def stop_instances(
             detail = unreadable_detail(i)
             if detail:
                 refused.append(_unreadable(i.number, detail, state.instances(layout.app)))
+            elif not i.readable:
+                # Its record deleted under it, or not written yet: it was left out, and
+                # alone, "no instance is running" while status listed it.
+                refused.append(StopFailed(i.number, f"it is {i.problem}: not signalling anything"))
         if not numbers and not refused:
             raise NotRunning(layout.app, f"no instance of {layout.app} is running")
     else:

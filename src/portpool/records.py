@@ -25,6 +25,7 @@ from portpool._platform import (
     OpenFiles,
     locked_inodes,
 )
+from portpool._portstatus import lock_holder
 from portpool._record import LAST_WALL_CLOCK
 from portpool._slot_holder import record_mismatch, running_holder
 from portpool.layout import name_problem
@@ -344,8 +345,14 @@ def _read_instance_once(
     if unreadable is not None:
         return InstanceInfo(number, alive, False, problem=unreadable)
     if raw is None:
-        problem = "starting (no record yet)" if alive else "no record"
-        return InstanceInfo(number, alive, False, problem=problem)
+        if not alive:
+            return InstanceInfo(number, False, False, problem="no record")
+        # Named where the OS says: a record deleted under a running instance left it
+        # "starting" for good, and nothing said which process to look at.
+        table = locked() if callable(locked) else locked
+        holder_pid = lock_holder(directory, f"{number}.lock", table)
+        held = f"; pid {holder_pid} holds its slot" if holder_pid is not None else ""
+        return InstanceInfo(number, True, False, problem=f"starting (no record yet{held})")
     try:
         info = _parse_record(number, alive, raw)
     except ValueError as e:
