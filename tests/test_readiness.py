@@ -9,6 +9,7 @@ import http.server
 import json
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -535,9 +536,11 @@ if os.fork():
     os._exit(0)
 os.setsid()
 deadline = time.monotonic() + 30
+host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
 while True:
     try:
-        server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+        server = socket.create_server((host, int(sys.argv[1])), family=family)
         break
     except OSError:
         if time.monotonic() > deadline:
@@ -577,10 +580,9 @@ def test_a_foreign_listener_on_a_port_service_is_never_taken_for_the_service(
         subprocess.run([sys.executable, "-c", FOREIGN, str(port_base), str(pid_file)], check=True)
         out, err = reader.finish(60)
         assert pid_file.exists() and pid_file.read_text(), "the foreign listener never bound"
-        print("OUT", out, "ERR", err)
-        # Stopped by the shield (4, the foreign listener) or by the service's exit (5),
-        # whichever comes first; never up.
-        assert proc.returncode in (4, 5), (out, err)
+        # Stopped by the shield (4, the foreign listener), which the service's exit has
+        # checked at once; never up.
+        assert proc.returncode == 4, (out, err)
         assert "is up" not in out
         assert "ready on port" not in out
         # Not waited for, nor named as if portpool had started it (a subreaper knows).
@@ -591,6 +593,88 @@ def test_a_foreign_listener_on_a_port_service_is_never_taken_for_the_service(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# Given its port by number: binds 127.0.0.1 once the foreign program holds its address.
+BINDS_AFTER_FOREIGN = """\
+import os, socket, sys, time
+print("started", flush=True)
+deadline = time.monotonic() + 30
+while not os.path.exists(sys.argv[1]) or not open(sys.argv[1]).read():
+    if time.monotonic() > deadline:
+        raise SystemExit("no foreign program")
+    time.sleep(0.01)
+try:
+    server = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+except OSError as e:
+    raise SystemExit(f"could not bind: {e}")
+print("bound", flush=True)
+time.sleep(60)
+"""
+
+
+def _up_beside_a_foreign_taker(
+    tmp_path: Path, port: int, host: str, foreign_host: str
+) -> tuple[subprocess.Popen[str], str, str, str]:
+    """``up`` of one `socket = "port"` service on ``port`` whose address ``foreign_host``
+    a foreign program binds before the service binds 127.0.0.1 itself; the shield's
+    interval (60 s) is longer than the test: only a check made at once names it."""
+    pid_file = tmp_path / "foreign.pid"
+    script = tmp_path / "service.py"
+    script.write_text(BINDS_AFTER_FOREIGN)
+    config = tmp_path / "portpool.toml"
+    config.write_text(
+        f'app = "takenapp"\nhost = "{host}"\nshield_interval = 60\nmax_instances = 1\n'
+        f'[services.web]\nbase = {port}\nsize = 1\nsocket = "port"\n'
+        f"command = {json.dumps([sys.executable, str(script), str(pid_file)])}\n"
+    )
+    proc = start("up", "--config", str(config), env=up_env(tmp_path))
+    try:
+        reader = LineReader(proc)
+        reader.until(lambda line: line.endswith("| started"))
+        foreign = [sys.executable, "-c", FOREIGN, str(port), str(pid_file), foreign_host]
+        subprocess.run(foreign, check=True)
+        out, err = reader.finish(60)
+        return proc, out, err, pid_file.read_text()
+    finally:
+        pid_file.unlink(missing_ok=True)  # the foreign listener ends
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="listeners' owners are read from /proc")
+def test_a_port_service_that_fails_to_bind_names_the_foreign_taker(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """The service failed to bind ("exited before it was ready", exit 5), and the
+    program that took its port was never named: the shield had not looked yet."""
+    proc, out, err, foreign_pid = _up_beside_a_foreign_taker(
+        tmp_path, port_base, "127.0.0.1", "127.0.0.1"
+    )
+    assert proc.returncode == 4, (out, err)
+    assert (f"port {port_base} is now listened on by pid {foreign_pid} (python") in out + err, (
+        out,
+        err,
+    )
+    assert "is up" not in out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="listeners' owners are read from /proc")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no ::1 on this host")
+def test_up_never_says_is_up_while_a_foreign_program_holds_a_covered_address(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """host = "localhost": the service bound 127.0.0.1 and was ready while a foreign
+    program held [::1] of its port; "is up" was said (up --detach returned 0), and the
+    shield stopped the instance at its next check."""
+    proc, out, err, foreign_pid = _up_beside_a_foreign_taker(
+        tmp_path, port_base, "localhost", "::1"
+    )
+    assert proc.returncode == 4, (out, err)
+    assert f"listened on by pid {foreign_pid} (python" in out + err, (out, err)
+    assert f"[::1]:{port_base}" in out + err
+    assert "is up" not in out
 
 
 def test_a_port_probe_names_a_foreign_listener_it_reached(tmp_path: Path) -> None:

@@ -291,22 +291,31 @@ class Instance:
         logging.shutdown()
         os._exit(ShieldTripped.exit_code)
 
-    def verify_all(self, *, trip: bool = False) -> list[LeaseReport]:
+    def verify_all(
+        self,
+        *,
+        trip: bool = False,
+        on_lost: Callable[[Lease | None, str], None] | None = None,
+        own_pids: Callable[[], Iterable[int]] | None = None,
+    ) -> list[LeaseReport]:
         """Run the shield's checks now: one LeaseReport per lease, one for the slot
-        (``kind="instance"``); ``trip``: a running shield trips on what they find
-        (``Shield.check_now``). Raises nothing for a lost lease: its report says so."""
+        (``kind="instance"``). ``trip``: a running shield trips on what they find
+        (``Shield.check_now``, with its own ``on_lost``); with none running, the first
+        problem is passed to ``on_lost(lease, reason)`` as a trip would be, if given.
+        ``own_pids``: as for ``start_shield``, where no shield runs. Raises nothing for a
+        lost lease: its report says so."""
         from portpool.shield import Shield
 
-        if trip and self._shield is not None:
-            return self._shield.check_now()  # type: ignore[no-any-return]
-        shield = self._shield or Shield(
+        if self._shield is not None:
+            return self._shield.check_now() if trip else self._shield.check_once()  # type: ignore[no-any-return]
+        shield = Shield(
             list(self.leases.values()),
             interval_s=self.layout.shield_interval_s,
-            on_lost=lambda lease, reason: None,
+            on_lost=on_lost or (lambda lease, reason: None),
             instance_check=self.problem,
-            own_pids=self._own_pids,
+            own_pids=own_pids or self._own_pids,
         )
-        return shield.check_once()
+        return shield.check_now() if trip else shield.check_once()
 
     # -- stopping
 

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING
 
+from portpool._handover import handed_over
 from portpool._keeper import Failure, ServiceKeeper, describe_failure
 from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
 from portpool._order import start_order
@@ -317,6 +318,11 @@ class ServiceSupervisor(Supervisor):
                 self._hup_running = self._hup_pending = self._hup_begun = False
 
     def _failed(self, failure: Failure) -> None:
+        if handed_over(self.instance.layout, self.instance.leases.values()):
+            # A foreign program can bind a port handed over by number before its service
+            # does: the service then fails ("exited before it was ready"), and the shield
+            # named that program only at its next check. Checked now, the trip says who.
+            self.instance.verify_all(trip=True, on_lost=self.shield_lost, own_pids=self.own_pids)
         self.finish(Outcome(ServiceExited.exit_code, describe_failure(failure), failure=failure))
 
 

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
+from portpool._handover import handed_over
 from portpool._launch import DEFAULT_GRACE_S, descriptors_named
 from portpool._outcome import Outcome
 from portpool._output import STOPPING_SAY_WAIT_S
@@ -151,6 +152,11 @@ def run_up(
                 # A stop asked for as the last service got ready: "stopping on SIGTERM"
                 # was followed by "is up" (and up --detach read it as up).
                 ready = supervisor.wait_ready()  # not under the lock: a stop must get in
+                if ready and handed_over(layout, instance.leases.values()):
+                    # A port handed over by number can be taken on an address its service
+                    # did not bind (localhost's other loopback): "is up" was said, then
+                    # the shield's next check stopped the instance. Checked before it.
+                    instance.verify_all(trip=True)
                 with saying_up:
                     if ready and not supervisor.finishing:
                         if on_up is not None:
