@@ -380,6 +380,55 @@ def test_stop_ends_the_holder_and_waits_for_its_ports(
             kill_if_running(p)
 
 
+# Takes slot 1 the moment it is free (bounded), says so, holds it until argv[2] exists.
+RETAKE_SLOT = """
+import os, sys, time
+from portpool.errors import SlotUnavailable
+from portpool.instance import start_instance
+from portpool.layout import load_layout
+layout = load_layout(sys.argv[1])
+print("trying", flush=True)
+deadline = time.monotonic() + 30
+while True:
+    try:
+        instance = start_instance(layout, number=1, heartbeat=False)
+        break
+    except SlotUnavailable:
+        if time.monotonic() > deadline:
+            raise
+print("took", os.getpid(), flush=True)
+while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline + 30:
+    time.sleep(0.05)
+instance.release()
+"""
+
+
+def test_stop_is_done_when_a_start_takes_the_slot_its_holder_let_go(
+    layout_file: Path, home: Path, tmp_path: Path
+) -> None:
+    """A start that took slot N as soon as its holder let go (a restart loop, a pinned
+    --instance N) made `stop N` wait to its timeout, then fail naming the pid it had
+    stopped, long gone, as still holding the instance."""
+    release = tmp_path / "release"
+    first, _ = _hold(layout_file, release, "--instance", "1")
+    retaker = subprocess.Popen(
+        [sys.executable, "-c", RETAKE_SLOT, str(layout_file), str(release)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert read_line(retaker) == "trying\n"
+        done = portpool("stop", "1", "--timeout", "10", "--config", str(layout_file))
+        assert done.returncode == 0, done.stderr
+        assert f"instance 1 of testapp stopped (pid {first.pid})" in done.stdout
+        assert first.wait(timeout=5) == -signal.SIGTERM
+        assert read_line(retaker).startswith("took ")  # the slot was taken again
+    finally:
+        release.touch()
+        kill_if_running(first)
+        retaker.wait(timeout=30)
+
+
 def test_stop_reaches_a_running_instance_beyond_a_lowered_max(
     layout_file: Path, port_base: int, home: Path, tmp_path: Path
 ) -> None:

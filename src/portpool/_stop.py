@@ -20,6 +20,7 @@ from portpool._jsonfile import read_json_file, record_problem
 from portpool._occupants import with_owners
 from portpool._platform import (
     DirHandle,
+    LockTable,
     boot_id,
     identity_of,
     locked_inodes,
@@ -160,7 +161,9 @@ def _ours_listening(port: int, stopped: Stopped) -> bool:
 
 def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
     locked = locked_inodes()
-    if is_held(state.instances(app), f"{stopped.number}.lock", locked):
+    directory = state.instances(app)
+    slot = f"{stopped.number}.lock"
+    if is_held(directory, slot, locked) and not _taken_over(directory, slot, locked, stopped):
         return False
     for port in stopped.ports:
         seen = inspect_port(state, port, locked)
@@ -171,6 +174,18 @@ def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
             return False
         # else: a new holder (another instance) took it already: it is not ours to wait for
     return True
+
+
+def _taken_over(
+    directory: DirHandle, slot: str, locked: LockTable | None, stopped: Stopped
+) -> bool:
+    """Whether the held slot is another process's than the one ``stop`` signalled: a
+    start took it (a restart loop, a pinned ``--instance N``) once ours let go, and
+    ``stop`` waited for it to its timeout, then named the signalled pid, long gone."""
+    holder = lock_holder(directory, slot, locked)
+    if holder is not None:
+        return holder != stopped.pid
+    return identity_of(stopped.pid) is None  # where the OS does not name a lock's holder
 
 
 def _signal_holder(layout: Layout, n: int, state: StateDir, directory: DirHandle) -> Stopped:
