@@ -902,3 +902,47 @@ def test_gc_racing_instances_that_start_and_die_removes_only_dead_holders_metada
     assert status_json(layout)["instances"] == []
     again = json.loads(portpool("gc", "--json").stdout)
     assert again["files"] == [] and again["problems"] == [], again
+
+
+# Runs the command without the right to ignore file modes, as any user but root runs it.
+WITHOUT_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+SHOW_PORT = "import os; print(os.environ['PORTPOOL_INSTANCE'], os.environ['PORTPOOL_PORT_ALPHA'])"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="drops root's right to ignore file modes with setpriv",
+)
+def test_a_lock_file_made_read_only_is_still_a_lock(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A lock file not writable by its user (chmod 400) was "cannot open lock file:
+    Permission denied (remove what is there)" while an instance held it: removing it
+    stopped that instance. flock needs no write access."""
+    config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=2, shield=60)
+    release = tmp_path / "release"
+    hold = subprocess.Popen(
+        [*PORTPOOL, "run", "-q", "--config", str(config), "--", sys.executable, "-c",
+         "import os, sys, time\nprint('held', flush=True)\n"
+         "while not os.path.exists(sys.argv[1]): time.sleep(0.05)", str(release)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    show = [*WITHOUT_DAC_OVERRIDE, *PORTPOOL, "run", "--config", str(config), "--"]
+    show += [sys.executable, "-c", SHOW_PORT]
+    try:
+        assert hold.stdout is not None and hold.stdout.readline() == "held\n"
+        for name in ("apps/testapp/instances/1.lock", f"ports/{port_base}.lock"):
+            (home / name).chmod(0o400)
+        beside = subprocess.run(show, capture_output=True, text=True, timeout=60, check=False)
+        assert beside.returncode == 0, beside.stderr
+        assert beside.stdout == f"2 {port_base + 10}\n"
+        assert "cannot open" not in beside.stderr, beside.stderr  # slot 1 is simply held
+        assert hold.poll() is None
+    finally:
+        release.touch()
+        hold.wait(timeout=30)
+    # Free now, its port's lock file still read-only: taken as any lock file is.
+    assert (home / f"ports/{port_base}.lock").stat().st_mode & 0o777 == 0o400
+    after = subprocess.run(show, capture_output=True, text=True, timeout=60, check=False)
+    assert after.returncode == 0, after.stderr
+    assert after.stdout == f"1 {port_base}\n"

@@ -78,6 +78,20 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _open_lock_file(directory: DirHandle, name: str) -> int:
+    """A descriptor of ``<dir>/<name>``, created if missing. A lock file that is not
+    writable by us (chmod 400) is opened read-only: flock needs no write access, and it
+    was refused as "cannot open lock file ... (remove what is there)" while an instance
+    held it; removing it then stopped that instance."""
+    try:
+        return directory.open_file(name, os.O_RDWR | os.O_CREAT)
+    except PermissionError as e:
+        try:
+            return directory.open_file(name, os.O_RDONLY)
+        except OSError:
+            raise e from None
+
+
 class HeldLock:
     """A kernel lock on ``<dir>/<name>`` that this process holds. Use ``acquire``."""
 
@@ -115,7 +129,7 @@ class HeldLock:
                 raise AlreadyHeldHere(os.path.join(directory.path, name))
         for _ in range(_OPEN_RETRIES):
             try:
-                fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
+                fd = _open_lock_file(directory, name)
             except OSError as e:
                 limit = out_of_descriptors(e)
                 if limit is not None:
