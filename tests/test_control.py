@@ -1335,6 +1335,12 @@ def test_a_command_line_click_cannot_parse_is_json_too(layout_file: Path, home: 
         assert f"Error: {error}" in done.stderr, args
         plain = portpool(*args)  # without --json, stdout stays empty
         assert (plain.returncode, plain.stdout) == (2, ""), args
+    # --json given a value is --json too: its error printed no JSON.
+    for args in (["status", "--json=yes"], ["gc", "--json=1"], ["port", "alpha", "--json="]):
+        done = portpool(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        error = "Option '--json' does not take a value."
+        assert json.loads(done.stdout) == {"error": error, "exit_code": 2}, args
     assert not home.exists()
 
 

@@ -158,7 +158,9 @@ class JsonAwareCommand(click.Command):
         try:
             return super().parse_args(ctx, args)
         except click.UsageError as e:
-            if "--json" in words and any(p.name == "as_json" for p in self.params):
+            # --json=yes is --json too: the flag refuses the value, and says so as JSON.
+            asked = any(w == "--json" or w.startswith("--json=") for w in words)
+            if asked and any(p.name == "as_json" for p in self.params):
                 _usage_as_json(e)
             raise
 
