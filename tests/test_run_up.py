@@ -1199,6 +1199,24 @@ def test_up_names_the_service_of_a_leftover_it_kills_after_the_grace(
     assert re.fullmatch(r"\d+ \(of service 'tree'\)", line.removeprefix(said)), out
 
 
+def test_run_names_a_leftover_it_kills_after_the_grace(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A leftover of the command that ignored SIGTERM held run's exit for the whole
+    grace (5 s), then was SIGKILLed, and run said nothing of either, as up does."""
+    config = write_layout(tmp_path / "p.toml", port_base)
+    left = "(trap '' TERM; exec sleep 60) & echo $! > left.pid"
+    done = subprocess.run(
+        [*PORTPOOL, "run", "-q", "-c", str(config), "--", "sh", "-c", left],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    pid = int((tmp_path / "left.pid").read_text())
+    assert done.stderr == (
+        f"portpool: WARNING: still running 5 s after SIGTERM: SIGKILL to pid {pid} (sleep)\n"
+    )
+
+
 def test_a_script_without_a_hash_bang_line_is_named_as_such(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

@@ -15,6 +15,7 @@ a service's double-forked or ``setsid`` children re-parent to us and stay stoppa
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -38,6 +39,7 @@ from portpool._platform import (
     enlarge_pipe,
     has_children,
     process_group,
+    process_name,
     reap_adopted,
     resume_stopped,
     signal_group,
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 
     from portpool.instance import Instance
     from portpool.pool import Lease
+
+log = logging.getLogger("portpool.run")
 
 _TICK_S = 0.5
 _START_WAIT_S = 10.0  # stop's wait for the starts under way
@@ -427,9 +431,11 @@ class Supervisor:
         self._all_gone = gone
 
     def grace_over(self, signum: int, pids: list[int]) -> None:
-        """Called by ``stop`` when ``pids`` (ints) still run ``grace_s`` after ``signum``,
-        just before their SIGKILL: here nothing (``run`` prints nothing of its own
-        then); ``up`` says so. Raises nothing."""
+        """Called by ``stop`` just before SIGKILL to ``pids`` (ints), still running ``grace_s``
+        after ``signum``: a warning naming them (``up`` prints its own). Raises nothing."""
+        name = signal.Signals(signum).name if signum in signal.valid_signals() else signum
+        named = ", ".join(f"pid {p} ({process_name(p) or '?'})" for p in pids) or "what is left"
+        log.warning("still running %g s after %s: SIGKILL to %s", self.grace_s, name, named)
 
     def lingering(self, timeout_s: float) -> list[str]:
         """Ports of the instance still listened on by a process other than us, waited
