@@ -34,7 +34,7 @@ from tests.helpers import (
 )
 
 import portpool as portpool_lib
-from portpool._addresses import bind_targets, covered_scopes, has_ipv6_loopback
+from portpool._addresses import bind_targets, covered_scopes, endpoint, has_ipv6_loopback
 from portpool._portstatus import inspect_port
 from portpool.diagnosis import diagnose
 from portpool.errors import LayoutError, PoolExhausted
@@ -718,6 +718,12 @@ def test_a_dual_stack_connection_listed_on_ipv6_is_named_for_a_plain_bind_on_0_0
     assert found.bindable and found.inferred
     [said] = found.notes()
     assert said.startswith(note) and why in said, said
+    assert (
+        "keeps a plain bind off the port's IPv4 wildcard (0.0.0.0; 127.0.0.1 still binds)" in said
+    )
+    loopback = socket.socket()
+    loopback.bind(("127.0.0.1", port_base))  # the kernel's word: the note is right
+    loopback.close()
     layout = _layout(tmp_path / "p.toml", port_base, "0.0.0.0", max_instances=1)
     doctor = portpool("doctor", "--all", "--config", str(layout))
     line = next(x for x in doctor.stdout.splitlines() if f" {port_base}  " in x)
@@ -1052,3 +1058,11 @@ def test_a_host_name_covers_every_address_it_resolves_to(
     done = _in_own_hosts_file(hosts, NAME_CLIENT, str(port_base))
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["['127.0.0.1', '::1']", "reached"]
+
+
+def test_an_endpoint_brackets_an_ipv6_address() -> None:
+    """A reference service on `::` said it was "serving on :::37985"."""
+    assert endpoint("::", 8080) == "[::]:8080"
+    assert endpoint("::1", 80) == "[::1]:80"
+    assert endpoint("127.0.0.1", 80) == "127.0.0.1:80"
+    assert endpoint("localhost", 80) == "localhost:80"

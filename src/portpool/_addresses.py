@@ -55,6 +55,12 @@ class BindTarget:
     serves: bool
 
 
+def endpoint(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it, an IPv6 address in brackets (``[::1]:8080``):
+    ``:::8080`` was printed for a service on ``::``."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_port(port: int) -> int:
     """``port`` if it is an int in 1..65535 (not a bool), else raises InvalidPort."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from portpool._addresses import endpoint
 from portpool._dataclass import dataclass
 from portpool._platform import (
     TcpSocket,
@@ -22,10 +23,6 @@ from portpool._platform import (
 
 # States a connection is in after its program closed it (the kernel finishes it alone).
 _CLOSING = frozenset({"fin-wait-1", "fin-wait-2", "closing", "last-ack"})
-
-
-def _where(sock: TcpSocket) -> str:
-    return f"[{sock.address}]:{sock.port}" if sock.family == 6 else f"{sock.address}:{sock.port}"
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class Occupant:
         """The local address, e.g. ``[::]:8000 (IPv6 only)`` or ``127.0.0.1:8000``.
         Raises nothing."""
         s = self.socket
-        text = _where(s)
+        text = endpoint(s.address, s.port)
         if s.family == 6 and s.address == "::" and s.state in ("listen", "bound"):
             text += {True: " (IPv6 only)", False: " (IPv6 and IPv4)", None: ""}[s.v6only]
         return text
@@ -122,7 +119,8 @@ PLAIN_BIND_NOTE = "a server that does not set SO_REUSEADDR cannot bind it yet"
 # Said of connections named by inference (``_addresses.bound_wider``).
 BOUND_WIDER = (
     ", whose socket was bound to [::] (IPv6 and IPv4) before it connected, which keeps"
-    " every IPv4 address of the port: the OS lists a connection by the address it uses"
+    " a plain bind off the port's IPv4 wildcard (0.0.0.0; 127.0.0.1 still binds): the OS"
+    " lists a connection by the address it uses"
 )
 PLAIN_BIND_EXAMPLES = 3  # sockets named in the note; the rest only counted
 

@@ -32,6 +32,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from portpool._addresses import endpoint
 from portpool._platform import accept_queue_length, connection_accepted, is_listening
 from portpool._text import cut, printable
 
@@ -247,8 +248,7 @@ class ReadinessProbe:
             try:
                 conn = socket.create_connection((host, self.port), timeout=_CONNECT_TIMEOUT_S)
             except OSError as e:
-                where = f"[{host}]" if ":" in host else host
-                problems.append(f"connect to {where}:{self.port}: {e.strerror or e}")
+                problems.append(f"connect to {endpoint(host, self.port)}: {e.strerror or e}")
                 continue
             self.host = host
             return conn

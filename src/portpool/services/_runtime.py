@@ -13,6 +13,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
+from portpool._addresses import endpoint
 from portpool._dataclass import dataclass, field
 from portpool.errors import PassedSocketError, PortPoolError
 from portpool.layout import port_env_name
@@ -140,12 +141,11 @@ async def _main(ctx: ServiceContext, sock: socket.socket, serve: ServeFn) -> int
         watch = asyncio.create_task(watch_supervisor(ctx, stop))
         address = sock.getsockname()
         log.info(
-            "%s of %s instance %d serving on %s:%d (pid %d)",
+            "%s of %s instance %d serving on %s (pid %d)",
             ctx.service,
             ctx.app,
             ctx.instance,
-            address[0],
-            address[1],
+            endpoint(address[0], address[1]),
             ctx.pid,
         )
         try:

@@ -24,6 +24,7 @@ import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+from portpool._addresses import endpoint
 from portpool.errors import PortPoolError
 from portpool.services._runtime import ServiceContext, serve_asgi
 
@@ -134,9 +135,8 @@ async def check_health(
     if port is None:
         return {"healthy": False, "pid": None, "latency_ms": None, "error": "no port"}
     started = time.perf_counter()
-    where = f"[{host}]" if ":" in host else host
     try:
-        response = await client.get(f"http://{where}:{port}/health")
+        response = await client.get(f"http://{endpoint(host, port)}/health")
         body = response.json()
     except httpx.TimeoutException:
         silent = f"no answer within {CHECK_TIMEOUT_S:g} s"
