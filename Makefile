@@ -25,10 +25,12 @@ build-run:
 	@echo "Installing portpool and the reference services' packages into $(VENV) (about a minute)..."
 	$(BIN)/python -m pip install --progress-bar on --upgrade pip
 	$(BIN)/python -m pip install --progress-bar on -e '.[services]'
+	touch $(RUN_STAMP)
 
 build-dev:
 	@echo "Installing the dev tools (pytest, ruff, mypy, the benchmarks' peers)..."
 	$(BIN)/python -m pip install --progress-bar on -e '.[services,dev]'
+	touch $(STAMP)
 
 run: $(RUN_STAMP)
 	$(BIN)/portpool up

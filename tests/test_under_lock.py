@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "tools" / "under_lock.py"
-# The build stand-in: records that it ran, says it started, takes a while.
+# The build stand-in: records that it ran, says it started, takes a while, then makes
+# the stamp (argv[3]) as its last step, as the Makefile's builds do.
 BUILD = (
     "import os, sys, time\n"
     "with open(sys.argv[1], 'a') as f: f.write(f'{os.getpid()}\\n')\n"
     "print('started', flush=True)\n"
     "time.sleep(float(sys.argv[2]))\n"
+    "open(sys.argv[3], 'a').close(); os.utime(sys.argv[3])\n"
 )
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="no lock without fcntl")
@@ -34,6 +36,10 @@ def _under_lock(tmp: Path, *build: str, stdout: int | None = None) -> subprocess
     )
 
 
+def _build(tmp: Path, seconds: str) -> list[str]:
+    return [sys.executable, "-c", BUILD, str(tmp / "runs"), seconds, str(tmp / "stamp")]
+
+
 def _runs(tmp: Path) -> list[str]:
     log = tmp / "runs"
     return log.read_text().split() if log.exists() else []
@@ -44,7 +50,7 @@ def test_builds_asked_for_at_once_run_once(tmp_path: Path) -> None:
     for _ in range(3):  # a round of racing builds; each round's stamp starts stale
         (tmp_path / "stamp").unlink(missing_ok=True)
         (tmp_path / "runs").unlink(missing_ok=True)
-        build = [sys.executable, "-c", BUILD, str(tmp_path / "runs"), "0.3"]
+        build = _build(tmp_path, "0.3")
         procs = [_under_lock(tmp_path, *build) for _ in range(6)]
         errors = [p.communicate(timeout=60)[1] for p in procs]
         assert [p.returncode for p in procs] == [0] * 6, errors
@@ -55,7 +61,7 @@ def test_builds_asked_for_at_once_run_once(tmp_path: Path) -> None:
 
 def test_a_waiting_build_says_what_it_waits_for(tmp_path: Path) -> None:
     (tmp_path / "src").write_text("source")
-    build = [sys.executable, "-c", BUILD, str(tmp_path / "runs"), "1"]
+    build = _build(tmp_path, "1")
     first = _under_lock(tmp_path, *build, stdout=subprocess.PIPE)
     assert first.stdout is not None
     assert first.stdout.readline() == "started\n"  # it holds the lock now
@@ -68,14 +74,14 @@ def test_a_waiting_build_says_what_it_waits_for(tmp_path: Path) -> None:
 
 def test_a_build_killed_midway_does_not_block_the_next_and_is_redone(tmp_path: Path) -> None:
     (tmp_path / "src").write_text("source")
-    build = [sys.executable, "-c", BUILD, str(tmp_path / "runs"), "30"]
+    build = _build(tmp_path, "30")
     first = _under_lock(tmp_path, *build, stdout=subprocess.PIPE)
     assert first.stdout is not None
     assert first.stdout.readline() == "started\n"
     os.kill(first.pid, signal.SIGKILL)  # the lock dies with it
     os.kill(int(_runs(tmp_path)[0]), signal.SIGKILL)  # its build, orphaned by the kill
     first.communicate(timeout=60)
-    quick = [sys.executable, "-c", BUILD, str(tmp_path / "runs"), "0"]
+    quick = _build(tmp_path, "0")
     started = time.monotonic()
     second = _under_lock(tmp_path, *quick)
     assert second.wait(timeout=20) == 0
@@ -84,7 +90,7 @@ def test_a_build_killed_midway_does_not_block_the_next_and_is_redone(tmp_path: P
     assert (tmp_path / "stamp").exists()
 
 
-def test_a_failed_build_leaves_no_stamp_and_gives_its_status(tmp_path: Path) -> None:
+def test_a_failed_build_is_not_taken_for_done_and_gives_its_status(tmp_path: Path) -> None:
     (tmp_path / "src").write_text("source")
     failing = _under_lock(tmp_path, sys.executable, "-c", "raise SystemExit(7)")
     assert failing.wait(timeout=60) == 7
@@ -95,7 +101,7 @@ def test_a_failed_build_leaves_no_stamp_and_gives_its_status(tmp_path: Path) -> 
 
 def test_a_stamp_older_than_a_source_is_built_again(tmp_path: Path) -> None:
     (tmp_path / "src").write_text("source")
-    build = [sys.executable, "-c", BUILD, str(tmp_path / "runs"), "0"]
+    build = _build(tmp_path, "0")
     assert _under_lock(tmp_path, *build).wait(timeout=60) == 0
     assert _under_lock(tmp_path, *build).wait(timeout=60) == 0  # fresh: not run
     assert len(_runs(tmp_path)) == 1

@@ -4,8 +4,9 @@ Usage: ``python3 tools/under_lock.py LOCK STAMP [SOURCE ...] -- COMMAND [ARG ...
 
 Takes an exclusive lock on the file LOCK, waiting for it (and saying so) while another
 build holds it. Then, if STAMP exists and is newer than every SOURCE, another build did
-the work while this one waited: exit 0 without running COMMAND. Otherwise run COMMAND;
-if it succeeds, touch STAMP. Exits with COMMAND's status.
+the work while this one waited: exit 0 without running COMMAND. Otherwise run COMMAND,
+which makes STAMP when it succeeds (the stamp is the build's own last step, so that
+``make -n`` prints it rather than this script making it). Exits with COMMAND's status.
 
 Why: the README says to run ``make run`` again in a second terminal for instance 2. In
 a fresh clone the first one is still building ``.venv``, and two builds of one venv at
@@ -68,8 +69,6 @@ def main(argv: list[str]) -> int:
                 print(f"{stamp} was built by another make meanwhile", file=sys.stderr)
                 return 0
             code = subprocess.call(command)
-            if code == 0:
-                stamp.touch()
     except KeyboardInterrupt:
         return 130
     return 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
