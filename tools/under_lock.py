@@ -11,7 +11,8 @@ which makes STAMP when it succeeds (the stamp is the build's own last step, so t
 Why: the README says to run ``make run`` again in a second terminal for instance 2. In
 a fresh clone the first one is still building ``.venv``, and two builds of one venv at
 once broke it (one pip removed files the other was installing). The lock dies with
-its holder, so a build killed midway never blocks the next one.
+its holders (this process and the build, which inherits it), so a build killed midway
+never blocks the next one, and no build outlives the lock.
 
 Uses only the standard library: it runs before ``.venv`` exists. Where ``fcntl`` is
 missing (Windows), it runs COMMAND without a lock.
@@ -19,6 +20,7 @@ missing (Windows), it runs COMMAND without a lock.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -64,11 +66,14 @@ def main(argv: list[str]) -> int:
         return 2
     lock, stamp, sources = Path(paths[0]), Path(paths[1]), [Path(p) for p in paths[2:]]
     try:
-        with _lock(lock):
+        with _lock(lock) as held:
             if _is_fresh(stamp, sources):
                 print(f"{stamp} was built by another make meanwhile", file=sys.stderr)
                 return 0
-            code = subprocess.call(command)
+            # The build inherits the lock: it stays held while any part of the build
+            # runs, also when this process is gone (a SIGTERM to make, a kill -9).
+            inherit = [held.fileno()] if os.name == "posix" else []
+            code = subprocess.call(command, pass_fds=inherit)
     except KeyboardInterrupt:
         return 130
     return 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
