@@ -904,21 +904,26 @@ def test_gc_racing_instances_that_start_and_die_removes_only_dead_holders_metada
     assert again["files"] == [] and again["problems"] == [], again
 
 
-# Runs the command without the right to ignore file modes, as any user but root runs it.
-WITHOUT_DAC_OVERRIDE = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+# As root, the command runs without the right to ignore file modes, as any other user.
+AS_ANY_USER = (
+    ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0
+    else []
+)
 SHOW_PORT = "import os; print(os.environ['PORTPOOL_INSTANCE'], os.environ['PORTPOOL_PORT_ALPHA'])"
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 @pytest.mark.skipif(
-    not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("setpriv") is None,
-    reason="drops root's right to ignore file modes with setpriv",
+    bool(AS_ANY_USER) and shutil.which("setpriv") is None, reason="root without setpriv"
 )
-def test_a_lock_file_made_read_only_is_still_a_lock(
-    tmp_path: Path, port_base: int, home: Path
+@pytest.mark.parametrize("mode", [0o400, 0o200, 0o000], ids=oct)
+def test_a_lock_file_its_user_cannot_write_is_still_a_lock(
+    tmp_path: Path, port_base: int, home: Path, mode: int
 ) -> None:
-    """A lock file not writable by its user (chmod 400) was "cannot open lock file:
-    Permission denied (remove what is there)" while an instance held it: removing it
-    stopped that instance. flock needs no write access."""
+    """A lock file not readable and writable by its user (chmod 400) was "cannot open
+    lock file: Permission denied (remove what is there)" while an instance held it:
+    removing it stopped that instance. flock needs neither."""
     config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=2, shield=60)
     release = tmp_path / "release"
     hold = subprocess.Popen(
@@ -927,12 +932,12 @@ def test_a_lock_file_made_read_only_is_still_a_lock(
          "while not os.path.exists(sys.argv[1]): time.sleep(0.05)", str(release)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    show = [*WITHOUT_DAC_OVERRIDE, *PORTPOOL, "run", "--config", str(config), "--"]
+    show = [*AS_ANY_USER, *PORTPOOL, "run", "--config", str(config), "--"]
     show += [sys.executable, "-c", SHOW_PORT]
     try:
         assert hold.stdout is not None and hold.stdout.readline() == "held\n"
         for name in ("apps/testapp/instances/1.lock", f"ports/{port_base}.lock"):
-            (home / name).chmod(0o400)
+            (home / name).chmod(mode)
         beside = subprocess.run(show, capture_output=True, text=True, timeout=60, check=False)
         assert beside.returncode == 0, beside.stderr
         assert beside.stdout == f"2 {port_base + 10}\n"
@@ -941,8 +946,10 @@ def test_a_lock_file_made_read_only_is_still_a_lock(
     finally:
         release.touch()
         hold.wait(timeout=30)
-    # Free now, its port's lock file still read-only: taken as any lock file is.
-    assert (home / f"ports/{port_base}.lock").stat().st_mode & 0o777 == 0o400
+    if mode == 0o000:
+        return  # free and unopenable: "remove what is there" is the right advice then
+    # Free now, its port's lock file still as it was: taken as any lock file is.
+    assert (home / f"ports/{port_base}.lock").stat().st_mode & 0o777 == mode
     after = subprocess.run(show, capture_output=True, text=True, timeout=60, check=False)
     assert after.returncode == 0, after.stderr
     assert after.stdout == f"1 {port_base}\n"

@@ -80,16 +80,28 @@ if hasattr(os, "register_at_fork"):
 
 def _open_lock_file(directory: DirHandle, name: str) -> int:
     """A descriptor of ``<dir>/<name>``, created if missing. A lock file that is not
-    writable by us (chmod 400) is opened read-only: flock needs no write access, and it
-    was refused as "cannot open lock file ... (remove what is there)" while an instance
-    held it; removing it then stopped that instance."""
+    readable and writable by us (chmod 400, 200) is opened as it allows: flock needs
+    neither, and it was refused as "cannot open lock file ... (remove what is there)"
+    while an instance held it; removing it then stopped that instance."""
     try:
         return directory.open_file(name, os.O_RDWR | os.O_CREAT)
     except PermissionError as e:
-        try:
-            return directory.open_file(name, os.O_RDONLY)
-        except OSError:
-            raise e from None
+        if e.errno != errno.EACCES:
+            raise  # EPERM: an immutable file, which gc cannot remove either
+        for flags in (os.O_RDONLY, os.O_WRONLY):
+            with contextlib.suppress(OSError):
+                return directory.open_file(name, flags)
+        raise
+
+
+def _listed_as_locked(directory: DirHandle, name: str) -> bool:
+    """Whether the kernel's lock table lists ``<dir>/<name>`` (False where it cannot tell)."""
+    try:
+        st = directory.stat_entry(name)
+        table = locked_inodes()
+    except OSError:
+        return False
+    return st is not None and table is not None and (st.st_dev, st.st_ino) in table
 
 
 class HeldLock:
@@ -134,6 +146,9 @@ class HeldLock:
                 limit = out_of_descriptors(e)
                 if limit is not None:
                     raise limit from e
+                if isinstance(e, PermissionError) and _listed_as_locked(directory, name):
+                    # Unopenable (chmod 000) but held: an instance's, not one to remove.
+                    raise LockHeld(os.path.join(directory.path, name)) from e
                 if _directory_refuses(directory, name, e):
                     # Not this file's fault, so "remove what is there" was wrong advice.
                     raise StateDirError(
