@@ -1216,8 +1216,11 @@ def test_a_record_deleted_under_a_running_instance_names_its_holder(
     release = tmp_path / "release"
     proc, number = _hold(layout_file, release)
     (home / "apps" / "testapp" / "instances" / f"{number}.json").unlink()
-    held = f"; pid {proc.pid} holds its slot" if sys.platform == "linux" else ""
-    starting = f"starting (no record yet{held})"
+    starting = (
+        f"starting, or its record was deleted (no record; pid {proc.pid} holds its slot)"
+        if sys.platform == "linux"
+        else "starting (no record yet)"
+    )
     try:
         done = portpool("status", "--json", "--config", str(layout_file))
         [listed] = json.loads(done.stdout)["instances"]

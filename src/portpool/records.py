@@ -351,8 +351,12 @@ def _read_instance_once(
         # "starting" for good, and nothing said which process to look at.
         table = locked() if callable(locked) else locked
         holder_pid = lock_holder(directory, f"{number}.lock", table)
-        held = f"; pid {holder_pid} holds its slot" if holder_pid is not None else ""
-        return InstanceInfo(number, True, False, problem=f"starting (no record yet{held})")
+        if holder_pid is None:
+            return InstanceInfo(number, True, False, problem="starting (no record yet)")
+        # A start writes its record at once: one missing for long was deleted, which the
+        # heartbeat does not mend. Which of the two, only the user knows.
+        why = f"starting, or its record was deleted (no record; pid {holder_pid} holds its slot)"
+        return InstanceInfo(number, True, False, problem=why)
     try:
         info = _parse_record(number, alive, raw)
     except ValueError as e:
