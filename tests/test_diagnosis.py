@@ -414,11 +414,11 @@ def test_doctor_names_the_pid_of_an_outgoing_connection(
     [
         # No socket the OS lists (another user's, or gone since): still said, never "".
         (errno.EADDRINUSE, Refusal(80, "in use", "used by a process the OS does not name")),
-        (errno.EACCES, Refusal(80, "permission denied", "binding ::1:80: Denied")),
+        (errno.EACCES, Refusal(80, "permission denied", "binding [::1]:80: Denied")),
         (errno.EADDRNOTAVAIL, Refusal(80, "unavailable", "::1 is not an address of this host")),
         # A kernel without IPv6 was an "error" per port, and every slot was tried in turn.
         (errno.EAFNOSUPPORT, Refusal(80, "unavailable", "::1: this host has no IPv6")),
-        (errno.EINVAL, Refusal(80, "error", "binding ::1:80: Denied")),
+        (errno.EINVAL, Refusal(80, "error", "binding [::1]:80: Denied")),
     ],
 )
 def test_each_bind_error_is_the_refusal_acquire_reports(error: int, refusal: Refusal) -> None:

@@ -118,9 +118,9 @@ class Occupant:
 PLAIN_BIND_NOTE = "a server that does not set SO_REUSEADDR cannot bind it yet"
 # Said of connections named by inference (``_addresses.bound_wider``).
 BOUND_WIDER = (
-    ", whose socket was bound to [::] (IPv6 and IPv4) before it connected, which keeps"
-    " a plain bind off the port's IPv4 wildcard (0.0.0.0; 127.0.0.1 still binds): the OS"
-    " lists a connection by the address it uses"
+    ", whose socket was bound to [::] (IPv6 and IPv4) before it connected, which counts"
+    " against the port's IPv4 wildcard (0.0.0.0), no other IPv4 address: the OS lists a"
+    " connection by the address it uses"
 )
 PLAIN_BIND_EXAMPLES = 3  # sockets named in the note; the rest only counted
 

@@ -24,6 +24,7 @@ from portpool._addresses import (
     bound_wider,
     check_port,
     covered_scopes,
+    endpoint,
     meets,
     occupies,
 )
@@ -110,13 +111,14 @@ class PortDiagnosis:
             detail = f"used by {self.describe_occupants()}"
             return Refusal(port, "in use", detail + (BOUND_WIDER if self.inferred else ""))
         if err in (errno.EACCES, errno.EPERM):
-            return Refusal(port, "permission denied", f"binding {host}:{port}: {self.bind_message}")
+            why = f"binding {endpoint(host, port)}: {self.bind_message}"
+            return Refusal(port, "permission denied", why)
         if err == errno.EADDRNOTAVAIL:
             return Refusal(port, "unavailable", f"{host} is not an address of this host")
         if err == errno.EAFNOSUPPORT:
             # A kernel without IPv6 (ipv6.disable=1): no port, no slot does better.
             return Refusal(port, "unavailable", f"{host}: this host has no IPv6")
-        return Refusal(port, "error", f"binding {host}:{port}: {self.bind_message}")
+        return Refusal(port, "error", f"binding {endpoint(host, port)}: {self.bind_message}")
 
     def notes(self) -> list[str]:
         """What the port still has on it that a user may trip over, as ``doctor`` says

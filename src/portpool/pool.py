@@ -20,6 +20,7 @@ from portpool._addresses import (
     bind_target,
     bind_targets,
     check_port,
+    endpoint,
 )
 from portpool._dataclass import dataclass, field
 from portpool._layout_fields import normalize_host
@@ -184,7 +185,7 @@ def _bind_or_refusal(
 
                 found = diagnose_port(port, host, bind_error=e, owners=owners)
             except OSError:  # the host name no longer resolves
-                return Refusal(port, "error", f"binding {host}:{port}: {e.strerror or e}")
+                return Refusal(port, "error", f"binding {endpoint(host, port)}: {e.strerror or e}")
             if e.errno != errno.EADDRINUSE or found.occupants or attempt == _BIND_RETRIES:
                 refusal = found.refusal()
                 assert refusal is not None  # a bind error always has one

@@ -220,7 +220,10 @@ def _psutil_sockets(port: int | None) -> list[TcpSocket]:
         if not c.laddr or (port is not None and c.laddr.port != port):
             continue
         family = 6 if c.family == socket.AF_INET6 and ":" in c.laddr.ip else 4
-        remote = f"{c.raddr.ip}:{c.raddr.port}" if c.raddr else None
+        remote = None
+        if c.raddr:  # written as the Linux reader writes it, an IPv6 address in brackets
+            ip = c.raddr.ip
+            remote = f"[{ip}]:{c.raddr.port}" if ":" in ip else f"{ip}:{c.raddr.port}"
         state = str(c.status).lower().replace("_", "-")
         found.append(
             TcpSocket(family, c.laddr.ip, c.laddr.port, state, None, None, None, remote, c.pid)
