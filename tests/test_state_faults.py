@@ -953,3 +953,48 @@ def test_a_lock_file_its_user_cannot_write_is_still_a_lock(
     after = subprocess.run(show, capture_output=True, text=True, timeout=60, check=False)
     assert after.returncode == 0, after.stderr
     assert after.stdout == f"1 {port_base}\n"
+
+
+def test_an_instance_whose_slot_lock_file_was_removed_keeps_its_number(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """Its lock file removed by hand, a running instance read as not running to status,
+    stop, port and env (gc said its holder still ran), and a start took its number:
+    two instances 1 until its shield's next check."""
+    config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=3, shield=60)
+    release = tmp_path / "release"
+    hold = subprocess.Popen(
+        [*PORTPOOL, "run", "-q", "--config", str(config), "--", sys.executable, "-c",
+         "import os, sys, time\nprint('held', flush=True)\n"
+         "while not os.path.exists(sys.argv[1]): time.sleep(0.05)", str(release)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert hold.stdout is not None and hold.stdout.readline() == "held\n"
+        (home / "apps/testapp/instances/1.lock").unlink()
+        lost = (
+            f"runs without its slot lock: pid {hold.pid} does not hold 1.lock (removed or "
+            "replaced under it?); its shield stops it at its next check"
+        )
+        [listed] = status_json(config)["instances"]
+        assert (listed["alive"], listed["pid"], listed["problem"]) == (False, hold.pid, lost)
+        assert f"({lost})" in portpool("status", "--config", str(config)).stdout
+        for args, error in (
+            (["stop", "1"], f"instance 1 of testapp {lost}"),
+            (["stop"], f"no instance of testapp can be used: instance 1 {lost}"),
+            (["stop", "--all"], f"instance 1: it {lost}: not signalling anything"),
+            (["port", "alpha"], f"no instance of testapp can be used: instance 1 {lost}"),
+        ):
+            done = portpool(*args, "--config", str(config))
+            assert (done.returncode, done.stderr) == (1, f"portpool: error: {error}\n"), args
+        pinned = portpool("run", "--instance", "1", "--config", str(config), "--", "true")
+        assert pinned.returncode == 3, pinned.stderr
+        assert f"instance 1 of 'testapp' cannot be had: it {lost}" in pinned.stderr
+        show = [sys.executable, "-c", "import os; print(os.environ['PORTPOOL_INSTANCE'])"]
+        other = portpool("run", "--config", str(config), "--", *show)
+        assert (other.returncode, other.stdout) == (0, "2\n"), other.stderr
+        assert f"instance slot 1 of testapp skipped: it {lost}" in other.stderr
+        assert hold.poll() is None  # nothing was signalled
+    finally:
+        release.touch()
+        hold.wait(timeout=30)

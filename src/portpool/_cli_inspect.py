@@ -96,6 +96,7 @@ def _status_lines(infos: Iterable[InstanceInfo]) -> list[str]:
         alive = "yes" if info.alive else "no"
         if info.readable:
             services = "  ".join(_service_text(e, info.alive) for e in info.service_entries)
+            services += f"  ({info.problem})" if info.problem else ""
         else:
             services = info.problem or "record unreadable"
         if info.directory:

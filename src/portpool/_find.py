@@ -20,13 +20,14 @@ from portpool._slots import checkout_dir, previous_number
 from portpool._text import printable
 from portpool.errors import NotRunning
 from portpool.layout import Layout, port_env_name
-from portpool.records import SLOT_UNUSABLE, InstanceInfo, list_instances, read_instance
+from portpool.records import LOCK_LOST, SLOT_UNUSABLE, InstanceInfo, list_instances, read_instance
 from portpool.statedir import StateDir
 
 __all__ = [
     "find_instance",
     "format_env",
     "instance_env",
+    "lost_its_lock",
     "running_slot",
     "service_port",
     "unreadable_detail",
@@ -34,8 +35,14 @@ __all__ = [
 
 
 def _alive(layout: Layout, state: StateDir) -> list[InstanceInfo]:
-    """Every slot whose lock is held, its record readable or not."""
-    return [i for i in list_instances(layout.app, state) if i.alive]
+    """Every slot whose lock is held, its record readable or not, and every one whose
+    process runs on without its lock (``lock_lost``): "no instance is running" then."""
+    return [i for i in list_instances(layout.app, state) if i.alive or lost_its_lock(i)]
+
+
+def lost_its_lock(info: InstanceInfo) -> bool:
+    """Whether slot ``info``'s process runs without its lock file (``lock_lost``)."""
+    return bool(info.problem and info.problem.startswith(LOCK_LOST))
 
 
 def unreadable_detail(info: InstanceInfo) -> str | None:
@@ -53,6 +60,8 @@ def _unusable(info: InstanceInfo) -> str:
     if detail:
         # A record that names no valid pid is not "starting": say what is wrong.
         return f"runs but its record is unreadable: {detail}"
+    if lost_its_lock(info):
+        return info.problem or ""
     return f"is {info.problem or 'starting (no record yet)'}"
 
 
@@ -100,16 +109,18 @@ def find_instance(
         info = running_slot(layout, number, state=state)
         if info is not None and info.alive and info.readable:
             return info
-        running = [i for i in _alive(layout, state) if i.readable]
+        running = [i for i in _alive(layout, state) if i.readable and not lost_its_lock(i)]
         others = f"; running: {_listing(running)}" if running else ""
         why = "is not running" if info is None or not info.alive else _unusable(info)
+        if info is not None and lost_its_lock(info):
+            why = info.problem or why
         if info is not None and info.problem and info.problem.startswith(SLOT_UNUSABLE):
             why += f" ({info.problem})"
         raise NotRunning(app, f"instance {number} of {app} {why}{others}", [
             i.number for i in running
         ])  # fmt: skip
     alive = _alive(layout, state)
-    running = [i for i in alive if i.readable]
+    running = [i for i in alive if i.readable and not lost_its_lock(i)]
     here = checkout_dir(layout, cwd)
     mine = [i for i in running if i.directory == here]
     if mine:

@@ -22,6 +22,7 @@ from portpool._heldlock import HeldLock, lock_path_kind
 from portpool._jsonfile import not_a_record, read_json_file, write_atomic
 from portpool._layout_load import absolute_path, working_directory
 from portpool._platform import DirHandle, current_identity, locked_inodes
+from portpool._slot_holder import running_holder
 from portpool._text import printable
 from portpool.errors import (
     AlreadyHeldHere,
@@ -35,7 +36,7 @@ from portpool.errors import (
     UsageError,
 )
 from portpool.layout import Layout
-from portpool.records import RECORD_BLOCKER, SLOT_UNUSABLE, read_instance
+from portpool.records import RECORD_BLOCKER, SLOT_UNUSABLE, lock_lost, read_instance
 from portpool.statedir import StateDir, check_name, special_entry
 
 __all__ = [
@@ -135,7 +136,7 @@ def _take_slot(
                 order.remove(number)
                 continue
             try:
-                return number, HeldLock.acquire(directory, f"{number}.lock")
+                held = HeldLock.acquire(directory, f"{number}.lock")
             except (LockHeld, AlreadyHeldHere):
                 unusable = _held_elsewhere(directory, number)
                 if unusable is not None:  # another slot's lock file: skipped without a word
@@ -150,6 +151,15 @@ def _take_slot(
                 # rotates past such a port). Named once; NoFreeSlot lists it too.
                 log.warning("instance slot %d of %s skipped: %s", number, layout.app, e)
                 order.remove(number)
+                continue
+            lost = _lock_lost(directory, number)
+            if lost is None:
+                return number, held
+            # Its instance runs on, its lock file removed under it: the number is still
+            # its (two instances 1 ran until its shield's next check).
+            held.release()
+            log.warning("instance slot %d of %s skipped: it %s", number, layout.app, lost)
+            order.remove(number)
     locked = locked_inodes()
     holders = []
     for number in range(1, layout.max_instances + 1):
@@ -160,6 +170,17 @@ def _take_slot(
             detail = info.problem or "record unreadable"
         holders.append(SlotHolder(number, info.pid, detail))
     raise NoFreeSlot(layout.app, holders, _limit_words(layout))
+
+
+def _lock_lost(directory: DirHandle, number: int) -> str | None:
+    """``lock_lost``'s words when slot ``number``'s record names a process that runs
+    (not this one), which a free lock says has lost it; else None. Raises nothing."""
+    try:
+        raw = read_json_file(directory, f"{number}.json")
+    except (OSError, ValueError):
+        return None
+    holder = running_holder(raw)
+    return lock_lost(number, holder) if holder not in (None, os.getpid()) else None
 
 
 def _record_blocker(directory: DirHandle, number: int) -> str | None:
@@ -207,7 +228,7 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
         if attempt:
             time.sleep(0.02 * attempt)  # a cleaner may hold a dead slot's lock for a moment
         try:
-            return HeldLock.acquire(directory, f"{number}.lock")
+            held = HeldLock.acquire(directory, f"{number}.lock")
         except (LockHeld, AlreadyHeldHere):
             continue
         except StateDirError as e:
@@ -215,6 +236,11 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
                 raise  # the directory itself refuses
             # Not free, as when unpinned (exit 3): it ended as a state dir error (1).
             raise SlotUnavailable(layout.app, number, f"its slot is unusable: {e}") from e
+        lost = _lock_lost(directory, number)
+        if lost is None:
+            return held
+        held.release()
+        raise SlotUnavailable(layout.app, number, f"it {lost}")
     info = read_instance(directory, number)
     if info.problem is not None and info.problem.startswith(SLOT_UNUSABLE):
         # A second name of another slot's held lock: not running, never to be had.

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from portpool._dataclass import dataclass, field
-from portpool._find import find_instance, running_slot, unreadable_detail
+from portpool._find import find_instance, lost_its_lock, running_slot, unreadable_detail
 from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file, record_problem
 from portpool._occupants import with_owners
@@ -234,12 +234,14 @@ def stop_instances(
     """
     refused: list[StopFailed] = []
     if every:
-        alive = [i for i in list_instances(layout.app, state) if i.alive]
-        numbers = [i.number for i in alive if i.readable]
+        alive = [i for i in list_instances(layout.app, state) if i.alive or lost_its_lock(i)]
+        numbers = [i.number for i in alive if i.readable and not lost_its_lock(i)]
         for i in alive:
             detail = unreadable_detail(i)
             if detail:
                 refused.append(_unreadable(i.number, detail, state.instances(layout.app)))
+            elif lost_its_lock(i):
+                refused.append(StopFailed(i.number, f"it {i.problem}: not signalling anything"))
             elif not i.readable:
                 # Its record deleted under it, or not written yet: it was left out, and
                 # alone, "no instance is running" while status listed it.

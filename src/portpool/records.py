@@ -9,6 +9,7 @@ heartbeat's age. Removing dead instances' records is ``portpool._gc``'s concern.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -259,6 +260,19 @@ def slot_numbers(names: Iterable[str]) -> list[int]:
 
 _READ_TRIES = 3
 SLOT_UNUSABLE = "slot unusable: "  # starts InstanceInfo.problem of a slot nobody can take
+LOCK_LOST = "runs without its slot lock: "  # starts the problem of one whose lock file went
+
+
+def lock_lost(number: int, holder: int) -> str:
+    """The problem of slot ``number`` whose record's process ``holder`` runs but does not
+    hold its lock: the file was removed or replaced under it (read as not running by
+    status and stop, while gc said its holder still ran, and a start took the number)."""
+    return (
+        f"{LOCK_LOST}pid {holder} does not hold {number}.lock (removed or replaced under "
+        "it?); its shield stops it at its next check"
+    )
+
+
 RECORD_BLOCKER = "a directory"  # at a record path: the one special file a rename cannot replace
 
 
@@ -362,6 +376,9 @@ def _read_instance_once(
     except ValueError as e:
         problem = record_problem(f"record {e}", directory, f"{number}.json")
         return InstanceInfo(number, alive, False, problem=f"record unreadable: {problem}")
+    if holder is not None and not alive:
+        # Listed as it is (its pid, its ports), and why no command may act on it.
+        return dataclasses.replace(info, problem=lock_lost(number, holder))
     if alive and not vouched:
         # The slot is held, and the process the record names (pid, start token, boot id)
         # does not run here or does not say it holds the lock: the record may not be its
