@@ -17,7 +17,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.helpers import EXHAUST_DESCRIPTORS, PORTPOOL, portpool, status_json, write_layout
+from tests.helpers import (
+    EXHAUST_DESCRIPTORS,
+    HOLD,
+    PORTPOOL,
+    portpool,
+    read_line,
+    start,
+    status_json,
+    write_layout,
+)
 
 from portpool._heldlock import HeldLock
 from portpool._jsonfile import write_atomic
@@ -926,16 +935,11 @@ def test_a_lock_file_its_user_cannot_write_is_still_a_lock(
     removing it stopped that instance. flock needs neither."""
     config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=2, shield=60)
     release = tmp_path / "release"
-    hold = subprocess.Popen(
-        [*PORTPOOL, "run", "-q", "--config", str(config), "--", sys.executable, "-c",
-         "import os, sys, time\nprint('held', flush=True)\n"
-         "while not os.path.exists(sys.argv[1]): time.sleep(0.05)", str(release)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    hold = start("run", "-q", "-c", str(config), "--", sys.executable, "-c", HOLD, str(release))
     show = [*AS_ANY_USER, *PORTPOOL, "run", "--config", str(config), "--"]
     show += [sys.executable, "-c", SHOW_PORT]
     try:
-        assert hold.stdout is not None and hold.stdout.readline() == "held\n"
+        assert read_line(hold) == "1\n"  # it holds instance 1
         for name in ("apps/testapp/instances/1.lock", f"ports/{port_base}.lock"):
             (home / name).chmod(mode)
         beside = subprocess.run(show, capture_output=True, text=True, timeout=60, check=False)
@@ -963,14 +967,9 @@ def test_an_instance_whose_slot_lock_file_was_removed_keeps_its_number(
     two instances 1 until its shield's next check."""
     config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=3, shield=60)
     release = tmp_path / "release"
-    hold = subprocess.Popen(
-        [*PORTPOOL, "run", "-q", "--config", str(config), "--", sys.executable, "-c",
-         "import os, sys, time\nprint('held', flush=True)\n"
-         "while not os.path.exists(sys.argv[1]): time.sleep(0.05)", str(release)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    hold = start("run", "-q", "-c", str(config), "--", sys.executable, "-c", HOLD, str(release))
     try:
-        assert hold.stdout is not None and hold.stdout.readline() == "held\n"
+        assert read_line(hold) == "1\n"  # it holds instance 1
         (home / "apps/testapp/instances/1.lock").unlink()
         lost = (
             f"runs without its slot lock: pid {hold.pid} does not hold 1.lock (removed or "
