@@ -964,36 +964,90 @@ def test_an_instance_whose_slot_lock_file_was_removed_keeps_its_number(
 ) -> None:
     """Its lock file removed by hand, a running instance read as not running to status,
     stop, port and env (gc said its holder still ran), and a start took its number:
-    two instances 1 until its shield's next check."""
-    config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=3, shield=60)
+    two instances 1 until its shield's next check. Its checkout's stop then stopped
+    another checkout's instance, as "the only running one"."""
+    config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=2, shield=60)
     release = tmp_path / "release"
     hold = start("run", "-q", "-c", str(config), "--", sys.executable, "-c", HOLD, str(release))
+    elsewhere = tmp_path / "other"
+    elsewhere.mkdir()
+    other_config = write_layout(elsewhere / "portpool.toml", port_base, max_instances=2)
+    other = None
     try:
         assert read_line(hold) == "1\n"  # it holds instance 1
         (home / "apps/testapp/instances/1.lock").unlink()
         lost = (
-            f"runs without its slot lock: pid {hold.pid} does not hold 1.lock (removed or "
-            "replaced under it?); its shield stops it at its next check"
+            f"runs without its slot lock: pid {hold.pid} runs on, its 1.lock removed (an up "
+            "or run stops at its shield's next check)"
         )
         [listed] = status_json(config)["instances"]
         assert (listed["alive"], listed["pid"], listed["problem"]) == (False, hold.pid, lost)
         assert f"({lost})" in portpool("status", "--config", str(config)).stdout
-        for args, error in (
-            (["stop", "1"], f"instance 1 of testapp {lost}"),
-            (["stop"], f"no instance of testapp can be used: instance 1 {lost}"),
-            (["stop", "--all"], f"instance 1: it {lost}: not signalling anything"),
-            (["port", "alpha"], f"no instance of testapp can be used: instance 1 {lost}"),
-        ):
-            done = portpool(*args, "--config", str(config))
-            assert (done.returncode, done.stderr) == (1, f"portpool: error: {error}\n"), args
         pinned = portpool("run", "--instance", "1", "--config", str(config), "--", "true")
         assert pinned.returncode == 3, pinned.stderr
         assert f"instance 1 of 'testapp' cannot be had: it {lost}" in pinned.stderr
-        show = [sys.executable, "-c", "import os; print(os.environ['PORTPOOL_INSTANCE'])"]
-        other = portpool("run", "--config", str(config), "--", *show)
-        assert (other.returncode, other.stdout) == (0, "2\n"), other.stderr
-        assert f"instance slot 1 of testapp skipped: it {lost}" in other.stderr
+        # Another checkout's start skips it, and runs as instance 2.
+        args = ["run", "-q", "-c", str(other_config), "--", sys.executable, "-c", HOLD]
+        other = start(*args, str(release), cwd=elsewhere)
+        assert read_line(other) == "2\n"
+        for args, error in (
+            (["stop", "1"], f"instance 1 of testapp {lost}"),
+            (["stop"], f"instance 1 of testapp {lost}"),  # not the other checkout's 2
+            (["port", "alpha"], f"instance 1 of testapp {lost}"),
+        ):
+            done = portpool(*args, "--config", str(config))
+            assert done.returncode == 1, args
+            assert done.stderr.startswith(f"portpool: error: {error}"), (args, done.stderr)
+            assert other.poll() is None, args
+        full = portpool("run", "--config", str(config), "--", "true")
+        assert full.returncode == 3, full.stderr
+        assert f"instance slot 1 of testapp skipped: it {lost}" in full.stderr
+        assert f"instance 1: pid {hold.pid}, heartbeat " in full.stderr
+        assert f"; {lost}" in full.stderr  # the list of holders says it too
+        # --all stops the other checkout's instance, and refuses this one.
+        done = portpool("stop", "--all", "--config", str(config))
+        assert done.returncode == 1
+        assert f"instance 1: it {lost}: not signalling anything" in done.stderr
+        assert other.wait(timeout=30) is not None
         assert hold.poll() is None  # nothing was signalled
     finally:
         release.touch()
         hold.wait(timeout=30)
+        if other is not None:
+            other.wait(timeout=30)
+
+
+EXECS_AFTER_START = """
+import os, sys
+from portpool.instance import start_instance
+from portpool.layout import load_layout
+instance = start_instance(load_layout(sys.argv[1]), heartbeat=False)
+print(instance.number, flush=True)
+os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)"])
+"""
+
+
+def test_a_program_that_let_its_slot_go_by_exec_does_not_keep_the_number(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """exec closes the lock's descriptor: the slot is free, its lock file still there,
+    while the process (same pid and start token) runs on. Its number is anyone's, as a
+    released instance's is: not "runs without its slot lock"."""
+    config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=2, shield=60)
+    execs = subprocess.Popen(
+        [sys.executable, "-c", EXECS_AFTER_START, str(config)], stdout=subprocess.PIPE, text=True
+    )
+    show = [sys.executable, "-c", "import os; print(os.environ['PORTPOOL_INSTANCE'])"]
+    pinned = [*PORTPOOL, "run", "--instance", "1", "-c", str(config), "--", *show]
+    try:
+        assert read_line(execs) == "1\n"
+        done = subprocess.run(pinned, capture_output=True, text=True, timeout=60, check=False)
+        deadline = time.monotonic() + 30
+        while done.returncode == 3 and time.monotonic() < deadline:  # until the exec is done
+            time.sleep(0.05)
+            done = subprocess.run(pinned, capture_output=True, text=True, timeout=60, check=False)
+        assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
+        assert "without its slot lock" not in done.stderr
+    finally:
+        execs.kill()
+        execs.wait()

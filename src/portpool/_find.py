@@ -126,6 +126,13 @@ def find_instance(
     if mine:
         remembered = previous_number(state, layout, here)
         return next((i for i in mine if i.number == remembered), mine[0])
+    # This checkout's instance runs without its lock: "the only running one" would be
+    # another checkout's (stop stopped it).
+    lost = next((i for i in alive if lost_its_lock(i) and i.directory == here), None)
+    if lost is not None:
+        raise NotRunning(app, f"instance {lost.number} of {app} {lost.problem}", [
+            i.number for i in running
+        ])  # fmt: skip
     # A live slot whose record is unreadable may be this checkout's: "the only running
     # one" must not then mean another checkout's (stop stopped it). One only starting
     # (no record yet) is not counted: that is a moment, and says nothing of whose.

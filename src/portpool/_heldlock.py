@@ -95,13 +95,12 @@ def _open_lock_file(directory: DirHandle, name: str) -> int:
 
 
 def _listed_as_locked(directory: DirHandle, name: str) -> bool:
-    """Whether the kernel's lock table lists ``<dir>/<name>`` (False where it cannot tell)."""
+    """Whether ``<dir>/<name>`` is locked, as ``is_held`` tells it (False where it
+    cannot be told): also where the lock table names the file by another device."""
     try:
-        st = directory.stat_entry(name)
-        table = locked_inodes()
+        return is_held(directory, name, locked_inodes())
     except OSError:
         return False
-    return st is not None and table is not None and (st.st_dev, st.st_ino) in table
 
 
 class HeldLock:
