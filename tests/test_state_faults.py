@@ -959,8 +959,10 @@ def test_a_lock_file_its_user_cannot_write_is_still_a_lock(
     assert after.stdout == f"1 {port_base}\n"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="a process's removed files: /proc")
+@pytest.mark.parametrize("how", ["removed", "replaced"])
 def test_an_instance_whose_slot_lock_file_was_removed_keeps_its_number(
-    tmp_path: Path, port_base: int, home: Path
+    tmp_path: Path, port_base: int, home: Path, how: str
 ) -> None:
     """Its lock file removed by hand, a running instance read as not running to status,
     stop, port and env (gc said its holder still ran), and a start took its number:
@@ -975,10 +977,15 @@ def test_an_instance_whose_slot_lock_file_was_removed_keeps_its_number(
     other = None
     try:
         assert read_line(hold) == "1\n"  # it holds instance 1
-        (home / "apps/testapp/instances/1.lock").unlink()
+        lock = home / "apps/testapp/instances/1.lock"
+        if how == "removed":
+            lock.unlink()
+        else:  # a copy put in its place (restored, synced): as free as a new file
+            (lock.parent / "copy").write_bytes(lock.read_bytes())
+            (lock.parent / "copy").replace(lock)
         lost = (
-            f"runs without its slot lock: pid {hold.pid} runs on, its 1.lock removed (an up "
-            "or run stops at its shield's next check)"
+            f"runs without its slot lock: pid {hold.pid} runs on, its 1.lock removed or "
+            "replaced (an up or run stops at its shield's next check)"
         )
         [listed] = status_json(config)["instances"]
         assert (listed["alive"], listed["pid"], listed["problem"]) == (False, hold.pid, lost)
@@ -1051,3 +1058,41 @@ def test_a_program_that_let_its_slot_go_by_exec_does_not_keep_the_number(
     finally:
         execs.kill()
         execs.wait()
+
+
+RELEASES_ON_GO = """
+import os, sys, time
+from portpool.instance import start_instance
+from portpool.layout import load_layout
+instance = start_instance(load_layout(sys.argv[1]), heartbeat=False)
+print(instance.number, flush=True)
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.02)
+instance.release()  # as its shield's on_lost would, its lock file gone
+print("released", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_program_that_released_its_instance_after_losing_the_lock_file_frees_its_number(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """Released with its lock file gone, an instance keeps its record (not provably its
+    own any more); while its program ran on, its number read as lock-lost and blocked."""
+    config = write_layout(tmp_path / "portpool.toml", port_base, max_instances=2, shield=60)
+    go = tmp_path / "go"
+    program = subprocess.Popen(
+        [sys.executable, "-c", RELEASES_ON_GO, str(config), str(go)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert read_line(program) == "1\n"
+        (home / "apps/testapp/instances/1.lock").unlink()
+        go.touch()
+        assert read_line(program) == "released\n"
+        show = [sys.executable, "-c", "import os; print(os.environ['PORTPOOL_INSTANCE'])"]
+        done = portpool("run", "--instance", "1", "-c", str(config), "--", *show)
+        assert (done.returncode, done.stdout) == (0, "1\n"), done.stderr
+    finally:
+        program.kill()
+        program.wait()

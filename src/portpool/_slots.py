@@ -39,7 +39,7 @@ from portpool.layout import Layout
 from portpool.records import (
     RECORD_BLOCKER,
     SLOT_UNUSABLE,
-    lock_file_missing,
+    holds_removed_lock,
     lock_lost,
     read_instance,
 )
@@ -141,15 +141,8 @@ def _take_slot(
                 log.warning("instance slot %d of %s skipped: %s", number, layout.app, blocker)
                 order.remove(number)
                 continue
-            lost = _lock_lost(directory, number)
-            if lost is not None:
-                # Its instance runs on, its lock file removed under it: the number is
-                # still its (two instances 1 ran until its shield's next check).
-                log.warning("instance slot %d of %s skipped: it %s", number, layout.app, lost)
-                order.remove(number)
-                continue
             try:
-                return number, HeldLock.acquire(directory, f"{number}.lock")
+                held = HeldLock.acquire(directory, f"{number}.lock")
             except (LockHeld, AlreadyHeldHere):
                 unusable = _held_elsewhere(directory, number)
                 if unusable is not None:  # another slot's lock file: skipped without a word
@@ -164,6 +157,15 @@ def _take_slot(
                 # rotates past such a port). Named once; NoFreeSlot lists it too.
                 log.warning("instance slot %d of %s skipped: %s", number, layout.app, e)
                 order.remove(number)
+                continue
+            lost = _lock_lost(directory, number)
+            if lost is None:
+                return number, held
+            # Its instance runs on, its lock file removed under it: the number is still
+            # its (two instances 1 ran until its shield's next check).
+            held.release()
+            log.warning("instance slot %d of %s skipped: it %s", number, layout.app, lost)
+            order.remove(number)
     locked = locked_inodes()
     holders = []
     for number in range(1, layout.max_instances + 1):
@@ -178,16 +180,18 @@ def _take_slot(
 
 
 def _lock_lost(directory: DirHandle, number: int) -> str | None:
-    """``lock_lost``'s words when slot ``number`` has no lock file and its record names
-    a process that runs (not this one); else None. Raises nothing."""
-    if not lock_file_missing(directory, number):
-        return None
+    """``lock_lost``'s words when slot ``number``'s record names a process that runs
+    (not this one) holding the lock of a removed or replaced lock file of the slot; else
+    None. Asked once the slot is ours: no instance can have taken it since. Raises
+    nothing."""
     try:
         raw = read_json_file(directory, f"{number}.json")
     except (OSError, ValueError):
         return None
     holder = running_holder(raw)
-    return lock_lost(number, holder) if holder not in (None, os.getpid()) else None
+    if holder is None or holder == os.getpid():
+        return None
+    return lock_lost(number, holder) if holds_removed_lock(directory, number, holder) else None
 
 
 def _record_blocker(directory: DirHandle, number: int) -> str | None:
@@ -234,11 +238,8 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
     for attempt in range(_SLOT_PASSES):
         if attempt:
             time.sleep(0.02 * attempt)  # a cleaner may hold a dead slot's lock for a moment
-        lost = _lock_lost(directory, number)
-        if lost is not None:
-            raise SlotUnavailable(layout.app, number, f"it {lost}")
         try:
-            return HeldLock.acquire(directory, f"{number}.lock")
+            held = HeldLock.acquire(directory, f"{number}.lock")
         except (LockHeld, AlreadyHeldHere):
             continue
         except StateDirError as e:
@@ -246,6 +247,11 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
                 raise  # the directory itself refuses
             # Not free, as when unpinned (exit 3): it ended as a state dir error (1).
             raise SlotUnavailable(layout.app, number, f"its slot is unusable: {e}") from e
+        lost = _lock_lost(directory, number)
+        if lost is None:
+            return held
+        held.release()
+        raise SlotUnavailable(layout.app, number, f"it {lost}")
     info = read_instance(directory, number)
     if info.problem is not None and info.problem.startswith(SLOT_UNUSABLE):
         # A second name of another slot's held lock: not running, never to be had.

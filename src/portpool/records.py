@@ -264,23 +264,23 @@ LOCK_LOST = "runs without its slot lock: "  # starts the problem of one whose lo
 
 
 def lock_lost(number: int, holder: int) -> str:
-    """The problem of slot ``number`` whose record's process ``holder`` runs on after its
-    lock file was removed (read as not running by status and stop, while gc said its
-    holder still ran, and a start took the number)."""
+    """The problem of slot ``number`` whose record's process ``holder`` runs on, holding
+    the lock of a lock file removed or replaced under it (read as not running by
+    status and stop, while gc said its holder still ran, and a start took the number)."""
     return (
-        f"{LOCK_LOST}pid {holder} runs on, its {number}.lock removed (an up or run stops "
-        "at its shield's next check)"
+        f"{LOCK_LOST}pid {holder} runs on, its {number}.lock removed or replaced (an up "
+        "or run stops at its shield's next check)"
     )
 
 
-def lock_file_missing(directory: DirHandle, number: int) -> bool:
-    """Whether slot ``number`` has no lock file (False if that cannot be told): with a
-    record naming a running process, its lock file was removed under it. One that
-    exists, free, was let go (a process that exec'd another program): not lost."""
-    try:
-        return directory.stat_entry(f"{number}.lock") is None
-    except OSError:
-        return False
+def holds_removed_lock(
+    directory: DirHandle, number: int, pid: int, open_files: OpenFiles | None = None
+) -> bool:
+    """Whether process ``pid`` holds the lock of a slot ``number`` lock file that was
+    removed or replaced (Linux; False where it cannot be told). One that let its lock
+    go (it exec'd another program, or released it) holds none: its number is free."""
+    path = os.path.realpath(os.path.join(directory.path, f"{number}.lock"))
+    return (open_files or OpenFiles()).holds_removed_flock(pid, path)
 
 
 RECORD_BLOCKER = "a directory"  # at a record path: the one special file a rename cannot replace
@@ -386,7 +386,11 @@ def _read_instance_once(
     except ValueError as e:
         problem = record_problem(f"record {e}", directory, f"{number}.json")
         return InstanceInfo(number, alive, False, problem=f"record unreadable: {problem}")
-    if holder is not None and not alive and lock_file_missing(directory, number):
+    if (
+        holder is not None
+        and not alive
+        and holds_removed_lock(directory, number, holder, open_files)
+    ):
         # Listed as it is (its pid, its ports), and why no command may act on it.
         return dataclasses.replace(info, problem=lock_lost(number, holder))
     if alive and not vouched:

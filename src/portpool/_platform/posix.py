@@ -321,6 +321,16 @@ class OpenFiles:
                 return True
         return False
 
+    def holds_removed_flock(self, pid: int, path: str) -> bool:
+        """True when process ``pid`` holds a flock of a file that was at ``path``
+        (absolute, symlinks resolved) and was removed or replaced since: the kernel
+        names such an fd's file ``<path> (deleted)``. False when that cannot be
+        confirmed (not held, not readable, another OS)."""
+        if sys.platform != "linux" or type(pid) is not int or pid <= 0:
+            return False
+        names = self._table(pid).get(f"{path} (deleted)", [])
+        return any(_fdinfo_flocks(f"/proc/{pid}/fdinfo/{name}") for name in names)
+
 
 def locked_inodes() -> LockTable | None:
     """(device, inode) -> pid for every flock held now, or None where the kernel won't tell.

@@ -153,6 +153,9 @@ if sys.platform == "win32":
         def holds_flock(self, pid: int, path: str, device: int, inode: int) -> bool:
             return False
 
+        def holds_removed_flock(self, pid: int, path: str) -> bool:
+            return False  # a held file cannot be removed here
+
     def exclusive_bind_options(sock: socket.socket) -> None:
         # SO_EXCLUSIVEADDRUSE, never SO_REUSEADDR: on Windows the latter lets anyone steal.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
