@@ -9,6 +9,7 @@ command's exit status, or the signal it died of, is the caller's to pass on.
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,11 @@ if TYPE_CHECKING:
     from portpool.layout import Layout
 
 
+# Standard signals are not queued: the kernel merges one sent while another is pending.
+_SIGRTMIN = getattr(signal, "SIGRTMIN", 1 << 30)  # realtime ones are queued: never merged
+_MERGE_S = 0.02  # `timeout`'s two are microseconds apart; a sender meaning two waits longer
+
+
 def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[[Any], None]:
     """The signal callback of ``run``: pass each signal to the command once. A signal
     the kernel sent to our whole group (a terminal's Ctrl-C) reached it already, and
@@ -52,6 +58,18 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
     # command got that one too (a window closed on `run` gave it two). The terminal
     # tells it from a `kill -HUP`, as for `up`.
     had_terminal = shared_group and controlling_terminal_alive()
+    last_sent: dict[int, tuple[int, float]] = {}  # signum -> (sender, when, monotonic s)
+
+    def repeated(received: ReceivedSignal) -> bool:
+        """The same standard signal from the same process a moment after the last one:
+        one the kernel would have merged into it, as it merges a pending one. `timeout`
+        signals its child, then its own group (ours): the command got two, 1 run in 4."""
+        sender, now = received.sender, time.monotonic()
+        if sender is None or received.from_kernel or received.signum >= _SIGRTMIN:
+            return False
+        before = last_sent.get(received.signum)
+        last_sent[received.signum] = (sender, now)
+        return before is not None and before[0] == sender and now - before[1] < _MERGE_S
 
     def relay(received: ReceivedSignal) -> None:
         if received.before_command:
@@ -72,6 +90,8 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
             return
         if shared_group and not received.sender_known and received.signum in terminal_keys:
             return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
+        if repeated(received):
+            return
         # Outside a terminal, to the command's process group: `timeout`, a CI runner or
         # systemd signal the group of what they started, and so reach a bare command's
         # children; sent to the command alone, `sh -c 'prog; echo'` ran prog to its end.
