@@ -31,17 +31,18 @@ __all__ = [
     "running_slot",
     "service_port",
     "unreadable_detail",
+    "unusable_words",
 ]
 
 
 def _alive(layout: Layout, state: StateDir) -> list[InstanceInfo]:
     """Every slot whose lock is held, its record readable or not, and every one whose
-    process runs on without its lock (``lock_lost``): "no instance is running" then."""
+    process runs on without its lock (``records.lost_lock``): "no instance is running" then."""
     return [i for i in list_instances(layout.app, state) if i.alive or lost_its_lock(i)]
 
 
 def lost_its_lock(info: InstanceInfo) -> bool:
-    """Whether slot ``info``'s process runs without its lock file (``lock_lost``)."""
+    """Whether slot ``info``'s process runs without its lock file (``records.lost_lock``)."""
     return bool(info.problem and info.problem.startswith(LOCK_LOST))
 
 
@@ -54,8 +55,9 @@ def unreadable_detail(info: InstanceInfo) -> str | None:
     return info.problem.removeprefix(prefix)
 
 
-def _unusable(info: InstanceInfo) -> str:
-    """Why a live slot cannot be used: its record is unreadable, or not written yet."""
+def unusable_words(info: InstanceInfo) -> str:
+    """Why a live slot cannot be used: its record is unreadable or not written yet, or
+    its process runs without its lock file (``lost_its_lock``)."""
     detail = unreadable_detail(info)
     if detail:
         # A record that names no valid pid is not "starting": say what is wrong.
@@ -111,9 +113,8 @@ def find_instance(
             return info
         running = [i for i in _alive(layout, state) if i.readable and not lost_its_lock(i)]
         others = f"; running: {_listing(running)}" if running else ""
-        why = "is not running" if info is None or not info.alive else _unusable(info)
-        if info is not None and lost_its_lock(info):
-            why = info.problem or why
+        live = info is not None and (info.alive or lost_its_lock(info))
+        why = unusable_words(info) if info is not None and live else "is not running"
         if info is not None and info.problem and info.problem.startswith(SLOT_UNUSABLE):
             why += f" ({info.problem})"
         raise NotRunning(app, f"instance {number} of {app} {why}{others}", [
@@ -141,14 +142,14 @@ def find_instance(
         return running[0]
     if not running and alive:
         # Its lock is held: "no instance is running" sent users to start a second one.
-        what = "; ".join(f"instance {i.number} {_unusable(i)}" for i in alive)
+        what = "; ".join(f"instance {i.number} {unusable_words(i)}" for i in alive)
         raise NotRunning(app, f"no instance of {app} can be used: {what}", [
             i.number for i in alive
         ])  # fmt: skip
     if not running:
         raise NotRunning(app, f"no instance of {app} is running")
     listing = "; ".join(
-        [_listing(running)] + [f"instance {i.number} {_unusable(i)}" for i in unreadable]
+        [_listing(running)] + [f"instance {i.number} {unusable_words(i)}" for i in unreadable]
     )
     raise NotRunning(
         app,

@@ -74,6 +74,14 @@ def describe_status(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
+def grace_over_words(grace_s: float, signum: int, killed: Sequence[str], option: str = "") -> str:
+    """What ``up`` and ``run`` say when a stop's grace is over: "still running 5 s after
+    SIGTERM (--grace): SIGKILL to pid 12 (sleep)", ``option`` naming the setting."""
+    name = signal.Signals(signum).name if signum in signal.valid_signals() else signum
+    whom = ", ".join(killed) or "what is left"
+    return f"still running {grace_s:g} s after {name}{option}: SIGKILL to {whom}"
+
+
 def base_environment(extra: Mapping[str, str]) -> dict[str, str]:
     """Our environment without the variables portpool gives (inherited socket-activation,
     ``PORT`` and ``PORTPOOL_*`` values but ``PORTPOOL_HOME``), plus ``extra`` (name ->

@@ -28,6 +28,7 @@ from typing import IO, TYPE_CHECKING
 from portpool._launch import (
     DEFAULT_GRACE_S,
     describe_status,
+    grace_over_words,
     held_ports,
     new_pipe,
     spawn,
@@ -433,9 +434,8 @@ class Supervisor:
     def grace_over(self, signum: int, pids: list[int]) -> None:
         """Called by ``stop`` just before SIGKILL to ``pids`` (ints), still running ``grace_s``
         after ``signum``: a warning naming them (``up`` prints its own). Raises nothing."""
-        name = signal.Signals(signum).name if signum in signal.valid_signals() else signum
-        named = ", ".join(f"pid {p} ({process_name(p) or '?'})" for p in pids) or "what is left"
-        log.warning("still running %g s after %s: SIGKILL to %s", self.grace_s, name, named)
+        named = [f"pid {p} ({process_name(p) or '?'})" for p in pids]
+        log.warning("%s", grace_over_words(self.grace_s, signum, named))
 
     def lingering(self, timeout_s: float) -> list[str]:
         """Ports of the instance still listened on by a process other than us, waited

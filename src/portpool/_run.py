@@ -58,7 +58,7 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
     # command got that one too (a window closed on `run` gave it two). The terminal
     # tells it from a `kill -HUP`, as for `up`.
     had_terminal = shared_group and controlling_terminal_alive()
-    last_sent: dict[int, tuple[int, float]] = {}  # signum -> (sender, when, monotonic s)
+    last_sent: dict[int, tuple[int, float]] = {}  # signum -> (sender, monotonic time)
 
     def repeated(received: ReceivedSignal) -> bool:
         """The same standard signal from the same process a moment after the last one:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
 import subprocess
 import threading
 from collections.abc import Callable, Mapping
@@ -19,7 +18,12 @@ from typing import IO, TYPE_CHECKING
 
 from portpool._handover import handed_over
 from portpool._keeper import Failure, ServiceKeeper, describe_failure
-from portpool._launch import DEFAULT_GRACE_S, base_environment, describe_status
+from portpool._launch import (
+    DEFAULT_GRACE_S,
+    base_environment,
+    describe_status,
+    grace_over_words,
+)
 from portpool._order import start_order
 from portpool._outcome import Outcome
 from portpool._output import STOPPING_SAY_WAIT_S, write_line
@@ -216,12 +220,9 @@ class ServiceSupervisor(Supervisor):
         services = {k.pid: name for name, k in self.keepers.items() if k.pid is not None}
         named = [f"service {services[p]!r} (pid {p})" for p in pids if p in services]
         named += [self._leftover(p, services) for p in pids if p not in services]
-        name = signal.Signals(signum).name if signum in signal.valid_signals() else signum
-        self._say(  # not waited for: a blocked console kept the SIGKILL from coming
-            f"portpool: still running {self.grace_s:g} s after {name} (--grace): "
-            f"SIGKILL to {', '.join(named) or 'what is left'}",
-            STOPPING_SAY_WAIT_S,
-        )
+        words = grace_over_words(self.grace_s, signum, named, " (--grace)")
+        # Not waited for: a blocked console kept the SIGKILL from coming.
+        self._say(f"portpool: {words}", STOPPING_SAY_WAIT_S)
 
     def _leftover(self, pid: int, services: Mapping[int, str]) -> str:
         """``pid`` (not a service's own process) and the service whose tree it is in:

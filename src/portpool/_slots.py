@@ -39,8 +39,7 @@ from portpool.layout import Layout
 from portpool.records import (
     RECORD_BLOCKER,
     SLOT_UNUSABLE,
-    holds_removed_lock,
-    lock_lost,
+    lost_lock,
     read_instance,
 )
 from portpool.statedir import StateDir, check_name, special_entry
@@ -180,7 +179,7 @@ def _take_slot(
 
 
 def _lock_lost(directory: DirHandle, number: int) -> str | None:
-    """``lock_lost``'s words when slot ``number``'s record names a process that runs
+    """``lost_lock``'s words when slot ``number``'s record names a process that runs
     (not this one) holding the lock of a removed or replaced lock file of the slot; else
     None. Asked once the slot is ours: no instance can have taken it since. Raises
     nothing."""
@@ -189,9 +188,7 @@ def _lock_lost(directory: DirHandle, number: int) -> str | None:
     except (OSError, ValueError):
         return None
     holder = running_holder(raw)
-    if holder is None or holder == os.getpid():
-        return None
-    return lock_lost(number, holder) if holds_removed_lock(directory, number, holder) else None
+    return None if holder in (None, os.getpid()) else lost_lock(directory, number, holder)
 
 
 def _record_blocker(directory: DirHandle, number: int) -> str | None:

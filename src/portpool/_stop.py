@@ -14,7 +14,13 @@ from collections.abc import Callable
 from typing import Any
 
 from portpool._dataclass import dataclass, field
-from portpool._find import find_instance, lost_its_lock, running_slot, unreadable_detail
+from portpool._find import (
+    find_instance,
+    lost_its_lock,
+    running_slot,
+    unreadable_detail,
+    unusable_words,
+)
 from portpool._heldlock import is_held
 from portpool._jsonfile import read_json_file, record_problem
 from portpool._occupants import with_owners
@@ -240,12 +246,11 @@ def stop_instances(
             detail = unreadable_detail(i)
             if detail:
                 refused.append(_unreadable(i.number, detail, state.instances(layout.app)))
-            elif lost_its_lock(i):
-                refused.append(StopFailed(i.number, f"it {i.problem}: not signalling anything"))
-            elif not i.readable:
-                # Its record deleted under it, or not written yet: it was left out, and
-                # alone, "no instance is running" while status listed it.
-                refused.append(StopFailed(i.number, f"it is {i.problem}: not signalling anything"))
+            elif not i.readable or lost_its_lock(i):
+                # Its record deleted under it (or not written yet), or its lock file: it
+                # was left out, and alone, "no instance is running" while status listed it.
+                said = f"it {unusable_words(i)}: not signalling anything"
+                refused.append(StopFailed(i.number, said))
         if not numbers and not refused:
             raise NotRunning(layout.app, f"no instance of {layout.app} is running")
     else:

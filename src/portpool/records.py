@@ -263,24 +263,21 @@ SLOT_UNUSABLE = "slot unusable: "  # starts InstanceInfo.problem of a slot nobod
 LOCK_LOST = "runs without its slot lock: "  # starts the problem of one whose lock file went
 
 
-def lock_lost(number: int, holder: int) -> str:
-    """The problem of slot ``number`` whose record's process ``holder`` runs on, holding
-    the lock of a lock file removed or replaced under it (read as not running by
-    status and stop, while gc said its holder still ran, and a start took the number)."""
+def lost_lock(
+    directory: DirHandle, number: int, holder: int, open_files: OpenFiles | None = None
+) -> str | None:
+    """The problem of slot ``number`` when its record's running process ``holder`` holds
+    the lock of a slot lock file removed or replaced under it (read as not running by
+    status and stop, while gc said its holder still ran, and a start took the number);
+    None when it holds none (it exec'd another program, or released it: its number is
+    free) or where that cannot be told (not Linux)."""
+    path = os.path.realpath(os.path.join(directory.path, f"{number}.lock"))
+    if not (open_files or OpenFiles()).holds_removed_flock(holder, path):
+        return None
     return (
         f"{LOCK_LOST}pid {holder} runs on, its {number}.lock removed or replaced (an up "
         "or run stops at its shield's next check)"
     )
-
-
-def holds_removed_lock(
-    directory: DirHandle, number: int, pid: int, open_files: OpenFiles | None = None
-) -> bool:
-    """Whether process ``pid`` holds the lock of a slot ``number`` lock file that was
-    removed or replaced (Linux; False where it cannot be told). One that let its lock
-    go (it exec'd another program, or released it) holds none: its number is free."""
-    path = os.path.realpath(os.path.join(directory.path, f"{number}.lock"))
-    return (open_files or OpenFiles()).holds_removed_flock(pid, path)
 
 
 RECORD_BLOCKER = "a directory"  # at a record path: the one special file a rename cannot replace
@@ -386,13 +383,10 @@ def _read_instance_once(
     except ValueError as e:
         problem = record_problem(f"record {e}", directory, f"{number}.json")
         return InstanceInfo(number, alive, False, problem=f"record unreadable: {problem}")
-    if (
-        holder is not None
-        and not alive
-        and holds_removed_lock(directory, number, holder, open_files)
-    ):
+    lost = None if holder is None or alive else lost_lock(directory, number, holder, open_files)
+    if lost is not None:
         # Listed as it is (its pid, its ports), and why no command may act on it.
-        return dataclasses.replace(info, problem=lock_lost(number, holder))
+        return dataclasses.replace(info, problem=lost)
     if alive and not vouched:
         # The slot is held, and the process the record names (pid, start token, boot id)
         # does not run here or does not say it holds the lock: the record may not be its
