@@ -157,12 +157,11 @@ def _take_slot(
                 log.warning("instance slot %d of %s skipped: %s", number, layout.app, e)
                 order.remove(number)
                 continue
-            lost = _lock_lost(directory, number)
+            lost = _keep_unless_lost(directory, number, held)
             if lost is None:
                 return number, held
             # Its instance runs on, its lock file removed under it: the number is still
             # its (two instances 1 ran until its shield's next check).
-            held.release()
             log.warning("instance slot %d of %s skipped: it %s", number, layout.app, lost)
             order.remove(number)
     locked = locked_inodes()
@@ -176,6 +175,20 @@ def _take_slot(
             detail = info.problem or "record unreadable"
         holders.append(SlotHolder(number, info.pid, detail))
     raise NoFreeSlot(layout.app, holders, _limit_words(layout))
+
+
+def _keep_unless_lost(directory: DirHandle, number: int, held: HeldLock) -> str | None:
+    """``_lock_lost`` for the slot whose lock ``held`` was just taken: None with it kept;
+    else the words, with it released. Released too when the check is interrupted (a
+    Ctrl-C there kept the slot, held by nobody's instance)."""
+    try:
+        lost = _lock_lost(directory, number)
+    except BaseException:
+        held.release()
+        raise
+    if lost is not None:
+        held.release()
+    return lost
 
 
 def _lock_lost(directory: DirHandle, number: int) -> str | None:
@@ -244,10 +257,9 @@ def _take_pinned(state: StateDir, layout: Layout, number: int) -> HeldLock:
                 raise  # the directory itself refuses
             # Not free, as when unpinned (exit 3): it ended as a state dir error (1).
             raise SlotUnavailable(layout.app, number, f"its slot is unusable: {e}") from e
-        lost = _lock_lost(directory, number)
+        lost = _keep_unless_lost(directory, number, held)
         if lost is None:
             return held
-        held.release()
         raise SlotUnavailable(layout.app, number, f"it {lost}")
     info = read_instance(directory, number)
     if info.problem is not None and info.problem.startswith(SLOT_UNUSABLE):
