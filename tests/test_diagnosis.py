@@ -39,7 +39,7 @@ from portpool._doctor import classify_port, examine_layout
 from portpool._handover import handed_over, plain_bind_notes
 from portpool._platform import owners_of_inodes, tcp_sockets
 from portpool.diagnosis import PortDiagnosis, diagnose
-from portpool.errors import InvalidPort, PoolExhausted, Refusal, RefusalReason
+from portpool.errors import InvalidArgument, InvalidPort, PoolExhausted, Refusal, RefusalReason
 from portpool.layout import Layout, Service
 from portpool.lock import PortLock
 from portpool.pool import Lease, acquire
@@ -1098,14 +1098,15 @@ def test_a_host_name_that_cannot_be_looked_up_is_an_os_error_not_a_unicode_error
 ) -> None:
     """Python refuses to encode such a name before any lookup (no query leaves the
     host): its UnicodeError escaped ``diagnose`` and ``acquire`` raw, where a name that
-    does not resolve is an OSError and a refused port."""
+    does not resolve is an OSError, and an argument ``acquire`` cannot use (it was a
+    refused port: "no free port in pool", exit code 3)."""
     port = find_free_block(1)
     with pytest.raises(OSError, match=f"host name {name!r} cannot be looked up"):
         diagnose(port, name)
-    with pytest.raises(PoolExhausted) as refused:
+    with pytest.raises(InvalidArgument) as refused:
         acquire(state, [port], host=name)
-    assert [r.reason for r in refused.value.refusals] == ["error"]
-    assert "cannot be looked up" in str(refused.value)
+    assert f"host name {name!r} cannot be looked up" in str(refused.value)
+    assert refused.value.exit_code == 2 and isinstance(refused.value, ValueError)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="owners are found by scanning /proc")

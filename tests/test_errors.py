@@ -205,6 +205,7 @@ def _one_of_each() -> list[PortPoolError]:
         PassedSocketError("fd 3 is not a socket"),
         errors.UsageError("bad usage"),
         errors.InvalidPort(0),
+        errors.InvalidArgument("host", "", "cannot be resolved"),
         errors.NotRunning("app", "not running", [1, 2]),
         errors.SlotUnavailable("app", 1, "it runs"),
         errors.StopFailed.of([errors.StopFailed(1, "timed out"), errors.StopFailed(2, "no")]),

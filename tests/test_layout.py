@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import portpool
 from portpool._host_warnings import layout_warnings
 from portpool._layout_checks import port_warnings
 from portpool._platform import ephemeral_port_range
@@ -32,6 +33,7 @@ from portpool.layout import (
     parse_layout,
     resolve_layout,
 )
+from portpool.statedir import StateDir
 
 DEFAULT_NUMBERS = [
     ("mcp-universal", 6000, 3),
@@ -1351,3 +1353,37 @@ def test_a_file_in_a_wide_encoding_is_named_with_or_without_a_byte_order_mark(
     assert info.value.key == "<document>"
     assert info.value.problem.startswith(f"is {name} text ("), info.value.problem
     assert info.value.problem.endswith("save it as UTF-8")
+
+
+# Every public call that takes a layout, as a user calls it (``state`` where it takes one).
+_TAKES_A_LAYOUT: dict[str, Callable[[Any, StateDir], object]] = {
+    "run_command": lambda layout, state: portpool.run_command(layout, ["true"]),
+    "run_up": lambda layout, state: portpool.run_up(layout),
+    "start_detached": lambda layout, state: portpool.start_detached(layout, state=state),
+    "start_instance": lambda layout, state: portpool.start_instance(layout, state=state),
+    "examine_layout": lambda layout, state: portpool.examine_layout(layout, state=state),
+    "layout_warnings": lambda layout, state: portpool.layout_warnings(layout),
+    "find_instance": lambda layout, state: portpool.find_instance(layout, state=state),
+    "service_port": lambda layout, state: portpool.service_port(layout, "a", state=state),
+    "instance_env": lambda layout, state: portpool.instance_env(layout, state=state),
+    "stop_instances": lambda layout, state: portpool.stop_instances(layout, state=state),
+    "follow_log": lambda layout, state: portpool.follow_log(layout, print, state=state),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TAKES_A_LAYOUT))
+def test_a_path_given_for_a_layout_is_a_type_error_that_says_how_to_read_one(
+    name: str, tmp_path: Path, state: StateDir
+) -> None:
+    """``run_command("portpool.toml", ...)`` raised "AttributeError: 'str' object has no
+    attribute 'descriptors_needed'" from deep inside, as did every call here but
+    ``start_instance``."""
+    path = tmp_path / "portpool.toml"
+    path.write_text('app = "x"\n[services.a]\nbase = 20000\nsize = 1\n')
+    wrong: list[object] = [str(path), path, {"app": "x"}]
+    if name != "start_instance":  # None: its default layout
+        wrong.append(None)
+    for layout in wrong:
+        with pytest.raises(TypeError, match=r"layout must be a Layout \(load_layout\(path\)"):
+            _TAKES_A_LAYOUT[name](layout, state)
+    assert not (Path(state.path) / "apps").exists()  # nothing was started or written

@@ -14,7 +14,7 @@ import pytest
 from tests.helpers import count_proc_scans, mounted_tmpfs, ports_held, run_python
 
 from portpool._portstatus import inspect_port
-from portpool.errors import InvalidPort, LayoutError, PoolExhausted
+from portpool.errors import InvalidArgument, InvalidPort, LayoutError, PoolExhausted, PortPoolError
 from portpool.lock import PortLock
 from portpool.pool import Lease, acquire, bind_listen
 from portpool.statedir import StateDir
@@ -308,6 +308,50 @@ def test_a_pool_given_as_one_str_is_a_type_error(state: StateDir, port_base: int
     with pytest.raises(TypeError, match="host must be a str"):
         acquire(state, [port_base], host=None)  # type: ignore[arg-type]
     assert inspect_port(state, port_base).is_free  # nothing was locked
+
+
+@pytest.mark.parametrize(
+    ("arguments", "error", "words"),
+    [
+        # A record that no reader could read: "metadata unreadable" in doctor and diagnose.
+        ({"instance": "1"}, TypeError, "instance must be an int, not '1'"),
+        ({"instance": True}, TypeError, "instance must be an int, not True"),
+        ({"instance": -1}, InvalidArgument, "instance=-1: must be 0 or more"),
+        ({"app": 5}, TypeError, "app must be a str, not 5"),  # "object of type 'int' has no len()"
+        ({"service": None}, TypeError, "service must be a str, not None"),
+        ({"backlog": 2**31}, InvalidArgument, "backlog=2147483648: must be 0 or more"),  # Overflow
+        ({"backlog": "x"}, TypeError, "backlog must be an int, not 'x'"),
+        # Each was "no free port in pool" (PoolExhausted, exit code 3): every bind failed.
+        ({"host": "127.0.0.1:8000"}, InvalidArgument, "host='127.0.0.1:8000': cannot be resolved"),
+        ({"host": ""}, InvalidArgument, "host='': cannot be resolved"),
+        ({"host": " 127.0.0.1"}, InvalidArgument, "host=' 127.0.0.1': cannot be resolved"),
+        # As a layout's host says: bound here, no client could reach it as the lease covers.
+        ({"host": "::ffff:127.0.0.1"}, InvalidArgument, "IPv4-mapped address"),
+        ({"host": "224.0.0.1"}, InvalidArgument, "multicast or broadcast address"),
+        ({"host": "::1%lo"}, InvalidArgument, "has a scope id (%lo)"),
+    ],
+)
+def test_arguments_acquire_cannot_use_are_refused_before_any_port_is_locked(
+    state: StateDir, port_base: int, arguments: dict[str, object], error: type, words: str
+) -> None:
+    with pytest.raises(error) as refused:
+        acquire(state, [port_base], **arguments)  # type: ignore[arg-type]
+    assert words in str(refused.value)
+    if error is InvalidArgument:
+        assert isinstance(refused.value, ValueError) and refused.value.exit_code == 2
+    assert inspect_port(state, port_base).is_free  # nothing was locked or written
+    with acquire(state, [port_base], instance=3, app="app", service="api", host="LOCALHOST"):
+        assert inspect_port(state, port_base).record is not None  # the good ones still do
+
+
+def test_fileno_of_a_lease_whose_socket_a_server_closed_raises(state: StateDir, port_base: int):
+    """A server given ``lease.socket`` closes it as it stops: fileno() then returned -1,
+    which a service handed it as its fd took for a valid descriptor."""
+    with acquire(state, [port_base]) as lease:
+        assert lease.socket is not None
+        lease.socket.close()
+        with pytest.raises(PortPoolError, match="socket was already closed"):
+            lease.fileno()
 
 
 def test_a_state_or_pool_of_the_wrong_kind_is_a_type_error_that_says_what_is_wanted(

@@ -116,6 +116,68 @@ def test_run_of_a_command_the_kernel_refuses_exits_126_and_releases(
 
 
 @pytest.mark.parametrize(
+    ("arguments", "words"),
+    [
+        ({"grace_s": "5"}, "grace_s='5': must be a number of seconds, 0 or more"),
+        ({"grace_s": None}, "grace_s=None: must be a number of seconds, 0 or more"),
+        ({"grace_s": -1}, "grace_s=-1: must be a number of seconds, 0 or more"),
+        ({"grace_s": float("nan")}, "grace_s=nan: must be a number of seconds, 0 or more"),
+        ({"pass_fds": [1]}, "pass_fds=1: not an open file descriptor above 2"),
+        # Was CommandNotFound (exit_code 126): "the program cannot be executed".
+        ({"pass_fds": ["closed"]}, "pass_fds=CLOSED: not an open file descriptor above 2"),
+    ],
+)
+def test_run_command_refuses_arguments_it_cannot_use_before_the_command_runs(
+    layout: Path, tmp_path: Path, home: Path, arguments: dict[str, Any], words: str
+) -> None:
+    """A grace of "5" or None ran the command, then raised TypeError as it stopped it
+    (a logged traceback "while stopping instance 1")."""
+    from portpool import InvalidArgument, load_layout, run_command
+
+    closed = os.open(os.devnull, os.O_RDONLY)
+    os.close(closed)  # a number no file is open at
+    if arguments.get("pass_fds") == ["closed"]:
+        arguments = {"pass_fds": [closed]}
+        words = words.replace("CLOSED", str(closed))
+    marker = tmp_path / "ran"
+    with pytest.raises(InvalidArgument) as refused:
+        run_command(load_layout(str(layout)), ["touch", str(marker)], **arguments)
+    assert str(refused.value) == words
+    assert not marker.exists()
+    assert status_json(layout)["instances"] == []
+
+
+NO_GRACE = """
+import sys
+from portpool import load_layout, run_command
+
+leaves = sys.argv[2] != "nothing"  # a child that only a subreaper keeps track of
+command = ["sh", "-c", sys.argv[2]] if leaves else ["true"]
+run_command(load_layout(sys.argv[1]), command, grace_s=0, whole_tree=leaves)
+"""
+
+
+def test_run_command_with_no_grace_warns_only_of_what_it_kills(layout: Path, home: Path) -> None:
+    """``grace_s=0`` said "still running 0 s after SIGTERM: SIGKILL to what is left"
+    after a command that left nothing running; one that left a child names it."""
+    leaves = "(trap '' TERM; exec sleep 30) &"
+    for command in ("nothing", leaves):
+        done = subprocess.run(
+            [sys.executable, "-c", NO_GRACE, str(layout), command],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        if command == "nothing":
+            assert "still running" not in done.stderr
+        else:
+            killed = r"still running 0 s after SIGTERM: SIGKILL to pid \d+ \(sleep\)"
+            assert re.search(killed, done.stderr), done.stderr
+
+
+@pytest.mark.parametrize(
     ("name", "content", "mode", "expected"),
     [
         ("no-such-file", None, 0, 127),

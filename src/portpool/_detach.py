@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from portpool._dataclass import dataclass, field
-from portpool._launch import DEFAULT_GRACE_S
+from portpool._launch import DEFAULT_GRACE_S, check_grace
 from portpool._layout_load import absolute_path, layout_path, working_directory
 from portpool._logs import drop_log_owner, logs_dir, set_log_owner
 from portpool._platform import (
@@ -26,7 +26,7 @@ from portpool._platform import (
 )
 from portpool._programs import check_commands
 from portpool.errors import DetachFailed, PortPoolError, StateDirError, UsageError
-from portpool.layout import Layout
+from portpool.layout import Layout, require_layout
 from portpool.records import read_instance
 from portpool.statedir import StateDir, check_name, special_entry, write_error
 
@@ -264,12 +264,14 @@ def start_detached(
     ``grace_s`` (seconds) is the stop grace before SIGKILL, ``quiet`` leaves out the
     line naming the instance and its ports, ``cwd`` (default: the current directory)
     is the checkout the instance is numbered for. Raises UsageError (a ``number``
-    outside 1..max_instances, a layout no file holds), LayoutError (a service's
+    outside 1..max_instances, a layout no file holds, ``grace_s`` not 0 or more
+    seconds), TypeError (``layout`` no Layout), LayoutError (a service's
     command cannot be executed; nothing started), DetachFailed with its exit
     status (128+N if killed by signal N) and the log's tail if it exits first, or if it
     stopped right after it said it was up.
     """
-    layout.check_number(number)
+    require_layout(layout).check_number(number)
+    grace_s = check_grace(grace_s)
     check_commands(layout, cwd)  # here, not only in the background up's log
     up_args = ["--grace", repr(grace_s), *_layout_args(layout, cwd)]
     if number is not None:

@@ -31,7 +31,7 @@ from portpool.diagnosis import (
     port_holder,
 )
 from portpool.errors import Refusal, RefusalReason, StateDirError
-from portpool.layout import Layout
+from portpool.layout import Layout, require_layout
 from portpool.lock import record_path_problem
 from portpool.records import SLOT_UNUSABLE, iter_instances
 from portpool.statedir import StateDir
@@ -235,8 +235,9 @@ def examine_layout(
     """``doctor``: what blocks which pool port of every admissible instance (of
     ``service`` only, if given), naming foreign holders where the OS says. Kills nothing.
     Raises UnknownService (exit 2) for a ``service`` the layout lacks, StateDirError for
-    an unusable state dir, OSError if the layout's host does not resolve."""
-    services = layout.services if service is None else (layout.service(service),)
+    an unusable state dir, OSError if the layout's host does not resolve, TypeError for
+    a ``layout`` that is no Layout."""
+    services = require_layout(layout).services if service is None else (layout.service(service),)
     own = state is None
     state = state or StateDir.open(create=False)  # read-only: creates nothing
     try:

@@ -19,7 +19,7 @@ from portpool._record import PortRecord, read_port_record
 from portpool._slots import checkout_dir, previous_number
 from portpool._text import printable
 from portpool.errors import NotRunning
-from portpool.layout import Layout, port_env_name
+from portpool.layout import Layout, port_env_name, require_layout
 from portpool.records import LOCK_LOST, SLOT_UNUSABLE, InstanceInfo, list_instances, read_instance
 from portpool.statedir import StateDir
 
@@ -104,9 +104,10 @@ def find_instance(
 
     Raises UsageError (exit 2) for a ``number`` outside 1..max_instances that does not
     run, NotRunning (exit 1) when that instance does not run, when none runs, or when
-    several run and none is this checkout's (the message lists them).
+    several run and none is this checkout's (the message lists them), TypeError for a
+    ``layout`` that is no Layout.
     """
-    app = layout.app
+    app = require_layout(layout).app
     if number is not None:
         info = running_slot(layout, number, state=state)
         if info is not None and info.alive and info.readable:
@@ -165,9 +166,10 @@ def service_port(
     """The instance (as ``find_instance``) and the port its ``service`` holds.
 
     Raises UnknownService (exit 2) for a name the layout does not have; NotRunning when
-    no instance is found or the one found holds no port for ``service``.
+    no instance is found or the one found holds no port for ``service``; TypeError for
+    a ``layout`` that is no Layout.
     """
-    layout.service(service)
+    require_layout(layout).service(service)
     info = find_instance(layout, number, state=state)
     tables = _tables()  # one lock table and one fd scan for both checks
     for entry in info.services:
@@ -186,7 +188,8 @@ def service_port(
 def instance_env(layout: Layout, number: int | None = None, *, state: StateDir) -> dict[str, str]:
     """The environment every service of the instance is given, minus the per-service
     ``PORT``: ``PORTPOOL_APP``, ``PORTPOOL_INSTANCE``, each ``PORTPOOL_PORT_<SERVICE>``
-    and ``PORTPOOL_SERVICES``. Raises NotRunning."""
+    and ``PORTPOOL_SERVICES``. Raises NotRunning, TypeError for a ``layout`` that is no
+    Layout."""
     info = find_instance(layout, number, state=state)
     tables = _tables()  # one lock table and one fd scan for both checks
     _vouch(layout.app, info, state, tables)

@@ -25,10 +25,12 @@ def layout_warnings(layout: Layout) -> tuple[str, ...]:
     plus pools inside this host's ephemeral port range (any outgoing connection may take
     those ports), then a ``host`` this machine does not have (every bind would fail;
     ``::1`` on a host without IPv6). Reads the range each call (a ``sysctl`` subprocess
-    on macOS); raises nothing (a range the OS does not tell gives no such warning).
+    on macOS); raises TypeError for a ``layout`` that is no Layout, nothing else (a
+    range the OS does not tell gives no such warning).
     """
-    from portpool.layout import host_is_literal_remote, normalize_host
+    from portpool.layout import host_is_literal_remote, normalize_host, require_layout
 
+    require_layout(layout)
     warnings = port_warnings(
         layout.source, layout.services, layout.max_instances, ephemeral_port_range()
     )

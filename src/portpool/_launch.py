@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Set
 from typing import IO, TYPE_CHECKING
 
-from portpool.errors import CommandNotFound, PortPoolError
+from portpool.errors import CommandNotFound, InvalidArgument, PortPoolError
 
 if TYPE_CHECKING:
     from portpool.instance import Instance
@@ -72,6 +72,14 @@ def describe_status(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"killed by {name}"
     return f"exit status {returncode}"
+
+
+def check_grace(grace_s: float) -> float:
+    """``grace_s`` as a float if it is a number of seconds, 0 or more (not a bool), else
+    InvalidArgument: a str or None ran the command, then failed as it stopped it."""
+    if isinstance(grace_s, bool) or not isinstance(grace_s, (int, float)) or not grace_s >= 0:
+        raise InvalidArgument("grace_s", grace_s, "must be a number of seconds, 0 or more")
+    return float(grace_s)
 
 
 def grace_over_words(grace_s: float, signum: int, killed: Sequence[str], option: str = "") -> str:

@@ -18,7 +18,7 @@ from portpool._jsonfile import NotAFile, read_json_file, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
 from portpool.errors import NotRunning, StateDirError, UsageError
-from portpool.layout import Layout
+from portpool.layout import Layout, require_layout
 from portpool.records import SLOT_UNUSABLE, InstanceInfo
 from portpool.statedir import StateDir, check_name, special_entry
 
@@ -233,8 +233,10 @@ def follow_log(
     stopped one, the last detached instance's. Returns that number. Raises
     UnknownService, UsageError (a ``number`` outside 1..max_instances that does not
     run), NotRunning (no such instance, or it has no log), StateDirError (the log is a
-    symlink, a directory, ... or cannot be read). Read-only: creates nothing.
+    symlink, a directory, ... or cannot be read), TypeError (``layout`` no Layout).
+    Read-only: creates nothing.
     """
+    require_layout(layout)
     if service is not None:
         layout.service(service)
     running: InstanceInfo | None = None

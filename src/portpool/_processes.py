@@ -417,7 +417,8 @@ class Supervisor:
             if not kill and time.monotonic() >= deadline:
                 kill = True
                 started = [c.pid for c in self.children.values() if c.poll() is None]
-                self.grace_over(signum, started + [p.pid for p in alive])
+                if started or alive:  # with a grace of 0 s all may be gone: no warning
+                    self.grace_over(signum, started + [p.pid for p in alive])
                 self.send(_SIGKILL)
                 deadline = time.monotonic() + 10.0
             elif kill and time.monotonic() >= deadline:
@@ -432,8 +433,7 @@ class Supervisor:
         self._all_gone = gone
 
     def grace_over(self, signum: int, pids: list[int]) -> None:
-        """Called by ``stop`` just before SIGKILL to ``pids`` (ints), still running ``grace_s``
-        after ``signum``: a warning naming them (``up`` prints its own). Raises nothing."""
+        """Warn of stop's SIGKILL to ``pids`` still running ``grace_s`` after ``signum``."""
         named = [f"pid {p} ({process_name(p) or '?'})" for p in pids]
         log.warning("%s", grace_over_words(self.grace_s, signum, named))
 

@@ -8,6 +8,7 @@ command's exit status, or the signal it died of, is the caller's to pass on.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from portpool._job import JOB_POLL_S, JobWatch
 from portpool._launch import (
     DEFAULT_GRACE_S,
     base_environment,
+    check_grace,
     descriptors_named,
     exit_status,
 )
@@ -104,6 +106,14 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
     return relay
 
 
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def run_command(
     layout: Layout,
     command: Sequence[str],
@@ -125,10 +135,11 @@ def run_command(
     ``announce(instance)`` runs before the command starts. Returns
     the Outcome: ``code`` the command's exit status, ``signum`` the signal it died of
     (the caller should then die of it too), ``lingering`` ports something still held.
-    Raises UsageError (``command`` not a non-empty list of strings, or not called from
-    the main thread), CommandNotFound (nothing started; exit_code 127 or 126),
-    Interrupted (a signal arrived before the command started; all released),
-    ShieldTripped (after stopping the command),
+    Raises UsageError (``command`` not a non-empty list of strings, ``grace_s`` not 0
+    or more seconds, a ``pass_fds`` entry that is no open descriptor above 2, or not
+    called from the main thread), TypeError (``layout`` no Layout), CommandNotFound
+    (nothing started; exit_code 127 or 126), Interrupted (a signal arrived before the
+    command started; all released), ShieldTripped (after stopping the command),
     StartError, LayoutError, StateDirError.
 
     ``whole_tree``: this process starts nothing but what this call starts (the
@@ -149,11 +160,18 @@ def run_command(
     """
     from portpool._platform import become_subreaper
     from portpool._relay import SignalScope
-    from portpool.errors import UsageError
+    from portpool.errors import InvalidArgument, UsageError
     from portpool.instance import start_instance
+    from portpool.layout import require_layout
 
+    require_layout(layout)
     if isinstance(command, str) or not command or not all(isinstance(a, str) for a in command):
         raise UsageError(f"the command is a list of strings (program, arguments), not {command!r}")
+    grace_s = check_grace(grace_s)
+    for fd in pass_fds:
+        # A closed one failed as "cannot execute" the command (exit_code 126).
+        if isinstance(fd, bool) or not isinstance(fd, int) or fd < 3 or not _is_open(fd):
+            raise InvalidArgument("pass_fds", fd, "not an open file descriptor above 2")
     refused = unexecutable(command)
     if refused is not None:
         raise refused

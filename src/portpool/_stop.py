@@ -36,7 +36,7 @@ from portpool._platform import (
 )
 from portpool._portstatus import inspect_port, lock_holder
 from portpool.errors import NotRunning, StopFailed
-from portpool.layout import Layout
+from portpool.layout import Layout, require_layout
 from portpool.records import InstanceInfo, list_instances, read_instance
 from portpool.statedir import StateDir
 
@@ -237,7 +237,9 @@ def stop_instances(
     ``number`` outside 1..max_instances that does not run. ``on_stopped`` is called
     with each instance once it is down, before any of those errors is raised: with
     ``every``, the instances stopped beside a refused one are known to the caller.
+    TypeError for a ``layout`` that is no Layout.
     """
+    require_layout(layout)
     refused: list[StopFailed] = []
     if every:
         alive = [i for i in list_instances(layout.app, state) if i.alive or lost_its_lock(i)]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
 
 from portpool._handover import handed_over
-from portpool._launch import DEFAULT_GRACE_S, descriptors_named
+from portpool._launch import DEFAULT_GRACE_S, check_grace, descriptors_named
 from portpool._outcome import Outcome
 from portpool._output import STOPPING_SAY_WAIT_S
 from portpool._platform import ReceivedSignal, controlling_terminal_alive, passed_signals
@@ -71,7 +71,8 @@ def run_up(
     5) when a service exited and was not restarted, gave up after too many restarts
     without making progress, could not start, or was not ready in time; raises
     LayoutError (a command cannot be executed; nothing started), UsageError (not
-    called from the main thread), ResourceLimit (out of file descriptors, with about
+    called from the main thread, ``grace_s`` not 0 or more seconds), TypeError
+    (``layout`` no Layout), ResourceLimit (out of file descriptors, with about
     how many the layout needs), Interrupted,
     StartError, StateDirError.
 
@@ -88,8 +89,10 @@ def run_up(
     from portpool._services import ServiceSupervisor  # its keepers and probes: up only
     from portpool.errors import ServiceExited
     from portpool.instance import start_instance
+    from portpool.layout import require_layout
 
-    check_commands(layout)
+    grace_s = check_grace(grace_s)
+    check_commands(require_layout(layout))
     stop_signal: list[int] = []
     relayed_only = {getattr(signal, n) for n in ("SIGUSR1", "SIGUSR2") if hasattr(signal, n)}
     relayed_only.update(passed_signals())  # WINCH, ALRM, ...: passed on, as USR1

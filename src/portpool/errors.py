@@ -17,6 +17,7 @@
     ├── Interrupted            a signal stopped ``run``/``up`` while starting (128+N)
     ├── PassedSocketError      LISTEN_FDS was absent, for another process, or malformed
     ├── UsageError             wrong use of a command (exit code 2)
+    │   ├── InvalidArgument    a value a library call does not take (also a ValueError)
     │   ├── InvalidPort        a value given as a port is not one (also a ValueError)
     │   ├── LayoutFileError    the layout file cannot be used at all (also a LayoutError)
     │   └── UnknownService     no such service in the layout (also a LayoutError)
@@ -295,6 +296,19 @@ class UsageError(PortPoolError):
     outside 1..max (exit code 2, like click's own usage errors)."""
 
     exit_code = 2
+
+
+class InvalidArgument(UsageError, ValueError):
+    """A value passed to a library call is not one it takes: ``name`` the argument,
+    ``value`` what was given, ``problem`` why (a host that does not resolve, a grace
+    below 0 s). A caller's bug, as InvalidPort: an unresolvable host read as "no free
+    port in pool" (PoolExhausted, exit code 3). Also a ValueError."""
+
+    def __init__(self, name: str, value: object, problem: str) -> None:
+        self.name = name
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{name}={value!r}: {problem}")
 
 
 class InvalidPort(UsageError, ValueError):

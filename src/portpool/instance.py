@@ -19,7 +19,7 @@ from portpool._heldlock import HeldLock
 from portpool._instance import Instance
 from portpool._slots import checkout_dir, fill_slot, previous_number, remember_number
 from portpool.errors import PoolExhausted, PortPoolError, ResourceLimit
-from portpool.layout import Layout, resolve_layout
+from portpool.layout import Layout, require_layout, resolve_layout
 from portpool.pool import Lease
 from portpool.statedir import StateDir
 
@@ -52,8 +52,8 @@ def start_instance(
     ``layout`` that is no Layout (a path: ``load_layout(path)`` reads it) or a ``state``
     that is no StateDir (each raised AttributeError from deep inside).
     """
-    if layout is not None and not isinstance(layout, Layout):
-        raise TypeError(f"layout must be a Layout (load_layout(path) reads a file), not {layout!r}")
+    if layout is not None:
+        require_layout(layout)
     if state is not None and not isinstance(state, StateDir):
         raise TypeError(f"state must be a StateDir (StateDir.open()), not {state!r}")
     layout = layout or resolve_layout(None)

@@ -88,6 +88,7 @@ __all__ = [
     "normalize_host",
     "parse_layout",
     "port_env_name",
+    "require_layout",
     "resolve_layout",
 ]
 
@@ -159,9 +160,6 @@ class Service:
 def port_env_name(service: str) -> str:
     """``PORTPOOL_PORT_API_SERVER`` for ``api-server``: upper case, "_" for the rest."""
     return "PORTPOOL_PORT_" + re.sub(r"[^A-Za-z0-9]", "_", service).upper()
-
-
-# --- layouts ------------------------------------------------------------------------
 
 
 # What makes two layouts the same, wherever each was read from.
@@ -444,11 +442,19 @@ def resolve_layout(
     the current directory) if there is anything by that name, else the built-in layout.
 
     A relative ``config`` is relative to ``cwd``. Raises LayoutError (UsageError if the
-    working directory was removed); a ``portpool.toml``
-    that exists but is unusable (a FIFO, a directory, a dangling symlink) is an error,
-    never a reason to fall back to the built-in layout.
+    working directory was removed); a ``portpool.toml`` that exists but is unusable (a
+    FIFO, a directory, a dangling symlink) is an error, never a reason to fall back to
+    the built-in layout.
     """
     path = layout_path(
         None if config is None else os.fspath(config), None if cwd is None else os.fspath(cwd)
     )
     return default_layout() if path is None else load_layout(path)
+
+
+def require_layout(layout: object) -> Layout:
+    """``layout`` if it is a Layout, else TypeError: a path raised AttributeError from
+    deep inside (``load_layout(path)`` reads a file)."""
+    if not isinstance(layout, Layout):
+        raise TypeError(f"layout must be a Layout (load_layout(path) reads a file), not {layout!r}")
+    return layout

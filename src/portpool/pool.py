@@ -23,12 +23,13 @@ from portpool._addresses import (
     endpoint,
 )
 from portpool._dataclass import dataclass, field
-from portpool._layout_fields import normalize_host
+from portpool._layout_fields import ip_host_problem, normalize_host
 from portpool._platform import SocketOwners, is_alive, is_listening, socket_inode
 from portpool._portstatus import SharedLockTable
 from portpool._record import PortRecord
 from portpool.errors import (
     AlreadyHeldHere,
+    InvalidArgument,
     LockHeld,
     LockHolder,
     PoolExhausted,
@@ -78,10 +79,12 @@ class Lease:
 
     def fileno(self) -> int:
         """The listening socket's file descriptor (int), to hand to a service. Raises
-        PortPoolError once ``close_socket`` or ``release`` closed it."""
-        if self.socket is None:
+        PortPoolError once ``close_socket`` or ``release`` closed it, or the socket itself
+        was closed (a server's shutdown: -1 was returned)."""
+        fd = -1 if self.socket is None else self.socket.fileno()
+        if fd == -1:
             raise PortPoolError(f"port {self.port}: the lease's socket was already closed")
-        return self.socket.fileno()
+        return fd
 
     def listen_again(self) -> bool:
         """Put our socket back in listen state if a holder of it shut it down: True if it
@@ -253,6 +256,30 @@ def _lock_port(state: StateDir, port: int, table: SharedLockTable) -> PortLock |
     raise AssertionError("unreachable")  # the loop always returns
 
 
+def _check_arguments(host: str, app: str, instance: int, service: str, backlog: int) -> None:
+    """Refuse what ``acquire`` cannot use before any port is tried: a host that no
+    bind can take was "no free port in pool" (PoolExhausted, exit code 3), an
+    ``instance`` of "1" wrote a record that no reader could read."""
+    if not isinstance(host, str):  # None raised AttributeError from deep in binding
+        raise TypeError(f"host must be a str (an IP address or a name), not {host!r}")
+    for name, text in (("app", app), ("service", service)):
+        if not isinstance(text, str):
+            raise TypeError(f"{name} must be a str, not {text!r}")
+    for name, number in (("instance", instance), ("backlog", backlog)):
+        if isinstance(number, bool) or not isinstance(number, int):
+            raise TypeError(f"{name} must be an int, not {number!r}")
+        if not 0 <= number < 2**31:
+            raise InvalidArgument(name, number, "must be 0 or more (and below 2**31)")
+    problem = ip_host_problem(host)
+    if problem is None:
+        try:  # a name is resolved here (an address is not): every bind would fail alike
+            bind_targets(host)
+        except OSError as e:
+            problem = f"cannot be resolved ({e.strerror or e})"
+    if problem is not None:
+        raise InvalidArgument("host", host, problem)
+
+
 def acquire(
     state: StateDir,
     pool: Iterable[int],
@@ -273,18 +300,20 @@ def acquire(
     Returns a Lease holding the lock and the listening socket, its record written; use
     it in a ``with`` block or call ``release()``.
     Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
-    (a ValueError) for a value that is not a port, TypeError for a ``state`` that is no
-    StateDir, a ``pool`` that is no iterable or one str, or a ``host`` that is not a
-    str, StateDirError if the ports directory is unusable or the record cannot be
-    written, ResourceLimit when out of file descriptors.
+    (a ValueError) for a value that is not a port, InvalidArgument (a ValueError) for a
+    ``host`` no bind can take (a name that does not resolve; an address a TCP server
+    cannot bind, as a layout's ``host`` says) or an ``instance`` or ``backlog`` below 0,
+    TypeError for a ``state`` that is no StateDir, a ``pool`` that is no iterable or
+    one str, a ``host``, ``app`` or ``service`` that is not a str, an ``instance`` or
+    ``backlog`` that is not an int, StateDirError if the ports directory is unusable or
+    the record cannot be written, ResourceLimit when out of file descriptors.
     """
     # Each raised AttributeError or "'NoneType' object is not iterable" from deep inside.
     if not isinstance(state, StateDir):
         raise TypeError(f"state must be a StateDir (StateDir.open()), not {state!r}")
     if isinstance(pool, (str, bytes)):  # its characters were checked as ports
         raise TypeError(f"pool must be port numbers (ints), not one {type(pool).__name__}")
-    if not isinstance(host, str):  # None raised AttributeError from deep in binding
-        raise TypeError(f"host must be a str (an IP address or a name), not {host!r}")
+    _check_arguments(host, app, instance, service, backlog)
     # One spelling, as a layout's: the lease and its record kept "LOCALHOST".
     host = normalize_host(host)
     try:
