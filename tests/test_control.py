@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tests.helpers import (
@@ -864,6 +866,46 @@ def test_a_signal_while_up_detach_waits_stops_the_background_up(
         if background.is_running():  # the fault: it went on starting
             background.terminate()
             background.wait(timeout=30)
+
+
+@pytest.mark.parametrize("where", ["reading its record", "placing its log", "announcing it"])
+def test_a_signal_after_the_background_up_said_it_is_up_still_stops_it(
+    tmp_path: Path,
+    port_base: int,
+    home: Path,
+    state: StateDir,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """A SIGTERM to `up --detach` once its log said "is up", as it read the record or
+    moved the log: it exited 143 having printed nothing, and the instance ran on (1 run
+    in 68); in the log's move it was taken for why the log stayed, and the command
+    exited 0 with a warning. The signal is raised at each of those steps."""
+    from portpool import _detach
+    from portpool._relay import SignalScope
+
+    layout = load_layout(_service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE]))
+    monkeypatch.chdir(tmp_path)
+
+    def signalled(real: Callable[..., Any]) -> Callable[..., Any]:
+        def step(*args: Any) -> Any:
+            signal.raise_signal(signal.SIGTERM)  # the scope's handler raises Interrupted
+            return real(*args)
+
+        return step
+
+    announce = None
+    if where == "reading its record":
+        monkeypatch.setattr(_detach, "read_instance", signalled(_detach.read_instance))
+    elif where == "placing its log":
+        monkeypatch.setattr(_detach, "set_log_owner", signalled(_detach.set_log_owner))
+    else:
+        announce = signalled(lambda started: None)
+    with pytest.raises(portpool_lib.Interrupted), SignalScope():
+        portpool_lib.start_detached(layout, state=state, quiet=True, announce=announce)
+    assert not any(i.alive for i in list_instances("testapp", state))
+    logs = home / "apps" / "testapp" / "logs"
+    assert not [p.name for p in logs.iterdir() if p.name.endswith(".tmp")]  # none half-written
 
 
 def test_start_detached_starts_the_layout_it_is_given(

@@ -43,7 +43,7 @@ def up_detached(
     it is: its number, ports, log and how to stop it (with ``--config`` as ``config``
     was given: without it, run where printed, they read another layout).
     ``instance_number`` is checked by start_detached (UsageError)."""
-    from portpool._detach import start_detached
+    from portpool._detach import Detached, start_detached
     from portpool._relay import SignalScope
     from portpool._text import shell_word
     from portpool.statedir import StateDir
@@ -51,13 +51,21 @@ def up_detached(
     # A Ctrl-C while waiting for it to be up ended this process alone and left the
     # background up starting, unseen: the scope turns it into Interrupted, on which
     # start_detached stops what it started, and the command then dies of the signal.
+    def say_up(started: Detached) -> None:
+        # In the scope: a signal before "is up" is printed stops the background up.
+        for note in started.notes:  # its warnings (a skipped slot, ...) are for this terminal
+            click.echo(display(note), err=True)
+        click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
+
     with StateDir.open() as state, SignalScope():
         started = start_detached(
-            layout, state=state, number=instance_number, grace_s=grace, quiet=quiet
+            layout,
+            state=state,
+            number=instance_number,
+            grace_s=grace,
+            quiet=quiet,
+            announce=say_up,
         )
-    for note in started.notes:  # its warnings (a skipped slot, ...) are for this terminal too
-        click.echo(display(note), err=True)
-    click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
     for name, port in started.ports.items():
         click.echo(f"  {name:<16} {port:>5}")
     where = f" --config {shell_word(config)}" if config is not None else ""

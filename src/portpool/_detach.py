@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from portpool._dataclass import dataclass, field
@@ -25,7 +26,7 @@ from portpool._platform import (
     identity_of,
 )
 from portpool._programs import check_commands
-from portpool.errors import DetachFailed, PortPoolError, StateDirError, UsageError
+from portpool.errors import DetachFailed, Interrupted, PortPoolError, StateDirError, UsageError
 from portpool.layout import Layout, require_layout
 from portpool.records import read_instance
 from portpool.statedir import StateDir, check_name, special_entry, write_error
@@ -253,6 +254,7 @@ def start_detached(
     grace_s: float = DEFAULT_GRACE_S,
     quiet: bool = False,
     cwd: str | None = None,
+    announce: Callable[[Detached], None] | None = None,
 ) -> Detached:
     """Start ``portpool up`` of ``layout`` in the background, in its own session, its
     output (the services' prefixed lines and its own) going to ``log_path(...)``;
@@ -263,12 +265,15 @@ def start_detached(
     the background ``up`` reads it again. ``number`` pins the instance number,
     ``grace_s`` (seconds) is the stop grace before SIGKILL, ``quiet`` leaves out the
     line naming the instance and its ports, ``cwd`` (default: the current directory)
-    is the checkout the instance is numbered for. Raises UsageError (a ``number``
-    outside 1..max_instances, a layout no file holds, ``grace_s`` not 0 or more
-    seconds), TypeError (``layout`` no Layout), LayoutError (a service's
-    command cannot be executed; nothing started), DetachFailed with its exit
-    status (128+N if killed by signal N) and the log's tail if it exits first, or if it
-    stopped right after it said it was up.
+    is the checkout the instance is numbered for. ``announce(detached)`` runs once it
+    is up, before this returns: what it raises (a stop signal's Interrupted while it
+    says so) stops the background up, as before it was up. Raises UsageError (a
+    ``number`` outside 1..max_instances, a layout no file holds, ``grace_s`` not 0 or
+    more seconds), TypeError (``layout`` no Layout), LayoutError (a service's command
+    cannot be executed; nothing started), DetachFailed with its exit status (128+N if
+    killed by signal N) and the log's tail if it exits first, or if it stopped right
+    after it said it was up; Interrupted (the background up stopped) for a stop signal
+    in a ``SignalScope`` before it is up or while ``announce`` runs.
     """
     require_layout(layout).check_number(number)
     grace_s = check_grace(grace_s)
@@ -309,6 +314,31 @@ def start_detached(
         raise
     finally:
         os.close(fd)
+    try:
+        # A stop signal anywhere until it is said up stops it (Interrupted): raised once
+        # it was up, it left a running instance behind a command that printed nothing.
+        started = _wait_until_up(state, layout.app, logs, starting, proc)
+        if announce is not None:
+            announce(started)
+        return started
+    except BaseException as e:
+        if not isinstance(e, DetachFailed) and proc.poll() is None:
+            proc.terminate()
+            proc.wait()
+        if proc.poll() is not None:
+            drop_log_owner(logs, starting)  # its up is gone: the log stays, for the error
+        raise
+
+
+def _wait_until_up(
+    state: StateDir,
+    app: str,
+    logs: DirHandle,
+    starting: str,
+    proc: subprocess.Popen[bytes],
+) -> Detached:
+    """Read the log ``starting`` until ``proc`` (the background up) says it is up, and
+    return what it started. Raises DetachFailed if it exits first, or stops right after."""
     # Its identity now, while it surely runs: the record must name this very process.
     identity = identity_of(proc.pid)
     reader = logs.open_file(starting, os.O_RDONLY)
@@ -334,18 +364,12 @@ def start_detached(
                         _outcome(proc.returncode),
                     )
                 time.sleep(_POLL_S)
-    except BaseException:
-        if proc.poll() is None:  # interrupted while waiting: do not leave it half-started
-            proc.terminate()
-            proc.wait()
-        drop_log_owner(logs, starting)  # its up is gone: the log stays, for the error
-        raise
     finally:
         os.close(reader)
     notes = tuple(
         m.group().decode(errors="replace") for m in _OWN_LINE.finditer(seen, 0, found.start())
     )
-    info = read_instance(state.instances(layout.app), number)
+    info = read_instance(state.instances(app), number)
     if not (
         identity is not None
         and info.alive
@@ -356,8 +380,6 @@ def start_detached(
         # It said "is up" and stopped at once: its ports are not held, do not list them.
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=_STOP_WAIT_S)
-        if proc.returncode is not None:
-            drop_log_owner(logs, starting)
         raise DetachFailed(
             proc.returncode,
             os.path.join(logs.path, starting),
@@ -390,6 +412,8 @@ def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str
         if blocked is None:
             logs.rename(starting, final)
     except (OSError, PortPoolError) as e:
+        if isinstance(e, Interrupted):  # a stop signal: not a reason the log stays
+            raise
         blocked = blocked or e
     if blocked is None:
         drop_log_owner(logs, starting)

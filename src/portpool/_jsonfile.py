@@ -48,10 +48,13 @@ def write_atomic(directory: DirHandle, name: str, data: bytes) -> None:
         finally:
             os.close(fd)
         directory.rename(tmp, name)
-    except OSError as e:
+    except BaseException as e:
+        # Also for an exception a signal handler raised (a Ctrl-C): it left the file.
         with contextlib.suppress(OSError):
             directory.unlink(tmp)
-        raise write_error(directory.path, f"cannot write {name}", e) from e
+        if isinstance(e, OSError):
+            raise write_error(directory.path, f"cannot write {name}", e) from e
+        raise
 
 
 def not_a_record(path: str, kind: str) -> str:
