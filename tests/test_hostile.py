@@ -31,9 +31,11 @@ from tests.helpers import (
     portpool,
     read_line,
     status_json,
+    wait_for,
     write_layout,
 )
 
+import portpool as portpool_lib
 from portpool.statedir import StateDir
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux /proc/locks")
@@ -599,6 +601,40 @@ def test_doctor_escapes_port_record_text(home: Path, tmp_path: Path, port_base: 
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout and "\x07" not in done.stdout
     assert "\\x1b[2J" in done.stdout
+
+
+@linux_only
+def test_doctor_never_names_a_live_process_a_port_record_names_but_that_holds_no_lock(
+    home: Path, tmp_path: Path, port_base: int
+) -> None:
+    """A record edited to name another running process (its pid, start token and boot
+    id): doctor said "held by instance 1 of testapp (pid <that process>, ...)", which a
+    user would then go after, while the kernel said another process held the lock."""
+    from portpool._platform import identity_of
+    from portpool._record import PortRecord, encode_record
+
+    config = write_layout(tmp_path / "portpool.toml", port_base)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        seen = wait_for(lambda: identity_of(bystander.pid), timeout=10)
+        with _port_lock_held_elsewhere(home, port_base) as holder:
+            record = PortRecord(
+                port_base, bystander.pid, seen.start_token, seen.boot_id,
+                "testapp", 1, "alpha", "127.0.0.1", 1.0, 2.0,
+            )  # fmt: skip
+            (home / "ports" / f"{port_base}.json").write_bytes(encode_record(record))
+            done = portpool("doctor", "--config", str(config))
+            diagnosis = portpool_lib.diagnose(port_base, "127.0.0.1")
+    finally:
+        bystander.kill()
+        bystander.wait()
+    assert done.returncode == 0, done.stderr
+    line = next(x for x in done.stdout.splitlines() if f" {port_base}  " in x)
+    assert f"held by pid {holder.pid} (python" in line, line
+    assert f"record names pid {bystander.pid}, which does not hold the port's lock" in line
+    assert f"{port_base}.json" in line  # which file says so
+    assert "instance 1 of testapp" not in line, line
+    assert diagnosis.held is not None and diagnosis.held.startswith(f"held by pid {holder.pid} ")
 
 
 @linux_only

@@ -21,6 +21,7 @@ from portpool._platform import (
     identity_of,
     is_alive,
     locked_inodes,
+    namespace_pids,
     process_name,
 )
 from portpool._record import PortRecord, read_port_record
@@ -120,6 +121,39 @@ def _stale(record: PortRecord, holder: int | None) -> bool:
     )
 
 
+def _other_holder(
+    directory: DirHandle, port: int, record: PortRecord, locked: LockTable | None
+) -> int | None:
+    """The pid holding ``port``'s lock when the kernel names another process than the
+    live one ``record`` names (a record edited by hand); None when it names that one or
+    cannot tell. Only a lock the table gives to another pid is looked into further."""
+    try:
+        entry = directory.stat_entry(f"{port}.lock")
+    except OSError:
+        return None
+    if (
+        entry is None
+        or locked is None
+        or locked.get((entry.st_dev, entry.st_ino))
+        in (
+            None,
+            record.pid,
+        )
+    ):
+        return None
+    holder = lock_holder(directory, f"{port}.lock", locked)
+    seen = None if holder is None else identity_of(holder)
+    if holder is None or seen is None:
+        return None
+    if (seen.start_token, seen.boot_id) == (record.start_token, record.boot_id):
+        # The record's process seen from another pid namespace: by its pid in its own.
+        # Not the token alone: two processes started in one clock tick share it.
+        inner = namespace_pids(holder)
+        if inner is None or record.pid in inner:
+            return None
+    return holder
+
+
 def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) -> PortStatus:
     """Who holds ``port`` in this state dir. Never "free" while its lock is held.
 
@@ -139,7 +173,9 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
         why = record_problem(e, directory, f"{port}.json")
         return PortStatus(port, "held-unreadable", None, why, holder=holder)
     if record is None or record.port != port:
-        problem = None if record is None else f"record names port {record.port}"
+        problem = None
+        if record is not None:  # with its path, as every other unreadable record's
+            problem = record_problem(f"record names port {record.port}", directory, f"{port}.json")
         holder = lock_holder(directory, f"{port}.lock", locked)
         return PortStatus(
             port,
@@ -150,7 +186,13 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
             unusable=_unusable(directory, f"{port}.lock"),
         )
     if is_alive(record.identity):
-        return PortStatus(port, "held", record)
+        other = _other_holder(directory, port, record, locked)
+        if other is None:
+            return PortStatus(port, "held", record)
+        # doctor named the record's process, which a user would then go after.
+        why = f"record names pid {record.pid}, which does not hold the port's lock"
+        problem = record_problem(why, directory, f"{port}.json")
+        return PortStatus(port, "held-unreadable", None, problem, holder=other)
     # A holder killed with -9 leaves its record until the next holder writes its own:
     # "held by pid <dead>" named a process that no longer ran.
     holder = lock_holder(directory, f"{port}.lock", locked)
