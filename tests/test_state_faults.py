@@ -180,6 +180,21 @@ def test_a_service_named_twice_in_a_record_is_unreadable(
     assert info["readable"] is False and "'alpha' twice" in info["problem"], info
 
 
+@pytest.mark.parametrize(("number", "named"), [(2, "2"), ("1", "a str"), (None, "a NoneType")])
+def test_a_record_naming_another_instance_number_is_unreadable(
+    running: Instance, layout_file: Path, state: StateDir, number: object, named: str
+) -> None:
+    # A record copied from slot 2 (or edited) into slot 1 read as slot 1's instance.
+    _rewrite_record(state, 1, {"number": number})
+    [info] = status_json(layout_file)["instances"]
+    assert info["alive"] is True and info["readable"] is False, info
+    assert info["problem"].startswith(f"record unreadable: record names instance {named}, not 1 ")
+    assert info["problem"].endswith("/instances/1.json)"), info
+    _rewrite_record(state, 1, {"number": 1})
+    [info] = status_json(layout_file)["instances"]
+    assert info["readable"] is True, info
+
+
 @pytest.mark.parametrize("pid", [1, 2**31 - 1])  # another process; none at all
 def test_a_record_naming_a_process_that_does_not_run_is_not_the_slots(
     running: Instance, layout_file: Path, state: StateDir, pid: int
@@ -201,6 +216,7 @@ def test_a_record_naming_a_process_that_does_not_run_is_not_the_slots(
         f"the record names {names})"
     )
     assert problem in info["problem"] and info["pid"] is None, info
+    assert info["problem"].endswith("/instances/1.json)"), info  # which file says so
     text = portpool("status", "--config", str(layout_file))
     assert problem in text.stdout, text.stdout
     port = portpool("port", "alpha", "--config", str(layout_file))

@@ -224,6 +224,10 @@ def _parse_record(number: int, alive: bool, raw: object) -> InstanceInfo:
     pid = _int_or_none(raw.get("pid"))
     if pid is None:
         raise ValueError("has no valid pid")
+    named = raw.get("number", number)
+    if named != number:  # it was read as this slot's instance
+        shown = named if type(named) is int else f"a {type(named).__name__}"
+        raise ValueError(f"names instance {shown}, not {number}")
     times = {}
     for key in ("started_at", "heartbeat_at"):
         v = raw.get(key)
@@ -394,7 +398,8 @@ def _read_instance_once(
         # Shown, pid 1 passed for the instance's process, its ports and all.
         mismatch = record_mismatch(directory, number, raw, locked)
         if mismatch is not None:
-            return InstanceInfo(number, alive, False, problem=f"record unreadable: {mismatch}")
+            why = record_problem(mismatch, directory, f"{number}.json")  # which file, too
+            return InstanceInfo(number, alive, False, problem=f"record unreadable: {why}")
     return info
 
 
