@@ -123,7 +123,9 @@ def _port_problems(watched: Watch, snapshot: Snapshot) -> list[str]:
     watched.resolved_inodes &= seen_inodes
     if socket_closed and not ours_listening:
         problems.append(
-            f"port {port}: our listening socket was closed, so the port is not reserved"
+            f"port {port}: our listening socket was closed, so the port is not reserved "
+            "(a server closes the socket it is given as it stops: give it a duplicate, "
+            "socket.dup() or portpool.integrations, or hand the port off by close_socket())"
         )
     return problems
 
