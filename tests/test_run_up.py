@@ -24,6 +24,7 @@ from tests.helpers import (
     portpool,
     read_line,
     release,
+    run_python,
     start,
     status_json,
     wait_for,
@@ -162,13 +163,7 @@ def test_run_command_with_no_grace_warns_only_of_what_it_kills(layout: Path, hom
     after a command that left nothing running; one that left a child names it."""
     leaves = "(trap '' TERM; exec sleep 30) &"
     for command in ("nothing", leaves):
-        done = subprocess.run(
-            [sys.executable, "-c", NO_GRACE, str(layout), command],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+        done = run_python(NO_GRACE, str(layout), command)
         assert done.returncode == 0, done.stderr
         if command == "nothing":
             assert "still running" not in done.stderr
