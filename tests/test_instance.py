@@ -724,61 +724,6 @@ def test_a_release_interrupted_by_ctrl_c_is_finished_by_the_next_call(
     again.release()
 
 
-def test_a_release_from_a_second_thread_returns_once_the_first_is_done(
-    tmp_path: Path, port_base: int, state: StateDir
-) -> None:
-    """A second release() while another thread released returned at once: a start of
-    the same number right after it raised SlotUnavailable ("it is running")."""
-    layout = load_layout(write_layout(tmp_path / "l.toml", port_base))
-    for _ in range(3):
-        instance = start_instance(layout, state=state, heartbeat=False)
-        in_callback = threading.Event()
-
-        def slow_stop(started: threading.Event = in_callback) -> None:
-            started.set()
-            time.sleep(0.3)  # stopping services takes a while
-
-        instance.on_release(slow_stop)
-        first = threading.Thread(target=instance.release)
-        first.start()
-        assert in_callback.wait(10)
-        instance.release()  # waits for the first thread's release
-        again = start_instance(layout, state=state, number=instance.number, heartbeat=False)
-        again.release()
-        first.join(10)
-        assert not first.is_alive()
-
-
-def test_on_lost_releasing_while_another_thread_releases_never_deadlocks(
-    tmp_path: Path, port_base: int, state: StateDir
-) -> None:
-    """The shield's thread releasing (as the default on_lost does) while another thread
-    releases must not wait for that release: it joins the shield's thread."""
-    layout = load_layout(write_layout(tmp_path / "l.toml", port_base, shield=0.05))
-    instance = start_instance(layout, state=state, heartbeat=False)
-    other_releases = threading.Event()
-    returned: list[str] = []
-
-    def on_lost(lease: object, reason: str) -> None:
-        assert other_releases.wait(10)
-        time.sleep(0.2)  # that release is now joining this thread
-        instance.release()
-        returned.append(reason)
-
-    def release() -> None:
-        other_releases.set()
-        instance.release()
-
-    instance.start_shield(on_lost=on_lost)
-    (Path(state.path) / "apps" / layout.app / "instances" / "1.json").unlink()  # a trip
-    wait_for(lambda: instance.lost_reason is not None, timeout=10)
-    other = threading.Thread(target=release)
-    other.start()
-    other.join(20)
-    assert not other.is_alive() and returned  # both returned
-    start_instance(layout, state=state, number=1, heartbeat=False).release()  # all freed
-
-
 # Ctrl-C at a random moment of a start or a release, then release() again, many times.
 INTERRUPTED_CYCLES = """
 import random, signal, sys, threading, time

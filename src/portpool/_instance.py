@@ -71,7 +71,6 @@ class Instance:
         self._state_let_go = False
         self._release_done = False  # every step of release() ran
         self._releaser: int | None = None  # the thread in release(), if any
-        self._release_ended = threading.Event()  # set when that thread's release() ends
 
     @property
     def app(self) -> str:
@@ -329,9 +328,7 @@ class Instance:
         """Stop heartbeat and shield, release every lease and the slot, remove our record.
 
         Only what is still ours is erased: a lock or record taken over by someone else
-        is left alone. Safe to call twice and from any thread: a call while another
-        thread releases waits until that is done (unless made from the shield's or the
-        heartbeat's thread, e.g. by ``on_lost``). A callback's error is
+        is left alone. Safe to call twice and from any thread. A callback's error is
         logged, not raised; when the instances directory cannot be checked (it became
         unsafe or unreadable) the slot is unlocked and its files are left. Raises
         nothing: an exception here used to leave the slot locked after the leases went.
@@ -340,33 +337,17 @@ class Instance:
         """
         # Done only once every step ran: a Ctrl-C (KeyboardInterrupt) midway, even as
         # the mutex below was let go, left the slot locked for good, and a second call
-        # returned at once. The next call finishes the job (each step repeats safely).
-        # One from another thread waits for the releasing one: it returned at once, and
-        # a start of the same number right after it found the slot still held.
+        # returned at once. The next call from this thread finishes the job (each step
+        # repeats safely); one from another thread leaves it to the releasing one.
         me = threading.get_ident()
-        while True:
-            with self._mutex:
-                if self._release_done:
-                    return
-                if self._releaser in (None, me) or self._in_forked_child:
-                    self._released = True
-                    self._releaser = me
-                    self._release_ended = ended = threading.Event()
-                    break
-                ended = self._release_ended
-            if threading.current_thread() in self._threads_release_joins():
-                return  # the release under way waits for this thread to end
-            ended.wait()
-        try:
-            self._release()
-            self._release_done = True
-        finally:
-            self._releaser = None
-            ended.set()
-
-    def _threads_release_joins(self) -> tuple[threading.Thread | None, ...]:
-        shield_thread = None if self._shield is None else self._shield.thread
-        return self._heartbeat_thread, shield_thread
+        with self._mutex:
+            if self._release_done or self._releaser not in (None, me):
+                return
+            self._released = True
+            self._releaser = me
+        self._release()
+        self._release_done = True
+        self._releaser = None
 
     def _release(self) -> None:
         if self._in_forked_child:

@@ -108,11 +108,6 @@ class Shield:
         means nothing until this has grown: a loaded machine may run no check at all."""
         return self._checks_completed
 
-    @property
-    def thread(self) -> threading.Thread | None:
-        """The thread that runs the checks (``start``); None before, or for ``run_async``."""
-        return self._thread
-
     def start(self) -> None:
         """Check every ``interval_s`` from a daemon thread. Raises RuntimeError if the
         shield already runs or was stopped."""
