@@ -724,6 +724,31 @@ def test_a_release_interrupted_by_ctrl_c_is_finished_by_the_next_call(
     again.release()
 
 
+def test_a_release_in_a_thread_an_on_release_callback_joins_never_deadlocks(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    """A worker whose ``finally`` releases the instance, stopped and joined by an
+    ``on_release`` callback: a second release() that waited for the first one hung."""
+    layout = load_layout(write_layout(tmp_path / "l.toml", port_base))
+    instance = start_instance(layout, state=state, heartbeat=False)
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            stop.wait(30)
+        finally:
+            instance.release()  # while the main thread's release joins this thread
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    instance.on_release(lambda: (stop.set(), thread.join(30)))
+    done = threading.Thread(target=instance.release, daemon=True)
+    done.start()
+    done.join(30)
+    assert not done.is_alive() and not thread.is_alive()
+    start_instance(layout, state=state, number=instance.number, heartbeat=False).release()
+
+
 # Ctrl-C at a random moment of a start or a release, then release() again, many times.
 INTERRUPTED_CYCLES = """
 import random, signal, sys, threading, time

@@ -328,10 +328,13 @@ class Instance:
         """Stop heartbeat and shield, release every lease and the slot, remove our record.
 
         Only what is still ours is erased: a lock or record taken over by someone else
-        is left alone. Safe to call twice and from any thread. A callback's error is
-        logged, not raised; when the instances directory cannot be checked (it became
-        unsafe or unreadable) the slot is unlocked and its files are left. Raises
-        nothing: an exception here used to leave the slot locked after the leases went.
+        is left alone. Safe to call twice and from any thread: a call while another
+        thread releases returns at once, leaving the release to it (waiting for it
+        deadlocked an ``on_release`` callback that joins the caller's thread). A
+        callback's error is logged, not raised; when the instances directory cannot be
+        checked (it became unsafe or unreadable) the slot is unlocked and its files are
+        left. Raises nothing: an exception here used to leave the slot locked after the
+        leases went.
         In a forked child it only closes the child's copies of the sockets and locks:
         the ``on_release`` callbacks and the files stay the parent's.
         """
