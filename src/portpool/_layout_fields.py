@@ -318,20 +318,10 @@ def _host_problem(host: object) -> str | None:
     if host == "localhost":
         return None
     try:
-        ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host)
     except ValueError:
         shown = toml_value(host)
         return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {shown}"
-    return ip_host_problem(host)
-
-
-def ip_host_problem(host: str) -> str | None:
-    """Why the IP address ``host`` cannot be bound by every lease, or None; None for a
-    name too, which only resolving it can judge."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id is not None:
             base = host.partition("%")[0]

@@ -23,7 +23,7 @@ from portpool._addresses import (
     endpoint,
 )
 from portpool._dataclass import dataclass, field
-from portpool._layout_fields import ip_host_problem, normalize_host
+from portpool._layout_fields import normalize_host
 from portpool._platform import SocketOwners, is_alive, is_listening, socket_inode
 from portpool._portstatus import SharedLockTable
 from portpool._record import PortRecord
@@ -257,8 +257,8 @@ def _lock_port(state: StateDir, port: int, table: SharedLockTable) -> PortLock |
 
 
 def _check_arguments(host: str, app: str, instance: int, service: str, backlog: int) -> None:
-    """Refuse what ``acquire`` cannot use before any port is tried: a host that no
-    bind can take was "no free port in pool" (PoolExhausted, exit code 3), an
+    """Refuse what ``acquire`` cannot use before any port is tried: a host name that
+    does not resolve was "no free port in pool" (PoolExhausted, exit code 3), an
     ``instance`` of "1" wrote a record that no reader could read."""
     if not isinstance(host, str):  # None raised AttributeError from deep in binding
         raise TypeError(f"host must be a str (an IP address or a name), not {host!r}")
@@ -270,14 +270,10 @@ def _check_arguments(host: str, app: str, instance: int, service: str, backlog: 
             raise TypeError(f"{name} must be an int, not {number!r}")
         if not 0 <= number < 2**31:
             raise InvalidArgument(name, number, "must be 0 or more (and below 2**31)")
-    problem = ip_host_problem(host)
-    if problem is None:
-        try:  # a name is resolved here (an address is not): every bind would fail alike
-            bind_targets(host)
-        except OSError as e:
-            problem = f"cannot be resolved ({e.strerror or e})"
-    if problem is not None:
-        raise InvalidArgument("host", host, problem)
+    try:  # a name is resolved here (an address is not): every bind would fail alike
+        bind_targets(host)
+    except OSError as e:
+        raise InvalidArgument("host", host, f"cannot be resolved ({e.strerror or e})") from None
 
 
 def acquire(
@@ -301,8 +297,7 @@ def acquire(
     it in a ``with`` block or call ``release()``.
     Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
     (a ValueError) for a value that is not a port, InvalidArgument (a ValueError) for a
-    ``host`` no bind can take (a name that does not resolve; an address a TCP server
-    cannot bind, as a layout's ``host`` says) or an ``instance`` or ``backlog`` below 0,
+    ``host`` name that does not resolve or an ``instance`` or ``backlog`` below 0,
     TypeError for a ``state`` that is no StateDir, a ``pool`` that is no iterable or
     one str, a ``host``, ``app`` or ``service`` that is not a str, an ``instance`` or
     ``backlog`` that is not an int, StateDirError if the ports directory is unusable or
