@@ -828,6 +828,47 @@ def test_a_restart_gets_its_socket_listening_though_the_last_run_shut_it_down(
     assert proc.returncode == 0, err
 
 
+# Says whether fd 3 came non-blocking, then sets it so (as an event loop does) and serves
+# blocking-style: a restart handed the socket in that state failed at its first accept.
+SETS_NONBLOCKING = """\
+import os, select, socket
+sock = socket.socket(fileno=3)
+print("non-blocking at start:", not os.get_blocking(3), flush=True)
+os.set_blocking(3, False)
+print("serving", flush=True)
+while True:
+    select.select([sock], [], [])
+    try:
+        conn, _ = sock.accept()
+    except BlockingIOError:
+        continue
+    conn.sendall(f"{os.getpid()} 1\\n".encode())
+    conn.close()
+"""
+
+
+def test_every_run_gets_its_socket_blocking_whatever_the_last_run_set(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """O_NONBLOCK belongs to the socket, not to a descriptor: a run that set it (asyncio,
+    node) handed it on to every restart, and a blocking accept() there failed at once
+    (BlockingIOError), a restart loop that never gave up."""
+    config = _shutting_down_layout(tmp_path, port_base, SETS_NONBLOCKING)
+    proc = start("up", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        first, _ = request(port_base)
+        proc.send_signal(signal.SIGHUP)  # a rolling restart: a new run on the same socket
+        wait_for(lambda: service_record(config, "svc")["planned_restarts"] == 1, 30)
+        assert request(port_base)[0] != first
+    finally:
+        out, err = stop_up(reader)
+    assert proc.returncode == 0, err
+    assert out.count("svc | non-blocking at start: False") == 2, out
+    assert "non-blocking at start: True" not in out, out
+
+
 # Shuts the passed listening socket down, says so, and exits 1 once $GATE exists.
 SHUTS_DOWN_AND_WAITS = """\
 import os, socket, sys, time

@@ -129,6 +129,9 @@ class ChildSetup:
         temps = [fcntl.fcntl(fd, fcntl.F_DUPFD, top) for fd in self.fds + self.keep]
         for i, temp in enumerate(temps[: len(self.fds)]):
             os.dup2(temp, 3 + i, inheritable=True)
+            # Blocking, as when first handed over: O_NONBLOCK belongs to the socket, and
+            # a previous run's event loop left it set, so a restart's accept() failed.
+            os.set_blocking(3 + i, True)
         for temp in temps[len(self.fds) :]:
             os.set_inheritable(temp, True)
         for stale in {fd for fd in self.fds + self.keep if fd >= top} | set(temps[: len(self.fds)]):
