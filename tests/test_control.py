@@ -51,11 +51,23 @@ def layout_file(tmp_path: Path, port_base: int) -> Path:
 
 
 def _hold(layout: Path, release: Path, *extra: str, cwd: Path | None = None):
+    """A `run` holding an instance of ``layout`` until ``release`` exists, and its number,
+    once its record is whole: it names the command's pid only after the command started,
+    and a test that rewrote (or deleted) the record before that saw it written over."""
     proc = start(
         "run", "--config", str(layout), *extra, "--", sys.executable, "-c", HOLD, str(release),
         cwd=cwd,
     )  # fmt: skip
-    return proc, int(read_line(proc))
+    number = int(read_line(proc))
+
+    def recorded() -> bool:
+        shown = portpool("status", "--json", "--config", str(layout), cwd=cwd)
+        assert shown.returncode == 0, shown.stderr
+        listed = [i for i in json.loads(shown.stdout)["instances"] if i["number"] == number]
+        return bool(listed) and all(s["pid"] != proc.pid for s in listed[0]["services"])
+
+    wait_for(recorded, timeout=30)
+    return proc, number
 
 
 # ---------------------------------------------------------------- numbers
@@ -1215,7 +1227,8 @@ def test_stop_says_what_is_wrong_with_the_record(
         assert done.returncode == 1
         assert (
             f"record does not match the process holding the slot (pid {proc.pid} holds "
-            f"it, the record names pid {dead.pid}, which is not running): not signalling anything"
+            f"it, the record names pid {dead.pid}, which is not running) ({record}): "
+            "not signalling anything"
         ) in done.stderr
         # A pid that is not a whole number: unreadable, not "starting".
         record.write_text(json.dumps({**original, "pid": "12x"}))
