@@ -881,7 +881,7 @@ def test_a_signal_while_up_detach_waits_stops_the_background_up(
 
 
 @pytest.mark.parametrize("where", ["reading its record", "placing its log", "announcing it"])
-def test_a_signal_after_the_background_up_said_it_is_up_still_stops_it(
+def test_a_signal_before_up_detach_said_is_up_stops_it_and_after_keeps_it(
     tmp_path: Path,
     port_base: int,
     home: Path,
@@ -892,12 +892,15 @@ def test_a_signal_after_the_background_up_said_it_is_up_still_stops_it(
     """A SIGTERM to `up --detach` once its log said "is up", as it read the record or
     moved the log: it exited 143 having printed nothing, and the instance ran on (1 run
     in 68); in the log's move it was taken for why the log stayed, and the command
-    exited 0 with a warning. The signal is raised at each of those steps."""
+    exited 0 with a warning. The signal is raised at each of those steps: before "is
+    up" is said it stops the background up; while it is said (``announce``) it is held
+    until the line is out, and then leaves the instance running."""
     from portpool import _detach
     from portpool._relay import SignalScope
 
     layout = load_layout(_service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE]))
     monkeypatch.chdir(tmp_path)
+    said: list[int] = []
 
     def signalled(real: Callable[..., Any]) -> Callable[..., Any]:
         def step(*args: Any) -> Any:
@@ -912,12 +915,57 @@ def test_a_signal_after_the_background_up_said_it_is_up_still_stops_it(
     elif where == "placing its log":
         monkeypatch.setattr(_detach, "set_log_owner", signalled(_detach.set_log_owner))
     else:
-        announce = signalled(lambda started: None)
+        announce = signalled(lambda started: said.append(started.number))
     with pytest.raises(portpool_lib.Interrupted), SignalScope():
         portpool_lib.start_detached(layout, state=state, quiet=True, announce=announce)
-    assert not any(i.alive for i in list_instances("testapp", state))
+    alive = [i.number for i in list_instances("testapp", state) if i.alive]
+    try:
+        assert alive == said  # [1] once said, else none
+        logs = home / "apps" / "testapp" / "logs"
+        assert not [p.name for p in logs.iterdir() if p.name.endswith(".tmp")]  # none half-written
+    finally:
+        if alive:
+            portpool_lib.stop_instances(layout, every=True, state=state)
+
+
+def _up_detach_signalled(tmp_path: Path, home: Path, when: str, delay_s: float) -> tuple[str, int]:
+    """`up --detach` sent SIGTERM ``delay_s`` after ``when``: its starting log appears
+    (it is starting the background up), or its "is up" line is read. Its output and exit
+    status."""
+    detach = start("up", "--detach", cwd=tmp_path)
     logs = home / "apps" / "testapp" / "logs"
-    assert not [p.name for p in logs.iterdir() if p.name.endswith(".tmp")]  # none half-written
+    try:
+        if when == "log":
+            wait_for((logs / f".starting-{detach.pid}.log").exists, 30, interval=0.0005)
+            out = ""
+        else:
+            out = read_line(detach)
+            assert " is up " in out, out
+        time.sleep(delay_s)
+        detach.send_signal(signal.SIGTERM)
+        rest, _err = detach.communicate(timeout=60)
+    finally:
+        kill_if_running(detach)
+    return out + rest, detach.returncode
+
+
+@pytest.mark.parametrize("when", ["log", "is up"])
+def test_up_detach_leaves_an_instance_running_only_when_it_said_is_up(
+    tmp_path: Path, port_base: int, home: Path, when: str
+) -> None:
+    """SIGTERMs at the moments that broke it: a few ms after the background up was
+    started (the signal raised inside Popen, after the fork: 1 run in 3 left it running
+    and said nothing), and right as "is up" was read (1 run in 2 stopped the instance it
+    had just said was up)."""
+    config = _service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])
+    for run in range(12):
+        out, code = _up_detach_signalled(tmp_path, home, when, (run % 4) * 0.002)
+        running = [i for i in status_json(config)["instances"] if i["alive"]]
+        said = " is up (pid " in out
+        assert code in (0, -signal.SIGTERM), (run, code, out)
+        assert bool(running) == said, (run, out, running)
+        if running:
+            assert portpool("stop", "--all", cwd=tmp_path).returncode == 0
 
 
 def test_start_detached_starts_the_layout_it_is_given(

@@ -48,17 +48,27 @@ def up_detached(
     from portpool._text import shell_word
     from portpool.statedir import StateDir
 
-    # A Ctrl-C while waiting for it to be up ended this process alone and left the
-    # background up starting, unseen: the scope turns it into Interrupted, on which
-    # start_detached stops what it started, and the command then dies of the signal.
     def say_up(started: Detached) -> None:
-        # In the scope: a signal before "is up" is printed stops the background up.
+        # Said with the stop signals held: one that comes before is for the background
+        # up too (stopped), one that comes once it is said is for this command alone.
         for note in started.notes:  # its warnings (a skipped slot, ...) are for this terminal
             click.echo(display(note), err=True)
         click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
+        for name, port in started.ports.items():
+            click.echo(f"  {name:<16} {port:>5}")
+        where = f" --config {shell_word(config)}" if config is not None else ""
+        if started.log_placed:
+            shown = display(started.log)
+            click.echo(f"logs: portpool logs --instance {started.number}{where}   ({shown})")
+        else:  # `portpool logs` refuses what holds its place (the warning above says what)
+            click.echo(f"logs: tail -f {display(shell_word(started.log))}")
+        click.echo(f"stop: portpool stop {started.number}{where}")
 
+    # A Ctrl-C while waiting for it to be up ended this process alone and left the
+    # background up starting, unseen: the scope turns it into Interrupted, on which
+    # start_detached stops what it started, and the command then dies of the signal.
     with StateDir.open() as state, SignalScope():
-        started = start_detached(
+        start_detached(
             layout,
             state=state,
             number=instance_number,
@@ -66,15 +76,6 @@ def up_detached(
             quiet=quiet,
             announce=say_up,
         )
-    for name, port in started.ports.items():
-        click.echo(f"  {name:<16} {port:>5}")
-    where = f" --config {shell_word(config)}" if config is not None else ""
-    if started.log_placed:
-        shown = display(started.log)
-        click.echo(f"logs: portpool logs --instance {started.number}{where}   ({shown})")
-    else:  # `portpool logs` refuses what holds its place (the warning above says what)
-        click.echo(f"logs: tail -f {display(shell_word(started.log))}")
-    click.echo(f"stop: portpool stop {started.number}{where}")
 
 
 @click.command(cls=JsonAwareCommand)

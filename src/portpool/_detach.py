@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -24,6 +25,7 @@ from portpool._platform import (
     current_identity,
     detached_options,
     identity_of,
+    stop_signals,
 )
 from portpool._programs import check_commands
 from portpool.errors import DetachFailed, Interrupted, PortPoolError, StateDirError, UsageError
@@ -101,6 +103,8 @@ def claim_starting_log(state_path: str, app: str, log: str) -> None:
     Raises nothing: what went wrong is said as a warning on stderr (the log itself,
     which ``up --detach`` relays), and the up goes on."""
     global _claim
+    if sys.platform != "win32":  # held by `up --detach` as it started us
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
     try:
         named = _STARTING_LOG.fullmatch(log)
         if not named:
@@ -296,6 +300,10 @@ def start_detached(
             if kind:
                 raise StateDirError(path, f"is {kind}, not a log portpool wrote; remove it") from e
         raise write_error(path, "cannot create the log", e) from e
+    # Held while it starts: a stop signal's Interrupted raised inside Popen, after the
+    # fork, left the background up running with nobody knowing its pid (1 run in 3 of a
+    # SIGTERM a few ms in). The background up lets them in first thing.
+    mask = _hold_stop_signals()
     try:
         # Its own output unbuffered by -u, not PYTHONUNBUFFERED=1 in its environment:
         # every service inherited that, and ran otherwise than in the foreground.
@@ -311,23 +319,45 @@ def start_detached(
         # Nothing was started, nothing will write to it: an empty log nothing names.
         with contextlib.suppress(OSError):
             logs.unlink(starting)
+        _let_signals_in(mask)
         raise
     finally:
         os.close(fd)
     try:
         # A stop signal anywhere until it is said up stops it (Interrupted): raised once
         # it was up, it left a running instance behind a command that printed nothing.
+        _let_signals_in(mask)
         started = _wait_until_up(state, layout.app, logs, starting, proc)
         if announce is not None:
+            # Said with the signals held: one that comes once the line is out must not
+            # stop what it said is up (it did, 1 run in 2 of a SIGTERM sent on the line).
+            mask = _hold_stop_signals()
             announce(started)
-        return started
     except BaseException as e:
         if not isinstance(e, DetachFailed) and proc.poll() is None:
             proc.terminate()
             proc.wait()
         if proc.poll() is not None:
             drop_log_owner(logs, starting)  # its up is gone: the log stays, for the error
+        _let_signals_in(mask)
         raise
+    _let_signals_in(mask)  # a signal that came while it was said: the caller's, up kept
+    return started
+
+
+def _hold_stop_signals() -> set[int | signal.Signals] | None:
+    """Block the stop signals in this thread (POSIX): one that comes stays pending until
+    ``_let_signals_in``. Returns the mask to restore, None where there are no masks."""
+    if sys.platform == "win32":
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
+
+
+def _let_signals_in(mask: set[int | signal.Signals] | None) -> None:
+    """Restore ``mask``: a stop signal held meanwhile is acted on now (a SignalScope's
+    handler raises Interrupted here). Nothing for None."""
+    if mask is not None and sys.platform != "win32":
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _wait_until_up(
