@@ -256,35 +256,3 @@ def test_logs_after_stop_show_an_instance_stopped_while_starting_after_its_up_de
         portpool("stop", "--all", cwd=tmp_path)
     shown = _logs_of_this_instance(tmp_path, home)
     assert "is up" not in shown and "ready to serve" not in shown
-
-
-def test_logs_in_a_checkout_whose_detached_instance_stopped_show_its_log_not_another_ones(
-    tmp_path: Path, port_base: int, home: Path
-) -> None:
-    """`logs` in checkout A, whose `up --detach` instance 2 was stopped, while checkout
-    B's instance 3 (not detached) was the only one running: it said "instance 3 ... has
-    no log (it was not started with --detach)", which is B's, and never showed A's."""
-    hello = "import os, time; print('hello from', os.getcwd(), flush=True); time.sleep(120)"
-    layouts = {}
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        service = {"command": [sys.executable, "-c", hello], "ready": "log:hello from"}
-        layouts[name] = write_layout(tmp_path / name / "portpool.toml", port_base,
-                                     services={"web": service})  # fmt: skip
-    other = None
-    try:
-        up = portpool("up", "--detach", "--instance", "2", cwd=tmp_path / "a")
-        assert up.returncode == 0, up.stderr
-        assert portpool("stop", cwd=tmp_path / "a").returncode == 0
-        other = start("up", "--instance", "3", cwd=tmp_path / "b")
-        wait_for(lambda: [i["number"] for i in status_json(layouts["b"])["instances"]] == [3])
-        shown = portpool("logs", cwd=tmp_path / "a")
-        assert shown.returncode == 0, shown.stderr
-        assert f"web | hello from {tmp_path / 'a'}" in shown.stdout
-        # B's own `logs` still speaks of its own instance.
-        theirs = portpool("logs", cwd=tmp_path / "b")
-        assert theirs.returncode == 1 and "instance 3 of testapp has no log" in theirs.stderr
-    finally:
-        portpool("stop", "--all", cwd=tmp_path / "b")
-        if other is not None:
-            kill_if_running(other)

@@ -214,25 +214,6 @@ def _open_own_log(
     ])  # fmt: skip
 
 
-def _own_stopped_number(layout: Layout, running: InstanceInfo, state: StateDir) -> int | None:
-    """This checkout's last number, when ``running`` is another checkout's instance and
-    that number's slot is not running but has a log: what `logs` in a checkout whose
-    detached instance stopped is asked for. It said another checkout's instance had no
-    log ("not started with --detach"). None otherwise."""
-    here = checkout_dir(layout)
-    own = None if running.directory == here else previous_number(state, layout, here)
-    if own is None or own == running.number:
-        return None
-    slot = running_slot(layout, own, state=state)
-    logs = state.find("apps", check_name("app", layout.app), "logs")
-    if (slot is not None and slot.alive) or logs is None:
-        return None
-    try:
-        return own if logs.stat_entry(f"{own}.log") is not None else None
-    except OSError:
-        return None
-
-
 def follow_log(
     layout: Layout,
     write: Callable[[str], None],
@@ -246,9 +227,8 @@ def follow_log(
     their prefix, when given); with ``follow`` keep writing until the ``up`` that wrote
     it stops.
 
-    The instance is ``number``, else as ``find_instance`` (but for another checkout's
-    when this checkout's last number has a log and does not run), else this checkout's
-    last number. A running instance is shown only the log its own ``up`` wrote, from its
+    The instance is ``number``, else as ``find_instance``, else this checkout's last
+    number. A running instance is shown only the log its own ``up`` wrote, from its
     start (while it starts too, and if its ``up --detach`` died before it was up); a
     stopped one, the last detached instance's. Returns that number. Raises
     UnknownService, UsageError (a ``number`` outside 1..max_instances that does not
@@ -265,9 +245,6 @@ def follow_log(
         try:
             running = find_instance(layout, state=state)
             number = running.number
-            stopped = _own_stopped_number(layout, running, state)
-            if stopped is not None:  # not another checkout's, "the only running one"
-                running, number = None, stopped
         except NotRunning as e:
             # None runs: this checkout's last log. Some run (several, none of them this
             # checkout's, or one whose record is unreadable): which one is for the user.
