@@ -1362,6 +1362,9 @@ _TAKES_A_LAYOUT: dict[str, Callable[[Any, StateDir], object]] = {
     "start_detached": lambda layout, state: portpool.start_detached(layout, state=state),
     "start_instance": lambda layout, state: portpool.start_instance(layout, state=state),
     "examine_layout": lambda layout, state: portpool.examine_layout(layout, state=state),
+    "examine_layout_of_one_service": lambda layout, state: portpool.examine_layout(
+        layout, state=state, service="a"
+    ),
     "layout_warnings": lambda layout, state: portpool.layout_warnings(layout),
     "find_instance": lambda layout, state: portpool.find_instance(layout, state=state),
     "service_port": lambda layout, state: portpool.service_port(layout, "a", state=state),
@@ -1387,3 +1390,25 @@ def test_a_path_given_for_a_layout_is_a_type_error_that_says_how_to_read_one(
         with pytest.raises(TypeError, match=r"layout must be a Layout \(load_layout\(path\)"):
             _TAKES_A_LAYOUT[name](layout, state)
     assert not (Path(state.path) / "apps").exists()  # nothing was started or written
+
+
+# Every public call that takes an instance number, given one as a str.
+_TAKES_A_NUMBER: dict[str, Callable[[Any, StateDir], object]] = {
+    "find_instance": lambda layout, state: portpool.find_instance(layout, "1", state=state),
+    "stop_instances": lambda layout, state: portpool.stop_instances(layout, "1", state=state),
+    "service_port": lambda layout, state: portpool.service_port(layout, "a", "1", state=state),
+    "instance_env": lambda layout, state: portpool.instance_env(layout, "1", state=state),
+    "follow_log": lambda layout, state: portpool.follow_log(layout, print, number="1", state=state),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_TAKES_A_NUMBER))
+def test_an_instance_number_given_as_a_str_is_a_usage_error(
+    name: str, tmp_path: Path, state: StateDir
+) -> None:
+    """``find_instance(layout, "1")`` raised "'>' not supported between instances of
+    'str' and 'int'" (a TypeError from a compare deep inside)."""
+    path = tmp_path / "portpool.toml"
+    path.write_text('app = "x"\n[services.a]\nbase = 20000\nsize = 1\n')
+    with pytest.raises(portpool.UsageError, match=r"must be 1\.\.\d+ for app 'x', not '1'"):
+        _TAKES_A_NUMBER[name](portpool.load_layout(str(path)), state)

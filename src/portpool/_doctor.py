@@ -237,7 +237,8 @@ def examine_layout(
     Raises UnknownService (exit 2) for a ``service`` the layout lacks, StateDirError for
     an unusable state dir, OSError if the layout's host does not resolve, TypeError for
     a ``layout`` that is no Layout."""
-    services = require_layout(layout).services if service is None else (layout.service(service),)
+    require_layout(layout)
+    services = layout.services if service is None else (layout.service(service),)
     own = state is None
     state = state or StateDir.open(create=False)  # read-only: creates nothing
     try:

@@ -81,7 +81,9 @@ def running_slot(
     app has no slots yet). Raises UsageError (exit 2, naming the number ``given_as``)
     for a ``number`` outside 1..max_instances unless that slot runs: started before
     max_instances was lowered, it is listed by ``status`` and must stay reachable by
-    its number."""
+    its number (and for one that is not an int: "1" raised TypeError from a compare)."""
+    if type(number) is not int:
+        layout.check_number(number, given_as)
     directory = state.find_instances(layout.app) if number > 0 else None
     info = read_instance(directory, number) if directory is not None else None
     if info is None or not info.alive:
