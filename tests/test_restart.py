@@ -828,6 +828,70 @@ def test_a_restart_gets_its_socket_listening_though_the_last_run_shut_it_down(
     assert proc.returncode == 0, err
 
 
+# A database whose first run serves until $GATE exists, then crashes; each later run
+# takes a second before it serves (its port is bound by itself: refused meanwhile).
+FLAKY_DB = """\
+import os, socket, sys, time
+runs = os.environ["RUNS"]
+first = not os.path.exists(runs)
+open(runs, "a").write("x")
+if not first:
+    time.sleep(1.0)
+server = socket.create_server(("127.0.0.1", int(os.environ["PORT"])))
+server.settimeout(0.05)
+print("serving", flush=True)
+while not (first and os.path.exists(os.environ["GATE"])):
+    try:
+        server.accept()[0].close()
+    except OSError:
+        pass
+sys.exit(1)
+"""
+
+# Connects to the database as it starts (fails if it is down), then serves fd 3.
+NEEDS_DB = """\
+import os, socket
+socket.create_connection(("127.0.0.1", int(os.environ["PORTPOOL_PORT_DB"])), 5).close()
+sock = socket.socket(fileno=3)
+print("serving", flush=True)
+while True:
+    sock.accept()[0].close()
+"""
+
+
+def test_a_rolling_restart_waits_for_a_dependency_that_is_restarting_after_a_crash(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A SIGHUP while db restarted after a crash: db was passed over ("not ready"), and
+    api, which depends on it, was restarted onto a dead db, failed, and ended the
+    instance (exit 5)."""
+    db, api = tmp_path / "db.py", tmp_path / "api.py"
+    db.write_text(FLAKY_DB)
+    api.write_text(NEEDS_DB)
+    config = write_config(tmp_path, port_base, {
+        "db": {"command": [sys.executable, str(db)], "socket": "port", "ready": "log:serving",
+               "restart": "on-failure"},
+        "api": {"command": [sys.executable, str(api)], "ready": "log:serving", "restart": "no",
+                "depends_on": ["db"]},
+    })  # fmt: skip
+    gate = tmp_path / "gate"
+    env = {**os.environ, "GATE": str(gate), "RUNS": str(tmp_path / "runs")}
+    proc = start("up", "--config", str(config), env=env)
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        gate.touch()  # db crashes; its next run serves a second later
+        wait_for(lambda: service_record(config, "db")["state"] != "ready", 30, interval=0.01)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: service_record(config, "api")["planned_restarts"] == 1, 30)
+        assert service_record(config, "db")["state"] == "ready"
+        assert proc.poll() is None
+    finally:
+        out, err = stop_up(reader)
+    assert proc.returncode == 0, err
+    assert "api exited" not in out and "ConnectionRefusedError" not in out, out
+
+
 # Says whether fd 3 came non-blocking, then sets it so (as an event loop does) and serves
 # blocking-style: a restart handed the socket in that state failed at its first accept.
 SETS_NONBLOCKING = """\

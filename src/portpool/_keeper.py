@@ -332,6 +332,18 @@ class ServiceKeeper:
                 self._cond.wait(min(remaining, 0.2))
         return self._ready_count > before
 
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` until the service is ready (one restarting by its
+        policy gets ready again). False if it is not by then, or the instance stops."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self.state != "ready" and not self._done.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.2))
+            return self.state == "ready" and not self._done.is_set()
+
 
 def _shell_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode

@@ -261,9 +261,11 @@ class ServiceSupervisor(Supervisor):
         return True
 
     def rolling_restart(self) -> list[str]:
-        """Restart every ready service in dependency order, each on its same socket,
-        waiting until it is ready again before the next; returns those restarted. A
-        call while one runs returns [] at once (``request_rolling_restart`` queues)."""
+        """Restart every service in dependency order, each on its same socket, waiting
+        until it is ready again before the next (one that is not ready at its turn,
+        restarting by its policy, until it is; if it is not in time, the rest are left
+        as they are); returns those restarted. A call while one runs returns [] at once
+        (``request_rolling_restart`` queues)."""
         if not self._rolling.acquire(blocking=False):
             return []
         try:
@@ -274,8 +276,17 @@ class ServiceSupervisor(Supervisor):
                 if self._done.is_set():
                     break
                 # Its stop and that of what it left (stop_leftovers) may each take a grace.
-                if keeper.restart_now(keeper.service.ready_timeout_s + 2 * self.grace_s):
-                    done.append(name)
+                budget = keeper.service.ready_timeout_s + 2 * self.grace_s
+                # One not ready (restarting by its policy) is waited for: it was passed
+                # over, and what depends on it was restarted onto a dead dependency.
+                if not keeper.restart_now(budget) and not keeper.wait_ready(budget):
+                    if not self._done.is_set():
+                        self._say(
+                            f"portpool: rolling restart stopped at {name}: not ready within "
+                            f"{budget:g} s (the services after it were not restarted)"
+                        )
+                    break
+                done.append(name)
             return done
         finally:
             self._rolling.release()
