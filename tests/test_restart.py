@@ -892,6 +892,38 @@ def test_a_rolling_restart_waits_for_a_dependency_that_is_restarting_after_a_cra
     assert "api exited" not in out and "ConnectionRefusedError" not in out, out
 
 
+IGNORES_SIGTERM = """\
+import signal, socket
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+sock = socket.socket(fileno=3)
+print("serving", flush=True)
+while True:
+    sock.accept()[0].close()
+"""
+
+
+def test_a_rolling_restart_names_the_service_it_sigkills_after_the_grace(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """A stop names each service it SIGKILLs when the grace is over; a rolling restart
+    SIGKILLed one that ignored SIGTERM without a word."""
+    script = tmp_path / "stubborn.py"
+    script.write_text(IGNORES_SIGTERM)
+    keys = {"command": [sys.executable, str(script)], "ready": "log:serving"}
+    config = write_config(tmp_path, port_base, {"stubborn": keys})
+    proc = start("up", "--grace", "0.3", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        first = service_record(config, "stubborn")["pid"]
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: service_record(config, "stubborn")["planned_restarts"] == 1, 30)
+    finally:
+        out, _err = stop_up(reader)
+    said = "still running 0.3 s after SIGTERM (--grace): SIGKILL to service 'stubborn'"
+    assert f"{said} (pid {first})" in out, out
+
+
 # Says whether fd 3 came non-blocking, then sets it so (as an event loop does) and serves
 # blocking-style: a restart handed the socket in that state failed at its first accept.
 SETS_NONBLOCKING = """\

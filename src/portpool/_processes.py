@@ -342,8 +342,7 @@ class Supervisor:
     def resume_stopped(self, names: Sequence[str]) -> None:
         """SIGCONT to each named process and its descendants that is stopped (SIGSTOP,
         Ctrl-Z), after a stop signal was passed to it: stopped, it acts on none, and
-        ``portpool stop`` of a ``run`` whose command was suspended timed out. Raises
-        nothing."""
+        ``portpool stop`` of a suspended ``run``'s command timed out. Raises nothing."""
         procs = [self.children[name] for name in names if name in self.children]
         self._resume_stopped(procs, with_descendants=True)
 
@@ -358,6 +357,7 @@ class Supervisor:
         try:
             proc.wait(timeout=self.grace_s)
         except subprocess.TimeoutExpired:
+            self.grace_over(signal.SIGTERM, [proc.pid])  # said, as a stop's SIGKILL is
             self.send(_SIGKILL, [name])
             proc.wait()
 
