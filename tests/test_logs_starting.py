@@ -256,3 +256,54 @@ def test_logs_after_stop_show_an_instance_stopped_while_starting_after_its_up_de
         portpool("stop", "--all", cwd=tmp_path)
     shown = _logs_of_this_instance(tmp_path, home)
     assert "is up" not in shown and "ready to serve" not in shown
+
+
+def test_logs_in_a_checkout_whose_detached_instance_stopped_show_its_own_log_only(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """`logs` in checkout A, whose `up --detach` instance 2 was stopped, while another
+    checkout's instance (not detached) was the only one running: it said "instance 3
+    ... has no log (it was not started with --detach)", which is that checkout's, and
+    never showed A's; with two others running it listed them. Once another checkout's
+    detached instance had number 2 since, its log is not A's to show."""
+    hello = "import os, time; print('hello from', os.getcwd(), flush=True); time.sleep(120)"
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+        service = {"command": [sys.executable, "-c", hello], "ready": "log:hello from"}
+        write_layout(tmp_path / name / "portpool.toml", port_base, services={"web": service})
+    attached: list[subprocess.Popen[str]] = []
+
+    def up(checkout: str, number: int, *detach: str) -> None:
+        if detach:
+            done = portpool("up", *detach, "--instance", str(number), cwd=tmp_path / checkout)
+            assert done.returncode == 0, done.stderr
+            return
+        attached.append(start("up", "--instance", str(number), cwd=tmp_path / checkout))
+        config = tmp_path / checkout / "portpool.toml"
+        wait_for(lambda: number in [i["number"] for i in status_json(config)["instances"]])
+
+    def logs_of_a() -> subprocess.CompletedProcess[str]:
+        return portpool("logs", cwd=tmp_path / "a")
+
+    try:
+        up("a", 2, "--detach")
+        assert portpool("stop", cwd=tmp_path / "a").returncode == 0
+        up("b", 3)
+        shown = logs_of_a()
+        assert shown.returncode == 0, shown.stderr
+        assert f"web | hello from {tmp_path / 'a'}" in shown.stdout
+        up("c", 4)  # two others run now
+        assert f"web | hello from {tmp_path / 'a'}" in logs_of_a().stdout
+        theirs = portpool("logs", cwd=tmp_path / "b")  # b's own: its instance has no log
+        assert theirs.returncode == 1 and "instance 3 of testapp has no log" in theirs.stderr
+        assert portpool("stop", "--all", cwd=tmp_path / "b").returncode == 0
+        up("b", 2, "--detach")  # b's detached instance 2 replaces 2.log
+        assert portpool("stop", "2", cwd=tmp_path / "b").returncode == 0
+        up("c", 4)
+        shown = logs_of_a()  # not b's log, as if it were a's
+        assert shown.returncode == 1 and "hello from" not in shown.stdout, shown.stdout
+        assert "instance 4 of testapp has no log" in shown.stderr, shown.stderr
+    finally:
+        portpool("stop", "--all", cwd=tmp_path / "a")
+        for proc in attached:
+            kill_if_running(proc)

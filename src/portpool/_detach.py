@@ -28,6 +28,7 @@ from portpool._platform import (
     stop_signals,
 )
 from portpool._programs import check_commands
+from portpool._relay import hold_stop_signals, let_signals_in
 from portpool.errors import DetachFailed, Interrupted, PortPoolError, StateDirError, UsageError
 from portpool.layout import Layout, require_layout
 from portpool.records import read_instance
@@ -135,11 +136,11 @@ def adopt_starting_log(instance: Instance) -> None:
     claim = _claim
     if claim is None:
         return
-    number = instance.number
+    number, directory = instance.number, instance.directory
     if not claim.hooked:
         claim.hooked = True
-        instance.on_release(lambda: _adopt(claim, number))
-    _adopt(claim, number)
+        instance.on_release(lambda: _adopt(claim, number, directory))
+    _adopt(claim, number, directory)
 
 
 def _client_waits(client: ProcessIdentity | None) -> bool:
@@ -152,7 +153,7 @@ def _client_waits(client: ProcessIdentity | None) -> bool:
     return now is not None and now.start_token == client.start_token
 
 
-def _adopt(claim: _Claim, number: int) -> None:
+def _adopt(claim: _Claim, number: int, directory: str | None) -> None:
     with claim.lock:
         if claim.settled or _client_waits(claim.client):
             return
@@ -168,7 +169,8 @@ def _adopt(claim: _Claim, number: int) -> None:
                 elif claim.file is None or (here.st_dev, here.st_ino) == claim.file:
                     # Not another file by its name: a later `up --detach` given that pid.
                     me = current_identity()
-                    problem = _place_log(logs, number, claim.log, me.pid, me.start_token)
+                    up = (me.pid, me.start_token)
+                    problem = _place_log(logs, number, claim.log, up, directory)
         except (OSError, PortPoolError) as e:
             where = os.path.join(claim.state_path, "apps", claim.app, "logs")
             problem = _log_stays(where, number, claim.log, e)
@@ -303,7 +305,7 @@ def start_detached(
     # Held while it starts: a stop signal's Interrupted raised inside Popen, after the
     # fork, left the background up running with nobody knowing its pid (1 run in 3 of a
     # SIGTERM a few ms in). The background up lets them in first thing.
-    mask = _hold_stop_signals()
+    mask = hold_stop_signals()
     try:
         # Its own output unbuffered by -u, not PYTHONUNBUFFERED=1 in its environment:
         # every service inherited that, and ran otherwise than in the foreground.
@@ -319,19 +321,19 @@ def start_detached(
         # Nothing was started, nothing will write to it: an empty log nothing names.
         with contextlib.suppress(OSError):
             logs.unlink(starting)
-        _let_signals_in(mask)
+        let_signals_in(mask)
         raise
     finally:
         os.close(fd)
     try:
         # A stop signal anywhere until it is said up stops it (Interrupted): raised once
         # it was up, it left a running instance behind a command that printed nothing.
-        _let_signals_in(mask)
+        let_signals_in(mask)
         started = _wait_until_up(state, layout.app, logs, starting, proc)
         if announce is not None:
             # Said with the signals held: one that comes once the line is out must not
             # stop what it said is up (it did, 1 run in 2 of a SIGTERM sent on the line).
-            mask = _hold_stop_signals()
+            mask = hold_stop_signals()
             announce(started)
     except BaseException as e:
         if not isinstance(e, DetachFailed) and proc.poll() is None:
@@ -339,25 +341,10 @@ def start_detached(
             proc.wait()
         if proc.poll() is not None:
             drop_log_owner(logs, starting)  # its up is gone: the log stays, for the error
-        _let_signals_in(mask)
+        let_signals_in(mask)
         raise
-    _let_signals_in(mask)  # a signal that came while it was said: the caller's, up kept
+    let_signals_in(mask)  # a signal that came while it was said: the caller's, up kept
     return started
-
-
-def _hold_stop_signals() -> set[int | signal.Signals] | None:
-    """Block the stop signals in this thread (POSIX): one that comes stays pending until
-    ``_let_signals_in``. Returns the mask to restore, None where there are no masks."""
-    if sys.platform == "win32":
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
-
-
-def _let_signals_in(mask: set[int | signal.Signals] | None) -> None:
-    """Restore ``mask``: a stop signal held meanwhile is acted on now (a SignalScope's
-    handler raises Interrupted here). Nothing for None."""
-    if mask is not None and sys.platform != "win32":
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def _wait_until_up(
@@ -417,19 +404,23 @@ def _wait_until_up(
             _outcome(proc.returncode),
             when="right after it was up",
         )
-    problem = _place_log(logs, number, starting, proc.pid, identity.start_token)
+    up = (proc.pid, identity.start_token)
+    problem = _place_log(logs, number, starting, up, info.directory)
     log = f"{number}.log" if problem is None else starting
     notes += (f"portpool: warning: {problem}",) if problem else ()
     ports = {s.name: s.port for s in info.services if s.port is not None}
     return Detached(number, proc.pid, os.path.join(logs.path, log), ports, notes, problem is None)
 
 
-def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str) -> str | None:
-    """Move the log ``starting`` to ``<number>.log``, tied to its ``up`` (``pid``,
-    ``token``); None, or what kept it where it is (tied to its up there still). The
-    instance has its number by then, and may be up: a directory at that path ended `up
-    --detach` in a traceback over a running instance whose log `logs` called absent
-    ("not started with --detach"). In this order, so that `logs` finds it at every step."""
+def _place_log(
+    logs: DirHandle, number: int, starting: str, up: tuple[int, str], directory: str | None
+) -> str | None:
+    """Move the log ``starting`` to ``<number>.log``, tied to its ``up`` (pid, start
+    token) and the instance's checkout ``directory``; None, or what kept it where it is
+    (tied to its up there still). The instance has its number by then, and may be up:
+    a directory at that path ended `up --detach` in a traceback over a running instance
+    whose log `logs` called absent ("not started with --detach"). In this order, so
+    that `logs` finds it at every step."""
     final = f"{number}.log"
     blocked: Exception | None = None
     try:
@@ -438,7 +429,7 @@ def _place_log(logs: DirHandle, number: int, starting: str, pid: int, token: str
     except OSError as e:
         blocked = e  # still owned below: `logs` then names what is in the way
     try:
-        set_log_owner(logs, final, pid, token)
+        set_log_owner(logs, final, *up, directory)
         if blocked is None:
             logs.rename(starting, final)
     except (OSError, PortPoolError) as e:

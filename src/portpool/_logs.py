@@ -58,7 +58,7 @@ def _owner_name(log: str) -> str:
     return log.removesuffix(".log") + ".owner.json"
 
 
-def _log_owner(logs: DirHandle, log: str) -> tuple[int, str] | None:
+def _read_owner(logs: DirHandle, log: str) -> dict[str, object] | None:
     try:
         raw = read_json_file(logs, _owner_name(log))
     except NotAFile as e:
@@ -67,7 +67,12 @@ def _log_owner(logs: DirHandle, log: str) -> tuple[int, str] | None:
         raise StateDirError(where, f"{e}: remove it") from e
     except ValueError:
         return None
-    if not isinstance(raw, dict):
+    return raw if isinstance(raw, dict) else None
+
+
+def _log_owner(logs: DirHandle, log: str) -> tuple[int, str] | None:
+    raw = _read_owner(logs, log)
+    if raw is None:
         return None
     pid, token = raw.get("pid"), raw.get("start_token")
     if type(pid) is not int or not 0 < pid < 2**31 or not isinstance(token, str):
@@ -75,11 +80,15 @@ def _log_owner(logs: DirHandle, log: str) -> tuple[int, str] | None:
     return pid, token
 
 
-def set_log_owner(logs: DirHandle, log: str, pid: int, start_token: str) -> None:
+def set_log_owner(
+    logs: DirHandle, log: str, pid: int, start_token: str, directory: str | None = None
+) -> None:
     """Record that the log named ``log`` (``<n>.log`` before it is renamed into place,
     ``.starting-<pid>.log`` before its ``up`` takes a slot) is written by the ``up``
-    with ``pid`` and ``start_token``. Raises StateDirError if it cannot be written."""
-    owner = {"pid": pid, "start_token": start_token}
+    with ``pid`` and ``start_token``, for the checkout ``directory`` (an instance's
+    number may be another checkout's later). Raises StateDirError if it cannot be
+    written."""
+    owner = {"pid": pid, "start_token": start_token, "dir": directory}
     write_atomic(logs, _owner_name(log), json.dumps(owner).encode())
 
 
@@ -214,6 +223,22 @@ def _open_own_log(
     ])  # fmt: skip
 
 
+def _own_stopped_number(layout: Layout, state: StateDir) -> int | None:
+    """This checkout's last number when it does not run and its log was written for this
+    checkout (its owner file says; another checkout may have had the number since),
+    else None."""
+    here = checkout_dir(layout)
+    own = previous_number(state, layout, here)
+    logs = state.find("apps", check_name("app", layout.app), "logs")
+    if own is None or logs is None:
+        return None
+    slot = running_slot(layout, own, state=state)
+    owner = _read_owner(logs, f"{own}.log")
+    if (slot is not None and slot.alive) or owner is None or owner.get("dir") != here:
+        return None
+    return own
+
+
 def follow_log(
     layout: Layout,
     write: Callable[[str], None],
@@ -227,10 +252,12 @@ def follow_log(
     their prefix, when given); with ``follow`` keep writing until the ``up`` that wrote
     it stops.
 
-    The instance is ``number``, else as ``find_instance``, else this checkout's last
-    number. A running instance is shown only the log its own ``up`` wrote, from its
-    start (while it starts too, and if its ``up --detach`` died before it was up); a
-    stopped one, the last detached instance's. Returns that number. Raises
+    The instance is ``number``, else as ``find_instance`` (but this checkout's last
+    number rather than another checkout's, when that one stopped and has its log),
+    else this checkout's last number. A running instance is shown only the log its
+    own ``up`` wrote, from its start (while it starts too, and if its ``up --detach``
+    died before it was up); a stopped one, the last detached instance's. Returns that
+    number. Raises
     UnknownService, UsageError (a ``number`` outside 1..max_instances that does not
     run), NotRunning (no such instance, or it has no log), StateDirError (the log is a
     symlink, a directory, ... or cannot be read), TypeError (``layout`` no Layout).
@@ -242,13 +269,18 @@ def follow_log(
     running: InstanceInfo | None = None
     unusable: str | None = None
     if number is None:
+        # This checkout's last instance, stopped, with its log: not another checkout's
+        # "only running one" (it said that one "has no log", never showing this one's).
+        stopped = _own_stopped_number(layout, state)
         try:
             running = find_instance(layout, state=state)
             number = running.number
+            if stopped is not None and running.directory != checkout_dir(layout):
+                running, number = None, stopped
         except NotRunning as e:
             # None runs: this checkout's last log. Some run (several, none of them this
             # checkout's, or one whose record is unreadable): which one is for the user.
-            number = None if e.running else previous_number(state, layout, checkout_dir(layout))
+            number = stopped if e.running else previous_number(state, layout, checkout_dir(layout))
             if number is None:
                 raise
     else:

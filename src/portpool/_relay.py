@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -225,3 +226,18 @@ def die_of(signum: int) -> NoReturn:
         os.kill(os.getpid(), signum)
         # Still alive: a signal whose default is not to end the process.
     os._exit(128 + signum)
+
+
+def hold_stop_signals() -> set[int | signal.Signals] | None:
+    """Block the stop signals in this thread (POSIX): one that comes stays pending until
+    ``let_signals_in``. Returns the mask to restore, None where there are no masks."""
+    if sys.platform == "win32":
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
+
+
+def let_signals_in(mask: set[int | signal.Signals] | None) -> None:
+    """Restore ``mask``: a stop signal held meanwhile is acted on now (a SignalScope's
+    handler raises Interrupted here). Nothing for None."""
+    if mask is not None and sys.platform != "win32":
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
