@@ -137,13 +137,22 @@ def test_unlinked_lock_file_is_detected(state: StateDir, port_base: int):
 def test_replaced_lock_file_is_detected_and_new_holders_record_survives(
     state: StateDir, port_base: int
 ):
-    """Someone replaces our lock file; a new holder locks it; our release spares its record."""
+    """Someone replaces our lock file: a new holder is refused while our record names
+    us (it took the port and wrote over our record); once that record is gone too, a
+    new holder locks the new file, and our release spares its record."""
     lock = PortLock.acquire(state, port_base)
     _write(lock)
     path = ports_of(state) / f"{port_base}.lock"
     os.unlink(path)
     path.touch()
     assert "replaced" in (lock.problem() or "")
+    if sys.platform == "linux":  # where a removed file's flock can be read
+        tries = subprocess.run(
+            [sys.executable, "-c", HOLDER, str(port_base)],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert tries.returncode == 1 and "removed or replaced under it" in tries.stderr
+    (ports_of(state) / f"{port_base}.json").unlink()
     proc = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(port_base)], stdout=subprocess.PIPE, text=True
     )

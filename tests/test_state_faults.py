@@ -1112,3 +1112,30 @@ def test_a_program_that_released_its_instance_after_losing_the_lock_file_frees_i
     finally:
         program.kill()
         program.wait()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a removed file's flock is read in /proc")
+def test_a_port_whose_lock_file_was_removed_under_its_holder_is_still_held(
+    tmp_path: Path, port_base: int, state: StateDir
+) -> None:
+    """A port's lock file removed under its live holder (by hand, a cleaner of /tmp):
+    doctor said "free", another app's start took the port and wrote over the holder's
+    record ({} once it ended), while gc said its holder still ran. Until the holder's
+    shield trips, the port stays its own."""
+    from portpool.pool import acquire
+
+    config = write_layout(tmp_path / "portpool.toml", port_base, app="otherapp",
+                          services={"x": {"base": port_base, "size": 1}})  # fmt: skip
+    config.write_text(config.read_text().replace("size = 2", "size = 1"))
+    with acquire(state, [port_base], app="testapp", instance=1, service="a") as lease:
+        lease.close_socket()  # handed over by number, as `socket = "port"`: no bind refuses
+        (Path(state.path) / "ports" / f"{port_base}.lock").unlink()
+        held = f"held by instance 1 of testapp (pid {os.getpid()}, service a), its "
+        held += f"{port_base}.lock removed or replaced under it"
+        run = portpool("run", "--instance", "1", "--config", str(config), "--", "true")
+        assert run.returncode == 3, run.stderr
+        assert held in run.stderr, run.stderr
+        doctor = portpool("doctor", "--config", str(config))
+        assert held in doctor.stdout, doctor.stdout
+        record = (Path(state.path) / "ports" / f"{port_base}.json").read_bytes()
+        assert record == encode_record(lease.record)  # never written over

@@ -6,6 +6,7 @@ is held (an unreadable record is "held-unreadable").
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Iterable
@@ -49,6 +50,10 @@ class PortStatus:
     # it of a free one. doctor called such a port "held, metadata unreadable (not
     # written yet)", which never changed.
     unusable: str | None = None
+    # The record's live process holds the flock of this port's lock file, removed or
+    # replaced under it: doctor said "free" and a start took the port (gc said its
+    # holder still ran), until the holder's shield tripped.
+    lock_removed: bool = False
 
     @property
     def is_free(self) -> bool:
@@ -61,6 +66,11 @@ class PortStatus:
             return "free"
         if self.unusable is not None:
             return self.unusable
+        if self.lock_removed and self.record is not None:
+            return (
+                f"held by {self.record.describe()}, its {self.port}.lock removed or replaced "
+                "under it (it stops at its shield's next check)"
+            )
         if self.record is not None and not self.stale:
             return f"held by {self.record.describe()}"
         who = "held"
@@ -121,6 +131,16 @@ def _stale(record: PortRecord, holder: int | None) -> bool:
     )
 
 
+def holds_removed_lock(directory: DirHandle, port: int, record: PortRecord | None) -> bool:
+    """Whether ``record`` names a live process that holds the flock of ``port``'s lock
+    file removed or replaced under it (by hand, a cleaner of /tmp): the port is still
+    its own until its shield trips. False where that cannot be told (not Linux)."""
+    if record is None or not is_alive(record.identity):
+        return False
+    path = os.path.realpath(os.path.join(directory.path, f"{port}.lock"))
+    return OpenFiles().holds_removed_flock(record.pid, path)
+
+
 def _other_holder(
     directory: DirHandle, port: int, record: PortRecord, locked: LockTable | None
 ) -> int | None:
@@ -165,6 +185,10 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
     if locked is None:
         locked = locked_inodes()
     if not is_held(directory, f"{port}.lock", locked):
+        with contextlib.suppress(ValueError):
+            record = read_port_record(directory, port)
+            if holds_removed_lock(directory, port, record):
+                return PortStatus(port, "held", record, lock_removed=True)
         return PortStatus(port, "free")
     try:
         record = read_port_record(directory, port)

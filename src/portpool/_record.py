@@ -168,7 +168,7 @@ def decode_record(data: bytes) -> PortRecord | None:
     return PortRecord(**values)
 
 
-def _read_record_fd(fd: int) -> PortRecord | None:
+def read_record_fd(fd: int) -> PortRecord | None:
     """Read a record, retrying a torn read a few times. Raises ValueError if unreadable."""
     error = ValueError("record could not be read")
     for _ in range(_READ_RETRIES):
@@ -198,6 +198,6 @@ def read_port_record(directory: DirHandle, port: int) -> PortRecord | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("record is not a regular file")
-        return _read_record_fd(fd)
+        return read_record_fd(fd)
     finally:
         os.close(fd)

@@ -32,6 +32,7 @@ from portpool._record import (
     PortRecord,
     encode_record,
     read_port_record,
+    read_record_fd,
 )
 from portpool.errors import LockError, LockHeld, StateDirError
 from portpool.statedir import StateDir, out_of_descriptors
@@ -40,6 +41,21 @@ if TYPE_CHECKING:
     from portpool._portstatus import SharedLockTable
 
 __all__ = ["PortLock"]
+
+
+def _refuse_a_removed_lock(directory: DirHandle, port: int, meta_fd: int) -> None:
+    """Raise LockHeld if the record names a live holder of this port whose lock file
+    was removed or replaced under it: our new file's lock says nothing of it, and a
+    start took the port and wrote over the holder's record."""
+    try:
+        record = read_record_fd(meta_fd)
+    except ValueError:
+        return
+    from portpool._portstatus import PortStatus, holds_removed_lock  # only for a record
+
+    if record is not None and holds_removed_lock(directory, port, record):
+        status = PortStatus(port, "held", record, lock_removed=True)
+        raise LockHeld(os.path.join(directory.path, f"{port}.lock"), status)
 
 
 @dataclass
@@ -71,6 +87,12 @@ class PortLock:
         try:
             meta_fd = _open_meta(directory, f"{port}.json")
         except BaseException:
+            lock.release()
+            raise
+        try:
+            _refuse_a_removed_lock(directory, port, meta_fd)
+        except BaseException:
+            os.close(meta_fd)
             lock.release()
             raise
         state.keep_open()
