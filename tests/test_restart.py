@@ -5,6 +5,7 @@ no connection is refused), the crash-loop limit, SIGHUP's rolling restart."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -922,6 +923,40 @@ def test_a_rolling_restart_names_the_service_it_sigkills_after_the_grace(
         out, _err = stop_up(reader)
     said = "still running 0.3 s after SIGTERM (--grace): SIGKILL to service 'stubborn'"
     assert f"{said} (pid {first})" in out, out
+
+
+# Starts a child that ignores SIGTERM (left behind when it exits), then serves fd 3.
+LEAVES_A_STUBBORN_CHILD = """\
+import signal, socket, subprocess, sys
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 300"])
+sock = socket.socket(fileno=3)
+print("serving", flush=True)
+while True:
+    sock.accept()[0].close()
+"""
+
+
+def test_a_rolling_restart_names_a_leftover_it_sigkills_after_the_grace(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """What a service's process left running is stopped before its restart, SIGKILLed
+    after the grace: without a word, where a stop names it."""
+    script = tmp_path / "leaves.py"
+    script.write_text(LEAVES_A_STUBBORN_CHILD)
+    keys = {"command": [sys.executable, str(script)], "ready": "log:serving"}
+    config = write_config(tmp_path, port_base, {"svc": keys})
+    proc = start("up", "--grace", "0.3", "--config", str(config))
+    reader = LineReader(proc)
+    try:
+        wait_is_up(reader)
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: service_record(config, "svc")["planned_restarts"] == 1, 30)
+    finally:
+        out, _err = stop_up(reader)
+    said = r"after SIGTERM \(--grace\): SIGKILL to pid \d+ \(of service 'svc'\)"
+    restarting = out.partition("rolling restart of svc")[2].partition("stopping on SIGTERM")[0]
+    assert re.search(said, restarting), out
 
 
 # Says whether fd 3 came non-blocking, then sets it so (as an event loop does) and serves

@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import IO, TYPE_CHECKING
 
@@ -190,6 +192,8 @@ class ServiceSupervisor(Supervisor):
                 proc.terminate()
         resume_stopped(found.values())
         _, alive = psutil.wait_procs(list(found.values()), timeout=self.grace_s)
+        if alive:  # said, as a stop's SIGKILL is
+            self.grace_over(signal.SIGTERM, [p.pid for p in alive])
         for proc in alive:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
@@ -277,9 +281,12 @@ class ServiceSupervisor(Supervisor):
                     break
                 # Its stop and that of what it left (stop_leftovers) may each take a grace.
                 budget = keeper.service.ready_timeout_s + 2 * self.grace_s
+                deadline = time.monotonic() + budget
                 # One not ready (restarting by its policy) is waited for: it was passed
                 # over, and what depends on it was restarted onto a dead dependency.
-                if not keeper.restart_now(budget) and not keeper.wait_ready(budget):
+                if not keeper.restart_now(budget) and not keeper.wait_ready(
+                    deadline - time.monotonic()
+                ):
                     if not self._done.is_set():
                         self._say(
                             f"portpool: rolling restart stopped at {name}: not ready within "
