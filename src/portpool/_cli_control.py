@@ -48,12 +48,20 @@ def up_detached(
     from portpool._text import shell_word
     from portpool.statedir import StateDir
 
+    gone: list[BrokenPipeError] = []
+
     def say_up(started: Detached) -> None:
         # Said with the stop signals held: one that comes before is for the background
         # up too (stopped), one that comes once it is said is for this command alone.
         for note in started.notes:  # its warnings (a skipped slot, ...) are for this terminal
             click.echo(display(note), err=True)
         click.echo(f"portpool: instance {started.number} of {layout.app} is up (pid {started.pid})")
+        try:
+            say_where(started)
+        except BrokenPipeError as e:  # `| head -1` read "is up": that instance stays
+            gone.append(e)
+
+    def say_where(started: Detached) -> None:
         for name, port in started.ports.items():
             click.echo(f"  {name:<16} {port:>5}")
         where = f" --config {shell_word(config)}" if config is not None else ""
@@ -76,6 +84,8 @@ def up_detached(
             quiet=quiet,
             announce=say_up,
         )
+    if gone:
+        raise gone[0]  # dies of SIGPIPE, as a pipeline's writer
 
 
 @click.command(cls=JsonAwareCommand)

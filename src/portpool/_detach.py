@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -25,10 +24,14 @@ from portpool._platform import (
     current_identity,
     detached_options,
     identity_of,
-    stop_signals,
 )
 from portpool._programs import check_commands
-from portpool._relay import hold_stop_signals, let_signals_in
+from portpool._relay import (
+    hold_stop_signals,
+    let_held_signals_in,
+    let_signals_in,
+    raise_if_interrupted,
+)
 from portpool.errors import DetachFailed, Interrupted, PortPoolError, StateDirError, UsageError
 from portpool.layout import Layout, require_layout
 from portpool.records import read_instance
@@ -104,8 +107,7 @@ def claim_starting_log(state_path: str, app: str, log: str) -> None:
     Raises nothing: what went wrong is said as a warning on stderr (the log itself,
     which ``up --detach`` relays), and the up goes on."""
     global _claim
-    if sys.platform != "win32":  # held by `up --detach` as it started us
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals())
+    let_held_signals_in()  # held by `up --detach` as it started us
     try:
         named = _STARTING_LOG.fullmatch(log)
         if not named:
@@ -334,6 +336,7 @@ def start_detached(
             # Said with the signals held: one that comes once the line is out must not
             # stop what it said is up (it did, 1 run in 2 of a SIGTERM sent on the line).
             mask = hold_stop_signals()
+            raise_if_interrupted()  # one that came before, during an import
             announce(started)
     except BaseException as e:
         if not isinstance(e, DetachFailed) and proc.poll() is None:
@@ -380,6 +383,7 @@ def _wait_until_up(
                         _tail(seen),
                         _outcome(proc.returncode),
                     )
+                raise_if_interrupted()  # a stop signal that came during an import
                 time.sleep(_POLL_S)
     finally:
         os.close(reader)

@@ -56,6 +56,8 @@ class SignalScope:
     signals are blocked for reading with their sender, and threads inherit the block.
     """
 
+    active: SignalScope | None = None  # the one in use (main thread only: one at a time)
+
     def __init__(self) -> None:
         # A signal the caller ignored (`nohup`, `cmd &` in a script) stays ignored, for us
         # and, through exec, for every program we start: as a shell leaves it.
@@ -79,6 +81,7 @@ class SignalScope:
         for signum in self.signals:
             self._old[signum] = signal.getsignal(signum)
             signal.signal(signum, self._interrupt)
+        SignalScope.active = self
         chld = getattr(signal, "SIGCHLD", None)
         if chld is not None and signal.getsignal(chld) is signal.SIG_IGN:
             # Ignored, the kernel reaps our children itself and every exit status reads
@@ -193,6 +196,7 @@ class SignalScope:
         error: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        SignalScope.active = None
         self._closing.set()
         if self._thread is not None:
             self._inbox.wake(self._thread.ident)
@@ -228,12 +232,34 @@ def die_of(signum: int) -> NoReturn:
     os._exit(128 + signum)
 
 
+def _scope_signals() -> list[int]:
+    # Every signal a SignalScope may turn into Interrupted: SIGALRM's was not held.
+    return [*stop_signals(), *passed_signals()]
+
+
 def hold_stop_signals() -> set[int | signal.Signals] | None:
-    """Block the stop signals in this thread (POSIX): one that comes stays pending until
-    ``let_signals_in``. Returns the mask to restore, None where there are no masks."""
+    """Block the signals a SignalScope acts on in this thread (POSIX): one that comes
+    stays pending until ``let_signals_in``. Returns the mask to restore, None where there
+    are no masks."""
     if sys.platform == "win32":
         return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals())
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _scope_signals())
+
+
+def let_held_signals_in() -> None:
+    """Unblock what ``hold_stop_signals`` blocked, in a process started while they were
+    held (it inherited the mask). Nothing off POSIX."""
+    if sys.platform != "win32":
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _scope_signals())
+
+
+def raise_if_interrupted() -> None:
+    """Raise Interrupted if this process's SignalScope took a stop signal it could not
+    raise then (it came during an import), for a caller that never calls ``check``:
+    ``up --detach`` went on and printed "is up" after a Ctrl-C, and ignored the next."""
+    scope = SignalScope.active
+    if scope is not None and scope._interrupted is not None:
+        raise Interrupted(scope._interrupted)
 
 
 def let_signals_in(mask: set[int | signal.Signals] | None) -> None:
