@@ -7,6 +7,7 @@ whole life of an instance whose `up --detach` was killed before "is up"."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import subprocess
@@ -307,3 +308,31 @@ def test_logs_in_a_checkout_whose_detached_instance_stopped_show_its_own_log_onl
         portpool("stop", "--all", cwd=tmp_path / "a")
         for proc in attached:
             kill_if_running(proc)
+
+
+def test_logs_with_nothing_running_never_shows_another_checkouts_log_as_this_ones(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    """X's detached instance 1 stopped, then Y's: nothing runs, and `logs` in X showed
+    Y's log (number 1 is X's last) as X's. A log whose owner file names no checkout (an
+    older portpool wrote it) is still shown, as before."""
+    hello = "import os, time; print('hello from', os.getcwd(), flush=True); time.sleep(120)"
+    for name in ("x", "y"):
+        (tmp_path / name).mkdir()
+        service = {"command": [sys.executable, "-c", hello], "ready": "log:hello from"}
+        write_layout(tmp_path / name / "portpool.toml", port_base, services={"web": service})
+        up = portpool("up", "--detach", cwd=tmp_path / name)
+        assert up.returncode == 0 and " instance 1 " in up.stdout, up.stderr
+        assert portpool("stop", cwd=tmp_path / name).returncode == 0
+    shown = portpool("logs", cwd=tmp_path / "x")
+    assert shown.returncode == 1 and "hello from" not in shown.stdout, shown.stdout
+    assert shown.stderr == (
+        "portpool: error: instance 1 of testapp is not running, and its last log is "
+        f"another checkout's ({tmp_path / 'y'})\n"
+    )
+    assert portpool("logs", cwd=tmp_path / "y").returncode == 0  # Y's own
+    owner = home / "apps" / "testapp" / "logs" / "1.owner.json"
+    written = json.loads(owner.read_text())
+    owner.write_text(json.dumps({k: v for k, v in written.items() if k != "dir"}))
+    older = portpool("logs", cwd=tmp_path / "x")
+    assert older.returncode == 0 and f"hello from {tmp_path / 'y'}" in older.stdout

@@ -17,6 +17,7 @@ from portpool._heldlock import is_held
 from portpool._jsonfile import NotAFile, read_json_file, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
 from portpool._slots import checkout_dir, previous_number
+from portpool._text import printable
 from portpool.errors import NotRunning, StateDirError, UsageError
 from portpool.layout import Layout, require_layout
 from portpool.records import SLOT_UNUSABLE, InstanceInfo
@@ -223,20 +224,30 @@ def _open_own_log(
     ])  # fmt: skip
 
 
+def _log_checkout(state: StateDir, app: str, number: int) -> str | None:
+    """The checkout ``<number>.log`` was written for, as its owner file says; None if it
+    does not say (no log, or one an older portpool wrote)."""
+    logs = state.find("apps", check_name("app", app), "logs")
+    owner = None if logs is None else _read_owner(logs, f"{number}.log")
+    named = None if owner is None else owner.get("dir")
+    return named if isinstance(named, str) else None
+
+
 def _own_stopped_number(layout: Layout, state: StateDir) -> int | None:
-    """This checkout's last number when it does not run and its log was written for this
-    checkout (its owner file says; another checkout may have had the number since),
-    else None."""
+    """This checkout's last number when it does not run and has a log written for this
+    checkout (another checkout may have had the number since), else None."""
     here = checkout_dir(layout)
     own = previous_number(state, layout, here)
-    logs = state.find("apps", check_name("app", layout.app), "logs")
-    if own is None or logs is None:
+    if own is None or _log_checkout(state, layout.app, own) not in (None, here):
         return None
     slot = running_slot(layout, own, state=state)
-    owner = _read_owner(logs, f"{own}.log")
-    if (slot is not None and slot.alive) or owner is None or owner.get("dir") != here:
+    logs = state.find("apps", check_name("app", layout.app), "logs")
+    if (slot is not None and slot.alive) or logs is None:
         return None
-    return own
+    try:
+        return own if logs.stat_entry(f"{own}.log") is not None else None
+    except OSError:
+        return None
 
 
 def follow_log(
@@ -283,6 +294,12 @@ def follow_log(
             number = stopped if e.running else previous_number(state, layout, checkout_dir(layout))
             if number is None:
                 raise
+            other = _log_checkout(state, layout.app, number)
+            if other is not None and other != checkout_dir(layout):  # shown as ours
+                raise NotRunning(layout.app, (
+                    f"instance {number} of {layout.app} is not running, and its last "
+                    f"log is another checkout's ({printable(other)})"
+                ), []) from None  # fmt: skip
     else:
         slot = running_slot(layout, number, state=state)
         running = slot if slot is not None and slot.alive else None
