@@ -109,6 +109,8 @@ if sys.argv[3] == "replace":
     with open(path + ".new", "w") as f:
         f.write("")
     os.replace(path + ".new", path)
+# And its record: while that names its live holder, PortLock refuses the new file.
+os.unlink(os.path.join(sys.argv[1], "ports", f"{port}.json"))
 lock = PortLock.acquire(state, port)
 lock.write_record(app="other", instance=9, service="intruder", host="127.0.0.1")
 print("ready", flush=True)
