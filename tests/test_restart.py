@@ -903,28 +903,6 @@ while True:
 """
 
 
-def test_a_rolling_restart_names_the_service_it_sigkills_after_the_grace(
-    tmp_path: Path, port_base: int, home: Path
-) -> None:
-    """A stop names each service it SIGKILLs when the grace is over; a rolling restart
-    SIGKILLed one that ignored SIGTERM without a word."""
-    script = tmp_path / "stubborn.py"
-    script.write_text(IGNORES_SIGTERM)
-    keys = {"command": [sys.executable, str(script)], "ready": "log:serving"}
-    config = write_config(tmp_path, port_base, {"stubborn": keys})
-    proc = start("up", "--grace", "0.3", "--config", str(config))
-    reader = LineReader(proc)
-    try:
-        wait_is_up(reader)
-        first = service_record(config, "stubborn")["pid"]
-        proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: service_record(config, "stubborn")["planned_restarts"] == 1, 30)
-    finally:
-        out, _err = stop_up(reader)
-    said = "still running 0.3 s after SIGTERM (--grace): SIGKILL to service 'stubborn'"
-    assert f"{said} (pid {first})" in out, out
-
-
 # Starts a child that ignores SIGTERM (left behind when it exits), then serves fd 3.
 LEAVES_A_STUBBORN_CHILD = """\
 import signal, socket, subprocess, sys
@@ -937,14 +915,23 @@ while True:
 """
 
 
-def test_a_rolling_restart_names_a_leftover_it_sigkills_after_the_grace(
-    tmp_path: Path, port_base: int, home: Path
+@pytest.mark.parametrize(
+    ("script", "killed"),
+    [
+        (IGNORES_SIGTERM, r"SIGKILL to service 'svc' \(pid \d+\)"),
+        (LEAVES_A_STUBBORN_CHILD, r"SIGKILL to pid \d+ \(of service 'svc'\)"),
+    ],
+    ids=["the service", "its leftover"],
+)
+def test_a_rolling_restart_names_what_it_sigkills_after_the_grace(
+    tmp_path: Path, port_base: int, home: Path, script: str, killed: str
 ) -> None:
-    """What a service's process left running is stopped before its restart, SIGKILLed
-    after the grace: without a word, where a stop names it."""
-    script = tmp_path / "leaves.py"
-    script.write_text(LEAVES_A_STUBBORN_CHILD)
-    keys = {"command": [sys.executable, str(script)], "ready": "log:serving"}
+    """A stop names each process it SIGKILLs when the grace is over; a rolling restart
+    SIGKILLed a service that ignored SIGTERM, and what its process left running, without
+    a word."""
+    path = tmp_path / "svc.py"  # write_config writes its own service.py
+    path.write_text(script)
+    keys = {"command": [sys.executable, str(path)], "ready": "log:serving"}
     config = write_config(tmp_path, port_base, {"svc": keys})
     proc = start("up", "--grace", "0.3", "--config", str(config))
     reader = LineReader(proc)
@@ -954,9 +941,8 @@ def test_a_rolling_restart_names_a_leftover_it_sigkills_after_the_grace(
         wait_for(lambda: service_record(config, "svc")["planned_restarts"] == 1, 30)
     finally:
         out, _err = stop_up(reader)
-    said = r"after SIGTERM \(--grace\): SIGKILL to pid \d+ \(of service 'svc'\)"
     restarting = out.partition("rolling restart of svc")[2].partition("stopping on SIGTERM")[0]
-    assert re.search(said, restarting), out
+    assert re.search(r"still running 0\.3 s after SIGTERM \(--grace\): " + killed, restarting), out
 
 
 # Says whether fd 3 came non-blocking, then sets it so (as an event loop does) and serves
