@@ -224,30 +224,29 @@ def _open_own_log(
     ])  # fmt: skip
 
 
-def _log_checkout(state: StateDir, app: str, number: int) -> str | None:
+def _log_checkout(logs: DirHandle | None, number: int) -> str | None:
     """The checkout ``<number>.log`` was written for, as its owner file says; None if it
     does not say (no log, or one an older portpool wrote)."""
-    logs = state.find("apps", check_name("app", app), "logs")
     owner = None if logs is None else _read_owner(logs, f"{number}.log")
     named = None if owner is None else owner.get("dir")
     return named if isinstance(named, str) else None
 
 
-def _own_stopped_number(layout: Layout, state: StateDir) -> int | None:
-    """This checkout's last number when it does not run and has a log written for this
-    checkout (another checkout may have had the number since), else None."""
-    here = checkout_dir(layout)
+def _own_stopped_number(
+    layout: Layout, state: StateDir, logs: DirHandle | None, here: str
+) -> int | None:
+    """This checkout's (``here``'s) last number when it does not run and has a log in
+    ``logs`` written for this checkout (another checkout may have had the number since),
+    else None."""
     own = previous_number(state, layout, here)
-    if own is None or _log_checkout(state, layout.app, own) not in (None, here):
+    if own is None or logs is None or _log_checkout(logs, own) not in (None, here):
         return None
     slot = running_slot(layout, own, state=state)
-    logs = state.find("apps", check_name("app", layout.app), "logs")
-    if (slot is not None and slot.alive) or logs is None:
-        return None
     try:
-        return own if logs.stat_entry(f"{own}.log") is not None else None
+        found = logs.stat_entry(f"{own}.log") is not None
     except OSError:
         return None
+    return own if found and not (slot is not None and slot.alive) else None
 
 
 def follow_log(
@@ -280,22 +279,29 @@ def follow_log(
     running: InstanceInfo | None = None
     unusable: str | None = None
     if number is None:
-        # This checkout's last instance, stopped, with its log: not another checkout's
-        # "only running one" (it said that one "has no log", never showing this one's).
-        stopped = _own_stopped_number(layout, state)
+        here = checkout_dir(layout)
+        logs = state.find("apps", check_name("app", layout.app), "logs")
         try:
             running = find_instance(layout, state=state)
             number = running.number
-            if stopped is not None and running.directory != checkout_dir(layout):
-                running, number = None, stopped
+            if running.directory != here:
+                # This checkout's last instance, stopped, with its log: not another
+                # checkout's "only running one" (it said that one "has no log", never
+                # showing this one's).
+                stopped = _own_stopped_number(layout, state, logs, here)
+                if stopped is not None:
+                    running, number = None, stopped
         except NotRunning as e:
             # None runs: this checkout's last log. Some run (several, none of them this
             # checkout's, or one whose record is unreadable): which one is for the user.
-            number = stopped if e.running else previous_number(state, layout, checkout_dir(layout))
+            if e.running:
+                number = _own_stopped_number(layout, state, logs, here)
+            else:
+                number = previous_number(state, layout, here)
             if number is None:
                 raise
-            other = _log_checkout(state, layout.app, number)
-            if other is not None and other != checkout_dir(layout):  # shown as ours
+            other = _log_checkout(logs, number)
+            if other is not None and other != here:  # shown as ours
                 raise NotRunning(layout.app, (
                     f"instance {number} of {layout.app} is not running, and its last "
                     f"log is another checkout's ({printable(other)})"

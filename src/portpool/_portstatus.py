@@ -131,14 +131,31 @@ def _stale(record: PortRecord, holder: int | None) -> bool:
     )
 
 
-def holds_removed_lock(directory: DirHandle, port: int, record: PortRecord | None) -> bool:
-    """Whether ``record`` names a live process that holds the flock of ``port``'s lock
-    file removed or replaced under it (by hand, a cleaner of /tmp): the port is still
-    its own until its shield trips. False where that cannot be told (not Linux)."""
+def removed_lock_status(
+    directory: DirHandle, port: int, record: PortRecord | None
+) -> PortStatus | None:
+    """The status of ``port`` when ``record`` names a live process that holds the flock
+    of its lock file removed or replaced under it (by hand, a cleaner of /tmp): the port
+    is still that process's until its shield trips. None otherwise, or where that
+    cannot be told (not Linux)."""
     if record is None or not is_alive(record.identity):
-        return False
+        return None
     path = os.path.realpath(os.path.join(directory.path, f"{port}.lock"))
-    return OpenFiles().holds_removed_flock(record.pid, path)
+    if not OpenFiles().holds_removed_flock(record.pid, path):
+        return None
+    return PortStatus(port, "held", record, lock_removed=True)
+
+
+def is_recorded_process(holder: int, pid: object, start_token: object, boot_id: object) -> bool:
+    """Whether the process ``holder`` (a pid of this namespace) is the one a record names
+    by ``pid``, ``start_token`` and ``boot_id``, seen from another pid namespace too (a
+    container sharing the state dir): by its pid in its own namespace, not by the token
+    alone (two processes started in one clock tick share it). Raises nothing."""
+    seen = identity_of(holder)
+    if seen is None or (seen.start_token, seen.boot_id) != (start_token, boot_id):
+        return False
+    inner = namespace_pids(holder)
+    return inner is None or pid in inner
 
 
 def _other_holder(
@@ -151,26 +168,14 @@ def _other_holder(
         entry = directory.stat_entry(f"{port}.lock")
     except OSError:
         return None
-    if (
-        entry is None
-        or locked is None
-        or locked.get((entry.st_dev, entry.st_ino))
-        in (
-            None,
-            record.pid,
-        )
-    ):
+    listed = None if entry is None or locked is None else locked.get((entry.st_dev, entry.st_ino))
+    if listed in (None, record.pid):
         return None
     holder = lock_holder(directory, f"{port}.lock", locked)
-    seen = None if holder is None else identity_of(holder)
-    if holder is None or seen is None:
+    if holder is None or identity_of(holder) is None:
+        return None  # cannot tell
+    if is_recorded_process(holder, record.pid, record.start_token, record.boot_id):
         return None
-    if (seen.start_token, seen.boot_id) == (record.start_token, record.boot_id):
-        # The record's process seen from another pid namespace: by its pid in its own.
-        # Not the token alone: two processes started in one clock tick share it.
-        inner = namespace_pids(holder)
-        if inner is None or record.pid in inner:
-            return None
     return holder
 
 
@@ -186,9 +191,9 @@ def inspect_port(state: StateDir, port: int, locked: LockTable | None = None) ->
         locked = locked_inodes()
     if not is_held(directory, f"{port}.lock", locked):
         with contextlib.suppress(ValueError):
-            record = read_port_record(directory, port)
-            if holds_removed_lock(directory, port, record):
-                return PortStatus(port, "held", record, lock_removed=True)
+            removed = removed_lock_status(directory, port, read_port_record(directory, port))
+            if removed is not None:
+                return removed
         return PortStatus(port, "free")
     try:
         record = read_port_record(directory, port)

@@ -15,9 +15,8 @@ from portpool._platform import (
     ProcessIdentity,
     identity_of,
     is_alive,
-    namespace_pids,
 )
-from portpool._portstatus import lock_holder
+from portpool._portstatus import is_recorded_process, lock_holder
 
 __all__ = ["record_mismatch", "running_holder"]
 
@@ -55,12 +54,9 @@ def record_mismatch(
     holder = lock_holder(directory, f"{number}.lock", locked() if callable(locked) else locked)
     if holder is None:
         return None
-    seen = identity_of(holder)
-    token, boot, recorded = raw.get("start_token"), raw.get("boot_id"), raw.get("pid")
-    if seen is not None and (seen.start_token, seen.boot_id) == (token, boot):
-        inner = namespace_pids(holder)
-        if inner is None or recorded in inner:
-            return None  # the holder, by its pid in its own namespace
+    recorded = raw.get("pid")
+    if is_recorded_process(holder, recorded, raw.get("start_token"), raw.get("boot_id")):
+        return None
     if holder == recorded:  # as a port record's: "a reused pid" read as another process
         names = f"the record names pid {recorded} with another start time (an earlier process"
         names += " of that pid, or a record edited by hand)"

@@ -51,10 +51,10 @@ def _refuse_a_removed_lock(directory: DirHandle, port: int, meta_fd: int) -> Non
         record = read_record_fd(meta_fd)
     except ValueError:
         return
-    from portpool._portstatus import PortStatus, holds_removed_lock  # only for a record
+    from portpool._portstatus import removed_lock_status  # only for a record
 
-    if record is not None and holds_removed_lock(directory, port, record):
-        status = PortStatus(port, "held", record, lock_removed=True)
+    status = None if record is None else removed_lock_status(directory, port, record)
+    if status is not None:
         raise LockHeld(os.path.join(directory.path, f"{port}.lock"), status)
 
 
