@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -265,6 +266,40 @@ def test_slot_blocked_by_foreign_programs_is_skipped(
     finally:
         for s in foreign:
             s.close()
+
+
+def test_a_number_taken_past_a_blocked_slot_is_not_the_checkouts_from_then_on(
+    layout_file: Path, home: Path
+) -> None:
+    # A start that found slot 1's pool held by a foreign program took 2, and 2 became
+    # the checkout's number: once the program was gone, every start still took 2.
+    layout = load_layout(str(layout_file))
+    show = [sys.executable, "-c", "import os; print(os.environ['PORTPOOL_INSTANCE'])"]
+
+    def number() -> str:
+        done = portpool("run", "--config", str(layout_file), "--", *show)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert number() == "1\n"  # the checkout's number from now on
+    foreign = [socket.create_server(("127.0.0.1", p)) for p in layout.pool("beta", 1)]
+    try:
+        assert number() == "2\n"
+    finally:
+        for s in foreign:
+            s.close()
+    assert number() == "1\n"
+    # With no number kept yet, a start past a blocked slot keeps none either.
+    checkouts = home / "apps" / layout.app / "checkouts"
+    shutil.rmtree(checkouts)
+    foreign = [socket.create_server(("127.0.0.1", p)) for p in layout.pool("beta", 1)]
+    try:
+        assert number() == "2\n"
+    finally:
+        for s in foreign:
+            s.close()
+    assert not list(checkouts.iterdir())
+    assert number() == "1\n"
 
 
 def test_every_slot_blocked_reports_the_pool(tmp_path: Path, port_base: int, state) -> None:

@@ -44,7 +44,8 @@ def start_instance(
     if it is outside 1..max), else the number the last instance for ``directory`` (default:
     ``checkout_dir(layout)``) had if it is free, else the lowest free one. A slot where
     one service's whole pool is taken (foreign programs, other apps' leases) is skipped
-    (a warning says which and why). ``services`` (service names) limits the leases to
+    (a warning says which and why), and the number taken past it is not remembered for
+    ``directory``. ``services`` (service names) limits the leases to
     those services (all when None or empty); a single name may be given as a str.
     Raises NoFreeSlot, PoolExhausted or SlotUnavailable (nothing is held afterwards),
     UnknownService for a name the layout lacks, UsageError for a ``number`` outside
@@ -91,7 +92,8 @@ def start_instance(
     instance.skipped = skipped
     instance._owns_state = owned
     try:
-        remember_number(state, layout.app, directory, instance.number, remembered)
+        if not skipped:  # a fallback past blocked slots kept the checkout off its own
+            remember_number(state, layout.app, directory, instance.number, remembered)
         if heartbeat:
             instance.start_heartbeat()
     except BaseException:
