@@ -3,6 +3,7 @@ slots, port/env, stop (and what it refuses to signal), up --detach and logs."""
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1073,6 +1075,26 @@ def test_start_detached_starts_the_layout_it_is_given(
     for changed in (layout.with_changes(max_instances=1), default_layout().with_changes(app="x")):
         with pytest.raises(portpool_lib.UsageError, match="detached up reads its layout"):
             portpool_lib.start_detached(changed, state=state)
+
+
+def test_start_detached_keeps_and_reaps_the_background_up_it_started(
+    tmp_path: Path, port_base: int, home: Path, state: StateDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It dropped the Popen of the background up while that ran: "subprocess N is still
+    # running" (ResourceWarning) in the caller, an error under -W error::ResourceWarning.
+    layout = load_layout(str(_service_layout(tmp_path, port_base, [sys.executable, "-c", SERVE])))
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = portpool_lib.start_detached(layout, state=state, quiet=True)
+        try:
+            gc.collect()
+        finally:
+            portpool_lib.stop_instances(layout, started.number, state=state)
+        # Reaped once it ended, not left a zombie of this process.
+        wait_for(lambda: not os.path.exists(f"/proc/{started.pid}"), timeout=30)
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
 def test_start_detached_finds_a_program_on_a_relative_path_entry_from_its_cwd(

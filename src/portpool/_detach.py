@@ -347,6 +347,9 @@ def start_detached(
         let_signals_in(mask)
         raise
     let_signals_in(mask)  # a signal that came while it was said: the caller's, up kept
+    # Kept and reaped when it ends: dropped while it ran, the Popen warned "subprocess N
+    # is still running" (ResourceWarning) in a program that called this.
+    threading.Thread(target=proc.wait, name="portpool-detached-up", daemon=True).start()
     return started
 
 
