@@ -623,6 +623,19 @@ def test_hosts() -> None:
         Layout("a", service, host="my-laptop")
 
 
+def test_localhost_in_any_case_is_localhost(tmp_path: Path) -> None:
+    # host = "Localhost" was "must be an IP address ... or 'localhost'", though a name's
+    # case never matters and acquire(host="LOCALHOST") took both loopbacks.
+    for spelling in ("Localhost", "LOCALHOST"):
+        Layout("a", (Service("s", 20000, 1),), host=spelling)  # accepted
+        path = tmp_path / "p.toml"
+        path.write_text(f'app = "a"\nhost = "{spelling}"\n[services.s]\nbase = 20000\nsize = 1\n')
+        cli = [sys.executable, "-m", "portpool.cli", "layout", "--config", str(path)]
+        done = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        assert "host: localhost\n" in done.stdout
+
+
 # --- warnings -------------------------------------------------------------------------
 
 

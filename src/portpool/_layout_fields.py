@@ -315,7 +315,7 @@ def _host_problem(host: object) -> str | None:
     bind are refused here, not by every bind later ("Invalid argument", exit 3)."""
     if not isinstance(host, str):
         return f"must be a string, not {toml_type(host)}"
-    if host == "localhost":
+    if host.lower() == "localhost":  # a name's case never matters, as acquire's does not
         return None
     try:
         ip = ipaddress.ip_address(host)
