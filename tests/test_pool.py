@@ -325,6 +325,11 @@ def test_a_pool_given_as_one_str_is_a_type_error(state: StateDir, port_base: int
         ({"host": "127.0.0.1:8000"}, InvalidArgument, "host='127.0.0.1:8000': cannot be resolved"),
         ({"host": ""}, InvalidArgument, "host='': cannot be resolved"),
         ({"host": " 127.0.0.1"}, InvalidArgument, "host=' 127.0.0.1': cannot be resolved"),
+        ({"host": "fe80::1"}, InvalidArgument, "host='fe80::1': is a link-local address without"),
+        # Leased and listened on, where no TCP client ever reaches it.
+        ({"host": "224.0.0.1"}, InvalidArgument, "host='224.0.0.1': is a multicast or broadcast"),
+        ({"host": "ff02::1"}, InvalidArgument, "is a multicast or broadcast address"),
+        ({"host": "255.255.255.255"}, InvalidArgument, "is a multicast or broadcast address"),
     ],
 )
 def test_arguments_acquire_cannot_use_are_refused_before_any_port_is_locked(

@@ -149,6 +149,21 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
     return (first, *(dataclasses.replace(t, serves=False) for t in others))
 
 
+def unbindable(host: str) -> str | None:
+    """Why no TCP server can listen on the IP address ``host``, or None (a name, or an
+    address the kernel may bind): each such bind failed alike, "no free port" (exit 3),
+    or a multicast address was leased and listened on where no client reaches it."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if ip.is_multicast or host == "255.255.255.255":
+        return "is a multicast or broadcast address, where a TCP server cannot listen"
+    if ip.version == 6 and ip.is_link_local and ip.scope_id is None:
+        return "is a link-local address without its zone, e.g. fe80::1%eth0"
+    return None
+
+
 def _address_target(host: str) -> BindTarget:
     """The socket a lease on the IP address ``host`` serves with. Raises ValueError."""
     ip = ipaddress.ip_address(host)

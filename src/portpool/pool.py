@@ -21,6 +21,7 @@ from portpool._addresses import (
     bind_targets,
     check_port,
     endpoint,
+    unbindable,
 )
 from portpool._dataclass import dataclass, field
 from portpool._layout_fields import normalize_host
@@ -274,6 +275,9 @@ def _check_arguments(host: str, app: str, instance: int, service: str, backlog: 
         bind_targets(host)
     except OSError as e:
         raise InvalidArgument("host", host, f"cannot be resolved ({e.strerror or e})") from None
+    problem = unbindable(host)
+    if problem is not None:
+        raise InvalidArgument("host", host, problem)
 
 
 def acquire(
@@ -297,7 +301,8 @@ def acquire(
     it in a ``with`` block or call ``release()``.
     Raises PoolExhausted with a Refusal per port when every port is refused, InvalidPort
     (a ValueError) for a value that is not a port, InvalidArgument (a ValueError) for a
-    ``host`` name that does not resolve or an ``instance`` or ``backlog`` below 0,
+    ``host`` name that does not resolve, a multicast or broadcast ``host`` or an IPv6
+    link-local one without its zone, or an ``instance`` or ``backlog`` below 0,
     TypeError for a ``state`` that is no StateDir, a ``pool`` that is no iterable or
     one str, a ``host``, ``app`` or ``service`` that is not a str, an ``instance`` or
     ``backlog`` that is not an int, StateDirError if the ports directory is unusable or
