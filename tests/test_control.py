@@ -228,6 +228,38 @@ def test_checkouts_sharing_a_symlinked_layout_file_are_each_their_own(
             p.wait(timeout=30)
 
 
+def test_a_command_under_run_asking_for_its_port_gets_its_own_instances(
+    layout_file: Path, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A test script under `portpool run` asked `portpool port beta`: it got this
+    # checkout's other instance (1), whose services it then talked to, or stopped.
+    layout = load_layout(str(layout_file))
+    release = tmp_path / "release"
+    first, number = _hold(layout_file, release)
+    try:
+        assert number == 1
+        cli, config = shlex.join(PORTPOOL), shlex.join(["--config", str(layout_file)])
+        script = f"{cli} port beta {config}; {cli} env {config} | grep INSTANCE"
+        done = portpool("run", "--config", str(layout_file), "--", "sh", "-c", script)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [str(layout.pool("beta", 2)[0]), "PORTPOOL_INSTANCE=2"]
+        # `stop` stops its own run (which dies of the SIGTERM it passed on), not instance 1.
+        script = f"{cli} stop {config}; sleep 30"
+        done = portpool("run", "--config", str(layout_file), "--", "sh", "-c", script)
+        assert done.returncode == -signal.SIGTERM, done.stderr
+        assert first.poll() is None
+        # Named by an environment that no running instance's process gave (a stale
+        # `eval "$(portpool env --export)"`): this checkout's instance, as before.
+        monkeypatch.setenv("PORTPOOL_APP", layout.app)
+        for stale in ("2", "1x", "0", "99999999999999999999"):
+            monkeypatch.setenv("PORTPOOL_INSTANCE", stale)
+            shown = portpool("port", "beta", "--config", str(layout_file))
+            assert shown.stdout == f"{layout.pool('beta', 1)[0]}\n", shown.stderr
+    finally:
+        release.touch()
+        first.wait(timeout=30)
+
+
 def test_slot_blocked_by_foreign_programs_is_skipped(
     layout_file: Path, state: StateDir, caplog: pytest.LogCaptureFixture
 ) -> None:

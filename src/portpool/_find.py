@@ -7,6 +7,7 @@ An instance runs while its slot's kernel lock is held: a record alone is never t
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shlex
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from typing import TypeGuard
 
 from portpool._heldlock import is_held
 from portpool._jsonfile import record_problem
-from portpool._platform import DirHandle, LockTable, OpenFiles, locked_inodes
+from portpool._platform import DirHandle, LockTable, OpenFiles, ancestors, locked_inodes
 from portpool._record import PortRecord, read_port_record
 from portpool._slots import checkout_dir, previous_number
 from portpool._text import printable
@@ -91,6 +92,23 @@ def running_slot(
     return info
 
 
+def _enclosing_instance(layout: Layout, state: StateDir) -> InstanceInfo | None:
+    """The running instance of ``layout`` whose ``run`` or ``up`` started this process
+    (``PORTPOOL_APP`` and ``PORTPOOL_INSTANCE`` name it, and its process is one of ours'
+    ancestors), else None: a script under ``run`` that asked ``portpool port`` got this
+    checkout's other instance. A stale export (``env --export`` in a shell) is ignored."""
+    number = os.environ.get("PORTPOOL_INSTANCE", "")
+    if os.environ.get("PORTPOOL_APP") != layout.app or not (number.isascii() and number.isdigit()):
+        return None
+    if not 1 <= int(number) <= layout.max_instances:
+        return None
+    directory = state.find_instances(layout.app)
+    info = read_instance(directory, int(number)) if directory is not None else None
+    if info is None or not info.alive or not info.readable or lost_its_lock(info):
+        return None
+    return info if info.pid in ancestors(os.getpid()) else None
+
+
 def find_instance(
     layout: Layout,
     number: int | None = None,
@@ -99,10 +117,10 @@ def find_instance(
     cwd: str | None = None,
     pick: str = "--instance",
 ) -> InstanceInfo:
-    """The running instance ``number``, else this checkout's (see ``checkout_dir``), else
-    the only running one. ``pick``: how the command is given a number, for the message
-    listing several (``stop`` takes it as an argument: "--instance" sent users to an
-    option it lacks).
+    """The running instance ``number``, else the one whose ``run`` or ``up`` started this
+    process, else this checkout's (see ``checkout_dir``), else the only running one.
+    ``pick``: how the command is given a number, for the message listing several
+    (``stop`` takes it as an argument: "--instance" sent users to an option it lacks).
 
     Raises UsageError (exit 2) for a ``number`` outside 1..max_instances that does not
     run, NotRunning (exit 1) when that instance does not run, when none runs, or when
@@ -123,6 +141,9 @@ def find_instance(
         raise NotRunning(app, f"instance {number} of {app} {why}{others}", [
             i.number for i in running
         ])  # fmt: skip
+    enclosing = _enclosing_instance(layout, state)
+    if enclosing is not None:
+        return enclosing
     alive = _alive(layout, state)
     running = [i for i in alive if i.readable and not lost_its_lock(i)]
     here = checkout_dir(layout, cwd)
