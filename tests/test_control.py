@@ -41,6 +41,7 @@ from portpool._heldlock import HeldLock
 from portpool._jsonfile import write_atomic
 from portpool._platform import current_identity
 from portpool._portstatus import inspect_port
+from portpool._slots import remember_number
 from portpool.errors import PoolExhausted, SlotUnavailable, StopFailed
 from portpool.instance import start_instance
 from portpool.layout import Service, default_layout, load_layout
@@ -101,6 +102,40 @@ def test_same_checkout_gets_its_previous_number(layout_file: Path, state: StateD
         start_instance(layout, state=state, directory="/checkouts/b") as b,
     ):
         assert b.number == 1
+
+
+def test_a_copy_that_ended_does_not_move_the_checkouts_number(
+    layout_file: Path, state: StateDir
+) -> None:
+    # Eight parallel runs in one checkout: one that took 2 because the checkout's 1 was
+    # busy remembered 2 whenever the run on 1 had ended by then (the checkout drifted
+    # 1, 3, 2, 4 over rounds, and its next `up` took another number's ports).
+    layout = load_layout(str(layout_file))
+    with start_instance(layout, state=state, directory="/c") as first:
+        assert first.number == 1
+    checkout = Path(state.path) / "apps" / layout.app / "checkouts"
+    (kept,) = checkout.iterdir()
+    remember_number(state, layout.app, "/c", 2, 1, pinned=False)  # 1 has ended
+    assert json.loads(kept.read_text())["number"] == 1
+    with start_instance(layout, state=state, directory="/d", number=1):
+        remember_number(state, layout.app, "/c", 2, 1, pinned=False)  # another's has it
+    assert json.loads(kept.read_text())["number"] == 2
+    remember_number(state, layout.app, "/c", 3, 2, pinned=True)  # pinned: chosen
+    assert json.loads(kept.read_text())["number"] == 3
+
+
+def test_parallel_runs_in_one_checkout_keep_its_number(layout_file: Path, home: Path) -> None:
+    first = portpool("run", "--config", str(layout_file), "--", "true")
+    assert first.returncode == 0, first.stderr
+    (kept,) = (home / "apps" / "testapp" / "checkouts").iterdir()
+    for round_ in range(5):
+        jobs = [
+            start("run", "-q", "--config", str(layout_file), "--", "sleep", f"0.{(round_ + i) % 4}")
+            for i in range(6)
+        ]
+        ended = [(job.communicate(timeout=60)[1], job.returncode) for job in jobs]
+        assert [code for _, code in ended] == [0] * 6, ended
+        assert json.loads(kept.read_text())["number"] == 1, round_
 
 
 def test_of_two_copies_for_one_checkout_the_first_is_the_checkouts(

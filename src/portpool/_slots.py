@@ -90,28 +90,29 @@ def previous_number(state: StateDir, layout: Layout, directory: str) -> int | No
 
 
 def remember_number(
-    state: StateDir, app: str, directory: str, number: int, remembered: int | None
+    state: StateDir, app: str, directory: str, number: int, remembered: int | None, *, pinned: bool
 ) -> None:
     """Remember ``number`` as ``directory``'s, unless it is ``remembered`` (the number
     ``previous_number`` gave) or ``remembered`` still runs there: a second copy for the
     same checkout, pinned to a number or not, must not move the first one's number
-    (``stop`` without one stopped the second). A failure is logged, never raised."""
-    if number == remembered or _runs_for(state, app, remembered, directory):
+    (``stop`` without one stopped the second). Not ``pinned``, a start took another
+    number only because ``remembered`` was busy: it moves the checkout only while another
+    checkout's instance holds it (a copy that ended since moved it: eight parallel runs
+    left the checkout on 4). A failure is logged, never raised."""
+    if number == remembered:
         return
+    if remembered is not None:
+        info = read_instance(state.instances(app), remembered)
+        here = info.alive and info.directory == directory
+        elsewhere = info.alive and info.directory not in (None, directory)  # None: starting
+        if here or not (pinned or elsewhere):
+            return
     data = json.dumps({"dir": directory, "number": number}).encode()
     try:
         handle = state.subdir("apps", check_name("app", app), "checkouts")
         write_atomic(handle, _checkout_file(directory), data)
     except PortPoolError as e:
         log.warning("cannot remember instance %d for %s: %s", number, directory, e)
-
-
-def _runs_for(state: StateDir, app: str, number: int | None, directory: str) -> bool:
-    """Whether instance ``number`` runs, started for ``directory``."""
-    if number is None:
-        return False
-    info = read_instance(state.instances(app), number)
-    return info.alive and info.directory == directory
 
 
 def _slot_order(layout: Layout, preferred: int | None, skip: set[int]) -> list[int]:

@@ -93,7 +93,9 @@ def start_instance(
     instance._owns_state = owned
     try:
         if not skipped:  # a fallback past blocked slots kept the checkout off its own
-            remember_number(state, layout.app, directory, instance.number, remembered)
+            remember_number(
+                state, layout.app, directory, instance.number, remembered, pinned=number is not None
+            )
         if heartbeat:
             instance.start_heartbeat()
     except BaseException:
