@@ -187,6 +187,22 @@ def test_kill_int_to_a_foreground_run_reaches_the_command_once(
     assert "sigints 1" in term.text
 
 
+def test_a_typed_ctrl_c_reaches_a_command_that_left_runs_process_group_once(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    # `run -- timeout 8 sleep 100`: timeout (as setsid, or a program's own setpgid)
+    # puts itself in a group of its own, which the terminal's Ctrl-C no longer reaches;
+    # run took the Ctrl-C for one its command had got, and the command ran to its end.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    own_group = "import os; os.setpgid(0, 0)\n" + COUNT_SIGINT
+    term = Terminal([*PORTPOOL, "run", "-c", str(config), "--", sys.executable, "-c", own_group])
+    terminals.append(term)
+    term.read_until(b"ready")
+    term.ctrl_c()
+    assert term.wait() == 1, term.text
+    assert "sigints 1" in term.text
+
+
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_timeout_s_int_reaches_the_command_once(tmp_path: Path, port_base: int, home: Path) -> None:
     # timeout signals its child, then its whole process group.
@@ -815,6 +831,8 @@ def test_a_signal_that_came_before_the_command_is_handed_on_as_such() -> None:
     sent: list[int] = []
 
     class Command:  # where relay_to sends: the signals it passes on, recorded
+        children: dict[str, Any] = {}  # noqa: RUF012 (none started: in run's group)
+
         def send(self, signum: int, names: list[str]) -> None:
             sent.append(signum)
 

@@ -29,6 +29,7 @@ from portpool._platform import (
     controlling_terminal_alive,
     in_terminal_foreground,
     is_session_leader,
+    process_group,
 )
 from portpool._processes import Supervisor
 from portpool._programs import unexecutable
@@ -73,15 +74,23 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
         last_sent[received.signum] = (sender, now)
         return before is not None and before[0] == sender and now - before[1] < _MERGE_S
 
+    def in_our_group() -> bool:
+        """Whether the command still is in our process group: one that left it
+        (``timeout``, ``setsid``, a program's own setpgid) gets no signal sent to it.
+        A Ctrl-C that reached our group alone was lost: it ran on to its end."""
+        proc = supervisor.children.get(name)
+        return proc is None or process_group(proc.pid) in (None, process_group(os.getpid()))
+
     def relay(received: ReceivedSignal) -> None:
         if received.before_command:
             # Typed or sent before the command existed: it got none (a Ctrl-C typed
             # as it started was lost, 1 in 20).
             supervisor.send(received.signum, [name])
             return
-        if shared_group and received.from_kernel and received.signum not in alone:
+        shared = shared_group and in_our_group()
+        if shared and received.from_kernel and received.signum not in alone:
             return
-        if shared_group and received.to_group:
+        if shared and received.to_group:
             return  # sent to our whole group by a process: the command got it too
         if (
             received.signum == hangup
@@ -90,7 +99,7 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
             and not controlling_terminal_alive()
         ):
             return
-        if shared_group and not received.sender_known and received.signum in terminal_keys:
+        if shared and not received.sender_known and received.signum in terminal_keys:
             return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
         if repeated(received):
             return
