@@ -330,6 +330,7 @@ def test_a_pool_given_as_one_str_is_a_type_error(state: StateDir, port_base: int
         ({"host": "224.0.0.1"}, InvalidArgument, "host='224.0.0.1': is a multicast or broadcast"),
         ({"host": "ff02::1"}, InvalidArgument, "is a multicast or broadcast address"),
         ({"host": "255.255.255.255"}, InvalidArgument, "is a multicast or broadcast address"),
+        ({"host": "::ffff:224.0.0.1"}, InvalidArgument, "is a multicast or broadcast address"),
     ],
 )
 def test_arguments_acquire_cannot_use_are_refused_before_any_port_is_locked(

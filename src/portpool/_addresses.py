@@ -157,7 +157,9 @@ def unbindable(host: str) -> str | None:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if ip.is_multicast or host == "255.255.255.255":
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # what the kernel binds for it (::ffff:224.0.0.1 was leased)
+    if ip.is_multicast or str(ip) == "255.255.255.255":
         return "is a multicast or broadcast address, where a TCP server cannot listen"
     if ip.version == 6 and ip.is_link_local and ip.scope_id is None:
         return "is a link-local address without its zone, e.g. fe80::1%eth0"
