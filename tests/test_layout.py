@@ -627,7 +627,7 @@ def test_localhost_in_any_case_is_localhost(tmp_path: Path) -> None:
     # host = "Localhost" was "must be an IP address ... or 'localhost'", though a name's
     # case never matters and acquire(host="LOCALHOST") took both loopbacks.
     for spelling in ("Localhost", "LOCALHOST"):
-        Layout("a", (Service("s", 20000, 1),), host=spelling)  # accepted
+        assert Layout("a", (Service("s", 20000, 1),), host=spelling).host == "localhost"
         path = tmp_path / "p.toml"
         path.write_text(f'app = "a"\nhost = "{spelling}"\n[services.s]\nbase = 20000\nsize = 1\n')
         cli = [sys.executable, "-m", "portpool.cli", "layout", "--config", str(path)]

@@ -214,6 +214,7 @@ class Layout:
         problems.extend(cross)
         if problems:
             raise layout_error(self.source, problems)
+        object.__setattr__(self, "host", normalize_host(self.host))  # doctor printed "::0"
         object.__setattr__(self, "heartbeat_interval_s", float(self.heartbeat_interval_s))
         object.__setattr__(self, "shield_interval_s", float(self.shield_interval_s))
         object.__setattr__(self, "admissible_instances", admissible)
@@ -413,8 +414,7 @@ def parse_layout(data: Mapping[str, object], source: str) -> Layout:
     return Layout(
         app=app,  # type: ignore[arg-type]
         services=tuple(services),
-        # One spelling everywhere, as the README says: doctor and layout printed "::0".
-        host=normalize_host(host),  # type: ignore[arg-type]
+        host=host,  # type: ignore[arg-type]
         heartbeat_interval_s=heartbeat,  # type: ignore[arg-type]
         shield_interval_s=shield,  # type: ignore[arg-type]
         max_instances=max_instances or 0,  # type: ignore[arg-type]
