@@ -278,6 +278,12 @@ def test_a_command_under_run_asking_for_its_port_gets_its_own_instances(
         done = portpool("run", "--config", str(layout_file), "--", "sh", "-c", script)
         assert done.returncode == 0, done.stderr
         assert done.stdout.splitlines() == [str(layout.pool("beta", 2)[0]), "PORTPOOL_INSTANCE=2"]
+        # Under another app's run inside it too: its environment names that app.
+        other = write_layout(tmp_path / "other.toml", layout.pool("alpha", 1)[0] + 4, app="other")
+        inner = shlex.join([*PORTPOOL, "run", "-q", "--config", str(other), "--", "sh", "-c"])
+        nested = f"{inner} '{cli} port beta {config}'"
+        done = portpool("run", "-q", "--config", str(layout_file), "--", "sh", "-c", nested)
+        assert done.stdout == f"{layout.pool('beta', 2)[0]}\n", done.stderr
         # `stop` stops its own run (which dies of the SIGTERM it passed on), not instance 1.
         script = f"{cli} stop {config}; sleep 30"
         done = portpool("run", "--config", str(layout_file), "--", "sh", "-c", script)
@@ -1142,6 +1148,24 @@ def test_start_detached_starts_the_layout_it_is_given(
     for changed in (layout.with_changes(max_instances=1), default_layout().with_changes(app="x")):
         with pytest.raises(portpool_lib.UsageError, match="detached up reads its layout"):
             portpool_lib.start_detached(changed, state=state)
+
+
+def test_logs_under_a_run_is_of_that_runs_instance_not_of_a_stopped_one(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # A script under checkout b's run asked for checkout a's logs (`--config a/...`):
+    # it was shown a's stopped instance's log, while `port` gave its own instance's.
+    a, b = tmp_path / "a", tmp_path / "b"
+    for checkout in (a, b):
+        checkout.mkdir()
+        _service_layout(checkout, port_base, [sys.executable, "-c", SERVE])
+    assert portpool("up", "--detach", "-q", cwd=a).returncode == 0
+    assert portpool("stop", cwd=a).returncode == 0
+    assert "hello from" in portpool("logs", cwd=a).stdout  # a's, stopped
+    logs = shlex.join([*PORTPOOL, "logs", "--config", str(a / "portpool.toml")])
+    done = portpool("run", "-q", "--instance", "2", "--", "sh", "-c", logs, cwd=b)
+    assert done.returncode == 1, done.stdout
+    assert "has no log (it was not started with --detach)" in done.stderr
 
 
 def test_start_detached_keeps_and_reaps_the_background_up_it_started(

@@ -25,6 +25,7 @@ from portpool.records import LOCK_LOST, SLOT_UNUSABLE, InstanceInfo, list_instan
 from portpool.statedir import StateDir
 
 __all__ = [
+    "enclosing_instance",
     "find_instance",
     "format_env",
     "instance_env",
@@ -92,21 +93,16 @@ def running_slot(
     return info
 
 
-def _enclosing_instance(layout: Layout, state: StateDir) -> InstanceInfo | None:
-    """The running instance of ``layout`` whose ``run`` or ``up`` started this process
-    (``PORTPOOL_APP`` and ``PORTPOOL_INSTANCE`` name it, and its process is one of ours'
-    ancestors), else None: a script under ``run`` that asked ``portpool port`` got this
-    checkout's other instance. A stale export (``env --export`` in a shell) is ignored."""
-    number = os.environ.get("PORTPOOL_INSTANCE", "")
-    if os.environ.get("PORTPOOL_APP") != layout.app or not (number.isascii() and number.isdigit()):
+def enclosing_instance(running: Sequence[InstanceInfo]) -> InstanceInfo | None:
+    """The one of ``running`` whose ``run`` or ``up`` started this process (its process is
+    one of ours' ancestors), else None: a script under ``run`` that asked ``portpool port``
+    got this checkout's other instance. Only looked for where some instance's ``run`` or
+    ``up`` gave its environment (``PORTPOOL_INSTANCE``), of any app: one of another app
+    may run in between; a stale export names no ancestor."""
+    if "PORTPOOL_INSTANCE" not in os.environ:
         return None
-    if not 1 <= int(number) <= layout.max_instances:
-        return None
-    directory = state.find_instances(layout.app)
-    info = read_instance(directory, int(number)) if directory is not None else None
-    if info is None or not info.alive or not info.readable or lost_its_lock(info):
-        return None
-    return info if info.pid in ancestors(os.getpid()) else None
+    lineage = set(ancestors(os.getpid()))
+    return next((i for i in running if i.pid in lineage), None)
 
 
 def find_instance(
@@ -141,11 +137,11 @@ def find_instance(
         raise NotRunning(app, f"instance {number} of {app} {why}{others}", [
             i.number for i in running
         ])  # fmt: skip
-    enclosing = _enclosing_instance(layout, state)
-    if enclosing is not None:
-        return enclosing
     alive = _alive(layout, state)
     running = [i for i in alive if i.readable and not lost_its_lock(i)]
+    enclosing = enclosing_instance(running)
+    if enclosing is not None:
+        return enclosing
     here = checkout_dir(layout, cwd)
     mine = [i for i in running if i.directory == here]
     if mine:

@@ -12,7 +12,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 
-from portpool._find import find_instance, running_slot
+from portpool._find import enclosing_instance, find_instance, running_slot
 from portpool._heldlock import is_held
 from portpool._jsonfile import NotAFile, read_json_file, write_atomic
 from portpool._platform import DirHandle, identity_of, locked_inodes
@@ -263,7 +263,8 @@ def follow_log(
     it stops.
 
     The instance is ``number``, else as ``find_instance`` (but this checkout's last
-    number rather than another checkout's, when that one stopped and has its log),
+    number rather than another checkout's, unless that one started this process, when
+    this checkout's stopped and has its log),
     else this checkout's last number. A running instance is shown only the log its
     own ``up`` wrote, from its start (while it starts too, and if its ``up --detach``
     died before it was up); a stopped one, the last detached instance's. Returns that
@@ -284,7 +285,7 @@ def follow_log(
         try:
             running = find_instance(layout, state=state)
             number = running.number
-            if running.directory != here:
+            if running.directory != here and enclosing_instance([running]) is None:
                 # This checkout's last instance, stopped, with its log: not another
                 # checkout's "only running one" (it said that one "has no log", never
                 # showing this one's).
