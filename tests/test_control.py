@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from tests.helpers import (
     HOLD,
@@ -816,6 +817,39 @@ def test_stop_all_reports_the_ones_it_stopped_when_an_earlier_one_outlasts_the_t
         assert stubborn.wait(timeout=30) is not None
         if second is not None:
             kill_if_running(second)
+
+
+def test_stop_names_what_holds_the_ports_when_the_signalled_holder_is_gone(
+    layout_file: Path, tmp_path: Path
+) -> None:
+    # The run got SIGTERM, then a kill -9 while its command (which ignores SIGTERM)
+    # held the ports: stop said "pid <run> ... still holds ... (try again)", of a pid
+    # long gone, while the orphan it did not name held the ports.
+    layout = load_layout(str(layout_file))
+    release, got = tmp_path / "release", tmp_path / "got"
+    note = "import signal, sys\nsignal.signal(signal.SIGTERM, lambda *_: open(sys.argv[2], 'w'))\n"
+    argv = ["run", "--fds", "--config", str(layout_file), "--"]
+    run = start(*argv, sys.executable, "-c", note + HOLD, str(release), str(got))
+    orphan: int | None = None
+    try:
+        assert int(read_line(run)) == 1
+        (command,) = psutil.Process(run.pid).children()
+        orphan = command.pid
+        stop = start("stop", "--timeout", "3", "--config", str(layout_file))
+        wait_for(got.exists, 30)  # stop's SIGTERM, passed on by run: now it dies
+        run.kill()
+        run.wait(timeout=30)  # reaped, as its shell would
+        _, said = stop.communicate(timeout=60)
+        assert stop.returncode == 1, said
+        port = layout.pool("alpha", 1)[0]
+        assert f"pid {run.pid} got SIGTERM and is gone, but what it started still holds" in said
+        assert f"port {port} by pid {orphan}" in said, said
+        assert "try again" not in said
+    finally:
+        release.touch()
+        kill_if_running(run)
+        if orphan is not None:
+            wait_for(lambda: not pid_alive(orphan), 30)
 
 
 @pytest.mark.parametrize("as_json", [False, True], ids=["text", "json"])

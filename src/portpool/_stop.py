@@ -165,6 +165,28 @@ def _ours_listening(port: int, stopped: Stopped) -> bool:
     return any(p in stopped.tree for o in with_owners(rest) for p in o.pids)
 
 
+def _still_up(stopped: Stopped, timeout_s: float) -> str:
+    """Why ``stopped`` is not down after ``timeout_s``: its holder still runs, or, gone
+    (a kill -9 meanwhile), what it started still listens. That named the dead pid and
+    said "try again", which could not help."""
+    if identity_of(stopped.pid) is not None:
+        return (
+            f"pid {stopped.pid} got SIGTERM but still holds the instance or its ports "
+            f"after {timeout_s:g} s (try again, or a longer --timeout)"
+        )
+    held = []
+    for port in stopped.ports:
+        for o in with_owners(tcp_sockets(port, listening_only=True)):
+            pids = sorted(p for p in o.pids if p in stopped.tree or o.socket.inode in stopped.own)
+            if pids:
+                held.append(f"port {port} by pid {', '.join(map(str, pids))}")
+    what = "; ".join(dict.fromkeys(held)) or "its ports"
+    return (
+        f"pid {stopped.pid} got SIGTERM and is gone, but what it started still holds "
+        f"{what} after {timeout_s:g} s (portpool signals only the recorded process)"
+    )
+
+
 def _is_down(state: StateDir, app: str, stopped: Stopped) -> bool:
     locked = locked_inodes()
     directory = state.instances(app)
@@ -279,11 +301,7 @@ def stop_instances(
             if time.monotonic() > deadline:
                 # Each other one is still looked at (and reported, once down): one slow
                 # instance 1 hid that --all had stopped instance 2.
-                late.append(StopFailed(
-                    stopped.number,
-                    f"pid {stopped.pid} got SIGTERM but still holds the instance or its "
-                    f"ports after {timeout_s:g} s (try again, or a longer --timeout)",
-                ))  # fmt: skip
+                late.append(StopFailed(stopped.number, _still_up(stopped, timeout_s)))
                 break
             time.sleep(_POLL_S)
         else:
