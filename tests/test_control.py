@@ -352,28 +352,24 @@ def test_a_number_taken_past_a_blocked_slot_is_not_the_checkouts_from_then_on(
     layout = load_layout(str(layout_file))
     show = [sys.executable, "-c", "import os; print(os.environ['PORTPOOL_INSTANCE'])"]
 
-    def number() -> str:
-        done = portpool("run", "--config", str(layout_file), "--", *show)
+    def number(blocked: bool = False) -> str:
+        ports = layout.pool("beta", 1) if blocked else []  # held by a foreign program
+        foreign = [socket.create_server(("127.0.0.1", p)) for p in ports]
+        try:
+            done = portpool("run", "--config", str(layout_file), "--", *show)
+        finally:
+            for s in foreign:
+                s.close()
         assert done.returncode == 0, done.stderr
         return done.stdout
 
     assert number() == "1\n"  # the checkout's number from now on
-    foreign = [socket.create_server(("127.0.0.1", p)) for p in layout.pool("beta", 1)]
-    try:
-        assert number() == "2\n"
-    finally:
-        for s in foreign:
-            s.close()
+    assert number(blocked=True) == "2\n"
     assert number() == "1\n"
     # With no number kept yet, a start past a blocked slot keeps none either.
     checkouts = home / "apps" / layout.app / "checkouts"
     shutil.rmtree(checkouts)
-    foreign = [socket.create_server(("127.0.0.1", p)) for p in layout.pool("beta", 1)]
-    try:
-        assert number() == "2\n"
-    finally:
-        for s in foreign:
-            s.close()
+    assert number(blocked=True) == "2\n"
     assert not list(checkouts.iterdir())
     assert number() == "1\n"
 
