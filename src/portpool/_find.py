@@ -101,8 +101,9 @@ def enclosing_instance(running: Sequence[InstanceInfo]) -> InstanceInfo | None:
     may run in between; a stale export names no ancestor."""
     if "PORTPOOL_INSTANCE" not in os.environ:
         return None
-    lineage = set(ancestors(os.getpid()))
-    return next((i for i in running if i.pid in lineage), None)
+    by_pid = {i.pid: i for i in running}
+    # The nearest: `run` inside `run` of one app took the outer one, and stop stopped it.
+    return next((by_pid[pid] for pid in ancestors(os.getpid()) if pid in by_pid), None)
 
 
 def find_instance(
