@@ -29,6 +29,7 @@ from portpool._platform import (
     LockTable,
     boot_id,
     identity_of,
+    is_alive,
     locked_inodes,
     process_tree,
     signal_verified,
@@ -169,7 +170,8 @@ def _still_up(stopped: Stopped, timeout_s: float) -> str:
     """Why ``stopped`` is not down after ``timeout_s``: its holder still runs, or, gone
     (a kill -9 meanwhile), what it started still listens. That named the dead pid and
     said "try again", which could not help."""
-    if identity_of(stopped.pid) is not None:
+    now = identity_of(stopped.pid)
+    if now is not None and is_alive(now):  # a zombie (killed, not reaped yet) is gone
         return (
             f"pid {stopped.pid} got SIGTERM but still holds the instance or its ports "
             f"after {timeout_s:g} s (try again, or a longer --timeout)"
