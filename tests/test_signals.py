@@ -203,6 +203,24 @@ def test_a_typed_ctrl_c_reaches_a_command_that_left_runs_process_group_once(
     assert "sigints 1" in term.text
 
 
+@pytest.mark.skipif(shutil.which("setsid") is None, reason="needs util-linux setsid")
+def test_a_typed_ctrl_c_reaches_the_group_a_command_that_left_leads(
+    tmp_path: Path, port_base: int, home: Path, terminals: list[Terminal]
+) -> None:
+    # `run -- setsid sh -c 'prog; echo'`: the Ctrl-C went to sh alone, which waits on,
+    # and prog, in sh's new group, ran to its end.
+    config = write_layout(tmp_path / "run.toml", port_base)
+    script = tmp_path / "count.py"
+    script.write_text(COUNT_SIGINT)
+    inner = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))}; echo after"
+    term = Terminal([*PORTPOOL, "run", "-c", str(config), "--", "setsid", "sh", "-c", inner])
+    terminals.append(term)
+    term.read_until(b"ready")
+    term.ctrl_c()
+    term.wait()
+    assert "sigints 1" in term.text, term.text
+
+
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_timeout_s_int_reaches_the_command_once(tmp_path: Path, port_base: int, home: Path) -> None:
     # timeout signals its child, then its whole process group.

@@ -30,6 +30,7 @@ from portpool._platform import (
     in_terminal_foreground,
     is_session_leader,
     process_group,
+    signal_group,
 )
 from portpool._processes import Supervisor
 from portpool._programs import unexecutable
@@ -74,12 +75,13 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
         last_sent[received.signum] = (sender, now)
         return before is not None and before[0] == sender and now - before[1] < _MERGE_S
 
-    def in_our_group() -> bool:
-        """Whether the command still is in our process group: one that left it
-        (``timeout``, ``setsid``, a program's own setpgid) gets no signal sent to it.
-        A Ctrl-C that reached our group alone was lost: it ran on to its end."""
+    def group_left_for() -> int | None:
+        """The command's process group once it left ours (``timeout``, ``setsid``, a
+        program's own setpgid), else None: a signal sent to our group no longer reaches
+        it, and a Ctrl-C that reached our group alone was lost (it ran on to its end)."""
         proc = supervisor.children.get(name)
-        return proc is None or process_group(proc.pid) in (None, process_group(os.getpid()))
+        group = None if proc is None else process_group(proc.pid)
+        return None if group in (None, process_group(os.getpid())) else group
 
     def relay(received: ReceivedSignal) -> None:
         if received.before_command:
@@ -87,7 +89,8 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
             # as it started was lost, 1 in 20).
             supervisor.send(received.signum, [name])
             return
-        shared = shared_group and in_our_group()
+        left = group_left_for() if shared_group else None
+        shared = shared_group and left is None
         if shared and received.from_kernel and received.signum not in alone:
             return
         if shared and received.to_group:
@@ -103,10 +106,19 @@ def relay_to(supervisor: Supervisor, name: str, shared_group: bool) -> Callable[
             return  # no siginfo here (macOS): take Ctrl-C / Ctrl-\ for the terminal's
         if repeated(received):
             return
-        # Outside a terminal, to the command's process group: `timeout`, a CI runner or
-        # systemd signal the group of what they started, and so reach a bare command's
-        # children; sent to the command alone, `sh -c 'prog; echo'` ran prog to its end.
-        supervisor.send(received.signum, [name])
+        proc = supervisor.children.get(name)
+        meant_for_group = received.from_kernel or received.to_group
+        if left is not None and meant_for_group and proc is not None and proc.pid == left:
+            # A Ctrl-C to the group the command leads now, as the terminal sends it: to
+            # the command alone, `setsid sh -c 'prog; echo'` ran prog to its end.
+            if proc.poll() is None:  # not reaped: the group id is still its own
+                signal_group(left, received.signum)
+        else:
+            # Outside a terminal, to the command's process group: `timeout`, a CI runner
+            # or systemd signal the group of what they started, and so reach a bare
+            # command's children; sent to the command alone, `sh -c 'prog; echo'` ran
+            # prog to its end.
+            supervisor.send(received.signum, [name])
         if received.signum in ending:
             # As `stop` resumes the process it signals: were the command exec'd, it
             # would be that process (transparency), and it acts on nothing while stopped.
