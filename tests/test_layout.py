@@ -621,6 +621,10 @@ def test_hosts() -> None:
         assert Layout("a", service, host=host).host == host
     with pytest.raises(LayoutError, match="host"):
         Layout("a", service, host="my-laptop")
+    # Not "write 224.0.0.1 instead", which is refused as well.
+    for mapped in ("::ffff:224.0.0.1", "::ffff:255.255.255.255"):
+        with pytest.raises(LayoutError, match="is a multicast or broadcast address"):
+            Layout("a", service, host=mapped)
 
 
 def test_localhost_in_any_case_is_localhost(tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ import ipaddress
 import socket
 
 from portpool._dataclass import dataclass
+from portpool._layout_fields import no_tcp_listener
 from portpool._platform import TcpSocket, exclusive_bind_options
 from portpool.errors import InvalidPort
 from portpool.layout import normalize_host
@@ -157,9 +158,7 @@ def unbindable(host: str) -> str | None:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # what the kernel binds for it (::ffff:224.0.0.1 was leased)
-    if ip.is_multicast or str(ip) == "255.255.255.255":
+    if no_tcp_listener(ip):
         return "is a multicast or broadcast address, where a TCP server cannot listen"
     if ip.version == 6 and ip.is_link_local and ip.scope_id is None:
         return "is a link-local address without its zone, e.g. fe80::1%eth0"

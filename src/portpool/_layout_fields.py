@@ -322,6 +322,10 @@ def _host_problem(host: object) -> str | None:
     except ValueError:
         shown = toml_value(host)
         return f"must be an IP address (e.g. 127.0.0.1 or ::1) or 'localhost', not {shown}"
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    # Before the advice to write the IPv4 address of a mapped one: 224.0.0.1 is refused too.
+    if no_tcp_listener(ip):
+        return f"{host!r} is a multicast or broadcast address; a TCP server cannot bind it"
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.scope_id is not None:
             base = host.partition("%")[0]
@@ -337,14 +341,20 @@ def _host_problem(host: object) -> str | None:
                 f"{host!r} is a link-local address, which a TCP server cannot portably "
                 "bind; use ::1, :: or a global address"
             )
-        if ip.ipv4_mapped is not None:
+        if mapped is not None:
             return (
                 f"{host!r} is an IPv4-mapped address, which portpool's IPv6 sockets cannot "
-                f"bind; write {ip.ipv4_mapped} instead"
+                f"bind; write {mapped} instead"
             )
-    if ip.is_multicast or (ip.version == 4 and host == "255.255.255.255"):
-        return f"{host!r} is a multicast or broadcast address; a TCP server cannot bind it"
     return None
+
+
+def no_tcp_listener(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` (or the IPv4 address it maps) is multicast or the broadcast
+    address: a TCP server can never listen there. Raises nothing."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # what the kernel binds for it (::ffff:224.0.0.1 was leased)
+    return ip.is_multicast or str(ip) == "255.255.255.255"
 
 
 def normalize_host(host: str) -> str:
