@@ -285,6 +285,11 @@ def test_a_command_under_run_asking_for_its_port_gets_its_own_instances(
         nested = f"{inner} '{cli} port beta {config}'"
         done = portpool("run", "-q", "--config", str(layout_file), "--", "sh", "-c", nested)
         assert done.stdout == f"{layout.pool('beta', 2)[0]}\n", done.stderr
+        # The nearest one: `run` in `run` of the same app (instance 3 in 2).
+        inner = shlex.join([*PORTPOOL, "run", "-q", "--config", str(layout_file), "--"])
+        nested = f"{inner} sh -c '{cli} port beta {config}'"
+        done = portpool("run", "-q", "--config", str(layout_file), "--", "sh", "-c", nested)
+        assert done.stdout == f"{layout.pool('beta', 3)[0]}\n", done.stderr
         # `stop` stops its own run (which dies of the SIGTERM it passed on), not instance 1.
         script = f"{cli} stop {config}; sleep 30"
         done = portpool("run", "--config", str(layout_file), "--", "sh", "-c", script)
@@ -815,8 +820,9 @@ def test_stop_all_reports_the_ones_it_stopped_when_an_earlier_one_outlasts_the_t
             kill_if_running(second)
 
 
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
 def test_stop_names_what_holds_the_ports_when_the_signalled_holder_is_gone(
-    layout_file: Path, tmp_path: Path
+    layout_file: Path, tmp_path: Path, reaped: bool
 ) -> None:
     # The run got SIGTERM, then a kill -9 while its command (which ignores SIGTERM)
     # held the ports: stop said "pid <run> ... still holds ... (try again)", of a pid
@@ -834,7 +840,8 @@ def test_stop_names_what_holds_the_ports_when_the_signalled_holder_is_gone(
         stop = start("stop", "--timeout", "3", "--config", str(layout_file))
         wait_for(got.exists, 30)  # stop's SIGTERM, passed on by run: now it dies
         run.kill()
-        run.wait(timeout=30)  # reaped, as its shell would
+        if reaped:
+            run.wait(timeout=30)  # as its shell would; a parent that does not leaves a zombie
         _, said = stop.communicate(timeout=60)
         assert stop.returncode == 1, said
         port = layout.pool("alpha", 1)[0]
