@@ -1187,6 +1187,31 @@ def test_start_detached_starts_the_layout_it_is_given(
             portpool_lib.start_detached(changed, state=state)
 
 
+@pytest.mark.parametrize("damage", ["lock removed", "record unreadable"])
+def test_a_command_under_a_run_that_lost_its_slot_is_refused_not_sent_elsewhere(
+    tmp_path: Path, port_base: int, home: Path, damage: str
+) -> None:
+    # Its run's slot lock file removed (or its record broken): `port` gave, and `stop`
+    # stopped, this checkout's other instance. (No shield check meanwhile: it would
+    # stop the run for the removed lock file, as it should.)
+    layout_file = write_layout(tmp_path / "portpool.toml", port_base, heartbeat=600, shield=600)
+    release = tmp_path / "release"
+    first, number = _hold(layout_file, release)
+    try:
+        assert number == 1
+        slot = home / "apps" / "testapp" / "instances" / "$PORTPOOL_INSTANCE"
+        harm = f"rm {slot}.lock" if damage == "lock removed" else f"echo '{{' > {slot}.json"
+        cli, config = shlex.join(PORTPOOL), shlex.join(["--config", str(layout_file)])
+        script = f"{harm}; {cli} port alpha {config}; {cli} stop --timeout 2 {config}; echo $?"
+        done = portpool("run", "-q", "--config", str(layout_file), "--", "sh", "-c", script)
+        assert done.stdout == "1\n", done.stderr  # port refused (1), then stop too
+        assert done.stderr.count("instance 2 of testapp, whose run or up started") == 2
+        assert first.poll() is None  # instance 1 was never signalled
+    finally:
+        release.touch()
+        first.wait(timeout=30)
+
+
 def test_logs_under_a_run_is_of_that_runs_instance_not_of_a_stopped_one(
     tmp_path: Path, port_base: int, home: Path
 ) -> None:

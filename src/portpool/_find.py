@@ -106,6 +106,15 @@ def enclosing_instance(running: Sequence[InstanceInfo]) -> InstanceInfo | None:
     return next((by_pid[pid] for pid in ancestors(os.getpid()) if pid in by_pid), None)
 
 
+def _named_unreadable(layout: Layout, alive: Sequence[InstanceInfo]) -> InstanceInfo | None:
+    """The live slot ``PORTPOOL_APP`` and ``PORTPOOL_INSTANCE`` name when its record is
+    unreadable: no pid to find among our ancestors."""
+    if os.environ.get("PORTPOOL_APP") != layout.app:
+        return None
+    named = os.environ.get("PORTPOOL_INSTANCE")
+    return next((i for i in alive if not i.readable and str(i.number) == named), None)
+
+
 def find_instance(
     layout: Layout,
     number: int | None = None,
@@ -140,9 +149,15 @@ def find_instance(
         ])  # fmt: skip
     alive = _alive(layout, state)
     running = [i for i in alive if i.readable and not lost_its_lock(i)]
-    enclosing = enclosing_instance(running)
+    enclosing = enclosing_instance(alive) or _named_unreadable(layout, alive)
     if enclosing is not None:
-        return enclosing
+        if enclosing.readable and not lost_its_lock(enclosing):
+            return enclosing
+        # Not this checkout's other instance instead: stop stopped that one.
+        raise NotRunning(app, (
+            f"instance {enclosing.number} of {app}, whose run or up started this command, "
+            f"{unusable_words(enclosing)}"
+        ), [i.number for i in running])  # fmt: skip
     here = checkout_dir(layout, cwd)
     mine = [i for i in running if i.directory == here]
     if mine:
