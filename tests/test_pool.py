@@ -331,6 +331,9 @@ def test_a_pool_given_as_one_str_is_a_type_error(state: StateDir, port_base: int
         ({"host": "ff02::1"}, InvalidArgument, "is a multicast or broadcast address"),
         ({"host": "255.255.255.255"}, InvalidArgument, "is a multicast or broadcast address"),
         ({"host": "::ffff:224.0.0.1"}, InvalidArgument, "is a multicast or broadcast address"),
+        # Short and numeric forms, which the resolver turns into those addresses.
+        ({"host": "224.1"}, InvalidArgument, "host='224.1': is a multicast or broadcast"),
+        ({"host": "4294967295"}, InvalidArgument, "is a multicast or broadcast address"),
     ],
 )
 def test_arguments_acquire_cannot_use_are_refused_before_any_port_is_locked(

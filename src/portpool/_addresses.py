@@ -151,17 +151,16 @@ def bind_targets(host: str) -> tuple[BindTarget, ...]:
 
 
 def unbindable(host: str) -> str | None:
-    """Why no TCP server can listen on the IP address ``host``, or None (a name, or an
-    address the kernel may bind): each such bind failed alike, "no free port" (exit 3),
-    or a multicast address was leased and listened on where no client reaches it."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if no_tcp_listener(ip):
-        return "is a multicast or broadcast address, where a TCP server cannot listen"
-    if ip.version == 6 and ip.is_link_local and ip.scope_id is None:
-        return "is a link-local address without its zone, e.g. fe80::1%eth0"
+    """Why no TCP server can listen on ``host``, or None: each such bind failed alike,
+    "no free port" (exit 3), or a multicast address was leased and listened on where
+    no client reaches it. Judged by the addresses it binds (``bind_targets``): "224.1"
+    and a name are resolved to one. Raises OSError if a name does not resolve."""
+    for target in bind_targets(host):
+        ip = ipaddress.ip_address(target.address)
+        if no_tcp_listener(ip):
+            return "is a multicast or broadcast address, where a TCP server cannot listen"
+        if ip.version == 6 and ip.is_link_local and ip.scope_id is None:
+            return "is a link-local address without its zone, e.g. fe80::1%eth0"
     return None
 
 

@@ -272,10 +272,9 @@ def _check_arguments(host: str, app: str, instance: int, service: str, backlog: 
         if not 0 <= number < 2**31:
             raise InvalidArgument(name, number, "must be 0 or more (and below 2**31)")
     try:  # a name is resolved here (an address is not): every bind would fail alike
-        bind_targets(host)
+        problem = unbindable(host)
     except OSError as e:
         raise InvalidArgument("host", host, f"cannot be resolved ({e.strerror or e})") from None
-    problem = unbindable(host)
     if problem is not None:
         raise InvalidArgument("host", host, problem)
 
