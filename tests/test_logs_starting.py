@@ -336,3 +336,20 @@ def test_logs_with_nothing_running_never_shows_another_checkouts_log_as_this_one
     owner.write_text(json.dumps({k: v for k, v in written.items() if k != "dir"}))
     older = portpool("logs", cwd=tmp_path / "x")
     assert older.returncode == 0 and f"hello from {tmp_path / 'y'}" in older.stdout
+
+
+def test_logs_of_an_up_detach_that_failed_before_it_was_up_names_its_output(
+    tmp_path: Path, port_base: int, home: Path
+) -> None:
+    # `logs` said only "has no log (only `portpool up --detach` writes one)" of an
+    # instance whose up --detach had just failed, its output left at .starting-<pid>.log.
+    failing = {"command": ["sh", "-c", "echo boom; exit 3"], "ready": "tcp"}
+    write_layout(tmp_path / "portpool.toml", port_base, services={"web": failing})
+    done = portpool("up", "--detach", cwd=tmp_path)
+    assert done.returncode == 5, done.stderr
+    left = done.stderr.partition("(log: ")[2].partition(")")[0]
+    assert left.endswith(".log") and "boom" in Path(left).read_text(), done.stderr
+    shown = portpool("logs", cwd=tmp_path)
+    assert shown.returncode == 1, shown.stdout
+    assert "instance 1 of testapp is not running and has no log" in shown.stderr
+    assert f"failed before it was up left its output in {left})" in shown.stderr

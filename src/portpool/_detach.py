@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from portpool._dataclass import dataclass, field
 from portpool._launch import DEFAULT_GRACE_S, check_grace
 from portpool._layout_load import absolute_path, layout_path, working_directory
-from portpool._logs import drop_log_owner, logs_dir, set_log_owner
+from portpool._logs import STARTING_LOG, drop_log_owner, logs_dir, set_log_owner
 from portpool._platform import (
     DirHandle,
     ProcessIdentity,
@@ -66,7 +66,6 @@ _UP_LINE = re.compile(rb"(?m)^portpool: instance (\d+)\b[^\n]*\bis up\b")
 _OWN_LINE = re.compile(rb"(?m)^portpool: [^\n]*")
 _TAIL_LINES = 20
 _STOP_WAIT_S = 10.0
-_STARTING_LOG = re.compile(r"\.starting-([0-9]+)\.log")
 
 # The background up: `portpool up`, once it has claimed its log (state dir, app, log
 # name: argv[1:4]). Claimed by itself, not by `up --detach` once it knows its pid: a
@@ -109,7 +108,7 @@ def claim_starting_log(state_path: str, app: str, log: str) -> None:
     global _claim
     let_held_signals_in()  # held by `up --detach` as it started us
     try:
-        named = _STARTING_LOG.fullmatch(log)
+        named = STARTING_LOG.fullmatch(log)
         if not named:
             raise UsageError(f"not a starting log's name: {log!r}")
         # The `up --detach` waiting for us (its pid is in the log's name) is our parent,

@@ -23,7 +23,7 @@ from portpool.layout import Layout, require_layout
 from portpool.records import SLOT_UNUSABLE, InstanceInfo
 from portpool.statedir import StateDir, check_name, special_entry
 
-__all__ = ["drop_log_owner", "follow_log", "log_path", "logs_dir", "set_log_owner"]
+__all__ = ["STARTING_LOG", "drop_log_owner", "follow_log", "log_path", "logs_dir", "set_log_owner"]
 
 
 def logs_dir(state: StateDir, app: str) -> DirHandle:
@@ -50,6 +50,7 @@ def log_path(state: StateDir, app: str, number: int) -> str:
 # a slot: the log is its instance's while it starts, and if `up --detach` dies first.
 # (Not `.starting-<pid>.owner.json`: `.starting-*` is how users pick out those logs.)
 _STARTING = ".starting-"
+STARTING_LOG = re.compile(r"\.starting-([0-9]+)\.log")  # an up's log until it has a slot
 _STARTING_OWNER = re.compile(r"\.owner-of-starting-([0-9]+)\.json")
 
 
@@ -118,15 +119,47 @@ def _service_of(line: str) -> str | None:
     return head.rstrip() if sep else None
 
 
-def _no_log(layout: Layout, number: int, running: bool, why: str | None = None) -> NotRunning:
+def _failed_start(logs: DirHandle | None) -> str:
+    """Where the newest ``.starting-<pid>.log`` that no ``up`` claims is (the output of an
+    ``up --detach`` that failed before it was up), as words for "has no log", else "":
+    that alone sent users looking for a log that was there."""
+    if logs is None:
+        return ""
+    try:
+        claimed = set(_starting_logs(logs))
+        found = [
+            (st.st_mtime, name)
+            for name in logs.listdir()
+            if STARTING_LOG.fullmatch(name)
+            and name not in claimed
+            and (st := logs.stat_entry(name)) is not None
+        ]
+    except (OSError, StateDirError):
+        return ""
+    if not found:
+        return ""
+    newest = os.path.join(logs.path, max(found)[1])
+    return f"; an `up --detach` that failed before it was up left its output in {newest}"
+
+
+def _no_log(
+    layout: Layout,
+    number: int,
+    running: bool,
+    why: str | None = None,
+    logs: DirHandle | None = None,
+) -> NotRunning:
     """``why``: what is wrong with the slot (``slot unusable: ...``), said too: every
-    other command names it, and logs said only "not running"."""
+    other command names it, and logs said only "not running". ``logs``: where to look
+    for the output of a failed start, named too."""
     if not running:
         return NotRunning(
             layout.app,
             f"instance {number} of {layout.app} is not running"
             + (f" ({why})" if why else "")
-            + " and has no log (only `portpool up --detach` writes one)",
+            + " and has no log (only `portpool up --detach` writes one"
+            + _failed_start(logs)
+            + ")",
         )
     return NotRunning(
         layout.app,
@@ -326,7 +359,7 @@ def follow_log(
         log = f"{number}.log"
         opened = _open_log(logs, log)
         if opened is None:
-            raise _no_log(layout, number, False, unusable)
+            raise _no_log(layout, number, False, unusable, logs)
         fd = opened
     # A line's parts until it ends, joined once: adding each chunk to one bytes object
     # and splitting it all again made a long line quadratic (16 MB: 2.1 s, 32 MB: 7.3 s).
