@@ -53,7 +53,7 @@ def _refuse_a_removed_lock(directory: DirHandle, port: int, meta_fd: int) -> Non
         return
     from portpool._portstatus import removed_lock_status  # only for a record
 
-    status = None if record is None else removed_lock_status(directory, port, record)
+    status = removed_lock_status(directory, port, record)
     if status is not None:
         raise LockHeld(os.path.join(directory.path, f"{port}.lock"), status)
 
